@@ -1,0 +1,14 @@
+"""HeadSeg: class-agnostic segmentation masks from a diffusion UNet's own self-attention heads.
+
+ComfyUI imports this folder as a package. Nothing here imports ComfyUI at import time, so the
+pure core under ``nodes/core`` can be imported (and tested) without a ComfyUI on the path.
+"""
+
+WEB_DIRECTORY = "./js"
+
+
+async def comfy_entrypoint():
+    """ComfyUI V3 entry point: returns the extension that lists HeadSeg's nodes."""
+    from .nodes.extension import HeadSegExtension
+
+    return HeadSegExtension()

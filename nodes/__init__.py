@@ -1,0 +1,1 @@
+"""HeadSeg nodes: ``core`` holds the pure torch maths; the other modules adapt it to ComfyUI."""
