@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs every HeadSeg test on a fresh machine: sets up the venv, torch and a pinned real ComfyUI
+# (tests/setup_env.sh), installs Debian's Chromium for the browser tests when it is missing,
+# then runs pytest over tests/ (pure core, in-process ComfyUI, live server, browser).
+# Extra arguments go to pytest, e.g.  bash tests/run.sh tests/core -x
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source tests/setup_env.sh
+
+if [ ! -x /usr/bin/chromium ]; then
+  echo "[headseg] installing Debian's chromium for the browser tests"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+
+mkdir -p test-artifacts
+export PYTHONUNBUFFERED=1
+if [ "$#" -eq 0 ]; then set -- tests; fi
+exec "$PY" -m pytest "$@"
