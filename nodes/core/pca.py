@@ -1,0 +1,112 @@
+"""Per-head PCA of recorded self-attention outputs (paper section 3): [..., N, D] -> [..., N, c].
+
+Every head is reduced separately (centred, top-c principal components), all heads of a layer in
+one batched covariance + eigh call. Signs are fixed like scikit-learn's ``svd_flip`` (v-based): for
+each component the loading entry of largest absolute value is positive, so scores can be compared
+with ``sklearn.decomposition.PCA(c).fit_transform`` directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .recording import LayerKey, Recording
+
+
+def _check_components(components, D: int, where: str = "") -> int:
+    if isinstance(components, bool) or not isinstance(components, int):
+        raise ValueError(f"components must be an int between 1 and the head dimension, got {components!r}")
+    if not 1 <= components <= D:
+        raise ValueError(
+            f"components must be between 1 and the head dimension {D}{where}, got {components}"
+        )
+    return components
+
+
+def head_pca(x: torch.Tensor, components: int) -> torch.Tensor:
+    """[..., N, D] -> [..., N, c] scores on the top-c principal components, each leading index separately.
+
+    Centred per leading index (per head); computed in float32, or float64 for float64 input.
+    Components are sorted by decreasing variance; the loading entry of largest |value| of each
+    component is positive. Zero-variance heads (and components with no variance) give zeros.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a torch.Tensor [..., N, D], got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape [..., N, D] (at least 2-D), got shape {tuple(x.shape)}")
+    if x.is_complex() or x.dtype == torch.bool:
+        raise ValueError(f"x must be a real tensor, got {x.dtype}")
+    *lead, N, D = x.shape
+    if N < 1 or D < 1:
+        raise ValueError(f"x must have N >= 1 samples and D >= 1 features, got shape {tuple(x.shape)}")
+    c = _check_components(components, D)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xg = x.detach().reshape(-1, N, D)  # [G, N, D], G = prod(lead), input dtype
+    G = xg.shape[0]
+    if G == 0:
+        return torch.zeros(*lead, N, c, dtype=dtype, device=x.device)
+
+    mean = xg.mean(dim=1, keepdim=True, dtype=dtype)  # [G, 1, D]
+    xc = xg - mean  # [G, N, D] centred, promoted to dtype
+    cov = xc.transpose(1, 2) @ xc  # [G, D, D] (unnormalised covariance)
+    if not bool(torch.isfinite(cov).all()):  # any NaN/inf in x reaches the covariance
+        raise ValueError("x contains NaN or inf values (or values too large for the covariance)")
+    evals, evecs = torch.linalg.eigh(cov)  # ascending: [G, D], [G, D, D]
+    loadings = evecs[..., -c:].flip(-1)  # [G, D, c], columns by decreasing variance
+    variances = evals[..., -c:].flip(-1)  # [G, c]
+
+    # svd_flip (v-based): the entry of largest |loading| of each component becomes positive
+    pivot = loadings.abs().argmax(dim=1, keepdim=True)  # [G, 1, c]
+    signs = torch.sign(loadings.gather(1, pivot))  # [G, 1, c], +-1 (unit vectors have a non-zero entry)
+    loadings = loadings * signs  # [G, D, c]
+
+    scores = xc @ loadings  # [G, N, c]
+
+    # Components without variance carry only rounding noise; constant heads carry nothing.
+    eps = torch.finfo(dtype).eps
+    top = evals[..., -1:].clamp_min(0)  # [G, 1]
+    no_variance = variances <= top * (D * eps)  # [G, c]
+    constant = (xg.amax(dim=1) == xg.amin(dim=1)).all(dim=1)  # [G]
+    no_variance = no_variance | constant[:, None]  # [G, c]
+    scores = scores.masked_fill(no_variance[:, None, :], 0.0)  # [G, N, c]
+    return scores.reshape(*lead, N, c)  # [..., N, c]
+
+
+@dataclass
+class HeadFeatures:
+    """Principal-component scores per head: layers[key] is [B, heads, h, w, c] float32."""
+
+    layers: dict[LayerKey, torch.Tensor]
+    image_size: tuple[int, int]
+    components: int
+
+    @property
+    def batch_size(self) -> int:
+        if not self.layers:
+            raise ValueError("HeadFeatures: layers is empty")
+        return int(next(iter(self.layers.values())).shape[0])
+
+    @property
+    def num_heads(self) -> int:
+        """Total number of heads over all layers."""
+        return sum(int(t.shape[1]) for t in self.layers.values())
+
+
+def recording_pca(rec: Recording, components: int = 8) -> HeadFeatures:
+    """Recording of [B, heads, h, w, d] layers -> HeadFeatures of [B, heads, h, w, c] float32 layers."""
+    if not isinstance(rec, Recording):
+        raise TypeError(f"rec must be a Recording, got {type(rec).__name__}")
+    rec.validate()
+    if isinstance(components, bool) or not isinstance(components, int):
+        raise ValueError(f"components must be an int between 1 and the head dimension, got {components!r}")
+    for key, t in rec.layers.items():
+        _check_components(components, int(t.shape[-1]), where=f" of layer {key.name}")
+    layers = {}
+    for key, t in rec.layers.items():
+        B, heads, h, w, d = t.shape
+        flat = t.reshape(B, heads, h * w, d)  # [B, heads, N, d]
+        scores = head_pca(flat, components)  # [B, heads, N, c]
+        layers[key] = scores.reshape(B, heads, h, w, components).to(torch.float32)  # [B, heads, h, w, c]
+    return HeadFeatures(layers, tuple(rec.image_size), components)

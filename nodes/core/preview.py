@@ -1,0 +1,155 @@
+"""Pictures of the pipeline's stages as ComfyUI IMAGE tensors ([B, H, W, 3] float32 in 0..1).
+
+Everything here is deterministic: fixed palettes, no randomness.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .pca import HeadFeatures
+from .upsample import upsample
+
+# 20 well-separated colours (RGB 0..255); beyond them, colours come from golden-ratio hues.
+_BASE_PALETTE = (
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+    (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0),
+    (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128),
+)
+# Perceptually ordered dark -> bright anchors (inferno-like) for scalar maps.
+_HEAT_ANCHORS = (
+    (0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99),
+    (212, 72, 66), (245, 125, 21), (250, 193, 39), (252, 255, 164),
+)
+
+
+def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[float, float, float]:
+    i = int(h * 6.0) % 6
+    f = h * 6.0 - math.floor(h * 6.0)
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    return [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
+
+
+def palette(k: int) -> torch.Tensor:
+    """[k, 3] float32 in 0..1: colour of label 0..k-1 (the first 20 fixed, then golden-ratio hues)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    colours = [tuple(c / 255.0 for c in rgb) for rgb in _BASE_PALETTE[:k]]
+    for i in range(len(colours), k):
+        hue = (i * 0.618033988749895) % 1.0
+        colours.append(_hsv_to_rgb(hue, 0.55 + 0.35 * ((i // 7) % 2), 0.95 - 0.25 * ((i // 3) % 2)))
+    return torch.tensor(colours, dtype=torch.float32)
+
+
+def label_colours(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, H, W] int labels in 0..k-1 -> [B, H, W, 3] float32 IMAGE, one fixed colour per label."""
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 3:
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be an integer tensor [B, H, W], got {shape}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must hold integer labels, got {labels.dtype}")
+    colours = palette(k)  # [k, 3]
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
+        raise ValueError(f"labels must lie in 0..{k - 1} for k={k}, got {int(labels.min())}..{int(labels.max())}")
+    return colours.to(labels.device)[labels.long()]  # [B, H, W, 3]
+
+
+def _normalise_channels(x: torch.Tensor) -> torch.Tensor:
+    """[..., h, w] -> same shape in 0..1 by min-max over (h, w); constant maps become 0.5."""
+    lo = x.amin(dim=(-2, -1), keepdim=True)
+    hi = x.amax(dim=(-2, -1), keepdim=True)
+    span = hi - lo
+    out = (x - lo) / span.clamp_min(torch.finfo(x.dtype).tiny)
+    return torch.where(span > 0, out, torch.full_like(x, 0.5))
+
+
+def pca_rgb_grid(features: HeadFeatures, batch_index: int = 0, cell: int = 64) -> torch.Tensor:
+    """HeadFeatures -> [1, rows*cell, cols*cell, 3]: components 1-3 of each head as RGB (paper fig. 3).
+
+    One row per layer in UNet order, one cell x cell tile per head (nearest upsampling, so token
+    cells stay visible); rows shorter than the widest layer are padded with black. Each channel is
+    min-max normalised per head; a head with fewer than 3 components repeats (c=1) or pads (c=2).
+    """
+    if not isinstance(features, HeadFeatures):
+        raise TypeError(f"features must be HeadFeatures, got {type(features).__name__}")
+    if not features.layers:
+        raise ValueError("features: no layer to draw")
+    if isinstance(cell, bool) or not isinstance(cell, int) or cell < 1:
+        raise ValueError(f"cell must be an int >= 1 (tile side in pixels), got {cell!r}")
+    B = features.batch_size
+    if isinstance(batch_index, bool) or not isinstance(batch_index, int) or not 0 <= batch_index < B:
+        raise ValueError(f"batch_index must be an int in [0, {B}), got {batch_index!r}")
+    rows = len(features.layers)
+    cols = max(int(t.shape[1]) for t in features.layers.values())
+    canvas = torch.zeros(rows * cell, cols * cell, 3, dtype=torch.float32)
+    for r, t in enumerate(features.layers.values()):
+        heads, h, w, c = t.shape[1:]
+        x = t[batch_index].to(torch.float32).permute(0, 3, 1, 2)  # [heads, c, h, w]
+        if c >= 3:
+            x = x[:, :3]  # [heads, 3, h, w]
+        elif c == 2:
+            x = torch.cat([x, x.new_zeros(heads, 1, h, w)], dim=1)  # [heads, 3, h, w]
+        else:
+            x = x.expand(heads, 3, h, w)  # [heads, 3, h, w] grey
+        x = _normalise_channels(x)
+        if c == 2:
+            x[:, 2] = 0.0
+        tiles = upsample(x, (cell, cell), "nearest")  # [heads, 3, cell, cell]
+        row = tiles.permute(2, 0, 3, 1).reshape(cell, heads * cell, 3)  # [cell, heads*cell, 3]
+        canvas[r * cell : (r + 1) * cell, : heads * cell] = row
+    return canvas.clamp_(0.0, 1.0)[None]  # [1, rows*cell, cols*cell, 3]
+
+
+def overlay_masks(image: torch.Tensor | None, masks: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """image [B, H, W, 3] or None, masks [M, H, W] -> [M, H, W, 3]: mask m tinted in colour m.
+
+    Inside a mask the picture becomes (1 - alpha) * image + alpha * colour (soft masks blend
+    proportionally); outside it is unchanged. image None draws on mid-grey; an image batch of 1 is
+    shared by all masks, a batch of M pairs image m with mask m.
+    """
+    if not isinstance(masks, torch.Tensor) or masks.dim() != 3:
+        shape = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
+        raise ValueError(f"masks must be a tensor [M, H, W], got {shape}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha must be a number in 0..1, got {alpha!r}")
+    M, H, W = masks.shape
+    m = masks.to(torch.float32).clamp(0.0, 1.0)  # [M, H, W]
+    if image is None:
+        base = torch.full((1, H, W, 3), 0.5, dtype=torch.float32, device=masks.device)
+    else:
+        if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[-1] != 3:
+            shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise ValueError(f"image must be an IMAGE tensor [B, H, W, 3], got {shape}")
+        if tuple(image.shape[1:3]) != (H, W):
+            raise ValueError(f"image is {image.shape[1]}x{image.shape[2]} but masks are {H}x{W}: sizes must match")
+        if image.shape[0] not in (1, M):
+            raise ValueError(f"image batch must be 1 or the number of masks ({M}), got {image.shape[0]}")
+        base = image.to(torch.float32).clamp(0.0, 1.0)
+    colours = palette(max(M, 1))[:M].to(masks.device)[:, None, None, :]  # [M, 1, 1, 3]
+    weight = float(alpha) * m[..., None]  # [M, H, W, 1]
+    out = base * (1.0 - weight) + colours * weight  # [M, H, W, 3]
+    return out.clamp_(0.0, 1.0)
+
+
+def error_map_image(err: torch.Tensor) -> torch.Tensor:
+    """[B, H, W] non-negative error (eq. 6) -> [B, H, W, 3] heat map, each image scaled by its maximum."""
+    if not isinstance(err, torch.Tensor) or err.dim() != 3:
+        shape = tuple(err.shape) if isinstance(err, torch.Tensor) else type(err).__name__
+        raise ValueError(f"err must be a tensor [B, H, W], got {shape}")
+    err = err.to(torch.float32)
+    if not bool(torch.isfinite(err).all()):
+        raise ValueError("err contains NaN or inf")
+    if err.numel() and float(err.min()) < 0:
+        raise ValueError(f"err must be non-negative, got minimum {float(err.min())}")
+    top = err.flatten(1).amax(dim=1) if err.numel() else err.new_zeros(err.shape[0])  # [B]
+    t = err / top.clamp_min(torch.finfo(torch.float32).tiny)[:, None, None]  # [B, H, W] in 0..1
+    t = torch.where(top[:, None, None] > 0, t, torch.zeros_like(t)).clamp_(0.0, 1.0)
+    anchors = torch.tensor(_HEAT_ANCHORS, dtype=torch.float32, device=err.device) / 255.0  # [A, 3]
+    pos = t * (len(_HEAT_ANCHORS) - 1)  # [B, H, W] position along the anchors
+    lo = pos.floor().long().clamp_max(len(_HEAT_ANCHORS) - 2)  # [B, H, W]
+    frac = (pos - lo.to(torch.float32))[..., None]  # [B, H, W, 1]
+    out = anchors[lo] * (1.0 - frac) + anchors[lo + 1] * frac  # [B, H, W, 3]
+    return out.clamp_(0.0, 1.0)

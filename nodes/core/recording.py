@@ -1,0 +1,289 @@
+"""Recorded self-attention heads: layer identity, validation, layer selection and the file format.
+
+A recording holds, for each self-attention layer (attn1 of one transformer of the UNet), the
+per-head outputs softmax(QK^T / sqrt(d)) V before the output projection, shape
+[B, heads, h, w, d], where h x w is that layer's token grid.
+
+File format (safetensors): one tensor per layer keyed "<block>.<number>.<depth>" (for example
+"input.1.0", "middle.0.0", "output.11.0"), shape [B, heads, h, w, d], float16; metadata strings
+"format" = "headseg-recording/1", "image_height", "image_width" (pixels), "model", "steps", "branch".
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass
+
+import torch
+
+FORMAT = "headseg-recording/1"
+BLOCK_POSITIONS = {"input": "down", "middle": "middle", "output": "up"}
+POSITIONS = ("down", "middle", "up")
+METADATA_KEYS = ("format", "image_height", "image_width", "model", "steps", "branch")
+_BLOCK_ORDER = {"input": 0, "middle": 1, "output": 2}
+_FP16_MAX = torch.finfo(torch.float16).max
+
+
+@dataclass(frozen=True)
+class LayerKey:
+    """One self-attention layer: attn1 of transformer ``depth`` in UNet block (``block``, ``number``)."""
+
+    block: str
+    number: int
+    depth: int
+
+    def __post_init__(self):
+        if self.block not in BLOCK_POSITIONS:
+            raise ValueError(f"LayerKey: block must be one of {sorted(BLOCK_POSITIONS)}, got {self.block!r}")
+        for name in ("number", "depth"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"LayerKey: {name} must be an int >= 0, got {value!r}")
+
+    @property
+    def name(self) -> str:
+        """"input.1.0": the key of this layer in a recording file."""
+        return f"{self.block}.{self.number}.{self.depth}"
+
+    @property
+    def position(self) -> str:
+        """"down" | "middle" | "up"."""
+        return BLOCK_POSITIONS[self.block]
+
+    @property
+    def sort_key(self) -> tuple:
+        """UNet execution order: input blocks ascending, middle, output blocks ascending; then depth."""
+        return (_BLOCK_ORDER[self.block], self.number, self.depth)
+
+    @classmethod
+    def parse(cls, name: str) -> LayerKey:
+        """"input.1.0" -> LayerKey("input", 1, 0); ValueError on anything else."""
+        if not isinstance(name, str):
+            raise ValueError(f"layer name must be a string like 'input.1.0', got {type(name).__name__}")
+        parts = name.split(".")
+        if (
+            len(parts) != 3
+            or parts[0] not in BLOCK_POSITIONS
+            or not parts[1].isdigit()
+            or not parts[2].isdigit()
+        ):
+            raise ValueError(
+                f"layer name must be '<block>.<number>.<depth>' with block in "
+                f"{sorted(BLOCK_POSITIONS)} (e.g. 'input.1.0'), got {name!r}"
+            )
+        return cls(parts[0], int(parts[1]), int(parts[2]))
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def grid_levels(latent_size: tuple[int, int]) -> list[tuple[int, int]]:
+    """(h, w) latent grid -> [(h, w), (ceil(h/2), ceil(w/2)), ...] down to (1, 1) inclusive."""
+    h, w = latent_size
+    levels = [(h, w)]
+    while (h, w) != (1, 1):
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+        levels.append((h, w))
+    return levels
+
+
+def _sorted_layers(layers: dict) -> dict:
+    if all(isinstance(k, LayerKey) for k in layers):
+        return dict(sorted(layers.items(), key=lambda item: item[0].sort_key))
+    return dict(layers)
+
+
+@dataclass
+class Recording:
+    """Per-head self-attention outputs of several layers: layers[key] is [B, heads, h, w, d]."""
+
+    layers: dict[LayerKey, torch.Tensor]
+    image_size: tuple[int, int]
+    model: str = "unknown"
+    steps: str = "last"
+    branch: str = "cond"
+
+    def __post_init__(self):
+        if not isinstance(self.layers, dict):
+            raise TypeError(f"Recording: layers must be a dict LayerKey -> Tensor, got {type(self.layers).__name__}")
+        self.layers = _sorted_layers(self.layers)
+        size = tuple(self.image_size) if isinstance(self.image_size, (tuple, list)) else None
+        if (
+            size is None
+            or len(size) != 2
+            or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in size)
+        ):
+            raise ValueError(f"Recording: image_size must be (height, width) in pixels, positive ints, got {self.image_size!r}")
+        self.image_size = (int(size[0]), int(size[1]))
+
+    # ----------------------------------------------------------------- shape facts
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        """(h, w) of the latent = image_size // 8."""
+        H, W = self.image_size
+        return (max(1, H // 8), max(1, W // 8))
+
+    @property
+    def batch_size(self) -> int:
+        if not self.layers:
+            raise ValueError("Recording: layers is empty (no self-attention layer recorded)")
+        return int(next(iter(self.layers.values())).shape[0])
+
+    @property
+    def num_heads(self) -> int:
+        """Total number of heads over all layers."""
+        return sum(int(t.shape[1]) for t in self.layers.values())
+
+    def grid_level(self, key: LayerKey) -> int:
+        """0 = latent grid, 1 = 1/2, 2 = 1/4, ... (ceil halving); ValueError if the grid fits no level."""
+        if key not in self.layers:
+            raise ValueError(f"Recording: no layer {key!s}; layers: {[k.name for k in self.layers]}")
+        t = self.layers[key]
+        if t.dim() != 5:
+            raise ValueError(f"Recording: layer {key!s} must be 5-D [B, heads, h, w, d], got shape {tuple(t.shape)}")
+        grid = (int(t.shape[2]), int(t.shape[3]))
+        levels = grid_levels(self.latent_size)
+        if grid not in levels:
+            raise ValueError(
+                f"Recording: layer {key!s} has token grid {grid[0]}x{grid[1]}, which fits no level of an image "
+                f"of {self.image_size[0]}x{self.image_size[1]} pixels (latent grids "
+                f"{', '.join(f'{h}x{w}' for h, w in levels)})"
+            )
+        return levels.index(grid)
+
+    # ----------------------------------------------------------------- checks
+    def validate(self) -> Recording:
+        """Checks layers, shapes, batch, grids and finiteness; returns self, else ValueError naming the layer."""
+        if not self.layers:
+            raise ValueError("Recording: layers is empty (no self-attention layer recorded)")
+        batch = None
+        for key, t in self.layers.items():
+            if not isinstance(key, LayerKey):
+                raise ValueError(f"Recording: layer keys must be LayerKey, got {key!r}")
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"Recording: layer {key!s} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 5:
+                raise ValueError(f"Recording: layer {key!s} must be 5-D [B, heads, h, w, d], got shape {tuple(t.shape)}")
+            if not t.is_floating_point():
+                raise ValueError(f"Recording: layer {key!s} must be a floating tensor, got {t.dtype}")
+            B, heads, h, w, d = t.shape
+            if min(B, heads, h, w, d) < 1:
+                raise ValueError(f"Recording: layer {key!s} has an empty dimension, shape {tuple(t.shape)}")
+            if batch is None:
+                batch = (key, B)
+            elif B != batch[1]:
+                raise ValueError(
+                    f"Recording: batch mismatch: layer {key!s} has batch {B} but layer {batch[0]!s} has {batch[1]}"
+                )
+            self.grid_level(key)
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"Recording: layer {key!s} contains NaN or inf values")
+        return self
+
+    # ----------------------------------------------------------------- selection
+    def select(self, positions=("down", "up"), levels=None) -> Recording:
+        """Keeps the layers whose position is in ``positions`` and grid level in ``levels`` (None = all).
+
+        positions: iterable of "down" | "middle" | "up", or one string such as "down,up".
+        levels: iterable of ints (0 = latent grid, 1 = 1/2, ...), or None for all levels.
+        """
+        if isinstance(positions, str):
+            positions = [p for p in positions.replace("+", ",").replace(" ", ",").split(",") if p]
+        positions = tuple(positions)
+        bad = [p for p in positions if p not in POSITIONS]
+        if bad or not positions:
+            raise ValueError(f"select: positions must be a non-empty subset of {list(POSITIONS)}, got {list(positions)}")
+        if levels is not None:
+            if isinstance(levels, int):
+                levels = [levels]
+            levels = tuple(levels)
+            if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in levels):
+                raise ValueError(f"select: levels must be ints >= 0 (0 = latent grid, 1 = 1/2, ...), got {list(levels)}")
+        level_of = {key: self.grid_level(key) for key in self.layers}
+        kept = {
+            key: t
+            for key, t in self.layers.items()
+            if key.position in positions and (levels is None or level_of[key] in levels)
+        }
+        if not kept:
+            available_pos = sorted({k.position for k in self.layers}, key=POSITIONS.index)
+            available_lv = sorted(set(level_of.values()))
+            raise ValueError(
+                f"select: no layer left for positions={list(positions)} levels="
+                f"{'all' if levels is None else list(levels)}; the recording has positions {available_pos} "
+                f"and levels {available_lv}"
+            )
+        return Recording(kept, self.image_size, self.model, self.steps, self.branch)
+
+
+# --------------------------------------------------------------------- file I/O
+def save_recording(rec: Recording, path) -> None:
+    """Writes ``rec`` as a headseg-recording/1 safetensors file (float16 tensors, string metadata)."""
+    from safetensors.torch import save_file
+
+    if not isinstance(rec, Recording):
+        raise TypeError(f"save_recording: rec must be a Recording, got {type(rec).__name__}")
+    rec.validate()
+    tensors = {}
+    for key, t in rec.layers.items():
+        if float(t.detach().abs().max()) > _FP16_MAX:
+            raise ValueError(f"save_recording: layer {key!s} has values beyond the float16 range")
+        tensors[key.name] = t.detach().to("cpu", torch.float16).contiguous()
+    H, W = rec.image_size
+    metadata = {
+        "format": FORMAT,
+        "image_height": str(H),
+        "image_width": str(W),
+        "model": str(rec.model),
+        "steps": str(rec.steps),
+        "branch": str(rec.branch),
+    }
+    save_file(tensors, os.fspath(path), metadata=metadata)
+
+
+def load_recording(path) -> Recording:
+    """Reads a headseg-recording/1 safetensors file; ValueError naming the file and field on bad content."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"load_recording: no such file: {path}")
+    try:
+        handle = safe_open(path, framework="pt", device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for a damaged header
+        raise ValueError(f"{path}: not a safetensors file ({exc})") from exc
+    with handle as f:
+        metadata = f.metadata() or {}
+        missing = [k for k in METADATA_KEYS if k not in metadata]
+        if "format" in missing:
+            raise ValueError(f"{path}: metadata field 'format' is missing (expected {FORMAT!r})")
+        if metadata["format"] != FORMAT:
+            raise ValueError(f"{path}: metadata field 'format' is {metadata['format']!r}, expected {FORMAT!r}")
+        if missing:
+            raise ValueError(f"{path}: metadata field(s) {missing} missing (a {FORMAT} file has {list(METADATA_KEYS)})")
+        size = []
+        for field_name in ("image_height", "image_width"):
+            text = metadata[field_name]
+            if not text.strip().isdigit() or int(text) < 1:
+                raise ValueError(f"{path}: metadata field {field_name!r} must be a positive integer, got {text!r}")
+            size.append(int(text))
+        layers = {}
+        for name in f.keys():
+            try:
+                key = LayerKey.parse(name)
+            except ValueError as exc:
+                raise ValueError(f"{path}: tensor {name!r}: {exc}") from None
+            t = f.get_tensor(name)
+            if t.dim() != 5:
+                raise ValueError(f"{path}: layer {name!r} must be 5-D [B, heads, h, w, d], got shape {tuple(t.shape)}")
+            layers[key] = t
+    if not layers:
+        raise ValueError(f"{path}: the file holds no layer tensor")
+    try:
+        rec = Recording(layers, (size[0], size[1]), metadata["model"], metadata["steps"], metadata["branch"])
+        rec.validate()
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    return rec

@@ -1,0 +1,270 @@
+"""Upsampling head features to a common grid (paper section 4.1), reweighting (eq. 5) and the
+upsampling-error map (eq. 6).
+
+Bilinear (align_corners=False) and nearest upsampling are separable linear maps: along one axis
+they are an [n_out, n_in] matrix, identical to ``torch.nn.functional.interpolate``. A
+``FeatureStack`` keeps the features on their native grids (layers sharing a grid concatenated) and
+stands for the virtual [B, C, H, W] stack of all of them upsampled to the image size; downstream
+work (k-means scores) can run on the native grids and upsample k channels instead of C.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+from .pca import HeadFeatures
+from .recording import LayerKey
+
+MODES = ("bilinear", "nearest")
+_CHUNK_BYTES = 16 * 2**20  # working memory per chunk in upsampling_error
+
+
+def _check_mode(mode) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    return mode
+
+
+def _check_size(size, name: str = "size") -> tuple[int, int]:
+    if (
+        not isinstance(size, (tuple, list))
+        or len(size) != 2
+        or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in size)
+    ):
+        raise ValueError(f"{name} must be (height, width), two positive ints, got {size!r}")
+    return (int(size[0]), int(size[1]))
+
+
+def _check_length(n, name: str) -> int:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"{name} must be a positive int, got {n!r}")
+    return int(n)
+
+
+def _nearest_index(n_in: int, n_out: int) -> torch.Tensor:
+    """[n_out] int64 source index of each output sample, as F.interpolate(mode="nearest")."""
+    out = torch.arange(n_out)
+    if n_out == n_in:
+        return out
+    if n_out == 2 * n_in:
+        return out // 2
+    scale = torch.tensor(float(n_in), dtype=torch.float32) / n_out  # float32, as ATen
+    src = torch.floor(out.to(torch.float32) * scale).to(torch.int64)
+    return src.clamp_max(n_in - 1)
+
+
+def _linear_taps(n_in: int, n_out: int, dtype: torch.dtype = torch.float32):
+    """Two-tap bilinear weights along one axis: (i0, i1 [n_out] int64, w0, w1 [n_out] dtype).
+
+    Output sample i = w0[i] * x[i0[i]] + w1[i] * x[i1[i]], exactly as ATen computes the source
+    index and weights for F.interpolate(mode="bilinear", align_corners=False) (no antialias).
+    """
+    rows = torch.arange(n_out)
+    if n_out == n_in:
+        return rows, rows, torch.ones(n_out, dtype=dtype), torch.zeros(n_out, dtype=dtype)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = torch.tensor(float(n_in), dtype=work) / n_out
+    # ATen evaluates scale * (i + 0.5) - 0.5 as one fused multiply-add: exact in float64, then rounded
+    src = (scale.double() * (rows.double() + 0.5) - 0.5).to(work).clamp_min(0.0)  # [n_out] source position
+    i0 = torch.floor(src).to(torch.int64).clamp_max(n_in - 1)  # [n_out]
+    lam1 = (src - i0.to(work)).clamp(0.0, 1.0)  # [n_out]
+    lam0 = 1.0 - lam1
+    i1 = (i0 + 1).clamp_max(n_in - 1)  # at the last sample both taps read one input sample
+    return i0, i1, lam0.to(dtype), lam1.to(dtype)
+
+
+def interpolation_matrix(n_in: int, n_out: int, mode: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[n_out, n_in] weights: row i = weights of output sample i along one axis.
+
+    Identical to F.interpolate(mode="bilinear", align_corners=False) (one axis of it, including
+    the clamping at both edges, and downscaling without antialias) or F.interpolate(mode="nearest").
+    The index arithmetic is done in float32 like ATen does for float32 tensors.
+    """
+    n_in = _check_length(n_in, "n_in")
+    n_out = _check_length(n_out, "n_out")
+    _check_mode(mode)
+    rows = torch.arange(n_out)
+    matrix = torch.zeros(n_out, n_in, dtype=dtype)
+    if mode == "nearest":
+        matrix[rows, _nearest_index(n_in, n_out)] = 1.0
+        return matrix
+    i0, i1, w0, w1 = _linear_taps(n_in, n_out, dtype)
+    matrix.index_put_((rows, i0), w0, accumulate=True)
+    matrix.index_put_((rows, i1), w1, accumulate=True)
+    return matrix
+
+
+def _resample_axis(x: torch.Tensor, dim: int, n_out: int, mode: str) -> torch.Tensor:
+    """Resamples x along ``dim`` to n_out samples (gathers, no dense matrix)."""
+    n_in = x.shape[dim]
+    if mode == "nearest":
+        return x.index_select(dim, _nearest_index(n_in, n_out).to(x.device))
+    i0, i1, w0, w1 = _linear_taps(n_in, n_out, x.dtype)
+    view = [1] * x.dim()
+    view[dim] = n_out
+    out = x.index_select(dim, i0.to(x.device)).mul_(w0.to(x.device).view(view))
+    return out.add_(x.index_select(dim, i1.to(x.device)).mul_(w1.to(x.device).view(view)))
+
+
+def upsample(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """[B, C, h, w] -> [B, C, H, W] float32 (float64 for float64 input), same as F.interpolate."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a tensor [B, C, h, w], got {shape}")
+    H, W = _check_size(size)
+    _check_mode(mode)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x = x.to(dtype)
+    return _resample_axis(_resample_axis(x, 2, H, mode), 3, W, mode)  # [B, C, H, w] -> [B, C, H, W]
+
+
+def resolution_weights(grid_sides: list[int]) -> list[float]:
+    """Eq. 5: weight r_i / max(r) for each grid side r_i (a 16x16 grid among 64x64 ones gets 0.25)."""
+    sides = list(grid_sides)
+    if not sides or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in sides):
+        raise ValueError(f"grid_sides must be a non-empty list of positive ints, got {grid_sides!r}")
+    top = max(sides)
+    return [r / top for r in sides]
+
+
+@dataclass
+class FeatureStack:
+    """Virtual [B, C, H, W]: concat over grids of weight_i * upsample(grid_i); never materialised.
+
+    grids[i] is [B, C_i, h_i, w_i] float32 with weights[i] already multiplied in; keys[i] lists the
+    layers it holds (channels head-major per layer, layers in UNet order).
+    """
+
+    grids: list[torch.Tensor]
+    weights: list[float]
+    keys: list[list[LayerKey]]
+    size: tuple[int, int]
+    mode: str
+
+    @property
+    def num_channels(self) -> int:
+        return sum(int(g.shape[1]) for g in self.grids)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.grids[0].shape[0])
+
+    @property
+    def grid_sizes(self) -> list[tuple[int, int]]:
+        """(h_i, w_i) of each grid entry."""
+        return [(int(g.shape[2]), int(g.shape[3])) for g in self.grids]
+
+    def matrices(self, index: int, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Mh [H, h_i], Mw [W, w_i]) float32 such that upsample(grid) = Mh @ grid @ Mw.T in self.mode."""
+        H, W = self.size if size is None else _check_size(size)
+        h, w = self.grid_sizes[index]
+        return interpolation_matrix(h, H, self.mode), interpolation_matrix(w, W, self.mode)
+
+    def materialise(self, size: tuple[int, int] | None = None, batch_index: int | None = None) -> torch.Tensor:
+        """[B, C, H', W'] explicit stack at ``size`` (default self.size); batch_index b -> [1, C, H', W'].
+
+        Memory is B*C*H'*W' floats: for small sizes and references only.
+        """
+        size = self.size if size is None else _check_size(size)
+        grids = self.grids
+        if batch_index is not None:
+            if isinstance(batch_index, bool) or not isinstance(batch_index, int) or not 0 <= batch_index < self.batch_size:
+                raise ValueError(f"batch_index must be an int in [0, {self.batch_size}), got {batch_index!r}")
+            grids = [g[batch_index : batch_index + 1] for g in grids]  # each [1, C_i, h_i, w_i]
+        return torch.cat([upsample(g, size, self.mode) for g in grids], dim=1)  # [B, C, H', W']
+
+
+def make_feature_stack(
+    features: HeadFeatures, mode: str = "bilinear", reweight: bool = False, size: tuple[int, int] | None = None
+) -> FeatureStack:
+    """HeadFeatures -> FeatureStack at ``size`` (None = features.image_size); layers grouped by grid.
+
+    Channels of a layer are head-major ([heads * c] from [B, heads, h, w, c]); grid entries come in
+    order of first appearance in UNet order. reweight=True applies eq. 5 with r = max(h, w) per grid.
+    """
+    if not isinstance(features, HeadFeatures):
+        raise TypeError(f"features must be HeadFeatures, got {type(features).__name__}")
+    _check_mode(mode)
+    size = _check_size(features.image_size if size is None else size)
+    if not features.layers:
+        raise ValueError("features: no layer (the selection left nothing to upsample)")
+    groups: dict[tuple[int, int], list[tuple[LayerKey, torch.Tensor]]] = {}
+    batch = None
+    for key, t in features.layers.items():
+        if not isinstance(t, torch.Tensor) or t.dim() != 5:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"features: layer {key!s} must be [B, heads, h, w, c], got {shape}")
+        B, heads, h, w, c = t.shape
+        if batch is None:
+            batch = (key, B)
+        elif B != batch[1]:
+            raise ValueError(f"features: batch mismatch: layer {key!s} has {B}, layer {batch[0]!s} has {batch[1]}")
+        channels = t.to(torch.float32).permute(0, 1, 4, 2, 3).reshape(B, heads * c, h, w)  # [B, heads*c, h, w]
+        groups.setdefault((h, w), []).append((key, channels))
+    sides = [max(h, w) for (h, w) in groups]
+    weights = resolution_weights(sides) if reweight else [1.0] * len(sides)
+    grids, keys = [], []
+    for weight, members in zip(weights, groups.values()):
+        grid = torch.cat([ch for _, ch in members], dim=1)  # [B, C_i, h, w]
+        grids.append(grid * weight if weight != 1.0 else grid.contiguous())
+        keys.append([key for key, _ in members])
+    return FeatureStack(grids, weights, keys, size, mode)
+
+
+def _column_phases(w: int, W: int):
+    """For W = s * w: output column b*s + q of a bilinear upsample is y[b] + c[q] * (y[b + d[q]] - y[b])
+    with d[q] = -1 for q < m and +1 for q >= m (y edge-replicated); returns (m, c [s] float32)."""
+    s = W // w
+    frac = (torch.arange(s, dtype=torch.float64) + 0.5) / s - 0.5  # offset of the source position
+    m = int((frac < 0).sum())
+    return m, frac.abs().to(torch.float32)
+
+
+def _abs_diff_sum(part: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[B, n, h, w] -> [B, H, W]: sum over the n channels of |bilinear - nearest| upsampling."""
+    H, W = size
+    B, n, h, w = part.shape
+    device = part.device
+    bil_rows = _resample_axis(part, 2, H, "bilinear")  # [B, n, H, w]
+    near_rows = part.index_select(2, _nearest_index(h, H).to(device))  # [B, n, H, w]
+    near_cols = _nearest_index(w, W)  # [W]
+    if W % w or not torch.equal(near_cols, torch.arange(W) // (W // w)):  # general ratio
+        diff = _resample_axis(bil_rows, 3, W, "bilinear")  # [B, n, H, W]
+        diff -= near_rows.index_select(3, near_cols.to(device))
+        return diff.abs_().sum(dim=1)  # [B, H, W]
+    # integer ratio: nearest column of output b*s + q is b; phases q on their own axis before w
+    m, c = _column_phases(w, W)
+    c = c.to(device)[:, None]  # [s, 1]
+    base = (bil_rows - near_rows)[:, :, :, None]  # [B, n, H, 1, w]
+    halves = []
+    if m > 0:  # left-leaning phases read column b - 1 (column 0 reads itself: step 0)
+        step = torch.zeros_like(bil_rows)  # [B, n, H, w]
+        torch.sub(bil_rows[..., :-1], bil_rows[..., 1:], out=step[..., 1:])
+        halves.append((step[:, :, :, None] * c[:m]).add_(base).abs_().sum(dim=1))  # [B, H, m, w]
+    if m < c.shape[0]:  # right-leaning phases read column b + 1 (the last column reads itself)
+        step = torch.zeros_like(bil_rows)  # [B, n, H, w]
+        torch.sub(bil_rows[..., 1:], bil_rows[..., :-1], out=step[..., :-1])
+        halves.append((step[:, :, :, None] * c[m:]).add_(base).abs_().sum(dim=1))  # [B, H, s - m, w]
+    return torch.cat(halves, dim=2).transpose(2, 3).reshape(B, H, W)  # [B, H, s, w] -> [B, H, w, s] -> [B, H, W]
+
+
+def upsampling_error(stack: FeatureStack) -> torch.Tensor:
+    """[B, H, W] eq. 6: mean over channels of |bilinear(x) - nearest(x)| at stack.size.
+
+    Works chunk by chunk over channels, so extra memory stays near _CHUNK_BYTES.
+    """
+    if not isinstance(stack, FeatureStack):
+        raise TypeError(f"stack must be a FeatureStack, got {type(stack).__name__}")
+    H, W = stack.size
+    B = stack.batch_size
+    total = torch.zeros(B, H, W, dtype=torch.float32, device=stack.grids[0].device)
+    per_channel = 3 * B * H * W * 4  # about three full-size float32 temporaries per channel
+    chunk = max(1, _CHUNK_BYTES // per_channel)
+    for grid in stack.grids:
+        for start in range(0, grid.shape[1], chunk):
+            part = grid[:, start : start + chunk].to(torch.float32)  # [B, n, h, w]
+            total += _abs_diff_sum(part, (H, W))  # [B, H, W]
+    return total / stack.num_channels

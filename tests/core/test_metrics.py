@@ -1,0 +1,152 @@
+"""Mask metrics on planted masks with hand-computed answers (eq. 3, eq. 4, section 5)."""
+
+import pytest
+import torch
+from threadpoolctl import threadpool_limits
+
+from headseg.nodes.core.metrics import average_class_iou, best_match_iou, class_ious, iou, pairwise_iou, top_n
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Small problems: one thread each for torch and BLAS, so a busy machine does not slow them down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)
+
+
+def box(r0, r1, c0, c1, size=(8, 8)):
+    m = torch.zeros(size, dtype=torch.bool)
+    m[r0:r1, c0:c1] = True
+    return m
+
+
+# Planted 8x8 masks and their areas:
+LEFT = box(0, 8, 0, 4)  # 32 px, left half
+TOP = box(0, 4, 0, 8)  # 32 px, top half
+TL = box(0, 4, 0, 4)  # 16 px, top-left quarter
+DOT = box(7, 8, 7, 8)  # 1 px, bottom-right corner
+EMPTY = torch.zeros(8, 8, dtype=torch.bool)
+
+
+@pytest.mark.parametrize(
+    "a,b,expected",
+    [
+        (LEFT, LEFT, 1.0),
+        (LEFT, TOP, 16 / 48),  # overlap = TL (16), union = 32 + 32 - 16
+        (TL, LEFT, 16 / 32),
+        (DOT, LEFT, 0.0),
+        (EMPTY, EMPTY, 1.0),
+        (EMPTY, DOT, 0.0),
+    ],
+)
+def test_iou_hand_computed(a, b, expected):
+    assert iou(a, b) == pytest.approx(expected)
+    assert iou(b, a) == pytest.approx(expected)
+
+
+def test_iou_accepts_float_and_int_masks():
+    assert iou(LEFT.float() * 0.9, TOP.to(torch.uint8)) == pytest.approx(16 / 48)
+    assert iou(LEFT.float() * 0.4, EMPTY) == 1.0  # 0.4 is below the 0.5 threshold: empty
+
+
+def test_iou_shape_mismatch():
+    with pytest.raises(ValueError, match="same shape"):
+        iou(LEFT, torch.zeros(8, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"a must have shape \[H, W\]"):
+        iou(LEFT[None], LEFT)
+
+
+def test_pairwise_iou_hand_matrix():
+    A = torch.stack([LEFT, TOP, EMPTY])
+    B = torch.stack([TL, DOT, EMPTY, LEFT])
+    expected = torch.tensor(
+        [
+            [16 / 32, 0.0, 0.0, 1.0],
+            [16 / 32, 0.0, 0.0, 16 / 48],
+            [0.0, 0.0, 1.0, 0.0],
+        ],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(pairwise_iou(A, B), expected)
+
+
+def test_pairwise_iou_equals_single_iou_on_random_masks():
+    g = torch.Generator().manual_seed(0)
+    A = torch.rand(5, 13, 17, generator=g) > 0.6
+    B = torch.rand(4, 13, 17, generator=g) > 0.3
+    P = pairwise_iou(A, B)
+    assert P.shape == (5, 4)
+    for i in range(5):
+        for j in range(4):
+            assert P[i, j].item() == pytest.approx(iou(A[i], B[j]))
+
+
+def test_pairwise_iou_empty_sets_and_mismatch():
+    assert pairwise_iou(torch.zeros(0, 8, 8, dtype=torch.bool), torch.stack([LEFT])).shape == (0, 1)
+    with pytest.raises(ValueError, match="share"):
+        pairwise_iou(torch.stack([LEFT]), torch.zeros(1, 8, 4, dtype=torch.bool))
+
+
+def test_best_match_iou_hand_computed():
+    reference = torch.stack([LEFT, TOP, DOT])
+    predicted = torch.stack([TL, LEFT, box(6, 8, 6, 8)])  # the last is 4 px containing DOT
+    # LEFT -> LEFT 1.0; TOP -> best of TL (16/32), LEFT (16/48) = 0.5; DOT -> 1/4
+    assert best_match_iou(reference, predicted) == pytest.approx((1.0 + 0.5 + 0.25) / 3)
+    # order-invariant in both arguments
+    assert best_match_iou(reference[[2, 0, 1]], predicted[[1, 2, 0]]) == pytest.approx((1.0 + 0.5 + 0.25) / 3)
+
+
+def test_best_match_iou_edge_cases():
+    assert best_match_iou(torch.stack([LEFT]), torch.zeros(0, 8, 8, dtype=torch.bool)) == 0.0
+    with pytest.raises(ValueError, match="reference"):
+        best_match_iou(torch.zeros(0, 8, 8, dtype=torch.bool), torch.stack([LEFT]))
+
+
+def test_top_n_takes_the_largest_reference_masks():
+    reference = torch.stack([DOT, TL, LEFT])  # areas 1, 16, 32
+    predicted = torch.stack([LEFT, box(0, 4, 0, 2)])  # LEFT exact; an 8 px half of TL
+    assert top_n(reference, predicted, 1) == pytest.approx(1.0)  # LEFT
+    assert top_n(reference, predicted, 2) == pytest.approx((1.0 + 0.5) / 2)  # TL: 16/32 with LEFT and 8/16 with half
+    assert top_n(reference, predicted, 3) == pytest.approx((1.0 + 0.5 + 0.0) / 3)  # DOT (bottom-right) meets nothing
+    assert top_n(reference, predicted, 10) == top_n(reference, predicted, 3)  # fewer masks than n: all of them
+    assert top_n(reference[[2, 0, 1]], predicted.flip(0), 2) == pytest.approx(0.75)
+
+
+def test_top_n_ties_keep_given_order():
+    reference = torch.stack([TOP, LEFT])  # both 32 px
+    predicted = torch.stack([LEFT])
+    assert top_n(reference, predicted, 1) == pytest.approx(16 / 48)  # TOP comes first
+    assert top_n(reference.flip(0), predicted, 1) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("n", [0, -2, 1.5, True])
+def test_top_n_bad_n(n):
+    with pytest.raises(ValueError, match="n must"):
+        top_n(torch.stack([LEFT]), torch.stack([LEFT]), n)
+
+
+def test_average_class_iou_hand_computed():
+    gt = torch.zeros(8, 8, dtype=torch.int64)  # class 0: background
+    gt[:, 4:] = 7  # class 7: right half (32 px)
+    gt[0, :] = 255  # void row: ignored
+    predicted = torch.stack([box(0, 8, 4, 8), box(0, 8, 0, 3)])
+    # class 7 (rows 1-7, cols 4-7: 28 px) vs mask 0 restricted to valid pixels: identical -> 1.0
+    # class 0 (rows 1-7, cols 0-3: 28 px) vs mask 1 on valid pixels (rows 1-7, cols 0-2: 21 px) -> 21/28
+    assert class_ious(gt, predicted) == {0: pytest.approx(1.0 * 21 / 28), 7: pytest.approx(1.0)}
+    assert average_class_iou(gt, predicted) == pytest.approx((1.0 + 0.75) / 2)
+    # without an ignore label the void row (255) is a class of its own and counts in every mask
+    assert set(class_ious(gt, predicted, ignore_index=None)) == {0, 7, 255}
+    assert class_ious(gt, predicted, ignore_index=None)[7] == pytest.approx(28 / 32)
+
+
+def test_average_class_iou_bad_input():
+    predicted = torch.stack([LEFT])
+    with pytest.raises(ValueError, match="gt_labels"):
+        average_class_iou(torch.full((8, 8), 255), predicted)
+    with pytest.raises(ValueError, match="gt_labels"):
+        average_class_iou(torch.zeros(8, 8), predicted)  # float labels
+    with pytest.raises(ValueError, match="same"):
+        average_class_iou(torch.zeros(8, 9, dtype=torch.int64), predicted)

@@ -1,0 +1,195 @@
+"""Head PCA against scikit-learn's PCA, its sign convention, properties and bad input."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.decomposition import PCA
+from threadpoolctl import threadpool_limits
+
+from headseg.nodes.core.pca import HeadFeatures, head_pca, recording_pca
+from headseg.nodes.core.recording import LayerKey, Recording
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Small problems: one thread each for torch and BLAS, so a busy machine does not slow them down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)
+
+
+def structured_heads(lead, N, D, seed=0, dtype=torch.float32):
+    """[*lead, N, D]: random rotations of features with a geometric spectrum (well-separated components)."""
+    g = torch.Generator().manual_seed(seed)
+    G = int(np.prod(lead)) if lead else 1
+    spectrum = 0.8 ** torch.arange(D, dtype=torch.float64)  # std per latent direction
+    z = torch.randn(G, N, D, generator=g, dtype=torch.float64) * spectrum  # [G, N, D]
+    rot, _ = torch.linalg.qr(torch.randn(G, D, D, generator=g, dtype=torch.float64))  # [G, D, D]
+    offset = 3 * torch.randn(G, 1, D, generator=g, dtype=torch.float64)
+    x = z @ rot.transpose(1, 2) + offset  # [G, N, D]
+    return x.reshape(*lead, N, D).to(dtype)
+
+
+def sklearn_scores(x2d: torch.Tensor, c: int) -> torch.Tensor:
+    with threadpool_limits(1):  # tiny problems: BLAS threads only contend on a busy machine
+        return torch.from_numpy(PCA(n_components=c, svd_solver="full").fit_transform(x2d.double().numpy()))
+
+
+@pytest.mark.parametrize("grid", [(8, 8), (6, 10)], ids=["square", "non-square"])
+@pytest.mark.parametrize("D", [40, 64, 160])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_scores_equal_sklearn_including_signs(grid, D, dtype):
+    N, c = grid[0] * grid[1] * 4, 8
+    x = structured_heads((2, 3), N, D, seed=D, dtype=dtype)
+    ours = head_pca(x, c)
+    assert ours.shape == (2, 3, N, c)
+    assert ours.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tol = 1e-9 if dtype == torch.float64 else 2e-4
+    for b in range(2):
+        for h in range(3):
+            ref = sklearn_scores(x[b, h], c)  # sklearn on exactly the values we got (fp16-rounded if fp16)
+            err = (ours[b, h].double() - ref).abs().max() / ref.abs().max()
+            assert err < tol, (b, h, float(err))
+
+
+@pytest.mark.parametrize("solver", ["full", "covariance_eigh", "auto"])
+def test_sign_convention_matches_every_sklearn_solver(solver):
+    x = structured_heads((), 500, 24, seed=7, dtype=torch.float64)
+    with threadpool_limits(1):
+        ref = PCA(n_components=5, svd_solver=solver).fit_transform(x.numpy())
+    torch.testing.assert_close(head_pca(x, 5), torch.from_numpy(ref), rtol=1e-7, atol=1e-9)
+
+
+def test_sign_convention_largest_loading_positive():
+    x = structured_heads((4,), 300, 16, seed=3, dtype=torch.float64)
+    scores = head_pca(x, 6)  # [4, 300, 6]
+    xc = x - x.mean(dim=1, keepdim=True)
+    loadings = torch.linalg.lstsq(xc, scores).solution  # [4, 16, 6]: scores = xc @ loadings
+    pivot = loadings.abs().argmax(dim=1, keepdim=True)
+    assert (loadings.gather(1, pivot) > 0).all()
+
+
+def test_subspace_matches_sklearn_components():
+    x = structured_heads((), 1024, 64, seed=11, dtype=torch.float32)
+    c = 8
+    with threadpool_limits(1):
+        pca = PCA(n_components=c).fit(x.double().numpy())
+    scores = head_pca(x, c).double()  # [N, c]
+    xc = x.double() - x.double().mean(0)
+    loadings = torch.linalg.lstsq(xc, scores).solution  # [D, c]
+    ref = torch.from_numpy(pca.components_.T)  # [D, c]
+    proj_ours = loadings @ torch.linalg.pinv(loadings)
+    proj_ref = ref @ ref.T
+    assert (proj_ours - proj_ref).abs().max() < 1e-3
+
+
+def test_properties_centred_uncorrelated_sorted():
+    x = structured_heads((3,), 400, 32, seed=5, dtype=torch.float64)
+    s = head_pca(x, 10)  # [3, 400, 10]
+    assert s.mean(dim=1).abs().max() < 1e-10
+    gram = s.transpose(1, 2) @ s  # [3, 10, 10]
+    off = gram - torch.diag_embed(torch.diagonal(gram, dim1=1, dim2=2))
+    assert off.abs().max() < 1e-8 * gram.abs().max()
+    var = torch.diagonal(gram, dim1=1, dim2=2)
+    assert (var[:, :-1] >= var[:, 1:]).all()
+
+
+def test_sample_order_equivariant_and_deterministic():
+    x = structured_heads((2,), 256, 40, seed=9)
+    perm = torch.randperm(256, generator=torch.Generator().manual_seed(0))
+    a = head_pca(x, 8)
+    assert torch.equal(a, head_pca(x, 8))
+    torch.testing.assert_close(head_pca(x[:, perm], 8), a[:, perm], rtol=1e-4, atol=1e-4)
+
+
+def test_full_rank_components_equal_d():
+    x = structured_heads((), 200, 12, seed=2, dtype=torch.float64)
+    ref = sklearn_scores(x, 12)
+    torch.testing.assert_close(head_pca(x, 12), ref, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_constant_heads_give_zeros_not_nan(dtype):
+    x = structured_heads((2, 3), 64, 16, dtype=dtype).clone()
+    x[0, 1] = 0.1  # constant head (0.1 is not exact in binary: the mean rounds)
+    x[1, 2] = 0.0
+    s = head_pca(x, 4)
+    assert torch.isfinite(s).all()
+    assert (s[0, 1] == 0).all() and (s[1, 2] == 0).all()
+    assert (s[0, 0].abs().amax(0) > 0).all()  # other heads untouched
+
+
+def test_rank_deficient_head_is_finite_and_zero_beyond_rank():
+    x = structured_heads((), 2, 64, seed=1)  # a 1x2 grid: two samples, one direction of variance
+    s = head_pca(x, 8)
+    assert torch.isfinite(s).all()
+    assert (s[:, 1:] == 0).all()
+    assert torch.allclose(s[:, 0].abs(), (x[0] - x[1]).norm().expand(2) / 2, rtol=1e-4)
+
+
+def test_single_sample_gives_zeros():
+    assert (head_pca(torch.randn(3, 1, 8), 2) == 0).all()
+
+
+@pytest.mark.parametrize("components", [0, -1, 17, 2.5, True, "8"])
+def test_bad_components(components):
+    with pytest.raises(ValueError, match="components"):
+        head_pca(torch.randn(10, 16), components)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input(bad):
+    x = torch.randn(2, 10, 8)
+    x[1, 3, 2] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        head_pca(x, 2)
+
+
+def test_bad_x_shape():
+    with pytest.raises(ValueError, match="x must"):
+        head_pca(torch.randn(5), 1)
+
+
+# ------------------------------------------------------------------------------------------ recording_pca
+def small_recording(latent=(6, 10), batch=2, d=16, dtype=torch.float16):
+    g = torch.Generator().manual_seed(0)
+    layers = {
+        LayerKey("input", 1, 0): torch.randn(batch, 2, *latent, d, generator=g).to(dtype),
+        LayerKey("output", 4, 0): torch.randn(batch, 3, (latent[0] + 1) // 2, (latent[1] + 1) // 2, d, generator=g).to(dtype),
+        LayerKey("middle", 0, 0): torch.randn(batch, 1, 2, 3, d, generator=g).to(dtype),
+    }
+    return Recording(layers, (latent[0] * 8, latent[1] * 8))
+
+
+def test_recording_pca_shapes_and_sklearn():
+    rec = small_recording()
+    feats = recording_pca(rec, components=5)
+    assert isinstance(feats, HeadFeatures)
+    assert feats.image_size == rec.image_size and feats.components == 5
+    assert list(feats.layers) == list(rec.layers)
+    assert feats.num_heads == rec.num_heads and feats.batch_size == 2
+    for key, t in rec.layers.items():
+        B, heads, h, w, d = t.shape
+        f = feats.layers[key]
+        assert f.shape == (B, heads, h, w, 5) and f.dtype == torch.float32
+        # batch item 1, last head, pixels in row-major order, against scikit-learn
+        ref = sklearn_scores(t[1, -1].reshape(h * w, d), 5).reshape(h, w, 5)
+        torch.testing.assert_close(f[1, -1].double(), ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max()))
+
+
+def test_recording_pca_components_above_head_dim_names_layer():
+    layers = {
+        LayerKey("input", 1, 0): torch.randn(1, 2, 8, 8, 64),
+        LayerKey("output", 9, 0): torch.randn(1, 2, 8, 8, 40),
+    }
+    with pytest.raises(ValueError, match=r"components.*40.*output\.9\.0"):
+        recording_pca(Recording(layers, (64, 64)), components=48)
+
+
+def test_recording_pca_validates_recording():
+    rec = small_recording()
+    rec.layers[LayerKey("output", 4, 0)][0, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"output\.4\.0"):
+        recording_pca(rec)

@@ -1,0 +1,143 @@
+"""Preview pictures: shapes, value range, determinism and planted content."""
+
+import pytest
+import torch
+from threadpoolctl import threadpool_limits
+
+from headseg.nodes.core.pca import HeadFeatures
+from headseg.nodes.core.preview import error_map_image, label_colours, overlay_masks, palette, pca_rgb_grid
+from headseg.nodes.core.recording import LayerKey
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Small problems: one thread each for torch and BLAS, so a busy machine does not slow them down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)
+
+
+def assert_image(img, shape):
+    assert img.shape == shape
+    assert img.dtype == torch.float32
+    assert float(img.min()) >= 0.0 and float(img.max()) <= 1.0
+
+
+@pytest.mark.parametrize("k", [1, 2, 20, 21, 64])
+def test_palette_distinct_and_fixed(k):
+    p = palette(k)
+    assert_image(p, (k, 3))
+    assert len({tuple(c) for c in p.tolist()}) == k
+    assert torch.equal(palette(k), p)
+    assert torch.equal(palette(k + 5)[:k], p)  # growing k keeps earlier colours
+
+
+def test_label_colours():
+    labels = torch.tensor([[[0, 1], [2, 1]], [[2, 2], [0, 0]]])  # [2, 2, 2]
+    img = label_colours(labels, 3)
+    assert_image(img, (2, 2, 2, 3))
+    p = palette(3)
+    assert torch.equal(img[0, 0, 1], p[1]) and torch.equal(img[1, 0, 0], p[2])
+    assert torch.equal(img[0, 0, 1], img[0, 1, 1])  # same label, same colour
+    assert torch.equal(label_colours(labels, 3), img)
+
+
+@pytest.mark.parametrize("labels,k", [(torch.tensor([[[0, 3]]]), 3), (torch.tensor([[[-1, 0]]]), 3), (torch.zeros(2, 2, dtype=torch.int64), 2), (torch.zeros(1, 2, 2), 2)])
+def test_label_colours_bad_input(labels, k):
+    with pytest.raises(ValueError, match="labels"):
+        label_colours(labels, k)
+
+
+def test_label_colours_bad_k():
+    with pytest.raises(ValueError, match="k must"):
+        label_colours(torch.zeros(1, 2, 2, dtype=torch.int64), 0)
+
+
+def planted_features(c=3):
+    """Two layers: 3 heads on 4x4 and 1 head on 2x2; head 0 of the first splits left (low) / right (high)."""
+    first = torch.randn(2, 3, 4, 4, c, generator=torch.Generator().manual_seed(0))
+    first[0, 0] = 0.0
+    first[0, 0, :, 2:, :] = 1.0  # all components: 0 on the left half, 1 on the right half
+    second = torch.full((2, 1, 2, 2, c), 3.0)  # constant head
+    return HeadFeatures({LayerKey("input", 1, 0): first, LayerKey("output", 9, 0): second}, (32, 32), c)
+
+
+def test_pca_rgb_grid_layout_and_content():
+    img = pca_rgb_grid(planted_features(), batch_index=0, cell=8)
+    assert_image(img, (1, 2 * 8, 3 * 8, 3))  # one row per layer, as many columns as the widest layer
+    tile = img[0, :8, :8]  # layer 0, head 0
+    assert (tile[:, :4] == 0).all() and (tile[:, 4:] == 1).all()
+    assert (img[0, 8:, :8] == 0.5).all()  # constant head: mid grey
+    assert (img[0, 8:, 8:] == 0).all()  # padding to the right of a shorter row: black
+    assert torch.equal(pca_rgb_grid(planted_features(), batch_index=0, cell=8), img)
+
+
+@pytest.mark.parametrize("c", [1, 2, 5])
+def test_pca_rgb_grid_any_component_count(c):
+    img = pca_rgb_grid(planted_features(c), batch_index=1, cell=5)
+    assert_image(img, (1, 10, 15, 3))
+    if c == 1:
+        assert torch.equal(img[..., 0], img[..., 1]) and torch.equal(img[..., 1], img[..., 2])  # grey
+
+
+def test_pca_rgb_grid_bad_input():
+    with pytest.raises(ValueError, match="batch_index"):
+        pca_rgb_grid(planted_features(), batch_index=2)
+    with pytest.raises(ValueError, match="cell"):
+        pca_rgb_grid(planted_features(), cell=0)
+
+
+def test_overlay_masks_blends_inside_only():
+    image = torch.rand(1, 6, 6, 3, generator=torch.Generator().manual_seed(1))
+    masks = torch.zeros(2, 6, 6, dtype=torch.bool)
+    masks[0, :3] = True
+    masks[1, :, :2] = True
+    out = overlay_masks(image, masks, alpha=0.25)
+    assert_image(out, (2, 6, 6, 3))
+    colour = palette(2)[0]
+    torch.testing.assert_close(out[0, :3], 0.75 * image[0, :3] + 0.25 * colour)
+    assert torch.equal(out[0, 3:], image[0, 3:])
+    assert torch.equal(out[1, :, 2:], image[0, :, 2:])
+    assert torch.equal(overlay_masks(image, masks, alpha=0.0), image.expand(2, 6, 6, 3))
+
+
+def test_overlay_masks_without_image_and_per_mask_images():
+    masks = torch.zeros(3, 4, 5, dtype=torch.bool)
+    masks[1, 0, 0] = True
+    out = overlay_masks(None, masks, alpha=1.0)
+    assert_image(out, (3, 4, 5, 3))
+    assert torch.equal(out[1, 0, 0], palette(3)[1])
+    assert (out[0] == 0.5).all()
+    images = torch.rand(3, 4, 5, 3)
+    paired = overlay_masks(images, masks)
+    assert torch.equal(paired[2], images[2])
+
+
+@pytest.mark.parametrize(
+    "image,alpha,match",
+    [(torch.rand(1, 5, 5, 3), 0.5, "image is"), (torch.rand(2, 4, 5, 3), 0.5, "batch"), (torch.rand(1, 4, 5), 0.5, "image must"), (None, 1.5, "alpha")],
+)
+def test_overlay_masks_bad_input(image, alpha, match):
+    with pytest.raises(ValueError, match=match):
+        overlay_masks(image, torch.zeros(3, 4, 5, dtype=torch.bool), alpha)
+
+
+def test_error_map_image():
+    err = torch.zeros(2, 3, 4)
+    err[0, 1, 2] = 2.0
+    err[0, 0, 0] = 1.0
+    img = error_map_image(err)
+    assert_image(img, (2, 3, 4, 3))
+    low, high = img[0, 2, 3], img[0, 1, 2]
+    assert float(high.sum()) > float(img[0, 0, 0].sum()) > float(low.sum())  # brighter with more error
+    assert (img[1] == img[0, 2, 3]).all()  # an all-zero map is the zero colour everywhere
+    assert torch.equal(error_map_image(err * 10), img)  # scaled per image by its maximum
+    assert torch.equal(error_map_image(err), img)
+
+
+@pytest.mark.parametrize("err,match", [(torch.full((1, 2, 2), -1.0), "non-negative"), (torch.full((1, 2, 2), float("nan")), "NaN"), (torch.zeros(2, 2), r"\[B, H, W\]")])
+def test_error_map_image_bad_input(err, match):
+    with pytest.raises(ValueError, match=match):
+        error_map_image(err)

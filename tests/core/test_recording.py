@@ -1,0 +1,343 @@
+"""Recording: layer keys, grid levels, validation, selection and the safetensors file format."""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from threadpoolctl import threadpool_limits
+
+from headseg.nodes.core.recording import (
+    FORMAT,
+    LayerKey,
+    Recording,
+    load_recording,
+    save_recording,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Small problems: one thread each for torch and BLAS, so a busy machine does not slow them down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)
+
+
+# SD2.1: (block, number) -> (heads, grid level); 16 layers, 195 heads, 175 without the middle block.
+SD21 = {
+    ("input", 1): (5, 0), ("input", 2): (5, 0), ("input", 4): (10, 1), ("input", 5): (10, 1),
+    ("input", 7): (20, 2), ("input", 8): (20, 2), ("middle", 0): (20, 3),
+    ("output", 3): (20, 2), ("output", 4): (20, 2), ("output", 5): (20, 2),
+    ("output", 6): (10, 1), ("output", 7): (10, 1), ("output", 8): (10, 1),
+    ("output", 9): (5, 0), ("output", 10): (5, 0), ("output", 11): (5, 0),
+}
+
+
+def level_grid(latent, level):
+    h, w = latent
+    for _ in range(level):
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    return h, w
+
+
+def sd21_recording(latent=(8, 8), batch=1, d=4, seed=0, dtype=torch.float16, layout=SD21):
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for (block, number), (heads, level) in layout.items():
+        h, w = level_grid(latent, level)
+        layers[LayerKey(block, number, 0)] = torch.randn(batch, heads, h, w, d, generator=g).to(dtype)
+    return Recording(layers, (latent[0] * 8, latent[1] * 8), model="SD21", steps="last", branch="cond")
+
+
+# ------------------------------------------------------------------------------------------ LayerKey
+@pytest.mark.parametrize("name", ["input.1.0", "middle.0.0", "output.11.0", "input.7.9"])
+def test_layer_key_parse_name_round_trip(name):
+    key = LayerKey.parse(name)
+    assert key.name == name
+    assert LayerKey.parse(key.name) == key
+
+
+@pytest.mark.parametrize("block,position", [("input", "down"), ("middle", "middle"), ("output", "up")])
+def test_layer_key_position(block, position):
+    assert LayerKey(block, 3, 0).position == position
+
+
+@pytest.mark.parametrize("name", ["", "input", "input.1", "down.1.0", "input.a.0", "input.1.-1", "input.1.0.0", "Input.1.0"])
+def test_layer_key_parse_rejects_bad_names(name):
+    with pytest.raises(ValueError, match="layer name"):
+        LayerKey.parse(name)
+
+
+def test_layer_key_rejects_bad_fields():
+    with pytest.raises(ValueError, match="block"):
+        LayerKey("down", 1, 0)
+    with pytest.raises(ValueError, match="number"):
+        LayerKey("input", -1, 0)
+
+
+def test_sort_key_is_unet_execution_order():
+    names = ["output.11.0", "middle.0.0", "input.8.1", "output.2.0", "input.8.0", "input.1.0", "output.10.0"]
+    ordered = sorted((LayerKey.parse(n) for n in names), key=lambda k: k.sort_key)
+    assert [k.name for k in ordered] == [
+        "input.1.0", "input.8.0", "input.8.1", "middle.0.0", "output.2.0", "output.10.0", "output.11.0"
+    ]
+
+
+def test_recording_orders_layers_by_unet_order():
+    rec = sd21_recording()
+    shuffled = dict(reversed(list(rec.layers.items())))
+    again = Recording(shuffled, rec.image_size)
+    assert list(again.layers) == sorted(rec.layers, key=lambda k: k.sort_key)
+
+
+# ------------------------------------------------------------------------------------------ shapes
+def test_sd21_shape_facts():
+    rec = sd21_recording(latent=(8, 8), batch=2).validate()
+    assert rec.latent_size == (8, 8)
+    assert rec.batch_size == 2
+    assert rec.num_heads == 195
+    assert rec.select(("down", "up")).num_heads == 175
+    assert rec.select().num_heads == 175  # default: the paper's best, no middle block
+
+
+@pytest.mark.parametrize(
+    "latent,grids",
+    [
+        ((8, 12), [(8, 12), (4, 6), (2, 3), (1, 2)]),  # non-square, ceil halving
+        ((64, 64), [(64, 64), (32, 32), (16, 16), (8, 8)]),
+        ((96, 64), [(96, 64), (48, 32), (24, 16), (12, 8)]),
+        ((9, 5), [(9, 5), (5, 3), (3, 2), (2, 1)]),
+    ],
+)
+
+def test_grid_level_ceil_halving(latent, grids):
+    layers = {LayerKey("input", i, 0): torch.zeros(1, 1, h, w, 2) for i, (h, w) in enumerate(grids)}
+    rec = Recording(layers, (latent[0] * 8, latent[1] * 8))
+    assert [rec.grid_level(k) for k in rec.layers] == [0, 1, 2, 3]
+    rec.validate()
+
+
+@pytest.mark.parametrize("grid", [(3, 3), (8, 8), (4, 5), (16, 12)])
+def test_grid_that_fits_no_level_is_rejected(grid):
+    rec = Recording({LayerKey("input", 4, 0): torch.zeros(1, 2, *grid, 4)}, (64, 96))  # latent 8x12
+    with pytest.raises(ValueError, match=r"input\.4\.0.*fits no level"):
+        rec.grid_level(LayerKey("input", 4, 0))
+    with pytest.raises(ValueError, match=r"input\.4\.0"):
+        rec.validate()
+
+
+# ------------------------------------------------------------------------------------------ validate
+def test_validate_returns_self():
+    rec = sd21_recording()
+    assert rec.validate() is rec
+
+
+def test_validate_empty():
+    with pytest.raises(ValueError, match="empty"):
+        Recording({}, (64, 64)).validate()
+
+
+def test_validate_not_5d_names_layer():
+    with pytest.raises(ValueError, match=r"output\.3\.0.*5-D"):
+        Recording({LayerKey("output", 3, 0): torch.zeros(1, 2, 64, 4)}, (64, 64)).validate()
+
+
+def test_validate_batch_mismatch_names_layers():
+    layers = {LayerKey("input", 1, 0): torch.zeros(2, 1, 8, 8, 4), LayerKey("output", 9, 0): torch.zeros(3, 1, 8, 8, 4)}
+    with pytest.raises(ValueError, match=r"batch.*output\.9\.0.*input\.1\.0"):
+        Recording(layers, (64, 64)).validate()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_validate_non_finite_names_layer(bad):
+    rec = sd21_recording()
+    key = LayerKey("output", 7, 0)
+    rec.layers[key][0, 3, 1, 2, 0] = bad
+    with pytest.raises(ValueError, match=r"output\.7\.0.*NaN or inf"):
+        rec.validate()
+
+
+@pytest.mark.parametrize("size", [(0, 64), (64,), "512x512", (64.0, 64)])
+def test_bad_image_size(size):
+    with pytest.raises(ValueError, match="image_size"):
+        Recording({}, size)
+
+
+# ------------------------------------------------------------------------------------------ select
+def test_select_positions_and_levels():
+    rec = sd21_recording(latent=(8, 12))
+    up = rec.select(("up",))
+    assert {k.block for k in up.layers} == {"output"}
+    assert up.num_heads == 3 * 20 + 3 * 10 + 3 * 5
+    fine = rec.select(("down", "up"), levels=[0])
+    assert [k.name for k in fine.layers] == ["input.1.0", "input.2.0", "output.9.0", "output.10.0", "output.11.0"]
+    coarse = rec.select("down,middle,up", levels=(2, 3))
+    assert [k.name for k in coarse.layers] == [
+        "input.7.0", "input.8.0", "middle.0.0", "output.3.0", "output.4.0", "output.5.0"
+    ]
+    assert coarse.image_size == rec.image_size and coarse.model == "SD21"
+
+
+def test_select_nothing_left_lists_what_exists():
+    rec = sd21_recording().select(("up",), levels=[0])
+    with pytest.raises(ValueError, match=r"no layer left.*positions \['up'\].*levels \[0\]"):
+        rec.select(("down",))
+    with pytest.raises(ValueError, match=r"levels \[0\]"):
+        rec.select(("up",), levels=[3])
+
+
+def test_select_bad_position():
+    with pytest.raises(ValueError, match="positions"):
+        sd21_recording().select(("sideways",))
+
+
+# ------------------------------------------------------------------------------------------ files
+@pytest.mark.parametrize("latent,batch", [((8, 8), 1), ((8, 12), 2)])
+def test_save_load_round_trip(tmp_path, latent, batch):
+    rec = sd21_recording(latent=latent, batch=batch, d=8)
+    rec.steps, rec.branch, rec.model = "3-7", "uncond", "SD21"
+    path = tmp_path / "rec.safetensors"
+    save_recording(rec, path)
+    back = load_recording(path)
+    assert list(back.layers) == list(rec.layers)
+    for key in rec.layers:
+        assert back.layers[key].dtype == torch.float16
+        assert torch.equal(back.layers[key], rec.layers[key])
+    assert back.image_size == rec.image_size
+    assert (back.model, back.steps, back.branch) == ("SD21", "3-7", "uncond")
+
+
+def test_saved_file_is_the_documented_format(tmp_path):
+    from safetensors import safe_open
+
+    rec = sd21_recording(latent=(8, 12), d=4, dtype=torch.float32)
+    path = tmp_path / "rec.safetensors"
+    save_recording(rec, str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        assert meta == {
+            "format": FORMAT, "image_height": "64", "image_width": "96",
+            "model": "SD21", "steps": "last", "branch": "cond",
+        }
+        assert set(f.keys()) == {k.name for k in rec.layers}
+        t = f.get_tensor("output.11.0")
+        assert t.dtype == torch.float16 and tuple(t.shape) == (1, 5, 8, 12, 4)
+
+
+def test_save_rejects_values_beyond_float16(tmp_path):
+    rec = sd21_recording(dtype=torch.float32)
+    rec.layers[LayerKey("input", 4, 0)][0, 0, 0, 0, 0] = 1e6
+    with pytest.raises(ValueError, match=r"input\.4\.0.*float16"):
+        save_recording(rec, tmp_path / "x.safetensors")
+
+
+GOOD_META = {"format": FORMAT, "image_height": "64", "image_width": "64", "model": "SD21", "steps": "last", "branch": "cond"}
+
+
+def write(tmp_path, tensors, metadata):
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def good_tensors():
+    return {"input.1.0": torch.zeros(1, 2, 8, 8, 4, dtype=torch.float16), "output.4.0": torch.zeros(1, 3, 4, 4, 4, dtype=torch.float16)}
+
+
+def test_load_good_handmade_file(tmp_path):
+    rec = load_recording(write(tmp_path, good_tensors(), GOOD_META))
+    assert [k.name for k in rec.layers] == ["input.1.0", "output.4.0"]
+    assert rec.image_size == (64, 64) and rec.num_heads == 5
+
+
+def test_load_wrong_format(tmp_path):
+    path = write(tmp_path, good_tensors(), {**GOOD_META, "format": "headseg-recording/2"})
+    with pytest.raises(ValueError, match=r"bad\.safetensors.*'format'.*headseg-recording/2"):
+        load_recording(path)
+
+
+def test_load_no_metadata(tmp_path):
+    path = write(tmp_path, good_tensors(), None)
+    with pytest.raises(ValueError, match=r"bad\.safetensors.*'format'.*missing"):
+        load_recording(path)
+
+
+@pytest.mark.parametrize("field", ["image_height", "image_width", "model", "steps", "branch"])
+def test_load_missing_metadata_field(tmp_path, field):
+    meta = {k: v for k, v in GOOD_META.items() if k != field}
+    with pytest.raises(ValueError, match=rf"bad\.safetensors.*{field}"):
+        load_recording(write(tmp_path, good_tensors(), meta))
+
+
+@pytest.mark.parametrize("value", ["sixty-four", "-64", "0", "64.5", ""])
+def test_load_bad_image_height(tmp_path, value):
+    with pytest.raises(ValueError, match=r"bad\.safetensors.*image_height"):
+        load_recording(write(tmp_path, good_tensors(), {**GOOD_META, "image_height": value}))
+
+
+def test_load_tensor_not_5d(tmp_path):
+    tensors = {**good_tensors(), "output.4.0": torch.zeros(3, 16, 4, dtype=torch.float16)}
+    with pytest.raises(ValueError, match=r"bad\.safetensors.*output\.4\.0.*5-D"):
+        load_recording(write(tmp_path, tensors, GOOD_META))
+
+
+def test_load_grid_that_cannot_fit_image(tmp_path):
+    tensors = {**good_tensors(), "output.4.0": torch.zeros(1, 3, 5, 5, 4, dtype=torch.float16)}
+    with pytest.raises(ValueError, match=r"bad\.safetensors.*output\.4\.0.*fits no level"):
+        load_recording(write(tmp_path, tensors, GOOD_META))
+
+
+def test_load_image_size_that_does_not_fit_grids(tmp_path):
+    meta = {**GOOD_META, "image_height": "128"}  # latent 16x8: an 8x8 grid fits no level
+    with pytest.raises(ValueError, match=r"bad\.safetensors.*input\.1\.0"):
+        load_recording(write(tmp_path, good_tensors(), meta))
+
+
+def test_load_batch_mismatch(tmp_path):
+    tensors = {**good_tensors(), "output.4.0": torch.zeros(2, 3, 4, 4, 4, dtype=torch.float16)}
+    with pytest.raises(ValueError, match=r"bad\.safetensors.*batch"):
+        load_recording(write(tmp_path, tensors, GOOD_META))
+
+
+def test_load_bad_tensor_name(tmp_path):
+    tensors = {**good_tensors(), "attn1.weight": torch.zeros(1, 1, 8, 8, 4, dtype=torch.float16)}
+    with pytest.raises(ValueError, match=r"bad\.safetensors.*attn1\.weight"):
+        load_recording(write(tmp_path, tensors, GOOD_META))
+
+
+def test_load_no_layers(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    save_file({}, str(path), metadata=GOOD_META)
+    with pytest.raises(ValueError, match=r"bad\.safetensors.*no layer"):
+        load_recording(path)
+
+
+def test_load_not_a_safetensors_file(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(b"this is not a safetensors file at all")
+    with pytest.raises(ValueError, match=r"bad\.safetensors"):
+        load_recording(path)
+
+
+def test_load_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_recording(tmp_path / "nope.safetensors")
+
+
+def test_select_single_level_and_unknown_layer():
+    rec = sd21_recording()
+    assert [k.name for k in rec.select("up", levels=2).layers] == ["output.3.0", "output.4.0", "output.5.0"]
+    with pytest.raises(ValueError, match="levels"):
+        rec.select(levels=[-1])
+    with pytest.raises(ValueError, match=r"no layer input\.3\.0"):
+        rec.grid_level(LayerKey("input", 3, 0))
+
+
+def test_validate_rejects_non_layer_keys_and_integer_tensors():
+    with pytest.raises(ValueError, match="LayerKey"):
+        Recording({"input.1.0": torch.zeros(1, 1, 8, 8, 4)}, (64, 64)).validate()
+    with pytest.raises(ValueError, match=r"input\.1\.0.*floating"):
+        Recording({LayerKey("input", 1, 0): torch.zeros(1, 1, 8, 8, 4, dtype=torch.int64)}, (64, 64)).validate()

@@ -1,0 +1,208 @@
+"""Interpolation matrices against F.interpolate, the feature stack, eq. 5 reweighting and eq. 6 error."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
+
+from headseg.nodes.core import upsample as up
+from headseg.nodes.core.pca import HeadFeatures
+from headseg.nodes.core.recording import LayerKey
+from headseg.nodes.core.upsample import (
+    interpolation_matrix,
+    make_feature_stack,
+    resolution_weights,
+    upsample,
+    upsampling_error,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Small problems: one thread each for torch and BLAS, so a busy machine does not slow them down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)
+
+
+SIZES = [(3, 64), (5, 96), (1, 8), (8, 1), (2, 5), (7, 3), (12, 8), (16, 64), (63, 64), (64, 63), (64, 16), (8, 512), (32, 48), (6, 6)]
+
+
+def reference_interpolate(x, size, mode):
+    kwargs = {"align_corners": False} if mode == "bilinear" else {}
+    return F.interpolate(x, size=size, mode=mode, **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("n_in,n_out", SIZES)
+def test_matrix_equals_f_interpolate_weights_exactly(n_in, n_out, mode):
+    impulses = torch.eye(n_in).reshape(1, n_in, n_in, 1)  # channel j = unit impulse at sample j
+    ref = reference_interpolate(impulses, (n_out, 1), mode).reshape(n_in, n_out).T  # [n_out, n_in]
+    M = interpolation_matrix(n_in, n_out, mode)
+    assert M.shape == (n_out, n_in) and M.dtype == torch.float32
+    assert torch.equal(M, ref)
+    torch.testing.assert_close(M.sum(1), torch.ones(n_out))  # partition of unity
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_matrix_along_width_axis_too(mode):
+    impulses = torch.eye(5).reshape(5, 1, 1, 5)
+    ref = reference_interpolate(impulses, (1, 96), mode).reshape(5, 96).T
+    assert torch.equal(interpolation_matrix(5, 96, mode), ref)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("src,dst", [((3, 5), (64, 96)), ((8, 12), (64, 96)), ((1, 1), (8, 8)), ((16, 16), (5, 7)), ((4, 6), (4, 6))])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_upsample_equals_f_interpolate(mode, src, dst, dtype):
+    x = torch.randn(2, 3, *src, generator=torch.Generator().manual_seed(0)).to(dtype)
+    ours = upsample(x, dst, mode)
+    ref = reference_interpolate(x.to(ours.dtype), dst, mode)
+    assert ours.shape == (2, 3, *dst)
+    assert ours.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    if mode == "nearest":
+        assert torch.equal(ours, ref)
+    else:
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [dict(n_in=0, n_out=4, mode="bilinear"), dict(n_in=3, n_out=4, mode="bicubic"), dict(n_in=3, n_out=2.0, mode="nearest")])
+def test_matrix_bad_arguments(bad):
+    with pytest.raises(ValueError, match="n_in|n_out|mode"):
+        interpolation_matrix(**bad)
+
+
+def test_upsample_bad_arguments():
+    with pytest.raises(ValueError, match="size"):
+        upsample(torch.zeros(1, 1, 2, 2), (0, 4))
+    with pytest.raises(ValueError, match="mode"):
+        upsample(torch.zeros(1, 1, 2, 2), (4, 4), "area")
+    with pytest.raises(ValueError, match="x must"):
+        upsample(torch.zeros(1, 2, 2), (4, 4))
+
+
+# ------------------------------------------------------------------------------------------ FeatureStack
+def features(latent=(8, 12), batch=2, c=3, seed=0):
+    """SD-like layers on three grids (8x12, 4x6, 2x3), interleaved in UNet order."""
+    g = torch.Generator().manual_seed(seed)
+    layout = [("input", 1, 2, (8, 12)), ("input", 4, 3, (4, 6)), ("input", 7, 4, (2, 3)),
+              ("output", 3, 4, (2, 3)), ("output", 6, 3, (4, 6)), ("output", 9, 2, (8, 12))]
+    layers = {LayerKey(b, n, 0): torch.randn(batch, heads, *grid, c, generator=g) for b, n, heads, grid in layout}
+    return HeadFeatures(layers, (latent[0] * 8, latent[1] * 8), c)
+
+
+def explicit_stack(feats, size, mode, weights_by_grid=None):
+    """Independent reference: every layer upsampled with F.interpolate, channels head-major, concat."""
+    parts = {}
+    for key, t in feats.layers.items():
+        B, heads, h, w, c = t.shape
+        chans = torch.stack([t[:, hd, :, :, j] for hd in range(heads) for j in range(c)], dim=1)  # [B, heads*c, h, w]
+        scale = 1.0 if weights_by_grid is None else weights_by_grid[(h, w)]
+        parts.setdefault((h, w), []).append(scale * reference_interpolate(chans, size, mode))
+    return torch.cat([p for group in parts.values() for p in group], dim=1)
+
+
+def test_stack_groups_layers_by_grid():
+    feats = features()
+    stack = make_feature_stack(feats)
+    assert stack.size == (64, 96) and stack.mode == "bilinear"
+    assert stack.grid_sizes == [(8, 12), (4, 6), (2, 3)]
+    assert [[k.name for k in ks] for ks in stack.keys] == [["input.1.0", "output.9.0"], ["input.4.0", "output.6.0"], ["input.7.0", "output.3.0"]]
+    assert stack.num_channels == (2 + 3 + 4 + 4 + 3 + 2) * 3
+    assert stack.batch_size == 2 and stack.weights == [1.0, 1.0, 1.0]
+    assert all(g.dtype == torch.float32 for g in stack.grids)
+
+
+def test_stack_channels_are_head_major():
+    feats = features()
+    stack = make_feature_stack(feats)
+    t = feats.layers[LayerKey("output", 6, 0)]  # second layer of grid entry 1, after input.4.0's 3 heads
+    for head in range(3):
+        for j in range(3):
+            assert torch.equal(stack.grids[1][:, 9 + head * 3 + j], t[:, head, :, :, j])
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("size", [None, (20, 30), (5, 7)])
+def test_materialise_equals_explicit_reference(mode, size):
+    feats = features()
+    stack = make_feature_stack(feats, mode=mode, size=size)
+    out_size = size or feats.image_size
+    ref = explicit_stack(feats, out_size, mode)
+    torch.testing.assert_close(stack.materialise(), ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stack.materialise(size=(9, 11), batch_index=1), explicit_stack(feats, (9, 11), mode)[1:2], rtol=1e-6, atol=1e-6)
+
+
+def test_matrices_reproduce_upsample_of_a_grid():
+    stack = make_feature_stack(features(), size=(24, 36))
+    mh, mw = stack.matrices(1)
+    torch.testing.assert_close(mh @ stack.grids[1] @ mw.T, reference_interpolate(stack.grids[1], (24, 36), "bilinear"), rtol=1e-6, atol=1e-6)
+
+
+def test_resolution_weights_eq5():
+    assert resolution_weights([16, 32, 64]) == [0.25, 0.5, 1.0]
+    assert resolution_weights([64, 16]) == [1.0, 0.25]
+    assert resolution_weights([7]) == [1.0]
+    with pytest.raises(ValueError, match="grid_sides"):
+        resolution_weights([])
+    with pytest.raises(ValueError, match="grid_sides"):
+        resolution_weights([0, 4])
+
+
+def test_reweighted_stack():
+    feats = features()
+    stack = make_feature_stack(feats, reweight=True, size=(16, 24))
+    assert stack.weights == [1.0, 0.5, 0.25]  # sides 12, 6, 3 (max of h, w)
+    ref = explicit_stack(feats, (16, 24), "bilinear", {(8, 12): 1.0, (4, 6): 0.5, (2, 3): 0.25})
+    torch.testing.assert_close(stack.materialise(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_stack_bad_arguments():
+    feats = features()
+    with pytest.raises(ValueError, match="mode"):
+        make_feature_stack(feats, mode="cubic")
+    with pytest.raises(ValueError, match="size"):
+        make_feature_stack(feats, size=(64,))
+    with pytest.raises(ValueError, match="no layer"):
+        make_feature_stack(HeadFeatures({}, (64, 64), 3))
+    with pytest.raises(ValueError, match="batch_index"):
+        make_feature_stack(feats).materialise(batch_index=2)
+
+
+# ------------------------------------------------------------------------------------------ eq. 6
+@pytest.mark.parametrize("reweight", [False, True])
+@pytest.mark.parametrize("size", [(32, 48), (24, 36), (30, 50), (5, 7)], ids=["even-ratios", "odd-ratios", "non-integer", "down"])
+def test_upsampling_error_equals_reference(reweight, size):
+    feats = features()
+    stack = make_feature_stack(feats, reweight=reweight, size=size)
+    weights = dict(zip(stack.grid_sizes, stack.weights))
+    bil = explicit_stack(feats, size, "bilinear", weights)
+    near = explicit_stack(feats, size, "nearest", weights)
+    ref = (bil - near).abs().mean(dim=1)  # [B, H, W]
+    err = upsampling_error(stack)
+    assert err.shape == (2, *size)
+    torch.testing.assert_close(err, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_upsampling_error_in_chunks_is_the_same(monkeypatch):
+    stack = make_feature_stack(features(), size=(32, 48))
+    whole = upsampling_error(stack)
+    monkeypatch.setattr(up, "_CHUNK_BYTES", 1)  # one channel at a time
+    torch.testing.assert_close(upsampling_error(stack), whole, rtol=1e-6, atol=1e-7)
+
+
+def test_upsampling_error_planted():
+    # at the native size both modes are the identity; a constant map has no error at any size
+    feats = HeadFeatures({LayerKey("output", 9, 0): torch.randn(1, 2, 8, 8, 3)}, (64, 64), 3)
+    assert (upsampling_error(make_feature_stack(feats, size=(8, 8))) == 0).all()
+    flat = HeadFeatures({LayerKey("output", 9, 0): torch.full((1, 2, 8, 8, 3), 0.7)}, (64, 64), 3)
+    assert upsampling_error(make_feature_stack(flat)).abs().max() < 1e-6
+    # one step edge 0 | 1 on a 1x2 grid upsampled to 1x8: bilinear ramps, nearest jumps
+    edge = HeadFeatures({LayerKey("input", 1, 0): torch.tensor([0.0, 1.0]).reshape(1, 1, 1, 2, 1)}, (8, 16), 1)
+    err = upsampling_error(make_feature_stack(edge, size=(1, 8)))
+    # bilinear: source x = (i + 0.5) / 4 - 0.5 clamped to [0, 1]; nearest: floor(i / 4)
+    bil = torch.tensor([0, 0, 0.125, 0.375, 0.625, 0.875, 1, 1])
+    near = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1.0])
+    torch.testing.assert_close(err[0, 0], (bil - near).abs())
