@@ -1,0 +1,103 @@
+"""HeadSeg_RecordSelfAttention: patch a MODEL so that sampling records every self-attention head."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from . import recorder
+from .types import Recording as RecordingSocket
+
+
+class RecordSelfAttention(io.ComfyNode):
+    """MODEL -> patched MODEL clone + live recording handle (filled when a sampler runs the clone)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HeadSeg_RecordSelfAttention",
+            display_name="Record Self-Attention Heads",
+            category="HeadSeg",
+            description=(
+                "Patches the model so that, while a sampler runs it, the output of every self-attention head "
+                "(softmax(QK^T/sqrt d)·V, before the heads are mixed) is recorded for each UNet layer, in float16 "
+                "on the CPU. Sample with the MODEL output; the RECORDING holds the latest sampling run (a new run "
+                "replaces it). Works with SD1.x, SD2.x and SDXL UNets (DiT models such as Flux or SD3 are "
+                "refused). Chains an attn1 patch already on the model (SAG, PAG, ...) and survives later "
+                "LoRA/FreeU clones. Recording does not change the sampled image."
+            ),
+            inputs=[
+                io.Model.Input(
+                    "model",
+                    tooltip="The diffusion model (an SD1.x, SD2.x or SDXL UNet) to record. It is not modified: "
+                            "a patched clone is returned.",
+                ),
+                io.Boolean.Input(
+                    "down", default=True,
+                    tooltip="Record the self-attention layers of the down (input) blocks. Off: those layers are "
+                            "not patched at all.",
+                ),
+                io.Boolean.Input(
+                    "middle", default=True,
+                    tooltip="Record the middle block's self-attention (the coarsest grid: 1/8 of the latent on "
+                            "SD1.x/SD2.x, 1/4 on SDXL). The paper's best masks leave it out; HeadPCA can drop it "
+                            "later.",
+                ),
+                io.Boolean.Input(
+                    "up", default=True,
+                    tooltip="Record the self-attention layers of the up (output) blocks.",
+                ),
+                io.String.Input(
+                    "levels", default="all",
+                    tooltip="Token-grid levels to record: 'all', or comma-separated levels such as '0,1'. "
+                            "0 = the latent grid (image/8, e.g. 64x64 at 512 px), 1 = 1/2, 2 = 1/4, 3 = 1/8. "
+                            "Fewer levels = less memory.",
+                ),
+                io.String.Input(
+                    "steps", default="last",
+                    tooltip="Which sampling steps to keep: 'last' (the final step, least memory), 'mean' (average over "
+                            "all steps), or 0-based step indices 'N' or 'A-B' (average over steps A..B inclusive; "
+                            "0 = the first, noisiest step). Steps are told apart by sigma.",
+                ),
+                io.Combo.Input(
+                    "branch", options=list(recorder.BRANCHES), default="cond",
+                    tooltip="CFG branch to record: 'cond' (positive prompt, default) or 'uncond' (negative prompt; "
+                            "empty when cfg = 1, since ComfyUI then skips the uncond pass).",
+                ),
+            ],
+            outputs=[
+                io.Model.Output(
+                    display_name="MODEL",
+                    tooltip="Patched clone of the model: sample with it; the sampled latent is the same as "
+                            "without recording.",
+                ),
+                RecordingSocket.Output(
+                    display_name="RECORDING",
+                    tooltip="Live recording of the latest sampling run with the patched model: per layer "
+                            "[batch, heads, h, w, d] float16 (about 23 MB per image for SD2.1 at 512x512 with "
+                            "every layer). Connect the sampler's LATENT to the node that reads it so that it "
+                            "runs after sampling.",
+                ),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, levels="all", steps="last"):
+        # Only these two are checked here (no **kwargs), so ComfyUI still checks the other widgets itself.
+        for parse, value in ((recorder.parse_levels, levels), (recorder.parse_steps, steps)):
+            if not isinstance(value, str):
+                continue  # linked from another node: checked at execution
+            try:
+                parse(value)
+            except (TypeError, ValueError) as exc:
+                return str(exc)
+        return True
+
+    @classmethod
+    def execute(
+        cls, model, down=True, middle=True, up=True, levels="all", steps="last", branch="cond"
+    ) -> io.NodeOutput:
+        positions = [name for name, on in (("down", down), ("middle", middle), ("up", up)) if on]
+        if not positions:
+            raise ValueError("down/middle/up: switch on at least one position to record")
+        patched, live = recorder.attach_recorder(model, positions=positions, levels=levels, steps=steps, branch=branch)
+        return io.NodeOutput(patched, live)

@@ -1,0 +1,53 @@
+"""In-process ComfyUI for the recorder tests: $HEADSEG_COMFYUI on sys.path, CPU mode, pack imported as `headseg`.
+
+Without HEADSEG_COMFYUI (source tests/setup_env.sh) these tests are not collected.
+"""
+
+import os
+import pathlib
+import sys
+
+import pytest
+
+COMFYUI = os.environ.get("HEADSEG_COMFYUI", "")
+
+if not COMFYUI or not (pathlib.Path(COMFYUI) / "comfy").is_dir():
+    collect_ignore_glob = ["test_*.py"]
+else:
+    if COMFYUI not in sys.path:
+        sys.path.insert(0, COMFYUI)
+    import comfy.options  # noqa: E402
+
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args  # noqa: E402
+
+    comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
+    import comfy.model_management  # noqa: E402,F401
+
+    import headseg  # noqa: E402,F401  (tests/conftest.py imports the checkout under this name)
+
+
+def pytest_collection_modifyitems(items):
+    here = pathlib.Path(__file__).parent
+    for item in items:
+        if here in pathlib.Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.comfy)
+
+
+@pytest.fixture(autouse=True, scope="package")
+def _one_torch_thread():
+    """Tiny models are latency-bound: one thread is as fast alone and far faster on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The tests.support.tiny_unets module (imported once ComfyUI is on the path)."""
+    from headseg.tests.support import tiny_unets
+
+    return tiny_unets

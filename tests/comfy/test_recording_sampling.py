@@ -1,0 +1,269 @@
+"""Recording through ComfyUI's real sampler against an independent float64 recomputation per layer."""
+
+import logging
+
+import pytest
+import torch
+
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.samplers
+
+from headseg.nodes import recorder
+from headseg.nodes.core.recording import LayerKey
+
+from .reference import AttentionProbe, reference, self_attention_modules
+
+TOL = dict(rtol=3e-3, atol=3e-3)  # recorded float16 against float64
+
+
+@pytest.fixture(scope="module")
+def sd2(tiny):
+    return tiny.build("SD2", seed=0)
+
+
+def run(tiny, model, layout="SD2", latent_hw=(8, 8), batch=1, **kwargs):
+    pos, neg = tiny.conditioning(layout, batch=1)
+    return tiny.sample(model, pos, neg, latent_hw=latent_hw, batch=batch, **kwargs)
+
+
+def assert_matches(rec, probe, latent_hw, steps="last", branch=0, sigmas=None, names=None):
+    names = names or [k.name for k in rec.layers]
+    for name in names:
+        got = rec.layers[LayerKey.parse(name)]
+        assert got.dtype == torch.float16 and got.device.type == "cpu"
+        want = reference(probe, name, latent_hw, steps, branch, sigmas)
+        assert got.shape == want.shape, name
+        torch.testing.assert_close(got.double(), want, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("layout,latent_hw", [("SD2", (8, 8)), ("SD2", (8, 12)), ("SD15", (12, 8)), ("SDXL", (8, 12))])
+def test_recorded_heads_equal_recomputation_from_layer_weights(tiny, layout, latent_hw):
+    model = tiny.build(layout, seed=3)
+    patched, live = recorder.attach_recorder(model)
+    with AttentionProbe(patched) as probe:
+        run(tiny, patched, layout, latent_hw)
+    rec = live.snapshot()
+    assert set(k.name for k in rec.layers) == set(probe.modules)
+    assert rec.image_size == (latent_hw[0] * 8, latent_hw[1] * 8)
+    assert (rec.steps, rec.branch) == ("last", "cond")
+    assert all(rec.grid_level(layer.key) == layer.level for layer in live.layers)  # levels read from the UNet
+    assert_matches(rec, probe, latent_hw)
+    # the planted check is not vacuous: attention is far from uniform and heads differ
+    t = rec.layers[LayerKey.parse(next(iter(probe.modules)))].float()
+    assert (t[:, 0] - t[:, 1]).abs().max() > 1e-2
+
+
+def test_fp16_model_records_fp16_matching_recomputation(tiny):
+    model = tiny.build("SD2", seed=4, dtype=torch.float16)
+    patched, live = recorder.attach_recorder(model)
+    with AttentionProbe(patched) as probe:
+        run(tiny, patched, "SD2", (8, 8), steps=2)
+    rec = live.snapshot()
+    for name in ("input.1.0", "middle.0.0", "output.11.0"):
+        got = rec.layers[LayerKey.parse(name)].double()
+        want = reference(probe, name, (8, 8))
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_recording_does_not_change_the_sampled_latent(tiny, sd2):
+    plain = run(tiny, sd2, latent_hw=(8, 12), seed=7)
+    patched, live = recorder.attach_recorder(sd2, steps="mean")
+    recorded = run(tiny, patched, latent_hw=(8, 12), seed=7)
+    assert live.runs == 1
+    assert (plain - recorded).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("layout", ["batched", "cfg1", "separate"])
+def test_cfg_layouts_record_the_cond_chunk(tiny, sd2, layout, monkeypatch):
+    cfg = 1.0 if layout == "cfg1" else 5.0
+    if layout == "separate":  # low free memory: ComfyUI runs cond and uncond as separate model calls
+        monkeypatch.setattr(sd2.model, "memory_required", lambda *a, **k: 1e30)
+    patched, live = recorder.attach_recorder(sd2)
+    with AttentionProbe(patched) as probe:
+        run(tiny, patched, latent_hw=(8, 8), cfg=cfg)
+    layouts = {tuple(c.cond_or_uncond) for c in probe.calls["input.1.0"]}
+    expected = {"batched": lambda s: any(len(x) == 2 for x in s), "cfg1": lambda s: s == {(0,)},
+                "separate": lambda s: s == {(0,), (1,)}}
+    assert expected[layout](layouts), layouts
+    assert_matches(live.snapshot(), probe, (8, 8))
+
+
+def test_uncond_branch_and_cfg1_without_uncond(tiny, sd2):
+    patched, live = recorder.attach_recorder(sd2, branch="uncond")
+    with AttentionProbe(patched) as probe:
+        run(tiny, patched, latent_hw=(8, 8), cfg=5.0)
+    rec = live.snapshot()
+    assert rec.branch == "uncond"
+    assert_matches(rec, probe, (8, 8), branch=1)
+    run(tiny, patched, latent_hw=(8, 8), cfg=1.0)  # ComfyUI skips the uncond pass at cfg = 1
+    with pytest.raises(ValueError, match="cfg = 1"):
+        live.snapshot()
+
+
+def test_batch_of_two(tiny, sd2):
+    patched, live = recorder.attach_recorder(sd2)
+    with AttentionProbe(patched) as probe:
+        run(tiny, patched, latent_hw=(8, 12), batch=2)
+    rec = live.snapshot()
+    assert rec.batch_size == 2
+    assert_matches(rec, probe, (8, 12))
+    first = rec.layers[LayerKey.parse("input.1.0")]
+    assert (first[0].float() - first[1].float()).abs().max() > 1e-3  # two different images
+
+
+@pytest.mark.parametrize("steps", ["mean", "1-2", "0"])
+def test_step_selection(tiny, sd2, steps):
+    patched, live = recorder.attach_recorder(sd2, steps=steps)
+    with AttentionProbe(patched) as probe:
+        run(tiny, patched, latent_hw=(8, 8), steps=3)
+    sigmas = comfy.samplers.calculate_sigmas(sd2.get_model_object("model_sampling"), "normal", 3).tolist()
+    rec = live.snapshot()
+    assert rec.steps == steps
+    assert_matches(rec, probe, (8, 8), steps=steps, sigmas=sigmas)
+
+
+def test_last_step_of_a_second_order_sampler(tiny, sd2):
+    patched, live = recorder.attach_recorder(sd2)
+    with AttentionProbe(patched) as probe:
+        run(tiny, patched, latent_hw=(8, 8), steps=3, sampler_name="heun")
+    assert len(probe.calls["input.1.0"]) == 5  # heun: 2 evaluations per step, Euler on the last
+    assert_matches(live.snapshot(), probe, (8, 8))
+
+
+def test_range_beyond_the_run_explains(tiny, sd2):
+    patched, live = recorder.attach_recorder(sd2, steps="5-9")
+    run(tiny, patched, latent_hw=(8, 8), steps=3)
+    with pytest.raises(ValueError, match="steps: range 5-9 .* ran 3 steps"):
+        live.snapshot()
+
+
+def test_each_run_starts_a_fresh_recording(tiny, sd2):
+    patched, live = recorder.attach_recorder(sd2)
+    with pytest.raises(ValueError, match="nothing recorded yet"):
+        live.snapshot()
+    run(tiny, patched, latent_hw=(8, 8), seed=1)
+    first = live.snapshot()
+    with AttentionProbe(patched) as probe:
+        run(tiny, patched, latent_hw=(8, 12), seed=2)
+    second = live.snapshot()
+    assert live.runs == 2
+    assert first.image_size == (64, 64) and second.image_size == (64, 96)
+    assert_matches(second, probe, (8, 12))
+    assert first.layers[LayerKey.parse("input.1.0")].shape[2:4] == (8, 8)  # the old snapshot is untouched
+
+
+def test_survives_later_clones_lora_and_output_block_patch(tiny, sd2):
+    patched, live = recorder.attach_recorder(sd2)
+    run(tiny, patched, latent_hw=(8, 8), seed=3)
+    before = live.snapshot().layers[LayerKey.parse("output.9.0")]
+
+    later = patched.clone()  # what a LoRA loader does, then adds weight patches
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    w = sd2.model.state_dict()[key]
+    later.add_patches({key: (torch.full_like(w, 0.05),)}, strength_patch=1.0)
+    later = later.clone()  # what FreeU does, then an output block patch
+    later.set_model_output_block_patch(lambda h, hsp, opts: (h * 1.1, hsp))
+    with AttentionProbe(later) as probe:
+        run(tiny, later, latent_hw=(8, 8), seed=3)
+    rec = live.snapshot()
+    assert live.runs == 2
+    assert_matches(rec, probe, (8, 8))
+    assert (rec.layers[LayerKey.parse("output.9.0")].float() - before.float()).abs().max() > 1e-3
+
+
+def test_chains_an_existing_attn1_patch(tiny, sd2):
+    seen = {"calls": 0}
+
+    def other(q, k, v, extra_options):  # another pack's attn1 replace: changes the attention output
+        seen["calls"] += 1
+        heads = extra_options["n_heads"]
+        out = comfy_attention.optimized_attention(q, k, v, heads, attn_precision=extra_options["attn_precision"])
+        return 0.5 * out + 0.1
+
+    others = sd2.clone()
+    others.set_model_attn1_replace(other, "input", 1, 0)  # full key
+    others.set_model_attn1_replace(other, "middle", 0)  # ComfyUI's (block, number) fallback key
+    plain = run(tiny, sd2, latent_hw=(8, 8), seed=5)
+    expected = run(tiny, others, latent_hw=(8, 8), seed=5)
+    assert (plain - expected).abs().max() > 1e-3  # the other patch matters
+    calls_alone = seen["calls"]
+
+    patched, live = recorder.attach_recorder(others)
+    with AttentionProbe(patched) as probe:
+        got = run(tiny, patched, latent_hw=(8, 8), seed=5)
+    assert seen["calls"] == 2 * calls_alone  # still called, once per layer call
+    assert (got - expected).abs().max().item() <= 1e-4  # its output is what the model gets
+    rec = live.snapshot()
+    for name in ("input.1.0", "middle.0.0"):  # recorded = what the other patch returned
+        want = 0.5 * reference(probe, name, (8, 8)) + 0.1
+        torch.testing.assert_close(rec.layers[LayerKey.parse(name)].double(), want, **TOL)
+    assert_matches(rec, probe, (8, 8), names=["input.2.0", "output.11.0"])
+
+
+def test_token_count_changed_by_another_patch_is_skipped_with_warning(tiny, sd2, caplog):
+    def tile(n, context, value, extra_options):  # HyperTile-like: split the token rows into 2 tiles
+        B, N, C = n.shape
+        extra_options["tiled"] = N % 2 == 0
+        if not extra_options["tiled"]:
+            return n, context, value
+        return n.reshape(B * 2, N // 2, C), context.reshape(B * 2, N // 2, C), value.reshape(B * 2, N // 2, C)
+
+    def untile(n, extra_options):
+        B2, N2, C = n.shape
+        return n.reshape(B2 // 2, N2 * 2, C) if extra_options["tiled"] else n
+
+    tiled = sd2.clone()
+    tiled.set_model_attn1_patch(tile)
+    tiled.set_model_attn1_output_patch(untile)
+    patched, live = recorder.attach_recorder(tiled, positions=("down",), levels="0")
+    with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        run(tiny, patched, latent_hw=(8, 8))
+    assert "HyperTile" in caplog.text and "input.1.0" in caplog.text
+    with pytest.raises(ValueError, match="token count"):
+        live.snapshot()
+
+
+def test_positions_and_levels_select_what_is_recorded(tiny, sd2):
+    patched, live = recorder.attach_recorder(sd2, positions=("down", "up"), levels="0,2")
+    run(tiny, patched, latent_hw=(8, 12))
+    rec = live.snapshot()
+    names = {k.name for k in rec.layers}
+    assert names == {"input.1.0", "input.2.0", "output.9.0", "output.10.0", "output.11.0",
+                     "input.7.0", "input.8.0", "output.3.0", "output.4.0", "output.5.0"}
+    assert {rec.grid_level(k) for k in rec.layers} == {0, 2}
+
+
+def test_layers_found_match_the_module_tree(tiny):
+    for layout in ("SD2", "SD15", "SDXL"):
+        model = tiny.build(layout)
+        found = recorder.find_self_attention_layers(model.get_model_object("diffusion_model"))
+        modules = self_attention_modules(model.model.diffusion_model)
+        assert [layer.key.name for layer in found] == list(modules)  # same set, UNet order
+        for layer in found:
+            assert layer.heads == modules[layer.key.name].heads
+
+
+def test_a_recording_error_never_breaks_sampling(tiny, sd2, monkeypatch):
+    patched, live = recorder.attach_recorder(sd2)
+    plain = run(tiny, sd2, latent_hw=(8, 8), seed=9)
+
+    def broken(self, *args):
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setattr(recorder._Store, "observe", broken)
+    got = run(tiny, patched, latent_hw=(8, 8), seed=9)
+    assert (got - plain).abs().max().item() <= 1e-4
+    with pytest.raises(ValueError, match="recording failed: RuntimeError: planted failure"):
+        live.snapshot()
+
+
+def test_a_patch_set_after_the_recorder_is_reported(tiny, sd2, caplog):
+    patched, live = recorder.attach_recorder(sd2)
+    later = patched.clone()  # e.g. SAG applied after the record node replaces the middle patch
+    later.set_model_attn1_replace(lambda q, k, v, extra: comfy_attention.optimized_attention(q, k, v, extra["n_heads"]),
+                                  "middle", 0, 0)
+    with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        run(tiny, later, latent_hw=(8, 8))
+    assert "middle.0.0" in caplog.text and "not recorded" in caplog.text
+    assert "middle.0.0" not in {k.name for k in live.snapshot().layers}
+

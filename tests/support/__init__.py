@@ -1,0 +1,1 @@
+"""Shared helpers for HeadSeg's tests and benchmarks (tiny seeded models, checkpoints, workflow tools)."""
