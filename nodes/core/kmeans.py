@@ -1,0 +1,607 @@
+"""Exact k-means of a FeatureStack at output resolution: virtual [B, C, H, W] -> labels [B, H, W].
+
+The stack is never materialised at output resolution. Per image it is F(p) = concat_g up_g(f_g)(p),
+each grid f_g [C_g, h_g, w_g] upsampled separably (F_g = Ry_g f_g Rx_g^T, with Ry_g [H, h_g] and
+Rx_g [W, w_g] from ``upsample.interpolation_matrix``). Upsampling is linear, so both Lloyd steps are
+exact on the native grids:
+
+- assignment: ||F(p) - c_j||^2 = ||F(p)||^2 + ||c_j||^2 - 2 sum_g up_g(<f_g, c_j,g>)(p): k score maps
+  are computed on the native grids and upsampled (k channels instead of C);
+- update: the sum of F_g over cluster j is f_g contracted with Ry_g^T M_j Rx_g, the adjoint of the
+  upsampling applied to the cluster indicator M_j (all k at once).
+
+For speed, k-means++ (greedy, several starts, the best kept) and most Lloyd iterations run on a
+working set: a few hundred uniformly random output pixels with their explicit features (an unbiased
+sample of the full problem). Exact Lloyd iterations then polish on a pixel lattice of a quarter of
+the output and on the full output, each until the labels stop changing, the centroids move less than
+``tol`` (scikit-learn's rule) or an iteration lowers the inertia by less than _RTOL of itself; the
+final labels and the inertia are exact at full resolution. Clusters are renumbered by decreasing
+area (ties: the cluster whose first pixel in raster order comes first), so labels are canonical.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .upsample import FeatureStack, interpolation_matrix
+
+# Working set: this many random pixels (at least _WS_POINTS_PER_K * k).
+_WS_MIN_POINTS = 512
+_WS_POINTS_PER_K = 16
+# Exact Lloyd runs on the half-resolution pixel lattice first when the image has this many pixels.
+_POLISH_MIN_POINTS = 1 << 14
+# k-means++ starts on the working set; the one with the lowest working-set inertia is polished.
+_WS_INITS = 3
+# Row chunks of the full-resolution assignment hold at most this many scores (k * rows * W).
+_CHUNK_SCORES = 1 << 20
+# Output columns per block of the x-upsampling of the scores.
+_BLOCK_COLS = 64
+# Pixels moved between clusters at once in the adjoint weights.
+_CHUNK_PIXELS = 1 << 14
+# Lattice Lloyd also stops when an iteration lowers the inertia by less than this fraction.
+_RTOL = 1e-3
+
+
+# ----------------------------------------------------------------------------- public types
+@dataclass
+class KMeansResult:
+    """k-means of every image of a stack: labels [B, H, W], centroids [B, k, C], inertia [B]."""
+
+    k: int
+    labels: torch.Tensor  # [B, H, W] int64, clusters renumbered by decreasing area (ties: first pixel)
+    centroids: torch.Tensor  # [B, k, C] float32, same order as the labels
+    inertia: torch.Tensor  # [B] float64: sum over output pixels of the squared distance to the centroid
+    n_iter: int  # most Lloyd iterations any image used (working set + pixel lattices)
+
+
+@dataclass
+class ClusterSweep:
+    """k-means results for several cluster counts: results[k] for k ascending."""
+
+    results: dict[int, KMeansResult]
+    size: tuple[int, int]  # (H, W) of the label maps
+
+    @property
+    def cluster_counts(self) -> list[int]:
+        return list(self.results)
+
+    @property
+    def batch_size(self) -> int:
+        return int(next(iter(self.results.values())).labels.shape[0])
+
+
+def parse_cluster_counts(text: str) -> list[int]:
+    """"2,5,6,10,20" -> [2, 5, 6, 10, 20]: sorted, unique; commas or spaces separate; each >= 1."""
+    if not isinstance(text, str):
+        raise ValueError(
+            f"cluster_counts must be a string of integers such as '2,5,6,10,20', got {type(text).__name__}"
+        )
+    tokens = [t for t in re.split(r"[,\s;]+", text.strip()) if t]
+    if not tokens:
+        raise ValueError(f"cluster_counts must list at least one integer such as '2,5,6,10,20', got {text!r}")
+    counts = []
+    for token in tokens:
+        if not re.fullmatch(r"[+-]?\d+", token):
+            raise ValueError(f"cluster_counts must hold integers such as '2,5,6,10,20'; {token!r} is not one")
+        value = int(token)
+        if value < 1:
+            raise ValueError(f"cluster_counts must hold integers >= 1, got {value} in {text!r}")
+        counts.append(value)
+    return sorted(set(counts))
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_stack(stack) -> tuple[int, int]:
+    if not isinstance(stack, FeatureStack):
+        raise TypeError(f"stack must be a FeatureStack, got {type(stack).__name__}")
+    if not stack.grids:
+        raise ValueError("stack has no feature grid")
+    H, W = stack.size
+    if H < 1 or W < 1:
+        raise ValueError(f"stack.size must be positive (H, W), got {stack.size}")
+    for g in stack.grids:
+        if g.dim() != 4 or not g.is_floating_point():
+            raise ValueError(f"stack grids must be floating [B, C, h, w] tensors, got {g.dtype} {tuple(g.shape)}")
+        if not bool(torch.isfinite(g).all()):
+            raise ValueError("stack contains NaN or inf features")
+    return H, W
+
+
+def _max_clusters(stack: FeatureStack) -> int:
+    """Cells of the finest grid (capped by the output pixels): the most distinct clusters possible."""
+    H, W = stack.size
+    cells = max(int(g.shape[2]) * int(g.shape[3]) for g in stack.grids)
+    return min(cells, H * W)
+
+
+def _check_k(k, limit: int, finest: str) -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if k > limit:
+        raise ValueError(
+            f"k must be at most {limit} (the cells of the finest grid {finest}: no more distinct clusters), got {k}"
+        )
+    return k
+
+
+def _finest(stack: FeatureStack) -> str:
+    g = max(stack.grids, key=lambda t: int(t.shape[2]) * int(t.shape[3]))
+    return f"{int(g.shape[2])}x{int(g.shape[3])}"
+
+
+# ----------------------------------------------------------------------------- lattices
+def _sample_positions(n_out: int, n_keep: int) -> torch.Tensor:
+    """[n_keep] int64 output positions at the centres of n_keep equal bins of 0..n_out-1."""
+    centres = (torch.arange(n_keep, dtype=torch.float64) + 0.5) * (n_out / n_keep)  # [n_keep]
+    return centres.floor().long().clamp_(0, n_out - 1)
+
+
+class _Axis:
+    """Interpolation along one axis at chosen output samples: dense [n, m] and sparse idx/wts [n, t]."""
+
+    def __init__(self, dense: torch.Tensor):
+        self.dense = dense.contiguous()  # [n, m]
+        t = max(1, int((dense != 0).sum(1).max()))
+        _, self.idx = dense.abs().topk(t, dim=1)  # [n, t] source index of each non-zero weight
+        self.wts = dense.gather(1, self.idx)  # [n, t]
+
+
+class _Lattice:
+    """The stack of one image at the output pixels rows ys x cols xs (virtual [C, ny, nx]).
+
+    feats: per grid [C_g, h_g, w_g] float32; ry / rx: per grid interpolation rows [ny, h_g] / [nx, w_g].
+    Scores: score_j(p) = ||c_j||^2 - 2 <F(p), c_j> (the squared distance less ||F(p)||^2).
+    """
+
+    def __init__(self, feats: list[torch.Tensor], ry: list[torch.Tensor], rx: list[torch.Tensor]):
+        self.shapes = [tuple(f.shape) for f in feats]  # (C_g, h_g, w_g)
+        self.flat = [f.reshape(f.shape[0], -1) for f in feats]  # [C_g, h_g*w_g]
+        self.splits = [s[0] for s in self.shapes]
+        self.ny, self.nx = int(ry[0].shape[0]), int(rx[0].shape[0])
+        self.ry = [_Axis(r) for r in ry]  # [ny, h_g]
+        self.rx = [_Axis(r) for r in rx]  # [nx, w_g]
+        # All grids' column interpolations stacked, plus a row of ones that adds ||c_j||^2: [m, nx].
+        ones = torch.ones(1, self.nx, dtype=torch.float32)
+        rx_cat = torch.cat([r.t() for r in rx] + [ones], 0)  # [m, nx], m = sum w_g + 1
+        # Column blocks of TC output columns: only the few rows of rx_cat that are non-zero in a
+        # block take part in it: block b multiplies the rows cols[b] [m_b] by RT[b]^T [m_b, TC].
+        m = rx_cat.shape[0]
+        TC = min(_BLOCK_COLS, self.nx)
+        nb = -(-self.nx // TC)
+        blocks = torch.nn.functional.pad(rx_cat, (0, nb * TC - self.nx)).view(m, nb, TC)  # [m, nb, TC]
+        used = blocks.ne(0).any(2)  # [m, nb]
+        m_b = int(used.sum(0).max())
+        self.cols = torch.zeros(nb, m_b, dtype=torch.int64)  # [nb, m_b] rows of rx_cat per block
+        self.RT = torch.zeros(nb, TC, m_b, dtype=torch.float32)  # [nb, TC, m_b]
+        for b in range(nb):
+            rows = used[:, b].nonzero().flatten()
+            self.cols[b, : rows.numel()] = rows
+            self.RT[b, :, : rows.numel()] = blocks[rows, b].t()
+        self.nb, self.TC = nb, TC
+
+    @property
+    def num_pixels(self) -> int:
+        return self.ny * self.nx
+
+    # ------------------------------------------------------------------ scores
+    def native(self, centroids: torch.Tensor) -> list[torch.Tensor]:
+        """centroids [k, C] -> per grid [k, h_g*w_g] native-grid scores <f_g, c_j,g>."""
+        return [c @ f for f, c in zip(self.flat, centroids.split(self.splits, 1))]
+
+    def dense(self, native, cnorm):
+        """All pixels -> labels [N] int64 and best score [N] float32 (score upsampling, exact).
+
+        The k score maps are upsampled along y on the native grids ([m, ny, k]) and along x by
+        column blocks, row chunk by row chunk, so memory stays near _CHUNK_SCORES floats.
+        """
+        k = cnorm.shape[0]
+        nb, TC, W = self.nb, self.TC, self.nb * self.TC
+        parts = []
+        for s, (C_g, h, w), ry in zip(native, self.shapes, self.ry):
+            s_t = s.view(k, h, w).permute(2, 1, 0)  # [w, h, k]
+            parts.append(torch.matmul(ry.dense, s_t) * -2.0)  # [w, ny, k] upsampled along y
+        parts.append(cnorm.expand(1, self.ny, k))  # [1, ny, k]
+        rows_score = torch.cat(parts, 0)  # [m, ny, k]
+        m_b = self.cols.shape[1]
+        t_all = rows_score.index_select(0, self.cols.view(-1)).view(nb, m_b, self.ny * k)  # [nb, m_b, ny*k]
+        labels = torch.empty(self.ny, W, dtype=torch.int64)
+        best = torch.empty(self.ny, W, dtype=torch.float32)
+        step = max(1, _CHUNK_SCORES // (k * W))
+        for r0 in range(0, self.ny, step):
+            r1 = min(self.ny, r0 + step)
+            r = r1 - r0
+            d = torch.bmm(self.RT, t_all[:, :, r0 * k : r1 * k]).view(nb, TC, r, k)  # [nb, TC, r, k] scores
+            low, lab = d.min(3)  # [nb, TC, r]
+            best[r0:r1] = low.permute(2, 0, 1).reshape(r, W)
+            labels[r0:r1] = lab.permute(2, 0, 1).reshape(r, W)
+        labels, best = labels[:, : self.nx], best[:, : self.nx]  # [ny, nx]
+        return labels.reshape(-1), best.reshape(-1)
+
+    @staticmethod
+    def _corners(pr, pc, ry: _Axis, rx: _Axis, w: int):
+        """Grid cells [P, ty*tx] (flat h*w index) and weights [P, ty*tx] that make up pixels (pr, pc)."""
+        iy, wy = ry.idx[pr], ry.wts[pr]  # [P, ty]
+        ix, wx = rx.idx[pc], rx.wts[pc]  # [P, tx]
+        cell = (iy[:, :, None] * w + ix[:, None, :]).flatten(1)  # [P, ty*tx]
+        wt = (wy[:, :, None] * wx[:, None, :]).flatten(1)  # [P, ty*tx]
+        return cell, wt
+
+    # ------------------------------------------------------------------ adjoint
+    def adjoint(self, labels: torch.Tensor, k: int) -> dict:
+        """labels [N] -> {(h, w): A [k, h*w] float64}, A_j = Ry^T M_j Rx flattened (exact cluster weights)."""
+        ny, nx = self.ny, self.nx
+        rows = torch.arange(ny)[:, None] * k + labels.view(ny, nx)  # [ny, nx] index of (row, cluster)
+        out = {}
+        for (C_g, h, w), ry, rx in zip(self.shapes, self.ry, self.rx):
+            if (h, w) in out:
+                continue
+            t = rx.idx.shape[1]
+            idx = (rows * w)[:, :, None] + rx.idx[None]  # [ny, nx, t] index into [ny, k, w]
+            wts = rx.wts[None].expand(ny, nx, t)  # [ny, nx, t]
+            z = torch.bincount(idx.reshape(-1), wts.reshape(-1), minlength=ny * k * w)  # [ny*k*w]
+            adj = torch.matmul(ry.dense.t(), z.view(ny, k * w))  # [h, k*w]: sum_p Ry[p, a] z[p, j, b]
+            out[h, w] = adj.view(h, k, w).permute(1, 0, 2).reshape(k, h * w).double()  # [k, h*w]
+        return out
+
+    def move(self, A: dict, pix: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> None:
+        """Moves pixels pix [P] from clusters old [P] to new [P] in the adjoint weights A (in place)."""
+        pr, pc = pix // self.nx, pix % self.nx
+        done = set()
+        for (C_g, h, w), ry, rx in zip(self.shapes, self.ry, self.rx):
+            if (h, w) in done:
+                continue
+            done.add((h, w))
+            cell, wt = self._corners(pr, pc, ry, rx, w)  # [P, t]
+            wt = wt.double().flatten()  # [P*t]
+            flat = A[h, w].view(-1)  # [k*h*w]
+            flat.index_add_(0, (old[:, None] * (h * w) + cell).flatten(), wt, alpha=-1.0)
+            flat.index_add_(0, (new[:, None] * (h * w) + cell).flatten(), wt)
+
+    def sums(self, A: dict) -> torch.Tensor:
+        """Adjoint weights -> [k, C] sum of F over each cluster."""
+        return torch.cat([A[h, w].float() @ f.t() for f, (C_g, h, w) in zip(self.flat, self.shapes)], 1)
+
+    # ------------------------------------------------------------------ Lloyd
+    def lloyd(self, centroids, max_iter: int, tol: float, X, xx, total_sq: float):
+        """Exact Lloyd on this lattice -> (labels [ny, nx], centroids [k, C], score [ny, nx], iterations).
+
+        Each iteration moves the centroids to the means of their clusters (adjoint), then assigns
+        every pixel to the nearest moved centroid (score upsampling). Stops when no label changes
+        (the centroids are then the means of their clusters), when the centroids moved less than
+        tol (squared, summed; scikit-learn's rule), or when the inertia fell by less than
+        _RTOL of itself; the labels and scores returned always belong to the centroids returned.
+        Empty clusters restart at the working-set points X farthest from their centroid.
+        total_sq: sum of ||F(p)||^2 over the lattice (exact, or estimated for the _RTOL test only).
+        """
+        k = centroids.shape[0]
+        N = self.num_pixels
+        native = self.native(centroids)
+        labels, best = self.dense(native, (centroids * centroids).sum(1))  # [N], [N]
+        inertia = total_sq + float(best.sum(dtype=torch.float64))
+        A = self.adjoint(labels, k)
+        counts = torch.bincount(labels, minlength=k)  # [k]
+        it = 0
+        for it in range(1, max_iter + 1):
+            new = self.sums(A) / counts.clamp_min(1)[:, None].to(torch.float32)  # [k, C]
+            new[counts == 0] = centroids[counts == 0]
+            refilled = bool((counts == 0).any())
+            _fill_empty(new, counts, X, xx)
+            shift = float(((new - centroids).double() ** 2).sum())
+            centroids = new
+            new_labels, best = self.dense(self.native(new), (new * new).sum(1))
+            new_inertia = total_sq + float(best.sum(dtype=torch.float64))
+            moved = (new_labels != labels).nonzero().flatten()  # [P]
+            if moved.numel() == 0:
+                break
+            if moved.numel() * 8 > N:
+                A = self.adjoint(new_labels, k)
+            else:
+                for p in moved.split(_CHUNK_PIXELS):
+                    self.move(A, p, labels[p], new_labels[p])
+            labels = new_labels
+            counts = torch.bincount(labels, minlength=k)
+            gain = inertia - new_inertia
+            inertia = new_inertia
+            if shift <= tol or (not refilled and gain <= _RTOL * abs(new_inertia)):
+                break
+        return labels.view(self.ny, self.nx), centroids, best.view(self.ny, self.nx), it
+
+    def features_at(self, pix: torch.Tensor) -> torch.Tensor:
+        """Pixels pix [P] (flat lattice index) -> [P, C] float32 explicit features."""
+        pr, pc = pix // self.nx, pix % self.nx
+        cols = []
+        for f, (C_g, h, w), ry, rx in zip(self.flat, self.shapes, self.ry, self.rx):
+            cell, wt = self._corners(pr, pc, ry, rx, w)  # [P, t], [P, t]
+            vals = f.t()[cell]  # [P, t, C_g]
+            cols.append(torch.bmm(wt[:, None, :], vals)[:, 0])  # [P, C_g]
+        return torch.cat(cols, 1)  # [P, C]
+
+    # ------------------------------------------------------------------ moments
+    def moments(self) -> tuple[float, float]:
+        """(sum over pixels of ||F(p)||^2, mean over channels of the variance of F) in float64, analytic."""
+        if getattr(self, "_moments", None) is None:
+            self._moments = self._compute_moments()
+        return self._moments
+
+    def _compute_moments(self) -> tuple[float, float]:
+        total, mean_sq, channels = 0.0, 0.0, 0
+        n = self.num_pixels
+        for f, (C_g, h, w), ry, rx in zip(self.flat, self.shapes, self.ry, self.rx):
+            fd = f.double().view(C_g, h, w)  # [C_g, h, w]
+            ryd, rxd = ry.dense.double(), rx.dense.double()
+            gy, gx = ryd.t() @ ryd, rxd.t() @ rxd  # [h, h], [w, w]
+            total += float(((gy @ fd @ gx) * fd).sum())
+            mean = torch.einsum("h,chw,w->c", ryd.sum(0), fd, rxd.sum(0)) / n  # [C_g] channel means of F
+            mean_sq += float((mean * mean).sum())
+            channels += C_g
+        var_mean = max(0.0, (total / n - mean_sq) / max(channels, 1))
+        return total, var_mean
+
+    def materialise(self) -> torch.Tensor:
+        """[ny*nx, C] float32 explicit features of the lattice pixels (small lattices only)."""
+        cols = []
+        for f, (C_g, h, w), ry, rx in zip(self.flat, self.shapes, self.ry, self.rx):
+            x = torch.matmul(torch.matmul(ry.dense, f.view(C_g, h, w)), rx.dense.t())  # [C_g, ny, nx]
+            cols.append(x.reshape(C_g, -1))  # [C_g, ny*nx]
+        return torch.cat(cols, 0).t().contiguous()  # [ny*nx, C]
+
+
+class _Image:
+    """Everything k-means needs for one image of a stack, shared by all k of a sweep.
+
+    sides: lattices of output pixels from coarse to fine, each twice the previous per side, the
+    last being the full H x W image (rungs, built on first use). The working set is a uniform random
+    sample of output pixels with their explicit features (an unbiased sample of the full problem).
+    """
+
+    def __init__(self, stack: FeatureStack, b: int):
+        H, W = stack.size
+        self.size = (H, W)
+        self.feats = [g[b].detach().to(torch.float32) for g in stack.grids]  # [C_g, h_g, w_g]
+        mats = {}
+        for f in self.feats:
+            for n_in, n_out in ((int(f.shape[1]), H), (int(f.shape[2]), W)):
+                if (n_in, n_out) not in mats:
+                    mats[n_in, n_out] = interpolation_matrix(n_in, n_out, stack.mode).to(torch.float32)
+        self.ry = [mats[int(f.shape[1]), H] for f in self.feats]  # [H, h_g]
+        self.rx = [mats[int(f.shape[2]), W] for f in self.feats]  # [W, w_g]
+        sides = [(H, W)]
+        while sides[-1][0] * sides[-1][1] > 4 and sides[-1] != (1, 1):
+            ny, nx = sides[-1]
+            sides.append((math.ceil(ny / 2), math.ceil(nx / 2)))
+        self.sides = sides[::-1]  # coarse -> fine, last = (H, W)
+        self._rungs = {}
+        self._ws = {}
+
+    @property
+    def last(self) -> int:
+        return len(self.sides) - 1
+
+    def rung(self, i: int) -> _Lattice:
+        i = i % len(self.sides)
+        if i not in self._rungs:
+            ny, nx = self.sides[i]
+            H, W = self.size
+            if (ny, nx) == (H, W):
+                self._rungs[i] = _Lattice(self.feats, self.ry, self.rx)
+            else:
+                ys, xs = _sample_positions(H, ny), _sample_positions(W, nx)
+                self._rungs[i] = _Lattice(self.feats, [r[ys] for r in self.ry], [r[xs] for r in self.rx])
+        return self._rungs[i]
+
+    def first_polish_rung(self) -> int:
+        """The half-resolution lattice (a quarter of the pixels), or the full image when it is small."""
+        H, W = self.size
+        return self.last - 1 if H * W >= _POLISH_MIN_POINTS else self.last
+
+    def working_set(self, k: int, seed: int):
+        """(X [n, C] features of n random pixels, xx [n] squared norms, mean channel variance of X)."""
+        full = self.rung(self.last)
+        N = full.num_pixels
+        n = min(N, max(_WS_MIN_POINTS, _WS_POINTS_PER_K * k))
+        if (n, seed) not in self._ws:
+            gen = torch.Generator().manual_seed(seed)
+            pix = torch.randperm(N, generator=gen)[:n] if n < N else torch.arange(N)  # [n]
+            X = full.features_at(pix)  # [n, C]
+            var = float(X.double().var(0, unbiased=False).mean()) if n > 1 else 0.0
+            self._ws[n, seed] = (X, (X * X).sum(1), var)
+        return self._ws[n, seed]
+
+
+# ----------------------------------------------------------------------------- working-set k-means
+def _sq_dist(X: torch.Tensor, xx: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """X [n, C], xx [n], C [m, C] -> [m, n] squared distances (>= 0)."""
+    cc = (C * C).sum(1)  # [m]
+    return (xx[None] + cc[:, None] - 2.0 * (C @ X.t())).clamp_min_(0.0)  # [m, n]
+
+
+def _kmeans_pp(X: torch.Tensor, xx: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Greedy k-means++ (2 + ln k candidates per step, as scikit-learn): X [n, C] -> centroids [k, C]."""
+    n = X.shape[0]
+    trials = 2 + int(math.log(k))
+    first = int(torch.randint(n, (1,), generator=gen))
+    centres = [X[first]]
+    closest = _sq_dist(X, xx, X[first : first + 1])[0].double()  # [n]
+    for _ in range(1, k):
+        pot = float(closest.sum())
+        if pot > 0.0:
+            cand = torch.multinomial(closest, trials, replacement=True, generator=gen)  # [trials]
+        else:  # every point sits on a centre: any point will do
+            cand = torch.randint(n, (trials,), generator=gen)
+        d = _sq_dist(X, xx, X[cand]).double()  # [trials, n]
+        new = torch.minimum(closest[None], d)  # [trials, n]
+        best = int(new.sum(1).argmin())
+        centres.append(X[cand[best]])
+        closest = new[best]
+    return torch.stack(centres)  # [k, C]
+
+
+def _fill_empty(centroids: torch.Tensor, counts: torch.Tensor, X: torch.Tensor, xx: torch.Tensor) -> None:
+    """Moves the centroids of empty clusters onto the working-set points farthest from their centroid."""
+    empty = (counts == 0).nonzero().flatten()
+    if empty.numel() == 0:
+        return
+    far = _sq_dist(X, xx, centroids).min(0).values  # [n]
+    order = far.argsort(descending=True, stable=True)
+    for i, j in enumerate(empty.tolist()):
+        centroids[j] = X[order[i % order.numel()]]
+
+
+def _lloyd_ws(X, xx, centroids, max_iter: int, tol: float) -> tuple[torch.Tensor, float, int]:
+    """Lloyd on the materialised working set X [n, C] -> (centroids [k, C], inertia, iterations).
+
+    Same stopping rules as _Lattice.lloyd: no label moves, centroid shift <= tol, or inertia gain
+    below _RTOL of the inertia.
+    """
+    k = centroids.shape[0]
+    total_sq = float(xx.sum(dtype=torch.float64))
+    d = (centroids * centroids).sum(1)[None] - 2.0 * (X @ centroids.t())  # [n, k] scores
+    best, labels = d.min(1)  # [n]
+    inertia = total_sq + float(best.sum(dtype=torch.float64))
+    it = 0
+    for it in range(1, max_iter + 1):
+        onehot = torch.zeros(k, X.shape[0], dtype=X.dtype).scatter_(0, labels[None], 1.0)  # [k, n]
+        counts = torch.bincount(labels, minlength=k)  # [k]
+        new = (onehot @ X) / counts.clamp_min(1)[:, None].to(X.dtype)  # [k, C]
+        new[counts == 0] = centroids[counts == 0]
+        refilled = bool((counts == 0).any())
+        _fill_empty(new, counts, X, xx)
+        shift = float(((new - centroids) ** 2).sum())
+        centroids = new
+        d = (centroids * centroids).sum(1)[None] - 2.0 * (X @ centroids.t())  # [n, k]
+        best, new_labels = d.min(1)
+        new_inertia = total_sq + float(best.sum(dtype=torch.float64))
+        if torch.equal(new_labels, labels):
+            break
+        labels, gain, inertia = new_labels, inertia - new_inertia, new_inertia
+        if shift <= tol or (not refilled and gain <= _RTOL * abs(new_inertia)):
+            break
+    return centroids, new_inertia if max_iter else inertia, it
+
+
+def _canonical(labels: torch.Tensor, centroids: torch.Tensor, k: int):
+    """Renumbers clusters by decreasing area, ties by first pixel in raster order."""
+    flat = labels.reshape(-1)  # [N]
+    N = flat.numel()
+    counts = torch.bincount(flat, minlength=k)  # [k]
+    first = torch.full((k,), N, dtype=torch.int64).scatter_reduce_(0, flat, torch.arange(N), "amin")  # [k]
+    order = torch.argsort((N - counts) * (N + 1) + first, stable=True)  # [k] old index of new cluster i
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(k)  # [k] new index of old cluster j
+    return rank[labels], centroids[order]
+
+
+def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float):
+    """One image, one k -> (labels [H, W] int64, centroids [k, C], inertia float, iterations)."""
+    gen = torch.Generator().manual_seed(seed)
+    X, xx, ws_var = img.working_set(k, seed)
+    best = None
+    for _ in range(_WS_INITS if k > 1 else 1):
+        start = _kmeans_pp(X, xx, k, gen)
+        c, inertia, it = _lloyd_ws(X, xx, start, max_iter, tol * ws_var)
+        if best is None or inertia < best[1]:
+            best = (c, inertia, it)
+    centroids, _, iters = best
+    total_sq, full_var = img.rung(img.last).moments()
+    for i in range(img.first_polish_rung(), img.last + 1):  # exact Lloyd on finer lattices, the last = full
+        lat = img.rung(i)
+        scale = total_sq * lat.num_pixels / img.rung(img.last).num_pixels  # estimate on a sub-lattice
+        labels, centroids, score, it = lat.lloyd(centroids, max_iter, tol * full_var, X, xx, scale)
+        iters += it
+    inertia = max(0.0, total_sq + float(score.double().sum()))
+    labels, centroids = _canonical(labels, centroids, k)
+    return labels, centroids, inertia, iters
+
+
+def _sweep(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: float, progress=None):
+    H, W = stack.size
+    B = stack.batch_size
+    out = {k: ([], [], []) for k in ks}
+    iters = {k: 0 for k in ks}
+    done, total = 0, B * len(ks)
+    for b in range(B):
+        img = _Image(stack, b)
+        for k in ks:
+            labels, centroids, inertia, it = _kmeans_image(img, k, seed, max_iter, tol)
+            out[k][0].append(labels)
+            out[k][1].append(centroids)
+            out[k][2].append(inertia)
+            iters[k] = max(iters[k], it)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    return {
+        k: KMeansResult(
+            k=k,
+            labels=torch.stack(out[k][0]),  # [B, H, W]
+            centroids=torch.stack(out[k][1]),  # [B, k, C]
+            inertia=torch.tensor(out[k][2], dtype=torch.float64),  # [B]
+            n_iter=iters[k],
+        )
+        for k in ks
+    }
+
+
+def _check_iter_tol(max_iter, tol):
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
+    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0 or not math.isfinite(tol):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+
+
+def _check_seed(seed):
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    return seed % (1 << 63)
+
+
+def kmeans(stack: FeatureStack, k: int, seed: int = 0, max_iter: int = 100, tol: float = 1e-4) -> KMeansResult:
+    """FeatureStack (virtual [B, C, H, W]) -> KMeansResult with labels [B, H, W] for k clusters.
+
+    k-means++ start and Lloyd iterations, exact at output resolution, each image independently,
+    deterministic for a seed (and independent of the other images of the batch).
+    max_iter: most Lloyd iterations of each stage (working set, half-resolution lattice, full image).
+    tol: centroid shift (squared, summed) relative to the mean feature variance, as in scikit-learn.
+    """
+    _check_stack(stack)
+    k = _check_k(k, _max_clusters(stack), _finest(stack))
+    _check_iter_tol(max_iter, tol)
+    seed = _check_seed(seed)
+    return _sweep(stack, [k], seed, max_iter, float(tol))[k]
+
+
+def multi_kmeans(
+    stack: FeatureStack,
+    cluster_counts,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> ClusterSweep:
+    """FeatureStack -> ClusterSweep: k-means for every k of ``cluster_counts`` (list or "2,5,6,10,20").
+
+    progress(done, total) is called after each (image, k).
+    """
+    _check_stack(stack)
+    if isinstance(cluster_counts, str):
+        ks = parse_cluster_counts(cluster_counts)
+    else:
+        try:
+            ks = list(cluster_counts)
+        except TypeError:
+            raise ValueError(
+                f"cluster_counts must be a list of ints or a string such as '2,5,6,10,20', got {cluster_counts!r}"
+            ) from None
+        if not ks:
+            raise ValueError("cluster_counts must hold at least one cluster count k")
+    limit, finest = _max_clusters(stack), _finest(stack)
+    ks = sorted({_check_k(k, limit, finest) for k in ks})
+    seed = _check_seed(seed)
+    if progress is not None and not callable(progress):
+        raise ValueError(f"progress must be callable(done, total) or None, got {type(progress).__name__}")
+    return ClusterSweep(results=_sweep(stack, ks, seed, 100, 1e-4, progress), size=tuple(stack.size))

@@ -1,0 +1,151 @@
+"""Masks from cluster label maps: labels [H, W] -> masks [k, H, W]; merge near-duplicates; masks at a pixel.
+
+A MaskSet holds the masks of ONE image, with the cluster count k and the cluster index that made
+each mask. sweep_to_masks stacks the clusters of every k of a sweep (k ascending, then cluster),
+merge_masks folds masks whose IoU reaches a threshold into the first of them (paper section 4.1),
+masks_at_pixel lists the masks under a pixel from finest to coarsest (paper figure 1).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+
+from .kmeans import ClusterSweep
+
+# Pixels per chunk when counting intersections of masks.
+_CHUNK_PIXELS = 1 << 16
+
+
+@dataclass
+class MaskSet:
+    """Masks of one image: masks [M, H, W] bool, k [M] and cluster [M] int64 (which k-means made each)."""
+
+    masks: torch.Tensor  # [M, H, W] bool
+    k: torch.Tensor  # [M] int64: cluster count that produced each mask
+    cluster: torch.Tensor  # [M] int64: cluster index within that k
+
+    @property
+    def area(self) -> torch.Tensor:
+        """[M] int64 pixel count of each mask."""
+        M, H, W = self.masks.shape
+        return self.masks.reshape(M, H * W).view(torch.uint8).sum(1, dtype=torch.int32).long()
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (int(self.masks.shape[1]), int(self.masks.shape[2]))
+
+    def __len__(self) -> int:
+        return int(self.masks.shape[0])
+
+    def subset(self, index: torch.Tensor) -> MaskSet:
+        """MaskSet of the masks at ``index`` [M'] (int64 positions), in that order."""
+        return MaskSet(self.masks[index], self.k[index], self.cluster[index])
+
+
+def _check_maskset(ms) -> MaskSet:
+    if not isinstance(ms, MaskSet):
+        raise TypeError(f"ms must be a MaskSet, got {type(ms).__name__}")
+    if ms.masks.dim() != 3 or ms.masks.dtype != torch.bool:
+        raise ValueError(f"ms.masks must be a bool tensor [M, H, W], got {ms.masks.dtype} {tuple(ms.masks.shape)}")
+    M = ms.masks.shape[0]
+    if tuple(ms.k.shape) != (M,) or tuple(ms.cluster.shape) != (M,):
+        raise ValueError(f"ms.k and ms.cluster must have shape [{M}], got {tuple(ms.k.shape)} and {tuple(ms.cluster.shape)}")
+    return ms
+
+
+def labels_to_masks(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """[H, W] int64 labels in 0..k-1 -> [k, H, W] bool masks (mask j = pixels labelled j)."""
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be an integer tensor [H, W], got {shape}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor [H, W], got {labels.dtype}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
+        raise ValueError(f"labels must lie in 0..{k - 1} for k={k}, got {int(labels.min())}..{int(labels.max())}")
+    return labels[None] == torch.arange(k, device=labels.device)[:, None, None]  # [k, H, W]
+
+
+def sweep_to_masks(sweep: ClusterSweep, batch_index: int) -> MaskSet:
+    """Every cluster of every k of the sweep for image ``batch_index``: k ascending, then cluster."""
+    if not isinstance(sweep, ClusterSweep):
+        raise TypeError(f"sweep must be a ClusterSweep, got {type(sweep).__name__}")
+    B = sweep.batch_size
+    if isinstance(batch_index, bool) or not isinstance(batch_index, int) or not 0 <= batch_index < B:
+        raise ValueError(f"batch_index must be an int in [0, {B}), got {batch_index!r}")
+    masks, ks, clusters = [], [], []
+    for k in sorted(sweep.results):
+        masks.append(labels_to_masks(sweep.results[k].labels[batch_index], k))  # [k, H, W]
+        ks.append(torch.full((k,), k, dtype=torch.int64))
+        clusters.append(torch.arange(k, dtype=torch.int64))
+    return MaskSet(torch.cat(masks), torch.cat(ks), torch.cat(clusters))
+
+
+def _intersections(masks: torch.Tensor) -> torch.Tensor:
+    """[M, H, W] bool -> [M, M] int64 pixel counts of every pairwise intersection (chunks of pixels)."""
+    M, H, W = masks.shape
+    flat = masks.reshape(M, H * W)  # [M, HW]
+    # 0/1 products summed in float32 are exact below 2**24 per chunk
+    out = torch.zeros(M, M, dtype=torch.float64)
+    for p0 in range(0, flat.shape[1], _CHUNK_PIXELS):
+        part = flat[:, p0 : p0 + _CHUNK_PIXELS].to(torch.float32)  # [M, P]
+        out += (part @ part.t()).double()  # [M, M]
+    return out.round().long()
+
+
+def merge_masks(ms: MaskSet, iou_threshold: float = 0.9, min_area: float = 0.0) -> MaskSet:
+    """Drops empty masks and masks smaller than min_area (fraction of the image, 0..1), then merges.
+
+    Greedy in the given (stable) order: a mask joins the first kept mask whose IoU with it is
+    >= iou_threshold (the kept mask stays the representative, unchanged), else it is kept. Kept
+    masks are pairwise below the threshold, so merging again changes nothing (idempotent).
+    """
+    _check_maskset(ms)
+    if isinstance(iou_threshold, bool) or not isinstance(iou_threshold, (int, float)) or not 0.0 < iou_threshold <= 1.0:
+        raise ValueError(f"iou_threshold must be a number in (0, 1], got {iou_threshold!r}")
+    if isinstance(min_area, bool) or not isinstance(min_area, (int, float)) or not 0.0 <= min_area <= 1.0:
+        raise ValueError(f"min_area must be a fraction of the image in [0, 1], got {min_area!r}")
+    H, W = ms.size
+    inter = _intersections(ms.masks)  # [M, M], diagonal = areas
+    area = inter.diagonal()  # [M]
+    need = max(1, math.ceil(min_area * H * W - 1e-9))
+    big = (area >= need).nonzero().flatten()  # [M'] stable order
+    if big.numel() == 0:
+        return ms.subset(big)
+    inter = inter[big][:, big]  # [M', M']
+    a = area[big]  # [M']
+    union = a[:, None] + a[None, :] - inter  # [M', M'] > 0 (no empty masks)
+    iou = inter.double() / union.double()  # [M', M']
+    kept: list[int] = []
+    for i in range(big.numel()):
+        if not kept or not bool((iou[i, kept] >= iou_threshold).any()):
+            kept.append(i)
+    return ms.subset(big[torch.tensor(kept, dtype=torch.int64)])
+
+
+def _pixel_index(v, n: int, name: str, what: str, side: str) -> int:
+    try:
+        if isinstance(v, bool):
+            raise TypeError
+        i = operator.index(v)
+    except TypeError:
+        i = None
+    if i is None or not 0 <= i < n:
+        raise ValueError(f"{name} must be {what} in [0, {n - 1}] (image {side} {n}), got {v!r}")
+    return i
+
+
+def masks_at_pixel(ms: MaskSet, x: int, y: int) -> MaskSet:
+    """All masks containing pixel (x = column, y = row), finest (smallest area) first; ties keep order."""
+    _check_maskset(ms)
+    H, W = ms.size
+    x = _pixel_index(x, W, "x", "a column index", "width")
+    y = _pixel_index(y, H, "y", "a row index", "height")
+    hit = ms.masks[:, y, x].nonzero().flatten()  # [M'] in stored order
+    order = torch.argsort(ms.area[hit], stable=True)  # smallest first
+    return ms.subset(hit[order])

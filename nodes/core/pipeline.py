@@ -1,0 +1,66 @@
+"""All core stages in one call: Recording [B, heads, h, w, d] layers -> merged masks per image.
+
+select layers -> per-head PCA -> FeatureStack (virtual upsampling) -> k-means for every k -> masks
+of every cluster -> merge near-duplicates. Every intermediate result is returned, so callers
+(nodes, benchmarks, tests) can reuse them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .kmeans import ClusterSweep, multi_kmeans, parse_cluster_counts
+from .masks import MaskSet, merge_masks, sweep_to_masks
+from .pca import HeadFeatures, recording_pca
+from .recording import Recording
+from .upsample import FeatureStack, make_feature_stack
+
+
+@dataclass
+class SegmentationResult:
+    """Every stage of segment(): features, stack, sweep and merged masks (one MaskSet per image)."""
+
+    features: HeadFeatures
+    stack: FeatureStack
+    sweep: ClusterSweep
+    masks: list[MaskSet]
+
+
+def segment(
+    recording: Recording,
+    positions=("down", "up"),
+    levels=None,
+    components: int = 8,
+    mode: str = "bilinear",
+    reweight: bool = False,
+    cluster_counts=(2, 5, 6, 10, 20),
+    seed: int = 0,
+    iou_threshold: float = 0.9,
+    min_area: float = 0.0,
+    progress=None,
+) -> SegmentationResult:
+    """Recording -> SegmentationResult with label maps at the image size and merged masks per image.
+
+    cluster_counts: list of ints or a string such as "2,5,6,10,20". progress(done, total) is called
+    after each k-means run (image, k).
+    """
+    if hasattr(recording, "snapshot") and not isinstance(recording, Recording):
+        recording = recording.snapshot()
+    if not isinstance(recording, Recording):
+        raise TypeError(f"recording must be a Recording, got {type(recording).__name__}")
+    if isinstance(cluster_counts, str):
+        cluster_counts = parse_cluster_counts(cluster_counts)
+    # argument checks that would otherwise fail only after the expensive stages
+    if isinstance(iou_threshold, bool) or not isinstance(iou_threshold, (int, float)) or not 0.0 < iou_threshold <= 1.0:
+        raise ValueError(f"iou_threshold must be a number in (0, 1], got {iou_threshold!r}")
+    if isinstance(min_area, bool) or not isinstance(min_area, (int, float)) or not 0.0 <= min_area <= 1.0:
+        raise ValueError(f"min_area must be a fraction of the image in [0, 1], got {min_area!r}")
+    selected = recording.select(positions, levels)  # recording_pca validates what is left
+    features = recording_pca(selected, components)
+    stack = make_feature_stack(features, mode=mode, reweight=reweight)
+    sweep = multi_kmeans(stack, cluster_counts, seed=seed, progress=progress)
+    masks = [
+        merge_masks(sweep_to_masks(sweep, b), iou_threshold=iou_threshold, min_area=min_area)
+        for b in range(stack.batch_size)
+    ]
+    return SegmentationResult(features, stack, sweep, masks)

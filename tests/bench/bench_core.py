@@ -1,0 +1,325 @@
+"""Core benchmark: the whole HeadSeg core (PCA -> upsample -> multi-k k-means -> merge) against the
+paper's own pipeline (scikit-learn PCA per head, bilinear upsampling of every feature, scikit-learn
+KMeans on the upsampled features).
+
+    source tests/setup_env.sh && $PY tests/bench/bench_core.py [--size 512] [--repeats 5]
+        [--reference | --no-reference] [--ref-size 256] [--threads 2] [--noise 1.0] [--seed 0]
+
+Input: an SD2.1-shaped recording (16 self-attention layers, d = 64; the 15 non-middle layers give
+175 heads on 64/32/16 grids for 512 x 512) with a planted hierarchy of 20 regions (partitions of
+2, 5, 6, 10 and 20 regions), per-head random linear embeddings of the region code plus noise
+(tests/core/planted.py). components 8, k = 2,5,6,10,20, bilinear.
+
+1. Ours at --size: stage times (median of --repeats), peak extra memory of one segment() call.
+2. --reference: scikit-learn at --ref-size (about 90 s on 2 cores) and ours at the same size in
+   the same run: speed ratio, inertia ratio per k on the same upsampled features, mean best-match
+   IoU between the two mask sets.
+Targets (2 CPU cores): total <= 1 s at 512 x 512, >= 100x faster than the reference at 256 x 256,
+peak extra memory <= 300 MB, inertia within 2 % (median k) and 5 % (every k), best-match IoU >= 0.9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import pathlib
+import statistics
+import sys
+import threading
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+KS = (2, 5, 6, 10, 20)
+
+
+def import_pack():
+    """The checkout as package ``headseg`` (as tests/conftest.py does) and the planted generator."""
+    if "headseg" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "headseg", REPO / "__init__.py", submodule_search_locations=[str(REPO)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["headseg"] = module
+        spec.loader.exec_module(module)
+    spec = importlib.util.spec_from_file_location("headseg_planted", REPO / "tests" / "core" / "planted.py")
+    planted = importlib.util.module_from_spec(spec)
+    sys.modules["headseg_planted"] = planted  # dataclasses look their module up
+    spec.loader.exec_module(planted)
+    return planted
+
+
+class PeakRSS:
+    """Samples this process's resident set size every 0.5 ms in a thread; peak minus the start value."""
+
+    def __init__(self):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.peak = 0
+        self.start = 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self.start = self.peak = self.proc.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.0005)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    @property
+    def extra_mb(self) -> float:
+        return (self.peak - self.start) / 1e6
+
+
+def make_recording(planted, size: int, noise: float, seed: int):
+    scene = planted.split_scene(size, size, cut_sizes=KS, seed=seed)
+    rec = planted.planted_recording([scene], planted.sd21_layout(), d=64, noise=noise, seed=seed)
+    return scene, rec
+
+
+def run_ours(rec, seed: int, timings: dict | None = None):
+    """All core stages, timed one by one -> (sweep, masks)."""
+    from headseg.nodes.core.kmeans import multi_kmeans
+    from headseg.nodes.core.masks import merge_masks, sweep_to_masks
+    from headseg.nodes.core.pca import recording_pca
+    from headseg.nodes.core.upsample import make_feature_stack
+
+    t = {}
+    clock = []  # (wall, cpu) after each step
+
+    def mark(*_):
+        clock.append((time.perf_counter(), time.process_time()))
+
+    mark()
+    sel = rec.select(("down", "up"))
+    features = recording_pca(sel, 8)
+    mark()
+    stack = make_feature_stack(features, mode="bilinear")
+    mark()
+    sweep = multi_kmeans(stack, list(KS), seed=seed, progress=mark)
+    masks = [merge_masks(sweep_to_masks(sweep, b)) for b in range(stack.batch_size)]
+    mark()
+    n = len(KS)
+
+    def span(a, b):
+        return clock[b][0] - clock[a][0], clock[b][1] - clock[a][1]
+
+    t["PCA (select + per-head PCA)"] = span(0, 1)
+    t["stack (virtual upsample)"] = span(1, 2)
+    for i, k in enumerate(KS):
+        t[f"k-means k={k}"] = span(2 + i, 3 + i)
+    t["k-means all k"] = span(2, 2 + n)
+    t["merge masks"] = span(2 + n, 3 + n)
+    t["total (sum of stages)"] = span(0, 3 + n)
+    if timings is not None:
+        for name, value in t.items():
+            timings.setdefault(name, []).append(value)
+    return stack, sweep, masks
+
+
+def sklearn_kmeans(X, size: int, seed: int):
+    """scikit-learn KMeans (defaults, random_state=seed) for every k -> (labels, inertia, seconds)."""
+    import torch
+    from sklearn.cluster import KMeans
+
+    labels, inertia, seconds = {}, {}, {}
+    for k in KS:
+        tk = time.perf_counter()
+        km = KMeans(n_clusters=k, random_state=seed).fit(X)
+        seconds[k] = time.perf_counter() - tk
+        labels[k] = torch.from_numpy(km.labels_).reshape(size, size).long()
+        inertia[k] = float(km.inertia_)
+    return labels, inertia, seconds
+
+
+def run_reference(rec, size: int, seed: int):
+    """The paper's pipeline with scikit-learn: per-head PCA, bilinear upsampling, KMeans per k."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from sklearn.decomposition import PCA
+
+    t = {}
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    sel = rec.select(("down", "up"))
+    per_layer = []
+    for key, x in sel.layers.items():
+        B, heads, h, w, d = x.shape
+        comps = []
+        for head in range(heads):
+            flat = x[0, head].reshape(h * w, d).float().numpy()
+            comps.append(PCA(n_components=8).fit_transform(flat).T.reshape(8, h, w))  # [8, h, w]
+        per_layer.append(torch.from_numpy(np.concatenate(comps, 0))[None])  # [1, heads*8, h, w]
+    t1 = time.perf_counter()
+    up = [F.interpolate(f, size=(size, size), mode="bilinear", align_corners=False) for f in per_layer]
+    X = torch.cat(up, 1)[0].reshape(-1, size * size).t().contiguous().numpy()  # [HW, C]
+    t2 = time.perf_counter()
+    labels, inertia, seconds = sklearn_kmeans(X, size, seed)
+    for k in KS:
+        t[f"k-means k={k}"] = seconds[k]
+    t3 = time.perf_counter()
+    t["PCA (sklearn per head)"] = t1 - t0
+    t["upsample (F.interpolate)"] = t2 - t1
+    t["k-means all k"] = t3 - t2
+    t["total"] = t3 - t0
+    t["total cpu"] = time.process_time() - c0
+    return X, labels, inertia, t
+
+
+def inertia_of_labels(X, labels, k) -> float:
+    """Sum of squared distances of the rows of X [N, C] to the mean of their cluster (float64)."""
+    import torch
+
+    Xt = torch.from_numpy(X).double()
+    lab = labels.reshape(-1)
+    counts = torch.bincount(lab, minlength=k).clamp_min(1).double()
+    sums = torch.zeros(k, Xt.shape[1], dtype=torch.float64).index_add_(0, lab, Xt)
+    means = sums / counts[:, None]
+    return float(((Xt - means[lab]) ** 2).sum())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=512, help="output size in pixels (square), default 512")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of ours (median), default 5")
+    parser.add_argument("--reference", dest="reference", action="store_true", default=True,
+                        help="also run the scikit-learn reference (default)")
+    parser.add_argument("--no-reference", dest="reference", action="store_false", help="skip the reference")
+    parser.add_argument("--ref-size", type=int, default=256, help="reference output size, default 256")
+    parser.add_argument("--threads", type=int, default=2, help="torch and BLAS/OpenMP threads, default 2")
+    parser.add_argument("--noise", type=float, default=1.0, help="noise of the planted features, default 1.0")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--control", action="store_true",
+                        help="also run scikit-learn with another random_state on the same features: how far two "
+                             "runs of the reference itself agree (best-match IoU, inertia), for scale")
+    args = parser.parse_args()
+    if args.size % 8 or args.ref_size % 8:
+        sys.exit("--size and --ref-size must be multiples of 8 (latent = image / 8)")
+    # Threads that sleep instead of spinning while they wait: on a machine shared with other work a
+    # spinning OpenMP team (torch and scikit-learn alike) loses most of its time. Set before import.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    planted = import_pack()
+    from headseg.nodes.core import metrics
+    from headseg.nodes.core.masks import labels_to_masks, sweep_to_masks
+
+    torch.set_num_threads(args.threads)
+    threadpool_limits(args.threads)
+    print(f"HeadSeg core benchmark: torch {torch.__version__}, {args.threads} thread(s), "
+          f"{os.cpu_count()} CPU(s) visible, load average {os.getloadavg()[0]:.2f}, "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
+
+    # ---------------------------------------------------------------- ours at --size
+    scene, rec = make_recording(planted, args.size, args.noise, args.seed)
+    sel = rec.select(("down", "up"))
+    grids = sorted({tuple(t.shape[2:4]) for t in sel.layers.values()}, reverse=True)
+    print(f"input: {len(sel.layers)} layers, {sel.num_heads} heads, d=64, grids "
+          f"{', '.join(f'{h}x{w}' for h, w in grids)}, output {args.size}x{args.size}, "
+          f"components 8, k={','.join(map(str, KS))}, planted regions {len(scene.leaves)}, noise {args.noise}")
+    run_ours(rec, args.seed)  # warm-up
+    timings: dict[str, list[float]] = {}
+    for _ in range(args.repeats):
+        stack, sweep, masks = run_ours(rec, args.seed, timings)
+    import gc
+
+    gc.collect()
+    with PeakRSS() as mem:
+        run_ours(rec, args.seed)
+    print()
+    print(f"ours at {args.size}x{args.size} ({args.repeats} runs, seconds; cpu = process CPU time, all threads)")
+    print(f"  {'stage':32s} {'median':>8s} {'min':>8s} {'max':>8s} {'cpu med':>8s}")
+    for name, values in timings.items():
+        wall = [v[0] for v in values]
+        cpu = [v[1] for v in values]
+        print(f"  {name:32s} {statistics.median(wall):8.3f} {min(wall):8.3f} {max(wall):8.3f} "
+              f"{statistics.median(cpu):8.3f}")
+    total = statistics.median(v[0] for v in timings["total (sum of stages)"])
+    print(f"  masks after merge: {len(masks[0])} (from {sum(KS)} clusters)")
+    planted_iou = [
+        metrics.best_match_iou(scene.cut_masks(level), labels_to_masks(sweep.results[k].labels[0], k))
+        for level, k in enumerate(KS, start=1)
+    ]
+    print(f"  planted regions recovered (best-match IoU per k): "
+          f"{', '.join(f'k={k}: {v:.3f}' for k, v in zip(KS, planted_iou))}")
+    print(f"  peak extra memory of one run: {mem.extra_mb:.1f} MB (resident set size sampled every 0.5 ms by a")
+    print(f"  thread, peak minus the value at the start; torch's CPU allocator returns large blocks to the OS)")
+    print(f"  target: total <= 1 s -> {'MET' if total <= 1.0 else 'MISSED'} ({total:.3f} s); "
+          f"memory <= 300 MB -> {'MET' if mem.extra_mb <= 300 else 'MISSED'}")
+
+    if not args.reference:
+        return
+
+    # ---------------------------------------------------------------- reference vs ours at --ref-size
+    R = args.ref_size
+    _, rec_r = make_recording(planted, R, args.noise, args.seed)
+    print()
+    print(f"reference (scikit-learn, the paper's pipeline) vs ours at {R}x{R}, same input, same run")
+    run_ours(rec_r, args.seed)  # warm-up; ours first, before the reference fills the memory
+    ours_t: dict[str, list[float]] = {}
+    for _ in range(args.repeats):
+        stack_r, sweep_r, _ = run_ours(rec_r, args.seed, ours_t)
+    X, ref_labels, ref_inertia, ref_t = run_reference(rec_r, R, args.seed)
+    ours_total = statistics.median(v[0] for v in ours_t["total (sum of stages)"])
+    print(f"  {'stage':32s} {'reference':>10s} {'ours':>10s}")
+    pairs = [("PCA", "PCA (sklearn per head)", "PCA (select + per-head PCA)"),
+             ("upsample / stack", "upsample (F.interpolate)", "stack (virtual upsample)")]
+    pairs += [(f"k-means k={k}", f"k-means k={k}", f"k-means k={k}") for k in KS]
+    pairs += [("merge masks", None, "merge masks"), ("total", "total", "total (sum of stages)")]
+    for label, rk, ok in pairs:
+        r = f"{ref_t[rk]:10.3f}" if rk else f"{'-':>10s}"
+        print(f"  {label:32s} {r} {statistics.median(v[0] for v in ours_t[ok]):10.3f}")
+    speed = ref_t["total"] / ours_total
+    ours_cpu = statistics.median(v[1] for v in ours_t["total (sum of stages)"])
+    print(f"  speed-up: {speed:.0f}x wall time (target >= 100x -> {'MET' if speed >= 100 else 'MISSED'}); "
+          f"{ref_t['total cpu'] / ours_cpu:.0f}x CPU time ({ref_t['total cpu']:.1f} s / {ours_cpu:.3f} s)")
+
+    # quality on the same upsampled features: the reference's X
+    ours_x = stack_r.materialise(batch_index=0)[0].reshape(stack_r.num_channels, -1).t().numpy()
+    pca_diff = float(abs(ours_x - X).max())
+    print(f"  features: max |ours - sklearn| over the {X.shape[0]}x{X.shape[1]} upsampled features = {pca_diff:.2e}")
+    print(f"  {'k':>4s} {'sklearn inertia':>16s} {'ours on same X':>16s} {'ratio':>8s} "
+          f"{'ours reported':>16s} {'best-match IoU':>15s}")
+    ratios = []
+    for k in KS:
+        ours_labels = sweep_r.results[k].labels[0]
+        ours_on_x = inertia_of_labels(X, ours_labels, k)
+        ratio = ours_on_x / ref_inertia[k]
+        ratios.append(ratio)
+        iou_k = metrics.best_match_iou(labels_to_masks(ref_labels[k], k), labels_to_masks(ours_labels, k))
+        print(f"  {k:4d} {ref_inertia[k]:16.6g} {ours_on_x:16.6g} {ratio:8.4f} "
+              f"{float(sweep_r.results[k].inertia[0]):16.6g} {iou_k:15.3f}")
+    ref_masks = torch.cat([labels_to_masks(ref_labels[k], k) for k in KS])
+    ours_masks = sweep_to_masks(sweep_r, 0).masks
+    bm = metrics.best_match_iou(ref_masks, ours_masks)
+    median_ratio = statistics.median(ratios)
+    print(f"  inertia ratio ours / sklearn: median {median_ratio:.4f} (target <= 1.02 -> "
+          f"{'MET' if median_ratio <= 1.02 else 'MISSED'}), worst {max(ratios):.4f} (target <= 1.05 -> "
+          f"{'MET' if max(ratios) <= 1.05 else 'MISSED'}); below 1 = ours lower")
+    print(f"  mean best-match IoU (reference masks of all k -> ours): {bm:.3f} (target >= 0.9 -> "
+          f"{'MET' if bm >= 0.9 else 'MISSED'})")
+    if args.control:
+        other, other_inertia, _ = sklearn_kmeans(X, R, args.seed + 1)
+        print(f"  control: scikit-learn random_state={args.seed + 1} against random_state={args.seed} (same features)")
+        for k in KS:
+            iou_k = metrics.best_match_iou(labels_to_masks(ref_labels[k], k), labels_to_masks(other[k], k))
+            print(f"  {k:4d} inertia ratio {other_inertia[k] / ref_inertia[k]:.4f}  best-match IoU {iou_k:.3f}")
+        other_masks = torch.cat([labels_to_masks(other[k], k) for k in KS])
+        print(f"  mean best-match IoU, scikit-learn against itself: {metrics.best_match_iou(ref_masks, other_masks):.3f}")
+
+
+if __name__ == "__main__":
+    main()

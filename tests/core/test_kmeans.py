@@ -1,0 +1,266 @@
+"""k-means on a FeatureStack: planted structure, exactness against explicit upsampling, scikit-learn
+inertia, determinism, canonical labels, batch, non-square grids, bad input."""
+
+import pytest
+import torch
+from sklearn.cluster import KMeans
+from threadpoolctl import threadpool_limits
+
+from headseg.nodes.core import kmeans as km
+from headseg.nodes.core.kmeans import ClusterSweep, KMeansResult, kmeans, multi_kmeans, parse_cluster_counts
+from headseg.nodes.core.metrics import pairwise_iou
+from headseg.nodes.core.pca import recording_pca
+from headseg.nodes.core.upsample import FeatureStack, make_feature_stack
+
+from .planted import nested_scene, planted_recording, small_layout
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Small problems: one thread each for torch and BLAS, so a busy machine does not slow them down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)
+
+
+def planted_stack(size=(256, 256), seed=0, scenes=None, mode="bilinear", components=4):
+    scenes = scenes or [nested_scene(*size)]
+    rec = planted_recording(scenes, small_layout(), d=16, noise=0.5, seed=seed)
+    return make_feature_stack(recording_pca(rec.select(), components), mode=mode)
+
+
+def random_stack(size=(13, 22), mode="bilinear", batch=1, seed=0, dtype=torch.float32):
+    """Three grids of different (non-square, non-dividing) shapes, random features."""
+    gen = torch.Generator().manual_seed(seed)
+    grids = [torch.randn(batch, c, h, w, generator=gen, dtype=dtype) for c, h, w in ((3, 4, 6), (2, 2, 3), (4, 5, 7))]
+    return FeatureStack(grids, [1.0] * 3, [[], [], []], size, mode)
+
+
+def explicit(stack, b=0):
+    """[H*W, C] float64 features of image b, upsampled explicitly (the independent reference)."""
+    x = stack.materialise(batch_index=b)[0].double()  # [C, H, W]
+    return x.reshape(x.shape[0], -1).t()
+
+
+def masks_of(labels, k):
+    return torch.stack([labels == j for j in range(k)])
+
+
+def best_iou_per_region(regions, labels, k):
+    """[R] best IoU of each planted region with any cluster."""
+    return pairwise_iou(regions, masks_of(labels, k)).max(1).values
+
+
+# ----------------------------------------------------------------------------- planted structure
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_planted_leaves_come_back(seed):
+    scene = nested_scene(256, 256)
+    stack = planted_stack(seed=seed)
+    k = len(scene.leaves)
+    result = kmeans(stack, k, seed=0)
+    ious = best_iou_per_region(scene.leaf_masks, result.labels[0], k)
+    assert float(ious.min()) >= 0.95, ious.tolist()
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_coarse_k_returns_parent_regions(level):
+    scene = nested_scene(256, 256)
+    regions = scene.cut_masks(level)  # level 1: fg / bg; level 2: cat / ball / bg
+    result = kmeans(planted_stack(seed=3), regions.shape[0], seed=0)
+    ious = best_iou_per_region(regions, result.labels[0], regions.shape[0])
+    assert float(ious.min()) >= 0.95, ious.tolist()
+
+
+# ----------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("size", [(13, 22), (40, 24)])
+def test_assignment_and_update_equal_brute_force(mode, size):
+    stack = random_stack(size, mode)
+    X = explicit(stack)  # [N, C]
+    img = km._Image(stack, 0)
+    for i in range(len(img.sides)):  # every lattice rung, the last being the full image
+        lat = img.rung(i)
+        ys = km._sample_positions(size[0], lat.ny)
+        xs = km._sample_positions(size[1], lat.nx)
+        Xi = X.view(size[0], size[1], -1)[ys][:, xs].reshape(-1, X.shape[1])  # [n, C]
+        centroids = torch.randn(5, X.shape[1], generator=torch.Generator().manual_seed(i))
+        labels, best = lat.dense(lat.native(centroids), (centroids * centroids).sum(1))
+        d = torch.cdist(Xi, centroids.double()) ** 2  # [n, 5]
+        assert torch.equal(labels, d.argmin(1))
+        torch.testing.assert_close(best.double() + (Xi * Xi).sum(1), d.min(1).values, atol=1e-4, rtol=1e-5)
+        sums = lat.sums(lat.adjoint(labels, 5))  # [5, C]
+        expected = torch.zeros(5, X.shape[1], dtype=torch.float64).index_add_(0, labels, Xi)
+        torch.testing.assert_close(sums.double(), expected, atol=1e-4, rtol=1e-5)
+        total, var = lat.moments()
+        assert total == pytest.approx(float((Xi * Xi).sum()), rel=1e-6)
+        assert var == pytest.approx(float(Xi.var(0, unbiased=False).mean()), rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_moving_pixels_updates_sums_exactly(mode):
+    stack = random_stack((17, 11), mode)
+    X = explicit(stack)
+    lat = km._Image(stack, 0).rung(-1)
+    labels = torch.arange(X.shape[0]) % 3
+    A = lat.adjoint(labels, 3)
+    pix = torch.tensor([0, 4, 9, 100, 186])
+    new = (labels[pix] + 1) % 3
+    lat.move(A, pix, labels[pix], new)
+    labels[pix] = new
+    expected = torch.zeros(3, X.shape[1], dtype=torch.float64).index_add_(0, labels, X)
+    torch.testing.assert_close(lat.sums(A).double(), expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_result_is_a_lloyd_state_of_the_explicit_features(mode, k):
+    stack = random_stack((30, 21), mode, seed=k)
+    X = explicit(stack)
+    result = kmeans(stack, k, seed=0)
+    labels, centroids = result.labels[0].reshape(-1), result.centroids[0].double()
+    d = torch.cdist(X, centroids) ** 2  # [N, k]
+    assert torch.equal(labels, d.argmin(1))  # labels = nearest returned centroid
+    assert float(result.inertia[0]) == pytest.approx(float(d.min(1).values.sum()), rel=1e-6)
+    means = torch.stack([X[labels == j].mean(0) for j in range(k)])
+    # the centroids are the means of the labels (exactly, once no label moves any more)
+    torch.testing.assert_close(centroids, means, atol=0.05, rtol=0.05)
+
+
+# ----------------------------------------------------------------------------- scikit-learn
+@pytest.mark.parametrize("k", [2, 4, 6])
+def test_inertia_matches_sklearn_on_explicit_features(k):
+    stack = planted_stack(size=(128, 128), seed=1)
+    X = explicit(stack).float().numpy()
+    ours = float(kmeans(stack, k, seed=0).inertia[0])
+    ref = KMeans(n_clusters=k, random_state=0).fit(X)
+    assert ours <= ref.inertia_ * 1.02
+    assert ours >= ref.inertia_ * 0.8  # the same objective on the same data, not a different one
+
+
+# ----------------------------------------------------------------------------- determinism
+def test_same_seed_same_result():
+    stack = planted_stack(size=(128, 128), seed=4)
+    a, b = kmeans(stack, 5, seed=7), kmeans(stack, 5, seed=7)
+    assert torch.equal(a.labels, b.labels)
+    assert torch.equal(a.centroids, b.centroids)
+    assert torch.equal(a.inertia, b.inertia)
+    sweep = multi_kmeans(stack, [5, 2], seed=7)
+    assert torch.equal(sweep.results[5].labels, a.labels)
+
+
+# ----------------------------------------------------------------------------- properties
+@pytest.mark.parametrize("k", [1, 2, 5, 9])
+def test_labels_are_canonical(k):
+    stack = random_stack((24, 40), seed=k)
+    result = kmeans(stack, k, seed=1)
+    assert isinstance(result, KMeansResult) and result.k == k
+    labels = result.labels[0].reshape(-1)
+    assert labels.dtype == torch.int64 and int(labels.min()) >= 0 and int(labels.max()) < k
+    counts = torch.bincount(labels, minlength=k)
+    first = torch.tensor([int((labels == j).nonzero()[0]) if counts[j] else labels.numel() for j in range(k)])
+    for j in range(k - 1):  # decreasing area, ties by first pixel
+        assert (counts[j], -first[j]) >= (counts[j + 1], -first[j + 1])
+
+
+def test_k1_is_the_mean():
+    stack = random_stack((20, 30))
+    X = explicit(stack)
+    result = kmeans(stack, 1)
+    assert torch.equal(result.labels, torch.zeros(1, 20, 30, dtype=torch.int64))
+    torch.testing.assert_close(result.centroids[0].double(), X.mean(0, keepdim=True), atol=1e-5, rtol=1e-5)
+    assert float(result.inertia[0]) == pytest.approx(float(((X - X.mean(0)) ** 2).sum()), rel=1e-5)
+
+
+def test_constant_features_give_no_nan():
+    stack = FeatureStack([torch.zeros(1, 4, 8, 8)], [1.0], [[]], (64, 64), "bilinear")
+    result = kmeans(stack, 3)
+    assert torch.isfinite(result.centroids).all() and float(result.inertia[0]) == 0.0
+    assert int(result.labels.min()) >= 0 and int(result.labels.max()) < 3
+
+
+def test_batch_images_are_independent():
+    scene = nested_scene(128, 128)
+    flipped = type(scene)(scene.masks.flip(2), scene.parent, scene.names)
+    both = planted_stack(scenes=[scene, flipped])
+    result = kmeans(both, 3, seed=0)
+    assert result.labels.shape == (2, 128, 128) and result.centroids.shape[:2] == (2, 3)
+    for b in range(2):
+        alone = FeatureStack([g[b : b + 1] for g in both.grids], both.weights, both.keys, both.size, both.mode)
+        single = kmeans(alone, 3, seed=0)
+        assert torch.equal(single.labels[0], result.labels[b])
+        assert float(single.inertia[0]) == float(result.inertia[b])
+
+
+def test_non_square_latent_8x12():
+    scene = nested_scene(64, 96)
+    stack = planted_stack(scenes=[scene])
+    assert [tuple(g.shape[2:]) for g in stack.grids] == [(8, 12), (4, 6), (2, 3)]
+    result = kmeans(stack, 2, seed=0)
+    assert result.labels.shape == (1, 64, 96)
+    ious = best_iou_per_region(scene.cut_masks(1), result.labels[0], 2)
+    assert float(ious.min()) >= 0.9, ious.tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_output_dtypes(dtype):
+    result = kmeans(random_stack(dtype=dtype, batch=2), 3)
+    assert result.labels.dtype == torch.int64 and result.labels.shape == (2, 13, 22)
+    assert result.centroids.dtype == torch.float32 and result.centroids.shape == (2, 3, 9)
+    assert result.inertia.dtype == torch.float64 and result.inertia.shape == (2,)
+
+
+def test_multi_kmeans_sweep_and_progress():
+    stack = random_stack((16, 16), batch=2)
+    calls = []
+    sweep = multi_kmeans(stack, "6, 2,2", seed=3, progress=lambda done, total: calls.append((done, total)))
+    assert isinstance(sweep, ClusterSweep) and list(sweep.results) == [2, 6] and sweep.size == (16, 16)
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    for k in (2, 6):
+        assert torch.equal(sweep.results[k].labels, kmeans(stack, k, seed=3).labels)
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("k", [0, -2, 2.5, True, "3"])
+def test_bad_k(k):
+    with pytest.raises(ValueError, match="k must"):
+        kmeans(random_stack(), k)
+
+
+def test_k_above_finest_grid_cells():
+    stack = random_stack()  # finest grid 5x7 = 35 cells
+    kmeans(stack, 35)
+    with pytest.raises(ValueError, match=r"k must be at most 35.*got 36"):
+        kmeans(stack, 36)
+    with pytest.raises(ValueError, match="k must be at most 35"):
+        multi_kmeans(stack, [2, 40])
+
+
+def test_bad_stack_and_options():
+    with pytest.raises(TypeError, match="stack"):
+        kmeans(torch.zeros(1, 2, 3, 3), 2)
+    bad = random_stack()
+    bad.grids[0][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        kmeans(bad, 2)
+    with pytest.raises(ValueError, match="max_iter"):
+        kmeans(random_stack(), 2, max_iter=0)
+    with pytest.raises(ValueError, match="tol"):
+        kmeans(random_stack(), 2, tol=-1.0)
+    with pytest.raises(ValueError, match="seed"):
+        kmeans(random_stack(), 2, seed=1.5)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("2,5,6,10,20", [2, 5, 6, 10, 20]), (" 10, 2 ,2 ", [2, 10]), ("3 1", [1, 3]), ("7,", [7])],
+)
+def test_parse_cluster_counts(text, expected):
+    assert parse_cluster_counts(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", " , ", "a", "2,x", "0", "2,-1", "1.5", None, 5])
+def test_parse_cluster_counts_errors(text):
+    with pytest.raises(ValueError, match="cluster_counts"):
+        parse_cluster_counts(text)

@@ -1,0 +1,189 @@
+"""Masks: labels -> masks partition, sweep order, greedy merge (threshold, min area, stable,
+idempotent), masks at a pixel (finest first), bad input."""
+
+import pytest
+import torch
+from threadpoolctl import threadpool_limits
+
+from headseg.nodes.core.kmeans import ClusterSweep, KMeansResult
+from headseg.nodes.core.masks import MaskSet, labels_to_masks, masks_at_pixel, merge_masks, sweep_to_masks
+from headseg.nodes.core.metrics import pairwise_iou
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Small problems: one thread each for torch and BLAS, so a busy machine does not slow them down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)
+
+
+def random_labels(k, H=20, W=30, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, k, (H, W), generator=gen)
+
+
+def blocky_labels(k, H=32, W=48, seed=0):
+    """Labels constant on 8x8 blocks (so masks of different k can coincide)."""
+    gen = torch.Generator().manual_seed(seed)
+    small = torch.randint(0, k, (H // 8, W // 8), generator=gen)
+    return small.repeat_interleave(8, 0).repeat_interleave(8, 1)
+
+
+def make_sweep(label_maps: dict[int, torch.Tensor]) -> ClusterSweep:
+    """label_maps[k]: [B, H, W] -> ClusterSweep (centroids and inertia are not used by masks)."""
+    results = {
+        k: KMeansResult(k, labels, torch.zeros(labels.shape[0], k, 1), torch.zeros(labels.shape[0], dtype=torch.float64), 1)
+        for k, labels in sorted(label_maps.items())
+    }
+    H, W = next(iter(label_maps.values())).shape[1:]
+    return ClusterSweep(results, (H, W))
+
+
+def maskset(masks):
+    masks = torch.stack(list(masks)).bool()  # [M, H, W]
+    M = masks.shape[0]
+    return MaskSet(masks, torch.full((M,), 1, dtype=torch.int64), torch.arange(M))
+
+
+# ----------------------------------------------------------------------------- labels -> masks
+@pytest.mark.parametrize("k", [1, 2, 7])
+def test_labels_to_masks_partition(k):
+    labels = random_labels(k, seed=k)
+    masks = labels_to_masks(labels, k)
+    assert masks.shape == (k, 20, 30) and masks.dtype == torch.bool
+    assert torch.equal(masks.sum(0), torch.ones(20, 30, dtype=torch.int64))  # every pixel in exactly one mask
+    for j in range(k):
+        assert torch.equal(masks[j], labels == j)
+
+
+@pytest.mark.parametrize("labels, k", [(torch.zeros(4), 2), (torch.zeros(2, 2), 0), (torch.full((2, 2), 3), 3),
+                                       (torch.full((2, 2), -1), 2), (torch.zeros(2, 2, dtype=torch.float32), 2)])
+def test_labels_to_masks_bad_input(labels, k):
+    with pytest.raises(ValueError, match="labels|k must"):
+        labels_to_masks(labels, k)
+
+
+def test_sweep_to_masks_order_and_partition():
+    maps = {5: torch.stack([random_labels(5, seed=1), random_labels(5, seed=2)]),
+            2: torch.stack([random_labels(2, seed=3), random_labels(2, seed=4)])}
+    sweep = make_sweep(maps)
+    for b in range(2):
+        ms = sweep_to_masks(sweep, b)
+        assert ms.k.tolist() == [2, 2, 5, 5, 5, 5, 5] and ms.cluster.tolist() == [0, 1, 0, 1, 2, 3, 4]
+        assert torch.equal(ms.masks[:2].sum(0), torch.ones(20, 30, dtype=torch.int64))
+        assert torch.equal(ms.masks[2:].sum(0), torch.ones(20, 30, dtype=torch.int64))
+        assert torch.equal(ms.masks[2 + 3], maps[5][b] == 3)
+        assert ms.area.tolist() == ms.masks.flatten(1).sum(1).tolist()
+    with pytest.raises(ValueError, match="batch_index"):
+        sweep_to_masks(sweep, 2)
+
+
+# ----------------------------------------------------------------------------- merge
+def test_merge_keeps_first_of_identical_masks():
+    a = torch.zeros(10, 10, dtype=torch.bool)
+    a[:5] = True
+    b = ~a
+    ms = MaskSet(torch.stack([a, b, a, b, a]), torch.tensor([2, 2, 3, 3, 4]), torch.tensor([0, 1, 0, 1, 0]))
+    merged = merge_masks(ms)
+    assert merged.k.tolist() == [2, 2] and merged.cluster.tolist() == [0, 1]
+    assert torch.equal(merged.masks, torch.stack([a, b]))
+
+
+def test_merge_threshold_is_inclusive():
+    a = torch.zeros(1, 100, dtype=torch.bool)
+    a[0, :90] = True
+    b = torch.ones(1, 100, dtype=torch.bool)  # IoU(a, b) = 0.9 exactly
+    assert len(merge_masks(maskset([a, b]), iou_threshold=0.9)) == 1
+    assert len(merge_masks(maskset([a, b]), iou_threshold=0.91)) == 2
+
+
+def test_merge_min_area_and_empty_masks():
+    big = torch.zeros(10, 10, dtype=torch.bool)
+    big[:6] = True
+    small = torch.zeros(10, 10, dtype=torch.bool)
+    small[9, :4] = True  # 4 % of the image
+    empty = torch.zeros(10, 10, dtype=torch.bool)
+    ms = maskset([empty, small, big])
+    assert merge_masks(ms).cluster.tolist() == [1, 2]  # empty masks always go
+    assert merge_masks(ms, min_area=0.04).cluster.tolist() == [1, 2]
+    assert merge_masks(ms, min_area=0.05).cluster.tolist() == [2]
+    assert len(merge_masks(ms, min_area=1.0)) == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("threshold", [0.5, 0.9])
+def test_merge_properties(seed, threshold):
+    maps = {k: blocky_labels(k, seed=seed * 10 + k)[None] for k in (2, 3, 5, 8)}
+    ms = sweep_to_masks(make_sweep(maps), 0)
+    ms = MaskSet(torch.cat([ms.masks, ms.masks[:3]]), torch.cat([ms.k, ms.k[:3]]), torch.cat([ms.cluster, ms.cluster[:3]]))
+    merged = merge_masks(ms, iou_threshold=threshold)
+    iou = pairwise_iou(ms.masks, ms.masks)  # independent IoU (metrics)
+    # stable: the kept masks are a subsequence; each dropped mask matches an earlier kept one
+    kept = [int(((ms.k == k) & (ms.cluster == c)).nonzero()[0]) for k, c in zip(merged.k, merged.cluster)]
+    assert kept == sorted(kept) and kept[0] == 0
+    for i in range(len(ms)):
+        earlier = [j for j in kept if j < i]
+        if int(ms.area[i]) == 0:  # empty clusters are dropped, not merged
+            assert i not in kept
+        elif i in kept:
+            assert all(float(iou[i, j]) < threshold for j in earlier)
+        else:
+            assert any(float(iou[i, j]) >= threshold for j in earlier)
+    again = merge_masks(merged, iou_threshold=threshold)  # idempotent
+    assert torch.equal(again.masks, merged.masks) and torch.equal(again.k, merged.k)
+
+
+@pytest.mark.parametrize("kwargs", [{"iou_threshold": 0.0}, {"iou_threshold": 1.5}, {"min_area": -0.1},
+                                    {"min_area": 2}, {"iou_threshold": "0.9"}])
+def test_merge_bad_arguments(kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=name):
+        merge_masks(maskset(torch.ones(1, 3, 3)), **kwargs)
+
+
+# ----------------------------------------------------------------------------- masks at a pixel
+def nested_masks():
+    """Masks of a 16x16 image: whole, left half, top-left quarter, a 2x2 square, a disjoint block."""
+    m = torch.zeros(5, 16, 16, dtype=torch.bool)
+    m[0] = True
+    m[1, :, :8] = True
+    m[2, :8, :8] = True
+    m[3, 2:4, 2:4] = True
+    m[4, 10:, 10:] = True
+    return MaskSet(m[[1, 4, 0, 3, 2]], torch.tensor([2, 5, 1, 20, 6]), torch.tensor([0, 3, 0, 7, 1]))
+
+
+def test_masks_at_pixel_finest_first():
+    ms = nested_masks()
+    at = masks_at_pixel(ms, x=3, y=2)
+    assert at.k.tolist() == [20, 6, 2, 1]  # square, quarter, half, whole
+    assert bool(at.masks[:, 2, 3].all())
+    assert at.area.tolist() == sorted(at.area.tolist())
+    assert masks_at_pixel(ms, x=12, y=12).k.tolist() == [5, 1]
+    assert masks_at_pixel(ms, x=8, y=0).k.tolist() == [1]  # x is the column
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_masks_at_pixel_matches_brute_force(seed):
+    maps = {k: random_labels(k, seed=seed + k)[None] for k in (2, 4, 9)}
+    ms = merge_masks(sweep_to_masks(make_sweep(maps), 0))
+    for x, y in [(0, 0), (29, 19), (7, 11)]:
+        at = masks_at_pixel(ms, x, y)
+        expected = sorted(int(ms.area[i]) for i in range(len(ms)) if bool(ms.masks[i, y, x]))
+        assert at.area.tolist() == expected
+        assert bool(at.masks[:, y, x].all())
+
+
+@pytest.mark.parametrize("x, y, name", [(-1, 0, "x"), (16, 0, "x"), (0, 16, "y"), (0, -3, "y"), (1.5, 0, "x"), (0, None, "y")])
+def test_masks_at_pixel_outside(x, y, name):
+    with pytest.raises(ValueError, match=f"^{name} must"):
+        masks_at_pixel(nested_masks(), x, y)
+
+
+def test_empty_mask_set():
+    ms = MaskSet(torch.zeros(0, 4, 5, dtype=torch.bool), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+    assert len(merge_masks(ms)) == 0 and len(masks_at_pixel(ms, 4, 3)) == 0
+    assert ms.area.shape == (0,)

@@ -1,0 +1,116 @@
+"""segment(): the whole core on planted recordings: the nesting chain at a pixel, batch, non-square,
+dtypes, cluster counts as text, bad input."""
+
+import pytest
+import torch
+from threadpoolctl import threadpool_limits
+
+from headseg.nodes.core.masks import MaskSet, masks_at_pixel
+from headseg.nodes.core.metrics import iou
+from headseg.nodes.core.pipeline import SegmentationResult, segment
+from headseg.nodes.core.recording import LayerKey
+
+from .planted import Scene, nested_scene, planted_recording, small_layout
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Small problems: one thread each for torch and BLAS, so a busy machine does not slow them down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)
+
+
+def recording(scenes, seed=0, dtype=torch.float16):
+    return planted_recording(scenes, small_layout(), d=16, noise=0.5, seed=seed, dtype=dtype)
+
+
+# k = size of each planted partition: 2 (fg / bg), 3 (cat / ball / bg), 4 (head / body / ball / bg)
+COUNTS = (2, 3, 4)
+
+
+@pytest.mark.parametrize("x, y", [(100, 100), (60, 200), (180, 150), (10, 10)])
+def test_chain_at_pixel_is_the_planted_nesting_finest_first(x, y):
+    scene = nested_scene(256, 256)
+    result = segment(recording([scene], seed=1), components=4, cluster_counts=COUNTS)
+    assert isinstance(result, SegmentationResult) and isinstance(result.masks[0], MaskSet)
+    chain = scene.chain(x, y)  # planted regions under the pixel, leaf first
+    got = masks_at_pixel(result.masks[0], x, y)
+    assert len(got) == len(chain), ([scene.names[i] for i in chain], got.area.tolist())
+    for mask, node in zip(got.masks, chain):
+        assert iou(mask, scene.masks[node]) >= 0.9, scene.names[node]
+
+
+def test_batch_and_merged_masks():
+    scene = nested_scene(128, 128)
+    flipped = Scene(scene.masks.flip(1), scene.parent, scene.names)
+    result = segment(recording([scene, flipped]), components=4, cluster_counts="4,2,3")
+    assert list(result.sweep.results) == [2, 3, 4]
+    assert result.sweep.results[4].labels.shape == (2, 128, 128)
+    assert len(result.masks) == 2
+    for ms in result.masks:
+        # merged: fewer masks than clusters (a leaf that is also a parent is one mask), none repeated
+        assert 0 < len(ms) < sum(COUNTS)
+        assert ms.masks.shape[1:] == (128, 128) and ms.masks.dtype == torch.bool
+        assert bool((ms.area > 0).all())
+
+
+def test_non_square_8x12_latent():
+    scene = nested_scene(64, 96)
+    result = segment(recording([scene]), components=4, cluster_counts=(2,))
+    assert result.stack.size == (64, 96)
+    labels = result.sweep.results[2].labels[0]
+    fg = scene.masks[scene.names.index("foreground")]
+    assert max(iou(labels == 0, fg), iou(labels == 1, fg)) >= 0.9
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_recording_dtypes(dtype):
+    result = segment(recording([nested_scene(64, 64)], dtype=dtype), components=4, cluster_counts=(2, 3))
+    assert result.features.layers[next(iter(result.features.layers))].dtype == torch.float32
+    assert result.sweep.results[3].labels.dtype == torch.int64
+    assert torch.isfinite(result.sweep.results[3].centroids).all()
+    assert all(len(ms) > 0 for ms in result.masks)
+
+
+def test_selection_and_options_reach_the_stages():
+    rec = recording([nested_scene(64, 64)])
+    result = segment(rec, positions=("up",), levels=[0, 1], components=3, mode="nearest", reweight=True,
+                     cluster_counts=(2,), min_area=0.05)
+    assert all(k.position == "up" for k in result.features.layers)
+    assert result.features.components == 3 and result.stack.mode == "nearest"
+    assert result.stack.num_channels == 2 * 2 * 3  # two up layers (levels 0 and 1), two heads, three components
+    assert all(int(a) >= 0.05 * 64 * 64 for a in result.masks[0].area)
+
+
+def test_same_seed_same_masks():
+    rec = recording([nested_scene(64, 64)])
+    a = segment(rec, components=4, cluster_counts=(2, 5), seed=3)
+    b = segment(rec, components=4, cluster_counts=(2, 5), seed=3)
+    assert torch.equal(a.masks[0].masks, b.masks[0].masks)
+
+
+def test_bad_input():
+    rec = recording([nested_scene(64, 64)])
+    with pytest.raises(ValueError, match="iou_threshold"):
+        segment(rec, iou_threshold=0)
+    with pytest.raises(ValueError, match="min_area"):
+        segment(rec, min_area=1.5)
+    with pytest.raises(ValueError, match="cluster_counts"):
+        segment(rec, cluster_counts="2,x")
+    with pytest.raises(ValueError, match="k must be at most"):
+        segment(rec, cluster_counts=(2, 500))  # the finest grid of a 64x64 image has 8x8 cells
+    with pytest.raises(ValueError, match="components"):
+        segment(rec, components=17)
+    with pytest.raises(ValueError, match="no layer left"):
+        segment(rec, positions=("middle",), levels=[0])
+    bad = dict(rec.layers)
+    key = LayerKey("output", 9, 0)
+    bad[key] = bad[key].clone()
+    bad[key][0, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="output.9.0"):
+        segment(type(rec)(bad, rec.image_size))
+    with pytest.raises(TypeError, match="Recording"):
+        segment({"a": 1})
