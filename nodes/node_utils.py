@@ -1,0 +1,74 @@
+"""Small adapters shared by HeadSeg's node classes: ComfyUI values <-> core values, previews.
+
+Nothing here computes a stage of the pipeline; that is ``nodes/core``.
+"""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import ui
+
+from .core.recording import Recording
+
+POSITION_CHOICES = ["down+up", "down", "up", "middle", "down+middle", "middle+up", "down+middle+up"]
+
+
+def as_recording(value, name: str = "recording") -> Recording:
+    """A core Recording from a Recording or a live recording handle (its latest snapshot)."""
+    if hasattr(value, "snapshot"):
+        value = value.snapshot()
+    if not isinstance(value, Recording):
+        raise TypeError(
+            f"{name}: expected a HeadSeg recording (from Record Self-Attention or Load Recording), "
+            f"got {type(value).__name__}"
+        )
+    return value
+
+
+def parse_positions(text: str) -> tuple[str, ...]:
+    """"down+up" -> ("down", "up"); ValueError naming `positions`."""
+    parts = tuple(p for p in str(text).replace(",", "+").replace(" ", "").split("+") if p)
+    bad = [p for p in parts if p not in ("down", "middle", "up")]
+    if not parts or bad:
+        raise ValueError(f"positions: expected UNet positions joined by '+' such as 'down+up', got {text!r}")
+    return parts
+
+
+def parse_levels(text: str) -> list[int] | None:
+    """"all" -> None; "0,1" -> [0, 1]; ValueError naming `levels`."""
+    text = str(text).strip().lower()
+    if text in ("", "all", "*"):
+        return None
+    try:
+        levels = sorted({int(p) for p in text.replace(" ", "").split(",") if p})
+    except ValueError:
+        levels = None
+    if not levels or any(v < 0 for v in levels):
+        raise ValueError(
+            f"levels: expected 'all' or grid levels as comma-separated integers >= 0 "
+            f"(0 = latent grid, 1 = 1/2, 2 = 1/4, 3 = 1/8), got {text!r}"
+        )
+    return levels
+
+
+def preview_refs(images: torch.Tensor) -> list[dict]:
+    """Saves IMAGE [B, H, W, 3] as temporary PNGs; returns [{filename, subfolder, type}] for /view."""
+    images = images.detach().float().cpu().clamp(0, 1)
+    return [dict(r) for r in ui.PreviewImage(images).values]
+
+
+def mask_to_comfy(masks: torch.Tensor) -> torch.Tensor:
+    """[M, H, W] bool -> MASK [M, H, W] float32 0..1 on the CPU (a fresh tensor)."""
+    return masks.detach().to("cpu", torch.float32)
+
+
+def image_batch(image, name: str = "image") -> torch.Tensor:
+    """Checks an IMAGE input: [B, H, W, C] float tensor."""
+    if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[-1] not in (1, 3, 4):
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"{name}: expected an IMAGE [B, H, W, 3], got {shape}")
+    image = image[..., :3].float()  # [B, H, W, 3] (a view or a copy; never written to)
+    if image.shape[-1] == 1:
+        image = image.expand(-1, -1, -1, 3)
+    return image
+

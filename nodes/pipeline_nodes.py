@@ -1,0 +1,503 @@
+"""HeadSeg's pipeline stages as ComfyUI V3 nodes (paper sections 3-4).
+
+recording -> HeadPCA -> Upsample -> MultiKMeans -> MaskMerge -> MaskSelectAtPixel -> MASK.
+Each node converts ComfyUI values, calls one stage of ``nodes/core`` and returns; inputs are
+never modified (ComfyUI shares cached outputs between nodes and prompts by reference).
+"""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from . import types as hs
+from .core import kmeans as core_kmeans
+from .core import masks as core_masks
+from .core import preview as core_preview
+from .core import upsample as core_upsample
+from .core.pca import HeadFeatures, recording_pca
+from .node_utils import (
+    POSITION_CHOICES,
+    as_recording,
+    image_batch,
+    mask_to_comfy,
+    parse_levels,
+    parse_positions,
+    preview_refs,
+)
+
+CATEGORY = "HeadSeg"
+
+
+def _expect(value, cls, name: str, what: str):
+    if not isinstance(value, cls):
+        raise TypeError(f"{name}: expected {what}, got {type(value).__name__}")
+    return value
+
+
+class HeadPCA(io.ComfyNode):
+    """Recording -> per-head PCA features (+ PCA->RGB picture of every head).
+
+    UI payload: ``images`` (the PCA->RGB grid of image 0), ``text`` (one summary line) and
+    ``headseg_summary`` [{recorded_heads, recorded_layers, selected_heads, selected_layers,
+    image_size [H, W], components, model}].
+    """
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HeadSeg_HeadPCA",
+            display_name="HeadSeg Head PCA",
+            category=CATEGORY,
+            description=(
+                "Reduces every recorded self-attention head to its top principal components "
+                "(per head, centred, deterministic signs). Selects the UNet layers first: by default "
+                "the down and up blocks at all grid levels, the paper's best setting. Also draws the "
+                "first three components of every head as RGB tiles (paper figure 3)."
+            ),
+            inputs=[
+                hs.Recording.Input(
+                    "recording",
+                    tooltip="Recorded heads: from Record Self-Attention (after sampling) or Load Recording.",
+                ),
+                io.Combo.Input(
+                    "positions",
+                    options=POSITION_CHOICES,
+                    default="down+up",
+                    tooltip=(
+                        "UNet blocks whose heads are used. 'down+up' (default) is the paper's best; adding "
+                        "'middle' (8x8 grid at 512 px) adds coarse, blurry heads."
+                    ),
+                ),
+                io.String.Input(
+                    "levels",
+                    default="all",
+                    tooltip=(
+                        "Token-grid levels to keep: 'all', or comma-separated levels where 0 = latent grid "
+                        "(64x64 at 512 px), 1 = 1/2, 2 = 1/4, 3 = 1/8. Only coarse levels give blobby masks; "
+                        "only level 0 gives fine, noisier masks."
+                    ),
+                ),
+                io.Int.Input(
+                    "components",
+                    default=8,
+                    min=1,
+                    max=1024,
+                    tooltip=(
+                        "Principal components kept per head (1 .. head dimension, 64 on SD2.1). More keeps "
+                        "finer detail and costs more k-means time; 1 keeps only each head's dominant contrast."
+                    ),
+                ),
+                io.Latent.Input(
+                    "latent",
+                    optional=True,
+                    tooltip=(
+                        "Connect the sampler's LATENT output here so this node runs after sampling (the "
+                        "recording is filled while the sampler runs). Not used otherwise; leave it empty "
+                        "for a recording loaded from a file."
+                    ),
+                ),
+            ],
+            outputs=[
+                hs.HeadFeatures.Output(
+                    display_name="features",
+                    tooltip="Per-head principal-component scores of the selected layers, on their own token grids.",
+                ),
+                io.Image.Output(
+                    display_name="pca_rgb",
+                    tooltip=(
+                        "First three components of every selected head as RGB, one 64 px tile per head in "
+                        "UNet order (image 0 of the batch)."
+                    ),
+                ),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, positions="down+up", levels="all") -> bool | str:
+        # checked again at execution; values linked from other nodes are not known yet here
+        try:
+            if isinstance(positions, str):
+                parse_positions(positions)
+            if isinstance(levels, str):
+                parse_levels(levels)
+        except ValueError as exc:
+            return str(exc)
+        return True
+
+    @classmethod
+    def execute(cls, recording, positions="down+up", levels="all", components=8, latent=None) -> io.NodeOutput:
+        rec = as_recording(recording)
+        pos = parse_positions(positions)
+        lv = parse_levels(levels)
+        selected = rec.select(positions=pos, levels=lv)
+        features = recording_pca(selected, int(components))
+        grid = core_preview.pca_rgb_grid(features, batch_index=0)  # [1, rows*cell, cols*cell, 3]
+        summary = {
+            "recorded_heads": rec.num_heads,
+            "recorded_layers": len(rec.layers),
+            "selected_heads": selected.num_heads,
+            "selected_layers": len(selected.layers),
+            "image_size": list(rec.image_size),
+            "components": int(components),
+            "model": rec.model,
+        }
+        text = (
+            f"{rec.num_heads} heads recorded in {len(rec.layers)} layers; {selected.num_heads} heads in "
+            f"{len(selected.layers)} layers selected ({'+'.join(pos)}, levels {levels}); "
+            f"{int(components)} components each"
+        )
+        ui = {"images": preview_refs(grid), "text": [text], "headseg_summary": [summary]}
+        return io.NodeOutput(features, grid, ui=ui)
+
+
+class Upsample(io.ComfyNode):
+    """Head features -> one virtual stack at image resolution (+ upsampling error map, eq. 6)."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HeadSeg_Upsample",
+            display_name="HeadSeg Upsample",
+            category=CATEGORY,
+            description=(
+                "Brings the PCA features of all layers onto the image's pixel grid (bilinear or "
+                "nearest), optionally weighting each layer by its resolution (paper eq. 5). The stack "
+                "is never materialised, so 512x512 with 175 heads stays small. Also outputs the "
+                "upsampling-error map (eq. 6): where bilinear and nearest disagree, i.e. near edges."
+            ),
+            inputs=[
+                hs.HeadFeatures.Input("features", tooltip="Per-head PCA features from Head PCA."),
+                io.Combo.Input(
+                    "mode",
+                    options=["bilinear", "nearest"],
+                    default="bilinear",
+                    tooltip=(
+                        "Interpolation of coarse grids to pixels. 'bilinear' (default, the paper's choice) "
+                        "gives smooth boundaries; 'nearest' gives blocky masks aligned to the token grid."
+                    ),
+                ),
+                io.Boolean.Input(
+                    "reweight",
+                    default=False,
+                    tooltip=(
+                        "Eq. 5: scale each layer by its grid side / the largest grid side, so fine layers "
+                        "dominate the clustering. Off (default): all heads count equally."
+                    ),
+                ),
+            ],
+            outputs=[
+                hs.FeatureStack.Output(
+                    display_name="stack",
+                    tooltip="All selected heads' features on the image pixel grid (lazy; at image resolution).",
+                ),
+                io.Image.Output(
+                    display_name="error_map",
+                    tooltip=(
+                        "Eq. 6 upsampling error per pixel (mean |bilinear - nearest| over channels), "
+                        "normalised to 0..1: bright = boundaries between regions."
+                    ),
+                ),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, features, mode="bilinear", reweight=False) -> io.NodeOutput:
+        _expect(features, HeadFeatures, "features", "HEADSEG_FEATURES from Head PCA")
+        stack = core_upsample.make_feature_stack(features, mode=mode, reweight=bool(reweight))
+        err = core_upsample.upsampling_error(stack)  # [B, H, W]
+        err_img = core_preview.error_map_image(err)  # [B, H, W, 3]
+        return io.NodeOutput(stack, err_img, ui={"images": preview_refs(err_img[:1])})
+
+
+class MultiKMeans(io.ComfyNode):
+    """Feature stack -> k-means label maps for several cluster counts (+ colour maps).
+
+    UI payload: ``images`` (one colour map per k and image, k-major: k0 image0, k0 image1, ...),
+    ``headseg_labels`` (one caption per picture, e.g. "k=5"), ``headseg_k`` (the cluster counts).
+    """
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HeadSeg_MultiKMeans",
+            display_name="HeadSeg Multi K-Means",
+            category=CATEGORY,
+            description=(
+                "Clusters every pixel's stacked head features with exact k-means (k-means++ start, "
+                "Lloyd to convergence, fixed seed) once per cluster count. Few clusters give large "
+                "regions (object vs background), many give parts (eyes, ears). Shows each k as a "
+                "colour map."
+            ),
+            inputs=[
+                hs.FeatureStack.Input("stack", tooltip="Upsampled features from Upsample."),
+                io.String.Input(
+                    "cluster_counts",
+                    default="2,5,6,10,20",
+                    tooltip=(
+                        "Comma-separated cluster counts k (each >= 1 and at most the number of cells of "
+                        "the finest token grid). Small k: coarse regions; large k: small parts, slower."
+                    ),
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=2**31 - 1,
+                    control_after_generate=False,  # fixed: re-queueing must reuse the cached clusters
+                    tooltip="Seed of the k-means++ initialisation; the same seed gives the same clusters.",
+                ),
+            ],
+            outputs=[
+                hs.Clusters.Output(
+                    display_name="clusters",
+                    tooltip="Label maps at image resolution for every k (clusters ordered by decreasing area).",
+                ),
+                io.Image.Output(
+                    display_name="colour_maps",
+                    tooltip="One colour map per k and image, k ascending then batch index: [len(k) * B, H, W, 3].",
+                ),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, cluster_counts="2,5,6,10,20") -> bool | str:
+        if isinstance(cluster_counts, str):
+            try:
+                core_kmeans.parse_cluster_counts(cluster_counts)
+            except ValueError as exc:
+                return str(exc)
+        return True
+
+    @classmethod
+    def execute(cls, stack, cluster_counts="2,5,6,10,20", seed=0) -> io.NodeOutput:
+        import comfy.utils
+
+        _expect(stack, core_upsample.FeatureStack, "stack", "HEADSEG_FEATURE_STACK from Upsample")
+        counts = core_kmeans.parse_cluster_counts(cluster_counts)
+        bar = comfy.utils.ProgressBar(len(counts))
+        sweep = core_kmeans.multi_kmeans(
+            stack, counts, seed=int(seed), progress=lambda done, total: bar.update_absolute(done, total)
+        )
+        maps, labels = [], []
+        for k, result in sweep.results.items():
+            maps.append(core_preview.label_colours(result.labels, k))  # [B, H, W, 3]
+            B = result.labels.shape[0]
+            labels += [f"k={k}" if B == 1 else f"k={k} #{b}" for b in range(B)]
+        images = torch.cat(maps, dim=0)  # [len(k) * B, H, W, 3]
+        ui = {"images": preview_refs(images), "headseg_labels": labels, "headseg_k": list(sweep.results)}
+        return io.NodeOutput(sweep, images, ui=ui)
+
+
+class MaskMerge(io.ComfyNode):
+    """Cluster sweep -> merged masks of every image (+ all merged masks of image 0 as a MASK batch)."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HeadSeg_MaskMerge",
+            display_name="HeadSeg Mask Merge",
+            category=CATEGORY,
+            description=(
+                "Turns every cluster of every k into a mask, merges masks that are nearly the same "
+                "region (IoU at or above the threshold; the first one found is kept) and drops masks "
+                "smaller than the minimum area. The result is a hierarchy of masks, from parts to objects."
+            ),
+            inputs=[
+                hs.Clusters.Input("clusters", tooltip="Label maps for every k from Multi K-Means."),
+                io.Float.Input(
+                    "iou_threshold",
+                    default=0.9,
+                    min=0.01,
+                    max=1.0,
+                    step=0.01,
+                    tooltip=(
+                        "Masks with IoU >= this become one (0.01 .. 1). 1.0 merges only identical masks; "
+                        "lower values merge more, down to any two overlapping masks."
+                    ),
+                ),
+                io.Float.Input(
+                    "min_area",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.001,
+                    tooltip=(
+                        "Smallest mask kept, as a fraction of the image area (0.01 = 1%). 0 keeps all; "
+                        "high values keep only large regions (a pixel may then lie in no mask)."
+                    ),
+                ),
+            ],
+            outputs=[
+                hs.Masks.Output(display_name="masks", tooltip="Merged masks of every image of the batch."),
+                io.Mask.Output(
+                    display_name="all_masks",
+                    tooltip="All merged masks of image 0 as a MASK batch [M, H, W] (0/1) at image resolution.",
+                ),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, clusters, iou_threshold=0.9, min_area=0.0) -> io.NodeOutput:
+        _expect(clusters, core_kmeans.ClusterSweep, "clusters", "HEADSEG_CLUSTERS from Multi K-Means")
+        B = next(iter(clusters.results.values())).labels.shape[0]
+        merged = []
+        for b in range(B):
+            ms = core_masks.sweep_to_masks(clusters, b)
+            merged.append(core_masks.merge_masks(ms, iou_threshold=float(iou_threshold), min_area=float(min_area)))
+        first = merged[0].masks  # [M, H, W] bool
+        if first.shape[0] == 0:
+            H, W = clusters.size
+            all_masks = torch.zeros(1, H, W)  # [1, H, W]: an empty MASK batch is not valid downstream
+        else:
+            all_masks = mask_to_comfy(first)  # [M, H, W]
+        counts = ", ".join(str(int(m.masks.shape[0])) for m in merged)
+        return io.NodeOutput(merged, all_masks, ui={"text": [f"merged masks per image: {counts}"]})
+
+
+class MaskSelectAtPixel(io.ComfyNode):
+    """Masks + pixel (x, y) -> the mask containing it at a chosen granularity, ready for inpainting.
+
+    UI payload (read by js/headseg.js, the click-to-pick picker and mask browser):
+
+    - ``headseg_image``: [ref] the picture to click on: ``image`` 0 when connected, else a colour
+      map of the merged masks (coarse painted first, finer on top); W x H = the masks' size.
+    - ``headseg_size``: [W, H] pixel grid that x and y refer to (the masks' resolution).
+    - ``headseg_pixel``: [x, y] the pixel these masks were computed for.
+    - ``headseg_index``: [i] index of the mask the first MASK output carries for image 0 (the
+      ``index`` widget clamped to the masks found; -1 when the pixel is in no mask).
+    - ``headseg_masks``: [ref, ...] one picture per mask containing the pixel (image 0), finest
+      first: the mask overlaid on the picture, same size as ``headseg_image``.
+    - ``headseg_mask_info``: [{"area": pixels, "k": cluster count, "cluster": index}, ...] same order.
+
+    ``ref`` = {"filename", "subfolder", "type": "temp"}, served by GET /view.
+    """
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HeadSeg_MaskSelectAtPixel",
+            display_name="HeadSeg Mask Select At Pixel",
+            category=CATEGORY,
+            description=(
+                "Finds every mask that contains the pixel (x, y), finest first (e.g. eye -> eyes -> "
+                "face -> cat -> foreground, paper figure 1), and outputs the one at 'index' as a MASK "
+                "at image resolution for inpainting (SetLatentNoiseMask, VAEEncodeForInpaint, "
+                "InpaintModelConditioning, GrowMask). In the web UI, click the picture to pick the "
+                "pixel and click a thumbnail to choose the mask."
+            ),
+            inputs=[
+                hs.Masks.Input("masks", tooltip="Merged masks from Mask Merge."),
+                io.Int.Input(
+                    "x",
+                    default=256,
+                    min=0,
+                    max=16384,
+                    tooltip="Pixel column in image pixels (0 = left edge; must be < image width).",
+                ),
+                io.Int.Input(
+                    "y",
+                    default=256,
+                    min=0,
+                    max=16384,
+                    tooltip="Pixel row in image pixels (0 = top edge; must be < image height).",
+                ),
+                io.Int.Input(
+                    "index",
+                    default=0,
+                    min=0,
+                    max=1024,
+                    tooltip=(
+                        "Which of the masks containing the pixel to output: 0 = finest (smallest); higher = "
+                        "coarser. Values past the last mask give the coarsest one."
+                    ),
+                ),
+                io.Image.Input(
+                    "image",
+                    optional=True,
+                    tooltip=(
+                        "Optional picture (e.g. the decoded image) for the overlays and the click picker; "
+                        "resized to the masks' size if it differs. Without it the masks are drawn on a "
+                        "colour map of all masks."
+                    ),
+                ),
+            ],
+            outputs=[
+                io.Mask.Output(
+                    display_name="mask",
+                    tooltip=(
+                        "The chosen mask for every image of the batch, [B, H, W] 0/1 at image resolution; "
+                        "all zeros for an image where the pixel lies in no mask."
+                    ),
+                ),
+                io.Mask.Output(
+                    display_name="masks_at_pixel",
+                    tooltip="Every mask containing the pixel (image 0), finest first, [count, H, W].",
+                ),
+                io.Image.Output(
+                    display_name="overlay",
+                    tooltip="Each mask at the pixel overlaid on the picture (image 0), finest first.",
+                ),
+                io.Int.Output(display_name="count", tooltip="How many masks contain the pixel (image 0)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, masks, x=256, y=256, index=0, image=None) -> io.NodeOutput:
+        if not isinstance(masks, list) or not masks or not all(isinstance(m, core_masks.MaskSet) for m in masks):
+            raise TypeError(f"masks: expected HEADSEG_MASKS from Mask Merge, got {type(masks).__name__}")
+        x, y, index = int(x), int(y), int(index)
+        if index < 0:
+            raise ValueError(f"index: expected an integer >= 0 (0 = finest mask), got {index}")
+        H, W = masks[0].masks.shape[-2:]
+        picture = None
+        if image is not None:
+            picture = image_batch(image)[:1]  # [1, h, w, 3]
+            if tuple(picture.shape[1:3]) != (H, W):
+                # e.g. a photo whose sides are not multiples of 8: shown at the masks' size
+                picture = torch.nn.functional.interpolate(
+                    picture.movedim(-1, 1), size=(H, W), mode="bilinear", align_corners=False
+                ).movedim(1, -1)  # [1, H, W, 3]
+
+        chosen = torch.zeros(len(masks), H, W)  # [B, H, W]
+        at_pixel = []
+        for b, ms in enumerate(masks):
+            here = core_masks.masks_at_pixel(ms, x, y)  # finest first
+            at_pixel.append(here)
+            n = int(here.masks.shape[0])
+            if n:
+                chosen[b] = here.masks[min(index, n - 1)].float()
+        here = at_pixel[0]
+        count = int(here.masks.shape[0])
+        if count:
+            stack = mask_to_comfy(here.masks)  # [count, H, W]
+        else:
+            stack = torch.zeros(1, H, W)  # [1, H, W]: MASK batches cannot be empty
+        base = picture if picture is not None else _mask_partition_picture(masks[0])  # [1, H, W, 3]
+        overlay = core_preview.overlay_masks(base, stack)  # [count or 1, H, W, 3]
+
+        ui = {
+            "headseg_image": preview_refs(base),
+            "headseg_size": [int(W), int(H)],
+            "headseg_pixel": [x, y],
+            "headseg_index": [min(index, count - 1) if count else -1],
+            "headseg_masks": preview_refs(overlay) if count else [],
+            "headseg_mask_info": [
+                {"area": int(a), "k": int(k), "cluster": int(c)}
+                for a, k, c in zip(here.area.tolist(), here.k.tolist(), here.cluster.tolist())
+            ],
+        }
+        return io.NodeOutput(chosen, stack, overlay, count, ui=ui)
+
+
+def _mask_partition_picture(ms) -> torch.Tensor:
+    """MaskSet of one image -> IMAGE [1, H, W, 3]: masks painted coarse first, finer on top."""
+    M, H, W = ms.masks.shape
+    labels = torch.zeros(1, H, W, dtype=torch.long)  # [1, H, W], 0 = in no mask
+    order = torch.argsort(ms.area, descending=True, stable=True)  # coarse -> fine
+    for rank, m in enumerate(order.tolist()):
+        labels[0][ms.masks[m]] = rank + 1
+    return core_preview.label_colours(labels, M + 1)  # [1, H, W, 3]
+
+
+NODES = [HeadPCA, Upsample, MultiKMeans, MaskMerge, MaskSelectAtPixel]

@@ -1,0 +1,192 @@
+"""Save and load recordings as headseg-recording/1 safetensors files (format: nodes/core/recording.py).
+
+Saved files go to ComfyUI's output folder; Load lists the .safetensors files of the input folder
+(and, marked " [output]", those of the output folder), or takes a path. A loaded recording runs
+the rest of the pipeline with no model loaded.
+"""
+
+from __future__ import annotations
+
+import os
+
+from comfy_api.latest import io
+
+from . import types as hs
+from .core.recording import load_recording, save_recording
+from .node_utils import as_recording
+
+CATEGORY = "HeadSeg/recording"
+NO_FILE = "(no recording files found)"
+
+
+def _recording_files() -> list[str]:
+    """.safetensors files under the input folder, then those under the output folder (annotated)."""
+    import folder_paths
+
+    found = []
+    for base, suffix in ((folder_paths.get_input_directory(), ""), (folder_paths.get_output_directory(), " [output]")):
+        if not os.path.isdir(base):
+            continue
+        names = []
+        for root, _dirs, files in os.walk(base, followlinks=True):
+            for f in files:
+                if f.endswith(".safetensors"):
+                    names.append(os.path.relpath(os.path.join(root, f), base).replace(os.sep, "/"))
+        found += [n + suffix for n in sorted(names)]
+    return found
+
+
+def _resolve(file: str, path: str) -> str:
+    import folder_paths
+
+    path = (path or "").strip()
+    if path:
+        full = os.path.expanduser(path)
+        if not os.path.isabs(full):
+            full = folder_paths.get_annotated_filepath(full)
+        if not os.path.isfile(full):
+            raise ValueError(f"path: no such recording file: {path!r} (absolute, or relative to the input folder)")
+        return full
+    if not file or file == NO_FILE:
+        raise ValueError(
+            "file: no recording chosen: save one with Save Recording (output folder) or put a .safetensors "
+            "recording in ComfyUI's input folder, or set 'path'"
+        )
+    full = folder_paths.get_annotated_filepath(file)
+    if not os.path.isfile(full):
+        raise ValueError(f"file: no such recording file: {file!r}")
+    return full
+
+
+class SaveRecording(io.ComfyNode):
+    """Writes a recording to ComfyUI's output folder.
+
+    UI payload: ``text`` [relative path], ``headseg_recording`` [{filename, subfolder, type,
+    heads, layers}].
+    """
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HeadSeg_SaveRecording",
+            display_name="HeadSeg Save Recording",
+            category=CATEGORY,
+            description=(
+                "Saves the recorded heads as a safetensors file (one float16 tensor [B, heads, h, w, d] "
+                "per layer, keyed like 'input.1.0', with format/size/model metadata) in the output "
+                "folder, so masks can be recomputed later with Load Recording and no model."
+            ),
+            is_output_node=True,
+            inputs=[
+                hs.Recording.Input("recording", tooltip="Recorded heads to save (from Record Self-Attention)."),
+                io.String.Input(
+                    "filename_prefix",
+                    default="headseg/recording",
+                    tooltip=(
+                        "File name prefix inside the output folder; a counter and '.safetensors' are "
+                        "appended. May contain subfolders ('headseg/cat')."
+                    ),
+                ),
+                io.Latent.Input(
+                    "latent",
+                    optional=True,
+                    tooltip="Connect the sampler's LATENT so the file is written after sampling. Not used otherwise.",
+                ),
+            ],
+            outputs=[
+                io.String.Output(
+                    display_name="path", tooltip="Absolute path of the written .safetensors file."
+                ),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, recording, filename_prefix="headseg/recording", latent=None) -> io.NodeOutput:
+        import folder_paths
+
+        rec = as_recording(recording)
+        if not str(filename_prefix).strip():
+            raise ValueError("filename_prefix: expected a non-empty file name prefix such as 'headseg/recording'")
+        out_dir = folder_paths.get_output_directory()
+        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
+        os.makedirs(folder, exist_ok=True)
+        filename = f"{name}_{counter:05}_.safetensors"
+        full = os.path.join(folder, filename)
+        save_recording(rec, full)
+        rel = os.path.join(subfolder, filename).replace(os.sep, "/")
+        info = {
+            "filename": filename,
+            "subfolder": subfolder,
+            "type": "output",
+            "heads": rec.num_heads,
+            "layers": len(rec.layers),
+        }
+        return io.NodeOutput(full, ui={"text": [rel], "headseg_recording": [info]})
+
+
+class LoadRecording(io.ComfyNode):
+    """Reads a recording file; the rest of the pipeline then runs with no model loaded."""
+
+    @classmethod
+    def define_schema(cls):
+        files = _recording_files() or [NO_FILE]
+        return io.Schema(
+            node_id="HeadSeg_LoadRecording",
+            display_name="HeadSeg Load Recording",
+            category=CATEGORY,
+            description=(
+                "Loads a headseg-recording/1 safetensors file written by Save Recording. Lists the "
+                ".safetensors files of the input folder and (marked [output]) of the output folder; "
+                "'path' overrides the list. Connect it to Head PCA: no model is needed."
+            ),
+            inputs=[
+                io.Combo.Input(
+                    "file",
+                    options=files,
+                    default=files[0],
+                    tooltip=(
+                        "Recording file from ComfyUI's input folder, or from the output folder (marked "
+                        "[output]). Refresh the page to see newly saved files."
+                    ),
+                ),
+                io.String.Input(
+                    "path",
+                    default="",
+                    tooltip=(
+                        "Optional file path (absolute, or relative to the input folder; a ' [output]' "
+                        "suffix means the output folder). When set it is used instead of 'file'."
+                    ),
+                ),
+            ],
+            outputs=[
+                hs.Recording.Output(
+                    display_name="recording",
+                    tooltip="The recorded heads, as saved: all layers, [B, heads, h, w, d] each.",
+                ),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, file, path="") -> bool | str:
+        # The file list is computed when the server starts; accept files saved since, checked at run time.
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, file, path="") -> str:
+        try:
+            full = _resolve(file, path)
+        except ValueError:
+            return ""
+        st = os.stat(full)
+        return f"{full}:{st.st_mtime_ns}:{st.st_size}"
+
+    @classmethod
+    def execute(cls, file, path="") -> io.NodeOutput:
+        full = _resolve(file, path)
+        rec = load_recording(full)
+        H, W = rec.image_size
+        text = f"{os.path.basename(full)}: {rec.num_heads} heads in {len(rec.layers)} layers, {W}x{H} px"
+        return io.NodeOutput(rec, ui={"text": [text]})
+
+
+NODES = [SaveRecording, LoadRecording]

@@ -1,0 +1,71 @@
+"""Helpers of the end-to-end tests: example workflows, test picture, API-prompt substitutions."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+from headseg.tests.support.workflow_api import nodes_of
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+WORKFLOWS_DIR = REPO_ROOT / "example_workflows"
+TEST_IMAGE = "headseg_e2e_photo.png"
+STEPS = int(os.environ.get("HEADSEG_E2E_STEPS", "1"))
+MASK_OUTPUTS = {"HeadSeg_MaskMerge": [1], "HeadSeg_MaskSelectAtPixel": [0, 1]}
+
+
+def workflow_files() -> list[pathlib.Path]:
+    return sorted(WORKFLOWS_DIR.glob("*.json"))
+
+
+def make_test_picture(path: pathlib.Path, size=(512, 512)) -> None:
+    """A 512x512 "photo": sky, ground, a disc and a box, with a little seeded noise."""
+    import numpy as np
+    from PIL import Image
+
+    W, H = size
+    yy, xx = np.mgrid[0:H, 0:W]
+    img = np.zeros((H, W, 3), np.float32)
+    img[:] = (0.45, 0.65, 0.9)
+    img[yy > H * 0.6] = (0.35, 0.55, 0.25)
+    disc = (xx - W * 0.35) ** 2 + (yy - H * 0.5) ** 2 < (W * 0.16) ** 2
+    img[disc] = (0.85, 0.2, 0.15)
+    box = (abs(xx - W * 0.72) < W * 0.1) & (abs(yy - H * 0.55) < H * 0.14)
+    img[box] = (0.95, 0.85, 0.3)
+    img += np.random.default_rng(0).normal(0, 0.02, img.shape).astype(np.float32)
+    Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)).save(path)
+
+
+def prepare(api: dict, server, add_save_recording: bool = False) -> dict:
+    """Test substitutions on an API prompt (see the module docstring); returns the same dict."""
+    for nid in nodes_of(api, "CheckpointLoaderSimple"):
+        api[nid]["inputs"]["ckpt_name"] = server.checkpoint_name
+    for nid in nodes_of(api, "LoadImage"):
+        api[nid]["inputs"]["image"] = TEST_IMAGE
+    for ctype in ("KSampler", "KSamplerAdvanced"):
+        for nid in nodes_of(api, ctype):
+            inputs = api[nid]["inputs"]
+            inputs["steps"] = min(int(inputs["steps"]), STEPS)
+    next_id = max(int(k) for k in api) + 1
+    for ctype, slots in MASK_OUTPUTS.items():
+        for nid in nodes_of(api, ctype):
+            for slot in slots:
+                img, save = str(next_id), str(next_id + 1)
+                next_id += 2
+                api[img] = {"class_type": "MaskToImage", "inputs": {"mask": [nid, slot]}}
+                api[save] = {
+                    "class_type": "SaveImage",
+                    "inputs": {"images": [img, 0], "filename_prefix": f"probe/{ctype}_{nid}_{slot}"},
+                    "_meta": {"probe": [ctype, nid, slot]},
+                }
+    if add_save_recording:
+        for nid in nodes_of(api, "HeadSeg_RecordSelfAttention"):
+            # after the sampler that uses this recording model: the HeadPCA's latent input
+            pca = [p for p in nodes_of(api, "HeadSeg_HeadPCA") if api[p]["inputs"].get("recording") == [nid, 1]]
+            latent = api[pca[0]]["inputs"].get("latent") if pca else None
+            inputs = {"recording": [nid, 1], "filename_prefix": "e2e/recording"}
+            if latent:
+                inputs["latent"] = latent
+            api[str(next_id)] = {"class_type": "HeadSeg_SaveRecording", "inputs": inputs}
+            next_id += 1
+    return api

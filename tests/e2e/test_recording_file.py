@@ -1,0 +1,121 @@
+"""A recording saved by the live server round-trips, and Load Recording -> masks needs no model."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from headseg.nodes.core.recording import FORMAT, load_recording, save_recording
+from headseg.tests.support.workflow_api import nodes_of
+
+from headseg.tests.e2e.helpers import prepare
+
+pytestmark = pytest.mark.server
+
+SD21_HEADS = {  # layer -> heads, token grid side at 512 px
+    **{f"input.{n}.0": (5, 64) for n in (1, 2)},
+    **{f"input.{n}.0": (10, 32) for n in (4, 5)},
+    **{f"input.{n}.0": (20, 16) for n in (7, 8)},
+    "middle.0.0": (20, 8),
+    **{f"output.{n}.0": (20, 16) for n in (3, 4, 5)},
+    **{f"output.{n}.0": (10, 32) for n in (6, 7, 8)},
+    **{f"output.{n}.0": (5, 64) for n in (9, 10, 11)},
+}
+
+
+@pytest.fixture(scope="module")
+def saved(workflow_runs, comfy_server):
+    """(explore api prompt, its run, path of the recording its Save Recording node wrote)."""
+    name = next(n for n in workflow_runs if "explore" in n)
+    api, result = workflow_runs[name]
+    assert result.ok, result.error
+    (nid,) = nodes_of(api, "HeadSeg_SaveRecording")
+    info = result.outputs(nid)["headseg_recording"][0]
+    return api, result, comfy_server.output_dir / info["subfolder"] / info["filename"]
+
+
+def test_saved_recording_holds_every_sd21_head(saved):
+    _, _, path = saved
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        assert meta["format"] == FORMAT
+        assert (meta["image_height"], meta["image_width"]) == ("512", "512")
+        assert meta["branch"] == "cond"
+        keys = set(f.keys())
+        assert keys == set(SD21_HEADS)
+        for key in keys:
+            t = f.get_tensor(key)
+            heads, side = SD21_HEADS[key]
+            assert t.dtype == torch.float16
+            assert tuple(t.shape) == (1, heads, side, side, 64), key
+    rec = load_recording(path)
+    assert rec.num_heads == 195 and len(rec.layers) == 16
+    assert rec.select().num_heads == 175
+
+
+def test_recording_file_round_trips(saved, tmp_path):
+    _, _, path = saved
+    rec = load_recording(path)
+    again_path = tmp_path / "again.safetensors"
+    save_recording(rec, again_path)
+    again = load_recording(again_path)
+    meta = lambda r: (r.image_size, r.model, r.steps, r.branch)  # noqa: E731
+    assert meta(again) == meta(rec)
+    assert list(again.layers) == list(rec.layers)
+    for key in rec.layers:
+        assert torch.equal(again.layers[key], rec.layers[key]), key
+
+
+def _load_recording_prompt(api: dict, path) -> dict:
+    """The explore workflow's HeadSeg part, fed by Load Recording instead of the sampler."""
+    keep = {"HeadSeg_HeadPCA", "HeadSeg_Upsample", "HeadSeg_MultiKMeans", "HeadSeg_MaskMerge"}
+    keep.add("HeadSeg_MaskSelectAtPixel")
+    prompt = {
+        nid: {"class_type": n["class_type"], "inputs": dict(n["inputs"])}
+        for nid, n in api.items()
+        if n["class_type"] in keep
+    }
+    prompt["9000"] = {"class_type": "HeadSeg_LoadRecording", "inputs": {"file": "", "path": str(path)}}
+    for node in prompt.values():
+        if node["class_type"] == "HeadSeg_HeadPCA":
+            node["inputs"]["recording"] = ["9000", 0]
+            node["inputs"].pop("latent", None)
+        if node["class_type"] == "HeadSeg_MaskSelectAtPixel":
+            node["inputs"].pop("image", None)
+    return prompt
+
+
+def test_load_recording_to_masks_without_a_model(saved, comfy_server):
+    api, live, path = saved
+    prompt = _load_recording_prompt(api, path)
+    assert not any(n["class_type"].startswith(("Checkpoint", "KSampler", "VAE")) for n in prompt.values())
+    result = comfy_server.run(prepare(prompt, comfy_server), timeout=300)
+    assert result.ok, result.error
+    (pca,) = nodes_of(prompt, "HeadSeg_HeadPCA")
+    assert result.outputs(pca)["headseg_summary"][0]["recorded_heads"] == 195
+    for nid in nodes_of(prompt, "HeadSeg_MaskSelectAtPixel"):
+        out = result.outputs(nid)
+        assert out["headseg_size"] == [512, 512]
+        # the same recording, the same settings: the same masks as in the live run
+        assert out["headseg_mask_info"] == live.outputs(nid)["headseg_mask_info"]
+
+
+def test_bad_input_gives_an_error_naming_it(saved, comfy_server):
+    api, _, path = saved
+    prompt = _load_recording_prompt(api, path)
+    (sel,) = nodes_of(prompt, "HeadSeg_MaskSelectAtPixel")[:1]
+    prompt[sel]["inputs"]["x"] = 600  # the image is 512 wide
+    result = comfy_server.run(prepare(prompt, comfy_server), timeout=300)
+    assert not result.ok
+    assert result.error["node_type"] == "HeadSeg_MaskSelectAtPixel"
+    assert re.search(r"\bx\b", result.error["exception_message"]), result.error["exception_message"]
+
+    prompt = _load_recording_prompt(api, path.with_name("no-such-recording.safetensors"))
+    result = comfy_server.run(prepare(prompt, comfy_server), timeout=300)
+    assert not result.ok
+    assert result.error["node_type"] == "HeadSeg_LoadRecording"
+    assert "path" in result.error["exception_message"]

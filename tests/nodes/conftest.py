@@ -1,0 +1,43 @@
+"""In-process ComfyUI for the node tests: $HEADSEG_COMFYUI on sys.path, CPU mode, temp/output/input in tmp.
+
+Without HEADSEG_COMFYUI (source tests/setup_env.sh) these tests are not collected.
+"""
+
+import os
+import pathlib
+import sys
+
+import pytest
+
+COMFYUI = os.environ.get("HEADSEG_COMFYUI", "")
+
+if not COMFYUI or not (pathlib.Path(COMFYUI) / "comfy").is_dir():
+    collect_ignore_glob = ["test_*.py"]
+else:
+    if COMFYUI not in sys.path:
+        sys.path.insert(0, COMFYUI)
+    import comfy.options  # noqa: E402
+
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args  # noqa: E402
+
+    comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
+
+
+@pytest.fixture(autouse=True)
+def comfy_folders(tmp_path):
+    """ComfyUI's input/output/temp folders in a fresh tmp folder (previews and recordings go there)."""
+    import folder_paths
+
+    get = (folder_paths.get_input_directory, folder_paths.get_output_directory, folder_paths.get_temp_directory)
+    before = tuple(g() for g in get)
+    dirs = {name: tmp_path / name for name in ("input", "output", "temp")}
+    for d in dirs.values():
+        d.mkdir()
+    folder_paths.set_input_directory(str(dirs["input"]))
+    folder_paths.set_output_directory(str(dirs["output"]))
+    folder_paths.set_temp_directory(str(dirs["temp"]))
+    yield dirs
+    folder_paths.set_input_directory(before[0])
+    folder_paths.set_output_directory(before[1])
+    folder_paths.set_temp_directory(before[2])

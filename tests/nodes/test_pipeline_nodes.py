@@ -1,0 +1,206 @@
+"""HeadSeg's stage nodes in-process, on planted recordings with known answers (no model, no server).
+
+Checks the node layer itself: ComfyUI types in and out (MASK [B, H, W] 0/1 at image resolution,
+IMAGE [B, H, W, 3]), x = column / y = row on a non-square image, the UI payload the front end
+reads, no mutation of inputs (ComfyUI shares cached outputs), and errors that name the input.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from headseg.nodes.core.metrics import iou
+from headseg.nodes.core.recording import Recording
+from headseg.tests.core.planted import nested_scene, planted_recording, small_layout
+
+pytestmark = pytest.mark.comfy
+
+H, W = 192, 256  # non-square on purpose: catches x/y swaps
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    from headseg.nodes import pipeline_nodes
+
+    return pipeline_nodes
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return nested_scene(H, W)
+
+
+@pytest.fixture(scope="module")
+def recording(scene):
+    return planted_recording([scene, scene], layout=small_layout(heads=3), d=16, noise=0.2, seed=1)
+
+
+def run_chain(nodes, rec, x, y, index=0, image=None, counts="2,3,4"):
+    feats = nodes.HeadPCA.execute(rec, "down+up", "all", 4).args[0]
+    stack = nodes.Upsample.execute(feats, "bilinear", False).args[0]
+    sweep = nodes.MultiKMeans.execute(stack, counts, 0).args[0]
+    masks = nodes.MaskMerge.execute(sweep, 0.9, 0.0).args[0]
+    return nodes.MaskSelectAtPixel.execute(masks, x, y, index, image), (feats, stack, sweep, masks)
+
+
+def snapshot(value):
+    """Deep copy of a value's tensors, for 'was it mutated?' checks."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if dataclasses.is_dataclass(value):
+        return {f.name: snapshot(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: snapshot(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [snapshot(v) for v in value]
+    return copy.deepcopy(value)
+
+
+def same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same(u, v) for u, v in zip(a, b))
+    return a == b
+
+
+def test_masks_at_a_pixel_are_the_planted_chain(nodes, scene):
+    rec = planted_recording([scene], layout=small_layout(heads=3), d=16, noise=0.2, seed=1)
+    x, y = 180, 120  # inside the ball; the swapped pixel (120, 180) is background
+    out, _ = run_chain(nodes, rec, x, y)
+    chosen, at_pixel, overlay, count = out.args
+    chain = scene.chain(x, y)  # [ball, foreground]
+    assert count == len(chain)
+    for m, node in zip(at_pixel, chain):
+        assert iou(m > 0.5, scene.masks[node]) >= 0.95, scene.names[node]
+    assert torch.equal(chosen[0], at_pixel[0])
+    assert overlay.shape == (count, H, W, 3)
+
+
+def test_comfy_types_and_shapes_for_a_batch(nodes, recording):
+    out, (feats, stack, sweep, masks) = run_chain(nodes, recording, 40, 30, index=1)
+    chosen, at_pixel, overlay, count = out.args
+    assert chosen.shape == (2, H, W) and chosen.dtype == torch.float32
+    assert set(chosen.unique().tolist()) <= {0.0, 1.0}
+    assert at_pixel.shape == (count, H, W) and overlay.shape == (count, H, W, 3)
+    assert float(overlay.min()) >= 0 and float(overlay.max()) <= 1
+    for b in range(2):
+        assert chosen[b, 30, 40] == 1.0  # the chosen mask contains the pixel
+
+    pca_out = nodes.HeadPCA.execute(recording, "down+up", "all", 4)
+    summary = pca_out.ui["headseg_summary"][0]
+    assert summary["recorded_heads"] == recording.num_heads == 21
+    assert summary["selected_heads"] == 18  # 6 layers without the middle one, 3 heads each
+    grid = pca_out.args[1]
+    assert grid.dim() == 4 and grid.shape[0] == 1 and grid.shape[-1] == 3
+
+    err = nodes.Upsample.execute(feats, "bilinear", False).args[1]
+    assert err.shape == (2, H, W, 3)
+    km = nodes.MultiKMeans.execute(stack, "2,3,4", 0)
+    assert km.args[1].shape == (3 * 2, H, W, 3)
+    assert km.ui["headseg_labels"] == ["k=2 #0", "k=2 #1", "k=3 #0", "k=3 #1", "k=4 #0", "k=4 #1"]
+    merged = nodes.MaskMerge.execute(sweep, 0.9, 0.0).args[1]
+    assert merged.shape == (len(masks[0].masks), H, W) and merged.dtype == torch.float32
+
+
+def test_index_past_the_last_mask_gives_the_coarsest(nodes, recording):
+    out, _ = run_chain(nodes, recording, 180, 120, index=50)
+    chosen, at_pixel, _, count = out.args
+    assert torch.equal(chosen[0], at_pixel[count - 1])
+    assert out.ui["headseg_index"] == [count - 1]
+
+
+def test_ui_payload_contract(nodes, recording, comfy_folders):
+    image = torch.rand(1, H, W, 3)
+    out, _ = run_chain(nodes, recording, 180, 120, index=0, image=image)
+    ui = out.ui
+    keys = ("headseg_image", "headseg_size", "headseg_pixel", "headseg_index", "headseg_masks", "headseg_mask_info")
+    assert set(ui) == set(keys)
+    assert ui["headseg_size"] == [W, H] and ui["headseg_pixel"] == [180, 120] and ui["headseg_index"] == [0]
+    count = out.args[3]
+    assert len(ui["headseg_masks"]) == len(ui["headseg_mask_info"]) == count
+    areas = [m["area"] for m in ui["headseg_mask_info"]]
+    assert areas == sorted(areas) and set(ui["headseg_mask_info"][0]) == {"area", "k", "cluster"}
+    from PIL import Image
+
+    for ref in ui["headseg_image"] + ui["headseg_masks"]:
+        assert ref["type"] == "temp"
+        path = comfy_folders["temp"] / ref["subfolder"] / ref["filename"]
+        assert Image.open(path).size == (W, H)
+    for key, value in ui.items():  # ComfyUI concatenates these per key: every value must be a list
+        assert isinstance(value, list), key
+
+
+def test_picture_of_another_size_is_resized_for_display(nodes, recording):
+    out, _ = run_chain(nodes, recording, 10, 10, image=torch.rand(1, H + 5, W - 3, 3))
+    assert out.args[2].shape[1:] == (H, W, 3)
+
+
+def test_inputs_are_not_mutated(nodes, recording):
+    before = snapshot(recording)
+    feats = nodes.HeadPCA.execute(recording, "down+up", "all", 4).args[0]
+    f0 = snapshot(feats)
+    stack = nodes.Upsample.execute(feats, "bilinear", True).args[0]
+    s0 = snapshot(stack)
+    sweep = nodes.MultiKMeans.execute(stack, "2,3,4", 0).args[0]
+    w0 = snapshot(sweep)
+    masks = nodes.MaskMerge.execute(sweep, 0.9, 0.0).args[0]
+    m0 = snapshot(masks)
+    image = torch.rand(1, H, W, 3)
+    i0 = image.clone()
+    nodes.MaskSelectAtPixel.execute(masks, 5, 5, 0, image)
+    assert same(snapshot(recording), before)
+    assert same(snapshot(feats), f0) and same(snapshot(stack), s0)
+    assert same(snapshot(sweep), w0) and same(snapshot(masks), m0)
+    assert torch.equal(image, i0)
+
+
+def test_live_recording_handle_is_read_through_snapshot(nodes, recording):
+    class Live:
+        def snapshot(self) -> Recording:
+            return recording
+
+    out = nodes.HeadPCA.execute(Live(), "down+up", "all", 4)
+    assert out.ui["headseg_summary"][0]["recorded_heads"] == recording.num_heads
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda n, r: n.HeadPCA.execute("not a recording", "down+up", "all", 4), "recording"),
+        (lambda n, r: n.HeadPCA.execute(r, "sideways", "all", 4), "positions"),
+        (lambda n, r: n.HeadPCA.execute(r, "down+up", "zero", 4), "levels"),
+        (lambda n, r: n.HeadPCA.execute(r, "down+up", "all", 99), "components"),
+        (lambda n, r: n.Upsample.execute(r, "bilinear", False), "features"),
+        (lambda n, r: n.MultiKMeans.execute(r, "2,3", 0), "stack"),
+        (lambda n, r: n.MaskMerge.execute(r, 0.9, 0.0), "clusters"),
+        (lambda n, r: n.MaskSelectAtPixel.execute(r, 0, 0, 0), "masks"),
+    ],
+)
+def test_bad_input_names_the_input(nodes, recording, call, name):
+    with pytest.raises((ValueError, TypeError), match=name):
+        call(nodes, recording)
+
+
+def test_bad_widget_values_name_the_widget(nodes, recording):
+    feats = nodes.HeadPCA.execute(recording, "down+up", "all", 4).args[0]
+    stack = nodes.Upsample.execute(feats, "bilinear", False).args[0]
+    with pytest.raises(ValueError, match="cluster_counts"):
+        nodes.MultiKMeans.execute(stack, "2,x", 0)
+    assert isinstance(nodes.MultiKMeans.validate_inputs("2,x"), str)
+    assert nodes.MultiKMeans.validate_inputs("2,5") is True
+    assert isinstance(nodes.HeadPCA.validate_inputs("down+sideways", "all"), str)
+    sweep = nodes.MultiKMeans.execute(stack, "2,3", 0).args[0]
+    masks = nodes.MaskMerge.execute(sweep, 0.9, 0.0).args[0]
+    with pytest.raises(ValueError, match=r"\bx\b"):
+        nodes.MaskSelectAtPixel.execute(masks, W, 0, 0)
+    with pytest.raises(ValueError, match=r"\by\b"):
+        nodes.MaskSelectAtPixel.execute(masks, 0, H, 0)
+    with pytest.raises(ValueError, match="index"):
+        nodes.MaskSelectAtPixel.execute(masks, 0, 0, -1)

@@ -1,0 +1,95 @@
+"""Save Recording / Load Recording in-process: the file round-trips and feeds the masks with no model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headseg.nodes.core.recording import FORMAT
+from headseg.tests.core.planted import nested_scene, planted_recording, small_layout
+
+pytestmark = pytest.mark.comfy
+
+
+@pytest.fixture(scope="module")
+def io_nodes():
+    from headseg.nodes import recording_io_nodes
+
+    return recording_io_nodes
+
+
+@pytest.fixture(scope="module")
+def recording():
+    return planted_recording([nested_scene(128, 192)], layout=small_layout(heads=2), d=8, seed=3)
+
+
+def test_save_then_load_round_trips(io_nodes, recording, comfy_folders):
+    out = io_nodes.SaveRecording.execute(recording, "headseg/test")
+    path = out.args[0]
+    info = out.ui["headseg_recording"][0]
+    assert path.startswith(str(comfy_folders["output"]))
+    assert info["subfolder"] == "headseg" and info["filename"].endswith(".safetensors")
+    assert info["heads"] == recording.num_heads and info["layers"] == len(recording.layers)
+
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata()["format"] == FORMAT
+        assert set(f.keys()) == {k.name for k in recording.layers}
+
+    # listed in the combo as an output-folder file, and loadable by that name or by path
+    assert "headseg/" + info["filename"] + " [output]" in io_nodes._recording_files()
+    for loaded in (
+        io_nodes.LoadRecording.execute("headseg/" + info["filename"] + " [output]", "").args[0],
+        io_nodes.LoadRecording.execute("", path).args[0],
+    ):
+        assert loaded.image_size == recording.image_size
+        assert list(loaded.layers) == list(recording.layers)
+        for key, t in recording.layers.items():
+            assert torch.equal(loaded.layers[key], t.to(torch.float16))
+
+    again = io_nodes.SaveRecording.execute(recording, "headseg/test").args[0]
+    assert again != path  # a counter keeps earlier files
+
+
+def test_loaded_recording_gives_masks_without_a_model(io_nodes, recording):
+    from headseg.nodes import pipeline_nodes as P
+
+    path = io_nodes.SaveRecording.execute(recording, "r").args[0]
+    rec = io_nodes.LoadRecording.execute("", path).args[0]
+    feats = P.HeadPCA.execute(rec, "down+up", "all", 4).args[0]
+    stack = P.Upsample.execute(feats, "bilinear", False).args[0]
+    sweep = P.MultiKMeans.execute(stack, "2,3,4", 0).args[0]
+    masks = P.MaskMerge.execute(sweep, 0.9, 0.0).args[0]
+    chosen = P.MaskSelectAtPixel.execute(masks, 150, 90, 0).args[0]
+    assert chosen.shape == (1, 128, 192) and chosen[0, 90, 150] == 1.0
+
+
+def test_fingerprint_follows_the_file(io_nodes, recording):
+    path = io_nodes.SaveRecording.execute(recording, "fp").args[0]
+    first = io_nodes.LoadRecording.fingerprint_inputs("", path)
+    assert first and first == io_nodes.LoadRecording.fingerprint_inputs("", path)
+    import os
+
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert io_nodes.LoadRecording.fingerprint_inputs("", path) != first
+
+
+def test_errors_name_the_input(io_nodes, recording, comfy_folders):
+    with pytest.raises(ValueError, match="path"):
+        io_nodes.LoadRecording.execute("", str(comfy_folders["input"] / "missing.safetensors"))
+    with pytest.raises(ValueError, match="file"):
+        io_nodes.LoadRecording.execute(io_nodes.NO_FILE, "")
+    with pytest.raises(ValueError, match="file"):
+        io_nodes.LoadRecording.execute("nope.safetensors", "")
+    with pytest.raises(TypeError, match="recording"):
+        io_nodes.SaveRecording.execute({"not": "a recording"}, "x")
+    with pytest.raises(ValueError, match="filename_prefix"):
+        io_nodes.SaveRecording.execute(recording, "  ")
+    bad = comfy_folders["input"] / "bad.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"input.1.0": torch.zeros(1, 1, 1, 1, 1)}, str(bad), metadata={"format": "other/1"})
+    with pytest.raises(ValueError, match="format"):
+        io_nodes.LoadRecording.execute("bad.safetensors", "")

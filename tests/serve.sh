@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Sets up (once) and starts a local ComfyUI with the HeadSeg pack and its example workflows.
+#
+#   tests/serve.sh                      # http://127.0.0.1:8188, Ctrl-C to stop
+#   tests/serve.sh --port 8190
+#   tests/serve.sh --test-checkpoint    # also build/serve the random-weight SD2.1-architecture checkpoint
+#   tests/serve.sh -- --preview-method auto    # anything after -- goes to ComfyUI's main.py
+#
+# Environment: HEADSEG_PORT (default 8188), HEADSEG_TEST_CHECKPOINT=1 (same as --test-checkpoint),
+# HEADSEG_COMFYUI (use your own ComfyUI checkout instead of the pinned 0.3.75), HEADSEG_HOME
+# (cache folder, default ~/.cache/headseg), HEADSEG_CPU=0 (let ComfyUI use a GPU if it finds one).
+#
+# The example workflows load "v2-1_512-ema-pruned.safetensors" (Stable Diffusion 2.1 base, 512 px).
+# Put that file in $HEADSEG_HOME/models/checkpoints/ (or in ComfyUI's own models/checkpoints/).
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PORT="${HEADSEG_PORT:-8188}"
+TEST_CKPT="${HEADSEG_TEST_CHECKPOINT:-0}"
+EXTRA=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --port) PORT="$2"; shift 2 ;;
+    --port=*) PORT="${1#--port=}"; shift ;;
+    --test-checkpoint) TEST_CKPT=1; shift ;;
+    --) shift; EXTRA=("$@"); break ;;
+    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+# venv, pinned ComfyUI (or $HEADSEG_COMFYUI), custom_nodes/HeadSeg -> this checkout
+# shellcheck source=tests/setup_env.sh
+source "$REPO/tests/setup_env.sh"
+
+CKPT_DIR="$HEADSEG_HOME/models/checkpoints"
+SERVE_DIR="$HEADSEG_HOME/serve"
+mkdir -p "$CKPT_DIR" "$SERVE_DIR"
+
+if [ "$TEST_CKPT" = "1" ]; then
+  TEST_PATH="$(cd "$REPO" && "$PY" tests/support/checkpoint.py | tail -n 1)"
+  echo "[headseg] random-weight test checkpoint: $(basename "$TEST_PATH")"
+  echo "          (SD2.1 architecture, random weights: pictures are noise, masks are meaningless;"
+  echo "           choose it in Load Checkpoint to try the plumbing without real weights)"
+fi
+
+YAML="$SERVE_DIR/extra_model_paths.yaml"
+cat > "$YAML" <<EOF
+headseg:
+    custom_nodes: $HEADSEG_HOME/custom_nodes
+    checkpoints: $CKPT_DIR
+EOF
+
+SD21="v2-1_512-ema-pruned.safetensors"
+if [ -f "$CKPT_DIR/$SD21" ] || [ -f "$HEADSEG_COMFYUI/models/checkpoints/$SD21" ]; then
+  echo "[headseg] found $SD21: the example workflows are ready to queue"
+else
+  cat <<EOF
+[headseg] no SD2.1 checkpoint found. The example workflows load "$SD21"
+          (Stable Diffusion 2.1 base, 512 px, from stabilityai/stable-diffusion-2-1-base). Put it in
+              $CKPT_DIR/$SD21
+          or  $HEADSEG_COMFYUI/models/checkpoints/$SD21
+          and reload the page. Without it the workflows still open, but queueing them stops at
+          Load Checkpoint ("Value not in list: ckpt_name"); a recording saved earlier can still be
+          turned into masks with HeadSeg Load Recording, which needs no model. To try the
+          plumbing without real weights: tests/serve.sh --test-checkpoint (noise pictures).
+EOF
+fi
+
+CPU_FLAG=(--cpu)
+if [ "${HEADSEG_CPU:-1}" = "0" ]; then CPU_FLAG=(); fi
+
+echo "[headseg] ComfyUI: $HEADSEG_COMFYUI"
+echo "[headseg] open http://127.0.0.1:$PORT  ->  Workflow > Browse Templates > HeadSeg"
+cd "$HEADSEG_COMFYUI"
+exec "$PY" main.py "${CPU_FLAG[@]}" --listen 127.0.0.1 --port "$PORT" \
+  --extra-model-paths-config "$YAML" \
+  --database-url "sqlite:///:memory:" --disable-auto-launch "${EXTRA[@]}"

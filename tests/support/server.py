@@ -1,0 +1,357 @@
+"""Start and stop a real ComfyUI server on 127.0.0.1 with the HeadSeg pack, and talk to it.
+
+Used by the end-to-end tests (tests/e2e), the browser tests (tests/browser) and tests/serve.sh:
+
+    from headseg.tests.support.server import comfy_server   # in a conftest: registers the fixture
+
+    def test_something(comfy_server):
+        api = comfy_server.api_from_ui(ui_workflow)          # UI -> API format (object_info)
+        result = comfy_server.run(api, timeout=600)          # queue, wait on the websocket
+        assert result.ok, result.error
+
+The ``comfy_server`` fixture is session scoped and shared: however many conftests import it,
+one server runs per pytest process (started on first use, stopped at the end of the session).
+It serves the random-weight SD2.1-architecture checkpoint (tests/support/checkpoint.py) from
+``$HEADSEG_HOME/models/checkpoints``; ``comfy_server.checkpoint_name`` is its name as
+CheckpointLoaderSimple lists it. Input, output, temp and user folders live in a fresh temporary
+folder; ``comfy_server.input_dir`` is where a test puts images for LoadImage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def comfyui_dir() -> pathlib.Path:
+    home = pathlib.Path(os.environ.get("HEADSEG_HOME", pathlib.Path.home() / ".cache" / "headseg"))
+    path = pathlib.Path(os.environ.get("HEADSEG_COMFYUI", home / "ComfyUI-0.3.75"))
+    if not (path / "main.py").is_file():
+        raise FileNotFoundError(f"no ComfyUI at {path} (HEADSEG_COMFYUI): source tests/setup_env.sh first")
+    return path
+
+
+def pack_custom_nodes_dir(parent: pathlib.Path) -> pathlib.Path:
+    """``parent/custom_nodes`` holding one link, HeadSeg, to this checkout (made if missing)."""
+    folder = parent / "custom_nodes"
+    link = folder / "HeadSeg"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (link.is_symlink() and link.resolve() == REPO_ROOT):
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(REPO_ROOT, target_is_directory=True)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_paths_yaml(path: pathlib.Path, custom_nodes: pathlib.Path, checkpoints: list[pathlib.Path]) -> None:
+    """An extra-model-paths file adding the pack's custom_nodes folder and checkpoint folders."""
+    lines = ["headseg:"]
+    lines.append(f"    custom_nodes: {custom_nodes}")
+    if checkpoints:
+        lines.append("    checkpoints: |")
+        lines += [f"        {c}" for c in checkpoints]
+    path.write_text("\n".join(lines) + "\n")
+
+
+@dataclasses.dataclass
+class RunResult:
+    prompt_id: str
+    ok: bool
+    error: dict | None             # the execution_error message, if any
+    history: dict                  # /history/<id> entry: "outputs" (ui payload per node id), "status"
+    executed: dict                 # node id -> ui payload from the websocket "executed" messages
+    progress: dict                 # node id -> list of (value, max) progress messages
+    seconds: float
+
+    def outputs(self, node_id) -> dict:
+        return self.history.get("outputs", {}).get(str(node_id), {})
+
+
+class ComfyServer:
+    """One ComfyUI process; ``start()`` waits until it answers, ``stop()`` ends it."""
+
+    def __init__(
+        self,
+        port: int | None = None,
+        checkpoints: list[pathlib.Path] | None = None,
+        workdir: pathlib.Path | None = None,
+        extra_args: list[str] | None = None,
+        python: str | None = None,
+    ):
+        self.comfyui = comfyui_dir()
+        self.port = port or free_port()
+        self.host = "127.0.0.1"
+        self._own_workdir = workdir is None
+        self.workdir = pathlib.Path(workdir or tempfile.mkdtemp(prefix="headseg-comfy-"))
+        self.input_dir = self.workdir / "input"
+        self.output_dir = self.workdir / "output"
+        self.temp_dir = self.workdir / "temp"
+        self.user_dir = self.workdir / "user"
+        self.log_path = self.workdir / "comfyui.log"
+        self.checkpoints = list(checkpoints or [])
+        self.extra_args = list(extra_args or [])
+        self.python = python or sys.executable
+        self.proc: subprocess.Popen | None = None
+        self.checkpoint_name: str | None = None
+        self._object_info: dict | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        return [
+            self.python, "main.py", "--cpu", "--listen", self.host, "--port", str(self.port),
+            "--extra-model-paths-config", str(self.workdir / "extra_model_paths.yaml"),
+            "--output-directory", str(self.output_dir), "--input-directory", str(self.input_dir),
+            "--temp-directory", str(self.temp_dir), "--user-directory", str(self.user_dir),
+            "--database-url", "sqlite:///:memory:", "--disable-auto-launch", *self.extra_args,
+        ]  # fmt: skip
+
+    def start(self, timeout: float = 180.0) -> "ComfyServer":
+        for d in (self.input_dir, self.output_dir, self.temp_dir, self.user_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        write_paths_yaml(self.workdir / "extra_model_paths.yaml", pack_custom_nodes_dir(self.workdir), self.checkpoints)
+        log = open(self.log_path, "wb")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            self.command(), cwd=self.comfyui, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        log.close()
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with code {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/system_stats", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"ComfyUI did not answer within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        """Ends the server process (only the one this object started)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=15)
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # -- logs ----------------------------------------------------------------------------------
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-n:])
+
+    def log_mark(self) -> int:
+        """Current length of the log: pass it to ``pack_errors(start=...)`` to look at later lines only."""
+        return len(self.log_text())
+
+    def pack_errors(self, start: int = 0, end: int | None = None) -> list[str]:
+        """Log lines (with some context) that report a failure inside the HeadSeg pack.
+
+        ``start`` / ``end``: character offsets from ``log_mark()`` (e.g. to leave out errors a test
+        provoked on purpose). ComfyUI 0.3.75 always logs two torchaudio tracebacks when torchaudio
+        is absent; those do not name the pack and are ignored.
+        """
+        lines = self.log_text()[start:end].splitlines()
+        found = []
+        for i, line in enumerate(lines):
+            low = line.lower()
+            names_pack = "headseg" in low.replace(str(self.workdir).lower(), "")
+            bad = any(w in low for w in ("import failed", "traceback", "error", "exception"))
+            if names_pack and bad:
+                found.append("\n".join(lines[max(0, i - 3): i + 3]))
+            elif line.startswith('  File "') and "HeadSeg" in line:
+                found.append("\n".join(lines[max(0, i - 3): i + 6]))
+        return found
+
+    # -- HTTP ----------------------------------------------------------------------------------
+    def get_json(self, path: str, timeout: float = 30.0):
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def get_bytes(self, path: str, timeout: float = 30.0) -> bytes:
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            return r.read()
+
+    def post_json(self, path: str, payload: dict, timeout: float = 30.0):
+        req = urllib.request.Request(
+            self.url + path, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            body = e.read().decode(errors="replace")
+            raise RuntimeError(f"POST {path} -> {e.code}: {body}") from None
+
+    def object_info(self) -> dict:
+        if self._object_info is None:
+            self._object_info = self.get_json("/object_info", timeout=120)
+        return self._object_info
+
+    def view(self, image: dict) -> bytes:
+        """Bytes of an image from a ui payload entry {filename, subfolder, type}."""
+        q = urllib.parse.urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
+        return self.get_bytes("/view?" + q)
+
+    def api_from_ui(self, ui_workflow: dict) -> dict:
+        from .workflow_api import ui_to_api
+
+        return ui_to_api(ui_workflow, self.object_info())
+
+    # -- queue and wait ------------------------------------------------------------------------
+    def queue(self, api_prompt: dict, client_id: str) -> str:
+        return self.post_json("/prompt", {"prompt": api_prompt, "client_id": client_id})["prompt_id"]
+
+    def run(self, api_prompt: dict, timeout: float = 900.0) -> RunResult:
+        """Queues ``api_prompt`` and waits for it on the websocket; returns the run's outcome."""
+        import websocket  # websocket-client
+
+        client_id = uuid.uuid4().hex
+        ws = websocket.create_connection(f"ws://{self.host}:{self.port}/ws?clientId={client_id}", timeout=30)
+        start = time.time()
+        executed: dict = {}
+        progress: dict = {}
+        error = None
+        ok = False
+        try:
+            prompt_id = self.queue(api_prompt, client_id)
+            deadline = start + timeout
+            while True:
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    raise TimeoutError(f"prompt {prompt_id} not done within {timeout:.0f} s:\n{self.log_tail()}")
+                ws.settimeout(min(remaining, 30.0))
+                try:
+                    raw = ws.recv()
+                except websocket.WebSocketTimeoutException:
+                    if self.proc is not None and self.proc.poll() is not None:
+                        raise RuntimeError(f"ComfyUI died:\n{self.log_tail()}") from None
+                    continue
+                if not isinstance(raw, str):
+                    continue  # binary preview frames
+                msg = json.loads(raw)
+                data = msg.get("data", {})
+                if data.get("prompt_id") not in (None, prompt_id):
+                    continue
+                kind = msg.get("type")
+                if kind == "executed":
+                    executed[str(data["node"])] = data.get("output")
+                elif kind == "progress":
+                    progress.setdefault(str(data.get("node")), []).append((data.get("value"), data.get("max")))
+                elif kind == "execution_error":
+                    error = data
+                    break
+                elif kind == "execution_success":
+                    ok = True
+                    break
+                elif kind == "execution_interrupted":
+                    error = data
+                    break
+        finally:
+            ws.close()
+        history = {}
+        for _ in range(20):  # the history entry is written just after the last message
+            history = self.get_json(f"/history/{prompt_id}").get(prompt_id, {})
+            if history:
+                break
+            time.sleep(0.25)
+        return RunResult(prompt_id, ok, error, history, executed, progress, time.time() - start)
+
+
+# ---------------------------------------------------------------------------------------------
+# pytest: one shared server per process, whichever conftests import the fixture.
+
+_shared: dict = {"server": None, "users": 0}
+_lock = threading.Lock()
+
+
+def acquire_shared_server(with_test_checkpoint: bool = True) -> ComfyServer:
+    with _lock:
+        if _shared["server"] is None:
+            checkpoints = []
+            name = None
+            if with_test_checkpoint:
+                from .checkpoint import ensure_checkpoint
+
+                path = ensure_checkpoint()
+                checkpoints.append(path.parent)
+                name = path.name
+            server = ComfyServer(checkpoints=checkpoints)
+            server.checkpoint_name = name
+            server.start()
+            _shared["server"] = server
+        _shared["users"] += 1
+        return _shared["server"]
+
+
+def release_shared_server() -> None:
+    with _lock:
+        _shared["users"] -= 1
+        if _shared["users"] <= 0 and _shared["server"] is not None:
+            _shared["server"].cleanup()
+            _shared["server"] = None
+            _shared["users"] = 0
+
+
+try:
+    import pytest
+except ImportError:  # used outside pytest (e.g. by tests/serve.sh helpers)
+    pytest = None
+
+if pytest is not None:
+
+    @pytest.fixture(scope="session")
+    def comfy_server():
+        """A live ComfyUI (127.0.0.1, free port) with the pack and the random SD2.1 checkpoint."""
+        server = acquire_shared_server()
+        try:
+            yield server
+        finally:
+            release_shared_server()
