@@ -1,0 +1,589 @@
+// HeadSeg front end: click-to-pick pixel picker and mask browser for HeadSeg_MaskSelectAtPixel,
+// a result line on the other HeadSeg nodes (with the k of each multi-k colour map), and tolerant
+// loading of older widget layouts.
+//
+// UI payload read from HeadSeg_MaskSelectAtPixel (every key optional, see js/docs):
+//   headseg_image     [ref]          picture the picker shows (any size, same aspect ratio)
+//   headseg_size      [W, H]         pixel grid that x / y refer to (the masks' resolution)
+//   headseg_pixel     [x, y]         pixel the masks below were computed for
+//   headseg_index     [i]            index the MASK output carries
+//   headseg_masks     [ref, ...]     overlay picture of each mask containing the pixel, finest first
+//   headseg_mask_info [{area, k, cluster}, ...]
+// where ref = {filename, subfolder, type} as served by /view.
+
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const PICKER_NODE = "HeadSeg_MaskSelectAtPixel";
+const PICKER_WIDGET = "headseg_picker";
+const NOTE_WIDGET = "headseg_note";
+const PICKER_MIN_HEIGHT = 200; // px: picture + info line + thumbnail strip
+const NO_IMAGE_TEXT =
+  "No image yet: connect an image (e.g. Load Image) to 'image' or queue the workflow, then click here to pick a pixel.";
+const STYLE_ID = "headseg-style";
+
+const CSS = `
+.headseg-picker { display: flex; flex-direction: column; gap: 4px; box-sizing: border-box;
+  width: 100%; height: 100%; min-height: ${PICKER_MIN_HEIGHT}px; font: 11px sans-serif; color: var(--input-text, #ddd); overflow: hidden; }
+.headseg-stage { position: relative; flex: 1 1 auto; min-height: 60px; display: flex;
+  align-items: center; justify-content: center; overflow: hidden;
+  background: var(--comfy-input-bg, #222); border-radius: 4px; }
+.headseg-frame { position: relative; flex: none; cursor: crosshair; }
+.headseg-frame img { position: absolute; inset: 0; width: 100%; height: 100%; display: block;
+  user-select: none; -webkit-user-drag: none; pointer-events: none; }
+.headseg-frame img.headseg-hover { display: none; }
+.headseg-frame.headseg-hovering img.headseg-hover { display: block; }
+.headseg-marker { position: absolute; width: 0; height: 0; pointer-events: none; display: none; }
+.headseg-marker::before, .headseg-marker::after { content: ""; position: absolute; background: #ff2d55;
+  box-shadow: 0 0 0 1px rgba(255, 255, 255, 0.85); }
+.headseg-marker::before { left: -9px; top: -1px; width: 18px; height: 2px; }
+.headseg-marker::after { left: -1px; top: -9px; width: 2px; height: 18px; }
+.headseg-message { padding: 8px; text-align: center; opacity: 0.75; line-height: 1.4; }
+.headseg-info { flex: none; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; opacity: 0.85; }
+.headseg-strip { flex: none; display: flex; gap: 4px; overflow-x: auto; overflow-y: hidden; height: 62px; }
+.headseg-strip:empty { display: none; }
+.headseg-strip.headseg-stale { opacity: 0.45; }
+.headseg-thumb { flex: none; position: relative; height: 52px; padding: 0; margin: 0; cursor: pointer;
+  border: 2px solid transparent; border-radius: 3px; background: #111; }
+.headseg-thumb img { height: 100%; display: block; pointer-events: none; }
+.headseg-thumb span { position: absolute; left: 2px; bottom: 1px; font-size: 10px; color: #fff;
+  text-shadow: 0 0 2px #000; pointer-events: none; }
+.headseg-thumb.headseg-selected { border-color: #ff2d55; }
+.headseg-note { box-sizing: border-box; width: 100%; height: 100%; overflow: hidden; padding: 2px 4px;
+  font: 11px sans-serif; line-height: 1.35; white-space: pre-line; color: var(--input-text, #ddd);
+  opacity: 0.85; }
+`;
+
+function addStyle() {
+  if (document.getElementById(STYLE_ID)) return;
+  const style = document.createElement("style");
+  style.id = STYLE_ID;
+  style.textContent = CSS;
+  document.head.appendChild(style);
+}
+
+function el(tag, className, parent) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (parent) parent.appendChild(node);
+  return node;
+}
+
+/** URL of a server file reference {filename, subfolder, type}; null when it is not one. */
+function fileUrl(ref) {
+  if (!ref || typeof ref !== "object" || typeof ref.filename !== "string") return null;
+  const params = new URLSearchParams({
+    filename: ref.filename,
+    subfolder: typeof ref.subfolder === "string" ? ref.subfolder : "",
+    type: typeof ref.type === "string" ? ref.type : "output",
+  });
+  return api.apiURL(`/view?${params}`);
+}
+
+/** A positive integer pair [W, H] from a payload value, else null. */
+function sizePair(value) {
+  if (!Array.isArray(value) || value.length < 2) return null;
+  const [w, h] = value.map(Number);
+  if (!Number.isFinite(w) || !Number.isFinite(h) || w < 1 || h < 1) return null;
+  return [Math.round(w), Math.round(h)];
+}
+
+function finiteOr(value, fallback) {
+  const n = Number(value);
+  return Number.isFinite(n) ? n : fallback;
+}
+
+function widget(node, name) {
+  return node.widgets?.find((w) => w.name === name);
+}
+
+/** Sets a widget the way a user edit would: value, its callback, a redraw. */
+function setWidget(node, name, value) {
+  const w = widget(node, name);
+  if (!w) return false;
+  const old = w.value;
+  w.value = value;
+  w.callback?.(w.value, app.canvas, node);
+  node.onWidgetChanged?.(name, w.value, old, w);
+  node.setDirtyCanvas?.(true, true);
+  node.graph?.change?.();
+  return true;
+}
+
+/**
+ * Maps a pointer position to an image pixel.
+ * rect: the on-screen box of the displayed image (getBoundingClientRect: includes canvas zoom);
+ * size: [W, H] pixel grid. Returns {x, y} (x = column, y = row) or null outside the image.
+ */
+export function clientToPixel(clientX, clientY, rect, size) {
+  if (!rect || !size || !(rect.width > 0) || !(rect.height > 0)) return null;
+  const fx = (clientX - rect.left) / rect.width;
+  const fy = (clientY - rect.top) / rect.height;
+  if (!Number.isFinite(fx) || !Number.isFinite(fy)) return null;
+  if (fx < 0 || fx >= 1 || fy < 0 || fy >= 1) return null;
+  const [W, H] = size;
+  return {
+    x: Math.min(W - 1, Math.max(0, Math.floor(fx * W))),
+    y: Math.min(H - 1, Math.max(0, Math.floor(fy * H))),
+  };
+}
+
+// Pickers on the graph. Besides the canvas draw callback, a slow timer keeps them in step with
+// their widgets and upstream previews when the canvas does not draw the node (e.g. Vue nodes).
+const LIVE_PICKERS = new Set();
+let liveTimer = null;
+
+function trackPicker(picker, on) {
+  if (on) LIVE_PICKERS.add(picker);
+  else LIVE_PICKERS.delete(picker);
+  if (LIVE_PICKERS.size && liveTimer === null) {
+    liveTimer = setInterval(() => {
+      for (const p of LIVE_PICKERS) p.tick();
+    }, 500);
+  } else if (!LIVE_PICKERS.size && liveTimer !== null) {
+    clearInterval(liveTimer);
+    liveTimer = null;
+  }
+}
+
+/** The picker + mask browser of one HeadSeg_MaskSelectAtPixel node. */
+class Picker {
+  constructor(node) {
+    this.node = node;
+    this.output = null; // last UI payload
+    this.src = null; // picture shown
+    this.size = null; // [W, H] the widgets refer to
+    this.upstreamSrc = null;
+    this.shown = {};
+
+    addStyle();
+    const root = (this.root = el("div", "headseg-picker"));
+    const stage = (this.stage = el("div", "headseg-stage", root));
+    this.frame = el("div", "headseg-frame", stage);
+    this.img = el("img", "headseg-base", this.frame);
+    this.img.alt = "";
+    this.hoverImg = el("img", "headseg-hover", this.frame);
+    this.hoverImg.alt = "";
+    this.marker = el("div", "headseg-marker", this.frame);
+    this.message = el("div", "headseg-message", stage);
+    this.message.textContent = NO_IMAGE_TEXT;
+    this.info = el("div", "headseg-info", root);
+    this.strip = el("div", "headseg-strip", root);
+    this.frame.style.display = "none";
+
+    this.img.addEventListener("load", () => this.onImageLoad());
+    this.img.addEventListener("error", () => this.showMessage("Could not load the picture."));
+    this.frame.addEventListener("pointerdown", (e) => this.onPointerDown(e));
+    if (typeof ResizeObserver !== "undefined") {
+      this.resizeObserver = new ResizeObserver(() => this.layout());
+      this.resizeObserver.observe(stage);
+    }
+    this.updateInfo();
+    trackPicker(this, true);
+  }
+
+  destroy() {
+    this.resizeObserver?.disconnect();
+    trackPicker(this, false);
+  }
+
+  showMessage(text) {
+    this.message.textContent = text;
+    this.message.style.display = "";
+    this.frame.style.display = "none";
+  }
+
+  /** Picture from the last run, else the upstream node's preview (e.g. Load Image). */
+  refreshSource() {
+    const ref = this.output?.headseg_image?.[0] ?? this.output?.images?.[0];
+    const own = fileUrl(ref);
+    if (own) {
+      this.setSource(own, sizePair(this.output?.headseg_size));
+      return;
+    }
+    const up = this.upstreamPreview();
+    if (up) {
+      this.setSource(up, null);
+    } else if (!this.src) {
+      this.showMessage(NO_IMAGE_TEXT);
+    }
+  }
+
+  upstreamPreview() {
+    const node = this.node;
+    const slot = node.inputs?.findIndex((i) => i.name === "image") ?? -1;
+    if (slot < 0 || node.inputs[slot].link == null) return null;
+    const origin = node.getInputNode?.(slot);
+    const img = origin?.imgs?.[origin.imageIndex ?? 0] ?? origin?.imgs?.[0];
+    return img?.src || null;
+  }
+
+  setSource(src, size) {
+    this.sizeFromPayload = size;
+    if (src === this.src) {
+      if (size) this.size = size;
+      this.layout();
+      return;
+    }
+    this.src = src;
+    this.size = size; // may be null until the picture loads
+    this.img.src = src;
+  }
+
+  onImageLoad() {
+    const { naturalWidth: w, naturalHeight: h } = this.img;
+    if (!(w > 0 && h > 0)) return;
+    this.natural = [w, h];
+    if (!this.sizeFromPayload) this.size = [w, h];
+    this.message.style.display = "none";
+    this.frame.style.display = "";
+    this.layout();
+    this.sync(true);
+  }
+
+  /** Fits the frame (= displayed picture) inside the stage, keeping the aspect ratio. */
+  layout() {
+    const aspect = this.size ?? this.natural;
+    if (!aspect) return;
+    const sw = this.stage.clientWidth;
+    const sh = this.stage.clientHeight;
+    if (!(sw > 0 && sh > 0)) return;
+    const fit = Math.min(sw / aspect[0], sh / aspect[1]);
+    this.frame.style.width = `${Math.max(1, Math.floor(aspect[0] * fit))}px`;
+    this.frame.style.height = `${Math.max(1, Math.floor(aspect[1] * fit))}px`;
+    this.updateMarker();
+  }
+
+  onPointerDown(e) {
+    if (e.button !== 0 || !this.size) return;
+    const p = clientToPixel(e.clientX, e.clientY, this.frame.getBoundingClientRect(), this.size);
+    if (!p) return;
+    e.preventDefault();
+    e.stopPropagation();
+    setWidget(this.node, "x", p.x);
+    setWidget(this.node, "y", p.y);
+    this.sync(true);
+  }
+
+  currentPixel() {
+    const x = Number(widget(this.node, "x")?.value);
+    const y = Number(widget(this.node, "y")?.value);
+    if (!Number.isFinite(x) || !Number.isFinite(y)) return null;
+    return { x, y };
+  }
+
+  updateMarker() {
+    const p = this.currentPixel();
+    if (!p || !this.size || p.x < 0 || p.y < 0 || p.x >= this.size[0] || p.y >= this.size[1]) {
+      this.marker.style.display = "none";
+      return;
+    }
+    this.marker.style.display = "block";
+    this.marker.style.left = `${((p.x + 0.5) / this.size[0]) * 100}%`;
+    this.marker.style.top = `${((p.y + 0.5) / this.size[1]) * 100}%`;
+  }
+
+  /** Payload pixel differs from the widgets: thumbnails are for another pixel. */
+  isStale() {
+    const p = this.currentPixel();
+    const q = this.output?.headseg_pixel;
+    if (!p || !Array.isArray(q) || q.length < 2) return false;
+    return Number(q[0]) !== p.x || Number(q[1]) !== p.y;
+  }
+
+  updateInfo() {
+    const p = this.currentPixel();
+    const parts = [];
+    if (p) parts.push(`x ${p.x}, y ${p.y}`);
+    if (this.size) parts.push(`${this.size[0]}×${this.size[1]}`);
+    const n = this.masks().filter((ref) => fileUrl(ref)).length;
+    if (n) {
+      parts.push(`${n} mask${n === 1 ? "" : "s"} here`);
+      if (this.isStale()) parts.push("queue to update the masks");
+    } else if (this.output && Array.isArray(this.output.headseg_masks) && !this.isStale()) {
+      parts.push("no mask contains this pixel");
+    } else if (this.src) {
+      parts.push(this.isStale() ? "queue to see the masks here" : "click the picture to pick a pixel");
+    }
+    this.info.textContent = parts.join(" · ");
+  }
+
+  masks() {
+    const out = this.output;
+    if (!out) return [];
+    if (Array.isArray(out.headseg_masks)) return out.headseg_masks;
+    if (!out.headseg_image && Array.isArray(out.images)) return out.images.slice(1);
+    return [];
+  }
+
+  buildStrip() {
+    this.strip.replaceChildren();
+    const info = Array.isArray(this.output?.headseg_mask_info) ? this.output.headseg_mask_info : [];
+    this.masks().forEach((ref, i) => {
+      const url = fileUrl(ref);
+      if (!url) return;
+      const button = el("button", "headseg-thumb", this.strip);
+      button.type = "button";
+      button.dataset.index = String(i);
+      const meta = info[i] ?? {};
+      const details = [`mask ${i}`];
+      if (Number.isFinite(meta.area)) details.push(`${meta.area} px`);
+      if (Number.isFinite(meta.k)) details.push(`k=${meta.k}, cluster ${meta.cluster}`);
+      button.title = `${details.join(" · ")} — click to output this mask`;
+      const img = el("img", null, button);
+      img.alt = `mask ${i}`;
+      img.src = url;
+      el("span", null, button).textContent = String(i);
+      button.addEventListener("pointerenter", () => this.hover(url));
+      button.addEventListener("pointerleave", () => this.hover(null));
+      button.addEventListener("click", (e) => {
+        e.preventDefault();
+        e.stopPropagation();
+        setWidget(this.node, "index", i);
+        this.sync(true);
+      });
+    });
+  }
+
+  hover(url) {
+    if (url) {
+      this.hoverImg.src = url;
+      this.frame.classList.add("headseg-hovering");
+    } else {
+      this.frame.classList.remove("headseg-hovering");
+    }
+  }
+
+  /** Brings the DOM in line with the widgets; cheap when nothing changed. */
+  sync(force = false) {
+    const p = this.currentPixel();
+    const index = Number(widget(this.node, "index")?.value);
+    const key = `${p?.x},${p?.y},${index},${this.size}`;
+    if (!force && key === this.shown.key) return;
+    this.shown.key = key;
+    this.updateMarker();
+    this.updateInfo();
+    this.strip.classList.toggle("headseg-stale", this.isStale());
+    for (const b of this.strip.children) {
+      b.classList.toggle("headseg-selected", Number(b.dataset.index) === index);
+    }
+  }
+
+  onExecuted(output) {
+    if (!output || typeof output !== "object") return;
+    this.output = output;
+    this.refreshSource();
+    this.buildStrip();
+    this.sync(true);
+  }
+
+  /** Called on every canvas draw of the node: follows upstream previews and widget edits. */
+  tick() {
+    if (!this.node.graph) return;
+    const id = String(this.node.id);
+    if (this.root.dataset.nodeId !== id) this.root.dataset.nodeId = id;
+    if (!this.output) {
+      const up = this.upstreamPreview();
+      if (up !== this.upstreamSrc) {
+        this.upstreamSrc = up;
+        if (up) this.setSource(up, null);
+        else {
+          this.src = null;
+          this.size = null;
+          this.natural = null;
+          this.img.removeAttribute("src");
+          this.showMessage(NO_IMAGE_TEXT);
+        }
+      }
+    }
+    this.sync(false);
+  }
+}
+
+/** name -> {int, default, min, max} for the INT and FLOAT inputs of a node definition. */
+function numberSpecs(nodeData) {
+  const specs = {};
+  for (const section of ["required", "optional"]) {
+    for (const [name, spec] of Object.entries(nodeData?.input?.[section] ?? {})) {
+      if (!Array.isArray(spec) || (spec[0] !== "INT" && spec[0] !== "FLOAT")) continue;
+      const opts = spec[1] ?? {};
+      specs[name] = {
+        int: spec[0] === "INT",
+        default: finiteOr(opts.default, finiteOr(opts.min, 0)),
+        min: finiteOr(opts.min, -Infinity),
+        max: finiteOr(opts.max, Infinity),
+      };
+    }
+  }
+  return specs;
+}
+
+/**
+ * Older or damaged saved layouts can put strings, nulls, objects or out-of-range numbers into the
+ * number widgets (ComfyUI assigns widgets_values by position). Each saved value that is not a
+ * number becomes the input's default; numbers are rounded (INT) and clamped to the input's range.
+ */
+function repairNumberWidgets(node, info, specs) {
+  const saved = Array.isArray(info?.widgets_values) ? info.widgets_values : null;
+  const widgets = (node.widgets ?? []).filter((w) => w.serialize !== false);
+  widgets.forEach((w, i) => {
+    const spec = specs[w.name];
+    if (!spec) return;
+    const raw = saved && i < saved.length ? saved[i] : w.value;
+    const numeric =
+      (typeof raw === "number" && Number.isFinite(raw)) ||
+      (typeof raw === "string" && raw.trim() !== "" && Number.isFinite(Number(raw)));
+    let value = numeric ? Number(raw) : spec.default;
+    if (spec.int) value = Math.round(value);
+    value = Math.min(spec.max, Math.max(spec.min, value));
+    if (w.value !== value) w.value = value;
+  });
+}
+
+function setupPicker(nodeType) {
+  const onNodeCreated = nodeType.prototype.onNodeCreated;
+  nodeType.prototype.onNodeCreated = function () {
+    const result = onNodeCreated?.apply(this, arguments);
+    const picker = new Picker(this);
+    const w = this.addDOMWidget(PICKER_WIDGET, "headseg-picker", picker.root, {
+      serialize: false,
+      hideOnZoom: true,
+      getValue: () => "",
+      setValue: () => {},
+      getMinHeight: () => PICKER_MIN_HEIGHT,
+    });
+    w.serialize = false; // takes no slot in widgets_values: old and new layouts line up
+    this.headsegPicker = picker;
+    const [width, height] = this.size;
+    this.setSize([Math.max(width, 320), Math.max(height, 440)]);
+    return result;
+  };
+
+  const onExecuted = nodeType.prototype.onExecuted;
+  nodeType.prototype.onExecuted = function (output) {
+    const result = onExecuted?.apply(this, arguments);
+    this.headsegPicker?.onExecuted(output);
+    return result;
+  };
+
+  // The picker shows this node's pictures itself; ComfyUI's default image preview is not drawn.
+  nodeType.prototype.onDrawBackground = function () {};
+
+  const onDrawForeground = nodeType.prototype.onDrawForeground;
+  nodeType.prototype.onDrawForeground = function () {
+    const result = onDrawForeground?.apply(this, arguments);
+    if (!this.flags?.collapsed) this.headsegPicker?.tick();
+    return result;
+  };
+
+  const onRemoved = nodeType.prototype.onRemoved;
+  nodeType.prototype.onRemoved = function () {
+    this.headsegPicker?.destroy();
+    return onRemoved?.apply(this, arguments);
+  };
+}
+
+/**
+ * A small text line under the other HeadSeg nodes after a run: the node's ``text`` (e.g. how many
+ * heads were recorded, how many masks were merged) and, on Multi K-Means, which k each colour map
+ * shows (``headseg_labels``). Added on the first run that has something to say.
+ */
+class NoteLine {
+  constructor(node) {
+    this.node = node;
+    this.text = [];
+    this.labels = null;
+    this.shown = null;
+    addStyle();
+    this.root = el("div", "headseg-note");
+  }
+
+  attach() {
+    if (this.widget) return;
+    this.widget = this.node.addDOMWidget(NOTE_WIDGET, "headseg-note", this.root, {
+      serialize: false,
+      hideOnZoom: true,
+      getValue: () => "",
+      setValue: () => {},
+      getMinHeight: () => 34,
+      getMaxHeight: () => 64,
+    });
+    this.widget.serialize = false;
+    const min = this.node.computeSize?.();
+    if (min) this.node.setSize([Math.max(this.node.size[0], min[0]), Math.max(this.node.size[1], min[1])]);
+  }
+
+  onExecuted(output) {
+    if (!output || typeof output !== "object") return;
+    this.text = Array.isArray(output.text) ? output.text.map(String) : [];
+    this.labels = Array.isArray(output.headseg_labels) ? output.headseg_labels.map(String) : null;
+    if (this.text.length || this.labels?.length) this.attach();
+    this.tick(true);
+  }
+
+  content() {
+    const lines = [...this.text];
+    if (this.labels?.length) {
+      const i = this.node.imageIndex;
+      if (i != null && this.labels[i]) lines.unshift(`showing ${this.labels[i]}`);
+      else lines.unshift(`colour maps, left to right: ${this.labels.join(" · ")}`);
+    }
+    return lines.join("\n");
+  }
+
+  tick(force = false) {
+    if (!this.widget) return;
+    const text = this.content();
+    if (!force && text === this.shown) return;
+    this.shown = text;
+    this.root.textContent = text;
+    this.root.title = text;
+  }
+}
+
+function setupNoteLine(nodeType) {
+  const onExecuted = nodeType.prototype.onExecuted;
+  nodeType.prototype.onExecuted = function (output) {
+    const result = onExecuted?.apply(this, arguments);
+    this.headsegNote ??= new NoteLine(this);
+    this.headsegNote.onExecuted(output);
+    return result;
+  };
+  const onDrawForeground = nodeType.prototype.onDrawForeground;
+  nodeType.prototype.onDrawForeground = function () {
+    const result = onDrawForeground?.apply(this, arguments);
+    this.headsegNote?.tick(false);
+    return result;
+  };
+}
+
+app.registerExtension({
+  name: "HeadSeg.Frontend",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    const name = nodeData?.name;
+    if (typeof name !== "string" || !name.startsWith("HeadSeg_")) return;
+
+    // A seed here picks the k-means start: keep it fixed by default so that re-queueing after a
+    // click reuses the cached clustering (ComfyUI adds "randomize" controls to INT inputs named seed).
+    const onNodeCreatedSeed = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const result = onNodeCreatedSeed?.apply(this, arguments);
+      for (const w of this.widgets ?? []) {
+        if (w.name === "control_after_generate" && w.value === "randomize") w.value = "fixed";
+      }
+      return result;
+    };
+
+    const specs = numberSpecs(nodeData);
+    const onConfigure = nodeType.prototype.onConfigure;
+    nodeType.prototype.onConfigure = function (info) {
+      const result = onConfigure?.apply(this, arguments);
+      repairNumberWidgets(this, info, specs);
+      this.headsegPicker?.sync(true);
+      return result;
+    };
+
+    if (name === PICKER_NODE) setupPicker(nodeType);
+    else setupNoteLine(nodeType);
+  },
+});

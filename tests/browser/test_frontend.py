@@ -1,0 +1,696 @@
+"""HeadSeg's web front end in a real browser against a live ComfyUI (issue: front end).
+
+What a user sees is checked, not what the code believes: a click on the picker is judged by the
+colour under the mouse pointer in a screenshot (the test pictures encode each pixel's column and
+row in their red and green channels), and the console is compared with the same page whose pack
+scripts are replaced by empty modules, so ComfyUI's own start-up messages do not count against us.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import pathlib
+import re
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+WORKFLOWS_DIR = REPO_ROOT / "example_workflows"
+NODE_IDS = [
+    "HeadSeg_RecordSelfAttention",
+    "HeadSeg_HeadPCA",
+    "HeadSeg_Upsample",
+    "HeadSeg_MultiKMeans",
+    "HeadSeg_MaskMerge",
+    "HeadSeg_MaskSelectAtPixel",
+    "HeadSeg_SaveRecording",
+    "HeadSeg_LoadRecording",
+]
+PICKER = "HeadSeg_MaskSelectAtPixel"
+LANDSCAPE = ("headseg_browser_landscape.png", 240, 120)
+PORTRAIT = ("headseg_browser_portrait.png", 90, 160)
+
+
+# -- test pictures ------------------------------------------------------------------------------
+def coded_picture(width: int, height: int):
+    """RGB picture whose red channel encodes the column and green the row (0..255 over the side)."""
+    import numpy as np
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:height, 0:width]
+    rgb = np.zeros((height, width, 3), np.uint8)
+    rgb[..., 0] = np.round(xx * 255.0 / (width - 1))
+    rgb[..., 1] = np.round(yy * 255.0 / (height - 1))
+    rgb[..., 2] = np.where(((xx // 10) + (yy // 10)) % 2 == 0, 40, 140)
+    return Image.fromarray(rgb, "RGB")
+
+
+def decode_position(rgb, width: int, height: int) -> tuple[float, float]:
+    """Inverse of coded_picture: (column, row) that a colour stands for."""
+    return rgb[0] * (width - 1) / 255.0, rgb[1] * (height - 1) / 255.0
+
+
+@pytest.fixture(scope="session")
+def pictures(comfy_server):
+    """The coded test pictures, in the server's input folder (Load Image serves them from there)."""
+    for name, w, h in (LANDSCAPE, PORTRAIT):
+        coded_picture(w, h).save(comfy_server.input_dir / name)
+    return {"landscape": LANDSCAPE, "portrait": PORTRAIT}
+
+
+# -- page helpers -------------------------------------------------------------------------------
+JS_PICKER_GRAPH = """
+async ([picture, withImage]) => {
+  app.graph.clear();
+  let load = null;
+  if (withImage) {
+    load = LiteGraph.createNode('LoadImage');
+    load.pos = [40, 80];
+    app.graph.add(load);
+    const w = load.widgets.find(w => w.name === 'image');
+    w.value = picture;
+    w.callback?.(picture);
+  }
+  const node = LiteGraph.createNode('HeadSeg_MaskSelectAtPixel');
+  node.pos = [420, 80];
+  app.graph.add(node);
+  if (load) load.connect(0, node, node.inputs.findIndex(i => i.name === 'image'));
+  app.canvas.setDirty(true, true);
+  return node.id;
+}
+"""
+
+JS_VIEW_NODE = """
+([id, scale]) => {
+  const node = app.graph.getNodeById(id);
+  const ds = app.canvas.ds;
+  ds.scale = scale;
+  ds.offset = [180 / scale - node.pos[0], 190 / scale - node.pos[1]];
+  app.canvas.setDirty(true, true);
+}
+"""
+
+JS_WIDGETS = """
+(id) => Object.fromEntries(app.graph.getNodeById(id).widgets
+  .filter(w => ['x', 'y', 'index'].includes(w.name)).map(w => [w.name, w.value]))
+"""
+
+
+def picker_selector(node_id) -> str:
+    """CSS selector of a picker node's DOM (the picker element carries its node id)."""
+    return f".headseg-picker[data-node-id='{node_id}']"
+
+
+def frame_rect(page, node_id) -> dict:
+    return page.eval_on_selector(
+        picker_selector(node_id) + " .headseg-frame",
+        "e => { const r = e.getBoundingClientRect(); return {left: r.left, top: r.top, width: r.width, height: r.height}; }",
+    )
+
+
+def screenshot_rgb(page, hide_marker: bool = True):
+    """Screenshot as a PIL image; the pick marker (drawn on the picked pixel) is hidden for it."""
+    from PIL import Image
+
+    hide = "document.querySelectorAll('.headseg-marker').forEach(m => m.style.visibility = '%s')"
+    if hide_marker:
+        page.evaluate("() => " + hide % "hidden")
+    try:
+        png = page.screenshot()
+    finally:
+        if hide_marker:
+            page.evaluate("() => " + hide % "")
+    return Image.open(io.BytesIO(png)).convert("RGB")
+
+
+def wait_picture_ready(page, node_id, timeout=30_000):
+    page.wait_for_function(
+        """(sel) => { const f = document.querySelector(sel + ' .headseg-frame');
+                      const i = document.querySelector(sel + ' img.headseg-base');
+                      return f && i && i.complete && i.naturalWidth > 0 && getComputedStyle(f).display !== 'none'
+                             && f.getBoundingClientRect().width > 20; }""",
+        arg=picker_selector(node_id),
+        timeout=timeout,
+    )
+    page.wait_for_timeout(300)  # DOM widget positions follow the canvas on the next frames
+
+
+def settle(page, ms=400):
+    page.wait_for_timeout(ms)
+
+
+def view_picker(page, node_id, scale):
+    """Zooms the canvas to ``scale`` with the picker near the top left; waits until its DOM follows."""
+    page.evaluate(JS_VIEW_NODE, [node_id, scale])
+    page.wait_for_function(
+        """async (sel) => {
+             const f = document.querySelector(sel + ' .headseg-stage');
+             if (!f) return false;
+             const frame = () => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
+             const a = f.getBoundingClientRect();
+             await frame();
+             const b = f.getBoundingClientRect();
+             return a.width > 20 && a.left === b.left && a.top === b.top && a.width === b.width
+               && b.left > 0 && b.top > 0 && b.bottom < window.innerHeight && b.right < window.innerWidth;
+           }""",
+        arg=picker_selector(node_id),
+        timeout=15_000,
+    )
+
+
+# -- extension and nodes ------------------------------------------------------------------------
+def test_extension_loads_without_console_errors(open_page):
+    baseline = open_page(stub_pack_scripts=True)
+    real = open_page()
+    assert real.pack_scripts, "the page did not request the pack's scripts from /extensions/HeadSeg/"
+    assert real.page.evaluate("() => app.extensions.some(e => e.name === 'HeadSeg.Frontend')")
+    assert not baseline.page.evaluate("() => app.extensions.some(e => e.name === 'HeadSeg.Frontend')")
+    # Let the default graph draw for a while with the extension active.
+    real.page.mouse.move(700, 450)
+    settle(real.page, 1000)
+    known = set(baseline.problems())
+    added = [p for p in real.problems() if p not in known]
+    assert added == [], "console errors/warnings that appear only with HeadSeg's scripts:\n" + "\n".join(added)
+    assert real.pack_problems() == []
+
+
+def test_workflow_without_headseg_nodes_is_unchanged(open_page):
+    """The default graph (no HeadSeg node) loads and serialises exactly as without the extension."""
+    js = "() => JSON.stringify(app.graph.serialize().nodes.map(n => [n.type, n.widgets_values, n.size, n.inputs?.length, n.outputs?.length]).sort())"
+    baseline = open_page(stub_pack_scripts=True)
+    real = open_page()
+    base_nodes = json.loads(baseline.page.evaluate(js))
+    assert len(base_nodes) > 3, "the default graph did not load"
+    assert json.loads(real.page.evaluate(js)) == base_nodes
+
+
+def test_headseg_nodes_in_node_search(comfy_page, comfy_server, screenshots):
+    page = comfy_page.page
+    info = comfy_server.object_info()
+    missing = [n for n in NODE_IDS if n not in info]
+    assert not missing, f"server does not list {missing}"
+    registered = page.evaluate("(ids) => ids.filter(id => !LiteGraph.registered_node_types[id])", NODE_IDS)
+    assert registered == []
+
+    page.evaluate("() => app.graph.clear()")
+    settle(page)
+    page.mouse.dblclick(700, 500)
+    search = page.wait_for_selector(".comfy-vue-node-search-box input", timeout=15_000)
+    search.type("HeadSeg")
+    settle(page, 1200)
+    shown = page.evaluate(
+        "() => [...document.querySelectorAll('.p-autocomplete-option, .comfy-vue-node-search-container li')]"
+        ".map(e => e.textContent)"
+    )
+    page.screenshot(path=str(screenshots / "node-search.png"))
+    text = "\n".join(shown)
+    for node_id in NODE_IDS:
+        title = info[node_id]["display_name"]
+        assert title in text, f"{title!r} ({node_id}) not offered by the node search; offered:\n{text}"
+
+
+# -- node docs ----------------------------------------------------------------------------------
+DOCS_DIR = REPO_ROOT / "js" / "docs"
+
+
+@pytest.mark.parametrize("node_id", NODE_IDS)
+def test_node_docs_served_and_cover_inputs(comfy_server, node_id):
+    """Each node has js/docs/<id>.md, served where ComfyUI's help panel looks, naming every input and output."""
+    info = comfy_server.object_info()[node_id]
+    assert info["python_module"].startswith("custom_nodes.HeadSeg"), info["python_module"]
+    text = comfy_server.get_bytes(f"/extensions/HeadSeg/docs/{node_id}.md").decode()
+    assert text == (DOCS_DIR / f"{node_id}.md").read_text()
+    assert text.startswith("# ")
+    inputs = [name for section in ("required", "optional") for name in info["input"].get(section, {})]
+    missing = [name for name in inputs if f"`{name}`" not in text]
+    assert missing == [], f"{node_id} docs do not mention inputs {missing}"
+    outputs = info.get("output_name", [])
+    missing = [name for name in outputs if f"`{name}`" not in text]
+    assert missing == [], f"{node_id} docs do not mention outputs {missing}"
+
+
+JS_OPEN_HELP = """
+async (nodeId) => {
+  // The node library's help page, opened the way its (?) button does (ComfyUI's own stores).
+  const host = [...document.querySelectorAll('body *')].find(e => e.__vue_app__);
+  const stores = host.__vue_app__.config.globalProperties.$pinia._s;
+  const def = stores.get('nodeDef').nodeDefsByName[nodeId];
+  if (app.extensionManager.sidebarTab.activeSidebarTabId !== 'node-library')
+    app.extensionManager.sidebarTab.toggleSidebarTab('node-library');
+  await new Promise(r => setTimeout(r, 300));
+  stores.get('nodeHelp').openHelp(def);
+}
+"""
+
+
+def test_node_docs_render_in_help_panel(comfy_page, comfy_server, screenshots):
+    page = comfy_page.page
+    for node_id in NODE_IDS:
+        heading = (DOCS_DIR / f"{node_id}.md").read_text().splitlines()[0].lstrip("# ").strip()
+        second = [ln for ln in (DOCS_DIR / f"{node_id}.md").read_text().splitlines()[1:] if ln.strip()][0]
+        page.evaluate(JS_OPEN_HELP, node_id)
+        page.get_by_role("heading", name=heading).first.wait_for(timeout=15_000)
+        assert re.sub(r"[`*]", "", second)[:40] in page.inner_text("body")
+        if node_id == PICKER:
+            page.screenshot(path=str(screenshots / "node-docs.png"))
+    page.evaluate("() => app.extensionManager.sidebarTab.toggleSidebarTab('node-library')")
+    assert comfy_page.pack_problems() == []
+
+
+# -- templates ----------------------------------------------------------------------------------
+def example_names() -> list[str]:
+    return sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))
+
+
+def test_example_workflows_are_templates_and_load(comfy_page, comfy_server, screenshots):
+    names = example_names()
+    assert names, "no example workflows in example_workflows/"
+    listed = comfy_server.get_json("/workflow_templates")
+    assert sorted(listed.get("HeadSeg", [])) == names
+
+    page = comfy_page.page
+    page.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    page.wait_for_selector("[data-testid='template-workflows-content']", timeout=30_000)
+    # The pack's templates are listed under its own entry in the dialog's side navigation.
+    page.get_by_text("HeadSeg", exact=True).first.click()
+    for name in names:
+        page.wait_for_selector(f"[data-testid='template-workflow-{name}']", timeout=15_000)
+    page.screenshot(path=str(screenshots / "templates.png"))
+
+    for i, name in enumerate(names):
+        if i:  # the dialog closes after loading a template
+            page.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+            page.wait_for_selector("[data-testid='template-workflows-content']", timeout=30_000)
+            page.get_by_text("HeadSeg", exact=True).first.click()
+        page.click(f"[data-testid='template-workflow-{name}']")
+        expected = json.loads((WORKFLOWS_DIR / f"{name}.json").read_text())
+        want = sorted(n["type"] for n in expected["nodes"])
+        page.wait_for_function(
+            "(want) => JSON.stringify(app.graph.nodes.map(n => n.type).sort()) === JSON.stringify(want)",
+            arg=want,
+            timeout=30_000,
+        )
+        settle(page, 800)
+        page.screenshot(path=str(screenshots / f"template-{name}.png"))
+    assert comfy_page.pack_problems() == []
+
+
+# -- picker -------------------------------------------------------------------------------------
+def test_picker_without_image_says_so(comfy_page):
+    page = comfy_page.page
+    node_id = page.evaluate(JS_PICKER_GRAPH, ["", False])
+    view_picker(page, node_id, 1.0)
+    settle(page)
+    message = page.text_content(picker_selector(node_id) + " .headseg-message")
+    assert "No image yet" in message
+    assert page.is_visible(picker_selector(node_id) + " .headseg-message")
+    before = page.evaluate(JS_WIDGETS, node_id)
+    box = page.eval_on_selector(picker_selector(node_id) + " .headseg-stage", "e => e.getBoundingClientRect().toJSON()")
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    settle(page)
+    assert page.evaluate(JS_WIDGETS, node_id) == before
+
+
+@pytest.mark.parametrize(
+    "picture, scale",
+    [("landscape", 1.0), ("landscape", 1.75), ("portrait", 1.3)],
+    ids=["landscape-zoom1", "landscape-zoom1.75", "portrait-zoom1.3"],
+)
+def test_click_sets_image_pixel(comfy_page, pictures, picture, scale, screenshots):
+    name, W, H = pictures[picture]
+    page = comfy_page.page
+    node_id = page.evaluate(JS_PICKER_GRAPH, [name, True])
+    view_picker(page, node_id, scale)
+    wait_picture_ready(page, node_id)
+
+    for fx, fy in [(0.1, 0.2), (0.63, 0.41), (0.97, 0.93)]:
+        px, py = int(fx * W), int(fy * H)  # aim at the centre of this image pixel
+        rect = frame_rect(page, node_id)
+        # the displayed picture keeps the image's aspect ratio (within a screen pixel)
+        assert abs(rect["width"] / rect["height"] - W / H) < 2.0 / min(rect["width"], rect["height"]) * (W / H) + 0.02
+        assert rect["width"] / W > 1.1, "the test needs more than one screen pixel per image pixel"
+        cx, cy = rect["left"] + (px + 0.5) / W * rect["width"], rect["top"] + (py + 0.5) / H * rect["height"]
+        page.mouse.click(cx, cy)
+        settle(page, 250)
+        values = page.evaluate(JS_WIDGETS, node_id)
+        assert (values["x"], values["y"]) == (px, py), (fx, fy, values)
+        # What the user sees under the pointer is the pixel the widgets now name.
+        page.mouse.move(5, 5)  # the pointer itself is not drawn, but keep hover effects away
+        shot = screenshot_rgb(page)
+        seen = decode_position(shot.getpixel((int(cx), int(cy))), W, H)
+        assert abs(seen[0] - values["x"]) <= 2.5 and abs(seen[1] - values["y"]) <= 2.5, (seen, values)
+        # and the marker is drawn on that pixel
+        marker = page.eval_on_selector(
+            picker_selector(node_id) + " .headseg-marker", "e => e.getBoundingClientRect().toJSON()"
+        )
+        assert abs(marker["x"] - cx) <= max(2.0, rect["width"] / W) and abs(marker["y"] - cy) <= max(2.0, rect["height"] / H)
+
+    # A click outside the picture (on the letterbox around it, or past its edge) changes nothing.
+    before = page.evaluate(JS_WIDGETS, node_id)
+    stage = page.eval_on_selector(picker_selector(node_id) + " .headseg-stage", "e => e.getBoundingClientRect().toJSON()")
+    rect = frame_rect(page, node_id)
+    outside = []
+    if rect["top"] - stage["y"] > 4:
+        outside.append((rect["left"] + rect["width"] / 2, (stage["y"] + rect["top"]) / 2))
+    if rect["left"] - stage["x"] > 4:
+        outside.append(((stage["x"] + rect["left"]) / 2, rect["top"] + rect["height"] / 2))
+    assert outside, "expected a letterbox around a non-square picture"
+    for ox, oy in outside:
+        page.mouse.click(ox, oy)
+        settle(page, 200)
+        assert page.evaluate(JS_WIDGETS, node_id) == before
+    page.screenshot(path=str(screenshots / f"picker-{picture}-zoom{scale}.png"))
+    assert comfy_page.pack_problems() == []
+
+
+def test_click_maps_through_scaled_preview(comfy_page, pictures):
+    """The node may send a preview smaller than the masks: x/y follow headseg_size, not the preview."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = page.evaluate(JS_PICKER_GRAPH, ["", False])
+    view_picker(page, node_id, 1.0)
+    page.evaluate(
+        """([id, name, size]) => app.graph.getNodeById(id).onExecuted({
+             headseg_image: [{filename: name, subfolder: '', type: 'input'}], headseg_size: size,
+             headseg_pixel: [0, 0], headseg_index: [0], headseg_masks: [], headseg_mask_info: []})""",
+        [node_id, name, [W * 4, H * 4]],
+    )
+    wait_picture_ready(page, node_id)
+    rect = frame_rect(page, node_id)
+    cx, cy = rect["left"] + 0.7 * rect["width"], rect["top"] + 0.35 * rect["height"]
+    page.mouse.click(cx, cy)
+    settle(page, 250)
+    values = page.evaluate(JS_WIDGETS, node_id)
+    # 4 mask pixels per preview pixel, about 1.25 screen pixels per preview pixel: within 4 pixels
+    assert abs(values["x"] - 0.7 * W * 4) <= 4 and abs(values["y"] - 0.35 * H * 4) <= 4, values
+    page.mouse.move(5, 5)
+    seen = decode_position(screenshot_rgb(page).getpixel((int(cx), int(cy))), W, H)
+    assert abs(seen[0] * 4 - values["x"]) <= 10 and abs(seen[1] * 4 - values["y"]) <= 10
+
+
+def test_picker_degrades_on_other_payloads(comfy_page, pictures):
+    """A payload without the headseg_* keys, or a damaged one, never breaks the picker."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = page.evaluate(JS_PICKER_GRAPH, ["", False])
+    view_picker(page, node_id, 1.0)
+    sel = picker_selector(node_id)
+    # damaged: nothing usable -> still the "no image" message, widgets untouched
+    before = page.evaluate(JS_WIDGETS, node_id)
+    page.evaluate(
+        """(id) => app.graph.getNodeById(id).onExecuted({headseg_image: 'nope', headseg_size: ['a', null],
+             headseg_masks: [null, 3, {filename: 7}], headseg_pixel: 'x'})""",
+        node_id,
+    )
+    settle(page)
+    assert page.is_visible(sel + " .headseg-message")
+    assert page.evaluate(JS_WIDGETS, node_id) == before
+    # the standard "images" key: the first picture is clicked on, the others become thumbnails
+    ref = {"filename": name, "subfolder": "", "type": "input"}
+    page.evaluate("([id, ref]) => app.graph.getNodeById(id).onExecuted({images: [ref, ref, ref]})", [node_id, ref])
+    wait_picture_ready(page, node_id)
+    assert len(page.query_selector_all(sel + " .headseg-thumb")) == 2
+    rect = frame_rect(page, node_id)
+    page.mouse.click(rect["left"] + (10.5 / W) * rect["width"], rect["top"] + (20.5 / H) * rect["height"])
+    settle(page, 250)
+    values = page.evaluate(JS_WIDGETS, node_id)
+    assert (values["x"], values["y"]) == (10, 20)
+    assert comfy_page.pack_problems() == []
+
+
+# -- old layouts --------------------------------------------------------------------------------
+def old_layout_workflow(picture: str) -> dict:
+    """A saved workflow with three picker nodes in older or damaged widget layouts."""
+
+    def picker(node_id, pos, values, inputs):
+        return {
+            "id": node_id, "type": PICKER, "pos": pos, "size": [300, 420], "flags": {}, "order": node_id,
+            "mode": 0, "inputs": inputs, "outputs": [{"name": "mask", "type": "MASK", "links": None}],
+            "properties": {"Node name for S&R": PICKER}, "widgets_values": values,
+        }  # fmt: skip
+
+    return {
+        "last_node_id": 5, "last_link_id": 1, "version": 0.4, "config": {}, "extra": {}, "groups": [],
+        "nodes": [
+            {"id": 1, "type": "LoadImage", "pos": [0, 0], "size": [300, 320], "flags": {}, "order": 0, "mode": 0,
+             "inputs": [], "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [1]},
+                                       {"name": "MASK", "type": "MASK", "links": None}],
+             "properties": {}, "widgets_values": [picture, "image"]},
+            # older layout: only x and y were widgets; inputs listed the old way
+            picker(2, [350, 0], [40, 30], [{"name": "masks", "type": "HEADSEG_MASKS", "link": None},
+                                           {"name": "image", "type": "IMAGE", "link": 1}]),
+            # a layout that saved an extra value for the picker itself
+            picker(3, [700, 0], [41, 31, 2, {"picker": {"x": 41}}], [{"name": "masks", "type": "HEADSEG_MASKS", "link": None}]),
+            # damaged values: strings, null, NaN-producing text
+            picker(4, [1050, 0], ["42", None, "abc"], [
+                {"name": "masks", "type": "HEADSEG_MASKS", "link": None},
+                {"name": "x", "type": "INT", "widget": {"name": "x"}, "link": None}]),
+            # out of range and fractional
+            picker(5, [1400, 0], [-7, 99999999, 1.6], [{"name": "masks", "type": "HEADSEG_MASKS", "link": None}]),
+        ],
+        "links": [[1, 1, 0, 2, 1, "IMAGE"]],
+    }  # fmt: skip
+
+
+def test_old_widget_layout_loads(comfy_page, pictures, comfy_server):
+    page = comfy_page.page
+    spec = comfy_server.object_info()[PICKER]["input"]["required"]
+    defaults = {k: spec[k][1]["default"] for k in ("x", "y", "index")}
+    workflow = old_layout_workflow(pictures["landscape"][0])
+    page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'old-layout'); }", workflow)
+    settle(page, 800)
+    got = {i: page.evaluate(JS_WIDGETS, i) for i in (2, 3, 4, 5)}
+    assert got[2] == {"x": 40, "y": 30, "index": defaults["index"]}
+    assert got[3] == {"x": 41, "y": 31, "index": 2}
+    assert got[4] == {"x": 42, "y": defaults["y"], "index": defaults["index"]}
+    assert got[5] == {"x": spec["x"][1]["min"], "y": spec["y"][1]["max"], "index": 2}
+    # every picker got its DOM, node 2 shows the picture of the Load Image it is linked to
+    assert page.evaluate("() => document.querySelectorAll('.headseg-picker').length") == 4
+    wait_picture_ready(page, 2)
+    # and the prompt ComfyUI would queue carries clean integers
+    prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
+    for i in ("2", "3", "4", "5"):
+        for k in ("x", "y", "index"):
+            v = prompt[i]["inputs"][k]
+            assert isinstance(v, int) and v >= 0, (i, k, v)
+    assert comfy_page.pack_problems() == []
+    assert not [p for p in comfy_page.problems() if re.search(r"\bNaN\b", p)]
+
+
+# -- a real run ---------------------------------------------------------------------------------
+RUN_TIMEOUT_MS = 420_000
+RUN_PICTURE = ("headseg_browser_run.png", 256, 192)  # non-square, a multiple of 8: a cheap CPU run
+PREFERRED_WORKFLOWS = ("zero_shot", "zero-shot", "photo", "explore", "text")
+
+
+def cheapest_example() -> str:
+    names = example_names()
+    for key in PREFERRED_WORKFLOWS:
+        for name in names:
+            if key in name.lower():
+                return name
+    return names[0]
+
+
+JS_PREPARE_RUN = """
+([ckpt, picture, W, H]) => {
+  const ids = {};
+  for (const node of app.graph.nodes) {
+    const set = (name, value) => { const w = node.widgets?.find(w => w.name === name); if (w) w.value = value; };
+    (ids[node.type] ??= []).push(node.id);
+    if (node.type === 'CheckpointLoaderSimple') set('ckpt_name', ckpt);
+    if (node.type === 'LoadImage') { set('image', picture); node.widgets.find(w => w.name === 'image')?.callback?.(picture); }
+    if (node.type === 'KSampler' || node.type === 'KSamplerAdvanced') set('steps', 1);
+    if (node.type === 'EmptyLatentImage') { set('width', W); set('height', H); set('batch_size', 1); }
+    if (node.type === 'ImageScale') { set('width', W); set('height', H); }
+    if (node.type === 'HeadSeg_MaskSelectAtPixel') { set('x', Math.floor(W / 3)); set('y', Math.floor(H / 2)); }
+    set('control_after_generate', 'fixed');  // re-queueing must reuse the cached sampling
+  }
+  app.canvas.setDirty(true, true);
+  return ids;
+}
+"""
+
+JS_QUEUE_AND_WAIT = """
+async (timeoutMs) => {
+  const api = app.api;
+  const events = {cached: [], executed: [], error: null, started: false};
+  let finish;
+  const done = new Promise((resolve) => {
+    const handlers = {
+      execution_start: () => { events.started = true; },
+      execution_cached: (e) => events.cached.push(...(e.detail?.nodes ?? []).map(String)),
+      executed: (e) => events.executed.push(String(e.detail?.node)),
+      execution_success: () => finish(null),
+      execution_error: (e) => finish(e.detail ?? 'execution_error'),
+      execution_interrupted: (e) => finish(e.detail ?? 'execution_interrupted'),
+    };
+    finish = (error) => {
+      if (events.finished) return;
+      events.finished = true;
+      events.error = error;
+      for (const [name, fn] of Object.entries(handlers)) api.removeEventListener(name, fn);
+      resolve();
+    };
+    for (const [name, fn] of Object.entries(handlers)) api.addEventListener(name, fn);
+  });
+  const queued = await app.queuePrompt(0, 1);
+  const refused = () => 'prompt refused: ' + (queued ? '' : 'node errors; ') +
+    ([...document.querySelectorAll('.p-dialog')].map(d => d.textContent).join(' | ') || 'no execution started');
+  setTimeout(() => { if (!events.started) finish(refused()); }, 30000);
+  setTimeout(() => finish('timed out'), timeoutMs);
+  await done;
+  return events;
+}
+"""
+
+
+JS_ANCESTORS = """
+(id) => {
+  const out = {};
+  const visit = (node) => {
+    for (const input of node.inputs ?? []) {
+      if (input.link == null) continue;
+      const link = app.graph.links.get?.(input.link) ?? app.graph.links[input.link];
+      const origin = link && app.graph.getNodeById(link.origin_id);
+      if (origin && !(String(origin.id) in out)) { out[String(origin.id)] = origin.type; visit(origin); }
+    }
+  };
+  visit(app.graph.getNodeById(id));
+  return out;
+}
+"""
+
+
+JS_FIT_HEADSEG = """
+() => {
+  // Frame the mask nodes (PCA ... picker), not below the zoom where ComfyUI stops drawing
+  // node contents.
+  const nodes = app.graph.nodes.filter(n => n.type.startsWith('HeadSeg_') && n.type !== 'HeadSeg_RecordSelfAttention');
+  const T = LiteGraph.NODE_TITLE_HEIGHT;
+  const x0 = Math.min(...nodes.map(n => n.pos[0])), y0 = Math.min(...nodes.map(n => n.pos[1] - T));
+  const x1 = Math.max(...nodes.map(n => n.pos[0] + n.size[0])), y1 = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
+  const r = app.canvas.canvas.getBoundingClientRect();
+  const scale = Math.max(0.62, Math.min(1, (r.width - 120) / (x1 - x0), (r.height - 140) / (y1 - y0)));
+  app.canvas.ds.scale = scale;
+  app.canvas.ds.offset = [80 / scale - x0, 110 / scale - y0];
+  app.canvas.setDirty(true, true);
+}
+"""
+
+
+def test_queue_runs_and_previews_render(comfy_page, comfy_server, screenshots):
+    from PIL import Image
+
+    import numpy as np
+
+    # A small non-square photo-like picture: coloured shapes on two backgrounds.
+    name, W, H = RUN_PICTURE
+    yy, xx = np.mgrid[0:H, 0:W]
+    img = np.zeros((H, W, 3), np.uint8)
+    img[:] = (110, 165, 230)
+    img[yy > H * 0.6] = (90, 140, 60)
+    img[(xx - W * 0.35) ** 2 + (yy - H * 0.5) ** 2 < (H * 0.22) ** 2] = (215, 50, 40)
+    img[(abs(xx - W * 0.72) < W * 0.1) & (abs(yy - H * 0.55) < H * 0.16)] = (240, 215, 80)
+    # A few random pixels make this picture new to the server, so the first run really runs
+    # (a cached run would not send the nodes' previews again).
+    rng = np.random.default_rng()
+    img[rng.integers(0, H, 8), rng.integers(0, W, 8)] = rng.integers(0, 256, (8, 3))
+    Image.fromarray(img).save(comfy_server.input_dir / name)
+
+    page = comfy_page.page
+    workflow = cheapest_example()
+    wf = json.loads((WORKFLOWS_DIR / f"{workflow}.json").read_text())
+    page.evaluate("async ([wf, name]) => { await app.loadGraphData(wf, true, true, name); }", [wf, workflow])
+    settle(page, 800)
+    ids = page.evaluate(JS_PREPARE_RUN, [comfy_server.checkpoint_name, name, W, H])
+    assert ids.get(PICKER), f"{workflow} has no {PICKER}"
+    picker_id = ids[PICKER][0]
+
+    events = page.evaluate(JS_QUEUE_AND_WAIT, RUN_TIMEOUT_MS)
+    assert events["error"] is None, f"run failed: {json.dumps(events['error'])[:2000]}"
+    assert str(picker_id) in events["executed"]
+
+    view_picker(page, picker_id, 1.0)
+    wait_picture_ready(page, picker_id, timeout=60_000)
+    sel = picker_selector(picker_id)
+    page.wait_for_function(
+        "(sel) => { const t = [...document.querySelectorAll(sel + ' .headseg-thumb img')];"
+        " return t.length > 0 && t.every(i => i.complete && i.naturalWidth > 0); }",
+        arg=sel,
+        timeout=30_000,
+    )
+    size = page.evaluate(
+        "(id) => { const p = app.graph.getNodeById(id).headsegPicker; return p.size; }", picker_id
+    )
+    assert size == [W, H]
+
+    # previews on the other nodes: PCA->RGB tiles, one colour map per k, result lines
+    for node_type in ("HeadSeg_HeadPCA", "HeadSeg_MultiKMeans"):
+        for nid in ids.get(node_type, []):
+            page.wait_for_function(
+                "(id) => { const n = app.graph.getNodeById(id); return n.imgs?.length > 0"
+                " && n.imgs.every(i => i.complete && i.naturalWidth > 0); }",
+                arg=nid,
+                timeout=30_000,
+            )
+    for nid in ids.get("HeadSeg_MultiKMeans", []):
+        counts = page.evaluate("(id) => app.graph.getNodeById(id).widgets.find(w => w.name === 'cluster_counts').value", nid)
+        n_k = len({int(c) for c in str(counts).split(",") if c.strip()})
+        assert page.evaluate("(id) => app.graph.getNodeById(id).imgs.length", nid) == n_k
+        note = page.evaluate("(id) => app.graph.getNodeById(id).headsegNote?.root.textContent ?? ''", nid)
+        assert "k=" in note
+    for nid in ids.get("HeadSeg_HeadPCA", []):
+        note = page.evaluate("(id) => app.graph.getNodeById(id).headsegNote?.root.textContent ?? ''", nid)
+        assert "heads" in note
+
+    page.evaluate(JS_FIT_HEADSEG)
+    settle(page, 800)
+    page.screenshot(path=str(screenshots / "workflow-after-run.png"))
+
+    # Pick another pixel and the second-coarsest mask, re-queue: only the cheap end re-runs.
+    view_picker(page, picker_id, 1.0)
+    rect = frame_rect(page, picker_id)
+    page.mouse.click(rect["left"] + 0.72 * rect["width"], rect["top"] + 0.55 * rect["height"])
+    settle(page, 300)
+    picked = page.evaluate(JS_WIDGETS, picker_id)
+    assert picked["x"] == math.floor(0.72 * W) and picked["y"] == math.floor(0.55 * H)
+    assert page.evaluate(f"() => document.querySelector(\"{sel} .headseg-strip\").classList.contains('headseg-stale')")
+
+    events = page.evaluate(JS_QUEUE_AND_WAIT, RUN_TIMEOUT_MS)
+    assert events["error"] is None, f"re-run failed: {json.dumps(events['error'])[:2000]}"
+    ancestors = page.evaluate(JS_ANCESTORS, picker_id)
+    assert {"KSampler", "HeadSeg_HeadPCA", "HeadSeg_MultiKMeans"} <= set(ancestors.values())
+    reran = {nid: t for nid, t in ancestors.items() if nid not in events["cached"]}
+    assert reran == {}, f"nodes upstream of the picker ran again after a pixel change: {reran}"
+    page.wait_for_function(
+        "(sel) => !document.querySelector(sel + ' .headseg-strip').classList.contains('headseg-stale')"
+        " && [...document.querySelectorAll(sel + ' .headseg-thumb img')].every(i => i.complete && i.naturalWidth > 0)",
+        arg=sel,
+        timeout=30_000,
+    )
+    thumbs = page.query_selector_all(sel + " .headseg-thumb")
+    assert thumbs
+    target = min(1, len(thumbs) - 1)
+    thumbs[target].hover()
+    settle(page, 400)
+    assert page.evaluate(f"() => document.querySelector(\"{sel} .headseg-frame\").classList.contains('headseg-hovering')")
+    thumbs[target].click()
+    settle(page, 300)
+    assert page.evaluate(JS_WIDGETS, picker_id)["index"] == target
+    thumbs[target].hover()
+    settle(page, 300)
+    page.screenshot(path=str(screenshots / "picker-after-run.png"))
+    node_box = page.evaluate(
+        """(id) => { const n = app.graph.getNodeById(id); const ds = app.canvas.ds;
+                     const r = app.canvas.canvas.getBoundingClientRect();
+                     return [r.left + (n.pos[0] + ds.offset[0]) * ds.scale - 10,
+                             r.top + (n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT + ds.offset[1]) * ds.scale - 30,
+                             n.size[0] * ds.scale + 20, (n.size[1] + LiteGraph.NODE_TITLE_HEIGHT) * ds.scale + 40]; }""",
+        picker_id,
+    )
+    x, y, w, h = node_box
+    page.screenshot(path=str(screenshots / "picker.png"), clip={"x": max(0, x), "y": max(0, y), "width": w, "height": h})
+    assert comfy_page.pack_problems() == []
