@@ -377,6 +377,7 @@ class MaskSelectAtPixel(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="HeadSeg_MaskSelectAtPixel",
+            is_output_node=True,  # runs (and shows the picker) even when its MASK is not wired yet
             display_name="HeadSeg Mask Select At Pixel",
             category=CATEGORY,
             description=(

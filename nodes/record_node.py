@@ -15,7 +15,7 @@ class RecordSelfAttention(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="HeadSeg_RecordSelfAttention",
-            display_name="Record Self-Attention Heads",
+            display_name="HeadSeg Record Self-Attention",
             category="HeadSeg",
             description=(
                 "Patches the model so that, while a sampler runs it, the output of every self-attention head "
