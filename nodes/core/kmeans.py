@@ -17,12 +17,16 @@ the output and on the full output, each until the labels stop changing, the cent
 ``tol`` (scikit-learn's rule) or an iteration lowers the inertia by less than _RTOL of itself; the
 final labels and the inertia are exact at full resolution. Clusters are renumbered by decreasing
 area (ties: the cluster whose first pixel in raster order comes first), so labels are canonical.
+
+The many small products (working set, sub-lattices) run on one intra-op thread, where waking a
+second thread for each costs more than it saves; only large lattices use all of the caller's threads.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -45,6 +49,23 @@ _BLOCK_COLS = 64
 _CHUNK_PIXELS = 1 << 14
 # Lattice Lloyd also stops when an iteration lowers the inertia by less than this fraction.
 _RTOL = 1e-3
+# Lattices of at least this many pixels use all intra-op threads; everything smaller runs on one
+# (waking a second thread for each small product costs more than it saves).
+_PARALLEL_MIN_POINTS = 1 << 17
+
+
+@contextmanager
+def _threads(n: int):
+    """Runs the block on n intra-op threads, then restores the number it had."""
+    before = torch.get_num_threads()
+    n = max(1, n)
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != before:
+            torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- public types
@@ -205,8 +226,9 @@ class _Lattice:
         nb, TC, W = self.nb, self.TC, self.nb * self.TC
         parts = []
         for s, (C_g, h, w), ry in zip(native, self.shapes, self.ry):
-            s_t = s.view(k, h, w).permute(2, 1, 0)  # [w, h, k]
-            parts.append(torch.matmul(ry.dense, s_t) * -2.0)  # [w, ny, k] upsampled along y
+            s_t = (s * -2.0).view(k, h, w).permute(1, 2, 0).reshape(h, w * k)  # [h, w*k]
+            up = torch.mm(ry.dense, s_t)  # [ny, w*k] upsampled along y: one plain 2-D product
+            parts.append(up.view(self.ny, w, k).transpose(0, 1))  # [w, ny, k]
         parts.append(cnorm.expand(1, self.ny, k))  # [1, ny, k]
         rows_score = torch.cat(parts, 0)  # [m, ny, k]
         m_b = self.cols.shape[1]
@@ -410,12 +432,21 @@ class _Image:
             gen = torch.Generator().manual_seed(seed)
             pix = torch.randperm(N, generator=gen)[:n] if n < N else torch.arange(N)  # [n]
             X = full.features_at(pix)  # [n, C]
-            var = float(X.double().var(0, unbiased=False).mean()) if n > 1 else 0.0
-            self._ws[n, seed] = (X, (X * X).sum(1), var)
+            xx = (X * X).sum(1)  # [n]
+            self._ws[n, seed] = (X, xx, _mean_variance(X, xx))
         return self._ws[n, seed]
 
 
 # ----------------------------------------------------------------------------- working-set k-means
+def _mean_variance(X: torch.Tensor, xx: torch.Tensor) -> float:
+    """X [n, C] with squared row norms xx [n] -> mean over channels of the variance (float64 sums)."""
+    n, C = X.shape
+    if n < 2:
+        return 0.0
+    mean = X.mean(0, dtype=torch.float64)  # [C]
+    return max(0.0, float(xx.sum(dtype=torch.float64) / n - (mean * mean).sum()) / C)
+
+
 def _sq_dist(X: torch.Tensor, xx: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """X [n, C], xx [n], C [m, C] -> [m, n] squared distances (>= 0)."""
     cc = (C * C).sum(1)  # [m]
@@ -454,36 +485,68 @@ def _fill_empty(centroids: torch.Tensor, counts: torch.Tensor, X: torch.Tensor, 
         centroids[j] = X[order[i % order.numel()]]
 
 
-def _lloyd_ws(X, xx, centroids, max_iter: int, tol: float) -> tuple[torch.Tensor, float, int]:
-    """Lloyd on the materialised working set X [n, C] -> (centroids [k, C], inertia, iterations).
+def _ws_scores(X: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """X [n, C], centroids [k, C] -> [k, n] scores ||c_j||^2 - 2 <x, c_j> (squared distance less ||x||^2).
 
-    Same stopping rules as _Lattice.lloyd: no label moves, centroid shift <= tol, or inertia gain
-    below _RTOL of the inertia.
+    Computed as centroids @ X^T: with few centroids this orientation is several times faster.
     """
-    k = centroids.shape[0]
+    return (centroids * centroids).sum(1)[:, None] - 2.0 * (centroids @ X.t())  # [k, n]
+
+
+def _ws_means(X, xx, labels, centroids) -> tuple[torch.Tensor, bool]:
+    """Working-set points X [n, C] with labels [n] -> (cluster means [k, C], whether any was empty).
+
+    Empty clusters keep their centroid [k, C], then move onto the points farthest from theirs.
+    """
+    k, C = centroids.shape
+    counts = torch.bincount(labels, minlength=k)  # [k]
+    sums = torch.zeros(k, C, dtype=X.dtype).index_add_(0, labels, X)  # [k, C]
+    new = sums / counts.clamp_min(1)[:, None].to(X.dtype)  # [k, C]
+    empty = counts == 0  # [k]
+    new[empty] = centroids[empty]
+    _fill_empty(new, counts, X, xx)
+    return new, bool(empty.any())
+
+
+def _lloyd_ws(X, xx, starts, max_iter: int, tol: float) -> list[tuple[torch.Tensor, float, int]]:
+    """Lloyd on the materialised working set X [n, C] from starts [I, k, C], all at once
+    -> per start (centroids [k, C], inertia, iterations).
+
+    Each start runs exactly as alone (same stopping rules as _Lattice.lloyd: no label moves,
+    centroid shift <= tol, or inertia gain below _RTOL of the inertia); only the distances of
+    the starts still running share one product per iteration.
+    """
+    I, k, C = starts.shape
     total_sq = float(xx.sum(dtype=torch.float64))
-    d = (centroids * centroids).sum(1)[None] - 2.0 * (X @ centroids.t())  # [n, k] scores
-    best, labels = d.min(1)  # [n]
-    inertia = total_sq + float(best.sum(dtype=torch.float64))
-    it = 0
+    best, labels = _ws_scores(X, starts.reshape(I * k, C)).view(I, k, -1).min(1)  # [I, n], [I, n]
+    inertia = (total_sq + best.sum(1, dtype=torch.float64)).tolist()  # [I]
+    centroids = list(starts.unbind(0))  # I x [k, C]
+    labels = list(labels.unbind(0))  # I x [n]
+    out: list = [None] * I
+    running = list(range(I))
     for it in range(1, max_iter + 1):
-        onehot = torch.zeros(k, X.shape[0], dtype=X.dtype).scatter_(0, labels[None], 1.0)  # [k, n]
-        counts = torch.bincount(labels, minlength=k)  # [k]
-        new = (onehot @ X) / counts.clamp_min(1)[:, None].to(X.dtype)  # [k, C]
-        new[counts == 0] = centroids[counts == 0]
-        refilled = bool((counts == 0).any())
-        _fill_empty(new, counts, X, xx)
-        shift = float(((new - centroids) ** 2).sum())
-        centroids = new
-        d = (centroids * centroids).sum(1)[None] - 2.0 * (X @ centroids.t())  # [n, k]
-        best, new_labels = d.min(1)
-        new_inertia = total_sq + float(best.sum(dtype=torch.float64))
-        if torch.equal(new_labels, labels):
+        shift, refilled = {}, {}
+        for i in running:
+            new, refilled[i] = _ws_means(X, xx, labels[i], centroids[i])  # [k, C]
+            shift[i] = float(((new - centroids[i]) ** 2).sum())
+            centroids[i] = new
+        moved = torch.stack([centroids[i] for i in running]).view(-1, C)  # [r*k, C]
+        best, new_labels = _ws_scores(X, moved).view(len(running), k, -1).min(1)  # [r, n], [r, n]
+        new_inertia = (total_sq + best.sum(1, dtype=torch.float64)).tolist()  # [r]
+        still = []
+        for r, i in enumerate(running):
+            stop = torch.equal(new_labels[r], labels[i])
+            gain = inertia[i] - new_inertia[r]
+            labels[i], inertia[i] = new_labels[r], new_inertia[r]
+            stop = stop or shift[i] <= tol or (not refilled[i] and gain <= _RTOL * abs(new_inertia[r]))
+            if stop or it == max_iter:
+                out[i] = (centroids[i], inertia[i], it)
+            else:
+                still.append(i)
+        running = still
+        if not running:
             break
-        labels, gain, inertia = new_labels, inertia - new_inertia, new_inertia
-        if shift <= tol or (not refilled and gain <= _RTOL * abs(new_inertia)):
-            break
-    return centroids, new_inertia if max_iter else inertia, it
+    return out
 
 
 def _canonical(labels: torch.Tensor, centroids: torch.Tensor, k: int):
@@ -498,22 +561,24 @@ def _canonical(labels: torch.Tensor, centroids: torch.Tensor, k: int):
     return rank[labels], centroids[order]
 
 
-def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float):
-    """One image, one k -> (labels [H, W] int64, centroids [k, C], inertia float, iterations)."""
+def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, threads: int):
+    """One image, one k -> (labels [H, W] int64, centroids [k, C], inertia float, iterations).
+
+    Runs on one thread except the Lloyd iterations of large lattices, which use ``threads``.
+    """
     gen = torch.Generator().manual_seed(seed)
     X, xx, ws_var = img.working_set(k, seed)
-    best = None
-    for _ in range(_WS_INITS if k > 1 else 1):
-        start = _kmeans_pp(X, xx, k, gen)
-        c, inertia, it = _lloyd_ws(X, xx, start, max_iter, tol * ws_var)
-        if best is None or inertia < best[1]:
-            best = (c, inertia, it)
-    centroids, _, iters = best
-    total_sq, full_var = img.rung(img.last).moments()
+    starts = torch.stack([_kmeans_pp(X, xx, k, gen) for _ in range(_WS_INITS if k > 1 else 1)])  # [I, k, C]
+    runs = _lloyd_ws(X, xx, starts, max_iter, tol * ws_var)
+    centroids, _, iters = min(runs, key=lambda run: run[1])  # the first of the lowest inertia
+    full = img.rung(img.last)
+    with _threads(threads if full.num_pixels >= _PARALLEL_MIN_POINTS else 1):
+        total_sq, full_var = full.moments()  # float64 products over the native grids, once per image
     for i in range(img.first_polish_rung(), img.last + 1):  # exact Lloyd on finer lattices, the last = full
         lat = img.rung(i)
         scale = total_sq * lat.num_pixels / img.rung(img.last).num_pixels  # estimate on a sub-lattice
-        labels, centroids, score, it = lat.lloyd(centroids, max_iter, tol * full_var, X, xx, scale)
+        with _threads(threads if lat.num_pixels >= _PARALLEL_MIN_POINTS else 1):
+            labels, centroids, score, it = lat.lloyd(centroids, max_iter, tol * full_var, X, xx, scale)
         iters += it
     inertia = max(0.0, total_sq + float(score.double().sum()))
     labels, centroids = _canonical(labels, centroids, k)
@@ -526,10 +591,12 @@ def _sweep(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: fl
     out = {k: ([], [], []) for k in ks}
     iters = {k: 0 for k in ks}
     done, total = 0, B * len(ks)
+    threads = torch.get_num_threads()
     for b in range(B):
-        img = _Image(stack, b)
+        img = _Image(stack, b)  # grids and interpolation matrices; lattices are built on first use
         for k in ks:
-            labels, centroids, inertia, it = _kmeans_image(img, k, seed, max_iter, tol)
+            with _threads(1):
+                labels, centroids, inertia, it = _kmeans_image(img, k, seed, max_iter, tol, threads)
             out[k][0].append(labels)
             out[k][1].append(centroids)
             out[k][2].append(inertia)

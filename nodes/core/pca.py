@@ -8,6 +8,7 @@ with ``sklearn.decomposition.PCA(c).fit_transform`` directly.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,20 @@ def _check_components(components, D: int, where: str = "") -> int:
             f"components must be between 1 and the head dimension {D}{where}, got {components}"
         )
     return components
+
+
+@contextmanager
+def _one_thread():
+    """Runs the block on one intra-op thread: the per-head products and eigh are small, and waking a
+    second thread for each of them costs more than it saves."""
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
 
 
 def head_pca(x: torch.Tensor, components: int) -> torch.Tensor:
@@ -48,6 +63,14 @@ def head_pca(x: torch.Tensor, components: int) -> torch.Tensor:
     if G == 0:
         return torch.zeros(*lead, N, c, dtype=dtype, device=x.device)
 
+    with _one_thread():
+        scores = _pca_scores(xg, c, dtype)  # [G, N, c]
+    return scores.reshape(*lead, N, c)  # [..., N, c]
+
+
+def _pca_scores(xg: torch.Tensor, c: int, dtype: torch.dtype) -> torch.Tensor:
+    """[G, N, D] -> [G, N, c] centred scores on the top-c components (signs fixed, no-variance zeroed)."""
+    G, N, D = xg.shape
     mean = xg.mean(dim=1, keepdim=True, dtype=dtype)  # [G, 1, D]
     xc = xg - mean  # [G, N, D] centred, promoted to dtype
     cov = xc.transpose(1, 2) @ xc  # [G, D, D] (unnormalised covariance)
@@ -71,7 +94,7 @@ def head_pca(x: torch.Tensor, components: int) -> torch.Tensor:
     constant = (xg.amax(dim=1) == xg.amin(dim=1)).all(dim=1)  # [G]
     no_variance = no_variance | constant[:, None]  # [G, c]
     scores = scores.masked_fill(no_variance[:, None, :], 0.0)  # [G, N, c]
-    return scores.reshape(*lead, N, c)  # [..., N, c]
+    return scores  # [G, N, c]
 
 
 @dataclass
