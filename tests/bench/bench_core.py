@@ -288,7 +288,15 @@ def main():
           f"{ref_t['total cpu'] / ours_cpu:.0f}x CPU time ({ref_t['total cpu']:.1f} s / {ours_cpu:.3f} s)")
 
     # quality on the same upsampled features: the reference's X
-    ours_x = stack_r.materialise(batch_index=0)[0].reshape(stack_r.num_channels, -1).t().numpy()
+    ours_c = stack_r.materialise(batch_index=0)[0].reshape(stack_r.num_channels, -1)  # [C, HW], grouped by grid
+    # the stack groups layers by grid; the reference concatenates them in UNet order: match the channels
+    spans, start = {}, 0
+    for keys, grid in zip(stack_r.keys, stack_r.grids):
+        per_key = grid.shape[1] // len(keys)
+        for key in keys:
+            spans[key], start = (start, start + per_key), start + per_key
+    order = sorted(spans, key=lambda key: key.sort_key)
+    ours_x = torch.cat([ours_c[slice(*spans[key])] for key in order]).t().numpy()  # [HW, C] in UNet order
     pca_diff = float(abs(ours_x - X).max())
     print(f"  features: max |ours - sklearn| over the {X.shape[0]}x{X.shape[1]} upsampled features = {pca_diff:.2e}")
     print(f"  {'k':>4s} {'sklearn inertia':>16s} {'ours on same X':>16s} {'ratio':>8s} "
