@@ -3,28 +3,14 @@
 Without HEADSEG_COMFYUI (source tests/setup_env.sh) these tests are not collected.
 """
 
-import os
 import pathlib
-import sys
 
 import pytest
 
-COMFYUI = os.environ.get("HEADSEG_COMFYUI", "")
+from headseg.tests.support.comfy_in_process import import_comfyui
 
-if not COMFYUI or not (pathlib.Path(COMFYUI) / "comfy").is_dir():
+if not import_comfyui():  # run through tests/run.sh, which sets HEADSEG_COMFYUI
     collect_ignore_glob = ["test_*.py"]
-else:
-    if COMFYUI not in sys.path:
-        sys.path.insert(0, COMFYUI)
-    import comfy.options  # noqa: E402
-
-    comfy.options.enable_args_parsing(False)
-    import comfy.cli_args  # noqa: E402
-
-    comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
-    import comfy.model_management  # noqa: E402,F401
-
-    import headseg  # noqa: E402,F401  (tests/conftest.py imports the checkout under this name)
 
 
 def pytest_collection_modifyitems(items):

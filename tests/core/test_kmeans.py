@@ -4,7 +4,6 @@ inertia, determinism, canonical labels, batch, non-square grids, bad input."""
 import pytest
 import torch
 from sklearn.cluster import KMeans
-from threadpoolctl import threadpool_limits
 
 from headseg.nodes.core import kmeans as km
 from headseg.nodes.core.kmeans import ClusterSweep, KMeansResult, kmeans, multi_kmeans, parse_cluster_counts
@@ -13,16 +12,6 @@ from headseg.nodes.core.pca import recording_pca
 from headseg.nodes.core.upsample import FeatureStack, make_feature_stack
 
 from .planted import nested_scene, planted_recording, small_layout
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small problems: one thread each for torch and BLAS, so a busy machine does not slow them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
 
 
 def planted_stack(size=(256, 256), seed=0, scenes=None, mode="bilinear", components=4):

@@ -3,21 +3,10 @@ idempotent), masks at a pixel (finest first), bad input."""
 
 import pytest
 import torch
-from threadpoolctl import threadpool_limits
 
 from headseg.nodes.core.kmeans import ClusterSweep, KMeansResult
 from headseg.nodes.core.masks import MaskSet, labels_to_masks, masks_at_pixel, merge_masks, sweep_to_masks
 from headseg.nodes.core.metrics import pairwise_iou
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small problems: one thread each for torch and BLAS, so a busy machine does not slow them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
 
 
 def random_labels(k, H=20, W=30, seed=0):

@@ -2,19 +2,8 @@
 
 import pytest
 import torch
-from threadpoolctl import threadpool_limits
 
 from headseg.nodes.core.metrics import average_class_iou, best_match_iou, class_ious, iou, pairwise_iou, top_n
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small problems: one thread each for torch and BLAS, so a busy machine does not slow them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
 
 
 def box(r0, r1, c0, c1, size=(8, 8)):

@@ -10,16 +10,6 @@ from headseg.nodes.core.pca import HeadFeatures, head_pca, recording_pca
 from headseg.nodes.core.recording import LayerKey, Recording
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small problems: one thread each for torch and BLAS, so a busy machine does not slow them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
-
-
 def structured_heads(lead, N, D, seed=0, dtype=torch.float32):
     """[*lead, N, D]: random rotations of features with a geometric spectrum (well-separated components)."""
     g = torch.Generator().manual_seed(seed)

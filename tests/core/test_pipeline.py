@@ -3,7 +3,6 @@ dtypes, cluster counts as text, bad input."""
 
 import pytest
 import torch
-from threadpoolctl import threadpool_limits
 
 from headseg.nodes.core.masks import MaskSet, masks_at_pixel
 from headseg.nodes.core.metrics import iou
@@ -11,16 +10,6 @@ from headseg.nodes.core.pipeline import SegmentationResult, segment
 from headseg.nodes.core.recording import LayerKey
 
 from .planted import Scene, nested_scene, planted_recording, small_layout
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small problems: one thread each for torch and BLAS, so a busy machine does not slow them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
 
 
 def recording(scenes, seed=0, dtype=torch.float16):

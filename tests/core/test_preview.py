@@ -2,21 +2,10 @@
 
 import pytest
 import torch
-from threadpoolctl import threadpool_limits
 
 from headseg.nodes.core.pca import HeadFeatures
 from headseg.nodes.core.preview import error_map_image, label_colours, overlay_masks, palette, pca_rgb_grid
 from headseg.nodes.core.recording import LayerKey
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small problems: one thread each for torch and BLAS, so a busy machine does not slow them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
 
 
 def assert_image(img, shape):

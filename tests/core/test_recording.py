@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 from safetensors.torch import save_file
-from threadpoolctl import threadpool_limits
 
 from headseg.nodes.core.recording import (
     FORMAT,
@@ -14,16 +13,6 @@ from headseg.nodes.core.recording import (
     load_recording,
     save_recording,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small problems: one thread each for torch and BLAS, so a busy machine does not slow them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
 
 
 # SD2.1: (block, number) -> (heads, grid level); 16 layers, 195 heads, 175 without the middle block.

@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from threadpoolctl import threadpool_limits
 
 from headseg.nodes.core import upsample as up
 from headseg.nodes.core.pca import HeadFeatures
@@ -15,16 +14,6 @@ from headseg.nodes.core.upsample import (
     upsample,
     upsampling_error,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small problems: one thread each for torch and BLAS, so a busy machine does not slow them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
 
 
 SIZES = [(3, 64), (5, 96), (1, 8), (8, 1), (2, 5), (7, 3), (12, 8), (16, 64), (63, 64), (64, 63), (64, 16), (8, 512), (32, 48), (6, 6)]
