@@ -13,9 +13,18 @@ from .core.recording import Recording
 POSITION_CHOICES = ["down+up", "down", "up", "middle", "down+middle", "middle+up", "down+middle+up"]
 
 
-def as_recording(value, name: str = "recording") -> Recording:
-    """A core Recording from a Recording or a live recording handle (its latest snapshot)."""
+def as_recording(value, latent=None, name: str = "recording") -> Recording:
+    """A core Recording from a Recording or a live recording handle (its latest snapshot).
+
+    A live recording must come with the sampler's LATENT: that link makes the node run after the
+    sampler, and re-run (not come from ComfyUI's cache) whenever a new image is sampled.
+    """
     if hasattr(value, "snapshot"):
+        if latent is None:
+            raise ValueError(
+                "latent: connect the sampler's LATENT output here when the recording comes from Record "
+                "Self-Attention, so that this node runs after sampling and again for every new image"
+            )
         value = value.snapshot()
     if not isinstance(value, Recording):
         raise TypeError(

@@ -92,9 +92,9 @@ class HeadPCA(io.ComfyNode):
                     "latent",
                     optional=True,
                     tooltip=(
-                        "Connect the sampler's LATENT output here so this node runs after sampling (the "
-                        "recording is filled while the sampler runs). Not used otherwise; leave it empty "
-                        "for a recording loaded from a file."
+                        "The sampler's LATENT: required with a recording from Record Self-Attention, so this "
+                        "node runs after sampling and again for every new image (its values are not used). "
+                        "Leave it empty for a recording loaded from a file."
                     ),
                 ),
             ],
@@ -127,7 +127,7 @@ class HeadPCA(io.ComfyNode):
 
     @classmethod
     def execute(cls, recording, positions="down+up", levels="all", components=8, latent=None) -> io.NodeOutput:
-        rec = as_recording(recording)
+        rec = as_recording(recording, latent)
         pos = parse_positions(positions)
         lv = parse_levels(levels)
         selected = rec.select(positions=pos, levels=lv)
@@ -391,14 +391,14 @@ class MaskSelectAtPixel(io.ComfyNode):
                 hs.Masks.Input("masks", tooltip="Merged masks from Mask Merge."),
                 io.Int.Input(
                     "x",
-                    default=256,
+                    default=0,
                     min=0,
                     max=16384,
                     tooltip="Pixel column in image pixels (0 = left edge; must be < image width).",
                 ),
                 io.Int.Input(
                     "y",
-                    default=256,
+                    default=0,
                     min=0,
                     max=16384,
                     tooltip="Pixel row in image pixels (0 = top edge; must be < image height).",
@@ -418,7 +418,8 @@ class MaskSelectAtPixel(io.ComfyNode):
                     optional=True,
                     tooltip=(
                         "Optional picture (e.g. the decoded image) for the overlays and the click picker; "
-                        "resized to the masks' size if it differs. Without it the masks are drawn on a "
+                        "a photo up to 7 px larger is cropped to its centre as VAE Encode does, other sizes "
+                        "are stretched to the masks' size. Without it the masks are drawn on a "
                         "colour map of all masks."
                     ),
                 ),
@@ -444,7 +445,7 @@ class MaskSelectAtPixel(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, masks, x=256, y=256, index=0, image=None) -> io.NodeOutput:
+    def execute(cls, masks, x=0, y=0, index=0, image=None) -> io.NodeOutput:
         if not isinstance(masks, list) or not masks or not all(isinstance(m, core_masks.MaskSet) for m in masks):
             raise TypeError(f"masks: expected HEADSEG_MASKS from Mask Merge, got {type(masks).__name__}")
         x, y, index = int(x), int(y), int(index)
@@ -454,8 +455,13 @@ class MaskSelectAtPixel(io.ComfyNode):
         picture = None
         if image is not None:
             picture = image_batch(image)[:1]  # [1, h, w, 3]
-            if tuple(picture.shape[1:3]) != (H, W):
-                # e.g. a photo whose sides are not multiples of 8: shown at the masks' size
+            h, w = picture.shape[1:3]
+            if (h // 8 * 8, w // 8 * 8) == (H, W):
+                # a photo whose sides are not multiples of 8: VAE Encode keeps the centred window
+                # that fits the latent grid, so the masks cover exactly that window
+                picture = picture[:, (h % 8) // 2 :][:, :H, (w % 8) // 2 :][:, :, :W]  # [1, H, W, 3]
+            elif (h, w) != (H, W):
+                # any other size: shown stretched to the masks' size
                 picture = torch.nn.functional.interpolate(
                     picture.movedim(-1, 1), size=(H, W), mode="bilinear", align_corners=False
                 ).movedim(1, -1)  # [1, H, W, 3]

@@ -90,7 +90,10 @@ class SaveRecording(io.ComfyNode):
                 io.Latent.Input(
                     "latent",
                     optional=True,
-                    tooltip="Connect the sampler's LATENT so the file is written after sampling. Not used otherwise.",
+                    tooltip=(
+                        "The sampler's LATENT: required with a recording from Record Self-Attention, so the "
+                        "file is written after sampling, for every new image. Its values are not used."
+                    ),
                 ),
             ],
             outputs=[
@@ -104,7 +107,7 @@ class SaveRecording(io.ComfyNode):
     def execute(cls, recording, filename_prefix="headseg/recording", latent=None) -> io.NodeOutput:
         import folder_paths
 
-        rec = as_recording(recording)
+        rec = as_recording(recording, latent)
         if not str(filename_prefix).strip():
             raise ValueError("filename_prefix: expected a non-empty file name prefix such as 'headseg/recording'")
         out_dir = folder_paths.get_output_directory()

@@ -166,8 +166,18 @@ def test_live_recording_handle_is_read_through_snapshot(nodes, recording):
         def snapshot(self) -> Recording:
             return recording
 
-    out = nodes.HeadPCA.execute(Live(), "down+up", "all", 4)
+    latent = {"samples": torch.zeros(1, 4, *recording.latent_size)}
+    out = nodes.HeadPCA.execute(Live(), "down+up", "all", 4, latent=latent)
     assert out.ui["headseg_summary"][0]["recorded_heads"] == recording.num_heads
+
+
+def test_live_recording_without_the_samplers_latent_is_refused(nodes, recording):
+    class Live:
+        def snapshot(self) -> Recording:
+            return recording
+
+    with pytest.raises(ValueError, match="^latent:"):
+        nodes.HeadPCA.execute(Live(), "down+up", "all", 4)
 
 
 @pytest.mark.parametrize(
@@ -204,3 +214,19 @@ def test_bad_widget_values_name_the_widget(nodes, recording):
         nodes.MaskSelectAtPixel.execute(masks, 0, H, 0)
     with pytest.raises(ValueError, match="index"):
         nodes.MaskSelectAtPixel.execute(masks, 0, 0, -1)
+
+
+def test_picture_not_a_multiple_of_8_is_cropped_like_vae_encode(nodes, recording):
+    """A 133x197 photo encodes to the centred 128x192 window: the picker shows that window unscaled."""
+    feats = nodes.HeadPCA.execute(recording, "down+up", "all", 4).args[0]
+    stack = nodes.Upsample.execute(feats, "bilinear", False).args[0]
+    clusters = nodes.MultiKMeans.execute(stack, "2", 0).args[0]
+    masks = nodes.MaskMerge.execute(clusters, 0.9, 0.0).args[0]
+    H, W = masks[0].masks.shape[-2:]
+    photo = torch.rand(1, H + 5, W + 5, 3)
+    overlay = nodes.MaskSelectAtPixel.execute(masks, 0, 0, 0, image=photo).args[2]  # [count, H, W, 3]
+    window = photo[:, 2 : 2 + H, 2 : 2 + W]  # VAE Encode's crop: offset (5 % 8) // 2 = 2
+    assert overlay.shape[1:3] == (H, W)
+    # where the chosen mask is absent, the overlay is the picture itself
+    chosen = nodes.MaskSelectAtPixel.execute(masks, 0, 0, 0, image=photo).args[1][0].bool()
+    assert torch.allclose(overlay[0][~chosen], window[0][~chosen], atol=1e-6)
