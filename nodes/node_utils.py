@@ -26,6 +26,16 @@ def as_recording(value, latent=None, name: str = "recording") -> Recording:
                 "Self-Attention, so that this node runs after sampling and again for every new image"
             )
         value = value.snapshot()
+        samples = latent.get("samples") if isinstance(latent, dict) else None
+        if isinstance(samples, torch.Tensor) and samples.dim() == 4:
+            B, _, h, w = samples.shape
+            if (h, w) != tuple(value.latent_size) or B != value.batch_size:
+                raise ValueError(
+                    f"latent: this LATENT is {B} x {h}x{w} but the recording holds the latest sampling run of "
+                    f"the recorded MODEL, {value.batch_size} x {value.latent_size[0]}x{value.latent_size[1]}: "
+                    "another sampler (a hires fix, an inpainting pass) used the recorded MODEL after this one. "
+                    "Give that sampler the model from before Record Self-Attention."
+                )
     if not isinstance(value, Recording):
         raise TypeError(
             f"{name}: expected a HeadSeg recording (from Record Self-Attention or Load Recording), "

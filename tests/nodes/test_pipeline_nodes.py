@@ -166,7 +166,7 @@ def test_live_recording_handle_is_read_through_snapshot(nodes, recording):
         def snapshot(self) -> Recording:
             return recording
 
-    latent = {"samples": torch.zeros(1, 4, *recording.latent_size)}
+    latent = {"samples": torch.zeros(recording.batch_size, 4, *recording.latent_size)}
     out = nodes.HeadPCA.execute(Live(), "down+up", "all", 4, latent=latent)
     assert out.ui["headseg_summary"][0]["recorded_heads"] == recording.num_heads
 
@@ -230,3 +230,16 @@ def test_picture_not_a_multiple_of_8_is_cropped_like_vae_encode(nodes, recording
     # where the chosen mask is absent, the overlay is the picture itself
     chosen = nodes.MaskSelectAtPixel.execute(masks, 0, 0, 0, image=photo).args[1][0].bool()
     assert torch.allclose(overlay[0][~chosen], window[0][~chosen], atol=1e-6)
+
+
+def test_latent_of_another_run_is_refused(nodes, recording):
+    """A LATENT whose size is not the recorded run's (e.g. a later hires-fix pass) names the latent."""
+
+    class Live:
+        def snapshot(self) -> Recording:
+            return recording
+
+    h, w = recording.latent_size
+    for samples in (torch.zeros(recording.batch_size, 4, 2 * h, 2 * w), torch.zeros(recording.batch_size + 1, 4, h, w)):
+        with pytest.raises(ValueError, match="^latent: .*latest sampling run"):
+            nodes.HeadPCA.execute(Live(), "down+up", "all", 4, latent={"samples": samples})
