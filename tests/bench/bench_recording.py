@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
-import os
 import pathlib
 import statistics
 import sys
@@ -47,15 +46,7 @@ SDXL = {  # ComfyUI's SDXL base UNet config
 
 
 def setup_comfy():
-    comfy_dir = os.environ.get("HEADSEG_COMFYUI")
-    if not comfy_dir:
-        sys.exit("HEADSEG_COMFYUI is not set: source tests/setup_env.sh first")
-    sys.path.insert(0, comfy_dir)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    import comfy.model_management  # noqa: F401
-
+    """The checkout as package ``headseg`` (as tests/conftest.py does), then ComfyUI in-process on the CPU."""
     if "headseg" not in sys.modules:
         spec = importlib.util.spec_from_file_location(
             "headseg", REPO / "__init__.py", submodule_search_locations=[str(REPO)]
@@ -63,6 +54,10 @@ def setup_comfy():
         module = importlib.util.module_from_spec(spec)
         sys.modules["headseg"] = module
         spec.loader.exec_module(module)
+    from headseg.tests.support.comfy_in_process import import_comfyui
+
+    if not import_comfyui():
+        sys.exit("HEADSEG_COMFYUI is not set: source tests/setup_env.sh first")
 
 
 # ------------------------------------------------------------------------------------------ overhead
