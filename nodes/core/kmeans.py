@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import re
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
@@ -33,12 +34,16 @@ from typing import Callable
 import torch
 
 from .upsample import FeatureStack, interpolation_matrix
+from .working_set import RTOL as _RTOL
+from .working_set import WorkingSet, best_start
 
 # Working set: this many random pixels (at least _WS_POINTS_PER_K * k).
 _WS_MIN_POINTS = 512
 _WS_POINTS_PER_K = 16
-# Exact Lloyd runs on the half-resolution pixel lattice first when the image has this many pixels.
-_POLISH_MIN_POINTS = 1 << 14
+# Exact Lloyd runs on up to this many pixel lattices, coarse to fine (each with 4x the pixels of the
+# previous, the last being the full image), starting at the first with at least _POLISH_MIN_POINTS.
+_POLISH_RUNGS = 3
+_POLISH_MIN_POINTS = 1 << 12
 # k-means++ starts on the working set; the one with the lowest working-set inertia is polished.
 _WS_INITS = 3
 # Row chunks of the full-resolution assignment hold at most this many scores (k * rows * W).
@@ -47,8 +52,6 @@ _CHUNK_SCORES = 1 << 20
 _BLOCK_COLS = 64
 # Pixels moved between clusters at once in the adjoint weights.
 _CHUNK_PIXELS = 1 << 14
-# Lattice Lloyd also stops when an iteration lowers the inertia by less than this fraction.
-_RTOL = 1e-3
 # Lattices of at least this many pixels use all intra-op threads; everything smaller runs on one
 # (waking a second thread for each small product costs more than it saves).
 _PARALLEL_MIN_POINTS = 1 << 17
@@ -419,59 +422,31 @@ class _Image:
         return self._rungs[i]
 
     def first_polish_rung(self) -> int:
-        """The half-resolution lattice (a quarter of the pixels), or the full image when it is small."""
-        H, W = self.size
-        return self.last - 1 if H * W >= _POLISH_MIN_POINTS else self.last
+        """The coarsest of the last _POLISH_RUNGS lattices with at least _POLISH_MIN_POINTS pixels."""
+        for i in range(max(0, self.last - _POLISH_RUNGS + 1), self.last):
+            ny, nx = self.sides[i]
+            if ny * nx >= _POLISH_MIN_POINTS:
+                return i
+        return self.last
 
-    def working_set(self, k: int, seed: int):
-        """(X [n, C] features of n random pixels, xx [n] squared norms, mean channel variance of X)."""
+    def working_set(self, k: int, seed: int, map_fn=map) -> WorkingSet:
+        """The WorkingSet of n = max(_WS_MIN_POINTS, _WS_POINTS_PER_K * k) random pixels (all if fewer);
+        map_fn runs the blocks of its Gram matrix (see WorkingSet.from_features)."""
         full = self.rung(self.last)
         N = full.num_pixels
         n = min(N, max(_WS_MIN_POINTS, _WS_POINTS_PER_K * k))
         if (n, seed) not in self._ws:
             gen = torch.Generator().manual_seed(seed)
             pix = torch.randperm(N, generator=gen)[:n] if n < N else torch.arange(N)  # [n]
-            X = full.features_at(pix)  # [n, C]
-            xx = (X * X).sum(1)  # [n]
-            self._ws[n, seed] = (X, xx, _mean_variance(X, xx))
+            self._ws[n, seed] = WorkingSet.from_features(full.features_at(pix), map_fn)  # X [n, C], G [n, n]
         return self._ws[n, seed]
 
 
-# ----------------------------------------------------------------------------- working-set k-means
-def _mean_variance(X: torch.Tensor, xx: torch.Tensor) -> float:
-    """X [n, C] with squared row norms xx [n] -> mean over channels of the variance (float64 sums)."""
-    n, C = X.shape
-    if n < 2:
-        return 0.0
-    mean = X.mean(0, dtype=torch.float64)  # [C]
-    return max(0.0, float(xx.sum(dtype=torch.float64) / n - (mean * mean).sum()) / C)
-
-
+# ----------------------------------------------------------------------------- helpers
 def _sq_dist(X: torch.Tensor, xx: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """X [n, C], xx [n], C [m, C] -> [m, n] squared distances (>= 0)."""
     cc = (C * C).sum(1)  # [m]
     return (xx[None] + cc[:, None] - 2.0 * (C @ X.t())).clamp_min_(0.0)  # [m, n]
-
-
-def _kmeans_pp(X: torch.Tensor, xx: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-    """Greedy k-means++ (2 + ln k candidates per step, as scikit-learn): X [n, C] -> centroids [k, C]."""
-    n = X.shape[0]
-    trials = 2 + int(math.log(k))
-    first = int(torch.randint(n, (1,), generator=gen))
-    centres = [X[first]]
-    closest = _sq_dist(X, xx, X[first : first + 1])[0].double()  # [n]
-    for _ in range(1, k):
-        pot = float(closest.sum())
-        if pot > 0.0:
-            cand = torch.multinomial(closest, trials, replacement=True, generator=gen)  # [trials]
-        else:  # every point sits on a centre: any point will do
-            cand = torch.randint(n, (trials,), generator=gen)
-        d = _sq_dist(X, xx, X[cand]).double()  # [trials, n]
-        new = torch.minimum(closest[None], d)  # [trials, n]
-        best = int(new.sum(1).argmin())
-        centres.append(X[cand[best]])
-        closest = new[best]
-    return torch.stack(centres)  # [k, C]
 
 
 def _fill_empty(centroids: torch.Tensor, counts: torch.Tensor, X: torch.Tensor, xx: torch.Tensor) -> None:
@@ -483,70 +458,6 @@ def _fill_empty(centroids: torch.Tensor, counts: torch.Tensor, X: torch.Tensor, 
     order = far.argsort(descending=True, stable=True)
     for i, j in enumerate(empty.tolist()):
         centroids[j] = X[order[i % order.numel()]]
-
-
-def _ws_scores(X: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """X [n, C], centroids [k, C] -> [k, n] scores ||c_j||^2 - 2 <x, c_j> (squared distance less ||x||^2).
-
-    Computed as centroids @ X^T: with few centroids this orientation is several times faster.
-    """
-    return (centroids * centroids).sum(1)[:, None] - 2.0 * (centroids @ X.t())  # [k, n]
-
-
-def _ws_means(X, xx, labels, centroids) -> tuple[torch.Tensor, bool]:
-    """Working-set points X [n, C] with labels [n] -> (cluster means [k, C], whether any was empty).
-
-    Empty clusters keep their centroid [k, C], then move onto the points farthest from theirs.
-    """
-    k, C = centroids.shape
-    counts = torch.bincount(labels, minlength=k)  # [k]
-    sums = torch.zeros(k, C, dtype=X.dtype).index_add_(0, labels, X)  # [k, C]
-    new = sums / counts.clamp_min(1)[:, None].to(X.dtype)  # [k, C]
-    empty = counts == 0  # [k]
-    new[empty] = centroids[empty]
-    _fill_empty(new, counts, X, xx)
-    return new, bool(empty.any())
-
-
-def _lloyd_ws(X, xx, starts, max_iter: int, tol: float) -> list[tuple[torch.Tensor, float, int]]:
-    """Lloyd on the materialised working set X [n, C] from starts [I, k, C], all at once
-    -> per start (centroids [k, C], inertia, iterations).
-
-    Each start runs exactly as alone (same stopping rules as _Lattice.lloyd: no label moves,
-    centroid shift <= tol, or inertia gain below _RTOL of the inertia); only the distances of
-    the starts still running share one product per iteration.
-    """
-    I, k, C = starts.shape
-    total_sq = float(xx.sum(dtype=torch.float64))
-    best, labels = _ws_scores(X, starts.reshape(I * k, C)).view(I, k, -1).min(1)  # [I, n], [I, n]
-    inertia = (total_sq + best.sum(1, dtype=torch.float64)).tolist()  # [I]
-    centroids = list(starts.unbind(0))  # I x [k, C]
-    labels = list(labels.unbind(0))  # I x [n]
-    out: list = [None] * I
-    running = list(range(I))
-    for it in range(1, max_iter + 1):
-        shift, refilled = {}, {}
-        for i in running:
-            new, refilled[i] = _ws_means(X, xx, labels[i], centroids[i])  # [k, C]
-            shift[i] = float(((new - centroids[i]) ** 2).sum())
-            centroids[i] = new
-        moved = torch.stack([centroids[i] for i in running]).view(-1, C)  # [r*k, C]
-        best, new_labels = _ws_scores(X, moved).view(len(running), k, -1).min(1)  # [r, n], [r, n]
-        new_inertia = (total_sq + best.sum(1, dtype=torch.float64)).tolist()  # [r]
-        still = []
-        for r, i in enumerate(running):
-            stop = torch.equal(new_labels[r], labels[i])
-            gain = inertia[i] - new_inertia[r]
-            labels[i], inertia[i] = new_labels[r], new_inertia[r]
-            stop = stop or shift[i] <= tol or (not refilled[i] and gain <= _RTOL * abs(new_inertia[r]))
-            if stop or it == max_iter:
-                out[i] = (centroids[i], inertia[i], it)
-            else:
-                still.append(i)
-        running = still
-        if not running:
-            break
-    return out
 
 
 def _canonical(labels: torch.Tensor, centroids: torch.Tensor, k: int):
@@ -567,16 +478,14 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
     Runs on one thread except the Lloyd iterations of large lattices, which use ``threads``.
     """
     gen = torch.Generator().manual_seed(seed)
-    X, xx, ws_var = img.working_set(k, seed)
-    starts = torch.stack([_kmeans_pp(X, xx, k, gen) for _ in range(_WS_INITS if k > 1 else 1)])  # [I, k, C]
-    runs = _lloyd_ws(X, xx, starts, max_iter, tol * ws_var)
-    centroids, _, iters = min(runs, key=lambda run: run[1])  # the first of the lowest inertia
     full = img.rung(img.last)
-    with _threads(threads if full.num_pixels >= _PARALLEL_MIN_POINTS else 1):
-        total_sq, full_var = full.moments()  # float64 products over the native grids, once per image
+    ws = img.working_set(k, seed)
+    centroids, iters = best_start(ws, k, _WS_INITS if k > 1 else 1, gen, max_iter, tol)
+    X, xx = ws.X, ws.xx
+    total_sq, full_var = full.moments()  # float64 products over the native grids, once per image
     for i in range(img.first_polish_rung(), img.last + 1):  # exact Lloyd on finer lattices, the last = full
         lat = img.rung(i)
-        scale = total_sq * lat.num_pixels / img.rung(img.last).num_pixels  # estimate on a sub-lattice
+        scale = total_sq * lat.num_pixels / full.num_pixels  # estimate on a sub-lattice
         with _threads(threads if lat.num_pixels >= _PARALLEL_MIN_POINTS else 1):
             labels, centroids, score, it = lat.lloyd(centroids, max_iter, tol * full_var, X, xx, scale)
         iters += it
@@ -585,25 +494,58 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
     return labels, centroids, inertia, iters
 
 
+def _prepare(img: _Image, ks: list[int], seed: int, pool: ThreadPoolExecutor | None) -> None:
+    """Builds everything the k of ``ks`` share (working sets, lattices, moments) before they run,
+    on one intra-op thread; the Gram matrices' blocks run on the pool when there is one."""
+    for k in ks:
+        img.working_set(k, seed, map if pool is None else pool.map)
+    for i in range(img.first_polish_rung(), img.last + 1):
+        img.rung(i)
+    img.rung(img.last).moments()
+
+
 def _sweep(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: float, progress=None):
-    H, W = stack.size
+    """Every image, every k. With several intra-op threads and several k, the k of an image run at
+    once on that many worker threads, each on one intra-op thread (largest k first). Results depend
+    on the number of threads only through the full-image products of a single k on images of at
+    least _PARALLEL_MIN_POINTS pixels, which use every thread (last-bit differences)."""
     B = stack.batch_size
     out = {k: ([], [], []) for k in ks}
     iters = {k: 0 for k in ks}
     done, total = 0, B * len(ks)
     threads = torch.get_num_threads()
-    for b in range(B):
-        img = _Image(stack, b)  # grids and interpolation matrices; lattices are built on first use
-        for k in ks:
+    workers = min(threads, len(ks))
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    try:
+        for b in range(B):
+            img = _Image(stack, b)  # grids and interpolation matrices
             with _threads(1):
-                labels, centroids, inertia, it = _kmeans_image(img, k, seed, max_iter, tol, threads)
-            out[k][0].append(labels)
-            out[k][1].append(centroids)
-            out[k][2].append(inertia)
-            iters[k] = max(iters[k], it)
-            done += 1
-            if progress is not None:
-                progress(done, total)
+                _prepare(img, ks, seed, pool)  # the shared parts: working set, lattices, moments
+                if pool is None:
+                    results = (
+                        (k, _kmeans_image(img, k, seed, max_iter, tol, threads)) for k in ks
+                    )
+                else:
+                    futures = {
+                        pool.submit(_kmeans_image, img, k, seed, max_iter, tol, 1): k
+                        for k in sorted(ks, reverse=True)
+                    }
+                    results = ((futures[f], f.result()) for f in as_completed(futures))
+                got = {}
+                for k, result in results:
+                    got[k] = result
+                    done += 1
+                    if progress is not None:
+                        progress(done, total)
+            for k in ks:
+                labels, centroids, inertia, it = got[k]
+                out[k][0].append(labels)
+                out[k][1].append(centroids)
+                out[k][2].append(inertia)
+                iters[k] = max(iters[k], it)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     return {
         k: KMeansResult(
             k=k,

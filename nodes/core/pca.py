@@ -8,6 +8,7 @@ with ``sklearn.decomposition.PCA(c).fit_transform`` directly.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -118,18 +119,39 @@ class HeadFeatures:
 
 
 def recording_pca(rec: Recording, components: int = 8) -> HeadFeatures:
-    """Recording of [B, heads, h, w, d] layers -> HeadFeatures of [B, heads, h, w, c] float32 layers."""
+    """Recording of [B, heads, h, w, d] layers -> HeadFeatures of [B, heads, h, w, c] float32 layers.
+
+    Layers are reduced in parallel on as many worker threads as torch has intra-op threads, each
+    worker on one intra-op thread (the per-head products and eigh calls are too small to split).
+    """
     if not isinstance(rec, Recording):
         raise TypeError(f"rec must be a Recording, got {type(rec).__name__}")
-    rec.validate()
+    rec.validate(check_finite=False)  # NaN / inf reach the covariance, checked per layer below
     if isinstance(components, bool) or not isinstance(components, int):
         raise ValueError(f"components must be an int between 1 and the head dimension, got {components!r}")
     for key, t in rec.layers.items():
         _check_components(components, int(t.shape[-1]), where=f" of layer {key.name}")
-    layers = {}
-    for key, t in rec.layers.items():
+
+    def reduce(key: LayerKey) -> torch.Tensor:
+        t = rec.layers[key]
         B, heads, h, w, d = t.shape
-        flat = t.reshape(B, heads, h * w, d)  # [B, heads, N, d]
-        scores = head_pca(flat, components)  # [B, heads, N, c]
-        layers[key] = scores.reshape(B, heads, h, w, components).to(torch.float32)  # [B, heads, h, w, c]
+        flat = t.detach().reshape(B * heads, h * w, d)  # [B*heads, N, d]
+        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+        try:
+            scores = _pca_scores(flat, components, dtype)  # [B*heads, N, c]
+        except ValueError:
+            raise ValueError(
+                f"Recording: layer {key!s} contains NaN or inf values (or values too large for the covariance)"
+            ) from None
+        return scores.reshape(B, heads, h, w, components).to(torch.float32)  # [B, heads, h, w, c]
+
+    keys = sorted(rec.layers, key=lambda key: -rec.layers[key].numel())  # largest first: balanced workers
+    workers = min(torch.get_num_threads(), len(keys))
+    with _one_thread():
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                reduced = dict(zip(keys, pool.map(reduce, keys)))
+        else:
+            reduced = {key: reduce(key) for key in keys}
+    layers = {key: reduced[key] for key in rec.layers}  # the recording's layer order
     return HeadFeatures(layers, tuple(rec.image_size), components)

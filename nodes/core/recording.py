@@ -154,8 +154,9 @@ class Recording:
         return levels.index(grid)
 
     # ----------------------------------------------------------------- checks
-    def validate(self) -> Recording:
-        """Checks layers, shapes, batch, grids and finiteness; returns self, else ValueError naming the layer."""
+    def validate(self, check_finite: bool = True) -> Recording:
+        """Checks layers, shapes, batch, grids and (unless check_finite is False) finiteness; returns self,
+        else ValueError naming the layer."""
         if not self.layers:
             raise ValueError("Recording: layers is empty (no self-attention layer recorded)")
         batch = None
@@ -178,7 +179,7 @@ class Recording:
                     f"Recording: batch mismatch: layer {key!s} has batch {B} but layer {batch[0]!s} has {batch[1]}"
                 )
             self.grid_level(key)
-            if not bool(torch.isfinite(t).all()):
+            if check_finite and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"Recording: layer {key!s} contains NaN or inf values")
         return self
 

@@ -139,6 +139,51 @@ def test_same_seed_same_result():
     assert torch.equal(sweep.results[5].labels, a.labels)
 
 
+@pytest.fixture
+def two_threads():
+    """torch on two intra-op threads for one test (the module otherwise runs on one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def sweep_on_threads(stack, ks, threads, **kw):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return multi_kmeans(stack, ks, **kw)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("size", [(96, 96), (64, 200)])
+def test_threads_do_not_change_the_sweep(size):
+    """Several k run at once on worker threads: the same bits as one after the other on one thread."""
+    scene = nested_scene(*size)
+    stack = planted_stack(scenes=[scene], seed=2)
+    one = sweep_on_threads(stack, [2, 3, 4, 7], 1, seed=5)
+    for threads in (2, 3):
+        many = sweep_on_threads(stack, [2, 3, 4, 7], threads, seed=5)
+        for k in (2, 3, 4, 7):
+            assert torch.equal(many.results[k].labels, one.results[k].labels)
+            assert torch.equal(many.results[k].centroids, one.results[k].centroids)
+            assert torch.equal(many.results[k].inertia, one.results[k].inertia)
+
+
+def test_threaded_sweep_reports_progress_in_order_and_stops_on_error(two_threads):
+    stack = random_stack((16, 16), batch=2)
+    calls = []
+    multi_kmeans(stack, [2, 3, 6], progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(i, 6) for i in range(1, 7)]
+
+    def interrupt(done, total):
+        raise InterruptedError("stop")
+
+    with pytest.raises(InterruptedError):
+        multi_kmeans(stack, [2, 3, 6], progress=interrupt)
+
+
 # ----------------------------------------------------------------------------- properties
 @pytest.mark.parametrize("k", [1, 2, 5, 9])
 def test_labels_are_canonical(k):

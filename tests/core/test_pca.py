@@ -183,3 +183,26 @@ def test_recording_pca_validates_recording():
     rec.layers[LayerKey("output", 4, 0)][0, 0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"output\.4\.0"):
         recording_pca(rec)
+
+
+def test_recording_pca_threads_give_the_same_bits():
+    rec = small_recording()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = recording_pca(rec, components=4)
+        torch.set_num_threads(2)
+        two = recording_pca(rec, components=4)
+    finally:
+        torch.set_num_threads(before)
+    assert list(two.layers) == list(rec.layers)
+    for key in rec.layers:
+        assert torch.equal(one.layers[key], two.layers[key])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_recording_pca_names_the_layer_with_non_finite_values(bad):
+    rec = small_recording()
+    rec.layers[LayerKey("input", 1, 0)][1, 0, 0, 1, 2] = bad
+    with pytest.raises(ValueError, match=r"input\.1\.0 contains NaN or inf"):
+        recording_pca(rec)

@@ -1,0 +1,95 @@
+"""k-means on the working set in Gram space against the same algorithm written in feature space,
+and against scikit-learn on planted blobs."""
+
+import pytest
+import torch
+from sklearn.cluster import KMeans
+
+from headseg.nodes.core import working_set as wsm
+from headseg.nodes.core.working_set import WorkingSet, best_start, kmeans_pp, lloyd
+
+
+def blobs(n=300, C=12, k=4, spread=0.3, seed=0, dtype=torch.float32):
+    """n points around k well-separated random centres -> (X [n, C], true labels [n])."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k, C, generator=g, dtype=torch.float64) * 4.0
+    truth = torch.arange(n) % k
+    X = centres[truth] + spread * torch.randn(n, C, generator=g, dtype=torch.float64)
+    return X.to(dtype), truth
+
+
+def feature_space_lloyd(X, picks, iters):
+    """Plain Lloyd in feature space (float64) from the points ``picks``: iters update/assign rounds."""
+    X = X.double()
+    C = X[picks].clone()  # [k, C]
+    for _ in range(iters):
+        labels = torch.cdist(X, C).argmin(1)  # [n]
+        for j in range(C.shape[0]):
+            if bool((labels == j).any()):
+                C[j] = X[labels == j].mean(0)
+    labels = torch.cdist(X, C).argmin(1)
+    return C, labels, float(((X - C[labels]) ** 2).sum())
+
+
+@pytest.mark.parametrize("shape", [(64, 5), (300, 12), (257, 40)])
+@pytest.mark.parametrize("blocks", [1, 3, 4])
+def test_gram_equals_explicit_products(shape, blocks, monkeypatch):
+    monkeypatch.setattr(wsm, "GRAM_BLOCKS", blocks)
+    X = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    ws = WorkingSet.from_features(X)
+    Xd = X.double()
+    torch.testing.assert_close(ws.G.double(), Xd @ Xd.t(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ws.xx.double(), (Xd * Xd).sum(1), rtol=1e-5, atol=1e-4)
+    rows = torch.tensor([0, 3, shape[0] - 1])
+    torch.testing.assert_close(ws.sq_dist(rows), torch.cdist(Xd[rows], Xd) ** 2, rtol=1e-4, atol=1e-3)
+    mean = Xd.mean(0)
+    assert ws.var == pytest.approx(float(((Xd - mean) ** 2).mean()), rel=1e-4)
+
+
+@pytest.mark.parametrize("k", [2, 4, 7])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_lloyd_in_gram_space_equals_lloyd_in_feature_space(k, seed, monkeypatch):
+    monkeypatch.setattr(wsm, "RTOL", 0.0)  # stop only when no label moves
+    X, _ = blobs(n=240, C=10, k=4, spread=1.5, seed=seed)  # overlapping: several iterations
+    picks = kmeans_pp(WorkingSet.from_features(X), k, torch.Generator().manual_seed(seed))
+    centroids, inertia, iters = lloyd(WorkingSet.from_features(X), picks, max_iter=100, tol=0.0)
+    ref_c, ref_labels, ref_inertia = feature_space_lloyd(X, picks, iters)
+    torch.testing.assert_close(centroids.double(), ref_c, rtol=1e-4, atol=1e-4)
+    assert inertia == pytest.approx(ref_inertia, rel=1e-5)
+
+
+def test_kmeans_pp_picks_distinct_points_spread_over_blobs():
+    X, truth = blobs(n=400, C=8, k=5, spread=0.1, seed=3)
+    picks = kmeans_pp(WorkingSet.from_features(X), 5, torch.Generator().manual_seed(0))
+    assert picks.shape == (5,) and picks.dtype == torch.int64
+    assert sorted(truth[picks].tolist()) == [0, 1, 2, 3, 4]  # one start in every planted blob
+
+
+def test_empty_cluster_is_refilled_on_the_farthest_point():
+    X, _ = blobs(n=90, C=6, k=3, spread=0.2, seed=2)
+    X[-1] = 50.0  # one far outlier
+    ws = WorkingSet.from_features(X)
+    picks = torch.tensor([0, 0, 1])  # clusters 0 and 1 start on the same point: cluster 1 gets nothing
+    centroids, inertia, _ = lloyd(ws, picks, max_iter=50, tol=0.0)
+    labels = torch.cdist(X.double(), centroids.double()).argmin(1)
+    assert torch.bincount(labels, minlength=3).min() >= 1
+    assert bool(torch.isfinite(centroids).all())
+    assert inertia == pytest.approx(float(((X.double() - centroids.double()[labels]) ** 2).sum()), rel=1e-4)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_best_start_finds_the_planted_blobs_like_sklearn(k):
+    X, truth = blobs(n=500, C=16, k=k, spread=0.5, seed=k)
+    centroids, _ = best_start(WorkingSet.from_features(X), k, 3, torch.Generator().manual_seed(0), 100, 1e-4)
+    labels = torch.cdist(X, centroids).argmin(1)
+    contingency = torch.zeros(k, k, dtype=torch.int64).index_put_((truth, labels), torch.ones(500, dtype=torch.int64), accumulate=True)
+    assert int((contingency > 0).sum()) == k  # a bijection between clusters and blobs
+    ours = float(((X.double() - centroids.double()[labels]) ** 2).sum())
+    ref = KMeans(n_clusters=k, random_state=0, n_init=1).fit(X.numpy()).inertia_
+    assert ours == pytest.approx(ref, rel=1e-4)
+
+
+def test_constant_points_give_no_nan():
+    ws = WorkingSet.from_features(torch.ones(50, 4))
+    centroids, inertia, _ = lloyd(ws, kmeans_pp(ws, 3, torch.Generator().manual_seed(0)), 20, 0.0)
+    assert bool(torch.isfinite(centroids).all()) and inertia == pytest.approx(0.0, abs=1e-6)
