@@ -14,10 +14,11 @@ POSITION_CHOICES = ["down+up", "down", "up", "middle", "down+middle", "middle+up
 
 
 def as_recording(value, latent=None, name: str = "recording") -> Recording:
-    """A core Recording from a Recording or a live recording handle (its latest snapshot).
+    """A core Recording from a Recording or a live recording handle (the run that produced ``latent``).
 
     A live recording must come with the sampler's LATENT: that link makes the node run after the
-    sampler, and re-run (not come from ComfyUI's cache) whenever a new image is sampled.
+    sampler, re-run (not come from ComfyUI's cache) whenever a new image is sampled, and picks that
+    image's run even when other samplers used the recorded MODEL afterwards.
     """
     if hasattr(value, "snapshot"):
         if latent is None:
@@ -25,17 +26,10 @@ def as_recording(value, latent=None, name: str = "recording") -> Recording:
                 "latent: connect the sampler's LATENT output here when the recording comes from Record "
                 "Self-Attention, so that this node runs after sampling and again for every new image"
             )
-        value = value.snapshot()
         samples = latent.get("samples") if isinstance(latent, dict) else None
-        if isinstance(samples, torch.Tensor) and samples.dim() == 4:
-            B, _, h, w = samples.shape
-            if (h, w) != tuple(value.latent_size) or B != value.batch_size:
-                raise ValueError(
-                    f"latent: this LATENT is {B} x {h}x{w} but the recording holds the latest sampling run of "
-                    f"the recorded MODEL, {value.batch_size} x {value.latent_size[0]}x{value.latent_size[1]}: "
-                    "another sampler (a hires fix, an inpainting pass) used the recorded MODEL after this one. "
-                    "Give that sampler the model from before Record Self-Attention."
-                )
+        if not isinstance(samples, torch.Tensor):
+            raise ValueError(f"latent: expected a LATENT (a dict with 'samples'), got {type(latent).__name__}")
+        value = value.snapshot(samples)  # the run that produced this LATENT
     if not isinstance(value, Recording):
         raise TypeError(
             f"{name}: expected a HeadSeg recording (from Record Self-Attention or Load Recording), "

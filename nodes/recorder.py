@@ -13,7 +13,8 @@ How:
   any later ``ModelPatcher.clone()`` (LoRA, FreeU, ...), which deep-copies ``model_options``, still
   writes into the same store.
 - An OUTER_SAMPLE wrapper marks the start and end of each sampling run: a run starts a fresh recording,
-  and a finished run becomes what ``LiveRecording.snapshot()`` returns.
+  and a finished run becomes what ``LiveRecording.snapshot()`` returns. The last HISTORY runs are kept
+  with their output latents, so that ``snapshot(latent)`` gives the run that produced a LATENT.
 - Steps are told apart by the call's sigma against the run's sigma schedule: step i covers the sigmas in
   (sigmas[i+1], sigmas[i]]. Only what the steps option needs is kept ("last": one fp16 copy per layer;
   "mean" or a range: one float32 running sum per layer).
@@ -21,6 +22,7 @@ How:
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import weakref
@@ -41,6 +43,9 @@ BRANCHES = {"cond": 0, "uncond": 1}
 POSITIONS = ("down", "middle", "up")
 VAE_FACTOR = 8  # pixels per latent cell for the SD-family UNets this records
 RECORD_DTYPE = torch.float16
+# Sampling runs kept per record node, so that a LATENT finds its own run when other samplers used
+# the recorded MODEL after it (a hires fix, an inpainting pass).
+HISTORY = 3
 
 # store id -> _Store. Weak: a store lives as long as its LiveRecording (the node output) lives;
 # a patched model whose recording was dropped samples normally and records nothing.
@@ -181,6 +186,13 @@ def model_label(model) -> str:
     return type(config).__name__ if config is not None else "unknown"
 
 
+def _cpu_latent(x) -> torch.Tensor | None:
+    """A sampler's latent as a float32 CPU tensor (a copy), or None when it is not a plain tensor."""
+    if not isinstance(x, torch.Tensor) or x.is_nested:
+        return None
+    return x.detach().to(device="cpu", dtype=torch.float32, copy=True)
+
+
 class _Store:
     """What one record node's patched model writes during sampling. Lives in _REGISTRY, never in model_options."""
 
@@ -194,6 +206,8 @@ class _Store:
         self.completed: Recording | None = None  # the most recent finished run
         self.runs = 0
         self.failure = ""  # why the most recent run recorded nothing
+        # the last HISTORY runs, oldest first: (output latent on the CPU or None, Recording or None, failure)
+        self.history: collections.deque = collections.deque(maxlen=HISTORY)
         self._reset_run(None, None)
 
     # -- run boundaries (OUTER_SAMPLE wrapper) -------------------------------------------------
@@ -205,6 +219,7 @@ class _Store:
         self.count: dict[LayerKey, int] = {}
         self.seen_branch = 0  # calls that held the recorded branch
         self.seen_calls = 0
+        self._failed = False  # recording failed part-way through this run
         self.called: set[LayerKey] = set()  # layers whose patch ran this run
         self.max_step = -1
         self._sig_obj = None
@@ -216,8 +231,12 @@ class _Store:
         self.failure = ""
         self._reset_run(noise.shape, sig)
 
-    def end_run(self):
+    def end_run(self, output=None):
+        """Closes the run; ``output`` is the sampler's output latent, kept to match a LATENT to this run."""
         if not self.active:
+            if self._failed:  # the run stopped recording part-way: keep why, for its LATENT
+                self.history.append((_cpu_latent(output), None, self.failure))
+                self._failed = False
             return
         layers = {}
         for key in sorted(self.acc, key=lambda k: k.sort_key):
@@ -246,7 +265,19 @@ class _Store:
         else:
             self.completed = None
             self.failure = self._why_empty()
+        self.history.append((_cpu_latent(output), self.completed, self.failure))
         self._reset_run(None, None)
+
+    def run_of(self, samples: torch.Tensor):
+        """The newest kept run whose output latent equals ``samples`` -> (Recording or None, failure),
+        or None when no kept run produced it."""
+        samples = _cpu_latent(samples)
+        if samples is None:
+            return None
+        for output, rec, failure in reversed(self.history):
+            if output is not None and output.shape == samples.shape and torch.equal(output, samples):
+                return rec, failure
+        return None
 
     def abort_run(self):
         self._reset_run(None, None)
@@ -256,7 +287,9 @@ class _Store:
         log.error("HeadSeg: recording stopped for this run: %s: %s", type(exc).__name__, exc)
         self.failure = f"recording failed: {type(exc).__name__}: {exc}"
         self.completed = None
+        failed_in_run = self.active
         self._reset_run(None, None)
+        self._failed = failed_in_run
 
     def _why_empty(self) -> str:
         n_steps = max(len(self.sigmas or []) - 1, 0)
@@ -377,7 +410,8 @@ class _Store:
 class LiveRecording:
     """Handle returned by HeadSeg_RecordSelfAttention; filled while the patched model samples.
 
-    ``snapshot()`` gives the Recording of the most recent finished sampling run.
+    ``snapshot(latent)`` gives the Recording of the run that produced ``latent``; ``snapshot()`` the
+    most recent finished run.
     """
 
     def __init__(self, store: _Store, store_id: int, layers: list[LayerInfo]):
@@ -390,24 +424,51 @@ class LiveRecording:
         """Number of sampling runs finished since the record node ran."""
         return self._store.runs
 
-    def snapshot(self) -> Recording:
-        """-> Recording of the most recent finished sampling run (new object, tensors shared, never mutated)."""
-        done = self._store.completed
-        if done is None:
-            why = f" ({self._store.failure})" if self._store.failure else ""
+    def snapshot(self, latent: torch.Tensor | None = None) -> Recording:
+        """-> Recording of the sampling run whose output latent is ``latent`` [B, C, h, w] (the sampler's
+        LATENT samples), or of the most recent finished run when ``latent`` is None.
+
+        New object, tensors shared, never mutated. ValueError naming `latent` when none of the last
+        HISTORY runs of the recorded MODEL produced ``latent``.
+        """
+        store = self._store
+        if latent is None:
+            rec, failure = store.completed, store.failure
+        else:
+            found = store.run_of(latent)
+            if found is None:
+                raise ValueError(self._no_run_message(latent))
+            rec, failure = found
+        if rec is None:
+            why = f" ({failure})" if failure else ""
             raise ValueError(
                 "recording: nothing recorded yet: connect the sampler's LATENT output to the node that reads "
                 "the recording so it runs after sampling, and sample with the MODEL from "
                 f"HeadSeg_RecordSelfAttention{why}"
             )
-        rec = Recording(
-            layers=dict(done.layers),
-            image_size=done.image_size,
-            model=done.model,
-            steps=done.steps,
-            branch=done.branch,
+        out = Recording(
+            layers=dict(rec.layers),
+            image_size=rec.image_size,
+            model=rec.model,
+            steps=rec.steps,
+            branch=rec.branch,
         )
-        return rec.validate()
+        return out.validate()
+
+    def _no_run_message(self, latent) -> str:
+        shape = "x".join(str(n) for n in latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
+        runs = [out for out, _, _ in self._store.history if out is not None]
+        if not runs:
+            return (
+                "recording: nothing recorded yet: connect the LATENT output of the sampler that samples with the "
+                "MODEL from HeadSeg_RecordSelfAttention, so that this node runs after sampling"
+            )
+        kept = ", ".join("x".join(str(n) for n in out.shape) for out in runs)
+        return (
+            f"latent: this LATENT ({shape}) is not the output of any of the last {len(runs)} sampling run(s) of "
+            f"the recorded MODEL (their outputs: {kept}). Connect the LATENT output of the sampler that sampled "
+            "with the MODEL from Record Self-Attention directly, with no node in between."
+        )
 
     def __repr__(self):
         return f"LiveRecording(id={self.store_id}, layers={len(self.layers)}, runs={self.runs})"
@@ -452,9 +513,13 @@ def _make_outer_sample_wrapper(store_id: int):
             store.abort_run()
             raise
         try:
-            store.end_run()
+            store.end_run(output)
         except Exception as exc:  # recording must never break sampling
             store.fail(exc)
+            try:
+                store.end_run(output)  # keeps the failure with this run's latent
+            except Exception:
+                pass
         return output
 
     return headseg_outer_sample

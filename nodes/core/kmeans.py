@@ -43,6 +43,7 @@ _WS_POINTS_PER_K = 16
 # Exact Lloyd runs on up to this many pixel lattices, coarse to fine (each with 4x the pixels of the
 # previous, the last being the full image), starting at the first with at least _POLISH_MIN_POINTS.
 _POLISH_RUNGS = 3
+_POLISH_STEP = 1
 _POLISH_MIN_POINTS = 1 << 12
 # k-means++ starts on the working set; the one with the lowest working-set inertia is polished.
 _WS_INITS = 3
@@ -421,13 +422,16 @@ class _Image:
                 self._rungs[i] = _Lattice(self.feats, [r[ys] for r in self.ry], [r[xs] for r in self.rx])
         return self._rungs[i]
 
-    def first_polish_rung(self) -> int:
-        """The coarsest of the last _POLISH_RUNGS lattices with at least _POLISH_MIN_POINTS pixels."""
-        for i in range(max(0, self.last - _POLISH_RUNGS + 1), self.last):
+    def polish_rungs(self) -> list[int]:
+        """Lattices of the exact Lloyd polish, coarse to fine: every _POLISH_STEP-th back from the full
+        image, at most _POLISH_RUNGS, each with at least _POLISH_MIN_POINTS pixels (the full image always)."""
+        out = [self.last]
+        for i in range(self.last - _POLISH_STEP, -1, -_POLISH_STEP):
             ny, nx = self.sides[i]
-            if ny * nx >= _POLISH_MIN_POINTS:
-                return i
-        return self.last
+            if len(out) >= _POLISH_RUNGS or ny * nx < _POLISH_MIN_POINTS:
+                break
+            out.append(i)
+        return out[::-1]
 
     def working_set(self, k: int, seed: int, map_fn=map) -> WorkingSet:
         """The WorkingSet of n = max(_WS_MIN_POINTS, _WS_POINTS_PER_K * k) random pixels (all if fewer);
@@ -483,7 +487,7 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
     centroids, iters = best_start(ws, k, _WS_INITS if k > 1 else 1, gen, max_iter, tol)
     X, xx = ws.X, ws.xx
     total_sq, full_var = full.moments()  # float64 products over the native grids, once per image
-    for i in range(img.first_polish_rung(), img.last + 1):  # exact Lloyd on finer lattices, the last = full
+    for i in img.polish_rungs():  # exact Lloyd on finer lattices, the last = full
         lat = img.rung(i)
         scale = total_sq * lat.num_pixels / full.num_pixels  # estimate on a sub-lattice
         with _threads(threads if lat.num_pixels >= _PARALLEL_MIN_POINTS else 1):
@@ -499,7 +503,7 @@ def _prepare(img: _Image, ks: list[int], seed: int, pool: ThreadPoolExecutor | N
     on one intra-op thread; the Gram matrices' blocks run on the pool when there is one."""
     for k in ks:
         img.working_set(k, seed, map if pool is None else pool.map)
-    for i in range(img.first_polish_rung(), img.last + 1):
+    for i in img.polish_rungs():
         img.rung(i)
     img.rung(img.last).moments()
 

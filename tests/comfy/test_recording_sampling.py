@@ -267,3 +267,41 @@ def test_a_patch_set_after_the_recorder_is_reported(tiny, sd2, caplog):
     assert "middle.0.0" in caplog.text and "not recorded" in caplog.text
     assert "middle.0.0" not in {k.name for k in live.snapshot().layers}
 
+
+
+def test_latent_finds_its_own_run_among_the_last_ones(tiny, sd2):
+    """A second sampler on the recorded MODEL (an inpainting pass) does not hide the first run: the
+    sampler's output LATENT picks its run; a LATENT no kept run produced is refused, naming `latent`."""
+    patched, live = recorder.attach_recorder(sd2)
+    with AttentionProbe(patched) as probe:
+        first_latent = run(tiny, patched, latent_hw=(8, 8), seed=1)
+    first = live.snapshot()
+    second_latent = run(tiny, patched, latent_hw=(8, 8), seed=2)
+    assert not torch.equal(first_latent, second_latent)
+    got = live.snapshot(first_latent)
+    assert_matches(got, probe, (8, 8))
+    for key, t in first.layers.items():
+        assert torch.equal(got.layers[key], t)
+    assert not torch.equal(live.snapshot(second_latent).layers[key], t)
+    assert live.snapshot(first_latent.clone()).layers.keys() == first.layers.keys()  # values, not identity
+    with pytest.raises(ValueError, match=r"^latent: this LATENT \(1x4x8x8\) is not the output of any of the last 2"):
+        live.snapshot(torch.randn(1, 4, 8, 8))
+    for seed in range(3, 3 + recorder.HISTORY - 1):
+        run(tiny, patched, latent_hw=(8, 8), seed=seed)
+    live.snapshot(second_latent)  # still kept
+    run(tiny, patched, latent_hw=(8, 8), seed=99)
+    with pytest.raises(ValueError, match="^latent: "):
+        live.snapshot(second_latent)  # forgotten after HISTORY newer runs
+
+
+def test_node_reads_the_run_of_its_latent(tiny, sd2):
+    from headseg.nodes import pipeline_nodes
+
+    patched, live = recorder.attach_recorder(sd2)
+    a = run(tiny, patched, latent_hw=(8, 8), seed=5)
+    b = run(tiny, patched, latent_hw=(8, 12), seed=6)  # e.g. a later pass at another size
+    feats_a = pipeline_nodes.HeadPCA.execute(live, "down+up", "all", 4, latent={"samples": a}).args[0]
+    feats_b = pipeline_nodes.HeadPCA.execute(live, "down+up", "all", 4, latent={"samples": b}).args[0]
+    assert feats_a.image_size == (64, 64) and feats_b.image_size == (64, 96)
+    with pytest.raises(ValueError, match="^latent: .*directly"):
+        pipeline_nodes.HeadPCA.execute(live, "down+up", "all", 4, latent={"samples": a * 0.5})
