@@ -92,9 +92,10 @@ class HeadPCA(io.ComfyNode):
                     "latent",
                     optional=True,
                     tooltip=(
-                        "The sampler's LATENT: required with a recording from Record Self-Attention, so this "
-                        "node runs after sampling and again for every new image (its values are not used). "
-                        "Leave it empty for a recording loaded from a file."
+                        "The sampler's LATENT: required with a recording from Record Self-Attention. This node "
+                        "then runs after sampling and again for every new image, and reads the sampling run "
+                        "that produced this LATENT (one of the last 3 runs of the recorded MODEL). Connect it "
+                        "straight from the sampler. Leave it empty for a recording loaded from a file."
                     ),
                 ),
             ],
@@ -343,8 +344,9 @@ class MaskMerge(io.ComfyNode):
         B = next(iter(clusters.results.values())).labels.shape[0]
         merged = []
         for b in range(B):
-            ms = core_masks.sweep_to_masks(clusters, b)
-            merged.append(core_masks.merge_masks(ms, iou_threshold=float(iou_threshold), min_area=float(min_area)))
+            merged.append(
+                core_masks.merge_sweep(clusters, b, iou_threshold=float(iou_threshold), min_area=float(min_area))
+            )
         first = merged[0].masks  # [M, H, W] bool
         if first.shape[0] == 0:
             H, W = clusters.size

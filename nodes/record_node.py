@@ -72,10 +72,10 @@ class RecordSelfAttention(io.ComfyNode):
                 ),
                 RecordingSocket.Output(
                     display_name="RECORDING",
-                    tooltip="Live recording of the latest sampling run with the patched model: per layer "
-                            "[batch, heads, h, w, d] float16 (about 23 MB per image for SD2.1 at 512x512 with "
-                            "every layer). Connect the sampler's LATENT to the node that reads it so that it "
-                            "runs after sampling.",
+                    tooltip="Live recording of the sampling runs with the patched model (the last 3 are "
+                            "kept): per layer [batch, heads, h, w, d] float16 (about 23 MB per image and run "
+                            "for SD2.1 at 512x512 with every layer). Connect the sampler's LATENT to the node "
+                            "that reads it: that node runs after sampling and reads that LATENT's run.",
                 ),
             ],
         )

@@ -92,7 +92,8 @@ class SaveRecording(io.ComfyNode):
                     optional=True,
                     tooltip=(
                         "The sampler's LATENT: required with a recording from Record Self-Attention, so the "
-                        "file is written after sampling, for every new image. Its values are not used."
+                        "file is written after sampling, for every new image, from the sampling run that "
+                        "produced this LATENT. Connect it straight from the sampler."
                     ),
                 ),
             ],

@@ -2,7 +2,8 @@
 
 A MaskSet holds the masks of ONE image, with the cluster count k and the cluster index that made
 each mask. sweep_to_masks stacks the clusters of every k of a sweep (k ascending, then cluster),
-merge_masks folds masks whose IoU reaches a threshold into the first of them (paper section 4.1),
+merge_masks folds masks whose IoU reaches a threshold into the first of them (paper section 4.1;
+merge_sweep does the same for a sweep, counting overlaps from its label maps),
 masks_at_pixel lists the masks under a pixel from finest to coarsest (paper figure 1).
 """
 
@@ -98,20 +99,36 @@ def _intersections(masks: torch.Tensor) -> torch.Tensor:
     return out.round().long()
 
 
-def merge_masks(ms: MaskSet, iou_threshold: float = 0.9, min_area: float = 0.0) -> MaskSet:
-    """Drops empty masks and masks smaller than min_area (fraction of the image, 0..1), then merges.
+def _label_intersections(sweep: ClusterSweep, batch_index: int) -> torch.Tensor:
+    """[M, M] int64 pairwise intersections of the masks of sweep_to_masks(sweep, batch_index), counted
+    from the label maps: one bincount per pair of cluster counts (contingency tables), no mask products."""
+    ks = sorted(sweep.results)
+    labels = [sweep.results[k].labels[batch_index].reshape(-1) for k in ks]  # G x [N]
+    starts = [0]
+    for k in ks:
+        starts.append(starts[-1] + k)
+    out = torch.zeros(starts[-1], starts[-1], dtype=torch.int64)  # [M, M]
+    for a, (ka, la) in enumerate(zip(ks, labels)):
+        sa = slice(starts[a], starts[a + 1])
+        out[sa, sa] = torch.diag(torch.bincount(la, minlength=ka))  # clusters of one k are disjoint
+        for b in range(a + 1, len(ks)):
+            kb, sb = ks[b], slice(starts[b], starts[b + 1])
+            table = torch.bincount(la * kb + labels[b], minlength=ka * kb).view(ka, kb)  # [ka, kb]
+            out[sa, sb] = table
+            out[sb, sa] = table.t()
+    return out
 
-    Greedy in the given (stable) order: a mask joins the first kept mask whose IoU with it is
-    >= iou_threshold (the kept mask stays the representative, unchanged), else it is kept. Kept
-    masks are pairwise below the threshold, so merging again changes nothing (idempotent).
-    """
-    _check_maskset(ms)
+
+def _check_merge_options(iou_threshold, min_area) -> None:
     if isinstance(iou_threshold, bool) or not isinstance(iou_threshold, (int, float)) or not 0.0 < iou_threshold <= 1.0:
         raise ValueError(f"iou_threshold must be a number in (0, 1], got {iou_threshold!r}")
     if isinstance(min_area, bool) or not isinstance(min_area, (int, float)) or not 0.0 <= min_area <= 1.0:
         raise ValueError(f"min_area must be a fraction of the image in [0, 1], got {min_area!r}")
+
+
+def _merge(ms: MaskSet, inter: torch.Tensor, iou_threshold: float, min_area: float) -> MaskSet:
+    """The greedy merge of merge_masks, given the [M, M] intersections of ms's masks."""
     H, W = ms.size
-    inter = _intersections(ms.masks)  # [M, M], diagonal = areas
     area = inter.diagonal()  # [M]
     need = max(1, math.ceil(min_area * H * W - 1e-9))
     big = (area >= need).nonzero().flatten()  # [M'] stable order
@@ -126,6 +143,26 @@ def merge_masks(ms: MaskSet, iou_threshold: float = 0.9, min_area: float = 0.0) 
         if not kept or not bool((iou[i, kept] >= iou_threshold).any()):
             kept.append(i)
     return ms.subset(big[torch.tensor(kept, dtype=torch.int64)])
+
+
+def merge_masks(ms: MaskSet, iou_threshold: float = 0.9, min_area: float = 0.0) -> MaskSet:
+    """Drops empty masks and masks smaller than min_area (fraction of the image, 0..1), then merges.
+
+    Greedy in the given (stable) order: a mask joins the first kept mask whose IoU with it is
+    >= iou_threshold (the kept mask stays the representative, unchanged), else it is kept. Kept
+    masks are pairwise below the threshold, so merging again changes nothing (idempotent).
+    """
+    _check_maskset(ms)
+    _check_merge_options(iou_threshold, min_area)
+    return _merge(ms, _intersections(ms.masks), iou_threshold, min_area)
+
+
+def merge_sweep(sweep: ClusterSweep, batch_index: int, iou_threshold: float = 0.9, min_area: float = 0.0) -> MaskSet:
+    """merge_masks(sweep_to_masks(sweep, batch_index), ...), with the intersections counted from the
+    label maps (contingency tables) instead of mask products: the same result, several times faster."""
+    _check_merge_options(iou_threshold, min_area)
+    ms = sweep_to_masks(sweep, batch_index)
+    return _merge(ms, _label_intersections(sweep, batch_index), iou_threshold, min_area)
 
 
 def _pixel_index(v, n: int, name: str, what: str, side: str) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .kmeans import ClusterSweep, multi_kmeans, parse_cluster_counts
-from .masks import MaskSet, merge_masks, sweep_to_masks
+from .masks import MaskSet, merge_sweep
 from .pca import HeadFeatures, recording_pca
 from .recording import Recording
 from .upsample import FeatureStack, make_feature_stack
@@ -60,7 +60,7 @@ def segment(
     stack = make_feature_stack(features, mode=mode, reweight=reweight)
     sweep = multi_kmeans(stack, cluster_counts, seed=seed, progress=progress)
     masks = [
-        merge_masks(sweep_to_masks(sweep, b), iou_threshold=iou_threshold, min_area=min_area)
+        merge_sweep(sweep, b, iou_threshold=iou_threshold, min_area=min_area)
         for b in range(stack.batch_size)
     ]
     return SegmentationResult(features, stack, sweep, masks)

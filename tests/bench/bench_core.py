@@ -93,7 +93,7 @@ def make_recording(planted, size: int, noise: float, seed: int):
 def run_ours(rec, seed: int, timings: dict | None = None):
     """All core stages, timed one by one -> (stack, sweep, masks)."""
     from headseg.nodes.core.kmeans import multi_kmeans
-    from headseg.nodes.core.masks import merge_masks, sweep_to_masks
+    from headseg.nodes.core.masks import merge_sweep
     from headseg.nodes.core.pca import recording_pca
     from headseg.nodes.core.upsample import make_feature_stack
 
@@ -110,7 +110,7 @@ def run_ours(rec, seed: int, timings: dict | None = None):
     mark()
     sweep = multi_kmeans(stack, list(KS), seed=seed)
     mark()
-    masks = [merge_masks(sweep_to_masks(sweep, b)) for b in range(stack.batch_size)]
+    masks = [merge_sweep(sweep, b) for b in range(stack.batch_size)]
     mark()
 
     def span(a, b):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from headseg.nodes.core.kmeans import ClusterSweep, KMeansResult
-from headseg.nodes.core.masks import MaskSet, labels_to_masks, masks_at_pixel, merge_masks, sweep_to_masks
+from headseg.nodes.core.masks import MaskSet, labels_to_masks, masks_at_pixel, merge_masks, merge_sweep, sweep_to_masks
 from headseg.nodes.core.metrics import pairwise_iou
 
 
@@ -131,6 +131,22 @@ def test_merge_bad_arguments(kwargs):
     name = next(iter(kwargs))
     with pytest.raises(ValueError, match=name):
         merge_masks(maskset(torch.ones(1, 3, 3)), **kwargs)
+    with pytest.raises(ValueError, match=name):
+        merge_sweep(make_sweep({2: blocky_labels(2)[None]}), 0, **kwargs)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("labels", [blocky_labels, random_labels])
+@pytest.mark.parametrize("threshold, min_area", [(0.9, 0.0), (0.5, 0.0), (0.9, 0.05), (1.0, 0.0)])
+def test_merge_sweep_equals_merge_of_the_sweeps_masks(seed, labels, threshold, min_area):
+    """Overlaps counted from the label maps (contingency tables) against products of the masks."""
+    maps = {k: torch.stack([labels(k, seed=seed * 10 + k + b) for b in range(2)]) for k in (1, 2, 3, 5, 8)}
+    sweep = make_sweep(maps)
+    for b in range(2):
+        want = merge_masks(sweep_to_masks(sweep, b), iou_threshold=threshold, min_area=min_area)
+        got = merge_sweep(sweep, b, iou_threshold=threshold, min_area=min_area)
+        assert torch.equal(got.masks, want.masks)
+        assert torch.equal(got.k, want.k) and torch.equal(got.cluster, want.cluster)
 
 
 # ----------------------------------------------------------------------------- masks at a pixel
