@@ -10,16 +10,18 @@ exact on the native grids:
 - update: the sum of F_g over cluster j is f_g contracted with Ry_g^T M_j Rx_g, the adjoint of the
   upsampling applied to the cluster indicator M_j (all k at once).
 
-For speed, k-means++ (greedy, several starts, the best kept) and most Lloyd iterations run on a
-working set: a few hundred uniformly random output pixels with their explicit features (an unbiased
-sample of the full problem). Exact Lloyd iterations then polish on a pixel lattice of a quarter of
-the output and on the full output, each until the labels stop changing, the centroids move less than
-``tol`` (scikit-learn's rule) or an iteration lowers the inertia by less than _RTOL of itself; the
-final labels and the inertia are exact at full resolution. Clusters are renumbered by decreasing
-area (ties: the cluster whose first pixel in raster order comes first), so labels are canonical.
+For speed, k-means++ (greedy, several starts, the best kept) and the first Lloyd iterations run on
+a working set: a few hundred uniformly random output pixels with their explicit features (an
+unbiased sample of the full problem), in Gram space (``working_set.py``). Exact Lloyd iterations
+then polish on pixel lattices of 1/16 and 1/4 of the output and on the full output, each until the
+labels stop changing, the centroids move less than ``tol`` (scikit-learn's rule) or an iteration
+lowers the inertia by less than _RTOL of itself; the final labels and the inertia are exact at full
+resolution. Clusters are renumbered by decreasing area (ties: the cluster whose first pixel in
+raster order comes first), so labels are canonical.
 
-The many small products (working set, sub-lattices) run on one intra-op thread, where waking a
-second thread for each costs more than it saves; only large lattices use all of the caller's threads.
+Threads: the k of a sweep run at once on worker threads (as many as torch has intra-op threads),
+each on one intra-op thread, where waking a second thread for each small product would cost more
+than it saves. A single k runs alone and gives its large lattices all of the caller's threads.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ _POLISH_RUNGS = 3
 _POLISH_STEP = 1
 _POLISH_MIN_POINTS = 1 << 12
 # k-means++ starts on the working set; the one with the lowest working-set inertia is polished.
-_WS_INITS = 3
+_WS_INITS = 5
 # Row chunks of the full-resolution assignment hold at most this many scores (k * rows * W).
 _CHUNK_SCORES = 1 << 20
 # Output columns per block of the x-upsampling of the scores.

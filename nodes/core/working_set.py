@@ -58,102 +58,124 @@ class WorkingSet:
         return d.clamp_min_(0.0).double()
 
 
-def kmeans_pp(ws: WorkingSet, k: int, gen: torch.Generator) -> torch.Tensor:
-    """Greedy k-means++ (2 + ln k candidates per step, as scikit-learn) -> [k] indices of points."""
-    n = ws.n
+def kmeans_pp(ws: WorkingSet, k: int, starts: int, gen: torch.Generator) -> torch.Tensor:
+    """Greedy k-means++ (2 + ln k candidates per step, as scikit-learn), ``starts`` independent runs
+    at once -> [starts, k] indices of points."""
+    n, I = ws.n, starts
     trials = 2 + int(math.log(k))
-    first = int(torch.randint(n, (1,), generator=gen))
-    picks = [first]
-    closest = ws.sq_dist(torch.tensor([first]))[0]  # [n]
+    rows = torch.arange(I)
+    picks = [torch.randint(n, (I,), generator=gen)]  # [I]
+    closest = ws.sq_dist(picks[0])  # [I, n]
     for _ in range(1, k):
-        if float(closest.sum()) > 0.0:
-            cand = torch.multinomial(closest, trials, replacement=True, generator=gen)  # [trials]
-        else:  # every point sits on a centre: any point will do
-            cand = torch.randint(n, (trials,), generator=gen)
-        new = torch.minimum(closest[None], ws.sq_dist(cand))  # [trials, n]
-        best = int(new.sum(1).argmin())
-        picks.append(int(cand[best]))
-        closest = new[best]
-    return torch.tensor(picks, dtype=torch.int64)  # [k]
+        flat = closest.sum(1) <= 0.0  # [I] every point sits on a centre: any point will do
+        weights = torch.where(flat[:, None], torch.ones_like(closest), closest)  # [I, n]
+        cand = torch.multinomial(weights, trials, replacement=True, generator=gen)  # [I, trials]
+        new = torch.minimum(closest[:, None], ws.sq_dist(cand.flatten()).view(I, trials, n))  # [I, trials, n]
+        best = new.sum(2).argmin(1)  # [I]
+        picks.append(cand[rows, best])
+        closest = new[rows, best]  # [I, n]
+    return torch.stack(picks, 1)  # [I, k]
 
 
-class _Start:
-    """One Lloyd run. Centroid j is point[j] when point[j] >= 0, else the mean of cluster j of ``means_of``."""
+class _Starts:
+    """Lloyd runs from several starts at once, in Gram space.
+
+    Centroid j of start i is the point point[i, j] when that is >= 0, else the mean of cluster j of
+    means_of[i]. S [I, k, n] holds <c_ij, x_p>, cc [I, k] holds ||c_ij||^2.
+    """
 
     def __init__(self, ws: WorkingSet, picks: torch.Tensor):
-        self.ws = ws
-        self.point = picks.clone()  # [k]
-        self.means_of = None  # [n] labels whose cluster means are the non-point centroids
-        self.S = ws.G[picks].clone()  # [k, n] <c_j, x_i>
-        self.cc = ws.xx[picks].clone()  # [k] ||c_j||^2
+        I, k = picks.shape
+        self.ws, self.k = ws, k
+        self.point = picks.clone()  # [I, k]
+        self.means_of = torch.zeros(I, ws.n, dtype=torch.int64)  # [I, n]
+        self.S = ws.G[picks.flatten()].view(I, k, ws.n).clone()  # [I, k, n]
+        self.cc = ws.xx[picks].clone()  # [I, k]
+        self.G_rows = ws.G.repeat(I, 1)  # [I*n, n] source rows of the mean updates
+        self.total_sq = float(ws.xx.sum(dtype=torch.float64))
 
-    def assign(self) -> tuple[torch.Tensor, float]:
-        """-> labels [n] of the nearest centroids, inertia (float64 sum)."""
-        best, labels = (self.cc[:, None] - 2.0 * self.S).min(0)  # [n], [n]
-        return labels, float(self.ws.xx.sum(dtype=torch.float64) + best.sum(dtype=torch.float64))
+    def keep(self, mask: torch.Tensor) -> None:
+        """Keeps the starts where mask [I] is True."""
+        self.point, self.means_of = self.point[mask], self.means_of[mask]
+        self.S, self.cc = self.S[mask], self.cc[mask]
 
-    def update(self, labels: torch.Tensor) -> tuple[float, bool]:
+    def assign(self) -> tuple[torch.Tensor, list[float]]:
+        """-> labels [I, n] of the nearest centroids, inertia per start (float64 sums)."""
+        best, labels = (self.cc[:, :, None] - 2.0 * self.S).min(1)  # [I, n], [I, n]
+        return labels, (self.total_sq + best.sum(1, dtype=torch.float64)).tolist()
+
+    def update(self, labels: torch.Tensor) -> tuple[list[float], list[bool]]:
         """Centroids -> means of their clusters; empty clusters move onto the points farthest from
-        their centroid -> (squared shift of the centroids summed, whether any cluster was empty)."""
-        ws, n = self.ws, self.ws.n
-        k = self.S.shape[0]
-        counts = torch.bincount(labels, minlength=k)  # [k]
-        inv = 1.0 / counts.clamp_min(1).to(torch.float32)  # [k]
-        S = torch.zeros_like(self.S).index_add_(0, labels, ws.G) * inv[:, None]  # [k, n] means' products
-        idx = torch.arange(n)
-        cc = torch.zeros(k).index_add_(0, labels, S[labels, idx]) * inv  # [k] ||mean_j||^2
-        cross = torch.zeros(k).index_add_(0, labels, self.S[labels, idx]) * inv  # [k] <mean_j, c_j>
-        shift = (cc + self.cc - 2.0 * cross).clamp_min(0.0)  # [k]
-        empty = counts == 0  # [k]
+        their centroid -> per start (squared shift of the centroids summed, whether any was empty)."""
+        ws, k = self.ws, self.k
+        I, n = labels.shape
+        flat = (labels + k * torch.arange(I)[:, None]).flatten()  # [I*n] row of (start, cluster)
+        counts = torch.bincount(flat, minlength=I * k).view(I, k)  # [I, k]
+        inv = 1.0 / counts.clamp_min(1).to(torch.float32)  # [I, k]
+        S = torch.zeros(I * k, n).index_add_(0, flat, self.G_rows[: I * n]).view(I, k, n) * inv[:, :, None]
+        p = torch.arange(n).repeat(I)  # [I*n]
+        cc = torch.zeros(I * k).index_add_(0, flat, S.view(I * k, n)[flat, p]).view(I, k) * inv  # ||mean||^2
+        cross = torch.zeros(I * k).index_add_(0, flat, self.S.view(I * k, n)[flat, p]).view(I, k) * inv
+        shift = (cc + self.cc - 2.0 * cross).clamp_min(0.0)  # [I, k]
+        empty = counts == 0  # [I, k]
         S[empty], cc[empty], shift[empty] = self.S[empty], self.cc[empty], 0.0
         self.S, self.cc, self.means_of = S, cc, labels
         self.point = torch.where(empty, self.point, -1)
-        if bool(empty.any()):
-            far = (ws.xx[None] + self.cc[:, None] - 2.0 * self.S).min(0).values  # [n] distance to the nearest centroid
+        for i in empty.any(1).nonzero().flatten().tolist():  # rare: refill start i's empty clusters
+            far = (ws.xx[None] + self.cc[i, :, None] - 2.0 * self.S[i]).min(0).values  # [n]
             order = far.argsort(descending=True, stable=True)  # [n]
-            for i, j in enumerate(empty.nonzero().flatten().tolist()):
-                p = int(order[i % n])
-                shift[j] = (self.cc[j] + ws.xx[p] - 2.0 * self.S[j, p]).clamp_min(0.0)
-                self.S[j], self.cc[j], self.point[j] = ws.G[p], ws.xx[p], p
-        return float(shift.double().sum()), bool(empty.any())
+            for r, j in enumerate(empty[i].nonzero().flatten().tolist()):
+                q = int(order[r % n])
+                shift[i, j] = (self.cc[i, j] + ws.xx[q] - 2.0 * self.S[i, j, q]).clamp_min(0.0)
+                self.S[i, j], self.cc[i, j], self.point[i, j] = ws.G[q], ws.xx[q], q
+        return shift.double().sum(1).tolist(), empty.any(1).tolist()
 
-    def centroids(self) -> torch.Tensor:
-        """The current centroids in feature space [k, C]."""
-        X = self.ws.X
-        k = self.S.shape[0]
-        out = torch.zeros(k, X.shape[1])  # [k, C]
-        if self.means_of is not None:
-            counts = torch.bincount(self.means_of, minlength=k).clamp_min(1)  # [k]
-            out.index_add_(0, self.means_of, X).div_(counts[:, None].to(X.dtype))
-        points = self.point >= 0  # [k]
-        out[points] = X[self.point[points]]
-        return out
+    def centroids(self, i: int) -> torch.Tensor:
+        """Start i's centroids in feature space [k, C]."""
+        X, k = self.ws.X, self.k
+        counts = torch.bincount(self.means_of[i], minlength=k).clamp_min(1)  # [k]
+        out = torch.zeros(k, X.shape[1]).index_add_(0, self.means_of[i], X).div_(counts[:, None].to(X.dtype))
+        points = self.point[i] >= 0  # [k]
+        out[points] = X[self.point[i][points]]
+        return out  # [k, C]
 
 
-def lloyd(ws: WorkingSet, picks: torch.Tensor, max_iter: int, tol: float) -> tuple[torch.Tensor, float, int]:
-    """Lloyd from centroids at the points picks [k] -> (centroids [k, C], inertia, iterations).
+def lloyd(ws: WorkingSet, picks: torch.Tensor, max_iter: int, tol: float) -> list[tuple[torch.Tensor, float, int]]:
+    """Lloyd from centroids at the points picks [I, k], every start at once -> per start
+    (centroids [k, C], inertia, iterations).
 
-    Stops when no label changes, when the centroids moved less than tol (squared, summed;
-    scikit-learn's rule), or when an iteration lowered the inertia by less than RTOL of itself.
-    The inertia returned is that of the centroids returned.
+    Each start stops when no label changes, when its centroids moved less than tol (squared,
+    summed; scikit-learn's rule), or when an iteration lowered its inertia by less than RTOL of
+    itself, exactly as it would alone. The inertia returned is that of the centroids returned.
     """
-    run = _Start(ws, picks)
+    run = _Starts(ws, picks)
     labels, inertia = run.assign()
-    it = 0
+    ids = list(range(picks.shape[0]))  # the starts still running, in run's order
+    out: list = [None] * len(ids)
     for it in range(1, max_iter + 1):
         shift, refilled = run.update(labels)
         new_labels, new_inertia = run.assign()
-        stop = torch.equal(new_labels, labels)
-        gain = inertia - new_inertia
-        labels, inertia = new_labels, new_inertia
-        if stop or shift <= tol or (not refilled and gain <= RTOL * abs(new_inertia)):
+        same = (new_labels == labels).all(1).tolist()
+        going = []
+        for r, i in enumerate(ids):
+            gain = inertia[r] - new_inertia[r]
+            stop = same[r] or shift[r] <= tol or (not refilled[r] and gain <= RTOL * abs(new_inertia[r]))
+            if stop or it == max_iter:
+                out[i] = (run.centroids(r), new_inertia[r], it)
+            going.append(not (stop or it == max_iter))
+        if not any(going):
             break
-    return run.centroids(), inertia, it
+        mask = torch.tensor(going)
+        run.keep(mask)
+        labels = new_labels[mask]
+        inertia = [v for v, g in zip(new_inertia, going) if g]
+        ids = [i for i, g in zip(ids, going) if g]
+    return out
 
 
 def best_start(ws: WorkingSet, k: int, starts: int, gen: torch.Generator, max_iter: int, tol: float):
     """k-means++ ``starts`` times, Lloyd from each -> (centroids [k, C], iterations) of the lowest inertia
     (the first such start). tol is relative to the working set's mean channel variance."""
-    runs = [lloyd(ws, kmeans_pp(ws, k, gen), max_iter, tol * ws.var) for _ in range(starts)]
+    runs = lloyd(ws, kmeans_pp(ws, k, starts, gen), max_iter, tol * ws.var)
     centroids, _, iters = min(runs, key=lambda run: run[1])
     return centroids, iters

@@ -51,26 +51,45 @@ def test_gram_equals_explicit_products(shape, blocks, monkeypatch):
 def test_lloyd_in_gram_space_equals_lloyd_in_feature_space(k, seed, monkeypatch):
     monkeypatch.setattr(wsm, "RTOL", 0.0)  # stop only when no label moves
     X, _ = blobs(n=240, C=10, k=4, spread=1.5, seed=seed)  # overlapping: several iterations
-    picks = kmeans_pp(WorkingSet.from_features(X), k, torch.Generator().manual_seed(seed))
-    centroids, inertia, iters = lloyd(WorkingSet.from_features(X), picks, max_iter=100, tol=0.0)
-    ref_c, ref_labels, ref_inertia = feature_space_lloyd(X, picks, iters)
-    torch.testing.assert_close(centroids.double(), ref_c, rtol=1e-4, atol=1e-4)
-    assert inertia == pytest.approx(ref_inertia, rel=1e-5)
+    ws = WorkingSet.from_features(X)
+    picks = kmeans_pp(ws, k, 3, torch.Generator().manual_seed(seed))  # [3, k]
+    runs = lloyd(ws, picks, max_iter=100, tol=0.0)
+    assert len(runs) == 3
+    for start, (centroids, inertia, iters) in zip(picks, runs):
+        ref_c, ref_labels, ref_inertia = feature_space_lloyd(X, start, iters)
+        torch.testing.assert_close(centroids.double(), ref_c, rtol=1e-4, atol=1e-4)
+        assert inertia == pytest.approx(ref_inertia, rel=1e-5)
+
+
+@pytest.mark.parametrize("tol", [0.0, 1e-2])
+def test_starts_run_together_exactly_as_alone(tol):
+    X, _ = blobs(n=200, C=9, k=5, spread=1.2, seed=4)
+    ws = WorkingSet.from_features(X)
+    picks = kmeans_pp(ws, 6, 4, torch.Generator().manual_seed(2))  # [4, 6]
+    together = lloyd(ws, picks, max_iter=100, tol=tol)
+    iters = {run[2] for run in together}
+    for start, (centroids, inertia, it) in zip(picks, together):
+        alone = lloyd(ws, start[None], max_iter=100, tol=tol)[0]
+        torch.testing.assert_close(centroids, alone[0], rtol=1e-5, atol=1e-5)
+        assert inertia == pytest.approx(alone[1], rel=1e-6) and it == alone[2]
+    assert len(iters) > 1 or tol > 0  # the starts stop at different iterations: dropping them is exercised
 
 
 def test_kmeans_pp_picks_distinct_points_spread_over_blobs():
     X, truth = blobs(n=400, C=8, k=5, spread=0.1, seed=3)
-    picks = kmeans_pp(WorkingSet.from_features(X), 5, torch.Generator().manual_seed(0))
-    assert picks.shape == (5,) and picks.dtype == torch.int64
-    assert sorted(truth[picks].tolist()) == [0, 1, 2, 3, 4]  # one start in every planted blob
+    picks = kmeans_pp(WorkingSet.from_features(X), 5, 3, torch.Generator().manual_seed(0))
+    assert picks.shape == (3, 5) and picks.dtype == torch.int64
+    for start in picks:
+        assert sorted(truth[start].tolist()) == [0, 1, 2, 3, 4]  # one centre in every planted blob
 
 
 def test_empty_cluster_is_refilled_on_the_farthest_point():
     X, _ = blobs(n=90, C=6, k=3, spread=0.2, seed=2)
     X[-1] = 50.0  # one far outlier
     ws = WorkingSet.from_features(X)
-    picks = torch.tensor([0, 0, 1])  # clusters 0 and 1 start on the same point: cluster 1 gets nothing
-    centroids, inertia, _ = lloyd(ws, picks, max_iter=50, tol=0.0)
+    picks = torch.tensor([[0, 0, 1], [1, 2, 3]])  # start 0: clusters 0 and 1 on one point, 1 gets nothing
+    (centroids, inertia, _), other = lloyd(ws, picks, max_iter=50, tol=0.0)
+    assert bool(torch.isfinite(other[0]).all())
     labels = torch.cdist(X.double(), centroids.double()).argmin(1)
     assert torch.bincount(labels, minlength=3).min() >= 1
     assert bool(torch.isfinite(centroids).all())
@@ -91,5 +110,5 @@ def test_best_start_finds_the_planted_blobs_like_sklearn(k):
 
 def test_constant_points_give_no_nan():
     ws = WorkingSet.from_features(torch.ones(50, 4))
-    centroids, inertia, _ = lloyd(ws, kmeans_pp(ws, 3, torch.Generator().manual_seed(0)), 20, 0.0)
-    assert bool(torch.isfinite(centroids).all()) and inertia == pytest.approx(0.0, abs=1e-6)
+    for centroids, inertia, _ in lloyd(ws, kmeans_pp(ws, 3, 2, torch.Generator().manual_seed(0)), 20, 0.0):
+        assert bool(torch.isfinite(centroids).all()) and inertia == pytest.approx(0.0, abs=1e-6)
