@@ -10,9 +10,10 @@ exact on the native grids:
 - update: the sum of F_g over cluster j is f_g contracted with Ry_g^T M_j Rx_g, the adjoint of the
   upsampling applied to the cluster indicator M_j (all k at once).
 
-For speed, k-means++ (greedy, several starts, the best kept) and the first Lloyd iterations run on
-a working set: a few hundred uniformly random output pixels with their explicit features (an
-unbiased sample of the full problem), in Gram space (``working_set.py``). Exact Lloyd iterations
+For speed, k-means++ (greedy, several starts) and the first Lloyd iterations run on a working set:
+a few hundred uniformly random output pixels with their explicit features (an unbiased sample of
+the full problem), in Gram space (``working_set.py``). The start whose centroids have the lowest
+inertia on the first pixel lattice (8x more pixels than the working set) is kept. Exact Lloyd iterations
 then polish on pixel lattices of 1/16 and 1/4 of the output and on the full output, each until the
 labels stop changing, the centroids move less than ``tol`` (scikit-learn's rule) or an iteration
 lowers the inertia by less than _RTOL of itself; the final labels and the inertia are exact at full
@@ -37,7 +38,7 @@ import torch
 
 from .upsample import FeatureStack, interpolation_matrix
 from .working_set import RTOL as _RTOL
-from .working_set import WorkingSet, best_start
+from .working_set import WorkingSet, starts
 
 # Working set: this many random pixels (at least _WS_POINTS_PER_K * k).
 _WS_MIN_POINTS = 512
@@ -486,10 +487,17 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
     gen = torch.Generator().manual_seed(seed)
     full = img.rung(img.last)
     ws = img.working_set(k, seed)
-    centroids, iters = best_start(ws, k, _WS_INITS if k > 1 else 1, gen, max_iter, tol)
+    runs = starts(ws, k, _WS_INITS if k > 1 else 1, gen, max_iter, tol)
+    rungs = img.polish_rungs()
+    if len(runs) > 1:  # the start of lowest inertia on the first lattice: more pixels than the working set
+        lat = img.rung(rungs[0])
+        with _threads(threads if lat.num_pixels >= _PARALLEL_MIN_POINTS else 1):
+            scores = [float(lat.dense(lat.native(c), (c * c).sum(1))[1].sum(dtype=torch.float64)) for c, _, _ in runs]
+        runs = [runs[scores.index(min(scores))]]  # the first of the lowest
+    centroids, _, iters = runs[0]
     X, xx = ws.X, ws.xx
     total_sq, full_var = full.moments()  # float64 products over the native grids, once per image
-    for i in img.polish_rungs():  # exact Lloyd on finer lattices, the last = full
+    for i in rungs:  # exact Lloyd on finer lattices, the last = full
         lat = img.rung(i)
         scale = total_sq * lat.num_pixels / full.num_pixels  # estimate on a sub-lattice
         with _threads(threads if lat.num_pixels >= _PARALLEL_MIN_POINTS else 1):

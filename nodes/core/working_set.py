@@ -173,9 +173,7 @@ def lloyd(ws: WorkingSet, picks: torch.Tensor, max_iter: int, tol: float) -> lis
     return out
 
 
-def best_start(ws: WorkingSet, k: int, starts: int, gen: torch.Generator, max_iter: int, tol: float):
-    """k-means++ ``starts`` times, Lloyd from each -> (centroids [k, C], iterations) of the lowest inertia
-    (the first such start). tol is relative to the working set's mean channel variance."""
-    runs = lloyd(ws, kmeans_pp(ws, k, starts, gen), max_iter, tol * ws.var)
-    centroids, _, iters = min(runs, key=lambda run: run[1])
-    return centroids, iters
+def starts(ws: WorkingSet, k: int, count: int, gen: torch.Generator, max_iter: int, tol: float):
+    """k-means++ ``count`` times, Lloyd from each, all at once -> per start (centroids [k, C], inertia
+    on the working set, iterations). tol is relative to the working set's mean channel variance."""
+    return lloyd(ws, kmeans_pp(ws, k, count, gen), max_iter, tol * ws.var)
