@@ -81,7 +81,8 @@ class _Starts:
     """Lloyd runs from several starts at once, in Gram space.
 
     Centroid j of start i is the point point[i, j] when that is >= 0, else the mean of cluster j of
-    means_of[i]. S [I, k, n] holds <c_ij, x_p>, cc [I, k] holds ||c_ij||^2.
+    means_of[i]. S [I, k, n] holds <c_ij, x_p>, cc [I, k] holds ||c_ij||^2, and T [I, k, n] the sums
+    of G's rows over the clusters of means_of, updated by the points that change cluster.
     """
 
     def __init__(self, ws: WorkingSet, picks: torch.Tensor):
@@ -91,13 +92,27 @@ class _Starts:
         self.means_of = torch.zeros(I, ws.n, dtype=torch.int64)  # [I, n]
         self.S = ws.G[picks.flatten()].view(I, k, ws.n).clone()  # [I, k, n]
         self.cc = ws.xx[picks].clone()  # [I, k]
-        self.G_rows = ws.G.repeat(I, 1)  # [I*n, n] source rows of the mean updates
+        self.T = None  # [I, k, n] sums of G's rows per cluster, after the first update
         self.total_sq = float(ws.xx.sum(dtype=torch.float64))
 
     def keep(self, mask: torch.Tensor) -> None:
         """Keeps the starts where mask [I] is True."""
         self.point, self.means_of = self.point[mask], self.means_of[mask]
-        self.S, self.cc = self.S[mask], self.cc[mask]
+        self.S, self.cc, self.T = self.S[mask], self.cc[mask], self.T[mask]
+
+    def _sums(self, flat: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """T [I, k, n] for labels [I, n] (flat [I*n] = row of (start, cluster) of each point)."""
+        G, k = self.ws.G, self.k
+        I, n = labels.shape
+        moved = (labels != self.means_of).nonzero() if self.T is not None else None  # [P, 2] (start, point)
+        if moved is None or moved.shape[0] * 2 > I * n:
+            return torch.zeros(I * k, n).index_add_(0, flat, G.repeat(I, 1)).view(I, k, n)
+        start, point = moved.unbind(1)  # [P], [P]
+        rows = G[point]  # [P, n]
+        T = self.T.view(I * k, n)
+        T.index_add_(0, self.means_of[start, point] + k * start, rows, alpha=-1.0)
+        T.index_add_(0, labels[start, point] + k * start, rows)
+        return self.T
 
     def assign(self) -> tuple[torch.Tensor, list[float]]:
         """-> labels [I, n] of the nearest centroids, inertia per start (float64 sums)."""
@@ -112,7 +127,8 @@ class _Starts:
         flat = (labels + k * torch.arange(I)[:, None]).flatten()  # [I*n] row of (start, cluster)
         counts = torch.bincount(flat, minlength=I * k).view(I, k)  # [I, k]
         inv = 1.0 / counts.clamp_min(1).to(torch.float32)  # [I, k]
-        S = torch.zeros(I * k, n).index_add_(0, flat, self.G_rows[: I * n]).view(I, k, n) * inv[:, :, None]
+        self.T = self._sums(flat, labels)  # [I, k, n]
+        S = self.T * inv[:, :, None]  # [I, k, n] <mean_j, x_p>
         p = torch.arange(n).repeat(I)  # [I*n]
         cc = torch.zeros(I * k).index_add_(0, flat, S.view(I * k, n)[flat, p]).view(I, k) * inv  # ||mean||^2
         cross = torch.zeros(I * k).index_add_(0, flat, self.S.view(I * k, n)[flat, p]).view(I, k) * inv
