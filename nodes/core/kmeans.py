@@ -46,9 +46,9 @@ _WS_POINTS_PER_K = 16
 # Exact Lloyd runs on up to this many pixel lattices, coarse to fine (each with 4x the pixels of the
 # previous, the last being the full image), starting at the first with at least _POLISH_MIN_POINTS.
 _POLISH_RUNGS = 3
-_POLISH_STEP = 1
 _POLISH_MIN_POINTS = 1 << 12
-# k-means++ starts on the working set; the one with the lowest working-set inertia is polished.
+# k-means++ starts on the working set; the one whose centroids have the lowest inertia on the first
+# lattice is polished.
 _WS_INITS = 5
 # Row chunks of the full-resolution assignment hold at most this many scores (k * rows * W).
 _CHUNK_SCORES = 1 << 20
@@ -426,10 +426,10 @@ class _Image:
         return self._rungs[i]
 
     def polish_rungs(self) -> list[int]:
-        """Lattices of the exact Lloyd polish, coarse to fine: every _POLISH_STEP-th back from the full
-        image, at most _POLISH_RUNGS, each with at least _POLISH_MIN_POINTS pixels (the full image always)."""
+        """Lattices of the exact Lloyd polish, coarse to fine: the last _POLISH_RUNGS, each with at least
+        _POLISH_MIN_POINTS pixels (the full image always)."""
         out = [self.last]
-        for i in range(self.last - _POLISH_STEP, -1, -_POLISH_STEP):
+        for i in range(self.last - 1, -1, -1):
             ny, nx = self.sides[i]
             if len(out) >= _POLISH_RUNGS or ny * nx < _POLISH_MIN_POINTS:
                 break
@@ -510,12 +510,18 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
 
 def _prepare(img: _Image, ks: list[int], seed: int, pool: ThreadPoolExecutor | None) -> None:
     """Builds everything the k of ``ks`` share (working sets, lattices, moments) before they run,
-    on one intra-op thread; the Gram matrices' blocks run on the pool when there is one."""
+    on one intra-op thread each; with a pool, the lattices, the moments and the blocks of the Gram
+    matrices run on its workers while this thread gathers the working sets' features."""
+    full = img.rung(img.last)
+    jobs = [full.moments] + [lambda i=i: img.rung(i) for i in img.polish_rungs()[:-1]]
+    futures = [pool.submit(job) for job in jobs] if pool is not None else []
     for k in ks:
         img.working_set(k, seed, map if pool is None else pool.map)
-    for i in img.polish_rungs():
-        img.rung(i)
-    img.rung(img.last).moments()
+    if pool is None:
+        for job in jobs:
+            job()
+    for future in futures:
+        future.result()
 
 
 def _sweep(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: float, progress=None):
