@@ -453,7 +453,7 @@ class LiveRecording:
             steps=rec.steps,
             branch=rec.branch,
         )
-        return out.validate()
+        return out.validate(check_finite=False)  # NaN / inf: named per layer by Head PCA and Save Recording
 
     def _no_run_message(self, latent) -> str:
         shape = "x".join(str(n) for n in latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
