@@ -8,10 +8,11 @@ matrix G = X X^T [n, n] per image serves every k and every start:
 - a centroid is either a point p (a k-means++ pick or a refilled empty cluster) or the mean of a
   cluster; it is held as its inner products with all points, S_j = <c_j, X> [n], and ||c_j||^2;
 - a point: S_j = G[p], ||c_j||^2 = G[p, p]; a mean of cluster M_j: S_j = mean of G's rows over M_j
-  (one index_add of G's rows), ||c_j||^2 = mean of S_j over M_j.
+  (sums of G's rows per cluster, updated by the points that change cluster), ||c_j||^2 = mean of
+  S_j over M_j.
 
-An iteration then costs O(n^2) instead of O(k n C); only the starts' final centroids are formed
-in feature space.
+An iteration then costs O(k n) plus O(n) per point that changes cluster, instead of O(k n C); only
+the starts' final centroids are formed in feature space. All starts run at once, batched.
 """
 
 from __future__ import annotations
