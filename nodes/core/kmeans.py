@@ -22,7 +22,8 @@ raster order comes first), so labels are canonical.
 
 Threads: the k of a sweep run at once on worker threads (as many as torch has intra-op threads),
 each on one intra-op thread, where waking a second thread for each small product would cost more
-than it saves. A single k runs alone and gives its large lattices all of the caller's threads.
+than it saves, or on an equal share of the threads for large images. A single k runs alone and
+gives its large lattices all of the caller's threads.
 """
 
 from __future__ import annotations
@@ -73,6 +74,14 @@ def _threads(n: int):
     finally:
         if n != before:
             torch.set_num_threads(before)
+
+
+def _lattice_threads(lat, threads: int | None):
+    """Threads for a lattice's products: ``threads`` for large lattices, one for small ones;
+    None leaves the current count (set by the caller for every worker at once)."""
+    if threads is None:
+        return _threads(torch.get_num_threads())
+    return _threads(threads if lat.num_pixels >= _PARALLEL_MIN_POINTS else 1)
 
 
 # ----------------------------------------------------------------------------- public types
@@ -479,10 +488,11 @@ def _canonical(labels: torch.Tensor, centroids: torch.Tensor, k: int):
     return rank[labels], centroids[order]
 
 
-def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, threads: int):
+def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, threads: int | None):
     """One image, one k -> (labels [H, W] int64, centroids [k, C], inertia float, iterations).
 
-    Runs on one thread except the Lloyd iterations of large lattices, which use ``threads``.
+    Runs on one thread except the Lloyd iterations of large lattices, which use ``threads``;
+    threads=None leaves torch's thread count as it is (the caller has set it).
     """
     gen = torch.Generator().manual_seed(seed)
     full = img.rung(img.last)
@@ -491,7 +501,7 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
     rungs = img.polish_rungs()
     if len(runs) > 1:  # the start of lowest inertia on the first lattice: more pixels than the working set
         lat = img.rung(rungs[0])
-        with _threads(threads if lat.num_pixels >= _PARALLEL_MIN_POINTS else 1):
+        with _lattice_threads(lat, threads):
             scores = [float(lat.dense(lat.native(c), (c * c).sum(1))[1].sum(dtype=torch.float64)) for c, _, _ in runs]
         runs = [runs[scores.index(min(scores))]]  # the first of the lowest
     centroids, _, iters = runs[0]
@@ -500,7 +510,7 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
     for i in rungs:  # exact Lloyd on finer lattices, the last = full
         lat = img.rung(i)
         scale = total_sq * lat.num_pixels / full.num_pixels  # estimate on a sub-lattice
-        with _threads(threads if lat.num_pixels >= _PARALLEL_MIN_POINTS else 1):
+        with _lattice_threads(lat, threads):
             labels, centroids, score, it = lat.lloyd(centroids, max_iter, tol * full_var, X, xx, scale)
         iters += it
     inertia = max(0.0, total_sq + float(score.double().sum()))
@@ -526,9 +536,11 @@ def _prepare(img: _Image, ks: list[int], seed: int, pool: ThreadPoolExecutor | N
 
 def _sweep(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: float, progress=None):
     """Every image, every k. With several intra-op threads and several k, the k of an image run at
-    once on that many worker threads, each on one intra-op thread (largest k first). Results depend
-    on the number of threads only through the full-image products of a single k on images of at
-    least _PARALLEL_MIN_POINTS pixels, which use every thread (last-bit differences)."""
+    once on worker threads (largest k first), each on one intra-op thread, or on an equal share of
+    them for images of at least _PARALLEL_MIN_POINTS pixels. Results depend on the number of threads
+    only through the full-image products of such large images when they get several threads each
+    (a single k, or more threads than k): last-bit differences."""
+    H, W = stack.size
     B = stack.batch_size
     out = {k: ([], [], []) for k in ks}
     iters = {k: 0 for k in ks}
@@ -536,18 +548,20 @@ def _sweep(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: fl
     threads = torch.get_num_threads()
     workers = min(threads, len(ks))
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    share = max(1, threads // workers) if H * W >= _PARALLEL_MIN_POINTS else 1  # intra-op threads per worker
     try:
         for b in range(B):
             img = _Image(stack, b)  # grids and interpolation matrices
             with _threads(1):
                 _prepare(img, ks, seed, pool)  # the shared parts: working set, lattices, moments
+            with _threads(1 if pool is None else share):
                 if pool is None:
                     results = (
                         (k, _kmeans_image(img, k, seed, max_iter, tol, threads)) for k in ks
                     )
-                else:
+                else:  # workers leave the thread count alone (threads=None): it is shared by all
                     futures = {
-                        pool.submit(_kmeans_image, img, k, seed, max_iter, tol, 1): k
+                        pool.submit(_kmeans_image, img, k, seed, max_iter, tol, None): k
                         for k in sorted(ks, reverse=True)
                     }
                     results = ((futures[f], f.result()) for f in as_completed(futures))

@@ -171,6 +171,20 @@ def test_threads_do_not_change_the_sweep(size):
             assert torch.equal(many.results[k].inertia, one.results[k].inertia)
 
 
+def test_large_image_shares_threads_between_workers():
+    """At >= 131072 pixels the workers split the threads (4 threads, 2 k: 2 each): same clusters."""
+    scene = nested_scene(384, 384)
+    stack = planted_stack(scenes=[scene], seed=3)
+    one = sweep_on_threads(stack, [2, 4], 1, seed=1)
+    four = sweep_on_threads(stack, [2, 4], 4, seed=1)
+    assert torch.get_num_threads() == 1  # restored
+    for k in (2, 4):
+        assert torch.equal(four.results[k].labels, one.results[k].labels)
+        assert float(four.results[k].inertia[0]) == pytest.approx(float(one.results[k].inertia[0]), rel=1e-5)
+    ious = best_iou_per_region(scene.leaf_masks, four.results[4].labels[0], 4)
+    assert float(ious.min()) >= 0.95, ious.tolist()
+
+
 def test_threaded_sweep_reports_progress_in_order_and_stops_on_error(two_threads):
     stack = random_stack((16, 16), batch=2)
     calls = []
