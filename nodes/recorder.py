@@ -203,9 +203,8 @@ class _Store:
         self.branch = branch
         self.branch_index = BRANCHES[branch]
         self.model = model
-        self.completed: Recording | None = None  # the most recent finished run
         self.runs = 0
-        self.failure = ""  # why the most recent run recorded nothing
+        self.failure = ""  # why the current or most recent run recorded nothing
         # the last HISTORY runs, oldest first: (output latent on the CPU or None, Recording or None, failure)
         self.history: collections.deque = collections.deque(maxlen=HISTORY)
         self._reset_run(None, None)
@@ -253,20 +252,22 @@ class _Store:
             )
         B, C, H, W = self.latent_shape[:4]
         self.runs += 1
+        rec = None
         if layers:
-            self.completed = Recording(
+            rec = Recording(
                 layers=layers,
                 image_size=(H * VAE_FACTOR, W * VAE_FACTOR),
                 model=self.model,
                 steps=self.steps.label,
                 branch=self.branch,
             )
-            self.failure = ""
-        else:
-            self.completed = None
-            self.failure = self._why_empty()
-        self.history.append((_cpu_latent(output), self.completed, self.failure))
+        self.failure = "" if layers else self._why_empty()
+        self.history.append((_cpu_latent(output), rec, self.failure))
         self._reset_run(None, None)
+
+    def latest(self):
+        """(Recording or None, failure) of the most recent finished run; (None, failure) before any."""
+        return self.history[-1][1:] if self.history else (None, self.failure)
 
     def run_of(self, samples: torch.Tensor):
         """The newest kept run whose output latent equals ``samples`` -> (Recording or None, failure),
@@ -286,7 +287,6 @@ class _Store:
         """A bug or an unforeseen layout while recording: log it, stop recording this run, never break sampling."""
         log.error("HeadSeg: recording stopped for this run: %s: %s", type(exc).__name__, exc)
         self.failure = f"recording failed: {type(exc).__name__}: {exc}"
-        self.completed = None
         failed_in_run = self.active
         self._reset_run(None, None)
         self._failed = failed_in_run
@@ -433,12 +433,14 @@ class LiveRecording:
         """
         store = self._store
         if latent is None:
-            rec, failure = store.completed, store.failure
+            found = store.latest()
+        elif not any(out is not None for out, _, _ in store.history):
+            found = (None, store.failure)  # nothing recorded yet: the message below says so, and why
         else:
             found = store.run_of(latent)
-            if found is None:
-                raise ValueError(self._no_run_message(latent))
-            rec, failure = found
+        if found is None:
+            raise ValueError(self._no_run_message(latent))
+        rec, failure = found
         if rec is None:
             why = f" ({failure})" if failure else ""
             raise ValueError(
@@ -458,11 +460,6 @@ class LiveRecording:
     def _no_run_message(self, latent) -> str:
         shape = "x".join(str(n) for n in latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
         runs = [out for out, _, _ in self._store.history if out is not None]
-        if not runs:
-            return (
-                "recording: nothing recorded yet: connect the LATENT output of the sampler that samples with the "
-                "MODEL from HeadSeg_RecordSelfAttention, so that this node runs after sampling"
-            )
         kept = ", ".join("x".join(str(n) for n in out.shape) for out in runs)
         return (
             f"latent: this LATENT ({shape}) is not the output of any of the last {len(runs)} sampling run(s) of "

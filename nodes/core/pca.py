@@ -135,10 +135,9 @@ def recording_pca(rec: Recording, components: int = 8) -> HeadFeatures:
     def reduce(key: LayerKey) -> torch.Tensor:
         t = rec.layers[key]
         B, heads, h, w, d = t.shape
-        flat = t.detach().reshape(B * heads, h * w, d)  # [B*heads, N, d]
-        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+        flat = t.reshape(B, heads, h * w, d)  # [B, heads, N, d]
         try:
-            scores = _pca_scores(flat, components, dtype)  # [B*heads, N, c]
+            scores = head_pca(flat, components)  # [B, heads, N, c]
         except ValueError:
             raise ValueError(
                 f"Recording: layer {key!s} contains NaN or inf values (or values too large for the covariance)"
