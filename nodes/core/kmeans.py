@@ -10,14 +10,14 @@ exact on the native grids:
 - update: the sum of F_g over cluster j is f_g contracted with Ry_g^T M_j Rx_g, the adjoint of the
   upsampling applied to the cluster indicator M_j (all k at once).
 
-For speed, k-means++ (greedy, several starts) and the first Lloyd iterations run on a working set:
-a few hundred uniformly random output pixels with their explicit features (an unbiased sample of
-the full problem), in Gram space (``working_set.py``). The start whose centroids have the lowest
-inertia on the first pixel lattice (8x more pixels than the working set) is kept. Exact Lloyd iterations
-then polish on pixel lattices of 1/16 and 1/4 of the output and on the full output, each until the
-labels stop changing, the centroids move less than ``tol`` (scikit-learn's rule) or an iteration
-lowers the inertia by less than _RTOL of itself; the final labels and the inertia are exact at full
-resolution. Clusters are renumbered by decreasing area (ties: the cluster whose first pixel in
+For speed, k-means++ (greedy, 20 starts) and the first Lloyd iterations run on a working set: a
+few hundred uniformly random output pixels with their explicit features (an unbiased sample of the
+full problem), in Gram space (``working_set.py``). Of the 3 starts of lowest inertia there, the one
+of lowest inertia on a pixel lattice of at least 4096 pixels (8x the working set or more) is kept.
+Exact Lloyd iterations then polish on pixel lattices of 1/16 and 1/4 of the output and on the full
+output, each until the labels stop changing, the centroids move less than ``tol`` (scikit-learn's
+rule) or an iteration lowers the inertia by less than _RTOL of itself; the final labels and the
+inertia are exact at full resolution. Clusters are renumbered by decreasing area (ties: the cluster whose first pixel in
 raster order comes first), so labels are canonical.
 
 Threads: the k of a sweep run at once on worker threads (as many as torch has intra-op threads),
@@ -48,9 +48,11 @@ _WS_POINTS_PER_K = 16
 # previous, the last being the full image), starting at the first with at least _POLISH_MIN_POINTS.
 _POLISH_RUNGS = 3
 _POLISH_MIN_POINTS = 1 << 12
-# k-means++ starts on the working set; the one whose centroids have the lowest inertia on the first
-# lattice is polished.
-_WS_INITS = 5
+# k-means++ starts on the working set, each followed by Lloyd there; of the _WS_FINALISTS of lowest
+# inertia on the working set, the one of lowest inertia on the scoring lattice (the first with at
+# least _POLISH_MIN_POINTS pixels, several times the working set) is polished.
+_WS_INITS = 20
+_WS_FINALISTS = 3
 # Row chunks of the full-resolution assignment hold at most this many scores (k * rows * W).
 _CHUNK_SCORES = 1 << 20
 # Output columns per block of the x-upsampling of the scores.
@@ -445,6 +447,13 @@ class _Image:
             out.append(i)
         return out[::-1]
 
+    def scoring_rung(self) -> int:
+        """The first lattice with at least _POLISH_MIN_POINTS pixels (the full image if none)."""
+        for i, (ny, nx) in enumerate(self.sides):
+            if ny * nx >= _POLISH_MIN_POINTS:
+                return i
+        return self.last
+
     def working_set(self, k: int, seed: int, map_fn=map) -> WorkingSet:
         """The WorkingSet of n = max(_WS_MIN_POINTS, _WS_POINTS_PER_K * k) random pixels (all if fewer);
         map_fn runs the blocks of its Gram matrix (see WorkingSet.from_features)."""
@@ -498,16 +507,17 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
     full = img.rung(img.last)
     ws = img.working_set(k, seed)
     runs = starts(ws, k, _WS_INITS if k > 1 else 1, gen, max_iter, tol)
-    rungs = img.polish_rungs()
-    if len(runs) > 1:  # the start of lowest inertia on the first lattice: more pixels than the working set
-        lat = img.rung(rungs[0])
+    runs = sorted(runs, key=lambda r: r.inertia)[:_WS_FINALISTS]  # stable: ties keep start order
+    cands = [r.centroids(ws) for r in runs]  # [k, C] each
+    if len(cands) > 1:  # the finalist of lowest inertia on the scoring lattice, first of ties
+        lat = img.rung(img.scoring_rung())
         with _lattice_threads(lat, threads):
-            scores = [float(lat.dense(lat.native(c), (c * c).sum(1))[1].sum(dtype=torch.float64)) for c, _, _ in runs]
-        runs = [runs[scores.index(min(scores))]]  # the first of the lowest
-    centroids, _, iters = runs[0]
+            scores = [float(lat.dense(lat.native(c), (c * c).sum(1))[1].sum(dtype=torch.float64)) for c in cands]
+        runs, cands = [runs[scores.index(min(scores))]], [cands[scores.index(min(scores))]]
+    centroids, iters = cands[0], runs[0].iters
     X, xx = ws.X, ws.xx
     total_sq, full_var = full.moments()  # float64 products over the native grids, once per image
-    for i in rungs:  # exact Lloyd on finer lattices, the last = full
+    for i in img.polish_rungs():  # exact Lloyd on finer lattices, the last = full
         lat = img.rung(i)
         scale = total_sq * lat.num_pixels / full.num_pixels  # estimate on a sub-lattice
         with _lattice_threads(lat, threads):
@@ -523,7 +533,8 @@ def _prepare(img: _Image, ks: list[int], seed: int, pool: ThreadPoolExecutor | N
     on one intra-op thread each; with a pool, the lattices, the moments and the blocks of the Gram
     matrices run on its workers while this thread gathers the working sets' features."""
     full = img.rung(img.last)
-    jobs = [full.moments] + [lambda i=i: img.rung(i) for i in img.polish_rungs()[:-1]]
+    lattices = sorted({*img.polish_rungs(), img.scoring_rung()} - {img.last})  # the full image is `full`
+    jobs = [full.moments] + [lambda i=i: img.rung(i) for i in lattices]
     futures = [pool.submit(job) for job in jobs] if pool is not None else []
     for k in ks:
         img.working_set(k, seed, map if pool is None else pool.map)

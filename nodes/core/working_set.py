@@ -101,13 +101,16 @@ class _Starts:
         self.point, self.means_of = self.point[mask], self.means_of[mask]
         self.S, self.cc, self.T = self.S[mask], self.cc[mask], self.T[mask]
 
-    def _sums(self, flat: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """T [I, k, n] for labels [I, n] (flat [I*n] = row of (start, cluster) of each point)."""
+    def _sums(self, labels: torch.Tensor) -> torch.Tensor:
+        """T [I, k, n] for labels [I, n]."""
         G, k = self.ws.G, self.k
         I, n = labels.shape
         moved = (labels != self.means_of).nonzero() if self.T is not None else None  # [P, 2] (start, point)
         if moved is None or moved.shape[0] * 2 > I * n:
-            return torch.zeros(I * k, n).index_add_(0, flat, G.repeat(I, 1)).view(I, k, n)
+            T = torch.zeros(I, k, n)
+            for i in range(I):  # start by start: no [I*n, n] copy of G
+                T[i].index_add_(0, labels[i], G)
+            return T
         start, point = moved.unbind(1)  # [P], [P]
         rows = G[point]  # [P, n]
         T = self.T.view(I * k, n)
@@ -128,7 +131,7 @@ class _Starts:
         flat = (labels + k * torch.arange(I)[:, None]).flatten()  # [I*n] row of (start, cluster)
         counts = torch.bincount(flat, minlength=I * k).view(I, k)  # [I, k]
         inv = 1.0 / counts.clamp_min(1).to(torch.float32)  # [I, k]
-        self.T = self._sums(flat, labels)  # [I, k, n]
+        self.T = self._sums(labels)  # [I, k, n]
         S = self.T * inv[:, :, None]  # [I, k, n] <mean_j, x_p>
         p = torch.arange(n).repeat(I)  # [I*n]
         cc = torch.zeros(I * k).index_add_(0, flat, S.view(I * k, n)[flat, p]).view(I, k) * inv  # ||mean||^2
@@ -147,23 +150,37 @@ class _Starts:
                 self.S[i, j], self.cc[i, j], self.point[i, j] = ws.G[q], ws.xx[q], q
         return shift.double().sum(1).tolist(), empty.any(1).tolist()
 
-    def centroids(self, i: int) -> torch.Tensor:
-        """Start i's centroids in feature space [k, C]."""
-        X, k = self.ws.X, self.k
-        counts = torch.bincount(self.means_of[i], minlength=k).clamp_min(1)  # [k]
-        out = torch.zeros(k, X.shape[1]).index_add_(0, self.means_of[i], X).div_(counts[:, None].to(X.dtype))
-        points = self.point[i] >= 0  # [k]
-        out[points] = X[self.point[i][points]]
+    def result(self, i: int, inertia: float, iters: int) -> "Run":
+        return Run(self.means_of[i].clone(), self.point[i].clone(), inertia, iters)
+
+
+@dataclass
+class Run:
+    """Where one start ended: centroid j is the point point[j] when that is >= 0, else the mean of
+    the points with labels == j (labels [n], point [k]); its inertia on the working set (float64
+    sum) and its iterations. Centroids are formed in feature space only on request."""
+
+    labels: torch.Tensor  # [n] int64
+    point: torch.Tensor  # [k] int64
+    inertia: float
+    iters: int
+
+    def centroids(self, ws: WorkingSet) -> torch.Tensor:
+        """-> [k, C] centroids in feature space."""
+        X, k = ws.X, int(self.point.shape[0])
+        counts = torch.bincount(self.labels, minlength=k).clamp_min(1)  # [k]
+        out = torch.zeros(k, X.shape[1]).index_add_(0, self.labels, X).div_(counts[:, None].to(X.dtype))
+        points = self.point >= 0  # [k]
+        out[points] = X[self.point[points]]
         return out  # [k, C]
 
 
-def lloyd(ws: WorkingSet, picks: torch.Tensor, max_iter: int, tol: float) -> list[tuple[torch.Tensor, float, int]]:
-    """Lloyd from centroids at the points picks [I, k], every start at once -> per start
-    (centroids [k, C], inertia, iterations).
+def lloyd(ws: WorkingSet, picks: torch.Tensor, max_iter: int, tol: float) -> list[Run]:
+    """Lloyd from centroids at the points picks [I, k], every start at once -> a Run per start.
 
     Each start stops when no label changes, when its centroids moved less than tol (squared,
     summed; scikit-learn's rule), or when an iteration lowered its inertia by less than RTOL of
-    itself, exactly as it would alone. The inertia returned is that of the centroids returned.
+    itself, exactly as it would alone. A Run's inertia is that of its centroids.
     """
     run = _Starts(ws, picks)
     labels, inertia = run.assign()
@@ -178,19 +195,22 @@ def lloyd(ws: WorkingSet, picks: torch.Tensor, max_iter: int, tol: float) -> lis
             gain = inertia[r] - new_inertia[r]
             stop = same[r] or shift[r] <= tol or (not refilled[r] and gain <= RTOL * abs(new_inertia[r]))
             if stop or it == max_iter:
-                out[i] = (run.centroids(r), new_inertia[r], it)
+                out[i] = run.result(r, new_inertia[r], it)
             going.append(not (stop or it == max_iter))
+        labels, inertia = new_labels, new_inertia
+        if all(going):
+            continue
         if not any(going):
             break
         mask = torch.tensor(going)
         run.keep(mask)
-        labels = new_labels[mask]
-        inertia = [v for v, g in zip(new_inertia, going) if g]
+        labels = labels[mask]
+        inertia = [v for v, g in zip(inertia, going) if g]
         ids = [i for i, g in zip(ids, going) if g]
     return out
 
 
-def starts(ws: WorkingSet, k: int, count: int, gen: torch.Generator, max_iter: int, tol: float):
-    """k-means++ ``count`` times, Lloyd from each, all at once -> per start (centroids [k, C], inertia
-    on the working set, iterations). tol is relative to the working set's mean channel variance."""
+def starts(ws: WorkingSet, k: int, count: int, gen: torch.Generator, max_iter: int, tol: float) -> list[Run]:
+    """k-means++ ``count`` times, Lloyd from each, all at once -> a Run per start. tol is relative to
+    the working set's mean channel variance."""
     return lloyd(ws, kmeans_pp(ws, k, count, gen), max_iter, tol * ws.var)

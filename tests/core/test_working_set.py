@@ -55,7 +55,8 @@ def test_lloyd_in_gram_space_equals_lloyd_in_feature_space(k, seed, monkeypatch)
     picks = kmeans_pp(ws, k, 3, torch.Generator().manual_seed(seed))  # [3, k]
     runs = lloyd(ws, picks, max_iter=100, tol=0.0)
     assert len(runs) == 3
-    for start, (centroids, inertia, iters) in zip(picks, runs):
+    for start, run in zip(picks, runs):
+        centroids, inertia, iters = run.centroids(ws), run.inertia, run.iters
         ref_c, ref_labels, ref_inertia = feature_space_lloyd(X, start, iters)
         torch.testing.assert_close(centroids.double(), ref_c, rtol=1e-4, atol=1e-4)
         assert inertia == pytest.approx(ref_inertia, rel=1e-5)
@@ -67,11 +68,12 @@ def test_starts_run_together_exactly_as_alone(tol):
     ws = WorkingSet.from_features(X)
     picks = kmeans_pp(ws, 6, 4, torch.Generator().manual_seed(2))  # [4, 6]
     together = lloyd(ws, picks, max_iter=100, tol=tol)
-    iters = {run[2] for run in together}
-    for start, (centroids, inertia, it) in zip(picks, together):
+    iters = {run.iters for run in together}
+    for start, run in zip(picks, together):
         alone = lloyd(ws, start[None], max_iter=100, tol=tol)[0]
-        torch.testing.assert_close(centroids, alone[0], rtol=1e-5, atol=1e-5)
-        assert inertia == pytest.approx(alone[1], rel=1e-6) and it == alone[2]
+        torch.testing.assert_close(run.centroids(ws), alone.centroids(ws), rtol=1e-5, atol=1e-5)
+        assert torch.equal(run.labels, alone.labels) and torch.equal(run.point, alone.point)
+        assert run.inertia == pytest.approx(alone.inertia, rel=1e-6) and run.iters == alone.iters
     assert len(iters) > 1 or tol > 0  # the starts stop at different iterations: dropping them is exercised
 
 
@@ -88,8 +90,9 @@ def test_empty_cluster_is_refilled_on_the_farthest_point():
     X[-1] = 50.0  # one far outlier
     ws = WorkingSet.from_features(X)
     picks = torch.tensor([[0, 0, 1], [1, 2, 3]])  # start 0: clusters 0 and 1 on one point, 1 gets nothing
-    (centroids, inertia, _), other = lloyd(ws, picks, max_iter=50, tol=0.0)
-    assert bool(torch.isfinite(other[0]).all())
+    run, other = lloyd(ws, picks, max_iter=50, tol=0.0)
+    centroids, inertia = run.centroids(ws), run.inertia
+    assert bool(torch.isfinite(other.centroids(ws)).all())
     labels = torch.cdist(X.double(), centroids.double()).argmin(1)
     assert torch.bincount(labels, minlength=3).min() >= 1
     assert bool(torch.isfinite(centroids).all())
@@ -99,8 +102,9 @@ def test_empty_cluster_is_refilled_on_the_farthest_point():
 @pytest.mark.parametrize("k", [3, 5])
 def test_best_start_finds_the_planted_blobs_like_sklearn(k):
     X, truth = blobs(n=500, C=16, k=k, spread=0.5, seed=k)
-    runs = starts(WorkingSet.from_features(X), k, 3, torch.Generator().manual_seed(0), 100, 1e-4)
-    centroids = min(runs, key=lambda run: run[1])[0]
+    ws = WorkingSet.from_features(X)
+    runs = starts(ws, k, 3, torch.Generator().manual_seed(0), 100, 1e-4)
+    centroids = min(runs, key=lambda run: run.inertia).centroids(ws)
     labels = torch.cdist(X, centroids).argmin(1)
     contingency = torch.zeros(k, k, dtype=torch.int64).index_put_((truth, labels), torch.ones(500, dtype=torch.int64), accumulate=True)
     assert int((contingency > 0).sum()) == k  # a bijection between clusters and blobs
@@ -111,5 +115,5 @@ def test_best_start_finds_the_planted_blobs_like_sklearn(k):
 
 def test_constant_points_give_no_nan():
     ws = WorkingSet.from_features(torch.ones(50, 4))
-    for centroids, inertia, _ in lloyd(ws, kmeans_pp(ws, 3, 2, torch.Generator().manual_seed(0)), 20, 0.0):
-        assert bool(torch.isfinite(centroids).all()) and inertia == pytest.approx(0.0, abs=1e-6)
+    for run in lloyd(ws, kmeans_pp(ws, 3, 2, torch.Generator().manual_seed(0)), 20, 0.0):
+        assert bool(torch.isfinite(run.centroids(ws)).all()) and run.inertia == pytest.approx(0.0, abs=1e-6)
