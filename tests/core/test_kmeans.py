@@ -12,7 +12,7 @@ from headseg.nodes.core.metrics import pairwise_iou
 from headseg.nodes.core.pca import recording_pca
 from headseg.nodes.core.upsample import FeatureStack, make_feature_stack
 
-from .planted import nested_scene, planted_recording, small_layout
+from .planted import nested_scene, planted_recording, small_layout, split_scene
 
 
 def planted_stack(size=(256, 256), seed=0, scenes=None, mode="bilinear", components=4):
@@ -131,6 +131,20 @@ def test_inertia_matches_sklearn_on_explicit_features(k):
     ref = KMeans(n_clusters=k, random_state=0).fit(X)
     assert ours <= ref.inertia_ * 1.02
     assert ours >= ref.inertia_ * 0.8  # the same objective on the same data, not a different one
+
+
+@pytest.mark.parametrize("k", [6, 10])
+def test_reaches_the_best_optimum_sklearn_finds_in_ten_starts(k):
+    """A 20-region scene clustered at k = 6 and 10 has many local optima (one scikit-learn start
+    lands 1-4 % above its best of ten): over six seeds ours stays within 0.5 % of that best on average."""
+    scene = split_scene(128, 128, cut_sizes=(2, 5, 6, 10, 20), seed=0)
+    rec = planted_recording([scene], small_layout(), d=16, noise=1.0, seed=0)
+    stack = make_feature_stack(recording_pca(rec.select(), 4), mode="bilinear")
+    X = explicit(stack).numpy()
+    best = KMeans(n_clusters=k, random_state=0, n_init=10).fit(X).inertia_
+    ratios = [float(kmeans(stack, k, seed=seed).inertia[0]) / best for seed in range(6)]
+    assert sum(ratios) / len(ratios) <= 1.005, ratios
+    assert min(ratios) >= 0.99, ratios  # the same objective on the same data
 
 
 # ----------------------------------------------------------------------------- determinism
