@@ -26,6 +26,7 @@ import argparse
 import importlib.util
 import os
 import pathlib
+import runpy
 import statistics
 import sys
 import threading
@@ -38,13 +39,7 @@ ALL_K = f"k-means all k ({','.join(map(str, KS))})"
 
 def import_pack():
     """The checkout as package ``headseg`` (as tests/conftest.py does) and the planted generator."""
-    if "headseg" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "headseg", REPO / "__init__.py", submodule_search_locations=[str(REPO)]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["headseg"] = module
-        spec.loader.exec_module(module)
+    runpy.run_path(str(REPO / "tests" / "support" / "checkout.py"))["import_checkout"]()
     spec = importlib.util.spec_from_file_location("headseg_planted", REPO / "tests" / "core" / "planted.py")
     planted = importlib.util.module_from_spec(spec)
     sys.modules["headseg_planted"] = planted  # dataclasses look their module up

@@ -17,9 +17,9 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import pathlib
+import runpy
 import statistics
 import sys
 import time
@@ -47,13 +47,7 @@ SDXL = {  # ComfyUI's SDXL base UNet config
 
 def setup_comfy():
     """The checkout as package ``headseg`` (as tests/conftest.py does), then ComfyUI in-process on the CPU."""
-    if "headseg" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "headseg", REPO / "__init__.py", submodule_search_locations=[str(REPO)]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["headseg"] = module
-        spec.loader.exec_module(module)
+    runpy.run_path(str(REPO / "tests" / "support" / "checkout.py"))["import_checkout"]()
     from headseg.tests.support.comfy_in_process import import_comfyui
 
     if not import_comfyui():

@@ -9,8 +9,8 @@ A planted recording stands in for a real one because no Stable Diffusion weights
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
+import runpy
 import sys
 
 import numpy as np
@@ -18,10 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-if "headseg" not in sys.modules:
-    spec = importlib.util.spec_from_file_location("headseg", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    sys.modules["headseg"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sys.modules["headseg"])
+runpy.run_path(str(ROOT / "tests" / "support" / "checkout.py"))["import_checkout"]()
 sys.path.insert(0, str(ROOT / "tests" / "core"))
 
 from headseg.nodes.core import masks as core_masks  # noqa: E402
