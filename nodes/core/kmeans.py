@@ -359,8 +359,9 @@ class _Lattice:
         cols = []
         for f, (C_g, h, w), ry, rx in zip(self.flat, self.shapes, self.ry, self.rx):
             cell, wt = self._corners(pr, pc, ry, rx, w)  # [P, t], [P, t]
-            vals = f.t()[cell]  # [P, t, C_g]
-            cols.append(torch.bmm(wt[:, None, :], vals)[:, 0])  # [P, C_g]
+            cells = f.t().contiguous()  # [h*w, C_g]: one row per grid cell, gathered whole
+            vals = cells.index_select(0, cell.flatten()).view(*cell.shape, C_g)  # [P, t, C_g]
+            cols.append((wt[:, :, None] * vals).sum(1))  # [P, C_g]
         return torch.cat(cols, 1)  # [P, C]
 
     # ------------------------------------------------------------------ moments
