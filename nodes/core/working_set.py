@@ -157,10 +157,11 @@ class _Starts:
 @dataclass
 class Run:
     """Where one start ended: centroid j is the point point[j] when that is >= 0, else the mean of
-    the points with labels == j (labels [n], point [k]); its inertia on the working set (float64
-    sum) and its iterations. Centroids are formed in feature space only on request."""
+    the points with members == j (members [n]: the clusters the means were taken over, one step
+    behind the final assignment); its inertia on the working set (float64 sum) and its iterations.
+    Centroids are formed in feature space only on request."""
 
-    labels: torch.Tensor  # [n] int64
+    members: torch.Tensor  # [n] int64
     point: torch.Tensor  # [k] int64
     inertia: float
     iters: int
@@ -168,8 +169,8 @@ class Run:
     def centroids(self, ws: WorkingSet) -> torch.Tensor:
         """-> [k, C] centroids in feature space."""
         X, k = ws.X, int(self.point.shape[0])
-        counts = torch.bincount(self.labels, minlength=k).clamp_min(1)  # [k]
-        out = torch.zeros(k, X.shape[1]).index_add_(0, self.labels, X).div_(counts[:, None].to(X.dtype))
+        counts = torch.bincount(self.members, minlength=k).clamp_min(1)  # [k]
+        out = torch.zeros(k, X.shape[1]).index_add_(0, self.members, X).div_(counts[:, None].to(X.dtype))
         points = self.point >= 0  # [k]
         out[points] = X[self.point[points]]
         return out  # [k, C]

@@ -72,7 +72,7 @@ def test_starts_run_together_exactly_as_alone(tol):
     for start, run in zip(picks, together):
         alone = lloyd(ws, start[None], max_iter=100, tol=tol)[0]
         torch.testing.assert_close(run.centroids(ws), alone.centroids(ws), rtol=1e-5, atol=1e-5)
-        assert torch.equal(run.labels, alone.labels) and torch.equal(run.point, alone.point)
+        assert torch.equal(run.members, alone.members) and torch.equal(run.point, alone.point)
         assert run.inertia == pytest.approx(alone.inertia, rel=1e-6) and run.iters == alone.iters
     assert len(iters) > 1 or tol > 0  # the starts stop at different iterations: dropping them is exercised
 
