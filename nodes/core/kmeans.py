@@ -13,12 +13,12 @@ exact on the native grids:
 For speed, k-means++ (greedy, 20 starts) and the first Lloyd iterations run on a working set: a
 few hundred uniformly random output pixels with their explicit features (an unbiased sample of the
 full problem), in Gram space (``working_set.py``). Of the 3 starts of lowest inertia there, the one
-of lowest inertia on a pixel lattice of at least 4096 pixels (8x the working set or more) is kept.
-Exact Lloyd iterations then polish on pixel lattices of 1/16 and 1/4 of the output and on the full
-output, each until the labels stop changing, the centroids move less than ``tol`` (scikit-learn's
-rule) or an iteration lowers the inertia by less than _RTOL of itself; the final labels and the
-inertia are exact at full resolution. Clusters are renumbered by decreasing area (ties: the cluster whose first pixel in
-raster order comes first), so labels are canonical.
+of lowest inertia on the first pixel lattice with at least 4096 pixels (the full image if none has)
+is kept. Exact Lloyd iterations then polish on pixel lattices of 1/16 and 1/4 of the output and on
+the full output, each until the labels stop changing, the centroids move less than ``tol``
+(scikit-learn's rule) or an iteration lowers the inertia by less than _RTOL of itself; the final
+labels and the inertia are exact at full resolution. Clusters are renumbered by decreasing area
+(ties: the cluster whose first pixel in raster order comes first), so labels are canonical.
 
 Threads: the k of a sweep run at once on worker threads (as many as torch has intra-op threads),
 each on one intra-op thread, where waking a second thread for each small product would cost more
@@ -50,7 +50,7 @@ _POLISH_RUNGS = 3
 _POLISH_MIN_POINTS = 1 << 12
 # k-means++ starts on the working set, each followed by Lloyd there; of the _WS_FINALISTS of lowest
 # inertia on the working set, the one of lowest inertia on the scoring lattice (the first with at
-# least _POLISH_MIN_POINTS pixels, several times the working set) is polished.
+# least _POLISH_MIN_POINTS pixels, the full image if none has) is polished.
 _WS_INITS = 20
 _WS_FINALISTS = 3
 # Row chunks of the full-resolution assignment hold at most this many scores (k * rows * W).
@@ -514,7 +514,8 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
         lat = img.rung(img.scoring_rung())
         with _lattice_threads(lat, threads):
             scores = [float(lat.dense(lat.native(c), (c * c).sum(1))[1].sum(dtype=torch.float64)) for c in cands]
-        runs, cands = [runs[scores.index(min(scores))]], [cands[scores.index(min(scores))]]
+        pick = scores.index(min(scores))
+        runs, cands = [runs[pick]], [cands[pick]]
     centroids, iters = cands[0], runs[0].iters
     X, xx = ws.X, ws.xx
     total_sq, full_var = full.moments()  # float64 products over the native grids, once per image
@@ -550,8 +551,9 @@ def _sweep(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: fl
     """Every image, every k. With several intra-op threads and several k, the k of an image run at
     once on worker threads (largest k first), each on one intra-op thread, or on an equal share of
     them for images of at least _PARALLEL_MIN_POINTS pixels. Results depend on the number of threads
-    only through the full-image products of such large images when they get several threads each
-    (a single k, or more threads than k): last-bit differences."""
+    only for such large images when their k get several threads each (a single k, or more threads
+    than k): their lattice products may round differently, and a near-tie may then go the other
+    way."""
     H, W = stack.size
     B = stack.batch_size
     out = {k: ([], [], []) for k in ks}

@@ -11,8 +11,9 @@ matrix G = X X^T [n, n] per image serves every k and every start:
   (sums of G's rows per cluster, updated by the points that change cluster), ||c_j||^2 = mean of
   S_j over M_j.
 
-An iteration then costs O(k n) plus O(n) per point that changes cluster, instead of O(k n C); only
-the starts' final centroids are formed in feature space. All starts run at once, batched.
+An iteration then costs O(k n) plus O(n) per point that changes cluster, instead of O(k n C);
+centroids are formed in feature space only for the starts asked for (Run.centroids). All starts
+run at once, batched.
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ class _Starts:
         return Run(self.means_of[i].clone(), self.point[i].clone(), inertia, iters)
 
 
-@dataclass
+@dataclass(eq=False)
 class Run:
     """Where one start ended: centroid j is the point point[j] when that is >= 0, else the mean of
     the points with members == j (members [n]: the clusters the means were taken over, one step

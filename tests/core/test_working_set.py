@@ -77,6 +77,17 @@ def test_starts_run_together_exactly_as_alone(tol):
     assert len(iters) > 1 or tol > 0  # the starts stop at different iterations: dropping them is exercised
 
 
+def test_each_run_reports_the_inertia_of_its_own_centroids():
+    """With the early stops on (RTOL, tol), a start may stop while labels still move: its centroids
+    (the means of its members, or points) are still the ones its inertia belongs to."""
+    X, _ = blobs(n=300, C=10, k=6, spread=1.5, seed=5)
+    ws = WorkingSet.from_features(X)
+    runs = starts(ws, 8, 6, torch.Generator().manual_seed(0), 100, 1e-4)
+    for run in runs:
+        d = torch.cdist(X.double(), run.centroids(ws).double()) ** 2  # [n, k]
+        assert run.inertia == pytest.approx(float(d.min(1).values.sum()), rel=1e-5)
+
+
 def test_kmeans_pp_picks_distinct_points_spread_over_blobs():
     X, truth = blobs(n=400, C=8, k=5, spread=0.1, seed=3)
     picks = kmeans_pp(WorkingSet.from_features(X), 5, 3, torch.Generator().manual_seed(0))
