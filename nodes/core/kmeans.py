@@ -135,6 +135,12 @@ def parse_cluster_counts(text: str) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- validation
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of t is finite, without a temporary the size of t: the sum is finite when
+    every value is, unless it overflows; only a non-finite sum is checked value by value."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _check_stack(stack) -> tuple[int, int]:
     if not isinstance(stack, FeatureStack):
         raise TypeError(f"stack must be a FeatureStack, got {type(stack).__name__}")
@@ -146,7 +152,7 @@ def _check_stack(stack) -> tuple[int, int]:
     for g in stack.grids:
         if g.dim() != 4 or not g.is_floating_point():
             raise ValueError(f"stack grids must be floating [B, C, h, w] tensors, got {g.dtype} {tuple(g.shape)}")
-        if not bool(torch.isfinite(g).all()):
+        if not _all_finite(g):
             raise ValueError("stack contains NaN or inf features")
     return H, W
 
@@ -360,8 +366,10 @@ class _Lattice:
         for f, (C_g, h, w), ry, rx in zip(self.flat, self.shapes, self.ry, self.rx):
             cell, wt = self._corners(pr, pc, ry, rx, w)  # [P, t], [P, t]
             cells = f.t().contiguous()  # [h*w, C_g]: one row per grid cell, gathered whole
-            vals = cells.index_select(0, cell.flatten()).view(*cell.shape, C_g)  # [P, t, C_g]
-            cols.append((wt[:, :, None] * vals).sum(1))  # [P, C_g]
+            out = torch.zeros(cell.shape[0], C_g)  # [P, C_g]
+            for t in range(cell.shape[1]):  # corner by corner: no [P, t, C_g] temporary
+                out.addcmul_(cells.index_select(0, cell[:, t]), wt[:, t : t + 1])
+            cols.append(out)
         return torch.cat(cols, 1)  # [P, C]
 
     # ------------------------------------------------------------------ moments
@@ -375,12 +383,14 @@ class _Lattice:
         total, mean_sq, channels = 0.0, 0.0, 0
         n = self.num_pixels
         for f, (C_g, h, w), ry, rx in zip(self.flat, self.shapes, self.ry, self.rx):
-            fd = f.double().view(C_g, h, w)  # [C_g, h, w]
             ryd, rxd = ry.dense.double(), rx.dense.double()
             gy, gx = ryd.t() @ ryd, rxd.t() @ rxd  # [h, h], [w, w]
-            total += float(((gy @ fd @ gx) * fd).sum())
-            mean = torch.einsum("h,chw,w->c", ryd.sum(0), fd, rxd.sum(0)) / n  # [C_g] channel means of F
-            mean_sq += float((mean * mean).sum())
+            step = max(1, _CHUNK_SCORES // (h * w))  # channels at once: float64 temporaries stay small
+            for c0 in range(0, C_g, step):
+                fd = f[c0 : c0 + step].double().view(-1, h, w)  # [c, h, w]
+                total += float(((gy @ fd @ gx) * fd).sum())
+                mean = torch.einsum("h,chw,w->c", ryd.sum(0), fd, rxd.sum(0)) / n  # [c] channel means of F
+                mean_sq += float((mean * mean).sum())
             channels += C_g
         var_mean = max(0.0, (total / n - mean_sq) / max(channels, 1))
         return total, var_mean

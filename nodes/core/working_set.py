@@ -46,7 +46,7 @@ class WorkingSet:
         blocks = X.tensor_split(GRAM_BLOCKS)  # GRAM_BLOCKS x [n_b, C]
         G = torch.cat(list(map_fn(lambda rows: rows @ X.t(), blocks)))  # [n, n]
         xx = G.diagonal().clone()  # [n]
-        mean = X.mean(0, dtype=torch.float64)  # [C]
+        mean = X.mean(0).double()  # [C] (a tolerance scale: float32 is plenty, and no float64 copy of X)
         var = max(0.0, float(xx.sum(dtype=torch.float64) / n - (mean * mean).sum()) / C) if n > 1 else 0.0
         return cls(X, xx, G, var)
 

@@ -180,6 +180,20 @@ def sd21_layout() -> list[tuple[LayerKey, int, int]]:
     return out
 
 
+def sdxl_layout() -> list[tuple[LayerKey, int, int]]:
+    """SDXL base self-attention layers: (key, heads, grid level); no attention on the latent grid,
+    10 heads at level 1 (2 transformers per block), 20 heads at level 2 (10 per block, middle too):
+    70 layers, 1300 heads."""
+    out = []
+    for number, heads, level, depth in [(4, 10, 1, 2), (5, 10, 1, 2), (7, 20, 2, 10), (8, 20, 2, 10)]:
+        out += [(LayerKey("input", number, i), heads, level) for i in range(depth)]
+    out += [(LayerKey("middle", 0, i), 20, 2) for i in range(10)]
+    for number, heads, level, depth in [(0, 20, 2, 10), (1, 20, 2, 10), (2, 20, 2, 10),
+                                        (3, 10, 1, 2), (4, 10, 1, 2), (5, 10, 1, 2)]:
+        out += [(LayerKey("output", number, i), heads, level) for i in range(depth)]
+    return out
+
+
 def small_layout(heads: int = 2) -> list[tuple[LayerKey, int, int]]:
     """One layer per (position, level) of an SD-like UNet, ``heads`` heads each (tests)."""
     blocks = [("input", 1, 0), ("input", 4, 1), ("input", 7, 2), ("middle", 0, 3),

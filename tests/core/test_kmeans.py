@@ -345,13 +345,27 @@ def test_k_above_finest_grid_cells():
         multi_kmeans(stack, [2, 40])
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("grid", [0, 2])
+def test_non_finite_features_are_refused(value, dtype, grid):
+    bad = random_stack(dtype=dtype)
+    bad.grids[grid][0, 1, 1, 2] = value
+    with pytest.raises(ValueError, match="NaN or inf"):
+        kmeans(bad, 2)
+
+
+def test_finiteness_check_is_exact_when_the_sum_overflows():
+    big = torch.full((4, 5), 3e38)  # finite values whose float32 sum is inf
+    assert km._all_finite(big) and not bool(torch.isfinite(big.sum()))
+    big[1, 2] = float("nan")
+    assert not km._all_finite(big)
+    assert km._all_finite(torch.zeros(0)) and km._all_finite(torch.full((3,), -6e4, dtype=torch.float16))
+
+
 def test_bad_stack_and_options():
     with pytest.raises(TypeError, match="stack"):
         kmeans(torch.zeros(1, 2, 3, 3), 2)
-    bad = random_stack()
-    bad.grids[0][0, 0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
-        kmeans(bad, 2)
     with pytest.raises(ValueError, match="max_iter"):
         kmeans(random_stack(), 2, max_iter=0)
     with pytest.raises(ValueError, match="tol"):
