@@ -95,28 +95,31 @@ class _Starts:
         self.S = ws.G[picks.flatten()].view(I, k, ws.n).clone()  # [I, k, n]
         self.cc = ws.xx[picks].clone()  # [I, k]
         self.T = None  # [I, k, n] sums of G's rows per cluster, after the first update
+        self.rows_of = None  # [I*n] row (start, cluster) of T that each point's sum went to
+        self.offset = k * torch.arange(I)[:, None]  # [I, 1] first row of each start in T.view(I*k, n)
         self.total_sq = float(ws.xx.sum(dtype=torch.float64))
 
     def keep(self, mask: torch.Tensor) -> None:
         """Keeps the starts where mask [I] is True."""
         self.point, self.means_of = self.point[mask], self.means_of[mask]
         self.S, self.cc, self.T = self.S[mask], self.cc[mask], self.T[mask]
+        self.offset = self.offset[: self.point.shape[0]]
+        self.rows_of = (self.means_of + self.offset).view(-1)
 
-    def _sums(self, labels: torch.Tensor) -> torch.Tensor:
-        """T [I, k, n] for labels [I, n]."""
+    def _sums(self, labels: torch.Tensor, rows_of: torch.Tensor) -> torch.Tensor:
+        """T [I, k, n] for labels [I, n] (rows_of [I*n]: their rows of T.view(I*k, n))."""
         G, k = self.ws.G, self.k
         I, n = labels.shape
-        moved = (labels != self.means_of).nonzero() if self.T is not None else None  # [P, 2] (start, point)
-        if moved is None or moved.shape[0] * 2 > I * n:
+        moved = None if self.T is None else (labels != self.means_of).view(-1).nonzero().squeeze(1)  # [P] in I*n
+        if moved is None or moved.numel() * 2 > I * n:
             T = torch.zeros(I, k, n)
             for i in range(I):  # start by start: no [I*n, n] copy of G
                 T[i].index_add_(0, labels[i], G)
             return T
-        start, point = moved.unbind(1)  # [P], [P]
-        rows = G[point]  # [P, n]
+        rows = G.index_select(0, moved.remainder(n))  # [P, n] G's rows of the points that moved
         T = self.T.view(I * k, n)
-        T.index_add_(0, self.means_of[start, point] + k * start, rows, alpha=-1.0)
-        T.index_add_(0, labels[start, point] + k * start, rows)
+        T.index_add_(0, self.rows_of[moved], rows, alpha=-1.0)
+        T.index_add_(0, rows_of[moved], rows)
         return self.T
 
     def assign(self) -> tuple[torch.Tensor, list[float]]:
@@ -129,18 +132,22 @@ class _Starts:
         their centroid -> per start (squared shift of the centroids summed, whether any was empty)."""
         ws, k = self.ws, self.k
         I, n = labels.shape
-        flat = (labels + k * torch.arange(I)[:, None]).flatten()  # [I*n] row of (start, cluster)
-        counts = torch.bincount(flat, minlength=I * k).view(I, k)  # [I, k]
-        inv = 1.0 / counts.clamp_min(1).to(torch.float32)  # [I, k]
-        self.T = self._sums(labels)  # [I, k, n]
+        rows_of = (labels + self.offset).view(-1)  # [I*n] row (start, cluster) of each point
+        counts = torch.bincount(rows_of, minlength=I * k).view(I, k)  # [I, k]
+        inv = counts.clamp_min(1).to(torch.float32).reciprocal_()  # [I, k]
+        self.T = self._sums(labels, rows_of)  # [I, k, n]
         S = self.T * inv[:, :, None]  # [I, k, n] <mean_j, x_p>
-        p = torch.arange(n).repeat(I)  # [I*n]
-        cc = torch.zeros(I * k).index_add_(0, flat, S.view(I * k, n)[flat, p]).view(I, k) * inv  # ||mean||^2
-        cross = torch.zeros(I * k).index_add_(0, flat, self.S.view(I * k, n)[flat, p]).view(I, k) * inv
-        shift = (cc + self.cc - 2.0 * cross).clamp_min(0.0)  # [I, k]
+        own = labels[:, None, :]  # [I, 1, n] each point's cluster
+        cc = torch.zeros(I, k).scatter_add_(1, labels, S.gather(1, own)[:, 0]) * inv  # ||mean_j||^2
+        cross = torch.zeros(I, k).scatter_add_(1, labels, self.S.gather(1, own)[:, 0]) * inv  # <mean_j, c_j>
+        shift = (cc + self.cc - 2.0 * cross).clamp_min_(0.0)  # [I, k] squared move of each centroid
+        if not bool((counts == 0).any()):  # the common case: every centroid is now a mean
+            self.S, self.cc, self.means_of, self.rows_of = S, cc, labels, rows_of
+            self.point.fill_(-1)
+            return shift.double().sum(1).tolist(), [False] * I
         empty = counts == 0  # [I, k]
         S[empty], cc[empty], shift[empty] = self.S[empty], self.cc[empty], 0.0
-        self.S, self.cc, self.means_of = S, cc, labels
+        self.S, self.cc, self.means_of, self.rows_of = S, cc, labels, rows_of
         self.point = torch.where(empty, self.point, -1)
         for i in empty.any(1).nonzero().flatten().tolist():  # rare: refill start i's empty clusters
             far = (ws.xx[None] + self.cc[i, :, None] - 2.0 * self.S[i]).min(0).values  # [n]
