@@ -336,9 +336,10 @@ class _Lattice:
         it = 0
         for it in range(1, max_iter + 1):
             new = self.sums(A) / counts.clamp_min(1)[:, None].to(torch.float32)  # [k, C]
-            new[counts == 0] = centroids[counts == 0]
             refilled = bool((counts == 0).any())
-            _fill_empty(new, counts, X, xx)
+            if refilled:  # rare: empty clusters keep their centroid, then move to far points
+                new[counts == 0] = centroids[counts == 0]
+                _fill_empty(new, counts, X, xx)
             shift = float(((new - centroids).double() ** 2).sum())
             centroids = new
             new_labels, best = self.dense(self.native(new), (new * new).sum(1))
