@@ -88,6 +88,18 @@ def test_assignment_and_update_equal_brute_force(mode, size):
         assert var == pytest.approx(float(Xi.var(0, unbiased=False).mean()), rel=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [1, 40])
+def test_moments_in_channel_chunks_equal_brute_force(chunk, monkeypatch):
+    stack = random_stack((40, 24), "bilinear")
+    X = explicit(stack)  # [N, C]
+    whole = km._Image(stack, 0).rung(-1).moments()  # every channel of a grid at once
+    monkeypatch.setattr(km, "_CHUNK_SCORES", chunk)  # 1: one channel at a time; 40: a few
+    total, var = km._Image(stack, 0).rung(-1).moments()
+    assert total == pytest.approx(float((X * X).sum()), rel=1e-6)
+    assert var == pytest.approx(float(X.var(0, unbiased=False).mean()), rel=1e-6)
+    assert (total, var) == pytest.approx(whole, rel=1e-12)
+
+
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
 def test_moving_pixels_updates_sums_exactly(mode):
     stack = random_stack((17, 11), mode)
