@@ -461,7 +461,8 @@ class MaskSelectAtPixel(io.ComfyNode):
             if (h // 8 * 8, w // 8 * 8) == (H, W):
                 # a photo whose sides are not multiples of 8: VAE Encode keeps the centred window
                 # that fits the latent grid, so the masks cover exactly that window
-                picture = picture[:, (h % 8) // 2 :][:, :H, (w % 8) // 2 :][:, :, :W]  # [1, H, W, 3]
+                top, left = (h % 8) // 2, (w % 8) // 2
+                picture = picture[:, top : top + H, left : left + W]  # [1, H, W, 3]
             elif (h, w) != (H, W):
                 # any other size: shown stretched to the masks' size
                 picture = torch.nn.functional.interpolate(

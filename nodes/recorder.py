@@ -458,9 +458,12 @@ class LiveRecording:
         return out.validate(check_finite=False)  # NaN / inf: named per layer by Head PCA and Save Recording
 
     def _no_run_message(self, latent) -> str:
-        shape = "x".join(str(n) for n in latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
+        def dims(t):
+            return "x".join(str(n) for n in t.shape)
+
+        shape = dims(latent) if isinstance(latent, torch.Tensor) else type(latent).__name__
         runs = [out for out, _, _ in self._store.history if out is not None]
-        kept = ", ".join("x".join(str(n) for n in out.shape) for out in runs)
+        kept = ", ".join(dims(out) for out in runs)
         return (
             f"latent: this LATENT ({shape}) is not the output of any of the last {len(runs)} sampling run(s) of "
             f"the recorded MODEL (their outputs: {kept}). Connect the LATENT output of the sampler that sampled "

@@ -519,15 +519,15 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
     full = img.rung(img.last)
     ws = img.working_set(k, seed)
     runs = starts(ws, k, _WS_INITS if k > 1 else 1, gen, max_iter, tol)
-    runs = sorted(runs, key=lambda r: r.inertia)[:_WS_FINALISTS]  # stable: ties keep start order
-    cands = [r.centroids(ws) for r in runs]  # [k, C] each
+    finalists = sorted(runs, key=lambda r: r.inertia)[:_WS_FINALISTS]  # stable: ties keep start order
+    cands = [r.centroids(ws) for r in finalists]  # [k, C] each
+    pick = 0
     if len(cands) > 1:  # the finalist of lowest inertia on the scoring lattice, first of ties
         lat = img.rung(img.scoring_rung())
         with _lattice_threads(lat, threads):
             scores = [float(lat.dense(lat.native(c), (c * c).sum(1))[1].sum(dtype=torch.float64)) for c in cands]
         pick = scores.index(min(scores))
-        runs, cands = [runs[pick]], [cands[pick]]
-    centroids, iters = cands[0], runs[0].iters
+    centroids, iters = cands[pick], finalists[pick].iters
     X, xx = ws.X, ws.xx
     total_sq, full_var = full.moments()  # float64 products over the native grids, once per image
     for i in img.polish_rungs():  # exact Lloyd on finer lattices, the last = full

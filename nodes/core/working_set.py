@@ -141,13 +141,14 @@ class _Starts:
         cc = torch.zeros(I, k).scatter_add_(1, labels, S.gather(1, own)[:, 0]) * inv  # ||mean_j||^2
         cross = torch.zeros(I, k).scatter_add_(1, labels, self.S.gather(1, own)[:, 0]) * inv  # <mean_j, c_j>
         shift = (cc + self.cc - 2.0 * cross).clamp_min_(0.0)  # [I, k] squared move of each centroid
-        if not bool((counts == 0).any()):  # the common case: every centroid is now a mean
-            self.S, self.cc, self.means_of, self.rows_of = S, cc, labels, rows_of
+        empty = counts == 0  # [I, k]
+        any_empty = bool(empty.any())
+        if any_empty:  # empty clusters keep their centroid until refilled below
+            S[empty], cc[empty], shift[empty] = self.S[empty], self.cc[empty], 0.0
+        self.S, self.cc, self.means_of, self.rows_of = S, cc, labels, rows_of
+        if not any_empty:  # the common case: every centroid is now a mean
             self.point.fill_(-1)
             return shift.double().sum(1).tolist(), [False] * I
-        empty = counts == 0  # [I, k]
-        S[empty], cc[empty], shift[empty] = self.S[empty], self.cc[empty], 0.0
-        self.S, self.cc, self.means_of, self.rows_of = S, cc, labels, rows_of
         self.point = torch.where(empty, self.point, -1)
         for i in empty.any(1).nonzero().flatten().tolist():  # rare: refill start i's empty clusters
             far = (ws.xx[None] + self.cc[i, :, None] - 2.0 * self.S[i]).min(0).values  # [n]

@@ -3,7 +3,6 @@
 Without HEADSEG_COMFYUI (source tests/setup_env.sh) these tests are not collected.
 """
 
-
 import pytest
 
 from headseg.tests.support.comfy_in_process import import_comfyui
