@@ -47,23 +47,6 @@ def parse_positions(text: str) -> tuple[str, ...]:
     return parts
 
 
-def parse_levels(text: str) -> list[int] | None:
-    """"all" -> None; "0,1" -> [0, 1]; ValueError naming `levels`."""
-    text = str(text).strip().lower()
-    if text in ("", "all", "*"):
-        return None
-    try:
-        levels = sorted({int(p) for p in text.replace(" ", "").split(",") if p})
-    except ValueError:
-        levels = None
-    if not levels or any(v < 0 for v in levels):
-        raise ValueError(
-            f"levels: expected 'all' or grid levels as comma-separated integers >= 0 "
-            f"(0 = latent grid, 1 = 1/2, 2 = 1/4, 3 = 1/8), got {text!r}"
-        )
-    return levels
-
-
 def preview_refs(images: torch.Tensor) -> list[dict]:
     """Saves IMAGE [B, H, W, 3] as temporary PNGs; returns [{filename, subfolder, type}] for /view."""
     images = images.detach().float().cpu().clamp(0, 1)

@@ -16,12 +16,12 @@ from .core import masks as core_masks
 from .core import preview as core_preview
 from .core import upsample as core_upsample
 from .core.pca import HeadFeatures, recording_pca
+from .core.recording import parse_levels
 from .node_utils import (
     POSITION_CHOICES,
     as_recording,
     image_batch,
     mask_to_comfy,
-    parse_levels,
     parse_positions,
     preview_refs,
 )

@@ -20,8 +20,8 @@ class RecordSelfAttention(io.ComfyNode):
             description=(
                 "Patches the model so that, while a sampler runs it, the output of every self-attention head "
                 "(softmax(QK^T/sqrt d)·V, before the heads are mixed) is recorded for each UNet layer, in float16 "
-                "on the CPU. Sample with the MODEL output; the RECORDING holds the latest sampling run (a new run "
-                "replaces it). Works with SD1.x, SD2.x and SDXL UNets (DiT models such as Flux or SD3 are "
+                "on the CPU. Sample with the MODEL output; the RECORDING keeps the last 3 sampling runs, and the "
+                "node that reads it takes the run that produced its LATENT. Works with SD1.x, SD2.x and SDXL UNets (DiT models such as Flux or SD3 are "
                 "refused). Chains an attn1 patch already on the model (SAG, PAG, ...) and survives later "
                 "LoRA/FreeU clones. Recording does not change the sampled image."
             ),
@@ -56,7 +56,9 @@ class RecordSelfAttention(io.ComfyNode):
                     "steps", default="last",
                     tooltip="Which sampling steps to keep: 'last' (the final step, least memory), 'mean' (average over "
                             "all steps), or 0-based step indices 'N' or 'A-B' (average over steps A..B inclusive; "
-                            "0 = the first, noisiest step). Steps are told apart by sigma.",
+                            "0 = the first, noisiest step). Steps are told apart by sigma. 'mean' and ranges keep a "
+                            "float32 running sum on the sampling device (GPU) until the run ends, twice the "
+                            "float16 size: ~46 MB per image for SD2.1 at 512x512, ~420 MB for SDXL at 1024x1024.",
                 ),
                 io.Combo.Input(
                     "branch", options=list(recorder.BRANCHES), default="cond",

@@ -34,7 +34,7 @@ import comfy.ldm.modules.attention as comfy_attention
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
 from comfy.patcher_extension import WrappersMP
 
-from .core.recording import BLOCK_POSITIONS, LayerKey, Recording
+from .core.recording import BLOCK_POSITIONS, LayerKey, Recording, parse_levels
 
 log = logging.getLogger("HeadSeg")
 
@@ -148,21 +148,6 @@ def parse_steps(text: str) -> StepSelection:
             return StepSelection("range", first, last)
     raise ValueError(
         f"steps: expected 'last', 'mean', a step 'N' or a range 'A-B' with A <= B (0-based, inclusive), got {text!r}"
-    )
-
-
-def parse_levels(text: str) -> frozenset[int] | None:
-    """'all' (or '') -> None; '0,1,2' -> {0, 1, 2}. Level 0 = latent grid, 1 = 1/2, 2 = 1/4, 3 = 1/8."""
-    if not isinstance(text, str):
-        raise TypeError(f"levels: expected a string such as 'all' or '0,1', got {type(text).__name__}")
-    t = text.strip().lower().replace(" ", "")
-    if t in ("", "all"):
-        return None
-    parts = t.split(",")
-    if all(p.isdigit() for p in parts):
-        return frozenset(int(p) for p in parts)
-    raise ValueError(
-        f"levels: expected 'all' or comma-separated grid levels such as '0,1,2' (0 = latent grid), got {text!r}"
     )
 
 
@@ -535,7 +520,8 @@ def attach_recorder(model, positions=POSITIONS, levels: str | None = "all", step
     bad = [p for p in positions if p not in POSITIONS]
     if bad or not positions:
         raise ValueError(f"positions: expected one or more of {list(POSITIONS)}, got {list(positions)}")
-    level_set = parse_levels(levels if levels is not None else "all")
+    chosen_levels = parse_levels(levels if levels is not None else "all")
+    level_set = None if chosen_levels is None else frozenset(chosen_levels)
     step_sel = parse_steps(steps)
     if branch not in BRANCHES:
         raise ValueError(f"branch: expected 'cond' or 'uncond', got {branch!r}")

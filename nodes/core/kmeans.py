@@ -164,14 +164,17 @@ def _max_clusters(stack: FeatureStack) -> int:
     return min(cells, H * W)
 
 
-def _check_k(k, limit: int, finest: str) -> int:
+def _check_k(k, limit: int, finest: str, name: str = "k") -> int:
+    """k -> k, or a ValueError that starts with ``name`` (the argument k came in)."""
+    where = "" if name == "k" else f"{name}: "
     if isinstance(k, bool) or not isinstance(k, int):
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
+        raise ValueError(f"{where}k must be an int >= 1, got {k!r}")
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise ValueError(f"{where}k must be >= 1, got {k}")
     if k > limit:
         raise ValueError(
-            f"k must be at most {limit} (the cells of the finest grid {finest}: no more distinct clusters), got {k}"
+            f"{where}k must be at most {limit} (the cells of the finest grid {finest}: no more distinct "
+            f"clusters), got {k}"
         )
     return k
 
@@ -668,7 +671,7 @@ def multi_kmeans(
         if not ks:
             raise ValueError("cluster_counts must hold at least one cluster count k")
     limit, finest = _max_clusters(stack), _finest(stack)
-    ks = sorted({_check_k(k, limit, finest) for k in ks})
+    ks = sorted({_check_k(k, limit, finest, "cluster_counts") for k in ks})
     seed = _check_seed(seed)
     if progress is not None and not callable(progress):
         raise ValueError(f"progress must be callable(done, total) or None, got {type(progress).__name__}")

@@ -89,6 +89,24 @@ def grid_levels(latent_size: tuple[int, int]) -> list[tuple[int, int]]:
     return levels
 
 
+def parse_levels(text: str) -> list[int] | None:
+    """"all" (or "*", "") -> None; "0, 1," -> [0, 1] sorted, duplicates dropped; ValueError naming `levels`.
+
+    Level 0 = the latent grid, 1 = 1/2, 2 = 1/4, 3 = 1/8 (see grid_levels)."""
+    if not isinstance(text, str):
+        raise TypeError(f"levels: expected a string such as 'all' or '0,1', got {type(text).__name__}")
+    t = text.strip().lower().replace(" ", "")
+    if t in ("", "all", "*"):
+        return None
+    parts = [p for p in t.split(",") if p]
+    if parts and all(p.isdigit() for p in parts):
+        return sorted({int(p) for p in parts})
+    raise ValueError(
+        f"levels: expected 'all' or grid levels as comma-separated integers >= 0 "
+        f"(0 = latent grid, 1 = 1/2, 2 = 1/4, 3 = 1/8), got {text!r}"
+    )
+
+
 def _sorted_layers(layers: dict) -> dict:
     if all(isinstance(k, LayerKey) for k in layers):
         return dict(sorted(layers.items(), key=lambda item: item[0].sort_key))

@@ -115,6 +115,14 @@ def test_validate_inputs_reports_bad_strings():
     assert "steps" in RecordSelfAttention.validate_inputs(levels="all", steps="-3")
 
 
+@pytest.mark.parametrize("levels", ["all", "*", "0,1,", " 2 , 0 ", "low", "-1", ","])
+def test_levels_mean_the_same_in_record_and_head_pca(levels):
+    from headseg.nodes.pipeline_nodes import HeadPCA
+
+    record, pca = RecordSelfAttention.validate_inputs(levels=levels), HeadPCA.validate_inputs(levels=levels)
+    assert (record is True) == (pca is True), (record, pca)
+
+
 def test_not_a_model_is_a_type_error():
     with pytest.raises(TypeError, match="model"):
         execute(torch.nn.Linear(2, 2))

@@ -353,8 +353,10 @@ def test_k_above_finest_grid_cells():
     kmeans(stack, 35)
     with pytest.raises(ValueError, match=r"k must be at most 35.*got 36"):
         kmeans(stack, 36)
-    with pytest.raises(ValueError, match="k must be at most 35"):
+    with pytest.raises(ValueError, match=r"^cluster_counts: k must be at most 35.*got 40"):
         multi_kmeans(stack, [2, 40])
+    with pytest.raises(ValueError, match=r"^cluster_counts: k must be an int"):
+        multi_kmeans(stack, [2, 2.5])
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])

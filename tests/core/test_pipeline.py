@@ -89,7 +89,7 @@ def test_bad_input():
         segment(rec, min_area=1.5)
     with pytest.raises(ValueError, match="cluster_counts"):
         segment(rec, cluster_counts="2,x")
-    with pytest.raises(ValueError, match="k must be at most"):
+    with pytest.raises(ValueError, match="^cluster_counts: k must be at most"):
         segment(rec, cluster_counts=(2, 500))  # the finest grid of a 64x64 image has 8x8 cells
     with pytest.raises(ValueError, match="components"):
         segment(rec, components=17)

@@ -11,6 +11,7 @@ from headseg.nodes.core.recording import (
     LayerKey,
     Recording,
     load_recording,
+    parse_levels,
     save_recording,
 )
 
@@ -116,6 +117,26 @@ def test_grid_that_fits_no_level_is_rejected(grid):
         rec.grid_level(LayerKey("input", 4, 0))
     with pytest.raises(ValueError, match=r"input\.4\.0"):
         rec.validate()
+
+
+@pytest.mark.parametrize(
+    "text, levels",
+    [("all", None), (" ALL ", None), ("*", None), ("", None), ("0", [0]), ("0, 1", [0, 1]),
+     ("2,0,2", [0, 2]), ("0,1,", [0, 1]), ("3", [3])],
+)
+def test_parse_levels_accepts(text, levels):
+    assert parse_levels(text) == levels
+
+
+@pytest.mark.parametrize("text", ["x", "low", "-1", ",", "1.5", "0;1", "0-2"])
+def test_parse_levels_rejects_naming_levels(text):
+    with pytest.raises(ValueError, match=r"^levels: expected 'all' or grid levels"):
+        parse_levels(text)
+
+
+def test_parse_levels_rejects_non_strings():
+    with pytest.raises(TypeError, match=r"^levels: expected a string"):
+        parse_levels(1)
 
 
 # ------------------------------------------------------------------------------------------ validate
