@@ -142,7 +142,7 @@ def parse_steps(text: str) -> StepSelection:
     if t in ("last", "mean"):
         return StepSelection(t)
     parts = t.split("-")
-    if 1 <= len(parts) <= 2 and all(p.isdigit() for p in parts):
+    if 1 <= len(parts) <= 2 and all(p.isdecimal() for p in parts):
         first, last = int(parts[0]), int(parts[-1])
         if first <= last:
             return StepSelection("range", first, last)

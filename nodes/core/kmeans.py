@@ -41,6 +41,8 @@ from .upsample import FeatureStack, interpolation_matrix
 from .working_set import RTOL as _RTOL
 from .working_set import WorkingSet, starts
 
+# Squared distances are float32: features whose norm reaches this could overflow them.
+_MAX_FEATURE_NORM = 1e18
 # Working set: this many random pixels (at least _WS_POINTS_PER_K * k).
 _WS_MIN_POINTS = 512
 _WS_POINTS_PER_K = 16
@@ -135,10 +137,18 @@ def parse_cluster_counts(text: str) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- validation
-def _all_finite(t: torch.Tensor) -> bool:
-    """Whether every value of t is finite, without a temporary the size of t: the sum is finite when
-    every value is, unless it overflows; only a non-finite sum is checked value by value."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+def _check_values(g: torch.Tensor) -> None:
+    """NaN, inf, or features so large that float32 squared distances could overflow -> ValueError.
+    One reduction (the norm) and no temporary the size of g; only a failing grid is looked at again."""
+    norm = float(torch.linalg.vector_norm(g, dtype=torch.float32 if g.element_size() < 4 else None))
+    if norm < _MAX_FEATURE_NORM:  # False for NaN
+        return
+    if not bool(torch.isfinite(g).all()):
+        raise ValueError("stack contains NaN or inf features")
+    raise ValueError(
+        f"stack: features too large for float32 distances (norm {norm:.3g}, at most {_MAX_FEATURE_NORM:.0e}); "
+        f"scale them down"
+    )
 
 
 def _check_stack(stack) -> tuple[int, int]:
@@ -150,10 +160,15 @@ def _check_stack(stack) -> tuple[int, int]:
     if H < 1 or W < 1:
         raise ValueError(f"stack.size must be positive (H, W), got {stack.size}")
     for g in stack.grids:
-        if g.dim() != 4 or not g.is_floating_point():
-            raise ValueError(f"stack grids must be floating [B, C, h, w] tensors, got {g.dtype} {tuple(g.shape)}")
-        if not _all_finite(g):
-            raise ValueError("stack contains NaN or inf features")
+        if not isinstance(g, torch.Tensor) or g.dim() != 4 or not g.is_floating_point() or g.is_complex():
+            what = f"{g.dtype} {tuple(g.shape)}" if isinstance(g, torch.Tensor) else type(g).__name__
+            raise ValueError(f"stack grids must be floating [B, C, h, w] tensors, got {what}")
+        if g.numel() == 0:
+            raise ValueError(f"stack grids must have no empty dimension [B, C, h, w], got {tuple(g.shape)}")
+        _check_values(g)
+    batches = sorted({int(g.shape[0]) for g in stack.grids})
+    if len(batches) > 1:
+        raise ValueError(f"stack grids must share one batch size, got {batches}")
     return H, W
 
 

@@ -76,6 +76,11 @@ def sweep_to_masks(sweep: ClusterSweep, batch_index: int) -> MaskSet:
     """Every cluster of every k of the sweep for image ``batch_index``: k ascending, then cluster."""
     if not isinstance(sweep, ClusterSweep):
         raise TypeError(f"sweep must be a ClusterSweep, got {type(sweep).__name__}")
+    if not sweep.results:
+        raise ValueError("sweep holds no cluster count: expected results for at least one k")
+    shapes = {tuple(r.labels.shape) for r in sweep.results.values()}
+    if len(shapes) > 1:
+        raise ValueError(f"sweep: the label maps of all k must have one shape [B, H, W], got {sorted(shapes)}")
     B = sweep.batch_size
     if isinstance(batch_index, bool) or not isinstance(batch_index, int) or not 0 <= batch_index < B:
         raise ValueError(f"batch_index must be an int in [0, {B}), got {batch_index!r}")

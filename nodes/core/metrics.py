@@ -6,6 +6,8 @@ Two empty masks have IoU 1.0 (they agree perfectly), one empty against a non-emp
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 
@@ -104,7 +106,9 @@ def class_ious(gt_labels: torch.Tensor, predicted: torch.Tensor, ignore_index: i
         raise ValueError(
             f"predicted masks {tuple(predicted.shape[1:])} and gt_labels {tuple(gt_labels.shape)} must have the same (H, W)"
         )
-    valid = torch.ones_like(gt_labels, dtype=torch.bool) if ignore_index is None else gt_labels != ignore_index  # [H, W]
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)):
+        raise ValueError(f"ignore_index must be an int class id or None, got {ignore_index!r}")
+    valid = torch.ones_like(gt_labels, dtype=torch.bool) if ignore_index is None else gt_labels != int(ignore_index)  # [H, W]
     classes = torch.unique(gt_labels[valid]).tolist()
     if not classes:
         return {}

@@ -66,8 +66,8 @@ class LayerKey:
         if (
             len(parts) != 3
             or parts[0] not in BLOCK_POSITIONS
-            or not parts[1].isdigit()
-            or not parts[2].isdigit()
+            or not parts[1].isdecimal()
+            or not parts[2].isdecimal()
         ):
             raise ValueError(
                 f"layer name must be '<block>.<number>.<depth>' with block in "
@@ -82,6 +82,8 @@ class LayerKey:
 def grid_levels(latent_size: tuple[int, int]) -> list[tuple[int, int]]:
     """(h, w) latent grid -> [(h, w), (ceil(h/2), ceil(w/2)), ...] down to (1, 1) inclusive."""
     h, w = latent_size
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in (h, w)):
+        raise ValueError(f"grid_levels: latent_size must be two ints >= 1, got {tuple(latent_size)!r}")
     levels = [(h, w)]
     while (h, w) != (1, 1):
         h, w = math.ceil(h / 2), math.ceil(w / 2)
@@ -95,11 +97,11 @@ def parse_levels(text: str) -> list[int] | None:
     Level 0 = the latent grid, 1 = 1/2, 2 = 1/4, 3 = 1/8 (see grid_levels)."""
     if not isinstance(text, str):
         raise TypeError(f"levels: expected a string such as 'all' or '0,1', got {type(text).__name__}")
-    t = text.strip().lower().replace(" ", "")
+    t = text.strip().lower()
     if t in ("", "all", "*"):
         return None
-    parts = [p for p in t.split(",") if p]
-    if parts and all(p.isdigit() for p in parts):
+    parts = [p.strip() for p in t.split(",") if p.strip()]
+    if parts and all(p.isdecimal() for p in parts):
         return sorted({int(p) for p in parts})
     raise ValueError(
         f"levels: expected 'all' or grid levels as comma-separated integers >= 0 "
@@ -126,6 +128,11 @@ class Recording:
     def __post_init__(self):
         if not isinstance(self.layers, dict):
             raise TypeError(f"Recording: layers must be a dict LayerKey -> Tensor, got {type(self.layers).__name__}")
+        bad = [str(k) for k, t in self.layers.items() if not isinstance(t, torch.Tensor)]
+        if bad:
+            raise TypeError(
+                f"Recording: every layer must be a torch.Tensor [B, heads, h, w, d]; not one: {', '.join(bad)}"
+            )
         self.layers = _sorted_layers(self.layers)
         size = tuple(self.image_size) if isinstance(self.image_size, (tuple, list)) else None
         if (
@@ -210,14 +217,27 @@ class Recording:
         """
         if isinstance(positions, str):
             positions = [p for p in positions.replace("+", ",").replace(" ", ",").split(",") if p]
-        positions = tuple(positions)
+        try:
+            positions = tuple(positions)
+        except TypeError:
+            raise ValueError(
+                f"select: positions must be a non-empty subset of {list(POSITIONS)} (or a string such as "
+                f"'down+up'), got {positions!r}"
+            ) from None
         bad = [p for p in positions if p not in POSITIONS]
         if bad or not positions:
             raise ValueError(f"select: positions must be a non-empty subset of {list(POSITIONS)}, got {list(positions)}")
+        if isinstance(levels, str):
+            levels = parse_levels(levels)
         if levels is not None:
             if isinstance(levels, int):
                 levels = [levels]
-            levels = tuple(levels)
+            try:
+                levels = tuple(levels)
+            except TypeError:
+                raise ValueError(
+                    f"select: levels must be ints >= 0 (0 = latent grid, 1 = 1/2, ...), 'all' or None, got {levels!r}"
+                ) from None
             if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in levels):
                 raise ValueError(f"select: levels must be ints >= 0 (0 = latent grid, 1 = 1/2, ...), got {list(levels)}")
         level_of = {key: self.grid_level(key) for key in self.layers}
@@ -285,15 +305,18 @@ def load_recording(path) -> Recording:
         size = []
         for field_name in ("image_height", "image_width"):
             text = metadata[field_name]
-            if not text.strip().isdigit() or int(text) < 1:
+            if not text.strip().isdecimal() or int(text) < 1:
                 raise ValueError(f"{path}: metadata field {field_name!r} must be a positive integer, got {text!r}")
             size.append(int(text))
-        layers = {}
+        layers, names = {}, {}
         for name in f.keys():
             try:
                 key = LayerKey.parse(name)
             except ValueError as exc:
                 raise ValueError(f"{path}: tensor {name!r}: {exc}") from None
+            if key in names:
+                raise ValueError(f"{path}: tensors {names[key]!r} and {name!r} are the same layer {key}")
+            names[key] = name
             t = f.get_tensor(name)
             if t.dim() != 5:
                 raise ValueError(f"{path}: layer {name!r} must be 5-D [B, heads, h, w, d], got shape {tuple(t.shape)}")

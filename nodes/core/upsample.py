@@ -114,6 +114,8 @@ def upsample(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> 
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a tensor [B, C, h, w], got {shape}")
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"x must have a grid of at least 1x1 [B, C, h, w], got {tuple(x.shape)}")
     H, W = _check_size(size)
     _check_mode(mode)
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -197,6 +199,11 @@ def make_feature_stack(
         if not isinstance(t, torch.Tensor) or t.dim() != 5:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"features: layer {key!s} must be [B, heads, h, w, c], got {shape}")
+        if t.numel() == 0 or not t.is_floating_point():
+            raise ValueError(
+                f"features: layer {key!s} must be a real floating tensor with no empty dimension "
+                f"[B, heads, h, w, c], got {t.dtype} {tuple(t.shape)}"
+            )
         B, heads, h, w, c = t.shape
         if batch is None:
             batch = (key, B)

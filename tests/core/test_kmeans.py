@@ -369,12 +369,39 @@ def test_non_finite_features_are_refused(value, dtype, grid):
         kmeans(bad, 2)
 
 
-def test_finiteness_check_is_exact_when_the_sum_overflows():
-    big = torch.full((4, 5), 3e38)  # finite values whose float32 sum is inf
-    assert km._all_finite(big) and not bool(torch.isfinite(big.sum()))
-    big[1, 2] = float("nan")
-    assert not km._all_finite(big)
-    assert km._all_finite(torch.zeros(0)) and km._all_finite(torch.full((3,), -6e4, dtype=torch.float16))
+@pytest.mark.parametrize("value", [3e38, 1e19])
+def test_features_too_large_for_float32_distances_are_refused(value):
+    stack = random_stack()
+    stack.grids[1].fill_(value)  # finite, but squared distances would overflow float32
+    with pytest.raises(ValueError, match=r"^stack: features too large"):
+        kmeans(stack, 2)
+
+
+def test_large_finite_features_below_the_limit_still_cluster():
+    stack = random_stack()
+    stack.grids[0].mul_(1e15)
+    labels = kmeans(stack, 3).labels
+    assert labels.unique().numel() == 3
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_or_inf_features_are_named_as_such_even_when_the_norm_overflows(bad):
+    stack = random_stack()
+    stack.grids[2].fill_(3e38)
+    stack.grids[2][0, 1, 2, 3] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        kmeans(stack, 2)
+
+
+def test_stack_grids_empty_or_of_different_batch_sizes_are_refused():
+    stack = random_stack()
+    empty = FeatureStack([stack.grids[0][:, :, :0], *stack.grids[1:]], stack.weights, stack.keys, stack.size, stack.mode)
+    with pytest.raises(ValueError, match="empty dimension"):
+        kmeans(empty, 2)
+    two = random_stack(batch=2)
+    mixed = FeatureStack([two.grids[0], *stack.grids[1:]], stack.weights, stack.keys, stack.size, stack.mode)
+    with pytest.raises(ValueError, match=r"one batch size, got \[1, 2\]"):
+        multi_kmeans(mixed, [2, 3])
 
 
 def test_bad_stack_and_options():

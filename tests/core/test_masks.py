@@ -192,3 +192,11 @@ def test_empty_mask_set():
     ms = MaskSet(torch.zeros(0, 4, 5, dtype=torch.bool), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
     assert len(merge_masks(ms)) == 0 and len(masks_at_pixel(ms, 4, 3)) == 0
     assert ms.area.shape == (0,)
+
+
+def test_sweep_without_results_or_with_label_maps_of_different_shapes_is_refused():
+    with pytest.raises(ValueError, match="no cluster count"):
+        merge_sweep(ClusterSweep({}, (4, 4)), 0)
+    sweep = make_sweep({2: torch.zeros(1, 4, 4, dtype=torch.int64), 3: torch.zeros(1, 4, 5, dtype=torch.int64)})
+    with pytest.raises(ValueError, match=r"one shape \[B, H, W\]"):
+        sweep_to_masks(sweep, 0)

@@ -139,3 +139,17 @@ def test_average_class_iou_bad_input():
         average_class_iou(torch.zeros(8, 8), predicted)  # float labels
     with pytest.raises(ValueError, match="same"):
         average_class_iou(torch.zeros(8, 9, dtype=torch.int64), predicted)
+
+
+@pytest.mark.parametrize("ignore_index", ["255", 255.5, True, torch.tensor(255)])
+def test_ignore_index_must_be_an_int_or_none(ignore_index):
+    gt = torch.tensor([[0, 1], [255, 1]])
+    with pytest.raises(ValueError, match="ignore_index"):
+        class_ious(gt, gt[None] == 1, ignore_index=ignore_index)
+
+
+def test_ignore_index_accepts_numpy_ints():
+    import numpy as np
+
+    gt = torch.tensor([[0, 1], [255, 1]])
+    assert class_ious(gt, gt[None] == 1, ignore_index=np.int64(255)) == class_ious(gt, gt[None] == 1, ignore_index=255)

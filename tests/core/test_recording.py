@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -10,6 +11,7 @@ from headseg.nodes.core.recording import (
     FORMAT,
     LayerKey,
     Recording,
+    grid_levels,
     load_recording,
     parse_levels,
     save_recording,
@@ -128,7 +130,7 @@ def test_parse_levels_accepts(text, levels):
     assert parse_levels(text) == levels
 
 
-@pytest.mark.parametrize("text", ["x", "low", "-1", ",", "1.5", "0;1", "0-2"])
+@pytest.mark.parametrize("text", ["x", "low", "-1", ",", "1.5", "0;1", "0-2", "1 2", "\u00b2"])
 def test_parse_levels_rejects_naming_levels(text):
     with pytest.raises(ValueError, match=r"^levels: expected 'all' or grid levels"):
         parse_levels(text)
@@ -137,6 +139,34 @@ def test_parse_levels_rejects_naming_levels(text):
 def test_parse_levels_rejects_non_strings():
     with pytest.raises(TypeError, match=r"^levels: expected a string"):
         parse_levels(1)
+
+
+@pytest.mark.parametrize("latent", [(0, 0), (0, 4), (-1, 4), (True, 2), (2.0, 2)])
+def test_grid_levels_rejects_sizes_below_one(latent):
+    with pytest.raises(ValueError, match="latent_size"):
+        grid_levels(latent)
+
+
+def test_layer_key_rejects_non_ascii_digits():
+    with pytest.raises(ValueError, match="layer name"):
+        LayerKey.parse("input.\u00b2.0")
+
+
+def test_recording_layers_must_be_tensors():
+    with pytest.raises(TypeError, match=r"input\.1\.0.*torch\.Tensor|torch\.Tensor.*input\.1\.0"):
+        Recording({LayerKey("input", 1, 0): np.zeros((1, 1, 8, 8, 4), np.float32)}, (64, 64))
+
+
+def test_select_takes_level_strings_and_names_bad_arguments():
+    rec = sd21_recording()
+    assert list(rec.select(("down", "up"), "0,1").layers) == list(rec.select(("down", "up"), [0, 1]).layers)
+    assert list(rec.select("down+up", "all").layers) == list(rec.select(("down", "up")).layers)
+    for positions in (None, 5):
+        with pytest.raises(ValueError, match="positions"):
+            rec.select(positions)
+    for levels in (1.0, object(), "low"):
+        with pytest.raises(ValueError, match="levels"):
+            rec.select(("down",), levels)
 
 
 # ------------------------------------------------------------------------------------------ validate
@@ -282,7 +312,7 @@ def test_load_missing_metadata_field(tmp_path, field):
         load_recording(write(tmp_path, good_tensors(), meta))
 
 
-@pytest.mark.parametrize("value", ["sixty-four", "-64", "0", "64.5", ""])
+@pytest.mark.parametrize("value", ["sixty-four", "-64", "0", "64.5", "", "\u00b2"])
 def test_load_bad_image_height(tmp_path, value):
     with pytest.raises(ValueError, match=r"bad\.safetensors.*image_height"):
         load_recording(write(tmp_path, good_tensors(), {**GOOD_META, "image_height": value}))
@@ -315,6 +345,12 @@ def test_load_batch_mismatch(tmp_path):
 def test_load_bad_tensor_name(tmp_path):
     tensors = {**good_tensors(), "attn1.weight": torch.zeros(1, 1, 8, 8, 4, dtype=torch.float16)}
     with pytest.raises(ValueError, match=r"bad\.safetensors.*attn1\.weight"):
+        load_recording(write(tmp_path, tensors, GOOD_META))
+
+
+def test_load_two_names_of_one_layer(tmp_path):
+    tensors = {**good_tensors(), "input.01.0": torch.zeros(1, 2, 8, 8, 4, dtype=torch.float16)}
+    with pytest.raises(ValueError, match=r"bad\.safetensors.*'input\.0?1\.0' and 'input\.0?1\.0'.*same layer"):
         load_recording(write(tmp_path, tensors, GOOD_META))
 
 

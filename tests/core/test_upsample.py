@@ -195,3 +195,15 @@ def test_upsampling_error_planted():
     bil = torch.tensor([0, 0, 0.125, 0.375, 0.625, 0.875, 1, 1])
     near = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1.0])
     torch.testing.assert_close(err[0, 0], (bil - near).abs())
+
+
+def test_empty_grids_are_refused():
+    with pytest.raises(ValueError, match="at least 1x1"):
+        up.upsample(torch.zeros(1, 1, 0, 2), (8, 8))
+    for shape in [(0, 2, 8, 8, 3), (1, 0, 8, 8, 3), (1, 2, 8, 8, 0)]:
+        feats = HeadFeatures({LayerKey("output", 9, 0): torch.zeros(shape)}, (64, 64), 3)
+        with pytest.raises(ValueError, match=r"output\.9\.0.*no empty dimension"):
+            make_feature_stack(feats)
+    feats = HeadFeatures({LayerKey("output", 9, 0): torch.zeros(1, 2, 8, 8, 3, dtype=torch.int64)}, (64, 64), 3)
+    with pytest.raises(ValueError, match=r"output\.9\.0.*real floating"):
+        make_feature_stack(feats)
