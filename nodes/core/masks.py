@@ -10,6 +10,7 @@ masks_at_pixel lists the masks under a pixel from finest to coarsest (paper figu
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from dataclasses import dataclass
 
@@ -125,9 +126,9 @@ def _label_intersections(sweep: ClusterSweep, batch_index: int) -> torch.Tensor:
 
 
 def _check_merge_options(iou_threshold, min_area) -> None:
-    if isinstance(iou_threshold, bool) or not isinstance(iou_threshold, (int, float)) or not 0.0 < iou_threshold <= 1.0:
+    if isinstance(iou_threshold, bool) or not isinstance(iou_threshold, numbers.Real) or not 0.0 < iou_threshold <= 1.0:
         raise ValueError(f"iou_threshold must be a number in (0, 1], got {iou_threshold!r}")
-    if isinstance(min_area, bool) or not isinstance(min_area, (int, float)) or not 0.0 <= min_area <= 1.0:
+    if isinstance(min_area, bool) or not isinstance(min_area, numbers.Real) or not 0.0 <= min_area <= 1.0:
         raise ValueError(f"min_area must be a fraction of the image in [0, 1], got {min_area!r}")
 
 

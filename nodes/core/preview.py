@@ -6,6 +6,7 @@ Everything here is deterministic: fixed palettes, no randomness.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -79,7 +80,14 @@ def pca_rgb_grid(features: HeadFeatures, batch_index: int = 0, cell: int = 64) -
         raise ValueError("features: no layer to draw")
     if isinstance(cell, bool) or not isinstance(cell, int) or cell < 1:
         raise ValueError(f"cell must be an int >= 1 (tile side in pixels), got {cell!r}")
-    B = features.batch_size
+    for key, t in features.layers.items():
+        if not isinstance(t, torch.Tensor) or t.dim() != 5 or t.numel() == 0 or not t.is_floating_point():
+            what = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"features: layer {key!s} must be a floating tensor [B, heads, h, w, c] with no empty dimension, got {what}")
+    batches = sorted({int(t.shape[0]) for t in features.layers.values()})
+    if len(batches) > 1:
+        raise ValueError(f"features: the layers must share one batch size, got {batches}")
+    B = batches[0]
     if isinstance(batch_index, bool) or not isinstance(batch_index, int) or not 0 <= batch_index < B:
         raise ValueError(f"batch_index must be an int in [0, {B}), got {batch_index!r}")
     rows = len(features.layers)
@@ -113,7 +121,7 @@ def overlay_masks(image: torch.Tensor | None, masks: torch.Tensor, alpha: float 
     if not isinstance(masks, torch.Tensor) or masks.dim() != 3:
         shape = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
         raise ValueError(f"masks must be a tensor [M, H, W], got {shape}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must be a number in 0..1, got {alpha!r}")
     M, H, W = masks.shape
     m = masks.to(torch.float32).clamp(0.0, 1.0)  # [M, H, W]

@@ -42,6 +42,9 @@ class WorkingSet:
     def from_features(cls, X: torch.Tensor, map_fn=map) -> "WorkingSet":
         """X [n, C] -> WorkingSet. G is computed in GRAM_BLOCKS row blocks, mapped with ``map_fn``
         (e.g. a thread pool's map): the same blocks whatever runs them, so the same bits."""
+        if not isinstance(X, torch.Tensor) or X.dim() != 2 or X.dtype != torch.float32 or 0 in X.shape:
+            what = f"{X.dtype} {tuple(X.shape)}" if isinstance(X, torch.Tensor) else type(X).__name__
+            raise ValueError(f"X must be a float32 tensor [n, C] with n, C >= 1, got {what}")
         n, C = X.shape
         blocks = X.tensor_split(GRAM_BLOCKS)  # GRAM_BLOCKS x [n_b, C]
         G = torch.cat(list(map_fn(lambda rows: rows @ X.t(), blocks)))  # [n, n]
@@ -223,4 +226,8 @@ def lloyd(ws: WorkingSet, picks: torch.Tensor, max_iter: int, tol: float) -> lis
 def starts(ws: WorkingSet, k: int, count: int, gen: torch.Generator, max_iter: int, tol: float) -> list[Run]:
     """k-means++ ``count`` times, Lloyd from each, all at once -> a Run per start. tol is relative to
     the working set's mean channel variance."""
+    for name, value, low, high in (("k", k, 1, ws.n), ("count", count, 1, None), ("max_iter", max_iter, 1, None)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise ValueError(f"{name} must be an int {bound}, got {value!r}")
     return lloyd(ws, kmeans_pp(ws, k, count, gen), max_iter, tol * ws.var)

@@ -200,3 +200,12 @@ def test_sweep_without_results_or_with_label_maps_of_different_shapes_is_refused
     sweep = make_sweep({2: torch.zeros(1, 4, 4, dtype=torch.int64), 3: torch.zeros(1, 4, 5, dtype=torch.int64)})
     with pytest.raises(ValueError, match=r"one shape \[B, H, W\]"):
         sweep_to_masks(sweep, 0)
+
+
+def test_merge_options_take_numpy_numbers():
+    import numpy as np
+
+    sweep = make_sweep({2: torch.tensor([[[0, 1], [1, 1]]])})
+    a = merge_sweep(sweep, 0, iou_threshold=np.float32(0.9), min_area=np.float64(0.0))
+    b = merge_sweep(sweep, 0, iou_threshold=0.9, min_area=0.0)
+    assert torch.equal(a.masks, b.masks)

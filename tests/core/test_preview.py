@@ -130,3 +130,19 @@ def test_error_map_image():
 def test_error_map_image_bad_input(err, match):
     with pytest.raises(ValueError, match=match):
         error_map_image(err)
+
+
+@pytest.mark.parametrize(
+    "layer, match",
+    [
+        (torch.zeros(1, 2, 4, 4), r"output\.9\.0.*\[B, heads, h, w, c\]"),
+        (torch.zeros(1, 2, 4, 4, 0), r"output\.9\.0.*no empty dimension"),
+        (torch.zeros(1, 2, 0, 4, 3), r"output\.9\.0.*no empty dimension"),
+        (torch.zeros(1, 2, 4, 4, 3, dtype=torch.int64), r"output\.9\.0.*floating"),
+        (torch.zeros(2, 2, 4, 4, 3), r"one batch size, got \[1, 2\]"),
+    ],
+)
+def test_pca_rgb_grid_names_a_bad_layer(layer, match):
+    feats = HeadFeatures({LayerKey("input", 1, 0): torch.zeros(1, 2, 8, 8, 3), LayerKey("output", 9, 0): layer}, (64, 64), 3)
+    with pytest.raises(ValueError, match=match):
+        pca_rgb_grid(feats, batch_index=0)

@@ -128,3 +128,21 @@ def test_constant_points_give_no_nan():
     ws = WorkingSet.from_features(torch.ones(50, 4))
     for run in lloyd(ws, kmeans_pp(ws, 3, 2, torch.Generator().manual_seed(0)), 20, 0.0):
         assert bool(torch.isfinite(run.centroids(ws)).all()) and run.inertia == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "X",
+    [torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4, 0), torch.zeros(0, 3), torch.zeros(2, 3, 4), [[1.0, 2.0]]],
+)
+def test_from_features_names_x(X):
+    with pytest.raises(ValueError, match=r"^X must be a float32 tensor \[n, C\]"):
+        WorkingSet.from_features(X)
+
+
+@pytest.mark.parametrize("args, name", [((0, 5, 10), "k"), ((9, 5, 10), "k"), ((2, 0, 10), "count"),
+                                        ((2, 5, 0), "max_iter"), ((2.0, 5, 10), "k"), ((2, True, 10), "count")])
+def test_starts_names_bad_counts(args, name):
+    ws = WorkingSet.from_features(torch.randn(8, 3, generator=torch.Generator().manual_seed(0)))
+    k, count, max_iter = args
+    with pytest.raises(ValueError, match=rf"^{name} must be an int"):
+        starts(ws, k, count, torch.Generator().manual_seed(0), max_iter, 1e-4)
