@@ -117,6 +117,21 @@ class HeadFeatures:
         """Total number of heads over all layers."""
         return sum(int(t.shape[1]) for t in self.layers.values())
 
+    def checked_batch_size(self) -> int:
+        """The batch size B shared by every layer, after checking that each layer is a real floating
+        tensor [B, heads, h, w, c] with no empty dimension -> ValueError naming the layer otherwise."""
+        for key, t in self.layers.items():
+            if not isinstance(t, torch.Tensor) or t.dim() != 5 or t.numel() == 0 or not t.is_floating_point():
+                what = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(
+                    f"features: layer {key!s} must be a real floating tensor [B, heads, h, w, c] with no "
+                    f"empty dimension, got {what}"
+                )
+        batches = sorted({int(t.shape[0]) for t in self.layers.values()})
+        if len(batches) > 1:
+            raise ValueError(f"features: the layers must share one batch size, got {batches}")
+        return self.batch_size
+
 
 def recording_pca(rec: Recording, components: int = 8) -> HeadFeatures:
     """Recording of [B, heads, h, w, d] layers -> HeadFeatures of [B, heads, h, w, c] float32 layers.

@@ -80,14 +80,7 @@ def pca_rgb_grid(features: HeadFeatures, batch_index: int = 0, cell: int = 64) -
         raise ValueError("features: no layer to draw")
     if isinstance(cell, bool) or not isinstance(cell, int) or cell < 1:
         raise ValueError(f"cell must be an int >= 1 (tile side in pixels), got {cell!r}")
-    for key, t in features.layers.items():
-        if not isinstance(t, torch.Tensor) or t.dim() != 5 or t.numel() == 0 or not t.is_floating_point():
-            what = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"features: layer {key!s} must be a floating tensor [B, heads, h, w, c] with no empty dimension, got {what}")
-    batches = sorted({int(t.shape[0]) for t in features.layers.values()})
-    if len(batches) > 1:
-        raise ValueError(f"features: the layers must share one batch size, got {batches}")
-    B = batches[0]
+    B = features.checked_batch_size()
     if isinstance(batch_index, bool) or not isinstance(batch_index, int) or not 0 <= batch_index < B:
         raise ValueError(f"batch_index must be an int in [0, {B}), got {batch_index!r}")
     rows = len(features.layers)

@@ -193,22 +193,10 @@ def make_feature_stack(
     size = _check_size(features.image_size if size is None else size)
     if not features.layers:
         raise ValueError("features: no layer (the selection left nothing to upsample)")
+    features.checked_batch_size()
     groups: dict[tuple[int, int], list[tuple[LayerKey, torch.Tensor]]] = {}
-    batch = None
     for key, t in features.layers.items():
-        if not isinstance(t, torch.Tensor) or t.dim() != 5:
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"features: layer {key!s} must be [B, heads, h, w, c], got {shape}")
-        if t.numel() == 0 or not t.is_floating_point():
-            raise ValueError(
-                f"features: layer {key!s} must be a real floating tensor with no empty dimension "
-                f"[B, heads, h, w, c], got {t.dtype} {tuple(t.shape)}"
-            )
         B, heads, h, w, c = t.shape
-        if batch is None:
-            batch = (key, B)
-        elif B != batch[1]:
-            raise ValueError(f"features: batch mismatch: layer {key!s} has {B}, layer {batch[0]!s} has {batch[1]}")
         channels = t.to(torch.float32).permute(0, 1, 4, 2, 3).reshape(B, heads * c, h, w)  # [B, heads*c, h, w]
         groups.setdefault((h, w), []).append((key, channels))
     sides = [max(h, w) for (h, w) in groups]

@@ -207,3 +207,11 @@ def test_empty_grids_are_refused():
     feats = HeadFeatures({LayerKey("output", 9, 0): torch.zeros(1, 2, 8, 8, 3, dtype=torch.int64)}, (64, 64), 3)
     with pytest.raises(ValueError, match=r"output\.9\.0.*real floating"):
         make_feature_stack(feats)
+
+
+def test_layers_of_different_batch_sizes_are_refused():
+    feats = HeadFeatures(
+        {LayerKey("input", 1, 0): torch.zeros(1, 2, 8, 8, 3), LayerKey("output", 9, 0): torch.zeros(2, 2, 8, 8, 3)}, (64, 64), 3
+    )
+    with pytest.raises(ValueError, match=r"^features: the layers must share one batch size, got \[1, 2\]"):
+        make_feature_stack(feats)
