@@ -39,7 +39,7 @@ import torch
 
 from .upsample import FeatureStack, interpolation_matrix
 from .working_set import RTOL as _RTOL
-from .working_set import WorkingSet, starts
+from .working_set import WorkingSet, first_at_minimum, starts
 
 # Squared distances are float32: features whose norm reaches this could overflow them.
 _MAX_FEATURE_NORM = 1e18
@@ -261,31 +261,41 @@ class _Lattice:
     def dense(self, native, cnorm):
         """All pixels -> labels [N] int64 and best score [N] float32 (score upsampling, exact).
 
-        The k score maps are upsampled along y on the native grids ([m, ny, k]) and along x by
-        column blocks, row chunk by row chunk, so memory stays near _CHUNK_SCORES floats.
+        The k score maps are upsampled along y on the native grids and along x by column blocks,
+        row chunk by row chunk, so memory stays near _CHUNK_SCORES floats. Scores are laid out with
+        k ahead of the rows of a chunk ([.., k, rows]): the minimum over k then runs over whole rows
+        at once (torch's min with indices over a short last dimension is several times slower).
         """
         k = cnorm.shape[0]
-        nb, TC, W = self.nb, self.TC, self.nb * self.TC
+        nb, TC, W, ny = self.nb, self.TC, self.nb * self.TC, self.ny
+        nc = -(-(k * W * ny) // _CHUNK_SCORES)  # row chunks of at most about _CHUNK_SCORES scores
+        step = -(-ny // nc)  # rows per chunk
+        nc = -(-ny // step)  # the last chunk is padded with fewer than nc rows, cut off below
+        pad = nc * step - ny
         parts = []
         for s, (C_g, h, w), ry in zip(native, self.shapes, self.ry):
-            s_t = (s * -2.0).view(k, h, w).permute(1, 2, 0).reshape(h, w * k)  # [h, w*k]
-            up = torch.mm(ry.dense, s_t)  # [ny, w*k] upsampled along y: one plain 2-D product
-            parts.append(up.view(self.ny, w, k).transpose(0, 1))  # [w, ny, k]
-        parts.append(cnorm.expand(1, self.ny, k))  # [1, ny, k]
-        rows_score = torch.cat(parts, 0)  # [m, ny, k]
+            s_t = (s * -2.0).view(k, h, w).permute(2, 0, 1).reshape(w * k, h)  # [w*k, h]
+            up = torch.mm(s_t, ry.dense.t())  # [w*k, ny] upsampled along y: one plain 2-D product
+            up = torch.nn.functional.pad(up, (0, pad)) if pad else up  # [w*k, nc*step]
+            parts.append(up.view(w, k, nc, step).permute(2, 0, 1, 3))  # [nc, w, k, step]
+        ones = torch.nn.functional.pad(cnorm[:, None].expand(k, ny), (0, pad))  # [k, nc*step]: adds ||c_j||^2
+        parts.append(ones.view(1, k, nc, step).permute(2, 0, 1, 3))  # [nc, 1, k, step]
+        rows_score = torch.cat(parts, 1)  # [nc, m, k, step]
         m_b = self.cols.shape[1]
-        t_all = rows_score.index_select(0, self.cols.view(-1)).view(nb, m_b, self.ny * k)  # [nb, m_b, ny*k]
-        labels = torch.empty(self.ny, W, dtype=torch.int64)
-        best = torch.empty(self.ny, W, dtype=torch.float32)
-        step = max(1, _CHUNK_SCORES // (k * W))
-        for r0 in range(0, self.ny, step):
-            r1 = min(self.ny, r0 + step)
-            r = r1 - r0
-            d = torch.bmm(self.RT, t_all[:, :, r0 * k : r1 * k]).view(nb, TC, r, k)  # [nb, TC, r, k] scores
-            low, lab = d.min(3)  # [nb, TC, r]
-            best[r0:r1] = low.permute(2, 0, 1).reshape(r, W)
-            labels[r0:r1] = lab.permute(2, 0, 1).reshape(r, W)
-        labels, best = labels[:, : self.nx], best[:, : self.nx]  # [ny, nx]
+        # each chunk's block operands contiguous (bmm is several times slower on strided ones)
+        t_all = rows_score.index_select(1, self.cols.view(-1)).view(nc, nb, m_b, k * step)  # [nc, nb, m_b, k*step]
+        labels = torch.empty(nc * step, W, dtype=torch.int64)
+        best = torch.empty(nc * step, W, dtype=torch.float32)
+        for c in range(nc):
+            d = torch.bmm(self.RT, t_all[c])  # [nb, TC, k*step] scores
+            d = d.view(nb, TC, k, step)
+            low = d.amin(2, keepdim=True)  # [nb, TC, 1, step]
+            first = first_at_minimum(d, low, 2)  # [nb, TC, step]
+            rows = slice(c * step, (c + 1) * step)
+            best[rows] = low.view(nb, TC, step).permute(2, 0, 1).reshape(step, W)
+            labels[rows] = first.permute(2, 0, 1).reshape(step, W)
+        labels = labels[:ny, : self.nx]  # [ny, nx]
+        best = best[:ny, : self.nx]  # [ny, nx]
         return labels.reshape(-1), best.reshape(-1)
 
     @staticmethod
@@ -307,8 +317,9 @@ class _Lattice:
             if (h, w) in out:
                 continue
             t = rx.idx.shape[1]
-            idx = (rows * w)[:, :, None] + rx.idx[None]  # [ny, nx, t] index into [ny, k, w]
-            wts = rx.wts[None].expand(ny, nx, t)  # [ny, nx, t]
+            # corner-major ([t, ny, nx], not [ny, nx, t]): the index sums run over whole rows
+            idx = (rows * w)[None] + rx.idx.t().contiguous()[:, None, :]  # [t, ny, nx] index into [ny, k, w]
+            wts = rx.wts.t().contiguous()[:, None, :].expand(t, ny, nx)  # [t, ny, nx]
             z = torch.bincount(idx.reshape(-1), wts.reshape(-1), minlength=ny * k * w)  # [ny*k*w]
             adj = torch.matmul(ry.dense.t(), z.view(ny, k * w))  # [h, k*w]: sum_p Ry[p, a] z[p, j, b]
             out[h, w] = adj.view(h, k, w).permute(1, 0, 2).reshape(k, h * w).double()  # [k, h*w]

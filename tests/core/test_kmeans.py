@@ -66,7 +66,10 @@ def test_coarse_k_returns_parent_regions(level):
 # ----------------------------------------------------------------------------- exactness
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
 @pytest.mark.parametrize("size", [(13, 22), (40, 24)])
-def test_assignment_and_update_equal_brute_force(mode, size):
+@pytest.mark.parametrize("chunk", [None, 700, 1])  # scores per row chunk: default, a few rows (padded), one row
+def test_assignment_and_update_equal_brute_force(mode, size, chunk, monkeypatch):
+    if chunk is not None:
+        monkeypatch.setattr(km, "_CHUNK_SCORES", chunk)
     stack = random_stack(size, mode)
     X = explicit(stack)  # [N, C]
     img = km._Image(stack, 0)

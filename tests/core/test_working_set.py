@@ -146,3 +146,24 @@ def test_starts_names_bad_counts(args, name):
     k, count, max_iter = args
     with pytest.raises(ValueError, match=rf"^{name} must be an int"):
         starts(ws, k, count, torch.Generator().manual_seed(0), max_iter, 1e-4)
+
+
+@pytest.mark.parametrize("shape, dim", [((7, 5), 0), ((3, 20, 33), 1), ((2, 4, 6, 9), 2), ((4, 1, 8), 1), ((1, 300), 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_first_at_minimum_matches_torch_min_indices_with_ties(shape, dim, dtype):
+    g = torch.Generator().manual_seed(len(shape) * 10 + dim)
+    d = torch.randint(-3, 4, shape, generator=g).to(dtype) * 0.25  # few distinct values: many ties
+    d.view(-1)[::5] = torch.randn(d.numel() // 5 + (d.numel() % 5 > 0), generator=g).to(dtype)
+    expected = d.min(dim).indices
+    low = d.amin(dim, keepdim=True)
+    got = wsm.first_at_minimum(d.clone(), low, dim)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, expected)
+
+
+def test_first_at_minimum_separates_values_one_ulp_apart():
+    a = torch.tensor(1.0)
+    d = torch.stack([torch.nextafter(a, torch.tensor(2.0)), a, a, torch.nextafter(a, torch.tensor(0.0))])[:, None]  # [4, 1]
+    assert int(wsm.first_at_minimum(d.clone(), d.amin(0, keepdim=True), 0)) == 3
+    d[3] = 1.0
+    assert int(wsm.first_at_minimum(d.clone(), d.amin(0, keepdim=True), 0)) == 1
