@@ -46,6 +46,8 @@ RECORD_DTYPE = torch.float16
 # Sampling runs kept per record node, so that a LATENT finds its own run when other samplers used
 # the recorded MODEL after it (a hires fix, an inpainting pass).
 HISTORY = 3
+# Why a run recorded nothing when the recorded layers never ran (the MODEL used was not the patched one).
+_NEVER_CALLED = "the self-attention layers were never called during the last sampling run"
 
 # store id -> _Store. Weak: a store lives as long as its LiveRecording (the node output) lives;
 # a patched model whose recording was dropped samples normally and records nothing.
@@ -281,14 +283,18 @@ class _Store:
         if self.failure:
             return self.failure
         if self.seen_calls == 0:
-            return "the self-attention layers were never called during the last sampling run"
+            return _NEVER_CALLED
         if self.seen_branch == 0:
-            hint = " (with cfg = 1 ComfyUI skips the uncond pass)" if self.branch == "uncond" else ""
+            hint = (
+                " (with cfg = 1 ComfyUI skips the uncond pass: choose branch 'cond', or a cfg above 1)"
+                if self.branch == "uncond"
+                else ""
+            )
             return f"branch: no model call held the '{self.branch}' branch{hint}"
         if self.steps.mode == "range" and self.steps.first > self.max_step:
             return (
                 f"steps: range {self.steps.label} selected but the sampler ran {n_steps} steps "
-                f"(0-{max(n_steps - 1, 0)})"
+                f"(0-{max(n_steps - 1, 0)}): choose steps within them, or 'last'"
             )
         return (
             "no layer could be recorded (levels selection matched no grid, or another patch changed the "
@@ -427,6 +433,8 @@ class LiveRecording:
             raise ValueError(self._no_run_message(latent))
         rec, failure = found
         if rec is None:
+            if failure and failure != _NEVER_CALLED:  # the run happened: its own reason comes first
+                raise ValueError(f"recording: the sampling run recorded nothing: {failure}")
             why = f" ({failure})" if failure else ""
             raise ValueError(
                 "recording: nothing recorded yet: connect the sampler's LATENT output to the node that reads "

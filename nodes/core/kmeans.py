@@ -41,6 +41,9 @@ from .upsample import FeatureStack, interpolation_matrix
 from .working_set import RTOL as _RTOL
 from .working_set import WorkingSet, first_at_minimum, starts
 
+# The most clusters one k may ask for: every cluster becomes a mask at the output size (256 masks of
+# 512x512 are 256 MB as a float MASK batch), and the working set grows with k (16 points per cluster).
+MAX_CLUSTERS = 256
 # Squared distances are float32: features whose norm reaches this could overflow them.
 _MAX_FEATURE_NORM = 1e18
 # Working set: this many random pixels (at least _WS_POINTS_PER_K * k).
@@ -52,8 +55,10 @@ _POLISH_RUNGS = 3
 _POLISH_MIN_POINTS = 1 << 12
 # k-means++ starts on the working set, each followed by Lloyd there; of the _WS_FINALISTS of lowest
 # inertia on the working set, the one of lowest inertia on the scoring lattice (the first with at
-# least _POLISH_MIN_POINTS pixels, the full image if none has) is polished.
+# least _POLISH_MIN_POINTS pixels, the full image if none has) is polished. The starts run at once
+# with [starts, k, points] tensors: for large k fewer starts keep those at most _WS_START_FLOATS.
 _WS_INITS = 20
+_WS_START_FLOATS = 1 << 23
 _WS_FINALISTS = 3
 # Row chunks of the full-resolution assignment hold at most this many scores (k * rows * W).
 _CHUNK_SCORES = 1 << 20
@@ -117,7 +122,7 @@ class ClusterSweep:
 
 
 def parse_cluster_counts(text: str) -> list[int]:
-    """"2,5,6,10,20" -> [2, 5, 6, 10, 20]: sorted, unique; commas or spaces separate; each >= 1."""
+    """"2,5,6,10,20" -> [2, 5, 6, 10, 20]: sorted, unique; commas or spaces separate; each in 1..MAX_CLUSTERS."""
     if not isinstance(text, str):
         raise ValueError(
             f"cluster_counts must be a string of integers such as '2,5,6,10,20', got {type(text).__name__}"
@@ -130,8 +135,8 @@ def parse_cluster_counts(text: str) -> list[int]:
         if not re.fullmatch(r"[+-]?\d+", token):
             raise ValueError(f"cluster_counts must hold integers such as '2,5,6,10,20'; {token!r} is not one")
         value = int(token)
-        if value < 1:
-            raise ValueError(f"cluster_counts must hold integers >= 1, got {value} in {text!r}")
+        if not 1 <= value <= MAX_CLUSTERS:
+            raise ValueError(f"cluster_counts must hold integers from 1 to {MAX_CLUSTERS}, got {value} in {text!r}")
         counts.append(value)
     return sorted(set(counts))
 
@@ -186,6 +191,10 @@ def _check_k(k, limit: int, finest: str, name: str = "k") -> int:
         raise ValueError(f"{where}k must be an int >= 1, got {k!r}")
     if k < 1:
         raise ValueError(f"{where}k must be >= 1, got {k}")
+    if k > MAX_CLUSTERS:
+        raise ValueError(
+            f"{where}k must be at most {MAX_CLUSTERS} (each cluster becomes a mask at the output size), got {k}"
+        )
     if k > limit:
         raise ValueError(
             f"{where}k must be at most {limit} (the cells of the finest grid {finest}: no more distinct "
@@ -547,7 +556,8 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
     gen = torch.Generator().manual_seed(seed)
     full = img.rung(img.last)
     ws = img.working_set(k, seed)
-    runs = starts(ws, k, _WS_INITS if k > 1 else 1, gen, max_iter, tol)
+    count = max(1, min(_WS_INITS, _WS_START_FLOATS // (k * ws.n))) if k > 1 else 1
+    runs = starts(ws, k, count, gen, max_iter, tol)
     finalists = sorted(runs, key=lambda r: r.inertia)[:_WS_FINALISTS]  # stable: ties keep start order
     cands = [r.centroids(ws) for r in finalists]  # [k, C] each
     pick = 0

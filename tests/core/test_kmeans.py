@@ -362,6 +362,28 @@ def test_k_above_finest_grid_cells():
         multi_kmeans(stack, [2, 2.5])
 
 
+def test_k_above_max_clusters_and_fewer_starts_for_large_k(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    stack = FeatureStack([torch.randn(1, 3, 20, 20, generator=gen)], [1.0], [[]], (40, 40), "bilinear")  # 400 cells
+    with pytest.raises(ValueError, match=rf"^k must be at most {km.MAX_CLUSTERS} \(each cluster becomes a mask"):
+        kmeans(stack, km.MAX_CLUSTERS + 1)
+    with pytest.raises(ValueError, match=rf"^cluster_counts: k must be at most {km.MAX_CLUSTERS}"):
+        multi_kmeans(stack, [2, km.MAX_CLUSTERS + 1])
+    counts = {}
+    real = km.starts
+
+    def spy(ws, k, count, *args):
+        counts[k] = (count, ws.n)
+        return real(ws, k, count, *args)
+
+    monkeypatch.setattr(km, "starts", spy)
+    monkeypatch.setattr(km, "_WS_START_FLOATS", 1 << 20)  # [starts, k, points] tensors of at most 2**20 floats
+    result = multi_kmeans(stack, [5, 200]).results
+    assert counts[5] == (km._WS_INITS, 512)  # small k: every start (5 * 512 * 20 floats)
+    assert counts[200] == (3, 1600)  # 16 points per cluster; 3 starts of 200 x 1600 floats fit the bound
+    assert sorted(torch.unique(result[200].labels).tolist()) == list(range(200))  # every cluster holds pixels
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("grid", [0, 2])
@@ -420,13 +442,13 @@ def test_bad_stack_and_options():
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("2,5,6,10,20", [2, 5, 6, 10, 20]), (" 10, 2 ,2 ", [2, 10]), ("3 1", [1, 3]), ("7,", [7])],
+    [("2,5,6,10,20", [2, 5, 6, 10, 20]), (" 10, 2 ,2 ", [2, 10]), ("3 1", [1, 3]), ("7,", [7]), ("256", [256])],
 )
 def test_parse_cluster_counts(text, expected):
     assert parse_cluster_counts(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", " , ", "a", "2,x", "0", "2,-1", "1.5", None, 5])
+@pytest.mark.parametrize("text", ["", " , ", "a", "2,x", "0", "2,-1", "1.5", None, 5, "2,257"])
 def test_parse_cluster_counts_errors(text):
     with pytest.raises(ValueError, match="cluster_counts"):
         parse_cluster_counts(text)

@@ -209,8 +209,9 @@ def test_bad_widget_values_name_the_widget(nodes, recording):
     stack = nodes.Upsample.execute(feats, "bilinear", False).args[0]
     with pytest.raises(ValueError, match="cluster_counts"):
         nodes.MultiKMeans.execute(stack, "2,x", 0)
-    with pytest.raises(ValueError, match="^cluster_counts: k must be at most"):
-        nodes.MultiKMeans.execute(stack, "2,100000", 0)  # more clusters than cells of the finest grid
+    with pytest.raises(ValueError, match="^cluster_counts must hold integers from 1 to 256, got 100000"):
+        nodes.MultiKMeans.execute(stack, "2,100000", 0)
+    assert "from 1 to 256" in nodes.MultiKMeans.validate_inputs("2,257")  # refused before sampling
     assert isinstance(nodes.MultiKMeans.validate_inputs("2,x"), str)
     assert nodes.MultiKMeans.validate_inputs("2,5") is True
     assert isinstance(nodes.HeadPCA.validate_inputs("down+sideways", "all"), str)
