@@ -563,8 +563,10 @@ app.registerExtension({
     const name = nodeData?.name;
     if (typeof name !== "string" || !name.startsWith("HeadSeg_")) return;
 
-    // A seed here picks the k-means start: keep it fixed by default so that re-queueing after a
-    // click reuses the cached clustering (ComfyUI adds "randomize" controls to INT inputs named seed).
+    // A seed here picks the k-means start: keep it fixed so that re-queueing after a click reuses
+    // the cached clustering. The node asks for no control (control_after_generate=False), which
+    // current frontends honour; this guards frontends that add a "randomize" control to any INT
+    // input named seed.
     const onNodeCreatedSeed = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
       const result = onNodeCreatedSeed?.apply(this, arguments);

@@ -5,10 +5,14 @@ Nothing here computes a stage of the pipeline; that is ``nodes/core``.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from comfy_api.latest import ui
 
 from .core.recording import Recording
+
+log = logging.getLogger("HeadSeg")
 
 POSITION_CHOICES = ["down+up", "down", "up", "middle", "down+middle", "middle+up", "down+middle+up"]
 
@@ -59,12 +63,18 @@ def mask_to_comfy(masks: torch.Tensor) -> torch.Tensor:
 
 
 def image_batch(image, name: str = "image") -> torch.Tensor:
-    """Checks an IMAGE input: [B, H, W, C] float tensor."""
+    """Checks an IMAGE input [B, H, W, C] (C = 1, 3 or 4; B, H, W >= 1) -> [B, H, W, 3] float32 on the
+    CPU, NaN drawn as black and +-inf clamped to white / black."""
     if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[-1] not in (1, 3, 4):
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"{name}: expected an IMAGE [B, H, W, 3], got {shape}")
-    image = image[..., :3].float()  # [B, H, W, 3] (a view or a copy; never written to)
+    if 0 in image.shape[:3]:
+        raise ValueError(f"{name}: expected at least one image of at least 1x1 pixels, got {tuple(image.shape)}")
+    image = image[..., :3].to("cpu", torch.float32)  # [B, H, W, 3] (a view or a copy; never written to)
     if image.shape[-1] == 1:
         image = image.expand(-1, -1, -1, 3)
+    if not bool(torch.isfinite(image).all()):  # e.g. a half-precision VAE that overflowed: still show it
+        log.warning("HeadSeg: %s holds NaN or inf values; drawn as black (NaN, -inf) and white (+inf)", name)
+        image = torch.nan_to_num(image, nan=0.0, posinf=1.0, neginf=0.0)
     return image
 

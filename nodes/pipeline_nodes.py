@@ -226,9 +226,9 @@ class MultiKMeans(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Clusters every pixel's stacked head features with exact k-means (k-means++ start, "
-                "Lloyd to convergence, fixed seed) once per cluster count. Few clusters give large "
-                "regions (object vs background), many give parts (eyes, ears). Shows each k as a "
-                "colour map."
+                "Lloyd iterations until the clusters settle, fixed seed) once per cluster count. Few "
+                "clusters give large regions (object vs background), many give parts (eyes, ears). "
+                "Shows each k as a colour map."
             ),
             inputs=[
                 hs.FeatureStack.Input("stack", tooltip="Upsampled features from Upsample."),
@@ -315,7 +315,7 @@ class MaskMerge(io.ComfyNode):
                     step=0.01,
                     tooltip=(
                         "Masks with IoU >= this become one (0.01 .. 1). 1.0 merges only identical masks; "
-                        "lower values merge more, down to any two overlapping masks."
+                        "lower values merge more; at 0.01 masks that share 1 % of their union merge."
                     ),
                 ),
                 io.Float.Input(
@@ -334,7 +334,10 @@ class MaskMerge(io.ComfyNode):
                 hs.Masks.Output(display_name="masks", tooltip="Merged masks of every image of the batch."),
                 io.Mask.Output(
                     display_name="all_masks",
-                    tooltip="All merged masks of image 0 as a MASK batch [M, H, W] (0/1) at image resolution.",
+                    tooltip=(
+                        "All merged masks of image 0 as a MASK batch [M, H, W] (0/1) at image resolution; "
+                        "one all-zero mask when min_area leaves none (a MASK batch cannot be empty)."
+                    ),
                 ),
             ],
         )
@@ -342,6 +345,8 @@ class MaskMerge(io.ComfyNode):
     @classmethod
     def execute(cls, clusters, iou_threshold=0.9, min_area=0.0) -> io.NodeOutput:
         _expect(clusters, core_kmeans.ClusterSweep, "clusters", "HEADSEG_CLUSTERS from Multi K-Means")
+        if not clusters.results:
+            raise ValueError("clusters: the sweep holds no cluster count; expected the output of Multi K-Means")
         B = next(iter(clusters.results.values())).labels.shape[0]
         merged = []
         for b in range(B):
@@ -437,7 +442,10 @@ class MaskSelectAtPixel(io.ComfyNode):
                 ),
                 io.Mask.Output(
                     display_name="masks_at_pixel",
-                    tooltip="Every mask containing the pixel (image 0), finest first, [count, H, W].",
+                    tooltip=(
+                        "Every mask containing the pixel (image 0), finest first, [count, H, W]; one all-zero "
+                        "mask when count is 0 (a MASK batch cannot be empty)."
+                    ),
                 ),
                 io.Image.Output(
                     display_name="overlay",

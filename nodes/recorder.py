@@ -164,9 +164,10 @@ def _grids(latent_hw: tuple[int, int]) -> list[tuple[int, int]]:
 
 
 def model_label(model) -> str:
-    """ModelPatcher -> short model family name for the recording metadata ("SD21", "SD15", "SDXL", ...)."""
+    """ModelPatcher -> short model family name for the recording metadata: "SD2" (SD2.0 and 2.1), "SD15",
+    "SDXL", ..."""
     config = getattr(getattr(model, "model", None), "model_config", None)
-    names = {"SD15": "SD15", "SD20": "SD21", "SDXL": "SDXL", "SDXLRefiner": "SDXLRefiner", "SSD1B": "SSD1B"}
+    names = {"SD15": "SD15", "SD20": "SD2", "SDXL": "SDXL", "SDXLRefiner": "SDXLRefiner", "SSD1B": "SSD1B"}
     for cls in type(config).__mro__ if config is not None else ():
         if cls.__name__ in names:
             return names[cls.__name__]

@@ -12,7 +12,7 @@ import os
 from comfy_api.latest import io
 
 from . import types as hs
-from .core.recording import load_recording, save_recording
+from .core.recording import is_recording_file, load_recording, save_recording
 from .node_utils import as_recording
 
 CATEGORY = "HeadSeg/recording"
@@ -20,7 +20,8 @@ NO_FILE = "(no recording files found)"
 
 
 def _recording_files() -> list[str]:
-    """.safetensors files under the input folder, then those under the output folder (annotated)."""
+    """Recording files (.safetensors with headseg-recording/1 metadata) under the input folder, then
+    those under the output folder (annotated); model files and other safetensors are left out."""
     import folder_paths
 
     found = []
@@ -30,7 +31,7 @@ def _recording_files() -> list[str]:
         names = []
         for root, _dirs, files in os.walk(base, followlinks=True):
             for f in files:
-                if f.endswith(".safetensors"):
+                if f.endswith(".safetensors") and is_recording_file(os.path.join(root, f)):
                     names.append(os.path.relpath(os.path.join(root, f), base).replace(os.sep, "/"))
         found += [n + suffix for n in sorted(names)]
     return found
@@ -109,14 +110,24 @@ class SaveRecording(io.ComfyNode):
         import folder_paths
 
         rec = as_recording(recording, latent)
-        if not str(filename_prefix).strip():
-            raise ValueError("filename_prefix: expected a non-empty file name prefix such as 'headseg/recording'")
+        if not str(filename_prefix).strip() or "\x00" in str(filename_prefix):
+            raise ValueError(
+                f"filename_prefix: expected a file name prefix such as 'headseg/recording', got {filename_prefix!r}"
+            )
         out_dir = folder_paths.get_output_directory()
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
-        os.makedirs(folder, exist_ok=True)
         filename = f"{name}_{counter:05}_.safetensors"
         full = os.path.join(folder, filename)
-        save_recording(rec, full)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            save_recording(rec, full)
+        except (ValueError, TypeError):  # named by save_recording (e.g. values beyond float16)
+            raise
+        except Exception as exc:  # OSError, or safetensors' own error wrapping one
+            raise ValueError(
+                f"filename_prefix {filename_prefix!r}: cannot write {full} ({type(exc).__name__}: {exc}); "
+                "choose a shorter prefix of plain folder and file names"
+            ) from exc
         rel = os.path.join(subfolder, filename).replace(os.sep, "/")
         info = {
             "filename": filename,

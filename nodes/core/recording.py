@@ -24,6 +24,8 @@ POSITIONS = ("down", "middle", "up")
 METADATA_KEYS = ("format", "image_height", "image_width", "model", "steps", "branch")
 _BLOCK_ORDER = {"input": 0, "middle": 1, "output": 2}
 _FP16_MAX = torch.finfo(torch.float16).max
+# Longest safetensors header is_recording_file reads (a recording's is a few kB; a model's up to ~1 MB).
+_MAX_HEADER_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -280,6 +282,23 @@ def save_recording(rec: Recording, path) -> None:
         "branch": str(rec.branch),
     }
     save_file(tensors, os.fspath(path), metadata=metadata)
+
+
+def is_recording_file(path) -> bool:
+    """Whether ``path`` is a safetensors file whose metadata says headseg-recording/1. Reads only the
+    header (8 bytes of length, then its JSON), so model files in the same folder cost little."""
+    import json
+
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 2 <= n <= _MAX_HEADER_BYTES:
+                return False
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError):  # unreadable, or not JSON / not UTF-8
+        return False
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
 def load_recording(path) -> Recording:

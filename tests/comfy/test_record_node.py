@@ -56,7 +56,7 @@ def test_all_sd2_layers_with_heads_and_grids(tiny):
         side = 16 // 2**level
         assert tuple(t.shape) == (1, heads * base, side, side, 8), key.name
         assert rec.grid_level(key) == level
-    assert rec.num_heads == 39 * base and rec.model == "SD21"
+    assert rec.num_heads == 39 * base and rec.model == "SD2"
     assert {layer.key.name: layer.level for layer in live.layers} == {n: lv for n, (_, lv) in SD2_LAYERS.items()}
 
 
@@ -136,7 +136,7 @@ def test_recording_round_trips_through_the_file_format(tiny, tmp_path):
     save_recording(rec, path)
     back = load_recording(path)
     assert [k.name for k in back.layers] == [k.name for k in rec.layers] and len(back.layers) == 15
-    assert back.image_size == (64, 96) and (back.model, back.steps, back.branch) == ("SD21", "last", "cond")
+    assert back.image_size == (64, 96) and (back.model, back.steps, back.branch) == ("SD2", "last", "cond")
     for key, t in rec.layers.items():
         assert torch.equal(back.layers[key], t)
     assert rec.select(("down", "up")).num_heads == rec.num_heads  # core selection works on it

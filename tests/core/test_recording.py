@@ -12,6 +12,7 @@ from headseg.nodes.core.recording import (
     LayerKey,
     Recording,
     grid_levels,
+    is_recording_file,
     load_recording,
     parse_levels,
     save_recording,
@@ -387,3 +388,19 @@ def test_validate_rejects_non_layer_keys_and_integer_tensors():
         Recording({"input.1.0": torch.zeros(1, 1, 8, 8, 4)}, (64, 64)).validate()
     with pytest.raises(ValueError, match=r"input\.1\.0.*floating"):
         Recording({LayerKey("input", 1, 0): torch.zeros(1, 1, 8, 8, 4, dtype=torch.int64)}, (64, 64)).validate()
+
+
+def test_is_recording_file_reads_only_the_header(tmp_path):
+    assert is_recording_file(write(tmp_path, good_tensors(), GOOD_META))
+    other = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(3)}, str(other), metadata={"format": "pt"})
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(3)}, str(plain))  # no metadata at all
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    huge = tmp_path / "huge.safetensors"
+    huge.write_bytes((1 << 40).to_bytes(8, "little") + b"{}")  # a header length no file has
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes((4).to_bytes(8, "little") + b"\xff\xfe{}")
+    for path in (other, plain, empty, huge, junk, tmp_path / "missing.safetensors", tmp_path):
+        assert not is_recording_file(path), path

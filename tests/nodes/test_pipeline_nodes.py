@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -239,3 +240,29 @@ def test_picture_not_a_multiple_of_8_is_cropped_like_vae_encode(nodes, recording
     # where the chosen mask is absent, the overlay is the picture itself
     chosen = nodes.MaskSelectAtPixel.execute(masks, 0, 0, 0, image=photo).args[1][0].bool()
     assert torch.allclose(overlay[0][~chosen], window[0][~chosen], atol=1e-6)
+
+
+def test_picture_odd_values_and_shapes(nodes, recording, caplog):
+    """NaN / inf in the picture are drawn (and logged), never passed on as NaN; empty pictures are named."""
+    feats = nodes.HeadPCA.execute(recording, "down+up", "all", 4).args[0]
+    stack = nodes.Upsample.execute(feats, "bilinear", False).args[0]
+    masks = nodes.MaskMerge.execute(nodes.MultiKMeans.execute(stack, "2", 0).args[0], 0.9, 0.0).args[0]
+    H, W = masks[0].masks.shape[-2:]
+    photo = torch.rand(1, H, W, 3)
+    photo[0, :4] = float("nan")
+    photo[0, 4:8] = float("inf")
+    with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        out = nodes.MaskSelectAtPixel.execute(masks, 0, 0, 0, image=photo)
+    assert "image holds NaN or inf" in caplog.text
+    overlay = out.args[2]
+    assert bool(torch.isfinite(overlay).all()) and float(overlay.min()) >= 0 and float(overlay.max()) <= 1
+    for bad in (torch.rand(0, H, W, 3), torch.rand(1, 0, 0, 3), torch.rand(1, H, 0, 3)):
+        with pytest.raises(ValueError, match=r"^image: expected at least one image of at least 1x1 pixels"):
+            nodes.MaskSelectAtPixel.execute(masks, 0, 0, 0, image=bad)
+
+
+def test_mask_merge_names_an_empty_sweep(nodes):
+    from headseg.nodes.core.kmeans import ClusterSweep
+
+    with pytest.raises(ValueError, match="^clusters: the sweep holds no cluster count"):
+        nodes.MaskMerge.execute(ClusterSweep(results={}, size=(8, 8)), 0.9, 0.0)

@@ -87,9 +87,14 @@ def test_errors_name_the_input(io_nodes, recording, comfy_folders):
         io_nodes.SaveRecording.execute({"not": "a recording"}, "x")
     with pytest.raises(ValueError, match="filename_prefix"):
         io_nodes.SaveRecording.execute(recording, "  ")
+    with pytest.raises(ValueError, match="^filename_prefix: expected"):
+        io_nodes.SaveRecording.execute(recording, "rec\x00x")
+    with pytest.raises(ValueError, match="^filename_prefix 'x+': cannot write .*shorter prefix"):
+        io_nodes.SaveRecording.execute(recording, "x" * 300)  # a file name longer than the OS allows
     bad = comfy_folders["input"] / "bad.safetensors"
     from safetensors.torch import save_file
 
     save_file({"input.1.0": torch.zeros(1, 1, 1, 1, 1)}, str(bad), metadata={"format": "other/1"})
+    assert "bad.safetensors" not in io_nodes._recording_files()  # not offered: not a recording
     with pytest.raises(ValueError, match="format"):
         io_nodes.LoadRecording.execute("bad.safetensors", "")
