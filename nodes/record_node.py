@@ -23,7 +23,8 @@ class RecordSelfAttention(io.ComfyNode):
                 "on the CPU. Sample with the MODEL output; the RECORDING keeps the last 3 sampling runs, and the "
                 "node that reads it takes the run that produced its LATENT. Works with SD1.x, SD2.x and SDXL UNets (DiT models such as Flux or SD3 are "
                 "refused). Chains an attn1 patch already on the model (SAG, PAG, ...) and survives later "
-                "LoRA/FreeU clones. Recording does not change the sampled image."
+                "LoRA/FreeU clones; the extra passes of SAG and PAG are not recorded. Recording does not "
+                "change the sampled image."
             ),
             inputs=[
                 io.Model.Input(

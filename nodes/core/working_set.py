@@ -141,7 +141,6 @@ class _Starts:
 
     def assign(self) -> tuple[torch.Tensor, list[float]]:
         """-> labels [I, n] of the nearest centroids, inertia per start (float64 sums)."""
-        k = self.k
         d = self.S.mul(-2.0).add_(self.cc[:, :, None])  # [I, k, n] squared distances less ||x_p||^2
         best = d.amin(1, keepdim=True)  # [I, 1, n]
         labels = first_at_minimum(d, best, 1)  # [I, n]

@@ -8,7 +8,7 @@ import torch
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.samplers
 
-from headseg.nodes import recorder
+from headseg.nodes import recorder, recorder_store
 from headseg.nodes.core.recording import LayerKey
 
 from .reference import AttentionProbe, reference, self_attention_modules
@@ -288,7 +288,7 @@ def test_latent_finds_its_own_run_among_the_last_ones(tiny, sd2):
     assert live.snapshot(first_latent.clone()).layers.keys() == first.layers.keys()  # values, not identity
     with pytest.raises(ValueError, match=r"^latent: this LATENT \(1x4x8x8\) is not the output of any of the last 2"):
         live.snapshot(torch.randn(1, 4, 8, 8))
-    for seed in range(3, 3 + recorder.HISTORY - 1):
+    for seed in range(3, 3 + recorder_store.HISTORY - 1):
         run(tiny, patched, latent_hw=(8, 8), seed=seed)
     live.snapshot(second_latent)  # still kept
     run(tiny, patched, latent_hw=(8, 8), seed=99)

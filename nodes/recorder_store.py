@@ -1,0 +1,429 @@
+"""What one record node keeps while ComfyUI samples: the step selection, the per-run store of head
+outputs (written by the attn1 patches of ``recorder.py``) and the LiveRecording handle the node returns.
+
+A run (one OUTER_SAMPLE call) is made of model evaluations (the guider's predict_noise calls); each
+evaluation's main pass is its first calc_cond_batch call, and only main passes are recorded: the
+extra passes that guidance nodes (SAG, PAG) run after CFG see a changed input or model. Every
+conditioning entry of the recorded branch counts the same, however ComfyUI batched the entries.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .core.recording import LayerKey, Recording
+
+log = logging.getLogger("HeadSeg")
+
+BRANCHES = {"cond": 0, "uncond": 1}
+VAE_FACTOR = 8  # pixels per latent cell for the SD-family UNets this records
+RECORD_DTYPE = torch.float16
+# Sampling runs kept per record node, so that a LATENT finds its own run when other samplers used
+# the recorded MODEL after it (a hires fix, an inpainting pass).
+HISTORY = 3
+# Why a run recorded nothing when the recorded layers never ran (the MODEL used was not the patched one).
+_NEVER_CALLED = "the self-attention layers were never called during the last sampling run"
+
+
+@dataclass(frozen=True)
+class StepSelection:
+    """Which sampling steps are recorded: mode "last", "mean", or "range" over [first, last] (0-based)."""
+
+    mode: str
+    first: int = 0
+    last: int = 0
+
+    @property
+    def label(self) -> str:
+        if self.mode != "range":
+            return self.mode
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+
+def parse_steps(text: str) -> StepSelection:
+    """'last' | 'mean' | 'N' | 'A-B' (0-based step indices, inclusive) -> StepSelection."""
+    if not isinstance(text, str):
+        raise TypeError(f"steps: expected a string such as 'last', 'mean' or '3-7', got {type(text).__name__}")
+    t = text.strip().lower().replace(" ", "")
+    if t in ("last", "mean"):
+        return StepSelection(t)
+    parts = t.split("-")
+    if 1 <= len(parts) <= 2 and all(p.isdecimal() for p in parts):
+        first, last = int(parts[0]), int(parts[-1])
+        if first <= last:
+            return StepSelection("range", first, last)
+    raise ValueError(
+        f"steps: expected 'last', 'mean', a step 'N' or a range 'A-B' with A <= B (0-based, inclusive), got {text!r}"
+    )
+
+
+def _grids(latent_hw: tuple[int, int]) -> list[tuple[int, int]]:
+    """(H, W) latent -> [(H, W), (ceil(H/2), ceil(W/2)), ...] down to (1, 1): the grid of each level."""
+    h, w = latent_hw
+    grids = [(h, w)]
+    while (h, w) != (1, 1):
+        h, w = -(-h // 2), -(-w // 2)
+        grids.append((h, w))
+    return grids
+
+
+
+def _cpu_latent(x) -> torch.Tensor | None:
+    """A sampler's latent as a float32 CPU tensor (a copy), or None when it is not a plain tensor."""
+    if not isinstance(x, torch.Tensor) or x.is_nested:
+        return None
+    return x.detach().to(device="cpu", dtype=torch.float32, copy=True)
+
+
+class _Store:
+    """What one record node's patched model writes during sampling. Lives in _REGISTRY, never in model_options."""
+
+    def __init__(self, layers, levels, steps: StepSelection, branch: str, model: str):
+        self.layers = {layer.key: layer for layer in layers}
+        self.levels = levels
+        self.steps = steps
+        self.branch = branch
+        self.branch_index = BRANCHES[branch]
+        self.model = model
+        self.runs = 0
+        self.failure = ""  # why the current or most recent run recorded nothing
+        # the last HISTORY runs, oldest first: (output latent on the CPU or None, Recording or None, failure)
+        self.history: collections.deque = collections.deque(maxlen=HISTORY)
+        self._reset_run(None, None)
+
+    # -- run boundaries (OUTER_SAMPLE wrapper) -------------------------------------------------
+    def _reset_run(self, latent_shape, sigmas):
+        self.active = latent_shape is not None
+        self.latent_shape = tuple(latent_shape) if latent_shape is not None else None
+        self.sigmas = sigmas  # python floats, len = steps + 1
+        self.acc: dict[LayerKey, torch.Tensor] = {}
+        self.count: dict[LayerKey, int] = {}
+        self.seen_branch = 0  # calls that held the recorded branch
+        self.seen_calls = 0
+        self._failed = False  # recording failed part-way through this run
+        self.called: set[LayerKey] = set()  # layers whose patch ran this run
+        self.max_step = -1
+        self.min_sigma = float("inf")  # lowest sigma of a recorded-branch call
+        self._sig_obj = None
+        self._sig_step = 0
+        self._warned: set = set()
+        self.acc_eval: dict[LayerKey, int] = {}  # steps = last: the model evaluation acc[key] holds
+        self.eval_id = 0  # model evaluations (guider predict_noise calls) so far in this run
+        self.batches_in_eval = 0  # calc_cond_batch calls so far in the current evaluation
+        self.in_main = True  # whether the current model calls belong to an evaluation's main pass
+        self.wanted_calls = 0  # recorded-branch calls in a chosen step
+        self.crop_calls = 0  # of these, calls on an area crop of the latent (not recorded)
+
+    def begin_run(self, noise: torch.Tensor, sigmas: torch.Tensor):
+        sig = [float(s) for s in sigmas.detach().flatten().cpu()]
+        self.failure = ""
+        self._reset_run(noise.shape, sig)
+
+    def begin_eval(self):
+        """A guider's predict_noise call starts: one model evaluation (PREDICT_NOISE wrapper)."""
+        self.eval_id += 1
+        self.batches_in_eval = 0
+
+    def begin_batch(self) -> bool:
+        """A calc_cond_batch call starts -> whether it is the evaluation's main pass: its first one.
+        Later ones in the same evaluation are extra passes of guidance nodes (SAG's blurred uncond,
+        PAG's perturbed cond), run after CFG on a changed input or model: not recorded. Without a
+        guider evaluation around it (a custom sampling path) every call counts."""
+        main = self.eval_id == 0 or self.batches_in_eval == 0
+        self.batches_in_eval += 1
+        return main
+
+    def end_run(self, output=None):
+        """Closes the run; ``output`` is the sampler's output latent, kept to match a LATENT to this run."""
+        if not self.active:
+            if self._failed:  # the run stopped recording part-way: keep why, for its LATENT
+                self.history.append((_cpu_latent(output), None, self.failure))
+                self._failed = False
+            return
+        layers = {}
+        for key in sorted(self.acc, key=lambda k: k.sort_key):
+            acc, n = self.acc[key], self.count[key]
+            if n > 1 or acc.dtype != RECORD_DTYPE or acc.device.type != "cpu":
+                acc = (acc.to(torch.float32) / n).to(device="cpu", dtype=RECORD_DTYPE)  # mean over entries
+            layers[key] = acc
+        never = [key.name for key in self.layers if key not in self.called]
+        if never and self.seen_calls:
+            log.warning(
+                "HeadSeg: layers %s were not run through HeadSeg's patch in this sampling run (another node "
+                "replaced their attn1 patch after HeadSeg_RecordSelfAttention?): they are not recorded",
+                ", ".join(never),
+            )
+        B, C, H, W = self.latent_shape[:4]
+        self.runs += 1
+        rec = None
+        if layers:
+            rec = Recording(
+                layers=layers,
+                image_size=(H * VAE_FACTOR, W * VAE_FACTOR),
+                model=self.model,
+                steps=self.steps.label,
+                branch=self.branch,
+            )
+        self.failure = "" if layers else self._why_empty()
+        self.history.append((_cpu_latent(output), rec, self.failure))
+        self._reset_run(None, None)
+
+    def latest(self):
+        """(Recording or None, failure) of the most recent finished run; (None, failure) before any."""
+        return self.history[-1][1:] if self.history else (None, self.failure)
+
+    def run_of(self, samples: torch.Tensor):
+        """The newest kept run whose output latent equals ``samples`` -> (Recording or None, failure),
+        or None when no kept run produced it."""
+        samples = _cpu_latent(samples)
+        if samples is None:
+            return None
+        for output, rec, failure in reversed(self.history):
+            if output is not None and output.shape == samples.shape and torch.equal(output, samples):
+                return rec, failure
+        return None
+
+    def abort_run(self):
+        self._reset_run(None, None)
+
+    def fail(self, exc: BaseException):
+        """A bug or an unforeseen layout while recording: log it, stop recording this run, never break sampling."""
+        log.error("HeadSeg: recording stopped for this run: %s: %s", type(exc).__name__, exc)
+        self._stop(f"recording failed: {type(exc).__name__}: {exc}")
+
+    def refuse(self, reason: str):
+        """A sampling setup whose calls cannot be recorded faithfully: say so once, record nothing this run."""
+        if self.active:
+            log.warning("HeadSeg: not recording this sampling run: %s", reason)
+            self._stop(reason)
+
+    def _stop(self, reason: str):
+        self.failure = reason
+        failed_in_run = self.active
+        self._reset_run(None, None)
+        self._failed = failed_in_run
+
+    def _why_empty(self) -> str:
+        n_steps = max(len(self.sigmas or []) - 1, 0)
+        if self.failure:
+            return self.failure
+        if self.seen_calls == 0:
+            return _NEVER_CALLED
+        if self.seen_branch == 0:
+            hint = (
+                " (with cfg = 1 ComfyUI skips the uncond pass: choose branch 'cond', or a cfg above 1)"
+                if self.branch == "uncond"
+                else ""
+            )
+            return f"branch: no model call held the '{self.branch}' branch{hint}"
+        if self.wanted_calls and self.crop_calls == self.wanted_calls:
+            return (
+                f"branch: the '{self.branch}' conditioning covered only part of the image in every model call "
+                "(ConditioningSetArea, or a mask with 'set_cond_area: mask bounds'); HeadSeg records calls on "
+                "the whole latent: add a conditioning entry for the whole image"
+            )
+        if self.steps.mode == "range" and self.steps.first > self.max_step:
+            return (
+                f"steps: range {self.steps.label} selected but the sampler ran {n_steps} steps "
+                f"(0-{max(n_steps - 1, 0)}): choose steps within them, or 'last'"
+            )
+        last = max(n_steps - 1, 0)
+        if self.steps.mode == "last" and self.max_step < last:
+            return (
+                f"steps: 'last' is step {last} (sigma at most {self.sigmas[last]:.4g}), but the sampler evaluated "
+                f"the model only down to sigma {self.min_sigma:.4g} (samplers such as dpm_fast and dpm_adaptive "
+                "choose their own sigmas): choose steps 'mean' or a range"
+            )
+        return (
+            "no layer could be recorded (levels selection matched no grid, or another patch changed the "
+            "token count of every layer; see the log)"
+        )
+
+    # -- per call -------------------------------------------------------------------------------
+    def _step_of(self, extra_options) -> int:
+        """The step a model call belongs to: i such that sigmas[i+1] < sigma <= sigmas[i]."""
+        sig = extra_options.get("sigmas")
+        if sig is None:
+            return 0
+        if sig is self._sig_obj:
+            return self._sig_step
+        schedule = self.sigmas
+        s = float(sig.max()) if torch.is_tensor(sig) else float(sig)
+        self.min_sigma = min(self.min_sigma, s)
+        step = max(len(schedule) - 2, 0)
+        for i in range(len(schedule) - 1):
+            nxt = schedule[i + 1]
+            if s > nxt + 1e-5 * max(abs(nxt), 1e-3):
+                step = i
+                break
+        self._sig_obj, self._sig_step = sig, step
+        return step
+
+    def _wants(self, step: int) -> bool:
+        if self.steps.mode == "last":
+            return step == max(len(self.sigmas) - 2, 0)
+        if self.steps.mode == "mean":
+            return True
+        return self.steps.first <= step <= self.steps.last
+
+    def _warn_once(self, key: LayerKey, what: str, message: str):
+        if (key, what) not in self._warned:
+            self._warned.add((key, what))
+            log.warning("HeadSeg: not recording %s: %s", key.name, message)
+
+    def observe(self, key: LayerKey, out: torch.Tensor, extra_options: dict):
+        """Record one attn1 output [B_all, N, heads*d] (the tensor that goes on to to_out)."""
+        if not self.active:
+            return
+        self.seen_calls += 1
+        self.called.add(key)
+        if not self.in_main:  # an extra pass of a guidance node (SAG, PAG), after CFG
+            return
+        cond_or_uncond = list(extra_options.get("cond_or_uncond") or [0])
+        if max(cond_or_uncond) >= len(BRANCHES):
+            self.refuse(
+                "branch: this guider passes more than two conditionings per model call (e.g. DualCFGGuider), "
+                "so 'cond' and 'uncond' do not name its prompts; HeadSeg records ComfyUI's standard CFG guider"
+            )
+            return
+        if self.branch_index not in cond_or_uncond:
+            return
+        self.seen_branch += 1
+        step = self._step_of(extra_options)
+        self.max_step = max(self.max_step, step)
+        if not self._wants(step):
+            return
+        self.wanted_calls += 1
+
+        B, _, H, W = self.latent_shape[:4]
+        shape = extra_options.get("activations_shape")
+        original = extra_options.get("original_shape")
+        if shape is None or len(shape) != 4:
+            self._warn_once(key, "grid", "no activations_shape in the patch options")
+            return
+        h, w = int(shape[-2]), int(shape[-1])
+        if original is not None and tuple(original[-2:]) != (H, W):
+            self.crop_calls += 1
+            self._warn_once(key, "area", f"the model was called on a {tuple(original[-2:])} crop of the {H}x{W} latent")
+            return
+        grids = _grids((H, W))
+        level = grids.index((h, w)) if (h, w) in grids else None
+        if level is None:
+            self._warn_once(key, "level", f"token grid {h}x{w} fits no level of the {H}x{W} latent")
+            return
+        if self.levels is not None and level not in self.levels:
+            return
+        B_all, N, inner = out.shape
+        heads = int(extra_options.get("n_heads", self.layers[key].heads))
+        if N != h * w:
+            self._warn_once(
+                key, "tokens",
+                f"{N} tokens but a {h}x{w} grid (another patch such as HyperTile or ToMe changed the token count)",
+            )
+            return
+        if inner % heads:
+            self._warn_once(key, "heads", f"width {inner} is not a multiple of {heads} heads")
+            return
+        chunks = len(cond_or_uncond)
+        b = B_all // chunks
+        if b != B or b * chunks != B_all:
+            self._warn_once(key, "batch", f"batch {B_all} does not split into {chunks} chunks of the latent batch {B}")
+            return
+        # Every entry of the branch counts the same, however ComfyUI batched them (several positive
+        # entries, e.g. ConditioningCombine, share one call or get one call each when memory is short).
+        entries = [j for j, c in enumerate(cond_or_uncond) if c == self.branch_index]
+        E, D = len(entries), inner // heads
+        parts = out.reshape(chunks, b, N, inner)  # [chunks, b, N, heads*D]
+        x = parts[entries[0]] if E == 1 else parts[entries].to(torch.float32).sum(0)  # [b, N, heads*D]
+        x = x.reshape(b, h, w, heads, D).permute(0, 3, 1, 2, 4)  # [b, heads, h, w, D]
+
+        if self.steps.mode == "last":
+            if key in self.acc and self.acc_eval.get(key) == self.eval_id:  # more entries of this evaluation
+                self.acc[key] = self.acc[key].to(torch.float32) + x.to(device="cpu", dtype=torch.float32)
+                self.count[key] += E
+                return
+            if E == 1:
+                kept = torch.empty((b, heads, h, w, D), dtype=RECORD_DTYPE, device="cpu")
+                kept.copy_(x)  # one copy: cast + move + contiguous
+            else:
+                kept = x.to(device="cpu", dtype=torch.float32)  # a sum of E entries
+            self.acc[key], self.count[key], self.acc_eval[key] = kept, E, self.eval_id
+        elif key in self.acc:
+            self.acc[key] += x  # float32 running sum on the sampling device
+            self.count[key] += E
+        else:
+            self.acc[key] = x.to(torch.float32).contiguous()
+            self.count[key] = E
+
+
+class LiveRecording:
+    """Handle returned by HeadSeg_RecordSelfAttention; filled while the patched model samples.
+
+    ``snapshot(latent)`` gives the Recording of the run that produced ``latent``; ``snapshot()`` the
+    most recent finished run.
+    """
+
+    def __init__(self, store: _Store, store_id: int, layers: list):
+        self._store = store  # the strong reference that keeps the registry entry alive
+        self.store_id = store_id
+        self.layers = list(layers)
+
+    @property
+    def runs(self) -> int:
+        """Number of sampling runs finished since the record node ran."""
+        return self._store.runs
+
+    def snapshot(self, latent: torch.Tensor | None = None) -> Recording:
+        """-> Recording of the sampling run whose output latent is ``latent`` [B, C, h, w] (the sampler's
+        LATENT samples), or of the most recent finished run when ``latent`` is None.
+
+        New object, tensors shared, never mutated. ValueError naming `latent` when none of the last
+        HISTORY runs of the recorded MODEL produced ``latent``.
+        """
+        store = self._store
+        if latent is None:
+            found = store.latest()
+        elif not any(out is not None for out, _, _ in store.history):
+            found = (None, store.failure)  # nothing recorded yet: the message below says so, and why
+        else:
+            found = store.run_of(latent)
+        if found is None:
+            raise ValueError(self._no_run_message(latent))
+        rec, failure = found
+        if rec is None:
+            if failure and failure != _NEVER_CALLED:  # the run happened: its own reason comes first
+                raise ValueError(f"recording: the sampling run recorded nothing: {failure}")
+            why = f" ({failure})" if failure else ""
+            raise ValueError(
+                "recording: nothing recorded yet: connect the sampler's LATENT output to the node that reads "
+                "the recording so it runs after sampling, and sample with the MODEL from "
+                f"HeadSeg_RecordSelfAttention{why}"
+            )
+        out = Recording(
+            layers=dict(rec.layers),
+            image_size=rec.image_size,
+            model=rec.model,
+            steps=rec.steps,
+            branch=rec.branch,
+        )
+        return out.validate(check_finite=False)  # NaN / inf: named per layer by Head PCA and Save Recording
+
+    def _no_run_message(self, latent) -> str:
+        def dims(t):
+            return "x".join(str(n) for n in t.shape)
+
+        shape = dims(latent) if isinstance(latent, torch.Tensor) else type(latent).__name__
+        runs = [out for out, _, _ in self._store.history if out is not None]
+        kept = ", ".join(dims(out) for out in runs)
+        return (
+            f"latent: this LATENT ({shape}) is not the output of any of the last {len(runs)} sampling run(s) of "
+            f"the recorded MODEL (their outputs: {kept}). Connect the LATENT output of the sampler that sampled "
+            "with the MODEL from Record Self-Attention directly, with no node in between."
+        )
+
+    def __repr__(self):
+        return f"LiveRecording(id={self.store_id}, layers={len(self.layers)}, runs={self.runs})"

@@ -1,0 +1,154 @@
+"""Recording next to ComfyUI's guidance nodes and conditioning tools: PAG and SAG keep their effect and
+their extra passes are not recorded; several positive entries count the same however ComfyUI batches
+them; setups that cannot be recorded faithfully say why."""
+
+import pytest
+import torch
+
+import comfy.sample
+import comfy.samplers
+import nodes
+from comfy_extras import nodes_custom_sampler, nodes_pag, nodes_sag
+
+from headseg.nodes import recorder
+from headseg.nodes.core.recording import LayerKey
+
+from .reference import AttentionProbe, grid_for, per_head
+
+TOL = dict(rtol=3e-3, atol=3e-3)  # recorded float16 against float64
+NAMES = ("input.1.0", "middle.0.0", "output.11.0")
+
+
+@pytest.fixture(scope="module")
+def sd2(tiny):
+    return tiny.build("SD2", seed=0)
+
+
+def main_pass_calls(probe, name):
+    """Calls of ``name`` in CFG's main pass: both branches in one call (the guidance nodes' extra passes
+    run one conditioning alone)."""
+    return [c for c in probe.calls[name] if sorted(c.cond_or_uncond) == [0, 1]]
+
+
+def entries_mean(call, grid, branch=0):
+    """[b, heads, h, w, d] float64: per_head averaged over every chunk of ``call`` labelled ``branch``."""
+    chunks = len(call.cond_or_uncond)
+    b = call.x.shape[0] // chunks
+    outs = []
+    for j, label in enumerate(call.cond_or_uncond):
+        if label == branch:
+            one = type(call)([branch], call.sigma, call.x[j * b : (j + 1) * b], call.wq, call.wk, call.wv, call.heads)
+            outs.append(per_head(one, grid, branch))
+    return torch.stack(outs).mean(0)
+
+
+def assert_last_main_pass(rec, probe, latent_hw):
+    for name in NAMES:
+        call = main_pass_calls(probe, name)[-1]
+        want = per_head(call, grid_for(latent_hw, call.x.shape[1]))
+        torch.testing.assert_close(rec.layers[LayerKey.parse(name)].double(), want, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+def pag(model):
+    return nodes_pag.PerturbedAttentionGuidance.execute(model, 3.0).result[0]
+
+
+def test_pag_keeps_its_effect_in_either_order_and_its_pass_is_not_recorded(tiny, sd2):
+    """PAG adds a ("middle", 0) attn1 patch for its extra pass only; HeadSeg's ("middle", 0, 0) patch
+    must not hide it (ComfyUI prefers the longer key)."""
+    pos, neg = tiny.conditioning("SD2")
+    want = tiny.sample(pag(sd2), pos, neg, latent_hw=(16, 16), steps=2, seed=2)
+    plain = tiny.sample(sd2, pos, neg, latent_hw=(16, 16), steps=2, seed=2)
+    assert (want - plain).abs().max() > 1e-2  # PAG changes the picture: the check below is not vacuous
+    for order in ("record then PAG", "PAG then record"):
+        if order == "record then PAG":
+            patched, live = recorder.attach_recorder(sd2)
+            model = pag(patched)
+        else:
+            model, live = recorder.attach_recorder(pag(sd2))
+        with AttentionProbe(model) as probe:
+            got = tiny.sample(model, pos, neg, latent_hw=(16, 16), steps=2, seed=2)
+        assert (got - want).abs().max() <= 1e-5, order
+        assert len(probe.calls["middle.0.0"]) > len(main_pass_calls(probe, "middle.0.0"))  # PAG's pass ran
+        assert_last_main_pass(live.snapshot(got), probe, (16, 16))
+
+
+@pytest.mark.parametrize("steps", ["last", "mean"])
+def test_sag_extra_pass_is_not_recorded(tiny, sd2, steps):
+    """SAG runs the negative prompt on a blurred latent after CFG, labelled as the first (cond) entry."""
+    pos, neg = tiny.conditioning("SD2")
+    model, live = recorder.attach_recorder(nodes_sag.SelfAttentionGuidance.execute(sd2, 0.5, 2.0).result[0], steps=steps)
+    with AttentionProbe(model) as probe:
+        got = tiny.sample(model, pos, neg, latent_hw=(16, 16), steps=2, seed=2)
+    assert probe.calls["output.11.0"][-1].cond_or_uncond == [0]  # the last call is SAG's pass
+    rec = live.snapshot(got)
+    for name in NAMES:
+        calls = main_pass_calls(probe, name)
+        calls = calls[-1:] if steps == "last" else calls
+        want = torch.stack([per_head(c, grid_for((16, 16), c.x.shape[1])) for c in calls]).mean(0)
+        torch.testing.assert_close(rec.layers[LayerKey.parse(name)].double(), want, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("steps", ["last", "mean"])
+def test_several_positive_entries_count_the_same_however_batched(tiny, sd2, steps, monkeypatch):
+    pos, neg = tiny.conditioning("SD2")
+    pos2, _ = tiny.conditioning("SD2", seed=11)
+    both = nodes.ConditioningCombine().combine(pos, pos2)[0]
+    patched, live = recorder.attach_recorder(sd2, steps=steps)
+    with AttentionProbe(patched) as probe:
+        got = tiny.sample(patched, both, neg, latent_hw=(6, 6), steps=2, seed=4)
+    batched = live.snapshot(got)
+    calls = probe.calls["output.11.0"]
+    assert sorted(calls[-1].cond_or_uncond) == [0, 0, 1]  # both entries in one call
+    if steps == "last":
+        for name in NAMES:
+            call = probe.calls[name][-1]
+            want = entries_mean(call, grid_for((6, 6), call.x.shape[1]))
+            torch.testing.assert_close(batched.layers[LayerKey.parse(name)].double(), want, **TOL)
+    monkeypatch.setattr(sd2.model, "memory_required", lambda *a, **k: 1e30)  # short of memory: one call each
+    patched, live = recorder.attach_recorder(sd2, steps=steps)
+    with AttentionProbe(patched) as probe:
+        got2 = tiny.sample(patched, both, neg, latent_hw=(6, 6), steps=2, seed=4)
+    torch.testing.assert_close(got2, got, rtol=1e-4, atol=1e-2)  # ComfyUI's own batching rounds differently
+    assert all(len(c.cond_or_uncond) == 1 for c in probe.calls["output.11.0"])
+    separate = live.snapshot(got2)
+    for key, t in batched.layers.items():
+        torch.testing.assert_close(separate.layers[key].double(), t.double(), **TOL)
+
+
+def test_area_only_conditioning_says_so(tiny, sd2):
+    pos, neg = tiny.conditioning("SD2")
+    area = nodes.ConditioningSetArea().append(pos, 40, 32, 8, 8, 1.0)[0]
+    patched, live = recorder.attach_recorder(sd2)
+    got = tiny.sample(patched, area, neg, latent_hw=(6, 10), steps=2, seed=4)
+    with pytest.raises(ValueError, match=r"^recording: the sampling run recorded nothing: branch: the 'cond' conditioning "
+                                         r"covered only part of the image.*whole image"):
+        live.snapshot(got)
+
+
+def test_guider_with_three_conditionings_is_refused(tiny, sd2):
+    pos, neg = tiny.conditioning("SD2")
+    middle, _ = tiny.conditioning("SD2", seed=7)
+    patched, live = recorder.attach_recorder(sd2)
+    guider = nodes_custom_sampler.Guider_DualCFG(patched)
+    guider.set_conds(pos, middle, neg)
+    guider.set_cfg(5.0, 3.0, nested=False)
+    sigmas = comfy.samplers.calculate_sigmas(sd2.get_model_object("model_sampling"), "normal", 2)
+    latent = torch.zeros(1, 4, 6, 6)
+    with torch.inference_mode():
+        out = guider.sample(comfy.sample.prepare_noise(latent, 1), latent, comfy.samplers.sampler_object("euler"),
+                            sigmas, seed=1, disable_pbar=True)
+    with pytest.raises(ValueError, match=r"branch: this guider passes more than two conditionings.*DualCFGGuider"):
+        live.snapshot(out)
+
+
+@pytest.mark.filterwarnings("ignore:To copy construct from a tensor")  # ComfyUI's dpm_fast itself
+def test_last_step_never_evaluated_says_which_sigmas_ran(tiny, sd2):
+    pos, neg = tiny.conditioning("SD2")
+    patched, live = recorder.attach_recorder(sd2)
+    got = tiny.sample(patched, pos, neg, latent_hw=(5, 7), steps=3, seed=1, sampler_name="dpm_fast")
+    with pytest.raises(ValueError, match=r"steps: 'last' is step 2 .* only down to sigma .*dpm_fast.*'mean'"):
+        live.snapshot(got)
+    patched, live = recorder.attach_recorder(sd2, steps="mean")  # what the message suggests works
+    got = tiny.sample(patched, pos, neg, latent_hw=(5, 7), steps=3, seed=1, sampler_name="dpm_fast")
+    assert live.snapshot(got).layers
