@@ -40,6 +40,10 @@ from .recorder_store import BRANCHES, LiveRecording, _Store, parse_steps
 log = logging.getLogger("HeadSeg")
 
 WRAPPER_KEY = "headseg_record_self_attention"
+# transformer_options[FALLBACKS_KEY][store id][(block, number)]: the (block, number) attn1 patch (or None)
+# that a record node's patches stand in for. Kept in model_options, not on the closures, so that the
+# deepcopy in ModelPatcher.clone copies it together with the patch dict (the same object in both).
+FALLBACKS_KEY = "headseg_fallback_patches"
 POSITIONS = ("down", "middle", "up")
 
 # store id -> _Store. Weak: a store lives as long as its LiveRecording (the node output) lives;
@@ -147,19 +151,21 @@ def _make_attn1_patch(store_id: int, key: LayerKey, previous, previous_is_full_k
                 store.fail(exc)
         return out
 
-    # read by _without_shadowing_patches (function attributes survive the deepcopy of model_options)
+    # read by _without_shadowing_patches (a function, and so its attributes, is kept, not copied, by
+    # the deepcopy of model_options in ModelPatcher.clone)
+    headseg_attn1.headseg_store_id = store_id
     headseg_attn1.headseg_previous = previous
     headseg_attn1.headseg_previous_is_full_key = previous_is_full_key
     return headseg_attn1
 
 
-def _fallback_patch(fn):
-    """A HeadSeg attn1 patch -> (True, the (block, number) patch it stands in for, or None) when, without
-    HeadSeg, ComfyUI would look the layer up under its (block, number) key; (False, None) when a
-    (block, number, depth) patch of another node would take precedence anyway."""
+def _stands_in_for(fn):
+    """A HeadSeg attn1 patch -> (True, the HeadSeg patch at the end of its chain) when, without HeadSeg,
+    ComfyUI would look the layer up under its (block, number) key; (False, None) when a (block, number,
+    depth) patch of another node would take precedence anyway."""
     while hasattr(fn, "headseg_previous"):
         if not fn.headseg_previous_is_full_key:
-            return True, fn.headseg_previous
+            return True, fn
         fn = fn.headseg_previous  # chained onto another node's (or record node's) full-key patch
     return False, None
 
@@ -169,14 +175,18 @@ def _without_shadowing_patches(model_options: dict, warn=None) -> dict:
     a (block, number) patch added after the record node: ComfyUI prefers the 3-tuple key, so without
     this PAG's perturbed pass (which adds ("middle", 0) for one call) would silently lose its effect.
     Such a layer is then not recorded in that call; ``warn(key)`` is called for each."""
-    attn1 = model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+    transformer = model_options.get("transformer_options", {})
+    attn1 = transformer.get("patches_replace", {}).get("attn1", {})
+    marks = transformer.get(FALLBACKS_KEY, {})
     drop = []
     for name, fn in attn1.items():
         if not isinstance(name, tuple) or len(name) != 3 or not hasattr(fn, "headseg_previous"):
             continue
-        falls_back, stood_in_for = _fallback_patch(fn)
         short = attn1.get(name[:2])
-        if falls_back and short is not None and short is not stood_in_for:
+        if short is None:
+            continue
+        falls_back, own = _stands_in_for(fn)
+        if falls_back and short is not marks.get(own.headseg_store_id, {}).get(name[:2]):
             drop.append(name)
     if not drop:
         return model_options
@@ -206,14 +216,15 @@ def _make_predict_noise_wrapper(store_id: int):
 
 def _make_calc_cond_batch_wrapper(store_id: int):
     """CALC_COND_BATCH wrapper: (executor, model, conds, x, timestep, model_options): records only in an
-    evaluation's main pass, and lets (block, number) attn1 patches added after the record node run."""
+    evaluation's main pass, and lets (block, number) attn1 patches added after the record node run
+    (always, even when this store records nothing: the sampled image must not depend on it)."""
 
     def headseg_calc_cond_batch(executor, *args, **kwargs):
         store = _REGISTRY.get(store_id)
-        if store is None or not store.active:
-            return executor(*args, **kwargs)
+        recording = store is not None and store.active
+        original = args, kwargs
         try:
-            main = store.begin_batch()
+            main = store.begin_batch(args[1] if len(args) > 1 else kwargs.get("conds")) if recording else False
 
             def warn(name):
                 store._warn_once(
@@ -221,18 +232,22 @@ def _make_calc_cond_batch_wrapper(store_id: int):
                     f"a ({name[0]}, {name[1]}) attn1 patch of another node takes precedence in this call",
                 )
 
+            warn_fn = warn if recording and main else None
             if len(args) > 4:
-                args = (*args[:4], _without_shadowing_patches(args[4], warn if main else None), *args[5:])
+                args = (*args[:4], _without_shadowing_patches(args[4], warn_fn), *args[5:])
             elif "model_options" in kwargs:
-                kwargs = {**kwargs, "model_options": _without_shadowing_patches(kwargs["model_options"], warn if main else None)}
+                kwargs = {**kwargs, "model_options": _without_shadowing_patches(kwargs["model_options"], warn_fn)}
         except Exception as exc:  # recording must never break sampling
-            store.fail(exc)
+            if recording:
+                store.fail(exc)
+            return executor(*original[0], **original[1])
+        if not recording:
             return executor(*args, **kwargs)
-        before, store.in_main = store.in_main, main
+        before, store.batch_main = store.batch_main, main
         try:
             return executor(*args, **kwargs)
         finally:
-            store.in_main = before
+            store.batch_main = before
 
     return headseg_calc_cond_batch
 
@@ -302,6 +317,7 @@ def attach_recorder(model, positions=POSITIONS, levels: str | None = "all", step
 
     patched = model.clone()
     existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+    fallbacks = {}
     for layer in chosen:
         k = layer.key
         previous = existing.get((k.block, k.number, k.depth))
@@ -309,8 +325,11 @@ def attach_recorder(model, positions=POSITIONS, levels: str | None = "all", step
         if previous is None:
             # ComfyUI falls back to a (block, number) key for every depth when no 3-tuple key is set
             previous = existing.get((k.block, k.number))
+            fallbacks[k.block, k.number] = previous
         patch = _make_attn1_patch(store_id, k, previous, full_key)
         patched.set_model_attn1_replace(patch, k.block, k.number, k.depth)
+    transformer = patched.model_options.setdefault("transformer_options", {})
+    transformer[FALLBACKS_KEY] = {**transformer.get(FALLBACKS_KEY, {}), store_id: fallbacks}
     patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _make_outer_sample_wrapper(store_id))
     patched.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, WRAPPER_KEY, _make_predict_noise_wrapper(store_id))
     patched.add_wrapper_with_key(WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, _make_calc_cond_batch_wrapper(store_id))

@@ -113,8 +113,8 @@ class _Store:
         self._warned: set = set()
         self.acc_eval: dict[LayerKey, int] = {}  # steps = last: the model evaluation acc[key] holds
         self.eval_id = 0  # model evaluations (guider predict_noise calls) so far in this run
-        self.batches_in_eval = 0  # calc_cond_batch calls so far in the current evaluation
-        self.in_main = True  # whether the current model calls belong to an evaluation's main pass
+        self.seen_conds: set[int] = set()  # conditioning indices already run in the current evaluation
+        self.batch_main = None  # inside a calc_cond_batch call: whether it is part of the main pass
         self.wanted_calls = 0  # recorded-branch calls in a chosen step
         self.crop_calls = 0  # of these, calls on an area crop of the latent (not recorded)
 
@@ -126,16 +126,27 @@ class _Store:
     def begin_eval(self):
         """A guider's predict_noise call starts: one model evaluation (PREDICT_NOISE wrapper)."""
         self.eval_id += 1
-        self.batches_in_eval = 0
+        self.seen_conds = set()
 
-    def begin_batch(self) -> bool:
-        """A calc_cond_batch call starts -> whether it is the evaluation's main pass: its first one.
-        Later ones in the same evaluation are extra passes of guidance nodes (SAG's blurred uncond,
-        PAG's perturbed cond), run after CFG on a changed input or model: not recorded. Without a
+    def begin_batch(self, conds) -> bool:
+        """A calc_cond_batch call over ``conds`` (a list, None where a branch is skipped) starts ->
+        whether it belongs to the evaluation's main pass: it runs a conditioning index that this
+        evaluation has not run yet. CFG runs [cond, uncond] once (or as [cond, None] then [None,
+        uncond]); the extra passes of guidance nodes after CFG (SAG's blurred uncond, PAG's
+        perturbed cond) run an index again, on a changed input or model: not recorded. Without a
         guider evaluation around it (a custom sampling path) every call counts."""
-        main = self.eval_id == 0 or self.batches_in_eval == 0
-        self.batches_in_eval += 1
+        indices = {i for i, c in enumerate(conds) if c is not None} if isinstance(conds, (list, tuple)) else {0}
+        main = self.eval_id == 0 or not indices <= self.seen_conds
+        self.seen_conds |= indices
         return main
+
+    @property
+    def in_main(self) -> bool:
+        """Whether the model call being made belongs to an evaluation's main pass; outside any
+        calc_cond_batch call, only before this evaluation's first one."""
+        if self.batch_main is not None:
+            return self.batch_main
+        return self.eval_id == 0 or not self.seen_conds
 
     def end_run(self, output=None):
         """Closes the run; ``output`` is the sampler's output latent, kept to match a LATENT to this run."""
@@ -148,7 +159,7 @@ class _Store:
         for key in sorted(self.acc, key=lambda k: k.sort_key):
             acc, n = self.acc[key], self.count[key]
             if n > 1 or acc.dtype != RECORD_DTYPE or acc.device.type != "cpu":
-                acc = (acc.to(torch.float32) / n).to(device="cpu", dtype=RECORD_DTYPE)  # mean over entries
+                acc = (acc.to(torch.float32) / n).to(device="cpu", dtype=RECORD_DTYPE).contiguous()  # mean
             layers[key] = acc
         never = [key.name for key in self.layers if key not in self.called]
         if never and self.seen_calls:
@@ -286,8 +297,9 @@ class _Store:
         cond_or_uncond = list(extra_options.get("cond_or_uncond") or [0])
         if max(cond_or_uncond) >= len(BRANCHES):
             self.refuse(
-                "branch: this guider passes more than two conditionings per model call (e.g. DualCFGGuider), "
-                "so 'cond' and 'uncond' do not name its prompts; HeadSeg records ComfyUI's standard CFG guider"
+                "branch: this guider passes more than two conditionings per model call (DualCFGGuider, "
+                "PerpNegGuider), so 'cond' and 'uncond' do not name its prompts; HeadSeg records ComfyUI's "
+                "standard CFG guider"
             )
             return
         if self.branch_index not in cond_or_uncond:

@@ -152,3 +152,101 @@ def test_last_step_never_evaluated_says_which_sigmas_ran(tiny, sd2):
     patched, live = recorder.attach_recorder(sd2, steps="mean")  # what the message suggests works
     got = tiny.sample(patched, pos, neg, latent_hw=(5, 7), steps=3, seed=1, sampler_name="dpm_fast")
     assert live.snapshot(got).layers
+
+
+def test_pag_keeps_its_effect_when_nothing_is_being_recorded(tiny, sd2, monkeypatch):
+    """Dropped recording, or a recording that failed part-way: the sampled image is still PAG's."""
+    import gc
+
+    pos, neg = tiny.conditioning("SD2")
+    want = tiny.sample(pag(sd2), pos, neg, latent_hw=(16, 16), steps=2, seed=2)
+    patched, live = recorder.attach_recorder(sd2)
+    model = pag(patched)
+    del live
+    gc.collect()
+    assert (tiny.sample(model, pos, neg, latent_hw=(16, 16), steps=2, seed=2) - want).abs().max() <= 1e-5
+    patched, live = recorder.attach_recorder(sd2)
+    calls = []
+
+    def fails_on_the_third_call(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("planted failure")
+        return real(self, *args, **kwargs)
+
+    real = recorder._Store.observe
+    monkeypatch.setattr(recorder._Store, "observe", fails_on_the_third_call)
+    got = tiny.sample(pag(patched), pos, neg, latent_hw=(16, 16), steps=2, seed=2)
+    assert (got - want).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="planted failure"):
+        live.snapshot(got)
+
+
+def test_block_number_patch_object_survives_later_clones(tiny, sd2):
+    """A (block, number) patch that is a callable object is deep-copied by every later clone: it must
+    still count as the patch the record node chained, so the layer stays recorded."""
+    import comfy.ldm.modules.attention as comfy_attention
+
+    class PlainAttention:
+        def __call__(self, q, k, v, extra_options):
+            return comfy_attention.optimized_attention(q, k, v, extra_options["n_heads"])
+
+    base = sd2.clone()
+    base.set_model_attn1_replace(PlainAttention(), "middle", 0)
+    pos, neg = tiny.conditioning("SD2")
+    want = tiny.sample(base, pos, neg, latent_hw=(16, 16), steps=2, seed=2)
+    patched, live = recorder.attach_recorder(base)
+    for model in (patched, patched.clone(), patched.clone().clone()):
+        got = tiny.sample(model, pos, neg, latent_hw=(16, 16), steps=2, seed=2)
+        assert (got - want).abs().max() <= 1e-5
+        assert LayerKey.parse("middle.0.0") in live.snapshot(got).layers
+
+
+@pytest.mark.parametrize("branch", ["cond", "uncond"])
+def test_cfg_run_as_two_calls_records_both_branches(tiny, sd2, branch):
+    """A sampler_calc_cond_batch_function may run [cond, None] and [None, uncond] as two calls (ComfyUI's
+    SkipLayerGuidanceDiTSimple does): both are the main pass."""
+    def split(args):
+        cond, uncond = args["conds"]
+        model, x, sigma, options = args["model"], args["input"], args["sigma"], args["model_options"]
+        if uncond is None:
+            return comfy.samplers.calc_cond_batch(model, [cond, None], x, sigma, options)
+        cond_out, _ = comfy.samplers.calc_cond_batch(model, [cond, None], x, sigma, options)
+        _, uncond_out = comfy.samplers.calc_cond_batch(model, [None, uncond], x, sigma, options)
+        return [cond_out, uncond_out]
+
+    base = sd2.clone()
+    base.set_model_sampler_calc_cond_batch_function(split)
+    patched, live = recorder.attach_recorder(base, branch=branch)
+    pos, neg = tiny.conditioning("SD2")
+    with AttentionProbe(patched) as probe:
+        got = tiny.sample(patched, pos, neg, latent_hw=(8, 8), steps=2, seed=2)
+    rec = live.snapshot(got)
+    b = recorder.BRANCHES[branch]
+    for name in NAMES:
+        call = [c for c in probe.calls[name] if c.cond_or_uncond == [b]][-1]
+        want = per_head(call, grid_for((8, 8), call.x.shape[1]), b)
+        torch.testing.assert_close(rec.layers[LayerKey.parse(name)].double(), want, **TOL)
+
+
+def test_direct_model_call_after_cfg_is_not_recorded(tiny, sd2):
+    """A post-CFG function that calls the model directly (no calc_cond_batch) is an extra pass too."""
+    def extra_pass(args):
+        model, x, sigma = args["model"], args["input"], args["sigma"]
+        context = args["cond"][0]["model_conds"]["c_crossattn"].cond.to(x)
+        options = dict(args["model_options"].get("transformer_options", {}))
+        options.update(cond_or_uncond=[0], sigmas=sigma)
+        model.apply_model(x * 0.5, sigma, c_crossattn=context, transformer_options=options)
+        return args["denoised"]
+
+    base = sd2.clone()
+    base.set_model_sampler_post_cfg_function(extra_pass)
+    pos, neg = tiny.conditioning("SD2")
+    with_extra, live = recorder.attach_recorder(base)
+    got = tiny.sample(with_extra, pos, neg, latent_hw=(8, 8), steps=2, seed=2)
+    without, live2 = recorder.attach_recorder(sd2)
+    got2 = tiny.sample(without, pos, neg, latent_hw=(8, 8), steps=2, seed=2)
+    assert torch.equal(got, got2)
+    a, b = live.snapshot(got), live2.snapshot(got2)
+    for key, t in b.layers.items():
+        assert torch.equal(a.layers[key], t), key.name
