@@ -62,14 +62,16 @@ def mask_to_comfy(masks: torch.Tensor) -> torch.Tensor:
     return masks.detach().to("cpu", torch.float32)
 
 
-def image_batch(image, name: str = "image") -> torch.Tensor:
+def image_batch(image, name: str = "image", first_only: bool = False) -> torch.Tensor:
     """Checks an IMAGE input [B, H, W, C] (C = 1, 3 or 4; B, H, W >= 1) -> [B, H, W, 3] float32 on the
-    CPU, NaN drawn as black and +-inf clamped to white / black."""
+    CPU ([1, H, W, 3] with first_only), NaN drawn as black and +-inf clamped to white / black."""
     if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[-1] not in (1, 3, 4):
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"{name}: expected an IMAGE [B, H, W, 3], got {shape}")
     if 0 in image.shape[:3]:
         raise ValueError(f"{name}: expected at least one image of at least 1x1 pixels, got {tuple(image.shape)}")
+    if first_only:
+        image = image[:1]  # [1, H, W, C]: only this one is moved and checked
     image = image[..., :3].to("cpu", torch.float32)  # [B, H, W, 3] (a view or a copy; never written to)
     if image.shape[-1] == 1:
         image = image.expand(-1, -1, -1, 3)

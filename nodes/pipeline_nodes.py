@@ -465,7 +465,7 @@ class MaskSelectAtPixel(io.ComfyNode):
         H, W = masks[0].masks.shape[-2:]
         picture = None
         if image is not None:
-            picture = image_batch(image)[:1]  # [1, h, w, 3]
+            picture = image_batch(image, first_only=True)  # [1, h, w, 3]
             h, w = picture.shape[1:3]
             if (h // 8 * 8, w // 8 * 8) == (H, W):
                 # a photo whose sides are not multiples of 8: VAE Encode keeps the centred window

@@ -7,7 +7,7 @@ heads, as [B, heads, h, w, d] on the layer's token grid, float16 on the CPU.
 How:
 - ``patches_replace["attn1"][(block, number, depth)]`` gets a plain closure that computes the
   attention exactly as the model would (ComfyUI's ``optimized_attention`` with the layer's
-  ``attn_precision``), or calls the attn1 replace patch that was already there (SAG, PAG, another pack)
+  ``attn_precision``), or calls the attn1 replace patch that was already there (SAG's, another pack's)
   and records what that patch returns: the recording always holds the tensor the model goes on with.
 - The closures capture only an integer id. The data lives in a module-level registry of stores, so
   any later ``ModelPatcher.clone()`` (LoRA, FreeU, ...), which deep-copies ``model_options``, still
@@ -19,14 +19,14 @@ How:
   extra passes guidance nodes run after CFG (not recorded), and keep a (block, number) attn1 patch
   added after the record node (PAG's) from being hidden by HeadSeg's longer key.
 - Steps are told apart by the call's sigma against the run's sigma schedule: step i covers the sigmas in
-  (sigmas[i+1], sigmas[i]]. Only what the steps option needs is kept ("last": one fp16 copy per layer;
-  "mean" or a range: one float32 running sum per layer). The store itself is ``recorder_store.py``.
+  (sigmas[i+1], sigmas[i]]. Only what the steps option needs is kept ("last": one fp16 copy per layer,
+  a float32 sum when the branch has several entries; "mean" or a range: one float32 running sum per
+  layer). The store itself is ``recorder_store.py``.
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
 import weakref
 from dataclasses import dataclass
 
@@ -37,7 +37,6 @@ from comfy.patcher_extension import WrappersMP
 from .core.recording import BLOCK_POSITIONS, LayerKey, parse_levels
 from .recorder_store import BRANCHES, LiveRecording, _Store, parse_steps
 
-log = logging.getLogger("HeadSeg")
 
 WRAPPER_KEY = "headseg_record_self_attention"
 # transformer_options[FALLBACKS_KEY][store id][(block, number)]: the (block, number) attn1 patch (or None)

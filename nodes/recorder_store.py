@@ -1,9 +1,10 @@
 """What one record node keeps while ComfyUI samples: the step selection, the per-run store of head
 outputs (written by the attn1 patches of ``recorder.py``) and the LiveRecording handle the node returns.
 
-A run (one OUTER_SAMPLE call) is made of model evaluations (the guider's predict_noise calls); each
-evaluation's main pass is its first calc_cond_batch call, and only main passes are recorded: the
-extra passes that guidance nodes (SAG, PAG) run after CFG see a changed input or model. Every
+A run (one OUTER_SAMPLE call) is made of model evaluations (the guider's predict_noise calls); an
+evaluation's main pass is made of its calc_cond_batch calls that run a conditioning index for the
+first time in that evaluation, and only main passes are recorded: the extra passes that guidance
+nodes (SAG, PAG) run after CFG repeat an index on a changed input or model. Every
 conditioning entry of the recorded branch counts the same, however ComfyUI batched the entries.
 """
 

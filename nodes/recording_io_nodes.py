@@ -7,6 +7,7 @@ the rest of the pipeline with no model loaded.
 
 from __future__ import annotations
 
+import errno
 import os
 
 from comfy_api.latest import io
@@ -124,9 +125,14 @@ class SaveRecording(io.ComfyNode):
         except (ValueError, TypeError):  # named by save_recording (e.g. values beyond float16)
             raise
         except Exception as exc:  # OSError, or safetensors' own error wrapping one
-            raise ValueError(
-                f"filename_prefix {filename_prefix!r}: cannot write {full} ({type(exc).__name__}: {exc}); "
+            too_long = getattr(exc, "errno", None) == errno.ENAMETOOLONG or "too long" in str(exc).lower()
+            hint = (
                 "choose a shorter prefix of plain folder and file names"
+                if too_long
+                else "check that ComfyUI's output folder is writable and has free space"
+            )
+            raise ValueError(
+                f"filename_prefix {filename_prefix!r}: cannot write {full} ({type(exc).__name__}: {exc}); {hint}"
             ) from exc
         rel = os.path.join(subfolder, filename).replace(os.sep, "/")
         info = {

@@ -10,8 +10,9 @@ exact on the native grids:
 - update: the sum of F_g over cluster j is f_g contracted with Ry_g^T M_j Rx_g, the adjoint of the
   upsampling applied to the cluster indicator M_j (all k at once).
 
-For speed, k-means++ (greedy, 20 starts) and the first Lloyd iterations run on a working set: a
-few hundred uniformly random output pixels with their explicit features (an unbiased sample of the
+For speed, k-means++ (greedy, 20 starts; fewer above k = 160, see _WS_START_FLOATS) and the first
+Lloyd iterations run on a working set: 512 uniformly random output pixels, or 16 per cluster for
+k > 32 (up to 4096 at k = MAX_CLUSTERS), with their explicit features (an unbiased sample of the
 full problem), in Gram space (``working_set.py``). Of the 3 starts of lowest inertia there, the one
 of lowest inertia on the first pixel lattice with at least 4096 pixels (the full image if none has)
 is kept. Exact Lloyd iterations then polish on pixel lattices of 1/16 and 1/4 of the output and on

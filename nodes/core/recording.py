@@ -295,7 +295,7 @@ def is_recording_file(path) -> bool:
             if not 2 <= n <= _MAX_HEADER_BYTES:
                 return False
             header = json.loads(fh.read(n))
-    except (OSError, ValueError):  # unreadable, or not JSON / not UTF-8
+    except (OSError, ValueError, RecursionError):  # unreadable, not JSON / UTF-8, or absurdly nested
         return False
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     return isinstance(meta, dict) and meta.get("format") == FORMAT

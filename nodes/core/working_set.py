@@ -1,7 +1,7 @@
 """k-means on a working set: n sampled pixels with explicit features X [n, C], in Gram space.
 
 The working set seeds the exact k-means of ``kmeans.py``: greedy k-means++ and Lloyd iterations on
-a few hundred uniformly random output pixels (an unbiased sample of the full problem). Every
+512 to 4096 uniformly random output pixels (an unbiased sample of the full problem). Every
 distance these need is between points of X or between a point and a mean of points, so one Gram
 matrix G = X X^T [n, n] per image serves every k and every start:
 

@@ -92,6 +92,9 @@ def bench_overhead(runs: int, steps: int, latent: int, batch: int):
 
     recorder._Store.observe = timed(recorder._Store.observe)
     recorder._Store.end_run = timed(recorder._Store.end_run)
+    recorder._Store.begin_eval = timed(recorder._Store.begin_eval)
+    recorder._Store.begin_batch = timed(recorder._Store.begin_batch)
+    recorder._without_shadowing_patches = timed(recorder._without_shadowing_patches)
     spent = {name: [] for name in variants}
 
     wall = {name: [] for name in variants}

@@ -100,11 +100,10 @@ def test_several_positive_entries_count_the_same_however_batched(tiny, sd2, step
     batched = live.snapshot(got)
     calls = probe.calls["output.11.0"]
     assert sorted(calls[-1].cond_or_uncond) == [0, 0, 1]  # both entries in one call
-    if steps == "last":
-        for name in NAMES:
-            call = probe.calls[name][-1]
-            want = entries_mean(call, grid_for((6, 6), call.x.shape[1]))
-            torch.testing.assert_close(batched.layers[LayerKey.parse(name)].double(), want, **TOL)
+    for name in NAMES:
+        calls = probe.calls[name][-1:] if steps == "last" else probe.calls[name]
+        want = torch.stack([entries_mean(c, grid_for((6, 6), c.x.shape[1])) for c in calls]).mean(0)
+        torch.testing.assert_close(batched.layers[LayerKey.parse(name)].double(), want, **TOL)
     monkeypatch.setattr(sd2.model, "memory_required", lambda *a, **k: 1e30)  # short of memory: one call each
     patched, live = recorder.attach_recorder(sd2, steps=steps)
     with AttentionProbe(patched) as probe:

@@ -404,3 +404,12 @@ def test_is_recording_file_reads_only_the_header(tmp_path):
     junk.write_bytes((4).to_bytes(8, "little") + b"\xff\xfe{}")
     for path in (other, plain, empty, huge, junk, tmp_path / "missing.safetensors", tmp_path):
         assert not is_recording_file(path), path
+    nested = tmp_path / "nested.safetensors"
+    body = b"[" * 100_000 + b"]" * 100_000  # JSON nested deeper than Python's parser recurses
+    nested.write_bytes(len(body).to_bytes(8, "little") + body)
+    assert not is_recording_file(nested)
+    cut = tmp_path / "cut.safetensors"  # a recording whose tensor data is cut off: the header alone decides
+    data = write(tmp_path, good_tensors(), GOOD_META).read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    cut.write_bytes(data[: 8 + n + 3])
+    assert is_recording_file(cut)

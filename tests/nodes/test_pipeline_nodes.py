@@ -256,6 +256,12 @@ def test_picture_odd_values_and_shapes(nodes, recording, caplog):
     assert "image holds NaN or inf" in caplog.text
     overlay = out.args[2]
     assert bool(torch.isfinite(overlay).all()) and float(overlay.min()) >= 0 and float(overlay.max()) <= 1
+    caplog.clear()
+    later = torch.rand(3, H, W, 3)
+    later[2] = float("nan")  # only image 0 is drawn: the others are not even looked at
+    with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        nodes.MaskSelectAtPixel.execute(masks, 0, 0, 0, image=later)
+    assert "NaN" not in caplog.text
     for bad in (torch.rand(0, H, W, 3), torch.rand(1, 0, 0, 3), torch.rand(1, H, 0, 3)):
         with pytest.raises(ValueError, match=r"^image: expected at least one image of at least 1x1 pixels"):
             nodes.MaskSelectAtPixel.execute(masks, 0, 0, 0, image=bad)
