@@ -22,7 +22,7 @@ class RecordSelfAttention(io.ComfyNode):
                 "(softmax(QK^T/sqrt d)·V, before the heads are mixed) is recorded for each UNet layer, in float16 "
                 "on the CPU. Sample with the MODEL output; the RECORDING keeps the last 3 sampling runs, and the "
                 "node that reads it takes the run that produced its LATENT. Works with SD1.x, SD2.x and SDXL UNets (DiT models such as Flux or SD3 are "
-                "refused). Chains an attn1 patch already on the model (SAG's, another pack's) and survives "
+                "refused). Chains attn1 patches set before or after it (SAG's, another pack's) and survives "
                 "later LoRA/FreeU clones; SAG and PAG keep their effect and their extra passes are not "
                 "recorded. Recording does not change the sampled image."
             ),

@@ -16,8 +16,9 @@ How:
   and a finished run becomes what ``LiveRecording.snapshot()`` returns. The last HISTORY runs are kept
   with their output latents, so that ``snapshot(latent)`` gives the run that produced a LATENT.
 - PREDICT_NOISE and CALC_COND_BATCH wrappers tell each model evaluation's main pass (recorded) from the
-  extra passes guidance nodes run after CFG (not recorded), and keep a (block, number) attn1 patch
-  added after the record node (PAG's) from being hidden by HeadSeg's longer key.
+  extra passes guidance nodes run after CFG (not recorded), keep a (block, number) attn1 patch added
+  after the record node (PAG's) from being hidden by HeadSeg's longer key, and chain a (block, number,
+  depth) patch set after the record node (SAG's) that replaced HeadSeg's own.
 - Steps are told apart by the call's sigma against the run's sigma schedule: step i covers the sigmas in
   (sigmas[i+1], sigmas[i]]. Only what the steps option needs is kept ("last": one fp16 copy per layer,
   a float32 sum when the branch has several entries; "mean" or a range: one float32 running sum per
@@ -189,16 +190,46 @@ def _without_shadowing_patches(model_options: dict, warn=None) -> dict:
             drop.append(name)
     if not drop:
         return model_options
-    options = dict(model_options)  # copies down to the attn1 dict; the rest is shared
-    transformer = dict(options["transformer_options"])
-    replace = dict(transformer["patches_replace"])
-    replace["attn1"] = {name: fn for name, fn in attn1.items() if name not in drop}
-    transformer["patches_replace"] = replace
-    options["transformer_options"] = transformer
     if warn is not None:
         for name in drop:
             warn(name)
+    return _with_attn1(model_options, {name: fn for name, fn in attn1.items() if name not in drop})
+
+
+def _with_attn1(model_options: dict, attn1: dict) -> dict:
+    """model_options with its attn1 replace patches swapped for ``attn1`` (dicts copied down to it)."""
+    options = dict(model_options)
+    transformer = dict(options.get("transformer_options", {}))
+    replace = dict(transformer.get("patches_replace", {}))
+    replace["attn1"] = attn1
+    transformer["patches_replace"] = replace
+    options["transformer_options"] = transformer
     return options
+
+
+def _runs_through(fn, store_id: int) -> bool:
+    """Whether attn1 patch ``fn`` is, or chains to, a patch of record node ``store_id``."""
+    while fn is not None:
+        if getattr(fn, "headseg_store_id", None) == store_id:
+            return True
+        fn = getattr(fn, "headseg_previous", None)
+    return False
+
+
+def _chaining_later_patches(model_options: dict, store_id: int, layers) -> dict:
+    """model_options -> the same, where another node's (block, number, depth) attn1 patch set after the
+    record node (SAG applied after it replaces the middle layer's) is wrapped, for this call, in a
+    HeadSeg patch that runs it and records what it returns, as if it had been there first."""
+    attn1 = model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+    wrapped = {}
+    for key in layers:
+        name = (key.block, key.number, key.depth)
+        fn = attn1.get(name)
+        if fn is not None and not _runs_through(fn, store_id):
+            wrapped[name] = _make_attn1_patch(store_id, key, fn, True)
+    if not wrapped:
+        return model_options
+    return _with_attn1(model_options, {**attn1, **wrapped})
 
 
 def _make_predict_noise_wrapper(store_id: int):
@@ -231,11 +262,14 @@ def _make_calc_cond_batch_wrapper(store_id: int):
                     f"a ({name[0]}, {name[1]}) attn1 patch of another node takes precedence in this call",
                 )
 
-            warn_fn = warn if recording and main else None
+            def adjust(options):
+                options = _without_shadowing_patches(options, warn if recording and main else None)
+                return _chaining_later_patches(options, store_id, store.layers) if recording else options
+
             if len(args) > 4:
-                args = (*args[:4], _without_shadowing_patches(args[4], warn_fn), *args[5:])
+                args = (*args[:4], adjust(args[4]), *args[5:])
             elif "model_options" in kwargs:
-                kwargs = {**kwargs, "model_options": _without_shadowing_patches(kwargs["model_options"], warn_fn)}
+                kwargs = {**kwargs, "model_options": adjust(kwargs["model_options"])}
         except Exception as exc:  # recording must never break sampling
             if recording:
                 store.fail(exc)

@@ -165,8 +165,8 @@ class _Store:
         never = [key.name for key in self.layers if key not in self.called]
         if never and self.seen_calls:
             log.warning(
-                "HeadSeg: layers %s were not run through HeadSeg's patch in this sampling run (another node "
-                "replaced their attn1 patch after HeadSeg_RecordSelfAttention?): they are not recorded",
+                "HeadSeg: layers %s were not run through HeadSeg's patch in this sampling run (another node's "
+                "(block, number) attn1 patch took precedence, or removed HeadSeg's?): they are not recorded",
                 ", ".join(never),
             )
         B, C, H, W = self.latent_shape[:4]

@@ -73,15 +73,28 @@ def test_pag_keeps_its_effect_in_either_order_and_its_pass_is_not_recorded(tiny,
         assert_last_main_pass(live.snapshot(got), probe, (16, 16))
 
 
+def sag(model):
+    return nodes_sag.SelfAttentionGuidance.execute(model, 0.5, 2.0).result[0]
+
+
+@pytest.mark.parametrize("order", ["SAG then record", "record then SAG"])
 @pytest.mark.parametrize("steps", ["last", "mean"])
-def test_sag_extra_pass_is_not_recorded(tiny, sd2, steps):
-    """SAG runs the negative prompt on a blurred latent after CFG, labelled as the first (cond) entry."""
+def test_sag_keeps_its_effect_and_its_extra_pass_is_not_recorded(tiny, sd2, steps, order):
+    """SAG runs the negative prompt on a blurred latent after CFG, labelled as the first (cond) entry.
+    Applied after the record node, it replaces the middle layer's patch: HeadSeg chains it at sampling."""
     pos, neg = tiny.conditioning("SD2")
-    model, live = recorder.attach_recorder(nodes_sag.SelfAttentionGuidance.execute(sd2, 0.5, 2.0).result[0], steps=steps)
+    want = tiny.sample(sag(sd2), pos, neg, latent_hw=(16, 16), steps=2, seed=2)
+    if order == "SAG then record":
+        model, live = recorder.attach_recorder(sag(sd2), steps=steps)
+    else:
+        patched, live = recorder.attach_recorder(sd2, steps=steps)
+        model = sag(patched)
     with AttentionProbe(model) as probe:
         got = tiny.sample(model, pos, neg, latent_hw=(16, 16), steps=2, seed=2)
+    assert (got - want).abs().max() <= 1e-5
     assert probe.calls["output.11.0"][-1].cond_or_uncond == [0]  # the last call is SAG's pass
     rec = live.snapshot(got)
+    assert set(k.name for k in rec.layers) == set(probe.modules)  # the middle layer too
     for name in NAMES:
         calls = main_pass_calls(probe, name)
         calls = calls[-1:] if steps == "last" else calls

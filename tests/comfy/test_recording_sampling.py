@@ -257,15 +257,20 @@ def test_a_recording_error_never_breaks_sampling(tiny, sd2, monkeypatch):
         live.snapshot()
 
 
-def test_a_patch_set_after_the_recorder_is_reported(tiny, sd2, caplog):
+def test_a_patch_set_after_the_recorder_is_chained_at_sampling(tiny, sd2, caplog):
+    """A (block, number, depth) patch set on a later clone replaces HeadSeg's own (SAG applied after the
+    record node does this to the middle layer): HeadSeg runs it and records what it returns."""
     patched, live = recorder.attach_recorder(sd2)
-    later = patched.clone()  # e.g. SAG applied after the record node replaces the middle patch
+    later = patched.clone()
     later.set_model_attn1_replace(lambda q, k, v, extra: comfy_attention.optimized_attention(q, k, v, extra["n_heads"]),
                                   "middle", 0, 0)
+    plain = run(tiny, sd2, latent_hw=(8, 8))
     with caplog.at_level(logging.WARNING, logger="HeadSeg"):
-        run(tiny, later, latent_hw=(8, 8))
-    assert "middle.0.0" in caplog.text and "not recorded" in caplog.text
-    assert "middle.0.0" not in {k.name for k in live.snapshot().layers}
+        with AttentionProbe(later) as probe:
+            got = run(tiny, later, latent_hw=(8, 8))
+    assert (got - plain).abs().max().item() <= 1e-4
+    assert "not recorded" not in caplog.text
+    assert_matches(live.snapshot(got), probe, (8, 8), names=["middle.0.0", "input.1.0"])
 
 
 
@@ -307,3 +312,25 @@ def test_node_reads_the_run_of_its_latent(tiny, sd2):
     assert feats_a.image_size == (64, 64) and feats_b.image_size == (64, 96)
     with pytest.raises(ValueError, match="^latent: .*directly"):
         pipeline_nodes.HeadPCA.execute(live, "down+up", "all", 4, latent={"samples": a * 0.5})
+
+
+def test_a_block_number_patch_set_after_the_recorder_takes_precedence_and_is_reported(tiny, sd2, caplog):
+    """A (block, number) patch set on a later clone would be hidden by HeadSeg's longer key: it runs
+    instead (the picture is what it would be without HeadSeg), and the layer is reported unrecorded."""
+    def halved(q, k, v, extra):
+        return comfy_attention.optimized_attention(q, k, v, extra["n_heads"]) * 0.5
+
+    patched, live = recorder.attach_recorder(sd2)
+    later = patched.clone()
+    later.set_model_attn1_replace(halved, "middle", 0)
+    alone = sd2.clone()
+    alone.set_model_attn1_replace(halved, "middle", 0)
+    want = run(tiny, alone, latent_hw=(8, 8))
+    assert (want - run(tiny, sd2, latent_hw=(8, 8))).abs().max() > 1e-3  # the patch changes the picture
+    with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        got = run(tiny, later, latent_hw=(8, 8))
+    assert (got - want).abs().max().item() <= 1e-4
+    assert "(middle, 0) attn1 patch of another node takes precedence" in caplog.text
+    assert "middle.0.0" in caplog.text and "not recorded" in caplog.text
+    rec = live.snapshot(got)
+    assert "middle.0.0" not in {k.name for k in rec.layers} and "input.1.0" in {k.name for k in rec.layers}
