@@ -93,6 +93,17 @@ function finiteOr(value, fallback) {
   return Number.isFinite(n) ? n : fallback;
 }
 
+/** The last UI payload ComfyUI keeps for ``node`` (restores a node rebuilt by undo or a tab switch). */
+function storedOutput(node) {
+  const out = app.nodeOutputs?.[String(node.id)];
+  return out && typeof out === "object" ? out : null;
+}
+
+/** Whether input ``name`` of ``node`` is fed by a link (a widget converted to an input). */
+function isLinked(node, name) {
+  return node.inputs?.some((i) => i.name === name && i.link != null) ?? false;
+}
+
 function widget(node, name) {
   return node.widgets?.find((w) => w.name === name);
 }
@@ -174,6 +185,8 @@ class Picker {
     this.img.addEventListener("load", () => this.onImageLoad());
     this.img.addEventListener("error", () => this.showMessage("Could not load the picture."));
     this.frame.addEventListener("pointerdown", (e) => this.onPointerDown(e));
+    // The wheel zooms the canvas, as over the rest of the node (a DOM widget would swallow it).
+    root.addEventListener("wheel", (e) => this.forwardWheel(e), { passive: false });
     if (typeof ResizeObserver !== "undefined") {
       this.resizeObserver = new ResizeObserver(() => this.layout());
       this.resizeObserver.observe(stage);
@@ -254,20 +267,36 @@ class Picker {
     this.updateMarker();
   }
 
+  forwardWheel(e) {
+    const canvas = app.canvas?.canvas;
+    if (!canvas || e.target?.closest?.(".headseg-strip")) return; // the strip scrolls sideways
+    e.preventDefault();
+    e.stopPropagation();
+    canvas.dispatchEvent(new WheelEvent(e.type, e));
+  }
+
   onPointerDown(e) {
     if (e.button !== 0 || !this.size) return;
     const p = clientToPixel(e.clientX, e.clientY, this.frame.getBoundingClientRect(), this.size);
     if (!p) return;
     e.preventDefault();
     e.stopPropagation();
+    if (isLinked(this.node, "x") || isLinked(this.node, "y")) {
+      this.info.textContent = "x / y come from a link: clicks do not change them";
+      return;
+    }
     setWidget(this.node, "x", p.x);
     setWidget(this.node, "y", p.y);
     this.sync(true);
   }
 
+  /** The pixel the widgets ask for; a coordinate fed by a link is the one the last run used. */
   currentPixel() {
-    const x = Number(widget(this.node, "x")?.value);
-    const y = Number(widget(this.node, "y")?.value);
+    const ran = this.output?.headseg_pixel;
+    const value = (name, i) =>
+      isLinked(this.node, name) ? Number(Array.isArray(ran) ? ran[i] : NaN) : Number(widget(this.node, name)?.value);
+    const x = value("x", 0);
+    const y = value("y", 1);
     if (!Number.isFinite(x) || !Number.isFinite(y)) return null;
     return { x, y };
   }
@@ -339,6 +368,7 @@ class Picker {
       button.addEventListener("click", (e) => {
         e.preventDefault();
         e.stopPropagation();
+        if (this.isStale()) return; // these thumbnails belong to the previous pixel: queue first
         setWidget(this.node, "index", i);
         this.sync(true);
       });
@@ -364,8 +394,10 @@ class Picker {
     this.updateMarker();
     this.updateInfo();
     this.strip.classList.toggle("headseg-stale", this.isStale());
+    const n = this.strip.children.length;
+    const chosen = n ? Math.min(index, n - 1) : index; // an index past the last mask outputs the coarsest
     for (const b of this.strip.children) {
-      b.classList.toggle("headseg-selected", Number(b.dataset.index) === index);
+      b.classList.toggle("headseg-selected", Number(b.dataset.index) === chosen);
     }
   }
 
@@ -383,6 +415,11 @@ class Picker {
     const id = String(this.node.id);
     if (this.root.dataset.nodeId !== id) this.root.dataset.nodeId = id;
     if (!this.output) {
+      const stored = storedOutput(this.node);
+      if (stored?.headseg_pixel || stored?.headseg_image) {
+        this.onExecuted(stored); // the node was rebuilt (undo, another workflow tab and back)
+        return;
+      }
       const up = this.upstreamPreview();
       if (up !== this.upstreamSrc) {
         this.upstreamSrc = up;
@@ -552,6 +589,13 @@ function setupNoteLine(nodeType) {
   const onDrawForeground = nodeType.prototype.onDrawForeground;
   nodeType.prototype.onDrawForeground = function () {
     const result = onDrawForeground?.apply(this, arguments);
+    if (!this.headsegNote) {
+      const stored = storedOutput(this); // the node was rebuilt (undo, another workflow tab and back)
+      if (stored && (Array.isArray(stored.text) || Array.isArray(stored.headseg_labels))) {
+        this.headsegNote = new NoteLine(this);
+        this.headsegNote.onExecuted(stored);
+      }
+    }
     this.headsegNote?.tick(false);
     return result;
   };

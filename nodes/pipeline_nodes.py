@@ -363,6 +363,17 @@ class MaskMerge(io.ComfyNode):
         return io.NodeOutput(merged, all_masks, ui={"text": [f"merged masks per image: {counts}"]})
 
 
+def _picture_to_mask_pixel(x: int, y: int, picture_hw, mask_hw, cropped: bool) -> tuple[int, int]:
+    """A pixel of the picture [h, w] -> the pixel of the masks [H, W] shown there: through VAE Encode's
+    centred crop when the picture only lacks a multiple of 8, else through the stretch."""
+    (h, w), (H, W) = picture_hw, mask_hw
+    if cropped:
+        mx, my = x - (w % 8) // 2, y - (h % 8) // 2
+    else:
+        mx, my = x * W // w, y * H // h
+    return min(max(mx, 0), W - 1), min(max(my, 0), H - 1)
+
+
 class MaskSelectAtPixel(io.ComfyNode):
     """Masks + pixel (x, y) -> the mask containing it at a chosen granularity, ready for inpainting.
 
@@ -467,7 +478,11 @@ class MaskSelectAtPixel(io.ComfyNode):
         if image is not None:
             picture = image_batch(image, first_only=True)  # [1, h, w, 3]
             h, w = picture.shape[1:3]
-            if (h // 8 * 8, w // 8 * 8) == (H, W):
+            cropped = (h // 8 * 8, w // 8 * 8) == (H, W)
+            if (h, w) != (H, W) and not (0 <= x < W and 0 <= y < H) and 0 <= x < w and 0 <= y < h:
+                # a pixel of the picture, picked before the first run showed the masks' grid
+                x, y = _picture_to_mask_pixel(x, y, (h, w), (H, W), cropped)
+            if cropped:
                 # a photo whose sides are not multiples of 8: VAE Encode keeps the centred window
                 # that fits the latent grid, so the masks cover exactly that window
                 top, left = (h % 8) // 2, (w % 8) // 2

@@ -432,6 +432,110 @@ def test_picker_degrades_on_other_payloads(comfy_page, pictures):
     assert comfy_page.pack_problems() == []
 
 
+def synthetic_run(page, node_id, name, size, pixel, masks=2, index=0, stored=True):
+    """Feeds the picker the payload of a run (two masks of the coded picture), as ComfyUI does after
+    executing the node; with ``stored`` also keeps it in app.nodeOutputs, as ComfyUI does."""
+    ref = {"filename": name, "subfolder": "", "type": "input"}
+    payload = {
+        "headseg_image": [ref], "headseg_size": list(size), "headseg_pixel": list(pixel),
+        "headseg_index": [index], "headseg_masks": [ref] * masks,
+        "headseg_mask_info": [{"area": 10 * (i + 1), "k": 2, "cluster": i} for i in range(masks)],
+    }  # fmt: skip
+    page.evaluate(
+        """([id, payload, stored]) => { if (stored) app.nodeOutputs[String(id)] = payload;
+                                        app.graph.getNodeById(id).onExecuted(payload); }""",
+        [node_id, payload, stored],
+    )
+    wait_picture_ready(page, node_id)
+
+
+def test_picker_comes_back_when_the_node_is_rebuilt(comfy_page, pictures):
+    """Undo and switching workflow tabs rebuild the nodes from the saved graph (loadGraphData without
+    clearing outputs): the picker restores its last run from the outputs ComfyUI keeps, as ComfyUI's
+    own previews do, instead of going blank."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = page.evaluate(JS_PICKER_GRAPH, ["", False])
+    view_picker(page, node_id, 1.0)
+    synthetic_run(page, node_id, name, (W, H), (0, 0))
+    sel = picker_selector(node_id)
+    assert len(page.query_selector_all(sel + " .headseg-thumb")) == 2
+    merge_id = page.evaluate(
+        """() => { const m = LiteGraph.createNode('HeadSeg_MaskMerge'); m.pos = [40, 600]; app.graph.add(m);
+                   const out = {text: ['merged masks per image: 7']};
+                   app.nodeOutputs[String(m.id)] = out; m.onExecuted(out); return m.id; }"""
+    )
+    page.evaluate(
+        """async (id) => { app.graph.getNodeById(id).headsegOld = true;
+                           await app.loadGraphData(app.graph.serialize(), false, false); }""",
+        node_id,
+    )
+    page.wait_for_function("(id) => app.graph.getNodeById(id) && !app.graph.getNodeById(id).headsegOld", arg=node_id)
+    view_picker(page, node_id, 1.0)
+    wait_picture_ready(page, node_id)
+    page.wait_for_function(
+        "(sel) => document.querySelectorAll(sel + ' .headseg-thumb').length === 2", arg=sel, timeout=15_000
+    )
+    assert "2 masks here" in page.text_content(sel + " .headseg-info")
+    page.evaluate("(id) => { const n = app.graph.getNodeById(id); app.canvas.ds.offset = [40 - n.pos[0], 80 - n.pos[1]]; "
+                  "app.canvas.setDirty(true, true); }", merge_id)
+    page.wait_for_function("() => [...document.querySelectorAll('.headseg-note')].some(e => "
+                           "e.textContent.includes('merged masks per image: 7'))", timeout=15_000)
+    assert comfy_page.pack_problems() == []
+
+
+def test_picker_with_linked_pixel_and_index_past_the_end(comfy_page, pictures):
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = page.evaluate(JS_PICKER_GRAPH, ["", False])
+    view_picker(page, node_id, 1.0)
+    sel = picker_selector(node_id)
+    # index past the last mask: the server outputs the coarsest, and that thumbnail is outlined
+    page.evaluate("(id) => { const w = app.graph.getNodeById(id).widgets.find(w => w.name === 'index'); w.value = 10; }", node_id)
+    synthetic_run(page, node_id, name, (W, H), (0, 0), masks=3, index=10, stored=False)
+    settle(page)
+    assert page.eval_on_selector_all(sel + " .headseg-thumb.headseg-selected", "bs => bs.map(b => b.dataset.index)") == ["2"]
+    # a thumbnail of an old pixel does nothing: queue first
+    page.evaluate("(id) => { const w = app.graph.getNodeById(id).widgets.find(w => w.name === 'x'); w.value = 5; }", node_id)
+    settle(page)
+    page.click(sel + " .headseg-thumb[data-index='0']")
+    settle(page)
+    assert page.evaluate(JS_WIDGETS, node_id)["index"] == 10
+    # x fed by a link: clicks leave it alone, and the cross marks the pixel the run used
+    page.evaluate(
+        """(id) => { const node = app.graph.getNodeById(id); const p = LiteGraph.createNode('PrimitiveInt');
+                     p.pos = [40, 80]; app.graph.add(p); p.connect(0, node, node.inputs.findIndex(i => i.name === 'x')); }""",
+        node_id,
+    )
+    synthetic_run(page, node_id, name, (W, H), (100, 0), masks=3, index=10, stored=False)
+    settle(page)
+    before = page.evaluate(JS_WIDGETS, node_id)
+    rect = frame_rect(page, node_id)
+    marker = page.eval_on_selector(sel + " .headseg-marker", "e => e.getBoundingClientRect().toJSON()")
+    assert abs(marker["x"] - (rect["left"] + (100.5 / W) * rect["width"])) <= 2
+    assert "queue" not in page.text_content(sel + " .headseg-info")
+    page.mouse.click(rect["left"] + 0.2 * rect["width"], rect["top"] + 0.2 * rect["height"])
+    settle(page)
+    assert page.evaluate(JS_WIDGETS, node_id) == before
+    assert "come from a link" in page.text_content(sel + " .headseg-info")
+    assert comfy_page.pack_problems() == []
+
+
+def test_wheel_over_the_picker_zooms_the_canvas(comfy_page, pictures):
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = page.evaluate(JS_PICKER_GRAPH, ["", False])
+    view_picker(page, node_id, 1.0)
+    synthetic_run(page, node_id, name, (W, H), (0, 0), stored=False)
+    rect = frame_rect(page, node_id)
+    page.mouse.move(rect["left"] + rect["width"] / 2, rect["top"] + rect["height"] / 2)
+    before = page.evaluate("() => app.canvas.ds.scale")
+    page.mouse.wheel(0, -240)
+    settle(page)
+    assert page.evaluate("() => app.canvas.ds.scale") != before
+    assert comfy_page.pack_problems() == []
+
+
 # -- old layouts --------------------------------------------------------------------------------
 def old_layout_workflow(picture: str) -> dict:
     """A saved workflow with three picker nodes in older or damaged widget layouts."""

@@ -272,3 +272,23 @@ def test_mask_merge_names_an_empty_sweep(nodes):
 
     with pytest.raises(ValueError, match="^clusters: the sweep holds no cluster count"):
         nodes.MaskMerge.execute(ClusterSweep(results={}, size=(8, 8)), 0.9, 0.0)
+
+
+def test_pixel_of_a_larger_picture_outside_the_masks_is_mapped(nodes, recording):
+    """A click on a 2x picture before the first run gives picture pixels: one outside the masks' frame is
+    mapped through the stretch (or VAE Encode's crop) instead of failing the run."""
+    feats = nodes.HeadPCA.execute(recording, "down+up", "all", 4).args[0]
+    stack = nodes.Upsample.execute(feats, "bilinear", False).args[0]
+    masks = nodes.MaskMerge.execute(nodes.MultiKMeans.execute(stack, "2,5", 0).args[0], 0.9, 0.0).args[0]
+    H, W = masks[0].masks.shape[-2:]
+    x, y = W + W // 2, H + H // 3  # inside a 2x picture, outside the masks
+    got = nodes.MaskSelectAtPixel.execute(masks, x, y, 0, image=torch.rand(1, 2 * H, 2 * W, 3))
+    want = nodes.MaskSelectAtPixel.execute(masks, x // 2, y // 2, 0)
+    assert got.ui["headseg_pixel"] == [x // 2, y // 2]
+    assert torch.equal(got.args[1], want.args[1])
+    cropped = nodes.MaskSelectAtPixel.execute(masks, W + 2, H + 1, 0, image=torch.rand(1, H + 7, W + 5, 3))
+    assert cropped.ui["headseg_pixel"] == [W - 1, H - 2]  # minus the crop offsets (5 // 2, 7 // 2), x clamped
+    with pytest.raises(ValueError, match=r"\bx\b"):
+        nodes.MaskSelectAtPixel.execute(masks, 3 * W, 0, 0, image=torch.rand(1, 2 * H, 2 * W, 3))  # outside both
+    with pytest.raises(ValueError, match=r"\bx\b"):
+        nodes.MaskSelectAtPixel.execute(masks, W, 0, 0)  # no picture: an error, as before
