@@ -7,6 +7,8 @@ never modified (ComfyUI shares cached outputs between nodes and prompts by refer
 
 from __future__ import annotations
 
+import math
+
 import torch
 from comfy_api.latest import io
 
@@ -196,7 +198,8 @@ class Upsample(io.ComfyNode):
                     display_name="error_map",
                     tooltip=(
                         "Eq. 6 upsampling error per pixel (mean |bilinear - nearest| over channels), "
-                        "normalised to 0..1: bright = boundaries between regions."
+                        "normalised to 0..1: bright = boundaries between regions. Images above 256x256 "
+                        "pixels get it at every f-th pixel, each value filling its f x f block."
                     ),
                 ),
             ],
@@ -206,9 +209,27 @@ class Upsample(io.ComfyNode):
     def execute(cls, features, mode="bilinear", reweight=False) -> io.NodeOutput:
         _expect(features, HeadFeatures, "features", "HEADSEG_FEATURES from Head PCA")
         stack = core_upsample.make_feature_stack(features, mode=mode, reweight=bool(reweight))
-        err = core_upsample.upsampling_error(stack)  # [B, H, W]
+        err = _error_map_preview(stack)  # [B, H, W]
         err_img = core_preview.error_map_image(err)  # [B, H, W, 3]
         return io.NodeOutput(stack, err_img, ui={"images": preview_refs(err_img[:1])})
+
+
+# The error-map preview is computed at no more than this many pixels (every f-th row and column of a
+# larger image, each value then covering its f x f block): exact there, at a small cost.
+_ERROR_PREVIEW_PIXELS = 256 * 256
+
+
+def _error_map_preview(stack) -> torch.Tensor:
+    """FeatureStack -> [B, H, W] eq. 6 error, computed at an f x f lattice of pixels for large images."""
+    H, W = stack.size
+    f = max(1, math.ceil(math.sqrt(H * W / _ERROR_PREVIEW_PIXELS)))
+    if f == 1:
+        return core_upsample.upsampling_error(stack)  # [B, H, W]
+    rows, cols = torch.arange(f // 2, H, f), torch.arange(f // 2, W, f)  # [ny], [nx] block centres
+    small = core_upsample.upsampling_error_at(stack, rows, cols)  # [B, ny, nx]
+    by_row = (torch.arange(H) // f).clamp_(max=rows.numel() - 1)  # [H] block of each output row
+    by_col = (torch.arange(W) // f).clamp_(max=cols.numel() - 1)  # [W]
+    return small.index_select(1, by_row).index_select(2, by_col)  # [B, H, W]
 
 
 class MultiKMeans(io.ComfyNode):

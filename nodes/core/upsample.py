@@ -256,10 +256,40 @@ def upsampling_error(stack: FeatureStack) -> torch.Tensor:
     H, W = stack.size
     B = stack.batch_size
     total = torch.zeros(B, H, W, dtype=torch.float32, device=stack.grids[0].device)
-    per_channel = 3 * B * H * W * 4  # about three full-size float32 temporaries per channel
+    per_channel = 3 * H * W * 4  # about three full-size float32 temporaries per channel and image
     chunk = max(1, _CHUNK_BYTES // per_channel)
     for grid in stack.grids:
-        for start in range(0, grid.shape[1], chunk):
-            part = grid[:, start : start + chunk].to(torch.float32)  # [B, n, h, w]
-            total += _abs_diff_sum(part, (H, W))  # [B, H, W]
+        for b in range(B):  # image by image: the chunks stay as wide at any batch size
+            for start in range(0, grid.shape[1], chunk):
+                part = grid[b : b + 1, start : start + chunk].to(torch.float32)  # [1, n, h, w]
+                total[b : b + 1] += _abs_diff_sum(part, (H, W))  # [1, H, W]
+    return total / stack.num_channels
+
+
+def upsampling_error_at(stack: FeatureStack, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """[B, ny, nx] eq. 6 at the output pixels rows [ny] x cols [nx] only (exactly as upsampling_error
+    there), at a cost in proportion to ny * nx: a preview of a large image.
+    """
+    if not isinstance(stack, FeatureStack):
+        raise TypeError(f"stack must be a FeatureStack, got {type(stack).__name__}")
+    H, W = stack.size
+    rows, cols = torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)
+    for name, idx, n in (("rows", rows, H), ("cols", cols, W)):
+        if idx.dim() != 1 or idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= n:
+            raise ValueError(f"{name} must be a non-empty 1-D index into 0..{n - 1}, got {tuple(idx.shape)}")
+    B, ny, nx = stack.batch_size, rows.numel(), cols.numel()
+    device = stack.grids[0].device
+    total = torch.zeros(B, ny, nx, dtype=torch.float32, device=device)
+    chunk = max(1, _CHUNK_BYTES // (3 * ny * nx * 4))
+    for grid in stack.grids:
+        h, w = int(grid.shape[2]), int(grid.shape[3])
+        ry = interpolation_matrix(h, H, "bilinear")[rows].to(device)  # [ny, h]
+        rx = interpolation_matrix(w, W, "bilinear")[cols].to(device).t().contiguous()  # [w, nx]
+        iy, ix = _nearest_index(h, H)[rows].to(device), _nearest_index(w, W)[cols].to(device)  # [ny], [nx]
+        for b in range(B):
+            for start in range(0, grid.shape[1], chunk):
+                part = grid[b, start : start + chunk].to(torch.float32)  # [n, h, w]
+                bilinear = torch.matmul(torch.matmul(ry, part), rx)  # [n, ny, nx]
+                nearest = part.index_select(1, iy).index_select(2, ix)  # [n, ny, nx]
+                total[b] += bilinear.sub_(nearest).abs_().sum(0)  # [ny, nx]
     return total / stack.num_channels

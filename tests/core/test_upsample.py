@@ -182,6 +182,33 @@ def test_upsampling_error_in_chunks_is_the_same(monkeypatch):
     torch.testing.assert_close(upsampling_error(stack), whole, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("size", [(32, 48), (30, 50), (5, 7)], ids=["even-ratios", "non-integer", "down"])
+def test_upsampling_error_at_some_pixels_equals_the_reference_there(size):
+    feats = features()  # batch 2
+    stack = make_feature_stack(feats, reweight=True, size=size)
+    weights = dict(zip(stack.grid_sizes, stack.weights))
+    ref = (explicit_stack(feats, size, "bilinear", weights) - explicit_stack(feats, size, "nearest", weights)).abs().mean(1)
+    g = torch.Generator().manual_seed(size[0])
+    rows = torch.randperm(size[0], generator=g)[: max(1, size[0] // 3)]  # any rows, in any order
+    cols = torch.arange(0, size[1], 4)
+    got = up.upsampling_error_at(stack, rows, cols)
+    assert got.shape == (2, rows.numel(), cols.numel())
+    torch.testing.assert_close(got, ref[:, rows][:, :, cols], rtol=1e-5, atol=1e-6)
+    for bad in (torch.tensor([size[0]]), torch.tensor([], dtype=torch.int64), torch.zeros(2, 2, dtype=torch.int64)):
+        with pytest.raises(ValueError, match="rows must be a non-empty 1-D index"):
+            up.upsampling_error_at(stack, bad, cols)
+
+
+def test_upsampling_error_of_a_batch_equals_each_image_alone(monkeypatch):
+    monkeypatch.setattr(up, "_CHUNK_BYTES", 3 * 32 * 48 * 4 * 2)  # two channels per chunk
+    stack = make_feature_stack(features(), size=(32, 48))
+    both = upsampling_error(stack)
+    for b in range(2):
+        one = make_feature_stack(features(), size=(32, 48))
+        one.grids = [g[b : b + 1] for g in one.grids]
+        torch.testing.assert_close(upsampling_error(one)[0], both[b], rtol=1e-6, atol=1e-7)
+
+
 def test_upsampling_error_planted():
     # at the native size both modes are the identity; a constant map has no error at any size
     feats = HeadFeatures({LayerKey("output", 9, 0): torch.randn(1, 2, 8, 8, 3)}, (64, 64), 3)

@@ -292,3 +292,21 @@ def test_pixel_of_a_larger_picture_outside_the_masks_is_mapped(nodes, recording)
         nodes.MaskSelectAtPixel.execute(masks, 3 * W, 0, 0, image=torch.rand(1, 2 * H, 2 * W, 3))  # outside both
     with pytest.raises(ValueError, match=r"\bx\b"):
         nodes.MaskSelectAtPixel.execute(masks, W, 0, 0)  # no picture: an error, as before
+
+
+def test_error_map_of_a_large_image_is_computed_at_a_lattice():
+    """Above 256x256 pixels the preview is the exact eq. 6 error at every f-th pixel, filling its block."""
+    from headseg.nodes import pipeline_nodes
+    from headseg.nodes.core.upsample import FeatureStack, upsampling_error
+
+    g = torch.Generator().manual_seed(0)
+    grids = [torch.randn(2, 3, 13, 11, generator=g), torch.randn(2, 2, 7, 6, generator=g)]
+    stack = FeatureStack(grids, [1.0, 1.0], [[], []], (600, 520), "bilinear")
+    preview = pipeline_nodes._error_map_preview(stack)  # f = ceil(sqrt(600 * 520 / 65536)) = 3
+    full = upsampling_error(stack)
+    assert preview.shape == full.shape == (2, 600, 520)
+    f = 3
+    torch.testing.assert_close(preview[:, 1::f, 1::f], full[:, 1::f, 1::f], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(preview[:, 0:f, 0:f], full[:, 1:2, 1:2].expand(2, f, f), rtol=1e-5, atol=1e-6)
+    small = FeatureStack([x[:, :, :5, :5] for x in grids], [1.0, 1.0], [[], []], (64, 64), "bilinear")
+    torch.testing.assert_close(pipeline_nodes._error_map_preview(small), upsampling_error(small))  # small: all pixels
