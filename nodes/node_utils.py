@@ -53,7 +53,9 @@ def parse_positions(text: str) -> tuple[str, ...]:
 
 def preview_refs(images: torch.Tensor) -> list[dict]:
     """Saves IMAGE [B, H, W, 3] as temporary PNGs; returns [{filename, subfolder, type}] for /view."""
-    images = images.detach().float().cpu().clamp(0, 1)
+    images = images.detach().float().cpu()
+    if not (images.numel() == 0 or (float(images.amin()) >= 0.0 and float(images.amax()) <= 1.0)):
+        images = images.clamp(0, 1)  # a copy only when needed: large batches of previews are big
     return [dict(r) for r in ui.PreviewImage(images).values]
 
 

@@ -302,12 +302,13 @@ class MultiKMeans(io.ComfyNode):
         sweep = core_kmeans.multi_kmeans(
             stack, counts, seed=int(seed), progress=lambda done, total: bar.update_absolute(done, total)
         )
-        maps, labels = [], []
-        for k, result in sweep.results.items():
-            maps.append(core_preview.label_colours(result.labels, k))  # [B, H, W, 3]
-            B = result.labels.shape[0]
+        B = sweep.batch_size
+        H, W = sweep.size
+        images = torch.empty(len(sweep.results) * B, H, W, 3)  # [len(k) * B, H, W, 3], filled k by k
+        labels = []
+        for i, (k, result) in enumerate(sweep.results.items()):
+            images[i * B : (i + 1) * B] = core_preview.label_colours(result.labels, k)  # [B, H, W, 3]
             labels += [f"k={k}" if B == 1 else f"k={k} #{b}" for b in range(B)]
-        images = torch.cat(maps, dim=0)  # [len(k) * B, H, W, 3]
         ui = {"images": preview_refs(images), "headseg_labels": labels, "headseg_k": list(sweep.results)}
         return io.NodeOutput(sweep, images, ui=ui)
 
