@@ -385,12 +385,18 @@ class MaskMerge(io.ComfyNode):
         return io.NodeOutput(merged, all_masks, ui={"text": [f"merged masks per image: {counts}"]})
 
 
+def _vae_crop_offsets(h: int, w: int) -> tuple[int, int]:
+    """(top, left) of the centred window of a multiple of 8 that VAE Encode keeps of an h x w picture."""
+    return (h % 8) // 2, (w % 8) // 2
+
+
 def _picture_to_mask_pixel(x: int, y: int, picture_hw, mask_hw, cropped: bool) -> tuple[int, int]:
     """A pixel of the picture [h, w] -> the pixel of the masks [H, W] shown there: through VAE Encode's
     centred crop when the picture only lacks a multiple of 8, else through the stretch."""
     (h, w), (H, W) = picture_hw, mask_hw
     if cropped:
-        mx, my = x - (w % 8) // 2, y - (h % 8) // 2
+        top, left = _vae_crop_offsets(h, w)
+        mx, my = x - left, y - top
     else:
         mx, my = x * W // w, y * H // h
     return min(max(mx, 0), W - 1), min(max(my, 0), H - 1)
@@ -507,7 +513,7 @@ class MaskSelectAtPixel(io.ComfyNode):
             if cropped:
                 # a photo whose sides are not multiples of 8: VAE Encode keeps the centred window
                 # that fits the latent grid, so the masks cover exactly that window
-                top, left = (h % 8) // 2, (w % 8) // 2
+                top, left = _vae_crop_offsets(h, w)
                 picture = picture[:, top : top + H, left : left + W]  # [1, H, W, 3]
             elif (h, w) != (H, W):
                 # any other size: shown stretched to the masks' size

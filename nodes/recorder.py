@@ -160,14 +160,14 @@ def _make_attn1_patch(store_id: int, key: LayerKey, previous, previous_is_full_k
 
 
 def _stands_in_for(fn):
-    """A HeadSeg attn1 patch -> (True, the HeadSeg patch at the end of its chain) when, without HeadSeg,
-    ComfyUI would look the layer up under its (block, number) key; (False, None) when a (block, number,
-    depth) patch of another node would take precedence anyway."""
+    """A HeadSeg attn1 patch -> the HeadSeg patch at the end of its chain when, without HeadSeg, ComfyUI
+    would look the layer up under its (block, number) key; None when a (block, number, depth) patch of
+    another node would take precedence anyway."""
     while hasattr(fn, "headseg_previous"):
         if not fn.headseg_previous_is_full_key:
-            return True, fn
+            return fn
         fn = fn.headseg_previous  # chained onto another node's (or record node's) full-key patch
-    return False, None
+    return None
 
 
 def _without_shadowing_patches(model_options: dict, warn=None) -> dict:
@@ -185,8 +185,8 @@ def _without_shadowing_patches(model_options: dict, warn=None) -> dict:
         short = attn1.get(name[:2])
         if short is None:
             continue
-        falls_back, own = _stands_in_for(fn)
-        if falls_back and short is not marks.get(own.headseg_store_id, {}).get(name[:2]):
+        own = _stands_in_for(fn)
+        if own is not None and short is not marks.get(own.headseg_store_id, {}).get(name[:2]):
             drop.append(name)
     if not drop:
         return model_options

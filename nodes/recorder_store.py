@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .core.recording import LayerKey, Recording
+from .core.recording import LayerKey, Recording, grid_levels
 
 log = logging.getLogger("HeadSeg")
 
@@ -60,16 +60,6 @@ def parse_steps(text: str) -> StepSelection:
     raise ValueError(
         f"steps: expected 'last', 'mean', a step 'N' or a range 'A-B' with A <= B (0-based, inclusive), got {text!r}"
     )
-
-
-def _grids(latent_hw: tuple[int, int]) -> list[tuple[int, int]]:
-    """(H, W) latent -> [(H, W), (ceil(H/2), ceil(W/2)), ...] down to (1, 1): the grid of each level."""
-    h, w = latent_hw
-    grids = [(h, w)]
-    while (h, w) != (1, 1):
-        h, w = -(-h // 2), -(-w // 2)
-        grids.append((h, w))
-    return grids
 
 
 
@@ -323,7 +313,7 @@ class _Store:
             self.crop_calls += 1
             self._warn_once(key, "area", f"the model was called on a {tuple(original[-2:])} crop of the {H}x{W} latent")
             return
-        grids = _grids((H, W))
+        grids = grid_levels((H, W))
         level = grids.index((h, w)) if (h, w) in grids else None
         if level is None:
             self._warn_once(key, "level", f"token grid {h}x{w} fits no level of the {H}x{W} latent")
