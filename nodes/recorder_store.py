@@ -62,7 +62,6 @@ def parse_steps(text: str) -> StepSelection:
     )
 
 
-
 def _cpu_latent(x) -> torch.Tensor | None:
     """A sampler's latent as a float32 CPU tensor (a copy), or None when it is not a plain tensor."""
     if not isinstance(x, torch.Tensor) or x.is_nested:

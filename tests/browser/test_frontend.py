@@ -383,13 +383,7 @@ def test_click_maps_through_scaled_preview(comfy_page, pictures):
     page = comfy_page.page
     node_id = page.evaluate(JS_PICKER_GRAPH, ["", False])
     view_picker(page, node_id, 1.0)
-    page.evaluate(
-        """([id, name, size]) => app.graph.getNodeById(id).onExecuted({
-             headseg_image: [{filename: name, subfolder: '', type: 'input'}], headseg_size: size,
-             headseg_pixel: [0, 0], headseg_index: [0], headseg_masks: [], headseg_mask_info: []})""",
-        [node_id, name, [W * 4, H * 4]],
-    )
-    wait_picture_ready(page, node_id)
+    synthetic_run(page, node_id, name, (W * 4, H * 4), (0, 0), masks=0, stored=False)
     rect = frame_rect(page, node_id)
     cx, cy = rect["left"] + 0.7 * rect["width"], rect["top"] + 0.35 * rect["height"]
     page.mouse.click(cx, cy)
