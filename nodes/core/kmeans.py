@@ -258,6 +258,35 @@ class _Lattice:
             self.cols[b, : rows.numel()] = rows
             self.RT[b, :, : rows.numel()] = blocks[rows, b].t()
         self.nb, self.TC = nb, TC
+        self._adjoint_layout()
+
+    def _adjoint_layout(self):
+        """Where each grid's cells lie in the adjoint weights A [k, S] (S = the cells of every distinct
+        grid size), and the corners of every size at once for ``move``: cell [n, G, t] and weight
+        [n, G, t] per row (y) and column (x) sample; a size with fewer corners is padded with weight 0."""
+        first = {}  # (h, w) -> index of the first grid of that size
+        for g, (C_g, h, w) in enumerate(self.shapes):
+            first.setdefault((h, w), g)
+        self.cell_offset, S = {}, 0  # (h, w) -> first column of its cells in A
+        for h, w in first:
+            self.cell_offset[h, w] = S
+            S += h * w
+        self.num_cells = S
+
+        def table(axes, scale):
+            t = max(a.idx.shape[1] for a in axes)
+            n = axes[0].idx.shape[0]
+            cell = torch.zeros(n, len(axes), t, dtype=torch.int64)  # [n, G, t]
+            wts = torch.zeros(n, len(axes), t, dtype=torch.float32)  # [n, G, t]
+            for u, (a, (mul, add)) in enumerate(zip(axes, scale)):
+                cell[:, u, : a.idx.shape[1]] = a.idx * mul + add
+                cell[:, u, a.idx.shape[1] :] = add  # padding: weight 0 on a cell of this size
+                wts[:, u, : a.idx.shape[1]] = a.wts
+            return cell, wts
+
+        sizes = list(first)
+        self.row_corners = table([self.ry[first[hw]] for hw in sizes], [(w, self.cell_offset[h, w]) for h, w in sizes])
+        self.col_corners = table([self.rx[first[hw]] for hw in sizes], [(1, 0)] * len(sizes))
 
     @property
     def num_pixels(self) -> int:
@@ -318,43 +347,49 @@ class _Lattice:
         return cell, wt
 
     # ------------------------------------------------------------------ adjoint
-    def adjoint(self, labels: torch.Tensor, k: int) -> dict:
-        """labels [N] -> {(h, w): A [k, h*w] float64}, A_j = Ry^T M_j Rx flattened (exact cluster weights)."""
+    def adjoint(self, labels: torch.Tensor, k: int) -> torch.Tensor:
+        """labels [N] -> A [k, S] float64: A_j = Ry^T M_j Rx flattened, grid size by grid size (exact
+        cluster weights; the cells of size (h, w) at columns cell_offset[h, w] onwards)."""
         ny, nx = self.ny, self.nx
         rows = torch.arange(ny)[:, None] * k + labels.view(ny, nx)  # [ny, nx] index of (row, cluster)
-        out = {}
+        A = torch.empty(k, self.num_cells, dtype=torch.float64)  # [k, S]
+        done = set()
         for (C_g, h, w), ry, rx in zip(self.shapes, self.ry, self.rx):
-            if (h, w) in out:
+            if (h, w) in done:
                 continue
+            done.add((h, w))
             t = rx.idx.shape[1]
             # corner-major ([t, ny, nx], not [ny, nx, t]): the index sums run over whole rows
             idx = (rows * w)[None] + rx.idx.t().contiguous()[:, None, :]  # [t, ny, nx] index into [ny, k, w]
             wts = rx.wts.t().contiguous()[:, None, :].expand(t, ny, nx)  # [t, ny, nx]
             z = torch.bincount(idx.reshape(-1), wts.reshape(-1), minlength=ny * k * w)  # [ny*k*w]
             adj = torch.matmul(ry.dense.t(), z.view(ny, k * w))  # [h, k*w]: sum_p Ry[p, a] z[p, j, b]
-            out[h, w] = adj.view(h, k, w).permute(1, 0, 2).reshape(k, h * w).double()  # [k, h*w]
-        return out
+            o = self.cell_offset[h, w]
+            A[:, o : o + h * w].view(k, h, w).copy_(adj.view(h, k, w).permute(1, 0, 2))  # [k, h, w]
+        return A
 
-    def move(self, A: dict, pix: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> None:
-        """Moves pixels pix [P] from clusters old [P] to new [P] in the adjoint weights A (in place)."""
-        pr, pc = pix // self.nx, pix % self.nx
-        done = set()
-        for (C_g, h, w), ry, rx in zip(self.shapes, self.ry, self.rx):
-            if (h, w) in done:
-                continue
-            done.add((h, w))
-            cell, wt = self._corners(pr, pc, ry, rx, w)  # [P, t]
-            wt = wt.double().flatten()  # [P*t]
-            flat = A[h, w].view(-1)  # [k*h*w]
-            flat.index_add_(0, (old[:, None] * (h * w) + cell).flatten(), wt, alpha=-1.0)
-            flat.index_add_(0, (new[:, None] * (h * w) + cell).flatten(), wt)
+    def move(self, A: torch.Tensor, pix: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> None:
+        """Moves pixels pix [P] from clusters old [P] to new [P] in the adjoint weights A [k, S] (in place),
+        every grid size at once."""
+        P, S = pix.shape[0], A.shape[1]
+        pr, pc = pix // self.nx, pix % self.nx  # [P]
+        (ry_cell, ry_wts), (rx_cell, rx_wts) = self.row_corners, self.col_corners  # [n, G, t]
+        cell = (ry_cell[pr][:, :, :, None] + rx_cell[pc][:, :, None, :]).view(P, -1)  # [P, G*ty*tx] columns of A
+        wt = (ry_wts[pr][:, :, :, None] * rx_wts[pc][:, :, None, :]).view(-1).double()  # [P*G*ty*tx]
+        flat = A.view(-1)  # [k*S]
+        flat.index_add_(0, (old[:, None] * S + cell).view(-1), wt, alpha=-1.0)
+        flat.index_add_(0, (new[:, None] * S + cell).view(-1), wt)
 
-    def sums(self, A: dict) -> torch.Tensor:
-        """Adjoint weights -> [k, C] sum of F over each cluster."""
-        return torch.cat([A[h, w].float() @ f.t() for f, (C_g, h, w) in zip(self.flat, self.shapes)], 1)
+    def sums(self, A: torch.Tensor) -> torch.Tensor:
+        """Adjoint weights A [k, S] -> [k, C] sum of F over each cluster."""
+        parts = []
+        for f, (C_g, h, w) in zip(self.flat, self.shapes):
+            o = self.cell_offset[h, w]
+            parts.append(A[:, o : o + h * w].float() @ f.t())  # [k, C_g]
+        return torch.cat(parts, 1)
 
     # ------------------------------------------------------------------ Lloyd
-    def lloyd(self, centroids, max_iter: int, tol: float, X, xx, total_sq: float):
+    def lloyd(self, centroids, max_iter: int, tol: float, X, xx, total_sq: float, first=None):
         """Exact Lloyd on this lattice -> (labels [ny, nx], centroids [k, C], score [ny, nx], iterations).
 
         Each iteration moves the centroids to the means of their clusters (adjoint), then assigns
@@ -364,11 +399,13 @@ class _Lattice:
         _RTOL of itself; the labels and scores returned always belong to the centroids returned.
         Empty clusters restart at the working-set points X farthest from their centroid.
         total_sq: sum of ||F(p)||^2 over the lattice (exact, or estimated for the _RTOL test only).
+        first: (labels [N], best [N]) of ``dense`` for these centroids when already computed.
         """
         k = centroids.shape[0]
         N = self.num_pixels
-        native = self.native(centroids)
-        labels, best = self.dense(native, (centroids * centroids).sum(1))  # [N], [N]
+        if first is None:
+            first = self.dense(self.native(centroids), (centroids * centroids).sum(1))
+        labels, best = first  # [N], [N]
         inertia = total_sq + float(best.sum(dtype=torch.float64))
         A = self.adjoint(labels, k)
         counts = torch.bincount(labels, minlength=k)  # [k]
@@ -561,12 +598,14 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
     runs = starts(ws, k, count, gen, max_iter, tol)
     finalists = sorted(runs, key=lambda r: r.inertia)[:_WS_FINALISTS]  # stable: ties keep start order
     cands = [r.centroids(ws) for r in finalists]  # [k, C] each
-    pick = 0
+    pick, assigned = 0, None
     if len(cands) > 1:  # the finalist of lowest inertia on the scoring lattice, first of ties
         lat = img.rung(img.scoring_rung())
         with _lattice_threads(lat, threads):
-            scores = [float(lat.dense(lat.native(c), (c * c).sum(1))[1].sum(dtype=torch.float64)) for c in cands]
+            assigned = [lat.dense(lat.native(c), (c * c).sum(1)) for c in cands]  # (labels [N], best [N]) each
+        scores = [float(best.sum(dtype=torch.float64)) for _, best in assigned]
         pick = scores.index(min(scores))
+        assigned = assigned[pick]  # the first assignment of the polish when it starts on the scoring lattice
     centroids, iters = cands[pick], finalists[pick].iters
     X, xx = ws.X, ws.xx
     total_sq, full_var = full.moments()  # float64 products over the native grids, once per image
@@ -574,7 +613,8 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
         lat = img.rung(i)
         scale = total_sq * lat.num_pixels / full.num_pixels  # estimate on a sub-lattice
         with _lattice_threads(lat, threads):
-            labels, centroids, score, it = lat.lloyd(centroids, max_iter, tol * full_var, X, xx, scale)
+            first = assigned if i == img.scoring_rung() else None
+            labels, centroids, score, it = lat.lloyd(centroids, max_iter, tol * full_var, X, xx, scale, first)
         iters += it
     inertia = max(0.0, total_sq + float(score.double().sum()))
     labels, centroids = _canonical(labels, centroids, k)
