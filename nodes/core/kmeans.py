@@ -239,6 +239,7 @@ class _Lattice:
         self.splits = [s[0] for s in self.shapes]
         self.ny, self.nx = int(ry[0].shape[0]), int(rx[0].shape[0])
         self.ry = [_Axis(r) for r in ry]  # [ny, h_g]
+        self.up_y = [(-2.0 * r).t().contiguous() for r in ry]  # [h_g, ny]: -2 in the y-upsampling (exact)
         self.rx = [_Axis(r) for r in rx]  # [nx, w_g]
         # All grids' column interpolations stacked, plus a row of ones that adds ||c_j||^2: [m, nx].
         ones = torch.ones(1, self.nx, dtype=torch.float32)
@@ -293,48 +294,46 @@ class _Lattice:
         return self.ny * self.nx
 
     # ------------------------------------------------------------------ scores
-    def native(self, centroids: torch.Tensor) -> list[torch.Tensor]:
-        """centroids [k, C] -> per grid [k, h_g*w_g] native-grid scores <f_g, c_j,g>."""
-        return [c @ f for f, c in zip(self.flat, centroids.split(self.splits, 1))]
+    def assign(self, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """centroids [k, C] -> labels [N] int64 of the nearest centroid, best score [N] float32 (score
+        upsampling, exact).
 
-    def dense(self, native, cnorm):
-        """All pixels -> labels [N] int64 and best score [N] float32 (score upsampling, exact).
-
-        The k score maps are upsampled along y on the native grids and along x by column blocks,
-        row chunk by row chunk, so memory stays near _CHUNK_SCORES floats. Scores are laid out with
-        k ahead of the rows of a chunk ([.., k, rows]): the minimum over k then runs over whole rows
-        at once (torch's min with indices over a short last dimension is several times slower).
+        The native-grid scores <f_g, c_j,g> are upsampled along y on the native grids and along x by
+        column blocks, row chunk by row chunk, so memory stays near _CHUNK_SCORES floats. Scores are
+        laid out with k ahead of the rows of a chunk ([.., k, rows]): the minimum over k then runs
+        over whole rows at once (torch's min with indices over a short last dimension is several
+        times slower).
         """
-        k = cnorm.shape[0]
+        k = centroids.shape[0]
         nb, TC, W, ny = self.nb, self.TC, self.nb * self.TC, self.ny
         nc = -(-(k * W * ny) // _CHUNK_SCORES)  # row chunks of at most about _CHUNK_SCORES scores
         step = -(-ny // nc)  # rows per chunk
         nc = -(-ny // step)  # the last chunk is padded with fewer than nc rows, cut off below
         pad = nc * step - ny
         parts = []
-        for s, (C_g, h, w), ry in zip(native, self.shapes, self.ry):
-            s_t = (s * -2.0).view(k, h, w).permute(2, 0, 1).reshape(w * k, h)  # [w*k, h]
-            up = torch.mm(s_t, ry.dense.t())  # [w*k, ny] upsampled along y: one plain 2-D product
+        for f, c, (C_g, h, w), up_y in zip(self.flat, centroids.split(self.splits, 1), self.shapes, self.up_y):
+            s_t = (c @ f).view(k, h, w).permute(2, 0, 1).reshape(w * k, h)  # [w*k, h] native-grid scores
+            up = torch.mm(s_t, up_y)  # [w*k, ny]: -2 <F_g, c_j,g> upsampled along y, one plain 2-D product
             up = torch.nn.functional.pad(up, (0, pad)) if pad else up  # [w*k, nc*step]
             parts.append(up.view(w, k, nc, step).permute(2, 0, 1, 3))  # [nc, w, k, step]
+        cnorm = (centroids * centroids).sum(1)  # [k]
         ones = torch.nn.functional.pad(cnorm[:, None].expand(k, ny), (0, pad))  # [k, nc*step]: adds ||c_j||^2
         parts.append(ones.view(1, k, nc, step).permute(2, 0, 1, 3))  # [nc, 1, k, step]
         rows_score = torch.cat(parts, 1)  # [nc, m, k, step]
         m_b = self.cols.shape[1]
         # each chunk's block operands contiguous (bmm is several times slower on strided ones)
         t_all = rows_score.index_select(1, self.cols.view(-1)).view(nc, nb, m_b, k * step)  # [nc, nb, m_b, k*step]
-        labels = torch.empty(nc * step, W, dtype=torch.int64)
-        best = torch.empty(nc * step, W, dtype=torch.float32)
+        labels, best = [], []
         for c in range(nc):
-            d = torch.bmm(self.RT, t_all[c])  # [nb, TC, k*step] scores
-            d = d.view(nb, TC, k, step)
+            d = torch.bmm(self.RT, t_all[c]).view(nb, TC, k, step)  # [nb, TC, k, step] scores
             low = d.amin(2, keepdim=True)  # [nb, TC, 1, step]
             first = first_at_minimum(d, low, 2)  # [nb, TC, step]
-            rows = slice(c * step, (c + 1) * step)
-            best[rows] = low.view(nb, TC, step).permute(2, 0, 1).reshape(step, W)
-            labels[rows] = first.permute(2, 0, 1).reshape(step, W)
-        labels = labels[:ny, : self.nx]  # [ny, nx]
-        best = best[:ny, : self.nx]  # [ny, nx]
+            best.append(low.view(nb, TC, step).permute(2, 0, 1).reshape(step, W))  # [step, W]
+            labels.append(first.permute(2, 0, 1).reshape(step, W))  # [step, W]
+        labels = labels[0] if nc == 1 else torch.cat(labels)  # [nc*step, W]
+        best = best[0] if nc == 1 else torch.cat(best)  # [nc*step, W]
+        if pad or W != self.nx:
+            labels, best = labels[:ny, : self.nx], best[:ny, : self.nx]  # [ny, nx]
         return labels.reshape(-1), best.reshape(-1)
 
     @staticmethod
@@ -399,12 +398,12 @@ class _Lattice:
         _RTOL of itself; the labels and scores returned always belong to the centroids returned.
         Empty clusters restart at the working-set points X farthest from their centroid.
         total_sq: sum of ||F(p)||^2 over the lattice (exact, or estimated for the _RTOL test only).
-        first: (labels [N], best [N]) of ``dense`` for these centroids when already computed.
+        first: (labels [N], best [N]) of ``assign`` for these centroids when already computed.
         """
         k = centroids.shape[0]
         N = self.num_pixels
         if first is None:
-            first = self.dense(self.native(centroids), (centroids * centroids).sum(1))
+            first = self.assign(centroids)
         labels, best = first  # [N], [N]
         inertia = total_sq + float(best.sum(dtype=torch.float64))
         A = self.adjoint(labels, k)
@@ -418,7 +417,7 @@ class _Lattice:
                 _fill_empty(new, counts, X, xx)
             shift = float(((new - centroids).double() ** 2).sum())
             centroids = new
-            new_labels, best = self.dense(self.native(new), (new * new).sum(1))
+            new_labels, best = self.assign(new)
             new_inertia = total_sq + float(best.sum(dtype=torch.float64))
             moved = (new_labels != labels).nonzero().flatten()  # [P]
             if moved.numel() == 0:
@@ -602,7 +601,7 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
     if len(cands) > 1:  # the finalist of lowest inertia on the scoring lattice, first of ties
         lat = img.rung(img.scoring_rung())
         with _lattice_threads(lat, threads):
-            assigned = [lat.dense(lat.native(c), (c * c).sum(1)) for c in cands]  # (labels [N], best [N]) each
+            assigned = [lat.assign(c) for c in cands]  # (labels [N], best [N]) each
         scores = [float(best.sum(dtype=torch.float64)) for _, best in assigned]
         pick = scores.index(min(scores))
         assigned = assigned[pick]  # the first assignment of the polish when it starts on the scoring lattice

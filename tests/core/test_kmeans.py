@@ -79,7 +79,7 @@ def test_assignment_and_update_equal_brute_force(mode, size, chunk, monkeypatch)
         xs = km._sample_positions(size[1], lat.nx)
         Xi = X.view(size[0], size[1], -1)[ys][:, xs].reshape(-1, X.shape[1])  # [n, C]
         centroids = torch.randn(5, X.shape[1], generator=torch.Generator().manual_seed(i))
-        labels, best = lat.dense(lat.native(centroids), (centroids * centroids).sum(1))
+        labels, best = lat.assign(centroids)
         d = torch.cdist(Xi, centroids.double()) ** 2  # [n, 5]
         assert torch.equal(labels, d.argmin(1))
         torch.testing.assert_close(best.double() + (Xi * Xi).sum(1), d.min(1).values, atol=1e-4, rtol=1e-5)
