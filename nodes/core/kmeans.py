@@ -296,7 +296,7 @@ class _Lattice:
     # ------------------------------------------------------------------ scores
     def assign(self, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """centroids [k, C] -> labels [N] int64 of the nearest centroid, best score [N] float32 (score
-        upsampling, exact).
+        upsampling, exact); several sets of centroids [G, k, C] at once -> labels [G, N], best [G, N].
 
         The native-grid scores <f_g, c_j,g> are upsampled along y on the native grids and along x by
         column blocks, row chunk by row chunk, so memory stays near _CHUNK_SCORES floats. Scores are
@@ -304,37 +304,41 @@ class _Lattice:
         over whole rows at once (torch's min with indices over a short last dimension is several
         times slower).
         """
-        k = centroids.shape[0]
+        G, k = (1, centroids.shape[0]) if centroids.dim() == 2 else centroids.shape[:2]
+        K = G * k  # score maps in all
+        flat_c = centroids.reshape(K, -1)  # [K, C]
         nb, TC, W, ny = self.nb, self.TC, self.nb * self.TC, self.ny
-        nc = -(-(k * W * ny) // _CHUNK_SCORES)  # row chunks of at most about _CHUNK_SCORES scores
+        nc = -(-(K * W * ny) // _CHUNK_SCORES)  # row chunks of at most about _CHUNK_SCORES scores
         step = -(-ny // nc)  # rows per chunk
         nc = -(-ny // step)  # the last chunk is padded with fewer than nc rows, cut off below
         pad = nc * step - ny
         parts = []
-        for f, c, (C_g, h, w), up_y in zip(self.flat, centroids.split(self.splits, 1), self.shapes, self.up_y):
-            s_t = (c @ f).view(k, h, w).permute(2, 0, 1).reshape(w * k, h)  # [w*k, h] native-grid scores
-            up = torch.mm(s_t, up_y)  # [w*k, ny]: -2 <F_g, c_j,g> upsampled along y, one plain 2-D product
-            up = torch.nn.functional.pad(up, (0, pad)) if pad else up  # [w*k, nc*step]
-            parts.append(up.view(w, k, nc, step).permute(2, 0, 1, 3))  # [nc, w, k, step]
-        cnorm = (centroids * centroids).sum(1)  # [k]
-        ones = torch.nn.functional.pad(cnorm[:, None].expand(k, ny), (0, pad))  # [k, nc*step]: adds ||c_j||^2
-        parts.append(ones.view(1, k, nc, step).permute(2, 0, 1, 3))  # [nc, 1, k, step]
-        rows_score = torch.cat(parts, 1)  # [nc, m, k, step]
+        for f, c, (C_g, h, w), up_y in zip(self.flat, flat_c.split(self.splits, 1), self.shapes, self.up_y):
+            s_t = (c @ f).view(K, h, w).permute(2, 0, 1).reshape(w * K, h)  # [w*K, h] native-grid scores
+            up = torch.mm(s_t, up_y)  # [w*K, ny]: -2 <F_g, c_j,g> upsampled along y, one plain 2-D product
+            up = torch.nn.functional.pad(up, (0, pad)) if pad else up  # [w*K, nc*step]
+            parts.append(up.view(w, K, nc, step).permute(2, 0, 1, 3))  # [nc, w, K, step]
+        cnorm = (flat_c * flat_c).sum(1)  # [K]
+        ones = torch.nn.functional.pad(cnorm[:, None].expand(K, ny), (0, pad))  # [K, nc*step]: adds ||c_j||^2
+        parts.append(ones.view(1, K, nc, step).permute(2, 0, 1, 3))  # [nc, 1, K, step]
+        rows_score = torch.cat(parts, 1)  # [nc, m, K, step]
         m_b = self.cols.shape[1]
         # each chunk's block operands contiguous (bmm is several times slower on strided ones)
-        t_all = rows_score.index_select(1, self.cols.view(-1)).view(nc, nb, m_b, k * step)  # [nc, nb, m_b, k*step]
+        t_all = rows_score.index_select(1, self.cols.view(-1)).view(nc, nb, m_b, K * step)  # [nc, nb, m_b, K*step]
         labels, best = [], []
         for c in range(nc):
-            d = torch.bmm(self.RT, t_all[c]).view(nb, TC, k, step)  # [nb, TC, k, step] scores
-            low = d.amin(2, keepdim=True)  # [nb, TC, 1, step]
-            first = first_at_minimum(d, low, 2)  # [nb, TC, step]
-            best.append(low.view(nb, TC, step).permute(2, 0, 1).reshape(step, W))  # [step, W]
-            labels.append(first.permute(2, 0, 1).reshape(step, W))  # [step, W]
-        labels = labels[0] if nc == 1 else torch.cat(labels)  # [nc*step, W]
-        best = best[0] if nc == 1 else torch.cat(best)  # [nc*step, W]
+            d = torch.bmm(self.RT, t_all[c]).view(nb, TC, G, k, step)  # [nb, TC, G, k, step] scores
+            low = d.amin(3, keepdim=True)  # [nb, TC, G, 1, step]
+            first = first_at_minimum(d, low, 3)  # [nb, TC, G, step]
+            best.append(low.view(nb, TC, G, step).permute(2, 3, 0, 1).reshape(G, step, W))  # [G, step, W]
+            labels.append(first.permute(2, 3, 0, 1).reshape(G, step, W))  # [G, step, W]
+        labels = labels[0] if nc == 1 else torch.cat(labels, 1)  # [G, nc*step, W]
+        best = best[0] if nc == 1 else torch.cat(best, 1)  # [G, nc*step, W]
         if pad or W != self.nx:
-            labels, best = labels[:ny, : self.nx], best[:ny, : self.nx]  # [ny, nx]
-        return labels.reshape(-1), best.reshape(-1)
+            labels, best = labels[:, :ny, : self.nx], best[:, :ny, : self.nx]  # [G, ny, nx]
+        if centroids.dim() == 2:
+            return labels.reshape(-1), best.reshape(-1)  # [N], [N]
+        return labels.reshape(G, -1), best.reshape(G, -1)  # [G, N], [G, N]
 
     @staticmethod
     def _corners(pr, pc, ry: _Axis, rx: _Axis, w: int):
@@ -601,10 +605,10 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
     if len(cands) > 1:  # the finalist of lowest inertia on the scoring lattice, first of ties
         lat = img.rung(img.scoring_rung())
         with _lattice_threads(lat, threads):
-            assigned = [lat.assign(c) for c in cands]  # (labels [N], best [N]) each
-        scores = [float(best.sum(dtype=torch.float64)) for _, best in assigned]
+            labels, best = lat.assign(torch.stack(cands))  # [finalists, N] each, all at once
+        scores = best.sum(1, dtype=torch.float64).tolist()
         pick = scores.index(min(scores))
-        assigned = assigned[pick]  # the first assignment of the polish when it starts on the scoring lattice
+        assigned = labels[pick], best[pick]  # the first assignment of the polish when it starts on the scoring lattice
     centroids, iters = cands[pick], finalists[pick].iters
     X, xx = ws.X, ws.xx
     total_sq, full_var = full.moments()  # float64 products over the native grids, once per image
