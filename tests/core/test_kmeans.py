@@ -21,11 +21,15 @@ def planted_stack(size=(256, 256), seed=0, scenes=None, mode="bilinear", compone
     return make_feature_stack(recording_pca(rec.select(), components), mode=mode)
 
 
-def random_stack(size=(13, 22), mode="bilinear", batch=1, seed=0, dtype=torch.float32):
-    """Three grids of different (non-square, non-dividing) shapes, random features."""
+THREE_GRIDS = ((3, 4, 6), (2, 2, 3), (4, 5, 7))  # (channels, h, w): non-square, non-dividing
+REPEATED_SIZE = ((3, 4, 6), (2, 2, 3), (4, 4, 6))  # two grids of one size (a stack made by hand)
+
+
+def random_stack(size=(13, 22), mode="bilinear", batch=1, seed=0, dtype=torch.float32, shapes=THREE_GRIDS):
+    """Grids of the given (channels, h, w), random features."""
     gen = torch.Generator().manual_seed(seed)
-    grids = [torch.randn(batch, c, h, w, generator=gen, dtype=dtype) for c, h, w in ((3, 4, 6), (2, 2, 3), (4, 5, 7))]
-    return FeatureStack(grids, [1.0] * 3, [[], [], []], size, mode)
+    grids = [torch.randn(batch, c, h, w, generator=gen, dtype=dtype) for c, h, w in shapes]
+    return FeatureStack(grids, [1.0] * len(grids), [[] for _ in grids], size, mode)
 
 
 def explicit(stack, b=0):
@@ -67,10 +71,11 @@ def test_coarse_k_returns_parent_regions(level):
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
 @pytest.mark.parametrize("size", [(13, 22), (40, 24)])
 @pytest.mark.parametrize("chunk", [None, 700, 1])  # scores per row chunk: default, a few rows (padded), one row
-def test_assignment_and_update_equal_brute_force(mode, size, chunk, monkeypatch):
+@pytest.mark.parametrize("shapes", [THREE_GRIDS, REPEATED_SIZE])
+def test_assignment_and_update_equal_brute_force(mode, size, chunk, shapes, monkeypatch):
     if chunk is not None:
         monkeypatch.setattr(km, "_CHUNK_SCORES", chunk)
-    stack = random_stack(size, mode)
+    stack = random_stack(size, mode, shapes=shapes)
     X = explicit(stack)  # [N, C]
     img = km._Image(stack, 0)
     for i in range(len(img.sides)):  # every lattice rung, the last being the full image
@@ -86,6 +91,13 @@ def test_assignment_and_update_equal_brute_force(mode, size, chunk, monkeypatch)
         sums = lat.sums(lat.adjoint(labels, 5))  # [5, C]
         expected = torch.zeros(5, X.shape[1], dtype=torch.float64).index_add_(0, labels, Xi)
         torch.testing.assert_close(sums.double(), expected, atol=1e-4, rtol=1e-5)
+        # several sets of centroids at once: each set as if alone
+        sets = torch.randn(3, 4, X.shape[1], generator=torch.Generator().manual_seed(10 + i))  # [3, 4, C]
+        many_labels, many_best = lat.assign(sets)  # [3, n] each
+        for g in range(3):
+            d = torch.cdist(Xi, sets[g].double()) ** 2  # [n, 4]
+            assert torch.equal(many_labels[g], d.argmin(1))
+            torch.testing.assert_close(many_best[g].double() + (Xi * Xi).sum(1), d.min(1).values, atol=1e-4, rtol=1e-5)
         total, var = lat.moments()
         assert total == pytest.approx(float((Xi * Xi).sum()), rel=1e-6)
         assert var == pytest.approx(float(Xi.var(0, unbiased=False).mean()), rel=1e-6)
@@ -104,8 +116,9 @@ def test_moments_in_channel_chunks_equal_brute_force(chunk, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
-def test_moving_pixels_updates_sums_exactly(mode):
-    stack = random_stack((17, 11), mode)
+@pytest.mark.parametrize("shapes", [THREE_GRIDS, REPEATED_SIZE])
+def test_moving_pixels_updates_sums_exactly(mode, shapes):
+    stack = random_stack((17, 11), mode, shapes=shapes)
     X = explicit(stack)
     lat = km._Image(stack, 0).rung(-1)
     labels = torch.arange(X.shape[0]) % 3
