@@ -29,6 +29,9 @@ RTOL = 1e-3
 GRAM_BLOCKS = 4
 
 
+_INDEX: dict[tuple, torch.Tensor] = {}  # (k, trailing dims, dtype, device) -> [k, 1, ...] cluster numbers
+
+
 def first_at_minimum(d: torch.Tensor, low: torch.Tensor, dim: int) -> torch.Tensor:
     """d [..., k, ...] and its minimum low over dim (kept as size 1) -> int64 index of the first
     minimum along dim, as torch.min's indices. Overwrites d.
@@ -37,10 +40,12 @@ def first_at_minimum(d: torch.Tensor, low: torch.Tensor, dim: int) -> torch.Tens
     float ops only, several times faster than min with indices or comparisons to bool on CPU.
     """
     k = d.shape[dim]
-    shape = [1] * d.dim()
-    shape[dim] = k
-    index = torch.arange(k, dtype=d.dtype, device=d.device).view(shape)  # cluster j (exact below 2**24)
-    return d.sub_(low).sign_().mul_(k).add_(index).amin(dim).long()
+    key = (k, d.dim() - dim % d.dim() - 1, d.dtype, d.device)
+    index = _INDEX.get(key)
+    if index is None:  # cluster j (exact below 2**24), shaped to broadcast along dim
+        index = _INDEX[key] = torch.arange(k, dtype=d.dtype, device=d.device).view(k, *[1] * key[1])
+    d = d.sub_(low).sign_()  # 0 at the minimum, 1 elsewhere
+    return torch.add(index, d, alpha=k, out=d).amin(dim).long()  # in place: j or k + j
 
 
 @dataclass
