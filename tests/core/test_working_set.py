@@ -148,7 +148,7 @@ def test_starts_names_bad_counts(args, name):
         starts(ws, k, count, torch.Generator().manual_seed(0), max_iter, 1e-4)
 
 
-@pytest.mark.parametrize("shape, dim", [((7, 5), 0), ((3, 20, 33), 1), ((2, 4, 6, 9), 2), ((4, 1, 8), 1), ((1, 300), 1)])
+@pytest.mark.parametrize("shape, dim", [((7, 5), 0), ((3, 20, 33), 1), ((2, 4, 6, 9), 2), ((4, 1, 8), 1), ((1, 300), 1), ((3, 20, 33), -2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_first_at_minimum_matches_torch_min_indices_with_ties(shape, dim, dtype):
     g = torch.Generator().manual_seed(len(shape) * 10 + dim)
