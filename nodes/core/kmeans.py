@@ -286,6 +286,12 @@ class _Lattice:
             return cell, wts
 
         sizes = list(first)
+        # per size for ``adjoint``: (h, w, offset, Ry^T [h, ny], column corners [t, 1, nx], their weights [t, 1, nx])
+        self.adjoint_parts = [
+            (h, w, self.cell_offset[h, w], self.ry[g].dense.t(),
+             self.rx[g].idx.t().contiguous()[:, None, :], self.rx[g].wts.t().contiguous()[:, None, :])
+            for (h, w), g in first.items()
+        ]
         self.row_corners = table([self.ry[first[hw]] for hw in sizes], [(w, self.cell_offset[h, w]) for h, w in sizes])
         self.col_corners = table([self.rx[first[hw]] for hw in sizes], [(1, 0)] * len(sizes))
 
@@ -356,18 +362,12 @@ class _Lattice:
         ny, nx = self.ny, self.nx
         rows = torch.arange(ny)[:, None] * k + labels.view(ny, nx)  # [ny, nx] index of (row, cluster)
         A = torch.empty(k, self.num_cells, dtype=torch.float64)  # [k, S]
-        done = set()
-        for (C_g, h, w), ry, rx in zip(self.shapes, self.ry, self.rx):
-            if (h, w) in done:
-                continue
-            done.add((h, w))
-            t = rx.idx.shape[1]
+        for h, w, o, ry_t, col_idx, col_wts in self.adjoint_parts:
+            t = col_idx.shape[0]
             # corner-major ([t, ny, nx], not [ny, nx, t]): the index sums run over whole rows
-            idx = (rows * w)[None] + rx.idx.t().contiguous()[:, None, :]  # [t, ny, nx] index into [ny, k, w]
-            wts = rx.wts.t().contiguous()[:, None, :].expand(t, ny, nx)  # [t, ny, nx]
-            z = torch.bincount(idx.reshape(-1), wts.reshape(-1), minlength=ny * k * w)  # [ny*k*w]
-            adj = torch.matmul(ry.dense.t(), z.view(ny, k * w))  # [h, k*w]: sum_p Ry[p, a] z[p, j, b]
-            o = self.cell_offset[h, w]
+            idx = col_idx + rows * w  # [t, ny, nx] index into [ny, k, w]
+            z = torch.bincount(idx.reshape(-1), col_wts.expand(t, ny, nx).reshape(-1), minlength=ny * k * w)  # [ny*k*w]
+            adj = torch.mm(ry_t, z.view(ny, k * w))  # [h, k*w]: sum_p Ry[p, a] z[p, j, b]
             A[:, o : o + h * w].view(k, h, w).copy_(adj.view(h, k, w).permute(1, 0, 2))  # [k, h, w]
         return A
 
