@@ -23,6 +23,7 @@ def planted_stack(size=(256, 256), seed=0, scenes=None, mode="bilinear", compone
 
 THREE_GRIDS = ((3, 4, 6), (2, 2, 3), (4, 5, 7))  # (channels, h, w): non-square, non-dividing
 REPEATED_SIZE = ((3, 4, 6), (2, 2, 3), (4, 4, 6))  # two grids of one size (a stack made by hand)
+UNEVEN_CORNERS = ((2, 1, 1), (3, 4, 6), (2, 13, 5))  # 1x1 and a side equal to the output's: fewer corners
 
 
 def random_stack(size=(13, 22), mode="bilinear", batch=1, seed=0, dtype=torch.float32, shapes=THREE_GRIDS):
@@ -71,7 +72,7 @@ def test_coarse_k_returns_parent_regions(level):
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
 @pytest.mark.parametrize("size", [(13, 22), (40, 24)])
 @pytest.mark.parametrize("chunk", [None, 700, 1])  # scores per row chunk: default, a few rows (padded), one row
-@pytest.mark.parametrize("shapes", [THREE_GRIDS, REPEATED_SIZE])
+@pytest.mark.parametrize("shapes", [THREE_GRIDS, REPEATED_SIZE, UNEVEN_CORNERS])
 def test_assignment_and_update_equal_brute_force(mode, size, chunk, shapes, monkeypatch):
     if chunk is not None:
         monkeypatch.setattr(km, "_CHUNK_SCORES", chunk)
@@ -116,9 +117,9 @@ def test_moments_in_channel_chunks_equal_brute_force(chunk, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
-@pytest.mark.parametrize("shapes", [THREE_GRIDS, REPEATED_SIZE])
+@pytest.mark.parametrize("shapes", [THREE_GRIDS, REPEATED_SIZE, UNEVEN_CORNERS])
 def test_moving_pixels_updates_sums_exactly(mode, shapes):
-    stack = random_stack((17, 11), mode, shapes=shapes)
+    stack = random_stack((13, 22), mode, shapes=shapes)
     X = explicit(stack)
     lat = km._Image(stack, 0).rung(-1)
     labels = torch.arange(X.shape[0]) % 3
@@ -182,8 +183,16 @@ def test_the_finalist_of_lowest_inertia_on_the_scoring_lattice_is_polished(monke
     polished = []
     lloyd = km._Lattice.lloyd
 
+    handed = []
+
     def spy(self, centroids, *args):
         polished.append(centroids.clone())
+        first = args[-1]  # the scoring lattice's assignment, when the polish starts there
+        if first is not None:
+            labels, best = self.assign(centroids)
+            assert torch.equal(first[0], labels)
+            torch.testing.assert_close(first[1], best, rtol=1e-6, atol=1e-4)  # scored with the other finalists
+            handed.append(True)
         return lloyd(self, centroids, *args)
 
     monkeypatch.setattr(km._Lattice, "lloyd", spy)
@@ -205,6 +214,7 @@ def test_the_finalist_of_lowest_inertia_on_the_scoring_lattice_is_polished(monke
         assert torch.equal(polished[0], finalists[best])
         overruled += best != 0
     assert overruled > 0  # in some seed the lattice overrules the working set's order
+    assert len(handed) == 8  # at 96 x 96 the polish starts on the scoring lattice: its assignment is reused
 
 
 def test_prepare_builds_the_scoring_lattice():
