@@ -258,8 +258,9 @@ class MultiKMeans(io.ComfyNode):
                     default="2,5,6,10,20",
                     tooltip=(
                         f"Comma-separated cluster counts k (each from 1 to {core_kmeans.MAX_CLUSTERS}, and at most "
-                        "the number of cells of the finest token grid). Small k: coarse regions; large k: small "
-                        "parts, slower (k = 256 takes seconds and one mask per cluster)."
+                        "the number of cells of the finest token grid; together at most "
+                        f"{core_kmeans.MAX_TOTAL_CLUSTERS}). Small k: coarse regions; large k: small parts, slower "
+                        "(k = 256 takes seconds and one mask per cluster)."
                     ),
                 ),
                 io.Int.Input(

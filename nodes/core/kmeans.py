@@ -46,8 +46,14 @@ from .working_set import WorkingSet, first_at_minimum, starts
 # The most clusters one k may ask for: every cluster becomes a mask at the output size (256 masks of
 # 512x512 are 256 MB as a float MASK batch), and the working set grows with k (16 points per cluster).
 MAX_CLUSTERS = 256
-# Squared distances are float32: features whose norm reaches this could overflow them.
-_MAX_FEATURE_NORM = 1e18
+# The most clusters all k of one sweep may add up to: every cluster becomes a mask, and merging
+# compares every pair of masks (1024 masks of 512x512 are 1 GB as a float MASK batch).
+MAX_TOTAL_CLUSTERS = 1024
+# Features are float32 inside k-means: larger values cannot be represented.
+_MAX_FEATURE = float(torch.finfo(torch.float32).max)
+# Images whose largest |feature| lies outside 2**-_SCALE_EXP .. 2**_SCALE_EXP are scaled by an exact
+# power of two (squared distances would underflow or overflow float32); results are scaled back.
+_SCALE_EXP = 30
 # Working set: this many random pixels (at least _WS_POINTS_PER_K * k).
 _WS_MIN_POINTS = 512
 _WS_POINTS_PER_K = 16
@@ -143,22 +149,43 @@ def parse_cluster_counts(text: str) -> list[int]:
         if not 1 <= value <= MAX_CLUSTERS:
             raise ValueError(f"cluster_counts must hold integers from 1 to {MAX_CLUSTERS}, got {value} in {text!r}")
         counts.append(value)
-    return sorted(set(counts))
+    return _check_total(sorted(set(counts)), text)
+
+
+def _check_total(ks: list[int], given) -> list[int]:
+    """ks -> ks, or a ValueError when they add up to more than MAX_TOTAL_CLUSTERS."""
+    if sum(ks) > MAX_TOTAL_CLUSTERS:
+        raise ValueError(
+            f"cluster_counts must add up to at most {MAX_TOTAL_CLUSTERS} clusters (each becomes a mask at the "
+            f"output size, and merging compares every pair), got {sum(ks)} from {given!r}"
+        )
+    return ks
 
 
 # ----------------------------------------------------------------------------- validation
-def _check_values(g: torch.Tensor) -> None:
-    """NaN, inf, or features so large that float32 squared distances could overflow -> ValueError.
-    One reduction (the norm) and no temporary the size of g; only a failing grid is looked at again."""
+def _check_values(g: torch.Tensor, where: str) -> None:
+    """NaN, inf, or features beyond float32's range -> ValueError naming ``where`` (the grid). One
+    reduction (the norm) and no temporary the size of g; only a grid whose norm is not finite is
+    looked at again."""
     norm = float(torch.linalg.vector_norm(g, dtype=torch.float32 if g.element_size() < 4 else None))
-    if norm < _MAX_FEATURE_NORM:  # False for NaN
+    if math.isfinite(norm) and norm <= _MAX_FEATURE:
         return
     if not bool(torch.isfinite(g).all()):
-        raise ValueError("stack contains NaN or inf features")
-    raise ValueError(
-        f"stack: features too large for float32 distances (norm {norm:.3g}, at most {_MAX_FEATURE_NORM:.0e}); "
-        f"scale them down"
-    )
+        raise ValueError(f"stack contains NaN or inf features in {where}")
+    peak = float(g.abs().amax())
+    if peak > _MAX_FEATURE:
+        raise ValueError(
+            f"stack: features beyond float32's range in {where} (largest |value| {peak:.3g}, at most "
+            f"{_MAX_FEATURE:.3g}); scale them down"
+        )
+
+
+def _grid_name(stack: FeatureStack, i: int) -> str:
+    """'grid 2 (16x16: layers input.4.0, output.3.0)' -- the layers when the stack lists them."""
+    g = stack.grids[i]
+    keys = stack.keys[i] if i < len(getattr(stack, "keys", []) or []) else []
+    names = ", ".join(getattr(key, "name", str(key)) for key in keys[:6]) + (", ..." if len(keys) > 6 else "")
+    return f"grid {i} ({int(g.shape[2])}x{int(g.shape[3])}" + (f": layers {names})" if names else ")")
 
 
 def _check_stack(stack) -> tuple[int, int]:
@@ -169,13 +196,13 @@ def _check_stack(stack) -> tuple[int, int]:
     H, W = stack.size
     if H < 1 or W < 1:
         raise ValueError(f"stack.size must be positive (H, W), got {stack.size}")
-    for g in stack.grids:
+    for i, g in enumerate(stack.grids):
         if not isinstance(g, torch.Tensor) or g.dim() != 4 or not g.is_floating_point() or g.is_complex():
             what = f"{g.dtype} {tuple(g.shape)}" if isinstance(g, torch.Tensor) else type(g).__name__
             raise ValueError(f"stack grids must be floating [B, C, h, w] tensors, got {what}")
         if g.numel() == 0:
             raise ValueError(f"stack grids must have no empty dimension [B, C, h, w], got {tuple(g.shape)}")
-        _check_values(g)
+        _check_values(g, _grid_name(stack, i))
     batches = sorted({int(g.shape[0]) for g in stack.grids})
     if len(batches) > 1:
         raise ValueError(f"stack grids must share one batch size, got {batches}")
@@ -201,16 +228,17 @@ def _check_k(k, limit: int, finest: str, name: str = "k") -> int:
             f"{where}k must be at most {MAX_CLUSTERS} (each cluster becomes a mask at the output size), got {k}"
         )
     if k > limit:
-        raise ValueError(
-            f"{where}k must be at most {limit} (the cells of the finest grid {finest}: no more distinct "
-            f"clusters), got {k}"
-        )
+        raise ValueError(f"{where}k must be at most {limit} ({finest}: no more distinct clusters), got {k}")
     return k
 
 
 def _finest(stack: FeatureStack) -> str:
+    """What bounds k: the cells of the finest grid, or the output pixels when there are fewer."""
+    H, W = stack.size
     g = max(stack.grids, key=lambda t: int(t.shape[2]) * int(t.shape[3]))
-    return f"{int(g.shape[2])}x{int(g.shape[3])}"
+    if H * W < int(g.shape[2]) * int(g.shape[3]):
+        return f"the pixels of the {H}x{W} output"
+    return f"the cells of the finest grid {int(g.shape[2])}x{int(g.shape[3])}"
 
 
 # ----------------------------------------------------------------------------- lattices
@@ -499,7 +527,16 @@ class _Image:
     def __init__(self, stack: FeatureStack, b: int):
         H, W = stack.size
         self.size = (H, W)
-        self.feats = [g[b].detach().to(torch.float32) for g in stack.grids]  # [C_g, h_g, w_g]
+        # Features whose largest |value| lies outside 2**-_SCALE_EXP .. 2**_SCALE_EXP are scaled by an
+        # exact power of two (in their own dtype, before float32), so that squared distances neither
+        # underflow nor overflow float32; centroids and inertia are scaled back, labels are unchanged.
+        grids = [g[b].detach() for g in stack.grids]  # [C_g, h_g, w_g] each
+        peak = max(float(g.abs().amax()) for g in grids)
+        exponent = math.floor(math.log2(peak)) if peak > 0.0 else 0
+        self.scale = 2.0**-exponent if abs(exponent) > _SCALE_EXP else 1.0
+        if self.scale != 1.0:
+            grids = [g.double() * self.scale for g in grids]
+        self.feats = [g.to(torch.float32) for g in grids]  # [C_g, h_g, w_g]
         mats = {}
         for f in self.feats:
             for n_in, n_out in ((int(f.shape[1]), H), (int(f.shape[2]), W)):
@@ -623,6 +660,8 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
         iters += it
     inertia = max(0.0, total_sq + float(score.double().sum()))
     labels, centroids = _canonical(labels, centroids, k)
+    if img.scale != 1.0:  # back to the stack's units (exact: a power of two)
+        centroids, inertia = centroids / img.scale, inertia / img.scale**2
     return labels, centroids, inertia, iters
 
 
@@ -753,7 +792,7 @@ def multi_kmeans(
         if not ks:
             raise ValueError("cluster_counts must hold at least one cluster count k")
     limit, finest = _max_clusters(stack), _finest(stack)
-    ks = sorted({_check_k(k, limit, finest, "cluster_counts") for k in ks})
+    ks = _check_total(sorted({_check_k(k, limit, finest, "cluster_counts") for k in ks}), cluster_counts)
     seed = _check_seed(seed)
     if progress is not None and not callable(progress):
         raise ValueError(f"progress must be callable(done, total) or None, got {type(progress).__name__}")

@@ -20,6 +20,8 @@ from .kmeans import ClusterSweep
 
 # Pixels per chunk when counting intersections of masks.
 _CHUNK_PIXELS = 1 << 16
+# labels_to_masks refuses to build more than this many bytes of bool masks.
+_MAX_MASK_BYTES = 4 << 30
 
 
 @dataclass
@@ -70,6 +72,11 @@ def labels_to_masks(labels: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
         raise ValueError(f"labels must lie in 0..{k - 1} for k={k}, got {int(labels.min())}..{int(labels.max())}")
+    if k * labels.numel() > _MAX_MASK_BYTES:
+        raise ValueError(
+            f"k = {k} masks of {labels.shape[0]}x{labels.shape[1]} would take {k * labels.numel() / 2**30:.1f} GB "
+            f"(at most {_MAX_MASK_BYTES / 2**30:.0f} GB): use fewer clusters or a smaller image"
+        )
     return labels[None] == torch.arange(k, device=labels.device)[:, None, None]  # [k, H, W]
 
 

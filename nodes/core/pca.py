@@ -70,10 +70,24 @@ def head_pca(x: torch.Tensor, components: int) -> torch.Tensor:
 
 
 def _pca_scores(xg: torch.Tensor, c: int, dtype: torch.dtype) -> torch.Tensor:
-    """[G, N, D] -> [G, N, c] centred scores on the top-c components (signs fixed, no-variance zeroed)."""
+    """[G, N, D] -> [G, N, c] centred scores on the top-c components (signs fixed, no-variance zeroed).
+
+    Heads whose largest |value| lies outside 2**-30 .. 2**30 are scaled by a power of two (exact)
+    for the covariance and scaled back after, so tiny values do not underflow in it (float32
+    squares below ~1e-38 become 0) and large ones do not overflow.
+    """
     G, N, D = xg.shape
+    high, low = xg.amax(dim=1), xg.amin(dim=1)  # [G, D] each
+    constant = (high == low).all(dim=1)  # [G] heads without any variation
+    peak = torch.maximum(high.abs(), low.abs()).amax(dim=1).to(dtype)  # [G] largest |value| per head
     mean = xg.mean(dim=1, keepdim=True, dtype=dtype)  # [G, 1, D]
     xc = xg - mean  # [G, N, D] centred, promoted to dtype
+    exponent = torch.floor(torch.log2(peak))  # [G]; -inf for 0, nan for nan
+    rescale = torch.isfinite(exponent) & (exponent.abs() > 30)  # [G]
+    scale = None
+    if bool(rescale.any()):  # rare: bring these heads to |values| ~ 1 by an exact power of two
+        scale = torch.where(rescale, torch.exp2(-exponent.double()), 1.0)[:, None, None]  # [G, 1, 1] float64
+        xc = (xc.double() * scale).to(dtype)  # float64: 2**-exponent may lie outside float32's range
     cov = xc.transpose(1, 2) @ xc  # [G, D, D] (unnormalised covariance)
     if not bool(torch.isfinite(cov).all()):  # any NaN/inf in x reaches the covariance
         raise ValueError("x contains NaN or inf values (or values too large for the covariance)")
@@ -92,10 +106,9 @@ def _pca_scores(xg: torch.Tensor, c: int, dtype: torch.dtype) -> torch.Tensor:
     eps = torch.finfo(dtype).eps
     top = evals[..., -1:].clamp_min(0)  # [G, 1]
     no_variance = variances <= top * (D * eps)  # [G, c]
-    constant = (xg.amax(dim=1) == xg.amin(dim=1)).all(dim=1)  # [G]
     no_variance = no_variance | constant[:, None]  # [G, c]
     scores = scores.masked_fill(no_variance[:, None, :], 0.0)  # [G, N, c]
-    return scores  # [G, N, c]
+    return scores if scale is None else (scores.double() / scale).to(dtype)  # [G, N, c] in the input's units
 
 
 @dataclass

@@ -55,7 +55,8 @@ def segment(
         raise ValueError(f"iou_threshold must be a number in (0, 1], got {iou_threshold!r}")
     if isinstance(min_area, bool) or not isinstance(min_area, (int, float)) or not 0.0 <= min_area <= 1.0:
         raise ValueError(f"min_area must be a fraction of the image in [0, 1], got {min_area!r}")
-    selected = recording.select(positions, levels)  # recording_pca validates what is left
+    recording.validate(check_finite=False)  # layer keys, shapes, grids; NaN / inf are named per layer by the PCA
+    selected = recording.select(positions, levels)
     features = recording_pca(selected, components)
     stack = make_feature_stack(features, mode=mode, reweight=reweight)
     sweep = multi_kmeans(stack, cluster_counts, seed=seed, progress=progress)

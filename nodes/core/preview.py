@@ -52,10 +52,12 @@ def label_colours(labels: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"labels must be an integer tensor [B, H, W], got {shape}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"labels must hold integer labels, got {labels.dtype}")
-    colours = palette(k)  # [k, 3]
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
         raise ValueError(f"labels must lie in 0..{k - 1} for k={k}, got {int(labels.min())}..{int(labels.max())}")
-    return colours.to(labels.device)[labels.long()]  # [B, H, W, 3]
+    used = int(labels.max()) + 1 if labels.numel() else 1  # colours of the labels present (palette(k)'s first)
+    return palette(used).to(labels.device)[labels.long()]  # [B, H, W, 3]
 
 
 def _normalise_channels(x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +90,7 @@ def pca_rgb_grid(features: HeadFeatures, batch_index: int = 0, cell: int = 64) -
     canvas = torch.zeros(rows * cell, cols * cell, 3, dtype=torch.float32)
     for r, t in enumerate(features.layers.values()):
         heads, h, w, c = t.shape[1:]
-        x = t[batch_index].to(torch.float32).permute(0, 3, 1, 2)  # [heads, c, h, w]
+        x = t[batch_index].detach().to(torch.float32).permute(0, 3, 1, 2)  # [heads, c, h, w]
         if c >= 3:
             x = x[:, :3]  # [heads, 3, h, w]
         elif c == 2:
@@ -117,7 +119,7 @@ def overlay_masks(image: torch.Tensor | None, masks: torch.Tensor, alpha: float 
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must be a number in 0..1, got {alpha!r}")
     M, H, W = masks.shape
-    m = masks.to(torch.float32).clamp(0.0, 1.0)  # [M, H, W]
+    m = masks.detach().to(torch.float32).clamp(0.0, 1.0)  # [M, H, W]
     if image is None:
         base = torch.full((1, H, W, 3), 0.5, dtype=torch.float32, device=masks.device)
     else:
@@ -128,7 +130,9 @@ def overlay_masks(image: torch.Tensor | None, masks: torch.Tensor, alpha: float 
             raise ValueError(f"image is {image.shape[1]}x{image.shape[2]} but masks are {H}x{W}: sizes must match")
         if image.shape[0] not in (1, M):
             raise ValueError(f"image batch must be 1 or the number of masks ({M}), got {image.shape[0]}")
-        base = image.to(torch.float32).clamp(0.0, 1.0)
+        if image.device != masks.device:
+            raise ValueError(f"image and masks must be on one device, got {image.device} and {masks.device}")
+        base = image.detach().to(torch.float32).clamp(0.0, 1.0)
     colours = palette(max(M, 1))[:M].to(masks.device)[:, None, None, :]  # [M, 1, 1, 3]
     weight = float(alpha) * m[..., None]  # [M, H, W, 1]
     out = base * (1.0 - weight) + colours * weight  # [M, H, W, 3]
@@ -140,9 +144,11 @@ def error_map_image(err: torch.Tensor) -> torch.Tensor:
     if not isinstance(err, torch.Tensor) or err.dim() != 3:
         shape = tuple(err.shape) if isinstance(err, torch.Tensor) else type(err).__name__
         raise ValueError(f"err must be a tensor [B, H, W], got {shape}")
-    err = err.to(torch.float32)
     if not bool(torch.isfinite(err).all()):
         raise ValueError("err contains NaN or inf")
+    err = err.detach().to(torch.float32)
+    if not bool(torch.isfinite(err).all()):
+        raise ValueError("err has values beyond float32's range: scale it down")
     if err.numel() and float(err.min()) < 0:
         raise ValueError(f"err must be non-negative, got minimum {float(err.min())}")
     top = err.flatten(1).amax(dim=1) if err.numel() else err.new_zeros(err.shape[0])  # [B]

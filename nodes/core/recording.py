@@ -117,6 +117,11 @@ def _sorted_layers(layers: dict) -> dict:
     return dict(layers)
 
 
+# The largest image side in pixels (ComfyUI's own limit for image sizes): a label map of
+# 16384 x 16384 is already 2 GB per cluster count.
+MAX_IMAGE_SIDE = 16384
+
+
 @dataclass
 class Recording:
     """Per-head self-attention outputs of several layers: layers[key] is [B, heads, h, w, d]."""
@@ -143,6 +148,10 @@ class Recording:
             or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in size)
         ):
             raise ValueError(f"Recording: image_size must be (height, width) in pixels, positive ints, got {self.image_size!r}")
+        if max(size) > MAX_IMAGE_SIDE:
+            raise ValueError(
+                f"Recording: image_size must be at most {MAX_IMAGE_SIDE} pixels per side, got {tuple(size)!r}"
+            )
         self.image_size = (int(size[0]), int(size[1]))
 
     # ----------------------------------------------------------------- shape facts

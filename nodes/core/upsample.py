@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .pca import HeadFeatures
-from .recording import LayerKey
+from .recording import MAX_IMAGE_SIDE, LayerKey
 
 MODES = ("bilinear", "nearest")
 _CHUNK_BYTES = 16 * 2**20  # working memory per chunk in upsampling_error
@@ -35,12 +35,14 @@ def _check_size(size, name: str = "size") -> tuple[int, int]:
         or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in size)
     ):
         raise ValueError(f"{name} must be (height, width), two positive ints, got {size!r}")
+    if max(size) > MAX_IMAGE_SIDE:
+        raise ValueError(f"{name} must be at most {MAX_IMAGE_SIDE} pixels per side, got {tuple(size)!r}")
     return (int(size[0]), int(size[1]))
 
 
 def _check_length(n, name: str) -> int:
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"{name} must be a positive int, got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= MAX_IMAGE_SIDE:
+        raise ValueError(f"{name} must be an int from 1 to {MAX_IMAGE_SIDE}, got {n!r}")
     return int(n)
 
 
@@ -273,6 +275,10 @@ def upsampling_error_at(stack: FeatureStack, rows: torch.Tensor, cols: torch.Ten
     if not isinstance(stack, FeatureStack):
         raise TypeError(f"stack must be a FeatureStack, got {type(stack).__name__}")
     H, W = stack.size
+    for name, idx in (("rows", rows), ("cols", cols)):
+        t = torch.as_tensor(idx)
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"{name} must hold integer pixel indices, got {t.dtype}")
     rows, cols = torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)
     for name, idx, n in (("rows", rows, H), ("cols", cols, W)):
         if idx.dim() != 1 or idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= n:

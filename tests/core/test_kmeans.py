@@ -417,15 +417,26 @@ def test_non_finite_features_are_refused(value, dtype, grid):
         kmeans(bad, 2)
 
 
-@pytest.mark.parametrize("value", [3e38, 1e19])
-def test_features_too_large_for_float32_distances_are_refused(value):
+@pytest.mark.parametrize("factor", [1e-35, 1e-20, 1e20, 1e35])
+def test_features_of_any_float32_scale_cluster_alike(factor):
+    """Squared distances of such features would underflow or overflow float32: they are scaled by a
+    power of two inside, and the result is the unscaled one in the features' own units."""
     stack = random_stack()
-    stack.grids[1].fill_(value)  # finite, but squared distances would overflow float32
-    with pytest.raises(ValueError, match=r"^stack: features too large"):
+    scaled = FeatureStack([g * factor for g in stack.grids], stack.weights, stack.keys, stack.size, stack.mode)
+    a, b = kmeans(stack, 3, seed=1), kmeans(scaled, 3, seed=1)
+    assert torch.equal(b.labels, a.labels)
+    torch.testing.assert_close(b.centroids.double(), a.centroids.double() * factor, rtol=1e-5, atol=0.0)
+    assert float(b.inertia[0]) == pytest.approx(float(a.inertia[0]) * factor**2, rel=1e-5)
+
+
+def test_features_beyond_float32_range_are_refused():
+    stack = random_stack(dtype=torch.float64)
+    stack.grids[1][0, 0, 0, 0] = 1e300
+    with pytest.raises(ValueError, match=r"^stack: features beyond float32's range in grid 1 \(2x3\)"):
         kmeans(stack, 2)
 
 
-def test_large_finite_features_below_the_limit_still_cluster():
+def test_large_finite_features_still_cluster():
     stack = random_stack()
     stack.grids[0].mul_(1e15)
     labels = kmeans(stack, 3).labels
@@ -475,3 +486,30 @@ def test_parse_cluster_counts(text, expected):
 def test_parse_cluster_counts_errors(text):
     with pytest.raises(ValueError, match="cluster_counts"):
         parse_cluster_counts(text)
+
+
+def test_cluster_counts_may_add_up_to_at_most_max_total_clusters():
+    """Every cluster becomes a mask and merging compares every pair: the sum of k is bounded."""
+    at_limit = [256, 255, 254, 253, 6]  # sum 1024
+    assert parse_cluster_counts(",".join(map(str, at_limit))) == sorted(at_limit)
+    with pytest.raises(ValueError, match=r"^cluster_counts must add up to at most 1024 clusters .* got 1025"):
+        parse_cluster_counts("256,255,254,253,7")
+    gen = torch.Generator().manual_seed(0)
+    stack = FeatureStack([torch.randn(1, 3, 40, 40, generator=gen)], [1.0], [[]], (40, 40), "bilinear")
+    with pytest.raises(ValueError, match=r"^cluster_counts must add up to at most 1024"):
+        multi_kmeans(stack, list(range(200, 206)))  # refused before any k-means runs
+
+
+def test_k_above_the_output_pixels_names_them():
+    gen = torch.Generator().manual_seed(0)
+    stack = FeatureStack([torch.randn(1, 2, 8, 8, generator=gen)], [1.0], [[]], (2, 3), "bilinear")
+    with pytest.raises(ValueError, match=r"^k must be at most 6 \(the pixels of the 2x3 output"):
+        kmeans(stack, 7)
+    assert kmeans(stack, 6).labels.unique().numel() == 6
+
+
+def test_nan_features_name_the_grid():
+    stack = random_stack()
+    stack.grids[2][0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or inf features in grid 2 \(5x7\)"):
+        kmeans(stack, 2)

@@ -209,3 +209,9 @@ def test_merge_options_take_numpy_numbers():
     a = merge_sweep(sweep, 0, iou_threshold=np.float32(0.9), min_area=np.float64(0.0))
     b = merge_sweep(sweep, 0, iou_threshold=0.9, min_area=0.0)
     assert torch.equal(a.masks, b.masks)
+
+
+def test_labels_to_masks_refuses_masks_beyond_4_gb():
+    labels = torch.zeros(512, 512, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"^k = 20000 masks of 512x512 would take 4.9 GB"):
+        labels_to_masks(labels, 20000)

@@ -119,6 +119,18 @@ def test_rank_deficient_head_is_finite_and_zero_beyond_rank():
     assert torch.allclose(s[:, 0].abs(), (x[0] - x[1]).norm().expand(2) / 2, rtol=1e-4)
 
 
+@pytest.mark.parametrize("factor", [1e-40, 1e-30, 1e-12, 1e12, 1e30])
+def test_tiny_or_huge_heads_give_the_scores_in_their_own_units(factor):
+    """Squares of such values underflow (below ~1e-19; 1e-40 is subnormal in float32) or overflow
+    float32 in the covariance: each such head is scaled by a power of two inside and scaled back."""
+    x = torch.randn(3, 200, 16, generator=torch.Generator().manual_seed(5))
+    x[1] *= 1e-3  # heads of different magnitude in one batch
+    expected = head_pca(x.double(), 4)  # [3, 200, 4]
+    got = head_pca(x * factor, 4).double() / factor
+    tol = 1e-3 if factor == 1e-40 else 1e-4  # subnormal inputs keep fewer digits
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol * float(expected.abs().max()))
+
+
 def test_single_sample_gives_zeros():
     assert (head_pca(torch.randn(3, 1, 8), 2) == 0).all()
 

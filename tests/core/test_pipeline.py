@@ -103,3 +103,5 @@ def test_bad_input():
         segment(type(rec)(bad, rec.image_size))
     with pytest.raises(TypeError, match="Recording"):
         segment({"a": 1})
+    with pytest.raises(ValueError, match="layer keys must be LayerKey"):  # refused before the selection
+        segment(type(rec)({"input.1.0": next(iter(rec.layers.values()))}, rec.image_size))

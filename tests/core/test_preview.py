@@ -146,3 +146,26 @@ def test_pca_rgb_grid_names_a_bad_layer(layer, match):
     feats = HeadFeatures({LayerKey("input", 1, 0): torch.zeros(1, 2, 8, 8, 3), LayerKey("output", 9, 0): layer}, (64, 64), 3)
     with pytest.raises(ValueError, match=match):
         pca_rgb_grid(feats, batch_index=0)
+
+
+def test_label_colours_builds_only_the_colours_in_use():
+    """A huge k with few labels present costs nothing extra; the colours are palette(k)'s."""
+    labels = torch.tensor([[[0, 3], [1, 0]]])  # [1, 2, 2]
+    out = label_colours(labels, 10**8)
+    torch.testing.assert_close(out, palette(4)[labels])
+    with pytest.raises(ValueError, match="k must be an int"):
+        label_colours(labels, 0)
+
+
+def test_previews_never_carry_autograd():
+    masks = torch.rand(2, 4, 5, requires_grad=True)
+    image = torch.rand(1, 4, 5, 3, requires_grad=True)
+    assert not overlay_masks(image, masks).requires_grad
+    assert not error_map_image(torch.rand(1, 4, 5, requires_grad=True)).requires_grad
+    feats = HeadFeatures({LayerKey("input", 1, 0): torch.randn(1, 2, 3, 3, 3, requires_grad=True)}, (24, 24), 3)
+    assert not pca_rgb_grid(feats, cell=4).requires_grad
+
+
+def test_error_map_beyond_float32_is_named_as_such():
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        error_map_image(torch.full((1, 2, 2), 1e300, dtype=torch.float64))

@@ -201,7 +201,7 @@ def test_validate_non_finite_names_layer(bad):
         rec.validate()
 
 
-@pytest.mark.parametrize("size", [(0, 64), (64,), "512x512", (64.0, 64)])
+@pytest.mark.parametrize("size", [(0, 64), (64,), "512x512", (64.0, 64), (16392, 64), (64, 100000)])
 def test_bad_image_size(size):
     with pytest.raises(ValueError, match="image_size"):
         Recording({}, size)

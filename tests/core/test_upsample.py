@@ -197,6 +197,9 @@ def test_upsampling_error_at_some_pixels_equals_the_reference_there(size):
     for bad in (torch.tensor([size[0]]), torch.tensor([], dtype=torch.int64), torch.zeros(2, 2, dtype=torch.int64)):
         with pytest.raises(ValueError, match="rows must be a non-empty 1-D index"):
             up.upsampling_error_at(stack, bad, cols)
+    for bad in ([0.5], torch.tensor([1.7]), torch.tensor([True, False])):  # never truncated or read as indices
+        with pytest.raises(ValueError, match="cols must hold integer pixel indices"):
+            up.upsampling_error_at(stack, rows, bad)
 
 
 def test_upsampling_error_of_a_batch_equals_each_image_alone(monkeypatch):
@@ -242,3 +245,10 @@ def test_layers_of_different_batch_sizes_are_refused():
     )
     with pytest.raises(ValueError, match=r"^features: the layers must share one batch size, got \[1, 2\]"):
         make_feature_stack(feats)
+
+
+def test_sizes_beyond_the_largest_image_side_are_refused_up_front():
+    with pytest.raises(ValueError, match=r"n_out must be an int from 1 to 16384, got 100000"):
+        up.interpolation_matrix(4, 100000, "nearest")
+    with pytest.raises(ValueError, match=r"size must be at most 16384 pixels per side, got \(64, 20000\)"):
+        make_feature_stack(features(), size=(64, 20000))
