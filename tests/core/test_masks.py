@@ -182,7 +182,7 @@ def test_masks_at_pixel_matches_brute_force(seed):
         assert bool(at.masks[:, y, x].all())
 
 
-@pytest.mark.parametrize("x, y, name", [(-1, 0, "x"), (16, 0, "x"), (0, 16, "y"), (0, -3, "y"), (1.5, 0, "x"), (0, None, "y")])
+@pytest.mark.parametrize("x, y, name", [(-1, 0, "x"), (16, 0, "x"), (0, 16, "y"), (0, -3, "y"), (1.5, 0, "x"), (0, None, "y"), (True, 0, "x")])
 def test_masks_at_pixel_outside(x, y, name):
     with pytest.raises(ValueError, match=f"^{name} must"):
         masks_at_pixel(nested_masks(), x, y)
@@ -215,3 +215,20 @@ def test_labels_to_masks_refuses_masks_beyond_4_gb():
     labels = torch.zeros(512, 512, dtype=torch.int64)
     with pytest.raises(ValueError, match=r"^k = 20000 masks of 512x512 would take 4.9 GB"):
         labels_to_masks(labels, 20000)
+
+
+def test_merge_counts_pixels_beyond_the_first_chunk():
+    masks = torch.zeros(2, 2, 65536, dtype=torch.bool)  # 131072 pixels: two chunks of 2**16
+    masks[0, 0], masks[1, 1] = True, True  # mask 1 lies wholly in the second chunk
+    merged = merge_masks(MaskSet(masks, torch.tensor([2, 2]), torch.tensor([0, 1])))
+    assert len(merged) == 2 and merged.area.tolist() == [65536, 65536]
+
+
+def test_masks_at_pixel_keeps_the_stored_order_of_equal_areas():
+    M = 24  # more than a handful: an unstable sort reorders ties
+    masks = torch.zeros(M, M + 1, 4, dtype=torch.bool)
+    for i in range(M):
+        masks[i, 0], masks[i, i + 1] = True, True  # every mask holds (0, 0) and has area 8
+    order = torch.randperm(M, generator=torch.Generator().manual_seed(0))
+    ms = MaskSet(masks[order], torch.ones(M, dtype=torch.int64), order)
+    assert masks_at_pixel(ms, 0, 0).cluster.tolist() == order.tolist()

@@ -153,3 +153,28 @@ def test_ignore_index_accepts_numpy_ints():
 
     gt = torch.tensor([[0, 1], [255, 1]])
     assert class_ious(gt, gt[None] == 1, ignore_index=np.int64(255)) == class_ious(gt, gt[None] == 1, ignore_index=255)
+
+
+def test_average_class_iou_passes_ignore_index_on():
+    gt = torch.tensor([[0, 0], [255, 1]])
+    pred = torch.stack([gt == 0, gt == 1])  # class 255 is predicted by no mask
+    per_class = class_ious(gt, pred, ignore_index=None)
+    assert average_class_iou(gt, pred, ignore_index=None) == pytest.approx(sum(per_class.values()) / 3)
+    assert average_class_iou(gt, pred, ignore_index=None) < 1.0
+    assert average_class_iou(gt, pred) == 1.0  # the default ignores label 255
+
+
+def test_float_masks_count_above_one_half_and_nan_is_refused():
+    assert iou(torch.full((2, 2), 0.5), torch.zeros(2, 2, dtype=torch.bool)) == 1.0  # both empty
+    assert iou(torch.full((2, 2), 0.51), torch.ones(2, 2, dtype=torch.bool)) == 1.0
+    with pytest.raises(ValueError, match="NaN"):
+        iou(torch.full((2, 2), float("nan")), torch.zeros(2, 2, dtype=torch.bool))
+
+
+def test_top_n_ties_go_to_the_first_reference_mask():
+    M = 25  # more than a handful: an unstable sort reorders ties
+    ref = torch.zeros(M, 5, 5, dtype=torch.bool)
+    for i in range(M):
+        ref[i].view(-1)[i] = True
+    for j in range(M):
+        assert top_n(ref, ref[j : j + 1], 1) == (1.0 if j == 0 else 0.0)

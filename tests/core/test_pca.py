@@ -218,3 +218,10 @@ def test_recording_pca_names_the_layer_with_non_finite_values(bad):
     rec.layers[LayerKey("input", 1, 0)][1, 0, 0, 1, 2] = bad
     with pytest.raises(ValueError, match=r"input\.1\.0 contains NaN or inf"):
         recording_pca(rec)
+
+
+def test_recording_pca_gives_float32_features_for_float64_recordings():
+    rec = Recording({LayerKey("output", 9, 0): torch.randn(1, 2, 8, 8, 6, dtype=torch.float64)}, (64, 64))
+    assert recording_pca(rec, 3).layers[LayerKey("output", 9, 0)].dtype == torch.float32
+    with pytest.raises(ValueError, match="empty"):
+        recording_pca(Recording({}, (64, 64)))

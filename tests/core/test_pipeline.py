@@ -4,7 +4,8 @@ dtypes, cluster counts as text, bad input."""
 import pytest
 import torch
 
-from headseg.nodes.core.masks import MaskSet, masks_at_pixel
+from headseg.nodes.core.kmeans import multi_kmeans
+from headseg.nodes.core.masks import MaskSet, masks_at_pixel, merge_sweep
 from headseg.nodes.core.metrics import iou
 from headseg.nodes.core.pipeline import SegmentationResult, segment
 from headseg.nodes.core.recording import LayerKey
@@ -105,3 +106,32 @@ def test_bad_input():
         segment({"a": 1})
     with pytest.raises(ValueError, match="layer keys must be LayerKey"):  # refused before the selection
         segment(type(rec)({"input.1.0": next(iter(rec.layers.values()))}, rec.image_size))
+
+
+def test_every_option_reaches_its_stage_for_every_image():
+    scene = nested_scene(64, 64)
+    flipped = Scene(scene.masks.flip(1), scene.parent, scene.names)
+    rec = recording([scene, flipped])
+    calls = []
+    out = segment(rec, components=4, cluster_counts=(2, 5), seed=3, reweight=True, iou_threshold=0.5,
+                  min_area=0.1, progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (4, 4) and len(calls) == 4  # 2 images x 2 k
+    assert out.stack.weights != [1.0] * len(out.stack.weights)  # reweight reached the stack
+    again = multi_kmeans(out.stack, (2, 5), seed=3)
+    assert all(torch.equal(out.sweep.results[k].labels, again.results[k].labels) for k in (2, 5))
+    for b in range(2):  # each image merged on its own, with these options
+        want = merge_sweep(out.sweep, b, iou_threshold=0.5, min_area=0.1)
+        assert torch.equal(out.masks[b].masks, want.masks)
+    assert not torch.equal(out.masks[0].masks, out.masks[1].masks)
+
+
+def test_defaults_and_a_live_recording_with_snapshot():
+    rec = recording([nested_scene(64, 64)])
+
+    class Live:  # what the recorder hands on: a snapshot() of what it has so far
+        def snapshot(self):
+            return rec
+
+    out = segment(Live())
+    assert list(out.sweep.results) == [2, 5, 6, 10, 20] and out.features.components == 8
+    assert {key.position for key in out.features.layers} == {"down", "up"}

@@ -16,7 +16,8 @@ from headseg.nodes.core.upsample import (
 )
 
 
-SIZES = [(3, 64), (5, 96), (1, 8), (8, 1), (2, 5), (7, 3), (12, 8), (16, 64), (63, 64), (64, 63), (64, 16), (8, 512), (32, 48), (6, 6)]
+SIZES = [(3, 64), (5, 96), (1, 8), (8, 1), (2, 5), (7, 3), (12, 8), (16, 64), (63, 64), (64, 63), (64, 16), (8, 512), (32, 48), (6, 6),
+         (4, 8), (32, 64), (8, 82), (128, 164)]  # exact 2x; sizes where float64 nearest indices would differ from torch's
 
 
 def reference_interpolate(x, size, mode):
@@ -194,7 +195,7 @@ def test_upsampling_error_at_some_pixels_equals_the_reference_there(size):
     got = up.upsampling_error_at(stack, rows, cols)
     assert got.shape == (2, rows.numel(), cols.numel())
     torch.testing.assert_close(got, ref[:, rows][:, :, cols], rtol=1e-5, atol=1e-6)
-    for bad in (torch.tensor([size[0]]), torch.tensor([], dtype=torch.int64), torch.zeros(2, 2, dtype=torch.int64)):
+    for bad in (torch.tensor([size[0]]), torch.tensor([-1]), torch.tensor([], dtype=torch.int64), torch.zeros(2, 2, dtype=torch.int64)):
         with pytest.raises(ValueError, match="rows must be a non-empty 1-D index"):
             up.upsampling_error_at(stack, bad, cols)
     for bad in ([0.5], torch.tensor([1.7]), torch.tensor([True, False])):  # never truncated or read as indices
@@ -252,3 +253,13 @@ def test_sizes_beyond_the_largest_image_side_are_refused_up_front():
         up.interpolation_matrix(4, 100000, "nearest")
     with pytest.raises(ValueError, match=r"size must be at most 16384 pixels per side, got \(64, 20000\)"):
         make_feature_stack(features(), size=(64, 20000))
+
+
+def test_reweight_uses_the_longer_side_of_non_square_grids():
+    layers = {
+        LayerKey("input", 1, 0): torch.randn(1, 1, 8, 13, 2),
+        LayerKey("input", 4, 0): torch.randn(1, 1, 4, 7, 2),
+        LayerKey("input", 7, 0): torch.randn(1, 1, 2, 4, 2),
+    }
+    stack = make_feature_stack(HeadFeatures(layers, (64, 104), 2), reweight=True)
+    assert stack.weights == pytest.approx([1.0, 7 / 13, 4 / 13])  # eq. 5 with r = max(h, w)
