@@ -531,7 +531,7 @@ class _Image:
         # exact power of two (in their own dtype, before float32), so that squared distances neither
         # underflow nor overflow float32; centroids and inertia are scaled back, labels are unchanged.
         grids = [g[b].detach() for g in stack.grids]  # [C_g, h_g, w_g] each
-        peak = max(float(g.abs().amax()) for g in grids)
+        peak = max(max(-float(lo), float(hi)) for lo, hi in map(torch.aminmax, grids))  # largest |value|
         exponent = math.floor(math.log2(peak)) if peak > 0.0 else 0
         self.scale = 2.0**-exponent if abs(exponent) > _SCALE_EXP else 1.0
         if self.scale != 1.0:
