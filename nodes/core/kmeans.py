@@ -39,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from .upsample import FeatureStack, interpolation_matrix
+from .upsample import FeatureStack, _check_size, interpolation_matrix
 from .working_set import RTOL as _RTOL
 from .working_set import WorkingSet, first_at_minimum, starts
 
@@ -129,6 +129,8 @@ class ClusterSweep:
 
     @property
     def batch_size(self) -> int:
+        if not self.results:
+            raise ValueError("ClusterSweep holds no cluster count: expected results for at least one k")
         return int(next(iter(self.results.values())).labels.shape[0])
 
 
@@ -193,9 +195,7 @@ def _check_stack(stack) -> tuple[int, int]:
         raise TypeError(f"stack must be a FeatureStack, got {type(stack).__name__}")
     if not stack.grids:
         raise ValueError("stack has no feature grid")
-    H, W = stack.size
-    if H < 1 or W < 1:
-        raise ValueError(f"stack.size must be positive (H, W), got {stack.size}")
+    H, W = _check_size(stack.size, "stack.size")
     for i, g in enumerate(stack.grids):
         if not isinstance(g, torch.Tensor) or g.dim() != 4 or not g.is_floating_point() or g.is_complex():
             what = f"{g.dtype} {tuple(g.shape)}" if isinstance(g, torch.Tensor) else type(g).__name__

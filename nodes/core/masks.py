@@ -53,6 +53,9 @@ class MaskSet:
 def _check_maskset(ms) -> MaskSet:
     if not isinstance(ms, MaskSet):
         raise TypeError(f"ms must be a MaskSet, got {type(ms).__name__}")
+    for name in ("masks", "k", "cluster"):
+        if not isinstance(getattr(ms, name), torch.Tensor):
+            raise ValueError(f"ms.{name} must be a torch.Tensor, got {type(getattr(ms, name)).__name__}")
     if ms.masks.dim() != 3 or ms.masks.dtype != torch.bool:
         raise ValueError(f"ms.masks must be a bool tensor [M, H, W], got {ms.masks.dtype} {tuple(ms.masks.shape)}")
     M = ms.masks.shape[0]

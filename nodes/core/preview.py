@@ -85,6 +85,9 @@ def pca_rgb_grid(features: HeadFeatures, batch_index: int = 0, cell: int = 64) -
     B = features.checked_batch_size()
     if isinstance(batch_index, bool) or not isinstance(batch_index, int) or not 0 <= batch_index < B:
         raise ValueError(f"batch_index must be an int in [0, {B}), got {batch_index!r}")
+    for key, t in features.layers.items():
+        if not bool(torch.isfinite(t[batch_index]).all()):
+            raise ValueError(f"features: layer {key!s} contains NaN or inf values")
     rows = len(features.layers)
     cols = max(int(t.shape[1]) for t in features.layers.values())
     canvas = torch.zeros(rows * cell, cols * cell, 3, dtype=torch.float32)
@@ -119,6 +122,8 @@ def overlay_masks(image: torch.Tensor | None, masks: torch.Tensor, alpha: float 
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must be a number in 0..1, got {alpha!r}")
     M, H, W = masks.shape
+    if masks.is_floating_point() and not bool(torch.isfinite(masks).all()):
+        raise ValueError("masks contain NaN or inf")
     m = masks.detach().to(torch.float32).clamp(0.0, 1.0)  # [M, H, W]
     if image is None:
         base = torch.full((1, H, W, 3), 0.5, dtype=torch.float32, device=masks.device)
@@ -130,6 +135,8 @@ def overlay_masks(image: torch.Tensor | None, masks: torch.Tensor, alpha: float 
             raise ValueError(f"image is {image.shape[1]}x{image.shape[2]} but masks are {H}x{W}: sizes must match")
         if image.shape[0] not in (1, M):
             raise ValueError(f"image batch must be 1 or the number of masks ({M}), got {image.shape[0]}")
+        if image.is_floating_point() and not bool(torch.isfinite(image).all()):
+            raise ValueError("image contains NaN or inf")
         if image.device != masks.device:
             raise ValueError(f"image and masks must be on one device, got {image.device} and {masks.device}")
         base = image.detach().to(torch.float32).clamp(0.0, 1.0)

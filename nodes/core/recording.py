@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import pathlib
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +84,8 @@ class LayerKey:
 
 def grid_levels(latent_size: tuple[int, int]) -> list[tuple[int, int]]:
     """(h, w) latent grid -> [(h, w), (ceil(h/2), ceil(w/2)), ...] down to (1, 1) inclusive."""
+    if not isinstance(latent_size, (tuple, list)) or len(latent_size) != 2:
+        raise ValueError(f"grid_levels: latent_size must be two ints >= 1 (h, w), got {latent_size!r}")
     h, w = latent_size
     if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in (h, w)):
         raise ValueError(f"grid_levels: latent_size must be two ints >= 1, got {tuple(latent_size)!r}")
@@ -276,6 +279,9 @@ def save_recording(rec: Recording, path) -> None:
     if not isinstance(rec, Recording):
         raise TypeError(f"save_recording: rec must be a Recording, got {type(rec).__name__}")
     rec.validate()
+    folder = pathlib.Path(path).parent
+    if not folder.is_dir():
+        raise ValueError(f"save_recording: path {str(path)!r}: the folder {str(folder)!r} does not exist")
     tensors = {}
     for key, t in rec.layers.items():
         if float(t.detach().abs().max()) > _FP16_MAX:

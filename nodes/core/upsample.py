@@ -127,7 +127,10 @@ def upsample(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> 
 
 def resolution_weights(grid_sides: list[int]) -> list[float]:
     """Eq. 5: weight r_i / max(r) for each grid side r_i (a 16x16 grid among 64x64 ones gets 0.25)."""
-    sides = list(grid_sides)
+    try:
+        sides = list(grid_sides)
+    except TypeError:
+        sides = []
     if not sides or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in sides):
         raise ValueError(f"grid_sides must be a non-empty list of positive ints, got {grid_sides!r}")
     top = max(sides)
@@ -196,6 +199,9 @@ def make_feature_stack(
     if not features.layers:
         raise ValueError("features: no layer (the selection left nothing to upsample)")
     features.checked_batch_size()
+    for key, t in features.layers.items():
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"features: layer {key!s} contains NaN or inf values")
     groups: dict[tuple[int, int], list[tuple[LayerKey, torch.Tensor]]] = {}
     for key, t in features.layers.items():
         B, heads, h, w, c = t.shape

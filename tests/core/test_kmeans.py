@@ -513,3 +513,11 @@ def test_nan_features_name_the_grid():
     stack.grids[2][0, 1, 2, 3] = float("nan")
     with pytest.raises(ValueError, match=r"NaN or inf features in grid 2 \(5x7\)"):
         kmeans(stack, 2)
+
+
+def test_stack_size_must_be_two_positive_ints():
+    stack = random_stack()
+    for bad in (64, (64.0, 64.0), (0, 5)):
+        odd = FeatureStack(stack.grids, stack.weights, stack.keys, bad, stack.mode)
+        with pytest.raises(ValueError, match=r"^stack\.size must be"):
+            kmeans(odd, 2)

@@ -232,3 +232,11 @@ def test_masks_at_pixel_keeps_the_stored_order_of_equal_areas():
     order = torch.randperm(M, generator=torch.Generator().manual_seed(0))
     ms = MaskSet(masks[order], torch.ones(M, dtype=torch.int64), order)
     assert masks_at_pixel(ms, 0, 0).cluster.tolist() == order.tolist()
+
+
+def test_mask_sets_of_lists_and_empty_sweeps_are_named():
+    masks = torch.zeros(2, 3, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"^ms\.k must be a torch\.Tensor, got list"):
+        merge_masks(MaskSet(masks, [2, 2], torch.tensor([0, 1])))
+    with pytest.raises(ValueError, match="holds no cluster count"):
+        ClusterSweep({}, (3, 3)).batch_size

@@ -169,3 +169,13 @@ def test_previews_never_carry_autograd():
 def test_error_map_beyond_float32_is_named_as_such():
     with pytest.raises(ValueError, match="beyond float32's range"):
         error_map_image(torch.full((1, 2, 2), 1e300, dtype=torch.float64))
+
+
+def test_previews_refuse_nan_instead_of_drawing_grey():
+    feats = HeadFeatures({LayerKey("input", 1, 0): torch.full((1, 2, 3, 3, 3), float("nan"))}, (24, 24), 3)
+    with pytest.raises(ValueError, match=r"layer input\.1\.0 contains NaN or inf"):
+        pca_rgb_grid(feats, cell=4)
+    with pytest.raises(ValueError, match="masks contain NaN"):
+        overlay_masks(None, torch.full((1, 2, 2), float("nan")))
+    with pytest.raises(ValueError, match="image contains NaN"):
+        overlay_masks(torch.full((1, 2, 2, 3), float("nan")), torch.ones(1, 2, 2))

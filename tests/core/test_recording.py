@@ -413,3 +413,15 @@ def test_is_recording_file_reads_only_the_header(tmp_path):
     n = int.from_bytes(data[:8], "little")
     cut.write_bytes(data[: 8 + n + 3])
     assert is_recording_file(cut)
+
+
+def test_save_into_a_missing_folder_names_it(tmp_path):
+    rec = Recording({LayerKey("input", 1, 0): torch.randn(1, 2, 8, 8, 4)}, (64, 64))
+    with pytest.raises(ValueError, match=r"^save_recording: path .*: the folder .*nowhere.* does not exist"):
+        save_recording(rec, tmp_path / "nowhere" / "rec.safetensors")
+
+
+@pytest.mark.parametrize("bad", [5, (1, 2, 3), "8x8"])
+def test_grid_levels_names_its_argument(bad):
+    with pytest.raises(ValueError, match="^grid_levels: latent_size must be two ints"):
+        grid_levels(bad)

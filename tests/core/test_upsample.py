@@ -263,3 +263,14 @@ def test_reweight_uses_the_longer_side_of_non_square_grids():
     }
     stack = make_feature_stack(HeadFeatures(layers, (64, 104), 2), reweight=True)
     assert stack.weights == pytest.approx([1.0, 7 / 13, 4 / 13])  # eq. 5 with r = max(h, w)
+
+
+def test_bad_weights_and_non_finite_features_are_named():
+    with pytest.raises(ValueError, match="^grid_sides must be a non-empty list"):
+        up.resolution_weights(5)
+    feats = features()
+    key = next(iter(feats.layers))
+    feats.layers[key] = feats.layers[key].clone()
+    feats.layers[key][0, 0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=rf"^features: layer {key!s} contains NaN or inf"):
+        make_feature_stack(feats)

@@ -167,3 +167,10 @@ def test_first_at_minimum_separates_values_one_ulp_apart():
     assert int(wsm.first_at_minimum(d.clone(), d.amin(0, keepdim=True), 0)) == 3
     d[3] = 1.0
     assert int(wsm.first_at_minimum(d.clone(), d.amin(0, keepdim=True), 0)) == 1
+
+
+@pytest.mark.parametrize("tol", ["x", float("nan"), -1.0, True])
+def test_starts_names_a_bad_tol(tol):
+    ws = WorkingSet.from_features(torch.randn(8, 3, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match="^tol must be a finite number"):
+        starts(ws, 2, 2, torch.Generator().manual_seed(0), 10, tol)
