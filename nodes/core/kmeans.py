@@ -661,7 +661,8 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
     inertia = max(0.0, total_sq + float(score.double().sum()))
     labels, centroids = _canonical(labels, centroids, k)
     if img.scale != 1.0:  # back to the stack's units (exact: a power of two)
-        centroids, inertia = centroids / img.scale, inertia / img.scale**2
+        centroids = (centroids.double() / img.scale).to(torch.float32)  # float64: the scale may exceed float32
+        inertia = inertia / img.scale / img.scale
     return labels, centroids, inertia, iters
 
 

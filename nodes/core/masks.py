@@ -77,8 +77,8 @@ def labels_to_masks(labels: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"labels must lie in 0..{k - 1} for k={k}, got {int(labels.min())}..{int(labels.max())}")
     if k * labels.numel() > _MAX_MASK_BYTES:
         raise ValueError(
-            f"k = {k} masks of {labels.shape[0]}x{labels.shape[1]} would take {k * labels.numel() / 2**30:.1f} GB "
-            f"(at most {_MAX_MASK_BYTES / 2**30:.0f} GB): use fewer clusters or a smaller image"
+            f"k = {k} masks of {labels.shape[0]}x{labels.shape[1]} would take {k * labels.numel() / 2**30:.1f} GiB "
+            f"(at most {_MAX_MASK_BYTES / 2**30:.0f} GiB): use fewer clusters or a smaller image"
         )
     return labels[None] == torch.arange(k, device=labels.device)[:, None, None]  # [k, H, W]
 

@@ -79,18 +79,19 @@ def _pca_scores(xg: torch.Tensor, c: int, dtype: torch.dtype) -> torch.Tensor:
     G, N, D = xg.shape
     high, low = xg.amax(dim=1), xg.amin(dim=1)  # [G, D] each
     constant = (high == low).all(dim=1)  # [G] heads without any variation
-    peak = torch.maximum(high.abs(), low.abs()).amax(dim=1).to(dtype)  # [G] largest |value| per head
-    mean = xg.mean(dim=1, keepdim=True, dtype=dtype)  # [G, 1, D]
-    xc = xg - mean  # [G, N, D] centred, promoted to dtype
+    peak = torch.maximum(high.abs(), low.abs()).amax(dim=1).double()  # [G] largest |value| per head
     exponent = torch.floor(torch.log2(peak))  # [G]; -inf for 0, nan for nan
     rescale = torch.isfinite(exponent) & (exponent.abs() > 30)  # [G]
     scale = None
     if bool(rescale.any()):  # rare: bring these heads to |values| ~ 1 by an exact power of two
-        scale = torch.where(rescale, torch.exp2(-exponent.double()), 1.0)[:, None, None]  # [G, 1, 1] float64
-        xc = (xc.double() * scale).to(dtype)  # float64: 2**-exponent may lie outside float32's range
+        scale = torch.where(rescale, torch.exp2(-exponent.clamp(-1000, 1000)), 1.0)[:, None, None]  # [G, 1, 1] f64
+        scaled = xg.double() * scale  # [G, N, D] scaled before centring, so the mean cannot overflow
+        xc = (scaled - scaled.mean(dim=1, keepdim=True)).to(dtype)  # [G, N, D] centred
+    else:
+        xc = xg - xg.mean(dim=1, keepdim=True, dtype=dtype)  # [G, N, D] centred, promoted to dtype
     cov = xc.transpose(1, 2) @ xc  # [G, D, D] (unnormalised covariance)
     if not bool(torch.isfinite(cov).all()):  # any NaN/inf in x reaches the covariance
-        raise ValueError("x contains NaN or inf values (or values too large for the covariance)")
+        raise ValueError("x contains NaN or inf values")
     evals, evecs = torch.linalg.eigh(cov)  # ascending: [G, D], [G, D, D]
     loadings = evecs[..., -c:].flip(-1)  # [G, D, c], columns by decreasing variance
     variances = evals[..., -c:].flip(-1)  # [G, c]
@@ -167,10 +168,14 @@ def recording_pca(rec: Recording, components: int = 8) -> HeadFeatures:
         try:
             scores = head_pca(flat, components)  # [B, heads, N, c]
         except ValueError:
+            raise ValueError(f"Recording: layer {key!s} contains NaN or inf values") from None
+        out = scores.reshape(B, heads, h, w, components).to(torch.float32)  # [B, heads, h, w, c]
+        if scores.dtype == torch.float64 and not bool(torch.isfinite(out).all() and (out.any() or not scores.any())):
             raise ValueError(
-                f"Recording: layer {key!s} contains NaN or inf values (or values too large for the covariance)"
-            ) from None
-        return scores.reshape(B, heads, h, w, components).to(torch.float32)  # [B, heads, h, w, c]
+                f"Recording: layer {key!s} has values beyond float32's range (features are float32): scale it "
+                f"into about 1e-38 .. 1e38"
+            )
+        return out
 
     keys = sorted(rec.layers, key=lambda key: -rec.layers[key].numel())  # largest first: balanced workers
     workers = min(torch.get_num_threads(), len(keys))

@@ -10,6 +10,7 @@ work (k-means scores) can run on the native grids and upsample k channels instea
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -199,8 +200,8 @@ def make_feature_stack(
     if not features.layers:
         raise ValueError("features: no layer (the selection left nothing to upsample)")
     features.checked_batch_size()
-    for key, t in features.layers.items():
-        if not bool(torch.isfinite(t).all()):
+    for key, t in features.layers.items():  # a sum is finite exactly when no value is NaN or inf (or it overflows)
+        if not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
             raise ValueError(f"features: layer {key!s} contains NaN or inf values")
     groups: dict[tuple[int, int], list[tuple[LayerKey, torch.Tensor]]] = {}
     for key, t in features.layers.items():

@@ -521,3 +521,12 @@ def test_stack_size_must_be_two_positive_ints():
         odd = FeatureStack(stack.grids, stack.weights, stack.keys, bad, stack.mode)
         with pytest.raises(ValueError, match=r"^stack\.size must be"):
             kmeans(odd, 2)
+
+
+def test_subnormal_features_keep_their_centroids():
+    stack = random_stack()
+    tiny = FeatureStack([g * 2.0**-130 for g in stack.grids], stack.weights, stack.keys, stack.size, stack.mode)
+    a, b = kmeans(stack, 4, seed=2), kmeans(tiny, 4, seed=2)
+    assert torch.equal(b.labels, a.labels)
+    assert bool((b.centroids != 0).any())  # 2**-130 times the centroids is a float32 subnormal, not 0
+    torch.testing.assert_close(b.centroids.double() * 2.0**130, a.centroids.double(), rtol=1e-2, atol=1e-2)

@@ -213,7 +213,7 @@ def test_merge_options_take_numpy_numbers():
 
 def test_labels_to_masks_refuses_masks_beyond_4_gb():
     labels = torch.zeros(512, 512, dtype=torch.int64)
-    with pytest.raises(ValueError, match=r"^k = 20000 masks of 512x512 would take 4.9 GB"):
+    with pytest.raises(ValueError, match=r"^k = 20000 masks of 512x512 would take 4.9 GiB"):
         labels_to_masks(labels, 20000)
 
 

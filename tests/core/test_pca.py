@@ -225,3 +225,18 @@ def test_recording_pca_gives_float32_features_for_float64_recordings():
     assert recording_pca(rec, 3).layers[LayerKey("output", 9, 0)].dtype == torch.float32
     with pytest.raises(ValueError, match="empty"):
         recording_pca(Recording({}, (64, 64)))
+
+
+def test_huge_heads_with_an_offset_do_not_overflow_the_mean():
+    x = torch.randn(1, 256, 4, generator=torch.Generator().manual_seed(2)) + 10.0
+    expected = head_pca(x.double(), 2)
+    got = head_pca(x * 1e37, 2).double() / 1e37  # the raw sum of 256 values would exceed float32
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("factor", [1e-50, 1e40])
+def test_float64_recordings_beyond_float32_are_refused_naming_the_layer(factor):
+    key = LayerKey("output", 9, 0)
+    rec = Recording({key: torch.randn(1, 2, 8, 8, 6, dtype=torch.float64) * factor}, (64, 64))
+    with pytest.raises(ValueError, match=r"^Recording: layer output\.9\.0 has values beyond float32's range"):
+        recording_pca(rec, 3)
