@@ -202,6 +202,8 @@ def _check_stack(stack) -> tuple[int, int]:
             raise ValueError(f"stack grids must be floating [B, C, h, w] tensors, got {what}")
         if g.numel() == 0:
             raise ValueError(f"stack grids must have no empty dimension [B, C, h, w], got {tuple(g.shape)}")
+        if g.is_meta:
+            raise ValueError(f"stack {_grid_name(stack, i)} is on the meta device: it holds no values")
         _check_values(g, _grid_name(stack, i))
     batches = sorted({int(g.shape[0]) for g in stack.grids})
     if len(batches) > 1:

@@ -54,6 +54,8 @@ def head_pca(x: torch.Tensor, components: int) -> torch.Tensor:
         raise ValueError(f"x must have shape [..., N, D] (at least 2-D), got shape {tuple(x.shape)}")
     if x.is_complex() or x.dtype == torch.bool:
         raise ValueError(f"x must be a real tensor, got {x.dtype}")
+    if x.is_meta:
+        raise ValueError("x is on the meta device: it holds no values")
     *lead, N, D = x.shape
     if N < 1 or D < 1:
         raise ValueError(f"x must have N >= 1 samples and D >= 1 features, got shape {tuple(x.shape)}")

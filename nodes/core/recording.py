@@ -208,6 +208,8 @@ class Recording:
                 raise ValueError(f"Recording: layer {key!s} must be 5-D [B, heads, h, w, d], got shape {tuple(t.shape)}")
             if not t.is_floating_point():
                 raise ValueError(f"Recording: layer {key!s} must be a floating tensor, got {t.dtype}")
+            if t.is_meta:
+                raise ValueError(f"Recording: layer {key!s} is on the meta device: it holds no values")
             B, heads, h, w, d = t.shape
             if min(B, heads, h, w, d) < 1:
                 raise ValueError(f"Recording: layer {key!s} has an empty dimension, shape {tuple(t.shape)}")

@@ -530,3 +530,10 @@ def test_subnormal_features_keep_their_centroids():
     assert torch.equal(b.labels, a.labels)
     assert bool((b.centroids != 0).any())  # 2**-130 times the centroids is a float32 subnormal, not 0
     torch.testing.assert_close(b.centroids.double() * 2.0**130, a.centroids.double(), rtol=1e-2, atol=1e-2)
+
+
+def test_meta_stacks_are_refused_by_name():
+    stack = random_stack()
+    meta = FeatureStack([g.to("meta") for g in stack.grids], stack.weights, stack.keys, stack.size, stack.mode)
+    with pytest.raises(ValueError, match=r"grid 0 \(4x6\) is on the meta device"):
+        kmeans(meta, 2)

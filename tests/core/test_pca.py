@@ -240,3 +240,11 @@ def test_float64_recordings_beyond_float32_are_refused_naming_the_layer(factor):
     rec = Recording({key: torch.randn(1, 2, 8, 8, 6, dtype=torch.float64) * factor}, (64, 64))
     with pytest.raises(ValueError, match=r"^Recording: layer output\.9\.0 has values beyond float32's range"):
         recording_pca(rec, 3)
+
+
+def test_meta_tensors_are_refused_by_name():
+    with pytest.raises(ValueError, match="meta device"):
+        head_pca(torch.empty(2, 10, 4, device="meta"), 2)
+    rec = Recording({LayerKey("output", 9, 0): torch.empty(1, 2, 8, 8, 6, device="meta")}, (64, 64))
+    with pytest.raises(ValueError, match=r"layer output\.9\.0 is on the meta device"):
+        recording_pca(rec, 3)
