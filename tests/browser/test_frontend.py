@@ -160,7 +160,15 @@ def view_picker(page, node_id, scale):
     )
 
 
+def add_picker(page, picture: str = "", scale: float = 1.0) -> int:
+    """Adds the picker graph (Load Image of ``picture``, or none) and views it at ``scale`` -> its node id."""
+    node_id = page.evaluate(JS_PICKER_GRAPH, [picture, bool(picture)])
+    view_picker(page, node_id, scale)
+    return node_id
+
+
 # -- extension and nodes ------------------------------------------------------------------------
+
 def test_extension_loads_without_console_errors(open_page):
     baseline = open_page(stub_pack_scripts=True)
     real = open_page()
@@ -312,8 +320,7 @@ def test_example_workflows_are_templates_and_load(comfy_page, comfy_server, scre
 # -- picker -------------------------------------------------------------------------------------
 def test_picker_without_image_says_so(comfy_page):
     page = comfy_page.page
-    node_id = page.evaluate(JS_PICKER_GRAPH, ["", False])
-    view_picker(page, node_id, 1.0)
+    node_id = add_picker(page)
     settle(page)
     message = page.text_content(picker_selector(node_id) + " .headseg-message")
     assert "No image yet" in message
@@ -333,8 +340,7 @@ def test_picker_without_image_says_so(comfy_page):
 def test_click_sets_image_pixel(comfy_page, pictures, picture, scale, screenshots):
     name, W, H = pictures[picture]
     page = comfy_page.page
-    node_id = page.evaluate(JS_PICKER_GRAPH, [name, True])
-    view_picker(page, node_id, scale)
+    node_id = add_picker(page, name, scale)
     wait_picture_ready(page, node_id)
 
     for fx, fy in [(0.1, 0.2), (0.63, 0.41), (0.97, 0.93)]:
@@ -381,8 +387,7 @@ def test_click_maps_through_scaled_preview(comfy_page, pictures):
     """The node may send a preview smaller than the masks: x/y follow headseg_size, not the preview."""
     name, W, H = pictures["landscape"]
     page = comfy_page.page
-    node_id = page.evaluate(JS_PICKER_GRAPH, ["", False])
-    view_picker(page, node_id, 1.0)
+    node_id = add_picker(page)
     synthetic_run(page, node_id, name, (W * 4, H * 4), (0, 0), masks=0, stored=False)
     rect = frame_rect(page, node_id)
     cx, cy = rect["left"] + 0.7 * rect["width"], rect["top"] + 0.35 * rect["height"]
@@ -400,8 +405,7 @@ def test_picker_degrades_on_other_payloads(comfy_page, pictures):
     """A payload without the headseg_* keys, or a damaged one, never breaks the picker."""
     name, W, H = pictures["landscape"]
     page = comfy_page.page
-    node_id = page.evaluate(JS_PICKER_GRAPH, ["", False])
-    view_picker(page, node_id, 1.0)
+    node_id = add_picker(page)
     sel = picker_selector(node_id)
     # damaged: nothing usable -> still the "no image" message, widgets untouched
     before = page.evaluate(JS_WIDGETS, node_id)
@@ -449,8 +453,7 @@ def test_picker_comes_back_when_the_node_is_rebuilt(comfy_page, pictures):
     own previews do, instead of going blank."""
     name, W, H = pictures["landscape"]
     page = comfy_page.page
-    node_id = page.evaluate(JS_PICKER_GRAPH, ["", False])
-    view_picker(page, node_id, 1.0)
+    node_id = add_picker(page)
     synthetic_run(page, node_id, name, (W, H), (0, 0))
     sel = picker_selector(node_id)
     assert len(page.query_selector_all(sel + " .headseg-thumb")) == 2
@@ -481,8 +484,7 @@ def test_picker_comes_back_when_the_node_is_rebuilt(comfy_page, pictures):
 def test_picker_with_linked_pixel_and_index_past_the_end(comfy_page, pictures):
     name, W, H = pictures["landscape"]
     page = comfy_page.page
-    node_id = page.evaluate(JS_PICKER_GRAPH, ["", False])
-    view_picker(page, node_id, 1.0)
+    node_id = add_picker(page)
     sel = picker_selector(node_id)
     # index past the last mask: the server outputs the coarsest, and that thumbnail is outlined
     page.evaluate("(id) => { const w = app.graph.getNodeById(id).widgets.find(w => w.name === 'index'); w.value = 10; }", node_id)
@@ -518,8 +520,7 @@ def test_picker_with_linked_pixel_and_index_past_the_end(comfy_page, pictures):
 def test_wheel_over_the_picker_zooms_the_canvas(comfy_page, pictures):
     name, W, H = pictures["landscape"]
     page = comfy_page.page
-    node_id = page.evaluate(JS_PICKER_GRAPH, ["", False])
-    view_picker(page, node_id, 1.0)
+    node_id = add_picker(page)
     synthetic_run(page, node_id, name, (W, H), (0, 0), stored=False)
     rect = frame_rect(page, node_id)
     page.mouse.move(rect["left"] + rect["width"] / 2, rect["top"] + rect["height"] / 2)
