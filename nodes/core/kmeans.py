@@ -39,9 +39,10 @@ from typing import Callable
 
 import torch
 
-from .upsample import FeatureStack, _check_size, interpolation_matrix
+from .recording import check_size
+from .upsample import FeatureStack, interpolation_matrix
 from .working_set import RTOL as _RTOL
-from .working_set import WorkingSet, first_at_minimum, starts
+from .working_set import WorkingSet, check_tol, first_at_minimum, starts
 
 # The most clusters one k may ask for: every cluster becomes a mask at the output size (256 masks of
 # 512x512 are 256 MB as a float MASK batch), and the working set grows with k (16 points per cluster).
@@ -195,7 +196,7 @@ def _check_stack(stack) -> tuple[int, int]:
         raise TypeError(f"stack must be a FeatureStack, got {type(stack).__name__}")
     if not stack.grids:
         raise ValueError("stack has no feature grid")
-    H, W = _check_size(stack.size, "stack.size")
+    H, W = check_size(stack.size, "stack.size")
     for i, g in enumerate(stack.grids):
         if not isinstance(g, torch.Tensor) or g.dim() != 4 or not g.is_floating_point() or g.is_complex():
             what = f"{g.dtype} {tuple(g.shape)}" if isinstance(g, torch.Tensor) else type(g).__name__
@@ -747,8 +748,7 @@ def _sweep(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: fl
 def _check_iter_tol(max_iter, tol):
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
-    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0 or not math.isfinite(tol):
-        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    check_tol(tol)
 
 
 def _check_seed(seed):

@@ -11,6 +11,7 @@ import numbers
 import torch
 
 from .pca import HeadFeatures
+from .recording import all_finite
 from .upsample import upsample
 
 # 20 well-separated colours (RGB 0..255); beyond them, colours come from golden-ratio hues.
@@ -86,7 +87,7 @@ def pca_rgb_grid(features: HeadFeatures, batch_index: int = 0, cell: int = 64) -
     if isinstance(batch_index, bool) or not isinstance(batch_index, int) or not 0 <= batch_index < B:
         raise ValueError(f"batch_index must be an int in [0, {B}), got {batch_index!r}")
     for key, t in features.layers.items():
-        if not bool(torch.isfinite(t[batch_index]).all()):
+        if not all_finite(t[batch_index]):
             raise ValueError(f"features: layer {key!s} contains NaN or inf values")
     rows = len(features.layers)
     cols = max(int(t.shape[1]) for t in features.layers.values())
@@ -122,7 +123,7 @@ def overlay_masks(image: torch.Tensor | None, masks: torch.Tensor, alpha: float 
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must be a number in 0..1, got {alpha!r}")
     M, H, W = masks.shape
-    if masks.is_floating_point() and not bool(torch.isfinite(masks).all()):
+    if masks.is_floating_point() and not all_finite(masks):
         raise ValueError("masks contain NaN or inf")
     m = masks.detach().to(torch.float32).clamp(0.0, 1.0)  # [M, H, W]
     if image is None:
@@ -135,7 +136,7 @@ def overlay_masks(image: torch.Tensor | None, masks: torch.Tensor, alpha: float 
             raise ValueError(f"image is {image.shape[1]}x{image.shape[2]} but masks are {H}x{W}: sizes must match")
         if image.shape[0] not in (1, M):
             raise ValueError(f"image batch must be 1 or the number of masks ({M}), got {image.shape[0]}")
-        if image.is_floating_point() and not bool(torch.isfinite(image).all()):
+        if image.is_floating_point() and not all_finite(image):
             raise ValueError("image contains NaN or inf")
         if image.device != masks.device:
             raise ValueError(f"image and masks must be on one device, got {image.device} and {masks.device}")
@@ -151,10 +152,10 @@ def error_map_image(err: torch.Tensor) -> torch.Tensor:
     if not isinstance(err, torch.Tensor) or err.dim() != 3:
         shape = tuple(err.shape) if isinstance(err, torch.Tensor) else type(err).__name__
         raise ValueError(f"err must be a tensor [B, H, W], got {shape}")
-    if not bool(torch.isfinite(err).all()):
+    if not all_finite(err):
         raise ValueError("err contains NaN or inf")
     err = err.detach().to(torch.float32)
-    if not bool(torch.isfinite(err).all()):
+    if not all_finite(err):
         raise ValueError("err has values beyond float32's range: scale it down")
     if err.numel() and float(err.min()) < 0:
         raise ValueError(f"err must be non-negative, got minimum {float(err.min())}")

@@ -125,6 +125,27 @@ def _sorted_layers(layers: dict) -> dict:
 MAX_IMAGE_SIDE = 16384
 
 
+def check_size(size, name: str = "size") -> tuple[int, int]:
+    """(height, width) in pixels -> (int, int), or a ValueError starting with ``name``: two positive
+    ints, each at most MAX_IMAGE_SIDE."""
+    if (
+        not isinstance(size, (tuple, list))
+        or len(size) != 2
+        or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in size)
+    ):
+        raise ValueError(f"{name} must be (height, width) in pixels, two positive ints, got {size!r}")
+    if max(size) > MAX_IMAGE_SIDE:
+        raise ValueError(f"{name} must be at most {MAX_IMAGE_SIDE} pixels per side, got {tuple(size)!r}")
+    return (int(size[0]), int(size[1]))
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether t holds no NaN or inf: one sum, finite exactly when none is there (unless the sum
+    overflows); only then the element-wise check."""
+    t = t.detach()
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
+
+
 @dataclass
 class Recording:
     """Per-head self-attention outputs of several layers: layers[key] is [B, heads, h, w, d]."""
@@ -144,18 +165,7 @@ class Recording:
                 f"Recording: every layer must be a torch.Tensor [B, heads, h, w, d]; not one: {', '.join(bad)}"
             )
         self.layers = _sorted_layers(self.layers)
-        size = tuple(self.image_size) if isinstance(self.image_size, (tuple, list)) else None
-        if (
-            size is None
-            or len(size) != 2
-            or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in size)
-        ):
-            raise ValueError(f"Recording: image_size must be (height, width) in pixels, positive ints, got {self.image_size!r}")
-        if max(size) > MAX_IMAGE_SIDE:
-            raise ValueError(
-                f"Recording: image_size must be at most {MAX_IMAGE_SIDE} pixels per side, got {tuple(size)!r}"
-            )
-        self.image_size = (int(size[0]), int(size[1]))
+        self.image_size = check_size(self.image_size, "Recording: image_size")
 
     # ----------------------------------------------------------------- shape facts
     @property
@@ -220,7 +230,7 @@ class Recording:
                     f"Recording: batch mismatch: layer {key!s} has batch {B} but layer {batch[0]!s} has {batch[1]}"
                 )
             self.grid_level(key)
-            if check_finite and not bool(torch.isfinite(t).all()):
+            if check_finite and not all_finite(t):
                 raise ValueError(f"Recording: layer {key!s} contains NaN or inf values")
         return self
 

@@ -10,14 +10,13 @@ work (k-means scores) can run on the native grids and upsample k channels instea
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 
 import torch
 
 from .pca import HeadFeatures
-from .recording import MAX_IMAGE_SIDE, LayerKey
+from .recording import MAX_IMAGE_SIDE, LayerKey, all_finite, check_size
 
 MODES = ("bilinear", "nearest")
 _CHUNK_BYTES = 16 * 2**20  # working memory per chunk in upsampling_error
@@ -27,18 +26,6 @@ def _check_mode(mode) -> str:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
     return mode
-
-
-def _check_size(size, name: str = "size") -> tuple[int, int]:
-    if (
-        not isinstance(size, (tuple, list))
-        or len(size) != 2
-        or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in size)
-    ):
-        raise ValueError(f"{name} must be (height, width), two positive ints, got {size!r}")
-    if max(size) > MAX_IMAGE_SIDE:
-        raise ValueError(f"{name} must be at most {MAX_IMAGE_SIDE} pixels per side, got {tuple(size)!r}")
-    return (int(size[0]), int(size[1]))
 
 
 def _check_length(n, name: str) -> int:
@@ -119,7 +106,7 @@ def upsample(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> 
         raise ValueError(f"x must be a tensor [B, C, h, w], got {shape}")
     if x.shape[2] == 0 or x.shape[3] == 0:
         raise ValueError(f"x must have a grid of at least 1x1 [B, C, h, w], got {tuple(x.shape)}")
-    H, W = _check_size(size)
+    H, W = check_size(size)
     _check_mode(mode)
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     x = x.to(dtype)
@@ -167,7 +154,7 @@ class FeatureStack:
 
     def matrices(self, index: int, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(Mh [H, h_i], Mw [W, w_i]) float32 such that upsample(grid) = Mh @ grid @ Mw.T in self.mode."""
-        H, W = self.size if size is None else _check_size(size)
+        H, W = self.size if size is None else check_size(size)
         h, w = self.grid_sizes[index]
         return interpolation_matrix(h, H, self.mode), interpolation_matrix(w, W, self.mode)
 
@@ -176,7 +163,7 @@ class FeatureStack:
 
         Memory is B*C*H'*W' floats: for small sizes and references only.
         """
-        size = self.size if size is None else _check_size(size)
+        size = self.size if size is None else check_size(size)
         grids = self.grids
         if batch_index is not None:
             if isinstance(batch_index, bool) or not isinstance(batch_index, int) or not 0 <= batch_index < self.batch_size:
@@ -196,12 +183,12 @@ def make_feature_stack(
     if not isinstance(features, HeadFeatures):
         raise TypeError(f"features must be HeadFeatures, got {type(features).__name__}")
     _check_mode(mode)
-    size = _check_size(features.image_size if size is None else size)
+    size = check_size(features.image_size if size is None else size)
     if not features.layers:
         raise ValueError("features: no layer (the selection left nothing to upsample)")
     features.checked_batch_size()
-    for key, t in features.layers.items():  # a sum is finite exactly when no value is NaN or inf (or it overflows)
-        if not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
+    for key, t in features.layers.items():
+        if not all_finite(t):
             raise ValueError(f"features: layer {key!s} contains NaN or inf values")
     groups: dict[tuple[int, int], list[tuple[LayerKey, torch.Tensor]]] = {}
     for key, t in features.layers.items():

@@ -244,11 +244,17 @@ def lloyd(ws: WorkingSet, picks: torch.Tensor, max_iter: int, tol: float) -> lis
     return out
 
 
+def check_tol(tol) -> float:
+    """tol -> float, or a ValueError: a finite number >= 0."""
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (tol >= 0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    return float(tol)
+
+
 def starts(ws: WorkingSet, k: int, count: int, gen: torch.Generator, max_iter: int, tol: float) -> list[Run]:
     """k-means++ ``count`` times, Lloyd from each, all at once -> a Run per start. tol is relative to
     the working set's mean channel variance."""
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (tol >= 0 and math.isfinite(tol)):
-        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    check_tol(tol)
     for name, value, low, high in (("k", k, 1, ws.n), ("count", count, 1, None), ("max_iter", max_iter, 1, None)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
             bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
