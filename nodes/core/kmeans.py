@@ -39,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from .recording import check_size
+from .recording import check_size, power_of_two_scale
 from .upsample import FeatureStack, interpolation_matrix
 from .working_set import RTOL as _RTOL
 from .working_set import WorkingSet, check_tol, first_at_minimum, starts
@@ -52,9 +52,6 @@ MAX_CLUSTERS = 256
 MAX_TOTAL_CLUSTERS = 1024
 # Features are float32 inside k-means: larger values cannot be represented.
 _MAX_FEATURE = float(torch.finfo(torch.float32).max)
-# Images whose largest |feature| lies outside 2**-_SCALE_EXP .. 2**_SCALE_EXP are scaled by an exact
-# power of two (squared distances would underflow or overflow float32); results are scaled back.
-_SCALE_EXP = 30
 # Working set: this many random pixels (at least _WS_POINTS_PER_K * k).
 _WS_MIN_POINTS = 512
 _WS_POINTS_PER_K = 16
@@ -175,7 +172,7 @@ def _check_values(g: torch.Tensor, where: str) -> None:
         return
     if not bool(torch.isfinite(g).all()):
         raise ValueError(f"stack contains NaN or inf features in {where}")
-    peak = float(g.abs().amax())
+    peak = float(_peak(g))
     if peak > _MAX_FEATURE:
         raise ValueError(
             f"stack: features beyond float32's range in {where} (largest |value| {peak:.3g}, at most "
@@ -183,10 +180,16 @@ def _check_values(g: torch.Tensor, where: str) -> None:
         )
 
 
+def _peak(g: torch.Tensor) -> torch.Tensor:
+    """The largest |value| of g (0-d, g's dtype): aminmax, no copy of g."""
+    low, high = torch.aminmax(g)
+    return torch.maximum(-low, high)
+
+
 def _grid_name(stack: FeatureStack, i: int) -> str:
     """'grid 2 (16x16: layers input.4.0, output.3.0)' -- the layers when the stack lists them."""
     g = stack.grids[i]
-    keys = stack.keys[i] if i < len(getattr(stack, "keys", []) or []) else []
+    keys = stack.keys[i] if i < len(stack.keys) else []
     names = ", ".join(getattr(key, "name", str(key)) for key in keys[:6]) + (", ..." if len(keys) > 6 else "")
     return f"grid {i} ({int(g.shape[2])}x{int(g.shape[3])}" + (f": layers {names})" if names else ")")
 
@@ -530,13 +533,11 @@ class _Image:
     def __init__(self, stack: FeatureStack, b: int):
         H, W = stack.size
         self.size = (H, W)
-        # Features whose largest |value| lies outside 2**-_SCALE_EXP .. 2**_SCALE_EXP are scaled by an
-        # exact power of two (in their own dtype, before float32), so that squared distances neither
-        # underflow nor overflow float32; centroids and inertia are scaled back, labels are unchanged.
+        # Features whose largest |value| lies outside 2**-SCALE_EXP .. 2**SCALE_EXP (recording.py) are
+        # scaled by an exact power of two (in float64, before float32), so that squared distances
+        # neither underflow nor overflow float32; centroids and inertia are scaled back, labels unchanged.
         grids = [g[b].detach() for g in stack.grids]  # [C_g, h_g, w_g] each
-        peak = max(max(-float(lo), float(hi)) for lo, hi in map(torch.aminmax, grids))  # largest |value|
-        exponent = math.floor(math.log2(peak)) if peak > 0.0 else 0
-        self.scale = 2.0**-exponent if abs(exponent) > _SCALE_EXP else 1.0
+        self.scale = float(power_of_two_scale(torch.stack([_peak(g).double() for g in grids]).max()))
         if self.scale != 1.0:
             grids = [g.double() * self.scale for g in grids]
         self.feats = [g.to(torch.float32) for g in grids]  # [C_g, h_g, w_g]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .recording import LayerKey, Recording
+from .recording import LayerKey, Recording, power_of_two_scale
 
 
 def _check_components(components, D: int, where: str = "") -> int:
@@ -74,22 +74,20 @@ def head_pca(x: torch.Tensor, components: int) -> torch.Tensor:
 def _pca_scores(xg: torch.Tensor, c: int, dtype: torch.dtype) -> torch.Tensor:
     """[G, N, D] -> [G, N, c] centred scores on the top-c components (signs fixed, no-variance zeroed).
 
-    Heads whose largest |value| lies outside 2**-30 .. 2**30 are scaled by a power of two (exact)
-    for the covariance and scaled back after, so tiny values do not underflow in it (float32
-    squares below ~1e-38 become 0) and large ones do not overflow.
+    Heads whose largest |value| lies outside 2**-SCALE_EXP .. 2**SCALE_EXP (recording.py) are scaled
+    by a power of two (exact) for the covariance and scaled back after, so tiny values do not
+    underflow in it (float32 squares below ~1e-38 become 0) and large ones do not overflow.
     """
     G, N, D = xg.shape
     high, low = xg.amax(dim=1), xg.amin(dim=1)  # [G, D] each
     constant = (high == low).all(dim=1)  # [G] heads without any variation
-    peak = torch.maximum(high.abs(), low.abs()).amax(dim=1).double()  # [G] largest |value| per head
-    exponent = torch.floor(torch.log2(peak))  # [G]; -inf for 0, nan for nan
-    rescale = torch.isfinite(exponent) & (exponent.abs() > 30)  # [G]
-    scale = None
-    if bool(rescale.any()):  # rare: bring these heads to |values| ~ 1 by an exact power of two
-        scale = torch.where(rescale, torch.exp2(-exponent.clamp(-1000, 1000)), 1.0)[:, None, None]  # [G, 1, 1] f64
+    scale = power_of_two_scale(torch.maximum(high.abs(), low.abs()).amax(dim=1))  # [G] float64, mostly 1
+    if bool((scale != 1.0).any()):  # rare: bring these heads to |values| ~ 1 by an exact power of two
+        scale = scale[:, None, None]  # [G, 1, 1]
         scaled = xg.double() * scale  # [G, N, D] scaled before centring, so the mean cannot overflow
         xc = (scaled - scaled.mean(dim=1, keepdim=True)).to(dtype)  # [G, N, D] centred
     else:
+        scale = None
         xc = xg - xg.mean(dim=1, keepdim=True, dtype=dtype)  # [G, N, D] centred, promoted to dtype
     cov = xc.transpose(1, 2) @ xc  # [G, D, D] (unnormalised covariance)
     if not bool(torch.isfinite(cov).all()):  # any NaN/inf in x reaches the covariance

@@ -139,6 +139,20 @@ def check_size(size, name: str = "size") -> tuple[int, int]:
     return (int(size[0]), int(size[1]))
 
 
+# Values whose largest |value| lies outside 2**-SCALE_EXP .. 2**SCALE_EXP are scaled by an exact power
+# of two before float32 products (PCA covariances, k-means distances), so that their squares neither
+# underflow nor overflow; results are scaled back.
+SCALE_EXP = 30
+
+
+def power_of_two_scale(peak: torch.Tensor) -> torch.Tensor:
+    """[...] largest |values| -> [...] float64 scales: the power of two that brings each near 1 where it
+    lies outside 2**-SCALE_EXP .. 2**SCALE_EXP, else 1 (also for 0, inf and NaN)."""
+    exponent = torch.floor(torch.log2(peak.double()))  # -inf for 0, nan for nan
+    far = torch.isfinite(exponent) & (exponent.abs() > SCALE_EXP)
+    return torch.where(far, torch.exp2(-exponent.clamp(-1000, 1000)), 1.0)  # clamped: finite in float64
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """Whether t holds no NaN or inf: one sum, finite exactly when none is there (unless the sum
     overflows); only then the element-wise check."""
