@@ -301,7 +301,7 @@ class _Lattice:
 
     def _adjoint_layout(self):
         """Where each grid's cells lie in the adjoint weights A [k, S] (S = the cells of every distinct
-        grid size), and the corners of every size at once for ``move``: cell [n, G, t] and weight
+        grid size), and the corners of every size at once for ``corners``: cell [n, G, t] and weight
         [n, G, t] per row (y) and column (x) sample; a size with fewer corners is padded with weight 0."""
         first = {}  # (h, w) -> index of the first grid of that size
         for g, (C_g, h, w) in enumerate(self.shapes):
@@ -324,6 +324,7 @@ class _Lattice:
             return cell, wts
 
         sizes = list(first)
+        self.size_index = [sizes.index((h, w)) for C_g, h, w in self.shapes]  # per grid: its size in the tables
         # per size for ``adjoint``: (h, w, offset, Ry^T [h, ny], column corners [t, 1, nx], their weights [t, 1, nx])
         self.adjoint_parts = [
             (h, w, self.cell_offset[h, w], self.ry[g].dense.t(),
@@ -384,13 +385,15 @@ class _Lattice:
             return labels.reshape(-1), best.reshape(-1)  # [N], [N]
         return labels.reshape(G, -1), best.reshape(G, -1)  # [G, N], [G, N]
 
-    @staticmethod
-    def _corners(pr, pc, ry: _Axis, rx: _Axis, w: int):
-        """Grid cells [P, ty*tx] (flat h*w index) and weights [P, ty*tx] that make up pixels (pr, pc)."""
-        iy, wy = ry.idx[pr], ry.wts[pr]  # [P, ty]
-        ix, wx = rx.idx[pc], rx.wts[pc]  # [P, tx]
-        cell = (iy[:, :, None] * w + ix[:, None, :]).flatten(1)  # [P, ty*tx]
-        wt = (wy[:, :, None] * wx[:, None, :]).flatten(1)  # [P, ty*tx]
+    def corners(self, pix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels pix [P] (flat lattice index) -> the grid cells that make them up, as columns of the
+        adjoint weights A [P, G, ty*tx], and their weights [P, G, ty*tx], every distinct grid size at
+        once (a size with fewer corners is padded with weight 0)."""
+        P, G = pix.shape[0], len(self.cell_offset)
+        pr, pc = pix // self.nx, pix % self.nx  # [P]
+        (ry_cell, ry_wts), (rx_cell, rx_wts) = self.row_corners, self.col_corners  # [n, G, t]
+        cell = (ry_cell[pr][:, :, :, None] + rx_cell[pc][:, :, None, :]).view(P, G, -1)  # [P, G, ty*tx]
+        wt = (ry_wts[pr][:, :, :, None] * rx_wts[pc][:, :, None, :]).view(P, G, -1)  # [P, G, ty*tx]
         return cell, wt
 
     # ------------------------------------------------------------------ adjoint
@@ -413,10 +416,8 @@ class _Lattice:
         """Moves pixels pix [P] from clusters old [P] to new [P] in the adjoint weights A [k, S] (in place),
         every grid size at once."""
         P, S = pix.shape[0], A.shape[1]
-        pr, pc = pix // self.nx, pix % self.nx  # [P]
-        (ry_cell, ry_wts), (rx_cell, rx_wts) = self.row_corners, self.col_corners  # [n, G, t]
-        cell = (ry_cell[pr][:, :, :, None] + rx_cell[pc][:, :, None, :]).view(P, -1)  # [P, G*ty*tx] columns of A
-        wt = (ry_wts[pr][:, :, :, None] * rx_wts[pc][:, :, None, :]).view(-1).double()  # [P*G*ty*tx]
+        cell, wt = self.corners(pix)  # [P, G, ty*tx] each
+        cell, wt = cell.view(P, -1), wt.view(-1).double()  # [P, G*ty*tx] columns of A, [P*G*ty*tx]
         flat = A.view(-1)  # [k*S]
         flat.index_add_(0, (old[:, None] * S + cell).view(-1), wt, alpha=-1.0)
         flat.index_add_(0, (new[:, None] * S + cell).view(-1), wt)
@@ -479,10 +480,11 @@ class _Lattice:
 
     def features_at(self, pix: torch.Tensor) -> torch.Tensor:
         """Pixels pix [P] (flat lattice index) -> [P, C] float32 explicit features."""
-        pr, pc = pix // self.nx, pix % self.nx
+        corner_cells, corner_wts = self.corners(pix)  # [P, G, t] columns of A, weights
         cols = []
-        for f, (C_g, h, w), ry, rx in zip(self.flat, self.shapes, self.ry, self.rx):
-            cell, wt = self._corners(pr, pc, ry, rx, w)  # [P, t], [P, t]
+        for f, (C_g, h, w), u in zip(self.flat, self.shapes, self.size_index):
+            cell = corner_cells[:, u] - self.cell_offset[h, w]  # [P, t] flat h*w index into this grid
+            wt = corner_wts[:, u]  # [P, t]
             cells = f.t().contiguous()  # [h*w, C_g]: one row per grid cell, gathered whole
             out = torch.zeros(cell.shape[0], C_g)  # [P, C_g]
             for t in range(cell.shape[1]):  # corner by corner: no [P, t, C_g] temporary

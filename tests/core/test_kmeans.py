@@ -85,6 +85,7 @@ def test_assignment_and_update_equal_brute_force(mode, size, chunk, shapes, monk
         xs = km._sample_positions(size[1], lat.nx)
         Xi = X.view(size[0], size[1], -1)[ys][:, xs].reshape(-1, X.shape[1])  # [n, C]
         centroids = torch.randn(5, X.shape[1], generator=torch.Generator().manual_seed(i))
+        torch.testing.assert_close(lat.features_at(torch.arange(lat.num_pixels)).double(), Xi, atol=1e-5, rtol=1e-5)
         labels, best = lat.assign(centroids)
         d = torch.cdist(Xi, centroids.double()) ** 2  # [n, 5]
         assert torch.equal(labels, d.argmin(1))
