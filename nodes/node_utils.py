@@ -10,7 +10,7 @@ import logging
 import torch
 from comfy_api.latest import ui
 
-from .core.recording import Recording
+from .core.recording import Recording, all_finite
 
 log = logging.getLogger("HeadSeg")
 
@@ -77,7 +77,7 @@ def image_batch(image, name: str = "image", first_only: bool = False) -> torch.T
     image = image[..., :3].to("cpu", torch.float32)  # [B, H, W, 3] (a view or a copy; never written to)
     if image.shape[-1] == 1:
         image = image.expand(-1, -1, -1, 3)
-    if not bool(torch.isfinite(image).all()):  # e.g. a half-precision VAE that overflowed: still show it
+    if not all_finite(image):  # e.g. a half-precision VAE that overflowed: still show it
         log.warning("HeadSeg: %s holds NaN or inf values; drawn as black (NaN, -inf) and white (+inf)", name)
         image = torch.nan_to_num(image, nan=0.0, posinf=1.0, neginf=0.0)
     return image
