@@ -248,9 +248,9 @@ def _finest(stack: FeatureStack) -> str:
 
 
 # ----------------------------------------------------------------------------- lattices
-def _sample_positions(n_out: int, n_keep: int) -> torch.Tensor:
+def _sample_positions(n_out: int, n_keep: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """[n_keep] int64 output positions at the centres of n_keep equal bins of 0..n_out-1."""
-    centres = (torch.arange(n_keep, dtype=torch.float64) + 0.5) * (n_out / n_keep)  # [n_keep]
+    centres = (torch.arange(n_keep, dtype=torch.float64, device=device) + 0.5) * (n_out / n_keep)  # [n_keep]
     return centres.floor().long().clamp_(0, n_out - 1)
 
 
@@ -273,6 +273,7 @@ class _Lattice:
 
     def __init__(self, feats: list[torch.Tensor], ry: list[torch.Tensor], rx: list[torch.Tensor]):
         self.shapes = [tuple(f.shape) for f in feats]  # (C_g, h_g, w_g)
+        self.device = device = feats[0].device
         self.flat = [f.reshape(f.shape[0], -1) for f in feats]  # [C_g, h_g*w_g]
         self.splits = [s[0] for s in self.shapes]
         self.ny, self.nx = int(ry[0].shape[0]), int(rx[0].shape[0])
@@ -280,7 +281,7 @@ class _Lattice:
         self.up_y = [(-2.0 * r).t().contiguous() for r in ry]  # [h_g, ny]: -2 in the y-upsampling (exact)
         self.rx = [_Axis(r) for r in rx]  # [nx, w_g]
         # All grids' column interpolations stacked, plus a row of ones that adds ||c_j||^2: [m, nx].
-        ones = torch.ones(1, self.nx, dtype=torch.float32)
+        ones = torch.ones(1, self.nx, dtype=torch.float32, device=device)
         rx_cat = torch.cat([r.t() for r in rx] + [ones], 0)  # [m, nx], m = sum w_g + 1
         # Column blocks of TC output columns: only the few rows of rx_cat that are non-zero in a
         # block take part in it: block b multiplies the rows cols[b] [m_b] by RT[b]^T [m_b, TC].
@@ -290,8 +291,8 @@ class _Lattice:
         blocks = torch.nn.functional.pad(rx_cat, (0, nb * TC - self.nx)).view(m, nb, TC)  # [m, nb, TC]
         used = blocks.ne(0).any(2)  # [m, nb]
         m_b = int(used.sum(0).max())
-        self.cols = torch.zeros(nb, m_b, dtype=torch.int64)  # [nb, m_b] rows of rx_cat per block
-        self.RT = torch.zeros(nb, TC, m_b, dtype=torch.float32)  # [nb, TC, m_b]
+        self.cols = torch.zeros(nb, m_b, dtype=torch.int64, device=device)  # [nb, m_b] rows of rx_cat per block
+        self.RT = torch.zeros(nb, TC, m_b, dtype=torch.float32, device=device)  # [nb, TC, m_b]
         for b in range(nb):
             rows = used[:, b].nonzero().flatten()
             self.cols[b, : rows.numel()] = rows
@@ -315,8 +316,8 @@ class _Lattice:
         def table(axes, scale):
             t = max(a.idx.shape[1] for a in axes)
             n = axes[0].idx.shape[0]
-            cell = torch.zeros(n, len(axes), t, dtype=torch.int64)  # [n, G, t]
-            wts = torch.zeros(n, len(axes), t, dtype=torch.float32)  # [n, G, t]
+            cell = torch.zeros(n, len(axes), t, dtype=torch.int64, device=self.device)  # [n, G, t]
+            wts = torch.zeros(n, len(axes), t, dtype=torch.float32, device=self.device)  # [n, G, t]
             for u, (a, (mul, add)) in enumerate(zip(axes, scale)):
                 cell[:, u, : a.idx.shape[1]] = a.idx * mul + add
                 cell[:, u, a.idx.shape[1] :] = add  # padding: weight 0 on a cell of this size
@@ -401,8 +402,8 @@ class _Lattice:
         """labels [N] -> A [k, S] float64: A_j = Ry^T M_j Rx flattened, grid size by grid size (exact
         cluster weights; the cells of size (h, w) at columns cell_offset[h, w] onwards)."""
         ny, nx = self.ny, self.nx
-        rows = torch.arange(ny)[:, None] * k + labels.view(ny, nx)  # [ny, nx] index of (row, cluster)
-        A = torch.empty(k, self.num_cells, dtype=torch.float64)  # [k, S]
+        rows = torch.arange(ny, device=self.device)[:, None] * k + labels.view(ny, nx)  # [ny, nx] index of (row, cluster)
+        A = torch.empty(k, self.num_cells, dtype=torch.float64, device=self.device)  # [k, S]
         for h, w, o, ry_t, col_idx, col_wts in self.adjoint_parts:
             t = col_idx.shape[0]
             # corner-major ([t, ny, nx], not [ny, nx, t]): the index sums run over whole rows
@@ -486,7 +487,7 @@ class _Lattice:
             cell = corner_cells[:, u] - self.cell_offset[h, w]  # [P, t] flat h*w index into this grid
             wt = corner_wts[:, u]  # [P, t]
             cells = f.t().contiguous()  # [h*w, C_g]: one row per grid cell, gathered whole
-            out = torch.zeros(cell.shape[0], C_g)  # [P, C_g]
+            out = torch.zeros(cell.shape[0], C_g, device=self.device)  # [P, C_g]
             for t in range(cell.shape[1]):  # corner by corner: no [P, t, C_g] temporary
                 out.addcmul_(cells.index_select(0, cell[:, t]), wt[:, t : t + 1])
             cols.append(out)
@@ -543,11 +544,12 @@ class _Image:
         if self.scale != 1.0:
             grids = [g.double() * self.scale for g in grids]
         self.feats = [g.to(torch.float32) for g in grids]  # [C_g, h_g, w_g]
+        self.device = device = grids[0].device
         mats = {}
         for f in self.feats:
             for n_in, n_out in ((int(f.shape[1]), H), (int(f.shape[2]), W)):
                 if (n_in, n_out) not in mats:
-                    mats[n_in, n_out] = interpolation_matrix(n_in, n_out, stack.mode).to(torch.float32)
+                    mats[n_in, n_out] = interpolation_matrix(n_in, n_out, stack.mode).to(device, torch.float32)
         self.ry = [mats[int(f.shape[1]), H] for f in self.feats]  # [H, h_g]
         self.rx = [mats[int(f.shape[2]), W] for f in self.feats]  # [W, w_g]
         sides = [(H, W)]
@@ -570,7 +572,7 @@ class _Image:
             if (ny, nx) == (H, W):
                 self._rungs[i] = _Lattice(self.feats, self.ry, self.rx)
             else:
-                ys, xs = _sample_positions(H, ny), _sample_positions(W, nx)
+                ys, xs = _sample_positions(H, ny, self.device), _sample_positions(W, nx, self.device)
                 self._rungs[i] = _Lattice(self.feats, [r[ys] for r in self.ry], [r[xs] for r in self.rx])
         return self._rungs[i]
 
@@ -598,7 +600,8 @@ class _Image:
         n = min(N, max(_WS_MIN_POINTS, _WS_POINTS_PER_K * k))
         if (n, seed) not in self._ws:
             gen = torch.Generator().manual_seed(seed)
-            pix = torch.randperm(N, generator=gen)[:n] if n < N else torch.arange(N)  # [n]
+            pix = torch.randperm(N, generator=gen, device="cpu")[:n] if n < N else torch.arange(N, device="cpu")  # [n]
+            pix = pix.to(full.device)  # drawn on the CPU: the same pixels on every device
             self._ws[n, seed] = WorkingSet.from_features(full.features_at(pix), map_fn)  # X [n, C], G [n, n]
         return self._ws[n, seed]
 
@@ -626,10 +629,12 @@ def _canonical(labels: torch.Tensor, centroids: torch.Tensor, k: int):
     flat = labels.reshape(-1)  # [N]
     N = flat.numel()
     counts = torch.bincount(flat, minlength=k)  # [k]
-    first = torch.full((k,), N, dtype=torch.int64).scatter_reduce_(0, flat, torch.arange(N), "amin")  # [k]
+    device = labels.device
+    first = torch.full((k,), N, dtype=torch.int64, device=device)  # [k]
+    first.scatter_reduce_(0, flat, torch.arange(N, device=device), "amin")  # [k] first pixel of each cluster
     order = torch.argsort((N - counts) * (N + 1) + first, stable=True)  # [k] old index of new cluster i
     rank = torch.empty_like(order)
-    rank[order] = torch.arange(k)  # [k] new index of old cluster j
+    rank[order] = torch.arange(k, device=device)  # [k] new index of old cluster j
     return rank[labels], centroids[order]
 
 
@@ -741,7 +746,7 @@ def _sweep(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: fl
             k=k,
             labels=torch.stack(out[k][0]),  # [B, H, W]
             centroids=torch.stack(out[k][1]),  # [B, k, C]
-            inertia=torch.tensor(out[k][2], dtype=torch.float64),  # [B]
+            inertia=torch.tensor(out[k][2], dtype=torch.float64, device=out[k][0][0].device),  # [B]
             n_iter=iters[k],
         )
         for k in ks

@@ -98,8 +98,9 @@ def sweep_to_masks(sweep: ClusterSweep, batch_index: int) -> MaskSet:
     masks, ks, clusters = [], [], []
     for k in sorted(sweep.results):
         masks.append(labels_to_masks(sweep.results[k].labels[batch_index], k))  # [k, H, W]
-        ks.append(torch.full((k,), k, dtype=torch.int64))
-        clusters.append(torch.arange(k, dtype=torch.int64))
+        device = sweep.results[k].labels.device
+        ks.append(torch.full((k,), k, dtype=torch.int64, device=device))
+        clusters.append(torch.arange(k, dtype=torch.int64, device=device))
     return MaskSet(torch.cat(masks), torch.cat(ks), torch.cat(clusters))
 
 
@@ -108,7 +109,7 @@ def _intersections(masks: torch.Tensor) -> torch.Tensor:
     M, H, W = masks.shape
     flat = masks.reshape(M, H * W)  # [M, HW]
     # 0/1 products summed in float32 are exact below 2**24 per chunk
-    out = torch.zeros(M, M, dtype=torch.float64)
+    out = torch.zeros(M, M, dtype=torch.float64, device=masks.device)
     for p0 in range(0, flat.shape[1], _CHUNK_PIXELS):
         part = flat[:, p0 : p0 + _CHUNK_PIXELS].to(torch.float32)  # [M, P]
         out += (part @ part.t()).double()  # [M, M]
@@ -123,7 +124,7 @@ def _label_intersections(sweep: ClusterSweep, batch_index: int) -> torch.Tensor:
     starts = [0]
     for k in ks:
         starts.append(starts[-1] + k)
-    out = torch.zeros(starts[-1], starts[-1], dtype=torch.int64)  # [M, M]
+    out = torch.zeros(starts[-1], starts[-1], dtype=torch.int64, device=labels[0].device)  # [M, M]
     for a, (ka, la) in enumerate(zip(ks, labels)):
         sa = slice(starts[a], starts[a + 1])
         out[sa, sa] = torch.diag(torch.bincount(la, minlength=ka))  # clusters of one k are disjoint
@@ -145,6 +146,7 @@ def _check_merge_options(iou_threshold, min_area) -> None:
 def _merge(ms: MaskSet, inter: torch.Tensor, iou_threshold: float, min_area: float) -> MaskSet:
     """The greedy merge of merge_masks, given the [M, M] intersections of ms's masks."""
     H, W = ms.size
+    inter = inter.cpu()  # [M, M]: the greedy loop reads it entry by entry
     area = inter.diagonal()  # [M]
     need = max(1, math.ceil(min_area * H * W - 1e-9))
     big = (area >= need).nonzero().flatten()  # [M'] stable order
@@ -158,7 +160,7 @@ def _merge(ms: MaskSet, inter: torch.Tensor, iou_threshold: float, min_area: flo
     for i in range(big.numel()):
         if not kept or not bool((iou[i, kept] >= iou_threshold).any()):
             kept.append(i)
-    return ms.subset(big[torch.tensor(kept, dtype=torch.int64)])
+    return ms.subset(big[torch.tensor(kept, dtype=torch.int64, device="cpu")])
 
 
 def merge_masks(ms: MaskSet, iou_threshold: float = 0.9, min_area: float = 0.0) -> MaskSet:

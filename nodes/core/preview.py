@@ -36,14 +36,14 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[float, float, float]:
 
 
 def palette(k: int) -> torch.Tensor:
-    """[k, 3] float32 in 0..1: colour of label 0..k-1 (the first 20 fixed, then golden-ratio hues)."""
+    """[k, 3] float32 in 0..1 on the CPU: colour of label 0..k-1 (the first 20 fixed, then golden-ratio hues)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     colours = [tuple(c / 255.0 for c in rgb) for rgb in _BASE_PALETTE[:k]]
     for i in range(len(colours), k):
         hue = (i * 0.618033988749895) % 1.0
         colours.append(_hsv_to_rgb(hue, 0.55 + 0.35 * ((i // 7) % 2), 0.95 - 0.25 * ((i // 3) % 2)))
-    return torch.tensor(colours, dtype=torch.float32)
+    return torch.tensor(colours, dtype=torch.float32, device="cpu")
 
 
 def label_colours(labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -91,7 +91,8 @@ def pca_rgb_grid(features: HeadFeatures, batch_index: int = 0, cell: int = 64) -
             raise ValueError(f"features: layer {key!s} contains NaN or inf values")
     rows = len(features.layers)
     cols = max(int(t.shape[1]) for t in features.layers.values())
-    canvas = torch.zeros(rows * cell, cols * cell, 3, dtype=torch.float32)
+    device = next(iter(features.layers.values())).device
+    canvas = torch.zeros(rows * cell, cols * cell, 3, dtype=torch.float32, device=device)
     for r, t in enumerate(features.layers.values()):
         heads, h, w, c = t.shape[1:]
         x = t[batch_index].detach().to(torch.float32).permute(0, 3, 1, 2)  # [heads, c, h, w]

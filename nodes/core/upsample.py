@@ -36,12 +36,12 @@ def _check_length(n, name: str) -> int:
 
 def _nearest_index(n_in: int, n_out: int) -> torch.Tensor:
     """[n_out] int64 source index of each output sample, as F.interpolate(mode="nearest")."""
-    out = torch.arange(n_out)
+    out = torch.arange(n_out, device="cpu")
     if n_out == n_in:
         return out
     if n_out == 2 * n_in:
         return out // 2
-    scale = torch.tensor(float(n_in), dtype=torch.float32) / n_out  # float32, as ATen
+    scale = torch.tensor(float(n_in), dtype=torch.float32, device="cpu") / n_out  # float32, as ATen
     src = torch.floor(out.to(torch.float32) * scale).to(torch.int64)
     return src.clamp_max(n_in - 1)
 
@@ -52,11 +52,11 @@ def _linear_taps(n_in: int, n_out: int, dtype: torch.dtype = torch.float32):
     Output sample i = w0[i] * x[i0[i]] + w1[i] * x[i1[i]], exactly as ATen computes the source
     index and weights for F.interpolate(mode="bilinear", align_corners=False) (no antialias).
     """
-    rows = torch.arange(n_out)
+    rows = torch.arange(n_out, device="cpu")
     if n_out == n_in:
-        return rows, rows, torch.ones(n_out, dtype=dtype), torch.zeros(n_out, dtype=dtype)
+        return rows, rows, torch.ones(n_out, dtype=dtype, device="cpu"), torch.zeros(n_out, dtype=dtype, device="cpu")
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    scale = torch.tensor(float(n_in), dtype=work) / n_out
+    scale = torch.tensor(float(n_in), dtype=work, device="cpu") / n_out
     # ATen evaluates scale * (i + 0.5) - 0.5 as one fused multiply-add: exact in float64, then rounded
     src = (scale.double() * (rows.double() + 0.5) - 0.5).to(work).clamp_min(0.0)  # [n_out] source position
     i0 = torch.floor(src).to(torch.int64).clamp_max(n_in - 1)  # [n_out]
@@ -71,13 +71,14 @@ def interpolation_matrix(n_in: int, n_out: int, mode: str, dtype: torch.dtype = 
 
     Identical to F.interpolate(mode="bilinear", align_corners=False) (one axis of it, including
     the clamping at both edges, and downscaling without antialias) or F.interpolate(mode="nearest").
-    The index arithmetic is done in float32 like ATen does for float32 tensors.
+    The index arithmetic is done in float32 like ATen does for float32 tensors. Built on the CPU,
+    whatever the device of the features: callers move it.
     """
     n_in = _check_length(n_in, "n_in")
     n_out = _check_length(n_out, "n_out")
     _check_mode(mode)
-    rows = torch.arange(n_out)
-    matrix = torch.zeros(n_out, n_in, dtype=dtype)
+    rows = torch.arange(n_out, device="cpu")
+    matrix = torch.zeros(n_out, n_in, dtype=dtype, device="cpu")
     if mode == "nearest":
         matrix[rows, _nearest_index(n_in, n_out)] = 1.0
         return matrix
@@ -209,7 +210,7 @@ def _column_phases(w: int, W: int):
     """For W = s * w: output column b*s + q of a bilinear upsample is y[b] + c[q] * (y[b + d[q]] - y[b])
     with d[q] = -1 for q < m and +1 for q >= m (y edge-replicated); returns (m, c [s] float32)."""
     s = W // w
-    frac = (torch.arange(s, dtype=torch.float64) + 0.5) / s - 0.5  # offset of the source position
+    frac = (torch.arange(s, dtype=torch.float64, device="cpu") + 0.5) / s - 0.5  # offset of the source position
     m = int((frac < 0).sum())
     return m, frac.abs().to(torch.float32)
 
@@ -222,7 +223,7 @@ def _abs_diff_sum(part: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     bil_rows = _resample_axis(part, 2, H, "bilinear")  # [B, n, H, w]
     near_rows = part.index_select(2, _nearest_index(h, H).to(device))  # [B, n, H, w]
     near_cols = _nearest_index(w, W)  # [W]
-    if W % w or not torch.equal(near_cols, torch.arange(W) // (W // w)):  # general ratio
+    if W % w or not torch.equal(near_cols, torch.arange(W, device="cpu") // (W // w)):  # general ratio
         diff = _resample_axis(bil_rows, 3, W, "bilinear")  # [B, n, H, W]
         diff -= near_rows.index_select(3, near_cols.to(device))
         return diff.abs_().sum(dim=1)  # [B, H, W]
@@ -270,10 +271,12 @@ def upsampling_error_at(stack: FeatureStack, rows: torch.Tensor, cols: torch.Ten
         raise TypeError(f"stack must be a FeatureStack, got {type(stack).__name__}")
     H, W = stack.size
     for name, idx in (("rows", rows), ("cols", cols)):
-        t = torch.as_tensor(idx)
+        t = torch.as_tensor(idx, device="cpu")
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise ValueError(f"{name} must hold integer pixel indices, got {t.dtype}")
-    rows, cols = torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)
+    # indices on the CPU, where the interpolation matrices they pick from are built
+    rows = torch.as_tensor(rows, dtype=torch.int64, device="cpu")
+    cols = torch.as_tensor(cols, dtype=torch.int64, device="cpu")
     for name, idx, n in (("rows", rows, H), ("cols", cols, W)):
         if idx.dim() != 1 or idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= n:
             raise ValueError(f"{name} must be a non-empty 1-D index into 0..{n - 1}, got {tuple(idx.shape)}")

@@ -87,13 +87,15 @@ def kmeans_pp(ws: WorkingSet, k: int, starts: int, gen: torch.Generator) -> torc
     at once -> [starts, k] indices of points."""
     n, I = ws.n, starts
     trials = 2 + int(math.log(k))
-    rows = torch.arange(I)
-    picks = [torch.randint(n, (I,), generator=gen)]  # [I]
+    device = ws.G.device
+    rows = torch.arange(I, device=device)
+    # drawn with the CPU generator gen (the same draws on every device), then moved to the features' device
+    picks = [torch.randint(n, (I,), generator=gen, device="cpu").to(device)]  # [I]
     closest = ws.sq_dist(picks[0])  # [I, n]
     for _ in range(1, k):
         flat = closest.sum(1) <= 0.0  # [I] every point sits on a centre: any point will do
         weights = torch.where(flat[:, None], torch.ones_like(closest), closest)  # [I, n]
-        cand = torch.multinomial(weights, trials, replacement=True, generator=gen)  # [I, trials]
+        cand = torch.multinomial(weights.cpu(), trials, replacement=True, generator=gen).to(device)  # [I, trials]
         new = torch.minimum(closest[:, None], ws.sq_dist(cand.flatten()).view(I, trials, n))  # [I, trials, n]
         best = new.sum(2).argmin(1)  # [I]
         picks.append(cand[rows, best])
@@ -112,13 +114,14 @@ class _Starts:
     def __init__(self, ws: WorkingSet, picks: torch.Tensor):
         I, k = picks.shape
         self.ws, self.k = ws, k
+        device = ws.G.device
         self.point = picks.clone()  # [I, k]
-        self.means_of = torch.zeros(I, ws.n, dtype=torch.int64)  # [I, n]
+        self.means_of = torch.zeros(I, ws.n, dtype=torch.int64, device=device)  # [I, n]
         self.S = ws.G[picks.flatten()].view(I, k, ws.n).clone()  # [I, k, n]
         self.cc = ws.xx[picks].clone()  # [I, k]
         self.T = None  # [I, k, n] sums of G's rows per cluster, after the first update
         self.rows_of = None  # [I*n] row (start, cluster) of T that each point's sum went to
-        self.offset = k * torch.arange(I)[:, None]  # [I, 1] first row of each start in T.view(I*k, n)
+        self.offset = k * torch.arange(I, device=device)[:, None]  # [I, 1] first row of each start in T.view(I*k, n)
         self.total_sq = float(ws.xx.sum(dtype=torch.float64))
 
     def keep(self, mask: torch.Tensor) -> None:
@@ -134,7 +137,7 @@ class _Starts:
         I, n = labels.shape
         moved = None if self.T is None else (labels != self.means_of).view(-1).nonzero().squeeze(1)  # [P] in I*n
         if moved is None or moved.numel() * 2 > I * n:
-            T = torch.zeros(I, k, n)
+            T = torch.zeros(I, k, n, device=G.device)
             for i in range(I):  # start by start: no [I*n, n] copy of G
                 T[i].index_add_(0, labels[i], G)
             return T
@@ -162,8 +165,8 @@ class _Starts:
         self.T = self._sums(labels, rows_of)  # [I, k, n]
         S = self.T * inv[:, :, None]  # [I, k, n] <mean_j, x_p>
         own = labels[:, None, :]  # [I, 1, n] each point's cluster
-        cc = torch.zeros(I, k).scatter_add_(1, labels, S.gather(1, own)[:, 0]) * inv  # ||mean_j||^2
-        cross = torch.zeros(I, k).scatter_add_(1, labels, self.S.gather(1, own)[:, 0]) * inv  # <mean_j, c_j>
+        cc = torch.zeros(I, k, device=S.device).scatter_add_(1, labels, S.gather(1, own)[:, 0]) * inv  # ||mean_j||^2
+        cross = torch.zeros(I, k, device=S.device).scatter_add_(1, labels, self.S.gather(1, own)[:, 0]) * inv  # <mean_j, c_j>
         shift = (cc + self.cc - 2.0 * cross).clamp_min_(0.0)  # [I, k] squared move of each centroid
         empty = counts == 0  # [I, k]
         any_empty = bool(empty.any())
@@ -203,7 +206,7 @@ class Run:
         """-> [k, C] centroids in feature space."""
         X, k = ws.X, int(self.point.shape[0])
         counts = torch.bincount(self.members, minlength=k).clamp_min(1)  # [k]
-        out = torch.zeros(k, X.shape[1]).index_add_(0, self.members, X).div_(counts[:, None].to(X.dtype))
+        out = torch.zeros(k, X.shape[1], device=X.device).index_add_(0, self.members, X).div_(counts[:, None].to(X.dtype))
         points = self.point >= 0  # [k]
         out[points] = X[self.point[points]]
         return out  # [k, C]
@@ -236,7 +239,7 @@ def lloyd(ws: WorkingSet, picks: torch.Tensor, max_iter: int, tol: float) -> lis
             continue
         if not any(going):
             break
-        mask = torch.tensor(going)
+        mask = torch.tensor(going, device=labels.device)
         run.keep(mask)
         labels = labels[mask]
         inertia = [v for v, g in zip(inertia, going) if g]
