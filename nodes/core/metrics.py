@@ -2,6 +2,7 @@
 
 Masks are bool tensors; float masks count as True above 0.5, integer masks where non-zero.
 Two empty masks have IoU 1.0 (they agree perfectly), one empty against a non-empty one 0.0.
+Inputs on different devices are compared on the device of the first (the reference).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _as_bool(x, name: str, dims: int) -> torch.Tensor:
 def iou(a: torch.Tensor, b: torch.Tensor) -> float:
     """Eq. 3: |a and b| / |a or b| of two [H, W] masks; both empty -> 1.0."""
     a = _as_bool(a, "a", 2)
-    b = _as_bool(b, "b", 2)
+    b = _as_bool(b, "b", 2).to(a.device)
     if a.shape != b.shape:
         raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     union = int((a | b).sum())
@@ -46,7 +47,7 @@ def iou(a: torch.Tensor, b: torch.Tensor) -> float:
 def pairwise_iou(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """[M, H, W], [N, H, W] -> [M, N] float64 IoU of every pair (two empty masks -> 1.0)."""
     A = _as_bool(A, "A", 3)
-    B = _as_bool(B, "B", 3)
+    B = _as_bool(B, "B", 3).to(A.device)
     if A.shape[1:] != B.shape[1:]:
         raise ValueError(f"A and B must share (H, W), got {tuple(A.shape[1:])} and {tuple(B.shape[1:])}")
     M, H, W = A.shape
@@ -64,7 +65,7 @@ def _best_per_reference(reference: torch.Tensor, predicted: torch.Tensor) -> tor
     """[M] best IoU of each reference mask over the predicted masks (0 when there are none)."""
     scores = pairwise_iou(reference, predicted)  # [M, N]
     if scores.shape[1] == 0:
-        return torch.zeros(scores.shape[0], dtype=torch.float64)
+        return torch.zeros(scores.shape[0], dtype=torch.float64, device=scores.device)
     return scores.amax(dim=1)
 
 
@@ -101,7 +102,7 @@ def class_ious(gt_labels: torch.Tensor, predicted: torch.Tensor, ignore_index: i
         raise ValueError(f"gt_labels must be an integer tensor [H, W], got {shape}")
     if gt_labels.is_floating_point() or gt_labels.is_complex() or gt_labels.dtype == torch.bool:
         raise ValueError(f"gt_labels must hold integer class ids, got {gt_labels.dtype}")
-    predicted = _as_bool(predicted, "predicted", 3)
+    predicted = _as_bool(predicted, "predicted", 3).to(gt_labels.device)
     if predicted.shape[1:] != gt_labels.shape:
         raise ValueError(
             f"predicted masks {tuple(predicted.shape[1:])} and gt_labels {tuple(gt_labels.shape)} must have the same (H, W)"

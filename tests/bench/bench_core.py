@@ -360,10 +360,10 @@ def main():
           f"{', '.join(f'k={k}: {v:.3f}' for k, v in zip(KS, planted_iou))}")
     if gpu:
         print(f"  peak extra GPU memory of one run: {extra_mb:.1f} MB (torch.cuda.max_memory_allocated, less what")
-        print(f"  tensors held at the start)")
+        print("  tensors held at the start)")
     else:
         print(f"  peak extra memory of one run: {extra_mb:.1f} MB (resident set size sampled every 0.5 ms by a")
-        print(f"  thread, peak minus the value at the start; torch's CPU allocator returns large blocks to the OS)")
+        print("  thread, peak minus the value at the start; torch's CPU allocator returns large blocks to the OS)")
     if args.layout == "sd21" and args.size == 512:  # the targets are set for this case
         limit = 0.030 if gpu else 1.0
         print(f"  target: total <= {limit:g} s -> {'MET' if total <= limit else 'MISSED'} ({total:.3f} s); "

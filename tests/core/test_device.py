@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from headseg.nodes.core import kmeans as km
-from headseg.nodes.core import metrics, preview
+from headseg.nodes.core import metrics, pca, preview
 from headseg.nodes.core.masks import masks_at_pixel, merge_masks, sweep_to_masks
 from headseg.nodes.core.pipeline import segment
 from headseg.nodes.core.upsample import upsampling_error, upsampling_error_at
@@ -115,3 +115,13 @@ def test_refilling_empty_clusters_makes_no_tensor_off_the_inputs_device():
     assert not torch.equal(expected[-1], centroids)  # the empty clusters moved
     for a, b in zip(expected, got):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("eigh_on", ["device", "cpu"])
+def test_the_gpu_pca_path_makes_no_tensor_off_the_inputs_device(eigh_on, monkeypatch):
+    rec = planted_recording([nested_scene(64, 96)], small_layout(), d=16, noise=0.5)
+    monkeypatch.setattr(pca, "_on_cpu", lambda rec: False)  # the path a GPU recording takes
+    monkeypatch.setattr(pca, "_GPU_EIGH", eigh_on)
+    expected, got = twice(lambda: pca.recording_pca(rec, 4))
+    for key in rec.layers:
+        assert torch.equal(expected.layers[key], got.layers[key])

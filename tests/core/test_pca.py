@@ -6,6 +6,7 @@ import torch
 from sklearn.decomposition import PCA
 from threadpoolctl import threadpool_limits
 
+from headseg.nodes.core import pca
 from headseg.nodes.core.pca import HeadFeatures, head_pca, recording_pca
 from headseg.nodes.core.recording import LayerKey, Recording
 
@@ -247,4 +248,53 @@ def test_meta_tensors_are_refused_by_name():
         head_pca(torch.empty(2, 10, 4, device="meta"), 2)
     rec = Recording({LayerKey("output", 9, 0): torch.empty(1, 2, 8, 8, 6, device="meta")}, (64, 64))
     with pytest.raises(ValueError, match=r"layer output\.9\.0 is on the meta device"):
+        recording_pca(rec, 3)
+
+
+# ----------------------------------------------------------------------------- layers on a GPU
+# On a GPU the covariances of all layers are decomposed by one batched eigh per head size
+# (_reduce_on_gpu). It takes any device, so it is checked here on the CPU.
+def gpu_path(monkeypatch, eigh_on):
+    monkeypatch.setattr(pca, "_on_cpu", lambda rec: False)
+    monkeypatch.setattr(pca, "_GPU_EIGH", eigh_on)
+
+
+@pytest.mark.parametrize("eigh_on", ["device", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_one_eigh_for_all_layers_equals_the_layer_by_layer_pca(eigh_on, dtype, monkeypatch):
+    rec = small_recording(dtype=dtype)
+    g = torch.Generator().manual_seed(5)
+    rec.layers[LayerKey("output", 9, 0)] = torch.randn(2, 2, 3, 5, 12, generator=g).to(dtype)  # another head size
+    rec.layers[LayerKey("input", 1, 0)][0, 1] = 0.5  # a constant head
+    rec.layers[LayerKey("output", 4, 0)][1, 2] *= 1e-4 if dtype == torch.float16 else 1e-36  # a scaled head
+    rec = Recording(rec.layers, rec.image_size)
+    expected = recording_pca(rec, components=3)
+    gpu_path(monkeypatch, eigh_on)
+    got = recording_pca(rec, components=3)
+    assert list(got.layers) == list(rec.layers)
+    for key, t in rec.layers.items():
+        assert got.layers[key].dtype == torch.float32
+        scale = float(expected.layers[key].abs().max())
+        torch.testing.assert_close(got.layers[key], expected.layers[key], rtol=1e-4, atol=1e-5 * scale)
+    assert not bool(got.layers[LayerKey("input", 1, 0)][0, 1].any())
+    x = rec.layers[LayerKey("output", 4, 0)][1, 2].double()  # [h, w, d], the scaled head against scikit-learn
+    ref = sklearn_scores(x.reshape(-1, x.shape[-1]) * 1e36, 3) / 1e36
+    torch.testing.assert_close(got.layers[LayerKey("output", 4, 0)][1, 2].reshape(-1, 3).double(), ref,
+                               rtol=1e-2, atol=1e-3 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_one_eigh_for_all_layers_names_the_layer_with_non_finite_values(bad, monkeypatch):
+    rec = small_recording()
+    rec.layers[LayerKey("output", 4, 0)][1, 2, 0, 1, 2] = bad
+    gpu_path(monkeypatch, "device")
+    with pytest.raises(ValueError, match=r"^Recording: layer output\.4\.0 contains NaN or inf"):
+        recording_pca(rec)
+
+
+def test_one_eigh_for_all_layers_refuses_float64_beyond_float32_naming_the_layer(monkeypatch):
+    rec = small_recording(dtype=torch.float64)
+    rec.layers[LayerKey("output", 4, 0)] *= 1e40
+    gpu_path(monkeypatch, "cpu")
+    with pytest.raises(ValueError, match=r"^Recording: layer output\.4\.0 has values beyond float32's range"):
         recording_pca(rec, 3)
