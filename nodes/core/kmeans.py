@@ -31,6 +31,7 @@ gives its large lattices all of the caller's threads.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -715,10 +716,7 @@ def _sweep(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: fl
     initializer = None
     if device.type == "cuda":  # a GPU queues the work of all k: a third worker only adds launch contention
         workers = min(workers, _GPU_WORKERS)
-
-        def initializer():  # the workers' CUDA context (else torch warns on their first product)
-            torch.cuda.set_device(device)
-
+        initializer = functools.partial(torch.cuda.set_device, device)  # else torch warns in each worker
     pool = ThreadPoolExecutor(workers, initializer=initializer) if workers > 1 else None
     share = max(1, threads // workers) if H * W >= _PARALLEL_MIN_POINTS else 1  # intra-op threads per worker
     try:
