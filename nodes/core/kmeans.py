@@ -41,7 +41,7 @@ from typing import Callable
 
 import torch
 
-from .recording import check_size, power_of_two_scale
+from .recording import check_one_device, check_size, power_of_two_scale
 from .upsample import FeatureStack, interpolation_matrix
 from .working_set import RTOL as _RTOL
 from .working_set import WorkingSet, check_tol, first_at_minimum, starts
@@ -204,12 +204,14 @@ def _check_stack(stack) -> tuple[int, int]:
     if not stack.grids:
         raise ValueError("stack has no feature grid")
     H, W = check_size(stack.size, "stack.size")
+    first = None
     for i, g in enumerate(stack.grids):
         if not isinstance(g, torch.Tensor) or g.dim() != 4 or not g.is_floating_point() or g.is_complex():
             what = f"{g.dtype} {tuple(g.shape)}" if isinstance(g, torch.Tensor) else type(g).__name__
             raise ValueError(f"stack grids must be floating [B, C, h, w] tensors, got {what}")
         if g.numel() == 0:
             raise ValueError(f"stack grids must have no empty dimension [B, C, h, w], got {tuple(g.shape)}")
+        first = check_one_device(first, _grid_name(stack, i), g, "stack", "grid")
         if g.is_meta:
             raise ValueError(f"stack {_grid_name(stack, i)} is on the meta device: it holds no values")
         _check_values(g, _grid_name(stack, i))
@@ -252,7 +254,7 @@ def _finest(stack: FeatureStack) -> str:
 
 
 # ----------------------------------------------------------------------------- lattices
-def _sample_positions(n_out: int, n_keep: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def _sample_positions(n_out: int, n_keep: int, device: torch.device | str) -> torch.Tensor:
     """[n_keep] int64 output positions at the centres of n_keep equal bins of 0..n_out-1."""
     centres = (torch.arange(n_keep, dtype=torch.float64, device=device) + 0.5) * (n_out / n_keep)  # [n_keep]
     return centres.floor().long().clamp_(0, n_out - 1)
@@ -778,7 +780,9 @@ def kmeans(stack: FeatureStack, k: int, seed: int = 0, max_iter: int = 100, tol:
     """FeatureStack (virtual [B, C, H, W]) -> KMeansResult with labels [B, H, W] for k clusters.
 
     k-means++ start and Lloyd iterations, exact at output resolution, each image independently,
-    deterministic for a seed (and independent of the other images of the batch).
+    deterministic for a seed (and independent of the other images of the batch): bit for bit on the
+    CPU; on a GPU the atomic additions of bincount and index_add_ may change centroids and inertia
+    in the last bits from run to run.
     max_iter: most Lloyd iterations of each stage (working set, 1/16 lattice, full image).
     tol: centroid shift (squared, summed) relative to the mean feature variance, as in scikit-learn.
     """

@@ -1,7 +1,7 @@
 """Per-head PCA of recorded self-attention outputs (paper section 3): [..., N, D] -> [..., N, c].
 
 Every head is reduced separately (centred, top-c principal components), all heads of a layer in
-one batched covariance + eigh call (on a GPU: all heads of all layers in one eigh, on the CPU). Signs are fixed like scikit-learn's ``svd_flip`` (v-based): for
+one batched covariance + eigh call (on a GPU: one eigh for all heads of one head size, on the CPU). Signs are fixed like scikit-learn's ``svd_flip`` (v-based): for
 each component the loading entry of largest absolute value is positive, so scores can be compared
 with ``sklearn.decomposition.PCA(c).fit_transform`` directly.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .recording import LayerKey, Recording, power_of_two_scale
+from .recording import LayerKey, Recording, check_one_device, power_of_two_scale
 
 
 def _check_components(components, D: int, where: str = "") -> int:
@@ -142,7 +142,9 @@ class HeadFeatures:
 
     def checked_batch_size(self) -> int:
         """The batch size B shared by every layer, after checking that each layer is a real floating
-        tensor [B, heads, h, w, c] with no empty dimension -> ValueError naming the layer otherwise."""
+        tensor [B, heads, h, w, c] with no empty dimension, all on one device -> ValueError naming the
+        layer otherwise."""
+        first = None
         for key, t in self.layers.items():
             if not isinstance(t, torch.Tensor) or t.dim() != 5 or t.numel() == 0 or not t.is_floating_point():
                 what = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
@@ -150,6 +152,7 @@ class HeadFeatures:
                     f"features: layer {key!s} must be a real floating tensor [B, heads, h, w, c] with no "
                     f"empty dimension, got {what}"
                 )
+            first = check_one_device(first, f"layer {key!s}", t, "features", "layer")
         batches = sorted({int(t.shape[0]) for t in self.layers.values()})
         if len(batches) > 1:
             raise ValueError(f"features: the layers must share one batch size, got {batches}")
@@ -226,7 +229,8 @@ def _reduce_on_gpu(rec: Recording, components: int, finish) -> dict[LayerKey, to
     decomposed by one batched eigh, on the CPU by default (_GPU_EIGH): covariances on the device,
     eigenvectors on the CPU, scores on the device."""
 
-    def centred(key):  # -> xc [B*heads, N, d], constant, scale (recomputed: nothing the recording's size is kept)
+    def centred(key):  # -> xc [B*heads, N, d], constant, scale; recomputed when needed, so that no
+        # centred copy of every layer (as large as the recording) is held at once
         t = rec.layers[key]
         B, heads, h, w, d = t.shape
         xg = t.detach().reshape(B * heads, h * w, d)  # [G, N, d]

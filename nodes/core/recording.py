@@ -153,6 +153,19 @@ def power_of_two_scale(peak: torch.Tensor) -> torch.Tensor:
     return torch.where(far, torch.exp2(-exponent.clamp(-1000, 1000)), 1.0)  # clamped: finite in float64
 
 
+def check_one_device(first, label: str, t: torch.Tensor, what: str, noun: str):
+    """first: (label, device) of the first tensor seen, or None -> the same for the next call; a
+    ValueError when t (``label``, e.g. "layer input.1.0") sits on another device than the first.
+    Every stage computes on the device of its input, so all its tensors must share one."""
+    if first is None:
+        return (label, t.device)
+    if t.device != first[1]:
+        raise ValueError(
+            f"{what}: {label} is on {t.device} but {first[0]} is on {first[1]}: put all {noun}s on one device"
+        )
+    return first
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """Whether t holds no NaN or inf: one sum, finite exactly when none is there (unless the sum
     overflows); only then the element-wise check."""
@@ -222,7 +235,7 @@ class Recording:
         else ValueError naming the layer."""
         if not self.layers:
             raise ValueError("Recording: layers is empty (no self-attention layer recorded)")
-        batch = None
+        batch = first = None
         for key, t in self.layers.items():
             if not isinstance(key, LayerKey):
                 raise ValueError(f"Recording: layer keys must be LayerKey, got {key!r}")
@@ -232,6 +245,7 @@ class Recording:
                 raise ValueError(f"Recording: layer {key!s} must be 5-D [B, heads, h, w, d], got shape {tuple(t.shape)}")
             if not t.is_floating_point():
                 raise ValueError(f"Recording: layer {key!s} must be a floating tensor, got {t.dtype}")
+            first = check_one_device(first, f"layer {key!s}", t, "Recording", "layer")
             if t.is_meta:
                 raise ValueError(f"Recording: layer {key!s} is on the meta device: it holds no values")
             B, heads, h, w, d = t.shape

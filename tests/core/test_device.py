@@ -3,7 +3,9 @@ makes is made on that device, or deliberately on the CPU and moved.
 
 Checked without a GPU: with torch's default device set to meta, a tensor made without naming its
 device lands on meta, which holds no values, and the first operation that mixes it with the
-input's CPU tensors (or reads it) fails. Every result must equal the one of a normal run.
+input's CPU tensors (or reads it) fails. Every result must equal the one of a normal run. This
+proves that factory calls name their device; that tensors built on the CPU are moved is checked
+where a GPU is present (the last test, skipped without one) and by bench_core.py --compare-cpu.
 """
 
 from contextlib import contextmanager
@@ -14,8 +16,11 @@ import torch
 from headseg.nodes.core import kmeans as km
 from headseg.nodes.core import metrics, pca, preview
 from headseg.nodes.core.masks import masks_at_pixel, merge_masks, sweep_to_masks
+from headseg.nodes.core.kmeans import multi_kmeans
+from headseg.nodes.core.pca import HeadFeatures
 from headseg.nodes.core.pipeline import segment
-from headseg.nodes.core.upsample import upsampling_error, upsampling_error_at
+from headseg.nodes.core.recording import LayerKey, Recording
+from headseg.nodes.core.upsample import FeatureStack, make_feature_stack, upsampling_error, upsampling_error_at
 from headseg.nodes.core.working_set import WorkingSet, lloyd
 
 from .planted import nested_scene, planted_recording, small_layout, split_scene
@@ -23,7 +28,9 @@ from .planted import nested_scene, planted_recording, small_layout, split_scene
 
 @contextmanager
 def factories_default_to_meta():
-    """Tensors made without a device land on meta inside the block."""
+    """Tensors made without a device land on meta inside the block, in this thread only: the core's
+    worker threads would make theirs on the CPU, so the block runs on one thread (conftest)."""
+    assert torch.get_num_threads() == 1, "the default device is per thread: run the core on one thread"
     torch.set_default_device("meta")
     try:
         yield
@@ -125,3 +132,45 @@ def test_the_gpu_pca_path_makes_no_tensor_off_the_inputs_device(eigh_on, monkeyp
     expected, got = twice(lambda: pca.recording_pca(rec, 4))
     for key in rec.layers:
         assert torch.equal(expected.layers[key], got.layers[key])
+
+
+# ----------------------------------------------------------------------------- inputs on two devices
+def test_a_recording_on_two_devices_is_refused_naming_both_layers():
+    layers = {LayerKey("input", 1, 0): torch.randn(1, 2, 8, 8, 4), LayerKey("output", 9, 0): torch.randn(1, 2, 8, 8, 4)}
+    layers[LayerKey("output", 9, 0)] = layers[LayerKey("output", 9, 0)].to("meta")  # the one other device here
+    with pytest.raises(ValueError, match=r"^Recording: layer output\.9\.0 is on meta but layer input\.1\.0 is "
+                                         r"on cpu: put all layers on one device"):
+        segment(Recording(layers, (64, 64)))
+
+
+def test_features_on_two_devices_are_refused_naming_both_layers():
+    layers = {LayerKey("input", 1, 0): torch.randn(1, 2, 8, 8, 3), LayerKey("output", 9, 0): torch.randn(1, 2, 8, 8, 3)}
+    layers[LayerKey("input", 1, 0)] = layers[LayerKey("input", 1, 0)].to("meta")
+    with pytest.raises(ValueError, match=r"^features: layer output\.9\.0 is on cpu but layer input\.1\.0 is on meta"):
+        make_feature_stack(HeadFeatures(layers, (64, 64), 3))
+
+
+def test_a_stack_on_two_devices_is_refused_naming_both_grids():
+    grids = [torch.randn(1, 3, 8, 8), torch.randn(1, 3, 4, 4).to("meta")]
+    stack = FeatureStack(grids, [1.0, 1.0], [[LayerKey("input", 1, 0)], [LayerKey("output", 4, 0)]], (64, 64), "bilinear")
+    with pytest.raises(ValueError, match=r"^stack: grid 1 \(4x4: layers output\.4\.0\) is on meta but grid 0 "
+                                         r"\(8x8: layers input\.1\.0\) is on cpu: put all grids on one device"):
+        multi_kmeans(stack, [2, 3])
+
+
+# ----------------------------------------------------------------------------- on a GPU, where there is one
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_segment_on_a_gpu_gives_the_cpus_labels(dtype):
+    scenes = [nested_scene(64, 96), split_scene(64, 96, seed=1)]
+    rec = planted_recording(scenes, small_layout(), d=16, noise=0.5)
+    rec = Recording({key: x.to(dtype) for key, x in rec.layers.items()}, rec.image_size)
+    on_gpu = Recording({key: x.cuda() for key, x in rec.layers.items()}, rec.image_size)
+    for options in (dict(), dict(mode="nearest", reweight=True, cluster_counts=(1, 3, 40))):
+        cpu, gpu = segment(rec, **options), segment(on_gpu, **options)
+        for k, expected in cpu.sweep.results.items():
+            got = gpu.sweep.results[k]
+            assert got.labels.is_cuda
+            assert float((got.labels.cpu() == expected.labels).double().mean()) >= 0.999, k  # near-ties may flip
+            torch.testing.assert_close(got.inertia.cpu(), expected.inertia, rtol=1e-4, atol=0.0)
+        assert [len(m) for m in gpu.masks] == [len(m) for m in cpu.masks]

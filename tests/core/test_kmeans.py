@@ -81,8 +81,8 @@ def test_assignment_and_update_equal_brute_force(mode, size, chunk, shapes, monk
     img = km._Image(stack, 0)
     for i in range(len(img.sides)):  # every lattice rung, the last being the full image
         lat = img.rung(i)
-        ys = km._sample_positions(size[0], lat.ny)
-        xs = km._sample_positions(size[1], lat.nx)
+        ys = km._sample_positions(size[0], lat.ny, "cpu")
+        xs = km._sample_positions(size[1], lat.nx, "cpu")
         Xi = X.view(size[0], size[1], -1)[ys][:, xs].reshape(-1, X.shape[1])  # [n, C]
         centroids = torch.randn(5, X.shape[1], generator=torch.Generator().manual_seed(i))
         torch.testing.assert_close(lat.features_at(torch.arange(lat.num_pixels)).double(), Xi, atol=1e-5, rtol=1e-5)
