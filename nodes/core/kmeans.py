@@ -13,9 +13,9 @@ exact on the native grids:
 For speed, k-means++ (greedy, 20 starts; fewer above k = 160, see _WS_START_FLOATS) and the first
 Lloyd iterations run on a working set: 512 uniformly random output pixels, or 16 per cluster for
 k > 32 (up to 4096 at k = MAX_CLUSTERS), with their explicit features (an unbiased sample of the
-full problem), in Gram space (``working_set.py``; on the CPU for features on a GPU). Of the 3
-starts of lowest inertia there, the one of lowest inertia on the first pixel lattice with at least
-4096 pixels (the full image if none has) is kept. Exact Lloyd iterations then polish on a pixel lattice of 1/16 of the output (from 256 x 256
+full problem), in Gram space (``working_set.py``). Of the 3 starts of lowest inertia there, the one
+of lowest inertia on the first pixel lattice with at least 4096 pixels (the full image if none has)
+is kept. Exact Lloyd iterations then polish on a pixel lattice of 1/16 of the output (from 256 x 256
 up; smaller images on the first lattice with at least 4096 pixels, or on the full output alone) and
 on the full output, each until the labels stop changing, the centroids move less than ``tol``
 (scikit-learn's rule) or an iteration lowers the inertia by less than _RTOL of itself; the final
@@ -77,10 +77,6 @@ _CHUNK_SCORES = 1 << 20
 _BLOCK_COLS = 64
 # Pixels moved between clusters at once in the adjoint weights.
 _CHUNK_PIXELS = 1 << 14
-# Where the working-set stage (k-means++ and Lloyd on the sampled pixels) of features on a GPU runs:
-# "cpu" (the sample travels there, the chosen centroids back) or "device". Its thousands of small
-# steps cost a GPU more in kernel launches and host round trips than they compute.
-_GPU_WORKING_SET = "cpu"
 # Worker threads of a sweep on a GPU (an H200 at 512 x 512: 1 worker 147 ms, 2: 111 ms, 4: 145 ms, 8: 165 ms).
 _GPU_WORKERS = 2
 # Lattices of at least this many pixels use all intra-op threads; everything smaller runs on one
@@ -612,10 +608,7 @@ class _Image:
             gen = torch.Generator().manual_seed(seed)
             pix = torch.randperm(N, generator=gen, device="cpu")[:n] if n < N else torch.arange(N, device="cpu")  # [n]
             pix = pix.to(full.device)  # drawn on the CPU: the same pixels on every device
-            X = full.features_at(pix)  # [n, C]
-            if self.device.type != "cpu" and _GPU_WORKING_SET == "cpu":
-                X = X.cpu()  # the working-set stage of a GPU's features runs on the CPU
-            self._ws[n, seed] = WorkingSet.from_features(X, map_fn)  # X [n, C], G [n, n]
+            self._ws[n, seed] = WorkingSet.from_features(full.features_at(pix), map_fn)  # X [n, C], G [n, n]
         return self._ws[n, seed]
 
 
@@ -663,7 +656,7 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
     count = max(1, min(_WS_INITS, _WS_START_FLOATS // (k * ws.n))) if k > 1 else 1
     runs = starts(ws, k, count, gen, max_iter, tol)
     finalists = sorted(runs, key=lambda r: r.inertia)[:_WS_FINALISTS]  # stable: ties keep start order
-    cands = [r.centroids(ws).to(img.device) for r in finalists]  # [k, C] each, on the features' device
+    cands = [r.centroids(ws) for r in finalists]  # [k, C] each
     pick, assigned = 0, None
     if len(cands) > 1:  # the finalist of lowest inertia on the scoring lattice, first of ties
         lat = img.rung(img.scoring_rung())
@@ -673,7 +666,7 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
         pick = scores.index(min(scores))
         assigned = labels[pick], best[pick]  # the first assignment of the polish when it starts on the scoring lattice
     centroids, iters = cands[pick], finalists[pick].iters
-    X, xx = ws.X.to(img.device), ws.xx.to(img.device)  # [n, C], [n]: where empty clusters restart
+    X, xx = ws.X, ws.xx
     total_sq, full_var = full.moments()  # float64 products over the native grids, once per image
     for i in img.polish_rungs():  # exact Lloyd on finer lattices, the last = full
         lat = img.rung(i)
