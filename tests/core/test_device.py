@@ -160,8 +160,10 @@ def test_a_stack_on_two_devices_is_refused_naming_both_grids():
 
 # ----------------------------------------------------------------------------- on a GPU, where there is one
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("eigh_on", ["cpu", "device"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
-def test_segment_on_a_gpu_gives_the_cpus_labels(dtype):
+def test_segment_on_a_gpu_gives_the_cpus_labels(dtype, eigh_on, monkeypatch):
+    monkeypatch.setattr(pca, "_GPU_EIGH", eigh_on)
     scenes = [nested_scene(64, 96), split_scene(64, 96, seed=1)]
     rec = planted_recording(scenes, small_layout(), d=16, noise=0.5)
     rec = Recording({key: x.to(dtype) for key, x in rec.layers.items()}, rec.image_size)
