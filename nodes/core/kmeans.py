@@ -23,9 +23,8 @@ labels and the inertia are exact at full resolution. Clusters are renumbered by 
 (ties: the cluster whose first pixel in raster order comes first), so labels are canonical.
 
 Threads: the k of a sweep run at once on worker threads (as many as torch has intra-op threads;
-at most two on a GPU),
-each on one intra-op thread, where waking a second thread for each small product would cost more
-than it saves, or on an equal share of the threads for large images. A single k runs alone and
+at most two on a GPU), each on one intra-op thread, where waking a second thread for each small
+product would cost more than it saves, or on an equal share of the threads for large images. A single k runs alone and
 gives its large lattices all of the caller's threads.
 """
 
@@ -408,7 +407,8 @@ class _Lattice:
         """labels [N] -> A [k, S] float64: A_j = Ry^T M_j Rx flattened, grid size by grid size (exact
         cluster weights; the cells of size (h, w) at columns cell_offset[h, w] onwards)."""
         ny, nx = self.ny, self.nx
-        rows = torch.arange(ny, device=self.device)[:, None] * k + labels.view(ny, nx)  # [ny, nx] index of (row, cluster)
+        row = torch.arange(ny, device=self.device)[:, None]  # [ny, 1]
+        rows = row * k + labels.view(ny, nx)  # [ny, nx] index of (row, cluster)
         A = torch.empty(k, self.num_cells, dtype=torch.float64, device=self.device)  # [k, S]
         for h, w, o, ry_t, col_idx, col_wts in self.adjoint_parts:
             t = col_idx.shape[0]

@@ -1,9 +1,10 @@
 """Per-head PCA of recorded self-attention outputs (paper section 3): [..., N, D] -> [..., N, c].
 
 Every head is reduced separately (centred, top-c principal components), all heads of a layer in
-one batched covariance + eigh call (on a GPU: one eigh for all heads of one head size, on the CPU). Signs are fixed like scikit-learn's ``svd_flip`` (v-based): for
-each component the loading entry of largest absolute value is positive, so scores can be compared
-with ``sklearn.decomposition.PCA(c).fit_transform`` directly.
+one batched covariance + eigh call (on a GPU: one eigh, on the CPU, for all heads of one head
+size). Signs are fixed like scikit-learn's ``svd_flip`` (v-based): for each component the loading
+entry of largest absolute value is positive, so scores can be compared with
+``sklearn.decomposition.PCA(c).fit_transform`` directly.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def head_pca(x: torch.Tensor, components: int) -> torch.Tensor:
     if N < 1 or D < 1:
         raise ValueError(f"x must have N >= 1 samples and D >= 1 features, got shape {tuple(x.shape)}")
     c = _check_components(components, D)
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dtype = _work_dtype(x)
     xg = x.detach().reshape(-1, N, D)  # [G, N, D], G = prod(lead), input dtype
     G = xg.shape[0]
     if G == 0:
@@ -69,6 +70,11 @@ def head_pca(x: torch.Tensor, components: int) -> torch.Tensor:
     with _one_thread():
         scores = _pca_scores(xg, c, dtype)  # [G, N, c]
     return scores.reshape(*lead, N, c)  # [..., N, c]
+
+
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype heads are reduced in: float64 for float64 input, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _centred(xg: torch.Tensor, dtype: torch.dtype):
@@ -234,7 +240,7 @@ def _reduce_on_gpu(rec: Recording, components: int, finish) -> dict[LayerKey, to
         t = rec.layers[key]
         B, heads, h, w, d = t.shape
         xg = t.detach().reshape(B * heads, h * w, d)  # [G, N, d]
-        return _centred(xg, torch.float64 if xg.dtype == torch.float64 else torch.float32)
+        return _centred(xg, _work_dtype(xg))
 
     groups: dict[tuple, list] = {}  # (d, dtype) -> [(key, covariance [G, d, d])]
     for key in rec.layers:

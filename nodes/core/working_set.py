@@ -165,8 +165,10 @@ class _Starts:
         self.T = self._sums(labels, rows_of)  # [I, k, n]
         S = self.T * inv[:, :, None]  # [I, k, n] <mean_j, x_p>
         own = labels[:, None, :]  # [I, 1, n] each point's cluster
-        cc = torch.zeros(I, k, device=S.device).scatter_add_(1, labels, S.gather(1, own)[:, 0]) * inv  # ||mean_j||^2
-        cross = torch.zeros(I, k, device=S.device).scatter_add_(1, labels, self.S.gather(1, own)[:, 0]) * inv  # <mean_j, c_j>
+        cc = torch.zeros(I, k, device=S.device).scatter_add_(1, labels, S.gather(1, own)[:, 0])
+        cc *= inv  # [I, k] ||mean_j||^2
+        cross = torch.zeros(I, k, device=S.device).scatter_add_(1, labels, self.S.gather(1, own)[:, 0])
+        cross *= inv  # [I, k] <mean_j, c_j>
         shift = (cc + self.cc - 2.0 * cross).clamp_min_(0.0)  # [I, k] squared move of each centroid
         empty = counts == 0  # [I, k]
         any_empty = bool(empty.any())
@@ -206,7 +208,8 @@ class Run:
         """-> [k, C] centroids in feature space."""
         X, k = ws.X, int(self.point.shape[0])
         counts = torch.bincount(self.members, minlength=k).clamp_min(1)  # [k]
-        out = torch.zeros(k, X.shape[1], device=X.device).index_add_(0, self.members, X).div_(counts[:, None].to(X.dtype))
+        out = torch.zeros(k, X.shape[1], device=X.device).index_add_(0, self.members, X)  # [k, C] sums
+        out.div_(counts[:, None].to(X.dtype))  # [k, C] means
         points = self.point >= 0  # [k]
         out[points] = X[self.point[points]]
         return out  # [k, C]
