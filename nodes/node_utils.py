@@ -42,6 +42,72 @@ def as_recording(value, latent=None, name: str = "recording") -> Recording:
     return value
 
 
+# Choices of a node's `device` input: where its stage computes (inputs and outputs stay on the CPU).
+DEVICE_CHOICES = ["auto", "gpu", "cpu"]
+
+
+def compute_device(choice, name: str = "device") -> torch.device:
+    """A `device` input -> the torch.device to compute on.
+
+    'cpu': the CPU. 'gpu': ComfyUI's device when it is a CUDA (or ROCm) GPU, else ValueError naming
+    the input. 'auto': that GPU when ComfyUI runs on one, the CPU otherwise (--cpu, Apple MPS,
+    DirectML, XPU: the core is tested on CUDA GPUs and CPUs only).
+    """
+    if choice not in DEVICE_CHOICES:
+        raise ValueError(f"{name}: expected one of {DEVICE_CHOICES}, got {choice!r}")
+    if choice == "cpu":
+        return torch.device("cpu")
+    import comfy.model_management
+
+    device = comfy.model_management.get_torch_device()
+    if getattr(device, "type", None) == "cuda":
+        return device
+    if choice == "auto":
+        return torch.device("cpu")
+    raise ValueError(
+        f"{name}: 'gpu' needs a CUDA or ROCm GPU, but ComfyUI computes on {getattr(device, 'type', device)!s} "
+        "here (started with --cpu, or no such GPU found); choose 'auto' or 'cpu'"
+    )
+
+
+def _release_thread_workspaces() -> None:
+    """Frees the cuBLAS workspaces torch keeps per thread that multiplied on a GPU (32 MiB each on
+    an H200): those of the core's worker threads outlive the threads, 64 MiB after every GPU sweep
+    otherwise. Any thread's next GPU product makes a new one."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)  # private: absent in some builds
+    if clear is not None:
+        clear()
+
+
+def run_on_device(choice, work, what: str, name: str = "device"):
+    """work(device) on the device that `choice` picks (see compute_device) -> its result.
+
+    With 'auto', a GPU that runs out of memory hands the work to the CPU (a warning is logged), so
+    a busy GPU costs time, never the result; with 'gpu' it is a ValueError naming the input.
+    """
+    device = compute_device(choice, name)
+    if device.type == "cpu":
+        return work(device)
+    try:
+        return work(device)
+    except torch.cuda.OutOfMemoryError as exc:
+        # torch's message is a paragraph: its first two sentences say what did not fit
+        reason = ". ".join(str(exc).strip().split(". ")[:2]).rstrip(".") or "out of memory"
+        if choice != "auto":
+            raise ValueError(
+                f"{name}: the GPU ({device}) ran out of memory in {what} ({reason}); choose 'auto' to fall "
+                "back to the CPU, or 'cpu'"
+            ) from exc
+    finally:
+        _release_thread_workspaces()
+    # outside the except block, so that the failed attempt's GPU tensors can be freed first
+    import comfy.model_management
+
+    comfy.model_management.soft_empty_cache()
+    log.warning("HeadSeg: %s ran out of GPU memory on %s (%s); running it on the CPU instead", what, device, reason)
+    return work(torch.device("cpu"))
+
+
 def parse_positions(text: str) -> tuple[str, ...]:
     """"down+up" -> ("down", "up"); ValueError naming `positions`."""
     parts = tuple(p for p in str(text).replace(",", "+").replace(" ", "").split("+") if p)

@@ -20,12 +20,14 @@ from .core import upsample as core_upsample
 from .core.pca import HeadFeatures, recording_pca
 from .core.recording import parse_levels
 from .node_utils import (
+    DEVICE_CHOICES,
     POSITION_CHOICES,
     as_recording,
     image_batch,
     mask_to_comfy,
     parse_positions,
     preview_refs,
+    run_on_device,
 )
 
 CATEGORY = "HeadSeg"
@@ -271,6 +273,18 @@ class MultiKMeans(io.ComfyNode):
                     control_after_generate=False,  # fixed: re-queueing must reuse the cached clusters
                     tooltip="Seed of the k-means++ initialisation; the same seed gives the same clusters.",
                 ),
+                io.Combo.Input(
+                    "device",
+                    options=DEVICE_CHOICES,
+                    default="auto",
+                    optional=True,  # workflows saved before this input existed still run (as 'auto')
+                    tooltip=(
+                        "Where the clustering runs; the clusters come back to the CPU either way. 'auto' "
+                        "(default): ComfyUI's GPU when it has a CUDA or ROCm one, else the CPU; a GPU that runs "
+                        "out of memory falls back to the CPU. 'gpu': the GPU, or an error. 'cpu': the CPU. "
+                        "A GPU's labels can differ from the CPU's in a few pixels."
+                    ),
+                ),
             ],
             outputs=[
                 hs.Clusters.Output(
@@ -294,15 +308,21 @@ class MultiKMeans(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, stack, cluster_counts="2,5,6,10,20", seed=0) -> io.NodeOutput:
+    def execute(cls, stack, cluster_counts="2,5,6,10,20", seed=0, device="auto") -> io.NodeOutput:
         import comfy.utils
 
         _expect(stack, core_upsample.FeatureStack, "stack", "HEADSEG_FEATURE_STACK from Upsample")
         counts = core_kmeans.parse_cluster_counts(cluster_counts)
         bar = comfy.utils.ProgressBar(len(counts))
-        sweep = core_kmeans.multi_kmeans(
-            stack, counts, seed=int(seed), progress=lambda done, total: bar.update_absolute(done, total)
-        )
+
+        def sweep_on(dev: torch.device) -> core_kmeans.ClusterSweep:
+            # only the small native-grid features go to the GPU; ComfyUI caches the sweep, so it lives on the CPU
+            sweep = core_kmeans.multi_kmeans(
+                stack.to(dev), counts, seed=int(seed), progress=lambda done, total: bar.update_absolute(done, total)
+            )
+            return sweep.to("cpu")
+
+        sweep = run_on_device(device, sweep_on, "Multi K-Means")
         B = sweep.batch_size
         H, W = sweep.size
         images = torch.empty(len(sweep.results) * B, H, W, 3)  # [len(k) * B, H, W, 3], filled k by k

@@ -30,6 +30,7 @@ gives its large lattices all of the caller's threads.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
@@ -116,6 +117,12 @@ class KMeansResult:
     inertia: torch.Tensor  # [B] float64: sum over output pixels of the squared distance to the centroid
     n_iter: int  # most Lloyd iterations any image used (working set + pixel lattices)
 
+    def to(self, device) -> KMeansResult:
+        """The same result with labels, centroids and inertia on ``device``."""
+        return dataclasses.replace(
+            self, labels=self.labels.to(device), centroids=self.centroids.to(device), inertia=self.inertia.to(device)
+        )
+
 
 @dataclass
 class ClusterSweep:
@@ -133,6 +140,10 @@ class ClusterSweep:
         if not self.results:
             raise ValueError("ClusterSweep holds no cluster count: expected results for at least one k")
         return int(next(iter(self.results.values())).labels.shape[0])
+
+    def to(self, device) -> ClusterSweep:
+        """The same sweep with every result on ``device`` (e.g. back to the CPU after a GPU sweep)."""
+        return dataclasses.replace(self, results={k: r.to(device) for k, r in self.results.items()})
 
 
 def parse_cluster_counts(text: str) -> list[int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -145,6 +146,10 @@ class HeadFeatures:
     def num_heads(self) -> int:
         """Total number of heads over all layers."""
         return sum(int(t.shape[1]) for t in self.layers.values())
+
+    def to(self, device) -> HeadFeatures:
+        """The same features with every layer on ``device`` (layers already there are shared)."""
+        return dataclasses.replace(self, layers={key: t.to(device) for key, t in self.layers.items()})
 
     def checked_batch_size(self) -> int:
         """The batch size B shared by every layer, after checking that each layer is a real floating

@@ -15,6 +15,7 @@ import math
 import numbers
 import os
 import pathlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -211,6 +212,10 @@ class Recording:
     def num_heads(self) -> int:
         """Total number of heads over all layers."""
         return sum(int(t.shape[1]) for t in self.layers.values())
+
+    def to(self, device) -> Recording:
+        """The same recording with every layer on ``device`` (layers already there are shared)."""
+        return dataclasses.replace(self, layers={key: t.to(device) for key, t in self.layers.items()})
 
     def grid_level(self, key: LayerKey) -> int:
         """0 = latent grid, 1 = 1/2, 2 = 1/4, ... (ceil halving); ValueError if the grid fits no level."""

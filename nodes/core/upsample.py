@@ -10,6 +10,7 @@ work (k-means scores) can run on the native grids and upsample k channels instea
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from dataclasses import dataclass
 
@@ -152,6 +153,10 @@ class FeatureStack:
     def grid_sizes(self) -> list[tuple[int, int]]:
         """(h_i, w_i) of each grid entry."""
         return [(int(g.shape[2]), int(g.shape[3])) for g in self.grids]
+
+    def to(self, device) -> FeatureStack:
+        """The same virtual stack with every grid on ``device`` (grids already there are shared)."""
+        return dataclasses.replace(self, grids=[g.to(device) for g in self.grids])
 
     def matrices(self, index: int, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(Mh [H, h_i], Mw [W, w_i]) float32 such that upsample(grid) = Mh @ grid @ Mw.T in self.mode."""

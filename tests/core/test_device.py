@@ -158,6 +158,40 @@ def test_a_stack_on_two_devices_is_refused_naming_both_grids():
         multi_kmeans(stack, [2, 3])
 
 
+def _tensors(value):
+    """Every tensor inside a core value (dataclasses, dicts, lists)."""
+    import dataclasses
+
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if dataclasses.is_dataclass(value):
+        return [t for f in dataclasses.fields(value) for t in _tensors(getattr(value, f.name))]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def test_to_moves_every_tensor_of_every_stage_value_and_keeps_the_rest():
+    rec = planted_recording([nested_scene(32, 48)], small_layout(), d=8, noise=0.3)
+    res = segment(rec, cluster_counts=(2, 3))
+    for value in (rec, res.features, res.stack, res.sweep):
+        moved = value.to("meta")
+        assert type(moved) is type(value) and moved is not value
+        before, after = _tensors(value), _tensors(moved)
+        assert len(after) == len(before) > 0
+        assert all(t.device.type == "meta" for t in after)
+        assert all(t.device.type == "cpu" for t in before)  # the original is untouched
+        assert [(t.shape, t.dtype) for t in after] == [(t.shape, t.dtype) for t in before]
+    assert res.stack.to("meta").size == res.stack.size and res.stack.to("meta").keys == res.stack.keys
+    assert list(res.sweep.to("meta").results) == [2, 3] and res.sweep.to("meta").size == res.sweep.size
+    assert list(rec.to("meta").layers) == list(rec.layers) and rec.to("meta").image_size == rec.image_size
+    assert res.features.to("meta").components == res.features.components
+    # already there: the same tensors, no copies
+    assert all(a is b for a, b in zip(_tensors(res.sweep.to("cpu")), _tensors(res.sweep)))
+
+
 # ----------------------------------------------------------------------------- on a GPU, where there is one
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("eigh_on", ["cpu", "device"])
@@ -176,3 +210,18 @@ def test_segment_on_a_gpu_gives_the_cpus_labels(dtype, eigh_on, monkeypatch):
             assert float((got.labels.cpu() == expected.labels).double().mean()) >= 0.999, k  # near-ties may flip
             torch.testing.assert_close(got.inertia.cpu(), expected.inertia, rtol=1e-4, atol=0.0)
         assert [len(m) for m in gpu.masks] == [len(m) for m in cpu.masks]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_cpu_stack_clustered_on_the_gpu_comes_back_with_the_cpus_labels():
+    """The Multi K-Means node's path: a CPU stack moved to the GPU, the sweep moved back."""
+    rec = planted_recording([nested_scene(64, 96), split_scene(64, 96, seed=1)], small_layout(), d=16, noise=0.5)
+    stack = segment(rec, cluster_counts=(2,)).stack
+    cpu = multi_kmeans(stack, (2, 4, 7))
+    back = multi_kmeans(stack.to("cuda"), (2, 4, 7)).to("cpu")
+    assert all(t.device.type == "cpu" for t in _tensors(back)) and back.size == cpu.size
+    for k, expected in cpu.results.items():
+        got = back.results[k]
+        assert got.labels.dtype == expected.labels.dtype and got.labels.shape == expected.labels.shape
+        assert float((got.labels == expected.labels).double().mean()) >= 0.999, k
+        torch.testing.assert_close(got.inertia, expected.inertia, rtol=1e-4, atol=0.0)

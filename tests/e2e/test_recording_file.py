@@ -86,6 +86,8 @@ def _load_recording_prompt(api: dict, path) -> dict:
             node["inputs"].pop("latent", None)
         if node["class_type"] == "HeadSeg_MaskSelectAtPixel":
             node["inputs"].pop("image", None)
+        if node["class_type"] == "HeadSeg_MultiKMeans":
+            assert node["inputs"].pop("device") == "auto"  # as in prompts saved before this input existed
     return prompt
 
 
@@ -113,6 +115,14 @@ def test_bad_input_gives_an_error_naming_it(saved, comfy_server):
     assert not result.ok
     assert result.error["node_type"] == "HeadSeg_MaskSelectAtPixel"
     assert re.search(r"\bx\b", result.error["exception_message"]), result.error["exception_message"]
+
+    prompt = _load_recording_prompt(api, path)
+    (km,) = nodes_of(prompt, "HeadSeg_MultiKMeans")
+    prompt[km]["inputs"]["device"] = "gpu"  # this server runs ComfyUI with --cpu
+    result = comfy_server.run(prepare(prompt, comfy_server), timeout=300)
+    assert not result.ok
+    assert result.error["node_type"] == "HeadSeg_MultiKMeans"
+    assert result.error["exception_message"].startswith("device: 'gpu' needs a CUDA or ROCm GPU"), result.error
 
     prompt = _load_recording_prompt(api, path.with_name("no-such-recording.safetensors"))
     result = comfy_server.run(prepare(prompt, comfy_server), timeout=300)
