@@ -100,13 +100,6 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def on_device(rec, device):
-    """The recording with every layer moved to ``device``."""
-    import dataclasses
-
-    return dataclasses.replace(rec, layers={key: x.to(device) for key, x in rec.layers.items()})
-
-
 def run_ours(rec, seed: int, timings: dict | None = None):
     """All core stages, timed one by one -> (stack, sweep, masks). Runs on the recording's device."""
     from headseg.nodes.core.kmeans import multi_kmeans
@@ -331,7 +324,7 @@ def main():
 
     # ---------------------------------------------------------------- ours at --size
     scene, rec_cpu = make_recording(planted, args.size, args.noise, args.seed, args.layout)
-    rec = on_device(rec_cpu, device)
+    rec = rec_cpu.to(device)
     sel = rec.select(("down", "up"))
     grids = sorted({tuple(t.shape[2:4]) for t in sel.layers.values()}, reverse=True)
     print(f"input: {args.layout}, {len(sel.layers)} layers, {sel.num_heads} heads, d=64, grids "
@@ -402,7 +395,7 @@ def main():
     # ---------------------------------------------------------------- reference vs ours at --ref-size
     R = args.ref_size
     _, rec_r_cpu = make_recording(planted, R, args.noise, args.seed, args.layout)
-    rec_r = on_device(rec_r_cpu, device)
+    rec_r = rec_r_cpu.to(device)
     print()
     print(f"reference (scikit-learn, the paper's pipeline, CPU) vs ours ({device}) at {R}x{R}, same input, same run")
     run_ours(rec_r, args.seed)  # warm-up

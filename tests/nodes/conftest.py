@@ -28,3 +28,11 @@ def comfy_folders(tmp_path):
     folder_paths.set_input_directory(before[0])
     folder_paths.set_output_directory(before[1])
     folder_paths.set_temp_directory(before[2])
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    """HeadSeg's stage nodes (nodes/pipeline_nodes.py), imported once ComfyUI is importable."""
+    from headseg.nodes import pipeline_nodes
+
+    return pipeline_nodes

@@ -20,13 +20,6 @@ pytestmark = pytest.mark.comfy
 
 
 @pytest.fixture(scope="module")
-def nodes():
-    from headseg.nodes import pipeline_nodes
-
-    return pipeline_nodes
-
-
-@pytest.fixture(scope="module")
 def utils():
     from headseg.nodes import node_utils
 

@@ -24,13 +24,6 @@ H, W = 192, 256  # non-square on purpose: catches x/y swaps
 
 
 @pytest.fixture(scope="module")
-def nodes():
-    from headseg.nodes import pipeline_nodes
-
-    return pipeline_nodes
-
-
-@pytest.fixture(scope="module")
 def scene():
     return nested_scene(H, W)
 
