@@ -254,7 +254,13 @@ def _make_calc_cond_batch_wrapper(store_id: int):
         recording = store is not None and store.active
         original = args, kwargs
         try:
-            main = store.begin_batch(args[1] if len(args) > 1 else kwargs.get("conds")) if recording else False
+            if recording:
+                def arg(i, name):
+                    return args[i] if len(args) > i else kwargs.get(name)
+
+                main = store.begin_batch(arg(1, "conds"), arg(2, "x_in"), arg(3, "timestep"))
+            else:
+                main = False
 
             def warn(name):
                 store._warn_once(
@@ -280,7 +286,7 @@ def _make_calc_cond_batch_wrapper(store_id: int):
         try:
             return executor(*args, **kwargs)
         finally:
-            store.batch_main = before
+            store.batch_main, store.shares = before, None
 
     return headseg_calc_cond_batch
 

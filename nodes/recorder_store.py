@@ -4,8 +4,9 @@ outputs (written by the attn1 patches of ``recorder.py``) and the LiveRecording 
 A run (one OUTER_SAMPLE call) is made of model evaluations (the guider's predict_noise calls); an
 evaluation's main pass is made of its calc_cond_batch calls that run a conditioning index for the
 first time in that evaluation, and only main passes are recorded: the extra passes that guidance
-nodes (SAG, PAG) run after CFG repeat an index on a changed input or model. Every
-conditioning entry of the recorded branch counts the same, however ComfyUI batched the entries.
+nodes (SAG, PAG) run after CFG repeat an index on a changed input or model. Several conditioning
+entries of the recorded branch are mixed as ComfyUI mixes their predictions (``entry_weights.py``:
+strength, mask, timestep range), however ComfyUI batched them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .core.recording import LayerKey, Recording, grid_levels
+from .entry_weights import entry_shares
 
 log = logging.getLogger("HeadSeg")
 
@@ -101,7 +103,10 @@ class _Store:
         self._sig_obj = None
         self._sig_step = 0
         self._warned: set = set()
-        self.acc_eval: dict[LayerKey, int] = {}  # steps = last: the model evaluation acc[key] holds
+        self.acc_eval: dict[LayerKey, tuple] = {}  # the model evaluation acc[key] last added (its tag)
+        self.shares = None  # inside a calc_cond_batch call: EntryShares of the recorded branch, or None
+        self.shares_tag = None  # the evaluation those shares belong to
+        self.batches = 0  # calc_cond_batch calls so far in this run
         self.eval_id = 0  # model evaluations (guider predict_noise calls) so far in this run
         self.seen_conds: set[int] = set()  # conditioning indices already run in the current evaluation
         self.batch_main = None  # inside a calc_cond_batch call: whether it is part of the main pass
@@ -118,16 +123,28 @@ class _Store:
         self.eval_id += 1
         self.seen_conds = set()
 
-    def begin_batch(self, conds) -> bool:
-        """A calc_cond_batch call over ``conds`` (a list, None where a branch is skipped) starts ->
-        whether it belongs to the evaluation's main pass: it runs a conditioning index that this
-        evaluation has not run yet. CFG runs [cond, uncond] once (or as [cond, None] then [None,
-        uncond]); the extra passes of guidance nodes after CFG (SAG's blurred uncond, PAG's
-        perturbed cond) run an index again, on a changed input or model: not recorded. Without a
-        guider evaluation around it (a custom sampling path) every call counts."""
+    def begin_batch(self, conds, x=None, timestep=None) -> bool:
+        """A calc_cond_batch call over ``conds`` (a list, None where a branch is skipped) on the latent
+        ``x`` at ``timestep`` (sigma) starts -> whether it belongs to the evaluation's main pass: it
+        runs a conditioning index that this evaluation has not run yet. CFG runs [cond, uncond] once
+        (or as [cond, None] then [None, uncond]); the extra passes of guidance nodes after CFG (SAG's
+        blurred uncond, PAG's perturbed cond) run an index again, on a changed input or model: not
+        recorded. Without a guider evaluation around it (a custom sampling path) every call counts.
+        Also sets ``shares``: how much each entry of the recorded branch counts at this sigma."""
         indices = {i for i, c in enumerate(conds) if c is not None} if isinstance(conds, (list, tuple)) else {0}
         main = self.eval_id == 0 or not indices <= self.seen_conds
         self.seen_conds |= indices
+        self.batches += 1
+        self.shares, self.shares_tag = None, ("shares", self.eval_id or -self.batches)
+        branch = conds[self.branch_index] if isinstance(conds, (list, tuple)) and len(conds) > self.branch_index else None
+        if main and branch is not None and isinstance(x, torch.Tensor) and isinstance(timestep, torch.Tensor):
+            try:
+                self.shares = entry_shares(branch, x.shape, float(timestep.reshape(-1)[0]))
+            except ValueError as exc:  # entries then count alike
+                if ("shares",) not in self._warned:
+                    self._warned.add(("shares",))
+                    log.warning("HeadSeg: %s in the '%s' branch: its entries are averaged with equal weights",
+                                exc, self.branch)
         return main
 
     @property
@@ -335,31 +352,55 @@ class _Store:
         if b != B or b * chunks != B_all:
             self._warn_once(key, "batch", f"batch {B_all} does not split into {chunks} chunks of the latent batch {B}")
             return
-        # Every entry of the branch counts the same, however ComfyUI batched them (several positive
-        # entries, e.g. ConditioningCombine, share one call or get one call each when memory is short).
+        # Several entries of the branch (ConditioningCombine, ConditioningSetMask) share one call, or get
+        # one call each when memory is short: each counts with its share of ComfyUI's prediction, and
+        # the shares of an evaluation add up to 1 over its calls. Without shares (entries ComfyUI did
+        # not label) every entry counts the same: a sum of E entries, counted E times.
         entries = [j for j, c in enumerate(cond_or_uncond) if c == self.branch_index]
         E, D = len(entries), inner // heads
         parts = out.reshape(chunks, b, N, inner)  # [chunks, b, N, heads*D]
-        x = parts[entries[0]] if E == 1 else parts[entries].to(torch.float32).sum(0)  # [b, N, heads*D]
+        uuids, shares = extra_options.get("uuids"), self.shares
+        weighted = (
+            shares is not None and isinstance(uuids, (list, tuple)) and len(uuids) == chunks
+            and all(uuids[j] in shares for j in entries)
+        )
+        as_is = E == 1  # x is then a view of the model's own output (copied before it is kept)
+        if weighted:
+            tag = self.shares_tag
+            weights = [shares.share(uuids[j], (h, w), out.device) for j in entries]  # floats or [b, h, w]
+            as_is = as_is and not isinstance(weights[0], torch.Tensor) and weights[0] == 1.0
+            if as_is:
+                x = parts[entries[0]]  # [b, N, heads*D]: the one entry
+            else:
+                x = sum(
+                    parts[j].to(torch.float32) * (s.reshape(b, N, 1) if isinstance(s, torch.Tensor) else s)
+                    for j, s in zip(entries, weights)
+                )  # [b, N, heads*D]
+        else:
+            tag = ("eval", self.eval_id)
+            x = parts[entries[0]] if E == 1 else parts[entries].to(torch.float32).sum(0)  # [b, N, heads*D]
         x = x.reshape(b, h, w, heads, D).permute(0, 3, 1, 2, 4)  # [b, heads, h, w, D]
+        same_eval = key in self.acc and self.acc_eval.get(key) == tag  # more entries of this evaluation
+        added = E if not weighted else 0 if same_eval else 1  # evaluations (or equal entries) in x
 
         if self.steps.mode == "last":
-            if key in self.acc and self.acc_eval.get(key) == self.eval_id:  # more entries of this evaluation
+            if same_eval:
                 self.acc[key] = self.acc[key].to(torch.float32) + x.to(device="cpu", dtype=torch.float32)
-                self.count[key] += E
+                self.count[key] += added
                 return
-            if E == 1:
+            if as_is:
                 kept = torch.empty((b, heads, h, w, D), dtype=RECORD_DTYPE, device="cpu")
                 kept.copy_(x)  # one copy: cast + move + contiguous
             else:
-                kept = x.to(device="cpu", dtype=torch.float32)  # a sum of E entries
-            self.acc[key], self.count[key], self.acc_eval[key] = kept, E, self.eval_id
+                kept = x.to(device="cpu", dtype=torch.float32)  # a sum or a mix of entries
+            self.acc[key], self.count[key] = kept, added
         elif key in self.acc:
             self.acc[key] += x  # float32 running sum on the sampling device
-            self.count[key] += E
+            self.count[key] += added
         else:
             self.acc[key] = x.to(torch.float32).contiguous()
-            self.count[key] = E
+            self.count[key] = added
+        self.acc_eval[key] = tag
 
 
 class LiveRecording:

@@ -39,6 +39,7 @@ class Call:
     wk: torch.Tensor
     wv: torch.Tensor
     heads: int
+    context: torch.Tensor | None = None  # [B_all, tokens, dim]: the cross-attention context of each chunk
 
 
 class AttentionProbe:
@@ -52,7 +53,8 @@ class AttentionProbe:
         self._handles = []
 
     def _wrapper(self, apply_model, args):
-        self._current = (list(args["cond_or_uncond"]), float(args["timestep"].max()))
+        context = args["c"].get("c_crossattn")
+        self._current = (list(args["cond_or_uncond"]), float(args["timestep"].max()), context)
         try:
             return apply_model(args["input"], args["timestep"], **args["c"])
         finally:
@@ -62,10 +64,13 @@ class AttentionProbe:
         self.patcher.set_model_unet_function_wrapper(self._wrapper)
         for name, attn in self.modules.items():
             def hook(module, inputs, name=name, attn=attn):
-                cu, sigma = self._current
+                cu, sigma, context = self._current
                 w = lambda lin: lin.weight.detach().to(torch.float64).clone()  # noqa: E731
                 x = inputs[0].detach().to(torch.float64).clone()
-                self.calls[name].append(Call(cu, sigma, x, w(attn.to_q), w(attn.to_k), w(attn.to_v), attn.heads))
+                ctx = context.detach().clone() if isinstance(context, torch.Tensor) else None
+                self.calls[name].append(
+                    Call(cu, sigma, x, w(attn.to_q), w(attn.to_k), w(attn.to_v), attn.heads, ctx)
+                )
             self._handles.append(attn.to_q.register_forward_pre_hook(hook))
         return self
 
