@@ -9,9 +9,9 @@ entry of largest absolute value is positive, so scores can be compared with
 
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-import dataclasses
 from dataclasses import dataclass
 
 import torch

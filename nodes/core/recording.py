@@ -11,11 +11,11 @@ File format (safetensors): one tensor per layer keyed "<block>.<number>.<depth>"
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import os
 import pathlib
-import dataclasses
 from dataclasses import dataclass
 
 import torch

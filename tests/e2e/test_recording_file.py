@@ -122,7 +122,7 @@ def test_bad_input_gives_an_error_naming_it(saved, comfy_server):
     result = comfy_server.run(prepare(prompt, comfy_server), timeout=300)
     assert not result.ok
     assert result.error["node_type"] == "HeadSeg_MultiKMeans"
-    assert result.error["exception_message"].startswith("device: 'gpu' needs a CUDA or ROCm GPU"), result.error
+    assert result.error["exception_message"].startswith("device: 'gpu' runs HeadSeg on CUDA or ROCm GPUs only"), result.error
 
     prompt = _load_recording_prompt(api, path.with_name("no-such-recording.safetensors"))
     result = comfy_server.run(prepare(prompt, comfy_server), timeout=300)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import types
+import weakref
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import pytest
 import torch
@@ -76,10 +78,16 @@ def test_the_device_follows_comfyuis_gpu(utils, comfy_device, comfy, choice, exp
     assert utils.compute_device(choice) == torch.device(expected)
 
 
-@pytest.mark.parametrize("comfy", ["cpu", "mps"])
-def test_gpu_without_a_cuda_gpu_is_an_error_naming_the_input(utils, comfy_device, comfy):
+@pytest.mark.parametrize(
+    "comfy, why", [("cpu", r" \(started with --cpu, or no GPU found\)"), ("mps", ""), ("privateuseone:0", "")]
+)
+def test_gpu_without_a_cuda_gpu_is_an_error_naming_the_input(utils, comfy_device, comfy, why):
     comfy_device.set(comfy)
-    with pytest.raises(ValueError, match=rf"^device: 'gpu' needs a CUDA or ROCm GPU, but ComfyUI computes on {comfy}"):
+    kind = comfy.split(":")[0]
+    with pytest.raises(
+        ValueError, match=rf"^device: 'gpu' runs HeadSeg on CUDA or ROCm GPUs only, but ComfyUI computes on {kind} "
+                          rf"here{why}; choose 'auto' or 'cpu'$"
+    ):
         utils.compute_device("gpu")
 
 
@@ -88,11 +96,19 @@ def test_an_unknown_choice_names_the_input_and_the_choices(utils):
         utils.compute_device("cuda")
 
 
-def _work_that_overflows_the_gpu(calls):
+# torch's own message: a paragraph, of which the error names only the first two sentences
+TORCH_OOM = (
+    "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.79 GiB of which 1.12 GiB is "
+    "free. Including non-PyTorch memory, this process has 6.66 GiB memory in use. Of the allocated memory 6.01 GiB "
+    "is allocated by PyTorch. See documentation for Memory Management"
+)
+
+
+def _work_that_overflows_the_gpu(calls, error=None):
     def work(device):
         calls.append(device)
         if device.type != "cpu":
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise error or torch.cuda.OutOfMemoryError(TORCH_OOM)
         return "result"
 
     return work
@@ -106,14 +122,55 @@ def test_auto_falls_back_to_the_cpu_when_the_gpu_runs_out_of_memory(utils, comfy
     assert calls == [torch.device("cuda:0"), torch.device("cpu")]
     assert comfy_device.emptied == 1  # the GPU's cache is released before the CPU run
     assert comfy_device.released == 1  # and the worker threads' cuBLAS workspaces
-    assert "Multi K-Means ran out of GPU memory on cuda:0" in caplog.text and "on the CPU instead" in caplog.text
+    assert "Multi K-Means ran out of GPU memory on cuda:0 (CUDA out of memory. Tried to allocate 2.00 GiB); " \
+           "running it on the CPU instead" in caplog.text
+
+
+def test_a_library_that_cannot_allocate_on_a_full_gpu_falls_back_too(utils, comfy_device):
+    """A full GPU can fail as a RuntimeError: cuBLAS cannot create the handle of a new worker thread."""
+    comfy_device.set("cuda:0")
+    calls = []
+    error = RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+    assert utils.run_on_device("auto", _work_that_overflows_the_gpu(calls, error), "Multi K-Means") == "result"
+    assert calls == [torch.device("cuda:0"), torch.device("cpu")]
+
+
+def test_the_failed_attempts_tensors_are_freed_before_the_cpu_runs(utils, comfy_device):
+    """The failed attempt's tensors live in frames that its traceback keeps, in a cycle through the
+    worker threads' futures: they must be gone when the CPU run starts, not at the next collection."""
+    comfy_device.set("cuda:0")
+    alive = []
+
+    def work(device):
+        if device.type == "cpu":
+            return [ref() is not None for ref in alive]
+
+        def worker():
+            held = torch.empty(1024)  # stands for the GPU tensors of the failed attempt
+            alive.append(weakref.ref(held))
+            raise torch.cuda.OutOfMemoryError(TORCH_OOM)
+
+        with ThreadPoolExecutor(2) as pool:
+            futures = {pool.submit(worker): i for i in range(2)}
+            for future in as_completed(futures):
+                future.result()
+
+    import gc
+
+    gc.disable()  # only what run_on_device does may free them
+    try:
+        assert utils.run_on_device("auto", work, "Multi K-Means") == [False, False]
+    finally:
+        gc.enable()
 
 
 def test_gpu_that_runs_out_of_memory_is_an_error_naming_the_input(utils, comfy_device):
+    """Still an out-of-memory error, so that ComfyUI unloads its models and shows its memory tips."""
     comfy_device.set("cuda:0")
     calls = []
-    with pytest.raises(ValueError, match=r"^device: the GPU \(cuda:0\) ran out of memory in Multi K-Means \(CUDA out "
-                                         r"of memory. Tried to allocate 2.00 GiB\); choose 'auto'") as info:
+    with pytest.raises(torch.cuda.OutOfMemoryError,
+                       match=r"^device: the GPU \(cuda:0\) ran out of memory in Multi K-Means \(CUDA out of memory. "
+                             r"Tried to allocate 2.00 GiB\); choose 'auto' to fall back to the CPU, or 'cpu'$") as info:
         utils.run_on_device("gpu", _work_that_overflows_the_gpu(calls), "Multi K-Means")
     assert isinstance(info.value.__cause__, torch.cuda.OutOfMemoryError)
     assert calls == [torch.device("cuda:0")] and comfy_device.released == 1
@@ -163,8 +220,43 @@ def test_multi_kmeans_gives_the_same_clusters_with_device_omitted_auto_and_cpu_o
 
 def test_multi_kmeans_on_gpu_without_one_names_the_input(nodes, stack, comfy_device):
     comfy_device.set("cpu")
-    with pytest.raises(ValueError, match="^device: 'gpu' needs a CUDA or ROCm GPU"):
+    with pytest.raises(ValueError, match="^device: 'gpu' runs HeadSeg on CUDA or ROCm GPUs only"):
         nodes.MultiKMeans.execute(stack, "2,3", 0, "gpu")
+
+
+@pytest.mark.parametrize("device", [None, "auto", "gpu"])
+def test_multi_kmeans_clusters_on_the_gpu_and_brings_the_sweep_back(nodes, stack, comfy_device, monkeypatch, device):
+    """The node's wiring when the GPU has room (a stand-in here): the stack goes to ComfyUI's GPU, the
+    sweep comes back to the CPU (ComfyUI caches it). device None: a prompt saved before the input."""
+    from headseg.nodes.core import kmeans as core_kmeans
+    from headseg.nodes.core.upsample import FeatureStack
+
+    expected = nodes.MultiKMeans.execute(stack, "2,3,4", 0, "cpu").args[0]
+    comfy_device.set("cuda:0")
+    on_gpu = object()  # stands for the stack moved to the GPU
+    stack_moves, sweep_moves = [], []
+    real_stack_to, real_sweep_to = FeatureStack.to, core_kmeans.ClusterSweep.to
+
+    def stack_to(self, dev):
+        stack_moves.append(torch.device(dev))
+        return on_gpu if torch.device(dev).type == "cuda" else real_stack_to(self, dev)
+
+    def sweep_to(self, dev):
+        sweep_moves.append(torch.device(dev))
+        return real_sweep_to(self, dev)
+
+    def multi_kmeans(s, *args, **kwargs):
+        assert s is on_gpu
+        return expected  # stands for the sweep made on the GPU
+
+    monkeypatch.setattr(FeatureStack, "to", stack_to)
+    monkeypatch.setattr(core_kmeans.ClusterSweep, "to", sweep_to)
+    monkeypatch.setattr(core_kmeans, "multi_kmeans", multi_kmeans)
+    args = (stack, "2,3,4", 0) if device is None else (stack, "2,3,4", 0, device)
+    out = nodes.MultiKMeans.execute(*args)
+    assert out.args[0] is not expected and all(r.labels.device.type == "cpu" for r in out.args[0].results.values())
+    assert stack_moves == [torch.device("cuda:0")] and sweep_moves == [torch.device("cpu")]
+    assert comfy_device.released == 1
 
 
 def test_multi_kmeans_moves_the_stack_to_the_gpu_and_falls_back_when_it_is_full(nodes, stack, comfy_device, monkeypatch):
