@@ -517,6 +517,44 @@ def test_picker_with_linked_pixel_and_index_past_the_end(comfy_page, pictures):
     assert comfy_page.pack_problems() == []
 
 
+JS_NODE_SCREEN_RECT = """
+(id) => {
+  const node = app.graph.getNodeById(id);
+  const ds = app.canvas.ds, r = app.canvas.canvas.getBoundingClientRect();
+  const x = (v) => (v + ds.offset[0]) * ds.scale + r.left, y = (v) => (v + ds.offset[1]) * ds.scale + r.top;
+  return {left: x(node.pos[0]), top: y(node.pos[1]), right: x(node.pos[0] + node.size[0]),
+          bottom: y(node.pos[1] + node.size[1]), size: [...node.size]};
+}
+"""
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.5])
+@pytest.mark.parametrize("state", ["masks", "no image"])
+def test_picker_stays_inside_its_node_at_the_smallest_size(comfy_page, pictures, scale, state):
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page, name if state == "masks" else "", scale)
+    sel = picker_selector(node_id)
+    if state == "masks":
+        synthetic_run(page, node_id, name, (W, H), (10, 10), masks=3)
+    settle(page)
+    for size in ("default", "smallest"):
+        if size == "smallest":  # as far as dragging the corner goes: ComfyUI stops at computeSize()
+            page.evaluate(
+                "(id) => { const n = app.graph.getNodeById(id); n.setSize(n.computeSize()); app.canvas.setDirty(true, true); }",
+                node_id,
+            )
+            settle(page, 600)
+        node = page.evaluate(JS_NODE_SCREEN_RECT, node_id)
+        parts = ("", " .headseg-stage", " .headseg-info") + ((" .headseg-strip",) if state == "masks" else ())
+        for part in parts:
+            box = page.eval_on_selector(sel + part, "e => e.getBoundingClientRect().toJSON()")
+            assert box["height"] > 0, (size, part)
+            assert box["bottom"] <= node["bottom"] + 0.5 and box["right"] <= node["right"] + 0.5, (size, part, box, node)
+            assert box["top"] >= node["top"] - 0.5 and box["left"] >= node["left"] - 0.5, (size, part, box, node)
+    assert comfy_page.pack_problems() == []
+
+
 def test_wheel_over_the_picker_zooms_the_canvas(comfy_page, pictures):
     name, W, H = pictures["landscape"]
     page = comfy_page.page
