@@ -1,58 +1,60 @@
 """How much each conditioning entry of a branch counts in ComfyUI's prediction, for the recorder.
 
 With several entries in one branch (ConditioningCombine, ConditioningSetMask, ConditioningSetAreaStrength,
-ConditioningSetTimestepRange), ComfyUI runs the model once per entry and mixes the predictions per
-latent cell: sum_j mult_j * pred_j / sum_j mult_j, with mult_j = strength_j * mask_j * mask_strength_j
-(1 where no mask) over the entries active at the step's sigma. The recorder mixes each entry's
-head outputs with the same shares, pooled (averaged) over the latent cells each token of a coarser
-grid covers. Entries limited to an area are not recorded (their calls run on a crop) and do not count.
+ConditioningSetTimestepRange, ConditioningSetDefaultCombine), ComfyUI runs the model once per
+entry and mixes the predictions per latent cell: sum_j mult_j * pred_j / sum_j mult_j. Each
+entry's mult (strength * mask * mask_strength, 1 where no mask, only while its timestep range is
+active) is ComfyUI's own, from ``comfy.samplers.get_area_and_mult`` (the recorder asks it); a
+"default" entry gets what the others leave, relu(1 - sum of their mults), and does not run where
+that is 0 everywhere (``comfy.samplers.finalize_default_conds``).
 
-Plain torch on ComfyUI's condition dicts (keys 'uuid', 'strength', 'mask', 'mask_strength', 'area',
-'timestep_start', 'timestep_end', as ComfyUI's samplers read them); nothing here imports ComfyUI.
+The recorder mixes the entries' head outputs with the same shares: mult_j / sum over the recorded
+entries, per latent cell (alike where none weighs), then averaged over the latent cells of each
+token of a coarser grid: token i of level l covers cells [i 2^l, (i + 1) 2^l), the ceil-halved
+blocks of the UNet's stride-2 downsampling. Entries limited to an area run on a crop, which is not
+recorded: they take their area from a default entry but are left out of the shares.
+
+Plain torch; nothing here imports ComfyUI.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
 
-def _active(entry: dict, sigma: float) -> bool:
-    """Whether ComfyUI runs ``entry`` at ``sigma`` (its timestep range holds it)."""
-    start, end = entry.get("timestep_start"), entry.get("timestep_end")
-    return not ((start is not None and sigma > start) or (end is not None and sigma < end))
+@dataclass
+class EntryMult:
+    """One active entry of a branch at one model evaluation, as ComfyUI weighs it."""
+
+    uuid: object
+    mult: torch.Tensor | None  # [B, h', w'] on the entry's area (the whole latent without one); None: a default entry
+    area: tuple | None  # (h', w', y, x) in latent cells, or None
+    default: bool = False
 
 
-def _covers_latent(entry: dict, H: int, W: int) -> bool:
-    """Whether the entry's calls run on the whole [H, W] latent (no area, or an area equal to it)."""
-    area = entry.get("area")
-    if area is None:
-        return True
-    try:
-        h, w, y, x = (int(v) for v in area[:4])
-    except (TypeError, ValueError):  # a form this module does not know: treat it as a crop
-        return False
-    return (h, w, y, x) == (H, W, 0, 0) or (min(h, H), min(w, W), y, x) == (H, W, 0, 0)
-
-
-def _mask_of(entry: dict, B: int, H: int, W: int) -> torch.Tensor:
-    """[B, H, W] float32: the entry's mask times its mask_strength, batch as ComfyUI repeats it."""
-    mask = entry["mask"]
-    if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 3) or 0 in mask.shape:
-        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"a conditioning mask of shape {shape} (expected [H, W] or [B, H, W])")
-    mask = mask.detach().to(torch.float32)
-    if mask.dim() == 2:
-        mask = mask.unsqueeze(0)  # [1, H', W']
-    if tuple(mask.shape[-2:]) != (H, W):  # normally resized to the latent when sampling starts
-        mask = torch.nn.functional.interpolate(mask.unsqueeze(1), size=(H, W), mode="bilinear").squeeze(1)
-    mask = mask[:B]  # [Bm, H, W]
-    mask = mask.repeat(-(-B // mask.shape[0]), 1, 1)[:B]  # [B, H, W]
-    return mask * float(entry.get("mask_strength", 1.0))
+def _token_means(cells: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """[B, H, W] per latent cell -> [B, h, w]: the mean over each token's block of cells (its level's
+    2^l x 2^l ceil-halved block; an adaptive average where (h, w) is no ceil-halving of (H, W))."""
+    B, H, W = cells.shape
+    h, w = grid
+    level, (hh, ww) = 0, (H, W)
+    while (hh, ww) != (h, w) and (hh > h or ww > w):
+        hh, ww, level = math.ceil(hh / 2), math.ceil(ww / 2), level + 1
+    if (hh, ww) != (h, w):
+        return torch.nn.functional.adaptive_avg_pool2d(cells.unsqueeze(1), grid).squeeze(1)  # [B, h, w]
+    f = 1 << level
+    pad = (0, w * f - W, 0, h * f - H)  # zeros right and below: the last blocks hold fewer cells
+    sums = torch.nn.functional.pad(cells, pad).reshape(B, h, f, w, f).sum((2, 4))  # [B, h, w]
+    counts = torch.nn.functional.pad(torch.ones_like(cells[:1]), pad).reshape(1, h, f, w, f).sum((2, 4))  # [1, h, w]
+    return sums / counts
 
 
 class EntryShares:
-    """Shares of the recorded branch's entries at one model evaluation: share(uuid, (h, w)) is a float
-    or [B, h, w] float32, and the shares of all entries sum to 1 at every token of a grid."""
+    """Shares of the recorded branch's entries at one model evaluation: share(uuid, (h, w), device) is
+    a float (the same at every token) or [B, h, w] float32; over all entries they sum to 1 at every token."""
 
     def __init__(self, shares: dict):
         self._shares = shares  # uuid -> float, or [B, H, W] float32 on the latent grid
@@ -65,43 +67,51 @@ class EntryShares:
         return len(self._shares)
 
     def share(self, uuid, grid: tuple[int, int], device) -> float | torch.Tensor:
-        """float, or [B, h, w] float32 on ``device``: the share of entry ``uuid`` at each token of ``grid``."""
         s = self._shares[uuid]
         if not isinstance(s, torch.Tensor):
             return s
-        h, w = grid
-        key = (uuid, h, w, str(device))
+        key = (uuid, *grid, str(device))
         if key not in self._pooled:
-            # each token of an h x w grid covers the latent cells of its ceil-halved block: their mean share
-            pooled = torch.nn.functional.adaptive_avg_pool2d(s.unsqueeze(1), (h, w)).squeeze(1)  # [B, h, w]
-            self._pooled[key] = pooled.to(device)
+            self._pooled[key] = _token_means(s, grid).to(device)  # [B, h, w]
         return self._pooled[key]
 
 
-def entry_shares(entries, latent_shape, sigma: float) -> EntryShares | None:
-    """ComfyUI condition dicts of one branch, latent [B, C, H, W], sigma -> EntryShares of the entries
-    active at sigma that run on the whole latent, or None when none does (nothing to record).
-    ValueError for a mask of a form ComfyUI's SD samplers do not make (the caller counts entries alike)."""
+def _covers(e: EntryMult, H: int, W: int) -> bool:
+    return e.area is None or tuple(e.mult.shape[-2:] if e.mult is not None else e.area[:2]) == (H, W)
+
+
+def entry_shares(entries: list[EntryMult], latent_shape) -> EntryShares | None:
+    """The active entries of one branch at one evaluation, latent [B, C, H, W] -> EntryShares of the
+    entries that run on the whole latent, or None when none does (nothing to record)."""
     B, H, W = int(latent_shape[0]), int(latent_shape[-2]), int(latent_shape[-1])
     mults = {}
-    for entry in entries or ():
-        if not isinstance(entry, dict) or "uuid" not in entry:
-            continue
-        if not _active(entry, sigma) or not _covers_latent(entry, H, W):
-            continue
-        strength = float(entry.get("strength", 1.0))
-        mults[entry["uuid"]] = strength * _mask_of(entry, B, H, W) if entry.get("mask") is not None else strength
+    plain = [e for e in entries if not e.default]
+    for e in plain:
+        if e.mult.dim() != 3 or e.mult.shape[0] != B:
+            raise ValueError(f"a conditioning weight of shape {tuple(e.mult.shape)} (expected [{B}, h, w])")
+        if _covers(e, H, W):
+            mults[e.uuid] = e.mult.to(torch.float32)  # [B, H, W]
+    defaults = [e for e in entries if e.default and _covers(e, H, W)]
+    if defaults:
+        device = next((e.mult.device for e in plain), torch.device("cpu"))
+        rest = torch.ones(B, H, W, device=device)  # what the other entries leave, each in its area
+        for e in plain:
+            h, w, y, x = (int(v) for v in e.area[:4]) if e.area is not None else (H, W, 0, 0)
+            rest[:, y : y + h, x : x + w] -= e.mult.to(device=device, dtype=torch.float32)
+        rest.clamp_(min=0.0)
+        if float(rest.max()) > 0.0:  # else ComfyUI does not run them
+            for e in defaults:
+                mults[e.uuid] = rest
     if not mults:
         return None
     n = len(mults)
-    if not any(isinstance(m, torch.Tensor) for m in mults.values()):
-        total = sum(mults.values())
-        if total > 0:
-            return EntryShares({u: m / total for u, m in mults.items()})
-        return EntryShares({u: 1.0 / n for u in mults})  # ComfyUI's prediction is 0 there: count alike
-    device = next(m.device for m in mults.values() if isinstance(m, torch.Tensor))
-    full = {u: m if isinstance(m, torch.Tensor) else torch.full((B, H, W), m, device=device) for u, m in mults.items()}
-    total = sum(full.values())  # [B, H, W]
-    covered = total > 0  # cells no entry weighs: count every entry alike there
+    if n == 1:
+        return EntryShares({u: 1.0 for u in mults})  # the one entry, wherever it weighs or not
+    lo = {u: float(m.min()) for u, m in mults.items()}
+    if all(lo[u] == float(m.max()) for u, m in mults.items()):  # every weight the same at every cell
+        total = sum(lo.values())
+        return EntryShares({u: lo[u] / total if total > 0 else 1.0 / n for u in mults})
+    total = sum(mults.values())  # [B, H, W]
+    covered = total > 0  # cells no entry weighs: count every entry alike there (ComfyUI's prediction is 0)
     safe = torch.where(covered, total, torch.ones_like(total))
-    return EntryShares({u: torch.where(covered, m / safe, torch.full_like(m, 1.0 / n)) for u, m in full.items()})
+    return EntryShares({u: torch.where(covered, m / safe, torch.full_like(m, 1.0 / n)) for u, m in mults.items()})

@@ -21,8 +21,11 @@ How:
   depth) patch set after the record node (SAG's) that replaced HeadSeg's own.
 - Steps are told apart by the call's sigma against the run's sigma schedule: step i covers the sigmas in
   (sigmas[i+1], sigmas[i]]. Only what the steps option needs is kept ("last": one fp16 copy per layer,
-  a float32 sum when the branch has several entries; "mean" or a range: one float32 running sum per
-  layer). The store itself is ``recorder_store.py``.
+  or a float32 mix when the branch has several entries or a masked one; "mean" or a range: one
+  float32 running sum per layer). The store itself is ``recorder_store.py``.
+- Several entries of the recorded branch are mixed as ComfyUI mixes their predictions: the
+  CALC_COND_BATCH wrapper asks ComfyUI's ``get_area_and_mult`` how much each entry weighs at this
+  sigma, and ``entry_weights.py`` turns that into each entry's share per token.
 """
 
 from __future__ import annotations
@@ -32,10 +35,13 @@ import weakref
 from dataclasses import dataclass
 
 import comfy.ldm.modules.attention as comfy_attention
+import comfy.samplers
+import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
 from comfy.patcher_extension import WrappersMP
 
 from .core.recording import BLOCK_POSITIONS, LayerKey, parse_levels
+from .entry_weights import EntryMult, EntryShares, entry_shares
 from .recorder_store import BRANCHES, LiveRecording, _Store, parse_steps
 
 
@@ -244,6 +250,19 @@ def _make_predict_noise_wrapper(store_id: int):
     return headseg_predict_noise
 
 
+def _branch_weights(branch: list, x: torch.Tensor, timestep) -> EntryShares | None:
+    """The shares of one branch's entries at this call, from ComfyUI's own weighing of each entry
+    (``get_area_and_mult``: strength, mask, timestep range, area; None while an entry is inactive)."""
+    entries = []
+    for entry in branch:
+        p = comfy.samplers.get_area_and_mult(entry, x, timestep)
+        if p is None:
+            continue
+        default = "default" in entry  # weighed by what the others leave (finalize_default_conds)
+        entries.append(EntryMult(p.uuid, None if default else p.mult[:, 0], p.area, default))  # mult [B, h', w']
+    return entry_shares(entries, x.shape)
+
+
 def _make_calc_cond_batch_wrapper(store_id: int):
     """CALC_COND_BATCH wrapper: (executor, model, conds, x, timestep, model_options): records only in an
     evaluation's main pass, and lets (block, number) attn1 patches added after the record node run
@@ -253,12 +272,14 @@ def _make_calc_cond_batch_wrapper(store_id: int):
         store = _REGISTRY.get(store_id)
         recording = store is not None and store.active
         original = args, kwargs
+        saved = (store.batch_main, store.shares, store.shares_tag) if recording else None
         try:
             if recording:
                 def arg(i, name):
                     return args[i] if len(args) > i else kwargs.get(name)
 
-                main = store.begin_batch(arg(1, "conds"), arg(2, "x_in"), arg(3, "timestep"))
+                x, timestep = arg(2, "x_in"), arg(3, "timestep")
+                main = store.begin_batch(arg(1, "conds"), lambda branch: _branch_weights(branch, x, timestep))
             else:
                 main = False
 
@@ -282,11 +303,11 @@ def _make_calc_cond_batch_wrapper(store_id: int):
             return executor(*original[0], **original[1])
         if not recording:
             return executor(*args, **kwargs)
-        before, store.batch_main = store.batch_main, main
+        store.batch_main = main
         try:
             return executor(*args, **kwargs)
         finally:
-            store.batch_main, store.shares = before, None
+            store.batch_main, store.shares, store.shares_tag = saved
 
     return headseg_calc_cond_batch
 

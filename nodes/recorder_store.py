@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 
 from .core.recording import LayerKey, Recording, grid_levels
-from .entry_weights import entry_shares
 
 log = logging.getLogger("HeadSeg")
 
@@ -93,7 +92,7 @@ class _Store:
         self.latent_shape = tuple(latent_shape) if latent_shape is not None else None
         self.sigmas = sigmas  # python floats, len = steps + 1
         self.acc: dict[LayerKey, torch.Tensor] = {}
-        self.count: dict[LayerKey, int] = {}
+        self.count: dict[LayerKey, float | torch.Tensor] = {}  # what acc holds: entries, or shares per token
         self.seen_branch = 0  # calls that held the recorded branch
         self.seen_calls = 0
         self._failed = False  # recording failed part-way through this run
@@ -123,28 +122,28 @@ class _Store:
         self.eval_id += 1
         self.seen_conds = set()
 
-    def begin_batch(self, conds, x=None, timestep=None) -> bool:
-        """A calc_cond_batch call over ``conds`` (a list, None where a branch is skipped) on the latent
-        ``x`` at ``timestep`` (sigma) starts -> whether it belongs to the evaluation's main pass: it
-        runs a conditioning index that this evaluation has not run yet. CFG runs [cond, uncond] once
-        (or as [cond, None] then [None, uncond]); the extra passes of guidance nodes after CFG (SAG's
-        blurred uncond, PAG's perturbed cond) run an index again, on a changed input or model: not
-        recorded. Without a guider evaluation around it (a custom sampling path) every call counts.
-        Also sets ``shares``: how much each entry of the recorded branch counts at this sigma."""
+    def begin_batch(self, conds, shares_of=None) -> bool:
+        """A calc_cond_batch call over ``conds`` (a list, None where a branch is skipped) starts ->
+        whether it belongs to the evaluation's main pass: it runs a conditioning index that this
+        evaluation has not run yet. CFG runs [cond, uncond] once (or as [cond, None] then [None,
+        uncond]); the extra passes of guidance nodes after CFG (SAG's blurred uncond, PAG's
+        perturbed cond) run an index again, on a changed input or model: not recorded. Without a
+        guider evaluation around it (a custom sampling path) every call counts. In a main call,
+        ``shares_of(entries of the recorded branch)`` sets ``shares`` (entry_weights.EntryShares)."""
         indices = {i for i, c in enumerate(conds) if c is not None} if isinstance(conds, (list, tuple)) else {0}
         main = self.eval_id == 0 or not indices <= self.seen_conds
         self.seen_conds |= indices
         self.batches += 1
         self.shares, self.shares_tag = None, ("shares", self.eval_id or -self.batches)
         branch = conds[self.branch_index] if isinstance(conds, (list, tuple)) and len(conds) > self.branch_index else None
-        if main and branch is not None and isinstance(x, torch.Tensor) and isinstance(timestep, torch.Tensor):
+        if main and branch is not None and shares_of is not None:
             try:
-                self.shares = entry_shares(branch, x.shape, float(timestep.reshape(-1)[0]))
-            except ValueError as exc:  # entries then count alike
+                self.shares = shares_of(branch)
+            except Exception as exc:  # a conditioning this does not know: its entries then count alike
                 if ("shares",) not in self._warned:
                     self._warned.add(("shares",))
-                    log.warning("HeadSeg: %s in the '%s' branch: its entries are averaged with equal weights",
-                                exc, self.branch)
+                    log.warning("HeadSeg: the '%s' entries are averaged with equal weights (%s: %s)",
+                                self.branch, type(exc).__name__, exc)
         return main
 
     @property
@@ -164,10 +163,13 @@ class _Store:
             return
         layers = {}
         for key in sorted(self.acc, key=lambda k: k.sort_key):
-            acc, n = self.acc[key], self.count[key]
-            if n > 1 or acc.dtype != RECORD_DTYPE or acc.device.type != "cpu":
-                acc = (acc.to(torch.float32) / n).to(device="cpu", dtype=RECORD_DTYPE).contiguous()  # mean
-            layers[key] = acc
+            acc, n = self.acc[key], self.count[key]  # n: a number, or per token [b, 1, h, w, 1]
+            if isinstance(n, torch.Tensor):
+                n = n.to(acc.device).clamp(min=1e-12)  # a token no entry weighed holds zeros
+            elif n == 1 and acc.dtype == RECORD_DTYPE and acc.device.type == "cpu":
+                layers[key] = acc  # one entry of one step, kept as recorded
+                continue
+            layers[key] = (acc.to(torch.float32) / n).to(device="cpu", dtype=RECORD_DTYPE).contiguous()  # mean
         never = [key.name for key in self.layers if key not in self.called]
         if never and self.seen_calls:
             log.warning(
@@ -353,9 +355,9 @@ class _Store:
             self._warn_once(key, "batch", f"batch {B_all} does not split into {chunks} chunks of the latent batch {B}")
             return
         # Several entries of the branch (ConditioningCombine, ConditioningSetMask) share one call, or get
-        # one call each when memory is short: each counts with its share of ComfyUI's prediction, and
-        # the shares of an evaluation add up to 1 over its calls. Without shares (entries ComfyUI did
-        # not label) every entry counts the same: a sum of E entries, counted E times.
+        # one call each when memory is short: each adds its head outputs times its share of ComfyUI's
+        # prediction, and its share to count (per token), so that acc / count is the mix of the entries
+        # that ran. Without shares (entries ComfyUI did not label) every entry counts the same.
         entries = [j for j, c in enumerate(cond_or_uncond) if c == self.branch_index]
         E, D = len(entries), inner // heads
         parts = out.reshape(chunks, b, N, inner)  # [chunks, b, N, heads*D]
@@ -376,30 +378,32 @@ class _Store:
                     parts[j].to(torch.float32) * (s.reshape(b, N, 1) if isinstance(s, torch.Tensor) else s)
                     for j, s in zip(entries, weights)
                 )  # [b, N, heads*D]
+            mass = sum(weights)  # float, or [b, h, w]: the shares of the entries in this call
+            if isinstance(mass, torch.Tensor):
+                mass = mass.reshape(b, 1, h, w, 1).to(torch.float32)  # broadcasts over heads and d
         else:
-            tag = ("eval", self.eval_id)
+            tag, mass = ("eval", self.eval_id), E
             x = parts[entries[0]] if E == 1 else parts[entries].to(torch.float32).sum(0)  # [b, N, heads*D]
         x = x.reshape(b, h, w, heads, D).permute(0, 3, 1, 2, 4)  # [b, heads, h, w, D]
-        same_eval = key in self.acc and self.acc_eval.get(key) == tag  # more entries of this evaluation
-        added = E if not weighted else 0 if same_eval else 1  # evaluations (or equal entries) in x
 
         if self.steps.mode == "last":
-            if same_eval:
+            mass = mass.to("cpu") if isinstance(mass, torch.Tensor) else mass
+            if key in self.acc and self.acc_eval.get(key) == tag:  # more entries of this evaluation
                 self.acc[key] = self.acc[key].to(torch.float32) + x.to(device="cpu", dtype=torch.float32)
-                self.count[key] += added
+                self.count[key] = self.count[key] + mass
                 return
             if as_is:
                 kept = torch.empty((b, heads, h, w, D), dtype=RECORD_DTYPE, device="cpu")
-                kept.copy_(x)  # one copy: cast + move + contiguous
-            else:
-                kept = x.to(device="cpu", dtype=torch.float32)  # a sum or a mix of entries
-            self.acc[key], self.count[key] = kept, added
+            else:  # a sum or a mix of entries
+                kept = torch.empty((b, heads, h, w, D), dtype=torch.float32, device="cpu")
+            kept.copy_(x)  # one copy: cast + move + contiguous (never a view of the model's output)
+            self.acc[key], self.count[key] = kept, mass
         elif key in self.acc:
             self.acc[key] += x  # float32 running sum on the sampling device
-            self.count[key] += added
+            self.count[key] = self.count[key] + mass
         else:
-            self.acc[key] = x.to(torch.float32).contiguous()
-            self.count[key] = added
+            self.acc[key] = torch.empty((b, heads, h, w, D), dtype=torch.float32, device=x.device).copy_(x)
+            self.count[key] = mass
         self.acc_eval[key] = tag
 
 

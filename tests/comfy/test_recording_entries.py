@@ -1,11 +1,13 @@
 """Several conditioning entries in the recorded branch are mixed as ComfyUI mixes their predictions:
-by strength (ConditioningSetAreaStrength), by mask (ConditioningSetMask) and only while active
-(ConditioningSetTimestepRange), however ComfyUI batches them.
+by strength (ConditioningSetAreaStrength), by mask (ConditioningSetMask), only while active
+(ConditioningSetTimestepRange), and a default entry where the others leave room
+(ConditioningSetDefaultCombine), however ComfyUI batches them.
 
 The reference names each chunk's entry by its cross-attention context, recomputes every head from
-the layer's own weights in float64 and mixes per evaluation (per sigma) with shares written out
-here cell by cell: strength * mask per latent cell, normalised over the entries that ran, averaged
-over the latent cells of each token's bin.
+the layer's own weights in float64 and mixes per evaluation (per sigma) the entries that ran, with
+weights the tests write out from the nodes' documented meaning (strength * mask per latent cell;
+a default entry: 1 - the others), normalised per latent cell and averaged, loop by loop, over each
+token's block of cells (2^l x 2^l at level l, smaller at the right and bottom edges).
 """
 
 import pytest
@@ -13,9 +15,11 @@ import torch
 
 import nodes
 
+from comfy_extras import nodes_hooks
+
 from headseg.nodes import recorder
 from headseg.nodes.core.recording import LayerKey
-from headseg.nodes.entry_weights import entry_shares
+from headseg.nodes.entry_weights import EntryMult, entry_shares
 
 from .reference import AttentionProbe, grid_for, per_head
 
@@ -42,17 +46,22 @@ def left_half() -> torch.Tensor:
 
 
 def bins(n_in: int, n_out: int) -> list[range]:
-    """The latent cells each of n_out tokens covers: [floor(i n_in / n_out), ceil((i + 1) n_in / n_out))."""
-    return [range(i * n_in // n_out, -(-(i + 1) * n_in // n_out)) for i in range(n_out)]
+    """The latent cells each of n_out tokens covers: n_out = n_in halved (rounding up) l times, and
+    token i covers [i 2^l, (i + 1) 2^l), cut at n_in."""
+    f, n = 1, n_in
+    while n > n_out:
+        f, n = 2 * f, -(-n // 2)
+    assert n == n_out, (n_in, n_out)
+    return [range(i * f, min((i + 1) * f, n_in)) for i in range(n_out)]
 
 
 def token_means(cells: torch.Tensor, grid) -> torch.Tensor:
-    """[H, W] per latent cell -> [h, w]: the mean over each token's bin, loop by loop."""
-    (H, W), (h, w) = cells.shape, grid
-    out = torch.empty(h, w, dtype=torch.float64)
+    """[b, H, W] per latent cell -> [b, h, w]: the mean over each token's block, loop by loop."""
+    (b, H, W), (h, w) = cells.shape, grid
+    out = torch.empty(b, h, w, dtype=torch.float64)
     for i, rows in enumerate(bins(H, h)):
         for j, cols in enumerate(bins(W, w)):
-            out[i, j] = cells[rows.start : rows.stop, cols.start : cols.stop].mean()
+            out[:, i, j] = cells[:, rows.start : rows.stop, cols.start : cols.stop].mean((1, 2))
     return out
 
 
@@ -68,39 +77,40 @@ def chunk_outputs(call, grid, branch=0):
     return found
 
 
-def mixed_reference(probe, name, entries, steps="last"):
-    """entries: [(context [1, tokens, dim], strength, mask [1, H, W] or None)] -> [b, heads, h, w, d]."""
-    calls = probe.branch_calls(name, 0)
+def mixed_reference(probe, name, entries, steps="last", branch=0):
+    """entries: [(context [1, tokens, dim], weight: a number or [1 or b, H, W] per latent cell)] ->
+    [b, heads, h, w, d]: per evaluation, the entries that ran mixed by their normalised weights."""
+    calls = probe.branch_calls(name, branch)
     grid = grid_for(LATENT, calls[0].x.shape[1])
     by_sigma: dict[float, list] = {}
     for call in calls:
-        for context, out in chunk_outputs(call, grid):
+        for context, out in chunk_outputs(call, grid, branch):
             (index,) = [i for i, e in enumerate(entries) if torch.equal(e[0][0], context)]
             by_sigma.setdefault(call.sigma, []).append((index, out))
     mixes = []
     for sigma in sorted(by_sigma, reverse=True):  # one evaluation per sigma (euler)
         ran = by_sigma[sigma]
-        mult = [entries[i][1] * (entries[i][2][0].double() if entries[i][2] is not None else torch.ones(LATENT))
-                for i, _ in ran]  # [H, W] per latent cell
+        b = ran[0][1].shape[0]
+        mult = [torch.as_tensor(entries[i][1], dtype=torch.float64).expand(b, *LATENT) for i, _ in ran]  # [b, H, W]
         total = sum(mult)
         shares = [torch.where(total > 0, m / total.clamp(min=1e-300), 1.0 / len(ran)) for m in mult]
-        mixes.append(sum(token_means(s, grid)[None, None, :, :, None] * out for s, (_, out) in zip(shares, ran)))
+        mixes.append(sum(token_means(s, grid)[:, None, :, :, None] * out for s, (_, out) in zip(shares, ran)))
     return mixes[-1] if steps == "last" else torch.stack(mixes).mean(0)
 
 
-def record(tiny, sd2, positive, negative, steps, monkeypatch, separate, sampling_steps=2):
+def record(tiny, sd2, positive, negative, steps, monkeypatch, separate, sampling_steps=2, branch="cond", batch=1):
     if separate:  # short of memory: ComfyUI runs each entry in its own call
         monkeypatch.setattr(sd2.model, "memory_required", lambda *a, **k: 1e30)
-    patched, live = recorder.attach_recorder(sd2, steps=steps)
+    patched, live = recorder.attach_recorder(sd2, steps=steps, branch=branch)
     with AttentionProbe(patched) as probe:
-        got = tiny.sample(patched, positive, negative, latent_hw=LATENT, steps=sampling_steps, seed=4)
+        got = tiny.sample(patched, positive, negative, latent_hw=LATENT, steps=sampling_steps, seed=4, batch=batch)
     monkeypatch.undo()
     return live.snapshot(got), probe
 
 
-def assert_mixed(rec, probe, entries, steps):
+def assert_mixed(rec, probe, entries, steps, branch=0):
     for name in NAMES:
-        want = mixed_reference(probe, name, entries, steps)
+        want = mixed_reference(probe, name, entries, steps, branch)
         torch.testing.assert_close(rec.layers[LayerKey.parse(name)].double(), want, **TOL, msg=lambda m: f"{name}: {m}")
 
 
@@ -131,7 +141,7 @@ def test_strengths_weigh_the_entries(tiny, sd2, prompts, steps, separate, monkey
     both = nodes.ConditioningCombine().combine(strong, b)[0]
     rec, probe = record(tiny, sd2, both, neg, steps, monkeypatch, separate)
     assert_layout(probe, separate)
-    entries = [(a[0][0], 3.0, None), (b[0][0], 1.0, None)]
+    entries = [(a[0][0], 3.0), (b[0][0], 1.0)]
     assert_mixed(rec, probe, entries, steps)
     key = LayerKey.parse("output.11.0")
     assert not torch.allclose(rec.layers[key].double(), equal_mean(probe, "output.11.0", steps), **TOL)
@@ -146,7 +156,7 @@ def test_a_masked_entry_counts_only_where_its_mask_is(tiny, sd2, prompts, steps,
     both = nodes.ConditioningCombine().combine(a, masked)[0]
     rec, probe = record(tiny, sd2, both, neg, steps, monkeypatch, separate)
     assert_layout(probe, separate)
-    assert_mixed(rec, probe, [(a[0][0], 1.0, None), (b[0][0], 1.0, mask)], steps)
+    assert_mixed(rec, probe, [(a[0][0], 1.0), (b[0][0], mask)], steps)
     # right of the mask only the whole-image entry counts
     key = LayerKey.parse("output.11.0")
     calls = last_calls(probe, "output.11.0")
@@ -163,7 +173,7 @@ def test_mask_strength_and_strength_multiply(tiny, sd2, prompts, monkeypatch):
     masked = nodes.ConditioningSetAreaStrength().append(masked, 2.0)[0]
     both = nodes.ConditioningCombine().combine(a, masked)[0]
     rec, probe = record(tiny, sd2, both, neg, "last", monkeypatch, separate=False)
-    assert_mixed(rec, probe, [(a[0][0], 1.0, None), (b[0][0], 6.0, mask)], "last")
+    assert_mixed(rec, probe, [(a[0][0], 1.0), (b[0][0], 6.0 * mask)], "last")
 
 
 def test_a_lone_masked_entry_is_recorded_as_it_is(tiny, sd2, prompts, monkeypatch):
@@ -184,37 +194,108 @@ def test_an_entry_counts_only_at_the_steps_of_its_range(tiny, sd2, prompts, monk
     rec, probe = record(tiny, sd2, both, neg, "mean", monkeypatch, separate=False, sampling_steps=4)
     ran = [sorted(c.cond_or_uncond) for c in probe.branch_calls("output.11.0")]
     assert [0, 0, 1] in ran and [0, 1] in ran  # both entries early, the first alone later
-    assert_mixed(rec, probe, [(a[0][0], 1.0, None), (b[0][0], 1.0, None)], "mean")
+    assert_mixed(rec, probe, [(a[0][0], 1.0), (b[0][0], 1.0)], "mean")
+
+
+def test_a_default_entry_counts_where_the_others_leave_room(tiny, sd2, prompts, monkeypatch):
+    """ConditioningSetDefaultCombine: the default entry weighs 1 - the others (its own strength and
+    mask do not count)."""
+    a, b, neg = prompts
+    mask = left_half()
+    masked = nodes.ConditioningSetMask().append(a, mask, "default", 1.0)[0]
+    strong_default = nodes.ConditioningSetAreaStrength().append(b, 5.0)[0]  # ignored for a default entry
+    (both,) = nodes_hooks.ConditioningSetDefaultAndCombine().set_default_and_combine(masked, strong_default)
+    rec, probe = record(tiny, sd2, both, neg, "last", monkeypatch, separate=False)
+    assert_layout(probe, separate=False)
+    assert_mixed(rec, probe, [(a[0][0], mask), (b[0][0], 1.0 - mask)], "last")
+
+
+def test_a_default_entry_left_no_room_does_not_dilute_the_recording(tiny, sd2, prompts, monkeypatch):
+    """A whole-image entry leaves a default entry nothing: ComfyUI does not run it, and the recording is
+    the whole-image entry alone (not half of it)."""
+    a, b, neg = prompts
+    (both,) = nodes_hooks.ConditioningSetDefaultAndCombine().set_default_and_combine(a, b)
+    rec, probe = record(tiny, sd2, both, neg, "last", monkeypatch, separate=False)
+    for name in NAMES:
+        call = probe.branch_calls(name)[-1]
+        assert sorted(call.cond_or_uncond) == [0, 1]  # the default entry did not run
+        want = per_head(call, grid_for(LATENT, call.x.shape[1]))
+        torch.testing.assert_close(rec.layers[LayerKey.parse(name)].double(), want, **TOL)
+
+
+@pytest.mark.parametrize("mask_batch", [1, 2])
+def test_masks_apply_to_each_image_of_a_batch(tiny, sd2, prompts, monkeypatch, mask_batch):
+    a, b, neg = prompts
+    mask = left_half().repeat(mask_batch, 1, 1)
+    if mask_batch == 2:
+        mask[1] = 1.0 - mask[1]  # the second image: the right half
+    masked = nodes.ConditioningSetMask().append(b, mask, "default", 1.0)[0]
+    both = nodes.ConditioningCombine().combine(a, masked)[0]
+    rec, probe = record(tiny, sd2, both, neg, "last", monkeypatch, separate=False, batch=2)
+    assert rec.batch_size == 2
+    assert_mixed(rec, probe, [(a[0][0], 1.0), (b[0][0], mask)], "last")
+
+
+def test_the_uncond_branch_mixes_its_own_entries(tiny, sd2, prompts, monkeypatch):
+    a, b, neg = prompts
+    (neg2, _) = tiny.conditioning("SD2", seed=21)
+    strong = nodes.ConditioningSetAreaStrength().append(neg2, 3.0)[0]
+    negatives = nodes.ConditioningCombine().combine(neg, strong)[0]
+    rec, probe = record(tiny, sd2, a, negatives, "last", monkeypatch, separate=False, branch="uncond")
+    assert_mixed(rec, probe, [(neg[0][0], 1.0), (neg2[0][0], 3.0)], "last", branch=1)
 
 
 # ----------------------------------------------------------------------------- the shares alone
-def test_shares_sum_to_one_at_every_token_and_skip_area_and_inactive_entries():
+def whole(uuid, mult, default=False):
+    return EntryMult(uuid, None if default else torch.as_tensor(mult, dtype=torch.float32), None, default)
+
+
+def test_shares_sum_to_one_at_every_token_and_leave_area_entries_out():
     mask = torch.rand(2, 6, 10)
     entries = [
-        {"uuid": "whole", "strength": 2.0},
-        {"uuid": "masked", "mask": mask, "mask_strength": 0.5},
-        {"uuid": "area", "area": (4, 4, 0, 0)},  # runs on a crop: not recorded, does not count
-        {"uuid": "late", "timestep_start": 5.0},  # active only from sigma 5 down
-        {"uuid": "whole-area", "area": (6, 10, 0, 0)},
+        whole("whole", torch.full((2, 6, 10), 2.0)),
+        whole("masked", 0.5 * mask),
+        EntryMult("area", torch.ones(2, 4, 4), (4, 4, 1, 2)),  # runs on a crop: not recorded, no share
+        EntryMult("whole-area", torch.ones(2, 6, 10), (6, 10, 0, 0)),
     ]
-    shares = entry_shares(entries, (2, 4, 6, 10), sigma=7.0)
-    assert len(shares) == 3 and "area" not in shares and "late" not in shares
+    shares = entry_shares(entries, (2, 4, 6, 10))
+    assert len(shares) == 3 and "area" not in shares
     for grid in ((6, 10), (3, 5), (2, 3), (1, 1)):
         total = sum(torch.as_tensor(shares.share(u, grid, "cpu")) for u in ("whole", "masked", "whole-area"))
         torch.testing.assert_close(total, torch.ones(2, *grid))
-    cell = shares.share("masked", (6, 10), "cpu")
-    torch.testing.assert_close(cell, 0.5 * mask / (2.0 + 0.5 * mask + 1.0))
-    assert "late" in entry_shares(entries, (2, 4, 6, 10), sigma=4.0)
+    torch.testing.assert_close(shares.share("masked", (6, 10), "cpu"), 0.5 * mask / (2.0 + 0.5 * mask + 1.0))
+    # the 2x3 grid: token (0, 2) covers rows 0-3 and columns 8-9 of the 6x10 latent
+    cells = 0.5 * mask / (2.0 + 0.5 * mask + 1.0)
+    torch.testing.assert_close(shares.share("masked", (2, 3), "cpu")[:, 0, 2], cells[:, 0:4, 8:10].mean((1, 2)))
 
 
-def test_shares_of_plain_strengths_are_numbers():
-    shares = entry_shares([{"uuid": 1, "strength": 3.0}, {"uuid": 2}], (1, 4, 8, 8), sigma=1.0)
+def test_a_default_entry_takes_what_the_others_leave_including_area_entries():
+    mask = torch.zeros(1, 6, 10)
+    mask[..., :5] = 0.75
+    entries = [
+        whole("masked", mask),
+        EntryMult("area", torch.full((1, 2, 2), 0.5), (2, 2, 4, 8)),  # rows 4-5, columns 8-9
+        whole("default", None, default=True),
+    ]
+    shares = entry_shares(entries, (1, 4, 6, 10))
+    rest = 1.0 - mask
+    rest[:, 4:6, 8:10] -= 0.5
+    cells = shares.share("default", (6, 10), "cpu")
+    torch.testing.assert_close(cells, rest / (rest + mask))
+    no_room = entry_shares([whole("a", torch.ones(1, 6, 10)), whole("d", None, True)], (1, 4, 6, 10))
+    assert "d" not in no_room and no_room.share("a", (3, 5), "cpu") == 1.0  # ComfyUI does not run it
+
+
+def test_shares_of_plain_weights_are_numbers():
+    ones = torch.ones(1, 8, 8)
+    shares = entry_shares([whole(1, 3.0 * ones), whole(2, ones)], (1, 4, 8, 8))
     assert shares.share(1, (4, 4), "cpu") == 0.75 and shares.share(2, (4, 4), "cpu") == 0.25
-    zero = entry_shares([{"uuid": 1, "strength": 0.0}, {"uuid": 2, "strength": 0.0}], (1, 4, 8, 8), sigma=1.0)
+    zero = entry_shares([whole(1, 0 * ones), whole(2, 0 * ones)], (1, 4, 8, 8))
     assert zero.share(1, (8, 8), "cpu") == zero.share(2, (8, 8), "cpu") == 0.5
-    assert entry_shares([{"uuid": 1, "area": (2, 2, 0, 0)}], (1, 4, 8, 8), sigma=1.0) is None
+    assert entry_shares([EntryMult(1, torch.ones(1, 2, 2), (2, 2, 0, 0))], (1, 4, 8, 8)) is None
+    assert entry_shares([whole(1, 0.2 * ones)], (1, 4, 8, 8)).share(1, (2, 2), "cpu") == 1.0
 
 
-def test_a_mask_of_another_form_is_refused_by_name():
-    with pytest.raises(ValueError, match=r"^a conditioning mask of shape \(1, 1, 1, 6, 10\)"):
-        entry_shares([{"uuid": 1, "mask": torch.ones(1, 1, 1, 6, 10)}], (1, 4, 6, 10), sigma=1.0)
+def test_a_weight_of_another_form_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"^a conditioning weight of shape \(1, 1, 6, 10\) \(expected \[1, h, w\]\)"):
+        entry_shares([whole(1, torch.ones(1, 1, 6, 10))], (1, 4, 6, 10))
