@@ -103,6 +103,19 @@ def per_head(call: Call, grid: tuple[int, int], branch: int = 0) -> torch.Tensor
     return out.view(b, H, h, w, d)
 
 
+def chunk_outputs(call: Call, grid: tuple[int, int], branch: int = 0) -> list:
+    """-> [(context [tokens, dim] or None, per_head output [b, heads, h, w, d] float64)], one per chunk
+    of ``call`` labelled ``branch`` (several where several conditioning entries share the call)."""
+    chunks = len(call.cond_or_uncond)
+    b = call.x.shape[0] // chunks
+    found = []
+    for j, label in enumerate(call.cond_or_uncond):
+        if label == branch:
+            one = Call([branch], call.sigma, call.x[j * b : (j + 1) * b], call.wq, call.wk, call.wv, call.heads)
+            found.append((call.context[j * b] if call.context is not None else None, per_head(one, grid, branch)))
+    return found
+
+
 def grid_for(latent_hw: tuple[int, int], tokens: int) -> tuple[int, int]:
     """The ceil-halved latent grid with ``tokens`` cells."""
     h, w = latent_hw

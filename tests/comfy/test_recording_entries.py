@@ -21,7 +21,7 @@ from headseg.nodes import recorder
 from headseg.nodes.core.recording import LayerKey
 from headseg.nodes.entry_weights import EntryMult, entry_shares
 
-from .reference import AttentionProbe, grid_for, per_head
+from .reference import AttentionProbe, chunk_outputs, grid_for, per_head
 
 TOL = dict(rtol=3e-3, atol=3e-3)  # recorded float16 against float64
 NAMES = ("input.1.0", "input.4.0", "middle.0.0", "output.11.0")  # grids 6x10, 3x5, 2x3, 6x10
@@ -63,18 +63,6 @@ def token_means(cells: torch.Tensor, grid) -> torch.Tensor:
         for j, cols in enumerate(bins(W, w)):
             out[:, i, j] = cells[:, rows.start : rows.stop, cols.start : cols.stop].mean((1, 2))
     return out
-
-
-def chunk_outputs(call, grid, branch=0):
-    """-> [(context [tokens, dim], per-head output [b, heads, h, w, d] float64)] of the branch's chunks."""
-    chunks = len(call.cond_or_uncond)
-    b = call.x.shape[0] // chunks
-    found = []
-    for j, label in enumerate(call.cond_or_uncond):
-        if label == branch:
-            one = type(call)([branch], call.sigma, call.x[j * b : (j + 1) * b], call.wq, call.wk, call.wv, call.heads)
-            found.append((call.context[j * b], per_head(one, grid, branch)))
-    return found
 
 
 def mixed_reference(probe, name, entries, steps="last", branch=0):

@@ -13,7 +13,7 @@ from comfy_extras import nodes_custom_sampler, nodes_pag, nodes_sag
 from headseg.nodes import recorder
 from headseg.nodes.core.recording import LayerKey
 
-from .reference import AttentionProbe, grid_for, per_head
+from .reference import AttentionProbe, chunk_outputs, grid_for, per_head
 
 TOL = dict(rtol=3e-3, atol=3e-3)  # recorded float16 against float64
 NAMES = ("input.1.0", "middle.0.0", "output.11.0")
@@ -32,14 +32,7 @@ def main_pass_calls(probe, name):
 
 def entries_mean(call, grid, branch=0):
     """[b, heads, h, w, d] float64: per_head averaged over every chunk of ``call`` labelled ``branch``."""
-    chunks = len(call.cond_or_uncond)
-    b = call.x.shape[0] // chunks
-    outs = []
-    for j, label in enumerate(call.cond_or_uncond):
-        if label == branch:
-            one = type(call)([branch], call.sigma, call.x[j * b : (j + 1) * b], call.wq, call.wk, call.wv, call.heads)
-            outs.append(per_head(one, grid, branch))
-    return torch.stack(outs).mean(0)
+    return torch.stack([out for _, out in chunk_outputs(call, grid, branch)]).mean(0)
 
 
 def assert_last_main_pass(rec, probe, latent_hw):
