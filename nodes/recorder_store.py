@@ -304,6 +304,12 @@ class _Store:
         if not self.in_main:  # an extra pass of a guidance node (SAG, PAG), after CFG
             return
         cond_or_uncond = list(extra_options.get("cond_or_uncond") or [0])
+        if extra_options.get("context_window") is not None:
+            self.refuse(
+                "context windows (Context Windows node) run the model on windows of the latent batch; HeadSeg "
+                "records model calls on the whole batch: sample without context windows"
+            )
+            return
         if max(cond_or_uncond) >= len(BRANCHES):
             self.refuse(
                 "branch: this guider passes more than two conditionings per model call (DualCFGGuider, "

@@ -255,3 +255,17 @@ def test_direct_model_call_after_cfg_is_not_recorded(tiny, sd2):
     a, b = live.snapshot(got), live2.snapshot(got2)
     for key, t in b.layers.items():
         assert torch.equal(a.layers[key], t), key.name
+
+
+def test_context_windows_are_refused_by_name(tiny, sd2):
+    from comfy_extras.nodes_context_windows import ContextWindowsManualNode
+
+    pos, neg = tiny.conditioning("SD2")
+    patched, live = recorder.attach_recorder(sd2)
+    windowed = ContextWindowsManualNode.execute(patched, 2, 1, "standard_static", 1, False, "pyramid", 0).result[0]
+    plain = tiny.sample(sd2, pos, neg, latent_hw=(6, 6), batch=3, steps=2, seed=4)
+    got = tiny.sample(windowed, pos, neg, latent_hw=(6, 6), batch=3, steps=2, seed=4)
+    assert got.shape == plain.shape  # sampling itself goes on
+    with pytest.raises(ValueError, match=r"^recording: the sampling run recorded nothing: context windows \(Context "
+                                         r"Windows node\) run the model on windows of the latent batch"):
+        live.snapshot(got)
