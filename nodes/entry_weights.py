@@ -10,8 +10,9 @@ that is 0 everywhere (``comfy.samplers.finalize_default_conds``).
 
 The recorder mixes the entries' head outputs with the same shares: mult_j / sum over the recorded
 entries, per latent cell (alike where none weighs), then averaged over the latent cells of each
-token of a coarser grid: token i of level l covers cells [i 2^l, (i + 1) 2^l), the ceil-halved
-blocks of the UNet's stride-2 downsampling. Entries limited to an area run on a crop, which is not
+token of a coarser grid: token i of level l stands for cells [i 2^l, (i + 1) 2^l), the ceil-halved
+blocks of the UNet's stride-2 downsampling (approximately: its 3x3 convolutions also see the
+neighbours). Entries limited to an area run on a crop, which is not
 recorded: they take their area from a default entry but are left out of the shares.
 
 Plain torch; nothing here imports ComfyUI.
@@ -107,10 +108,10 @@ def entry_shares(entries: list[EntryMult], latent_shape) -> EntryShares | None:
     n = len(mults)
     if n == 1:
         return EntryShares({u: 1.0 for u in mults})  # the one entry, wherever it weighs or not
-    lo = {u: float(m.min()) for u, m in mults.items()}
-    if all(lo[u] == float(m.max()) for u, m in mults.items()):  # every weight the same at every cell
-        total = sum(lo.values())
-        return EntryShares({u: lo[u] / total if total > 0 else 1.0 / n for u in mults})
+    bounds = torch.stack([torch.stack([m.amin(), m.amax()]) for m in mults.values()]).tolist()  # one sync
+    if all(lo == hi for lo, hi in bounds):  # every weight the same at every cell
+        total = sum(lo for lo, _ in bounds)
+        return EntryShares({u: lo / total if total > 0 else 1.0 / n for u, (lo, _) in zip(mults, bounds)})
     total = sum(mults.values())  # [B, H, W]
     covered = total > 0  # cells no entry weighs: count every entry alike there (ComfyUI's prediction is 0)
     safe = torch.where(covered, total, torch.ones_like(total))

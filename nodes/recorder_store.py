@@ -6,7 +6,7 @@ evaluation's main pass is made of its calc_cond_batch calls that run a condition
 first time in that evaluation, and only main passes are recorded: the extra passes that guidance
 nodes (SAG, PAG) run after CFG repeat an index on a changed input or model. Several conditioning
 entries of the recorded branch are mixed as ComfyUI mixes their predictions (``entry_weights.py``:
-strength, mask, timestep range), however ComfyUI batched them.
+strength, mask, timestep range, default entries), however ComfyUI batched them.
 """
 
 from __future__ import annotations
@@ -103,7 +103,9 @@ class _Store:
         self._sig_step = 0
         self._warned: set = set()
         self.acc_eval: dict[LayerKey, tuple] = {}  # the model evaluation acc[key] last added (its tag)
-        self.shares = None  # inside a calc_cond_batch call: EntryShares of the recorded branch, or None
+        # inside a calc_cond_batch call: EntryShares of the recorded branch, None, or a function that
+        # makes them (called at the first recorded layer: steps that are not kept never pay for them)
+        self.shares = None
         self.shares_tag = None  # the evaluation those shares belong to
         self.batches = 0  # calc_cond_batch calls so far in this run
         self.eval_id = 0  # model evaluations (guider predict_noise calls) so far in this run
@@ -129,7 +131,8 @@ class _Store:
         uncond]); the extra passes of guidance nodes after CFG (SAG's blurred uncond, PAG's
         perturbed cond) run an index again, on a changed input or model: not recorded. Without a
         guider evaluation around it (a custom sampling path) every call counts. In a main call,
-        ``shares_of(entries of the recorded branch)`` sets ``shares`` (entry_weights.EntryShares)."""
+        ``shares_of(entries of the recorded branch)`` makes ``shares`` (entry_weights.EntryShares), on
+        first use."""
         indices = {i for i, c in enumerate(conds) if c is not None} if isinstance(conds, (list, tuple)) else {0}
         main = self.eval_id == 0 or not indices <= self.seen_conds
         self.seen_conds |= indices
@@ -137,14 +140,21 @@ class _Store:
         self.shares, self.shares_tag = None, ("shares", self.eval_id or -self.batches)
         branch = conds[self.branch_index] if isinstance(conds, (list, tuple)) and len(conds) > self.branch_index else None
         if main and branch is not None and shares_of is not None:
+            self.shares = lambda: shares_of(branch)
+        return main
+
+    def _current_shares(self):
+        """The recorded branch's EntryShares in this call (made on first use), or None."""
+        if callable(self.shares):
+            make, self.shares = self.shares, None
             try:
-                self.shares = shares_of(branch)
+                self.shares = make()
             except Exception as exc:  # a conditioning this does not know: its entries then count alike
                 if ("shares",) not in self._warned:
                     self._warned.add(("shares",))
                     log.warning("HeadSeg: the '%s' entries are averaged with equal weights (%s: %s)",
                                 self.branch, type(exc).__name__, exc)
-        return main
+        return self.shares
 
     @property
     def in_main(self) -> bool:
@@ -165,7 +175,7 @@ class _Store:
         for key in sorted(self.acc, key=lambda k: k.sort_key):
             acc, n = self.acc[key], self.count[key]  # n: a number, or per token [b, 1, h, w, 1]
             if isinstance(n, torch.Tensor):
-                n = n.to(acc.device).clamp(min=1e-12)  # a token no entry weighed holds zeros
+                n = n.to(acc.device).clamp(min=1e-12)  # (defensive: every token's recorded shares add up to > 0)
             elif n == 1 and acc.dtype == RECORD_DTYPE and acc.device.type == "cpu":
                 layers[key] = acc  # one entry of one step, kept as recorded
                 continue
@@ -367,15 +377,16 @@ class _Store:
         entries = [j for j, c in enumerate(cond_or_uncond) if c == self.branch_index]
         E, D = len(entries), inner // heads
         parts = out.reshape(chunks, b, N, inner)  # [chunks, b, N, heads*D]
-        uuids, shares = extra_options.get("uuids"), self.shares
+        uuids, shares = extra_options.get("uuids"), self._current_shares()
         weighted = (
             shares is not None and isinstance(uuids, (list, tuple)) and len(uuids) == chunks
-            and all(uuids[j] in shares for j in entries)
+            and any(uuids[j] in shares for j in entries)
         )
         as_is = E == 1  # x is then a view of the model's own output (copied before it is kept)
         if weighted:
             tag = self.shares_tag
-            weights = [shares.share(uuids[j], (h, w), out.device) for j in entries]  # floats or [b, h, w]
+            # an entry without a share (ComfyUI ran a default entry its own rounding left room for) counts 0
+            weights = [shares.share(uuids[j], (h, w), out.device) if uuids[j] in shares else 0.0 for j in entries]
             as_is = as_is and not isinstance(weights[0], torch.Tensor) and weights[0] == 1.0
             if as_is:
                 x = parts[entries[0]]  # [b, N, heads*D]: the one entry

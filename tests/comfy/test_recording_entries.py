@@ -262,16 +262,27 @@ def test_a_default_entry_takes_what_the_others_leave_including_area_entries():
     mask[..., :5] = 0.75
     entries = [
         whole("masked", mask),
-        EntryMult("area", torch.full((1, 2, 2), 0.5), (2, 2, 4, 8)),  # rows 4-5, columns 8-9
+        EntryMult("area", torch.full((1, 2, 2), 0.125), (2, 2, 4, 3)),  # rows 4-5, columns 3-4: inside the mask
         whole("default", None, default=True),
     ]
     shares = entry_shares(entries, (1, 4, 6, 10))
     rest = 1.0 - mask
-    rest[:, 4:6, 8:10] -= 0.5
+    rest[:, 4:6, 3:5] -= 0.125
     cells = shares.share("default", (6, 10), "cpu")
     torch.testing.assert_close(cells, rest / (rest + mask))
+    # a mask weighing more than 1 leaves a default entry nothing there (not a negative share)
+    strong = entry_shares([whole("masked", 2.0 * (mask > 0)), whole("default", None, default=True)], (1, 4, 6, 10))
+    torch.testing.assert_close(strong.share("default", (6, 10), "cpu"), (mask == 0).float())
     no_room = entry_shares([whole("a", torch.ones(1, 6, 10)), whole("d", None, True)], (1, 4, 6, 10))
     assert "d" not in no_room and no_room.share("a", (3, 5), "cpu") == 1.0  # ComfyUI does not run it
+
+
+def test_cells_no_entry_weighs_count_every_entry_alike():
+    left, right = torch.zeros(1, 6, 10), torch.zeros(1, 6, 10)
+    left[..., :4], right[..., 6:] = 1.0, 3.0  # columns 4-5 in no mask
+    shares = entry_shares([whole("l", left), whole("r", right)], (1, 4, 6, 10))
+    cells = shares.share("l", (6, 10), "cpu")
+    assert torch.all(cells[..., :4] == 1.0) and torch.all(cells[..., 4:6] == 0.5) and torch.all(cells[..., 6:] == 0.0)
 
 
 def test_shares_of_plain_weights_are_numbers():
@@ -287,3 +298,73 @@ def test_shares_of_plain_weights_are_numbers():
 def test_a_weight_of_another_form_is_refused_by_name():
     with pytest.raises(ValueError, match=r"^a conditioning weight of shape \(1, 1, 6, 10\) \(expected \[1, h, w\]\)"):
         entry_shares([whole(1, torch.ones(1, 1, 6, 10))], (1, 4, 6, 10))
+
+
+# ----------------------------------------------------------------------------- the store's bookkeeping
+KEY = LayerKey("output", 11, 0)
+B, HEADS, D, GRID = 1, 2, 4, (6, 10)
+
+
+@pytest.fixture
+def store():
+    """A recorder store of one layer on the 6x10 latent, 'last' step of a one-step run, cond branch."""
+    from headseg.nodes.recorder import LayerInfo
+    from headseg.nodes.recorder_store import _Store, parse_steps
+
+    store = _Store([LayerInfo(KEY, HEADS, D, 0)], None, parse_steps("last"), "cond", "test")
+    store.begin_run(torch.zeros(B, 4, *GRID), torch.tensor([1.0, 0.0]))
+    return store
+
+
+def heads_of(seed):
+    """One chunk's attn1 output [B, N, heads*d] and the same as [B, heads, h, w, d]."""
+    x = torch.randn(B, GRID[0] * GRID[1], HEADS * D, generator=torch.Generator().manual_seed(seed))
+    return x, x.reshape(B, *GRID, HEADS, D).permute(0, 3, 1, 2, 4)
+
+
+def call(store, shares, chunks, new_eval=True, with_uncond=False):
+    """One calc_cond_batch call of the cond branch over ``chunks`` [(uuid, out [B, N, heads*d])] (the
+    uncond branch listed too with ``with_uncond``, as in CFG's [cond, uncond] after a [cond, None])."""
+    if new_eval:
+        store.begin_eval()
+    conds = [[{"uuid": u} for u in shares], [{"uuid": "negative"}] if with_uncond else None]
+    main = store.begin_batch(conds, lambda branch: entry_shares([whole(u, m) for u, m in shares.items()], (B, 4, *GRID)))
+    assert main
+    store.batch_main = main
+    options = {
+        "cond_or_uncond": [0] * len(chunks), "uuids": [u for u, _ in chunks], "n_heads": HEADS,
+        "activations_shape": (B, 320, *GRID), "original_shape": (B, 4, *GRID), "sigmas": torch.tensor([1.0]),
+    }
+    store.observe(KEY, torch.cat([x for _, x in chunks]), options)
+    store.batch_main = None
+
+
+def recorded(store):
+    store.end_run()
+    rec, failure = store.latest()
+    assert rec is not None, failure
+    return rec.layers[KEY].double()
+
+
+def test_an_entry_that_never_ran_does_not_scale_the_recording(store):
+    """Shares for a and b, but only a's call is recorded: the recording is a's heads, per token."""
+    mask = torch.zeros(1, *GRID)
+    mask[..., :5] = 1.0
+    xa, want = heads_of(1)
+    call(store, {"a": 1.0 - 0.5 * mask, "b": mask}, [("a", xa)])
+    torch.testing.assert_close(recorded(store), want.double(), rtol=2e-3, atol=2e-3)
+
+
+def test_the_branch_in_two_calls_of_one_evaluation_is_one_mix(store):
+    (xa, want_a), (xb, want_b) = heads_of(1), heads_of(2)
+    shares = {"a": torch.full((1, *GRID), 3.0), "b": torch.ones(1, *GRID)}
+    call(store, shares, [("a", xa)])
+    call(store, shares, [("b", xb)], new_eval=False, with_uncond=True)  # the same evaluation, a second main call
+    torch.testing.assert_close(recorded(store), (0.75 * want_a + 0.25 * want_b).double(), rtol=2e-3, atol=2e-3)
+
+
+def test_an_entry_without_a_share_counts_nothing(store):
+    """ComfyUI may run a default entry that its own rounding left a sliver of room for."""
+    (xa, want_a), (xc, _) = heads_of(1), heads_of(3)
+    call(store, {"a": torch.ones(1, *GRID)}, [("a", xa), ("c", xc)])
+    torch.testing.assert_close(recorded(store), want_a.double(), rtol=2e-3, atol=2e-3)
