@@ -221,10 +221,11 @@ def _check_stack(stack) -> tuple[int, int]:
             raise ValueError(f"stack grids must be floating [B, C, h, w] tensors, got {what}")
         if g.numel() == 0:
             raise ValueError(f"stack grids must have no empty dimension [B, C, h, w], got {tuple(g.shape)}")
-        first = check_one_device(first, _grid_name(stack, i), g, "stack", "grid")
+        name = _grid_name(stack, i)
+        first = check_one_device(first, name, g, "stack", "grid")
         if g.is_meta:
-            raise ValueError(f"stack {_grid_name(stack, i)} is on the meta device: it holds no values")
-        _check_values(g, _grid_name(stack, i))
+            raise ValueError(f"stack {name} is on the meta device: it holds no values")
+        _check_values(g, name)
     batches = sorted({int(g.shape[0]) for g in stack.grids})
     if len(batches) > 1:
         raise ValueError(f"stack grids must share one batch size, got {batches}")

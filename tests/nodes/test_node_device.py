@@ -224,22 +224,31 @@ def test_multi_kmeans_on_gpu_without_one_names_the_input(nodes, stack, comfy_dev
         nodes.MultiKMeans.execute(stack, "2,3", 0, "gpu")
 
 
+def stand_in_gpu_stack(monkeypatch):
+    """FeatureStack.to("cuda...") returns a stand-in object for the stack on the GPU (this machine has
+    none); every move is logged -> (the stand-in, the devices moved to)."""
+    from headseg.nodes.core.upsample import FeatureStack
+
+    on_gpu, moves, real_to = object(), [], FeatureStack.to
+
+    def to(self, device):
+        moves.append(torch.device(device))
+        return on_gpu if torch.device(device).type == "cuda" else real_to(self, device)
+
+    monkeypatch.setattr(FeatureStack, "to", to)
+    return on_gpu, moves
+
+
 @pytest.mark.parametrize("device", [None, "auto", "gpu"])
 def test_multi_kmeans_clusters_on_the_gpu_and_brings_the_sweep_back(nodes, stack, comfy_device, monkeypatch, device):
     """The node's wiring when the GPU has room (a stand-in here): the stack goes to ComfyUI's GPU, the
     sweep comes back to the CPU (ComfyUI caches it). device None: a prompt saved before the input."""
     from headseg.nodes.core import kmeans as core_kmeans
-    from headseg.nodes.core.upsample import FeatureStack
 
     expected = nodes.MultiKMeans.execute(stack, "2,3,4", 0, "cpu").args[0]
     comfy_device.set("cuda:0")
-    on_gpu = object()  # stands for the stack moved to the GPU
-    stack_moves, sweep_moves = [], []
-    real_stack_to, real_sweep_to = FeatureStack.to, core_kmeans.ClusterSweep.to
-
-    def stack_to(self, dev):
-        stack_moves.append(torch.device(dev))
-        return on_gpu if torch.device(dev).type == "cuda" else real_stack_to(self, dev)
+    on_gpu, stack_moves = stand_in_gpu_stack(monkeypatch)
+    sweep_moves, real_sweep_to = [], core_kmeans.ClusterSweep.to
 
     def sweep_to(self, dev):
         sweep_moves.append(torch.device(dev))
@@ -249,7 +258,6 @@ def test_multi_kmeans_clusters_on_the_gpu_and_brings_the_sweep_back(nodes, stack
         assert s is on_gpu
         return expected  # stands for the sweep made on the GPU
 
-    monkeypatch.setattr(FeatureStack, "to", stack_to)
     monkeypatch.setattr(core_kmeans.ClusterSweep, "to", sweep_to)
     monkeypatch.setattr(core_kmeans, "multi_kmeans", multi_kmeans)
     args = (stack, "2,3,4", 0) if device is None else (stack, "2,3,4", 0, device)
@@ -263,23 +271,17 @@ def test_multi_kmeans_moves_the_stack_to_the_gpu_and_falls_back_when_it_is_full(
     """The node's wiring: the stack goes to ComfyUI's GPU; there (a stand-in here) the sweep runs out
     of memory, and the clusters come from the CPU, equal to a CPU run's."""
     from headseg.nodes.core import kmeans as core_kmeans
-    from headseg.nodes.core.upsample import FeatureStack
 
     expected = nodes.MultiKMeans.execute(stack, "2,3,4", 0, "cpu").args[0]
     comfy_device.set("cuda:0")
-    on_gpu = object()  # stands for the stack moved to the GPU
-    moves, real_to, real_kmeans = [], FeatureStack.to, core_kmeans.multi_kmeans
-
-    def to(self, device):
-        moves.append(torch.device(device))
-        return on_gpu if torch.device(device).type == "cuda" else real_to(self, device)
+    on_gpu, moves = stand_in_gpu_stack(monkeypatch)
+    real_kmeans = core_kmeans.multi_kmeans
 
     def multi_kmeans(s, *args, **kwargs):
         if s is on_gpu:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
         return real_kmeans(s, *args, **kwargs)
 
-    monkeypatch.setattr(FeatureStack, "to", to)
     monkeypatch.setattr(core_kmeans, "multi_kmeans", multi_kmeans)
     out = nodes.MultiKMeans.execute(stack, "2,3,4", 0, "auto")
     assert moves == [torch.device("cuda:0"), torch.device("cpu")]
