@@ -41,8 +41,8 @@ from typing import Callable
 
 import torch
 
-from .recording import check_one_device, check_size, power_of_two_scale
-from .upsample import FeatureStack, interpolation_matrix
+from .recording import is_int, power_of_two_scale
+from .upsample import FeatureStack, check_stack, interpolation_matrix, peak_abs
 from .working_set import RTOL as _RTOL
 from .working_set import WorkingSet, check_tol, first_at_minimum, starts
 
@@ -53,6 +53,8 @@ MAX_CLUSTERS = 256
 # compares every pair of masks (1024 masks of 512x512 are 1 GB as a float MASK batch).
 MAX_TOTAL_CLUSTERS = 1024
 # Features are float32 inside k-means: larger values cannot be represented.
+# Channel means above this fraction of the largest |feature| are taken out before clustering (_centred).
+_MAX_OFFSET = 2.0**-10
 _MAX_FEATURE = float(torch.finfo(torch.float32).max)
 # Working set: this many random pixels (at least _WS_POINTS_PER_K * k).
 _WS_MIN_POINTS = 512
@@ -177,61 +179,6 @@ def _check_total(ks: list[int], given) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- validation
-def _check_values(g: torch.Tensor, where: str) -> None:
-    """NaN, inf, or features beyond float32's range -> ValueError naming ``where`` (the grid). One
-    reduction (the norm) and no temporary the size of g; only a grid whose norm is not finite is
-    looked at again."""
-    norm = float(torch.linalg.vector_norm(g, dtype=torch.float32 if g.element_size() < 4 else None))
-    if math.isfinite(norm) and norm <= _MAX_FEATURE:
-        return
-    if not bool(torch.isfinite(g).all()):
-        raise ValueError(f"stack contains NaN or inf features in {where}")
-    peak = float(_peak(g))
-    if peak > _MAX_FEATURE:
-        raise ValueError(
-            f"stack: features beyond float32's range in {where} (largest |value| {peak:.3g}, at most "
-            f"{_MAX_FEATURE:.3g}); scale them down"
-        )
-
-
-def _peak(g: torch.Tensor) -> torch.Tensor:
-    """The largest |value| of g (0-d, g's dtype): aminmax, no copy of g."""
-    low, high = torch.aminmax(g)
-    return torch.maximum(-low, high)
-
-
-def _grid_name(stack: FeatureStack, i: int) -> str:
-    """'grid 2 (16x16: layers input.4.0, output.3.0)' -- the layers when the stack lists them."""
-    g = stack.grids[i]
-    keys = stack.keys[i] if i < len(stack.keys) else []
-    names = ", ".join(getattr(key, "name", str(key)) for key in keys[:6]) + (", ..." if len(keys) > 6 else "")
-    return f"grid {i} ({int(g.shape[2])}x{int(g.shape[3])}" + (f": layers {names})" if names else ")")
-
-
-def _check_stack(stack) -> tuple[int, int]:
-    if not isinstance(stack, FeatureStack):
-        raise TypeError(f"stack must be a FeatureStack, got {type(stack).__name__}")
-    if not stack.grids:
-        raise ValueError("stack has no feature grid")
-    H, W = check_size(stack.size, "stack.size")
-    first = None
-    for i, g in enumerate(stack.grids):
-        if not isinstance(g, torch.Tensor) or g.dim() != 4 or not g.is_floating_point() or g.is_complex():
-            what = f"{g.dtype} {tuple(g.shape)}" if isinstance(g, torch.Tensor) else type(g).__name__
-            raise ValueError(f"stack grids must be floating [B, C, h, w] tensors, got {what}")
-        if g.numel() == 0:
-            raise ValueError(f"stack grids must have no empty dimension [B, C, h, w], got {tuple(g.shape)}")
-        name = _grid_name(stack, i)
-        first = check_one_device(first, name, g, "stack", "grid")
-        if g.is_meta:
-            raise ValueError(f"stack {name} is on the meta device: it holds no values")
-        _check_values(g, name)
-    batches = sorted({int(g.shape[0]) for g in stack.grids})
-    if len(batches) > 1:
-        raise ValueError(f"stack grids must share one batch size, got {batches}")
-    return H, W
-
-
 def _max_clusters(stack: FeatureStack) -> int:
     """Cells of the finest grid (capped by the output pixels): the most distinct clusters possible."""
     H, W = stack.size
@@ -242,7 +189,7 @@ def _max_clusters(stack: FeatureStack) -> int:
 def _check_k(k, limit: int, finest: str, name: str = "k") -> int:
     """k -> k, or a ValueError that starts with ``name`` (the argument k came in)."""
     where = "" if name == "k" else f"{name}: "
-    if isinstance(k, bool) or not isinstance(k, int):
+    if not is_int(k):
         raise ValueError(f"{where}k must be an int >= 1, got {k!r}")
     if k < 1:
         raise ValueError(f"{where}k must be >= 1, got {k}")
@@ -252,7 +199,7 @@ def _check_k(k, limit: int, finest: str, name: str = "k") -> int:
         )
     if k > limit:
         raise ValueError(f"{where}k must be at most {limit} ({finest}: no more distinct clusters), got {k}")
-    return k
+    return int(k)
 
 
 def _finest(stack: FeatureStack) -> str:
@@ -558,7 +505,8 @@ class _Image:
         # scaled by an exact power of two (in float64, before float32), so that squared distances
         # neither underflow nor overflow float32; centroids and inertia are scaled back, labels unchanged.
         grids = [g[b].detach() for g in stack.grids]  # [C_g, h_g, w_g] each
-        self.scale = float(power_of_two_scale(torch.stack([_peak(g).double() for g in grids]).max()))
+        grids, self.offset = _centred(grids)
+        self.scale = float(power_of_two_scale(torch.stack([peak_abs(g).double() for g in grids]).max()))
         if self.scale != 1.0:
             grids = [g.double() * self.scale for g in grids]
         self.feats = [g.to(torch.float32) for g in grids]  # [C_g, h_g, w_g]
@@ -625,6 +573,24 @@ class _Image:
 
 
 # ----------------------------------------------------------------------------- helpers
+def _centred(grids: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """[C_g, h_g, w_g] grids -> (the grids with every channel's native-grid mean taken out, the means
+    [C] float64 in stack channel order), or (the grids, None) when no mean is more than _MAX_OFFSET
+    of the grids' largest |value| (PCA scores are centred already: their grids are used as they are).
+
+    k-means' distances ||c||^2 - 2<F, c> cancel in float32 when the features share a large offset;
+    taking it out changes no distance: upsampling keeps constants (interpolation rows sum to 1), so
+    up(f - m) = up(f) - m, and k-means is translation invariant.
+    """
+    means = [g.mean(dim=(1, 2), dtype=torch.float64) for g in grids]  # [C_g] each
+    peak = max(float(peak_abs(g)) for g in grids)
+    if max(float(m.abs().max()) for m in means) <= _MAX_OFFSET * peak:
+        return grids, None
+    work = [torch.float64 if g.dtype == torch.float64 else torch.float32 for g in grids]
+    grids = [g.to(t) - m.to(t)[:, None, None] for g, t, m in zip(grids, work, means)]  # [C_g, h_g, w_g]
+    return grids, torch.cat(means)  # [C]
+
+
 def _sq_dist(X: torch.Tensor, xx: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """X [n, C], xx [n], C [m, C] -> [m, n] squared distances (>= 0)."""
     cc = (C * C).sum(1)  # [m]
@@ -690,8 +656,12 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
     inertia = max(0.0, total_sq + float(score.double().sum()))
     labels, centroids = _canonical(labels, centroids, k)
     if img.scale != 1.0:  # back to the stack's units (exact: a power of two)
-        centroids = (centroids.double() / img.scale).to(torch.float32)  # float64: the scale may exceed float32
         inertia = inertia / img.scale / img.scale
+    if img.scale != 1.0 or img.offset is not None:  # float64: the scale may exceed float32
+        centroids = centroids.double() / img.scale
+        if img.offset is not None:
+            centroids = centroids + img.offset  # [k, C] + [C]: back where the features were
+        centroids = centroids.to(torch.float32)
     return labels, centroids, inertia, iters
 
 
@@ -776,16 +746,16 @@ def _sweep(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: fl
     }
 
 
-def _check_iter_tol(max_iter, tol):
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+def _check_iter_tol(max_iter, tol) -> tuple[int, float]:
+    if not is_int(max_iter) or max_iter < 1:
         raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
-    check_tol(tol)
+    return int(max_iter), check_tol(tol)
 
 
 def _check_seed(seed):
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not is_int(seed):
         raise ValueError(f"seed must be an int, got {seed!r}")
-    return seed % (1 << 63)
+    return int(seed) % (1 << 63)
 
 
 def kmeans(stack: FeatureStack, k: int, seed: int = 0, max_iter: int = 100, tol: float = 1e-4) -> KMeansResult:
@@ -798,11 +768,33 @@ def kmeans(stack: FeatureStack, k: int, seed: int = 0, max_iter: int = 100, tol:
     max_iter: most Lloyd iterations of each stage (working set, 1/16 lattice, full image).
     tol: centroid shift (squared, summed) relative to the mean feature variance, as in scikit-learn.
     """
-    _check_stack(stack)
+    check_stack(stack)
     k = _check_k(k, _max_clusters(stack), _finest(stack))
-    _check_iter_tol(max_iter, tol)
+    max_iter, tol = _check_iter_tol(max_iter, tol)
     seed = _check_seed(seed)
-    return _sweep(stack, [k], seed, max_iter, float(tol))[k]
+    return _sweep(stack, [k], seed, max_iter, tol)[k]
+
+
+def _cluster_count_list(cluster_counts) -> list:
+    """cluster_counts (a string such as "2,5,6,10,20" or an iterable) -> a non-empty list, unchecked."""
+    if isinstance(cluster_counts, str):
+        return parse_cluster_counts(cluster_counts)
+    try:
+        ks = list(cluster_counts)
+    except TypeError:
+        raise ValueError(
+            f"cluster_counts must be a list of ints or a string such as '2,5,6,10,20', got {cluster_counts!r}"
+        ) from None
+    if not ks:
+        raise ValueError("cluster_counts must hold at least one cluster count k")
+    return ks
+
+
+def check_sweep_options(cluster_counts, seed) -> tuple[list[int], int]:
+    """multi_kmeans' options checked before there is a stack (k up to MAX_CLUSTERS; multi_kmeans
+    also checks them against the stack's grids) -> (sorted unique ks, seed)."""
+    ks = sorted({_check_k(k, MAX_CLUSTERS, "", "cluster_counts") for k in _cluster_count_list(cluster_counts)})
+    return _check_total(ks, cluster_counts), _check_seed(seed)
 
 
 def multi_kmeans(
@@ -815,18 +807,8 @@ def multi_kmeans(
 
     progress(done, total) is called after each (image, k).
     """
-    _check_stack(stack)
-    if isinstance(cluster_counts, str):
-        ks = parse_cluster_counts(cluster_counts)
-    else:
-        try:
-            ks = list(cluster_counts)
-        except TypeError:
-            raise ValueError(
-                f"cluster_counts must be a list of ints or a string such as '2,5,6,10,20', got {cluster_counts!r}"
-            ) from None
-        if not ks:
-            raise ValueError("cluster_counts must hold at least one cluster count k")
+    check_stack(stack)
+    ks = _cluster_count_list(cluster_counts)
     limit, finest = _max_clusters(stack), _finest(stack)
     ks = _check_total(sorted({_check_k(k, limit, finest, "cluster_counts") for k in ks}), cluster_counts)
     seed = _check_seed(seed)

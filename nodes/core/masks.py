@@ -10,13 +10,13 @@ masks_at_pixel lists the masks under a pixel from finest to coarsest (paper figu
 from __future__ import annotations
 
 import math
-import numbers
 import operator
 from dataclasses import dataclass
 
 import torch
 
 from .kmeans import ClusterSweep
+from .recording import is_int, is_real
 
 # Pixels per chunk when counting intersections of masks.
 _CHUNK_PIXELS = 1 << 16
@@ -71,8 +71,9 @@ def labels_to_masks(labels: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"labels must be an integer tensor [H, W], got {shape}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor [H, W], got {labels.dtype}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if not is_int(k) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
+    k = int(k)
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
         raise ValueError(f"labels must lie in 0..{k - 1} for k={k}, got {int(labels.min())}..{int(labels.max())}")
     if k * labels.numel() > _MAX_MASK_BYTES:
@@ -93,7 +94,7 @@ def sweep_to_masks(sweep: ClusterSweep, batch_index: int) -> MaskSet:
     if len(shapes) > 1:
         raise ValueError(f"sweep: the label maps of all k must have one shape [B, H, W], got {sorted(shapes)}")
     B = sweep.batch_size
-    if isinstance(batch_index, bool) or not isinstance(batch_index, int) or not 0 <= batch_index < B:
+    if not is_int(batch_index) or not 0 <= batch_index < B:
         raise ValueError(f"batch_index must be an int in [0, {B}), got {batch_index!r}")
     masks, ks, clusters = [], [], []
     for k in sorted(sweep.results):
@@ -137,9 +138,9 @@ def _label_intersections(sweep: ClusterSweep, batch_index: int) -> torch.Tensor:
 
 
 def _check_merge_options(iou_threshold, min_area) -> None:
-    if isinstance(iou_threshold, bool) or not isinstance(iou_threshold, numbers.Real) or not 0.0 < iou_threshold <= 1.0:
+    if not is_real(iou_threshold) or not 0.0 < iou_threshold <= 1.0:
         raise ValueError(f"iou_threshold must be a number in (0, 1], got {iou_threshold!r}")
-    if isinstance(min_area, bool) or not isinstance(min_area, numbers.Real) or not 0.0 <= min_area <= 1.0:
+    if not is_real(min_area) or not 0.0 <= min_area <= 1.0:
         raise ValueError(f"min_area must be a fraction of the image in [0, 1], got {min_area!r}")
 
 
@@ -148,7 +149,7 @@ def _merge(ms: MaskSet, inter: torch.Tensor, iou_threshold: float, min_area: flo
     H, W = ms.size
     inter = inter.cpu()  # [M, M]: the greedy loop reads it entry by entry
     area = inter.diagonal()  # [M]
-    need = max(1, math.ceil(min_area * H * W - 1e-9))
+    need = max(1, math.ceil(min_area * H * W * (1 - 1e-12)))  # 0.54 * 3840**2 rounds above the count it means
     big = (area >= need).nonzero().flatten()  # [M'] stable order
     if big.numel() == 0:
         return ms.subset(big)

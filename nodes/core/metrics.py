@@ -7,9 +7,10 @@ Inputs on different devices are compared on the device of the first (the referen
 
 from __future__ import annotations
 
-import numbers
 
 import torch
+
+from .recording import is_int
 
 
 def _as_bool(x, name: str, dims: int) -> torch.Tensor:
@@ -82,8 +83,9 @@ def top_n(reference: torch.Tensor, predicted: torch.Tensor, n: int) -> float:
 
     Reference masks of equal area keep their given order.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not is_int(n) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
+    n = int(n)
     reference = _as_bool(reference, "reference", 3)
     if reference.shape[0] == 0:
         raise ValueError("reference must hold at least one mask, got 0")
@@ -107,9 +109,10 @@ def class_ious(gt_labels: torch.Tensor, predicted: torch.Tensor, ignore_index: i
         raise ValueError(
             f"predicted masks {tuple(predicted.shape[1:])} and gt_labels {tuple(gt_labels.shape)} must have the same (H, W)"
         )
-    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)):
+    if ignore_index is not None and (not is_int(ignore_index)):
         raise ValueError(f"ignore_index must be an int class id or None, got {ignore_index!r}")
-    valid = torch.ones_like(gt_labels, dtype=torch.bool) if ignore_index is None else gt_labels != int(ignore_index)  # [H, W]
+    # int64: an ignore_index outside a small label dtype's range must not wrap around onto a class
+    valid = torch.ones_like(gt_labels, dtype=torch.bool) if ignore_index is None else gt_labels.long() != int(ignore_index)  # [H, W]
     classes = torch.unique(gt_labels[valid]).tolist()
     if not classes:
         return {}

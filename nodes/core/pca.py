@@ -16,17 +16,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .recording import LayerKey, Recording, check_one_device, power_of_two_scale
+from .recording import FEATURE_DTYPES, LayerKey, Recording, check_one_device, is_int, power_of_two_scale
 
 
 def _check_components(components, D: int, where: str = "") -> int:
-    if isinstance(components, bool) or not isinstance(components, int):
+    if not is_int(components):
         raise ValueError(f"components must be an int between 1 and the head dimension, got {components!r}")
     if not 1 <= components <= D:
         raise ValueError(
             f"components must be between 1 and the head dimension {D}{where}, got {components}"
         )
-    return components
+    return int(components)
 
 
 @contextmanager
@@ -157,11 +157,11 @@ class HeadFeatures:
         layer otherwise."""
         first = None
         for key, t in self.layers.items():
-            if not isinstance(t, torch.Tensor) or t.dim() != 5 or t.numel() == 0 or not t.is_floating_point():
+            if not isinstance(t, torch.Tensor) or t.dim() != 5 or t.numel() == 0 or t.dtype not in FEATURE_DTYPES:
                 what = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(
-                    f"features: layer {key!s} must be a real floating tensor [B, heads, h, w, c] with no "
-                    f"empty dimension, got {what}"
+                    f"features: layer {key!s} must be a real floating tensor (float16, bfloat16, float32 or "
+                    f"float64) [B, heads, h, w, c] with no empty dimension, got {what}"
                 )
             first = check_one_device(first, f"layer {key!s}", t, "features", "layer")
         batches = sorted({int(t.shape[0]) for t in self.layers.values()})
@@ -180,20 +180,22 @@ def recording_pca(rec: Recording, components: int = 8) -> HeadFeatures:
     if not isinstance(rec, Recording):
         raise TypeError(f"rec must be a Recording, got {type(rec).__name__}")
     rec.validate(check_finite=False)  # NaN / inf reach the covariance, checked per layer below
-    if isinstance(components, bool) or not isinstance(components, int):
+    if not is_int(components):
         raise ValueError(f"components must be an int between 1 and the head dimension, got {components!r}")
     for key, t in rec.layers.items():
-        _check_components(components, int(t.shape[-1]), where=f" of layer {key.name}")
+        components = _check_components(components, int(t.shape[-1]), where=f" of layer {key.name}")
 
     def finish(key: LayerKey, scores: torch.Tensor) -> torch.Tensor:
         """[B*heads, N, c] scores -> [B, heads, h, w, c] float32, or a ValueError naming the layer."""
         B, heads, h, w, d = rec.layers[key].shape
         out = scores.reshape(B, heads, h, w, components).to(torch.float32)  # [B, heads, h, w, c]
-        if scores.dtype == torch.float64 and not bool(torch.isfinite(out).all() and (out.any() or not scores.any())):
-            raise ValueError(
-                f"Recording: layer {key!s} has values beyond float32's range (features are float32): scale it "
-                f"into about 1e-38 .. 1e38"
-            )
+        if scores.dtype == torch.float64:  # a head beyond float32's range overflows, or underflows to zeros
+            lost = scores.reshape(B * heads, -1).any(1) & ~out.reshape(B * heads, -1).any(1)  # [B*heads]
+            if not bool(torch.isfinite(out).all()) or bool(lost.any()):
+                raise ValueError(
+                    f"Recording: layer {key!s} has values beyond float32's range (features are float32): scale it "
+                    f"into about 1e-38 .. 1e38"
+                )
         return out
 
     def reduce(key: LayerKey) -> torch.Tensor:

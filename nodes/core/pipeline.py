@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .kmeans import ClusterSweep, multi_kmeans, parse_cluster_counts
+from .kmeans import ClusterSweep, check_sweep_options, multi_kmeans
 from .masks import MaskSet, merge_sweep
 from .pca import HeadFeatures, recording_pca
-from .recording import Recording
-from .upsample import FeatureStack, make_feature_stack
+from .recording import Recording, is_real
+from .upsample import FeatureStack, check_mode, make_feature_stack
 
 
 @dataclass
@@ -48,12 +48,14 @@ def segment(
         recording = recording.snapshot()
     if not isinstance(recording, Recording):
         raise TypeError(f"recording must be a Recording, got {type(recording).__name__}")
-    if isinstance(cluster_counts, str):
-        cluster_counts = parse_cluster_counts(cluster_counts)
     # argument checks that would otherwise fail only after the expensive stages
-    if isinstance(iou_threshold, bool) or not isinstance(iou_threshold, (int, float)) or not 0.0 < iou_threshold <= 1.0:
+    cluster_counts, seed = check_sweep_options(cluster_counts, seed)
+    check_mode(mode)
+    if not isinstance(reweight, bool):
+        raise ValueError(f"reweight must be True or False, got {reweight!r}")
+    if not is_real(iou_threshold) or not 0.0 < iou_threshold <= 1.0:
         raise ValueError(f"iou_threshold must be a number in (0, 1], got {iou_threshold!r}")
-    if isinstance(min_area, bool) or not isinstance(min_area, (int, float)) or not 0.0 <= min_area <= 1.0:
+    if not is_real(min_area) or not 0.0 <= min_area <= 1.0:
         raise ValueError(f"min_area must be a fraction of the image in [0, 1], got {min_area!r}")
     recording.validate(check_finite=False)  # layer keys, shapes, grids; NaN / inf are named per layer by the PCA
     selected = recording.select(positions, levels)

@@ -6,12 +6,11 @@ Everything here is deterministic: fixed palettes, no randomness.
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
 from .pca import HeadFeatures
-from .recording import all_finite
+from .recording import MAX_IMAGE_SIDE, all_finite, is_int, is_real
 from .upsample import upsample
 
 # 20 well-separated colours (RGB 0..255); beyond them, colours come from golden-ratio hues.
@@ -37,7 +36,7 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[float, float, float]:
 
 def palette(k: int) -> torch.Tensor:
     """[k, 3] float32 in 0..1 on the CPU: colour of label 0..k-1 (the first 20 fixed, then golden-ratio hues)."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if not is_int(k) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     colours = [tuple(c / 255.0 for c in rgb) for rgb in _BASE_PALETTE[:k]]
     for i in range(len(colours), k):
@@ -53,7 +52,7 @@ def label_colours(labels: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"labels must be an integer tensor [B, H, W], got {shape}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"labels must hold integer labels, got {labels.dtype}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if not is_int(k) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
         raise ValueError(f"labels must lie in 0..{k - 1} for k={k}, got {int(labels.min())}..{int(labels.max())}")
@@ -81,10 +80,11 @@ def pca_rgb_grid(features: HeadFeatures, batch_index: int = 0, cell: int = 64) -
         raise TypeError(f"features must be HeadFeatures, got {type(features).__name__}")
     if not features.layers:
         raise ValueError("features: no layer to draw")
-    if isinstance(cell, bool) or not isinstance(cell, int) or cell < 1:
-        raise ValueError(f"cell must be an int >= 1 (tile side in pixels), got {cell!r}")
+    if not is_int(cell) or not 1 <= cell <= MAX_IMAGE_SIDE:
+        raise ValueError(f"cell must be an int from 1 to {MAX_IMAGE_SIDE} (tile side in pixels), got {cell!r}")
+    cell = int(cell)
     B = features.checked_batch_size()
-    if isinstance(batch_index, bool) or not isinstance(batch_index, int) or not 0 <= batch_index < B:
+    if not is_int(batch_index) or not 0 <= batch_index < B:
         raise ValueError(f"batch_index must be an int in [0, {B}), got {batch_index!r}")
     for key, t in features.layers.items():
         if not all_finite(t[batch_index]):
@@ -121,7 +121,7 @@ def overlay_masks(image: torch.Tensor | None, masks: torch.Tensor, alpha: float 
     if not isinstance(masks, torch.Tensor) or masks.dim() != 3:
         shape = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
         raise ValueError(f"masks must be a tensor [M, H, W], got {shape}")
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= float(alpha) <= 1.0:
+    if not is_real(alpha) or not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must be a number in 0..1, got {alpha!r}")
     M, H, W = masks.shape
     if masks.is_floating_point() and not all_finite(masks):

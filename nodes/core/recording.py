@@ -25,7 +25,22 @@ BLOCK_POSITIONS = {"input": "down", "middle": "middle", "output": "up"}
 POSITIONS = ("down", "middle", "up")
 METADATA_KEYS = ("format", "image_height", "image_width", "model", "steps", "branch")
 _BLOCK_ORDER = {"input": 0, "middle": 1, "output": 2}
+
+
+def is_int(value) -> bool:
+    """Whether value is an integer: a Python or numpy int, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """Whether value is a real number: a Python or numpy int or float, not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 _FP16_MAX = torch.finfo(torch.float16).max
+_FP16_TINY = torch.finfo(torch.float16).tiny  # smallest normal float16: a head below it would lose its digits
+# The dtypes a recording, features and stacks may hold (float8 has too few digits and few kernels).
+FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Longest safetensors header is_recording_file reads (a recording's is a few kB; a model's up to ~1 MB).
 _MAX_HEADER_BYTES = 16 << 20
 
@@ -43,8 +58,9 @@ class LayerKey:
             raise ValueError(f"LayerKey: block must be one of {sorted(BLOCK_POSITIONS)}, got {self.block!r}")
         for name in ("number", "depth"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ValueError(f"LayerKey: {name} must be an int >= 0, got {value!r}")
+            object.__setattr__(self, name, int(value))  # frozen: numpy ints become ints
 
     @property
     def name(self) -> str:
@@ -88,7 +104,7 @@ def grid_levels(latent_size: tuple[int, int]) -> list[tuple[int, int]]:
     if not isinstance(latent_size, (tuple, list)) or len(latent_size) != 2:
         raise ValueError(f"grid_levels: latent_size must be two ints >= 1 (h, w), got {latent_size!r}")
     h, w = latent_size
-    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in (h, w)):
+    if any(not is_int(v) or v < 1 for v in (h, w)):
         raise ValueError(f"grid_levels: latent_size must be two ints >= 1, got {tuple(latent_size)!r}")
     levels = [(h, w)]
     while (h, w) != (1, 1):
@@ -132,7 +148,7 @@ def check_size(size, name: str = "size") -> tuple[int, int]:
     if (
         not isinstance(size, (tuple, list))
         or len(size) != 2
-        or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in size)
+        or any(not is_int(s) or s < 1 for s in size)
     ):
         raise ValueError(f"{name} must be (height, width) in pixels, two positive ints, got {size!r}")
     if max(size) > MAX_IMAGE_SIDE:
@@ -248,8 +264,10 @@ class Recording:
                 raise ValueError(f"Recording: layer {key!s} must be a torch.Tensor, got {type(t).__name__}")
             if t.dim() != 5:
                 raise ValueError(f"Recording: layer {key!s} must be 5-D [B, heads, h, w, d], got shape {tuple(t.shape)}")
-            if not t.is_floating_point():
-                raise ValueError(f"Recording: layer {key!s} must be a floating tensor, got {t.dtype}")
+            if t.dtype not in FEATURE_DTYPES:
+                raise ValueError(
+                    f"Recording: layer {key!s} must be float16, bfloat16, float32 or float64, got {t.dtype}"
+                )
             first = check_one_device(first, f"layer {key!s}", t, "Recording", "layer")
             if t.is_meta:
                 raise ValueError(f"Recording: layer {key!s} is on the meta device: it holds no values")
@@ -289,7 +307,7 @@ class Recording:
         if isinstance(levels, str):
             levels = parse_levels(levels)
         if levels is not None:
-            if isinstance(levels, int):
+            if is_int(levels):
                 levels = [levels]
             try:
                 levels = tuple(levels)
@@ -297,7 +315,7 @@ class Recording:
                 raise ValueError(
                     f"select: levels must be ints >= 0 (0 = latent grid, 1 = 1/2, ...), 'all' or None, got {levels!r}"
                 ) from None
-            if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in levels):
+            if any(not is_int(v) or v < 0 for v in levels):
                 raise ValueError(f"select: levels must be ints >= 0 (0 = latent grid, 1 = 1/2, ...), got {list(levels)}")
         level_of = {key: self.grid_level(key) for key in self.layers}
         kept = {
@@ -329,8 +347,16 @@ def save_recording(rec: Recording, path) -> None:
         raise ValueError(f"save_recording: path {str(path)!r}: the folder {str(folder)!r} does not exist")
     tensors = {}
     for key, t in rec.layers.items():
-        if float(t.detach().abs().max()) > _FP16_MAX:
+        B, heads, h, w, d = t.shape
+        peaks = t.detach().abs().reshape(B, heads, h * w * d).amax(2).amax(0)  # [heads] largest |value| per head
+        if float(peaks.max()) > _FP16_MAX:
             raise ValueError(f"save_recording: layer {key!s} has values beyond the float16 range")
+        small = ((peaks > 0) & (peaks < _FP16_TINY)).nonzero().flatten().tolist()
+        if small:
+            raise ValueError(
+                f"save_recording: layer {key!s}, head {small[0]}: values at most {float(peaks[small[0]]):.3g}, below "
+                f"float16's smallest normal number {_FP16_TINY:.3g}: the file would keep few or none of their digits"
+            )
         tensors[key.name] = t.detach().to("cpu", torch.float16).contiguous()
     H, W = rec.image_size
     metadata = {
@@ -384,8 +410,10 @@ def load_recording(path) -> Recording:
         size = []
         for field_name in ("image_height", "image_width"):
             text = metadata[field_name]
-            if not text.strip().isdecimal() or int(text) < 1:
-                raise ValueError(f"{path}: metadata field {field_name!r} must be a positive integer, got {text!r}")
+            digits = text.strip()
+            if not (digits.isascii() and digits.isdecimal() and len(digits) <= 9) or int(digits) < 1:
+                shown = repr(text) if len(text) <= 40 else f"{text[:20]!r}... ({len(text)} characters)"
+                raise ValueError(f"{path}: metadata field {field_name!r} must be a positive integer, got {shown}")
             size.append(int(text))
         layers, names = {}, {}
         for name in f.keys():

@@ -11,26 +11,29 @@ work (k-means scores) can run on the native grids and upsample k channels instea
 from __future__ import annotations
 
 import dataclasses
-import numbers
+import math
 from dataclasses import dataclass
 
 import torch
 
 from .pca import HeadFeatures
-from .recording import MAX_IMAGE_SIDE, LayerKey, all_finite, check_size
+from .recording import FEATURE_DTYPES, LayerKey, MAX_IMAGE_SIDE, all_finite, check_one_device, check_size, is_int
 
 MODES = ("bilinear", "nearest")
 _CHUNK_BYTES = 16 * 2**20  # working memory per chunk in upsampling_error
+# Features are float32 in k-means and the error map: larger values cannot be represented.
+_MAX_FEATURE = float(torch.finfo(torch.float32).max)
 
 
-def _check_mode(mode) -> str:
+def check_mode(mode) -> str:
+    """mode -> mode, or a ValueError listing the modes."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
     return mode
 
 
 def _check_length(n, name: str) -> int:
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= MAX_IMAGE_SIDE:
+    if not is_int(n) or not 1 <= n <= MAX_IMAGE_SIDE:
         raise ValueError(f"{name} must be an int from 1 to {MAX_IMAGE_SIDE}, got {n!r}")
     return int(n)
 
@@ -77,7 +80,7 @@ def interpolation_matrix(n_in: int, n_out: int, mode: str, dtype: torch.dtype = 
     """
     n_in = _check_length(n_in, "n_in")
     n_out = _check_length(n_out, "n_out")
-    _check_mode(mode)
+    check_mode(mode)
     rows = torch.arange(n_out, device="cpu")
     matrix = torch.zeros(n_out, n_in, dtype=dtype, device="cpu")
     if mode == "nearest":
@@ -109,7 +112,7 @@ def upsample(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> 
     if x.shape[2] == 0 or x.shape[3] == 0:
         raise ValueError(f"x must have a grid of at least 1x1 [B, C, h, w], got {tuple(x.shape)}")
     H, W = check_size(size)
-    _check_mode(mode)
+    check_mode(mode)
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     x = x.to(dtype)
     return _resample_axis(_resample_axis(x, 2, H, mode), 3, W, mode)  # [B, C, H, w] -> [B, C, H, W]
@@ -121,8 +124,9 @@ def resolution_weights(grid_sides: list[int]) -> list[float]:
         sides = list(grid_sides)
     except TypeError:
         sides = []
-    if not sides or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in sides):
+    if not sides or any(not is_int(r) or r < 1 for r in sides):
         raise ValueError(f"grid_sides must be a non-empty list of positive ints, got {grid_sides!r}")
+    sides = [int(r) for r in sides]
     top = max(sides)
     return [r / top for r in sides]
 
@@ -172,10 +176,67 @@ class FeatureStack:
         size = self.size if size is None else check_size(size)
         grids = self.grids
         if batch_index is not None:
-            if isinstance(batch_index, bool) or not isinstance(batch_index, int) or not 0 <= batch_index < self.batch_size:
+            if not is_int(batch_index) or not 0 <= batch_index < self.batch_size:
                 raise ValueError(f"batch_index must be an int in [0, {self.batch_size}), got {batch_index!r}")
             grids = [g[batch_index : batch_index + 1] for g in grids]  # each [1, C_i, h_i, w_i]
         return torch.cat([upsample(g, size, self.mode) for g in grids], dim=1)  # [B, C, H', W']
+
+
+def _check_values(g: torch.Tensor, where: str) -> None:
+    """NaN, inf, or features beyond float32's range -> ValueError naming ``where`` (the grid). One
+    reduction (the norm) and no temporary the size of g; only a grid whose norm is not finite is
+    looked at again."""
+    norm = float(torch.linalg.vector_norm(g, dtype=torch.float32 if g.element_size() < 4 else None))
+    if math.isfinite(norm) and norm <= _MAX_FEATURE:
+        return
+    if not bool(torch.isfinite(g).all()):
+        raise ValueError(f"stack contains NaN or inf features in {where}")
+    peak = float(peak_abs(g))
+    if peak > _MAX_FEATURE:
+        raise ValueError(
+            f"stack: features beyond float32's range in {where} (largest |value| {peak:.3g}, at most "
+            f"{_MAX_FEATURE:.3g}); scale them down"
+        )
+
+
+def peak_abs(g: torch.Tensor) -> torch.Tensor:
+    """The largest |value| of g (0-d, g's dtype): aminmax, no copy of g."""
+    low, high = torch.aminmax(g)
+    return torch.maximum(-low, high)
+
+
+def _grid_name(stack: FeatureStack, i: int) -> str:
+    """'grid 2 (16x16: layers input.4.0, output.3.0)' -- the layers when the stack lists them."""
+    g = stack.grids[i]
+    keys = stack.keys[i] if i < len(stack.keys) else []
+    names = ", ".join(getattr(key, "name", str(key)) for key in keys[:6]) + (", ..." if len(keys) > 6 else "")
+    return f"grid {i} ({int(g.shape[2])}x{int(g.shape[3])}" + (f": layers {names})" if names else ")")
+
+
+def check_stack(stack) -> tuple[int, int]:
+    """FeatureStack -> (H, W), or an error naming what is wrong: the grids (floating [B, C, h, w], one
+    batch size, one device, values), the size. Every stage that reads a stack checks it first."""
+    if not isinstance(stack, FeatureStack):
+        raise TypeError(f"stack must be a FeatureStack, got {type(stack).__name__}")
+    if not stack.grids:
+        raise ValueError("stack has no feature grid")
+    H, W = check_size(stack.size, "stack.size")
+    first = None
+    for i, g in enumerate(stack.grids):
+        if not isinstance(g, torch.Tensor) or g.dim() != 4 or g.dtype not in FEATURE_DTYPES:
+            what = f"{g.dtype} {tuple(g.shape)}" if isinstance(g, torch.Tensor) else type(g).__name__
+            raise ValueError(f"stack grids must be floating [B, C, h, w] tensors (float16 .. float64), got {what}")
+        if g.numel() == 0:
+            raise ValueError(f"stack grids must have no empty dimension [B, C, h, w], got {tuple(g.shape)}")
+        name = _grid_name(stack, i)
+        first = check_one_device(first, name, g, "stack", "grid")
+        if g.is_meta:
+            raise ValueError(f"stack {name} is on the meta device: it holds no values")
+        _check_values(g, name)
+    batches = sorted({int(g.shape[0]) for g in stack.grids})
+    if len(batches) > 1:
+        raise ValueError(f"stack grids must share one batch size, got {batches}")
+    return H, W
 
 
 def make_feature_stack(
@@ -188,14 +249,21 @@ def make_feature_stack(
     """
     if not isinstance(features, HeadFeatures):
         raise TypeError(f"features must be HeadFeatures, got {type(features).__name__}")
-    _check_mode(mode)
+    check_mode(mode)
     size = check_size(features.image_size if size is None else size)
     if not features.layers:
         raise ValueError("features: no layer (the selection left nothing to upsample)")
+    if not isinstance(reweight, bool):
+        raise ValueError(f"reweight must be True or False, got {reweight!r}")
     features.checked_batch_size()
     for key, t in features.layers.items():
         if not all_finite(t):
             raise ValueError(f"features: layer {key!s} contains NaN or inf values")
+        if t.dtype == torch.float64 and float(t.detach().abs().max()) > _MAX_FEATURE:
+            raise ValueError(
+                f"features: layer {key!s} has values beyond float32's range (the stack is float32): scale it "
+                f"into about 1e-38 .. 1e38"
+            )
     groups: dict[tuple[int, int], list[tuple[LayerKey, torch.Tensor]]] = {}
     for key, t in features.layers.items():
         B, heads, h, w, c = t.shape
@@ -253,9 +321,7 @@ def upsampling_error(stack: FeatureStack) -> torch.Tensor:
 
     Works chunk by chunk over channels, so extra memory stays near _CHUNK_BYTES.
     """
-    if not isinstance(stack, FeatureStack):
-        raise TypeError(f"stack must be a FeatureStack, got {type(stack).__name__}")
-    H, W = stack.size
+    H, W = check_stack(stack)
     B = stack.batch_size
     total = torch.zeros(B, H, W, dtype=torch.float32, device=stack.grids[0].device)
     per_channel = 3 * H * W * 4  # about three full-size float32 temporaries per channel and image
@@ -272,11 +338,12 @@ def upsampling_error_at(stack: FeatureStack, rows: torch.Tensor, cols: torch.Ten
     """[B, ny, nx] eq. 6 at the output pixels rows [ny] x cols [nx] only (exactly as upsampling_error
     there), at a cost in proportion to ny * nx: a preview of a large image.
     """
-    if not isinstance(stack, FeatureStack):
-        raise TypeError(f"stack must be a FeatureStack, got {type(stack).__name__}")
-    H, W = stack.size
+    H, W = check_stack(stack)
     for name, idx in (("rows", rows), ("cols", cols)):
-        t = torch.as_tensor(idx, device="cpu")
+        try:
+            t = torch.as_tensor(idx, device="cpu")
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{name} must be a 1-D tensor or list of integer pixel indices, got {type(idx).__name__}") from None
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise ValueError(f"{name} must hold integer pixel indices, got {t.dtype}")
     # indices on the CPU, where the interpolation matrices they pick from are built

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .recording import is_int, is_real
+
 # Lloyd also stops when an iteration lowers the inertia by less than this fraction of itself.
 RTOL = 1e-3
 # Row blocks of the Gram matrix (computed on as many threads as are given, up to this many).
@@ -252,7 +254,7 @@ def lloyd(ws: WorkingSet, picks: torch.Tensor, max_iter: int, tol: float) -> lis
 
 def check_tol(tol) -> float:
     """tol -> float, or a ValueError: a finite number >= 0."""
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (tol >= 0 and math.isfinite(tol)):
+    if not is_real(tol) or not (tol >= 0 and math.isfinite(tol)):
         raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
     return float(tol)
 
@@ -262,7 +264,7 @@ def starts(ws: WorkingSet, k: int, count: int, gen: torch.Generator, max_iter: i
     the working set's mean channel variance."""
     check_tol(tol)
     for name, value, low, high in (("k", k, 1, ws.n), ("count", count, 1, None), ("max_iter", max_iter, 1, None)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        if not is_int(value) or value < low or (high is not None and value > high):
             bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
             raise ValueError(f"{name} must be an int {bound}, got {value!r}")
     return lloyd(ws, kmeans_pp(ws, k, count, gen), max_iter, tol * ws.var)

@@ -39,6 +39,11 @@ def explicit(stack, b=0):
     return x.reshape(x.shape[0], -1).t()
 
 
+def as_held(img, X):
+    """X [N, C] as the lattices of km._Image ``img`` hold it: less the channel means _centred took out."""
+    return X if img.offset is None else X - img.offset
+
+
 def masks_of(labels, k):
     return torch.stack([labels == j for j in range(k)])
 
@@ -77,8 +82,8 @@ def test_assignment_and_update_equal_brute_force(mode, size, chunk, shapes, monk
     if chunk is not None:
         monkeypatch.setattr(km, "_CHUNK_SCORES", chunk)
     stack = random_stack(size, mode, shapes=shapes)
-    X = explicit(stack)  # [N, C]
     img = km._Image(stack, 0)
+    X = as_held(img, explicit(stack))  # [N, C]
     for i in range(len(img.sides)):  # every lattice rung, the last being the full image
         lat = img.rung(i)
         ys = km._sample_positions(size[0], lat.ny, "cpu")
@@ -108,8 +113,9 @@ def test_assignment_and_update_equal_brute_force(mode, size, chunk, shapes, monk
 @pytest.mark.parametrize("chunk", [1, 40])
 def test_moments_in_channel_chunks_equal_brute_force(chunk, monkeypatch):
     stack = random_stack((40, 24), "bilinear")
-    X = explicit(stack)  # [N, C]
-    whole = km._Image(stack, 0).rung(-1).moments()  # every channel of a grid at once
+    img = km._Image(stack, 0)
+    X = as_held(img, explicit(stack))  # [N, C]
+    whole = img.rung(-1).moments()  # every channel of a grid at once
     monkeypatch.setattr(km, "_CHUNK_SCORES", chunk)  # 1: one channel at a time; 40: a few
     total, var = km._Image(stack, 0).rung(-1).moments()
     assert total == pytest.approx(float((X * X).sum()), rel=1e-6)
@@ -121,8 +127,8 @@ def test_moments_in_channel_chunks_equal_brute_force(chunk, monkeypatch):
 @pytest.mark.parametrize("shapes", [THREE_GRIDS, REPEATED_SIZE, UNEVEN_CORNERS])
 def test_moving_pixels_updates_sums_exactly(mode, shapes):
     stack = random_stack((13, 22), mode, shapes=shapes)
-    X = explicit(stack)
-    lat = km._Image(stack, 0).rung(-1)
+    img = km._Image(stack, 0)
+    X, lat = as_held(img, explicit(stack)), img.rung(-1)
     labels = torch.arange(X.shape[0]) % 3
     A = lat.adjoint(labels, 3)
     pix = torch.tensor([0, 4, 9, 100, 186])
@@ -428,6 +434,30 @@ def test_features_of_any_float32_scale_cluster_alike(factor):
     assert torch.equal(b.labels, a.labels)
     torch.testing.assert_close(b.centroids.double(), a.centroids.double() * factor, rtol=1e-5, atol=0.0)
     assert float(b.inertia[0]) == pytest.approx(float(a.inertia[0]) * factor**2, rel=1e-5)
+
+
+@pytest.mark.parametrize("offset", [1e3, -3e4])
+def test_features_with_a_large_common_offset_cluster_as_without_it(offset):
+    """||c||^2 - 2<F, c> cancels in float32 when every feature carries a large offset: the offset is
+    taken out inside (exactly: upsampling keeps constants), so labels and inertia are those of the
+    centred features, against scikit-learn on the shifted float64 features too, and the centroids
+    come back in the features' own units."""
+    stack = planted_stack(size=(64, 64), seed=1)
+    C = stack.num_channels
+    shift = offset * (1.0 + torch.arange(C, dtype=torch.float64) / C)  # [C], a different offset per channel
+    parts = shift.split([int(g.shape[1]) for g in stack.grids])
+    grids = [(g.double() + s[None, :, None, None]).float() for g, s in zip(stack.grids, parts)]
+    shifted = FeatureStack(grids, stack.weights, stack.keys, stack.size, stack.mode)
+    a, b = kmeans(stack, 4, seed=0), kmeans(shifted, 4, seed=0)
+    assert torch.equal(b.labels, a.labels)
+    assert float(b.inertia[0]) == pytest.approx(float(a.inertia[0]), rel=1e-3)
+    torch.testing.assert_close(b.centroids[0].double() - shift, a.centroids[0].double(), rtol=0.0, atol=2e-3 * abs(offset) * 2**-10)
+    X = explicit(shifted)  # [H*W, C] float64, offset included
+    labels = b.labels[0].reshape(-1)
+    at_means = sum(float(((X[labels == j] - X[labels == j].mean(0)) ** 2).sum()) for j in range(4))
+    assert at_means * (1 - 1e-9) <= float(b.inertia[0]) <= at_means * 1.001  # the centroids are near the means
+    ref = KMeans(n_clusters=4, random_state=0).fit(X.numpy())
+    assert ref.inertia_ * 0.98 <= float(b.inertia[0]) <= ref.inertia_ * 1.02
 
 
 def test_features_beyond_float32_range_are_refused():

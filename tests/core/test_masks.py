@@ -125,6 +125,18 @@ def test_merge_properties(seed, threshold):
     assert torch.equal(again.masks, merged.masks) and torch.equal(again.k, merged.k)
 
 
+@pytest.mark.parametrize("side, fraction", [(3840, 0.54), (1000, 0.3), (7, 3 / 49)])
+def test_a_mask_of_exactly_min_area_is_kept(side, fraction):
+    """fraction * side**2 pixels exactly (0.54 * 3840**2 rounds to just above 7962624 in float64)."""
+    need = round(fraction * side * side)
+    flat = torch.zeros(side * side, dtype=torch.bool)
+    flat[:need] = True
+    ms = MaskSet(flat.reshape(1, side, side), torch.tensor([2]), torch.tensor([0]))
+    assert len(merge_masks(ms, min_area=fraction)) == 1
+    flat[need - 1] = False  # one pixel less: dropped
+    assert len(merge_masks(ms, min_area=fraction)) == 0
+
+
 @pytest.mark.parametrize("kwargs", [{"iou_threshold": 0.0}, {"iou_threshold": 1.5}, {"min_area": -0.1},
                                     {"min_area": 2}, {"iou_threshold": "0.9"}])
 def test_merge_bad_arguments(kwargs):

@@ -155,6 +155,17 @@ def test_ignore_index_accepts_numpy_ints():
     assert class_ious(gt, gt[None] == 1, ignore_index=np.int64(255)) == class_ious(gt, gt[None] == 1, ignore_index=255)
 
 
+@pytest.mark.parametrize(
+    "dtype, ignore_index", [(torch.uint8, -1), (torch.uint8, 511), (torch.int8, 200), (torch.int8, -200), (torch.int16, 70000)]
+)
+def test_ignore_index_outside_the_label_dtype_ignores_nothing(dtype, ignore_index):
+    """An ignore_index the labels' dtype cannot hold ignores no class, not the one it wraps onto."""
+    wrapped = int(torch.tensor(ignore_index).to(dtype))  # e.g. uint8: -1 -> 255, 511 -> 255
+    gt = torch.tensor([[0, 1], [wrapped, 1]], dtype=dtype)
+    pred = torch.ones(1, 2, 2, dtype=torch.bool)
+    assert class_ious(gt, pred, ignore_index=ignore_index) == {0: 0.25, 1: 0.5, wrapped: 0.25}
+
+
 def test_average_class_iou_passes_ignore_index_on():
     gt = torch.tensor([[0, 0], [255, 1]])
     pred = torch.stack([gt == 0, gt == 1])  # class 255 is predicted by no mask

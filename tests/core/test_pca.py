@@ -243,6 +243,19 @@ def test_float64_recordings_beyond_float32_are_refused_naming_the_layer(factor):
         recording_pca(rec, 3)
 
 
+@pytest.mark.parametrize("factor", [1e-300, 1e-50])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_one_float64_head_below_float32_in_a_normal_layer_is_refused(factor, batch):
+    """The layer's other heads are ordinary: the head alone would become all zeros in float32."""
+    key = LayerKey("output", 9, 0)
+    x = torch.randn(batch, 3, 8, 8, 6, dtype=torch.float64)
+    x[-1, 1] *= factor
+    with pytest.raises(ValueError, match=r"^Recording: layer output\.9\.0 has values beyond float32's range"):
+        recording_pca(Recording({key: x}, (64, 64)), 3)
+    x[-1, 1] = 0.0  # a head of zeros is constant, not lost
+    assert not recording_pca(Recording({key: x}, (64, 64)), 3).layers[key][-1, 1].any()
+
+
 def test_meta_tensors_are_refused_by_name():
     with pytest.raises(ValueError, match="meta device"):
         head_pca(torch.empty(2, 10, 4, device="meta"), 2)

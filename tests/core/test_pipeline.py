@@ -108,6 +108,38 @@ def test_bad_input():
         segment(type(rec)({"input.1.0": next(iter(rec.layers.values()))}, rec.image_size))
 
 
+@pytest.mark.parametrize(
+    "option, match",
+    [
+        ({"mode": "bicubic"}, "^mode must be one of"),
+        ({"seed": 1.5}, "^seed must be an int"),
+        ({"cluster_counts": [2, "5"]}, "^cluster_counts: k must be an int"),
+        ({"cluster_counts": [2, 300]}, "^cluster_counts: k must be at most 256"),
+        ({"cluster_counts": 5}, "^cluster_counts must be a list of ints"),
+        ({"reweight": "yes"}, "^reweight must be True or False"),
+    ],
+)
+def test_options_are_refused_before_any_stage_runs(option, match, monkeypatch):
+    import headseg.nodes.core.pipeline as pipeline
+
+    def never(*args, **kwargs):
+        raise AssertionError("a stage ran before the options were checked")
+
+    monkeypatch.setattr(pipeline, "recording_pca", never)
+    with pytest.raises(ValueError, match=match):
+        segment(recording([nested_scene(64, 64)]), **option)
+
+
+def test_numpy_numbers_are_taken_as_python_numbers():
+    np = pytest.importorskip("numpy")
+    rec = recording([nested_scene(64, 64)])
+    plain = segment(rec, levels=[0, 1], components=4, cluster_counts=[2, 5], seed=3, iou_threshold=0.8, min_area=0.01)
+    numpy = segment(rec, levels=np.array([0, 1]), components=np.int64(4), cluster_counts=np.array([2, 5]),
+                    seed=np.int32(3), iou_threshold=np.float32(0.8), min_area=np.float64(0.01))
+    assert list(numpy.sweep.results) == [2, 5] and all(type(k) is int for k in numpy.sweep.results)
+    assert torch.equal(numpy.masks[0].masks, plain.masks[0].masks)
+
+
 def test_every_option_reaches_its_stage_for_every_image():
     scene = nested_scene(64, 64)
     flipped = Scene(scene.masks.flip(1), scene.parent, scene.names)

@@ -275,6 +275,19 @@ def test_save_rejects_values_beyond_float16(tmp_path):
         save_recording(rec, tmp_path / "x.safetensors")
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_save_rejects_a_head_below_float16s_normal_numbers(tmp_path, batch):
+    """float16 would keep few or none of its digits (1e-9 -> 0): refused, naming layer and head."""
+    rec = sd21_recording(dtype=torch.float32, batch=batch)
+    key = LayerKey("output", 4, 0)
+    rec.layers[key][:, 2] *= 1e-6  # head 2 of every image: values of about 1e-6
+    rec.layers[key][:, 3] = 0.0  # an all-zero head loses nothing
+    with pytest.raises(ValueError, match=r"^save_recording: layer output\.4\.0, head 2: values at most .*below float16's smallest normal"):
+        save_recording(rec, tmp_path / "x.safetensors")
+    rec.layers[key][:, 2] = 0.0
+    save_recording(rec, tmp_path / "x.safetensors")
+
+
 GOOD_META = {"format": FORMAT, "image_height": "64", "image_width": "64", "model": "SD21", "steps": "last", "branch": "cond"}
 
 
@@ -313,10 +326,17 @@ def test_load_missing_metadata_field(tmp_path, field):
         load_recording(write(tmp_path, good_tensors(), meta))
 
 
-@pytest.mark.parametrize("value", ["sixty-four", "-64", "0", "64.5", "", "\u00b2"])
+@pytest.mark.parametrize("value", ["sixty-four", "-64", "0", "64.5", "", "\u00b2", "\u0663", "9" * 5000])
 def test_load_bad_image_height(tmp_path, value):
-    with pytest.raises(ValueError, match=r"bad\.safetensors.*image_height"):
+    with pytest.raises(ValueError, match=r"bad\.safetensors.*image_height") as info:
         load_recording(write(tmp_path, good_tensors(), {**GOOD_META, "image_height": value}))
+    assert len(str(info.value)) < 300  # a huge field is shown shortened
+
+
+def test_load_float8_layer_names_it(tmp_path):
+    tensors = {**good_tensors(), "output.4.0": torch.zeros(1, 3, 4, 4, 4).to(torch.float8_e4m3fn)}
+    with pytest.raises(ValueError, match=r"bad\.safetensors: Recording: layer output\.4\.0 must be float16, bfloat16, float32 or float64, got torch\.float8_e4m3fn"):
+        load_recording(write(tmp_path, tensors, GOOD_META))
 
 
 def test_load_tensor_not_5d(tmp_path):
@@ -386,8 +406,9 @@ def test_select_single_level_and_unknown_layer():
 def test_validate_rejects_non_layer_keys_and_integer_tensors():
     with pytest.raises(ValueError, match="LayerKey"):
         Recording({"input.1.0": torch.zeros(1, 1, 8, 8, 4)}, (64, 64)).validate()
-    with pytest.raises(ValueError, match=r"input\.1\.0.*floating"):
-        Recording({LayerKey("input", 1, 0): torch.zeros(1, 1, 8, 8, 4, dtype=torch.int64)}, (64, 64)).validate()
+    for dtype in (torch.int64, torch.float8_e4m3fn, torch.complex64):
+        with pytest.raises(ValueError, match=r"input\.1\.0 must be float16, bfloat16, float32 or float64, got"):
+            Recording({LayerKey("input", 1, 0): torch.zeros(1, 1, 8, 8, 4, dtype=dtype)}, (64, 64)).validate()
 
 
 def test_is_recording_file_reads_only_the_header(tmp_path):

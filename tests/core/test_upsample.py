@@ -201,6 +201,31 @@ def test_upsampling_error_at_some_pixels_equals_the_reference_there(size):
     for bad in ([0.5], torch.tensor([1.7]), torch.tensor([True, False])):  # never truncated or read as indices
         with pytest.raises(ValueError, match="cols must hold integer pixel indices"):
             up.upsampling_error_at(stack, rows, bad)
+    for bad in (None, "12", [[1], [2, 3]]):
+        with pytest.raises(ValueError, match="^rows must be a 1-D tensor or list of integer pixel indices, got"):
+            up.upsampling_error_at(stack, bad, cols)
+
+
+def _stack(grids, size=(64, 64)):
+    return up.FeatureStack(grids, [1.0] * len(grids), [[LayerKey("input", 1 + i, 0)] for i in range(len(grids))], size, "bilinear")
+
+
+@pytest.mark.parametrize(
+    "stack, match",
+    [
+        (_stack([torch.randn(2, 3, 8, 8), torch.randn(1, 3, 4, 4)]), r"^stack grids must share one batch size, got \[1, 2\]"),
+        (_stack([]), "^stack has no feature grid"),
+        (_stack([torch.randn(3, 8, 8)]), r"^stack grids must be floating \[B, C, h, w\] tensors \(float16 .. float64\), got torch.float32 \(3, 8, 8\)"),
+        (_stack([torch.randn(1, 3, 8, 8)], size=(0, 64)), r"^stack.size"),
+        (_stack([torch.full((1, 3, 8, 8), float("nan"))]), r"^stack contains NaN or inf features in grid 0 \(8x8: layers input.1.0\)"),
+        (_stack([torch.randn(1, 3, 8, 8).double() * 1e300]), r"^stack: features beyond float32's range in grid 0"),
+    ],
+    ids=["batches", "no-grid", "3-d", "size", "nan", "beyond-float32"],
+)
+def test_upsampling_error_checks_its_stack_as_kmeans_does(stack, match):
+    for error_map in (upsampling_error, lambda s: up.upsampling_error_at(s, [0, 1], [2])):
+        with pytest.raises(ValueError, match=match):
+            error_map(stack)
 
 
 def test_upsampling_error_of_a_batch_equals_each_image_alone(monkeypatch):
@@ -263,6 +288,19 @@ def test_reweight_uses_the_longer_side_of_non_square_grids():
     }
     stack = make_feature_stack(HeadFeatures(layers, (64, 104), 2), reweight=True)
     assert stack.weights == pytest.approx([1.0, 7 / 13, 4 / 13])  # eq. 5 with r = max(h, w)
+
+
+def test_float64_features_beyond_float32_are_refused_naming_the_layer():
+    key = LayerKey("output", 9, 0)
+    feats = HeadFeatures({key: torch.randn(1, 2, 8, 8, 3, dtype=torch.float64) * 1e300}, (64, 64), 3)
+    with pytest.raises(ValueError, match=r"^features: layer output\.9\.0 has values beyond float32's range"):
+        make_feature_stack(feats)
+
+
+@pytest.mark.parametrize("reweight", ["no", 1, None])
+def test_reweight_must_be_a_bool(reweight):
+    with pytest.raises(ValueError, match=r"^reweight must be True or False, got"):
+        make_feature_stack(features(), reweight=reweight)
 
 
 def test_bad_weights_and_non_finite_features_are_named():
