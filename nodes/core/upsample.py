@@ -75,8 +75,9 @@ def interpolation_matrix(n_in: int, n_out: int, mode: str, dtype: torch.dtype = 
 
     Identical to F.interpolate(mode="bilinear", align_corners=False) (one axis of it, including
     the clamping at both edges, and downscaling without antialias) or F.interpolate(mode="nearest").
-    The index arithmetic is done in float32 like ATen does for float32 tensors. Built on the CPU,
-    whatever the device of the features: callers move it.
+    The index arithmetic is done in float32 like ATen does for float32 tensors (the pipeline's case);
+    float64 weights may differ from ATen's float64 path in a few rows of large sizes (nearest 3 -> 9999,
+    bilinear 2049 -> 16384). Built on the CPU, whatever the device of the features: callers move it.
     """
     n_in = _check_length(n_in, "n_in")
     n_out = _check_length(n_out, "n_out")
@@ -105,7 +106,8 @@ def _resample_axis(x: torch.Tensor, dim: int, n_out: int, mode: str) -> torch.Te
 
 
 def upsample(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
-    """[B, C, h, w] -> [B, C, H, W] float32 (float64 for float64 input), same as F.interpolate."""
+    """[B, C, h, w] -> [B, C, H, W] float32 (float64 for float64 input), same as F.interpolate (for
+    float64 input up to a few rows of large sizes, see interpolation_matrix)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a tensor [B, C, h, w], got {shape}")
