@@ -6,6 +6,8 @@
 //   headseg_image     [ref]          picture the picker shows (any size, same aspect ratio)
 //   headseg_size      [W, H]         pixel grid that x / y refer to (the masks' resolution)
 //   headseg_pixel     [x, y]         pixel the masks below were computed for
+//   headseg_pixel_asked [x, y]       the x / y inputs of that run (differ when a pixel picked on the
+//                                    picture before the first run was mapped onto the masks' grid)
 //   headseg_index     [i]            index the MASK output carries
 //   headseg_masks     [ref, ...]     overlay picture of each mask containing the pixel, finest first
 //   headseg_mask_info [{area, k, cluster}, ...]
@@ -404,9 +406,23 @@ class Picker {
   onExecuted(output) {
     if (!output || typeof output !== "object") return;
     this.output = output;
+    this.adoptMappedPixel();
     this.refreshSource();
     this.buildStrip();
     this.sync(true);
+  }
+
+  /** A pixel picked on the picture before the first run lies outside the masks' grid; the run maps
+   * it onto that grid. The widgets that still ask for it take the pixel the run used, so they name
+   * the pixel the masks are for (widgets changed since, and linked ones, are left alone). */
+  adoptMappedPixel() {
+    const asked = this.output?.headseg_pixel_asked;
+    const used = this.output?.headseg_pixel;
+    if (!Array.isArray(asked) || !Array.isArray(used) || asked.length < 2 || used.length < 2) return;
+    const free = [["x", 0], ["y", 1]].filter(([name]) => !isLinked(this.node, name));
+    if (!free.some(([, i]) => Number(asked[i]) !== Number(used[i]))) return;
+    if (free.some(([name, i]) => Number(widget(this.node, name)?.value) !== Number(asked[i]))) return;
+    for (const [name, i] of free) setWidget(this.node, name, Number(used[i]));
   }
 
   /** Called on every canvas draw of the node: follows upstream previews and widget edits. */

@@ -432,6 +432,9 @@ class MaskSelectAtPixel(io.ComfyNode):
       map of the merged masks (coarse painted first, finer on top); W x H = the masks' size.
     - ``headseg_size``: [W, H] pixel grid that x and y refer to (the masks' resolution).
     - ``headseg_pixel``: [x, y] the pixel these masks were computed for.
+    - ``headseg_pixel_asked``: [x, y] the x and y inputs as given: a pixel of the picture picked before
+      the first run, mapped onto the masks' grid when it lies outside it (then it differs from
+      ``headseg_pixel``, and the picker sets the widgets to the pixel used).
     - ``headseg_index``: [i] index of the mask the first MASK output carries for image 0 (the
       ``index`` widget clamped to the masks found; -1 when the pixel is in no mask).
     - ``headseg_masks``: [ref, ...] one picture per mask containing the pixel (image 0), finest
@@ -520,6 +523,7 @@ class MaskSelectAtPixel(io.ComfyNode):
         if not isinstance(masks, list) or not masks or not all(isinstance(m, core_masks.MaskSet) for m in masks):
             raise TypeError(f"masks: expected HEADSEG_MASKS from Mask Merge, got {type(masks).__name__}")
         x, y, index = int(x), int(y), int(index)
+        asked = [x, y]
         if index < 0:
             raise ValueError(f"index: expected an integer >= 0 (0 = finest mask), got {index}")
         H, W = masks[0].masks.shape[-2:]
@@ -563,6 +567,7 @@ class MaskSelectAtPixel(io.ComfyNode):
             "headseg_image": preview_refs(base),
             "headseg_size": [int(W), int(H)],
             "headseg_pixel": [x, y],
+            "headseg_pixel_asked": asked,
             "headseg_index": [min(index, count - 1) if count else -1],
             "headseg_masks": preview_refs(overlay) if count else [],
             "headseg_mask_info": [

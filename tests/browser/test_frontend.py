@@ -430,12 +430,14 @@ def test_picker_degrades_on_other_payloads(comfy_page, pictures):
     assert comfy_page.pack_problems() == []
 
 
-def synthetic_run(page, node_id, name, size, pixel, masks=2, index=0, stored=True):
+def synthetic_run(page, node_id, name, size, pixel, masks=2, index=0, stored=True, asked=None):
     """Feeds the picker the payload of a run (two masks of the coded picture), as ComfyUI does after
-    executing the node; with ``stored`` also keeps it in app.nodeOutputs, as ComfyUI does."""
+    executing the node; with ``stored`` also keeps it in app.nodeOutputs, as ComfyUI does. ``asked``:
+    the x / y the run was given, when the node mapped them onto the masks' grid."""
     ref = {"filename": name, "subfolder": "", "type": "input"}
     payload = {
         "headseg_image": [ref], "headseg_size": list(size), "headseg_pixel": list(pixel),
+        "headseg_pixel_asked": list(asked or pixel),
         "headseg_index": [index], "headseg_masks": [ref] * masks,
         "headseg_mask_info": [{"area": 10 * (i + 1), "k": 2, "cluster": i} for i in range(masks)],
     }  # fmt: skip
@@ -445,6 +447,30 @@ def synthetic_run(page, node_id, name, size, pixel, masks=2, index=0, stored=Tru
         [node_id, payload, stored],
     )
     wait_picture_ready(page, node_id)
+
+
+def test_a_pixel_mapped_by_the_run_becomes_the_widgets_pixel(comfy_page, pictures):
+    """Picked on a larger picture before the first run, (100, 60) lies outside the 64 x 40 masks; the
+    run maps it to (50, 30). The widgets take that pixel, so the masks are not shown as stale (they
+    were, for good: queueing again changed nothing). Widgets changed since the run are left alone."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page)
+    sel = picker_selector(node_id)
+    set_xy = "([id, x, y]) => { for (const w of app.graph.getNodeById(id).widgets) { if (w.name === 'x') w.value = x; if (w.name === 'y') w.value = y; } }"
+    page.evaluate(set_xy, [node_id, 100, 60])
+    synthetic_run(page, node_id, name, (64, 40), (50, 30), asked=(100, 60))
+    values = page.evaluate(JS_WIDGETS, node_id)
+    assert (values["x"], values["y"]) == (50, 30)
+    assert not page.evaluate("(sel) => document.querySelector(sel + ' .headseg-strip').classList.contains('headseg-stale')", sel)
+    assert page.eval_on_selector(sel + " .headseg-marker", "m => m.style.display") == "block"  # drawn (0 x 0 box + cross)
+    assert "queue" not in page.text_content(sel + " .headseg-info")
+    page.evaluate(set_xy, [node_id, 7, 8])  # the user picked again before this payload arrived
+    synthetic_run(page, node_id, name, (64, 40), (50, 30), asked=(100, 60))
+    values = page.evaluate(JS_WIDGETS, node_id)
+    assert (values["x"], values["y"]) == (7, 8)
+    assert page.evaluate("(sel) => document.querySelector(sel + ' .headseg-strip').classList.contains('headseg-stale')", sel)
+    assert comfy_page.pack_problems() == []
 
 
 def test_picker_comes_back_when_the_node_is_rebuilt(comfy_page, pictures):

@@ -114,9 +114,11 @@ def test_ui_payload_contract(nodes, recording, comfy_folders):
     image = torch.rand(1, H, W, 3)
     out, _ = run_chain(nodes, recording, 180, 120, index=0, image=image)
     ui = out.ui
-    keys = ("headseg_image", "headseg_size", "headseg_pixel", "headseg_index", "headseg_masks", "headseg_mask_info")
+    keys = ("headseg_image", "headseg_size", "headseg_pixel", "headseg_pixel_asked", "headseg_index", "headseg_masks",
+            "headseg_mask_info")  # fmt: skip
     assert set(ui) == set(keys)
     assert ui["headseg_size"] == [W, H] and ui["headseg_pixel"] == [180, 120] and ui["headseg_index"] == [0]
+    assert ui["headseg_pixel_asked"] == [180, 120]
     count = out.args[3]
     assert len(ui["headseg_masks"]) == len(ui["headseg_mask_info"]) == count
     areas = [m["area"] for m in ui["headseg_mask_info"]]
@@ -278,6 +280,7 @@ def test_pixel_of_a_larger_picture_outside_the_masks_is_mapped(nodes, recording)
     got = nodes.MaskSelectAtPixel.execute(masks, x, y, 0, image=torch.rand(1, 2 * H, 2 * W, 3))
     want = nodes.MaskSelectAtPixel.execute(masks, x // 2, y // 2, 0)
     assert got.ui["headseg_pixel"] == [x // 2, y // 2]
+    assert got.ui["headseg_pixel_asked"] == [x, y]  # the picker sets its widgets to the mapped pixel
     assert torch.equal(got.args[1], want.args[1])
     cropped = nodes.MaskSelectAtPixel.execute(masks, W + 2, H + 1, 0, image=torch.rand(1, H + 7, W + 5, 3))
     assert cropped.ui["headseg_pixel"] == [W - 1, H - 2]  # minus the crop offsets (5 // 2, 7 // 2), x clamped
