@@ -18,7 +18,7 @@ from .core import masks as core_masks
 from .core import preview as core_preview
 from .core import upsample as core_upsample
 from .core.pca import HeadFeatures, recording_pca
-from .core.recording import parse_levels
+from .core.recording import MAX_IMAGE_SIDE, parse_levels
 from .node_utils import (
     DEVICE_CHOICES,
     POSITION_CHOICES,
@@ -464,14 +464,14 @@ class MaskSelectAtPixel(io.ComfyNode):
                     "x",
                     default=0,
                     min=0,
-                    max=16384,
+                    max=MAX_IMAGE_SIDE - 1,
                     tooltip="Pixel column in image pixels (0 = left edge; must be < image width).",
                 ),
                 io.Int.Input(
                     "y",
                     default=0,
                     min=0,
-                    max=16384,
+                    max=MAX_IMAGE_SIDE - 1,
                     tooltip="Pixel row in image pixels (0 = top edge; must be < image height).",
                 ),
                 io.Int.Input(

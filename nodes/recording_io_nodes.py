@@ -29,8 +29,17 @@ def _recording_files() -> list[str]:
     for base, suffix in ((folder_paths.get_input_directory(), ""), (folder_paths.get_output_directory(), " [output]")):
         if not os.path.isdir(base):
             continue
-        names = []
-        for root, _dirs, files in os.walk(base, followlinks=True):
+        names, seen = [], {os.path.realpath(base)}
+        for root, dirs, files in os.walk(base, followlinks=True):
+            # linked folders are followed, each real folder once (a link back up would loop forever),
+            # under its own name rather than a link's where both are in one folder
+            keep = []
+            for d in sorted(dirs, key=lambda d: (os.path.islink(os.path.join(root, d)), d)):
+                real = os.path.realpath(os.path.join(root, d))
+                if real not in seen:
+                    seen.add(real)
+                    keep.append(d)
+            dirs[:] = keep
             for f in files:
                 if f.endswith(".safetensors") and is_recording_file(os.path.join(root, f)):
                     names.append(os.path.relpath(os.path.join(root, f), base).replace(os.sep, "/"))
@@ -116,24 +125,27 @@ class SaveRecording(io.ComfyNode):
                 f"filename_prefix: expected a file name prefix such as 'headseg/recording', got {filename_prefix!r}"
             )
         out_dir = folder_paths.get_output_directory()
-        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
-        filename = f"{name}_{counter:05}_.safetensors"
-        full = os.path.join(folder, filename)
+        full = None
         try:
+            # ComfyUI's helper makes the folders and refuses prefixes that leave the output folder
+            folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
+            filename = f"{name}_{counter:05}_.safetensors"
+            full = os.path.join(folder, filename)
             os.makedirs(folder, exist_ok=True)
             save_recording(rec, full)
         except (ValueError, TypeError):  # named by save_recording (e.g. values beyond float16)
             raise
-        except Exception as exc:  # OSError, or safetensors' own error wrapping one
+        except Exception as exc:  # OSError, safetensors' own error wrapping one, or ComfyUI's refusal
             too_long = getattr(exc, "errno", None) == errno.ENAMETOOLONG or "too long" in str(exc).lower()
-            hint = (
-                "choose a shorter prefix of plain folder and file names"
-                if too_long
-                else "check that ComfyUI's output folder is writable and has free space"
-            )
-            raise ValueError(
-                f"filename_prefix {filename_prefix!r}: cannot write {full} ({type(exc).__name__}: {exc}); {hint}"
-            ) from exc
+            if too_long:
+                hint = "choose a shorter prefix of plain folder and file names"
+            elif full is None:
+                hint = "expected folder and file names inside ComfyUI's output folder, such as 'headseg/recording'"
+            else:
+                hint = "check that ComfyUI's output folder is writable and has free space"
+            where = f"cannot write {full}" if full else "cannot make the file's name"
+            reason = (str(exc).strip().splitlines() or [""])[0].strip(" *")  # ComfyUI's refusal spans lines
+            raise ValueError(f"filename_prefix {filename_prefix!r}: {where} ({type(exc).__name__}: {reason}); {hint}") from exc
         rel = os.path.join(subfolder, filename).replace(os.sep, "/")
         info = {
             "filename": filename,

@@ -159,7 +159,7 @@ def parse_cluster_counts(text: str) -> list[int]:
         raise ValueError(f"cluster_counts must list at least one integer such as '2,5,6,10,20', got {text!r}")
     counts = []
     for token in tokens:
-        if not re.fullmatch(r"[+-]?\d+", token):
+        if not re.fullmatch(r"[+-]?[0-9]+", token):  # ASCII digits only
             raise ValueError(f"cluster_counts must hold integers such as '2,5,6,10,20'; {token!r} is not one")
         value = int(token)
         if not 1 <= value <= MAX_CLUSTERS:

@@ -513,7 +513,7 @@ def test_parse_cluster_counts(text, expected):
     assert parse_cluster_counts(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", " , ", "a", "2,x", "0", "2,-1", "1.5", None, 5, "2,257"])
+@pytest.mark.parametrize("text", ["", " , ", "a", "2,x", "0", "2,-1", "1.5", None, 5, "2,257", "2,\u0663", "\uff15"])
 def test_parse_cluster_counts_errors(text):
     with pytest.raises(ValueError, match="cluster_counts"):
         parse_cluster_counts(text)

@@ -91,6 +91,10 @@ def test_errors_name_the_input(io_nodes, recording, comfy_folders):
         io_nodes.SaveRecording.execute(recording, "rec\x00x")
     with pytest.raises(ValueError, match="^filename_prefix 'x+': cannot write .*shorter prefix"):
         io_nodes.SaveRecording.execute(recording, "x" * 300)  # a file name longer than the OS allows
+    with pytest.raises(ValueError, match="^filename_prefix 'sub/b+/c': cannot .*shorter prefix"):
+        io_nodes.SaveRecording.execute(recording, "sub/" + "b" * 260 + "/c")  # a folder name too long
+    with pytest.raises(ValueError, match="^filename_prefix '../evil': cannot make the file's name .*inside ComfyUI's output folder"):
+        io_nodes.SaveRecording.execute(recording, "../evil")
     bad = comfy_folders["input"] / "bad.safetensors"
     from safetensors.torch import save_file
 
@@ -98,3 +102,23 @@ def test_errors_name_the_input(io_nodes, recording, comfy_folders):
     assert "bad.safetensors" not in io_nodes._recording_files()  # not offered: not a recording
     with pytest.raises(ValueError, match="format"):
         io_nodes.LoadRecording.execute("bad.safetensors", "")
+
+
+def test_file_list_follows_links_once_and_never_loops(io_nodes, recording, comfy_folders):
+    """Links back up the tree (output/a -> output, output/b -> output) would make a walk that follows
+    links endless: each real folder is listed once."""
+    import os
+    import threading
+
+    out = comfy_folders["output"]
+    io_nodes.SaveRecording.execute(recording, "deep/rec")
+    os.symlink(out, out / "a")
+    os.symlink(out, out / "b")
+    os.symlink(out / "deep", out / "c")
+    result = []
+    walker = threading.Thread(target=lambda: result.append(io_nodes._recording_files()), daemon=True)
+    walker.start()
+    walker.join(timeout=20)  # a looping walk fails the test instead of hanging the run
+    assert not walker.is_alive(), "the file list did not finish in 20 s: links are followed in a loop"
+    files = result[0]
+    assert files == ["deep/rec_00001_.safetensors [output]"]  # its own name, not the link's
