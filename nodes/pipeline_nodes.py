@@ -111,8 +111,9 @@ class HeadPCA(io.ComfyNode):
                 io.Image.Output(
                     display_name="pca_rgb",
                     tooltip=(
-                        "First three components of every selected head as RGB, one 64 px tile per head in "
-                        "UNet order (image 0 of the batch)."
+                        "First three components of every selected head as RGB, one tile per head (the "
+                        "image's shape, 64 px on its longer side), one row per layer in UNet order (image 0 "
+                        "of the batch)."
                     ),
                 ),
             ],
@@ -137,7 +138,7 @@ class HeadPCA(io.ComfyNode):
         lv = parse_levels(levels)
         selected = rec.select(positions=pos, levels=lv)
         features = recording_pca(selected, int(components))
-        grid = core_preview.pca_rgb_grid(features, batch_index=0)  # [1, rows*cell, cols*cell, 3]
+        grid = core_preview.pca_rgb_grid(features, batch_index=0)  # [1, rows*th, cols*tw, 3]
         summary = {
             "recorded_heads": rec.num_heads,
             "recorded_layers": len(rec.layers),

@@ -70,11 +70,12 @@ def _normalise_channels(x: torch.Tensor) -> torch.Tensor:
 
 
 def pca_rgb_grid(features: HeadFeatures, batch_index: int = 0, cell: int = 64) -> torch.Tensor:
-    """HeadFeatures -> [1, rows*cell, cols*cell, 3]: components 1-3 of each head as RGB (paper fig. 3).
+    """HeadFeatures -> [1, rows*th, cols*tw, 3]: components 1-3 of each head as RGB (paper fig. 3).
 
-    One row per layer in UNet order, one cell x cell tile per head (nearest upsampling, so token
-    cells stay visible); rows shorter than the widest layer are padded with black. Each channel is
-    min-max normalised per head; a head with fewer than 3 components repeats (c=1) or pads (c=2).
+    One row per layer in UNet order, one th x tw tile per head with the image's aspect ratio and
+    ``cell`` pixels on its longer side (nearest upsampling, so token cells stay visible); rows shorter
+    than the widest layer are padded with black. Each channel is min-max normalised per head; a head
+    with fewer than 3 components repeats (c=1) or pads (c=2).
     """
     if not isinstance(features, HeadFeatures):
         raise TypeError(f"features must be HeadFeatures, got {type(features).__name__}")
@@ -91,8 +92,10 @@ def pca_rgb_grid(features: HeadFeatures, batch_index: int = 0, cell: int = 64) -
             raise ValueError(f"features: layer {key!s} contains NaN or inf values")
     rows = len(features.layers)
     cols = max(int(t.shape[1]) for t in features.layers.values())
+    H, W = features.image_size
+    th, tw = (cell, max(1, round(cell * W / H))) if H >= W else (max(1, round(cell * H / W)), cell)
     device = next(iter(features.layers.values())).device
-    canvas = torch.zeros(rows * cell, cols * cell, 3, dtype=torch.float32, device=device)
+    canvas = torch.zeros(rows * th, cols * tw, 3, dtype=torch.float32, device=device)
     for r, t in enumerate(features.layers.values()):
         heads, h, w, c = t.shape[1:]
         x = t[batch_index].detach().to(torch.float32).permute(0, 3, 1, 2)  # [heads, c, h, w]
@@ -105,10 +108,10 @@ def pca_rgb_grid(features: HeadFeatures, batch_index: int = 0, cell: int = 64) -
         x = _normalise_channels(x)
         if c == 2:
             x[:, 2] = 0.0
-        tiles = upsample(x, (cell, cell), "nearest")  # [heads, 3, cell, cell]
-        row = tiles.permute(2, 0, 3, 1).reshape(cell, heads * cell, 3)  # [cell, heads*cell, 3]
-        canvas[r * cell : (r + 1) * cell, : heads * cell] = row
-    return canvas.clamp_(0.0, 1.0)[None]  # [1, rows*cell, cols*cell, 3]
+        tiles = upsample(x, (th, tw), "nearest")  # [heads, 3, th, tw]
+        row = tiles.permute(2, 0, 3, 1).reshape(th, heads * tw, 3)  # [th, heads, tw, 3] -> [th, heads*tw, 3]
+        canvas[r * th : (r + 1) * th, : heads * tw] = row
+    return canvas.clamp_(0.0, 1.0)[None]  # [1, rows*th, cols*tw, 3]
 
 
 def overlay_masks(image: torch.Tensor | None, masks: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:

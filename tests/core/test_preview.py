@@ -71,6 +71,22 @@ def test_pca_rgb_grid_any_component_count(c):
         assert torch.equal(img[..., 0], img[..., 1]) and torch.equal(img[..., 1], img[..., 2])  # grey
 
 
+@pytest.mark.parametrize("image_size, tile", [((64, 96), (8, 12)), ((96, 64), (12, 8)), ((64, 64), (12, 12))])
+def test_pca_rgb_grid_tiles_keep_the_images_aspect(image_size, tile):
+    """A 64 x 96 image has 8 x 12 token grids: its tiles are 8 x 12 pixels at cell 12 (longer side),
+    each token a 1 x 1 block, not squeezed into a square."""
+    H, W = image_size
+    h, w = H // 8, W // 8
+    ramp = torch.arange(w, dtype=torch.float32).expand(h, w)  # [h, w] rising left to right
+    layer = ramp[None, None, :, :, None].expand(1, 2, h, w, 3).contiguous()  # [1, 2, h, w, 3], two heads
+    feats = HeadFeatures({LayerKey("input", 1, 0): layer}, image_size, 3)
+    img = pca_rgb_grid(feats, cell=12)
+    th, tw = tile
+    assert_image(img, (1, th, 2 * tw, 3))
+    if (th, tw) == (h, w):  # one pixel per token: the tile is the normalised ramp itself
+        torch.testing.assert_close(img[0, :, :tw, 0], ramp / (w - 1))
+
+
 def test_pca_rgb_grid_bad_input():
     with pytest.raises(ValueError, match="batch_index"):
         pca_rgb_grid(planted_features(), batch_index=2)
