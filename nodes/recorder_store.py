@@ -70,6 +70,12 @@ def _cpu_latent(x) -> torch.Tensor | None:
     return x.detach().to(device="cpu", dtype=torch.float32, copy=True)
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two float32 tensors of one shape hold the same bits (NaN matches NaN, unlike torch.equal:
+    a sampler's output with NaN in it is still its own)."""
+    return torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
 class _Store:
     """What one record node's patched model writes during sampling. Lives in _REGISTRY, never in model_options."""
 
@@ -97,8 +103,9 @@ class _Store:
         self.seen_calls = 0
         self._failed = False  # recording failed part-way through this run
         self.called: set[LayerKey] = set()  # layers whose patch ran this run
-        self.max_step = -1
-        self.min_sigma = float("inf")  # lowest sigma of a recorded-branch call
+        self.max_step = -1  # latest step of a recorded-branch call
+        self.max_step_any = -1  # latest step of any main-pass call (either branch)
+        self.min_sigma = float("inf")  # lowest sigma of a main-pass call
         self._sig_obj = None
         self._sig_step = 0
         self._warned: set = set()
@@ -113,6 +120,7 @@ class _Store:
         self.batch_main = None  # inside a calc_cond_batch call: whether it is part of the main pass
         self.wanted_calls = 0  # recorded-branch calls in a chosen step
         self.crop_calls = 0  # of these, calls on an area crop of the latent (not recorded)
+        self.regrid_calls = 0  # of these, calls of a layer on another level than its own (Deep Shrink)
 
     def begin_run(self, noise: torch.Tensor, sigmas: torch.Tensor):
         sig = [float(s) for s in sigmas.detach().flatten().cpu()]
@@ -190,12 +198,20 @@ class _Store:
         B, C, H, W = self.latent_shape[:4]
         self.runs += 1
         rec = None
+        label = self.steps.label
+        n_steps = max(len(self.sigmas) - 1, 1)
+        if layers and self.steps.mode == "range" and self.steps.last >= n_steps:
+            label = f"{self.steps.first}-{n_steps - 1}" if self.steps.first < n_steps - 1 else str(n_steps - 1)
+            log.warning(
+                "HeadSeg: steps %s: the sampling run had %d steps (0-%d): recorded steps %s",
+                self.steps.label, n_steps, n_steps - 1, label,
+            )
         if layers:
             rec = Recording(
                 layers=layers,
                 image_size=(H * VAE_FACTOR, W * VAE_FACTOR),
                 model=self.model,
-                steps=self.steps.label,
+                steps=label,
                 branch=self.branch,
             )
         self.failure = "" if layers else self._why_empty()
@@ -213,7 +229,7 @@ class _Store:
         if samples is None:
             return None
         for output, rec, failure in reversed(self.history):
-            if output is not None and output.shape == samples.shape and torch.equal(output, samples):
+            if output is not None and output.shape == samples.shape and _same_bits(output, samples):
                 return rec, failure
         return None
 
@@ -256,17 +272,29 @@ class _Store:
                 "(ConditioningSetArea, or a mask with 'set_cond_area: mask bounds'); HeadSeg records calls on "
                 "the whole latent: add a conditioning entry for the whole image"
             )
+        last = max(n_steps - 1, 0)
+        wanted = self.steps.first if self.steps.mode == "range" else last
+        if self.steps.mode in ("range", "last") and wanted > self.max_step and wanted <= self.max_step_any:
+            return (
+                f"steps: the '{self.branch}' conditioning was not active at step {wanted}: its model calls stopped "
+                f"at step {self.max_step} (a timestep range, e.g. ConditioningSetTimestepRange, ends it early): "
+                f"choose steps up to {self.max_step}, 'mean', or widen its timestep range"
+            )
         if self.steps.mode == "range" and self.steps.first > self.max_step:
             return (
                 f"steps: range {self.steps.label} selected but the sampler ran {n_steps} steps "
-                f"(0-{max(n_steps - 1, 0)}): choose steps within them, or 'last'"
+                f"(0-{last}): choose steps within them, or 'last'"
             )
-        last = max(n_steps - 1, 0)
         if self.steps.mode == "last" and self.max_step < last:
             return (
                 f"steps: 'last' is step {last} (sigma at most {self.sigmas[last]:.4g}), but the sampler evaluated "
                 f"the model only down to sigma {self.min_sigma:.4g} (samplers such as dpm_fast and dpm_adaptive "
                 "choose their own sigmas): choose steps 'mean' or a range"
+            )
+        if self.wanted_calls and self.regrid_calls:
+            return (
+                "steps: at every chosen step a patch such as Kohya Deep Shrink (PatchModelAddDownscale) resized "
+                "the token grids: choose steps outside its range (its end_percent), e.g. 'last'"
             )
         return (
             "no layer could be recorded (levels selection matched no grid, or another patch changed the "
@@ -327,10 +355,11 @@ class _Store:
                 "standard CFG guider"
             )
             return
+        step = self._step_of(extra_options)
+        self.max_step_any = max(self.max_step_any, step)
         if self.branch_index not in cond_or_uncond:
             return
         self.seen_branch += 1
-        step = self._step_of(extra_options)
         self.max_step = max(self.max_step, step)
         if not self._wants(step):
             return
@@ -351,6 +380,15 @@ class _Store:
         level = grids.index((h, w)) if (h, w) in grids else None
         if level is None:
             self._warn_once(key, "level", f"token grid {h}x{w} fits no level of the {H}x{W} latent")
+            return
+        own = self.layers[key].level if key in self.layers else level
+        if level != own:  # Kohya Deep Shrink (PatchModelAddDownscale) resizes the grid at some steps
+            self.regrid_calls += 1
+            self._warn_once(
+                key, "regrid",
+                f"at some steps its token grid is {h}x{w}, level {level} instead of its own level {own} (a patch "
+                "such as Kohya Deep Shrink resized it): those steps are left out",
+            )
             return
         if self.levels is not None and level not in self.levels:
             return
@@ -465,7 +503,7 @@ class LiveRecording:
             raise ValueError(
                 "recording: nothing recorded yet: connect the sampler's LATENT output to the node that reads "
                 "the recording so it runs after sampling, and sample with the MODEL from "
-                f"HeadSeg_RecordSelfAttention{why}"
+                f"HeadSeg_RecordSelfAttention, with at least one step (denoise above 0){why}"
             )
         out = Recording(
             layers=dict(rec.layers),
@@ -483,10 +521,16 @@ class LiveRecording:
         shape = dims(latent) if isinstance(latent, torch.Tensor) else type(latent).__name__
         runs = [out for out, _, _ in self._store.history if out is not None]
         kept = ", ".join(dims(out) for out in runs)
+        full = (
+            f" Only the last {HISTORY} runs are kept: a LATENT of an earlier run (e.g. of a list of more latents "
+            "sampled one after the other) is no longer there."
+            if len(runs) == HISTORY
+            else ""
+        )
         return (
             f"latent: this LATENT ({shape}) is not the output of any of the last {len(runs)} sampling run(s) of "
             f"the recorded MODEL (their outputs: {kept}). Connect the LATENT output of the sampler that sampled "
-            "with the MODEL from Record Self-Attention directly, with no node in between."
+            f"with the MODEL from Record Self-Attention directly, with no node in between.{full}"
         )
 
     def __repr__(self):

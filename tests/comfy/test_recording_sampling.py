@@ -11,7 +11,7 @@ import comfy.samplers
 from headseg.nodes import recorder, recorder_store
 from headseg.nodes.core.recording import LayerKey
 
-from .reference import AttentionProbe, reference, self_attention_modules
+from .reference import AttentionProbe, per_head, reference, self_attention_modules
 
 TOL = dict(rtol=3e-3, atol=3e-3)  # recorded float16 against float64
 
@@ -334,3 +334,79 @@ def test_a_block_number_patch_set_after_the_recorder_takes_precedence_and_is_rep
     assert "middle.0.0" in caplog.text and "not recorded" in caplog.text
     rec = live.snapshot(got)
     assert "middle.0.0" not in {k.name for k in rec.layers} and "input.1.0" in {k.name for k in rec.layers}
+
+
+def test_deep_shrink_steps_are_left_out_of_the_mean(tiny, sd2, caplog):
+    """Kohya Deep Shrink (ComfyUI's PatchModelAddDownscale) halves the grids of the inner layers at the
+    first steps: those calls are left out with a warning; the mean is that of the steps at the layer's
+    own grid, and the layers it never resizes keep every step."""
+    from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
+
+    patched, live = recorder.attach_recorder(sd2, steps="mean")
+    shrunk = PatchModelAddDownscale.execute(patched, 3, 2.0, 0.0, 0.35, True, "bicubic", "bicubic").result[0]
+    with AttentionProbe(shrunk) as probe, caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        run(tiny, shrunk, latent_hw=(16, 16), steps=4)
+    assert "Deep Shrink" in caplog.text and "input.4.0" in caplog.text
+    rec = live.snapshot()
+    inner = [c for c in probe.branch_calls("input.4.0") if c.x.shape[1] == 8 * 8]  # level 1 of 16x16: 8x8
+    assert 0 < len(inner) < len(probe.branch_calls("input.4.0"))  # some steps were shrunk, some not
+    want = torch.stack([per_head(c, (8, 8)) for c in inner]).mean(0)
+    torch.testing.assert_close(rec.layers[LayerKey.parse("input.4.0")].double(), want, **TOL)
+    assert_matches(rec, probe, (16, 16), steps="mean", names=["input.1.0", "output.9.0"])  # never resized
+
+
+def test_deep_shrink_at_every_chosen_step_says_so(tiny, sd2):
+    from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
+
+    patched, live = recorder.attach_recorder(sd2, steps="0", positions=("down",), levels="1")
+    shrunk = PatchModelAddDownscale.execute(patched, 3, 2.0, 0.0, 0.35, True, "bicubic", "bicubic").result[0]
+    run(tiny, shrunk, latent_hw=(16, 16), steps=4)
+    with pytest.raises(ValueError, match=r"steps: at every chosen step a patch such as Kohya Deep Shrink"):
+        live.snapshot()
+
+
+def test_a_latent_with_nan_still_finds_its_run(tiny, sd2):
+    """An fp16 overflow can leave NaN in the sampler's output: the LATENT is still its own run's."""
+    patched, live = recorder.attach_recorder(sd2)
+    out = run(tiny, patched, latent_hw=(8, 8))
+    store = live._store
+    latent = out.clone()
+    latent[0, 0, 0, 0] = float("nan")
+    store.history[-1] = (latent.clone(), *store.history[-1][1:])  # as if the sampler had produced the NaN
+    assert live.snapshot(latent) is not None
+    other = latent.clone()
+    other[0, 0, 0, 1] += 1.0
+    with pytest.raises(ValueError, match="is not the output of any"):
+        live.snapshot(other)
+
+
+@pytest.mark.parametrize("steps", ["last", "3", "3-3"])
+def test_a_branch_ended_by_its_timestep_range_is_named(tiny, sd2, steps):
+    import nodes as comfy_nodes
+
+    patched, live = recorder.attach_recorder(sd2, steps=steps)
+    pos, neg = tiny.conditioning("SD2")
+    early = comfy_nodes.ConditioningSetTimestepRange().set_range(pos, 0.0, 0.7)[0]  # no cond call at the last step
+    tiny.sample(patched, early, neg, latent_hw=(8, 8), steps=4)
+    with pytest.raises(ValueError, match=r"steps: the 'cond' conditioning was not active at step 3: its model calls stopped at step 2"):
+        live.snapshot()
+
+
+def test_a_range_past_the_run_records_the_steps_there_and_says_so(tiny, sd2, caplog):
+    patched, live = recorder.attach_recorder(sd2, steps="1-9")
+    with AttentionProbe(patched) as probe, caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        run(tiny, patched, latent_hw=(8, 8), steps=3)
+    assert "steps 1-9: the sampling run had 3 steps (0-2): recorded steps 1-2" in caplog.text
+    rec = live.snapshot()
+    assert rec.steps == "1-2"
+    sigmas = comfy.samplers.calculate_sigmas(sd2.get_model_object("model_sampling"), "normal", 3).tolist()
+    assert_matches(rec, probe, (8, 8), steps="1-2", sigmas=sigmas)
+
+
+def test_a_run_dropped_from_the_history_is_named(tiny, sd2):
+    patched, live = recorder.attach_recorder(sd2)
+    first = run(tiny, patched, latent_hw=(8, 8), seed=0)
+    for seed in range(1, recorder_store.HISTORY + 1):
+        run(tiny, patched, latent_hw=(8, 8), seed=seed)
+    with pytest.raises(ValueError, match=rf"Only the last {recorder_store.HISTORY} runs are kept"):
+        live.snapshot(first)
