@@ -410,3 +410,11 @@ def test_a_run_dropped_from_the_history_is_named(tiny, sd2):
         run(tiny, patched, latent_hw=(8, 8), seed=seed)
     with pytest.raises(ValueError, match=rf"Only the last {recorder_store.HISTORY} runs are kept"):
         live.snapshot(first)
+
+
+def test_of_two_runs_with_the_same_latent_the_newest_is_read():
+    store = recorder_store._Store([], None, recorder_store.parse_steps("last"), "cond", "SD2")
+    latent = torch.zeros(1, 4, 2, 2)
+    store.history.append((latent.clone(), "older", ""))
+    store.history.append((latent.clone(), "newer", ""))
+    assert store.run_of(latent)[0] == "newer"

@@ -568,3 +568,22 @@ def test_meta_stacks_are_refused_by_name():
     meta = FeatureStack([g.to("meta") for g in stack.grids], stack.weights, stack.keys, stack.size, stack.mode)
     with pytest.raises(ValueError, match=r"grid 0 \(4x6\) is on the meta device"):
         kmeans(meta, 2)
+
+
+def test_clusters_of_equal_area_are_numbered_by_their_first_pixel():
+    """Two planted halves of exactly equal area: label 0 is the half holding pixel (0, 0)."""
+    g = torch.zeros(1, 1, 8, 8)
+    g[..., 4:] = 1.0  # right half
+    labels = kmeans(FeatureStack([g], [1.0], [[]], (16, 16), "nearest"), 2, seed=0).labels[0]
+    assert int((labels == 0).sum()) == int((labels == 1).sum()) == 128
+    assert int(labels[0, 0]) == 0 and int(labels[0, 15]) == 1
+
+
+def test_exact_lloyd_refills_an_empty_cluster():
+    stack = random_stack((24, 32), shapes=((3, 6, 8),))
+    img = km._Image(stack, 0)
+    full, ws = img.rung(img.last), img.working_set(3, 0)
+    X = full.materialise()  # [N, C]
+    centroids = torch.stack([X[0], X[-1], torch.full_like(X[0], 1e3)])  # the third is far from every pixel
+    labels, _, _, _ = full.lloyd(centroids, 50, 0.0, ws.X, ws.xx, full.moments()[0])
+    assert int(torch.bincount(labels.reshape(-1), minlength=3).min()) >= 1

@@ -252,3 +252,11 @@ def test_mask_sets_of_lists_and_empty_sweeps_are_named():
         merge_masks(MaskSet(masks, [2, 2], torch.tensor([0, 1])))
     with pytest.raises(ValueError, match="holds no cluster count"):
         ClusterSweep({}, (3, 3)).batch_size
+
+
+def test_min_area_between_two_masks_keeps_only_the_larger():
+    masks = torch.zeros(2, 10, 10, dtype=torch.bool)
+    masks[0].view(-1)[:5] = True  # 5 % of the image
+    masks[1].view(-1)[50:56] = True  # 6 %
+    ms = MaskSet(masks, torch.tensor([2, 2]), torch.tensor([0, 1]))
+    assert merge_masks(ms, 0.9, min_area=0.055).cluster.tolist() == [1]  # 5.5 %: 5.5 pixels, rounded up

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from headseg.nodes.core.pca import HeadFeatures
-from headseg.nodes.core.preview import error_map_image, label_colours, overlay_masks, palette, pca_rgb_grid
+from headseg.nodes.core.preview import _HEAT_ANCHORS, error_map_image, label_colours, overlay_masks, palette, pca_rgb_grid
 from headseg.nodes.core.recording import LayerKey
 
 
@@ -195,3 +195,25 @@ def test_previews_refuse_nan_instead_of_drawing_grey():
         overlay_masks(None, torch.full((1, 2, 2), float("nan")))
     with pytest.raises(ValueError, match="image contains NaN"):
         overlay_masks(torch.full((1, 2, 2, 3), float("nan")), torch.ones(1, 2, 2))
+
+
+def test_error_map_scales_each_image_to_the_whole_colour_scale():
+    """Image 0 peaks at 1, image 1 at 4: each peak gets the top colour and each zero the bottom one."""
+    err = torch.zeros(2, 2, 2)
+    err[0, 0, 0] = 1.0
+    err[1, 0, 0] = 4.0
+    err[1, 0, 1] = 2.0  # half way along image 1's scale
+    img = error_map_image(err)
+    anchors = torch.tensor(_HEAT_ANCHORS, dtype=torch.float32) / 255.0  # [A, 3] the scale's colours
+    for b in range(2):
+        torch.testing.assert_close(img[b, 0, 0], anchors[-1])
+        torch.testing.assert_close(img[b, 1, 1], anchors[0])
+    pos = 0.5 * (len(anchors) - 1)  # between two anchors: their blend
+    lo = int(pos)
+    torch.testing.assert_close(img[1, 0, 1], anchors[lo] * (1 - (pos - lo)) + anchors[lo + 1] * (pos - lo))
+
+
+def test_pca_rgb_of_two_components_leaves_blue_black():
+    feats = HeadFeatures({LayerKey("input", 1, 0): torch.randn(1, 2, 4, 4, 2)}, (32, 32), 2)
+    grid = pca_rgb_grid(feats, cell=4)
+    assert float(grid[..., 2].abs().max()) == 0.0 and float(grid[..., :2].max()) > 0.0

@@ -446,3 +446,10 @@ def test_save_into_a_missing_folder_names_it(tmp_path):
 def test_grid_levels_names_its_argument(bad):
     with pytest.raises(ValueError, match="^grid_levels: latent_size must be two ints"):
         grid_levels(bad)
+
+
+def test_an_image_side_not_a_multiple_of_8_has_the_latent_vae_encode_makes():
+    """VAE Encode keeps the largest multiple of 8: a 100 x 100 picture has a 12 x 12 latent."""
+    rec = Recording({LayerKey("input", 1, 0): torch.randn(1, 1, 12, 12, 2)}, (100, 100))
+    assert rec.latent_size == (12, 12)
+    rec.validate()

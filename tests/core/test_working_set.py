@@ -174,3 +174,12 @@ def test_starts_names_a_bad_tol(tol):
     ws = WorkingSet.from_features(torch.randn(8, 3, generator=torch.Generator().manual_seed(0)))
     with pytest.raises(ValueError, match="^tol must be a finite number"):
         starts(ws, 2, 2, torch.Generator().manual_seed(0), 10, tol)
+
+
+def test_an_emptied_cluster_moves_onto_the_far_outlier():
+    X, _ = blobs(n=90, C=6, k=3, spread=0.2, seed=2)
+    X[-1] = 50.0  # one far outlier
+    ws = WorkingSet.from_features(X)
+    run = lloyd(ws, torch.tensor([[0, 0, 1]]), max_iter=50, tol=0.0)[0]  # two starts on one point: one empties
+    labels = torch.cdist(X.double(), run.centroids(ws).double()).argmin(1)
+    assert int((labels == labels[-1]).sum()) == 1  # the refilled cluster holds the outlier alone

@@ -1,0 +1,110 @@
+"""Every widget of the stage nodes reaches its stage: the node's output against the core function
+called with the same option (an option hard-wired to its default fails here), and the node-side
+pictures and pixel mapping against values worked out by hand."""
+
+import pytest
+import torch
+
+from headseg.nodes.core import kmeans as core_kmeans
+from headseg.nodes.core import masks as core_masks
+from headseg.nodes.core.preview import label_colours, palette
+from headseg.nodes.core.upsample import FeatureStack, make_feature_stack
+from headseg.tests.core.planted import Scene, nested_scene, planted_recording, small_layout
+
+H, W = 192, 256
+
+
+@pytest.fixture(scope="module")
+def recording():
+    scene = nested_scene(H, W)
+    flipped = Scene(scene.masks.flip(-1), scene.parent, scene.names)  # two different images
+    return planted_recording([scene, flipped], layout=small_layout(heads=3), d=16, noise=0.2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def feats(nodes, recording):
+    return nodes.HeadPCA.execute(recording, "down+up", "all", 4).args[0]
+
+
+def test_head_pca_positions_and_levels_reach_the_selection(nodes, recording):
+    f = nodes.HeadPCA.execute(recording, "up", "0", 4).args[0]
+    assert list(f.layers) == list(recording.select(("up",), [0]).layers)
+    assert len(f.layers) < len(recording.select().layers)
+
+
+@pytest.mark.parametrize("mode, reweight", [("nearest", False), ("bilinear", True)])
+def test_upsample_mode_and_reweight_reach_the_stack(nodes, feats, mode, reweight):
+    stack = nodes.Upsample.execute(feats, mode, reweight).args[0]
+    ref = make_feature_stack(feats, mode=mode, reweight=reweight)
+    assert stack.mode == mode and stack.weights == ref.weights
+    assert all(torch.equal(a, b) for a, b in zip(stack.grids, ref.grids))
+
+
+def test_multi_kmeans_seed_reaches_the_sweep(nodes):
+    stack = FeatureStack([torch.randn(1, 6, 12, 16, generator=torch.Generator().manual_seed(0))], [1.0], [[]], (48, 64), "bilinear")
+    refs = {s: core_kmeans.multi_kmeans(stack, [7], seed=s).results[7].labels for s in (0, 5)}
+    assert not torch.equal(refs[0], refs[5])  # the seed matters on this input
+    assert torch.equal(nodes.MultiKMeans.execute(stack, "7", 5, "cpu").args[0].results[7].labels, refs[5])
+
+
+def test_multi_kmeans_colour_maps_are_k_major(nodes, feats):
+    sweep, images = nodes.MultiKMeans.execute(make_feature_stack(feats), "2,3", 0, "cpu").args
+    B = 2
+    assert images.shape[0] == 2 * B
+    for i, (k, r) in enumerate(sweep.results.items()):
+        for b in range(B):
+            assert torch.equal(images[i * B + b], label_colours(r.labels[b : b + 1], k)[0])
+
+
+@pytest.mark.parametrize("iou_threshold, min_area", [(0.3, 0.0), (0.9, 0.2)])
+def test_mask_merge_options_reach_the_merge(nodes, feats, iou_threshold, min_area):
+    sweep = core_kmeans.multi_kmeans(make_feature_stack(feats), [2, 3, 4, 6])
+    for b in range(2):
+        ref = core_masks.merge_sweep(sweep, b, iou_threshold, min_area)
+        assert len(ref) != len(core_masks.merge_sweep(sweep, b, 0.9, 0.0))  # the option matters here
+        assert torch.equal(nodes.MaskMerge.execute(sweep, iou_threshold, min_area).args[0][b].masks, ref.masks)
+
+
+def test_partition_picture_paints_the_finest_mask_on_top(nodes):
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[0] = True  # everything
+    masks[1, :2, :2] = True  # a small corner
+    picture = nodes._mask_partition_picture(core_masks.MaskSet(masks, torch.tensor([1, 2]), torch.tensor([0, 0])))[0]
+    colours = palette(3)  # 0: in no mask, then coarse -> fine
+    assert torch.equal(picture[0, 0], colours[2]) and torch.equal(picture[3, 3], colours[1])
+
+
+def test_a_stretched_picture_maps_each_axis_by_its_own_ratio(nodes):
+    masks = [core_masks.MaskSet(torch.ones(1, 8, 16, dtype=torch.bool), torch.tensor([1]), torch.tensor([0]))]
+    out = nodes.MaskSelectAtPixel.execute(masks, 10, 20, 0, image=torch.rand(1, 32, 16, 3))  # 4x taller: a stretch
+    assert out.ui["headseg_pixel"] == [10, 5]  # x * 16 // 16, y * 8 // 32
+
+
+def test_an_image_with_inf_is_drawn_white_and_black():
+    from headseg.nodes.node_utils import image_batch
+
+    img = torch.zeros(1, 1, 2, 3)
+    img[0, 0, 0] = float("inf")
+    img[0, 0, 1] = float("-inf")
+    out = image_batch(img)
+    assert out[0, 0, 0].tolist() == [1.0, 1.0, 1.0] and out[0, 0, 1].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_load_recording_path_overrides_file(comfy_folders, recording):
+    from headseg.nodes import recording_io_nodes as io_nodes
+    from headseg.nodes.core.recording import save_recording
+
+    a, b = comfy_folders["input"] / "a.safetensors", comfy_folders["input"] / "b.safetensors"
+    save_recording(recording, a)
+    save_recording(recording.select(("up",)), b)
+    rec = io_nodes.LoadRecording.execute("a.safetensors", str(b)).args[0]
+    assert list(rec.layers) == list(recording.select(("up",)).layers)
+
+
+def test_a_live_recording_without_latent_says_to_connect_it(nodes, recording):
+    class Live:  # what Record Self-Attention hands on
+        def snapshot(self, latent=None):
+            return recording
+
+    with pytest.raises(ValueError, match="^latent: connect the sampler's LATENT"):
+        nodes.HeadPCA.execute(Live(), "down+up", "all", 4)
