@@ -131,7 +131,7 @@ def run_on_device(choice, work, what: str, name: str = "device"):
 
 def parse_positions(text: str) -> tuple[str, ...]:
     """"down+up" -> ("down", "up"); ValueError naming `positions`."""
-    parts = tuple(p for p in str(text).replace(",", "+").replace(" ", "").split("+") if p)
+    parts = tuple(dict.fromkeys(p for p in str(text).replace(",", "+").replace(" ", "").split("+") if p))  # unique
     bad = [p for p in parts if p not in ("down", "middle", "up")]
     if not parts or bad:
         raise ValueError(f"positions: expected UNet positions joined by '+' such as 'down+up', got {text!r}")

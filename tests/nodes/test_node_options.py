@@ -30,6 +30,8 @@ def test_head_pca_positions_and_levels_reach_the_selection(nodes, recording):
     f = nodes.HeadPCA.execute(recording, "up", "0", 4).args[0]
     assert list(f.layers) == list(recording.select(("up",), [0]).layers)
     assert len(f.layers) < len(recording.select().layers)
+    again = nodes.HeadPCA.execute(recording, "up+down+up", "all", 4).args[0]  # as an API prompt may spell it
+    assert list(again.layers) == list(recording.select(("down", "up")).layers)
 
 
 @pytest.mark.parametrize("mode, reweight", [("nearest", False), ("bilinear", True)])
