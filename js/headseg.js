@@ -413,16 +413,18 @@ class Picker {
   }
 
   /** A pixel picked on the picture before the first run lies outside the masks' grid; the run maps
-   * it onto that grid. The widgets that still ask for it take the pixel the run used, so they name
-   * the pixel the masks are for (widgets changed since, and linked ones, are left alone). */
+   * it onto that grid. Widgets that still ask for it take the pixel the run used, so they name the
+   * pixel the masks are for. Both or neither: with x or y from a link, or changed since, the widgets
+   * are left alone (one mapped coordinate beside an unmapped one would name another pixel). */
   adoptMappedPixel() {
     const asked = this.output?.headseg_pixel_asked;
     const used = this.output?.headseg_pixel;
     if (!Array.isArray(asked) || !Array.isArray(used) || asked.length < 2 || used.length < 2) return;
-    const free = [["x", 0], ["y", 1]].filter(([name]) => !isLinked(this.node, name));
-    if (!free.some(([, i]) => Number(asked[i]) !== Number(used[i]))) return;
-    if (free.some(([name, i]) => Number(widget(this.node, name)?.value) !== Number(asked[i]))) return;
-    for (const [name, i] of free) setWidget(this.node, name, Number(used[i]));
+    const axes = [["x", 0], ["y", 1]];
+    if (axes.every(([, i]) => Number(asked[i]) === Number(used[i]))) return;
+    if (axes.some(([name]) => isLinked(this.node, name))) return;
+    if (axes.some(([name, i]) => Number(widget(this.node, name)?.value) !== Number(asked[i]))) return;
+    for (const [name, i] of axes) setWidget(this.node, name, Number(used[i]));
   }
 
   /** Called on every canvas draw of the node: follows upstream previews and widget edits. */

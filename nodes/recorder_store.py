@@ -87,6 +87,7 @@ class _Store:
         self.branch_index = BRANCHES[branch]
         self.model = model
         self.runs = 0
+        self.dropped = 0  # runs pushed out of the history by newer ones
         self.failure = ""  # why the current or most recent run recorded nothing
         # the last HISTORY runs, oldest first: (output latent on the CPU or None, Recording or None, failure)
         self.history: collections.deque = collections.deque(maxlen=HISTORY)
@@ -176,7 +177,7 @@ class _Store:
         """Closes the run; ``output`` is the sampler's output latent, kept to match a LATENT to this run."""
         if not self.active:
             if self._failed:  # the run stopped recording part-way: keep why, for its LATENT
-                self.history.append((_cpu_latent(output), None, self.failure))
+                self._remember(output, None)
                 self._failed = False
             return
         layers = {}
@@ -200,12 +201,15 @@ class _Store:
         rec = None
         label = self.steps.label
         n_steps = max(len(self.sigmas) - 1, 1)
-        if layers and self.steps.mode == "range" and self.steps.last >= n_steps:
-            label = f"{self.steps.first}-{n_steps - 1}" if self.steps.first < n_steps - 1 else str(n_steps - 1)
-            log.warning(
-                "HeadSeg: steps %s: the sampling run had %d steps (0-%d): recorded steps %s",
-                self.steps.label, n_steps, n_steps - 1, label,
+        done = min(self.steps.last, self.max_step)  # the last step of the range the branch was called at
+        if layers and self.steps.mode == "range" and done < self.steps.last:
+            label = f"{self.steps.first}-{done}" if self.steps.first < done else str(done)
+            why = (
+                f"the sampling run had {n_steps} steps (0-{n_steps - 1})"
+                if self.steps.last >= n_steps
+                else f"the '{self.branch}' conditioning's model calls stopped at step {self.max_step}"
             )
+            log.warning("HeadSeg: steps %s: %s: recorded steps %s", self.steps.label, why, label)
         if layers:
             rec = Recording(
                 layers=layers,
@@ -215,8 +219,13 @@ class _Store:
                 branch=self.branch,
             )
         self.failure = "" if layers else self._why_empty()
-        self.history.append((_cpu_latent(output), rec, self.failure))
+        self._remember(output, rec)
         self._reset_run(None, None)
+
+    def _remember(self, output, rec):
+        """Keeps a finished run (its output latent, Recording or None, failure); the oldest of HISTORY goes."""
+        self.dropped += len(self.history) == HISTORY
+        self.history.append((_cpu_latent(output), rec, self.failure))
 
     def latest(self):
         """(Recording or None, failure) of the most recent finished run; (None, failure) before any."""
@@ -376,21 +385,22 @@ class _Store:
             self.crop_calls += 1
             self._warn_once(key, "area", f"the model was called on a {tuple(original[-2:])} crop of the {H}x{W} latent")
             return
-        grids = grid_levels((H, W))
+        grids = grid_levels((H, W))  # ends at 1x1, where the UNet's further downsamplings stay
         level = grids.index((h, w)) if (h, w) in grids else None
         if level is None:
             self._warn_once(key, "level", f"token grid {h}x{w} fits no level of the {H}x{W} latent")
             return
-        own = self.layers[key].level if key in self.layers else level
-        if level != own:  # Kohya Deep Shrink (PatchModelAddDownscale) resizes the grid at some steps
+        if key in self.layers:  # the grid of the layer's own level; the level it is selected by
+            level = min(self.layers[key].level, len(grids) - 1)
+        if self.levels is not None and level not in self.levels:
+            return
+        if (h, w) != grids[level]:  # Kohya Deep Shrink (PatchModelAddDownscale) resizes it at some steps
             self.regrid_calls += 1
             self._warn_once(
                 key, "regrid",
-                f"at some steps its token grid is {h}x{w}, level {level} instead of its own level {own} (a patch "
-                "such as Kohya Deep Shrink resized it): those steps are left out",
+                f"at some steps its token grid is {h}x{w} instead of its own {grids[level][0]}x{grids[level][1]} "
+                "(a patch such as Kohya Deep Shrink resized it): those steps are left out",
             )
-            return
-        if self.levels is not None and level not in self.levels:
             return
         B_all, N, inner = out.shape
         heads = int(extra_options.get("n_heads", self.layers[key].heads))
@@ -524,7 +534,7 @@ class LiveRecording:
         full = (
             f" Only the last {HISTORY} runs are kept: a LATENT of an earlier run (e.g. of a list of more latents "
             "sampled one after the other) is no longer there."
-            if len(runs) == HISTORY
+            if self._store.dropped
             else ""
         )
         return (

@@ -574,20 +574,23 @@ class _Image:
 
 # ----------------------------------------------------------------------------- helpers
 def _centred(grids: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """[C_g, h_g, w_g] grids -> (the grids with every channel's native-grid mean taken out, the means
-    [C] float64 in stack channel order), or (the grids, None) when no mean is more than _MAX_OFFSET
-    of the grids' largest |value| (PCA scores are centred already: their grids are used as they are).
+    """[C_g, h_g, w_g] grids -> (the grids less every channel's native-grid mean, in float64, and the
+    means [C] float64 in stack channel order), or (the grids, None) when no channel's mean is more
+    than _MAX_OFFSET of its own largest |value| (PCA scores are centred already: used as they are).
 
     k-means' distances ||c||^2 - 2<F, c> cancel in float32 when the features share a large offset;
     taking it out changes no distance: upsampling keeps constants (interpolation rows sum to 1), so
-    up(f - m) = up(f) - m, and k-means is translation invariant.
+    up(f - m) = up(f) - m, and k-means is translation invariant. float64, since a difference of two
+    float32 values may exceed float32's range (the power-of-two scale then brings it back).
     """
     means = [g.mean(dim=(1, 2), dtype=torch.float64) for g in grids]  # [C_g] each
-    peak = max(float(peak_abs(g)) for g in grids)
-    if max(float(m.abs().max()) for m in means) <= _MAX_OFFSET * peak:
+    for g, m in zip(grids, means):
+        low, high = torch.aminmax(g.reshape(g.shape[0], -1), dim=1)  # [C_g] each
+        if bool((m.abs() > _MAX_OFFSET * torch.maximum(-low, high).double()).any()):
+            break
+    else:
         return grids, None
-    work = [torch.float64 if g.dtype == torch.float64 else torch.float32 for g in grids]
-    grids = [g.to(t) - m.to(t)[:, None, None] for g, t, m in zip(grids, work, means)]  # [C_g, h_g, w_g]
+    grids = [g.double() - m[:, None, None] for g, m in zip(grids, means)]  # [C_g, h_g, w_g] float64
     return grids, torch.cat(means)  # [C]
 
 

@@ -351,7 +351,8 @@ def save_recording(rec: Recording, path) -> None:
         peaks = t.detach().abs().reshape(B, heads, h * w * d).amax(2).amax(0)  # [heads] largest |value| per head
         if float(peaks.max()) > _FP16_MAX:
             raise ValueError(f"save_recording: layer {key!s} has values beyond the float16 range")
-        small = ((peaks > 0) & (peaks < _FP16_TINY)).nonzero().flatten().tolist()
+        # a float16 layer (what the recorder keeps) is written as it is; other dtypes would lose the digits
+        small = [] if t.dtype == torch.float16 else ((peaks > 0) & (peaks < _FP16_TINY)).nonzero().flatten().tolist()
         if small:
             raise ValueError(
                 f"save_recording: layer {key!s}, head {small[0]}: values at most {float(peaks[small[0]]):.3g}, below "
@@ -411,9 +412,12 @@ def load_recording(path) -> Recording:
         for field_name in ("image_height", "image_width"):
             text = metadata[field_name]
             digits = text.strip()
-            if not (digits.isascii() and digits.isdecimal() and len(digits) <= 9) or int(digits) < 1:
+            if not (digits.isascii() and digits.isdecimal() and len(digits) <= 6 and 1 <= int(digits) <= MAX_IMAGE_SIDE):
                 shown = repr(text) if len(text) <= 40 else f"{text[:20]!r}... ({len(text)} characters)"
-                raise ValueError(f"{path}: metadata field {field_name!r} must be a positive integer, got {shown}")
+                raise ValueError(
+                    f"{path}: metadata field {field_name!r} must be an integer from 1 to {MAX_IMAGE_SIDE} (pixels), "
+                    f"got {shown}"
+                )
             size.append(int(text))
         layers, names = {}, {}
         for name in f.keys():

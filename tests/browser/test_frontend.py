@@ -470,6 +470,15 @@ def test_a_pixel_mapped_by_the_run_becomes_the_widgets_pixel(comfy_page, picture
     values = page.evaluate(JS_WIDGETS, node_id)
     assert (values["x"], values["y"]) == (7, 8)
     assert page.evaluate("(sel) => document.querySelector(sel + ' .headseg-strip').classList.contains('headseg-stale')", sel)
+    # x from a link: y alone is not mapped (a mapped y beside an unmapped x would name another pixel)
+    page.evaluate(set_xy, [node_id, 100, 60])
+    page.evaluate(
+        """(id) => { const node = app.graph.getNodeById(id); const p = LiteGraph.createNode('PrimitiveInt');
+                     p.pos = [40, 80]; app.graph.add(p); p.connect(0, node, node.inputs.findIndex(i => i.name === 'x')); }""",
+        node_id,
+    )
+    synthetic_run(page, node_id, name, (64, 40), (50, 30), asked=(100, 60))
+    assert page.evaluate(JS_WIDGETS, node_id)["y"] == 60
     assert comfy_page.pack_problems() == []
 
 

@@ -418,3 +418,46 @@ def test_of_two_runs_with_the_same_latent_the_newest_is_read():
     store.history.append((latent.clone(), "older", ""))
     store.history.append((latent.clone(), "newer", ""))
     assert store.run_of(latent)[0] == "newer"
+
+
+def test_a_latent_of_4x4_records_every_layer(tiny, sd2, caplog):
+    """The UNet keeps downsampling a 1x1 grid to 1x1: the middle layer (level 3) runs at 1x1 = level 2
+    of a 4x4 latent, which is its own grid, not a resized one."""
+    patched, live = recorder.attach_recorder(sd2)
+    with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        run(tiny, patched, latent_hw=(4, 4), steps=2)
+    assert len(live.snapshot().layers) == len(live.layers) == 16
+    assert "not recording" not in caplog.text
+
+
+def test_deep_shrink_warns_only_of_the_layers_selected(tiny, sd2, caplog):
+    from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
+
+    patched, live = recorder.attach_recorder(sd2, steps="mean", levels="0")
+    shrunk = PatchModelAddDownscale.execute(patched, 3, 2.0, 0.0, 0.35, True, "bicubic", "bicubic").result[0]
+    with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        run(tiny, shrunk, latent_hw=(16, 16), steps=4)
+    assert "not recording" not in caplog.text  # the resized layers are at levels 1 and 2
+    assert {k.name for k in live.snapshot().layers} == {"input.1.0", "input.2.0", "output.9.0", "output.10.0", "output.11.0"}
+
+
+def test_a_range_past_the_branchs_last_call_is_labelled_by_the_steps_recorded(tiny, sd2, caplog):
+    import nodes as comfy_nodes
+
+    patched, live = recorder.attach_recorder(sd2, steps="1-3")
+    pos, neg = tiny.conditioning("SD2")
+    early = comfy_nodes.ConditioningSetTimestepRange().set_range(pos, 0.0, 0.7)[0]  # no cond call at step 3
+    with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        tiny.sample(patched, early, neg, latent_hw=(8, 8), steps=4)
+    assert "steps 1-3: the 'cond' conditioning's model calls stopped at step 2: recorded steps 1-2" in caplog.text
+    assert live.snapshot().steps == "1-2"
+
+
+def test_the_history_message_only_when_a_run_was_dropped(tiny, sd2):
+    patched, live = recorder.attach_recorder(sd2)
+    for seed in range(recorder_store.HISTORY):
+        run(tiny, patched, latent_hw=(8, 8), seed=seed)
+    with pytest.raises(ValueError, match="is not the output of any") as info:
+        live.snapshot(torch.zeros(1, 4, 8, 8))
+    assert "Only the last" not in str(info.value)
+

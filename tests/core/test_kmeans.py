@@ -460,6 +460,29 @@ def test_features_with_a_large_common_offset_cluster_as_without_it(offset):
     assert ref.inertia_ * 0.98 <= float(b.inertia[0]) <= ref.inertia_ * 1.02
 
 
+def test_an_offset_beside_a_wide_channel_is_still_taken_out():
+    """One channel spanning +-2e7 (mean 0) beside channels offset by 1e4: the offset is judged per
+    channel, so the labels are those of the stack without the offset."""
+    stack = planted_stack(size=(64, 64), seed=1, mode="nearest")
+
+    def with_offset(offset):
+        grids = [g.double() + offset for g in stack.grids]
+        wide = torch.zeros_like(grids[-1][:, :1])
+        wide[0, 0, 0, 0], wide[0, 0, -1, -1] = 2e7, -2e7
+        grids[-1] = torch.cat([grids[-1], wide], 1)
+        return FeatureStack([g.float() for g in grids], stack.weights, stack.keys, stack.size, stack.mode)
+
+    assert torch.equal(kmeans(with_offset(1e4), 6, seed=0).labels, kmeans(with_offset(0.0), 6, seed=0).labels)
+
+
+def test_centring_features_near_float32s_limit_does_not_overflow():
+    """-3e38 and 3e38 in one channel: their mean taken out in float32 would overflow."""
+    g = torch.tensor([[-3e38, 3e38], [3e38, 3e38]]).reshape(1, 1, 2, 2)
+    result = kmeans(FeatureStack([g], [1.0], [[]], (2, 2), "nearest"), 2)
+    assert result.labels[0].tolist() == [[1, 0], [0, 0]]
+    torch.testing.assert_close(result.centroids[0, :, 0].double(), torch.tensor([3e38, -3e38], dtype=torch.float64), rtol=1e-6, atol=0.0)
+
+
 def test_features_beyond_float32_range_are_refused():
     stack = random_stack(dtype=torch.float64)
     stack.grids[1][0, 0, 0, 0] = 1e300
