@@ -70,6 +70,19 @@ def _cpu_latent(x) -> torch.Tensor | None:
     return x.detach().to(device="cpu", dtype=torch.float32, copy=True)
 
 
+def _steps_label(steps) -> str:
+    """{1, 2, 3, 6} -> '1-3,6': step indices as ranges."""
+    parts, run = [], []
+    for i in sorted(steps):
+        if run and i != run[-1] + 1:
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+            run = []
+        run.append(i)
+    if run:
+        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(parts)
+
+
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two float32 tensors of one shape hold the same bits (NaN matches NaN, unlike torch.equal:
     a sampler's output with NaN in it is still its own)."""
@@ -122,6 +135,7 @@ class _Store:
         self.wanted_calls = 0  # recorded-branch calls in a chosen step
         self.crop_calls = 0  # of these, calls on an area crop of the latent (not recorded)
         self.regrid_calls = 0  # of these, calls of a layer on another level than its own (Deep Shrink)
+        self.wanted_steps: set[int] = set()  # the chosen steps the branch was called at
 
     def begin_run(self, noise: torch.Tensor, sigmas: torch.Tensor):
         sig = [float(s) for s in sigmas.detach().flatten().cpu()]
@@ -201,15 +215,20 @@ class _Store:
         rec = None
         label = self.steps.label
         n_steps = max(len(self.sigmas) - 1, 1)
-        done = min(self.steps.last, self.max_step)  # the last step of the range the branch was called at
-        if layers and self.steps.mode == "range" and done < self.steps.last:
-            label = f"{self.steps.first}-{done}" if self.steps.first < done else str(done)
-            why = (
-                f"the sampling run had {n_steps} steps (0-{n_steps - 1})"
-                if self.steps.last >= n_steps
-                else f"the '{self.branch}' conditioning's model calls stopped at step {self.max_step}"
-            )
-            log.warning("HeadSeg: steps %s: %s: recorded steps %s", self.steps.label, why, label)
+        if layers and self.steps.mode == "range":
+            asked = range(self.steps.first, self.steps.last + 1)
+            if self.wanted_steps != set(asked):  # recorded at fewer steps than asked: say which
+                label = _steps_label(self.wanted_steps)
+                why = []
+                if self.steps.last >= n_steps:
+                    why.append(f"the sampling run had {n_steps} steps (0-{n_steps - 1})")
+                skipped = [i for i in asked if i < n_steps and i not in self.wanted_steps]
+                if skipped:
+                    why.append(
+                        f"the '{self.branch}' conditioning was not called at step(s) {_steps_label(skipped)} "
+                        "(a timestep range ends or starts it there)"
+                    )
+                log.warning("HeadSeg: steps %s: %s: recorded steps %s", self.steps.label, "; ".join(why), label)
         if layers:
             rec = Recording(
                 layers=layers,
@@ -373,6 +392,7 @@ class _Store:
         if not self._wants(step):
             return
         self.wanted_calls += 1
+        self.wanted_steps.add(step)
 
         B, _, H, W = self.latent_shape[:4]
         shape = extra_options.get("activations_shape")
@@ -386,12 +406,13 @@ class _Store:
             self._warn_once(key, "area", f"the model was called on a {tuple(original[-2:])} crop of the {H}x{W} latent")
             return
         grids = grid_levels((H, W))  # ends at 1x1, where the UNet's further downsamplings stay
-        level = grids.index((h, w)) if (h, w) in grids else None
-        if level is None:
+        if key in self.layers:  # the layer's own grid, and the level it is selected by
+            level = min(self.layers[key].level, len(grids) - 1)
+        elif (h, w) in grids:
+            level = grids.index((h, w))
+        else:
             self._warn_once(key, "level", f"token grid {h}x{w} fits no level of the {H}x{W} latent")
             return
-        if key in self.layers:  # the grid of the layer's own level; the level it is selected by
-            level = min(self.layers[key].level, len(grids) - 1)
         if self.levels is not None and level not in self.levels:
             return
         if (h, w) != grids[level]:  # Kohya Deep Shrink (PatchModelAddDownscale) resizes it at some steps

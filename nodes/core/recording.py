@@ -412,7 +412,7 @@ def load_recording(path) -> Recording:
         for field_name in ("image_height", "image_width"):
             text = metadata[field_name]
             digits = text.strip()
-            if not (digits.isascii() and digits.isdecimal() and len(digits) <= 6 and 1 <= int(digits) <= MAX_IMAGE_SIDE):
+            if not (digits.isascii() and digits.isdecimal() and len(digits.lstrip("0")) <= 6 and 1 <= int(digits) <= MAX_IMAGE_SIDE):
                 shown = repr(text) if len(text) <= 40 else f"{text[:20]!r}... ({len(text)} characters)"
                 raise ValueError(
                     f"{path}: metadata field {field_name!r} must be an integer from 1 to {MAX_IMAGE_SIDE} (pixels), "

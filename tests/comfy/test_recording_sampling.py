@@ -355,11 +355,12 @@ def test_deep_shrink_steps_are_left_out_of_the_mean(tiny, sd2, caplog):
     assert_matches(rec, probe, (16, 16), steps="mean", names=["input.1.0", "output.9.0"])  # never resized
 
 
-def test_deep_shrink_at_every_chosen_step_says_so(tiny, sd2):
+@pytest.mark.parametrize("factor", [2.0, 1.5])  # 1.5: 16x16 -> 5x5 grids, which fit no level at all
+def test_deep_shrink_at_every_chosen_step_says_so(tiny, sd2, factor):
     from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
 
     patched, live = recorder.attach_recorder(sd2, steps="0", positions=("down",), levels="1")
-    shrunk = PatchModelAddDownscale.execute(patched, 3, 2.0, 0.0, 0.35, True, "bicubic", "bicubic").result[0]
+    shrunk = PatchModelAddDownscale.execute(patched, 3, factor, 0.0, 0.35, True, "bicubic", "bicubic").result[0]
     run(tiny, shrunk, latent_hw=(16, 16), steps=4)
     with pytest.raises(ValueError, match=r"steps: at every chosen step a patch such as Kohya Deep Shrink"):
         live.snapshot()
@@ -430,11 +431,12 @@ def test_a_latent_of_4x4_records_every_layer(tiny, sd2, caplog):
     assert "not recording" not in caplog.text
 
 
-def test_deep_shrink_warns_only_of_the_layers_selected(tiny, sd2, caplog):
+@pytest.mark.parametrize("factor", [2.0, 1.5])
+def test_deep_shrink_warns_only_of_the_layers_selected(tiny, sd2, caplog, factor):
     from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
 
     patched, live = recorder.attach_recorder(sd2, steps="mean", levels="0")
-    shrunk = PatchModelAddDownscale.execute(patched, 3, 2.0, 0.0, 0.35, True, "bicubic", "bicubic").result[0]
+    shrunk = PatchModelAddDownscale.execute(patched, 3, factor, 0.0, 0.35, True, "bicubic", "bicubic").result[0]
     with caplog.at_level(logging.WARNING, logger="HeadSeg"):
         run(tiny, shrunk, latent_hw=(16, 16), steps=4)
     assert "not recording" not in caplog.text  # the resized layers are at levels 1 and 2
@@ -449,8 +451,27 @@ def test_a_range_past_the_branchs_last_call_is_labelled_by_the_steps_recorded(ti
     early = comfy_nodes.ConditioningSetTimestepRange().set_range(pos, 0.0, 0.7)[0]  # no cond call at step 3
     with caplog.at_level(logging.WARNING, logger="HeadSeg"):
         tiny.sample(patched, early, neg, latent_hw=(8, 8), steps=4)
-    assert "steps 1-3: the 'cond' conditioning's model calls stopped at step 2: recorded steps 1-2" in caplog.text
+    assert "steps 1-3: the 'cond' conditioning was not called at step(s) 3 (a timestep range" in caplog.text
+    assert "recorded steps 1-2" in caplog.text
     assert live.snapshot().steps == "1-2"
+
+
+def test_a_range_with_a_gap_is_labelled_by_the_steps_recorded(tiny, sd2, caplog):
+    import nodes as comfy_nodes
+
+    patched, live = recorder.attach_recorder(sd2, steps="0-5")
+    pos, neg = tiny.conditioning("SD2")
+    early = comfy_nodes.ConditioningSetTimestepRange().set_range(pos, 0.0, 0.3)[0]
+    late = comfy_nodes.ConditioningSetTimestepRange().set_range(pos, 0.7, 1.0)[0]
+    both = comfy_nodes.ConditioningCombine().combine(early, late)[0]  # cond at the first and last steps only
+    with AttentionProbe(patched) as probe, caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        tiny.sample(patched, both, neg, latent_hw=(8, 8), steps=6)
+    sigmas = comfy.samplers.calculate_sigmas(sd2.get_model_object("model_sampling"), "normal", 6).tolist()
+    called = sorted({next(i for i in range(6) if abs(c.sigma - sigmas[i]) <= 1e-5 * max(sigmas[i], 1e-3))
+                     for c in probe.branch_calls("input.1.0")})
+    assert 0 < len(called) < 6  # the branch skips some steps
+    label = recorder_store._steps_label(called)
+    assert live.snapshot().steps == label and f"recorded steps {label}" in caplog.text
 
 
 def test_the_history_message_only_when_a_run_was_dropped(tiny, sd2):

@@ -344,6 +344,10 @@ def test_load_bad_image_height(tmp_path, value):
     assert len(str(info.value)) < 300  # a huge field is shown shortened
 
 
+def test_load_a_zero_padded_image_height(tmp_path):
+    assert load_recording(write(tmp_path, good_tensors(), {**GOOD_META, "image_height": "0000064"})).image_size == (64, 64)
+
+
 def test_load_float8_layer_names_it(tmp_path):
     tensors = {**good_tensors(), "output.4.0": torch.zeros(1, 3, 4, 4, 4).to(torch.float8_e4m3fn)}
     with pytest.raises(ValueError, match=r"bad\.safetensors: Recording: layer output\.4\.0 must be float16, bfloat16, float32 or float64, got torch\.float8_e4m3fn"):
