@@ -456,24 +456,6 @@ def test_a_range_past_the_branchs_last_call_is_labelled_by_the_steps_recorded(ti
     assert live.snapshot().steps == "1-2"
 
 
-def test_a_range_with_a_gap_is_labelled_by_the_steps_recorded(tiny, sd2, caplog):
-    import nodes as comfy_nodes
-
-    patched, live = recorder.attach_recorder(sd2, steps="0-5")
-    pos, neg = tiny.conditioning("SD2")
-    early = comfy_nodes.ConditioningSetTimestepRange().set_range(pos, 0.0, 0.3)[0]
-    late = comfy_nodes.ConditioningSetTimestepRange().set_range(pos, 0.7, 1.0)[0]
-    both = comfy_nodes.ConditioningCombine().combine(early, late)[0]  # cond at the first and last steps only
-    with AttentionProbe(patched) as probe, caplog.at_level(logging.WARNING, logger="HeadSeg"):
-        tiny.sample(patched, both, neg, latent_hw=(8, 8), steps=6)
-    sigmas = comfy.samplers.calculate_sigmas(sd2.get_model_object("model_sampling"), "normal", 6).tolist()
-    called = sorted({next(i for i in range(6) if abs(c.sigma - sigmas[i]) <= 1e-5 * max(sigmas[i], 1e-3))
-                     for c in probe.branch_calls("input.1.0")})
-    assert 0 < len(called) < 6  # the branch skips some steps
-    label = recorder_store._steps_label(called)
-    assert live.snapshot().steps == label and f"recorded steps {label}" in caplog.text
-
-
 def test_the_history_message_only_when_a_run_was_dropped(tiny, sd2):
     patched, live = recorder.attach_recorder(sd2)
     for seed in range(recorder_store.HISTORY):

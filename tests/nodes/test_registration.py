@@ -1,0 +1,118 @@
+"""What ComfyUI and a user see of the pack's registration and of Save / Load Recording, checked against
+the pack's own shipped references (js/docs/<node id>.md pages, the example workflows, README) and
+planted answers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pathlib
+
+import pytest
+import torch
+
+from headseg.tests.core.planted import nested_scene, planted_recording, small_layout
+
+pytestmark = pytest.mark.comfy
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+DOCS = REPO / "js" / "docs"
+
+
+def node_classes():
+    import headseg
+
+    extension = asyncio.run(headseg.comfy_entrypoint())
+    return asyncio.run(extension.get_node_list())
+
+
+def test_every_documented_node_is_registered_under_its_id():
+    """js/docs holds one page per node id (README: 'each node has a docs page'): the extension registers
+    exactly those ids."""
+    documented = {p.stem for p in DOCS.glob("HeadSeg_*.md")}
+    assert len(documented) == 8
+    registered = {cls.GET_NODE_INFO_V1()["name"] for cls in node_classes()}
+    assert registered == documented
+
+
+def test_every_node_schema_is_valid_with_tooltips_everywhere():
+    """README: every input and output has a tooltip in the UI (Save / Load Recording included)."""
+    for cls in node_classes():
+        cls.VALIDATE_CLASS()
+        info = cls.GET_NODE_INFO_V1()
+        for section in ("required", "optional"):
+            for name, spec in info["input"].get(section, {}).items():
+                assert len(spec[1].get("tooltip") or "") > 10, (info["name"], name)
+        assert all(len(t or "") > 10 for t in info["output_tooltips"]), info["name"]
+        assert len(info["description"]) > 40, info["name"]
+
+
+def test_recording_nodes_ids_and_category():
+    from headseg.nodes import recording_io_nodes as io_nodes
+
+    for cls, node_id in ((io_nodes.SaveRecording, "HeadSeg_SaveRecording"), (io_nodes.LoadRecording, "HeadSeg_LoadRecording")):
+        info = cls.GET_NODE_INFO_V1()
+        assert info["name"] == node_id and info["category"] == "HeadSeg/recording"
+    assert io_nodes.SaveRecording.GET_NODE_INFO_V1()["output_node"] is True
+
+
+def test_web_directory_holds_the_frontend_and_the_docs():
+    import headseg
+
+    web = REPO / headseg.WEB_DIRECTORY
+    assert (web / "headseg.js").is_file()
+    assert {p.stem for p in (web / "docs").glob("*.md")} >= {"HeadSeg_RecordSelfAttention", "HeadSeg_LoadRecording"}
+
+
+@pytest.mark.parametrize("workflow", sorted((REPO / "example_workflows").glob("*.json")), ids=lambda p: p.stem)
+def test_socket_types_match_the_shipped_workflows(workflow):
+    """Every HeadSeg link of the example workflows carries the type that its source output and its target
+    input declare (a renamed socket type breaks every saved workflow)."""
+    infos = {cls.GET_NODE_INFO_V1()["name"]: cls.GET_NODE_INFO_V1() for cls in node_classes()}
+    data = json.loads(workflow.read_text())
+    nodes = {n["id"]: n for n in data["nodes"]}
+    checked = 0
+    for _, src, src_slot, dst, dst_slot, kind in data["links"]:
+        a, b = nodes[src], nodes[dst]
+        if a["type"] in infos:
+            assert infos[a["type"]]["output"][src_slot] == kind, (a["type"], src_slot, kind)
+            checked += 1
+        if b["type"] in infos:
+            name = b["inputs"][dst_slot]["name"]
+            inputs = {**infos[b["type"]]["input"]["required"], **infos[b["type"]]["input"].get("optional", {})}
+            assert inputs[name][0] == kind, (b["type"], name, kind)
+            checked += 1
+    assert checked >= 8
+
+
+def test_load_recording_lists_the_files_and_says_what_it_loaded(comfy_folders):
+    """The file combo lists the input folder's recordings; the UI text gives width x height in pixels."""
+    from headseg.nodes import recording_io_nodes as io_nodes
+    from headseg.nodes.core.recording import save_recording
+
+    rec = planted_recording([nested_scene(128, 192)], layout=small_layout(heads=2), d=8, seed=3)  # 128 high, 192 wide
+    save_recording(rec, comfy_folders["input"] / "r.safetensors")
+    info = io_nodes.LoadRecording.GET_NODE_INFO_V1()
+    assert info["input"]["required"]["file"][1]["options"] == ["r.safetensors"]
+    out = io_nodes.LoadRecording.execute("r.safetensors", "")
+    assert out.ui["text"][0].endswith(f"{rec.num_heads} heads in {len(rec.layers)} layers, 192x128 px")
+
+
+def test_save_recording_saves_the_run_of_its_latent(comfy_folders):
+    """With a live recording, Save Recording writes the sampling run that produced its LATENT (not the
+    most recent one), and refuses to run without the LATENT."""
+    from headseg.nodes import recorder, recording_io_nodes as io_nodes
+    from headseg.nodes.core.recording import load_recording
+    from headseg.tests.support import tiny_unets as tiny
+
+    patched, live = recorder.attach_recorder(tiny.build("SD2", seed=0))
+    pos, neg = tiny.conditioning("SD2")
+    a = tiny.sample(patched, pos, neg, latent_hw=(8, 8), steps=1, seed=1)
+    b = tiny.sample(patched, pos, neg, latent_hw=(8, 12), steps=1, seed=2)  # a later pass, another size
+    for latent, size in ((a, (64, 64)), (b, (64, 96))):
+        path = io_nodes.SaveRecording.execute(live, "live", latent={"samples": latent}).args[0]
+        assert load_recording(path).image_size == size
+    with pytest.raises(ValueError, match="^latent: connect the sampler's LATENT"):
+        io_nodes.SaveRecording.execute(live, "live")
+    with pytest.raises(ValueError, match="^latent: .*not the output"):
+        io_nodes.SaveRecording.execute(live, "live", latent={"samples": torch.zeros(1, 4, 8, 8)})
