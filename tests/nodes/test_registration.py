@@ -20,10 +20,18 @@ DOCS = REPO / "js" / "docs"
 
 
 def node_classes():
+    """The node classes the pack's V3 entry point hands ComfyUI. Run on a thread of its own: another
+    test's event loop (Playwright's, in the browser tests) may be running on this one."""
+    import concurrent.futures
+
     import headseg
 
-    extension = asyncio.run(headseg.comfy_entrypoint())
-    return asyncio.run(extension.get_node_list())
+    async def listed():
+        extension = await headseg.comfy_entrypoint()
+        return await extension.get_node_list()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, listed()).result()
 
 
 def test_every_documented_node_is_registered_under_its_id():
