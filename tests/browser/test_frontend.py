@@ -604,6 +604,98 @@ def test_wheel_over_the_picker_zooms_the_canvas(comfy_page, pictures):
     assert comfy_page.pack_problems() == []
 
 
+# -- thumbnails, wheel, unlinked picture, note line -----------------------------------------------
+def _hovering(page, sel):
+    return page.evaluate("(sel) => document.querySelector(sel + ' .headseg-frame').classList.contains('headseg-hovering')", sel)
+
+
+def test_thumbnail_hover_previews_and_leaving_restores_and_click_picks_that_mask(comfy_page, pictures):
+    """Hovering a thumbnail shows its mask on the picture, leaving brings the picture back, and a click
+    chooses that mask (index) and outlines its thumbnail."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page)
+    sel = picker_selector(node_id)
+    synthetic_run(page, node_id, name, (W, H), (0, 0), masks=3, stored=False)  # widgets ask for (0, 0): fresh
+    settle(page)
+    thumbs = page.query_selector_all(sel + " .headseg-thumb")
+    assert len(thumbs) == 3
+    thumbs[1].hover()
+    settle(page, 300)
+    assert _hovering(page, sel)
+    page.mouse.move(5, 5)  # leaves the thumbnail: the picture comes back
+    settle(page, 300)
+    assert not _hovering(page, sel)
+    for target in (2, 1):
+        thumbs[target].click()
+        settle(page, 250)
+        assert page.evaluate(JS_WIDGETS, node_id)["index"] == target
+        assert page.eval_on_selector_all(sel + " .headseg-thumb.headseg-selected", "bs => bs.map(b => b.dataset.index)") == [str(target)]
+    assert comfy_page.pack_problems() == []
+
+
+def test_wheel_over_the_thumbnail_strip_does_not_zoom(comfy_page, pictures):
+    """The strip scrolls its thumbnails: the wheel there never zooms the canvas."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page)
+    sel = picker_selector(node_id)
+    synthetic_run(page, node_id, name, (W, H), (0, 0), masks=8, stored=False)
+    settle(page)
+    box = page.eval_on_selector(sel + " .headseg-strip", "e => e.getBoundingClientRect().toJSON()")
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    before = page.evaluate("() => app.canvas.ds.scale")
+    page.mouse.wheel(0, -240)
+    settle(page)
+    assert page.evaluate("() => app.canvas.ds.scale") == before
+    assert comfy_page.pack_problems() == []
+
+
+def test_picker_forgets_the_picture_when_the_image_link_is_removed(comfy_page, pictures):
+    """Before any run the picker shows the linked picture; unlinked, it says there is no image."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    # node ids are reused after graph.clear(): no run of an earlier test's node may stand in for this one's
+    page.evaluate("() => { for (const id of Object.keys(app.nodeOutputs)) delete app.nodeOutputs[id]; }")
+    node_id = add_picker(page, name)
+    wait_picture_ready(page, node_id)
+    sel = picker_selector(node_id)
+    page.evaluate(
+        "(id) => { const n = app.graph.getNodeById(id); n.disconnectInput(n.inputs.findIndex(i => i.name === 'image'));"
+        " app.canvas.setDirty(true, true); }",
+        node_id,
+    )
+    page.wait_for_function(
+        "(sel) => { const m = document.querySelector(sel + ' .headseg-message');"
+        " return m && getComputedStyle(m).display !== 'none' && m.textContent.includes('No image yet'); }",
+        arg=sel,
+        timeout=10_000,
+    )
+    assert not page.is_visible(sel + " .headseg-frame")
+    assert comfy_page.pack_problems() == []
+
+
+def test_multi_kmeans_note_names_the_k_of_the_shown_colour_map(comfy_page, pictures):
+    """The note line under Multi K-Means lists the k of its colour maps and names the one shown."""
+    page = comfy_page.page
+    ref = {"filename": pictures["landscape"][0], "subfolder": "", "type": "input"}
+    node_id = page.evaluate(
+        """(ref) => { app.graph.clear(); const m = LiteGraph.createNode('HeadSeg_MultiKMeans'); m.pos = [40, 80];
+                   app.graph.add(m); app.canvas.ds.scale = 1; app.canvas.ds.offset = [100, 100];
+                   const out = {images: [ref, ref, ref], text: ['3 colour maps'], headseg_labels: ['k=2', 'k=4', 'k=7']};
+                   app.nodeOutputs[String(m.id)] = out; m.onExecuted(out);
+                   app.canvas.setDirty(true, true); return m.id; }""", ref
+    )
+    page.wait_for_function("(id) => { const n = app.graph.getNodeById(id); return n.imgs?.length === 3 && n.imgs.every(i => i.complete && i.naturalWidth > 0); }", arg=node_id, timeout=15_000)
+    note = "(id) => app.graph.getNodeById(id).headsegNote?.root.textContent ?? ''"
+    page.wait_for_function(f"(id) => ({note})(id).includes('colour maps, left to right: k=2 · k=4 · k=7')", arg=node_id, timeout=10_000)
+    for i, k in ((1, "k=4"), (2, "k=7"), (0, "k=2")):
+        page.evaluate(f"(id) => {{ app.graph.getNodeById(id).imageIndex = {i}; app.canvas.setDirty(true, true); app.canvas.draw(true, true); }}", node_id)
+        page.wait_for_function(f"(id) => ({note})(id).startsWith('showing {k}')", arg=node_id, timeout=10_000)
+        assert "3 colour maps" in page.evaluate(note, node_id)
+    assert comfy_page.pack_problems() == []
+
+
 # -- old layouts --------------------------------------------------------------------------------
 def old_layout_workflow(picture: str) -> dict:
     """A saved workflow with three picker nodes in older or damaged widget layouts."""
