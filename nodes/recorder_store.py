@@ -72,14 +72,13 @@ def _cpu_latent(x) -> torch.Tensor | None:
 
 def _steps_label(steps) -> str:
     """{1, 2, 3, 6} -> '1-3,6': step indices as ranges."""
-    parts, run = [], []
-    for i in sorted(steps):
-        if run and i != run[-1] + 1:
-            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-            run = []
-        run.append(i)
-    if run:
-        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    ordered = sorted(steps)
+    parts, first = [], 0
+    for i in range(1, len(ordered) + 1):
+        if i == len(ordered) or ordered[i] != ordered[i - 1] + 1:  # a run of consecutive steps ends
+            a, b = ordered[first], ordered[i - 1]
+            parts.append(str(a) if a == b else f"{a}-{b}")
+            first = i
     return ",".join(parts)
 
 
@@ -214,7 +213,7 @@ class _Store:
         self.runs += 1
         rec = None
         label = self.steps.label
-        n_steps = max(len(self.sigmas) - 1, 1)
+        n_steps = self.n_steps
         if layers and self.steps.mode == "range":
             asked = range(self.steps.first, self.steps.last + 1)
             if self.wanted_steps != set(asked):  # recorded at fewer steps than asked: say which
@@ -281,8 +280,13 @@ class _Store:
         self._reset_run(None, None)
         self._failed = failed_in_run
 
+    @property
+    def n_steps(self) -> int:
+        """Steps of the current run's sigma schedule."""
+        return max(len(self.sigmas or []) - 1, 0)
+
     def _why_empty(self) -> str:
-        n_steps = max(len(self.sigmas or []) - 1, 0)
+        n_steps = self.n_steps
         if self.failure:
             return self.failure
         if self.seen_calls == 0:

@@ -52,10 +52,8 @@ MAX_CLUSTERS = 256
 # The most clusters all k of one sweep may add up to: every cluster becomes a mask, and merging
 # compares every pair of masks (1024 masks of 512x512 are 1 GB as a float MASK batch).
 MAX_TOTAL_CLUSTERS = 1024
-# Features are float32 inside k-means: larger values cannot be represented.
-# Channel means above this fraction of the largest |feature| are taken out before clustering (_centred).
+# Channel means above this fraction of the channel's largest |feature| are taken out before clustering (_centred).
 _MAX_OFFSET = 2.0**-10
-_MAX_FEATURE = float(torch.finfo(torch.float32).max)
 # Working set: this many random pixels (at least _WS_POINTS_PER_K * k).
 _WS_MIN_POINTS = 512
 _WS_POINTS_PER_K = 16

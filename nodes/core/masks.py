@@ -137,7 +137,8 @@ def _label_intersections(sweep: ClusterSweep, batch_index: int) -> torch.Tensor:
     return out
 
 
-def _check_merge_options(iou_threshold, min_area) -> None:
+def check_merge_options(iou_threshold, min_area) -> None:
+    """iou_threshold in (0, 1] and min_area in [0, 1], or a ValueError naming the one that is not."""
     if not is_real(iou_threshold) or not 0.0 < iou_threshold <= 1.0:
         raise ValueError(f"iou_threshold must be a number in (0, 1], got {iou_threshold!r}")
     if not is_real(min_area) or not 0.0 <= min_area <= 1.0:
@@ -172,14 +173,14 @@ def merge_masks(ms: MaskSet, iou_threshold: float = 0.9, min_area: float = 0.0) 
     masks are pairwise below the threshold, so merging again changes nothing (idempotent).
     """
     _check_maskset(ms)
-    _check_merge_options(iou_threshold, min_area)
+    check_merge_options(iou_threshold, min_area)
     return _merge(ms, _intersections(ms.masks), iou_threshold, min_area)
 
 
 def merge_sweep(sweep: ClusterSweep, batch_index: int, iou_threshold: float = 0.9, min_area: float = 0.0) -> MaskSet:
     """merge_masks(sweep_to_masks(sweep, batch_index), ...), with the intersections counted from the
     label maps (contingency tables) instead of mask products: the same result, several times faster."""
-    _check_merge_options(iou_threshold, min_area)
+    check_merge_options(iou_threshold, min_area)
     ms = sweep_to_masks(sweep, batch_index)
     return _merge(ms, _label_intersections(sweep, batch_index), iou_threshold, min_area)
 

@@ -7,7 +7,6 @@ Inputs on different devices are compared on the device of the first (the referen
 
 from __future__ import annotations
 
-
 import torch
 
 from .recording import is_int
@@ -109,7 +108,7 @@ def class_ious(gt_labels: torch.Tensor, predicted: torch.Tensor, ignore_index: i
         raise ValueError(
             f"predicted masks {tuple(predicted.shape[1:])} and gt_labels {tuple(gt_labels.shape)} must have the same (H, W)"
         )
-    if ignore_index is not None and (not is_int(ignore_index)):
+    if ignore_index is not None and not is_int(ignore_index):
         raise ValueError(f"ignore_index must be an int class id or None, got {ignore_index!r}")
     # int64: an ignore_index outside a small label dtype's range must not wrap around onto a class
     valid = torch.ones_like(gt_labels, dtype=torch.bool) if ignore_index is None else gt_labels.long() != int(ignore_index)  # [H, W]

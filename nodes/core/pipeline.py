@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .kmeans import ClusterSweep, check_sweep_options, multi_kmeans
-from .masks import MaskSet, merge_sweep
+from .masks import MaskSet, check_merge_options, merge_sweep
 from .pca import HeadFeatures, recording_pca
-from .recording import Recording, is_real
-from .upsample import FeatureStack, check_mode, make_feature_stack
+from .recording import Recording
+from .upsample import FeatureStack, check_mode, check_reweight, make_feature_stack
 
 
 @dataclass
@@ -51,12 +51,8 @@ def segment(
     # argument checks that would otherwise fail only after the expensive stages
     cluster_counts, seed = check_sweep_options(cluster_counts, seed)
     check_mode(mode)
-    if not isinstance(reweight, bool):
-        raise ValueError(f"reweight must be True or False, got {reweight!r}")
-    if not is_real(iou_threshold) or not 0.0 < iou_threshold <= 1.0:
-        raise ValueError(f"iou_threshold must be a number in (0, 1], got {iou_threshold!r}")
-    if not is_real(min_area) or not 0.0 <= min_area <= 1.0:
-        raise ValueError(f"min_area must be a fraction of the image in [0, 1], got {min_area!r}")
+    check_reweight(reweight)
+    check_merge_options(iou_threshold, min_area)
     recording.validate(check_finite=False)  # layer keys, shapes, grids; NaN / inf are named per layer by the PCA
     selected = recording.select(positions, levels)
     features = recording_pca(selected, components)

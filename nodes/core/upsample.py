@@ -32,6 +32,13 @@ def check_mode(mode) -> str:
     return mode
 
 
+def check_reweight(reweight) -> bool:
+    """reweight -> reweight, or a ValueError: True or False."""
+    if not isinstance(reweight, bool):
+        raise ValueError(f"reweight must be True or False, got {reweight!r}")
+    return reweight
+
+
 def _check_length(n, name: str) -> int:
     if not is_int(n) or not 1 <= n <= MAX_IMAGE_SIDE:
         raise ValueError(f"{name} must be an int from 1 to {MAX_IMAGE_SIDE}, got {n!r}")
@@ -255,13 +262,12 @@ def make_feature_stack(
     size = check_size(features.image_size if size is None else size)
     if not features.layers:
         raise ValueError("features: no layer (the selection left nothing to upsample)")
-    if not isinstance(reweight, bool):
-        raise ValueError(f"reweight must be True or False, got {reweight!r}")
+    check_reweight(reweight)
     features.checked_batch_size()
     for key, t in features.layers.items():
         if not all_finite(t):
             raise ValueError(f"features: layer {key!s} contains NaN or inf values")
-        if t.dtype == torch.float64 and float(t.detach().abs().max()) > _MAX_FEATURE:
+        if t.dtype == torch.float64 and float(peak_abs(t.detach())) > _MAX_FEATURE:
             raise ValueError(
                 f"features: layer {key!s} has values beyond float32's range (the stack is float32): scale it "
                 f"into about 1e-38 .. 1e38"

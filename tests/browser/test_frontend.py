@@ -125,6 +125,11 @@ def screenshot_rgb(page, hide_marker: bool = True):
     return Image.open(io.BytesIO(png)).convert("RGB")
 
 
+def selected_thumbs(page, sel) -> list[str]:
+    """Indices of the outlined thumbnails of picker ``sel`` (the mask the MASK output carries)."""
+    return page.eval_on_selector_all(sel + " .headseg-thumb.headseg-selected", "bs => bs.map(b => b.dataset.index)")
+
+
 def wait_picture_ready(page, node_id, timeout=30_000):
     page.wait_for_function(
         """(sel) => { const f = document.querySelector(sel + ' .headseg-frame');
@@ -525,7 +530,7 @@ def test_picker_with_linked_pixel_and_index_past_the_end(comfy_page, pictures):
     page.evaluate("(id) => { const w = app.graph.getNodeById(id).widgets.find(w => w.name === 'index'); w.value = 10; }", node_id)
     synthetic_run(page, node_id, name, (W, H), (0, 0), masks=3, index=10, stored=False)
     settle(page)
-    assert page.eval_on_selector_all(sel + " .headseg-thumb.headseg-selected", "bs => bs.map(b => b.dataset.index)") == ["2"]
+    assert selected_thumbs(page, sel) == ["2"]
     # a thumbnail of an old pixel does nothing: queue first
     page.evaluate("(id) => { const w = app.graph.getNodeById(id).widgets.find(w => w.name === 'x'); w.value = 5; }", node_id)
     settle(page)
@@ -630,7 +635,7 @@ def test_thumbnail_hover_previews_and_leaving_restores_and_click_picks_that_mask
         thumbs[target].click()
         settle(page, 250)
         assert page.evaluate(JS_WIDGETS, node_id)["index"] == target
-        assert page.eval_on_selector_all(sel + " .headseg-thumb.headseg-selected", "bs => bs.map(b => b.dataset.index)") == [str(target)]
+        assert selected_thumbs(page, sel) == [str(target)]
     assert comfy_page.pack_problems() == []
 
 
