@@ -64,18 +64,25 @@ def _check_maskset(ms) -> MaskSet:
     return ms
 
 
-def labels_to_masks(labels: torch.Tensor, k: int) -> torch.Tensor:
-    """[H, W] int64 labels in 0..k-1 -> [k, H, W] bool masks (mask j = pixels labelled j)."""
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+def check_label_map(labels, k, dims: str) -> int:
+    """Checks ``labels`` is an integer tensor of the named ``dims`` (e.g. "H, W") with every label in
+    0..k-1 -> int(k); ValueError naming ``labels`` or ``k`` otherwise."""
+    if not isinstance(labels, torch.Tensor) or labels.dim() != len(dims.split(",")):
         shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise ValueError(f"labels must be an integer tensor [H, W], got {shape}")
+        raise ValueError(f"labels must be an integer tensor [{dims}], got {shape}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor [H, W], got {labels.dtype}")
+        raise ValueError(f"labels must be an integer tensor [{dims}], got {labels.dtype}")
     if not is_int(k) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     k = int(k)
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
         raise ValueError(f"labels must lie in 0..{k - 1} for k={k}, got {int(labels.min())}..{int(labels.max())}")
+    return k
+
+
+def labels_to_masks(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """[H, W] int64 labels in 0..k-1 -> [k, H, W] bool masks (mask j = pixels labelled j)."""
+    k = check_label_map(labels, k, "H, W")
     if k * labels.numel() > _MAX_MASK_BYTES:
         raise ValueError(
             f"k = {k} masks of {labels.shape[0]}x{labels.shape[1]} would take {k * labels.numel() / 2**30:.1f} GiB "

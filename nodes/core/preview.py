@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from .masks import check_label_map
 from .pca import HeadFeatures
 from .recording import MAX_IMAGE_SIDE, all_finite, is_int, is_real
 from .upsample import upsample
@@ -47,15 +48,7 @@ def palette(k: int) -> torch.Tensor:
 
 def label_colours(labels: torch.Tensor, k: int) -> torch.Tensor:
     """[B, H, W] int labels in 0..k-1 -> [B, H, W, 3] float32 IMAGE, one fixed colour per label."""
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 3:
-        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise ValueError(f"labels must be an integer tensor [B, H, W], got {shape}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"labels must hold integer labels, got {labels.dtype}")
-    if not is_int(k) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
-        raise ValueError(f"labels must lie in 0..{k - 1} for k={k}, got {int(labels.min())}..{int(labels.max())}")
+    check_label_map(labels, k, "B, H, W")
     used = int(labels.max()) + 1 if labels.numel() else 1  # colours of the labels present (palette(k)'s first)
     return palette(used).to(labels.device)[labels.long()]  # [B, H, W, 3]
 
