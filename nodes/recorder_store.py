@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .core.recording import LayerKey, Recording, grid_levels
+from .core.recording import LayerKey, Recording, grid_levels, is_ascii_digits
 
 log = logging.getLogger("HeadSeg")
 
@@ -54,7 +54,7 @@ def parse_steps(text: str) -> StepSelection:
     if t in ("last", "mean"):
         return StepSelection(t)
     parts = t.split("-")
-    if 1 <= len(parts) <= 2 and all(p.isdecimal() for p in parts):
+    if 1 <= len(parts) <= 2 and all(is_ascii_digits(p) for p in parts):
         first, last = int(parts[0]), int(parts[-1])
         if first <= last:
             return StepSelection("range", first, last)

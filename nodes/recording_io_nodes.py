@@ -8,6 +8,7 @@ the rest of the pipeline with no model loaded.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 
 from comfy_api.latest import io
@@ -18,6 +19,20 @@ from .node_utils import as_recording
 
 CATEGORY = "HeadSeg/recording"
 NO_FILE = "(no recording files found)"
+_warned_names: set[str] = set()
+
+
+def _loadable_name(path: str) -> bool:
+    """Whether safetensors can open ``path``: its name must be valid UTF-8 (warns once per name otherwise)."""
+    try:
+        os.fsencode(path).decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        if shown not in _warned_names:
+            _warned_names.add(shown)
+            logging.warning("HeadSeg: %s is not listed: its name is not valid UTF-8, which safetensors cannot open", shown)
+        return False
 
 
 def _recording_files() -> list[str]:
@@ -41,8 +56,9 @@ def _recording_files() -> list[str]:
                     keep.append(d)
             dirs[:] = keep
             for f in files:
-                if f.endswith(".safetensors") and is_recording_file(os.path.join(root, f)):
-                    names.append(os.path.relpath(os.path.join(root, f), base).replace(os.sep, "/"))
+                full = os.path.join(root, f)
+                if f.endswith(".safetensors") and _loadable_name(full) and is_recording_file(full):
+                    names.append(os.path.relpath(full, base).replace(os.sep, "/"))
         found += [n + suffix for n in sorted(names)]
     return found
 
@@ -55,7 +71,7 @@ def _resolve(file: str, path: str) -> str:
         full = os.path.expanduser(path)
         if not os.path.isabs(full):
             full = folder_paths.get_annotated_filepath(full)
-        if not os.path.isfile(full):
+        if not os.path.exists(full):  # a folder or an unreadable file is named by load_recording
             raise ValueError(f"path: no such recording file: {path!r} (absolute, or relative to the input folder)")
         return full
     if not file or file == NO_FILE:
@@ -64,7 +80,7 @@ def _resolve(file: str, path: str) -> str:
             "recording in ComfyUI's input folder, or set 'path'"
         )
     full = folder_paths.get_annotated_filepath(file)
-    if not os.path.isfile(full):
+    if not os.path.exists(full):
         raise ValueError(f"file: no such recording file: {file!r}")
     return full
 
@@ -139,11 +155,11 @@ class SaveRecording(io.ComfyNode):
             too_long = getattr(exc, "errno", None) == errno.ENAMETOOLONG or "too long" in str(exc).lower()
             if too_long:
                 hint = "choose a shorter prefix of plain folder and file names"
-            elif full is None:
+            elif full is None and not isinstance(exc, OSError):  # ComfyUI refused the prefix
                 hint = "expected folder and file names inside ComfyUI's output folder, such as 'headseg/recording'"
             else:
                 hint = "check that ComfyUI's output folder is writable and has free space"
-            where = f"cannot write {full}" if full else "cannot make the file's name"
+            where = f"cannot write {full}" if full else "cannot make the file's folder or name"
             reason = (str(exc).strip().splitlines() or [""])[0].strip(" *")  # ComfyUI's refusal spans lines
             raise ValueError(f"filename_prefix {filename_prefix!r}: {where} ({type(exc).__name__}: {reason}); {hint}") from exc
         rel = os.path.join(subfolder, filename).replace(os.sep, "/")
@@ -210,8 +226,12 @@ class LoadRecording(io.ComfyNode):
             full = _resolve(file, path)
         except ValueError:
             return ""
-        st = os.stat(full)
-        return f"{full}:{st.st_mtime_ns}:{st.st_size}"
+        try:
+            st = os.stat(full)
+        except OSError:
+            return ""
+        # a file replaced with one of the same size and time still has another inode or change time
+        return f"{full}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
     @classmethod
     def execute(cls, file, path="") -> io.NodeOutput:

@@ -16,6 +16,7 @@ import math
 import numbers
 import os
 import pathlib
+import stat
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,11 @@ def is_int(value) -> bool:
 def is_real(value) -> bool:
     """Whether value is a real number: a Python or numpy int or float, not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_ascii_digits(text: str) -> bool:
+    """Whether text is one or more ASCII digits 0-9 (str.isdecimal alone also takes other scripts' digits)."""
+    return text.isascii() and text.isdecimal()
 
 
 _FP16_MAX = torch.finfo(torch.float16).max
@@ -86,8 +92,8 @@ class LayerKey:
         if (
             len(parts) != 3
             or parts[0] not in BLOCK_POSITIONS
-            or not parts[1].isdecimal()
-            or not parts[2].isdecimal()
+            or not is_ascii_digits(parts[1])
+            or not is_ascii_digits(parts[2])
         ):
             raise ValueError(
                 f"layer name must be '<block>.<number>.<depth>' with block in "
@@ -123,7 +129,7 @@ def parse_levels(text: str) -> list[int] | None:
     if t in ("", "all", "*"):
         return None
     parts = [p.strip() for p in t.split(",") if p.strip()]
-    if parts and all(p.isdecimal() for p in parts):
+    if parts and all(is_ascii_digits(p) for p in parts):
         return sorted({int(p) for p in parts})
     raise ValueError(
         f"levels: expected 'all' or grid levels as comma-separated integers >= 0 "
@@ -371,21 +377,85 @@ def save_recording(rec: Recording, path) -> None:
     save_file(tensors, os.fspath(path), metadata=metadata)
 
 
-def is_recording_file(path) -> bool:
-    """Whether ``path`` is a safetensors file whose metadata says headseg-recording/1. Reads only the
-    header (8 bytes of length, then its JSON), so model files in the same folder cost little."""
+def _read_header(fh) -> tuple[int, dict] | None:
+    """An open binary file -> (header length n, the header's JSON object), or None when the file does not
+    start like a safetensors file (8 bytes of little-endian length, then that many bytes of JSON)."""
     import json
 
+    n = int.from_bytes(fh.read(8), "little")
+    if not 2 <= n <= _MAX_HEADER_BYTES:
+        return None
+    try:
+        header = json.loads(fh.read(n))
+    except (ValueError, RecursionError):  # not JSON / UTF-8, or absurdly nested
+        return None
+    return (n, header) if isinstance(header, dict) else None
+
+
+# is_recording_file's answers by (path, inode, size, mtime, ctime): the file list reads each header once.
+_RECORDING_FILE_CACHE: dict[tuple, bool] = {}
+
+
+def is_recording_file(path) -> bool:
+    """Whether ``path`` is a regular safetensors file whose metadata says headseg-recording/1. Reads only
+    the header (8 bytes of length, then its JSON), once per version of the file, so model files in the
+    same folder cost little; pipes and devices are never opened."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):  # missing, unreadable folder, or a name with NUL
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    version = (os.fspath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if version not in _RECORDING_FILE_CACHE:
+        try:
+            with open(path, "rb") as fh:
+                found = _read_header(fh)
+        except OSError:
+            found = None
+        meta = found[1].get("__metadata__") if found else None
+        if len(_RECORDING_FILE_CACHE) >= 4096:
+            _RECORDING_FILE_CACHE.clear()
+        _RECORDING_FILE_CACHE[version] = isinstance(meta, dict) and meta.get("format") == FORMAT
+    return _RECORDING_FILE_CACHE[version]
+
+
+def _check_readable(path: str) -> None:
+    """FileNotFoundError when ``path`` does not exist; ValueError naming it when it is a folder, not a regular
+    file, unreadable, not laid out as safetensors, shorter than its header says, or named so that
+    safetensors cannot open it (not UTF-8)."""
+    shown = os.fsencode(path).decode("utf-8", "backslashreplace")  # printable even when not UTF-8
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"load_recording: no such file: {shown}") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
+        raise ValueError(f"{shown}: cannot read the file ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"{shown}: is a folder, expected a recording file (.safetensors)")
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{shown}: not a regular file (a pipe or a device), expected a recording file (.safetensors)")
     try:
         with open(path, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            if not 2 <= n <= _MAX_HEADER_BYTES:
-                return False
-            header = json.loads(fh.read(n))
-    except (OSError, ValueError, RecursionError):  # unreadable, not JSON / UTF-8, or absurdly nested
-        return False
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return isinstance(meta, dict) and meta.get("format") == FORMAT
+            found = _read_header(fh)
+    except OSError as exc:
+        raise ValueError(f"{shown}: cannot read the file ({exc.strerror or exc})") from None
+    if found is None:
+        raise ValueError(f"{shown}: not a safetensors file (it must start with a header length and a JSON header)")
+    n, header = found
+    ends = [v["data_offsets"][1] for v in header.values() if isinstance(v, dict) and _is_offsets(v.get("data_offsets"))]
+    if 8 + n + max(ends, default=0) > st.st_size:
+        raise ValueError(
+            f"{shown}: damaged or truncated: its header describes {8 + n + max(ends)} bytes, the file has {st.st_size}"
+        )
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{shown}: the file name is not valid UTF-8, which safetensors cannot open: rename the file") from None
+
+
+def _is_offsets(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(is_int(v) and v >= 0 for v in value)
 
 
 def load_recording(path) -> Recording:
@@ -393,8 +463,7 @@ def load_recording(path) -> Recording:
     from safetensors import safe_open
 
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"load_recording: no such file: {path}")
+    _check_readable(path)
     try:
         handle = safe_open(path, framework="pt", device="cpu")
     except Exception as exc:  # safetensors raises its own error types for a damaged header
@@ -412,7 +481,7 @@ def load_recording(path) -> Recording:
         for field_name in ("image_height", "image_width"):
             text = metadata[field_name]
             digits = text.strip()
-            if not (digits.isascii() and digits.isdecimal() and len(digits.lstrip("0")) <= 6 and 1 <= int(digits) <= MAX_IMAGE_SIDE):
+            if not (is_ascii_digits(digits) and len(digits.lstrip("0")) <= 6 and 1 <= int(digits) <= MAX_IMAGE_SIDE):
                 shown = repr(text) if len(text) <= 40 else f"{text[:20]!r}... ({len(text)} characters)"
                 raise ValueError(
                     f"{path}: metadata field {field_name!r} must be an integer from 1 to {MAX_IMAGE_SIDE} (pixels), "

@@ -113,6 +113,8 @@ def test_validate_inputs_reports_bad_strings():
     assert RecordSelfAttention.validate_inputs(levels="0, 1", steps="3-7") is True
     assert "levels" in RecordSelfAttention.validate_inputs(levels="low", steps="last")
     assert "steps" in RecordSelfAttention.validate_inputs(levels="all", steps="-3")
+    for digits in ("\u0663", "1-\u0664", "\uff12"):  # other scripts' digits, which int() would read
+        assert "steps" in RecordSelfAttention.validate_inputs(levels="all", steps=digits), digits
 
 
 @pytest.mark.parametrize("levels", ["all", "*", "0,1,", " 2 , 0 ", "low", "-1", ","])

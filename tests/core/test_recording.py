@@ -1,6 +1,8 @@
 """Recording: layer keys, grid levels, validation, selection and the safetensors file format."""
 
 import math
+import os
+import threading
 
 import numpy as np
 import pytest
@@ -131,7 +133,7 @@ def test_parse_levels_accepts(text, levels):
     assert parse_levels(text) == levels
 
 
-@pytest.mark.parametrize("text", ["x", "low", "-1", ",", "1.5", "0;1", "0-2", "1 2", "\u00b2"])
+@pytest.mark.parametrize("text", ["x", "low", "-1", ",", "1.5", "0;1", "0-2", "1 2", "\u00b2", "\u0661", "0,\uff11"])
 def test_parse_levels_rejects_naming_levels(text):
     with pytest.raises(ValueError, match=r"^levels: expected 'all' or grid levels"):
         parse_levels(text)
@@ -148,9 +150,11 @@ def test_grid_levels_rejects_sizes_below_one(latent):
         grid_levels(latent)
 
 
-def test_layer_key_rejects_non_ascii_digits():
+@pytest.mark.parametrize("name", ["input.\u00b2.0", "input.\u0661.0", "input.1.\u0660", "output.\uff11.0"])
+def test_layer_key_rejects_non_ascii_digits(name):
+    """Superscripts are not decimal, but Arabic-Indic and full-width digits are: int() would read them."""
     with pytest.raises(ValueError, match="layer name"):
-        LayerKey.parse("input.\u00b2.0")
+        LayerKey.parse(name)
 
 
 def test_recording_layers_must_be_tensors():
@@ -407,6 +411,67 @@ def test_load_not_a_safetensors_file(tmp_path):
 def test_load_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         load_recording(tmp_path / "nope.safetensors")
+
+
+def test_load_a_folder_or_a_pipe_says_what_it_is(tmp_path):
+    folder = tmp_path / "dir.safetensors"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=r"dir\.safetensors: is a folder"):
+        load_recording(folder)
+    pipe = tmp_path / "pipe.safetensors"
+    os.mkfifo(pipe)  # opening a pipe for reading would wait for a writer forever
+    with pytest.raises(ValueError, match=r"pipe\.safetensors: not a regular file"):
+        load_recording(pipe)
+    answer = []
+    probe = threading.Thread(target=lambda: answer.append(is_recording_file(pipe)), daemon=True)
+    probe.start()
+    probe.join(timeout=10)  # a probe that opens the pipe fails the test instead of hanging the run
+    assert answer == [False]
+
+
+def test_load_unreadable_file_says_it_cannot_be_read(tmp_path, monkeypatch):
+    path = write(tmp_path, good_tensors(), GOOD_META)
+    import headseg.nodes.core.recording as recording_module
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(recording_module, "open", refuse, raising=False)  # root may read any file: fake it
+    with pytest.raises(ValueError, match=r"bad\.safetensors: cannot read the file \(Permission denied\)"):
+        load_recording(path)
+
+
+def test_load_truncated_file_says_so(tmp_path):
+    data = write(tmp_path, good_tensors(), GOOD_META).read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[:-5])
+    with pytest.raises(ValueError, match=rf"cut\.safetensors: damaged or truncated: its header describes {len(data)} bytes, the file has {len(data) - 5}"):
+        load_recording(cut)
+    header_cut = tmp_path / "header_cut.safetensors"
+    header_cut.write_bytes(data[:20])
+    with pytest.raises(ValueError, match=r"header_cut\.safetensors: not a safetensors file"):
+        load_recording(header_cut)
+
+
+def test_load_name_that_is_not_utf8_asks_for_a_rename(tmp_path):
+    data = write(tmp_path, good_tensors(), GOOD_META).read_bytes()
+    odd = os.path.join(os.fsencode(tmp_path), b"r\xff.safetensors")
+    with open(odd, "wb") as fh:
+        fh.write(data)
+    with pytest.raises(ValueError, match=r"r\\xff\.safetensors: the file name is not valid UTF-8.*rename"):
+        load_recording(os.fsdecode(odd))
+    with pytest.raises(ValueError, match=r"not valid UTF-8"):
+        load_recording(odd)  # bytes paths too
+
+
+def test_is_recording_file_follows_a_changed_file(tmp_path):
+    """Answers are kept per version of a file: a file rewritten in place gets a new answer."""
+    path = write(tmp_path, good_tensors(), GOOD_META)
+    assert is_recording_file(path)
+    save_file({"w": torch.zeros(3)}, str(path), metadata={"format": "pt"})
+    assert not is_recording_file(path)
+    save_file(good_tensors(), str(path), metadata=GOOD_META)
+    assert is_recording_file(path)
 
 
 def test_select_single_level_and_unknown_layer():

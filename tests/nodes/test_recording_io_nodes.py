@@ -93,7 +93,7 @@ def test_errors_name_the_input(io_nodes, recording, comfy_folders):
         io_nodes.SaveRecording.execute(recording, "x" * 300)  # a file name longer than the OS allows
     with pytest.raises(ValueError, match="^filename_prefix 'sub/b+/c': cannot .*shorter prefix"):
         io_nodes.SaveRecording.execute(recording, "sub/" + "b" * 260 + "/c")  # a folder name too long
-    with pytest.raises(ValueError, match="^filename_prefix '../evil': cannot make the file's name .*inside ComfyUI's output folder"):
+    with pytest.raises(ValueError, match="^filename_prefix '../evil': cannot make the file's folder or name .*inside ComfyUI's output folder"):
         io_nodes.SaveRecording.execute(recording, "../evil")
     bad = comfy_folders["input"] / "bad.safetensors"
     from safetensors.torch import save_file
@@ -122,3 +122,56 @@ def test_file_list_follows_links_once_and_never_loops(io_nodes, recording, comfy
     assert not walker.is_alive(), "the file list did not finish in 20 s: links are followed in a loop"
     files = result[0]
     assert files == ["deep/rec_00001_.safetensors [output]"]  # its own name, not the link's
+
+
+def test_file_list_skips_pipes_and_names_safetensors_cannot_open(io_nodes, recording, comfy_folders):
+    """A pipe named *.safetensors would block the list (and with it ComfyUI's /object_info) forever;
+    a name that is not UTF-8 would be listed but could never load."""
+    import os
+    import threading
+
+    inp = comfy_folders["input"]
+    os.mkfifo(inp / "pipe.safetensors")
+    good = io_nodes.SaveRecording.execute(recording, "listed").args[0]
+    with open(good, "rb") as fh:
+        data = fh.read()
+    with open(os.path.join(os.fsencode(inp), b"odd\xff.safetensors"), "wb") as fh:
+        fh.write(data)
+    result = []
+    walker = threading.Thread(target=lambda: result.append(io_nodes._recording_files()), daemon=True)
+    walker.start()
+    walker.join(timeout=20)
+    assert not walker.is_alive(), "the file list did not finish in 20 s: it opened the pipe"
+    assert os.path.basename(good) + " [output]" in result[0]
+    assert not [name for name in result[0] if "pipe" in name or "odd" in name]
+    with pytest.raises(ValueError, match=r"pipe\.safetensors: not a regular file"):
+        io_nodes.LoadRecording.execute("", str(inp / "pipe.safetensors"))
+    (comfy_folders["output"] / "a_folder.safetensors").mkdir()
+    with pytest.raises(ValueError, match=r"a_folder\.safetensors: is a folder"):
+        io_nodes.LoadRecording.execute("a_folder.safetensors [output]", "")
+
+
+def test_fingerprint_sees_a_file_replaced_by_one_of_the_same_size_and_time(io_nodes, recording, comfy_folders):
+    """`cp -p`, `touch -r` or unpacking an archive keep the time; two recordings of one layout have one size."""
+    import os
+
+    path = io_nodes.SaveRecording.execute(recording, "same").args[0]
+    before = io_nodes.LoadRecording.fingerprint_inputs("", path)
+    st = os.stat(path)
+    other = planted_recording([nested_scene(128, 192)], layout=small_layout(heads=2), d=8, seed=4)
+    fresh = io_nodes.SaveRecording.execute(other, "same").args[0]
+    assert os.stat(fresh).st_size == st.st_size
+    os.replace(fresh, path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert io_nodes.LoadRecording.fingerprint_inputs("", path) != before
+
+
+def test_save_into_a_folder_it_cannot_make_blames_the_folder_not_the_prefix(io_nodes, recording, monkeypatch):
+    import folder_paths
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/out/newsub")
+
+    monkeypatch.setattr(folder_paths, "get_save_image_path", refuse)  # root may write anywhere: fake it
+    with pytest.raises(ValueError, match=r"^filename_prefix 'newsub/r': cannot make the file's folder or name \(PermissionError: .*\); check that ComfyUI's output folder is writable"):
+        io_nodes.SaveRecording.execute(recording, "newsub/r")
