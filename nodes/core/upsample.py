@@ -17,7 +17,16 @@ from dataclasses import dataclass
 import torch
 
 from .pca import HeadFeatures
-from .recording import FEATURE_DTYPES, LayerKey, MAX_IMAGE_SIDE, all_finite, check_one_device, check_size, is_int
+from .recording import (
+    FEATURE_DTYPES,
+    LayerKey,
+    MAX_IMAGE_SIDE,
+    all_finite,
+    check_one_device,
+    check_size,
+    is_int,
+    power_of_two_scale,
+)
 
 MODES = ("bilinear", "nearest")
 _CHUNK_BYTES = 16 * 2**20  # working memory per chunk in upsampling_error
@@ -331,15 +340,40 @@ def upsampling_error(stack: FeatureStack) -> torch.Tensor:
     """
     H, W = check_stack(stack)
     B = stack.batch_size
+    scales = _image_scales(stack)  # [B] float64
     total = torch.zeros(B, H, W, dtype=torch.float32, device=stack.grids[0].device)
     per_channel = 3 * H * W * 4  # about three full-size float32 temporaries per channel and image
     chunk = max(1, _CHUNK_BYTES // per_channel)
     for grid in stack.grids:
         for b in range(B):  # image by image: the chunks stay as wide at any batch size
             for start in range(0, grid.shape[1], chunk):
-                part = grid[b : b + 1, start : start + chunk].to(torch.float32)  # [1, n, h, w]
+                part = _scaled_float32(grid[b : b + 1, start : start + chunk], scales[b])  # [1, n, h, w]
                 total[b : b + 1] += _abs_diff_sum(part, (H, W))  # [1, H, W]
-    return total / stack.num_channels
+    return _mean_in_units(total, stack.num_channels, scales)
+
+
+def _image_scales(stack: FeatureStack) -> list[float]:
+    """[B] exact powers of two that bring each image's largest |feature| near 1 where it lies outside
+    2**-SCALE_EXP .. 2**SCALE_EXP (else 1): sums of |differences| over thousands of channels then
+    neither overflow nor lose tiny values in float32."""
+    peaks = []
+    for g in stack.grids:
+        low, high = torch.aminmax(g.detach().flatten(1), dim=1)  # [B] each, no copy of g
+        peaks.append(torch.maximum(-low, high).double())
+    return power_of_two_scale(torch.stack(peaks).amax(0)).tolist()  # [B]
+
+
+def _scaled_float32(part: torch.Tensor, scale: float) -> torch.Tensor:
+    """part * scale (exact, in float64 when scaling) as float32."""
+    return part.to(torch.float32) if scale == 1.0 else (part.double() * scale).to(torch.float32)
+
+
+def _mean_in_units(total: torch.Tensor, channels: int, scales: list[float]) -> torch.Tensor:
+    """[B, ...] sums in scaled units -> [B, ...] float32 means in the stack's units."""
+    if all(s == 1.0 for s in scales):
+        return total / channels
+    divisor = torch.tensor(scales, dtype=torch.float64, device=total.device).view(-1, *[1] * (total.dim() - 1))
+    return (total.double() / channels / divisor).to(torch.float32)
 
 
 def upsampling_error_at(stack: FeatureStack, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -362,6 +396,7 @@ def upsampling_error_at(stack: FeatureStack, rows: torch.Tensor, cols: torch.Ten
             raise ValueError(f"{name} must be a non-empty 1-D index into 0..{n - 1}, got {tuple(idx.shape)}")
     B, ny, nx = stack.batch_size, rows.numel(), cols.numel()
     device = stack.grids[0].device
+    scales = _image_scales(stack)  # [B] float64
     total = torch.zeros(B, ny, nx, dtype=torch.float32, device=device)
     chunk = max(1, _CHUNK_BYTES // (3 * ny * nx * 4))
     for grid in stack.grids:
@@ -371,8 +406,8 @@ def upsampling_error_at(stack: FeatureStack, rows: torch.Tensor, cols: torch.Ten
         iy, ix = _nearest_index(h, H)[rows].to(device), _nearest_index(w, W)[cols].to(device)  # [ny], [nx]
         for b in range(B):
             for start in range(0, grid.shape[1], chunk):
-                part = grid[b, start : start + chunk].to(torch.float32)  # [n, h, w]
+                part = _scaled_float32(grid[b, start : start + chunk], scales[b])  # [n, h, w]
                 bilinear = torch.matmul(torch.matmul(ry, part), rx)  # [n, ny, nx]
                 nearest = part.index_select(1, iy).index_select(2, ix)  # [n, ny, nx]
                 total[b] += bilinear.sub_(nearest).abs_().sum(0)  # [ny, nx]
-    return total / stack.num_channels
+    return _mean_in_units(total, stack.num_channels, scales)

@@ -238,6 +238,27 @@ def test_upsampling_error_of_a_batch_equals_each_image_alone(monkeypatch):
         torch.testing.assert_close(upsampling_error(one)[0], both[b], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("factor", [2.0**100, 1e37, 1e-35, 1e-37], ids=["2^100", "1e37", "1e-35", "1e-37"])
+def test_upsampling_error_of_any_float32_magnitude_scales_with_it(factor, dtype):
+    """Eq. 6 is homogeneous: features times f give the error map times f, for any features within
+    float32's range (the float32 sum over thousands of channels would overflow, and differences of tiny
+    features would fall below float32's normal range and lose their digits, without an exact
+    power-of-two scaling)."""
+    feats = features()  # batch 2
+    base = make_feature_stack(feats, size=(30, 50))
+    big = make_feature_stack(feats, size=(30, 50))
+    big.grids = [g.repeat(1, 60, 1, 1) for g in base.grids]  # many channels, as in a real stack
+    base.grids = [g.repeat(1, 60, 1, 1) for g in base.grids]
+    scaled = up.FeatureStack([(g.double() * factor).to(dtype) for g in big.grids], big.weights, big.keys, big.size, big.mode)
+    want = upsampling_error(base).double() * factor
+    got = upsampling_error(scaled)
+    assert got.dtype == torch.float32 and bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * factor)
+    rows, cols = torch.tensor([0, 7, 29]), torch.tensor([3, 49])
+    torch.testing.assert_close(up.upsampling_error_at(scaled, rows, cols).double(), want[:, rows][:, :, cols], rtol=1e-4, atol=1e-5 * factor)
+
+
 def test_upsampling_error_planted():
     # at the native size both modes are the identity; a constant map has no error at any size
     feats = HeadFeatures({LayerKey("output", 9, 0): torch.randn(1, 2, 8, 8, 3)}, (64, 64), 3)
