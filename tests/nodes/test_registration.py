@@ -93,6 +93,32 @@ def test_socket_types_match_the_shipped_workflows(workflow):
     assert checked >= 8
 
 
+def test_zero_shot_workflow_ships_the_papers_recipe():
+    """Paper section 5: the photo's latent, 2 steps at denoise 0.05 with an empty prompt, on the recorded
+    MODEL (the end-to-end runs lower every sampler's steps to keep CI short, so the shipped values are
+    checked here)."""
+    data = json.loads((REPO / "example_workflows" / "headseg_zero_shot_photo.json").read_text())
+    nodes = {n["id"]: n for n in data["nodes"]}
+    links = {link[0]: link for link in data["links"]}
+
+    def source(node, name):
+        slot = next(i for i in node["inputs"] if i["name"] == name)
+        return nodes[links[slot["link"]][1]]
+
+    recorders = [n for n in nodes.values() if n["type"] == "HeadSeg_RecordSelfAttention"]
+    samplers = [n for n in nodes.values() if n["type"] == "KSampler" and source(n, "model") in recorders]
+    assert len(recorders) == 1 and len(samplers) == 1
+    seed, control, steps, cfg, sampler, scheduler, denoise = samplers[0]["widgets_values"]
+    assert (steps, denoise) == (2, 0.05)
+    assert source(samplers[0], "latent_image")["type"] == "VAEEncode"
+    assert source(source(samplers[0], "latent_image"), "pixels")["type"] in ("ImageScale", "LoadImage")
+    for branch in ("positive", "negative"):
+        prompt = source(samplers[0], branch)
+        assert prompt["type"] == "CLIPTextEncode" and prompt["widgets_values"] == [""], branch
+    load = next(n for n in nodes.values() if n["type"] == "LoadImage")
+    assert load["widgets_values"][0] == "example.png"  # ComfyUI's own input picture, named in README and the note
+
+
 def test_load_recording_lists_the_files_and_says_what_it_loaded(comfy_folders):
     """The file combo lists the input folder's recordings; the UI text gives width x height in pixels."""
     from headseg.nodes import recording_io_nodes as io_nodes
