@@ -158,7 +158,10 @@ class HeadPCA(io.ComfyNode):
 
 
 class Upsample(io.ComfyNode):
-    """Head features -> one virtual stack at image resolution (+ upsampling error map, eq. 6)."""
+    """Head features -> one virtual stack at image resolution.
+
+    UI payload: ``text`` (one summary line: channels, grids, output size, mode).
+    """
 
     @classmethod
     def define_schema(cls):
@@ -169,8 +172,8 @@ class Upsample(io.ComfyNode):
             description=(
                 "Brings the PCA features of all layers onto the image's pixel grid (bilinear or "
                 "nearest), optionally weighting each layer by its resolution (paper eq. 5). The stack "
-                "is never materialised, so 512x512 with 175 heads stays small. Also outputs the "
-                "upsampling-error map (eq. 6): where bilinear and nearest disagree, i.e. near edges."
+                "is never materialised, so 512x512 with 175 heads stays small and this node takes "
+                "milliseconds. The upsampling-error map (eq. 6) is its own node, Upsampling Error Map."
             ),
             inputs=[
                 hs.HeadFeatures.Input("features", tooltip="Per-head PCA features from Head PCA."),
@@ -197,14 +200,6 @@ class Upsample(io.ComfyNode):
                     display_name="stack",
                     tooltip="All selected heads' features on the image pixel grid (lazy; at image resolution).",
                 ),
-                io.Image.Output(
-                    display_name="error_map",
-                    tooltip=(
-                        "Eq. 6 upsampling error per pixel (mean |bilinear - nearest| over channels), "
-                        "normalised to 0..1: bright = boundaries between regions. Images above 256x256 "
-                        "pixels get it at every f-th pixel, each value filling its f x f block."
-                    ),
-                ),
             ],
         )
 
@@ -212,9 +207,51 @@ class Upsample(io.ComfyNode):
     def execute(cls, features, mode="bilinear", reweight=False) -> io.NodeOutput:
         _expect(features, HeadFeatures, "features", "HEADSEG_FEATURES from Head PCA")
         stack = core_upsample.make_feature_stack(features, mode=mode, reweight=bool(reweight))
+        H, W = stack.size
+        grids = ", ".join(f"{h}x{w}" for h, w in stack.grid_sizes)
+        text = f"{stack.num_channels} channels on {len(stack.grids)} grids ({grids}) -> {W}x{H} px, {mode}" + (
+            ", reweighted (eq. 5)" if reweight else ""
+        )
+        return io.NodeOutput(stack, ui={"text": [text]})
+
+
+class UpsamplingErrorMap(io.ComfyNode):
+    """Feature stack -> eq. 6 upsampling-error map as an IMAGE (a picture to look at; masks do not need it)."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HeadSeg_UpsamplingError",
+            display_name="HeadSeg Upsampling Error Map",
+            category=CATEGORY,
+            description=(
+                "Paper eq. 6: per pixel, the mean |bilinear - nearest| upsampling of every channel of the "
+                "stack, normalised to 0..1 per image. Bright pixels lie where the token grids disagree, i.e. "
+                "on boundaries between regions. Only for looking: the masks do not need it, and it costs "
+                "about as much as the k-means (every channel at every pixel)."
+            ),
+            inputs=[
+                hs.FeatureStack.Input("stack", tooltip="The feature stack from Upsample."),
+            ],
+            outputs=[
+                io.Image.Output(
+                    display_name="error_map",
+                    tooltip=(
+                        "Eq. 6 upsampling error per pixel, normalised to 0..1 per image: bright = boundaries "
+                        "between regions. Images above 256x256 pixels get it at every f-th pixel, each value "
+                        "filling its f x f block."
+                    ),
+                ),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, stack) -> io.NodeOutput:
+        _expect(stack, core_upsample.FeatureStack, "stack", "HEADSEG_FEATURE_STACK from Upsample")
         err = _error_map_preview(stack)  # [B, H, W]
         err_img = core_preview.error_map_image(err)  # [B, H, W, 3]
-        return io.NodeOutput(stack, err_img, ui={"images": preview_refs(err_img[:1])})
+        return io.NodeOutput(err_img, ui={"images": preview_refs(err_img[:1])})
 
 
 # The error-map preview is computed at no more than this many pixels (every f-th row and column of a
@@ -589,4 +626,4 @@ def _mask_partition_picture(ms) -> torch.Tensor:
     return core_preview.label_colours(labels, M + 1)  # [1, H, W, 3]
 
 
-NODES = [HeadPCA, Upsample, MultiKMeans, MaskMerge, MaskSelectAtPixel]
+NODES = [HeadPCA, Upsample, UpsamplingErrorMap, MultiKMeans, MaskMerge, MaskSelectAtPixel]

@@ -402,12 +402,14 @@ def upsampling_error_at(stack: FeatureStack, rows: torch.Tensor, cols: torch.Ten
     for grid in stack.grids:
         h, w = int(grid.shape[2]), int(grid.shape[3])
         ry = interpolation_matrix(h, H, "bilinear")[rows].to(device)  # [ny, h]
-        rx = interpolation_matrix(w, W, "bilinear")[cols].to(device).t().contiguous()  # [w, nx]
-        iy, ix = _nearest_index(h, H)[rows].to(device), _nearest_index(w, W)[cols].to(device)  # [ny], [nx]
+        iy = _nearest_index(h, H)[rows].to(device)  # [ny]
+        # bilinear - nearest = [ry @ part, part[iy]] @ [rx; -nx]: one product for both columns' sides
+        cols_both = torch.cat(  # [2w, nx]
+            [interpolation_matrix(w, W, "bilinear")[cols].t(), -interpolation_matrix(w, W, "nearest")[cols].t()]
+        ).to(device, torch.float32)
         for b in range(B):
             for start in range(0, grid.shape[1], chunk):
                 part = _scaled_float32(grid[b, start : start + chunk], scales[b])  # [n, h, w]
-                bilinear = torch.matmul(torch.matmul(ry, part), rx)  # [n, ny, nx]
-                nearest = part.index_select(1, iy).index_select(2, ix)  # [n, ny, nx]
-                total[b] += bilinear.sub_(nearest).abs_().sum(0)  # [ny, nx]
+                rows_both = torch.cat([torch.matmul(ry, part), part.index_select(1, iy)], dim=2)  # [n, ny, 2w]
+                total[b] += torch.matmul(rows_both, cols_both).abs_().sum(0)  # [n, ny, nx] -> [ny, nx]
     return _mean_in_units(total, stack.num_channels, scales)

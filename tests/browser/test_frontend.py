@@ -22,6 +22,7 @@ NODE_IDS = [
     "HeadSeg_RecordSelfAttention",
     "HeadSeg_HeadPCA",
     "HeadSeg_Upsample",
+    "HeadSeg_UpsamplingError",
     "HeadSeg_MultiKMeans",
     "HeadSeg_MaskMerge",
     "HeadSeg_MaskSelectAtPixel",

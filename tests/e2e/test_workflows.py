@@ -130,7 +130,7 @@ def test_every_node_documents_its_inputs_and_outputs(comfy_server):
     info = comfy_server.object_info()
     ours = {k: v for k, v in info.items() if k.startswith("HeadSeg_")}
     assert set(ours) >= {
-        "HeadSeg_RecordSelfAttention", "HeadSeg_HeadPCA", "HeadSeg_Upsample", "HeadSeg_MultiKMeans",
+        "HeadSeg_RecordSelfAttention", "HeadSeg_HeadPCA", "HeadSeg_Upsample", "HeadSeg_UpsamplingError", "HeadSeg_MultiKMeans",
         "HeadSeg_MaskMerge", "HeadSeg_MaskSelectAtPixel", "HeadSeg_SaveRecording", "HeadSeg_LoadRecording",
     }  # fmt: skip
     for name, node in ours.items():

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from headseg.nodes.core.metrics import iou
+from headseg.nodes.core.preview import error_map_image
+from headseg.nodes.core.upsample import upsampling_error
 from headseg.nodes.core.recording import Recording
 from headseg.tests.core.planted import nested_scene, planted_recording, small_layout
 
@@ -94,8 +96,13 @@ def test_comfy_types_and_shapes_for_a_batch(nodes, recording):
     grid = pca_out.args[1]
     assert grid.dim() == 4 and grid.shape[0] == 1 and grid.shape[-1] == 3
 
-    err = nodes.Upsample.execute(feats, "bilinear", False).args[1]
-    assert err.shape == (2, H, W, 3)
+    up = nodes.Upsample.execute(feats, "bilinear", False)
+    assert len(up.args) == 1 and up.ui == {"text": [f"{stack.num_channels} channels on 3 grids (24x32, 12x16, 6x8) -> {W}x{H} px, bilinear"]}
+    err_out = nodes.UpsamplingErrorMap.execute(stack)
+    err = err_out.args[0]
+    assert err.shape == (2, H, W, 3) and len(err_out.ui["images"]) == 1  # the node shows image 0
+    heat = error_map_image(upsampling_error(stack))  # H * W <= 256 * 256: every pixel
+    torch.testing.assert_close(err, heat)
     km = nodes.MultiKMeans.execute(stack, "2,3,4", 0)
     assert km.args[1].shape == (3 * 2, H, W, 3)
     assert km.ui["headseg_labels"] == ["k=2 #0", "k=2 #1", "k=3 #0", "k=3 #1", "k=4 #0", "k=4 #1"]
@@ -190,6 +197,7 @@ def test_live_recording_without_the_samplers_latent_is_refused(nodes, recording)
         (lambda n, r: n.HeadPCA.execute(r, "down+up", "zero", 4), "levels"),
         (lambda n, r: n.HeadPCA.execute(r, "down+up", "all", 99), "components"),
         (lambda n, r: n.Upsample.execute(r, "bilinear", False), "features"),
+        (lambda n, r: n.UpsamplingErrorMap.execute(r), "stack"),
         (lambda n, r: n.MultiKMeans.execute(r, "2,3", 0), "stack"),
         (lambda n, r: n.MaskMerge.execute(r, 0.9, 0.0), "clusters"),
         (lambda n, r: n.MaskSelectAtPixel.execute(r, 0, 0, 0), "masks"),
