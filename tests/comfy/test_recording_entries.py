@@ -368,3 +368,39 @@ def test_an_entry_without_a_share_counts_nothing(store):
     (xa, want_a), (xc, _) = heads_of(1), heads_of(3)
     call(store, {"a": torch.ones(1, *GRID)}, [("a", xa), ("c", xc)])
     torch.testing.assert_close(recorded(store), want_a.double(), rtol=2e-3, atol=2e-3)
+
+
+def test_a_latent_side_that_reaches_one_early_still_pools_by_blocks():
+    """A 1 x 15 latent: rows stop halving at 1 while columns go 15 -> 8 -> 4; token j of the 1 x 4 grid
+    stands for cells [4j, 4j + 4) (the last one for 3 cells), not for an adaptive pool's windows."""
+    ramp = torch.arange(15, dtype=torch.float32).reshape(1, 1, 15)
+    shares = entry_shares([whole("ramp", ramp), whole("rest", 14.0 - ramp)], (1, 4, 1, 15))
+    cells = ramp / 14.0
+    want = torch.stack([cells[..., 4 * j : 4 * j + 4].mean(-1) for j in range(4)], -1)  # [1, 1, 4]
+    torch.testing.assert_close(shares.share("ramp", (1, 4), "cpu"), want)
+
+
+def test_a_weight_of_another_batch_is_refused():
+    with pytest.raises(ValueError, match=r"expected \[2, h, w\]"):
+        entry_shares([whole(1, torch.ones(1, 6, 10)), whole(2, torch.rand(1, 6, 10))], (2, 4, 6, 10))
+
+
+def test_a_default_entry_limited_to_an_area_gets_no_share():
+    entries = [whole("plain", torch.full((1, 6, 10), 0.5)), EntryMult("d", None, (2, 2, 0, 0), default=True)]
+    shares = entry_shares(entries, (1, 4, 6, 10))
+    assert "d" not in shares and shares.share("plain", (3, 5), "cpu") == 1.0
+
+
+def test_low_precision_weights_are_mixed_in_float32():
+    a = torch.tensor([[[0.3, 1.0]]], dtype=torch.bfloat16)
+    b = torch.tensor([[[0.7, 0.1]]], dtype=torch.bfloat16)
+    share = entry_shares([EntryMult("a", a, None), EntryMult("b", b, None)], (1, 4, 1, 2)).share("a", (1, 2), "cpu")
+    want = a.double() / (a.double() + b.double())
+    assert share.dtype == torch.float32
+    torch.testing.assert_close(share.double(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_pooled_shares_land_on_the_asked_device():
+    """The recorder asks for the device of the head outputs (a GPU while sampling); 'meta' stands in."""
+    shares = entry_shares([whole("l", torch.rand(1, 4, 4)), whole("r", torch.rand(1, 4, 4))], (1, 4, 4, 4))
+    assert shares.share("l", (2, 2), torch.device("meta")).device.type == "meta"

@@ -189,3 +189,13 @@ def test_top_n_ties_go_to_the_first_reference_mask():
         ref[i].view(-1)[i] = True
     for j in range(M):
         assert top_n(ref, ref[j : j + 1], 1) == (1.0 if j == 0 else 0.0)
+
+
+def test_pairwise_iou_of_masks_beyond_float32_counts_is_exact():
+    """Above 2**24 pixels float32 sums of 0/1 products stop being exact: counted in float64 there."""
+    side = 4200  # 17.6 M pixels
+    a = torch.ones(1, side, side, dtype=torch.bool)
+    b = a.clone()
+    b[0, :, 0] = False  # one column short
+    got = float(pairwise_iou(a, b)[0, 0])
+    assert got == (side * side - side) / (side * side)

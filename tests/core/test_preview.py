@@ -217,3 +217,24 @@ def test_pca_rgb_of_two_components_leaves_blue_black():
     feats = HeadFeatures({LayerKey("input", 1, 0): torch.randn(1, 2, 4, 4, 2)}, (32, 32), 2)
     grid = pca_rgb_grid(feats, cell=4)
     assert float(grid[..., 2].abs().max()) == 0.0 and float(grid[..., :2].max()) > 0.0
+
+
+def test_pca_rgb_shows_the_first_three_components_of_many():
+    """Red, green, blue = components 1, 2, 3 (paper figure 3), whatever c is: here each component of
+    one head is its own 2 x 2 pattern, the fourth unlike the first three."""
+    patterns = torch.tensor([[[0.0, 1.0], [0.0, 1.0]], [[0.0, 0.0], [1.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [0.0, 0.0]]])
+    layer = patterns.permute(1, 2, 0)[None, None]  # [1, 1, 2, 2, 4]: B, heads, h, w, c
+    feats = HeadFeatures({LayerKey("input", 1, 0): layer}, (16, 16), 4)
+    img = pca_rgb_grid(feats, cell=2)  # one pixel per token
+    assert_image(img, (1, 2, 2, 3))
+    assert torch.equal(img[0].permute(2, 0, 1), patterns[:3])
+
+
+def test_overlay_masks_treats_soft_masks_beyond_zero_and_one_as_zero_and_one():
+    image = torch.rand(1, 1, 4, 3, generator=torch.Generator().manual_seed(2))
+    soft = torch.tensor([[[2.0, -1.0, 1.0, 0.0]]])
+    out = overlay_masks(image, soft, alpha=0.5)
+    colour = palette(1)[0]
+    torch.testing.assert_close(out[0, 0, 0], 0.5 * image[0, 0, 0] + 0.5 * colour)  # 2 draws as 1
+    torch.testing.assert_close(out[0, 0, 1], image[0, 0, 1])  # -1 draws as 0: the picture unchanged
+    torch.testing.assert_close(out[0, 0, 2], 0.5 * image[0, 0, 2] + 0.5 * colour)

@@ -110,3 +110,34 @@ def test_a_live_recording_without_latent_says_to_connect_it(nodes, recording):
 
     with pytest.raises(ValueError, match="^latent: connect the sampler's LATENT"):
         nodes.HeadPCA.execute(Live(), "down+up", "all", 4)
+
+
+@pytest.mark.parametrize("text", ["", "+", " , ", "down+sideways"])
+def test_positions_without_a_position_are_named_before_the_run(nodes, text):
+    from headseg.nodes.node_utils import parse_positions
+
+    with pytest.raises(ValueError, match="^positions: expected UNet positions"):
+        parse_positions(text)
+    assert str(nodes.HeadPCA.validate_inputs(text, "all")).startswith("positions:")
+
+
+def test_a_position_named_twice_counts_once(nodes, recording):
+    from headseg.nodes.node_utils import parse_positions
+
+    assert parse_positions("down, down+up") == ("down", "up")
+    out = nodes.HeadPCA.execute(recording, "down+down+up", "all", 4)
+    assert "(down+up, levels all)" in out.ui["text"][0]
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_mask_select_takes_grey_and_rgba_pictures(nodes, feats, channels):
+    """ComfyUI IMAGEs are RGB, but grey and RGBA tensors occur (some loaders, alpha kept): grey is drawn
+    as grey, RGBA without its alpha."""
+    stack = nodes.Upsample.execute(feats, "bilinear", False).args[0]
+    masks = nodes.MaskMerge.execute(nodes.MultiKMeans.execute(stack, "2,3", 0).args[0], 0.9, 0.0).args[0]
+    picture = torch.rand(2, H, W, channels, generator=torch.Generator().manual_seed(channels))
+    rgb = picture.expand(-1, -1, -1, 3) if channels == 1 else picture[..., :3]
+    got = nodes.MaskSelectAtPixel.execute(masks, 40, 30, 0, picture).args[2]  # overlays on image 0
+    want = nodes.MaskSelectAtPixel.execute(masks, 40, 30, 0, rgb.contiguous()).args[2]
+    assert got.shape == want.shape and got.shape[-1] == 3
+    torch.testing.assert_close(got, want)

@@ -175,3 +175,41 @@ def test_save_into_a_folder_it_cannot_make_blames_the_folder_not_the_prefix(io_n
     monkeypatch.setattr(folder_paths, "get_save_image_path", refuse)  # root may write anywhere: fake it
     with pytest.raises(ValueError, match=r"^filename_prefix 'newsub/r': cannot make the file's folder or name \(PermissionError: .*\); check that ComfyUI's output folder is writable"):
         io_nodes.SaveRecording.execute(recording, "newsub/r")
+
+
+def test_file_list_is_sorted_and_survives_a_missing_input_folder(io_nodes, recording, comfy_folders):
+    import shutil
+
+    for name in ("b", "zz", "a", "m", "c"):
+        io_nodes.SaveRecording.execute(recording, name)
+    listed = io_nodes._recording_files()
+    assert listed == sorted(listed) and len(listed) == 5
+    shutil.rmtree(comfy_folders["input"])
+    assert io_nodes._recording_files() == listed  # the output folder's files are still offered
+
+
+def test_path_may_start_with_home_and_carry_spaces(io_nodes, recording, comfy_folders, monkeypatch):
+    import shutil
+
+    saved = io_nodes.SaveRecording.execute(recording, "home").args[0]
+    monkeypatch.setenv("HOME", str(comfy_folders["temp"]))
+    shutil.copy(saved, comfy_folders["temp"] / "mine.safetensors")
+    for path in ("~/mine.safetensors", f"  {saved}\n"):
+        rec = io_nodes.LoadRecording.execute("", path).args[0]
+        assert rec.image_size == recording.image_size, path
+    name = "home_00001_.safetensors [output]"
+    assert io_nodes.LoadRecording.execute(name, "   ").args[0].image_size == recording.image_size  # blank path: the file
+
+
+def test_the_empty_list_placeholder_asks_for_a_recording(io_nodes):
+    with pytest.raises(ValueError, match="^file: no recording chosen: save one with Save Recording"):
+        io_nodes.LoadRecording.execute(io_nodes.NO_FILE, "")
+
+
+def test_a_recording_save_refuses_is_named_by_the_recording_not_the_prefix(io_nodes):
+    from headseg.nodes.core.recording import LayerKey, Recording
+
+    loud = Recording({LayerKey("input", 1, 0): torch.full((1, 2, 8, 8, 4), 1e6)}, (64, 64))
+    with pytest.raises(ValueError, match=r"^save_recording: layer input\.1\.0 has values beyond") as caught:
+        io_nodes.SaveRecording.execute(loud, "big")
+    assert "filename_prefix" not in str(caught.value)

@@ -1,0 +1,138 @@
+"""Node benchmark: HeadSeg's stage nodes as ComfyUI runs them (previews, colour maps, MASK outputs and
+all), in-process on the same planted input as bench_core.py, against the bare core in the same run.
+
+    source tests/setup_env.sh && $PY tests/bench/bench_nodes.py [--size 512] [--width W] [--batch 1]
+        [--layout sd21 | sdxl] [--repeats 5] [--threads 2] [--error-map]
+
+Each node's execute() is timed (median of --repeats; the preview PNGs are written to a temporary
+folder as ComfyUI writes them), then the chain runs once more under a resident-memory sampler: the
+peak extra memory of each node, and the size of every node's outputs, which ComfyUI keeps in its
+cache until the inputs change. "core" is segment()'s stages alone (bench_core.py's total) at the
+same size, measured in the same run: the ratio is what the nodes add (pictures, PNGs, MASK copies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import bench_core  # noqa: E402  (this folder's module: the planted input, PeakRSS, the core stages)
+
+KS = ",".join(map(str, bench_core.KS))
+
+
+def output_bytes(value, seen: set) -> int:
+    """Bytes of the tensors a node output holds (storages counted once over all outputs)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        storage = value.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return sum(output_bytes(getattr(value, f.name), seen) for f in dataclasses.fields(value))
+    if isinstance(value, dict):
+        return sum(output_bytes(v, seen) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(output_bytes(v, seen) for v in value)
+    return 0
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=512, help="image height in pixels, default 512")
+    parser.add_argument("--width", type=int, default=None, help="image width in pixels, default = --size")
+    parser.add_argument("--batch", type=int, default=1, help="images in the batch, default 1")
+    parser.add_argument("--layout", choices=("sd21", "sdxl"), default="sd21")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each node (median), default 5")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, default 2")
+    parser.add_argument("--error-map", action="store_true", help="also time Upsampling Error Map (explore example)")
+    args = parser.parse_args()
+
+    bench_core.import_pack()  # the checkout as package `headseg`
+    from headseg.tests.support.comfy_in_process import import_comfyui
+
+    if not import_comfyui():
+        sys.exit("ComfyUI is not importable: run `source tests/setup_env.sh` first (it sets HEADSEG_COMFYUI)")
+    import folder_paths
+    import torch
+
+    torch.set_num_threads(args.threads)
+    scratch = tempfile.mkdtemp(prefix="headseg-bench-")
+    folder_paths.set_temp_directory(scratch)
+    folder_paths.set_output_directory(scratch)
+    from headseg.nodes import pipeline_nodes as N
+
+    planted = sys.modules["headseg_planted"]
+    H, W, B = args.size, args.width or args.size, args.batch
+    scene = planted.split_scene(H, W, cut_sizes=bench_core.KS, seed=0)
+    layers = planted.sdxl_layout() if args.layout == "sdxl" else planted.sd21_layout()
+    rec = planted.planted_recording([scene] * B, layers, d=64, noise=1.0, seed=0)
+    # a photo-like picture for the overlays: smooth shading plus a little grain (PNG cost depends on it)
+    ramp_y, ramp_x = torch.linspace(0, 1, H)[:, None, None], torch.linspace(0, 1, W)[None, :, None]
+    shade = torch.cat([ramp_y.expand(H, W, 1), ramp_x.expand(H, W, 1), (ramp_y * ramp_x).expand(H, W, 1)], -1)
+    grain = 0.03 * torch.randn(B, H, W, 3, generator=torch.Generator().manual_seed(0))
+    picture = (shade + grain).clamp(0, 1)  # [B, H, W, 3]
+
+    steps = [
+        ("Head PCA", lambda v: N.HeadPCA.execute(rec, "down+up", "all", 8)),
+        ("Upsample", lambda v: N.Upsample.execute(v["Head PCA"], "bilinear", False)),
+        ("Multi K-Means", lambda v: N.MultiKMeans.execute(v["Upsample"], KS, 0, "cpu")),
+        ("Mask Merge", lambda v: N.MaskMerge.execute(v["Multi K-Means"], 0.9, 0.0)),
+        ("Mask Select At Pixel", lambda v: N.MaskSelectAtPixel.execute(v["Mask Merge"], W // 2, H // 2, 0, picture)),
+    ]
+    if args.error_map:
+        steps.insert(2, ("Upsampling Error Map", lambda v: N.UpsamplingErrorMap.execute(v["Upsample"])))
+
+    def run_chain(times=None):
+        values, outputs = {}, {}
+        for name, call in steps:
+            start = time.perf_counter()
+            out = call(values)
+            if times is not None:
+                times.setdefault(name, []).append(time.perf_counter() - start)
+            values[name], outputs[name] = out.args[0], out.args
+        return outputs
+
+    run_chain()  # warm-up
+    times, core = {}, []
+    for _ in range(args.repeats):
+        run_chain(times)
+        timings = {}
+        bench_core.run_ours(rec, 0, timings)
+        core.append(timings["total (sum of stages)"][0][0])
+
+    peaks, sizes = {}, {}
+    values, seen = {}, set()
+    for name, call in steps:
+        with bench_core.PeakRSS() as rss:
+            out = call(values)
+        values[name] = out.args[0]
+        peaks[name] = rss.extra_mb
+        sizes[name] = output_bytes(out.args, seen) / 1e6
+
+    print(f"# {args.layout}, {W}x{H} px, batch {B}, k = {KS}, torch {torch.__version__}, {args.threads} threads")
+    print(f"| node | seconds (median of {args.repeats}) | peak extra memory (MB) | outputs kept in the cache (MB) |")
+    print("| --- | ---: | ---: | ---: |")
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    for name, _ in steps:
+        print(f"| {name} | {medians[name]:.3f} | {peaks[name]:.0f} | {sizes[name]:.0f} |")
+    total = sum(medians.values())
+    core_total = statistics.median(core)
+    print(f"| **all nodes** | **{total:.3f}** | | **{sum(sizes.values()):.0f}** |")
+    print(f"| core alone (segment's stages, same run) | {core_total:.3f} | | |")
+    print(f"\nnodes / core: {total / core_total:.2f}x  (the recording itself: {output_bytes(rec.layers, set()) / 1e6:.0f} MB)")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    main()
