@@ -112,11 +112,12 @@ def main():
         core.append(timings["total (sum of stages)"][0][0])
 
     peaks, sizes = {}, {}
-    values, seen = {}, set()
+    values, kept, seen = {}, [], set()
     for name, call in steps:
         with bench_core.PeakRSS() as rss:
             out = call(values)
         values[name] = out.args[0]
+        kept.append(out.args)  # as ComfyUI's cache does; a freed storage's address could be reused
         peaks[name] = rss.extra_mb
         sizes[name] = output_bytes(out.args, seen) / 1e6
 
