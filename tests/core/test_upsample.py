@@ -259,6 +259,22 @@ def test_upsampling_error_of_any_float32_magnitude_scales_with_it(factor, dtype)
     torch.testing.assert_close(up.upsampling_error_at(scaled, rows, cols).double(), want[:, rows][:, :, cols], rtol=1e-4, atol=1e-5 * factor)
 
 
+def test_upsampling_error_scales_each_image_of_a_batch_on_its_own():
+    """A batch of a loud image (features near 1e37) and a quiet one (near 1e-37): each image's map is
+    its own map alone, at both the full grid and a lattice."""
+    feats = features()  # batch 2
+    base = make_feature_stack(feats, size=(30, 50))
+    base.grids = [g.repeat(1, 60, 1, 1) for g in base.grids]
+    factors = torch.tensor([1e37, 1e-37], dtype=torch.float64)[:, None, None, None]  # [B, 1, 1, 1]
+    mixed = up.FeatureStack([(g.double() * factors).float() for g in base.grids], base.weights, base.keys, base.size, base.mode)
+    rows, cols = torch.tensor([0, 7, 29]), torch.tensor([3, 49])
+    for b in range(2):
+        alone = up.FeatureStack([g[b : b + 1] for g in mixed.grids], base.weights, base.keys, base.size, base.mode)
+        torch.testing.assert_close(upsampling_error(mixed)[b : b + 1], upsampling_error(alone), rtol=1e-5, atol=0.0)
+        torch.testing.assert_close(up.upsampling_error_at(mixed, rows, cols)[b : b + 1], up.upsampling_error_at(alone, rows, cols), rtol=1e-5, atol=0.0)
+        assert bool((upsampling_error(alone) > 0).any())
+
+
 def test_upsampling_error_planted():
     # at the native size both modes are the identity; a constant map has no error at any size
     feats = HeadFeatures({LayerKey("output", 9, 0): torch.randn(1, 2, 8, 8, 3)}, (64, 64), 3)

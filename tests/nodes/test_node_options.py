@@ -36,7 +36,9 @@ def test_head_pca_positions_and_levels_reach_the_selection(nodes, recording):
 
 @pytest.mark.parametrize("mode, reweight", [("nearest", False), ("bilinear", True)])
 def test_upsample_mode_and_reweight_reach_the_stack(nodes, feats, mode, reweight):
-    stack = nodes.Upsample.execute(feats, mode, reweight).args[0]
+    out = nodes.Upsample.execute(feats, mode, reweight)
+    stack = out.args[0]
+    assert out.ui["text"][0].endswith(mode + (", reweighted (eq. 5)" if reweight else ""))
     ref = make_feature_stack(feats, mode=mode, reweight=reweight)
     assert stack.mode == mode and stack.weights == ref.weights
     assert all(torch.equal(a, b) for a, b in zip(stack.grids, ref.grids))
