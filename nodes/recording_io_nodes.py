@@ -152,10 +152,12 @@ class SaveRecording(io.ComfyNode):
         except (ValueError, TypeError):  # named by save_recording (e.g. values beyond float16)
             raise
         except Exception as exc:  # OSError, safetensors' own error wrapping one, or ComfyUI's refusal
-            too_long = getattr(exc, "errno", None) == errno.ENAMETOOLONG or "too long" in str(exc).lower()
+            code = getattr(exc, "errno", None)
+            too_long = code == errno.ENAMETOOLONG or "too long" in str(exc).lower()
+            refused = code in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, getattr(errno, "EDQUOT", -1))
             if too_long:
                 hint = "choose a shorter prefix of plain folder and file names"
-            elif full is None and not isinstance(exc, OSError):  # ComfyUI refused the prefix
+            elif full is None and not refused:  # ComfyUI refused the prefix, or a name in it is a file
                 hint = "expected folder and file names inside ComfyUI's output folder, such as 'headseg/recording'"
             else:
                 hint = "check that ComfyUI's output folder is writable and has free space"

@@ -407,17 +407,19 @@ def is_recording_file(path) -> bool:
     if not stat.S_ISREG(st.st_mode):
         return False
     version = (os.fspath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    if version not in _RECORDING_FILE_CACHE:
+    answer = _RECORDING_FILE_CACHE.get(version)
+    if answer is None:
         try:
             with open(path, "rb") as fh:
                 found = _read_header(fh)
-        except OSError:
-            found = None
+        except OSError:  # perhaps passing (a lock, too many open files): asked again next time
+            return False
         meta = found[1].get("__metadata__") if found else None
+        answer = isinstance(meta, dict) and meta.get("format") == FORMAT
         if len(_RECORDING_FILE_CACHE) >= 4096:
             _RECORDING_FILE_CACHE.clear()
-        _RECORDING_FILE_CACHE[version] = isinstance(meta, dict) and meta.get("format") == FORMAT
-    return _RECORDING_FILE_CACHE[version]
+        _RECORDING_FILE_CACHE[version] = answer
+    return answer
 
 
 def _check_readable(path: str) -> None:
@@ -430,7 +432,7 @@ def _check_readable(path: str) -> None:
     except FileNotFoundError:
         raise FileNotFoundError(f"load_recording: no such file: {shown}") from None
     except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
-        raise ValueError(f"{shown}: cannot read the file ({exc.strerror or exc})") from None
+        raise ValueError(f"{shown}: cannot read the file ({getattr(exc, 'strerror', None) or exc})") from None
     if stat.S_ISDIR(st.st_mode):
         raise ValueError(f"{shown}: is a folder, expected a recording file (.safetensors)")
     if not stat.S_ISREG(st.st_mode):

@@ -358,7 +358,7 @@ def _image_scales(stack: FeatureStack) -> list[float]:
     neither overflow nor lose tiny values in float32."""
     peaks = []
     for g in stack.grids:
-        low, high = torch.aminmax(g.detach().flatten(1), dim=1)  # [B] each, no copy of g
+        low, high = torch.aminmax(g.detach().flatten(1), dim=1)  # [B] each (no copy of a contiguous g)
         peaks.append(torch.maximum(-low, high).double())
     return power_of_two_scale(torch.stack(peaks).amax(0)).tolist()  # [B]
 

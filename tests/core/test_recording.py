@@ -2,6 +2,7 @@
 
 import math
 import os
+import sys
 import threading
 
 import numpy as np
@@ -413,6 +414,7 @@ def test_load_missing_file(tmp_path):
         load_recording(tmp_path / "nope.safetensors")
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
 def test_load_a_folder_or_a_pipe_says_what_it_is(tmp_path):
     folder = tmp_path / "dir.safetensors"
     folder.mkdir()
@@ -453,6 +455,7 @@ def test_load_truncated_file_says_so(tmp_path):
         load_recording(header_cut)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="macOS and Windows refuse such names themselves")
 def test_load_name_that_is_not_utf8_asks_for_a_rename(tmp_path):
     data = write(tmp_path, good_tensors(), GOOD_META).read_bytes()
     odd = os.path.join(os.fsencode(tmp_path), b"r\xff.safetensors")
@@ -465,13 +468,37 @@ def test_load_name_that_is_not_utf8_asks_for_a_rename(tmp_path):
 
 
 def test_is_recording_file_follows_a_changed_file(tmp_path):
-    """Answers are kept per version of a file: a file rewritten in place gets a new answer."""
+    """Answers are kept per version of a file: a file rewritten in place gets a new answer, also when
+    the new one has the same size."""
     path = write(tmp_path, good_tensors(), GOOD_META)
     assert is_recording_file(path)
     save_file({"w": torch.zeros(3)}, str(path), metadata={"format": "pt"})
     assert not is_recording_file(path)
     save_file(good_tensors(), str(path), metadata=GOOD_META)
     assert is_recording_file(path)
+    size = path.stat().st_size
+    save_file(good_tensors(), str(path), metadata={**GOOD_META, "format": FORMAT.replace("recording", "recordinX")})
+    assert path.stat().st_size == size and not is_recording_file(path)
+
+
+def test_is_recording_file_asks_again_after_a_passing_read_error(tmp_path, monkeypatch):
+    """A lock or too many open files must not hide a recording until the file changes."""
+    import headseg.nodes.core.recording as recording_module
+
+    path = write(tmp_path, good_tensors(), GOOD_META)
+
+    def busy(*args, **kwargs):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(recording_module, "open", busy, raising=False)
+    assert not is_recording_file(path)
+    monkeypatch.undo()
+    assert is_recording_file(path)
+
+
+def test_a_nul_in_the_path_is_named():
+    with pytest.raises(ValueError, match=r"cannot read the file \(.*null"):
+        load_recording("rec\x00.safetensors")
 
 
 def test_select_single_level_and_unknown_layer():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -124,6 +126,7 @@ def test_file_list_follows_links_once_and_never_loops(io_nodes, recording, comfy
     assert files == ["deep/rec_00001_.safetensors [output]"]  # its own name, not the link's
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="named pipes and non-UTF-8 names: Linux")
 def test_file_list_skips_pipes_and_names_safetensors_cannot_open(io_nodes, recording, comfy_folders):
     """A pipe named *.safetensors would block the list (and with it ComfyUI's /object_info) forever;
     a name that is not UTF-8 would be listed but could never load."""
@@ -213,3 +216,9 @@ def test_a_recording_save_refuses_is_named_by_the_recording_not_the_prefix(io_no
     with pytest.raises(ValueError, match=r"^save_recording: layer input\.1\.0 has values beyond") as caught:
         io_nodes.SaveRecording.execute(loud, "big")
     assert "filename_prefix" not in str(caught.value)
+
+
+def test_a_prefix_through_a_file_is_blamed_on_the_prefix(io_nodes, recording, comfy_folders):
+    (comfy_folders["output"] / "afile").write_text("not a folder")
+    with pytest.raises(ValueError, match=r"^filename_prefix 'afile/rec': cannot .*NotADirectoryError.*expected folder and file names"):
+        io_nodes.SaveRecording.execute(recording, "afile/rec")
