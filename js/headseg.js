@@ -619,8 +619,39 @@ function setupNoteLine(nodeType) {
   };
 }
 
+/**
+ * Workflows saved before the upsampling-error map had a node of its own gave Upsample a second
+ * output, error_map. After such a graph loads, each of those Upsample nodes hands the links of that
+ * output to a new Upsampling Error Map node fed by its stack, and the old output is removed, so the
+ * workflow queues as it did before.
+ */
+function migrateUpsampleErrorMap(graph) {
+  const linkOf = (id) => (graph.links instanceof Map ? graph.links.get(id) : graph.links?.[id]);
+  for (const node of [...(graph?.nodes ?? graph?._nodes ?? [])]) {
+    if (node.type !== "HeadSeg_Upsample") continue;
+    const slot = node.outputs?.findIndex((o) => o?.name === "error_map") ?? -1;
+    if (slot < 1) continue;
+    const targets = (node.outputs[slot].links ?? [])
+      .map(linkOf)
+      .filter(Boolean)
+      .map((link) => [graph.getNodeById(link.target_id), link.target_slot]);
+    node.disconnectOutput?.(slot);
+    node.removeOutput(slot);
+    if (!targets.length) continue;
+    const errorMap = LiteGraph.createNode("HeadSeg_UpsamplingError");
+    if (!errorMap) continue;
+    errorMap.pos = [node.pos[0], node.pos[1] + node.size[1] + 60];
+    graph.add(errorMap);
+    node.connect(0, errorMap, 0);
+    for (const [target, inputSlot] of targets) if (target) errorMap.connect(0, target, inputSlot);
+  }
+}
+
 app.registerExtension({
   name: "HeadSeg.Frontend",
+  afterConfigureGraph() {
+    migrateUpsampleErrorMap(app.graph);
+  },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     const name = nodeData?.name;
     if (typeof name !== "string" || !name.startsWith("HeadSeg_")) return;

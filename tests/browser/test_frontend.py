@@ -761,6 +761,39 @@ def test_old_widget_layout_loads(comfy_page, pictures, comfy_server):
     assert not [p for p in comfy_page.problems() if re.search(r"\bNaN\b", p)]
 
 
+def explore_as_saved_before_the_error_map_node() -> dict:
+    """The explore example as it was saved when Upsample had a second output, error_map, linked to a
+    Preview Image (node 15)."""
+    wf = json.loads((WORKFLOWS_DIR / "headseg_explore.json").read_text())
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    up, shown = nodes[10], nodes[15]
+    assert up["type"] == "HeadSeg_Upsample" and shown["type"] == "HeadSeg_UpsamplingError"
+    link = next(l for l in wf["links"] if l[3] == 15)  # Upsample stack -> the error-map node
+    link[2], link[5] = 1, "IMAGE"  # from Upsample's old second output
+    up["outputs"][0]["links"].remove(link[0])
+    up["outputs"].append({"name": "error_map", "type": "IMAGE", "links": [link[0]], "slot_index": 1})
+    shown.update(type="PreviewImage", inputs=[{"name": "images", "type": "IMAGE", "link": link[0]}], outputs=[],
+                 properties={"Node name for S&R": "PreviewImage"})  # fmt: skip
+    return wf
+
+
+def test_a_workflow_saved_with_upsamples_error_map_output_is_rewired(comfy_page):
+    """Old workflows queue as before: the links of Upsample's former error_map output now come from
+    an Upsampling Error Map node fed by the same Upsample, and Upsample keeps one output."""
+    page = comfy_page.page
+    page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'old-error-map'); }",
+                  explore_as_saved_before_the_error_map_node())  # fmt: skip
+    settle(page, 800)
+    prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
+    maps = [i for i, n in prompt.items() if n["class_type"] == "HeadSeg_UpsamplingError"]
+    assert len(maps) == 1
+    assert prompt[maps[0]]["inputs"]["stack"] == ["10", 0]
+    assert prompt["15"]["class_type"] == "PreviewImage" and prompt["15"]["inputs"]["images"] == [maps[0], 0]
+    outputs = page.evaluate("() => app.graph.getNodeById(10).outputs.map(o => o.name)")
+    assert outputs == ["stack"]
+    assert comfy_page.pack_problems() == []
+
+
 # -- a real run ---------------------------------------------------------------------------------
 RUN_TIMEOUT_MS = 420_000
 RUN_PICTURE = ("headseg_browser_run.png", 256, 192)  # non-square, a multiple of 8: a cheap CPU run
