@@ -23,6 +23,19 @@ def test_palette_distinct_and_fixed(k):
     assert torch.equal(palette(k + 5)[:k], p)  # growing k keeps earlier colours
 
 
+def test_palette_beyond_twenty_follows_golden_ratio_hues():
+    """Colours 20 and up: hue i / golden ratio, saturation and value alternating in runs of 7 and 3
+    (colour maps at k > 20 keep their colours from version to version); HSV converted by colorsys."""
+    import colorsys
+
+    got = palette(64)[20:]
+    want = [
+        colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.55 + 0.35 * ((i // 7) % 2), 0.95 - 0.25 * ((i // 3) % 2))
+        for i in range(20, 64)
+    ]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float32), rtol=0, atol=1e-6)
+
+
 def test_label_colours():
     labels = torch.tensor([[[0, 1], [2, 1]], [[2, 2], [0, 0]]])  # [2, 2, 2]
     img = label_colours(labels, 3)
