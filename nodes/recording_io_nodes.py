@@ -14,7 +14,7 @@ import os
 from comfy_api.latest import io
 
 from . import types as hs
-from .core.recording import is_recording_file, load_recording, save_recording
+from .core.recording import file_version, is_recording_file, is_utf8_path, load_recording, printable_path, save_recording
 from .node_utils import as_recording
 
 CATEGORY = "HeadSeg/recording"
@@ -24,15 +24,13 @@ _warned_names: set[str] = set()
 
 def _loadable_name(path: str) -> bool:
     """Whether safetensors can open ``path``: its name must be valid UTF-8 (warns once per name otherwise)."""
-    try:
-        os.fsencode(path).decode("utf-8")
+    if is_utf8_path(path):
         return True
-    except UnicodeDecodeError:
-        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
-        if shown not in _warned_names:
-            _warned_names.add(shown)
-            logging.warning("HeadSeg: %s is not listed: its name is not valid UTF-8, which safetensors cannot open", shown)
-        return False
+    shown = printable_path(path)
+    if shown not in _warned_names:
+        _warned_names.add(shown)
+        logging.warning("HeadSeg: %s is not listed: its name is not valid UTF-8, which safetensors cannot open", shown)
+    return False
 
 
 def _recording_files() -> list[str]:
@@ -232,8 +230,7 @@ class LoadRecording(io.ComfyNode):
             st = os.stat(full)
         except OSError:
             return ""
-        # a file replaced with one of the same size and time still has another inode or change time
-        return f"{full}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+        return ":".join(map(str, file_version(full, st)))
 
     @classmethod
     def execute(cls, file, path="") -> io.NodeOutput:

@@ -392,7 +392,27 @@ def _read_header(fh) -> tuple[int, dict] | None:
     return (n, header) if isinstance(header, dict) else None
 
 
-# is_recording_file's answers by (path, inode, size, mtime, ctime): the file list reads each header once.
+def file_version(path, st: os.stat_result) -> tuple:
+    """(path, inode, size, mtime, ctime) of ``path`` from its stat: changes whenever the file is rewritten
+    or replaced, also by a file of the same size and time (another inode or change time)."""
+    return (os.fspath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def printable_path(path) -> str:
+    """``path`` as text that can be printed and logged, also when its name is not valid UTF-8."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def is_utf8_path(path) -> bool:
+    """Whether ``path`` is valid UTF-8: safetensors cannot open a file whose name is not."""
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+# is_recording_file's answers by file_version: the file list reads each header once.
 _RECORDING_FILE_CACHE: dict[tuple, bool] = {}
 
 
@@ -406,7 +426,7 @@ def is_recording_file(path) -> bool:
         return False
     if not stat.S_ISREG(st.st_mode):
         return False
-    version = (os.fspath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    version = file_version(path, st)
     answer = _RECORDING_FILE_CACHE.get(version)
     if answer is None:
         try:
@@ -426,7 +446,7 @@ def _check_readable(path: str) -> None:
     """FileNotFoundError when ``path`` does not exist; ValueError naming it when it is a folder, not a regular
     file, unreadable, not laid out as safetensors, shorter than its header says, or named so that
     safetensors cannot open it (not UTF-8)."""
-    shown = os.fsencode(path).decode("utf-8", "backslashreplace")  # printable even when not UTF-8
+    shown = printable_path(path)
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -450,10 +470,8 @@ def _check_readable(path: str) -> None:
         raise ValueError(
             f"{shown}: damaged or truncated: its header describes {8 + n + max(ends)} bytes, the file has {st.st_size}"
         )
-    try:
-        os.fsencode(path).decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"{shown}: the file name is not valid UTF-8, which safetensors cannot open: rename the file") from None
+    if not is_utf8_path(path):
+        raise ValueError(f"{shown}: the file name is not valid UTF-8, which safetensors cannot open: rename the file")
 
 
 def _is_offsets(value) -> bool:

@@ -217,9 +217,10 @@ def _check_values(g: torch.Tensor, where: str) -> None:
         )
 
 
-def peak_abs(g: torch.Tensor) -> torch.Tensor:
-    """The largest |value| of g (0-d, g's dtype): aminmax, no copy of g."""
-    low, high = torch.aminmax(g)
+def peak_abs(g: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """The largest |value| of g (0-d), or along ``dim`` (g's shape without it); g's dtype: aminmax, no
+    copy of g."""
+    low, high = torch.aminmax(g) if dim is None else torch.aminmax(g, dim=dim)
     return torch.maximum(-low, high)
 
 
@@ -356,10 +357,7 @@ def _image_scales(stack: FeatureStack) -> list[float]:
     """[B] exact powers of two that bring each image's largest |feature| near 1 where it lies outside
     2**-SCALE_EXP .. 2**SCALE_EXP (else 1): sums of |differences| over thousands of channels then
     neither overflow nor lose tiny values in float32."""
-    peaks = []
-    for g in stack.grids:
-        low, high = torch.aminmax(g.detach().flatten(1), dim=1)  # [B] each (no copy of a contiguous g)
-        peaks.append(torch.maximum(-low, high).double())
+    peaks = [peak_abs(g.detach().flatten(1), dim=1).double() for g in stack.grids]  # [B] each
     return power_of_two_scale(torch.stack(peaks).amax(0)).tolist()  # [B]
 
 
