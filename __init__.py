@@ -9,6 +9,7 @@ WEB_DIRECTORY = "./js"
 
 async def comfy_entrypoint():
     """ComfyUI V3 entry point: returns the extension that lists HeadSeg's nodes."""
-    from .nodes.extension import HeadSegExtension
+    from .nodes.extension import HeadSegExtension, register_prompt_migration
 
+    register_prompt_migration()  # API prompts saved for older versions are rewired before validation
     return HeadSegExtension()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
+from . import prompt_migration
 from .pipeline_nodes import NODES as PIPELINE_NODES
 from .record_node import RecordSelfAttention
 from .recording_io_nodes import NODES as RECORDING_IO_NODES
@@ -14,3 +17,13 @@ class HeadSegExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [RecordSelfAttention, *PIPELINE_NODES, *RECORDING_IO_NODES]
+
+
+def register_prompt_migration() -> bool:
+    """Hooks prompt_migration.on_prompt into the running ComfyUI server; False when none runs.
+
+    The server module is looked up, not imported: main.py has imported it before it loads custom
+    nodes, and importing it elsewhere (tests, scripts) would only start half a server.
+    """
+    server_class = getattr(sys.modules.get("server"), "PromptServer", None)
+    return prompt_migration.register(getattr(server_class, "instance", None))

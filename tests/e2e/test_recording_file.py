@@ -129,3 +129,20 @@ def test_bad_input_gives_an_error_naming_it(saved, comfy_server):
     assert not result.ok
     assert result.error["node_type"] == "HeadSeg_LoadRecording"
     assert "path" in result.error["exception_message"]
+
+
+def test_api_prompt_reading_upsamples_former_error_map_output_runs(saved, comfy_server):
+    """A 0.1.0 API prompt read the error map as ["<upsample id>", 1]; the server rewires it."""
+    api, _, path = saved
+    prompt = _load_recording_prompt(api, path)
+    (up,) = nodes_of(prompt, "HeadSeg_Upsample")
+    prompt["9001"] = {"class_type": "PreviewImage", "inputs": {"images": [up, 1]}}
+    mark = comfy_server.log_mark()
+    result = comfy_server.run(prepare(prompt, comfy_server), timeout=300)
+    assert result.ok, result.error
+    added = f"{up}-error-map"
+    assert result.outputs(added)["images"] and result.outputs("9001")["images"]
+    picture = comfy_server.view(result.outputs("9001")["images"][0])
+    assert picture.startswith(b"\x89PNG")
+    log = comfy_server.log_text()[mark:]
+    assert f"node(s) 9001 read output 1 (error_map) of Upsample node {up}" in log, log[-3000:]
