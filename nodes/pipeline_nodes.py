@@ -476,7 +476,8 @@ class MaskSelectAtPixel(io.ComfyNode):
     - ``headseg_index``: [i] index of the mask the first MASK output carries for image 0 (the
       ``index`` widget clamped to the masks found; -1 when the pixel is in no mask).
     - ``headseg_masks``: [ref, ...] one picture per mask containing the pixel (image 0), finest
-      first: the mask overlaid on the picture, same size as ``headseg_image``.
+      first: the mask overlaid on the picture, the same aspect ratio as ``headseg_image`` and its
+      size up to 512 x 512 pixels' worth (larger ones are shrunk to that many pixels).
     - ``headseg_mask_info``: [{"area": pixels, "k": cluster count, "cluster": index}, ...] same order.
 
     ``ref`` = {"filename", "subfolder", "type": "temp"}, served by GET /view.
@@ -602,18 +603,23 @@ class MaskSelectAtPixel(io.ComfyNode):
         overlay = core_preview.overlay_masks(base, stack)  # [count or 1, H, W, 3]
 
         ui = {
-            "headseg_image": preview_refs(base),
+            "headseg_image": preview_refs(base, reuse=True),  # the same picture click after click
             "headseg_size": [int(W), int(H)],
             "headseg_pixel": [x, y],
             "headseg_pixel_asked": asked,
             "headseg_index": [min(index, count - 1) if count else -1],
-            "headseg_masks": preview_refs(overlay) if count else [],
+            "headseg_masks": preview_refs(core_preview.fit_to_pixels(overlay, _MASK_PREVIEW_PIXELS)) if count else [],
             "headseg_mask_info": [
                 {"area": int(a), "k": int(k), "cluster": int(c)}
                 for a, k, c in zip(here.area.tolist(), here.k.tolist(), here.cluster.tolist())
             ],
         }
         return io.NodeOutput(chosen, stack, overlay, count, ui=ui)
+
+
+# The browser's mask thumbnails (and the overlay shown on hover) are written at no more than this many
+# pixels: they are seen at thumbnail or node size, and each PNG costs ~0.12 s at 1024x1024.
+_MASK_PREVIEW_PIXELS = 512 * 512
 
 
 def _mask_partition_picture(ms) -> torch.Tensor:

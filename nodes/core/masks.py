@@ -36,7 +36,12 @@ class MaskSet:
     def area(self) -> torch.Tensor:
         """[M] int64 pixel count of each mask."""
         M, H, W = self.masks.shape
-        return self.masks.reshape(M, H * W).view(torch.uint8).sum(1, dtype=torch.int32).long()
+        flat = self.masks.reshape(M, H * W).view(torch.uint8)  # [M, H*W]
+        area = torch.empty(M, dtype=torch.int64, device=flat.device)
+        step = max(1, _CHUNK_PIXELS * 16 // max(1, H * W))  # masks per chunk: the int32 sum's copy stays small
+        for i in range(0, M, step):
+            area[i : i + step] = flat[i : i + step].sum(1, dtype=torch.int32)
+        return area
 
     @property
     def size(self) -> tuple[int, int]:
@@ -210,6 +215,6 @@ def masks_at_pixel(ms: MaskSet, x: int, y: int) -> MaskSet:
     H, W = ms.size
     x = _pixel_index(x, W, "x", "a column index", "width")
     y = _pixel_index(y, H, "y", "a row index", "height")
-    hit = ms.masks[:, y, x].nonzero().flatten()  # [M'] in stored order
-    order = torch.argsort(ms.area[hit], stable=True)  # smallest first
-    return ms.subset(hit[order])
+    hit = ms.subset(ms.masks[:, y, x].nonzero().flatten())  # the M' masks with the pixel, stored order
+    order = torch.argsort(hit.area, stable=True)  # [M'] smallest first
+    return hit.subset(order)

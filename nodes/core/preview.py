@@ -144,6 +144,27 @@ def overlay_masks(image: torch.Tensor | None, masks: torch.Tensor, alpha: float 
     return out.clamp_(0.0, 1.0)
 
 
+def fit_to_pixels(images: torch.Tensor, max_pixels: int) -> torch.Tensor:
+    """IMAGE [B, H, W, C] -> [B, h, w, C] with h * w <= max_pixels, the aspect ratio kept (to within a
+    pixel), each output pixel the mean of the input area it covers; the input itself when it fits."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a float tensor [B, H, W, C], got {shape}")
+    if not is_int(max_pixels) or max_pixels < 1:
+        raise ValueError(f"max_pixels must be an int >= 1, got {max_pixels!r}")
+    B, H, W, C = images.shape
+    if H * W <= max_pixels:
+        return images
+    scale = math.sqrt(max_pixels / (H * W))
+    short, long = sorted((H, W))
+    new_short = max(1, math.floor(short * scale))  # <= sqrt(max_pixels)
+    new_long = max(1, min(math.floor(long * scale), max_pixels // new_short))  # the cap holds, rounding or not
+    h, w = (new_short, new_long) if H <= W else (new_long, new_short)
+    x = images.movedim(-1, 1)  # [B, C, H, W]
+    small = torch.nn.functional.interpolate(x, size=(h, w), mode="area")  # [B, C, h, w]
+    return small.movedim(1, -1)  # [B, h, w, C]
+
+
 def error_map_image(err: torch.Tensor) -> torch.Tensor:
     """[B, H, W] non-negative error (eq. 6) -> [B, H, W, 3] heat map, each image scaled by its maximum."""
     if not isinstance(err, torch.Tensor) or err.dim() != 3:

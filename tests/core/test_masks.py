@@ -260,3 +260,13 @@ def test_min_area_between_two_masks_keeps_only_the_larger():
     masks[1].view(-1)[50:56] = True  # 6 %
     ms = MaskSet(masks, torch.tensor([2, 2]), torch.tensor([0, 1]))
     assert merge_masks(ms, 0.9, min_area=0.055).cluster.tolist() == [1]  # 5.5 %: 5.5 pixels, rounded up
+
+
+@pytest.mark.parametrize("M, H, W", [(0, 4, 4), (1, 3, 5), (10, 512, 512), (3, 1, 1_500_000)])
+def test_area_counts_the_pixels_of_every_mask(M, H, W):
+    """Areas are summed a few masks at a time (and one mask at a time above a million pixels)."""
+    g = torch.Generator().manual_seed(M)
+    masks = torch.rand(M, H, W, generator=g) < torch.linspace(0.05, 0.95, max(M, 1))[:M, None, None]
+    ms = MaskSet(masks, torch.ones(M, dtype=torch.long), torch.arange(M))
+    assert ms.area.dtype == torch.int64
+    assert ms.area.tolist() == [int(m.to(torch.int64).sum()) for m in masks]

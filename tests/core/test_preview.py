@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from headseg.nodes.core.pca import HeadFeatures
-from headseg.nodes.core.preview import _HEAT_ANCHORS, error_map_image, label_colours, overlay_masks, palette, pca_rgb_grid
+from headseg.nodes.core.preview import (
+    _HEAT_ANCHORS,
+    error_map_image,
+    fit_to_pixels,
+    label_colours,
+    overlay_masks,
+    palette,
+    pca_rgb_grid,
+)
 from headseg.nodes.core.recording import LayerKey
 
 
@@ -251,3 +259,45 @@ def test_overlay_masks_treats_soft_masks_beyond_zero_and_one_as_zero_and_one():
     torch.testing.assert_close(out[0, 0, 0], 0.5 * image[0, 0, 0] + 0.5 * colour)  # 2 draws as 1
     torch.testing.assert_close(out[0, 0, 1], image[0, 0, 1])  # -1 draws as 0: the picture unchanged
     torch.testing.assert_close(out[0, 0, 2], 0.5 * image[0, 0, 2] + 0.5 * colour)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("factor", [2, 3])
+def test_fit_to_pixels_averages_each_block_at_a_whole_factor(dtype, factor):
+    """A picture made of factor x factor blocks of one colour each shrinks to exactly those colours."""
+    g = torch.Generator().manual_seed(factor)
+    small = torch.rand(2, 6, 10, 3, generator=g, dtype=dtype)  # [B, h, w, 3] the block colours
+    big = small.repeat_interleave(factor, 1).repeat_interleave(factor, 2)  # [B, h*f, w*f, 3]
+    out = fit_to_pixels(big, 6 * 10)
+    assert out.shape == small.shape and out.dtype == dtype
+    torch.testing.assert_close(out, small)
+
+
+@pytest.mark.parametrize("size", [(1024, 1024), (832, 1216), (1216, 832), (513, 512), (3, 100_000), (100_000, 2)])
+def test_fit_to_pixels_keeps_under_the_cap_and_the_aspect_ratio(size):
+    H, W = size
+    cap = 512 * 512 if H * W > 512 * 512 else 100
+    image = torch.zeros(1, H, W, 1).expand(1, H, W, 3)  # [1, H, W, 3] a view: big sizes stay cheap
+    out = fit_to_pixels(image, cap)
+    h, w = out.shape[1:3]
+    assert h * w <= cap and h >= 1 and w >= 1
+    if min(H, W) * (cap / (H * W)) ** 0.5 >= 2:  # both sides shrink by the same factor, to within a pixel
+        scale = (cap / (H * W)) ** 0.5
+        assert abs(h - H * scale) < 1 and abs(w - W * scale) < 1
+        assert h * w > cap * 0.99 - (h + w)  # and not much smaller than the cap
+
+
+def test_fit_to_pixels_returns_a_picture_that_fits_as_it_is():
+    image = torch.rand(1, 512, 512, 3)
+    assert fit_to_pixels(image, 512 * 512) is image
+
+
+@pytest.mark.parametrize(
+    "images, cap, message",
+    [(torch.zeros(4, 4, 3), 4, "images must be a float tensor"), (torch.zeros(1, 4, 4, 3, dtype=torch.uint8), 4, "float"),
+     ([[0.0]], 4, "images must be"), (torch.zeros(1, 4, 4, 3), 0, "max_pixels must be an int >= 1"),
+     (torch.zeros(1, 4, 4, 3), 2.5, "max_pixels"), (torch.zeros(1, 4, 4, 3), True, "max_pixels")],
+)  # fmt: skip
+def test_fit_to_pixels_bad_input(images, cap, message):
+    with pytest.raises(ValueError, match=message):
+        fit_to_pixels(images, cap)

@@ -140,6 +140,49 @@ def test_ui_payload_contract(nodes, recording, comfy_folders):
         assert isinstance(value, list), key
 
 
+def test_mask_pictures_for_the_browser_are_shrunk_to_the_preview_cap(nodes, recording, comfy_folders, monkeypatch):
+    """The thumbnails (overlay PNGs) keep the aspect ratio within the pixel cap; the picture to click on
+    and the overlay IMAGE output stay at the masks' size."""
+    import numpy
+    from PIL import Image
+
+    monkeypatch.setattr(nodes, "_MASK_PREVIEW_PIXELS", 96 * 128)  # a quarter of 192 x 256
+    image = torch.rand(1, H, W, 3)
+    out, _ = run_chain(nodes, recording, 180, 120, index=0, image=image)
+    _, _, overlay, count = out.args
+    assert count >= 1 and overlay.shape == (count, H, W, 3)
+    open_ref = lambda ref: Image.open(comfy_folders["temp"] / ref["subfolder"] / ref["filename"])  # noqa: E731
+    assert open_ref(out.ui["headseg_image"][0]).size == (W, H)
+    for i, ref in enumerate(out.ui["headseg_masks"]):
+        thumb = open_ref(ref)
+        assert thumb.size == (128, 96)
+        block_means = overlay[i].reshape(96, 2, 128, 2, 3).mean((1, 3))  # [96, 128, 3] each 2x2 block
+        pixels = torch.tensor(numpy.array(thumb.convert("RGB")), dtype=torch.float32)  # [96, 128, 3]
+        assert (pixels / 255 - block_means).abs().max() <= 1 / 255 + 1e-6  # the overlay, 8-bit rounded
+
+
+def test_the_picture_to_click_on_is_written_once_while_it_stays_the_same(nodes, recording, comfy_folders):
+    """Clicking around re-runs Mask Select with the same picture: its PNG is written on the first run
+    only, unless its file is gone; another picture gets a file of its own."""
+    image = torch.rand(1, H, W, 3)
+    out, (_, _, _, masks) = run_chain(nodes, recording, 180, 120, image=image)
+    first = out.ui["headseg_image"]
+    path = comfy_folders["temp"] / first[0]["subfolder"] / first[0]["filename"]
+    written = path.stat().st_mtime_ns
+    for x, y in [(10, 10), (100, 50)]:
+        again = nodes.MaskSelectAtPixel.execute(masks, x, y, 0, image.clone())
+        assert again.ui["headseg_image"] == first and path.stat().st_mtime_ns == written
+        assert all(ref not in first for ref in again.ui["headseg_masks"])
+    other = nodes.MaskSelectAtPixel.execute(masks, 10, 10, 0, 1.0 - image).ui["headseg_image"]
+    assert other != first
+    path.unlink()
+    rewritten = nodes.MaskSelectAtPixel.execute(masks, 10, 10, 0, image).ui["headseg_image"]
+    path = comfy_folders["temp"] / rewritten[0]["subfolder"] / rewritten[0]["filename"]
+    assert path.is_file()
+    no_picture = [nodes.MaskSelectAtPixel.execute(masks, x, 10, 0).ui["headseg_image"] for x in (10, 20)]
+    assert no_picture[0] == no_picture[1] and no_picture[0] not in (first, rewritten, other)
+
+
 def test_picture_of_another_size_is_resized_for_display(nodes, recording):
     out, _ = run_chain(nodes, recording, 10, 10, image=torch.rand(1, H + 5, W - 3, 3))
     assert out.args[2].shape[1:] == (H, W, 3)
