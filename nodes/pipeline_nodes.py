@@ -24,6 +24,7 @@ from .node_utils import (
     POSITION_CHOICES,
     as_recording,
     image_batch,
+    log,
     mask_to_comfy,
     parse_positions,
     preview_refs,
@@ -504,14 +505,22 @@ class MaskSelectAtPixel(io.ComfyNode):
                     default=0,
                     min=0,
                     max=MAX_IMAGE_SIDE - 1,
-                    tooltip="Pixel column in image pixels (0 = left edge; must be < image width).",
+                    tooltip=(
+                        "Pixel column on the masks' grid, i.e. of the sampled image (latent width x 8); 0 = left "
+                        "edge. Must be < that width, except that a pixel of a larger 'image' picked before the "
+                        "first run is mapped onto the grid (with a log line)."
+                    ),
                 ),
                 io.Int.Input(
                     "y",
                     default=0,
                     min=0,
                     max=MAX_IMAGE_SIDE - 1,
-                    tooltip="Pixel row in image pixels (0 = top edge; must be < image height).",
+                    tooltip=(
+                        "Pixel row on the masks' grid, i.e. of the sampled image (latent height x 8); 0 = top "
+                        "edge. Must be < that height, except that a pixel of a larger 'image' picked before the "
+                        "first run is mapped onto the grid (with a log line)."
+                    ),
                 ),
                 io.Int.Input(
                     "index",
@@ -574,6 +583,12 @@ class MaskSelectAtPixel(io.ComfyNode):
             if (h, w) != (H, W) and not (0 <= x < W and 0 <= y < H) and 0 <= x < w and 0 <= y < h:
                 # a pixel of the picture, picked before the first run showed the masks' grid
                 x, y = _picture_to_mask_pixel(x, y, (h, w), (H, W), cropped)
+                log.warning(
+                    "HeadSeg Mask Select: x, y = %d, %d lie outside the masks' %dx%d grid but inside the %dx%d "
+                    "image, so they are read as a pixel of the image: %d, %d on the masks' grid. x and y are "
+                    "pixels of the masks' grid; scale a pixel of a larger picture to it first.",
+                    *asked, W, H, w, h, x, y,
+                )
             if cropped:
                 # a photo whose sides are not multiples of 8: VAE Encode keeps the centred window
                 # that fits the latent grid, so the masks cover exactly that window

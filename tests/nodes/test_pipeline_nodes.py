@@ -320,7 +320,7 @@ def test_mask_merge_names_an_empty_sweep(nodes):
         nodes.MaskMerge.execute(ClusterSweep(results={}, size=(8, 8)), 0.9, 0.0)
 
 
-def test_pixel_of_a_larger_picture_outside_the_masks_is_mapped(nodes, recording):
+def test_pixel_of_a_larger_picture_outside_the_masks_is_mapped(nodes, recording, caplog):
     """A click on a 2x picture before the first run gives picture pixels: one outside the masks' frame is
     mapped through the stretch (or VAE Encode's crop) instead of failing the run."""
     feats = nodes.HeadPCA.execute(recording, "down+up", "all", 4).args[0]
@@ -328,8 +328,14 @@ def test_pixel_of_a_larger_picture_outside_the_masks_is_mapped(nodes, recording)
     masks = nodes.MaskMerge.execute(nodes.MultiKMeans.execute(stack, "2,5", 0).args[0], 0.9, 0.0).args[0]
     H, W = masks[0].masks.shape[-2:]
     x, y = W + W // 2, H + H // 3  # inside a 2x picture, outside the masks
-    got = nodes.MaskSelectAtPixel.execute(masks, x, y, 0, image=torch.rand(1, 2 * H, 2 * W, 3))
+    with caplog.at_level("WARNING", logger="HeadSeg"):
+        got = nodes.MaskSelectAtPixel.execute(masks, x, y, 0, image=torch.rand(1, 2 * H, 2 * W, 3))
+    (said,) = [r.getMessage() for r in caplog.records]  # a linked x, y in the picture's pixels is not silent
+    assert f"x, y = {x}, {y} lie outside the masks' {W}x{H} grid but inside the {2 * W}x{2 * H} image" in said
+    assert f"{x // 2}, {y // 2} on the masks' grid" in said
+    caplog.clear()
     want = nodes.MaskSelectAtPixel.execute(masks, x // 2, y // 2, 0)
+    assert not caplog.records
     assert got.ui["headseg_pixel"] == [x // 2, y // 2]
     assert got.ui["headseg_pixel_asked"] == [x, y]  # the picker sets its widgets to the mapped pixel
     assert torch.equal(got.args[1], want.args[1])
