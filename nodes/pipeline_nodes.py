@@ -121,11 +121,11 @@ class HeadPCA(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, positions="down+up", levels="all") -> bool | str:
-        # checked again at execution; values linked from other nodes are not known yet here
+    def validate_inputs(cls, levels="all") -> bool | str:
+        # checked again at execution; values linked from other nodes are not known yet here. ComfyUI
+        # marks every input named here with the message, so only `levels`: `positions` is a combo,
+        # whose values ComfyUI checks itself.
         try:
-            if isinstance(positions, str):
-                parse_positions(positions)
             if isinstance(levels, str):
                 parse_levels(levels)
         except ValueError as exc:
@@ -138,6 +138,8 @@ class HeadPCA(io.ComfyNode):
         pos = parse_positions(positions)
         lv = parse_levels(levels)
         selected = rec.select(positions=pos, levels=lv)
+        have = _recorded_levels(rec, pos)
+        missing = [] if lv is None else sorted(set(lv) - set(have))  # e.g. '0,1' on SDXL: level 0 has none
         features = recording_pca(selected, int(components))
         grid = core_preview.pca_rgb_grid(features, batch_index=0)  # [1, rows*th, cols*tw, 3]
         summary = {
@@ -154,8 +156,18 @@ class HeadPCA(io.ComfyNode):
             f"{len(selected.layers)} layers selected ({'+'.join(pos)}, levels {levels}); "
             f"{int(components)} components each"
         )
+        if missing:
+            listed = lambda levels: ", ".join(map(str, levels))  # noqa: E731
+            note = f"level(s) {listed(missing)} not in the recording (it has {listed(have)} at {'+'.join(pos)})"
+            text += "; " + note
+            log.warning("HeadSeg Head PCA: levels %r: %s", levels, note)
         ui = {"images": preview_refs(grid), "text": [text], "headseg_summary": [summary]}
         return io.NodeOutput(features, grid, ui=ui)
+
+
+def _recorded_levels(rec, positions) -> list[int]:
+    """The grid levels that have layers at the chosen positions of the recording, ascending."""
+    return sorted({rec.grid_level(key) for key in rec.layers if key.position in positions})
 
 
 class Upsample(io.ComfyNode):

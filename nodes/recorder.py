@@ -42,7 +42,7 @@ from comfy.patcher_extension import WrappersMP
 
 from .core.recording import BLOCK_POSITIONS, LayerKey, parse_levels
 from .entry_weights import EntryMult, EntryShares, entry_shares
-from .recorder_store import BRANCHES, LiveRecording, _Store, parse_steps
+from .recorder_store import BRANCHES, LiveRecording, _Store, log, parse_steps
 
 
 WRAPPER_KEY = "headseg_record_self_attention"
@@ -370,6 +370,12 @@ def attach_recorder(model, positions=POSITIONS, levels: str | None = "all", step
             raise ValueError(
                 f"levels: the chosen positions of this model have self-attention at grid levels {have} "
                 f"(0 = latent grid), none at {sorted(level_set)}"
+            )
+        if level_set - set(have):  # e.g. '0,1' on SDXL, whose latent grid has no self-attention: not an error
+            log.warning(
+                "HeadSeg Record Self-Attention: levels %s: the chosen positions of this model have self-attention "
+                "at grid levels %s only; level(s) %s are skipped",
+                ",".join(map(str, sorted(level_set))), have, sorted(level_set - set(have)),
             )
     store = _Store(chosen, level_set, step_sel, branch, model_label(model))
     store_id = next(_IDS)

@@ -562,10 +562,17 @@ class LiveRecording:
             if self._store.dropped
             else ""
         )
+        same_shape = isinstance(latent, torch.Tensor) and any(out.shape == latent.shape for out in runs)
+        no_step = (
+            " A sampler that takes no step (denoise 0, or a start step at or past its last step) returns its "
+            "input LATENT without running the model, so nothing is recorded for it: give it at least one step."
+            if same_shape
+            else ""
+        )
         return (
             f"latent: this LATENT ({shape}) is not the output of any of the last {len(runs)} sampling run(s) of "
             f"the recorded MODEL (their outputs: {kept}). Connect the LATENT output of the sampler that sampled "
-            f"with the MODEL from Record Self-Attention directly, with no node in between.{full}"
+            f"with the MODEL from Record Self-Attention directly, with no node in between.{no_step}{full}"
         )
 
     def __repr__(self):

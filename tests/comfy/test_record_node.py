@@ -108,6 +108,23 @@ def test_bad_options_name_the_argument(sd2, options, match):
         execute(sd2, **options)
 
 
+def test_levels_that_the_model_lacks_are_named_in_the_log(sd2, tiny, caplog):
+    """'0,7': level 7 does not exist (a typo for 0,1?): recorded without it, and the log says so."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        patched, live = execute(sd2, levels="0,7")
+    assert "levels 0,7: the chosen positions of this model have self-attention at grid levels [0, 1, 2, 3] only; " \
+        "level(s) [7] are skipped" in caplog.text
+    tiny.sample(patched, *tiny.conditioning("SD2"), latent_hw=(8, 8), steps=1)
+    rec = live.snapshot()
+    assert {rec.grid_level(key) for key in rec.layers} == {0}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        execute(sd2, levels="0,1")
+    assert "skipped" not in caplog.text
+
+
 def test_validate_inputs_reports_bad_strings():
     assert RecordSelfAttention.validate_inputs(levels="all", steps="last") is True
     assert RecordSelfAttention.validate_inputs(levels="0, 1", steps="3-7") is True

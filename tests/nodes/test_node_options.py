@@ -120,7 +120,19 @@ def test_positions_without_a_position_are_named_before_the_run(nodes, text):
 
     with pytest.raises(ValueError, match="^positions: expected UNet positions"):
         parse_positions(text)
-    assert str(nodes.HeadPCA.validate_inputs(text, "all")).startswith("positions:")
+    # before the run, ComfyUI itself refuses a positions value that is not one of the combo's choices
+    kind, spec = nodes.HeadPCA.GET_SCHEMA().get_v1_info(nodes.HeadPCA).input["required"]["positions"]
+    assert kind == "COMBO" and text not in spec["options"]
+
+
+def test_validate_inputs_names_only_the_input_at_fault(nodes):
+    """ComfyUI marks every argument of validate_inputs with its message: a bad `levels` must not also
+    mark `positions`."""
+    import inspect
+
+    assert list(inspect.signature(nodes.HeadPCA.validate_inputs).parameters) == ["levels"]
+    assert str(nodes.HeadPCA.validate_inputs(levels="0 1")).startswith("levels:")
+    assert nodes.HeadPCA.validate_inputs(levels="0, 1") is True
 
 
 def test_a_position_named_twice_counts_once(nodes, recording):

@@ -110,6 +110,21 @@ def test_comfy_types_and_shapes_for_a_batch(nodes, recording):
     assert merged.shape == (len(masks[0].masks), H, W) and merged.dtype == torch.float32
 
 
+def test_head_pca_names_asked_for_levels_that_the_recording_lacks(nodes, recording, caplog):
+    have = sorted({recording.grid_level(k) for k in recording.layers if k.position in ("down", "up")})
+    asked = f"{have[0]},7"
+    with caplog.at_level("WARNING", logger="HeadSeg"):
+        out = nodes.HeadPCA.execute(recording, "down+up", asked, 4)
+    note = f"level(s) 7 not in the recording (it has {', '.join(map(str, have))} at down+up)"
+    assert out.ui["text"][0].endswith("; " + note)
+    assert f"levels '{asked}': {note}" in caplog.text
+    assert {recording.grid_level(k) for k in out.args[0].layers} == {have[0]}
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="HeadSeg"):
+        out = nodes.HeadPCA.execute(recording, "down+up", "all", 4)
+    assert "not in the recording" not in out.ui["text"][0] and not caplog.records
+
+
 def test_index_past_the_last_mask_gives_the_coarsest(nodes, recording):
     out, _ = run_chain(nodes, recording, 180, 120, index=50)
     chosen, at_pixel, _, count = out.args
@@ -261,7 +276,7 @@ def test_bad_widget_values_name_the_widget(nodes, recording):
     assert "from 1 to 256" in nodes.MultiKMeans.validate_inputs("2,257")  # refused before sampling
     assert isinstance(nodes.MultiKMeans.validate_inputs("2,x"), str)
     assert nodes.MultiKMeans.validate_inputs("2,5") is True
-    assert isinstance(nodes.HeadPCA.validate_inputs("down+sideways", "all"), str)
+    assert isinstance(nodes.HeadPCA.validate_inputs("0;1"), str)
     sweep = nodes.MultiKMeans.execute(stack, "2,3", 0).args[0]
     masks = nodes.MaskMerge.execute(sweep, 0.9, 0.0).args[0]
     with pytest.raises(ValueError, match=r"\bx\b"):
