@@ -442,6 +442,7 @@ class MaskMerge(io.ComfyNode):
         if not clusters.results:
             raise ValueError("clusters: the sweep holds no cluster count; expected the output of Multi K-Means")
         B = next(iter(clusters.results.values())).labels.shape[0]
+        _check_mask_memory(clusters, B)
         merged = []
         for b in range(B):
             merged.append(
@@ -455,6 +456,25 @@ class MaskMerge(io.ComfyNode):
             all_masks = mask_to_comfy(first)  # [M, H, W]
         counts = ", ".join(str(int(m.masks.shape[0])) for m in merged)
         return io.NodeOutput(merged, all_masks, ui={"text": [f"merged masks per image: {counts}"]})
+
+
+# Mask Merge refuses sweeps whose masks could take more than this: every cluster a bool mask per image,
+# and image 0's merged masks again as a float32 MASK batch (up to 5 bytes per cluster and pixel).
+_MAX_MASK_OUTPUT_BYTES = 4 << 30
+
+
+def _check_mask_memory(clusters, batch: int) -> None:
+    """ValueError naming `clusters` (and Multi K-Means' cluster_counts) when the masks could not fit."""
+    H, W = clusters.size
+    total_k = sum(int(k) for k in clusters.results)
+    need = total_k * H * W * (batch + 4)  # bytes: bool masks of every image + float32 MASKs of image 0
+    if need > _MAX_MASK_OUTPUT_BYTES:
+        ks = ",".join(str(int(k)) for k in clusters.results)
+        raise ValueError(
+            f"clusters: cluster_counts {ks} make {total_k} masks per image; for {batch} image(s) of {W}x{H} "
+            f"pixels they could take {need / 2**30:.1f} GiB (at most {_MAX_MASK_OUTPUT_BYTES / 2**30:.0f} GiB). "
+            "Use fewer or smaller cluster counts in Multi K-Means, fewer images or smaller ones"
+        )
 
 
 def _vae_crop_offsets(h: int, w: int) -> tuple[int, int]:

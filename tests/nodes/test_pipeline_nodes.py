@@ -335,6 +335,22 @@ def test_mask_merge_names_an_empty_sweep(nodes):
         nodes.MaskMerge.execute(ClusterSweep(results={}, size=(8, 8)), 0.9, 0.0)
 
 
+def test_mask_merge_refuses_sweeps_whose_masks_would_not_fit(nodes, recording, monkeypatch):
+    """Up to 5 bytes per cluster and pixel (bool masks of every image, float32 MASKs of image 0): a sweep
+    above the cap is refused before any mask is built, naming cluster_counts; one just under it runs."""
+    feats = nodes.HeadPCA.execute(recording, "down+up", "all", 4).args[0]
+    stack = nodes.Upsample.execute(feats, "bilinear", False).args[0]
+    sweep = nodes.MultiKMeans.execute(stack, "2,5", 0).args[0]
+    B = recording.batch_size
+    need = 7 * H * W * (B + 4)
+    monkeypatch.setattr(nodes, "_MAX_MASK_OUTPUT_BYTES", need - 1)
+    with pytest.raises(ValueError, match=rf"^clusters: cluster_counts 2,5 make 7 masks per image; for {B} image\(s\) "
+                       rf"of {W}x{H} pixels .*Use fewer or smaller cluster counts in Multi K-Means"):  # fmt: skip
+        nodes.MaskMerge.execute(sweep, 0.9, 0.0)
+    monkeypatch.setattr(nodes, "_MAX_MASK_OUTPUT_BYTES", need)
+    assert nodes.MaskMerge.execute(sweep, 0.9, 0.0).args[1].shape[1:] == (H, W)
+
+
 def test_pixel_of_a_larger_picture_outside_the_masks_is_mapped(nodes, recording, caplog):
     """A click on a 2x picture before the first run gives picture pixels: one outside the masks' frame is
     mapped through the stretch (or VAE Encode's crop) instead of failing the run."""
