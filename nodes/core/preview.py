@@ -139,8 +139,8 @@ def overlay_masks(image: torch.Tensor | None, masks: torch.Tensor, alpha: float 
             raise ValueError(f"image and masks must be on one device, got {image.device} and {masks.device}")
         base = image.detach().to(torch.float32).clamp(0.0, 1.0)
     colours = palette(max(M, 1))[:M].to(masks.device)[:, None, None, :]  # [M, 1, 1, 3]
-    weight = float(alpha) * m[..., None]  # [M, H, W, 1]
-    out = base * (1.0 - weight) + colours * weight  # [M, H, W, 3]
+    weight = (float(alpha) * m)[..., None]  # [M, H, W, 1]
+    out = torch.lerp(base, colours, weight)  # [M, H, W, 3] = base + weight * (colour - base)
     return out.clamp_(0.0, 1.0)
 
 
