@@ -460,7 +460,8 @@ def test_a_sampler_that_took_no_step_after_a_good_run_is_named(tiny, sd2):
     """denoise 0 returns the input LATENT without calling the model: the message says so, rather than
     only blaming the wiring; a LATENT of another shape gets no such hint."""
     patched, live = recorder.attach_recorder(sd2)
-    run(tiny, patched, latent_hw=(8, 8), seed=1)  # a good run first
+    run(tiny, patched, latent_hw=(8, 8), seed=1)  # a good run first, then one of another size
+    run(tiny, patched, latent_hw=(16, 8), seed=1)
     photo = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     pos, neg = tiny.conditioning("SD2")
     import comfy.sample
@@ -469,13 +470,14 @@ def test_a_sampler_that_took_no_step_after_a_good_run_is_named(tiny, sd2):
         noise = comfy.sample.prepare_noise(photo, 0)
         out = comfy.sample.sample(patched, noise, 2, 5.0, "euler", "normal", pos, neg, photo, denoise=0.0,
                                   disable_pbar=True, seed=0)  # fmt: skip
-    assert torch.equal(out, photo) and live.runs == 1  # ComfyUI took no step
+    assert torch.equal(out, photo) and live.runs == 2  # ComfyUI took no step
     with pytest.raises(ValueError, match="is not the output of any") as info:
-        live.snapshot(out)
+        live.snapshot(out)  # the shape of the earlier run, not of the last one
     assert "takes no step (denoise 0, or a start step at or past its last step)" in str(info.value)
-    with pytest.raises(ValueError, match="is not the output of any") as info:
-        live.snapshot(torch.randn(1, 4, 16, 8))
-    assert "no step" not in str(info.value)
+    for shape in [(1, 4, 8, 16), (2, 4, 8, 8)]:  # no kept run had this shape: a wiring mistake, no hint
+        with pytest.raises(ValueError, match="is not the output of any") as info:
+            live.snapshot(torch.randn(*shape))
+        assert "no step" not in str(info.value)
 
 
 def test_the_history_message_only_when_a_run_was_dropped(tiny, sd2):

@@ -287,6 +287,27 @@ def test_fit_to_pixels_keeps_under_the_cap_and_the_aspect_ratio(size):
         assert h * w > cap * 0.99 - (h + w)  # and not much smaller than the cap
 
 
+def _area_means(image, h, w):
+    """Reference: output pixel (i, j) = mean of input rows floor(i*H/h) .. ceil((i+1)*H/h) - 1, and the same
+    for columns (each output pixel's share of the picture, widened to whole input pixels)."""
+    B, H, W, C = image.shape
+    out = torch.empty(B, h, w, C, dtype=image.dtype)
+    for i in range(h):
+        r0, r1 = (i * H) // h, -((-(i + 1) * H) // h)
+        for j in range(w):
+            c0, c1 = (j * W) // w, -((-(j + 1) * W) // w)
+            out[:, i, j] = image[:, r0:r1, c0:c1].mean(dim=(1, 2))
+    return out
+
+
+@pytest.mark.parametrize("H, W, cap", [(30, 45, 100), (21, 14, 24), (17, 50, 60)])
+def test_fit_to_pixels_takes_the_mean_of_the_area_each_pixel_covers(H, W, cap):
+    """Random pictures at factors that are not whole numbers, against a loop over the covered areas."""
+    image = torch.rand(2, H, W, 3, generator=torch.Generator().manual_seed(H), dtype=torch.float64)
+    out = fit_to_pixels(image, cap)
+    torch.testing.assert_close(out, _area_means(image, *out.shape[1:3]))
+
+
 def test_fit_to_pixels_returns_a_picture_that_fits_as_it_is():
     image = torch.rand(1, 512, 512, 3)
     assert fit_to_pixels(image, 512 * 512) is image
@@ -294,7 +315,7 @@ def test_fit_to_pixels_returns_a_picture_that_fits_as_it_is():
 
 @pytest.mark.parametrize(
     "images, cap, message",
-    [(torch.zeros(4, 4, 3), 4, "images must be a float tensor"), (torch.zeros(1, 4, 4, 3, dtype=torch.uint8), 4, "float"),
+    [(torch.zeros(4, 4, 3), 4, "images must be a float tensor"), (torch.zeros(1, 1, 4, 4, 3), 4, r"\[B, H, W, C\]"), (torch.zeros(1, 4, 4, 3, dtype=torch.uint8), 4, "float"),
      ([[0.0]], 4, "images must be"), (torch.zeros(1, 4, 4, 3), 0, "max_pixels must be an int >= 1"),
      (torch.zeros(1, 4, 4, 3), 2.5, "max_pixels"), (torch.zeros(1, 4, 4, 3), True, "max_pixels")],
 )  # fmt: skip

@@ -73,6 +73,22 @@ def test_two_upsamples_get_one_node_each_and_ids_never_collide():
     assert prompt["12:3-error-map"]["inputs"]["stack"] == ["12:3", 0]
 
 
+def test_an_id_taken_twice_is_skipped_twice():
+    prompt = old_explore_prompt()
+    prompt["4-error-map"] = {"class_type": "Note", "inputs": {}}
+    prompt["4-error-map-2"] = {"class_type": "Note", "inputs": {"text": "mine"}}
+    assert migrate_upsample_error_map(prompt) == {"4-error-map-3": ["6", "7"]}
+    assert prompt["4-error-map-2"] == {"class_type": "Note", "inputs": {"text": "mine"}}
+    assert prompt["4-error-map-3"]["class_type"] == "HeadSeg_UpsamplingError"
+
+
+def test_a_node_reading_slot_1_twice_is_named_once():
+    prompt = old_explore_prompt()
+    prompt["8"] = {"class_type": "ImageBlend", "inputs": {"image1": ["4", 1], "image2": ["4", 1], "mode": "normal"}}
+    assert migrate_upsample_error_map(prompt) == {"4-error-map": ["6", "7", "8"]}
+    assert prompt["8"]["inputs"] == {"image1": ["4-error-map", 0], "image2": ["4-error-map", 0], "mode": "normal"}
+
+
 @pytest.mark.parametrize(
     "value",
     [["4", 0], ["4", 2], ["4", 1.0], ["4", True], ["4", "1"], ["4"], ["4", 1, 0], "4", 1, None, {"4": 1}],
@@ -130,5 +146,7 @@ def test_registered_once_on_the_running_server(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "server", types.SimpleNamespace(PromptServer=types.SimpleNamespace()))
     assert extension.register_prompt_migration() is False
+    old_server = types.SimpleNamespace(add_on_prompt_handler=added.append)  # a ComfyUI without the hook list
+    assert prompt_migration.register(old_server) is False and added == [prompt_migration.on_prompt]
     monkeypatch.delitem(sys.modules, "server")
     assert extension.register_prompt_migration() is False

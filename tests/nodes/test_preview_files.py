@@ -1,0 +1,76 @@
+"""Preview PNGs: a picture that stays the same is written once (preview_refs(reuse=True)), and Mask
+Select's thumbnails are written at up to 512 x 512 pixels' worth while its picture keeps its size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.comfy
+
+
+@pytest.fixture()
+def utils():
+    from headseg.nodes import node_utils
+
+    node_utils._saved_previews.clear()
+    yield node_utils
+    node_utils._saved_previews.clear()
+
+
+def flat(value: float, h: int = 4, w: int = 6) -> torch.Tensor:
+    return torch.full((1, h, w, 3), value)
+
+
+def name(refs) -> str:
+    (ref,) = refs
+    return ref["filename"]
+
+
+def test_same_bytes_in_another_shape_get_their_own_file(utils):
+    """One colour at 4x6 and at 6x4: the same pixel bytes, two pictures."""
+    assert name(utils.preview_refs(flat(0.3, 4, 6), reuse=True)) != name(utils.preview_refs(flat(0.3, 6, 4), reuse=True))
+
+
+def test_pictures_are_told_apart_by_the_bytes_the_png_writer_sees(utils):
+    """ComfyUI writes clip(255 x, 0, 255) cut to an integer: 10.2 and 10.8 are both written as 10 (one
+    file will do), 10.8 and 11.2 as 10 and 11 (two files), though both round to 11."""
+    a = name(utils.preview_refs(flat(10.2 / 255), reuse=True))
+    assert name(utils.preview_refs(flat(10.8 / 255), reuse=True)) == a
+    assert name(utils.preview_refs(flat(11.2 / 255), reuse=True)) != a
+
+
+def test_the_last_sixteen_pictures_used_are_kept(utils, comfy_folders):
+    pictures = [flat(i / 40) for i in range(17)]
+    names = [name(utils.preview_refs(p, reuse=True)) for p in pictures[:16]]
+    assert len(set(names)) == 16
+    assert name(utils.preview_refs(pictures[0], reuse=True)) == names[0]  # used again: now the most recent
+    utils.preview_refs(pictures[16], reuse=True)  # one more: the least recently used (picture 1) goes
+    assert name(utils.preview_refs(pictures[0], reuse=True)) == names[0]
+    for i in range(2, 16):
+        assert name(utils.preview_refs(pictures[i], reuse=True)) == names[i], i
+    assert name(utils.preview_refs(pictures[1], reuse=True)) != names[1]  # written again
+
+
+def test_without_reuse_every_call_writes_a_file(utils):
+    assert name(utils.preview_refs(flat(0.5))) != name(utils.preview_refs(flat(0.5)))
+
+
+@pytest.mark.parametrize("H, W", [(768, 1024), (1024, 576)])
+def test_mask_select_thumbnails_at_512_squared_pixels_worth(utils, comfy_folders, H, W):
+    from PIL import Image
+
+    from headseg.nodes import pipeline_nodes
+    from headseg.nodes.core.masks import MaskSet
+
+    masks = torch.zeros(2, H, W, dtype=torch.bool)
+    masks[0, : H // 2] = True
+    masks[1] = True
+    ms = MaskSet(masks, torch.tensor([2, 1]), torch.tensor([0, 0]))
+    out = pipeline_nodes.MaskSelectAtPixel.execute([ms], 5, 5, 0, torch.rand(1, H, W, 3))
+    size = lambda ref: Image.open(comfy_folders["temp"] / ref["subfolder"] / ref["filename"]).size  # noqa: E731
+    assert size(out.ui["headseg_image"][0]) == (W, H)
+    assert out.args[2].shape == (2, H, W, 3)  # the overlay output keeps the masks' size
+    for ref in out.ui["headseg_masks"]:
+        w, h = size(ref)
+        assert 0.99 * 512 * 512 <= w * h <= 512 * 512 and abs(w / h - W / H) < 0.01
