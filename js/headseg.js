@@ -22,6 +22,8 @@ const NOTE_WIDGET = "headseg_note";
 const PICKER_MIN_HEIGHT = 200; // px: picture + info line + thumbnail strip
 const NO_IMAGE_TEXT =
   "No image yet: connect an image (e.g. Load Image) to 'image' or queue the workflow, then click here to pick a pixel.";
+const LINKED_NO_PREVIEW_TEXT =
+  "The picture comes from a node that shows no preview here (or from outside this subgraph): queue the workflow once, then click here to pick a pixel.";
 const STYLE_ID = "headseg-style";
 
 const CSS = `
@@ -95,10 +97,22 @@ function finiteOr(value, fallback) {
   return Number.isFinite(n) ? n : fallback;
 }
 
+/** The key ComfyUI keeps a node's outputs under: its id, prefixed by its subgraph's id inside one. */
+function outputKey(node) {
+  const graph = node.graph;
+  const inSubgraph = graph && graph.isRootGraph === false && graph.id != null;
+  return inSubgraph ? `${graph.id}:${node.id}` : String(node.id);
+}
+
 /** The last UI payload ComfyUI keeps for ``node`` (restores a node rebuilt by undo or a tab switch). */
 function storedOutput(node) {
-  const out = app.nodeOutputs?.[String(node.id)];
+  const out = app.nodeOutputs?.[outputKey(node)];
   return out && typeof out === "object" ? out : null;
+}
+
+/** Lets ComfyUI's undo history and unsaved-changes mark see an edit made outside its own widgets. */
+function recordChange() {
+  app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
 }
 
 /** Whether input ``name`` of ``node`` is fed by a link (a widget converted to an input). */
@@ -220,8 +234,13 @@ class Picker {
     if (up) {
       this.setSource(up, null);
     } else if (!this.src) {
-      this.showMessage(NO_IMAGE_TEXT);
+      this.showMessage(this.noImageText());
     }
+  }
+
+  /** What to say while there is no picture: connect one, or (connected) queue once to see it. */
+  noImageText() {
+    return isLinked(this.node, "image") ? LINKED_NO_PREVIEW_TEXT : NO_IMAGE_TEXT;
   }
 
   upstreamPreview() {
@@ -290,6 +309,7 @@ class Picker {
     setWidget(this.node, "x", p.x);
     setWidget(this.node, "y", p.y);
     this.sync(true);
+    recordChange(); // one undo step per pick (the pointerdown handled here sends no mouseup)
   }
 
   /** The pixel the widgets ask for; a coordinate fed by a link is the one the last run used. */
@@ -373,6 +393,7 @@ class Picker {
         if (this.isStale()) return; // these thumbnails belong to the previous pixel: queue first
         setWidget(this.node, "index", i);
         this.sync(true);
+        recordChange();
       });
     });
   }
@@ -447,8 +468,10 @@ class Picker {
           this.size = null;
           this.natural = null;
           this.img.removeAttribute("src");
-          this.showMessage(NO_IMAGE_TEXT);
+          this.showMessage(this.noImageText());
         }
+      } else if (!up && !this.src && this.message.textContent !== this.noImageText()) {
+        this.showMessage(this.noImageText()); // the image input was linked or unlinked
       }
     }
     this.sync(false);
@@ -651,6 +674,7 @@ app.registerExtension({
   name: "HeadSeg.Frontend",
   afterConfigureGraph() {
     migrateUpsampleErrorMap(app.graph);
+    for (const subgraph of app.graph?.subgraphs?.values?.() ?? []) migrateUpsampleErrorMap(subgraph);
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     const name = nodeData?.name;

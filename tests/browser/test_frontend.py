@@ -794,6 +794,143 @@ def test_a_workflow_saved_with_upsamples_error_map_output_is_rewired(comfy_page)
     assert comfy_page.pack_problems() == []
 
 
+JS_TRACKER = """() => { const w = app.extensionManager.workflow.activeWorkflow;
+  return {modified: !!w.isModified, undo: w.changeTracker.undoQueue.length}; }"""
+JS_CHECK_STATE = "() => app.extensionManager.workflow.activeWorkflow.changeTracker.checkState()"
+
+
+def test_each_pick_is_an_undo_step_and_marks_the_workflow_modified(comfy_page, pictures):
+    """A click on the picture sets x / y the way an edit of those widgets does: Ctrl+Z takes the
+    picks back one at a time, and the workflow shows unsaved changes."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page, name)
+    wait_picture_ready(page, node_id)
+    page.evaluate(JS_CHECK_STATE)  # the graph built above is the starting state
+    before = page.evaluate(JS_TRACKER)
+    start = page.evaluate(JS_WIDGETS, node_id)
+    picks = []
+    for fx, fy in [(0.25, 0.5), (0.75, 0.25)]:
+        rect = frame_rect(page, node_id)
+        page.mouse.click(rect["left"] + fx * rect["width"], rect["top"] + fy * rect["height"])
+        settle(page, 250)
+        picks.append(page.evaluate(JS_WIDGETS, node_id))
+    assert picks[0] != start and picks[1] != picks[0]
+    after = page.evaluate(JS_TRACKER)
+    assert after["undo"] == before["undo"] + 2 and after["modified"], (before, after)
+    for expected in (picks[0], start):
+        page.keyboard.press("Control+z")
+        page.wait_for_function(
+            "([id, want]) => { const n = app.graph.getNodeById(id); if (!n) return false;"
+            " const v = Object.fromEntries(n.widgets.map(w => [w.name, w.value]));"
+            " return v.x === want.x && v.y === want.y; }",
+            arg=[node_id, expected],
+            timeout=15_000,
+        )
+    assert comfy_page.pack_problems() == []
+
+
+JS_TO_SUBGRAPH = """async (ids) => { app.canvas.deselectAll();
+  for (const id of ids) app.canvas.select(app.graph.getNodeById(id));
+  await app.extensionManager.command.execute('Comfy.Graph.ConvertToSubgraph');
+  return app.graph.nodes.find(n => n.isSubgraphNode?.()).id; }"""
+
+
+def test_an_old_error_map_output_inside_a_subgraph_is_rewired(comfy_page):
+    """The explore example's Upsample and error-map preview in a subgraph, saved when Upsample had the
+    error_map output: opening it rewires the subgraph as the root graph is rewired."""
+    page = comfy_page.page
+    wf = json.loads((WORKFLOWS_DIR / "headseg_explore.json").read_text())
+    page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'subgraph-old-error-map'); }", wf)
+    settle(page, 500)
+    saved = json.loads(page.evaluate("async (ids) => { await (" + JS_TO_SUBGRAPH + ")(ids);"
+                                     " return JSON.stringify(app.graph.serialize()); }", [10, 15]))  # fmt: skip
+    (definition,) = saved["definitions"]["subgraphs"]
+    nodes = {n["id"]: n for n in definition["nodes"]}
+    up, shown = nodes[10], nodes[15]
+    link = next(l for l in definition["links"] if l["target_id"] == 15)  # Upsample stack -> error-map node
+    link.update(origin_slot=1, type="IMAGE")  # as from Upsample's old second output
+    up["outputs"][0]["links"].remove(link["id"])
+    up["outputs"].append({"name": "error_map", "type": "IMAGE", "links": [link["id"]], "slot_index": 1})
+    shown.update(type="PreviewImage", inputs=[{"name": "images", "type": "IMAGE", "link": link["id"]}], outputs=[],
+                 properties={"Node name for S&R": "PreviewImage"}, widgets_values=[])  # fmt: skip
+    page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'subgraph-old-error-map'); }", saved)
+    settle(page, 800)
+    prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
+    maps = [i for i, n in prompt.items() if n["class_type"] == "HeadSeg_UpsamplingError"]
+    ups = [i for i, n in prompt.items() if n["class_type"] == "HeadSeg_Upsample"]
+    previews = [i for i, n in prompt.items() if n["class_type"] == "PreviewImage" and i.endswith(":15")]
+    assert len(maps) == 1 and len(ups) == 1 and len(previews) == 1, prompt
+    assert prompt[maps[0]]["inputs"]["stack"] == [ups[0], 0]
+    assert prompt[previews[0]]["inputs"]["images"] == [maps[0], 0]
+    inner = page.evaluate("() => app.graph.subgraphs.values().next().value.nodes"
+                          ".find(n => n.type === 'HeadSeg_Upsample').outputs.map(o => o.name)")  # fmt: skip
+    assert inner == ["stack"]
+    assert comfy_page.pack_problems() == []
+
+
+def test_picker_inside_a_subgraph_comes_back_when_the_node_is_rebuilt(comfy_page, pictures):
+    """Inside a subgraph ComfyUI keeps a node's outputs under '<subgraph id>:<node id>': the picker
+    finds its last run there after undo rebuilds the graph, as it does in the root graph."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page, name)
+    wait_picture_ready(page, node_id)
+    sg = page.evaluate(JS_TO_SUBGRAPH, [node_id])
+    ref = {"filename": name, "subfolder": "", "type": "input"}
+    payload = {
+        "headseg_image": [ref], "headseg_size": [W, H], "headseg_pixel": [3, 4], "headseg_pixel_asked": [3, 4],
+        "headseg_index": [0], "headseg_masks": [ref, ref],
+        "headseg_mask_info": [{"area": 10, "k": 2, "cluster": 0}, {"area": 20, "k": 2, "cluster": 1}],
+    }  # fmt: skip
+    page.evaluate(
+        """([sg, id, payload]) => {
+             const outer = app.graph.getNodeById(sg);
+             const inner = outer.subgraph.nodes.find(n => n.type === 'HeadSeg_MaskSelectAtPixel');
+             for (const w of inner.widgets) { if (w.name === 'x') w.value = 3; if (w.name === 'y') w.value = 4; }
+             app.api.dispatchCustomEvent('executed', {node: `${sg}:${inner.id}`, display_node: `${sg}:${inner.id}`,
+                                                      output: payload, prompt_id: 'p'}); }""",
+        [sg, node_id, payload],
+    )
+    js_open = """(sg) => { const outer = app.graph.getNodeById(sg); app.canvas.openSubgraph(outer.subgraph, outer);
+                   const inner = outer.subgraph.nodes.find(n => n.type === 'HeadSeg_MaskSelectAtPixel');
+                   app.canvas.ds.scale = 1; app.canvas.ds.offset = [180 - inner.pos[0], 190 - inner.pos[1]];
+                   app.canvas.setDirty(true, true); return inner.id; }"""
+    inner = page.evaluate(js_open, sg)
+    sel = picker_selector(inner)
+    thumbs = "(sel) => document.querySelectorAll(sel + ' .headseg-thumb').length === 2"
+    page.wait_for_function(thumbs, arg=sel, timeout=15_000)
+    page.evaluate("() => { const c = app.canvas; c.setGraph(app.graph); }")  # back to the root graph
+    page.evaluate("async () => { await app.loadGraphData(app.graph.serialize(), false, false); }")  # as undo does
+    settle(page, 500)
+    inner = page.evaluate(js_open, sg)
+    page.wait_for_function(thumbs, arg=picker_selector(inner), timeout=15_000)
+    assert "2 masks here" in page.text_content(picker_selector(inner) + " .headseg-info")
+    assert comfy_page.pack_problems() == []
+
+
+def test_a_linked_picture_without_a_preview_asks_for_a_run(comfy_page):
+    """An image input fed by a node that shows no preview (a VAE Decode before any run, or a picture
+    from outside a subgraph) cannot be shown before the first run: the picker says to queue once
+    rather than to connect an image."""
+    page = comfy_page.page
+    node_id = add_picker(page)
+    sel = picker_selector(node_id)
+    assert "connect an image" in page.text_content(sel + " .headseg-message")
+    page.evaluate(
+        """(id) => { const node = app.graph.getNodeById(id); const d = LiteGraph.createNode('VAEDecode');
+                     d.pos = [40, 80]; app.graph.add(d); d.connect(0, node, node.inputs.findIndex(i => i.name === 'image'));
+                     app.canvas.setDirty(true, true); }""",
+        node_id,
+    )
+    page.wait_for_function(
+        "(sel) => document.querySelector(sel + ' .headseg-message').textContent.includes('queue the workflow once')",
+        arg=sel,
+        timeout=15_000,
+    )
+    assert comfy_page.pack_problems() == []
+
+
 # -- a real run ---------------------------------------------------------------------------------
 RUN_TIMEOUT_MS = 420_000
 RUN_PICTURE = ("headseg_browser_run.png", 256, 192)  # non-square, a multiple of 8: a cheap CPU run
