@@ -184,7 +184,8 @@ class Picker {
     this.shown = {};
 
     addStyle();
-    const root = (this.root = el("div", "headseg-picker"));
+    // widget-expands: in the Vue node renderer ("Nodes 2.0") the widget then takes the node's free height
+    const root = (this.root = el("div", "headseg-picker widget-expands"));
     const stage = (this.stage = el("div", "headseg-stage", root));
     this.frame = el("div", "headseg-frame", stage);
     this.img = el("img", "headseg-base", this.frame);

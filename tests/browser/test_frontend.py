@@ -794,6 +794,35 @@ def test_a_workflow_saved_with_upsamples_error_map_output_is_rewired(comfy_page)
     assert comfy_page.pack_problems() == []
 
 
+def test_picker_grows_with_its_node_in_the_vue_node_renderer(comfy_page, pictures):
+    """With Nodes 2.0 (Vue nodes) the picture takes the node's free height and follows a resize by the
+    corner, as on the canvas, instead of staying 200 px tall."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    page.evaluate("async () => { await app.extensionManager.setting.set('Comfy.VueNodes.Enabled', true); }")
+    try:
+        node_id = add_picker(page, name)
+        synthetic_run(page, node_id, name, (W, H), (3, 4))
+        box = "(e) => e.getBoundingClientRect().toJSON()"
+        node_sel = f"[data-node-id='{node_id}']:not(.headseg-picker)"
+        node, picker = page.eval_on_selector(node_sel, box), page.eval_on_selector(picker_selector(node_id), box)
+        assert picker["height"] > 0.4 * node["height"], (picker, node)  # the free height, not the 200 px minimum
+        x, y = node["right"] - 3, node["bottom"] - 3
+        page.mouse.move(x, y)
+        page.mouse.down()
+        page.mouse.move(x + 100, y + 120, steps=8)
+        page.mouse.up()
+        settle(page, 600)
+        grown = page.eval_on_selector(picker_selector(node_id), box)
+        assert grown["height"] >= picker["height"] + 100 and grown["width"] >= picker["width"] + 80, (picker, grown)
+        rect = frame_rect(page, node_id)
+        assert abs(rect["width"] / rect["height"] - W / H) < 0.05  # the picture keeps its aspect ratio
+    finally:
+        page.evaluate("async () => { await app.extensionManager.setting.set('Comfy.VueNodes.Enabled', false); }")
+        settle(page, 500)
+    assert comfy_page.pack_problems() == []
+
+
 JS_TRACKER = """() => { const w = app.extensionManager.workflow.activeWorkflow;
   return {modified: !!w.isModified, undo: w.changeTracker.undoQueue.length}; }"""
 JS_CHECK_STATE = "() => app.extensionManager.workflow.activeWorkflow.changeTracker.checkState()"
