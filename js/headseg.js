@@ -115,6 +115,38 @@ function recordChange() {
   app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
 }
 
+const SUBGRAPH_INPUT_ID = -10; // LiteGraph's origin id for links that start at a subgraph's input
+
+/** The node that feeds input ``slot`` of ``node``, followed out through the inputs of the subgraphs
+ * it sits in (when a subgraph has exactly one node using it); null when there is none. */
+function inputOrigin(node, slot, depth = 0) {
+  const graph = node?.graph;
+  const linkId = node?.inputs?.[slot]?.link;
+  if (!graph || linkId == null || depth > 16) return null;
+  const links = graph._links ?? graph.links;
+  const link = links instanceof Map ? links.get(linkId) : links?.[linkId];
+  if (!link) return null;
+  if (link.origin_id !== SUBGRAPH_INPUT_ID) return graph.getNodeById(link.origin_id);
+  const users = subgraphNodesOf(graph);
+  return users.length === 1 ? inputOrigin(users[0], link.origin_slot, depth + 1) : null;
+}
+
+/** Whether ``node`` belongs to the open workflow: its root graph or one of the subgraphs it defines. */
+function inWorkflow(node) {
+  const graph = node.graph;
+  if (!graph || graph.getNodeById?.(node.id) !== node) return false;
+  const root = graph.rootGraph ?? graph;
+  if (root !== app.graph) return false;
+  return graph === root || root.subgraphs?.get?.(graph.id) === graph;
+}
+
+/** The subgraph nodes, anywhere in the workflow, whose inside is ``graph``. */
+function subgraphNodesOf(graph) {
+  const root = graph.rootGraph ?? app.graph;
+  const graphs = [root, ...(root?.subgraphs?.values?.() ?? [])];
+  return graphs.flatMap((g) => (g?.nodes ?? []).filter((n) => n.isSubgraphNode?.() && n.subgraph === graph));
+}
+
 /** Whether input ``name`` of ``node`` is fed by a link (a widget converted to an input). */
 function isLinked(node, name) {
   return node.inputs?.some((i) => i.name === name && i.link != null) ?? false;
@@ -248,7 +280,7 @@ class Picker {
     const node = this.node;
     const slot = node.inputs?.findIndex((i) => i.name === "image") ?? -1;
     if (slot < 0 || node.inputs[slot].link == null) return null;
-    const origin = node.getInputNode?.(slot);
+    const origin = inputOrigin(node, slot);
     const img = origin?.imgs?.[origin.imageIndex ?? 0] ?? origin?.imgs?.[0];
     return img?.src || null;
   }
@@ -452,6 +484,14 @@ class Picker {
   /** Called on every canvas draw of the node: follows upstream previews and widget edits. */
   tick() {
     if (!this.node.graph) return;
+    // A node inside a subgraph gets no onRemoved when the whole workflow is cleared or replaced:
+    // once it is out of the workflow on two ticks in a row, its picker and element go.
+    this.outside = inWorkflow(this.node) ? 0 : (this.outside ?? 0) + 1;
+    if (this.outside >= 2) {
+      this.destroy();
+      this.root.remove();
+      return;
+    }
     const id = String(this.node.id);
     if (this.root.dataset.nodeId !== id) this.root.dataset.nodeId = id;
     if (!this.output) {

@@ -165,7 +165,8 @@ def comfy_page(_shared_tab):
     page = _shared_tab.page
     page.keyboard.press("Escape")
     page.evaluate(
-        "() => { app.graph.clear(); app.canvas.ds.scale = 1; app.canvas.ds.offset = [0, 0];"
+        "() => { if (app.canvas.graph !== app.graph) app.canvas.setGraph(app.graph);"  # out of a subgraph
+        " app.graph.clear(); app.canvas.ds.scale = 1; app.canvas.ds.offset = [0, 0];"
         " app.canvas.setDirty(true, true); }"
     )
     _shared_tab.console.clear()

@@ -929,12 +929,57 @@ def test_picker_inside_a_subgraph_comes_back_when_the_node_is_rebuilt(comfy_page
     sel = picker_selector(inner)
     thumbs = "(sel) => document.querySelectorAll(sel + ' .headseg-thumb').length === 2"
     page.wait_for_function(thumbs, arg=sel, timeout=15_000)
-    page.evaluate("() => { const c = app.canvas; c.setGraph(app.graph); }")  # back to the root graph
+    page.evaluate("() => app.canvas.setGraph(app.graph)")  # back to the root graph
     page.evaluate("async () => { await app.loadGraphData(app.graph.serialize(), false, false); }")  # as undo does
     settle(page, 500)
     inner = page.evaluate(js_open, sg)
     page.wait_for_function(thumbs, arg=picker_selector(inner), timeout=15_000)
     assert "2 masks here" in page.text_content(picker_selector(inner) + " .headseg-info")
+    assert comfy_page.pack_problems() == []
+
+
+def test_picker_inside_a_subgraph_shows_the_picture_from_outside_before_a_run(comfy_page, pictures):
+    """Load Image outside, the picker inside a subgraph: the picture is found through the subgraph's
+    input, so a pixel can be picked before the first run, as in the root graph."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page, name)
+    wait_picture_ready(page, node_id)
+    outside = page.eval_on_selector(picker_selector(node_id) + " img.headseg-base", "i => i.src")
+    sg = page.evaluate(JS_TO_SUBGRAPH, [node_id])
+    inner = page.evaluate(
+        """(sg) => { const outer = app.graph.getNodeById(sg); app.canvas.openSubgraph(outer.subgraph, outer);
+                     const inner = outer.subgraph.nodes.find(n => n.type === 'HeadSeg_MaskSelectAtPixel');
+                     app.canvas.ds.scale = 1; app.canvas.ds.offset = [180 - inner.pos[0], 190 - inner.pos[1]];
+                     app.canvas.setDirty(true, true); return inner.id; }""",
+        sg,
+    )
+    wait_picture_ready(page, inner)
+    assert page.eval_on_selector(picker_selector(inner) + " img.headseg-base", "i => i.src") == outside
+    rect = frame_rect(page, inner)
+    page.mouse.click(rect["left"] + 0.75 * rect["width"], rect["top"] + 0.25 * rect["height"])
+    settle(page, 250)
+    values = page.evaluate("(sg) => Object.fromEntries(app.graph.getNodeById(sg).subgraph.nodes.find(n => "
+                           "n.type === 'HeadSeg_MaskSelectAtPixel').widgets.map(w => [w.name, w.value]))", sg)  # fmt: skip
+    assert (values["x"], values["y"]) == (int(0.75 * W), int(0.25 * H))
+    page.evaluate("() => app.canvas.setGraph(app.graph)")
+    assert comfy_page.pack_problems() == []
+
+
+def test_a_picker_inside_a_subgraph_goes_when_the_workflow_is_cleared(comfy_page, pictures):
+    """Clearing the graph (or opening another workflow) drops subgraph definitions without removing
+    their nodes one by one: the picker of a node in one must not stay behind in the page."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page, name)
+    page.evaluate(JS_TO_SUBGRAPH, [node_id])
+    count = "(n) => document.querySelectorAll('.headseg-picker').length === n"
+    page.wait_for_function(count, arg=1, timeout=10_000)  # the one inside the subgraph
+    page.evaluate("() => { app.graph.clear(); app.canvas.setDirty(true, true); }")
+    page.wait_for_function(count, arg=0, timeout=10_000)
+    node_id = add_picker(page, name)  # a new picker gets the same node id: no stale element to confuse
+    wait_picture_ready(page, node_id)
+    assert page.evaluate(count, 1)
     assert comfy_page.pack_problems() == []
 
 
