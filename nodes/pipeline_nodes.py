@@ -121,11 +121,13 @@ class HeadPCA(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, levels="all") -> bool | str:
+    def validate_inputs(cls, positions="down+up", levels="all") -> bool | str:
         # checked again at execution; values linked from other nodes are not known yet here. ComfyUI
-        # marks every input named here with the message, so only `levels`: `positions` is a combo,
-        # whose values ComfyUI checks itself.
+        # 0.3.75 checks no V3 combo value itself, so positions is checked here too (ComfyUI then
+        # marks both inputs; the message names the one at fault).
         try:
+            if isinstance(positions, str):
+                parse_positions(positions)
             if isinstance(levels, str):
                 parse_levels(levels)
         except ValueError as exc:

@@ -120,19 +120,64 @@ def test_positions_without_a_position_are_named_before_the_run(nodes, text):
 
     with pytest.raises(ValueError, match="^positions: expected UNet positions"):
         parse_positions(text)
-    # before the run, ComfyUI itself refuses a positions value that is not one of the combo's choices
-    kind, spec = nodes.HeadPCA.GET_SCHEMA().get_v1_info(nodes.HeadPCA).input["required"]["positions"]
-    assert kind == "COMBO" and text not in spec["options"]
+    assert comfy_validation_errors(nodes, positions=text) == [parse_error(parse_positions, text)]
 
 
-def test_validate_inputs_names_only_the_input_at_fault(nodes):
-    """ComfyUI marks every argument of validate_inputs with its message: a bad `levels` must not also
-    mark `positions`."""
-    import inspect
+def parse_error(parse, text) -> str:
+    try:
+        parse(text)
+    except ValueError as exc:
+        return str(exc)
+    raise AssertionError(f"{text!r} parsed")
 
-    assert list(inspect.signature(nodes.HeadPCA.validate_inputs).parameters) == ["levels"]
-    assert str(nodes.HeadPCA.validate_inputs(levels="0 1")).startswith("levels:")
-    assert nodes.HeadPCA.validate_inputs(levels="0, 1") is True
+
+def comfy_validation_errors(nodes, **widgets) -> list[str]:
+    """What ComfyUI's own prompt validation (execution.validate_inputs) says about a Head PCA with these
+    widget values, before anything runs: the details of its custom_validation_failed errors, deduplicated."""
+    import asyncio
+    import importlib
+
+    comfy_nodes, execution = importlib.import_module("nodes"), importlib.import_module("execution")
+    inputs = {"recording": ["1", 0], "positions": "down+up", "levels": "all", "components": 8, **widgets}
+    prompt = {
+        "1": {"class_type": "HeadSeg_LoadRecording", "inputs": {"file": "", "path": "/x.safetensors"}},
+        "2": {"class_type": "HeadSeg_HeadPCA", "inputs": inputs},
+    }
+    from headseg.nodes.recording_io_nodes import LoadRecording
+
+    added = {"HeadSeg_HeadPCA": nodes.HeadPCA, "HeadSeg_LoadRecording": LoadRecording}
+    saved = {k: comfy_nodes.NODE_CLASS_MAPPINGS.get(k) for k in added}
+    comfy_nodes.NODE_CLASS_MAPPINGS.update(added)
+    try:
+        _, errors, _ = asyncio.run(execution.validate_inputs("p", prompt, "2", {}))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                comfy_nodes.NODE_CLASS_MAPPINGS.pop(k, None)
+            else:
+                comfy_nodes.NODE_CLASS_MAPPINGS[k] = v
+    found = []
+    for e in errors:
+        if e["type"] == "custom_validation_failed":
+            detail = e["details"].split(" - ", 1)[1]
+            if detail not in found:
+                found.append(detail)
+    return found
+
+
+@pytest.mark.parametrize(
+    "widgets, fault",
+    [({"positions": "down+sideways"}, "positions"), ({"levels": "0 1"}, "levels"), ({}, None),
+     ({"positions": "down+middle+up", "levels": "0, 1"}, None)],
+)  # fmt: skip
+def test_comfyui_refuses_bad_positions_and_levels_before_the_run(nodes, widgets, fault):
+    """ComfyUI 0.3.75 does not check a V3 combo's value: Head PCA's validate_inputs must, so a bad
+    prompt is refused before sampling (the message names the input at fault)."""
+    errors = comfy_validation_errors(nodes, **widgets)
+    if fault is None:
+        assert errors == []
+    else:
+        assert len(errors) == 1 and errors[0].startswith(f"{fault}:"), errors
 
 
 def test_a_position_named_twice_counts_once(nodes, recording):

@@ -276,7 +276,7 @@ def test_bad_widget_values_name_the_widget(nodes, recording):
     assert "from 1 to 256" in nodes.MultiKMeans.validate_inputs("2,257")  # refused before sampling
     assert isinstance(nodes.MultiKMeans.validate_inputs("2,x"), str)
     assert nodes.MultiKMeans.validate_inputs("2,5") is True
-    assert isinstance(nodes.HeadPCA.validate_inputs("0;1"), str)
+    assert isinstance(nodes.HeadPCA.validate_inputs("down+sideways", "all"), str)
     sweep = nodes.MultiKMeans.execute(stack, "2,3", 0).args[0]
     masks = nodes.MaskMerge.execute(sweep, 0.9, 0.0).args[0]
     with pytest.raises(ValueError, match=r"\bx\b"):
