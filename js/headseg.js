@@ -116,6 +116,7 @@ function recordChange() {
 }
 
 const SUBGRAPH_INPUT_ID = -10; // LiteGraph's origin id for links that start at a subgraph's input
+const SUBGRAPH_OUTPUT_ID = -20; // ... and target id for links that end at a subgraph's output
 
 /** The node that feeds input ``slot`` of ``node``, followed out through the inputs of the subgraphs
  * it sits in (when a subgraph has exactly one node using it); null when there is none. */
@@ -695,10 +696,15 @@ function migrateUpsampleErrorMap(graph) {
     if (node.type !== "HeadSeg_Upsample") continue;
     const slot = node.outputs?.findIndex((o) => o?.name === "error_map") ?? -1;
     if (slot < 1) continue;
+    // [node or null, input slot, subgraph output or null]: a link may end at the subgraph's output
     const targets = (node.outputs[slot].links ?? [])
       .map(linkOf)
       .filter(Boolean)
-      .map((link) => [graph.getNodeById(link.target_id), link.target_slot]);
+      .map((link) =>
+        link.target_id === SUBGRAPH_OUTPUT_ID
+          ? [null, link.target_slot, graph.outputNode?.slots?.[link.target_slot] ?? null]
+          : [graph.getNodeById(link.target_id), link.target_slot, null],
+      );
     node.disconnectOutput?.(slot);
     node.removeOutput(slot);
     if (!targets.length) continue;
@@ -707,7 +713,10 @@ function migrateUpsampleErrorMap(graph) {
     errorMap.pos = [node.pos[0], node.pos[1] + node.size[1] + 60];
     graph.add(errorMap);
     node.connect(0, errorMap, 0);
-    for (const [target, inputSlot] of targets) if (target) errorMap.connect(0, target, inputSlot);
+    for (const [target, inputSlot, subgraphOutput] of targets) {
+      if (target) errorMap.connect(0, target, inputSlot);
+      else subgraphOutput?.connect?.(errorMap.outputs[0], errorMap);
+    }
   }
 }
 

@@ -898,6 +898,43 @@ def test_an_old_error_map_output_inside_a_subgraph_is_rewired(comfy_page):
     assert comfy_page.pack_problems() == []
 
 
+def test_an_old_error_map_output_that_leaves_a_subgraph_is_rewired(comfy_page):
+    """Inside a subgraph, the old error_map output fed the subgraph's output, read outside by a Preview
+    Image: the new Upsampling Error Map node takes over that link too, so the outside keeps its input."""
+    page = comfy_page.page
+    wf = json.loads((WORKFLOWS_DIR / "headseg_explore.json").read_text())
+    page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'subgraph-old-error-map-out'); }", wf)
+    settle(page, 500)
+    saved = json.loads(page.evaluate(
+        """async (ids) => { const shown = LiteGraph.createNode('PreviewImage'); shown.pos = [1400, 1400];
+             app.graph.add(shown); app.graph.getNodeById(15).connect(0, shown, 0);
+             await (""" + JS_TO_SUBGRAPH + """)(ids); return JSON.stringify(app.graph.serialize()); }""",
+        [10, 15],
+    ))  # fmt: skip
+    (definition,) = saved["definitions"]["subgraphs"]
+    nodes = {n["id"]: n for n in definition["nodes"]}
+    up = nodes[10]
+    out_link = next(l for l in definition["links"] if l["origin_id"] == 15 and l["target_id"] == -20)
+    stack_link = next(l for l in definition["links"] if l["origin_id"] == 10 and l["target_id"] == 15)
+    definition["links"].remove(stack_link)  # the error map becomes Upsample's old second output again
+    up["outputs"][0]["links"].remove(stack_link["id"])
+    out_link.update(origin_id=10, origin_slot=1)
+    up["outputs"].append({"name": "error_map", "type": "IMAGE", "links": [out_link["id"]], "slot_index": 1})
+    definition["nodes"].remove(nodes[15])
+    page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'subgraph-old-error-map-out'); }", saved)
+    settle(page, 800)
+    prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
+    maps = [i for i, n in prompt.items() if n["class_type"] == "HeadSeg_UpsamplingError"]
+    ups = [i for i, n in prompt.items() if n["class_type"] == "HeadSeg_Upsample"]
+    assert len(maps) == 1 and len(ups) == 1, prompt
+    assert prompt[maps[0]]["inputs"]["stack"] == [ups[0], 0]
+    outside = [n for i, n in prompt.items() if n["class_type"] == "PreviewImage" and ":" not in i]
+    assert [n["inputs"].get("images") for n in outside if n["inputs"].get("images", [""])[0] == maps[0]] == [
+        [maps[0], 0]
+    ], prompt
+    assert comfy_page.pack_problems() == []
+
+
 def test_picker_inside_a_subgraph_comes_back_when_the_node_is_rebuilt(comfy_page, pictures):
     """Inside a subgraph ComfyUI keeps a node's outputs under '<subgraph id>:<node id>': the picker
     finds its last run there after undo rebuilds the graph, as it does in the root graph."""
