@@ -444,38 +444,51 @@ class MaskMerge(io.ComfyNode):
         if not clusters.results:
             raise ValueError("clusters: the sweep holds no cluster count; expected the output of Multi K-Means")
         B = next(iter(clusters.results.values())).labels.shape[0]
-        _check_mask_memory(clusters, B)
+        H, W = clusters.size
+        total_k = sum(int(k) for k in clusters.results)
         merged = []
         for b in range(B):
+            _check_mask_memory(total_k * H * W, f"the {total_k} masks of image {b} before merging", clusters)
             merged.append(
                 core_masks.merge_sweep(clusters, b, iou_threshold=float(iou_threshold), min_area=float(min_area))
             )
         first = merged[0].masks  # [M, H, W] bool
         if first.shape[0] == 0:
-            H, W = clusters.size
             all_masks = torch.zeros(1, H, W)  # [1, H, W]: an empty MASK batch is not valid downstream
         else:
+            M = first.shape[0]
+            _check_mask_memory(4 * M * H * W, f"all_masks, the {M} merged masks of image 0 as a MASK batch", clusters)
             all_masks = mask_to_comfy(first)  # [M, H, W]
         counts = ", ".join(str(int(m.masks.shape[0])) for m in merged)
         return io.NodeOutput(merged, all_masks, ui={"text": [f"merged masks per image: {counts}"]})
 
 
-# Mask Merge refuses sweeps whose masks could take more than this: every cluster a bool mask per image,
-# and image 0's merged masks again as a float32 MASK batch (up to 5 bytes per cluster and pixel).
-_MAX_MASK_OUTPUT_BYTES = 4 << 30
+# Without psutil (ComfyUI ships it), Mask Merge allows this many bytes for each of its large allocations.
+_FALLBACK_MASK_BYTES = 4 << 30
 
 
-def _check_mask_memory(clusters, batch: int) -> None:
-    """ValueError naming `clusters` (and Multi K-Means' cluster_counts) when the masks could not fit."""
-    H, W = clusters.size
-    total_k = sum(int(k) for k in clusters.results)
-    need = total_k * H * W * (batch + 4)  # bytes: bool masks of every image + float32 MASKs of image 0
-    if need > _MAX_MASK_OUTPUT_BYTES:
+def _available_memory() -> int | None:
+    """Bytes of memory free for new allocations (psutil's 'available'), or None when unknown."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # no psutil, or a platform where it cannot tell
+        return None
+
+
+def _check_mask_memory(need: int, what: str, clusters) -> None:
+    """ValueError naming `clusters` (and Multi K-Means' cluster_counts) when allocating ``need`` bytes
+    for ``what`` would take more than 80 % of the free memory."""
+    available = _available_memory()
+    limit = 0.8 * available if available else _FALLBACK_MASK_BYTES
+    if need > limit:
         ks = ",".join(str(int(k)) for k in clusters.results)
+        H, W = clusters.size
+        room = f"80 % of the {available / 2**30:.1f} GiB free" if available else f"{limit / 2**30:.1f} GiB"
         raise ValueError(
-            f"clusters: cluster_counts {ks} make {total_k} masks per image; for {batch} image(s) of {W}x{H} "
-            f"pixels they could take {need / 2**30:.1f} GiB (at most {_MAX_MASK_OUTPUT_BYTES / 2**30:.0f} GiB). "
-            "Use fewer or smaller cluster counts in Multi K-Means, fewer images or smaller ones"
+            f"clusters: {what} would take {need / 2**30:.1f} GiB at {W}x{H} pixels (cluster_counts {ks}), more "
+            f"than {room}. Use fewer or smaller cluster counts in Multi K-Means, fewer images or smaller ones"
         )
 
 

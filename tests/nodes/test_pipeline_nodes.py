@@ -335,20 +335,36 @@ def test_mask_merge_names_an_empty_sweep(nodes):
         nodes.MaskMerge.execute(ClusterSweep(results={}, size=(8, 8)), 0.9, 0.0)
 
 
-def test_mask_merge_refuses_sweeps_whose_masks_would_not_fit(nodes, recording, monkeypatch):
-    """Up to 5 bytes per cluster and pixel (bool masks of every image, float32 MASKs of image 0): a sweep
-    above the cap is refused before any mask is built, naming cluster_counts; one just under it runs."""
+def test_mask_merge_refuses_masks_that_would_not_fit_in_free_memory(nodes, recording, monkeypatch):
+    """Each image's cluster masks (1 byte per cluster and pixel) and image 0's MASK batch (4 bytes per
+    merged mask and pixel) must fit in 80 % of the free memory: otherwise a message naming
+    cluster_counts, before the allocation; settings that fit run."""
     feats = nodes.HeadPCA.execute(recording, "down+up", "all", 4).args[0]
     stack = nodes.Upsample.execute(feats, "bilinear", False).args[0]
     sweep = nodes.MultiKMeans.execute(stack, "2,5", 0).args[0]
-    B = recording.batch_size
-    need = 7 * H * W * (B + 4)
-    monkeypatch.setattr(nodes, "_MAX_MASK_OUTPUT_BYTES", need - 1)
-    with pytest.raises(ValueError, match=rf"^clusters: cluster_counts 2,5 make 7 masks per image; for {B} image\(s\) "
-                       rf"of {W}x{H} pixels .*Use fewer or smaller cluster counts in Multi K-Means"):  # fmt: skip
+    M = len(nodes.MaskMerge.execute(sweep, 0.9, 0.0).args[0][0].masks)  # merged masks of image 0
+    assert 1 < M <= 7
+    cases = [  # free bytes -> the allocation refused (None: runs)
+        (7 * H * W / 0.8 - 1, f"the 7 masks of image 0 before merging would take 0.0 GiB at {W}x{H} pixels"),
+        (4 * M * H * W / 0.8 - 1, f"all_masks, the {M} merged masks of image 0 as a MASK batch"),
+        (4 * M * H * W / 0.8 + 1, None),
+    ]
+    for free, refused in cases:
+        monkeypatch.setattr(nodes, "_available_memory", lambda free=free: int(free))
+        if refused is None:
+            assert nodes.MaskMerge.execute(sweep, 0.9, 0.0).args[1].shape == (M, H, W)
+            continue
+        with pytest.raises(ValueError, match="^clusters: ") as info:
+            nodes.MaskMerge.execute(sweep, 0.9, 0.0)
+        message = str(info.value)
+        assert refused in message and "(cluster_counts 2,5)" in message and "80 % of the" in message, message
+        assert "Use fewer or smaller cluster counts in Multi K-Means" in message
+    monkeypatch.setattr(nodes, "_available_memory", lambda: None)  # unknown: a fixed 4 GiB each
+    monkeypatch.setattr(nodes, "_FALLBACK_MASK_BYTES", 7 * H * W - 1)
+    with pytest.raises(ValueError, match=r"more than 0\.0 GiB\. Use fewer"):
         nodes.MaskMerge.execute(sweep, 0.9, 0.0)
-    monkeypatch.setattr(nodes, "_MAX_MASK_OUTPUT_BYTES", need)
-    assert nodes.MaskMerge.execute(sweep, 0.9, 0.0).args[1].shape[1:] == (H, W)
+    monkeypatch.undo()
+    assert nodes._available_memory() > 0  # psutil is there in ComfyUI
 
 
 def test_pixel_of_a_larger_picture_outside_the_masks_is_mapped(nodes, recording, caplog):
