@@ -142,6 +142,14 @@ def parse_positions(text: str) -> tuple[str, ...]:
     return parts
 
 
+def combo_error(name: str, value, choices) -> str | None:
+    """For validate_inputs: ComfyUI 0.3.75 checks no V3 combo's value itself (its input type is the
+    string 'COMBO'), so an API prompt could carry any string into the run. A message, or None."""
+    if isinstance(value, str) and value not in choices:
+        return f"{name}: expected one of {list(choices)}, got {value!r}"
+    return None
+
+
 def preview_refs(images: torch.Tensor, reuse: bool = False) -> list[dict]:
     """Saves IMAGE [B, H, W, 3] as temporary PNGs; returns [{filename, subfolder, type}] for /view.
 

@@ -23,6 +23,7 @@ from .node_utils import (
     DEVICE_CHOICES,
     POSITION_CHOICES,
     as_recording,
+    combo_error,
     image_batch,
     log,
     mask_to_comfy,
@@ -123,8 +124,8 @@ class HeadPCA(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, positions="down+up", levels="all") -> bool | str:
         # checked again at execution; values linked from other nodes are not known yet here. ComfyUI
-        # 0.3.75 checks no V3 combo value itself, so positions is checked here too (ComfyUI then
-        # marks both inputs; the message names the one at fault).
+        # 0.3.75 checks no V3 combo value itself (see combo_error), so positions is checked here too
+        # (ComfyUI then marks both inputs; the message names the one at fault).
         try:
             if isinstance(positions, str):
                 parse_positions(positions)
@@ -217,6 +218,10 @@ class Upsample(io.ComfyNode):
                 ),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, mode="bilinear") -> bool | str:
+        return combo_error("mode", mode, core_upsample.MODES) or True
 
     @classmethod
     def execute(cls, features, mode="bilinear", reweight=False) -> io.NodeOutput:
@@ -352,13 +357,13 @@ class MultiKMeans(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, cluster_counts="2,5,6,10,20") -> bool | str:
+    def validate_inputs(cls, cluster_counts="2,5,6,10,20", device="auto") -> bool | str:
         if isinstance(cluster_counts, str):
             try:
                 core_kmeans.parse_cluster_counts(cluster_counts)
             except ValueError as exc:
                 return str(exc)
-        return True
+        return combo_error("device", device, DEVICE_CHOICES) or True
 
     @classmethod
     def execute(cls, stack, cluster_counts="2,5,6,10,20", seed=0, device="auto") -> io.NodeOutput:

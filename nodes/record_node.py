@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from . import recorder
+from .node_utils import combo_error
 from .types import Recording as RecordingSocket
 
 
@@ -84,8 +85,8 @@ class RecordSelfAttention(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, levels="all", steps="last"):
-        # Only these two are checked here (no **kwargs), so ComfyUI still checks the other widgets itself.
+    def validate_inputs(cls, levels="all", steps="last", branch="cond"):
+        # Only these are checked here (no **kwargs), so ComfyUI still checks the other widgets itself.
         for parse, value in ((recorder.parse_levels, levels), (recorder.parse_steps, steps)):
             if not isinstance(value, str):
                 continue  # linked from another node: checked at execution
@@ -93,7 +94,7 @@ class RecordSelfAttention(io.ComfyNode):
                 parse(value)
             except (TypeError, ValueError) as exc:
                 return str(exc)
-        return True
+        return combo_error("branch", branch, recorder.BRANCHES) or True
 
     @classmethod
     def execute(

@@ -132,24 +132,30 @@ def parse_error(parse, text) -> str:
 
 
 def comfy_validation_errors(nodes, **widgets) -> list[str]:
-    """What ComfyUI's own prompt validation (execution.validate_inputs) says about a Head PCA with these
-    widget values, before anything runs: the details of its custom_validation_failed errors, deduplicated."""
+    """What ComfyUI's own prompt validation says about a Head PCA with these widget values."""
+    inputs = {"recording": ["1", 0], "positions": "down+up", "levels": "all", "components": 8, **widgets}
+    return validation_errors({"2": {"class_type": "HeadSeg_HeadPCA", "inputs": inputs}}, "2")
+
+
+# A recording for the prompts below: Load Recording validates without reading its file.
+_LOADED = {"1": {"class_type": "HeadSeg_LoadRecording", "inputs": {"file": "", "path": "/x.safetensors"}}}
+
+
+def validation_errors(prompt: dict, node_id: str) -> list[str]:
+    """ComfyUI's own prompt validation (execution.validate_inputs) of ``node_id`` in ``prompt`` (plus a
+    Load Recording as node "1"), with the pack's nodes registered, before anything runs: the details of
+    the custom_validation_failed errors, deduplicated."""
     import asyncio
     import importlib
 
-    comfy_nodes, execution = importlib.import_module("nodes"), importlib.import_module("execution")
-    inputs = {"recording": ["1", 0], "positions": "down+up", "levels": "all", "components": 8, **widgets}
-    prompt = {
-        "1": {"class_type": "HeadSeg_LoadRecording", "inputs": {"file": "", "path": "/x.safetensors"}},
-        "2": {"class_type": "HeadSeg_HeadPCA", "inputs": inputs},
-    }
-    from headseg.nodes.recording_io_nodes import LoadRecording
+    import headseg
 
-    added = {"HeadSeg_HeadPCA": nodes.HeadPCA, "HeadSeg_LoadRecording": LoadRecording}
+    comfy_nodes, execution = importlib.import_module("nodes"), importlib.import_module("execution")
+    added = {cls.GET_SCHEMA().node_id: cls for cls in node_classes(headseg)}
     saved = {k: comfy_nodes.NODE_CLASS_MAPPINGS.get(k) for k in added}
     comfy_nodes.NODE_CLASS_MAPPINGS.update(added)
     try:
-        _, errors, _ = asyncio.run(execution.validate_inputs("p", prompt, "2", {}))
+        _, errors, _ = asyncio.run(execution.validate_inputs("p", {**_LOADED, **prompt}, node_id, {}))
     finally:
         for k, v in saved.items():
             if v is None:
@@ -163,6 +169,52 @@ def comfy_validation_errors(nodes, **widgets) -> list[str]:
             if detail not in found:
                 found.append(detail)
     return found
+
+
+def node_classes(headseg) -> list:
+    """The node classes the pack's V3 entry point lists (run on a thread of its own: an event loop may
+    be running on this one)."""
+    import asyncio
+    import concurrent.futures
+
+    async def listed():
+        return await (await headseg.comfy_entrypoint()).get_node_list()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, listed()).result()
+
+
+_PCA = {"class_type": "HeadSeg_HeadPCA", "inputs": {"recording": ["1", 0], "positions": "down+up", "levels": "all",
+                                                   "components": 8}}  # fmt: skip
+_UP = {"class_type": "HeadSeg_Upsample", "inputs": {"features": ["2", 0], "mode": "bilinear", "reweight": False}}
+_KM = {"class_type": "HeadSeg_MultiKMeans", "inputs": {"stack": ["3", 0], "cluster_counts": "2,5", "seed": 0,
+                                                      "device": "auto"}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "node, name, bad, good",
+    [("3", "mode", "bicubic", "nearest"), ("4", "device", "gpu2", "cpu"), ("4", "cluster_counts", "2,x", "3")],
+)
+def test_comfyui_refuses_bad_choices_of_the_stage_nodes_before_the_run(node, name, bad, good):
+    """A combo's value is not checked by ComfyUI 0.3.75 for V3 nodes: the nodes' validate_inputs does it,
+    so an API prompt with a bad choice is refused before sampling, naming the input."""
+    import copy
+
+    def prompt(value):
+        p = {"2": copy.deepcopy(_PCA), "3": copy.deepcopy(_UP), "4": copy.deepcopy(_KM)}
+        p[node]["inputs"][name] = value
+        return p
+
+    (message,) = validation_errors(prompt(bad), node)
+    assert message.startswith(f"{name}:") or message.startswith(f"{name} must"), message
+    assert validation_errors(prompt(good), node) == []
+
+
+def test_comfyui_refuses_a_bad_branch_of_the_record_node_before_the_run():
+    inputs = {"model": ["1", 0], "down": True, "middle": True, "up": True, "levels": "all", "steps": "last"}
+    prompt = lambda branch: {"5": {"class_type": "HeadSeg_RecordSelfAttention", "inputs": {**inputs, "branch": branch}}}  # noqa: E731
+    assert validation_errors(prompt("both"), "5") == ["branch: expected one of ['cond', 'uncond'], got 'both'"]
+    assert validation_errors(prompt("uncond"), "5") == []
 
 
 @pytest.mark.parametrize(
