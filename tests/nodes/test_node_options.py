@@ -145,17 +145,16 @@ def validation_errors(prompt: dict, node_id: str) -> list[str]:
     """ComfyUI's own prompt validation (execution.validate_inputs) of ``node_id`` in ``prompt`` (plus a
     Load Recording as node "1"), with the pack's nodes registered, before anything runs: the details of
     the custom_validation_failed errors, deduplicated."""
-    import asyncio
     import importlib
 
     import headseg
 
     comfy_nodes, execution = importlib.import_module("nodes"), importlib.import_module("execution")
-    added = {cls.GET_SCHEMA().node_id: cls for cls in node_classes(headseg)}
+    added = {cls.GET_SCHEMA().node_id: cls for cls in run_async(headseg.comfy_entrypoint)}
     saved = {k: comfy_nodes.NODE_CLASS_MAPPINGS.get(k) for k in added}
     comfy_nodes.NODE_CLASS_MAPPINGS.update(added)
     try:
-        _, errors, _ = asyncio.run(execution.validate_inputs("p", {**_LOADED, **prompt}, node_id, {}))
+        _, errors, _ = run_async(lambda: execution.validate_inputs("p", {**_LOADED, **prompt}, node_id, {}))
     finally:
         for k, v in saved.items():
             if v is None:
@@ -171,17 +170,18 @@ def validation_errors(prompt: dict, node_id: str) -> list[str]:
     return found
 
 
-def node_classes(headseg) -> list:
-    """The node classes the pack's V3 entry point lists (run on a thread of its own: an event loop may
-    be running on this one)."""
+def run_async(make):
+    """The result of the coroutine ``make()`` (for comfy_entrypoint: its extension's node list), run on
+    a thread of its own: another test's event loop (Playwright's) may be running on this one."""
     import asyncio
     import concurrent.futures
 
-    async def listed():
-        return await (await headseg.comfy_entrypoint()).get_node_list()
+    async def run():
+        result = await make()
+        return await result.get_node_list() if hasattr(result, "get_node_list") else result
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, listed()).result()
+        return pool.submit(asyncio.run, run()).result()
 
 
 _PCA = {"class_type": "HeadSeg_HeadPCA", "inputs": {"recording": ["1", 0], "positions": "down+up", "levels": "all",
