@@ -104,7 +104,7 @@ function outputKey(node) {
   return inSubgraph ? `${graph.id}:${node.id}` : String(node.id);
 }
 
-/** The last UI payload ComfyUI keeps for ``node`` (restores a node rebuilt by undo or a tab switch). */
+/** The last UI payload ComfyUI keeps for ``node`` (restores a node rebuilt by undo). */
 function storedOutput(node) {
   const out = app.nodeOutputs?.[outputKey(node)];
   return out && typeof out === "object" ? out : null;
@@ -115,6 +115,8 @@ function recordChange() {
   app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
 }
 
+// A picker whose node has been out of the workflow this long (ms) goes (see Picker.tick).
+const OUTSIDE_GRACE_MS = 1500;
 const SUBGRAPH_INPUT_ID = -10; // LiteGraph's origin id for links that start at a subgraph's input
 const SUBGRAPH_OUTPUT_ID = -20; // ... and target id for links that end at a subgraph's output
 
@@ -132,13 +134,15 @@ function inputOrigin(node, slot, depth = 0) {
   return users.length === 1 ? inputOrigin(users[0], link.origin_slot, depth + 1) : null;
 }
 
-/** Whether ``node`` belongs to the open workflow: its root graph or one of the subgraphs it defines. */
+/** Whether ``node`` belongs to the open workflow: its root graph, or a subgraph it defines that a
+ * subgraph node uses (a deleted subgraph node's definition stays behind). */
 function inWorkflow(node) {
   const graph = node.graph;
   if (!graph || graph.getNodeById?.(node.id) !== node) return false;
   const root = graph.rootGraph ?? graph;
   if (root !== app.graph) return false;
-  return graph === root || root.subgraphs?.get?.(graph.id) === graph;
+  if (graph === root) return true;
+  return root.subgraphs?.get?.(graph.id) === graph && subgraphNodesOf(graph).length > 0;
 }
 
 /** The subgraph nodes, anywhere in the workflow, whose inside is ``graph``. */
@@ -248,6 +252,21 @@ class Picker {
   destroy() {
     this.resizeObserver?.disconnect();
     trackPicker(this, false);
+    this.root.dataset.dead = "1"; // a renderer that keeps showing it lets the node's next picker take its place
+  }
+
+  /** The Vue node renderer ("Nodes 2.0") can keep showing the element of the picker that an undo
+   * replaced and never show this one: this picker then takes that element's place. */
+  takeOverDeadElement() {
+    if (this.root.isConnected) return;
+    const key = outputKey(this.node);
+    for (const old of document.querySelectorAll(".headseg-picker[data-dead='1']")) {
+      if (old.dataset.key === key) {
+        old.replaceWith(this.root);
+        this.layout();
+        return;
+      }
+    }
   }
 
   showMessage(text) {
@@ -485,20 +504,24 @@ class Picker {
   /** Called on every canvas draw of the node: follows upstream previews and widget edits. */
   tick() {
     if (!this.node.graph) return;
-    // A node inside a subgraph gets no onRemoved when the whole workflow is cleared or replaced:
-    // once it is out of the workflow on two ticks in a row, its picker and element go.
-    this.outside = inWorkflow(this.node) ? 0 : (this.outside ?? 0) + 1;
-    if (this.outside >= 2) {
+    // A node inside a subgraph gets no onRemoved when the whole workflow is cleared or replaced, or
+    // its subgraph node deleted: once it has been out of the workflow for a while, its picker goes.
+    const now = performance.now();
+    this.outsideSince = inWorkflow(this.node) ? null : (this.outsideSince ?? now);
+    if (this.outsideSince !== null && now - this.outsideSince > OUTSIDE_GRACE_MS) {
       this.destroy();
       this.root.remove();
       return;
     }
     const id = String(this.node.id);
     if (this.root.dataset.nodeId !== id) this.root.dataset.nodeId = id;
+    const key = outputKey(this.node);
+    if (this.root.dataset.key !== key) this.root.dataset.key = key;
+    this.takeOverDeadElement();
     if (!this.output) {
       const stored = storedOutput(this.node);
       if (stored?.headseg_pixel || stored?.headseg_image) {
-        this.onExecuted(stored); // the node was rebuilt (undo, another workflow tab and back)
+        this.onExecuted(stored); // the node was rebuilt (undo)
         return;
       }
       const up = this.upstreamPreview();
@@ -673,7 +696,7 @@ function setupNoteLine(nodeType) {
   nodeType.prototype.onDrawForeground = function () {
     const result = onDrawForeground?.apply(this, arguments);
     if (!this.headsegNote) {
-      const stored = storedOutput(this); // the node was rebuilt (undo, another workflow tab and back)
+      const stored = storedOutput(this); // the node was rebuilt (undo)
       if (stored && (Array.isArray(stored.text) || Array.isArray(stored.headseg_labels))) {
         this.headsegNote = new NoteLine(this);
         this.headsegNote.onExecuted(stored);

@@ -489,9 +489,9 @@ def test_a_pixel_mapped_by_the_run_becomes_the_widgets_pixel(comfy_page, picture
 
 
 def test_picker_comes_back_when_the_node_is_rebuilt(comfy_page, pictures):
-    """Undo and switching workflow tabs rebuild the nodes from the saved graph (loadGraphData without
-    clearing outputs): the picker restores its last run from the outputs ComfyUI keeps, as ComfyUI's
-    own previews do, instead of going blank."""
+    """Undo rebuilds the nodes from the saved graph (loadGraphData without clearing outputs): the
+    picker restores its last run from the outputs ComfyUI keeps, as ComfyUI's own previews do,
+    instead of going blank."""
     name, W, H = pictures["landscape"]
     page = comfy_page.page
     node_id = add_picker(page)
@@ -823,6 +823,41 @@ def test_picker_grows_with_its_node_in_the_vue_node_renderer(comfy_page, picture
     assert comfy_page.pack_problems() == []
 
 
+JS_SHOWN_PICKERS = """(id) => { const n = app.graph.getNodeById(id);
+  const shown = [...document.querySelectorAll('.headseg-picker')].filter(e => e.isConnected && e.getBoundingClientRect().width > 0);
+  return {count: shown.length, live: shown.length === 1 && shown[0] === n.headsegPicker.root,
+          thumbs: shown.map(e => e.querySelectorAll('.headseg-thumb').length)}; }"""
+
+
+def test_after_undo_the_vue_renderer_shows_the_rebuilt_nodes_picker(comfy_page, pictures):
+    """Nodes 2.0 keeps showing the element of the picker an undo replaced: the rebuilt node's picker
+    takes its place, so clicks set the live node's x / y and runs show their thumbnails."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    page.evaluate("async () => { await app.extensionManager.setting.set('Comfy.VueNodes.Enabled', true); }")
+    try:
+        node_id = add_picker(page, name)
+        synthetic_run(page, node_id, name, (W, H), (3, 4))
+        page.evaluate(JS_CHECK_STATE)
+        for fx in (0.25, 0.75):
+            rect = frame_rect(page, node_id)
+            page.mouse.click(rect["left"] + fx * rect["width"], rect["top"] + 0.5 * rect["height"])
+            settle(page, 250)
+        page.evaluate("async () => { await app.extensionManager.workflow.activeWorkflow.changeTracker.undo(); }")
+        page.wait_for_function(f"(id) => ({JS_SHOWN_PICKERS})(id).live", arg=node_id, timeout=15_000)
+        rect = frame_rect(page, node_id)
+        page.mouse.click(rect["left"] + 0.5 * rect["width"], rect["top"] + 0.25 * rect["height"])
+        settle(page, 250)
+        values = page.evaluate(JS_WIDGETS, node_id)
+        assert (values["x"], values["y"]) == (W // 2, H // 4)
+        synthetic_run(page, node_id, name, (W, H), (W // 2, H // 4), masks=3)
+        assert page.evaluate(JS_SHOWN_PICKERS, node_id)["thumbs"] == [3]
+    finally:
+        page.evaluate("async () => { await app.extensionManager.setting.set('Comfy.VueNodes.Enabled', false); }")
+        settle(page, 500)
+    assert comfy_page.pack_problems() == []
+
+
 JS_TRACKER = """() => { const w = app.extensionManager.workflow.activeWorkflow;
   return {modified: !!w.isModified, undo: w.changeTracker.undoQueue.length}; }"""
 JS_CHECK_STATE = "() => app.extensionManager.workflow.activeWorkflow.changeTracker.checkState()"
@@ -1006,7 +1041,8 @@ def test_picker_inside_a_subgraph_shows_the_picture_from_outside_before_a_run(co
 
 def test_a_picker_inside_a_subgraph_goes_when_the_workflow_is_cleared(comfy_page, pictures):
     """Clearing the graph (or opening another workflow) drops subgraph definitions without removing
-    their nodes one by one: the picker of a node in one must not stay behind in the page."""
+    their nodes one by one, and deleting a subgraph node keeps its definition: the picker of a node
+    in one must not stay behind in the page."""
     name, W, H = pictures["landscape"]
     page = comfy_page.page
     node_id = add_picker(page, name)
@@ -1018,6 +1054,11 @@ def test_a_picker_inside_a_subgraph_goes_when_the_workflow_is_cleared(comfy_page
     node_id = add_picker(page, name)  # a new picker gets the same node id: no stale element to confuse
     wait_picture_ready(page, node_id)
     assert page.evaluate(count, 1)
+    # deleting the subgraph node leaves its definition behind in the workflow: its picker goes too
+    sg = page.evaluate(JS_TO_SUBGRAPH, [node_id])
+    page.wait_for_function(count, arg=1, timeout=10_000)
+    page.evaluate("(sg) => { app.graph.remove(app.graph.getNodeById(sg)); app.canvas.setDirty(true, true); }", sg)
+    page.wait_for_function(count, arg=0, timeout=10_000)
     assert comfy_page.pack_problems() == []
 
 
