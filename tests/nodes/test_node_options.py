@@ -147,14 +147,14 @@ def validation_errors(prompt: dict, node_id: str) -> list[str]:
     the custom_validation_failed errors, deduplicated."""
     import importlib
 
-    import headseg
+    from headseg.tests.support.comfy_in_process import pack_node_classes, run_on_own_thread
 
     comfy_nodes, execution = importlib.import_module("nodes"), importlib.import_module("execution")
-    added = {cls.GET_SCHEMA().node_id: cls for cls in run_async(headseg.comfy_entrypoint)}
+    added = {cls.GET_SCHEMA().node_id: cls for cls in pack_node_classes()}
     saved = {k: comfy_nodes.NODE_CLASS_MAPPINGS.get(k) for k in added}
     comfy_nodes.NODE_CLASS_MAPPINGS.update(added)
     try:
-        _, errors, _ = run_async(lambda: execution.validate_inputs("p", {**_LOADED, **prompt}, node_id, {}))
+        _, errors, _ = run_on_own_thread(lambda: execution.validate_inputs("p", {**_LOADED, **prompt}, node_id, {}))
     finally:
         for k, v in saved.items():
             if v is None:
@@ -168,20 +168,6 @@ def validation_errors(prompt: dict, node_id: str) -> list[str]:
             if detail not in found:
                 found.append(detail)
     return found
-
-
-def run_async(make):
-    """The result of the coroutine ``make()`` (for comfy_entrypoint: its extension's node list), run on
-    a thread of its own: another test's event loop (Playwright's) may be running on this one."""
-    import asyncio
-    import concurrent.futures
-
-    async def run():
-        result = await make()
-        return await result.get_node_list() if hasattr(result, "get_node_list") else result
-
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, run()).result()
 
 
 _PCA = {"class_type": "HeadSeg_HeadPCA", "inputs": {"recording": ["1", 0], "positions": "down+up", "levels": "all",
@@ -212,7 +198,10 @@ def test_comfyui_refuses_bad_choices_of_the_stage_nodes_before_the_run(node, nam
 
 def test_comfyui_refuses_a_bad_branch_of_the_record_node_before_the_run():
     inputs = {"model": ["1", 0], "down": True, "middle": True, "up": True, "levels": "all", "steps": "last"}
-    prompt = lambda branch: {"5": {"class_type": "HeadSeg_RecordSelfAttention", "inputs": {**inputs, "branch": branch}}}  # noqa: E731
+
+    def prompt(branch):
+        return {"5": {"class_type": "HeadSeg_RecordSelfAttention", "inputs": {**inputs, "branch": branch}}}
+
     assert validation_errors(prompt("both"), "5") == ["branch: expected one of ['cond', 'uncond'], got 'both'"]
     assert validation_errors(prompt("uncond"), "5") == []
 

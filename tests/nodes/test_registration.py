@@ -4,7 +4,6 @@ planted answers."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import pathlib
 
@@ -20,18 +19,10 @@ DOCS = REPO / "js" / "docs"
 
 
 def node_classes():
-    """The node classes the pack's V3 entry point hands ComfyUI. Run on a thread of its own: another
-    test's event loop (Playwright's, in the browser tests) may be running on this one."""
-    import concurrent.futures
+    """The node classes the pack's V3 entry point hands ComfyUI."""
+    from headseg.tests.support.comfy_in_process import pack_node_classes
 
-    import headseg
-
-    async def listed():
-        extension = await headseg.comfy_entrypoint()
-        return await extension.get_node_list()
-
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, listed()).result()
+    return pack_node_classes()
 
 
 def test_every_documented_node_is_registered_under_its_id():

@@ -21,3 +21,24 @@ def import_comfyui() -> bool:
     import comfy.model_management  # noqa: F401
 
     return True
+
+
+def run_on_own_thread(make):
+    """The result of the coroutine that ``make()`` returns, run by asyncio on a thread of its own:
+    another test's event loop (Playwright's, in the browser tests) may be running on this one."""
+    import asyncio
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(make())).result()
+
+
+def pack_node_classes() -> list:
+    """The node classes the pack's V3 entry point (headseg.comfy_entrypoint) hands ComfyUI."""
+    import headseg
+
+    async def listed():
+        extension = await headseg.comfy_entrypoint()
+        return await extension.get_node_list()
+
+    return run_on_own_thread(listed)
