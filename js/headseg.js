@@ -115,7 +115,7 @@ function recordChange() {
   app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
 }
 
-// A picker whose node has been out of the workflow this long (ms) goes (see Picker.tick).
+// A picker whose node has been out of the workflow this long (ms) goes (see Picker.dropIfGone).
 const OUTSIDE_GRACE_MS = 1500;
 const SUBGRAPH_INPUT_ID = -10; // LiteGraph's origin id for links that start at a subgraph's input
 const SUBGRAPH_OUTPUT_ID = -20; // ... and target id for links that end at a subgraph's output
@@ -126,12 +126,17 @@ function inputOrigin(node, slot, depth = 0) {
   const graph = node?.graph;
   const linkId = node?.inputs?.[slot]?.link;
   if (!graph || linkId == null || depth > 16) return null;
-  const links = graph._links ?? graph.links;
-  const link = links instanceof Map ? links.get(linkId) : links?.[linkId];
+  const link = graphLink(graph, linkId);
   if (!link) return null;
   if (link.origin_id !== SUBGRAPH_INPUT_ID) return graph.getNodeById(link.origin_id);
   const users = subgraphNodesOf(graph);
   return users.length === 1 ? inputOrigin(users[0], link.origin_slot, depth + 1) : null;
+}
+
+/** Link ``id`` of ``graph`` (a Map in current frontends, a plain object in older ones), or undefined. */
+function graphLink(graph, id) {
+  const links = graph?._links ?? graph?.links;
+  return links instanceof Map ? links.get(id) : links?.[id];
 }
 
 /** Whether ``node`` belongs to the open workflow: its root graph, or a subgraph it defines that a
@@ -202,7 +207,7 @@ function trackPicker(picker, on) {
   else LIVE_PICKERS.delete(picker);
   if (LIVE_PICKERS.size && liveTimer === null) {
     liveTimer = setInterval(() => {
-      for (const p of LIVE_PICKERS) p.tick();
+      for (const p of LIVE_PICKERS) if (!p.dropIfGone()) p.tick();
     }, 500);
   } else if (!LIVE_PICKERS.size && liveTimer !== null) {
     clearInterval(liveTimer);
@@ -501,18 +506,23 @@ class Picker {
     for (const [name, i] of axes) setWidget(this.node, name, Number(used[i]));
   }
 
-  /** Called on every canvas draw of the node: follows upstream previews and widget edits. */
-  tick() {
-    if (!this.node.graph) return;
-    // A node inside a subgraph gets no onRemoved when the whole workflow is cleared or replaced, or
-    // its subgraph node deleted: once it has been out of the workflow for a while, its picker goes.
+  /** A node inside a subgraph gets no onRemoved when the whole workflow is cleared or replaced, or
+   * its subgraph node deleted: once it has been out of the workflow for a while, its picker goes.
+   * True when it went. Run by the slow timer only: a node the canvas draws is in the workflow. */
+  dropIfGone() {
+    if (!this.node.graph) return false;
     const now = performance.now();
     this.outsideSince = inWorkflow(this.node) ? null : (this.outsideSince ?? now);
-    if (this.outsideSince !== null && now - this.outsideSince > OUTSIDE_GRACE_MS) {
-      this.destroy();
-      this.root.remove();
-      return;
-    }
+    if (this.outsideSince === null || now - this.outsideSince <= OUTSIDE_GRACE_MS) return false;
+    this.destroy();
+    this.root.remove();
+    return true;
+  }
+
+  /** Called on every canvas draw of the node and by the slow timer: follows upstream previews and
+   * widget edits. */
+  tick() {
+    if (!this.node.graph) return;
     const id = String(this.node.id);
     if (this.root.dataset.nodeId !== id) this.root.dataset.nodeId = id;
     const key = outputKey(this.node);
@@ -714,14 +724,13 @@ function setupNoteLine(nodeType) {
  * workflow queues as it did before.
  */
 function migrateUpsampleErrorMap(graph) {
-  const linkOf = (id) => (graph.links instanceof Map ? graph.links.get(id) : graph.links?.[id]);
   for (const node of [...(graph?.nodes ?? graph?._nodes ?? [])]) {
     if (node.type !== "HeadSeg_Upsample") continue;
     const slot = node.outputs?.findIndex((o) => o?.name === "error_map") ?? -1;
     if (slot < 1) continue;
     // [node or null, input slot, subgraph output or null]: a link may end at the subgraph's output
     const targets = (node.outputs[slot].links ?? [])
-      .map(linkOf)
+      .map((id) => graphLink(graph, id))
       .filter(Boolean)
       .map((link) =>
         link.target_id === SUBGRAPH_OUTPUT_ID

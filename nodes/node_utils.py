@@ -162,7 +162,7 @@ def preview_refs(images: torch.Tensor, reuse: bool = False) -> list[dict]:
     if not (images.numel() == 0 or (float(images.amin()) >= 0.0 and float(images.amax()) <= 1.0)):
         images = images.clamp(0, 1)  # a copy only when needed: large batches of previews are big
     if not reuse:
-        return [dict(r) for r in ui.PreviewImage(images).values]
+        return _write_previews(images)
     # the bytes ComfyUI's PNG writer sees: clip(255 * x, 0, 255) cut to uint8
     pixels = (images * 255.0).clamp_(0.0, 255.0).to(torch.uint8).contiguous()  # [B, H, W, 3]
     key = (tuple(pixels.shape), hashlib.blake2b(pixels.numpy().tobytes(), digest_size=16).digest())
@@ -171,12 +171,17 @@ def preview_refs(images: torch.Tensor, reuse: bool = False) -> list[dict]:
         if refs is not None and all(_temp_file_exists(r) for r in refs):
             _saved_previews.move_to_end(key)
             return [dict(r) for r in refs]
-    refs = [dict(r) for r in ui.PreviewImage(images).values]
+    refs = _write_previews(images)
     with _saved_lock:
         _saved_previews[key] = refs
         while len(_saved_previews) > _SAVED_PREVIEWS_KEPT:
             _saved_previews.popitem(last=False)
     return [dict(r) for r in refs]
+
+
+def _write_previews(images: torch.Tensor) -> list[dict]:
+    """IMAGE [B, H, W, 3] in 0..1 -> new temporary PNGs written by ComfyUI -> their refs."""
+    return [dict(r) for r in ui.PreviewImage(images).values]
 
 
 # preview_refs(reuse=True): (shape, digest of the 8-bit pixels) -> refs, the most recent last
