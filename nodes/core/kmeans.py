@@ -44,6 +44,7 @@ import torch
 from .recording import is_int, power_of_two_scale
 from .upsample import FeatureStack, check_stack, interpolation_matrix, peak_abs
 from .working_set import RTOL as _RTOL
+from . import kmeans_batched as batched
 from .working_set import WorkingSet, check_tol, first_at_minimum, starts
 
 # The most clusters one k may ask for: every cluster becomes a mask at the output size (256 masks of
@@ -79,6 +80,9 @@ _BLOCK_COLS = 64
 _CHUNK_PIXELS = 1 << 14
 # Worker threads of a sweep on a GPU (an H200 at 512 x 512: 1 worker 147 ms, 2: 111 ms, 4: 145 ms, 8: 165 ms).
 _GPU_WORKERS = 2
+# Devices whose sweeps run every k of an image at once (kmeans_batched.py): few large launches and
+# one host round trip per iteration suit GPUs; CPUs run one k at a time on worker threads.
+_BATCHED_DEVICES = ("cuda",)
 # Lattices of at least this many pixels use all intra-op threads; everything smaller runs on one
 # (waking a second thread for each small product costs more than it saves).
 _PARALLEL_MIN_POINTS = 1 << 17
@@ -654,7 +658,12 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
             first = assigned if i == img.scoring_rung() else None
             labels, centroids, score, it = lat.lloyd(centroids, max_iter, tol * full_var, X, xx, scale, first)
         iters += it
-    inertia = max(0.0, total_sq + float(score.double().sum()))
+    return _finish(img, k, labels, centroids, max(0.0, total_sq + float(score.double().sum())), iters)
+
+
+def _finish(img: _Image, k: int, labels: torch.Tensor, centroids: torch.Tensor, inertia: float, iters: int):
+    """One k's polished result -> (labels [H, W] canonical, centroids [k, C] in the stack's units,
+    inertia float in the stack's units, iterations)."""
     labels, centroids = _canonical(labels, centroids, k)
     if img.scale != 1.0:  # back to the stack's units (exact: a power of two)
         inertia = inertia / img.scale / img.scale
@@ -664,6 +673,68 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
             centroids = centroids + img.offset  # [k, C] + [C]: back where the features were
         centroids = centroids.to(torch.float32)
     return labels, centroids, inertia, iters
+
+
+def _sweep_image_batched(img: _Image, ks: list[int], seed: int, max_iter: int, tol: float) -> dict:
+    """One image, every k at once (kmeans_batched.py, for GPUs) -> {k: _kmeans_image's result},
+    the same up to rounding."""
+    H, W = img.size
+    full = img.rung(img.last)
+    groups: dict[int, tuple[WorkingSet, list[int]]] = {}  # n -> (working set, the k that share it)
+    for k in ks:
+        ws = img.working_set(k, seed)
+        groups.setdefault(ws.n, (ws, []))[1].append(k)
+    cands, ws_iters, ws_of = {}, {}, {}
+    for ws, group in groups.values():
+        counts = [max(1, min(_WS_INITS, _WS_START_FLOATS // (k * ws.n))) if k > 1 else 1 for k in group]
+        members, point, inertia, iters = batched.working_set_runs(ws, group, counts, seed, max_iter, tol)
+        inertia, iters = inertia.tolist(), iters.tolist()
+        first = 0
+        for k, count in zip(group, counts):
+            runs = range(first, first + count)
+            finalists = sorted(runs, key=lambda r: inertia[r])[:_WS_FINALISTS]  # stable: ties keep start order
+            index = torch.tensor(finalists, device=img.device)
+            cands[k] = batched.run_centroids(ws, members[index], point[index], k)  # [finalists, k, C]
+            ws_iters[k] = [iters[r] for r in finalists]
+            ws_of[k] = ws
+            first += count
+    pick = {k: 0 for k in ks}
+    several = [k for k in ks if cands[k].shape[0] > 1]
+    if several:  # each k's finalist of lowest inertia on the scoring lattice, first of ties
+        sizes = [k for k in several for _ in range(cands[k].shape[0])]
+        packed = torch.cat([cands[k].reshape(-1, cands[k].shape[2]) for k in several])  # [sum sizes, C]
+        _, best = _dense_rung(img, img.scoring_rung()).assign(packed, sizes)
+        scores = best.sum(1, dtype=torch.float64).tolist()
+        first = 0
+        for k in several:
+            mine = scores[first : first + cands[k].shape[0]]
+            pick[k] = mine.index(min(mine))
+            first += len(mine)
+    centroids = torch.cat([cands[k][pick[k]] for k in ks])  # [K, C] packed
+    iters = torch.tensor([ws_iters[k][pick[k]] for k in ks], device=img.device)  # [R]
+    refill = [(ws_of[k].X, ws_of[k].xx) for k in ks]
+    total_sq, full_var = full.moments()
+    for i in img.polish_rungs():  # exact Lloyd on finer lattices, the last = full
+        lat = _dense_rung(img, i)
+        scale = total_sq * lat.num_pixels / full.num_pixels  # estimate on a sub-lattice
+        labels, centroids, best, it = lat.lloyd(centroids, ks, max_iter, tol * full_var, _RTOL, scale, refill)
+        iters = iters + it
+    inertia = (total_sq + best.sum(1, dtype=torch.float64)).clamp_min(0.0).tolist()  # [R]
+    iters = iters.tolist()
+    return {
+        k: _finish(img, k, labels[r].view(H, W), c, inertia[r], iters[r])
+        for r, (k, c) in enumerate(zip(ks, centroids.split(ks)))
+    }
+
+
+def _dense_rung(img: _Image, i: int) -> batched.DenseLattice:
+    """Lattice i of the image (as _Image.rung) with dense interpolation matrices."""
+    ny, nx = img.sides[i]
+    H, W = img.size
+    if (ny, nx) == (H, W):
+        return batched.DenseLattice(img.feats, img.ry, img.rx)
+    ys, xs = _sample_positions(H, ny, img.device), _sample_positions(W, nx, img.device)
+    return batched.DenseLattice(img.feats, [r[ys] for r in img.ry], [r[xs] for r in img.rx])
 
 
 def _prepare(img: _Image, ks: list[int], seed: int, pool: ThreadPoolExecutor | None) -> None:
@@ -684,57 +755,35 @@ def _prepare(img: _Image, ks: list[int], seed: int, pool: ThreadPoolExecutor | N
 
 
 def _sweep(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: float, progress=None):
-    """Every image, every k. With several intra-op threads and several k, the k of an image run at
-    once on worker threads (largest k first), each on one intra-op thread, or on an equal share of
-    them for images of at least _PARALLEL_MIN_POINTS pixels. Results depend on the number of threads
-    only for such large images when their k get several threads each (a single k, or more threads
-    than k): their lattice products may round differently, and a near-tie may then go the other
-    way."""
-    H, W = stack.size
+    """Every image, every k -> {k: KMeansResult}. On a device of _BATCHED_DEVICES all k of an image
+    run at once (_sweep_image_batched); elsewhere one k at a time on worker threads (_sweep_threads).
+    progress(done, total) after each (image, k)."""
     B = stack.batch_size
+    device = stack.grids[0].device
     out = {k: ([], [], []) for k in ks}
     iters = {k: 0 for k in ks}
     done, total = 0, B * len(ks)
-    threads = torch.get_num_threads()
-    workers = min(threads, len(ks))
-    device = stack.grids[0].device
-    initializer = None
-    if device.type == "cuda":  # a GPU queues the work of all k: a third worker only adds launch contention
-        workers = min(workers, _GPU_WORKERS)
-        initializer = functools.partial(torch.cuda.set_device, device)  # else torch warns in each worker
-    pool = ThreadPoolExecutor(workers, initializer=initializer) if workers > 1 else None
-    share = max(1, threads // workers) if H * W >= _PARALLEL_MIN_POINTS else 1  # intra-op threads per worker
-    try:
+
+    def tick():
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    def collect(k, result):
+        labels, centroids, inertia, it = result
+        out[k][0].append(labels)
+        out[k][1].append(centroids)
+        out[k][2].append(inertia)
+        iters[k] = max(iters[k], it)
+
+    if device.type in _BATCHED_DEVICES:
         for b in range(B):
-            img = _Image(stack, b)  # grids and interpolation matrices
-            with _threads(1):
-                _prepare(img, ks, seed, pool)  # the shared parts: working set, lattices, moments
-            with _threads(1 if pool is None else share):
-                if pool is None:
-                    results = (
-                        (k, _kmeans_image(img, k, seed, max_iter, tol, threads)) for k in ks
-                    )
-                else:  # workers leave the thread count alone (threads=None): it is shared by all
-                    futures = {
-                        pool.submit(_kmeans_image, img, k, seed, max_iter, tol, None): k
-                        for k in sorted(ks, reverse=True)
-                    }
-                    results = ((futures[f], f.result()) for f in as_completed(futures))
-                got = {}
-                for k, result in results:
-                    got[k] = result
-                    done += 1
-                    if progress is not None:
-                        progress(done, total)
-            for k in ks:
-                labels, centroids, inertia, it = got[k]
-                out[k][0].append(labels)
-                out[k][1].append(centroids)
-                out[k][2].append(inertia)
-                iters[k] = max(iters[k], it)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            for k, result in _sweep_image_batched(_Image(stack, b), ks, seed, max_iter, tol).items():
+                collect(k, result)
+                tick()
+    else:
+        _sweep_threads(stack, ks, seed, max_iter, tol, collect, tick)
     return {
         k: KMeansResult(
             k=k,
@@ -745,6 +794,48 @@ def _sweep(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: fl
         )
         for k in ks
     }
+
+
+def _sweep_threads(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: float, collect, tick) -> None:
+    """Every image, every k, one k at a time: tick() as each (image, k) finishes, collect(k, result)
+    image by image, k ascending within an image. With several intra-op threads and several k, the k of an image run at once on worker
+    threads (largest k first), each on one intra-op thread, or on an equal share of them for images
+    of at least _PARALLEL_MIN_POINTS pixels. Results depend on the number of threads only for such
+    large images when their k get several threads each (a single k, or more threads than k): their
+    lattice products may round differently, and a near-tie may then go the other way."""
+    H, W = stack.size
+    threads = torch.get_num_threads()
+    workers = min(threads, len(ks))
+    device = stack.grids[0].device
+    initializer = None
+    if device.type == "cuda":  # a GPU queues the work of all k: a third worker only adds launch contention
+        workers = min(workers, _GPU_WORKERS)
+        initializer = functools.partial(torch.cuda.set_device, device)  # else torch warns in each worker
+    pool = ThreadPoolExecutor(workers, initializer=initializer) if workers > 1 else None
+    share = max(1, threads // workers) if H * W >= _PARALLEL_MIN_POINTS else 1  # intra-op threads per worker
+    try:
+        for b in range(stack.batch_size):
+            img = _Image(stack, b)  # grids and interpolation matrices
+            with _threads(1):
+                _prepare(img, ks, seed, pool)  # the shared parts: working set, lattices, moments
+            with _threads(1 if pool is None else share):
+                if pool is None:
+                    results = ((k, _kmeans_image(img, k, seed, max_iter, tol, threads)) for k in ks)
+                else:  # workers leave the thread count alone (threads=None): it is shared by all
+                    futures = {
+                        pool.submit(_kmeans_image, img, k, seed, max_iter, tol, None): k
+                        for k in sorted(ks, reverse=True)
+                    }
+                    results = ((futures[f], f.result()) for f in as_completed(futures))
+                got = {}
+                for k, result in results:
+                    got[k] = result
+                    tick()
+            for k in ks:
+                collect(k, got[k])
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _check_iter_tol(max_iter, tol) -> tuple[int, float]:

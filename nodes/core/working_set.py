@@ -84,20 +84,45 @@ class WorkingSet:
         return d.clamp_min_(0.0).double()
 
 
+def pp_trials(k: int) -> int:
+    """Candidates per step of greedy k-means++: 2 + ln k, as scikit-learn."""
+    return 2 + int(math.log(k))
+
+
+def pp_draws(k: int, starts: int, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every random number greedy k-means++ uses, drawn up front with the CPU generator gen (the same
+    draws on every device) -> (first picks [starts] int64 in 0..n-1, uniforms [k-1, starts, trials]
+    float64 in [0, 1) that choose the candidates of steps 1..k-1 (``pp_candidates``))."""
+    first = torch.randint(n, (starts,), generator=gen, device="cpu")  # [starts]
+    u = torch.rand(max(k - 1, 0), starts, pp_trials(k), generator=gen, dtype=torch.float64, device="cpu")
+    return first, u  # [starts], [k-1, starts, trials]
+
+
+def pp_candidates(closest: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """closest [I, n] float64 squared distances to the nearest pick so far, u [I, T] uniforms ->
+    [I, T] candidates drawn with probability proportional to closest (inverse of the cumulative
+    sum; points on a pick are never drawn), or uniformly where every point sits on a pick."""
+    I, n = closest.shape
+    flat = closest.sum(1) <= 0.0  # [I] every point sits on a centre: any point will do
+    weights = torch.where(flat[:, None], torch.ones_like(closest), closest)  # [I, n]
+    cdf = weights.cumsum(1)  # [I, n]
+    target = u * cdf[:, -1:]  # [I, T] in [0, total)
+    return torch.searchsorted(cdf, target, right=True).clamp_max_(n - 1)  # [I, T] first cdf entry above target
+
+
 def kmeans_pp(ws: WorkingSet, k: int, starts: int, gen: torch.Generator) -> torch.Tensor:
     """Greedy k-means++ (2 + ln k candidates per step, as scikit-learn), ``starts`` independent runs
     at once -> [starts, k] indices of points."""
     n, I = ws.n, starts
-    trials = 2 + int(math.log(k))
+    trials = pp_trials(k)
     device = ws.G.device
     rows = torch.arange(I, device=device)
-    # drawn with the CPU generator gen (the same draws on every device), then moved to the features' device
-    picks = [torch.randint(n, (I,), generator=gen, device="cpu").to(device)]  # [I]
+    first, draws = pp_draws(k, I, n, gen)  # [I], [k-1, I, trials]
+    draws = draws.to(device)
+    picks = [first.to(device)]  # [I]
     closest = ws.sq_dist(picks[0])  # [I, n]
-    for _ in range(1, k):
-        flat = closest.sum(1) <= 0.0  # [I] every point sits on a centre: any point will do
-        weights = torch.where(flat[:, None], torch.ones_like(closest), closest)  # [I, n]
-        cand = torch.multinomial(weights.cpu(), trials, replacement=True, generator=gen).to(device)  # [I, trials]
+    for step in range(1, k):
+        cand = pp_candidates(closest, draws[step - 1])  # [I, trials]
         new = torch.minimum(closest[:, None], ws.sq_dist(cand.flatten()).view(I, trials, n))  # [I, trials, n]
         best = new.sum(2).argmin(1)  # [I]
         picks.append(cand[rows, best])

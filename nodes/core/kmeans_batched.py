@@ -1,0 +1,304 @@
+"""Every k of one image at once, for GPUs: kmeans.py's k-means with all k and all starts batched.
+
+The algorithm, the random draws and each run's stopping rules are those of kmeans.py (which runs
+one k at a time, shaped for CPUs); only the execution differs, so both give the same clusters up
+to rounding (a near-tie may go the other way):
+
+- working set: greedy k-means++ and Lloyd in Gram space for every (k, start) at once, clusters
+  padded to the largest k (a padded cluster has ||c||^2 = inf and is never nearest);
+- finalists: every k's candidates scored at once on the scoring lattice;
+- polish: exact Lloyd on each polish lattice for every k at once, the k's centroids packed one
+  after the other into [K, C] (K = the sum of the k). Score upsampling and the adjoint are dense
+  products with the interpolation matrices, row chunk by row chunk.
+
+A run that stops keeps the state it stopped with; the others go on. The host reads one small
+flag per iteration (whether any run still goes on) instead of several per run and iteration, and
+no launch depends on k: about 50 kernels per iteration for every k together.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import working_set as _working_set
+from .working_set import WorkingSet, pp_candidates, pp_draws, pp_trials
+
+# Score maps (or cluster indicators) held at once by a row chunk of a lattice: K * rows * nx floats.
+_CHUNK_FLOATS = 1 << 24
+
+
+def _segment_ids(sizes: list[int], device) -> torch.Tensor:
+    """[sum sizes] int64: the segment of each packed row (0 for the first sizes[0] rows, ...), made
+    on the CPU (on a GPU, repeat_interleave would wait for the device to learn the output size)."""
+    ids = torch.repeat_interleave(torch.arange(len(sizes), device="cpu"), torch.tensor(sizes, device="cpu"))
+    return ids.to(device)
+
+
+# ----------------------------------------------------------------------------- working set
+def working_set_runs(ws: WorkingSet, ks: list[int], counts: list[int], seed: int, max_iter: int, tol: float):
+    """k-means++ and Lloyd on the working set for counts[i] starts of each k of ks, all at once ->
+    (members [R, n] int64, point [R, kmax] int64, inertia [R] float64, iters [R] int64), runs
+    k by k and start by start (R = sum of counts); the same as ``working_set.starts`` per k with a
+    generator seeded with ``seed``. Padded clusters (j >= k) have point 0 and no members.
+    tol: relative to the working set's mean channel variance."""
+    device = ws.G.device
+    n, kmax = ws.n, max(ks)
+    run_k = torch.tensor([k for k, c in zip(ks, counts) for _ in range(c)], device=device)  # [R]
+    R = int(run_k.shape[0])
+    T = max(pp_trials(k) for k in ks)
+    first = torch.empty(R, dtype=torch.int64, device="cpu")  # drawn on the CPU, as working_set.kmeans_pp
+    u = torch.zeros(max(kmax - 1, 0), R, T, dtype=torch.float64, device="cpu")  # [kmax-1, R, T]
+    r = 0
+    for k, c in zip(ks, counts):
+        gen = torch.Generator().manual_seed(seed)
+        f, draws = pp_draws(k, c, n, gen)  # [c], [k-1, c, trials]
+        first[r : r + c] = f
+        t = draws.shape[2]
+        u[: k - 1, r : r + c, :t] = draws
+        u[: k - 1, r : r + c, t:] = draws[:, :, :1]  # padding repeats candidate 0: argmin keeps the first
+        r += c
+    picks = _kmeans_pp(ws, run_k, first.to(device), u.to(device))  # [R, kmax]
+    return _gram_lloyd(ws, run_k, picks, max_iter, tol * ws.var)
+
+
+def _kmeans_pp(ws: WorkingSet, run_k: torch.Tensor, first: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Greedy k-means++ for every run at once -> picks [R, kmax] (padded steps pick point 0)."""
+    R, n = int(run_k.shape[0]), ws.n
+    kmax = u.shape[0] + 1
+    rows = torch.arange(R, device=run_k.device)
+    D = ws.sq_dist(torch.arange(n, device=run_k.device))  # [n, n] float64, as working_set.kmeans_pp's rows
+    picks = torch.zeros(R, kmax, dtype=torch.int64, device=run_k.device)  # [R, kmax]
+    picks[:, 0] = first
+    closest = D[first]  # [R, n]
+    for step in range(1, kmax):
+        cand = pp_candidates(closest, u[step - 1])  # [R, T]
+        new = torch.minimum(closest[:, None], D[cand])  # [R, T, n]
+        best = new.sum(2).argmin(1)  # [R]
+        live = run_k > step  # [R] runs that still pick
+        picks[:, step] = torch.where(live, cand[rows, best], 0)
+        closest = torch.where(live[:, None], new[rows, best], closest)  # [R, n]
+    return picks
+
+
+def _gram_lloyd(ws: WorkingSet, run_k: torch.Tensor, picks: torch.Tensor, max_iter: int, tol: float):
+    """working_set.lloyd for every run at once (see working_set._Starts for the Gram-space
+    centroids) -> (members [R, n], point [R, kmax], inertia [R] float64, iters [R])."""
+    G, xx = ws.G, ws.xx
+    R, kmax = picks.shape
+    n = ws.n
+    device = G.device
+    real = torch.arange(kmax, device=device)[None] < run_k[:, None]  # [R, kmax] clusters that exist
+    inf = torch.tensor(float("inf"), device=device)
+    point = picks.clone()  # [R, kmax]: centroid j is point[j] when >= 0, else a mean
+    S = torch.where(real[:, :, None], G[picks], 0.0)  # [R, kmax, n] <c_j, x_p>
+    cc = torch.where(real, xx[picks], inf)  # [R, kmax] ||c_j||^2 (inf: padded, never nearest)
+    total_sq = xx.sum(dtype=torch.float64)
+
+    def assign():
+        d = cc[:, :, None] - 2.0 * S  # [R, kmax, n]
+        best, labels = d.min(1)  # [R, n] each: the first nearest cluster
+        return labels, total_sq + best.sum(1, dtype=torch.float64)  # [R, n], [R]
+
+    labels, inertia = assign()
+    members = torch.zeros(R, n, dtype=torch.int64, device=device)
+    done_members, done_point = members.clone(), point.clone()
+    done_inertia = inertia.clone()
+    done_iters = torch.zeros(R, dtype=torch.int64, device=device)
+    active = torch.ones(R, dtype=torch.bool, device=device)
+    for it in range(1, max_iter + 1):
+        # update: every centroid moves to the mean of its cluster
+        onehot = torch.zeros(R, kmax, n, device=device).scatter_(1, labels[:, None], 1.0)  # [R, kmax, n]
+        counts = onehot.sum(2)  # [R, kmax]
+        inv = counts.clamp_min(1.0).reciprocal()  # [R, kmax]
+        S_new = torch.matmul(onehot, G) * inv[:, :, None]  # [R, kmax, n] <mean_j, x_p>
+        own = labels[:, None, :]  # [R, 1, n]
+        cc_new = torch.zeros(R, kmax, device=device).scatter_add_(1, labels, S_new.gather(1, own)[:, 0]) * inv
+        cross = torch.zeros(R, kmax, device=device).scatter_add_(1, labels, S.gather(1, own)[:, 0]) * inv
+        shift = (cc_new + cc - 2.0 * cross).clamp_min(0.0)  # [R, kmax] squared move of each centroid
+        empty = real & (counts == 0)  # [R, kmax]: keep their centroid, then move to far points
+        S_new = torch.where(empty[:, :, None], S, S_new)
+        cc_new = torch.where(real, torch.where(empty, cc, cc_new), inf)
+        shift = torch.where(empty | ~real, 0.0, shift)
+        point = torch.where(empty, point, -1)
+        # empty clusters: the r-th takes the point r-th farthest from its nearest centroid
+        far = (xx[None, None] + cc_new[:, :, None] - 2.0 * S_new).amin(1)  # [R, n]
+        order = far.sort(dim=1, descending=True, stable=True).indices  # [R, n]
+        rank = (empty.cumsum(1) - 1).clamp_min(0) % n  # [R, kmax]
+        q = order.gather(1, rank)  # [R, kmax]
+        refill_shift = (cc_new + xx[q] - 2.0 * S_new.gather(2, q[:, :, None])[:, :, 0]).clamp_min(0.0)
+        shift = torch.where(empty, refill_shift, shift).double().sum(1)  # [R]
+        S = torch.where(empty[:, :, None], G[q], S_new)
+        cc = torch.where(empty, xx[q], cc_new)
+        point = torch.where(empty, q, point)
+        refilled = empty.any(1)  # [R]
+        members = labels
+        # assign to the moved centroids, then each run's stopping rules
+        new_labels, new_inertia = assign()
+        same = (new_labels == labels).all(1)  # [R]
+        gain = inertia - new_inertia
+        stop = same | (shift <= tol) | (~refilled & (gain <= _working_set.RTOL * new_inertia.abs()))
+        if it == max_iter:
+            stop = torch.ones_like(stop)
+        now = active & stop  # [R] runs that stop at this iteration
+        done_members = torch.where(now[:, None], members, done_members)
+        done_point = torch.where(now[:, None], point, done_point)
+        done_inertia = torch.where(now, new_inertia, done_inertia)
+        done_iters = torch.where(now, it, done_iters)
+        active = active & ~stop
+        labels, inertia = new_labels, new_inertia
+        if not bool(active.any()):  # the one host round trip of an iteration
+            break
+    return done_members, done_point, done_inertia, done_iters
+
+
+def run_centroids(ws: WorkingSet, members: torch.Tensor, point: torch.Tensor, k: int) -> torch.Tensor:
+    """Runs' ends (members [F, n], point [F, kmax]) -> [F, k, C] centroids in feature space, as
+    working_set.Run.centroids: the mean of each cluster, or the point it sits on."""
+    F, n = members.shape
+    X = ws.X
+    onehot = torch.zeros(F, k, n, device=X.device).scatter_(1, members[:, None], 1.0)  # [F, k, n]
+    counts = onehot.sum(2).clamp_min(1.0)  # [F, k]
+    means = torch.matmul(onehot, X) / counts[:, :, None]  # [F, k, C]
+    at = point[:, :k]  # [F, k]
+    return torch.where((at >= 0)[:, :, None], X[at.clamp_min(0)], means)  # [F, k, C]
+
+
+# ----------------------------------------------------------------------------- lattices
+class DenseLattice:
+    """One image's stack at output rows x cols (virtual [C, ny, nx]), with dense interpolation
+    matrices, for several runs' centroids packed into [K, C] (run r owns rows offsets[r] ..
+    offsets[r] + sizes[r]).
+
+    feats: per grid [C_g, h_g, w_g] float32; ry / rx: per grid [ny, h_g] / [nx, w_g].
+    """
+
+    def __init__(self, feats: list[torch.Tensor], ry: list[torch.Tensor], rx: list[torch.Tensor]):
+        self.device = device = feats[0].device
+        self.shapes = [tuple(int(s) for s in f.shape) for f in feats]  # (C_g, h_g, w_g)
+        self.flat = [f.reshape(f.shape[0], -1) for f in feats]  # [C_g, h_g*w_g]
+        self.flat_t = [f.t().contiguous() for f in self.flat]  # [h_g*w_g, C_g]
+        self.splits = [s[0] for s in self.shapes]
+        self.ny, self.nx = int(ry[0].shape[0]), int(rx[0].shape[0])
+        self.up_y = [(-2.0 * r).contiguous() for r in ry]  # [ny, h_g]: -2 in the y-upsampling (exact)
+        self.ry_t = [r.t().contiguous() for r in ry]  # [h_g, ny]
+        self.widths = [s[2] for s in self.shapes]
+        ones = torch.ones(1, self.nx, device=device)
+        self.rx_up = torch.cat([r.t() for r in rx] + [ones]).contiguous()  # [sum w + 1, nx]: the last adds ||c||^2
+        self.rx_adj = torch.cat(rx, 1).contiguous()  # [nx, sum w]
+
+    @property
+    def num_pixels(self) -> int:
+        return self.ny * self.nx
+
+    def _rows(self, K: int):
+        step = max(1, min(self.ny, _CHUNK_FLOATS // max(1, K * self.nx)))
+        return [(r0, min(r0 + step, self.ny)) for r0 in range(0, self.ny, step)]
+
+    def assign(self, centroids: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed centroids [K, C] of runs of sizes[r] clusters -> labels [R, N] int64 (cluster within
+        its run, the first of ties) and best scores [R, N] float32 (||c||^2 - 2 <F(p), c>)."""
+        K = centroids.shape[0]
+        R, N = len(sizes), self.num_pixels
+        native = [
+            (c @ f).view(K, h, w)  # [K, h_g, w_g] native-grid scores <f_g, c_g>
+            for c, f, (_, h, w) in zip(centroids.split(self.splits, 1), self.flat, self.shapes)
+        ]
+        cnorm = (centroids * centroids).sum(1)  # [K]
+        labels = torch.empty(R, self.ny, self.nx, dtype=torch.int64, device=self.device)
+        best = torch.empty(R, self.ny, self.nx, device=self.device)
+        for r0, r1 in self._rows(K):
+            parts = [torch.matmul(up[r0:r1], s) for up, s in zip(self.up_y, native)]  # [K, rows, w_g] each
+            parts.append(cnorm[:, None, None].expand(K, r1 - r0, 1))  # [K, rows, 1]
+            scores = torch.matmul(torch.cat(parts, 2), self.rx_up)  # [K, rows, nx]
+            for r, part in enumerate(scores.split(sizes)):  # run by run: [k_r, rows, nx]
+                torch.min(part, 0, out=(best[r, r0:r1], labels[r, r0:r1]))
+        return labels.view(R, N), best.view(R, N)
+
+    def adjoint_sums(self, labels: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """labels [R, N] (cluster within its run) -> (sum of F over each packed cluster [K, C], its
+        pixel count [K] int64): the adjoint of the upsampling applied to the cluster indicators."""
+        R, N = labels.shape
+        K = sum(sizes)
+        offsets = torch.tensor([0] + sizes[:-1], device=self.device).cumsum(0)  # [R]
+        packed = (labels + offsets[:, None]).view(R, self.ny, self.nx)  # [R, ny, nx] row of K
+        adj = [torch.zeros(K, h, w, device=self.device) for _, h, w in self.shapes]  # [K, h_g, w_g]
+        for r0, r1 in self._rows(K):
+            rows = r1 - r0
+            onehot = torch.zeros(K, rows, self.nx, device=self.device)
+            onehot.scatter_(0, packed[:, r0:r1], 1.0)  # [K, rows, nx] cluster indicators
+            z = (onehot.view(K * rows, self.nx) @ self.rx_adj).view(K, rows, -1)  # [K, rows, sum w]
+            for a, part, ry_t in zip(adj, z.split(self.widths, 2), self.ry_t):
+                a += torch.matmul(ry_t[:, r0:r1], part)  # [K, h_g, w_g]
+        sums = torch.cat([a.view(K, -1) @ f for a, f in zip(adj, self.flat_t)], 1)  # [K, C]
+        counts = torch.bincount(packed.view(-1), minlength=K)  # [K]
+        return sums, counts
+
+    def lloyd(self, centroids, sizes, max_iter: int, tol: float, rtol: float, total_sq: float, ws: list):
+        """kmeans._Lattice.lloyd for every run at once -> (labels [R, N], centroids [K, C], best
+        [R, N], iterations [R]); each run stops by its own rules and keeps the state it stopped
+        with (stopping rules: no label moves, a centroid shift (squared, summed) <= tol, an inertia
+        gain <= rtol of the inertia). ws[r] = (X [n, C], xx [n]): the working set whose far points refill run r's empty
+        clusters."""
+        R = len(sizes)
+        device = self.device
+        seg = _segment_ids(sizes, device)  # [K] run of each packed cluster
+        starts = torch.tensor([0] + sizes[:-1], device=device).cumsum(0)  # [R]
+        labels, best = self.assign(centroids, sizes)
+        inertia = total_sq + best.sum(1, dtype=torch.float64)  # [R]
+        done = (labels.clone(), centroids.clone(), best.clone())
+        done_iters = torch.zeros(R, dtype=torch.int64, device=device)
+        active = torch.ones(R, dtype=torch.bool, device=device)
+        for it in range(1, max_iter + 1):
+            sums, counts = self.adjoint_sums(labels, sizes)
+            new = sums / counts.clamp_min(1)[:, None].to(torch.float32)  # [K, C]
+            empty = counts == 0  # [K]
+            new = torch.where(empty[:, None], centroids, new)  # empty clusters keep their centroid ...
+            new = _refill(new, empty, seg, starts, R, ws)  # ... then move onto far working-set points
+            refilled = torch.zeros(R, dtype=torch.int64, device=device).index_add_(0, seg, empty.long()) > 0  # [R]
+            shift = torch.zeros(R, dtype=torch.float64, device=device).index_add_(
+                0, seg, ((new - centroids).double() ** 2).sum(1)
+            )  # [R]
+            new_labels, best = self.assign(new, sizes)
+            new_inertia = total_sq + best.sum(1, dtype=torch.float64)
+            same = (new_labels == labels).all(1)
+            gain = inertia - new_inertia
+            stop = same | (shift <= tol) | (~refilled & (gain <= rtol * new_inertia.abs()))
+            if it == max_iter:
+                stop = torch.ones_like(stop)
+            now = active & stop  # [R]
+            now_k = now[seg]  # [K]
+            done = (
+                torch.where(now[:, None], new_labels, done[0]),
+                torch.where(now_k[:, None], new, done[1]),
+                torch.where(now[:, None], best, done[2]),
+            )
+            done_iters = torch.where(now, it, done_iters)
+            active = active & ~stop
+            centroids, labels, inertia = new, new_labels, new_inertia
+            if not bool(active.any()):  # the one host round trip of an iteration
+                break
+        return done[0], done[1], done[2], done_iters
+
+
+def _refill(new: torch.Tensor, empty: torch.Tensor, seg: torch.Tensor, starts: torch.Tensor, R: int, ws: list):
+    """kmeans._fill_empty for every run at once: the r-th empty cluster of a run moves onto the
+    working-set point r-th farthest from that run's nearest centroid. new [K, C], empty [K]."""
+    K = new.shape[0]
+    groups: dict[int, list[int]] = {}  # one working set -> the runs it refills
+    for r, (X, _) in enumerate(ws):
+        groups.setdefault(id(X), []).append(r)
+    out = new
+    for runs in groups.values():
+        X, xx = ws[runs[0]]
+        mine = empty if len(groups) == 1 else empty & torch.isin(seg, torch.tensor(runs, device="cpu").to(seg.device))  # [K]
+        n = X.shape[0]
+        d = (xx[None] + (new * new).sum(1)[:, None] - 2.0 * (new @ X.t())).clamp_min(0.0)  # [K, n]
+        far = torch.full((R, n), float("inf"), device=new.device)
+        far.scatter_reduce_(0, seg[:, None].expand(K, n), d, "amin")  # [R, n] to the run's nearest centroid
+        order = far.sort(dim=1, descending=True, stable=True).indices  # [R, n]
+        cum = empty.long().cumsum(0)  # [K]
+        before = torch.cat([cum.new_zeros(1), cum])[starts]  # [R] empties of earlier runs
+        rank = (cum - 1 - before[seg]).clamp_min(0) % n  # [K] rank among its run's empty clusters
+        q = order[seg, rank]  # [K]
+        out = torch.where(mine[:, None], X[q], out)
+    return out

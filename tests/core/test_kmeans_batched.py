@@ -1,0 +1,214 @@
+"""The batched k-means (kmeans_batched.py, every k of an image at once; what a GPU runs), here on
+the CPU: the same clusters as the one-k-at-a-time code, each piece against an independent
+reference (explicit upsampled features, working_set's own Lloyd and k-means++), empty clusters,
+the shared k-means++ draws."""
+
+import pytest
+import torch
+
+from headseg.nodes.core import kmeans as km
+from headseg.nodes.core import kmeans_batched as batched
+from headseg.nodes.core import working_set
+from headseg.nodes.core.kmeans import kmeans, multi_kmeans
+from headseg.nodes.core.working_set import WorkingSet, pp_candidates
+
+from .planted import nested_scene, split_scene
+from .test_kmeans import THREE_GRIDS, UNEVEN_CORNERS, as_held, best_iou_per_region, explicit, planted_stack, random_stack
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture
+def batched_on_cpu(monkeypatch):
+    monkeypatch.setattr(km, "_BATCHED_DEVICES", ("cuda", "cpu"))
+
+
+def both(stack, ks, seed=0, monkeypatch=None):
+    """(one k at a time, every k at once) sweeps of the same stack on the CPU."""
+    one = multi_kmeans(stack, ks, seed=seed)
+    monkeypatch.setattr(km, "_BATCHED_DEVICES", ("cuda", "cpu"))
+    many = multi_kmeans(stack, ks, seed=seed)
+    monkeypatch.setattr(km, "_BATCHED_DEVICES", ("cuda",))
+    return one, many
+
+
+@pytest.mark.parametrize(
+    "size, batch, mode",
+    [((96, 96), 1, "bilinear"), ((64, 120), 2, "bilinear"), ((80, 80), 1, "nearest")],
+)
+def test_batched_sweep_gives_the_same_clusters(size, batch, mode, monkeypatch):
+    scenes = [split_scene(*size, cut_sizes=(2, 5, 8), seed=s) for s in range(batch)]
+    stack = planted_stack(scenes=scenes, seed=4, mode=mode)
+    ks = [1, 2, 3, 5, 8]
+    one, many = both(stack, ks, seed=3, monkeypatch=monkeypatch)
+    for k in ks:
+        a, b = one.results[k], many.results[k]
+        assert b.labels.shape == a.labels.shape and b.labels.dtype == torch.int64
+        assert float((a.labels == b.labels).float().mean()) >= 0.999  # near-ties may go the other way
+        torch.testing.assert_close(b.inertia, a.inertia, rtol=1e-6, atol=0)
+        torch.testing.assert_close(b.centroids, a.centroids, rtol=1e-4, atol=1e-4)
+
+
+def test_batched_sweep_with_two_working_sets(monkeypatch):
+    """k above 32 draws a larger working set (16 points per cluster): its k run in a group of their own."""
+    stack = random_stack((40, 48), shapes=((3, 10, 12), (2, 5, 6)), seed=2)
+    one, many = both(stack, [3, 40], seed=1, monkeypatch=monkeypatch)
+    for k in (3, 40):
+        assert float((one.results[k].labels == many.results[k].labels).float().mean()) >= 0.99
+        torch.testing.assert_close(many.results[k].inertia, one.results[k].inertia, rtol=1e-4, atol=0)
+    assert sorted(torch.unique(many.results[40].labels).tolist()) == list(range(40))
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("k", [1, 4])
+def test_batched_result_is_a_lloyd_fixed_point_of_the_explicit_features(mode, k, batched_on_cpu, monkeypatch):
+    monkeypatch.setattr(km, "_RTOL", 0.0)  # no early stop: Lloyd runs until no label moves
+    monkeypatch.setattr(working_set, "RTOL", 0.0)
+    stack = random_stack((30, 21), mode, seed=k)
+    X = explicit(stack)
+    result = kmeans(stack, k, seed=0, tol=0.0)
+    labels, centroids = result.labels[0].reshape(-1), result.centroids[0].double()
+    d = torch.cdist(X, centroids) ** 2  # [N, k]
+    assert torch.equal(labels, d.argmin(1))
+    assert float(result.inertia[0]) == pytest.approx(float(d.min(1).values.sum()), rel=1e-6)
+    means = torch.stack([X[labels == j].mean(0) for j in range(k)])
+    torch.testing.assert_close(centroids, means, atol=1e-4, rtol=1e-4)
+
+
+def test_batched_planted_regions_come_back(batched_on_cpu):
+    scene = nested_scene(128, 128)
+    result = multi_kmeans(planted_stack(scenes=[scene], seed=1), [len(scene.leaf_masks)], seed=0)
+    labels = next(iter(result.results.values())).labels[0]
+    ious = best_iou_per_region(scene.leaf_masks, labels, len(scene.leaf_masks))
+    assert float(ious.min()) >= 0.95, ious.tolist()
+
+
+def test_batched_is_deterministic(batched_on_cpu):
+    stack = random_stack((24, 24), seed=5)
+    a, b = multi_kmeans(stack, [2, 5], seed=9), multi_kmeans(stack, [2, 5], seed=9)
+    for k in (2, 5):
+        assert torch.equal(a.results[k].labels, b.results[k].labels)
+
+
+def test_batched_progress_counts_every_image_and_k(batched_on_cpu):
+    stack = random_stack((16, 16), batch=2)
+    calls = []
+    multi_kmeans(stack, [2, 3], progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+# ----------------------------------------------------------------------------- pieces
+def random_ws(n=64, C=5, seed=0, duplicates=0):
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, C, generator=gen)
+    if duplicates:
+        X[-duplicates:] = X[0]
+    return WorkingSet.from_features(X)
+
+
+def test_candidates_follow_the_weights():
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.tensor([[0.0, 1.0, 3.0, 0.0, 4.0]], dtype=torch.float64)
+    u = torch.rand(1, 40000, generator=gen, dtype=torch.float64)
+    drawn = pp_candidates(weights, u)[0]
+    freq = torch.bincount(drawn, minlength=5).double() / drawn.numel()
+    assert freq[0] == 0 and freq[3] == 0  # points on a pick are never drawn
+    torch.testing.assert_close(freq, weights[0] / weights.sum(), atol=0.01, rtol=0)
+    edges = pp_candidates(weights, torch.tensor([[0.0, 1.0 - 2**-53]], dtype=torch.float64))[0]
+    assert edges.tolist() == [1, 4]  # the ends of [0, 1) land on the first and last weighted points
+    flat = pp_candidates(torch.zeros(1, 4, dtype=torch.float64), torch.tensor([[0.1, 0.6, 0.99]], dtype=torch.float64))
+    assert flat[0].tolist() == [0, 2, 3]  # nothing to weigh: uniform
+
+
+def test_batched_kmeans_pp_picks_as_working_set():
+    ws = random_ws()
+    ks, counts = [1, 3, 7], [2, 5, 4]
+    run_k, first, u = [], [], []
+    picks = []
+    for k, c in zip(ks, counts):
+        picks.append(working_set.kmeans_pp(ws, k, c, torch.Generator().manual_seed(11)))  # [c, k]
+    # the batched draws and picks, through the same entry point the sweep uses
+    R, kmax = sum(counts), max(ks)
+    T = max(working_set.pp_trials(k) for k in ks)
+    first = torch.empty(R, dtype=torch.int64)
+    u = torch.zeros(kmax - 1, R, T, dtype=torch.float64)
+    r = 0
+    for k, c in zip(ks, counts):
+        f, draws = working_set.pp_draws(k, c, ws.n, torch.Generator().manual_seed(11))
+        first[r : r + c] = f
+        u[: k - 1, r : r + c, : draws.shape[2]] = draws
+        u[: k - 1, r : r + c, draws.shape[2] :] = draws[:, :, :1]
+        run_k += [k] * c
+        r += c
+    got = batched._kmeans_pp(ws, torch.tensor(run_k), first, u)
+    r = 0
+    for k, c, want in zip(ks, counts, picks):
+        assert torch.equal(got[r : r + c, :k], want)
+        r += c
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("duplicates", [0, 20])
+def test_gram_lloyd_matches_working_set_lloyd(duplicates, device):
+    """Starts on the same picks (two picks on one point: a cluster empties and is refilled)."""
+    ws = random_ws(duplicates=duplicates)
+    picks = torch.tensor([[0, 5, 9], [0, 63, 1], [2, 2, 7], [4, 4, 4]])  # 63 duplicates 0 when duplicated
+    want = working_set.lloyd(ws, picks, 100, 1e-6)
+    on = WorkingSet(ws.X.to(device), ws.xx.to(device), ws.G.to(device), ws.var)
+    got = batched._gram_lloyd(on, torch.tensor([3, 3, 3, 3], device=device), picks.to(device), 100, 1e-6)
+    members, point, inertia, iters = (t.cpu() for t in got)
+    for i, run in enumerate(want):
+        assert torch.equal(members[i], run.members)
+        assert torch.equal(point[i], run.point)
+        assert float(inertia[i]) == pytest.approx(run.inertia, rel=1e-6)
+        assert int(iters[i]) == run.iters
+    cents = batched.run_centroids(on, members.to(device), point.to(device), 3).cpu()
+    for i, run in enumerate(want):
+        torch.testing.assert_close(cents[i], run.centroids(ws), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shapes", [THREE_GRIDS, UNEVEN_CORNERS])
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_dense_lattice_against_explicit_features(shapes, mode, device, monkeypatch):
+    monkeypatch.setattr(batched, "_CHUNK_FLOATS", 200)  # several row chunks
+    stack = random_stack((13, 22), mode, shapes=shapes)
+    X = as_held(km._Image(stack, 0), explicit(stack))  # [N, C] float64
+    img = km._Image(stack.to(device), 0)
+    lat = km._dense_rung(img, img.last)
+    gen = torch.Generator().manual_seed(1)
+    sizes = [2, 3]
+    cents = torch.randn(5, X.shape[1], generator=gen)
+    labels, best = (t.cpu() for t in lat.assign(cents.to(device), sizes))
+    for r, c in enumerate(cents.split(sizes)):
+        d = torch.cdist(X, c.double()) ** 2  # [N, k]
+        assert torch.equal(labels[r], d.argmin(1))
+        torch.testing.assert_close(best[r].double() + (X * X).sum(1), d.min(1).values, atol=1e-3, rtol=1e-4)
+    sums, counts = (t.cpu() for t in lat.adjoint_sums(labels.to(device), sizes))
+    want = torch.cat([torch.zeros(k, X.shape[1], dtype=torch.float64).index_add_(0, labels[r], X)
+                      for r, k in enumerate(sizes)])
+    torch.testing.assert_close(sums.double(), want, atol=1e-4, rtol=1e-5)
+    assert counts.tolist() == [int((labels[r] == j).sum()) for r, k in enumerate(sizes) for j in range(k)]
+
+
+def test_dense_lattice_lloyd_matches_lattice_lloyd_with_an_empty_cluster():
+    """Two runs at once, one starting with two equal centroids (one cluster empties, a far
+    working-set point refills it): each as the one-k _Lattice.lloyd gives it alone."""
+    stack = random_stack((20, 24), seed=3)
+    img = km._Image(stack, 0)
+    ws = img.working_set(3, 0)
+    gen = torch.Generator().manual_seed(2)
+    twins = ws.X[[0, 0, 7]].clone()  # [3, C]
+    other = ws.X[torch.randperm(ws.n, generator=gen)[:4]].clone()  # [4, C]
+    full = img.rung(img.last)
+    total, var = full.moments()
+    dense = km._dense_rung(img, img.last)
+    labels, cents, best, iters = dense.lloyd(
+        torch.cat([twins, other]), [3, 4], 100, 1e-4 * var, km._RTOL, total, [(ws.X, ws.xx)] * 2
+    )
+    for r, start in enumerate((twins, other)):
+        want_labels, want_cents, want_best, want_it = full.lloyd(start, 100, 1e-4 * var, ws.X, ws.xx, total)
+        assert torch.equal(labels[r].view(img.size), want_labels)
+        torch.testing.assert_close(cents.split([3, 4])[r], want_cents, rtol=1e-4, atol=1e-5)
+        assert int(iters[r]) == want_it
