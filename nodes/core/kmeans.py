@@ -41,7 +41,7 @@ from typing import Callable
 
 import torch
 
-from .recording import is_int, power_of_two_scale
+from .recording import full_float32_matmul, is_int, power_of_two_scale
 from .upsample import FeatureStack, check_stack, interpolation_matrix, peak_abs
 from .working_set import RTOL as _RTOL
 from . import kmeans_batched as batched
@@ -777,13 +777,14 @@ def _sweep(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: fl
         out[k][2].append(inertia)
         iters[k] = max(iters[k], it)
 
-    if device.type in _BATCHED_DEVICES:
-        for b in range(B):
-            for k, result in _sweep_image_batched(_Image(stack, b), ks, seed, max_iter, tol).items():
-                collect(k, result)
-                tick()
-    else:
-        _sweep_threads(stack, ks, seed, max_iter, tol, collect, tick)
+    with full_float32_matmul():
+        if device.type in _BATCHED_DEVICES:
+            for b in range(B):
+                for k, result in _sweep_image_batched(_Image(stack, b), ks, seed, max_iter, tol).items():
+                    collect(k, result)
+                    tick()
+        else:
+            _sweep_threads(stack, ks, seed, max_iter, tol, collect, tick)
     return {
         k: KMeansResult(
             k=k,

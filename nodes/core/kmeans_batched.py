@@ -105,32 +105,37 @@ def _gram_lloyd(ws: WorkingSet, run_k: torch.Tensor, picks: torch.Tensor, max_it
     done_inertia = inertia.clone()
     done_iters = torch.zeros(R, dtype=torch.int64, device=device)
     active = torch.ones(R, dtype=torch.bool, device=device)
+    any_empty = True  # whether some cluster of the labels is empty (read with the stop flags)
     for it in range(1, max_iter + 1):
         # update: every centroid moves to the mean of its cluster
         onehot = torch.zeros(R, kmax, n, device=device).scatter_(1, labels[:, None], 1.0)  # [R, kmax, n]
         counts = onehot.sum(2)  # [R, kmax]
         inv = counts.clamp_min(1.0).reciprocal()  # [R, kmax]
         S_new = torch.matmul(onehot, G) * inv[:, :, None]  # [R, kmax, n] <mean_j, x_p>
-        own = labels[:, None, :]  # [R, 1, n]
-        cc_new = torch.zeros(R, kmax, device=device).scatter_add_(1, labels, S_new.gather(1, own)[:, 0]) * inv
-        cross = torch.zeros(R, kmax, device=device).scatter_add_(1, labels, S.gather(1, own)[:, 0]) * inv
+        cc_new = (onehot * S_new).sum(2) * inv  # [R, kmax] ||mean_j||^2 (sums, not atomics: the same bits each run)
+        cross = (onehot * S).sum(2) * inv  # [R, kmax] <mean_j, c_j>
         shift = (cc_new + cc - 2.0 * cross).clamp_min(0.0)  # [R, kmax] squared move of each centroid
-        empty = real & (counts == 0)  # [R, kmax]: keep their centroid, then move to far points
-        S_new = torch.where(empty[:, :, None], S, S_new)
-        cc_new = torch.where(real, torch.where(empty, cc, cc_new), inf)
-        shift = torch.where(empty | ~real, 0.0, shift)
-        point = torch.where(empty, point, -1)
-        # empty clusters: the r-th takes the point r-th farthest from its nearest centroid
-        far = (xx[None, None] + cc_new[:, :, None] - 2.0 * S_new).amin(1)  # [R, n]
-        order = far.sort(dim=1, descending=True, stable=True).indices  # [R, n]
-        rank = (empty.cumsum(1) - 1).clamp_min(0) % n  # [R, kmax]
-        q = order.gather(1, rank)  # [R, kmax]
-        refill_shift = (cc_new + xx[q] - 2.0 * S_new.gather(2, q[:, :, None])[:, :, 0]).clamp_min(0.0)
-        shift = torch.where(empty, refill_shift, shift).double().sum(1)  # [R]
-        S = torch.where(empty[:, :, None], G[q], S_new)
-        cc = torch.where(empty, xx[q], cc_new)
-        point = torch.where(empty, q, point)
-        refilled = empty.any(1)  # [R]
+        cc_new = torch.where(real, cc_new, inf)
+        shift = torch.where(real, shift, 0.0)
+        point = point.new_full(point.shape, -1)  # every centroid is now a mean ...
+        refilled = torch.zeros(R, dtype=torch.bool, device=device)
+        if any_empty:  # ... except empty clusters: they keep theirs, then move onto far points
+            empty = real & (counts == 0)  # [R, kmax]
+            S_new = torch.where(empty[:, :, None], S, S_new)
+            cc_new = torch.where(empty, cc, cc_new)
+            # the r-th empty cluster takes the point r-th farthest from its nearest centroid
+            far = (xx[None, None] + cc_new[:, :, None] - 2.0 * S_new).amin(1)  # [R, n]
+            order = far.sort(dim=1, descending=True, stable=True).indices  # [R, n]
+            rank = (empty.cumsum(1) - 1).clamp_min(0) % n  # [R, kmax]
+            q = order.gather(1, rank)  # [R, kmax]
+            refill_shift = (cc_new + xx[q] - 2.0 * S_new.gather(2, q[:, :, None])[:, :, 0]).clamp_min(0.0)
+            shift = torch.where(empty, refill_shift, shift)
+            S_new = torch.where(empty[:, :, None], G[q], S_new)
+            cc_new = torch.where(empty, xx[q], cc_new)
+            point = torch.where(empty, q, point)
+            refilled = empty.any(1)  # [R]
+        S, cc = S_new, cc_new
+        shift = shift.double().sum(1)  # [R]
         members = labels
         # assign to the moved centroids, then each run's stopping rules
         new_labels, new_inertia = assign()
@@ -146,7 +151,9 @@ def _gram_lloyd(ws: WorkingSet, run_k: torch.Tensor, picks: torch.Tensor, max_it
         done_iters = torch.where(now, it, done_iters)
         active = active & ~stop
         labels, inertia = new_labels, new_inertia
-        if not bool(active.any()):  # the one host round trip of an iteration
+        used = torch.zeros(R, kmax, dtype=torch.bool, device=device).scatter_(1, labels, True)  # [R, kmax]
+        going, any_empty = torch.stack([active.any(), (real & ~used).any()]).tolist()  # one host round trip
+        if not going:
             break
     return done_members, done_point, done_inertia, done_iters
 
@@ -214,13 +221,21 @@ class DenseLattice:
                 torch.min(part, 0, out=(best[r, r0:r1], labels[r, r0:r1]))
         return labels.view(R, N), best.view(R, N)
 
-    def adjoint_sums(self, labels: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """labels [R, N] (cluster within its run) -> (sum of F over each packed cluster [K, C], its
-        pixel count [K] int64): the adjoint of the upsampling applied to the cluster indicators."""
+    def packed(self, labels: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """labels [R, N] (cluster within its run) -> [R, N] packed cluster (row of [K, C])."""
+        offsets = torch.tensor([0] + sizes[:-1], device="cpu").cumsum(0).to(self.device)  # [R]
+        return labels + offsets[:, None]
+
+    def counts(self, labels: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """labels [R, N] (cluster within its run) -> [K] int64 pixels of each packed cluster."""
+        return torch.bincount(self.packed(labels, sizes).view(-1), minlength=sum(sizes))
+
+    def adjoint_sums(self, labels: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """labels [R, N] (cluster within its run) -> [K, C] sum of F over each packed cluster: the
+        adjoint of the upsampling applied to the cluster indicators."""
         R, N = labels.shape
         K = sum(sizes)
-        offsets = torch.tensor([0] + sizes[:-1], device=self.device).cumsum(0)  # [R]
-        packed = (labels + offsets[:, None]).view(R, self.ny, self.nx)  # [R, ny, nx] row of K
+        packed = self.packed(labels, sizes).view(R, self.ny, self.nx)  # [R, ny, nx] row of K
         adj = [torch.zeros(K, h, w, device=self.device) for _, h, w in self.shapes]  # [K, h_g, w_g]
         for r0, r1 in self._rows(K):
             rows = r1 - r0
@@ -229,9 +244,7 @@ class DenseLattice:
             z = (onehot.view(K * rows, self.nx) @ self.rx_adj).view(K, rows, -1)  # [K, rows, sum w]
             for a, part, ry_t in zip(adj, z.split(self.widths, 2), self.ry_t):
                 a += torch.matmul(ry_t[:, r0:r1], part)  # [K, h_g, w_g]
-        sums = torch.cat([a.view(K, -1) @ f for a, f in zip(adj, self.flat_t)], 1)  # [K, C]
-        counts = torch.bincount(packed.view(-1), minlength=K)  # [K]
-        return sums, counts
+        return torch.cat([a.view(K, -1) @ f for a, f in zip(adj, self.flat_t)], 1)  # [K, C]
 
     def lloyd(self, centroids, sizes, max_iter: int, tol: float, rtol: float, total_sq: float, ws: list):
         """kmeans._Lattice.lloyd for every run at once -> (labels [R, N], centroids [K, C], best
@@ -242,22 +255,26 @@ class DenseLattice:
         R = len(sizes)
         device = self.device
         seg = _segment_ids(sizes, device)  # [K] run of each packed cluster
-        starts = torch.tensor([0] + sizes[:-1], device=device).cumsum(0)  # [R]
+        starts = torch.tensor([0] + sizes[:-1], device="cpu").cumsum(0).to(device)  # [R]
+        within = torch.arange(sum(sizes), device=device) - starts[seg]  # [K] cluster within its run
         labels, best = self.assign(centroids, sizes)
+        counts = self.counts(labels, sizes)  # [K]
         inertia = total_sq + best.sum(1, dtype=torch.float64)  # [R]
         done = (labels.clone(), centroids.clone(), best.clone())
         done_iters = torch.zeros(R, dtype=torch.int64, device=device)
         active = torch.ones(R, dtype=torch.bool, device=device)
+        any_empty = True  # whether some cluster is empty (read with the stop flags)
         for it in range(1, max_iter + 1):
-            sums, counts = self.adjoint_sums(labels, sizes)
-            new = sums / counts.clamp_min(1)[:, None].to(torch.float32)  # [K, C]
-            empty = counts == 0  # [K]
-            new = torch.where(empty[:, None], centroids, new)  # empty clusters keep their centroid ...
-            new = _refill(new, empty, seg, starts, R, ws)  # ... then move onto far working-set points
-            refilled = torch.zeros(R, dtype=torch.int64, device=device).index_add_(0, seg, empty.long()) > 0  # [R]
-            shift = torch.zeros(R, dtype=torch.float64, device=device).index_add_(
-                0, seg, ((new - centroids).double() ** 2).sum(1)
-            )  # [R]
+            new = self.adjoint_sums(labels, sizes) / counts.clamp_min(1)[:, None].to(torch.float32)  # [K, C]
+            refilled = torch.zeros(R, dtype=torch.bool, device=device)
+            if any_empty:
+                empty = counts == 0  # [K]
+                new = torch.where(empty[:, None], centroids, new)  # empty clusters keep their centroid ...
+                new = _refill(new, empty, seg, starts, R, ws)  # ... then move onto far working-set points
+                refilled = torch.zeros(R, dtype=torch.int64, device=device).index_add_(0, seg, empty.long()) > 0
+            moved = torch.zeros(R, max(sizes), dtype=torch.float64, device=device)  # [R, kmax] (sums, not
+            moved[seg, within] = ((new - centroids).double() ** 2).sum(1)  # atomics: the same bits each run)
+            shift = moved.sum(1)  # [R]
             new_labels, best = self.assign(new, sizes)
             new_inertia = total_sq + best.sum(1, dtype=torch.float64)
             same = (new_labels == labels).all(1)
@@ -275,7 +292,9 @@ class DenseLattice:
             done_iters = torch.where(now, it, done_iters)
             active = active & ~stop
             centroids, labels, inertia = new, new_labels, new_inertia
-            if not bool(active.any()):  # the one host round trip of an iteration
+            counts = self.counts(labels, sizes)
+            going, any_empty = torch.stack([active.any(), (counts == 0).any()]).tolist()  # one host round trip
+            if not going:
                 break
         return done[0], done[1], done[2], done_iters
 

@@ -16,7 +16,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .recording import FEATURE_DTYPES, LayerKey, Recording, check_one_device, is_int, power_of_two_scale
+from .recording import (
+    FEATURE_DTYPES,
+    LayerKey,
+    Recording,
+    check_one_device,
+    full_float32_matmul,
+    is_int,
+    power_of_two_scale,
+)
 
 
 def _check_components(components, D: int, where: str = "") -> int:
@@ -209,7 +217,8 @@ def recording_pca(rec: Recording, components: int = 8) -> HeadFeatures:
         return finish(key, scores.reshape(B * heads, h * w, components))
 
     if not _on_cpu(rec):
-        reduced = _reduce_on_gpu(rec, components, finish)
+        with full_float32_matmul():
+            reduced = _reduce_on_gpu(rec, components, finish)
     else:
         keys = sorted(rec.layers, key=lambda key: -rec.layers[key].numel())  # largest first: balanced workers
         workers = min(torch.get_num_threads(), len(keys))
@@ -228,57 +237,71 @@ def _on_cpu(rec: Recording) -> bool:
 
 
 # Where the eigendecompositions of layers on a GPU run: "cpu" (the covariances travel to the CPU and
-# back) or "device" (one batched call for all heads of one head size). On an H200 with 2 CPU threads
-# the whole PCA took 77 ms with "cpu" and 165 ms with "device" for SD2.1 at 512 x 512 (175 heads),
-# 375 ms and 912 ms for SDXL at 1024 x 1024 (1100 heads): cuSOLVER's batched Jacobi eigh of 64 x 64
-# matrices runs hundreds of small sweeps with host syncs.
+# back) or "device" (one batched call for all heads of one head size). On an H200 (torch 2.11) the
+# 175 covariances of SD2.1 at 512 x 512 took 132 ms in cuSOLVER's batched eigh (float32; 121 ms
+# in float64) and 43 ms on one CPU thread, 3.9 ms on 16 (_eigh_on_cpu); SDXL's 1100 at 1024 x 1024
+# 871 ms, 332 ms and 24 ms.
 _GPU_EIGH = "cpu"
+
+
+_EIGH_POOL: list = [None, 0]  # [ThreadPoolExecutor, its workers]: kept, starting 16 threads costs ~1 ms
 
 
 def _eigh_on_cpu(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[G, d, d] on the CPU -> eigh's (evals [G, d], evecs [G, d, d]), the batch split over as many
     worker threads as torch has intra-op threads, each on one (a batched eigh runs its matrices one
-    after the other on one thread: 175 of 64 x 64 took 52 ms there, 4.7 ms on 16 workers)."""
+    after the other on one thread: 175 of 64 x 64 took 43-52 ms there, 3.9 ms on 16 workers)."""
     workers = min(torch.get_num_threads(), cov.shape[0])
     if workers <= 1:
         return torch.linalg.eigh(cov)
-    with _one_thread(), ThreadPoolExecutor(workers) as pool:
-        parts = list(pool.map(torch.linalg.eigh, cov.tensor_split(workers)))  # the same bits as one call
+    if _EIGH_POOL[1] != workers:
+        if _EIGH_POOL[0] is not None:
+            _EIGH_POOL[0].shutdown(wait=False)
+        _EIGH_POOL[:] = [ThreadPoolExecutor(workers, thread_name_prefix="headseg-eigh"), workers]
+    with _one_thread():
+        parts = list(_EIGH_POOL[0].map(torch.linalg.eigh, cov.tensor_split(workers)))  # the same bits as one call
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def _reduce_on_gpu(rec: Recording, components: int, finish) -> dict[LayerKey, torch.Tensor]:
-    """Layers on a GPU -> {key: finish(key, scores [B*heads, N, c])}, one layer after the other (worker
-    threads would gain nothing there, and torch's lazy loading of its GPU linear-algebra library fails
-    when several threads call eigh first at once). The covariances of all heads of one head size are
-    decomposed by one batched eigh, on the CPU by default (_GPU_EIGH): covariances on the device,
-    eigenvectors on the CPU, scores on the device."""
-
-    def centred(key):  # -> xc [B*heads, N, d], constant, scale; recomputed when needed, so that no
-        # centred copy of every layer (as large as the recording) is held at once
-        t = rec.layers[key]
+    """Layers on a GPU -> {key: finish(key, scores [B*heads, N, c])}. Layers of one token grid, head
+    size and dtype are reduced together as one [G, N, d] batch (a few large launches instead of
+    dozens of small ones per layer; worker threads would gain nothing there, and torch's lazy
+    loading of its GPU linear-algebra library fails when several threads call eigh first at once).
+    The covariances of all heads of one head size are decomposed by one eigh, on the CPU by default
+    (_GPU_EIGH): covariances on the device, eigenvectors on the CPU, scores on the device."""
+    groups: dict[tuple, list[LayerKey]] = {}  # (N, d, dtype) -> layers
+    for key, t in rec.layers.items():
         B, heads, h, w, d = t.shape
-        xg = t.detach().reshape(B * heads, h * w, d)  # [G, N, d]
-        return _centred(xg, _work_dtype(xg))
+        groups.setdefault((h * w, d, t.dtype), []).append(key)
 
-    groups: dict[tuple, list] = {}  # (d, dtype) -> [(key, covariance [G, d, d])]
-    for key in rec.layers:
-        xc, _, _ = centred(key)
-        groups.setdefault((xc.shape[-1], xc.dtype), []).append((key, xc.transpose(1, 2) @ xc))  # [G, d, d]
+    def centred(keys):  # -> xc [G, N, d], constant, scale, heads per layer; recomputed when needed,
+        # so that no centred copy of every layer (as large as the recording) is held at once
+        flat = [rec.layers[key].detach().flatten(0, 1).flatten(1, 2) for key in keys]  # [B*heads, N, d] each
+        xg = flat[0] if len(flat) == 1 else torch.cat(flat)  # [G, N, d]
+        return (*_centred(xg, _work_dtype(xg)), [f.shape[0] for f in flat])
+
+    by_size: dict[tuple, list] = {}  # (d, work dtype) -> [(keys, heads per layer, covariance [G, d, d])]
+    for keys in groups.values():
+        xc, _, _, sizes = centred(keys)
+        by_size.setdefault((xc.shape[-1], xc.dtype), []).append((keys, sizes, xc.transpose(1, 2) @ xc))
+    finite = [torch.isfinite(cov).flatten(1).all(1) for members in by_size.values() for _, _, cov in members]
+    finite = torch.cat(finite).cpu()  # [all heads]: a NaN/inf in a head reaches its covariance; one round trip
+    layer_sizes = [(key, n) for members in by_size.values() for keys, sizes, _ in members for key, n in zip(keys, sizes)]
+    for (key, _), ok in zip(layer_sizes, finite.split([n for _, n in layer_sizes])):
+        if not bool(ok.all()):
+            raise ValueError(f"Recording: layer {key!s} contains NaN or inf values")
     out = {}
-    for members in groups.values():
-        keys = [key for key, _ in members]
-        sizes = [c.shape[0] for _, c in members]
-        cov = torch.cat([c for _, c in members])  # [sum G, d, d]
-        finite = torch.isfinite(cov).flatten(1).all(1).cpu()  # [sum G]: a NaN/inf in a head reaches its covariance
-        for key, ok in zip(keys, finite.split(sizes)):
-            if not bool(ok.all()):
-                raise ValueError(f"Recording: layer {key!s} contains NaN or inf values")
+    for members in by_size.values():
+        cov = torch.cat([c for _, _, c in members])  # [sum G, d, d]
         if _GPU_EIGH == "cpu":
             evals, evecs = (e.to(cov.device) for e in _eigh_on_cpu(cov.cpu()))  # [sum G, d], [sum G, d, d]
         else:
             evals, evecs = torch.linalg.eigh(cov)  # [sum G, d], [sum G, d, d]
-        for key, ev, vec in zip(keys, evals.split(sizes), evecs.split(sizes)):
-            xc, constant, scale = centred(key)
-            out[key] = finish(key, _scores(xc, ev, vec, constant, scale, components))
+        group_sizes = [c.shape[0] for _, _, c in members]
+        for (keys, sizes, _), ev, vec in zip(members, evals.split(group_sizes), evecs.split(group_sizes)):
+            xc, constant, scale, _ = centred(keys)
+            scores = _scores(xc, ev, vec, constant, scale, components)  # [G, N, c]
+            for key, part in zip(keys, scores.split(sizes)):
+                out[key] = finish(key, part)
     return out

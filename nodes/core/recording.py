@@ -11,6 +11,7 @@ File format (safetensors): one tensor per layer keyed "<block>.<number>.<depth>"
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import numbers
@@ -174,6 +175,21 @@ def power_of_two_scale(peak: torch.Tensor) -> torch.Tensor:
     exponent = torch.floor(torch.log2(peak.double()))  # -inf for 0, nan for nan
     far = torch.isfinite(exponent) & (exponent.abs() > SCALE_EXP)
     return torch.where(far, torch.exp2(-exponent.clamp(-1000, 1000)), 1.0)  # clamped: finite in float64
+
+
+@contextlib.contextmanager
+def full_float32_matmul():
+    """Runs the block with float32 matrix products in full float32 ("highest"), then restores the
+    setting: a caller (or another node pack) may have allowed TF32 on GPUs, whose 10-bit mantissa
+    would move k-means' distances and PCA's covariances by ~1e-3 of their size."""
+    before = torch.get_float32_matmul_precision()
+    if before != "highest":
+        torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        if before != "highest":
+            torch.set_float32_matmul_precision(before)
 
 
 def check_one_device(first, label: str, t: torch.Tensor, what: str, noun: str):

@@ -185,7 +185,8 @@ def test_dense_lattice_against_explicit_features(shapes, mode, device, monkeypat
         d = torch.cdist(X, c.double()) ** 2  # [N, k]
         assert torch.equal(labels[r], d.argmin(1))
         torch.testing.assert_close(best[r].double() + (X * X).sum(1), d.min(1).values, atol=1e-3, rtol=1e-4)
-    sums, counts = (t.cpu() for t in lat.adjoint_sums(labels.to(device), sizes))
+    sums = lat.adjoint_sums(labels.to(device), sizes).cpu()
+    counts = lat.counts(labels.to(device), sizes).cpu()
     want = torch.cat([torch.zeros(k, X.shape[1], dtype=torch.float64).index_add_(0, labels[r], X)
                       for r, k in enumerate(sizes)])
     torch.testing.assert_close(sums.double(), want, atol=1e-4, rtol=1e-5)
@@ -212,3 +213,30 @@ def test_dense_lattice_lloyd_matches_lattice_lloyd_with_an_empty_cluster():
         assert torch.equal(labels[r].view(img.size), want_labels)
         torch.testing.assert_close(cents.split([3, 4])[r], want_cents, rtol=1e-4, atol=1e-5)
         assert int(iters[r]) == want_it
+
+
+def test_sweeps_and_gpu_pca_run_in_full_float32_and_restore_the_setting(batched_on_cpu, monkeypatch):
+    """TF32 allowed by someone else ("high") would move distances by ~1e-3: off while the core runs."""
+    seen = []
+    real = km._sweep_image_batched
+
+    def spy(*args):
+        seen.append(torch.get_float32_matmul_precision())
+        return real(*args)
+
+    monkeypatch.setattr(km, "_sweep_image_batched", spy)
+    torch.set_float32_matmul_precision("high")
+    try:
+        multi_kmeans(random_stack((16, 16)), [2])
+        assert seen == ["highest"] and torch.get_float32_matmul_precision() == "high"
+        from headseg.nodes.core import pca
+        from headseg.nodes.core.recording import LayerKey, Recording
+
+        monkeypatch.setattr(pca, "_on_cpu", lambda rec: False)
+        real_reduce = pca._reduce_on_gpu
+        monkeypatch.setattr(pca, "_reduce_on_gpu", lambda *a: seen.append(torch.get_float32_matmul_precision()) or real_reduce(*a))
+        rec = Recording({LayerKey("input", 1, 0): torch.randn(1, 2, 4, 4, 8)}, (32, 32))
+        pca.recording_pca(rec, 2)
+        assert seen == ["highest", "highest"] and torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision("highest")

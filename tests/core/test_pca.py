@@ -313,3 +313,39 @@ def test_one_eigh_for_all_layers_refuses_float64_beyond_float32_naming_the_layer
     gpu_path(monkeypatch, "cpu")
     with pytest.raises(ValueError, match=r"^Recording: layer output\.4\.0 has values beyond float32's range"):
         recording_pca(rec, 3)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_eigh_split_over_worker_threads_gives_the_bits_of_one_call(threads):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 40, 6, generator=g)
+    cov = x.transpose(1, 2) @ x  # [7, 6, 6]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        evals, evecs = pca._eigh_on_cpu(cov)
+    finally:
+        torch.set_num_threads(before)
+    want = torch.linalg.eigh(cov)
+    assert torch.equal(evals, want[0]) and torch.equal(evecs, want[1])
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("bad_layer", [None, 0, 1])
+def test_layers_of_one_grid_reduced_together_equal_the_layer_by_layer_pca(bad_layer, monkeypatch):
+    """On a GPU layers of one grid, head size and dtype form one batch: each layer's scores as alone,
+    and a NaN is still blamed on its own layer."""
+    g = torch.Generator().manual_seed(4)
+    keys = [LayerKey("input", 1, 0), LayerKey("input", 2, 0), LayerKey("output", 9, 0)]
+    rec = Recording({key: torch.randn(2, heads, 4, 6, 8, generator=g) for key, heads in zip(keys, (2, 3, 1))}, (32, 48))
+    if bad_layer is not None:
+        rec.layers[keys[bad_layer]][1, 0, 2, 3, 4] = float("nan")
+    gpu_path(monkeypatch, "cpu")
+    if bad_layer is not None:
+        with pytest.raises(ValueError, match=rf"^Recording: layer {keys[bad_layer].name.replace('.', '[.]')} contains"):
+            recording_pca(rec, 3)
+        return
+    got = recording_pca(rec, 3)
+    for key in keys:
+        want = head_pca(rec.layers[key].flatten(2, 3), 3).reshape(got.layers[key].shape)
+        torch.testing.assert_close(got.layers[key], want, rtol=1e-5, atol=1e-5)
