@@ -45,7 +45,7 @@ from .recording import full_float32_matmul, is_int, power_of_two_scale
 from .upsample import FeatureStack, check_stack, interpolation_matrix, peak_abs
 from .working_set import RTOL as _RTOL
 from . import kmeans_batched as batched
-from .working_set import WorkingSet, check_tol, first_at_minimum, starts
+from .working_set import WorkingSet, check_tol, first_at_minimum, sample_pixels, starts
 
 # The most clusters one k may ask for: every cluster becomes a mask at the output size (256 masks of
 # 512x512 are 256 MB as a float MASK batch), and the working set grows with k (16 points per cluster).
@@ -568,7 +568,7 @@ class _Image:
         n = min(N, max(_WS_MIN_POINTS, _WS_POINTS_PER_K * k))
         if (n, seed) not in self._ws:
             gen = torch.Generator().manual_seed(seed)
-            pix = torch.randperm(N, generator=gen, device="cpu")[:n] if n < N else torch.arange(N, device="cpu")  # [n]
+            pix = sample_pixels(N, n, gen) if n < N else torch.arange(N, device="cpu")  # [n]
             pix = pix.to(full.device)  # drawn on the CPU: the same pixels on every device
             self._ws[n, seed] = WorkingSet.from_features(full.features_at(pix), map_fn)  # X [n, C], G [n, n]
         return self._ws[n, seed]

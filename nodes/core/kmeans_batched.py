@@ -28,10 +28,8 @@ _CHUNK_FLOATS = 1 << 24
 
 
 def _segment_ids(sizes: list[int], device) -> torch.Tensor:
-    """[sum sizes] int64: the segment of each packed row (0 for the first sizes[0] rows, ...), made
-    on the CPU (on a GPU, repeat_interleave would wait for the device to learn the output size)."""
-    ids = torch.repeat_interleave(torch.arange(len(sizes), device="cpu"), torch.tensor(sizes, device="cpu"))
-    return ids.to(device)
+    """[sum sizes] int64: the segment of each packed row (0 for the first sizes[0] rows, ...)."""
+    return torch.tensor([r for r, size in enumerate(sizes) for _ in range(size)], device="cpu").to(device)
 
 
 # ----------------------------------------------------------------------------- working set
@@ -192,6 +190,7 @@ class DenseLattice:
         ones = torch.ones(1, self.nx, device=device)
         self.rx_up = torch.cat([r.t() for r in rx] + [ones]).contiguous()  # [sum w + 1, nx]: the last adds ||c||^2
         self.rx_adj = torch.cat(rx, 1).contiguous()  # [nx, sum w]
+        self._offsets: dict[tuple, torch.Tensor] = {}  # run sizes -> [R] first packed row of each run
 
     @property
     def num_pixels(self) -> int:
@@ -223,8 +222,10 @@ class DenseLattice:
 
     def packed(self, labels: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """labels [R, N] (cluster within its run) -> [R, N] packed cluster (row of [K, C])."""
-        offsets = torch.tensor([0] + sizes[:-1], device="cpu").cumsum(0).to(self.device)  # [R]
-        return labels + offsets[:, None]
+        key = tuple(sizes)
+        if key not in self._offsets:  # made once: each copy to the device costs a transfer
+            self._offsets[key] = torch.tensor([0] + sizes[:-1], device="cpu").cumsum(0).to(self.device)  # [R]
+        return labels + self._offsets[key][:, None]
 
     def counts(self, labels: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """labels [R, N] (cluster within its run) -> [K] int64 pixels of each packed cluster."""

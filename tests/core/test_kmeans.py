@@ -449,7 +449,8 @@ def test_features_with_a_large_common_offset_cluster_as_without_it(offset):
     grids = [(g.double() + s[None, :, None, None]).float() for g, s in zip(stack.grids, parts)]
     shifted = FeatureStack(grids, stack.weights, stack.keys, stack.size, stack.mode)
     a, b = kmeans(stack, 4, seed=0), kmeans(shifted, 4, seed=0)
-    assert torch.equal(b.labels, a.labels)
+    # float32 holds the shifted features to ~|offset| * 6e-8: a pixel on a near-tie may go the other way
+    assert float((b.labels == a.labels).float().mean()) >= 0.999
     assert float(b.inertia[0]) == pytest.approx(float(a.inertia[0]), rel=1e-3)
     torch.testing.assert_close(b.centroids[0].double() - shift, a.centroids[0].double(), rtol=0.0, atol=2e-3 * abs(offset) * 2**-10)
     X = explicit(shifted)  # [H*W, C] float64, offset included

@@ -66,7 +66,7 @@ def test_subspace_matches_sklearn_components():
     x = structured_heads((), 1024, 64, seed=11, dtype=torch.float32)
     c = 8
     with threadpool_limits(1):
-        pca = PCA(n_components=c).fit(x.double().numpy())
+        pca = PCA(n_components=c, svd_solver="full").fit(x.double().numpy())  # exact (not "auto": randomized)
     scores = head_pca(x, c).double()  # [N, c]
     xc = x.double() - x.double().mean(0)
     loadings = torch.linalg.lstsq(xc, scores).solution  # [D, c]

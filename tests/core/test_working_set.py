@@ -6,7 +6,7 @@ import torch
 from sklearn.cluster import KMeans
 
 from headseg.nodes.core import working_set as wsm
-from headseg.nodes.core.working_set import WorkingSet, kmeans_pp, lloyd, starts
+from headseg.nodes.core.working_set import WorkingSet, kmeans_pp, lloyd, sample_pixels, starts
 
 
 def blobs(n=300, C=12, k=4, spread=0.3, seed=0, dtype=torch.float32):
@@ -183,3 +183,16 @@ def test_an_emptied_cluster_moves_onto_the_far_outlier():
     run = lloyd(ws, torch.tensor([[0, 0, 1]]), max_iter=50, tol=0.0)[0]  # two starts on one point: one empties
     labels = torch.cdist(X.double(), run.centroids(ws).double()).argmin(1)
     assert int((labels == labels[-1]).sum()) == 1  # the refilled cluster holds the outlier alone
+
+
+@pytest.mark.parametrize("N, n", [(10, 3), (10, 9), (1000, 7), (262144, 512)])
+def test_sampled_pixels_are_distinct_uniform_and_seeded(N, n):
+    pix = sample_pixels(N, n, torch.Generator().manual_seed(0))
+    assert pix.dtype == torch.int64 and pix.shape == (n,) and pix.device.type == "cpu"
+    assert int(pix.unique().numel()) == n and 0 <= int(pix.min()) and int(pix.max()) < N
+    assert torch.equal(pix, sample_pixels(N, n, torch.Generator().manual_seed(0)))
+    if N == 1000:  # every index equally likely: 3000 draws of 7 of 1000, counted in 10 bins of 100
+        gen = torch.Generator().manual_seed(1)
+        hits = torch.cat([sample_pixels(N, n, gen) for _ in range(3000)]) // 100
+        counts = torch.bincount(hits, minlength=10).double()
+        assert float((counts - 2100).abs().max()) < 5 * 2100**0.5
