@@ -22,16 +22,20 @@ on the full output, each until the labels stop changing, the centroids move less
 labels and the inertia are exact at full resolution. Clusters are renumbered by decreasing area
 (ties: the cluster whose first pixel in raster order comes first), so labels are canonical.
 
-Threads: the k of a sweep run at once on worker threads (as many as torch has intra-op threads;
-at most two on a GPU), each on one intra-op thread, where waking a second thread for each small
-product would cost more than it saves, or on an equal share of the threads for large images. A single k runs alone and
-gives its large lattices all of the caller's threads.
+Threads: on the CPU the k of a sweep run at once on worker threads (as many as torch has intra-op
+threads), each on one intra-op thread, where waking a second thread for each small product would
+cost more than it saves, or on an equal share of the threads for large images. A single k runs
+alone and gives its large lattices all of the caller's threads.
+
+GPUs: every k of an image runs at once on the calling thread (kmeans_batched.py): the same
+algorithm, draws and stopping rules in a few large launches per iteration, where one k at a time
+would be thousands of small launches and host round trips (an H200 at 512 x 512: 35 ms for all
+five k against 100 ms).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import re
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -41,10 +45,10 @@ from typing import Callable
 
 import torch
 
+from . import kmeans_batched as batched
 from .recording import full_float32_matmul, is_int, power_of_two_scale
 from .upsample import FeatureStack, check_stack, interpolation_matrix, peak_abs
 from .working_set import RTOL as _RTOL
-from . import kmeans_batched as batched
 from .working_set import WorkingSet, check_tol, first_at_minimum, sample_pixels, starts
 
 # The most clusters one k may ask for: every cluster becomes a mask at the output size (256 masks of
@@ -78,8 +82,6 @@ _CHUNK_SCORES = 1 << 20
 _BLOCK_COLS = 64
 # Pixels moved between clusters at once in the adjoint weights.
 _CHUNK_PIXELS = 1 << 14
-# Worker threads of a sweep on a GPU (an H200 at 512 x 512: 1 worker 147 ms, 2: 111 ms, 4: 145 ms, 8: 165 ms).
-_GPU_WORKERS = 2
 # Devices whose sweeps run every k of an image at once (kmeans_batched.py): few large launches and
 # one host round trip per iteration suit GPUs; CPUs run one k at a time on worker threads.
 _BATCHED_DEVICES = ("cuda",)
@@ -636,8 +638,7 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
     gen = torch.Generator().manual_seed(seed)
     full = img.rung(img.last)
     ws = img.working_set(k, seed)
-    count = max(1, min(_WS_INITS, _WS_START_FLOATS // (k * ws.n))) if k > 1 else 1
-    runs = starts(ws, k, count, gen, max_iter, tol)
+    runs = starts(ws, k, _ws_starts(k, ws.n), gen, max_iter, tol)
     finalists = sorted(runs, key=lambda r: r.inertia)[:_WS_FINALISTS]  # stable: ties keep start order
     cands = [r.centroids(ws) for r in finalists]  # [k, C] each
     pick, assigned = 0, None
@@ -680,13 +681,15 @@ def _sweep_image_batched(img: _Image, ks: list[int], seed: int, max_iter: int, t
     the same up to rounding."""
     H, W = img.size
     full = img.rung(img.last)
-    groups: dict[int, tuple[WorkingSet, list[int]]] = {}  # n -> (working set, the k that share it)
-    for k in ks:
-        ws = img.working_set(k, seed)
-        groups.setdefault(ws.n, (ws, []))[1].append(k)
+    dense: dict[int, batched.DenseLattice] = {}  # rung -> its lattice, built once
+
+    def rung(i: int) -> batched.DenseLattice:
+        if i not in dense:
+            dense[i] = _dense_rung(img, i)
+        return dense[i]
+
     cands, ws_iters, ws_of = {}, {}, {}
-    for ws, group in groups.values():
-        counts = [max(1, min(_WS_INITS, _WS_START_FLOATS // (k * ws.n))) if k > 1 else 1 for k in group]
+    for ws, group, counts in _working_set_batches(img, ks, seed):
         members, point, inertia, iters = batched.working_set_runs(ws, group, counts, seed, max_iter, tol)
         inertia, iters = inertia.tolist(), iters.tolist()
         first = 0
@@ -703,7 +706,7 @@ def _sweep_image_batched(img: _Image, ks: list[int], seed: int, max_iter: int, t
     if several:  # each k's finalist of lowest inertia on the scoring lattice, first of ties
         sizes = [k for k in several for _ in range(cands[k].shape[0])]
         packed = torch.cat([cands[k].reshape(-1, cands[k].shape[2]) for k in several])  # [sum sizes, C]
-        _, best = _dense_rung(img, img.scoring_rung()).assign(packed, sizes)
+        _, best = rung(img.scoring_rung()).assign(packed, sizes)
         scores = best.sum(1, dtype=torch.float64).tolist()
         first = 0
         for k in several:
@@ -715,7 +718,7 @@ def _sweep_image_batched(img: _Image, ks: list[int], seed: int, max_iter: int, t
     refill = [(ws_of[k].X, ws_of[k].xx) for k in ks]
     total_sq, full_var = full.moments()
     for i in img.polish_rungs():  # exact Lloyd on finer lattices, the last = full
-        lat = _dense_rung(img, i)
+        lat = rung(i)
         scale = total_sq * lat.num_pixels / full.num_pixels  # estimate on a sub-lattice
         labels, centroids, best, it = lat.lloyd(centroids, ks, max_iter, tol * full_var, _RTOL, scale, refill)
         iters = iters + it
@@ -725,6 +728,31 @@ def _sweep_image_batched(img: _Image, ks: list[int], seed: int, max_iter: int, t
         k: _finish(img, k, labels[r].view(H, W), c, inertia[r], iters[r])
         for r, (k, c) in enumerate(zip(ks, centroids.split(ks)))
     }
+
+
+def _working_set_batches(img: _Image, ks: list[int], seed: int):
+    """-> [(working set, ks, starts per k)]: the k that share a working set (the same number of
+    points n), in batches whose [starts, k, n] tensors, padded to the batch's largest k, hold at
+    most about _WS_START_FLOATS floats in all (the bound one k alone keeps); at least one k each."""
+    groups: dict[int, tuple[WorkingSet, list[int]]] = {}  # n -> (working set, the k that share it)
+    for k in ks:
+        ws = img.working_set(k, seed)
+        groups.setdefault(ws.n, (ws, []))[1].append(k)
+    batches = []
+    for ws, group in groups.values():
+        batch: list[int] = []
+        for k in group:  # ascending: the batch's largest k is the one added last
+            if batch and sum(_ws_starts(j, ws.n) for j in batch + [k]) * k * ws.n > _WS_START_FLOATS:
+                batches.append((ws, batch, [_ws_starts(j, ws.n) for j in batch]))
+                batch = []
+            batch.append(k)
+        batches.append((ws, batch, [_ws_starts(j, ws.n) for j in batch]))
+    return batches
+
+
+def _ws_starts(k: int, n: int) -> int:
+    """k-means++ starts on a working set of n points for k clusters (fewer for large k)."""
+    return max(1, min(_WS_INITS, _WS_START_FLOATS // (k * n))) if k > 1 else 1
 
 
 def _dense_rung(img: _Image, i: int) -> batched.DenseLattice:
@@ -807,12 +835,7 @@ def _sweep_threads(stack: FeatureStack, ks: list[int], seed: int, max_iter: int,
     H, W = stack.size
     threads = torch.get_num_threads()
     workers = min(threads, len(ks))
-    device = stack.grids[0].device
-    initializer = None
-    if device.type == "cuda":  # a GPU queues the work of all k: a third worker only adds launch contention
-        workers = min(workers, _GPU_WORKERS)
-        initializer = functools.partial(torch.cuda.set_device, device)  # else torch warns in each worker
-    pool = ThreadPoolExecutor(workers, initializer=initializer) if workers > 1 else None
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
     share = max(1, threads // workers) if H * W >= _PARALLEL_MIN_POINTS else 1  # intra-op threads per worker
     try:
         for b in range(stack.batch_size):
@@ -856,8 +879,8 @@ def kmeans(stack: FeatureStack, k: int, seed: int = 0, max_iter: int = 100, tol:
 
     k-means++ start and Lloyd iterations, exact at output resolution, each image independently,
     deterministic for a seed (and independent of the other images of the batch): bit for bit on the
-    CPU; on a GPU the atomic additions of bincount and index_add_ may change centroids and inertia
-    in the last bits from run to run.
+    CPU; on a GPU torch's kernels may add in another order from run to run (the labels agreed in
+    every run measured).
     max_iter: most Lloyd iterations of each stage (working set, 1/16 lattice, full image).
     tol: centroid shift (squared, summed) relative to the mean feature variance, as in scikit-learn.
     """

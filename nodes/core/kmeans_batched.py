@@ -11,9 +11,12 @@ to rounding (a near-tie may go the other way):
   after the other into [K, C] (K = the sum of the k). Score upsampling and the adjoint are dense
   products with the interpolation matrices, row chunk by row chunk.
 
-A run that stops keeps the state it stopped with; the others go on. The host reads one small
-flag per iteration (whether any run still goes on) instead of several per run and iteration, and
-no launch depends on k: about 50 kernels per iteration for every k together.
+A run that stops keeps the state it stopped with; the others go on (a stopped run's work goes on
+too, unused: the shapes stay fixed). The host reads two flags per iteration (whether any run goes
+on, whether a cluster is empty) instead of several per run and iteration, and no launch depends
+on k: about 50 kernels per iteration for every k that shares a working set (each k above 32 has
+its own working set, so its own working-set stage; the polish takes every k together). Sums are
+reductions, not atomic additions: a GPU gives the same bits from run to run.
 """
 
 from __future__ import annotations
@@ -62,15 +65,14 @@ def working_set_runs(ws: WorkingSet, ks: list[int], counts: list[int], seed: int
 def _kmeans_pp(ws: WorkingSet, run_k: torch.Tensor, first: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Greedy k-means++ for every run at once -> picks [R, kmax] (padded steps pick point 0)."""
     R, n = int(run_k.shape[0]), ws.n
-    kmax = u.shape[0] + 1
+    kmax, T = u.shape[0] + 1, u.shape[2]
     rows = torch.arange(R, device=run_k.device)
-    D = ws.sq_dist(torch.arange(n, device=run_k.device))  # [n, n] float64, as working_set.kmeans_pp's rows
     picks = torch.zeros(R, kmax, dtype=torch.int64, device=run_k.device)  # [R, kmax]
     picks[:, 0] = first
-    closest = D[first]  # [R, n]
+    closest = ws.sq_dist(first)  # [R, n] float64, as working_set.kmeans_pp
     for step in range(1, kmax):
         cand = pp_candidates(closest, u[step - 1])  # [R, T]
-        new = torch.minimum(closest[:, None], D[cand])  # [R, T, n]
+        new = torch.minimum(closest[:, None], ws.sq_dist(cand.flatten()).view(R, T, n))  # [R, T, n]
         best = new.sum(2).argmin(1)  # [R]
         live = run_k > step  # [R] runs that still pick
         picks[:, step] = torch.where(live, cand[rows, best], 0)
@@ -103,7 +105,12 @@ def _gram_lloyd(ws: WorkingSet, run_k: torch.Tensor, picks: torch.Tensor, max_it
     done_inertia = inertia.clone()
     done_iters = torch.zeros(R, dtype=torch.int64, device=device)
     active = torch.ones(R, dtype=torch.bool, device=device)
-    any_empty = True  # whether some cluster of the labels is empty (read with the stop flags)
+
+    def some_empty(labels):  # [] bool: a real cluster without a point
+        used = torch.zeros(R, kmax, dtype=torch.bool, device=device).scatter_(1, labels, True)  # [R, kmax]
+        return (real & ~used).any()
+
+    any_empty = bool(some_empty(labels))  # then read with the stop flags, one round trip per iteration
     for it in range(1, max_iter + 1):
         # update: every centroid moves to the mean of its cluster
         onehot = torch.zeros(R, kmax, n, device=device).scatter_(1, labels[:, None], 1.0)  # [R, kmax, n]
@@ -149,8 +156,7 @@ def _gram_lloyd(ws: WorkingSet, run_k: torch.Tensor, picks: torch.Tensor, max_it
         done_iters = torch.where(now, it, done_iters)
         active = active & ~stop
         labels, inertia = new_labels, new_inertia
-        used = torch.zeros(R, kmax, dtype=torch.bool, device=device).scatter_(1, labels, True)  # [R, kmax]
-        going, any_empty = torch.stack([active.any(), (real & ~used).any()]).tolist()  # one host round trip
+        going, any_empty = torch.stack([active.any(), some_empty(labels)]).tolist()  # one host round trip
         if not going:
             break
     return done_members, done_point, done_inertia, done_iters
@@ -181,7 +187,6 @@ class DenseLattice:
         self.device = device = feats[0].device
         self.shapes = [tuple(int(s) for s in f.shape) for f in feats]  # (C_g, h_g, w_g)
         self.flat = [f.reshape(f.shape[0], -1) for f in feats]  # [C_g, h_g*w_g]
-        self.flat_t = [f.t().contiguous() for f in self.flat]  # [h_g*w_g, C_g]
         self.splits = [s[0] for s in self.shapes]
         self.ny, self.nx = int(ry[0].shape[0]), int(rx[0].shape[0])
         self.up_y = [(-2.0 * r).contiguous() for r in ry]  # [ny, h_g]: -2 in the y-upsampling (exact)
@@ -197,7 +202,10 @@ class DenseLattice:
         return self.ny * self.nx
 
     def _rows(self, K: int):
-        step = max(1, min(self.ny, _CHUNK_FLOATS // max(1, K * self.nx)))
+        """Row chunks (r0, r1) whose [K, rows, nx] scores and [K, rows, sum w + 1] partial products
+        hold at most about _CHUNK_FLOATS floats each."""
+        width = max(self.nx, self.rx_up.shape[0])
+        step = max(1, min(self.ny, _CHUNK_FLOATS // max(1, K * width)))
         return [(r0, min(r0 + step, self.ny)) for r0 in range(0, self.ny, step)]
 
     def assign(self, centroids: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,8 +236,11 @@ class DenseLattice:
         return labels + self._offsets[key][:, None]
 
     def counts(self, labels: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        """labels [R, N] (cluster within its run) -> [K] int64 pixels of each packed cluster."""
-        return torch.bincount(self.packed(labels, sizes).view(-1), minlength=sum(sizes))
+        """labels [R, N] (cluster within its run) -> [K] int64 pixels of each packed cluster (added
+        up with index_add_: on a GPU bincount reads the labels' range back to the host first)."""
+        packed = self.packed(labels, sizes).view(-1)  # [R*N]
+        ones = torch.ones((), dtype=torch.int64, device=self.device).expand(packed.shape[0])
+        return torch.zeros(sum(sizes), dtype=torch.int64, device=self.device).index_add_(0, packed, ones)
 
     def adjoint_sums(self, labels: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """labels [R, N] (cluster within its run) -> [K, C] sum of F over each packed cluster: the
@@ -245,7 +256,7 @@ class DenseLattice:
             z = (onehot.view(K * rows, self.nx) @ self.rx_adj).view(K, rows, -1)  # [K, rows, sum w]
             for a, part, ry_t in zip(adj, z.split(self.widths, 2), self.ry_t):
                 a += torch.matmul(ry_t[:, r0:r1], part)  # [K, h_g, w_g]
-        return torch.cat([a.view(K, -1) @ f for a, f in zip(adj, self.flat_t)], 1)  # [K, C]
+        return torch.cat([a.view(K, -1) @ f.t() for a, f in zip(adj, self.flat)], 1)  # [K, C] (a transposed view: no copy)
 
     def lloyd(self, centroids, sizes, max_iter: int, tol: float, rtol: float, total_sq: float, ws: list):
         """kmeans._Lattice.lloyd for every run at once -> (labels [R, N], centroids [K, C], best
@@ -258,20 +269,21 @@ class DenseLattice:
         seg = _segment_ids(sizes, device)  # [K] run of each packed cluster
         starts = torch.tensor([0] + sizes[:-1], device="cpu").cumsum(0).to(device)  # [R]
         within = torch.arange(sum(sizes), device=device) - starts[seg]  # [K] cluster within its run
+        groups = _refill_groups(ws, seg)
         labels, best = self.assign(centroids, sizes)
         counts = self.counts(labels, sizes)  # [K]
         inertia = total_sq + best.sum(1, dtype=torch.float64)  # [R]
         done = (labels.clone(), centroids.clone(), best.clone())
         done_iters = torch.zeros(R, dtype=torch.int64, device=device)
         active = torch.ones(R, dtype=torch.bool, device=device)
-        any_empty = True  # whether some cluster is empty (read with the stop flags)
+        any_empty = bool((counts == 0).any())  # then read with the stop flags, one round trip per iteration
         for it in range(1, max_iter + 1):
             new = self.adjoint_sums(labels, sizes) / counts.clamp_min(1)[:, None].to(torch.float32)  # [K, C]
             refilled = torch.zeros(R, dtype=torch.bool, device=device)
             if any_empty:
                 empty = counts == 0  # [K]
                 new = torch.where(empty[:, None], centroids, new)  # empty clusters keep their centroid ...
-                new = _refill(new, empty, seg, starts, R, ws)  # ... then move onto far working-set points
+                new = _refill(new, empty, seg, starts, R, groups)  # ... then move onto far working-set points
                 refilled = torch.zeros(R, dtype=torch.int64, device=device).index_add_(0, seg, empty.long()) > 0
             moved = torch.zeros(R, max(sizes), dtype=torch.float64, device=device)  # [R, kmax] (sums, not
             moved[seg, within] = ((new - centroids).double() ** 2).sum(1)  # atomics: the same bits each run)
@@ -300,17 +312,24 @@ class DenseLattice:
         return done[0], done[1], done[2], done_iters
 
 
-def _refill(new: torch.Tensor, empty: torch.Tensor, seg: torch.Tensor, starts: torch.Tensor, R: int, ws: list):
-    """kmeans._fill_empty for every run at once: the r-th empty cluster of a run moves onto the
-    working-set point r-th farthest from that run's nearest centroid. new [K, C], empty [K]."""
-    K = new.shape[0]
+def _refill_groups(ws: list, seg: torch.Tensor) -> list:
+    """ws[r] = (X [n, C], xx [n]) per run -> [(X, xx, mine)]: each distinct working set with the packed
+    clusters [K] bool of the runs it refills (None: every run)."""
     groups: dict[int, list[int]] = {}  # one working set -> the runs it refills
     for r, (X, _) in enumerate(ws):
         groups.setdefault(id(X), []).append(r)
+    if len(groups) == 1:
+        return [(*ws[0], None)]
+    return [(*ws[runs[0]], torch.isin(seg, torch.tensor(runs, device="cpu").to(seg.device))) for runs in groups.values()]
+
+
+def _refill(new: torch.Tensor, empty: torch.Tensor, seg: torch.Tensor, starts: torch.Tensor, R: int, groups: list):
+    """kmeans._fill_empty for every run at once: the r-th empty cluster of a run moves onto the
+    working-set point r-th farthest from that run's nearest centroid. new [K, C], empty [K];
+    groups from _refill_groups."""
+    K = new.shape[0]
     out = new
-    for runs in groups.values():
-        X, xx = ws[runs[0]]
-        mine = empty if len(groups) == 1 else empty & torch.isin(seg, torch.tensor(runs, device="cpu").to(seg.device))  # [K]
+    for X, xx, mine in groups:
         n = X.shape[0]
         d = (xx[None] + (new * new).sum(1)[:, None] - 2.0 * (new @ X.t())).clamp_min(0.0)  # [K, n]
         far = torch.full((R, n), float("inf"), device=new.device)
@@ -320,5 +339,6 @@ def _refill(new: torch.Tensor, empty: torch.Tensor, seg: torch.Tensor, starts: t
         before = torch.cat([cum.new_zeros(1), cum])[starts]  # [R] empties of earlier runs
         rank = (cum - 1 - before[seg]).clamp_min(0) % n  # [K] rank among its run's empty clusters
         q = order[seg, rank]  # [K]
-        out = torch.where(mine[:, None], X[q], out)
+        take = empty if mine is None else empty & mine  # [K]
+        out = torch.where(take[:, None], X[q], out)
     return out

@@ -10,6 +10,7 @@ entry of largest absolute value is positive, so scores can be compared with
 from __future__ import annotations
 
 import dataclasses
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -244,22 +245,35 @@ def _on_cpu(rec: Recording) -> bool:
 _GPU_EIGH = "cpu"
 
 
-_EIGH_POOL: list = [None, 0]  # [ThreadPoolExecutor, its workers]: kept, starting 16 threads costs ~1 ms
+class _EighPool:
+    """Worker threads for _eigh_on_cpu, kept between calls (starting 16 threads costs ~1 ms); a lock
+    makes each call use one pool of the size it asked for, from any number of threads."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pools: dict[int, ThreadPoolExecutor] = {}  # workers -> pool
+
+    def map(self, fn, parts: list) -> list:
+        with self._lock:
+            pool = self._pools.get(len(parts))
+            if pool is None:
+                pool = self._pools[len(parts)] = ThreadPoolExecutor(len(parts), thread_name_prefix="headseg-eigh")
+            futures = [pool.submit(fn, part) for part in parts]
+        return [f.result() for f in futures]
+
+
+_EIGH_POOL = _EighPool()
 
 
 def _eigh_on_cpu(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[G, d, d] on the CPU -> eigh's (evals [G, d], evecs [G, d, d]), the batch split over as many
     worker threads as torch has intra-op threads, each on one (a batched eigh runs its matrices one
-    after the other on one thread: 175 of 64 x 64 took 43-52 ms there, 3.9 ms on 16 workers)."""
+    after the other on one thread: 175 of 64 x 64 took 36-52 ms there, 3.9-4.4 ms on 16 workers)."""
     workers = min(torch.get_num_threads(), cov.shape[0])
     if workers <= 1:
         return torch.linalg.eigh(cov)
-    if _EIGH_POOL[1] != workers:
-        if _EIGH_POOL[0] is not None:
-            _EIGH_POOL[0].shutdown(wait=False)
-        _EIGH_POOL[:] = [ThreadPoolExecutor(workers, thread_name_prefix="headseg-eigh"), workers]
     with _one_thread():
-        parts = list(_EIGH_POOL[0].map(torch.linalg.eigh, cov.tensor_split(workers)))  # the same bits as one call
+        parts = _EIGH_POOL.map(torch.linalg.eigh, list(cov.tensor_split(workers)))  # the same bits as one call
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
@@ -276,7 +290,7 @@ def _reduce_on_gpu(rec: Recording, components: int, finish) -> dict[LayerKey, to
         groups.setdefault((h * w, d, t.dtype), []).append(key)
 
     def centred(keys):  # -> xc [G, N, d], constant, scale, heads per layer; recomputed when needed,
-        # so that no centred copy of every layer (as large as the recording) is held at once
+        # so that centred copies of one grid's layers at a time are held, not of the whole recording
         flat = [rec.layers[key].detach().flatten(0, 1).flatten(1, 2) for key in keys]  # [B*heads, N, d] each
         xg = flat[0] if len(flat) == 1 else torch.cat(flat)  # [G, N, d]
         return (*_centred(xg, _work_dtype(xg)), [f.shape[0] for f in flat])

@@ -179,17 +179,29 @@ def power_of_two_scale(peak: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def full_float32_matmul():
-    """Runs the block with float32 matrix products in full float32 ("highest"), then restores the
-    setting: a caller (or another node pack) may have allowed TF32 on GPUs, whose 10-bit mantissa
-    would move k-means' distances and PCA's covariances by ~1e-3 of their size."""
-    before = torch.get_float32_matmul_precision()
-    if before != "highest":
-        torch.set_float32_matmul_precision("highest")
+    """Runs the block with float32 matrix products on CUDA in full float32, then restores the
+    setting: a caller (or another node pack) may have allowed TF32, whose 10-bit mantissa would
+    move k-means' distances and PCA's covariances by ~1e-3 of their size. The setting is changed
+    through the API it was made with (torch refuses to read one after the other was used)."""
+    matmul = torch.backends.cuda.matmul
     try:
+        legacy = bool(matmul.allow_tf32)  # raises once the per-backend API (fp32_precision) set it
+    except RuntimeError:
+        legacy = None
+    if legacy:
+        matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = True
+    elif legacy is None and getattr(matmul, "fp32_precision", "ieee") == "tf32":
+        matmul.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = "tf32"
+    else:
         yield
-    finally:
-        if before != "highest":
-            torch.set_float32_matmul_precision(before)
 
 
 def check_one_device(first, label: str, t: torch.Tensor, what: str, noun: str):

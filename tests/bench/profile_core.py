@@ -5,9 +5,8 @@
 
 Input: the planted recording of bench_core.py. Internal functions of the core are wrapped with
 timers that synchronise the device before and after (so the times add up, at the cost of the
-overlap a GPU would otherwise get). On a GPU k-means then runs one k after the other (no worker
-threads), so each part's time is its own; on the CPU the k still run on worker threads and the
-parts' times overlap. Then: the eigendecompositions the PCA needs, alone, on each device
+overlap a GPU would otherwise get). On a GPU every k runs at once on the calling thread, so each
+part's time is its own; on the CPU the k run on worker threads and the parts' times overlap. Then: the eigendecompositions the PCA needs, alone, on each device
 and thread count; and, with --trace, torch.profiler's table of one whole run (kernel launches,
 host synchronisations) written to FILE.
 """
@@ -82,7 +81,6 @@ def main():
     print(f"segment() as shipped: median {statistics.median(plain) * 1e3:.1f} ms (min {min(plain) * 1e3:.1f})")
 
     # ------------------------------------------------------------------ stages, one k at a time
-    km._GPU_WORKERS = 1
     from headseg.nodes.core import kmeans_batched as batched
     from headseg.nodes.core.recording import Recording
 
@@ -116,7 +114,7 @@ def main():
     serial = [whole() for _ in range(args.repeats)]
     for (owner, name), fn in originals.items():
         setattr(owner, name, fn)
-    print(f"segment() with one k-means worker and a sync around each part: median {statistics.median(serial) * 1e3:.1f} ms")
+    print(f"segment() with a sync around each part: median {statistics.median(serial) * 1e3:.1f} ms")
     print(f"  {'part':50s} {'calls/run':>9s} {'ms/run':>8s}")
     for label, values in times.items():
         per_run = sum(values) / args.repeats

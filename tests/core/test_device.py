@@ -225,3 +225,16 @@ def test_a_cpu_stack_clustered_on_the_gpu_comes_back_with_the_cpus_labels():
         assert got.labels.dtype == expected.labels.dtype and got.labels.shape == expected.labels.shape
         assert float((got.labels == expected.labels).double().mean()) >= 0.999, k
         torch.testing.assert_close(got.inertia, expected.inertia, rtol=1e-4, atol=0.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpu_sweep_gives_the_same_labels_every_run():
+    """The batched k-means sums with reductions, not atomic additions: the same input, the same labels."""
+    rec = planted_recording([nested_scene(64, 96)], small_layout(), d=16, noise=1.0)
+    stack = segment(rec, cluster_counts=(2,)).stack.to("cuda")
+    first = multi_kmeans(stack, (2, 5, 9), seed=3)
+    for _ in range(3):
+        again = multi_kmeans(stack, (2, 5, 9), seed=3)
+        for k, result in first.results.items():
+            assert torch.equal(again.results[k].labels, result.labels)
+            assert torch.equal(again.results[k].inertia, result.inertia)

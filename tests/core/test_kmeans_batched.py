@@ -193,50 +193,157 @@ def test_dense_lattice_against_explicit_features(shapes, mode, device, monkeypat
     assert counts.tolist() == [int((labels[r] == j).sum()) for r, k in enumerate(sizes) for j in range(k)]
 
 
-def test_dense_lattice_lloyd_matches_lattice_lloyd_with_an_empty_cluster():
-    """Two runs at once, one starting with two equal centroids (one cluster empties, a far
-    working-set point refills it): each as the one-k _Lattice.lloyd gives it alone."""
+@pytest.mark.parametrize("rtol", [None, 1e9])
+def test_dense_lattice_lloyd_matches_lattice_lloyd_with_empty_clusters(rtol, monkeypatch):
+    """Three runs at once, each as the one-k _Lattice.lloyd gives it alone: two equal centroids (one
+    cluster empties), three equal ones (two empty in one run: the farthest and the second farthest
+    point refill them), and a plain start; the first two refill from one working set, the third from
+    another. rtol = 1e9: every iteration gains less than that, so a run stops at once unless a
+    cluster was refilled in it."""
+    if rtol is not None:
+        monkeypatch.setattr(km, "_RTOL", rtol)
     stack = random_stack((20, 24), seed=3)
     img = km._Image(stack, 0)
-    ws = img.working_set(3, 0)
+    ws_a, ws_b = img.working_set(3, 0), img.working_set(3, 1)
     gen = torch.Generator().manual_seed(2)
-    twins = ws.X[[0, 0, 7]].clone()  # [3, C]
-    other = ws.X[torch.randperm(ws.n, generator=gen)[:4]].clone()  # [4, C]
+    twins = ws_a.X[[0, 0, 7]].clone()  # [3, C]
+    triplets = ws_a.X[[5, 5, 5, 9]].clone()  # [4, C]
+    other = ws_b.X[torch.randperm(ws_b.n, generator=gen)[:4]].clone()  # [4, C]
     full = img.rung(img.last)
     total, var = full.moments()
     dense = km._dense_rung(img, img.last)
+    sets = [(twins, ws_a), (triplets, ws_a), (other, ws_b)]
     labels, cents, best, iters = dense.lloyd(
-        torch.cat([twins, other]), [3, 4], 100, 1e-4 * var, km._RTOL, total, [(ws.X, ws.xx)] * 2
+        torch.cat([c for c, _ in sets]), [3, 4, 4], 100, 1e-4 * var, km._RTOL, total, [(w.X, w.xx) for _, w in sets]
     )
-    for r, start in enumerate((twins, other)):
+    for r, (start, ws) in enumerate(sets):
         want_labels, want_cents, want_best, want_it = full.lloyd(start, 100, 1e-4 * var, ws.X, ws.xx, total)
         assert torch.equal(labels[r].view(img.size), want_labels)
-        torch.testing.assert_close(cents.split([3, 4])[r], want_cents, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(cents.split([3, 4, 4])[r], want_cents, rtol=1e-4, atol=1e-5)
         assert int(iters[r]) == want_it
 
 
-def test_sweeps_and_gpu_pca_run_in_full_float32_and_restore_the_setting(batched_on_cpu, monkeypatch):
-    """TF32 allowed by someone else ("high") would move distances by ~1e-3: off while the core runs."""
-    seen = []
-    real = km._sweep_image_batched
+def test_working_set_runs_equal_working_set_starts_per_k():
+    """The entry point the sweep uses: k of several sizes padded into one batch (clusters and
+    k-means++ candidates), each run as working_set.starts gives it for its k alone."""
+    ws = random_ws(n=80, C=6, seed=4, duplicates=12)
+    ks, counts = [1, 2, 4, 9], [1, 3, 5, 4]
+    members, point, inertia, iters = batched.working_set_runs(ws, ks, counts, 7, 100, 1e-4)
+    r = 0
+    for k, c in zip(ks, counts):
+        for i, run in enumerate(working_set.starts(ws, k, c, torch.Generator().manual_seed(7), 100, 1e-4)):
+            assert torch.equal(members[r + i], run.members), (k, i)
+            assert torch.equal(point[r + i, :k], run.point), (k, i)
+            assert float(inertia[r + i]) == pytest.approx(run.inertia, rel=1e-6)
+            assert int(iters[r + i]) == run.iters
+        r += c
 
-    def spy(*args):
-        seen.append(torch.get_float32_matmul_precision())
-        return real(*args)
 
-    monkeypatch.setattr(km, "_sweep_image_batched", spy)
-    torch.set_float32_matmul_precision("high")
-    try:
-        multi_kmeans(random_stack((16, 16)), [2])
-        assert seen == ["highest"] and torch.get_float32_matmul_precision() == "high"
-        from headseg.nodes.core import pca
-        from headseg.nodes.core.recording import LayerKey, Recording
+def test_refill_moves_each_runs_empty_clusters_onto_its_own_far_points():
+    """Against kmeans._fill_empty run by run: the r-th empty cluster of a run takes the point of the
+    run's own working set r-th farthest from the run's nearest centroid."""
+    ws_a, ws_b = random_ws(seed=1), random_ws(n=50, seed=2)
+    sizes, owners = [3, 4, 2], [ws_a, ws_a, ws_b]
+    gen = torch.Generator().manual_seed(3)
+    new = torch.randn(9, 5, generator=gen)
+    empty = torch.tensor([0, 1, 0, 1, 0, 1, 1, 0, 1], dtype=torch.bool)  # two empties in the second run
+    seg = batched._segment_ids(sizes, "cpu")
+    starts = torch.tensor([0, 3, 7])
+    groups = batched._refill_groups([(w.X, w.xx) for w in owners], seg)
+    got = batched._refill(new, empty, seg, starts, 3, groups)
+    for r, (part, gone, ws) in enumerate(zip(new.split(sizes), empty.split(sizes), owners)):
+        want = part.clone()
+        km._fill_empty(want, (~gone).long(), ws.X, ws.xx)
+        assert torch.equal(got.split(sizes)[r], want), r
 
-        monkeypatch.setattr(pca, "_on_cpu", lambda rec: False)
-        real_reduce = pca._reduce_on_gpu
-        monkeypatch.setattr(pca, "_reduce_on_gpu", lambda *a: seen.append(torch.get_float32_matmul_precision()) or real_reduce(*a))
-        rec = Recording({LayerKey("input", 1, 0): torch.randn(1, 2, 4, 4, 8)}, (32, 32))
-        pca.recording_pca(rec, 2)
-        assert seen == ["highest", "highest"] and torch.get_float32_matmul_precision() == "high"
-    finally:
-        torch.set_float32_matmul_precision("highest")
+
+@pytest.mark.parametrize("rtol", [None, 1e9])
+def test_gram_lloyd_with_runs_of_several_k_and_empty_clusters(rtol, monkeypatch):
+    """rtol = 1e9: every iteration gains less, so a run stops at once unless it refilled a cluster."""
+    if rtol is not None:
+        monkeypatch.setattr(working_set, "RTOL", rtol)
+    ws = random_ws(duplicates=10)
+    starts = {2: torch.tensor([[0, 0]]), 3: torch.tensor([[1, 1, 1], [2, 40, 3]]), 5: torch.tensor([[6, 6, 7, 8, 9]])}
+    run_k = torch.tensor([k for k, p in starts.items() for _ in range(p.shape[0])])
+    picks = torch.zeros(len(run_k), 5, dtype=torch.int64)
+    r = 0
+    for k, p in starts.items():
+        picks[r : r + p.shape[0], :k] = p
+        r += p.shape[0]
+    members, point, inertia, iters = batched._gram_lloyd(ws, run_k, picks, 100, 1e-6)
+    r = 0
+    for k, p in starts.items():
+        for i, run in enumerate(working_set.lloyd(ws, p, 100, 1e-6)):
+            assert torch.equal(members[r + i], run.members) and torch.equal(point[r + i, :k], run.point)
+            assert int(iters[r + i]) == run.iters
+        r += p.shape[0]
+
+
+def test_working_sets_are_batched_within_the_memory_bound(monkeypatch):
+    """Batches of k on one working set keep [starts, k, n] (padded) within _WS_START_FLOATS, and the
+    sweep's clusters do not depend on how the k were batched."""
+    stack = random_stack((24, 24), seed=6)
+    img = km._Image(stack, 0)
+    ks = [2, 3, 5, 8]
+    whole = km._working_set_batches(img, ks, 0)
+    assert [b[1] for b in whole] == [ks]
+    monkeypatch.setattr(km, "_WS_START_FLOATS", 40 * 512)
+    split = km._working_set_batches(img, ks, 0)
+    assert len(split) > 1 and sum((b[1] for b in split), []) == ks
+    for ws, group, counts in split:
+        assert len(group) == 1 or sum(counts) * max(group) * ws.n <= km._WS_START_FLOATS
+    monkeypatch.setattr(km, "_BATCHED_DEVICES", ("cuda", "cpu"))
+    got = multi_kmeans(stack, ks, seed=0)
+    monkeypatch.setattr(km, "_BATCHED_DEVICES", ("cuda",))
+    want = multi_kmeans(stack, ks, seed=0)
+    for k in ks:
+        assert float((got.results[k].labels == want.results[k].labels).float().mean()) >= 0.999
+
+
+_TF32_CHECK = """
+import runpy, sys, torch
+runpy.run_path("tests/support/checkout.py")["import_checkout"]()
+from headseg.nodes.core import kmeans as km, pca
+from headseg.nodes.core.recording import LayerKey, Recording
+from headseg.nodes.core.upsample import FeatureStack
+m = torch.backends.cuda.matmul
+how = sys.argv[1]
+if how == "legacy":
+    m.allow_tf32 = True
+elif how == "backend":
+    m.fp32_precision = "tf32"
+elif how == "generic":
+    torch.backends.fp32_precision = "tf32"
+seen = []
+real = km._sweep_image_batched
+def spy(*args):
+    seen.append(m.fp32_precision)
+    return real(*args)
+km._sweep_image_batched = spy
+km._BATCHED_DEVICES = ("cuda", "cpu")
+grid = torch.randn(1, 3, 4, 4)
+km.multi_kmeans(FeatureStack([grid], [1.0], [[]], (16, 16), "bilinear"), [2])
+pca._on_cpu = lambda rec: False
+real_reduce = pca._reduce_on_gpu
+pca._reduce_on_gpu = lambda *a: seen.append(m.fp32_precision) or real_reduce(*a)
+pca.recording_pca(Recording({LayerKey("input", 1, 0): torch.randn(1, 2, 4, 4, 8)}, (32, 32)), 2)
+after = m.allow_tf32 if how in ("none", "legacy") else m.fp32_precision
+print(seen, after, torch.backends.mkldnn.matmul.fp32_precision)
+"""
+
+
+@pytest.mark.parametrize(
+    "how, after, cpu_after",  # cpu_after: oneDNN's setting, untouched (the global one sets it too)
+    [("none", "False", "none"), ("legacy", "True", "none"), ("backend", "tf32", "none"), ("generic", "tf32", "tf32")],
+)
+def test_the_core_multiplies_in_full_float32_and_restores_tf32_as_it_was_set(how, after, cpu_after):
+    """TF32 allowed by someone else (the legacy flag, or torch's per-backend or global precision)
+    would move distances by ~1e-3: off while the core runs, then back, through the API it was set
+    with (torch refuses to read one after the other). In a subprocess: the flags are global."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _TF32_CHECK, how], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    inside = "'none'" if how == "none" else "'ieee'"
+    assert done.stdout.split("\n")[0] == f"[{inside}, {inside}] {after} {cpu_after}"
