@@ -83,8 +83,7 @@ def compute_device(choice, name: str = "device") -> torch.device:
 
 def _release_workspaces() -> None:
     """Frees the cuBLAS workspaces torch keeps for every thread that multiplied on a GPU (32 MiB each
-    on an H200). The core's two k-means worker threads leave 64 MiB allocated after a GPU sweep
-    (reused by the next sweep, never more); this frees them, and those of every other thread of the
+    on an H200): those of the thread that ran the node's GPU work, and of every other thread of the
     process too (ComfyUI runs nodes one at a time, so none is multiplying now), each made again at
     that thread's next GPU product."""
     clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)  # private: absent in some builds

@@ -15,9 +15,10 @@ from comfy_api.latest import io
 from . import types as hs
 from .core import kmeans as core_kmeans
 from .core import masks as core_masks
+from .core import pca as core_pca
 from .core import preview as core_preview
 from .core import upsample as core_upsample
-from .core.pca import HeadFeatures, recording_pca
+from .core.pca import HeadFeatures
 from .core.recording import MAX_IMAGE_SIDE, parse_levels
 from .node_utils import (
     DEVICE_CHOICES,
@@ -94,6 +95,19 @@ class HeadPCA(io.ComfyNode):
                         "finer detail and costs more k-means time; 1 keeps only each head's dominant contrast."
                     ),
                 ),
+                io.Combo.Input(
+                    "device",
+                    options=DEVICE_CHOICES,
+                    default="auto",
+                    optional=True,  # workflows saved before this input existed still run (as 'auto')
+                    tooltip=(
+                        "Where the PCA runs; the features come back to the CPU either way. 'auto' (default): "
+                        "ComfyUI's GPU when it has a CUDA or ROCm one (the recording is copied there: hundreds "
+                        "of MB for SDXL), else the CPU; a GPU that runs out of memory falls back to the CPU. "
+                        "'gpu': the GPU, or an error. 'cpu': the CPU, no GPU memory used. A GPU's features can "
+                        "differ from the CPU's in the last bits."
+                    ),
+                ),
                 io.Latent.Input(
                     "latent",
                     optional=True,
@@ -122,10 +136,10 @@ class HeadPCA(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, positions="down+up", levels="all") -> bool | str:
+    def validate_inputs(cls, positions="down+up", levels="all", device="auto") -> bool | str:
         # checked again at execution; values linked from other nodes are not known yet here. ComfyUI
-        # 0.3.75 checks no V3 combo value itself (see combo_error), so positions is checked here too
-        # (ComfyUI then marks both inputs; the message names the one at fault).
+        # 0.3.75 checks no V3 combo value itself (see combo_error), so positions and device are checked
+        # here too (ComfyUI then marks every input; the message names the one at fault).
         try:
             if isinstance(positions, str):
                 parse_positions(positions)
@@ -133,17 +147,24 @@ class HeadPCA(io.ComfyNode):
                 parse_levels(levels)
         except ValueError as exc:
             return str(exc)
-        return True
+        return combo_error("device", device, DEVICE_CHOICES) or True
 
     @classmethod
-    def execute(cls, recording, positions="down+up", levels="all", components=8, latent=None) -> io.NodeOutput:
+    def execute(
+        cls, recording, positions="down+up", levels="all", components=8, latent=None, device="auto"
+    ) -> io.NodeOutput:
         rec = as_recording(recording, latent)
         pos = parse_positions(positions)
         lv = parse_levels(levels)
         selected = rec.select(positions=pos, levels=lv)
         have = _recorded_levels(rec, pos)
         missing = [] if lv is None else sorted(set(lv) - set(have))  # e.g. '0,1' on SDXL: level 0 has none
-        features = recording_pca(selected, int(components))
+
+        def pca_on(dev: torch.device) -> HeadFeatures:
+            # the selected layers go to the device; ComfyUI caches the features, so they live on the CPU
+            return core_pca.recording_pca(selected.to(dev), int(components)).to("cpu")
+
+        features = run_on_device(device, pca_on, "Head PCA")
         grid = core_preview.pca_rgb_grid(features, batch_index=0)  # [1, rows*th, cols*tw, 3]
         summary = {
             "recorded_heads": rec.num_heads,

@@ -19,8 +19,9 @@ it with --size 1024 --no-reference (the reference's feature matrix alone would t
    IoU between the two mask sets. --control: scikit-learn against itself with another seed;
    --best-of N: against scikit-learn's best of N starts (n_init=N).
 --device cuda: ours runs on the GPU (stage times after a synchronisation, peak GPU memory); with
---compare-cpu also once on the CPU, compared per k. It also times Multi K-Means as the node runs
-it on a GPU (the CPU stack moved there, the sweep back) against the same on the CPU.
+--compare-cpu also once on the CPU, compared per k. It also times Multi K-Means and Head PCA as
+the nodes run them on a GPU (the CPU stack or recording moved there, the result back) against the
+same on the CPU.
 Target on a GPU: total <= 30 ms at 512 x 512.
 Targets (2 CPU cores): total <= 1 s at 512 x 512, >= 100x faster than the reference at 256 x 256,
 peak extra memory <= 300 MB, inertia within 2 % (median k) and 5 % (every k), best-match IoU >= 0.9.
@@ -177,6 +178,27 @@ def time_node_kmeans(stack, device, seed: int, repeats: int) -> tuple[float, flo
             times.append(time.perf_counter() - t0)
         medians.append(statistics.median(times[1:]))
     return medians[0], medians[1]
+
+
+def time_node_pca(rec_cpu, device, repeats: int) -> tuple[float, float, float]:
+    """Head PCA as the node runs it: the selected layers of the CPU recording moved to ``device``, the
+    PCA, the features moved back to the CPU -> (median seconds there, median seconds of the same on
+    the CPU alone, MB moved to the device)."""
+    import torch
+
+    from headseg.nodes.core.pca import recording_pca
+
+    selected = rec_cpu.select(("down", "up"))
+    moved = sum(t.numel() * t.element_size() for t in selected.layers.values()) / 1e6
+    medians = []
+    for dev in (device, torch.device("cpu")):
+        times = []
+        for _ in range(repeats + 1):  # the first run warms up
+            t0 = time.perf_counter()
+            recording_pca(selected.to(dev), 8).to("cpu")
+            times.append(time.perf_counter() - t0)
+        medians.append(statistics.median(times[1:]))
+    return medians[0], medians[1], moved
 
 
 def sklearn_kmeans(X, size: int, seed: int, n_init="auto"):
@@ -386,6 +408,9 @@ def main():
         on_gpu, on_cpu = time_node_kmeans(stack, device, args.seed, args.repeats)
         print(f"  Multi K-Means node (the CPU stack moved to {device}, the sweep back to the CPU): {on_gpu:.3f} s; "
               f"the same on this CPU: {on_cpu:.3f} s ({on_cpu / on_gpu:.1f}x)")
+        on_gpu, on_cpu, moved = time_node_pca(rec_cpu, device, args.repeats)
+        print(f"  Head PCA node (the CPU recording's {moved:.0f} MB of selected layers moved to {device}, the "
+              f"features back): {on_gpu:.3f} s; the same on this CPU: {on_cpu:.3f} s ({on_cpu / on_gpu:.1f}x)")
     if gpu and args.compare_cpu:
         compare_devices(rec_cpu, sweep, masks, args.seed)
 

@@ -1,5 +1,5 @@
-"""Multi K-Means' `device` input: which device it picks from ComfyUI's, the fall-back to the CPU when
-the GPU runs out of memory, and the clusters coming back on the CPU.
+"""Multi K-Means' and Head PCA's `device` input: which device it picks from ComfyUI's, the fall-back
+to the CPU when the GPU runs out of memory, and the clusters or features coming back on the CPU.
 
 ComfyUI runs here in CPU mode without a GPU, so its device is replaced where a GPU is needed; the
 real GPU path (a CPU stack clustered on a CUDA GPU, the sweep back on the CPU, the same labels) is
@@ -288,3 +288,93 @@ def test_multi_kmeans_moves_the_stack_to_the_gpu_and_falls_back_when_it_is_full(
     assert _same_sweep(out.args[0], expected)
     assert all(r.labels.device.type == "cpu" for r in out.args[0].results.values())
     assert out.args[1].shape[0] == 3 and comfy_device.emptied == 1
+
+
+# ----------------------------------------------------------------------------- Head PCA
+@pytest.fixture(scope="module")
+def recording():
+    return planted_recording([nested_scene(48, 64)], layout=small_layout(heads=2), d=8, noise=0.2, seed=3)
+
+
+def _same_features(a, b) -> bool:
+    return list(a.layers) == list(b.layers) and all(torch.equal(a.layers[k], b.layers[k]) for k in a.layers)
+
+
+def test_head_pca_gives_the_same_features_with_device_omitted_auto_and_cpu_on_a_cpu(nodes, recording):
+    omitted = nodes.HeadPCA.execute(recording, "down+up", "all", 3).args[0]  # prompts saved before the input existed
+    for choice in ("auto", "cpu"):
+        got = nodes.HeadPCA.execute(recording, "down+up", "all", 3, None, choice).args[0]
+        assert _same_features(got, omitted), choice
+    schema = nodes.HeadPCA.define_schema()
+    (device,) = [i for i in schema.inputs if i.id == "device"]
+    assert device.optional and device.default == "auto" and list(device.options) == ["auto", "gpu", "cpu"]
+
+
+def test_head_pca_on_gpu_without_one_names_the_input(nodes, recording, comfy_device):
+    comfy_device.set("cpu")
+    with pytest.raises(ValueError, match="^device: 'gpu' runs HeadSeg on CUDA or ROCm GPUs only"):
+        nodes.HeadPCA.execute(recording, "down+up", "all", 3, None, "gpu")
+
+
+def stand_in_gpu_recording(monkeypatch):
+    """Recording.to("cuda...") returns a stand-in for the recording on the GPU (this machine has none);
+    every move is logged -> (the stand-in, the devices moved to)."""
+    from headseg.nodes.core.recording import Recording
+
+    on_gpu, moves, real_to = object(), [], Recording.to
+
+    def to(self, device):
+        moves.append(torch.device(device))
+        return on_gpu if torch.device(device).type == "cuda" else real_to(self, device)
+
+    monkeypatch.setattr(Recording, "to", to)
+    return on_gpu, moves
+
+
+@pytest.mark.parametrize("device", [None, "auto", "gpu"])
+def test_head_pca_reduces_on_the_gpu_and_brings_the_features_back(nodes, recording, comfy_device, monkeypatch, device):
+    """The node's wiring when the GPU has room (a stand-in here): the selected layers go to ComfyUI's
+    GPU, the features come back to the CPU (ComfyUI caches them)."""
+    from headseg.nodes.core import pca as core_pca
+
+    expected = nodes.HeadPCA.execute(recording, "down+up", "all", 3, None, "cpu").args[0]
+    comfy_device.set("cuda:0")
+    on_gpu, rec_moves = stand_in_gpu_recording(monkeypatch)
+    feature_moves, real_features_to = [], core_pca.HeadFeatures.to
+
+    def features_to(self, dev):
+        feature_moves.append(torch.device(dev))
+        return real_features_to(self, dev)
+
+    def recording_pca(rec, components):
+        assert rec is on_gpu and components == 3
+        return expected  # stands for the features made on the GPU
+
+    monkeypatch.setattr(core_pca.HeadFeatures, "to", features_to)
+    monkeypatch.setattr(core_pca, "recording_pca", recording_pca)
+    args = (recording, "down+up", "all", 3) + (() if device is None else (None, device))
+    out = nodes.HeadPCA.execute(*args)
+    assert _same_features(out.args[0], expected) and all(t.device.type == "cpu" for t in out.args[0].layers.values())
+    assert rec_moves == [torch.device("cuda:0")] and feature_moves == [torch.device("cpu")]
+    assert comfy_device.released == 1
+
+
+def test_head_pca_falls_back_to_the_cpu_when_the_gpu_is_full(nodes, recording, comfy_device, monkeypatch, caplog):
+    from headseg.nodes.core import pca as core_pca
+
+    expected = nodes.HeadPCA.execute(recording, "down+up", "all", 3, None, "cpu").args[0]
+    comfy_device.set("cuda:0")
+    on_gpu, moves = stand_in_gpu_recording(monkeypatch)
+    real_pca = core_pca.recording_pca
+
+    def recording_pca(rec, components):
+        if rec is on_gpu:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+        return real_pca(rec, components)
+
+    monkeypatch.setattr(core_pca, "recording_pca", recording_pca)
+    with caplog.at_level(logging.WARNING):
+        out = nodes.HeadPCA.execute(recording, "down+up", "all", 3, None, "auto")
+    assert moves == [torch.device("cuda:0"), torch.device("cpu")]
+    assert _same_features(out.args[0], expected) and comfy_device.emptied == 1
+    assert "Head PCA ran out of GPU memory" in caplog.text

@@ -179,8 +179,9 @@ _KM = {"class_type": "HeadSeg_MultiKMeans", "inputs": {"stack": ["3", 0], "clust
 
 @pytest.mark.parametrize(
     "node, name, bad, good",
-    [("3", "mode", "bicubic", "nearest"), ("4", "device", "gpu2", "cpu"), ("4", "cluster_counts", "2,x", "3")],
-)
+    [("3", "mode", "bicubic", "nearest"), ("4", "device", "gpu2", "cpu"), ("4", "cluster_counts", "2,x", "3"),
+     ("2", "device", "cuda", "cpu")],
+)  # fmt: skip
 def test_comfyui_refuses_bad_choices_of_the_stage_nodes_before_the_run(node, name, bad, good):
     """A combo's value is not checked by ComfyUI 0.3.75 for V3 nodes: the nodes' validate_inputs does it,
     so an API prompt with a bad choice is refused before sampling, naming the input."""
