@@ -51,7 +51,7 @@ def as_recording(value, latent=None, name: str = "recording") -> Recording:
 # Choices of a node's `device` input: where its stage computes (inputs and outputs stay on the CPU).
 DEVICE_CHOICES = ["auto", "gpu", "cpu"]
 # Errors of a GPU that is out of memory but not raised as torch.cuda.OutOfMemoryError: a library
-# handle that cannot be created (cuBLAS in a new worker thread, cuSOLVER) when the driver is full.
+# handle that cannot be created (cuBLAS in a thread's first GPU product, cuSOLVER) when the driver is full.
 _OUT_OF_MEMORY_TEXTS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUSOLVER_STATUS_ALLOC_FAILED")
 
 
@@ -114,8 +114,8 @@ def run_on_device(choice, work, what: str, name: str = "device"):
             raise
         # torch's message is a paragraph: its first two sentences say what did not fit
         reason = ". ".join(str(exc).strip().split(". ")[:2]).rstrip(".") or "out of memory"
-        # the failed attempt's tensors are held by its frames, which the traceback keeps (and a
-        # cycle through the worker threads' futures): let them go before anything else runs
+        # the failed attempt's tensors are held by its frames, which the traceback keeps (and any
+        # cycle through thread pools' futures): let them go before anything else runs
         traceback.clear_frames(exc.__traceback__)
         if choice != "auto":
             raise torch.cuda.OutOfMemoryError(

@@ -104,8 +104,8 @@ class HeadPCA(io.ComfyNode):
                         "Where the PCA runs; the features come back to the CPU either way. 'auto' (default): "
                         "ComfyUI's GPU when it has a CUDA or ROCm one (the recording is copied there: hundreds "
                         "of MB for SDXL), else the CPU; a GPU that runs out of memory falls back to the CPU. "
-                        "'gpu': the GPU, or an error. 'cpu': the CPU, no GPU memory used. A GPU's features can "
-                        "differ from the CPU's in the last bits."
+                        "'gpu': the GPU, or an error. 'cpu': the CPU, no GPU memory used. A GPU's features differ "
+                        "from the CPU's by rounding."
                     ),
                 ),
                 io.Latent.Input(

@@ -13,10 +13,12 @@ to rounding (a near-tie may go the other way):
 
 A run that stops keeps the state it stopped with; the others go on (a stopped run's work goes on
 too, unused: the shapes stay fixed). The host reads two flags per iteration (whether any run goes
-on, whether a cluster is empty) instead of several per run and iteration, and no launch depends
-on k: about 50 kernels per iteration for every k that shares a working set (each k above 32 has
-its own working set, so its own working-set stage; the polish takes every k together). Sums are
-reductions, not atomic additions: a GPU gives the same bits from run to run.
+on, whether a cluster is empty) instead of several per run and iteration, and the launches do not
+multiply with the number of k: about 50 kernels per iteration for every k that shares a working
+set (each k above 32 has its own working set, so its own working-set stage; the polish takes
+every k together; only the minimum over each run's clusters is one launch per k). Float sums are
+reductions, not atomic additions (the counts are integer atomics, exact): a GPU gives the same
+bits from run to run.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def working_set_runs(ws: WorkingSet, ks: list[int], counts: list[int], seed: int
     """k-means++ and Lloyd on the working set for counts[i] starts of each k of ks, all at once ->
     (members [R, n] int64, point [R, kmax] int64, inertia [R] float64, iters [R] int64), runs
     k by k and start by start (R = sum of counts); the same as ``working_set.starts`` per k with a
-    generator seeded with ``seed``. Padded clusters (j >= k) have point 0 and no members.
+    generator seeded with ``seed``. Padded clusters (j >= k) have no members; their point is unused.
     tol: relative to the working set's mean channel variance."""
     device = ws.G.device
     n, kmax = ws.n, max(ks)

@@ -1,8 +1,8 @@
 """Per-head PCA of recorded self-attention outputs (paper section 3): [..., N, D] -> [..., N, c].
 
 Every head is reduced separately (centred, top-c principal components), all heads of a layer in
-one batched covariance + eigh call (on a GPU: one eigh, on the CPU, for all heads of one head
-size). Signs are fixed like scikit-learn's ``svd_flip`` (v-based): for each component the loading
+one batched covariance + eigh call (on a GPU: the covariances of every layer of one grid at once,
+decomposed on the CPU over torch's threads). Signs are fixed like scikit-learn's ``svd_flip`` (v-based): for each component the loading
 entry of largest absolute value is positive, so scores can be compared with
 ``sklearn.decomposition.PCA(c).fit_transform`` directly.
 """
@@ -184,7 +184,7 @@ def recording_pca(rec: Recording, components: int = 8) -> HeadFeatures:
 
     On the CPU, layers are reduced in parallel on as many worker threads as torch has intra-op
     threads, each worker on one intra-op thread (the per-head products and eigh calls are too small
-    to split); on a GPU one after the other.
+    to split); on a GPU the layers of one grid together (_reduce_on_gpu).
     """
     if not isinstance(rec, Recording):
         raise TypeError(f"rec must be a Recording, got {type(rec).__name__}")
@@ -240,8 +240,8 @@ def _on_cpu(rec: Recording) -> bool:
 # Where the eigendecompositions of layers on a GPU run: "cpu" (the covariances travel to the CPU and
 # back) or "device" (one batched call for all heads of one head size). On an H200 (torch 2.11) the
 # 175 covariances of SD2.1 at 512 x 512 took 132 ms in cuSOLVER's batched eigh (float32; 121 ms
-# in float64) and 43 ms on one CPU thread, 3.9 ms on 16 (_eigh_on_cpu); SDXL's 1100 at 1024 x 1024
-# 871 ms, 332 ms and 24 ms.
+# in float64) and 35-52 ms on one CPU thread, 3.9-4.4 ms on 16 (_eigh_on_cpu); SDXL's 1100 at
+# 1024 x 1024 871 ms, 332 ms and 24 ms.
 _GPU_EIGH = "cpu"
 
 
@@ -268,12 +268,12 @@ _EIGH_POOL = _EighPool()
 def _eigh_on_cpu(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[G, d, d] on the CPU -> eigh's (evals [G, d], evecs [G, d, d]), the batch split over as many
     worker threads as torch has intra-op threads, each on one (a batched eigh runs its matrices one
-    after the other on one thread: 175 of 64 x 64 took 36-52 ms there, 3.9-4.4 ms on 16 workers)."""
+    after the other on one thread: 175 of 64 x 64 took 35-52 ms there, 3.9-4.4 ms on 16 workers)."""
     workers = min(torch.get_num_threads(), cov.shape[0])
     if workers <= 1:
         return torch.linalg.eigh(cov)
     with _one_thread():
-        parts = _EIGH_POOL.map(torch.linalg.eigh, list(cov.tensor_split(workers)))  # the same bits as one call
+        parts = _EIGH_POOL.map(torch.linalg.eigh, list(cov.tensor_split(workers)))  # the bits of one call on one thread
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
@@ -282,7 +282,7 @@ def _reduce_on_gpu(rec: Recording, components: int, finish) -> dict[LayerKey, to
     size and dtype are reduced together as one [G, N, d] batch (a few large launches instead of
     dozens of small ones per layer; worker threads would gain nothing there, and torch's lazy
     loading of its GPU linear-algebra library fails when several threads call eigh first at once).
-    The covariances of all heads of one head size are decomposed by one eigh, on the CPU by default
+    The covariances of all heads of one head size are decomposed together, on the CPU by default
     (_GPU_EIGH): covariances on the device, eigenvectors on the CPU, scores on the device."""
     groups: dict[tuple, list[LayerKey]] = {}  # (N, d, dtype) -> layers
     for key, t in rec.layers.items():
