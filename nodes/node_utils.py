@@ -14,7 +14,7 @@ import threading
 import traceback
 
 import torch
-from comfy_api.latest import ui
+from comfy_api.latest import io, ui
 
 from .core.recording import Recording, all_finite
 
@@ -50,6 +50,12 @@ def as_recording(value, latent=None, name: str = "recording") -> Recording:
 
 # Choices of a node's `device` input: where its stage computes (inputs and outputs stay on the CPU).
 DEVICE_CHOICES = ["auto", "gpu", "cpu"]
+def device_input(tooltip: str):
+    """The `device` combo of a node whose stage runs through run_on_device: DEVICE_CHOICES, 'auto' by
+    default, optional so that workflows saved before the input existed still run (as 'auto')."""
+    return io.Combo.Input("device", options=DEVICE_CHOICES, default="auto", optional=True, tooltip=tooltip)
+
+
 # Errors of a GPU that is out of memory but not raised as torch.cuda.OutOfMemoryError: a library
 # handle that cannot be created (cuBLAS in a thread's first GPU product, cuSOLVER) when the driver is full.
 _OUT_OF_MEMORY_TEXTS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUSOLVER_STATUS_ALLOC_FAILED")

@@ -25,6 +25,7 @@ from .node_utils import (
     POSITION_CHOICES,
     as_recording,
     combo_error,
+    device_input,
     image_batch,
     log,
     mask_to_comfy,
@@ -95,11 +96,7 @@ class HeadPCA(io.ComfyNode):
                         "finer detail and costs more k-means time; 1 keeps only each head's dominant contrast."
                     ),
                 ),
-                io.Combo.Input(
-                    "device",
-                    options=DEVICE_CHOICES,
-                    default="auto",
-                    optional=True,  # workflows saved before this input existed still run (as 'auto')
+                device_input(
                     tooltip=(
                         "Where the PCA runs; the features come back to the CPU either way. 'auto' (default): "
                         "ComfyUI's GPU when it has a CUDA or ROCm one (the recording is copied there: hundreds "
@@ -352,11 +349,7 @@ class MultiKMeans(io.ComfyNode):
                     control_after_generate=False,  # fixed: re-queueing must reuse the cached clusters
                     tooltip="Seed of the k-means++ initialisation; the same seed gives the same clusters.",
                 ),
-                io.Combo.Input(
-                    "device",
-                    options=DEVICE_CHOICES,
-                    default="auto",
-                    optional=True,  # workflows saved before this input existed still run (as 'auto')
+                device_input(
                     tooltip=(
                         "Where the clustering runs; the clusters come back to the CPU either way. 'auto' "
                         "(default): ComfyUI's GPU when it has a CUDA or ROCm one, else the CPU; a GPU that runs "
