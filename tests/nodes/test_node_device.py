@@ -224,19 +224,23 @@ def test_multi_kmeans_on_gpu_without_one_names_the_input(nodes, stack, comfy_dev
         nodes.MultiKMeans.execute(stack, "2,3", 0, "gpu")
 
 
-def stand_in_gpu_stack(monkeypatch):
-    """FeatureStack.to("cuda...") returns a stand-in object for the stack on the GPU (this machine has
-    none); every move is logged -> (the stand-in, the devices moved to)."""
-    from headseg.nodes.core.upsample import FeatureStack
-
-    on_gpu, moves, real_to = object(), [], FeatureStack.to
+def stand_in_on_gpu(monkeypatch, cls):
+    """cls.to("cuda...") (a FeatureStack, a Recording) returns a stand-in object for the value on the
+    GPU (this machine has none); every move is logged -> (the stand-in, the devices moved to)."""
+    on_gpu, moves, real_to = object(), [], cls.to
 
     def to(self, device):
         moves.append(torch.device(device))
         return on_gpu if torch.device(device).type == "cuda" else real_to(self, device)
 
-    monkeypatch.setattr(FeatureStack, "to", to)
+    monkeypatch.setattr(cls, "to", to)
     return on_gpu, moves
+
+
+def stand_in_gpu_stack(monkeypatch):
+    from headseg.nodes.core.upsample import FeatureStack
+
+    return stand_in_on_gpu(monkeypatch, FeatureStack)
 
 
 @pytest.mark.parametrize("device", [None, "auto", "gpu"])
@@ -317,18 +321,9 @@ def test_head_pca_on_gpu_without_one_names_the_input(nodes, recording, comfy_dev
 
 
 def stand_in_gpu_recording(monkeypatch):
-    """Recording.to("cuda...") returns a stand-in for the recording on the GPU (this machine has none);
-    every move is logged -> (the stand-in, the devices moved to)."""
     from headseg.nodes.core.recording import Recording
 
-    on_gpu, moves, real_to = object(), [], Recording.to
-
-    def to(self, device):
-        moves.append(torch.device(device))
-        return on_gpu if torch.device(device).type == "cuda" else real_to(self, device)
-
-    monkeypatch.setattr(Recording, "to", to)
-    return on_gpu, moves
+    return stand_in_on_gpu(monkeypatch, Recording)
 
 
 @pytest.mark.parametrize("device", [None, "auto", "gpu"])
