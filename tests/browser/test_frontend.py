@@ -8,6 +8,7 @@ scripts are replaced by empty modules, so ComfyUI's own start-up messages do not
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -794,13 +795,23 @@ def test_a_workflow_saved_with_upsamples_error_map_output_is_rewired(comfy_page)
     assert comfy_page.pack_problems() == []
 
 
+@contextlib.contextmanager
+def vue_nodes(page):
+    """Runs the block with Nodes 2.0 (ComfyUI's Vue node renderer) on, then turns it off again."""
+    page.evaluate("async () => { await app.extensionManager.setting.set('Comfy.VueNodes.Enabled', true); }")
+    try:
+        yield
+    finally:
+        page.evaluate("async () => { await app.extensionManager.setting.set('Comfy.VueNodes.Enabled', false); }")
+        settle(page, 500)
+
+
 def test_picker_grows_with_its_node_in_the_vue_node_renderer(comfy_page, pictures):
     """With Nodes 2.0 (Vue nodes) the picture takes the node's free height and follows a resize by the
     corner, as on the canvas, instead of staying 200 px tall."""
     name, W, H = pictures["landscape"]
     page = comfy_page.page
-    page.evaluate("async () => { await app.extensionManager.setting.set('Comfy.VueNodes.Enabled', true); }")
-    try:
+    with vue_nodes(page):
         node_id = add_picker(page, name)
         synthetic_run(page, node_id, name, (W, H), (3, 4))
         box = "(e) => e.getBoundingClientRect().toJSON()"
@@ -817,9 +828,6 @@ def test_picker_grows_with_its_node_in_the_vue_node_renderer(comfy_page, picture
         assert grown["height"] >= picker["height"] + 100 and grown["width"] >= picker["width"] + 80, (picker, grown)
         rect = frame_rect(page, node_id)
         assert abs(rect["width"] / rect["height"] - W / H) < 0.05  # the picture keeps its aspect ratio
-    finally:
-        page.evaluate("async () => { await app.extensionManager.setting.set('Comfy.VueNodes.Enabled', false); }")
-        settle(page, 500)
     assert comfy_page.pack_problems() == []
 
 
@@ -834,8 +842,7 @@ def test_after_undo_the_vue_renderer_shows_the_rebuilt_nodes_picker(comfy_page, 
     takes its place, so clicks set the live node's x / y and runs show their thumbnails."""
     name, W, H = pictures["landscape"]
     page = comfy_page.page
-    page.evaluate("async () => { await app.extensionManager.setting.set('Comfy.VueNodes.Enabled', true); }")
-    try:
+    with vue_nodes(page):
         node_id = add_picker(page, name)
         synthetic_run(page, node_id, name, (W, H), (3, 4))
         page.evaluate(JS_CHECK_STATE)
@@ -852,9 +859,6 @@ def test_after_undo_the_vue_renderer_shows_the_rebuilt_nodes_picker(comfy_page, 
         assert (values["x"], values["y"]) == (W // 2, H // 4)
         synthetic_run(page, node_id, name, (W, H), (W // 2, H // 4), masks=3)
         assert page.evaluate(JS_SHOWN_PICKERS, node_id)["thumbs"] == [3]
-    finally:
-        page.evaluate("async () => { await app.extensionManager.setting.set('Comfy.VueNodes.Enabled', false); }")
-        settle(page, 500)
     assert comfy_page.pack_problems() == []
 
 
