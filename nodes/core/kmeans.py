@@ -740,13 +740,15 @@ def _working_set_batches(img: _Image, ks: list[int], seed: int):
         groups.setdefault(ws.n, (ws, []))[1].append(k)
     batches = []
     for ws, group in groups.values():
-        batch: list[int] = []
+        batch, counts = [], []
         for k in group:  # ascending: the batch's largest k is the one added last
-            if batch and sum(_ws_starts(j, ws.n) for j in batch + [k]) * k * ws.n > _WS_START_FLOATS:
-                batches.append((ws, batch, [_ws_starts(j, ws.n) for j in batch]))
-                batch = []
+            count = _ws_starts(k, ws.n)
+            if batch and (sum(counts) + count) * k * ws.n > _WS_START_FLOATS:
+                batches.append((ws, batch, counts))
+                batch, counts = [], []
             batch.append(k)
-        batches.append((ws, batch, [_ws_starts(j, ws.n) for j in batch]))
+            counts.append(count)
+        batches.append((ws, batch, counts))
     return batches
 
 

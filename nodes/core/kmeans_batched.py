@@ -45,23 +45,32 @@ def working_set_runs(ws: WorkingSet, ks: list[int], counts: list[int], seed: int
     generator seeded with ``seed``. Padded clusters (j >= k) have no members; their point is unused.
     tol: relative to the working set's mean channel variance."""
     device = ws.G.device
-    n, kmax = ws.n, max(ks)
-    run_k = torch.tensor([k for k, c in zip(ks, counts) for _ in range(c)], device=device)  # [R]
+    run_k, first, u = batch_draws(ks, counts, ws.n, seed)  # [R], [R], [kmax-1, R, T]
+    run_k = run_k.to(device)
+    picks = _kmeans_pp(ws, run_k, first.to(device), u.to(device))  # [R, kmax]
+    return _gram_lloyd(ws, run_k, picks, max_iter, tol * ws.var)
+
+
+def batch_draws(ks: list[int], counts: list[int], n: int, seed: int):
+    """working_set.pp_draws of counts[i] starts of each k of ks (a generator seeded with seed per k),
+    stacked run after run -> (k of each run [R], first picks [R], uniforms [kmax-1, R, T]), on the
+    CPU. A run of a smaller k has zeros after its k-1 steps, and its candidates are padded to the
+    largest number of trials T with copies of its first (argmin keeps the first of equal sums)."""
+    kmax = max(ks)
+    run_k = torch.tensor([k for k, c in zip(ks, counts) for _ in range(c)], device="cpu")  # [R]
     R = int(run_k.shape[0])
     T = max(pp_trials(k) for k in ks)
-    first = torch.empty(R, dtype=torch.int64, device="cpu")  # drawn on the CPU, as working_set.kmeans_pp
+    first = torch.empty(R, dtype=torch.int64, device="cpu")
     u = torch.zeros(max(kmax - 1, 0), R, T, dtype=torch.float64, device="cpu")  # [kmax-1, R, T]
     r = 0
     for k, c in zip(ks, counts):
-        gen = torch.Generator().manual_seed(seed)
-        f, draws = pp_draws(k, c, n, gen)  # [c], [k-1, c, trials]
+        f, draws = pp_draws(k, c, n, torch.Generator().manual_seed(seed))  # [c], [k-1, c, trials]
         first[r : r + c] = f
         t = draws.shape[2]
         u[: k - 1, r : r + c, :t] = draws
-        u[: k - 1, r : r + c, t:] = draws[:, :, :1]  # padding repeats candidate 0: argmin keeps the first
+        u[: k - 1, r : r + c, t:] = draws[:, :, :1]
         r += c
-    picks = _kmeans_pp(ws, run_k, first.to(device), u.to(device))  # [R, kmax]
-    return _gram_lloyd(ws, run_k, picks, max_iter, tol * ws.var)
+    return run_k, first, u
 
 
 def _kmeans_pp(ws: WorkingSet, run_k: torch.Tensor, first: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -232,10 +241,14 @@ class DenseLattice:
 
     def packed(self, labels: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """labels [R, N] (cluster within its run) -> [R, N] packed cluster (row of [K, C])."""
+        return labels + self.run_starts(sizes)[:, None]
+
+    def run_starts(self, sizes: list[int]) -> torch.Tensor:
+        """[R] first packed row of each run, made once per sizes (each copy to the device costs a transfer)."""
         key = tuple(sizes)
-        if key not in self._offsets:  # made once: each copy to the device costs a transfer
-            self._offsets[key] = torch.tensor([0] + sizes[:-1], device="cpu").cumsum(0).to(self.device)  # [R]
-        return labels + self._offsets[key][:, None]
+        if key not in self._offsets:
+            self._offsets[key] = torch.tensor([0] + sizes[:-1], device="cpu").cumsum(0).to(self.device)
+        return self._offsets[key]
 
     def counts(self, labels: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """labels [R, N] (cluster within its run) -> [K] int64 pixels of each packed cluster (added
@@ -269,7 +282,7 @@ class DenseLattice:
         R = len(sizes)
         device = self.device
         seg = _segment_ids(sizes, device)  # [K] run of each packed cluster
-        starts = torch.tensor([0] + sizes[:-1], device="cpu").cumsum(0).to(device)  # [R]
+        starts = self.run_starts(sizes)  # [R]
         within = torch.arange(sum(sizes), device=device) - starts[seg]  # [K] cluster within its run
         groups = _refill_groups(ws, seg)
         labels, best = self.assign(centroids, sizes)

@@ -124,24 +124,11 @@ def test_candidates_follow_the_weights():
 def test_batched_kmeans_pp_picks_as_working_set():
     ws = random_ws()
     ks, counts = [1, 3, 7], [2, 5, 4]
-    run_k, first, u = [], [], []
     picks = []
     for k, c in zip(ks, counts):
         picks.append(working_set.kmeans_pp(ws, k, c, torch.Generator().manual_seed(11)))  # [c, k]
-    # the batched draws and picks, through the same entry point the sweep uses
-    R, kmax = sum(counts), max(ks)
-    T = max(working_set.pp_trials(k) for k in ks)
-    first = torch.empty(R, dtype=torch.int64)
-    u = torch.zeros(kmax - 1, R, T, dtype=torch.float64)
-    r = 0
-    for k, c in zip(ks, counts):
-        f, draws = working_set.pp_draws(k, c, ws.n, torch.Generator().manual_seed(11))
-        first[r : r + c] = f
-        u[: k - 1, r : r + c, : draws.shape[2]] = draws
-        u[: k - 1, r : r + c, draws.shape[2] :] = draws[:, :, :1]
-        run_k += [k] * c
-        r += c
-    got = batched._kmeans_pp(ws, torch.tensor(run_k), first, u)
+    run_k, first, u = batched.batch_draws(ks, counts, ws.n, 11)  # the draws the sweep uses
+    got = batched._kmeans_pp(ws, run_k, first, u)
     r = 0
     for k, c, want in zip(ks, counts, picks):
         assert torch.equal(got[r : r + c, :k], want)
