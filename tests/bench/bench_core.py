@@ -161,44 +161,40 @@ def time_each_k(stack, seed: int, repeats: int) -> dict[int, float]:
     return out
 
 
-def time_node_kmeans(stack, device, seed: int, repeats: int) -> tuple[float, float]:
-    """Multi K-Means as the node runs it: the CPU stack moved to ``device``, all k, the sweep moved
-    back to the CPU -> (median seconds there, median seconds of the same on the CPU alone)."""
+def time_on_both(work, device, repeats: int) -> tuple[float, float]:
+    """work(dev) on ``device`` and on the CPU -> (median seconds there, median seconds on the CPU),
+    each after one warm-up run."""
     import torch
 
-    from headseg.nodes.core.kmeans import multi_kmeans
-
-    stack = stack.to("cpu")
     medians = []
     for dev in (device, torch.device("cpu")):
         times = []
         for _ in range(repeats + 1):  # the first run warms up
             t0 = time.perf_counter()
-            multi_kmeans(stack.to(dev), KS, seed=seed).to("cpu")
+            work(dev)
             times.append(time.perf_counter() - t0)
         medians.append(statistics.median(times[1:]))
     return medians[0], medians[1]
+
+
+def time_node_kmeans(stack, device, seed: int, repeats: int) -> tuple[float, float]:
+    """Multi K-Means as the node runs it: the CPU stack moved to ``device``, all k, the sweep moved
+    back to the CPU -> (median seconds there, median seconds of the same on the CPU alone)."""
+    from headseg.nodes.core.kmeans import multi_kmeans
+
+    stack = stack.to("cpu")
+    return time_on_both(lambda dev: multi_kmeans(stack.to(dev), KS, seed=seed).to("cpu"), device, repeats)
 
 
 def time_node_pca(rec_cpu, device, repeats: int) -> tuple[float, float, float]:
     """Head PCA as the node runs it: the selected layers of the CPU recording moved to ``device``, the
     PCA, the features moved back to the CPU -> (median seconds there, median seconds of the same on
     the CPU alone, MB moved to the device)."""
-    import torch
-
     from headseg.nodes.core.pca import recording_pca
 
     selected = rec_cpu.select(("down", "up"))
     moved = sum(t.numel() * t.element_size() for t in selected.layers.values()) / 1e6
-    medians = []
-    for dev in (device, torch.device("cpu")):
-        times = []
-        for _ in range(repeats + 1):  # the first run warms up
-            t0 = time.perf_counter()
-            recording_pca(selected.to(dev), 8).to("cpu")
-            times.append(time.perf_counter() - t0)
-        medians.append(statistics.median(times[1:]))
-    return medians[0], medians[1], moved
+    return (*time_on_both(lambda dev: recording_pca(selected.to(dev), 8).to("cpu"), device, repeats), moved)
 
 
 def sklearn_kmeans(X, size: int, seed: int, n_init="auto"):
