@@ -52,6 +52,23 @@ def test_the_last_sixteen_pictures_used_are_kept(utils, comfy_folders):
     assert name(utils.preview_refs(pictures[1], reuse=True)) != names[1]  # written again
 
 
+@pytest.mark.parametrize("B", [1, 2, 5, 13])
+def test_a_batch_is_written_one_file_per_picture_in_order(utils, comfy_folders, B):
+    """The pictures of a batch are written on several threads: every ref names its own file, and the
+    file holds that picture's bytes (as ComfyUI writes them: clip(255 x) cut to an integer)."""
+    import numpy as np
+    from PIL import Image
+
+    pictures = torch.rand(B, 9, 7, 3, generator=torch.Generator().manual_seed(B))  # [B, 9, 7, 3]
+    refs = utils.preview_refs(pictures)
+    assert len(refs) == B and len({(r["subfolder"], r["filename"]) for r in refs}) == B
+    for b, ref in enumerate(refs):
+        assert ref["type"] == "temp"
+        read = np.asarray(Image.open(comfy_folders["temp"] / ref["subfolder"] / ref["filename"]).convert("RGB"))
+        expected = (pictures[b] * 255.0).clamp(0, 255).to(torch.uint8).numpy()
+        assert np.array_equal(read, expected), b
+
+
 def test_without_reuse_every_call_writes_a_file(utils):
     assert name(utils.preview_refs(flat(0.5))) != name(utils.preview_refs(flat(0.5)))
 
