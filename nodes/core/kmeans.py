@@ -70,12 +70,14 @@ _WS_POINTS_PER_K = 16
 _POLISH_SKIP = 2
 _POLISH_MIN_POINTS = 1 << 12
 # k-means++ starts on the working set, each followed by Lloyd there; of the _WS_FINALISTS of lowest
-# inertia on the working set, the one of lowest inertia on the scoring lattice (the first with at
+# inertia on the working set, one per optimum (_finalists: within _WS_SAME_OPTIMUM relative inertia
+# counts as the same), the one of lowest inertia on the scoring lattice (the first with at
 # least _POLISH_MIN_POINTS pixels, the full image if none has) is polished. The starts run at once
 # with [starts, k, points] tensors: for large k fewer starts keep those at most _WS_START_FLOATS.
 _WS_INITS = 20
 _WS_START_FLOATS = 1 << 23
 _WS_FINALISTS = 3
+_WS_SAME_OPTIMUM = 1e-3
 # Row chunks of the full-resolution assignment hold at most this many scores (k * rows * W).
 _CHUNK_SCORES = 1 << 20
 # Output columns per block of the x-upsampling of the scores.
@@ -639,7 +641,7 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
     full = img.rung(img.last)
     ws = img.working_set(k, seed)
     runs = starts(ws, k, _ws_starts(k, ws.n), gen, max_iter, tol)
-    finalists = sorted(runs, key=lambda r: r.inertia)[:_WS_FINALISTS]  # stable: ties keep start order
+    finalists = [runs[r] for r in _finalists([run.inertia for run in runs])]
     cands = [r.centroids(ws) for r in finalists]  # [k, C] each
     pick, assigned = 0, None
     if len(cands) > 1:  # the finalist of lowest inertia on the scoring lattice, first of ties
@@ -694,8 +696,7 @@ def _sweep_image_batched(img: _Image, ks: list[int], seed: int, max_iter: int, t
         inertia, iters = inertia.tolist(), iters.tolist()
         first = 0
         for k, count in zip(group, counts):
-            runs = range(first, first + count)
-            finalists = sorted(runs, key=lambda r: inertia[r])[:_WS_FINALISTS]  # stable: ties keep start order
+            finalists = [first + r for r in _finalists(inertia[first : first + count])]
             index = torch.tensor(finalists, device=img.device)
             cands[k] = batched.run_centroids(ws, members[index], point[index], k)  # [finalists, k, C]
             ws_iters[k] = [iters[r] for r in finalists]
@@ -750,6 +751,22 @@ def _working_set_batches(img: _Image, ks: list[int], seed: int):
             counts.append(count)
         batches.append((ws, batch, counts))
     return batches
+
+
+def _finalists(inertia: list[float]) -> list[int]:
+    """Working-set inertia of each start -> the starts to score on the scoring lattice, best first: up
+    to _WS_FINALISTS of lowest inertia, one per optimum. Starts that end within _WS_SAME_OPTIMUM
+    (relative) of a lower one are taken as the same optimum (many starts land in the best one found,
+    and scoring copies of it would leave a close second optimum, which the full image may prefer,
+    unscored)."""
+    order = sorted(range(len(inertia)), key=lambda r: inertia[r])  # stable: ties keep start order
+    picked = order[:1]
+    for r in order[1:]:
+        if len(picked) == _WS_FINALISTS:
+            break
+        if inertia[r] > inertia[picked[-1]] * (1.0 + _WS_SAME_OPTIMUM):
+            picked.append(r)
+    return picked
 
 
 def _ws_starts(k: int, n: int) -> int:
