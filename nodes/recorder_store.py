@@ -25,7 +25,9 @@ BRANCHES = {"cond": 0, "uncond": 1}
 VAE_FACTOR = 8  # pixels per latent cell for the SD-family UNets this records
 RECORD_DTYPE = torch.float16
 # Sampling runs kept per record node, so that a LATENT finds its own run when other samplers used
-# the recorded MODEL after it (a hires fix, an inpainting pass).
+# the recorded MODEL after it (a hires fix, an inpainting pass). The run read last is kept beyond
+# them (_Store.pinned): an inpainting pass re-run click after click must not push out the image it
+# inpaints, which Head PCA reads again when one of its inputs changes.
 HISTORY = 3
 # Why a run recorded nothing when the recorded layers never ran (the MODEL used was not the patched one).
 _NEVER_CALLED = "the self-attention layers were never called during the last sampling run"
@@ -101,8 +103,10 @@ class _Store:
         self.runs = 0
         self.dropped = 0  # runs pushed out of the history by newer ones
         self.failure = ""  # why the current or most recent run recorded nothing
-        # the last HISTORY runs, oldest first: (output latent on the CPU or None, Recording or None, failure)
-        self.history: collections.deque = collections.deque(maxlen=HISTORY)
+        # the last HISTORY runs, oldest first: (output latent on the CPU or None, Recording or None, failure),
+        # and before them the run read last (pinned) when it is older
+        self.history: list[tuple] = []
+        self.pinned: tuple | None = None  # the entry of the run that run_of found last
         self._reset_run(None, None)
 
     # -- run boundaries (OUTER_SAMPLE wrapper) -------------------------------------------------
@@ -241,9 +245,13 @@ class _Store:
         self._reset_run(None, None)
 
     def _remember(self, output, rec):
-        """Keeps a finished run (its output latent, Recording or None, failure); the oldest of HISTORY goes."""
-        self.dropped += len(self.history) == HISTORY
+        """Keeps a finished run (its output latent, Recording or None, failure): the last HISTORY runs
+        stay, and the run read last (pinned) however old it is; the others go."""
         self.history.append((_cpu_latent(output), rec, self.failure))
+        recent = self.history[-HISTORY:]
+        older = [entry for entry in self.history[:-HISTORY] if entry is self.pinned]
+        self.dropped += len(self.history) - len(recent) - len(older)
+        self.history = older + recent
 
     def latest(self):
         """(Recording or None, failure) of the most recent finished run; (None, failure) before any."""
@@ -255,8 +263,10 @@ class _Store:
         samples = _cpu_latent(samples)
         if samples is None:
             return None
-        for output, rec, failure in reversed(self.history):
+        for entry in reversed(self.history):
+            output, rec, failure = entry
             if output is not None and output.shape == samples.shape and _same_bits(output, samples):
+                self.pinned = entry
                 return rec, failure
         return None
 
@@ -557,8 +567,10 @@ class LiveRecording:
         runs = [out for out, _, _ in self._store.history if out is not None]
         kept = ", ".join(dims(out) for out in runs)
         full = (
-            f" Only the last {HISTORY} runs are kept: a LATENT of an earlier run (e.g. of a list of more latents "
-            "sampled one after the other) is no longer there."
+            f" Only the last {HISTORY} runs (and the run read last) are kept, and {self._store.dropped} older "
+            "one(s) are gone: a LATENT of an earlier run is no longer there (every sampler that uses the "
+            "recorded MODEL adds a run, e.g. an inpainting pass each time it runs, or each of a list of "
+            "latents sampled one after the other). Sample it again."
             if self._store.dropped
             else ""
         )

@@ -120,13 +120,16 @@ def test_an_interrupted_run_lets_go_of_its_partial_recording(tiny, sd2):
 
 def test_the_last_three_runs_are_kept(tiny, sd2):
     """The node's description and RECORDING tooltip promise the last 3 runs (a hires fix and an
-    inpainting pass after the first sampler): planted 3, not read from the module."""
+    inpainting pass after the first sampler) and the run read last: planted 3, not read from the module."""
     patched, live = recorder.attach_recorder(sd2)
     latents = [run(tiny, patched, seed=s) for s in range(3)]
     for lat in latents:
         assert live.snapshot(lat).layers  # all three still readable
+    assert live.snapshot(latents[1]).layers  # read last
     run(tiny, patched, seed=3)
-    with pytest.raises(ValueError, match="^latent: .*Only the last 3 runs are kept"):
+    run(tiny, patched, seed=4)
+    assert live.snapshot(latents[1]).layers  # older than the last 3, but read last
+    with pytest.raises(ValueError, match=r"^latent: .*Only the last 3 runs \(and the run read last\) are kept"):
         live.snapshot(latents[0])
 
 

@@ -296,9 +296,33 @@ def test_latent_finds_its_own_run_among_the_last_ones(tiny, sd2):
     for seed in range(3, 3 + recorder_store.HISTORY - 1):
         run(tiny, patched, latent_hw=(8, 8), seed=seed)
     live.snapshot(second_latent)  # still kept
-    run(tiny, patched, latent_hw=(8, 8), seed=99)
+    newest = run(tiny, patched, latent_hw=(8, 8), seed=99)
+    live.snapshot(second_latent)  # past HISTORY newer runs, but the run read last stays
+    live.snapshot(newest)  # now the newest run is the one read last
+    run(tiny, patched, latent_hw=(8, 8), seed=100)
     with pytest.raises(ValueError, match="^latent: "):
         live.snapshot(second_latent)  # forgotten after HISTORY newer runs
+
+
+def test_the_run_read_last_outlasts_any_number_of_later_runs(tiny, sd2):
+    """An image sampled with the recorded MODEL, read by Head PCA, then an inpainting pass that also
+    uses the recorded MODEL, re-run click after click: the image's run stays readable (Head PCA runs
+    again when one of its inputs changes), while unread runs beyond the last HISTORY go."""
+    from headseg.nodes import pipeline_nodes
+
+    patched, live = recorder.attach_recorder(sd2)
+    image = run(tiny, patched, latent_hw=(8, 8), seed=1)
+    before = pipeline_nodes.HeadPCA.execute(live, "down+up", "all", 4, latent={"samples": image}).args[0]
+    passes = [run(tiny, patched, latent_hw=(8, 8), seed=10 + i) for i in range(recorder_store.HISTORY + 2)]
+    after = pipeline_nodes.HeadPCA.execute(live, "down+up", "all", 3, latent={"samples": image}).args[0]
+    assert after.layers.keys() == before.layers.keys()
+    for key, b in before.layers.items():
+        torch.testing.assert_close(after.layers[key], b[..., :3])  # the same run: its first 3 components
+    live.snapshot(passes[-1])
+    with pytest.raises(ValueError, match=r"and 2 older one\(s\) are gone") as info:
+        live.snapshot(passes[0])  # neither among the last HISTORY nor read last
+    assert "inpainting pass" in str(info.value)
+    assert len(live._store.history) == recorder_store.HISTORY + 1  # the image's run kept besides them
 
 
 def test_node_reads_the_run_of_its_latent(tiny, sd2):
@@ -409,7 +433,7 @@ def test_a_run_dropped_from_the_history_is_named(tiny, sd2):
     first = run(tiny, patched, latent_hw=(8, 8), seed=0)
     for seed in range(1, recorder_store.HISTORY + 1):
         run(tiny, patched, latent_hw=(8, 8), seed=seed)
-    with pytest.raises(ValueError, match=rf"Only the last {recorder_store.HISTORY} runs are kept"):
+    with pytest.raises(ValueError, match=rf"Only the last {recorder_store.HISTORY} runs \(and the run read last\) are kept"):
         live.snapshot(first)
 
 
