@@ -7,7 +7,8 @@
 //   headseg_size      [W, H]         pixel grid that x / y refer to (the masks' resolution)
 //   headseg_pixel     [x, y]         pixel the masks below were computed for
 //   headseg_pixel_asked [x, y]       the x / y inputs of that run (differ when a pixel picked on the
-//                                    picture before the first run was mapped onto the masks' grid)
+//                                    picture before the first run was mapped onto the masks' grid, or
+//                                    a pixel past its right / bottom edge moved to the nearest one)
 //   headseg_index     [i]            index the MASK output carries
 //   headseg_masks     [ref, ...]     overlay picture of each mask containing the pixel, finest first
 //   headseg_mask_info [{area, k, cluster}, ...]
@@ -492,9 +493,11 @@ class Picker {
   }
 
   /** A pixel picked on the picture before the first run lies outside the masks' grid; the run maps
-   * it onto that grid. Widgets that still ask for it take the pixel the run used, so they name the
-   * pixel the masks are for. Both or neither: with x or y from a link, or changed since, the widgets
-   * are left alone (one mapped coordinate beside an unmapped one would name another pixel). */
+   * it onto that grid (any other pixel past the grid's right / bottom edge, e.g. one kept from a
+   * larger image, it moves to the nearest pixel of the grid). Widgets that still ask for it take the
+   * pixel the run used, so they name the pixel the masks are for. Both or neither: with x or y
+   * from a link, or changed since, the widgets are left alone (one mapped coordinate beside an
+   * unmapped one would name another pixel). */
   adoptMappedPixel() {
     const asked = this.output?.headseg_pixel_asked;
     const used = this.output?.headseg_pixel;

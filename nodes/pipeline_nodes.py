@@ -8,6 +8,7 @@ never modified (ComfyUI shares cached outputs between nodes and prompts by refer
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from comfy_api.latest import io
@@ -528,6 +529,20 @@ def _picture_to_mask_pixel(x: int, y: int, picture_hw, mask_hw, cropped: bool) -
     return min(max(mx, 0), W - 1), min(max(my, 0), H - 1)
 
 
+def _pixel_input(v, name: str, what: str) -> int:
+    """x or y as given -> int; ValueError for a negative value (a linked one skips the widget's min) or a
+    non-integer (floats, bools, text): those are no pixel to move to the grid."""
+    try:
+        if isinstance(v, bool):
+            raise TypeError
+        i = operator.index(v)
+    except TypeError:
+        i = None
+    if i is None or i < 0:
+        raise ValueError(f"{name}: expected a pixel {what}, an integer >= 0, got {v!r}")
+    return i
+
+
 class MaskSelectAtPixel(io.ComfyNode):
     """Masks + pixel (x, y) -> the mask containing it at a chosen granularity, ready for inpainting.
 
@@ -537,9 +552,10 @@ class MaskSelectAtPixel(io.ComfyNode):
       map of the merged masks (coarse painted first, finer on top); W x H = the masks' size.
     - ``headseg_size``: [W, H] pixel grid that x and y refer to (the masks' resolution).
     - ``headseg_pixel``: [x, y] the pixel these masks were computed for.
-    - ``headseg_pixel_asked``: [x, y] the x and y inputs as given: a pixel of the picture picked before
-      the first run, mapped onto the masks' grid when it lies outside it (then it differs from
-      ``headseg_pixel``, and the picker sets the widgets to the pixel used).
+    - ``headseg_pixel_asked``: [x, y] the x and y inputs as given. When they lie outside the masks' grid
+      (a pixel of a larger picture picked before the first run, mapped onto the grid; any other pixel
+      past the right or bottom edge, moved to the nearest pixel of the grid) it differs from
+      ``headseg_pixel``, and the picker sets the widgets to the pixel used.
     - ``headseg_index``: [i] index of the mask the first MASK output carries for image 0 (the
       ``index`` widget clamped to the masks found; -1 when the pixel is in no mask).
     - ``headseg_masks``: [ref, ...] one picture per mask containing the pixel (image 0), finest
@@ -573,8 +589,8 @@ class MaskSelectAtPixel(io.ComfyNode):
                     max=MAX_IMAGE_SIDE - 1,
                     tooltip=(
                         "Pixel column on the masks' grid, i.e. of the sampled image (latent width x 8); 0 = left "
-                        "edge. Must be < that width, except that a pixel of a larger 'image' picked before the "
-                        "first run is mapped onto the grid (with a log line)."
+                        "edge. A pixel of a larger 'image' picked before the first run is mapped onto the grid; "
+                        "any other x past the right edge is read as the last column (both with a log line)."
                     ),
                 ),
                 io.Int.Input(
@@ -584,8 +600,8 @@ class MaskSelectAtPixel(io.ComfyNode):
                     max=MAX_IMAGE_SIDE - 1,
                     tooltip=(
                         "Pixel row on the masks' grid, i.e. of the sampled image (latent height x 8); 0 = top "
-                        "edge. Must be < that height, except that a pixel of a larger 'image' picked before the "
-                        "first run is mapped onto the grid (with a log line)."
+                        "edge. A pixel of a larger 'image' picked before the first run is mapped onto the grid; "
+                        "any other y past the bottom edge is read as the last row (both with a log line)."
                     ),
                 ),
                 io.Int.Input(
@@ -636,7 +652,7 @@ class MaskSelectAtPixel(io.ComfyNode):
     def execute(cls, masks, x=0, y=0, index=0, image=None) -> io.NodeOutput:
         if not isinstance(masks, list) or not masks or not all(isinstance(m, core_masks.MaskSet) for m in masks):
             raise TypeError(f"masks: expected HEADSEG_MASKS from Mask Merge, got {type(masks).__name__}")
-        x, y, index = int(x), int(y), int(index)
+        x, y, index = _pixel_input(x, "x", "column"), _pixel_input(y, "y", "row"), int(index)
         asked = [x, y]
         if index < 0:
             raise ValueError(f"index: expected an integer >= 0 (0 = finest mask), got {index}")
@@ -665,6 +681,17 @@ class MaskSelectAtPixel(io.ComfyNode):
                 picture = torch.nn.functional.interpolate(
                     picture.movedim(-1, 1), size=(H, W), mode="bilinear", align_corners=False
                 ).movedim(1, -1)  # [1, H, W, 3]
+        if x >= W or y >= H:
+            # e.g. the examples' 256, 256 on a smaller image, or a pixel kept from a larger one: failing
+            # would fail again on every queue (a failed run sends the picker no picture to click on), so
+            # the nearest pixel of the grid is used and the picker adopts it
+            x, y = min(x, W - 1), min(y, H - 1)
+            log.warning(
+                "HeadSeg Mask Select: x, y = %d, %d lie outside the masks' %dx%d grid (x from 0 to %d, y from 0 "
+                "to %d: pixels of the sampled image), so the nearest pixel of the grid is used: %d, %d. The "
+                "picker shows it; click the picture to pick another pixel.",
+                *asked, W, H, W - 1, H - 1, x, y,
+            )
 
         chosen = torch.zeros(len(masks), H, W)  # [B, H, W]
         at_pixel = []

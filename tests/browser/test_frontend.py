@@ -489,6 +489,36 @@ def test_a_pixel_mapped_by_the_run_becomes_the_widgets_pixel(comfy_page, picture
     assert comfy_page.pack_problems() == []
 
 
+def test_a_pixel_past_the_grid_moved_by_the_run_becomes_the_widgets_pixel_and_stays_clickable(comfy_page, pictures):
+    """x, y past the masks' right and bottom edge (the examples' 256, 256 on a smaller image) are moved by
+    the run to the nearest pixel of the grid: the widgets take it, the cross marks it, the thumbnails are
+    not stale and choose a mask, and a click on the picture picks another pixel."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page)
+    sel = picker_selector(node_id)
+    set_xy = "([id, x, y]) => { for (const w of app.graph.getNodeById(id).widgets) { if (w.name === 'x') w.value = x; if (w.name === 'y') w.value = y; } }"
+    page.evaluate(set_xy, [node_id, W + 40, H + 40])
+    synthetic_run(page, node_id, name, (W, H), (W - 1, H - 1), masks=3, asked=(W + 40, H + 40))
+    settle(page)
+    values = page.evaluate(JS_WIDGETS, node_id)
+    assert (values["x"], values["y"]) == (W - 1, H - 1)
+    assert not page.evaluate("(sel) => document.querySelector(sel + ' .headseg-strip').classList.contains('headseg-stale')", sel)
+    assert page.eval_on_selector(sel + " .headseg-marker", "m => m.style.display") == "block"
+    assert "queue" not in page.text_content(sel + " .headseg-info")
+    thumbs = page.query_selector_all(sel + " .headseg-thumb")
+    assert len(thumbs) == 3
+    thumbs[2].click()
+    settle(page, 250)
+    assert page.evaluate(JS_WIDGETS, node_id)["index"] == 2
+    rect = frame_rect(page, node_id)
+    page.mouse.click(rect["left"] + (10.5 / W) * rect["width"], rect["top"] + (20.5 / H) * rect["height"])
+    settle(page, 250)
+    values = page.evaluate(JS_WIDGETS, node_id)
+    assert (values["x"], values["y"]) == (10, 20)
+    assert comfy_page.pack_problems() == []
+
+
 def test_picker_comes_back_when_the_node_is_rebuilt(comfy_page, pictures):
     """Undo rebuilds the nodes from the saved graph (loadGraphData without clearing outputs): the
     picker restores its last run from the outputs ComfyUI keeps, as ComfyUI's own previews do,

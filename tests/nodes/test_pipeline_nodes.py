@@ -279,10 +279,13 @@ def test_bad_widget_values_name_the_widget(nodes, recording):
     assert isinstance(nodes.HeadPCA.validate_inputs("down+sideways", "all"), str)
     sweep = nodes.MultiKMeans.execute(stack, "2,3", 0).args[0]
     masks = nodes.MaskMerge.execute(sweep, 0.9, 0.0).args[0]
-    with pytest.raises(ValueError, match=r"\bx\b"):
-        nodes.MaskSelectAtPixel.execute(masks, W, 0, 0)
-    with pytest.raises(ValueError, match=r"\by\b"):
-        nodes.MaskSelectAtPixel.execute(masks, 0, H, 0)
+    # a pixel past the grid is moved onto it (test_pixel_past_the_grid_is_the_nearest_pixel_of_it);
+    # a negative (linked: the widget's min does not apply) or non-integer one is no pixel
+    for bad in (-1, 2.5, 3.0, True, "3", None):
+        with pytest.raises(ValueError, match=r"^x: expected a pixel column, an integer >= 0, got "):
+            nodes.MaskSelectAtPixel.execute(masks, bad, 0, 0)
+        with pytest.raises(ValueError, match=r"^y: expected a pixel row, an integer >= 0, got "):
+            nodes.MaskSelectAtPixel.execute(masks, 0, bad, 0)
     with pytest.raises(ValueError, match="index"):
         nodes.MaskSelectAtPixel.execute(masks, 0, 0, -1)
 
@@ -388,10 +391,54 @@ def test_pixel_of_a_larger_picture_outside_the_masks_is_mapped(nodes, recording,
     assert torch.equal(got.args[1], want.args[1])
     cropped = nodes.MaskSelectAtPixel.execute(masks, W + 2, H + 1, 0, image=torch.rand(1, H + 7, W + 5, 3))
     assert cropped.ui["headseg_pixel"] == [W - 1, H - 2]  # minus the crop offsets (5 // 2, 7 // 2), x clamped
-    with pytest.raises(ValueError, match=r"\bx\b"):
-        nodes.MaskSelectAtPixel.execute(masks, 3 * W, 0, 0, image=torch.rand(1, 2 * H, 2 * W, 3))  # outside both
-    with pytest.raises(ValueError, match=r"\bx\b"):
-        nodes.MaskSelectAtPixel.execute(masks, W, 0, 0)  # no picture: an error, as before
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="HeadSeg"):  # outside both: the nearest pixel of the grid
+        outside = nodes.MaskSelectAtPixel.execute(masks, 3 * W, 0, 0, image=torch.rand(1, 2 * H, 2 * W, 3))
+    assert outside.ui["headseg_pixel"] == [W - 1, 0] and outside.ui["headseg_pixel_asked"] == [3 * W, 0]
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert "nearest pixel of the grid is used" in said and "read as a pixel of the image" not in said
+
+
+def masks_of(nodes, recording, counts="2,5"):
+    feats = nodes.HeadPCA.execute(recording, "down+up", "all", 4).args[0]
+    stack = nodes.Upsample.execute(feats, "bilinear", False).args[0]
+    return nodes.MaskMerge.execute(nodes.MultiKMeans.execute(stack, counts, 0).args[0], 0.9, 0.0).args[0]
+
+
+@pytest.mark.parametrize(
+    "asked, used",
+    [
+        ((W, 0), (W - 1, 0)),  # one past the right edge
+        ((0, H), (0, H - 1)),  # one past the bottom edge
+        ((256, 256), (W - 1, H - 1)),  # the examples' pixel (of 512x512) on this 256x192 image
+        ((W + 500, 17), (W - 1, 17)),  # only x is moved
+    ],
+)
+def test_pixel_past_the_grid_is_the_nearest_pixel_of_it(nodes, recording, caplog, asked, used):
+    """x, y past the right / bottom edge of the masks (the examples' 256, 256 on a smaller image, or a pixel
+    kept from a larger one) are moved to the nearest pixel of the grid, with a log line, instead of failing
+    the run: a failed run sends the picker no picture, so queueing again failed the same way. The UI
+    reports the pixel used beside the one asked (the picker sets its widgets to it)."""
+    masks = masks_of(nodes, recording)
+    with caplog.at_level("WARNING", logger="HeadSeg"):
+        got = nodes.MaskSelectAtPixel.execute(masks, *asked, 1)
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert said.startswith(
+        f"HeadSeg Mask Select: x, y = {asked[0]}, {asked[1]} lie outside the masks' {W}x{H} grid (x from 0 to "
+        f"{W - 1}, y from 0 to {H - 1}: pixels of the sampled image), so the nearest pixel of the grid is used: "
+        f"{used[0]}, {used[1]}."
+    ), said
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="HeadSeg"):
+        want = nodes.MaskSelectAtPixel.execute(masks, *used, 1)
+    assert not caplog.records  # a pixel of the grid is silent
+    assert got.ui["headseg_pixel"] == list(used) and got.ui["headseg_pixel_asked"] == list(asked)
+    assert want.ui["headseg_pixel"] == want.ui["headseg_pixel_asked"] == list(used)
+    assert got.args[3] == want.args[3] >= 1
+    for a, b in zip(got.args[:3], want.args[:3]):  # mask, masks_at_pixel, overlay
+        assert torch.equal(a, b)
+    assert got.ui["headseg_index"] == want.ui["headseg_index"]
+    assert got.ui["headseg_mask_info"] == want.ui["headseg_mask_info"]
 
 
 def test_error_map_of_a_large_image_is_computed_at_a_lattice():
