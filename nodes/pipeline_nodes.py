@@ -671,6 +671,13 @@ class MaskSelectAtPixel(io.ComfyNode):
                     "pixels of the masks' grid; scale a pixel of a larger picture to it first.",
                     *asked, W, H, w, h, x, y,
                 )
+            if not cropped and (h, w) != (H, W) and max(w * H, h * W) / min(w * H, h * W) > 1.01:
+                log.warning(
+                    "HeadSeg Mask Select: the %dx%d image has another aspect ratio than the masks' %dx%d grid, so "
+                    "the picture and the overlays are stretched to the grid; the image is probably the picture "
+                    "before it was scaled to the sampled size: connect the scaled one (or the decoded image).",
+                    w, h, W, H,
+                )
             if cropped:
                 # a photo whose sides are not multiples of 8: VAE Encode keeps the centred window
                 # that fits the latent grid, so the masks cover exactly that window

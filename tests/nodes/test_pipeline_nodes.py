@@ -441,6 +441,36 @@ def test_pixel_past_the_grid_is_the_nearest_pixel_of_it(nodes, recording, caplog
     assert got.ui["headseg_mask_info"] == want.ui["headseg_mask_info"]
 
 
+def test_picture_of_another_aspect_ratio_is_stretched_with_a_log_line(nodes, recording, caplog):
+    """A picture of another aspect ratio than the masks (more than 1 % off) is stretched, and the log says
+    so: it is most likely the unscaled photo. Same ratio, VAE Encode's crop (up to 7 px larger) and a
+    ratio within 1 % are silent."""
+    masks = masks_of(nodes, recording, "2")
+    for h, w, warned in [
+        (H, W, False),
+        (2 * H, 2 * W, False),  # the same ratio, larger
+        (H + 7, W + 5, False),  # VAE Encode's crop
+        (2 * H, 2 * W + 4, False),  # 0.8 % wider: within 1 %
+        (2 * H, 2 * W + 8, True),  # 1.6 % wider
+        (H, W + 8, True),  # 3 % wider, 8 px more: not VAE Encode's crop
+        (W, W, True),  # square: the unscaled photo
+        (4 * H, W, True),
+    ]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="HeadSeg"):
+            out = nodes.MaskSelectAtPixel.execute(masks, 5, 5, 0, image=torch.rand(1, h, w, 3))
+        assert out.args[2].shape[1:3] == (H, W)
+        said = [r.getMessage() for r in caplog.records]
+        if not warned:
+            assert said == [], (h, w, said)
+            continue
+        assert said == [
+            f"HeadSeg Mask Select: the {w}x{h} image has another aspect ratio than the masks' {W}x{H} grid, so "
+            "the picture and the overlays are stretched to the grid; the image is probably the picture before "
+            "it was scaled to the sampled size: connect the scaled one (or the decoded image)."
+        ], (h, w, said)
+
+
 def test_error_map_of_a_large_image_is_computed_at_a_lattice():
     """Above 256x256 pixels the preview is the exact eq. 6 error at every f-th pixel, filling its block."""
     from headseg.nodes import pipeline_nodes
