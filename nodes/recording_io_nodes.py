@@ -1,8 +1,9 @@
 """Save and load recordings as headseg-recording/1 safetensors files (format: nodes/core/recording.py).
 
 Saved files go to ComfyUI's output folder; Load lists the .safetensors files of the input folder
-(and, marked " [output]", those of the output folder), or takes a path. A loaded recording runs
-the rest of the pipeline with no model loaded.
+(and, marked " [output]", those of the output folder), or takes a path inside the input, output or
+temp folder; like ComfyUI's LoadImage it reads nothing outside those folders. A loaded recording
+runs the rest of the pipeline with no model loaded.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .node_utils import as_recording
 
 CATEGORY = "HeadSeg/recording"
 NO_FILE = "(no recording files found)"
+OUTPUT_MARK = " [output]"  # ComfyUI's annotation for a file of the output folder
 _warned_names: set[str] = set()
 
 
@@ -33,51 +35,132 @@ def _loadable_name(path: str) -> bool:
     return False
 
 
+def _is_within(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it, compared as written (no file is touched)."""
+    try:
+        return os.path.commonpath([path, folder]) == folder
+    except ValueError:  # one relative and one absolute, or (Windows) two drives
+        return False
+
+
+def _real_path_inside(full: str, folders: list[str]) -> str | None:
+    """The real path (links resolved) of ``full`` when it lies inside one of ``folders``, else None.
+
+    The path as written is checked first, so a path outside is refused without touching it; then its
+    real path, so a link or a '..' after a link cannot lead outside. Either way the answer is the same
+    whether or not something exists outside, so it reveals nothing about it."""
+    written = os.path.abspath(full)
+    real_folders = [os.path.realpath(f) for f in folders]
+    if not any(_is_within(written, base) for base in [os.path.abspath(f) for f in folders] + real_folders):
+        return None
+    try:
+        real = os.path.realpath(full)  # '..' after a link goes up from the link's target, as open() would
+    except (OSError, ValueError):  # e.g. a NUL character in the name
+        return None
+    return real if any(_is_within(real, base) for base in real_folders) else None
+
+
 def _recording_files() -> list[str]:
     """Recording files (.safetensors with headseg-recording/1 metadata) under the input folder, then
-    those under the output folder (annotated); model files and other safetensors are left out."""
+    those under the output folder (annotated); model files and other safetensors are left out, and so
+    are files and linked folders that lead outside their folder (Load would refuse them)."""
     import folder_paths
 
     found = []
-    for base, suffix in ((folder_paths.get_input_directory(), ""), (folder_paths.get_output_directory(), " [output]")):
+    for base, suffix in ((folder_paths.get_input_directory(), ""), (folder_paths.get_output_directory(), OUTPUT_MARK)):
         if not os.path.isdir(base):
             continue
-        names, seen = [], {os.path.realpath(base)}
+        real_base = os.path.realpath(base)
+        names, seen = [], {real_base}
         for root, dirs, files in os.walk(base, followlinks=True):
             # linked folders are followed, each real folder once (a link back up would loop forever),
             # under its own name rather than a link's where both are in one folder
             keep = []
             for d in sorted(dirs, key=lambda d: (os.path.islink(os.path.join(root, d)), d)):
                 real = os.path.realpath(os.path.join(root, d))
-                if real not in seen:
+                if real not in seen and _is_within(real, real_base):
                     seen.add(real)
                     keep.append(d)
             dirs[:] = keep
             for f in files:
                 full = os.path.join(root, f)
-                if f.endswith(".safetensors") and _loadable_name(full) and is_recording_file(full):
+                if (
+                    f.endswith(".safetensors")
+                    and _is_within(os.path.realpath(full), real_base)
+                    and _loadable_name(full)
+                    and is_recording_file(full)
+                ):
                     names.append(os.path.relpath(full, base).replace(os.sep, "/"))
         found += [n + suffix for n in sorted(names)]
     return found
 
 
-def _resolve(file: str, path: str) -> str:
+def _text(value, name: str, what: str) -> str:
+    """``value`` when it is a string; a TypeError naming the input otherwise (an API prompt may send 123)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: expected {what} (text), got {type(value).__name__}")
+    return value
+
+
+def _file_path(file) -> str | None:
+    """The ``file`` choice -> the real path of the file it names, or None when no file is chosen.
+
+    A name is relative to the input folder, or to the output folder when it ends in ' [output]';
+    a name leading outside that folder ('..', an absolute path, a link) is refused, untouched."""
     import folder_paths
 
-    path = (path or "").strip()
-    if path:
-        full = os.path.expanduser(path)
-        if not os.path.isabs(full):
-            full = folder_paths.get_annotated_filepath(full)
+    if file is None or file in ("", NO_FILE):
+        return None
+    name, folder = folder_paths.annotated_filepath(_text(file, "file", "a file name"))
+    folder = folder or folder_paths.get_input_directory()
+    allowed = [folder_paths.get_input_directory(), folder_paths.get_output_directory()]
+    real = _real_path_inside(os.path.join(folder, name), [folder]) if folder in allowed else None
+    if real is None:
+        raise ValueError(
+            f"file: expected a file inside ComfyUI's input folder, or the output folder when marked "
+            f"'{OUTPUT_MARK}', got {file!r}"
+        )
+    return real
+
+
+def _override_path(path) -> str | None:
+    """The ``path`` override -> the real path of the file it names, or None when blank.
+
+    '~' is the home folder; a relative path is relative to the input folder (a ' [output]' or
+    ' [temp]' suffix: that folder). It must lie inside the input, output or temp folder: a path
+    outside is refused without being touched."""
+    import folder_paths
+
+    path = _text("" if path is None else path, "path", "a file path").strip()
+    if not path:
+        return None
+    full = os.path.expanduser(path)
+    if not os.path.isabs(full):
+        full = folder_paths.get_annotated_filepath(full)
+    folders = [folder_paths.get_directory_by_type(kind) for kind in ("input", "output", "temp")]
+    real = _real_path_inside(full, folders)
+    if real is None:
+        raise ValueError(f"path: expected a file inside ComfyUI's input, output or temp folder, got {path!r}")
+    return real
+
+
+def _resolve(file, path) -> str:
+    """The real path of the recording to load: ``path`` when set, else ``file``; ValueError or TypeError
+    naming the input when it is missing, not text, or outside ComfyUI's folders."""
+    full = _override_path(path)
+    if full is not None:
         if not os.path.exists(full):  # a folder or an unreadable file is named by load_recording
-            raise ValueError(f"path: no such recording file: {path!r} (absolute, or relative to the input folder)")
+            raise ValueError(
+                f"path: no such recording file: {path.strip()!r} (relative to the input folder, or absolute "
+                "inside the input, output or temp folder)"
+            )
         return full
-    if not file or file == NO_FILE:
+    full = _file_path(file)
+    if full is None:
         raise ValueError(
             "file: no recording chosen: save one with Save Recording (output folder) or put a .safetensors "
             "recording in ComfyUI's input folder, or set 'path'"
         )
-    full = folder_paths.get_annotated_filepath(file)
     if not os.path.exists(full):
         raise ValueError(f"file: no such recording file: {file!r}")
     return full
@@ -202,8 +285,9 @@ class LoadRecording(io.ComfyNode):
                     "path",
                     default="",
                     tooltip=(
-                        "Optional file path (absolute, or relative to the input folder; a ' [output]' "
-                        "suffix means the output folder). When set it is used instead of 'file'."
+                        "Optional path of a file inside ComfyUI's input, output or temp folder: relative "
+                        "to the input folder (a ' [output]' suffix means the output folder), or absolute. "
+                        "When set it is used instead of 'file'."
                     ),
                 ),
             ],
@@ -217,14 +301,23 @@ class LoadRecording(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, file, path="") -> bool | str:
-        # The file list is computed when the server starts; accept files saved since, checked at run time.
+        # Values linked from other nodes are None here; every value is checked again at run time. Only
+        # where a value points is checked, not whether the file exists: the list is computed when the
+        # server starts, and files saved since are accepted.
+        try:
+            if path is not None:
+                _override_path(path)
+            if file is not None:
+                _file_path(file)
+        except (TypeError, ValueError) as exc:
+            return str(exc)
         return True
 
     @classmethod
     def fingerprint_inputs(cls, file, path="") -> str:
         try:
             full = _resolve(file, path)
-        except ValueError:
+        except (TypeError, ValueError):
             return ""
         try:
             st = os.stat(full)

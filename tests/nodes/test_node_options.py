@@ -138,7 +138,7 @@ def comfy_validation_errors(nodes, **widgets) -> list[str]:
 
 
 # A recording for the prompts below: Load Recording validates without reading its file.
-_LOADED = {"1": {"class_type": "HeadSeg_LoadRecording", "inputs": {"file": "", "path": "/x.safetensors"}}}
+_LOADED = {"1": {"class_type": "HeadSeg_LoadRecording", "inputs": {"file": "", "path": "x.safetensors"}}}
 
 
 def validation_errors(prompt: dict, node_id: str) -> list[str]:

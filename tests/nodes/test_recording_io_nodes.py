@@ -222,3 +222,199 @@ def test_a_prefix_through_a_file_is_blamed_on_the_prefix(io_nodes, recording, co
     (comfy_folders["output"] / "afile").write_text("not a folder")
     with pytest.raises(ValueError, match=r"^filename_prefix 'afile/rec': cannot .*NotADirectoryError.*expected folder and file names"):
         io_nodes.SaveRecording.execute(recording, "afile/rec")
+
+
+# --------------------------------------------------------------------- where Load Recording may read
+# Like ComfyUI's LoadImage, Load Recording reads only inside ComfyUI's folders: an API prompt could
+# otherwise name any file on the server (and tell from the error whether it exists).
+FILE_OUTSIDE = "file: expected a file inside ComfyUI's input folder, or the output folder when marked ' [output]', got "
+PATH_OUTSIDE = "path: expected a file inside ComfyUI's input, output or temp folder, got "
+
+
+def _saved_at(recording, path):
+    """A recording file at ``path`` (its folders made as needed)."""
+    from headseg.nodes.core.recording import save_recording
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_recording(recording, path)
+    return path
+
+
+@pytest.fixture
+def secret(recording, comfy_folders):
+    """A recording file beside ComfyUI's folders (tmp/outside/secret.safetensors): inside none of them."""
+    return _saved_at(recording, comfy_folders["input"].parent / "outside" / "secret.safetensors")
+
+
+def _refused(io_nodes, file, path, message):
+    """``message`` both from validation (a constant value) and from the run (a linked value)."""
+    import re
+
+    assert io_nodes.LoadRecording.validate_inputs(file, path) == message
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        io_nodes.LoadRecording.execute(file, path)
+    assert io_nodes.LoadRecording.fingerprint_inputs(file, path) == ""
+
+
+@pytest.mark.parametrize(
+    "file",
+    [
+        "../outside/secret.safetensors",
+        "sub/../../outside/secret.safetensors",
+        "../outside/secret.safetensors [output]",
+        "../../../../etc/passwd",
+        "/etc/passwd",
+        "{secret}",
+        "x.safetensors [temp]",  # the temp folder is not offered for 'file'
+    ],
+)
+def test_a_file_outside_its_folder_is_refused_by_name(io_nodes, secret, file):
+    file = file.format(secret=secret)
+    _refused(io_nodes, file, "", FILE_OUTSIDE + repr(file))
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "../outside/secret.safetensors",  # relative to the input folder
+        "../../outside/secret.safetensors [output]",
+        "{secret}",
+        "/etc/shadow",
+        "/etc/passwd [output]",
+        "~/secret.safetensors",  # HOME is the outside folder here
+    ],
+)
+def test_a_path_outside_comfyuis_folders_is_refused_by_name(io_nodes, secret, monkeypatch, path):
+    monkeypatch.setenv("HOME", str(secret.parent))
+    path = path.format(secret=secret)
+    _refused(io_nodes, "", path, PATH_OUTSIDE + repr(path))
+
+
+def test_a_path_outside_is_refused_without_being_looked_at(io_nodes, secret, monkeypatch):
+    """The error must not depend on what exists outside: the path is not even stat'ed."""
+    import builtins
+    import os
+
+    missing = secret.with_name("missing.safetensors")
+    looked_at = []
+
+    def spy_on(module, name):
+        real = getattr(module, name)
+
+        def spy(p, *args, **kwargs):
+            if isinstance(p, (str, bytes, os.PathLike)) and str(secret.parent) in os.fsdecode(p):
+                looked_at.append(os.fsdecode(p))
+            return real(p, *args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+
+    for module, name in ((os, "stat"), (os, "lstat"), (os, "readlink"), (builtins, "open")):
+        spy_on(module, name)
+    messages = []
+    for target in (secret, missing):
+        with pytest.raises(ValueError) as caught:
+            io_nodes.LoadRecording.execute("", str(target))
+        messages.append(str(caught.value).replace(target.name, "NAME"))
+        messages.append(io_nodes.LoadRecording.validate_inputs(str(target), "").replace(target.name, "NAME"))
+    monkeypatch.undo()
+    assert looked_at == []
+    assert messages[0] == messages[2] and messages[1] == messages[3]  # the same whether or not it exists
+
+
+def test_links_leading_outside_are_refused_and_not_listed(io_nodes, recording, secret, comfy_folders):
+    import os
+
+    inp, out = comfy_folders["input"], comfy_folders["output"]
+    os.symlink(secret, inp / "escape.safetensors")
+    os.symlink(secret, out / "escape.safetensors")
+    os.symlink(secret.parent, inp / "linked")  # a linked folder
+    listed = io_nodes._recording_files()
+    assert not [name for name in listed if "escape" in name or "linked" in name], listed
+    for file in ("escape.safetensors", "linked/secret.safetensors", "escape.safetensors [output]"):
+        _refused(io_nodes, file, "", FILE_OUTSIDE + repr(file))
+    for path in (
+        "escape.safetensors",
+        "linked/secret.safetensors",
+        str(inp / "escape.safetensors"),
+        "escape.safetensors [output]",
+        "linked/../outside/secret.safetensors",  # input/outside/... as written; '..' of the link's target really
+    ):
+        _refused(io_nodes, "", path, PATH_OUTSIDE + repr(path))
+
+
+def test_files_in_subfolders_and_links_inside_still_load(io_nodes, recording, comfy_folders, monkeypatch):
+    import os
+
+    import folder_paths
+
+    inp, out, tmp = comfy_folders["input"], comfy_folders["output"], comfy_folders["temp"]
+    _saved_at(recording, inp / "sub" / "deeper" / "a.safetensors")
+    _saved_at(recording, out / "sub" / "b.safetensors")
+    _saved_at(recording, tmp / "sub" / "c.safetensors")
+    os.symlink(inp / "sub", inp / "alias")  # a link that stays inside its folder
+    os.symlink(out / "sub" / "b.safetensors", out / "b-link.safetensors")
+    listed = io_nodes._recording_files()
+    assert "sub/deeper/a.safetensors" in listed and "sub/b.safetensors [output]" in listed
+    assert "b-link.safetensors [output]" in listed
+    inputs = [
+        ("sub/deeper/a.safetensors", ""),
+        ("alias/deeper/a.safetensors", ""),
+        ("sub/b.safetensors [output]", ""),
+        ("sub/../sub/b.safetensors [output]", ""),  # '..' that stays inside
+        ("b-link.safetensors [output]", ""),
+        ("", "sub/deeper/a.safetensors"),  # relative to the input folder
+        ("", "sub/b.safetensors [output]"),
+        ("", str(out / "sub" / "b.safetensors")),
+        ("", str(tmp / "sub" / "c.safetensors")),
+        ("", "sub/c.safetensors [temp]"),
+    ]
+    # ComfyUI's input folder named through a link: its files by the link's path or by the real one
+    os.symlink(inp, inp.parent / "input-link")
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(inp.parent / "input-link"))
+    inputs += [
+        ("", str(inp.parent / "input-link" / "sub" / "deeper" / "a.safetensors")),
+        ("", str(inp / "alias" / "deeper" / "a.safetensors")),
+    ]
+    for file, path in inputs:
+        assert io_nodes.LoadRecording.validate_inputs(file, path) is True, (file, path)
+        assert io_nodes.LoadRecording.fingerprint_inputs(file, path), (file, path)
+        rec = io_nodes.LoadRecording.execute(file, path).args[0]
+        assert rec.image_size == recording.image_size and list(rec.layers) == list(recording.layers), (file, path)
+
+
+def test_a_file_or_path_that_is_not_text_is_named(io_nodes):
+    import re
+
+    for file, path, message in (
+        (123, "", "file: expected a file name (text), got int"),
+        (["a.safetensors"], "", "file: expected a file name (text), got list"),
+        ("", 123, "path: expected a file path (text), got int"),
+    ):
+        assert io_nodes.LoadRecording.validate_inputs(file, path) == message
+        with pytest.raises(TypeError, match="^" + re.escape(message) + "$"):
+            io_nodes.LoadRecording.execute(file, path)
+        assert io_nodes.LoadRecording.fingerprint_inputs(file, path) == ""
+
+
+def test_linked_values_are_checked_at_run_time_only(io_nodes):
+    """ComfyUI validates a linked input as None; the run then checks the value the link brings."""
+    assert io_nodes.LoadRecording.validate_inputs(None, None) is True
+    assert io_nodes.LoadRecording.validate_inputs(None, "/etc/shadow") == PATH_OUTSIDE + "'/etc/shadow'"
+    assert io_nodes.LoadRecording.validate_inputs(io_nodes.NO_FILE, "") is True  # asked for at run time
+    assert io_nodes.LoadRecording.validate_inputs("not-saved-yet.safetensors", "") is True  # may be saved before the run
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        ({"file": "../../../../etc/passwd", "path": ""}, FILE_OUTSIDE + "'../../../../etc/passwd'"),
+        ({"file": 123, "path": ""}, "file: expected a file name (text), got int"),
+        ({"file": "", "path": "/etc/shadow"}, PATH_OUTSIDE + "'/etc/shadow'"),
+    ],
+)
+def test_comfyuis_prompt_validation_refuses_the_api_prompt(inputs, message):
+    """The review's case: an API prompt to the server, refused before anything runs."""
+    from headseg.tests.nodes.test_node_options import validation_errors
+
+    prompt = {"1": {"class_type": "HeadSeg_LoadRecording", "inputs": inputs}}
+    assert validation_errors(prompt, "1") == [message]
