@@ -229,8 +229,8 @@ class SaveRecording(io.ComfyNode):
             filename = f"{name}_{counter:05}_.safetensors"
             full = os.path.join(folder, filename)
             os.makedirs(folder, exist_ok=True)
-            save_recording(rec, full)
-        except (ValueError, TypeError):  # named by save_recording (e.g. values beyond float16)
+            save_recording(rec, full, name="recording")
+        except (ValueError, TypeError):  # named by save_recording (e.g. recording: values beyond float16)
             raise
         except Exception as exc:  # OSError, safetensors' own error wrapping one, or ComfyUI's refusal
             code = getattr(exc, "errno", None)

@@ -369,8 +369,10 @@ class Recording:
 
 
 # --------------------------------------------------------------------- file I/O
-def save_recording(rec: Recording, path) -> None:
-    """Writes ``rec`` as a headseg-recording/1 safetensors file (float16 tensors, string metadata)."""
+def save_recording(rec: Recording, path, name: str = "save_recording") -> None:
+    """Writes ``rec`` as a headseg-recording/1 safetensors file (float16 tensors, string metadata).
+
+    ``name`` starts the errors about the recording's values (a node passes its input's name)."""
     from safetensors.torch import save_file
 
     if not isinstance(rec, Recording):
@@ -384,12 +386,12 @@ def save_recording(rec: Recording, path) -> None:
         B, heads, h, w, d = t.shape
         peaks = t.detach().abs().reshape(B, heads, h * w * d).amax(2).amax(0)  # [heads] largest |value| per head
         if float(peaks.max()) > _FP16_MAX:
-            raise ValueError(f"save_recording: layer {key!s} has values beyond the float16 range")
+            raise ValueError(f"{name}: layer {key!s} has values beyond the float16 range")
         # a float16 layer (what the recorder keeps) is written as it is; other dtypes would lose the digits
         small = [] if t.dtype == torch.float16 else ((peaks > 0) & (peaks < _FP16_TINY)).nonzero().flatten().tolist()
         if small:
             raise ValueError(
-                f"save_recording: layer {key!s}, head {small[0]}: values at most {float(peaks[small[0]]):.3g}, below "
+                f"{name}: layer {key!s}, head {small[0]}: values at most {float(peaks[small[0]]):.3g}, below "
                 f"float16's smallest normal number {_FP16_TINY:.3g}: the file would keep few or none of their digits"
             )
         tensors[key.name] = t.detach().to("cpu", torch.float16).contiguous()

@@ -213,9 +213,12 @@ def test_a_recording_save_refuses_is_named_by_the_recording_not_the_prefix(io_no
     from headseg.nodes.core.recording import LayerKey, Recording
 
     loud = Recording({LayerKey("input", 1, 0): torch.full((1, 2, 8, 8, 4), 1e6)}, (64, 64))
-    with pytest.raises(ValueError, match=r"^save_recording: layer input\.1\.0 has values beyond") as caught:
+    with pytest.raises(ValueError, match=r"^recording: layer input\.1\.0 has values beyond the float16 range") as caught:
         io_nodes.SaveRecording.execute(loud, "big")
     assert "filename_prefix" not in str(caught.value)
+    faint = Recording({LayerKey("input", 1, 0): torch.full((1, 2, 8, 8, 4), 1e-7)}, (64, 64))  # float32
+    with pytest.raises(ValueError, match=r"^recording: layer input\.1\.0, head 0: values at most .*below float16's"):
+        io_nodes.SaveRecording.execute(faint, "faint")
 
 
 def test_a_prefix_through_a_file_is_blamed_on_the_prefix(io_nodes, recording, comfy_folders):
