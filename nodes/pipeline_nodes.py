@@ -339,7 +339,8 @@ class MultiKMeans(io.ComfyNode):
                         f"Comma-separated cluster counts k (each from 1 to {core_kmeans.MAX_CLUSTERS}, and at most "
                         "the number of cells of the finest token grid; together at most "
                         f"{core_kmeans.MAX_TOTAL_CLUSTERS}). Small k: coarse regions; large k: small parts, slower "
-                        "(k = 256 takes seconds and one mask per cluster)."
+                        "and one mask per cluster (on a 2-core CPU at 512x512, k = 20 takes about 0.2 s and "
+                        "k = 256 about 45 s; Cancel stops it within one iteration)."
                     ),
                 ),
                 io.Int.Input(
@@ -382,6 +383,7 @@ class MultiKMeans(io.ComfyNode):
 
     @classmethod
     def execute(cls, stack, cluster_counts="2,5,6,10,20", seed=0, device="auto") -> io.NodeOutput:
+        import comfy.model_management
         import comfy.utils
 
         _expect(stack, core_upsample.FeatureStack, "stack", "HEADSEG_FEATURE_STACK from Upsample")
@@ -391,7 +393,11 @@ class MultiKMeans(io.ComfyNode):
         def sweep_on(dev: torch.device) -> core_kmeans.ClusterSweep:
             # only the small native-grid features go to the GPU; ComfyUI caches the sweep, so it lives on the CPU
             sweep = core_kmeans.multi_kmeans(
-                stack.to(dev), counts, seed=int(seed), progress=lambda done, total: bar.update_absolute(done, total)
+                stack.to(dev),
+                counts,
+                seed=int(seed),
+                progress=lambda done, total: bar.update_absolute(done, total),
+                check=comfy.model_management.throw_exception_if_processing_interrupted,  # Cancel in the UI
             )
             return sweep.to("cpu")
 

@@ -11,7 +11,6 @@ strength, mask, timestep range, default entries), however ComfyUI batched them.
 
 from __future__ import annotations
 
-import collections
 import logging
 from dataclasses import dataclass
 

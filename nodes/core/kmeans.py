@@ -49,7 +49,7 @@ from . import kmeans_batched as batched
 from .recording import full_float32_matmul, is_int, power_of_two_scale
 from .upsample import FeatureStack, check_stack, interpolation_matrix, peak_abs
 from .working_set import RTOL as _RTOL
-from .working_set import WorkingSet, check_tol, first_at_minimum, sample_pixels, starts
+from .working_set import WorkingSet, check_tol, first_at_minimum, no_check, sample_pixels, starts
 
 # The most clusters one k may ask for: every cluster becomes a mask at the output size (256 masks of
 # 512x512 are 256 MB as a float MASK batch), and the working set grows with k (16 points per cluster).
@@ -403,7 +403,7 @@ class _Lattice:
         return torch.cat(parts, 1)
 
     # ------------------------------------------------------------------ Lloyd
-    def lloyd(self, centroids, max_iter: int, tol: float, X, xx, total_sq: float, first=None):
+    def lloyd(self, centroids, max_iter: int, tol: float, X, xx, total_sq: float, first=None, check=no_check):
         """Exact Lloyd on this lattice -> (labels [ny, nx], centroids [k, C], score [ny, nx], iterations).
 
         Each iteration moves the centroids to the means of their clusters (adjoint), then assigns
@@ -414,6 +414,7 @@ class _Lattice:
         Empty clusters restart at the working-set points X farthest from their centroid.
         total_sq: sum of ||F(p)||^2 over the lattice (exact, or estimated for the _RTOL test only).
         first: (labels [N], best [N]) of ``assign`` for these centroids when already computed.
+        check() runs before every iteration: it raises to stop.
         """
         k = centroids.shape[0]
         N = self.num_pixels
@@ -425,6 +426,7 @@ class _Lattice:
         counts = torch.bincount(labels, minlength=k)  # [k]
         it = 0
         for it in range(1, max_iter + 1):
+            check()
             new = self.sums(A) / counts.clamp_min(1)[:, None].to(torch.float32)  # [k, C]
             refilled = bool((counts == 0).any())
             if refilled:  # rare: empty clusters keep their centroid, then move to far points
@@ -504,9 +506,10 @@ class _Image:
     sample of output pixels with their explicit features (an unbiased sample of the full problem).
     """
 
-    def __init__(self, stack: FeatureStack, b: int):
+    def __init__(self, stack: FeatureStack, b: int, check=no_check):
         H, W = stack.size
         self.size = (H, W)
+        self.check = check  # called at every k-means++ step and Lloyd iteration; raises to stop
         # Features whose largest |value| lies outside 2**-SCALE_EXP .. 2**SCALE_EXP (recording.py) are
         # scaled by an exact power of two (in float64, before float32), so that squared distances
         # neither underflow nor overflow float32; centroids and inertia are scaled back, labels unchanged.
@@ -640,7 +643,7 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
     gen = torch.Generator().manual_seed(seed)
     full = img.rung(img.last)
     ws = img.working_set(k, seed)
-    runs = starts(ws, k, _ws_starts(k, ws.n), gen, max_iter, tol)
+    runs = starts(ws, k, _ws_starts(k, ws.n), gen, max_iter, tol, img.check)
     finalists = [runs[r] for r in _finalists([run.inertia for run in runs])]
     cands = [r.centroids(ws) for r in finalists]  # [k, C] each
     pick, assigned = 0, None
@@ -659,7 +662,7 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
         scale = total_sq * lat.num_pixels / full.num_pixels  # estimate on a sub-lattice
         with _lattice_threads(lat, threads):
             first = assigned if i == img.scoring_rung() else None
-            labels, centroids, score, it = lat.lloyd(centroids, max_iter, tol * full_var, X, xx, scale, first)
+            labels, centroids, score, it = lat.lloyd(centroids, max_iter, tol * full_var, X, xx, scale, first, img.check)
         iters += it
     return _finish(img, k, labels, centroids, max(0.0, total_sq + float(score.double().sum())), iters)
 
@@ -692,7 +695,7 @@ def _sweep_image_batched(img: _Image, ks: list[int], seed: int, max_iter: int, t
 
     cands, ws_iters, ws_of = {}, {}, {}
     for ws, group, counts in _working_set_batches(img, ks, seed):
-        members, point, inertia, iters = batched.working_set_runs(ws, group, counts, seed, max_iter, tol)
+        members, point, inertia, iters = batched.working_set_runs(ws, group, counts, seed, max_iter, tol, img.check)
         inertia, iters = inertia.tolist(), iters.tolist()
         first = 0
         for k, count in zip(group, counts):
@@ -721,7 +724,7 @@ def _sweep_image_batched(img: _Image, ks: list[int], seed: int, max_iter: int, t
     for i in img.polish_rungs():  # exact Lloyd on finer lattices, the last = full
         lat = rung(i)
         scale = total_sq * lat.num_pixels / full.num_pixels  # estimate on a sub-lattice
-        labels, centroids, best, it = lat.lloyd(centroids, ks, max_iter, tol * full_var, _RTOL, scale, refill)
+        labels, centroids, best, it = lat.lloyd(centroids, ks, max_iter, tol * full_var, _RTOL, scale, refill, img.check)
         iters = iters + it
     inertia = (total_sq + best.sum(1, dtype=torch.float64)).clamp_min(0.0).tolist()  # [R]
     iters = iters.tolist()
@@ -801,10 +804,41 @@ def _prepare(img: _Image, ks: list[int], seed: int, pool: ThreadPoolExecutor | N
         future.result()
 
 
-def _sweep(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: float, progress=None):
+class _Stopped(Exception):
+    """Raised by _StopCheck on the threads that did not see the caller's check raise."""
+
+
+class _StopCheck:
+    """The caller's check() for every thread of a sweep: once it has raised, every later call raises
+    _Stopped, so that every k stops at its next step even when check() clears its own flag as it
+    raises (ComfyUI's interrupt check does); ``error`` keeps what it raised."""
+
+    def __init__(self, check):
+        self.check, self.error = check, None
+
+    def __call__(self) -> None:
+        if self.error is not None:
+            raise _Stopped()
+        try:
+            self.check()
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+
+def _sweep(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: float, progress=None, check=no_check):
     """Every image, every k -> {k: KMeansResult}. On a device of _BATCHED_DEVICES all k of an image
     run at once (_sweep_image_batched); elsewhere one k at a time on worker threads (_sweep_threads).
-    progress(done, total) after each (image, k)."""
+    progress(done, total) after each (image, k). check() at every k-means++ step and Lloyd iteration
+    of every k: what it raises stops the sweep and comes out of it."""
+    stop = _StopCheck(check)
+    try:
+        return _sweep_all(stack, ks, seed, max_iter, tol, progress, stop)
+    except _Stopped:
+        raise stop.error from None  # the caller's own exception, whichever thread saw it first
+
+
+def _sweep_all(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: float, progress, check):
     B = stack.batch_size
     device = stack.grids[0].device
     out = {k: ([], [], []) for k in ks}
@@ -827,11 +861,11 @@ def _sweep(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: fl
     with full_float32_matmul():
         if device.type in _BATCHED_DEVICES:
             for b in range(B):
-                for k, result in _sweep_image_batched(_Image(stack, b), ks, seed, max_iter, tol).items():
+                for k, result in _sweep_image_batched(_Image(stack, b, check), ks, seed, max_iter, tol).items():
                     collect(k, result)
                     tick()
         else:
-            _sweep_threads(stack, ks, seed, max_iter, tol, collect, tick)
+            _sweep_threads(stack, ks, seed, max_iter, tol, collect, tick, check)
     return {
         k: KMeansResult(
             k=k,
@@ -844,7 +878,9 @@ def _sweep(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: fl
     }
 
 
-def _sweep_threads(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: float, collect, tick) -> None:
+def _sweep_threads(
+    stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: float, collect, tick, check=no_check
+) -> None:
     """Every image, every k, one k at a time: tick() as each (image, k) finishes, collect(k, result)
     image by image, k ascending within an image. With several intra-op threads and several k, the k of an image run at once on worker
     threads (largest k first), each on one intra-op thread, or on an equal share of them for images
@@ -858,7 +894,7 @@ def _sweep_threads(stack: FeatureStack, ks: list[int], seed: int, max_iter: int,
     share = max(1, threads // workers) if H * W >= _PARALLEL_MIN_POINTS else 1  # intra-op threads per worker
     try:
         for b in range(stack.batch_size):
-            img = _Image(stack, b)  # grids and interpolation matrices
+            img = _Image(stack, b, check)  # grids and interpolation matrices
             with _threads(1):
                 _prepare(img, ks, seed, pool)  # the shared parts: working set, lattices, moments
             with _threads(1 if pool is None else share):
@@ -936,10 +972,13 @@ def multi_kmeans(
     cluster_counts,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    check: Callable[[], None] | None = None,
 ) -> ClusterSweep:
     """FeatureStack -> ClusterSweep: k-means for every k of ``cluster_counts`` (list or "2,5,6,10,20").
 
-    progress(done, total) is called after each (image, k).
+    progress(done, total) is called after each (image, k). check() is called at every k-means++ step
+    and Lloyd iteration of every k, on the sweep's threads: an exception it raises (e.g. ComfyUI's
+    interrupt) stops every k at its next step and comes out of multi_kmeans.
     """
     check_stack(stack)
     ks = _cluster_count_list(cluster_counts)
@@ -948,4 +987,7 @@ def multi_kmeans(
     seed = _check_seed(seed)
     if progress is not None and not callable(progress):
         raise ValueError(f"progress must be callable(done, total) or None, got {type(progress).__name__}")
-    return ClusterSweep(results=_sweep(stack, ks, seed, 100, 1e-4, progress), size=tuple(stack.size))
+    if check is not None and not callable(check):
+        raise ValueError(f"check must be callable() or None, got {type(check).__name__}")
+    results = _sweep(stack, ks, seed, 100, 1e-4, progress, check or no_check)
+    return ClusterSweep(results=results, size=tuple(stack.size))

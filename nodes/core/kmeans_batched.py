@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from . import working_set as _working_set
-from .working_set import WorkingSet, pp_candidates, pp_draws, pp_trials
+from .working_set import WorkingSet, no_check, pp_candidates, pp_draws, pp_trials
 
 # Score maps (or cluster indicators) held at once by a row chunk of a lattice: K * rows * nx floats.
 _CHUNK_FLOATS = 1 << 24
@@ -38,17 +38,20 @@ def _segment_ids(sizes: list[int], device) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- working set
-def working_set_runs(ws: WorkingSet, ks: list[int], counts: list[int], seed: int, max_iter: int, tol: float):
+def working_set_runs(
+    ws: WorkingSet, ks: list[int], counts: list[int], seed: int, max_iter: int, tol: float, check=no_check
+):
     """k-means++ and Lloyd on the working set for counts[i] starts of each k of ks, all at once ->
     (members [R, n] int64, point [R, kmax] int64, inertia [R] float64, iters [R] int64), runs
     k by k and start by start (R = sum of counts); the same as ``working_set.starts`` per k with a
     generator seeded with ``seed``. Padded clusters (j >= k) have no members; their point is unused.
-    tol: relative to the working set's mean channel variance."""
+    tol: relative to the working set's mean channel variance. check() runs at every k-means++ step and
+    Lloyd iteration: it raises to stop."""
     device = ws.G.device
     run_k, first, u = batch_draws(ks, counts, ws.n, seed)  # [R], [R], [kmax-1, R, T]
     run_k = run_k.to(device)
-    picks = _kmeans_pp(ws, run_k, first.to(device), u.to(device))  # [R, kmax]
-    return _gram_lloyd(ws, run_k, picks, max_iter, tol * ws.var)
+    picks = _kmeans_pp(ws, run_k, first.to(device), u.to(device), check)  # [R, kmax]
+    return _gram_lloyd(ws, run_k, picks, max_iter, tol * ws.var, check)
 
 
 def batch_draws(ks: list[int], counts: list[int], n: int, seed: int):
@@ -73,7 +76,7 @@ def batch_draws(ks: list[int], counts: list[int], n: int, seed: int):
     return run_k, first, u
 
 
-def _kmeans_pp(ws: WorkingSet, run_k: torch.Tensor, first: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def _kmeans_pp(ws: WorkingSet, run_k: torch.Tensor, first: torch.Tensor, u: torch.Tensor, check=no_check) -> torch.Tensor:
     """Greedy k-means++ for every run at once -> picks [R, kmax] (padded steps pick point 0)."""
     R, n = int(run_k.shape[0]), ws.n
     kmax, T = u.shape[0] + 1, u.shape[2]
@@ -82,6 +85,7 @@ def _kmeans_pp(ws: WorkingSet, run_k: torch.Tensor, first: torch.Tensor, u: torc
     picks[:, 0] = first
     closest = ws.sq_dist(first)  # [R, n] float64, as working_set.kmeans_pp
     for step in range(1, kmax):
+        check()
         cand = pp_candidates(closest, u[step - 1])  # [R, T]
         new = torch.minimum(closest[:, None], ws.sq_dist(cand.flatten()).view(R, T, n))  # [R, T, n]
         best = new.sum(2).argmin(1)  # [R]
@@ -91,7 +95,7 @@ def _kmeans_pp(ws: WorkingSet, run_k: torch.Tensor, first: torch.Tensor, u: torc
     return picks
 
 
-def _gram_lloyd(ws: WorkingSet, run_k: torch.Tensor, picks: torch.Tensor, max_iter: int, tol: float):
+def _gram_lloyd(ws: WorkingSet, run_k: torch.Tensor, picks: torch.Tensor, max_iter: int, tol: float, check=no_check):
     """working_set.lloyd for every run at once (see working_set._Starts for the Gram-space
     centroids) -> (members [R, n], point [R, kmax], inertia [R] float64, iters [R])."""
     G, xx = ws.G, ws.xx
@@ -123,6 +127,7 @@ def _gram_lloyd(ws: WorkingSet, run_k: torch.Tensor, picks: torch.Tensor, max_it
 
     any_empty = bool(some_empty(labels))  # then read with the stop flags, one round trip per iteration
     for it in range(1, max_iter + 1):
+        check()
         # update: every centroid moves to the mean of its cluster
         onehot = torch.zeros(R, kmax, n, device=device).scatter_(1, labels[:, None], 1.0)  # [R, kmax, n]
         counts = onehot.sum(2)  # [R, kmax]
@@ -273,7 +278,7 @@ class DenseLattice:
                 a += torch.matmul(ry_t[:, r0:r1], part)  # [K, h_g, w_g]
         return torch.cat([a.view(K, -1) @ f.t() for a, f in zip(adj, self.flat)], 1)  # [K, C] (a transposed view: no copy)
 
-    def lloyd(self, centroids, sizes, max_iter: int, tol: float, rtol: float, total_sq: float, ws: list):
+    def lloyd(self, centroids, sizes, max_iter: int, tol: float, rtol: float, total_sq: float, ws: list, check=no_check):
         """kmeans._Lattice.lloyd for every run at once -> (labels [R, N], centroids [K, C], best
         [R, N], iterations [R]); each run stops by its own rules and keeps the state it stopped
         with (stopping rules: no label moves, a centroid shift (squared, summed) <= tol, an inertia
@@ -293,6 +298,7 @@ class DenseLattice:
         active = torch.ones(R, dtype=torch.bool, device=device)
         any_empty = bool((counts == 0).any())  # then read with the stop flags, one round trip per iteration
         for it in range(1, max_iter + 1):
+            check()
             new = self.adjoint_sums(labels, sizes) / counts.clamp_min(1)[:, None].to(torch.float32)  # [K, C]
             refilled = torch.zeros(R, dtype=torch.bool, device=device)
             if any_empty:

@@ -129,7 +129,11 @@ def pp_candidates(closest: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target, right=True).clamp_max_(n - 1)  # [I, T] first cdf entry above target
 
 
-def kmeans_pp(ws: WorkingSet, k: int, starts: int, gen: torch.Generator) -> torch.Tensor:
+def no_check() -> None:
+    """The default ``check`` of the k-means loops: never stops them."""
+
+
+def kmeans_pp(ws: WorkingSet, k: int, starts: int, gen: torch.Generator, check=no_check) -> torch.Tensor:
     """Greedy k-means++ (2 + ln k candidates per step, as scikit-learn), ``starts`` independent runs
     at once -> [starts, k] indices of points."""
     n, I = ws.n, starts
@@ -141,6 +145,7 @@ def kmeans_pp(ws: WorkingSet, k: int, starts: int, gen: torch.Generator) -> torc
     picks = [first.to(device)]  # [I]
     closest = ws.sq_dist(picks[0])  # [I, n]
     for step in range(1, k):
+        check()
         cand = pp_candidates(closest, draws[step - 1])  # [I, trials]
         new = torch.minimum(closest[:, None], ws.sq_dist(cand.flatten()).view(I, trials, n))  # [I, trials, n]
         best = new.sum(2).argmin(1)  # [I]
@@ -261,18 +266,20 @@ class Run:
         return out  # [k, C]
 
 
-def lloyd(ws: WorkingSet, picks: torch.Tensor, max_iter: int, tol: float) -> list[Run]:
+def lloyd(ws: WorkingSet, picks: torch.Tensor, max_iter: int, tol: float, check=no_check) -> list[Run]:
     """Lloyd from centroids at the points picks [I, k], every start at once -> a Run per start.
 
     Each start stops when no label changes, when its centroids moved less than tol (squared,
     summed; scikit-learn's rule), or when an iteration lowered its inertia by less than RTOL of
-    itself, exactly as it would alone. A Run's inertia is that of its centroids.
+    itself, exactly as it would alone. A Run's inertia is that of its centroids. check() runs before
+    every iteration: it raises to stop.
     """
     run = _Starts(ws, picks)
     labels, inertia = run.assign()
     ids = list(range(picks.shape[0]))  # the starts still running, in run's order
     out: list = [None] * len(ids)
     for it in range(1, max_iter + 1):
+        check()
         shift, refilled = run.update(labels)
         new_labels, new_inertia = run.assign()
         same = (new_labels == labels).all(1).tolist()
@@ -303,12 +310,14 @@ def check_tol(tol) -> float:
     return float(tol)
 
 
-def starts(ws: WorkingSet, k: int, count: int, gen: torch.Generator, max_iter: int, tol: float) -> list[Run]:
+def starts(
+    ws: WorkingSet, k: int, count: int, gen: torch.Generator, max_iter: int, tol: float, check=no_check
+) -> list[Run]:
     """k-means++ ``count`` times, Lloyd from each, all at once -> a Run per start. tol is relative to
-    the working set's mean channel variance."""
+    the working set's mean channel variance; check() runs at every step and raises to stop."""
     check_tol(tol)
     for name, value, low, high in (("k", k, 1, ws.n), ("count", count, 1, None), ("max_iter", max_iter, 1, None)):
         if not is_int(value) or value < low or (high is not None and value > high):
             bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
             raise ValueError(f"{name} must be an int {bound}, got {value!r}")
-    return lloyd(ws, kmeans_pp(ws, k, count, gen), max_iter, tol * ws.var)
+    return lloyd(ws, kmeans_pp(ws, k, count, gen, check), max_iter, tol * ws.var, check)

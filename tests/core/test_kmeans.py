@@ -1,6 +1,8 @@
 """k-means on a FeatureStack: planted structure, exactness against explicit upsampling, scikit-learn
 inertia, determinism, canonical labels, batch, non-square grids, bad input."""
 
+import threading
+
 import pytest
 import torch
 from sklearn.cluster import KMeans
@@ -194,7 +196,9 @@ def test_the_finalist_of_lowest_inertia_on_the_scoring_lattice_is_polished(monke
 
     def spy(self, centroids, *args):
         polished.append(centroids.clone())
-        first = args[-1]  # the scoring lattice's assignment, when the polish starts there
+        # lloyd(centroids, max_iter, tol, X, xx, total_sq, first, check): first is the scoring
+        # lattice's assignment, when the polish starts there
+        first = args[5]
         if first is not None:
             labels, best = self.assign(centroids)
             assert torch.equal(first[0], labels)
@@ -343,6 +347,49 @@ def test_threaded_sweep_reports_progress_in_order_and_stops_on_error(two_threads
 
     with pytest.raises(InterruptedError):
         multi_kmeans(stack, [2, 3, 6], progress=interrupt)
+
+
+class Flag:
+    """A stop flag like ComfyUI's interrupt: check() raises once when set, clearing the flag as it
+    does; set after ``after`` calls. Counts the calls made after it raised."""
+
+    def __init__(self, after: int):
+        self.after, self.calls, self.raised, self.lock = after, 0, False, threading.Lock()
+        self.calls_after = 0
+
+    def __call__(self):
+        with self.lock:
+            self.calls += 1
+            if self.raised:
+                self.calls_after += 1
+            elif self.calls > self.after:
+                self.raised = True
+                raise InterruptedError("cancelled")
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("after", [0, 3, 12])
+def test_check_stops_every_k_at_its_next_step(batched, after, two_threads, monkeypatch):
+    """check() raises once (and clears its flag, as ComfyUI's interrupt check does): its own exception
+    comes out, no k finishes after it, and each k still running stops at its next step; on worker
+    threads (the CPU) and with all k at once (the GPU's code, run on the CPU)."""
+    if batched:
+        monkeypatch.setattr(km, "_BATCHED_DEVICES", ("cpu",))
+    stack = planted_stack(size=(64, 64))
+    ks = [2, 5, 9, 20]
+    flag, ticks = Flag(after), []
+    with pytest.raises(InterruptedError, match="cancelled"):
+        multi_kmeans(stack, ks, progress=lambda done, total: ticks.append((done, flag.raised)), check=flag)
+    assert not any(raised for _, raised in ticks)  # nothing finished once it had raised
+    assert flag.calls_after <= 2  # at most the other worker's next check: it stops there
+    untouched = Flag(10**9)
+    multi_kmeans(stack, ks, check=untouched)  # a check that never raises changes nothing
+    assert untouched.calls > len(ks)  # it was asked at every step, not once per k
+
+
+def test_check_must_be_callable():
+    with pytest.raises(ValueError, match="check must be callable"):
+        multi_kmeans(random_stack(), [2], check="stop")
 
 
 # ----------------------------------------------------------------------------- properties

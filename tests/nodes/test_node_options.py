@@ -51,6 +51,27 @@ def test_multi_kmeans_seed_reaches_the_sweep(nodes):
     assert torch.equal(nodes.MultiKMeans.execute(stack, "7", 5, "cpu").args[0].results[7].labels, refs[5])
 
 
+def test_multi_kmeans_stops_when_the_run_is_cancelled(nodes, monkeypatch):
+    """Cancel in ComfyUI sets its interrupt flag: the node's sweep checks it at every k-means++ step
+    and Lloyd iteration and stops with ComfyUI's own exception (clearing the flag, as ComfyUI does)."""
+    import comfy.model_management as mm
+
+    stack = FeatureStack([torch.randn(1, 6, 12, 16, generator=torch.Generator().manual_seed(0))], [1.0], [[]], (48, 64), "bilinear")
+    asked = []
+    check = mm.throw_exception_if_processing_interrupted
+
+    def cancel_on_the_fifth_check():
+        asked.append(True)
+        if len(asked) == 5:
+            mm.interrupt_current_processing(True)
+        check()
+
+    monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", cancel_on_the_fifth_check)
+    with pytest.raises(mm.InterruptProcessingException):
+        nodes.MultiKMeans.execute(stack, "2,7", 0, "cpu")
+    assert not mm.processing_interrupted() and len(asked) >= 5
+
+
 def test_multi_kmeans_colour_maps_are_k_major(nodes, feats):
     sweep, images = nodes.MultiKMeans.execute(make_feature_stack(feats), "2,3", 0, "cpu").args
     B = 2
