@@ -175,7 +175,7 @@ class HeadPCA(io.ComfyNode):
         }
         text = (
             f"{rec.num_heads} heads recorded in {len(rec.layers)} layers; {selected.num_heads} heads in "
-            f"{len(selected.layers)} layers selected ({'+'.join(pos)}, levels {levels}); "
+            f"{len(selected.layers)} layers selected ({'+'.join(pos)}, levels {'all' if lv is None else ','.join(map(str, lv))}); "
             f"{int(components)} components each"
         )
         if missing:

@@ -285,7 +285,7 @@ def make_feature_stack(
     groups: dict[tuple[int, int], list[tuple[LayerKey, torch.Tensor]]] = {}
     for key, t in features.layers.items():
         B, heads, h, w, c = t.shape
-        channels = t.to(torch.float32).permute(0, 1, 4, 2, 3).reshape(B, heads * c, h, w)  # [B, heads*c, h, w]
+        channels = t.detach().to(torch.float32).permute(0, 1, 4, 2, 3).reshape(B, heads * c, h, w)  # [B, heads*c, h, w]
         groups.setdefault((h, w), []).append((key, channels))
     sides = [max(h, w) for (h, w) in groups]
     weights = resolution_weights(sides) if reweight else [1.0] * len(sides)

@@ -105,6 +105,20 @@ def test_stack_groups_layers_by_grid():
     assert all(g.dtype == torch.float32 for g in stack.grids)
 
 
+def test_features_that_carry_gradients_give_a_plain_stack():
+    """Features with requires_grad (e.g. from a user's own torch code) are taken as values: the stack,
+    the error map and the k-means all work on them (the error map wrote into a graph before)."""
+    feats = features()
+    plain = make_feature_stack(feats)
+    tracked = HeadFeatures(
+        {key: t.clone().requires_grad_(True) for key, t in feats.layers.items()}, feats.image_size, feats.components
+    )
+    stack = make_feature_stack(tracked)
+    assert not any(g.requires_grad for g in stack.grids)
+    assert all(torch.equal(a, b) for a, b in zip(stack.grids, plain.grids))
+    torch.testing.assert_close(up.upsampling_error(stack), up.upsampling_error(plain), rtol=0, atol=0)
+
+
 def test_stack_channels_are_head_major():
     feats = features()
     stack = make_feature_stack(feats)

@@ -251,6 +251,14 @@ def test_a_position_named_twice_counts_once(nodes, recording):
     assert "(down+up, levels all)" in out.ui["text"][0]
 
 
+@pytest.mark.parametrize("levels, shown", [("", "all"), ("  ALL ", "all"), ("*", "all"), ("2, 0,0,", "0,2")])
+def test_head_pca_summary_names_the_levels_it_selected(nodes, recording, levels, shown):
+    """An empty levels text means all levels (as 'all' and '*'): the summary says which levels were
+    selected, not the text as typed."""
+    out = nodes.HeadPCA.execute(recording, "down+up", levels, 4)
+    assert f"(down+up, levels {shown})" in out.ui["text"][0]
+
+
 @pytest.mark.parametrize("channels", [1, 4])
 def test_mask_select_takes_grey_and_rgba_pictures(nodes, feats, channels):
     """ComfyUI IMAGEs are RGB, but grey and RGBA tensors occur (some loaders, alpha kept): grey is drawn
