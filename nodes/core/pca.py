@@ -198,13 +198,16 @@ def recording_pca(rec: Recording, components: int = 8) -> HeadFeatures:
         """[B*heads, N, c] scores -> [B, heads, h, w, c] float32, or a ValueError naming the layer."""
         B, heads, h, w, d = rec.layers[key].shape
         out = scores.reshape(B, heads, h, w, components).to(torch.float32)  # [B, heads, h, w, c]
-        if scores.dtype == torch.float64:  # a head beyond float32's range overflows, or underflows to zeros
-            lost = scores.reshape(B * heads, -1).any(1) & ~out.reshape(B * heads, -1).any(1)  # [B*heads]
-            if not bool(torch.isfinite(out).all()) or bool(lost.any()):
-                raise ValueError(
-                    f"Recording: layer {key!s} has values beyond float32's range (features are float32): scale it "
-                    f"into about 1e-38 .. 1e38"
-                )
+        # a head beyond float32's range overflows, or a float64 one underflows to zeros; a float32 head near
+        # float32's limit can overflow too: a score adds up to d centred values
+        lost = False
+        if scores.dtype == torch.float64:
+            lost = bool((scores.reshape(B * heads, -1).any(1) & ~out.reshape(B * heads, -1).any(1)).any())
+        if lost or not bool(torch.isfinite(out).all()):
+            raise ValueError(
+                f"Recording: layer {key!s} has values whose principal-component scores lie beyond float32's "
+                "range (features are float32): scale it into about 1e-36 .. 1e36"
+            )
         return out
 
     def reduce(key: LayerKey) -> torch.Tensor:

@@ -239,8 +239,19 @@ def test_huge_heads_with_an_offset_do_not_overflow_the_mean():
 def test_float64_recordings_beyond_float32_are_refused_naming_the_layer(factor):
     key = LayerKey("output", 9, 0)
     rec = Recording({key: torch.randn(1, 2, 8, 8, 6, dtype=torch.float64) * factor}, (64, 64))
-    with pytest.raises(ValueError, match=r"^Recording: layer output\.9\.0 has values beyond float32's range"):
+    with pytest.raises(ValueError, match=r"^Recording: layer output\.9\.0 has values whose principal-component scores lie beyond float32's range"):
         recording_pca(rec, 3)
+
+
+def test_float32_head_whose_scores_overflow_is_refused_naming_the_layer():
+    """Every value is a finite float32 (+-1e38), but a score adds up 64 of them: beyond float32.
+    A recording ten times smaller reduces to finite scores."""
+    key = LayerKey("output", 9, 0)
+    signs = torch.randint(0, 2, (1, 2, 8, 8, 64), generator=torch.Generator().manual_seed(0)).float() * 2 - 1
+    with pytest.raises(ValueError, match=r"^Recording: layer output\.9\.0 has values whose principal-component scores lie beyond float32's range"):
+        recording_pca(Recording({key: signs * 1e38}, (64, 64)), 3)
+    scores = recording_pca(Recording({key: signs * 1e37}, (64, 64)), 3).layers[key]  # [1, 2, 8, 8, 3]
+    assert bool(torch.isfinite(scores).all()) and float(scores.abs().max()) > 1e37
 
 
 @pytest.mark.parametrize("factor", [1e-300, 1e-50])
@@ -250,7 +261,7 @@ def test_one_float64_head_below_float32_in_a_normal_layer_is_refused(factor, bat
     key = LayerKey("output", 9, 0)
     x = torch.randn(batch, 3, 8, 8, 6, dtype=torch.float64)
     x[-1, 1] *= factor
-    with pytest.raises(ValueError, match=r"^Recording: layer output\.9\.0 has values beyond float32's range"):
+    with pytest.raises(ValueError, match=r"^Recording: layer output\.9\.0 has values whose principal-component scores lie beyond float32's range"):
         recording_pca(Recording({key: x}, (64, 64)), 3)
     x[-1, 1] = 0.0  # a head of zeros is constant, not lost
     assert not recording_pca(Recording({key: x}, (64, 64)), 3).layers[key][-1, 1].any()
@@ -311,7 +322,7 @@ def test_one_eigh_for_all_layers_refuses_float64_beyond_float32_naming_the_layer
     rec = small_recording(dtype=torch.float64)
     rec.layers[LayerKey("output", 4, 0)] *= 1e40
     gpu_path(monkeypatch, "cpu")
-    with pytest.raises(ValueError, match=r"^Recording: layer output\.4\.0 has values beyond float32's range"):
+    with pytest.raises(ValueError, match=r"^Recording: layer output\.4\.0 has values whose principal-component scores lie beyond float32's range"):
         recording_pca(rec, 3)
 
 
