@@ -30,13 +30,17 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-# venv, pinned ComfyUI (or $HEADSEG_COMFYUI), custom_nodes/HeadSeg -> this checkout
+# venv, pinned ComfyUI (or $HEADSEG_COMFYUI)
 # shellcheck source=tests/setup_env.sh
 source "$REPO/tests/setup_env.sh"
 
 CKPT_DIR="$HEADSEG_HOME/models/checkpoints"
-SERVE_DIR="$HEADSEG_HOME/serve"
-mkdir -p "$CKPT_DIR" "$SERVE_DIR"
+# One folder per checkout, with its own custom_nodes/HeadSeg link to this checkout and its own
+# extra-model-paths file: a server keeps serving the checkout it was started from (its Python, its
+# web files, its workflows) whatever another checkout sets up meanwhile.
+SERVE_DIR="$HEADSEG_HOME/serve/$(printf '%s' "$REPO" | cksum | cut -d' ' -f1)"
+mkdir -p "$CKPT_DIR" "$SERVE_DIR/custom_nodes"
+ln -sfn "$REPO" "$SERVE_DIR/custom_nodes/HeadSeg"
 
 if [ "$TEST_CKPT" = "1" ]; then
   TEST_PATH="$(cd "$REPO" && "$PY" tests/support/checkpoint.py | tail -n 1)"
@@ -48,7 +52,7 @@ fi
 YAML="$SERVE_DIR/extra_model_paths.yaml"
 cat > "$YAML" <<EOF
 headseg:
-    custom_nodes: $HEADSEG_HOME/custom_nodes
+    custom_nodes: $SERVE_DIR/custom_nodes
     checkpoints: $CKPT_DIR
 EOF
 

@@ -72,10 +72,6 @@ if ! (
     exit 2
   fi
 
-  # ComfyUI loads custom node packs from folders listed in an extra-model-paths file; this one
-  # holds a single link, named HeadSeg, to this checkout.
-  mkdir -p "$HEADSEG_HOME/custom_nodes"
-  ln -sfn "$HEADSEG_REPO" "$HEADSEG_HOME/custom_nodes/HeadSeg"
 ); then
   echo "[headseg] setup failed (see the messages above)" >&2
   return 1 2>/dev/null || exit 1
