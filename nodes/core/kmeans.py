@@ -830,13 +830,24 @@ def _sweep(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: fl
     """Every image, every k -> {k: KMeansResult}. On a device of _BATCHED_DEVICES all k of an image
     run at once (_sweep_image_batched); elsewhere one k at a time on worker threads (_sweep_threads).
     progress(done, total) after each (image, k). check() at every k-means++ step and Lloyd iteration
-    of every k: what it raises stops the sweep and comes out of it."""
+    of every k: what it or progress raises stops the sweep and comes out of it (ComfyUI's progress
+    hook checks its interrupt flag too, and clears it as it raises)."""
     stop = _StopCheck(check)
+
+    def report(done: int, total: int) -> None:  # an exception from progress stops every k too
+        try:
+            progress(done, total)
+        except BaseException as exc:
+            if stop.error is None:
+                stop.error = exc
+            raise
+
     try:
-        return _sweep_all(stack, ks, seed, max_iter, tol, progress, stop)
+        return _sweep_all(stack, ks, seed, max_iter, tol, report if progress is not None else None, stop)
     except _Stopped:
         raise stop.error from None  # the caller's own exception, whichever thread saw it first
-
+    finally:
+        stop.error = None  # it holds a traceback that holds this frame: no cycle keeps the tensors
 
 def _sweep_all(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: float, progress, check):
     B = stack.batch_size

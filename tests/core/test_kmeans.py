@@ -387,6 +387,52 @@ def test_check_stops_every_k_at_its_next_step(batched, after, two_threads, monke
     assert untouched.calls > len(ks)  # it was asked at every step, not once per k
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_an_interrupt_seen_by_progress_stops_every_k(batched, two_threads, monkeypatch):
+    """ComfyUI's progress hook checks the interrupt flag too (and clears it as it raises): when the
+    progress callback raises, the k still running stop at their next check, though check() itself
+    then never raises."""
+    if batched:
+        monkeypatch.setattr(km, "_BATCHED_DEVICES", ("cpu",))
+    stack = planted_stack(size=(64, 64))
+    flag = Flag(10**9)  # never raises by itself: the flag was consumed by progress
+    ticks = []
+
+    def progress(done, total):
+        ticks.append(done)
+        flag.raised = True  # from here on flag counts the checks that still come
+        raise InterruptedError("cancelled in the progress hook")
+
+    with pytest.raises(InterruptedError, match="progress hook"):
+        multi_kmeans(stack, [2, 20, 30], progress=progress, check=flag)
+    assert ticks == [1] and flag.calls_after <= 2
+
+
+def test_a_cancelled_sweep_leaves_no_reference_cycle():
+    """The exception that stops a sweep must not keep its tensors alive through a cycle (they would
+    wait for the garbage collector, GPU memory included)."""
+    import gc
+    import weakref
+
+    stack = planted_stack(size=(64, 64))
+    seen = []
+    real = km._Image.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        seen.append(weakref.ref(self))
+
+    gc.disable()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(km._Image, "__init__", spy)
+            with pytest.raises(InterruptedError):
+                multi_kmeans(stack, [2, 5], check=Flag(5))
+        assert seen and all(ref() is None for ref in seen)  # freed by reference counting alone
+    finally:
+        gc.enable()
+
+
 def test_check_must_be_callable():
     with pytest.raises(ValueError, match="check must be callable"):
         multi_kmeans(random_stack(), [2], check="stop")
