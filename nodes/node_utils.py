@@ -10,6 +10,7 @@ import gc
 import hashlib
 import logging
 import os
+import secrets
 import threading
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -188,16 +189,24 @@ def preview_refs(images: torch.Tensor, reuse: bool = False) -> list[dict]:
 def _write_previews(images: torch.Tensor) -> list[dict]:
     """IMAGE [B, H, W, 3] in 0..1 -> new temporary PNGs written by ComfyUI -> their refs, in order.
 
-    Several pictures are written at once, one ComfyUI preview (its own file name prefix) per picture on
-    up to _PNG_THREADS threads: PNG compression releases Python's lock, so on two cores five colour
-    maps take about half as long.
+    Several pictures are written at once on up to _PNG_THREADS threads (PNG compression releases
+    Python's lock, so on two cores a click in Mask Select's picker takes about half as long), each
+    by ComfyUI's own writer as its previews are (temp folder, compress level 1), under one random
+    prefix per batch with the picture's index appended: no two threads count up the same name.
     """
     B = images.shape[0]
     workers = min(B, _PNG_THREADS, os.cpu_count() or 1)
     if workers <= 1:
         return [dict(r) for r in ui.PreviewImage(images).values]
+    prefix = f"ComfyUI_temp_headseg_{secrets.token_hex(4)}"
+
+    def write(b: int) -> list:
+        return ui.ImageSaveHelper.save_images(
+            images[b : b + 1], filename_prefix=f"{prefix}_{b}", folder_type=ui.FolderType.temp, cls=None, compress_level=1
+        )
+
     with ThreadPoolExecutor(workers, thread_name_prefix="headseg-png") as pool:
-        parts = list(pool.map(lambda b: ui.PreviewImage(images[b : b + 1]).values, range(B)))
+        parts = list(pool.map(write, range(B)))
     return [dict(r) for part in parts for r in part]
 
 

@@ -69,6 +69,23 @@ def test_a_batch_is_written_one_file_per_picture_in_order(utils, comfy_folders, 
         assert np.array_equal(read, expected), b
 
 
+def test_batches_with_the_same_random_prefix_keep_every_picture(utils, comfy_folders, monkeypatch):
+    """Even when two batches draw the same random prefix, no picture overwrites another: the index in
+    the batch is part of the name, and ComfyUI's writer counts up past files already there."""
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.setattr(utils.secrets, "token_hex", lambda n: "same")
+    batches = [torch.rand(4, 5, 6, 3, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    refs = [utils.preview_refs(pictures) for pictures in batches]
+    names = {r["filename"] for part in refs for r in part}
+    assert len(names) == 8
+    for pictures, part in zip(batches, refs):
+        for picture, ref in zip(pictures, part):
+            read = np.asarray(Image.open(comfy_folders["temp"] / ref["subfolder"] / ref["filename"]).convert("RGB"))
+            assert np.array_equal(read, (picture * 255.0).clamp(0, 255).to(torch.uint8).numpy())
+
+
 def test_without_reuse_every_call_writes_a_file(utils):
     assert name(utils.preview_refs(flat(0.5))) != name(utils.preview_refs(flat(0.5)))
 
