@@ -36,34 +36,33 @@ def _loadable_name(path: str) -> bool:
 
 
 def _is_within(path: str, folder: str) -> bool:
-    """Whether ``path`` is ``folder`` or lies under it, compared as written (no file is touched)."""
+    """Whether ``path`` is ``folder`` or lies under it, compared as written (no file is touched; case
+    folded where the file system folds it, as on Windows)."""
+    path, folder = os.path.normcase(path), os.path.normcase(folder)
     try:
         return os.path.commonpath([path, folder]) == folder
     except ValueError:  # one relative and one absolute, or (Windows) two drives
         return False
 
 
-def _real_path_inside(full: str, folders: list[str]) -> str | None:
-    """The real path (links resolved) of ``full`` when it lies inside one of ``folders``, else None.
-
-    The path as written is checked first, so a path outside is refused without touching it; then its
-    real path, so a link or a '..' after a link cannot lead outside. Either way the answer is the same
-    whether or not something exists outside, so it reveals nothing about it."""
-    written = os.path.abspath(full)
-    real_folders = [os.path.realpath(f) for f in folders]
-    if not any(_is_within(written, base) for base in [os.path.abspath(f) for f in folders] + real_folders):
-        return None
+def _path_inside(full: str, folders: list[str]) -> str | None:
+    """``full`` made absolute with its '..' worked out as written, when that lies inside one of
+    ``folders``; else None. The path that is then opened is that one, so a '..' can never climb out;
+    links inside a folder are followed, as ComfyUI's Load Image follows them (only whoever runs the
+    server can place them). Only the folders are resolved, not ``full``, so the answer says nothing
+    about what exists outside."""
     try:
-        real = os.path.realpath(full)  # '..' after a link goes up from the link's target, as open() would
-    except (OSError, ValueError):  # e.g. a NUL character in the name
+        written = os.path.abspath(full)
+    except ValueError:  # e.g. a NUL character in the name
         return None
-    return real if any(_is_within(real, base) for base in real_folders) else None
+    bases = [os.path.abspath(f) for f in folders] + [os.path.realpath(f) for f in folders]  # a folder may be a link
+    return written if any(_is_within(written, base) for base in bases) else None
 
 
 def _recording_files() -> list[str]:
     """Recording files (.safetensors with headseg-recording/1 metadata) under the input folder, then
-    those under the output folder (annotated); model files and other safetensors are left out, and so
-    are files and linked folders that lead outside their folder (Load would refuse them)."""
+    those under the output folder (annotated); model files and other safetensors are left out. Linked
+    files and folders are listed like the others, wherever they lead (as Load Image lists them)."""
     import folder_paths
 
     found = []
@@ -78,18 +77,13 @@ def _recording_files() -> list[str]:
             keep = []
             for d in sorted(dirs, key=lambda d: (os.path.islink(os.path.join(root, d)), d)):
                 real = os.path.realpath(os.path.join(root, d))
-                if real not in seen and _is_within(real, real_base):
+                if real not in seen:
                     seen.add(real)
                     keep.append(d)
             dirs[:] = keep
             for f in files:
                 full = os.path.join(root, f)
-                if (
-                    f.endswith(".safetensors")
-                    and _is_within(os.path.realpath(full), real_base)
-                    and _loadable_name(full)
-                    and is_recording_file(full)
-                ):
+                if f.endswith(".safetensors") and _loadable_name(full) and is_recording_file(full):
                     names.append(os.path.relpath(full, base).replace(os.sep, "/"))
         found += [n + suffix for n in sorted(names)]
     return found
@@ -99,14 +93,16 @@ def _text(value, name: str, what: str) -> str:
     """``value`` when it is a string; a TypeError naming the input otherwise (an API prompt may send 123)."""
     if not isinstance(value, str):
         raise TypeError(f"{name}: expected {what} (text), got {type(value).__name__}")
+    if "\x00" in value:  # no file name holds one; os functions would fail with 'embedded null byte'
+        raise ValueError(f"{name}: expected {what} without NUL characters, got {value!r}")
     return value
 
 
 def _file_path(file) -> str | None:
-    """The ``file`` choice -> the real path of the file it names, or None when no file is chosen.
+    """The ``file`` choice -> the path of the file it names, or None when no file is chosen.
 
     A name is relative to the input folder, or to the output folder when it ends in ' [output]';
-    a name leading outside that folder ('..', an absolute path, a link) is refused, untouched."""
+    a name leading outside that folder ('..', an absolute path) is refused, untouched."""
     import folder_paths
 
     if file is None or file in ("", NO_FILE):
@@ -114,7 +110,7 @@ def _file_path(file) -> str | None:
     name, folder = folder_paths.annotated_filepath(_text(file, "file", "a file name"))
     folder = folder or folder_paths.get_input_directory()
     allowed = [folder_paths.get_input_directory(), folder_paths.get_output_directory()]
-    real = _real_path_inside(os.path.join(folder, name), [folder]) if folder in allowed else None
+    real = _path_inside(os.path.join(folder, name), [folder]) if folder in allowed else None
     if real is None:
         raise ValueError(
             f"file: expected a file inside ComfyUI's input folder, or the output folder when marked "
@@ -124,7 +120,7 @@ def _file_path(file) -> str | None:
 
 
 def _override_path(path) -> str | None:
-    """The ``path`` override -> the real path of the file it names, or None when blank.
+    """The ``path`` override -> the path of the file it names, or None when blank.
 
     '~' is the home folder; a relative path is relative to the input folder (a ' [output]' or
     ' [temp]' suffix: that folder). It must lie inside the input, output or temp folder: a path
@@ -134,18 +130,21 @@ def _override_path(path) -> str | None:
     path = _text("" if path is None else path, "path", "a file path").strip()
     if not path:
         return None
-    full = os.path.expanduser(path)
-    if not os.path.isabs(full):
-        full = folder_paths.get_annotated_filepath(full)
+    try:
+        full = os.path.expanduser(path)
+        if not os.path.isabs(full):
+            full = folder_paths.get_annotated_filepath(full)
+    except ValueError:  # e.g. a NUL character in '~user'
+        full = None
     folders = [folder_paths.get_directory_by_type(kind) for kind in ("input", "output", "temp")]
-    real = _real_path_inside(full, folders)
+    real = _path_inside(full, folders) if full is not None else None
     if real is None:
         raise ValueError(f"path: expected a file inside ComfyUI's input, output or temp folder, got {path!r}")
     return real
 
 
 def _resolve(file, path) -> str:
-    """The real path of the recording to load: ``path`` when set, else ``file``; ValueError or TypeError
+    """The path of the recording to load: ``path`` when set, else ``file``; ValueError or TypeError
     naming the input when it is missing, not text, or outside ComfyUI's folders."""
     full = _override_path(path)
     if full is not None:
@@ -305,9 +304,9 @@ class LoadRecording(io.ComfyNode):
         # where a value points is checked, not whether the file exists: the list is computed when the
         # server starts, and files saved since are accepted.
         try:
-            if path is not None:
-                _override_path(path)
-            if file is not None:
+            # file is read only when path is blank; a linked path (None here) may override it at run time
+            blank = path is not None and _override_path(path) is None
+            if file is not None and blank:
                 _file_path(file)
         except (TypeError, ValueError) as exc:
             return str(exc)

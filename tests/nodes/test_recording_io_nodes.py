@@ -324,25 +324,53 @@ def test_a_path_outside_is_refused_without_being_looked_at(io_nodes, secret, mon
     assert messages[0] == messages[2] and messages[1] == messages[3]  # the same whether or not it exists
 
 
-def test_links_leading_outside_are_refused_and_not_listed(io_nodes, recording, secret, comfy_folders):
+def test_links_placed_in_the_folders_are_listed_and_load_like_load_image(io_nodes, recording, secret, comfy_folders):
+    """Whoever runs the server may link files or folders kept elsewhere into input/ or output/ (a shared
+    drive, a Docker volume): ComfyUI's Load Image lists and loads through such links, and so does Load
+    Recording. A '..' is worked out as written, so it cannot climb out through a link."""
     import os
 
     inp, out = comfy_folders["input"], comfy_folders["output"]
-    os.symlink(secret, inp / "escape.safetensors")
-    os.symlink(secret, out / "escape.safetensors")
+    os.symlink(secret, inp / "shared.safetensors")
+    os.symlink(secret, out / "shared.safetensors")
     os.symlink(secret.parent, inp / "linked")  # a linked folder
     listed = io_nodes._recording_files()
-    assert not [name for name in listed if "escape" in name or "linked" in name], listed
-    for file in ("escape.safetensors", "linked/secret.safetensors", "escape.safetensors [output]"):
-        _refused(io_nodes, file, "", FILE_OUTSIDE + repr(file))
-    for path in (
-        "escape.safetensors",
-        "linked/secret.safetensors",
-        str(inp / "escape.safetensors"),
-        "escape.safetensors [output]",
-        "linked/../outside/secret.safetensors",  # input/outside/... as written; '..' of the link's target really
+    for name in ("shared.safetensors", "linked/secret.safetensors", "shared.safetensors [output]"):
+        assert name in listed, listed
+    for file, path in (
+        ("shared.safetensors", ""),
+        ("linked/secret.safetensors", ""),
+        ("shared.safetensors [output]", ""),
+        ("", "linked/secret.safetensors"),
+        ("", str(inp / "shared.safetensors")),
     ):
-        _refused(io_nodes, "", path, PATH_OUTSIDE + repr(path))
+        assert io_nodes.LoadRecording.validate_inputs(file, path) is True, (file, path)
+        rec = io_nodes.LoadRecording.execute(file, path).args[0]
+        assert list(rec.layers) == list(recording.layers), (file, path)
+    # input/linked/../outside/... is input/outside/... as written, and that is what is opened: no such
+    # file (through the link, '..' would have reached the secret's folder's parent)
+    with pytest.raises(ValueError, match="^path: no such recording file"):
+        io_nodes.LoadRecording.execute("", "linked/../outside/secret.safetensors")
+    (inp / "outside").mkdir()
+    assert not (inp / "outside" / "secret.safetensors").exists()
+
+
+def test_a_set_path_overrides_a_stale_file_at_validation(io_nodes, recording, comfy_folders):
+    """A workflow whose file choice no longer exists or points outside, with a valid path: the path is
+    what is read, so the stale file does not fail the prompt."""
+    _saved_at(recording, comfy_folders["input"] / "a.safetensors")
+    assert io_nodes.LoadRecording.validate_inputs("../gone.safetensors", "a.safetensors") is True
+    assert io_nodes.LoadRecording.validate_inputs("../gone.safetensors", None) is True  # a linked path: checked at run time
+    assert io_nodes.LoadRecording.validate_inputs("../gone.safetensors", "").startswith("file: expected a file inside")
+
+
+def test_a_name_with_a_nul_character_is_named(io_nodes):
+    for file, path in (("", "~root\x00"), ("", "a\x00b.safetensors"), ("a\x00b.safetensors", "")):
+        name = "path" if path else "file"
+        message = io_nodes.LoadRecording.validate_inputs(file, path)
+        assert message.startswith(f"{name}: expected a file ") and "without NUL characters" in message, message
+        with pytest.raises(ValueError, match=f"^{name}: expected a file .* without NUL characters"):
+            io_nodes.LoadRecording.execute(file, path)
 
 
 def test_files_in_subfolders_and_links_inside_still_load(io_nodes, recording, comfy_folders, monkeypatch):
