@@ -371,11 +371,22 @@ class Picker {
     recordChange(); // one undo step per pick (the pointerdown handled here sends no mouseup)
   }
 
-  /** The pixel the widgets ask for; a coordinate fed by a link is the one the last run used. */
+  /** The pixel the widgets ask for; a coordinate fed by a link is the one the last run used. While
+   * the widgets not fed by a link still hold what the last run was asked, the pixel is the one that
+   * run used (mapped from the picture, or moved onto the grid): e.g. x from a link and y past the
+   * bottom edge, which the run moved and adoptMappedPixel leaves alone. */
   currentPixel() {
     const ran = this.output?.headseg_pixel;
+    const asked = this.output?.headseg_pixel_asked;
+    const axes = [["x", 0], ["y", 1]];
+    const free = axes.filter(([name]) => !isLinked(this.node, name));
+    const fresh =
+      Array.isArray(ran) && Array.isArray(asked) && ran.length >= 2 && asked.length >= 2 &&
+      free.every(([name, i]) => Number(widget(this.node, name)?.value) === Number(asked[i]));
     const value = (name, i) =>
-      isLinked(this.node, name) ? Number(Array.isArray(ran) ? ran[i] : NaN) : Number(widget(this.node, name)?.value);
+      isLinked(this.node, name) || fresh
+        ? Number(Array.isArray(ran) ? ran[i] : NaN)
+        : Number(widget(this.node, name)?.value);
     const x = value("x", 0);
     const y = value("y", 1);
     if (!Number.isFinite(x) || !Number.isFinite(y)) return null;

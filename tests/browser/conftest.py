@@ -157,7 +157,7 @@ def _shared_tab(browser, comfy_url):
 
 @pytest.fixture
 def comfy_page(_shared_tab):
-    """The shared tab with the ComfyUI app, dialogs closed, an empty graph at 100 % zoom.
+    """The shared tab with the ComfyUI app, dialogs closed, an empty graph at 100 % zoom, no node outputs.
 
     One tab serves these tests (opening the app costs seconds on a small CPU); each test starts
     from a cleared graph, and the console messages it causes are the ones recorded from its start.
@@ -167,6 +167,8 @@ def comfy_page(_shared_tab):
     page.evaluate(
         "() => { if (app.canvas.graph !== app.graph) app.canvas.setGraph(app.graph);"  # out of a subgraph
         " app.graph.clear(); app.canvas.ds.scale = 1; app.canvas.ds.offset = [0, 0];"
+        # outputs kept by an earlier test would be restored by a picker that gets the same node id
+        " for (const id of Object.keys(app.nodeOutputs ?? {})) delete app.nodeOutputs[id];"
         " app.canvas.setDirty(true, true); }"
     )
     _shared_tab.console.clear()

@@ -519,6 +519,34 @@ def test_a_pixel_past_the_grid_moved_by_the_run_becomes_the_widgets_pixel_and_st
     assert comfy_page.pack_problems() == []
 
 
+def test_x_from_a_link_and_y_moved_onto_the_grid_is_not_stale(comfy_page, pictures):
+    """x fed by a link, y typed past the bottom edge: the run moves y to the last row. The y widget keeps
+    what it asked (one coordinate is not adopted beside a linked one), yet the picker shows the pixel
+    the run used, its thumbnails are not stale, and a thumbnail click chooses a mask."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page)
+    sel = picker_selector(node_id)
+    page.evaluate(
+        """([id, y]) => { const node = app.graph.getNodeById(id);
+                          for (const w of node.widgets) if (w.name === 'y') w.value = y;
+                          const p = LiteGraph.createNode('PrimitiveInt'); p.pos = [40, 80]; app.graph.add(p);
+                          p.connect(0, node, node.inputs.findIndex(i => i.name === 'x')); }""",
+        [node_id, H + 100],
+    )
+    synthetic_run(page, node_id, name, (W, H), (5, H - 1), masks=3, asked=(5, H + 100))
+    settle(page)
+    assert page.evaluate(JS_WIDGETS, node_id)["y"] == H + 100
+    assert not page.evaluate("(sel) => document.querySelector(sel + ' .headseg-strip').classList.contains('headseg-stale')", sel)
+    assert page.eval_on_selector(sel + " .headseg-marker", "m => m.style.display") == "block"
+    info = page.text_content(sel + " .headseg-info")
+    assert f"x 5, y {H - 1}" in info and "queue" not in info
+    page.query_selector_all(sel + " .headseg-thumb")[1].click()
+    settle(page, 250)
+    assert page.evaluate(JS_WIDGETS, node_id)["index"] == 1
+    assert comfy_page.pack_problems() == []
+
+
 def test_picker_comes_back_when_the_node_is_rebuilt(comfy_page, pictures):
     """Undo rebuilds the nodes from the saved graph (loadGraphData without clearing outputs): the
     picker restores its last run from the outputs ComfyUI keeps, as ComfyUI's own previews do,
