@@ -677,7 +677,8 @@ class MaskSelectAtPixel(io.ComfyNode):
                     "pixels of the masks' grid; scale a pixel of a larger picture to it first.",
                     *asked, W, H, w, h, x, y,
                 )
-            if not cropped and (h, w) != (H, W) and max(w * H, h * W) / min(w * H, h * W) > 1.01:
+            stretched = not cropped and (h, w) != (H, W) and max(w * H, h * W) / min(w * H, h * W) > 1.01
+            if stretched and _first_time((w, h, W, H)):  # once per pair of sizes, not at every click
                 log.warning(
                     "HeadSeg Mask Select: the %dx%d image has another aspect ratio than the masks' %dx%d grid, so "
                     "the picture and the overlays are stretched to the grid; the image is probably the picture "
@@ -736,6 +737,20 @@ class MaskSelectAtPixel(io.ComfyNode):
             ],
         }
         return io.NodeOutput(chosen, stack, overlay, count, ui=ui)
+
+
+# (picture w, h, grid W, H) of the stretched pictures Mask Select has warned about (at most 64 kept)
+_stretch_warned: set[tuple] = set()
+
+
+def _first_time(sizes: tuple) -> bool:
+    """True the first time Mask Select stretches a picture of these sizes since the server started."""
+    if sizes in _stretch_warned:
+        return False
+    if len(_stretch_warned) >= 64:
+        _stretch_warned.clear()
+    _stretch_warned.add(sizes)
+    return True
 
 
 # The browser's mask thumbnails (and the overlay shown on hover) are written at no more than this many

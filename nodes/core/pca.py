@@ -194,20 +194,18 @@ def recording_pca(rec: Recording, components: int = 8) -> HeadFeatures:
     for key, t in rec.layers.items():
         components = _check_components(components, int(t.shape[-1]), where=f" of layer {key.name}")
 
+    out_of_range = {}  # key -> [] bool tensor, read once for all layers (one host round trip on a GPU)
+
     def finish(key: LayerKey, scores: torch.Tensor) -> torch.Tensor:
-        """[B*heads, N, c] scores -> [B, heads, h, w, c] float32, or a ValueError naming the layer."""
+        """[B*heads, N, c] scores -> [B, heads, h, w, c] float32; notes whether they left float32's range."""
         B, heads, h, w, d = rec.layers[key].shape
         out = scores.reshape(B, heads, h, w, components).to(torch.float32)  # [B, heads, h, w, c]
         # a head beyond float32's range overflows, or a float64 one underflows to zeros; a float32 head near
         # float32's limit can overflow too: a score adds up to d centred values
-        lost = False
+        bad = ~torch.isfinite(out).all()  # []
         if scores.dtype == torch.float64:
-            lost = bool((scores.reshape(B * heads, -1).any(1) & ~out.reshape(B * heads, -1).any(1)).any())
-        if lost or not bool(torch.isfinite(out).all()):
-            raise ValueError(
-                f"Recording: layer {key!s} has values whose principal-component scores lie beyond float32's "
-                "range (features are float32): scale it into about 1e-36 .. 1e36"
-            )
+            bad = bad | (scores.reshape(B * heads, -1).any(1) & ~out.reshape(B * heads, -1).any(1)).any()
+        out_of_range[key] = bad
         return out
 
     def reduce(key: LayerKey) -> torch.Tensor:
@@ -232,7 +230,14 @@ def recording_pca(rec: Recording, components: int = 8) -> HeadFeatures:
                     reduced = dict(zip(keys, pool.map(reduce, keys)))
             else:
                 reduced = {key: reduce(key) for key in keys}
-    layers = {key: reduced[key] for key in rec.layers}  # the recording's layer order
+    keys = list(rec.layers)  # the recording's layer order: the first layer out of range is named
+    for key, bad in zip(keys, torch.stack([out_of_range[key] for key in keys]).tolist()):
+        if bad:
+            raise ValueError(
+                f"Recording: layer {key!s} has values whose principal-component scores lie beyond float32's "
+                "range (features are float32): scale it into about 1e-36 .. 1e36"
+            )
+    layers = {key: reduced[key] for key in keys}
     return HeadFeatures(layers, tuple(rec.image_size), components)
 
 

@@ -443,8 +443,9 @@ def test_pixel_past_the_grid_is_the_nearest_pixel_of_it(nodes, recording, caplog
 
 def test_picture_of_another_aspect_ratio_is_stretched_with_a_log_line(nodes, recording, caplog):
     """A picture of another aspect ratio than the masks (more than 1 % off) is stretched, and the log says
-    so: it is most likely the unscaled photo. Same ratio, VAE Encode's crop (up to 7 px larger) and a
-    ratio within 1 % are silent."""
+    so, once per pair of sizes (not at every click in the picker): it is most likely the unscaled photo.
+    Same ratio, VAE Encode's crop (up to 7 px larger) and a ratio within 1 % are silent."""
+    nodes._stretch_warned.clear()
     masks = masks_of(nodes, recording, "2")
     for h, w, warned in [
         (H, W, False),
@@ -469,6 +470,10 @@ def test_picture_of_another_aspect_ratio_is_stretched_with_a_log_line(nodes, rec
             "the picture and the overlays are stretched to the grid; the image is probably the picture before "
             "it was scaled to the sampled size: connect the scaled one (or the decoded image)."
         ], (h, w, said)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="HeadSeg"):
+            nodes.MaskSelectAtPixel.execute(masks, 6, 5, 0, image=torch.rand(1, h, w, 3))  # a second click
+        assert caplog.records == []
 
 
 def test_error_map_of_a_large_image_is_computed_at_a_lattice():
