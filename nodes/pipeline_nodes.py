@@ -389,7 +389,12 @@ class MultiKMeans(io.ComfyNode):
 
         _expect(stack, core_upsample.FeatureStack, "stack", "HEADSEG_FEATURE_STACK from Upsample")
         counts = core_kmeans.parse_cluster_counts(cluster_counts)
-        bar = comfy.utils.ProgressBar(len(counts))
+        from comfy_execution.utils import get_executing_context
+
+        # the sweep reports progress from its worker threads, where ComfyUI's executing context (a
+        # context variable) is not set: the bar names this node itself
+        context = get_executing_context()
+        bar = comfy.utils.ProgressBar(len(counts), node_id=context.node_id if context is not None else None)
 
         def sweep_on(dev: torch.device) -> core_kmeans.ClusterSweep:
             # only the small native-grid features go to the GPU; ComfyUI caches the sweep, so it lives on the CPU

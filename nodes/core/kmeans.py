@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -90,6 +91,9 @@ _BATCHED_DEVICES = ("cuda",)
 # Lattices of at least this many pixels use all intra-op threads; everything smaller runs on one
 # (waking a second thread for each small product costs more than it saves).
 _PARALLEL_MIN_POINTS = 1 << 17
+# Progress units of one (image, k): the working set and its finalists, the polish on the coarser
+# lattice, the polish on the full image (the last two together when the image is small).
+STAGES = 3
 
 
 @contextmanager
@@ -506,10 +510,11 @@ class _Image:
     sample of output pixels with their explicit features (an unbiased sample of the full problem).
     """
 
-    def __init__(self, stack: FeatureStack, b: int, check=no_check):
+    def __init__(self, stack: FeatureStack, b: int, check=no_check, advance=None):
         H, W = stack.size
         self.size = (H, W)
         self.check = check  # called at every k-means++ step and Lloyd iteration; raises to stop
+        self.advance = advance or (lambda units: None)  # advance(units): stages done (STAGES per k)
         # Features whose largest |value| lies outside 2**-SCALE_EXP .. 2**SCALE_EXP (recording.py) are
         # scaled by an exact power of two (in float64, before float32), so that squared distances
         # neither underflow nor overflow float32; centroids and inertia are scaled back, labels unchanged.
@@ -654,6 +659,7 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
         scores = best.sum(1, dtype=torch.float64).tolist()
         pick = scores.index(min(scores))
         assigned = labels[pick], best[pick]  # the first assignment of the polish when it starts on the scoring lattice
+    img.advance(1)  # stage 1 of STAGES: the working set and its finalists
     centroids, iters = cands[pick], finalists[pick].iters
     X, xx = ws.X, ws.xx
     total_sq, full_var = full.moments()  # float64 products over the native grids, once per image
@@ -664,6 +670,7 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
             first = assigned if i == img.scoring_rung() else None
             labels, centroids, score, it = lat.lloyd(centroids, max_iter, tol * full_var, X, xx, scale, first, img.check)
         iters += it
+        img.advance(STAGES - len(img.polish_rungs()) if i == img.last else 1)  # stages 2 and 3: the polish
     return _finish(img, k, labels, centroids, max(0.0, total_sq + float(score.double().sum())), iters)
 
 
@@ -717,6 +724,7 @@ def _sweep_image_batched(img: _Image, ks: list[int], seed: int, max_iter: int, t
             mine = scores[first : first + cands[k].shape[0]]
             pick[k] = mine.index(min(mine))
             first += len(mine)
+    img.advance(len(ks))  # stage 1 of every k
     centroids = torch.cat([cands[k][pick[k]] for k in ks])  # [K, C] packed
     iters = torch.tensor([ws_iters[k][pick[k]] for k in ks], device=img.device)  # [R]
     refill = [(ws_of[k].X, ws_of[k].xx) for k in ks]
@@ -726,6 +734,7 @@ def _sweep_image_batched(img: _Image, ks: list[int], seed: int, max_iter: int, t
         scale = total_sq * lat.num_pixels / full.num_pixels  # estimate on a sub-lattice
         labels, centroids, best, it = lat.lloyd(centroids, ks, max_iter, tol * full_var, _RTOL, scale, refill, img.check)
         iters = iters + it
+        img.advance(len(ks) * (STAGES - len(img.polish_rungs()) if i == img.last else 1))
     inertia = (total_sq + best.sum(1, dtype=torch.float64)).clamp_min(0.0).tolist()  # [R]
     iters = iters.tolist()
     return {
@@ -829,8 +838,8 @@ class _StopCheck:
 def _sweep(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: float, progress=None, check=no_check):
     """Every image, every k -> {k: KMeansResult}. On a device of _BATCHED_DEVICES all k of an image
     run at once (_sweep_image_batched); elsewhere one k at a time on worker threads (_sweep_threads).
-    progress(done, total) after each (image, k). check() at every k-means++ step and Lloyd iteration
-    of every k: what it or progress raises stops the sweep and comes out of it (ComfyUI's progress
+    progress(done, total) as each of the STAGES of each (image, k) ends. check() at every k-means++ step
+    and Lloyd iteration of every k: what it or progress raises stops the sweep and comes out of it (ComfyUI's progress
     hook checks its interrupt flag too, and clears it as it raises)."""
     stop = _StopCheck(check)
 
@@ -854,13 +863,15 @@ def _sweep_all(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol
     device = stack.grids[0].device
     out = {k: ([], [], []) for k in ks}
     iters = {k: 0 for k in ks}
-    done, total = 0, B * len(ks)
+    done, total, lock = 0, B * len(ks) * STAGES, threading.Lock()
 
-    def tick():
+    def advance(units: int) -> None:  # from the workers too: one progress call at a time
         nonlocal done
-        done += 1
+        check()  # a stage's end is a check point too: nothing is reported once the sweep is stopped
         if progress is not None:
-            progress(done, total)
+            with lock:
+                done += units
+                progress(done, total)
 
     def collect(k, result):
         labels, centroids, inertia, it = result
@@ -872,11 +883,10 @@ def _sweep_all(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol
     with full_float32_matmul():
         if device.type in _BATCHED_DEVICES:
             for b in range(B):
-                for k, result in _sweep_image_batched(_Image(stack, b, check), ks, seed, max_iter, tol).items():
+                for k, result in _sweep_image_batched(_Image(stack, b, check, advance), ks, seed, max_iter, tol).items():
                     collect(k, result)
-                    tick()
         else:
-            _sweep_threads(stack, ks, seed, max_iter, tol, collect, tick, check)
+            _sweep_threads(stack, ks, seed, max_iter, tol, collect, advance, check)
     return {
         k: KMeansResult(
             k=k,
@@ -890,10 +900,10 @@ def _sweep_all(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol
 
 
 def _sweep_threads(
-    stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: float, collect, tick, check=no_check
+    stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: float, collect, advance=None, check=no_check
 ) -> None:
-    """Every image, every k, one k at a time: tick() as each (image, k) finishes, collect(k, result)
-    image by image, k ascending within an image. With several intra-op threads and several k, the k of an image run at once on worker
+    """Every image, every k, one k at a time: advance(units) as the stages of each (image, k) end
+    (on the worker threads), collect(k, result) image by image, k ascending within an image. With several intra-op threads and several k, the k of an image run at once on worker
     threads (largest k first), each on one intra-op thread, or on an equal share of them for images
     of at least _PARALLEL_MIN_POINTS pixels. Results depend on the number of threads only for such
     large images when their k get several threads each (a single k, or more threads than k): their
@@ -905,7 +915,7 @@ def _sweep_threads(
     share = max(1, threads // workers) if H * W >= _PARALLEL_MIN_POINTS else 1  # intra-op threads per worker
     try:
         for b in range(stack.batch_size):
-            img = _Image(stack, b, check)  # grids and interpolation matrices
+            img = _Image(stack, b, check, advance)  # grids and interpolation matrices
             with _threads(1):
                 _prepare(img, ks, seed, pool)  # the shared parts: working set, lattices, moments
             with _threads(1 if pool is None else share):
@@ -917,10 +927,7 @@ def _sweep_threads(
                         for k in sorted(ks, reverse=True)
                     }
                     results = ((futures[f], f.result()) for f in as_completed(futures))
-                got = {}
-                for k, result in results:
-                    got[k] = result
-                    tick()
+                got = dict(results)
             for k in ks:
                 collect(k, got[k])
     finally:
@@ -987,7 +994,9 @@ def multi_kmeans(
 ) -> ClusterSweep:
     """FeatureStack -> ClusterSweep: k-means for every k of ``cluster_counts`` (list or "2,5,6,10,20").
 
-    progress(done, total) is called after each (image, k). check() is called at every k-means++ step
+    progress(done, total) is called as each of the STAGES (3) of each (image, k) ends, one call at a time
+    (from worker threads on a CPU): the working set, the polish on a coarser lattice, the polish on the
+    full image; ``total`` = images x cluster counts x 3. check() is called at every k-means++ step
     and Lloyd iteration of every k, on the sweep's threads: an exception it raises (e.g. ComfyUI's
     interrupt) stops every k at its next step and comes out of multi_kmeans.
     """

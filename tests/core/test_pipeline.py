@@ -147,7 +147,7 @@ def test_every_option_reaches_its_stage_for_every_image():
     calls = []
     out = segment(rec, components=4, cluster_counts=(2, 5), seed=3, reweight=True, iou_threshold=0.5,
                   min_area=0.1, progress=lambda done, total: calls.append((done, total)))
-    assert calls[-1] == (4, 4) and len(calls) == 4  # 2 images x 2 k
+    assert calls[-1] == (12, 12) and len(calls) == 8  # 2 images x 2 k x 3 stages, the last two at once at 64 x 64
     assert out.stack.weights != [1.0] * len(out.stack.weights)  # reweight reached the stack
     again = multi_kmeans(out.stack, (2, 5), seed=3)
     assert all(torch.equal(out.sweep.results[k].labels, again.results[k].labels) for k in (2, 5))

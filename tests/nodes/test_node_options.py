@@ -72,6 +72,33 @@ def test_multi_kmeans_stops_when_the_run_is_cancelled(nodes, monkeypatch):
     assert not mm.processing_interrupted() and len(asked) >= 5
 
 
+def test_multi_kmeans_progress_names_its_node_from_the_worker_threads(nodes, monkeypatch):
+    """The k run on worker threads, where ComfyUI's executing context is not set: the progress bar
+    still names the node, and counts 3 stages per k up to its total."""
+    import threading
+
+    import comfy.utils
+    from comfy_execution.utils import CurrentNodeContext
+
+    stack = FeatureStack([torch.randn(1, 6, 12, 16, generator=torch.Generator().manual_seed(0))], [1.0], [[]], (48, 64), "bilinear")
+    seen = []
+
+    def hook(value, total, preview, node_id=None):
+        seen.append((value, total, node_id, threading.current_thread() is threading.main_thread()))
+
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with CurrentNodeContext("prompt-1", "17"):
+            nodes.MultiKMeans.execute(stack, "2,3,7", 0, "cpu")
+    finally:
+        torch.set_num_threads(before)
+    assert seen[-1][:2] == (9, 9) and [v for v, *_ in seen] == sorted(v for v, *_ in seen)
+    assert {node for _, _, node, _ in seen} == {"17"}
+    assert not all(main for *_, main in seen)  # some came from the workers
+
+
 def test_multi_kmeans_colour_maps_are_k_major(nodes, feats):
     sweep, images = nodes.MultiKMeans.execute(make_feature_stack(feats), "2,3", 0, "cpu").args
     B = 2
