@@ -339,8 +339,8 @@ class MultiKMeans(io.ComfyNode):
                         f"Comma-separated cluster counts k (each from 1 to {core_kmeans.MAX_CLUSTERS}, and at most "
                         "the number of cells of the finest token grid; together at most "
                         f"{core_kmeans.MAX_TOTAL_CLUSTERS}). Small k: coarse regions; large k: small parts, slower "
-                        "and one mask per cluster (on a 2-core CPU at 512x512, k = 20 takes about 0.1 s and "
-                        "k = 256 from about 4 s to 45 s, as the features need more or fewer iterations; "
+                        "and one mask per cluster (on a 2-core CPU at 512x512, k = 20 takes 0.1 - 0.2 s and "
+                        "k = 256 from about 4 - 5 s to 45 s, as the features need more or fewer iterations; "
                         "Cancel stops it within one iteration)."
                     ),
                 ),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 
 from comfy_api.latest import io
 
@@ -59,14 +60,36 @@ def _path_inside(full: str, folders: list[str]) -> str | None:
     return written if any(_is_within(written, base) for base in bases) else None
 
 
+# ComfyUI asks for the node's inputs several times while it checks one prompt, and every time the
+# web page loads: a listing is used again for this many seconds (a linked shared drive can take
+# seconds to walk). Save Recording forgets it, so its own files show up at once.
+_LISTING_SECONDS = 2.0
+_listing: dict = {}  # "key": (input folder, output folder), "at": time.monotonic(), "files": [...]
+
+
+def forget_listing() -> None:
+    """The next _recording_files() walks the folders again."""
+    _listing.clear()
+
+
 def _recording_files() -> list[str]:
     """Recording files (.safetensors with headseg-recording/1 metadata) under the input folder, then
     those under the output folder (annotated); model files and other safetensors are left out. Linked
-    files and folders are listed like the others, wherever they lead (as Load Image lists them)."""
+    files and folders are listed like the others, wherever they lead (as Load Image lists them). The
+    same list for _LISTING_SECONDS after a walk."""
     import folder_paths
 
+    key = (folder_paths.get_input_directory(), folder_paths.get_output_directory())
+    if _listing.get("key") == key and time.monotonic() - _listing["at"] < _LISTING_SECONDS:
+        return list(_listing["files"])
+    found = _walk_recording_files(*key)
+    _listing.update(key=key, at=time.monotonic(), files=found)
+    return list(found)
+
+
+def _walk_recording_files(input_dir: str, output_dir: str) -> list[str]:
     found = []
-    for base, suffix in ((folder_paths.get_input_directory(), ""), (folder_paths.get_output_directory(), OUTPUT_MARK)):
+    for base, suffix in ((input_dir, ""), (output_dir, OUTPUT_MARK)):
         if not os.path.isdir(base):
             continue
         real_base = os.path.realpath(base)
@@ -229,6 +252,7 @@ class SaveRecording(io.ComfyNode):
             full = os.path.join(folder, filename)
             os.makedirs(folder, exist_ok=True)
             save_recording(rec, full, name="recording")
+            forget_listing()  # the new file is listed at the next page load
         except (ValueError, TypeError):  # named by save_recording (e.g. recording: values beyond float16)
             raise
         except Exception as exc:  # OSError, safetensors' own error wrapping one, or ComfyUI's refusal
@@ -301,8 +325,8 @@ class LoadRecording(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, file, path="") -> bool | str:
         # Values linked from other nodes are None here; every value is checked again at run time. Only
-        # where a value points is checked, not whether the file exists: the list is computed when the
-        # server starts, and files saved since are accepted.
+        # where a value points is checked, not whether the file exists: the web page's list may be older
+        # than the folder (it is made when the page loads), and files saved since are accepted.
         try:
             # file is read only when path is blank; a linked path (None here) may override it at run time
             blank = path is not None and _override_path(path) is None

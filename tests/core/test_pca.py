@@ -254,6 +254,25 @@ def test_float32_head_whose_scores_overflow_is_refused_naming_the_layer():
     assert bool(torch.isfinite(scores).all()) and float(scores.abs().max()) > 1e37
 
 
+def test_of_several_layers_out_of_range_the_first_in_recording_order_is_named():
+    """The layers run on worker threads and their range is read once at the end: the layer named is
+    the first of the recording, not the first to finish."""
+    gen = torch.Generator().manual_seed(1)
+    signs = lambda: torch.randint(0, 2, (1, 2, 8, 8, 64), generator=gen).float() * 2 - 1  # noqa: E731
+    layers = {
+        LayerKey("output", 9, 0): signs() * 1e38,
+        LayerKey("input", 1, 0): torch.randn(1, 2, 8, 8, 64, generator=gen),
+        LayerKey("input", 2, 0): signs() * 1e38,
+    }
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(ValueError, match=r"^Recording: layer input\.2\.0 has values whose"):
+            recording_pca(Recording(layers, (64, 64)), 3)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("factor", [1e-300, 1e-50])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_one_float64_head_below_float32_in_a_normal_layer_is_refused(factor, batch):

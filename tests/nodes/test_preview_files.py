@@ -53,11 +53,13 @@ def test_the_last_sixteen_pictures_used_are_kept(utils, comfy_folders):
 
 
 @pytest.mark.parametrize("B", [1, 2, 5, 13])
-def test_a_batch_is_written_one_file_per_picture_in_order(utils, comfy_folders, B):
+def test_a_batch_is_written_one_file_per_picture_in_order(utils, comfy_folders, B, monkeypatch):
     """The pictures of a batch are written on several threads: every ref names its own file, and the
     file holds that picture's bytes (as ComfyUI writes them: clip(255 x) cut to an integer)."""
     import numpy as np
     from PIL import Image
+
+    monkeypatch.setattr(utils.os, "cpu_count", lambda: 4)  # the threaded path on any machine
 
     pictures = torch.rand(B, 9, 7, 3, generator=torch.Generator().manual_seed(B))  # [B, 9, 7, 3]
     refs = utils.preview_refs(pictures)
@@ -76,6 +78,7 @@ def test_batches_with_the_same_random_prefix_keep_every_picture(utils, comfy_fol
     from PIL import Image
 
     monkeypatch.setattr(utils.secrets, "token_hex", lambda n: "same")
+    monkeypatch.setattr(utils.os, "cpu_count", lambda: 4)  # the threaded path on any machine
     batches = [torch.rand(4, 5, 6, 3, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
     refs = [utils.preview_refs(pictures) for pictures in batches]
     names = {r["filename"] for part in refs for r in part}

@@ -13,11 +13,14 @@ from headseg.tests.core.planted import nested_scene, planted_recording, small_la
 pytestmark = pytest.mark.comfy
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def io_nodes():
+    """The module, its file list walked afresh for each test (tests add files between listings)."""
     from headseg.nodes import recording_io_nodes
 
-    return recording_io_nodes
+    recording_io_nodes.forget_listing()
+    yield recording_io_nodes
+    recording_io_nodes.forget_listing()
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +191,27 @@ def test_file_list_is_sorted_and_survives_a_missing_input_folder(io_nodes, recor
     listed = io_nodes._recording_files()
     assert listed == sorted(listed) and len(listed) == 5
     shutil.rmtree(comfy_folders["input"])
+    io_nodes.forget_listing()
     assert io_nodes._recording_files() == listed  # the output folder's files are still offered
+
+
+def test_the_file_list_is_walked_once_per_moment_and_save_recording_renews_it(io_nodes, recording, comfy_folders, monkeypatch):
+    """ComfyUI asks for the inputs several times while it checks one prompt: a walk (seconds on a large
+    linked drive) is used again for 2 s; after that, or once Save Recording wrote a file, it is redone."""
+    now = [1000.0]
+    monkeypatch.setattr(io_nodes.time, "monotonic", lambda: now[0])
+    walks = []
+    real = io_nodes._walk_recording_files
+    monkeypatch.setattr(io_nodes, "_walk_recording_files", lambda *a: walks.append(a) or real(*a))
+    io_nodes.SaveRecording.execute(recording, "first")
+    first = io_nodes._recording_files()
+    _saved_at(recording, comfy_folders["input"] / "dropped-in.safetensors")  # copied in by hand
+    now[0] += 1.0
+    assert io_nodes._recording_files() == first and len(walks) == 1  # the same moment: not walked again
+    now[0] += 1.5
+    assert "dropped-in.safetensors" in io_nodes._recording_files() and len(walks) == 2
+    io_nodes.SaveRecording.execute(recording, "second")
+    assert any(name.startswith("second") for name in io_nodes._recording_files()) and len(walks) == 3
 
 
 def test_path_may_start_with_home_and_carry_spaces(io_nodes, recording, comfy_folders, monkeypatch):
@@ -362,6 +385,15 @@ def test_a_set_path_overrides_a_stale_file_at_validation(io_nodes, recording, co
     assert io_nodes.LoadRecording.validate_inputs("../gone.safetensors", "a.safetensors") is True
     assert io_nodes.LoadRecording.validate_inputs("../gone.safetensors", None) is True  # a linked path: checked at run time
     assert io_nodes.LoadRecording.validate_inputs("../gone.safetensors", "").startswith("file: expected a file inside")
+
+
+def test_folders_are_compared_with_the_file_systems_case_rule(io_nodes, comfy_folders, monkeypatch):
+    """Where the file system folds case (Windows: os.path.normcase lowers it), C:/ComfyUI/Input/x is inside
+    c:/comfyui/input; on Linux, where case matters, it is not."""
+    other_case = str(comfy_folders["input"]).upper() + "/x.safetensors"
+    assert io_nodes.LoadRecording.validate_inputs("", other_case).startswith("path: expected a file inside")
+    monkeypatch.setattr(io_nodes.os.path, "normcase", str.lower)
+    assert io_nodes.LoadRecording.validate_inputs("", other_case) is True
 
 
 def test_a_name_with_a_nul_character_is_named(io_nodes):
