@@ -106,7 +106,8 @@ def test_multi_kmeans_shows_every_k(workflow_runs):
 
 
 def test_progress_bar_over_the_k_sweep(workflow_runs):
-    """At least one run executed Multi K-Means (not from cache) and reported progress to len(k)."""
+    """At least one run executed Multi K-Means (not from cache) and reported progress in 3 stages per k,
+    counting up to 3 x len(k), to this node (the stages end on worker threads)."""
     reports = []
     for api, result in workflow_runs.values():
         for nid in nodes_of(api, "HeadSeg_MultiKMeans"):
@@ -115,7 +116,8 @@ def test_progress_bar_over_the_k_sweep(workflow_runs):
                 reports.append((result.progress[nid], k))
     assert reports, "no progress message from HeadSeg_MultiKMeans"
     for steps, k in reports:
-        assert steps[-1] == (k, k), steps
+        assert steps[-1] == (3 * k, 3 * k), steps
+        assert [done for done, _ in steps] == sorted(done for done, _ in steps), steps
 
 
 def test_templates_are_served(comfy_server):
