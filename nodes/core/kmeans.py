@@ -565,6 +565,11 @@ class _Image:
             first += 1
         return [first, self.last] if first < self.last else [self.last]
 
+    def stages_after(self, i: int) -> int:
+        """Progress stages one k completes with the polish on lattice i: 1, and on the full image the
+        rest of the STAGES (2 when it is the only polish lattice)."""
+        return STAGES - len(self.polish_rungs()) if i == self.last else 1
+
     def scoring_rung(self) -> int:
         """The first lattice with at least _POLISH_MIN_POINTS pixels (the full image if none)."""
         for i, (ny, nx) in enumerate(self.sides):
@@ -670,7 +675,7 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
             first = assigned if i == img.scoring_rung() else None
             labels, centroids, score, it = lat.lloyd(centroids, max_iter, tol * full_var, X, xx, scale, first, img.check)
         iters += it
-        img.advance(STAGES - len(img.polish_rungs()) if i == img.last else 1)  # stages 2 and 3: the polish
+        img.advance(img.stages_after(i))  # stages 2 and 3: the polish
     return _finish(img, k, labels, centroids, max(0.0, total_sq + float(score.double().sum())), iters)
 
 
@@ -734,7 +739,7 @@ def _sweep_image_batched(img: _Image, ks: list[int], seed: int, max_iter: int, t
         scale = total_sq * lat.num_pixels / full.num_pixels  # estimate on a sub-lattice
         labels, centroids, best, it = lat.lloyd(centroids, ks, max_iter, tol * full_var, _RTOL, scale, refill, img.check)
         iters = iters + it
-        img.advance(len(ks) * (STAGES - len(img.polish_rungs()) if i == img.last else 1))
+        img.advance(len(ks) * img.stages_after(i))
     inertia = (total_sq + best.sum(1, dtype=torch.float64)).clamp_min(0.0).tolist()  # [R]
     iters = iters.tolist()
     return {
@@ -818,18 +823,23 @@ class _Stopped(Exception):
 
 
 class _StopCheck:
-    """The caller's check() for every thread of a sweep: once it has raised, every later call raises
-    _Stopped, so that every k stops at its next step even when check() clears its own flag as it
-    raises (ComfyUI's interrupt check does); ``error`` keeps what it raised."""
+    """The caller's check() for every thread of a sweep: once it, or a call made through ``run`` (the
+    progress callback: ComfyUI's progress hook checks the interrupt flag too), has raised, every later
+    call raises _Stopped, so that every k stops at its next step even when the flag was cleared as it
+    raised (ComfyUI's interrupt check clears it); ``error`` keeps what was raised."""
 
     def __init__(self, check):
         self.check, self.error = check, None
 
     def __call__(self) -> None:
+        self.run(self.check)
+
+    def run(self, fn, *args) -> None:
+        """fn(*args), or _Stopped once the sweep is stopped; what fn raises stops the sweep."""
         if self.error is not None:
             raise _Stopped()
         try:
-            self.check()
+            fn(*args)
         except BaseException as exc:
             self.error = exc
             raise
@@ -842,23 +852,14 @@ def _sweep(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: fl
     and Lloyd iteration of every k: what it or progress raises stops the sweep and comes out of it (ComfyUI's progress
     hook checks its interrupt flag too, and clears it as it raises)."""
     stop = _StopCheck(check)
-
-    def report(done: int, total: int) -> None:  # an exception from progress stops every k too
-        try:
-            progress(done, total)
-        except BaseException as exc:
-            if stop.error is None:
-                stop.error = exc
-            raise
-
     try:
-        return _sweep_all(stack, ks, seed, max_iter, tol, report if progress is not None else None, stop)
+        return _sweep_all(stack, ks, seed, max_iter, tol, progress, stop)
     except _Stopped:
         raise stop.error from None  # the caller's own exception, whichever thread saw it first
     finally:
         stop.error = None  # it holds a traceback that holds this frame: no cycle keeps the tensors
 
-def _sweep_all(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: float, progress, check):
+def _sweep_all(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: float, progress, stop: _StopCheck):
     B = stack.batch_size
     device = stack.grids[0].device
     out = {k: ([], [], []) for k in ks}
@@ -867,11 +868,11 @@ def _sweep_all(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol
 
     def advance(units: int) -> None:  # from the workers too: one progress call at a time
         nonlocal done
-        check()  # a stage's end is a check point too: nothing is reported once the sweep is stopped
+        stop()  # a stage's end is a check point too: nothing is reported once the sweep is stopped
         if progress is not None:
             with lock:
                 done += units
-                progress(done, total)
+                stop.run(progress, done, total)  # what progress raises stops every k too
 
     def collect(k, result):
         labels, centroids, inertia, it = result
@@ -883,10 +884,10 @@ def _sweep_all(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol
     with full_float32_matmul():
         if device.type in _BATCHED_DEVICES:
             for b in range(B):
-                for k, result in _sweep_image_batched(_Image(stack, b, check, advance), ks, seed, max_iter, tol).items():
+                for k, result in _sweep_image_batched(_Image(stack, b, stop, advance), ks, seed, max_iter, tol).items():
                     collect(k, result)
         else:
-            _sweep_threads(stack, ks, seed, max_iter, tol, collect, advance, check)
+            _sweep_threads(stack, ks, seed, max_iter, tol, collect, advance, stop)
     return {
         k: KMeansResult(
             k=k,
