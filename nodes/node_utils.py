@@ -196,8 +196,6 @@ def _write_previews(images: torch.Tensor) -> list[dict]:
     """
     B = images.shape[0]
     workers = min(B, _PNG_THREADS, os.cpu_count() or 1)
-    if workers <= 1:
-        return [dict(r) for r in ui.PreviewImage(images).values]
     prefix = f"ComfyUI_temp_headseg_{secrets.token_hex(4)}"
 
     def write(b: int) -> list:
@@ -205,8 +203,11 @@ def _write_previews(images: torch.Tensor) -> list[dict]:
             images[b : b + 1], filename_prefix=f"{prefix}_{b}", folder_type=ui.FolderType.temp, cls=None, compress_level=1
         )
 
-    with ThreadPoolExecutor(workers, thread_name_prefix="headseg-png") as pool:
-        parts = list(pool.map(write, range(B)))
+    if workers <= 1:
+        parts = [write(b) for b in range(B)]
+    else:
+        with ThreadPoolExecutor(workers, thread_name_prefix="headseg-png") as pool:
+            parts = list(pool.map(write, range(B)))
     return [dict(r) for part in parts for r in part]
 
 
