@@ -8,7 +8,6 @@ never modified (ComfyUI shares cached outputs between nodes and prompts by refer
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 from comfy_api.latest import io
@@ -20,7 +19,7 @@ from .core import pca as core_pca
 from .core import preview as core_preview
 from .core import upsample as core_upsample
 from .core.pca import HeadFeatures
-from .core.recording import MAX_IMAGE_SIDE, parse_levels
+from .core.recording import MAX_IMAGE_SIDE, integer_index, parse_levels
 from .node_utils import (
     DEVICE_CHOICES,
     POSITION_CHOICES,
@@ -544,12 +543,7 @@ def _picture_to_mask_pixel(x: int, y: int, picture_hw, mask_hw, cropped: bool) -
 def _pixel_input(v, name: str, what: str) -> int:
     """x or y as given -> int; ValueError for a negative value (a linked one skips the widget's min) or a
     non-integer (floats, bools, text): those are no pixel to move to the grid."""
-    try:
-        if isinstance(v, bool):
-            raise TypeError
-        i = operator.index(v)
-    except TypeError:
-        i = None
+    i = integer_index(v)
     if i is None or i < 0:
         raise ValueError(f"{name}: expected a pixel {what}, an integer >= 0, got {v!r}")
     return i

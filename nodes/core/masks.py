@@ -10,13 +10,12 @@ masks_at_pixel lists the masks under a pixel from finest to coarsest (paper figu
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 
 import torch
 
 from .kmeans import ClusterSweep
-from .recording import is_int, is_real
+from .recording import integer_index, is_int, is_real
 
 # Pixels per chunk when counting intersections of masks.
 _CHUNK_PIXELS = 1 << 16
@@ -198,12 +197,7 @@ def merge_sweep(sweep: ClusterSweep, batch_index: int, iou_threshold: float = 0.
 
 
 def _pixel_index(v, n: int, name: str, what: str, side: str) -> int:
-    try:
-        if isinstance(v, bool):
-            raise TypeError
-        i = operator.index(v)
-    except TypeError:
-        i = None
+    i = integer_index(v)
     if i is None or not 0 <= i < n:
         raise ValueError(f"{name} must be {what} in [0, {n - 1}] (image {side} {n}), got {v!r}")
     return i

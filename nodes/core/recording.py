@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import math
 import numbers
+import operator
 import os
 import pathlib
 import stat
@@ -32,6 +33,17 @@ _BLOCK_ORDER = {"input": 0, "middle": 1, "output": 2}
 def is_int(value) -> bool:
     """Whether value is an integer: a Python or numpy int, not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def integer_index(value) -> int | None:
+    """value as an int when it is one (a Python, numpy or 0-d torch integer: anything with __index__),
+    else None; bools are not integers here."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def is_real(value) -> bool:
