@@ -18,6 +18,7 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const PICKER_NODE = "HeadSeg_MaskSelectAtPixel";
+const AXES = [["x", 0], ["y", 1]]; // widget name, index in a [x, y] pixel
 const PICKER_WIDGET = "headseg_picker";
 const NOTE_WIDGET = "headseg_note";
 const PICKER_MIN_HEIGHT = 200; // px: picture + info line + thumbnail strip
@@ -377,12 +378,9 @@ class Picker {
    * bottom edge, which the run moved and adoptMappedPixel leaves alone. */
   currentPixel() {
     const ran = this.output?.headseg_pixel;
-    const asked = this.output?.headseg_pixel_asked;
-    const axes = [["x", 0], ["y", 1]];
-    const free = axes.filter(([name]) => !isLinked(this.node, name));
-    const fresh =
-      Array.isArray(ran) && Array.isArray(asked) && ran.length >= 2 && asked.length >= 2 &&
-      free.every(([name, i]) => Number(widget(this.node, name)?.value) === Number(asked[i]));
+    const last = this.lastRunPixels();
+    const free = AXES.filter(([name]) => !isLinked(this.node, name));
+    const fresh = last !== null && this.widgetsHold(free, last.asked);
     const value = (name, i) =>
       isLinked(this.node, name) || fresh
         ? Number(Array.isArray(ran) ? ran[i] : NaN)
@@ -510,14 +508,26 @@ class Picker {
    * from a link, or changed since, the widgets are left alone (one mapped coordinate beside an
    * unmapped one would name another pixel). */
   adoptMappedPixel() {
+    const last = this.lastRunPixels();
+    if (!last) return;
+    const { asked, used } = last;
+    if (AXES.every(([, i]) => Number(asked[i]) === Number(used[i]))) return;
+    if (AXES.some(([name]) => isLinked(this.node, name))) return;
+    if (!this.widgetsHold(AXES, asked)) return;
+    for (const [name, i] of AXES) setWidget(this.node, name, Number(used[i]));
+  }
+
+  /** The last run's {asked, used} pixels ([x, y] each), or null when its payload lacks them. */
+  lastRunPixels() {
     const asked = this.output?.headseg_pixel_asked;
     const used = this.output?.headseg_pixel;
-    if (!Array.isArray(asked) || !Array.isArray(used) || asked.length < 2 || used.length < 2) return;
-    const axes = [["x", 0], ["y", 1]];
-    if (axes.every(([, i]) => Number(asked[i]) === Number(used[i]))) return;
-    if (axes.some(([name]) => isLinked(this.node, name))) return;
-    if (axes.some(([name, i]) => Number(widget(this.node, name)?.value) !== Number(asked[i]))) return;
-    for (const [name, i] of axes) setWidget(this.node, name, Number(used[i]));
+    if (!Array.isArray(asked) || !Array.isArray(used) || asked.length < 2 || used.length < 2) return null;
+    return { asked, used };
+  }
+
+  /** Whether the widgets of these axes still hold the pixel's coordinates. */
+  widgetsHold(axes, pixel) {
+    return axes.every(([name, i]) => Number(widget(this.node, name)?.value) === Number(pixel[i]));
   }
 
   /** A node inside a subgraph gets no onRemoved when the whole workflow is cleared or replaced, or
