@@ -112,6 +112,17 @@ def frame_rect(page, node_id) -> dict:
     )
 
 
+def click_pixel(page, node_id, size, pixel) -> tuple[float, float]:
+    """Clicks the centre of image pixel (x, y) of a W x H picture in the picker, waits for the widgets
+    -> the screen point clicked."""
+    (W, H), (x, y) = size, pixel
+    rect = frame_rect(page, node_id)
+    cx, cy = rect["left"] + (x + 0.5) / W * rect["width"], rect["top"] + (y + 0.5) / H * rect["height"]
+    page.mouse.click(cx, cy)
+    settle(page, 250)
+    return cx, cy
+
+
 def screenshot_rgb(page, hide_marker: bool = True):
     """Screenshot as a PIL image; the pick marker (drawn on the picked pixel) is hidden for it."""
     from PIL import Image
@@ -356,9 +367,7 @@ def test_click_sets_image_pixel(comfy_page, pictures, picture, scale, screenshot
         # the displayed picture keeps the image's aspect ratio (within a screen pixel)
         assert abs(rect["width"] / rect["height"] - W / H) < 2.0 / min(rect["width"], rect["height"]) * (W / H) + 0.02
         assert rect["width"] / W > 1.1, "the test needs more than one screen pixel per image pixel"
-        cx, cy = rect["left"] + (px + 0.5) / W * rect["width"], rect["top"] + (py + 0.5) / H * rect["height"]
-        page.mouse.click(cx, cy)
-        settle(page, 250)
+        cx, cy = click_pixel(page, node_id, (W, H), (px, py))
         values = page.evaluate(JS_WIDGETS, node_id)
         assert (values["x"], values["y"]) == (px, py), (fx, fy, values)
         # What the user sees under the pointer is the pixel the widgets now name.
@@ -429,9 +438,7 @@ def test_picker_degrades_on_other_payloads(comfy_page, pictures):
     page.evaluate("([id, ref]) => app.graph.getNodeById(id).onExecuted({images: [ref, ref, ref]})", [node_id, ref])
     wait_picture_ready(page, node_id)
     assert len(page.query_selector_all(sel + " .headseg-thumb")) == 2
-    rect = frame_rect(page, node_id)
-    page.mouse.click(rect["left"] + (10.5 / W) * rect["width"], rect["top"] + (20.5 / H) * rect["height"])
-    settle(page, 250)
+    click_pixel(page, node_id, (W, H), (10, 20))
     values = page.evaluate(JS_WIDGETS, node_id)
     assert (values["x"], values["y"]) == (10, 20)
     assert comfy_page.pack_problems() == []
@@ -511,9 +518,7 @@ def test_a_pixel_past_the_grid_moved_by_the_run_becomes_the_widgets_pixel_and_st
     thumbs[2].click()
     settle(page, 250)
     assert page.evaluate(JS_WIDGETS, node_id)["index"] == 2
-    rect = frame_rect(page, node_id)
-    page.mouse.click(rect["left"] + (10.5 / W) * rect["width"], rect["top"] + (20.5 / H) * rect["height"])
-    settle(page, 250)
+    click_pixel(page, node_id, (W, H), (10, 20))
     values = page.evaluate(JS_WIDGETS, node_id)
     assert (values["x"], values["y"]) == (10, 20)
     assert comfy_page.pack_problems() == []

@@ -213,8 +213,12 @@ def test_multi_kmeans_gives_the_same_clusters_with_device_omitted_auto_and_cpu_o
     omitted = nodes.MultiKMeans.execute(stack, "2,3,4", 0).args[0]  # prompts saved before the input existed
     for choice in ("auto", "cpu"):
         assert _same_sweep(nodes.MultiKMeans.execute(stack, "2,3,4", 0, choice).args[0], omitted), choice
-    schema = nodes.MultiKMeans.define_schema()
-    (device,) = [i for i in schema.inputs if i.id == "device"]
+    assert_device_input(nodes.MultiKMeans)
+
+
+def assert_device_input(cls):
+    """The node's `device` input: optional (prompts saved before it existed), auto / gpu / cpu, auto first."""
+    (device,) = [i for i in cls.define_schema().inputs if i.id == "device"]
     assert device.optional and device.default == "auto" and list(device.options) == ["auto", "gpu", "cpu"]
 
 
@@ -309,9 +313,7 @@ def test_head_pca_gives_the_same_features_with_device_omitted_auto_and_cpu_on_a_
     for choice in ("auto", "cpu"):
         got = nodes.HeadPCA.execute(recording, "down+up", "all", 3, None, choice).args[0]
         assert _same_features(got, omitted), choice
-    schema = nodes.HeadPCA.define_schema()
-    (device,) = [i for i in schema.inputs if i.id == "device"]
-    assert device.optional and device.default == "auto" and list(device.options) == ["auto", "gpu", "cpu"]
+    assert_device_input(nodes.HeadPCA)
 
 
 def test_head_pca_on_gpu_without_one_names_the_input(nodes, recording, comfy_device):
