@@ -54,7 +54,7 @@ def _path_inside(full: str, folders: list[str]) -> str | None:
     about what exists outside."""
     try:
         written = os.path.abspath(full)
-    except ValueError:  # e.g. a NUL character in the name
+    except ValueError:  # a name the platform cannot take (Windows refuses some; NUL is refused before)
         return None
     bases = [os.path.abspath(f) for f in folders] + [os.path.realpath(f) for f in folders]  # a folder may be a link
     return written if any(_is_within(written, base) for base in bases) else None
@@ -133,13 +133,13 @@ def _file_path(file) -> str | None:
     name, folder = folder_paths.annotated_filepath(_text(file, "file", "a file name"))
     folder = folder or folder_paths.get_input_directory()
     allowed = [folder_paths.get_input_directory(), folder_paths.get_output_directory()]
-    real = _path_inside(os.path.join(folder, name), [folder]) if folder in allowed else None
-    if real is None:
+    inside = _path_inside(os.path.join(folder, name), [folder]) if folder in allowed else None
+    if inside is None:
         raise ValueError(
             f"file: expected a file inside ComfyUI's input folder, or the output folder when marked "
             f"'{OUTPUT_MARK}', got {file!r}"
         )
-    return real
+    return inside
 
 
 def _override_path(path) -> str | None:
@@ -157,13 +157,13 @@ def _override_path(path) -> str | None:
         full = os.path.expanduser(path)
         if not os.path.isabs(full):
             full = folder_paths.get_annotated_filepath(full)
-    except ValueError:  # e.g. a NUL character in '~user'
+    except ValueError:  # a '~user' the user database cannot encode (NUL is refused before)
         full = None
     folders = [folder_paths.get_directory_by_type(kind) for kind in ("input", "output", "temp")]
-    real = _path_inside(full, folders) if full is not None else None
-    if real is None:
+    inside = _path_inside(full, folders) if full is not None else None
+    if inside is None:
         raise ValueError(f"path: expected a file inside ComfyUI's input, output or temp folder, got {path!r}")
-    return real
+    return inside
 
 
 def _resolve(file, path) -> str:
