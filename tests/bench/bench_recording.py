@@ -2,6 +2,7 @@
 
     source tests/setup_env.sh && $PY tests/bench/bench_recording.py [--runs 7] [--steps 10] [--latent 32]
                                                                     [--threads 1] [--full-forward 512]
+                                                                    [--full-size sd21 sdxl --device cuda]
 
 1. Overhead: the tiny SD2-layout UNet (tests/support/tiny_unets.py) sampled on the CPU through
    comfy.sample.sample, same model, seed and conditioning, plain and recorded runs interleaved;
@@ -45,12 +46,13 @@ SDXL = {  # ComfyUI's SDXL base UNet config
 }
 
 
-def setup_comfy():
-    """The checkout as package ``headseg`` (as tests/conftest.py does), then ComfyUI in-process on the CPU."""
+def setup_comfy(cpu: bool = True):
+    """The checkout as package ``headseg`` (as tests/conftest.py does), then ComfyUI in-process, on the
+    CPU unless ``cpu`` is False (then on the device ComfyUI picks when it serves)."""
     runpy.run_path(str(REPO / "tests" / "support" / "checkout.py"))["import_checkout"]()
     from headseg.tests.support.comfy_in_process import import_comfyui
 
-    if not import_comfyui():
+    if not import_comfyui(cpu=cpu):
         sys.exit("HEADSEG_COMFYUI is not set: source tests/setup_env.sh first")
 
 
@@ -123,6 +125,143 @@ def bench_overhead(runs: int, steps: int, latent: int, batch: int):
         oc = "—" if name == "plain" else f"{100 * (c / base_cpu - 1):+.1f} %"
         ins = "—" if name.startswith("plain") else f"{100 * statistics.median(spent[name]):.2f} %"
         print(f"| {name} | {w:.3f} | {min(wall[name]):.3f} | {ow} | {c:.3f} | {oc} | {ins} |")
+
+
+# ------------------------------------------------------------------------------------------ full size
+def full_size_model(name: str, device, dtype, seed: int = 0):
+    """-> (ModelPatcher of a full-size UNet with random weights on ``device``, positive, negative, latent
+    [1, 4, h, w]): "sd21" (SD2.1 v-prediction at 512x512) or "sdxl" (SDXL base at 1024x1024)."""
+    import torch
+
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    if name == "sd21":
+        config = comfy.supported_models.SD20(dict(SD21))
+        make, model_type, size, context, pooled = comfy.model_base.BaseModel, "V_PREDICTION", 512, 1024, None
+    else:
+        config = comfy.supported_models.SDXL(dict(SDXL))
+        make, model_type, size, context, pooled = comfy.model_base.SDXL, "EPS", 1024, 2048, 1280
+    config.set_inference_dtype(dtype, None)
+    model = make(config, model_type=getattr(comfy.model_base.ModelType, model_type), device=device)
+    g = torch.Generator(device=device).manual_seed(seed)  # weights drawn where they live: seconds, not minutes
+    with torch.no_grad():
+        for pname, p in model.diffusion_model.named_parameters():
+            if p.numel() == 0:
+                continue
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g, device=device) / math.sqrt(p[0].numel()))
+            else:
+                scale, base = (0.1, 1.0) if pname.endswith("weight") else (0.05, 0.0)
+                p.copy_(base + scale * torch.randn(p.shape, generator=g, device=device))
+    model.eval()
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+    gc = torch.Generator().manual_seed(seed + 1)
+
+    def cond():
+        extra = {} if pooled is None else {"pooled_output": torch.randn((1, pooled), generator=gc), "width": size,
+                                           "height": size}
+        return [[torch.randn((1, 77, context), generator=gc), extra]]
+
+    return patcher, cond(), cond(), torch.zeros((1, 4, size // 8, size // 8))
+
+
+def _attending_patch(patcher):
+    """A clone of ``patcher`` whose self-attention layers run through ComfyUI's attn1 replace path with a
+    patch that calls ComfyUI's attention and nothing else, as HeadSeg's does before it records."""
+    import comfy.ldm.modules.attention as attention
+
+    from headseg.nodes import recorder
+
+    def attend(q, k, v, extra):
+        return attention.optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"),
+                                             transformer_options=extra)
+
+    clone = patcher.clone()
+    for layer in recorder.find_self_attention_layers(patcher.get_model_object("diffusion_model")):
+        clone.set_model_attn1_replace(attend, layer.key.block, layer.key.number, layer.key.depth)
+    return clone
+
+
+def bench_full_size(names: list[str], device_name: str, runs: int, steps: int):
+    """Sampling time and peak device memory of full-size UNets (random weights, float16 on a GPU),
+    plain against recorded, runs interleaved; and how far the recorded runs' latents are from a plain
+    run's, next to how far a second plain run's are."""
+    import torch
+
+    import comfy.model_management
+    import comfy.sample
+
+    from headseg.nodes import recorder
+
+    device = torch.device(device_name) if device_name else comfy.model_management.get_torch_device()
+    gpu = device.type == "cuda"
+    dtype = torch.float16 if gpu else torch.float32
+    what = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} thread(s)"
+
+    def sync():
+        if gpu:
+            torch.cuda.synchronize(device)
+
+    for name in names:
+        patcher, pos, neg, latent = full_size_model(name, device, dtype)
+        variants = {
+            "plain": (patcher, None),
+            "plain again (noise floor)": (patcher, None),
+            "an attn1 replace patch that only attends (no HeadSeg)": (_attending_patch(patcher), None),
+        }
+        for mode in ("last", "mean"):
+            variants[f"recording, steps={mode}"] = recorder.attach_recorder(patcher, steps=mode)
+        noise = comfy.sample.prepare_noise(latent, 0)
+
+        def sample(m, n=steps):
+            with torch.inference_mode():
+                return comfy.sample.sample(m, noise, n, 7.0, "euler", "normal", pos, neg, latent,
+                                           disable_pbar=True, seed=0)
+
+        # warm-up (loads the model, builds kernels), then how far each variant's latent is from a plain
+        # run's after one step and after all: "plain again" shows what the device itself varies
+        reference = {n: sample(patcher, n) for n in (1, steps)}
+        diffs, kept = {}, {}
+        for label, (m, live) in variants.items():
+            if label != "plain":
+                diffs[label] = [(sample(m, n) - reference[n]).abs().max().item() for n in (1, steps)]
+            if live is not None:
+                rec = live.snapshot()
+                kept[label] = sum(t.numel() * t.element_size() for t in rec.layers.values())
+        wall = {label: [] for label in variants}
+        peak = {label: [] for label in variants}
+        order = list(variants)
+        for r in range(runs):
+            for label in (order if r % 2 == 0 else order[::-1]):  # interleaved, alternating against drift
+                sync()
+                if gpu:
+                    torch.cuda.reset_peak_memory_stats(device)
+                    held = torch.cuda.memory_allocated(device)
+                t0 = time.perf_counter()
+                sample(variants[label][0])
+                sync()
+                wall[label].append(time.perf_counter() - t0)
+                if gpu:
+                    peak[label].append(torch.cuda.max_memory_allocated(device) - held)
+        base = statistics.median(wall["plain"])
+        side = latent.shape[-1] * 8
+        print(f"\n## Recording overhead: full-size {name.upper()} UNet (random weights, {str(dtype)[6:]}), "
+              f"{side}x{side}, batch 1, {steps} euler steps, cfg 7, on {what}; median of {runs}")
+        print("| variant | wall median s | wall min s | vs plain | peak extra device memory | recording kept "
+              f"| latent's max change from plain's, after 1 step / {steps} |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for label in variants:
+            w = statistics.median(wall[label])
+            vs = "—" if label == "plain" else f"{100 * (w / base - 1):+.1f} %"
+            mem = f"{max(peak[label]) / MB:.0f} MB" if peak[label] else "—"
+            rec = f"{kept[label] / MB:.1f} MB" if label in kept else "—"
+            diff = " / ".join(f"{d:.1e}" for d in diffs[label]) if label in diffs else "—"
+            print(f"| {label} | {w:.3f} | {min(wall[label]):.3f} | {vs} | {mem} | {rec} | {diff} |")
+        del patcher, variants
+        comfy.model_management.unload_all_models()
+        comfy.model_management.soft_empty_cache()
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -217,13 +356,19 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--full-forward", type=int, nargs="*", default=[], metavar="SIZE",
                     help="also sample one step of a full-size SD2.1 UNet at SIZE (512, 768)")
+    ap.add_argument("--full-size", nargs="+", choices=("sd21", "sdxl"), default=[], metavar="MODEL",
+                    help="instead of the tiny model, time full-size UNets with random weights (sd21 at 512x512, "
+                         "sdxl at 1024x1024) on --device; meant for a GPU")
+    ap.add_argument("--device", default="", help="device of --full-size (default: the one ComfyUI picks)")
     args = ap.parse_args()
-    setup_comfy()
+    setup_comfy(cpu=not args.full_size or args.device == "cpu")
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.runs > 0:
+    if args.full_size:
+        bench_full_size(args.full_size, args.device, max(args.runs, 1), args.steps)
+    elif args.runs > 0:
         bench_overhead(args.runs, args.steps, args.latent, args.batch)
     bench_memory(args.full_forward)
 

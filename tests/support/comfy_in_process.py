@@ -1,12 +1,14 @@
-"""ComfyUI imported in-process for tests: $HEADSEG_COMFYUI on sys.path, argument parsing off, CPU mode."""
+"""ComfyUI imported in-process for tests: $HEADSEG_COMFYUI on sys.path, argument parsing off, CPU mode
+(benchmarks may ask for ComfyUI's own device choice instead)."""
 
 import os
 import pathlib
 import sys
 
 
-def import_comfyui() -> bool:
-    """Makes `comfy`, `folder_paths`, ... importable in CPU mode; False when HEADSEG_COMFYUI names no ComfyUI."""
+def import_comfyui(cpu: bool = True) -> bool:
+    """Makes `comfy`, `folder_paths`, ... importable, in CPU mode unless ``cpu`` is False (then ComfyUI
+    picks its device as it does when it serves); False when HEADSEG_COMFYUI names no ComfyUI."""
     path = os.environ.get("HEADSEG_COMFYUI", "")
     if not path or not (pathlib.Path(path) / "comfy").is_dir():
         return False
@@ -17,7 +19,7 @@ def import_comfyui() -> bool:
     comfy.options.enable_args_parsing(False)
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
+    comfy.cli_args.args.cpu = cpu  # before comfy.model_management is imported
     import comfy.model_management  # noqa: F401
 
     return True
