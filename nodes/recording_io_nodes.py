@@ -64,12 +64,17 @@ def _path_inside(full: str, folders: list[str]) -> str | None:
 # web page loads: a listing is used again for this many seconds (a linked shared drive can take
 # seconds to walk). Save Recording forgets it, so its own files show up at once.
 _LISTING_SECONDS = 2.0
-_listing: dict = {}  # "key": (input folder, output folder), "at": time.monotonic(), "files": [...]
+# "entry": ((input folder, output folder), time.monotonic(), [...], generation), replaced whole, never
+# changed in place: the file list is read on the server's thread (prompt checks, /object_info) while
+# Save Recording may forget it on the execution thread, so it is read and written in one step each.
+_listing: dict = {}
+_generation = [0]  # bumped by forget_listing: a walk that started before it is not kept
 
 
 def forget_listing() -> None:
     """The next _recording_files() walks the folders again."""
-    _listing.clear()
+    _generation[0] += 1
+    _listing.pop("entry", None)
 
 
 def _recording_files() -> list[str]:
@@ -80,10 +85,13 @@ def _recording_files() -> list[str]:
     import folder_paths
 
     key = (folder_paths.get_input_directory(), folder_paths.get_output_directory())
-    if _listing.get("key") == key and time.monotonic() - _listing["at"] < _LISTING_SECONDS:
-        return list(_listing["files"])
+    entry = _listing.get("entry")  # one read: another thread may forget the listing at any time
+    if entry is not None and entry[0] == key and time.monotonic() - entry[1] < _LISTING_SECONDS:
+        return list(entry[2])
+    generation = _generation[0]
     found = _walk_recording_files(*key)
-    _listing.update(key=key, at=time.monotonic(), files=found)
+    if _generation[0] == generation:  # else a file was saved during the walk, which may have missed it
+        _listing["entry"] = (key, time.monotonic(), found)
     return list(found)
 
 

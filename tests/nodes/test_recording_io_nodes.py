@@ -481,3 +481,33 @@ def test_comfyuis_prompt_validation_refuses_the_api_prompt(inputs, message):
 
     prompt = {"1": {"class_type": "HeadSeg_LoadRecording", "inputs": inputs}}
     assert validation_errors(prompt, "1") == [message]
+
+
+def test_the_file_list_survives_save_recording_forgetting_it_on_another_thread(io_nodes, recording, comfy_folders, monkeypatch):
+    """The list is read on the server's thread (prompt checks, /object_info) while Save Recording forgets it
+    on the execution thread: forgetting it between the reads of one check raised KeyError('at')."""
+    io_nodes._recording_files()  # a listing is kept
+    real_monotonic = io_nodes.time.monotonic
+
+    def forget_midway():  # Save Recording on the other thread, between the check's reads
+        io_nodes.forget_listing()
+        return real_monotonic()
+
+    monkeypatch.setattr(io_nodes.time, "monotonic", forget_midway)
+    assert io_nodes._recording_files() == []  # walked again, no KeyError
+
+
+def test_a_walk_that_overlaps_save_recording_is_not_kept(io_nodes, recording, comfy_folders, monkeypatch):
+    """A walk that started before Save Recording wrote its file may have missed it: that list is returned
+    but not kept, so the next request walks again and lists the new file."""
+    real = io_nodes._walk_recording_files
+
+    def walk_while_saving(*folders):
+        found = real(*folders)  # the walk ends before the file is written...
+        io_nodes.SaveRecording.execute(recording, "during")  # ...and Save Recording runs meanwhile
+        return found
+
+    monkeypatch.setattr(io_nodes, "_walk_recording_files", walk_while_saving)
+    assert io_nodes._recording_files() == []
+    monkeypatch.setattr(io_nodes, "_walk_recording_files", real)
+    assert any(name.startswith("during") for name in io_nodes._recording_files())
