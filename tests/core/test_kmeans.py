@@ -752,3 +752,20 @@ def test_exact_lloyd_refills_an_empty_cluster():
     centroids = torch.stack([X[0], X[-1], torch.full_like(X[0], 1e3)])  # the third is far from every pixel
     labels, _, _, _ = full.lloyd(centroids, 50, 0.0, ws.X, ws.xx, full.moments()[0])
     assert int(torch.bincount(labels.reshape(-1), minlength=3).min()) >= 1
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("factor", [2.0**-20, 2.0**20])
+def test_the_polish_stops_alike_at_any_scale_inside_the_unscaled_range(factor, batched, monkeypatch):
+    """Features scaled by a power of two that is not taken out inside (2**+-20 lies within 2**+-SCALE_EXP)
+    give the same labels and iterations: Lloyd's shift tolerance is relative to the features' variance
+    (scikit-learn's rule), not an absolute shift. An image larger than the working set, so that the
+    exact polish on the pixel lattices has work to do."""
+    if batched:  # the GPU path (kmeans_batched.py), run on the CPU
+        monkeypatch.setattr(km, "_BATCHED_DEVICES", ("cuda", "cpu"))
+    stack = random_stack(size=(96, 128), seed=4)
+    scaled = FeatureStack([g * factor for g in stack.grids], stack.weights, stack.keys, stack.size, stack.mode)
+    for k in (4, 9):
+        a, b = kmeans(stack, k, seed=2), kmeans(scaled, k, seed=2)
+        assert b.n_iter == a.n_iter > 2
+        assert torch.equal(b.labels, a.labels)
