@@ -64,7 +64,7 @@ def _path_inside(full: str, folders: list[str]) -> str | None:
 # web page loads: a listing is used again for this many seconds (a linked shared drive can take
 # seconds to walk). Save Recording forgets it, so its own files show up at once.
 _LISTING_SECONDS = 2.0
-# "entry": ((input folder, output folder), time.monotonic(), [...], generation), replaced whole, never
+# "entry": ((input folder, output folder), time.monotonic(), [...]), replaced whole, never
 # changed in place: the file list is read on the server's thread (prompt checks, /object_info) while
 # Save Recording may forget it on the execution thread, so it is read and written in one step each.
 _listing: dict = {}
