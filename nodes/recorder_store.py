@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -24,9 +25,10 @@ BRANCHES = {"cond": 0, "uncond": 1}
 VAE_FACTOR = 8  # pixels per latent cell for the SD-family UNets this records
 RECORD_DTYPE = torch.float16
 # Sampling runs kept per record node, so that a LATENT finds its own run when other samplers used
-# the recorded MODEL after it (a hires fix, an inpainting pass). The run read last is kept beyond
-# them (_Store.pinned): an inpainting pass re-run click after click must not push out the image it
-# inpaints, which Head PCA reads again when one of its inputs changes.
+# the recorded MODEL after it (a hires fix, an inpainting pass). Kept beyond them: the run read last
+# (_Store.pinned: an inpainting pass re-run click after click must not push out the image it
+# inpaints, which Head PCA reads again when one of its inputs changes), and every run of the prompt
+# that sampled last (a list of latents is sampled item after item before Head PCA reads any).
 HISTORY = 3
 # Why a run recorded nothing when the recorded layers never ran (the MODEL used was not the patched one).
 _NEVER_CALLED = "the self-attention layers were never called during the last sampling run"
@@ -62,6 +64,26 @@ def parse_steps(text: str) -> StepSelection:
     raise ValueError(
         f"steps: expected 'last', 'mean', a step 'N' or a range 'A-B' with A <= B (0-based, inclusive), got {text!r}"
     )
+
+
+class _Run(NamedTuple):
+    """One finished sampling run as a record node keeps it."""
+
+    latent: torch.Tensor | None  # the sampler's output on the CPU (float32), matched to a LATENT
+    recording: Recording | None
+    failure: str  # why it recorded nothing ("" when it did)
+    prompt: str | None  # the ComfyUI prompt it ran in (None outside one)
+
+
+def _current_prompt() -> str | None:
+    """The id of the ComfyUI prompt being executed on this thread, or None (outside a prompt, or a
+    ComfyUI without execution contexts)."""
+    try:
+        from comfy_execution.utils import get_executing_context
+    except ImportError:
+        return None
+    context = get_executing_context()
+    return None if context is None else getattr(context, "prompt_id", None)
 
 
 def _cpu_latent(x) -> torch.Tensor | None:
@@ -102,10 +124,9 @@ class _Store:
         self.runs = 0
         self.dropped = 0  # runs pushed out of the history by newer ones
         self.failure = ""  # why the current or most recent run recorded nothing
-        # the last HISTORY runs, oldest first: (output latent on the CPU or None, Recording or None, failure),
-        # and before them the run read last (pinned) when it is older
-        self.history: list[tuple] = []
-        self.pinned: tuple | None = None  # the entry of the run that run_of found last
+        # the runs kept (_remember), oldest first
+        self.history: list[_Run] = []
+        self.pinned: _Run | None = None  # the run that run_of found last
         self._reset_run(None, None)
 
     # -- run boundaries (OUTER_SAMPLE wrapper) -------------------------------------------------
@@ -113,6 +134,7 @@ class _Store:
         self.active = latent_shape is not None
         self.latent_shape = tuple(latent_shape) if latent_shape is not None else None
         self.sigmas = sigmas  # python floats, len = steps + 1
+        self.prompt = _current_prompt() if self.active else None  # the ComfyUI prompt this run is part of
         self.acc: dict[LayerKey, torch.Tensor] = {}
         self.count: dict[LayerKey, float | torch.Tensor] = {}  # what acc holds: entries, or shares per token
         self.seen_branch = 0  # calls that held the recorded branch
@@ -244,17 +266,20 @@ class _Store:
         self._reset_run(None, None)
 
     def _remember(self, output, rec):
-        """Keeps a finished run (its output latent, Recording or None, failure): the last HISTORY runs
-        stay, and the run read last (pinned) however old it is; the others go."""
-        self.history.append((_cpu_latent(output), rec, self.failure))
-        recent = self.history[-HISTORY:]
-        older = [entry for entry in self.history[:-HISTORY] if entry is self.pinned]
-        self.dropped += len(self.history) - len(recent) - len(older)
-        self.history = older + recent
+        """Keeps a finished run: the last HISTORY runs stay, the run read last (pinned) however old it
+        is, and every run of the prompt this one ran in; the others go."""
+        self.history.append(_Run(_cpu_latent(output), rec, self.failure, self.prompt))
+        first_recent = len(self.history) - HISTORY
+        kept = [
+            run for i, run in enumerate(self.history)
+            if i >= first_recent or run is self.pinned or (self.prompt is not None and run.prompt == self.prompt)
+        ]
+        self.dropped += len(self.history) - len(kept)
+        self.history = kept
 
     def latest(self):
         """(Recording or None, failure) of the most recent finished run; (None, failure) before any."""
-        return self.history[-1][1:] if self.history else (None, self.failure)
+        return (self.history[-1].recording, self.history[-1].failure) if self.history else (None, self.failure)
 
     def run_of(self, samples: torch.Tensor):
         """The newest kept run whose output latent equals ``samples`` -> (Recording or None, failure),
@@ -262,11 +287,10 @@ class _Store:
         samples = _cpu_latent(samples)
         if samples is None:
             return None
-        for entry in reversed(self.history):
-            output, rec, failure = entry
-            if output is not None and output.shape == samples.shape and _same_bits(output, samples):
-                self.pinned = entry
-                return rec, failure
+        for run in reversed(self.history):
+            if run.latent is not None and run.latent.shape == samples.shape and _same_bits(run.latent, samples):
+                self.pinned = run
+                return run.recording, run.failure
         return None
 
     def abort_run(self):
@@ -533,7 +557,7 @@ class LiveRecording:
         store = self._store
         if latent is None:
             found = store.latest()
-        elif not any(out is not None for out, _, _ in store.history):
+        elif not any(run.latent is not None for run in store.history):
             found = (None, store.failure)  # nothing recorded yet: the message below says so, and why
         else:
             found = store.run_of(latent)
@@ -563,20 +587,22 @@ class LiveRecording:
             return "x".join(str(n) for n in t.shape)
 
         shape = dims(latent) if isinstance(latent, torch.Tensor) else type(latent).__name__
-        runs = [out for out, _, _ in self._store.history if out is not None]
+        runs = [run.latent for run in self._store.history if run.latent is not None]
         kept = ", ".join(dims(out) for out in runs)
         full = (
-            f" Only the last {HISTORY} runs (and the run read last) are kept, and {self._store.dropped} older "
-            "one(s) are gone: a LATENT of an earlier run is no longer there (every sampler that uses the "
-            "recorded MODEL adds a run, e.g. an inpainting pass each time it runs, or each of a list of "
-            "latents sampled one after the other). Sample it again."
+            f" Only the last {HISTORY} runs (with every run of the prompt that sampled last, and the run read "
+            f"last) are kept, and {self._store.dropped} older one(s) are gone: a LATENT of an earlier run is no "
+            "longer there (every sampler that uses the recorded MODEL adds a run, e.g. an inpainting pass "
+            "each time it runs). Sample it again."
             if self._store.dropped
             else ""
         )
         same_shape = isinstance(latent, torch.Tensor) and any(out.shape == latent.shape for out in runs)
         no_step = (
-            " A sampler that takes no step (denoise 0, or a start step at or past its last step) returns its "
-            "input LATENT without running the model, so nothing is recorded for it: give it at least one step."
+            " If the sampler of this LATENT used the MODEL of another Record Self-Attention, read that node's "
+            "recording instead. A sampler that takes no step (denoise 0, or a start step at or past its last "
+            "step) returns its input LATENT without running the model, so nothing is recorded for it: give it "
+            "at least one step."
             if same_shape
             else ""
         )

@@ -325,6 +325,27 @@ def test_the_run_read_last_outlasts_any_number_of_later_runs(tiny, sd2):
     assert len(live._store.history) == recorder_store.HISTORY + 1  # the image's run kept besides them
 
 
+def test_every_run_of_the_prompt_that_sampled_last_is_kept(tiny, sd2):
+    """ComfyUI samples a list of latents (RebatchLatents) item after item, all in one prompt, before
+    Head PCA reads any: every item's run stays readable, however many; a later prompt's run leaves
+    the last HISTORY runs and the run read last."""
+    from comfy_execution.utils import CurrentNodeContext
+
+    patched, live = recorder.attach_recorder(sd2)
+    with CurrentNodeContext("prompt-1", "6", 0):
+        items = [run(tiny, patched, latent_hw=(8, 8), seed=s) for s in range(recorder_store.HISTORY + 2)]
+    for latent in items:
+        assert live.snapshot(latent).layers
+    assert live._store.dropped == 0
+    with CurrentNodeContext("prompt-2", "6", 0):
+        later = run(tiny, patched, latent_hw=(8, 8), seed=99)
+    assert live.snapshot(later).layers
+    for latent in items[-(recorder_store.HISTORY - 1):]:
+        assert live.snapshot(latent).layers
+    with pytest.raises(ValueError, match=r"and 3 older one\(s\) are gone"):
+        live.snapshot(items[0])
+
+
 def test_node_reads_the_run_of_its_latent(tiny, sd2):
     from headseg.nodes import pipeline_nodes
 
@@ -397,7 +418,7 @@ def test_a_latent_with_nan_still_finds_its_run(tiny, sd2):
     store = live._store
     latent = out.clone()
     latent[0, 0, 0, 0] = float("nan")
-    store.history[-1] = (latent.clone(), *store.history[-1][1:])  # as if the sampler had produced the NaN
+    store.history[-1] = store.history[-1]._replace(latent=latent.clone())  # as if the sampler had produced the NaN
     assert live.snapshot(latent) is not None
     other = latent.clone()
     other[0, 0, 0, 1] += 1.0
@@ -433,15 +454,15 @@ def test_a_run_dropped_from_the_history_is_named(tiny, sd2):
     first = run(tiny, patched, latent_hw=(8, 8), seed=0)
     for seed in range(1, recorder_store.HISTORY + 1):
         run(tiny, patched, latent_hw=(8, 8), seed=seed)
-    with pytest.raises(ValueError, match=rf"Only the last {recorder_store.HISTORY} runs \(and the run read last\) are kept"):
+    with pytest.raises(ValueError, match=rf"Only the last {recorder_store.HISTORY} runs \(with every run of the prompt"):
         live.snapshot(first)
 
 
 def test_of_two_runs_with_the_same_latent_the_newest_is_read():
     store = recorder_store._Store([], None, recorder_store.parse_steps("last"), "cond", "SD2")
     latent = torch.zeros(1, 4, 2, 2)
-    store.history.append((latent.clone(), "older", ""))
-    store.history.append((latent.clone(), "newer", ""))
+    store.history.append(recorder_store._Run(latent.clone(), "older", "", None))
+    store.history.append(recorder_store._Run(latent.clone(), "newer", "", None))
     assert store.run_of(latent)[0] == "newer"
 
 
