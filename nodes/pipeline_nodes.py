@@ -19,7 +19,7 @@ from .core import pca as core_pca
 from .core import preview as core_preview
 from .core import upsample as core_upsample
 from .core.pca import HeadFeatures
-from .core.recording import MAX_IMAGE_SIDE, integer_index, parse_levels
+from .core.recording import MAX_IMAGE_SIDE, NonFiniteLayerError, integer_index, parse_levels
 from .node_utils import (
     DEVICE_CHOICES,
     POSITION_CHOICES,
@@ -111,7 +111,8 @@ class HeadPCA(io.ComfyNode):
                     tooltip=(
                         "The sampler's LATENT: required with a recording from Record Self-Attention. This node "
                         "then runs after sampling and again for every new image, and reads the sampling run "
-                        "that produced this LATENT (one of the last 3 runs of the recorded MODEL, or the run read last). Connect it "
+                        "that produced this LATENT (one of the last 3 runs of the recorded MODEL, a run of the prompt that sampled "
+                        "last, or the run read last). Connect it "
                         "straight from the sampler. Leave it empty for a recording loaded from a file."
                     ),
                 ),
@@ -161,7 +162,15 @@ class HeadPCA(io.ComfyNode):
             # the selected layers go to the device; ComfyUI caches the features, so they live on the CPU
             return core_pca.recording_pca(selected.to(dev), int(components)).to("cpu")
 
-        features = run_on_device(device, pca_on, "Head PCA")
+        try:
+            features = run_on_device(device, pca_on, "Head PCA")
+        except NonFiniteLayerError as exc:
+            key = exc.layer
+            raise ValueError(
+                f"{exc} (usually a float16 overflow while sampling): leave the layer out with positions / "
+                f"levels (it is a '{key.position}' layer at level {rec.grid_level(key)}), or sample with ComfyUI's "
+                "--force-upcast-attention or a bfloat16 / float32 UNet"
+            ) from None
         grid = core_preview.pca_rgb_grid(features, batch_index=0)  # [1, rows*th, cols*tw, 3]
         summary = {
             "recorded_heads": rec.num_heads,

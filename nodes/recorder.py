@@ -14,8 +14,9 @@ How:
   writes into the same store.
 - An OUTER_SAMPLE wrapper marks the start and end of each sampling run: a run starts a fresh recording,
   and a finished run becomes what ``LiveRecording.snapshot()`` returns. The last HISTORY runs are kept
-  with their output latents, so that ``snapshot(latent)`` gives the run that produced a LATENT, and the
-  run read last is kept however many runs follow it.
+  with their output latents, so that ``snapshot(latent)`` gives the run that produced a LATENT; so are
+  every run of the prompt that sampled last (the items of a list of latents) and the run read last,
+  however many runs follow it.
 - PREDICT_NOISE and CALC_COND_BATCH wrappers tell each model evaluation's main pass (recorded) from the
   extra passes guidance nodes run after CFG (not recorded), keep a (block, number) attn1 patch added
   after the record node (PAG's) from being hidden by HeadSeg's longer key, and chain a (block, number,

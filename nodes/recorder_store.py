@@ -551,8 +551,8 @@ class LiveRecording:
         """-> Recording of the sampling run whose output latent is ``latent`` [B, C, h, w] (the sampler's
         LATENT samples), or of the most recent finished run when ``latent`` is None.
 
-        New object, tensors shared, never mutated. ValueError naming `latent` when none of the last
-        HISTORY runs of the recorded MODEL produced ``latent``.
+        New object, tensors shared, never mutated. ValueError naming `latent` when none of the kept
+        runs of the recorded MODEL (_Store._remember) produced ``latent``.
         """
         store = self._store
         if latent is None:

@@ -20,6 +20,7 @@ import torch
 from .recording import (
     FEATURE_DTYPES,
     LayerKey,
+    NonFiniteLayerError,
     Recording,
     check_one_device,
     full_float32_matmul,
@@ -215,7 +216,7 @@ def recording_pca(rec: Recording, components: int = 8) -> HeadFeatures:
         try:
             scores = head_pca(flat, components)  # [B, heads, N, c]
         except ValueError:
-            raise ValueError(f"Recording: layer {key!s} contains NaN or inf values") from None
+            raise NonFiniteLayerError(key) from None
         return finish(key, scores.reshape(B * heads, h * w, components))
 
     if not _on_cpu(rec):
@@ -312,7 +313,7 @@ def _reduce_on_gpu(rec: Recording, components: int, finish) -> dict[LayerKey, to
     layer_sizes = [(key, n) for members in by_size.values() for keys, sizes, _ in members for key, n in zip(keys, sizes)]
     for (key, _), ok in zip(layer_sizes, finite.split([n for _, n in layer_sizes])):
         if not bool(ok.all()):
-            raise ValueError(f"Recording: layer {key!s} contains NaN or inf values")
+            raise NonFiniteLayerError(key)
     out = {}
     for members in by_size.values():
         cov = torch.cat([c for _, _, c in members])  # [sum G, d, d]

@@ -236,6 +236,14 @@ def all_finite(t: torch.Tensor) -> bool:
     return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
+class NonFiniteLayerError(ValueError):
+    """A layer of a recording holds NaN or inf values: a ValueError naming it; ``layer`` is its LayerKey."""
+
+    def __init__(self, key: LayerKey):
+        super().__init__(f"Recording: layer {key!s} contains NaN or inf values")
+        self.layer = key
+
+
 @dataclass
 class Recording:
     """Per-head self-attention outputs of several layers: layers[key] is [B, heads, h, w, d]."""
@@ -328,7 +336,7 @@ class Recording:
                 )
             self.grid_level(key)
             if check_finite and not all_finite(t):
-                raise ValueError(f"Recording: layer {key!s} contains NaN or inf values")
+                raise NonFiniteLayerError(key)
         return self
 
     # ----------------------------------------------------------------- selection

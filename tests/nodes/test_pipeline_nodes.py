@@ -125,6 +125,20 @@ def test_head_pca_names_asked_for_levels_that_the_recording_lacks(nodes, recordi
     assert "not in the recording" not in out.ui["text"][0] and not caplog.records
 
 
+def test_head_pca_says_how_to_get_past_a_layer_with_nan(nodes, recording):
+    key = sorted(recording.select().layers, key=lambda k: k.sort_key)[-1]  # an 'up' layer
+    bad = dataclasses.replace(recording, layers=dict(recording.layers))
+    bad.layers[key] = bad.layers[key].clone()
+    bad.layers[key][0, 0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError) as info:
+        nodes.HeadPCA.execute(bad, "down+up", "all", 3)
+    message = str(info.value)
+    assert message.startswith(f"Recording: layer {key!s} contains NaN or inf values (usually a float16 overflow")
+    assert f"'{key.position}' layer at level {recording.grid_level(key)}" in message
+    assert "positions / levels" in message and "--force-upcast-attention" in message
+    assert nodes.HeadPCA.execute(bad, "down", "all", 3).args[0].layers  # left out: the rest runs
+
+
 def test_index_past_the_last_mask_gives_the_coarsest(nodes, recording):
     out, _ = run_chain(nodes, recording, 180, 120, index=50)
     chosen, at_pixel, _, count = out.args
