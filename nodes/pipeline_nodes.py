@@ -428,7 +428,7 @@ class MultiKMeans(io.ComfyNode):
 
 
 class MaskMerge(io.ComfyNode):
-    """Cluster sweep -> merged masks of every image (+ all merged masks of image 0 as a MASK batch)."""
+    """Cluster sweep -> merged masks of every image (+ all merged masks of one image, or of all, as a MASK batch)."""
 
     @classmethod
     def define_schema(cls):
@@ -465,25 +465,44 @@ class MaskMerge(io.ComfyNode):
                         "high values keep only large regions (a pixel may then lie in no mask)."
                     ),
                 ),
+                io.Int.Input(
+                    "batch_index",
+                    default=0,
+                    min=-1,
+                    max=4095,
+                    optional=True,  # prompts saved before it existed leave it out: image 0, as then
+                    tooltip=(
+                        "Which image of the batch all_masks holds: 0 = the first. -1 = every image, its masks "
+                        "one image after the other (the node's text gives the count per image). An index past "
+                        "the last image stops with an error."
+                    ),
+                ),
             ],
             outputs=[
                 hs.Masks.Output(display_name="masks", tooltip="Merged masks of every image of the batch."),
                 io.Mask.Output(
                     display_name="all_masks",
                     tooltip=(
-                        "All merged masks of image 0 as a MASK batch [M, H, W] (0/1) at image resolution; "
-                        "one all-zero mask when min_area leaves none (a MASK batch cannot be empty)."
+                        "All merged masks of the image batch_index picks (or of every image) as a MASK batch "
+                        "[M, H, W] (0/1) at image resolution; one all-zero mask when min_area leaves none "
+                        "(a MASK batch cannot be empty)."
                     ),
                 ),
             ],
         )
 
     @classmethod
-    def execute(cls, clusters, iou_threshold=0.9, min_area=0.0) -> io.NodeOutput:
+    def execute(cls, clusters, iou_threshold=0.9, min_area=0.0, batch_index=0) -> io.NodeOutput:
         _expect(clusters, core_kmeans.ClusterSweep, "clusters", "HEADSEG_CLUSTERS from Multi K-Means")
         if not clusters.results:
             raise ValueError("clusters: the sweep holds no cluster count; expected the output of Multi K-Means")
         B = next(iter(clusters.results.values())).labels.shape[0]
+        index = integer_index(batch_index)
+        if index is None or not -1 <= index < B:
+            raise ValueError(
+                f"batch_index: expected an image of the batch of {B} (0 .. {B - 1}), or -1 for every image, "
+                f"got {batch_index!r}"
+            )
         H, W = clusters.size
         total_k = sum(int(k) for k in clusters.results)
         merged = []
@@ -492,13 +511,15 @@ class MaskMerge(io.ComfyNode):
             merged.append(
                 core_masks.merge_sweep(clusters, b, iou_threshold=float(iou_threshold), min_area=float(min_area))
             )
-        first = merged[0].masks  # [M, H, W] bool
-        if first.shape[0] == 0:
+        chosen = merged if index == -1 else [merged[index]]
+        M = sum(int(m.masks.shape[0]) for m in chosen)
+        if M == 0:
             all_masks = torch.zeros(1, H, W)  # [1, H, W]: an empty MASK batch is not valid downstream
         else:
-            M = first.shape[0]
-            _check_mask_memory(4 * M * H * W, f"all_masks, the {M} merged masks of image 0 as a MASK batch", clusters)
-            all_masks = mask_to_comfy(first)  # [M, H, W]
+            which = "every image" if index == -1 else f"image {index}"
+            _check_mask_memory(4 * M * H * W, f"all_masks, the {M} merged masks of {which} as a MASK batch", clusters)
+            parts = [mask_to_comfy(m.masks) for m in chosen if m.masks.shape[0]]  # [M_b, H, W] each
+            all_masks = parts[0] if len(parts) == 1 else torch.cat(parts)  # [M, H, W]
         counts = ", ".join(str(int(m.masks.shape[0])) for m in merged)
         return io.NodeOutput(merged, all_masks, ui={"text": [f"merged masks per image: {counts}"]})
 

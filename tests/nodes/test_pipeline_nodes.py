@@ -139,6 +139,22 @@ def test_head_pca_says_how_to_get_past_a_layer_with_nan(nodes, recording):
     assert nodes.HeadPCA.execute(bad, "down", "all", 3).args[0].layers  # left out: the rest runs
 
 
+def test_all_masks_of_the_image_batch_index_picks(nodes, recording):
+    _, (_, _, sweep, masks) = run_chain(nodes, recording, 40, 30)
+    counts = [int(m.masks.shape[0]) for m in masks]
+    assert len(counts) == 2 and min(counts) > 0
+    default = nodes.MaskMerge.execute(sweep, 0.9, 0.0)
+    assert torch.equal(default.args[1], masks[0].masks.float())  # image 0, as before batch_index existed
+    assert default.ui == {"text": [f"merged masks per image: {counts[0]}, {counts[1]}"]}
+    second = nodes.MaskMerge.execute(sweep, 0.9, 0.0, 1).args[1]
+    assert torch.equal(second, masks[1].masks.float())
+    every = nodes.MaskMerge.execute(sweep, 0.9, 0.0, -1).args[1]
+    assert torch.equal(every, torch.cat([m.masks for m in masks]).float())
+    for bad in (2, -2, 0.5, True):
+        with pytest.raises(ValueError, match=r"^batch_index: expected an image of the batch of 2 \(0 \.\. 1\), or -1"):
+            nodes.MaskMerge.execute(sweep, 0.9, 0.0, bad)
+
+
 def test_index_past_the_last_mask_gives_the_coarsest(nodes, recording):
     out, _ = run_chain(nodes, recording, 180, 120, index=50)
     chosen, at_pixel, _, count = out.args
