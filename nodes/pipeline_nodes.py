@@ -688,10 +688,11 @@ class MaskSelectAtPixel(io.ComfyNode):
     def execute(cls, masks, x=0, y=0, index=0, image=None) -> io.NodeOutput:
         if not isinstance(masks, list) or not masks or not all(isinstance(m, core_masks.MaskSet) for m in masks):
             raise TypeError(f"masks: expected HEADSEG_MASKS from Mask Merge, got {type(masks).__name__}")
-        x, y, index = _pixel_input(x, "x", "column"), _pixel_input(y, "y", "row"), int(index)
+        x, y = _pixel_input(x, "x", "column"), _pixel_input(y, "y", "row")
         asked = [x, y]
-        if index < 0:
-            raise ValueError(f"index: expected an integer >= 0 (0 = finest mask), got {index}")
+        index_given, index = index, integer_index(index)
+        if index is None or index < 0:
+            raise ValueError(f"index: expected an integer >= 0 (0 = finest mask), got {index_given!r}")
         H, W = masks[0].masks.shape[-2:]
         picture = None
         if image is not None:

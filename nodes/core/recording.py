@@ -381,7 +381,7 @@ class Recording:
             available_pos = sorted({k.position for k in self.layers}, key=POSITIONS.index)
             available_lv = sorted(set(level_of.values()))
             raise ValueError(
-                f"select: no layer left for positions={list(positions)} levels="
+                f"positions / levels: no layer left for positions={list(positions)} levels="
                 f"{'all' if levels is None else list(levels)}; the recording has positions {available_pos} "
                 f"and levels {available_lv}"
             )

@@ -229,7 +229,7 @@ def test_select_positions_and_levels():
 
 def test_select_nothing_left_lists_what_exists():
     rec = sd21_recording().select(("up",), levels=[0])
-    with pytest.raises(ValueError, match=r"no layer left.*positions \['up'\].*levels \[0\]"):
+    with pytest.raises(ValueError, match=r"^positions / levels: no layer left.*positions \['up'\].*levels \[0\]"):
         rec.select(("down",))
     with pytest.raises(ValueError, match=r"levels \[0\]"):
         rec.select(("up",), levels=[3])

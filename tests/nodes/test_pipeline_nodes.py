@@ -316,8 +316,9 @@ def test_bad_widget_values_name_the_widget(nodes, recording):
             nodes.MaskSelectAtPixel.execute(masks, bad, 0, 0)
         with pytest.raises(ValueError, match=r"^y: expected a pixel row, an integer >= 0, got "):
             nodes.MaskSelectAtPixel.execute(masks, 0, bad, 0)
-    with pytest.raises(ValueError, match="index"):
-        nodes.MaskSelectAtPixel.execute(masks, 0, 0, -1)
+    for bad in (-1, 1.7, True, "1", None):  # a linked index skips the widget's checks too
+        with pytest.raises(ValueError, match=r"^index: expected an integer >= 0 \(0 = finest mask\), got "):
+            nodes.MaskSelectAtPixel.execute(masks, 0, 0, bad)
 
 
 def test_picture_not_a_multiple_of_8_is_cropped_like_vae_encode(nodes, recording):
