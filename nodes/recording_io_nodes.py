@@ -174,6 +174,21 @@ def _override_path(path) -> str | None:
     return inside
 
 
+def _elsewhere(path: str) -> str:
+    """For a relative ``path`` missing from the input folder: a hint naming the output or temp folder
+    when a file of that relative name is there, else ""."""
+    import folder_paths
+
+    if os.path.isabs(os.path.expanduser(path)) or path.endswith("]"):  # absolute, or a folder named
+        return ""
+    for kind in ("output", "temp"):
+        full = _path_inside(os.path.join(folder_paths.get_directory_by_type(kind), path),
+                            [folder_paths.get_directory_by_type(kind)])
+        if full is not None and os.path.isfile(full):
+            return f"; the {kind} folder has one: write {path + ' [' + kind + ']'!r}"
+    return ""
+
+
 def _resolve(file, path) -> str:
     """The path of the recording to load: ``path`` when set, else ``file``; ValueError or TypeError
     naming the input when it is missing, not text, or outside ComfyUI's folders."""
@@ -182,7 +197,7 @@ def _resolve(file, path) -> str:
         if not os.path.exists(full):  # a folder or an unreadable file is named by load_recording
             raise ValueError(
                 f"path: no such recording file: {path.strip()!r} (relative to the input folder, or absolute "
-                "inside the input, output or temp folder)"
+                f"inside the input, output or temp folder){_elsewhere(path.strip())}"
             )
         return full
     full = _file_path(file)

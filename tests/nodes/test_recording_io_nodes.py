@@ -56,6 +56,17 @@ def test_save_then_load_round_trips(io_nodes, recording, comfy_folders):
     again = io_nodes.SaveRecording.execute(recording, "headseg/test").args[0]
     assert again != path  # a counter keeps earlier files
 
+    # the output folder's name as a relative path, without ' [output]': the error says how to reach it
+    relative = "headseg/" + info["filename"]
+    hint = f"; the output folder has one: write '{relative} [output]'"
+    with pytest.raises(ValueError, match="^path: no such recording file") as missed:
+        io_nodes.LoadRecording.execute("", relative)
+    assert str(missed.value).endswith(hint)
+    for elsewhere in ("headseg/none.safetensors", relative + " [temp]"):
+        with pytest.raises(ValueError, match="^path: no such recording file") as missed:
+            io_nodes.LoadRecording.execute("", elsewhere)
+        assert "folder has one" not in str(missed.value), elsewhere
+
 
 def test_loaded_recording_gives_masks_without_a_model(io_nodes, recording):
     from headseg.nodes import pipeline_nodes as P
