@@ -746,6 +746,13 @@ class MaskSelectAtPixel(io.ComfyNode):
             n = int(here.masks.shape[0])
             if n:
                 chosen[b] = here.masks[min(index, n - 1)].float()
+        empty = [b for b, here in enumerate(at_pixel) if here.masks.shape[0] == 0]
+        if empty:  # the MASK output is then all zeros there: an inpainting pass would change nothing
+            log.warning(
+                "HeadSeg Mask Select: the pixel %d, %d lies in no mask of image(s) %s (Mask Merge's min_area "
+                "dropped the masks there), so the mask output is all zeros for them: lower min_area or pick "
+                "another pixel.", x, y, ", ".join(map(str, empty)),
+            )
         here = at_pixel[0]
         count = int(here.masks.shape[0])
         if count:

@@ -155,6 +155,20 @@ def test_all_masks_of_the_image_batch_index_picks(nodes, recording):
             nodes.MaskMerge.execute(sweep, 0.9, 0.0, bad)
 
 
+def test_a_pixel_in_no_mask_gives_zeros_and_says_why(nodes, recording, caplog):
+    _, (_, _, sweep, _) = run_chain(nodes, recording, 40, 30)
+    none_left = nodes.MaskMerge.execute(sweep, 0.9, 1.0).args[0]  # no mask covers the whole image
+    with caplog.at_level("WARNING", logger="HeadSeg"):
+        chosen, at_pixel, _, count = nodes.MaskSelectAtPixel.execute(none_left, 40, 30, 0).args
+    assert count == 0 and not chosen.any() and at_pixel.shape == (1, H, W) and not at_pixel.any()
+    assert "the pixel 40, 30 lies in no mask of image(s) 0, 1 (Mask Merge's min_area" in caplog.text
+    caplog.clear()
+    kept = nodes.MaskMerge.execute(sweep, 0.9, 0.0).args[0]
+    with caplog.at_level("WARNING", logger="HeadSeg"):
+        nodes.MaskSelectAtPixel.execute(kept, 40, 30, 0)
+    assert "lies in no mask" not in caplog.text
+
+
 def test_index_past_the_last_mask_gives_the_coarsest(nodes, recording):
     out, _ = run_chain(nodes, recording, 180, 120, index=50)
     chosen, at_pixel, _, count = out.args
