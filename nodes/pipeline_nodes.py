@@ -191,6 +191,17 @@ class HeadPCA(io.ComfyNode):
             note = f"level(s) {listed(missing)} not in the recording (it has {listed(have)} at {'+'.join(pos)})"
             text += "; " + note
             log.warning("HeadSeg Head PCA: levels %r: %s", levels, note)
+        skipped = [
+            key.name for key, level in (recording.unrecorded(rec) if hasattr(recording, "unrecorded") else [])
+            if key.position in pos and (lv is None or level in lv)
+        ]
+        if skipped:
+            note = (
+                f"layer(s) {', '.join(skipped)} not recorded in this run (another patch changed their token count "
+                "or grid, see the log): their heads are left out"
+            )
+            text += "; " + note
+            log.warning("HeadSeg Head PCA: %s", note)
         ui = {"images": preview_refs(grid), "text": [text], "headseg_summary": [summary]}
         return io.NodeOutput(features, grid, ui=ui)
 

@@ -582,6 +582,17 @@ class LiveRecording:
         )
         return out.validate(check_finite=False)  # NaN / inf: named per layer by Head PCA and Save Recording
 
+    def unrecorded(self, rec: Recording) -> list[tuple[LayerKey, int]]:
+        """The layers this record node was set to record (its positions and levels) that a run of it,
+        ``rec``, lacks -> [(key, grid level)], in model order: skipped while sampling because another
+        patch changed their token count or grid (the log said so at the time)."""
+        H, W = rec.image_size
+        grids = grid_levels((max(H // VAE_FACTOR, 1), max(W // VAE_FACTOR, 1)))
+        levels = self._store.levels
+        wanted = [(layer.key, min(layer.level, len(grids) - 1)) for layer in self.layers]
+        return [(key, level) for key, level in wanted
+                if key not in rec.layers and (levels is None or level in levels)]
+
     def _no_run_message(self, latent) -> str:
         def dims(t):
             return "x".join(str(n) for n in t.shape)

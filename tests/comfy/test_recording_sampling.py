@@ -223,6 +223,41 @@ def test_token_count_changed_by_another_patch_is_skipped_with_warning(tiny, sd2,
         live.snapshot()
 
 
+def test_head_pca_names_the_layers_a_run_skipped(tiny, sd2, caplog):
+    """A patch that changes the token count of the latent-grid layers only (as HyperTile does above a
+    tile size): those layers are skipped while sampling, and Head PCA says which heads it lacks."""
+    from headseg.nodes import pipeline_nodes
+
+    def tile(n, context, value, extra_options):
+        B, N, C = n.shape
+        extra_options["tiled"] = N == 64  # the 8x8 latent grid: level 0
+        if not extra_options["tiled"]:
+            return n, context, value
+        return n.reshape(B * 2, N // 2, C), context.reshape(B * 2, N // 2, C), value.reshape(B * 2, N // 2, C)
+
+    def untile(n, extra_options):
+        B2, N2, C = n.shape
+        return n.reshape(B2 // 2, N2 * 2, C) if extra_options["tiled"] else n
+
+    tiled = sd2.clone()
+    tiled.set_model_attn1_patch(tile)
+    tiled.set_model_attn1_output_patch(untile)
+    level_0 = "input.1.0, input.2.0, output.9.0, output.10.0, output.11.0"
+    patched, live = recorder.attach_recorder(tiled)
+    latent = {"samples": run(tiny, patched, latent_hw=(8, 8))}
+    with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        text = pipeline_nodes.HeadPCA.execute(live, "down+up", "all", 4, latent=latent).ui["text"][0]
+    assert text.endswith(f"; layer(s) {level_0} not recorded in this run (another patch changed their token "
+                         "count or grid, see the log): their heads are left out")
+    assert f"HeadSeg Head PCA: layer(s) {level_0} not recorded" in caplog.text
+    for asked in (("down", "1,2"), ("middle", "all")):  # none of the skipped layers asked for: no note
+        text = pipeline_nodes.HeadPCA.execute(live, asked[0], asked[1], 4, latent=latent).ui["text"][0]
+        assert "not recorded" not in text, asked
+    patched, live = recorder.attach_recorder(tiled, levels="1,2")  # level 0 not asked of the record node
+    latent = {"samples": run(tiny, patched, latent_hw=(8, 8))}
+    assert "not recorded" not in pipeline_nodes.HeadPCA.execute(live, "down+up", "all", 4, latent=latent).ui["text"][0]
+
+
 def test_positions_and_levels_select_what_is_recorded(tiny, sd2):
     patched, live = recorder.attach_recorder(sd2, positions=("down", "up"), levels="0,2")
     run(tiny, patched, latent_hw=(8, 12))
