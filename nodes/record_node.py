@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from . import recorder
 from .node_utils import combo_error
+from .recorder_store import HISTORY, MAX_KEEP_RUNS
 from .types import Recording as RecordingSocket
 
 
@@ -21,8 +22,8 @@ class RecordSelfAttention(io.ComfyNode):
             description=(
                 "Patches the model so that, while a sampler runs it, the output of every self-attention head "
                 "(softmax(QK^T/sqrt d)·V, before the heads are mixed) is recorded for each UNet layer, in float16 "
-                "on the CPU. Sample with the MODEL output; the RECORDING keeps the last 3 sampling runs, every run of "
-                "the prompt that sampled last (one per item of a list of latents) and the run read last, and the "
+                "on the CPU. Sample with the MODEL output; the RECORDING keeps the last sampling runs (keep_runs), every "
+                "run of the prompt that sampled last (one per item of a list of latents) and the run read last, and the "
                 "node that reads it takes the run that produced its LATENT. Works with SD1.x, SD2.x and SDXL UNets (DiT models such as Flux or SD3 are "
                 "refused). Chains attn1 patches set before or after it (SAG's, another pack's) and survives "
                 "later LoRA/FreeU clones; SAG and PAG keep their effect and their extra passes are not "
@@ -68,6 +69,15 @@ class RecordSelfAttention(io.ComfyNode):
                     tooltip="CFG branch to record: 'cond' (positive prompt, default) or 'uncond' (negative prompt; "
                             "empty when cfg = 1, since ComfyUI then skips the uncond pass).",
                 ),
+                io.Int.Input(
+                    "keep_runs", default=HISTORY, min=1, max=MAX_KEEP_RUNS,
+                    optional=True,  # prompts saved before it existed leave it out: 3, as then
+                    tooltip="Sampling runs of the recorded MODEL kept across prompts (1 .. 64, default 3), so that "
+                            "a LATENT from a sampler that ran before others on this MODEL (a hires fix, an "
+                            "inpainting pass) still finds its run. Each costs its recording's memory (about 23 MB "
+                            "per image for SD2.1 at 512x512, 210 MB for SDXL at 1024x1024); 1 keeps the least. The "
+                            "run read last and every run of the prompt that sampled last are kept besides them.",
+                ),
             ],
             outputs=[
                 io.Model.Output(
@@ -77,7 +87,7 @@ class RecordSelfAttention(io.ComfyNode):
                 ),
                 RecordingSocket.Output(
                     display_name="RECORDING",
-                    tooltip="Live recording of the sampling runs with the patched model (the last 3, "
+                    tooltip="Live recording of the sampling runs with the patched model (the last keep_runs, "
                             "every run of the prompt that sampled last and the run read last are kept): per layer [batch, heads, h, w, d] float16 (about 23 MB per image and run "
                             "for SD2.1 at 512x512 with every layer). Connect the sampler's LATENT to the node "
                             "that reads it: that node runs after sampling and reads that LATENT's run.",
@@ -86,7 +96,7 @@ class RecordSelfAttention(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, levels="all", steps="last", branch="cond"):
+    def validate_inputs(cls, levels="all", steps="last", branch="cond"):  # keep_runs: its widget's min and max
         # Only these are checked here (no **kwargs), so ComfyUI still checks the other widgets itself.
         for parse, value in ((recorder.parse_levels, levels), (recorder.parse_steps, steps)):
             if not isinstance(value, str):
@@ -99,10 +109,13 @@ class RecordSelfAttention(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, model, down=True, middle=True, up=True, levels="all", steps="last", branch="cond"
+        cls, model, down=True, middle=True, up=True, levels="all", steps="last", branch="cond",
+        keep_runs=HISTORY,
     ) -> io.NodeOutput:
         positions = [name for name, on in (("down", down), ("middle", middle), ("up", up)) if on]
         if not positions:
             raise ValueError("down/middle/up: switch on at least one position to record")
-        patched, live = recorder.attach_recorder(model, positions=positions, levels=levels, steps=steps, branch=branch)
+        patched, live = recorder.attach_recorder(
+            model, positions=positions, levels=levels, steps=steps, branch=branch, keep_runs=keep_runs
+        )
         return io.NodeOutput(patched, live)

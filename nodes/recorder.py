@@ -13,7 +13,7 @@ How:
   any later ``ModelPatcher.clone()`` (LoRA, FreeU, ...), which deep-copies ``model_options``, still
   writes into the same store.
 - An OUTER_SAMPLE wrapper marks the start and end of each sampling run: a run starts a fresh recording,
-  and a finished run becomes what ``LiveRecording.snapshot()`` returns. The last HISTORY runs are kept
+  and a finished run becomes what ``LiveRecording.snapshot()`` returns. The last keep_runs runs are kept
   with their output latents, so that ``snapshot(latent)`` gives the run that produced a LATENT; so are
   every run of the prompt that sampled last (the items of a list of latents) and the run read last,
   however many runs follow it.
@@ -44,7 +44,7 @@ from comfy.patcher_extension import WrappersMP
 
 from .core.recording import BLOCK_POSITIONS, LayerKey, parse_levels
 from .entry_weights import EntryMult, EntryShares, entry_shares
-from .recorder_store import BRANCHES, LiveRecording, _Store, log, parse_steps
+from .recorder_store import BRANCHES, HISTORY, LiveRecording, _Store, check_keep_runs, log, parse_steps
 
 
 WRAPPER_KEY = "headseg_record_self_attention"
@@ -342,11 +342,15 @@ def _make_outer_sample_wrapper(store_id: int):
     return headseg_outer_sample
 
 
-def attach_recorder(model, positions=POSITIONS, levels: str | None = "all", steps: str = "last", branch: str = "cond"):
+def attach_recorder(
+    model, positions=POSITIONS, levels: str | None = "all", steps: str = "last", branch: str = "cond",
+    keep_runs: int = HISTORY,
+):
     """ModelPatcher -> (patched clone, LiveRecording). The input model is never modified.
 
     positions: any of "down", "middle", "up"; levels: "all" or "0,1,.." (0 = latent grid);
-    steps: "last" | "mean" | "N" | "A-B" (0-based); branch: "cond" | "uncond".
+    steps: "last" | "mean" | "N" | "A-B" (0-based); branch: "cond" | "uncond"; keep_runs: the latest
+    sampling runs kept (besides the run read last and every run of the prompt that sampled last).
     """
     positions = tuple(positions)
     bad = [p for p in positions if p not in POSITIONS]
@@ -355,6 +359,7 @@ def attach_recorder(model, positions=POSITIONS, levels: str | None = "all", step
     chosen_levels = parse_levels(levels if levels is not None else "all")
     level_set = None if chosen_levels is None else frozenset(chosen_levels)
     step_sel = parse_steps(steps)
+    keep_runs = check_keep_runs(keep_runs)
     if branch not in BRANCHES:
         raise ValueError(f"branch: expected 'cond' or 'uncond', got {branch!r}")
     if not hasattr(model, "clone") or not hasattr(model, "get_model_object"):
@@ -379,7 +384,7 @@ def attach_recorder(model, positions=POSITIONS, levels: str | None = "all", step
                 "at grid levels %s only; level(s) %s are skipped",
                 ",".join(map(str, sorted(level_set))), have, sorted(level_set - set(have)),
             )
-    store = _Store(chosen, level_set, step_sel, branch, model_label(model))
+    store = _Store(chosen, level_set, step_sel, branch, model_label(model), keep_runs)
     store_id = next(_IDS)
     _REGISTRY[store_id] = store
 

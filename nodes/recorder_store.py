@@ -24,12 +24,14 @@ log = logging.getLogger("HeadSeg")
 BRANCHES = {"cond": 0, "uncond": 1}
 VAE_FACTOR = 8  # pixels per latent cell for the SD-family UNets this records
 RECORD_DTYPE = torch.float16
-# Sampling runs kept per record node, so that a LATENT finds its own run when other samplers used
-# the recorded MODEL after it (a hires fix, an inpainting pass). Kept beyond them: the run read last
+# Sampling runs kept per record node by default (its keep_runs input), so that a LATENT finds its own
+# run when other samplers used the recorded MODEL after it (a hires fix, an inpainting pass). Kept
+# beyond them: the run read last
 # (_Store.pinned: an inpainting pass re-run click after click must not push out the image it
 # inpaints, which Head PCA reads again when one of its inputs changes), and every run of the prompt
 # that sampled last (a list of latents is sampled item after item before Head PCA reads any).
 HISTORY = 3
+MAX_KEEP_RUNS = 64
 # Why a run recorded nothing when the recorded layers never ran (the MODEL used was not the patched one).
 _NEVER_CALLED = "the self-attention layers were never called during the last sampling run"
 
@@ -47,6 +49,13 @@ class StepSelection:
         if self.mode != "range":
             return self.mode
         return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+
+def check_keep_runs(value) -> int:
+    """The record node's keep_runs -> int; ValueError naming it unless an integer from 1 to MAX_KEEP_RUNS."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_KEEP_RUNS:
+        raise ValueError(f"keep_runs: expected an integer from 1 to {MAX_KEEP_RUNS}, got {value!r}")
+    return int(value)
 
 
 def parse_steps(text: str) -> StepSelection:
@@ -114,13 +123,14 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 class _Store:
     """What one record node's patched model writes during sampling. Lives in _REGISTRY, never in model_options."""
 
-    def __init__(self, layers, levels, steps: StepSelection, branch: str, model: str):
+    def __init__(self, layers, levels, steps: StepSelection, branch: str, model: str, keep_runs: int = HISTORY):
         self.layers = {layer.key: layer for layer in layers}
         self.levels = levels
         self.steps = steps
         self.branch = branch
         self.branch_index = BRANCHES[branch]
         self.model = model
+        self.keep_runs = keep_runs  # the latest runs kept whatever else is kept (_remember)
         self.runs = 0
         self.dropped = 0  # runs pushed out of the history by newer ones
         self.failure = ""  # why the current or most recent run recorded nothing
@@ -266,10 +276,10 @@ class _Store:
         self._reset_run(None, None)
 
     def _remember(self, output, rec):
-        """Keeps a finished run: the last HISTORY runs stay, the run read last (pinned) however old it
+        """Keeps a finished run: the last keep_runs runs stay, the run read last (pinned) however old it
         is, and every run of the prompt this one ran in; the others go."""
         self.history.append(_Run(_cpu_latent(output), rec, self.failure, self.prompt))
-        first_recent = len(self.history) - HISTORY
+        first_recent = len(self.history) - self.keep_runs
         kept = [
             run for i, run in enumerate(self.history)
             if i >= first_recent or run is self.pinned or (self.prompt is not None and run.prompt == self.prompt)
@@ -601,10 +611,10 @@ class LiveRecording:
         runs = [run.latent for run in self._store.history if run.latent is not None]
         kept = ", ".join(dims(out) for out in runs)
         full = (
-            f" Only the last {HISTORY} runs (with every run of the prompt that sampled last, and the run read "
-            f"last) are kept, and {self._store.dropped} older one(s) are gone: a LATENT of an earlier run is no "
-            "longer there (every sampler that uses the recorded MODEL adds a run, e.g. an inpainting pass "
-            "each time it runs). Sample it again."
+            f" Only the last {self._store.keep_runs} run(s) (Record Self-Attention's keep_runs), every run of the "
+            f"prompt that sampled last and the run read last are kept, and {self._store.dropped} older one(s) are "
+            "gone: a LATENT of an earlier run is no longer there (every sampler that uses the recorded MODEL adds "
+            "a run, e.g. an inpainting pass each time it runs). Sample it again, or raise keep_runs."
             if self._store.dropped
             else ""
         )

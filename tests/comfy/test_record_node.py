@@ -43,6 +43,21 @@ def test_schema_has_id_description_and_tooltips():
     defaults = {k: v[1].get("default") for k, v in info["input"]["required"].items()}
     assert defaults == {"model": None, "down": True, "middle": True, "up": True, "levels": "all",
                         "steps": "last", "branch": "cond"}
+    # optional, so that API prompts saved before it existed still run, with the 3 runs kept then
+    (kind, opts), = [info["input"]["optional"]["keep_runs"]]
+    assert kind == "INT" and (opts["default"], opts["min"], opts["max"]) == (3, 1, 64) and len(opts["tooltip"]) > 20
+
+
+def test_keep_runs_reaches_the_recording(tiny, sd2):
+    patched, live = execute(sd2, keep_runs=1)
+    first = tiny.sample(patched, *tiny.conditioning("SD2"), latent_hw=(8, 8), steps=1, seed=1)
+    tiny.sample(patched, *tiny.conditioning("SD2"), latent_hw=(8, 8), steps=1, seed=2)
+    with pytest.raises(ValueError, match=r"Only the last 1 run\(s\)"):
+        live.snapshot(first)
+    patched, live = execute(sd2)  # left out, as in prompts saved before it existed: 3
+    first = tiny.sample(patched, *tiny.conditioning("SD2"), latent_hw=(8, 8), steps=1, seed=1)
+    tiny.sample(patched, *tiny.conditioning("SD2"), latent_hw=(8, 8), steps=1, seed=2)
+    assert live.snapshot(first).layers
 
 
 def test_all_sd2_layers_with_heads_and_grids(tiny):

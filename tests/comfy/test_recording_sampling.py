@@ -381,6 +381,22 @@ def test_every_run_of_the_prompt_that_sampled_last_is_kept(tiny, sd2):
         live.snapshot(items[0])
 
 
+@pytest.mark.parametrize("keep", [1, 5])
+def test_keep_runs_sets_how_many_latest_runs_stay(tiny, sd2, keep):
+    patched, live = recorder.attach_recorder(sd2, keep_runs=keep)
+    latents = [run(tiny, patched, latent_hw=(8, 8), seed=s) for s in range(keep + 1)]  # outside any prompt
+    for latent in latents[1:]:
+        assert live.snapshot(latent).layers
+    with pytest.raises(ValueError, match=rf"Only the last {keep} run\(s\) \(Record Self-Attention's keep_runs\).*or raise keep_runs"):
+        live.snapshot(latents[0])
+
+
+@pytest.mark.parametrize("bad", [0, 65, 2.0, True, "3", None])
+def test_keep_runs_out_of_range_is_named(sd2, bad):
+    with pytest.raises(ValueError, match=r"^keep_runs: expected an integer from 1 to 64, got "):
+        recorder.attach_recorder(sd2, keep_runs=bad)
+
+
 def test_node_reads_the_run_of_its_latent(tiny, sd2):
     from headseg.nodes import pipeline_nodes
 
@@ -489,7 +505,7 @@ def test_a_run_dropped_from_the_history_is_named(tiny, sd2):
     first = run(tiny, patched, latent_hw=(8, 8), seed=0)
     for seed in range(1, recorder_store.HISTORY + 1):
         run(tiny, patched, latent_hw=(8, 8), seed=seed)
-    with pytest.raises(ValueError, match=rf"Only the last {recorder_store.HISTORY} runs \(with every run of the prompt"):
+    with pytest.raises(ValueError, match=rf"Only the last {recorder_store.HISTORY} run\(s\) \(Record Self-Attention's keep_runs\), every run of the prompt"):
         live.snapshot(first)
 
 
