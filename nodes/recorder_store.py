@@ -143,6 +143,8 @@ class _Store:
     def _reset_run(self, latent_shape, sigmas):
         self.active = latent_shape is not None
         self.latent_shape = tuple(latent_shape) if latent_shape is not None else None
+        # the token grid of each level of this run's latent, ending at 1x1 (looked up at every model call)
+        self.grids = grid_levels(self.latent_shape[2:4]) if self.active else []
         self.sigmas = sigmas  # python floats, len = steps + 1
         self.prompt = _current_prompt() if self.active else None  # the ComfyUI prompt this run is part of
         self.acc: dict[LayerKey, torch.Tensor] = {}
@@ -452,7 +454,7 @@ class _Store:
             self.crop_calls += 1
             self._warn_once(key, "area", f"the model was called on a {tuple(original[-2:])} crop of the {H}x{W} latent")
             return
-        grids = grid_levels((H, W))  # ends at 1x1, where the UNet's further downsamplings stay
+        grids = self.grids  # ends at 1x1, where the UNet's further downsamplings stay
         if key in self.layers:  # the layer's own grid, and the level it is selected by
             level = min(self.layers[key].level, len(grids) - 1)
         elif (h, w) in grids:
