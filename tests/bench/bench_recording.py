@@ -220,8 +220,10 @@ def bench_full_size(names: list[str], device_name: str, runs: int, steps: int):
                 return comfy.sample.sample(m, noise, n, 7.0, "euler", "normal", pos, neg, latent,
                                            disable_pbar=True, seed=0)
 
-        # warm-up (loads the model, builds kernels), then how far each variant's latent is from a plain
-        # run's after one step and after all: "plain again" shows what the device itself varies
+        # a warm-up run (loads the model, builds kernels; on a GPU the first run of a fresh process has
+        # given other latents than the runs after it), then how far each variant's latent is from a
+        # plain run's after one step and after all: "plain again" shows what the device itself varies
+        sample(patcher)
         reference = {n: sample(patcher, n) for n in (1, steps)}
         diffs, kept = {}, {}
         for label, (m, live) in variants.items():
