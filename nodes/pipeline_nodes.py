@@ -111,7 +111,7 @@ class HeadPCA(io.ComfyNode):
                     tooltip=(
                         "The sampler's LATENT: required with a recording from Record Self-Attention. This node "
                         "then runs after sampling and again for every new image, and reads the sampling run "
-                        "that produced this LATENT (one of the last 3 runs of the recorded MODEL, a run of the prompt that sampled "
+                        "that produced this LATENT (one of the last keep_runs runs of the recorded MODEL, a run of the prompt that sampled "
                         "last, or the run read last). Connect it "
                         "straight from the sampler. Leave it empty for a recording loaded from a file."
                     ),

@@ -137,6 +137,7 @@ class _Store:
         # the runs kept (_remember), oldest first
         self.history: list[_Run] = []
         self.pinned: _Run | None = None  # the run that run_of found last
+        self._capped: set = set()  # prompts whose runs went past MAX_KEEP_RUNS (warned once)
         self._reset_run(None, None)
 
     # -- run boundaries (OUTER_SAMPLE wrapper) -------------------------------------------------
@@ -227,8 +228,9 @@ class _Store:
         """Closes the run; ``output`` is the sampler's output latent, kept to match a LATENT to this run."""
         if not self.active:
             if self._failed:  # the run stopped recording part-way: keep why, for its LATENT
-                self._remember(output, None)
+                self._remember(output, None)  # with its prompt, which _stop kept
                 self._failed = False
+                self.prompt = None
             return
         layers = {}
         for key in sorted(self.acc, key=lambda k: k.sort_key):
@@ -279,13 +281,26 @@ class _Store:
 
     def _remember(self, output, rec):
         """Keeps a finished run: the last keep_runs runs stay, the run read last (pinned) however old it
-        is, and every run of the prompt this one ran in; the others go."""
+        is, and the runs of the prompt this one ran in, the newest MAX_KEEP_RUNS of them (a loop, a
+        tiled upscaler or a prompt id an API client sends again must not hold runs without bound);
+        the others go."""
         self.history.append(_Run(_cpu_latent(output), rec, self.failure, self.prompt))
         first_recent = len(self.history) - self.keep_runs
-        kept = [
-            run for i, run in enumerate(self.history)
-            if i >= first_recent or run is self.pinned or (self.prompt is not None and run.prompt == self.prompt)
-        ]
+        same = [self.prompt is not None and run.prompt == self.prompt for run in self.history]
+        newer_of_prompt = [sum(same[i + 1:]) for i in range(len(same))]  # runs of this prompt after each
+        kept, capped = [], False
+        for i, run in enumerate(self.history):
+            if i >= first_recent or run is self.pinned or (same[i] and newer_of_prompt[i] < MAX_KEEP_RUNS):
+                kept.append(run)
+            elif same[i]:
+                capped = True
+        if capped and self.prompt not in self._capped:
+            self._capped.add(self.prompt)
+            log.warning(
+                "HeadSeg: prompt %s sampled the recorded MODEL more than %d times (a loop, a tiled upscaler, "
+                "or a prompt id sent again): only its newest %d runs are kept", self.prompt, MAX_KEEP_RUNS,
+                MAX_KEEP_RUNS,
+            )
         self.dropped += len(self.history) - len(kept)
         self.history = kept
 
@@ -321,9 +336,11 @@ class _Store:
 
     def _stop(self, reason: str):
         self.failure = reason
-        failed_in_run = self.active
+        failed_in_run, prompt = self.active, self.prompt
         self._reset_run(None, None)
         self._failed = failed_in_run
+        if failed_in_run:  # end_run keeps the failed run with the prompt it ran in
+            self.prompt = prompt
 
     @property
     def n_steps(self) -> int:

@@ -584,3 +584,45 @@ def test_the_history_message_only_when_a_run_was_dropped(tiny, sd2):
         live.snapshot(torch.zeros(1, 4, 8, 8))
     assert "Only the last" not in str(info.value)
 
+
+
+def _store_run(store, seed, refuse=None):
+    """One sampling run through a bare _Store (no model): its output latent."""
+    noise = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(seed))
+    store.begin_run(noise, torch.tensor([1.0, 0.0]))
+    if refuse:
+        store.refuse(refuse)
+    store.end_run(noise * 2)
+    return noise * 2
+
+
+def test_the_runs_of_one_prompt_are_bounded(caplog):
+    """A prompt that samples the recorded MODEL again and again (a loop, a tiled upscaler), or an API
+    client that sends one prompt id with every queue (ComfyUI takes the client's prompt_id as it is),
+    keeps at most MAX_KEEP_RUNS runs of it, not all."""
+    from comfy_execution.utils import CurrentNodeContext
+
+    store = recorder_store._Store([], None, recorder_store.parse_steps("last"), "cond", "SD2", keep_runs=1)
+    with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        for queue in range(recorder_store.MAX_KEEP_RUNS + 10):
+            with CurrentNodeContext("the-same-id", "3", 0):
+                _store_run(store, queue)
+    assert len(store.history) == recorder_store.MAX_KEEP_RUNS
+    assert caplog.text.count(f"sampled the recorded MODEL more than {recorder_store.MAX_KEEP_RUNS} times") == 1
+
+
+def test_a_refused_run_keeps_its_prompt_and_the_runs_before_it():
+    """A run that records nothing (refused part-way) belongs to its prompt too: it neither drops the
+    earlier runs of that prompt (a list of latents) nor goes itself when more runs of it follow."""
+    from comfy_execution.utils import CurrentNodeContext
+
+    store = recorder_store._Store([], None, recorder_store.parse_steps("last"), "cond", "SD2", keep_runs=1)
+    with CurrentNodeContext("prompt-1", "6", 0):
+        items = [_store_run(store, s) for s in range(4)]
+        refused = _store_run(store, 99, refuse="a guider HeadSeg does not record")
+        later = _store_run(store, 100)
+    assert [run.prompt for run in store.history] == ["prompt-1"] * 6
+    for latent in items + [later]:
+        assert store.run_of(latent) is not None
+    assert store.run_of(refused) == (None, "a guider HeadSeg does not record")
+    assert store.prompt is None and not store._failed
