@@ -64,7 +64,7 @@ def _path_inside(full: str, folders: list[str]) -> str | None:
 # web page loads: a listing is used again for this many seconds (a linked shared drive can take
 # seconds to walk). Save Recording forgets it, so its own files show up at once.
 _LISTING_SECONDS = 2.0
-# "entry": ((input folder, output folder), time.monotonic(), [...]), replaced whole, never
+# "entry": ((input folder, output folder), time.monotonic(), [...], generation), replaced whole, never
 # changed in place: the file list is read on the server's thread (prompt checks, /object_info) while
 # Save Recording may forget it on the execution thread, so it is read and written in one step each.
 _listing: dict = {}
@@ -86,12 +86,15 @@ def _recording_files() -> list[str]:
 
     key = (folder_paths.get_input_directory(), folder_paths.get_output_directory())
     entry = _listing.get("entry")  # one read: another thread may forget the listing at any time
-    if entry is not None and entry[0] == key and time.monotonic() - entry[1] < _LISTING_SECONDS:
+    # a listing whose walk started before the last forget_listing is stale, even if it was stored
+    # after it (the forget can fall between the check below and the store)
+    if (entry is not None and entry[0] == key and entry[3] == _generation[0]
+            and time.monotonic() - entry[1] < _LISTING_SECONDS):
         return list(entry[2])
     generation = _generation[0]
     found = _walk_recording_files(*key)
     if _generation[0] == generation:  # else a file was saved during the walk, which may have missed it
-        _listing["entry"] = (key, time.monotonic(), found)
+        _listing["entry"] = (key, time.monotonic(), found, generation)
     return list(found)
 
 

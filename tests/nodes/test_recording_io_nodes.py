@@ -522,3 +522,22 @@ def test_a_walk_that_overlaps_save_recording_is_not_kept(io_nodes, recording, co
     assert io_nodes._recording_files() == []
     monkeypatch.setattr(io_nodes, "_walk_recording_files", real)
     assert any(name.startswith("during") for name in io_nodes._recording_files())
+
+
+def test_a_listing_stored_just_after_save_recording_forgot_it_is_not_used(io_nodes, recording, comfy_folders, monkeypatch):
+    """Save Recording may forget the listing between a walk's generation check and its store: the stored
+    list (which may miss the new file) is then not used by the next request."""
+    real_monotonic = io_nodes.time.monotonic
+    calls = []
+
+    def save_between_check_and_store():  # the store's time.monotonic() runs after the check
+        calls.append(1)
+        if len(calls) == 1:  # only the store reads the clock when nothing is kept yet
+            io_nodes.SaveRecording.execute(recording, "between")
+        return real_monotonic()
+
+    io_nodes.forget_listing()
+    monkeypatch.setattr(io_nodes.time, "monotonic", save_between_check_and_store)
+    io_nodes._recording_files()
+    monkeypatch.setattr(io_nodes.time, "monotonic", real_monotonic)
+    assert any(name.startswith("between") for name in io_nodes._recording_files())
