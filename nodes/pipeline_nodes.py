@@ -154,7 +154,16 @@ class HeadPCA(io.ComfyNode):
         rec = as_recording(recording, latent)
         pos = parse_positions(positions)
         lv = parse_levels(levels)
-        selected = rec.select(positions=pos, levels=lv)
+        skipped = [  # layers the record node was set to record that this run lacks (the log says why)
+            key.name for key, level in (recording.unrecorded(rec) if hasattr(recording, "unrecorded") else [])
+            if key.position in pos and (lv is None or level in lv)
+        ]
+        try:
+            selected = rec.select(positions=pos, levels=lv)
+        except ValueError as exc:
+            if not skipped:
+                raise
+            raise ValueError(f"{exc}; layer(s) {', '.join(skipped)} were not recorded in this run: see the log") from None
         have = _recorded_levels(rec, pos)
         missing = [] if lv is None else sorted(set(lv) - set(have))  # e.g. '0,1' on SDXL: level 0 has none
 
@@ -191,15 +200,8 @@ class HeadPCA(io.ComfyNode):
             note = f"level(s) {listed(missing)} not in the recording (it has {listed(have)} at {'+'.join(pos)})"
             text += "; " + note
             log.warning("HeadSeg Head PCA: levels %r: %s", levels, note)
-        skipped = [
-            key.name for key, level in (recording.unrecorded(rec) if hasattr(recording, "unrecorded") else [])
-            if key.position in pos and (lv is None or level in lv)
-        ]
         if skipped:
-            note = (
-                f"layer(s) {', '.join(skipped)} not recorded in this run (another patch changed their token count "
-                "or grid, see the log): their heads are left out"
-            )
+            note = f"layer(s) {', '.join(skipped)} not recorded in this run (see the log): their heads are left out"
             text += "; " + note
             log.warning("HeadSeg Head PCA: %s", note)
         ui = {"images": preview_refs(grid), "text": [text], "headseg_summary": [summary]}
@@ -484,7 +486,8 @@ class MaskMerge(io.ComfyNode):
                     optional=True,  # prompts saved before it existed leave it out: image 0, as then
                     tooltip=(
                         "Which image of the batch all_masks holds: 0 = the first. -1 = every image, its masks "
-                        "one image after the other (the node's text gives the count per image). An index past "
+                        "one image after the other (the node's text gives the count per image; one all-zero "
+                        "mask when no image has any). An index past "
                         "the last image stops with an error."
                     ),
                 ),

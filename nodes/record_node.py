@@ -22,8 +22,9 @@ class RecordSelfAttention(io.ComfyNode):
             description=(
                 "Patches the model so that, while a sampler runs it, the output of every self-attention head "
                 "(softmax(QK^T/sqrt d)·V, before the heads are mixed) is recorded for each UNet layer, in float16 "
-                "on the CPU. Sample with the MODEL output; the RECORDING keeps the last sampling runs (keep_runs), every "
-                "run of the prompt that sampled last (one per item of a list of latents) and the run read last, and the "
+                "on the CPU. Sample with the MODEL output; the RECORDING keeps the last sampling runs (keep_runs), the "
+                "runs of the prompt that sampled last (its newest 64: one per item of a list of latents) and the run "
+                "read last, and the "
                 "node that reads it takes the run that produced its LATENT. Works with SD1.x, SD2.x and SDXL UNets (DiT models such as Flux or SD3 are "
                 "refused). Chains attn1 patches set before or after it (SAG's, another pack's) and survives "
                 "later LoRA/FreeU clones; SAG and PAG keep their effect and their extra passes are not "
@@ -88,7 +89,7 @@ class RecordSelfAttention(io.ComfyNode):
                 RecordingSocket.Output(
                     display_name="RECORDING",
                     tooltip="Live recording of the sampling runs with the patched model (the last keep_runs, "
-                            "every run of the prompt that sampled last and the run read last are kept): per layer [batch, heads, h, w, d] float16 (about 23 MB per image and run "
+                            "the newest 64 runs of the prompt that sampled last and the run read last are kept): per layer [batch, heads, h, w, d] float16 (about 23 MB per image and run "
                             "for SD2.1 at 512x512 with every layer). Connect the sampler's LATENT to the node "
                             "that reads it: that node runs after sampling and reads that LATENT's run.",
                 ),

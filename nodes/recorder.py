@@ -15,7 +15,7 @@ How:
 - An OUTER_SAMPLE wrapper marks the start and end of each sampling run: a run starts a fresh recording,
   and a finished run becomes what ``LiveRecording.snapshot()`` returns. The last keep_runs runs are kept
   with their output latents, so that ``snapshot(latent)`` gives the run that produced a LATENT; so are
-  every run of the prompt that sampled last (the items of a list of latents) and the run read last,
+  the newest MAX_KEEP_RUNS runs of the prompt that sampled last (the items of a list of latents) and the run read last,
   however many runs follow it.
 - PREDICT_NOISE and CALC_COND_BATCH wrappers tell each model evaluation's main pass (recorded) from the
   extra passes guidance nodes run after CFG (not recorded), keep a (block, number) attn1 patch added
@@ -350,7 +350,8 @@ def attach_recorder(
 
     positions: any of "down", "middle", "up"; levels: "all" or "0,1,.." (0 = latent grid);
     steps: "last" | "mean" | "N" | "A-B" (0-based); branch: "cond" | "uncond"; keep_runs: the latest
-    sampling runs kept (besides the run read last and every run of the prompt that sampled last).
+    sampling runs kept (besides the run read last and the newest MAX_KEEP_RUNS runs of the prompt that
+    sampled last).
     """
     positions = tuple(positions)
     bad = [p for p in positions if p not in POSITIONS]

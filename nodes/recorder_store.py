@@ -28,8 +28,9 @@ RECORD_DTYPE = torch.float16
 # run when other samplers used the recorded MODEL after it (a hires fix, an inpainting pass). Kept
 # beyond them: the run read last
 # (_Store.pinned: an inpainting pass re-run click after click must not push out the image it
-# inpaints, which Head PCA reads again when one of its inputs changes), and every run of the prompt
-# that sampled last (a list of latents is sampled item after item before Head PCA reads any).
+# inpaints, which Head PCA reads again when one of its inputs changes), and the newest MAX_KEEP_RUNS
+# runs of the prompt that sampled last (a list of latents is sampled item after item before Head PCA
+# reads any).
 HISTORY = 3
 MAX_KEEP_RUNS = 64
 # Why a run recorded nothing when the recorded layers never ran (the MODEL used was not the patched one).
@@ -630,8 +631,9 @@ class LiveRecording:
         runs = [run.latent for run in self._store.history if run.latent is not None]
         kept = ", ".join(dims(out) for out in runs)
         full = (
-            f" Only the last {self._store.keep_runs} run(s) (Record Self-Attention's keep_runs), every run of the "
-            f"prompt that sampled last and the run read last are kept, and {self._store.dropped} older one(s) are "
+            f" Only the last {self._store.keep_runs} run(s) (Record Self-Attention's keep_runs), the newest "
+            f"{MAX_KEEP_RUNS} runs of the prompt that sampled last and the run read last are kept, and "
+            f"{self._store.dropped} older one(s) are "
             "gone: a LATENT of an earlier run is no longer there (every sampler that uses the recorded MODEL adds "
             "a run, e.g. an inpainting pass each time it runs). Sample it again, or raise keep_runs."
             if self._store.dropped

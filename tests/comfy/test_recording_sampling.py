@@ -247,12 +247,14 @@ def test_head_pca_names_the_layers_a_run_skipped(tiny, sd2, caplog):
     latent = {"samples": run(tiny, patched, latent_hw=(8, 8))}
     with caplog.at_level(logging.WARNING, logger="HeadSeg"):
         text = pipeline_nodes.HeadPCA.execute(live, "down+up", "all", 4, latent=latent).ui["text"][0]
-    assert text.endswith(f"; layer(s) {level_0} not recorded in this run (another patch changed their token "
-                         "count or grid, see the log): their heads are left out")
+    assert text.endswith(f"; layer(s) {level_0} not recorded in this run (see the log): their heads are left out")
     assert f"HeadSeg Head PCA: layer(s) {level_0} not recorded" in caplog.text
     for asked in (("down", "1,2"), ("middle", "all")):  # none of the skipped layers asked for: no note
         text = pipeline_nodes.HeadPCA.execute(live, asked[0], asked[1], 4, latent=latent).ui["text"][0]
         assert "not recorded" not in text, asked
+    with pytest.raises(ValueError, match=r"^positions / levels: no layer left .*; layer\(s\) input.1.0, input.2.0 were "
+                                         r"not recorded in this run: see the log$"):
+        pipeline_nodes.HeadPCA.execute(live, "down", "0", 4, latent=latent)  # only skipped layers asked for
     patched, live = recorder.attach_recorder(tiled, levels="1,2")  # level 0 not asked of the record node
     latent = {"samples": run(tiny, patched, latent_hw=(8, 8))}
     assert "not recorded" not in pipeline_nodes.HeadPCA.execute(live, "down+up", "all", 4, latent=latent).ui["text"][0]
@@ -505,7 +507,7 @@ def test_a_run_dropped_from_the_history_is_named(tiny, sd2):
     first = run(tiny, patched, latent_hw=(8, 8), seed=0)
     for seed in range(1, recorder_store.HISTORY + 1):
         run(tiny, patched, latent_hw=(8, 8), seed=seed)
-    with pytest.raises(ValueError, match=rf"Only the last {recorder_store.HISTORY} run\(s\) \(Record Self-Attention's keep_runs\), every run of the prompt"):
+    with pytest.raises(ValueError, match=rf"Only the last {recorder_store.HISTORY} run\(s\) \(Record Self-Attention's keep_runs\), the newest 64 runs of the prompt"):
         live.snapshot(first)
 
 
