@@ -450,16 +450,21 @@ class _Store:
                 "standard CFG guider"
             )
             return
-        step = self._step_of(extra_options)
-        self.max_step_any = max(self.max_step_any, step)
+        # 'mean' records every step, so it never asks which step a call belongs to: reading the call's
+        # sigma waits for the GPU (a device sync at every model call), which costs several percent of
+        # sampling there; 'last' and ranges need it (and their messages the steps seen)
+        step = None if self.steps.mode == "mean" else self._step_of(extra_options)
+        if step is not None:
+            self.max_step_any = max(self.max_step_any, step)
         if self.branch_index not in cond_or_uncond:
             return
         self.seen_branch += 1
-        self.max_step = max(self.max_step, step)
-        if not self._wants(step):
-            return
+        if step is not None:
+            self.max_step = max(self.max_step, step)
+            if not self._wants(step):
+                return
+            self.wanted_steps.add(step)
         self.wanted_calls += 1
-        self.wanted_steps.add(step)
 
         B, _, H, W = self.latent_shape[:4]
         shape = extra_options.get("activations_shape")

@@ -73,6 +73,22 @@ def test_recording_does_not_change_the_sampled_latent(tiny, sd2):
     assert (plain - recorded).abs().max().item() <= 1e-4
 
 
+def test_mean_never_asks_which_step_a_call_is(tiny, sd2, monkeypatch):
+    """Reading a call's sigma waits for the GPU: 'mean' records every step, so it must not ask; 'last'
+    asks at every model call."""
+    asked = []
+    step_of = recorder_store._Store._step_of
+    monkeypatch.setattr(recorder_store._Store, "_step_of", lambda self, o: asked.append(1) or step_of(self, o))
+    patched, live = recorder.attach_recorder(sd2, steps="mean")
+    with AttentionProbe(patched) as probe:
+        run(tiny, patched, latent_hw=(8, 8), steps=3)
+    assert not asked
+    assert_matches(live.snapshot(), probe, (8, 8), steps="mean")
+    patched, live = recorder.attach_recorder(sd2, steps="last")
+    run(tiny, patched, latent_hw=(8, 8), steps=3)
+    assert len(asked) >= 3 * len(live.layers)
+
+
 @pytest.mark.parametrize("layout", ["batched", "cfg1", "separate"])
 def test_cfg_layouts_record_the_cond_chunk(tiny, sd2, layout, monkeypatch):
     cfg = 1.0 if layout == "cfg1" else 5.0
