@@ -314,6 +314,38 @@ def _make_calc_cond_batch_wrapper(store_id: int):
     return headseg_calc_cond_batch
 
 
+def _reports_schedule_steps(sampler) -> bool:
+    """Whether ``sampler`` is one of k-diffusion's samplers as ComfyUI runs them (KSAMPLER): their
+    progress callback reports step i of the schedule after its model evaluations. Others (ComfyUI's
+    dpm_fast / dpm_adaptive, which pick their own steps, UniPC, other packs' samplers) are not
+    assumed to."""
+    function = getattr(sampler, "sampler_function", None)
+    return isinstance(sampler, comfy.samplers.KSAMPLER) and getattr(function, "__module__", None) == _K_DIFFUSION
+
+
+_K_DIFFUSION = "comfy.k_diffusion.sampling"
+
+
+def _with_step_reports(args: tuple, kwargs: dict, store_id: int):
+    """outer_sample's (args, kwargs) with its callback (argument 5) wrapped so that every step the
+    sampler reports also reaches the store; the callback given, if any, still gets every call."""
+    given = args[5] if len(args) > 5 else kwargs.get("callback")
+
+    def headseg_step_report(step, *rest, **more):
+        store = _REGISTRY.get(store_id)
+        if store is not None:
+            try:
+                store.step_done(step)
+            except Exception as exc:  # recording must never break sampling
+                store.fail(exc)
+        if given is not None:
+            return given(step, *rest, **more)
+
+    if len(args) > 5:
+        return (*args[:5], headseg_step_report, *args[6:]), kwargs
+    return args, {**kwargs, "callback": headseg_step_report}
+
+
 def _make_outer_sample_wrapper(store_id: int):
     """OUTER_SAMPLE wrapper: (executor, noise, latent_image, sampler, sigmas, ...) marks one sampling run."""
 
@@ -323,7 +355,10 @@ def _make_outer_sample_wrapper(store_id: int):
             return executor(*args, **kwargs)
         noise = args[0] if len(args) > 0 else kwargs["noise"]
         sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
-        store.begin_run(noise, sigmas)
+        reports = _reports_schedule_steps(args[2] if len(args) > 2 else kwargs.get("sampler"))
+        if reports:  # hear the sampler's step reports: 'last' then reads fewer sigmas (see _Store._step_of)
+            args, kwargs = _with_step_reports(args, kwargs, store_id)
+        store.begin_run(noise, sigmas, reports_steps=reports)
         try:
             output = executor(*args, **kwargs)
         except BaseException:

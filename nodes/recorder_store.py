@@ -96,6 +96,12 @@ def _current_prompt() -> str | None:
     return None if context is None else getattr(context, "prompt_id", None)
 
 
+def _sigma_value(sig) -> float:
+    """A model call's sigma (a tensor of one sigma per image, or a number) as a float: for a tensor on
+    a GPU this waits for the GPU to reach it."""
+    return float(sig.max()) if torch.is_tensor(sig) else float(sig)
+
+
 def _cpu_latent(x) -> torch.Tensor | None:
     """A sampler's latent as a float32 CPU tensor (a copy), or None when it is not a plain tensor."""
     if not isinstance(x, torch.Tensor) or x.is_nested:
@@ -174,16 +180,31 @@ class _Store:
         self.crop_calls = 0  # of these, calls on an area crop of the latent (not recorded)
         self.regrid_calls = 0  # of these, calls of a layer on another level than its own (Deep Shrink)
         self.wanted_steps: set[int] = set()  # the chosen steps the branch was called at
+        # the sampler's own step reports (step_done), when it is one whose reports count the schedule's
+        # steps: they tell 'last' which calls are certainly earlier without reading their sigma
+        self.reports_steps = False
+        self.reported = -1  # the latest step the sampler reported done
+        self.evals_since_report = 0  # model evaluations since that report (or since the run began)
 
-    def begin_run(self, noise: torch.Tensor, sigmas: torch.Tensor):
+    def begin_run(self, noise: torch.Tensor, sigmas: torch.Tensor, reports_steps: bool = False):
+        """A sampling run starts. reports_steps: the sampler reports each step of ``sigmas`` as it
+        finishes it, after that step's model evaluations (step_done), as k-diffusion's samplers do."""
         sig = [float(s) for s in sigmas.detach().flatten().cpu()]
         self.failure = ""
         self._reset_run(noise.shape, sig)
+        self.reports_steps = reports_steps
 
     def begin_eval(self):
         """A guider's predict_noise call starts: one model evaluation (PREDICT_NOISE wrapper)."""
         self.eval_id += 1
+        self.evals_since_report += 1
         self.seen_conds = set()
+
+    def step_done(self, step) -> None:
+        """The sampler reports that it finished ``step`` (its progress callback)."""
+        if self.active:
+            self.reported = max(self.reported, int(step))
+            self.evals_since_report = 0
 
     def begin_batch(self, conds, shares_of=None) -> bool:
         """A calc_cond_batch call over ``conds`` (a list, None where a branch is skipped) starts ->
@@ -404,8 +425,11 @@ class _Store:
             return 0
         if sig is self._sig_obj:
             return self._sig_step
+        if self._before_last_by_reports():
+            self._sig_obj, self._sig_step = sig, self.reported + 1  # (an estimate: used by messages only)
+            return self._sig_step
         schedule = self.sigmas
-        s = float(sig.max()) if torch.is_tensor(sig) else float(sig)
+        s = _sigma_value(sig)
         self.min_sigma = min(self.min_sigma, s)
         step = max(len(schedule) - 2, 0)
         for i in range(len(schedule) - 1):
@@ -415,6 +439,18 @@ class _Store:
                 break
         self._sig_obj, self._sig_step = sig, step
         return step
+
+    def _before_last_by_reports(self) -> bool:
+        """'last' only: whether the model call being made is certainly in an earlier step than the last,
+        known without reading its sigma (on a GPU a device sync at every model call, about half of
+        recording's cost there). After the sampler reported step i, its next evaluation is the first
+        of step i + 1 (a second-order corrector, at the next sigma, is a second evaluation, so its
+        sigma is read); one step of margin is kept against a sampler that reports a step late."""
+        last = len(self.sigmas or []) - 2
+        return (
+            self.steps.mode == "last" and self.reports_steps and self.evals_since_report == 1
+            and self.reported + 2 < last
+        )
 
     def _wants(self, step: int) -> bool:
         if self.steps.mode == "last":

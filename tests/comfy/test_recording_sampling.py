@@ -89,6 +89,43 @@ def test_mean_never_asks_which_step_a_call_is(tiny, sd2, monkeypatch):
     assert len(asked) >= 3 * len(live.layers)
 
 
+def _count_sigma_reads(monkeypatch) -> list:
+    reads = []
+    read = recorder_store._sigma_value
+    monkeypatch.setattr(recorder_store, "_sigma_value", lambda sig: reads.append(1) or read(sig))
+    return reads
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "lcm", "uni_pc"])
+def test_last_reads_the_sigma_only_near_the_end_of_samplers_that_report_steps(tiny, sd2, sampler, monkeypatch):
+    """Reading a call's sigma waits for the GPU. k-diffusion's samplers report each step after its
+    evaluations, so 'last' reads only the sigmas of the last steps' calls (and of second-order
+    correctors); others (UniPC) are read at every model call. The recording is the same either way."""
+    reads = _count_sigma_reads(monkeypatch)
+    steps_seen = []
+    patched, live = recorder.attach_recorder(sd2, steps="last")
+    pos, neg = tiny.conditioning("SD2")
+    with AttentionProbe(patched) as probe:
+        tiny.sample(patched, pos, neg, latent_hw=(8, 8), steps=8, sampler_name=sampler,
+                    callback=lambda step, x0, x, total: steps_seen.append(step))
+    assert_matches(live.snapshot(), probe, (8, 8), steps="last")
+    assert steps_seen == list(range(8)) or sampler == "uni_pc"  # the callback given still hears every step
+    evaluations = len(probe.branch_calls("input.1.0", 0))
+    if sampler == "uni_pc":
+        assert len(reads) == evaluations
+    else:
+        assert 2 <= len(reads) <= evaluations - 4, (len(reads), evaluations)
+
+
+def test_a_sampler_run_without_a_callback_still_reports_its_steps(tiny, sd2, monkeypatch):
+    reads = _count_sigma_reads(monkeypatch)
+    patched, live = recorder.attach_recorder(sd2, steps="last")
+    with AttentionProbe(patched) as probe:
+        run(tiny, patched, latent_hw=(8, 8), steps=8)  # comfy.sample.sample with no callback
+    assert_matches(live.snapshot(), probe, (8, 8), steps="last")
+    assert len(reads) <= 4
+
+
 @pytest.mark.parametrize("layout", ["batched", "cfg1", "separate"])
 def test_cfg_layouts_record_the_cond_chunk(tiny, sd2, layout, monkeypatch):
     cfg = 1.0 if layout == "cfg1" else 5.0
