@@ -166,6 +166,10 @@ class _Store:
         self.min_sigma = float("inf")  # lowest sigma of a main-pass call
         self._sig_obj = None
         self._sig_step = 0
+        self._sig_estimated = False  # _sig_step is an estimate from the step reports (no sigma read)
+        # the sigmas of the evaluations whose step was estimated (any branch, and the recorded branch's):
+        # read only when a message needs the steps seen (_settle_estimates), never while sampling
+        self._estimated_sig = {"any": [], "branch": []}
         self._warned: set = set()
         self.acc_eval: dict[LayerKey, tuple] = {}  # the model evaluation acc[key] last added (its tag)
         # inside a calc_cond_batch call: EntryShares of the recorded branch, None, or a function that
@@ -192,7 +196,9 @@ class _Store:
         sig = [float(s) for s in sigmas.detach().flatten().cpu()]
         self.failure = ""
         self._reset_run(noise.shape, sig)
-        self.reports_steps = reports_steps
+        # the reports place a call only on a schedule that never rises (FlipSigmas' ascending one, a
+        # hand-made one that rises again: a call there may belong to 'last' out of order)
+        self.reports_steps = reports_steps and all(a >= b for a, b in zip(sig, sig[1:]))
 
     def begin_eval(self):
         """A guider's predict_noise call starts: one model evaluation (PREDICT_NOISE wrapper)."""
@@ -369,10 +375,23 @@ class _Store:
         """Steps of the current run's sigma schedule."""
         return max(len(self.sigmas or []) - 1, 0)
 
+    def _settle_estimates(self):
+        """Folds the calls whose step was only estimated into the steps and sigmas seen, reading their
+        sigma now (for a message; the estimate is right about 'before the last step', but a corrector
+        within step i, e.g. dpmpp_sde's, would count as step i + 1)."""
+        for which, sigs in self._estimated_sig.items():
+            for sig in sigs:
+                step = self._read_step(sig)
+                self.max_step_any = max(self.max_step_any, step)
+                if which == "branch":
+                    self.max_step = max(self.max_step, step)
+        self._estimated_sig = {"any": [], "branch": []}
+
     def _why_empty(self) -> str:
         n_steps = self.n_steps
         if self.failure:
             return self.failure
+        self._settle_estimates()
         if self.seen_calls == 0:
             return _NEVER_CALLED
         if self.seen_branch == 0:
@@ -422,12 +441,19 @@ class _Store:
         """The step a model call belongs to: i such that sigmas[i+1] < sigma <= sigmas[i]."""
         sig = extra_options.get("sigmas")
         if sig is None:
+            self._sig_estimated = False
             return 0
         if sig is self._sig_obj:
             return self._sig_step
-        if self._before_last_by_reports():
-            self._sig_obj, self._sig_step = sig, self.reported + 1  # (an estimate: used by messages only)
+        if self._before_last_by_reports():  # an estimate: certainly before the last step (see observe)
+            self._sig_obj, self._sig_step, self._sig_estimated = sig, self.reported + 1, True
             return self._sig_step
+        step = self._read_step(sig)
+        self._sig_obj, self._sig_step, self._sig_estimated = sig, step, False
+        return step
+
+    def _read_step(self, sig) -> int:
+        """The step of a call's sigma, read (a device sync on a GPU)."""
         schedule = self.sigmas
         s = _sigma_value(sig)
         self.min_sigma = min(self.min_sigma, s)
@@ -437,15 +463,15 @@ class _Store:
             if s > nxt + 1e-5 * max(abs(nxt), 1e-3):
                 step = i
                 break
-        self._sig_obj, self._sig_step = sig, step
         return step
 
     def _before_last_by_reports(self) -> bool:
         """'last' only: whether the model call being made is certainly in an earlier step than the last,
         known without reading its sigma (on a GPU a device sync at every model call, about half of
         recording's cost there). After the sampler reported step i, its next evaluation is the first
-        of step i + 1 (a second-order corrector, at the next sigma, is a second evaluation, so its
-        sigma is read); one step of margin is kept against a sampler that reports a step late."""
+        of step i + 1, or a corrector of step i (heun's at sigma i + 1, dpmpp_sde's, sa_solver_pece's
+        within step i): either way before the last step while i + 2 < last, on a schedule that never
+        rises (begin_run). Its step is then an estimate, kept out of the steps seen (_settle_estimates)."""
         last = len(self.sigmas or []) - 2
         return (
             self.steps.mode == "last" and self.reports_steps and self.evals_since_report == 1
@@ -490,14 +516,23 @@ class _Store:
         # sigma waits for the GPU (a device sync at every model call), which costs several percent of
         # sampling there; 'last' and ranges need it (and their messages the steps seen)
         step = None if self.steps.mode == "mean" else self._step_of(extra_options)
-        if step is not None:
+        estimated = step is not None and self._sig_estimated
+        sig = extra_options.get("sigmas")
+        if estimated:  # its step is read only if a message needs it (_settle_estimates)
+            if not self._estimated_sig["any"] or self._estimated_sig["any"][-1] is not sig:
+                self._estimated_sig["any"].append(sig)
+        elif step is not None:
             self.max_step_any = max(self.max_step_any, step)
         if self.branch_index not in cond_or_uncond:
             return
         self.seen_branch += 1
-        if step is not None:
+        if estimated:
+            if not self._estimated_sig["branch"] or self._estimated_sig["branch"][-1] is not sig:
+                self._estimated_sig["branch"].append(sig)
+        elif step is not None:
             self.max_step = max(self.max_step, step)
-            if not self._wants(step):
+        if step is not None:
+            if not self._wants(step):  # (an estimated step is never the last one)
                 return
             self.wanted_steps.add(step)
         self.wanted_calls += 1

@@ -126,6 +126,60 @@ def test_a_sampler_run_without_a_callback_still_reports_its_steps(tiny, sd2, mon
     assert len(reads) <= 4
 
 
+def _recorded_or_message(live):
+    try:
+        rec = live.snapshot()
+    except ValueError as exc:
+        return str(exc)
+    return {k.name: v for k, v in rec.layers.items()}
+
+
+def _same(a, b):
+    if isinstance(a, str) or isinstance(b, str):
+        return a == b
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("sigmas", ["flipped", "rising_again"])
+def test_last_on_a_schedule_that_rises_records_what_reading_every_sigma_records(tiny, sd2, sigmas, monkeypatch):
+    """FlipSigmas (unsampling) gives an ascending schedule; a hand-made one may rise again. A call the
+    step reports place early can then be one that reading its sigma files under 'last'."""
+    import comfy_extras.nodes_custom_sampler as custom
+
+    schedule = comfy.samplers.calculate_sigmas(sd2.get_model_object("model_sampling"), "normal", 6)
+    if sigmas == "flipped":
+        schedule = custom.FlipSigmas().get_sigmas(schedule)[0]
+    else:
+        schedule = torch.tensor([14.6, 5.0, 1.0, 10.0, 2.0, 0.0])
+    pos, neg = tiny.conditioning("SD2")
+    got = []
+    for reports in (True, False):
+        if not reports:
+            monkeypatch.setattr(recorder, "_reports_schedule_steps", lambda sampler: False)
+        patched, live = recorder.attach_recorder(sd2, steps="last")
+        tiny.sample(patched, pos, neg, latent_hw=(8, 8), steps=len(schedule) - 1, sigmas=schedule.clone())
+        got.append(_recorded_or_message(live))
+    assert _same(*got), got
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_sde", "sa_solver_pece", "seeds_3"])
+def test_a_branch_ended_early_names_its_last_step_under_a_corrector_sampler(tiny, sd2, sampler):
+    """These samplers evaluate again within step i after reporting it: the message must name the step
+    the branch was last called at (the one a range can still record), not the step after."""
+    import nodes as comfy_nodes
+
+    pos, neg = tiny.conditioning("SD2")
+    early = comfy_nodes.ConditioningSetTimestepRange().set_range(pos, 0.0, 0.5)[0]
+    patched, live = recorder.attach_recorder(sd2, steps="last")
+    tiny.sample(patched, early, neg, latent_hw=(8, 8), steps=8, sampler_name=sampler)
+    with pytest.raises(ValueError, match=r"its model calls stopped at step (\d+)") as info:
+        live.snapshot()
+    stopped = int(info.value.args[0].split("stopped at step ")[1].split(" ")[0])
+    patched, live = recorder.attach_recorder(sd2, steps=str(stopped))  # what the message advises
+    tiny.sample(patched, early, neg, latent_hw=(8, 8), steps=8, sampler_name=sampler)
+    assert live.snapshot().steps == str(stopped)
+
+
 @pytest.mark.parametrize("layout", ["batched", "cfg1", "separate"])
 def test_cfg_layouts_record_the_cond_chunk(tiny, sd2, layout, monkeypatch):
     cfg = 1.0 if layout == "cfg1" else 5.0
