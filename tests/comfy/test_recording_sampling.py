@@ -308,10 +308,13 @@ def test_chains_an_existing_attn1_patch(tiny, sd2):
     assert_matches(rec, probe, (8, 8), names=["input.2.0", "output.11.0"])
 
 
-def test_token_count_changed_by_another_patch_is_skipped_with_warning(tiny, sd2, caplog):
-    def tile(n, context, value, extra_options):  # HyperTile-like: split the token rows into 2 tiles
+def _tiled(model, tiles):
+    """A clone of ``model`` with a HyperTile-like attn1 patch: the token rows of the self-attention
+    calls whose token count N passes tiles(N) are split into 2 tiles (and joined again after)."""
+
+    def tile(n, context, value, extra_options):
         B, N, C = n.shape
-        extra_options["tiled"] = N % 2 == 0
+        extra_options["tiled"] = tiles(N)
         if not extra_options["tiled"]:
             return n, context, value
         return n.reshape(B * 2, N // 2, C), context.reshape(B * 2, N // 2, C), value.reshape(B * 2, N // 2, C)
@@ -320,9 +323,14 @@ def test_token_count_changed_by_another_patch_is_skipped_with_warning(tiny, sd2,
         B2, N2, C = n.shape
         return n.reshape(B2 // 2, N2 * 2, C) if extra_options["tiled"] else n
 
-    tiled = sd2.clone()
+    tiled = model.clone()
     tiled.set_model_attn1_patch(tile)
     tiled.set_model_attn1_output_patch(untile)
+    return tiled
+
+
+def test_token_count_changed_by_another_patch_is_skipped_with_warning(tiny, sd2, caplog):
+    tiled = _tiled(sd2, lambda N: N % 2 == 0)
     patched, live = recorder.attach_recorder(tiled, positions=("down",), levels="0")
     with caplog.at_level(logging.WARNING, logger="HeadSeg"):
         run(tiny, patched, latent_hw=(8, 8))
@@ -336,20 +344,7 @@ def test_head_pca_names_the_layers_a_run_skipped(tiny, sd2, caplog):
     tile size): those layers are skipped while sampling, and Head PCA says which heads it lacks."""
     from headseg.nodes import pipeline_nodes
 
-    def tile(n, context, value, extra_options):
-        B, N, C = n.shape
-        extra_options["tiled"] = N == 64  # the 8x8 latent grid: level 0
-        if not extra_options["tiled"]:
-            return n, context, value
-        return n.reshape(B * 2, N // 2, C), context.reshape(B * 2, N // 2, C), value.reshape(B * 2, N // 2, C)
-
-    def untile(n, extra_options):
-        B2, N2, C = n.shape
-        return n.reshape(B2 // 2, N2 * 2, C) if extra_options["tiled"] else n
-
-    tiled = sd2.clone()
-    tiled.set_model_attn1_patch(tile)
-    tiled.set_model_attn1_output_patch(untile)
+    tiled = _tiled(sd2, lambda N: N == 64)  # the 8x8 latent grid: level 0
     level_0 = "input.1.0, input.2.0, output.9.0, output.10.0, output.11.0"
     patched, live = recorder.attach_recorder(tiled)
     latent = {"samples": run(tiny, patched, latent_hw=(8, 8))}
