@@ -96,6 +96,12 @@ def _current_prompt() -> str | None:
     return None if context is None else getattr(context, "prompt_id", None)
 
 
+def _own_level(layer, grids: list) -> int:
+    """The grid level a layer runs at on a latent of these grids (grid_levels): its own, or the 1x1
+    grid's where the latent runs out of halvings (the UNet keeps downsampling 1x1 to 1x1)."""
+    return min(layer.level, len(grids) - 1)
+
+
 def _sigma_value(sig) -> float:
     """A model call's sigma (a tensor of one sigma per image, or a number) as a float: for a tensor on
     a GPU this waits for the GPU to reach it."""
@@ -314,14 +320,16 @@ class _Store:
         the others go."""
         self.history.append(_Run(_cpu_latent(output), rec, self.failure, self.prompt))
         first_recent = len(self.history) - self.keep_runs
-        same = [self.prompt is not None and run.prompt == self.prompt for run in self.history]
-        newer_of_prompt = [sum(same[i + 1:]) for i in range(len(same))]  # runs of this prompt after each
-        kept, capped = [], False
-        for i, run in enumerate(self.history):
-            if i >= first_recent or run is self.pinned or (same[i] and newer_of_prompt[i] < MAX_KEEP_RUNS):
+        kept, capped, of_prompt = [], False, 0  # of_prompt: runs of this prompt seen, newest first
+        for i in reversed(range(len(self.history))):
+            run = self.history[i]
+            same = self.prompt is not None and run.prompt == self.prompt
+            of_prompt += same
+            if i >= first_recent or run is self.pinned or (same and of_prompt <= MAX_KEEP_RUNS):
                 kept.append(run)
-            elif same[i]:
+            elif same:
                 capped = True
+        kept.reverse()  # oldest first again
         if capped and self.prompt not in self._capped:
             self._capped.add(self.prompt)
             log.warning(
@@ -478,6 +486,12 @@ class _Store:
             and self.reported + 2 < last
         )
 
+    def _note_estimate(self, which: str, extra_options) -> None:
+        """Keeps the sigma of a call whose step was estimated, once per model call (its layers share it)."""
+        sigs, sig = self._estimated_sig[which], extra_options.get("sigmas")
+        if not sigs or sigs[-1] is not sig:
+            sigs.append(sig)
+
     def _wants(self, step: int) -> bool:
         if self.steps.mode == "last":
             return step == max(len(self.sigmas) - 2, 0)
@@ -517,18 +531,15 @@ class _Store:
         # sampling there; 'last' and ranges need it (and their messages the steps seen)
         step = None if self.steps.mode == "mean" else self._step_of(extra_options)
         estimated = step is not None and self._sig_estimated
-        sig = extra_options.get("sigmas")
         if estimated:  # its step is read only if a message needs it (_settle_estimates)
-            if not self._estimated_sig["any"] or self._estimated_sig["any"][-1] is not sig:
-                self._estimated_sig["any"].append(sig)
+            self._note_estimate("any", extra_options)
         elif step is not None:
             self.max_step_any = max(self.max_step_any, step)
         if self.branch_index not in cond_or_uncond:
             return
         self.seen_branch += 1
         if estimated:
-            if not self._estimated_sig["branch"] or self._estimated_sig["branch"][-1] is not sig:
-                self._estimated_sig["branch"].append(sig)
+            self._note_estimate("branch", extra_options)
         elif step is not None:
             self.max_step = max(self.max_step, step)
         if step is not None:
@@ -550,7 +561,7 @@ class _Store:
             return
         grids = self.grids  # ends at 1x1, where the UNet's further downsamplings stay
         if key in self.layers:  # the layer's own grid, and the level it is selected by
-            level = min(self.layers[key].level, len(grids) - 1)
+            level = _own_level(self.layers[key], grids)
         elif (h, w) in grids:
             level = grids.index((h, w))
         else:
@@ -695,7 +706,7 @@ class LiveRecording:
         H, W = rec.image_size
         grids = grid_levels((max(H // VAE_FACTOR, 1), max(W // VAE_FACTOR, 1)))
         levels = self._store.levels
-        wanted = [(layer.key, min(layer.level, len(grids) - 1)) for layer in self.layers]
+        wanted = [(layer.key, _own_level(layer, grids)) for layer in self.layers]
         return [(key, level) for key, level in wanted
                 if key not in rec.layers and (levels is None or level in levels)]
 
