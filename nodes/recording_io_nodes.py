@@ -185,8 +185,8 @@ def _elsewhere(path: str) -> str:
     if os.path.isabs(os.path.expanduser(path)) or path.endswith("]"):  # absolute, or a folder named
         return ""
     for kind in ("output", "temp"):
-        full = _path_inside(os.path.join(folder_paths.get_directory_by_type(kind), path),
-                            [folder_paths.get_directory_by_type(kind)])
+        folder = folder_paths.get_directory_by_type(kind)
+        full = _path_inside(os.path.join(folder, path), [folder])
         if full is not None and os.path.isfile(full):
             return f"; the {kind} folder has one: write {path + ' [' + kind + ']'!r}"
     return ""
