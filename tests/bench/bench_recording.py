@@ -137,6 +137,8 @@ def full_size_model(name: str, device, dtype, seed: int = 0):
     import comfy.model_patcher
     import comfy.supported_models
 
+    from headseg.tests.support.tiny_unets import init_weights
+
     if name == "sd21":
         config = comfy.supported_models.SD20(dict(SD21))
         make, model_type, size, context, pooled = comfy.model_base.BaseModel, "V_PREDICTION", 512, 1024, None
@@ -145,16 +147,7 @@ def full_size_model(name: str, device, dtype, seed: int = 0):
         make, model_type, size, context, pooled = comfy.model_base.SDXL, "EPS", 1024, 2048, 1280
     config.set_inference_dtype(dtype, None)
     model = make(config, model_type=getattr(comfy.model_base.ModelType, model_type), device=device)
-    g = torch.Generator(device=device).manual_seed(seed)  # weights drawn where they live: seconds, not minutes
-    with torch.no_grad():
-        for pname, p in model.diffusion_model.named_parameters():
-            if p.numel() == 0:
-                continue
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g, device=device) / math.sqrt(p[0].numel()))
-            else:
-                scale, base = (0.1, 1.0) if pname.endswith("weight") else (0.05, 0.0)
-                p.copy_(base + scale * torch.randn(p.shape, generator=g, device=device))
+    init_weights(model.diffusion_model, seed, device)  # drawn where they live
     model.eval()
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
     gc = torch.Generator().manual_seed(seed + 1)
