@@ -8,6 +8,7 @@ from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
 from . import prompt_migration
+from .label_map_nodes import NODES as LABEL_MAP_NODES
 from .pipeline_nodes import NODES as PIPELINE_NODES
 from .record_node import RecordSelfAttention
 from .recording_io_nodes import NODES as RECORDING_IO_NODES
@@ -16,7 +17,7 @@ from .recording_io_nodes import NODES as RECORDING_IO_NODES
 class HeadSegExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [RecordSelfAttention, *PIPELINE_NODES, *RECORDING_IO_NODES]
+        return [RecordSelfAttention, *PIPELINE_NODES, *LABEL_MAP_NODES, *RECORDING_IO_NODES]
 
 
 def register_prompt_migration() -> bool:

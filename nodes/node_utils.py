@@ -6,6 +6,7 @@ Nothing here computes a stage of the pipeline; that is ``nodes/core``.
 from __future__ import annotations
 
 import collections
+import errno
 import gc
 import hashlib
 import logging
@@ -252,3 +253,40 @@ def image_batch(image, name: str = "image", first_only: bool = False) -> torch.T
         image = torch.nan_to_num(image, nan=0.0, posinf=1.0, neginf=0.0)
     return image
 
+
+
+def output_place(filename_prefix, example: str, width: int = 0, height: int = 0) -> tuple[str, str, int, str]:
+    """filename_prefix -> (folder, name, counter, subfolder) in ComfyUI's output folder, the folder made:
+    ComfyUI's own rule (get_save_image_path: subfolders allowed, nothing outside the output folder, the
+    counter one past the highest of the files named '<name>_<counter>_...', %width%, %height%, %year% ... %second%
+    replaced as in Save Image's prefixes). ValueError naming
+    filename_prefix (with ``example``, a prefix to suggest) when it is empty or cannot be a name there."""
+    import folder_paths
+
+    if not isinstance(filename_prefix, str) or not filename_prefix.strip() or "\x00" in filename_prefix:
+        raise ValueError(f"filename_prefix: expected a file name prefix such as {example!r}, got {filename_prefix!r}")
+    try:
+        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
+            filename_prefix, folder_paths.get_output_directory(), width, height
+        )
+        os.makedirs(folder, exist_ok=True)
+    except Exception as exc:  # ComfyUI's refusal (a prefix leaving the folder), a name too long, a file in the way
+        raise output_error(exc, filename_prefix, None, example) from exc
+    return folder, name, counter, subfolder
+
+
+def output_error(exc: BaseException, filename_prefix, full: str | None, example: str) -> ValueError:
+    """A failure to make or write a file of the output folder -> ValueError naming filename_prefix, the
+    file (``full``, None when no name was made yet), the reason and what to do."""
+    code = getattr(exc, "errno", None)
+    too_long = code == errno.ENAMETOOLONG or "too long" in str(exc).lower()
+    refused = code in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, getattr(errno, "EDQUOT", -1))
+    if too_long:
+        hint = "choose a shorter prefix of plain folder and file names"
+    elif full is None and not refused:  # ComfyUI refused the prefix, or a name in it is a file
+        hint = f"expected folder and file names inside ComfyUI's output folder, such as {example!r}"
+    else:
+        hint = "check that ComfyUI's output folder is writable and has free space"
+    where = f"cannot write {full}" if full else "cannot make the file's folder or name"
+    reason = (str(exc).strip().splitlines() or [""])[0].strip(" *")  # ComfyUI's refusal spans lines
+    return ValueError(f"filename_prefix {filename_prefix!r}: {where} ({type(exc).__name__}: {reason}); {hint}")

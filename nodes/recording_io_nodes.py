@@ -8,7 +8,6 @@ runs the rest of the pipeline with no model loaded.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import time
@@ -17,7 +16,7 @@ from comfy_api.latest import io
 
 from . import types as hs
 from .core.recording import file_version, is_recording_file, is_utf8_path, load_recording, printable_path, save_recording
-from .node_utils import as_recording
+from .node_utils import as_recording, output_error, output_place
 
 CATEGORY = "HeadSeg/recording"
 NO_FILE = "(no recording files found)"
@@ -262,38 +261,17 @@ class SaveRecording(io.ComfyNode):
 
     @classmethod
     def execute(cls, recording, filename_prefix="headseg/recording", latent=None) -> io.NodeOutput:
-        import folder_paths
-
         rec = as_recording(recording, latent)
-        if not str(filename_prefix).strip() or "\x00" in str(filename_prefix):
-            raise ValueError(
-                f"filename_prefix: expected a file name prefix such as 'headseg/recording', got {filename_prefix!r}"
-            )
-        out_dir = folder_paths.get_output_directory()
-        full = None
+        folder, name, counter, subfolder = output_place(filename_prefix, "headseg/recording")
+        filename = f"{name}_{counter:05}_.safetensors"
+        full = os.path.join(folder, filename)
         try:
-            # ComfyUI's helper makes the folders and refuses prefixes that leave the output folder
-            folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
-            filename = f"{name}_{counter:05}_.safetensors"
-            full = os.path.join(folder, filename)
-            os.makedirs(folder, exist_ok=True)
             save_recording(rec, full, name="recording")
-            forget_listing()  # the new file is listed at the next page load
         except (ValueError, TypeError):  # named by save_recording (e.g. recording: values beyond float16)
             raise
-        except Exception as exc:  # OSError, safetensors' own error wrapping one, or ComfyUI's refusal
-            code = getattr(exc, "errno", None)
-            too_long = code == errno.ENAMETOOLONG or "too long" in str(exc).lower()
-            refused = code in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, getattr(errno, "EDQUOT", -1))
-            if too_long:
-                hint = "choose a shorter prefix of plain folder and file names"
-            elif full is None and not refused:  # ComfyUI refused the prefix, or a name in it is a file
-                hint = "expected folder and file names inside ComfyUI's output folder, such as 'headseg/recording'"
-            else:
-                hint = "check that ComfyUI's output folder is writable and has free space"
-            where = f"cannot write {full}" if full else "cannot make the file's folder or name"
-            reason = (str(exc).strip().splitlines() or [""])[0].strip(" *")  # ComfyUI's refusal spans lines
-            raise ValueError(f"filename_prefix {filename_prefix!r}: {where} ({type(exc).__name__}: {reason}); {hint}") from exc
+        except Exception as exc:  # OSError, or safetensors' own error wrapping one
+            raise output_error(exc, filename_prefix, full, "headseg/recording") from exc
+        forget_listing()  # the new file is listed at the next page load
         rel = os.path.join(subfolder, filename).replace(os.sep, "/")
         info = {
             "filename": filename,

@@ -27,6 +27,7 @@ NODE_IDS = [
     "HeadSeg_MultiKMeans",
     "HeadSeg_MaskMerge",
     "HeadSeg_MaskSelectAtPixel",
+    "HeadSeg_SaveLabelMaps",
     "HeadSeg_SaveRecording",
     "HeadSeg_LoadRecording",
 ]

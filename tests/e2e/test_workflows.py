@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 
+import numpy as np
 import pytest
 
 from headseg.tests.support.workflow_api import nodes_of
@@ -105,6 +106,32 @@ def test_multi_kmeans_shows_every_k(workflow_runs):
     assert seen
 
 
+def test_explore_saves_every_k_as_an_index_png_next_to_the_picture(workflow_runs, comfy_server):
+    """Save Label Maps through the server: one 8-bit PNG per k whose values group the pixels exactly as the
+    colour map of that k does (read back through /view), and the decoded picture with the workflow in it."""
+    from PIL import Image
+
+    api, result = workflow_runs["headseg_explore"]
+    (nid,) = nodes_of(api, "HeadSeg_SaveLabelMaps")
+    (km,) = nodes_of(api, "HeadSeg_MultiKMeans")
+    listed = result.outputs(nid)["headseg_label_maps"]
+    colour_maps = result.outputs(km)["images"]
+    ks = [int(k) for k in api[km]["inputs"]["cluster_counts"].split(",")]
+    assert [ref["k"] for ref in listed] == ks
+    for ref, colours in zip(listed, colour_maps):
+        with Image.open(comfy_server.output_dir / ref["subfolder"] / ref["filename"]) as im:
+            assert (im.mode, im.size) == ("L", (512, 512))
+            labels = np.array(im).astype(np.int64)
+        assert labels.max() < ref["k"]
+        rgb = np.array(Image.open(io.BytesIO(comfy_server.view(colours))).convert("RGB")).reshape(-1, 3)
+        codes = rgb[:, 0].astype(np.int64) << 16 | rgb[:, 1].astype(np.int64) << 8 | rgb[:, 2]
+        pairs = np.unique(np.stack([labels.ravel(), codes]), axis=1)  # [2, distinct (label, colour) pairs]
+        assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]  # one colour per label
+    (picture,) = result.outputs(nid)["images"]
+    with Image.open(comfy_server.output_dir / picture["subfolder"] / picture["filename"]) as im:
+        assert (im.mode, im.size) == ("RGB", (512, 512)) and "workflow" in im.text
+
+
 def test_progress_bar_over_the_k_sweep(workflow_runs):
     """At least one run executed Multi K-Means (not from cache) and reported progress in 3 stages per k,
     counting up to 3 x len(k), to this node (the stages end on worker threads)."""
@@ -133,7 +160,8 @@ def test_every_node_documents_its_inputs_and_outputs(comfy_server):
     ours = {k: v for k, v in info.items() if k.startswith("HeadSeg_")}
     assert set(ours) >= {
         "HeadSeg_RecordSelfAttention", "HeadSeg_HeadPCA", "HeadSeg_Upsample", "HeadSeg_UpsamplingError", "HeadSeg_MultiKMeans",
-        "HeadSeg_MaskMerge", "HeadSeg_MaskSelectAtPixel", "HeadSeg_SaveRecording", "HeadSeg_LoadRecording",
+        "HeadSeg_MaskMerge", "HeadSeg_MaskSelectAtPixel", "HeadSeg_SaveLabelMaps", "HeadSeg_SaveRecording",
+        "HeadSeg_LoadRecording",
     }  # fmt: skip
     for name, node in ours.items():
         assert node["description"].strip(), name

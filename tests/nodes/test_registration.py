@@ -29,7 +29,7 @@ def test_every_documented_node_is_registered_under_its_id():
     """js/docs holds one page per node id (README: 'each node has a docs page'): the extension registers
     exactly those ids."""
     documented = {p.stem for p in DOCS.glob("HeadSeg_*.md")}
-    assert len(documented) == 9
+    assert len(documented) == 10
     registered = {cls.GET_NODE_INFO_V1()["name"] for cls in node_classes()}
     assert registered == documented
 

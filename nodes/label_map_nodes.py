@@ -1,0 +1,164 @@
+"""Save Label Maps: Multi K-Means' clusters as index PNGs in the output folder, for segmentation datasets.
+
+Per image of the batch, one 8-bit greyscale PNG per cluster count k whose pixel values are the
+cluster indices 0 .. k-1 (0 = the largest cluster, as Multi K-Means orders them), named
+``<prefix>_<counter>_k<k>.png``, and optionally the picture itself as ``<prefix>_<counter>_image.png``,
+cropped to the label maps' pixels. Each PNG carries a ``headseg`` text entry (JSON) that says what it
+holds; the picture also carries ComfyUI's workflow, as Save Image's pictures do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+import torch
+from comfy_api.latest import io
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from . import types as hs
+from .core import kmeans as core_kmeans
+from .core.masks import check_label_map
+from .node_utils import image_batch, output_error, output_place
+from .pipeline_nodes import CATEGORY, _expect, _vae_crop_offsets
+
+log = logging.getLogger("HeadSeg")
+
+LABELS_FORMAT = "headseg-labels/1"
+_EXAMPLE_PREFIX = "headseg/labels"
+
+
+def label_png(labels: torch.Tensor, k: int) -> Image.Image:
+    """labels [H, W] integers in 0 .. k-1 (k <= 256) -> an 8-bit greyscale PIL image of the same values."""
+    k = check_label_map(labels, k, "H, W")
+    if k > 256:
+        raise ValueError(f"k must be at most 256 for an 8-bit label map, got {k}")
+    pixels = labels.detach().to("cpu", torch.uint8).numpy()  # [H, W] uint8, values unchanged (< 256)
+    return Image.fromarray(np.ascontiguousarray(pixels), mode="L")
+
+
+def _fit_pictures(image, B: int, H: int, W: int) -> torch.Tensor:
+    """The optional ``image`` input -> [B, H, W, 3] pictures aligned with the label maps: the same size,
+    or VAE Encode's centred crop of a picture whose sides only lack a multiple of 8; any other size or
+    batch is refused (a stretched picture would not line up with its labels)."""
+    pictures = image_batch(image)  # [b, h, w, 3] float32 on the CPU
+    b, h, w = pictures.shape[:3]
+    if b != B:
+        raise ValueError(
+            f"image: expected {B} picture(s), one per image of the clusters, got a batch of {b}: connect the "
+            "decoded image of the same sampler"
+        )
+    if (h, w) == (H, W):
+        return pictures
+    if (h // 8 * 8, w // 8 * 8) == (H, W):  # a photo whose sides are not multiples of 8: VAE Encode's window
+        top, left = _vae_crop_offsets(h, w)
+        return pictures[:, top : top + H, left : left + W]  # [B, H, W, 3]
+    raise ValueError(
+        f"image: expected pictures of the label maps' {W}x{H} pixels (or up to 7 more per side, as VAE Encode "
+        f"crops them), got {w}x{h}: connect the decoded image or the picture that was encoded, not one of "
+        "another size"
+    )
+
+
+def _png_info(entries: dict) -> PngInfo:
+    info = PngInfo()
+    for key, value in entries.items():
+        info.add_text(key, json.dumps(value))
+    return info
+
+
+class SaveLabelMaps(io.ComfyNode):
+    """Clusters (+ the picture) -> index PNGs in the output folder, one per image and k.
+
+    UI payload: ``images`` (the saved pictures, when given), ``text`` [one line per image: the files
+    written], ``headseg_label_maps`` [{filename, subfolder, type, k, batch_index}].
+    """
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HeadSeg_SaveLabelMaps",
+            display_name="HeadSeg Save Label Maps",
+            category=CATEGORY,
+            description=(
+                "Saves the label map of every k as an 8-bit greyscale PNG whose pixel values are the cluster "
+                "indices (0 = the largest cluster), one file per image and k, for segmentation datasets; "
+                "optionally the picture next to them under the same counter."
+            ),
+            is_output_node=True,
+            inputs=[
+                hs.Clusters.Input("clusters", tooltip="Label maps of every k, from Multi K-Means."),
+                io.String.Input(
+                    "filename_prefix",
+                    default=_EXAMPLE_PREFIX,
+                    tooltip=(
+                        "File name prefix inside the output folder (subfolders allowed, e.g. 'dataset/cats'). "
+                        "Each image gets the next counter: <prefix>_00001_k2.png, <prefix>_00001_k5.png, ... "
+                        "and <prefix>_00001_image.png."
+                    ),
+                ),
+                io.Image.Input(
+                    "image",
+                    optional=True,
+                    tooltip=(
+                        "The picture the labels belong to (the decoded image, or the photo that was encoded), "
+                        "saved as <prefix>_<counter>_image.png with the workflow in it. It must have the label "
+                        "maps' size (a photo up to 7 px larger per side is centre-cropped as VAE Encode crops "
+                        "it) and one picture per image of the clusters; other sizes are refused."
+                    ),
+                ),
+            ],
+            outputs=[],
+        )
+
+    @classmethod
+    def execute(cls, clusters, filename_prefix=_EXAMPLE_PREFIX, image=None) -> io.NodeOutput:
+        _expect(clusters, core_kmeans.ClusterSweep, "clusters", "HEADSEG_CLUSTERS from Multi K-Means")
+        B = clusters.batch_size
+        H, W = clusters.size
+        pictures = None if image is None else _fit_pictures(image, B, H, W)  # [B, H, W, 3]
+        folder, name, counter, subfolder = output_place(filename_prefix, _EXAMPLE_PREFIX, W, H)
+        ks = clusters.cluster_counts
+        workflow = {}  # ComfyUI's prompt and workflow, for the pictures (unless --disable-metadata)
+        from comfy.cli_args import args
+
+        if not args.disable_metadata and cls.hidden is not None:
+            if cls.hidden.prompt is not None:
+                workflow["prompt"] = cls.hidden.prompt
+            workflow.update(cls.hidden.extra_pnginfo or {})
+        saved, lines, shown = [], [], []
+        for b in range(B):
+            n = counter + b
+            about = {"format": LABELS_FORMAT, "batch_index": b, "cluster_counts": ks, "size": [H, W]}
+            files = []
+            for k in ks:
+                filename = f"{name}_{n:05}_k{k}.png"
+                picture = label_png(clusters.results[k].labels[b], k)
+                cls._write(picture, folder, filename, _png_info({"headseg": {**about, "k": k}}), filename_prefix)
+                saved.append({"filename": filename, "subfolder": subfolder, "type": "output", "k": k, "batch_index": b})
+                files.append(filename)
+            if pictures is not None:
+                filename = f"{name}_{n:05}_image.png"
+                pixels = (pictures[b] * 255.0).clamp(0.0, 255.0).to(torch.uint8).numpy()  # [H, W, 3], as Save Image
+                info = _png_info({**workflow, "headseg": {**about, "k": None}})
+                cls._write(Image.fromarray(pixels), folder, filename, info, filename_prefix)
+                shown.append({"filename": filename, "subfolder": subfolder, "type": "output"})
+                files.append(filename)
+            rel = os.path.join(subfolder, f"{name}_{n:05}_*").replace(os.sep, "/").lstrip("/")
+            lines.append(f"{rel}: {len(files)} files (k = {', '.join(map(str, ks))}{', image' if pictures is not None else ''})")
+        log.info("HeadSeg Save Label Maps: %s", "; ".join(lines))
+        return io.NodeOutput(ui={"images": shown, "text": ["\n".join(lines)], "headseg_label_maps": saved})
+
+    @staticmethod
+    def _write(picture: Image.Image, folder: str, filename: str, info: PngInfo, filename_prefix) -> None:
+        full = os.path.join(folder, filename)
+        try:
+            picture.save(full, pnginfo=info, compress_level=4)
+        except OSError as exc:
+            raise output_error(exc, filename_prefix, full, _EXAMPLE_PREFIX) from exc
+
+
+NODES = [SaveLabelMaps]

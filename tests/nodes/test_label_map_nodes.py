@@ -1,0 +1,145 @@
+"""Save Label Maps in-process: the index PNGs read back with PIL (an independent reader) hold the planted
+regions and exactly Multi K-Means' labels; names, counters, pictures, metadata and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from headseg.nodes.core.metrics import best_match_iou
+from headseg.tests.core.planted import nested_scene, planted_recording, small_layout
+
+pytestmark = pytest.mark.comfy
+
+H, W = 128, 192  # non-square: catches a transposed file
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    flipped = nested_scene(H, W)
+    flipped.masks = flipped.masks.flip(-1)  # a second, different image: the batch must not mix them up
+    return [nested_scene(H, W), flipped]
+
+
+@pytest.fixture(scope="module")
+def sweep(nodes, scenes):
+    rec = planted_recording(scenes, layout=small_layout(heads=3), d=16, noise=0.2, seed=1)
+    feats = nodes.HeadPCA.execute(rec, "down+up", "all", 4).args[0]
+    stack = nodes.Upsample.execute(feats, "bilinear", False).args[0]
+    return nodes.MultiKMeans.execute(stack, "2,4,9", 0).args[0]
+
+
+@pytest.fixture(scope="module")
+def save():
+    from headseg.nodes.label_map_nodes import SaveLabelMaps
+
+    return SaveLabelMaps
+
+
+def read(path):
+    with Image.open(path) as im:
+        return im.mode, np.array(im), dict(im.text)
+
+
+def test_the_files_hold_the_labels_and_the_planted_regions(save, sweep, scenes, comfy_folders):
+    out = save.execute(sweep, "data/cats")
+    folder = comfy_folders["output"] / "data"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        f"cats_{n:05}_k{k}.png" for n in (1, 2) for k in (2, 4, 9)
+    )
+    for b, scene in enumerate(scenes):
+        for k in (2, 4, 9):
+            mode, pixels, text = read(folder / f"cats_{b + 1:05}_k{k}.png")
+            assert mode == "L" and pixels.dtype == np.uint8 and pixels.shape == (H, W)
+            assert torch.equal(torch.from_numpy(pixels).long(), sweep.results[k].labels[b])
+            about = json.loads(text["headseg"])
+            assert about == {"format": "headseg-labels/1", "batch_index": b, "cluster_counts": [2, 4, 9], "size": [H, W], "k": k}
+            assert "workflow" not in text and "prompt" not in text
+        # k = 4: the four planted leaves, whatever numbers the clusters got
+        _, pixels, _ = read(folder / f"cats_{b + 1:05}_k4.png")
+        found = torch.from_numpy(pixels).long()[None] == torch.arange(4)[:, None, None]  # [4, H, W]
+        assert best_match_iou(scene.leaf_masks, found) >= 0.95
+        _, coarse, _ = read(folder / f"cats_{b + 1:05}_k2.png")
+        found = torch.from_numpy(coarse).long()[None] == torch.arange(2)[:, None, None]
+        assert best_match_iou(scene.cut_masks(1), found) >= 0.95
+    # cluster 0 is the largest, as Multi K-Means orders them
+    _, pixels, _ = read(folder / "cats_00001_k9.png")
+    areas = np.bincount(pixels.ravel(), minlength=9)
+    assert list(areas) == sorted(areas, reverse=True)
+    listed = out.ui["headseg_label_maps"]
+    assert [(r["filename"], r["subfolder"], r["type"], r["k"], r["batch_index"]) for r in listed] == [
+        (f"cats_{b + 1:05}_k{k}.png", "data", "output", k, b) for b in (0, 1) for k in (2, 4, 9)
+    ]
+    assert out.ui["images"] == [] and "data/cats_00002_*: 3 files" in out.ui["text"][0]
+
+
+def test_each_run_takes_the_next_counters(save, sweep, comfy_folders):
+    save.execute(sweep, "run")
+    save.execute(sweep, "run")
+    names = sorted(p.name for p in comfy_folders["output"].iterdir())
+    assert [n for n in names if n.endswith("_k2.png")] == [f"run_{n:05}_k2.png" for n in (1, 2, 3, 4)]
+
+
+def test_the_picture_is_saved_next_to_its_labels_with_the_workflow(save, sweep, comfy_folders):
+    pictures = torch.rand(2, H, W, 3, generator=torch.Generator().manual_seed(0))
+    hidden = {"PROMPT": {"1": {"class_type": "HeadSeg_SaveLabelMaps"}}, "EXTRA_PNGINFO": {"workflow": {"nodes": []}}}
+    out = save.PREPARE_CLASS_CLONE(hidden).execute(sweep, "pics", pictures)
+    for b in range(2):
+        mode, pixels, text = read(comfy_folders["output"] / f"pics_{b + 1:05}_image.png")
+        assert mode == "RGB"
+        assert np.array_equal(pixels, np.clip(255.0 * pictures[b].numpy(), 0, 255).astype(np.uint8))  # Save Image's rounding
+        assert json.loads(text["workflow"]) == {"nodes": []}
+        assert json.loads(text["prompt"]) == hidden["PROMPT"]
+        assert json.loads(text["headseg"])["batch_index"] == b
+        _, _, label_text = read(comfy_folders["output"] / f"pics_{b + 1:05}_k4.png")
+        assert set(label_text) == {"headseg"}  # the workflow only once per image
+    assert out.ui["images"] == [{"filename": f"pics_{n:05}_image.png", "subfolder": "", "type": "output"} for n in (1, 2)]
+
+
+def test_a_photo_a_few_pixels_larger_is_cropped_as_vae_encode_crops_it(save, sweep, comfy_folders):
+    photo = torch.rand(2, H + 5, W + 7, 3, generator=torch.Generator().manual_seed(1))  # VAE Encode keeps H x W
+    save.execute(sweep, "photo", photo)
+    _, pixels, _ = read(comfy_folders["output"] / "photo_00002_image.png")
+    window = photo[1, 2 : 2 + H, 3 : 3 + W]  # (5 // 2, 7 // 2): the centred window
+    assert np.array_equal(pixels, np.clip(255.0 * window.numpy(), 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize(
+    "image, words",
+    [
+        (torch.rand(2, H * 2, W * 2, 3), "192x128"),  # another size: would not line up with its labels
+        (torch.rand(2, H + 8, W, 3), "192x128"),  # 8 more rows: another latent size
+        (torch.rand(1, H, W, 3), "expected 2 picture(s)"),
+        (torch.rand(2, H, W), "expected an IMAGE"),
+    ],
+)
+def test_a_picture_that_does_not_fit_is_refused_before_any_file_is_written(save, sweep, comfy_folders, image, words):
+    with pytest.raises(ValueError, match=r"^image: .*" + words.replace("(", r"\(").replace(")", r"\)")):
+        save.execute(sweep, "bad", image)
+    assert list(comfy_folders["output"].iterdir()) == []
+
+
+def test_bad_input_names_the_input(save, sweep, comfy_folders):
+    with pytest.raises(TypeError, match="clusters"):
+        save.execute({"2": torch.zeros(1, 4, 4)}, "x")
+    for prefix in ("", "  ", "../outside", "a\x00b", "x" * 300):
+        with pytest.raises(ValueError, match=r"^filename_prefix"):
+            save.execute(sweep, prefix)
+    assert list(comfy_folders["output"].iterdir()) == []
+
+
+def test_registered_with_a_docs_page(save):
+    from headseg.tests.support.comfy_in_process import pack_node_classes
+
+    assert save in pack_node_classes()
+    info = save.GET_NODE_INFO_V1()
+    assert info["name"] == "HeadSeg_SaveLabelMaps" and info["output_node"] is True and info["category"] == "HeadSeg"
+
+
+def test_the_prefix_takes_save_images_size_variables(save, sweep, comfy_folders):
+    save.execute(sweep, "%width%x%height%/cat")
+    assert (comfy_folders["output"] / f"{W}x{H}" / "cat_00001_k9.png").is_file()
