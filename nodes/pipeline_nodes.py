@@ -532,8 +532,13 @@ class MaskMerge(io.ComfyNode):
         else:
             which = "every image" if index == -1 else f"image {index}"
             _check_mask_memory(4 * M * H * W, f"all_masks, the {M} merged masks of {which} as a MASK batch", clusters)
-            parts = [mask_to_comfy(m.masks) for m in chosen if m.masks.shape[0]]  # [M_b, H, W] each
-            all_masks = parts[0] if len(parts) == 1 else torch.cat(parts)  # [M, H, W]
+            # filled image by image: per-image copies joined by torch.cat would hold the batch twice
+            all_masks = torch.empty(M, H, W)  # [M, H, W]
+            start = 0
+            for m in chosen:
+                n = int(m.masks.shape[0])
+                all_masks[start : start + n] = m.masks  # bool -> 0/1 float32
+                start += n
         counts = ", ".join(str(int(m.masks.shape[0])) for m in merged)
         return io.NodeOutput(merged, all_masks, ui={"text": [f"merged masks per image: {counts}"]})
 

@@ -537,3 +537,30 @@ def test_error_map_of_a_large_image_is_computed_at_a_lattice():
     torch.testing.assert_close(preview[:, 0:f, 0:f], full[:, 1:2, 1:2].expand(2, f, f), rtol=1e-5, atol=1e-6)
     small = FeatureStack([x[:, :, :5, :5] for x in grids], [1.0, 1.0], [[], []], (64, 64), "bilinear")
     torch.testing.assert_close(pipeline_nodes._error_map_preview(small), upsampling_error(small))  # small: all pixels
+
+
+def _block_sweep(B, H, W, ks=(2, 5, 10, 20)):
+    """A ClusterSweep whose clusters are all non-empty and pairwise unlike (every mask survives a merge)."""
+    from headseg.nodes.core.kmeans import ClusterSweep, KMeansResult
+
+    results = {}
+    for k in ks:
+        lab = (torch.arange(H * W).view(H, W) * 7919 // 1000) % k  # [H, W]
+        lab = torch.stack([lab.roll(b * 13, 1) for b in range(B)])  # [B, H, W]
+        results[k] = KMeansResult(k, lab, torch.zeros(B, k, 1), torch.zeros(B, dtype=torch.float64), 1)
+    return ClusterSweep(results, (H, W))
+
+
+def test_all_masks_of_every_image_is_built_without_a_second_copy(nodes):
+    """batch_index = -1 puts every image's merged masks in one MASK batch: its memory check counts that
+    batch once (4 bytes per mask and pixel), so the node must not hold it twice (per-image float copies
+    joined by torch.cat) at its peak."""
+    from headseg.tests.support.peak_memory import PeakBytes
+
+    sweep = _block_sweep(3, 64, 64)
+    with PeakBytes() as mem:
+        masks, every = nodes.MaskMerge.execute(sweep, 0.9, 0.0, -1).args
+    kept = sum(m.masks.numel() for m in masks)  # bool masks of every image, kept in the output
+    assert every.shape == (37 * 3, 64, 64)
+    assert torch.equal(every, torch.cat([m.masks for m in masks]).float())
+    assert mem.peak <= every.numel() * 4 + kept + 37 * 64 * 64 * 3, (mem.peak, every.numel() * 4)
