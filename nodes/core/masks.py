@@ -95,8 +95,9 @@ def labels_to_masks(labels: torch.Tensor, k: int) -> torch.Tensor:
     return labels[None] == torch.arange(k, device=labels.device)[:, None, None]  # [k, H, W]
 
 
-def sweep_to_masks(sweep: ClusterSweep, batch_index: int) -> MaskSet:
-    """Every cluster of every k of the sweep for image ``batch_index``: k ascending, then cluster."""
+def _check_sweep(sweep, batch_index) -> None:
+    """ValueError (TypeError for a non-sweep) unless ``sweep`` holds label maps of one shape [B, H, W]
+    and ``batch_index`` is an image of it."""
     if not isinstance(sweep, ClusterSweep):
         raise TypeError(f"sweep must be a ClusterSweep, got {type(sweep).__name__}")
     if not sweep.results:
@@ -107,6 +108,11 @@ def sweep_to_masks(sweep: ClusterSweep, batch_index: int) -> MaskSet:
     B = sweep.batch_size
     if not is_int(batch_index) or not 0 <= batch_index < B:
         raise ValueError(f"batch_index must be an int in [0, {B}), got {batch_index!r}")
+
+
+def sweep_to_masks(sweep: ClusterSweep, batch_index: int) -> MaskSet:
+    """Every cluster of every k of the sweep for image ``batch_index``: k ascending, then cluster."""
+    _check_sweep(sweep, batch_index)
     masks, ks, clusters = [], [], []
     for k in sorted(sweep.results):
         masks.append(labels_to_masks(sweep.results[k].labels[batch_index], k))  # [k, H, W]
@@ -156,15 +162,16 @@ def check_merge_options(iou_threshold, min_area) -> None:
         raise ValueError(f"min_area must be a fraction of the image in [0, 1], got {min_area!r}")
 
 
-def _merge(ms: MaskSet, inter: torch.Tensor, iou_threshold: float, min_area: float) -> MaskSet:
-    """The greedy merge of merge_masks, given the [M, M] intersections of ms's masks."""
-    H, W = ms.size
+def _kept(inter: torch.Tensor, size: tuple[int, int], iou_threshold: float, min_area: float) -> torch.Tensor:
+    """The greedy merge of merge_masks, given the [M, M] intersections of M masks of an image of
+    ``size`` -> [M'] int64 positions (on the CPU) of the masks kept, in stored order."""
+    H, W = size
     inter = inter.cpu()  # [M, M]: the greedy loop reads it entry by entry
     area = inter.diagonal()  # [M]
     need = max(1, math.ceil(min_area * H * W * (1 - 1e-12)))  # 0.54 * 3840**2 rounds above the count it means
     big = (area >= need).nonzero().flatten()  # [M'] stable order
     if big.numel() == 0:
-        return ms.subset(big)
+        return big
     inter = inter[big][:, big]  # [M', M']
     a = area[big]  # [M']
     union = a[:, None] + a[None, :] - inter  # [M', M'] > 0 (no empty masks)
@@ -173,7 +180,7 @@ def _merge(ms: MaskSet, inter: torch.Tensor, iou_threshold: float, min_area: flo
     for i in range(big.numel()):
         if not kept or not bool((iou[i, kept] >= iou_threshold).any()):
             kept.append(i)
-    return ms.subset(big[torch.tensor(kept, dtype=torch.int64, device="cpu")])
+    return big[torch.tensor(kept, dtype=torch.int64, device="cpu")]
 
 
 def merge_masks(ms: MaskSet, iou_threshold: float = 0.9, min_area: float = 0.0) -> MaskSet:
@@ -185,15 +192,34 @@ def merge_masks(ms: MaskSet, iou_threshold: float = 0.9, min_area: float = 0.0) 
     """
     _check_maskset(ms)
     check_merge_options(iou_threshold, min_area)
-    return _merge(ms, _intersections(ms.masks), iou_threshold, min_area)
+    return ms.subset(_kept(_intersections(ms.masks), ms.size, iou_threshold, min_area))
 
 
 def merge_sweep(sweep: ClusterSweep, batch_index: int, iou_threshold: float = 0.9, min_area: float = 0.0) -> MaskSet:
     """merge_masks(sweep_to_masks(sweep, batch_index), ...), with the intersections counted from the
-    label maps (contingency tables) instead of mask products: the same result, several times faster."""
+    label maps (contingency tables) instead of mask products: the same result, several times faster.
+    Only the masks kept are built (the label maps say which pixels each holds): memory for them alone,
+    not for one mask per cluster of every k."""
     check_merge_options(iou_threshold, min_area)
-    ms = sweep_to_masks(sweep, batch_index)
-    return _merge(ms, _label_intersections(sweep, batch_index), iou_threshold, min_area)
+    _check_sweep(sweep, batch_index)
+    ks = sorted(sweep.results)
+    for k in ks:
+        check_label_map(sweep.results[k].labels[batch_index], k, "H, W")
+    kept = _kept(_label_intersections(sweep, batch_index), sweep.results[ks[0]].labels.shape[1:], iou_threshold, min_area)
+    # on the CPU, like the positions kept: they pick the masks to build
+    all_k = torch.cat([torch.full((k,), k, dtype=torch.int64, device="cpu") for k in ks])  # [M] k of each mask
+    all_cluster = torch.cat([torch.arange(k, dtype=torch.int64, device="cpu") for k in ks])  # [M]
+    k_kept, cluster_kept = all_k[kept], all_cluster[kept]  # [M'] each, in stored order
+    labels0 = sweep.results[ks[0]].labels[batch_index]  # [H, W]
+    device = labels0.device
+    masks = torch.empty(kept.numel(), *labels0.shape, dtype=torch.bool, device=device)  # [M', H, W]
+    for k in ks:
+        rows = (k_kept == k).nonzero().flatten()  # positions of this k's kept masks, ascending
+        if rows.numel():
+            labels = sweep.results[k].labels[batch_index]  # [H, W]
+            wanted = cluster_kept[rows].to(device)  # [m]
+            torch.eq(labels[None], wanted[:, None, None], out=masks[rows[0] : rows[-1] + 1])  # [m, H, W]: contiguous rows
+    return MaskSet(masks, k_kept.to(device), cluster_kept.to(device))
 
 
 def _pixel_index(v, n: int, name: str, what: str, side: str) -> int:

@@ -270,3 +270,20 @@ def test_area_counts_the_pixels_of_every_mask(M, H, W):
     ms = MaskSet(masks, torch.ones(M, dtype=torch.long), torch.arange(M))
     assert ms.area.dtype == torch.int64
     assert ms.area.tolist() == [int(m.to(torch.int64).sum()) for m in masks]
+
+
+@pytest.mark.parametrize("min_area", [0.0, 0.012])
+def test_merge_sweep_holds_only_the_masks_it_keeps(min_area):
+    """Mask Merge's memory check allows one byte per cluster and pixel: merge_sweep counts overlaps from
+    the label maps, so it needs no mask of a cluster it drops, nor a second copy of the ones it keeps."""
+    from headseg.tests.support.peak_memory import PeakBytes
+
+    maps = {k: random_labels(k, H=256, W=256, seed=k)[None] for k in (2, 5, 10, 20, 40, 80)}
+    sweep = make_sweep(maps)
+    with PeakBytes() as mem:
+        got = merge_sweep(sweep, 0, iou_threshold=0.9, min_area=min_area)
+    want = merge_masks(sweep_to_masks(sweep, 0), iou_threshold=0.9, min_area=min_area)
+    assert torch.equal(got.masks, want.masks) and torch.equal(got.k, want.k) and torch.equal(got.cluster, want.cluster)
+    every = sum(maps) * 256 * 256  # one byte per cluster mask
+    assert (min_area == 0) == (got.masks.numel() == every)  # 0.012: the clusters of k = 80 are dropped
+    assert mem.peak <= got.masks.numel() + every // 10, (mem.peak, got.masks.numel(), every)
