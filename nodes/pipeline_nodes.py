@@ -521,7 +521,7 @@ class MaskMerge(io.ComfyNode):
         total_k = sum(int(k) for k in clusters.results)
         merged = []
         for b in range(B):
-            _check_mask_memory(total_k * H * W, f"the {total_k} masks of image {b} before merging", clusters)
+            _check_mask_memory(total_k * H * W, f"up to {total_k} masks of image {b} (one per cluster where none merge)", clusters)
             merged.append(
                 core_masks.merge_sweep(clusters, b, iou_threshold=float(iou_threshold), min_area=float(min_area))
             )

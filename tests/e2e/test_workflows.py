@@ -108,7 +108,8 @@ def test_multi_kmeans_shows_every_k(workflow_runs):
 
 def test_explore_saves_every_k_as_an_index_png_next_to_the_picture(workflow_runs, comfy_server):
     """Save Label Maps through the server: one 8-bit PNG per k whose values group the pixels exactly as the
-    colour map of that k does (read back through /view), and the decoded picture with the workflow in it."""
+    colour map of that k does (read back through /view), and the decoded picture with the prompt in it (an API
+    prompt carries no UI workflow)."""
     from PIL import Image
 
     api, result = workflow_runs["headseg_explore"]
@@ -129,7 +130,8 @@ def test_explore_saves_every_k_as_an_index_png_next_to_the_picture(workflow_runs
         assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]  # one colour per label
     (picture,) = result.outputs(nid)["images"]
     with Image.open(comfy_server.output_dir / picture["subfolder"] / picture["filename"]) as im:
-        assert (im.mode, im.size) == ("RGB", (512, 512)) and "workflow" in im.text
+        assert (im.mode, im.size) == ("RGB", (512, 512))
+        assert json.loads(im.text["prompt"])[nid]["class_type"] == "HeadSeg_SaveLabelMaps"  # the prompt that made it
 
 
 def test_progress_bar_over_the_k_sweep(workflow_runs):

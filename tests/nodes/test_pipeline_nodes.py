@@ -393,7 +393,7 @@ def test_mask_merge_refuses_masks_that_would_not_fit_in_free_memory(nodes, recor
     M = len(nodes.MaskMerge.execute(sweep, 0.9, 0.0).args[0][0].masks)  # merged masks of image 0
     assert 1 < M <= 7
     cases = [  # free bytes -> the allocation refused (None: runs)
-        (7 * H * W / 0.8 - 1, f"the 7 masks of image 0 before merging would take 0.0 GiB at {W}x{H} pixels"),
+        (7 * H * W / 0.8 - 1, f"up to 7 masks of image 0 (one per cluster where none merge) would take 0.0 GiB at {W}x{H} pixels"),
         (4 * M * H * W / 0.8 - 1, f"all_masks, the {M} merged masks of image 0 as a MASK batch"),
         (4 * M * H * W / 0.8 + 1, None),
     ]
