@@ -73,8 +73,8 @@ def _png_info(entries: dict) -> PngInfo:
 class SaveLabelMaps(io.ComfyNode):
     """Clusters (+ the picture) -> index PNGs in the output folder, one per image and k.
 
-    UI payload: ``images`` (the saved pictures, when given), ``text`` [one line per image: the files
-    written], ``headseg_label_maps`` [{filename, subfolder, type, k, batch_index}].
+    UI payload: ``images`` (the saved pictures, when given), ``text`` [one line: the files written],
+    ``headseg_label_maps`` [{filename, subfolder, type, k, batch_index}].
     """
 
     @classmethod
@@ -129,28 +129,27 @@ class SaveLabelMaps(io.ComfyNode):
             if cls.hidden.prompt is not None:
                 workflow["prompt"] = cls.hidden.prompt
             workflow.update(cls.hidden.extra_pnginfo or {})
-        saved, lines, shown = [], [], []
+        saved, shown = [], []
         for b in range(B):
             n = counter + b
             about = {"format": LABELS_FORMAT, "batch_index": b, "cluster_counts": ks, "size": [H, W]}
-            files = []
             for k in ks:
                 filename = f"{name}_{n:05}_k{k}.png"
                 picture = label_png(clusters.results[k].labels[b], k)
                 cls._write(picture, folder, filename, _png_info({"headseg": {**about, "k": k}}), filename_prefix)
                 saved.append({"filename": filename, "subfolder": subfolder, "type": "output", "k": k, "batch_index": b})
-                files.append(filename)
             if pictures is not None:
                 filename = f"{name}_{n:05}_image.png"
                 pixels = (pictures[b] * 255.0).clamp(0.0, 255.0).to(torch.uint8).numpy()  # [H, W, 3], as Save Image
                 info = _png_info({**workflow, "headseg": {**about, "k": None}})
                 cls._write(Image.fromarray(pixels), folder, filename, info, filename_prefix)
                 shown.append({"filename": filename, "subfolder": subfolder, "type": "output"})
-                files.append(filename)
-            rel = os.path.join(subfolder, f"{name}_{n:05}_*").replace(os.sep, "/").lstrip("/")
-            lines.append(f"{rel}: {len(files)} files (k = {', '.join(map(str, ks))}{', image' if pictures is not None else ''})")
-        log.info("HeadSeg Save Label Maps: %s", "; ".join(lines))
-        return io.NodeOutput(ui={"images": shown, "text": ["\n".join(lines)], "headseg_label_maps": saved})
+        names = [os.path.join(subfolder, f"{name}_{n:05}_*").replace(os.sep, "/") for n in (counter, counter + B - 1)]
+        what = f"{len(ks)} label map{'s' if len(ks) > 1 else ''} (k = {', '.join(map(str, ks))})"
+        what += " + the picture" if pictures is not None else ""
+        text = f"{names[0]}: {what}" if B == 1 else f"{names[0]} ... {names[1]}: {B} images, {what} each"
+        log.info("HeadSeg Save Label Maps: %s", text)
+        return io.NodeOutput(ui={"images": shown, "text": [text], "headseg_label_maps": saved})
 
     @staticmethod
     def _write(picture: Image.Image, folder: str, filename: str, info: PngInfo, filename_prefix) -> None:

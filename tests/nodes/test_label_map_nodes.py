@@ -74,7 +74,8 @@ def test_the_files_hold_the_labels_and_the_planted_regions(save, sweep, scenes, 
     assert [(r["filename"], r["subfolder"], r["type"], r["k"], r["batch_index"]) for r in listed] == [
         (f"cats_{b + 1:05}_k{k}.png", "data", "output", k, b) for b in (0, 1) for k in (2, 4, 9)
     ]
-    assert out.ui["images"] == [] and "data/cats_00002_*: 3 files" in out.ui["text"][0]
+    assert out.ui["images"] == []
+    assert out.ui["text"] == ["data/cats_00001_* ... data/cats_00002_*: 2 images, 3 label maps (k = 2, 4, 9) each"]
 
 
 def test_each_run_takes_the_next_counters(save, sweep, comfy_folders):
@@ -98,6 +99,7 @@ def test_the_picture_is_saved_next_to_its_labels_with_the_workflow(save, sweep, 
         _, _, label_text = read(comfy_folders["output"] / f"pics_{b + 1:05}_k4.png")
         assert set(label_text) == {"headseg"}  # the workflow only once per image
     assert out.ui["images"] == [{"filename": f"pics_{n:05}_image.png", "subfolder": "", "type": "output"} for n in (1, 2)]
+    assert out.ui["text"] == ["pics_00001_* ... pics_00002_*: 2 images, 3 label maps (k = 2, 4, 9) + the picture each"]
 
 
 def test_a_photo_a_few_pixels_larger_is_cropped_as_vae_encode_crops_it(save, sweep, comfy_folders):
