@@ -5,6 +5,7 @@ import pytest
 import torch
 from sklearn.cluster import KMeans
 
+from headseg.nodes.core import kmeans_batched
 from headseg.nodes.core import working_set as wsm
 from headseg.nodes.core.working_set import WorkingSet, kmeans_pp, lloyd, sample_pixels, starts
 
@@ -196,3 +197,61 @@ def test_sampled_pixels_are_distinct_uniform_and_seeded(N, n):
         hits = torch.cat([sample_pixels(N, n, gen) for _ in range(3000)]) // 100
         counts = torch.bincount(hits, minlength=10).double()
         assert float((counts - 2100).abs().max()) < 5 * 2100**0.5
+
+
+def feature_space_lloyd_with_tol(X, picks, tol, max_iter=100):
+    """scikit-learn's Lloyd in feature space (float64) from the points ``picks``, with working_set's
+    refill of empty clusters (the r-th empty one onto the point r-th farthest from its nearest
+    centroid) -> (centroids, iterations, squared centroid shift of each iteration). Stops when no
+    label changes or the shift (squared, summed; a refilled centroid's move counts) is <= tol."""
+    X = X.double()
+    C = X[picks].clone()  # [k, C]
+    labels = torch.cdist(X, C).argmin(1)
+    shifts = []
+    for it in range(1, max_iter + 1):
+        counts = torch.bincount(labels, minlength=C.shape[0])
+        new = torch.stack([X[labels == j].mean(0) if counts[j] else C[j] for j in range(C.shape[0])])
+        empty = (counts == 0).nonzero().flatten().tolist()
+        if empty:
+            order = (torch.cdist(X, new) ** 2).min(1).values.argsort(descending=True, stable=True)
+            for r, j in enumerate(empty):
+                new[j] = X[order[r % X.shape[0]]]
+        shifts.append(float(((new - C) ** 2).sum()))
+        C, old = new, labels
+        labels = torch.cdist(X, C).argmin(1)
+        if bool((labels == old).all()) or shifts[-1] <= tol:
+            return C, it, shifts
+    return C, max_iter, shifts
+
+
+def test_the_centroid_shift_stops_lloyd_where_feature_space_lloyd_stops(monkeypatch):
+    """The tol rule (scikit-learn's: the centroids' squared shift, summed) against the shift computed
+    in feature space, refilled clusters included, for the one-k Gram-space Lloyd and the batched one
+    (kmeans_batched, what a GPU runs): a tol just above the shift of each iteration in turn stops both
+    exactly where the reference stops, with its centroids. (Comparing the two implementations with
+    each other, or a tol too small to decide, cannot see a wrong shift: both stop on unchanged labels.)
+    A tol just below the first iteration's shift of a start with empty clusters stops the reference one
+    iteration later only because the refilled centroids' move counts."""
+    monkeypatch.setattr(wsm, "RTOL", 0.0)  # only the labels and the shift stop a run
+    X, _ = blobs(n=240, C=10, k=4, spread=1.5, seed=0)  # overlapping: several iterations
+    ws = WorkingSet.from_features(X)
+    starts = list(kmeans_pp(ws, 5, 3, torch.Generator().manual_seed(0)))  # [5] each
+    starts += [torch.tensor([0, 0, 1, 2, 5]), torch.tensor([3, 3, 3, 4, 6])]  # one and two clusters empty and refilled
+    decided = 0
+    for start in starts:
+        _, full_iters, shifts = feature_space_lloyd_with_tol(X, start, 0.0)
+        for tol in [s * f for s in shifts for f in (0.95, 1.05)]:  # just below / above each iteration's shift
+            if any(0.97 < s / tol < 1.03 for s in shifts):
+                continue  # another iteration's shift within rounding of tol: ill-posed, skip it
+            want_c, want_iters, _ = feature_space_lloyd_with_tol(X, start, tol)
+            if want_iters == full_iters:
+                continue  # unchanged labels stop it: the shift does not decide
+            run = lloyd(ws, start[None], max_iter=100, tol=tol)[0]
+            assert run.iters == want_iters, (start.tolist(), tol)
+            torch.testing.assert_close(run.centroids(ws).double(), want_c, rtol=1e-4, atol=1e-4)
+            members, point, _, iters = kmeans_batched._gram_lloyd(ws, torch.tensor([5]), start[None], 100, tol)
+            assert int(iters[0]) == want_iters, (start.tolist(), tol)
+            got = kmeans_batched.run_centroids(ws, members, point, 5)[0]
+            torch.testing.assert_close(got.double(), want_c, rtol=1e-4, atol=1e-4)
+            decided += 1
+    assert decided >= 20
