@@ -336,3 +336,59 @@ def test_the_core_multiplies_in_full_float32_and_restores_tf32_as_it_was_set(how
     assert done.returncode == 0, done.stderr[-2000:]
     inside = "'none'" if how == "none" else "'ieee'"
     assert done.stdout.split("\n")[0] == f"[{inside}, {inside}] {after} {cpu_after}"
+
+
+def test_lattice_lloyd_stops_on_the_centroid_shift_where_feature_space_lloyd_stops(monkeypatch):
+    """The polish's tol rule (the centroids' squared shift, summed, refilled clusters included) of the
+    one-k _Lattice.lloyd and the batched DenseLattice.lloyd, against Lloyd on the explicit upsampled
+    features: a tol just below or above the shift of each iteration in turn stops both where the
+    reference stops, with its centroids. (Comparing the two with each other cannot see a wrong shift.)"""
+    monkeypatch.setattr(km, "_RTOL", 0.0)  # only the labels and the shift stop a run
+    stack = random_stack((20, 24), seed=3)
+    img = km._Image(stack, 0)
+    X = as_held(img, explicit(stack))  # [N, C] float64
+    ws = img.working_set(4, 0)
+    full, dense = img.rung(img.last), km._dense_rung(img, img.last)
+    total = full.moments()[0]
+
+    def reference(start, tol):
+        """-> (centroids, iterations, shift of each iteration); empty clusters as kmeans._fill_empty."""
+        C = start.double().clone()
+        labels = torch.cdist(X, C).argmin(1)
+        shifts = []
+        for it in range(1, 101):
+            counts = torch.bincount(labels, minlength=C.shape[0])
+            new = torch.stack([X[labels == j].mean(0) if counts[j] else C[j] for j in range(C.shape[0])])
+            empty = (counts == 0).nonzero().flatten().tolist()
+            if empty:
+                Xw = ws.X.double()
+                order = (torch.cdist(Xw, new) ** 2).min(1).values.argsort(descending=True, stable=True)
+                for r, j in enumerate(empty):
+                    new[j] = Xw[order[r % Xw.shape[0]]]
+            shifts.append(float(((new - C) ** 2).sum()))
+            C, old = new, labels
+            labels = torch.cdist(X, C).argmin(1)
+            if bool((labels == old).all()) or shifts[-1] <= tol:
+                return C, it, shifts
+        return C, 100, shifts
+
+    gen = torch.Generator().manual_seed(5)
+    starts = [ws.X[torch.randperm(ws.n, generator=gen)[:4]].clone() for _ in range(3)]
+    starts.append(ws.X[[0, 0, 7, 9]].clone())  # two equal centroids: one cluster empties and is refilled
+    decided = 0
+    for start in starts:
+        _, full_iters, shifts = reference(start, 0.0)
+        for tol in [s * f for s in shifts for f in (0.95, 1.05)]:
+            if any(0.97 < s / tol < 1.03 for s in shifts):
+                continue  # another iteration's shift within rounding of tol: ill-posed
+            want_c, want_iters, _ = reference(start, tol)
+            if want_iters == full_iters:
+                continue  # unchanged labels stop it: the shift does not decide
+            _, cents, _, it = full.lloyd(start, 100, tol, ws.X, ws.xx, total)
+            assert it == want_iters, tol
+            torch.testing.assert_close(cents.double(), want_c, rtol=1e-4, atol=1e-4)
+            _, cents, _, iters = dense.lloyd(start, [4], 100, tol, 0.0, total, [(ws.X, ws.xx)])
+            assert int(iters[0]) == want_iters, tol
+            torch.testing.assert_close(cents.double(), want_c, rtol=1e-4, atol=1e-4)
+            decided += 1
+    assert decided >= 10
