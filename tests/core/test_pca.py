@@ -112,6 +112,21 @@ def test_constant_heads_give_zeros_not_nan(dtype):
     assert (s[0, 0].abs().amax(0) > 0).all()  # other heads untouched
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_heads_with_some_constant_channels_equal_sklearn(dtype):
+    """A head whose channels are constant only in part (a dead channel of the attention output) is no
+    constant head: its scores are scikit-learn's, not zeros."""
+    x = structured_heads((2,), 96, 16, seed=5, dtype=dtype).clone()
+    x[0, :, :3] = 0.5  # three dead channels in head 0
+    x[1, :, 7] = 0.0  # one in head 1
+    ours = head_pca(x, 4)
+    for h in range(2):
+        ref = sklearn_scores(x[h], 4)
+        assert float(ref.abs().max()) > 0
+        err = (ours[h].double() - ref).abs().max() / ref.abs().max()
+        assert err < (1e-9 if dtype == torch.float64 else 2e-4), (h, float(err))
+
+
 def test_rank_deficient_head_is_finite_and_zero_beyond_rank():
     x = structured_heads((), 2, 64, seed=1)  # a 1x2 grid: two samples, one direction of variance
     s = head_pca(x, 8)
