@@ -14,6 +14,7 @@ import logging
 import pytest
 import torch
 
+from headseg.nodes.core.masks import masks_at_pixel
 from headseg.nodes.core.metrics import iou
 from headseg.nodes.core.preview import error_map_image
 from headseg.nodes.core.upsample import upsampling_error
@@ -88,6 +89,13 @@ def test_comfy_types_and_shapes_for_a_batch(nodes, recording):
     assert float(overlay.min()) >= 0 and float(overlay.max()) <= 1
     for b in range(2):
         assert chosen[b, 30, 40] == 1.0  # the chosen mask contains the pixel
+        here = masks_at_pixel(masks[b], 40, 30)  # every image's own chain (index 1 past its end: the last)
+        assert torch.equal(chosen[b].bool(), here.masks[min(1, here.masks.shape[0] - 1)]), b
+    head = nodes.MaskSelectAtPixel.execute(masks, 87, 71, 1).args[0]  # the cat's head: head, cat, foreground
+    for b in range(2):
+        here = masks_at_pixel(masks[b], 87, 71)
+        assert here.masks.shape[0] >= 3
+        assert torch.equal(head[b].bool(), here.masks[1]), b  # index 1 applies to every image, not only image 0
 
     pca_out = nodes.HeadPCA.execute(recording, "down+up", "all", 4)
     summary = pca_out.ui["headseg_summary"][0]
@@ -170,9 +178,10 @@ def test_a_pixel_in_no_mask_gives_zeros_and_says_why(nodes, recording, caplog):
 
 
 def test_index_past_the_last_mask_gives_the_coarsest(nodes, recording):
-    out, _ = run_chain(nodes, recording, 180, 120, index=50)
+    out, (_, _, _, masks) = run_chain(nodes, recording, 180, 120, index=50)
     chosen, at_pixel, _, count = out.args
     assert torch.equal(chosen[0], at_pixel[count - 1])
+    assert torch.equal(chosen[1].bool(), masks_at_pixel(masks[1], 180, 120).masks[-1])  # image 1's own coarsest
     assert out.ui["headseg_index"] == [count - 1]
 
 
