@@ -13,6 +13,7 @@ from headseg.nodes.core.kmeans import kmeans, multi_kmeans
 from headseg.nodes.core.working_set import WorkingSet, pp_candidates
 
 from .planted import nested_scene, split_scene
+from .test_working_set import deciding_tols, feature_space_lloyd_with_tol
 from .test_kmeans import THREE_GRIDS, UNEVEN_CORNERS, as_held, best_iou_per_region, explicit, planted_stack, random_stack
 
 
@@ -351,39 +352,14 @@ def test_lattice_lloyd_stops_on_the_centroid_shift_where_feature_space_lloyd_sto
     full, dense = img.rung(img.last), km._dense_rung(img, img.last)
     total = full.moments()[0]
 
-    def reference(start, tol):
-        """-> (centroids, iterations, shift of each iteration); empty clusters as kmeans._fill_empty."""
-        C = start.double().clone()
-        labels = torch.cdist(X, C).argmin(1)
-        shifts = []
-        for it in range(1, 101):
-            counts = torch.bincount(labels, minlength=C.shape[0])
-            new = torch.stack([X[labels == j].mean(0) if counts[j] else C[j] for j in range(C.shape[0])])
-            empty = (counts == 0).nonzero().flatten().tolist()
-            if empty:
-                Xw = ws.X.double()
-                order = (torch.cdist(Xw, new) ** 2).min(1).values.argsort(descending=True, stable=True)
-                for r, j in enumerate(empty):
-                    new[j] = Xw[order[r % Xw.shape[0]]]
-            shifts.append(float(((new - C) ** 2).sum()))
-            C, old = new, labels
-            labels = torch.cdist(X, C).argmin(1)
-            if bool((labels == old).all()) or shifts[-1] <= tol:
-                return C, it, shifts
-        return C, 100, shifts
-
     gen = torch.Generator().manual_seed(5)
     starts = [ws.X[torch.randperm(ws.n, generator=gen)[:4]].clone() for _ in range(3)]
     starts.append(ws.X[[0, 0, 7, 9]].clone())  # two equal centroids: one cluster empties and is refilled
     decided = 0
     for start in starts:
-        _, full_iters, shifts = reference(start, 0.0)
-        for tol in [s * f for s in shifts for f in (0.95, 1.05)]:
-            if any(0.97 < s / tol < 1.03 for s in shifts):
-                continue  # another iteration's shift within rounding of tol: ill-posed
-            want_c, want_iters, _ = reference(start, tol)
-            if want_iters == full_iters:
-                continue  # unchanged labels stop it: the shift does not decide
+        _, _, shifts = feature_space_lloyd_with_tol(X, start, 0.0, ws.X)
+        for tol in deciding_tols(shifts, lambda tol: feature_space_lloyd_with_tol(X, start, tol, ws.X)[1]):
+            want_c, want_iters, _ = feature_space_lloyd_with_tol(X, start, tol, ws.X)
             _, cents, _, it = full.lloyd(start, 100, tol, ws.X, ws.xx, total)
             assert it == want_iters, tol
             torch.testing.assert_close(cents.double(), want_c, rtol=1e-4, atol=1e-4)

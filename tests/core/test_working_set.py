@@ -199,13 +199,15 @@ def test_sampled_pixels_are_distinct_uniform_and_seeded(N, n):
         assert float((counts - 2100).abs().max()) < 5 * 2100**0.5
 
 
-def feature_space_lloyd_with_tol(X, picks, tol, max_iter=100):
-    """scikit-learn's Lloyd in feature space (float64) from the points ``picks``, with working_set's
-    refill of empty clusters (the r-th empty one onto the point r-th farthest from its nearest
-    centroid) -> (centroids, iterations, squared centroid shift of each iteration). Stops when no
-    label changes or the shift (squared, summed; a refilled centroid's move counts) is <= tol."""
+def feature_space_lloyd_with_tol(X, start, tol, refill=None, max_iter=100):
+    """scikit-learn's Lloyd in feature space (float64) from the centroids ``start`` [k, C], with the
+    one-k code's refill of empty clusters (the r-th empty one onto the point of ``refill`` [n, C],
+    default X, r-th farthest from its nearest centroid) -> (centroids, iterations, squared centroid
+    shift of each iteration). Stops when no label changes or the shift (squared, summed; a refilled
+    centroid's move counts) is <= tol."""
     X = X.double()
-    C = X[picks].clone()  # [k, C]
+    refill = X if refill is None else refill.double()
+    C = start.double().clone()  # [k, C]
     labels = torch.cdist(X, C).argmin(1)
     shifts = []
     for it in range(1, max_iter + 1):
@@ -213,15 +215,25 @@ def feature_space_lloyd_with_tol(X, picks, tol, max_iter=100):
         new = torch.stack([X[labels == j].mean(0) if counts[j] else C[j] for j in range(C.shape[0])])
         empty = (counts == 0).nonzero().flatten().tolist()
         if empty:
-            order = (torch.cdist(X, new) ** 2).min(1).values.argsort(descending=True, stable=True)
+            order = (torch.cdist(refill, new) ** 2).min(1).values.argsort(descending=True, stable=True)
             for r, j in enumerate(empty):
-                new[j] = X[order[r % X.shape[0]]]
+                new[j] = refill[order[r % refill.shape[0]]]
         shifts.append(float(((new - C) ** 2).sum()))
         C, old = new, labels
         labels = torch.cdist(X, C).argmin(1)
         if bool((labels == old).all()) or shifts[-1] <= tol:
             return C, it, shifts
     return C, max_iter, shifts
+
+
+def deciding_tols(shifts, stop_iters):
+    """Tolerances just below and just above each iteration's shift, skipping those within rounding of
+    another shift (ill-posed) and those where unchanged labels, not the shift, stop the reference:
+    stop_iters(tol) -> the reference's iterations at that tol."""
+    full = stop_iters(0.0)
+    for tol in [s * f for s in shifts for f in (0.95, 1.05)]:
+        if not any(0.97 < s / tol < 1.03 for s in shifts) and stop_iters(tol) < full:
+            yield tol
 
 
 def test_the_centroid_shift_stops_lloyd_where_feature_space_lloyd_stops(monkeypatch):
@@ -239,13 +251,9 @@ def test_the_centroid_shift_stops_lloyd_where_feature_space_lloyd_stops(monkeypa
     starts += [torch.tensor([0, 0, 1, 2, 5]), torch.tensor([3, 3, 3, 4, 6])]  # one and two clusters empty and refilled
     decided = 0
     for start in starts:
-        _, full_iters, shifts = feature_space_lloyd_with_tol(X, start, 0.0)
-        for tol in [s * f for s in shifts for f in (0.95, 1.05)]:  # just below / above each iteration's shift
-            if any(0.97 < s / tol < 1.03 for s in shifts):
-                continue  # another iteration's shift within rounding of tol: ill-posed, skip it
-            want_c, want_iters, _ = feature_space_lloyd_with_tol(X, start, tol)
-            if want_iters == full_iters:
-                continue  # unchanged labels stop it: the shift does not decide
+        _, _, shifts = feature_space_lloyd_with_tol(X, X[start], 0.0)
+        for tol in deciding_tols(shifts, lambda tol: feature_space_lloyd_with_tol(X, X[start], tol)[1]):
+            want_c, want_iters, _ = feature_space_lloyd_with_tol(X, X[start], tol)
             run = lloyd(ws, start[None], max_iter=100, tol=tol)[0]
             assert run.iters == want_iters, (start.tolist(), tol)
             torch.testing.assert_close(run.centroids(ws).double(), want_c, rtol=1e-4, atol=1e-4)
