@@ -13,9 +13,9 @@ exact on the native grids:
 For speed, k-means++ (greedy, 20 starts; fewer above k = 160, see _WS_START_FLOATS) and the first
 Lloyd iterations run on a working set: 512 uniformly random output pixels, or 16 per cluster for
 k > 32 (up to 4096 at k = MAX_CLUSTERS), with their explicit features (an unbiased sample of the
-full problem), in Gram space (``working_set.py``). Of the 3 starts of lowest inertia there, the one
-of lowest inertia on the first pixel lattice with at least 4096 pixels (the full image if none has)
-is kept. Exact Lloyd iterations then polish on a pixel lattice of 1/16 of the output (from 256 x 256
+full problem), in Gram space (``working_set.py``). Of the starts of lowest inertia there, up to 3 and
+one per optimum (_finalists), the one of lowest inertia on the first pixel lattice with at least 4096
+pixels (the full image if none has) is kept. Exact Lloyd iterations then polish on a pixel lattice of 1/16 of the output (from 256 x 256
 up; smaller images on the first lattice with at least 4096 pixels, or on the full output alone) and
 on the full output, each until the labels stop changing, the centroids move less than ``tol``
 (scikit-learn's rule) or an iteration lowers the inertia by less than _RTOL of itself; the final
