@@ -410,6 +410,13 @@ class MultiKMeans(io.ComfyNode):
 
         _expect(stack, core_upsample.FeatureStack, "stack", "HEADSEG_FEATURE_STACK from Upsample")
         counts = core_kmeans.parse_cluster_counts(cluster_counts)
+        B, (H, W) = stack.batch_size, stack.size
+        _check_memory(
+            len(counts) * B * H * W * (8 + 12),  # int64 label maps + float32 RGB colour maps, per k and image
+            "cluster_counts",
+            f"the label maps and colour maps of {len(counts)} cluster count(s) for {B} image(s) at {W}x{H} pixels",
+            "Use fewer cluster counts, or fewer images per batch (e.g. Rebatch Latents before sampling)",
+        )
         from comfy_execution.utils import get_executing_context
 
         # the sweep reports progress from its worker threads, where ComfyUI's executing context (a
@@ -429,8 +436,6 @@ class MultiKMeans(io.ComfyNode):
             return sweep.to("cpu")
 
         sweep = run_on_device(device, sweep_on, "Multi K-Means")
-        B = sweep.batch_size
-        H, W = sweep.size
         images = torch.empty(len(sweep.results) * B, H, W, 3)  # [len(k) * B, H, W, 3], filled k by k
         labels = []
         for i, (k, result) in enumerate(sweep.results.items()):
@@ -557,19 +562,25 @@ def _available_memory() -> int | None:
         return None
 
 
-def _check_mask_memory(need: int, what: str, clusters) -> None:
-    """ValueError naming `clusters` (and Multi K-Means' cluster_counts) when allocating ``need`` bytes
-    for ``what`` would take more than 80 % of the free memory."""
+def _check_memory(need: int, name: str, what: str, advice: str) -> None:
+    """ValueError naming the input ``name`` when allocating ``need`` bytes for ``what`` would take more
+    than 80 % of the free memory (or _FALLBACK_MASK_BYTES when that is unknown): a clear refusal
+    before the work instead of ComfyUI running out of memory part-way."""
     available = _available_memory()
     limit = 0.8 * available if available else _FALLBACK_MASK_BYTES
     if need > limit:
-        ks = ",".join(str(int(k)) for k in clusters.results)
-        H, W = clusters.size
         room = f"80 % of the {available / 2**30:.1f} GiB free" if available else f"{limit / 2**30:.1f} GiB"
-        raise ValueError(
-            f"clusters: {what} would take {need / 2**30:.1f} GiB at {W}x{H} pixels (cluster_counts {ks}), more "
-            f"than {room}. Use fewer or smaller cluster counts in Multi K-Means, fewer images or smaller ones"
-        )
+        raise ValueError(f"{name}: {what} would take {need / 2**30:.1f} GiB, more than {room}. {advice}")
+
+
+def _check_mask_memory(need: int, what: str, clusters) -> None:
+    """_check_memory for Mask Merge: names `clusters` and Multi K-Means' cluster_counts."""
+    ks = ",".join(str(int(k)) for k in clusters.results)
+    H, W = clusters.size
+    _check_memory(
+        need, "clusters", f"{what} at {W}x{H} pixels (cluster_counts {ks})",
+        "Use fewer or smaller cluster counts in Multi K-Means, fewer images or smaller ones",
+    )
 
 
 def _vae_crop_offsets(h: int, w: int) -> tuple[int, int]:

@@ -402,7 +402,7 @@ def test_mask_merge_refuses_masks_that_would_not_fit_in_free_memory(nodes, recor
     M = len(nodes.MaskMerge.execute(sweep, 0.9, 0.0).args[0][0].masks)  # merged masks of image 0
     assert 1 < M <= 7
     cases = [  # free bytes -> the allocation refused (None: runs)
-        (7 * H * W / 0.8 - 1, f"up to 7 masks of image 0 (one per cluster where none merge) would take 0.0 GiB at {W}x{H} pixels"),
+        (7 * H * W / 0.8 - 1, f"up to 7 masks of image 0 (one per cluster where none merge) at {W}x{H} pixels (cluster_counts 2,5) would take 0.0 GiB"),
         (4 * M * H * W / 0.8 - 1, f"all_masks, the {M} merged masks of image 0 as a MASK batch"),
         (4 * M * H * W / 0.8 + 1, None),
     ]
@@ -422,6 +422,30 @@ def test_mask_merge_refuses_masks_that_would_not_fit_in_free_memory(nodes, recor
         nodes.MaskMerge.execute(sweep, 0.9, 0.0)
     monkeypatch.undo()
     assert nodes._available_memory() > 0  # psutil is there in ComfyUI
+
+
+def test_multi_kmeans_refuses_outputs_that_would_not_fit_before_clustering(nodes, recording, monkeypatch):
+    """Multi K-Means keeps an int64 label map and a float32 RGB colour map per k and image (20 bytes per
+    pixel): when they would take more than 80 % of the free memory it stops at once with a message
+    naming cluster_counts, instead of running out of memory after the clustering."""
+    from headseg.nodes.core import kmeans as core_kmeans
+
+    feats = nodes.HeadPCA.execute(recording, "down+up", "all", 4).args[0]
+    stack = nodes.Upsample.execute(feats, "bilinear", False).args[0]
+    need = 3 * 2 * H * W * 20  # k = 2, 3, 4 for the 2 images
+    ran = []
+    monkeypatch.setattr(core_kmeans, "multi_kmeans", lambda *a, **kw: ran.append(1))
+    monkeypatch.setattr(nodes, "_available_memory", lambda: int(need / 0.8) - 1)
+    with pytest.raises(ValueError, match=r"^cluster_counts: the label maps and colour maps of 3 cluster count\(s\) for 2 "
+                       rf"image\(s\) at {W}x{H} pixels would take 0\.0 GiB, more than 80 % of the 0\.0 GiB free\. "
+                       r"Use fewer cluster counts, or fewer images per batch"):
+        nodes.MultiKMeans.execute(stack, "2,3,4", 0)
+    assert ran == []  # refused before any clustering
+    monkeypatch.undo()
+    monkeypatch.setattr(nodes, "_available_memory", lambda: int(need / 0.8) + 1)
+    sweep, colour_maps = nodes.MultiKMeans.execute(stack, "2,3,4", 0).args
+    used = sum(r.labels.element_size() * r.labels.numel() for r in sweep.results.values())
+    assert used + colour_maps.element_size() * colour_maps.numel() == need  # what the check counts
 
 
 def test_pixel_of_a_larger_picture_outside_the_masks_is_mapped(nodes, recording, caplog):
