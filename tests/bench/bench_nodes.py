@@ -2,7 +2,7 @@
 all), in-process on the same planted input as bench_core.py, against the bare core in the same run.
 
     source tests/setup_env.sh && $PY tests/bench/bench_nodes.py [--size 512] [--width W] [--batch 1]
-        [--layout sd21 | sdxl] [--repeats 5] [--threads 2] [--error-map]
+        [--layout sd21 | sdxl] [--repeats 5] [--threads 2] [--error-map] [--batch-index -1]
 
 Each node's execute() is timed (median of --repeats; the preview PNGs are written to a temporary
 folder as ComfyUI writes them), then the chain runs once more under a resident-memory sampler: the
@@ -58,6 +58,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each node (median), default 5")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, default 2")
     parser.add_argument("--error-map", action="store_true", help="also time Upsampling Error Map (explore example)")
+    parser.add_argument("--batch-index", type=int, default=0, help="Mask Merge's batch_index (-1 = every image), default 0")
     args = parser.parse_args()
 
     bench_core.import_pack()  # the checkout as package `headseg`
@@ -89,7 +90,7 @@ def main():
         ("Head PCA", lambda v: N.HeadPCA.execute(rec, "down+up", "all", 8)),
         ("Upsample", lambda v: N.Upsample.execute(v["Head PCA"], "bilinear", False)),
         ("Multi K-Means", lambda v: N.MultiKMeans.execute(v["Upsample"], KS, 0, "cpu")),
-        ("Mask Merge", lambda v: N.MaskMerge.execute(v["Multi K-Means"], 0.9, 0.0)),
+        ("Mask Merge", lambda v: N.MaskMerge.execute(v["Multi K-Means"], 0.9, 0.0, args.batch_index)),
         ("Mask Select At Pixel", lambda v: N.MaskSelectAtPixel.execute(v["Mask Merge"], W // 2, H // 2, 0, picture)),
     ]
     if args.error_map:
@@ -142,6 +143,14 @@ def main():
     print(f"| core alone (segment's stages, same run) | {core_total:.3f} | | |")
     print(f"| Mask Select At Pixel again, another pixel (a click) | {statistics.median(clicks):.3f} | | |")
     print(f"\nnodes / core: {total / core_total:.2f}x  (the recording itself: {output_bytes(rec.layers, set()) / 1e6:.0f} MB)")
+    # Mask Merge runs on the calling thread, so every tensor it allocates is seen by PeakBytes (a
+    # dispatch mode, which does not see the worker threads of Head PCA or Multi K-Means)
+    from headseg.tests.support.peak_memory import PeakBytes
+
+    with PeakBytes() as allocated:
+        N.MaskMerge.execute(values["Multi K-Means"], 0.9, 0.0, args.batch_index)
+    print(f"Mask Merge (batch_index {args.batch_index}): peak of the tensors it allocates {allocated.peak / 1e6:.0f} MB "
+          f"(its outputs {sizes['Mask Merge']:.0f} MB)")
 
 
 if __name__ == "__main__":
