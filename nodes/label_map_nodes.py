@@ -40,6 +40,26 @@ def label_png(labels: torch.Tensor, k: int) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(pixels), mode="L")
 
 
+def _check_clusters(clusters) -> None:
+    """ValueError naming ``clusters`` unless every k's labels [B, H, W] (one shape, clusters.size) lie in
+    0 .. k-1 with k <= 256: checked before the first file is written, so a bad k leaves no file behind."""
+    if not clusters.results:
+        raise ValueError("clusters: expected label maps of at least one k, got none")
+    shapes = {tuple(r.labels.shape) for r in clusters.results.values()}
+    B = clusters.batch_size
+    if shapes != {(B, *clusters.size)}:
+        raise ValueError(
+            f"clusters: expected the label maps of every k as one shape [B, H, W] = [{B}, {clusters.size[0]}, "
+            f"{clusters.size[1]}], got {sorted(shapes)}"
+        )
+    for k, result in clusters.results.items():
+        try:
+            if check_label_map(result.labels.flatten(0, 1), k, "B*H, W") > 256:  # [B*H, W]: every image
+                raise ValueError(f"k must be at most 256 for an 8-bit label map, got {k}")
+        except ValueError as exc:
+            raise ValueError(f"clusters: {exc}") from exc
+
+
 def _fit_pictures(image, B: int, H: int, W: int) -> torch.Tensor:
     """The optional ``image`` input -> [B, H, W, 3] pictures aligned with the label maps: the same size,
     or VAE Encode's centred crop of a picture whose sides only lack a multiple of 8; any other size or
@@ -64,6 +84,7 @@ def _fit_pictures(image, B: int, H: int, W: int) -> torch.Tensor:
 
 
 def _png_info(entries: dict) -> PngInfo:
+    """{key: JSON-able value} -> PNG text entries holding each value as JSON, as Save Image writes them."""
     info = PngInfo()
     for key, value in entries.items():
         info.add_text(key, json.dumps(value))
@@ -117,6 +138,7 @@ class SaveLabelMaps(io.ComfyNode):
     @classmethod
     def execute(cls, clusters, filename_prefix=_EXAMPLE_PREFIX, image=None) -> io.NodeOutput:
         _expect(clusters, core_kmeans.ClusterSweep, "clusters", "HEADSEG_CLUSTERS from Multi K-Means")
+        _check_clusters(clusters)
         B = clusters.batch_size
         H, W = clusters.size
         pictures = None if image is None else _fit_pictures(image, B, H, W)  # [B, H, W, 3]
@@ -129,20 +151,20 @@ class SaveLabelMaps(io.ComfyNode):
             if cls.hidden.prompt is not None:
                 workflow["prompt"] = cls.hidden.prompt
             workflow.update(cls.hidden.extra_pnginfo or {})
-        saved, shown = [], []
+        saved, shown, written = [], [], []  # written: this run's files, removed again if a write fails
         for b in range(B):
             n = counter + b
             about = {"format": LABELS_FORMAT, "batch_index": b, "cluster_counts": ks, "size": [H, W]}
             for k in ks:
                 filename = f"{name}_{n:05}_k{k}.png"
-                picture = label_png(clusters.results[k].labels[b], k)
-                cls._write(picture, folder, filename, _png_info({"headseg": {**about, "k": k}}), filename_prefix)
+                picture, info = label_png(clusters.results[k].labels[b], k), _png_info({"headseg": {**about, "k": k}})
+                cls._write(picture, folder, filename, info, filename_prefix, written)
                 saved.append({"filename": filename, "subfolder": subfolder, "type": "output", "k": k, "batch_index": b})
             if pictures is not None:
                 filename = f"{name}_{n:05}_image.png"
                 pixels = (pictures[b] * 255.0).clamp(0.0, 255.0).to(torch.uint8).numpy()  # [H, W, 3], as Save Image
                 info = _png_info({**workflow, "headseg": {**about, "k": None}})
-                cls._write(Image.fromarray(pixels), folder, filename, info, filename_prefix)
+                cls._write(Image.fromarray(pixels), folder, filename, info, filename_prefix, written)
                 shown.append({"filename": filename, "subfolder": subfolder, "type": "output"})
         names = [os.path.join(subfolder, f"{name}_{n:05}_*").replace(os.sep, "/") for n in (counter, counter + B - 1)]
         what = f"{len(ks)} label map{'s' if len(ks) > 1 else ''} (k = {', '.join(map(str, ks))})"
@@ -152,12 +174,21 @@ class SaveLabelMaps(io.ComfyNode):
         return io.NodeOutput(ui={"images": shown, "text": [text], "headseg_label_maps": saved})
 
     @staticmethod
-    def _write(picture: Image.Image, folder: str, filename: str, info: PngInfo, filename_prefix) -> None:
+    def _write(picture: Image.Image, folder: str, filename: str, info: PngInfo, filename_prefix, written: list) -> None:
+        """Saves one PNG and appends its path to ``written``; when it cannot be written, removes the files
+        of ``written`` (this run's: a dataset gets no image with some of its files missing) and raises
+        ValueError naming filename_prefix."""
         full = os.path.join(folder, filename)
         try:
             picture.save(full, pnginfo=info, compress_level=4)
         except OSError as exc:
+            for path in written:
+                try:
+                    os.remove(path)
+                except OSError:
+                    log.warning("HeadSeg Save Label Maps: could not remove %s after the failed write", path)
             raise output_error(exc, filename_prefix, full, _EXAMPLE_PREFIX) from exc
+        written.append(full)
 
 
 NODES = [SaveLabelMaps]

@@ -145,3 +145,42 @@ def test_registered_with_a_docs_page(save):
 def test_the_prefix_takes_save_images_size_variables(save, sweep, comfy_folders):
     save.execute(sweep, "%width%x%height%/cat")
     assert (comfy_folders["output"] / f"{W}x{H}" / "cat_00001_k9.png").is_file()
+
+
+def test_label_maps_that_cannot_be_saved_are_refused_before_any_file_is_written(save, sweep, comfy_folders):
+    """A hand-made sweep whose last k cannot be an 8-bit index PNG: an error naming clusters, and no file
+    of the earlier k or images left behind (a dataset would get label maps missing some k)."""
+    import dataclasses
+
+    from headseg.nodes.core.kmeans import ClusterSweep
+
+    wide = dataclasses.replace(sweep.results[9], k=300)  # labels 0..8 of k = 300: more than 8 bits can number
+    bad = dataclasses.replace(sweep.results[9], labels=sweep.results[9].labels + 5)  # 5..13 for k = 9
+    shifted = dataclasses.replace(sweep.results[4], labels=sweep.results[4].labels[:, :-1])  # [B, H - 1, W]
+    for results, words in (({2: sweep.results[2], 300: wide}, "at most 256"), ({2: sweep.results[2], 9: bad}, "0..8"),
+                           ({2: sweep.results[2], 4: shifted}, r"\[B, H, W\]"), ({}, "at least one k")):
+        with pytest.raises(ValueError, match=r"^clusters: .*" + words):
+            save.execute(ClusterSweep(results, sweep.size), "bad")
+        assert list(comfy_folders["output"].iterdir()) == []
+
+
+def test_a_failed_write_leaves_none_of_this_runs_files(save, sweep, comfy_folders, monkeypatch):
+    """The disk fills up at the second image's picture: an error naming filename_prefix, and no label map
+    without its picture (nor any other file of this run) in the dataset; files of earlier runs stay."""
+    import errno
+
+    save.execute(sweep, "full")
+    before = sorted(p.name for p in comfy_folders["output"].iterdir())
+    real_save, written = Image.Image.save, []
+
+    def save_until_full(picture, fp, *args, **kwargs):
+        if str(fp).endswith("full_00004_image.png"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(fp)
+        return real_save(picture, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save_until_full)
+    with pytest.raises(ValueError, match=r"^filename_prefix 'full': cannot write .*full_00004_image.png.*free space"):
+        save.execute(sweep, "full", torch.rand(2, H, W, 3))
+    assert len(written) == 7  # image 3's label maps and picture, image 4's label maps: all removed again
+    assert sorted(p.name for p in comfy_folders["output"].iterdir()) == before
