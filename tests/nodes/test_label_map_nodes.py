@@ -184,3 +184,30 @@ def test_a_failed_write_leaves_none_of_this_runs_files(save, sweep, comfy_folder
         save.execute(sweep, "full", torch.rand(2, H, W, 3))
     assert len(written) == 7  # image 3's label maps and picture, image 4's label maps: all removed again
     assert sorted(p.name for p in comfy_folders["output"].iterdir()) == before
+
+
+@pytest.mark.parametrize("disable_metadata", [False, True])
+def test_comfyui_hands_the_workflow_to_the_picture_unless_metadata_is_disabled(save, sweep, comfy_folders, disable_metadata):
+    """The hidden prompt and workflow as ComfyUI's executor gathers them for this node (an output node gets
+    them without asking), and --disable-metadata: then only the headseg entry, as Save Image writes none."""
+    import execution
+    from comfy.cli_args import args
+
+    class Prompt:  # the executor's DynamicPrompt, as far as get_input_data reads it
+        def get_original_prompt(self):
+            return {"7": {"class_type": "HeadSeg_SaveLabelMaps", "inputs": {}}}
+
+    extra = {"extra_pnginfo": {"workflow": {"nodes": [7]}}}
+    _, _, hidden = execution.get_input_data({"filename_prefix": "meta"}, save, "7", None, Prompt(), extra)
+    before, args.disable_metadata = args.disable_metadata, disable_metadata
+    try:
+        save.PREPARE_CLASS_CLONE(hidden).execute(sweep, "meta", torch.rand(2, H, W, 3))
+    finally:
+        args.disable_metadata = before
+    _, _, text = read(comfy_folders["output"] / "meta_00002_image.png")
+    if disable_metadata:
+        assert set(text) == {"headseg"}
+    else:
+        assert set(text) == {"prompt", "workflow", "headseg"}
+        assert json.loads(text["prompt"])["7"]["class_type"] == "HeadSeg_SaveLabelMaps"
+        assert json.loads(text["workflow"]) == {"nodes": [7]}
