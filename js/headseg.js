@@ -796,6 +796,12 @@ app.registerExtension({
       for (const w of this.widgets ?? []) {
         if (w.name === "control_after_generate" && w.value === "randomize") w.value = "fixed";
       }
+      // Save nodes: %date:yyyy-MM-dd% and %Node name.widget% in filename_prefix are filled in when the
+      // workflow is queued, as ComfyUI's front end does for its own save nodes (the workflow keeps
+      // the pattern; %width%, %height%, %year% ... are the server's)
+      const prefix = this.widgets?.find((w) => w.name === "filename_prefix");
+      const replace = window.comfyAPI?.utils?.applyTextReplacements;
+      if (prefix && typeof replace === "function") prefix.serializeValue = () => replace(app, prefix.value);
       return result;
     };
 

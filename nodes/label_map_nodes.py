@@ -118,7 +118,8 @@ class SaveLabelMaps(io.ComfyNode):
                     tooltip=(
                         "File name prefix inside the output folder (subfolders allowed, e.g. 'dataset/cats'). "
                         "Each image gets the next counter: <prefix>_00001_k2.png, <prefix>_00001_k5.png, ... "
-                        "and <prefix>_00001_image.png."
+                        "and <prefix>_00001_image.png. As in Save Image, %date:yyyy-MM-dd%, %Node name.widget%, "
+                        "%width% and %height% are filled in."
                     ),
                 ),
                 io.Image.Input(

@@ -239,7 +239,8 @@ class SaveRecording(io.ComfyNode):
                     default="headseg/recording",
                     tooltip=(
                         "File name prefix inside the output folder; a counter and '.safetensors' are "
-                        "appended. May contain subfolders ('headseg/cat')."
+                        "appended. May contain subfolders ('headseg/cat'); as in Save Image, %date:yyyy-MM-dd%, "
+                        "%Node name.widget%, %width% and %height% (the sampled image's) are filled in."
                     ),
                 ),
                 io.Latent.Input(
@@ -262,7 +263,7 @@ class SaveRecording(io.ComfyNode):
     @classmethod
     def execute(cls, recording, filename_prefix="headseg/recording", latent=None) -> io.NodeOutput:
         rec = as_recording(recording, latent)
-        folder, name, counter, subfolder = output_place(filename_prefix, "headseg/recording")
+        folder, name, counter, subfolder = output_place(filename_prefix, "headseg/recording", rec.image_size[1], rec.image_size[0])
         filename = f"{name}_{counter:05}_.safetensors"
         full = os.path.join(folder, filename)
         try:

@@ -541,3 +541,12 @@ def test_a_listing_stored_just_after_save_recording_forgot_it_is_not_used(io_nod
     io_nodes._recording_files()
     monkeypatch.setattr(io_nodes.time, "monotonic", real_monotonic)
     assert any(name.startswith("between") for name in io_nodes._recording_files())
+
+
+def test_save_recording_prefix_takes_the_images_size(recording, comfy_folders):
+    """%width% / %height% in filename_prefix are the sampled image's pixels, as Save Image fills them in."""
+    from headseg.nodes import recording_io_nodes as io_nodes
+
+    H, W = recording.image_size
+    path = io_nodes.SaveRecording.execute(recording, "%width%x%height%/rec").args[0]
+    assert path.endswith(f"/{W}x{H}/rec_00001_.safetensors") and (comfy_folders["output"] / f"{W}x{H}").is_dir()
