@@ -279,7 +279,7 @@ class DenseLattice:
         return torch.cat([a.view(K, -1) @ f.t() for a, f in zip(adj, self.flat)], 1)  # [K, C] (a transposed view: no copy)
 
     def lloyd(self, centroids, sizes, max_iter: int, tol: float, rtol: float, total_sq: float, ws: list, check=no_check):
-        """kmeans._Lattice.lloyd for every run at once -> (labels [R, N], centroids [K, C], best
+        """lattice.Lattice.lloyd for every run at once -> (labels [R, N], centroids [K, C], best
         [R, N], iterations [R]); each run stops by its own rules and keeps the state it stopped
         with (stopping rules: no label moves, a centroid shift (squared, summed) <= tol, an inertia
         gain <= rtol of the inertia). ws[r] = (X [n, C], xx [n]): the working set whose far points refill run r's empty
@@ -345,7 +345,7 @@ def _refill_groups(ws: list, seg: torch.Tensor) -> list:
 
 
 def _refill(new: torch.Tensor, empty: torch.Tensor, seg: torch.Tensor, starts: torch.Tensor, R: int, groups: list):
-    """kmeans._fill_empty for every run at once: the r-th empty cluster of a run moves onto the
+    """lattice.fill_empty for every run at once: the r-th empty cluster of a run moves onto the
     working-set point r-th farthest from that run's nearest centroid. new [K, C], empty [K];
     groups from _refill_groups."""
     K = new.shape[0]

@@ -40,6 +40,7 @@ def main():
     bench = runpy.run_path(str(REPO / "tests" / "bench" / "bench_core.py"), run_name="bench_core")
     planted = bench["import_pack"]()
     from headseg.nodes.core import kmeans as km
+    from headseg.nodes.core import lattice
     from headseg.nodes.core import pca
     from headseg.nodes.core.pipeline import segment
 
@@ -92,10 +93,10 @@ def main():
         (km, "_Image"): "kmeans: image (grids, interpolation)",
         (km, "_prepare"): "kmeans: prepare (working sets, lattices, moments)",
         (km._Image, "working_set"): "kmeans: working sets",
-        (km._Lattice, "moments"): "kmeans: moments",
+        (lattice.Lattice, "moments"): "kmeans: moments",
         (km, "starts"): "kmeans: working-set starts (one k)",
         (batched, "working_set_runs"): "kmeans: working-set starts (all k at once)",
-        (km._Lattice, "lloyd"): "kmeans: exact Lloyd on a lattice (one k)",
+        (lattice.Lattice, "lloyd"): "kmeans: exact Lloyd on a lattice (one k)",
         (batched.DenseLattice, "lloyd"): "kmeans: exact Lloyd on a lattice (all k at once)",
         (km, "_canonical"): "kmeans: canonical order",
         (km, "multi_kmeans"): "kmeans: all",

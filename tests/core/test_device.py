@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from headseg.nodes.core import kmeans as km
+from headseg.nodes.core import lattice
 from headseg.nodes.core import metrics, pca, preview
 from headseg.nodes.core.masks import masks_at_pixel, merge_masks, sweep_to_masks
 from headseg.nodes.core.kmeans import multi_kmeans
@@ -115,7 +115,7 @@ def test_refilling_empty_clusters_makes_no_tensor_off_the_inputs_device():
     def run():
         runs = lloyd(ws, picks, max_iter=50, tol=0.0)
         filled = centroids.clone()
-        km._fill_empty(filled, counts, ws.X, ws.xx)
+        lattice.fill_empty(filled, counts, ws.X, ws.xx)
         return [r.centroids(ws) for r in runs] + [filled]
 
     expected, got = twice(run)

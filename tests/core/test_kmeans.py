@@ -8,6 +8,7 @@ import torch
 from sklearn.cluster import KMeans
 
 from headseg.nodes.core import kmeans as km
+from headseg.nodes.core import lattice
 from headseg.nodes.core import working_set
 from headseg.nodes.core.kmeans import ClusterSweep, KMeansResult, kmeans, multi_kmeans, parse_cluster_counts
 from headseg.nodes.core.metrics import best_match_iou, pairwise_iou
@@ -82,14 +83,14 @@ def test_coarse_k_returns_parent_regions(level):
 @pytest.mark.parametrize("shapes", [THREE_GRIDS, REPEATED_SIZE, UNEVEN_CORNERS])
 def test_assignment_and_update_equal_brute_force(mode, size, chunk, shapes, monkeypatch):
     if chunk is not None:
-        monkeypatch.setattr(km, "_CHUNK_SCORES", chunk)
+        monkeypatch.setattr(lattice, "_CHUNK_SCORES", chunk)
     stack = random_stack(size, mode, shapes=shapes)
     img = km._Image(stack, 0)
     X = as_held(img, explicit(stack))  # [N, C]
     for i in range(len(img.sides)):  # every lattice rung, the last being the full image
         lat = img.rung(i)
-        ys = km._sample_positions(size[0], lat.ny, "cpu")
-        xs = km._sample_positions(size[1], lat.nx, "cpu")
+        ys = lattice.sample_positions(size[0], lat.ny, "cpu")
+        xs = lattice.sample_positions(size[1], lat.nx, "cpu")
         Xi = X.view(size[0], size[1], -1)[ys][:, xs].reshape(-1, X.shape[1])  # [n, C]
         centroids = torch.randn(5, X.shape[1], generator=torch.Generator().manual_seed(i))
         torch.testing.assert_close(lat.features_at(torch.arange(lat.num_pixels)).double(), Xi, atol=1e-5, rtol=1e-5)
@@ -118,7 +119,7 @@ def test_moments_in_channel_chunks_equal_brute_force(chunk, monkeypatch):
     img = km._Image(stack, 0)
     X = as_held(img, explicit(stack))  # [N, C]
     whole = img.rung(-1).moments()  # every channel of a grid at once
-    monkeypatch.setattr(km, "_CHUNK_SCORES", chunk)  # 1: one channel at a time; 40: a few
+    monkeypatch.setattr(lattice, "_CHUNK_SCORES", chunk)  # 1: one channel at a time; 40: a few
     total, var = km._Image(stack, 0).rung(-1).moments()
     assert total == pytest.approx(float((X * X).sum()), rel=1e-6)
     assert var == pytest.approx(float(X.var(0, unbiased=False).mean()), rel=1e-6)
@@ -147,6 +148,7 @@ def test_moving_pixels_updates_sums_exactly(mode, shapes):
 def test_result_is_a_lloyd_state_of_the_explicit_features(mode, k, converge, monkeypatch):
     if converge:  # no early stop: Lloyd runs until no label moves
         monkeypatch.setattr(km, "_RTOL", 0.0)
+        monkeypatch.setattr(lattice, "_RTOL", 0.0)
         monkeypatch.setattr(working_set, "RTOL", 0.0)
     stack = random_stack((30, 21), mode, seed=k)
     X = explicit(stack)
@@ -190,7 +192,7 @@ def test_the_finalist_of_lowest_inertia_on_the_scoring_lattice_is_polished(monke
     """Of the starts of lowest working-set inertia, the one polished is the one of lowest inertia on
     the scoring lattice, recomputed here by brute force from the lattice pixels' explicit features."""
     polished = []
-    lloyd = km._Lattice.lloyd
+    lloyd = lattice.Lattice.lloyd
 
     handed = []
 
@@ -206,7 +208,7 @@ def test_the_finalist_of_lowest_inertia_on_the_scoring_lattice_is_polished(monke
             handed.append(True)
         return lloyd(self, centroids, *args)
 
-    monkeypatch.setattr(km._Lattice, "lloyd", spy)
+    monkeypatch.setattr(lattice.Lattice, "lloyd", spy)
     scene = split_scene(96, 96, cut_sizes=(2, 5, 6, 10, 20), seed=1)
     rec = planted_recording([scene], small_layout(), d=16, noise=1.0, seed=1)
     stack = make_feature_stack(recording_pca(rec.select(), 4))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from headseg.nodes.core import kmeans as km
+from headseg.nodes.core import lattice
 from headseg.nodes.core import kmeans_batched as batched
 from headseg.nodes.core import working_set
 from headseg.nodes.core.kmeans import kmeans, multi_kmeans
@@ -65,6 +66,7 @@ def test_batched_sweep_with_two_working_sets(monkeypatch):
 @pytest.mark.parametrize("k", [1, 4])
 def test_batched_result_is_a_lloyd_fixed_point_of_the_explicit_features(mode, k, batched_on_cpu, monkeypatch):
     monkeypatch.setattr(km, "_RTOL", 0.0)  # no early stop: Lloyd runs until no label moves
+    monkeypatch.setattr(lattice, "_RTOL", 0.0)
     monkeypatch.setattr(working_set, "RTOL", 0.0)
     stack = random_stack((30, 21), mode, seed=k)
     X = explicit(stack)
@@ -185,13 +187,14 @@ def test_dense_lattice_against_explicit_features(shapes, mode, device, monkeypat
 
 @pytest.mark.parametrize("rtol", [None, 1e9])
 def test_dense_lattice_lloyd_matches_lattice_lloyd_with_empty_clusters(rtol, monkeypatch):
-    """Three runs at once, each as the one-k _Lattice.lloyd gives it alone: two equal centroids (one
+    """Three runs at once, each as the one-k Lattice.lloyd gives it alone: two equal centroids (one
     cluster empties), three equal ones (two empty in one run: the farthest and the second farthest
     point refill them), and a plain start; the first two refill from one working set, the third from
     another. rtol = 1e9: every iteration gains less than that, so a run stops at once unless a
     cluster was refilled in it."""
     if rtol is not None:
         monkeypatch.setattr(km, "_RTOL", rtol)
+        monkeypatch.setattr(lattice, "_RTOL", rtol)
     stack = random_stack((20, 24), seed=3)
     img = km._Image(stack, 0)
     ws_a, ws_b = img.working_set(3, 0), img.working_set(3, 1)
@@ -230,7 +233,7 @@ def test_working_set_runs_equal_working_set_starts_per_k():
 
 
 def test_refill_moves_each_runs_empty_clusters_onto_its_own_far_points():
-    """Against kmeans._fill_empty run by run: the r-th empty cluster of a run takes the point of the
+    """Against lattice.fill_empty run by run: the r-th empty cluster of a run takes the point of the
     run's own working set r-th farthest from the run's nearest centroid."""
     ws_a, ws_b = random_ws(seed=1), random_ws(n=50, seed=2)
     sizes, owners = [3, 4, 2], [ws_a, ws_a, ws_b]
@@ -243,7 +246,7 @@ def test_refill_moves_each_runs_empty_clusters_onto_its_own_far_points():
     got = batched._refill(new, empty, seg, starts, 3, groups)
     for r, (part, gone, ws) in enumerate(zip(new.split(sizes), empty.split(sizes), owners)):
         want = part.clone()
-        km._fill_empty(want, (~gone).long(), ws.X, ws.xx)
+        lattice.fill_empty(want, (~gone).long(), ws.X, ws.xx)
         assert torch.equal(got.split(sizes)[r], want), r
 
 
@@ -341,10 +344,11 @@ def test_the_core_multiplies_in_full_float32_and_restores_tf32_as_it_was_set(how
 
 def test_lattice_lloyd_stops_on_the_centroid_shift_where_feature_space_lloyd_stops(monkeypatch):
     """The polish's tol rule (the centroids' squared shift, summed, refilled clusters included) of the
-    one-k _Lattice.lloyd and the batched DenseLattice.lloyd, against Lloyd on the explicit upsampled
+    one-k Lattice.lloyd and the batched DenseLattice.lloyd, against Lloyd on the explicit upsampled
     features: a tol just below or above the shift of each iteration in turn stops both where the
     reference stops, with its centroids. (Comparing the two with each other cannot see a wrong shift.)"""
     monkeypatch.setattr(km, "_RTOL", 0.0)  # only the labels and the shift stop a run
+    monkeypatch.setattr(lattice, "_RTOL", 0.0)
     stack = random_stack((20, 24), seed=3)
     img = km._Image(stack, 0)
     X = as_held(img, explicit(stack))  # [N, C] float64
