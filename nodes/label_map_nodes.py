@@ -22,8 +22,8 @@ from PIL.PngImagePlugin import PngInfo
 from . import types as hs
 from .core import kmeans as core_kmeans
 from .core.masks import check_label_map
-from .node_utils import image_batch, output_error, output_place
-from .pipeline_nodes import CATEGORY, _expect, _vae_crop_offsets
+from .mask_select_node import _vae_crop_offsets
+from .node_utils import CATEGORY, expect as _expect, image_batch, output_error, output_place
 
 log = logging.getLogger("HeadSeg")
 

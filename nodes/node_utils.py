@@ -23,6 +23,15 @@ from .core.recording import Recording, all_finite
 
 log = logging.getLogger("HeadSeg")
 
+CATEGORY = "HeadSeg"
+
+
+def expect(value, cls, name: str, what: str):
+    """value -> value when it is a cls, else TypeError naming the input ``name`` and ``what`` it expects."""
+    if not isinstance(value, cls):
+        raise TypeError(f"{name}: expected {what}, got {type(value).__name__}")
+    return value
+
 POSITION_CHOICES = ["down+up", "down", "up", "middle", "down+middle", "middle+up", "down+middle+up"]
 
 

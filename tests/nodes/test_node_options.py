@@ -118,10 +118,12 @@ def test_mask_merge_options_reach_the_merge(nodes, feats, iou_threshold, min_are
 
 
 def test_partition_picture_paints_the_finest_mask_on_top(nodes):
+    from headseg.nodes import mask_select_node
+
     masks = torch.zeros(2, 4, 4, dtype=torch.bool)
     masks[0] = True  # everything
     masks[1, :2, :2] = True  # a small corner
-    picture = nodes._mask_partition_picture(core_masks.MaskSet(masks, torch.tensor([1, 2]), torch.tensor([0, 0])))[0]
+    picture = mask_select_node._mask_partition_picture(core_masks.MaskSet(masks, torch.tensor([1, 2]), torch.tensor([0, 0])))[0]
     colours = palette(3)  # 0: in no mask, then coarse -> fine
     assert torch.equal(picture[0, 0], colours[2]) and torch.equal(picture[3, 3], colours[1])
 

@@ -214,7 +214,9 @@ def test_mask_pictures_for_the_browser_are_shrunk_to_the_preview_cap(nodes, reco
     import numpy
     from PIL import Image
 
-    monkeypatch.setattr(nodes, "_MASK_PREVIEW_PIXELS", 96 * 128)  # a quarter of 192 x 256
+    from headseg.nodes import mask_select_node
+
+    monkeypatch.setattr(mask_select_node, "_MASK_PREVIEW_PIXELS", 96 * 128)  # a quarter of 192 x 256
     image = torch.rand(1, H, W, 3)
     out, _ = run_chain(nodes, recording, 180, 120, index=0, image=image)
     _, _, overlay, count = out.args
@@ -523,7 +525,9 @@ def test_picture_of_another_aspect_ratio_is_stretched_with_a_log_line(nodes, rec
     """A picture of another aspect ratio than the masks (more than 1 % off) is stretched, and the log says
     so, once per pair of sizes (not at every click in the picker): it is most likely the unscaled photo.
     Same ratio, VAE Encode's crop (up to 7 px larger) and a ratio within 1 % are silent."""
-    nodes._stretch_warned.clear()
+    from headseg.nodes import mask_select_node
+
+    mask_select_node._stretch_warned.clear()
     masks = masks_of(nodes, recording, "2")
     for h, w, warned in [
         (H, W, False),

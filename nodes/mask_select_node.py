@@ -1,0 +1,270 @@
+"""Mask Select At Pixel: the merged masks that contain a pixel, finest first, with the picture to click on.
+
+The node behind the click-to-pick picker and mask browser of js/headseg.js (its UI payload is
+described in the class docstring); the pixel maps between the picture and the masks' grid as VAE
+Encode crops a picture or, for other sizes, through a stretch.
+"""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from . import types as hs
+from .core import masks as core_masks
+from .core import preview as core_preview
+from .core.recording import MAX_IMAGE_SIDE, integer_index
+from .node_utils import CATEGORY, image_batch, log, mask_to_comfy, preview_refs
+
+
+def _vae_crop_offsets(h: int, w: int) -> tuple[int, int]:
+    """(top, left) of the centred window of a multiple of 8 that VAE Encode keeps of an h x w picture."""
+    return (h % 8) // 2, (w % 8) // 2
+
+
+def _picture_to_mask_pixel(x: int, y: int, picture_hw, mask_hw, cropped: bool) -> tuple[int, int]:
+    """A pixel of the picture [h, w] -> the pixel of the masks [H, W] shown there: through VAE Encode's
+    centred crop when the picture only lacks a multiple of 8, else through the stretch."""
+    (h, w), (H, W) = picture_hw, mask_hw
+    if cropped:
+        top, left = _vae_crop_offsets(h, w)
+        mx, my = x - left, y - top
+    else:
+        mx, my = x * W // w, y * H // h
+    return min(max(mx, 0), W - 1), min(max(my, 0), H - 1)
+
+
+def _pixel_input(v, name: str, what: str) -> int:
+    """x or y as given -> int; ValueError for a negative value (a linked one skips the widget's min) or a
+    non-integer (floats, bools, text): those are no pixel to move to the grid."""
+    i = integer_index(v)
+    if i is None or i < 0:
+        raise ValueError(f"{name}: expected a pixel {what}, an integer >= 0, got {v!r}")
+    return i
+
+
+class MaskSelectAtPixel(io.ComfyNode):
+    """Masks + pixel (x, y) -> the mask containing it at a chosen granularity, ready for inpainting.
+
+    UI payload (read by js/headseg.js, the click-to-pick picker and mask browser):
+
+    - ``headseg_image``: [ref] the picture to click on: ``image`` 0 when connected, else a colour
+      map of the merged masks (coarse painted first, finer on top); W x H = the masks' size.
+    - ``headseg_size``: [W, H] pixel grid that x and y refer to (the masks' resolution).
+    - ``headseg_pixel``: [x, y] the pixel these masks were computed for.
+    - ``headseg_pixel_asked``: [x, y] the x and y inputs as given. When they lie outside the masks' grid
+      (a pixel of a larger picture picked before the first run, mapped onto the grid; any other pixel
+      past the right or bottom edge, moved to the nearest pixel of the grid) it differs from
+      ``headseg_pixel``, and the picker sets the widgets to the pixel used.
+    - ``headseg_index``: [i] index of the mask the first MASK output carries for image 0 (the
+      ``index`` widget clamped to the masks found; -1 when the pixel is in no mask).
+    - ``headseg_masks``: [ref, ...] one picture per mask containing the pixel (image 0), finest
+      first: the mask overlaid on the picture, the same aspect ratio as ``headseg_image`` and its
+      size up to 512 x 512 pixels' worth (larger ones are shrunk to that many pixels).
+    - ``headseg_mask_info``: [{"area": pixels, "k": cluster count, "cluster": index}, ...] same order.
+
+    ``ref`` = {"filename", "subfolder", "type": "temp"}, served by GET /view.
+    """
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HeadSeg_MaskSelectAtPixel",
+            is_output_node=True,  # runs (and shows the picker) even when its MASK is not wired yet
+            display_name="HeadSeg Mask Select At Pixel",
+            category=CATEGORY,
+            description=(
+                "Finds every mask that contains the pixel (x, y), finest first (e.g. eye -> eyes -> "
+                "face -> cat -> foreground, paper figure 1), and outputs the one at 'index' as a MASK "
+                "at image resolution for inpainting (SetLatentNoiseMask, VAEEncodeForInpaint, "
+                "InpaintModelConditioning, GrowMask). In the web UI, click the picture to pick the "
+                "pixel and click a thumbnail to choose the mask."
+            ),
+            inputs=[
+                hs.Masks.Input("masks", tooltip="Merged masks from Mask Merge."),
+                io.Int.Input(
+                    "x",
+                    default=0,
+                    min=0,
+                    max=MAX_IMAGE_SIDE - 1,
+                    tooltip=(
+                        "Pixel column on the masks' grid, i.e. of the sampled image (latent width x 8); 0 = left "
+                        "edge. A pixel of a larger 'image' picked before the first run is mapped onto the grid; "
+                        "any other x past the right edge is read as the last column (both with a log line)."
+                    ),
+                ),
+                io.Int.Input(
+                    "y",
+                    default=0,
+                    min=0,
+                    max=MAX_IMAGE_SIDE - 1,
+                    tooltip=(
+                        "Pixel row on the masks' grid, i.e. of the sampled image (latent height x 8); 0 = top "
+                        "edge. A pixel of a larger 'image' picked before the first run is mapped onto the grid; "
+                        "any other y past the bottom edge is read as the last row (both with a log line)."
+                    ),
+                ),
+                io.Int.Input(
+                    "index",
+                    default=0,
+                    min=0,
+                    max=1024,
+                    tooltip=(
+                        "Which of the masks containing the pixel to output: 0 = finest (smallest); higher = "
+                        "coarser. Values past the last mask give the coarsest one."
+                    ),
+                ),
+                io.Image.Input(
+                    "image",
+                    optional=True,
+                    tooltip=(
+                        "Optional picture (e.g. the decoded image) for the overlays and the click picker; "
+                        "a photo up to 7 px larger is cropped to its centre as VAE Encode does, other sizes "
+                        "are stretched to the masks' size. Without it the masks are drawn on a "
+                        "colour map of all masks."
+                    ),
+                ),
+            ],
+            outputs=[
+                io.Mask.Output(
+                    display_name="mask",
+                    tooltip=(
+                        "The chosen mask for every image of the batch, [B, H, W] 0/1 at image resolution; "
+                        "all zeros for an image where the pixel lies in no mask."
+                    ),
+                ),
+                io.Mask.Output(
+                    display_name="masks_at_pixel",
+                    tooltip=(
+                        "Every mask containing the pixel (image 0), finest first, [count, H, W]; one all-zero "
+                        "mask when count is 0 (a MASK batch cannot be empty)."
+                    ),
+                ),
+                io.Image.Output(
+                    display_name="overlay",
+                    tooltip="Each mask at the pixel overlaid on the picture (image 0), finest first.",
+                ),
+                io.Int.Output(display_name="count", tooltip="How many masks contain the pixel (image 0)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, masks, x=0, y=0, index=0, image=None) -> io.NodeOutput:
+        if not isinstance(masks, list) or not masks or not all(isinstance(m, core_masks.MaskSet) for m in masks):
+            raise TypeError(f"masks: expected HEADSEG_MASKS from Mask Merge, got {type(masks).__name__}")
+        x, y = _pixel_input(x, "x", "column"), _pixel_input(y, "y", "row")
+        asked = [x, y]
+        index_given, index = index, integer_index(index)
+        if index is None or index < 0:
+            raise ValueError(f"index: expected an integer >= 0 (0 = finest mask), got {index_given!r}")
+        H, W = masks[0].masks.shape[-2:]
+        picture = None
+        if image is not None:
+            picture = image_batch(image, first_only=True)  # [1, h, w, 3]
+            h, w = picture.shape[1:3]
+            cropped = (h // 8 * 8, w // 8 * 8) == (H, W)
+            if (h, w) != (H, W) and not (0 <= x < W and 0 <= y < H) and 0 <= x < w and 0 <= y < h:
+                # a pixel of the picture, picked before the first run showed the masks' grid
+                x, y = _picture_to_mask_pixel(x, y, (h, w), (H, W), cropped)
+                log.warning(
+                    "HeadSeg Mask Select: x, y = %d, %d lie outside the masks' %dx%d grid but inside the %dx%d "
+                    "image, so they are read as a pixel of the image: %d, %d on the masks' grid. x and y are "
+                    "pixels of the masks' grid; scale a pixel of a larger picture to it first.",
+                    *asked, W, H, w, h, x, y,
+                )
+            stretched = not cropped and (h, w) != (H, W) and max(w * H, h * W) / min(w * H, h * W) > 1.01
+            if stretched and _first_time((w, h, W, H)):  # once per pair of sizes, not at every click
+                log.warning(
+                    "HeadSeg Mask Select: the %dx%d image has another aspect ratio than the masks' %dx%d grid, so "
+                    "the picture and the overlays are stretched to the grid; the image is probably the picture "
+                    "before it was scaled to the sampled size: connect the scaled one (or the decoded image).",
+                    w, h, W, H,
+                )
+            if cropped:
+                # a photo whose sides are not multiples of 8: VAE Encode keeps the centred window
+                # that fits the latent grid, so the masks cover exactly that window
+                top, left = _vae_crop_offsets(h, w)
+                picture = picture[:, top : top + H, left : left + W]  # [1, H, W, 3]
+            elif (h, w) != (H, W):
+                # any other size: shown stretched to the masks' size
+                picture = torch.nn.functional.interpolate(
+                    picture.movedim(-1, 1), size=(H, W), mode="bilinear", align_corners=False
+                ).movedim(1, -1)  # [1, H, W, 3]
+        if x >= W or y >= H:
+            # e.g. the examples' 256, 256 on a smaller image, or a pixel kept from a larger one: failing
+            # would fail again on every queue (a failed run sends the picker no picture to click on), so
+            # the nearest pixel of the grid is used and the picker adopts it
+            x, y = min(x, W - 1), min(y, H - 1)
+            log.warning(
+                "HeadSeg Mask Select: x, y = %d, %d lie outside the masks' %dx%d grid (x from 0 to %d, y from 0 "
+                "to %d: pixels of the sampled image), so the nearest pixel of the grid is used: %d, %d. The "
+                "picker shows it; click the picture to pick another pixel.",
+                *asked, W, H, W - 1, H - 1, x, y,
+            )
+
+        chosen = torch.zeros(len(masks), H, W)  # [B, H, W]
+        at_pixel = []
+        for b, ms in enumerate(masks):
+            here = core_masks.masks_at_pixel(ms, x, y)  # finest first
+            at_pixel.append(here)
+            n = int(here.masks.shape[0])
+            if n:
+                chosen[b] = here.masks[min(index, n - 1)].float()
+        empty = [b for b, here in enumerate(at_pixel) if here.masks.shape[0] == 0]
+        if empty:  # the MASK output is then all zeros there: an inpainting pass would change nothing
+            log.warning(
+                "HeadSeg Mask Select: the pixel %d, %d lies in no mask of image(s) %s (Mask Merge's min_area "
+                "dropped the masks there), so the mask output is all zeros for them: lower min_area or pick "
+                "another pixel.", x, y, ", ".join(map(str, empty)),
+            )
+        here = at_pixel[0]
+        count = int(here.masks.shape[0])
+        if count:
+            stack = mask_to_comfy(here.masks)  # [count, H, W]
+        else:
+            stack = torch.zeros(1, H, W)  # [1, H, W]: MASK batches cannot be empty
+        base = picture if picture is not None else _mask_partition_picture(masks[0])  # [1, H, W, 3]
+        overlay = core_preview.overlay_masks(base, stack)  # [count or 1, H, W, 3]
+
+        ui = {
+            "headseg_image": preview_refs(base, reuse=True),  # the same picture click after click
+            "headseg_size": [int(W), int(H)],
+            "headseg_pixel": [x, y],
+            "headseg_pixel_asked": asked,
+            "headseg_index": [min(index, count - 1) if count else -1],
+            "headseg_masks": preview_refs(core_preview.fit_to_pixels(overlay, _MASK_PREVIEW_PIXELS)) if count else [],
+            "headseg_mask_info": [
+                {"area": int(a), "k": int(k), "cluster": int(c)}
+                for a, k, c in zip(here.area.tolist(), here.k.tolist(), here.cluster.tolist())
+            ],
+        }
+        return io.NodeOutput(chosen, stack, overlay, count, ui=ui)
+
+
+# (picture w, h, grid W, H) of the stretched pictures Mask Select has warned about (at most 64 kept)
+_stretch_warned: set[tuple] = set()
+
+
+def _first_time(sizes: tuple) -> bool:
+    """True the first time Mask Select stretches a picture of these sizes since the server started."""
+    if sizes in _stretch_warned:
+        return False
+    if len(_stretch_warned) >= 64:
+        _stretch_warned.clear()
+    _stretch_warned.add(sizes)
+    return True
+
+
+# The browser's mask thumbnails (and the overlay shown on hover) are written at no more than this many
+# pixels: they are seen at thumbnail or node size, and each PNG costs ~0.12 s at 1024x1024.
+_MASK_PREVIEW_PIXELS = 512 * 512
+
+
+def _mask_partition_picture(ms) -> torch.Tensor:
+    """MaskSet of one image -> IMAGE [1, H, W, 3]: masks painted coarse first, finer on top."""
+    M, H, W = ms.masks.shape
+    labels = torch.zeros(1, H, W, dtype=torch.long)  # [1, H, W], 0 = in no mask
+    order = torch.argsort(ms.area, descending=True, stable=True)  # coarse -> fine
+    for rank, m in enumerate(order.tolist()):
+        labels[0][ms.masks[m]] = rank + 1
+    return core_preview.label_colours(labels, M + 1)  # [1, H, W, 3]
