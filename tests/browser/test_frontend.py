@@ -304,6 +304,8 @@ def example_names() -> list[str]:
 
 
 def test_example_workflows_are_templates_and_load(comfy_page, comfy_server, screenshots):
+    """Every example is offered as a template and loads with its nodes; ComfyUI offers the download of
+    the checkpoint it needs when it is missing."""
     names = example_names()
     assert names, "no example workflows in example_workflows/"
     listed = comfy_server.get_json("/workflow_templates")
@@ -333,6 +335,14 @@ def test_example_workflows_are_templates_and_load(comfy_page, comfy_server, scre
         )
         settle(page, 800)
         page.screenshot(path=str(screenshots / f"template-{name}.png"))
+        # the test server has no SD2.1 checkpoint: ComfyUI names the one the template loads and offers
+        # its download (the Load Checkpoint node's properties.models), then the dialog is closed
+        missing = page.get_by_role("dialog").filter(has_text="Missing Models")
+        missing.wait_for(timeout=15_000)
+        assert "checkpoints / v2-1_512-ema-pruned.safetensors" in missing.inner_text()
+        assert missing.get_by_role("button", name="Download").count() == 1
+        page.keyboard.press("Escape")
+        missing.wait_for(state="detached", timeout=15_000)
     assert comfy_page.pack_problems() == []
 
 

@@ -84,6 +84,23 @@ def test_socket_types_match_the_shipped_workflows(workflow):
     assert checked >= 8
 
 
+@pytest.mark.parametrize("workflow", sorted((REPO / "example_workflows").glob("*.json")), ids=lambda p: p.stem)
+def test_checkpoint_loaders_say_where_their_model_comes_from(workflow):
+    """ComfyUI's front end offers to download a missing model named in a node's properties.models (name =
+    the widget value, a huggingface.co .safetensors URL, the models folder): every checkpoint the examples
+    load is named there, so dragging one in on a fresh ComfyUI says where SD2.1 comes from."""
+    data = json.loads(workflow.read_text())
+    loaders = [n for n in data["nodes"] if n["type"] == "CheckpointLoaderSimple"]
+    assert loaders
+    for node in loaders:
+        (model,) = node["properties"]["models"]
+        assert model["name"] == node["widgets_values"][0] == "v2-1_512-ema-pruned.safetensors"
+        assert model["directory"] == "checkpoints"
+        assert model["url"] == (
+            "https://huggingface.co/stabilityai/stable-diffusion-2-1-base/resolve/main/v2-1_512-ema-pruned.safetensors"
+        )
+
+
 def test_zero_shot_workflow_ships_the_papers_recipe():
     """Paper section 5: the photo's latent, 2 steps at denoise 0.05 with an empty prompt, on the recorded
     MODEL (the end-to-end runs lower every sampler's steps to keep CI short, so the shipped values are
