@@ -431,12 +431,21 @@ class MultiKMeans(io.ComfyNode):
 
         sweep = run_on_device(device, sweep_on, "Multi K-Means")
         images = torch.empty(len(sweep.results) * B, H, W, 3)  # [len(k) * B, H, W, 3], filled k by k
+        shown = min(B, _PREVIEW_IMAGES)  # images of the batch whose colour maps the node shows
         labels = []
         for i, (k, result) in enumerate(sweep.results.items()):
             images[i * B : (i + 1) * B] = core_preview.label_colours(result.labels, k)  # [B, H, W, 3]
-            labels += [f"k={k}" if B == 1 else f"k={k} #{b}" for b in range(B)]
-        ui = {"images": preview_refs(images), "headseg_labels": labels, "headseg_k": list(sweep.results)}
+            labels += [f"k={k}" if B == 1 else f"k={k} #{b}" for b in range(shown)]
+        previews = images.view(len(sweep.results), B, H, W, 3)[:, :shown].reshape(-1, H, W, 3)  # [len(k) * shown, H, W, 3]
+        ui = {"images": preview_refs(previews), "headseg_labels": labels, "headseg_k": list(sweep.results)}
+        if shown < B:
+            ui["text"] = [f"colour maps of the first {shown} of {B} images shown; the colour_maps output holds all {B}"]
         return io.NodeOutput(sweep, images, ui=ui)
+
+
+# Multi K-Means shows the colour maps of at most this many images of a batch (a PNG per k and image;
+# the colour_maps output holds every image's).
+_PREVIEW_IMAGES = 8
 
 
 class MaskMerge(io.ComfyNode):
