@@ -13,14 +13,15 @@ exact on the native grids:
 For speed, k-means++ (greedy, 20 starts; fewer above k = 160, see _WS_START_FLOATS) and the first
 Lloyd iterations run on a working set: 512 uniformly random output pixels, or 16 per cluster for
 k > 32 (up to 4096 at k = MAX_CLUSTERS), with their explicit features (an unbiased sample of the
-full problem), in Gram space (``working_set.py``). Of the starts of lowest inertia there, up to 3 and
-one per optimum (_finalists), the one of lowest inertia on the first pixel lattice with at least 4096
-pixels (the full image if none has) is kept. Exact Lloyd iterations then polish on a pixel lattice of 1/16 of the output (from 256 x 256
-up; smaller images on the first lattice with at least 4096 pixels, or on the full output alone) and
-on the full output, each until the labels stop changing, the centroids move less than ``tol``
-(scikit-learn's rule) or an iteration lowers the inertia by less than _RTOL of itself; the final
-labels and the inertia are exact at full resolution. Clusters are renumbered by decreasing area
-(ties: the cluster whose first pixel in raster order comes first), so labels are canonical.
+full problem), in Gram space (``working_set.py``). Of the starts of lowest inertia there, up to 3
+and one per optimum (_finalists), the one of lowest inertia on the first pixel lattice with at least
+4096 pixels (the full image if none has) is kept. Exact Lloyd iterations then polish on a pixel
+lattice of 1/16 of the output (from 256 x 256 up; smaller images on the first lattice with at least
+4096 pixels, or on the full output alone) and on the full output, each until the labels stop
+changing, the centroids move less than ``tol`` (scikit-learn's rule) or an iteration lowers the
+inertia by less than _RTOL of itself; the final labels and the inertia are exact at full resolution.
+Clusters are renumbered by decreasing area (ties: the cluster whose first pixel in raster order
+comes first), so labels are canonical.
 
 Threads: on the CPU the k of a sweep run at once on worker threads (as many as torch has intra-op
 threads), each on one intra-op thread, where waking a second thread for each small product would
@@ -259,16 +260,21 @@ class _Image:
     def last(self) -> int:
         return len(self.sides) - 1
 
+    def rung_rows(self, i: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Interpolation rows of lattice i (0 <= i <= last) -> (per grid [ny, h_g], per grid [nx, w_g]):
+        the rows of its sampled output pixels, or the full matrices for the full image."""
+        ny, nx = self.sides[i]
+        H, W = self.size
+        if (ny, nx) == (H, W):
+            return self.ry, self.rx
+        ys, xs = sample_positions(H, ny, self.device), sample_positions(W, nx, self.device)  # [ny], [nx]
+        return [r[ys] for r in self.ry], [r[xs] for r in self.rx]
+
     def rung(self, i: int) -> Lattice:
+        """Lattice i of ``sides`` (negative i counts from the full image), built on first use."""
         i = i % len(self.sides)
         if i not in self._rungs:
-            ny, nx = self.sides[i]
-            H, W = self.size
-            if (ny, nx) == (H, W):
-                self._rungs[i] = Lattice(self.feats, self.ry, self.rx)
-            else:
-                ys, xs = sample_positions(H, ny, self.device), sample_positions(W, nx, self.device)
-                self._rungs[i] = Lattice(self.feats, [r[ys] for r in self.ry], [r[xs] for r in self.rx])
+            self._rungs[i] = Lattice(self.feats, *self.rung_rows(i))
         return self._rungs[i]
 
     def polish_rungs(self) -> list[int]:
@@ -368,10 +374,11 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
     total_sq, full_var = full.moments()  # float64 products over the native grids, once per image
     for i in img.polish_rungs():  # exact Lloyd on finer lattices, the last = full
         lat = img.rung(i)
-        scale = total_sq * lat.num_pixels / full.num_pixels  # estimate on a sub-lattice
+        # the sum of ||F(p)||^2 over this lattice (estimated on a sub-lattice; only the _RTOL test reads it)
+        lattice_sq = total_sq * lat.num_pixels / full.num_pixels
         with _lattice_threads(lat, threads):
             first = assigned if i == img.scoring_rung() else None
-            labels, centroids, score, it = lat.lloyd(centroids, max_iter, tol * full_var, X, xx, scale, first, img.check)
+            labels, centroids, score, it = lat.lloyd(centroids, max_iter, tol * full_var, X, xx, lattice_sq, first, img.check)
         iters += it
         img.advance(img.stages_after(i))  # stages 2 and 3: the polish
     return _finish(img, k, labels, centroids, max(0.0, total_sq + float(score.double().sum())), iters)
@@ -434,8 +441,9 @@ def _sweep_image_batched(img: _Image, ks: list[int], seed: int, max_iter: int, t
     total_sq, full_var = full.moments()
     for i in img.polish_rungs():  # exact Lloyd on finer lattices, the last = full
         lat = rung(i)
-        scale = total_sq * lat.num_pixels / full.num_pixels  # estimate on a sub-lattice
-        labels, centroids, best, it = lat.lloyd(centroids, ks, max_iter, tol * full_var, _RTOL, scale, refill, img.check)
+        # the sum of ||F(p)||^2 over this lattice (estimated on a sub-lattice; only the _RTOL test reads it)
+        lattice_sq = total_sq * lat.num_pixels / full.num_pixels
+        labels, centroids, best, it = lat.lloyd(centroids, ks, max_iter, tol * full_var, _RTOL, lattice_sq, refill, img.check)
         iters = iters + it
         img.advance(len(ks) * img.stages_after(i))
     inertia = (total_sq + best.sum(1, dtype=torch.float64)).clamp_min(0.0).tolist()  # [R]
@@ -491,12 +499,7 @@ def _ws_starts(k: int, n: int) -> int:
 
 def _dense_rung(img: _Image, i: int) -> batched.DenseLattice:
     """Lattice i of the image (as _Image.rung) with dense interpolation matrices."""
-    ny, nx = img.sides[i]
-    H, W = img.size
-    if (ny, nx) == (H, W):
-        return batched.DenseLattice(img.feats, img.ry, img.rx)
-    ys, xs = sample_positions(H, ny, img.device), sample_positions(W, nx, img.device)
-    return batched.DenseLattice(img.feats, [r[ys] for r in img.ry], [r[xs] for r in img.rx])
+    return batched.DenseLattice(img.feats, *img.rung_rows(i))
 
 
 def _prepare(img: _Image, ks: list[int], seed: int, pool: ThreadPoolExecutor | None) -> None:
@@ -557,6 +560,7 @@ def _sweep(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: fl
     finally:
         stop.error = None  # it holds a traceback that holds this frame: no cycle keeps the tensors
 
+
 def _sweep_all(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: float, progress, stop: _StopCheck):
     B = stack.batch_size
     device = stack.grids[0].device
@@ -602,11 +606,12 @@ def _sweep_threads(
     stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol: float, collect, advance=None, check=no_check
 ) -> None:
     """Every image, every k, one k at a time: advance(units) as the stages of each (image, k) end
-    (on the worker threads), collect(k, result) image by image, k ascending within an image. With several intra-op threads and several k, the k of an image run at once on worker
-    threads (largest k first), each on one intra-op thread, or on an equal share of them for images
-    of at least _PARALLEL_MIN_POINTS pixels. Results depend on the number of threads only for such
-    large images when their k get several threads each (a single k, or more threads than k): their
-    lattice products may round differently, and a near-tie may then go the other way."""
+    (on the worker threads), collect(k, result) image by image, k ascending within an image. With
+    several intra-op threads and several k, the k of an image run at once on worker threads
+    (largest k first), each on one intra-op thread, or on an equal share of them for images of
+    at least _PARALLEL_MIN_POINTS pixels. Results depend on the number of threads only for such
+    large images when their k get several threads each (a single k, or more threads than k):
+    their lattice products may round differently, and a near-tie may then go the other way."""
     H, W = stack.size
     threads = torch.get_num_threads()
     workers = min(threads, len(ks))
