@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from . import working_set as _working_set
+from .lattice import sq_dist
 from .working_set import WorkingSet, no_check, pp_candidates, pp_draws, pp_trials
 
 # Score maps (or cluster indicators) held at once by a row chunk of a lattice: K * rows * nx floats.
@@ -242,7 +243,7 @@ class DenseLattice:
             scores = torch.matmul(torch.cat(parts, 2), self.rx_up)  # [K, rows, nx]
             for r, part in enumerate(scores.split(sizes)):  # run by run: [k_r, rows, nx]
                 torch.min(part, 0, out=(best[r, r0:r1], labels[r, r0:r1]))
-        return labels.view(R, N), best.view(R, N)
+        return labels.view(R, N), best.view(R, N)  # [R, N] each
 
     def packed(self, labels: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """labels [R, N] (cluster within its run) -> [R, N] packed cluster (row of [K, C])."""
@@ -259,7 +260,7 @@ class DenseLattice:
         """labels [R, N] (cluster within its run) -> [K] int64 pixels of each packed cluster (added
         up with index_add_: on a GPU bincount reads the labels' range back to the host first)."""
         packed = self.packed(labels, sizes).view(-1)  # [R*N]
-        ones = torch.ones((), dtype=torch.int64, device=self.device).expand(packed.shape[0])
+        ones = torch.ones((), dtype=torch.int64, device=self.device).expand(packed.shape[0])  # [R*N], no copy
         return torch.zeros(sum(sizes), dtype=torch.int64, device=self.device).index_add_(0, packed, ones)
 
     def adjoint_sums(self, labels: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -278,18 +279,18 @@ class DenseLattice:
                 a += torch.matmul(ry_t[:, r0:r1], part)  # [K, h_g, w_g]
         return torch.cat([a.view(K, -1) @ f.t() for a, f in zip(adj, self.flat)], 1)  # [K, C] (a transposed view: no copy)
 
-    def lloyd(self, centroids, sizes, max_iter: int, tol: float, rtol: float, total_sq: float, ws: list, check=no_check):
+    def lloyd(self, centroids, sizes, max_iter: int, tol: float, rtol: float, total_sq: float, refill: list, check=no_check):
         """lattice.Lattice.lloyd for every run at once -> (labels [R, N], centroids [K, C], best
         [R, N], iterations [R]); each run stops by its own rules and keeps the state it stopped
         with (stopping rules: no label moves, a centroid shift (squared, summed) <= tol, an inertia
-        gain <= rtol of the inertia). ws[r] = (X [n, C], xx [n]): the working set whose far points refill run r's empty
-        clusters."""
+        gain <= rtol of the inertia). refill[r] = (X [n, C], xx [n]): the working set whose far
+        points refill run r's empty clusters."""
         R = len(sizes)
         device = self.device
         seg = _segment_ids(sizes, device)  # [K] run of each packed cluster
         starts = self.run_starts(sizes)  # [R]
         within = torch.arange(sum(sizes), device=device) - starts[seg]  # [K] cluster within its run
-        groups = _refill_groups(ws, seg)
+        groups = _refill_groups(refill, seg)
         labels, best = self.assign(centroids, sizes)
         counts = self.counts(labels, sizes)  # [K]
         inertia = total_sq + best.sum(1, dtype=torch.float64)  # [R]
@@ -333,15 +334,15 @@ class DenseLattice:
         return done[0], done[1], done[2], done_iters
 
 
-def _refill_groups(ws: list, seg: torch.Tensor) -> list:
-    """ws[r] = (X [n, C], xx [n]) per run -> [(X, xx, mine)]: each distinct working set with the packed
-    clusters [K] bool of the runs it refills (None: every run)."""
+def _refill_groups(refill: list, seg: torch.Tensor) -> list:
+    """refill[r] = (X [n, C], xx [n]) per run -> [(X, xx, mine)]: each distinct working set with the
+    packed clusters [K] bool of the runs it refills (None: every run)."""
     groups: dict[int, list[int]] = {}  # one working set -> the runs it refills
-    for r, (X, _) in enumerate(ws):
+    for r, (X, _) in enumerate(refill):
         groups.setdefault(id(X), []).append(r)
     if len(groups) == 1:
-        return [(*ws[0], None)]
-    return [(*ws[runs[0]], torch.isin(seg, torch.tensor(runs, device="cpu").to(seg.device))) for runs in groups.values()]
+        return [(*refill[0], None)]
+    return [(*refill[runs[0]], torch.isin(seg, torch.tensor(runs, device="cpu").to(seg.device))) for runs in groups.values()]
 
 
 def _refill(new: torch.Tensor, empty: torch.Tensor, seg: torch.Tensor, starts: torch.Tensor, R: int, groups: list):
@@ -352,7 +353,7 @@ def _refill(new: torch.Tensor, empty: torch.Tensor, seg: torch.Tensor, starts: t
     out = new
     for X, xx, mine in groups:
         n = X.shape[0]
-        d = (xx[None] + (new * new).sum(1)[:, None] - 2.0 * (new @ X.t())).clamp_min(0.0)  # [K, n]
+        d = sq_dist(X, xx, new)  # [K, n]
         far = torch.full((R, n), float("inf"), device=new.device)
         far.scatter_reduce_(0, seg[:, None].expand(K, n), d, "amin")  # [R, n] to the run's nearest centroid
         order = far.sort(dim=1, descending=True, stable=True).indices  # [R, n]
