@@ -45,7 +45,7 @@ def first_at_minimum(d: torch.Tensor, low: torch.Tensor, dim: int) -> torch.Tens
     key = (k, d.dim() - dim % d.dim() - 1, d.dtype, d.device)
     index = _INDEX.get(key)
     if index is None:  # cluster j (exact below 2**24), shaped to broadcast along dim
-        index = _INDEX[key] = torch.arange(k, dtype=d.dtype, device=d.device).view(k, *[1] * key[1])
+        index = _INDEX[key] = torch.arange(k, dtype=d.dtype, device=d.device).view(k, *[1] * key[1])  # [k, 1, ...]
     d = d.sub_(low).sign_()  # 0 at the minimum, 1 elsewhere
     return torch.add(index, d, alpha=k, out=d).amin(dim).long()  # in place: j or k + j
 
@@ -85,8 +85,8 @@ class WorkingSet:
 
 
 def sample_pixels(N: int, n: int, gen: torch.Generator) -> torch.Tensor:
-    """n distinct indices of 0..N-1, a uniformly random subset in random order, drawn with the CPU
-    generator gen -> [n] int64 on the CPU. For n much smaller than N, integers are drawn and repeats
+    """-> [n] int64 on the CPU: n distinct indices of 0..N-1, a uniformly random subset in random
+    order, drawn with the CPU generator gen. For n much smaller than N, integers are drawn and repeats
     skipped (sequential sampling without replacement: ~0.1 ms, where a permutation of a 1024 x 1024
     image's pixels took 11 ms); otherwise the first n of a random permutation."""
     if n * 4 >= N:
@@ -109,9 +109,9 @@ def pp_trials(k: int) -> int:
 
 
 def pp_draws(k: int, starts: int, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every random number greedy k-means++ uses, drawn up front with the CPU generator gen (the same
-    draws on every device) -> (first picks [starts] int64 in 0..n-1, uniforms [k-1, starts, trials]
-    float64 in [0, 1) that choose the candidates of steps 1..k-1 (``pp_candidates``))."""
+    """-> (first picks [starts] int64 in 0..n-1, uniforms [k-1, starts, trials] float64 in [0, 1)
+    that choose the candidates of steps 1..k-1 (``pp_candidates``)): every random number greedy
+    k-means++ uses, drawn up front with the CPU generator gen (the same draws on every device)."""
     first = torch.randint(n, (starts,), generator=gen, device="cpu")  # [starts]
     u = torch.rand(max(k - 1, 0), starts, pp_trials(k), generator=gen, dtype=torch.float64, device="cpu")
     return first, u  # [starts], [k-1, starts, trials]
@@ -134,8 +134,8 @@ def no_check() -> None:
 
 
 def kmeans_pp(ws: WorkingSet, k: int, starts: int, gen: torch.Generator, check=no_check) -> torch.Tensor:
-    """Greedy k-means++ (2 + ln k candidates per step, as scikit-learn), ``starts`` independent runs
-    at once -> [starts, k] indices of points."""
+    """-> [starts, k] indices of points: greedy k-means++ (2 + ln k candidates per step, as
+    scikit-learn), ``starts`` independent runs at once."""
     n, I = ws.n, starts
     trials = pp_trials(k)
     device = ws.G.device
@@ -180,7 +180,7 @@ class _Starts:
         self.point, self.means_of = self.point[mask], self.means_of[mask]
         self.S, self.cc, self.T = self.S[mask], self.cc[mask], self.T[mask]
         self.offset = self.offset[: self.point.shape[0]]
-        self.rows_of = (self.means_of + self.offset).view(-1)
+        self.rows_of = (self.means_of + self.offset).view(-1)  # [I*n]
 
     def _sums(self, labels: torch.Tensor, rows_of: torch.Tensor) -> torch.Tensor:
         """T [I, k, n] for labels [I, n] (rows_of [I*n]: their rows of T.view(I*k, n))."""
@@ -193,7 +193,7 @@ class _Starts:
                 T[i].index_add_(0, labels[i], G)
             return T
         rows = G.index_select(0, moved.remainder(n))  # [P, n] G's rows of the points that moved
-        T = self.T.view(I * k, n)
+        T = self.T.view(I * k, n)  # [I*k, n], a view: the updates land in self.T
         T.index_add_(0, self.rows_of[moved], rows, alpha=-1.0)
         T.index_add_(0, rows_of[moved], rows)
         return self.T
@@ -206,8 +206,9 @@ class _Starts:
         return labels, (self.total_sq + best[:, 0].sum(1, dtype=torch.float64)).tolist()
 
     def update(self, labels: torch.Tensor) -> tuple[list[float], list[bool]]:
-        """Centroids -> means of their clusters; empty clusters move onto the points farthest from
-        their centroid -> per start (squared shift of the centroids summed, whether any was empty)."""
+        """labels [I, n] -> per start (squared shift of the centroids summed, whether any was empty):
+        centroids move to the means of their clusters; empty clusters onto the points farthest from
+        their centroid."""
         ws, k = self.ws, self.k
         I, n = labels.shape
         rows_of = (labels + self.offset).view(-1)  # [I*n] row (start, cluster) of each point
