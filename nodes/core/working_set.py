@@ -89,6 +89,10 @@ def sample_pixels(N: int, n: int, gen: torch.Generator) -> torch.Tensor:
     order, drawn with the CPU generator gen. For n much smaller than N, integers are drawn and repeats
     skipped (sequential sampling without replacement: ~0.1 ms, where a permutation of a 1024 x 1024
     image's pixels took 11 ms); otherwise the first n of a random permutation."""
+    if not is_int(N) or N < 0:
+        raise ValueError(f"N must be an int >= 0 (the number of pixels), got {N!r}")
+    if not is_int(n) or not 0 <= n <= N:  # more than N would come back short, without a word
+        raise ValueError(f"n must be an int in [0, N = {N}] (distinct pixels to draw), got {n!r}")
     if n * 4 >= N:
         return torch.randperm(N, generator=gen, device="cpu")[:n]
     picked: list[int] = []

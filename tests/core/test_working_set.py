@@ -263,3 +263,9 @@ def test_the_centroid_shift_stops_lloyd_where_feature_space_lloyd_stops(monkeypa
             torch.testing.assert_close(got.double(), want_c, rtol=1e-4, atol=1e-4)
             decided += 1
     assert decided >= 20
+
+
+@pytest.mark.parametrize("N, n, name", [(5, 6, "n"), (5, -1, "n"), (5, 2.0, "n"), (5, True, "n"), (-1, 0, "N"), (5.0, 2, "N")])
+def test_sample_pixels_names_a_bad_count(N, n, name):
+    with pytest.raises(ValueError, match=rf"^{name} must be an int"):
+        sample_pixels(N, n, torch.Generator().manual_seed(0))
