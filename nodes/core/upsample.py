@@ -110,15 +110,15 @@ def interpolation_matrix(n_in: int, n_out: int, mode: str, dtype: torch.dtype = 
 
 
 def _resample_axis(x: torch.Tensor, dim: int, n_out: int, mode: str) -> torch.Tensor:
-    """Resamples x along ``dim`` to n_out samples (gathers, no dense matrix)."""
+    """[..., n_in, ...] -> [..., n_out, ...]: x resampled along ``dim`` (gathers, no dense matrix)."""
     n_in = x.shape[dim]
     if mode == "nearest":
         return x.index_select(dim, _nearest_index(n_in, n_out).to(x.device))
     i0, i1, w0, w1 = _linear_taps(n_in, n_out, x.dtype)
-    view = [1] * x.dim()
-    view[dim] = n_out
-    out = x.index_select(dim, i0.to(x.device)).mul_(w0.to(x.device).view(view))
-    return out.add_(x.index_select(dim, i1.to(x.device)).mul_(w1.to(x.device).view(view)))
+    along_dim = [1] * x.dim()
+    along_dim[dim] = n_out  # [1, .., n_out, .., 1]: the weights broadcast along dim
+    out = x.index_select(dim, i0.to(x.device)).mul_(w0.to(x.device).view(along_dim))  # [..., n_out, ...]
+    return out.add_(x.index_select(dim, i1.to(x.device)).mul_(w1.to(x.device).view(along_dim)))
 
 
 def upsample(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
@@ -127,7 +127,8 @@ def upsample(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> 
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a tensor [B, C, h, w], got {shape}")
-    if x.shape[2] == 0 or x.shape[3] == 0:
+    B, C, h, w = x.shape
+    if h == 0 or w == 0:
         raise ValueError(f"x must have a grid of at least 1x1 [B, C, h, w], got {tuple(x.shape)}")
     H, W = check_size(size)
     check_mode(mode)
@@ -218,8 +219,8 @@ def _check_values(g: torch.Tensor, where: str) -> None:
 
 
 def peak_abs(g: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """The largest |value| of g (0-d), or along ``dim`` (g's shape without it); g's dtype: aminmax, no
-    copy of g."""
+    """g [...] -> [] largest |value|, or along ``dim``: g's shape without dim; in g's dtype (aminmax,
+    no copy of g)."""
     low, high = torch.aminmax(g) if dim is None else torch.aminmax(g, dim=dim)
     return torch.maximum(-low, high)
 
@@ -341,7 +342,7 @@ def upsampling_error(stack: FeatureStack) -> torch.Tensor:
     """
     H, W = check_stack(stack)
     B = stack.batch_size
-    scales = _image_scales(stack)  # [B] float64
+    scales = _image_scales(stack)  # B floats, powers of two
     total = torch.zeros(B, H, W, dtype=torch.float32, device=stack.grids[0].device)
     per_channel = 3 * H * W * 4  # about three full-size float32 temporaries per channel and image
     chunk = max(1, _CHUNK_BYTES // per_channel)
@@ -354,11 +355,11 @@ def upsampling_error(stack: FeatureStack) -> torch.Tensor:
 
 
 def _image_scales(stack: FeatureStack) -> list[float]:
-    """[B] exact powers of two that bring each image's largest |feature| near 1 where it lies outside
+    """B exact powers of two that bring each image's largest |feature| near 1 where it lies outside
     2**-SCALE_EXP .. 2**SCALE_EXP (else 1): sums of |differences| over thousands of channels then
     neither overflow nor lose tiny values in float32."""
     peaks = [peak_abs(g.detach().flatten(1), dim=1).double() for g in stack.grids]  # [B] each
-    return power_of_two_scale(torch.stack(peaks).amax(0)).tolist()  # [B]
+    return power_of_two_scale(torch.stack(peaks).amax(0)).tolist()  # [grids, B] -> [B] -> B floats
 
 
 def _scaled_float32(part: torch.Tensor, scale: float) -> torch.Tensor:
@@ -370,7 +371,7 @@ def _mean_in_units(total: torch.Tensor, channels: int, scales: list[float]) -> t
     """[B, ...] sums in scaled units -> [B, ...] float32 means in the stack's units."""
     if all(s == 1.0 for s in scales):
         return total / channels
-    divisor = torch.tensor(scales, dtype=torch.float64, device=total.device).view(-1, *[1] * (total.dim() - 1))
+    divisor = torch.tensor(scales, dtype=torch.float64, device=total.device).view(-1, *[1] * (total.dim() - 1))  # [B, 1, ...]
     return (total.double() / channels / divisor).to(torch.float32)
 
 
@@ -394,14 +395,15 @@ def upsampling_error_at(stack: FeatureStack, rows: torch.Tensor, cols: torch.Ten
             raise ValueError(f"{name} must be a non-empty 1-D index into 0..{n - 1}, got {tuple(idx.shape)}")
     B, ny, nx = stack.batch_size, rows.numel(), cols.numel()
     device = stack.grids[0].device
-    scales = _image_scales(stack)  # [B] float64
+    scales = _image_scales(stack)  # B floats, powers of two
     total = torch.zeros(B, ny, nx, dtype=torch.float32, device=device)
     chunk = max(1, _CHUNK_BYTES // (3 * ny * nx * 4))
     for grid in stack.grids:
         h, w = int(grid.shape[2]), int(grid.shape[3])
         ry = interpolation_matrix(h, H, "bilinear")[rows].to(device)  # [ny, h]
         iy = _nearest_index(h, H)[rows].to(device)  # [ny]
-        # bilinear - nearest = [ry @ part, part[iy]] @ [rx; -nx]: one product for both columns' sides
+        # bilinear - nearest = [ry @ part, part[iy]] @ [Rx^T; -Nx^T] (Rx, Nx: the bilinear and nearest
+        # column matrices at cols): one product for both
         cols_both = torch.cat(  # [2w, nx]
             [interpolation_matrix(w, W, "bilinear")[cols].t(), -interpolation_matrix(w, W, "nearest")[cols].t()]
         ).to(device, torch.float32)
