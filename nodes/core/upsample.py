@@ -98,6 +98,8 @@ def interpolation_matrix(n_in: int, n_out: int, mode: str, dtype: torch.dtype = 
     n_in = _check_length(n_in, "n_in")
     n_out = _check_length(n_out, "n_out")
     check_mode(mode)
+    if dtype not in FEATURE_DTYPES:  # an integer dtype would truncate the weights, a string fail inside torch
+        raise ValueError(f"dtype must be torch.float16, bfloat16, float32 or float64, got {dtype!r}")
     rows = torch.arange(n_out, device="cpu")
     matrix = torch.zeros(n_out, n_in, dtype=dtype, device="cpu")
     if mode == "nearest":

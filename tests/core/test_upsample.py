@@ -64,6 +64,12 @@ def test_matrix_bad_arguments(bad):
         interpolation_matrix(**bad)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, "float32", None])
+def test_matrix_names_a_bad_dtype(dtype):
+    with pytest.raises(ValueError, match="^dtype must be torch.float16"):
+        interpolation_matrix(3, 6, "bilinear", dtype)
+
+
 def test_upsample_bad_arguments():
     with pytest.raises(ValueError, match="size"):
         upsample(torch.zeros(1, 1, 2, 2), (0, 4))
