@@ -2,9 +2,9 @@
 
 Every head is reduced separately (centred, top-c principal components), all heads of a layer in
 one batched covariance + eigh call (on a GPU: the covariances of every layer of one grid at once,
-decomposed on the CPU over torch's threads). Signs are fixed like scikit-learn's ``svd_flip`` (v-based): for each component the loading
-entry of largest absolute value is positive, so scores can be compared with
-``sklearn.decomposition.PCA(c).fit_transform`` directly.
+decomposed on the CPU over torch's threads). Signs are fixed like scikit-learn's ``svd_flip``
+(v-based): for each component the loading entry of largest absolute value is positive, so scores
+can be compared with ``sklearn.decomposition.PCA(c).fit_transform`` directly.
 """
 
 from __future__ import annotations
@@ -190,9 +190,7 @@ def recording_pca(rec: Recording, components: int = 8) -> HeadFeatures:
     if not isinstance(rec, Recording):
         raise TypeError(f"rec must be a Recording, got {type(rec).__name__}")
     rec.validate(check_finite=False)  # NaN / inf reach the covariance, checked per layer below
-    if not is_int(components):
-        raise ValueError(f"components must be an int between 1 and the head dimension, got {components!r}")
-    for key, t in rec.layers.items():
+    for key, t in rec.layers.items():  # validate leaves at least one layer: a non-int is named here
         components = _check_components(components, int(t.shape[-1]), where=f" of layer {key.name}")
 
     out_of_range = {}  # key -> [] bool tensor, read once for all layers (one host round trip on a GPU)
@@ -205,11 +203,12 @@ def recording_pca(rec: Recording, components: int = 8) -> HeadFeatures:
         # float32's limit can overflow too: a score adds up to d centred values
         bad = ~torch.isfinite(out).all()  # []
         if scores.dtype == torch.float64:
-            bad = bad | (scores.reshape(B * heads, -1).any(1) & ~out.reshape(B * heads, -1).any(1)).any()
+            bad = bad | (scores.reshape(B * heads, -1).any(1) & ~out.reshape(B * heads, -1).any(1)).any()  # [B*heads, N*c]
         out_of_range[key] = bad
         return out
 
     def reduce(key: LayerKey) -> torch.Tensor:
+        """Layer key [B, heads, h, w, d] -> finish's [B, heads, h, w, c] (on the CPU)."""
         t = rec.layers[key]
         B, heads, h, w, d = t.shape
         flat = t.reshape(B, heads, h * w, d)  # [B, heads, N, d]
@@ -217,7 +216,7 @@ def recording_pca(rec: Recording, components: int = 8) -> HeadFeatures:
             scores = head_pca(flat, components)  # [B, heads, N, c]
         except ValueError:
             raise NonFiniteLayerError(key) from None
-        return finish(key, scores.reshape(B * heads, h * w, components))
+        return finish(key, scores.reshape(B * heads, h * w, components))  # [B*heads, N, c]
 
     if not _on_cpu(rec):
         with full_float32_matmul():
@@ -282,7 +281,7 @@ def _eigh_on_cpu(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if workers <= 1:
         return torch.linalg.eigh(cov)
     with _one_thread():
-        parts = _EIGH_POOL.map(torch.linalg.eigh, list(cov.tensor_split(workers)))  # the bits of one call on one thread
+        parts = _EIGH_POOL.map(torch.linalg.eigh, list(cov.tensor_split(workers)))  # workers x [G_w, d, d]: each on one thread
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
@@ -307,8 +306,8 @@ def _reduce_on_gpu(rec: Recording, components: int, finish) -> dict[LayerKey, to
     by_size: dict[tuple, list] = {}  # (d, work dtype) -> [(keys, heads per layer, covariance [G, d, d])]
     for keys in groups.values():
         xc, _, _, sizes = centred(keys)
-        by_size.setdefault((xc.shape[-1], xc.dtype), []).append((keys, sizes, xc.transpose(1, 2) @ xc))
-    finite = [torch.isfinite(cov).flatten(1).all(1) for members in by_size.values() for _, _, cov in members]
+        by_size.setdefault((xc.shape[-1], xc.dtype), []).append((keys, sizes, xc.transpose(1, 2) @ xc))  # [G, d, d]
+    finite = [torch.isfinite(cov).flatten(1).all(1) for members in by_size.values() for _, _, cov in members]  # [G] each
     finite = torch.cat(finite).cpu()  # [all heads]: a NaN/inf in a head reaches its covariance; one round trip
     layer_sizes = [(key, n) for members in by_size.values() for keys, sizes, _ in members for key, n in zip(keys, sizes)]
     for (key, _), ok in zip(layer_sizes, finite.split([n for _, n in layer_sizes])):
