@@ -67,9 +67,9 @@ class Lattice:
         self.cols = torch.zeros(nb, m_b, dtype=torch.int64, device=device)  # [nb, m_b] rows of rx_cat per block
         self.RT = torch.zeros(nb, TC, m_b, dtype=torch.float32, device=device)  # [nb, TC, m_b]
         for b in range(nb):
-            rows = used[:, b].nonzero().flatten()
+            rows = used[:, b].nonzero().flatten()  # [m_b'] rows of rx_cat non-zero in block b
             self.cols[b, : rows.numel()] = rows
-            self.RT[b, :, : rows.numel()] = blocks[rows, b].t()
+            self.RT[b, :, : rows.numel()] = blocks[rows, b].t()  # [m_b', TC] -> [TC, m_b']
         self.nb, self.TC = nb, TC
         self._adjoint_layout()
 
@@ -194,7 +194,7 @@ class Lattice:
         cell, wt = self.corners(pix)  # [P, G, ty*tx] each
         cell, wt = cell.view(P, -1), wt.view(-1).double()  # [P, G*ty*tx] columns of A, [P*G*ty*tx]
         flat = A.view(-1)  # [k*S]
-        flat.index_add_(0, (old[:, None] * S + cell).view(-1), wt, alpha=-1.0)
+        flat.index_add_(0, (old[:, None] * S + cell).view(-1), wt, alpha=-1.0)  # [P*G*ty*tx] entries of A
         flat.index_add_(0, (new[:, None] * S + cell).view(-1), wt)
 
     def sums(self, A: torch.Tensor) -> torch.Tensor:
@@ -253,7 +253,7 @@ class Lattice:
             inertia = new_inertia
             if shift <= tol or (not refilled and gain <= _RTOL * abs(new_inertia)):
                 break
-        return labels.view(self.ny, self.nx), centroids, best.view(self.ny, self.nx), it
+        return labels.view(self.ny, self.nx), centroids, best.view(self.ny, self.nx), it  # [ny, nx], [k, C], [ny, nx]
 
     def features_at(self, pix: torch.Tensor) -> torch.Tensor:
         """Pixels pix [P] (flat lattice index) -> [P, C] float32 explicit features."""
@@ -308,11 +308,12 @@ def sq_dist(X: torch.Tensor, xx: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
 
 
 def fill_empty(centroids: torch.Tensor, counts: torch.Tensor, X: torch.Tensor, xx: torch.Tensor) -> None:
-    """Moves the centroids of empty clusters onto the working-set points farthest from their centroid."""
-    empty = (counts == 0).nonzero().flatten()
+    """centroids [k, C] (in place), counts [k], working set X [n, C], xx [n]: the centroids of empty
+    clusters move onto the working-set points farthest from their centroid."""
+    empty = (counts == 0).nonzero().flatten()  # [e] empty clusters
     if empty.numel() == 0:
         return
     far = sq_dist(X, xx, centroids).min(0).values  # [n]
-    order = far.argsort(descending=True, stable=True)
+    order = far.argsort(descending=True, stable=True)  # [n] farthest first
     for i, j in enumerate(empty.tolist()):
         centroids[j] = X[order[i % order.numel()]]
