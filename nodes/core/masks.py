@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .kmeans import ClusterSweep
-from .recording import integer_index, is_int, is_real
+from .recording import check_batch_index, integer_index, is_int, is_real
 
 # Pixels per chunk when counting intersections of masks.
 _CHUNK_PIXELS = 1 << 16
@@ -105,9 +105,7 @@ def _check_sweep(sweep, batch_index) -> None:
     shapes = {tuple(r.labels.shape) for r in sweep.results.values()}
     if len(shapes) > 1:
         raise ValueError(f"sweep: the label maps of all k must have one shape [B, H, W], got {sorted(shapes)}")
-    B = sweep.batch_size
-    if not is_int(batch_index) or not 0 <= batch_index < B:
-        raise ValueError(f"batch_index must be an int in [0, {B}), got {batch_index!r}")
+    check_batch_index(batch_index, sweep.batch_size)
 
 
 def sweep_to_masks(sweep: ClusterSweep, batch_index: int) -> MaskSet:

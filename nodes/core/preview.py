@@ -11,7 +11,7 @@ import torch
 
 from .masks import check_label_map
 from .pca import HeadFeatures
-from .recording import MAX_IMAGE_SIDE, all_finite, is_int, is_real
+from .recording import MAX_IMAGE_SIDE, all_finite, check_batch_index, is_int, is_real
 from .upsample import upsample
 
 # 20 well-separated colours (RGB 0..255); beyond them, colours come from golden-ratio hues.
@@ -77,9 +77,7 @@ def pca_rgb_grid(features: HeadFeatures, batch_index: int = 0, cell: int = 64) -
     if not is_int(cell) or not 1 <= cell <= MAX_IMAGE_SIDE:
         raise ValueError(f"cell must be an int from 1 to {MAX_IMAGE_SIDE} (tile side in pixels), got {cell!r}")
     cell = int(cell)
-    B = features.checked_batch_size()
-    if not is_int(batch_index) or not 0 <= batch_index < B:
-        raise ValueError(f"batch_index must be an int in [0, {B}), got {batch_index!r}")
+    check_batch_index(batch_index, features.checked_batch_size())
     for key, t in features.layers.items():
         if not all_finite(t[batch_index]):
             raise ValueError(f"features: layer {key!s} contains NaN or inf values")

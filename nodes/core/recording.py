@@ -51,6 +51,12 @@ def is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def check_batch_index(batch_index, batch_size: int) -> None:
+    """A ValueError naming ``batch_index`` unless it is an int (not a bool) in [0, batch_size)."""
+    if not is_int(batch_index) or not 0 <= batch_index < batch_size:
+        raise ValueError(f"batch_index must be an int in [0, {batch_size}), got {batch_index!r}")
+
+
 def is_ascii_digits(text: str) -> bool:
     """Whether text is one or more ASCII digits 0-9 (str.isdecimal alone also takes other scripts' digits)."""
     return text.isascii() and text.isdecimal()

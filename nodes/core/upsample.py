@@ -22,6 +22,7 @@ from .recording import (
     LayerKey,
     MAX_IMAGE_SIDE,
     all_finite,
+    check_batch_index,
     check_one_device,
     check_size,
     is_int,
@@ -197,8 +198,7 @@ class FeatureStack:
         size = self.size if size is None else check_size(size)
         grids = self.grids
         if batch_index is not None:
-            if not is_int(batch_index) or not 0 <= batch_index < self.batch_size:
-                raise ValueError(f"batch_index must be an int in [0, {self.batch_size}), got {batch_index!r}")
+            check_batch_index(batch_index, self.batch_size)
             grids = [g[batch_index : batch_index + 1] for g in grids]  # each [1, C_i, h_i, w_i]
         return torch.cat([upsample(g, size, self.mode) for g in grids], dim=1)  # [B, C, H', W']
 
