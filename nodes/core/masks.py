@@ -148,7 +148,7 @@ def _label_intersections(sweep: ClusterSweep, batch_index: int) -> torch.Tensor:
             kb, sb = ks[b], slice(starts[b], starts[b + 1])
             table = torch.bincount(la * kb + labels[b], minlength=ka * kb).view(ka, kb)  # [ka, kb]
             out[sa, sb] = table
-            out[sb, sa] = table.t()
+            out[sb, sa] = table.t()  # [kb, ka]
     return out
 
 

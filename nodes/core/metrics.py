@@ -78,7 +78,7 @@ def best_match_iou(reference: torch.Tensor, predicted: torch.Tensor) -> float:
 
 
 def top_n(reference: torch.Tensor, predicted: torch.Tensor, n: int) -> float:
-    """Eq. 4: mean best IoU of the n largest reference masks (all of them when there are fewer).
+    """Eq. 4: mean best IoU of the n largest reference masks [M, H, W] with predicted [N, H, W] (all M if M < n).
 
     Reference masks of equal area keep their given order.
     """

@@ -41,6 +41,7 @@ def segment(
 ) -> SegmentationResult:
     """Recording -> SegmentationResult with label maps at the image size and merged masks per image.
 
+    recording: a Recording of [B, heads, h, w, d] layers, or an object whose snapshot() gives one.
     cluster_counts: list of ints or a string such as "2,5,6,10,20". progress(done, total) is called
     after each k-means run (image, k).
     """
