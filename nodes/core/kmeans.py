@@ -378,7 +378,9 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
         lattice_sq = total_sq * lat.num_pixels / full.num_pixels
         with _lattice_threads(lat, threads):
             first = assigned if i == img.scoring_rung() else None
-            labels, centroids, score, it = lat.lloyd(centroids, max_iter, tol * full_var, X, xx, lattice_sq, first, img.check)
+            labels, centroids, score, it = lat.lloyd(
+                centroids, max_iter, tol * full_var, X, xx, lattice_sq, first, img.check
+            )
         iters += it
         img.advance(img.stages_after(i))  # stages 2 and 3: the polish
     return _finish(img, k, labels, centroids, max(0.0, total_sq + float(score.double().sum())), iters)
@@ -436,14 +438,16 @@ def _sweep_image_batched(img: _Image, ks: list[int], seed: int, max_iter: int, t
             first += len(mine)
     img.advance(len(ks))  # stage 1 of every k
     centroids = torch.cat([cands[k][pick[k]] for k in ks])  # [K, C] packed
-    iters = torch.tensor([ws_iters[k][pick[k]] for k in ks], device=img.device)  # [R]
+    iters = torch.tensor([ws_iters[k][pick[k]] for k in ks], device=img.device)  # [R], R = len(ks): one run per k
     refill = [(ws_of[k].X, ws_of[k].xx) for k in ks]
     total_sq, full_var = full.moments()
     for i in img.polish_rungs():  # exact Lloyd on finer lattices, the last = full
         lat = rung(i)
         # the sum of ||F(p)||^2 over this lattice (estimated on a sub-lattice; only the _RTOL test reads it)
         lattice_sq = total_sq * lat.num_pixels / full.num_pixels
-        labels, centroids, best, it = lat.lloyd(centroids, ks, max_iter, tol * full_var, _RTOL, lattice_sq, refill, img.check)
+        labels, centroids, best, it = lat.lloyd(
+            centroids, ks, max_iter, tol * full_var, _RTOL, lattice_sq, refill, img.check
+        )
         iters = iters + it
         img.advance(len(ks) * img.stages_after(i))
     inertia = (total_sq + best.sum(1, dtype=torch.float64)).clamp_min(0.0).tolist()  # [R]
