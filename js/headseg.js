@@ -436,6 +436,8 @@ class Picker {
   }
 
   buildStrip() {
+    // a thumbnail removed under the pointer gets no pointerleave: its mask would stay over the picture
+    this.hover(null);
     this.strip.replaceChildren();
     const info = Array.isArray(this.output?.headseg_mask_info) ? this.output.headseg_mask_info : [];
     this.masks().forEach((ref, i) => {

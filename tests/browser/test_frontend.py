@@ -732,6 +732,29 @@ def test_wheel_over_the_thumbnail_strip_does_not_zoom(comfy_page, pictures):
     assert comfy_page.pack_problems() == []
 
 
+def test_a_run_that_replaces_the_hovered_thumbnail_leaves_no_mask_over_the_picture(comfy_page, pictures):
+    """A run's result can arrive while the pointer rests on a thumbnail: the strip is rebuilt under it
+    and the browser sends the removed thumbnail no pointerleave. The mask it previewed must not stay
+    drawn over the picture (here the new run finds fewer masks: nothing lies under the pointer)."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page)
+    sel = picker_selector(node_id)
+    synthetic_run(page, node_id, name, (W, H), (0, 0), masks=3, stored=False)
+    settle(page)
+    page.query_selector_all(sel + " .headseg-thumb")[2].hover()
+    settle(page, 300)
+    assert _hovering(page, sel)
+    synthetic_run(page, node_id, name, (W, H), (0, 0), masks=1, stored=False)
+    settle(page)
+    rect = frame_rect(page, node_id)
+    page.mouse.move(rect["left"] + rect["width"] / 2, rect["top"] + rect["height"] / 2, steps=5)
+    settle(page, 300)
+    assert len(page.query_selector_all(sel + " .headseg-thumb")) == 1
+    assert not _hovering(page, sel)
+    assert comfy_page.pack_problems() == []
+
+
 def test_picker_forgets_the_picture_when_the_image_link_is_removed(comfy_page, pictures):
     """Before any run the picker shows the linked picture; unlinked, it says there is no image."""
     name, W, H = pictures["landscape"]
