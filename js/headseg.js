@@ -201,6 +201,9 @@ export function clientToPixel(clientX, clientY, rect, size) {
 
 // Pickers on the graph. Besides the canvas draw callback, a slow timer keeps them in step with
 // their widgets and upstream previews when the canvas does not draw the node (e.g. Vue nodes).
+// A picker joins when its node is added to a graph (onAdded), not when the node is built: LiteGraph
+// builds a throwaway copy of a node to copy, clone or alt-drag it (node.clone()) that never joins a
+// graph and would otherwise stay here, with the timer, for good.
 const LIVE_PICKERS = new Set();
 let liveTimer = null;
 
@@ -253,7 +256,6 @@ class Picker {
       this.resizeObserver.observe(stage);
     }
     this.updateInfo();
-    trackPicker(this, true);
   }
 
   destroy() {
@@ -652,6 +654,13 @@ function setupPicker(nodeType) {
   nodeType.prototype.onDrawForeground = function () {
     const result = onDrawForeground?.apply(this, arguments);
     if (!this.flags?.collapsed) this.headsegPicker?.tick();
+    return result;
+  };
+
+  const onAdded = nodeType.prototype.onAdded;
+  nodeType.prototype.onAdded = function () {
+    const result = onAdded?.apply(this, arguments);
+    if (this.headsegPicker) trackPicker(this.headsegPicker, true);
     return result;
   };
 

@@ -1185,6 +1185,41 @@ def test_a_picker_inside_a_subgraph_goes_when_the_workflow_is_cleared(comfy_page
     assert comfy_page.pack_problems() == []
 
 
+def test_a_copied_picker_keeps_nothing_running_once_its_node_is_deleted(open_page):
+    """Copying a node (Ctrl+C), cloning it or alt-dragging it builds a throwaway copy of it
+    (node.clone()) that is never added to a graph: its picker must not stay live. Once the only
+    Mask Select node is deleted, the pickers' timer stops. (A fresh tab: the timer is watched from
+    the moment it starts.)"""
+    tab = open_page()
+    page = tab.page
+    page.evaluate(
+        """() => { app.graph.clear();
+             const timers = window.__headsegTimers = {started: [], stopped: []};
+             const set = window.setInterval, clear = window.clearInterval;
+             window.setInterval = function (fn, ...rest) {
+               const id = set.call(window, fn, ...rest);
+               if (typeof fn === 'function' && String(fn).includes('dropIfGone')) timers.started.push(id);
+               return id; };
+             window.clearInterval = function (id) { timers.stopped.push(id); return clear.call(window, id); }; }"""
+    )
+    node_id = page.evaluate(
+        """() => { const node = LiteGraph.createNode('HeadSeg_MaskSelectAtPixel'); node.pos = [100, 100];
+                   app.graph.add(node); app.canvas.setDirty(true, true); return node.id; }"""
+    )
+    settle(page, 600)
+    page.evaluate(
+        """(id) => { const node = app.graph.getNodeById(id);
+                     app.canvas.copyToClipboard([node]); app.canvas.copyToClipboard([node]);
+                     app.graph.remove(node); app.canvas.setDirty(true, true); }""",
+        node_id,
+    )
+    settle(page, 2500)  # past the grace a picker out of the workflow gets, and a tick of the timer
+    timers = page.evaluate("() => window.__headsegTimers")
+    assert len(timers["started"]) == 1, timers
+    assert timers["started"][0] in timers["stopped"], timers
+    assert tab.pack_problems() == []
+
+
 def test_a_linked_picture_without_a_preview_asks_for_a_run(comfy_page):
     """An image input fed by a node that shows no preview (a VAE Decode before any run, or a picture
     from outside a subgraph) cannot be shown before the first run: the picker says to queue once
