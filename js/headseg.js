@@ -453,6 +453,7 @@ class Picker {
       if (Number.isFinite(meta.area)) details.push(`${meta.area} px`);
       if (Number.isFinite(meta.k)) details.push(`k=${meta.k}, cluster ${meta.cluster}`);
       button.title = `${details.join(" · ")} — click to output this mask`;
+      button.setAttribute("aria-label", details.join(", ")); // else read as "mask 0 0" (alt + number)
       const img = el("img", null, button);
       img.alt = `mask ${i}`;
       img.src = url;
@@ -488,11 +489,16 @@ class Picker {
     this.shown.key = key;
     this.updateMarker();
     this.updateInfo();
-    this.strip.classList.toggle("headseg-stale", this.isStale());
+    const stale = this.isStale();
+    this.strip.classList.toggle("headseg-stale", stale);
     const n = this.strip.children.length;
     const chosen = n ? Math.min(index, n - 1) : index; // an index past the last mask outputs the coarsest
     for (const b of this.strip.children) {
-      b.classList.toggle("headseg-selected", Number(b.dataset.index) === chosen);
+      const selected = Number(b.dataset.index) === chosen;
+      b.classList.toggle("headseg-selected", selected);
+      // the outline and the faded strip say so to the eye only
+      b.setAttribute("aria-pressed", String(selected));
+      b.setAttribute("aria-disabled", String(stale)); // a click is ignored until the next run
     }
   }
 

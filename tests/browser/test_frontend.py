@@ -715,6 +715,30 @@ def test_thumbnail_hover_previews_and_leaving_restores_and_click_picks_that_mask
     assert comfy_page.pack_problems() == []
 
 
+def test_thumbnails_tell_assistive_technology_which_mask_is_chosen_and_when_they_are_stale(comfy_page, pictures):
+    """The chosen thumbnail is marked by its outline and a stale strip by its fading: both are also
+    exposed (aria-pressed, aria-disabled), and each thumbnail is named by its mask's details."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page)
+    sel = picker_selector(node_id)
+    synthetic_run(page, node_id, name, (W, H), (0, 0), masks=3, stored=False)
+    settle(page)
+    aria = "(bs) => bs.map(b => [b.getAttribute('aria-label'), b.getAttribute('aria-pressed'), b.getAttribute('aria-disabled')])"
+    got = page.eval_on_selector_all(sel + " .headseg-thumb", aria)
+    assert got == [
+        ["mask 0, 10 px, k=2, cluster 0", "true", "false"],
+        ["mask 1, 20 px, k=2, cluster 1", "false", "false"],
+        ["mask 2, 30 px, k=2, cluster 2", "false", "false"],
+    ]
+    page.query_selector_all(sel + " .headseg-thumb")[2].click()
+    settle(page, 250)
+    assert [g[1] for g in page.eval_on_selector_all(sel + " .headseg-thumb", aria)] == ["false", "false", "true"]
+    click_pixel(page, node_id, (W, H), (30, 40))  # another pixel: the thumbnails are the old one's
+    assert [g[2] for g in page.eval_on_selector_all(sel + " .headseg-thumb", aria)] == ["true"] * 3
+    assert comfy_page.pack_problems() == []
+
+
 def test_wheel_over_the_thumbnail_strip_does_not_zoom(comfy_page, pictures):
     """The strip scrolls its thumbnails: the wheel there never zooms the canvas."""
     name, W, H = pictures["landscape"]
