@@ -328,8 +328,9 @@ class LoadRecording(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, file, path="") -> bool | str:
-        # Values linked from other nodes are None here; every value is checked again at run time. Only
+    def validate_inputs(cls, file=None, path="") -> bool | str:
+        # file=None: an API prompt that leaves 'file' out (ComfyUI reports the missing input itself)
+        # must not make this call fail with a TypeError. Values linked from other nodes are None here; every value is checked again at run time. Only
         # where a value points is checked, not whether the file exists: the web page's list may be older
         # than the folder (it is made when the page loads), and files saved since are accepted.
         try:
@@ -342,7 +343,7 @@ class LoadRecording(io.ComfyNode):
         return True
 
     @classmethod
-    def fingerprint_inputs(cls, file, path="") -> str:
+    def fingerprint_inputs(cls, file=None, path="") -> str:
         try:
             full = _resolve(file, path)
         except (TypeError, ValueError):

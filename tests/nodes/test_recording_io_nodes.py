@@ -550,3 +550,13 @@ def test_save_recording_prefix_takes_the_images_size(recording, comfy_folders):
     H, W = recording.image_size
     path = io_nodes.SaveRecording.execute(recording, "%width%x%height%/rec").args[0]
     assert path.endswith(f"/{W}x{H}/rec_00001_.safetensors") and (comfy_folders["output"] / f"{W}x{H}").is_dir()
+
+
+def test_a_prompt_without_the_file_input_is_not_a_validation_traceback(io_nodes, comfy_folders):
+    """An API prompt that sets only 'path' leaves 'file' out: ComfyUI reports the missing input itself and
+    still calls validate_inputs with the values it has; that call must not fail with a TypeError (which
+    ComfyUI shows as 'Exception when validating inner node' with a traceback, under another input)."""
+    assert io_nodes.LoadRecording.validate_inputs(path="r.safetensors") is True
+    assert io_nodes.LoadRecording.validate_inputs(path="/etc/passwd").startswith("path: expected a file inside")
+    assert io_nodes.LoadRecording.fingerprint_inputs(path="missing.safetensors") == ""
+
