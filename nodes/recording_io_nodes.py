@@ -357,7 +357,11 @@ class LoadRecording(io.ComfyNode):
     @classmethod
     def execute(cls, file, path="") -> io.NodeOutput:
         full = _resolve(file, path)
-        rec = load_recording(full)
+        try:
+            rec = load_recording(full)
+        except ValueError as exc:  # names the file and what is wrong in it; say which input chose it
+            chosen = "path" if _override_path(path) is not None else "file"
+            raise ValueError(f"{chosen}: {exc}; HeadSeg Save Recording writes the files this node reads") from None
         H, W = rec.image_size
         text = f"{os.path.basename(full)}: {rec.num_heads} heads in {len(rec.layers)} layers, {W}x{H} px"
         return io.NodeOutput(rec, ui={"text": [text]})

@@ -560,3 +560,12 @@ def test_a_prompt_without_the_file_input_is_not_a_validation_traceback(io_nodes,
     assert io_nodes.LoadRecording.validate_inputs(path="/etc/passwd").startswith("path: expected a file inside")
     assert io_nodes.LoadRecording.fingerprint_inputs(path="missing.safetensors") == ""
 
+
+def test_a_file_that_is_no_recording_names_the_input_that_chose_it(io_nodes, comfy_folders):
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(3)}, str(comfy_folders["input"] / "model.safetensors"))  # e.g. a LoRA
+    for file, path, name in (("model.safetensors", "", "file"), ("", "model.safetensors", "path")):
+        with pytest.raises(ValueError, match=f"^{name}: .*model\\.safetensors: metadata field 'format' is missing.*Save Recording writes"):
+            io_nodes.LoadRecording.execute(file, path)
+
