@@ -23,7 +23,7 @@ from . import types as hs
 from .core import kmeans as core_kmeans
 from .core.masks import check_label_map
 from .mask_select_node import _vae_crop_offsets
-from .node_utils import CATEGORY, expect as _expect, image_batch, output_error, output_place
+from .node_utils import CATEGORY, expect as _expect, image_batch, output_error, output_place, prefix_error
 
 log = logging.getLogger("HeadSeg")
 
@@ -135,6 +135,11 @@ class SaveLabelMaps(io.ComfyNode):
             ],
             outputs=[],
         )
+
+    @classmethod
+    def validate_inputs(cls, filename_prefix=_EXAMPLE_PREFIX) -> bool | str:
+        # a prefix outside the output folder is refused when queued, not after sampling and clustering
+        return prefix_error(filename_prefix, _EXAMPLE_PREFIX) or True
 
     @classmethod
     def execute(cls, clusters, filename_prefix=_EXAMPLE_PREFIX, image=None) -> io.NodeOutput:

@@ -264,6 +264,31 @@ def image_batch(image, name: str = "image", first_only: bool = False) -> torch.T
 
 
 
+def prefix_error(filename_prefix, example: str) -> str | None:
+    """For validate_inputs: output_place's refusal of a filename_prefix that is blank, holds a NUL or leads
+    outside ComfyUI's output folder (ComfyUI's own rule, as get_save_image_path applies it), found when the
+    prompt is queued rather than after sampling; None for any other prefix, and for a linked one (None here,
+    checked at run time). Makes no folder."""
+    import folder_paths
+
+    if filename_prefix is None:
+        return None
+    if not isinstance(filename_prefix, str) or not filename_prefix.strip() or "\x00" in filename_prefix:
+        return f"filename_prefix: expected a file name prefix such as {example!r}, got {filename_prefix!r}"
+    out = os.path.abspath(folder_paths.get_output_directory())
+    folder = os.path.abspath(os.path.join(out, os.path.dirname(os.path.normpath(filename_prefix))))
+    try:
+        inside = os.path.commonpath((out, folder)) == out
+    except ValueError:  # another drive (Windows)
+        inside = False
+    if not inside:
+        return (
+            f"filename_prefix {filename_prefix!r}: leads outside ComfyUI's output folder; expected folder and "
+            f"file names inside it, such as {example!r}"
+        )
+    return None
+
+
 def output_place(filename_prefix, example: str, width: int = 0, height: int = 0) -> tuple[str, str, int, str]:
     """filename_prefix -> (folder, name, counter, subfolder) in ComfyUI's output folder, the folder made:
     ComfyUI's own rule (get_save_image_path: subfolders allowed, nothing outside the output folder, the

@@ -16,7 +16,7 @@ from comfy_api.latest import io
 
 from . import types as hs
 from .core.recording import file_version, is_recording_file, is_utf8_path, load_recording, printable_path, save_recording
-from .node_utils import as_recording, output_error, output_place
+from .node_utils import as_recording, output_error, output_place, prefix_error
 
 CATEGORY = "HeadSeg/recording"
 NO_FILE = "(no recording files found)"
@@ -259,6 +259,11 @@ class SaveRecording(io.ComfyNode):
                 ),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, filename_prefix="headseg/recording") -> bool | str:
+        # a prefix outside the output folder is refused when queued, not after sampling
+        return prefix_error(filename_prefix, "headseg/recording") or True
 
     @classmethod
     def execute(cls, recording, filename_prefix="headseg/recording", latent=None) -> io.NodeOutput:

@@ -569,3 +569,15 @@ def test_a_file_that_is_no_recording_names_the_input_that_chose_it(io_nodes, com
         with pytest.raises(ValueError, match=f"^{name}: .*model\\.safetensors: metadata field 'format' is missing.*Save Recording writes"):
             io_nodes.LoadRecording.execute(file, path)
 
+
+def test_a_prefix_outside_the_output_folder_is_refused_when_queued(io_nodes, comfy_folders):
+    from headseg.nodes.label_map_nodes import SaveLabelMaps
+
+    for node, example in ((io_nodes.SaveRecording, "headseg/recording"), (SaveLabelMaps, "headseg/labels")):
+        for bad in ("../x", "a/../../x", str(comfy_folders["input"] / "x"), "  ", "a\x00b"):
+            message = node.validate_inputs(filename_prefix=bad)
+            assert isinstance(message, str) and message.startswith("filename_prefix"), (node, bad, message)
+            assert example in message
+        for good in ("x", "sub/dir/x", "a/../x", "%date:yyyy-MM-dd%/x", None):  # None: linked, known at run time
+            assert node.validate_inputs(filename_prefix=good) is True, (node, good)
+    assert not any(comfy_folders["output"].iterdir())  # validation makes no folder
