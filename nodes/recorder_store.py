@@ -735,6 +735,13 @@ class LiveRecording:
             if same_shape
             else ""
         )
+        if isinstance(latent, torch.Tensor) and latent.numel() and not bool(latent.any()):
+            # all zeros: Empty Latent Image's, returned by a sampler that took no step (of any shape)
+            no_step = (
+                " This LATENT is all zeros, as Empty Latent Image makes it: no sampler changed it. A sampler that "
+                "takes no step (denoise 0, or a start step at or past its last step) returns its input LATENT "
+                "without running the model, so nothing is recorded for it: give it at least one step."
+            )
         return (
             f"latent: this LATENT ({shape}) is not the output of any of the last {len(runs)} sampling run(s) of "
             f"the recorded MODEL (their outputs: {kept}). Connect the LATENT output of the sampler that sampled "

@@ -681,6 +681,18 @@ def test_a_sampler_that_took_no_step_after_a_good_run_is_named(tiny, sd2):
         assert "no step" not in str(info.value)
 
 
+def test_an_empty_latent_of_another_shape_is_named(tiny, sd2):
+    """A sampler with denoise 0 on a fresh Empty Latent Image of a new size (no kept run has its shape)
+    returns the all-zero LATENT: the message says no sampler changed it, rather than only blaming a node
+    in between."""
+    patched, live = recorder.attach_recorder(sd2)
+    run(tiny, patched, latent_hw=(8, 8), seed=1)
+    with pytest.raises(ValueError, match="is not the output of any") as info:
+        live.snapshot(torch.zeros(1, 4, 16, 8))
+    assert "all zeros, as Empty Latent Image makes it" in str(info.value)
+    assert "takes no step (denoise 0" in str(info.value)
+
+
 def test_the_history_message_only_when_a_run_was_dropped(tiny, sd2):
     patched, live = recorder.attach_recorder(sd2)
     for seed in range(recorder_store.HISTORY):
