@@ -1,0 +1,74 @@
+"""Mistakes a user makes through the live server's API get a queue-time refusal or a message naming the
+input, and the server stays healthy (64x64 latents, 1 step, cfg 1: a few seconds each)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+pytestmark = pytest.mark.server
+
+
+def _prompt(server, seed=1):
+    """Record -> KSampler (the recorded MODEL) -> Head PCA -> preview, at 64x64 pixels."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": server.checkpoint_name}},
+        "2": {"class_type": "HeadSeg_RecordSelfAttention", "inputs": {
+            "model": ["1", 0], "down": True, "middle": True, "up": True, "levels": "all", "steps": "last",
+            "branch": "cond", "keep_runs": 3}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a cat"}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {
+            "model": ["2", 0], "seed": seed, "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal",
+            "positive": ["3", 0], "negative": ["3", 0], "latent_image": ["5", 0], "denoise": 1.0}},
+        "7": {"class_type": "HeadSeg_HeadPCA", "inputs": {
+            "recording": ["2", 1], "positions": "down+up", "levels": "all", "components": 4, "device": "auto",
+            "latent": ["6", 0]}},
+        "8": {"class_type": "PreviewImage", "inputs": {"images": ["7", 1]}},
+    }  # fmt: skip
+
+
+def _queue(server, prompt):
+    """The answer to POST /prompt: {"prompt_id", "node_errors"} or, refused, the 400 body as text."""
+    try:
+        return server.post_json("/prompt", {"prompt": prompt, "client_id": "error-paths"})
+    except RuntimeError as exc:
+        return str(exc)
+
+
+def test_a_save_prefix_outside_the_output_folder_is_refused_when_queued(comfy_server):
+    prompt = _prompt(comfy_server, seed=11)
+    prompt["9"] = {"class_type": "HeadSeg_SaveRecording",
+                   "inputs": {"recording": ["2", 1], "latent": ["6", 0], "filename_prefix": "../x"}}
+    answer = _queue(comfy_server, prompt)
+    errors = answer["node_errors"]["9"]["errors"]  # the other outputs still run
+    assert any("filename_prefix '../x': leads outside ComfyUI's output folder" in e["details"] for e in errors), errors
+    result = comfy_server.run(prompt, timeout=300)
+    assert result.ok, result.error  # the save node is left out; the server goes on
+
+
+def test_load_recording_without_its_file_input_is_a_missing_input(comfy_server):
+    prompt = {
+        "1": {"class_type": "HeadSeg_LoadRecording", "inputs": {"path": "x.safetensors"}},
+        "2": {"class_type": "HeadSeg_HeadPCA", "inputs": {
+            "recording": ["1", 0], "positions": "down+up", "levels": "all", "components": 4, "device": "auto"}},
+        "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 1]}},
+    }  # fmt: skip
+    answer = _queue(comfy_server, prompt)
+    assert '"required_input_missing"' in answer and '"details": "file"' in answer, answer
+    assert "exception_during_inner_validation" not in answer, answer
+
+
+def test_head_pca_reading_another_record_nodes_recording_is_named(comfy_server):
+    prompt = _prompt(comfy_server, seed=12)
+    prompt["20"] = copy.deepcopy(prompt["2"])
+    prompt["20"]["inputs"]["keep_runs"] = 2  # another record node: the sampler uses its MODEL
+    prompt["6"]["inputs"]["model"] = ["20", 0]
+    result = comfy_server.run(prompt, timeout=300)
+    assert not result.ok and result.error["node_type"] == "HeadSeg_HeadPCA"
+    message = result.error["exception_message"]  # (nothing recorded yet, when this record node is new)
+    assert message.startswith(("latent: this LATENT (1x4x8x8) is not the output", "recording: nothing recorded yet")), message
+    prompt["6"]["inputs"]["model"] = ["2", 0]
+    result = comfy_server.run(prompt, timeout=300)
+    assert result.ok, result.error  # the server is fine for the next prompt
