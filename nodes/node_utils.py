@@ -263,7 +263,6 @@ def image_batch(image, name: str = "image", first_only: bool = False) -> torch.T
     return image
 
 
-
 def prefix_error(filename_prefix, example: str) -> str | None:
     """For validate_inputs: output_place's refusal of a filename_prefix that is blank, holds a NUL or leads
     outside ComfyUI's output folder (ComfyUI's own rule, as get_save_image_path applies it), found when the
