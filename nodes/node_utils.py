@@ -32,6 +32,7 @@ def expect(value, cls, name: str, what: str):
         raise TypeError(f"{name}: expected {what}, got {type(value).__name__}")
     return value
 
+
 POSITION_CHOICES = ["down+up", "down", "up", "middle", "down+middle", "middle+up", "down+middle+up"]
 
 
@@ -52,6 +53,17 @@ def as_recording(value, latent=None, name: str = "recording") -> Recording:
         if not isinstance(samples, torch.Tensor):
             raise ValueError(f"latent: expected a LATENT (a dict with 'samples'), got {type(latent).__name__}")
         value = value.snapshot(samples)  # the run that produced this LATENT
+    elif latent is not None:  # a recording from a file: the LATENT only orders the nodes, so it must be of that image
+        samples = latent.get("samples") if isinstance(latent, dict) else None
+        if isinstance(value, Recording) and isinstance(samples, torch.Tensor) and samples.dim() >= 4 and value.layers:
+            B, (h, w) = int(samples.shape[0]), tuple(int(n) for n in samples.shape[-2:])
+            if (h, w) != value.latent_size or B != value.batch_size:
+                H, W = value.image_size
+                raise ValueError(
+                    f"latent: the recording (from a file) is of {value.batch_size} image(s) of {W}x{H} pixels, but the "
+                    f"LATENT is of {B} image(s) of {w * 8}x{h * 8}: the masks would be the file's, not this LATENT's "
+                    "image. Disconnect latent, or load the recording of this image"
+                )
     if not isinstance(value, Recording):
         raise TypeError(
             f"{name}: expected a HeadSeg recording (from Record Self-Attention or Load Recording), "

@@ -581,3 +581,17 @@ def test_a_prefix_outside_the_output_folder_is_refused_when_queued(io_nodes, com
         for good in ("x", "sub/dir/x", "a/../x", "%date:yyyy-MM-dd%/x", None):  # None: linked, known at run time
             assert node.validate_inputs(filename_prefix=good) is True, (node, good)
     assert not any(comfy_folders["output"].iterdir())  # validation makes no folder
+
+
+def test_a_loaded_recording_with_a_latent_of_another_image_is_refused(recording):
+    """Load Recording -> Head PCA with a LATENT connected (to order the nodes): a LATENT of another size or
+    batch than the file's image would get the file's masks, so it is refused naming latent; a LATENT of
+    the same shape is accepted (it cannot be told apart)."""
+    from headseg.nodes.pipeline_nodes import HeadPCA
+
+    H, W = recording.image_size  # 128 x 192
+    same = {"samples": torch.zeros(1, 4, H // 8, W // 8)}
+    assert HeadPCA.execute(recording, "down+up", "all", 4, latent=same).args[0].image_size == (H, W)
+    for shape in ((1, 4, W // 8, H // 8), (2, 4, H // 8, W // 8)):
+        with pytest.raises(ValueError, match=r"^latent: the recording \(from a file\) is of 1 image\(s\) of 192x128 pixels"):
+            HeadPCA.execute(recording, "down+up", "all", 4, latent={"samples": torch.zeros(shape)})
