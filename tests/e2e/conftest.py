@@ -28,6 +28,7 @@ from headseg.tests.support.server import comfy_server  # noqa: F401  (the shared
 
 
 class WorkflowRuns(dict):
+    log_start: int = 0
     log_end: int = 0
 
 
@@ -42,9 +43,11 @@ def test_picture(comfy_server):  # noqa: F811
 def workflow_runs(comfy_server, test_picture):  # noqa: F811
     """name -> (api prompt, RunResult) for every example workflow, each run once per session.
 
-    ``workflow_runs.log_end``: the server log's length after these runs (later tests provoke errors).
+    ``workflow_runs.log_start`` / ``log_end``: the server log's length before and after these runs (other
+    tests provoke errors on purpose, before or after them).
     """
     runs = WorkflowRuns()
+    runs.log_start = comfy_server.log_mark()  # earlier test modules may have provoked errors on purpose
     for path in workflow_files():
         ui = json.loads(path.read_text())
         api = prepare(comfy_server.api_from_ui(ui), comfy_server, add_save_recording="explore" in path.stem)

@@ -176,7 +176,8 @@ def test_every_node_documents_its_inputs_and_outputs(comfy_server):
 
 def test_no_errors_from_the_pack_in_the_log(comfy_server, workflow_runs):
     """Start-up and every example workflow: nothing in the log names the pack in an error."""
-    assert comfy_server.pack_errors(end=workflow_runs.log_end) == []
+    assert comfy_server.pack_errors(end=comfy_server.started_mark) == []
+    assert comfy_server.pack_errors(start=workflow_runs.log_start, end=workflow_runs.log_end) == []
 
 
 def test_example_workflows_match_the_node_schemas(comfy_server):

@@ -109,6 +109,7 @@ class ComfyServer:
         self.output_dir = self.workdir / "output"
         self.temp_dir = self.workdir / "temp"
         self.user_dir = self.workdir / "user"
+        self.started_mark = 0  # log_mark() once the server answers (start)
         self.log_path = self.workdir / "comfyui.log"
         self.checkpoints = list(checkpoints or [])
         self.extra_args = list(extra_args or [])
@@ -148,6 +149,7 @@ class ComfyServer:
             try:
                 with urllib.request.urlopen(self.url + "/system_stats", timeout=2) as r:
                     if r.status == 200:
+                        self.started_mark = self.log_mark()  # the log of the start-up ends here
                         return self
             except (urllib.error.URLError, ConnectionError, OSError):
                 pass
