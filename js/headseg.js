@@ -746,16 +746,30 @@ function setupNoteLine(nodeType) {
   const onDrawForeground = nodeType.prototype.onDrawForeground;
   nodeType.prototype.onDrawForeground = function () {
     const result = onDrawForeground?.apply(this, arguments);
-    if (!this.headsegNote) {
-      const stored = storedOutput(this); // the node was rebuilt (undo)
-      if (stored && (Array.isArray(stored.text) || Array.isArray(stored.headseg_labels))) {
-        this.headsegNote = new NoteLine(this);
-        this.headsegNote.onExecuted(stored);
-      }
-    }
+    restoreNoteLine(this);
     this.headsegNote?.tick(false);
     return result;
   };
+  // The Vue node renderer (Nodes 2.0) draws no canvas foreground: a node that undo rebuilt gets its
+  // note line back once the rebuilt graph is configured and its outputs are there again
+  const onConfigure = nodeType.prototype.onConfigure;
+  nodeType.prototype.onConfigure = function () {
+    const result = onConfigure?.apply(this, arguments);
+    setTimeout(() => {
+      if (this.graph) restoreNoteLine(this);
+    }, 0);
+    return result;
+  };
+}
+
+/** The note line of a node rebuilt from the saved graph (undo), from the outputs ComfyUI keeps. */
+function restoreNoteLine(node) {
+  if (node.headsegNote) return;
+  const stored = storedOutput(node);
+  if (stored && (Array.isArray(stored.text) || Array.isArray(stored.headseg_labels))) {
+    node.headsegNote = new NoteLine(node);
+    node.headsegNote.onExecuted(stored);
+  }
 }
 
 /**

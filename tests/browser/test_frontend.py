@@ -1005,6 +1005,29 @@ def test_after_undo_the_vue_renderer_shows_the_rebuilt_nodes_picker(comfy_page, 
     assert comfy_page.pack_problems() == []
 
 
+def test_after_undo_the_vue_renderer_shows_the_note_line_again(comfy_page):
+    """Nodes 2.0 draws no canvas foreground, where the note line of a rebuilt node used to come back: a
+    node that undo rebuilds shows its last run's note line again without a new run."""
+    page = comfy_page.page
+    with vue_nodes(page):
+        merge_id = page.evaluate(
+            """() => { const m = LiteGraph.createNode('HeadSeg_MaskMerge'); m.pos = [40, 80]; app.graph.add(m);
+                       const out = {text: ['merged masks per image: 5']};
+                       app.nodeOutputs[String(m.id)] = out; m.onExecuted(out); return m.id; }"""
+        )
+        page.evaluate(
+            """async (id) => { app.graph.getNodeById(id).headsegOld = true;
+                               await app.loadGraphData(app.graph.serialize(), false, false); }""",
+            merge_id,
+        )
+        page.wait_for_function("(id) => app.graph.getNodeById(id) && !app.graph.getNodeById(id).headsegOld", arg=merge_id)
+        page.wait_for_function(
+            "(id) => (app.graph.getNodeById(id).headsegNote?.root.textContent ?? '').includes('merged masks per image: 5')",
+            arg=merge_id, timeout=5_000,
+        )
+    assert comfy_page.pack_problems() == []
+
+
 JS_TRACKER = """() => { const w = app.extensionManager.workflow.activeWorkflow;
   return {modified: !!w.isModified, undo: w.changeTracker.undoQueue.length}; }"""
 JS_CHECK_STATE = "() => app.extensionManager.workflow.activeWorkflow.changeTracker.checkState()"
