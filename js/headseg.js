@@ -122,15 +122,20 @@ const OUTSIDE_GRACE_MS = 1500;
 const SUBGRAPH_INPUT_ID = -10; // LiteGraph's origin id for links that start at a subgraph's input
 const SUBGRAPH_OUTPUT_ID = -20; // ... and target id for links that end at a subgraph's output
 
-/** The node that feeds input ``slot`` of ``node``, followed out through the inputs of the subgraphs
- * it sits in (when a subgraph has exactly one node using it); null when there is none. */
+/** The node that feeds input ``slot`` of ``node``, followed back through legacy Reroute nodes and out
+ * through the inputs of the subgraphs it sits in (when a subgraph has exactly one node using it); null
+ * when there is none. */
 function inputOrigin(node, slot, depth = 0) {
   const graph = node?.graph;
   const linkId = node?.inputs?.[slot]?.link;
   if (!graph || linkId == null || depth > 16) return null;
   const link = graphLink(graph, linkId);
   if (!link) return null;
-  if (link.origin_id !== SUBGRAPH_INPUT_ID) return graph.getNodeById(link.origin_id);
+  if (link.origin_id !== SUBGRAPH_INPUT_ID) {
+    const origin = graph.getNodeById(link.origin_id);
+    // a Reroute node (the front end's own, not in the prompt) passes on what its one input gets
+    return origin?.type === "Reroute" ? inputOrigin(origin, 0, depth + 1) : origin;
+  }
   const users = subgraphNodesOf(graph);
   return users.length === 1 ? inputOrigin(users[0], link.origin_slot, depth + 1) : null;
 }

@@ -1181,6 +1181,34 @@ def test_picker_inside_a_subgraph_comes_back_when_the_node_is_rebuilt(comfy_page
     assert comfy_page.pack_problems() == []
 
 
+def test_picker_shows_a_picture_that_comes_through_reroute_nodes_before_a_run(comfy_page, pictures):
+    """Load Image -> Reroute -> Reroute -> the picker's image: the picture is found through the front end's
+    Reroute nodes, so a pixel can be picked before the first run, as with a direct link."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page, name)
+    wait_picture_ready(page, node_id)
+    direct = page.eval_on_selector(picker_selector(node_id) + " img.headseg-base", "i => i.src")
+    page.evaluate(
+        """(id) => { const node = app.graph.getNodeById(id);
+                     const load = app.graph.nodes.find(n => n.type === 'LoadImage');
+                     const a = LiteGraph.createNode('Reroute'), b = LiteGraph.createNode('Reroute');
+                     a.pos = [300, 300]; b.pos = [360, 300]; app.graph.add(a); app.graph.add(b);
+                     load.connect(0, a, 0); a.connect(0, b, 0); b.connect(0, node, node.inputs.findIndex(i => i.name === 'image'));
+                     app.canvas.setDirty(true, true); }""",
+        node_id,
+    )
+    settle(page, 800)
+    wait_picture_ready(page, node_id)
+    assert page.eval_on_selector(picker_selector(node_id) + " img.headseg-base", "i => i.src") == direct
+    rect = frame_rect(page, node_id)
+    page.mouse.click(rect["left"] + 0.25 * rect["width"], rect["top"] + 0.75 * rect["height"])
+    settle(page, 250)
+    values = page.evaluate(JS_WIDGETS, node_id)
+    assert (values["x"], values["y"]) == (int(0.25 * W), int(0.75 * H))
+    assert comfy_page.pack_problems() == []
+
+
 def test_picker_inside_a_subgraph_shows_the_picture_from_outside_before_a_run(comfy_page, pictures):
     """Load Image outside, the picker inside a subgraph: the picture is found through the subgraph's
     input, so a pixel can be picked before the first run, as in the root graph."""
