@@ -156,6 +156,28 @@ def wait_picture_ready(page, node_id, timeout=30_000):
     page.wait_for_timeout(300)  # DOM widget positions follow the canvas on the next frames
 
 
+def add_merge_with_note(page, text: str, pos) -> int:
+    """Adds a Mask Merge node as if it had run: ComfyUI keeps its output {text: [text]} and the node has
+    been told of it (its note line shows text) -> its id."""
+    return page.evaluate(
+        """([text, pos]) => { const m = LiteGraph.createNode('HeadSeg_MaskMerge'); m.pos = pos; app.graph.add(m);
+                              const out = {text: [text]};
+                              app.nodeOutputs[String(m.id)] = out; m.onExecuted(out); return m.id; }""",
+        [text, list(pos)],
+    )
+
+
+def rebuild_as_undo_does(page, node_id) -> None:
+    """Rebuilds every node from the saved graph, keeping the outputs (loadGraphData without clearing, as
+    undo does), and waits until node ``node_id`` is a new object."""
+    page.evaluate(
+        """async (id) => { app.graph.getNodeById(id).headsegOld = true;
+                           await app.loadGraphData(app.graph.serialize(), false, false); }""",
+        node_id,
+    )
+    page.wait_for_function("(id) => app.graph.getNodeById(id) && !app.graph.getNodeById(id).headsegOld", arg=node_id)
+
+
 def settle(page, ms=400):
     page.wait_for_timeout(ms)
 
@@ -573,17 +595,8 @@ def test_picker_comes_back_when_the_node_is_rebuilt(comfy_page, pictures):
     synthetic_run(page, node_id, name, (W, H), (0, 0))
     sel = picker_selector(node_id)
     assert len(page.query_selector_all(sel + " .headseg-thumb")) == 2
-    merge_id = page.evaluate(
-        """() => { const m = LiteGraph.createNode('HeadSeg_MaskMerge'); m.pos = [40, 600]; app.graph.add(m);
-                   const out = {text: ['merged masks per image: 7']};
-                   app.nodeOutputs[String(m.id)] = out; m.onExecuted(out); return m.id; }"""
-    )
-    page.evaluate(
-        """async (id) => { app.graph.getNodeById(id).headsegOld = true;
-                           await app.loadGraphData(app.graph.serialize(), false, false); }""",
-        node_id,
-    )
-    page.wait_for_function("(id) => app.graph.getNodeById(id) && !app.graph.getNodeById(id).headsegOld", arg=node_id)
+    merge_id = add_merge_with_note(page, "merged masks per image: 7", (40, 600))
+    rebuild_as_undo_does(page, node_id)
     view_picker(page, node_id, 1.0)
     wait_picture_ready(page, node_id)
     page.wait_for_function(
@@ -1010,17 +1023,8 @@ def test_after_undo_the_vue_renderer_shows_the_note_line_again(comfy_page):
     node that undo rebuilds shows its last run's note line again without a new run."""
     page = comfy_page.page
     with vue_nodes(page):
-        merge_id = page.evaluate(
-            """() => { const m = LiteGraph.createNode('HeadSeg_MaskMerge'); m.pos = [40, 80]; app.graph.add(m);
-                       const out = {text: ['merged masks per image: 5']};
-                       app.nodeOutputs[String(m.id)] = out; m.onExecuted(out); return m.id; }"""
-        )
-        page.evaluate(
-            """async (id) => { app.graph.getNodeById(id).headsegOld = true;
-                               await app.loadGraphData(app.graph.serialize(), false, false); }""",
-            merge_id,
-        )
-        page.wait_for_function("(id) => app.graph.getNodeById(id) && !app.graph.getNodeById(id).headsegOld", arg=merge_id)
+        merge_id = add_merge_with_note(page, "merged masks per image: 5", (40, 80))
+        rebuild_as_undo_does(page, merge_id)
         page.wait_for_function(
             "(id) => (app.graph.getNodeById(id).headsegNote?.root.textContent ?? '').includes('merged masks per image: 5')",
             arg=merge_id, timeout=5_000,
