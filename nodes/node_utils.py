@@ -275,6 +275,13 @@ def image_batch(image, name: str = "image", first_only: bool = False) -> torch.T
     return image
 
 
+def _blank_prefix_error(filename_prefix, example: str) -> str | None:
+    """The message for a filename_prefix that is no text, blank or holds a NUL; None for any other."""
+    if not isinstance(filename_prefix, str) or not filename_prefix.strip() or "\x00" in filename_prefix:
+        return f"filename_prefix: expected a file name prefix such as {example!r}, got {filename_prefix!r}"
+    return None
+
+
 def prefix_error(filename_prefix, example: str) -> str | None:
     """For validate_inputs: output_place's refusal of a filename_prefix that is blank, holds a NUL or leads
     outside ComfyUI's output folder (ComfyUI's own rule, as get_save_image_path applies it), found when the
@@ -284,8 +291,9 @@ def prefix_error(filename_prefix, example: str) -> str | None:
 
     if filename_prefix is None:
         return None
-    if not isinstance(filename_prefix, str) or not filename_prefix.strip() or "\x00" in filename_prefix:
-        return f"filename_prefix: expected a file name prefix such as {example!r}, got {filename_prefix!r}"
+    blank = _blank_prefix_error(filename_prefix, example)
+    if blank:
+        return blank
     out = os.path.abspath(folder_paths.get_output_directory())
     folder = os.path.abspath(os.path.join(out, os.path.dirname(os.path.normpath(filename_prefix))))
     try:
@@ -308,8 +316,9 @@ def output_place(filename_prefix, example: str, width: int = 0, height: int = 0)
     filename_prefix (with ``example``, a prefix to suggest) when it is empty or cannot be a name there."""
     import folder_paths
 
-    if not isinstance(filename_prefix, str) or not filename_prefix.strip() or "\x00" in filename_prefix:
-        raise ValueError(f"filename_prefix: expected a file name prefix such as {example!r}, got {filename_prefix!r}")
+    blank = _blank_prefix_error(filename_prefix, example)
+    if blank:
+        raise ValueError(blank)
     try:
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
             filename_prefix, folder_paths.get_output_directory(), width, height
