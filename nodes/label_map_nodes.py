@@ -22,7 +22,7 @@ from PIL.PngImagePlugin import PngInfo
 from . import types as hs
 from .core import kmeans as core_kmeans
 from .core.masks import check_label_map
-from .mask_select_node import _vae_crop_offsets
+from .mask_select_node import _is_vae_window, _vae_crop
 from .node_utils import CATEGORY, expect as _expect, image_batch, output_error, output_place, prefix_error
 
 log = logging.getLogger("HeadSeg")
@@ -31,11 +31,9 @@ LABELS_FORMAT = "headseg-labels/1"
 _EXAMPLE_PREFIX = "headseg/labels"
 
 
-def label_png(labels: torch.Tensor, k: int) -> Image.Image:
-    """labels [H, W] integers in 0 .. k-1 (k <= 256) -> an 8-bit greyscale PIL image of the same values."""
-    k = check_label_map(labels, k, "H, W")
-    if k > 256:
-        raise ValueError(f"k must be at most 256 for an 8-bit label map, got {k}")
+def _label_png(labels: torch.Tensor) -> Image.Image:
+    """labels [H, W] integers in 0 .. 255 (_check_clusters checks every k's before the first file is
+    written) -> an 8-bit greyscale PIL image of the same values."""
     pixels = labels.detach().to("cpu", torch.uint8).numpy()  # [H, W] uint8, values unchanged (< 256)
     return Image.fromarray(np.ascontiguousarray(pixels), mode="L")
 
@@ -71,11 +69,8 @@ def _fit_pictures(image, B: int, H: int, W: int) -> torch.Tensor:
             f"image: expected {B} picture(s), one per image of the clusters, got a batch of {b}: connect the "
             "decoded image of the same sampler"
         )
-    if (h, w) == (H, W):
-        return pictures
-    if (h // 8 * 8, w // 8 * 8) == (H, W):  # a photo whose sides are not multiples of 8: VAE Encode's window
-        top, left = _vae_crop_offsets(h, w)
-        return pictures[:, top : top + H, left : left + W]  # [B, H, W, 3]
+    if _is_vae_window(h, w, H, W):  # the same size, or a photo whose sides are not multiples of 8
+        return _vae_crop(pictures, H, W)  # [B, H, W, 3]
     raise ValueError(
         f"image: expected pictures of the label maps' {W}x{H} pixels (or up to 7 more per side, as VAE Encode "
         f"crops them), got {w}x{h}: connect the decoded image or the picture that was encoded, not one of "
@@ -163,7 +158,7 @@ class SaveLabelMaps(io.ComfyNode):
             about = {"format": LABELS_FORMAT, "batch_index": b, "cluster_counts": ks, "size": [H, W]}
             for k in ks:
                 filename = f"{name}_{n:05}_k{k}.png"
-                picture, info = label_png(clusters.results[k].labels[b], k), _png_info({"headseg": {**about, "k": k}})
+                picture, info = _label_png(clusters.results[k].labels[b]), _png_info({"headseg": {**about, "k": k}})
                 cls._write(picture, folder, filename, info, filename_prefix, written)
                 saved.append({"filename": filename, "subfolder": subfolder, "type": "output", "k": k, "batch_index": b})
             if pictures is not None:

@@ -22,6 +22,18 @@ def _vae_crop_offsets(h: int, w: int) -> tuple[int, int]:
     return (h % 8) // 2, (w % 8) // 2
 
 
+def _is_vae_window(h: int, w: int, H: int, W: int) -> bool:
+    """Whether VAE Encode keeps H x W pixels of an h x w picture (the same size, or sides that only lack a
+    multiple of 8: up to 7 px more per side)."""
+    return (h // 8 * 8, w // 8 * 8) == (H, W)
+
+
+def _vae_crop(pictures: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """[B, h, w, 3] pictures that _is_vae_window -> [B, H, W, 3]: the centred window VAE Encode keeps (a view)."""
+    top, left = _vae_crop_offsets(pictures.shape[1], pictures.shape[2])
+    return pictures[:, top : top + H, left : left + W]  # [B, H, W, 3]
+
+
 def _picture_to_mask_pixel(x: int, y: int, picture_hw, mask_hw, cropped: bool) -> tuple[int, int]:
     """A pixel of the picture [h, w] -> the pixel of the masks [H, W] shown there: through VAE Encode's
     centred crop when the picture only lacks a multiple of 8, else through the stretch."""
@@ -162,7 +174,7 @@ class MaskSelectAtPixel(io.ComfyNode):
         if image is not None:
             picture = image_batch(image, first_only=True)  # [1, h, w, 3]
             h, w = picture.shape[1:3]
-            cropped = (h // 8 * 8, w // 8 * 8) == (H, W)
+            cropped = _is_vae_window(h, w, H, W)
             if (h, w) != (H, W) and not (0 <= x < W and 0 <= y < H) and 0 <= x < w and 0 <= y < h:
                 # a pixel of the picture, picked before the first run showed the masks' grid
                 x, y = _picture_to_mask_pixel(x, y, (h, w), (H, W), cropped)
@@ -183,8 +195,7 @@ class MaskSelectAtPixel(io.ComfyNode):
             if cropped:
                 # a photo whose sides are not multiples of 8: VAE Encode keeps the centred window
                 # that fits the latent grid, so the masks cover exactly that window
-                top, left = _vae_crop_offsets(h, w)
-                picture = picture[:, top : top + H, left : left + W]  # [1, H, W, 3]
+                picture = _vae_crop(picture, H, W)  # [1, H, W, 3]
             elif (h, w) != (H, W):
                 # any other size: shown stretched to the masks' size
                 picture = torch.nn.functional.interpolate(
