@@ -78,6 +78,20 @@ def _fit_pictures(image, B: int, H: int, W: int) -> torch.Tensor:
     )
 
 
+def _batch_places(filename_prefix: str, B: int, W: int, H: int) -> list[tuple[str, str, int, str]]:
+    """filename_prefix, B images -> [(folder, name, counter, subfolder)] per image of the batch, the folders made.
+
+    Without ``%batch_num%`` every image takes the next counter of one name. With it, as in Save Image,
+    ``%batch_num%`` becomes the image's index (0 .. B-1) and the images share one counter: one past the
+    highest of every image's name, so a second run never overwrites the first (Save Image's does)."""
+    if "%batch_num%" not in filename_prefix:
+        folder, name, counter, subfolder = output_place(filename_prefix, _EXAMPLE_PREFIX, W, H)
+        return [(folder, name, counter + b, subfolder) for b in range(B)]
+    places = [output_place(filename_prefix.replace("%batch_num%", str(b)), _EXAMPLE_PREFIX, W, H) for b in range(B)]
+    shared = max(counter for _, _, counter, _ in places)
+    return [(folder, name, shared, subfolder) for folder, name, _, subfolder in places]
+
+
 def _png_info(entries: dict) -> PngInfo:
     """{key: JSON-able value} -> PNG text entries holding each value as JSON, as Save Image writes them."""
     info = PngInfo()
@@ -114,7 +128,8 @@ class SaveLabelMaps(io.ComfyNode):
                         "File name prefix inside the output folder (subfolders allowed, e.g. 'dataset/cats'). "
                         "Each image gets the next counter: <prefix>_00001_k2.png, <prefix>_00001_k5.png, ... "
                         "and <prefix>_00001_image.png. As in Save Image, %date:yyyy-MM-dd%, %Node name.widget%, "
-                        "%width% and %height% are filled in."
+                        "%width% and %height% are filled in, and %batch_num% becomes the image's index in the batch "
+                        "(0, 1, ...), its images then sharing one counter."
                     ),
                 ),
                 io.Image.Input(
@@ -143,7 +158,7 @@ class SaveLabelMaps(io.ComfyNode):
         B = clusters.batch_size
         H, W = clusters.size
         pictures = None if image is None else _fit_pictures(image, B, H, W)  # [B, H, W, 3]
-        folder, name, counter, subfolder = output_place(filename_prefix, _EXAMPLE_PREFIX, W, H)
+        places = _batch_places(filename_prefix, B, W, H)  # [(folder, name, counter, subfolder)] per image
         ks = clusters.cluster_counts
         workflow = {}  # ComfyUI's prompt and workflow, for the pictures (unless --disable-metadata)
         from comfy.cli_args import args
@@ -153,8 +168,7 @@ class SaveLabelMaps(io.ComfyNode):
                 workflow["prompt"] = cls.hidden.prompt
             workflow.update(cls.hidden.extra_pnginfo or {})
         saved, shown, written = [], [], []  # written: this run's files, removed again if a write fails
-        for b in range(B):
-            n = counter + b
+        for b, (folder, name, n, subfolder) in enumerate(places):
             about = {"format": LABELS_FORMAT, "batch_index": b, "cluster_counts": ks, "size": [H, W]}
             for k in ks:
                 filename = f"{name}_{n:05}_k{k}.png"
@@ -167,7 +181,7 @@ class SaveLabelMaps(io.ComfyNode):
                 info = _png_info({**workflow, "headseg": {**about, "k": None}})
                 cls._write(Image.fromarray(pixels), folder, filename, info, filename_prefix, written)
                 shown.append({"filename": filename, "subfolder": subfolder, "type": "output"})
-        names = [os.path.join(subfolder, f"{name}_{n:05}_*").replace(os.sep, "/") for n in (counter, counter + B - 1)]
+        names = [os.path.join(sub, f"{name}_{n:05}_*").replace(os.sep, "/") for _, name, n, sub in (places[0], places[-1])]
         what = f"{len(ks)} label map{'s' if len(ks) > 1 else ''} (k = {', '.join(map(str, ks))})"
         what += " + the picture" if pictures is not None else ""
         text = f"{names[0]}: {what}" if B == 1 else f"{names[0]} ... {names[1]}: {B} images, {what} each"

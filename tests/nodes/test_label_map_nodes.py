@@ -147,6 +147,26 @@ def test_the_prefix_takes_save_images_size_variables(save, sweep, comfy_folders)
     assert (comfy_folders["output"] / f"{W}x{H}" / "cat_00001_k9.png").is_file()
 
 
+def test_batch_num_names_each_image_and_its_images_share_one_counter_that_never_overwrites(save, sweep, comfy_folders):
+    out = comfy_folders["output"]
+    save.execute(sweep, "set/cat_%batch_num%")
+    (out / "set" / "cat_1_00005_k2.png").write_bytes(b"")  # a later file of image 1 only: both must skip past it
+    save.execute(sweep, "set/cat_%batch_num%")
+    assert sorted(p.name for p in (out / "set").glob("*_k2.png")) == [
+        "cat_0_00001_k2.png", "cat_0_00006_k2.png", "cat_1_00001_k2.png", "cat_1_00005_k2.png", "cat_1_00006_k2.png"
+    ]
+    for b in (0, 1):
+        _, pixels, text = read(out / "set" / f"cat_{b}_00006_k9.png")
+        assert torch.equal(torch.from_numpy(pixels).long(), sweep.results[9].labels[b])
+        assert json.loads(text["headseg"])["batch_index"] == b
+    # in a subfolder's name too: one folder per image
+    listed = save.execute(sweep, "by_image/%batch_num%/cat").ui["headseg_label_maps"]
+    assert [(r["subfolder"], r["filename"], r["batch_index"]) for r in listed if r["k"] == 4] == [
+        ("by_image/0", "cat_00001_k4.png", 0), ("by_image/1", "cat_00001_k4.png", 1)
+    ]
+    assert (out / "by_image" / "1" / "cat_00001_k4.png").is_file()
+
+
 def test_label_maps_that_cannot_be_saved_are_refused_before_any_file_is_written(save, sweep, comfy_folders):
     """A hand-made sweep whose last k cannot be an 8-bit index PNG: an error naming clusters, and no file
     of the earlier k or images left behind (a dataset would get label maps missing some k)."""
