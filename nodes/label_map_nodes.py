@@ -59,23 +59,34 @@ def _check_clusters(clusters) -> None:
 
 
 def _fit_pictures(image, B: int, H: int, W: int) -> torch.Tensor:
-    """The optional ``image`` input -> [B, H, W, 3] pictures aligned with the label maps: the same size,
-    or VAE Encode's centred crop of a picture whose sides only lack a multiple of 8; any other size or
-    batch is refused (a stretched picture would not line up with its labels)."""
-    pictures = image_batch(image)  # [b, h, w, 3] float32 on the CPU
-    b, h, w = pictures.shape[:3]
+    """The optional ``image`` input [B, h, w, C] -> [B, H, W, C'] pictures aligned with the label maps: the
+    same size, or VAE Encode's centred crop of a picture whose sides only lack a multiple of 8; any other
+    size or batch is refused (a stretched picture would not line up with its labels). C' = 4 keeps an
+    alpha channel and C' = 3 otherwise (grey drawn as RGB); float16 / float32 / float64 keep their dtype,
+    so that _picture_pixels rounds as Save Image does."""
+    checked = image_batch(image)  # [b, h, w, 3] float32 on the CPU, NaN and inf drawn: refuses a non-IMAGE
+    b, h, w = checked.shape[:3]
     if b != B:
         raise ValueError(
             f"image: expected {B} picture(s), one per image of the clusters, got a batch of {b}: connect the "
             "decoded image of the same sampler"
         )
-    if _is_vae_window(h, w, H, W):  # the same size, or a photo whose sides are not multiples of 8
-        return _vae_crop(pictures, H, W)  # [B, H, W, 3]
-    raise ValueError(
-        f"image: expected pictures of the label maps' {W}x{H} pixels (or up to 7 more per side, as VAE Encode "
-        f"crops them), got {w}x{h}: connect the decoded image or the picture that was encoded, not one of "
-        "another size"
-    )
+    if not _is_vae_window(h, w, H, W):
+        raise ValueError(
+            f"image: expected pictures of the label maps' {W}x{H} pixels (or up to 7 more per side, as VAE "
+            f"Encode crops them), got {w}x{h}: connect the decoded image or the picture that was encoded, not "
+            "one of another size"
+        )
+    pictures = checked  # [B, h, w, 3] float32
+    if image.shape[-1] in (3, 4) and image.dtype in (torch.float16, torch.float32, torch.float64):
+        pictures = torch.nan_to_num(image.to("cpu"), nan=0.0, posinf=1.0, neginf=0.0)  # [B, h, w, C], as drawn
+    return _vae_crop(pictures, H, W)  # [B, H, W, C'] (the same size, or a photo whose sides are not multiples of 8)
+
+
+def _picture_pixels(picture: torch.Tensor) -> np.ndarray:
+    """picture [H, W, C] floats in 0 .. 1 (C = 3 or 4) -> [H, W, C] uint8, by Save Image's own expression,
+    so the saved picture has the bytes Save Image would give the same tensor (float16 rounds in float16)."""
+    return np.clip(255.0 * picture.numpy(), 0, 255).astype(np.uint8)
 
 
 def _batch_places(filename_prefix: str, B: int, W: int, H: int) -> list[tuple[str, str, int, str]]:
@@ -137,9 +148,10 @@ class SaveLabelMaps(io.ComfyNode):
                     optional=True,
                     tooltip=(
                         "The picture the labels belong to (the decoded image, or the photo that was encoded), "
-                        "saved as <prefix>_<counter>_image.png with the workflow in it. It must have the label "
-                        "maps' size (a photo up to 7 px larger per side is centre-cropped as VAE Encode crops "
-                        "it) and one picture per image of the clusters; other sizes are refused."
+                        "saved as <prefix>_<counter>_image.png with the workflow in it, as Save Image would save "
+                        "it (an alpha channel kept). It must have the label maps' size (a photo up to 7 px larger "
+                        "per side is centre-cropped as VAE Encode crops it) and one picture per image of the "
+                        "clusters; other sizes are refused."
                     ),
                 ),
             ],
@@ -157,7 +169,7 @@ class SaveLabelMaps(io.ComfyNode):
         _check_clusters(clusters)
         B = clusters.batch_size
         H, W = clusters.size
-        pictures = None if image is None else _fit_pictures(image, B, H, W)  # [B, H, W, 3]
+        pictures = None if image is None else _fit_pictures(image, B, H, W)  # [B, H, W, 3 or 4]
         places = _batch_places(filename_prefix, B, W, H)  # [(folder, name, counter, subfolder)] per image
         ks = clusters.cluster_counts
         workflow = {}  # ComfyUI's prompt and workflow, for the pictures (unless --disable-metadata)
@@ -177,7 +189,7 @@ class SaveLabelMaps(io.ComfyNode):
                 saved.append({"filename": filename, "subfolder": subfolder, "type": "output", "k": k, "batch_index": b})
             if pictures is not None:
                 filename = f"{name}_{n:05}_image.png"
-                pixels = (pictures[b] * 255.0).clamp(0.0, 255.0).to(torch.uint8).numpy()  # [H, W, 3], as Save Image
+                pixels = _picture_pixels(pictures[b])  # [H, W, 3 or 4] uint8: RGB or RGBA
                 info = _png_info({**workflow, "headseg": {**about, "k": None}})
                 cls._write(Image.fromarray(pixels), folder, filename, info, filename_prefix, written)
                 shown.append({"filename": filename, "subfolder": subfolder, "type": "output"})

@@ -29,9 +29,9 @@ def _is_vae_window(h: int, w: int, H: int, W: int) -> bool:
 
 
 def _vae_crop(pictures: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    """[B, h, w, 3] pictures that _is_vae_window -> [B, H, W, 3]: the centred window VAE Encode keeps (a view)."""
+    """[B, h, w, C] pictures that _is_vae_window -> [B, H, W, C]: the centred window VAE Encode keeps (a view)."""
     top, left = _vae_crop_offsets(pictures.shape[1], pictures.shape[2])
-    return pictures[:, top : top + H, left : left + W]  # [B, H, W, 3]
+    return pictures[:, top : top + H, left : left + W]  # [B, H, W, C]
 
 
 def _picture_to_mask_pixel(x: int, y: int, picture_hw, mask_hw, cropped: bool) -> tuple[int, int]:

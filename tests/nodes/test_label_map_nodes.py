@@ -102,6 +102,23 @@ def test_the_picture_is_saved_next_to_its_labels_with_the_workflow(save, sweep, 
     assert out.ui["text"] == ["pics_00001_* ... pics_00002_*: 2 images, 3 label maps (k = 2, 4, 9) + the picture each"]
 
 
+@pytest.mark.parametrize("channels, dtype", [(3, torch.float16), (4, torch.float32), (3, torch.float64)])
+def test_the_picture_has_the_bytes_save_image_writes(save, sweep, comfy_folders, channels, dtype):
+    """ComfyUI's own Save Image is the reference: the same tensor gives the same pixels (float16 rounds in
+    float16, an alpha channel is kept as RGBA), and the picture's colours are not moved by NaN handling."""
+    import nodes as comfy_nodes
+
+    g = torch.Generator().manual_seed(3)
+    pictures = (torch.rand(2, H, W, channels, generator=g) * 1.2 - 0.1).to(dtype)  # some out of 0 .. 1
+    save.execute(sweep, "ours", pictures)
+    comfy_nodes.SaveImage().save_images(pictures, "theirs")
+    for b in range(2):  # Save Image gives each image of the batch the next counter too
+        mode, ours, _ = read(comfy_folders["output"] / f"ours_{b + 1:05}_image.png")
+        their_mode, theirs, _ = read(comfy_folders["output"] / f"theirs_{b + 1:05}_.png")
+        assert mode == their_mode == ("RGBA" if channels == 4 else "RGB")
+        assert np.array_equal(ours, theirs)
+
+
 def test_a_photo_a_few_pixels_larger_is_cropped_as_vae_encode_crops_it(save, sweep, comfy_folders):
     photo = torch.rand(2, H + 5, W + 7, 3, generator=torch.Generator().manual_seed(1))  # VAE Encode keeps H x W
     save.execute(sweep, "photo", photo)
