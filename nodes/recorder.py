@@ -265,6 +265,16 @@ def _branch_weights(branch: list, x: torch.Tensor, timestep) -> EntryShares | No
     return entry_shares(entries, x.shape)
 
 
+def _any_entry_active(conds, x: torch.Tensor, timestep) -> bool:
+    """Whether ComfyUI would run one of the entries of ``conds`` (a list of branches, None where one is
+    skipped) at this call: its ``get_area_and_mult`` returns None for an entry outside its timestep range."""
+    return any(
+        comfy.samplers.get_area_and_mult(entry, x, timestep) is not None
+        for branch in (conds if isinstance(conds, (list, tuple)) else [])
+        for entry in (branch or [])
+    )
+
+
 def _make_calc_cond_batch_wrapper(store_id: int):
     """CALC_COND_BATCH wrapper: (executor, model, conds, x, timestep, model_options): records only in an
     evaluation's main pass, and lets (block, number) attn1 patches added after the record node run
@@ -280,8 +290,8 @@ def _make_calc_cond_batch_wrapper(store_id: int):
                 def arg(i, name):
                     return args[i] if len(args) > i else kwargs.get(name)
 
-                x, timestep = arg(2, "x_in"), arg(3, "timestep")
-                main = store.begin_batch(arg(1, "conds"), lambda branch: _branch_weights(branch, x, timestep))
+                conds, x, timestep = arg(1, "conds"), arg(2, "x_in"), arg(3, "timestep")
+                main = store.begin_batch(conds, lambda branch: _branch_weights(branch, x, timestep))
             else:
                 main = False
 
@@ -306,10 +316,18 @@ def _make_calc_cond_batch_wrapper(store_id: int):
         if not recording:
             return executor(*args, **kwargs)
         store.batch_main = main
+        calls = store.seen_calls
         try:
-            return executor(*args, **kwargs)
+            out = executor(*args, **kwargs)
         finally:
             store.batch_main, store.shares, store.shares_tag = saved
+        # the model did not run in a main pass: keep why, for the messages about steps ('mean' needs none)
+        if main and store.active and store.seen_calls == calls and store.steps.mode != "mean":
+            try:
+                store.note_idle(timestep, _any_entry_active(conds, x, timestep))
+            except Exception as exc:  # recording must never break sampling
+                store.fail(exc)
+        return out
 
     return headseg_calc_cond_batch
 

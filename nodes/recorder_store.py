@@ -33,6 +33,11 @@ RECORD_DTYPE = torch.float16
 # reads any).
 HISTORY = 3
 MAX_KEEP_RUNS = 64
+# Why the model did not run at steps the sampler went through, where a conditioning entry was active.
+_SKIPPED_BY_CACHE = (
+    "a node that reuses earlier model outputs instead of running the model, such as EasyCache or LazyCache, "
+    "skipped them"
+)
 # Why a run recorded nothing when the recorded layers never ran (the MODEL used was not the patched one).
 _NEVER_CALLED = "the self-attention layers were never called during the last sampling run"
 
@@ -169,6 +174,11 @@ class _Store:
         self.called: set[LayerKey] = set()  # layers whose patch ran this run
         self.max_step = -1  # latest step of a recorded-branch call
         self.max_step_any = -1  # latest step of any main-pass call (either branch)
+        self.steps_run: set[int] = set()  # the steps of the main-pass calls whose step was read
+        # step -> whether a conditioning entry was active in a main-pass calc_cond_batch call at that step
+        # that ran no recorded layer (note_idle): False = none was (a timestep range), so the model had
+        # nothing to run there; True = one was, yet the model did not run (a cache node skipped it)
+        self.idle_steps: dict[int, bool] = {}
         self.min_sigma = float("inf")  # lowest sigma of a main-pass call
         self._sig_obj = None
         self._sig_step = 0
@@ -295,9 +305,13 @@ class _Store:
                 if self.steps.last >= n_steps:
                     why.append(f"the sampling run had {n_steps} steps (0-{n_steps - 1})")
                 skipped = [i for i in asked if i < n_steps and i not in self.wanted_steps]
-                if skipped:
+                cached = self._skipped_by_cache(skipped)
+                inactive = [i for i in skipped if i not in cached]
+                if cached:
+                    why.append(f"the model did not run at step(s) {_steps_label(cached)} ({_SKIPPED_BY_CACHE})")
+                if inactive:
                     why.append(
-                        f"the '{self.branch}' conditioning was not called at step(s) {_steps_label(skipped)} "
+                        f"the '{self.branch}' conditioning was not called at step(s) {_steps_label(inactive)} "
                         "(a timestep range ends or starts it there)"
                     )
                 log.warning("HeadSeg: steps %s: %s: recorded steps %s", self.steps.label, "; ".join(why), label)
@@ -391,9 +405,29 @@ class _Store:
             for sig in sigs:
                 step = self._read_step(sig)
                 self.max_step_any = max(self.max_step_any, step)
+                self.steps_run.add(step)
                 if which == "branch":
                     self.max_step = max(self.max_step, step)
         self._estimated_sig = {"any": [], "branch": []}
+
+    def note_idle(self, sigma, active: bool) -> None:
+        """A main-pass calc_cond_batch call at ``sigma`` ran no recorded layer; ``active``: whether one of
+        its conditioning entries was active there (ComfyUI's get_area_and_mult). Rare: read at once."""
+        step = self._schedule_step(_sigma_value(sigma))
+        self.idle_steps[step] = self.idle_steps.get(step, False) or active
+
+    def _not_run(self, steps) -> list[int]:
+        """Of ``steps``, those the sampler reported done (step_done) with no main-pass model call in
+        them. Only for samplers whose reports count the schedule's steps, and only once the run's calls
+        are placed (_settle_estimates; 'mean' places none)."""
+        if not self.reports_steps or self.steps.mode == "mean":
+            return []
+        return [i for i in steps if i <= self.reported and i not in self.steps_run]
+
+    def _skipped_by_cache(self, steps) -> list[int]:
+        """Of ``steps``, those where the model did not run though a conditioning entry was active, or
+        the guider was not even asked (LazyCache skips whole evaluations): not a timestep range's doing."""
+        return [i for i in self._not_run(steps) if self.idle_steps.get(i, True)]
 
     def _why_empty(self) -> str:
         n_steps = self.n_steps
@@ -417,6 +451,21 @@ class _Store:
             )
         last = max(n_steps - 1, 0)
         wanted = self.steps.first if self.steps.mode == "range" else last
+        asked = range(wanted, min(self.steps.last, last) + 1) if self.steps.mode == "range" else [last]
+        if self.steps.mode in ("range", "last") and asked and self._not_run(asked) == list(asked):
+            ran = f" ({_steps_label(self.steps_run)})" if self.steps_run else ""
+            if self._skipped_by_cache(asked):
+                return (
+                    f"steps: the sampler went through step {asked[-1]} but the model did not run at step(s) "
+                    f"{_steps_label(self._skipped_by_cache(range(n_steps)))} ({_SKIPPED_BY_CACHE}): choose "
+                    f"steps 'mean', steps the model ran{ran}, or an end_percent below 1 on that node"
+                )
+            return (
+                f"steps: no conditioning entry was active at step(s) {_steps_label(self._not_run(range(n_steps)))}, "
+                "so the model did not run there (a timestep range, e.g. ConditioningSetTimestepRange, ends the "
+                "conditioning early, and at cfg = 1 there is no uncond pass): choose steps the model "
+                f"ran{ran}, 'mean', or widen its timestep range"
+            )
         if self.steps.mode in ("range", "last") and wanted > self.max_step and wanted <= self.max_step_any:
             return (
                 f"steps: the '{self.branch}' conditioning was not active at step {wanted}: its model calls stopped "
@@ -462,9 +511,13 @@ class _Store:
 
     def _read_step(self, sig) -> int:
         """The step of a call's sigma, read (a device sync on a GPU)."""
-        schedule = self.sigmas
         s = _sigma_value(sig)
         self.min_sigma = min(self.min_sigma, s)
+        return self._schedule_step(s)
+
+    def _schedule_step(self, s: float) -> int:
+        """The step i of this run's schedule with sigmas[i+1] < s <= sigmas[i]."""
+        schedule = self.sigmas
         step = max(len(schedule) - 2, 0)
         for i in range(len(schedule) - 1):
             nxt = schedule[i + 1]
@@ -535,6 +588,7 @@ class _Store:
             self._note_estimate("any", extra_options)
         elif step is not None:
             self.max_step_any = max(self.max_step_any, step)
+            self.steps_run.add(step)
         if self.branch_index not in cond_or_uncond:
             return
         self.seen_branch += 1
