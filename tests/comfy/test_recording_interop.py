@@ -1,18 +1,154 @@
-"""Recording next to the model patches, guidance nodes and guiders that artists chain with it: steps
-where the model did not run say why (a cache node, a timestep range at cfg = 1)."""
+"""Recording next to the model patches, guidance nodes and guiders that artists chain with it, in both
+orders (the patch before and after the record node): the sampled latent is bit for bit the patch's
+own, and the recording holds each evaluation's main pass (not the extra passes after CFG) as an
+independent float64 recomputation gives it; steps where the model did not run say why (a cache
+node, a timestep range at cfg = 1)."""
 
 import pytest
+import torch
 
-from comfy_extras import nodes_easycache
+import comfy.sd
+from comfy.patcher_extension import WrappersMP
+from comfy_extras import (nodes_apg, nodes_cfg, nodes_custom_sampler, nodes_differential_diffusion, nodes_easycache,
+                          nodes_freelunch, nodes_model_advanced, nodes_model_merging, nodes_pag, nodes_perpneg,
+                          nodes_sag)
 
 from headseg.nodes import recorder
+from headseg.nodes.core.recording import LayerKey
 
+from .reference import AttentionProbe, grid_for, per_head
+
+TOL = dict(rtol=3e-3, atol=3e-3)  # recorded float16 against float64
 HW = (16, 16)
+NAMES = ("input.1.0", "middle.0.0", "output.11.0")
 
 
 @pytest.fixture(scope="module")
 def sd2(tiny):
     return tiny.build("SD2", seed=0)
+
+
+class EvalProbe(AttentionProbe):
+    """AttentionProbe that also tags each call with the guider evaluation it ran in (a PREDICT_NOISE
+    counter of its own, not HeadSeg's): an evaluation's main pass is its first call of the branch."""
+
+    def __enter__(self):
+        self.eval = 0
+        self.evals = {name: [] for name in self.modules}
+
+        def count(executor, *args, **kwargs):
+            self.eval += 1
+            return executor(*args, **kwargs)
+
+        self.patcher.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, "test_eval_probe", count)
+        super().__enter__()
+        for name, attn in self.modules.items():
+            def hook(module, inputs, name=name):
+                self.evals[name].append(self.eval)
+            self._handles.append(attn.to_q.register_forward_pre_hook(hook))
+        return self
+
+    def __exit__(self, *exc):
+        self.patcher.remove_wrappers_with_key(WrappersMP.PREDICT_NOISE, "test_eval_probe")
+        return super().__exit__(*exc)
+
+    def main_calls(self, name, branch=0):
+        seen, found = set(), []
+        for call, ev in zip(self.calls[name], self.evals[name]):
+            if branch in call.cond_or_uncond and ev not in seen:
+                seen.add(ev)
+                found.append(call)
+        return found
+
+
+def assert_main_pass(rec, probe, steps):
+    for name in NAMES:
+        calls = probe.main_calls(name)
+        calls = calls[-1:] if steps == "last" else calls
+        want = torch.stack([per_head(c, grid_for(HW, c.x.shape[1])) for c in calls]).mean(0)
+        torch.testing.assert_close(rec.layers[LayerKey.parse(name)].double(), want, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+def lora(model):
+    """A kohya-format LoRA on every attn1 q/k/v, loaded as LoraLoaderModelOnly loads one."""
+    g = torch.Generator().manual_seed(3)
+    sd = {}
+    for name, module in model.model.diffusion_model.named_modules():
+        if name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") and ".attn1." in name:
+            key = "lora_unet_" + name.replace(".", "_")
+            sd[key + ".lora_up.weight"] = torch.randn(module.weight.shape[0], 2, generator=g) * 0.5
+            sd[key + ".lora_down.weight"] = torch.randn(2, module.weight.shape[1], generator=g) * 0.5
+            sd[key + ".alpha"] = torch.tensor(2.0)
+    return comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0.0)[0]
+
+
+@pytest.fixture(scope="module")
+def patches(tiny):
+    """Patch node name -> MODEL -> patched MODEL, as the nodes' own code makes it."""
+    other = tiny.build("SD2", seed=5)
+    empty, _ = tiny.conditioning("SD2", seed=9)
+    return {
+        "PAG": lambda m: nodes_pag.PerturbedAttentionGuidance.execute(m, 3.0).result[0],
+        "SAG": lambda m: nodes_sag.SelfAttentionGuidance.execute(m, 0.5, 2.0).result[0],
+        "FreeU_V2": lambda m: nodes_freelunch.FreeU_V2().patch(m, 1.3, 1.4, 0.9, 0.2)[0],
+        "RescaleCFG": lambda m: nodes_model_advanced.RescaleCFG().patch(m, 0.7)[0],
+        "APG": lambda m: nodes_apg.APG.execute(m, 0.0, 5.0, -0.5).result[0],
+        "CFGZeroStar": lambda m: nodes_cfg.CFGZeroStar.execute(m).result[0],
+        "PerpNeg": lambda m: nodes_perpneg.PerpNeg.execute(m, empty, 1.0).result[0],  # an extra pass, labelled cond
+        "DifferentialDiffusion": lambda m: nodes_differential_diffusion.DifferentialDiffusion.execute(m).result[0],
+        "ModelMergeSimple": lambda m: nodes_model_merging.ModelMergeSimple().merge(m, other, 0.5)[0],
+        "LoRA": lora,
+    }
+
+
+CASES = [
+    ("PAG", 1.0, "last"), ("PAG", 5.0, "mean"), ("SAG", 1.0, "mean"), ("FreeU_V2", 5.0, "last"),
+    ("RescaleCFG", 5.0, "mean"), ("APG", 5.0, "last"), ("CFGZeroStar", 5.0, "mean"), ("PerpNeg", 5.0, "mean"),
+    ("DifferentialDiffusion", 5.0, "last"), ("ModelMergeSimple", 5.0, "last"), ("LoRA", 5.0, "mean"),
+]
+
+
+@pytest.mark.parametrize("name,cfg,steps", CASES, ids=[f"{n}-cfg{c:g}-{s}" for n, c, s in CASES])
+def test_patch_in_either_order_keeps_its_latent_and_the_main_pass_is_recorded(tiny, sd2, patches, name, cfg, steps):
+    patch = patches[name]
+    pos, neg = tiny.conditioning("SD2")
+    options = dict(latent_hw=HW, steps=3, seed=2, cfg=cfg)
+    if name == "DifferentialDiffusion":  # an inpainting mask with every level of denoise
+        options.update(noise_mask=torch.linspace(0, 1, HW[1]).expand(1, 1, *HW).contiguous(), denoise=0.8)
+    want = tiny.sample(patch(sd2), pos, neg, **options)
+    before, live_before = recorder.attach_recorder(patch(sd2), steps=steps)
+    patched, live_after = recorder.attach_recorder(sd2, steps=steps)
+    for model, live in ((before, live_before), (patch(patched), live_after)):
+        with EvalProbe(model) as probe:
+            got = tiny.sample(model, pos, neg, **options)
+        assert torch.equal(got, want)
+        assert_main_pass(live.snapshot(got), probe, steps)
+
+
+@pytest.mark.parametrize("guider,patch", [("CFGGuider", "PAG"), ("CFGGuider", "SAG"), ("BasicGuider", "PAG")])
+def test_sampler_custom_advanced_guiders_record_their_main_pass(tiny, sd2, patches, guider, patch):
+    pos, neg = tiny.conditioning("SD2")
+    custom = nodes_custom_sampler
+
+    def run(model):
+        g = (custom.CFGGuider.execute(model, pos, neg, 4.0) if guider == "CFGGuider"
+             else custom.BasicGuider.execute(model, pos)).result[0]
+        sigmas = custom.BasicScheduler.execute(model, "normal", 3, 1.0).result[0]
+        with torch.inference_mode():
+            out, _ = custom.SamplerCustomAdvanced.execute(
+                custom.RandomNoise.execute(3).result[0], g, custom.KSamplerSelect.execute("euler").result[0],
+                sigmas, {"samples": torch.zeros(1, 4, *HW)}).result
+        return out["samples"]
+
+    apply = patches[patch]
+    want = run(apply(sd2))
+    patched, live = recorder.attach_recorder(sd2)
+    model = apply(patched)
+    with EvalProbe(model) as probe:
+        got = run(model)
+    assert torch.equal(got, want)
+    assert len(probe.calls["output.11.0"]) == 2 * len(probe.main_calls("output.11.0"))  # the extra pass ran
+    assert_main_pass(live.snapshot(got), probe, "last")
 
 
 def easycache(end_percent):
