@@ -742,7 +742,8 @@ class LiveRecording:
             raise ValueError(
                 "recording: nothing recorded yet: connect the sampler's LATENT output to the node that reads "
                 "the recording so it runs after sampling, and sample with the MODEL from "
-                f"HeadSeg_RecordSelfAttention, with at least one step (denoise above 0){why}"
+                "HeadSeg_RecordSelfAttention, with at least one step (denoise above 0); a model merge keeps the "
+                f"patches of its first model only, so give the recorded MODEL to ModelMergeSimple as model1{why}"
             )
         out = Recording(
             layers=dict(rec.layers),

@@ -198,3 +198,14 @@ def test_cfg1_with_a_positive_ended_by_its_timestep_range_is_named(tiny, sd2, st
     with pytest.raises(ValueError, match=r"steps: no conditioning entry was active at step\(s\) 5-9, so the model did "
                                          r"not run there \(a timestep range.*choose steps the model ran \(0-4\)"):
         live.snapshot(got)
+
+
+def test_a_recorded_model_merged_in_as_model2_is_refused_with_a_hint_to_make_it_model1(tiny, sd2):
+    """ModelMergeSimple keeps model1's patches: the recorded MODEL as model2 records nothing, and says why."""
+    other = tiny.build("SD2", seed=5)
+    patched, live = recorder.attach_recorder(sd2)
+    merged = nodes_model_merging.ModelMergeSimple().merge(other, patched, 0.5)[0]
+    pos, neg = tiny.conditioning("SD2")
+    got = tiny.sample(merged, pos, neg, latent_hw=HW, steps=2, seed=2)
+    with pytest.raises(ValueError, match="^recording: nothing recorded yet: .*ModelMergeSimple as model1"):
+        live.snapshot(got)
