@@ -46,6 +46,16 @@ def _picture_to_mask_pixel(x: int, y: int, picture_hw, mask_hw, cropped: bool) -
     return min(max(mx, 0), W - 1), min(max(my, 0), H - 1)
 
 
+def _grid_pixel(point: tuple[int, int], picture_hw, mask_hw) -> tuple[int, int]:
+    """A pixel of more_points -> the masks' grid [H, W], as x and y are read: one outside the grid but inside
+    the picture [h, w] (picked on it before the first run) is mapped from it; any other is moved to the
+    nearest pixel of the grid."""
+    (x, y), (H, W) = point, mask_hw
+    if picture_hw is not None and not (x < W and y < H) and x < picture_hw[1] and y < picture_hw[0]:
+        x, y = _picture_to_mask_pixel(x, y, picture_hw, mask_hw, _is_vae_window(*picture_hw, H, W))
+    return min(x, W - 1), min(y, H - 1)
+
+
 def _pixel_input(v, name: str, what: str) -> int:
     """x or y as given -> int; ValueError for a negative value (a linked one skips the widget's min) or a
     non-integer (floats, bools, text): those are no pixel to move to the grid."""
@@ -74,6 +84,9 @@ class MaskSelectAtPixel(io.ComfyNode):
       first: the mask overlaid on the picture, the same aspect ratio as ``headseg_image`` and its
       size up to 512 x 512 pixels' worth (larger ones are shrunk to that many pixels).
     - ``headseg_mask_info``: [{"area": pixels, "k": cluster count, "cluster": index}, ...] same order.
+    - ``headseg_points``: [[x, y, 1 or 0], ...] the pixels of ``more_points`` on the masks' grid (mapped
+      and moved as x and y are), 1 = the masks contain it, 0 = they do not.
+    - ``headseg_points_asked``: [text] the ``more_points`` input as given.
 
     ``ref`` = {"filename", "subfolder", "type": "temp"}, served by GET /view.
     """
@@ -89,8 +102,10 @@ class MaskSelectAtPixel(io.ComfyNode):
                 "Finds every mask that contains the pixel (x, y), finest first (e.g. eye -> eyes -> "
                 "face -> cat -> foreground, paper figure 1), and outputs the one at 'index' as a MASK "
                 "at image resolution for inpainting (SetLatentNoiseMask, VAEEncodeForInpaint, "
-                "InpaintModelConditioning, GrowMask). In the web UI, click the picture to pick the "
-                "pixel and click a thumbnail to choose the mask."
+                "InpaintModelConditioning, GrowMask). More pixels can narrow the list: masks that also "
+                "contain them, or that do not. In the web UI, click the picture to pick the pixel "
+                "(shift-click: a pixel the masks must also contain; alt-click: one they must not), and "
+                "click a thumbnail to choose the mask."
             ),
             inputs=[
                 hs.Masks.Input("masks", tooltip="Merged masks from Mask Merge."),
@@ -136,6 +151,18 @@ class MaskSelectAtPixel(io.ComfyNode):
                         "colour map of all masks."
                     ),
                 ),
+                io.String.Input(
+                    "more_points",
+                    default="",
+                    optional=True,
+                    tooltip=(
+                        "More pixels that narrow the masks at (x, y): 'x,y' pairs on the same grid, separated by "
+                        "';'. The masks must contain each of them; a leading '-' marks a pixel they must not "
+                        "contain (e.g. '120,80; -300,200': both eyes, but not the other cat). Empty = (x, y) "
+                        "alone. In the picker, shift-click adds a pixel to contain and alt-click one to leave "
+                        "out (again on it removes it); a plain click starts over."
+                    ),
+                ),
             ],
             outputs=[
                 io.Mask.Output(
@@ -148,23 +175,36 @@ class MaskSelectAtPixel(io.ComfyNode):
                 io.Mask.Output(
                     display_name="masks_at_pixel",
                     tooltip=(
-                        "Every mask containing the pixel (image 0), finest first, [count, H, W]; one all-zero "
-                        "mask when count is 0 (a MASK batch cannot be empty)."
+                        "Every mask containing the pixel (and fitting more_points) of image 0, finest first, "
+                        "[count, H, W]; one all-zero mask when count is 0 (a MASK batch cannot be empty)."
                     ),
                 ),
                 io.Image.Output(
                     display_name="overlay",
                     tooltip="Each mask at the pixel overlaid on the picture (image 0), finest first.",
                 ),
-                io.Int.Output(display_name="count", tooltip="How many masks contain the pixel (image 0)."),
+                io.Int.Output(
+                    display_name="count", tooltip="How many masks contain the pixel and fit more_points (image 0)."
+                ),
             ],
         )
 
     @classmethod
-    def execute(cls, masks, x=0, y=0, index=0, image=None) -> io.NodeOutput:
+    def validate_inputs(cls, more_points="") -> bool | str:
+        # a malformed more_points is refused when queued, not after sampling and clustering
+        if isinstance(more_points, str):  # else linked: checked at run time
+            try:
+                core_masks.parse_points(more_points)
+            except ValueError as exc:
+                return str(exc)
+        return True
+
+    @classmethod
+    def execute(cls, masks, x=0, y=0, index=0, image=None, more_points="") -> io.NodeOutput:
         if not isinstance(masks, list) or not masks or not all(isinstance(m, core_masks.MaskSet) for m in masks):
             raise TypeError(f"masks: expected HEADSEG_MASKS from Mask Merge, got {type(masks).__name__}")
         x, y = _pixel_input(x, "x", "column"), _pixel_input(y, "y", "row")
+        include, exclude = core_masks.parse_points(more_points)  # [(x, y)] each, as given
         asked = [x, y]
         index_given, index = index, integer_index(index)
         if index is None or index < 0:
@@ -212,17 +252,25 @@ class MaskSelectAtPixel(io.ComfyNode):
                 "picker shows it; click the picture to pick another pixel.",
                 *asked, W, H, W - 1, H - 1, x, y,
             )
+        picture_hw = None if image is None else tuple(image.shape[1:3])
+        include, exclude = ([_grid_pixel(p, picture_hw, (H, W)) for p in ps] for ps in (include, exclude))
 
         chosen = torch.zeros(len(masks), H, W)  # [B, H, W]
         at_pixel = []
         for b, ms in enumerate(masks):
-            here = core_masks.masks_at_pixel(ms, x, y)  # finest first
+            here = core_masks.masks_at_pixel(ms, x, y, include, exclude)  # finest first
             at_pixel.append(here)
             n = int(here.masks.shape[0])
             if n:
                 chosen[b] = here.masks[min(index, n - 1)].float()
         empty = [b for b, here in enumerate(at_pixel) if here.masks.shape[0] == 0]
-        if empty:  # the MASK output is then all zeros there: an inpainting pass would change nothing
+        if empty and (include or exclude):  # the MASK output is then all zeros there
+            log.warning(
+                "HeadSeg Mask Select: no mask of image(s) %s contains the pixel %d, %d and fits more_points "
+                "(contains %s, leaves out %s), so the mask output is all zeros for them: remove a point.",
+                ", ".join(map(str, empty)), x, y, include or "-", exclude or "-",
+            )
+        elif empty:  # the MASK output is then all zeros there: an inpainting pass would change nothing
             log.warning(
                 "HeadSeg Mask Select: the pixel %d, %d lies in no mask of image(s) %s (Mask Merge's min_area "
                 "dropped the masks there), so the mask output is all zeros for them: lower min_area or pick "
@@ -248,6 +296,8 @@ class MaskSelectAtPixel(io.ComfyNode):
                 {"area": int(a), "k": int(k), "cluster": int(c)}
                 for a, k, c in zip(here.area.tolist(), here.k.tolist(), here.cluster.tolist())
             ],
+            "headseg_points": [[px, py, 1] for px, py in include] + [[px, py, 0] for px, py in exclude],
+            "headseg_points_asked": [more_points],
         }
         return io.NodeOutput(chosen, stack, overlay, count, ui=ui)
 

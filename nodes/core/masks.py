@@ -4,7 +4,8 @@ A MaskSet holds the masks of ONE image, with the cluster count k and the cluster
 each mask. sweep_to_masks stacks the clusters of every k of a sweep (k ascending, then cluster),
 merge_masks folds masks whose IoU reaches a threshold into the first of them (paper section 4.1;
 merge_sweep does the same for a sweep, counting overlaps from its label maps),
-masks_at_pixel lists the masks under a pixel from finest to coarsest (paper figure 1).
+masks_at_pixel lists the masks under a pixel from finest to coarsest (paper figure 1), optionally
+only those that also contain, or do not contain, more pixels (parse_points reads them from text).
 """
 
 from __future__ import annotations
@@ -227,12 +228,44 @@ def _pixel_index(v, n: int, name: str, what: str, side: str) -> int:
     return i
 
 
-def masks_at_pixel(ms: MaskSet, x: int, y: int) -> MaskSet:
-    """All masks containing pixel (x = column, y = row), finest (smallest area) first; ties keep order."""
+def masks_at_pixel(ms: MaskSet, x: int, y: int, include=(), exclude=()) -> MaskSet:
+    """All masks containing pixel (x = column, y = row), finest (smallest area) first; ties keep order.
+
+    include / exclude: more (x, y) pixels that every mask returned must contain / must not contain, e.g.
+    a click on each eye gives the masks of both eyes, and one on the other cat keeps the masks of this one.
+    """
     _check_maskset(ms)
     H, W = ms.size
     x = _pixel_index(x, W, "x", "a column index", "width")
     y = _pixel_index(y, H, "y", "a row index", "height")
-    hit = ms.subset(ms.masks[:, y, x].nonzero().flatten())  # the M' masks with the pixel, stored order
+    keep = ms.masks[:, y, x].clone()  # [M] bool: the masks with the pixel
+    for pixels, wanted, name in ((include, True, "include"), (exclude, False, "exclude")):
+        for i, point in enumerate(pixels):
+            if not isinstance(point, (tuple, list)) or len(point) != 2:
+                raise ValueError(f"{name}[{i}] must be an (x, y) pair, got {point!r}")
+            px = _pixel_index(point[0], W, f"{name}[{i}] x", "a column index", "width")
+            py = _pixel_index(point[1], H, f"{name}[{i}] y", "a row index", "height")
+            keep &= ms.masks[:, py, px] == wanted  # [M]
+    hit = ms.subset(keep.nonzero().flatten())  # the M' masks kept, stored order
     order = torch.argsort(hit.area, stable=True)  # [M'] smallest first
     return hit.subset(order)
+
+
+def parse_points(text, name: str = "more_points") -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """"12,40; -300,200" -> (include [(12, 40)], exclude [(300, 200)]): 'x,y' pairs of pixels separated by
+    ';' or new lines, a leading '-' marking a pixel the masks must not contain; "" -> ([], []).
+    ValueError naming ``name`` for anything else."""
+    if not isinstance(text, str):
+        raise ValueError(f"{name}: expected text such as '12,40; -300,200', got {type(text).__name__}")
+    include, exclude = [], []
+    entries = [e.strip() for e in text.replace("\n", ";").split(";")]
+    for n, entry in enumerate((e for e in entries if e), start=1):
+        negative = entry.startswith("-")
+        parts = [p.strip() for p in (entry[1:] if negative else entry).split(",")]
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise ValueError(
+                f"{name}: expected 'x,y' pixels (whole numbers >= 0) separated by ';', with a leading '-' for a "
+                f"pixel the masks must not contain, e.g. '12,40; -300,200'; entry {n} is {entry!r}"
+            )
+        (exclude if negative else include).append((int(parts[0]), int(parts[1])))
+    return include, exclude

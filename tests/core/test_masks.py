@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from headseg.nodes.core.kmeans import ClusterSweep, KMeansResult
-from headseg.nodes.core.masks import MaskSet, labels_to_masks, masks_at_pixel, merge_masks, merge_sweep, sweep_to_masks
+from headseg.nodes.core.masks import (MaskSet, labels_to_masks, masks_at_pixel, merge_masks, merge_sweep, parse_points,
+                                      sweep_to_masks)
 from headseg.nodes.core.metrics import pairwise_iou
 
 
@@ -192,6 +193,63 @@ def test_masks_at_pixel_matches_brute_force(seed):
         expected = sorted(int(ms.area[i]) for i in range(len(ms)) if bool(ms.masks[i, y, x]))
         assert at.area.tolist() == expected
         assert bool(at.masks[:, y, x].all())
+
+
+def test_masks_at_pixel_with_more_pixels_in_or_out():
+    ms = nested_masks()  # whole (k 1) > left half (k 2) > top-left quarter (k 6) > square (k 20); corner (k 5)
+    before = ms.masks.clone()
+    assert masks_at_pixel(ms, 3, 2, include=[(6, 6)]).k.tolist() == [6, 2, 1]  # the square lacks (6, 6)
+    assert masks_at_pixel(ms, 3, 2, include=[(6, 6), (3, 12)]).k.tolist() == [2, 1]  # (3, 12): half, not quarter
+    assert masks_at_pixel(ms, 3, 2, exclude=[(3, 12)]).k.tolist() == [20, 6]
+    assert masks_at_pixel(ms, 3, 2, include=[(6, 6)], exclude=[(3, 12)]).k.tolist() == [6]
+    assert masks_at_pixel(ms, 3, 2, include=[(12, 2)]).k.tolist() == [1]  # x is the column
+    assert masks_at_pixel(ms, 3, 2, include=[(12, 12)], exclude=[(12, 12)]).k.tolist() == []
+    assert masks_at_pixel(ms, 3, 2, include=[(3, 2)], exclude=[]).k.tolist() == [20, 6, 2, 1]
+    assert torch.equal(ms.masks, before)  # the input is left as it was
+    assert masks_at_pixel(ms, 3, 2).k.tolist() == [20, 6, 2, 1]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_masks_at_pixel_with_more_pixels_matches_brute_force(seed):
+    maps = {k: random_labels(k, seed=seed + k)[None] for k in (2, 4, 9)}
+    ms = merge_masks(sweep_to_masks(make_sweep(maps), 0))
+    g = torch.Generator().manual_seed(seed)
+    H, W = ms.size
+    for _ in range(5):
+        pts = [(int(torch.randint(W, (), generator=g)), int(torch.randint(H, (), generator=g))) for _ in range(4)]
+        (x, y), inc, exc = pts[0], pts[1:2], pts[2:]
+        at = masks_at_pixel(ms, x, y, include=inc, exclude=exc)
+        expected = sorted(
+            int(ms.area[i]) for i in range(len(ms))
+            if bool(ms.masks[i, y, x]) and all(bool(ms.masks[i, b, a]) for a, b in inc)
+            and not any(bool(ms.masks[i, b, a]) for a, b in exc)
+        )
+        assert at.area.tolist() == expected
+
+
+@pytest.mark.parametrize("include, exclude, words", [
+    ([(16, 0)], [], r"^include\[0\] x must"), ([], [(0, 0), (0, 16)], r"^exclude\[1\] y must"),
+    ([(1,)], [], r"^include\[0\] must be an \(x, y\) pair"), ([], ["3,4"], r"^exclude\[0\] must be an \(x, y\) pair"),
+])
+def test_masks_at_pixel_with_bad_more_pixels(include, exclude, words):
+    with pytest.raises(ValueError, match=words):
+        masks_at_pixel(nested_masks(), 3, 2, include=include, exclude=exclude)
+
+
+@pytest.mark.parametrize("text, include, exclude", [
+    ("", [], []), ("  ;\n ", [], []), ("12,40", [(12, 40)], []), ("12,40; -300,200", [(12, 40)], [(300, 200)]),
+    (" 1 , 2 ;\n- 3,4;5,6; ", [(1, 2), (5, 6)], [(3, 4)]),
+])
+def test_parse_points(text, include, exclude):
+    assert parse_points(text) == (include, exclude)
+
+
+@pytest.mark.parametrize("text", ["12", "12,40,3", "a,b", "1.5,2", "12 40", "--1,2", "+1,2", "1,-2"])
+def test_parse_points_refuses_what_is_not_pixels(text):
+    with pytest.raises(ValueError, match="^more_points: expected 'x,y' pixels .* entry 1 is"):
+        parse_points(text)
+    with pytest.raises(ValueError, match="^more_points: expected text"):
+        parse_points(None)
 
 
 @pytest.mark.parametrize("x, y, name", [(-1, 0, "x"), (16, 0, "x"), (0, 16, "y"), (0, -3, "y"), (1.5, 0, "x"), (0, None, "y"), (True, 0, "x")])

@@ -33,6 +33,22 @@ def test_chain_at_pixel_is_the_planted_nesting_finest_first(x, y):
         assert iou(mask, scene.masks[node]) >= 0.9, scene.names[node]
 
 
+@pytest.mark.parametrize("first, second", [((100, 100), (60, 200)), ((60, 200), (180, 150)), ((100, 100), (10, 10))])
+def test_more_pixels_keep_the_planted_regions_holding_both_or_only_the_first(first, second):
+    """include: the planted regions over both pixels (their common ancestors, finest first); exclude:
+    those over the first pixel and not the second (a click on the other object stops the chain below it)."""
+    scene = nested_scene(256, 256)
+    masks = segment(recording([scene], seed=1), components=4, cluster_counts=COUNTS).masks[0]
+    chain, other = scene.chain(*first), scene.chain(*second)
+    for got, want in (
+        (masks_at_pixel(masks, *first, include=[second]), [n for n in chain if n in other]),
+        (masks_at_pixel(masks, *first, exclude=[second]), [n for n in chain if n not in other]),
+    ):
+        assert len(got) == len(want), ([scene.names[i] for i in want], got.area.tolist())
+        for mask, node in zip(got.masks, want):
+            assert iou(mask, scene.masks[node]) >= 0.9, scene.names[node]
+
+
 def test_batch_and_merged_masks():
     scene = nested_scene(128, 128)
     flipped = Scene(scene.masks.flip(1), scene.parent, scene.names)

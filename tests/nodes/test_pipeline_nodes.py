@@ -14,7 +14,7 @@ import logging
 import pytest
 import torch
 
-from headseg.nodes.core.masks import masks_at_pixel
+from headseg.nodes.core.masks import masks_at_pixel, parse_points
 from headseg.nodes.core.metrics import iou
 from headseg.nodes.core.preview import error_map_image
 from headseg.nodes.core.upsample import upsampling_error
@@ -190,10 +190,11 @@ def test_ui_payload_contract(nodes, recording, comfy_folders):
     out, _ = run_chain(nodes, recording, 180, 120, index=0, image=image)
     ui = out.ui
     keys = ("headseg_image", "headseg_size", "headseg_pixel", "headseg_pixel_asked", "headseg_index", "headseg_masks",
-            "headseg_mask_info")  # fmt: skip
+            "headseg_mask_info", "headseg_points", "headseg_points_asked")  # fmt: skip
     assert set(ui) == set(keys)
     assert ui["headseg_size"] == [W, H] and ui["headseg_pixel"] == [180, 120] and ui["headseg_index"] == [0]
     assert ui["headseg_pixel_asked"] == [180, 120]
+    assert ui["headseg_points"] == [] and ui["headseg_points_asked"] == [""]
     count = out.args[3]
     assert len(ui["headseg_masks"]) == len(ui["headseg_mask_info"]) == count
     areas = [m["area"] for m in ui["headseg_mask_info"]]
@@ -498,6 +499,55 @@ def test_pixel_of_a_larger_picture_outside_the_masks_is_mapped(nodes, recording,
     assert outside.ui["headseg_pixel"] == [W - 1, 0] and outside.ui["headseg_pixel_asked"] == [3 * W, 0]
     (said,) = [r.getMessage() for r in caplog.records]
     assert "nearest pixel of the grid is used" in said and "read as a pixel of the image" not in said
+
+
+def test_more_points_keep_the_planted_regions_holding_them_or_not(nodes, scene, recording, caplog):
+    """Head and body of the planted cat: with the body too, the cat and the foreground (not the head);
+    leaving the ball out keeps the cat; leaving the body out, the head alone. For every image of the batch."""
+    masks = masks_of(nodes, recording, "2,3,4")
+    head, body, ball = (87, 71), (60, 150), (180, 120)
+    names = {n: i for i, n in enumerate(scene.names)}
+    for more, want in [
+        (f"{body[0]},{body[1]}", ["cat", "foreground"]),
+        (f"-{ball[0]},{ball[1]}", ["head", "cat"]),
+        (f" {body[0]} , {body[1]} ; -{ball[0]},{ball[1]} ", ["cat"]),
+        (f"-{body[0]},{body[1]}", ["head"]),
+    ]:
+        assert [n for n in want if n in scene.names] == want, scene.names
+        out = nodes.MaskSelectAtPixel.execute(masks, *head, 1, None, more)
+        chosen, at_pixel, _, count = out.args
+        assert count == len(want), (more, count)
+        for m, name in zip(at_pixel, want):
+            assert iou(m > 0.5, scene.masks[names[name]]) >= 0.95, (more, name)
+        for b in range(2):  # index 1 of each image's own narrowed list (past its end: the last)
+            inc, exc = parse_points(more)
+            here = masks_at_pixel(masks[b], *head, include=inc, exclude=exc)
+            assert torch.equal(chosen[b].bool(), here.masks[min(1, len(here) - 1)]), (more, b)
+        assert out.ui["headseg_points_asked"] == [more]
+    out = nodes.MaskSelectAtPixel.execute(masks, *head, 0, None, f"{body[0]},{body[1]};-{ball[0]},{ball[1]}")
+    assert out.ui["headseg_points"] == [[*body, 1], [*ball, 0]]
+    with caplog.at_level("WARNING", logger="HeadSeg"):  # nothing left: zeros, and the log says which points
+        none = nodes.MaskSelectAtPixel.execute(masks, *head, 0, None, f"{ball[0]},{ball[1]}; -{body[0]},{body[1]}")
+    assert none.args[3] == 0 and not bool(none.args[0].any())
+    assert any("fits more_points" in r.getMessage() and "remove a point" in r.getMessage() for r in caplog.records)
+
+
+def test_more_points_of_a_larger_picture_are_mapped_and_past_the_grid_moved(nodes, recording):
+    masks = masks_of(nodes, recording)
+    picture = torch.rand(1, 2 * H, 2 * W, 3)
+    out = nodes.MaskSelectAtPixel.execute(masks, 10, 10, 0, picture, f"{W + 20},{H + 40}; -{3 * W},5")
+    assert out.ui["headseg_points"] == [[(W + 20) // 2, (H + 40) // 2, 1], [W - 1, 5, 0]]
+    plain = nodes.MaskSelectAtPixel.execute(masks, 10, 10, 0, None, f"{W + 20},{H + 40}")  # no picture: moved
+    assert plain.ui["headseg_points"] == [[W - 1, H - 1, 1]]
+
+
+@pytest.mark.parametrize("text", ["12", "a,b", "1,2,3", "1.5,2", "1;2"])
+def test_malformed_more_points_are_refused_when_queued_and_at_run_time(nodes, recording, text):
+    said = nodes.MaskSelectAtPixel.validate_inputs(more_points=text)
+    assert isinstance(said, str) and said.startswith("more_points: expected 'x,y' pixels"), said
+    assert nodes.MaskSelectAtPixel.validate_inputs(more_points="1,2; -3,4") is True
+    with pytest.raises(ValueError, match="^more_points: expected 'x,y' pixels"):
+        nodes.MaskSelectAtPixel.execute(masks_of(nodes, recording), 1, 1, 0, None, text)
 
 
 def masks_of(nodes, recording, counts="2,5"):
