@@ -1,6 +1,8 @@
 // HeadSeg front end: click-to-pick pixel picker and mask browser for HeadSeg_MaskSelectAtPixel,
 // a result line on the other HeadSeg nodes (with the k of each multi-k colour map), and tolerant
-// loading of older widget layouts.
+// loading of older widget layouts. Shared helpers are in styles.js, dom_helpers.js and
+// graph_helpers.js: ComfyUI imports every .js file of this folder as an extension module, so those
+// only export.
 //
 // UI payload read from HeadSeg_MaskSelectAtPixel (every key optional, see js/docs):
 //   headseg_image     [ref]          picture the picker shows (any size, same aspect ratio)
@@ -15,76 +17,29 @@
 // where ref = {filename, subfolder, type} as served by /view.
 
 import { app } from "../../scripts/app.js";
-import { api } from "../../scripts/api.js";
+import { el, fileUrl } from "./dom_helpers.js";
+import {
+  SUBGRAPH_OUTPUT_ID,
+  graphLink,
+  inWorkflow,
+  inputOrigin,
+  isLinked,
+  outputKey,
+  recordChange,
+  setWidget,
+  storedOutput,
+  widget,
+} from "./graph_helpers.js";
+import { PICKER_MIN_HEIGHT, addStyle } from "./styles.js";
 
 const PICKER_NODE = "HeadSeg_MaskSelectAtPixel";
 const AXES = [["x", 0], ["y", 1]]; // widget name, index in a [x, y] pixel
 const PICKER_WIDGET = "headseg_picker";
 const NOTE_WIDGET = "headseg_note";
-const PICKER_MIN_HEIGHT = 200; // px: picture + info line + thumbnail strip
 const NO_IMAGE_TEXT =
   "No image yet: connect an image (e.g. Load Image) to 'image' or queue the workflow, then click here to pick a pixel.";
 const LINKED_NO_PREVIEW_TEXT =
   "The picture comes from a node that shows no preview here (or from outside this subgraph): queue the workflow once, then click here to pick a pixel.";
-const STYLE_ID = "headseg-style";
-
-const CSS = `
-.headseg-picker { display: flex; flex-direction: column; gap: 4px; box-sizing: border-box;
-  width: 100%; height: 100%; min-height: ${PICKER_MIN_HEIGHT}px; font: 11px sans-serif; color: var(--input-text, #ddd); overflow: hidden; }
-.headseg-stage { position: relative; flex: 1 1 auto; min-height: 60px; display: flex;
-  align-items: center; justify-content: center; overflow: hidden;
-  background: var(--comfy-input-bg, #222); border-radius: 4px; }
-.headseg-frame { position: relative; flex: none; cursor: crosshair; }
-.headseg-frame img { position: absolute; inset: 0; width: 100%; height: 100%; display: block;
-  user-select: none; -webkit-user-drag: none; pointer-events: none; }
-.headseg-frame img.headseg-hover { display: none; }
-.headseg-frame.headseg-hovering img.headseg-hover { display: block; }
-.headseg-marker { position: absolute; width: 0; height: 0; pointer-events: none; display: none; }
-.headseg-marker::before, .headseg-marker::after { content: ""; position: absolute; background: #ff2d55;
-  box-shadow: 0 0 0 1px rgba(255, 255, 255, 0.85); }
-.headseg-marker::before { left: -9px; top: -1px; width: 18px; height: 2px; }
-.headseg-marker::after { left: -1px; top: -9px; width: 2px; height: 18px; }
-.headseg-message { padding: 8px; text-align: center; opacity: 0.75; line-height: 1.4; }
-.headseg-info { flex: none; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; opacity: 0.85; }
-.headseg-strip { flex: none; display: flex; gap: 4px; overflow-x: auto; overflow-y: hidden; height: 62px; }
-.headseg-strip:empty { display: none; }
-.headseg-strip.headseg-stale { opacity: 0.45; }
-.headseg-thumb { flex: none; position: relative; height: 52px; padding: 0; margin: 0; cursor: pointer;
-  border: 2px solid transparent; border-radius: 3px; background: #111; }
-.headseg-thumb img { height: 100%; display: block; pointer-events: none; }
-.headseg-thumb span { position: absolute; left: 2px; bottom: 1px; font-size: 10px; color: #fff;
-  text-shadow: 0 0 2px #000; pointer-events: none; }
-.headseg-thumb.headseg-selected { border-color: #ff2d55; }
-.headseg-note { box-sizing: border-box; width: 100%; height: 100%; overflow: hidden; padding: 2px 4px;
-  font: 11px sans-serif; line-height: 1.35; white-space: pre-line; color: var(--input-text, #ddd);
-  opacity: 0.85; }
-`;
-
-function addStyle() {
-  if (document.getElementById(STYLE_ID)) return;
-  const style = document.createElement("style");
-  style.id = STYLE_ID;
-  style.textContent = CSS;
-  document.head.appendChild(style);
-}
-
-function el(tag, className, parent) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (parent) parent.appendChild(node);
-  return node;
-}
-
-/** URL of a server file reference {filename, subfolder, type}; null when it is not one. */
-function fileUrl(ref) {
-  if (!ref || typeof ref !== "object" || typeof ref.filename !== "string") return null;
-  const params = new URLSearchParams({
-    filename: ref.filename,
-    subfolder: typeof ref.subfolder === "string" ? ref.subfolder : "",
-    type: typeof ref.type === "string" ? ref.type : "output",
-  });
-  return api.apiURL(`/view?${params}`);
-}
 
 /** A positive integer pair [W, H] from a payload value, else null. */
 function sizePair(value) {
@@ -99,92 +54,8 @@ function finiteOr(value, fallback) {
   return Number.isFinite(n) ? n : fallback;
 }
 
-/** The key ComfyUI keeps a node's outputs under: its id, prefixed by its subgraph's id inside one. */
-function outputKey(node) {
-  const graph = node.graph;
-  const inSubgraph = graph && graph.isRootGraph === false && graph.id != null;
-  return inSubgraph ? `${graph.id}:${node.id}` : String(node.id);
-}
-
-/** The last UI payload ComfyUI keeps for ``node`` (restores a node rebuilt by undo). */
-function storedOutput(node) {
-  const out = app.nodeOutputs?.[outputKey(node)];
-  return out && typeof out === "object" ? out : null;
-}
-
-/** Lets ComfyUI's undo history and unsaved-changes mark see an edit made outside its own widgets. */
-function recordChange() {
-  app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
-}
-
 // A picker whose node has been out of the workflow this long (ms) goes (see Picker.dropIfGone).
 const OUTSIDE_GRACE_MS = 1500;
-const SUBGRAPH_INPUT_ID = -10; // LiteGraph's origin id for links that start at a subgraph's input
-const SUBGRAPH_OUTPUT_ID = -20; // ... and target id for links that end at a subgraph's output
-
-/** The node that feeds input ``slot`` of ``node``, followed back through legacy Reroute nodes and out
- * through the inputs of the subgraphs it sits in (when a subgraph has exactly one node using it); null
- * when there is none. */
-function inputOrigin(node, slot, depth = 0) {
-  const graph = node?.graph;
-  const linkId = node?.inputs?.[slot]?.link;
-  if (!graph || linkId == null || depth > 16) return null;
-  const link = graphLink(graph, linkId);
-  if (!link) return null;
-  if (link.origin_id !== SUBGRAPH_INPUT_ID) {
-    const origin = graph.getNodeById(link.origin_id);
-    // a Reroute node (the front end's own, not in the prompt) passes on what its one input gets
-    return origin?.type === "Reroute" ? inputOrigin(origin, 0, depth + 1) : origin;
-  }
-  const users = subgraphNodesOf(graph);
-  return users.length === 1 ? inputOrigin(users[0], link.origin_slot, depth + 1) : null;
-}
-
-/** Link ``id`` of ``graph`` (a Map in current frontends, a plain object in older ones), or undefined. */
-function graphLink(graph, id) {
-  const links = graph?._links ?? graph?.links;
-  return links instanceof Map ? links.get(id) : links?.[id];
-}
-
-/** Whether ``node`` belongs to the open workflow: its root graph, or a subgraph it defines that a
- * subgraph node uses (a deleted subgraph node's definition stays behind). */
-function inWorkflow(node) {
-  const graph = node.graph;
-  if (!graph || graph.getNodeById?.(node.id) !== node) return false;
-  const root = graph.rootGraph ?? graph;
-  if (root !== app.graph) return false;
-  if (graph === root) return true;
-  return root.subgraphs?.get?.(graph.id) === graph && subgraphNodesOf(graph).length > 0;
-}
-
-/** The subgraph nodes, anywhere in the workflow, whose inside is ``graph``. */
-function subgraphNodesOf(graph) {
-  const root = graph.rootGraph ?? app.graph;
-  const graphs = [root, ...(root?.subgraphs?.values?.() ?? [])];
-  return graphs.flatMap((g) => (g?.nodes ?? []).filter((n) => n.isSubgraphNode?.() && n.subgraph === graph));
-}
-
-/** Whether input ``name`` of ``node`` is fed by a link (a widget converted to an input). */
-function isLinked(node, name) {
-  return node.inputs?.some((i) => i.name === name && i.link != null) ?? false;
-}
-
-function widget(node, name) {
-  return node.widgets?.find((w) => w.name === name);
-}
-
-/** Sets a widget the way a user edit would: value, its callback, a redraw. */
-function setWidget(node, name, value) {
-  const w = widget(node, name);
-  if (!w) return false;
-  const old = w.value;
-  w.value = value;
-  w.callback?.(w.value, app.canvas, node);
-  node.onWidgetChanged?.(name, w.value, old, w);
-  node.setDirtyCanvas?.(true, true);
-  node.graph?.change?.();
-  return true;
-}
 
 /**
  * Maps a pointer position to an image pixel.

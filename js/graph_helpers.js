@@ -1,0 +1,91 @@
+// HeadSeg front end: reading and editing ComfyUI's graph (links, subgraphs, widgets, the outputs
+// ComfyUI keeps, the undo history), shared by the picker, the note line and the error_map
+// migration. Only exports: ComfyUI loads every .js file here as an extension module.
+
+import { app } from "../../scripts/app.js";
+
+export const SUBGRAPH_INPUT_ID = -10; // LiteGraph's origin id for links that start at a subgraph's input
+export const SUBGRAPH_OUTPUT_ID = -20; // ... and target id for links that end at a subgraph's output
+
+/** The key ComfyUI keeps a node's outputs under: its id, prefixed by its subgraph's id inside one. */
+export function outputKey(node) {
+  const graph = node.graph;
+  const inSubgraph = graph && graph.isRootGraph === false && graph.id != null;
+  return inSubgraph ? `${graph.id}:${node.id}` : String(node.id);
+}
+
+/** The last UI payload ComfyUI keeps for ``node`` (restores a node rebuilt by undo). */
+export function storedOutput(node) {
+  const out = app.nodeOutputs?.[outputKey(node)];
+  return out && typeof out === "object" ? out : null;
+}
+
+/** Lets ComfyUI's undo history and unsaved-changes mark see an edit made outside its own widgets. */
+export function recordChange() {
+  app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
+}
+
+/** The node that feeds input ``slot`` of ``node``, followed back through legacy Reroute nodes and out
+ * through the inputs of the subgraphs it sits in (when a subgraph has exactly one node using it); null
+ * when there is none. */
+export function inputOrigin(node, slot, depth = 0) {
+  const graph = node?.graph;
+  const linkId = node?.inputs?.[slot]?.link;
+  if (!graph || linkId == null || depth > 16) return null;
+  const link = graphLink(graph, linkId);
+  if (!link) return null;
+  if (link.origin_id !== SUBGRAPH_INPUT_ID) {
+    const origin = graph.getNodeById(link.origin_id);
+    // a Reroute node (the front end's own, not in the prompt) passes on what its one input gets
+    return origin?.type === "Reroute" ? inputOrigin(origin, 0, depth + 1) : origin;
+  }
+  const users = subgraphNodesOf(graph);
+  return users.length === 1 ? inputOrigin(users[0], link.origin_slot, depth + 1) : null;
+}
+
+/** Link ``id`` of ``graph`` (a Map in current frontends, a plain object in older ones), or undefined. */
+export function graphLink(graph, id) {
+  const links = graph?._links ?? graph?.links;
+  return links instanceof Map ? links.get(id) : links?.[id];
+}
+
+/** Whether ``node`` belongs to the open workflow: its root graph, or a subgraph it defines that a
+ * subgraph node uses (a deleted subgraph node's definition stays behind). */
+export function inWorkflow(node) {
+  const graph = node.graph;
+  if (!graph || graph.getNodeById?.(node.id) !== node) return false;
+  const root = graph.rootGraph ?? graph;
+  if (root !== app.graph) return false;
+  if (graph === root) return true;
+  return root.subgraphs?.get?.(graph.id) === graph && subgraphNodesOf(graph).length > 0;
+}
+
+/** The subgraph nodes, anywhere in the workflow, whose inside is ``graph``. */
+export function subgraphNodesOf(graph) {
+  const root = graph.rootGraph ?? app.graph;
+  const graphs = [root, ...(root?.subgraphs?.values?.() ?? [])];
+  return graphs.flatMap((g) => (g?.nodes ?? []).filter((n) => n.isSubgraphNode?.() && n.subgraph === graph));
+}
+
+/** Whether input ``name`` of ``node`` is fed by a link (a widget converted to an input). */
+export function isLinked(node, name) {
+  return node.inputs?.some((i) => i.name === name && i.link != null) ?? false;
+}
+
+/** Widget ``name`` of ``node``, or undefined. */
+export function widget(node, name) {
+  return node.widgets?.find((w) => w.name === name);
+}
+
+/** Sets a widget the way a user edit would: value, its callback, a redraw. */
+export function setWidget(node, name, value) {
+  const w = widget(node, name);
+  if (!w) return false;
+  const old = w.value;
+  w.value = value;
+  w.callback?.(w.value, app.canvas, node);
+  node.onWidgetChanged?.(name, w.value, old, w);
+  node.setDirtyCanvas?.(true, true);
+  node.graph?.change?.();
+  return true;
+}

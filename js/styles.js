@@ -1,0 +1,46 @@
+// HeadSeg front end: the stylesheet of the picker (Mask Select At Pixel) and of the note line (the
+// other HeadSeg nodes), added to the page once. Only exports: ComfyUI loads every .js file here as
+// an extension module.
+
+export const PICKER_MIN_HEIGHT = 200; // px: picture + info line + thumbnail strip
+const STYLE_ID = "headseg-style";
+
+const CSS = `
+.headseg-picker { display: flex; flex-direction: column; gap: 4px; box-sizing: border-box;
+  width: 100%; height: 100%; min-height: ${PICKER_MIN_HEIGHT}px; font: 11px sans-serif; color: var(--input-text, #ddd); overflow: hidden; }
+.headseg-stage { position: relative; flex: 1 1 auto; min-height: 60px; display: flex;
+  align-items: center; justify-content: center; overflow: hidden;
+  background: var(--comfy-input-bg, #222); border-radius: 4px; }
+.headseg-frame { position: relative; flex: none; cursor: crosshair; }
+.headseg-frame img { position: absolute; inset: 0; width: 100%; height: 100%; display: block;
+  user-select: none; -webkit-user-drag: none; pointer-events: none; }
+.headseg-frame img.headseg-hover { display: none; }
+.headseg-frame.headseg-hovering img.headseg-hover { display: block; }
+.headseg-marker { position: absolute; width: 0; height: 0; pointer-events: none; display: none; }
+.headseg-marker::before, .headseg-marker::after { content: ""; position: absolute; background: #ff2d55;
+  box-shadow: 0 0 0 1px rgba(255, 255, 255, 0.85); }
+.headseg-marker::before { left: -9px; top: -1px; width: 18px; height: 2px; }
+.headseg-marker::after { left: -1px; top: -9px; width: 2px; height: 18px; }
+.headseg-message { padding: 8px; text-align: center; opacity: 0.75; line-height: 1.4; }
+.headseg-info { flex: none; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; opacity: 0.85; }
+.headseg-strip { flex: none; display: flex; gap: 4px; overflow-x: auto; overflow-y: hidden; height: 62px; }
+.headseg-strip:empty { display: none; }
+.headseg-strip.headseg-stale { opacity: 0.45; }
+.headseg-thumb { flex: none; position: relative; height: 52px; padding: 0; margin: 0; cursor: pointer;
+  border: 2px solid transparent; border-radius: 3px; background: #111; }
+.headseg-thumb img { height: 100%; display: block; pointer-events: none; }
+.headseg-thumb span { position: absolute; left: 2px; bottom: 1px; font-size: 10px; color: #fff;
+  text-shadow: 0 0 2px #000; pointer-events: none; }
+.headseg-thumb.headseg-selected { border-color: #ff2d55; }
+.headseg-note { box-sizing: border-box; width: 100%; height: 100%; overflow: hidden; padding: 2px 4px;
+  font: 11px sans-serif; line-height: 1.35; white-space: pre-line; color: var(--input-text, #ddd);
+  opacity: 0.85; }
+`;
+
+export function addStyle() {
+  if (document.getElementById(STYLE_ID)) return;
+  const style = document.createElement("style");
+  style.id = STYLE_ID;
+  style.textContent = CSS;
+  document.head.appendChild(style);
+}
