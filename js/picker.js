@@ -1,0 +1,358 @@
+// HeadSeg front end: the picker + mask browser of one HeadSeg_MaskSelectAtPixel node (class Picker):
+// the picture to click on, the cross on the chosen pixel, an info line and a strip of mask
+// thumbnails. The node type is hooked up to it in picker_node.js. Only exports: ComfyUI loads every
+// .js file here as an extension module.
+//
+// UI payload read from HeadSeg_MaskSelectAtPixel (every key optional, see js/docs):
+//   headseg_image     [ref]          picture the picker shows (any size, same aspect ratio)
+//   headseg_size      [W, H]         pixel grid that x / y refer to (the masks' resolution)
+//   headseg_pixel     [x, y]         pixel the masks below were computed for
+//   headseg_pixel_asked [x, y]       the x / y inputs of that run (differ when a pixel picked on the
+//                                    picture before the first run was mapped onto the masks' grid, or
+//                                    a pixel past its right / bottom edge moved to the nearest one)
+//   headseg_index     [i]            index the MASK output carries
+//   headseg_masks     [ref, ...]     overlay picture of each mask containing the pixel, finest first
+//   headseg_mask_info [{area, k, cluster}, ...]
+// where ref = {filename, subfolder, type} as served by /view.
+
+import { app } from "../../scripts/app.js";
+import { el, fileUrl } from "./dom_helpers.js";
+import { inWorkflow, inputOrigin, isLinked, outputKey, recordChange, setWidget, storedOutput, widget } from "./graph_helpers.js";
+import { trackPicker } from "./live_pickers.js";
+import * as pixels from "./picker_pixels.js";
+import { addStyle } from "./styles.js";
+
+const NO_IMAGE_TEXT =
+  "No image yet: connect an image (e.g. Load Image) to 'image' or queue the workflow, then click here to pick a pixel.";
+const LINKED_NO_PREVIEW_TEXT =
+  "The picture comes from a node that shows no preview here (or from outside this subgraph): queue the workflow once, then click here to pick a pixel.";
+
+// A picker whose node has been out of the workflow this long (ms) goes (see Picker.dropIfGone).
+const OUTSIDE_GRACE_MS = 1500;
+
+/** The picker + mask browser of one HeadSeg_MaskSelectAtPixel node. */
+export class Picker {
+  constructor(node) {
+    this.node = node;
+    this.output = null; // last UI payload
+    this.src = null; // picture shown
+    this.size = null; // [W, H] the widgets refer to
+    this.upstreamSrc = null;
+    this.shown = {};
+
+    addStyle();
+    // widget-expands: in the Vue node renderer ("Nodes 2.0") the widget then takes the node's free height
+    const root = (this.root = el("div", "headseg-picker widget-expands"));
+    const stage = (this.stage = el("div", "headseg-stage", root));
+    this.frame = el("div", "headseg-frame", stage);
+    this.img = el("img", "headseg-base", this.frame);
+    this.img.alt = "";
+    this.hoverImg = el("img", "headseg-hover", this.frame);
+    this.hoverImg.alt = "";
+    this.marker = el("div", "headseg-marker", this.frame);
+    this.message = el("div", "headseg-message", stage);
+    this.message.textContent = NO_IMAGE_TEXT;
+    this.info = el("div", "headseg-info", root);
+    this.strip = el("div", "headseg-strip", root);
+    this.frame.style.display = "none";
+
+    this.img.addEventListener("load", () => this.onImageLoad());
+    this.img.addEventListener("error", () => this.showMessage("Could not load the picture."));
+    this.frame.addEventListener("pointerdown", (e) => this.onPointerDown(e));
+    // The wheel zooms the canvas, as over the rest of the node (a DOM widget would swallow it).
+    root.addEventListener("wheel", (e) => this.forwardWheel(e), { passive: false });
+    if (typeof ResizeObserver !== "undefined") {
+      this.resizeObserver = new ResizeObserver(() => this.layout());
+      this.resizeObserver.observe(stage);
+    }
+    this.updateInfo();
+  }
+
+  destroy() {
+    this.resizeObserver?.disconnect();
+    trackPicker(this, false);
+    this.root.dataset.dead = "1"; // a renderer that keeps showing it lets the node's next picker take its place
+  }
+
+  /** The Vue node renderer ("Nodes 2.0") can keep showing the element of the picker that an undo
+   * replaced and never show this one: this picker then takes that element's place. */
+  takeOverDeadElement() {
+    if (this.root.isConnected) return;
+    const key = outputKey(this.node);
+    for (const old of document.querySelectorAll(".headseg-picker[data-dead='1']")) {
+      if (old.dataset.key === key) {
+        old.replaceWith(this.root);
+        this.layout();
+        return;
+      }
+    }
+  }
+
+  showMessage(text) {
+    this.message.textContent = text;
+    this.message.style.display = "";
+    this.frame.style.display = "none";
+  }
+
+  /** Picture from the last run, else the upstream node's preview (e.g. Load Image). */
+  refreshSource() {
+    const ref = this.output?.headseg_image?.[0] ?? this.output?.images?.[0];
+    const own = fileUrl(ref);
+    if (own) {
+      this.setSource(own, pixels.sizePair(this.output?.headseg_size));
+      return;
+    }
+    const up = this.upstreamPreview();
+    if (up) {
+      this.setSource(up, null);
+    } else if (!this.src) {
+      this.showMessage(this.noImageText());
+    }
+  }
+
+  /** What to say while there is no picture: connect one, or (connected) queue once to see it. */
+  noImageText() {
+    return isLinked(this.node, "image") ? LINKED_NO_PREVIEW_TEXT : NO_IMAGE_TEXT;
+  }
+
+  upstreamPreview() {
+    const node = this.node;
+    const slot = node.inputs?.findIndex((i) => i.name === "image") ?? -1;
+    if (slot < 0 || node.inputs[slot].link == null) return null;
+    const origin = inputOrigin(node, slot);
+    const img = origin?.imgs?.[origin.imageIndex ?? 0] ?? origin?.imgs?.[0];
+    return img?.src || null;
+  }
+
+  setSource(src, size) {
+    this.sizeFromPayload = size;
+    if (src === this.src) {
+      if (size) this.size = size;
+      this.layout();
+      return;
+    }
+    this.src = src;
+    this.size = size; // may be null until the picture loads
+    this.img.src = src;
+  }
+
+  onImageLoad() {
+    const { naturalWidth: w, naturalHeight: h } = this.img;
+    if (!(w > 0 && h > 0)) return;
+    this.natural = [w, h];
+    if (!this.sizeFromPayload) this.size = [w, h];
+    this.message.style.display = "none";
+    this.frame.style.display = "";
+    this.layout();
+    this.sync(true);
+  }
+
+  /** Fits the frame (= displayed picture) inside the stage, keeping the aspect ratio. */
+  layout() {
+    const aspect = this.size ?? this.natural;
+    if (!aspect) return;
+    const sw = this.stage.clientWidth;
+    const sh = this.stage.clientHeight;
+    if (!(sw > 0 && sh > 0)) return;
+    const fit = Math.min(sw / aspect[0], sh / aspect[1]);
+    this.frame.style.width = `${Math.max(1, Math.floor(aspect[0] * fit))}px`;
+    this.frame.style.height = `${Math.max(1, Math.floor(aspect[1] * fit))}px`;
+    this.updateMarker();
+  }
+
+  forwardWheel(e) {
+    const canvas = app.canvas?.canvas;
+    if (!canvas || e.target?.closest?.(".headseg-strip")) return; // the strip scrolls sideways
+    e.preventDefault();
+    e.stopPropagation();
+    canvas.dispatchEvent(new WheelEvent(e.type, e));
+  }
+
+  onPointerDown(e) {
+    if (e.button !== 0 || !this.size) return;
+    const p = pixels.clientToPixel(e.clientX, e.clientY, this.frame.getBoundingClientRect(), this.size);
+    if (!p) return;
+    e.preventDefault();
+    e.stopPropagation();
+    if (isLinked(this.node, "x") || isLinked(this.node, "y")) {
+      this.info.textContent = "x / y come from a link: clicks do not change them";
+      return;
+    }
+    setWidget(this.node, "x", p.x);
+    setWidget(this.node, "y", p.y);
+    this.sync(true);
+    recordChange(); // one undo step per pick (the pointerdown handled here sends no mouseup)
+  }
+
+  /** The pixel the widgets ask for, weighed against the last run (picker_pixels.js). */
+  currentPixel() {
+    return pixels.currentPixel(this.node, this.output);
+  }
+
+  updateMarker() {
+    const p = this.currentPixel();
+    if (!p || !this.size || p.x < 0 || p.y < 0 || p.x >= this.size[0] || p.y >= this.size[1]) {
+      this.marker.style.display = "none";
+      return;
+    }
+    this.marker.style.display = "block";
+    this.marker.style.left = `${((p.x + 0.5) / this.size[0]) * 100}%`;
+    this.marker.style.top = `${((p.y + 0.5) / this.size[1]) * 100}%`;
+  }
+
+  /** Payload pixel differs from the widgets: thumbnails are for another pixel. */
+  isStale() {
+    return pixels.isStale(this.node, this.output);
+  }
+
+  updateInfo() {
+    const p = this.currentPixel();
+    const parts = [];
+    if (p) parts.push(`x ${p.x}, y ${p.y}`);
+    if (this.size) parts.push(`${this.size[0]}×${this.size[1]}`);
+    const n = this.masks().filter((ref) => fileUrl(ref)).length;
+    if (n) {
+      parts.push(`${n} mask${n === 1 ? "" : "s"} here`);
+      if (this.isStale()) parts.push("queue to update the masks");
+    } else if (this.output && Array.isArray(this.output.headseg_masks) && !this.isStale()) {
+      parts.push("no mask contains this pixel");
+    } else if (this.src) {
+      parts.push(this.isStale() ? "queue to see the masks here" : "click the picture to pick a pixel");
+    }
+    this.info.textContent = parts.join(" · ");
+  }
+
+  masks() {
+    const out = this.output;
+    if (!out) return [];
+    if (Array.isArray(out.headseg_masks)) return out.headseg_masks;
+    if (!out.headseg_image && Array.isArray(out.images)) return out.images.slice(1);
+    return [];
+  }
+
+  buildStrip() {
+    // a thumbnail removed under the pointer gets no pointerleave: its mask would stay over the picture
+    this.hover(null);
+    this.strip.replaceChildren();
+    const info = Array.isArray(this.output?.headseg_mask_info) ? this.output.headseg_mask_info : [];
+    this.masks().forEach((ref, i) => {
+      const url = fileUrl(ref);
+      if (!url) return;
+      const button = el("button", "headseg-thumb", this.strip);
+      button.type = "button";
+      button.dataset.index = String(i);
+      const meta = info[i] ?? {};
+      const details = [`mask ${i}`];
+      if (Number.isFinite(meta.area)) details.push(`${meta.area} px`);
+      if (Number.isFinite(meta.k)) details.push(`k=${meta.k}, cluster ${meta.cluster}`);
+      button.title = `${details.join(" · ")} — click to output this mask`;
+      button.setAttribute("aria-label", details.join(", ")); // else read as "mask 0 0" (alt + number)
+      const img = el("img", null, button);
+      img.alt = `mask ${i}`;
+      img.src = url;
+      el("span", null, button).textContent = String(i);
+      button.addEventListener("pointerenter", () => this.hover(url));
+      button.addEventListener("pointerleave", () => this.hover(null));
+      button.addEventListener("click", (e) => {
+        e.preventDefault();
+        e.stopPropagation();
+        if (this.isStale()) return; // these thumbnails belong to the previous pixel: queue first
+        setWidget(this.node, "index", i);
+        this.sync(true);
+        recordChange();
+      });
+    });
+  }
+
+  hover(url) {
+    if (url) {
+      this.hoverImg.src = url;
+      this.frame.classList.add("headseg-hovering");
+    } else {
+      this.frame.classList.remove("headseg-hovering");
+    }
+  }
+
+  /** Brings the DOM in line with the widgets; cheap when nothing changed. */
+  sync(force = false) {
+    const p = this.currentPixel();
+    const index = Number(widget(this.node, "index")?.value);
+    const key = `${p?.x},${p?.y},${index},${this.size}`;
+    if (!force && key === this.shown.key) return;
+    this.shown.key = key;
+    this.updateMarker();
+    this.updateInfo();
+    const stale = this.isStale();
+    this.strip.classList.toggle("headseg-stale", stale);
+    const n = this.strip.children.length;
+    const chosen = n ? Math.min(index, n - 1) : index; // an index past the last mask outputs the coarsest
+    for (const b of this.strip.children) {
+      const selected = Number(b.dataset.index) === chosen;
+      b.classList.toggle("headseg-selected", selected);
+      // the outline and the faded strip say so to the eye only
+      b.setAttribute("aria-pressed", String(selected));
+      b.setAttribute("aria-disabled", String(stale)); // a click is ignored until the next run
+    }
+  }
+
+  onExecuted(output) {
+    if (!output || typeof output !== "object") return;
+    this.output = output;
+    this.adoptMappedPixel();
+    this.refreshSource();
+    this.buildStrip();
+    this.sync(true);
+  }
+
+  /** Widgets that still ask for a pixel the run mapped onto the masks' grid take the pixel it used
+   * (picker_pixels.js). */
+  adoptMappedPixel() {
+    pixels.adoptMappedPixel(this.node, this.output);
+  }
+
+  /** A node inside a subgraph gets no onRemoved when the whole workflow is cleared or replaced, or
+   * its subgraph node deleted: once it has been out of the workflow for a while, its picker goes.
+   * True when it went. Run by the slow timer only: a node the canvas draws is in the workflow. */
+  dropIfGone() {
+    if (!this.node.graph) return false;
+    const now = performance.now();
+    this.outsideSince = inWorkflow(this.node) ? null : (this.outsideSince ?? now);
+    if (this.outsideSince === null || now - this.outsideSince <= OUTSIDE_GRACE_MS) return false;
+    this.destroy();
+    this.root.remove();
+    return true;
+  }
+
+  /** Called on every canvas draw of the node and by the slow timer: follows upstream previews and
+   * widget edits. */
+  tick() {
+    if (!this.node.graph) return;
+    const id = String(this.node.id);
+    if (this.root.dataset.nodeId !== id) this.root.dataset.nodeId = id;
+    const key = outputKey(this.node);
+    if (this.root.dataset.key !== key) this.root.dataset.key = key;
+    this.takeOverDeadElement();
+    if (!this.output) {
+      const stored = storedOutput(this.node);
+      if (stored?.headseg_pixel || stored?.headseg_image) {
+        this.onExecuted(stored); // the node was rebuilt (undo)
+        return;
+      }
+      const up = this.upstreamPreview();
+      if (up !== this.upstreamSrc) {
+        this.upstreamSrc = up;
+        if (up) this.setSource(up, null);
+        else {
+          this.src = null;
+          this.size = null;
+          this.natural = null;
+          this.img.removeAttribute("src");
+          this.showMessage(this.noImageText());
+        }
+      } else if (!up && !this.src && this.message.textContent !== this.noImageText()) {
+        this.showMessage(this.noImageText()); // the image input was linked or unlinked
+      }
+    }
+    this.sync(false);
+  }
+}

@@ -1,0 +1,61 @@
+// HeadSeg front end: hooks the HeadSeg_MaskSelectAtPixel node type up to its picker (picker.js): a
+// DOM widget on each node, run results passed on, the canvas draw and graph membership followed.
+// Only exports: ComfyUI loads every .js file here as an extension module.
+
+import { trackPicker } from "./live_pickers.js";
+import { Picker } from "./picker.js";
+import { PICKER_MIN_HEIGHT } from "./styles.js";
+
+const PICKER_WIDGET = "headseg_picker";
+
+/** Gives each node of ``nodeType`` (HeadSeg_MaskSelectAtPixel) a picker in a DOM widget, and passes
+ * it the node's runs, canvas draws, and its joining and leaving a graph. */
+export function setupPicker(nodeType) {
+  const onNodeCreated = nodeType.prototype.onNodeCreated;
+  nodeType.prototype.onNodeCreated = function () {
+    const result = onNodeCreated?.apply(this, arguments);
+    const picker = new Picker(this);
+    const w = this.addDOMWidget(PICKER_WIDGET, "headseg-picker", picker.root, {
+      serialize: false,
+      hideOnZoom: true,
+      getValue: () => "",
+      setValue: () => {},
+      getMinHeight: () => PICKER_MIN_HEIGHT,
+    });
+    w.serialize = false; // takes no slot in widgets_values: old and new layouts line up
+    this.headsegPicker = picker;
+    const [width, height] = this.size;
+    this.setSize([Math.max(width, 320), Math.max(height, 440)]);
+    return result;
+  };
+
+  const onExecuted = nodeType.prototype.onExecuted;
+  nodeType.prototype.onExecuted = function (output) {
+    const result = onExecuted?.apply(this, arguments);
+    this.headsegPicker?.onExecuted(output);
+    return result;
+  };
+
+  // The picker shows this node's pictures itself; ComfyUI's default image preview is not drawn.
+  nodeType.prototype.onDrawBackground = function () {};
+
+  const onDrawForeground = nodeType.prototype.onDrawForeground;
+  nodeType.prototype.onDrawForeground = function () {
+    const result = onDrawForeground?.apply(this, arguments);
+    if (!this.flags?.collapsed) this.headsegPicker?.tick();
+    return result;
+  };
+
+  const onAdded = nodeType.prototype.onAdded;
+  nodeType.prototype.onAdded = function () {
+    const result = onAdded?.apply(this, arguments);
+    if (this.headsegPicker) trackPicker(this.headsegPicker, true);
+    return result;
+  };
+
+  const onRemoved = nodeType.prototype.onRemoved;
+  nodeType.prototype.onRemoved = function () {
+    this.headsegPicker?.destroy();
+    return onRemoved?.apply(this, arguments);
+  };
+}

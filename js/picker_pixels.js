@@ -1,0 +1,91 @@
+// HeadSeg front end: which pixel a Mask Select At Pixel node names. The mapping from a pointer
+// position to a pixel of the picture, the [W, H] of a payload, and the rules that weigh the node's
+// x / y widgets against the pixel its last run used (mapped onto the masks' grid, or fed by a link).
+// Pure functions of a node and its last UI payload; used by the picker (picker.js). Only exports:
+// ComfyUI loads every .js file here as an extension module.
+
+import { isLinked, setWidget, widget } from "./graph_helpers.js";
+
+const AXES = [["x", 0], ["y", 1]]; // widget name, index in a [x, y] pixel
+
+/**
+ * Maps a pointer position to an image pixel.
+ * rect: the on-screen box of the displayed image (getBoundingClientRect: includes canvas zoom);
+ * size: [W, H] pixel grid. Returns {x, y} (x = column, y = row) or null outside the image.
+ */
+export function clientToPixel(clientX, clientY, rect, size) {
+  if (!rect || !size || !(rect.width > 0) || !(rect.height > 0)) return null;
+  const fx = (clientX - rect.left) / rect.width;
+  const fy = (clientY - rect.top) / rect.height;
+  if (!Number.isFinite(fx) || !Number.isFinite(fy)) return null;
+  if (fx < 0 || fx >= 1 || fy < 0 || fy >= 1) return null;
+  const [W, H] = size;
+  return {
+    x: Math.min(W - 1, Math.max(0, Math.floor(fx * W))),
+    y: Math.min(H - 1, Math.max(0, Math.floor(fy * H))),
+  };
+}
+
+/** A positive integer pair [W, H] from a payload value, else null. */
+export function sizePair(value) {
+  if (!Array.isArray(value) || value.length < 2) return null;
+  const [w, h] = value.map(Number);
+  if (!Number.isFinite(w) || !Number.isFinite(h) || w < 1 || h < 1) return null;
+  return [Math.round(w), Math.round(h)];
+}
+
+/** The pixel the widgets of ``node`` ask for; a coordinate fed by a link is the one the last run
+ * (UI payload ``output``) used. While the widgets not fed by a link still hold what the last run was
+ * asked, the pixel is the one that run used (mapped from the picture, or moved onto the grid): e.g.
+ * x from a link and y past the bottom edge, which the run moved and adoptMappedPixel leaves alone. */
+export function currentPixel(node, output) {
+  const ran = output?.headseg_pixel;
+  const last = lastRunPixels(output);
+  const free = AXES.filter(([name]) => !isLinked(node, name));
+  const fresh = last !== null && widgetsHold(node, free, last.asked);
+  const value = (name, i) =>
+    isLinked(node, name) || fresh
+      ? Number(Array.isArray(ran) ? ran[i] : NaN)
+      : Number(widget(node, name)?.value);
+  const x = value("x", 0);
+  const y = value("y", 1);
+  if (!Number.isFinite(x) || !Number.isFinite(y)) return null;
+  return { x, y };
+}
+
+/** Payload pixel differs from the widgets: thumbnails are for another pixel. */
+export function isStale(node, output) {
+  const p = currentPixel(node, output);
+  const q = output?.headseg_pixel;
+  if (!p || !Array.isArray(q) || q.length < 2) return false;
+  return Number(q[0]) !== p.x || Number(q[1]) !== p.y;
+}
+
+/** A pixel picked on the picture before the first run lies outside the masks' grid; the run maps
+ * it onto that grid (any other pixel past the grid's right / bottom edge, e.g. one kept from a
+ * larger image, it moves to the nearest pixel of the grid). Widgets that still ask for it take the
+ * pixel the run used, so they name the pixel the masks are for. Both or neither: with x or y
+ * from a link, or changed since, the widgets are left alone (one mapped coordinate beside an
+ * unmapped one would name another pixel). */
+export function adoptMappedPixel(node, output) {
+  const last = lastRunPixels(output);
+  if (!last) return;
+  const { asked, used } = last;
+  if (AXES.every(([, i]) => Number(asked[i]) === Number(used[i]))) return;
+  if (AXES.some(([name]) => isLinked(node, name))) return;
+  if (!widgetsHold(node, AXES, asked)) return;
+  for (const [name, i] of AXES) setWidget(node, name, Number(used[i]));
+}
+
+/** The last run's {asked, used} pixels ([x, y] each), or null when its payload lacks them. */
+function lastRunPixels(output) {
+  const asked = output?.headseg_pixel_asked;
+  const used = output?.headseg_pixel;
+  if (!Array.isArray(asked) || !Array.isArray(used) || asked.length < 2 || used.length < 2) return null;
+  return { asked, used };
+}
+
+/** Whether the widgets of these axes still hold the pixel's coordinates. */
+function widgetsHold(node, axes, pixel) {
+  return axes.every(([name, i]) => Number(widget(node, name)?.value) === Number(pixel[i]));
+}
