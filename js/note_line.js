@@ -1,0 +1,104 @@
+// HeadSeg front end: the note line under the HeadSeg nodes other than Mask Select At Pixel (the
+// node's result text and, on Multi K-Means, the k of the colour map shown), kept across the
+// rebuild that undo does. Only exports: ComfyUI loads every .js file here as an extension module.
+
+import { el } from "./dom_helpers.js";
+import { storedOutput } from "./graph_helpers.js";
+import { addStyle } from "./styles.js";
+
+const NOTE_WIDGET = "headseg_note";
+
+/**
+ * A small text line under the other HeadSeg nodes after a run: the node's ``text`` (e.g. how many
+ * heads were recorded, how many masks were merged) and, on Multi K-Means, which k each colour map
+ * shows (``headseg_labels``). Added on the first run that has something to say.
+ */
+class NoteLine {
+  constructor(node) {
+    this.node = node;
+    this.text = [];
+    this.labels = null;
+    this.shown = null;
+    addStyle();
+    this.root = el("div", "headseg-note");
+  }
+
+  attach() {
+    if (this.widget) return;
+    this.widget = this.node.addDOMWidget(NOTE_WIDGET, "headseg-note", this.root, {
+      serialize: false,
+      hideOnZoom: true,
+      getValue: () => "",
+      setValue: () => {},
+      getMinHeight: () => 34,
+      getMaxHeight: () => 64,
+    });
+    this.widget.serialize = false;
+    const min = this.node.computeSize?.();
+    if (min) this.node.setSize([Math.max(this.node.size[0], min[0]), Math.max(this.node.size[1], min[1])]);
+  }
+
+  onExecuted(output) {
+    if (!output || typeof output !== "object") return;
+    this.text = Array.isArray(output.text) ? output.text.map(String) : [];
+    this.labels = Array.isArray(output.headseg_labels) ? output.headseg_labels.map(String) : null;
+    if (this.text.length || this.labels?.length) this.attach();
+    this.tick(true);
+  }
+
+  content() {
+    const lines = [...this.text];
+    if (this.labels?.length) {
+      const i = this.node.imageIndex;
+      if (i != null && this.labels[i]) lines.unshift(`showing ${this.labels[i]}`);
+      else lines.unshift(`colour maps, left to right: ${this.labels.join(" · ")}`);
+    }
+    return lines.join("\n");
+  }
+
+  tick(force = false) {
+    if (!this.widget) return;
+    const text = this.content();
+    if (!force && text === this.shown) return;
+    this.shown = text;
+    this.root.textContent = text;
+    this.root.title = text;
+  }
+}
+
+export function setupNoteLine(nodeType) {
+  const onExecuted = nodeType.prototype.onExecuted;
+  nodeType.prototype.onExecuted = function (output) {
+    const result = onExecuted?.apply(this, arguments);
+    this.headsegNote ??= new NoteLine(this);
+    this.headsegNote.onExecuted(output);
+    return result;
+  };
+  const onDrawForeground = nodeType.prototype.onDrawForeground;
+  nodeType.prototype.onDrawForeground = function () {
+    const result = onDrawForeground?.apply(this, arguments);
+    restoreNoteLine(this);
+    this.headsegNote?.tick(false);
+    return result;
+  };
+  // The Vue node renderer (Nodes 2.0) draws no canvas foreground: a node that undo rebuilt gets its
+  // note line back once the rebuilt graph is configured and its outputs are there again
+  const onConfigure = nodeType.prototype.onConfigure;
+  nodeType.prototype.onConfigure = function () {
+    const result = onConfigure?.apply(this, arguments);
+    setTimeout(() => {
+      if (this.graph) restoreNoteLine(this);
+    }, 0);
+    return result;
+  };
+}
+
+/** The note line of a node rebuilt from the saved graph (undo), from the outputs ComfyUI keeps. */
+function restoreNoteLine(node) {
+  if (node.headsegNote) return;
+  const stored = storedOutput(node);
+  if (stored && (Array.isArray(stored.text) || Array.isArray(stored.headseg_labels))) {
+    node.headsegNote = new NoteLine(node);
+    node.headsegNote.onExecuted(stored);
+  }
+}

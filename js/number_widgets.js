@@ -1,0 +1,48 @@
+// HeadSeg front end: tolerant loading of the number widgets (INT and FLOAT inputs) of HeadSeg nodes
+// saved in older or damaged layouts. Only exports: ComfyUI loads every .js file here as an
+// extension module.
+
+function finiteOr(value, fallback) {
+  const n = Number(value);
+  return Number.isFinite(n) ? n : fallback;
+}
+
+/** name -> {int, default, min, max} for the INT and FLOAT inputs of a node definition. */
+export function numberSpecs(nodeData) {
+  const specs = {};
+  for (const section of ["required", "optional"]) {
+    for (const [name, spec] of Object.entries(nodeData?.input?.[section] ?? {})) {
+      if (!Array.isArray(spec) || (spec[0] !== "INT" && spec[0] !== "FLOAT")) continue;
+      const opts = spec[1] ?? {};
+      specs[name] = {
+        int: spec[0] === "INT",
+        default: finiteOr(opts.default, finiteOr(opts.min, 0)),
+        min: finiteOr(opts.min, -Infinity),
+        max: finiteOr(opts.max, Infinity),
+      };
+    }
+  }
+  return specs;
+}
+
+/**
+ * Older or damaged saved layouts can put strings, nulls, objects or out-of-range numbers into the
+ * number widgets (ComfyUI assigns widgets_values by position). Each saved value that is not a
+ * number becomes the input's default; numbers are rounded (INT) and clamped to the input's range.
+ */
+export function repairNumberWidgets(node, info, specs) {
+  const saved = Array.isArray(info?.widgets_values) ? info.widgets_values : null;
+  const widgets = (node.widgets ?? []).filter((w) => w.serialize !== false);
+  widgets.forEach((w, i) => {
+    const spec = specs[w.name];
+    if (!spec) return;
+    const raw = saved && i < saved.length ? saved[i] : w.value;
+    const numeric =
+      (typeof raw === "number" && Number.isFinite(raw)) ||
+      (typeof raw === "string" && raw.trim() !== "" && Number.isFinite(Number(raw)));
+    let value = numeric ? Number(raw) : spec.default;
+    if (spec.int) value = Math.round(value);
+    value = Math.min(spec.max, Math.max(spec.min, value));
+    if (w.value !== value) w.value = value;
+  });
+}
