@@ -157,7 +157,8 @@ def _shared_tab(browser, comfy_url):
 
 @pytest.fixture
 def comfy_page(_shared_tab):
-    """The shared tab with the ComfyUI app, dialogs closed, an empty graph at 100 % zoom, no node outputs.
+    """The shared tab with the ComfyUI app, dialogs and toasts closed, an empty graph at 100 % zoom, no node
+    outputs.
 
     One tab serves these tests (opening the app costs seconds on a small CPU); each test starts
     from a cleared graph, and the console messages it causes are the ones recorded from its start.
@@ -169,6 +170,8 @@ def comfy_page(_shared_tab):
         " app.graph.clear(); app.canvas.ds.scale = 1; app.canvas.ds.offset = [0, 0];"
         # outputs kept by an earlier test would be restored by a picker that gets the same node id
         " for (const id of Object.keys(app.nodeOutputs ?? {})) delete app.nodeOutputs[id];"
+        # the toast ComfyUI keeps up once Nodes 2.0 was turned on (vue_nodes) covers the canvas's bottom centre
+        " app.extensionManager.toast?.removeAll?.();"
         " app.canvas.setDirty(true, true); }"
     )
     _shared_tab.console.clear()
