@@ -2,7 +2,8 @@
 
 Every test here is marked ``browser``. The browser is the system one at /usr/bin/chromium (override
 with HEADSEG_CHROMIUM); Playwright never downloads a browser. Screenshots go to
-``test-artifacts/screenshots/`` at the repository root.
+``test-artifacts/screenshots/`` at the repository root. The tests' page helpers, JS snippets and test
+pictures are in helpers.py beside this file.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 
 import pytest
 
+from headseg.tests.browser.helpers import LANDSCAPE, PORTRAIT, coded_picture
 from headseg.tests.support.server import comfy_server  # noqa: F401  (the shared server fixture)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -68,6 +70,14 @@ def browser():
 def screenshots() -> pathlib.Path:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     return SCREENSHOTS
+
+
+@pytest.fixture(scope="session")
+def pictures(comfy_server):  # noqa: F811
+    """The coded test pictures, in the server's input folder (Load Image serves them from there)."""
+    for name, w, h in (LANDSCAPE, PORTRAIT):
+        coded_picture(w, h).save(comfy_server.input_dir / name)
+    return {"landscape": LANDSCAPE, "portrait": PORTRAIT}
 
 
 class ComfyPage:

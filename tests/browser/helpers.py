@@ -1,0 +1,241 @@
+"""Helpers shared by the browser tests (tests/browser/test_*.py): test pictures, page helpers, JS snippets.
+
+What a user sees is checked, not what the code believes: a click on the picker is judged by the
+colour under the mouse pointer in a screenshot (the test pictures encode each pixel's column and
+row in their red and green channels), and the console is compared with the same page whose pack
+scripts are replaced by empty modules, so ComfyUI's own start-up messages do not count against us.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import pathlib
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+WORKFLOWS_DIR = REPO_ROOT / "example_workflows"
+NODE_IDS = [
+    "HeadSeg_RecordSelfAttention",
+    "HeadSeg_HeadPCA",
+    "HeadSeg_Upsample",
+    "HeadSeg_UpsamplingError",
+    "HeadSeg_MultiKMeans",
+    "HeadSeg_MaskMerge",
+    "HeadSeg_MaskSelectAtPixel",
+    "HeadSeg_SaveLabelMaps",
+    "HeadSeg_SaveRecording",
+    "HeadSeg_LoadRecording",
+]
+PICKER = "HeadSeg_MaskSelectAtPixel"
+LANDSCAPE = ("headseg_browser_landscape.png", 240, 120)
+PORTRAIT = ("headseg_browser_portrait.png", 90, 160)
+
+
+# -- test pictures and workflows --------------------------------------------------------------
+def coded_picture(width: int, height: int):
+    """RGB picture whose red channel encodes the column and green the row (0..255 over the side)."""
+    import numpy as np
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:height, 0:width]
+    rgb = np.zeros((height, width, 3), np.uint8)
+    rgb[..., 0] = np.round(xx * 255.0 / (width - 1))
+    rgb[..., 1] = np.round(yy * 255.0 / (height - 1))
+    rgb[..., 2] = np.where(((xx // 10) + (yy // 10)) % 2 == 0, 40, 140)
+    return Image.fromarray(rgb, "RGB")
+
+
+def decode_position(rgb, width: int, height: int) -> tuple[float, float]:
+    """Inverse of coded_picture: (column, row) that a colour stands for."""
+    return rgb[0] * (width - 1) / 255.0, rgb[1] * (height - 1) / 255.0
+
+
+def example_names() -> list[str]:
+    return sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))
+
+
+# -- JS run in the page -----------------------------------------------------------------------
+JS_PICKER_GRAPH = """
+async ([picture, withImage]) => {
+  app.graph.clear();
+  let load = null;
+  if (withImage) {
+    load = LiteGraph.createNode('LoadImage');
+    load.pos = [40, 80];
+    app.graph.add(load);
+    const w = load.widgets.find(w => w.name === 'image');
+    w.value = picture;
+    w.callback?.(picture);
+  }
+  const node = LiteGraph.createNode('HeadSeg_MaskSelectAtPixel');
+  node.pos = [420, 80];
+  app.graph.add(node);
+  if (load) load.connect(0, node, node.inputs.findIndex(i => i.name === 'image'));
+  app.canvas.setDirty(true, true);
+  return node.id;
+}
+"""
+
+
+JS_VIEW_NODE = """
+([id, scale]) => {
+  const node = app.graph.getNodeById(id);
+  const ds = app.canvas.ds;
+  ds.scale = scale;
+  ds.offset = [180 / scale - node.pos[0], 190 / scale - node.pos[1]];
+  app.canvas.setDirty(true, true);
+}
+"""
+
+
+JS_WIDGETS = """
+(id) => Object.fromEntries(app.graph.getNodeById(id).widgets
+  .filter(w => ['x', 'y', 'index'].includes(w.name)).map(w => [w.name, w.value]))
+"""
+
+
+JS_CHECK_STATE = "() => app.extensionManager.workflow.activeWorkflow.changeTracker.checkState()"
+
+
+JS_TO_SUBGRAPH = """async (ids) => { app.canvas.deselectAll();
+  for (const id of ids) app.canvas.select(app.graph.getNodeById(id));
+  await app.extensionManager.command.execute('Comfy.Graph.ConvertToSubgraph');
+  return app.graph.nodes.find(n => n.isSubgraphNode?.()).id; }"""
+
+
+# -- page helpers -----------------------------------------------------------------------------
+def picker_selector(node_id) -> str:
+    """CSS selector of a picker node's DOM (the picker element carries its node id)."""
+    return f".headseg-picker[data-node-id='{node_id}']"
+
+
+def frame_rect(page, node_id) -> dict:
+    return page.eval_on_selector(
+        picker_selector(node_id) + " .headseg-frame",
+        "e => { const r = e.getBoundingClientRect(); return {left: r.left, top: r.top, width: r.width, height: r.height}; }",
+    )
+
+
+def click_pixel(page, node_id, size, pixel) -> tuple[float, float]:
+    """Clicks the centre of image pixel (x, y) of a W x H picture in the picker, waits for the widgets
+    -> the screen point clicked."""
+    (W, H), (x, y) = size, pixel
+    rect = frame_rect(page, node_id)
+    cx, cy = rect["left"] + (x + 0.5) / W * rect["width"], rect["top"] + (y + 0.5) / H * rect["height"]
+    page.mouse.click(cx, cy)
+    settle(page, 250)
+    return cx, cy
+
+
+def screenshot_rgb(page, hide_marker: bool = True):
+    """Screenshot as a PIL image; the pick marker (drawn on the picked pixel) is hidden for it."""
+    from PIL import Image
+
+    hide = "document.querySelectorAll('.headseg-marker').forEach(m => m.style.visibility = '%s')"
+    if hide_marker:
+        page.evaluate("() => " + hide % "hidden")
+    try:
+        png = page.screenshot()
+    finally:
+        if hide_marker:
+            page.evaluate("() => " + hide % "")
+    return Image.open(io.BytesIO(png)).convert("RGB")
+
+
+def selected_thumbs(page, sel) -> list[str]:
+    """Indices of the outlined thumbnails of picker ``sel`` (the mask the MASK output carries)."""
+    return page.eval_on_selector_all(sel + " .headseg-thumb.headseg-selected", "bs => bs.map(b => b.dataset.index)")
+
+
+def wait_picture_ready(page, node_id, timeout=30_000):
+    page.wait_for_function(
+        """(sel) => { const f = document.querySelector(sel + ' .headseg-frame');
+                      const i = document.querySelector(sel + ' img.headseg-base');
+                      return f && i && i.complete && i.naturalWidth > 0 && getComputedStyle(f).display !== 'none'
+                             && f.getBoundingClientRect().width > 20; }""",
+        arg=picker_selector(node_id),
+        timeout=timeout,
+    )
+    page.wait_for_timeout(300)  # DOM widget positions follow the canvas on the next frames
+
+
+def add_merge_with_note(page, text: str, pos) -> int:
+    """Adds a Mask Merge node as if it had run: ComfyUI keeps its output {text: [text]} and the node has
+    been told of it (its note line shows text) -> its id."""
+    return page.evaluate(
+        """([text, pos]) => { const m = LiteGraph.createNode('HeadSeg_MaskMerge'); m.pos = pos; app.graph.add(m);
+                              const out = {text: [text]};
+                              app.nodeOutputs[String(m.id)] = out; m.onExecuted(out); return m.id; }""",
+        [text, list(pos)],
+    )
+
+
+def rebuild_as_undo_does(page, node_id) -> None:
+    """Rebuilds every node from the saved graph, keeping the outputs (loadGraphData without clearing, as
+    undo does), and waits until node ``node_id`` is a new object."""
+    page.evaluate(
+        """async (id) => { app.graph.getNodeById(id).headsegOld = true;
+                           await app.loadGraphData(app.graph.serialize(), false, false); }""",
+        node_id,
+    )
+    page.wait_for_function("(id) => app.graph.getNodeById(id) && !app.graph.getNodeById(id).headsegOld", arg=node_id)
+
+
+def settle(page, ms=400):
+    page.wait_for_timeout(ms)
+
+
+def view_picker(page, node_id, scale):
+    """Zooms the canvas to ``scale`` with the picker near the top left; waits until its DOM follows."""
+    page.evaluate(JS_VIEW_NODE, [node_id, scale])
+    page.wait_for_function(
+        """async (sel) => {
+             const f = document.querySelector(sel + ' .headseg-stage');
+             if (!f) return false;
+             const frame = () => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
+             const a = f.getBoundingClientRect();
+             await frame();
+             const b = f.getBoundingClientRect();
+             return a.width > 20 && a.left === b.left && a.top === b.top && a.width === b.width
+               && b.left > 0 && b.top > 0 && b.bottom < window.innerHeight && b.right < window.innerWidth;
+           }""",
+        arg=picker_selector(node_id),
+        timeout=15_000,
+    )
+
+
+def add_picker(page, picture: str = "", scale: float = 1.0) -> int:
+    """Adds the picker graph (Load Image of ``picture``, or none) and views it at ``scale`` -> its node id."""
+    node_id = page.evaluate(JS_PICKER_GRAPH, [picture, bool(picture)])
+    view_picker(page, node_id, scale)
+    return node_id
+
+
+def synthetic_run(page, node_id, name, size, pixel, masks=2, index=0, stored=True, asked=None):
+    """Feeds the picker the payload of a run (two masks of the coded picture), as ComfyUI does after
+    executing the node; with ``stored`` also keeps it in app.nodeOutputs, as ComfyUI does. ``asked``:
+    the x / y the run was given, when the node mapped them onto the masks' grid."""
+    ref = {"filename": name, "subfolder": "", "type": "input"}
+    payload = {
+        "headseg_image": [ref], "headseg_size": list(size), "headseg_pixel": list(pixel),
+        "headseg_pixel_asked": list(asked or pixel),
+        "headseg_index": [index], "headseg_masks": [ref] * masks,
+        "headseg_mask_info": [{"area": 10 * (i + 1), "k": 2, "cluster": i} for i in range(masks)],
+    }  # fmt: skip
+    page.evaluate(
+        """([id, payload, stored]) => { if (stored) app.nodeOutputs[String(id)] = payload;
+                                        app.graph.getNodeById(id).onExecuted(payload); }""",
+        [node_id, payload, stored],
+    )
+    wait_picture_ready(page, node_id)
+
+
+@contextlib.contextmanager
+def vue_nodes(page):
+    """Runs the block with Nodes 2.0 (ComfyUI's Vue node renderer) on, then turns it off again."""
+    page.evaluate("async () => { await app.extensionManager.setting.set('Comfy.VueNodes.Enabled', true); }")
+    try:
+        yield
+    finally:
+        page.evaluate("async () => { await app.extensionManager.setting.set('Comfy.VueNodes.Enabled', false); }")
+        settle(page, 500)

@@ -1,0 +1,43 @@
+"""The note line under the other HeadSeg nodes: Multi K-Means names the k of the colour map shown, and
+the line comes back when undo rebuilds a node in the Vue node renderer.
+"""
+
+from __future__ import annotations
+
+
+from headseg.tests.browser.helpers import add_merge_with_note, rebuild_as_undo_does, vue_nodes
+
+
+def test_multi_kmeans_note_names_the_k_of_the_shown_colour_map(comfy_page, pictures):
+    """The note line under Multi K-Means lists the k of its colour maps and names the one shown."""
+    page = comfy_page.page
+    ref = {"filename": pictures["landscape"][0], "subfolder": "", "type": "input"}
+    node_id = page.evaluate(
+        """(ref) => { app.graph.clear(); const m = LiteGraph.createNode('HeadSeg_MultiKMeans'); m.pos = [40, 80];
+                   app.graph.add(m); app.canvas.ds.scale = 1; app.canvas.ds.offset = [100, 100];
+                   const out = {images: [ref, ref, ref], text: ['3 colour maps'], headseg_labels: ['k=2', 'k=4', 'k=7']};
+                   app.nodeOutputs[String(m.id)] = out; m.onExecuted(out);
+                   app.canvas.setDirty(true, true); return m.id; }""", ref
+    )
+    page.wait_for_function("(id) => { const n = app.graph.getNodeById(id); return n.imgs?.length === 3 && n.imgs.every(i => i.complete && i.naturalWidth > 0); }", arg=node_id, timeout=15_000)
+    note = "(id) => app.graph.getNodeById(id).headsegNote?.root.textContent ?? ''"
+    page.wait_for_function(f"(id) => ({note})(id).includes('colour maps, left to right: k=2 · k=4 · k=7')", arg=node_id, timeout=10_000)
+    for i, k in ((1, "k=4"), (2, "k=7"), (0, "k=2")):
+        page.evaluate(f"(id) => {{ app.graph.getNodeById(id).imageIndex = {i}; app.canvas.setDirty(true, true); app.canvas.draw(true, true); }}", node_id)
+        page.wait_for_function(f"(id) => ({note})(id).startsWith('showing {k}')", arg=node_id, timeout=10_000)
+        assert "3 colour maps" in page.evaluate(note, node_id)
+    assert comfy_page.pack_problems() == []
+
+
+def test_after_undo_the_vue_renderer_shows_the_note_line_again(comfy_page):
+    """Nodes 2.0 draws no canvas foreground, where the note line of a rebuilt node used to come back: a
+    node that undo rebuilds shows its last run's note line again without a new run."""
+    page = comfy_page.page
+    with vue_nodes(page):
+        merge_id = add_merge_with_note(page, "merged masks per image: 5", (40, 80))
+        rebuild_as_undo_does(page, merge_id)
+        page.wait_for_function(
+            "(id) => (app.graph.getNodeById(id).headsegNote?.root.textContent ?? '').includes('merged masks per image: 5')",
+            arg=merge_id, timeout=5_000,
+        )
+    assert comfy_page.pack_problems() == []

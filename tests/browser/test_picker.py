@@ -1,0 +1,347 @@
+"""Mask Select At Pixel's picker: the picture it shows (from the run, or before one from the node
+that feeds it, through Reroute nodes and a subgraph's input), clicks on it, its layout in the node,
+the mouse wheel over it, and each pick as one undo step.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from headseg.tests.browser.helpers import (
+    JS_CHECK_STATE,
+    JS_TO_SUBGRAPH,
+    JS_WIDGETS,
+    add_picker,
+    click_pixel,
+    decode_position,
+    frame_rect,
+    picker_selector,
+    screenshot_rgb,
+    settle,
+    synthetic_run,
+    vue_nodes,
+    wait_picture_ready,
+)
+
+
+def test_picker_without_image_says_so(comfy_page):
+    page = comfy_page.page
+    node_id = add_picker(page)
+    settle(page)
+    message = page.text_content(picker_selector(node_id) + " .headseg-message")
+    assert "No image yet" in message
+    assert page.is_visible(picker_selector(node_id) + " .headseg-message")
+    before = page.evaluate(JS_WIDGETS, node_id)
+    box = page.eval_on_selector(picker_selector(node_id) + " .headseg-stage", "e => e.getBoundingClientRect().toJSON()")
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    settle(page)
+    assert page.evaluate(JS_WIDGETS, node_id) == before
+
+
+@pytest.mark.parametrize(
+    "picture, scale",
+    [("landscape", 1.0), ("landscape", 1.75), ("portrait", 1.3)],
+    ids=["landscape-zoom1", "landscape-zoom1.75", "portrait-zoom1.3"],
+)
+def test_click_sets_image_pixel(comfy_page, pictures, picture, scale, screenshots):
+    name, W, H = pictures[picture]
+    page = comfy_page.page
+    node_id = add_picker(page, name, scale)
+    wait_picture_ready(page, node_id)
+
+    for fx, fy in [(0.1, 0.2), (0.63, 0.41), (0.97, 0.93)]:
+        px, py = int(fx * W), int(fy * H)  # aim at the centre of this image pixel
+        rect = frame_rect(page, node_id)
+        # the displayed picture keeps the image's aspect ratio (within a screen pixel)
+        assert abs(rect["width"] / rect["height"] - W / H) < 2.0 / min(rect["width"], rect["height"]) * (W / H) + 0.02
+        assert rect["width"] / W > 1.1, "the test needs more than one screen pixel per image pixel"
+        cx, cy = click_pixel(page, node_id, (W, H), (px, py))
+        values = page.evaluate(JS_WIDGETS, node_id)
+        assert (values["x"], values["y"]) == (px, py), (fx, fy, values)
+        # What the user sees under the pointer is the pixel the widgets now name.
+        page.mouse.move(5, 5)  # the pointer itself is not drawn, but keep hover effects away
+        shot = screenshot_rgb(page)
+        seen = decode_position(shot.getpixel((int(cx), int(cy))), W, H)
+        assert abs(seen[0] - values["x"]) <= 2.5 and abs(seen[1] - values["y"]) <= 2.5, (seen, values)
+        # and the marker is drawn on that pixel
+        marker = page.eval_on_selector(
+            picker_selector(node_id) + " .headseg-marker", "e => e.getBoundingClientRect().toJSON()"
+        )
+        assert abs(marker["x"] - cx) <= max(2.0, rect["width"] / W) and abs(marker["y"] - cy) <= max(2.0, rect["height"] / H)
+
+    # A click outside the picture (on the letterbox around it, or past its edge) changes nothing.
+    before = page.evaluate(JS_WIDGETS, node_id)
+    stage = page.eval_on_selector(picker_selector(node_id) + " .headseg-stage", "e => e.getBoundingClientRect().toJSON()")
+    rect = frame_rect(page, node_id)
+    outside = []
+    if rect["top"] - stage["y"] > 4:
+        outside.append((rect["left"] + rect["width"] / 2, (stage["y"] + rect["top"]) / 2))
+    if rect["left"] - stage["x"] > 4:
+        outside.append(((stage["x"] + rect["left"]) / 2, rect["top"] + rect["height"] / 2))
+    assert outside, "expected a letterbox around a non-square picture"
+    for ox, oy in outside:
+        page.mouse.click(ox, oy)
+        settle(page, 200)
+        assert page.evaluate(JS_WIDGETS, node_id) == before
+    page.screenshot(path=str(screenshots / f"picker-{picture}-zoom{scale}.png"))
+    assert comfy_page.pack_problems() == []
+
+
+def test_click_maps_through_scaled_preview(comfy_page, pictures):
+    """The node may send a preview smaller than the masks: x/y follow headseg_size, not the preview."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page)
+    synthetic_run(page, node_id, name, (W * 4, H * 4), (0, 0), masks=0, stored=False)
+    rect = frame_rect(page, node_id)
+    cx, cy = rect["left"] + 0.7 * rect["width"], rect["top"] + 0.35 * rect["height"]
+    page.mouse.click(cx, cy)
+    settle(page, 250)
+    values = page.evaluate(JS_WIDGETS, node_id)
+    # 4 mask pixels per preview pixel, about 1.25 screen pixels per preview pixel: within 4 pixels
+    assert abs(values["x"] - 0.7 * W * 4) <= 4 and abs(values["y"] - 0.35 * H * 4) <= 4, values
+    page.mouse.move(5, 5)
+    seen = decode_position(screenshot_rgb(page).getpixel((int(cx), int(cy))), W, H)
+    assert abs(seen[0] * 4 - values["x"]) <= 10 and abs(seen[1] * 4 - values["y"]) <= 10
+
+
+def test_picker_degrades_on_other_payloads(comfy_page, pictures):
+    """A payload without the headseg_* keys, or a damaged one, never breaks the picker."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page)
+    sel = picker_selector(node_id)
+    # damaged: nothing usable -> still the "no image" message, widgets untouched
+    before = page.evaluate(JS_WIDGETS, node_id)
+    page.evaluate(
+        """(id) => app.graph.getNodeById(id).onExecuted({headseg_image: 'nope', headseg_size: ['a', null],
+             headseg_masks: [null, 3, {filename: 7}], headseg_pixel: 'x'})""",
+        node_id,
+    )
+    settle(page)
+    assert page.is_visible(sel + " .headseg-message")
+    assert page.evaluate(JS_WIDGETS, node_id) == before
+    # the standard "images" key: the first picture is clicked on, the others become thumbnails
+    ref = {"filename": name, "subfolder": "", "type": "input"}
+    page.evaluate("([id, ref]) => app.graph.getNodeById(id).onExecuted({images: [ref, ref, ref]})", [node_id, ref])
+    wait_picture_ready(page, node_id)
+    assert len(page.query_selector_all(sel + " .headseg-thumb")) == 2
+    click_pixel(page, node_id, (W, H), (10, 20))
+    values = page.evaluate(JS_WIDGETS, node_id)
+    assert (values["x"], values["y"]) == (10, 20)
+    assert comfy_page.pack_problems() == []
+
+
+JS_NODE_SCREEN_RECT = """
+(id) => {
+  const node = app.graph.getNodeById(id);
+  const ds = app.canvas.ds, r = app.canvas.canvas.getBoundingClientRect();
+  const x = (v) => (v + ds.offset[0]) * ds.scale + r.left, y = (v) => (v + ds.offset[1]) * ds.scale + r.top;
+  return {left: x(node.pos[0]), top: y(node.pos[1]), right: x(node.pos[0] + node.size[0]),
+          bottom: y(node.pos[1] + node.size[1]), size: [...node.size]};
+}
+"""
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.5])
+@pytest.mark.parametrize("state", ["masks", "no image"])
+def test_picker_stays_inside_its_node_at_the_smallest_size(comfy_page, pictures, scale, state):
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page, name if state == "masks" else "", scale)
+    sel = picker_selector(node_id)
+    if state == "masks":
+        synthetic_run(page, node_id, name, (W, H), (10, 10), masks=3)
+    settle(page)
+    for size in ("default", "smallest"):
+        if size == "smallest":  # as far as dragging the corner goes: ComfyUI stops at computeSize()
+            page.evaluate(
+                "(id) => { const n = app.graph.getNodeById(id); n.setSize(n.computeSize()); app.canvas.setDirty(true, true); }",
+                node_id,
+            )
+            settle(page, 600)
+        node = page.evaluate(JS_NODE_SCREEN_RECT, node_id)
+        parts = ("", " .headseg-stage", " .headseg-info") + ((" .headseg-strip",) if state == "masks" else ())
+        for part in parts:
+            box = page.eval_on_selector(sel + part, "e => e.getBoundingClientRect().toJSON()")
+            assert box["height"] > 0, (size, part)
+            assert box["bottom"] <= node["bottom"] + 0.5 and box["right"] <= node["right"] + 0.5, (size, part, box, node)
+            assert box["top"] >= node["top"] - 0.5 and box["left"] >= node["left"] - 0.5, (size, part, box, node)
+    assert comfy_page.pack_problems() == []
+
+
+def test_wheel_over_the_picker_zooms_the_canvas(comfy_page, pictures):
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page)
+    synthetic_run(page, node_id, name, (W, H), (0, 0), stored=False)
+    rect = frame_rect(page, node_id)
+    page.mouse.move(rect["left"] + rect["width"] / 2, rect["top"] + rect["height"] / 2)
+    before = page.evaluate("() => app.canvas.ds.scale")
+    page.mouse.wheel(0, -240)
+    settle(page)
+    assert page.evaluate("() => app.canvas.ds.scale") != before
+    assert comfy_page.pack_problems() == []
+
+
+def test_picker_forgets_the_picture_when_the_image_link_is_removed(comfy_page, pictures):
+    """Before any run the picker shows the linked picture; unlinked, it says there is no image."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    # node ids are reused after graph.clear(): no run of an earlier test's node may stand in for this one's
+    page.evaluate("() => { for (const id of Object.keys(app.nodeOutputs)) delete app.nodeOutputs[id]; }")
+    node_id = add_picker(page, name)
+    wait_picture_ready(page, node_id)
+    sel = picker_selector(node_id)
+    page.evaluate(
+        "(id) => { const n = app.graph.getNodeById(id); n.disconnectInput(n.inputs.findIndex(i => i.name === 'image'));"
+        " app.canvas.setDirty(true, true); }",
+        node_id,
+    )
+    page.wait_for_function(
+        "(sel) => { const m = document.querySelector(sel + ' .headseg-message');"
+        " return m && getComputedStyle(m).display !== 'none' && m.textContent.includes('No image yet'); }",
+        arg=sel,
+        timeout=10_000,
+    )
+    assert not page.is_visible(sel + " .headseg-frame")
+    assert comfy_page.pack_problems() == []
+
+
+def test_picker_grows_with_its_node_in_the_vue_node_renderer(comfy_page, pictures):
+    """With Nodes 2.0 (Vue nodes) the picture takes the node's free height and follows a resize by the
+    corner, as on the canvas, instead of staying 200 px tall."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    with vue_nodes(page):
+        node_id = add_picker(page, name)
+        synthetic_run(page, node_id, name, (W, H), (3, 4))
+        box = "(e) => e.getBoundingClientRect().toJSON()"
+        node_sel = f"[data-node-id='{node_id}']:not(.headseg-picker)"
+        node, picker = page.eval_on_selector(node_sel, box), page.eval_on_selector(picker_selector(node_id), box)
+        assert picker["height"] > 0.4 * node["height"], (picker, node)  # the free height, not the 200 px minimum
+        x, y = node["right"] - 3, node["bottom"] - 3
+        page.mouse.move(x, y)
+        page.mouse.down()
+        page.mouse.move(x + 100, y + 120, steps=8)
+        page.mouse.up()
+        settle(page, 600)
+        grown = page.eval_on_selector(picker_selector(node_id), box)
+        assert grown["height"] >= picker["height"] + 100 and grown["width"] >= picker["width"] + 80, (picker, grown)
+        rect = frame_rect(page, node_id)
+        assert abs(rect["width"] / rect["height"] - W / H) < 0.05  # the picture keeps its aspect ratio
+    assert comfy_page.pack_problems() == []
+
+
+JS_TRACKER = """() => { const w = app.extensionManager.workflow.activeWorkflow;
+  return {modified: !!w.isModified, undo: w.changeTracker.undoQueue.length}; }"""
+
+
+def test_each_pick_is_an_undo_step_and_marks_the_workflow_modified(comfy_page, pictures):
+    """A click on the picture sets x / y the way an edit of those widgets does: undo (Ctrl+Z) takes the
+    picks back one at a time, and the workflow shows unsaved changes."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page, name)
+    wait_picture_ready(page, node_id)
+    page.evaluate(JS_CHECK_STATE)  # the graph built above is the starting state
+    before = page.evaluate(JS_TRACKER)
+    start = page.evaluate(JS_WIDGETS, node_id)
+    picks = []
+    for fx, fy in [(0.25, 0.5), (0.75, 0.25)]:
+        rect = frame_rect(page, node_id)
+        page.mouse.click(rect["left"] + fx * rect["width"], rect["top"] + fy * rect["height"])
+        settle(page, 250)
+        picks.append(page.evaluate(JS_WIDGETS, node_id))
+    assert picks[0] != start and picks[1] != picks[0]
+    after = page.evaluate(JS_TRACKER)
+    assert after["undo"] == before["undo"] + 2 and after["modified"], (before, after)
+    for expected in (picks[0], start):
+        # what Ctrl+Z runs (the key itself is ComfyUI's: pressed in quick succession in a test, a second
+        # press is sometimes dropped by the page)
+        got = page.evaluate(
+            """async (id) => { await app.extensionManager.workflow.activeWorkflow.changeTracker.undo();
+                               const n = app.graph.getNodeById(id);
+                               return Object.fromEntries(n.widgets.map(w => [w.name, w.value])); }""",
+            node_id,
+        )
+        assert (got["x"], got["y"]) == (expected["x"], expected["y"]), (got, expected)
+    assert comfy_page.pack_problems() == []
+
+
+def test_picker_shows_a_picture_that_comes_through_reroute_nodes_before_a_run(comfy_page, pictures):
+    """Load Image -> Reroute -> Reroute -> the picker's image: the picture is found through the front end's
+    Reroute nodes, so a pixel can be picked before the first run, as with a direct link."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page, name)
+    wait_picture_ready(page, node_id)
+    direct = page.eval_on_selector(picker_selector(node_id) + " img.headseg-base", "i => i.src")
+    page.evaluate(
+        """(id) => { const node = app.graph.getNodeById(id);
+                     const load = app.graph.nodes.find(n => n.type === 'LoadImage');
+                     const a = LiteGraph.createNode('Reroute'), b = LiteGraph.createNode('Reroute');
+                     a.pos = [300, 300]; b.pos = [360, 300]; app.graph.add(a); app.graph.add(b);
+                     load.connect(0, a, 0); a.connect(0, b, 0); b.connect(0, node, node.inputs.findIndex(i => i.name === 'image'));
+                     app.canvas.setDirty(true, true); }""",
+        node_id,
+    )
+    settle(page, 800)
+    wait_picture_ready(page, node_id)
+    assert page.eval_on_selector(picker_selector(node_id) + " img.headseg-base", "i => i.src") == direct
+    rect = frame_rect(page, node_id)
+    page.mouse.click(rect["left"] + 0.25 * rect["width"], rect["top"] + 0.75 * rect["height"])
+    settle(page, 250)
+    values = page.evaluate(JS_WIDGETS, node_id)
+    assert (values["x"], values["y"]) == (int(0.25 * W), int(0.75 * H))
+    assert comfy_page.pack_problems() == []
+
+
+def test_picker_inside_a_subgraph_shows_the_picture_from_outside_before_a_run(comfy_page, pictures):
+    """Load Image outside, the picker inside a subgraph: the picture is found through the subgraph's
+    input, so a pixel can be picked before the first run, as in the root graph."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page, name)
+    wait_picture_ready(page, node_id)
+    outside = page.eval_on_selector(picker_selector(node_id) + " img.headseg-base", "i => i.src")
+    sg = page.evaluate(JS_TO_SUBGRAPH, [node_id])
+    inner = page.evaluate(
+        """(sg) => { const outer = app.graph.getNodeById(sg); app.canvas.openSubgraph(outer.subgraph, outer);
+                     const inner = outer.subgraph.nodes.find(n => n.type === 'HeadSeg_MaskSelectAtPixel');
+                     app.canvas.ds.scale = 1; app.canvas.ds.offset = [180 - inner.pos[0], 190 - inner.pos[1]];
+                     app.canvas.setDirty(true, true); return inner.id; }""",
+        sg,
+    )
+    wait_picture_ready(page, inner)
+    assert page.eval_on_selector(picker_selector(inner) + " img.headseg-base", "i => i.src") == outside
+    rect = frame_rect(page, inner)
+    page.mouse.click(rect["left"] + 0.75 * rect["width"], rect["top"] + 0.25 * rect["height"])
+    settle(page, 250)
+    values = page.evaluate("(sg) => Object.fromEntries(app.graph.getNodeById(sg).subgraph.nodes.find(n => "
+                           "n.type === 'HeadSeg_MaskSelectAtPixel').widgets.map(w => [w.name, w.value]))", sg)  # fmt: skip
+    assert (values["x"], values["y"]) == (int(0.75 * W), int(0.25 * H))
+    page.evaluate("() => app.canvas.setGraph(app.graph)")
+    assert comfy_page.pack_problems() == []
+
+
+def test_a_linked_picture_without_a_preview_asks_for_a_run(comfy_page):
+    """An image input fed by a node that shows no preview (a VAE Decode before any run, or a picture
+    from outside a subgraph) cannot be shown before the first run: the picker says to queue once
+    rather than to connect an image."""
+    page = comfy_page.page
+    node_id = add_picker(page)
+    sel = picker_selector(node_id)
+    assert "connect an image" in page.text_content(sel + " .headseg-message")
+    page.evaluate(
+        """(id) => { const node = app.graph.getNodeById(id); const d = LiteGraph.createNode('VAEDecode');
+                     d.pos = [40, 80]; app.graph.add(d); d.connect(0, node, node.inputs.findIndex(i => i.name === 'image'));
+                     app.canvas.setDirty(true, true); }""",
+        node_id,
+    )
+    page.wait_for_function(
+        "(sel) => document.querySelector(sel + ' .headseg-message').textContent.includes('queue the workflow once')",
+        arg=sel,
+        timeout=15_000,
+    )
+    assert comfy_page.pack_problems() == []

@@ -1,0 +1,176 @@
+"""The picker when its node is rebuilt (undo, in the root graph, in a subgraph and in the Vue node
+renderer), when its node leaves the workflow, and for the throwaway copy of a copied node.
+"""
+
+from __future__ import annotations
+
+
+from headseg.tests.browser.helpers import (
+    JS_CHECK_STATE,
+    JS_TO_SUBGRAPH,
+    JS_WIDGETS,
+    add_merge_with_note,
+    add_picker,
+    frame_rect,
+    picker_selector,
+    rebuild_as_undo_does,
+    settle,
+    synthetic_run,
+    view_picker,
+    vue_nodes,
+    wait_picture_ready,
+)
+
+
+def test_picker_comes_back_when_the_node_is_rebuilt(comfy_page, pictures):
+    """Undo rebuilds the nodes from the saved graph (loadGraphData without clearing outputs): the
+    picker restores its last run from the outputs ComfyUI keeps, as ComfyUI's own previews do,
+    instead of going blank."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page)
+    synthetic_run(page, node_id, name, (W, H), (0, 0))
+    sel = picker_selector(node_id)
+    assert len(page.query_selector_all(sel + " .headseg-thumb")) == 2
+    merge_id = add_merge_with_note(page, "merged masks per image: 7", (40, 600))
+    rebuild_as_undo_does(page, node_id)
+    view_picker(page, node_id, 1.0)
+    wait_picture_ready(page, node_id)
+    page.wait_for_function(
+        "(sel) => document.querySelectorAll(sel + ' .headseg-thumb').length === 2", arg=sel, timeout=15_000
+    )
+    assert "2 masks here" in page.text_content(sel + " .headseg-info")
+    page.evaluate("(id) => { const n = app.graph.getNodeById(id); app.canvas.ds.offset = [40 - n.pos[0], 80 - n.pos[1]]; "
+                  "app.canvas.setDirty(true, true); }", merge_id)
+    page.wait_for_function("() => [...document.querySelectorAll('.headseg-note')].some(e => "
+                           "e.textContent.includes('merged masks per image: 7'))", timeout=15_000)
+    assert comfy_page.pack_problems() == []
+
+
+JS_SHOWN_PICKERS = """(id) => { const n = app.graph.getNodeById(id);
+  const shown = [...document.querySelectorAll('.headseg-picker')].filter(e => e.isConnected && e.getBoundingClientRect().width > 0);
+  return {count: shown.length, live: shown.length === 1 && shown[0] === n.headsegPicker.root,
+          thumbs: shown.map(e => e.querySelectorAll('.headseg-thumb').length)}; }"""
+
+
+def test_after_undo_the_vue_renderer_shows_the_rebuilt_nodes_picker(comfy_page, pictures):
+    """Nodes 2.0 keeps showing the element of the picker an undo replaced: the rebuilt node's picker
+    takes its place, so clicks set the live node's x / y and runs show their thumbnails."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    with vue_nodes(page):
+        node_id = add_picker(page, name)
+        synthetic_run(page, node_id, name, (W, H), (3, 4))
+        page.evaluate(JS_CHECK_STATE)
+        for fx in (0.25, 0.75):
+            rect = frame_rect(page, node_id)
+            page.mouse.click(rect["left"] + fx * rect["width"], rect["top"] + 0.5 * rect["height"])
+            settle(page, 250)
+        page.evaluate("async () => { await app.extensionManager.workflow.activeWorkflow.changeTracker.undo(); }")
+        page.wait_for_function(f"(id) => ({JS_SHOWN_PICKERS})(id).live", arg=node_id, timeout=15_000)
+        rect = frame_rect(page, node_id)
+        page.mouse.click(rect["left"] + 0.5 * rect["width"], rect["top"] + 0.25 * rect["height"])
+        settle(page, 250)
+        values = page.evaluate(JS_WIDGETS, node_id)
+        assert (values["x"], values["y"]) == (W // 2, H // 4)
+        synthetic_run(page, node_id, name, (W, H), (W // 2, H // 4), masks=3)
+        assert page.evaluate(JS_SHOWN_PICKERS, node_id)["thumbs"] == [3]
+    assert comfy_page.pack_problems() == []
+
+
+def test_picker_inside_a_subgraph_comes_back_when_the_node_is_rebuilt(comfy_page, pictures):
+    """Inside a subgraph ComfyUI keeps a node's outputs under '<subgraph id>:<node id>': the picker
+    finds its last run there after undo rebuilds the graph, as it does in the root graph."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page, name)
+    wait_picture_ready(page, node_id)
+    sg = page.evaluate(JS_TO_SUBGRAPH, [node_id])
+    ref = {"filename": name, "subfolder": "", "type": "input"}
+    payload = {
+        "headseg_image": [ref], "headseg_size": [W, H], "headseg_pixel": [3, 4], "headseg_pixel_asked": [3, 4],
+        "headseg_index": [0], "headseg_masks": [ref, ref],
+        "headseg_mask_info": [{"area": 10, "k": 2, "cluster": 0}, {"area": 20, "k": 2, "cluster": 1}],
+    }  # fmt: skip
+    page.evaluate(
+        """([sg, id, payload]) => {
+             const outer = app.graph.getNodeById(sg);
+             const inner = outer.subgraph.nodes.find(n => n.type === 'HeadSeg_MaskSelectAtPixel');
+             for (const w of inner.widgets) { if (w.name === 'x') w.value = 3; if (w.name === 'y') w.value = 4; }
+             app.api.dispatchCustomEvent('executed', {node: `${sg}:${inner.id}`, display_node: `${sg}:${inner.id}`,
+                                                      output: payload, prompt_id: 'p'}); }""",
+        [sg, node_id, payload],
+    )
+    js_open = """(sg) => { const outer = app.graph.getNodeById(sg); app.canvas.openSubgraph(outer.subgraph, outer);
+                   const inner = outer.subgraph.nodes.find(n => n.type === 'HeadSeg_MaskSelectAtPixel');
+                   app.canvas.ds.scale = 1; app.canvas.ds.offset = [180 - inner.pos[0], 190 - inner.pos[1]];
+                   app.canvas.setDirty(true, true); return inner.id; }"""
+    inner = page.evaluate(js_open, sg)
+    sel = picker_selector(inner)
+    thumbs = "(sel) => document.querySelectorAll(sel + ' .headseg-thumb').length === 2"
+    page.wait_for_function(thumbs, arg=sel, timeout=15_000)
+    page.evaluate("() => app.canvas.setGraph(app.graph)")  # back to the root graph
+    page.evaluate("async () => { await app.loadGraphData(app.graph.serialize(), false, false); }")  # as undo does
+    settle(page, 500)
+    inner = page.evaluate(js_open, sg)
+    page.wait_for_function(thumbs, arg=picker_selector(inner), timeout=15_000)
+    assert "2 masks here" in page.text_content(picker_selector(inner) + " .headseg-info")
+    assert comfy_page.pack_problems() == []
+
+
+def test_a_picker_inside_a_subgraph_goes_when_the_workflow_is_cleared(comfy_page, pictures):
+    """Clearing the graph (or opening another workflow) drops subgraph definitions without removing
+    their nodes one by one, and deleting a subgraph node keeps its definition: the picker of a node
+    in one must not stay behind in the page."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page, name)
+    page.evaluate(JS_TO_SUBGRAPH, [node_id])
+    count = "(n) => document.querySelectorAll('.headseg-picker').length === n"
+    page.wait_for_function(count, arg=1, timeout=10_000)  # the one inside the subgraph
+    page.evaluate("() => { app.graph.clear(); app.canvas.setDirty(true, true); }")
+    page.wait_for_function(count, arg=0, timeout=10_000)
+    node_id = add_picker(page, name)  # a new picker gets the same node id: no stale element to confuse
+    wait_picture_ready(page, node_id)
+    assert page.evaluate(count, 1)
+    # deleting the subgraph node leaves its definition behind in the workflow: its picker goes too
+    sg = page.evaluate(JS_TO_SUBGRAPH, [node_id])
+    page.wait_for_function(count, arg=1, timeout=10_000)
+    page.evaluate("(sg) => { app.graph.remove(app.graph.getNodeById(sg)); app.canvas.setDirty(true, true); }", sg)
+    page.wait_for_function(count, arg=0, timeout=10_000)
+    assert comfy_page.pack_problems() == []
+
+
+def test_a_copied_picker_keeps_nothing_running_once_its_node_is_deleted(open_page):
+    """Copying a node (Ctrl+C), cloning it or alt-dragging it builds a throwaway copy of it
+    (node.clone()) that is never added to a graph: its picker must not stay live. Once the only
+    Mask Select node is deleted, the pickers' timer stops. (A fresh tab: the timer is watched from
+    the moment it starts.)"""
+    tab = open_page()
+    page = tab.page
+    page.evaluate(
+        """() => { app.graph.clear();
+             const timers = window.__headsegTimers = {started: [], stopped: []};
+             const set = window.setInterval, clear = window.clearInterval;
+             window.setInterval = function (fn, ...rest) {
+               const id = set.call(window, fn, ...rest);
+               if (typeof fn === 'function' && String(fn).includes('dropIfGone')) timers.started.push(id);
+               return id; };
+             window.clearInterval = function (id) { timers.stopped.push(id); return clear.call(window, id); }; }"""
+    )
+    node_id = page.evaluate(
+        """() => { const node = LiteGraph.createNode('HeadSeg_MaskSelectAtPixel'); node.pos = [100, 100];
+                   app.graph.add(node); app.canvas.setDirty(true, true); return node.id; }"""
+    )
+    settle(page, 600)
+    page.evaluate(
+        """(id) => { const node = app.graph.getNodeById(id);
+                     app.canvas.copyToClipboard([node]); app.canvas.copyToClipboard([node]);
+                     app.graph.remove(node); app.canvas.setDirty(true, true); }""",
+        node_id,
+    )
+    settle(page, 2500)  # past the grace a picker out of the workflow gets, and a tick of the timer
+    timers = page.evaluate("() => window.__headsegTimers")
+    assert len(timers["started"]) == 1, timers
+    assert timers["started"][0] in timers["stopped"], timers
+    assert tab.pack_problems() == []

@@ -1,0 +1,110 @@
+"""The picker's strip of mask thumbnails: hovering previews a mask, a click chooses it, what assistive
+technology is told, the wheel over the strip, and a run that rebuilds the strip under the pointer.
+"""
+
+from __future__ import annotations
+
+
+from headseg.tests.browser.helpers import (
+    JS_WIDGETS,
+    add_picker,
+    click_pixel,
+    frame_rect,
+    picker_selector,
+    selected_thumbs,
+    settle,
+    synthetic_run,
+)
+
+
+def _hovering(page, sel):
+    return page.evaluate("(sel) => document.querySelector(sel + ' .headseg-frame').classList.contains('headseg-hovering')", sel)
+
+
+def test_thumbnail_hover_previews_and_leaving_restores_and_click_picks_that_mask(comfy_page, pictures):
+    """Hovering a thumbnail shows its mask on the picture, leaving brings the picture back, and a click
+    chooses that mask (index) and outlines its thumbnail."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page)
+    sel = picker_selector(node_id)
+    synthetic_run(page, node_id, name, (W, H), (0, 0), masks=3, stored=False)  # widgets ask for (0, 0): fresh
+    settle(page)
+    thumbs = page.query_selector_all(sel + " .headseg-thumb")
+    assert len(thumbs) == 3
+    thumbs[1].hover()
+    settle(page, 300)
+    assert _hovering(page, sel)
+    page.mouse.move(5, 5)  # leaves the thumbnail: the picture comes back
+    settle(page, 300)
+    assert not _hovering(page, sel)
+    for target in (2, 1):
+        thumbs[target].click()
+        settle(page, 250)
+        assert page.evaluate(JS_WIDGETS, node_id)["index"] == target
+        assert selected_thumbs(page, sel) == [str(target)]
+    assert comfy_page.pack_problems() == []
+
+
+def test_thumbnails_tell_assistive_technology_which_mask_is_chosen_and_when_they_are_stale(comfy_page, pictures):
+    """The chosen thumbnail is marked by its outline and a stale strip by its fading: both are also
+    exposed (aria-pressed, aria-disabled), and each thumbnail is named by its mask's details."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page)
+    sel = picker_selector(node_id)
+    synthetic_run(page, node_id, name, (W, H), (0, 0), masks=3, stored=False)
+    settle(page)
+    aria = "(bs) => bs.map(b => [b.getAttribute('aria-label'), b.getAttribute('aria-pressed'), b.getAttribute('aria-disabled')])"
+    got = page.eval_on_selector_all(sel + " .headseg-thumb", aria)
+    assert got == [
+        ["mask 0, 10 px, k=2, cluster 0", "true", "false"],
+        ["mask 1, 20 px, k=2, cluster 1", "false", "false"],
+        ["mask 2, 30 px, k=2, cluster 2", "false", "false"],
+    ]
+    page.query_selector_all(sel + " .headseg-thumb")[2].click()
+    settle(page, 250)
+    assert [g[1] for g in page.eval_on_selector_all(sel + " .headseg-thumb", aria)] == ["false", "false", "true"]
+    click_pixel(page, node_id, (W, H), (30, 40))  # another pixel: the thumbnails are the old one's
+    assert [g[2] for g in page.eval_on_selector_all(sel + " .headseg-thumb", aria)] == ["true"] * 3
+    assert comfy_page.pack_problems() == []
+
+
+def test_wheel_over_the_thumbnail_strip_does_not_zoom(comfy_page, pictures):
+    """The strip scrolls its thumbnails: the wheel there never zooms the canvas."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page)
+    sel = picker_selector(node_id)
+    synthetic_run(page, node_id, name, (W, H), (0, 0), masks=8, stored=False)
+    settle(page)
+    box = page.eval_on_selector(sel + " .headseg-strip", "e => e.getBoundingClientRect().toJSON()")
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    before = page.evaluate("() => app.canvas.ds.scale")
+    page.mouse.wheel(0, -240)
+    settle(page)
+    assert page.evaluate("() => app.canvas.ds.scale") == before
+    assert comfy_page.pack_problems() == []
+
+
+def test_a_run_that_replaces_the_hovered_thumbnail_leaves_no_mask_over_the_picture(comfy_page, pictures):
+    """A run's result can arrive while the pointer rests on a thumbnail: the strip is rebuilt under it
+    and the browser sends the removed thumbnail no pointerleave. The mask it previewed must not stay
+    drawn over the picture (here the new run finds fewer masks: nothing lies under the pointer)."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page)
+    sel = picker_selector(node_id)
+    synthetic_run(page, node_id, name, (W, H), (0, 0), masks=3, stored=False)
+    settle(page)
+    page.query_selector_all(sel + " .headseg-thumb")[2].hover()
+    settle(page, 300)
+    assert _hovering(page, sel)
+    synthetic_run(page, node_id, name, (W, H), (0, 0), masks=1, stored=False)
+    settle(page)
+    rect = frame_rect(page, node_id)
+    page.mouse.move(rect["left"] + rect["width"] / 2, rect["top"] + rect["height"] / 2, steps=5)
+    settle(page, 300)
+    assert len(page.query_selector_all(sel + " .headseg-thumb")) == 1
+    assert not _hovering(page, sel)
+    assert comfy_page.pack_problems() == []

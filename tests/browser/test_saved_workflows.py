@@ -1,0 +1,178 @@
+"""Workflows saved by older versions: older or damaged widget layouts load with clean numbers, and
+Upsample's former error_map output is rewired to an Upsampling Error Map node (also in subgraphs).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from headseg.tests.browser.helpers import (
+    JS_TO_SUBGRAPH,
+    JS_WIDGETS,
+    PICKER,
+    WORKFLOWS_DIR,
+    settle,
+    wait_picture_ready,
+)
+
+
+def old_layout_workflow(picture: str) -> dict:
+    """A saved workflow with three picker nodes in older or damaged widget layouts."""
+
+    def picker(node_id, pos, values, inputs):
+        return {
+            "id": node_id, "type": PICKER, "pos": pos, "size": [300, 420], "flags": {}, "order": node_id,
+            "mode": 0, "inputs": inputs, "outputs": [{"name": "mask", "type": "MASK", "links": None}],
+            "properties": {"Node name for S&R": PICKER}, "widgets_values": values,
+        }  # fmt: skip
+
+    return {
+        "last_node_id": 5, "last_link_id": 1, "version": 0.4, "config": {}, "extra": {}, "groups": [],
+        "nodes": [
+            {"id": 1, "type": "LoadImage", "pos": [0, 0], "size": [300, 320], "flags": {}, "order": 0, "mode": 0,
+             "inputs": [], "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [1]},
+                                       {"name": "MASK", "type": "MASK", "links": None}],
+             "properties": {}, "widgets_values": [picture, "image"]},
+            # older layout: only x and y were widgets; inputs listed the old way
+            picker(2, [350, 0], [40, 30], [{"name": "masks", "type": "HEADSEG_MASKS", "link": None},
+                                           {"name": "image", "type": "IMAGE", "link": 1}]),
+            # a layout that saved an extra value for the picker itself
+            picker(3, [700, 0], [41, 31, 2, {"picker": {"x": 41}}], [{"name": "masks", "type": "HEADSEG_MASKS", "link": None}]),
+            # damaged values: strings, null, NaN-producing text
+            picker(4, [1050, 0], ["42", None, "abc"], [
+                {"name": "masks", "type": "HEADSEG_MASKS", "link": None},
+                {"name": "x", "type": "INT", "widget": {"name": "x"}, "link": None}]),
+            # out of range and fractional
+            picker(5, [1400, 0], [-7, 99999999, 1.6], [{"name": "masks", "type": "HEADSEG_MASKS", "link": None}]),
+        ],
+        "links": [[1, 1, 0, 2, 1, "IMAGE"]],
+    }  # fmt: skip
+
+
+def test_old_widget_layout_loads(comfy_page, pictures, comfy_server):
+    page = comfy_page.page
+    spec = comfy_server.object_info()[PICKER]["input"]["required"]
+    defaults = {k: spec[k][1]["default"] for k in ("x", "y", "index")}
+    workflow = old_layout_workflow(pictures["landscape"][0])
+    page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'old-layout'); }", workflow)
+    settle(page, 800)
+    got = {i: page.evaluate(JS_WIDGETS, i) for i in (2, 3, 4, 5)}
+    assert got[2] == {"x": 40, "y": 30, "index": defaults["index"]}
+    assert got[3] == {"x": 41, "y": 31, "index": 2}
+    assert got[4] == {"x": 42, "y": defaults["y"], "index": defaults["index"]}
+    assert got[5] == {"x": spec["x"][1]["min"], "y": spec["y"][1]["max"], "index": 2}
+    # every picker got its DOM, node 2 shows the picture of the Load Image it is linked to
+    assert page.evaluate("() => document.querySelectorAll('.headseg-picker').length") == 4
+    wait_picture_ready(page, 2)
+    # and the prompt ComfyUI would queue carries clean integers
+    prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
+    for i in ("2", "3", "4", "5"):
+        for k in ("x", "y", "index"):
+            v = prompt[i]["inputs"][k]
+            assert isinstance(v, int) and v >= 0, (i, k, v)
+    assert comfy_page.pack_problems() == []
+    assert not [p for p in comfy_page.problems() if re.search(r"\bNaN\b", p)]
+
+
+def explore_as_saved_before_the_error_map_node() -> dict:
+    """The explore example as it was saved when Upsample had a second output, error_map, linked to a
+    Preview Image (node 15)."""
+    wf = json.loads((WORKFLOWS_DIR / "headseg_explore.json").read_text())
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    up, shown = nodes[10], nodes[15]
+    assert up["type"] == "HeadSeg_Upsample" and shown["type"] == "HeadSeg_UpsamplingError"
+    link = next(l for l in wf["links"] if l[3] == 15)  # Upsample stack -> the error-map node
+    link[2], link[5] = 1, "IMAGE"  # from Upsample's old second output
+    up["outputs"][0]["links"].remove(link[0])
+    up["outputs"].append({"name": "error_map", "type": "IMAGE", "links": [link[0]], "slot_index": 1})
+    shown.update(type="PreviewImage", inputs=[{"name": "images", "type": "IMAGE", "link": link[0]}], outputs=[],
+                 properties={"Node name for S&R": "PreviewImage"})  # fmt: skip
+    return wf
+
+
+def test_a_workflow_saved_with_upsamples_error_map_output_is_rewired(comfy_page):
+    """Old workflows queue as before: the links of Upsample's former error_map output now come from
+    an Upsampling Error Map node fed by the same Upsample, and Upsample keeps one output."""
+    page = comfy_page.page
+    page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'old-error-map'); }",
+                  explore_as_saved_before_the_error_map_node())  # fmt: skip
+    settle(page, 800)
+    prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
+    maps = [i for i, n in prompt.items() if n["class_type"] == "HeadSeg_UpsamplingError"]
+    assert len(maps) == 1
+    assert prompt[maps[0]]["inputs"]["stack"] == ["10", 0]
+    assert prompt["15"]["class_type"] == "PreviewImage" and prompt["15"]["inputs"]["images"] == [maps[0], 0]
+    outputs = page.evaluate("() => app.graph.getNodeById(10).outputs.map(o => o.name)")
+    assert outputs == ["stack"]
+    assert comfy_page.pack_problems() == []
+
+
+def test_an_old_error_map_output_inside_a_subgraph_is_rewired(comfy_page):
+    """The explore example's Upsample and error-map preview in a subgraph, saved when Upsample had the
+    error_map output: opening it rewires the subgraph as the root graph is rewired."""
+    page = comfy_page.page
+    wf = json.loads((WORKFLOWS_DIR / "headseg_explore.json").read_text())
+    page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'subgraph-old-error-map'); }", wf)
+    settle(page, 500)
+    saved = json.loads(page.evaluate("async (ids) => { await (" + JS_TO_SUBGRAPH + ")(ids);"
+                                     " return JSON.stringify(app.graph.serialize()); }", [10, 15]))  # fmt: skip
+    (definition,) = saved["definitions"]["subgraphs"]
+    nodes = {n["id"]: n for n in definition["nodes"]}
+    up, shown = nodes[10], nodes[15]
+    link = next(l for l in definition["links"] if l["target_id"] == 15)  # Upsample stack -> error-map node
+    link.update(origin_slot=1, type="IMAGE")  # as from Upsample's old second output
+    up["outputs"][0]["links"].remove(link["id"])
+    up["outputs"].append({"name": "error_map", "type": "IMAGE", "links": [link["id"]], "slot_index": 1})
+    shown.update(type="PreviewImage", inputs=[{"name": "images", "type": "IMAGE", "link": link["id"]}], outputs=[],
+                 properties={"Node name for S&R": "PreviewImage"}, widgets_values=[])  # fmt: skip
+    page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'subgraph-old-error-map'); }", saved)
+    settle(page, 800)
+    prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
+    maps = [i for i, n in prompt.items() if n["class_type"] == "HeadSeg_UpsamplingError"]
+    ups = [i for i, n in prompt.items() if n["class_type"] == "HeadSeg_Upsample"]
+    previews = [i for i, n in prompt.items() if n["class_type"] == "PreviewImage" and i.endswith(":15")]
+    assert len(maps) == 1 and len(ups) == 1 and len(previews) == 1, prompt
+    assert prompt[maps[0]]["inputs"]["stack"] == [ups[0], 0]
+    assert prompt[previews[0]]["inputs"]["images"] == [maps[0], 0]
+    inner = page.evaluate("() => app.graph.subgraphs.values().next().value.nodes"
+                          ".find(n => n.type === 'HeadSeg_Upsample').outputs.map(o => o.name)")  # fmt: skip
+    assert inner == ["stack"]
+    assert comfy_page.pack_problems() == []
+
+
+def test_an_old_error_map_output_that_leaves_a_subgraph_is_rewired(comfy_page):
+    """Inside a subgraph, the old error_map output fed the subgraph's output, read outside by a Preview
+    Image: the new Upsampling Error Map node takes over that link too, so the outside keeps its input."""
+    page = comfy_page.page
+    wf = json.loads((WORKFLOWS_DIR / "headseg_explore.json").read_text())
+    page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'subgraph-old-error-map-out'); }", wf)
+    settle(page, 500)
+    saved = json.loads(page.evaluate(
+        """async (ids) => { const shown = LiteGraph.createNode('PreviewImage'); shown.pos = [1400, 1400];
+             app.graph.add(shown); app.graph.getNodeById(15).connect(0, shown, 0);
+             await (""" + JS_TO_SUBGRAPH + """)(ids); return JSON.stringify(app.graph.serialize()); }""",
+        [10, 15],
+    ))  # fmt: skip
+    (definition,) = saved["definitions"]["subgraphs"]
+    nodes = {n["id"]: n for n in definition["nodes"]}
+    up = nodes[10]
+    out_link = next(l for l in definition["links"] if l["origin_id"] == 15 and l["target_id"] == -20)
+    stack_link = next(l for l in definition["links"] if l["origin_id"] == 10 and l["target_id"] == 15)
+    definition["links"].remove(stack_link)  # the error map becomes Upsample's old second output again
+    up["outputs"][0]["links"].remove(stack_link["id"])
+    out_link.update(origin_id=10, origin_slot=1)
+    up["outputs"].append({"name": "error_map", "type": "IMAGE", "links": [out_link["id"]], "slot_index": 1})
+    definition["nodes"].remove(nodes[15])
+    page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'subgraph-old-error-map-out'); }", saved)
+    settle(page, 800)
+    prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
+    maps = [i for i, n in prompt.items() if n["class_type"] == "HeadSeg_UpsamplingError"]
+    ups = [i for i, n in prompt.items() if n["class_type"] == "HeadSeg_Upsample"]
+    assert len(maps) == 1 and len(ups) == 1, prompt
+    assert prompt[maps[0]]["inputs"]["stack"] == [ups[0], 0]
+    outside = [n for i, n in prompt.items() if n["class_type"] == "PreviewImage" and ":" not in i]
+    assert [n["inputs"].get("images") for n in outside if n["inputs"].get("images", [""])[0] == maps[0]] == [
+        [maps[0], 0]
+    ], prompt
+    assert comfy_page.pack_problems() == []
