@@ -1,6 +1,6 @@
 """Mask Select At Pixel: the merged masks that contain a pixel, finest first, with the picture to click on.
 
-The node behind the click-to-pick picker and mask browser of js/headseg.js (its UI payload is
+The node behind the click-to-pick picker and mask browser of js/picker.js (its UI payload is
 described in the class docstring); the pixel maps between the picture and the masks' grid as VAE
 Encode crops a picture or, for other sizes, through a stretch.
 """
@@ -68,7 +68,7 @@ def _pixel_input(v, name: str, what: str) -> int:
 class MaskSelectAtPixel(io.ComfyNode):
     """Masks + pixel (x, y) -> the mask containing it at a chosen granularity, ready for inpainting.
 
-    UI payload (read by js/headseg.js, the click-to-pick picker and mask browser):
+    UI payload (read by js/picker.js, the click-to-pick picker and mask browser):
 
     - ``headseg_image``: [ref] the picture to click on: ``image`` 0 when connected, else a colour
       map of the merged masks (coarse painted first, finer on top); W x H = the masks' size.

@@ -1,9 +1,9 @@
 """API-format prompts saved for older HeadSeg versions -> today's nodes, before ComfyUI validates them.
 
 Up to version 0.1.0 *Upsample* had a second output, ``error_map``; it is now the node
-``HeadSeg_UpsamplingError``. The web UI rewires saved workflows when it opens them (js/headseg.js);
-prompts posted in API format never pass through the web UI, so ComfyUI hands them to
-``on_prompt`` first: every input that reads ``["<upsample id>", 1]`` is pointed at a new
+``HeadSeg_UpsamplingError``. The web UI rewires saved workflows when it opens them
+(js/error_map_migration.js); prompts posted in API format never pass through the web UI, so ComfyUI
+hands them to ``on_prompt`` first: every input that reads ``["<upsample id>", 1]`` is pointed at a new
 *Upsampling Error Map* node fed by that Upsample. Nothing here imports ComfyUI.
 """
 
