@@ -1,6 +1,6 @@
 // HeadSeg front end: the picker + mask browser of one HeadSeg_MaskSelectAtPixel node (class Picker):
-// the picture to click on, the cross on the chosen pixel, an info line and a strip of mask
-// thumbnails. The node type is hooked up to it in picker_node.js. Only exports: ComfyUI loads every
+// the picture to click on, the cross on the chosen pixel, rings on the more_points pixels
+// (shift-click: in the masks, alt-click: not), an info line and a strip of mask thumbnails. The node type is hooked up to it in picker_node.js. Only exports: ComfyUI loads every
 // .js file here as an extension module.
 //
 // UI payload read from HeadSeg_MaskSelectAtPixel (every key optional, see js/docs):
@@ -13,6 +13,8 @@
 //   headseg_index     [i]            index the MASK output carries
 //   headseg_masks     [ref, ...]     overlay picture of each mask containing the pixel, finest first
 //   headseg_mask_info [{area, k, cluster}, ...]
+//   headseg_points    [[x, y, 1|0], ...] the more_points pixels on the masks' grid (1 = in the masks)
+//   headseg_points_asked [text]      the more_points input of that run
 // where ref = {filename, subfolder, type} as served by /view.
 
 import { app } from "../../scripts/app.js";
@@ -50,6 +52,7 @@ export class Picker {
     this.hoverImg = el("img", "headseg-hover", this.frame);
     this.hoverImg.alt = "";
     this.marker = el("div", "headseg-marker", this.frame);
+    this.rings = el("div", "headseg-rings", this.frame); // one ring per more_points pixel
     this.message = el("div", "headseg-message", stage);
     this.message.textContent = NO_IMAGE_TEXT;
     this.info = el("div", "headseg-info", root);
@@ -174,12 +177,28 @@ export class Picker {
     if (!p) return;
     e.preventDefault();
     e.stopPropagation();
+    if (e.shiftKey || e.altKey) {
+      // a pixel the masks must also contain (shift) or must not contain (alt); on a ring: removed
+      const points = widget(this.node, "more_points");
+      if (!points || isLinked(this.node, "more_points")) {
+        this.info.textContent = "more_points comes from a link: shift / alt-clicks do not change it";
+        return;
+      }
+      setWidget(this.node, "more_points", pixels.togglePoint(points.value, p, !e.altKey, this.size));
+      this.sync(true);
+      recordChange();
+      return;
+    }
     if (isLinked(this.node, "x") || isLinked(this.node, "y")) {
       this.info.textContent = "x / y come from a link: clicks do not change them";
       return;
     }
     setWidget(this.node, "x", p.x);
     setWidget(this.node, "y", p.y);
+    // a plain click starts over: the pixels added by shift / alt-click went with the previous pick
+    if (widget(this.node, "more_points")?.value && !isLinked(this.node, "more_points")) {
+      setWidget(this.node, "more_points", "");
+    }
     this.sync(true);
     recordChange(); // one undo step per pick (the pointerdown handled here sends no mouseup)
   }
@@ -190,6 +209,7 @@ export class Picker {
   }
 
   updateMarker() {
+    this.updateRings();
     const p = this.currentPixel();
     if (!p || !this.size || p.x < 0 || p.y < 0 || p.x >= this.size[0] || p.y >= this.size[1]) {
       this.marker.style.display = "none";
@@ -198,6 +218,20 @@ export class Picker {
     this.marker.style.display = "block";
     this.marker.style.left = `${((p.x + 0.5) / this.size[0]) * 100}%`;
     this.marker.style.top = `${((p.y + 0.5) / this.size[1]) * 100}%`;
+  }
+
+  /** A ring on each more_points pixel inside the grid: green = in the masks, red = not. */
+  updateRings() {
+    const size = this.size;
+    const inside = (q) => size && q.x >= 0 && q.y >= 0 && q.x < size[0] && q.y < size[1];
+    const points = pixels.currentPoints(this.node, this.output).filter(inside);
+    this.rings.replaceChildren();
+    for (const q of points) {
+      const ring = el("div", q.keep ? "headseg-ring" : "headseg-ring headseg-ring-out", this.rings);
+      ring.style.left = `${((q.x + 0.5) / size[0]) * 100}%`;
+      ring.style.top = `${((q.y + 0.5) / size[1]) * 100}%`;
+      ring.title = `${q.keep ? "in" : "not in"} the masks: ${q.x}, ${q.y}`;
+    }
   }
 
   /** Payload pixel differs from the widgets: thumbnails are for another pixel. */
@@ -209,6 +243,10 @@ export class Picker {
     const p = this.currentPixel();
     const parts = [];
     if (p) parts.push(`x ${p.x}, y ${p.y}`);
+    const points = pixels.currentPoints(this.node, this.output);
+    const kept = points.filter((q) => q.keep).length;
+    if (kept) parts.push(`+${kept} in`);
+    if (points.length > kept) parts.push(`${points.length - kept} out`);
     if (this.size) parts.push(`${this.size[0]}×${this.size[1]}`);
     const n = this.masks().filter((ref) => fileUrl(ref)).length;
     if (n) {
@@ -277,7 +315,8 @@ export class Picker {
   sync(force = false) {
     const p = this.currentPixel();
     const index = Number(widget(this.node, "index")?.value);
-    const key = `${p?.x},${p?.y},${index},${this.size}`;
+    const more = widget(this.node, "more_points")?.value;
+    const key = `${p?.x},${p?.y},${index},${this.size},${more}`;
     if (!force && key === this.shown.key) return;
     this.shown.key = key;
     this.updateMarker();
@@ -299,6 +338,7 @@ export class Picker {
     if (!output || typeof output !== "object") return;
     this.output = output;
     this.adoptMappedPixel();
+    pixels.adoptMappedPoints(this.node, this.output);
     this.refreshSource();
     this.buildStrip();
     this.sync(true);

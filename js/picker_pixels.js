@@ -53,8 +53,9 @@ export function currentPixel(node, output) {
   return { x, y };
 }
 
-/** Payload pixel differs from the widgets: thumbnails are for another pixel. */
+/** Payload pixel (or more_points) differs from the widgets: thumbnails are for another pixel. */
 export function isStale(node, output) {
+  if (pointsStale(node, output)) return true;
   const p = currentPixel(node, output);
   const q = output?.headseg_pixel;
   if (!p || !Array.isArray(q) || q.length < 2) return false;
@@ -88,4 +89,68 @@ function lastRunPixels(output) {
 /** Whether the widgets of these axes still hold the pixel's coordinates. */
 function widgetsHold(node, axes, pixel) {
   return axes.every(([name, i]) => Number(widget(node, name)?.value) === Number(pixel[i]));
+}
+
+// ------------------------------------------------------------------ more_points (shift / alt-click)
+// The node's more_points text: "x,y" pairs separated by ";", a leading "-" for a pixel the masks must
+// not contain (nodes/core/masks.py parse_points reads the same text; entries it would refuse are
+// skipped here, the node names them when queued).
+
+/** "12,40; -300,200" -> [{x: 12, y: 40, keep: true}, {x: 300, y: 200, keep: false}]. */
+export function parsePoints(text) {
+  if (typeof text !== "string") return [];
+  const points = [];
+  for (const raw of text.split(/[;\n]/)) {
+    const m = /^\s*(-?)\s*(\d+)\s*,\s*(\d+)\s*$/.exec(raw);
+    if (m) points.push({ x: Number(m[2]), y: Number(m[3]), keep: m[1] !== "-" });
+  }
+  return points;
+}
+
+/** [{x, y, keep}] -> "12,40; -300,200". */
+export function formatPoints(points) {
+  return points.map((p) => `${p.keep ? "" : "-"}${p.x},${p.y}`).join("; ");
+}
+
+/** more_points text with pixel p toggled: an entry within a few pixels of it (2 % of the grid's
+ * longer side, at least 2) is removed, whatever its sign; else p is added, kept in (keep) or left
+ * out. size: [W, H] of the grid. */
+export function togglePoint(text, p, keep, size) {
+  const points = parsePoints(text);
+  const reach = Math.max(2, Math.round(0.02 * Math.max(...(size ?? [0, 0]))));
+  const near = points.findIndex((q) => Math.abs(q.x - p.x) <= reach && Math.abs(q.y - p.y) <= reach);
+  if (near >= 0) points.splice(near, 1);
+  else points.push({ x: p.x, y: p.y, keep });
+  return formatPoints(points);
+}
+
+/** The pixels of more_points to mark: the widget's, or the last run's (mapped onto the masks' grid)
+ * while the widget still holds the text that run was asked, or fed by a link. */
+export function currentPoints(node, output) {
+  const asked = output?.headseg_points_asked?.[0];
+  const used = output?.headseg_points;
+  const text = widget(node, "more_points")?.value;
+  const ran = Array.isArray(used) && (isLinked(node, "more_points") || (typeof asked === "string" && text === asked));
+  if (ran) return used.filter((q) => Array.isArray(q) && q.length >= 3).map(([x, y, k]) => ({ x, y, keep: !!k }));
+  return parsePoints(text);
+}
+
+/** The widget's more_points differ from those of the last run: its thumbnails are for other points. */
+export function pointsStale(node, output) {
+  const asked = output?.headseg_points_asked?.[0];
+  if (typeof asked !== "string" || isLinked(node, "more_points")) return false;
+  const text = widget(node, "more_points")?.value ?? "";
+  const used = (output?.headseg_points ?? []).map(([x, y, k]) => ({ x, y, keep: !!k }));
+  return text !== asked && formatPoints(parsePoints(text)) !== formatPoints(used);
+}
+
+/** As adoptMappedPixel for more_points: while the widget still holds the text of the last run, whose
+ * pixels it mapped onto the masks' grid, the widget takes the pixels it used. */
+export function adoptMappedPoints(node, output) {
+  const asked = output?.headseg_points_asked?.[0];
+  const used = output?.headseg_points;
+  if (typeof asked !== "string" || !Array.isArray(used) || isLinked(node, "more_points")) return;
+  if (widget(node, "more_points")?.value !== asked) return;
+  const text = formatPoints(used.map(([x, y, k]) => ({ x, y, keep: !!k })));
+  if (formatPoints(parsePoints(asked)) !== text) setWidget(node, "more_points", text);
 }

@@ -1,0 +1,111 @@
+"""Mask Select At Pixel's picker and more_points: shift-click adds a pixel the masks must contain, alt-click
+one they must not, a click on a ring removes it, a plain click starts over; rings on those pixels, the
+info line, stale thumbnails until a run with those points, each change one undo step, and the pixels a
+run mapped onto the masks' grid taken over by the widget.
+"""
+
+from __future__ import annotations
+
+from headseg.tests.browser.helpers import (
+    JS_CHECK_STATE,
+    add_picker,
+    click_pixel,
+    frame_rect,
+    picker_selector,
+    settle,
+    wait_picture_ready,
+)
+
+JS_MORE = "(id) => app.graph.getNodeById(id).widgets.find(w => w.name === 'more_points').value"
+JS_RINGS = """(sel) => [...document.querySelectorAll(sel + ' .headseg-ring')].map(r => ({
+  out: r.classList.contains('headseg-ring-out'), left: r.style.left, top: r.style.top }))"""
+JS_XY = "(id) => ['x', 'y'].map(a => app.graph.getNodeById(id).widgets.find(w => w.name === a).value)"
+JS_UNDO = "() => app.extensionManager.workflow.activeWorkflow.changeTracker.undoQueue.length"
+
+
+def click_with(page, node_id, size, pixel, key):
+    page.keyboard.down(key)
+    try:
+        click_pixel(page, node_id, size, pixel)
+    finally:
+        page.keyboard.up(key)
+
+
+def run_payload(page, node_id, name, size, pixel, asked_points: str, used_points: list):
+    """Feeds the picker a run's payload for ``pixel`` (None: the widgets' x, y) and these more_points."""
+    pixel = pixel or page.evaluate(JS_XY, node_id)
+    ref = {"filename": name, "subfolder": "", "type": "input"}
+    payload = {
+        "headseg_image": [ref], "headseg_size": list(size), "headseg_pixel": list(pixel),
+        "headseg_pixel_asked": list(pixel), "headseg_index": [0], "headseg_masks": [ref, ref],
+        "headseg_mask_info": [{"area": 10, "k": 2, "cluster": 0}, {"area": 20, "k": 2, "cluster": 1}],
+        "headseg_points": used_points, "headseg_points_asked": [asked_points],
+    }  # fmt: skip
+    page.evaluate(
+        "([id, p]) => { app.nodeOutputs[String(id)] = p; app.graph.getNodeById(id).onExecuted(p); }", [node_id, payload]
+    )
+    wait_picture_ready(page, node_id)
+
+
+def stale(page, sel) -> bool:
+    return page.eval_on_selector(sel + " .headseg-strip", "s => s.classList.contains('headseg-stale')")
+
+
+def test_shift_and_alt_clicks_add_pixels_in_and_out_and_a_plain_click_starts_over(comfy_page, pictures, screenshots):
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page, name)
+    sel = picker_selector(node_id)
+    wait_picture_ready(page, node_id)
+    run_payload(page, node_id, name, (W, H), None, "", [])
+    xy = page.evaluate(JS_XY, node_id)
+    assert not stale(page, sel) and page.evaluate(JS_RINGS, sel) == []
+    page.evaluate(JS_CHECK_STATE)
+    undo = page.evaluate(JS_UNDO)
+
+    a, b = (W // 4, H // 2), (3 * W // 4, H // 4)
+    click_with(page, node_id, (W, H), a, "Shift")
+    assert page.evaluate(JS_MORE, node_id) == f"{a[0]},{a[1]}"
+    rings = page.evaluate(JS_RINGS, sel)
+    assert len(rings) == 1 and not rings[0]["out"]
+    assert abs(float(rings[0]["left"].rstrip("%")) - (a[0] + 0.5) / W * 100) < 1e-3
+    assert stale(page, sel)  # the thumbnails are for the run without that pixel
+    assert "+1 in" in page.inner_text(sel + " .headseg-info")
+    click_with(page, node_id, (W, H), b, "Alt")
+    assert page.evaluate(JS_MORE, node_id) == f"{a[0]},{a[1]}; -{b[0]},{b[1]}"
+    assert [r["out"] for r in page.evaluate(JS_RINGS, sel)] == [False, True]
+    assert "1 out" in page.inner_text(sel + " .headseg-info")
+    page.screenshot(path=str(screenshots / "picker-more-points.png"))
+    assert page.evaluate(JS_XY, node_id) == xy  # shift / alt-clicks leave x and y alone
+
+    # a click on a ring (a pixel or two off) removes it, whatever its kind
+    click_with(page, node_id, (W, H), (a[0] + 1, a[1] - 1), "Alt")
+    assert page.evaluate(JS_MORE, node_id) == f"-{b[0]},{b[1]}"
+    assert page.evaluate(JS_UNDO) == undo + 3  # one undo step per change
+    # a run with those points: the thumbnails are fresh
+    run_payload(page, node_id, name, (W, H), None, f"-{b[0]},{b[1]}", [[b[0], b[1], 0]])
+    assert not stale(page, sel)
+    # a plain click: the new pixel alone
+    click_pixel(page, node_id, (W, H), (5, 6))
+    assert page.evaluate(JS_MORE, node_id) == "" and page.evaluate(JS_RINGS, sel) == []
+    assert comfy_page.pack_problems() == []
+
+
+def test_points_a_run_mapped_onto_the_grid_are_taken_over_by_the_widget(comfy_page, pictures):
+    """Shift-clicks on the picture before the first run give its pixels; the run maps them onto the masks'
+    grid (here half the size) and the widget then holds the mapped pixels, as x and y do."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page, name)
+    sel = picker_selector(node_id)
+    wait_picture_ready(page, node_id)
+    click_with(page, node_id, (W, H), (W - 3, H - 5), "Shift")
+    asked = page.evaluate(JS_MORE, node_id)
+    assert asked == f"{W - 3},{H - 5}"
+    run_payload(page, node_id, name, (W // 2, H // 2), None, asked, [[(W - 3) // 2, (H - 5) // 2, 1]])
+    settle(page, 250)
+    assert page.evaluate(JS_MORE, node_id) == f"{(W - 3) // 2},{(H - 5) // 2}"
+    assert not stale(page, sel)
+    (ring,) = page.evaluate(JS_RINGS, sel)
+    assert abs(float(ring["left"].rstrip("%")) - ((W - 3) // 2 + 0.5) / (W // 2) * 100) < 1e-3
+    assert frame_rect(page, node_id)["width"] > 20
