@@ -72,3 +72,27 @@ def test_head_pca_reading_another_record_nodes_recording_is_named(comfy_server):
     prompt["6"]["inputs"]["model"] = ["2", 0]
     result = comfy_server.run(prompt, timeout=300)
     assert result.ok, result.error  # the server is fine for the next prompt
+
+
+def _to_mask_select(server, more_points, seed):
+    """_prompt's Head PCA -> Upsample -> Multi K-Means -> Mask Merge -> Mask Select with ``more_points``."""
+    prompt = _prompt(server, seed=seed)
+    prompt.update({
+        "10": {"class_type": "HeadSeg_Upsample", "inputs": {"features": ["7", 0], "mode": "bilinear", "reweight": False}},
+        "11": {"class_type": "HeadSeg_MultiKMeans", "inputs": {"stack": ["10", 0], "cluster_counts": "2,3", "seed": 0}},
+        "12": {"class_type": "HeadSeg_MaskMerge", "inputs": {"clusters": ["11", 0], "iou_threshold": 0.9, "min_area": 0.0}},
+        "13": {"class_type": "HeadSeg_MaskSelectAtPixel", "inputs": {
+            "masks": ["12", 0], "x": 10, "y": 20, "index": 0, "more_points": more_points}},
+    })  # fmt: skip
+    return prompt
+
+
+def test_mask_select_more_points_refused_when_malformed_and_run_when_well_formed(comfy_server):
+    answer = _queue(comfy_server, _to_mask_select(comfy_server, "12,40; oops", seed=21))
+    errors = answer["node_errors"]["13"]["errors"]  # the preview still runs
+    assert any("more_points: expected 'x,y' pixels" in e["details"] and "entry 2 is 'oops'" in e["details"] for e in errors), errors
+    result = comfy_server.run(_to_mask_select(comfy_server, "40,50; -1000,3", seed=21), timeout=300)
+    assert result.ok, result.error
+    ui = result.outputs("13")
+    assert ui["headseg_points_asked"] == ["40,50; -1000,3"]
+    assert ui["headseg_points"] == [[40, 50, 1], [63, 3, 0]]  # the 64x64 image: a pixel past the edge is moved
