@@ -40,7 +40,8 @@ from .node_utils import (
 class HeadPCA(io.ComfyNode):
     """Recording -> per-head PCA features (+ PCA->RGB picture of every head).
 
-    UI payload: ``images`` (the PCA->RGB grid of image 0), ``text`` (one summary line) and
+    UI payload: ``images`` (the PCA->RGB grid of image 0, every f-th pixel of a grid longer than
+    _PCA_PREVIEW_SIDE), ``text`` (one summary line) and
     ``headseg_summary`` [{recorded_heads, recorded_layers, selected_heads, selected_layers,
     image_size [H, W], components, model}].
     """
@@ -121,7 +122,8 @@ class HeadPCA(io.ComfyNode):
                     tooltip=(
                         "First three components of every selected head as RGB, one tile per head (the "
                         "image's shape, 64 px on its longer side), one row per layer in UNet order (image 0 "
-                        "of the batch)."
+                        f"of the batch). Every pixel; the node itself shows a grid longer than {_PCA_PREVIEW_SIDE} px "
+                        "(SDXL's) at every 2nd (or n-th) pixel."
                     ),
                 ),
             ],
@@ -198,8 +200,22 @@ class HeadPCA(io.ComfyNode):
             note = f"layer(s) {', '.join(skipped)} not recorded in this run (see the log): their heads are left out"
             text += "; " + note
             log.warning("HeadSeg Head PCA: %s", note)
-        ui = {"images": preview_refs(grid), "text": [text], "headseg_summary": [summary]}
+        ui = {"images": preview_refs(_pca_preview(grid)), "text": [text], "headseg_summary": [summary]}
         return io.NodeOutput(features, grid, ui=ui)
+
+
+# Head PCA's preview PNG has at most this many pixels on its longer side; the pca_rgb output keeps every
+# pixel. SDXL's grid of 60 layers is 3840 x 1280 (a PNG of several MB, ~0.26 s on a 2-core CPU); SD2.1's
+# 960 x 1280 fits.
+_PCA_PREVIEW_SIDE = 2048
+
+
+def _pca_preview(grid: torch.Tensor) -> torch.Tensor:
+    """pca_rgb [1, H, W, 3] -> the picture the node shows, [1, ceil(H / f), ceil(W / f), 3]: every f-th row and
+    column from the first (nearest, so token cells stay sharp), f the smallest integer that brings the longer
+    side to at most _PCA_PREVIEW_SIDE; the grid itself (f = 1) when it fits."""
+    f = math.ceil(max(grid.shape[1:3]) / _PCA_PREVIEW_SIDE)
+    return grid if f == 1 else grid[:, ::f, ::f]  # a view
 
 
 def _recorded_levels(rec, positions) -> list[int]:

@@ -111,3 +111,27 @@ def test_mask_select_thumbnails_at_512_squared_pixels_worth(utils, comfy_folders
     for ref in out.ui["headseg_masks"]:
         w, h = size(ref)
         assert 0.99 * 512 * 512 <= w * h <= 512 * 512 and abs(w / h - W / H) < 0.01
+
+
+def test_head_pca_shows_a_long_grid_at_every_other_pixel_and_outputs_all_of_it(utils, comfy_folders):
+    """SDXL's 60 layers of down+up make a 3840 x 1280 grid: the node's preview PNG holds every 2nd row and
+    column of it (at most 2048 px per side, the colours the PNG writer makes of them), the pca_rgb
+    output every pixel; SD2.1's 960 x 1280 grid is shown whole."""
+    import numpy as np
+    from PIL import Image
+
+    from headseg.nodes import pipeline_nodes
+    from headseg.tests.core.planted import nested_scene, planted_recording, sd21_layout, sdxl_layout
+
+    def shown(ref):
+        with Image.open(comfy_folders["temp"] / ref["subfolder"] / ref["filename"]) as im:
+            return torch.from_numpy(np.array(im))  # [h, w, 3] uint8
+
+    eight_bit = lambda x: (255.0 * x).clamp(0, 255).to(torch.uint8)  # noqa: E731  as ComfyUI's writer
+    for layout, size, f in ((sdxl_layout(), (3840, 1280), 2), (sd21_layout(), (960, 1280), 1)):
+        rec = planted_recording(nested_scene(32, 32), layout, d=8, noise=0.5, seed=0)
+        out = pipeline_nodes.HeadPCA.execute(rec, "down+up", "all", 3, device="cpu")
+        grid = out.args[1]  # [1, H, W, 3]
+        assert tuple(grid.shape) == (1, *size, 3)
+        (ref,) = out.ui["images"]
+        assert torch.equal(shown(ref), eight_bit(grid[0, ::f, ::f]))
