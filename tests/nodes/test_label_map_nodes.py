@@ -248,3 +248,34 @@ def test_comfyui_hands_the_workflow_to_the_picture_unless_metadata_is_disabled(s
         assert set(text) == {"prompt", "workflow", "headseg"}
         assert json.loads(text["prompt"])["7"]["class_type"] == "HeadSeg_SaveLabelMaps"
         assert json.loads(text["workflow"]) == {"nodes": [7]}
+
+
+def test_a_batch_is_written_on_several_threads_with_the_bytes_of_one_at_a_time(save, sweep, comfy_folders, monkeypatch):
+    """Two writes overlap (each waits for the other at a barrier, which a one-at-a-time writer never
+    passes), and every file has the bytes it gets when the files are written one after another."""
+    import os
+    import threading
+
+    from headseg.nodes import label_map_nodes
+
+    pictures = torch.rand(2, H, W, 3, generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(label_map_nodes, "_PNG_THREADS", 1, raising=False)
+    save.execute(sweep, "one/x", pictures)
+    monkeypatch.setattr(label_map_nodes, "_PNG_THREADS", 8, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    real_save, meet, threads = Image.Image.save, threading.Barrier(2), set()
+
+    def save_meeting(picture, fp, *args, **kwargs):
+        threads.add(threading.get_ident())
+        if str(fp).endswith(("_00001_k2.png", "_00001_k4.png")):
+            meet.wait(timeout=10)  # BrokenBarrierError unless both are being written at once
+        return real_save(picture, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save_meeting)
+    save.execute(sweep, "many/x", pictures)
+    assert len(threads) > 1
+    one, many = comfy_folders["output"] / "one", comfy_folders["output"] / "many"
+    names = sorted(p.name for p in one.iterdir())
+    assert len(names) == 2 * 4 and names == sorted(p.name for p in many.iterdir())
+    for name in names:
+        assert (one / name).read_bytes() == (many / name).read_bytes(), name
