@@ -16,6 +16,7 @@ import threading
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
@@ -216,20 +217,49 @@ def _write_previews(images: torch.Tensor) -> list[dict]:
     by ComfyUI's own writer as its previews are (temp folder, compress level 1), under one random
     prefix per batch with the picture's index appended: no two threads count up the same name.
     """
-    B = images.shape[0]
-    workers = min(B, _PNG_THREADS, os.cpu_count() or 1)
-    prefix = f"ComfyUI_temp_headseg_{secrets.token_hex(4)}"
 
-    def write(b: int) -> list:
+    def write(b: int, prefix: str) -> list:
         return ui.ImageSaveHelper.save_images(
-            images[b : b + 1], filename_prefix=f"{prefix}_{b}", folder_type=ui.FolderType.temp, cls=None, compress_level=1
+            images[b : b + 1], filename_prefix=prefix, folder_type=ui.FolderType.temp, cls=None, compress_level=1
         )
 
+    return _write_each(images.shape[0], write)
+
+
+def label_previews(maps: list[tuple[torch.Tensor, torch.Tensor]]) -> list[dict]:
+    """[(labels [H, W] ints in 0 .. c-1, colours [c, 3] floats in 0..1, c <= 256)] -> temporary PNGs of the
+    colour maps colours[labels] for /view, in order: as preview_refs writes those IMAGEs (the same temp folder,
+    names, compress level 1 and, read back, the same pixels: each colour cut to 8 bits as ComfyUI's writer
+    cuts the picture's), but as palette PNGs of the labels, one byte per pixel to compress instead of three
+    and no float picture to convert (a 1024 x 1024 colour map: ~0.01 s instead of ~0.03 s)."""
+    import folder_paths
+    from PIL import Image
+
+    def write(b: int, prefix: str) -> list:
+        labels, colours = maps[b]
+        H, W = labels.shape
+        table = np.clip(255.0 * colours.detach().to("cpu", torch.float32).numpy(), 0, 255).astype(np.uint8)  # [c, 3]
+        picture = Image.fromarray(labels.detach().to("cpu", torch.uint8).numpy())  # [H, W] "L": the label of each pixel
+        picture.putpalette(table.tobytes())  # "P": label j drawn in colour j
+        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, folder_paths.get_temp_directory(), W, H)
+        filename = f"{name}_{counter:05}_.png"  # as ComfyUI's writer names a picture
+        picture.save(os.path.join(folder, filename), compress_level=1)
+        return [{"filename": filename, "subfolder": subfolder, "type": "temp"}]
+
+    return _write_each(len(maps), write)
+
+
+def _write_each(count: int, write) -> list[dict]:
+    """write(b, prefix) -> [ref] for b in 0 .. count-1, on up to _PNG_THREADS threads -> the refs in order.
+    Each picture gets its own prefix (one random prefix per batch with the picture's index appended):
+    no two threads count up the same name."""
+    workers = min(count, _PNG_THREADS, os.cpu_count() or 1)
+    prefix = f"ComfyUI_temp_headseg_{secrets.token_hex(4)}"
     if workers <= 1:
-        parts = [write(b) for b in range(B)]
+        parts = [write(b, f"{prefix}_{b}") for b in range(count)]
     else:
         with ThreadPoolExecutor(workers, thread_name_prefix="headseg-png") as pool:
-            parts = list(pool.map(write, range(B)))
+            parts = list(pool.map(write, range(count), [f"{prefix}_{b}" for b in range(count)]))
     return [dict(r) for part in parts for r in part]
 
 

@@ -29,6 +29,7 @@ from .node_utils import (
     combo_error,
     device_input,
     expect as _expect,
+    label_previews,
     log,
     parse_positions,
     preview_refs,
@@ -345,8 +346,9 @@ def _error_map_preview(stack) -> torch.Tensor:
 class MultiKMeans(io.ComfyNode):
     """Feature stack -> k-means label maps for several cluster counts (+ colour maps).
 
-    UI payload: ``images`` (one colour map per k and image, k-major: k0 image0, k0 image1, ...),
-    ``headseg_labels`` (one caption per picture, e.g. "k=5"), ``headseg_k`` (the cluster counts).
+    UI payload: ``images`` (one colour map per k and image of the first _PREVIEW_IMAGES, k-major: k0 image0,
+    k0 image1, ...; palette PNGs of the label maps, the colour_maps output's pixels), ``headseg_labels``
+    (one caption per picture, e.g. "k=5"), ``headseg_k`` (the cluster counts).
     """
 
     @classmethod
@@ -448,12 +450,13 @@ class MultiKMeans(io.ComfyNode):
         sweep = run_on_device(device, sweep_on, "Multi K-Means")
         images = torch.empty(len(sweep.results) * B, H, W, 3)  # [len(k) * B, H, W, 3], filled k by k
         shown = min(B, _PREVIEW_IMAGES)  # images of the batch whose colour maps the node shows
-        labels = []
+        labels, maps = [], []  # maps: (labels [H, W], colours [k, 3]) of each colour map shown
         for i, (k, result) in enumerate(sweep.results.items()):
-            images[i * B : (i + 1) * B] = core_preview.label_colours(result.labels, k)  # [B, H, W, 3]
+            core_preview.label_colours(result.labels, k, out=images[i * B : (i + 1) * B])  # [B, H, W, 3] in place
             labels += [f"k={k}" if B == 1 else f"k={k} #{b}" for b in range(shown)]
-        previews = images.view(len(sweep.results), B, H, W, 3)[:, :shown].reshape(-1, H, W, 3)  # [len(k) * shown, H, W, 3]
-        ui = {"images": preview_refs(previews), "headseg_labels": labels, "headseg_k": list(sweep.results)}
+            maps += [(result.labels[b], core_preview.palette(k)) for b in range(shown)]
+        # the colour maps' pixels, written from the label maps (palette PNGs, several times faster)
+        ui = {"images": label_previews(maps), "headseg_labels": labels, "headseg_k": list(sweep.results)}
         if shown < B:
             ui["text"] = [f"colour maps of the first {shown} of {B} images shown; the colour_maps output holds all {B}"]
         return io.NodeOutput(sweep, images, ui=ui)

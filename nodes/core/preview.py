@@ -46,11 +46,23 @@ def palette(k: int) -> torch.Tensor:
     return torch.tensor(colours, dtype=torch.float32, device="cpu")
 
 
-def label_colours(labels: torch.Tensor, k: int) -> torch.Tensor:
-    """[B, H, W] int labels in 0..k-1 -> [B, H, W, 3] float32 IMAGE, one fixed colour per label."""
+def label_colours(labels: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, H, W] int labels in 0..k-1 -> [B, H, W, 3] float32 IMAGE, one fixed colour per label.
+
+    out: a contiguous float32 tensor [B, H, W, 3] on the labels' device to write the colours into (e.g. a
+    slice of a larger batch), returned; without it a new tensor."""
     check_label_map(labels, k, "B, H, W")
     used = int(labels.max()) + 1 if labels.numel() else 1  # colours of the labels present (palette(k)'s first)
-    return palette(used).to(labels.device)[labels.long()]  # [B, H, W, 3]
+    colours = palette(used).to(labels.device)  # [used, 3]
+    if out is None:
+        out = torch.empty(*labels.shape, 3, dtype=torch.float32, device=labels.device)  # [B, H, W, 3]
+    elif out.shape != (*labels.shape, 3) or out.dtype != torch.float32 or out.device != labels.device or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous float32 tensor [{', '.join(map(str, labels.shape))}, 3] on {labels.device}, got "
+            f"{out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+    torch.index_select(colours, 0, labels.reshape(-1).long(), out=out.view(-1, 3))  # [B*H*W, 3]: a gather
+    return out
 
 
 def _normalise_channels(x: torch.Tensor) -> torch.Tensor:

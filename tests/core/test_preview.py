@@ -54,6 +54,19 @@ def test_label_colours():
     assert torch.equal(label_colours(labels, 3), img)
 
 
+def test_label_colours_into_a_slice_of_a_batch():
+    """out: the colours written into a slice of a larger batch (Multi K-Means' colour_maps), the same as
+    a new tensor's; the rest of the batch untouched; a tensor of another shape, dtype or layout refused."""
+    labels = torch.tensor([[[0, 1], [2, 1]], [[2, 2], [0, 0]]])  # [2, 2, 2]
+    batch = torch.full((5, 2, 2, 3), -1.0)
+    assert label_colours(labels, 3, out=batch[1:3]).data_ptr() == batch[1:3].data_ptr()
+    assert torch.equal(batch[1:3], label_colours(labels, 3))
+    assert bool((batch[[0, 3, 4]] == -1).all())
+    for bad in (torch.empty(2, 2, 3, 3), torch.empty(2, 2, 2, 3, dtype=torch.float64), torch.empty(2, 2, 3, 2).transpose(2, 3)):
+        with pytest.raises(ValueError, match="out must be"):
+            label_colours(labels, 3, out=bad)
+
+
 @pytest.mark.parametrize("labels,k", [(torch.tensor([[[0, 3]]]), 3), (torch.tensor([[[-1, 0]]]), 3), (torch.zeros(2, 2, dtype=torch.int64), 2), (torch.zeros(1, 2, 2), 2)])
 def test_label_colours_bad_input(labels, k):
     with pytest.raises(ValueError, match="labels"):

@@ -427,24 +427,31 @@ def test_mask_merge_refuses_masks_that_would_not_fit_in_free_memory(nodes, recor
     assert nodes._available_memory() > 0  # psutil is there in ComfyUI
 
 
-def test_multi_kmeans_shows_the_colour_maps_of_the_first_images_of_a_large_batch(nodes, recording, monkeypatch):
+def test_multi_kmeans_shows_the_colour_maps_of_the_first_images_of_a_large_batch(nodes, recording, monkeypatch, comfy_folders):
     """A PNG per k and image is written for the node's preview: of a batch larger than _PREVIEW_IMAGES only
-    the first images' are (k-major, as captioned), the note says so, and colour_maps keeps every image."""
-    from headseg.nodes import node_utils
+    the first images' are (k-major, as captioned), the note says so, and colour_maps keeps every image. The
+    PNGs are palette PNGs of the label maps whose pixels, read back, are the colour maps' as ComfyUI's
+    writer cuts them to 8 bits."""
+    import numpy as np
+    from PIL import Image
+
     from headseg.nodes.core.preview import label_colours
 
     feats = nodes.HeadPCA.execute(recording, "down+up", "all", 4).args[0]
     stack = nodes.Upsample.execute(feats, "bilinear", False).args[0]
     monkeypatch.setattr(nodes, "_PREVIEW_IMAGES", 1)  # the fixture's batch has 2 images
-    written = []
-    monkeypatch.setattr(nodes, "preview_refs", lambda images, **kw: written.append(images.clone()) or node_utils.preview_refs(images, **kw))
     out = nodes.MultiKMeans.execute(stack, "2,3", 0)
     sweep, colour_maps = out.args
     assert colour_maps.shape == (4, H, W, 3)  # every k and image
-    (shown,) = written
     want = torch.stack([label_colours(sweep.results[k].labels[:1], k)[0] for k in (2, 3)])  # image 0 of each k
-    assert torch.equal(shown, want)
+    assert torch.equal(colour_maps[[0, 2]], want)
     assert len(out.ui["images"]) == 2 and out.ui["headseg_labels"] == ["k=2 #0", "k=3 #0"]
+    for ref, colours in zip(out.ui["images"], want):
+        assert ref["type"] == "temp"
+        with Image.open(comfy_folders["temp"] / ref["subfolder"] / ref["filename"]) as im:
+            assert im.mode == "P"
+            shown = np.array(im.convert("RGB"))  # [H, W, 3] uint8
+        assert np.array_equal(shown, np.clip(255.0 * colours.numpy(), 0, 255).astype(np.uint8))  # ComfyUI's writer's bytes
     assert out.ui["text"] == ["colour maps of the first 1 of 2 images shown; the colour_maps output holds all 2"]
 
 

@@ -135,3 +135,23 @@ def test_head_pca_shows_a_long_grid_at_every_other_pixel_and_outputs_all_of_it(u
         assert tuple(grid.shape) == (1, *size, 3)
         (ref,) = out.ui["images"]
         assert torch.equal(shown(ref), eight_bit(grid[0, ::f, ::f]))
+
+
+def test_a_label_preview_reads_back_as_preview_refs_writes_its_colour_map(utils, comfy_folders):
+    """label_previews' palette PNG of a label map with all 256 labels (the fixed colours and the golden-ratio
+    hues) holds, read back, the pixels of the PNG that preview_refs writes of its colour map."""
+    import numpy as np
+    from PIL import Image
+
+    from headseg.nodes.core.preview import label_colours, palette
+
+    labels = torch.arange(256).repeat_interleave(3).view(24, 32).flip(0)  # [24, 32], every label three times
+    (palette_ref,) = utils.label_previews([(labels, palette(256))])
+    (rgb_ref,) = utils.preview_refs(label_colours(labels[None], 256))
+
+    def read(ref):
+        with Image.open(comfy_folders["temp"] / ref["subfolder"] / ref["filename"]) as im:
+            return im.mode, np.array(im.convert("RGB"))
+
+    (mode, shown), (_, want) = read(palette_ref), read(rgb_ref)
+    assert mode == "P" and shown.shape == (24, 32, 3) and np.array_equal(shown, want)
