@@ -432,9 +432,11 @@ class MultiKMeans(io.ComfyNode):
         from comfy_execution.utils import get_executing_context
 
         # the sweep reports progress from its worker threads, where ComfyUI's executing context (a
-        # context variable) is not set: the bar names this node itself
+        # context variable) is not set: the bar names this node itself. Its steps: the STAGES (3) of every
+        # (image, k), the total multi_kmeans reports with every step
         context = get_executing_context()
-        bar = comfy.utils.ProgressBar(len(counts), node_id=context.node_id if context is not None else None)
+        total = B * len(counts) * core_kmeans.STAGES
+        bar = comfy.utils.ProgressBar(total, node_id=context.node_id if context is not None else None)
 
         def sweep_on(dev: torch.device) -> core_kmeans.ClusterSweep:
             # only the small native-grid features go to the GPU; ComfyUI caches the sweep, so it lives on the CPU
