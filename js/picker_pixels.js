@@ -93,8 +93,8 @@ function widgetsHold(node, axes, pixel) {
 
 // ------------------------------------------------------------------ more_points (shift / alt-click)
 // The node's more_points text: "x,y" pairs separated by ";", a leading "-" for a pixel the masks must
-// not contain (nodes/core/masks.py parse_points reads the same text; entries it would refuse are
-// skipped here, the node names them when queued).
+// not contain (nodes/core/masks.py parse_points reads the same text with the same grammar: blanks as
+// \s, ASCII digits; entries it would refuse are skipped here, the node names them when queued).
 
 /** "12,40; -300,200" -> [{x: 12, y: 40, keep: true}, {x: 300, y: 200, keep: false}]. */
 export function parsePoints(text) {
@@ -102,9 +102,19 @@ export function parsePoints(text) {
   const points = [];
   for (const raw of text.split(/[;\n]/)) {
     const m = /^\s*(-?)\s*(\d+)\s*,\s*(\d+)\s*$/.exec(raw);
-    if (m) points.push({ x: Number(m[2]), y: Number(m[3]), keep: m[1] !== "-" });
+    if (m) points.push({ x: coordinate(m[2]), y: coordinate(m[3]), keep: m[1] !== "-" });
   }
   return points;
+}
+
+// A coordinate of more digits than this is read as POINT_BEYOND, past any grid or picture (as
+// parse_points reads it): formatPoints then writes no "1e+21" or "Infinity" that the node refuses.
+const POINT_DIGITS = 9;
+const POINT_BEYOND = 10 ** POINT_DIGITS;
+
+function coordinate(digits) {
+  const d = digits.replace(/^0+(?=\d)/, "");
+  return d.length > POINT_DIGITS ? POINT_BEYOND : Number(d);
 }
 
 /** [{x, y, keep}] -> "12,40; -300,200". */

@@ -11,6 +11,7 @@ only those that also contain, or do not contain, more pixels (parse_points reads
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -251,21 +252,37 @@ def masks_at_pixel(ms: MaskSet, x: int, y: int, include=(), exclude=()) -> MaskS
     return hit.subset(order)
 
 
+# The grammar of more_points, shared with the picker (js/picker_pixels.js parsePoints): JavaScript's \s
+# as the blanks and ASCII digits only, so that both read the same text the same way.
+_BLANK = "\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+_POINT = re.compile(f"[{_BLANK}]*(-?)[{_BLANK}]*([0-9]+)[{_BLANK}]*,[{_BLANK}]*([0-9]+)[{_BLANK}]*")
+_BLANKS = re.compile(f"[{_BLANK}]*")
+_ENDS = re.compile(f"^[{_BLANK}]+|[{_BLANK}]+$")
+# A coordinate of more digits than this is read as POINT_BEYOND: past any grid or picture, so moved to
+# the last column or row as any such pixel (and no int() of thousands of digits).
+_POINT_DIGITS = 9
+POINT_BEYOND = 10**_POINT_DIGITS
+
+
+def _coordinate(digits: str) -> int:
+    digits = digits.lstrip("0") or "0"
+    return POINT_BEYOND if len(digits) > _POINT_DIGITS else int(digits)
+
+
 def parse_points(text, name: str = "more_points") -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """"12,40; -300,200" -> (include [(12, 40)], exclude [(300, 200)]): 'x,y' pairs of pixels separated by
-    ';' or new lines, a leading '-' marking a pixel the masks must not contain; "" -> ([], []).
-    ValueError naming ``name`` for anything else."""
+    """"12,40; -300,200" -> (include [(12, 40)], exclude [(300, 200)]): 'x,y' pairs of pixels (ASCII digits)
+    separated by ';' or new lines, a leading '-' marking a pixel the masks must not contain; "" -> ([], []);
+    a coordinate of more than 9 digits is read as 10**9. ValueError naming ``name`` for anything else."""
     if not isinstance(text, str):
         raise ValueError(f"{name}: expected text such as '12,40; -300,200', got {type(text).__name__}")
     include, exclude = [], []
-    entries = [e.strip() for e in text.replace("\n", ";").split(";")]
-    for n, entry in enumerate((e for e in entries if e), start=1):
-        negative = entry.startswith("-")
-        parts = [p.strip() for p in (entry[1:] if negative else entry).split(",")]
-        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+    entries = [e for e in text.replace("\n", ";").split(";") if not _BLANKS.fullmatch(e)]
+    for n, entry in enumerate(entries, start=1):
+        m = _POINT.fullmatch(entry)
+        if m is None:
             raise ValueError(
                 f"{name}: expected 'x,y' pixels (whole numbers >= 0) separated by ';', with a leading '-' for a "
-                f"pixel the masks must not contain, e.g. '12,40; -300,200'; entry {n} is {entry!r}"
+                f"pixel the masks must not contain, e.g. '12,40; -300,200'; entry {n} is {_ENDS.sub('', entry)!r}"
             )
-        (exclude if negative else include).append((int(parts[0]), int(parts[1])))
+        (exclude if m[1] else include).append((_coordinate(m[2]), _coordinate(m[3])))
     return include, exclude

@@ -109,3 +109,31 @@ def test_points_a_run_mapped_onto_the_grid_are_taken_over_by_the_widget(comfy_pa
     (ring,) = page.evaluate(JS_RINGS, sel)
     assert abs(float(ring["left"].rstrip("%")) - ((W - 3) // 2 + 0.5) / (W // 2) * 100) < 1e-3
     assert frame_rect(page, node_id)["width"] > 20
+
+
+# one entry each: the node's parse_points and the picker's parsePoints must read it alike
+POINT_TEXTS = [
+    "12,40", " 012 , 040 ", "- 5,3", "-5,3\r", "\t7 ,\u00a08", "\ufeff5,3", "5,3\u2028", "1" + "0" * 21 + ",5",
+    "-" + "9" * 400 + ",5", "+5,3", "5,-3", "5 3", "1.5,2", "\uff11\uff12,3", "\u00b2,3", "\x1c5,3", "5,3\x85", "--1,2",
+]
+
+
+def test_the_picker_reads_more_points_as_the_node_does(comfy_page):
+    """Each text: the pixels parse_points reads are those parsePoints reads (or none, where the node refuses
+    it), and a shift-click on a text the node reads leaves a text it still reads, with the same pixels."""
+    from headseg.nodes.core.masks import parse_points
+
+    got = comfy_page.page.evaluate(
+        """async (texts) => { const m = await import('/extensions/HeadSeg/picker_pixels.js');
+             return texts.map(t => [m.parsePoints(t), m.togglePoint(t, {x: 1, y: 1}, true, [100, 100])]); }""",
+        POINT_TEXTS,
+    )
+    for text, (points, toggled) in zip(POINT_TEXTS, got):
+        try:
+            include, exclude = parse_points(text)
+        except ValueError:
+            assert points == [], ascii(text)
+            continue
+        read = [(p["x"], p["y"]) for p in points if p["keep"]], [(p["x"], p["y"]) for p in points if not p["keep"]]
+        assert read == (include, exclude), ascii(text)
+        assert parse_points(toggled) == (include + [(1, 1)], exclude), (ascii(text), toggled)

@@ -252,6 +252,21 @@ def test_parse_points_refuses_what_is_not_pixels(text):
         parse_points(None)
 
 
+@pytest.mark.parametrize("text", ["\uff11\uff12,3", "\u00b2,3", "1,\u0663", "\x1c5,3", "5,3\x85"])
+def test_parse_points_takes_ascii_digits_and_javascripts_blanks_as_the_picker_does(text):
+    """Digits other than 0-9 (full-width, superscript, Arabic-Indic) and blanks that JavaScript's \\s is not
+    are refused naming the input, as the picker's parsePoints skips them (not read as 12 or failing in int())."""
+    with pytest.raises(ValueError, match="^more_points: expected 'x,y' pixels .* entry 1 is"):
+        parse_points(text)
+
+
+def test_parse_points_reads_blanks_and_huge_numbers_as_the_picker_does():
+    assert parse_points("\ufeff5,3;\u00a0-6,\u30007\u2028") == ([(5, 3)], [(6, 7)])
+    # more than 9 digits: 10**9, past any grid, so moved to the last column / row (no int() of 5000 digits)
+    assert parse_points("1" + "0" * 20 + ",5; -" + "9" * 5000 + ",0007") == ([(10**9, 5)], [(10**9, 7)])
+    assert parse_points("000000000000123,999999999") == ([(123, 999999999)], [])
+
+
 @pytest.mark.parametrize("x, y, name", [(-1, 0, "x"), (16, 0, "x"), (0, 16, "y"), (0, -3, "y"), (1.5, 0, "x"), (0, None, "y"), (True, 0, "x")])
 def test_masks_at_pixel_outside(x, y, name):
     with pytest.raises(ValueError, match=f"^{name} must"):
