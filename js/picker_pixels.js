@@ -124,14 +124,20 @@ export function formatPoints(points) {
 
 /** more_points text with pixel p toggled: an entry within a few pixels of it (2 % of the grid's
  * longer side, at least 2) is removed, whatever its sign; else p is added, kept in (keep) or left
- * out. size: [W, H] of the grid. */
+ * out. size: [W, H] of the grid. Entries that are no pixel (a typo) are kept as written, for the node
+ * to name when queued, not dropped unseen. */
 export function togglePoint(text, p, keep, size) {
-  const points = parsePoints(text);
+  const entries = (typeof text === "string" ? text.split(/[;\n]/) : [])
+    .map((raw) => raw.trim())
+    .filter((raw) => raw !== "")
+    .map((raw) => parsePoints(raw)[0] ?? raw); // a point, or the text of an entry that is none
   const reach = Math.max(2, Math.round(0.02 * Math.max(...(size ?? [0, 0]))));
-  const near = points.findIndex((q) => Math.abs(q.x - p.x) <= reach && Math.abs(q.y - p.y) <= reach);
-  if (near >= 0) points.splice(near, 1);
-  else points.push({ x: p.x, y: p.y, keep });
-  return formatPoints(points);
+  const near = entries.findIndex(
+    (q) => typeof q !== "string" && Math.abs(q.x - p.x) <= reach && Math.abs(q.y - p.y) <= reach,
+  );
+  if (near >= 0) entries.splice(near, 1);
+  else entries.push({ x: p.x, y: p.y, keep });
+  return entries.map((q) => (typeof q === "string" ? q : formatPoints([q]))).join("; ");
 }
 
 /** The pixels of more_points to mark: the widget's, or the last run's (mapped onto the masks' grid)

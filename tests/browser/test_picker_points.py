@@ -137,3 +137,22 @@ def test_the_picker_reads_more_points_as_the_node_does(comfy_page):
         read = [(p["x"], p["y"]) for p in points if p["keep"]], [(p["x"], p["y"]) for p in points if not p["keep"]]
         assert read == (include, exclude), ascii(text)
         assert parse_points(toggled) == (include + [(1, 1)], exclude), (ascii(text), toggled)
+
+
+def test_a_shift_click_keeps_an_entry_that_is_no_pixel_for_the_node_to_name(comfy_page):
+    """A typo in more_points ('300 200') stays as written through shift / alt-clicks: the node then names
+    it when queued, instead of running without that pixel."""
+    from headseg.nodes.core.masks import parse_points
+
+    added, removed = comfy_page.page.evaluate(
+        """async () => { const m = await import('/extensions/HeadSeg/picker_pixels.js');
+             return [m.togglePoint('120,80; 300 200\\n', {x: 5, y: 6}, false, [400, 300]),
+                     m.togglePoint('120,80; 300 200', {x: 121, y: 79}, true, [400, 300])]; }"""
+    )
+    assert added == "120,80; 300 200; -5,6" and removed == "300 200"
+    try:
+        parse_points(added)
+    except ValueError as exc:
+        assert "entry 2 is '300 200'" in str(exc)
+    else:
+        raise AssertionError("the typo was dropped")
