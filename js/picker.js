@@ -41,6 +41,7 @@ export class Picker {
     this.size = null; // [W, H] the widgets refer to
     this.upstreamSrc = null;
     this.shown = {};
+    this.pressId = undefined; // the pointer of a press on the picture, until its release
 
     addStyle();
     // widget-expands: in the Vue node renderer ("Nodes 2.0") the widget then takes the node's free height
@@ -62,6 +63,9 @@ export class Picker {
     this.img.addEventListener("load", () => this.onImageLoad());
     this.img.addEventListener("error", () => this.showMessage("Could not load the picture."));
     this.frame.addEventListener("pointerdown", (e) => this.onPointerDown(e));
+    for (const type of ["pointermove", "pointerup", "pointercancel", "lostpointercapture"]) {
+      this.frame.addEventListener(type, (e) => this.onPressEvent(e));
+    }
     // The wheel zooms the canvas, as over the rest of the node (a DOM widget would swallow it).
     root.addEventListener("wheel", (e) => this.forwardWheel(e), { passive: false });
     if (typeof ResizeObserver !== "undefined") {
@@ -177,6 +181,7 @@ export class Picker {
     if (!p) return;
     e.preventDefault();
     e.stopPropagation();
+    this.holdPress(e);
     if (e.shiftKey || e.altKey) {
       // a pixel the masks must also contain (shift) or must not contain (alt); on a ring: removed
       const points = widget(this.node, "more_points");
@@ -201,6 +206,26 @@ export class Picker {
     }
     this.sync(true);
     recordChange(); // one undo step per pick (the pointerdown handled here sends no mouseup)
+  }
+
+  /** Keeps the rest of a press handled here from the node: its moves, and its release with shift (ctrl,
+   * meta) held. The Vue node renderer ("Nodes 2.0") drags a node on a move with shift held, and toggles
+   * its selection on a shift-release, so a shift-click on the picture moved the node or added it to
+   * the selection; a plain release still selects the node, as in the classic canvas. */
+  holdPress(e) {
+    this.pressId = e.pointerId;
+    try {
+      this.frame.setPointerCapture(e.pointerId); // the moves of this press come here, off the picture too
+    } catch {
+      // a synthetic event: no pointer to capture
+    }
+  }
+
+  onPressEvent(e) {
+    if (this.pressId === undefined || e.pointerId !== this.pressId) return;
+    const multiSelect = e.shiftKey || e.ctrlKey || e.metaKey;
+    if (e.type === "pointermove" || (e.type !== "lostpointercapture" && multiSelect)) e.stopPropagation();
+    if (e.type !== "pointermove") this.pressId = undefined;
   }
 
   /** The pixel the widgets ask for, weighed against the last run (picker_pixels.js). */

@@ -13,6 +13,7 @@ from headseg.tests.browser.helpers import (
     frame_rect,
     picker_selector,
     settle,
+    vue_nodes,
     wait_picture_ready,
 )
 
@@ -156,3 +157,38 @@ def test_a_shift_click_keeps_an_entry_that_is_no_pixel_for_the_node_to_name(comf
         assert "entry 2 is '300 200'" in str(exc)
     else:
         raise AssertionError("the typo was dropped")
+
+
+def test_a_shift_click_with_a_jitter_in_the_vue_renderer_neither_drags_nor_selects_the_node(comfy_page, pictures):
+    """Nodes 2.0 drags a node on a move with shift held and toggles its selection on a shift-release: a
+    shift-click on the picture whose pointer moves a few pixels must only add the pixel."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    with vue_nodes(page):
+        settle(page, 800)
+        node_id = add_picker(page, name)
+        sel = picker_selector(node_id)
+        wait_picture_ready(page, node_id)
+        run_payload(page, node_id, name, (W, H), (5, 5), "", [])
+        load_id = page.evaluate("(id) => app.graph.nodes.find(n => n.id !== id).id", node_id)
+        page.evaluate("(id) => { app.canvas.deselectAll(); app.canvas.select(app.graph.getNodeById(id)); }", load_id)
+        pos = page.evaluate("(id) => [...app.graph.getNodeById(id).pos]", node_id)
+        rect = frame_rect(page, node_id)
+        cx, cy = rect["left"] + rect["width"] / 3, rect["top"] + rect["height"] / 3
+        page.keyboard.down("Shift")
+        try:
+            page.mouse.move(cx, cy)
+            page.mouse.down()
+            page.mouse.move(cx + 4, cy + 3, steps=3)
+            page.mouse.move(cx + 25, cy + 15, steps=3)  # off the pixel, still a click on the picture
+            page.mouse.up()
+        finally:
+            page.keyboard.up("Shift")
+        settle(page, 400)
+        assert page.evaluate("(id) => [...app.graph.getNodeById(id).pos]", node_id) == pos
+        assert page.evaluate("() => [...app.canvas.selectedItems].map(n => n.id)") == [load_id]
+        assert len(page.evaluate(JS_RINGS, sel)) == 1 and page.evaluate(JS_MORE, node_id)
+        # a plain click still selects the node, as in the classic canvas
+        click_pixel(page, node_id, (W, H), (W // 2, H // 2))
+        assert page.evaluate("() => [...app.canvas.selectedItems].map(n => n.id)") == [node_id]
+    assert comfy_page.pack_problems() == []
