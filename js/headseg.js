@@ -5,7 +5,7 @@
 //   note_line.js            result line under the other HeadSeg nodes (the k of each colour map)
 //   error_map_migration.js  Upsample's former error_map output rewired after a graph loads
 //   save_prefix.js          %date:...% and %Node.widget% in the Save nodes' filename_prefix
-//   number_widgets.js       tolerant loading of older or damaged number-widget values
+//   number_widgets.js       tolerant loading of older or damaged number- and text-widget values
 //   graph_helpers.js, dom_helpers.js, styles.js  shared by the above
 // ComfyUI imports every .js file of this folder as an extension module (recursively): this is the
 // only one with side effects; the others only export, and are imported from here.
@@ -13,7 +13,7 @@
 import { app } from "../../scripts/app.js";
 import { migrateUpsampleErrorMap } from "./error_map_migration.js";
 import { setupNoteLine } from "./note_line.js";
-import { numberSpecs, repairNumberWidgets } from "./number_widgets.js";
+import { numberSpecs, repairNumberWidgets, repairTextWidgets, textSpecs } from "./number_widgets.js";
 import { setupPicker } from "./picker_node.js";
 import { fillPrefixPatternsWhenQueued } from "./save_prefix.js";
 
@@ -47,10 +47,12 @@ app.registerExtension({
     };
 
     const specs = numberSpecs(nodeData);
+    const texts = textSpecs(nodeData);
     const onConfigure = nodeType.prototype.onConfigure;
     nodeType.prototype.onConfigure = function (info) {
       const result = onConfigure?.apply(this, arguments);
       repairNumberWidgets(this, info, specs);
+      repairTextWidgets(this, info, texts);
       this.headsegPicker?.sync(true);
       return result;
     };

@@ -1,5 +1,5 @@
-// HeadSeg front end: tolerant loading of the number widgets (INT and FLOAT inputs) of HeadSeg nodes
-// saved in older or damaged layouts. Only exports: ComfyUI loads every .js file here as an
+// HeadSeg front end: tolerant loading of the number widgets (INT and FLOAT inputs) and text widgets
+// (STRING inputs) of HeadSeg nodes saved in older or damaged layouts. Only exports: ComfyUI loads every .js file here as an
 // extension module.
 
 function finiteOr(value, fallback) {
@@ -43,6 +43,39 @@ export function repairNumberWidgets(node, info, specs) {
     let value = numeric ? Number(raw) : spec.default;
     if (spec.int) value = Math.round(value);
     value = Math.min(spec.max, Math.max(spec.min, value));
+    if (w.value !== value) w.value = value;
+  });
+}
+
+/** name -> {default} for the STRING inputs of a node definition. */
+export function textSpecs(nodeData) {
+  const specs = {};
+  for (const section of ["required", "optional"]) {
+    for (const [name, spec] of Object.entries(nodeData?.input?.[section] ?? {})) {
+      if (!Array.isArray(spec) || spec[0] !== "STRING") continue;
+      const fallback = spec[1]?.default;
+      specs[name] = { default: typeof fallback === "string" ? fallback : "" };
+    }
+  }
+  return specs;
+}
+
+/**
+ * As repairNumberWidgets for the text widgets: a saved value that is neither text nor a finite number
+ * becomes the input's default, a number its text. E.g. a layout that saved a value for Mask Select's
+ * picker after index puts it into more_points (added in 0.5.0), which ComfyUI would send as
+ * "{'picker': ...}" and the node refuse when queued.
+ */
+export function repairTextWidgets(node, info, specs) {
+  const saved = Array.isArray(info?.widgets_values) ? info.widgets_values : null;
+  const widgets = (node.widgets ?? []).filter((w) => w.serialize !== false);
+  widgets.forEach((w, i) => {
+    const spec = specs[w.name];
+    if (!spec) return;
+    const raw = saved && i < saved.length ? saved[i] : w.value;
+    let value = spec.default;
+    if (typeof raw === "string") value = raw;
+    else if (typeof raw === "number" && Number.isFinite(raw)) value = String(raw);
     if (w.value !== value) w.value = value;
   });
 }

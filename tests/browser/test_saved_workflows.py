@@ -71,6 +71,8 @@ def test_old_widget_layout_loads(comfy_page, pictures, comfy_server):
         for k in ("x", "y", "index"):
             v = prompt[i]["inputs"][k]
             assert isinstance(v, int) and v >= 0, (i, k, v)
+        # more_points (0.5.0) takes the 4th value: node 3's saved picker value must not land in it
+        assert prompt[i]["inputs"].get("more_points", "") == "", (i, prompt[i]["inputs"])
     assert comfy_page.pack_problems() == []
     assert not [p for p in comfy_page.problems() if re.search(r"\bNaN\b", p)]
 
