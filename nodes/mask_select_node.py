@@ -264,17 +264,20 @@ class MaskSelectAtPixel(io.ComfyNode):
             if n:
                 chosen[b] = here.masks[min(index, n - 1)].float()
         empty = [b for b, here in enumerate(at_pixel) if here.masks.shape[0] == 0]
-        if empty and (include or exclude):  # the MASK output is then all zeros there
+        # an image with no mask at (x, y) itself is not more_points' doing: min_area dropped its masks there
+        no_mask = [b for b in empty if not bool(masks[b].masks[:, y, x].any())]
+        no_fit = [b for b in empty if b not in no_mask]  # masks at (x, y), none fitting more_points
+        if no_fit:  # the MASK output is then all zeros there
             log.warning(
                 "HeadSeg Mask Select: no mask of image(s) %s contains the pixel %d, %d and fits more_points "
                 "(contains %s, leaves out %s), so the mask output is all zeros for them: remove a point.",
-                ", ".join(map(str, empty)), x, y, include or "-", exclude or "-",
+                ", ".join(map(str, no_fit)), x, y, include or "-", exclude or "-",
             )
-        elif empty:  # the MASK output is then all zeros there: an inpainting pass would change nothing
+        if no_mask:  # the MASK output is then all zeros there: an inpainting pass would change nothing
             log.warning(
                 "HeadSeg Mask Select: the pixel %d, %d lies in no mask of image(s) %s (Mask Merge's min_area "
                 "dropped the masks there), so the mask output is all zeros for them: lower min_area or pick "
-                "another pixel.", x, y, ", ".join(map(str, empty)),
+                "another pixel.", x, y, ", ".join(map(str, no_mask)),
             )
         here = at_pixel[0]
         count = int(here.masks.shape[0])

@@ -175,6 +175,11 @@ def test_a_pixel_in_no_mask_gives_zeros_and_says_why(nodes, recording, caplog):
     with caplog.at_level("WARNING", logger="HeadSeg"):
         nodes.MaskSelectAtPixel.execute(kept, 40, 30, 0)
     assert "lies in no mask" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="HeadSeg"):  # with more_points: still min_area's doing, not theirs
+        nodes.MaskSelectAtPixel.execute(none_left, 40, 30, 0, None, "1,2")
+    assert "the pixel 40, 30 lies in no mask of image(s) 0, 1 (Mask Merge's min_area" in caplog.text
+    assert "fits more_points" not in caplog.text and "remove a point" not in caplog.text
 
 
 def test_index_past_the_last_mask_gives_the_coarsest(nodes, recording):
