@@ -141,14 +141,15 @@ export function togglePoint(text, p, keep, size) {
 }
 
 /** The pixels of more_points to mark: the widget's, or the last run's (mapped onto the masks' grid)
- * while the widget still holds the text that run was asked, or fed by a link. */
+ * while the widget still holds the text that run was asked, or fed by a link (none before a run). */
 export function currentPoints(node, output) {
   const asked = output?.headseg_points_asked?.[0];
   const used = output?.headseg_points;
   const text = widget(node, "more_points")?.value;
-  const ran = Array.isArray(used) && (isLinked(node, "more_points") || (typeof asked === "string" && text === asked));
+  const linked = isLinked(node, "more_points");
+  const ran = Array.isArray(used) && (linked || (typeof asked === "string" && text === asked));
   if (ran) return used.filter((q) => Array.isArray(q) && q.length >= 3).map(([x, y, k]) => ({ x, y, keep: !!k }));
-  return parsePoints(text);
+  return linked ? [] : parsePoints(text); // a link's text is known after a run, not the widget's old one
 }
 
 /** The widget's more_points differ from those of the last run: its thumbnails are for other points. */

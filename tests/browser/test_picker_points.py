@@ -192,3 +192,26 @@ def test_a_shift_click_with_a_jitter_in_the_vue_renderer_neither_drags_nor_selec
         click_pixel(page, node_id, (W, H), (W // 2, H // 2))
         assert page.evaluate("() => [...app.canvas.selectedItems].map(n => n.id)") == [node_id]
     assert comfy_page.pack_problems() == []
+
+
+def test_a_linked_more_points_shows_no_rings_of_the_widgets_old_text_before_a_run(comfy_page, pictures):
+    """With more_points fed by a link, the rings and the info line show the pixels of the last run; before
+    one, none (not the widget's text from before it was linked, which the run does not use)."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page, name)
+    sel = picker_selector(node_id)
+    wait_picture_ready(page, node_id)
+    click_with(page, node_id, (W, H), (W // 4, H // 2), "Shift")
+    assert len(page.evaluate(JS_RINGS, sel)) == 1
+    page.evaluate(
+        """(id) => { const node = app.graph.getNodeById(id); const p = LiteGraph.createNode('PrimitiveStringMultiline');
+                     p.pos = [40, 500]; app.graph.add(p);
+                     p.connect(0, node, node.inputs.findIndex(i => i.name === 'more_points'));
+                     node.headsegPicker.sync(true); }""",
+        node_id,
+    )
+    settle(page, 300)
+    assert page.evaluate(JS_RINGS, sel) == [] and " in" not in page.inner_text(sel + " .headseg-info")
+    run_payload(page, node_id, name, (W, H), None, "7,8", [[7, 8, 1]])
+    assert len(page.evaluate(JS_RINGS, sel)) == 1 and "+1 in" in page.inner_text(sel + " .headseg-info")
