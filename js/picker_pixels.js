@@ -122,9 +122,10 @@ export function formatPoints(points) {
   return points.map((p) => `${p.keep ? "" : "-"}${p.x},${p.y}`).join("; ");
 }
 
-/** more_points text with pixel p toggled: an entry within a few pixels of it (2 % of the grid's
- * longer side, at least 2) is removed, whatever its sign; else p is added, kept in (keep) or left
- * out. size: [W, H] of the grid. Entries that are no pixel (a typo) are kept as written, for the node
+/** more_points text with pixel p toggled: p is added, kept in (keep: shift-click) or left out (alt-click);
+ * on an entry within a few pixels of it (2 % of the grid's longer side, at least 2), a shift-click turns
+ * a pixel kept in into one left out (so that a "left out" pixel can be had where the system takes
+ * alt-clicks, e.g. Linux desktops that move windows with Alt+drag), and any other click removes it. size: [W, H] of the grid. Entries that are no pixel (a typo) are kept as written, for the node
  * to name when queued, not dropped unseen. */
 export function togglePoint(text, p, keep, size) {
   const entries = (typeof text === "string" ? text.split(/[;\n]/) : [])
@@ -135,7 +136,8 @@ export function togglePoint(text, p, keep, size) {
   const near = entries.findIndex(
     (q) => typeof q !== "string" && Math.abs(q.x - p.x) <= reach && Math.abs(q.y - p.y) <= reach,
   );
-  if (near >= 0) entries.splice(near, 1);
+  if (near >= 0 && keep && entries[near].keep) entries[near] = { ...entries[near], keep: false };
+  else if (near >= 0) entries.splice(near, 1);
   else entries.push({ x: p.x, y: p.y, keep });
   return entries.map((q) => (typeof q === "string" ? q : formatPoints([q]))).join("; ");
 }

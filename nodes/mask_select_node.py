@@ -160,7 +160,8 @@ class MaskSelectAtPixel(io.ComfyNode):
                         "';'. The masks must contain each of them; a leading '-' marks a pixel they must not "
                         "contain (e.g. '120,80; -300,200': both eyes, but not the other cat). Empty = (x, y) "
                         "alone. In the picker, shift-click adds a pixel to contain and alt-click one to leave "
-                        "out (again on it removes it); a plain click starts over."
+                        "out; shift-click on a green ring turns it red, any other click on a ring removes it; a "
+                        "plain click starts over."
                     ),
                 ),
             ],

@@ -79,10 +79,14 @@ def test_shift_and_alt_clicks_add_pixels_in_and_out_and_a_plain_click_starts_ove
     page.screenshot(path=str(screenshots / "picker-more-points.png"))
     assert page.evaluate(JS_XY, node_id) == xy  # shift / alt-clicks leave x and y alone
 
-    # a click on a ring (a pixel or two off) removes it, whatever its kind
-    click_with(page, node_id, (W, H), (a[0] + 1, a[1] - 1), "Alt")
+    # a shift-click on a green ring (a pixel or two off) turns it red, where alt-clicks are taken by the
+    # system; any other click on a ring removes it
+    click_with(page, node_id, (W, H), (a[0] + 1, a[1] - 1), "Shift")
+    assert page.evaluate(JS_MORE, node_id) == f"-{a[0]},{a[1]}; -{b[0]},{b[1]}"
+    assert [r["out"] for r in page.evaluate(JS_RINGS, sel)] == [True, True]
+    click_with(page, node_id, (W, H), (a[0] - 1, a[1] + 1), "Shift")
     assert page.evaluate(JS_MORE, node_id) == f"-{b[0]},{b[1]}"
-    assert page.evaluate(JS_UNDO) == undo + 3  # one undo step per change
+    assert page.evaluate(JS_UNDO) == undo + 4  # one undo step per change
     # a run with those points: the thumbnails are fresh
     run_payload(page, node_id, name, (W, H), None, f"-{b[0]},{b[1]}", [[b[0], b[1], 0]])
     assert not stale(page, sel)
@@ -150,7 +154,7 @@ def test_a_shift_click_keeps_an_entry_that_is_no_pixel_for_the_node_to_name(comf
              return [m.togglePoint('120,80; 300 200\\n', {x: 5, y: 6}, false, [400, 300]),
                      m.togglePoint('120,80; 300 200', {x: 121, y: 79}, true, [400, 300])]; }"""
     )
-    assert added == "120,80; 300 200; -5,6" and removed == "300 200"
+    assert added == "120,80; 300 200; -5,6" and removed == "-120,80; 300 200"  # shift on a kept pixel: left out
     try:
         parse_points(added)
     except ValueError as exc:
