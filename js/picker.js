@@ -278,7 +278,9 @@ export class Picker {
       parts.push(`${n} mask${n === 1 ? "" : "s"} here`);
       if (this.isStale()) parts.push("queue to update the masks");
     } else if (this.output && Array.isArray(this.output.headseg_masks) && !this.isStale()) {
-      parts.push("no mask contains this pixel");
+      // with more_points, the masks at the pixel may all have been left out by them
+      const ran = this.output.headseg_points;
+      parts.push(Array.isArray(ran) && ran.length ? "no mask fits these pixels" : "no mask contains this pixel");
     } else if (this.src) {
       parts.push(this.isStale() ? "queue to see the masks here" : "click the picture to pick a pixel");
     }

@@ -56,6 +56,12 @@ def _grid_pixel(point: tuple[int, int], picture_hw, mask_hw) -> tuple[int, int]:
     return min(x, W - 1), min(y, H - 1)
 
 
+def _point_text(point: tuple[int, int, bool]) -> str:
+    """(x, y, kept in) -> 'x,y', or '-x,y' for a pixel left out, as more_points writes them."""
+    x, y, kept = point
+    return f"{'' if kept else '-'}{x},{y}"
+
+
 def _pixel_input(v, name: str, what: str) -> int:
     """x or y as given -> int; ValueError for a negative value (a linked one skips the widget's min) or a
     non-integer (floats, bools, text): those are no pixel to move to the grid."""
@@ -254,7 +260,16 @@ class MaskSelectAtPixel(io.ComfyNode):
                 *asked, W, H, W - 1, H - 1, x, y,
             )
         picture_hw = None if image is None else tuple(image.shape[1:3])
+        asked_points = [(*p, True) for p in include] + [(*p, False) for p in exclude]  # (x, y, kept in)
         include, exclude = ([_grid_pixel(p, picture_hw, (H, W)) for p in ps] for ps in (include, exclude))
+        used_points = [(*p, True) for p in include] + [(*p, False) for p in exclude]
+        moved = [(a, b) for a, b in zip(asked_points, used_points) if a != b]
+        if moved:  # as for x and y: mapped from the picture, or moved onto the grid
+            log.warning(
+                "HeadSeg Mask Select: more_points %s lie outside the masks' %dx%d grid, so they are read as %s "
+                "(a pixel of the larger image mapped onto the grid, any other moved to the nearest pixel of it).",
+                "; ".join(_point_text(a) for a, _ in moved), W, H, "; ".join(_point_text(b) for _, b in moved),
+            )
 
         chosen = torch.zeros(len(masks), H, W)  # [B, H, W]
         at_pixel = []
@@ -271,8 +286,8 @@ class MaskSelectAtPixel(io.ComfyNode):
         if no_fit:  # the MASK output is then all zeros there
             log.warning(
                 "HeadSeg Mask Select: no mask of image(s) %s contains the pixel %d, %d and fits more_points "
-                "(contains %s, leaves out %s), so the mask output is all zeros for them: remove a point.",
-                ", ".join(map(str, no_fit)), x, y, include or "-", exclude or "-",
+                "(%s on the masks' grid), so the mask output is all zeros for them: remove a point.",
+                ", ".join(map(str, no_fit)), x, y, "; ".join(map(_point_text, used_points)),
             )
         if no_mask:  # the MASK output is then all zeros there: an inpainting pass would change nothing
             log.warning(

@@ -32,14 +32,14 @@ def click_with(page, node_id, size, pixel, key):
         page.keyboard.up(key)
 
 
-def run_payload(page, node_id, name, size, pixel, asked_points: str, used_points: list):
+def run_payload(page, node_id, name, size, pixel, asked_points: str, used_points: list, masks: int = 2):
     """Feeds the picker a run's payload for ``pixel`` (None: the widgets' x, y) and these more_points."""
     pixel = pixel or page.evaluate(JS_XY, node_id)
     ref = {"filename": name, "subfolder": "", "type": "input"}
     payload = {
         "headseg_image": [ref], "headseg_size": list(size), "headseg_pixel": list(pixel),
-        "headseg_pixel_asked": list(pixel), "headseg_index": [0], "headseg_masks": [ref, ref],
-        "headseg_mask_info": [{"area": 10, "k": 2, "cluster": 0}, {"area": 20, "k": 2, "cluster": 1}],
+        "headseg_pixel_asked": list(pixel), "headseg_index": [0], "headseg_masks": [ref] * masks,
+        "headseg_mask_info": [{"area": 10 * (i + 1), "k": 2, "cluster": i} for i in range(masks)],
         "headseg_points": used_points, "headseg_points_asked": [asked_points],
     }  # fmt: skip
     page.evaluate(
@@ -90,6 +90,8 @@ def test_shift_and_alt_clicks_add_pixels_in_and_out_and_a_plain_click_starts_ove
     # a run with those points: the thumbnails are fresh
     run_payload(page, node_id, name, (W, H), None, f"-{b[0]},{b[1]}", [[b[0], b[1], 0]])
     assert not stale(page, sel)
+    run_payload(page, node_id, name, (W, H), None, f"-{b[0]},{b[1]}", [[b[0], b[1], 0]], masks=0)
+    assert "no mask fits these pixels" in page.inner_text(sel + " .headseg-info")
     # a plain click: the new pixel alone
     click_pixel(page, node_id, (W, H), (5, 6))
     assert page.evaluate(JS_MORE, node_id) == "" and page.evaluate(JS_RINGS, sel) == []

@@ -544,13 +544,23 @@ def test_more_points_keep_the_planted_regions_holding_them_or_not(nodes, scene, 
     assert any("fits more_points" in r.getMessage() and "remove a point" in r.getMessage() for r in caplog.records)
 
 
-def test_more_points_of_a_larger_picture_are_mapped_and_past_the_grid_moved(nodes, recording):
+def test_more_points_of_a_larger_picture_are_mapped_and_past_the_grid_moved(nodes, recording, caplog):
     masks = masks_of(nodes, recording)
     picture = torch.rand(1, 2 * H, 2 * W, 3)
     out = nodes.MaskSelectAtPixel.execute(masks, 10, 10, 0, picture, f"{W + 20},{H + 40}; -{3 * W},5")
     assert out.ui["headseg_points"] == [[(W + 20) // 2, (H + 40) // 2, 1], [W - 1, 5, 0]]
     plain = nodes.MaskSelectAtPixel.execute(masks, 10, 10, 0, None, f"{W + 20},{H + 40}")  # no picture: moved
     assert plain.ui["headseg_points"] == [[W - 1, H - 1, 1]]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="HeadSeg"):  # as for x and y, the log says where they went
+        nodes.MaskSelectAtPixel.execute(masks, 10, 10, 0, picture, f"3,4; {W + 20},{H + 40}; -{3 * W},5")
+    (said,) = [r.getMessage() for r in caplog.records if "lie outside" in r.getMessage()]
+    assert f"more_points {W + 20},{H + 40}; -{3 * W},5 lie outside the masks' {W}x{H} grid" in said
+    assert f"read as {(W + 20) // 2},{(H + 40) // 2}; -{W - 1},5 " in said
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="HeadSeg"):
+        nodes.MaskSelectAtPixel.execute(masks, 10, 10, 0, picture, "3,4; -5,6")
+    assert not [r for r in caplog.records if "lie outside" in r.getMessage()]
 
 
 @pytest.mark.parametrize("text", ["12", "a,b", "1,2,3", "1.5,2", "1;2"])
