@@ -211,15 +211,20 @@ def _picture_png(picture: torch.Tensor) -> Image.Image:
 def _write_all(files: list, filename_prefix) -> None:
     """Saves every PNG of ``files`` [(picture(): PIL image, path, PngInfo)], several at once on up to
     _PNG_THREADS threads (PNG compression releases Python's lock: a batch's files take about half as
-    long on two cores), each picture made by its own thread when it is written. When any cannot be written,
-    removes the files of this run that were (a dataset gets no image with some of its files missing) and
-    raises ValueError naming filename_prefix and the first file, in order, that failed."""
+    long on two cores), each picture made by its own thread when it is written. When any cannot be
+    written, removes the files of this run that were (a dataset gets no image with some of its files
+    missing) and what a failed one left (PIL leaves a file cut short when its last bytes fail as it closes
+    the file, e.g. on a full disk), then raises for the first file, in order, that failed: ValueError
+    naming filename_prefix and that file for an OSError, any other error (e.g. MemoryError) as it is."""
 
-    def write(file) -> OSError | None:
+    def write(file) -> Exception | None:
         picture, full, info = file
+        existed = os.path.lexists(full)  # not with a new counter; a file that was there is left alone
         try:
             picture().save(full, pnginfo=info, compress_level=4)
-        except OSError as exc:
+        except Exception as exc:  # every error: the run's files are removed before it is raised
+            if not existed:
+                _remove(full, missing_ok=True)
             return exc
         return None
 
@@ -234,12 +239,22 @@ def _write_all(files: list, filename_prefix) -> None:
         return
     for (_, path, _), exc in zip(files, errors):
         if exc is None:
-            try:
-                os.remove(path)
-            except OSError:
-                log.warning("HeadSeg Save Label Maps: could not remove %s after the failed write", path)
+            _remove(path)
     full, exc = failed[0]
-    raise output_error(exc, filename_prefix, full, _EXAMPLE_PREFIX) from exc
+    if isinstance(exc, OSError):
+        raise output_error(exc, filename_prefix, full, _EXAMPLE_PREFIX) from exc
+    raise exc
+
+
+def _remove(path: str, missing_ok: bool = False) -> None:
+    """Removes a file of a failed run, with a log line when it cannot (none when it is gone and missing_ok)."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        if not missing_ok:
+            log.warning("HeadSeg Save Label Maps: could not remove %s after the failed write", path)
+    except OSError:
+        log.warning("HeadSeg Save Label Maps: could not remove %s after the failed write", path)
 
 
 NODES = [SaveLabelMaps]

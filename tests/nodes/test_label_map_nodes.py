@@ -279,3 +279,43 @@ def test_a_batch_is_written_on_several_threads_with_the_bytes_of_one_at_a_time(s
     assert len(names) == 2 * 4 and names == sorted(p.name for p in many.iterdir())
     for name in names:
         assert (one / name).read_bytes() == (many / name).read_bytes(), name
+
+
+def test_a_file_cut_short_by_a_full_disk_is_removed_too(save, sweep, comfy_folders):
+    """The OS refuses the pictures' last bytes (RLIMIT_FSIZE: EFBIG, as a full disk gives ENOSPC), which PIL
+    only writes when it closes the file, and then leaves the file cut short: it goes with the run's others."""
+    resource = pytest.importorskip("resource")
+    import signal
+
+    if not hasattr(signal, "SIGXFSZ"):
+        pytest.skip("no SIGXFSZ")
+    pictures = torch.rand(1, H, W, 3, generator=torch.Generator().manual_seed(5)).expand(2, H, W, 3)
+    save.execute(sweep, "whole/y", pictures)
+    size = (comfy_folders["output"] / "whole" / "y_00001_image.png").stat().st_size  # noise: far larger than a label map
+    old, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size - 1, old[1]))  # every byte but the last
+    try:
+        with pytest.raises(ValueError, match=r"^filename_prefix 'y': cannot write .*y_00001_image\.png"):
+            save.execute(sweep, "y", pictures)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert sorted(p.name for p in comfy_folders["output"].iterdir()) == ["whole"]
+
+
+def test_an_error_that_is_no_oserror_leaves_none_of_this_runs_files(save, sweep, comfy_folders, monkeypatch):
+    """A picture that cannot be made (MemoryError) while the other threads write theirs: the error as it is,
+    and none of the run's files left."""
+    import os
+
+    from headseg.nodes import label_map_nodes
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+
+    def out_of_memory(picture):
+        raise MemoryError("the picture's bytes")
+
+    monkeypatch.setattr(label_map_nodes, "_picture_png", out_of_memory)
+    with pytest.raises(MemoryError, match="the picture's bytes"):
+        save.execute(sweep, "z", torch.rand(2, H, W, 3))
+    assert list(comfy_folders["output"].iterdir()) == []
