@@ -96,12 +96,16 @@ def _batch_places(filename_prefix: str, B: int, W: int, H: int) -> list[tuple[st
 
     Without ``%batch_num%`` every image takes the next counter of one name. With it, as in Save Image,
     ``%batch_num%`` becomes the image's index (0 .. B-1) and the images share one counter: one past the
-    highest of every image's name, so a second run never overwrites the first (Save Image's does)."""
+    highest of every image's name, so a second run never overwrites the first (Save Image's does). When
+    the path drops ``%batch_num%`` (``a/%batch_num%/../x``), so that the images share a name, they take
+    successive counters instead, as without it."""
     if "%batch_num%" not in filename_prefix:
         folder, name, counter, subfolder = output_place(filename_prefix, _EXAMPLE_PREFIX, W, H)
         return [(folder, name, counter + b, subfolder) for b in range(B)]
     places = [output_place(filename_prefix.replace("%batch_num%", str(b)), _EXAMPLE_PREFIX, W, H) for b in range(B)]
     shared = max(counter for _, _, counter, _ in places)
+    if len({(folder, name) for folder, name, _, _ in places}) < B:  # the path drops it ('a/%batch_num%/../x')
+        return [(folder, name, shared + b, subfolder) for b, (folder, name, _, subfolder) in enumerate(places)]
     return [(folder, name, shared, subfolder) for folder, name, _, subfolder in places]
 
 

@@ -319,3 +319,16 @@ def test_an_error_that_is_no_oserror_leaves_none_of_this_runs_files(save, sweep,
     with pytest.raises(MemoryError, match="the picture's bytes"):
         save.execute(sweep, "z", torch.rand(2, H, W, 3))
     assert list(comfy_folders["output"].iterdir()) == []
+
+
+def test_batch_num_that_the_path_drops_still_gives_each_image_its_own_files(save, sweep, comfy_folders):
+    """'a/%batch_num%/../cat' is 'a/cat' for every image (ComfyUI normalises the path): the images then take
+    successive counters, as without %batch_num%, instead of all writing the same files."""
+    listed = save.execute(sweep, "a/%batch_num%/../cat").ui["headseg_label_maps"]
+    assert [(r["subfolder"], r["filename"], r["batch_index"]) for r in listed if r["k"] == 2] == [
+        ("a", "cat_00001_k2.png", 0), ("a", "cat_00002_k2.png", 1)
+    ]
+    for b in (0, 1):
+        _, pixels, text = read(comfy_folders["output"] / "a" / f"cat_{b + 1:05}_k9.png")
+        assert torch.equal(torch.from_numpy(pixels).long(), sweep.results[9].labels[b])
+        assert json.loads(text["headseg"])["batch_index"] == b
