@@ -59,7 +59,7 @@ def label_colours(labels: torch.Tensor, k: int, out: torch.Tensor | None = None)
     elif out.shape != (*labels.shape, 3) or out.dtype != torch.float32 or out.device != labels.device or not out.is_contiguous():
         raise ValueError(
             f"out must be a contiguous float32 tensor [{', '.join(map(str, labels.shape))}, 3] on {labels.device}, got "
-            f"{out.dtype} {tuple(out.shape)} on {out.device}"
+            f"{'a' if out.is_contiguous() else 'a non-contiguous'} {out.dtype} {tuple(out.shape)} on {out.device}"
         )
     torch.index_select(colours, 0, labels.reshape(-1).long(), out=out.view(-1, 3))  # [B*H*W, 3]: a gather
     return out

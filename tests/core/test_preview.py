@@ -65,6 +65,8 @@ def test_label_colours_into_a_slice_of_a_batch():
     for bad in (torch.empty(2, 2, 3, 3), torch.empty(2, 2, 2, 3, dtype=torch.float64), torch.empty(2, 2, 3, 2).transpose(2, 3)):
         with pytest.raises(ValueError, match="out must be"):
             label_colours(labels, 3, out=bad)
+    with pytest.raises(ValueError, match=r"got a non-contiguous torch.float32 \(2, 2, 2, 3\)"):  # says why it is refused
+        label_colours(labels, 3, out=torch.empty(2, 2, 3, 2).transpose(2, 3))
 
 
 @pytest.mark.parametrize("labels,k", [(torch.tensor([[[0, 3]]]), 3), (torch.tensor([[[-1, 0]]]), 3), (torch.zeros(2, 2, dtype=torch.int64), 2), (torch.zeros(1, 2, 2), 2)])
