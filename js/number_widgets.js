@@ -31,19 +31,13 @@ export function numberSpecs(nodeData) {
  * number becomes the input's default; numbers are rounded (INT) and clamped to the input's range.
  */
 export function repairNumberWidgets(node, info, specs) {
-  const saved = Array.isArray(info?.widgets_values) ? info.widgets_values : null;
-  const widgets = (node.widgets ?? []).filter((w) => w.serialize !== false);
-  widgets.forEach((w, i) => {
-    const spec = specs[w.name];
-    if (!spec) return;
-    const raw = saved && i < saved.length ? saved[i] : w.value;
+  repairWidgets(node, info, specs, (raw, spec) => {
     const numeric =
       (typeof raw === "number" && Number.isFinite(raw)) ||
       (typeof raw === "string" && raw.trim() !== "" && Number.isFinite(Number(raw)));
     let value = numeric ? Number(raw) : spec.default;
     if (spec.int) value = Math.round(value);
-    value = Math.min(spec.max, Math.max(spec.min, value));
-    if (w.value !== value) w.value = value;
+    return Math.min(spec.max, Math.max(spec.min, value));
   });
 }
 
@@ -67,15 +61,21 @@ export function textSpecs(nodeData) {
  * "{'picker': ...}" and the node refuse when queued.
  */
 export function repairTextWidgets(node, info, specs) {
+  repairWidgets(node, info, specs, (raw, spec) => {
+    if (typeof raw === "string") return raw;
+    return typeof raw === "number" && Number.isFinite(raw) ? String(raw) : spec.default;
+  });
+}
+
+/** Sets each widget named in specs to fix(saved value, its spec): the value saved for it in
+ * info.widgets_values (by position among the serialised widgets), else its current value. */
+function repairWidgets(node, info, specs, fix) {
   const saved = Array.isArray(info?.widgets_values) ? info.widgets_values : null;
   const widgets = (node.widgets ?? []).filter((w) => w.serialize !== false);
   widgets.forEach((w, i) => {
     const spec = specs[w.name];
     if (!spec) return;
-    const raw = saved && i < saved.length ? saved[i] : w.value;
-    let value = spec.default;
-    if (typeof raw === "string") value = raw;
-    else if (typeof raw === "number" && Number.isFinite(raw)) value = String(raw);
+    const value = fix(saved && i < saved.length ? saved[i] : w.value, spec);
     if (w.value !== value) w.value = value;
   });
 }
