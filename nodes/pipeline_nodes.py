@@ -424,7 +424,7 @@ class MultiKMeans(io.ComfyNode):
         counts = core_kmeans.parse_cluster_counts(cluster_counts)
         B, (H, W) = stack.batch_size, stack.size
         _check_memory(
-            len(counts) * B * H * W * (8 + 12),  # int64 label maps + float32 RGB colour maps, per k and image
+            len(counts) * B * H * W * (1 + 12),  # uint8 label maps + float32 RGB colour maps, per k and image
             "cluster_counts",
             f"the label maps and colour maps of {len(counts)} cluster count(s) for {B} image(s) at {W}x{H} pixels",
             "Use fewer cluster counts, or fewer images per batch (e.g. Rebatch Latents before sampling)",

@@ -120,7 +120,7 @@ class KMeansResult:
     """k-means of every image of a stack: labels [B, H, W], centroids [B, k, C], inertia [B]."""
 
     k: int
-    labels: torch.Tensor  # [B, H, W] int64, clusters renumbered by decreasing area (ties: first pixel)
+    labels: torch.Tensor  # [B, H, W] uint8 (k <= MAX_CLUSTERS = 256), clusters renumbered by decreasing area (ties: first pixel)
     centroids: torch.Tensor  # [B, k, C] float32, same order as the labels
     inertia: torch.Tensor  # [B] float64: sum over output pixels of the squared distance to the centroid
     n_iter: int  # most Lloyd iterations any image used (working set + pixel lattices)
@@ -387,9 +387,11 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
 
 
 def _finish(img: _Image, k: int, labels: torch.Tensor, centroids: torch.Tensor, inertia: float, iters: int):
-    """One k's polished result -> (labels [H, W] canonical, centroids [k, C] in the stack's units,
-    inertia float in the stack's units, iterations)."""
+    """One k's polished result -> (labels [H, W] uint8 canonical, centroids [k, C] in the stack's units,
+    inertia float in the stack's units, iterations). uint8: k <= MAX_CLUSTERS = 256, and a label map of
+    one byte per pixel is an eighth of int64's (they stay in ComfyUI's cache for every k and image)."""
     labels, centroids = _canonical(labels, centroids, k)
+    labels = labels.to(torch.uint8)  # [H, W]: values 0 .. k-1 <= 255
     if img.scale != 1.0:  # back to the stack's units (exact: a power of two)
         inertia = inertia / img.scale / img.scale
     if img.scale != 1.0 or img.offset is not None:  # float64: the scale may exceed float32

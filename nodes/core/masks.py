@@ -87,7 +87,7 @@ def check_label_map(labels, k, dims: str) -> int:
 
 
 def labels_to_masks(labels: torch.Tensor, k: int) -> torch.Tensor:
-    """[H, W] int64 labels in 0..k-1 -> [k, H, W] bool masks (mask j = pixels labelled j)."""
+    """[H, W] integer labels in 0..k-1 -> [k, H, W] bool masks (mask j = pixels labelled j)."""
     k = check_label_map(labels, k, "H, W")
     if k * labels.numel() > _MAX_MASK_BYTES:
         raise ValueError(
@@ -138,7 +138,7 @@ def _label_intersections(sweep: ClusterSweep, batch_index: int) -> torch.Tensor:
     """[M, M] int64 pairwise intersections of the masks of sweep_to_masks(sweep, batch_index), counted
     from the label maps: one bincount per pair of cluster counts (contingency tables), no mask products."""
     ks = sorted(sweep.results)
-    labels = [sweep.results[k].labels[batch_index].reshape(-1) for k in ks]  # G x [N]
+    labels = [sweep.results[k].labels[batch_index].reshape(-1).long() for k in ks]  # G x [N] int64: la * kb + lb fits
     starts = [0]
     for k in ks:
         starts.append(starts[-1] + k)

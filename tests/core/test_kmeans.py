@@ -450,7 +450,7 @@ def test_labels_are_canonical(k):
     result = kmeans(stack, k, seed=1)
     assert isinstance(result, KMeansResult) and result.k == k
     labels = result.labels[0].reshape(-1)
-    assert labels.dtype == torch.int64 and int(labels.min()) >= 0 and int(labels.max()) < k
+    assert labels.dtype == torch.uint8 and int(labels.min()) >= 0 and int(labels.max()) < k
     counts = torch.bincount(labels, minlength=k)
     first = torch.tensor([int((labels == j).nonzero()[0]) if counts[j] else labels.numel() for j in range(k)])
     for j in range(k - 1):  # decreasing area, ties by first pixel
@@ -499,7 +499,7 @@ def test_non_square_latent_8x12():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_output_dtypes(dtype):
     result = kmeans(random_stack(dtype=dtype, batch=2), 3)
-    assert result.labels.dtype == torch.int64 and result.labels.shape == (2, 13, 22)
+    assert result.labels.dtype == torch.uint8 and result.labels.shape == (2, 13, 22)
     assert result.centroids.dtype == torch.float32 and result.centroids.shape == (2, 3, 9)
     assert result.inertia.dtype == torch.float64 and result.inertia.shape == (2,)
 

@@ -148,6 +148,20 @@ def test_merge_bad_arguments(kwargs):
         merge_sweep(make_sweep({2: blocky_labels(2)[None]}), 0, **kwargs)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_merge_sweep_of_narrow_label_maps_at_the_largest_k(dtype):
+    """k-means gives uint8 label maps (k <= 256): the contingency codes la * kb + lb of two large k must not
+    wrap around in that dtype. Against the masks' products, and against the same maps as int64."""
+    maps = {k: torch.stack([random_labels(k, H=24, W=40, seed=k + b) for b in range(2)]) for k in (3, 200, 256)}
+    wide, narrow = make_sweep(maps), make_sweep({k: m.to(dtype) for k, m in maps.items()})
+    for b in range(2):
+        want = merge_masks(sweep_to_masks(wide, b), iou_threshold=0.5, min_area=0.0)
+        got = merge_sweep(narrow, b, iou_threshold=0.5, min_area=0.0)
+        assert torch.equal(got.masks, want.masks)
+        assert torch.equal(got.k, want.k) and torch.equal(got.cluster, want.cluster)
+        assert torch.equal(sweep_to_masks(narrow, b).masks, sweep_to_masks(wide, b).masks)
+
+
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("labels", [blocky_labels, random_labels])
 @pytest.mark.parametrize("threshold, min_area", [(0.9, 0.0), (0.5, 0.0), (0.9, 0.05), (1.0, 0.0)])

@@ -76,7 +76,7 @@ def test_non_square_8x12_latent():
 def test_recording_dtypes(dtype):
     result = segment(recording([nested_scene(64, 64)], dtype=dtype), components=4, cluster_counts=(2, 3))
     assert result.features.layers[next(iter(result.features.layers))].dtype == torch.float32
-    assert result.sweep.results[3].labels.dtype == torch.int64
+    assert result.sweep.results[3].labels.dtype == torch.uint8
     assert torch.isfinite(result.sweep.results[3].centroids).all()
     assert all(len(ms) > 0 for ms in result.masks)
 

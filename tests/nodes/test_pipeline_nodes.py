@@ -461,14 +461,14 @@ def test_multi_kmeans_shows_the_colour_maps_of_the_first_images_of_a_large_batch
 
 
 def test_multi_kmeans_refuses_outputs_that_would_not_fit_before_clustering(nodes, recording, monkeypatch):
-    """Multi K-Means keeps an int64 label map and a float32 RGB colour map per k and image (20 bytes per
+    """Multi K-Means keeps a uint8 label map and a float32 RGB colour map per k and image (13 bytes per
     pixel): when they would take more than 80 % of the free memory it stops at once with a message
     naming cluster_counts, instead of running out of memory after the clustering."""
     from headseg.nodes.core import kmeans as core_kmeans
 
     feats = nodes.HeadPCA.execute(recording, "down+up", "all", 4).args[0]
     stack = nodes.Upsample.execute(feats, "bilinear", False).args[0]
-    need = 3 * 2 * H * W * 20  # k = 2, 3, 4 for the 2 images
+    need = 3 * 2 * H * W * 13  # k = 2, 3, 4 for the 2 images
     ran = []
     monkeypatch.setattr(core_kmeans, "multi_kmeans", lambda *a, **kw: ran.append(1))
     monkeypatch.setattr(nodes, "_available_memory", lambda: int(need / 0.8) - 1)
