@@ -46,12 +46,18 @@ def _picture_to_mask_pixel(x: int, y: int, picture_hw, mask_hw, cropped: bool) -
     return min(max(mx, 0), W - 1), min(max(my, 0), H - 1)
 
 
-def _grid_pixel(point: tuple[int, int], picture_hw, mask_hw) -> tuple[int, int]:
-    """A pixel of more_points -> the masks' grid [H, W], as x and y are read: one outside the grid but inside
-    the picture [h, w] (picked on it before the first run) is mapped from it; any other is moved to the
-    nearest pixel of the grid."""
+def _of_the_picture(point: tuple[int, int], picture_hw, mask_hw) -> bool:
+    """Whether a pixel (x, y >= 0) is read as a pixel of the picture [h, w] (None: no picture): outside the
+    masks' grid [H, W] but inside the picture, as when it was picked on the picture before the first run."""
     (x, y), (H, W) = point, mask_hw
-    if picture_hw is not None and not (x < W and y < H) and x < picture_hw[1] and y < picture_hw[0]:
+    return picture_hw is not None and not (x < W and y < H) and x < picture_hw[1] and y < picture_hw[0]
+
+
+def _grid_pixel(point: tuple[int, int], picture_hw, mask_hw) -> tuple[int, int]:
+    """A pixel asked for (x and y, or one of more_points) -> the pixel of the masks' grid [H, W] used: one
+    _of_the_picture [h, w] is mapped from it; any other past the grid is moved to its nearest pixel."""
+    (x, y), (H, W) = point, mask_hw
+    if _of_the_picture(point, picture_hw, mask_hw):
         x, y = _picture_to_mask_pixel(x, y, picture_hw, mask_hw, _is_vae_window(*picture_hw, H, W))
     return min(x, W - 1), min(y, H - 1)
 
@@ -217,20 +223,30 @@ class MaskSelectAtPixel(io.ComfyNode):
         if index is None or index < 0:
             raise ValueError(f"index: expected an integer >= 0 (0 = finest mask), got {index_given!r}")
         H, W = masks[0].masks.shape[-2:]
-        picture = None
-        if image is not None:
-            picture = image_batch(image, first_only=True)  # [1, h, w, 3]
-            h, w = picture.shape[1:3]
+        picture = None if image is None else image_batch(image, first_only=True)  # [1, h, w, 3]
+        picture_hw = None if picture is None else tuple(picture.shape[1:3])
+        x, y = _grid_pixel((x, y), picture_hw, (H, W))
+        if _of_the_picture(asked, picture_hw, (H, W)):
+            # a pixel of the picture, picked before the first run showed the masks' grid
+            log.warning(
+                "HeadSeg Mask Select: x, y = %d, %d lie outside the masks' %dx%d grid but inside the %dx%d "
+                "image, so they are read as a pixel of the image: %d, %d on the masks' grid. x and y are "
+                "pixels of the masks' grid; scale a pixel of a larger picture to it first.",
+                *asked, W, H, picture_hw[1], picture_hw[0], x, y,
+            )
+        elif [x, y] != asked:
+            # e.g. the examples' 256, 256 on a smaller image, or a pixel kept from a larger one: failing
+            # would fail again on every queue (a failed run sends the picker no picture to click on), so
+            # the nearest pixel of the grid is used and the picker adopts it
+            log.warning(
+                "HeadSeg Mask Select: x, y = %d, %d lie outside the masks' %dx%d grid (x from 0 to %d, y from 0 "
+                "to %d: pixels of the sampled image), so the nearest pixel of the grid is used: %d, %d. The "
+                "picker shows it; click the picture to pick another pixel.",
+                *asked, W, H, W - 1, H - 1, x, y,
+            )
+        if picture is not None:
+            h, w = picture_hw
             cropped = _is_vae_window(h, w, H, W)
-            if (h, w) != (H, W) and not (0 <= x < W and 0 <= y < H) and 0 <= x < w and 0 <= y < h:
-                # a pixel of the picture, picked before the first run showed the masks' grid
-                x, y = _picture_to_mask_pixel(x, y, (h, w), (H, W), cropped)
-                log.warning(
-                    "HeadSeg Mask Select: x, y = %d, %d lie outside the masks' %dx%d grid but inside the %dx%d "
-                    "image, so they are read as a pixel of the image: %d, %d on the masks' grid. x and y are "
-                    "pixels of the masks' grid; scale a pixel of a larger picture to it first.",
-                    *asked, W, H, w, h, x, y,
-                )
             stretched = not cropped and (h, w) != (H, W) and max(w * H, h * W) / min(w * H, h * W) > 1.01
             if stretched and _first_time((w, h, W, H)):  # once per pair of sizes, not at every click
                 log.warning(
@@ -248,18 +264,6 @@ class MaskSelectAtPixel(io.ComfyNode):
                 picture = torch.nn.functional.interpolate(
                     picture.movedim(-1, 1), size=(H, W), mode="bilinear", align_corners=False
                 ).movedim(1, -1)  # [1, H, W, 3]
-        if x >= W or y >= H:
-            # e.g. the examples' 256, 256 on a smaller image, or a pixel kept from a larger one: failing
-            # would fail again on every queue (a failed run sends the picker no picture to click on), so
-            # the nearest pixel of the grid is used and the picker adopts it
-            x, y = min(x, W - 1), min(y, H - 1)
-            log.warning(
-                "HeadSeg Mask Select: x, y = %d, %d lie outside the masks' %dx%d grid (x from 0 to %d, y from 0 "
-                "to %d: pixels of the sampled image), so the nearest pixel of the grid is used: %d, %d. The "
-                "picker shows it; click the picture to pick another pixel.",
-                *asked, W, H, W - 1, H - 1, x, y,
-            )
-        picture_hw = None if image is None else tuple(image.shape[1:3])
         asked_points = [(*p, True) for p in include] + [(*p, False) for p in exclude]  # (x, y, kept in)
         include, exclude = ([_grid_pixel(p, picture_hw, (H, W)) for p in ps] for ps in (include, exclude))
         used_points = [(*p, True) for p in include] + [(*p, False) for p in exclude]
