@@ -211,10 +211,11 @@ def add_picker(page, picture: str = "", scale: float = 1.0) -> int:
     return node_id
 
 
-def synthetic_run(page, node_id, name, size, pixel, masks=2, index=0, stored=True, asked=None):
+def synthetic_run(page, node_id, name, size, pixel, masks=2, index=0, stored=True, asked=None, points=None):
     """Feeds the picker the payload of a run (two masks of the coded picture), as ComfyUI does after
     executing the node; with ``stored`` also keeps it in app.nodeOutputs, as ComfyUI does. ``asked``:
-    the x / y the run was given, when the node mapped them onto the masks' grid."""
+    the x / y the run was given, when the node mapped them onto the masks' grid. ``points``: (the
+    more_points text the run was given, its pixels used [[x, y, 1 or 0], ...])."""
     ref = {"filename": name, "subfolder": "", "type": "input"}
     payload = {
         "headseg_image": [ref], "headseg_size": list(size), "headseg_pixel": list(pixel),
@@ -222,6 +223,8 @@ def synthetic_run(page, node_id, name, size, pixel, masks=2, index=0, stored=Tru
         "headseg_index": [index], "headseg_masks": [ref] * masks,
         "headseg_mask_info": [{"area": 10 * (i + 1), "k": 2, "cluster": i} for i in range(masks)],
     }  # fmt: skip
+    if points is not None:
+        payload.update(headseg_points_asked=[points[0]], headseg_points=list(points[1]))
     page.evaluate(
         """([id, payload, stored]) => { if (stored) app.nodeOutputs[String(id)] = payload;
                                         app.graph.getNodeById(id).onExecuted(payload); }""",

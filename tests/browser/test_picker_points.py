@@ -13,6 +13,7 @@ from headseg.tests.browser.helpers import (
     frame_rect,
     picker_selector,
     settle,
+    synthetic_run,
     vue_nodes,
     wait_picture_ready,
 )
@@ -33,19 +34,9 @@ def click_with(page, node_id, size, pixel, key):
 
 
 def run_payload(page, node_id, name, size, pixel, asked_points: str, used_points: list, masks: int = 2):
-    """Feeds the picker a run's payload for ``pixel`` (None: the widgets' x, y) and these more_points."""
-    pixel = pixel or page.evaluate(JS_XY, node_id)
-    ref = {"filename": name, "subfolder": "", "type": "input"}
-    payload = {
-        "headseg_image": [ref], "headseg_size": list(size), "headseg_pixel": list(pixel),
-        "headseg_pixel_asked": list(pixel), "headseg_index": [0], "headseg_masks": [ref] * masks,
-        "headseg_mask_info": [{"area": 10 * (i + 1), "k": 2, "cluster": i} for i in range(masks)],
-        "headseg_points": used_points, "headseg_points_asked": [asked_points],
-    }  # fmt: skip
-    page.evaluate(
-        "([id, p]) => { app.nodeOutputs[String(id)] = p; app.graph.getNodeById(id).onExecuted(p); }", [node_id, payload]
-    )
-    wait_picture_ready(page, node_id)
+    """synthetic_run for ``pixel`` (None: the widgets' x, y) with these more_points."""
+    synthetic_run(page, node_id, name, size, pixel or page.evaluate(JS_XY, node_id), masks=masks,
+                  points=(asked_points, used_points))
 
 
 def stale(page, sel) -> bool:
