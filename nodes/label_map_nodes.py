@@ -13,7 +13,6 @@ import functools
 import json
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ from . import types as hs
 from .core import kmeans as core_kmeans
 from .core.masks import check_label_map
 from .mask_select_node import _is_vae_window, _vae_crop
-from .node_utils import _PNG_THREADS, CATEGORY, expect as _expect, image_batch, output_error, output_place, prefix_error
+from .node_utils import CATEGORY, expect as _expect, image_batch, on_png_threads, output_error, output_place, prefix_error
 
 log = logging.getLogger("HeadSeg")
 
@@ -213,9 +212,9 @@ def _picture_png(picture: torch.Tensor) -> Image.Image:
 
 
 def _write_all(files: list, filename_prefix) -> None:
-    """Saves every PNG of ``files`` [(picture(): PIL image, path, PngInfo)], several at once on up to
-    _PNG_THREADS threads (PNG compression releases Python's lock: a batch's files take about half as
-    long on two cores), each picture made by its own thread when it is written. When any cannot be
+    """Saves every PNG of ``files`` [(picture(): PIL image, path, PngInfo)], several at once (on_png_threads:
+    a batch's files take about half as long on two cores), each picture made by its own thread when it
+    is written. When any cannot be
     written, removes the files of this run that were (a dataset gets no image with some of its files
     missing) and what a failed one left (PIL leaves a file cut short when its last bytes fail as it closes
     the file, e.g. on a full disk), then raises for the first file, in order, that failed: ValueError
@@ -232,12 +231,7 @@ def _write_all(files: list, filename_prefix) -> None:
             return exc
         return None
 
-    workers = min(len(files), _PNG_THREADS, os.cpu_count() or 1)
-    if workers <= 1:
-        errors = [write(file) for file in files]
-    else:
-        with ThreadPoolExecutor(workers, thread_name_prefix="headseg-labels") as pool:
-            errors = list(pool.map(write, files))
+    errors = on_png_threads(write, files)
     failed = [(full, exc) for (_, full, _), exc in zip(files, errors) if exc is not None]
     if not failed:
         return

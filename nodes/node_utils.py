@@ -253,17 +253,22 @@ def _write_each(count: int, write) -> list[dict]:
     """write(b, prefix) -> [ref] for b in 0 .. count-1, on up to _PNG_THREADS threads -> the refs in order.
     Each picture gets its own prefix (one random prefix per batch with the picture's index appended):
     no two threads count up the same name."""
-    workers = min(count, _PNG_THREADS, os.cpu_count() or 1)
     prefix = f"ComfyUI_temp_headseg_{secrets.token_hex(4)}"
-    if workers <= 1:
-        parts = [write(b, f"{prefix}_{b}") for b in range(count)]
-    else:
-        with ThreadPoolExecutor(workers, thread_name_prefix="headseg-png") as pool:
-            parts = list(pool.map(write, range(count), [f"{prefix}_{b}" for b in range(count)]))
+    parts = on_png_threads(lambda b: write(b, f"{prefix}_{b}"), list(range(count)))
     return [dict(r) for part in parts for r in part]
 
 
-# Threads that write a batch of preview PNGs at once (_write_previews).
+def on_png_threads(fn, items: list) -> list:
+    """[fn(item) for item in items], in order, several at once on up to _PNG_THREADS threads (one per core):
+    for writing PNGs, whose compression releases Python's lock."""
+    workers = min(len(items), _PNG_THREADS, os.cpu_count() or 1)
+    if workers <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(workers, thread_name_prefix="headseg-png") as pool:
+        return list(pool.map(fn, items))
+
+
+# Threads that write a batch of PNGs at once (on_png_threads: previews, Save Label Maps' files).
 _PNG_THREADS = 8
 
 

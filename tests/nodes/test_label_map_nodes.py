@@ -256,12 +256,12 @@ def test_a_batch_is_written_on_several_threads_with_the_bytes_of_one_at_a_time(s
     import os
     import threading
 
-    from headseg.nodes import label_map_nodes
+    from headseg.nodes import node_utils
 
     pictures = torch.rand(2, H, W, 3, generator=torch.Generator().manual_seed(3))
-    monkeypatch.setattr(label_map_nodes, "_PNG_THREADS", 1, raising=False)
+    monkeypatch.setattr(node_utils, "_PNG_THREADS", 1)
     save.execute(sweep, "one/x", pictures)
-    monkeypatch.setattr(label_map_nodes, "_PNG_THREADS", 8, raising=False)
+    monkeypatch.setattr(node_utils, "_PNG_THREADS", 8)
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     real_save, meet, threads = Image.Image.save, threading.Barrier(2), set()
 
