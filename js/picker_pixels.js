@@ -125,8 +125,9 @@ export function formatPoints(points) {
 /** more_points text with pixel p toggled: p is added, kept in (keep: shift-click) or left out (alt-click);
  * on an entry within a few pixels of it (2 % of the grid's longer side, at least 2), a shift-click turns
  * a pixel kept in into one left out (so that a "left out" pixel can be had where the system takes
- * alt-clicks, e.g. Linux desktops that move windows with Alt+drag), and any other click removes it. size: [W, H] of the grid. Entries that are no pixel (a typo) are kept as written, for the node
- * to name when queued, not dropped unseen. */
+ * alt-clicks, e.g. Linux desktops that move windows with Alt+drag), and any other click removes it.
+ * size: [W, H] of the grid. Entries that are no pixel (a typo) are kept as written, for the node to
+ * name when queued, not dropped unseen. */
 export function togglePoint(text, p, keep, size) {
   const entries = (typeof text === "string" ? text.split(/[;\n]/) : [])
     .map((raw) => raw.trim())
@@ -146,11 +147,10 @@ export function togglePoint(text, p, keep, size) {
  * while the widget still holds the text that run was asked, or fed by a link (none before a run). */
 export function currentPoints(node, output) {
   const asked = output?.headseg_points_asked?.[0];
-  const used = output?.headseg_points;
+  const used = runPoints(output);
   const text = widget(node, "more_points")?.value;
   const linked = isLinked(node, "more_points");
-  const ran = Array.isArray(used) && (linked || (typeof asked === "string" && text === asked));
-  if (ran) return used.filter((q) => Array.isArray(q) && q.length >= 3).map(([x, y, k]) => ({ x, y, keep: !!k }));
+  if (used !== null && (linked || (typeof asked === "string" && text === asked))) return used;
   return linked ? [] : parsePoints(text); // a link's text is known after a run, not the widget's old one
 }
 
@@ -159,17 +159,24 @@ export function pointsStale(node, output) {
   const asked = output?.headseg_points_asked?.[0];
   if (typeof asked !== "string" || isLinked(node, "more_points")) return false;
   const text = widget(node, "more_points")?.value ?? "";
-  const used = (output?.headseg_points ?? []).map(([x, y, k]) => ({ x, y, keep: !!k }));
-  return text !== asked && formatPoints(parsePoints(text)) !== formatPoints(used);
+  return text !== asked && formatPoints(parsePoints(text)) !== formatPoints(runPoints(output) ?? []);
 }
 
 /** As adoptMappedPixel for more_points: while the widget still holds the text of the last run, whose
  * pixels it mapped onto the masks' grid, the widget takes the pixels it used. */
 export function adoptMappedPoints(node, output) {
   const asked = output?.headseg_points_asked?.[0];
-  const used = output?.headseg_points;
-  if (typeof asked !== "string" || !Array.isArray(used) || isLinked(node, "more_points")) return;
+  const used = runPoints(output);
+  if (typeof asked !== "string" || used === null || isLinked(node, "more_points")) return;
   if (widget(node, "more_points")?.value !== asked) return;
-  const text = formatPoints(used.map(([x, y, k]) => ({ x, y, keep: !!k })));
+  const text = formatPoints(used);
   if (formatPoints(parsePoints(asked)) !== text) setWidget(node, "more_points", text);
+}
+
+/** The last run's more_points pixels on the masks' grid (UI payload headseg_points [[x, y, 1|0], ...])
+ * as [{x, y, keep}], or null when its payload has none. */
+function runPoints(output) {
+  const used = output?.headseg_points;
+  if (!Array.isArray(used)) return null;
+  return used.filter((q) => Array.isArray(q) && q.length >= 3).map(([x, y, k]) => ({ x, y, keep: !!k }));
 }
