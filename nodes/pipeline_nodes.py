@@ -456,7 +456,8 @@ class MultiKMeans(io.ComfyNode):
         for i, (k, result) in enumerate(sweep.results.items()):
             core_preview.label_colours(result.labels, k, out=images[i * B : (i + 1) * B])  # [B, H, W, 3] in place
             labels += [f"k={k}" if B == 1 else f"k={k} #{b}" for b in range(shown)]
-            maps += [(result.labels[b], core_preview.palette(k)) for b in range(shown)]
+            colours = core_preview.palette(k)  # [k, 3]: one table for the k's colour maps shown
+            maps += [(result.labels[b], colours) for b in range(shown)]
         # the colour maps' pixels, written from the label maps (palette PNGs, several times faster)
         ui = {"images": label_previews(maps), "headseg_labels": labels, "headseg_k": list(sweep.results)}
         if shown < B:
