@@ -16,9 +16,11 @@ at another pixel of the same image, as when the user clicks the picker, timed af
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import os
 import pathlib
+import shutil
 import statistics
 import sys
 import tempfile
@@ -70,7 +72,8 @@ def main():
     import torch
 
     torch.set_num_threads(args.threads)
-    scratch = tempfile.mkdtemp(prefix="headseg-bench-")
+    scratch = tempfile.mkdtemp(prefix="headseg-bench-")  # the previews' PNGs (tens of MB a run)
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     folder_paths.set_temp_directory(scratch)
     folder_paths.set_output_directory(scratch)
     from headseg.nodes import pipeline_nodes as N
