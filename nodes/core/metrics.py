@@ -44,12 +44,16 @@ def iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return int((a & b).sum()) / union
 
 
-def pairwise_iou(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """[M, H, W], [N, H, W] -> [M, N] float64 IoU of every pair (two empty masks -> 1.0)."""
-    A = _as_bool(A, "A", 3)
-    B = _as_bool(B, "B", 3).to(A.device)
+def pairwise_iou(A: torch.Tensor, B: torch.Tensor, names: tuple[str, str] = ("A", "B")) -> torch.Tensor:
+    """[M, H, W], [N, H, W] -> [M, N] float64 IoU of every pair (two empty masks -> 1.0).
+
+    names: what the errors call A and B (a caller passes the names of its own arguments)."""
+    A = _as_bool(A, names[0], 3)
+    B = _as_bool(B, names[1], 3).to(A.device)
     if A.shape[1:] != B.shape[1:]:
-        raise ValueError(f"A and B must share (H, W), got {tuple(A.shape[1:])} and {tuple(B.shape[1:])}")
+        raise ValueError(
+            f"{names[0]} and {names[1]} must share (H, W), got {tuple(A.shape[1:])} and {tuple(B.shape[1:])}"
+        )
     M, H, W = A.shape
     N = B.shape[0]
     # 0/1 products summed: exact in float32 below 2**24 pixels, else count in float64
@@ -62,8 +66,9 @@ def pairwise_iou(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 
 def _best_per_reference(reference: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
-    """[M] best IoU of each reference mask over the predicted masks (0 when there are none)."""
-    scores = pairwise_iou(reference, predicted)  # [M, N]
+    """[M] best IoU of each reference mask over the predicted masks (0 when there are none); errors
+    name the two ``reference`` and ``predicted``, the arguments of the metrics that call this."""
+    scores = pairwise_iou(reference, predicted, ("reference", "predicted"))  # [M, N]
     if scores.shape[1] == 0:
         return torch.zeros(scores.shape[0], dtype=torch.float64, device=scores.device)
     return scores.amax(dim=1)

@@ -199,3 +199,18 @@ def test_pairwise_iou_of_masks_beyond_float32_counts_is_exact():
     b[0, :, 0] = False  # one column short
     got = float(pairwise_iou(a, b)[0, 0])
     assert got == (side * side - side) / (side * side)
+
+
+@pytest.mark.parametrize("metric", [best_match_iou, lambda reference, predicted: top_n(reference, predicted, 2)])
+@pytest.mark.parametrize(
+    "predicted, match",
+    [
+        (LEFT, r"^predicted must have shape \[M, H, W\]"),  # one mask without its M axis
+        (torch.zeros(1, 8, 9, dtype=torch.bool), r"^reference and predicted must share \(H, W\)"),
+        (torch.full((1, 8, 8), float("nan")), "^predicted contains NaN"),
+    ],
+)
+def test_best_match_and_top_n_name_their_own_arguments(metric, predicted, match):
+    """Errors about the masks compared name the metric's arguments, not pairwise_iou's A and B."""
+    with pytest.raises(ValueError, match=match):
+        metric(torch.stack([LEFT, TOP]), predicted)
