@@ -349,7 +349,7 @@ def _canonical(labels: torch.Tensor, centroids: torch.Tensor, k: int):
 
 
 def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, threads: int | None):
-    """One image, one k -> (labels [H, W] int64, centroids [k, C], inertia float, iterations).
+    """One image, one k -> _finish's (labels [H, W] uint8 canonical, centroids [k, C], inertia float, iterations).
 
     Runs on one thread except the Lloyd iterations of large lattices, which use ``threads``;
     threads=None leaves torch's thread count as it is (the caller has set it).

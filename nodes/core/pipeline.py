@@ -43,7 +43,7 @@ def segment(
 
     recording: a Recording of [B, heads, h, w, d] layers, or an object whose snapshot() gives one.
     cluster_counts: list of ints or a string such as "2,5,6,10,20". progress(done, total) is called
-    after each k-means run (image, k).
+    as each of the STAGES (3) of each k-means run (image, k) ends, as multi_kmeans calls it.
     """
     if hasattr(recording, "snapshot") and not isinstance(recording, Recording):
         recording = recording.snapshot()
