@@ -17,20 +17,22 @@ from .core.recording import MAX_IMAGE_SIDE, integer_index
 from .node_utils import CATEGORY, image_batch, log, mask_to_comfy, preview_refs
 
 
-def _vae_crop_offsets(h: int, w: int) -> tuple[int, int]:
-    """(top, left) of the centred window of a multiple of 8 that VAE Encode keeps of an h x w picture."""
-    return (h % 8) // 2, (w % 8) // 2
+def _vae_crop_offsets(h: int, w: int, H: int, W: int) -> tuple[int, int]:
+    """(top, left) of the centred H x W window of an h x w picture that _is_vae_window: VAE Encode's
+    ((h % 8) // 2, (w % 8) // 2) when H x W is its multiple of 8, (0, 0) when the sizes are the same."""
+    return (h - H) // 2, (w - W) // 2
 
 
 def _is_vae_window(h: int, w: int, H: int, W: int) -> bool:
-    """Whether VAE Encode keeps H x W pixels of an h x w picture (the same size, or sides that only lack a
-    multiple of 8: up to 7 px more per side)."""
-    return (h // 8 * 8, w // 8 * 8) == (H, W)
+    """Whether the masks' H x W pixels are an h x w picture's: the same size (also when a recording file's
+    sides are no multiples of 8), or the window VAE Encode keeps of a picture whose sides only lack a
+    multiple of 8 (up to 7 px more per side)."""
+    return (h, w) == (H, W) or (h // 8 * 8, w // 8 * 8) == (H, W)
 
 
 def _vae_crop(pictures: torch.Tensor, H: int, W: int) -> torch.Tensor:
     """[B, h, w, C] pictures that _is_vae_window -> [B, H, W, C]: the centred window VAE Encode keeps (a view)."""
-    top, left = _vae_crop_offsets(pictures.shape[1], pictures.shape[2])
+    top, left = _vae_crop_offsets(pictures.shape[1], pictures.shape[2], H, W)
     return pictures[:, top : top + H, left : left + W]  # [B, H, W, C]
 
 
@@ -39,7 +41,7 @@ def _picture_to_mask_pixel(x: int, y: int, picture_hw, mask_hw, cropped: bool) -
     centred crop when the picture only lacks a multiple of 8, else through the stretch."""
     (h, w), (H, W) = picture_hw, mask_hw
     if cropped:
-        top, left = _vae_crop_offsets(h, w)
+        top, left = _vae_crop_offsets(h, w, H, W)
         mx, my = x - left, y - top
     else:
         mx, my = x * W // w, y * H // h

@@ -332,3 +332,16 @@ def test_batch_num_that_the_path_drops_still_gives_each_image_its_own_files(save
         _, pixels, text = read(comfy_folders["output"] / "a" / f"cat_{b + 1:05}_k9.png")
         assert torch.equal(torch.from_numpy(pixels).long(), sweep.results[9].labels[b])
         assert json.loads(text["headseg"])["batch_index"] == b
+
+
+def test_a_picture_of_the_label_maps_size_is_saved_when_the_sides_are_no_multiples_of_8(save, nodes, comfy_folders):
+    # a recording file may hold any image size (here 100 x 60: latent grid 12 x 7): the decoded picture of
+    # that size is the label maps' own, with nothing to crop; it was refused ('expected 60x100, got 60x100'),
+    # and VAE Encode's offsets ((100 % 8) // 2 = 2) would have cut it to 98 rows
+    rec = planted_recording([nested_scene(100, 60)], layout=small_layout(heads=2), d=8, noise=0.2, seed=1)
+    feats = nodes.HeadPCA.execute(rec, "down+up", "all", 4).args[0]
+    sweep = nodes.MultiKMeans.execute(nodes.Upsample.execute(feats, "bilinear", False).args[0], "2,3", 0).args[0]
+    picture = torch.rand(1, 100, 60, 3, generator=torch.Generator().manual_seed(2))
+    save.execute(sweep, "odd", picture)
+    _, pixels, _ = read(comfy_folders["output"] / "odd_00001_image.png")
+    assert np.array_equal(pixels, np.clip(255.0 * picture[0].numpy(), 0, 255).astype(np.uint8))
