@@ -292,11 +292,16 @@ def mask_to_comfy(masks: torch.Tensor) -> torch.Tensor:
 
 
 def image_batch(image, name: str = "image", first_only: bool = False) -> torch.Tensor:
-    """Checks an IMAGE input [B, H, W, C] (C = 1, 3 or 4; B, H, W >= 1) -> [B, H, W, 3] float32 on the
-    CPU ([1, H, W, 3] with first_only), NaN drawn as black and +-inf clamped to white / black."""
+    """Checks an IMAGE input [B, H, W, C] (C = 1, 3 or 4; B, H, W >= 1; floats, 0..1) -> [B, H, W, 3] float32
+    on the CPU ([1, H, W, 3] with first_only), NaN drawn as black and +-inf clamped to white / black."""
     if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[-1] not in (1, 3, 4):
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"{name}: expected an IMAGE [B, H, W, 3], got {shape}")
+    if not image.dtype.is_floating_point:  # e.g. 0..255 bytes from another pack: drawn, they would be white
+        raise ValueError(
+            f"{name}: expected an IMAGE of floats from 0 to 1 (ComfyUI's IMAGE), got {image.dtype} values; "
+            "convert the picture to a float IMAGE first"
+        )
     if 0 in image.shape[:3]:
         raise ValueError(f"{name}: expected at least one image of at least 1x1 pixels, got {tuple(image.shape)}")
     if first_only:

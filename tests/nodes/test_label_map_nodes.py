@@ -134,6 +134,8 @@ def test_a_photo_a_few_pixels_larger_is_cropped_as_vae_encode_crops_it(save, swe
         (torch.rand(2, H + 8, W, 3), "192x128"),  # 8 more rows: another latent size
         (torch.rand(1, H, W, 3), "expected 2 picture(s)"),
         (torch.rand(2, H, W), "expected an IMAGE"),
+        ((torch.rand(2, H, W, 3) * 255).to(torch.uint8), "expected an IMAGE of floats"),  # saved white
+        (torch.ones(2, H, W, 3, dtype=torch.bool), "expected an IMAGE of floats"),
     ],
 )
 def test_a_picture_that_does_not_fit_is_refused_before_any_file_is_written(save, sweep, comfy_folders, image, words):
