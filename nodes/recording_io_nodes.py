@@ -8,6 +8,7 @@ runs the rest of the pipeline with no model loaded.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -349,6 +350,10 @@ class LoadRecording(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, file=None, path="") -> str:
+        # ComfyUI hands this no linked value (None instead): a linked path, or a linked file with no path,
+        # names a file only known when the node runs; the files such runs read are watched instead
+        if path is None or (file is None and isinstance(path, str) and not path.strip()):
+            return f"linked: {_linked_epoch()}"
         try:
             full = _resolve(file, path)
         except (TypeError, ValueError):
@@ -362,6 +367,7 @@ class LoadRecording(io.ComfyNode):
     @classmethod
     def execute(cls, file, path="") -> io.NodeOutput:
         full = _resolve(file, path)
+        _watch(full)  # before reading: a file replaced while it is read is read again next time
         try:
             rec = load_recording(full)
         except ValueError as exc:  # names the file and what is wrong in it; say which input chose it
@@ -370,6 +376,45 @@ class LoadRecording(io.ComfyNode):
         H, W = rec.image_size
         text = f"{os.path.basename(full)}: {rec.num_heads} heads in {len(rec.layers)} layers, {W}x{H} px"
         return io.NodeOutput(rec, ui={"text": [text]})
+
+
+# Load Recording's fingerprint with a linked path or file (see fingerprint_inputs): the files loaded, as
+# path -> file_version when read (None: missing), the most recent _WATCHED_KEPT; the epoch counts the
+# fingerprints that found one of them changed. It is the fingerprint: it stays the same while the files
+# do, so a linked path is read from ComfyUI's cache (a click in Mask Select re-runs no k-means), and
+# changes once when a file read before is replaced, so that file is read again.
+_WATCHED_KEPT = 64
+_watched: collections.OrderedDict[str, tuple | None] = collections.OrderedDict()
+_epoch = [0]
+
+
+def _current_version(full: str) -> tuple | None:
+    try:
+        return file_version(full, os.stat(full))
+    except (OSError, ValueError):
+        return None
+
+
+def _watch(full: str) -> None:
+    """Remembers the version of ``full`` that Load Recording is about to read."""
+    _watched[full] = _current_version(full)
+    _watched.move_to_end(full)
+    while len(_watched) > _WATCHED_KEPT:
+        _watched.popitem(last=False)
+
+
+def _linked_epoch() -> int:
+    """_epoch, advanced (once) when a watched file is not the version read last; the watch then takes
+    the new version, so the next call gives the same number until a file changes again."""
+    changed = False
+    for full, version in list(_watched.items()):
+        now = _current_version(full)
+        if now != version:
+            _watched[full] = now
+            changed = True
+    if changed:
+        _epoch[0] += 1
+    return _epoch[0]
 
 
 NODES = [SaveRecording, LoadRecording]

@@ -595,3 +595,31 @@ def test_a_loaded_recording_with_a_latent_of_another_image_is_refused(recording)
     for shape in ((1, 4, W // 8, H // 8), (2, 4, H // 8, W // 8)):
         with pytest.raises(ValueError, match=r"^latent: the recording \(from a file\) is of 1 image\(s\) of 192x128 pixels"):
             HeadPCA.execute(recording, "down+up", "all", 4, latent={"samples": torch.zeros(shape)})
+
+
+def test_a_linked_path_is_read_again_when_its_file_is_replaced_and_only_then(io_nodes, recording, comfy_folders):
+    """ComfyUI hands fingerprint_inputs None for a linked input (e.g. path from a String node or from Save
+    Recording's path output). The fingerprint looked at the unused `file` instead: a recording replaced at the
+    linked path kept coming from ComfyUI's cache (the old heads' masks), while replacing the unused file
+    re-ran the whole pipeline. Now it changes once when a file such a load read is replaced."""
+    import os
+
+    inp = comfy_folders["input"]
+    path = io_nodes.SaveRecording.execute(recording, "linked").args[0]
+    os.replace(path, inp / "rec.safetensors")
+    unused = io_nodes.SaveRecording.execute(recording, "unused").args[0]
+    os.replace(unused, inp / "unused.safetensors")
+    fingerprint = lambda: io_nodes.LoadRecording.fingerprint_inputs("unused.safetensors", None)  # noqa: E731
+    first = fingerprint()
+    assert io_nodes.LoadRecording.execute("unused.safetensors", "rec.safetensors").args[0].num_heads == recording.num_heads
+    assert fingerprint() == first  # nothing changed: the next prompt is served from the cache
+    other = planted_recording([nested_scene(128, 192)], layout=small_layout(heads=3), d=8, seed=5)
+    fresh = io_nodes.SaveRecording.execute(other, "other").args[0]
+    os.replace(fresh, inp / "rec.safetensors")  # the file at the linked path replaced
+    changed = fingerprint()
+    assert changed != first
+    assert io_nodes.LoadRecording.execute("unused.safetensors", "rec.safetensors").args[0].num_heads == other.num_heads
+    assert fingerprint() == changed  # read again once, then from the cache again
+    fresh = io_nodes.SaveRecording.execute(other, "again").args[0]
+    os.replace(fresh, inp / "unused.safetensors")  # the file `file` names, which a linked path overrides
+    assert fingerprint() == changed
