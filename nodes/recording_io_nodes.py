@@ -117,7 +117,7 @@ def _walk_recording_files(input_dir: str, output_dir: str) -> list[str]:
             dirs[:] = keep
             for f in files:
                 full = os.path.join(root, f)
-                if f.endswith(".safetensors") and _loadable_name(full) and is_recording_file(full):
+                if f.lower().endswith(".safetensors") and _loadable_name(full) and is_recording_file(full):
                     names.append(os.path.relpath(full, base).replace(os.sep, "/"))
         found += [n + suffix for n in sorted(names)]
     return found

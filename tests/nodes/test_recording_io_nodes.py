@@ -140,6 +140,18 @@ def test_file_list_follows_links_once_and_never_loops(io_nodes, recording, comfy
     assert files == ["deep/rec_00001_.safetensors [output]"]  # its own name, not the link's
 
 
+def test_file_list_ignores_the_case_of_the_extension(io_nodes, recording, comfy_folders):
+    """A recording named *.SAFETENSORS (copied from a system that upper-cases names) is offered in
+    `file`, as ComfyUI's own model lists offer it."""
+    import shutil
+
+    saved = io_nodes.SaveRecording.execute(recording, "case/rec").args[0]
+    shutil.copy(saved, comfy_folders["input"] / "REC.SAFETENSORS")
+    io_nodes.forget_listing()
+    assert "REC.SAFETENSORS" in io_nodes._recording_files()
+    assert io_nodes.LoadRecording.execute("REC.SAFETENSORS", "").args[0].layers.keys() == recording.layers.keys()
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="named pipes and non-UTF-8 names: Linux")
 def test_file_list_skips_pipes_and_names_safetensors_cannot_open(io_nodes, recording, comfy_folders):
     """A pipe named *.safetensors would block the list (and with it ComfyUI's /object_info) forever;
