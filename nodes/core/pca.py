@@ -102,7 +102,14 @@ def _centred(xg: torch.Tensor, dtype: torch.dtype):
         scale = scale[:, None, None]  # [G, 1, 1]
         scaled = xg.double() * scale  # [G, N, D] scaled before centring, so the mean cannot overflow
         return (scaled - scaled.mean(dim=1, keepdim=True)).to(dtype), constant, scale  # [G, N, D] centred
-    return xg - xg.mean(dim=1, keepdim=True, dtype=dtype), constant, None  # [G, N, D] centred, promoted
+    xc = xg - xg.mean(dim=1, keepdim=True, dtype=dtype)  # [G, N, D] centred, promoted
+    if xg.dtype == dtype:
+        # float32 or float64 input: the mean's rounding can be a sizeable part of a small spread about a
+        # large offset (1e-5 about 1: 1 % of the scores); xc is exact here (close values subtract
+        # exactly), so a second pass takes out what is left of the mean. float16 input needs none: its
+        # own rounding is coarser than float32's error in the mean
+        xc -= xc.mean(dim=1, keepdim=True)  # [G, N, D]
+    return xc, constant, None
 
 
 def _scores(xc: torch.Tensor, evals: torch.Tensor, evecs: torch.Tensor, constant: torch.Tensor, scale, c: int):

@@ -45,6 +45,21 @@ def test_scores_equal_sklearn_including_signs(grid, D, dtype):
             assert err < tol, (b, h, float(err))
 
 
+@pytest.mark.parametrize("offset, spread", [(1.0, 1e-5), (100.0, 1e-3), (1000.0, 1e-3)])
+def test_float32_heads_with_a_large_offset_equal_sklearn(offset, spread):
+    """A float32 head whose values sit far from 0 compared with their spread: float32's rounding of
+    the mean is then a sizeable part of each centred value; the scores still equal scikit-learn's
+    (in float64 on the same values)."""
+    g = torch.Generator().manual_seed(3)
+    x = structured_heads((2,), 1024, 16, seed=3, dtype=torch.float64) * spread
+    x = (x + offset * (1 + torch.rand(2, 1, 16, generator=g, dtype=torch.float64))).float()  # [2, N, D]
+    ours = head_pca(x, 4)
+    for h in range(2):
+        ref = sklearn_scores(x[h], 4)
+        err = (ours[h].double() - ref).abs().max() / ref.abs().max()
+        assert err < 2e-4, (h, float(err))
+
+
 @pytest.mark.parametrize("solver", ["full", "covariance_eigh", "auto"])
 def test_sign_convention_matches_every_sklearn_solver(solver):
     x = structured_heads((), 500, 24, seed=7, dtype=torch.float64)
