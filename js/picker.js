@@ -322,6 +322,10 @@ export class Picker {
         e.preventDefault();
         e.stopPropagation();
         if (this.isStale()) return; // these thumbnails belong to the previous pixel: queue first
+        if (isLinked(this.node, "index")) {
+          this.info.textContent = "index comes from a link: clicks on the thumbnails do not change it";
+          return;
+        }
         setWidget(this.node, "index", i);
         this.sync(true);
         recordChange();
@@ -341,9 +345,10 @@ export class Picker {
   /** Brings the DOM in line with the widgets; cheap when nothing changed. */
   sync(force = false) {
     const p = this.currentPixel();
-    const index = Number(widget(this.node, "index")?.value);
+    const index = this.currentIndex();
     const more = widget(this.node, "more_points")?.value;
-    const key = `${p?.x},${p?.y},${index},${this.size},${more}`;
+    const indexLinked = isLinked(this.node, "index");
+    const key = `${p?.x},${p?.y},${index},${indexLinked},${this.size},${more}`;
     if (!force && key === this.shown.key) return;
     this.shown.key = key;
     this.updateMarker();
@@ -357,8 +362,17 @@ export class Picker {
       b.classList.toggle("headseg-selected", selected);
       // the outline and the faded strip say so to the eye only
       b.setAttribute("aria-pressed", String(selected));
-      b.setAttribute("aria-disabled", String(stale)); // a click is ignored until the next run
+      // a click is ignored until the next run, or for good while a link feeds index
+      b.setAttribute("aria-disabled", String(stale || indexLinked));
     }
+  }
+
+  /** The index the outline marks: the widget's, or with index fed by a link the one the last run used
+   * (NaN before a run, or where no mask contained its pixel: no outline). */
+  currentIndex() {
+    if (!isLinked(this.node, "index")) return Number(widget(this.node, "index")?.value);
+    const used = Number(this.output?.headseg_index?.[0]);
+    return used >= 0 ? used : NaN;
   }
 
   onExecuted(output) {

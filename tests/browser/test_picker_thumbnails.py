@@ -108,3 +108,36 @@ def test_a_run_that_replaces_the_hovered_thumbnail_leaves_no_mask_over_the_pictu
     assert len(page.query_selector_all(sel + " .headseg-thumb")) == 1
     assert not _hovering(page, sel)
     assert comfy_page.pack_problems() == []
+
+
+def test_with_index_fed_by_a_link_the_outline_marks_the_mask_the_run_output_and_clicks_leave_it(comfy_page, pictures):
+    """index from a link: the run outputs the mask at the linked index, so that thumbnail is outlined (not
+    the one of the widget's value from before the link), and a click on a thumbnail changes nothing."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page)
+    sel = picker_selector(node_id)
+    page.evaluate(
+        """(id) => { const node = app.graph.getNodeById(id); const p = LiteGraph.createNode('PrimitiveInt');
+                     p.pos = [40, 80]; app.graph.add(p); p.connect(0, node, node.inputs.findIndex(i => i.name === 'index')); }""",
+        node_id,
+    )
+    synthetic_run(page, node_id, name, (W, H), (0, 0), masks=3, index=2, stored=False)  # the link gave 2
+    settle(page)
+    assert page.evaluate(JS_WIDGETS, node_id)["index"] == 0
+    assert selected_thumbs(page, sel) == ["2"]
+    page.click(sel + " .headseg-thumb[data-index='1']", force=True)  # aria-disabled: a user can still click it
+    settle(page, 250)
+    assert page.evaluate(JS_WIDGETS, node_id)["index"] == 0
+    assert selected_thumbs(page, sel) == ["2"]
+    assert "index comes from a link" in page.text_content(sel + " .headseg-info")
+    aria = page.eval_on_selector_all(sel + " .headseg-thumb", "bs => bs.map(b => b.getAttribute('aria-disabled'))")
+    assert aria == ["true"] * 3
+    # the link removed: the widget's index is outlined again, and a click chooses a mask
+    page.evaluate("(id) => { const node = app.graph.getNodeById(id); node.disconnectInput(node.inputs.findIndex(i => i.name === 'index')); }", node_id)
+    settle(page, 800)
+    assert selected_thumbs(page, sel) == ["0"]
+    page.click(sel + " .headseg-thumb[data-index='1']")
+    settle(page, 250)
+    assert page.evaluate(JS_WIDGETS, node_id)["index"] == 1 and selected_thumbs(page, sel) == ["1"]
+    assert comfy_page.pack_problems() == []
