@@ -174,9 +174,16 @@ export function adoptMappedPoints(node, output) {
 }
 
 /** The last run's more_points pixels on the masks' grid (UI payload headseg_points [[x, y, 1|0], ...])
- * as [{x, y, keep}], or null when its payload has none. */
+ * as [{x, y, keep}], or null when its payload has none. The node lists the pixels kept in first, then
+ * those left out; they are put back in the order of the entries of the text it was asked
+ * (headseg_points_asked), so that a text whose pixels the run did not move reads the same. */
 function runPoints(output) {
   const used = output?.headseg_points;
   if (!Array.isArray(used)) return null;
-  return used.filter((q) => Array.isArray(q) && q.length >= 3).map(([x, y, k]) => ({ x, y, keep: !!k }));
+  const points = used.filter((q) => Array.isArray(q) && q.length >= 3).map(([x, y, k]) => ({ x, y, keep: !!k }));
+  const asked = parsePoints(output?.headseg_points_asked?.[0]);
+  const kept = points.filter((q) => q.keep);
+  const out = points.filter((q) => !q.keep);
+  if (asked.length !== points.length || asked.filter((q) => q.keep).length !== kept.length) return points;
+  return asked.map((q) => (q.keep ? kept : out).shift());
 }

@@ -212,3 +212,34 @@ def test_a_linked_more_points_shows_no_rings_of_the_widgets_old_text_before_a_ru
     assert page.evaluate(JS_RINGS, sel) == [] and " in" not in page.inner_text(sel + " .headseg-info")
     run_payload(page, node_id, name, (W, H), None, "7,8", [[7, 8, 1]])
     assert len(page.evaluate(JS_RINGS, sel)) == 1 and "+1 in" in page.inner_text(sel + " .headseg-info")
+
+
+def test_a_run_leaves_the_order_of_more_points_alone(comfy_page, pictures):
+    """The node lists the pixels kept in before those left out: an alt-click before a shift-click, queued,
+    keeps its text (it was rewritten in the node's order, marking the workflow modified and changing the
+    node's input for the next queue), and a pixel the run mapped onto the grid is written in its place."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page, name)
+    sel = picker_selector(node_id)
+    wait_picture_ready(page, node_id)
+    run_payload(page, node_id, name, (W, H), None, "", [])
+    click_with(page, node_id, (W, H), (10, 20), "Alt")
+    click_with(page, node_id, (W, H), (100, 60), "Shift")
+    asked = page.evaluate(JS_MORE, node_id)
+    assert asked == "-10,20; 100,60"
+    run_payload(page, node_id, name, (W, H), None, asked, [[100, 60, 1], [10, 20, 0]])
+    settle(page, 250)
+    assert page.evaluate(JS_MORE, node_id) == asked and not stale(page, sel)
+    # the same pixels typed in another order than the run's are not stale either
+    page.evaluate("(id) => { app.graph.getNodeById(id).widgets.find(w => w.name === 'more_points').value = '-10,20;100,60'; }", node_id)
+    settle(page, 800)
+    assert not stale(page, sel)
+    # a run that maps a pixel of a larger picture onto the grid: the mapped pixel takes that entry's place
+    text = f"-{W + 30},{H + 10}; 7,8; -3,4"
+    page.evaluate("([id, t]) => { app.graph.getNodeById(id).widgets.find(w => w.name === 'more_points').value = t; }", [node_id, text])
+    run_payload(page, node_id, name, (W, H), None, text, [[7, 8, 1], [W - 1, H - 1, 0], [3, 4, 0]])
+    settle(page, 250)
+    assert page.evaluate(JS_MORE, node_id) == f"-{W - 1},{H - 1}; 7,8; -3,4"
+    assert not stale(page, sel)
+    assert comfy_page.pack_problems() == []
