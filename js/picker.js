@@ -168,11 +168,29 @@ export class Picker {
   }
 
   forwardWheel(e) {
+    if (e.target?.closest?.(".headseg-strip")) {
+      this.scrollStrip(e);
+      return;
+    }
     const canvas = app.canvas?.canvas;
-    if (!canvas || e.target?.closest?.(".headseg-strip")) return; // the strip scrolls sideways
+    if (!canvas) return;
     e.preventDefault();
     e.stopPropagation();
     canvas.dispatchEvent(new WheelEvent(e.type, e));
+  }
+
+  /** The wheel over the thumbnail strip scrolls it sideways. A mouse wheel turns vertically, and the
+   * browser does not scroll a strip that only scrolls sideways for that: the thumbnails past the
+   * node's width could not be reached. A sideways turn (trackpad, shift + wheel) and a pinch (ctrl)
+   * are left to the browser. */
+  scrollStrip(e) {
+    if (e.ctrlKey || Math.abs(e.deltaX) >= Math.abs(e.deltaY)) return;
+    const strip = this.strip;
+    if (strip.scrollWidth <= strip.clientWidth) return;
+    e.preventDefault();
+    e.stopPropagation();
+    const unit = e.deltaMode === 1 ? 16 : e.deltaMode === 2 ? strip.clientWidth : 1; // lines, pages
+    strip.scrollLeft += e.deltaY * unit;
   }
 
   onPointerDown(e) {

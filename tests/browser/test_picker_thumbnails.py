@@ -70,8 +70,10 @@ def test_thumbnails_tell_assistive_technology_which_mask_is_chosen_and_when_they
     assert comfy_page.pack_problems() == []
 
 
-def test_wheel_over_the_thumbnail_strip_does_not_zoom(comfy_page, pictures):
-    """The strip scrolls its thumbnails: the wheel there never zooms the canvas."""
+def test_wheel_over_the_thumbnail_strip_scrolls_it_and_does_not_zoom(comfy_page, pictures):
+    """The wheel over the strip scrolls its thumbnails sideways (a mouse wheel turns vertically, which the
+    browser does not turn into a sideways scroll: the thumbnails past the node's width were out of reach);
+    it never zooms the canvas."""
     name, W, H = pictures["landscape"]
     page = comfy_page.page
     node_id = add_picker(page)
@@ -81,8 +83,20 @@ def test_wheel_over_the_thumbnail_strip_does_not_zoom(comfy_page, pictures):
     box = page.eval_on_selector(sel + " .headseg-strip", "e => e.getBoundingClientRect().toJSON()")
     page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
     before = page.evaluate("() => app.canvas.ds.scale")
+    scroll = "(sel) => document.querySelector(sel + ' .headseg-strip').scrollLeft"
+    assert page.evaluate(scroll, sel) == 0
+    page.mouse.wheel(0, 120)
+    settle(page)
+    assert page.evaluate(scroll, sel) > 60
     page.mouse.wheel(0, -240)
     settle(page)
+    assert page.evaluate(scroll, sel) == 0
+    assert page.evaluate("() => app.canvas.ds.scale") == before
+    # the last thumbnail comes into view
+    page.mouse.wheel(0, 2000)
+    settle(page)
+    last = page.eval_on_selector(sel + " .headseg-thumb[data-index='7']", "e => e.getBoundingClientRect().toJSON()")
+    assert last["right"] <= box["x"] + box["width"] + 1
     assert page.evaluate("() => app.canvas.ds.scale") == before
     assert comfy_page.pack_problems() == []
 
