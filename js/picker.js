@@ -332,6 +332,7 @@ export class Picker {
       button.setAttribute("aria-label", details.join(", ")); // else read as "mask 0 0" (alt + number)
       const img = el("img", null, button);
       img.alt = `mask ${i}`;
+      img.addEventListener("load", () => this.revealChosen(), { once: true }); // widths come as they load
       img.src = url;
       el("span", null, button).textContent = String(i);
       button.addEventListener("pointerenter", () => this.hover(url));
@@ -383,6 +384,21 @@ export class Picker {
       // a click is ignored until the next run, or for good while a link feeds index
       b.setAttribute("aria-disabled", String(stale || indexLinked));
     }
+    if (force || chosen !== this.shown.chosen) this.revealChosen();
+    this.shown.chosen = chosen;
+  }
+
+  /** Scrolls the strip just enough to show the outlined thumbnail: a run rebuilds the strip with new
+   * pictures, which starts it at the first thumbnail again, so a coarser mask chosen further along was
+   * out of view. A thumbnail in view leaves the strip where it is. */
+  revealChosen() {
+    const strip = this.strip;
+    const b = strip.querySelector(".headseg-thumb.headseg-selected");
+    if (!b) return;
+    const left = b.offsetLeft; // the strip is the thumbnails' offsetParent (styles.js)
+    const right = left + b.offsetWidth;
+    if (left < strip.scrollLeft) strip.scrollLeft = left;
+    else if (right > strip.scrollLeft + strip.clientWidth) strip.scrollLeft = right - strip.clientWidth;
   }
 
   /** The index the outline marks: the widget's, or with index fed by a link the one the last run used

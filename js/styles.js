@@ -27,7 +27,7 @@ const CSS = `
 .headseg-ring.headseg-ring-out { border-color: #ff3b30; }
 .headseg-message { padding: 8px; text-align: center; opacity: 0.75; line-height: 1.4; }
 .headseg-info { flex: none; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; opacity: 0.85; }
-.headseg-strip { flex: none; display: flex; gap: 4px; overflow-x: auto; overflow-y: hidden; height: 62px; }
+.headseg-strip { flex: none; position: relative; display: flex; gap: 4px; overflow-x: auto; overflow-y: hidden; height: 62px; }
 .headseg-strip:empty { display: none; }
 .headseg-strip.headseg-stale { opacity: 0.45; }
 .headseg-thumb { flex: none; position: relative; height: 52px; padding: 0; margin: 0; cursor: pointer;

@@ -4,6 +4,7 @@ technology is told, the wheel over the strip, and a run that rebuilds the strip 
 
 from __future__ import annotations
 
+import shutil
 
 from headseg.tests.browser.helpers import (
     JS_WIDGETS,
@@ -154,4 +155,46 @@ def test_with_index_fed_by_a_link_the_outline_marks_the_mask_the_run_output_and_
     page.click(sel + " .headseg-thumb[data-index='1']")
     settle(page, 250)
     assert page.evaluate(JS_WIDGETS, node_id)["index"] == 1 and selected_thumbs(page, sel) == ["1"]
+    assert comfy_page.pack_problems() == []
+
+
+def test_after_a_run_the_chosen_thumbnail_is_in_view(comfy_page, comfy_server, pictures):
+    """A run rebuilds the strip with new pictures: it showed the first thumbnails again, so a coarser mask
+    chosen further along the strip (and queued) had its outlined thumbnail out of view."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    again = [f"headseg_browser_landscape_run{i}.png" for i in (1, 2)]  # each run writes new files
+    for other in again:
+        shutil.copy(comfy_server.input_dir / name, comfy_server.input_dir / other)
+    node_id = add_picker(page)
+    sel = picker_selector(node_id)
+    synthetic_run(page, node_id, name, (W, H), (0, 0), masks=8, stored=False)
+    settle(page)
+    box = page.eval_on_selector(sel + " .headseg-strip", "e => e.getBoundingClientRect().toJSON()")
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.wheel(0, 2000)
+    settle(page)
+    page.click(sel + " .headseg-thumb[data-index='7']")
+    settle(page, 250)
+    assert page.evaluate(JS_WIDGETS, node_id)["index"] == 7
+    page.mouse.move(5, 5)
+    synthetic_run(page, node_id, again[0], (W, H), (0, 0), masks=8, index=7, stored=False)  # queued with index 7
+    settle(page, 800)
+    assert selected_thumbs(page, sel) == ["7"]
+    strip = page.eval_on_selector(sel + " .headseg-strip", "e => e.getBoundingClientRect().toJSON()")
+    chosen = page.eval_on_selector(sel + " .headseg-thumb[data-index='7']", "e => e.getBoundingClientRect().toJSON()")
+    assert strip["left"] - 1 <= chosen["left"] and chosen["right"] <= strip["right"] + 1, (strip, chosen)
+    # a run with another pixel whose masks are fewer: the coarsest one (outlined) is in view too
+    synthetic_run(page, node_id, again[1], (W, H), (0, 0), masks=6, index=5, stored=False)
+    settle(page, 800)
+    assert selected_thumbs(page, sel) == ["5"]
+    chosen = page.eval_on_selector(sel + " .headseg-thumb[data-index='5']", "e => e.getBoundingClientRect().toJSON()")
+    assert strip["left"] - 1 <= chosen["left"] and chosen["right"] <= strip["right"] + 1, (strip, chosen)
+    # and a thumbnail chosen by a click that is already in view does not move the strip
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.wheel(0, -2000)
+    settle(page)
+    page.click(sel + " .headseg-thumb[data-index='1']")
+    settle(page, 250)
+    assert page.eval_on_selector(sel + " .headseg-strip", "e => e.scrollLeft") == 0
     assert comfy_page.pack_problems() == []
