@@ -143,16 +143,26 @@ def _make_attn1_patch(store_id: int, key: LayerKey, previous, previous_is_full_k
     """
 
     def headseg_attn1(q, k, v, extra_options):
-        if previous is not None:
-            out = previous(q, k, v, extra_options)
-        else:
-            out = comfy_attention.optimized_attention(
-                q, k, v, extra_options["n_heads"],
-                attn_precision=extra_options.get("attn_precision"),
-                transformer_options=extra_options,
-            )
         store = _REGISTRY.get(store_id)
-        if store is not None:
+        # A patch set after the record node that chains the one it replaced (as a pack should) calls this
+        # store's patch of the layer from inside the one wrapped around it (_chaining_later_patches): only
+        # the outermost records, so the recording holds what the model goes on with, once per call.
+        outermost = store is not None and key not in store.patches_running
+        if outermost:
+            store.patches_running.add(key)
+        try:
+            if previous is not None:
+                out = previous(q, k, v, extra_options)
+            else:
+                out = comfy_attention.optimized_attention(
+                    q, k, v, extra_options["n_heads"],
+                    attn_precision=extra_options.get("attn_precision"),
+                    transformer_options=extra_options,
+                )
+        finally:
+            if outermost:
+                store.patches_running.discard(key)
+        if outermost:
             try:
                 store.observe(key, out, extra_options)
             except Exception as exc:  # recording must never break sampling

@@ -156,6 +156,7 @@ class _Store:
         self.history: list[_Run] = []
         self.pinned: _Run | None = None  # the run that run_of found last
         self._capped: set = set()  # prompts whose runs went past MAX_KEEP_RUNS (warned once)
+        self.patches_running: set[LayerKey] = set()  # layers whose HeadSeg attn1 patch is running (recorder.py)
         self._reset_run(None, None)
 
     # -- run boundaries (OUTER_SAMPLE wrapper) -------------------------------------------------
