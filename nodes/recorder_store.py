@@ -517,12 +517,16 @@ class _Store:
         return self._schedule_step(s)
 
     def _schedule_step(self, s: float) -> int:
-        """The step i of this run's schedule with sigmas[i+1] < s <= sigmas[i]."""
+        """The step i of this run's schedule that ``s`` belongs to: sigmas[i+1] < s <= sigmas[i] where the
+        schedule falls, sigmas[i] <= s < sigmas[i+1] where it rises (FlipSigmas' ascending schedule for
+        unsampling); the first such i (a schedule that falls and rises again can hold s in several
+        steps), the last step when none."""
         schedule = self.sigmas
         step = max(len(schedule) - 2, 0)
         for i in range(len(schedule) - 1):
-            nxt = schedule[i + 1]
-            if s > nxt + 1e-5 * max(abs(nxt), 1e-3):
+            cur, nxt = schedule[i], schedule[i + 1]
+            tol = 1e-5 * max(abs(nxt), 1e-3)
+            if (s > nxt + tol) if nxt <= cur else (s < nxt - tol):
                 step = i
                 break
         return step

@@ -162,6 +162,23 @@ def test_last_on_a_schedule_that_rises_records_what_reading_every_sigma_records(
     assert _same(*got), got
 
 
+@pytest.mark.parametrize("steps", ["last", "0", "1-2", "mean"])
+def test_an_ascending_schedule_records_the_steps_asked(tiny, sd2, steps):
+    """FlipSigmas' ascending schedule (unsampling a photo): step i evaluates the model at sigmas[i], on
+    its way up to sigmas[i + 1]. Steps read from the sigma must follow the schedule upwards ('last' held
+    step 1's call and '0' recorded nothing, every call above sigmas[1] being counted as step 0)."""
+    import comfy_extras.nodes_custom_sampler as custom
+
+    schedule = comfy.samplers.calculate_sigmas(sd2.get_model_object("model_sampling"), "normal", 4)
+    schedule = custom.FlipSigmas().get_sigmas(schedule)[0]
+    patched, live = recorder.attach_recorder(sd2, steps=steps)
+    with AttentionProbe(patched) as probe:
+        latent = run(tiny, patched, latent_hw=(8, 8), steps=4, sigmas=schedule.clone())
+    rec = live.snapshot(latent)
+    assert rec.steps == steps
+    assert_matches(rec, probe, (8, 8), steps=steps, sigmas=schedule.tolist(), names=["input.1.0", "output.11.0"])
+
+
 @pytest.mark.filterwarnings("ignore:Should have tb<=t1")  # torchsde's, under ComfyUI's dpmpp_sde
 @pytest.mark.parametrize("sampler", ["dpmpp_sde", "sa_solver_pece", "seeds_3"])
 def test_a_branch_ended_early_names_its_last_step_under_a_corrector_sampler(tiny, sd2, sampler):
