@@ -641,7 +641,8 @@ class _Store:
         if N != h * w:
             self._warn_once(
                 key, "tokens",
-                f"{N} tokens but a {h}x{w} grid (another patch such as HyperTile or ToMe changed the token count)",
+                f"a call with {N} tokens but a {h}x{w} grid (another patch such as HyperTile or ToMe changed the token "
+                "count): such calls are left out",
             )
             return
         if inner % heads:

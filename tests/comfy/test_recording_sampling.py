@@ -356,6 +356,25 @@ def test_token_count_changed_by_another_patch_is_skipped_with_warning(tiny, sd2,
         live.snapshot()
 
 
+def test_a_token_count_changed_at_some_calls_leaves_out_those_calls_and_says_so(tiny, sd2, caplog):
+    """HyperTile picks its tiling at random per call (one tile, i.e. none, is one of its choices by
+    default): with 'mean', the layer is recorded from the calls it left alone, and the log must not say
+    that the layer is not recorded."""
+    calls = []
+    tiled = _tiled(sd2, lambda N: N == 64 and calls.append(N) is None and len(calls) % 2 == 0)  # every other call
+    patched, live = recorder.attach_recorder(tiled, positions=("down",), levels="0", steps="mean")
+    with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        with AttentionProbe(patched) as probe:
+            latent = run(tiny, patched, latent_hw=(8, 8))
+    rec = live.snapshot(latent)
+    for name in ("input.1.0", "input.2.0"):
+        whole = [c for c in probe.branch_calls(name) if c.x.shape[1] == 64]  # the calls left untiled
+        assert 0 < len(whole) < len(probe.branch_calls(name))
+        want = torch.stack([per_head(c, (8, 8)) for c in whole]).mean(0)
+        torch.testing.assert_close(rec.layers[LayerKey.parse(name)].double(), want, **TOL)
+    assert "HyperTile" in caplog.text and "such calls are left out" in caplog.text
+
+
 def test_head_pca_names_the_layers_a_run_skipped(tiny, sd2, caplog):
     """A patch that changes the token count of the latent-grid layers only (as HyperTile does above a
     tile size): those layers are skipped while sampling, and Head PCA says which heads it lacks."""
