@@ -616,7 +616,14 @@ class _Store:
         h, w = int(shape[-2]), int(shape[-1])
         if original is not None and tuple(original[-2:]) != (H, W):
             self.crop_calls += 1
-            self._warn_once(key, "area", f"the model was called on a {tuple(original[-2:])} crop of the {H}x{W} latent")
+            if ("area",) not in self._warned:  # every layer sees the crop: said once per run, not per layer
+                self._warned.add(("area",))
+                h_crop, w_crop = (int(n) for n in original[-2:])
+                log.warning(
+                    "HeadSeg: not recording the model calls on a %dx%d crop of the %dx%d latent (a conditioning "
+                    "entry limited to an area: ConditioningSetArea, or a mask with 'set_cond_area: mask bounds'); "
+                    "the recording holds the entries on the whole image", h_crop, w_crop, H, W,
+                )
             return
         grids = self.grids  # ends at 1x1, where the UNet's further downsamplings stay
         if key in self.layers:  # the layer's own grid, and the level it is selected by

@@ -2,6 +2,8 @@
 their extra passes are not recorded; several positive entries count the same however ComfyUI batches
 them; setups that cannot be recorded faithfully say why."""
 
+import logging
+
 import pytest
 import torch
 
@@ -129,6 +131,23 @@ def test_area_only_conditioning_says_so(tiny, sd2):
     with pytest.raises(ValueError, match=r"^recording: the sampling run recorded nothing: branch: the 'cond' conditioning "
                                          r"covered only part of the image.*whole image"):
         live.snapshot(got)
+
+
+def test_an_area_entry_beside_a_whole_image_entry_is_left_out_with_one_line(tiny, sd2, caplog):
+    """Regional prompting (ConditioningSetArea combined with a prompt for the whole image): every layer
+    is recorded from the whole-image entry, and the log says once that the crop's calls are left out
+    (it said 'not recording <layer>' for every one of the layers it recorded)."""
+    pos, neg = tiny.conditioning("SD2")
+    other, _ = tiny.conditioning("SD2", seed=7)
+    both = nodes.ConditioningCombine().combine(pos, nodes.ConditioningSetArea().append(other, 40, 32, 8, 8, 1.0)[0])[0]
+    patched, live = recorder.attach_recorder(sd2)
+    with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        got = tiny.sample(patched, both, neg, latent_hw=(6, 10), steps=2, seed=4)
+    assert len(live.snapshot(got).layers) == len(live.layers)
+    lines = [r.getMessage() for r in caplog.records if "crop" in r.getMessage()]
+    assert lines == ["HeadSeg: not recording the model calls on a 4x5 crop of the 6x10 latent (a conditioning entry "
+                     "limited to an area: ConditioningSetArea, or a mask with 'set_cond_area: mask bounds'); the "
+                     "recording holds the entries on the whole image"], lines
 
 
 def test_guider_with_three_conditionings_is_refused(tiny, sd2):
