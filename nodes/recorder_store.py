@@ -752,11 +752,19 @@ class LiveRecording:
             if failure and failure != _NEVER_CALLED:  # the run happened: its own reason comes first
                 raise ValueError(f"recording: the sampling run recorded nothing: {failure}")
             why = f" ({failure})" if failure else ""
+            # a LATENT from a sampler this record node never saw: a sampler on another MODEL, or one taken
+            # from ComfyUI's cache while the record node ran anew (a cache that drops the largest outputs
+            # first, as --cache-ram does, counts a MODEL's whole size against the record node)
+            cached = (
+                "; if the sampler does both already, ComfyUI ran Record Self-Attention anew but took the "
+                "sampler's LATENT from its cache (its cache dropped the record node's output, as --cache-ram "
+                "can): change any input of the sampler, such as its seed, and queue again"
+            ) if latent is not None else ""
             raise ValueError(
                 "recording: nothing recorded yet: connect the sampler's LATENT output to the node that reads "
                 "the recording so it runs after sampling, and sample with the MODEL from "
                 "HeadSeg_RecordSelfAttention, with at least one step (denoise above 0); a model merge keeps the "
-                f"patches of its first model only, so give the recorded MODEL to ModelMergeSimple as model1{why}"
+                f"patches of its first model only, so give the recorded MODEL to ModelMergeSimple as model1{cached}{why}"
             )
         out = Recording(
             layers=dict(rec.layers),

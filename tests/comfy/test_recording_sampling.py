@@ -470,8 +470,11 @@ def test_latent_finds_its_own_run_among_the_last_ones(tiny, sd2):
     """A second sampler on the recorded MODEL (an inpainting pass) does not hide the first run: the
     sampler's output LATENT picks its run; a LATENT no kept run produced is refused, naming `latent`."""
     patched, live = recorder.attach_recorder(sd2)
-    with pytest.raises(ValueError, match="^recording: nothing recorded yet"):
-        live.snapshot(torch.zeros(1, 4, 8, 8))  # no run yet: says so rather than blaming the latent
+    with pytest.raises(ValueError, match="^recording: nothing recorded yet.*its cache .*--cache-ram.*seed"):
+        live.snapshot(torch.zeros(1, 4, 8, 8))  # no run yet: says so rather than blaming the latent,
+    with pytest.raises(ValueError, match="^recording: nothing recorded yet") as no_latent:
+        live.snapshot()  # and the cache is named only where a sampler's LATENT came
+    assert "cache" not in str(no_latent.value)
     with AttentionProbe(patched) as probe:
         first_latent = run(tiny, patched, latent_hw=(8, 8), seed=1)
     first = live.snapshot()
