@@ -557,10 +557,15 @@ class _Store:
             return True
         return self.steps.first <= step <= self.steps.last
 
-    def _warn_once(self, key: LayerKey, what: str, message: str):
+    def _warn_once(self, key: LayerKey, what: str, message: str, some_calls: bool = False):
+        """Logs ``message`` once per run for this layer and reason: as why the layer is not recorded, or with
+        ``some_calls``, as a whole sentence about the calls left out (the layer's other calls are kept)."""
         if (key, what) not in self._warned:
             self._warned.add((key, what))
-            log.warning("HeadSeg: not recording %s: %s", key.name, message)
+            if some_calls:
+                log.warning("HeadSeg: %s", message)
+            else:
+                log.warning("HeadSeg: not recording %s: %s", key.name, message)
 
     def observe(self, key: LayerKey, out: torch.Tensor, extra_options: dict):
         """Record one attn1 output [B_all, N, heads*d] (the tensor that goes on to to_out)."""
@@ -639,8 +644,9 @@ class _Store:
             self.regrid_calls += 1
             self._warn_once(
                 key, "regrid",
-                f"at some steps its token grid is {h}x{w} instead of its own {grids[level][0]}x{grids[level][1]} "
-                "(a patch such as Kohya Deep Shrink resized it): those steps are left out",
+                f"leaving out the steps at which {key.name}'s token grid is {h}x{w} instead of its own "
+                f"{grids[level][0]}x{grids[level][1]} (a patch such as Kohya Deep Shrink resized it)",
+                some_calls=True,
             )
             return
         B_all, N, inner = out.shape
@@ -648,8 +654,9 @@ class _Store:
         if N != h * w:
             self._warn_once(
                 key, "tokens",
-                f"a call with {N} tokens but a {h}x{w} grid (another patch such as HyperTile or ToMe changed the token "
-                "count): such calls are left out",
+                f"leaving out the calls of {key.name} whose token count another patch changed (such as HyperTile or "
+                f"ToMe): {N} tokens but a {h}x{w} grid",
+                some_calls=True,
             )
             return
         if inner % heads:

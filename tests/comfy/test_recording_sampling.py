@@ -372,7 +372,11 @@ def test_a_token_count_changed_at_some_calls_leaves_out_those_calls_and_says_so(
         assert 0 < len(whole) < len(probe.branch_calls(name))
         want = torch.stack([per_head(c, (8, 8)) for c in whole]).mean(0)
         torch.testing.assert_close(rec.layers[LayerKey.parse(name)].double(), want, **TOL)
-    assert "HyperTile" in caplog.text and "such calls are left out" in caplog.text
+    lines = sorted(r.getMessage() for r in caplog.records if "HyperTile" in r.getMessage())
+    assert lines == [  # the layers are recorded: no line may say they are not
+        f"HeadSeg: leaving out the calls of {name} whose token count another patch changed (such as HyperTile or "
+        "ToMe): 32 tokens but a 8x8 grid" for name in ("input.1.0", "input.2.0")
+    ], lines
 
 
 def test_head_pca_names_the_layers_a_run_skipped(tiny, sd2, caplog):
@@ -603,6 +607,8 @@ def test_deep_shrink_steps_are_left_out_of_the_mean(tiny, sd2, caplog):
     with AttentionProbe(shrunk) as probe, caplog.at_level(logging.WARNING, logger="HeadSeg"):
         run(tiny, shrunk, latent_hw=(16, 16), steps=4)
     assert "Deep Shrink" in caplog.text and "input.4.0" in caplog.text
+    assert "not recording input.4.0" not in caplog.text  # it is recorded, from the other steps
+    assert "HeadSeg: leaving out the steps at which input.4.0's token grid is 4x4 instead of its own 8x8" in caplog.text
     rec = live.snapshot()
     inner = [c for c in probe.branch_calls("input.4.0") if c.x.shape[1] == 8 * 8]  # level 1 of 16x16: 8x8
     assert 0 < len(inner) < len(probe.branch_calls("input.4.0"))  # some steps were shrunk, some not
