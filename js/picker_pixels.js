@@ -154,12 +154,19 @@ export function currentPoints(node, output) {
   return linked ? [] : parsePoints(text); // a link's text is known after a run, not the widget's old one
 }
 
-/** The widget's more_points differ from those of the last run: its thumbnails are for other points. */
+/** The widget's more_points differ from those of the last run: its thumbnails are for other points. The
+ * masks listed depend on which pixels are in and out, not on their order or repeats: the same pixels
+ * written in another order are not stale. */
 export function pointsStale(node, output) {
   const asked = output?.headseg_points_asked?.[0];
   if (typeof asked !== "string" || isLinked(node, "more_points")) return false;
   const text = widget(node, "more_points")?.value ?? "";
-  return text !== asked && formatPoints(parsePoints(text)) !== formatPoints(runPoints(output) ?? []);
+  return text !== asked && pointSet(parsePoints(text)) !== pointSet(runPoints(output) ?? []);
+}
+
+/** [{x, y, keep}] -> its distinct entries as one text, in a fixed order (for comparing sets of points). */
+function pointSet(points) {
+  return [...new Set(points.map((p) => formatPoints([p])))].sort().join("; ");
 }
 
 /** As adoptMappedPixel for more_points: while the widget still holds the text of the last run, whose

@@ -235,6 +235,14 @@ def test_a_run_leaves_the_order_of_more_points_alone(comfy_page, pictures):
     page.evaluate("(id) => { app.graph.getNodeById(id).widgets.find(w => w.name === 'more_points').value = '-10,20;100,60'; }", node_id)
     settle(page, 800)
     assert not stale(page, sel)
+    # nor in the node's order, or repeated: the masks listed depend only on which pixels are in and out
+    for same in ("100,60; -10,20", "100,60; -10,20; 100,60"):
+        page.evaluate("([id, t]) => { app.graph.getNodeById(id).widgets.find(w => w.name === 'more_points').value = t; }", [node_id, same])
+        settle(page, 800)
+        assert not stale(page, sel), same
+    page.evaluate("(id) => { app.graph.getNodeById(id).widgets.find(w => w.name === 'more_points').value = '100,60; 10,20'; }", node_id)
+    settle(page, 800)
+    assert stale(page, sel)  # 10,20 now in the masks: other masks
     # a run that maps a pixel of a larger picture onto the grid: the mapped pixel takes that entry's place
     text = f"-{W + 30},{H + 10}; 7,8; -3,4"
     page.evaluate("([id, t]) => { app.graph.getNodeById(id).widgets.find(w => w.name === 'more_points').value = t; }", [node_id, text])
