@@ -496,7 +496,8 @@ class _Store:
 
     # -- per call -------------------------------------------------------------------------------
     def _step_of(self, extra_options) -> int:
-        """The step a model call belongs to: i such that sigmas[i+1] < sigma <= sigmas[i]."""
+        """The step a model call belongs to (_schedule_step: sigmas[i+1] < sigma <= sigmas[i] on a falling
+        schedule), estimated from the sampler's step reports where that tells 'last' enough."""
         sig = extra_options.get("sigmas")
         if sig is None:
             self._sig_estimated = False
