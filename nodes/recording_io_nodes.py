@@ -399,8 +399,12 @@ def _watch(full: str) -> None:
     """Remembers the version of ``full`` that Load Recording is about to read."""
     _watched[full] = _current_version(full)
     _watched.move_to_end(full)
-    while len(_watched) > _WATCHED_KEPT:
-        _watched.popitem(last=False)
+    if len(_watched) > _WATCHED_KEPT:
+        # a file no longer watched could be replaced unseen while ComfyUI's cache (--cache-lru N) still
+        # holds its recording: a new epoch has every linked Load Recording read its file again once
+        while len(_watched) > _WATCHED_KEPT:
+            _watched.popitem(last=False)
+        _epoch[0] += 1
 
 
 def _linked_epoch() -> int:

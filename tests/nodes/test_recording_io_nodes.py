@@ -635,3 +635,23 @@ def test_a_linked_path_is_read_again_when_its_file_is_replaced_and_only_then(io_
     fresh = io_nodes.SaveRecording.execute(other, "again").args[0]
     os.replace(fresh, inp / "unused.safetensors")  # the file `file` names, which a linked path overrides
     assert fingerprint() == changed
+
+
+def test_a_file_no_longer_watched_makes_every_linked_load_read_again(io_nodes, recording, comfy_folders, monkeypatch):
+    """Only the files of the latest loads are watched; with ComfyUI's cache holding more entries (--cache-lru N),
+    a file that drops out of the watch could be replaced unseen: dropping one changes the linked fingerprint."""
+    import shutil
+
+    monkeypatch.setattr(io_nodes, "_WATCHED_KEPT", 2)
+    monkeypatch.setattr(io_nodes, "_watched", type(io_nodes._watched)())
+    source = io_nodes.SaveRecording.execute(recording, "watched").args[0]
+    fingerprint = lambda: io_nodes.LoadRecording.fingerprint_inputs("x.safetensors", None)  # noqa: E731
+    for i in range(3):
+        shutil.copy(source, comfy_folders["input"] / f"w{i}.safetensors")
+    prints = []
+    for i in range(3):
+        io_nodes.LoadRecording.execute("", f"w{i}.safetensors")
+        prints.append(fingerprint())
+    assert prints[0] == prints[1]  # two files watched: nothing dropped
+    assert prints[2] != prints[1]  # the third load drops w0 from the watch: linked loads read again
+    assert fingerprint() == prints[2]
