@@ -73,10 +73,12 @@ def _fit_pictures(image, B: int, H: int, W: int) -> torch.Tensor:
             "decoded image of the same sampler"
         )
     if not _is_vae_window(h, w, H, W):
+        # VAE Encode's crop leaves multiples of 8: label maps of other sides (a recording file's) take
+        # pictures of their own size only
+        crop = " (or up to 7 more per side, as VAE Encode crops them)" if H % 8 == 0 and W % 8 == 0 else ""
         raise ValueError(
-            f"image: expected pictures of the label maps' {W}x{H} pixels (or up to 7 more per side, as VAE "
-            f"Encode crops them), got {w}x{h}: connect the decoded image or the picture that was encoded, not "
-            "one of another size"
+            f"image: expected pictures of the label maps' {W}x{H} pixels{crop}, got {w}x{h}: connect the "
+            "decoded image or the picture that was encoded, not one of another size"
         )
     pictures = checked  # [B, h, w, 3] float32
     if image.shape[-1] in (3, 4) and image.dtype in (torch.float16, torch.float32, torch.float64):

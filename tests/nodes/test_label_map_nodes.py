@@ -347,3 +347,8 @@ def test_a_picture_of_the_label_maps_size_is_saved_when_the_sides_are_no_multipl
     save.execute(sweep, "odd", picture)
     _, pixels, _ = read(comfy_folders["output"] / "odd_00001_image.png")
     assert np.array_equal(pixels, np.clip(255.0 * picture[0].numpy(), 0, 255).astype(np.uint8))
+    # a picture a few pixels larger is no VAE Encode window of these sides (it would crop 103 rows to 96):
+    # refused, and the message does not offer the crop
+    with pytest.raises(ValueError, match=r"^image: expected pictures of the label maps' 60x100 pixels, got 60x103") as larger:
+        save.execute(sweep, "odd", torch.rand(1, 103, 60, 3))
+    assert "7 more" not in str(larger.value)
