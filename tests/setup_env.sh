@@ -15,9 +15,11 @@ export HEADSEG_HOME="${HEADSEG_HOME:-$HOME/.cache/headseg}"
 export PY="$HEADSEG_HOME/venv/bin/python"
 export HEADSEG_COMFYUI="${HEADSEG_COMFYUI:-$HEADSEG_HOME/ComfyUI-0.3.75}"
 
-# The work runs in a subshell with strict options, so that sourcing this file never changes the
-# caller's shell options and a failing step cannot close an interactive terminal.
-if ! (
+# The work runs in a bash process of its own with strict options, so that sourcing this file never
+# changes the caller's shell options, a failing step cannot close an interactive terminal, and a
+# failing step stops the setup (a subshell tested by `if` would ignore `set -e` and go on to stamp
+# a venv whose installs failed as ready).
+_headseg_setup() {
   set -euo pipefail
   mkdir -p "$HEADSEG_HOME"
   PYTHON_BIN="${HEADSEG_PYTHON:-python3}"
@@ -33,7 +35,13 @@ if ! (
   done
 
   VENV="$HEADSEG_HOME/venv"
-  if [ ! -f "$VENV/.headseg-stamp" ] || [ "$(cat "$VENV/.headseg-stamp")" != "$ENV_STAMP" ]; then
+  # A stamped venv must also run and hold a package from each install step (cheap: nothing is
+  # imported); a venv stamped by a setup whose installs failed, or whose Python is gone, is rebuilt.
+  if [ ! -f "$VENV/.headseg-stamp" ] || [ "$(cat "$VENV/.headseg-stamp")" != "$ENV_STAMP" ] \
+    || ! "$VENV/bin/python" -c '
+import importlib.util, sys
+sys.exit(any(importlib.util.find_spec(m) is None for m in ("torch", "torchvision", "aiohttp", "pytest", "playwright")))' \
+      2>/dev/null; then
     echo "[headseg] creating venv in $VENV (torch is large: this takes a few minutes once)"
     rm -rf "$VENV"
     if ! "$PYTHON_BIN" -m venv "$VENV"; then
@@ -71,8 +79,10 @@ if ! (
     echo "[headseg] HEADSEG_COMFYUI=$HEADSEG_COMFYUI has no main.py: point it at a ComfyUI checkout" >&2
     exit 2
   fi
-
-); then
+}
+if ! HEADSEG_PYTHON="${HEADSEG_PYTHON:-python3}" bash -c "$(declare -f _headseg_setup); _headseg_setup"; then
+  unset -f _headseg_setup
   echo "[headseg] setup failed (see the messages above)" >&2
   return 1 2>/dev/null || exit 1
 fi
+unset -f _headseg_setup
