@@ -4,8 +4,9 @@
 # then runs pytest over tests/ (pure core, in-process ComfyUI, live server, browser).
 # Extra arguments go to pytest, e.g.  bash tests/run.sh tests/core -x
 set -euo pipefail
-cd "$(dirname "$0")/.."
-source tests/setup_env.sh
+# Sourced before changing folder: a relative HEADSEG_HOME or HEADSEG_COMFYUI names a folder from the caller's.
+source "$(dirname "$0")/setup_env.sh"
+cd "$HEADSEG_REPO"
 
 if [ ! -x /usr/bin/chromium ]; then
   echo "[headseg] installing Debian's chromium for the browser tests"

@@ -12,8 +12,12 @@
 HEADSEG_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export HEADSEG_REPO
 export HEADSEG_HOME="${HEADSEG_HOME:-$HOME/.cache/headseg}"
+# Relative paths are taken from the folder this file is sourced in, and made absolute: the scripts
+# and ComfyUI change folders after sourcing it.
+case "$HEADSEG_HOME" in /*) ;; *) HEADSEG_HOME="$PWD/$HEADSEG_HOME" ;; esac
 export PY="$HEADSEG_HOME/venv/bin/python"
 export HEADSEG_COMFYUI="${HEADSEG_COMFYUI:-$HEADSEG_HOME/ComfyUI-0.3.75}"
+case "$HEADSEG_COMFYUI" in /*) ;; *) HEADSEG_COMFYUI="$PWD/$HEADSEG_COMFYUI" ;; esac
 
 # The work runs in a bash process of its own with strict options, so that sourcing this file never
 # changes the caller's shell options, a failing step cannot close an interactive terminal, and a

@@ -60,3 +60,31 @@ def test_stamped_venv_that_cannot_run_is_rebuilt(tmp_path):
     proc = _source_setup(tmp_path, home)
     assert "creating venv" in proc.stdout, proc.stdout + proc.stderr
     assert "rc=1" in proc.stdout and not (home / "venv" / ".headseg-stamp").exists()
+
+
+def test_relative_home_is_read_from_the_callers_folder(tmp_path):
+    """HEADSEG_HOME=relative names a folder from where the command runs, and is exported absolute:
+    serve.sh runs $PY after changing into ComfyUI's folder, run.sh changes into the repository."""
+    fake = tmp_path / "fake-python3"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    env = dict(os.environ, HEADSEG_HOME="rel home", HEADSEG_PYTHON=str(fake))
+    env.pop("HEADSEG_COMFYUI", None)
+    show = subprocess.run(
+        ["bash", "-c", f'source "{REPO_ROOT}/tests/setup_env.sh" 2>/dev/null; echo "$HEADSEG_HOME|$PY|$HEADSEG_COMFYUI"'],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    ).stdout.strip().splitlines()[-1]  # fmt: skip
+    home = tmp_path / "rel home"
+    assert show == f"{home}|{home}/venv/bin/python|{home}/ComfyUI-0.3.75"
+    # run.sh sets up the venv there too (it stops at the fake pip), not under the repository
+    stray = REPO_ROOT / "rel home"
+    try:
+        subprocess.run(["bash", str(REPO_ROOT / "tests" / "run.sh")], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert (home / "venv" / "bin" / "python").is_file()
+        assert not stray.exists()
+    finally:
+        if stray.is_dir():
+            import shutil
+
+            shutil.rmtree(stray)
