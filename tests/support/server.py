@@ -59,6 +59,19 @@ def pack_custom_nodes_dir(parent: pathlib.Path) -> pathlib.Path:
     return folder
 
 
+def _parent_death_signal():
+    """-> a function for Popen's ``preexec_fn`` that has the child sent SIGTERM when the process that
+    started it dies (Linux; None elsewhere). Resolved here, in the parent: the child of a process with
+    other threads (Playwright's) must not import anything between fork and exec."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    PR_SET_PDEATHSIG = 1
+    return lambda: prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -138,8 +151,12 @@ class ComfyServer:
         write_paths_yaml(self.workdir / "extra_model_paths.yaml", pack_custom_nodes_dir(self.workdir), self.checkpoints)
         log = open(self.log_path, "wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # A session of its own, so that Ctrl-C in the terminal reaches pytest (which then stops the
+        # server) and not ComfyUI mid-test; and ended with its parent, so that a pytest killed
+        # outright (SIGTERM from a CI timeout, SIGKILL) leaves no server holding memory and a port.
         self.proc = subprocess.Popen(
-            self.command(), cwd=self.comfyui, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            self.command(), cwd=self.comfyui, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            preexec_fn=_parent_death_signal(),
         )
         log.close()
         deadline = time.time() + timeout
