@@ -100,6 +100,10 @@ def ensure_checkpoint(comfyui_dir: str | os.PathLike | None = None, log=print) -
         fcntl.flock(lock, fcntl.LOCK_EX)
         if path.is_file():  # built by another process while we waited
             return path
+        # Partial files (2.6 GB each) of builds killed before their cleanup ran (SIGTERM, SIGKILL):
+        # no build runs while this process holds the lock.
+        for stale in path.parent.glob(path.name + ".tmp*"):
+            stale.unlink()
         log(f"[headseg] building the random-weight SD2.1 test checkpoint {path} (~2 min, once)")
         start = time.time()
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
