@@ -8,11 +8,22 @@ set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
 cd "$HEADSEG_REPO"
 
-if [ ! -x /usr/bin/chromium ]; then
+# The browser tests use HEADSEG_CHROMIUM when set (tests/browser/conftest.py), else /usr/bin/chromium.
+if [ -n "${HEADSEG_CHROMIUM:-}" ]; then
+  if [ ! -x "$HEADSEG_CHROMIUM" ]; then
+    echo "[headseg] HEADSEG_CHROMIUM=$HEADSEG_CHROMIUM is not an executable: point it at a Chromium, or unset it" \
+      "to use /usr/bin/chromium (installed with apt-get when missing)" >&2
+    exit 1
+  fi
+elif [ ! -x /usr/bin/chromium ]; then
   echo "[headseg] installing Debian's chromium for the browser tests"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+  if ! command -v apt-get >/dev/null || { [ -n "$SUDO" ] && ! command -v sudo >/dev/null; } \
+    || ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null; }; then
+    echo "[headseg] could not install chromium with apt-get${SUDO:+ (through sudo)}: install a Chromium and set" \
+      "HEADSEG_CHROMIUM to its executable" >&2
+    exit 1
+  fi
 fi
 
 mkdir -p test-artifacts

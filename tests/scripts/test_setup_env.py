@@ -126,3 +126,38 @@ def test_second_setup_waits_for_the_first_and_clears_its_leftovers(tmp_path):
     assert "another setup is running" in out, out
     assert (home / "venv").is_dir()  # it went on once the lock was free
     assert not leftover.exists()
+
+
+def _set_up_home() -> pathlib.Path:
+    home = pathlib.Path(os.environ.get("HEADSEG_HOME", pathlib.Path.home() / ".cache" / "headseg"))
+    if not (home / "venv" / ".headseg-stamp").is_file():
+        pytest.skip(f"no set-up venv in {home}: run through tests/run.sh")
+    return home
+
+
+def test_run_sh_uses_headseg_chromium(tmp_path):
+    """run.sh checks the Chromium the browser tests will use (HEADSEG_CHROMIUM when set): it ran
+    apt-get for /usr/bin/chromium whatever HEADSEG_CHROMIUM said, and went on with a
+    HEADSEG_CHROMIUM that names nothing (the browser tests then skipped)."""
+    home = _set_up_home()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("apt-get", "sudo"):  # logs any call instead of installing
+        (bin_dir / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> "{tmp_path}/calls.log"\nexit 1\n')
+        (bin_dir / tool).chmod(0o755)
+    chromium = tmp_path / "my chromium"
+    env = dict(os.environ, HEADSEG_HOME=str(home), HEADSEG_CHROMIUM=str(chromium),
+               PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")  # fmt: skip
+    args = ["bash", str(REPO_ROOT / "tests" / "run.sh"), "--collect-only", "-q", "tests/scripts/test_checkpoint_cache.py"]
+
+    proc = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"HEADSEG_CHROMIUM={chromium} is not an executable" in proc.stderr, proc.stdout + proc.stderr
+    assert not (tmp_path / "calls.log").exists()
+
+    chromium.write_text("#!/bin/sh\n")
+    chromium.chmod(0o755)
+    proc = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "test_build_clears_partial_files_of_killed_builds" in proc.stdout
+    assert not (tmp_path / "calls.log").exists()
