@@ -21,7 +21,7 @@ TEST_CKPT="${HEADSEG_TEST_CHECKPOINT:-0}"
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --port) PORT="$2"; shift 2 ;;
+    --port) PORT="${2:-}"; shift $(( $# > 1 ? 2 : 1 )) ;;
     --port=*) PORT="${1#--port=}"; shift ;;
     --test-checkpoint) TEST_CKPT=1; shift ;;
     --) shift; EXTRA=("$@"); break ;;
@@ -30,9 +30,27 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+case "$PORT" in
+  ''|*[!0-9]*) echo "--port (or HEADSEG_PORT) needs a port number, got '$PORT'" >&2; exit 2 ;;
+esac
+
 # venv, pinned ComfyUI (or $HEADSEG_COMFYUI)
 # shellcheck source=tests/setup_env.sh
 source "$REPO/tests/setup_env.sh"
+
+# A port in use ends ComfyUI only after it has loaded everything, with a traceback: say so first.
+if ! "$PY" -c '
+import socket, sys
+with socket.socket() as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds
+    try:
+        s.bind(("127.0.0.1", int(sys.argv[1])))
+    except OSError:
+        sys.exit(1)' "$PORT"; then
+  echo "[headseg] port $PORT on 127.0.0.1 is in use (another ComfyUI, or an earlier tests/serve.sh still" \
+    "running?): stop that server, or choose another port with --port N" >&2
+  exit 1
+fi
 
 CKPT_DIR="$HEADSEG_HOME/models/checkpoints"
 # One folder per checkout, with its own custom_nodes/HeadSeg link to this checkout and its own
