@@ -33,3 +33,19 @@ def test_build_clears_partial_files_of_killed_builds(tmp_path, monkeypatch):
     assert path.read_bytes() == b"built"
     assert not stale.exists()
     assert other.read_bytes() == b"kept"
+
+
+def test_command_line_shows_progress_and_prints_only_the_path(tmp_path):
+    """serve.sh --test-checkpoint reads the path from stdout (``$(... | tail -n 1)``): the build's
+    progress lines went there too, so a first start sat silent through the build. They go to stderr."""
+    import os
+    import sys
+
+    comfy = tmp_path / "ComfyUI"
+    comfy.mkdir()
+    (comfy / "main.py").write_text("")  # no comfy package: the build itself fails at once
+    env = dict(os.environ, HEADSEG_HOME=str(tmp_path / "home"), HEADSEG_COMFYUI=str(comfy))
+    proc = subprocess.run([sys.executable, checkpoint.__file__], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "[headseg] building the random-weight SD2.1 test checkpoint" in proc.stderr, proc.stderr
+    assert proc.stdout == ""

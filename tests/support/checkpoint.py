@@ -13,7 +13,7 @@ to the checkpoint layout with ComfyUI's own converters, and each tensor is then 
 from a seeded generator. The result (~2.6 GB) is cached under
 ``$HEADSEG_HOME/models/checkpoints/`` and built at most once at a time (file lock).
 
-    python tests/support/checkpoint.py            # build if missing, print the path
+    python tests/support/checkpoint.py            # build if missing (progress on stderr), print the path
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def build(out_path: str, comfyui_dir: str) -> None:
     gen = torch.Generator().manual_seed(SEED)
     sd = {name: _random_tensor(name, shape, gen).contiguous() for name, shape in sorted(shapes.items())}
     n_params = sum(t.numel() for t in sd.values())
-    print(f"[headseg] {len(sd)} tensors, {n_params / 1e9:.2f} B parameters -> {out_path}", flush=True)
+    print(f"[headseg] {len(sd)} tensors, {n_params / 1e9:.2f} B parameters -> {out_path}", file=sys.stderr, flush=True)
     save_file(sd, out_path, metadata={"headseg": f"random SD2.1 architecture, seed {SEED}, recipe {RECIPE}"})
 
 
@@ -197,4 +197,5 @@ if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "--build":
         build(sys.argv[2], sys.argv[3])
     else:
-        print(ensure_checkpoint())
+        # Progress on stderr, only the path on stdout: serve.sh reads the path and the user sees the build.
+        print(ensure_checkpoint(log=lambda message: print(message, file=sys.stderr, flush=True)))
