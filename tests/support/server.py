@@ -103,7 +103,8 @@ class RunResult:
 
 
 class ComfyServer:
-    """One ComfyUI process; ``start()`` waits until it answers, ``stop()`` ends it."""
+    """One ComfyUI process; ``start()`` waits until it answers, ``stop()`` ends it, ``cleanup()`` also
+    removes the temporary folder it made (a ``with`` block ends with ``cleanup()``)."""
 
     def __init__(
         self,
@@ -194,7 +195,7 @@ class ComfyServer:
         return self.start()
 
     def __exit__(self, *exc):
-        self.stop()
+        self.cleanup()
 
     # -- logs ----------------------------------------------------------------------------------
     def log_text(self) -> str:
@@ -344,7 +345,11 @@ def acquire_shared_server(with_test_checkpoint: bool = True) -> ComfyServer:
                 name = path.name
             server = ComfyServer(checkpoints=checkpoints)
             server.checkpoint_name = name
-            server.start()
+            try:
+                server.start()
+            except BaseException:
+                server.cleanup()  # its temp folder; the error carries the log's tail
+                raise
             _shared["server"] = server
         _shared["users"] += 1
         return _shared["server"]

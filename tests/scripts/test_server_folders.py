@@ -1,0 +1,56 @@
+"""The test server's temporary folder is removed however the server ends. A stand-in ComfyUI (a
+main.py that answers /system_stats, or one that exits at once) replaces the real one: nothing of
+ComfyUI is loaded here."""
+
+from __future__ import annotations
+
+import pytest
+
+from headseg.tests.support import server as server_module
+
+FAKE_MAIN = """
+import http.server, sys
+if "fail" in open(__file__).read().splitlines()[0]:
+    print("stand-in ComfyUI fails at start")
+    sys.exit(3)
+port = int(sys.argv[sys.argv.index("--port") + 1])
+
+class Answer(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+http.server.HTTPServer(("127.0.0.1", port), Answer).serve_forever()
+"""
+
+
+def _fake_comfyui(tmp_path, monkeypatch, fail: bool):
+    comfy = tmp_path / "ComfyUI"
+    comfy.mkdir()
+    (comfy / "main.py").write_text(("# fail" if fail else "# serve") + FAKE_MAIN)
+    monkeypatch.setenv("HEADSEG_COMFYUI", str(comfy))
+    monkeypatch.setattr(server_module.tempfile, "tempdir", str(tmp_path))  # its temp folders go here
+
+
+def _temp_folders(tmp_path):
+    return sorted(tmp_path.glob("headseg-comfy-*"))
+
+
+def test_with_block_removes_the_servers_folder(tmp_path, monkeypatch):
+    """``with ComfyServer() as s:`` stopped the server but left its folder (log, input, output,
+    custom_nodes link) in /tmp after every use."""
+    _fake_comfyui(tmp_path, monkeypatch, fail=False)
+    with server_module.ComfyServer() as server:
+        assert server.workdir.is_dir()
+        proc = server.proc
+    assert proc.poll() is not None
+    assert _temp_folders(tmp_path) == []
+
+
+def test_shared_server_that_fails_to_start_leaves_no_folder(tmp_path, monkeypatch):
+    _fake_comfyui(tmp_path, monkeypatch, fail=True)
+    with pytest.raises(RuntimeError, match="stand-in ComfyUI fails at start"):
+        server_module.acquire_shared_server(with_test_checkpoint=False)
+    assert _temp_folders(tmp_path) == []
+    assert server_module._shared["server"] is None and server_module._shared["users"] == 0
