@@ -104,7 +104,7 @@ def ensure_checkpoint(comfyui_dir: str | os.PathLike | None = None, log=print) -
         # no build runs while this process holds the lock.
         for stale in path.parent.glob(path.name + ".tmp*"):
             stale.unlink()
-        log(f"[headseg] building the random-weight SD2.1 test checkpoint {path} (~2 min, once)")
+        log(f"[headseg] building the random-weight SD2.1 test checkpoint {path} (about a minute, once)")
         start = time.time()
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         try:
