@@ -50,6 +50,8 @@ def test_with_block_removes_the_servers_folder(tmp_path, monkeypatch):
 
 def test_shared_server_that_fails_to_start_leaves_no_folder(tmp_path, monkeypatch):
     _fake_comfyui(tmp_path, monkeypatch, fail=True)
+    # the session's own shared server (started by earlier tests) stays out of it: a slot of this test's
+    monkeypatch.setattr(server_module, "_shared", {"server": None, "users": 0})
     with pytest.raises(RuntimeError, match="stand-in ComfyUI fails at start"):
         server_module.acquire_shared_server(with_test_checkpoint=False)
     assert _temp_folders(tmp_path) == []
