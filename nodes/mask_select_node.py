@@ -310,13 +310,16 @@ class MaskSelectAtPixel(io.ComfyNode):
         base = picture if picture is not None else _mask_partition_picture(masks[0])  # [1, H, W, 3]
         overlay = core_preview.overlay_masks(base, stack)  # [count or 1, H, W, 3]
 
+        # a thumbnail stays the same when only the index changes, or at a pixel of the same masks; the picture
+        # click after click (saved last, so that the thumbnails of this run never push it out of the saved ones)
+        thumbnails = preview_refs(core_preview.fit_to_pixels(overlay, _MASK_PREVIEW_PIXELS), reuse=True) if count else []
         ui = {
-            "headseg_image": preview_refs(base, reuse=True),  # the same picture click after click
+            "headseg_image": preview_refs(base, reuse=True),
             "headseg_size": [int(W), int(H)],
             "headseg_pixel": [x, y],
             "headseg_pixel_asked": asked,
             "headseg_index": [min(index, count - 1) if count else -1],
-            "headseg_masks": preview_refs(core_preview.fit_to_pixels(overlay, _MASK_PREVIEW_PIXELS)) if count else [],
+            "headseg_masks": thumbnails,
             "headseg_mask_info": [
                 {"area": int(a), "k": int(k), "cluster": int(c)}
                 for a, k, c in zip(here.area.tolist(), here.k.tolist(), here.cluster.tolist())

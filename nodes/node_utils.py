@@ -10,6 +10,7 @@ import errno
 import gc
 import hashlib
 import logging
+import math
 import os
 import secrets
 import threading
@@ -183,30 +184,43 @@ def combo_error(name: str, value, choices) -> str | None:
 def preview_refs(images: torch.Tensor, reuse: bool = False) -> list[dict]:
     """Saves IMAGE [B, H, W, 3] as temporary PNGs; returns [{filename, subfolder, type}] for /view.
 
-    reuse: when the same 8-bit pictures were saved by a recent call that also asked for reuse, and its
-    files are still there, returns those instead of writing them again (a picture that stays the same
-    from one run to the next, e.g. Mask Select's picture while the user clicks around: ~0.1 s per
-    1024 x 1024 PNG).
+    reuse: a picture whose 8-bit pixels were saved by a recent call that also asked for reuse, and whose
+    file is still there, gets that file's ref instead of being written again; the others of the batch are
+    written (pictures that stay the same from one run to the next, e.g. Mask Select's picture while the
+    user clicks around and its mask thumbnails when only the index changes: ~0.03 s per 512 x 512 PNG,
+    ~0.1 s per 1024 x 1024 one).
     """
     images = images.detach().float().cpu()
-    if not (images.numel() == 0 or (float(images.amin()) >= 0.0 and float(images.amax()) <= 1.0)):
+    lo, hi = (float(images.amin()), float(images.amax())) if images.numel() else (0.0, 0.0)  # NaN if any is
+    if not (lo >= 0.0 and hi <= 1.0):
         images = images.clamp(0, 1)  # a copy only when needed: large batches of previews are big
-    if not reuse:
+    if not reuse or math.isnan(lo):  # NaN: ComfyUI's writer makes what it makes of it, and no key is made
         return _write_previews(images)
-    # the bytes ComfyUI's PNG writer sees: clip(255 * x, 0, 255) cut to uint8
-    pixels = (images * 255.0).clamp_(0.0, 255.0).to(torch.uint8).contiguous()  # [B, H, W, 3]
-    key = (tuple(pixels.shape), hashlib.blake2b(pixels.numpy().tobytes(), digest_size=16).digest())
-    with _saved_lock:
-        refs = _saved_previews.get(key)
-        if refs is not None and all(_temp_file_exists(r) for r in refs):
+    from PIL import Image
+
+    prefix = f"ComfyUI_temp_headseg_{secrets.token_hex(4)}"  # as _write_each names a batch's pictures
+
+    def saved_or_written(b: int) -> dict:
+        # the bytes ComfyUI's writer makes of a picture in 0..1: clip(255 * x, 0, 255) cut to uint8 [H, W, 3]
+        pixels = (images[b] * 255.0).clamp_(0.0, 255.0).to(torch.uint8).contiguous().numpy()  # rows of a picture
+        key = (pixels.shape, hashlib.blake2b(pixels, digest_size=16).digest())
+        with _saved_lock:
+            ref = _saved_previews.get(key)
+            if ref is not None and _temp_file_exists(ref):
+                _saved_previews.move_to_end(key)
+                return dict(ref)
+        # the file ComfyUI's writer would write (the same PNG bytes), from the pixels already made
+        ref = _save_temp_png(Image.fromarray(pixels), f"{prefix}_{b}")
+        with _saved_lock:
+            _saved_previews[key] = ref
             _saved_previews.move_to_end(key)
-            return [dict(r) for r in refs]
-    refs = _write_previews(images)
-    with _saved_lock:
-        _saved_previews[key] = refs
-        while len(_saved_previews) > _SAVED_PREVIEWS_KEPT:
-            _saved_previews.popitem(last=False)
-    return [dict(r) for r in refs]
+            while len(_saved_previews) > _SAVED_PREVIEWS_KEPT:
+                _saved_previews.popitem(last=False)
+        return dict(ref)
+
+    # each picture hashed, and written when no recent file holds it, on the PNG threads: hashing releases
+    # Python's lock too
+    return on_png_threads(saved_or_written, list(range(images.shape[0])))
 
 
 def _write_previews(images: torch.Tensor) -> list[dict]:
@@ -214,16 +228,18 @@ def _write_previews(images: torch.Tensor) -> list[dict]:
 
     Several pictures are written at once on up to _PNG_THREADS threads (PNG compression releases
     Python's lock, so on two cores a click in Mask Select's picker takes about half as long), each
-    by ComfyUI's own writer as its previews are (temp folder, compress level 1), under one random
-    prefix per batch with the picture's index appended: no two threads count up the same name.
+    by _write_preview, under one random prefix per batch with the picture's index appended: no two
+    threads count up the same name.
     """
+    return _write_each(images.shape[0], lambda b, prefix: _write_preview(images[b : b + 1], prefix))
 
-    def write(b: int, prefix: str) -> list:
-        return ui.ImageSaveHelper.save_images(
-            images[b : b + 1], filename_prefix=prefix, folder_type=ui.FolderType.temp, cls=None, compress_level=1
-        )
 
-    return _write_each(images.shape[0], write)
+def _write_preview(image: torch.Tensor, prefix: str) -> list[dict]:
+    """IMAGE [1, H, W, 3] in 0..1 -> [ref] of a new temporary PNG, written by ComfyUI's own writer as its
+    previews are (temp folder, compress level 1)."""
+    return ui.ImageSaveHelper.save_images(
+        image, filename_prefix=prefix, folder_type=ui.FolderType.temp, cls=None, compress_level=1
+    )
 
 
 def label_previews(maps: list[tuple[torch.Tensor, torch.Tensor]]) -> list[dict]:
@@ -232,21 +248,29 @@ def label_previews(maps: list[tuple[torch.Tensor, torch.Tensor]]) -> list[dict]:
     names, compress level 1 and, read back, the same pixels: each colour cut to 8 bits as ComfyUI's writer
     cuts the picture's), but as palette PNGs of the labels, one byte per pixel to compress instead of three
     and no float picture to convert (a 1024 x 1024 colour map: ~0.01 s instead of ~0.03 s)."""
-    import folder_paths
     from PIL import Image
 
     def write(b: int, prefix: str) -> list:
         labels, colours = maps[b]
-        H, W = labels.shape
         table = np.clip(255.0 * colours.detach().to("cpu", torch.float32).numpy(), 0, 255).astype(np.uint8)  # [c, 3]
         picture = Image.fromarray(labels.detach().to("cpu", torch.uint8).numpy())  # [H, W] "L": the label of each pixel
         picture.putpalette(table.tobytes())  # "P": label j drawn in colour j
-        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, folder_paths.get_temp_directory(), W, H)
-        filename = f"{name}_{counter:05}_.png"  # as ComfyUI's writer names a picture
-        picture.save(os.path.join(folder, filename), compress_level=1)
-        return [{"filename": filename, "subfolder": subfolder, "type": "temp"}]
+        return [_save_temp_png(picture, prefix)]
 
     return _write_each(len(maps), write)
+
+
+def _save_temp_png(picture, prefix: str) -> dict:
+    """A PIL picture -> the ref of a new PNG of it in ComfyUI's temp folder, written as ComfyUI's writer
+    writes a preview (save_images with cls=None: named '<prefix>_<counter>_.png', no text entries,
+    compress level 1)."""
+    import folder_paths
+
+    W, H = picture.size
+    folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, folder_paths.get_temp_directory(), W, H)
+    filename = f"{name}_{counter:05}_.png"  # as ComfyUI's writer names a picture
+    picture.save(os.path.join(folder, filename), pnginfo=None, compress_level=1)
+    return {"filename": filename, "subfolder": subfolder, "type": "temp"}
 
 
 def _write_each(count: int, write) -> list[dict]:
@@ -272,10 +296,12 @@ def on_png_threads(fn, items: list) -> list:
 _PNG_THREADS = 8
 
 
-# preview_refs(reuse=True): (shape, digest of the 8-bit pixels) -> refs, the most recent last
-_saved_previews: collections.OrderedDict[tuple, list[dict]] = collections.OrderedDict()
+# preview_refs(reuse=True): (shape [H, W, 3], digest of one picture's 8-bit pixels) -> its ref, the most
+# recent last. A few hundred bytes each; 64 hold a few runs of Mask Select (its picture and a thumbnail per
+# mask at the pixel, one per cluster count at most).
+_saved_previews: collections.OrderedDict[tuple, dict] = collections.OrderedDict()
 _saved_lock = threading.Lock()
-_SAVED_PREVIEWS_KEPT = 16
+_SAVED_PREVIEWS_KEPT = 64
 
 
 def _temp_file_exists(ref: dict) -> bool:

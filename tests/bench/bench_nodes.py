@@ -10,7 +10,9 @@ peak extra memory of each node, and the size of every node's outputs, which Comf
 cache until the inputs change. "core" is segment()'s stages alone (bench_core.py's total) at the
 same size, measured in the same run: the ratio is what the nodes add (pictures, PNGs, MASK copies).
 Each chain is a new image (Mask Select writes its picture's PNG); "a click" is Mask Select run again
-at another pixel of the same image, as when the user clicks the picker, timed after each chain.
+at another pixel of the same image, as when the user clicks the picker, timed after each chain, and
+"another index" Mask Select run once more at that pixel with the next index, as when the user picks
+a thumbnail and queues again (its thumbnails are the click's: no PNG is written).
 """
 
 from __future__ import annotations
@@ -113,13 +115,16 @@ def main():
         return outputs
 
     run_chain()  # warm-up
-    times, core, clicks = {}, [], []
+    times, core, clicks, indices = {}, [], [], []
     for i in range(args.repeats):
         outputs = run_chain(times)
         # the user clicks another pixel: only Mask Select runs again, on the picture it has written
         start = time.perf_counter()
         N.MaskSelectAtPixel.execute(outputs["Mask Merge"][0], W // 3 + i, H // 3, 0, picture)
         clicks.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        N.MaskSelectAtPixel.execute(outputs["Mask Merge"][0], W // 3 + i, H // 3, 1, picture)
+        indices.append(time.perf_counter() - start)
         timings = {}
         bench_core.run_ours(rec, 0, timings)
         core.append(timings["total (sum of stages)"][0][0])
@@ -145,6 +150,7 @@ def main():
     print(f"| **all nodes** | **{total:.3f}** | | **{sum(sizes.values()):.0f}** |")
     print(f"| core alone (segment's stages, same run) | {core_total:.3f} | | |")
     print(f"| Mask Select At Pixel again, another pixel (a click) | {statistics.median(clicks):.3f} | | |")
+    print(f"| Mask Select At Pixel again, the same pixel, another index | {statistics.median(indices):.3f} | | |")
     print(f"\nnodes / core: {total / core_total:.2f}x  (the recording itself: {output_bytes(rec.layers, set()) / 1e6:.0f} MB)")
     # Mask Merge runs on the calling thread, so every tensor it allocates is seen by PeakBytes (a
     # dispatch mode, which does not see the worker threads of Head PCA or Multi K-Means)

@@ -259,6 +259,35 @@ def test_the_picture_to_click_on_is_written_once_while_it_stays_the_same(nodes, 
     assert no_picture[0] == no_picture[1] and no_picture[0] not in (first, rewritten, other)
 
 
+def test_a_mask_thumbnail_is_written_once_while_it_stays_the_same(nodes, recording, comfy_folders):
+    """Choosing another index re-runs Mask Select at the same pixel: its thumbnails are the same pictures,
+    so their PNGs are not written again (the refs name the first run's files, which hold the bytes a new
+    write would); a thumbnail whose file is gone is written again, and another pixel's masks get files of
+    their own."""
+    from headseg.nodes import node_utils
+
+    # stored channel by channel, as VAE Decode's IMAGE is (pixels.movedim(1, -1)): the overlays are too
+    image = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(3)).movedim(1, -1)  # [1, H, W, 3]
+    out, (_, _, _, masks) = run_chain(nodes, recording, 180, 120, index=0, image=image)
+    first = out.ui["headseg_masks"]
+    assert out.args[3] >= 2 and len(first) == out.args[3]
+    read = lambda ref: (comfy_folders["temp"] / ref["subfolder"] / ref["filename"]).read_bytes()  # noqa: E731
+    files = lambda: sorted(p.name for p in comfy_folders["temp"].rglob("*.png"))  # noqa: E731
+    before, written = files(), [read(ref) for ref in first]
+    again = nodes.MaskSelectAtPixel.execute(masks, 180, 120, 1, image)
+    assert again.ui["headseg_masks"] == first and again.ui["headseg_index"] == [1]
+    assert files() == before  # no PNG written: the picture and every thumbnail were there
+    (comfy_folders["temp"] / first[0]["subfolder"] / first[0]["filename"]).unlink()
+    third = nodes.MaskSelectAtPixel.execute(masks, 180, 120, 0, image).ui["headseg_masks"]
+    assert third[0] != first[0] and third[1:] == first[1:] and read(third[0]) == written[0]
+    node_utils._saved_previews.clear()  # written anew: the same bytes
+    fresh = nodes.MaskSelectAtPixel.execute(masks, 180, 120, 0, image).ui["headseg_masks"]
+    assert not set(map(str, fresh)) & set(map(str, first + third)) and [read(r) for r in fresh] == written
+    elsewhere = nodes.MaskSelectAtPixel.execute(masks, 10, 10, 0, image)
+    assert [m["area"] for m in elsewhere.ui["headseg_mask_info"]] != [m["area"] for m in out.ui["headseg_mask_info"]]
+    assert elsewhere.ui["headseg_masks"][0] not in first + third + fresh
+
+
 def test_picture_of_another_size_is_resized_for_display(nodes, recording):
     out, _ = run_chain(nodes, recording, 10, 10, image=torch.rand(1, H + 5, W - 3, 3))
     assert out.args[2].shape[1:] == (H, W, 3)

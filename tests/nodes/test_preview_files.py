@@ -40,16 +40,38 @@ def test_pictures_are_told_apart_by_the_bytes_the_png_writer_sees(utils):
     assert name(utils.preview_refs(flat(11.2 / 255), reuse=True)) != a
 
 
-def test_the_last_sixteen_pictures_used_are_kept(utils, comfy_folders):
-    pictures = [flat(i / 40) for i in range(17)]
-    names = [name(utils.preview_refs(p, reuse=True)) for p in pictures[:16]]
-    assert len(set(names)) == 16
+def test_the_last_pictures_used_are_kept(utils, comfy_folders):
+    """The _SAVED_PREVIEWS_KEPT pictures used last are reused; the least recently used one goes first."""
+    n = utils._SAVED_PREVIEWS_KEPT
+    pictures = [flat(i / (n + 4)) for i in range(n + 1)]
+    names = [name(utils.preview_refs(p, reuse=True)) for p in pictures[:n]]
+    assert len(set(names)) == n
     assert name(utils.preview_refs(pictures[0], reuse=True)) == names[0]  # used again: now the most recent
-    utils.preview_refs(pictures[16], reuse=True)  # one more: the least recently used (picture 1) goes
+    utils.preview_refs(pictures[n], reuse=True)  # one more: the least recently used (picture 1) goes
     assert name(utils.preview_refs(pictures[0], reuse=True)) == names[0]
-    for i in range(2, 16):
+    for i in range(2, n):
         assert name(utils.preview_refs(pictures[i], reuse=True)) == names[i], i
     assert name(utils.preview_refs(pictures[1], reuse=True)) != names[1]  # written again
+
+
+def test_a_batch_reuses_each_saved_picture_and_writes_the_others(utils, comfy_folders, monkeypatch):
+    """Mask Select's thumbnails at another pixel often share a few pictures with the last run's (the
+    coarse masks, in the same place of the list): those refs are reused, one by one, the others written;
+    the refs keep the batch's order and each file holds its picture's bytes."""
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.setattr(utils.os, "cpu_count", lambda: 4)  # the threaded path on any machine
+    pictures = torch.rand(5, 9, 7, 3, generator=torch.Generator().manual_seed(0))  # [5, 9, 7, 3]
+    first = utils.preview_refs(pictures[:3], reuse=True)
+    files = lambda: sorted(p.name for p in comfy_folders["temp"].rglob("*.png"))  # noqa: E731
+    before = files()
+    refs = utils.preview_refs(pictures[[3, 1, 4, 0]], reuse=True)
+    assert refs[1] == first[1] and refs[3] == first[0]
+    assert len(files()) == len(before) + 2 and len({r["filename"] for r in refs + first}) == 5
+    for b, ref in zip([3, 1, 4, 0], refs):
+        read = np.asarray(Image.open(comfy_folders["temp"] / ref["subfolder"] / ref["filename"]).convert("RGB"))
+        assert np.array_equal(read, (pictures[b] * 255.0).clamp(0, 255).to(torch.uint8).numpy()), b
 
 
 @pytest.mark.parametrize("B", [1, 2, 5, 13])
@@ -87,6 +109,25 @@ def test_batches_with_the_same_random_prefix_keep_every_picture(utils, comfy_fol
         for picture, ref in zip(pictures, part):
             read = np.asarray(Image.open(comfy_folders["temp"] / ref["subfolder"] / ref["filename"]).convert("RGB"))
             assert np.array_equal(read, (picture * 255.0).clamp(0, 255).to(torch.uint8).numpy())
+
+
+def test_a_picture_saved_for_reuse_is_the_png_comfyuis_writer_writes(utils, comfy_folders):
+    """preview_refs(reuse=True) writes the PNG itself, from the 8-bit pixels it keys the picture on: byte for
+    byte the file ComfyUI's writer makes of the picture (without reuse), at the edges of 8-bit values too."""
+    edges = torch.tensor([0.0, 1.0, 10.2 / 255, 10.8 / 255, 11.2 / 255, 0.5, 254.999 / 255, 1e-7])
+    pictures = torch.rand(3, 9, 7, 3, generator=torch.Generator().manual_seed(5))  # [3, 9, 7, 3]
+    pictures[0].view(-1)[: edges.numel()] = edges
+    read = lambda ref: (comfy_folders["temp"] / ref["subfolder"] / ref["filename"]).read_bytes()  # noqa: E731
+    theirs = utils.preview_refs(pictures)
+    ours = utils.preview_refs(pictures, reuse=True)
+    assert [read(r) for r in ours] == [read(r) for r in theirs]
+    utils._saved_previews.clear()  # the same pictures stored channel by channel (as a stretched image's overlay is)
+    strided = utils.preview_refs(pictures.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1), reuse=True)
+    assert [read(r) for r in strided] == [read(r) for r in theirs]
+    assert all(r["type"] == "temp" and r["filename"].endswith("_00001_.png") for r in ours)
+    nan = flat(0.5).clone()
+    nan[0, 1, 2, 0] = float("nan")  # no 8-bit value to key it on: written as ComfyUI writes it, every time
+    assert name(utils.preview_refs(nan, reuse=True)) != name(utils.preview_refs(nan, reuse=True))
 
 
 def test_without_reuse_every_call_writes_a_file(utils):
