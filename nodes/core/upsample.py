@@ -287,15 +287,23 @@ def make_feature_stack(
             )
     groups: dict[tuple[int, int], list[tuple[LayerKey, torch.Tensor]]] = {}
     for key, t in features.layers.items():
-        B, heads, h, w, c = t.shape
-        channels = t.detach().to(torch.float32).permute(0, 1, 4, 2, 3).reshape(B, heads * c, h, w)  # [B, heads*c, h, w]
-        groups.setdefault((h, w), []).append((key, channels))
+        h, w = int(t.shape[2]), int(t.shape[3])
+        groups.setdefault((h, w), []).append((key, t.detach()))  # [B, heads, h, w, c]
     sides = [max(h, w) for (h, w) in groups]
     weights = resolution_weights(sides) if reweight else [1.0] * len(sides)
     grids, keys = [], []
-    for weight, members in zip(weights, groups.values()):
-        grid = torch.cat([ch for _, ch in members], dim=1)  # [B, C_i, h, w]
-        grids.append(grid * weight if weight != 1.0 else grid.contiguous())
+    for weight, ((h, w), members) in zip(weights, groups.items()):
+        B = int(members[0][1].shape[0])
+        C = sum(int(t.shape[1]) * int(t.shape[4]) for _, t in members)
+        # every layer's channels copied straight into the grid (float32): no per-layer copy joined by
+        # torch.cat, which held the stack twice at its peak
+        grid = torch.empty(B, C, h, w, dtype=torch.float32, device=members[0][1].device)  # [B, C_i, h, w]
+        start = 0
+        for _, t in members:
+            n = int(t.shape[1]) * int(t.shape[4])  # heads * c, head-major
+            grid[:, start : start + n].view(B, t.shape[1], t.shape[4], h, w).copy_(t.permute(0, 1, 4, 2, 3))
+            start += n
+        grids.append(grid.mul_(weight) if weight != 1.0 else grid)
         keys.append([key for key, _ in members])
     return FeatureStack(grids, weights, keys, size, mode)
 
