@@ -320,8 +320,13 @@ class UpsamplingErrorMap(io.ComfyNode):
     @classmethod
     def execute(cls, stack) -> io.NodeOutput:
         _expect(stack, core_upsample.FeatureStack, "stack", "HEADSEG_FEATURE_STACK from Upsample")
-        err = _error_map_preview(stack)  # [B, H, W]
-        err_img = core_preview.error_map_image(err)  # [B, H, W, 3]
+        small, by_row, by_col = _error_map_lattice(stack)  # [B, ny, nx], [H], [W]
+        # coloured where it is computed, then spread over the blocks: the same pixels as colouring the
+        # [B, H, W] map (each image's maximum is one of its lattice values), without a batch of full-size
+        # float temporaries (about five times the picture)
+        err_img = core_preview.error_map_image(small)  # [B, ny, nx, 3]
+        if by_row is not None:
+            err_img = err_img.index_select(1, by_row).index_select(2, by_col)  # [B, H, W, 3]
         return io.NodeOutput(err_img, ui={"images": preview_refs(err_img[:1])})
 
 
@@ -330,16 +335,26 @@ class UpsamplingErrorMap(io.ComfyNode):
 _ERROR_PREVIEW_PIXELS = 256 * 256
 
 
-def _error_map_preview(stack) -> torch.Tensor:
-    """FeatureStack -> [B, H, W] eq. 6 error, computed at an f x f lattice of pixels for large images."""
+def _error_map_lattice(stack) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """FeatureStack -> (eq. 6 error [B, ny, nx] at an f x f lattice of pixels, the lattice row of each output
+    row [H] and column of each output column [W]; every lattice row and column is one of some output's):
+    the block centres of a large image, or (error [B, H, W] at every pixel, None, None) for a small one."""
     H, W = stack.size
     f = max(1, math.ceil(math.sqrt(H * W / _ERROR_PREVIEW_PIXELS)))
     if f == 1:
-        return core_upsample.upsampling_error(stack)  # [B, H, W]
+        return core_upsample.upsampling_error(stack), None, None  # [B, H, W]
     rows, cols = torch.arange(f // 2, H, f), torch.arange(f // 2, W, f)  # [ny], [nx] block centres
     small = core_upsample.upsampling_error_at(stack, rows, cols)  # [B, ny, nx]
     by_row = (torch.arange(H) // f).clamp_(max=rows.numel() - 1)  # [H] block of each output row
     by_col = (torch.arange(W) // f).clamp_(max=cols.numel() - 1)  # [W]
+    return small, by_row, by_col
+
+
+def _error_map_preview(stack) -> torch.Tensor:
+    """FeatureStack -> [B, H, W] eq. 6 error, computed at an f x f lattice of pixels for large images."""
+    small, by_row, by_col = _error_map_lattice(stack)
+    if by_row is None:
+        return small  # [B, H, W]
     return small.index_select(1, by_row).index_select(2, by_col)  # [B, H, W]
 
 

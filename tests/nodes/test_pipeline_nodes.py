@@ -727,3 +727,23 @@ def test_all_masks_of_every_image_is_built_without_a_second_copy(nodes):
     assert every.shape == (37 * 3, 64, 64)
     assert torch.equal(every, torch.cat([m.masks for m in masks]).float())
     assert mem.peak <= every.numel() * 4 + kept + 37 * 64 * 64 * 3, (mem.peak, every.numel() * 4)
+
+
+def test_error_map_of_a_batch_is_coloured_without_full_size_temporaries(nodes):
+    """The error_map IMAGE is error_map_image of the lattice preview, bit for bit, coloured where it is
+    computed: colouring the full-size map of a batch held about five times the picture in float
+    temporaries (252 MB for four SDXL images at 1024 x 1024, whose picture is 50 MB)."""
+    from headseg.nodes.core.preview import error_map_image
+    from headseg.nodes.core.upsample import FeatureStack
+    from headseg.tests.support.peak_memory import PeakBytes
+
+    g = torch.Generator().manual_seed(0)
+    grids = [torch.randn(3, 2, 16, 12, generator=g), torch.randn(3, 2, 8, 6, generator=g)]
+    grids[0][1] = 0.0  # image 1: no error in this grid
+    stack = FeatureStack(grids, [1.0, 1.0], [[], []], (1000, 760), "bilinear")  # f = 4: a 250 x 190 lattice
+    want = error_map_image(nodes._error_map_preview(stack))  # [3, 1000, 760, 3]
+    with PeakBytes() as mem:
+        got = nodes.UpsamplingErrorMap.execute(stack).args[0]
+    assert torch.equal(got, want)
+    picture = got.numel() * 4
+    assert mem.peak <= picture + picture // 2, (mem.peak, picture)  # the rows spread first: a quarter of it
