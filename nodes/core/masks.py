@@ -138,17 +138,21 @@ def _label_intersections(sweep: ClusterSweep, batch_index: int) -> torch.Tensor:
     """[M, M] int64 pairwise intersections of the masks of sweep_to_masks(sweep, batch_index), counted
     from the label maps: one bincount per pair of cluster counts (contingency tables), no mask products."""
     ks = sorted(sweep.results)
-    labels = [sweep.results[k].labels[batch_index].reshape(-1).long() for k in ks]  # G x [N] int64: la * kb + lb fits
+    labels = [sweep.results[k].labels[batch_index].reshape(-1) for k in ks]  # G x [N], as stored (uint8 from Multi K-Means)
     starts = [0]
     for k in ks:
         starts.append(starts[-1] + k)
     out = torch.zeros(starts[-1], starts[-1], dtype=torch.int64, device=labels[0].device)  # [M, M]
+    pair = torch.empty(labels[0].shape, dtype=torch.int32, device=labels[0].device)  # [N], reused by every pair
     for a, (ka, la) in enumerate(zip(ks, labels)):
         sa = slice(starts[a], starts[a + 1])
         out[sa, sa] = torch.diag(torch.bincount(la, minlength=ka))  # clusters of one k are disjoint
+        # la * kb + lb < MAX_CLUSTERS**2 fits int32: one [N] int32 buffer for every pair, not an int64 copy
+        # of every k's label map and two int64 temporaries per pair
         for b in range(a + 1, len(ks)):
             kb, sb = ks[b], slice(starts[b], starts[b + 1])
-            table = torch.bincount(la * kb + labels[b], minlength=ka * kb).view(ka, kb)  # [ka, kb]
+            pair.copy_(la).mul_(kb).add_(labels[b])  # [N] int32
+            table = torch.bincount(pair, minlength=ka * kb).view(ka, kb)  # [ka, kb]
             out[sa, sb] = table
             out[sb, sa] = table.t()  # [kb, ka]
     return out

@@ -349,6 +349,25 @@ def test_min_area_between_two_masks_keeps_only_the_larger():
     assert merge_masks(ms, 0.9, min_area=0.055).cluster.tolist() == [1]  # 5.5 %: 5.5 pixels, rounded up
 
 
+def test_merge_sweep_counts_overlaps_of_byte_label_maps_without_wide_copies():
+    """Multi K-Means gives uint8 label maps: counting the overlaps of every pair of k uses one int32 buffer
+    of the pixels, not an int64 copy of every k's map (8 bytes per pixel and k: 312 MB for k = 2 .. 40
+    at 1024 x 1024, more than all the masks a merge keeps when min_area drops the small ones), and gives
+    the same masks as the int64 maps."""
+    from headseg.tests.support.peak_memory import PeakBytes
+
+    ks = range(2, 13)
+    N = 256 * 256
+    wide = {k: blocky_labels(k, H=256, W=256, seed=k)[None] for k in ks}  # int64
+    sweep = make_sweep({k: labels.to(torch.uint8) for k, labels in wide.items()})
+    with PeakBytes() as mem:
+        got = merge_sweep(sweep, 0, iou_threshold=0.9, min_area=0.15)
+    want = merge_sweep(make_sweep(wide), 0, iou_threshold=0.9, min_area=0.15)
+    assert torch.equal(got.masks, want.masks) and torch.equal(got.k, want.k) and torch.equal(got.cluster, want.cluster)
+    assert 0 < got.masks.shape[0] < sum(ks) // 2, got.masks.shape  # min_area drops most clusters
+    assert mem.peak <= got.masks.numel() + 4 * N + N // 2, (mem.peak / N, got.masks.numel() / N)
+
+
 @pytest.mark.parametrize("M, H, W", [(0, 4, 4), (1, 3, 5), (10, 512, 512), (3, 1, 1_500_000)])
 def test_area_counts_the_pixels_of_every_mask(M, H, W):
     """Areas are summed a few masks at a time (and one mask at a time above a million pixels)."""
