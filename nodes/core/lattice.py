@@ -117,8 +117,9 @@ class Lattice:
         """centroids [k, C] -> labels [N] int64 of the nearest centroid, best score [N] float32 (score
         upsampling, exact); several sets of centroids [G, k, C] at once -> labels [G, N], best [G, N].
 
-        The native-grid scores <f_g, c_j,g> are upsampled along y on the native grids and along x by
-        column blocks, row chunk by row chunk, so memory stays near _CHUNK_SCORES floats. Scores are
+        The native-grid scores <f_g, c_j,g> are upsampled along y on the native grids ([K, ny] per
+        column of every grid: K * ny * sum(w_g) floats) and along x by column blocks, row chunk by row
+        chunk, so the rest stays near _CHUNK_SCORES floats whatever k and the image size. Scores are
         laid out with k ahead of the rows of a chunk ([.., k, rows]): the minimum over k then runs
         over whole rows at once (torch's min with indices over a short last dimension is several
         times slower).
@@ -130,27 +131,32 @@ class Lattice:
         nc = -(-(K * W * ny) // _CHUNK_SCORES)  # row chunks of at most about _CHUNK_SCORES scores
         step = -(-ny // nc)  # rows per chunk
         nc = -(-ny // step)  # the last chunk is padded with fewer than nc rows, cut off below
-        pad = nc * step - ny
-        parts = []
+        ups = []
         for f, c, (C_g, h, w), up_y in zip(self.flat, flat_c.split(self.splits, 1), self.shapes, self.up_y):
             s_t = (c @ f).view(K, h, w).permute(2, 0, 1).reshape(w * K, h)  # [w*K, h] native-grid scores
-            up = torch.mm(s_t, up_y)  # [w*K, ny]: -2 <F_g, c_j,g> upsampled along y, one plain 2-D product
-            up = torch.nn.functional.pad(up, (0, pad)) if pad else up  # [w*K, nc*step]
-            parts.append(up.view(w, K, nc, step).permute(2, 0, 1, 3))  # [nc, w, K, step]
-        cnorm = (flat_c * flat_c).sum(1)  # [K]
-        ones = torch.nn.functional.pad(cnorm[:, None].expand(K, ny), (0, pad))  # [K, nc*step]: adds ||c_j||^2
-        parts.append(ones.view(1, K, nc, step).permute(2, 0, 1, 3))  # [nc, 1, K, step]
-        rows_score = torch.cat(parts, 1)  # [nc, m, K, step]
+            ups.append(torch.mm(s_t, up_y))  # [w*K, ny]: -2 <F_g, c_j,g> upsampled along y, one plain 2-D product
+        cnorm = (flat_c * flat_c).sum(1)  # [K]: the row of ones adds ||c_j||^2
         m_b = self.cols.shape[1]
-        # each chunk's block operands contiguous (bmm is several times slower on strided ones)
-        t_all = rows_score.index_select(1, self.cols.view(-1)).view(nc, nb, m_b, K * step)  # [nc, nb, m_b, K*step]
+        cols = self.cols.view(-1)  # [nb*m_b] rows of the chunk's [m, K, step] scores that each block reads
         labels, best = [], []
         for c in range(nc):
-            d = torch.bmm(self.RT, t_all[c]).view(nb, TC, G, k, step)  # [nb, TC, G, k, step] scores
+            # the chunk's rows of every grid's y-upsampled scores, padded to step rows at the end: [m, K, step]
+            # (gathered chunk by chunk: the [m, K, ny] scores and their [nb, m_b, K, ny] block operands of
+            # every row at once took several times _CHUNK_SCORES floats, growing with k and the image)
+            r0, r1 = c * step, min((c + 1) * step, ny)
+            parts = [up[:, r0:r1].reshape(-1, K, r1 - r0) for up in ups]  # [w, K, rows] each
+            parts.append(cnorm[None, :, None].expand(1, K, r1 - r0))  # [1, K, rows]
+            rows_score = torch.cat(parts, 0)  # [m, K, rows]
+            if r1 - r0 < step:
+                rows_score = torch.nn.functional.pad(rows_score, (0, step - (r1 - r0)))  # [m, K, step]
+            # the block operands contiguous (bmm is several times slower on strided ones)
+            t_c = rows_score.index_select(0, cols).view(nb, m_b, K * step)  # [nb, m_b, K*step]
+            d = torch.bmm(self.RT, t_c).view(nb, TC, G, k, step)  # [nb, TC, G, k, step] scores
             low = d.amin(3, keepdim=True)  # [nb, TC, G, 1, step]
             first = first_at_minimum(d, low, 3)  # [nb, TC, G, step]
             best.append(low.view(nb, TC, G, step).permute(2, 3, 0, 1).reshape(G, step, W))  # [G, step, W]
             labels.append(first.permute(2, 3, 0, 1).reshape(G, step, W))  # [G, step, W]
+        pad = nc * step - ny
         labels = labels[0] if nc == 1 else torch.cat(labels, 1)  # [G, nc*step, W]
         best = best[0] if nc == 1 else torch.cat(best, 1)  # [G, nc*step, W]
         if pad or W != self.nx:

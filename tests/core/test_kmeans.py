@@ -113,6 +113,24 @@ def test_assignment_and_update_equal_brute_force(mode, size, chunk, shapes, monk
         assert var == pytest.approx(float(Xi.var(0, unbiased=False).mean()), rel=1e-6)
 
 
+def test_assignment_memory_stays_near_its_chunk_as_k_grows():
+    """A full-image assignment holds the y-upsampled scores [K, ny, sum w_g] and its labels and scores;
+    the rest (the scores of every grid row and their block operands, gathered at once, 2.6 times the
+    y-upsampled scores) goes chunk by chunk: 414 MB at k = 256 on a 1024 x 1024 image before, 128 MB now."""
+    from headseg.tests.support.peak_memory import PeakBytes
+
+    stack = random_stack((512, 512), "bilinear", shapes=[(16, 64, 64), (16, 32, 32)])
+    lat = km._Image(stack, 0).rung(-1)
+    k, N = 64, 512 * 512
+    centroids = torch.randn(k, 32, generator=torch.Generator().manual_seed(0))
+    with PeakBytes() as mem:
+        labels, best = lat.assign(centroids)
+    assert labels.shape == best.shape == (N,)  # the values: test_assignment_and_update_equal_brute_force
+    y_upsampled = k * 512 * (64 + 32) * 4
+    outputs = N * (8 + 4)  # int64 labels, float32 scores: their row chunks, then joined
+    assert mem.peak <= y_upsampled + 2 * outputs + 16 * lattice._CHUNK_SCORES, (mem.peak / 1e6, y_upsampled / 1e6)
+
+
 @pytest.mark.parametrize("chunk", [1, 40])
 def test_moments_in_channel_chunks_equal_brute_force(chunk, monkeypatch):
     stack = random_stack((40, 24), "bilinear")
