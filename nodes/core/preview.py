@@ -132,7 +132,6 @@ def overlay_masks(image: torch.Tensor | None, masks: torch.Tensor, alpha: float 
     M, H, W = masks.shape
     if masks.is_floating_point() and not all_finite(masks):
         raise ValueError("masks contain NaN or inf")
-    m = masks.detach().to(torch.float32).clamp(0.0, 1.0)  # [M, H, W]
     if image is None:
         base = torch.full((1, H, W, 3), 0.5, dtype=torch.float32, device=masks.device)
     else:
@@ -147,9 +146,12 @@ def overlay_masks(image: torch.Tensor | None, masks: torch.Tensor, alpha: float 
             raise ValueError("image contains NaN or inf")
         if image.device != masks.device:
             raise ValueError(f"image and masks must be on one device, got {image.device} and {masks.device}")
-        base = image.detach().to(torch.float32).clamp(0.0, 1.0)
+        base = image.detach().to(torch.float32)  # [B, H, W, 3]: only read
+        if base.numel() and not (float(base.amin()) >= 0.0 and float(base.amax()) <= 1.0):
+            base = base.clamp(0.0, 1.0)  # a copy only when needed: a picture of the size of one mask's overlay
     colours = palette(max(M, 1))[:M].to(masks.device)[:, None, None, :]  # [M, 1, 1, 3]
-    weight = (float(alpha) * m)[..., None]  # [M, H, W, 1]
+    # alpha * mask in place in the clamped copy: one float temporary of the masks, not two
+    weight = masks.detach().to(torch.float32).clamp(0.0, 1.0).mul_(float(alpha))[..., None]  # [M, H, W, 1]
     out = torch.lerp(base, colours, weight)  # [M, H, W, 3] = base + weight * (colour - base)
     return out.clamp_(0.0, 1.0)
 
