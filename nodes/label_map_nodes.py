@@ -23,6 +23,7 @@ from PIL.PngImagePlugin import PngInfo
 from . import types as hs
 from .core import kmeans as core_kmeans
 from .core.masks import check_label_map
+from .core.recording import all_finite
 from .mask_select_node import _is_vae_window, _vae_crop
 from .node_utils import CATEGORY, expect as _expect, image_batch, on_png_threads, output_error, output_place, prefix_error
 
@@ -82,7 +83,9 @@ def _fit_pictures(image, B: int, H: int, W: int) -> torch.Tensor:
         )
     pictures = checked  # [B, h, w, 3] float32
     if image.shape[-1] in (3, 4) and image.dtype in (torch.float16, torch.float32, torch.float64):
-        pictures = torch.nan_to_num(image.to("cpu"), nan=0.0, posinf=1.0, neginf=0.0)  # [B, h, w, C], as drawn
+        pictures = image.to("cpu")  # [B, h, w, C]: only read, so no copy of a batch already on the CPU
+        if not all_finite(pictures):
+            pictures = torch.nan_to_num(pictures, nan=0.0, posinf=1.0, neginf=0.0)  # as drawn
     return _vae_crop(pictures, H, W)  # [B, H, W, C'] (the same size, or a photo whose sides are not multiples of 8)
 
 
