@@ -181,14 +181,27 @@ class Lattice:
         """labels [N] -> A [k, S] float64: A_j = Ry^T M_j Rx flattened, grid size by grid size (exact
         cluster weights; the cells of size (h, w) at columns cell_offset[h, w] onwards)."""
         ny, nx = self.ny, self.nx
-        row = torch.arange(ny, device=self.device)[:, None]  # [ny, 1]
-        rows = row * k + labels.view(ny, nx)  # [ny, nx] index of (row, cluster)
+        grid_labels = labels.view(ny, nx)
         A = torch.empty(k, self.num_cells, dtype=torch.float64, device=self.device)  # [k, S]
+        # row chunks: the [t, rows, nx] indices and weights of a chunk stay near _CHUNK_SCORES entries (of the
+        # whole image at once: 24 bytes per pixel with bilinear's two corners). Each bin is one row's, so it
+        # sums the same weights in the same order as one bincount of every row would
+        step = max(1, _CHUNK_SCORES // (2 * nx))
         for h, w, o, ry_t, col_idx, col_wts in self.adjoint_parts:
             t = col_idx.shape[0]
-            # corner-major ([t, ny, nx], not [ny, nx, t]): the index sums run over whole rows
-            idx = col_idx + rows * w  # [t, ny, nx] index into [ny, k, w]
-            z = torch.bincount(idx.reshape(-1), col_wts.expand(t, ny, nx).reshape(-1), minlength=ny * k * w)  # [ny*k*w]
+            z = None  # [ny*k*w] weights of (row, cluster, column)
+            for r0 in range(0, ny, step):
+                r1 = min(r0 + step, ny)
+                rows = torch.arange(r1 - r0, device=self.device)[:, None] * k + grid_labels[r0:r1]  # [rows, nx] (row, cluster)
+                # corner-major ([t, rows, nx], not [rows, nx, t]): the index sums run over whole rows
+                idx = col_idx + rows * w  # [t, rows, nx] index into [rows, k, w]
+                part = torch.bincount(
+                    idx.reshape(-1), col_wts.expand(t, r1 - r0, nx).reshape(-1), minlength=(r1 - r0) * k * w
+                )  # [rows*k*w]
+                if z is None:
+                    z = part if r1 == ny else torch.empty(ny * k * w, dtype=part.dtype, device=self.device)
+                if z is not part:
+                    z[r0 * k * w : r1 * k * w] = part
             adj = torch.mm(ry_t, z.view(ny, k * w))  # [h, k*w]: sum_p Ry[p, a] z[p, j, b]
             A[:, o : o + h * w].view(k, h, w).copy_(adj.view(h, k, w).permute(1, 0, 2))  # [k, h, w]
         return A

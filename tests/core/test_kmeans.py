@@ -131,6 +131,24 @@ def test_assignment_memory_stays_near_its_chunk_as_k_grows():
     assert mem.peak <= y_upsampled + 2 * outputs + 16 * lattice._CHUNK_SCORES, (mem.peak / 1e6, y_upsampled / 1e6)
 
 
+def test_cluster_weights_are_summed_row_chunk_by_row_chunk(monkeypatch):
+    """The adjoint builds its (row, cluster, column) indices and weights a chunk of rows at a time (of the
+    whole image at once: 32 bytes per pixel), with the same sums as in one piece."""
+    from headseg.tests.support.peak_memory import PeakBytes
+
+    stack = random_stack((1024, 1024), "bilinear", shapes=[(4, 128, 128), (4, 64, 64)])
+    lat = km._Image(stack, 0).rung(-1)
+    k, N = 4, 1024 * 1024
+    labels = torch.randint(0, k, (N,), generator=torch.Generator().manual_seed(1))
+    whole = lat.adjoint(labels, k)  # a chunk of 512 rows
+    monkeypatch.setattr(lattice, "_CHUNK_SCORES", 1 << 16)  # chunks of 32 rows
+    with PeakBytes() as mem:
+        A = lat.adjoint(labels, k)
+    assert torch.equal(A, whole)
+    z = 1024 * k * 128 * 4  # the weights of the finest grid, float32
+    assert mem.peak <= A.numel() * 8 + 2 * z + 32 * 32 * 1024, (mem.peak / 1e6, z / 1e6)
+
+
 @pytest.mark.parametrize("chunk", [1, 40])
 def test_moments_in_channel_chunks_equal_brute_force(chunk, monkeypatch):
     stack = random_stack((40, 24), "bilinear")
