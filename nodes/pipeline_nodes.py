@@ -454,6 +454,15 @@ class MultiKMeans(io.ComfyNode):
         bar = comfy.utils.ProgressBar(total, node_id=context.node_id if context is not None else None)
 
         def sweep_on(dev: torch.device) -> core_kmeans.ClusterSweep:
+            if dev.type == "cpu":  # the clustering's own working memory, held while it runs (a GPU's is its own)
+                workers = min(torch.get_num_threads(), len(counts))  # the k clustered at once
+                _check_memory(
+                    len(counts) * B * H * W + workers * _KMEANS_WORK_BYTES_PER_PIXEL * H * W,
+                    "cluster_counts",
+                    f"clustering at {W}x{H} pixels on the CPU ({workers} of the {len(counts)} cluster count(s) at "
+                    f"once, about {_KMEANS_WORK_BYTES_PER_PIXEL} bytes per pixel each, and the label maps)",
+                    "Use fewer cluster counts or smaller images, or run Multi K-Means on a GPU (device)",
+                )
             # only the small native-grid features go to the GPU; ComfyUI caches the sweep, so it lives on the CPU
             sweep = core_kmeans.multi_kmeans(
                 stack.to(dev),
@@ -479,6 +488,11 @@ class MultiKMeans(io.ComfyNode):
             ui["text"] = [f"colour maps of the first {shown} of {B} images shown; the colour_maps output holds all {B}"]
         return io.NodeOutput(sweep, images, ui=ui)
 
+
+# Working memory of one k being clustered on the CPU, per pixel of the image (int64 labels, the upsampled
+# scores of a chunk of rows, the lattices): 66 - 70 bytes measured at 1024 and 2048 px; each of the k
+# clustered at once (one per intra-op thread, at most all of them) holds its own.
+_KMEANS_WORK_BYTES_PER_PIXEL = 80
 
 # Multi K-Means shows the colour maps of at most this many images of a batch (a PNG per k and image;
 # the colour_maps output holds every image's).

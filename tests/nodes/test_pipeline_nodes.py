@@ -512,9 +512,46 @@ def test_multi_kmeans_refuses_outputs_that_would_not_fit_before_clustering(nodes
     assert ran == []  # refused before any clustering
     monkeypatch.undo()
     monkeypatch.setattr(nodes, "_available_memory", lambda: int(need / 0.8) + 1)
+    monkeypatch.setattr(nodes, "_KMEANS_WORK_BYTES_PER_PIXEL", 0)  # the outputs' check alone (see below)
     sweep, colour_maps = nodes.MultiKMeans.execute(stack, "2,3,4", 0).args
     used = sum(r.labels.element_size() * r.labels.numel() for r in sweep.results.values())
     assert used + colour_maps.element_size() * colour_maps.numel() == need  # what the check counts
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_multi_kmeans_on_the_cpu_counts_the_working_memory_of_the_k_clustered_at_once(nodes, recording, monkeypatch, threads):
+    """Each k clustered at once on the CPU holds about _KMEANS_WORK_BYTES_PER_PIXEL per pixel while it runs
+    (0.3 GB at 2048x2048), one k per intra-op thread: with many threads and a large image the clustering
+    alone could exhaust the memory. It is refused by name before any clustering when it would not fit."""
+    import torch
+
+    from headseg.nodes.core import kmeans as core_kmeans
+
+    feats = nodes.HeadPCA.execute(recording, "down+up", "all", 4).args[0]
+    stack = nodes.Upsample.execute(feats, "bilinear", False).args[0]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    need = 3 * 2 * H * W + min(threads, 3) * nodes._KMEANS_WORK_BYTES_PER_PIXEL * H * W  # label maps + work
+    assert need > 3 * 2 * H * W * 13  # more than the outputs: their check alone lets it through
+    ran = []
+
+    class Reached(Exception):
+        pass
+
+    def stand_in(*args, **kwargs):
+        ran.append(1)
+        raise Reached
+
+    monkeypatch.setattr(core_kmeans, "multi_kmeans", stand_in)
+    monkeypatch.setattr(nodes, "_available_memory", lambda: int(need / 0.8) - 1)
+    with pytest.raises(ValueError, match=rf"^cluster_counts: clustering at {W}x{H} pixels on the CPU \({min(threads, 3)} of "
+                       r"the 3 cluster count\(s\) at once, .* Use fewer cluster counts or smaller images, or run "
+                       r"Multi K-Means on a GPU"):
+        nodes.MultiKMeans.execute(stack, "2,3,4", 0, "cpu")
+    assert ran == []
+    monkeypatch.setattr(nodes, "_available_memory", lambda: int(need / 0.8) + 1)
+    with pytest.raises(Reached):  # let through to the clustering
+        nodes.MultiKMeans.execute(stack, "2,3,4", 0, "cpu")
+    assert ran == [1]
 
 
 def test_pixel_of_a_larger_picture_outside_the_masks_is_mapped(nodes, recording, caplog):
