@@ -26,6 +26,7 @@ from .node_utils import (
     DEVICE_CHOICES,
     POSITION_CHOICES,
     as_recording,
+    check_memory as _check_memory,
     combo_error,
     device_input,
     expect as _expect,
@@ -600,31 +601,6 @@ class MaskMerge(io.ComfyNode):
                 start += n
         counts = ", ".join(str(int(m.masks.shape[0])) for m in merged)
         return io.NodeOutput(merged, all_masks, ui={"text": [f"merged masks per image: {counts}"]})
-
-
-# Without psutil (ComfyUI ships it), Mask Merge allows this many bytes for each of its large allocations.
-_FALLBACK_MASK_BYTES = 4 << 30
-
-
-def _available_memory() -> int | None:
-    """Bytes of memory free for new allocations (psutil's 'available'), or None when unknown."""
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except Exception:  # no psutil, or a platform where it cannot tell
-        return None
-
-
-def _check_memory(need: int, name: str, what: str, advice: str) -> None:
-    """ValueError naming the input ``name`` when allocating ``need`` bytes for ``what`` would take more
-    than 80 % of the free memory (or _FALLBACK_MASK_BYTES when that is unknown): a clear refusal
-    before the work instead of ComfyUI running out of memory part-way."""
-    available = _available_memory()
-    limit = 0.8 * available if available else _FALLBACK_MASK_BYTES
-    if need > limit:
-        room = f"80 % of the {available / 2**30:.1f} GiB free" if available else f"{limit / 2**30:.1f} GiB"
-        raise ValueError(f"{name}: {what} would take {need / 2**30:.1f} GiB, more than {room}. {advice}")
 
 
 def _check_mask_memory(need: int, what: str, clusters) -> None:

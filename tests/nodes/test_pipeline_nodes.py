@@ -437,6 +437,8 @@ def test_mask_merge_refuses_masks_that_would_not_fit_in_free_memory(nodes, recor
     """Each image's cluster masks (1 byte per cluster and pixel) and image 0's MASK batch (4 bytes per
     merged mask and pixel) must fit in 80 % of the free memory: otherwise a message naming
     cluster_counts, before the allocation; settings that fit run."""
+    from headseg.nodes import node_utils
+
     feats = nodes.HeadPCA.execute(recording, "down+up", "all", 4).args[0]
     stack = nodes.Upsample.execute(feats, "bilinear", False).args[0]
     sweep = nodes.MultiKMeans.execute(stack, "2,5", 0).args[0]
@@ -448,7 +450,7 @@ def test_mask_merge_refuses_masks_that_would_not_fit_in_free_memory(nodes, recor
         (4 * M * H * W / 0.8 + 1, None),
     ]
     for free, refused in cases:
-        monkeypatch.setattr(nodes, "_available_memory", lambda free=free: int(free))
+        monkeypatch.setattr(node_utils, "available_memory", lambda free=free: int(free))
         if refused is None:
             assert nodes.MaskMerge.execute(sweep, 0.9, 0.0).args[1].shape == (M, H, W)
             continue
@@ -457,12 +459,12 @@ def test_mask_merge_refuses_masks_that_would_not_fit_in_free_memory(nodes, recor
         message = str(info.value)
         assert refused in message and "(cluster_counts 2,5)" in message and "80 % of the" in message, message
         assert "Use fewer or smaller cluster counts in Multi K-Means" in message
-    monkeypatch.setattr(nodes, "_available_memory", lambda: None)  # unknown: a fixed 4 GiB each
-    monkeypatch.setattr(nodes, "_FALLBACK_MASK_BYTES", 7 * H * W - 1)
+    monkeypatch.setattr(node_utils, "available_memory", lambda: None)  # unknown: a fixed 4 GiB each
+    monkeypatch.setattr(node_utils, "FALLBACK_MEMORY_BYTES", 7 * H * W - 1)
     with pytest.raises(ValueError, match=r"more than 0\.0 GiB\. Use fewer"):
         nodes.MaskMerge.execute(sweep, 0.9, 0.0)
     monkeypatch.undo()
-    assert nodes._available_memory() > 0  # psutil is there in ComfyUI
+    assert node_utils.available_memory() > 0  # psutil is there in ComfyUI
 
 
 def test_multi_kmeans_shows_the_colour_maps_of_the_first_images_of_a_large_batch(nodes, recording, monkeypatch, comfy_folders):
@@ -497,6 +499,7 @@ def test_multi_kmeans_refuses_outputs_that_would_not_fit_before_clustering(nodes
     """Multi K-Means keeps a uint8 label map and a float32 RGB colour map per k and image (13 bytes per
     pixel): when they would take more than 80 % of the free memory it stops at once with a message
     naming cluster_counts, instead of running out of memory after the clustering."""
+    from headseg.nodes import node_utils
     from headseg.nodes.core import kmeans as core_kmeans
 
     feats = nodes.HeadPCA.execute(recording, "down+up", "all", 4).args[0]
@@ -504,14 +507,14 @@ def test_multi_kmeans_refuses_outputs_that_would_not_fit_before_clustering(nodes
     need = 3 * 2 * H * W * 13  # k = 2, 3, 4 for the 2 images
     ran = []
     monkeypatch.setattr(core_kmeans, "multi_kmeans", lambda *a, **kw: ran.append(1))
-    monkeypatch.setattr(nodes, "_available_memory", lambda: int(need / 0.8) - 1)
+    monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) - 1)
     with pytest.raises(ValueError, match=r"^cluster_counts: the label maps and colour maps of 3 cluster count\(s\) for 2 "
                        rf"image\(s\) at {W}x{H} pixels would take 0\.0 GiB, more than 80 % of the 0\.0 GiB free\. "
                        r"Use fewer cluster counts, or fewer images per batch"):
         nodes.MultiKMeans.execute(stack, "2,3,4", 0)
     assert ran == []  # refused before any clustering
     monkeypatch.undo()
-    monkeypatch.setattr(nodes, "_available_memory", lambda: int(need / 0.8) + 1)
+    monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) + 1)
     monkeypatch.setattr(nodes, "_KMEANS_WORK_BYTES_PER_PIXEL", 0)  # the outputs' check alone (see below)
     sweep, colour_maps = nodes.MultiKMeans.execute(stack, "2,3,4", 0).args
     used = sum(r.labels.element_size() * r.labels.numel() for r in sweep.results.values())
@@ -525,6 +528,7 @@ def test_multi_kmeans_on_the_cpu_counts_the_working_memory_of_the_k_clustered_at
     alone could exhaust the memory. It is refused by name before any clustering when it would not fit."""
     import torch
 
+    from headseg.nodes import node_utils
     from headseg.nodes.core import kmeans as core_kmeans
 
     feats = nodes.HeadPCA.execute(recording, "down+up", "all", 4).args[0]
@@ -542,13 +546,13 @@ def test_multi_kmeans_on_the_cpu_counts_the_working_memory_of_the_k_clustered_at
         raise Reached
 
     monkeypatch.setattr(core_kmeans, "multi_kmeans", stand_in)
-    monkeypatch.setattr(nodes, "_available_memory", lambda: int(need / 0.8) - 1)
+    monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) - 1)
     with pytest.raises(ValueError, match=rf"^cluster_counts: clustering at {W}x{H} pixels on the CPU \({min(threads, 3)} of "
                        r"the 3 cluster count\(s\) at once, .* Use fewer cluster counts or smaller images, or run "
                        r"Multi K-Means on a GPU"):
         nodes.MultiKMeans.execute(stack, "2,3,4", 0, "cpu")
     assert ran == []
-    monkeypatch.setattr(nodes, "_available_memory", lambda: int(need / 0.8) + 1)
+    monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) + 1)
     with pytest.raises(Reached):  # let through to the clustering
         nodes.MultiKMeans.execute(stack, "2,3,4", 0, "cpu")
     assert ran == [1]
