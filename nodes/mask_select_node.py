@@ -14,7 +14,7 @@ from . import types as hs
 from .core import masks as core_masks
 from .core import preview as core_preview
 from .core.recording import MAX_IMAGE_SIDE, integer_index
-from .node_utils import CATEGORY, image_batch, log, mask_to_comfy, preview_refs
+from .node_utils import CATEGORY, check_memory, image_batch, log, mask_to_comfy, preview_refs
 
 
 def _vae_crop_offsets(h: int, w: int, H: int, W: int) -> tuple[int, int]:
@@ -277,15 +277,18 @@ class MaskSelectAtPixel(io.ComfyNode):
                 "; ".join(_point_text(a) for a, _ in moved), W, H, "; ".join(_point_text(b) for _, b in moved),
             )
 
+        _check_outputs(masks, x, y)
         chosen = torch.zeros(len(masks), H, W)  # [B, H, W]
-        at_pixel = []
+        first, found = None, []  # the masks at the pixel of image 0 (the outputs show them); counts of all
         for b, ms in enumerate(masks):
             here = core_masks.masks_at_pixel(ms, x, y, include, exclude)  # finest first
-            at_pixel.append(here)
             n = int(here.masks.shape[0])
+            found.append(n)
             if n:
                 chosen[b] = here.masks[min(index, n - 1)].float()
-        empty = [b for b, here in enumerate(at_pixel) if here.masks.shape[0] == 0]
+            if b == 0:
+                first = here
+        empty = [b for b, n in enumerate(found) if n == 0]
         # an image with no mask at (x, y) itself is not more_points' doing: min_area dropped its masks there
         no_mask = [b for b in empty if not bool(masks[b].masks[:, y, x].any())]
         no_fit = [b for b in empty if b not in no_mask]  # masks at (x, y), none fitting more_points
@@ -301,7 +304,7 @@ class MaskSelectAtPixel(io.ComfyNode):
                 "dropped the masks there), so the mask output is all zeros for them: lower min_area or pick "
                 "another pixel.", x, y, ", ".join(map(str, no_mask)),
             )
-        here = at_pixel[0]
+        here = first
         count = int(here.masks.shape[0])
         if count:
             stack = mask_to_comfy(here.masks)  # [count, H, W]
@@ -328,6 +331,23 @@ class MaskSelectAtPixel(io.ComfyNode):
             "headseg_points_asked": [more_points],
         }
         return io.NodeOutput(chosen, stack, overlay, count, ui=ui)
+
+
+def _check_outputs(masks: list, x: int, y: int) -> None:
+    """Refuses, naming `masks`, outputs that would not fit in memory: the chosen MASK of every image
+    (4 bytes per pixel), the masks at the pixel of one image at a time (1 byte per pixel each), and image
+    0's masks at the pixel as a MASK batch and as overlays (16 bytes per pixel each). Counted for every
+    mask holding (x, y), before more_points narrows them."""
+    B, (H, W) = len(masks), masks[0].masks.shape[-2:]
+    held = [int(ms.masks[:, y, x].sum()) for ms in masks]  # masks holding the pixel, per image
+    check_memory(
+        B * H * W * 4 + max(held) * H * W + held[0] * H * W * 16,
+        "masks",
+        f"the {held[0]} masks at pixel {x}, {y} as a MASK batch and overlays at {W}x{H} pixels, and the chosen "
+        f"mask of {B} image(s)",
+        "Use fewer cluster counts in Multi K-Means, a lower iou_threshold or a larger min_area in Mask Merge, or "
+        "smaller images",
+    )
 
 
 # (picture w, h, grid W, H) of the stretched pictures Mask Select has warned about (at most 64 kept)

@@ -495,6 +495,31 @@ def test_multi_kmeans_shows_the_colour_maps_of_the_first_images_of_a_large_batch
     assert out.ui["text"] == ["colour maps of the first 1 of 2 images shown; the colour_maps output holds all 2"]
 
 
+def test_mask_select_refuses_outputs_that_would_not_fit_in_free_memory(nodes, recording, monkeypatch):
+    """Mask Select's outputs grow with the masks at the pixel (a MASK batch and an overlay, 16 bytes per
+    pixel each) and its working copies with the batch: when they would take more than 80 % of the free
+    memory it stops with a message naming masks instead of running out of memory; settings that fit run."""
+    from headseg.nodes import node_utils
+
+    feats = nodes.HeadPCA.execute(recording, "down+up", "all", 4).args[0]
+    stack = nodes.Upsample.execute(feats, "bilinear", False).args[0]
+    merged = nodes.MaskMerge.execute(nodes.MultiKMeans.execute(stack, "2,5,6", 0).args[0], 0.9, 0.0).args[0]
+    B, x, y = len(merged), W // 2, H // 3
+    held = [int(ms.masks[:, y, x].sum()) for ms in merged]  # the masks holding the pixel, per image
+    assert B == 2 and held[0] >= 2
+    need = B * H * W * 4 + max(held) * H * W + held[0] * H * W * 16
+    monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) - 1)
+    with pytest.raises(ValueError, match=rf"^masks: the {held[0]} masks at pixel {x}, {y} as a MASK batch and overlays at "
+                       rf"{W}x{H} pixels, and the chosen mask of 2 image\(s\) would take 0\.0 GiB, more than 80 % .* "
+                       r"Use fewer cluster counts in Multi K-Means"):
+        nodes.MaskSelectAtPixel.execute(merged, x, y, 0)
+    monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) + 1)
+    mask, at_pixel, overlay, count = nodes.MaskSelectAtPixel.execute(merged, x, y, 0).args
+    assert count == held[0]  # no more_points: every mask holding the pixel
+    assert 4 * (at_pixel.numel() + overlay.numel()) == held[0] * H * W * 16  # the outputs the check counts
+    assert 4 * mask.numel() == B * H * W * 4
+
+
 def test_multi_kmeans_refuses_outputs_that_would_not_fit_before_clustering(nodes, recording, monkeypatch):
     """Multi K-Means keeps a uint8 label map and a float32 RGB colour map per k and image (13 bytes per
     pixel): when they would take more than 80 % of the free memory it stops at once with a message
