@@ -456,13 +456,14 @@ class MultiKMeans(io.ComfyNode):
 
         def sweep_on(dev: torch.device) -> core_kmeans.ClusterSweep:
             if dev.type == "cpu":  # the clustering's own working memory, held while it runs (a GPU's is its own)
-                workers = min(torch.get_num_threads(), len(counts))  # the k clustered at once
+                workers = min(torch.get_num_threads(), len(counts))  # the k clustered at once, largest first
+                busy = sorted(counts, reverse=True)[:workers]
                 _check_memory(
-                    len(counts) * B * H * W + workers * _KMEANS_WORK_BYTES_PER_PIXEL * H * W,
+                    len(counts) * B * H * W + sum(kmeans_work_bytes(stack, k) for k in busy),
                     "cluster_counts",
-                    f"clustering at {W}x{H} pixels on the CPU ({workers} of the {len(counts)} cluster count(s) at "
-                    f"once, about {_KMEANS_WORK_BYTES_PER_PIXEL} bytes per pixel each, and the label maps)",
-                    "Use fewer cluster counts or smaller images, or run Multi K-Means on a GPU (device)",
+                    f"clustering at {W}x{H} pixels on the CPU (k = {', '.join(map(str, busy))} at once, and the "
+                    "label maps)",
+                    "Use fewer or smaller cluster counts, or smaller images, or run Multi K-Means on a GPU (device)",
                 )
             # only the small native-grid features go to the GPU; ComfyUI caches the sweep, so it lives on the CPU
             sweep = core_kmeans.multi_kmeans(
@@ -490,10 +491,17 @@ class MultiKMeans(io.ComfyNode):
         return io.NodeOutput(sweep, images, ui=ui)
 
 
-# Working memory of one k being clustered on the CPU, per pixel of the image (int64 labels, the upsampled
-# scores of a chunk of rows, the lattices): 66 - 70 bytes measured at 1024 and 2048 px; each of the k
-# clustered at once (one per intra-op thread, at most all of them) holds its own.
-_KMEANS_WORK_BYTES_PER_PIXEL = 80
+def kmeans_work_bytes(stack, k: int) -> int:
+    """Bytes one k of Multi K-Means holds while it is clustered on the CPU, an upper estimate: per pixel
+    of the image 96 (int64 labels, a chunk of rows' scores, the lattices) plus 8 * k * (token-grid
+    columns of all grids) / W (the scores upsampled along y, and a copy of a chunk of them), and 1 MiB
+    per cluster (the working set). Each of the k clustered at once (one per intra-op thread) holds its
+    own. Against every tensor allocated on one thread (tests/support/peak_memory.py), SD2.1's grids:
+    28 MB at 512 px and 71 MB at 1024 px for k = 20 (estimate 55 and 158 MB), 218 and 442 MB for
+    k = 256 (estimate 411 and 839 MB); SDXL's grids at 512 px, k = 256: 338 MB (estimate 344 MB)."""
+    H, W = stack.size
+    columns = sum(w for _, w in stack.grid_sizes)  # token-grid columns of all grids
+    return int((96 + 8 * k * columns / W) * H * W + k * 2**20)
 
 # Multi K-Means shows the colour maps of at most this many images of a batch (a PNG per k and image;
 # the colour_maps output holds every image's).

@@ -540,7 +540,7 @@ def test_multi_kmeans_refuses_outputs_that_would_not_fit_before_clustering(nodes
     assert ran == []  # refused before any clustering
     monkeypatch.undo()
     monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) + 1)
-    monkeypatch.setattr(nodes, "_KMEANS_WORK_BYTES_PER_PIXEL", 0)  # the outputs' check alone (see below)
+    monkeypatch.setattr(nodes, "kmeans_work_bytes", lambda stack, k: 0)  # the outputs' check alone (see below)
     sweep, colour_maps = nodes.MultiKMeans.execute(stack, "2,3,4", 0).args
     used = sum(r.labels.element_size() * r.labels.numel() for r in sweep.results.values())
     assert used + colour_maps.element_size() * colour_maps.numel() == need  # what the check counts
@@ -548,9 +548,10 @@ def test_multi_kmeans_refuses_outputs_that_would_not_fit_before_clustering(nodes
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_multi_kmeans_on_the_cpu_counts_the_working_memory_of_the_k_clustered_at_once(nodes, recording, monkeypatch, threads):
-    """Each k clustered at once on the CPU holds about _KMEANS_WORK_BYTES_PER_PIXEL per pixel while it runs
-    (0.3 GB at 2048x2048), one k per intra-op thread: with many threads and a large image the clustering
-    alone could exhaust the memory. It is refused by name before any clustering when it would not fit."""
+    """Each k clustered at once on the CPU (one per intra-op thread, the largest first) holds its working
+    memory while it runs (kmeans_work_bytes: 0.3 GB at 2048x2048 for k = 20): with many threads and a
+    large image the clustering alone could exhaust the memory. It is refused by name before any clustering
+    when it would not fit."""
     import torch
 
     from headseg.nodes import node_utils
@@ -559,7 +560,8 @@ def test_multi_kmeans_on_the_cpu_counts_the_working_memory_of_the_k_clustered_at
     feats = nodes.HeadPCA.execute(recording, "down+up", "all", 4).args[0]
     stack = nodes.Upsample.execute(feats, "bilinear", False).args[0]
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    need = 3 * 2 * H * W + min(threads, 3) * nodes._KMEANS_WORK_BYTES_PER_PIXEL * H * W  # label maps + work
+    busy = [4, 3][:threads]
+    need = 3 * 2 * H * W + sum(nodes.kmeans_work_bytes(stack, k) for k in busy)  # label maps + work
     assert need > 3 * 2 * H * W * 13  # more than the outputs: their check alone lets it through
     ran = []
 
@@ -572,15 +574,38 @@ def test_multi_kmeans_on_the_cpu_counts_the_working_memory_of_the_k_clustered_at
 
     monkeypatch.setattr(core_kmeans, "multi_kmeans", stand_in)
     monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) - 1)
-    with pytest.raises(ValueError, match=rf"^cluster_counts: clustering at {W}x{H} pixels on the CPU \({min(threads, 3)} of "
-                       r"the 3 cluster count\(s\) at once, .* Use fewer cluster counts or smaller images, or run "
-                       r"Multi K-Means on a GPU"):
+    with pytest.raises(ValueError, match=rf"^cluster_counts: clustering at {W}x{H} pixels on the CPU \(k = "
+                       rf"{', '.join(map(str, busy))} at once, and the label maps\) would take .* Use fewer or "
+                       r"smaller cluster counts, or smaller images, or run Multi K-Means on a GPU"):
         nodes.MultiKMeans.execute(stack, "2,3,4", 0, "cpu")
     assert ran == []
     monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) + 1)
     with pytest.raises(Reached):  # let through to the clustering
         nodes.MultiKMeans.execute(stack, "2,3,4", 0, "cpu")
     assert ran == [1]
+
+
+@pytest.mark.parametrize("k", [2, 20, 64])
+def test_kmeans_work_estimate_bounds_what_one_k_allocates(nodes, recording, k):
+    """kmeans_work_bytes is an upper estimate of what one k's clustering allocates on one thread (every
+    tensor counted by PeakBytes), and not a wild one."""
+    import torch
+
+    from headseg.nodes.core.kmeans import multi_kmeans
+    from headseg.tests.support.peak_memory import PeakBytes
+
+    feats = nodes.HeadPCA.execute(recording, "down+up", "all", 4).args[0]
+    stack = nodes.Upsample.execute(feats, "bilinear", False).args[0]
+    one = dataclasses.replace(stack, grids=[g[:1] for g in stack.grids])  # one image
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the work on this thread, seen by PeakBytes
+    try:
+        with PeakBytes() as allocated:
+            multi_kmeans(one, [k], seed=0)
+    finally:
+        torch.set_num_threads(threads)
+    estimate = nodes.kmeans_work_bytes(stack, k)
+    assert allocated.peak <= estimate <= 4 * allocated.peak, (allocated.peak, estimate)
 
 
 def test_pixel_of_a_larger_picture_outside_the_masks_is_mapped(nodes, recording, caplog):
