@@ -335,13 +335,14 @@ class MaskSelectAtPixel(io.ComfyNode):
 
 def _check_outputs(masks: list, x: int, y: int) -> None:
     """Refuses, naming `masks`, outputs that would not fit in memory: the chosen MASK of every image
-    (4 bytes per pixel), the masks at the pixel of one image at a time (1 byte per pixel each), and image
-    0's masks at the pixel as a MASK batch and as overlays (16 bytes per pixel each). Counted for every
-    mask holding (x, y), before more_points narrows them."""
+    (4 bytes per pixel), image 0's masks at the pixel beside those of the image being read (1 byte per
+    pixel each), image 0's masks at the pixel as a MASK batch and as overlays (16 bytes per pixel each,
+    and 4 for the overlay's weights), and the picture they are drawn on (20 bytes per pixel at most).
+    Counted for every mask holding (x, y), before more_points narrows them."""
     B, (H, W) = len(masks), masks[0].masks.shape[-2:]
     held = [int(ms.masks[:, y, x].sum()) for ms in masks]  # masks holding the pixel, per image
     check_memory(
-        B * H * W * 4 + max(held) * H * W + held[0] * H * W * 16,
+        B * H * W * 4 + (held[0] + max(held)) * H * W + held[0] * H * W * 20 + H * W * 20,
         "masks",
         f"the {held[0]} masks at pixel {x}, {y} as a MASK batch and overlays at {W}x{H} pixels, and the chosen "
         f"mask of {B} image(s)",

@@ -507,7 +507,7 @@ def test_mask_select_refuses_outputs_that_would_not_fit_in_free_memory(nodes, re
     B, x, y = len(merged), W // 2, H // 3
     held = [int(ms.masks[:, y, x].sum()) for ms in merged]  # the masks holding the pixel, per image
     assert B == 2 and held[0] >= 2
-    need = B * H * W * 4 + max(held) * H * W + held[0] * H * W * 16
+    need = B * H * W * 4 + (held[0] + max(held)) * H * W + held[0] * H * W * 20 + H * W * 20
     monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) - 1)
     with pytest.raises(ValueError, match=rf"^masks: the {held[0]} masks at pixel {x}, {y} as a MASK batch and overlays at "
                        rf"{W}x{H} pixels, and the chosen mask of 2 image\(s\) would take 0\.0 GiB, more than 80 % .* "
