@@ -33,6 +33,13 @@ def click_with(page, node_id, size, pixel, key):
         page.keyboard.up(key)
 
 
+def ready_picker(page, name):
+    """A picker node on picture ``name``, its picture shown -> (node id, its CSS selector)."""
+    node_id = add_picker(page, name)
+    wait_picture_ready(page, node_id)
+    return node_id, picker_selector(node_id)
+
+
 def run_payload(page, node_id, name, size, pixel, asked_points: str, used_points: list, masks: int = 2):
     """synthetic_run for ``pixel`` (None: the widgets' x, y) with these more_points."""
     synthetic_run(page, node_id, name, size, pixel or page.evaluate(JS_XY, node_id), masks=masks,
@@ -46,9 +53,7 @@ def stale(page, sel) -> bool:
 def test_shift_and_alt_clicks_add_pixels_in_and_out_and_a_plain_click_starts_over(comfy_page, pictures, screenshots):
     name, W, H = pictures["landscape"]
     page = comfy_page.page
-    node_id = add_picker(page, name)
-    sel = picker_selector(node_id)
-    wait_picture_ready(page, node_id)
+    node_id, sel = ready_picker(page, name)
     run_payload(page, node_id, name, (W, H), None, "", [])
     xy = page.evaluate(JS_XY, node_id)
     assert not stale(page, sel) and page.evaluate(JS_RINGS, sel) == []
@@ -94,9 +99,7 @@ def test_points_a_run_mapped_onto_the_grid_are_taken_over_by_the_widget(comfy_pa
     grid (here half the size) and the widget then holds the mapped pixels, as x and y do."""
     name, W, H = pictures["landscape"]
     page = comfy_page.page
-    node_id = add_picker(page, name)
-    sel = picker_selector(node_id)
-    wait_picture_ready(page, node_id)
+    node_id, sel = ready_picker(page, name)
     click_with(page, node_id, (W, H), (W - 3, H - 5), "Shift")
     asked = page.evaluate(JS_MORE, node_id)
     assert asked == f"{W - 3},{H - 5}"
@@ -163,9 +166,7 @@ def test_a_shift_click_with_a_jitter_in_the_vue_renderer_neither_drags_nor_selec
     page = comfy_page.page
     with vue_nodes(page):
         settle(page, 800)
-        node_id = add_picker(page, name)
-        sel = picker_selector(node_id)
-        wait_picture_ready(page, node_id)
+        node_id, sel = ready_picker(page, name)
         run_payload(page, node_id, name, (W, H), (5, 5), "", [])
         load_id = page.evaluate("(id) => app.graph.nodes.find(n => n.id !== id).id", node_id)
         page.evaluate("(id) => { app.canvas.deselectAll(); app.canvas.select(app.graph.getNodeById(id)); }", load_id)
@@ -196,9 +197,7 @@ def test_a_linked_more_points_shows_no_rings_of_the_widgets_old_text_before_a_ru
     one, none (not the widget's text from before it was linked, which the run does not use)."""
     name, W, H = pictures["landscape"]
     page = comfy_page.page
-    node_id = add_picker(page, name)
-    sel = picker_selector(node_id)
-    wait_picture_ready(page, node_id)
+    node_id, sel = ready_picker(page, name)
     click_with(page, node_id, (W, H), (W // 4, H // 2), "Shift")
     assert len(page.evaluate(JS_RINGS, sel)) == 1
     page.evaluate(
@@ -220,9 +219,7 @@ def test_a_run_leaves_the_order_of_more_points_alone(comfy_page, pictures):
     node's input for the next queue), and a pixel the run mapped onto the grid is written in its place."""
     name, W, H = pictures["landscape"]
     page = comfy_page.page
-    node_id = add_picker(page, name)
-    sel = picker_selector(node_id)
-    wait_picture_ready(page, node_id)
+    node_id, sel = ready_picker(page, name)
     run_payload(page, node_id, name, (W, H), None, "", [])
     click_with(page, node_id, (W, H), (10, 20), "Alt")
     click_with(page, node_id, (W, H), (100, 60), "Shift")

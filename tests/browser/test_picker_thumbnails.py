@@ -22,6 +22,12 @@ def _hovering(page, sel):
     return page.evaluate("(sel) => document.querySelector(sel + ' .headseg-frame').classList.contains('headseg-hovering')", sel)
 
 
+def hover_strip(page, sel):
+    """Moves the pointer to the middle of the picker's thumbnail strip -> the strip's bounding box."""
+    box = page.eval_on_selector(sel + " .headseg-strip", "e => e.getBoundingClientRect().toJSON()")
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    return box
+
 def test_thumbnail_hover_previews_and_leaving_restores_and_click_picks_that_mask(comfy_page, pictures):
     """Hovering a thumbnail shows its mask on the picture, leaving brings the picture back, and a click
     chooses that mask (index) and outlines its thumbnail."""
@@ -81,8 +87,7 @@ def test_wheel_over_the_thumbnail_strip_scrolls_it_and_does_not_zoom(comfy_page,
     sel = picker_selector(node_id)
     synthetic_run(page, node_id, name, (W, H), (0, 0), masks=8, stored=False)
     settle(page)
-    box = page.eval_on_selector(sel + " .headseg-strip", "e => e.getBoundingClientRect().toJSON()")
-    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    box = hover_strip(page, sel)
     before = page.evaluate("() => app.canvas.ds.scale")
     scroll = "(sel) => document.querySelector(sel + ' .headseg-strip').scrollLeft"
     assert page.evaluate(scroll, sel) == 0
@@ -170,8 +175,7 @@ def test_after_a_run_the_chosen_thumbnail_is_in_view(comfy_page, comfy_server, p
     sel = picker_selector(node_id)
     synthetic_run(page, node_id, name, (W, H), (0, 0), masks=8, stored=False)
     settle(page)
-    box = page.eval_on_selector(sel + " .headseg-strip", "e => e.getBoundingClientRect().toJSON()")
-    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    box = hover_strip(page, sel)
     page.mouse.wheel(0, 2000)
     settle(page)
     page.click(sel + " .headseg-thumb[data-index='7']")
