@@ -351,14 +351,6 @@ def _error_map_lattice(stack) -> tuple[torch.Tensor, torch.Tensor | None, torch.
     return small, by_row, by_col
 
 
-def _error_map_preview(stack) -> torch.Tensor:
-    """FeatureStack -> [B, H, W] eq. 6 error, computed at an f x f lattice of pixels for large images."""
-    small, by_row, by_col = _error_map_lattice(stack)
-    if by_row is None:
-        return small  # [B, H, W]
-    return small.index_select(1, by_row).index_select(2, by_col)  # [B, H, W]
-
-
 class MultiKMeans(io.ComfyNode):
     """Feature stack -> k-means label maps for several cluster counts (+ colour maps).
 
@@ -502,6 +494,7 @@ def kmeans_work_bytes(stack, k: int) -> int:
     H, W = stack.size
     columns = sum(w for _, w in stack.grid_sizes)  # token-grid columns of all grids
     return int((96 + 8 * k * columns / W) * H * W + k * 2**20)
+
 
 # Multi K-Means shows the colour maps of at most this many images of a batch (a PNG per k and image;
 # the colour_maps output holds every image's).

@@ -775,22 +775,29 @@ def test_picture_of_another_aspect_ratio_is_stretched_with_a_log_line(nodes, rec
         assert caplog.records == []
 
 
+def _spread_error_map(stack) -> torch.Tensor:
+    """The [B, H, W] eq. 6 error that Upsampling Error Map draws: its lattice values, each filling its block."""
+    from headseg.nodes import pipeline_nodes
+
+    small, by_row, by_col = pipeline_nodes._error_map_lattice(stack)  # [B, ny, nx], [H], [W]
+    return small if by_row is None else small.index_select(1, by_row).index_select(2, by_col)  # [B, H, W]
+
+
 def test_error_map_of_a_large_image_is_computed_at_a_lattice():
     """Above 256x256 pixels the preview is the exact eq. 6 error at every f-th pixel, filling its block."""
-    from headseg.nodes import pipeline_nodes
     from headseg.nodes.core.upsample import FeatureStack, upsampling_error
 
     g = torch.Generator().manual_seed(0)
     grids = [torch.randn(2, 3, 13, 11, generator=g), torch.randn(2, 2, 7, 6, generator=g)]
     stack = FeatureStack(grids, [1.0, 1.0], [[], []], (600, 520), "bilinear")
-    preview = pipeline_nodes._error_map_preview(stack)  # f = ceil(sqrt(600 * 520 / 65536)) = 3
+    preview = _spread_error_map(stack)  # f = ceil(sqrt(600 * 520 / 65536)) = 3
     full = upsampling_error(stack)
     assert preview.shape == full.shape == (2, 600, 520)
     f = 3
     torch.testing.assert_close(preview[:, 1::f, 1::f], full[:, 1::f, 1::f], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(preview[:, 0:f, 0:f], full[:, 1:2, 1:2].expand(2, f, f), rtol=1e-5, atol=1e-6)
     small = FeatureStack([x[:, :, :5, :5] for x in grids], [1.0, 1.0], [[], []], (64, 64), "bilinear")
-    torch.testing.assert_close(pipeline_nodes._error_map_preview(small), upsampling_error(small))  # small: all pixels
+    torch.testing.assert_close(_spread_error_map(small), upsampling_error(small))  # small: all pixels
 
 
 def _block_sweep(B, H, W, ks=(2, 5, 10, 20)):
@@ -832,7 +839,7 @@ def test_error_map_of_a_batch_is_coloured_without_full_size_temporaries(nodes):
     grids = [torch.randn(3, 2, 16, 12, generator=g), torch.randn(3, 2, 8, 6, generator=g)]
     grids[0][1] = 0.0  # image 1: no error in this grid
     stack = FeatureStack(grids, [1.0, 1.0], [[], []], (1000, 760), "bilinear")  # f = 4: a 250 x 190 lattice
-    want = error_map_image(nodes._error_map_preview(stack))  # [3, 1000, 760, 3]
+    want = error_map_image(_spread_error_map(stack))  # [3, 1000, 760, 3]
     with PeakBytes() as mem:
         got = nodes.UpsamplingErrorMap.execute(stack).args[0]
     assert torch.equal(got, want)
