@@ -277,7 +277,7 @@ class MaskSelectAtPixel(io.ComfyNode):
                 "; ".join(_point_text(a) for a, _ in moved), W, H, "; ".join(_point_text(b) for _, b in moved),
             )
 
-        _check_outputs(masks, x, y)
+        held = _check_outputs(masks, x, y)  # per image, the masks holding (x, y)
         chosen = torch.zeros(len(masks), H, W)  # [B, H, W]
         first, found = None, []  # the masks at the pixel of image 0 (the outputs show them); counts of all
         for b, ms in enumerate(masks):
@@ -290,7 +290,7 @@ class MaskSelectAtPixel(io.ComfyNode):
                 first = here
         empty = [b for b, n in enumerate(found) if n == 0]
         # an image with no mask at (x, y) itself is not more_points' doing: min_area dropped its masks there
-        no_mask = [b for b in empty if not bool(masks[b].masks[:, y, x].any())]
+        no_mask = [b for b in empty if held[b] == 0]
         no_fit = [b for b in empty if b not in no_mask]  # masks at (x, y), none fitting more_points
         if no_fit:  # the MASK output is then all zeros there
             log.warning(
@@ -333,12 +333,12 @@ class MaskSelectAtPixel(io.ComfyNode):
         return io.NodeOutput(chosen, stack, overlay, count, ui=ui)
 
 
-def _check_outputs(masks: list, x: int, y: int) -> None:
+def _check_outputs(masks: list, x: int, y: int) -> list[int]:
     """Refuses, naming `masks`, outputs that would not fit in memory: the chosen MASK of every image
     (4 bytes per pixel), image 0's masks at the pixel beside those of the image being read (1 byte per
     pixel each), image 0's masks at the pixel as a MASK batch and as overlays (16 bytes per pixel each,
     and 4 for the overlay's weights), and the picture they are drawn on (20 bytes per pixel at most).
-    Counted for every mask holding (x, y), before more_points narrows them."""
+    Counted for every mask holding (x, y), before more_points narrows them -> how many hold it, per image."""
     B, (H, W) = len(masks), masks[0].masks.shape[-2:]
     held = [int(ms.masks[:, y, x].sum()) for ms in masks]  # masks holding the pixel, per image
     check_memory(
@@ -349,6 +349,7 @@ def _check_outputs(masks: list, x: int, y: int) -> None:
         "Use fewer cluster counts in Multi K-Means, a lower iou_threshold or a larger min_area in Mask Merge, or "
         "smaller images",
     )
+    return held
 
 
 # (picture w, h, grid W, H) of the stretched pictures Mask Select has warned about (at most 64 kept)
