@@ -198,9 +198,11 @@ class Lattice:
                 part = torch.bincount(
                     idx.reshape(-1), col_wts.expand(t, r1 - r0, nx).reshape(-1), minlength=(r1 - r0) * k * w
                 )  # [rows*k*w]
-                if z is None:
-                    z = part if r1 == ny else torch.empty(ny * k * w, dtype=part.dtype, device=self.device)
-                if z is not part:
+                if r0 == 0 and r1 == ny:
+                    z = part  # one chunk: every row
+                else:
+                    if z is None:
+                        z = part.new_empty(ny * k * w)
                     z[r0 * k * w : r1 * k * w] = part
             adj = torch.mm(ry_t, z.view(ny, k * w))  # [h, k*w]: sum_p Ry[p, a] z[p, j, b]
             A[:, o : o + h * w].view(k, h, w).copy_(adj.view(h, k, w).permute(1, 0, 2))  # [k, h, w]
