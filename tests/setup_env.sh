@@ -9,6 +9,15 @@
 # Source it:  source tests/setup_env.sh   (exports HEADSEG_HOME, HEADSEG_COMFYUI, HEADSEG_REPO, PY)
 # The calling shell's options are left as they were; a failed setup returns 1 instead of exiting.
 
+# Written for bash (it finds itself through BASH_SOURCE and hands its work to bash): sourced from sh
+# or zsh it would fail on a "Bad substitution" or set up from the wrong folder. This test and its
+# message are plain sh, so that any shell reads them.
+if [ -z "${BASH_VERSION:-}" ]; then
+  echo "[headseg] tests/setup_env.sh needs bash: run 'bash tests/run.sh' or 'bash tests/serve.sh'," \
+    "or source it from a bash shell" >&2
+  return 1 2>/dev/null || exit 1
+fi
+
 HEADSEG_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export HEADSEG_REPO
 export HEADSEG_HOME="${HEADSEG_HOME:-$HOME/.cache/headseg}"

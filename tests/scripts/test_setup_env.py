@@ -128,6 +128,28 @@ def test_second_setup_waits_for_the_first_and_clears_its_leftovers(tmp_path):
     assert not leftover.exists()
 
 
+@pytest.mark.parametrize("shell", ["dash", "zsh"])
+def test_sourced_from_another_shell_says_it_needs_bash(tmp_path, shell):
+    """Sourced from sh (dash) the script failed on "Bad substitution", "declare: not found" and a bash
+    syntax error before "setup failed"; from zsh (no BASH_SOURCE) it took the caller's parent folder
+    for the repository. It says it needs bash, and touches nothing."""
+    import shutil
+
+    if shutil.which(shell) is None:
+        pytest.skip(f"no {shell} here")
+    home = tmp_path / "home"
+    env = dict(os.environ, HEADSEG_HOME=str(home), HEADSEG_PYTHON="false")
+    env.pop("HEADSEG_COMFYUI", None)
+    proc = subprocess.run([shell, "-c", '. tests/setup_env.sh; echo "rc=$?"'], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.stdout.strip() == "rc=1", proc.stdout + proc.stderr
+    assert proc.stderr.strip() == (
+        "[headseg] tests/setup_env.sh needs bash: run 'bash tests/run.sh' or 'bash tests/serve.sh', "
+        "or source it from a bash shell"
+    )
+    assert not home.exists()
+
+
 def _set_up_home() -> pathlib.Path:
     home = pathlib.Path(os.environ.get("HEADSEG_HOME", pathlib.Path.home() / ".cache" / "headseg"))
     if not (home / "venv" / ".headseg-stamp").is_file():
