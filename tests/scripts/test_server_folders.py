@@ -56,3 +56,20 @@ def test_shared_server_that_fails_to_start_leaves_no_folder(tmp_path, monkeypatc
         server_module.acquire_shared_server(with_test_checkpoint=False)
     assert _temp_folders(tmp_path) == []
     assert server_module._shared["server"] is None and server_module._shared["users"] == 0
+
+
+@pytest.mark.parametrize("name", ["a #1", "a: b", "it's \"x\"", "back\\slash", "[list], {map} & *star"])
+def test_paths_yaml_keeps_folder_names_whole(tmp_path, name):
+    """The custom_nodes folder was written unquoted: from a folder named "a #1" ComfyUI read only
+    ".../a" (the rest a YAML comment) and did not load the pack; "a: b" made the file unreadable
+    and ComfyUI stopped at start. ComfyUI reads each value as lines of paths
+    (utils/extra_config.py)."""
+    yaml = pytest.importorskip("yaml")
+    folder = tmp_path / name
+    custom_nodes = folder / "custom_nodes"
+    checkpoints = [folder / "models" / "checkpoints", tmp_path / "more #2"]
+    path = tmp_path / "extra_model_paths.yaml"
+    server_module.write_paths_yaml(path, custom_nodes, checkpoints)
+    config = yaml.safe_load(path.read_text())["headseg"]
+    assert config["custom_nodes"].splitlines() == [str(custom_nodes)]
+    assert config["checkpoints"].splitlines() == [str(c) for c in checkpoints]

@@ -79,9 +79,13 @@ def free_port() -> int:
 
 
 def write_paths_yaml(path: pathlib.Path, custom_nodes: pathlib.Path, checkpoints: list[pathlib.Path]) -> None:
-    """An extra-model-paths file adding the pack's custom_nodes folder and checkpoint folders."""
+    """An extra-model-paths file adding the pack's custom_nodes folder and checkpoint folders.
+
+    The custom_nodes folder is written as a double-quoted YAML string (JSON's quoting): unquoted, a
+    folder name with " #" lost everything from there on (a comment) and one with ": " made the file
+    unreadable. The checkpoint folders are the lines of a literal block, where nothing is special."""
     lines = ["headseg:"]
-    lines.append(f"    custom_nodes: {custom_nodes}")
+    lines.append(f"    custom_nodes: {json.dumps(str(custom_nodes), ensure_ascii=False)}")
     if checkpoints:
         lines.append("    checkpoints: |")
         lines += [f"        {c}" for c in checkpoints]
