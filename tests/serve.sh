@@ -68,10 +68,13 @@ if [ "$TEST_CKPT" = "1" ]; then
 fi
 
 YAML="$SERVE_DIR/extra_model_paths.yaml"
+# Folders as single-quoted YAML strings (a quote inside doubled): unquoted, a HEADSEG_HOME with " #"
+# in its name was cut there (ComfyUI then loaded no pack) and one with ": " made the file unreadable.
+yaml_quote() { local q="'"; printf "'%s'" "${1//$q/$q$q}"; }
 cat > "$YAML" <<EOF
 headseg:
-    custom_nodes: $SERVE_DIR/custom_nodes
-    checkpoints: $CKPT_DIR
+    custom_nodes: $(yaml_quote "$SERVE_DIR/custom_nodes")
+    checkpoints: $(yaml_quote "$CKPT_DIR")
 EOF
 
 SD21="v2-1_512-ema-pruned.safetensors"

@@ -39,3 +39,41 @@ def test_bad_port_argument(args):
     proc = _serve(*args, timeout=60)
     assert proc.returncode == 2
     assert "needs a port number" in proc.stderr, proc.stderr
+
+
+def test_paths_file_keeps_a_home_with_yaml_characters_whole(tmp_path):
+    """serve.sh wrote its extra-model-paths file unquoted: with HEADSEG_HOME named "... #2: it's",
+    ComfyUI read both folders cut at " #" and never loaded the pack ("...: " alone makes the file
+    unreadable). A venv stamped as the set-up one (its python runs the real venv's) and a stand-in
+    ComfyUI whose main.py prints the file as YAML reads it stand in for the real ones."""
+    import json
+    import sys
+
+    set_up = pathlib.Path(os.environ.get("HEADSEG_HOME", pathlib.Path.home() / ".cache" / "headseg"))
+    stamp = set_up / "venv" / ".headseg-stamp"
+    if not stamp.is_file():
+        pytest.skip(f"no set-up venv ({stamp}): run through tests/run.sh")
+    pytest.importorskip("yaml")  # the stand-in ComfyUI reads the file with PyYAML, as ComfyUI does
+    home = tmp_path / "home #2: it's"
+    (home / "venv" / "bin").mkdir(parents=True)
+    (home / "venv" / ".headseg-stamp").write_text(stamp.read_text())
+    (home / "venv" / "bin" / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (home / "venv" / "bin" / "python").chmod(0o755)
+    comfy = tmp_path / "ComfyUI"
+    comfy.mkdir()
+    (comfy / "main.py").write_text(
+        "import json, sys, yaml\n"
+        "path = sys.argv[sys.argv.index('--extra-model-paths-config') + 1]\n"
+        "print('CONFIG ' + json.dumps(yaml.safe_load(open(path))))\n"
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, HEADSEG_HOME=str(home), HEADSEG_COMFYUI=str(comfy), HEADSEG_CPU="1")
+    proc = subprocess.run(["bash", str(REPO_ROOT / "tests" / "serve.sh"), "--port", str(port)], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    config = json.loads(proc.stdout.split("CONFIG ", 1)[1])["headseg"]
+    (serve_dir,) = (home / "serve").iterdir()
+    assert config == {"custom_nodes": str(serve_dir / "custom_nodes"), "checkpoints": str(home / "models" / "checkpoints")}
+    assert (serve_dir / "custom_nodes" / "HeadSeg").resolve() == REPO_ROOT
