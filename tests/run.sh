@@ -7,6 +7,9 @@ set -euo pipefail
 # Sourced before changing folder: a relative HEADSEG_HOME or HEADSEG_COMFYUI names a folder from the caller's.
 source "$(dirname "$0")/setup_env.sh"
 cd "$HEADSEG_REPO"
+# Held shared until pytest ends: a setup for a checkout that needs other packages does not delete the
+# venv under it (tests/setup_env.sh).
+if command -v flock >/dev/null; then exec 8>>"$HEADSEG_HOME/.venv-users.lock"; flock -s 8; fi
 
 # The browser tests use HEADSEG_CHROMIUM when set (tests/browser/conftest.py), else /usr/bin/chromium.
 if [ -n "${HEADSEG_CHROMIUM:-}" ]; then

@@ -37,6 +37,9 @@ esac
 # venv, pinned ComfyUI (or $HEADSEG_COMFYUI)
 # shellcheck source=tests/setup_env.sh
 source "$REPO/tests/setup_env.sh"
+# Held shared until the server ends: a setup for a checkout that needs other packages does not delete the
+# venv under it (tests/setup_env.sh).
+if command -v flock >/dev/null; then exec 8>>"$HEADSEG_HOME/.venv-users.lock"; flock -s 8; fi
 
 # A port in use ends ComfyUI only after it has loaded everything, with a traceback: say so first.
 if ! "$PY" -c '

@@ -71,6 +71,18 @@ _headseg_setup() {
 import importlib.util, sys
 sys.exit(any(importlib.util.find_spec(m) is None for m in ("torch", "torchvision", "aiohttp", "pytest", "playwright")))' \
       2>/dev/null; then
+    # tests/run.sh and tests/serve.sh hold .venv-users.lock shared while they run: a checkout that
+    # needs other packages (another stamp) does not delete the venv under another checkout's tests
+    # or server, it stops and says so.
+    if [ -d "$VENV" ] && command -v flock >/dev/null; then
+      exec 8>>"$HEADSEG_HOME/.venv-users.lock"
+      if ! flock -n -x 8; then
+        echo "[headseg] the venv in $VENV must be built again for this checkout (other packages, or a broken" \
+          "install), but a tests/run.sh or tests/serve.sh still runs on it: let that end, or give this" \
+          "checkout a HEADSEG_HOME of its own" >&2
+        exit 1
+      fi
+    fi
     echo "[headseg] creating venv in $VENV (torch is large: this takes a few minutes once)"
     rm -rf "$VENV"
     if ! "$PYTHON_BIN" -m venv "$VENV"; then

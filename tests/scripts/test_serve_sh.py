@@ -41,39 +41,64 @@ def test_bad_port_argument(args):
     assert "needs a port number" in proc.stderr, proc.stderr
 
 
-def test_paths_file_keeps_a_home_with_yaml_characters_whole(tmp_path):
-    """serve.sh wrote its extra-model-paths file unquoted: with HEADSEG_HOME named "... #2: it's",
-    ComfyUI read both folders cut at " #" and never loaded the pack ("...: " alone makes the file
-    unreadable). A venv stamped as the set-up one (its python runs the real venv's) and a stand-in
-    ComfyUI whose main.py prints the file as YAML reads it stand in for the real ones."""
-    import json
+def _serve_stand_in(tmp_path, home: pathlib.Path, main_py: str) -> subprocess.CompletedProcess:
+    """serve.sh in ``home``, whose venv is stamped as the set-up one (its python runs the real venv's),
+    with a stand-in ComfyUI whose main.py is ``main_py``."""
     import sys
 
     set_up = pathlib.Path(os.environ.get("HEADSEG_HOME", pathlib.Path.home() / ".cache" / "headseg"))
     stamp = set_up / "venv" / ".headseg-stamp"
     if not stamp.is_file():
         pytest.skip(f"no set-up venv ({stamp}): run through tests/run.sh")
-    pytest.importorskip("yaml")  # the stand-in ComfyUI reads the file with PyYAML, as ComfyUI does
-    home = tmp_path / "home #2: it's"
     (home / "venv" / "bin").mkdir(parents=True)
     (home / "venv" / ".headseg-stamp").write_text(stamp.read_text())
     (home / "venv" / "bin" / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     (home / "venv" / "bin" / "python").chmod(0o755)
     comfy = tmp_path / "ComfyUI"
     comfy.mkdir()
-    (comfy / "main.py").write_text(
-        "import json, sys, yaml\n"
-        "path = sys.argv[sys.argv.index('--extra-model-paths-config') + 1]\n"
-        "print('CONFIG ' + json.dumps(yaml.safe_load(open(path))))\n"
-    )
+    (comfy / "main.py").write_text(main_py)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, HEADSEG_HOME=str(home), HEADSEG_COMFYUI=str(comfy), HEADSEG_CPU="1")
-    proc = subprocess.run(["bash", str(REPO_ROOT / "tests" / "serve.sh"), "--port", str(port)], cwd=REPO_ROOT,
+    return subprocess.run(["bash", str(REPO_ROOT / "tests" / "serve.sh"), "--port", str(port)], cwd=REPO_ROOT,
                           env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def test_paths_file_keeps_a_home_with_yaml_characters_whole(tmp_path):
+    """serve.sh wrote its extra-model-paths file unquoted: with HEADSEG_HOME named "... #2: it's",
+    ComfyUI read both folders cut at " #" and never loaded the pack ("...: " alone makes the file
+    unreadable). The stand-in ComfyUI prints the file as PyYAML reads it, as ComfyUI does."""
+    import json
+
+    pytest.importorskip("yaml")
+    home = tmp_path / "home #2: it's"
+    proc = _serve_stand_in(tmp_path, home, (
+        "import json, sys, yaml\n"
+        "path = sys.argv[sys.argv.index('--extra-model-paths-config') + 1]\n"
+        "print('CONFIG ' + json.dumps(yaml.safe_load(open(path))))\n"
+    ))  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     config = json.loads(proc.stdout.split("CONFIG ", 1)[1])["headseg"]
     (serve_dir,) = (home / "serve").iterdir()
     assert config == {"custom_nodes": str(serve_dir / "custom_nodes"), "checkpoints": str(home / "models" / "checkpoints")}
     assert (serve_dir / "custom_nodes" / "HeadSeg").resolve() == REPO_ROOT
+
+
+def test_server_holds_the_venv(tmp_path):
+    """A setup for a checkout that needs other packages deleted the venv under a running server;
+    the server holds .venv-users.lock (shared) while it runs, which such a setup checks first
+    (tests/scripts/test_setup_env.py). The stand-in ComfyUI tries to take that lock outright."""
+    import shutil
+
+    if shutil.which("flock") is None:
+        pytest.skip("no flock(1) here: the venv is not held")
+    home = tmp_path / "home"
+    proc = _serve_stand_in(tmp_path, home, (
+        "import fcntl, os\n"
+        f"lock = os.open({str(home / '.venv-users.lock')!r}, os.O_RDONLY | os.O_CREAT)\n"
+        "try:\n    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)\n    print('VENV FREE')\n"
+        "except BlockingIOError:\n    print('VENV HELD')\n"
+    ))  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[-1] == "VENV HELD", proc.stdout + proc.stderr

