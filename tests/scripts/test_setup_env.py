@@ -170,7 +170,8 @@ def test_run_sh_uses_headseg_chromium(tmp_path):
     chromium = tmp_path / "my chromium"
     env = dict(os.environ, HEADSEG_HOME=str(home), HEADSEG_CHROMIUM=str(chromium),
                PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")  # fmt: skip
-    args = ["bash", str(REPO_ROOT / "tests" / "run.sh"), "--collect-only", "-q", "tests/scripts/test_checkpoint_cache.py"]
+    args = ["bash", str(REPO_ROOT / "tests" / "run.sh"), "--collect-only", "-q", "tests/scripts/test_checkpoint_cache.py",
+            "tests/browser", "-k", "test_build_clears"]  # fmt: skip
 
     proc = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
@@ -299,3 +300,35 @@ def test_setup_for_other_packages_leaves_a_venv_in_use_alone(tmp_path):
     proc = _source_setup(tmp_path, home)
     assert "creating venv" in proc.stdout, proc.stdout + proc.stderr
     assert sys.executable not in venv_python.read_text()  # the fake python3's venv replaced it
+
+
+@pytest.mark.parametrize(
+    "args, needs_chromium",
+    [
+        (["tests/scripts/test_checkpoint_cache.py"], False),
+        (["-q", "tests/scripts/test_checkpoint_cache.py::test_build_clears_partial_files_of_killed_builds"], False),
+        (["tests/scripts", "-k", "checkpoint", "--basetemp", "{tmp}/base"], False),
+        (["--deselect", "tests/browser/test_extension.py::test_x", "tests/scripts/test_checkpoint_cache.py"], False),
+        ([], True),  # pytest's testpaths: tests/
+        (["-k", "tests/scripts"], True),  # an option's value, not a path
+        (["--ignore", "tests/core", "--durations", "5"], True),
+        (["tests"], True),
+        (["."], True),
+        (["tests/scripts", "tests/browser/test_extension.py::test_x"], True),
+    ],
+)
+def test_run_sh_wants_chromium_only_for_the_browser_tests(tmp_path, args, needs_chromium):
+    """``bash tests/run.sh tests/core`` (README's example) stopped where no Chromium could be installed,
+    and where one could it ran apt-get through sudo, for tests that open no browser. A HEADSEG_CHROMIUM
+    that names nothing stands for a missing Chromium: run.sh checks it only when the browser tests are
+    among those the arguments pick."""
+    home = _set_up_home()
+    env = dict(os.environ, HEADSEG_HOME=str(home), HEADSEG_CHROMIUM=str(tmp_path / "no chromium"))
+    args = [a.format(tmp=tmp_path) for a in args]
+    proc = subprocess.run(["bash", str(REPO_ROOT / "tests" / "run.sh"), "--collect-only", *args], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    if needs_chromium:
+        assert proc.returncode == 1 and "is not an executable" in proc.stderr, proc.stdout + proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "test_build_clears_partial_files_of_killed_builds" in proc.stdout
