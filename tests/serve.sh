@@ -30,9 +30,16 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+# 0 would have ComfyUI listen on a port of the system's choosing (and this script name port 0); past
+# 65535 the port check below failed on an OverflowError and called the port in use.
 case "$PORT" in
-  ''|*[!0-9]*) echo "--port (or HEADSEG_PORT) needs a port number, got '$PORT'" >&2; exit 2 ;;
+  ''|*[!0-9]*) PORT_OK=0 ;;
+  *) if [ "${#PORT}" -le 5 ] && [ "$PORT" -ge 1 ] && [ "$PORT" -le 65535 ]; then PORT_OK=1; else PORT_OK=0; fi ;;
 esac
+if [ "$PORT_OK" = 0 ]; then
+  echo "--port (or HEADSEG_PORT) needs a port number from 1 to 65535, got '$PORT'" >&2
+  exit 2
+fi
 
 # venv, pinned ComfyUI (or $HEADSEG_COMFYUI)
 # shellcheck source=tests/setup_env.sh

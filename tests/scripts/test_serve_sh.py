@@ -34,11 +34,16 @@ def test_port_in_use_is_named_before_comfyui_starts():
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("args", [["--port"], ["--port", "web"], ["--port=80a"]])
+@pytest.mark.parametrize(
+    "args", [["--port"], ["--port", "web"], ["--port=80a"], ["--port", "99999"], ["--port=0"], ["--port", "9" * 30]]
+)
 def test_bad_port_argument(args):
+    """A port past 65535 was called "in use" after an OverflowError traceback from the port check, and
+    port 0 started ComfyUI on a port of the system's choosing while serve.sh named port 0."""
     proc = _serve(*args, timeout=60)
-    assert proc.returncode == 2
-    assert "needs a port number" in proc.stderr, proc.stderr
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "needs a port number from 1 to 65535" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def _serve_stand_in(tmp_path, home: pathlib.Path, main_py: str) -> subprocess.CompletedProcess:
