@@ -4,6 +4,8 @@
 # then runs pytest over tests/ (pure core, in-process ComfyUI, live server, browser).
 # Extra arguments go to pytest, e.g.  bash tests/run.sh tests/core -x
 set -euo pipefail
+# An exported CDPATH has cd print the folder it found, into the $(cd ... && pwd) below.
+unset CDPATH
 # Sourced before changing folder: a relative HEADSEG_HOME or HEADSEG_COMFYUI names a folder from the caller's.
 source "$(dirname "$0")/setup_env.sh"
 cd "$HEADSEG_REPO"

@@ -14,6 +14,8 @@
 # The example workflows load "v2-1_512-ema-pruned.safetensors" (Stable Diffusion 2.1 base, 512 px).
 # Put that file in $HEADSEG_HOME/models/checkpoints/ (or in ComfyUI's own models/checkpoints/).
 set -euo pipefail
+# An exported CDPATH has cd print the folder it found, into the $(cd ... && pwd) below.
+unset CDPATH
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PORT="${HEADSEG_PORT:-8188}"

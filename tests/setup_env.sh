@@ -18,7 +18,9 @@ if [ -z "${BASH_VERSION:-}" ]; then
   return 1 2>/dev/null || exit 1
 fi
 
-HEADSEG_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# CDPATH emptied for the cd: a shell with CDPATH set (".:~" in a .bashrc) has cd print the folder it
+# found, which then came first in HEADSEG_REPO, on a line of its own.
+HEADSEG_REPO="$(CDPATH='' cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export HEADSEG_REPO
 export HEADSEG_HOME="${HEADSEG_HOME:-$HOME/.cache/headseg}"
 # Relative paths are taken from the folder this file is sourced in, and made absolute: the scripts

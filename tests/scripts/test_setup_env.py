@@ -332,3 +332,39 @@ def test_run_sh_wants_chromium_only_for_the_browser_tests(tmp_path, args, needs_
     else:
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "test_build_clears_partial_files_of_killed_builds" in proc.stdout
+
+
+def test_cdpath_in_the_callers_shell(tmp_path):
+    """With CDPATH set (".:~" in many a .bashrc), cd prints the folder it found: sourced from such a
+    shell, setup_env.sh took "/repo\\n/repo" for HEADSEG_REPO and failed on tests/requirements-test.txt;
+    with CDPATH exported, serve.sh looked for setup_env.sh under such a two-line folder, and run.sh
+    did not see tests/browser among its paths (so looked for no Chromium)."""
+    fake = tmp_path / "fake-python3"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    env = dict(os.environ, HEADSEG_HOME=str(tmp_path / "home"), HEADSEG_PYTHON=str(fake))
+    env.pop("HEADSEG_COMFYUI", None)
+    proc = subprocess.run(["bash", "-c", 'CDPATH=".:/"; source tests/setup_env.sh; echo "repo=[$HEADSEG_REPO]"'],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert f"repo=[{REPO_ROOT}]" in proc.stdout, proc.stdout + proc.stderr
+    assert "requirements-test.txt" not in proc.stderr and "creating venv" in proc.stdout, proc.stdout + proc.stderr
+
+    home = _set_up_home()
+    env = dict(os.environ, HEADSEG_HOME=str(home), HEADSEG_CHROMIUM=str(tmp_path / "no chromium"), CDPATH=".:/")
+    proc = subprocess.run(["bash", "tests/run.sh", "--collect-only", "-q", "tests/scripts/test_checkpoint_cache.py"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and "test_build_clears_partial_files_of_killed_builds" in proc.stdout, (
+        proc.stdout + proc.stderr
+    )
+    proc = subprocess.run(["bash", "tests/run.sh", "--collect-only", "-q", "tests/browser"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 1 and "is not an executable" in proc.stderr, proc.stdout + proc.stderr
+    import socket
+
+    with socket.socket() as taken:  # serve.sh then stops at its port check, after the setup
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(["bash", "tests/serve.sh", "--port", str(port)], cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 1 and f"port {port} on 127.0.0.1 is in use" in proc.stderr, proc.stdout + proc.stderr
