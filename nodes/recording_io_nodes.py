@@ -9,8 +9,11 @@ runs the rest of the pipeline with no model loaded.
 from __future__ import annotations
 
 import collections
+import dataclasses
+import itertools
 import logging
 import os
+import threading
 import time
 
 from comfy_api.latest import io
@@ -351,9 +354,9 @@ class LoadRecording(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, file=None, path="") -> str:
         # ComfyUI hands this no linked value (None instead): a linked path, or a linked file with no path,
-        # names a file only known when the node runs; the files such runs read are watched instead
+        # names a file only known when the node runs; this node's stamp stands for the files it read
         if path is None or (file is None and isinstance(path, str) and not path.strip()):
-            return f"linked: {_linked_epoch()}"
+            return f"linked: {_linked_stamp()}"
         try:
             full = _resolve(file, path)
         except (TypeError, ValueError):
@@ -378,14 +381,39 @@ class LoadRecording(io.ComfyNode):
         return io.NodeOutput(rec, ui={"text": [text]})
 
 
-# Load Recording's fingerprint with a linked path or file (see fingerprint_inputs): the files loaded, as
-# path -> file_version when read (None: missing), the most recent _WATCHED_KEPT; the epoch counts the
-# fingerprints that found one of them changed. It is the fingerprint: it stays the same while the files
-# do, so a linked path is read from ComfyUI's cache (a click in Mask Select re-runs no k-means), and
-# changes once when a file read before is replaced, so that file is read again.
-_WATCHED_KEPT = 64
-_watched: collections.OrderedDict[str, tuple | None] = collections.OrderedDict()
-_epoch = [0]
+# Load Recording's fingerprint with a linked path or file (see fingerprint_inputs), which ComfyUI computes
+# without the linked value, so it cannot name the file. Each Load Recording (by its node id in the prompt)
+# holds a stamp, a number never handed out twice, and the versions of the files it read while holding it
+# (path -> file_version when read, None: missing); the stamp is its fingerprint. It stays while those files
+# do, so a linked path is read from ComfyUI's cache (a click in Mask Select re-runs no k-means), and gives
+# way to a new one when one of them is replaced, so that node reads its file again; a file replaced concerns
+# only the nodes that read it. A stamp given up is never handed out again, so no entry ComfyUI's cache made
+# under it (--cache-lru N keeps older ones) is served for a file it has not seen: a node beyond
+# _NODES_KEPT, or one that read more than _FILES_KEPT files under its stamp, simply gets a new one.
+_NODES_KEPT = 64
+_FILES_KEPT = 64
+
+
+@dataclasses.dataclass
+class _Watch:
+    stamp: int
+    files: dict = dataclasses.field(default_factory=dict)  # path -> file_version when read, or None
+    full: bool = False  # more than _FILES_KEPT files read: a new stamp at the next fingerprint
+
+
+_watches: collections.OrderedDict = collections.OrderedDict()  # node id (None outside a prompt) -> _Watch
+_stamps = itertools.count(1)
+_watch_lock = threading.Lock()
+
+
+def _node_id() -> str | None:
+    """The id of the node ComfyUI is running (or fingerprinting) on this thread, or None outside a prompt."""
+    try:
+        from comfy_execution.utils import get_executing_context
+    except ImportError:
+        return None
+    context = get_executing_context()
+    return None if context is None else getattr(context, "node_id", None)
 
 
 def _current_version(full: str) -> tuple | None:
@@ -396,29 +424,33 @@ def _current_version(full: str) -> tuple | None:
 
 
 def _watch(full: str) -> None:
-    """Remembers the version of ``full`` that Load Recording is about to read."""
-    _watched[full] = _current_version(full)
-    _watched.move_to_end(full)
-    if len(_watched) > _WATCHED_KEPT:
-        # a file no longer watched could be replaced unseen while ComfyUI's cache (--cache-lru N) still
-        # holds its recording: a new epoch has every linked Load Recording read its file again once
-        while len(_watched) > _WATCHED_KEPT:
-            _watched.popitem(last=False)
-        _epoch[0] += 1
+    """Adds the version of ``full`` that this Load Recording is about to read to the files of its stamp
+    (nothing when no linked fingerprint gave it one: its cache key then holds no stamp)."""
+    version = _current_version(full)
+    with _watch_lock:
+        watch = _watches.get(_node_id())
+        if watch is None:
+            return
+        watch.files[full] = version
+        if len(watch.files) > _FILES_KEPT:
+            watch.full = True
 
 
-def _linked_epoch() -> int:
-    """_epoch, advanced (once) when a watched file is not the version read last; the watch then takes
-    the new version, so the next call gives the same number until a file changes again."""
-    changed = False
-    for full, version in list(_watched.items()):
-        now = _current_version(full)
-        if now != version:
-            _watched[full] = now
-            changed = True
-    if changed:
-        _epoch[0] += 1
-    return _epoch[0]
+def _linked_stamp() -> int:
+    """This node's stamp: the one it holds while every file read under it is still the version read (and
+    it read at most _FILES_KEPT); else, and for a node without one, a new stamp with no file read yet."""
+    node = _node_id()
+    with _watch_lock:
+        watch = _watches.get(node)
+        files = dict(watch.files) if watch is not None else {}
+    same = watch is not None and not watch.full and all(_current_version(f) == v for f, v in files.items())
+    with _watch_lock:
+        if not same or _watches.get(node) is not watch:
+            watch = _watches[node] = _Watch(next(_stamps))
+        _watches.move_to_end(node)
+        while len(_watches) > _NODES_KEPT:  # the least recent node's stamp is given up with it
+            _watches.popitem(last=False)
+        return watch.stamp
 
 
 NODES = [SaveRecording, LoadRecording]

@@ -637,21 +637,161 @@ def test_a_linked_path_is_read_again_when_its_file_is_replaced_and_only_then(io_
     assert fingerprint() == changed
 
 
-def test_a_file_no_longer_watched_makes_every_linked_load_read_again(io_nodes, recording, comfy_folders, monkeypatch):
-    """Only the files of the latest loads are watched; with ComfyUI's cache holding more entries (--cache-lru N),
-    a file that drops out of the watch could be replaced unseen: dropping one changes the linked fingerprint."""
+def _as_node(node_id):
+    """ComfyUI's executing context of node ``node_id``, which it sets around fingerprint_inputs and execute."""
+    from comfy_execution.utils import CurrentNodeContext
+
+    return CurrentNodeContext("prompt", node_id)
+
+
+def test_a_file_replaced_makes_only_the_linked_loads_that_read_it_read_again(io_nodes, recording, comfy_folders):
+    """Two Load Recording nodes with linked paths, each reading its own file: replacing one file used to change
+    the fingerprint of every linked Load Recording (one epoch for all files), so the other node's recording and
+    everything after it (PCA, k-means) ran again for a file nobody touched."""
+    import os
     import shutil
 
-    monkeypatch.setattr(io_nodes, "_WATCHED_KEPT", 2)
-    monkeypatch.setattr(io_nodes, "_watched", type(io_nodes._watched)())
+    inp = comfy_folders["input"]
+    source = io_nodes.SaveRecording.execute(recording, "two").args[0]
+    for name in ("a.safetensors", "b.safetensors"):
+        shutil.copy(source, inp / name)
+
+    def fingerprint(node):
+        with _as_node(node):
+            return io_nodes.LoadRecording.fingerprint_inputs("x.safetensors", None)
+
+    def load(node, name):
+        with _as_node(node):
+            return io_nodes.LoadRecording.execute("", name).args[0]
+
+    first = {node: fingerprint(node) for node in ("1", "2")}
+    assert first["1"] != first["2"]  # each node its own stamp: a cache entry of one is never the other's
+    load("1", "a.safetensors"), load("2", "b.safetensors")
+    assert {node: fingerprint(node) for node in ("1", "2")} == first  # nothing changed: both from the cache
+    other = planted_recording([nested_scene(128, 192)], layout=small_layout(heads=3), d=8, seed=5)
+    os.replace(io_nodes.SaveRecording.execute(other, "other").args[0], inp / "a.safetensors")
+    changed = fingerprint("1")
+    assert changed not in first.values()  # node 1 reads its replaced file again ...
+    assert fingerprint("2") == first["2"]  # ... node 2, whose file is the same, is served from the cache
+    assert load("1", "a.safetensors").num_heads == other.num_heads
+    assert fingerprint("1") == changed
+    fresh = fingerprint("3")  # a node never seen: a stamp no earlier cache entry holds
+    assert fresh not in (*first.values(), changed)
+
+
+def test_a_linked_load_watches_every_file_it_read_under_its_fingerprint(io_nodes, recording, comfy_folders):
+    """The link may bring another path between prompts (and a list of paths brings several): the cache entry
+    made for the first path still holds that file's heads, so replacing it changes the fingerprint, even
+    though the node read another file since."""
+    import os
+    import shutil
+
+    inp = comfy_folders["input"]
+    source = io_nodes.SaveRecording.execute(recording, "paths").args[0]
+    for name in ("p.safetensors", "q.safetensors"):
+        shutil.copy(source, inp / name)
+    with _as_node("7"):
+        first = io_nodes.LoadRecording.fingerprint_inputs("x.safetensors", None)
+        io_nodes.LoadRecording.execute("", "p.safetensors")
+        assert io_nodes.LoadRecording.fingerprint_inputs("x.safetensors", None) == first
+        io_nodes.LoadRecording.execute("", "q.safetensors")  # the link now brings another path
+        other = planted_recording([nested_scene(128, 192)], layout=small_layout(heads=3), d=8, seed=5)
+        os.replace(io_nodes.SaveRecording.execute(other, "other").args[0], inp / "p.safetensors")
+        assert io_nodes.LoadRecording.fingerprint_inputs("x.safetensors", None) != first
+
+
+def test_a_linked_load_that_read_too_many_files_or_was_dropped_gets_a_new_fingerprint(
+    io_nodes, recording, comfy_folders, monkeypatch
+):
+    """Only so many files per node and so many nodes are watched; with ComfyUI's cache holding more entries
+    (--cache-lru N), a file or node no longer watched could be replaced unseen, so its fingerprint is not
+    handed out again."""
+    import shutil
+
+    monkeypatch.setattr(io_nodes, "_FILES_KEPT", 2)
+    monkeypatch.setattr(io_nodes, "_NODES_KEPT", 2)
+    monkeypatch.setattr(io_nodes, "_watches", type(io_nodes._watches)())  # no node of an earlier test
     source = io_nodes.SaveRecording.execute(recording, "watched").args[0]
-    fingerprint = lambda: io_nodes.LoadRecording.fingerprint_inputs("x.safetensors", None)  # noqa: E731
     for i in range(3):
         shutil.copy(source, comfy_folders["input"] / f"w{i}.safetensors")
-    prints = []
-    for i in range(3):
-        io_nodes.LoadRecording.execute("", f"w{i}.safetensors")
-        prints.append(fingerprint())
-    assert prints[0] == prints[1]  # two files watched: nothing dropped
-    assert prints[2] != prints[1]  # the third load drops w0 from the watch: linked loads read again
-    assert fingerprint() == prints[2]
+
+    def fingerprint(node):
+        with _as_node(node):
+            return io_nodes.LoadRecording.fingerprint_inputs("x.safetensors", None)
+
+    first = fingerprint("1")
+    with _as_node("1"):
+        for i in range(2):
+            io_nodes.LoadRecording.execute("", f"w{i}.safetensors")
+    assert fingerprint("1") == first  # two files watched
+    with _as_node("1"):
+        io_nodes.LoadRecording.execute("", "w2.safetensors")
+    third = fingerprint("1")
+    assert third != first  # a third file: the stamp is given up
+    assert fingerprint("1") == third
+    fingerprint("2"), fingerprint("3")  # two more nodes: node 1, the least recent, is dropped
+    assert fingerprint("1") not in (first, third)
+
+
+class _Text:
+    """A STRING from a widget, as a String node would link it into Load Recording's path."""
+
+    RETURN_TYPES = ("STRING",)
+    FUNCTION = "run"
+    CATEGORY = "test"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("STRING", {})}}
+
+    def run(self, value):
+        return (value,)
+
+
+def test_comfyuis_executor_runs_again_only_the_linked_load_whose_file_was_replaced(
+    io_nodes, recording, comfy_folders, monkeypatch
+):
+    """Through ComfyUI's own executor and cache: two linked Load Recording -> Save Recording chains; replacing
+    one file re-runs that chain only (one new file saved), and a prompt with nothing changed re-runs none."""
+    import copy
+    import os
+    import shutil
+
+    import execution
+    import nodes as comfy_nodes
+
+    for name, cls in (("Text", _Text), ("HeadSeg_LoadRecording", io_nodes.LoadRecording),
+                      ("HeadSeg_SaveRecording", io_nodes.SaveRecording)):
+        monkeypatch.setitem(comfy_nodes.NODE_CLASS_MAPPINGS, name, cls)
+    inp, out = comfy_folders["input"], comfy_folders["output"]
+    source = io_nodes.SaveRecording.execute(recording, "source").args[0]
+    for name in ("a.safetensors", "b.safetensors"):
+        shutil.copy(source, inp / name)
+    prompt = {
+        "1": {"class_type": "Text", "inputs": {"value": "a.safetensors"}},
+        "2": {"class_type": "HeadSeg_LoadRecording", "inputs": {"file": "", "path": ["1", 0]}},
+        "3": {"class_type": "HeadSeg_SaveRecording", "inputs": {"recording": ["2", 0], "filename_prefix": "A"}},
+        "4": {"class_type": "Text", "inputs": {"value": "b.safetensors"}},
+        "5": {"class_type": "HeadSeg_LoadRecording", "inputs": {"file": "", "path": ["4", 0]}},
+        "6": {"class_type": "HeadSeg_SaveRecording", "inputs": {"recording": ["5", 0], "filename_prefix": "B"}},
+    }
+
+    class Server:
+        client_id = None
+
+        def send_sync(self, *args, **kwargs):
+            pass
+
+    executor = execution.PromptExecutor(Server(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+
+    def run(prompt_id):  # a fresh prompt each time, as the server parses one per queue
+        executor.execute(copy.deepcopy(prompt), prompt_id, {}, ["3", "6"])
+        assert executor.success
+        return sorted(p.name for p in out.glob("[AB]_*.safetensors"))
+
+    assert run("p1") == ["A_00001_.safetensors", "B_00001_.safetensors"]
+    assert run("p2") == ["A_00001_.safetensors", "B_00001_.safetensors"]  # all from the cache
+    other = planted_recording([nested_scene(128, 192)], layout=small_layout(heads=3), d=8, seed=5)
+    os.replace(io_nodes.SaveRecording.execute(other, "other").args[0], inp / "a.safetensors")
+    assert run("p3") == ["A_00001_.safetensors", "A_00002_.safetensors", "B_00001_.safetensors"]
+    assert run("p4") == ["A_00001_.safetensors", "A_00002_.safetensors", "B_00001_.safetensors"]
