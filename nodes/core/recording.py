@@ -576,7 +576,10 @@ def load_recording(path) -> Recording:
             t = f.get_tensor(name)
             if t.dim() != 5:
                 raise ValueError(f"{path}: layer {name!r} must be 5-D [B, heads, h, w, d], got shape {tuple(t.shape)}")
-            layers[key] = t
+            # a copy: get_tensor's tensor reads the file's pages mapped into memory, so it would change with a file
+            # written over in place, end the process (SIGBUS) once the file is cut shorter, and (Windows) keep the
+            # file from being replaced or deleted while the recording is held
+            layers[key] = t.clone()
     if not layers:
         raise ValueError(f"{path}: the file holds no layer tensor")
     try:

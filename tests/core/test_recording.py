@@ -256,6 +256,25 @@ def test_save_load_round_trip(tmp_path, latent, batch):
     assert (back.model, back.steps, back.branch) == ("SD21", "3-7", "uncond")
 
 
+def test_a_loaded_recording_keeps_its_values_when_its_file_is_rewritten_in_place(tmp_path):
+    """safetensors maps the file into memory and its tensors read the mapped pages: a recording loaded (and kept
+    in ComfyUI's cache) changed with the file when it was written over in place (a copy onto the same name),
+    and once the file was cut shorter, the next read of the recording killed the whole process (SIGBUS); on
+    Windows the mapped file could not be replaced or deleted while ComfyUI held the recording."""
+    path = tmp_path / "rec.safetensors"
+    save_recording(sd21_recording(seed=0), path)
+    back = load_recording(path)
+    expected = {key: t.clone() for key, t in back.layers.items()}
+    other = tmp_path / "other.safetensors"
+    save_recording(sd21_recording(seed=1), other)
+    data = other.read_bytes()
+    assert len(data) == path.stat().st_size  # same layout: the same header, other values
+    with open(path, "r+b") as fh:  # in place: the same file, not a new one renamed over it
+        fh.write(data)
+    for key, t in back.layers.items():
+        assert torch.equal(t, expected[key]), key
+
+
 def test_saved_file_is_the_documented_format(tmp_path):
     from safetensors import safe_open
 
