@@ -217,6 +217,32 @@ def _resolve(file, path) -> str:
     return full
 
 
+def _take_name(folder: str, name: str, counter: int, filename_prefix) -> tuple[str, str]:
+    """(file name, path) of the first '<name>_<counter>_.safetensors' from ``counter`` on that no file holds,
+    made as an empty file in one step (exclusive create): another ComfyUI saving into the same output folder
+    at the same moment finds it taken and moves on, instead of either writing over the other's file."""
+    while True:
+        filename = f"{name}_{counter:05}_.safetensors"
+        full = os.path.join(folder, filename)
+        try:
+            with open(full, "xb"):
+                return filename, full
+        except FileExistsError:
+            counter += 1
+        except OSError as exc:
+            raise output_error(exc, filename_prefix, full, "headseg/recording") from exc
+
+
+def _remove_taken(full: str) -> None:
+    """Removes the file _take_name made for a save that failed (with a log line when it cannot)."""
+    try:
+        os.remove(full)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        logging.warning("HeadSeg Save Recording: could not remove %s after the failed write", full)
+
+
 class SaveRecording(io.ComfyNode):
     """Writes a recording to ComfyUI's output folder.
 
@@ -273,10 +299,13 @@ class SaveRecording(io.ComfyNode):
     def execute(cls, recording, filename_prefix="headseg/recording", latent=None) -> io.NodeOutput:
         rec = as_recording(recording, latent)
         folder, name, counter, subfolder = output_place(filename_prefix, "headseg/recording", rec.image_size[1], rec.image_size[0])
-        filename = f"{name}_{counter:05}_.safetensors"
-        full = os.path.join(folder, filename)
+        filename, full = _take_name(folder, name, counter, filename_prefix)
         try:
-            save_recording(rec, full, name="recording")
+            try:
+                save_recording(rec, full, name="recording")
+            except BaseException:
+                _remove_taken(full)  # no empty file left under the name taken
+                raise
         except (ValueError, TypeError):  # named by save_recording (e.g. recording: values beyond float16)
             raise
         except Exception as exc:  # OSError, or safetensors' own error wrapping one

@@ -206,6 +206,43 @@ def test_save_into_a_folder_it_cannot_make_blames_the_folder_not_the_prefix(io_n
         io_nodes.SaveRecording.execute(recording, "newsub/r")
 
 
+def test_save_never_writes_over_a_file_saved_under_its_name_meanwhile(io_nodes, recording, comfy_folders, monkeypatch):
+    """The counter is one past the highest file found; another ComfyUI saving into the same output folder (two
+    GPUs, one shared folder) could write that name before this one does, and its recording was overwritten
+    (and its Save Recording's path then named this one's heads). The name is now taken before writing; a name
+    taken meanwhile makes the save move to the next counter."""
+    from safetensors import safe_open
+
+    place = io_nodes.output_place
+    other = planted_recording([nested_scene(128, 192)], layout=small_layout(heads=3), d=8, seed=5)
+
+    def place_then_another_save(*args, **kwargs):
+        folder, name, counter, subfolder = place(*args, **kwargs)
+        from headseg.nodes.core.recording import save_recording
+
+        save_recording(other, f"{folder}/{name}_{counter:05}_.safetensors")  # the other ComfyUI, just then
+        return folder, name, counter, subfolder
+
+    monkeypatch.setattr(io_nodes, "output_place", place_then_another_save)
+    path = io_nodes.SaveRecording.execute(recording, "shared/r").args[0]
+    out = comfy_folders["output"] / "shared"
+    assert sorted(p.name for p in out.iterdir()) == ["r_00001_.safetensors", "r_00002_.safetensors"]
+    assert path == str(out / "r_00002_.safetensors")
+    with safe_open(out / "r_00001_.safetensors", framework="pt") as f:
+        assert sum(f.get_slice(k).get_shape()[1] for k in f.keys()) == other.num_heads  # the other save, kept
+    assert io_nodes.LoadRecording.execute("", path).args[0].num_heads == recording.num_heads
+
+
+def test_a_save_that_fails_leaves_no_file(io_nodes, comfy_folders):
+    """A recording Save Recording refuses (values beyond float16) leaves no file under the name it took."""
+    beyond = planted_recording([nested_scene(128, 192)], layout=small_layout(heads=2), d=8, seed=3)
+    key = next(iter(beyond.layers))
+    beyond.layers[key] = beyond.layers[key].float() * 1e6
+    with pytest.raises(ValueError, match=r"^recording: layer .* beyond the float16 range"):
+        io_nodes.SaveRecording.execute(beyond, "failed/r")
+    assert list((comfy_folders["output"] / "failed").iterdir()) == []
+
+
 def test_file_list_is_sorted_and_survives_a_missing_input_folder(io_nodes, recording, comfy_folders):
     import shutil
 
