@@ -781,7 +781,7 @@ class LiveRecording:
             steps=rec.steps,
             branch=rec.branch,
         )
-        return out.validate(check_finite=False)  # NaN / inf: named per layer by Head PCA and Save Recording
+        return out.validate(check_finite=False)  # NaN / inf: refused per layer by Head PCA, noted by Save Recording
 
     def unrecorded(self, rec: Recording) -> list[tuple[LayerKey, int]]:
         """The layers this record node was set to record (its positions and levels) that a run of it,

@@ -19,7 +19,15 @@ import time
 from comfy_api.latest import io
 
 from . import types as hs
-from .core.recording import file_version, is_recording_file, is_utf8_path, load_recording, printable_path, save_recording
+from .core.recording import (
+    file_version,
+    is_recording_file,
+    is_utf8_path,
+    load_recording,
+    nonfinite_layers,
+    printable_path,
+    save_recording,
+)
 from .node_utils import as_recording, output_error, output_place, prefix_error
 
 CATEGORY = "HeadSeg/recording"
@@ -319,7 +327,22 @@ class SaveRecording(io.ComfyNode):
             "heads": rec.num_heads,
             "layers": len(rec.layers),
         }
-        return io.NodeOutput(full, ui={"text": [rel], "headseg_recording": [info]})
+        return io.NodeOutput(full, ui={"text": [rel, *_nonfinite_note(rec, "Save Recording")], "headseg_recording": [info]})
+
+
+def _nonfinite_note(rec, node: str) -> list[str]:
+    """A line (also logged) naming the layers of ``rec`` that hold NaN or inf, or none: the file keeps them,
+    and Head PCA refuses them by name when its positions / levels select them."""
+    bad = nonfinite_layers(rec)
+    if not bad:
+        return []
+    names = ", ".join(str(key) for key in bad)
+    line = (
+        f"NaN or inf in layer{'s' if len(bad) > 1 else ''} {names} (a float16 overflow while sampling): "
+        "leave them out with Head PCA's positions / levels"
+    )
+    logging.warning("HeadSeg %s: %s", node, line)
+    return [line]
 
 
 class LoadRecording(io.ComfyNode):
@@ -407,7 +430,7 @@ class LoadRecording(io.ComfyNode):
             raise ValueError(f"{chosen}: {exc}; HeadSeg Save Recording writes the files this node reads") from None
         H, W = rec.image_size
         text = f"{os.path.basename(full)}: {rec.num_heads} heads in {len(rec.layers)} layers, {W}x{H} px"
-        return io.NodeOutput(rec, ui={"text": [text]})
+        return io.NodeOutput(rec, ui={"text": [text, *_nonfinite_note(rec, "Load Recording")]})
 
 
 # Load Recording's fingerprint with a linked path or file (see fingerprint_inputs), which ComfyUI computes

@@ -242,6 +242,11 @@ def all_finite(t: torch.Tensor) -> bool:
     return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
+def nonfinite_layers(rec) -> list[LayerKey]:
+    """The layers of ``rec`` (a Recording) holding NaN or inf values, in the recording's order."""
+    return [key for key, t in rec.layers.items() if not all_finite(t)]
+
+
 class NonFiniteLayerError(ValueError):
     """A layer of a recording holds NaN or inf values: a ValueError naming it; ``layer`` is its LayerKey."""
 
@@ -398,12 +403,14 @@ class Recording:
 def save_recording(rec: Recording, path, name: str = "save_recording") -> None:
     """Writes ``rec`` as a headseg-recording/1 safetensors file (float16 tensors, string metadata).
 
-    ``name`` starts the errors about the recording's values (a node passes its input's name)."""
+    ``name`` starts the errors about the recording's values (a node passes its input's name). Layers
+    holding NaN or inf (a float16 overflow while sampling) are written as they are: the other layers stay
+    usable, and Head PCA names such a layer when it is selected (see ``nonfinite_layers``)."""
     from safetensors.torch import save_file
 
     if not isinstance(rec, Recording):
         raise TypeError(f"save_recording: rec must be a Recording, got {type(rec).__name__}")
-    rec.validate()
+    rec.validate(check_finite=False)
     folder = pathlib.Path(path).parent
     if not folder.is_dir():
         raise ValueError(f"save_recording: path {str(path)!r}: the folder {str(folder)!r} does not exist")
@@ -411,6 +418,7 @@ def save_recording(rec: Recording, path, name: str = "save_recording") -> None:
     for key, t in rec.layers.items():
         B, heads, h, w, d = t.shape
         peaks = t.detach().abs().reshape(B, heads, h * w * d).amax(2).amax(0)  # [heads] largest |value| per head
+        peaks = torch.where(peaks.isfinite(), peaks, 0.0)  # NaN / inf stay NaN / inf in float16
         if float(peaks.max()) > _FP16_MAX:
             raise ValueError(f"{name}: layer {key!s} has values beyond the float16 range")
         # a float16 layer (what the recorder keeps) is written as it is; other dtypes would lose the digits
@@ -584,7 +592,7 @@ def load_recording(path) -> Recording:
         raise ValueError(f"{path}: the file holds no layer tensor")
     try:
         rec = Recording(layers, (size[0], size[1]), metadata["model"], metadata["steps"], metadata["branch"])
-        rec.validate()
+        rec.validate(check_finite=False)  # a layer with NaN / inf is named by Head PCA when it is selected
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
     return rec

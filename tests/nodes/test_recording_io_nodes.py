@@ -832,3 +832,45 @@ def test_comfyuis_executor_runs_again_only_the_linked_load_whose_file_was_replac
     os.replace(io_nodes.SaveRecording.execute(other, "other").args[0], inp / "a.safetensors")
     assert run("p3") == ["A_00001_.safetensors", "A_00002_.safetensors", "B_00001_.safetensors"]
     assert run("p4") == ["A_00001_.safetensors", "A_00002_.safetensors", "B_00001_.safetensors"]
+
+
+def test_a_layer_with_nan_or_inf_is_saved_loaded_and_named_and_the_others_stay_usable(io_nodes, recording):
+    """A float16 overflow while sampling leaves NaN / inf in some layers: the file keeps the recording (the
+    sampling is not lost), both nodes name those layers, and Head PCA refuses them by name while a
+    selection without them gives masks."""
+    from headseg.nodes import pipeline_nodes as P
+    from headseg.nodes.core.recording import Recording
+
+    down = [k for k in recording.layers if k.position == "down"]
+    layers = dict(recording.layers)
+    bad = {down[0]: float("nan"), down[-1]: float("inf")}
+    for key, value in bad.items():
+        t = layers[key].clone()
+        t[0, 1, 2, 3, 4] = value
+        layers[key] = t
+    rec = Recording(layers, recording.image_size, recording.model, recording.steps, recording.branch)
+
+    saved = io_nodes.SaveRecording.execute(rec, "nonfinite")
+    path = saved.args[0]
+    loaded_out = io_nodes.LoadRecording.execute("", path)
+    loaded = loaded_out.args[0]
+    for key, t in rec.layers.items():  # NaN where NaN was, inf where inf was, the rest as float16
+        torch.testing.assert_close(loaded.layers[key], t.to(torch.float16), equal_nan=True, rtol=0, atol=0)
+    for text in (saved.ui["text"], loaded_out.ui["text"]):
+        note = text[-1]
+        assert all(str(key) in note for key in bad) and "positions" in note
+        assert not any(str(key) in note for key in recording.layers if key not in bad)
+
+    with pytest.raises(ValueError, match=rf"layer {down[0]!s} contains NaN or inf.*positions / levels"):
+        P.HeadPCA.execute(loaded, "down+up", "all", 4)
+    feats = P.HeadPCA.execute(loaded, "up", "all", 4).args[0]
+    stack = P.Upsample.execute(feats, "bilinear", False).args[0]
+    sweep = P.MultiKMeans.execute(stack, "2,3", 0).args[0]
+    for k in (2, 3):  # every cluster of the run without the bad layers is used
+        assert sweep.results[k].labels.unique().tolist() == list(range(k))
+
+
+def test_a_finite_recording_gets_no_nan_note(io_nodes, recording):
+    saved = io_nodes.SaveRecording.execute(recording, "finite")
+    assert len(saved.ui["text"]) == 1
+    assert len(io_nodes.LoadRecording.execute("", saved.args[0]).ui["text"]) == 1
