@@ -425,8 +425,10 @@ class LoadRecording(io.ComfyNode):
         _watch(full)  # before reading: a file replaced while it is read is read again next time
         try:
             rec = load_recording(full)
-        except ValueError as exc:  # names the file and what is wrong in it; say which input chose it
+        except (ValueError, FileNotFoundError) as exc:  # names the file and what is wrong; say which input chose it
             chosen = "path" if _override_path(path) is not None else "file"
+            if isinstance(exc, FileNotFoundError):  # removed since _resolve found it
+                exc = f"{printable_path(full)} was removed while the node read it"
             raise ValueError(f"{chosen}: {exc}; HeadSeg Save Recording writes the files this node reads") from None
         H, W = rec.image_size
         text = f"{os.path.basename(full)}: {rec.num_heads} heads in {len(rec.layers)} layers, {W}x{H} px"

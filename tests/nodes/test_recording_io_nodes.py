@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -874,3 +875,21 @@ def test_a_finite_recording_gets_no_nan_note(io_nodes, recording):
     saved = io_nodes.SaveRecording.execute(recording, "finite")
     assert len(saved.ui["text"]) == 1
     assert len(io_nodes.LoadRecording.execute("", saved.args[0]).ui["text"]) == 1
+
+
+@pytest.mark.parametrize("use_path", [False, True])
+def test_a_file_removed_after_it_was_found_is_named_by_the_input_that_chose_it(io_nodes, recording, monkeypatch, use_path):
+    out = io_nodes.SaveRecording.execute(recording, "removed")
+    path, name = out.args[0], out.ui["headseg_recording"][0]["filename"]
+    found = io_nodes._resolve  # finds the file; it is removed before load_recording opens it
+
+    def resolve_then_remove(file, p):
+        full = found(file, p)
+        os.remove(full)
+        return full
+
+    monkeypatch.setattr(io_nodes, "_resolve", resolve_then_remove)
+    chosen = "path" if use_path else "file"
+    args = ("", path) if use_path else (name + " [output]", "")
+    with pytest.raises(ValueError, match=rf"^{chosen}: .*{name}.* was removed while the node read it"):
+        io_nodes.LoadRecording.execute(*args)
