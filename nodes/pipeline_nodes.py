@@ -71,7 +71,8 @@ class HeadPCA(io.ComfyNode):
                     default="down+up",
                     tooltip=(
                         "UNet blocks whose heads are used. 'down+up' (default) is the paper's best; adding "
-                        "'middle' (8x8 grid at 512 px) adds coarse, blurry heads."
+                        "'middle' (the coarsest grid: 1/8 of the latent on SD1.x/SD2.x, 8x8 at 512 px; 1/4 on "
+                        "SDXL, 32x32 at 1024 px) adds coarse, blurry heads."
                     ),
                 ),
                 io.String.Input(
