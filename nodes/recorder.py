@@ -22,7 +22,8 @@ How:
   after the record node (PAG's) from being hidden by HeadSeg's longer key, and chain a (block, number,
   depth) patch set after the record node (SAG's) that replaced HeadSeg's own.
 - Steps are told apart by the call's sigma against the run's sigma schedule: step i covers the sigmas in
-  (sigmas[i+1], sigmas[i]] ([sigmas[i], sigmas[i+1]) on a rising schedule, FlipSigmas'). Only what the
+  (sigmas[i+1], sigmas[i]] ([sigmas[i], sigmas[i+1]) on a rising schedule, FlipSigmas'; a sigma in several
+  steps, repeated or revisited, goes to them in the order the sampler calls the model). Only what the
   steps option needs is kept ("last": one fp16 copy per layer, or a float32 mix when the branch has
   several entries; "mean" or a range: one float32 running sum per layer). The store itself is ``recorder_store.py``.
 - Several entries of the recorded branch are mixed as ComfyUI mixes their predictions: the

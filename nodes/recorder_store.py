@@ -183,9 +183,10 @@ class _Store:
         self.min_sigma = float("inf")  # lowest sigma of a main-pass call
         self._sig_obj = None
         self._sig_step = 0
+        self._sig_eval = None  # the model evaluation (eval_id) of the call whose step _sig_step is
         self._sig_estimated = False  # _sig_step is an estimate from the step reports (no sigma read)
-        # the sigmas of the evaluations whose step was estimated (any branch, and the recorded branch's):
-        # read only when a message needs the steps seen (_settle_estimates), never while sampling
+        # (sigma, estimated step) of the evaluations whose step was estimated (any branch, and the recorded
+        # branch's): read only when a message needs the steps seen (_settle_estimates), never while sampling
         self._estimated_sig = {"any": [], "branch": []}
         self._warned: set = set()
         self.acc_eval: dict[LayerKey, tuple] = {}  # the model evaluation acc[key] last added (its tag)
@@ -403,8 +404,8 @@ class _Store:
         sigma now (for a message; the estimate is right about 'before the last step', but a corrector
         within step i, e.g. dpmpp_sde's, would count as step i + 1)."""
         for which, sigs in self._estimated_sig.items():
-            for sig in sigs:
-                step = self._read_step(sig)
+            for sig, estimate in sigs:
+                step = self._read_step(sig, estimate)
                 self.max_step_any = max(self.max_step_any, step)
                 self.steps_run.add(step)
                 if which == "branch":
@@ -414,7 +415,8 @@ class _Store:
     def note_idle(self, sigma, active: bool) -> None:
         """A main-pass calc_cond_batch call at ``sigma`` ran no recorded layer; ``active``: whether one of
         its conditioning entries was active there (ComfyUI's get_area_and_mult). Rare: read at once."""
-        step = self._schedule_step(_sigma_value(sigma))
+        step = self._schedule_step(_sigma_value(sigma), self._order_floor())
+        self._sig_obj, self._sig_step, self._sig_estimated, self._sig_eval = sigma, step, False, self.eval_id
         self.idle_steps[step] = self.idle_steps.get(step, False) or active
 
     def _not_run(self, steps) -> list[int]:
@@ -502,35 +504,64 @@ class _Store:
         if sig is None:
             self._sig_estimated = False
             return 0
-        if sig is self._sig_obj:
+        if sig is self._sig_obj and self._sig_eval == self.eval_id:
             return self._sig_step
         if self._before_last_by_reports():  # an estimate: certainly before the last step (see observe)
             self._sig_obj, self._sig_step, self._sig_estimated = sig, self.reported + 1, True
+            self._sig_eval = self.eval_id
             return self._sig_step
-        step = self._read_step(sig)
-        self._sig_obj, self._sig_step, self._sig_estimated = sig, step, False
+        step = self._read_step(sig, self._order_floor())
+        self._sig_obj, self._sig_step, self._sig_estimated, self._sig_eval = sig, step, False, self.eval_id
         return step
 
-    def _read_step(self, sig) -> int:
-        """The step of a call's sigma, read (a device sync on a GPU)."""
+    def _read_step(self, sig, floor: int) -> int:
+        """The step of a call's sigma, read (a device sync on a GPU); ``floor``: see _schedule_step."""
         s = _sigma_value(sig)
         self.min_sigma = min(self.min_sigma, s)
-        return self._schedule_step(s)
+        return self._schedule_step(s, floor)
 
-    def _schedule_step(self, s: float) -> int:
+    def _order_floor(self) -> int:
+        """The earliest step the model call being placed can be in where its sigma fits several steps:
+        the step of the call placed before it (samplers go through the schedule in order), or the one
+        after that when that step is zero-length (a repeated sigma) and this call starts another model
+        evaluation (a zero-length step of a first-order sampler is one evaluation)."""
+        step = self._sig_step if self._sig_obj is not None else -1
+        another_eval = self.eval_id != self._sig_eval or self.eval_id == 0  # (0: no guider, each call counts)
+        if another_eval and 0 <= step < self.n_steps and self._zero_length(step):
+            step += 1
+        return step
+
+    def _zero_length(self, i: int) -> bool:
+        """Whether step i of this run's schedule starts and ends at one sigma (the `simple` scheduler
+        repeats sigmas at a denoise below steps / 1000)."""
+        cur, nxt = self.sigmas[i], self.sigmas[i + 1]
+        return abs(cur - nxt) <= 1e-5 * max(abs(nxt), 1e-3)
+
+    def _schedule_step(self, s: float, floor: int = -1) -> int:
         """The step i of this run's schedule that ``s`` belongs to: sigmas[i+1] < s <= sigmas[i] where the
-        schedule falls, sigmas[i] <= s < sigmas[i+1] where it rises (FlipSigmas' ascending schedule for
-        unsampling); the first such i (a schedule that falls and rises again can hold s in several
-        steps), the last step when none."""
+        schedule falls (step 0 above sigmas[0] too), sigmas[i] <= s < sigmas[i+1] where it rises
+        (FlipSigmas' ascending schedule for unsampling), s = sigmas[i] where step i is zero-length (a
+        repeated sigma); the last step when none. Where s fits several steps (a repeated sigma, a
+        hand-made schedule that falls and rises again, as a restart schedule does), the first of them at
+        or after ``floor`` (how far the sampler got: _order_floor), else the last of them."""
         schedule = self.sigmas
-        step = max(len(schedule) - 2, 0)
+        found, first = set(), None
         for i in range(len(schedule) - 1):
             cur, nxt = schedule[i], schedule[i + 1]
-            tol = 1e-5 * max(abs(nxt), 1e-3)
-            if (s > nxt + tol) if nxt <= cur else (s < nxt - tol):
-                step = i
-                break
-        return step
+            tol, tol_cur = 1e-5 * max(abs(nxt), 1e-3), 1e-5 * max(abs(cur), 1e-3)
+            if first is None and ((s > nxt + tol) if nxt <= cur else (s < nxt - tol)):
+                first = i  # the first step s is in, or above (a sigma raised by s_churn counts there)
+                found.add(i)
+            if self._zero_length(i):
+                if abs(s - cur) <= tol_cur:
+                    found.add(i)
+            elif (nxt + tol < s <= cur + tol_cur) if nxt < cur else (cur - tol_cur <= s < nxt - tol):
+                found.add(i)
+        if not found:
+            return max(len(schedule) - 2, 0)
+        found = sorted(found)
+        later = [i for i in found if i >= floor]
+        return later[0] if later else found[-1]
 
     def _before_last_by_reports(self) -> bool:
         """'last' only: whether the model call being made is certainly in an earlier step than the last,
@@ -546,10 +577,11 @@ class _Store:
         )
 
     def _note_estimate(self, which: str, extra_options) -> None:
-        """Keeps the sigma of a call whose step was estimated, once per model call (its layers share it)."""
+        """Keeps the sigma of a call whose step was estimated, with that estimate, once per model call (its
+        layers share it)."""
         sigs, sig = self._estimated_sig[which], extra_options.get("sigmas")
-        if not sigs or sigs[-1] is not sig:
-            sigs.append(sig)
+        if not sigs or sigs[-1][0] is not sig:
+            sigs.append((sig, self._sig_step))
 
     def _wants(self, step: int) -> bool:
         if self.steps.mode == "last":

@@ -11,7 +11,7 @@ import comfy.samplers
 from headseg.nodes import recorder, recorder_store
 from headseg.nodes.core.recording import LayerKey
 
-from .reference import AttentionProbe, per_head, reference, self_attention_modules
+from .reference import AttentionProbe, grid_for, per_head, reference, self_attention_modules
 
 TOL = dict(rtol=3e-3, atol=3e-3)  # recorded float16 against float64
 
@@ -177,6 +177,54 @@ def test_an_ascending_schedule_records_the_steps_asked(tiny, sd2, steps):
     rec = live.snapshot(latent)
     assert rec.steps == steps
     assert_matches(rec, probe, (8, 8), steps=steps, sigmas=schedule.tolist(), names=["input.1.0", "output.11.0"])
+
+
+def _calls_of_steps(probe, name, latent_hw, steps, n_steps):
+    """Reference for a first-order sampler (one model call per step): 'last' = the last call, 'A-B' = the
+    mean of calls A..B in the order they ran, whatever their sigma."""
+    calls = probe.branch_calls(name, 0)
+    assert len(calls) == n_steps, (name, len(calls))
+    first, _, last = (str(n_steps - 1) if steps == "last" else steps).partition("-")
+    picked = calls[int(first) : int(last or first) + 1]
+    grid = grid_for(latent_hw, calls[0].x.shape[1])
+    return torch.stack([per_head(c, grid) for c in picked]).mean(0)
+
+
+@pytest.mark.parametrize("steps", ["0", "1", "0-1", "2", "last"])
+def test_a_repeated_sigma_counts_as_two_steps(tiny, sd2, steps, caplog):
+    """The `simple` scheduler at a denoise below steps / 1000 repeats a sigma: [s, s, s, 0] at 3 steps and
+    denoise 0.001. Each step is still one model call at s; steps 0 and 1 were both counted as step 2, so
+    '0' or '1' recorded nothing and blamed a cache node, and '0-1' did too."""
+    schedule = comfy.samplers.calculate_sigmas(sd2.get_model_object("model_sampling"), "simple", 3000)[-4:]
+    assert schedule[0] == schedule[1] == schedule[2] > 0  # what KSampler samples at denoise 0.001
+    patched, live = recorder.attach_recorder(sd2, steps=steps)
+    with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        with AttentionProbe(patched) as probe:
+            # lcm renoises at every step, so that the three calls at s differ
+            latent = run(tiny, patched, steps=3, scheduler="simple", denoise=0.001, sampler_name="lcm")
+    rec = live.snapshot(latent)
+    assert rec.steps == steps
+    assert "HeadSeg" not in caplog.text
+    for name in ("input.1.0", "output.11.0"):
+        want = _calls_of_steps(probe, name, (8, 8), steps, 3)
+        torch.testing.assert_close(rec.layers[LayerKey.parse(name)].double(), want, **TOL)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "uni_pc"])
+@pytest.mark.parametrize("steps", ["last", "1", "3", "2-4"])
+def test_a_schedule_that_goes_back_up_numbers_its_steps_in_order(tiny, sd2, sampler, steps):
+    """A hand-made schedule that restarts (SamplerCustom with sigmas that fall, rise and fall again) holds
+    the sigmas of later steps in earlier steps too: step 3's call at 10 was counted as step 0 and step
+    4's at 2 as step 1, so 'last' recorded nothing (the sampler 'never reached' step 4)."""
+    schedule = torch.tensor([14.6, 5.0, 1.0, 10.0, 2.0, 0.0])
+    patched, live = recorder.attach_recorder(sd2, steps=steps)
+    with AttentionProbe(patched) as probe:
+        latent = run(tiny, patched, steps=5, sigmas=schedule.clone(), sampler_name=sampler)
+    rec = live.snapshot(latent)
+    assert rec.steps == steps
+    for name in ("input.1.0", "middle.0.0"):
+        want = _calls_of_steps(probe, name, (8, 8), steps, 5)
+        torch.testing.assert_close(rec.layers[LayerKey.parse(name)].double(), want, **TOL)
 
 
 @pytest.mark.filterwarnings("ignore:Should have tb<=t1")  # torchsde's, under ComfyUI's dpmpp_sde
