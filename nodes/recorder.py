@@ -178,11 +178,20 @@ def _make_attn1_patch(store_id: int, key: LayerKey, previous, previous_is_full_k
     return headseg_attn1
 
 
+_PATCH_CODE = _make_attn1_patch(0, None, None, False).__code__  # the code every HeadSeg attn1 patch runs
+
+
+def _is_own_patch(fn) -> bool:
+    """Whether attn1 patch ``fn`` is one of HeadSeg's (_make_attn1_patch), told by the code it runs: its
+    headseg_* attributes are no proof, since functools.wraps copies them onto another pack's wrapper."""
+    return getattr(fn, "__code__", None) is _PATCH_CODE
+
+
 def _stands_in_for(fn):
     """A HeadSeg attn1 patch -> the HeadSeg patch at the end of its chain when, without HeadSeg, ComfyUI
     would look the layer up under its (block, number) key; None when a (block, number, depth) patch of
     another node would take precedence anyway."""
-    while hasattr(fn, "headseg_previous"):
+    while _is_own_patch(fn):
         if not fn.headseg_previous_is_full_key:
             return fn
         fn = fn.headseg_previous  # chained onto another node's (or record node's) full-key patch
@@ -199,7 +208,7 @@ def _without_shadowing_patches(model_options: dict, warn=None) -> dict:
     marks = transformer.get(FALLBACKS_KEY, {})
     drop = []
     for name, fn in attn1.items():
-        if not isinstance(name, tuple) or len(name) != 3 or not hasattr(fn, "headseg_previous"):
+        if not isinstance(name, tuple) or len(name) != 3 or not _is_own_patch(fn):
             continue
         short = attn1.get(name[:2])
         if short is None:
@@ -228,10 +237,10 @@ def _with_attn1(model_options: dict, attn1: dict) -> dict:
 
 def _runs_through(fn, store_id: int) -> bool:
     """Whether attn1 patch ``fn`` is, or chains to, a patch of record node ``store_id``."""
-    while fn is not None:
-        if getattr(fn, "headseg_store_id", None) == store_id:
+    while _is_own_patch(fn):
+        if fn.headseg_store_id == store_id:
             return True
-        fn = getattr(fn, "headseg_previous", None)
+        fn = fn.headseg_previous
     return False
 
 

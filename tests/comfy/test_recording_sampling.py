@@ -518,6 +518,30 @@ def test_a_later_patch_that_chains_the_recorders_own_is_recorded_once_as_it_retu
     assert_matches(rec, probe, (8, 8), steps=steps, names=["input.1.0", "output.11.0"])
 
 
+@pytest.mark.parametrize("steps", ["last", "mean"])
+def test_a_later_patch_that_wraps_the_recorders_own_with_functools_wraps_is_recorded_as_it_returns(tiny, sd2, steps):
+    """functools.wraps copies the wrapped function's __dict__, so a pack's wrapper around HeadSeg's patch
+    carried HeadSeg's markers and was taken for HeadSeg's own: it was not chained, and the recording held
+    HeadSeg's inner output instead of the wrapper's, which the model goes on with."""
+    import functools
+
+    patched, live = recorder.attach_recorder(sd2, steps=steps)
+    later = patched.clone()
+    inner = later.model_options["transformer_options"]["patches_replace"]["attn1"][("middle", 0, 0)]
+
+    @functools.wraps(inner)
+    def doubled(q, k, v, extra):
+        return inner(q, k, v, extra) * 2.0
+
+    later.set_model_attn1_replace(doubled, "middle", 0, 0)
+    with AttentionProbe(later) as probe:
+        got = run(tiny, later, latent_hw=(8, 8))
+    rec = live.snapshot(got)
+    want = reference(probe, "middle.0.0", (8, 8), steps)
+    torch.testing.assert_close(rec.layers[LayerKey.parse("middle.0.0")].double(), 2.0 * want, **TOL)
+    assert_matches(rec, probe, (8, 8), steps=steps, names=["input.1.0", "output.11.0"])
+
+
 def test_latent_finds_its_own_run_among_the_last_ones(tiny, sd2):
     """A second sampler on the recorded MODEL (an inpainting pass) does not hide the first run: the
     sampler's output LATENT picks its run; a LATENT no kept run produced is refused, naming `latent`."""
