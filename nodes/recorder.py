@@ -364,14 +364,18 @@ def _reports_schedule_steps(sampler) -> bool:
 _K_DIFFUSION = "comfy.k_diffusion.sampling"
 
 
-def _with_step_reports(args: tuple, kwargs: dict, store_id: int):
+def _with_step_reports(args: tuple, kwargs: dict, store_id: int, reports: bool, seen: dict):
     """outer_sample's (args, kwargs) with its callback (argument 5) wrapped so that every step the
-    sampler reports also reaches the store; the callback given, if any, still gets every call."""
+    sampler reports also reaches the store (``reports``: only for samplers whose reports count the
+    schedule's steps, _reports_schedule_steps), and the latest denoised latent it reports, (step, x0,
+    x, total_steps) as ComfyUI's samplers call it, lands in ``seen["x0"]`` (SamplerCustom's
+    denoised_output is made of it); the callback given, if any, still gets every call."""
     given = args[5] if len(args) > 5 else kwargs.get("callback")
 
     def headseg_step_report(step, *rest, **more):
+        seen["x0"] = rest[0] if rest else None
         store = _REGISTRY.get(store_id)
-        if store is not None:
+        if store is not None and reports:
             try:
                 store.step_done(step)
             except Exception as exc:  # recording must never break sampling
@@ -384,6 +388,19 @@ def _with_step_reports(args: tuple, kwargs: dict, store_id: int):
     return args, {**kwargs, "callback": headseg_step_report}
 
 
+def _denoised_latent(executor, x0) -> torch.Tensor | None:
+    """The last denoised latent a sampler reported -> that latent as SamplerCustom and SamplerCustomAdvanced
+    give it (denoised_output: the guider's model's process_latent_out of it on the CPU), or None (also
+    where that fails: a latent this cannot match must not cost the run its recording)."""
+    model = getattr(getattr(getattr(executor, "class_obj", None), "model_patcher", None), "model", None)
+    if not isinstance(x0, torch.Tensor) or x0.is_nested or not hasattr(model, "process_latent_out"):
+        return None
+    try:
+        return model.process_latent_out(x0.cpu())
+    except Exception:
+        return None
+
+
 def _make_outer_sample_wrapper(store_id: int):
     """OUTER_SAMPLE wrapper: (executor, noise, latent_image, sampler, sigmas, ...) marks one sampling run."""
 
@@ -394,20 +411,24 @@ def _make_outer_sample_wrapper(store_id: int):
         noise = args[0] if len(args) > 0 else kwargs["noise"]
         sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
         reports = _reports_schedule_steps(args[2] if len(args) > 2 else kwargs.get("sampler"))
-        if reports:  # hear the sampler's step reports: 'last' then reads fewer sigmas (see _Store._step_of)
-            args, kwargs = _with_step_reports(args, kwargs, store_id)
+        # hear the sampler's step reports ('last' then reads fewer sigmas: see _Store._step_of) and its
+        # last denoised latent (a LATENT of SamplerCustom's denoised_output then finds this run too)
+        seen = {}
+        args, kwargs = _with_step_reports(args, kwargs, store_id, reports, seen)
         store.begin_run(noise, sigmas, reports_steps=reports)
         try:
             output = executor(*args, **kwargs)
         except BaseException:
             store.abort_run()
             raise
+        denoised = None
         try:
-            store.end_run(output)
+            denoised = _denoised_latent(executor, seen.get("x0"))
+            store.end_run(output, denoised)
         except Exception as exc:  # recording must never break sampling
             store.fail(exc)
             try:
-                store.end_run(output)  # keeps the failure with this run's latent
+                store.end_run(output, denoised)  # keeps the failure with this run's latent
             except Exception:
                 pass
         return output

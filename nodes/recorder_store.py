@@ -88,6 +88,9 @@ class _Run(NamedTuple):
     recording: Recording | None
     failure: str  # why it recorded nothing ("" when it did)
     prompt: str | None  # the ComfyUI prompt it ran in (None outside one)
+    # the sampler's last denoised latent as SamplerCustom's denoised_output gives it (CPU, float32), matched
+    # to a LATENT too; None when the sampler reported none
+    denoised: torch.Tensor | None = None
 
 
 def _current_prompt() -> str | None:
@@ -270,11 +273,12 @@ class _Store:
             return self.batch_main
         return self.eval_id == 0 or not self.seen_conds
 
-    def end_run(self, output=None):
-        """Closes the run; ``output`` is the sampler's output latent, kept to match a LATENT to this run."""
+    def end_run(self, output=None, denoised=None):
+        """Closes the run; ``output`` is the sampler's output latent, and ``denoised`` its last denoised
+        latent (SamplerCustom's denoised_output) or None, kept to match a LATENT to this run."""
         if not self.active:
             if self._failed:  # the run stopped recording part-way: keep why, for its LATENT
-                self._remember(output, None)  # with its prompt, which _stop kept
+                self._remember(output, None, denoised)  # with its prompt, which _stop kept
                 self._failed = False
                 self.prompt = None
             return
@@ -326,15 +330,15 @@ class _Store:
                 branch=self.branch,
             )
         self.failure = "" if layers else self._why_empty()
-        self._remember(output, rec)
+        self._remember(output, rec, denoised)
         self._reset_run(None, None)
 
-    def _remember(self, output, rec):
+    def _remember(self, output, rec, denoised=None):
         """Keeps a finished run: the last keep_runs runs stay, the run read last (pinned) however old it
         is, and the runs of the prompt this one ran in, the newest MAX_KEEP_RUNS of them (a loop, a
         tiled upscaler or a prompt id an API client sends again must not hold runs without bound);
         the others go."""
-        self.history.append(_Run(_cpu_latent(output), rec, self.failure, self.prompt))
+        self.history.append(_Run(_cpu_latent(output), rec, self.failure, self.prompt, _cpu_latent(denoised)))
         first_recent = len(self.history) - self.keep_runs
         kept, capped, of_prompt = [], False, 0  # of_prompt: runs of this prompt seen, newest first
         for i in reversed(range(len(self.history))):
@@ -361,15 +365,17 @@ class _Store:
         return (self.history[-1].recording, self.history[-1].failure) if self.history else (None, self.failure)
 
     def run_of(self, samples: torch.Tensor):
-        """The newest kept run whose output latent equals ``samples`` -> (Recording or None, failure),
-        or None when no kept run produced it."""
+        """The newest kept run whose output latent (or last denoised latent: SamplerCustom's
+        denoised_output) equals ``samples`` -> (Recording or None, failure), or None when no kept run
+        produced it."""
         samples = _cpu_latent(samples)
         if samples is None:
             return None
         for run in reversed(self.history):
-            if run.latent is not None and run.latent.shape == samples.shape and _same_bits(run.latent, samples):
-                self.pinned = run
-                return run.recording, run.failure
+            for made in (run.latent, run.denoised):
+                if made is not None and made.shape == samples.shape and _same_bits(made, samples):
+                    self.pinned = run
+                    return run.recording, run.failure
         return None
 
     def abort_run(self):

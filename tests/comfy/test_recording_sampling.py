@@ -575,6 +575,30 @@ def test_latent_finds_its_own_run_among_the_last_ones(tiny, sd2):
         live.snapshot(second_latent)  # forgotten after HISTORY newer runs
 
 
+def test_samplercustoms_denoised_output_finds_its_run(tiny, sd2):
+    """SamplerCustom (and SamplerCustomAdvanced) give a second LATENT, denoised_output: the model's last
+    prediction of the clean latent. Two-stage sampling (SplitSigmas) decodes the first stage's; read by
+    Head PCA it found no run ('not the output of any of the last sampling runs')."""
+    import comfy_extras.nodes_custom_sampler as custom
+
+    schedule = comfy.samplers.calculate_sigmas(sd2.get_model_object("model_sampling"), "normal", 6)
+    high, low = custom.SplitSigmas.execute(schedule, 3).result
+    sampler = comfy.samplers.sampler_object("euler")
+    pos, neg = tiny.conditioning("SD2")
+    patched, live = recorder.attach_recorder(sd2, steps="last")
+    with torch.inference_mode():
+        out1, denoised1 = custom.SamplerCustom.execute(
+            patched, True, 0, 5.0, pos, neg, sampler, high, {"samples": torch.zeros(1, 4, 8, 8)}).result
+        out2, denoised2 = custom.SamplerCustom.execute(patched, False, 0, 5.0, pos, neg, sampler, low, out1).result
+    assert not torch.equal(denoised1["samples"], out1["samples"])
+    first, second = live.snapshot(out1["samples"]), live.snapshot(out2["samples"])
+    for denoised, run_rec in ((denoised1, first), (denoised2, second)):
+        got = live.snapshot(denoised["samples"])
+        assert got.layers.keys() == run_rec.layers.keys()
+        assert all(torch.equal(got.layers[k], run_rec.layers[k]) for k in got.layers)
+    assert not torch.equal(first.layers[LayerKey.parse("input.1.0")], second.layers[LayerKey.parse("input.1.0")])
+
+
 def test_the_run_read_last_outlasts_any_number_of_later_runs(tiny, sd2):
     """An image sampled with the recorded MODEL, read by Head PCA, then an inpainting pass that also
     uses the recorded MODEL, re-run click after click: the image's run stays readable (Head PCA runs
