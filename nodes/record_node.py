@@ -62,7 +62,9 @@ class RecordSelfAttention(io.ComfyNode):
                     tooltip="Which sampling steps to keep: 'last' (the final step, least memory), 'mean' (average over "
                             "all steps), or 0-based step indices 'N' or 'A-B' (average over steps A..B inclusive; "
                             "0 = the first step: the noisiest, or the least noisy on a rising schedule such as "
-                            "FlipSigmas'). Steps are told apart by sigma. 'mean' and ranges keep a float32 running sum "
+                            "FlipSigmas'). Steps count from the start of each sampling run: KSamplerAdvanced's "
+                            "start_at_step, or the first sigma of SplitSigmas' low_sigmas, is step 0. Steps are "
+                            "told apart by sigma. 'mean' and ranges keep a float32 running sum "
                             "on the sampling device (GPU) until the run ends, twice the "
                             "float16 size: ~46 MB per image for SD2.1 at 512x512, ~420 MB for SDXL at 1024x1024.",
                 ),
