@@ -322,6 +322,13 @@ class UpsamplingErrorMap(io.ComfyNode):
     @classmethod
     def execute(cls, stack) -> io.NodeOutput:
         _expect(stack, core_upsample.FeatureStack, "stack", "HEADSEG_FEATURE_STACK from Upsample")
+        H, W = core_upsample.check_stack(stack)
+        _check_memory(
+            error_map_bytes(stack),
+            "stack",
+            f"the upsampling-error map of {stack.batch_size} image(s) at {W}x{H} pixels",
+            "Leave Upsampling Error Map out (the masks do not need it), or use fewer or smaller images",
+        )
         small, by_row, by_col = _error_map_lattice(stack)  # [B, ny, nx], [H], [W]
         # coloured where it is computed, then spread over the blocks: the same pixels as colouring the
         # [B, H, W] map (each image's maximum is one of its lattice values), without a batch of full-size
@@ -337,12 +344,31 @@ class UpsamplingErrorMap(io.ComfyNode):
 _ERROR_PREVIEW_PIXELS = 256 * 256
 
 
+def _error_map_step(H: int, W: int) -> int:
+    """f: the error map of an H x W image is computed at every f-th row and column (1: at every pixel)."""
+    return max(1, math.ceil(math.sqrt(H * W / _ERROR_PREVIEW_PIXELS)))
+
+
+def error_map_bytes(stack) -> int:
+    """Bytes Upsampling Error Map allocates, an upper estimate: its picture [B, H, W, 3] float32 (12 per pixel
+    and image), on a large image the rows spread first ([B, H, nx, 3], 12 per entry), 64 per pixel of the
+    lattice where eq. 6 is computed and coloured (its sums and the colouring's temporaries), and the chunks
+    of channels eq. 6 works through (core_upsample._CHUNK_BYTES). Against every tensor allocated
+    (tests/support/peak_memory.py), 80 channels on 32x32 and 8x8 grids: four images at 256x256, 60 bytes
+    per pixel and image (estimate 140); three at 1000x760, 16 (estimate 26)."""
+    B, (H, W) = stack.batch_size, stack.size
+    f = _error_map_step(H, W)
+    ny, nx = len(range(f // 2, H, f)), len(range(f // 2, W, f))
+    spread = 12 * B * H * nx if f > 1 else 0
+    return 12 * B * H * W + spread + 64 * B * ny * nx + core_upsample._CHUNK_BYTES
+
+
 def _error_map_lattice(stack) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """FeatureStack -> (eq. 6 error [B, ny, nx] at an f x f lattice of pixels, the lattice row of each output
     row [H] and column of each output column [W]; every lattice row and column is one of some output's):
     the block centres of a large image, or (error [B, H, W] at every pixel, None, None) for a small one."""
     H, W = stack.size
-    f = max(1, math.ceil(math.sqrt(H * W / _ERROR_PREVIEW_PIXELS)))
+    f = _error_map_step(H, W)
     if f == 1:
         return core_upsample.upsampling_error(stack), None, None  # [B, H, W]
     rows, cols = torch.arange(f // 2, H, f), torch.arange(f // 2, W, f)  # [ny], [nx] block centres

@@ -845,3 +845,33 @@ def test_error_map_of_a_batch_is_coloured_without_full_size_temporaries(nodes):
     assert torch.equal(got, want)
     picture = got.numel() * 4
     assert mem.peak <= picture + picture // 2, (mem.peak, picture)  # the rows spread first: a quarter of it
+
+
+@pytest.mark.parametrize("B, size", [(4, (256, 256)), (4, (200, 150)), (3, (1000, 760))])
+def test_error_map_refuses_a_picture_that_would_not_fit_in_free_memory(nodes, monkeypatch, B, size):
+    """Upsampling Error Map's picture is 12 bytes per pixel and image (a batch of 16384 x 16384 recordings:
+    3.2 GB each): when what it allocates would take more than 80 % of the free memory it stops at once with
+    a message naming stack, like the other nodes, instead of running out of memory. Its estimate
+    (error_map_bytes) bounds what it allocates, at every pixel of a small image and at a lattice of a large one."""
+    from headseg.nodes import node_utils
+    from headseg.nodes.core.upsample import FeatureStack
+    from headseg.tests.support.peak_memory import PeakBytes
+
+    g = torch.Generator().manual_seed(0)
+    grids = [torch.randn(B, 40, 32, 32, generator=g), torch.randn(B, 40, 8, 8, generator=g)]
+    stack = FeatureStack(grids, [1.0, 1.0], [[], []], size, "bilinear")
+    need = nodes.error_map_bytes(stack)
+    H, W = size
+    ran = []
+    monkeypatch.setattr(nodes, "_error_map_lattice", lambda stack: ran.append(1))
+    monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) - 1)
+    with pytest.raises(ValueError, match=rf"^stack: the upsampling-error map of {B} image\(s\) at {W}x{H} pixels "
+                       r"would take 0\.\d GiB, more than 80 % of the 0\.\d GiB free\. Leave Upsampling Error Map out"):
+        nodes.UpsamplingErrorMap.execute(stack)
+    assert ran == []  # refused before any work
+    monkeypatch.undo()
+    monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) + 1)
+    with PeakBytes() as mem:
+        error_map = nodes.UpsamplingErrorMap.execute(stack).args[0]
+    assert error_map.shape == (B, H, W, 3)
+    assert 12 * B * H * W <= mem.peak <= need, (mem.peak, need)
