@@ -103,7 +103,7 @@ def _batch_places(filename_prefix: str, B: int, W: int, H: int) -> list[tuple[st
     highest of every image's name, so a second run never overwrites the first (Save Image's does). When
     the path drops ``%batch_num%`` (``a/%batch_num%/../x``), so that the images share a name, they take
     successive counters instead, as without it."""
-    if "%batch_num%" not in filename_prefix:
+    if not isinstance(filename_prefix, str) or "%batch_num%" not in filename_prefix:  # output_place names a non-text one
         folder, name, counter, subfolder = output_place(filename_prefix, _EXAMPLE_PREFIX, W, H)
         return [(folder, name, counter + b, subfolder) for b in range(B)]
     places = [output_place(filename_prefix.replace("%batch_num%", str(b)), _EXAMPLE_PREFIX, W, H) for b in range(B)]

@@ -171,6 +171,9 @@ def test_bad_input_names_the_input(save, sweep, comfy_folders):
     for prefix in ("", "  ", "../outside", "a\x00b", "x" * 300):
         with pytest.raises(ValueError, match=r"^filename_prefix"):
             save.execute(sweep, prefix)
+    for prefix in (None, 5):  # linked from a node whose output is no text (a widget's value is made text)
+        with pytest.raises(ValueError, match=rf"^filename_prefix: expected a file name prefix such as 'headseg/labels', got {prefix}$"):
+            save.execute(sweep, prefix)
     assert list(comfy_folders["output"].iterdir()) == []
 
 
