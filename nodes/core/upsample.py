@@ -130,6 +130,10 @@ def upsample(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> 
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a tensor [B, C, h, w], got {shape}")
+    if x.is_complex():  # x.to(float32) would drop the imaginary parts with no more than a warning
+        raise ValueError(f"x must be a real tensor [B, C, h, w], got {x.dtype}")
+    if x.is_meta:
+        raise ValueError("x is on the meta device: it holds no values")
     B, C, h, w = x.shape
     if h == 0 or w == 0:
         raise ValueError(f"x must have a grid of at least 1x1 [B, C, h, w], got {tuple(x.shape)}")

@@ -77,6 +77,11 @@ def test_upsample_bad_arguments():
         upsample(torch.zeros(1, 1, 2, 2), (4, 4), "area")
     with pytest.raises(ValueError, match="x must"):
         upsample(torch.zeros(1, 2, 2), (4, 4))
+    x = torch.randn(1, 1, 2, 2) + 1j * torch.randn(1, 1, 2, 2)  # its imaginary parts were dropped, with a warning
+    with pytest.raises(ValueError, match=r"^x must be a real tensor \[B, C, h, w\], got torch.complex64$"):
+        upsample(x, (4, 4))
+    with pytest.raises(ValueError, match="^x is on the meta device: it holds no values$"):  # returned as a meta tensor
+        upsample(torch.zeros(1, 1, 2, 2, device="meta"), (4, 4))
 
 
 # ------------------------------------------------------------------------------------------ FeatureStack
