@@ -66,6 +66,8 @@ def head_pca(x: torch.Tensor, components: int) -> torch.Tensor:
         raise ValueError(f"x must have shape [..., N, D] (at least 2-D), got shape {tuple(x.shape)}")
     if x.is_complex() or x.dtype == torch.bool:
         raise ValueError(f"x must be a real tensor, got {x.dtype}")
+    if x.is_floating_point() and x.dtype not in FEATURE_DTYPES:  # float8: too few digits and few kernels
+        raise ValueError(f"x must be float16, bfloat16, float32, float64 or integers, got {x.dtype}")
     if x.is_meta:
         raise ValueError("x is on the meta device: it holds no values")
     *lead, N, D = x.shape

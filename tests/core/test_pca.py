@@ -185,6 +185,13 @@ def test_bad_x_shape():
         head_pca(torch.randn(5), 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_x_is_refused_by_name(dtype):
+    """float8 (which a Recording refuses too) failed inside torch: "max_values_cpu" not implemented."""
+    with pytest.raises(ValueError, match=rf"^x must be float16, bfloat16, float32, float64 or integers, got {dtype}$"):
+        head_pca(torch.randn(2, 10, 8).to(dtype), 2)
+
+
 # ------------------------------------------------------------------------------------------ recording_pca
 def small_recording(latent=(6, 10), batch=2, d=16, dtype=torch.float16):
     g = torch.Generator().manual_seed(0)
