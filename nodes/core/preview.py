@@ -11,7 +11,7 @@ import torch
 
 from .masks import check_label_map
 from .pca import HeadFeatures
-from .recording import MAX_IMAGE_SIDE, all_finite, check_batch_index, is_int, is_real
+from .recording import MAX_IMAGE_SIDE, all_finite, check_batch_index, check_size, is_int, is_real
 from .upsample import upsample
 
 # 20 well-separated colours (RGB 0..255); beyond them, colours come from golden-ratio hues.
@@ -95,7 +95,7 @@ def pca_rgb_grid(features: HeadFeatures, batch_index: int = 0, cell: int = 64) -
             raise ValueError(f"features: layer {key!s} contains NaN or inf values")
     rows = len(features.layers)
     cols = max(int(t.shape[1]) for t in features.layers.values())
-    H, W = features.image_size
+    H, W = check_size(features.image_size, "features.image_size")  # the tiles' aspect ratio
     th, tw = (cell, max(1, round(cell * W / H))) if H >= W else (max(1, round(cell * H / W)), cell)
     device = next(iter(features.layers.values())).device
     canvas = torch.zeros(rows * th, cols * tw, 3, dtype=torch.float32, device=device)

@@ -1,5 +1,7 @@
 """Preview pictures: shapes, value range, determinism and planted content."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -128,6 +130,10 @@ def test_pca_rgb_grid_bad_input():
         pca_rgb_grid(planted_features(), batch_index=2)
     with pytest.raises(ValueError, match="cell"):
         pca_rgb_grid(planted_features(), cell=0)
+    for size in ((0, 0), (32,), "32x32", None):  # (0, 0) divided by zero; the others failed to unpack or iterate
+        feats = dataclasses.replace(planted_features(), image_size=size)
+        with pytest.raises(ValueError, match=r"^features\.image_size must be \(height, width\) in pixels, two positive ints"):
+            pca_rgb_grid(feats)
 
 
 def test_overlay_masks_blends_inside_only():
