@@ -23,6 +23,8 @@ from .recording import check_batch_index, integer_index, is_int, is_real
 _CHUNK_PIXELS = 1 << 16
 # labels_to_masks refuses to build more than this many bytes of bool masks.
 _MAX_MASK_BYTES = 4 << 30
+# The dtypes a label map may have (Multi K-Means makes uint8 ones).
+_LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 @dataclass
@@ -76,8 +78,10 @@ def check_label_map(labels, k, dims: str) -> int:
     if not isinstance(labels, torch.Tensor) or labels.dim() != len(dims.split(",")):
         shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"labels must be an integer tensor [{dims}], got {shape}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor [{dims}], got {labels.dtype}")
+    if labels.dtype not in _LABEL_DTYPES:  # floats, bools; uint16 .. uint64 have no min / max kernels
+        raise ValueError(f"labels must be an integer tensor [{dims}] of uint8, int8, int16, int32 or int64, got {labels.dtype}")
+    if labels.is_meta:
+        raise ValueError("labels is on the meta device: it holds no values")
     if not is_int(k) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     k = int(k)

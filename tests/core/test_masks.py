@@ -56,6 +56,27 @@ def test_labels_to_masks_bad_input(labels, k):
         labels_to_masks(labels, k)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+def test_label_maps_of_other_dtypes_are_named(dtype):
+    """uint16 .. uint64 label maps failed inside torch ('"min_all" not implemented for UInt16'); every stage
+    that reads a label map names the dtypes it reads."""
+    labels = torch.zeros(1, 4, 4, dtype=torch.int64).to(dtype)
+    words = r"^labels must be an integer tensor \[H, W\] of uint8, int8, int16, int32 or int64, got torch\."
+    with pytest.raises(ValueError, match=words):
+        labels_to_masks(labels[0], 2)
+    with pytest.raises(ValueError, match=words):
+        merge_sweep(make_sweep({2: labels}), 0)
+    with pytest.raises(ValueError, match=words):
+        sweep_to_masks(make_sweep({2: labels}), 0)
+
+
+def test_label_maps_on_the_meta_device_are_named():
+    labels = torch.zeros(1, 4, 4, dtype=torch.uint8, device="meta")
+    for stage in (lambda: merge_sweep(make_sweep({2: labels}), 0), lambda: labels_to_masks(labels[0], 2)):
+        with pytest.raises(ValueError, match="^labels is on the meta device: it holds no values$"):
+            stage()
+
+
 def test_sweep_to_masks_order_and_partition():
     maps = {5: torch.stack([random_labels(5, seed=1), random_labels(5, seed=2)]),
             2: torch.stack([random_labels(2, seed=3), random_labels(2, seed=4)])}
