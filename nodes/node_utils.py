@@ -330,6 +330,8 @@ def image_batch(image, name: str = "image", first_only: bool = False) -> torch.T
         )
     if 0 in image.shape[:3]:
         raise ValueError(f"{name}: expected at least one image of at least 1x1 pixels, got {tuple(image.shape)}")
+    if image.is_meta:
+        raise ValueError(f"{name}: expected an IMAGE holding pixels, got a tensor on the meta device (no values)")
     if first_only:
         image = image[:1]  # [1, H, W, C]: only this one is moved and checked
     image = image[..., :3].to("cpu", torch.float32)  # [B, H, W, 3] (a view or a copy; never written to)

@@ -171,6 +171,8 @@ def test_bad_input_names_the_input(save, sweep, comfy_folders):
     for prefix in ("", "  ", "../outside", "a\x00b", "x" * 300):
         with pytest.raises(ValueError, match=r"^filename_prefix"):
             save.execute(sweep, prefix)
+    with pytest.raises(ValueError, match=r"^image: expected an IMAGE holding pixels, got a tensor on the meta device"):
+        save.execute(sweep, "x", torch.rand(sweep.batch_size, *sweep.size, 3, device="meta"))  # failed inside torch
     for prefix in (None, 5):  # linked from a node whose output is no text (a widget's value is made text)
         with pytest.raises(ValueError, match=rf"^filename_prefix: expected a file name prefix such as 'headseg/labels', got {prefix}$"):
             save.execute(sweep, prefix)

@@ -420,6 +420,8 @@ def test_picture_odd_values_and_shapes(nodes, recording, caplog):
     for bad in (torch.rand(0, H, W, 3), torch.rand(1, 0, 0, 3), torch.rand(1, H, 0, 3)):
         with pytest.raises(ValueError, match=r"^image: expected at least one image of at least 1x1 pixels"):
             nodes.MaskSelectAtPixel.execute(masks, 0, 0, 0, image=bad)
+    with pytest.raises(ValueError, match=r"^image: expected an IMAGE holding pixels, got a tensor on the meta device"):
+        nodes.MaskSelectAtPixel.execute(masks, 0, 0, 0, image=torch.rand(1, H, W, 3, device="meta"))  # failed in torch
     for bad in ((torch.rand(1, H, W, 3) * 255).to(torch.uint8), torch.ones(1, H, W, 3, dtype=torch.int64)):
         # 0..255 bytes from another pack were drawn white, with no word of why
         with pytest.raises(ValueError, match=r"^image: expected an IMAGE of floats from 0 to 1 .*torch\.(uint8|int64)"):
