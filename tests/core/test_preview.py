@@ -192,6 +192,21 @@ def test_overlay_masks_bad_input(image, alpha, match):
         overlay_masks(image, torch.zeros(3, 4, 5, dtype=torch.bool), alpha)
 
 
+def test_pictures_refuse_complex_and_meta_tensors_by_name():
+    """A complex map was drawn from its real parts (torch's warning the only word of it); a meta tensor failed
+    inside torch ('Tensor.item() cannot be called on meta tensors')."""
+    masks = torch.rand(2, 4, 5)
+    for bad, what in ((masks.to(torch.complex64), "torch.complex64"), (masks.to("meta"), "a meta tensor")):
+        with pytest.raises(ValueError, match=f"^masks must hold real values, got {what}$"):
+            overlay_masks(None, bad)
+        with pytest.raises(ValueError, match=f"^err must hold real values, got {what}$"):
+            error_map_image(bad)
+    image = torch.rand(1, 4, 5, 3)
+    for bad, what in ((image.to(torch.complex64), "torch.complex64"), (image.to("meta"), "a meta tensor")):
+        with pytest.raises(ValueError, match=f"^image must hold real values, got {what}$"):
+            overlay_masks(bad, masks)
+
+
 def test_error_map_image():
     err = torch.zeros(2, 3, 4)
     err[0, 1, 2] = 2.0
