@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,8 @@ def _check_maskset(ms) -> MaskSet:
             raise ValueError(f"ms.{name} must be a torch.Tensor, got {type(getattr(ms, name)).__name__}")
     if ms.masks.dim() != 3 or ms.masks.dtype != torch.bool:
         raise ValueError(f"ms.masks must be a bool tensor [M, H, W], got {ms.masks.dtype} {tuple(ms.masks.shape)}")
+    if ms.masks.is_meta:
+        raise ValueError("ms.masks is on the meta device: it holds no values")
     M = ms.masks.shape[0]
     if tuple(ms.k.shape) != (M,) or tuple(ms.cluster.shape) != (M,):
         raise ValueError(f"ms.k and ms.cluster must have shape [{M}], got {tuple(ms.k.shape)} and {tuple(ms.cluster.shape)}")
@@ -249,6 +252,8 @@ def masks_at_pixel(ms: MaskSet, x: int, y: int, include=(), exclude=()) -> MaskS
     y = _pixel_index(y, H, "y", "a row index", "height")
     keep = ms.masks[:, y, x].clone()  # [M] bool: the masks with the pixel
     for pixels, wanted, name in ((include, True, "include"), (exclude, False, "exclude")):
+        if isinstance(pixels, str) or not isinstance(pixels, Iterable):
+            raise ValueError(f"{name} must be a list of (x, y) pixels, got {pixels!r}")
         for i, point in enumerate(pixels):
             if not isinstance(point, (tuple, list)) or len(point) != 2:
                 raise ValueError(f"{name}[{i}] must be an (x, y) pair, got {point!r}")

@@ -271,6 +271,21 @@ def test_masks_at_pixel_with_bad_more_pixels(include, exclude, words):
         masks_at_pixel(nested_masks(), 3, 2, include=include, exclude=exclude)
 
 
+def test_more_pixels_that_are_no_list_and_masks_on_the_meta_device_are_named():
+    """include=None failed with "'NoneType' object is not iterable"; a string was read character by
+    character; masks on the meta device failed inside torch."""
+    for include, shown in ((None, "None"), (5, "5"), ("3,4", "'3,4'")):
+        with pytest.raises(ValueError, match=rf"^include must be a list of \(x, y\) pixels, got {shown}$"):
+            masks_at_pixel(nested_masks(), 3, 2, include=include)
+    with pytest.raises(ValueError, match=r"^exclude must be a list of \(x, y\) pixels, got None$"):
+        masks_at_pixel(nested_masks(), 3, 2, exclude=None)
+    ms = nested_masks()
+    meta = MaskSet(ms.masks.to("meta"), ms.k, ms.cluster)
+    for stage in (lambda: masks_at_pixel(meta, 3, 2), lambda: merge_masks(meta)):
+        with pytest.raises(ValueError, match="^ms.masks is on the meta device: it holds no values$"):
+            stage()
+
+
 @pytest.mark.parametrize("text, include, exclude", [
     ("", [], []), ("  ;\n ", [], []), ("12,40", [(12, 40)], []), ("12,40; -300,200", [(12, 40)], [(300, 200)]),
     (" 1 , 2 ;\n- 3,4;5,6; ", [(1, 2), (5, 6)], [(3, 4)]),
