@@ -111,6 +111,10 @@ def _check_sweep(sweep, batch_index) -> None:
         raise TypeError(f"sweep must be a ClusterSweep, got {type(sweep).__name__}")
     if not sweep.results:
         raise ValueError("sweep holds no cluster count: expected results for at least one k")
+    for k, r in sweep.results.items():
+        labels = getattr(r, "labels", None)
+        if not isinstance(labels, torch.Tensor):
+            raise ValueError(f"sweep: the labels of k = {k!r} must be a tensor [B, H, W], got {type(labels).__name__}")
     shapes = {tuple(r.labels.shape) for r in sweep.results.values()}
     if len(shapes) > 1:
         raise ValueError(f"sweep: the label maps of all k must have one shape [B, H, W], got {sorted(shapes)}")

@@ -337,6 +337,17 @@ def test_sweep_without_results_or_with_label_maps_of_different_shapes_is_refused
         sweep_to_masks(sweep, 0)
 
 
+def test_sweep_whose_label_maps_are_no_tensors_is_refused():
+    """Label maps as lists failed with "'list' object has no attribute 'shape'"."""
+    sweep = make_sweep({2: torch.zeros(1, 4, 4, dtype=torch.int64)})
+    sweep.results[2].labels = sweep.results[2].labels.tolist()
+    for stage in (merge_sweep, sweep_to_masks):
+        with pytest.raises(ValueError, match=r"^sweep: the labels of k = 2 must be a tensor \[B, H, W\], got list$"):
+            stage(sweep, 0)
+    with pytest.raises(ValueError, match=r"^sweep: the labels of k = 3 must be a tensor \[B, H, W\], got NoneType$"):
+        merge_sweep(ClusterSweep({3: None}, (4, 4)), 0)
+
+
 def test_merge_options_take_numpy_numbers():
     import numpy as np
 
