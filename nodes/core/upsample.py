@@ -199,6 +199,7 @@ class FeatureStack:
 
         Memory is B*C*H'*W' floats: for small sizes and references only.
         """
+        check_stack(self)  # grids of one batch and device, finite values: named, not failing inside torch.cat
         size = self.size if size is None else check_size(size)
         grids = self.grids
         if batch_index is not None:

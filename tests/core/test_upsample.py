@@ -1,5 +1,7 @@
 """Interpolation matrices against F.interpolate, the feature stack, eq. 5 reweighting and eq. 6 error."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -212,6 +214,20 @@ def test_stack_bad_arguments():
         make_feature_stack(HeadFeatures({}, (64, 64), 3))
     with pytest.raises(ValueError, match="batch_index"):
         make_feature_stack(feats).materialise(batch_index=2)
+
+
+def test_materialise_checks_the_stack_first():
+    """materialise read the grids unchecked: grids of two batch sizes or on the meta device failed inside
+    torch.cat, and NaN features came back as NaN."""
+    stack = make_feature_stack(features())
+    g = stack.grids
+    for grids, words in (
+        ([g[0][:1]] + g[1:], r"^stack grids must share one batch size, got \[1, 2\]$"),
+        ([g[0].to("meta")] + g[1:], r"^stack grid 0 \(8x12.*\) is on the meta device: it holds no values$"),
+        ([g[0] * float("nan")] + g[1:], r"^stack contains NaN or inf features in grid 0 \(8x12"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            dataclasses.replace(stack, grids=grids).materialise()
 
 
 # ------------------------------------------------------------------------------------------ eq. 6
