@@ -165,6 +165,15 @@ class HeadPCA(io.ComfyNode):
             raise ValueError(f"{exc}; layer(s) {', '.join(skipped)} were not recorded in this run: see the log") from None
         have = _recorded_levels(rec, pos)
         missing = [] if lv is None else sorted(set(lv) - set(have))  # e.g. '0,1' on SDXL: level 0 has none
+        height, width = core_preview.pca_rgb_grid_size(selected.layers, selected.image_size)
+        _check_memory(  # before the PCA: a recording file can hold any number of heads (a model's: 1300 at most)
+            pca_rgb_bytes(selected),
+            "recording",
+            f"pca_rgb, the picture of the {selected.num_heads} selected heads in {len(selected.layers)} layer(s) "
+            f"({width}x{height} pixels)",
+            "Select fewer layers with positions / levels, or check the recording file: a model's have at most a "
+            "few dozen heads per layer",
+        )
 
         def pca_on(dev: torch.device) -> HeadFeatures:
             # the selected layers go to the device; ComfyUI caches the features, so they live on the CPU
@@ -205,6 +214,20 @@ class HeadPCA(io.ComfyNode):
             log.warning("HeadSeg Head PCA: %s", note)
         ui = {"images": preview_refs(_pca_preview(grid)), "text": [text], "headseg_summary": [summary]}
         return io.NodeOutput(features, grid, ui=ui)
+
+
+def pca_rgb_bytes(rec) -> int:
+    """Bytes Head PCA allocates for its pca_rgb picture of the layers of ``rec`` (a Recording or HeadFeatures),
+    an upper estimate: the picture [1, height, width, 3] float32 (12 bytes per pixel), six times the largest
+    layer drawn, as RGB float32 tiles or on its token grid, whichever is larger (its components as float32,
+    their normalisation's temporaries; the tiles and their copy into the row), and 1 MiB (indices). Against
+    every tensor allocated (tests/support/peak_memory.py): 1.19 x the picture for 16 SD2.1-like layers at
+    512x512 (estimate 1.46 x), 1.13 x for 60 SDXL-like layers at 1024x1024 (1.22 x), 3.0 x for one layer of
+    3000 heads (7.0 x)."""
+    height, width = core_preview.pca_rgb_grid_size(rec.layers, rec.image_size)
+    tile = (height // len(rec.layers)) * (width // max(int(t.shape[1]) for t in rec.layers.values()))  # th * tw
+    row = max(int(t.shape[1]) * max(tile, int(t.shape[2]) * int(t.shape[3])) for t in rec.layers.values())
+    return 12 * height * width + 6 * 12 * row + 2**20
 
 
 # Head PCA's preview PNG has at most this many pixels on its longer side; the pca_rgb output keeps every

@@ -74,6 +74,28 @@ def _normalise_channels(x: torch.Tensor) -> torch.Tensor:
     return torch.where(span > 0, out, torch.full_like(x, 0.5))
 
 
+def _check_cell(cell) -> int:
+    if not is_int(cell) or not 1 <= cell <= MAX_IMAGE_SIDE:
+        raise ValueError(f"cell must be an int from 1 to {MAX_IMAGE_SIDE} (tile side in pixels), got {cell!r}")
+    return int(cell)
+
+
+def _tile_size(image_size, cell: int) -> tuple[int, int]:
+    """(th, tw): a head's tile, with the image's aspect ratio and ``cell`` pixels on its longer side."""
+    H, W = check_size(image_size, "features.image_size")
+    return (cell, max(1, round(cell * W / H))) if H >= W else (max(1, round(cell * H / W)), cell)
+
+
+def pca_rgb_grid_size(layers: dict, image_size, cell: int = 64) -> tuple[int, int]:
+    """(height, width) in pixels of the picture pca_rgb_grid draws of ``layers`` ({key: [B, heads, h, w, c]},
+    a HeadFeatures' or the Recording's they come from) of an image of ``image_size``: a row of tiles per layer,
+    as many tiles as the most heads of a layer. Nothing is drawn: a caller can check the memory first."""
+    if not layers:
+        raise ValueError("features: no layer to draw")
+    th, tw = _tile_size(image_size, _check_cell(cell))
+    return len(layers) * th, max(int(t.shape[1]) for t in layers.values()) * tw
+
+
 def pca_rgb_grid(features: HeadFeatures, batch_index: int = 0, cell: int = 64) -> torch.Tensor:
     """HeadFeatures -> [1, rows*th, cols*tw, 3]: components 1-3 of each head as RGB (paper fig. 3).
 
@@ -86,19 +108,15 @@ def pca_rgb_grid(features: HeadFeatures, batch_index: int = 0, cell: int = 64) -
         raise TypeError(f"features must be HeadFeatures, got {type(features).__name__}")
     if not features.layers:
         raise ValueError("features: no layer to draw")
-    if not is_int(cell) or not 1 <= cell <= MAX_IMAGE_SIDE:
-        raise ValueError(f"cell must be an int from 1 to {MAX_IMAGE_SIDE} (tile side in pixels), got {cell!r}")
-    cell = int(cell)
+    cell = _check_cell(cell)
     check_batch_index(batch_index, features.checked_batch_size())
     for key, t in features.layers.items():
         if not all_finite(t[batch_index]):
             raise ValueError(f"features: layer {key!s} contains NaN or inf values")
-    rows = len(features.layers)
-    cols = max(int(t.shape[1]) for t in features.layers.values())
-    H, W = check_size(features.image_size, "features.image_size")  # the tiles' aspect ratio
-    th, tw = (cell, max(1, round(cell * W / H))) if H >= W else (max(1, round(cell * H / W)), cell)
+    height, width = pca_rgb_grid_size(features.layers, features.image_size, cell)  # rows * th, cols * tw
+    th, tw = _tile_size(features.image_size, cell)
     device = next(iter(features.layers.values())).device
-    canvas = torch.zeros(rows * th, cols * tw, 3, dtype=torch.float32, device=device)
+    canvas = torch.zeros(height, width, 3, dtype=torch.float32, device=device)
     for r, t in enumerate(features.layers.values()):
         heads, h, w, c = t.shape[1:]
         x = t[batch_index].detach().to(torch.float32).permute(0, 3, 1, 2)  # [heads, c, h, w]

@@ -877,3 +877,37 @@ def test_error_map_refuses_a_picture_that_would_not_fit_in_free_memory(nodes, mo
         error_map = nodes.UpsamplingErrorMap.execute(stack).args[0]
     assert error_map.shape == (B, H, W, 3)
     assert 12 * B * H * W <= mem.peak <= need, (mem.peak, need)
+
+
+def test_head_pca_refuses_a_picture_of_more_heads_than_fit_in_free_memory(nodes, monkeypatch):
+    """pca_rgb draws a 64-pixel tile per head: a recording file can hold any number of heads (one layer of
+    200 000 heads of width 1 is a 400 kB file, and its picture 9.8 GB). When the picture would take more than
+    80 % of the free memory Head PCA stops before the PCA with a message naming recording; the estimate
+    (pca_rgb_bytes) bounds what pca_rgb_grid allocates."""
+    from headseg.nodes import node_utils
+    from headseg.nodes.core import pca as core_pca
+    from headseg.nodes.core import preview as core_preview
+    from headseg.nodes.core.recording import LayerKey
+    from headseg.tests.support.peak_memory import PeakBytes
+
+    g = torch.Generator().manual_seed(0)
+    layers = {LayerKey("input", 1, 0): torch.randn(1, 600, 2, 3, 2, generator=g), LayerKey("output", 9, 0): torch.randn(1, 4, 2, 3, 2, generator=g)}
+    rec = Recording(layers, (16, 24))
+    need = nodes.pca_rgb_bytes(rec)
+    assert need >= 12 * 2 * 43 * 600 * 64  # the picture: 2 rows of 43 x 64 tiles, 600 tiles wide
+    ran = []
+    monkeypatch.setattr(core_pca, "recording_pca", lambda *a, **kw: ran.append(1))
+    monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) - 1)
+    with pytest.raises(ValueError, match=r"^recording: pca_rgb, the picture of the 604 selected heads in 2 layer\(s\) "
+                       r"\(38400x86 pixels\) would take 0\.\d GiB, more than 80 % of the 0\.\d GiB free\. Select fewer layers"):
+        nodes.HeadPCA.execute(rec, "down+up", "all", 2)
+    assert ran == []  # refused before the PCA
+    monkeypatch.undo()
+    monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) + 1)
+    assert nodes.HeadPCA.execute(rec, "down+up", "all", 2).args[1].shape == (1, 86, 38400, 3)
+    sd21 = planted_recording([nested_scene(256, 256)], layout=small_layout(heads=5), d=4)  # grids 32x32 .. 4x4
+    for r in (rec, sd21):
+        feats = core_pca.recording_pca(r, 2)
+        with PeakBytes() as mem:
+            core_preview.pca_rgb_grid(feats)
+        assert mem.peak <= nodes.pca_rgb_bytes(r), (mem.peak, nodes.pca_rgb_bytes(r))
