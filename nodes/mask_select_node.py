@@ -218,6 +218,9 @@ class MaskSelectAtPixel(io.ComfyNode):
     def execute(cls, masks, x=0, y=0, index=0, image=None, more_points="") -> io.NodeOutput:
         if not isinstance(masks, list) or not masks or not all(isinstance(m, core_masks.MaskSet) for m in masks):
             raise TypeError(f"masks: expected HEADSEG_MASKS from Mask Merge, got {type(masks).__name__}")
+        sizes = sorted({tuple(ms.masks.shape[-2:]) for ms in masks})
+        if len(sizes) > 1:  # one Mask Merge gives every image the size of its label maps
+            raise ValueError(f"masks: expected the masks of every image at one size (from one Mask Merge), got {sizes}")
         x, y = _pixel_input(x, "x", "column"), _pixel_input(y, "y", "row")
         include, exclude = core_masks.parse_points(more_points)  # [(x, y)] each, as given
         asked = [x, y]

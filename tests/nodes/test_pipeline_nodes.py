@@ -379,6 +379,9 @@ def test_bad_widget_values_name_the_widget(nodes, recording):
     for bad in (-1, 1.7, True, "1", None):  # a linked index skips the widget's checks too
         with pytest.raises(ValueError, match=r"^index: expected an integer >= 0 \(0 = finest mask\), got "):
             nodes.MaskSelectAtPixel.execute(masks, 0, 0, bad)
+    other = dataclasses.replace(masks[1], masks=masks[1].masks[:, : H // 2])  # failed inside torch, copying it
+    with pytest.raises(ValueError, match=rf"^masks: expected the masks of every image at one size .*\[\({H // 2}, {W}\), \({H}, {W}\)\]$"):
+        nodes.MaskSelectAtPixel.execute([masks[0], other], 0, 0, 0)
 
 
 def test_picture_not_a_multiple_of_8_is_cropped_like_vae_encode(nodes, recording):
