@@ -115,8 +115,10 @@ def class_ious(gt_labels: torch.Tensor, predicted: torch.Tensor, ignore_index: i
         )
     if ignore_index is not None and not is_int(ignore_index):
         raise ValueError(f"ignore_index must be an int class id or None, got {ignore_index!r}")
-    # int64: an ignore_index outside a small label dtype's range must not wrap around onto a class
-    valid = torch.ones_like(gt_labels, dtype=torch.bool) if ignore_index is None else gt_labels.long() != int(ignore_index)  # [H, W]
+    # int64: an ignore_index outside a small label dtype's range must not wrap around onto a class; one
+    # outside int64's range is no label at all (and no int64 to compare with)
+    ignored = None if ignore_index is None or not -(2**63) <= ignore_index < 2**63 else int(ignore_index)
+    valid = torch.ones_like(gt_labels, dtype=torch.bool) if ignored is None else gt_labels.long() != ignored  # [H, W]
     classes = torch.unique(gt_labels[valid]).tolist()
     if not classes:
         return {}

@@ -166,6 +166,14 @@ def test_ignore_index_outside_the_label_dtype_ignores_nothing(dtype, ignore_inde
     assert class_ious(gt, pred, ignore_index=ignore_index) == {0: 0.25, 1: 0.5, wrapped: 0.25}
 
 
+@pytest.mark.parametrize("ignore_index", [2**63, -(2**63) - 1, 10**30])
+def test_ignore_index_beyond_int64_ignores_nothing(ignore_index):
+    """An ignore_index no int64 holds failed with 'OverflowError: int too big to convert'."""
+    gt = torch.tensor([[0, 1], [255, 1]])
+    pred = torch.ones(1, 2, 2, dtype=torch.bool)
+    assert class_ious(gt, pred, ignore_index=ignore_index) == class_ious(gt, pred, ignore_index=None)
+
+
 def test_average_class_iou_passes_ignore_index_on():
     gt = torch.tensor([[0, 0], [255, 1]])
     pred = torch.stack([gt == 0, gt == 1])  # class 255 is predicted by no mask
