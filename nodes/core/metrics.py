@@ -21,6 +21,8 @@ def _as_bool(x, name: str, dims: int) -> torch.Tensor:
     if x.dim() != dims:
         want = "[H, W]" if dims == 2 else "[M, H, W]"
         raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+    if x.is_meta:
+        raise ValueError(f"{name} is on the meta device: it holds no values")
     if x.dtype == torch.bool:
         return x
     if x.is_floating_point():
@@ -108,6 +110,8 @@ def class_ious(gt_labels: torch.Tensor, predicted: torch.Tensor, ignore_index: i
         raise ValueError(f"gt_labels must be an integer tensor [H, W], got {shape}")
     if gt_labels.is_floating_point() or gt_labels.is_complex() or gt_labels.dtype == torch.bool:
         raise ValueError(f"gt_labels must hold integer class ids, got {gt_labels.dtype}")
+    if gt_labels.is_meta:
+        raise ValueError("gt_labels is on the meta device: it holds no values")
     predicted = _as_bool(predicted, "predicted", 3).to(gt_labels.device)
     if predicted.shape[1:] != gt_labels.shape:
         raise ValueError(

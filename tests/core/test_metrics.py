@@ -131,6 +131,18 @@ def test_average_class_iou_hand_computed():
     assert class_ious(gt, predicted, ignore_index=None)[7] == pytest.approx(28 / 32)
 
 
+def test_masks_on_the_meta_device_are_named():
+    """They failed inside torch ('Tensor.item() cannot be called on meta tensors'), or pairwise_iou returned
+    a meta tensor of no values."""
+    meta = LEFT.to("meta")
+    for call, name in ((lambda: iou(meta, LEFT), "a"), (lambda: iou(LEFT, meta), "b"),
+                       (lambda: pairwise_iou(meta[None], LEFT[None]), "A"), (lambda: top_n(meta[None], LEFT[None], 1), "reference"),
+                       (lambda: best_match_iou(LEFT[None], meta[None]), "predicted"),
+                       (lambda: class_ious(torch.zeros(8, 8, dtype=torch.int64, device="meta"), LEFT[None]), "gt_labels")):
+        with pytest.raises(ValueError, match=f"^{name} is on the meta device: it holds no values$"):
+            call()
+
+
 def test_average_class_iou_bad_input():
     predicted = torch.stack([LEFT])
     with pytest.raises(ValueError, match="gt_labels"):
