@@ -271,10 +271,13 @@ def masks_at_pixel(ms: MaskSet, x: int, y: int, include=(), exclude=()) -> MaskS
 
 # The grammar of more_points, shared with the picker (js/picker_pixels.js parsePoints): JavaScript's \s
 # as the blanks and ASCII digits only, so that both read the same text the same way.
-_BLANK = "\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
-_POINT = re.compile(f"[{_BLANK}]*(-?)[{_BLANK}]*([0-9]+)[{_BLANK}]*,[{_BLANK}]*([0-9]+)[{_BLANK}]*")
-_BLANKS = re.compile(f"[{_BLANK}]*")
-_ENDS = re.compile(f"^[{_BLANK}]+|[{_BLANK}]+$")
+_BLANK_CHARS = "\t\n\v\f\r \u00a0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000\ufeff"
+_BLANK = re.escape(_BLANK_CHARS)  # as a character class
+# An entry with its blanks at both ends stripped first (str.strip): blanks on both sides of an optional '-'
+# in one expression ('[ ]*(-?)[ ]*') took time in the square of a run of blanks before a typo (12 s for
+# 32 000 characters, the server's prompt check stalled meanwhile); each quantifier here meets a class it
+# does not share, so a match takes time in proportion to the entry.
+_POINT = re.compile(f"(-?)[{_BLANK}]*([0-9]+)[{_BLANK}]*,[{_BLANK}]*([0-9]+)")
 # A coordinate of more digits than this is read as POINT_BEYOND: past any grid or picture, so moved to
 # the last column or row as any such pixel (and no int() of thousands of digits).
 _POINT_DIGITS = 9
@@ -293,13 +296,13 @@ def parse_points(text, name: str = "more_points") -> tuple[list[tuple[int, int]]
     if not isinstance(text, str):
         raise ValueError(f"{name}: expected text such as '12,40; -300,200', got {type(text).__name__}")
     include, exclude = [], []
-    entries = [e for e in text.replace("\n", ";").split(";") if not _BLANKS.fullmatch(e)]
+    entries = [e for e in (e.strip(_BLANK_CHARS) for e in text.replace("\n", ";").split(";")) if e]
     for n, entry in enumerate(entries, start=1):
         m = _POINT.fullmatch(entry)
         if m is None:
             raise ValueError(
                 f"{name}: expected 'x,y' pixels (whole numbers >= 0) separated by ';', with a leading '-' for a "
-                f"pixel the masks must not contain, e.g. '12,40; -300,200'; entry {n} is {_ENDS.sub('', entry)!r}"
+                f"pixel the masks must not contain, e.g. '12,40; -300,200'; entry {n} is {entry!r}"
             )
         (exclude if m[1] else include).append((_coordinate(m[2]), _coordinate(m[3])))
     return include, exclude
