@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-from .core.recording import Recording, all_finite
+from .core.recording import Recording, all_finite, integer_index
 
 log = logging.getLogger("HeadSeg")
 
@@ -33,6 +33,15 @@ def expect(value, cls, name: str, what: str):
     if not isinstance(value, cls):
         raise TypeError(f"{name}: expected {what}, got {type(value).__name__}")
     return value
+
+
+def integer_input(value, name: str, what: str) -> int:
+    """An INT input as given -> int; ValueError naming the input ``name`` (expected ``what``) when it is no
+    integer: ComfyUI makes a widget's value an int, but hands a linked one over as it comes (None, a float)."""
+    i = integer_index(value)
+    if i is None:
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
+    return i
 
 
 POSITION_CHOICES = ["down+up", "down", "up", "middle", "down+middle", "middle+up", "down+middle+up"]

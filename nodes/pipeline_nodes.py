@@ -30,6 +30,7 @@ from .node_utils import (
     combo_error,
     device_input,
     expect as _expect,
+    integer_input,
     label_previews,
     log,
     parse_positions,
@@ -151,6 +152,7 @@ class HeadPCA(io.ComfyNode):
         cls, recording, positions="down+up", levels="all", components=8, latent=None, device="auto"
     ) -> io.NodeOutput:
         rec = as_recording(recording, latent)
+        components = integer_input(components, "components", "an integer from 1 to the head width")
         pos = parse_positions(positions)
         lv = parse_levels(levels)
         skipped = [  # layers the record node was set to record that this run lacks (the log says why)
@@ -177,7 +179,7 @@ class HeadPCA(io.ComfyNode):
 
         def pca_on(dev: torch.device) -> HeadFeatures:
             # the selected layers go to the device; ComfyUI caches the features, so they live on the CPU
-            return core_pca.recording_pca(selected.to(dev), int(components)).to("cpu")
+            return core_pca.recording_pca(selected.to(dev), components).to("cpu")
 
         try:
             features = run_on_device(device, pca_on, "Head PCA")
@@ -195,13 +197,13 @@ class HeadPCA(io.ComfyNode):
             "selected_heads": selected.num_heads,
             "selected_layers": len(selected.layers),
             "image_size": list(rec.image_size),
-            "components": int(components),
+            "components": components,
             "model": rec.model,
         }
         text = (
             f"{rec.num_heads} heads recorded in {len(rec.layers)} layers; {selected.num_heads} heads in "
             f"{len(selected.layers)} layers selected ({'+'.join(pos)}, levels {'all' if lv is None else ','.join(map(str, lv))}); "
-            f"{int(components)} components each"
+            f"{components} components each"
         )
         if missing:
             listed = lambda levels: ", ".join(map(str, levels))  # noqa: E731
@@ -480,6 +482,7 @@ class MultiKMeans(io.ComfyNode):
 
         _expect(stack, core_upsample.FeatureStack, "stack", "HEADSEG_FEATURE_STACK from Upsample")
         counts = core_kmeans.parse_cluster_counts(cluster_counts)
+        seed = integer_input(seed, "seed", "an integer")
         B, (H, W) = stack.batch_size, stack.size
         _check_memory(
             len(counts) * B * H * W * (1 + 12),  # uint8 label maps + float32 RGB colour maps, per k and image
@@ -511,7 +514,7 @@ class MultiKMeans(io.ComfyNode):
             sweep = core_kmeans.multi_kmeans(
                 stack.to(dev),
                 counts,
-                seed=int(seed),
+                seed=seed,
                 progress=lambda done, total: bar.update_absolute(done, total),
                 check=comfy.model_management.throw_exception_if_processing_interrupted,  # Cancel in the UI
             )
@@ -628,6 +631,7 @@ class MaskMerge(io.ComfyNode):
                 f"batch_index: expected an image of the batch of {B} (0 .. {B - 1}), or -1 for every image, "
                 f"got {batch_index!r}"
             )
+        core_masks.check_merge_options(iou_threshold, min_area)  # a linked value comes as it is (None, text)
         H, W = clusters.size
         total_k = sum(int(k) for k in clusters.results)
         merged = []

@@ -379,6 +379,18 @@ def test_bad_widget_values_name_the_widget(nodes, recording):
     for bad in (-1, 1.7, True, "1", None):  # a linked index skips the widget's checks too
         with pytest.raises(ValueError, match=r"^index: expected an integer >= 0 \(0 = finest mask\), got "):
             nodes.MaskSelectAtPixel.execute(masks, 0, 0, bad)
+    # a linked INT or FLOAT comes as it is (ComfyUI makes only a widget's value an int or a float): None failed
+    # with "int() argument must be a string, a bytes-like object or a real number, not 'NoneType'"
+    for bad in (None, "4", 2.5):
+        with pytest.raises(ValueError, match=rf"^components: expected an integer from 1 to the head width, got {bad!r}$"):
+            nodes.HeadPCA.execute(recording, "down+up", "all", bad)
+        with pytest.raises(ValueError, match=rf"^seed: expected an integer, got {bad!r}$"):
+            nodes.MultiKMeans.execute(stack, "2,3", bad)
+    for bad in (None, "0.5"):
+        with pytest.raises(ValueError, match=rf"^iou_threshold must be a number in \(0, 1\], got {bad!r}$"):
+            nodes.MaskMerge.execute(sweep, bad, 0.0)
+        with pytest.raises(ValueError, match=rf"^min_area must be a fraction of the image in \[0, 1\], got {bad!r}$"):
+            nodes.MaskMerge.execute(sweep, 0.9, bad)
     other = dataclasses.replace(masks[1], masks=masks[1].masks[:, : H // 2])  # failed inside torch, copying it
     with pytest.raises(ValueError, match=rf"^masks: expected the masks of every image at one size .*\[\({H // 2}, {W}\), \({H}, {W}\)\]$"):
         nodes.MaskSelectAtPixel.execute([masks[0], other], 0, 0, 0)
