@@ -409,11 +409,18 @@ export class Picker {
     return used >= 0 ? used : NaN;
   }
 
-  onExecuted(output) {
+  /** A run's UI payload: shown, and (``adopt``) the pixels it mapped onto the masks' grid taken over by
+   * the widgets. A node rebuilt by undo gets its last run back with ``adopt`` false: its widgets hold
+   * the state undone to, which taking over would edit again (each undo past the run that mapped a pixel
+   * would be an edit, and the edits before it could never be undone); the pixels the widgets ask for
+   * are named as that run used them all the same (picker_pixels.js). */
+  onExecuted(output, adopt = true) {
     if (!output || typeof output !== "object") return;
     this.output = output;
-    this.adoptMappedPixel();
-    pixels.adoptMappedPoints(this.node, this.output);
+    if (adopt) {
+      this.adoptMappedPixel();
+      pixels.adoptMappedPoints(this.node, this.output);
+    }
     this.refreshSource();
     this.buildStrip();
     this.sync(true);
@@ -450,7 +457,7 @@ export class Picker {
     if (!this.output) {
       const stored = storedOutput(this.node);
       if (stored?.headseg_pixel || stored?.headseg_image) {
-        this.onExecuted(stored); // the node was rebuilt (undo)
+        this.onExecuted(stored, false); // the node was rebuilt (undo): its widgets are left as they are
         return;
       }
       const up = this.upstreamPreview();

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 
 from headseg.tests.browser.helpers import (
+    JS_CHECK_STATE,
     JS_WIDGETS,
     add_picker,
     click_pixel,
@@ -14,6 +15,7 @@ from headseg.tests.browser.helpers import (
     selected_thumbs,
     settle,
     synthetic_run,
+    wait_picture_ready,
 )
 
 
@@ -139,4 +141,45 @@ def test_picker_with_linked_pixel_and_index_past_the_end(comfy_page, pictures):
     settle(page)
     assert page.evaluate(JS_WIDGETS, node_id) == before
     assert "come from a link" in page.text_content(sel + " .headseg-info")
+    assert comfy_page.pack_problems() == []
+
+
+JS_SET_POINTS = "([id, text]) => { app.graph.getNodeById(id).widgets.find(w => w.name === 'more_points').value = text; }"
+JS_POINTS = "(id) => app.graph.getNodeById(id).widgets.find(w => w.name === 'more_points').value"
+JS_UNDO = "async () => { await app.extensionManager.workflow.activeWorkflow.changeTracker.undo(); }"
+
+
+def test_undo_past_a_run_that_mapped_the_pixel_brings_back_the_pixel_asked(comfy_page, pictures):
+    """A run mapped the picked (100, 60) and more_points' (100, 60) onto the 64 x 40 masks' grid and the
+    widgets took (50, 30). Undo rebuilds the node and restores its last run from the outputs ComfyUI keeps:
+    the state undone to (the pixels asked) stays, it is not mapped again (that made a new edit of each
+    undo, so the edits before the first run could never be undone), and the next undo goes on back to
+    the state before it."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page)
+    sel = picker_selector(node_id)
+    page.evaluate(JS_CHECK_STATE)  # the graph built above (x, y = 0, 0) is the starting state
+    set_xy = "([id, x, y]) => { for (const w of app.graph.getNodeById(id).widgets) { if (w.name === 'x') w.value = x; if (w.name === 'y') w.value = y; } }"
+    page.evaluate(set_xy, [node_id, 100, 60])
+    page.evaluate(JS_SET_POINTS, [node_id, "100,60"])
+    page.evaluate(JS_CHECK_STATE)
+    synthetic_run(page, node_id, name, (64, 40), (50, 30), asked=(100, 60), points=("100,60", [[50, 30, 1]]))
+    page.evaluate(JS_CHECK_STATE)
+    values = page.evaluate(JS_WIDGETS, node_id)
+    assert (values["x"], values["y"]) == (50, 30)
+    assert page.evaluate(JS_POINTS, node_id) == "50,30"
+    page.evaluate(JS_UNDO)
+    wait_picture_ready(page, node_id)  # the rebuilt node's picker shows the run's picture again
+    settle(page, 1200)  # draws and the slow timer tick
+    values = page.evaluate(JS_WIDGETS, node_id)
+    assert (values["x"], values["y"]) == (100, 60)
+    assert page.evaluate(JS_POINTS, node_id) == "100,60"
+    # the picker names the pixel that run used for these widgets: the masks are not stale
+    assert not page.evaluate("(sel) => document.querySelector(sel + ' .headseg-strip').classList.contains('headseg-stale')", sel)
+    page.evaluate(JS_UNDO)
+    settle(page, 600)
+    values = page.evaluate(JS_WIDGETS, node_id)
+    assert (values["x"], values["y"]) == (0, 0)
+    assert page.evaluate(JS_POINTS, node_id) == ""
     assert comfy_page.pack_problems() == []
