@@ -14,10 +14,26 @@ export function outputKey(node) {
   return inSubgraph ? `${graph.id}:${node.id}` : String(node.id);
 }
 
-/** The last UI payload ComfyUI keeps for ``node`` (restores a node rebuilt by undo). */
+/** The id a run gives ``node``: its id after those of the subgraph nodes it sits in ("5:3"); null inside
+ * a subgraph that not exactly one subgraph node uses. */
+export function executionId(node, depth = 0) {
+  const graph = node?.graph;
+  if (!graph || depth > 16) return null;
+  if (graph.isRootGraph !== false) return String(node.id);
+  const users = subgraphNodesOf(graph);
+  const outer = users.length === 1 ? executionId(users[0], depth + 1) : null;
+  return outer === null ? null : `${outer}:${node.id}`;
+}
+
+/** The last UI payload ComfyUI keeps for ``node`` (restores a node rebuilt by undo or by opening its
+ * workflow's tab again). A run's outputs are kept under outputKey; the ones a workflow tab gets back
+ * when it is opened again are keyed by execution id, which differs inside a subgraph. */
 export function storedOutput(node) {
-  const out = app.nodeOutputs?.[outputKey(node)];
-  return out && typeof out === "object" ? out : null;
+  for (const key of [outputKey(node), executionId(node)]) {
+    const out = key === null ? undefined : app.nodeOutputs?.[key];
+    if (out && typeof out === "object") return out;
+  }
+  return null;
 }
 
 /** Lets ComfyUI's undo history and unsaved-changes mark see an edit made outside its own widgets. */

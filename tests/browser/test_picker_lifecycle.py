@@ -174,3 +174,66 @@ def test_a_copied_picker_keeps_nothing_running_once_its_node_is_deleted(open_pag
     assert len(timers["started"]) == 1, timers
     assert timers["started"][0] in timers["stopped"], timers
     assert tab.pack_problems() == []
+
+
+def test_picker_inside_a_subgraph_gets_its_last_run_back_after_switching_workflow_tabs(comfy_page, pictures):
+    """Switching to another workflow tab and back rebuilds the nodes, and ComfyUI puts back the outputs the
+    workflow's runs gave, keyed by execution id ('<subgraph node id>:<node id>' inside a subgraph, where
+    a run's outputs are otherwise kept under '<subgraph id>:<node id>'): the picker inside a subgraph
+    finds its last run there too, as one in the root graph does."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page, name)
+    wait_picture_ready(page, node_id)
+    sg = page.evaluate(JS_TO_SUBGRAPH, [node_id])
+    ref = {"filename": name, "subfolder": "", "type": "input"}
+    payload = {
+        "headseg_image": [ref], "headseg_size": [W, H], "headseg_pixel": [3, 4], "headseg_pixel_asked": [3, 4],
+        "headseg_index": [0], "headseg_masks": [ref, ref],
+        "headseg_mask_info": [{"area": 10, "k": 2, "cluster": 0}, {"area": 20, "k": 2, "cluster": 1}],
+    }  # fmt: skip
+    # a run's 'executed' message: ComfyUI keeps the output under the node's locator id, tells the node, and
+    # the workflow's change tracker keeps it under the execution id for the next time the tab is opened
+    root_id = page.evaluate(
+        """([sg, payload]) => {
+             const outer = app.graph.getNodeById(sg);
+             const inner = outer.subgraph.nodes.find(n => n.type === 'HeadSeg_MaskSelectAtPixel');
+             const root = LiteGraph.createNode('HeadSeg_MaskSelectAtPixel');  // and one in the root graph
+             root.pos = [900, 80];
+             app.graph.add(root);
+             const tracker = app.extensionManager.workflow.activeWorkflow.changeTracker;
+             tracker.nodeOutputs = {};
+             for (const [node, id] of [[inner, `${sg}:${inner.id}`], [root, String(root.id)]]) {
+               for (const w of node.widgets) { if (w.name === 'x') w.value = 3; if (w.name === 'y') w.value = 4; }
+               app.api.dispatchCustomEvent('executed', {node: id, display_node: id, output: payload, prompt_id: 'p'});
+               tracker.nodeOutputs[id] = payload;
+             }
+             tracker.checkState();
+             return root.id; }""",
+        [sg, payload],
+    )
+    js_thumbs = """(sg) => { const outer = app.graph.getNodeById(sg);
+                    const inner = outer?.subgraph.nodes.find(n => n.type === 'HeadSeg_MaskSelectAtPixel');
+                    return inner?.headsegPicker?.strip.querySelectorAll('.headseg-thumb').length ?? -1; }"""
+    page.wait_for_function(f"(sg) => ({js_thumbs})(sg) === 2", arg=sg, timeout=15_000)
+    first = page.evaluate("() => app.extensionManager.workflow.activeWorkflow.path")
+    page.evaluate("async () => { await app.extensionManager.command.execute('Comfy.NewBlankWorkflow'); }")
+    page.wait_for_function("(p) => app.extensionManager.workflow.activeWorkflow.path !== p", arg=first)
+    blank = page.evaluate("() => app.extensionManager.workflow.activeWorkflow.path")
+    settle(page, 500)
+    page.evaluate(
+        """async (p) => { const store = app.extensionManager.workflow;
+                          await app.extensionManager.command.execute('Workspace.PreviousOpenedWorkflow');
+                          if (store.activeWorkflow.path !== p) await app.extensionManager.command.execute('Workspace.NextOpenedWorkflow'); }""",
+        first,
+    )
+    page.wait_for_function("(p) => app.extensionManager.workflow.activeWorkflow.path === p", arg=first)
+    settle(page, 1500)  # the slow timer ticks the picker that no canvas draws
+    assert page.evaluate(js_thumbs, sg) == 2
+    assert page.evaluate("(id) => app.graph.getNodeById(id).headsegPicker.strip.querySelectorAll('.headseg-thumb').length", root_id) == 2
+    page.evaluate(
+        """async (p) => { const store = app.extensionManager.workflow;
+                          await store.closeWorkflow(store.openWorkflows.find(w => w.path === p)); }""",
+        blank,
+    )  # the tabs as the other tests found them
+    assert comfy_page.pack_problems() == []
