@@ -32,6 +32,25 @@ const LINKED_NO_PREVIEW_TEXT =
 // A picker whose node has been out of the workflow this long (ms) goes (see Picker.dropIfGone).
 const OUTSIDE_GRACE_MS = 1500;
 
+// Each run's UI payload -> the file the upstream node's preview showed beside it (previewFile; null until
+// one is known). Kept by payload, not by picker: undo and a workflow tab opened again rebuild the node,
+// and the rebuilt picker gets the same payload back from the outputs ComfyUI keeps.
+const RUN_UPSTREAM = new WeakMap();
+
+/** The file a preview URL shows: the URL without the random parameter ComfyUI adds to each new preview
+ * of the same file (null for none). */
+function previewFile(src) {
+  if (!src) return null;
+  try {
+    const url = new URL(src, window.location.href);
+    url.searchParams.delete("rand");
+    url.searchParams.sort();
+    return url.href;
+  } catch {
+    return src;
+  }
+}
+
 /** The picker + mask browser of one HeadSeg_MaskSelectAtPixel node. */
 export class Picker {
   constructor(node) {
@@ -417,6 +436,7 @@ export class Picker {
   onExecuted(output, adopt = true) {
     if (!output || typeof output !== "object") return;
     this.output = output;
+    if (!RUN_UPSTREAM.has(output)) RUN_UPSTREAM.set(output, previewFile(this.upstreamPreview()));
     if (adopt) {
       this.adoptMappedPixel();
       pixels.adoptMappedPoints(this.node, this.output);
@@ -445,6 +465,27 @@ export class Picker {
     return true;
   }
 
+  /** Whether the upstream node's preview shows another file than it did beside the run of ``output``
+   * (e.g. another picture chosen in Load Image): that run's picture is not the one the next run
+   * segments. Learns the file when the run's was not known. */
+  upstreamChangedSince(output) {
+    const now = previewFile(this.upstreamPreview());
+    if (now === null) return false; // no preview (yet): nothing to compare
+    const then = RUN_UPSTREAM.get(output) ?? null;
+    if (then === null) RUN_UPSTREAM.set(output, now);
+    return then !== null && then !== now;
+  }
+
+  /** The picture fed to the node changed since the last run: the picker goes back to showing it as before
+   * the first run (its own size, no thumbnails), so the pixel is picked on the picture the next run
+   * segments. */
+  dropOutdatedRun() {
+    this.output = null;
+    this.upstreamSrc = undefined; // the next tick shows the upstream preview
+    this.buildStrip();
+    this.sync(true);
+  }
+
   /** Called on every canvas draw of the node and by the slow timer: follows upstream previews and
    * widget edits. */
   tick() {
@@ -454,9 +495,10 @@ export class Picker {
     const key = outputKey(this.node);
     if (this.root.dataset.key !== key) this.root.dataset.key = key;
     this.takeOverDeadElement();
+    if (this.output && this.upstreamChangedSince(this.output)) this.dropOutdatedRun();
     if (!this.output) {
       const stored = storedOutput(this.node);
-      if (stored?.headseg_pixel || stored?.headseg_image) {
+      if ((stored?.headseg_pixel || stored?.headseg_image) && !this.upstreamChangedSince(stored)) {
         this.onExecuted(stored, false); // the node was rebuilt (undo): its widgets are left as they are
         return;
       }

@@ -16,6 +16,7 @@ from headseg.tests.browser.helpers import (
     decode_position,
     frame_rect,
     picker_selector,
+    rebuild_as_undo_does,
     screenshot_rgb,
     settle,
     synthetic_run,
@@ -344,4 +345,44 @@ def test_a_linked_picture_without_a_preview_asks_for_a_run(comfy_page):
         arg=sel,
         timeout=15_000,
     )
+    assert comfy_page.pack_problems() == []
+
+
+JS_LOAD_PICTURE = """(name) => { const load = app.graph.nodes.find(n => n.type === 'LoadImage');
+  const w = load.widgets.find(w => w.name === 'image'); w.value = name; w.callback?.(name); app.canvas.setDirty(true, true); }"""
+
+
+def test_another_picture_in_load_image_after_a_run_is_shown_to_pick_on(comfy_page, pictures):
+    """After a run the picker shows the run's picture. Another picture chosen in the Load Image that feeds
+    it (here of another size) is shown instead, as before the first run, so the pixel is picked on the
+    picture the next run segments, not on the last one (which showed no sign of the change); the last
+    run's thumbnails go with it, also when undo rebuilds the node. The first picture chosen again brings
+    that run back."""
+    name, W, H = pictures["landscape"]
+    other, OW, OH = pictures["portrait"]
+    page = comfy_page.page
+    node_id = add_picker(page, name)
+    wait_picture_ready(page, node_id)
+    sel = picker_selector(node_id)
+    synthetic_run(page, node_id, name, (W, H), (10, 20))
+    assert len(page.query_selector_all(sel + " .headseg-thumb")) == 2
+    shown = "(sel) => { const i = document.querySelector(sel + ' img.headseg-base'); return [i.naturalWidth, i.naturalHeight]; }"
+    page.evaluate(JS_LOAD_PICTURE, other)
+    page.wait_for_function(f"(sel) => ({shown})(sel)[0] === {OW}", arg=sel, timeout=10_000)
+    wait_picture_ready(page, node_id)
+    assert page.evaluate(shown, sel) == [OW, OH]
+    assert page.query_selector_all(sel + " .headseg-thumb") == []
+    assert f"{OW}×{OH}" in page.text_content(sel + " .headseg-info")
+    click_pixel(page, node_id, (OW, OH), (30, 140))  # a pixel of the new picture, as before the first run
+    values = page.evaluate(JS_WIDGETS, node_id)
+    assert (values["x"], values["y"]) == (30, 140)
+    rebuild_as_undo_does(page, node_id)  # the last run, still among ComfyUI's outputs, stays away
+    settle(page, 1500)
+    wait_picture_ready(page, node_id)
+    assert page.evaluate(shown, sel) == [OW, OH]
+    assert page.query_selector_all(sel + " .headseg-thumb") == []
+    page.evaluate(JS_LOAD_PICTURE, name)
+    page.wait_for_function("(sel) => document.querySelectorAll(sel + ' .headseg-thumb').length === 2", arg=sel, timeout=10_000)
+    wait_picture_ready(page, node_id)
+    assert page.evaluate(shown, sel) == [W, H]
     assert comfy_page.pack_problems() == []
