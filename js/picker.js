@@ -386,7 +386,9 @@ export class Picker {
     const index = this.currentIndex();
     const more = widget(this.node, "more_points")?.value;
     const indexLinked = isLinked(this.node, "index");
-    const key = `${p?.x},${p?.y},${index},${indexLinked},${this.size},${more}`;
+    // a link to more_points changes the pixels marked (the run's, not the widget's text) and the staleness
+    const moreLinked = isLinked(this.node, "more_points");
+    const key = `${p?.x},${p?.y},${index},${indexLinked},${this.size},${more},${moreLinked}`;
     if (!force && key === this.shown.key) return;
     this.shown.key = key;
     this.updateMarker();

@@ -194,7 +194,8 @@ def test_a_shift_click_with_a_jitter_in_the_vue_renderer_neither_drags_nor_selec
 
 def test_a_linked_more_points_shows_no_rings_of_the_widgets_old_text_before_a_run(comfy_page, pictures):
     """With more_points fed by a link, the rings and the info line show the pixels of the last run; before
-    one, none (not the widget's text from before it was linked, which the run does not use)."""
+    one, none (not the widget's text from before it was linked, which the run does not use), from the
+    moment the link is made."""
     name, W, H = pictures["landscape"]
     page = comfy_page.page
     node_id, sel = ready_picker(page, name)
@@ -204,10 +205,10 @@ def test_a_linked_more_points_shows_no_rings_of_the_widgets_old_text_before_a_ru
         """(id) => { const node = app.graph.getNodeById(id); const p = LiteGraph.createNode('PrimitiveStringMultiline');
                      p.pos = [40, 500]; app.graph.add(p);
                      p.connect(0, node, node.inputs.findIndex(i => i.name === 'more_points'));
-                     node.headsegPicker.sync(true); }""",
+                     app.canvas.setDirty(true, true); }""",
         node_id,
     )
-    settle(page, 300)
+    settle(page, 800)  # the picker follows the link on the next draw or tick, as it does a link to x, y or index
     assert page.evaluate(JS_RINGS, sel) == [] and " in" not in page.inner_text(sel + " .headseg-info")
     run_payload(page, node_id, name, (W, H), None, "7,8", [[7, 8, 1]])
     assert len(page.evaluate(JS_RINGS, sel)) == 1 and "+1 in" in page.inner_text(sel + " .headseg-info")
