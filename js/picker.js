@@ -226,7 +226,8 @@ export class Picker {
         this.info.textContent = "more_points comes from a link: shift / alt-clicks do not change it";
         return;
       }
-      setWidget(this.node, "more_points", pixels.togglePoint(points.value, p, !e.altKey, this.size));
+      const text = pixels.pointsText(this.node, this.output); // the pixels the rings show
+      setWidget(this.node, "more_points", pixels.togglePoint(text, p, !e.altKey, this.size));
       this.sync(true);
       recordChange();
       return;

@@ -154,6 +154,16 @@ export function currentPoints(node, output) {
   return linked ? [] : parsePoints(text); // a link's text is known after a run, not the widget's old one
 }
 
+/** The more_points text a shift- or alt-click edits: the widget's, or while it still holds the text the
+ * last run was given (e.g. a node rebuilt by undo, which takes no pixels over), the pixels that run mapped
+ * it to on the masks' grid, which the rings show and the click is on. */
+export function pointsText(node, output) {
+  const text = widget(node, "more_points")?.value;
+  const used = runPoints(output);
+  const asked = output?.headseg_points_asked?.[0];
+  return used !== null && typeof asked === "string" && text === asked ? formatPoints(used) : text;
+}
+
 /** The widget's more_points differ from those of the last run: its thumbnails are for other points. The
  * masks listed depend on which pixels are in and out, not on their order or repeats: the same pixels
  * written in another order are not stale. */

@@ -112,6 +112,30 @@ def test_points_a_run_mapped_onto_the_grid_are_taken_over_by_the_widget(comfy_pa
     assert frame_rect(page, node_id)["width"] > 20
 
 
+
+def test_a_shift_click_edits_the_mapped_pixels_the_rings_show_while_the_widget_holds_the_runs_text(comfy_page, pictures):
+    """While the widget still holds the more_points text the last run was given (a node that undo rebuilt
+    gets its run back with its widgets as they were), the rings show the pixels that run mapped it to:
+    a shift-click on a ring turns that pixel red, and one elsewhere adds a pixel beside it, both on the
+    masks' grid. The click was applied to the text of picture pixels instead: the ring clicked stayed
+    and a new one came, and the next run mapped the old pixel again beside the new grid pixel."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id, sel = ready_picker(page, name)
+    grid = (W // 2, H // 2)
+    set_more = "([id, text]) => { app.graph.getNodeById(id).widgets.find(w => w.name === 'more_points').value = text; }"
+    for clicked, expected in (((50, 30), "-50,30"), ((10, 40), "50,30; 10,40")):
+        page.evaluate(set_more, [node_id, "100,60"])
+        run_payload(page, node_id, name, grid, None, "100,60", [[50, 30, 1]])
+        page.evaluate(set_more, [node_id, "100,60"])  # the run's text, as undo to before it brings back
+        page.evaluate("() => app.canvas.setDirty(true, true)")
+        settle(page, 300)
+        (ring,) = page.evaluate(JS_RINGS, sel)
+        assert abs(float(ring["left"].rstrip("%")) - 50.5 / grid[0] * 100) < 1e-3
+        click_with(page, node_id, grid, clicked, "Shift")
+        assert page.evaluate(JS_MORE, node_id) == expected
+    assert comfy_page.pack_problems() == []
+
 # one entry each: the node's parse_points and the picker's parsePoints must read it alike
 POINT_TEXTS = [
     "12,40", " 012 , 040 ", "- 5,3", "-5,3\r", "\t7 ,\u00a08", "\ufeff5,3", "5,3\u2028", "1" + "0" * 21 + ",5",
