@@ -164,6 +164,25 @@ def test_the_picker_reads_more_points_as_the_node_does(comfy_page):
         assert parse_points(toggled) == (include + [(1, 1)], exclude), (ascii(text), toggled)
 
 
+def test_the_picker_reads_long_runs_of_blanks_in_time_in_proportion_to_the_text(comfy_page):
+    """Blanks on both sides of the optional '-' in one expression took time in the square of a run of blanks
+    before a typo (64 000 blanks: 12 s, the tab frozen); now milliseconds, read as parse_points reads them."""
+    from headseg.nodes.core.masks import parse_points
+
+    blanks = " \u3000\t" * 15000
+    texts = [blanks + "x", "1" + blanks + "x", "-" + blanks + "1" + blanks + ",x", "1,1" + blanks + "x",
+             blanks + "-" + blanks + "3" + blanks + "," + blanks + "4" + blanks]
+    points, ms = comfy_page.page.evaluate(
+        """async (texts) => { const m = await import('/extensions/HeadSeg/picker_pixels.js');
+             const start = performance.now(); const points = texts.map(t => m.parsePoints(t));
+             return [points, performance.now() - start]; }""",
+        texts,
+    )
+    assert ms < 1000, ms
+    assert points[:4] == [[], [], [], []] and points[4] == [{"x": 3, "y": 4, "keep": False}]
+    assert parse_points(texts[4]) == ([], [(3, 4)])
+
+
 def test_a_shift_click_keeps_an_entry_that_is_no_pixel_for_the_node_to_name(comfy_page):
     """A typo in more_points ('300 200') stays as written through shift / alt-clicks: the node then names
     it when queued, instead of running without that pixel."""
