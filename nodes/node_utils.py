@@ -66,7 +66,12 @@ def as_recording(value, latent=None, name: str = "recording") -> Recording:
         value = value.snapshot(samples)  # the run that produced this LATENT
     elif latent is not None:  # a recording from a file: the LATENT only orders the nodes, so it must be of that image
         samples = latent.get("samples") if isinstance(latent, dict) else None
-        if isinstance(value, Recording) and isinstance(samples, torch.Tensor) and samples.dim() >= 4 and value.layers:
+        if isinstance(value, Recording) and not (isinstance(samples, torch.Tensor) and samples.dim() >= 4):
+            shape = f"samples of shape {tuple(samples.shape)}" if isinstance(samples, torch.Tensor) else type(latent).__name__
+            raise ValueError(
+                f"latent: expected a LATENT (a dict with 'samples' of shape [B, C, h, w]), got {shape}"
+            )
+        if isinstance(value, Recording) and value.layers:
             B, (h, w) = int(samples.shape[0]), tuple(int(n) for n in samples.shape[-2:])
             if (h, w) != value.latent_size or B != value.batch_size:
                 H, W = value.image_size

@@ -645,6 +645,12 @@ def test_a_loaded_recording_with_a_latent_of_another_image_is_refused(recording)
     for shape in ((1, 4, W // 8, H // 8), (2, 4, H // 8, W // 8)):
         with pytest.raises(ValueError, match=r"^latent: the recording \(from a file\) is of 1 image\(s\) of 192x128 pixels"):
             HeadPCA.execute(recording, "down+up", "all", 4, latent={"samples": torch.zeros(shape)})
+    # something else linked into latent (another pack's any-type switch links anything) was taken for a
+    # matching LATENT: it is named
+    for bad, got in (({"x": 1}, "dict"), (torch.zeros(1, 4, H // 8, W // 8), "Tensor"),
+                     ({"samples": torch.zeros(H // 8, W // 8)}, r"samples of shape \(16, 24\)")):
+        with pytest.raises(ValueError, match=rf"^latent: expected a LATENT \(a dict with 'samples' of shape \[B, C, h, w\]\), got {got}"):
+            HeadPCA.execute(recording, "down+up", "all", 4, latent=bad)
 
 
 def test_a_linked_path_is_read_again_when_its_file_is_replaced_and_only_then(io_nodes, recording, comfy_folders):
