@@ -26,6 +26,8 @@ import { addStyle } from "./styles.js";
 
 const NO_IMAGE_TEXT =
   "No image yet: connect an image (e.g. Load Image) to 'image' or queue the workflow, then click here to pick a pixel.";
+const LOST_RUN_TEXT =
+  "The last run's pictures are gone (ComfyUI empties its temp folder when it starts): queue the workflow again, then click here to pick a pixel.";
 const LINKED_NO_PREVIEW_TEXT =
   "The picture comes from a node that shows no preview here (or from outside this subgraph): queue the workflow once, then click here to pick a pixel.";
 
@@ -36,6 +38,8 @@ const OUTSIDE_GRACE_MS = 1500;
 // one is known). Kept by payload, not by picker: undo and a workflow tab opened again rebuild the node,
 // and the rebuilt picker gets the same payload back from the outputs ComfyUI keeps.
 const RUN_UPSTREAM = new WeakMap();
+// Runs whose picture the server no longer has (it was restarted): not restored when the node is rebuilt.
+const LOST_RUNS = new WeakSet();
 
 /** The file a preview URL shows: the URL without the random parameter ComfyUI adds to each new preview
  * of the same file (null for none). */
@@ -80,7 +84,7 @@ export class Picker {
     this.frame.style.display = "none";
 
     this.img.addEventListener("load", () => this.onImageLoad());
-    this.img.addEventListener("error", () => this.showMessage("Could not load the picture."));
+    this.img.addEventListener("error", () => this.onImageError());
     this.frame.addEventListener("pointerdown", (e) => this.onPointerDown(e));
     for (const type of ["pointermove", "pointerup", "pointercancel", "lostpointercapture"]) {
       this.frame.addEventListener(type, (e) => this.onPressEvent(e));
@@ -138,7 +142,22 @@ export class Picker {
 
   /** What to say while there is no picture: connect one, or (connected) queue once to see it. */
   noImageText() {
+    if (this.lostRun) return LOST_RUN_TEXT;
     return isLinked(this.node, "image") ? LINKED_NO_PREVIEW_TEXT : NO_IMAGE_TEXT;
+  }
+
+  /** The picture did not load. The last run's picture (and thumbnails) are gone when the server was
+   * restarted since (a node rebuilt by undo or a workflow tab opened again gets that run back): the picker
+   * goes back to the upstream preview as before the first run, or says to queue again. */
+  onImageError() {
+    const out = this.output;
+    if (out && this.src === fileUrl(out.headseg_image?.[0] ?? out.images?.[0])) {
+      LOST_RUNS.add(out);
+      this.lostRun = true;
+      this.dropOutdatedRun();
+      return;
+    }
+    this.showMessage("Could not load the picture.");
   }
 
   upstreamPreview() {
@@ -439,6 +458,7 @@ export class Picker {
   onExecuted(output, adopt = true) {
     if (!output || typeof output !== "object") return;
     this.output = output;
+    this.lostRun = false;
     if (!RUN_UPSTREAM.has(output)) RUN_UPSTREAM.set(output, previewFile(this.upstreamPreview()));
     if (adopt) {
       this.adoptMappedPixel();
@@ -501,7 +521,8 @@ export class Picker {
     if (this.output && this.upstreamChangedSince(this.output)) this.dropOutdatedRun();
     if (!this.output) {
       const stored = storedOutput(this.node);
-      if ((stored?.headseg_pixel || stored?.headseg_image) && !this.upstreamChangedSince(stored)) {
+      const restorable = (stored?.headseg_pixel || stored?.headseg_image) && !LOST_RUNS.has(stored);
+      if (restorable && !this.upstreamChangedSince(stored)) {
         this.onExecuted(stored, false); // the node was rebuilt (undo): its widgets are left as they are
         return;
       }

@@ -237,3 +237,55 @@ def test_picker_inside_a_subgraph_gets_its_last_run_back_after_switching_workflo
         blank,
     )  # the tabs as the other tests found them
     assert comfy_page.pack_problems() == []
+
+
+JS_LOST_RUN = """([id, size]) => { const ref = {filename: 'headseg_gone_00001_.png', subfolder: '', type: 'temp'};
+  const payload = {headseg_image: [ref], headseg_size: size, headseg_pixel: [1, 1], headseg_pixel_asked: [1, 1],
+                   headseg_index: [0], headseg_masks: [ref, ref],
+                   headseg_mask_info: [{area: 10, k: 2, cluster: 0}, {area: 20, k: 2, cluster: 1}]};
+  app.nodeOutputs[String(id)] = payload; app.graph.getNodeById(id).onExecuted(payload); }"""
+
+JS_PICKER_STATE = """(sel) => { const root = document.querySelector(sel);
+  const img = root.querySelector('img.headseg-base'); const msg = root.querySelector('.headseg-message');
+  return {thumbs: root.querySelectorAll('.headseg-thumb').length, natural: [img.naturalWidth, img.naturalHeight],
+          framed: getComputedStyle(root.querySelector('.headseg-frame')).display !== 'none',
+          message: getComputedStyle(msg).display === 'none' ? '' : msg.textContent}; }"""
+
+
+def test_a_run_whose_pictures_the_server_lost_gives_way_to_the_upstream_picture(comfy_page, pictures):
+    """ComfyUI empties its temp folder when it starts: a node rebuilt later (undo, a workflow tab opened again)
+    got back a run whose picture and thumbnails answer 404, and the picker said only 'Could not load the
+    picture.', with nothing to click on until the next run. It now shows the upstream picture to pick on, as
+    before the first run, and does not bring that run back when the node is rebuilt again."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page, name)
+    wait_picture_ready(page, node_id)
+    sel = picker_selector(node_id)
+    page.evaluate(JS_LOST_RUN, [node_id, [W // 2, H // 2]])
+    page.wait_for_function(
+        """([sel, w, h]) => { const img = document.querySelector(sel + ' img.headseg-base');
+             return img.complete && img.naturalWidth === w && img.naturalHeight === h
+                    && !document.querySelector(sel + ' .headseg-thumb'); }""",
+        arg=[sel, W, H],
+        timeout=15_000,
+    )
+    wait_picture_ready(page, node_id)
+    state = page.evaluate(JS_PICKER_STATE, sel)
+    assert state == {"thumbs": 0, "natural": [W, H], "framed": True, "message": ""}
+    rebuild_as_undo_does(page, node_id)
+    view_picker(page, node_id, 1.0)
+    wait_picture_ready(page, node_id)
+    settle(page, 600)
+    assert page.evaluate(JS_PICKER_STATE, sel) == state
+
+    # no picture upstream: the picker says what happened and what to do
+    bare = add_picker(page)
+    page.evaluate(JS_LOST_RUN, [bare, [W, H]])
+    page.wait_for_function(
+        "(sel) => document.querySelector(sel + ' .headseg-message').textContent.includes('queue the workflow again')",
+        arg=picker_selector(bare),
+        timeout=15_000,
+    )
+    settle(page, 600)  # the slow timer leaves the message
+    assert "temp folder" in page.evaluate(JS_PICKER_STATE, picker_selector(bare))["message"]
