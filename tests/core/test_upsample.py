@@ -180,10 +180,15 @@ def test_materialise_equals_explicit_reference(mode, size):
     torch.testing.assert_close(stack.materialise(size=(9, 11), batch_index=1), explicit_stack(feats, (9, 11), mode)[1:2], rtol=1e-6, atol=1e-6)
 
 
-def test_matrices_reproduce_upsample_of_a_grid():
-    stack = make_feature_stack(features(), size=(24, 36))
-    mh, mw = stack.matrices(1)
-    torch.testing.assert_close(mh @ stack.grids[1] @ mw.T, reference_interpolate(stack.grids[1], (24, 36), "bilinear"), rtol=1e-6, atol=1e-6)
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_matrices_reproduce_upsample_of_a_grid(mode):
+    """Both matrices follow the stack's mode, at its size or at the size asked for (rows and columns at
+    different, non-integer ratios, where a wrong mode or a swapped axis changes the product)."""
+    stack = make_feature_stack(features(), mode=mode, size=(24, 36))
+    for size, expected in ((None, (24, 36)), ((17, 29), (17, 29))):
+        mh, mw = stack.matrices(1, size)
+        assert mh.shape == (expected[0], stack.grids[1].shape[2]) and mw.shape == (expected[1], stack.grids[1].shape[3])
+        torch.testing.assert_close(mh @ stack.grids[1] @ mw.T, reference_interpolate(stack.grids[1], expected, mode), rtol=1e-6, atol=1e-6)
 
 
 def test_resolution_weights_eq5():
