@@ -113,6 +113,21 @@ def test_assignment_and_update_equal_brute_force(mode, size, chunk, shapes, monk
         assert var == pytest.approx(float(Xi.var(0, unbiased=False).mean()), rel=1e-6)
 
 
+def test_lattice_rows_and_columns_are_the_centres_of_equal_bins():
+    """A lattice of n_keep rows (or columns) of n_out stands for n_keep equal bins of them, each by the
+    pixel at its centre (a lattice of every 2nd pixel takes the second of each pair, not the first)."""
+    assert lattice.sample_positions(8, 4, "cpu").tolist() == [1, 3, 5, 7]
+    assert lattice.sample_positions(16, 4, "cpu").tolist() == [2, 6, 10, 14]
+    assert lattice.sample_positions(10, 3, "cpu").tolist() == [1, 5, 8]  # centres 1.67, 5, 8.33
+    assert lattice.sample_positions(7, 7, "cpu").tolist() == list(range(7))
+    for n_out in range(1, 41):
+        for n_keep in range(1, n_out + 1):
+            pos = lattice.sample_positions(n_out, n_keep, "cpu")
+            centres = [(i + 0.5) * n_out / n_keep for i in range(n_keep)]
+            # the pixel [p, p + 1] that holds the bin's centre (a centre on a pixel border may round either way)
+            assert all(p - 1e-9 <= c <= p + 1 + 1e-9 for p, c in zip(pos.tolist(), centres)), (n_out, n_keep, pos.tolist())
+
+
 def test_assignment_memory_stays_near_its_chunk_as_k_grows():
     """A full-image assignment holds the y-upsampled scores [K, ny, sum w_g] and its labels and scores;
     the rest (the scores of every grid row and their block operands, gathered at once, 2.6 times the
