@@ -92,6 +92,20 @@ def test_sweep_to_masks_order_and_partition():
         sweep_to_masks(sweep, 2)
 
 
+def test_sweep_stored_in_any_order_gives_its_masks_k_ascending():
+    """A ClusterSweep built by hand with its k out of order: the masks still come k ascending, and merging
+    them as masks or from the label maps (merge_sweep, which sorts the k) keeps the same masks."""
+    maps = {k: torch.stack([blocky_labels(k, seed=k)]) for k in (8, 2, 5)}
+    ordered = make_sweep(maps)
+    unordered = ClusterSweep({k: ordered.results[k] for k in (8, 2, 5)}, ordered.size)
+    ms = sweep_to_masks(unordered, 0)
+    assert ms.k.tolist() == [2] * 2 + [5] * 5 + [8] * 8
+    assert torch.equal(ms.masks, sweep_to_masks(ordered, 0).masks)
+    want = merge_sweep(unordered, 0, iou_threshold=0.5)
+    got = merge_masks(ms, iou_threshold=0.5)
+    assert torch.equal(got.masks, want.masks) and torch.equal(got.k, want.k) and torch.equal(got.cluster, want.cluster)
+
+
 # ----------------------------------------------------------------------------- merge
 def test_merge_keeps_first_of_identical_masks():
     a = torch.zeros(10, 10, dtype=torch.bool)
