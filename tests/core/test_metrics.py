@@ -143,6 +143,15 @@ def test_masks_on_the_meta_device_are_named():
             call()
 
 
+def test_average_class_iou_of_a_single_class_is_its_iou():
+    """One class besides the void label: the mean over the classes present is that class's best IoU."""
+    gt = torch.full((8, 8), 3, dtype=torch.int64)
+    gt[0, :] = 255  # void row: ignored
+    predicted = torch.stack([box(0, 8, 0, 4), box(0, 8, 0, 6)])  # on the valid rows 1-7: 28 and 42 of 56 px
+    assert class_ious(gt, predicted) == {3: pytest.approx(42 / 56)}
+    assert average_class_iou(gt, predicted) == pytest.approx(42 / 56)
+
+
 def test_average_class_iou_bad_input():
     predicted = torch.stack([LEFT])
     with pytest.raises(ValueError, match="gt_labels"):
