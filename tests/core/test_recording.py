@@ -14,6 +14,7 @@ from headseg.nodes.core.recording import (
     FORMAT,
     LayerKey,
     Recording,
+    check_size,
     grid_levels,
     is_recording_file,
     load_recording,
@@ -80,6 +81,18 @@ def test_sort_key_is_unet_execution_order():
     assert [k.name for k in ordered] == [
         "input.1.0", "input.8.0", "input.8.1", "middle.0.0", "output.2.0", "output.10.0", "output.11.0"
     ]
+    # SDXL: every transformer of block input.4 runs before any of input.5 (number before depth)
+    sdxl = ["input.5.0", "input.4.1", "output.0.9", "input.4.0", "output.1.0", "input.5.1"]
+    assert [k.name for k in sorted((LayerKey.parse(n) for n in sdxl), key=lambda k: k.sort_key)] == [
+        "input.4.0", "input.4.1", "input.5.0", "input.5.1", "output.0.9", "output.1.0"
+    ]
+
+
+def test_image_sides_up_to_16384_pixels_are_taken():
+    assert check_size((16384, 1)) == (16384, 1) and check_size([8, 16384]) == (8, 16384)
+    for size in ((16385, 8), (8, 16385)):
+        with pytest.raises(ValueError, match=r"size must be at most 16384 pixels per side"):
+            check_size(size)
 
 
 def test_recording_orders_layers_by_unet_order():
@@ -297,6 +310,22 @@ def test_save_rejects_values_beyond_float16(tmp_path):
     rec.layers[LayerKey("input", 4, 0)][0, 0, 0, 0, 0] = 1e6
     with pytest.raises(ValueError, match=r"input\.4\.0.*float16"):
         save_recording(rec, tmp_path / "x.safetensors")
+
+
+def test_save_checks_the_float16_range_over_every_image_of_the_batch(tmp_path):
+    """float16's largest number (65504) is written as it is; 70000, which float16 makes inf, is refused,
+    in the second image too. A head whose values lie below float16's normal numbers in one image only is
+    no such head: it is saved."""
+    rec = sd21_recording(dtype=torch.float32, batch=2)
+    key = LayerKey("input", 4, 0)
+    rec.layers[key][1, 0, 0, 0, 0] = 65504.0
+    rec.layers[key][0, 1] *= 1e-6  # head 1: about 1e-6 in image 0, ordinary in image 1
+    save_recording(rec, tmp_path / "x.safetensors")
+    back = load_recording(tmp_path / "x.safetensors")
+    assert float(back.layers[key][1, 0, 0, 0, 0]) == 65504.0
+    rec.layers[key][1, 0, 0, 0, 0] = 70000.0
+    with pytest.raises(ValueError, match=r"input\.4\.0 has values beyond the float16 range"):
+        save_recording(rec, tmp_path / "y.safetensors")
 
 
 @pytest.mark.parametrize("batch", [1, 2])
