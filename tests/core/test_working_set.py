@@ -1,6 +1,8 @@
 """k-means on the working set in Gram space against the same algorithm written in feature space,
 and against scikit-learn on planted blobs."""
 
+import math
+
 import pytest
 import torch
 from sklearn.cluster import KMeans
@@ -95,6 +97,62 @@ def test_kmeans_pp_picks_distinct_points_spread_over_blobs():
     assert picks.shape == (3, 5) and picks.dtype == torch.int64
     for start in picks:
         assert sorted(truth[start].tolist()) == [0, 1, 2, 3, 4]  # one centre in every planted blob
+
+
+def greedy_pp_reference(D, k, first, u):
+    """Greedy k-means++ as scikit-learn's _kmeans_plusplus, one start: squared distances D [n, n], the
+    first pick, uniforms u [k-1, trials] -> the k picks. Candidates by inverse CDF of the distances to the
+    nearest pick (uniform when every point sits on a pick); the candidate of least potential wins."""
+    n = D.shape[0]
+    picks, closest = [first], D[first].clone()
+    for step in range(1, k):
+        weights = closest if float(closest.sum()) > 0 else torch.ones_like(closest)
+        cdf = weights.cumsum(0)
+        cands = [min(int((cdf <= float(t) * float(cdf[-1])).sum()), n - 1) for t in u[step - 1]]
+        potentials = [float(torch.minimum(closest, D[c]).sum()) for c in cands]
+        best = cands[potentials.index(min(potentials))]
+        picks.append(best)
+        closest = torch.minimum(closest, D[best])
+    return picks
+
+
+@pytest.mark.parametrize("k", [2, 5, 9, 24])
+def test_kmeans_pp_equals_greedy_kmeans_pp_with_the_same_draws(k):
+    """Every start of kmeans_pp is scikit-learn's greedy k-means++ with 2 + ln k candidates per step,
+    fed the same random numbers (pp_draws, drawn up front)."""
+    X, _ = blobs(n=200, C=6, k=6, spread=0.8, seed=k)
+    ws = WorkingSet.from_features(X)
+    D = ws.sq_dist(torch.arange(ws.n))  # [n, n] float64, the distances kmeans_pp reads
+    first, u = wsm.pp_draws(k, 4, ws.n, torch.Generator().manual_seed(7))
+    assert tuple(u.shape) == (k - 1, 4, 2 + int(math.log(k)))  # scikit-learn's n_local_trials
+    picks = kmeans_pp(ws, k, 4, torch.Generator().manual_seed(7))  # [4, k]
+    for i in range(4):
+        assert picks[i].tolist() == greedy_pp_reference(D, k, int(first[i]), u[:, i]), i
+
+
+def test_pp_candidates_never_draw_a_pick_and_draw_uniformly_when_all_are_picked():
+    """Inverse CDF: candidate j is drawn for targets in [cdf[j-1], cdf[j]), so a point of weight 0 (on a
+    pick) is never drawn, even for a uniform of 0 or a target on a step of the CDF; when every point sits
+    on a pick the draw is uniform over the points."""
+    closest = torch.tensor([[0.0, 0.0, 1.0, 0.0, 1.0, 2.0], [0.0] * 6], dtype=torch.float64)  # cdf 0 0 1 1 2 4
+    u = torch.tensor([[0.0, 0.25, 0.5, 0.999], [0.0, 0.25, 0.5, 0.999]], dtype=torch.float64)
+    # targets 0, 1, 2, 3.996 -> points 2, 4, 5, 5; uniform over 6 points: 0, 1.5, 3, 5.994 -> 0, 1, 3, 5
+    assert wsm.pp_candidates(closest, u).tolist() == [[2, 4, 5, 5], [0, 1, 3, 5]]
+
+
+def test_starts_do_not_depend_on_the_features_scale():
+    """tol is relative to the working set's variance (scikit-learn's rule): features scaled by an exact
+    power of two give the same picks, members and iterations."""
+    X, _ = blobs(n=300, C=8, k=5, spread=1.5, seed=4)
+    runs = {}
+    for scale in (1.0, 2.0**-12, 2.0**12):
+        ws = WorkingSet.from_features(X * scale)
+        runs[scale] = starts(ws, 5, 6, torch.Generator().manual_seed(3), 100, 1e-2)
+    for scale in (2.0**-12, 2.0**12):
+        for a, b in zip(runs[1.0], runs[scale]):
+            assert torch.equal(a.members, b.members) and torch.equal(a.point, b.point)
+            assert a.iters == b.iters
+            assert b.inertia == pytest.approx(a.inertia * scale**2, rel=1e-6)
 
 
 def test_empty_cluster_is_refilled_on_the_farthest_point():
@@ -263,6 +321,26 @@ def test_the_centroid_shift_stops_lloyd_where_feature_space_lloyd_stops(monkeypa
             torch.testing.assert_close(got.double(), want_c, rtol=1e-4, atol=1e-4)
             decided += 1
     assert decided >= 20
+
+
+def test_an_iteration_that_refills_a_cluster_never_stops_on_a_small_gain(monkeypatch):
+    """The inertia-gain rule skips iterations that refilled an empty cluster (the refilled centroid has
+    not been a mean yet): with RTOL so large that any gain is small, a start without empty clusters stops
+    after its first iteration, and one with an empty cluster after its second, with feature-space
+    Lloyd's centroids after two iterations (the refill of the first included); one k and batched alike."""
+    monkeypatch.setattr(wsm, "RTOL", 1e9)
+    X, _ = blobs(n=240, C=10, k=4, spread=1.5, seed=0)
+    ws = WorkingSet.from_features(X)
+    plain = kmeans_pp(ws, 5, 1, torch.Generator().manual_seed(0))[0]  # [5] distinct points
+    empty = torch.tensor([0, 0, 1, 2, 5])  # clusters 0 and 1 on one point: 1 gets nothing and is refilled
+    for start, want_iters in ((plain, 1), (empty, 2)):
+        want_c, _, _ = feature_space_lloyd_with_tol(X, X[start], 0.0, max_iter=want_iters)
+        run = lloyd(ws, start[None], max_iter=100, tol=0.0)[0]
+        assert run.iters == want_iters, start.tolist()
+        torch.testing.assert_close(run.centroids(ws).double(), want_c, rtol=1e-4, atol=1e-4)
+        members, point, _, iters = kmeans_batched._gram_lloyd(ws, torch.tensor([5]), start[None], 100, 0.0)
+        assert int(iters[0]) == want_iters, start.tolist()
+        torch.testing.assert_close(kmeans_batched.run_centroids(ws, members, point, 5)[0].double(), want_c, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("N, n, name", [(5, 6, "n"), (5, -1, "n"), (5, 2.0, "n"), (5, True, "n"), (-1, 0, "N"), (5.0, 2, "N")])
