@@ -308,6 +308,22 @@ def test_pca_rgb_shows_the_first_three_components_of_many():
     assert torch.equal(img[0].permute(2, 0, 1), patterns[:3])
 
 
+def test_pca_rgb_normalises_each_component_of_each_head_on_its_own():
+    """Components of very different spreads (the first has the most variance) each span 0..1: the pattern
+    of the third is as visible as the first's; a second head of another scale is stretched the same way."""
+    pattern = torch.tensor([[0.0, 1.0], [2.0, 3.0]])  # [2, 2]
+    spreads = torch.tensor([100.0, 1.0, 0.01])
+    offsets = torch.tensor([-50.0, 7.0, 0.5])
+    head = pattern[:, :, None] * spreads + offsets  # [2, 2, 3]
+    layer = torch.stack([head, 1e-3 * head])[None]  # [1, 2, 2, 2, 3]: two heads
+    feats = HeadFeatures({LayerKey("input", 1, 0): layer}, (16, 16), 3)
+    img = pca_rgb_grid(feats, cell=2)  # one pixel per token
+    assert_image(img, (1, 2, 4, 3))
+    expected = (pattern / 3.0)[:, :, None].expand(2, 2, 3)  # every channel the pattern, min-max normalised
+    torch.testing.assert_close(img[0, :, :2], expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(img[0, :, 2:], expected, rtol=0, atol=1e-6)
+
+
 def test_overlay_masks_treats_soft_masks_beyond_zero_and_one_as_zero_and_one():
     image = torch.rand(1, 1, 4, 3, generator=torch.Generator().manual_seed(2))
     soft = torch.tensor([[[2.0, -1.0, 1.0, 0.0]]])
