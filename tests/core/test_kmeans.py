@@ -807,6 +807,40 @@ def test_exact_lloyd_refills_an_empty_cluster():
     assert int(torch.bincount(labels.reshape(-1), minlength=3).min()) >= 1
 
 
+def test_the_polish_on_a_coarser_lattice_weighs_its_gains_against_that_lattices_inertia(monkeypatch):
+    """The polish on the 1/4 lattice of a 128 x 128 image stops on a small gain relative to the inertia of
+    that lattice: the sum of ||F(p)||^2 it is given stands for its own pixels (estimated from the full
+    image's), not for the full image's four times as many; in the one-k and the all-k-at-once sweep."""
+    seen = []
+    lloyd = lattice.Lattice.lloyd
+
+    def spy(self, centroids, max_iter, tol, X, xx, total_sq, *args, **kwargs):
+        exact = float((self.materialise().double() ** 2).sum())  # [ny*nx, C] explicit features of the lattice
+        seen.append((self.num_pixels, total_sq, exact))
+        return lloyd(self, centroids, max_iter, tol, X, xx, total_sq, *args, **kwargs)
+
+    monkeypatch.setattr(lattice.Lattice, "lloyd", spy)
+    stack = random_stack(size=(128, 128), seed=5, shapes=[(6, 16, 16), (6, 8, 8)])
+    kmeans(stack, 4, seed=0)
+    assert [n for n, _, _ in seen] == [64 * 64, 128 * 128]
+    for _, total_sq, exact in seen:
+        assert total_sq == pytest.approx(exact, rel=0.05)
+    # the GPU's all-k-at-once sweep (run on the CPU) hands its polish the same sums
+    seen_batched = []
+    dense_lloyd = km.batched.DenseLattice.lloyd
+
+    def dense_spy(self, centroids, sizes, max_iter, tol, rtol, total_sq, *args, **kwargs):
+        seen_batched.append((self.num_pixels, total_sq))
+        return dense_lloyd(self, centroids, sizes, max_iter, tol, rtol, total_sq, *args, **kwargs)
+
+    monkeypatch.setattr(km.batched.DenseLattice, "lloyd", dense_spy)
+    monkeypatch.setattr(km, "_BATCHED_DEVICES", ("cuda", "cpu"))
+    kmeans(stack, 4, seed=0)
+    assert [n for n, _ in seen_batched] == [64 * 64, 128 * 128]
+    for (_, total_sq), (_, exact_total, _) in zip(seen_batched, seen):
+        assert total_sq == pytest.approx(exact_total, rel=1e-9)
+
+
 @pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("factor", [2.0**-20, 2.0**20])
 def test_the_polish_stops_alike_at_any_scale_inside_the_unscaled_range(factor, batched, monkeypatch):
