@@ -22,6 +22,13 @@ from .recording import check_batch_index, integer_index, is_int, is_real
 
 # Pixels per chunk when counting intersections of masks.
 _CHUNK_PIXELS = 1 << 16
+# Mask Merge counts the overlaps of the clusters of every pair of k over the distinct tuples of labels of
+# the pixels (one label per k) from this many k on (below it, e.g. the default five, both take about the same
+# time), when there are at most N / _FEW_TUPLES tuples and their labels take at most _TUPLE_BYTES_PER_PIXEL
+# bytes per pixel; else over the pixels (_label_intersections).
+_TUPLES_FROM_G = 6
+_FEW_TUPLES = 8
+_TUPLE_BYTES_PER_PIXEL = 2
 # labels_to_masks refuses to build more than this many bytes of bool masks.
 _MAX_MASK_BYTES = 4 << 30
 # The dtypes a label map may have (Multi K-Means makes uint8 ones).
@@ -145,25 +152,80 @@ def _intersections(masks: torch.Tensor) -> torch.Tensor:
     return out.round().long()
 
 
+def _label_tuples(labels: list[torch.Tensor], ks: list[int], ids: torch.Tensor):
+    """The distinct tuples of labels (one label per k) of the N pixels of G >= 2 label maps -> (tuples
+    G x [U] in the maps' dtype: each tuple's label at each k; count [U] int64: its pixels), or None as soon
+    as there are more than N / _FEW_TUPLES of them, or their labels would take more than
+    _TUPLE_BYTES_PER_PIXEL * N bytes, or a step more than N / 2 slots (below; 8 bytes each).
+
+    Refined one k at a time, largest k first (the slots of the last, most refined steps are then those of
+    the smallest k), with no sort: a pixel's tuple id so far times k_j plus its label at k_j is one of
+    U * k_j slots; the slots in use (a bincount), numbered in order (a cumulative sum), are the new ids.
+    ids [N] int32 is the working buffer (each pixel's tuple id, then slot), left holding anything."""
+    N, G = ids.numel(), len(ks)
+    most = min(N // _FEW_TUPLES, _TUPLE_BYTES_PER_PIXEL * N // (G * labels[0].element_size()))
+    order = sorted(range(G), key=lambda j: -ks[j])  # largest k first
+    ids.copy_(labels[order[0]])
+    U = ks[order[0]]
+    for n, j in enumerate(order[1:], start=2):
+        k = ks[j]
+        if U * k > N // 2:  # the slots' int64 counts: at most 4 bytes per pixel, as ids
+            return None
+        ids.mul_(k).add_(labels[j])  # [N] slot < U * k <= N / 2: int32
+        count = torch.bincount(ids, minlength=U * k)  # [U * k] pixels per slot
+        used = count.nonzero().flatten()  # [U] the slots in use, ascending
+        U = used.numel()
+        if U > most:
+            return None
+        if n < G:  # ids <- the new id of each pixel's slot, a chunk at a time (no second [N] buffer)
+            count.clamp_(max=1).cumsum_(0)  # [U * k] slot in use -> its new id + 1
+            for p in range(0, N, _CHUNK_PIXELS):
+                ids[p : p + _CHUNK_PIXELS] = torch.index_select(count, 0, ids[p : p + _CHUNK_PIXELS]).sub_(1)
+    slots, count = count.numel(), count[used]  # [U] pixels per tuple
+    # a pixel of each last slot in use (any one: its labels are the tuple's) gives the tuple's labels
+    pixel = torch.empty(slots, dtype=torch.int64, device=ids.device)  # [U * k] by slot
+    for p in range(0, N, _CHUNK_PIXELS):
+        chunk = ids[p : p + _CHUNK_PIXELS].to(torch.int64)
+        pixel.scatter_(0, chunk, torch.arange(p, p + chunk.numel(), device=ids.device))
+    pixel = pixel[used]  # [U]
+    return [label[pixel] for label in labels], count
+
+
 def _label_intersections(sweep: ClusterSweep, batch_index: int) -> torch.Tensor:
     """[M, M] int64 pairwise intersections of the masks of sweep_to_masks(sweep, batch_index), counted
-    from the label maps: one bincount per pair of cluster counts (contingency tables), no mask products."""
+    from the label maps: one contingency table per pair of cluster counts, no mask products.
+
+    The tables are counted over the distinct tuples of labels of the pixels (_label_tuples: each pixel's
+    cluster at every k, with its pixel count), read once per k; only when there are too many of them
+    (labels at random), over the pixels, one bincount of all of them per pair. The same counts either way."""
     ks = sorted(sweep.results)
     labels = [sweep.results[k].labels[batch_index].reshape(-1) for k in ks]  # G x [N], as stored (uint8 from Multi K-Means)
     starts = [0]
     for k in ks:
         starts.append(starts[-1] + k)
     out = torch.zeros(starts[-1], starts[-1], dtype=torch.int64, device=labels[0].device)  # [M, M]
-    pair = torch.empty(labels[0].shape, dtype=torch.int32, device=labels[0].device)  # [N], reused by every pair
     for a, (ka, la) in enumerate(zip(ks, labels)):
         sa = slice(starts[a], starts[a + 1])
         out[sa, sa] = torch.diag(torch.bincount(la, minlength=ka))  # clusters of one k are disjoint
-        # la * kb + lb < MAX_CLUSTERS**2 fits int32: one [N] int32 buffer for every pair, not an int64 copy
-        # of every k's label map and two int64 temporaries per pair
+    # la * kb + lb < MAX_CLUSTERS**2 fits int32: one [N] int32 buffer, for the tuples' ids or for every
+    # pair's codes, not an int64 copy of every k's label map and two int64 temporaries per pair
+    buf = torch.empty(labels[0].shape, dtype=torch.int32, device=labels[0].device)  # [N]
+    tuples = _label_tuples(labels, ks, buf) if len(ks) >= _TUPLES_FROM_G and buf.numel() < 2**31 else None
+    count = None  # [U] pixels of each tuple, when the tables are counted over the tuples
+    if tuples is not None:  # one code per tuple, counted with its pixels
+        labels, count = tuples  # G x [U], [U]
+        del buf
+    for a in range(len(ks)):
+        ka, sa = ks[a], slice(starts[a], starts[a + 1])
         for b in range(a + 1, len(ks)):
             kb, sb = ks[b], slice(starts[b], starts[b + 1])
-            pair.copy_(la).mul_(kb).add_(labels[b])  # [N] int32
-            table = torch.bincount(pair, minlength=ka * kb).view(ka, kb)  # [ka, kb]
+            if count is None:
+                buf.copy_(labels[a]).mul_(kb).add_(labels[b])  # [N] int32
+                table = torch.bincount(buf, minlength=ka * kb)  # [ka * kb]
+            else:
+                code = labels[a].to(torch.int64) * kb + labels[b]  # [U] int64 (not in place: int64 maps give int64 tuples)
+                table = torch.zeros(ka * kb, dtype=torch.int64, device=count.device).index_add_(0, code, count)
+            table = table.view(ka, kb)  # [ka, kb]
             out[sa, sb] = table
             out[sb, sa] = table.t()  # [kb, ka]
     return out

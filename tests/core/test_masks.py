@@ -446,6 +446,70 @@ def test_merge_sweep_counts_overlaps_of_byte_label_maps_without_wide_copies():
     assert mem.peak <= got.masks.numel() + 4 * N + N // 2, (mem.peak / N, got.masks.numel() / N)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64])
+@pytest.mark.parametrize("ks, labels, H, W, by_tuples", [
+    (range(2, 13), blocky_labels, 128, 96, True),  # planted: 8x8 blocks, 192 tuples of labels at most
+    ((1, 2, 5, 6, 10, 20), blocky_labels, 128, 96, True),
+    ((3, 4, 5, 6, 40, 256), blocky_labels, 160, 128, True),  # codes of the largest k
+    ((1, 2, 3, 4, 5, 6), random_labels, 256, 192, True),  # at random, but 720 tuples at most
+    ((2, 3, 5, 6, 10, 20), random_labels, 128, 96, False),  # 12 000 tuples of 12 288 pixels: counted per pixel
+    (range(2, 13), random_labels, 128, 96, False),
+])
+def test_overlaps_counted_over_tuples_of_labels_equal_those_counted_per_pixel(monkeypatch, ks, labels, H, W, by_tuples,
+                                                                                dtype):
+    """Mask Merge counts the overlaps of every pair of k over the distinct tuples of labels of the pixels
+    (one label per k), when there are few: the same tables, and the same merged masks, as one bincount of
+    the pixels per pair (forced here by asking for more k than there are), and as the masks' products."""
+    from headseg.nodes.core import masks
+
+    maps = {k: torch.stack([labels(k, H=H, W=W, seed=k + 7 * b) for b in range(2)]).to(dtype) for k in ks}
+    sweep = make_sweep(maps)
+    for b in range(2):
+        tuples = masks._label_tuples([maps[k][b].reshape(-1) for k in ks], list(ks), torch.empty(H * W, dtype=torch.int32))
+        assert (tuples is not None) == by_tuples and len(ks) >= masks._TUPLES_FROM_G
+        got = masks._label_intersections(sweep, b)
+        merged = [merge_sweep(sweep, b, iou_threshold=t, min_area=a) for t, a in ((0.9, 0.0), (0.5, 0.02))]
+        with monkeypatch.context() as m:
+            m.setattr(masks, "_TUPLES_FROM_G", 10**9)
+            want = masks._label_intersections(sweep, b)
+        assert got.dtype == torch.int64 and torch.equal(got, want)
+        assert torch.equal(got, masks._intersections(sweep_to_masks(sweep, b).masks))  # the masks' products
+        for ms, (t, a) in zip(merged, ((0.9, 0.0), (0.5, 0.02))):
+            ref = merge_masks(sweep_to_masks(sweep, b), iou_threshold=t, min_area=a)
+            assert torch.equal(ms.masks, ref.masks) and torch.equal(ms.k, ref.k) and torch.equal(ms.cluster, ref.cluster)
+        if by_tuples:  # each tuple: its labels and its pixels
+            seen = torch.stack([maps[k][b].reshape(-1).long() for k in ks])  # [G, N]
+            uniq, count = torch.unique(seen, dim=1, return_counts=True)  # [G, U], [U]
+            mine = torch.stack([t.long() for t in tuples[0]])  # [G, U]
+            order = torch.unique(mine, dim=1, return_inverse=True)[1]  # [U]: mine's column in sorted order
+            assert mine.shape == uniq.shape and torch.equal(uniq[:, order], mine)
+            assert torch.equal(count[order], tuples[1])
+
+
+def test_merge_sweep_reads_the_pixels_once_per_k_not_once_per_pair_of_k():
+    """With many k (2 .. 40 at 1024 x 1024: 741 pairs), one bincount of every pixel per pair of k took
+    about 2 s; the tuples of labels of the pixels are counted once per k, and the pairs' tables from them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ks = range(2, 21)  # 19 k, 171 pairs
+    N = 128 * 96
+    sweep = make_sweep({k: blocky_labels(k, H=128, W=96, seed=k)[None].to(torch.uint8) for k in ks})
+
+    class PixelBincounts(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.bincount.default and args[0].numel() == N:
+                PixelBincounts.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with PixelBincounts():
+        got = merge_sweep(sweep, 0, iou_threshold=0.9, min_area=0.0)
+    want = merge_masks(sweep_to_masks(sweep, 0), iou_threshold=0.9, min_area=0.0)
+    assert torch.equal(got.masks, want.masks) and torch.equal(got.k, want.k) and torch.equal(got.cluster, want.cluster)
+    assert PixelBincounts.calls <= 2 * len(ks), PixelBincounts.calls  # each k's areas, and one step per k
+
+
 @pytest.mark.parametrize("M, H, W", [(0, 4, 4), (1, 3, 5), (10, 512, 512), (3, 1, 1_500_000)])
 def test_area_counts_the_pixels_of_every_mask(M, H, W):
     """Areas are summed a few masks at a time (and one mask at a time above a million pixels)."""
