@@ -804,6 +804,8 @@ def test_comfyuis_executor_runs_again_only_the_linked_load_whose_file_was_replac
     import execution
     import nodes as comfy_nodes
 
+    from headseg.tests.support.comfy_in_process import run_on_own_thread
+
     for name, cls in (("Text", _Text), ("HeadSeg_LoadRecording", io_nodes.LoadRecording),
                       ("HeadSeg_SaveRecording", io_nodes.SaveRecording)):
         monkeypatch.setitem(comfy_nodes.NODE_CLASS_MAPPINGS, name, cls)
@@ -829,7 +831,9 @@ def test_comfyuis_executor_runs_again_only_the_linked_load_whose_file_was_replac
     executor = execution.PromptExecutor(Server(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
 
     def run(prompt_id):  # a fresh prompt each time, as the server parses one per queue
-        executor.execute(copy.deepcopy(prompt), prompt_id, {}, ["3", "6"])
+        # execute_async on a thread of its own: execute's asyncio.run fails under a running event loop
+        # (Playwright's, when the browser tests run in the same session)
+        run_on_own_thread(lambda: executor.execute_async(copy.deepcopy(prompt), prompt_id, {}, ["3", "6"]))
         assert executor.success
         return sorted(p.name for p in out.glob("[AB]_*.safetensors"))
 
