@@ -636,7 +636,11 @@ class MaskMerge(io.ComfyNode):
         total_k = sum(int(k) for k in clusters.results)
         merged = []
         for b in range(B):
-            _check_mask_memory(total_k * H * W, f"up to {total_k} masks of image {b} (one per cluster where none merge)", clusters)
+            _check_mask_memory(
+                core_masks.merge_sweep_bytes(clusters.results, (H, W)),
+                f"up to {total_k} masks of image {b} (one per cluster where none merge) and the overlap counts",
+                clusters,
+            )
             merged.append(
                 core_masks.merge_sweep(clusters, b, iou_threshold=float(iou_threshold), min_area=float(min_area))
             )

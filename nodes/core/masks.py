@@ -272,6 +272,16 @@ def merge_masks(ms: MaskSet, iou_threshold: float = 0.9, min_area: float = 0.0) 
     return ms.subset(_kept(_intersections(ms.masks), ms.size, iou_threshold, min_area))
 
 
+def merge_sweep_bytes(cluster_counts, size: tuple[int, int]) -> int:
+    """Upper bound of merge_sweep's peak memory for one image, in bytes: a bool mask per cluster (where none
+    merge or is dropped), the overlap counting's per-pixel buffers (an int32 code per pixel, plus the slots
+    and tuples of _label_tuples: at most about 12 bytes per pixel in all) and the greedy merge's [M, M]
+    tables of the M clusters (intersections, unions, IoU: 48 bytes per pair at most)."""
+    H, W = size
+    M = sum(int(k) for k in cluster_counts)
+    return (M + 12) * H * W + 48 * M * M
+
+
 def merge_sweep(sweep: ClusterSweep, batch_index: int, iou_threshold: float = 0.9, min_area: float = 0.0) -> MaskSet:
     """merge_masks(sweep_to_masks(sweep, batch_index), ...), with the intersections counted from the
     label maps (contingency tables) instead of mask products: the same result, several times faster.

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from headseg.nodes.core.kmeans import ClusterSweep, KMeansResult
-from headseg.nodes.core.masks import (MaskSet, labels_to_masks, masks_at_pixel, merge_masks, merge_sweep, parse_points,
-                                      sweep_to_masks)
+from headseg.nodes.core.masks import (MaskSet, labels_to_masks, masks_at_pixel, merge_masks, merge_sweep, merge_sweep_bytes,
+                                      parse_points, sweep_to_masks)
 from headseg.nodes.core.metrics import pairwise_iou
 
 
@@ -535,3 +535,19 @@ def test_merge_sweep_holds_only_the_masks_it_keeps(min_area):
     every = sum(maps) * 256 * 256  # one byte per cluster mask
     assert (min_area == 0) == (got.masks.numel() == every)  # 0.012: the clusters of k = 80 are dropped
     assert mem.peak <= got.masks.numel() + every // 10, (mem.peak, got.masks.numel(), every)
+
+
+@pytest.mark.parametrize("maker", [random_labels, blocky_labels])  # blocky: the tuple path from six k
+@pytest.mark.parametrize("ks, side", [((2,), 512), ((1, 2), 512), ((2, 5, 6, 10, 20), 384), (tuple(range(2, 41)), 128)])
+def test_merge_sweep_bytes_bounds_what_merge_sweep_holds(ks, side, maker):
+    """Mask Merge checks merge_sweep_bytes before each image: it counted one byte per cluster and pixel only,
+    while the overlap counting holds an int32 code per pixel (and with six k or more the tuples' tables),
+    so a single k = 2 took about 6 bytes per pixel against 2 checked."""
+    from headseg.tests.support.peak_memory import PeakBytes
+
+    sweep = make_sweep({k: maker(k, H=side, W=side, seed=k).to(torch.uint8)[None] for k in ks})  # as Multi K-Means
+    with PeakBytes() as mem:
+        got = merge_sweep(sweep, 0, iou_threshold=0.9, min_area=0.0)
+    assert got.masks.shape[0] >= 1
+    assert mem.peak <= merge_sweep_bytes(ks, (side, side)), (mem.peak / side**2, merge_sweep_bytes(ks, (side, side)) / side**2)
+    assert mem.peak > sum(ks) * side * side  # what the check allowed before

@@ -451,8 +451,9 @@ def test_mask_merge_names_an_empty_sweep(nodes):
 
 
 def test_mask_merge_refuses_masks_that_would_not_fit_in_free_memory(nodes, recording, monkeypatch):
-    """Each image's cluster masks (1 byte per cluster and pixel) and image 0's MASK batch (4 bytes per
-    merged mask and pixel) must fit in 80 % of the free memory: otherwise a message naming
+    """Each image's cluster masks (1 byte per cluster and pixel) with the overlap counting (12 bytes per
+    pixel and 48 per pair of clusters) and image 0's MASK batch (4 bytes per merged mask and pixel) must
+    fit in 80 % of the free memory: otherwise a message naming
     cluster_counts, before the allocation; settings that fit run."""
     from headseg.nodes import node_utils
 
@@ -460,11 +461,14 @@ def test_mask_merge_refuses_masks_that_would_not_fit_in_free_memory(nodes, recor
     stack = nodes.Upsample.execute(feats, "bilinear", False).args[0]
     sweep = nodes.MultiKMeans.execute(stack, "2,5", 0).args[0]
     M = len(nodes.MaskMerge.execute(sweep, 0.9, 0.0).args[0][0].masks)  # merged masks of image 0
+    assert 4 * M > 7 + 12  # the MASK batch is the larger need: its own case below
     assert 1 < M <= 7
+    per_image = (7 + 12) * H * W + 48 * 7 * 7  # merge_sweep_bytes: masks, overlap counting, [M, M] tables
+    batch = 4 * M * H * W
     cases = [  # free bytes -> the allocation refused (None: runs)
-        (7 * H * W / 0.8 - 1, f"up to 7 masks of image 0 (one per cluster where none merge) at {W}x{H} pixels (cluster_counts 2,5) would take 0.0 GiB"),
-        (4 * M * H * W / 0.8 - 1, f"all_masks, the {M} merged masks of image 0 as a MASK batch"),
-        (4 * M * H * W / 0.8 + 1, None),
+        (per_image / 0.8 - 1, f"up to 7 masks of image 0 (one per cluster where none merge) and the overlap counts at {W}x{H} pixels (cluster_counts 2,5) would take 0.0 GiB"),
+        (batch / 0.8 - 1, f"all_masks, the {M} merged masks of image 0 as a MASK batch"),
+        (batch / 0.8 + 1, None),
     ]
     for free, refused in cases:
         monkeypatch.setattr(node_utils, "available_memory", lambda free=free: int(free))
