@@ -452,7 +452,9 @@ _FILES_KEPT = 64
 class _Watch:
     stamp: int
     files: dict = dataclasses.field(default_factory=dict)  # path -> file_version when read, or None
-    full: bool = False  # more than _FILES_KEPT files read: a new stamp at the next fingerprint
+    # more than _FILES_KEPT files read, or a file read again in another version than under this stamp
+    # before (a cache entry made under it may hold the earlier one): a new stamp at the next fingerprint
+    full: bool = False
 
 
 _watches: collections.OrderedDict = collections.OrderedDict()  # node id (None outside a prompt) -> _Watch
@@ -485,14 +487,17 @@ def _watch(full: str) -> None:
         watch = _watches.get(_node_id())
         if watch is None:
             return
+        if watch.files.get(full, version) != version:  # replaced since an earlier read under this stamp
+            watch.full = True
         watch.files[full] = version
         if len(watch.files) > _FILES_KEPT:
             watch.full = True
 
 
 def _linked_stamp() -> int:
-    """This node's stamp: the one it holds while every file read under it is still the version read (and
-    it read at most _FILES_KEPT); else, and for a node without one, a new stamp with no file read yet."""
+    """This node's stamp: the one it holds while every file read under it is still the version read (each
+    read in one version only, and at most _FILES_KEPT); else, and for a node without one, a new stamp with
+    no file read yet."""
     node = _node_id()
     with _watch_lock:
         watch = _watches.get(node)

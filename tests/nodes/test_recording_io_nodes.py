@@ -744,6 +744,28 @@ def test_a_linked_load_watches_every_file_it_read_under_its_fingerprint(io_nodes
         assert io_nodes.LoadRecording.fingerprint_inputs("x.safetensors", None) != first
 
 
+def test_a_file_replaced_between_two_reads_under_one_fingerprint_gives_a_new_one(io_nodes, recording, comfy_folders):
+    """Under one stamp the node may run again for another cache entry (the link's upstream changed but brings
+    the same path, or a list names the file twice) after the file was replaced since the stamp was checked:
+    that read took the new version as the one watched, so the stamp stayed, and the first cache entry, which
+    holds the old file's heads, was served at the next prompt that asked for it."""
+    import os
+    import shutil
+
+    inp = comfy_folders["input"]
+    shutil.copy(io_nodes.SaveRecording.execute(recording, "race").args[0], inp / "r.safetensors")
+    with _as_node("8"):
+        first = io_nodes.LoadRecording.fingerprint_inputs("x.safetensors", None)
+        old = io_nodes.LoadRecording.execute("", "r.safetensors").args[0]  # the cache entry of upstream 1
+        assert io_nodes.LoadRecording.fingerprint_inputs("x.safetensors", None) == first  # prompt 2 checks ...
+        other = planted_recording([nested_scene(128, 192)], layout=small_layout(heads=3), d=8, seed=5)
+        os.replace(io_nodes.SaveRecording.execute(other, "other").args[0], inp / "r.safetensors")  # ... then
+        new = io_nodes.LoadRecording.execute("", "r.safetensors").args[0]  # upstream 2 reads the new file
+        assert (old.num_heads, new.num_heads) == (recording.num_heads, other.num_heads)
+        # prompt 3 with upstream 1 again: its cache entry (the old heads) must not be served
+        assert io_nodes.LoadRecording.fingerprint_inputs("x.safetensors", None) != first
+
+
 def test_a_linked_load_that_read_too_many_files_or_was_dropped_gets_a_new_fingerprint(
     io_nodes, recording, comfy_folders, monkeypatch
 ):
