@@ -15,6 +15,9 @@
 //   headseg_mask_info [{area, k, cluster}, ...]
 //   headseg_points    [[x, y, 1|0], ...] the more_points pixels on the masks' grid (1 = in the masks)
 //   headseg_points_asked [text]      the more_points input of that run
+//   headseg_item      [{masks, points}] how many of headseg_masks (and _mask_info) and of headseg_points are
+//                                    the first item's: a list input (Rebatch Latents) runs the node once per
+//                                    item, and ComfyUI joins the runs' lists; the picker shows the first item
 // where ref = {filename, subfolder, type} as served by /view.
 
 import { app } from "../../scripts/app.js";
@@ -336,7 +339,7 @@ export class Picker {
       if (this.isStale()) parts.push("queue to update the masks");
     } else if (this.output && Array.isArray(this.output.headseg_masks) && !this.isStale()) {
       // with more_points, the masks at the pixel may all have been left out by them
-      const ran = this.output.headseg_points;
+      const ran = pixels.firstItem(this.output, "headseg_points", "points");
       parts.push(Array.isArray(ran) && ran.length ? "no mask fits these pixels" : "no mask contains this pixel");
     } else if (this.src) {
       parts.push(this.isStale() ? "queue to see the masks here" : "click the picture to pick a pixel");
@@ -347,7 +350,7 @@ export class Picker {
   masks() {
     const out = this.output;
     if (!out) return [];
-    if (Array.isArray(out.headseg_masks)) return out.headseg_masks;
+    if (Array.isArray(out.headseg_masks)) return pixels.firstItem(out, "headseg_masks", "masks");
     if (!out.headseg_image && Array.isArray(out.images)) return out.images.slice(1);
     return [];
   }

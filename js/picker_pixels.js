@@ -26,6 +26,18 @@ export function clientToPixel(clientX, clientY, rect, size) {
   };
 }
 
+/** The first item's entries of the list ``key`` of a run's payload (headseg_masks, headseg_mask_info:
+ * count "masks"; headseg_points: count "points"). ComfyUI runs the node once per item of a list input (e.g.
+ * latents from Rebatch Latents) and joins the runs' payloads key by key: the picker shows the first item,
+ * as it does with the one-entry keys (headseg_image, headseg_pixel, ...). The node says how many entries
+ * are each item's (headseg_item); a payload without that count is taken whole. */
+export function firstItem(output, key, count) {
+  const list = output?.[key];
+  if (!Array.isArray(list)) return list;
+  const n = Number(output?.headseg_item?.[0]?.[count]);
+  return Number.isInteger(n) && n >= 0 ? list.slice(0, n) : list;
+}
+
 /** A positive integer pair [W, H] from a payload value, else null. */
 export function sizePair(value) {
   if (!Array.isArray(value) || value.length < 2) return null;
@@ -197,7 +209,7 @@ export function adoptMappedPoints(node, output) {
  * those left out; they are put back in the order of the entries of the text it was asked
  * (headseg_points_asked), so that a text whose pixels the run did not move reads the same. */
 function runPoints(output) {
-  const used = output?.headseg_points;
+  const used = firstItem(output, "headseg_points", "points");
   if (!Array.isArray(used)) return null;
   const points = used.filter((q) => Array.isArray(q) && q.length >= 3).map(([x, y, k]) => ({ x, y, keep: !!k }));
   const asked = parsePoints(output?.headseg_points_asked?.[0]);

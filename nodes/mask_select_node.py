@@ -101,6 +101,11 @@ class MaskSelectAtPixel(io.ComfyNode):
     - ``headseg_points``: [[x, y, 1 or 0], ...] the pixels of ``more_points`` on the masks' grid (mapped
       and moved as x and y are), 1 = the masks contain it, 0 = they do not.
     - ``headseg_points_asked``: [text] the ``more_points`` input as given.
+    - ``headseg_item``: [{"masks": len(headseg_masks), "points": len(headseg_points)}]. ComfyUI runs the
+      node once per item of a list input (e.g. latents from Rebatch Latents) and joins the payloads of
+      the runs key by key, so that every list above then holds every item's entries one item after the
+      other; the picker shows the first item's (the first entry of each one-entry key, and these
+      counts' share of the others).
 
     ``ref`` = {"filename", "subfolder", "type": "temp"}, served by GET /view.
     """
@@ -332,6 +337,9 @@ class MaskSelectAtPixel(io.ComfyNode):
             ],
             "headseg_points": [[px, py, 1] for px, py in include] + [[px, py, 0] for px, py in exclude],
             "headseg_points_asked": [more_points],
+            # ComfyUI runs the node once per item of a list (latents from Rebatch Latents) and joins the
+            # runs' payloads key by key: the picker takes the first item's share of the joined lists
+            "headseg_item": [{"masks": len(thumbnails), "points": len(include) + len(exclude)}],
         }
         return io.NodeOutput(chosen, stack, overlay, count, ui=ui)
 

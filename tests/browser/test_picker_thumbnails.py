@@ -15,6 +15,7 @@ from headseg.tests.browser.helpers import (
     selected_thumbs,
     settle,
     synthetic_run,
+    wait_picture_ready,
 )
 
 
@@ -201,4 +202,44 @@ def test_after_a_run_the_chosen_thumbnail_is_in_view(comfy_page, comfy_server, p
     page.click(sel + " .headseg-thumb[data-index='1']")
     settle(page, 250)
     assert page.eval_on_selector(sel + " .headseg-strip", "e => e.scrollLeft") == 0
+    assert comfy_page.pack_problems() == []
+
+
+def test_a_list_of_latents_shows_the_first_items_masks_and_leaves_more_points_alone(comfy_page, pictures):
+    """A list input (latents from Rebatch Latents) runs Mask Select once per item, and ComfyUI joins the
+    items' UI payloads key by key (execution.get_output_from_returns: {key: item 0's + item 1's + ...}). The
+    picker shows the first item: its picture and only its thumbnails (here 2; item 1, a smaller picture, has
+    3), and the widgets keep the text the run was asked (the joined points, the same pixels once per item,
+    were written back into more_points, tripling it at every queue of a list of three)."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page, name)
+    wait_picture_ready(page, node_id)
+    sel = picker_selector(node_id)
+    asked = "30,40; -50,60"
+    page.evaluate("([id, t]) => { app.graph.getNodeById(id).widgets.find(w => w.name === 'more_points').value = t; }",
+                  [node_id, asked])
+    page.evaluate("(id) => { const n = app.graph.getNodeById(id); for (const [a, v] of [['x', 10], ['y', 20]]) n.widgets.find(w => w.name === a).value = v; }", node_id)
+    ref = {"filename": name, "subfolder": "", "type": "input"}
+
+    def item(size, masks):  # one run's payload, as MaskSelectAtPixel.execute returns it
+        return {
+            "headseg_image": [ref], "headseg_size": list(size), "headseg_pixel": [10, 20],
+            "headseg_pixel_asked": [10, 20], "headseg_index": [0], "headseg_masks": [ref] * masks,
+            "headseg_mask_info": [{"area": 10 * (i + 1), "k": 2, "cluster": i} for i in range(masks)],
+            "headseg_points": [[30, 40, 1], [50, 60, 0]], "headseg_points_asked": [asked],
+            "headseg_item": [{"masks": masks, "points": 2}],
+        }  # fmt: skip
+
+    runs = [item((W, H), 2), item((W // 2, H // 2), 3), item((W, H), 3)]
+    joined = {key: [v for run in runs for v in run[key]] for key in runs[0]}  # as ComfyUI joins them
+    page.evaluate("([id, p]) => { app.nodeOutputs[String(id)] = p; app.graph.getNodeById(id).onExecuted(p); }",
+                  [node_id, joined])
+    settle(page, 300)
+    assert len(page.query_selector_all(sel + " .headseg-thumb")) == 2
+    more = page.evaluate("(id) => app.graph.getNodeById(id).widgets.find(w => w.name === 'more_points').value", node_id)
+    assert more == asked
+    assert page.evaluate(JS_WIDGETS, node_id) == {"x": 10, "y": 20, "index": 0}
+    assert len(page.query_selector_all(sel + " .headseg-ring")) == 2
+    assert not page.eval_on_selector(sel + " .headseg-strip", "s => s.classList.contains('headseg-stale')")
     assert comfy_page.pack_problems() == []

@@ -195,13 +195,14 @@ def test_ui_payload_contract(nodes, recording, comfy_folders):
     out, _ = run_chain(nodes, recording, 180, 120, index=0, image=image)
     ui = out.ui
     keys = ("headseg_image", "headseg_size", "headseg_pixel", "headseg_pixel_asked", "headseg_index", "headseg_masks",
-            "headseg_mask_info", "headseg_points", "headseg_points_asked")  # fmt: skip
+            "headseg_mask_info", "headseg_points", "headseg_points_asked", "headseg_item")  # fmt: skip
     assert set(ui) == set(keys)
     assert ui["headseg_size"] == [W, H] and ui["headseg_pixel"] == [180, 120] and ui["headseg_index"] == [0]
     assert ui["headseg_pixel_asked"] == [180, 120]
     assert ui["headseg_points"] == [] and ui["headseg_points_asked"] == [""]
     count = out.args[3]
     assert len(ui["headseg_masks"]) == len(ui["headseg_mask_info"]) == count
+    assert ui["headseg_item"] == [{"masks": count, "points": 0}]
     areas = [m["area"] for m in ui["headseg_mask_info"]]
     assert areas == sorted(areas) and set(ui["headseg_mask_info"][0]) == {"area", "k", "cluster"}
     from PIL import Image
@@ -715,6 +716,28 @@ def test_malformed_more_points_are_refused_when_queued_and_at_run_time(nodes, re
     assert nodes.MaskSelectAtPixel.validate_inputs(more_points="1,2; -3,4") is True
     with pytest.raises(ValueError, match="^more_points: expected 'x,y' pixels"):
         nodes.MaskSelectAtPixel.execute(masks_of(nodes, recording), 1, 1, 0, None, text)
+
+
+def test_a_list_of_items_joined_by_comfyui_tells_the_first_items_share_of_the_payload(nodes, recording, comfy_folders):
+    """A list input (latents from Rebatch Latents, here of two sizes) runs Mask Select once per item, and
+    ComfyUI's executor joins the runs' UI payloads key by key. The picker shows the first item: headseg_item's
+    counts pick its thumbnails, mask details and more_points pixels out of the joined lists."""
+    from execution import get_output_from_returns
+
+    small = planted_recording([nested_scene(96, 128)], layout=small_layout(heads=3), d=16, noise=0.2, seed=2)
+    more = "40,30; -100,70; 5,5"
+    runs = [nodes.MaskSelectAtPixel.execute(masks_of(nodes, rec, "2,3,5"), 60, 40, 0, None, more)
+            for rec in (recording, small, recording)]  # fmt: skip
+    _, joined, _ = get_output_from_returns(runs, nodes.MaskSelectAtPixel)
+    first = runs[0].ui
+    assert runs[0].args[3] != runs[1].args[3]  # the items have other numbers of masks at the pixel
+    assert len(joined["headseg_masks"]) == sum(run.args[3] for run in runs)
+    item = joined["headseg_item"][0]
+    assert item == {"masks": runs[0].args[3], "points": len(parse_points(more)[0]) + len(parse_points(more)[1])}
+    for key, count in (("headseg_masks", "masks"), ("headseg_mask_info", "masks"), ("headseg_points", "points")):
+        assert joined[key][: item[count]] == first[key], key
+    for key in ("headseg_image", "headseg_size", "headseg_pixel", "headseg_index", "headseg_points_asked"):
+        assert joined[key][: len(first[key])] == first[key], key
 
 
 def masks_of(nodes, recording, counts="2,5"):
