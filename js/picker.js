@@ -58,6 +58,17 @@ function previewFile(src) {
   }
 }
 
+/** Whether preview URL ``src`` shows server file ``ref`` ({filename, subfolder, type}). */
+function showsFile(src, ref) {
+  try {
+    const params = new URL(src, window.location.href).searchParams;
+    const same = (key) => (params.get(key) ?? "") === (typeof ref?.[key] === "string" ? ref[key] : "");
+    return typeof ref?.filename === "string" && same("filename") && same("subfolder") && same("type");
+  } catch {
+    return false;
+  }
+}
+
 /** The picker + mask browser of one HeadSeg_MaskSelectAtPixel node. */
 export class Picker {
   constructor(node) {
@@ -163,13 +174,29 @@ export class Picker {
     this.showMessage("Could not load the picture.");
   }
 
-  upstreamPreview() {
+  /** The node that feeds ``image`` (through Reroute nodes and subgraph inputs), or null. */
+  upstreamNode() {
     const node = this.node;
     const slot = node.inputs?.findIndex((i) => i.name === "image") ?? -1;
     if (slot < 0 || node.inputs[slot].link == null) return null;
-    const origin = inputOrigin(node, slot);
+    return inputOrigin(node, slot);
+  }
+
+  upstreamPreview() {
+    const origin = this.upstreamNode();
     const img = origin?.imgs?.[origin.imageIndex ?? 0] ?? origin?.imgs?.[0];
     return img?.src || null;
+  }
+
+  /** Whether the upstream node's preview still shows a picture from before its latest outputs: ComfyUI
+   * keeps a run's outputs at once, but sets node.imgs only once their pictures have loaded (and the node
+   * is drawn: never while it is out of view), which is often after this node's own run reached the picker. */
+  upstreamPreviewLoading() {
+    const origin = this.upstreamNode();
+    const images = origin ? storedOutput(origin)?.images : null;
+    if (!Array.isArray(images) || !images.length) return false; // a preview not from outputs: as it is shown
+    const src = this.upstreamPreview();
+    return !src || !images.some((ref) => showsFile(src, ref));
   }
 
   setSource(src, size) {
@@ -462,7 +489,10 @@ export class Picker {
     if (!output || typeof output !== "object") return;
     this.output = output;
     this.lostRun = false;
-    if (!RUN_UPSTREAM.has(output)) RUN_UPSTREAM.set(output, previewFile(this.upstreamPreview()));
+    if (!RUN_UPSTREAM.has(output)) {
+      // the upstream preview of this run may not be shown yet: then learned once it is (upstreamChangedSince)
+      RUN_UPSTREAM.set(output, this.upstreamPreviewLoading() ? null : previewFile(this.upstreamPreview()));
+    }
     if (adopt) {
       this.adoptMappedPixel();
       pixels.adoptMappedPoints(this.node, this.output);
@@ -493,12 +523,13 @@ export class Picker {
 
   /** Whether the upstream node's preview shows another file than it did beside the run of ``output``
    * (e.g. another picture chosen in Load Image): that run's picture is not the one the next run
-   * segments. Learns the file when the run's was not known. */
+   * segments. Learns the file when the run's was not known, once the upstream preview shows the node's
+   * latest outputs. */
   upstreamChangedSince(output) {
     const now = previewFile(this.upstreamPreview());
     if (now === null) return false; // no preview (yet): nothing to compare
     const then = RUN_UPSTREAM.get(output) ?? null;
-    if (then === null) RUN_UPSTREAM.set(output, now);
+    if (then === null && !this.upstreamPreviewLoading()) RUN_UPSTREAM.set(output, now);
     return then !== null && then !== now;
   }
 

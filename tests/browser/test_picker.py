@@ -386,3 +386,45 @@ def test_another_picture_in_load_image_after_a_run_is_shown_to_pick_on(comfy_pag
     wait_picture_ready(page, node_id)
     assert page.evaluate(shown, sel) == [W, H]
     assert comfy_page.pack_problems() == []
+
+
+JS_RUN_WITH_UPSTREAM_PREVIEW = """([id, upstream, payload]) => {
+  const load = app.graph.nodes.find(n => n.type === 'LoadImage');
+  const send = (node, output) => app.api.dispatchCustomEvent('executed',
+    {node: String(node), display_node: String(node), output, prompt_id: 'p'});
+  // the node that feeds 'image' ran first and shows a new preview; this node's own run follows before
+  // that preview's picture has loaded (ComfyUI sets node.imgs only then)
+  send(load.id, {images: [{filename: upstream, subfolder: '', type: 'input'}]});
+  send(id, payload);
+  app.canvas.setDirty(true, true); }"""
+
+
+def test_a_run_is_kept_when_the_upstream_preview_of_that_run_loads_after_it(comfy_page, pictures):
+    """A node that feeds 'image' and shows a preview of each run (a pass-through preview node) sends its
+    new preview before this node's run, but ComfyUI shows it (node.imgs) only once its picture has loaded,
+    often after the picker got its run. The run was tied to the preview shown before, and dropped as
+    'another picture upstream' as soon as its own preview appeared: the fresh run's thumbnails went and the
+    picker showed the bare picture. The run stays; a picture chosen upstream after it still drops it."""
+    name, W, H = pictures["landscape"]
+    other, OW, OH = pictures["portrait"]
+    page = comfy_page.page
+    node_id = add_picker(page, name)
+    wait_picture_ready(page, node_id)
+    sel = picker_selector(node_id)
+    synthetic_run(page, node_id, name, (W, H), (10, 20))
+    ref = {"filename": other, "subfolder": "", "type": "input"}
+    payload = {
+        "headseg_image": [ref], "headseg_size": [OW, OH], "headseg_pixel": [30, 40], "headseg_pixel_asked": [30, 40],
+        "headseg_index": [0], "headseg_masks": [ref] * 3, "headseg_mask_info": [],
+    }  # fmt: skip
+    page.evaluate(JS_RUN_WITH_UPSTREAM_PREVIEW, [node_id, other, payload])
+    page.wait_for_function(
+        f"() => app.graph.nodes.find(n => n.type === 'LoadImage').imgs?.[0]?.src.includes('{other}')", timeout=10_000
+    )
+    settle(page, 1500)  # the picker's ticks see the new upstream preview
+    wait_picture_ready(page, node_id)
+    assert len(page.query_selector_all(sel + " .headseg-thumb")) == 3
+    assert "3 masks here" in page.text_content(sel + " .headseg-info")
+    page.evaluate(JS_LOAD_PICTURE, name)  # another picture chosen upstream after the run
+    page.wait_for_function("(sel) => document.querySelectorAll(sel + ' .headseg-thumb').length === 0", arg=sel, timeout=10_000)
+    assert comfy_page.pack_problems() == []
