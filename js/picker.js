@@ -76,6 +76,7 @@ export class Picker {
     this.output = null; // last UI payload
     this.src = null; // picture shown
     this.size = null; // [W, H] the widgets refer to
+    this.loading = false; // a new picture is loading: the one shown and this.size are the last one's
     this.upstreamSrc = null;
     this.shown = {};
     this.pressId = undefined; // the pointer of a press on the picture, until its release
@@ -199,23 +200,27 @@ export class Picker {
     return !src || !images.some((ref) => showsFile(src, ref));
   }
 
+  /** Shows picture ``src``, whose pixel grid is ``size`` (null: the picture's own). The grid is taken when
+   * the picture has loaded: until then the last picture stays on screen, and clicks are left alone (a
+   * click would be mapped with the new grid onto the old picture). */
   setSource(src, size) {
     this.sizeFromPayload = size;
     if (src === this.src) {
-      if (size) this.size = size;
+      if (size && !this.loading) this.size = size;
       this.layout();
       return;
     }
     this.src = src;
-    this.size = size; // may be null until the picture loads
+    this.loading = true;
     this.img.src = src;
   }
 
   onImageLoad() {
     const { naturalWidth: w, naturalHeight: h } = this.img;
     if (!(w > 0 && h > 0)) return;
+    this.loading = false;
     this.natural = [w, h];
-    if (!this.sizeFromPayload) this.size = [w, h];
+    this.size = this.sizeFromPayload ?? [w, h];
     this.message.style.display = "none";
     this.frame.style.display = "";
     this.layout();
@@ -262,7 +267,7 @@ export class Picker {
   }
 
   onPointerDown(e) {
-    if (e.button !== 0 || !this.size) return;
+    if (e.button !== 0 || !this.size || this.loading) return;
     const p = pixels.clientToPixel(e.clientX, e.clientY, this.frame.getBoundingClientRect(), this.size);
     if (!p) return;
     e.preventDefault();

@@ -5,6 +5,8 @@ the mouse wheel over it, and each pick as one undo step.
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 from headseg.tests.browser.helpers import (
@@ -13,6 +15,7 @@ from headseg.tests.browser.helpers import (
     JS_WIDGETS,
     add_picker,
     click_pixel,
+    coded_picture,
     decode_position,
     frame_rect,
     picker_selector,
@@ -427,4 +430,47 @@ def test_a_run_is_kept_when_the_upstream_preview_of_that_run_loads_after_it(comf
     assert "3 masks here" in page.text_content(sel + " .headseg-info")
     page.evaluate(JS_LOAD_PICTURE, name)  # another picture chosen upstream after the run
     page.wait_for_function("(sel) => document.querySelectorAll(sel + ' .headseg-thumb').length === 0", arg=sel, timeout=10_000)
+    assert comfy_page.pack_problems() == []
+
+
+def test_a_click_while_the_next_runs_picture_loads_is_not_mapped_onto_the_picture_shown(comfy_page, comfy_server, pictures):
+    """A run whose picture has another size than the last one's: until that picture has loaded the picker
+    still shows the last one. The new run's grid was taken at once, so a click then was mapped with the new
+    grid onto the old picture (and the cross drawn there): x / y named another pixel than the one under the
+    pointer. Until the picture has loaded, clicks are left alone; then they give the new picture's pixel."""
+    name, W, H = pictures["landscape"]
+    _, OW, OH = pictures["portrait"]
+    other = f"headseg_browser_loading_{uuid.uuid4().hex}.png"  # a picture the browser has not cached
+    coded_picture(OW, OH).save(comfy_server.input_dir / other)
+    page = comfy_page.page
+    node_id = add_picker(page)
+    synthetic_run(page, node_id, name, (W, H), (10, 20))
+    held = []
+    page.route(f"**/view?filename={other}*", lambda route: held.append(route))
+    try:
+        ref = {"filename": other, "subfolder": "", "type": "input"}
+        payload = {"headseg_image": [ref], "headseg_size": [OW, OH], "headseg_pixel": [10, 20], "headseg_pixel_asked": [10, 20],
+                   "headseg_index": [0], "headseg_masks": [ref], "headseg_mask_info": []}  # fmt: skip
+        page.evaluate("([id, p]) => app.graph.getNodeById(id).onExecuted(p)", [node_id, payload])
+        for _ in range(50):  # the picture's request goes out and is held
+            if held:
+                break
+            settle(page, 100)
+        assert held, "the new picture was not requested"
+        before = page.evaluate(JS_WIDGETS, node_id)
+        click_pixel(page, node_id, (W, H), (200, 30))  # on the last run's picture, still shown
+        assert page.evaluate(JS_WIDGETS, node_id) == before, "a click on the old picture was mapped with the new grid"
+    finally:
+        for route in held:
+            route.continue_()
+        page.unroute(f"**/view?filename={other}*")
+    page.wait_for_function(
+        f"(sel) => document.querySelector(sel + ' img.headseg-base').naturalWidth === {OW}", arg=picker_selector(node_id)
+    )
+    wait_picture_ready(page, node_id)
+    cx, cy = click_pixel(page, node_id, (OW, OH), (60, 100))
+    values = page.evaluate(JS_WIDGETS, node_id)
+    assert (values["x"], values["y"]) == (60, 100)
+    col, row = decode_position(screenshot_rgb(page).getpixel((int(cx), int(cy))), OW, OH)
+    assert abs(col - 60) <= 1.5 and abs(row - 100) <= 1.5
     assert comfy_page.pack_problems() == []
