@@ -22,7 +22,17 @@
 
 import { app } from "../../scripts/app.js";
 import { el, fileUrl } from "./dom_helpers.js";
-import { inWorkflow, inputOrigin, isLinked, outputKey, recordChange, setWidget, storedOutput, widget } from "./graph_helpers.js";
+import {
+  executionId,
+  inWorkflow,
+  inputOrigin,
+  isLinked,
+  outputKey,
+  recordChange,
+  setWidget,
+  storedOutput,
+  widget,
+} from "./graph_helpers.js";
 import { trackPicker } from "./live_pickers.js";
 import * as pixels from "./picker_pixels.js";
 import { addStyle } from "./styles.js";
@@ -43,6 +53,16 @@ const OUTSIDE_GRACE_MS = 1500;
 const RUN_UPSTREAM = new WeakMap();
 // Runs whose picture the server no longer has (it was restarted): not restored when the node is rebuilt.
 const LOST_RUNS = new WeakSet();
+
+// Ids ("5", or "12:3" inside a subgraph) of the nodes whose 'executed' message came since the last
+// execution_start: the nodes that ran, or were served from the cache, in the prompt under way.
+const RAN = new Set();
+
+/** Follows a prompt's messages (hooked up in picker_node.js): which nodes ran in the prompt under way. */
+export function noteRun(type, detail) {
+  if (type === "execution_start") RAN.clear();
+  else for (const id of [detail?.node, detail?.display_node]) if (id != null) RAN.add(String(id));
+}
 
 /** The file a preview URL shows: the URL without the random parameter ComfyUI adds to each new preview
  * of the same file (null for none). */
@@ -78,6 +98,7 @@ export class Picker {
     this.size = null; // [W, H] the widgets refer to
     this.loading = false; // a new picture is loading: the one shown and this.size are the last one's
     this.upstreamSrc = null;
+    this.upstreamAtStart = undefined; // the upstream preview file when the prompt under way started
     this.shown = {};
     this.pressId = undefined; // the pointer of a press on the picture, until its release
 
@@ -494,17 +515,35 @@ export class Picker {
     if (!output || typeof output !== "object") return;
     this.output = output;
     this.lostRun = false;
-    if (!RUN_UPSTREAM.has(output)) {
-      // the upstream preview of this run may not be shown yet: then learned once it is (upstreamChangedSince)
-      RUN_UPSTREAM.set(output, this.upstreamPreviewLoading() ? null : previewFile(this.upstreamPreview()));
-    }
+    if (!RUN_UPSTREAM.has(output)) RUN_UPSTREAM.set(output, this.runUpstreamFile(adopt));
     if (adopt) {
+      this.upstreamAtStart = undefined;
       this.adoptMappedPixel();
       pixels.adoptMappedPoints(this.node, this.output);
     }
     this.refreshSource();
     this.buildStrip();
     this.sync(true);
+  }
+
+  /** A prompt starts (its 'execution_start'): it segments the picture the upstream node shows now, unless
+   * that node runs in it and shows a new one (e.g. a node that previews each run's picture and passes it
+   * on). Another picture chosen upstream while it runs is not the run's. */
+  onExecutionStart() {
+    this.upstreamAtStart = this.upstreamPreviewLoading() ? null : previewFile(this.upstreamPreview());
+  }
+
+  /** The upstream preview file of a run that has reached the picker (null: learned later, see
+   * upstreamChangedSince). For a run of the prompt under way (``fromPrompt``) whose upstream node did not
+   * run in it, the one shown when the prompt started; else the one shown now, unless the upstream
+   * preview of the node's latest outputs is still loading (ComfyUI sets node.imgs once its pictures have
+   * loaded and the node is drawn, often after this node's own run reached the picker). */
+  runUpstreamFile(fromPrompt) {
+    const start = fromPrompt ? this.upstreamAtStart : undefined;
+    const origin = this.upstreamNode();
+    const ran = origin && [executionId(origin), outputKey(origin)].some((id) => id !== null && RAN.has(id));
+    if (start != null && !ran) return start;
+    return this.upstreamPreviewLoading() ? null : previewFile(this.upstreamPreview());
   }
 
   /** Widgets that still ask for a pixel the run mapped onto the masks' grid take the pixel it used

@@ -2,14 +2,15 @@
 // DOM widget on each node, run results passed on, the canvas draw and graph membership followed.
 // Only exports: ComfyUI loads every .js file here as an extension module.
 
+import { api } from "../../scripts/api.js";
 import { trackPicker } from "./live_pickers.js";
-import { Picker } from "./picker.js";
+import { noteRun, Picker } from "./picker.js";
 import { PICKER_MIN_HEIGHT } from "./styles.js";
 
 const PICKER_WIDGET = "headseg_picker";
 
 /** Gives each node of ``nodeType`` (HeadSeg_MaskSelectAtPixel) a picker in a DOM widget, and passes
- * it the node's runs, canvas draws, and its joining and leaving a graph. */
+ * it the node's runs (and the start of each prompt), canvas draws, and its joining and leaving a graph. */
 export function setupPicker(nodeType) {
   const onNodeCreated = nodeType.prototype.onNodeCreated;
   nodeType.prototype.onNodeCreated = function () {
@@ -26,6 +27,16 @@ export function setupPicker(nodeType) {
     this.headsegPicker = picker;
     const [width, height] = this.size;
     this.setSize([Math.max(width, 320), Math.max(height, 440)]);
+    return result;
+  };
+
+  // which nodes run in the prompt under way: the picker tells the upstream preview of a run from another
+  // picture chosen upstream while it ran
+  for (const type of ["execution_start", "executed"]) api.addEventListener(type, (e) => noteRun(type, e.detail));
+  const onExecutionStart = nodeType.prototype.onExecutionStart;
+  nodeType.prototype.onExecutionStart = function () {
+    const result = onExecutionStart?.apply(this, arguments);
+    this.headsegPicker?.onExecutionStart();
     return result;
   };
 

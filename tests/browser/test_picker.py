@@ -395,8 +395,9 @@ JS_RUN_WITH_UPSTREAM_PREVIEW = """([id, upstream, payload]) => {
   const load = app.graph.nodes.find(n => n.type === 'LoadImage');
   const send = (node, output) => app.api.dispatchCustomEvent('executed',
     {node: String(node), display_node: String(node), output, prompt_id: 'p'});
-  // the node that feeds 'image' ran first and shows a new preview; this node's own run follows before
-  // that preview's picture has loaded (ComfyUI sets node.imgs only then)
+  // a prompt in which the node that feeds 'image' runs first and shows a new preview; this node's own run
+  // follows before that preview's picture has loaded (ComfyUI sets node.imgs only then)
+  app.api.dispatchCustomEvent('execution_start', {prompt_id: 'p'});
   send(load.id, {images: [{filename: upstream, subfolder: '', type: 'input'}]});
   send(id, payload);
   app.canvas.setDirty(true, true); }"""
@@ -473,4 +474,42 @@ def test_a_click_while_the_next_runs_picture_loads_is_not_mapped_onto_the_pictur
     assert (values["x"], values["y"]) == (60, 100)
     col, row = decode_position(screenshot_rgb(page).getpixel((int(cx), int(cy))), OW, OH)
     assert abs(col - 60) <= 1.5 and abs(row - 100) <= 1.5
+    assert comfy_page.pack_problems() == []
+
+
+def test_a_run_under_way_when_another_picture_is_chosen_upstream_gives_way_to_it(comfy_page, pictures):
+    """A run segments the picture Load Image had when it started. Another picture chosen there while it
+    runs (the next one made ready during a long sampling) was taken as the run's: its masks and its
+    picture (the first one) were shown for good, and a pixel picked on it was used on the new picture by
+    the next run. The picker shows the new picture to pick on, without the run's thumbnails, as for a
+    picture chosen after the run; choosing the first picture again brings that run back."""
+    name, W, H = pictures["landscape"]
+    other, OW, OH = pictures["portrait"]
+    page = comfy_page.page
+    node_id = add_picker(page, name)
+    wait_picture_ready(page, node_id)
+    sel = picker_selector(node_id)
+    page.evaluate("() => app.api.dispatchCustomEvent('execution_start', {prompt_id: 'p'})")
+    page.evaluate(JS_LOAD_PICTURE, other)  # while the run is under way
+    page.wait_for_function(
+        f"() => app.graph.nodes.find(n => n.type === 'LoadImage').imgs?.[0]?.src.includes('{other}')", timeout=10_000
+    )
+    settle(page, 600)
+    ref = {"filename": name, "subfolder": "", "type": "input"}
+    payload = {
+        "headseg_image": [ref], "headseg_size": [W, H], "headseg_pixel": [10, 20], "headseg_pixel_asked": [10, 20],
+        "headseg_index": [0], "headseg_masks": [ref] * 2, "headseg_mask_info": [],
+    }  # fmt: skip
+    page.evaluate(
+        """([id, payload]) => { app.api.dispatchCustomEvent('executed', {node: String(id), display_node: String(id), output: payload, prompt_id: 'p'});
+                                app.api.dispatchCustomEvent('execution_success', {prompt_id: 'p'}); }""",
+        [node_id, payload],
+    )
+    settle(page, 1500)
+    wait_picture_ready(page, node_id)
+    shown = "(sel) => { const i = document.querySelector(sel + ' img.headseg-base'); return [i.naturalWidth, i.naturalHeight]; }"
+    assert page.query_selector_all(sel + " .headseg-thumb") == []
+    assert page.evaluate(shown, sel) == [OW, OH]
+    page.evaluate(JS_LOAD_PICTURE, name)
+    page.wait_for_function("(sel) => document.querySelectorAll(sel + ' .headseg-thumb').length === 2", arg=sel, timeout=10_000)
     assert comfy_page.pack_problems() == []
