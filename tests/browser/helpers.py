@@ -211,18 +211,25 @@ def add_picker(page, picture: str = "", scale: float = 1.0) -> int:
     return node_id
 
 
+def picker_payload(name, size, pixel, masks=2, index=0, asked=None, info=True) -> dict:
+    """The UI payload of a Mask Select run whose picture and ``masks`` thumbnails are the input folder's
+    picture ``name``: the grid ``size`` [W, H], the ``pixel`` used and the one ``asked`` (default: the same);
+    ``info``: an area, k and cluster for each mask (else none)."""
+    ref = {"filename": name, "subfolder": "", "type": "input"}
+    return {
+        "headseg_image": [ref], "headseg_size": list(size), "headseg_pixel": list(pixel),
+        "headseg_pixel_asked": list(asked or pixel),
+        "headseg_index": [index], "headseg_masks": [ref] * masks,
+        "headseg_mask_info": [{"area": 10 * (i + 1), "k": 2, "cluster": i} for i in range(masks)] if info else [],
+    }  # fmt: skip
+
+
 def synthetic_run(page, node_id, name, size, pixel, masks=2, index=0, stored=True, asked=None, points=None):
     """Feeds the picker the payload of a run (two masks of the coded picture), as ComfyUI does after
     executing the node; with ``stored`` also keeps it in app.nodeOutputs, as ComfyUI does. ``asked``:
     the x / y the run was given, when the node mapped them onto the masks' grid. ``points``: (the
     more_points text the run was given, its pixels used [[x, y, 1 or 0], ...])."""
-    ref = {"filename": name, "subfolder": "", "type": "input"}
-    payload = {
-        "headseg_image": [ref], "headseg_size": list(size), "headseg_pixel": list(pixel),
-        "headseg_pixel_asked": list(asked or pixel),
-        "headseg_index": [index], "headseg_masks": [ref] * masks,
-        "headseg_mask_info": [{"area": 10 * (i + 1), "k": 2, "cluster": i} for i in range(masks)],
-    }  # fmt: skip
+    payload = picker_payload(name, size, pixel, masks=masks, index=index, asked=asked)
     if points is not None:
         payload.update(headseg_points_asked=[points[0]], headseg_points=list(points[1]))
     page.evaluate(

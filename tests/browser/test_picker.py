@@ -18,6 +18,7 @@ from headseg.tests.browser.helpers import (
     coded_picture,
     decode_position,
     frame_rect,
+    picker_payload,
     picker_selector,
     rebuild_as_undo_does,
     screenshot_rgb,
@@ -416,11 +417,7 @@ def test_a_run_is_kept_when_the_upstream_preview_of_that_run_loads_after_it(comf
     wait_picture_ready(page, node_id)
     sel = picker_selector(node_id)
     synthetic_run(page, node_id, name, (W, H), (10, 20))
-    ref = {"filename": other, "subfolder": "", "type": "input"}
-    payload = {
-        "headseg_image": [ref], "headseg_size": [OW, OH], "headseg_pixel": [30, 40], "headseg_pixel_asked": [30, 40],
-        "headseg_index": [0], "headseg_masks": [ref] * 3, "headseg_mask_info": [],
-    }  # fmt: skip
+    payload = picker_payload(other, (OW, OH), (30, 40), masks=3, info=False)
     page.evaluate(JS_RUN_WITH_UPSTREAM_PREVIEW, [node_id, other, payload])
     page.wait_for_function(
         f"() => app.graph.nodes.find(n => n.type === 'LoadImage').imgs?.[0]?.src.includes('{other}')", timeout=10_000
@@ -449,9 +446,7 @@ def test_a_click_while_the_next_runs_picture_loads_is_not_mapped_onto_the_pictur
     held = []
     page.route(f"**/view?filename={other}*", lambda route: held.append(route))
     try:
-        ref = {"filename": other, "subfolder": "", "type": "input"}
-        payload = {"headseg_image": [ref], "headseg_size": [OW, OH], "headseg_pixel": [10, 20], "headseg_pixel_asked": [10, 20],
-                   "headseg_index": [0], "headseg_masks": [ref], "headseg_mask_info": []}  # fmt: skip
+        payload = picker_payload(other, (OW, OH), (10, 20), masks=1, info=False)
         page.evaluate("([id, p]) => app.graph.getNodeById(id).onExecuted(p)", [node_id, payload])
         for _ in range(50):  # the picture's request goes out and is held
             if held:
@@ -495,11 +490,7 @@ def test_a_run_under_way_when_another_picture_is_chosen_upstream_gives_way_to_it
         f"() => app.graph.nodes.find(n => n.type === 'LoadImage').imgs?.[0]?.src.includes('{other}')", timeout=10_000
     )
     settle(page, 600)
-    ref = {"filename": name, "subfolder": "", "type": "input"}
-    payload = {
-        "headseg_image": [ref], "headseg_size": [W, H], "headseg_pixel": [10, 20], "headseg_pixel_asked": [10, 20],
-        "headseg_index": [0], "headseg_masks": [ref] * 2, "headseg_mask_info": [],
-    }  # fmt: skip
+    payload = picker_payload(name, (W, H), (10, 20), info=False)
     page.evaluate(
         """([id, payload]) => { app.api.dispatchCustomEvent('executed', {node: String(id), display_node: String(id), output: payload, prompt_id: 'p'});
                                 app.api.dispatchCustomEvent('execution_success', {prompt_id: 'p'}); }""",

@@ -12,6 +12,7 @@ from headseg.tests.browser.helpers import (
     add_merge_with_note,
     add_picker,
     frame_rect,
+    picker_payload,
     picker_selector,
     rebuild_as_undo_does,
     settle,
@@ -86,12 +87,7 @@ def test_picker_inside_a_subgraph_comes_back_when_the_node_is_rebuilt(comfy_page
     node_id = add_picker(page, name)
     wait_picture_ready(page, node_id)
     sg = page.evaluate(JS_TO_SUBGRAPH, [node_id])
-    ref = {"filename": name, "subfolder": "", "type": "input"}
-    payload = {
-        "headseg_image": [ref], "headseg_size": [W, H], "headseg_pixel": [3, 4], "headseg_pixel_asked": [3, 4],
-        "headseg_index": [0], "headseg_masks": [ref, ref],
-        "headseg_mask_info": [{"area": 10, "k": 2, "cluster": 0}, {"area": 20, "k": 2, "cluster": 1}],
-    }  # fmt: skip
+    payload = picker_payload(name, (W, H), (3, 4))
     page.evaluate(
         """([sg, id, payload]) => {
              const outer = app.graph.getNodeById(sg);
@@ -186,12 +182,7 @@ def test_picker_inside_a_subgraph_gets_its_last_run_back_after_switching_workflo
     node_id = add_picker(page, name)
     wait_picture_ready(page, node_id)
     sg = page.evaluate(JS_TO_SUBGRAPH, [node_id])
-    ref = {"filename": name, "subfolder": "", "type": "input"}
-    payload = {
-        "headseg_image": [ref], "headseg_size": [W, H], "headseg_pixel": [3, 4], "headseg_pixel_asked": [3, 4],
-        "headseg_index": [0], "headseg_masks": [ref, ref],
-        "headseg_mask_info": [{"area": 10, "k": 2, "cluster": 0}, {"area": 20, "k": 2, "cluster": 1}],
-    }  # fmt: skip
+    payload = picker_payload(name, (W, H), (3, 4))
     # a run's 'executed' message: ComfyUI keeps the output under the node's locator id, tells the node, and
     # the workflow's change tracker keeps it under the execution id for the next time the tab is opened
     root_id = page.evaluate(

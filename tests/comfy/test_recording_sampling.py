@@ -502,38 +502,23 @@ def test_a_patch_set_after_the_recorder_is_chained_at_sampling(tiny, sd2, caplog
 
 
 @pytest.mark.parametrize("steps", ["last", "mean"])
-def test_a_later_patch_that_chains_the_recorders_own_is_recorded_once_as_it_returns(tiny, sd2, steps):
+@pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "functools.wraps"])
+def test_a_later_patch_that_chains_the_recorders_own_is_recorded_once_as_it_returns(tiny, sd2, steps, wrapped):
     """A pack applied after the record node that chains the (block, number, depth) patch it replaces
     (calls HeadSeg's, then changes its output) runs HeadSeg's patch inside the one HeadSeg wraps around
-    it: the recording holds what the model goes on with, not a mean of that and HeadSeg's inner output."""
-    patched, live = recorder.attach_recorder(sd2, steps=steps)
-    later = patched.clone()
-    inner = later.model_options["transformer_options"]["patches_replace"]["attn1"][("middle", 0, 0)]
-    later.set_model_attn1_replace(lambda q, k, v, extra: inner(q, k, v, extra) * 2.0, "middle", 0, 0)
-    with AttentionProbe(later) as probe:
-        got = run(tiny, later, latent_hw=(8, 8))
-    rec = live.snapshot(got)
-    want = reference(probe, "middle.0.0", (8, 8), steps)
-    torch.testing.assert_close(rec.layers[LayerKey.parse("middle.0.0")].double(), 2.0 * want, **TOL)
-    assert_matches(rec, probe, (8, 8), steps=steps, names=["input.1.0", "output.11.0"])
-
-
-@pytest.mark.parametrize("steps", ["last", "mean"])
-def test_a_later_patch_that_wraps_the_recorders_own_with_functools_wraps_is_recorded_as_it_returns(tiny, sd2, steps):
-    """functools.wraps copies the wrapped function's __dict__, so a pack's wrapper around HeadSeg's patch
-    carried HeadSeg's markers and was taken for HeadSeg's own: it was not chained, and the recording held
-    HeadSeg's inner output instead of the wrapper's, which the model goes on with."""
+    it: the recording holds what the model goes on with, not a mean of that and HeadSeg's inner output.
+    functools.wraps copies the wrapped function's __dict__, so such a wrapper carried HeadSeg's markers
+    and was taken for HeadSeg's own: it was not chained, and the recording held HeadSeg's inner output."""
     import functools
 
     patched, live = recorder.attach_recorder(sd2, steps=steps)
     later = patched.clone()
     inner = later.model_options["transformer_options"]["patches_replace"]["attn1"][("middle", 0, 0)]
 
-    @functools.wraps(inner)
     def doubled(q, k, v, extra):
         return inner(q, k, v, extra) * 2.0
 
-    later.set_model_attn1_replace(doubled, "middle", 0, 0)
+    later.set_model_attn1_replace(functools.wraps(inner)(doubled) if wrapped else doubled, "middle", 0, 0)
     with AttentionProbe(later) as probe:
         got = run(tiny, later, latent_hw=(8, 8))
     rec = live.snapshot(got)
