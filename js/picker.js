@@ -89,6 +89,22 @@ function showsFile(src, ref) {
   }
 }
 
+// Kept output image ref -> its /view URL (storedPreviewUrl). ComfyUI keeps a new ref object for each
+// picture chosen (or run), so the URL, with its random parameter, stays the same until then.
+const STORED_PREVIEW_URLS = new WeakMap();
+
+/** The /view URL of kept output image ``ref`` ({filename, subfolder, type}; null when it is not one),
+ * with a random parameter as ComfyUI gives each new preview: a file written again under the same name
+ * is loaded anew, not taken from the browser's cache. */
+function storedPreviewUrl(ref) {
+  if (!ref || typeof ref !== "object") return null;
+  if (!STORED_PREVIEW_URLS.has(ref)) {
+    const url = fileUrl(ref);
+    STORED_PREVIEW_URLS.set(ref, url && url + (app.getRandParam?.() ?? ""));
+  }
+  return STORED_PREVIEW_URLS.get(ref);
+}
+
 /** The picker + mask browser of one HeadSeg_MaskSelectAtPixel node. */
 export class Picker {
   constructor(node) {
@@ -204,15 +220,25 @@ export class Picker {
     return inputOrigin(node, slot);
   }
 
+  /** The URL of the picture the upstream node shows (null for none). The classic canvas sets node.imgs
+   * when it draws the node; the Vue node renderer ("Nodes 2.0") never draws nodes on the canvas, so
+   * there node.imgs keeps the first preview (Load Image's first picture) and the node shows the pictures
+   * of its kept outputs instead (as the front end's getNodeImageUrls): while node.imgs shows none of
+   * them, the picker shows the chosen one of those. */
   upstreamPreview() {
     const origin = this.upstreamNode();
     const img = origin?.imgs?.[origin.imageIndex ?? 0] ?? origin?.imgs?.[0];
-    return img?.src || null;
+    const src = img?.src || null;
+    if (!origin || !globalThis.LiteGraph?.vueNodesMode) return src;
+    const images = storedOutput(origin)?.images;
+    if (!Array.isArray(images) || !images.length || (src && images.some((ref) => showsFile(src, ref)))) return src;
+    return storedPreviewUrl(images[origin.imageIndex ?? 0] ?? images[0]) ?? src;
   }
 
   /** Whether the upstream node's preview still shows a picture from before its latest outputs: ComfyUI
    * keeps a run's outputs at once, but sets node.imgs only once their pictures have loaded (and the node
-   * is drawn: never while it is out of view), which is often after this node's own run reached the picker. */
+   * is drawn: never while it is out of view), which is often after this node's own run reached the picker.
+   * In the Vue node renderer upstreamPreview shows the kept outputs themselves: never loading there. */
   upstreamPreviewLoading() {
     const origin = this.upstreamNode();
     const images = origin ? storedOutput(origin)?.images : null;

@@ -504,3 +504,37 @@ def test_a_run_under_way_when_another_picture_is_chosen_upstream_gives_way_to_it
     page.evaluate(JS_LOAD_PICTURE, name)
     page.wait_for_function("(sel) => document.querySelectorAll(sel + ' .headseg-thumb').length === 2", arg=sel, timeout=10_000)
     assert comfy_page.pack_problems() == []
+
+
+def test_the_picker_follows_another_picture_in_load_image_in_the_vue_node_renderer(comfy_page, pictures):
+    """With Nodes 2.0 (Vue nodes) the canvas never draws the nodes, so Load Image's node.imgs keeps the
+    first picture: the picker went on showing it after another one was chosen there, a pixel picked before
+    the first run was the old picture's, and a run was never dropped for another picture chosen upstream.
+    The picker shows the picture of Load Image's outputs (as the Vue node does), before a run and after one."""
+    name, W, H = pictures["landscape"]
+    other, OW, OH = pictures["portrait"]
+    page = comfy_page.page
+    shown = "(sel) => { const i = document.querySelector(sel + ' img.headseg-base'); return [i.naturalWidth, i.naturalHeight]; }"
+    with vue_nodes(page):
+        node_id = add_picker(page, name)
+        sel = picker_selector(node_id)
+        wait_picture_ready(page, node_id)
+        assert page.evaluate(shown, sel) == [W, H]
+        page.evaluate(JS_LOAD_PICTURE, other)
+        page.wait_for_function(f"(sel) => ({shown})(sel)[0] === {OW}", arg=sel, timeout=10_000)
+        wait_picture_ready(page, node_id)
+        assert page.evaluate(shown, sel) == [OW, OH]
+        assert f"{OW}×{OH}" in page.text_content(sel + " .headseg-info")
+        cx, cy = click_pixel(page, node_id, (OW, OH), (30, 140))  # before the first run: the new picture's pixel
+        values = page.evaluate(JS_WIDGETS, node_id)
+        assert (values["x"], values["y"]) == (30, 140)
+        col, row = decode_position(screenshot_rgb(page).getpixel((int(cx), int(cy))), OW, OH)
+        assert abs(col - 30) <= 1.5 and abs(row - 140) <= 1.5
+        synthetic_run(page, node_id, other, (OW, OH), (30, 140))
+        assert len(page.query_selector_all(sel + " .headseg-thumb")) == 2
+        page.evaluate(JS_LOAD_PICTURE, name)  # another picture after the run: the run gives way to it
+        page.wait_for_function("(sel) => document.querySelectorAll(sel + ' .headseg-thumb').length === 0", arg=sel, timeout=10_000)
+        page.wait_for_function(f"(sel) => ({shown})(sel)[0] === {W}", arg=sel, timeout=10_000)
+        page.evaluate(JS_LOAD_PICTURE, other)  # the run's picture again brings the run back
+        page.wait_for_function("(sel) => document.querySelectorAll(sel + ' .headseg-thumb').length === 2", arg=sel, timeout=10_000)
+    assert comfy_page.pack_problems() == []
