@@ -413,11 +413,8 @@ class LoadRecording(io.ComfyNode):
             full = _resolve(file, path)
         except (TypeError, ValueError):
             return ""
-        try:
-            st = os.stat(full)
-        except OSError:
-            return ""
-        return ":".join(map(str, file_version(full, st)))
+        version = _current_version(full)
+        return "" if version is None else ":".join(map(str, version))
 
     @classmethod
     def execute(cls, file, path="") -> io.NodeOutput:

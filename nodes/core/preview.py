@@ -74,6 +74,13 @@ def _normalise_channels(x: torch.Tensor) -> torch.Tensor:
     return torch.where(span > 0, out, torch.full_like(x, 0.5))
 
 
+def _check_real(t: torch.Tensor, name: str) -> None:
+    """ValueError naming ``name`` for a complex tensor (to(float32) would drop its imaginary parts with no more
+    than a warning) or one on the meta device (no values to draw)."""
+    if t.is_complex() or t.is_meta:
+        raise ValueError(f"{name} must hold real values, got {'a meta tensor' if t.is_meta else t.dtype}")
+
+
 def _check_cell(cell) -> int:
     if not is_int(cell) or not 1 <= cell <= MAX_IMAGE_SIDE:
         raise ValueError(f"cell must be an int from 1 to {MAX_IMAGE_SIDE} (tile side in pixels), got {cell!r}")
@@ -145,8 +152,7 @@ def overlay_masks(image: torch.Tensor | None, masks: torch.Tensor, alpha: float 
     if not isinstance(masks, torch.Tensor) or masks.dim() != 3:
         shape = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
         raise ValueError(f"masks must be a tensor [M, H, W], got {shape}")
-    if masks.is_complex() or masks.is_meta:  # complex: to(float32) would drop the imaginary parts with a warning
-        raise ValueError(f"masks must hold real values, got {'a meta tensor' if masks.is_meta else masks.dtype}")
+    _check_real(masks, "masks")
     if not is_real(alpha) or not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must be a number in 0..1, got {alpha!r}")
     M, H, W = masks.shape
@@ -162,8 +168,7 @@ def overlay_masks(image: torch.Tensor | None, masks: torch.Tensor, alpha: float 
             raise ValueError(f"image is {image.shape[1]}x{image.shape[2]} but masks are {H}x{W}: sizes must match")
         if image.shape[0] not in (1, M):
             raise ValueError(f"image batch must be 1 or the number of masks ({M}), got {image.shape[0]}")
-        if image.is_complex() or image.is_meta:
-            raise ValueError(f"image must hold real values, got {'a meta tensor' if image.is_meta else image.dtype}")
+        _check_real(image, "image")
         if image.is_floating_point() and not all_finite(image):
             raise ValueError("image contains NaN or inf")
         if image.device != masks.device:
@@ -204,8 +209,7 @@ def error_map_image(err: torch.Tensor) -> torch.Tensor:
     if not isinstance(err, torch.Tensor) or err.dim() != 3:
         shape = tuple(err.shape) if isinstance(err, torch.Tensor) else type(err).__name__
         raise ValueError(f"err must be a tensor [B, H, W], got {shape}")
-    if err.is_complex() or err.is_meta:  # complex: to(float32) would drop the imaginary parts with a warning
-        raise ValueError(f"err must hold real values, got {'a meta tensor' if err.is_meta else err.dtype}")
+    _check_real(err, "err")
     if not all_finite(err):
         raise ValueError("err contains NaN or inf")
     err = err.detach().to(torch.float32)
