@@ -211,6 +211,13 @@ def add_picker(page, picture: str = "", scale: float = 1.0) -> int:
     return node_id
 
 
+def ready_picker(page, name):
+    """A picker node on picture ``name``, its picture shown -> (node id, its CSS selector)."""
+    node_id = add_picker(page, name)
+    wait_picture_ready(page, node_id)
+    return node_id, picker_selector(node_id)
+
+
 def picker_payload(name, size, pixel, masks=2, index=0, asked=None, info=True) -> dict:
     """The UI payload of a Mask Select run whose picture and ``masks`` thumbnails are the input folder's
     picture ``name``: the grid ``size`` [W, H], the ``pixel`` used and the one ``asked`` (default: the same);

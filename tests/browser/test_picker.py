@@ -20,6 +20,7 @@ from headseg.tests.browser.helpers import (
     frame_rect,
     picker_payload,
     picker_selector,
+    ready_picker,
     rebuild_as_undo_does,
     screenshot_rgb,
     settle,
@@ -195,9 +196,7 @@ def test_picker_forgets_the_picture_when_the_image_link_is_removed(comfy_page, p
     page = comfy_page.page
     # node ids are reused after graph.clear(): no run of an earlier test's node may stand in for this one's
     page.evaluate("() => { for (const id of Object.keys(app.nodeOutputs)) delete app.nodeOutputs[id]; }")
-    node_id = add_picker(page, name)
-    wait_picture_ready(page, node_id)
-    sel = picker_selector(node_id)
+    node_id, sel = ready_picker(page, name)
     page.evaluate(
         "(id) => { const n = app.graph.getNodeById(id); n.disconnectInput(n.inputs.findIndex(i => i.name === 'image'));"
         " app.canvas.setDirty(true, true); }",
@@ -365,9 +364,7 @@ def test_another_picture_in_load_image_after_a_run_is_shown_to_pick_on(comfy_pag
     name, W, H = pictures["landscape"]
     other, OW, OH = pictures["portrait"]
     page = comfy_page.page
-    node_id = add_picker(page, name)
-    wait_picture_ready(page, node_id)
-    sel = picker_selector(node_id)
+    node_id, sel = ready_picker(page, name)
     synthetic_run(page, node_id, name, (W, H), (10, 20))
     assert len(page.query_selector_all(sel + " .headseg-thumb")) == 2
     shown = "(sel) => { const i = document.querySelector(sel + ' img.headseg-base'); return [i.naturalWidth, i.naturalHeight]; }"
@@ -413,9 +410,7 @@ def test_a_run_is_kept_when_the_upstream_preview_of_that_run_loads_after_it(comf
     name, W, H = pictures["landscape"]
     other, OW, OH = pictures["portrait"]
     page = comfy_page.page
-    node_id = add_picker(page, name)
-    wait_picture_ready(page, node_id)
-    sel = picker_selector(node_id)
+    node_id, sel = ready_picker(page, name)
     synthetic_run(page, node_id, name, (W, H), (10, 20))
     payload = picker_payload(other, (OW, OH), (30, 40), masks=3, info=False)
     page.evaluate(JS_RUN_WITH_UPSTREAM_PREVIEW, [node_id, other, payload])
@@ -481,9 +476,7 @@ def test_a_run_under_way_when_another_picture_is_chosen_upstream_gives_way_to_it
     name, W, H = pictures["landscape"]
     other, OW, OH = pictures["portrait"]
     page = comfy_page.page
-    node_id = add_picker(page, name)
-    wait_picture_ready(page, node_id)
-    sel = picker_selector(node_id)
+    node_id, sel = ready_picker(page, name)
     page.evaluate("() => app.api.dispatchCustomEvent('execution_start', {prompt_id: 'p'})")
     page.evaluate(JS_LOAD_PICTURE, other)  # while the run is under way
     page.wait_for_function(
@@ -516,9 +509,7 @@ def test_the_picker_follows_another_picture_in_load_image_in_the_vue_node_render
     page = comfy_page.page
     shown = "(sel) => { const i = document.querySelector(sel + ' img.headseg-base'); return [i.naturalWidth, i.naturalHeight]; }"
     with vue_nodes(page):
-        node_id = add_picker(page, name)
-        sel = picker_selector(node_id)
-        wait_picture_ready(page, node_id)
+        node_id, sel = ready_picker(page, name)
         assert page.evaluate(shown, sel) == [W, H]
         page.evaluate(JS_LOAD_PICTURE, other)
         page.wait_for_function(f"(sel) => ({shown})(sel)[0] === {OW}", arg=sel, timeout=10_000)

@@ -14,6 +14,7 @@ from headseg.tests.browser.helpers import (
     frame_rect,
     picker_payload,
     picker_selector,
+    ready_picker,
     rebuild_as_undo_does,
     settle,
     synthetic_run,
@@ -79,15 +80,21 @@ def test_after_undo_the_vue_renderer_shows_the_rebuilt_nodes_picker(comfy_page, 
     assert comfy_page.pack_problems() == []
 
 
-def test_picker_inside_a_subgraph_comes_back_when_the_node_is_rebuilt(comfy_page, pictures):
-    """Inside a subgraph ComfyUI keeps a node's outputs under '<subgraph id>:<node id>': the picker
-    finds its last run there after undo rebuilds the graph, as it does in the root graph."""
+def picker_in_a_subgraph(page, pictures):
+    """A picker on the landscape picture, made into a subgraph -> (its node id, the subgraph node's id, the
+    payload of a run of it at pixel (3, 4))."""
     name, W, H = pictures["landscape"]
-    page = comfy_page.page
     node_id = add_picker(page, name)
     wait_picture_ready(page, node_id)
     sg = page.evaluate(JS_TO_SUBGRAPH, [node_id])
-    payload = picker_payload(name, (W, H), (3, 4))
+    return node_id, sg, picker_payload(name, (W, H), (3, 4))
+
+
+def test_picker_inside_a_subgraph_comes_back_when_the_node_is_rebuilt(comfy_page, pictures):
+    """Inside a subgraph ComfyUI keeps a node's outputs under '<subgraph id>:<node id>': the picker
+    finds its last run there after undo rebuilds the graph, as it does in the root graph."""
+    page = comfy_page.page
+    node_id, sg, payload = picker_in_a_subgraph(page, pictures)
     page.evaluate(
         """([sg, id, payload]) => {
              const outer = app.graph.getNodeById(sg);
@@ -177,12 +184,8 @@ def test_picker_inside_a_subgraph_gets_its_last_run_back_after_switching_workflo
     workflow's runs gave, keyed by execution id ('<subgraph node id>:<node id>' inside a subgraph, where
     a run's outputs are otherwise kept under '<subgraph id>:<node id>'): the picker inside a subgraph
     finds its last run there too, as one in the root graph does."""
-    name, W, H = pictures["landscape"]
     page = comfy_page.page
-    node_id = add_picker(page, name)
-    wait_picture_ready(page, node_id)
-    sg = page.evaluate(JS_TO_SUBGRAPH, [node_id])
-    payload = picker_payload(name, (W, H), (3, 4))
+    node_id, sg, payload = picker_in_a_subgraph(page, pictures)
     # a run's 'executed' message: ComfyUI keeps the output under the node's locator id, tells the node, and
     # the workflow's change tracker keeps it under the execution id for the next time the tab is opened
     root_id = page.evaluate(
@@ -250,9 +253,7 @@ def test_a_run_whose_pictures_the_server_lost_gives_way_to_the_upstream_picture(
     before the first run, and does not bring that run back when the node is rebuilt again."""
     name, W, H = pictures["landscape"]
     page = comfy_page.page
-    node_id = add_picker(page, name)
-    wait_picture_ready(page, node_id)
-    sel = picker_selector(node_id)
+    node_id, sel = ready_picker(page, name)
     page.evaluate(JS_LOST_RUN, [node_id, [W // 2, H // 2]])
     page.wait_for_function(
         """([sel, w, h]) => { const img = document.querySelector(sel + ' img.headseg-base');

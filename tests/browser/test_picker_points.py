@@ -8,14 +8,12 @@ from __future__ import annotations
 
 from headseg.tests.browser.helpers import (
     JS_CHECK_STATE,
-    add_picker,
     click_pixel,
     frame_rect,
-    picker_selector,
+    ready_picker,
     settle,
     synthetic_run,
     vue_nodes,
-    wait_picture_ready,
 )
 
 JS_MORE = "(id) => app.graph.getNodeById(id).widgets.find(w => w.name === 'more_points').value"
@@ -31,13 +29,6 @@ def click_with(page, node_id, size, pixel, key):
         click_pixel(page, node_id, size, pixel)
     finally:
         page.keyboard.up(key)
-
-
-def ready_picker(page, name):
-    """A picker node on picture ``name``, its picture shown -> (node id, its CSS selector)."""
-    node_id = add_picker(page, name)
-    wait_picture_ready(page, node_id)
-    return node_id, picker_selector(node_id)
 
 
 def run_payload(page, node_id, name, size, pixel, asked_points: str, used_points: list, masks: int = 2):

@@ -12,10 +12,10 @@ from headseg.tests.browser.helpers import (
     click_pixel,
     frame_rect,
     picker_selector,
+    ready_picker,
     selected_thumbs,
     settle,
     synthetic_run,
-    wait_picture_ready,
 )
 
 
@@ -213,9 +213,7 @@ def test_a_list_of_latents_shows_the_first_items_masks_and_leaves_more_points_al
     were written back into more_points, tripling it at every queue of a list of three)."""
     name, W, H = pictures["landscape"]
     page = comfy_page.page
-    node_id = add_picker(page, name)
-    wait_picture_ready(page, node_id)
-    sel = picker_selector(node_id)
+    node_id, sel = ready_picker(page, name)
     asked = "30,40; -50,60"
     page.evaluate("([id, t]) => { app.graph.getNodeById(id).widgets.find(w => w.name === 'more_points').value = t; }",
                   [node_id, asked])
