@@ -176,10 +176,14 @@ export class Picker {
     this.frame.style.display = "none";
   }
 
+  /** The URL of the picture of the last run (its payload's), or null. */
+  runPicture() {
+    return fileUrl(this.output?.headseg_image?.[0] ?? this.output?.images?.[0]);
+  }
+
   /** Picture from the last run, else the upstream node's preview (e.g. Load Image). */
   refreshSource() {
-    const ref = this.output?.headseg_image?.[0] ?? this.output?.images?.[0];
-    const own = fileUrl(ref);
+    const own = this.runPicture();
     if (own) {
       this.setSource(own, pixels.sizePair(this.output?.headseg_size));
       return;
@@ -203,7 +207,7 @@ export class Picker {
    * goes back to the upstream preview as before the first run, or says to queue again. */
   onImageError() {
     const out = this.output;
-    if (out && this.src === fileUrl(out.headseg_image?.[0] ?? out.images?.[0])) {
+    if (out && this.src === this.runPicture()) {
       LOST_RUNS.add(out);
       this.lostRun = true;
       this.dropOutdatedRun();
