@@ -464,7 +464,11 @@ def attach_recorder(
     chosen = [layer for layer in layers if BLOCK_POSITIONS[layer.key.block] in positions]
     if not chosen:
         have = sorted({BLOCK_POSITIONS[layer.key.block] for layer in layers})
-        raise ValueError(f"positions: this model has self-attention only in {have}, none in {list(positions)}")
+        # named by the record node's switches (down / middle / up), e.g. KOALA's UNet has no middle transformer
+        raise ValueError(
+            f"down/middle/up: this model has self-attention only in {have}, none in {list(positions)}: switch on "
+            f"{' or '.join(have)}"
+        )
 
     if level_set is not None:
         have = sorted({layer.level for layer in chosen})

@@ -196,3 +196,16 @@ def test_patches_survive_deepcopy_of_model_options(tiny):
     b = copied["transformer_options"]["patches_replace"]["attn1"]
     assert all(a[k] is b[k] for k in a)  # plain closures: deepcopy keeps the same function
 
+
+
+def test_a_position_the_model_lacks_names_the_switches(tiny, monkeypatch):
+    """A UNet without a middle transformer (KOALA's layout: transformer_depth_middle = -1) recorded with only
+    'middle' on: the error names the node's down/middle/up switches, not an input the node does not have."""
+    monkeypatch.setitem(tiny.LAYOUTS, "NOMID", dict(tiny.LAYOUTS["SD2"], transformer_depth_middle=-1))
+    monkeypatch.setitem(tiny._CONFIGS, "NOMID", tiny._CONFIGS["SD2"])
+    model = tiny.build("NOMID")
+    with pytest.raises(ValueError) as info:
+        execute(model, down=False, middle=True, up=False)
+    message = str(info.value)
+    assert message.startswith("down/middle/up: ") and "'down', 'up'" in message, message
+    assert "positions" not in message, message
