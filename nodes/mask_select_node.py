@@ -189,7 +189,8 @@ class MaskSelectAtPixel(io.ComfyNode):
                     display_name="mask",
                     tooltip=(
                         "The chosen mask for every image of the batch, [B, H, W] 0/1 at image resolution; "
-                        "all zeros for an image where the pixel lies in no mask."
+                        "all zeros for an image where the pixel lies in no mask (Mask Merge's min_area dropped "
+                        "them) or none of its masks there fits more_points."
                     ),
                 ),
                 io.Mask.Output(

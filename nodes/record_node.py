@@ -39,23 +39,25 @@ class RecordSelfAttention(io.ComfyNode):
                 io.Boolean.Input(
                     "down", default=True,
                     tooltip="Record the self-attention layers of the down (input) blocks. Off: those layers are "
-                            "not patched at all.",
+                            "not patched at all. At least one of down / middle / up must be on.",
                 ),
                 io.Boolean.Input(
                     "middle", default=True,
                     tooltip="Record the middle block's self-attention (the coarsest grid: 1/8 of the latent on "
                             "SD1.x/SD2.x, 1/4 on SDXL). The paper's best masks leave it out; HeadPCA can drop it "
-                            "later.",
+                            "later. Off: not patched (a UNet without a middle transformer has none to record).",
                 ),
                 io.Boolean.Input(
                     "up", default=True,
-                    tooltip="Record the self-attention layers of the up (output) blocks.",
+                    tooltip="Record the self-attention layers of the up (output) blocks. Off: those layers are not "
+                            "patched at all.",
                 ),
                 io.String.Input(
                     "levels", default="all",
                     tooltip="Token-grid levels to record: 'all', or comma-separated levels such as '0,1'. "
                             "0 = the latent grid (image/8, e.g. 64x64 at 512 px), 1 = 1/2, 2 = 1/4, 3 = 1/8. "
-                            "Fewer levels = less memory.",
+                            "Fewer levels = less memory. A level the model lacks is skipped with a log line (SDXL has "
+                            "none at 0); none of the model's levels is an error.",
                 ),
                 io.String.Input(
                     "steps", default="last",

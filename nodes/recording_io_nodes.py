@@ -375,7 +375,8 @@ class LoadRecording(io.ComfyNode):
                     default="",
                     tooltip=(
                         "Optional path of a file inside ComfyUI's input, output or temp folder: relative "
-                        "to the input folder (a ' [output]' suffix means the output folder), or absolute. "
+                        "to the input folder (a ' [output]' or ' [temp]' suffix means that folder), absolute, "
+                        "or starting with '~'; a path leading elsewhere is refused. Blank: 'file' is read. "
                         "When set it is used instead of 'file'."
                     ),
                 ),
