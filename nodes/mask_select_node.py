@@ -164,7 +164,7 @@ class MaskSelectAtPixel(io.ComfyNode):
                     "image",
                     optional=True,
                     tooltip=(
-                        "Optional picture (e.g. the decoded image) for the overlays and the click picker; "
+                        "Optional picture (e.g. the decoded image; of a batch, the first) for the overlays and the click picker; "
                         "a photo up to 7 px larger is cropped to its centre as VAE Encode does, other sizes "
                         "are stretched to the masks' size. Without it the masks are drawn on a "
                         "colour map of all masks."

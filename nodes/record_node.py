@@ -66,7 +66,9 @@ class RecordSelfAttention(io.ComfyNode):
                             "0 = the first step: the noisiest, or the least noisy on a rising schedule such as "
                             "FlipSigmas'). Steps count from the start of each sampling run: KSamplerAdvanced's "
                             "start_at_step, or the first sigma of SplitSigmas' low_sigmas, is step 0. Steps are "
-                            "told apart by sigma. 'mean' and ranges keep a float32 running sum "
+                            "told apart by sigma. A range partly past the run's last step keeps the steps the run has (with a "
+                            "log line); a step or range wholly past it records nothing, and Head PCA says so. "
+                            "'mean' and ranges keep a float32 running sum "
                             "on the sampling device (GPU) until the run ends, twice the "
                             "float16 size: ~46 MB per image for SD2.1 at 512x512, ~420 MB for SDXL at 1024x1024.",
                 ),
