@@ -337,7 +337,7 @@ class UpsamplingErrorMap(io.ComfyNode):
                     display_name="error_map",
                     tooltip=(
                         "Eq. 6 upsampling error per pixel, normalised to 0..1 per image: bright = boundaries "
-                        "between regions. Images above 256x256 pixels get it at every f-th pixel, each value "
+                        "between regions. Images of more than 256x256 = 65536 pixels get it at every f-th pixel, each value "
                         "filling its f x f block."
                     ),
                 ),

@@ -278,7 +278,8 @@ class SaveRecording(io.ComfyNode):
                     tooltip=(
                         "File name prefix inside the output folder; a counter and '.safetensors' are "
                         "appended. May contain subfolders ('headseg/cat'); as in Save Image, %date:yyyy-MM-dd%, "
-                        "%Node name.widget%, %width% and %height% (the sampled image's) are filled in."
+                        "%Node name.widget%, %width% and %height% (the sampled image's) are filled in. A blank prefix, or one "
+                        "leading outside the output folder ('../x'), is refused when the prompt is queued."
                     ),
                 ),
                 io.Latent.Input(
