@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import re
 
 import numpy as np
 import torch
@@ -113,6 +114,66 @@ def _batch_places(filename_prefix: str, B: int, W: int, H: int) -> list[tuple[st
     return [(folder, name, shared, subfolder) for folder, name, _, subfolder in places]
 
 
+def _claim_places(places: list[tuple[str, str, int, str]], suffixes: list[str], filename_prefix) -> list[tuple[str, str, int, str]]:
+    """_batch_places' [(folder, name, counter, subfolder)] per image -> the same with counters whose files
+    ('<name>_<counter>_<suffix>' for every suffix: 'k2.png', ..., 'image.png') this run now holds, each made
+    as an empty file in one step (exclusive create). A counter any of whose files is taken is skipped, so no
+    earlier file is ever written over: ComfyUI's counter is always 1 for a prefix that ends in '/'
+    ('dataset/'), and another ComfyUI saving into the same folder at the same moment finds the files taken
+    and moves on. Images that share one counter (%batch_num%: one name each) move on together; the others
+    take successive counters. OSError -> ValueError naming filename_prefix, none of this run's files left."""
+    held: list[str] = []  # the files made so far
+
+    def claim(folder: str, name: str, n: int) -> bool:
+        made = []
+        for suffix in suffixes:
+            full = os.path.join(folder, f"{name}_{n:05}_{suffix}")
+            try:
+                with open(full, "xb"):
+                    pass
+            except FileExistsError:
+                for path in made:
+                    _remove(path)
+                return False
+            except OSError as exc:
+                for path in made + held:
+                    _remove(path)
+                raise output_error(exc, filename_prefix, full, _EXAMPLE_PREFIX) from exc
+            made.append(full)
+        held.extend(made)
+        return True
+
+    names = {(folder, name) for folder, name, _, _ in places}
+    if len(names) == len(places) and len({n for _, _, n, _ in places}) == 1:  # one shared counter
+        n = places[0][2]
+        while not all(claim(folder, name, n) for folder, name, _, _ in places):
+            for path in held:  # an image further on found its files taken: every image moves on
+                _remove(path)
+            held.clear()
+            n = max([n + 1] + [_past_highest(folder, name) for folder, name, _, _ in places])
+        return [(folder, name, n, subfolder) for folder, name, _, subfolder in places]
+    claimed, n = [], 0
+    for folder, name, counter, subfolder in places:
+        n = max(n, counter)
+        while not claim(folder, name, n):
+            n = max(n + 1, _past_highest(folder, name))
+        claimed.append((folder, name, n, subfolder))
+        n += 1
+    return claimed
+
+
+def _past_highest(folder: str, name: str) -> int:
+    """One past the highest counter of the files '<name>_<counter>_...' in ``folder`` (1 when none): where
+    _claim_places goes on after a counter it found taken, so that a prefix ComfyUI counts from 1 at every
+    run ('dataset/') costs one look at the folder per image, not one try per earlier image."""
+    pattern = re.compile(re.escape(name) + r"_([0-9]+)_")
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return 1
+    return 1 + max((int(m.group(1)) for entry in entries if (m := pattern.match(entry))), default=0)
+
+
 def _png_info(entries: dict) -> PngInfo:
     """{key: JSON-able value} -> PNG text entries holding each value as JSON, as Save Image writes them."""
     info = PngInfo()
@@ -148,7 +209,7 @@ class SaveLabelMaps(io.ComfyNode):
                     tooltip=(
                         "File name prefix inside the output folder (subfolders allowed, e.g. 'dataset/cats'). "
                         "Each image gets the next counter: <prefix>_00001_k2.png, <prefix>_00001_k5.png, ... "
-                        "and <prefix>_00001_image.png. As in Save Image, %date:yyyy-MM-dd%, %Node name.widget%, "
+                        "and <prefix>_00001_image.png; no earlier file is written over. As in Save Image, %date:yyyy-MM-dd%, %Node name.widget%, "
                         "%width% and %height% are filled in, and %batch_num% becomes the image's index in the batch "
                         "(0, 1, ...), its images then sharing one counter. A blank prefix, or one leading outside the output "
                         "folder ('../x'), is refused when the prompt is queued."
@@ -181,7 +242,6 @@ class SaveLabelMaps(io.ComfyNode):
         B = clusters.batch_size
         H, W = clusters.size
         pictures = None if image is None else _fit_pictures(image, B, H, W)  # [B, H, W, 3 or 4]
-        places = _batch_places(filename_prefix, B, W, H)  # [(folder, name, counter, subfolder)] per image
         ks = clusters.cluster_counts
         workflow = {}  # ComfyUI's prompt and workflow, for the pictures (unless --disable-metadata)
         from comfy.cli_args import args
@@ -190,6 +250,9 @@ class SaveLabelMaps(io.ComfyNode):
             if cls.hidden.prompt is not None:
                 workflow["prompt"] = cls.hidden.prompt
             workflow.update(cls.hidden.extra_pnginfo or {})
+        suffixes = [f"k{k}.png" for k in ks] + (["image.png"] if pictures is not None else [])
+        # [(folder, name, counter, subfolder)] per image, its files made (empty) so that no other run takes them
+        places = _claim_places(_batch_places(filename_prefix, B, W, H), suffixes, filename_prefix)
         saved, shown, files = [], [], []  # files: (picture(), path, PNG text) of every file, in order
         for b, (folder, name, n, subfolder) in enumerate(places):
             about = {"format": LABELS_FORMAT, "batch_index": b, "cluster_counts": ks, "size": [H, W]}
@@ -221,19 +284,16 @@ def _write_all(files: list, filename_prefix) -> None:
     """Saves every PNG of ``files`` [(picture(): PIL image, path, PngInfo)], several at once (on_png_threads:
     a batch's files take about half as long on two cores), each picture made by its own thread when it
     is written. When any cannot be
-    written, removes the files of this run that were (a dataset gets no image with some of its files
-    missing) and what a failed one left (PIL leaves a file cut short when its last bytes fail as it closes
-    the file, e.g. on a full disk), then raises for the first file, in order, that failed: ValueError
+    written, removes every file of this run (each one new, made by _claim_places: a dataset gets no image
+    with some of its files missing), what a failed one left too (PIL leaves a file cut short when its last
+    bytes fail as it closes the file, e.g. on a full disk), then raises for the first file, in order, that failed: ValueError
     naming filename_prefix and that file for an OSError, any other error (e.g. MemoryError) as it is."""
 
     def write(file) -> Exception | None:
         picture, full, info = file
-        existed = os.path.lexists(full)  # not with a new counter; a file that was there is left alone
         try:
             picture().save(full, pnginfo=info, compress_level=4)
         except Exception as exc:  # every error: the run's files are removed before it is raised
-            if not existed:
-                _remove(full, missing_ok=True)
             return exc
         return None
 
@@ -241,9 +301,8 @@ def _write_all(files: list, filename_prefix) -> None:
     failed = [(full, exc) for (_, full, _), exc in zip(files, errors) if exc is not None]
     if not failed:
         return
-    for (_, path, _), exc in zip(files, errors):
-        if exc is None:
-            _remove(path)
+    for _, path, _ in files:  # every one is this run's (_claim_places made them): none was there before
+        _remove(path, missing_ok=True)
     full, exc = failed[0]
     if isinstance(exc, OSError):
         raise output_error(exc, filename_prefix, full, _EXAMPLE_PREFIX) from exc

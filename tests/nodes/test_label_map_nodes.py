@@ -378,3 +378,55 @@ def test_a_picture_of_the_label_maps_size_is_saved_when_the_sides_are_no_multipl
     with pytest.raises(ValueError, match=r"^image: expected pictures of the label maps' 60x100 pixels, got 60x103") as larger:
         save.execute(sweep, "odd", torch.rand(1, 103, 60, 3))
     assert "7 more" not in str(larger.value)
+
+
+@pytest.mark.parametrize("prefix, folder", [("dataset/", ""), ("data/cats/", "data"), ("set/.", "")])
+def test_a_prefix_that_ends_in_a_folder_never_overwrites_earlier_runs(save, sweep, comfy_folders, prefix, folder):
+    """ComfyUI's counter for 'dataset/' is always 1 (it measures the name in the prefix as written, ''): each
+    queue wrote its label maps over the last one's, so a dataset kept only the last batch."""
+    for run in range(3):
+        save.execute(sweep, prefix)
+    name = {"dataset/": "dataset", "data/cats/": "cats", "set/.": "set"}[prefix]
+    written = sorted(p.name for p in (comfy_folders["output"] / folder).glob("*.png"))
+    assert written == sorted(f"{name}_{n:05}_k{k}.png" for n in range(1, 7) for k in (2, 4, 9))
+    for n in range(1, 7):  # every run's images in their own files: image 0 then image 1 of each run
+        _, pixels, text = read(comfy_folders["output"] / folder / f"{name}_{n:05}_k4.png")
+        assert torch.equal(torch.from_numpy(pixels).long(), sweep.results[4].labels[(n - 1) % 2])
+        assert json.loads(text["headseg"])["batch_index"] == (n - 1) % 2
+
+
+@pytest.mark.parametrize("prefix", ["race", "race_%batch_num%"])
+def test_files_another_comfyui_writes_at_the_same_moment_are_not_written_over(save, sweep, comfy_folders, monkeypatch, prefix):
+    """Two ComfyUIs (one per GPU) saving a dataset into one output folder: the other one writes its files
+    under the counter this one found free, just after it looked. Its files stay as they are, and this run
+    moves on to the next free counter (with %batch_num%, both images together: they share a counter)."""
+    from headseg.nodes import label_map_nodes
+
+    real_place = label_map_nodes.output_place
+
+    def place_then_other_comfyui_writes(filename_prefix, *args):
+        folder, name, counter, subfolder = real_place(filename_prefix, *args)
+        if name in ("race", "race_1"):  # the other ComfyUI's file of this counter (of image 1 with %batch_num%)
+            (comfy_folders["output"] / f"{name}_{counter:05}_k9.png").write_bytes(b"the other one's")
+        return folder, name, counter, subfolder
+
+    monkeypatch.setattr(label_map_nodes, "output_place", place_then_other_comfyui_writes)
+    listed = save.execute(sweep, prefix).ui["headseg_label_maps"]
+    assert (comfy_folders["output"] / prefix.replace("%batch_num%", "1")).with_name(
+        prefix.replace("%batch_num%", "1") + "_00001_k9.png").read_bytes() == b"the other one's"
+    names = [r["filename"] for r in listed if r["k"] == 9]
+    assert names == (["race_00002_k9.png", "race_00003_k9.png"] if prefix == "race" else ["race_0_00002_k9.png", "race_1_00002_k9.png"])
+    for b, filename in enumerate(names):
+        _, pixels, _ = read(comfy_folders["output"] / filename)
+        assert torch.equal(torch.from_numpy(pixels).long(), sweep.results[9].labels[b])
+    # nothing of this run under the taken counter: no half-set of label maps beside the other one's file
+    assert sorted(p.name for p in comfy_folders["output"].glob("*_00001_*")) == [prefix.replace("%batch_num%", "1") + "_00001_k9.png"]
+
+
+def test_a_name_that_only_some_files_can_take_leaves_none_of_this_runs_files(save, sweep, comfy_folders):
+    """A 242-character name fits '_00001_k9.png' (255 characters) but not '_00001_image.png': the label maps
+    made for it before the picture's name failed are removed again, and the error names filename_prefix."""
+    prefix = "n" * 242
+    with pytest.raises(ValueError, match=r"^filename_prefix 'n+': cannot write .*_00001_image.png .*shorter prefix"):
+        save.execute(sweep, prefix, torch.rand(2, H, W, 3))
+    assert list(comfy_folders["output"].iterdir()) == []
