@@ -4,7 +4,8 @@ Per image of the batch, one 8-bit greyscale PNG per cluster count k whose pixel 
 cluster indices 0 .. k-1 (0 = the largest cluster, as Multi K-Means orders them), named
 ``<prefix>_<counter>_k<k>.png``, and optionally the picture itself as ``<prefix>_<counter>_image.png``,
 cropped to the label maps' pixels. Each PNG carries a ``headseg`` text entry (JSON) that says what it
-holds; the picture also carries ComfyUI's workflow, as Save Image's pictures do.
+holds, and ComfyUI's prompt (every node's inputs, so the seeds, layers and k a file came from); the
+picture also carries ComfyUI's workflow, as Save Image's pictures do.
 """
 
 from __future__ import annotations
@@ -198,7 +199,8 @@ class SaveLabelMaps(io.ComfyNode):
             description=(
                 "Saves the label map of every k as an 8-bit greyscale PNG whose pixel values are the cluster "
                 "indices (0 = the largest cluster), one file per image and k, for segmentation datasets; "
-                "optionally the picture next to them under the same counter."
+                "optionally the picture next to them under the same counter. Every file carries ComfyUI's prompt "
+                "(the seeds, layers and k it came from)."
             ),
             is_output_node=True,
             inputs=[
@@ -243,13 +245,15 @@ class SaveLabelMaps(io.ComfyNode):
         H, W = clusters.size
         pictures = None if image is None else _fit_pictures(image, B, H, W)  # [B, H, W, 3 or 4]
         ks = clusters.cluster_counts
-        workflow = {}  # ComfyUI's prompt and workflow, for the pictures (unless --disable-metadata)
+        # ComfyUI's prompt (every node's inputs: the seeds, layers, k, ...) for every file, so that a label map
+        # alone says how it was made; the workflow once per image, in its picture (unless --disable-metadata)
+        prompt, workflow = {}, {}
         from comfy.cli_args import args
 
         if not args.disable_metadata and cls.hidden is not None:
             if cls.hidden.prompt is not None:
-                workflow["prompt"] = cls.hidden.prompt
-            workflow.update(cls.hidden.extra_pnginfo or {})
+                prompt["prompt"] = cls.hidden.prompt
+            workflow.update(prompt, **(cls.hidden.extra_pnginfo or {}))
         suffixes = [f"k{k}.png" for k in ks] + (["image.png"] if pictures is not None else [])
         # [(folder, name, counter, subfolder)] per image, its files made (empty) so that no other run takes them
         places = _claim_places(_batch_places(filename_prefix, B, W, H), suffixes, filename_prefix)
@@ -259,7 +263,7 @@ class SaveLabelMaps(io.ComfyNode):
             for k in ks:
                 filename = f"{name}_{n:05}_k{k}.png"
                 picture = functools.partial(_label_png, clusters.results[k].labels[b])
-                files.append((picture, os.path.join(folder, filename), _png_info({"headseg": {**about, "k": k}})))
+                files.append((picture, os.path.join(folder, filename), _png_info({**prompt, "headseg": {**about, "k": k}})))
                 saved.append({"filename": filename, "subfolder": subfolder, "type": "output", "k": k, "batch_index": b})
             if pictures is not None:
                 filename = f"{name}_{n:05}_image.png"

@@ -97,7 +97,8 @@ def test_the_picture_is_saved_next_to_its_labels_with_the_workflow(save, sweep, 
         assert json.loads(text["prompt"]) == hidden["PROMPT"]
         assert json.loads(text["headseg"])["batch_index"] == b
         _, _, label_text = read(comfy_folders["output"] / f"pics_{b + 1:05}_k4.png")
-        assert set(label_text) == {"headseg"}  # the workflow only once per image
+        assert set(label_text) == {"headseg", "prompt"}  # the workflow only once per image, the prompt in every file
+        assert json.loads(label_text["prompt"]) == hidden["PROMPT"]
     assert out.ui["images"] == [{"filename": f"pics_{n:05}_image.png", "subfolder": "", "type": "output"} for n in (1, 2)]
     assert out.ui["text"] == ["pics_00001_* ... pics_00002_*: 2 images, 3 label maps (k = 2, 4, 9) + the picture each"]
 
@@ -270,12 +271,16 @@ def test_comfyui_hands_the_workflow_to_the_picture_unless_metadata_is_disabled(s
     finally:
         args.disable_metadata = before
     _, _, text = read(comfy_folders["output"] / "meta_00002_image.png")
+    _, _, label_text = read(comfy_folders["output"] / "meta_00002_k9.png")
     if disable_metadata:
-        assert set(text) == {"headseg"}
+        assert set(text) == set(label_text) == {"headseg"}
     else:
         assert set(text) == {"prompt", "workflow", "headseg"}
         assert json.loads(text["prompt"])["7"]["class_type"] == "HeadSeg_SaveLabelMaps"
         assert json.loads(text["workflow"]) == {"nodes": [7]}
+        # a label map alone says how it was made: the prompt holds every node's inputs (seeds, layers, k)
+        assert set(label_text) == {"prompt", "headseg"}
+        assert json.loads(label_text["prompt"]) == json.loads(text["prompt"])
 
 
 def test_a_batch_is_written_on_several_threads_with_the_bytes_of_one_at_a_time(save, sweep, comfy_folders, monkeypatch):
