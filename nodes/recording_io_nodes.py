@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import json
 import logging
 import os
 import threading
@@ -266,7 +267,7 @@ class SaveRecording(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Saves the recorded heads as a safetensors file (one float16 tensor [B, heads, h, w, d] "
-                "per layer, keyed like 'input.1.0', with format/size/model metadata) in the output "
+                "per layer, keyed like 'input.1.0', with format/size/model metadata and ComfyUI's prompt and workflow) in the output "
                 "folder, so masks can be recomputed later with Load Recording and no model."
             ),
             is_output_node=True,
@@ -305,13 +306,25 @@ class SaveRecording(io.ComfyNode):
         return prefix_error(filename_prefix, "headseg/recording") or True
 
     @classmethod
+    def _comfy_metadata(cls) -> dict[str, str]:
+        """ComfyUI's prompt and workflow as JSON strings, as Save Latent keeps them in its safetensors file
+        (none with --disable-metadata), so a recording says which prompt, seed and model made it."""
+        from comfy.cli_args import args
+
+        if args.disable_metadata or cls.hidden is None:
+            return {}
+        found = {} if cls.hidden.prompt is None else {"prompt": cls.hidden.prompt}
+        found.update(cls.hidden.extra_pnginfo or {})
+        return {key: json.dumps(value) for key, value in found.items()}
+
+    @classmethod
     def execute(cls, recording, filename_prefix="headseg/recording", latent=None) -> io.NodeOutput:
         rec = as_recording(recording, latent)
         folder, name, counter, subfolder = output_place(filename_prefix, "headseg/recording", rec.image_size[1], rec.image_size[0])
         filename, full = _take_name(folder, name, counter, filename_prefix)
         try:
             try:
-                save_recording(rec, full, name="recording")
+                save_recording(rec, full, name="recording", extra_metadata=cls._comfy_metadata())
             except BaseException:
                 _remove_taken(full)  # no empty file left under the name taken
                 raise

@@ -400,9 +400,11 @@ class Recording:
 
 
 # --------------------------------------------------------------------- file I/O
-def save_recording(rec: Recording, path, name: str = "save_recording") -> None:
+def save_recording(rec: Recording, path, name: str = "save_recording", extra_metadata: dict[str, str] | None = None) -> None:
     """Writes ``rec`` as a headseg-recording/1 safetensors file (float16 tensors, string metadata).
 
+    ``extra_metadata``: more string metadata to keep in the file (a node passes ComfyUI's prompt and
+    workflow, as Save Latent does); the format's own fields take precedence over a key of the same name.
     ``name`` starts the errors about the recording's values (a node passes its input's name). Layers
     holding NaN or inf (a float16 overflow while sampling) are written as they are: the other layers stay
     usable, and Head PCA names such a layer when it is selected (see ``nonfinite_layers``)."""
@@ -429,8 +431,12 @@ def save_recording(rec: Recording, path, name: str = "save_recording") -> None:
                 f"float16's smallest normal number {_FP16_TINY:.3g}: the file would keep few or none of their digits"
             )
         tensors[key.name] = t.detach().to("cpu", torch.float16).contiguous()
+    extra = dict(extra_metadata or {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
+        raise TypeError("save_recording: extra_metadata must map strings to strings")
     H, W = rec.image_size
     metadata = {
+        **extra,
         "format": FORMAT,
         "image_height": str(H),
         "image_width": str(W),

@@ -305,6 +305,21 @@ def test_saved_file_is_the_documented_format(tmp_path):
         assert t.dtype == torch.float16 and tuple(t.shape) == (1, 5, 8, 12, 4)
 
 
+def test_extra_metadata_is_kept_below_the_formats_own_fields(tmp_path):
+    from safetensors import safe_open
+
+    rec = sd21_recording(latent=(8, 12), d=4)
+    path = tmp_path / "rec.safetensors"
+    save_recording(rec, str(path), extra_metadata={"prompt": "{}", "model": "not this", "workflow": "[1]"})
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["prompt"] == "{}" and meta["workflow"] == "[1]" and meta["model"] == "SD21" and meta["format"] == FORMAT
+    assert load_recording(str(path)).model == "SD21"
+    with pytest.raises(TypeError, match="extra_metadata must map strings to strings"):
+        save_recording(rec, str(tmp_path / "y.safetensors"), extra_metadata={"prompt": {"1": 2}})
+    assert not (tmp_path / "y.safetensors").exists()
+
+
 def test_save_rejects_values_beyond_float16(tmp_path):
     rec = sd21_recording(dtype=torch.float32)
     rec.layers[LayerKey("input", 4, 0)][0, 0, 0, 0, 0] = 1e6

@@ -925,3 +925,38 @@ def test_a_file_removed_after_it_was_found_is_named_by_the_input_that_chose_it(i
     args = ("", path) if use_path else (name + " [output]", "")
     with pytest.raises(ValueError, match=rf"^{chosen}: .*{name}.* was removed while the node read it"):
         io_nodes.LoadRecording.execute(*args)
+
+
+@pytest.mark.parametrize("disable_metadata", [False, True])
+def test_save_recording_keeps_comfyuis_prompt_and_workflow_as_save_latent_does(io_nodes, recording, comfy_folders, disable_metadata):
+    """The hidden prompt and workflow as ComfyUI's executor gathers them for this output node go into the
+    file's metadata as JSON strings, the keys Save Latent uses; none with --disable-metadata. The format's
+    own fields win over a workflow key of the same name, and the file loads as before."""
+    import json
+
+    import execution
+    from comfy.cli_args import args
+    from safetensors import safe_open
+
+    class Prompt:  # the executor's DynamicPrompt, as far as get_input_data reads it
+        def get_original_prompt(self):
+            return {"4": {"class_type": "HeadSeg_SaveRecording", "inputs": {"filename_prefix": "meta"}}}
+
+    extra = {"extra_pnginfo": {"workflow": {"nodes": [4]}, "format": "not this"}}
+    node = io_nodes.SaveRecording
+    _, _, hidden = execution.get_input_data({"filename_prefix": "meta"}, node, "4", None, Prompt(), extra)
+    before, args.disable_metadata = args.disable_metadata, disable_metadata
+    try:
+        path = node.PREPARE_CLASS_CLONE(hidden).execute(recording, "meta").args[0]
+    finally:
+        args.disable_metadata = before
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == FORMAT
+    if disable_metadata:
+        assert "prompt" not in meta and "workflow" not in meta
+    else:
+        assert json.loads(meta["prompt"])["4"]["class_type"] == "HeadSeg_SaveRecording"
+        assert json.loads(meta["workflow"]) == {"nodes": [4]}
+    loaded = io_nodes.LoadRecording.execute("", path).args[0]
+    assert loaded.image_size == recording.image_size and list(loaded.layers) == list(recording.layers)
