@@ -241,13 +241,15 @@ class _Image:
             grids = [g.double() * self.scale for g in grids]
         self.feats = [g.to(torch.float32) for g in grids]  # [C_g, h_g, w_g]
         self.device = device = grids[0].device
-        mats = {}
-        for f in self.feats:
-            for n_in, n_out in ((int(f.shape[1]), H), (int(f.shape[2]), W)):
-                if (n_in, n_out) not in mats:
-                    mats[n_in, n_out] = interpolation_matrix(n_in, n_out, stack.mode).to(device, torch.float32)
-        self.ry = [mats[int(f.shape[1]), H] for f in self.feats]  # [H, h_g]
-        self.rx = [mats[int(f.shape[2]), W] for f in self.feats]  # [W, w_g]
+        mats = {}  # (n_in, n_out, span) -> [n_out, n_in]; span: the pixels the grid spans (None: the image)
+        spans = [stack.span(i) for i in range(len(self.feats))]  # (Hs, Ws) per grid
+        axes = [((int(f.shape[1]), H, Hs), (int(f.shape[2]), W, Ws)) for f, (Hs, Ws) in zip(self.feats, spans)]
+        for axis in (a for pair in axes for a in pair):
+            if axis not in mats:
+                n_in, n_out, span = axis
+                mats[axis] = interpolation_matrix(n_in, n_out, stack.mode, span=span).to(device, torch.float32)
+        self.ry = [mats[rows] for rows, _ in axes]  # [H, h_g]
+        self.rx = [mats[cols] for _, cols in axes]  # [W, w_g]
         sides = [(H, W)]
         while sides[-1][0] * sides[-1][1] > 4 and sides[-1] != (1, 1):
             ny, nx = sides[-1]

@@ -55,29 +55,38 @@ def _check_length(n, name: str) -> int:
     return int(n)
 
 
-def _nearest_index(n_in: int, n_out: int) -> torch.Tensor:
-    """[n_out] int64 source index of each output sample, as F.interpolate(mode="nearest")."""
+def _span(n_out: int, span) -> float:
+    """The pixels the input samples span along an axis (see interpolation_matrix): n_out when span is None."""
+    return n_out if span is None else span
+
+
+def _nearest_index(n_in: int, n_out: int, span=None) -> torch.Tensor:
+    """[n_out] int64 source index of each output sample, as F.interpolate(mode="nearest") (to ``span``
+    samples, of which the first n_out are kept, when given)."""
     out = torch.arange(n_out, device="cpu")
-    if n_out == n_in:
+    span = _span(n_out, span)
+    if span == n_out == n_in:
         return out
-    if n_out == 2 * n_in:
+    if span == n_out == 2 * n_in:
         return out // 2
-    scale = torch.tensor(float(n_in), dtype=torch.float32, device="cpu") / n_out  # float32, as ATen
+    scale = torch.tensor(float(n_in), dtype=torch.float32, device="cpu") / span  # float32, as ATen
     src = torch.floor(out.to(torch.float32) * scale).to(torch.int64)
     return src.clamp_max(n_in - 1)
 
 
-def _linear_taps(n_in: int, n_out: int, dtype: torch.dtype = torch.float32):
+def _linear_taps(n_in: int, n_out: int, dtype: torch.dtype = torch.float32, span=None):
     """Two-tap bilinear weights along one axis: (i0, i1 [n_out] int64, w0, w1 [n_out] dtype).
 
     Output sample i = w0[i] * x[i0[i]] + w1[i] * x[i1[i]], exactly as ATen computes the source
-    index and weights for F.interpolate(mode="bilinear", align_corners=False) (no antialias).
+    index and weights for F.interpolate(mode="bilinear", align_corners=False) (no antialias); to
+    ``span`` samples, of which the first n_out are kept, when given (see interpolation_matrix).
     """
     rows = torch.arange(n_out, device="cpu")
-    if n_out == n_in:
+    span = _span(n_out, span)
+    if span == n_out == n_in:
         return rows, rows, torch.ones(n_out, dtype=dtype, device="cpu"), torch.zeros(n_out, dtype=dtype, device="cpu")
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    scale = torch.tensor(float(n_in), dtype=work, device="cpu") / n_out
+    scale = torch.tensor(float(n_in), dtype=work, device="cpu") / span
     # ATen evaluates scale * (i + 0.5) - 0.5 as one fused multiply-add: exact in float64, then rounded
     src = (scale.double() * (rows.double() + 0.5) - 0.5).to(work).clamp_min(0.0)  # [n_out] source position
     i0 = torch.floor(src).to(torch.int64).clamp_max(n_in - 1)  # [n_out]
@@ -87,11 +96,15 @@ def _linear_taps(n_in: int, n_out: int, dtype: torch.dtype = torch.float32):
     return i0, i1, lam0.to(dtype), lam1.to(dtype)
 
 
-def interpolation_matrix(n_in: int, n_out: int, mode: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def interpolation_matrix(n_in: int, n_out: int, mode: str, dtype: torch.dtype = torch.float32, span=None) -> torch.Tensor:
     """[n_out, n_in] weights: row i = weights of output sample i along one axis.
 
     Identical to F.interpolate(mode="bilinear", align_corners=False) (one axis of it, including
     the clamping at both edges, and downscaling without antialias) or F.interpolate(mode="nearest").
+    span (default n_out): the output samples the n_in input samples span, when they reach past the
+    n_out kept: the first n_out rows of the matrix to ``span`` samples (F.interpolate with
+    scale_factor = span / n_in). A UNet's token grid of ceil(latent / 2**l) cells spans that many
+    cells of 8 * 2**l pixels, more than the image when the latent side is no multiple of 2**l.
     The index arithmetic is done in float32 like ATen does for float32 tensors (the pipeline's case);
     float64 weights may differ from ATen's float64 path in a few rows of large sizes (nearest 3 -> 9999,
     bilinear 2049 -> 16384). Built on the CPU, whatever the device of the features: callers move it.
@@ -101,32 +114,47 @@ def interpolation_matrix(n_in: int, n_out: int, mode: str, dtype: torch.dtype = 
     check_mode(mode)
     if dtype not in FEATURE_DTYPES:  # an integer dtype would truncate the weights, a string fail inside torch
         raise ValueError(f"dtype must be torch.float16, bfloat16, float32 or float64, got {dtype!r}")
+    span = _check_span(n_out, span)
     rows = torch.arange(n_out, device="cpu")
     matrix = torch.zeros(n_out, n_in, dtype=dtype, device="cpu")
     if mode == "nearest":
-        matrix[rows, _nearest_index(n_in, n_out)] = 1.0
+        matrix[rows, _nearest_index(n_in, n_out, span)] = 1.0
         return matrix
-    i0, i1, w0, w1 = _linear_taps(n_in, n_out, dtype)
+    i0, i1, w0, w1 = _linear_taps(n_in, n_out, dtype, span)
     matrix.index_put_((rows, i0), w0, accumulate=True)
     matrix.index_put_((rows, i1), w1, accumulate=True)
     return matrix
 
 
-def _resample_axis(x: torch.Tensor, dim: int, n_out: int, mode: str) -> torch.Tensor:
-    """[..., n_in, ...] -> [..., n_out, ...]: x resampled along ``dim`` (gathers, no dense matrix)."""
+def _is_real(v) -> bool:
+    """Whether v is a finite int or float (not a bool)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_span(n_out: int, span):
+    """span -> span (None, or a number of output samples >= n_out), else ValueError."""
+    if span is not None and not (_is_real(span) and n_out <= span < 2**31):
+        raise ValueError(f"span must be a number of pixels >= n_out ({n_out}), got {span!r}")
+    return span
+
+
+def _resample_axis(x: torch.Tensor, dim: int, n_out: int, mode: str, span=None) -> torch.Tensor:
+    """[..., n_in, ...] -> [..., n_out, ...]: x resampled along ``dim`` (gathers, no dense matrix); the
+    input spanning ``span`` output samples when given (see interpolation_matrix)."""
     n_in = x.shape[dim]
     if mode == "nearest":
-        return x.index_select(dim, _nearest_index(n_in, n_out).to(x.device))
-    i0, i1, w0, w1 = _linear_taps(n_in, n_out, x.dtype)
+        return x.index_select(dim, _nearest_index(n_in, n_out, span).to(x.device))
+    i0, i1, w0, w1 = _linear_taps(n_in, n_out, x.dtype, span)
     along_dim = [1] * x.dim()
     along_dim[dim] = n_out  # [1, .., n_out, .., 1]: the weights broadcast along dim
     out = x.index_select(dim, i0.to(x.device)).mul_(w0.to(x.device).view(along_dim))  # [..., n_out, ...]
     return out.add_(x.index_select(dim, i1.to(x.device)).mul_(w1.to(x.device).view(along_dim)))
 
 
-def upsample(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+def upsample(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear", span=None) -> torch.Tensor:
     """[B, C, h, w] -> [B, C, H, W] float32 (float64 for float64 input), same as F.interpolate (for
-    float64 input up to a few rows of large sizes, see interpolation_matrix)."""
+    float64 input up to a few rows of large sizes, see interpolation_matrix). span: (Hs, Ws) the
+    pixels the grid spans when it reaches past the image (see interpolation_matrix), default size."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a tensor [B, C, h, w], got {shape}")
@@ -139,9 +167,10 @@ def upsample(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> 
         raise ValueError(f"x must have a grid of at least 1x1 [B, C, h, w], got {tuple(x.shape)}")
     H, W = check_size(size)
     check_mode(mode)
+    Hs, Ws = (None, None) if span is None else (_check_span(H, span[0]), _check_span(W, span[1]))
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     x = x.to(dtype)
-    return _resample_axis(_resample_axis(x, 2, H, mode), 3, W, mode)  # [B, C, H, w] -> [B, C, H, W]
+    return _resample_axis(_resample_axis(x, 2, H, mode, Hs), 3, W, mode, Ws)  # [B, C, H, w] -> [B, C, H, W]
 
 
 def resolution_weights(grid_sides: list[int]) -> list[float]:
@@ -162,7 +191,10 @@ class FeatureStack:
     """Virtual [B, C, H, W]: concat over grids of weight_i * upsample(grid_i); never materialised.
 
     grids[i] is [B, C_i, h_i, w_i] float32 with weights[i] already multiplied in; keys[i] lists the
-    layers it holds (channels head-major per layer, layers in UNet order).
+    layers it holds (channels head-major per layer, layers in UNet order). spans[i] (H_i, W_i) >= size:
+    the pixels grid i spans, of which the image is the top-left size (a UNet's grid of ceil(latent /
+    2**l) cells reaches past an image whose latent side is no multiple of 2**l); None: every grid spans
+    the image (stretched onto it).
     """
 
     grids: list[torch.Tensor]
@@ -170,6 +202,18 @@ class FeatureStack:
     keys: list[list[LayerKey]]
     size: tuple[int, int]
     mode: str
+    spans: list[tuple[float, float]] | None = None
+
+    def span(self, index: int, size: tuple[int, int] | None = None) -> tuple:
+        """(H_i, W_i): the pixels grid ``index`` spans at ``size`` (default self.size; another size scales
+        the span with it), or (None, None) where it spans the image exactly."""
+        H, W = self.size
+        if not self.spans or tuple(self.spans[index]) == (H, W):
+            return None, None
+        Hs, Ws = self.spans[index]
+        if size is None or tuple(size) == (H, W):
+            return Hs, Ws
+        return Hs * size[0] / H, Ws * size[1] / W
 
     @property
     def num_channels(self) -> int:
@@ -192,7 +236,8 @@ class FeatureStack:
         """(Mh [H, h_i], Mw [W, w_i]) float32 such that upsample(grid) = Mh @ grid @ Mw.T in self.mode."""
         H, W = self.size if size is None else check_size(size)
         h, w = self.grid_sizes[index]
-        return interpolation_matrix(h, H, self.mode), interpolation_matrix(w, W, self.mode)
+        Hs, Ws = self.span(index, (H, W))
+        return interpolation_matrix(h, H, self.mode, span=Hs), interpolation_matrix(w, W, self.mode, span=Ws)
 
     def materialise(self, size: tuple[int, int] | None = None, batch_index: int | None = None) -> torch.Tensor:
         """[B, C, H', W'] explicit stack at ``size`` (default self.size); batch_index b -> [1, C, H', W'].
@@ -205,7 +250,12 @@ class FeatureStack:
         if batch_index is not None:
             check_batch_index(batch_index, self.batch_size)
             grids = [g[batch_index : batch_index + 1] for g in grids]  # each [1, C_i, h_i, w_i]
-        return torch.cat([upsample(g, size, self.mode) for g in grids], dim=1)  # [B, C, H', W']
+        return torch.cat([_upsample_spanning(g, size, self.mode, self.span(i, size)) for i, g in enumerate(grids)], dim=1)
+
+
+def _upsample_spanning(g: torch.Tensor, size: tuple[int, int], mode: str, span: tuple) -> torch.Tensor:
+    """upsample(g, size, mode) with g spanning span = (Hs, Ws) pixels ((None, None): the image)."""
+    return upsample(g, size, mode, None if span == (None, None) else span)
 
 
 def _check_values(g: torch.Tensor, where: str) -> None:
@@ -263,6 +313,11 @@ def check_stack(stack) -> tuple[int, int]:
     batches = sorted({int(g.shape[0]) for g in stack.grids})
     if len(batches) > 1:
         raise ValueError(f"stack grids must share one batch size, got {batches}")
+    if stack.spans is not None and (
+        len(stack.spans) != len(stack.grids)
+        or not all(len(sp) == 2 and all(_is_real(v) for v in sp) and sp[0] >= H and sp[1] >= W for sp in stack.spans)
+    ):
+        raise ValueError(f"stack.spans must hold one (H_i, W_i) >= the size {H}x{W} per grid, got {stack.spans!r}")
     return H, W
 
 
@@ -296,6 +351,10 @@ def make_feature_stack(
         groups.setdefault((h, w), []).append((key, t.detach()))  # [B, heads, h, w, c]
     sides = [max(h, w) for (h, w) in groups]
     weights = resolution_weights(sides) if reweight else [1.0] * len(sides)
+    # the pixels each grid spans on the features' own image, scaled with it when size differs
+    (H0, W0), (H, W) = features.image_size, size
+    spans = [(Hs * H / H0, Ws * W / W0) if (H, W) != (H0, W0) else (Hs, Ws)
+             for Hs, Ws in (grid_span(hw, features.image_size) for hw in groups)]
     grids, keys = [], []
     for weight, ((h, w), members) in zip(weights, groups.items()):
         B = int(members[0][1].shape[0])
@@ -310,7 +369,28 @@ def make_feature_stack(
             start += n
         grids.append(grid.mul_(weight) if weight != 1.0 else grid)
         keys.append([key for key, _ in members])
-    return FeatureStack(grids, weights, keys, size, mode)
+    return FeatureStack(grids, weights, keys, size, mode, spans)
+
+
+def grid_span(grid: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
+    """A UNet token grid (h, w) of an image of size (H, W) pixels -> (H_i, W_i) >= (H, W), the pixels it spans.
+
+    The UNet's grid at level l has ceil(latent / 2**l) cells of 8 * 2**l pixels each side (latent = the
+    image's side / 8; stride-2 convolutions pad the last cell), so it reaches past the image where the
+    latent side is no multiple of 2**l: a 1000 px side (latent 125) has a 1/4 grid of 32 cells spanning
+    1024 px. Stretching that grid onto the image would move features by up to half a cell per 32 cells
+    (24 px at the far edge). A side the grid fits no level of (not from a UNet) spans the image."""
+    span = []
+    for n, N in zip(grid, size):
+        latent, cells = N // 8, None
+        if N % 8 == 0 and latent >= 1:
+            level, side = 0, latent
+            while side > n:
+                level, side = level + 1, math.ceil(side / 2)
+            if side == n and n > 1:
+                cells = n * 8 * 2**level
+        span.append(cells if cells is not None and cells >= N else N)
+    return tuple(span)
 
 
 def _column_phases(w: int, W: int):
@@ -322,16 +402,18 @@ def _column_phases(w: int, W: int):
     return m, frac.abs().to(torch.float32)
 
 
-def _abs_diff_sum(part: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """[B, n, h, w] -> [B, H, W]: sum over the n channels of |bilinear - nearest| upsampling."""
+def _abs_diff_sum(part: torch.Tensor, size: tuple[int, int], span: tuple = (None, None)) -> torch.Tensor:
+    """[B, n, h, w] -> [B, H, W]: sum over the n channels of |bilinear - nearest| upsampling (the grid
+    spanning span = (Hs, Ws) pixels, see FeatureStack.span)."""
     H, W = size
+    Hs, Ws = span
     B, n, h, w = part.shape
     device = part.device
-    bil_rows = _resample_axis(part, 2, H, "bilinear")  # [B, n, H, w]
-    near_rows = part.index_select(2, _nearest_index(h, H).to(device))  # [B, n, H, w]
-    near_cols = _nearest_index(w, W)  # [W]
-    if W % w or not torch.equal(near_cols, torch.arange(W, device="cpu") // (W // w)):  # general ratio
-        diff = _resample_axis(bil_rows, 3, W, "bilinear")  # [B, n, H, W]
+    bil_rows = _resample_axis(part, 2, H, "bilinear", Hs)  # [B, n, H, w]
+    near_rows = part.index_select(2, _nearest_index(h, H, Hs).to(device))  # [B, n, H, w]
+    near_cols = _nearest_index(w, W, Ws)  # [W]
+    if Ws is not None or W % w or not torch.equal(near_cols, torch.arange(W, device="cpu") // (W // w)):  # general ratio
+        diff = _resample_axis(bil_rows, 3, W, "bilinear", Ws)  # [B, n, H, W]
         diff -= near_rows.index_select(3, near_cols.to(device))
         return diff.abs_().sum(dim=1)  # [B, H, W]
     # integer ratio: nearest column of output b*s + q is b; phases q on their own axis before w
@@ -361,11 +443,12 @@ def upsampling_error(stack: FeatureStack) -> torch.Tensor:
     total = torch.zeros(B, H, W, dtype=torch.float32, device=stack.grids[0].device)
     per_channel = 3 * H * W * 4  # about three full-size float32 temporaries per channel and image
     chunk = max(1, _CHUNK_BYTES // per_channel)
-    for grid in stack.grids:
+    for i, grid in enumerate(stack.grids):
+        span = stack.span(i)
         for b in range(B):  # image by image: the chunks stay as wide at any batch size
             for start in range(0, grid.shape[1], chunk):
                 part = _scaled_float32(grid[b : b + 1, start : start + chunk], scales[b])  # [1, n, h, w]
-                total[b : b + 1] += _abs_diff_sum(part, (H, W))  # [1, H, W]
+                total[b : b + 1] += _abs_diff_sum(part, (H, W), span)  # [1, H, W]
     return _mean_in_units(total, stack.num_channels, scales)
 
 
@@ -413,14 +496,15 @@ def upsampling_error_at(stack: FeatureStack, rows: torch.Tensor, cols: torch.Ten
     scales = _image_scales(stack)  # B floats, powers of two
     total = torch.zeros(B, ny, nx, dtype=torch.float32, device=device)
     chunk = max(1, _CHUNK_BYTES // (3 * ny * nx * 4))
-    for grid in stack.grids:
+    for i, grid in enumerate(stack.grids):
         h, w = int(grid.shape[2]), int(grid.shape[3])
-        ry = interpolation_matrix(h, H, "bilinear")[rows].to(device)  # [ny, h]
-        iy = _nearest_index(h, H)[rows].to(device)  # [ny]
+        Hs, Ws = stack.span(i)
+        ry = interpolation_matrix(h, H, "bilinear", span=Hs)[rows].to(device)  # [ny, h]
+        iy = _nearest_index(h, H, Hs)[rows].to(device)  # [ny]
         # bilinear - nearest = [ry @ part, part[iy]] @ [Rx^T; -Nx^T] (Rx, Nx: the bilinear and nearest
         # column matrices at cols): one product for both
         cols_both = torch.cat(  # [2w, nx]
-            [interpolation_matrix(w, W, "bilinear")[cols].t(), -interpolation_matrix(w, W, "nearest")[cols].t()]
+            [interpolation_matrix(w, W, "bilinear", span=Ws)[cols].t(), -interpolation_matrix(w, W, "nearest", span=Ws)[cols].t()]
         ).to(device, torch.float32)
         for b in range(B):
             for start in range(0, grid.shape[1], chunk):

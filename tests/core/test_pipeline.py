@@ -8,7 +8,7 @@ from headseg.nodes.core.kmeans import multi_kmeans
 from headseg.nodes.core.masks import MaskSet, masks_at_pixel, merge_sweep
 from headseg.nodes.core.metrics import iou
 from headseg.nodes.core.pipeline import SegmentationResult, segment
-from headseg.nodes.core.recording import LayerKey
+from headseg.nodes.core.recording import LayerKey, Recording
 
 from .planted import Scene, nested_scene, planted_recording, small_layout
 
@@ -183,3 +183,28 @@ def test_defaults_and_a_live_recording_with_snapshot():
     out = segment(Live())
     assert list(out.sweep.results) == [2, 5, 6, 10, 20] and out.features.components == 8
     assert {key.position for key in out.features.layers} == {"down", "up"}
+
+
+@pytest.mark.parametrize("edge", [600, 904])
+def test_masks_line_up_with_a_photo_whose_sides_are_no_multiples_of_32(edge):
+    """A 1000x664 photo (latent 125x83): an object from column ``edge`` on, planted in each grid's cells where
+    the UNet has them (cells of 8, 16 and 32 px from the left edge; the 1/4 grid's 32 cells span 1024 px).
+    The k = 2 mask starts within a few pixels of the object, as it does on a 1024 px wide photo; stretching
+    the grids onto the image put it 17 px to the left at 904."""
+    from headseg.nodes.core.recording import grid_levels
+
+    H, W = 664, 1000
+    g = torch.Generator().manual_seed(0)
+    layers = {}
+    for level, (block, number) in enumerate([("input", 1), ("input", 4), ("input", 7)]):
+        h, w = grid_levels((H // 8, W // 8))[level]
+        centre = (torch.arange(w) + 0.5) * 8 * 2**level  # [w] pixel column of each cell's centre
+        inside = (centre >= edge).float().view(1, 1, 1, w, 1)
+        t = inside * torch.randn(1, 2, 1, 1, 8, generator=g) + 0.01 * torch.randn(1, 2, h, w, 8, generator=g)
+        layers[LayerKey(block, number, 0)] = t.half()
+    result = segment(Recording(layers, (H, W), model="SD2"), positions=("down",), components=2, cluster_counts=(2,))
+    labels = result.sweep.results[2].labels[0]  # [H, W]
+    for row in (0, H // 2, H - 1):
+        starts = (labels[row] != labels[row, 0]).nonzero()
+        assert starts.numel() and abs(int(starts[0]) - edge) <= 4, (row, starts[:1])
+        assert bool((labels[row, int(starts[0]):] == labels[row, -1]).all())

@@ -423,3 +423,60 @@ def test_bad_weights_and_non_finite_features_are_named():
     feats.layers[key][0, 0, 0, 0, 0] = float("inf")
     with pytest.raises(ValueError, match=rf"^features: layer {key!s} contains NaN or inf"):
         make_feature_stack(feats)
+
+
+# ------------------------------------------------ grids that reach past the image (latent no multiple of 2**l)
+def odd_features(batch=2, c=3, seed=1):
+    """Layers on the UNet's grids of a 104x88-pixel image (latent 11x13): 11x13, 6x7 and 3x4 cells of 8, 16
+    and 32 pixels, spanning 88x104, 96x112 and 96x128 pixels: the coarser grids reach past the image."""
+    g = torch.Generator().manual_seed(seed)
+    layout = [("input", 1, 2, (11, 13)), ("input", 4, 3, (6, 7)), ("input", 7, 2, (3, 4)), ("output", 9, 2, (11, 13))]
+    layers = {LayerKey(b, n, 0): torch.randn(batch, heads, *grid, c, generator=g) for b, n, heads, grid in layout}
+    return HeadFeatures(layers, (88, 104), c)
+
+
+def unet_placed_stack(feats, mode):
+    """Independent reference: each layer upsampled by its cell size (8 * 2**level pixels) with F.interpolate's
+    scale_factor, where the UNet has its cells, and cut to the image: the stack of a photo of that size."""
+    H, W = feats.image_size
+    parts = {}
+    for key, t in feats.layers.items():
+        B, heads, h, w, c = t.shape
+        cell = {11: 8, 6: 16, 3: 32}[h]
+        chans = torch.stack([t[:, hd, :, :, j] for hd in range(heads) for j in range(c)], dim=1)  # [B, heads*c, h, w]
+        kwargs = {"align_corners": False} if mode == "bilinear" else {}
+        up = F.interpolate(chans, scale_factor=cell, mode=mode, recompute_scale_factor=False, **kwargs)
+        parts.setdefault((h, w), []).append(up[:, :, :H, :W])  # [B, heads*c, H, W]
+    return torch.cat([p for group in parts.values() for p in group], dim=1)
+
+
+def test_grid_span_of_unet_grids():
+    # a 1000x664 photo (latent 125x83): the 1/2 and 1/4 grids span 1008x672 and 1024x672 pixels
+    assert up.grid_span((83, 125), (664, 1000)) == (664, 1000)
+    assert up.grid_span((42, 63), (664, 1000)) == (672, 1008)
+    assert up.grid_span((21, 32), (664, 1000)) == (672, 1024)
+    assert up.grid_span((16, 16), (512, 512)) == (512, 512)
+    assert up.grid_span((1, 1), (8, 8)) == (8, 8)
+    assert up.grid_span((5, 7), (64, 96)) == (64, 96)  # fits no level: stretched as before
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_stack_puts_each_cell_where_the_unet_has_it(mode):
+    """A 1/4 grid of a 1000 px side has 32 cells of 32 px (1024 px): stretched onto 1000 px, its features
+    moved left by up to 24 px, so masks of photos whose sides are no multiples of 32 px missed their objects."""
+    feats = odd_features()
+    stack = make_feature_stack(feats, mode=mode)
+    ref = unet_placed_stack(feats, mode)
+    torch.testing.assert_close(stack.materialise(), ref, rtol=1e-6, atol=1e-6)
+    for i, g in enumerate(stack.grids):  # the matrices the k-means reads are the same interpolation
+        mh, mw = stack.matrices(i)
+        torch.testing.assert_close(mh @ g @ mw.T, up.upsample(g, stack.size, mode, span=stack.spans[i]), rtol=1e-6, atol=1e-6)
+
+
+def test_upsampling_error_where_the_unet_has_the_cells():
+    feats = odd_features()
+    stack = make_feature_stack(feats)
+    ref = (unet_placed_stack(feats, "bilinear") - unet_placed_stack(feats, "nearest")).abs().mean(dim=1)  # [B, H, W]
+    torch.testing.assert_close(upsampling_error(stack), ref, rtol=1e-5, atol=1e-6)
+    rows, cols = torch.tensor([0, 40, 87]), torch.tensor([3, 50, 103])
+    torch.testing.assert_close(up.upsampling_error_at(stack, rows, cols), ref[:, rows][:, :, cols], rtol=1e-5, atol=1e-6)
