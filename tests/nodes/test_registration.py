@@ -158,3 +158,31 @@ def test_save_recording_saves_the_run_of_its_latent(comfy_folders):
         io_nodes.SaveRecording.execute(live, "live")
     with pytest.raises(ValueError, match="^latent: .*not the output"):
         io_nodes.SaveRecording.execute(live, "live", latent={"samples": torch.zeros(1, 4, 8, 8)})
+
+
+def test_readme_states_how_far_vae_encode_for_inpaint_moves_a_masks_edges():
+    """README (Limitations): VAEEncodeForInpaint stretches a mask of VAE Encode's centre crop to the full photo and
+    crops it again, which moves its edges. The number of pixels README states is the largest shift ComfyUI's own
+    node makes for photo sides 8m .. 8m + 7 (a 1007 px side: 4 px, a mask edge at column 929 lands at 933)."""
+    import re
+
+    import nodes as comfy_nodes
+
+    class StubVAE:  # the node's mask path reads only downscale_ratio; encode's latent is not looked at
+        downscale_ratio = 8
+
+        def encode(self, pixels):
+            return torch.zeros(pixels.shape[0], 4, pixels.shape[1] // 8, pixels.shape[2] // 8)
+
+    worst = 0
+    for side in range(1000, 1008):
+        W = side // 8 * 8  # the masks' width: VAE Encode's crop
+        edges = torch.arange(1, W)  # [E] first masked column of each mask
+        masks = (torch.arange(W)[None, None, :] >= edges[:, None, None]).float().expand(-1, 8, -1)  # [E, 8, W]
+        pixels = torch.zeros(len(edges), 8, side, 3)  # [E, 8, side, 3] the photo
+        out = comfy_nodes.VAEEncodeForInpaint().encode(StubVAE(), pixels, masks, grow_mask_by=0)[0]["noise_mask"]
+        row = out[:, 0, 4]  # [E, W] one row of each noise mask
+        starts = torch.where(row.any(1), row.argmax(1), torch.full_like(edges, W))  # [E] first masked column
+        worst = max(worst, int((starts - edges).abs().max()))
+    stated = re.search(r"moves its edges by up to (\d+) pixels", (REPO / "README.md").read_text())
+    assert stated and int(stated.group(1)) == worst
