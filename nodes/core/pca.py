@@ -103,7 +103,11 @@ def _centred(xg: torch.Tensor, dtype: torch.dtype):
     if bool((scale != 1.0).any()):  # rare: bring these heads to |values| ~ 1 by an exact power of two
         scale = scale[:, None, None]  # [G, 1, 1]
         scaled = xg.double() * scale  # [G, N, D] scaled before centring, so the mean cannot overflow
-        return (scaled - scaled.mean(dim=1, keepdim=True)).to(dtype), constant, scale  # [G, N, D] centred
+        xc = scaled - scaled.mean(dim=1, keepdim=True)  # [G, N, D] float64
+        # float64 input may have a spread that float64's rounding of the mean swamps (1e-2 about 1e12):
+        # a second pass, as below
+        xc -= xc.mean(dim=1, keepdim=True)
+        return xc.to(dtype), constant, scale  # [G, N, D] centred
     xc = xg - xg.mean(dim=1, keepdim=True, dtype=dtype)  # [G, N, D] centred, promoted
     if xg.dtype == dtype:
         # float32 or float64 input: the mean's rounding can be a sizeable part of a small spread about a

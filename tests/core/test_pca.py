@@ -60,6 +60,22 @@ def test_float32_heads_with_a_large_offset_equal_sklearn(offset, spread):
         assert err < 2e-4, (h, float(err))
 
 
+@pytest.mark.parametrize("offset", [2.0**31, 2.0**40, -(2.0**45)])
+@pytest.mark.parametrize("D", [1, 40])
+def test_float64_heads_far_beyond_the_unscaled_range_are_centred_as_accurately(offset, D):
+    """A float64 head beyond 2**30 is scaled by a power of two before its covariance; its mean must be
+    taken out as accurately as an unscaled head's (two passes), or a small spread about a large offset
+    loses digits to the mean's rounding. The offset is exact, so x - offset is exactly the same head
+    about 0: scikit-learn on it is the reference."""
+    spread = 1e-2 if abs(offset) < 2.0**44 else 1.0
+    x = structured_heads((3,), 512, D, seed=D, dtype=torch.float64) * spread + offset  # [3, N, D]
+    ours = head_pca(x, 1)
+    for h in range(3):
+        ref = sklearn_scores(x[h] - offset, 1)  # exact shift: the same head about 0
+        err = (ours[h] - ref).abs().max() / ref.abs().max()
+        assert err < 1e-9, (h, float(err))
+
+
 @pytest.mark.parametrize("solver", ["full", "covariance_eigh", "auto"])
 def test_sign_convention_matches_every_sklearn_solver(solver):
     x = structured_heads((), 500, 24, seed=7, dtype=torch.float64)
