@@ -95,12 +95,16 @@ def _centred(xg: torch.Tensor, dtype: torch.dtype):
 
     Heads whose largest |value| lies outside 2**-SCALE_EXP .. 2**SCALE_EXP (recording.py) are scaled
     by a power of two (exact) for the covariance and scaled back after, so tiny values do not
-    underflow in it (float32 squares below ~1e-38 become 0) and large ones do not overflow.
+    underflow in it (float32 squares below ~1e-38 become 0) and large ones do not overflow; such heads
+    and integer ones are centred in float64.
     """
     high, low = xg.amax(dim=1), xg.amin(dim=1)  # [G, D] each
     constant = (high == low).all(dim=1)  # [G] heads without any variation
     scale = power_of_two_scale(torch.maximum(high.abs(), low.abs()).amax(dim=1))  # [G] float64, mostly 1
-    if bool((scale != 1.0).any()):  # rare: bring these heads to |values| ~ 1 by an exact power of two
+    # rare: bring these heads to |values| ~ 1 by an exact power of two. Integer heads are centred in
+    # float64 too: float32 holds integers exactly only up to 2**24, and a spread of a few units about
+    # 1e8 would vanish in the conversion
+    if bool((scale != 1.0).any()) or not xg.is_floating_point():
         scale = scale[:, None, None]  # [G, 1, 1]
         scaled = xg.double() * scale  # [G, N, D] scaled before centring, so the mean cannot overflow
         xc = scaled - scaled.mean(dim=1, keepdim=True)  # [G, N, D] float64

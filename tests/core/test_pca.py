@@ -76,6 +76,20 @@ def test_float64_heads_far_beyond_the_unscaled_range_are_centred_as_accurately(o
         assert err < 1e-9, (h, float(err))
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("offset", [0, 10**6, 10**8, 2**30 - 200])
+def test_integer_heads_about_a_large_offset_equal_sklearn(dtype, offset):
+    """head_pca takes integer heads: a spread of a few units about a large offset is centred exactly
+    (float32 holds integers only up to 2**24: converted first, the spread vanished)."""
+    x = torch.randint(0, 100, (2, 256, 8), generator=torch.Generator().manual_seed(5)).to(dtype) + offset
+    ours = head_pca(x, 3)
+    assert ours.dtype == torch.float32
+    for h in range(2):
+        ref = sklearn_scores(x[h] - offset, 3)  # the same head about 0, exactly
+        err = (ours[h].double() - ref).abs().max() / ref.abs().max()
+        assert err < 2e-4, (h, float(err))
+
+
 @pytest.mark.parametrize("solver", ["full", "covariance_eigh", "auto"])
 def test_sign_convention_matches_every_sklearn_solver(solver):
     x = structured_heads((), 500, 24, seed=7, dtype=torch.float64)
