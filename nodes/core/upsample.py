@@ -340,11 +340,19 @@ def make_feature_stack(
     for key, t in features.layers.items():
         if not all_finite(t):
             raise ValueError(f"features: layer {key!s} contains NaN or inf values")
-        if t.dtype == torch.float64 and float(peak_abs(t.detach())) > _MAX_FEATURE:
-            raise ValueError(
-                f"features: layer {key!s} has values beyond float32's range (the stack is float32): scale it "
-                f"into about 1e-38 .. 1e38"
-            )
+        if t.dtype == torch.float64:
+            peak = float(peak_abs(t.detach()))
+            if peak > _MAX_FEATURE:
+                raise ValueError(
+                    f"features: layer {key!s} has values beyond float32's range (the stack is float32): scale it "
+                    f"into about 1e-38 .. 1e38"
+                )
+            if peak > 0 and not bool(torch.tensor(peak, dtype=torch.float64).to(torch.float32)):
+                # every value would become 0 in the float32 stack: k-means would see one constant feature
+                raise ValueError(
+                    f"features: layer {key!s} has values below float32's range (largest |value| {peak:.3g}; the "
+                    f"stack is float32, where they would all be 0): scale it into about 1e-38 .. 1e38"
+                )
     groups: dict[tuple[int, int], list[tuple[LayerKey, torch.Tensor]]] = {}
     for key, t in features.layers.items():
         h, w = int(t.shape[2]), int(t.shape[3])

@@ -408,6 +408,18 @@ def test_float64_features_beyond_float32_are_refused_naming_the_layer():
         make_feature_stack(feats)
 
 
+@pytest.mark.parametrize("factor", [1e-46, 1e-60, 1e-300])
+def test_float64_features_that_would_all_be_zero_in_float32_are_refused_naming_the_layer(factor):
+    """A float64 layer whose every value lies below float32's smallest subnormal became all zeros in the
+    float32 stack (k-means then found one cluster, silently); one just inside float32's range is kept."""
+    key = LayerKey("output", 9, 0)
+    values = torch.randn(1, 2, 8, 8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"^features: layer output\.9\.0 has values below float32's range"):
+        make_feature_stack(HeadFeatures({key: values * factor}, (64, 64), 3))
+    stack = make_feature_stack(HeadFeatures({key: values * 1e-38}, (64, 64), 3))
+    assert bool(stack.grids[0].any())
+
+
 @pytest.mark.parametrize("reweight", ["no", 1, None])
 def test_reweight_must_be_a_bool(reweight):
     with pytest.raises(ValueError, match=r"^reweight must be True or False, got"):
