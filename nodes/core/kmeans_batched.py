@@ -27,7 +27,7 @@ import torch
 
 from . import working_set as _working_set
 from .lattice import sq_dist
-from .working_set import WorkingSet, no_check, pp_candidates, pp_draws, pp_trials
+from .working_set import WorkingSet, no_check, on_centroid, pp_candidates, pp_draws, pp_trials
 
 # Score maps (or cluster indicators) held at once by a row chunk of a lattice: K * rows * nx floats.
 _CHUNK_FLOATS = 1 << 24
@@ -151,6 +151,7 @@ def _gram_lloyd(ws: WorkingSet, run_k: torch.Tensor, picks: torch.Tensor, max_it
             rank = (empty.cumsum(1) - 1).clamp_min(0) % n  # [R, kmax]
             q = order.gather(1, rank)  # [R, kmax]
             refill_shift = (cc_new + xx[q] - 2.0 * S_new.gather(2, q[:, :, None])[:, :, 0]).clamp_min(0.0)
+            refill_shift = torch.where(on_centroid(far.gather(1, q), xx), 0.0, refill_shift)  # REFILL_NOTE (working_set.py)
             shift = torch.where(empty, refill_shift, shift)
             S_new = torch.where(empty[:, :, None], G[q], S_new)
             cc_new = torch.where(empty, xx[q], cc_new)
@@ -305,10 +306,12 @@ class DenseLattice:
             if any_empty:
                 empty = counts == 0  # [K]
                 new = torch.where(empty[:, None], centroids, new)  # empty clusters keep their centroid ...
-                new = _refill(new, empty, seg, starts, R, groups)  # ... then move onto far working-set points
+                new, near = _refill(new, empty, seg, starts, R, groups)  # ... then move onto far working-set points
                 refilled = torch.zeros(R, dtype=torch.int64, device=device).index_add_(0, seg, empty.long()) > 0
             moved = torch.zeros(R, max(sizes), dtype=torch.float64, device=device)  # [R, kmax] (sums, not
             moved[seg, within] = ((new - centroids).double() ** 2).sum(1)  # atomics: the same bits each run)
+            if any_empty:  # REFILL_NOTE (working_set.py): a refill onto a point on its centroid does not count
+                moved[seg, within] = torch.where(empty & near, 0.0, moved[seg, within])
             shift = moved.sum(1)  # [R]
             new_labels, best = self.assign(new, sizes)
             new_inertia = total_sq + best.sum(1, dtype=torch.float64)
@@ -348,9 +351,11 @@ def _refill_groups(refill: list, seg: torch.Tensor) -> list:
 def _refill(new: torch.Tensor, empty: torch.Tensor, seg: torch.Tensor, starts: torch.Tensor, R: int, groups: list):
     """lattice.fill_empty for every run at once: the r-th empty cluster of a run moves onto the
     working-set point r-th farthest from that run's nearest centroid. new [K, C], empty [K];
-    groups from _refill_groups."""
+    groups from _refill_groups -> (centroids [K, C], [K] bool: the empty clusters that took a point
+    sitting on its run's nearest centroid, working_set.on_centroid)."""
     K = new.shape[0]
     out = new
+    near = torch.zeros(K, dtype=torch.bool, device=new.device)  # [K]
     for X, xx, mine in groups:
         n = X.shape[0]
         d = sq_dist(X, xx, new)  # [K, n]
@@ -363,4 +368,5 @@ def _refill(new: torch.Tensor, empty: torch.Tensor, seg: torch.Tensor, starts: t
         q = order[seg, rank]  # [K]
         take = empty if mine is None else empty & mine  # [K]
         out = torch.where(take[:, None], X[q], out)
-    return out
+        near = torch.where(take, on_centroid(far[seg, q], xx), near)
+    return out, near

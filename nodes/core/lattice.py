@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .working_set import RTOL as _RTOL
-from .working_set import first_at_minimum, no_check
+from .working_set import first_at_minimum, no_check, on_centroid
 
 # Row chunks of the full-resolution assignment hold at most this many scores (k * rows * W).
 _CHUNK_SCORES = 1 << 20
@@ -253,10 +253,13 @@ class Lattice:
             check()
             new = self.sums(A) / counts.clamp_min(1)[:, None].to(torch.float32)  # [k, C]
             refilled = bool((counts == 0).any())
+            moves = new - centroids  # [k, C]
             if refilled:  # rare: empty clusters keep their centroid, then move to far points
                 new[counts == 0] = centroids[counts == 0]
-                fill_empty(new, counts, X, xx)
-            shift = float(((new - centroids).double() ** 2).sum())
+                near = on_centroid(fill_empty(new, counts, X, xx), xx)  # [e] REFILL_NOTE (working_set.py)
+                moves = new - centroids
+                moves[(counts == 0).nonzero().flatten()[near]] = 0.0  # those moves do not count
+            shift = float((moves.double() ** 2).sum())
             centroids = new
             new_labels, best = self.assign(new)
             new_inertia = total_sq + float(best.sum(dtype=torch.float64))
@@ -328,13 +331,16 @@ def sq_dist(X: torch.Tensor, xx: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     return (xx[None] + cc[:, None] - 2.0 * (C @ X.t())).clamp_min_(0.0)  # [m, n]
 
 
-def fill_empty(centroids: torch.Tensor, counts: torch.Tensor, X: torch.Tensor, xx: torch.Tensor) -> None:
+def fill_empty(centroids: torch.Tensor, counts: torch.Tensor, X: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
     """centroids [k, C] (in place), counts [k], working set X [n, C], xx [n]: the centroids of empty
-    clusters move onto the working-set points farthest from their centroid."""
+    clusters move onto the working-set points farthest from their centroid -> [e] float32 squared
+    distance of each point taken to its nearest centroid before the move (e = the empty clusters)."""
     empty = (counts == 0).nonzero().flatten()  # [e] empty clusters
     if empty.numel() == 0:
-        return
+        return torch.zeros(0, device=centroids.device)
     far = sq_dist(X, xx, centroids).min(0).values  # [n]
     order = far.argsort(descending=True, stable=True)  # [n] farthest first
+    taken = order[torch.arange(empty.numel(), device=order.device) % order.numel()]  # [e]
     for i, j in enumerate(empty.tolist()):
-        centroids[j] = X[order[i % order.numel()]]
+        centroids[j] = X[taken[i]]
+    return far[taken]  # [e]

@@ -29,6 +29,19 @@ from .recording import is_int, is_real
 RTOL = 1e-3
 # Row blocks of the Gram matrix (computed on as many threads as are given, up to this many).
 GRAM_BLOCKS = 4
+# REFILL_NOTE (every Lloyd here, in lattice.py and kmeans_batched.py): an empty cluster moves onto the point
+# farthest from its centroid; when that point sits on its centroid (squared distance within rounding:
+# at most ON_CENTROID times the working set's largest ||x||^2), so does every point (more clusters than
+# distinct points), and the move does not count in the centroids' shift. Counted, two clusters could
+# trade a group of equal points back and forth (the first of equal centroids takes them, the other
+# empties and is refilled), a shift far above tol each time, until max_iter.
+ON_CENTROID = 16 * torch.finfo(torch.float32).eps
+
+
+def on_centroid(far: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
+    """far [...] squared distances of working-set points to their nearest centroid, xx [n] the working
+    set's squared norms -> [...] bool: the points that sit on their centroid (REFILL_NOTE)."""
+    return far <= ON_CENTROID * xx.max()
 
 
 _INDEX: dict[tuple, torch.Tensor] = {}  # (k, trailing dims, dtype, device) -> [k, 1, ...] cluster numbers
@@ -212,7 +225,7 @@ class _Starts:
     def update(self, labels: torch.Tensor) -> tuple[list[float], list[bool]]:
         """labels [I, n] -> per start (squared shift of the centroids summed, whether any was empty):
         centroids move to the means of their clusters; empty clusters onto the points farthest from
-        their centroid."""
+        their centroid (a move onto a point that sits on its centroid does not count: REFILL_NOTE)."""
         ws, k = self.ws, self.k
         I, n = labels.shape
         rows_of = (labels + self.offset).view(-1)  # [I*n] row (start, cluster) of each point
@@ -240,7 +253,8 @@ class _Starts:
             order = far.argsort(descending=True, stable=True)  # [n]
             for r, j in enumerate(empty[i].nonzero().flatten().tolist()):
                 q = int(order[r % n])
-                shift[i, j] = (self.cc[i, j] + ws.xx[q] - 2.0 * self.S[i, j, q]).clamp_min(0.0)
+                if not bool(on_centroid(far[q], ws.xx)):  # REFILL_NOTE: else the move does not count
+                    shift[i, j] = (self.cc[i, j] + ws.xx[q] - 2.0 * self.S[i, j, q]).clamp_min(0.0)
                 self.S[i, j], self.cc[i, j], self.point[i, j] = ws.G[q], ws.xx[q], q
         return shift.double().sum(1).tolist(), empty.any(1).tolist()
 

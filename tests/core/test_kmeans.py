@@ -807,6 +807,26 @@ def test_exact_lloyd_refills_an_empty_cluster():
     assert int(torch.bincount(labels.reshape(-1), minlength=3).min()) >= 1
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["one k", "batched"])
+def test_more_clusters_than_distinct_features_stop_with_the_groups_of_equal_features(batched, monkeypatch):
+    """A 16x16 grid of 40 distinct feature vectors, nearest-upsampled, clustered with k = 48: every
+    group of equal features is one cluster (zero inertia), reached within a few iterations of every
+    stage. An empty cluster refilled onto a point that already sits on a centroid made two clusters
+    trade a group back and forth until max_iter in each stage (working_set.REFILL_NOTE)."""
+    if batched:
+        monkeypatch.setattr(km, "_BATCHED_DEVICES", ("cuda", "cpu"))
+    gen = torch.Generator().manual_seed(4)
+    values = torch.randn(40, 3, generator=gen)
+    cell = torch.randint(0, 40, (16, 16), generator=gen)  # [16, 16] which value each cell holds
+    stack = FeatureStack([values[cell].permute(2, 0, 1)[None].contiguous()], [1.0], [[]], (32, 32), "nearest")
+    result = kmeans(stack, 48)
+    assert result.n_iter < 15, result.n_iter
+    group = cell.repeat_interleave(2, 0).repeat_interleave(2, 1).reshape(-1)  # [N] each pixel's value
+    pairs = torch.unique(torch.stack([group, result.labels[0].reshape(-1).long()]), dim=1)  # [2, pairs] in use
+    assert pairs.shape[1] == group.unique().numel()  # each group in one cluster, no two in one
+    assert float(result.inertia[0]) < 1e-4 * float((values[cell] ** 2).sum())
+
+
 def test_the_polish_on_a_coarser_lattice_weighs_its_gains_against_that_lattices_inertia(monkeypatch):
     """The polish on the 1/4 lattice of a 128 x 128 image stops on a small gain relative to the inertia of
     that lattice: the sum of ||F(p)||^2 it is given stands for its own pixels (estimated from the full

@@ -243,7 +243,7 @@ def test_refill_moves_each_runs_empty_clusters_onto_its_own_far_points():
     seg = batched._segment_ids(sizes, "cpu")
     starts = torch.tensor([0, 3, 7])
     groups = batched._refill_groups([(w.X, w.xx) for w in owners], seg)
-    got = batched._refill(new, empty, seg, starts, 3, groups)
+    got, _ = batched._refill(new, empty, seg, starts, 3, groups)
     for r, (part, gone, ws) in enumerate(zip(new.split(sizes), empty.split(sizes), owners)):
         want = part.clone()
         lattice.fill_empty(want, (~gone).long(), ws.X, ws.xx)

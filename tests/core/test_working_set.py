@@ -347,3 +347,23 @@ def test_an_iteration_that_refills_a_cluster_never_stops_on_a_small_gain(monkeyp
 def test_sample_pixels_names_a_bad_count(N, n, name):
     with pytest.raises(ValueError, match=rf"^{name} must be an int"):
         sample_pixels(N, n, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("distinct, k", [(90, 100), (30, 31)])
+def test_more_clusters_than_distinct_points_stop_within_a_few_iterations(distinct, k):
+    """With fewer distinct points than clusters, every point soon sits on a centroid and the farthest
+    point an empty cluster is refilled onto is one of them: the refill gains nothing and its move must
+    not count in the centroids' shift. Counted, two clusters traded a group of equal points back and
+    forth (the first of equal centroids takes them, the other empties and is refilled), above tol at
+    every iteration, until max_iter; one k and batched alike. The clusters are the groups of equal points."""
+    gen = torch.Generator().manual_seed(distinct)
+    values = torch.randn(distinct, 3, generator=gen)
+    group = torch.randint(0, distinct, (1024,), generator=gen)  # [n] which value each point repeats
+    ws = WorkingSet.from_features(values[group])
+    runs = starts(ws, k, 4, torch.Generator().manual_seed(0), 100, 1e-4)
+    assert max(run.iters for run in runs) < 10, [run.iters for run in runs]
+    members, _, _, iters = kmeans_batched.working_set_runs(ws, [k], [4], 0, 100, 1e-4)
+    assert int(iters.max()) < 10, iters.tolist()
+    for labels in [run.members for run in runs] + list(members):
+        pairs = torch.unique(torch.stack([group, labels]), dim=1)  # [2, pairs] (group, cluster) in use
+        assert pairs.shape[1] == group.unique().numel()  # each group in one cluster, no two in one
