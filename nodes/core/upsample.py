@@ -33,6 +33,10 @@ MODES = ("bilinear", "nearest")
 _CHUNK_BYTES = 16 * 2**20  # working memory per chunk in upsampling_error
 # Features are float32 in k-means and the error map: larger values cannot be represented.
 _MAX_FEATURE = float(torch.finfo(torch.float32).max)
+# The error map takes out channel means above this fraction of the channel's largest |feature| (as
+# kmeans._MAX_OFFSET): both interpolations keep constants, and a large offset would leave the float32
+# differences of a small spread about it to rounding (1e-2 about 1e4: 10 % of the map).
+_MAX_OFFSET = 2.0**-10
 
 
 def check_mode(mode) -> str:
@@ -447,29 +451,53 @@ def upsampling_error(stack: FeatureStack) -> torch.Tensor:
     """
     H, W = check_stack(stack)
     B = stack.batch_size
-    scales = _image_scales(stack)  # B floats, powers of two
+    offsets = _channel_offsets(stack)  # per grid [B, C_g, 1, 1] float64 or None
+    scales = _image_scales(stack, offsets)  # B floats, powers of two
     total = torch.zeros(B, H, W, dtype=torch.float32, device=stack.grids[0].device)
     per_channel = 3 * H * W * 4  # about three full-size float32 temporaries per channel and image
     chunk = max(1, _CHUNK_BYTES // per_channel)
-    for i, grid in enumerate(stack.grids):
+    for i, (grid, offset) in enumerate(zip(stack.grids, offsets)):
         span = stack.span(i)
         for b in range(B):  # image by image: the chunks stay as wide at any batch size
             for start in range(0, grid.shape[1], chunk):
-                part = _scaled_float32(grid[b : b + 1, start : start + chunk], scales[b])  # [1, n, h, w]
+                m = None if offset is None else offset[b : b + 1, start : start + chunk]  # [1, n, 1, 1]
+                part = _scaled_float32(grid[b : b + 1, start : start + chunk], scales[b], m)  # [1, n, h, w]
                 total[b : b + 1] += _abs_diff_sum(part, (H, W), span)  # [1, H, W]
     return _mean_in_units(total, stack.num_channels, scales)
 
 
-def _image_scales(stack: FeatureStack) -> list[float]:
-    """B exact powers of two that bring each image's largest |feature| near 1 where it lies outside
-    2**-SCALE_EXP .. 2**SCALE_EXP (else 1): sums of |differences| over thousands of channels then
-    neither overflow nor lose tiny values in float32."""
-    peaks = [peak_abs(g.detach().flatten(1), dim=1).double() for g in stack.grids]  # [B] each
+def _channel_offsets(stack: FeatureStack) -> list[torch.Tensor | None]:
+    """Per grid: [B, C_g, 1, 1] float64 channel means (per image) to take out before the error map, or
+    None where no channel's mean is more than _MAX_OFFSET of its own largest |value| (PCA scores)."""
+    offsets = []
+    for g in stack.grids:
+        flat = g.detach().flatten(2)  # [B, C_g, h*w]
+        mean = flat.mean(2, dtype=torch.float64)  # [B, C_g]
+        peak = peak_abs(flat, dim=2).double()  # [B, C_g]
+        offsets.append(mean[:, :, None, None] if bool((mean.abs() > _MAX_OFFSET * peak).any()) else None)
+    return offsets
+
+
+def _image_scales(stack: FeatureStack, offsets: list) -> list[float]:
+    """B exact powers of two that bring each image's largest |feature| (less its channel's offset,
+    _channel_offsets) near 1 where it lies outside 2**-SCALE_EXP .. 2**SCALE_EXP (else 1): sums of
+    |differences| over thousands of channels then neither overflow nor lose tiny values in float32."""
+    peaks = []
+    for g, offset in zip(stack.grids, offsets):
+        if offset is None:
+            peaks.append(peak_abs(g.detach().flatten(1), dim=1).double())  # [B]
+        else:
+            low, high = torch.aminmax(g.detach().flatten(2), dim=2)  # [B, C_g] each
+            m = offset[:, :, 0, 0]  # [B, C_g]
+            peaks.append(torch.maximum(high.double() - m, m - low.double()).amax(1))  # [B]
     return power_of_two_scale(torch.stack(peaks).amax(0)).tolist()  # [grids, B] -> [B] -> B floats
 
 
-def _scaled_float32(part: torch.Tensor, scale: float) -> torch.Tensor:
-    """part * scale (exact, in float64 when scaling) as float32."""
+def _scaled_float32(part: torch.Tensor, scale: float, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """(part - offset) * scale (exact scaling, in float64 when scaling or centring) as float32;
+    offset broadcasts against part (channel means [.., n, 1, 1])."""
+    if offset is not None:
+        return ((part.double() - offset) * scale).to(torch.float32)
     return part.to(torch.float32) if scale == 1.0 else (part.double() * scale).to(torch.float32)
 
 
@@ -501,10 +529,11 @@ def upsampling_error_at(stack: FeatureStack, rows: torch.Tensor, cols: torch.Ten
             raise ValueError(f"{name} must be a non-empty 1-D index into 0..{n - 1}, got {tuple(idx.shape)}")
     B, ny, nx = stack.batch_size, rows.numel(), cols.numel()
     device = stack.grids[0].device
-    scales = _image_scales(stack)  # B floats, powers of two
+    offsets = _channel_offsets(stack)  # per grid [B, C_g, 1, 1] float64 or None
+    scales = _image_scales(stack, offsets)  # B floats, powers of two
     total = torch.zeros(B, ny, nx, dtype=torch.float32, device=device)
     chunk = max(1, _CHUNK_BYTES // (3 * ny * nx * 4))
-    for i, grid in enumerate(stack.grids):
+    for i, (grid, offset) in enumerate(zip(stack.grids, offsets)):
         h, w = int(grid.shape[2]), int(grid.shape[3])
         Hs, Ws = stack.span(i)
         ry = interpolation_matrix(h, H, "bilinear", span=Hs)[rows].to(device)  # [ny, h]
@@ -516,7 +545,8 @@ def upsampling_error_at(stack: FeatureStack, rows: torch.Tensor, cols: torch.Ten
         ).to(device, torch.float32)
         for b in range(B):
             for start in range(0, grid.shape[1], chunk):
-                part = _scaled_float32(grid[b, start : start + chunk], scales[b])  # [n, h, w]
+                m = None if offset is None else offset[b, start : start + chunk]  # [n, 1, 1]
+                part = _scaled_float32(grid[b, start : start + chunk], scales[b], m)  # [n, h, w]
                 rows_both = torch.cat([torch.matmul(ry, part), part.index_select(1, iy)], dim=2)  # [n, ny, 2w]
                 total[b] += torch.matmul(rows_both, cols_both).abs_().sum(0)  # [n, ny, nx] -> [ny, nx]
     return _mean_in_units(total, stack.num_channels, scales)

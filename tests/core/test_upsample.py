@@ -333,6 +333,26 @@ def test_upsampling_error_of_any_float32_magnitude_scales_with_it(factor, dtype)
     torch.testing.assert_close(up.upsampling_error_at(scaled, rows, cols).double(), want[:, rows][:, :, cols], rtol=1e-4, atol=1e-5 * factor)
 
 
+
+@pytest.mark.parametrize("offset, spread", [(1e4, 1e-2), (-3e5, 1.0), (2.0**40, 2.0**20)])
+@pytest.mark.parametrize("size", [(64, 64), (17, 130)])
+def test_upsampling_error_of_features_about_a_large_offset_equals_that_about_zero(offset, spread, size):
+    """Both interpolations keep constants, so eq. 6 of features offset + x is that of x. The offset is
+    exact and offset + x is exactly x about it in float32 (the same values), so the map of the grids less
+    the offset is the reference; a float32 map of the offset features themselves left the differences
+    of a small spread about it to rounding (10 % of the map at 1e-2 about 1e4)."""
+    gen = torch.Generator().manual_seed(3)
+    grids = [torch.rand(2, c, h, w, generator=gen, dtype=torch.float64) * 2 - 1 for c, h, w in ((3, 2, 64), (2, 8, 8))]
+    offset_grids = [(g * spread + offset).float() for g in grids]  # [B, C_g, h, w] each
+    about_zero = [(g.double() - offset).float() for g in offset_grids]  # exact: the same values less the offset
+    stack = up.FeatureStack(offset_grids, [1.0, 1.0], [[], []], size, "bilinear")
+    reference = up.FeatureStack(about_zero, [1.0, 1.0], [[], []], size, "bilinear")
+    want = upsampling_error(reference)
+    assert float(want.abs().max()) > 0.05 * spread
+    torch.testing.assert_close(upsampling_error(stack), want, rtol=1e-5, atol=1e-6 * spread)
+    rows, cols = torch.tensor([0, 7, size[0] - 1]), torch.tensor([3, 49, size[1] - 1])
+    torch.testing.assert_close(up.upsampling_error_at(stack, rows, cols), want[:, rows][:, :, cols], rtol=1e-5, atol=1e-6 * spread)
+
 def test_upsampling_error_scales_each_image_of_a_batch_on_its_own():
     """A batch of a loud image (features near 1e37) and a quiet one (near 1e-37): each image's map is
     its own map alone, at both the full grid and a lattice."""
