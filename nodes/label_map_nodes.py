@@ -24,9 +24,9 @@ from PIL.PngImagePlugin import PngInfo
 
 from . import types as hs
 from .core import kmeans as core_kmeans
+from .core import pixels as core_pixels
 from .core.masks import check_label_map
 from .core.recording import all_finite
-from .mask_select_node import _is_vae_window, _vae_crop
 from .node_utils import CATEGORY, expect as _expect, image_batch, on_png_threads, output_error, output_place, prefix_error
 
 log = logging.getLogger("HeadSeg")
@@ -75,7 +75,7 @@ def _fit_pictures(image, B: int, H: int, W: int) -> torch.Tensor:
             f"image: expected {B} picture(s), one per image of the clusters, got a batch of {b}: connect the "
             "decoded image of the same sampler"
         )
-    if not _is_vae_window(h, w, H, W):
+    if not core_pixels.is_vae_window(h, w, H, W):
         # VAE Encode's crop leaves multiples of 8: label maps of other sides (a recording file's) take
         # pictures of their own size only
         crop = " (or up to 7 more per side, as VAE Encode crops them)" if H % 8 == 0 and W % 8 == 0 else ""
@@ -88,7 +88,7 @@ def _fit_pictures(image, B: int, H: int, W: int) -> torch.Tensor:
         pictures = image.to("cpu")  # [B, h, w, C]: only read, so no copy of a batch already on the CPU
         if not all_finite(pictures):
             pictures = torch.nan_to_num(pictures, nan=0.0, posinf=1.0, neginf=0.0)  # as drawn
-    return _vae_crop(pictures, H, W)  # [B, H, W, C'] (the same size, or a photo whose sides are not multiples of 8)
+    return core_pixels.vae_crop(pictures, H, W)  # [B, H, W, C'] (the same size, or a photo whose sides are not multiples of 8)
 
 
 def _picture_pixels(picture: torch.Tensor) -> np.ndarray:

@@ -12,56 +12,10 @@ from comfy_api.latest import io
 
 from . import types as hs
 from .core import masks as core_masks
+from .core import pixels as core_pixels
 from .core import preview as core_preview
 from .core.recording import MAX_IMAGE_SIDE, integer_index
 from .node_utils import CATEGORY, check_memory, image_batch, log, mask_to_comfy, preview_refs
-
-
-def _vae_crop_offsets(h: int, w: int, H: int, W: int) -> tuple[int, int]:
-    """(top, left) of the centred H x W window of an h x w picture that _is_vae_window: VAE Encode's
-    ((h % 8) // 2, (w % 8) // 2) when H x W is its multiple of 8, (0, 0) when the sizes are the same."""
-    return (h - H) // 2, (w - W) // 2
-
-
-def _is_vae_window(h: int, w: int, H: int, W: int) -> bool:
-    """Whether the masks' H x W pixels are an h x w picture's: the same size (also when a recording file's
-    sides are no multiples of 8), or the window VAE Encode keeps of a picture whose sides only lack a
-    multiple of 8 (up to 7 px more per side)."""
-    return (h, w) == (H, W) or (h // 8 * 8, w // 8 * 8) == (H, W)
-
-
-def _vae_crop(pictures: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    """[B, h, w, C] pictures that _is_vae_window -> [B, H, W, C]: the centred window VAE Encode keeps (a view)."""
-    top, left = _vae_crop_offsets(pictures.shape[1], pictures.shape[2], H, W)
-    return pictures[:, top : top + H, left : left + W]  # [B, H, W, C]
-
-
-def _picture_to_mask_pixel(x: int, y: int, picture_hw, mask_hw, cropped: bool) -> tuple[int, int]:
-    """A pixel of the picture [h, w] -> the pixel of the masks [H, W] shown there: through VAE Encode's
-    centred crop when the picture only lacks a multiple of 8, else through the stretch."""
-    (h, w), (H, W) = picture_hw, mask_hw
-    if cropped:
-        top, left = _vae_crop_offsets(h, w, H, W)
-        mx, my = x - left, y - top
-    else:
-        mx, my = x * W // w, y * H // h
-    return min(max(mx, 0), W - 1), min(max(my, 0), H - 1)
-
-
-def _of_the_picture(point: tuple[int, int], picture_hw, mask_hw) -> bool:
-    """Whether a pixel (x, y >= 0) is read as a pixel of the picture [h, w] (None: no picture): outside the
-    masks' grid [H, W] but inside the picture, as when it was picked on the picture before the first run."""
-    (x, y), (H, W) = point, mask_hw
-    return picture_hw is not None and not (x < W and y < H) and x < picture_hw[1] and y < picture_hw[0]
-
-
-def _grid_pixel(point: tuple[int, int], picture_hw, mask_hw) -> tuple[int, int]:
-    """A pixel asked for (x and y, or one of more_points) -> the pixel of the masks' grid [H, W] used: one
-    _of_the_picture [h, w] is mapped from it; any other past the grid is moved to its nearest pixel."""
-    (x, y), (H, W) = point, mask_hw
-    if _of_the_picture(point, picture_hw, mask_hw):
-        x, y = _picture_to_mask_pixel(x, y, picture_hw, mask_hw, _is_vae_window(*picture_hw, H, W))
-    return min(x, W - 1), min(y, H - 1)
 
 
 def _point_text(point: tuple[int, int, bool]) -> str:
@@ -236,8 +190,8 @@ class MaskSelectAtPixel(io.ComfyNode):
         H, W = masks[0].masks.shape[-2:]
         picture = None if image is None else image_batch(image, first_only=True)  # [1, h, w, 3]
         picture_hw = None if picture is None else tuple(picture.shape[1:3])
-        x, y = _grid_pixel((x, y), picture_hw, (H, W))
-        if _of_the_picture(asked, picture_hw, (H, W)):
+        x, y = core_pixels.grid_pixel((x, y), picture_hw, (H, W))
+        if core_pixels.of_the_picture(asked, picture_hw, (H, W)):
             # a pixel of the picture, picked before the first run showed the masks' grid
             log.warning(
                 "HeadSeg Mask Select: x, y = %d, %d lie outside the masks' %dx%d grid but inside the %dx%d "
@@ -257,26 +211,18 @@ class MaskSelectAtPixel(io.ComfyNode):
             )
         if picture is not None:
             h, w = picture_hw
-            cropped = _is_vae_window(h, w, H, W)
-            stretched = not cropped and (h, w) != (H, W) and max(w * H, h * W) / min(w * H, h * W) > 1.01
-            if stretched and _first_time((w, h, W, H)):  # once per pair of sizes, not at every click
+            if core_pixels.aspect_differs(picture_hw, (H, W)) and _first_time((w, h, W, H)):  # once per pair of sizes
                 log.warning(
                     "HeadSeg Mask Select: the %dx%d image has another aspect ratio than the masks' %dx%d grid, so "
                     "the picture and the overlays are stretched to the grid; the image is probably the picture "
                     "before it was scaled to the sampled size: connect the scaled one (or the decoded image).",
                     w, h, W, H,
                 )
-            if cropped:
-                # a photo whose sides are not multiples of 8: VAE Encode keeps the centred window
-                # that fits the latent grid, so the masks cover exactly that window
-                picture = _vae_crop(picture, H, W)  # [1, H, W, 3]
-            elif (h, w) != (H, W):
-                # any other size: shown stretched to the masks' size
-                picture = torch.nn.functional.interpolate(
-                    picture.movedim(-1, 1), size=(H, W), mode="bilinear", align_corners=False
-                ).movedim(1, -1)  # [1, H, W, 3]
+            # a photo whose sides are not multiples of 8: VAE Encode's centred window, which the masks cover
+            # exactly; any other size: shown stretched to the masks' size
+            picture = core_pixels.fit_picture(picture, H, W)  # [1, H, W, 3]
         asked_points = [(*p, True) for p in include] + [(*p, False) for p in exclude]  # (x, y, kept in)
-        include, exclude = ([_grid_pixel(p, picture_hw, (H, W)) for p in ps] for ps in (include, exclude))
+        include, exclude = ([core_pixels.grid_pixel(p, picture_hw, (H, W)) for p in ps] for ps in (include, exclude))
         used_points = [(*p, True) for p in include] + [(*p, False) for p in exclude]
         moved = [(a, b) for a, b in zip(asked_points, used_points) if a != b]
         if moved:  # as for x and y: mapped from the picture, or moved onto the grid
@@ -319,7 +265,7 @@ class MaskSelectAtPixel(io.ComfyNode):
             stack = mask_to_comfy(here.masks)  # [count, H, W]
         else:
             stack = torch.zeros(1, H, W)  # [1, H, W]: MASK batches cannot be empty
-        base = picture if picture is not None else _mask_partition_picture(masks[0])  # [1, H, W, 3]
+        base = picture if picture is not None else core_preview.mask_partition_picture(masks[0])  # [1, H, W, 3]
         overlay = core_preview.overlay_masks(base, stack)  # [count or 1, H, W, 3]
 
         # a thumbnail stays the same when only the index changes, or at a pixel of the same masks; the picture
@@ -383,11 +329,3 @@ def _first_time(sizes: tuple) -> bool:
 _MASK_PREVIEW_PIXELS = 512 * 512
 
 
-def _mask_partition_picture(ms) -> torch.Tensor:
-    """MaskSet of one image -> IMAGE [1, H, W, 3]: masks painted coarse first, finer on top."""
-    M, H, W = ms.masks.shape
-    labels = torch.zeros(1, H, W, dtype=torch.long)  # [1, H, W], 0 = in no mask
-    order = torch.argsort(ms.area, descending=True, stable=True)  # coarse -> fine
-    for rank, m in enumerate(order.tolist()):
-        labels[0][ms.masks[m]] = rank + 1
-    return core_preview.label_colours(labels, M + 1)  # [1, H, W, 3]

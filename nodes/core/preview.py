@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .masks import check_label_map
+from .masks import MaskSet, check_label_map
 from .pca import HeadFeatures
 from .recording import MAX_IMAGE_SIDE, all_finite, check_batch_index, check_size, is_int, is_real
 from .upsample import upsample
@@ -181,6 +181,17 @@ def overlay_masks(image: torch.Tensor | None, masks: torch.Tensor, alpha: float 
     weight = masks.detach().to(torch.float32).clamp(0.0, 1.0).mul_(float(alpha))[..., None]  # [M, H, W, 1]
     out = torch.lerp(base, colours, weight)  # [M, H, W, 3] = base + weight * (colour - base)
     return out.clamp_(0.0, 1.0)
+
+
+def mask_partition_picture(ms: MaskSet) -> torch.Tensor:
+    """MaskSet of one image ([M, H, W] masks) -> IMAGE [1, H, W, 3]: masks painted coarse first, finer on
+    top, each in its own palette colour (by rank of area); pixels in no mask get colour 0."""
+    M, H, W = ms.masks.shape
+    labels = torch.zeros(1, H, W, dtype=torch.long)  # [1, H, W], 0 = in no mask
+    order = torch.argsort(ms.area, descending=True, stable=True)  # coarse -> fine
+    for rank, m in enumerate(order.tolist()):
+        labels[0][ms.masks[m]] = rank + 1
+    return label_colours(labels, M + 1)  # [1, H, W, 3]
 
 
 def fit_to_pixels(images: torch.Tensor, max_pixels: int) -> torch.Tensor:

@@ -395,3 +395,18 @@ def test_fit_to_pixels_returns_a_picture_that_fits_as_it_is():
 def test_fit_to_pixels_bad_input(images, cap, message):
     with pytest.raises(ValueError, match=message):
         fit_to_pixels(images, cap)
+
+
+def test_partition_picture_paints_the_finest_mask_on_top():
+    from headseg.nodes.core.masks import MaskSet
+    from headseg.nodes.core.preview import mask_partition_picture, palette
+
+    masks = torch.zeros(3, 4, 4, dtype=torch.bool)
+    masks[0] = True  # everything
+    masks[1, :2, :2] = True  # a small corner, listed before the middle-sized mask
+    masks[2, :3, :3] = True  # a larger corner around it
+    picture = mask_partition_picture(MaskSet(masks, torch.tensor([1, 2, 2]), torch.tensor([0, 0, 1])))[0]
+    colours = palette(4)  # 0: in no mask, then by area, coarse -> fine: everything, 3x3, 2x2
+    assert picture.shape == (4, 4, 3)
+    assert torch.equal(picture[0, 0], colours[3]) and torch.equal(picture[2, 2], colours[2])
+    assert torch.equal(picture[3, 3], colours[1])

@@ -7,7 +7,7 @@ import torch
 
 from headseg.nodes.core import kmeans as core_kmeans
 from headseg.nodes.core import masks as core_masks
-from headseg.nodes.core.preview import label_colours, palette
+from headseg.nodes.core.preview import label_colours
 from headseg.nodes.core.upsample import FeatureStack, make_feature_stack
 from headseg.tests.core.planted import Scene, nested_scene, planted_recording, small_layout
 
@@ -115,17 +115,6 @@ def test_mask_merge_options_reach_the_merge(nodes, feats, iou_threshold, min_are
         ref = core_masks.merge_sweep(sweep, b, iou_threshold, min_area)
         assert len(ref) != len(core_masks.merge_sweep(sweep, b, 0.9, 0.0))  # the option matters here
         assert torch.equal(nodes.MaskMerge.execute(sweep, iou_threshold, min_area).args[0][b].masks, ref.masks)
-
-
-def test_partition_picture_paints_the_finest_mask_on_top(nodes):
-    from headseg.nodes import mask_select_node
-
-    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
-    masks[0] = True  # everything
-    masks[1, :2, :2] = True  # a small corner
-    picture = mask_select_node._mask_partition_picture(core_masks.MaskSet(masks, torch.tensor([1, 2]), torch.tensor([0, 0])))[0]
-    colours = palette(3)  # 0: in no mask, then coarse -> fine
-    assert torch.equal(picture[0, 0], colours[2]) and torch.equal(picture[3, 3], colours[1])
 
 
 def test_a_stretched_picture_maps_each_axis_by_its_own_ratio(nodes):

@@ -1,0 +1,73 @@
+"""Pixels between a picture and the masks' grid, against VAE Encode's crop rule and the stretch written out."""
+
+import pytest
+import torch
+
+from headseg.nodes.core.pixels import (
+    aspect_differs,
+    fit_picture,
+    grid_pixel,
+    is_vae_window,
+    of_the_picture,
+    picture_to_mask_pixel,
+    vae_crop,
+)
+
+
+def vae_encode_crop(pictures):
+    """ComfyUI's VAE Encode rule, written out: keep the (side // 8) * 8 pixels from offset (side % 8) // 2."""
+    h, w = pictures.shape[1:3]
+    top, left = (h % 8) // 2, (w % 8) // 2
+    return pictures[:, top : top + h // 8 * 8, left : left + w // 8 * 8]
+
+
+@pytest.mark.parametrize("h, w", [(667, 1001), (64, 64), (71, 64), (129, 67), (15, 8)])
+def test_a_picture_vae_encode_crops_maps_through_its_crop(h, w):
+    H, W = h // 8 * 8, w // 8 * 8
+    pictures = torch.rand(2, h, w, 3, generator=torch.Generator().manual_seed(h * w))
+    assert is_vae_window(h, w, H, W)
+    assert torch.equal(vae_crop(pictures, H, W), vae_encode_crop(pictures))
+    assert torch.equal(fit_picture(pictures, H, W), vae_encode_crop(pictures))
+    # every pixel of the kept window maps onto the mask pixel that shows the same picture pixel
+    cropped = vae_encode_crop(pictures)[0]
+    for x, y in [(0, 0), (w - 1, h - 1), (w // 2, h // 3), ((w % 8) // 2, (h % 8) // 2)]:
+        mx, my = picture_to_mask_pixel(x, y, (h, w), (H, W))
+        inside = (h % 8) // 2 <= y < (h % 8) // 2 + H and (w % 8) // 2 <= x < (w % 8) // 2 + W
+        if inside:
+            assert torch.equal(cropped[my, mx], pictures[0, y, x])
+        assert 0 <= mx < W and 0 <= my < H  # a pixel of the cut-off border goes to the nearest edge
+
+
+def test_any_other_size_is_stretched_and_maps_each_axis_by_its_own_ratio():
+    pictures = torch.rand(1, 32, 16, 3, generator=torch.Generator().manual_seed(0))
+    H, W = 8, 16
+    assert not is_vae_window(32, 16, H, W)
+    expected = torch.nn.functional.interpolate(pictures.permute(0, 3, 1, 2), size=(H, W), mode="bilinear", align_corners=False)
+    assert torch.equal(fit_picture(pictures, H, W), expected.permute(0, 2, 3, 1))
+    assert picture_to_mask_pixel(10, 20, (32, 16), (H, W)) == (10, 5)  # x * 16 // 16, y * 8 // 32
+    assert picture_to_mask_pixel(15, 31, (32, 16), (H, W)) == (15, 7)
+
+
+@pytest.mark.parametrize(
+    "picture_hw, mask_hw, differs",
+    [((512, 512), (512, 512), False), ((519, 515), (512, 512), False), ((1024, 1024), (512, 512), False),
+     ((1024, 1034), (512, 512), False), ((1024, 1040), (512, 512), True), ((600, 800), (512, 512), True)],
+)
+def test_the_aspect_warning_is_for_stretches_more_than_one_percent_off(picture_hw, mask_hw, differs):
+    assert aspect_differs(picture_hw, mask_hw) is differs
+
+
+def test_a_pixel_past_the_grid_is_the_pictures_only_inside_the_picture():
+    # masks 64x64, picture 128x128: (100, 10) lies past the grid, inside the picture -> mapped by the stretch
+    assert of_the_picture((100, 10), (128, 128), (64, 64))
+    assert grid_pixel((100, 10), (128, 128), (64, 64)) == (50, 5)
+    # inside the grid: taken as it is, whatever the picture
+    assert not of_the_picture((63, 63), (128, 128), (64, 64))
+    assert grid_pixel((63, 63), (128, 128), (64, 64)) == (63, 63)
+    # past the picture too, or no picture: moved to the nearest pixel of the grid
+    assert not of_the_picture((500, 10), (128, 128), (64, 64))
+    assert grid_pixel((500, 10), (128, 128), (64, 64)) == (63, 10)
+    assert grid_pixel((500, 70), None, (64, 64)) == (63, 63)
+    # a photo VAE Encode cropped: (66, 3) of a 71x67 picture -> through the crop's offsets (3, 1)
+    assert grid_pixel((66, 3), (71, 67), (64, 64)) == (63, 0)
+    assert grid_pixel((65, 70), (71, 67), (64, 64)) == (63, 63)
