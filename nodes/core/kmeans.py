@@ -337,7 +337,8 @@ def _centred(grids: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tenso
 
 
 def _canonical(labels: torch.Tensor, centroids: torch.Tensor, k: int):
-    """Renumbers clusters by decreasing area, ties by first pixel in raster order."""
+    """labels [...] in 0..k-1, centroids [k, C] -> (labels, centroids) renumbered by decreasing area, ties by
+    first pixel in raster order."""
     flat = labels.reshape(-1)  # [N]
     N = flat.numel()
     counts = torch.bincount(flat, minlength=k)  # [k]

@@ -129,7 +129,8 @@ def _check_sweep(sweep, batch_index) -> None:
 
 
 def sweep_to_masks(sweep: ClusterSweep, batch_index: int) -> MaskSet:
-    """Every cluster of every k of the sweep for image ``batch_index``: k ascending, then cluster."""
+    """Sweep labels [B, H, W] per k -> MaskSet [M = sum of k, H, W] of image ``batch_index``: every cluster of
+    every k, k ascending, then cluster."""
     _check_sweep(sweep, batch_index)
     masks, ks, clusters = [], [], []
     for k in sorted(sweep.results):
@@ -261,7 +262,8 @@ def _kept(inter: torch.Tensor, size: tuple[int, int], iou_threshold: float, min_
 
 
 def merge_masks(ms: MaskSet, iou_threshold: float = 0.9, min_area: float = 0.0) -> MaskSet:
-    """Drops empty masks and masks smaller than min_area (fraction of the image, 0..1), then merges.
+    """MaskSet [M, H, W] -> MaskSet [M' <= M, H, W]: drops empty masks and masks smaller than min_area
+    (fraction of the image, 0..1), then merges.
 
     Greedy in the given (stable) order: a mask joins the first kept mask whose IoU with it is
     >= iou_threshold (the kept mask stays the representative, unchanged), else it is kept. Kept
@@ -317,7 +319,8 @@ def _pixel_index(v, n: int, name: str, what: str, side: str) -> int:
 
 
 def masks_at_pixel(ms: MaskSet, x: int, y: int, include=(), exclude=()) -> MaskSet:
-    """All masks containing pixel (x = column, y = row), finest (smallest area) first; ties keep order.
+    """MaskSet [M, H, W] -> MaskSet [M' <= M, H, W]: all masks containing pixel (x = column, y = row),
+    finest (smallest area) first; ties keep order.
 
     include / exclude: more (x, y) pixels that every mask returned must contain / must not contain, e.g.
     a click on each eye gives the masks of both eyes, and one on the other cat keeps the masks of this one.
