@@ -165,7 +165,9 @@ def _make_attn1_patch(store_id: int, key: LayerKey, previous, previous_is_full_k
                 store.patches_running.discard(key)
         if outermost:
             try:
-                store.observe(key, out, extra_options)
+                # the keys' token count: another than the queries' where an attn1_patch (reference-only)
+                # added tokens; k is [B, N_k, heads*d] as the block projected it
+                store.observe(key, out, extra_options, kv_tokens=int(k.shape[-2]) if k.dim() == 3 else None)
             except Exception as exc:  # recording must never break sampling
                 store.fail(exc)
         return out

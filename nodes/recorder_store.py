@@ -204,6 +204,7 @@ class _Store:
         self.wanted_calls = 0  # recorded-branch calls in a chosen step
         self.crop_calls = 0  # of these, calls on an area crop of the latent (not recorded)
         self.regrid_calls = 0  # of these, calls of a layer on another level than its own (Deep Shrink)
+        self.foreign_calls = 0  # of these, calls whose keys and values another patch changed (reference-only)
         self.wanted_steps: set[int] = set()  # the chosen steps the branch was called at
         # the sampler's own step reports (step_done), when it is one whose reports count the schedule's
         # steps: they tell 'last' which calls are certainly earlier without reading their sigma
@@ -492,6 +493,12 @@ class _Store:
                 f"the model only down to sigma {self.min_sigma:.4g} (samplers such as dpm_fast and dpm_adaptive "
                 "choose their own sigmas): choose steps 'mean' or a range"
             )
+        if self.foreign_calls:  # (nothing was recorded: the calls left to record were all such calls)
+            return (
+                "another patch (such as reference-only or StyleAligned) added another image's tokens to the keys "
+                "and values of the self-attention calls left to record (see the log): HeadSeg records "
+                "self-attention over a layer's own tokens; sample without that patch, or choose steps where it is off"
+            )
         if self.wanted_calls and self.regrid_calls:
             return (
                 "steps: at every chosen step a patch such as Kohya Deep Shrink (PatchModelAddDownscale) resized "
@@ -606,8 +613,11 @@ class _Store:
             else:
                 log.warning("HeadSeg: not recording %s: %s", key.name, message)
 
-    def observe(self, key: LayerKey, out: torch.Tensor, extra_options: dict):
-        """Record one attn1 output [B_all, N, heads*d] (the tensor that goes on to to_out)."""
+    def observe(self, key: LayerKey, out: torch.Tensor, extra_options: dict, kv_tokens: int | None = None):
+        """Record one attn1 output [B_all, N, heads*d] (the tensor that goes on to to_out). kv_tokens: the
+        token count of the call's keys and values (None: not known); self-attention over the layer's own
+        tokens has N of them, and a call with another count (an attn1 patch such as reference-only or
+        StyleAligned added another image's tokens) is left out."""
         if not self.active:
             return
         self.seen_calls += 1
@@ -695,6 +705,16 @@ class _Store:
                 key, "tokens",
                 f"leaving out the calls of {key.name} whose token count another patch changed (such as HyperTile or "
                 f"ToMe): {N} tokens but a {h}x{w} grid",
+                some_calls=True,
+            )
+            return
+        if kv_tokens is not None and kv_tokens != N:
+            self.foreign_calls += 1
+            self._warn_once(
+                key, "keys",
+                f"leaving out the calls of {key.name} whose keys and values another patch changed (such as "
+                f"reference-only or StyleAligned, which add another image's tokens): {kv_tokens} key tokens for "
+                f"{N} query tokens",
                 some_calls=True,
             )
             return
@@ -824,7 +844,7 @@ class LiveRecording:
     def unrecorded(self, rec: Recording) -> list[tuple[LayerKey, int]]:
         """The layers this record node was set to record (its positions and levels) that a run of it,
         ``rec``, lacks -> [(key, grid level)], in model order: skipped while sampling because another
-        patch changed their token count or grid (the log said so at the time)."""
+        patch changed their token count, grid or keys (the log said so at the time)."""
         H, W = rec.image_size
         grids = grid_levels((max(H // VAE_FACTOR, 1), max(W // VAE_FACTOR, 1)))
         levels = self._store.levels

@@ -7,6 +7,7 @@ node, a timestep range at cfg = 1)."""
 import pytest
 import torch
 
+import comfy.samplers
 import comfy.sd
 from comfy.patcher_extension import WrappersMP
 from comfy_extras import (nodes_apg, nodes_cfg, nodes_custom_sampler, nodes_differential_diffusion, nodes_easycache,
@@ -209,3 +210,69 @@ def test_a_recorded_model_merged_in_as_model2_is_refused_with_a_hint_to_make_it_
     got = tiny.sample(merged, pos, neg, latent_hw=HW, steps=2, seed=2)
     with pytest.raises(ValueError, match="^recording: nothing recorded yet: .*ModelMergeSimple as model1"):
         live.snapshot(got)
+
+
+def reference_only(until_sigma=None):
+    """MODEL -> clone with a reference-only attn1 patch as ComfyUI_experiments' ReferenceOnlySimple makes
+    it: latent item 0 is the reference, and every other item's self-attention keys and values get the
+    reference's tokens appended (the queries stay the layer's own); with ``until_sigma``, only at model
+    calls whose sigma is above it (as the packs' start/end settings do)."""
+
+    def patch(m):
+        m = m.clone()
+        batch = 2
+
+        def reference_apply(q, k, v, extra_options):
+            if until_sigma is not None and float(extra_options["sigmas"].max()) <= until_sigma:
+                return q, k, v
+            k = k.clone().repeat(1, 2, 1)
+            for o in range(0, q.shape[0], batch):
+                for x in range(1, batch):
+                    k[x + o, q.shape[1]:] = q[o, :]
+            return q, k, k
+
+        m.set_model_attn1_patch(reference_apply)
+        return m
+
+    return patch
+
+
+def test_keys_and_values_extended_by_a_reference_patch_are_not_recorded_as_self_attention(tiny, sd2, caplog):
+    """A reference-only patch appends another image's tokens to the keys and values of attn1, with the
+    queries' token count unchanged: such calls are not self-attention over the layer's own tokens, so
+    they are left out and said to be (they were recorded as if they were), the latent untouched."""
+    pos, neg = tiny.conditioning("SD2")
+    options = dict(latent_hw=HW, batch=2, steps=2, seed=2)
+    patch = reference_only()
+    want = tiny.sample(patch(sd2), pos, neg, **options)
+    before, live_before = recorder.attach_recorder(patch(sd2))
+    patched, live_after = recorder.attach_recorder(sd2)
+    for model, live in ((before, live_before), (patch(patched), live_after)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="HeadSeg"):
+            got = tiny.sample(model, pos, neg, **options)
+        assert torch.equal(got, want)
+        assert ("HeadSeg: leaving out the calls of input.1.0 whose keys and values another patch changed (such as "
+                "reference-only or StyleAligned, which add another image's tokens): 512 key tokens for 256 query "
+                "tokens") in caplog.text
+        with pytest.raises(ValueError, match=r"^recording: the sampling run recorded nothing: another patch \(such "
+                                             r"as reference-only or StyleAligned\) added another image's tokens"):
+            live.snapshot(got)
+    model, live = recorder.attach_recorder(patch(sd2), levels="1")  # the other levels' calls: not asked for
+    with pytest.raises(ValueError, match=r"^recording: the sampling run recorded nothing: another patch \(such as"):
+        live.snapshot(tiny.sample(model, pos, neg, **options))
+
+
+def test_calls_a_reference_patch_left_alone_are_recorded(tiny, sd2):
+    """The same patch active at the first steps only: 'mean' holds the later steps' plain self-attention."""
+    pos, neg = tiny.conditioning("SD2")
+    sigmas = comfy.samplers.calculate_sigmas(sd2.get_model_object("model_sampling"), "normal", 4).tolist()
+    model, live = recorder.attach_recorder(reference_only(until_sigma=sigmas[2])(sd2), steps="mean")
+    with EvalProbe(model) as probe:
+        got = tiny.sample(model, pos, neg, latent_hw=HW, batch=2, steps=4, seed=2)
+    rec = live.snapshot(got)
+    for name in NAMES:
+        calls = [c for c in probe.main_calls(name) if c.sigma <= sigmas[2] * (1 + 1e-6)]
+        assert 0 < len(calls) < len(probe.main_calls(name))
+        want = torch.stack([per_head(c, grid_for(HW, c.x.shape[1])) for c in calls]).mean(0)
+        torch.testing.assert_close(rec.layers[LayerKey.parse(name)].double(), want, **TOL, msg=lambda m: f"{name}: {m}")
