@@ -177,7 +177,28 @@ def _make_attn1_patch(store_id: int, key: LayerKey, previous, previous_is_full_k
     headseg_attn1.headseg_store_id = store_id
     headseg_attn1.headseg_previous = previous
     headseg_attn1.headseg_previous_is_full_key = previous_is_full_key
+    if previous_is_full_key:
+        _forward_patch_object_methods(headseg_attn1, store_id, key, previous)
     return headseg_attn1
+
+
+def _forward_patch_object_methods(patch, store_id: int, key: LayerKey, previous) -> None:
+    """Gives HeadSeg's ``patch`` the ``to`` and ``models`` of the patch object it replaced in the patch dict.
+
+    ComfyUI moves and casts the patch objects it finds in ``patches_replace`` when it loads the model
+    (ModelPatcher.model_patches_to(device), then (model dtype): ``obj = obj.to(...)``) and loads the
+    models they name (``obj.models()``); one that HeadSeg's patch replaced under its (block, number,
+    depth) key would otherwise be left on its device and dtype (a dtype or device error in its own
+    code). A (block, number) patch HeadSeg stands in for is still in the dict, where ComfyUI finds it.
+    """
+    if callable(getattr(previous, "to", None)):
+        def to(*args, **kwargs):
+            moved = previous.to(*args, **kwargs)
+            return patch if moved is previous else _make_attn1_patch(store_id, key, moved, True)
+
+        patch.to = to
+    if callable(getattr(previous, "models", None)):
+        patch.models = lambda: previous.models()
 
 
 _PATCH_CODE = _make_attn1_patch(0, None, None, False).__code__  # the code every HeadSeg attn1 patch runs

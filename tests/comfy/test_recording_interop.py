@@ -7,6 +7,8 @@ node, a timestep range at cfg = 1)."""
 import pytest
 import torch
 
+import comfy.ldm.modules.attention
+import comfy.model_patcher
 import comfy.samplers
 import comfy.sd
 from comfy.patcher_extension import WrappersMP
@@ -276,3 +278,44 @@ def test_calls_a_reference_patch_left_alone_are_recorded(tiny, sd2):
         assert 0 < len(calls) < len(probe.main_calls(name))
         want = torch.stack([per_head(c, grid_for(HW, c.x.shape[1])) for c in calls]).mean(0)
         torch.testing.assert_close(rec.layers[LayerKey.parse(name)].double(), want, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+class WeightedPatch:
+    """An attn1 replace patch object with a weight of its own, as packs make them: ComfyUI moves and casts
+    it with the model (``obj = obj.to(device)``, then ``.to(model dtype)``) and loads the models it names
+    (``obj.models()``: ModelPatchers)."""
+
+    def __init__(self, w, extra):
+        self.w, self.extra = w, extra
+
+    def to(self, arg):
+        self.w = self.w.to(arg)
+        return self
+
+    def models(self):
+        return [self.extra]
+
+    def __call__(self, q, k, v, extra_options):
+        out = comfy.ldm.modules.attention.optimized_attention(
+            q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"))
+        return out + 0.1 * out @ self.w  # w: [heads*d, heads*d]
+
+
+def test_a_patch_object_set_before_the_record_node_is_still_cast_and_loaded_with_the_model(tiny, sd2):
+    """HeadSeg's patch takes the place of such an object in the patch dict: ComfyUI must still reach its
+    ``to`` and ``models`` through it. A float64 weight (the model is float32) was left uncast: the run
+    failed with a dtype error in the object's own code."""
+    layers = recorder.find_self_attention_layers(sd2.get_model_object("diffusion_model"))
+    patched = sd2.clone()
+    extra = comfy.model_patcher.ModelPatcher(torch.nn.Linear(2, 2), torch.device("cpu"), torch.device("cpu"))
+    for layer in layers:
+        k, inner = layer.key, layer.heads * layer.dim_head
+        w = torch.eye(inner, dtype=torch.float64).roll(1, 0)
+        patched.set_model_attn1_replace(WeightedPatch(w, extra), k.block, k.number, k.depth)
+    pos, neg = tiny.conditioning("SD2")
+    model, live = recorder.attach_recorder(patched)
+    got = tiny.sample(model, pos, neg, latent_hw=HW, steps=2, seed=2)
+    assert torch.equal(got, tiny.sample(patched, pos, neg, latent_hw=HW, steps=2, seed=2))
+    assert len(live.snapshot(got).layers) == len(layers)
+    listed = model.model_patches_models()  # (clone deep-copies the objects, and their models with them)
+    assert len(listed) == len(layers) and all(isinstance(m, comfy.model_patcher.ModelPatcher) for m in listed)
