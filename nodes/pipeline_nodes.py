@@ -170,10 +170,10 @@ class HeadPCA(io.ComfyNode):
         missing = [] if lv is None else sorted(set(lv) - set(have))  # e.g. '0,1' on SDXL: level 0 has none
         height, width = core_preview.pca_rgb_grid_size(selected.layers, selected.image_size)
         _check_memory(  # before the PCA: a recording file can hold any number of heads (a model's: 1300 at most)
-            pca_rgb_bytes(selected),
+            core_pca.recording_pca_bytes(selected, components) + pca_rgb_bytes(selected),
             "recording",
-            f"pca_rgb, the picture of the {selected.num_heads} selected heads in {len(selected.layers)} layer(s) "
-            f"({width}x{height} pixels)",
+            f"the {components} principal components of the {selected.num_heads} selected heads in "
+            f"{len(selected.layers)} layer(s) and pca_rgb, their picture ({width}x{height} pixels),",
             "Select fewer layers with positions / levels, or check the recording file: a model's have at most a "
             "few dozen heads per layer",
         )

@@ -258,6 +258,27 @@ def recording_pca(rec: Recording, components: int = 8) -> HeadFeatures:
     return HeadFeatures(layers, tuple(rec.image_size), components)
 
 
+def recording_pca_bytes(rec: Recording, components: int, workers: int | None = None) -> int:
+    """Bytes recording_pca(rec, components) allocates on the CPU, an upper estimate for heads whose values
+    need no power-of-two scaling (_centred; the usual case): the HeadFeatures it returns (float32, 4 bytes
+    per component, token and head), and, for each of the ``workers`` largest layers [B, heads, h, w, d]
+    reduced at once (default: torch's intra-op threads, as recording_pca), per value of G = B * heads heads
+    and N = h * w tokens: its centred copy (d values) and two score tensors (2 * c values) in the working
+    dtype (4 bytes; 8 for float64 layers), and a bool per score. Against every tensor allocated on one
+    thread (tests/support/peak_memory.py), SD2.1's layers for two 1024x1024 images: 95 MB (estimate 100 MB)."""
+    sizes = sorted(
+        (
+            (int(t.shape[0] * t.shape[1] * t.shape[2] * t.shape[3]), int(t.shape[4]), 8 if t.dtype == torch.float64 else 4)
+            for t in rec.layers.values()
+        ),
+        reverse=True,
+    )  # (G * N, d, working bytes per value), largest layer first
+    workers = torch.get_num_threads() if workers is None else workers
+    features = sum(4 * components * n for n, _, _ in sizes)
+    working = sum(n * (w * (d + 2 * components) + components) for n, d, w in sizes[: max(1, workers)])
+    return features + working
+
+
 def _on_cpu(rec: Recording) -> bool:
     return all(t.device.type == "cpu" for t in rec.layers.values())
 

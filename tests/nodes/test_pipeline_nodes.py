@@ -921,6 +921,31 @@ def test_error_map_refuses_a_picture_that_would_not_fit_in_free_memory(nodes, mo
     assert 12 * B * H * W <= mem.peak <= need, (mem.peak, need)
 
 
+def test_head_pca_memory_check_counts_the_principal_components_and_their_working_copies(nodes, monkeypatch):
+    """Head PCA's memory check counts what the PCA itself allocates, not only the pca_rgb picture: the
+    features it outputs (4 bytes per component, token and head) and the float32 centred copy of each layer
+    being reduced. It counted the picture alone (a 64-pixel tile per head, whatever the image size), so for
+    two SD2.1 images at 1024x1024 it allowed 22 MB where the node took 95 MB of tensors (203 MB of RSS on
+    two threads), and more with larger images or components."""
+    from headseg.nodes import node_utils
+    from headseg.tests.support.peak_memory import PeakBytes
+
+    rec = planted_recording([nested_scene(256, 256)] * 2, layout=small_layout(heads=5), d=64)  # grids 32x32 .. 4x4
+    counted = []
+    check = nodes._check_memory
+    monkeypatch.setattr(nodes, "_check_memory", lambda need, *a: counted.append(need) or check(need, *a))
+    monkeypatch.setattr(node_utils, "available_memory", lambda: 1 << 40)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the PCA on this thread, seen by PeakBytes
+    try:
+        with PeakBytes() as mem:
+            nodes.HeadPCA.execute(rec, "down+up", "all", 8)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(counted) == 1
+    assert mem.peak <= counted[0] <= 2 * mem.peak, (mem.peak, counted[0])
+
+
 def test_head_pca_refuses_a_picture_of_more_heads_than_fit_in_free_memory(nodes, monkeypatch):
     """pca_rgb draws a 64-pixel tile per head: a recording file can hold any number of heads (one layer of
     200 000 heads of width 1 is a 400 kB file, and its picture 9.8 GB). When the picture would take more than
@@ -935,13 +960,13 @@ def test_head_pca_refuses_a_picture_of_more_heads_than_fit_in_free_memory(nodes,
     g = torch.Generator().manual_seed(0)
     layers = {LayerKey("input", 1, 0): torch.randn(1, 600, 2, 3, 2, generator=g), LayerKey("output", 9, 0): torch.randn(1, 4, 2, 3, 2, generator=g)}
     rec = Recording(layers, (16, 24))
-    need = nodes.pca_rgb_bytes(rec)
+    need = core_pca.recording_pca_bytes(rec, 2) + nodes.pca_rgb_bytes(rec)
     assert need >= 12 * 2 * 43 * 600 * 64  # the picture: 2 rows of 43 x 64 tiles, 600 tiles wide
     ran = []
     monkeypatch.setattr(core_pca, "recording_pca", lambda *a, **kw: ran.append(1))
     monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) - 1)
-    with pytest.raises(ValueError, match=r"^recording: pca_rgb, the picture of the 604 selected heads in 2 layer\(s\) "
-                       r"\(38400x86 pixels\) would take 0\.\d GiB, more than 80 % of the 0\.\d GiB free\. Select fewer layers"):
+    with pytest.raises(ValueError, match=r"^recording: the 2 principal components of the 604 selected heads in 2 layer\(s\) "
+                       r"and pca_rgb, their picture \(38400x86 pixels\), would take 0\.\d GiB, more than 80 % of the 0\.\d GiB free\. Select fewer layers"):
         nodes.HeadPCA.execute(rec, "down+up", "all", 2)
     assert ran == []  # refused before the PCA
     monkeypatch.undo()
