@@ -379,14 +379,18 @@ def error_map_bytes(stack) -> int:
     """Bytes Upsampling Error Map allocates, an upper estimate: its picture [B, H, W, 3] float32 (12 per pixel
     and image), on a large image the rows spread first ([B, H, nx, 3], 12 per entry), 64 per pixel of the
     lattice where eq. 6 is computed and coloured (its sums and the colouring's temporaries), and the chunks
-    of channels eq. 6 works through (core_upsample._CHUNK_BYTES). Against every tensor allocated
-    (tests/support/peak_memory.py), 80 channels on 32x32 and 8x8 grids: four images at 256x256, 60 bytes
-    per pixel and image (estimate 140); three at 1000x760, 16 (estimate 26)."""
+    of channels eq. 6 works through (core_upsample._CHUNK_BYTES), and the preview PNG of the first image,
+    which ComfyUI's writer converts beside the picture through two float32 numpy copies (255 x, clipped: 24
+    bytes per pixel). Against every tensor allocated (tests/support/peak_memory.py), 80 channels on 32x32
+    and 8x8 grids: four images at 256x256, 60 bytes per pixel and image (estimate 146); three at 1000x760,
+    16 (estimate 34). SD2.1's grids, one image at 2048x2048: 152 MB of RSS at the peak (58 MB of tensors
+    and the preview's conversion; estimate 178 MB, 78 MB without the preview)."""
     B, (H, W) = stack.batch_size, stack.size
     f = _error_map_step(H, W)
     ny, nx = len(range(f // 2, H, f)), len(range(f // 2, W, f))
     spread = 12 * B * H * nx if f > 1 else 0
-    return 12 * B * H * W + spread + 64 * B * ny * nx + core_upsample._CHUNK_BYTES
+    preview = 24 * H * W
+    return 12 * B * H * W + spread + 64 * B * ny * nx + core_upsample._CHUNK_BYTES + preview
 
 
 def _error_map_lattice(stack) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

@@ -891,6 +891,29 @@ def test_error_map_of_a_batch_is_coloured_without_full_size_temporaries(nodes):
     assert mem.peak <= picture + picture // 2, (mem.peak, picture)  # the rows spread first: a quarter of it
 
 
+def test_error_map_estimate_counts_the_preview_conversion_beside_the_picture(nodes):
+    """Upsampling Error Map's preview PNG of the first image is made by ComfyUI's writer, which converts it
+    through two float32 numpy copies (255 x, clipped: 24 bytes per pixel) while the error_map output (12
+    bytes per pixel and image) is alive: its memory check must count them. It counted the tensors alone
+    (a 2048x2048 image: 78 MB allowed, 152 MB of RSS at the peak)."""
+    import tracemalloc
+
+    from headseg.nodes.core.upsample import FeatureStack
+
+    g = torch.Generator().manual_seed(0)
+    grids = [torch.randn(1, 2, 16, 16, generator=g), torch.randn(1, 2, 8, 8, generator=g)]
+    stack = FeatureStack(grids, [1.0, 1.0], [[], []], (2048, 2048), "bilinear")
+    tracemalloc.start()  # numpy's arrays are traced (torch's tensors are not)
+    try:
+        error_map = nodes.UpsamplingErrorMap.execute(stack).args[0]
+        _, converted = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    held = error_map.numel() * 4 + converted  # both alive while the PNG is made
+    assert converted >= 20 * 2048 * 2048, converted
+    assert held <= nodes.error_map_bytes(stack), (held, nodes.error_map_bytes(stack))
+
+
 @pytest.mark.parametrize("B, size", [(4, (256, 256)), (4, (200, 150)), (3, (1000, 760))])
 def test_error_map_refuses_a_picture_that_would_not_fit_in_free_memory(nodes, monkeypatch, B, size):
     """Upsampling Error Map's picture is 12 bytes per pixel and image (a batch of 16384 x 16384 recordings:
