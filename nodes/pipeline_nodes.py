@@ -542,16 +542,24 @@ class MultiKMeans(io.ComfyNode):
 
 
 def kmeans_work_bytes(stack, k: int) -> int:
-    """Bytes one k of Multi K-Means holds while it is clustered on the CPU, an upper estimate: per pixel
-    of the image 96 (int64 labels, a chunk of rows' scores, the lattices) plus 8 * k * (token-grid
-    columns of all grids) / W (the scores upsampled along y, and a copy of a chunk of them), and 1 MiB
-    per cluster (the working set). Each of the k clustered at once (one per intra-op thread) holds its
-    own. Against every tensor allocated on one thread (tests/support/peak_memory.py), SD2.1's grids:
-    28 MB at 512 px and 71 MB at 1024 px for k = 20 (estimate 55 and 158 MB), 218 and 442 MB for
-    k = 256 (estimate 411 and 839 MB); SDXL's grids at 512 px, k = 256: 338 MB (estimate 344 MB)."""
+    """Bytes one k of Multi K-Means holds while it is clustered on the CPU, an upper estimate: 8 MiB (chunks of
+    scores); for the working set of n = max(512, 16 k) pixels (at most the image's) 8 * C * n (its C-channel
+    features) plus 4 * n^2 (their Gram matrix), held throughout; and the larger of what its two phases add:
+    the k-means++ starts' [starts, k, n] float32 tensors (three at once, 12 * starts * k * n bytes, starts
+    as kmeans._ws_starts), or the polish at full resolution, per pixel 40 (int64 labels and their chunks,
+    best scores, the lattices) plus 8 * k * (token-grid columns of all grids) / W (the scores upsampled
+    along y). Each of the k clustered at once (one per intra-op thread) holds its own. Against every tensor
+    allocated on one thread (tests/support/peak_memory.py), SD2.1's grids (1400 channels): 25, 51 and 169 MB
+    at 512, 1024 and 2048 px for k = 2 (estimate 27, 61 and 198 MB), 71 MB at 1024 px for k = 20 (94),
+    139 MB for k = 64 (183), 218 and 442 MB at 512 and 1024 px for k = 256 (249, 633); SDXL's (8800
+    channels) at 1024 px: 70 MB for k = 2 (89), 73 MB for k = 20 (103), 134 MB for k = 64 (177); at 512 px,
+    156 MB for k = 128 (232) and 338 MB for k = 256 (464)."""
     H, W = stack.size
     columns = sum(w for _, w in stack.grid_sizes)  # token-grid columns of all grids
-    return int((96 + 8 * k * columns / W) * H * W + k * 2**20)
+    n = min(H * W, max(core_kmeans._WS_MIN_POINTS, core_kmeans._WS_POINTS_PER_K * k))  # working-set pixels
+    starts = 12 * core_kmeans._ws_starts(k, n) * k * n
+    polish = (40 + 8 * k * columns / W) * H * W
+    return int(2**23 + n * (8 * stack.num_channels + 4 * n) + max(starts, polish))
 
 
 # Multi K-Means shows the colour maps of at most this many images of a batch (a PNG per k and image;

@@ -630,6 +630,29 @@ def test_kmeans_work_estimate_bounds_what_one_k_allocates(nodes, recording, k):
     assert allocated.peak <= estimate <= 4 * allocated.peak, (allocated.peak, estimate)
 
 
+def test_kmeans_work_estimate_is_close_to_what_one_k_allocates_at_a_real_size(nodes):
+    """At a real model's size (SD2.1's layers, 175 heads of 8 components, 512x512) kmeans_work_bytes stays
+    an upper estimate of one k's clustering (every tensor on one thread) and within 1.5x of it: a wild
+    over-estimate refuses sweeps that fit (it was 2 - 2.5x over: 55 MB for k = 20 here, which allocates 28 MB;
+    285 MB at 1024x1024 for k = 64, which allocates 139 MB)."""
+    from headseg.nodes.core.kmeans import multi_kmeans
+    from headseg.tests.core.planted import sd21_layout, split_scene
+    from headseg.tests.support.peak_memory import PeakBytes
+
+    rec = planted_recording([split_scene(512, 512, seed=0)], layout=sd21_layout(), d=64, noise=1.0, seed=0)
+    feats = nodes.HeadPCA.execute(rec, "down+up", "all", 8).args[0]
+    stack = nodes.Upsample.execute(feats, "bilinear", False).args[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the work on this thread, seen by PeakBytes
+    try:
+        with PeakBytes() as allocated:
+            multi_kmeans(stack, [20], seed=0)
+    finally:
+        torch.set_num_threads(threads)
+    estimate = nodes.kmeans_work_bytes(stack, 20)
+    assert allocated.peak <= estimate <= 1.5 * allocated.peak, (allocated.peak, estimate)
+
+
 def test_pixel_of_a_larger_picture_outside_the_masks_is_mapped(nodes, recording, caplog):
     """A click on a 2x picture before the first run gives picture pixels: one outside the masks' frame is
     mapped through the stretch (or VAE Encode's crop) instead of failing the run."""
