@@ -490,7 +490,9 @@ class MultiKMeans(io.ComfyNode):
         seed = integer_input(seed, "seed", "an integer")
         B, (H, W) = stack.batch_size, stack.size
         _check_memory(
-            len(counts) * B * H * W * (1 + 12),  # uint8 label maps + float32 RGB colour maps, per k and image
+            # uint8 label maps + float32 RGB colour maps, per k and image; label_colours' int64 index of one k's
+            # label maps (8 bytes per pixel and image) and 1 MiB (palettes, previews' tables)
+            len(counts) * B * H * W * (1 + 12) + 8 * B * H * W + 2**20,
             "cluster_counts",
             f"the label maps and colour maps of {len(counts)} cluster count(s) for {B} image(s) at {W}x{H} pixels",
             "Use fewer cluster counts, or fewer images per batch (e.g. Rebatch Latents before sampling)",

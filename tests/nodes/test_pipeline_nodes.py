@@ -551,7 +551,7 @@ def test_multi_kmeans_refuses_outputs_that_would_not_fit_before_clustering(nodes
 
     feats = nodes.HeadPCA.execute(recording, "down+up", "all", 4).args[0]
     stack = nodes.Upsample.execute(feats, "bilinear", False).args[0]
-    need = 3 * 2 * H * W * 13  # k = 2, 3, 4 for the 2 images
+    need = 3 * 2 * H * W * 13 + 8 * 2 * H * W + 2**20  # k = 2, 3, 4 for the 2 images, and one k's int64 index
     ran = []
     monkeypatch.setattr(core_kmeans, "multi_kmeans", lambda *a, **kw: ran.append(1))
     monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) - 1)
@@ -565,7 +565,7 @@ def test_multi_kmeans_refuses_outputs_that_would_not_fit_before_clustering(nodes
     monkeypatch.setattr(nodes, "kmeans_work_bytes", lambda stack, k: 0)  # the outputs' check alone (see below)
     sweep, colour_maps = nodes.MultiKMeans.execute(stack, "2,3,4", 0).args
     used = sum(r.labels.element_size() * r.labels.numel() for r in sweep.results.values())
-    assert used + colour_maps.element_size() * colour_maps.numel() == need  # what the check counts
+    assert used + colour_maps.element_size() * colour_maps.numel() == need - 8 * 2 * H * W - 2**20  # the outputs counted
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -628,6 +628,28 @@ def test_kmeans_work_estimate_bounds_what_one_k_allocates(nodes, recording, k):
         torch.set_num_threads(threads)
     estimate = nodes.kmeans_work_bytes(stack, k)
     assert allocated.peak <= estimate <= 4 * allocated.peak, (allocated.peak, estimate)
+
+
+def test_kmeans_output_check_counts_the_colour_maps_int64_index(nodes, monkeypatch):
+    """After the clustering Multi K-Means draws each k's colour maps through label_colours, which gathers
+    with an int64 copy of that k's label maps (8 bytes per pixel and image) beside the label maps and the
+    colour_maps output: the check of its outputs (the only one when the clustering runs on a GPU) must
+    count it. It counted 13 bytes per pixel per k and image, so a single k took 21."""
+    from headseg.nodes.core import kmeans as core_kmeans
+    from headseg.nodes.core.upsample import FeatureStack
+    from headseg.tests.support.peak_memory import PeakBytes
+
+    g = torch.Generator().manual_seed(0)
+    stack = FeatureStack([torch.randn(2, 3, 16, 16, generator=g)], [1.0], [[]], (256, 256), "bilinear")
+    sweep = core_kmeans.multi_kmeans(stack, [2], seed=0)  # label maps [2, 256, 256] uint8
+    monkeypatch.setattr(core_kmeans, "multi_kmeans", lambda *a, **kw: sweep)
+    counted = []
+    check = nodes._check_memory
+    monkeypatch.setattr(nodes, "_check_memory", lambda need, *a: counted.append(need) or check(need, *a))
+    with PeakBytes() as mem:
+        nodes.MultiKMeans.execute(stack, "2", 0, "cpu")
+    held = mem.peak + sweep.results[2].labels.numel()  # the label maps were made before the block
+    assert held <= counted[0], (held, counted[0])
 
 
 def test_kmeans_work_estimate_is_close_to_what_one_k_allocates_at_a_real_size(nodes):
