@@ -112,13 +112,18 @@ def _centred(xg: torch.Tensor, dtype: torch.dtype):
         # a second pass, as below
         xc -= xc.mean(dim=1, keepdim=True)
         return xc.to(dtype), constant, scale  # [G, N, D] centred
-    xc = xg - xg.mean(dim=1, keepdim=True, dtype=dtype)  # [G, N, D] centred, promoted
-    if xg.dtype == dtype:
-        # float32 or float64 input: the mean's rounding can be a sizeable part of a small spread about a
-        # large offset (1e-5 about 1: 1 % of the scores); xc is exact here (close values subtract
-        # exactly), so a second pass takes out what is left of the mean. float16 input needs none: its
-        # own rounding is coarser than float32's error in the mean
-        xc -= xc.mean(dim=1, keepdim=True)  # [G, N, D]
+    if xg.dtype != dtype:
+        # float16 / bfloat16 input: one float32 copy, centred in place (the same bits as subtracting
+        # mean(dtype=float32), which would convert the whole layer a second time inside the mean). It
+        # needs no second pass: its own rounding is coarser than float32's error in the mean
+        xc = xg.to(dtype)  # [G, N, D]
+        xc -= xc.mean(dim=1, keepdim=True)
+        return xc, constant, None
+    xc = xg - xg.mean(dim=1, keepdim=True)  # [G, N, D] centred (a new tensor: the input is left as it is)
+    # float32 or float64 input: the mean's rounding can be a sizeable part of a small spread about a
+    # large offset (1e-5 about 1: 1 % of the scores); xc is exact here (close values subtract exactly),
+    # so a second pass takes out what is left of the mean
+    xc -= xc.mean(dim=1, keepdim=True)  # [G, N, D]
     return xc, constant, None
 
 
