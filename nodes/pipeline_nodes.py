@@ -355,7 +355,7 @@ class UpsamplingErrorMap(io.ComfyNode):
             f"the upsampling-error map of {stack.batch_size} image(s) at {W}x{H} pixels",
             "Leave Upsampling Error Map out (the masks do not need it), or use fewer or smaller images",
         )
-        small, by_row, by_col = _error_map_lattice(stack)  # [B, ny, nx], [H], [W]
+        small, by_row, by_col = core_upsample.upsampling_error_blocks(stack)  # [B, ny, nx], [H], [W]
         # coloured where it is computed, then spread over the blocks: the same pixels as colouring the
         # [B, H, W] map (each image's maximum is one of its lattice values), without a batch of full-size
         # float temporaries (about five times the picture)
@@ -363,16 +363,6 @@ class UpsamplingErrorMap(io.ComfyNode):
         if by_row is not None:
             err_img = err_img.index_select(1, by_row).index_select(2, by_col)  # [B, H, W, 3]
         return io.NodeOutput(err_img, ui={"images": preview_refs(err_img[:1])})
-
-
-# The error-map preview is computed at no more than this many pixels (every f-th row and column of a
-# larger image, each value then covering its f x f block): exact there, at a small cost.
-_ERROR_PREVIEW_PIXELS = 256 * 256
-
-
-def _error_map_step(H: int, W: int) -> int:
-    """f: the error map of an H x W image is computed at every f-th row and column (1: at every pixel)."""
-    return max(1, math.ceil(math.sqrt(H * W / _ERROR_PREVIEW_PIXELS)))
 
 
 def error_map_bytes(stack) -> int:
@@ -386,26 +376,11 @@ def error_map_bytes(stack) -> int:
     16 (estimate 34). SD2.1's grids, one image at 2048x2048: 152 MB of RSS at the peak (58 MB of tensors
     and the preview's conversion; estimate 178 MB, 78 MB without the preview)."""
     B, (H, W) = stack.batch_size, stack.size
-    f = _error_map_step(H, W)
+    f = core_upsample.error_lattice_step(H, W)
     ny, nx = len(range(f // 2, H, f)), len(range(f // 2, W, f))
     spread = 12 * B * H * nx if f > 1 else 0
     preview = 24 * H * W
     return 12 * B * H * W + spread + 64 * B * ny * nx + core_upsample._CHUNK_BYTES + preview
-
-
-def _error_map_lattice(stack) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """FeatureStack -> (eq. 6 error [B, ny, nx] at an f x f lattice of pixels, the lattice row of each output
-    row [H] and column of each output column [W]; every lattice row and column is one of some output's):
-    the block centres of a large image, or (error [B, H, W] at every pixel, None, None) for a small one."""
-    H, W = stack.size
-    f = _error_map_step(H, W)
-    if f == 1:
-        return core_upsample.upsampling_error(stack), None, None  # [B, H, W]
-    rows, cols = torch.arange(f // 2, H, f), torch.arange(f // 2, W, f)  # [ny], [nx] block centres
-    small = core_upsample.upsampling_error_at(stack, rows, cols)  # [B, ny, nx]
-    by_row = (torch.arange(H) // f).clamp_(max=rows.numel() - 1)  # [H] block of each output row
-    by_col = (torch.arange(W) // f).clamp_(max=cols.numel() - 1)  # [W]
-    return small, by_row, by_col
 
 
 class MultiKMeans(io.ComfyNode):

@@ -550,3 +550,30 @@ def upsampling_error_at(stack: FeatureStack, rows: torch.Tensor, cols: torch.Ten
                 rows_both = torch.cat([torch.matmul(ry, part), part.index_select(1, iy)], dim=2)  # [n, ny, 2w]
                 total[b] += torch.matmul(rows_both, cols_both).abs_().sum(0)  # [n, ny, nx] -> [ny, nx]
     return _mean_in_units(total, stack.num_channels, scales)
+
+
+# Above this many pixels the error map is computed at a lattice (every f-th row and column, each value
+# then covering its f x f block): exact there, at a small cost.
+ERROR_MAP_PIXELS = 256 * 256
+
+
+def error_lattice_step(H: int, W: int, max_pixels: int = ERROR_MAP_PIXELS) -> int:
+    """f: the error map of an H x W image is computed at every f-th row and column (1: at every pixel), so
+    that at most about max_pixels pixels are computed."""
+    return max(1, math.ceil(math.sqrt(H * W / max_pixels)))
+
+
+def upsampling_error_blocks(stack: FeatureStack, max_pixels: int = ERROR_MAP_PIXELS):
+    """FeatureStack -> (eq. 6 error [B, ny, nx] at an f x f lattice of pixels, the lattice row of each output
+    row [H] and column of each output column [W]; every lattice row and column is one of some output's):
+    the block centres of a large image, or (error [B, H, W] at every pixel, None, None) for one of at most
+    max_pixels pixels. error.index_select(1, by_row).index_select(2, by_col) spreads it to [B, H, W]."""
+    H, W = check_stack(stack)
+    f = error_lattice_step(H, W, max_pixels)
+    if f == 1:
+        return upsampling_error(stack), None, None  # [B, H, W]
+    rows, cols = torch.arange(f // 2, H, f), torch.arange(f // 2, W, f)  # [ny], [nx] block centres
+    small = upsampling_error_at(stack, rows, cols)  # [B, ny, nx]
+    by_row = (torch.arange(H) // f).clamp_(max=rows.numel() - 1)  # [H] block of each output row
+    by_col = (torch.arange(W) // f).clamp_(max=cols.numel() - 1)  # [W]
+    return small, by_row, by_col

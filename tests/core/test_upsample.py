@@ -512,3 +512,25 @@ def test_upsampling_error_where_the_unet_has_the_cells():
     torch.testing.assert_close(upsampling_error(stack), ref, rtol=1e-5, atol=1e-6)
     rows, cols = torch.tensor([0, 40, 87]), torch.tensor([3, 50, 103])
     torch.testing.assert_close(up.upsampling_error_at(stack, rows, cols), ref[:, rows][:, :, cols], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("size, max_pixels", [((48, 40), 48 * 40), ((48, 40), 100), ((33, 70), 64)])
+def test_error_blocks_are_the_full_error_at_block_centres(size, max_pixels):
+    """upsampling_error_blocks: at most about max_pixels computed, each the full map's value at its block's
+    centre pixel, and every output pixel assigned the block it lies in."""
+    from headseg.nodes.core.upsample import FeatureStack, error_lattice_step, upsampling_error_blocks
+
+    g = torch.Generator().manual_seed(1)
+    stack = FeatureStack([torch.randn(2, 3, 7, 5, generator=g), torch.randn(2, 2, 3, 3, generator=g)], [1.0, 1.0], [[], []], size, "bilinear")
+    full = upsampling_error(stack)  # [B, H, W]
+    small, by_row, by_col = upsampling_error_blocks(stack, max_pixels)
+    H, W = size
+    f = error_lattice_step(H, W, max_pixels)
+    if by_row is None:
+        assert f == 1 and torch.equal(small, full)
+        return
+    rows, cols = list(range(f // 2, H, f)), list(range(f // 2, W, f))
+    assert small.shape == (2, len(rows), len(cols)) and len(rows) * len(cols) <= 2 * max_pixels
+    torch.testing.assert_close(small, full[:, rows][:, :, cols], rtol=1e-5, atol=1e-6)
+    assert by_row.tolist() == [min(y // f, len(rows) - 1) for y in range(H)]
+    assert by_col.tolist() == [min(x // f, len(cols) - 1) for x in range(W)]

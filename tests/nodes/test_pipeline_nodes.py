@@ -866,9 +866,9 @@ def test_picture_of_another_aspect_ratio_is_stretched_with_a_log_line(nodes, rec
 
 def _spread_error_map(stack) -> torch.Tensor:
     """The [B, H, W] eq. 6 error that Upsampling Error Map draws: its lattice values, each filling its block."""
-    from headseg.nodes import pipeline_nodes
+    from headseg.nodes.core.upsample import upsampling_error_blocks
 
-    small, by_row, by_col = pipeline_nodes._error_map_lattice(stack)  # [B, ny, nx], [H], [W]
+    small, by_row, by_col = upsampling_error_blocks(stack)  # [B, ny, nx], [H], [W]
     return small if by_row is None else small.index_select(1, by_row).index_select(2, by_col)  # [B, H, W]
 
 
@@ -975,7 +975,7 @@ def test_error_map_refuses_a_picture_that_would_not_fit_in_free_memory(nodes, mo
     need = nodes.error_map_bytes(stack)
     H, W = size
     ran = []
-    monkeypatch.setattr(nodes, "_error_map_lattice", lambda stack: ran.append(1))
+    monkeypatch.setattr(nodes.core_upsample, "upsampling_error_blocks", lambda stack: ran.append(1))
     monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) - 1)
     with pytest.raises(ValueError, match=rf"^stack: the upsampling-error map of {B} image\(s\) at {W}x{H} pixels "
                        r"would take 0\.\d GiB, more than 80 % of the 0\.\d GiB free\. Leave Upsampling Error Map out"):
