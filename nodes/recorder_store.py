@@ -12,6 +12,7 @@ strength, mask, timestep range, default entries), however ComfyUI batched them.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -780,6 +781,40 @@ class _Store:
         self.acc_eval[key] = tag
 
 
+# The runs read for a LATENT that ComfyUI's cache may hand over again after the record node has let them go:
+# id(samples tensor) -> (weak reference to it, {store id: _Run}). A run read for a LATENT stays here while
+# that tensor lives, i.e. while ComfyUI caches the sampler's output (--cache-lru N keeps the outputs of older
+# prompts, so a sampler's LATENT can come from the cache after keep_runs newer runs pushed its run out; the
+# classic cache keeps only the last prompt's). The entry goes with the tensor.
+_HELD: dict = {}
+
+
+def _hold(samples: torch.Tensor, store_id: int, run: _Run) -> None:
+    """Keeps ``run`` for the LATENT tensor ``samples`` (the object ComfyUI's cache holds) while it lives."""
+    key = id(samples)
+    entry = _HELD.get(key)
+    if entry is None or entry[0]() is not samples:
+        try:
+            ref = weakref.ref(samples, lambda _ref, key=key: _HELD.pop(key, None))
+        except TypeError:  # not weak-referenceable: nothing to hold it by
+            return
+        entry = _HELD[key] = (ref, {})
+    entry[1][store_id] = run
+
+
+def _held(samples: torch.Tensor, store_id: int) -> _Run | None:
+    """The run of ``store_id`` held for this very LATENT tensor (_hold) while it still holds that run's
+    output (or last denoised latent) bit for bit, or None."""
+    entry = _HELD.get(id(samples))
+    run = None if entry is None or entry[0]() is not samples else entry[1].get(store_id)
+    now = _cpu_latent(samples) if run is not None else None
+    if now is None or not any(
+        made is not None and made.shape == now.shape and _same_bits(made, now) for made in (run.latent, run.denoised)
+    ):
+        return None
+    return run
+
+
 class LiveRecording:
     """Handle returned by HeadSeg_RecordSelfAttention; filled while the patched model samples.
 
@@ -802,7 +837,9 @@ class LiveRecording:
         LATENT samples), or of the most recent finished run when ``latent`` is None.
 
         New object, tensors shared, never mutated. ValueError naming `latent` when none of the kept
-        runs of the recorded MODEL (_Store._remember) produced ``latent``.
+        runs of the recorded MODEL (_Store._remember) produced ``latent`` and no run was read for this
+        very tensor before (_hold: ComfyUI's cache may hand over a sampler's LATENT after its run left the
+        history).
         """
         store = self._store
         if latent is None:
@@ -811,6 +848,11 @@ class LiveRecording:
             found = (None, store.failure)  # nothing recorded yet: the message below says so, and why
         else:
             found = store.run_of(latent)
+            if found is not None:
+                _hold(latent, self.store_id, store.pinned)  # run_of pins the run it found
+            else:  # pushed out of the history, but ComfyUI's cache still holds the LATENT it was read for
+                run = _held(latent, self.store_id)
+                found = None if run is None else (run.recording, run.failure)
         if found is None:
             raise ValueError(self._no_run_message(latent))
         rec, failure = found

@@ -557,7 +557,9 @@ def test_latent_finds_its_own_run_among_the_last_ones(tiny, sd2):
     live.snapshot(newest)  # now the newest run is the one read last
     run(tiny, patched, latent_hw=(8, 8), seed=100)
     with pytest.raises(ValueError, match="^latent: "):
-        live.snapshot(second_latent)  # forgotten after HISTORY newer runs
+        live.snapshot(second_latent.clone())  # forgotten after HISTORY newer runs
+    # ... except for the very tensor it was read for, while that lives (ComfyUI's cache hands it over again)
+    assert live.snapshot(second_latent).layers.keys() == first.layers.keys()
 
 
 def test_samplercustoms_denoised_output_finds_its_run(tiny, sd2):
@@ -623,7 +625,8 @@ def test_every_run_of_the_prompt_that_sampled_last_is_kept(tiny, sd2):
     for latent in items[-(recorder_store.HISTORY - 1):]:
         assert live.snapshot(latent).layers
     with pytest.raises(ValueError, match=r"and 3 older one\(s\) are gone"):
-        live.snapshot(items[0])
+        live.snapshot(items[0].clone())
+    assert live.snapshot(items[0]).layers  # the tensor it was read for keeps it while it lives
 
 
 @pytest.mark.parametrize("keep", [1, 5])
@@ -634,6 +637,32 @@ def test_keep_runs_sets_how_many_latest_runs_stay(tiny, sd2, keep):
         assert live.snapshot(latent).layers
     with pytest.raises(ValueError, match=rf"Only the last {keep} run\(s\) \(Record Self-Attention's keep_runs\).*or raise keep_runs"):
         live.snapshot(latents[0])
+
+
+def test_a_latent_read_before_keeps_its_run_while_it_lives(tiny, sd2):
+    """--cache-lru N hands a sampler's LATENT of an earlier prompt over again after newer runs pushed its run
+    out of the history: the very tensor read before finds its run, unless it was changed in place since; the
+    run is held no longer than that tensor lives."""
+    import gc
+
+    patched, live = recorder.attach_recorder(sd2, keep_runs=1)
+    image = run(tiny, patched, latent_hw=(8, 8), seed=1)
+    first = live.snapshot(image)
+    for seed in (2, 3):  # seed 2 is read last (pinned), seed 3 is the last run: seed 1's run leaves the history
+        live.snapshot(run(tiny, patched, latent_hw=(8, 8), seed=seed))
+    with pytest.raises(ValueError, match="^latent: .*older one"):
+        live.snapshot(image.clone())
+    again = live.snapshot(image)
+    assert all(torch.equal(again.layers[k], first.layers[k]) for k in first.layers)
+    with torch.inference_mode():
+        image.add_(1)  # changed in place: no longer that run's output
+    with pytest.raises(ValueError, match="^latent: "):
+        live.snapshot(image)
+    key = id(image)
+    assert key in recorder_store._HELD
+    del image
+    gc.collect()
+    assert key not in recorder_store._HELD  # gone with its tensor
 
 
 @pytest.mark.parametrize("bad", [0, 65, 2.0, True, "3", None])
