@@ -112,7 +112,8 @@ class HeadPCA(io.ComfyNode):
                         "The sampler's LATENT: required with a recording from Record Self-Attention. This node "
                         "then runs after sampling and again for every new image, and reads the sampling run "
                         "that produced this LATENT (one of the last keep_runs runs of the recorded MODEL, a run of the prompt that sampled "
-                        "last, or the run read last). Connect it "
+                        "last, the run read last, or the run read for this very LATENT while ComfyUI's cache keeps "
+                        "it, as --cache-lru does). Connect it "
                         "straight from the sampler. Leave it empty for a recording loaded from a file."
                     ),
                 ),
