@@ -21,6 +21,7 @@ from comfy_api.latest import io
 
 from . import types as hs
 from .core.recording import (
+    _MAX_HEADER_BYTES,
     file_version,
     is_recording_file,
     is_utf8_path,
@@ -324,7 +325,7 @@ class SaveRecording(io.ComfyNode):
         filename, full = _take_name(folder, name, counter, filename_prefix)
         try:
             try:
-                save_recording(rec, full, name="recording", extra_metadata=cls._comfy_metadata())
+                left_out = save_recording(rec, full, name="recording", extra_metadata=cls._comfy_metadata())
             except BaseException:
                 _remove_taken(full)  # no empty file left under the name taken
                 raise
@@ -332,6 +333,11 @@ class SaveRecording(io.ComfyNode):
             raise
         except Exception as exc:  # OSError, or safetensors' own error wrapping one
             raise output_error(exc, filename_prefix, full, "headseg/recording") from exc
+        if left_out:
+            logging.warning(
+                "HeadSeg Save Recording: %s left out of %s's metadata: with it the file's header would be longer "
+                "than Load Recording reads (%d MiB)", " and ".join(left_out), full, _MAX_HEADER_BYTES >> 20,
+            )
         forget_listing()  # the new file is listed at the next page load
         rel = os.path.join(subfolder, filename).replace(os.sep, "/")
         info = {

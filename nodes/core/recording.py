@@ -400,11 +400,15 @@ class Recording:
 
 
 # --------------------------------------------------------------------- file I/O
-def save_recording(rec: Recording, path, name: str = "save_recording", extra_metadata: dict[str, str] | None = None) -> None:
+def save_recording(
+    rec: Recording, path, name: str = "save_recording", extra_metadata: dict[str, str] | None = None
+) -> list[str]:
     """Writes ``rec`` as a headseg-recording/1 safetensors file (float16 tensors, string metadata).
 
     ``extra_metadata``: more string metadata to keep in the file (a node passes ComfyUI's prompt and
     workflow, as Save Latent does); the format's own fields take precedence over a key of the same name.
+    Entries that would make the file's header longer than load_recording reads (_MAX_HEADER_BYTES: the
+    strings are JSON-escaped in it) are left out, largest first; returns their keys (usually none).
     ``name`` starts the errors about the recording's values (a node passes its input's name). Layers
     holding NaN or inf (a float16 overflow while sampling) are written as they are: the other layers stay
     usable, and Head PCA names such a layer when it is selected (see ``nonfinite_layers``)."""
@@ -435,8 +439,7 @@ def save_recording(rec: Recording, path, name: str = "save_recording", extra_met
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
         raise TypeError("save_recording: extra_metadata must map strings to strings")
     H, W = rec.image_size
-    metadata = {
-        **extra,
+    own = {
         "format": FORMAT,
         "image_height": str(H),
         "image_width": str(W),
@@ -444,7 +447,21 @@ def save_recording(rec: Recording, path, name: str = "save_recording", extra_met
         "steps": str(rec.steps),
         "branch": str(rec.branch),
     }
-    save_file(tensors, os.fspath(path), metadata=metadata)
+    left_out = []
+    # the header: the metadata as JSON, and per tensor its name, dtype, shape and offsets (well under 256 bytes)
+    while extra and _json_bytes({**extra, **own}) + 256 * (len(tensors) + 1) > _MAX_HEADER_BYTES:
+        largest = max(extra, key=lambda key: _json_bytes({key: extra[key]}))
+        left_out.append(largest)
+        del extra[largest]
+    save_file(tensors, os.fspath(path), metadata={**extra, **own})
+    return left_out
+
+
+def _json_bytes(metadata: dict[str, str]) -> int:
+    """UTF-8 bytes of ``metadata`` written as a JSON object, strings escaped, as in a safetensors header."""
+    import json
+
+    return len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass"))
 
 
 def _read_header(fh) -> tuple[int, dict] | None:

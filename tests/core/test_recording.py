@@ -320,6 +320,25 @@ def test_extra_metadata_is_kept_below_the_formats_own_fields(tmp_path):
     assert not (tmp_path / "y.safetensors").exists()
 
 
+def test_extra_metadata_that_would_make_the_header_unreadable_is_left_out_largest_first(tmp_path):
+    """The strings are JSON-escaped in the header: 6 MiB of quotes take 12; with more than the 16 MiB of
+    header load_recording reads, the file was written, then refused as 'not a safetensors file'."""
+    rec = sd21_recording(latent=(8, 12), d=4)
+    path = tmp_path / "rec.safetensors"
+    quotes = '"' * (6 << 20)
+    extra = {"workflow": quotes + quotes, "prompt": quotes, "small": "{}"}
+    assert save_recording(rec, str(path), extra_metadata=extra) == ["workflow"]
+    assert is_recording_file(str(path))
+    loaded = load_recording(str(path))
+    assert loaded.model == "SD21"
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["prompt"] == quotes and meta["small"] == "{}" and "workflow" not in meta
+    assert save_recording(rec, str(path), extra_metadata={"small": "{}"}) == []
+
+
 def test_save_rejects_values_beyond_float16(tmp_path):
     rec = sd21_recording(dtype=torch.float32)
     rec.layers[LayerKey("input", 4, 0)][0, 0, 0, 0, 0] = 1e6

@@ -960,3 +960,35 @@ def test_save_recording_keeps_comfyuis_prompt_and_workflow_as_save_latent_does(i
         assert json.loads(meta["workflow"]) == {"nodes": [4]}
     loaded = io_nodes.LoadRecording.execute("", path).args[0]
     assert loaded.image_size == recording.image_size and list(loaded.layers) == list(recording.layers)
+
+
+def test_a_workflow_too_large_for_the_files_header_is_left_out_and_the_file_still_loads(io_nodes, recording, comfy_folders, caplog):
+    """A workflow holding a picture as text (a base64 widget) reaches the file's header JSON-escaped twice
+    (json.dumps, then safetensors' own JSON): over the 16 MiB of header Load Recording reads, the file was
+    written, then neither listed nor loadable ('not a safetensors file'). Such metadata is left out, largest
+    first, with a log line: the prompt is kept, the recording loads and is listed."""
+    import json
+
+    from safetensors import safe_open
+
+    import execution
+
+    prompt = {"4": {"class_type": "HeadSeg_SaveRecording", "inputs": {"filename_prefix": "big"}}}
+
+    class Prompt:  # the executor's DynamicPrompt, as far as get_input_data reads it
+        def get_original_prompt(self):
+            return prompt
+
+    extra = {"extra_pnginfo": {"workflow": {"nodes": [{"widgets_values": ['"quoted"' * (2 << 20)]}]}}}
+    _, _, hidden = execution.get_input_data({"filename_prefix": "big"}, io_nodes.SaveRecording, "4", None, Prompt(), extra)
+    node = io_nodes.SaveRecording.PREPARE_CLASS_CLONE(hidden)
+    with caplog.at_level("WARNING", logger="HeadSeg"):
+        out = node.execute(recording, "big")
+    path, info = out.args[0], out.ui["headseg_recording"][0]
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    assert "workflow" not in meta and json.loads(meta["prompt"]) == prompt
+    assert any("workflow" in r.getMessage() and "left out" in r.getMessage() for r in caplog.records)
+    assert info["filename"] + " [output]" in io_nodes._recording_files()
+    loaded = io_nodes.LoadRecording.execute("", path).args[0]
+    assert list(loaded.layers) == list(recording.layers)
