@@ -487,10 +487,10 @@ class MultiKMeans(io.ComfyNode):
                 workers = min(torch.get_num_threads(), len(counts))  # the k clustered at once, largest first
                 busy = sorted(counts, reverse=True)[:workers]
                 _check_memory(
-                    len(counts) * B * H * W + sum(kmeans_work_bytes(stack, k) for k in busy),
+                    len(counts) * B * H * W + kmeans_sweep_bytes(stack, counts, busy),
                     "cluster_counts",
-                    f"clustering at {W}x{H} pixels on the CPU (k = {', '.join(map(str, busy))} at once, and the "
-                    "label maps)",
+                    f"clustering at {W}x{H} pixels on the CPU (k = {', '.join(map(str, busy))} at once, the working "
+                    "sets of every k, and the label maps)",
                     "Use fewer or smaller cluster counts, or smaller images, or run Multi K-Means on a GPU (device)",
                 )
             # only the small native-grid features go to the GPU; ComfyUI caches the sweep, so it lives on the CPU
@@ -520,24 +520,51 @@ class MultiKMeans(io.ComfyNode):
 
 
 def kmeans_work_bytes(stack, k: int) -> int:
-    """Bytes one k of Multi K-Means holds while it is clustered on the CPU, an upper estimate: 8 MiB (chunks of
-    scores); for the working set of n = max(512, 16 k) pixels (at most the image's) 8 * C * n (its C-channel
-    features) plus 4 * n^2 (their Gram matrix), held throughout; and the larger of what its two phases add:
-    the k-means++ starts' [starts, k, n] float32 tensors (three at once, 12 * starts * k * n bytes, starts
-    as kmeans._ws_starts), or the polish at full resolution, per pixel 40 (int64 labels and their chunks,
-    best scores, the lattices) plus 8 * k * (token-grid columns of all grids) / W (the scores upsampled
-    along y). Each of the k clustered at once (one per intra-op thread) holds its own. Against every tensor
+    """Bytes one k of Multi K-Means holds while it is clustered alone on the CPU, an upper estimate: its
+    working set (_working_set_bytes) and what its phases add (_kmeans_phase_bytes). Against every tensor
     allocated on one thread (tests/support/peak_memory.py), SD2.1's grids (1400 channels): 25, 51 and 169 MB
     at 512, 1024 and 2048 px for k = 2 (estimate 27, 61 and 198 MB), 71 MB at 1024 px for k = 20 (94),
-    139 MB for k = 64 (183), 218 and 442 MB at 512 and 1024 px for k = 256 (249, 633); SDXL's (8800
+    139 MB for k = 64 (183), 218 and 442 MB at 512 and 1024 px for k = 256 (256, 633); SDXL's (8800
     channels) at 1024 px: 70 MB for k = 2 (89), 73 MB for k = 20 (103), 134 MB for k = 64 (177); at 512 px,
-    156 MB for k = 128 (232) and 338 MB for k = 256 (464)."""
+    156 MB for k = 128 (253) and 338 MB for k = 256 (498)."""
+    return _working_set_bytes(stack, _working_set_points(stack, k)) + _kmeans_phase_bytes(stack, k)
+
+
+def kmeans_sweep_bytes(stack, counts, busy) -> int:
+    """Bytes Multi K-Means' clustering of the k of ``counts`` holds on the CPU, an upper estimate: the
+    working sets of every k (one per number of points: kmeans._prepare makes them all before the first k
+    runs, and they are held until the image's last k ends) and the phases of the k of ``busy``, clustered
+    at once (one per intra-op thread). Four k from 250 to 256 on one thread held their four working sets,
+    about 350 MB on SD2.1's grids at 256x256, where one k's estimate counted one."""
+    held = sum(_working_set_bytes(stack, n) for n in {_working_set_points(stack, k) for k in counts})
+    return held + sum(_kmeans_phase_bytes(stack, k) for k in busy)
+
+
+def _working_set_points(stack, k: int) -> int:
+    """The pixels n of k's working set: max(512, 16 k), at most the image's (kmeans.working_set)."""
+    H, W = stack.size
+    return min(H * W, max(core_kmeans._WS_MIN_POINTS, core_kmeans._WS_POINTS_PER_K * k))
+
+
+def _working_set_bytes(stack, n: int) -> int:
+    """A working set of n pixels: 8 * C * n (its C-channel features, and their gathering) plus 4 * n^2
+    (their Gram matrix)."""
+    return n * (8 * stack.num_channels + 4 * n)
+
+
+def _kmeans_phase_bytes(stack, k: int) -> int:
+    """What one k adds to its working set, the larger of its two phases, and 8 MiB (chunks of scores): the
+    k-means++ starts' Lloyd on the working set, up to four [starts, k, n] float32 tensors at once (the
+    scores and the cluster sums before and after an update that moves most points: 16 * starts * k * n
+    bytes, starts as kmeans._ws_starts), or the polish at full resolution, per pixel 40 (int64 labels and
+    their chunks, best scores, the lattices) plus 8 * k * (token-grid columns of all grids) / W (the
+    scores upsampled along y)."""
     H, W = stack.size
     columns = sum(w for _, w in stack.grid_sizes)  # token-grid columns of all grids
-    n = min(H * W, max(core_kmeans._WS_MIN_POINTS, core_kmeans._WS_POINTS_PER_K * k))  # working-set pixels
-    starts = 12 * core_kmeans._ws_starts(k, n) * k * n
+    n = _working_set_points(stack, k)
+    starts = 16 * core_kmeans._ws_starts(k, n) * k * n
     polish = (40 + 8 * k * columns / W) * H * W
-    return int(2**23 + n * (8 * stack.num_channels + 4 * n) + max(starts, polish))
+    return int(2**23 + max(starts, polish))
 
 
 # Multi K-Means shows the colour maps of at most this many images of a batch (a PNG per k and image;

@@ -562,7 +562,7 @@ def test_multi_kmeans_refuses_outputs_that_would_not_fit_before_clustering(nodes
     assert ran == []  # refused before any clustering
     monkeypatch.undo()
     monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) + 1)
-    monkeypatch.setattr(nodes, "kmeans_work_bytes", lambda stack, k: 0)  # the outputs' check alone (see below)
+    monkeypatch.setattr(nodes, "kmeans_sweep_bytes", lambda stack, counts, busy: 0)  # the outputs' check alone (see below)
     sweep, colour_maps = nodes.MultiKMeans.execute(stack, "2,3,4", 0).args
     used = sum(r.labels.element_size() * r.labels.numel() for r in sweep.results.values())
     assert used + colour_maps.element_size() * colour_maps.numel() == need - 8 * 2 * H * W - 2**20  # the outputs counted
@@ -583,7 +583,7 @@ def test_multi_kmeans_on_the_cpu_counts_the_working_memory_of_the_k_clustered_at
     stack = nodes.Upsample.execute(feats, "bilinear", False).args[0]
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     busy = [4, 3][:threads]
-    need = 3 * 2 * H * W + sum(nodes.kmeans_work_bytes(stack, k) for k in busy)  # label maps + work
+    need = 3 * 2 * H * W + nodes.kmeans_sweep_bytes(stack, [2, 3, 4], busy)  # label maps + work
     assert need > 3 * 2 * H * W * 13  # more than the outputs: their check alone lets it through
     ran = []
 
@@ -597,7 +597,8 @@ def test_multi_kmeans_on_the_cpu_counts_the_working_memory_of_the_k_clustered_at
     monkeypatch.setattr(core_kmeans, "multi_kmeans", stand_in)
     monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) - 1)
     with pytest.raises(ValueError, match=rf"^cluster_counts: clustering at {W}x{H} pixels on the CPU \(k = "
-                       rf"{', '.join(map(str, busy))} at once, and the label maps\) would take .* Use fewer or "
+                       rf"{', '.join(map(str, busy))} at once, the working sets of every k, and the label maps\) would "
+                       r"take .* Use fewer or "
                        r"smaller cluster counts, or smaller images, or run Multi K-Means on a GPU"):
         nodes.MultiKMeans.execute(stack, "2,3,4", 0, "cpu")
     assert ran == []
@@ -628,6 +629,30 @@ def test_kmeans_work_estimate_bounds_what_one_k_allocates(nodes, recording, k):
         torch.set_num_threads(threads)
     estimate = nodes.kmeans_work_bytes(stack, k)
     assert allocated.peak <= estimate <= 4 * allocated.peak, (allocated.peak, estimate)
+
+
+def test_kmeans_cpu_check_counts_every_ks_working_set_and_the_starts_four_score_tensors(nodes, monkeypatch):
+    """Several large k on one thread: the working sets of every k (a Gram matrix of 4 * (16 k)^2 bytes each)
+    are made before the first k runs and held until the last ends, and one k's k-means++ starts hold up to
+    four [starts, k, n] float32 tensors at once. The CPU check counted one working set and three such
+    tensors, per k running: 169 MB here, where the clustering allocated 234 MB."""
+    from headseg.nodes.core.upsample import FeatureStack
+    from headseg.tests.support.peak_memory import PeakBytes
+
+    g = torch.Generator().manual_seed(0)
+    stack = FeatureStack([torch.randn(1, 4, 32, 32, generator=g)], [1.0], [[]], (64, 64), "bilinear")
+    counted = []
+    check = nodes._check_memory
+    monkeypatch.setattr(nodes, "_check_memory", lambda need, *a: counted.append(need) or check(need, *a))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one k at a time, all on this thread, seen by PeakBytes
+    try:
+        with PeakBytes() as allocated:
+            nodes.MultiKMeans.execute(stack, "200,250", 0, "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    clustering = counted[1]  # (counted[0]: the outputs, checked first)
+    assert allocated.peak <= clustering <= 1.5 * allocated.peak, (allocated.peak, clustering)
 
 
 def test_kmeans_output_check_counts_the_colour_maps_int64_index(nodes, monkeypatch):
