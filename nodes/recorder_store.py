@@ -617,8 +617,9 @@ class _Store:
     def observe(self, key: LayerKey, out: torch.Tensor, extra_options: dict, kv_tokens: int | None = None):
         """Record one attn1 output [B_all, N, heads*d] (the tensor that goes on to to_out). kv_tokens: the
         token count of the call's keys and values (None: not known); self-attention over the layer's own
-        tokens has N of them, and a call with another count (an attn1 patch such as reference-only or
-        StyleAligned added another image's tokens) is left out."""
+        tokens has N of them, or fewer where a patch downsampled them (ToDo's token downsampling: still the
+        layer's own, recorded); a call with more (an attn1 patch such as reference-only or StyleAligned
+        appended another image's tokens) is left out."""
         if not self.active:
             return
         self.seen_calls += 1
@@ -709,7 +710,7 @@ class _Store:
                 some_calls=True,
             )
             return
-        if kv_tokens is not None and kv_tokens != N:
+        if kv_tokens is not None and kv_tokens > N:  # fewer: the layer's own, downsampled (ToDo)
             self.foreign_calls += 1
             self._warn_once(
                 key, "keys",

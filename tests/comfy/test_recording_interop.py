@@ -319,3 +319,48 @@ def test_a_patch_object_set_before_the_record_node_is_still_cast_and_loaded_with
     assert len(live.snapshot(got).layers) == len(layers)
     listed = model.model_patches_models()  # (clone deep-copies the objects, and their models with them)
     assert len(listed) == len(layers) and all(isinstance(m, comfy.model_patcher.ModelPatcher) for m in listed)
+
+
+def token_downsampling(m):
+    """MODEL -> clone with ToDo's attn1 patch (comfy-todo's ToDoPatchModel, downsample_factor_depth_1 = 2):
+    on the latent grid the keys and values are the layer's own tokens downsampled 2x (nearest), the queries
+    all of them: self-attention over the layer's own tokens, with fewer keys."""
+    m = m.clone()
+
+    def todo_m(q, k, v, extra_options):
+        h, w = extra_options["original_shape"][-2:]
+        if q.shape[1] != h * w:  # a coarser grid: left alone
+            return q, k, v
+        down = lambda t: torch.nn.functional.interpolate(  # noqa: E731
+            t.reshape(t.shape[0], h, w, -1).permute(0, 3, 1, 2), size=(h // 2, w // 2), mode="nearest"
+        ).permute(0, 2, 3, 1).reshape(t.shape[0], (h // 2) * (w // 2), -1)
+        return q, down(k), down(v)
+
+    m.set_model_attn1_patch(todo_m)
+    return m
+
+
+def test_calls_with_fewer_keys_of_the_layers_own_tokens_are_recorded(tiny, sd2, caplog):
+    """Token downsampling (ToDo) keeps a latent-grid layer's queries and attends to its own tokens
+    downsampled: self-attention over the layer's own tokens, recorded as the model computes it. Calls whose
+    keys and values differ from the queries' count were all left out, ToDo's too (levels '0': nothing
+    recorded, and the error blamed a reference-only patch's 'another image's tokens')."""
+    import math
+
+    pos, neg = tiny.conditioning("SD2")
+    model, live = recorder.attach_recorder(token_downsampling(sd2), levels="0")
+    with EvalProbe(model) as probe, caplog.at_level("WARNING", logger="HeadSeg"):
+        got = tiny.sample(model, pos, neg, latent_hw=HW, steps=2, seed=2)
+    assert "keys and values" not in caplog.text
+    rec = live.snapshot(got)
+    call = probe.main_calls("input.1.0")[-1]
+    b = call.x.shape[0] // len(call.cond_or_uncond)
+    x = call.x[call.cond_or_uncond.index(0) * b :][:b]  # [b, N, C] the cond chunk
+    h, w = HW
+    small = x.reshape(b, h, w, -1)[:, ::2, ::2].reshape(b, (h // 2) * (w // 2), -1)  # nearest 2x downsampling
+    q, k, v = x @ call.wq.T, small @ call.wk.T, small @ call.wv.T
+    H = call.heads
+    d = q.shape[-1] // H
+    q, k, v = (t.view(b, t.shape[1], H, d).transpose(1, 2) for t in (q, k, v))  # [b, H, tokens, d]
+    want = (torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1) @ v).view(b, H, h, w, d)
+    torch.testing.assert_close(rec.layers[LayerKey.parse("input.1.0")].double(), want, **TOL)
