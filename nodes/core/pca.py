@@ -270,7 +270,11 @@ def recording_pca_bytes(rec: Recording, components: int, workers: int | None = N
     reduced at once (default: torch's intra-op threads, as recording_pca), per value of G = B * heads heads
     and N = h * w tokens: its centred copy (d values) and two score tensors (2 * c values) in the working
     dtype (4 bytes; 8 for float64 layers), and a bool per score. Against every tensor allocated on one
-    thread (tests/support/peak_memory.py), SD2.1's layers for two 1024x1024 images: 95 MB (estimate 100 MB)."""
+    thread (tests/support/peak_memory.py), SD2.1's layers for two 1024x1024 images: 95 MB (estimate 100 MB).
+    ValueError, as recording_pca's, for components that are no int from 1 to a layer's head width (the
+    estimate grows with them: a memory check would otherwise name the memory, not components)."""
+    for key, t in rec.layers.items():
+        components = _check_components(components, int(t.shape[-1]), where=f" of layer {key.name}")
     sizes = sorted(
         (
             (int(t.shape[0] * t.shape[1] * t.shape[2] * t.shape[3]), int(t.shape[4]), 8 if t.dtype == torch.float64 else 4)

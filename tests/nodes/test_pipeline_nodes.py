@@ -1039,6 +1039,22 @@ def test_head_pca_memory_check_counts_the_principal_components_and_their_working
     assert mem.peak <= counted[0] <= 2 * mem.peak, (mem.peak, counted[0])
 
 
+def test_head_pca_names_components_beyond_the_head_width_before_its_memory_check(nodes, recording, monkeypatch):
+    """components is checked against the selected heads' width before the memory check, which counts 4
+    bytes per component, token and head: 1024 components (the widget's maximum) of 16-wide heads were
+    refused as memory 'recording: the 1024 principal components ... Select fewer layers' where the input
+    at fault is components (a large recording, or little free memory)."""
+    from headseg.nodes import node_utils
+    from headseg.nodes.core import pca as core_pca
+
+    selected = recording.select(positions=("down", "up"))
+    fits = core_pca.recording_pca_bytes(selected, 16) + nodes.pca_rgb_bytes(selected)
+    monkeypatch.setattr(node_utils, "available_memory", lambda: int(fits / 0.8) + 1)  # 16 components fit
+    with pytest.raises(ValueError, match=r"^components must be between 1 and the head dimension 16 of layer "):
+        nodes.HeadPCA.execute(recording, "down+up", "all", 1024)
+    assert nodes.HeadPCA.execute(recording, "down+up", "all", 16).args[0].components == 16
+
+
 def test_head_pca_refuses_a_picture_of_more_heads_than_fit_in_free_memory(nodes, monkeypatch):
     """pca_rgb draws a 64-pixel tile per head: a recording file can hold any number of heads (one layer of
     200 000 heads of width 1 is a 400 kB file, and its picture 9.8 GB). When the picture would take more than
