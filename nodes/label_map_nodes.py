@@ -175,11 +175,12 @@ def _past_highest(folder: str, name: str) -> int:
     return 1 + max((int(m.group(1)) for entry in entries if (m := pattern.match(entry))), default=0)
 
 
-def _png_info(entries: dict) -> PngInfo:
-    """{key: JSON-able value} -> PNG text entries holding each value as JSON, as Save Image writes them."""
+def _png_info(texts: dict[str, str], headseg: dict) -> PngInfo:
+    """{key: JSON text} (ComfyUI's prompt / workflow, as Save Image writes them) and the headseg entry (a
+    JSON-able dict) -> the PNG text entries."""
     info = PngInfo()
-    for key, value in entries.items():
-        info.add_text(key, json.dumps(value))
+    for key, text in {**texts, "headseg": json.dumps(headseg)}.items():
+        info.add_text(key, text)
     return info
 
 
@@ -254,6 +255,8 @@ class SaveLabelMaps(io.ComfyNode):
             if cls.hidden.prompt is not None:
                 prompt["prompt"] = cls.hidden.prompt
             workflow.update(prompt, **(cls.hidden.extra_pnginfo or {}))
+        # as JSON once, before any file is claimed: a value json.dumps refuses leaves no empty file behind
+        prompt, workflow = ({key: json.dumps(value) for key, value in d.items()} for d in (prompt, workflow))
         suffixes = [f"k{k}.png" for k in ks] + (["image.png"] if pictures is not None else [])
         # [(folder, name, counter, subfolder)] per image, its files made (empty) so that no other run takes them
         places = _claim_places(_batch_places(filename_prefix, B, W, H), suffixes, filename_prefix)
@@ -263,12 +266,12 @@ class SaveLabelMaps(io.ComfyNode):
             for k in ks:
                 filename = f"{name}_{n:05}_k{k}.png"
                 picture = functools.partial(_label_png, clusters.results[k].labels[b])
-                files.append((picture, os.path.join(folder, filename), _png_info({**prompt, "headseg": {**about, "k": k}})))
+                files.append((picture, os.path.join(folder, filename), _png_info(prompt, {**about, "k": k})))
                 saved.append({"filename": filename, "subfolder": subfolder, "type": "output", "k": k, "batch_index": b})
             if pictures is not None:
                 filename = f"{name}_{n:05}_image.png"
                 picture = functools.partial(_picture_png, pictures[b])
-                files.append((picture, os.path.join(folder, filename), _png_info({**workflow, "headseg": {**about, "k": None}})))
+                files.append((picture, os.path.join(folder, filename), _png_info(workflow, {**about, "k": None})))
                 shown.append({"filename": filename, "subfolder": subfolder, "type": "output"})
         _write_all(files, filename_prefix)
         names = [os.path.join(sub, f"{name}_{n:05}_*").replace(os.sep, "/") for _, name, n, sub in (places[0], places[-1])]

@@ -283,6 +283,23 @@ def test_comfyui_hands_the_workflow_to_the_picture_unless_metadata_is_disabled(s
         assert json.loads(label_text["prompt"]) == json.loads(text["prompt"])
 
 
+def test_metadata_that_cannot_be_written_leaves_none_of_the_claimed_files(save, sweep, comfy_folders):
+    """The files are claimed (made empty) before their PNG text is made: a prompt json.dumps refuses (a
+    node that put a set into it, as a Python caller of the executor can) raised after the claim and left
+    the run's empty label maps and picture behind, under a counter no later run takes."""
+    import execution
+
+    class Prompt:  # the executor's DynamicPrompt, as far as get_input_data reads it
+        def get_original_prompt(self):
+            return {"7": {"class_type": "HeadSeg_SaveLabelMaps", "inputs": {"tags": {"a", "b"}}}}
+
+    _, _, hidden = execution.get_input_data({"filename_prefix": "unjson/x"}, save, "7", None, Prompt(), {})
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        save.PREPARE_CLASS_CLONE(hidden).execute(sweep, "unjson/x", torch.rand(2, H, W, 3))
+    folder = comfy_folders["output"] / "unjson"
+    assert not folder.exists() or list(folder.iterdir()) == []
+
+
 def test_a_batch_is_written_on_several_threads_with_the_bytes_of_one_at_a_time(save, sweep, comfy_folders, monkeypatch):
     """Two writes overlap (each waits for the other at a barrier, which a one-at-a-time writer never
     passes), and every file has the bytes it gets when the files are written one after another."""
