@@ -27,7 +27,7 @@ import torch
 
 from . import working_set as _working_set
 from .lattice import sq_dist
-from .working_set import WorkingSet, no_check, on_centroid, pp_candidates, pp_draws, pp_trials
+from .working_set import WorkingSet, all_on_centroids, no_check, on_centroid, pp_candidates, pp_draws, pp_trials
 
 # Score maps (or cluster indicators) held at once by a row chunk of a lattice: K * rows * nx floats.
 _CHUNK_FLOATS = 1 << 24
@@ -153,6 +153,8 @@ def _gram_lloyd(ws: WorkingSet, run_k: torch.Tensor, picks: torch.Tensor, max_it
             refill_shift = (cc_new + xx[q] - 2.0 * S_new.gather(2, q[:, :, None])[:, :, 0]).clamp_min(0.0)
             refill_shift = torch.where(on_centroid(far.gather(1, q), xx), 0.0, refill_shift)  # REFILL_NOTE (working_set.py)
             shift = torch.where(empty, refill_shift, shift)
+            settled = empty.any(1) & all_on_centroids(far, xx)  # [R] every point on its centroid: REFILL_NOTE
+            shift = torch.where(settled[:, None], 0.0, shift)
             S_new = torch.where(empty[:, :, None], G[q], S_new)
             cc_new = torch.where(empty, xx[q], cc_new)
             point = torch.where(empty, q, point)

@@ -34,7 +34,11 @@ GRAM_BLOCKS = 4
 # at most ON_CENTROID times the working set's largest ||x||^2), so does every point (more clusters than
 # distinct points), and the move does not count in the centroids' shift. Counted, two clusters could
 # trade a group of equal points back and forth (the first of equal centroids takes them, the other
-# empties and is refilled), a shift far above tol each time, until max_iter.
+# empties and is refilled), a shift far above tol each time, until max_iter. In the Lloyd on a working set's
+# Gram matrix (here and kmeans_batched._gram_lloyd) a start whose every point sits on its centroid (squared
+# distance within ON_CENTROID times the point's own ||x||^2, all_on_centroids) has converged: the other
+# centroids' shifts read off the Gram matrix are rounding of about eps * ||c||^2 each, whose sum passes tol
+# with a few hundred channels; its shift counts as 0.
 ON_CENTROID = 16 * torch.finfo(torch.float32).eps
 
 
@@ -42,6 +46,13 @@ def on_centroid(far: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
     """far [...] squared distances of working-set points to their nearest centroid, xx [n] the working
     set's squared norms -> [...] bool: the points that sit on their centroid (REFILL_NOTE)."""
     return far <= ON_CENTROID * xx.max()
+
+
+def all_on_centroids(far: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
+    """far [..., n] squared distances of the working set's n points to their nearest centroid, xx [n] their
+    squared norms -> [...] bool: every point sits on its centroid, each within rounding of its own norm
+    (REFILL_NOTE; a point far larger than the others widens no one else's margin)."""
+    return (far <= ON_CENTROID * xx).all(-1)
 
 
 _INDEX: dict[tuple, torch.Tensor] = {}  # (k, trailing dims, dtype, device) -> [k, 1, ...] cluster numbers
@@ -225,7 +236,8 @@ class _Starts:
     def update(self, labels: torch.Tensor) -> tuple[list[float], list[bool]]:
         """labels [I, n] -> per start (squared shift of the centroids summed, whether any was empty):
         centroids move to the means of their clusters; empty clusters onto the points farthest from
-        their centroid (a move onto a point that sits on its centroid does not count: REFILL_NOTE)."""
+        their centroid (a move onto a point that sits on its centroid does not count, and a start whose
+        every point sits on its centroid shifts 0: REFILL_NOTE)."""
         ws, k = self.ws, self.k
         I, n = labels.shape
         rows_of = (labels + self.offset).view(-1)  # [I*n] row (start, cluster) of each point
@@ -256,6 +268,8 @@ class _Starts:
                 if not bool(on_centroid(far[q], ws.xx)):  # REFILL_NOTE: else the move does not count
                     shift[i, j] = (self.cc[i, j] + ws.xx[q] - 2.0 * self.S[i, j, q]).clamp_min(0.0)
                 self.S[i, j], self.cc[i, j], self.point[i, j] = ws.G[q], ws.xx[q], q
+            if bool(all_on_centroids(far, ws.xx)):  # REFILL_NOTE: every point sits on its centroid
+                shift[i] = 0.0
         return shift.double().sum(1).tolist(), empty.any(1).tolist()
 
     def result(self, i: int, inertia: float, iters: int) -> "Run":

@@ -343,21 +343,43 @@ def test_an_iteration_that_refills_a_cluster_never_stops_on_a_small_gain(monkeyp
         torch.testing.assert_close(kmeans_batched.run_centroids(ws, members, point, 5)[0].double(), want_c, rtol=1e-4, atol=1e-4)
 
 
+def test_a_refill_beside_a_far_outlier_does_not_stop_the_start(monkeypatch):
+    """A start stops on a refill only when every point sits on its centroid, each within rounding of its
+    own norm: a far outlier (its squared norm 4e8 times the others') on a centroid of its own, and an
+    empty cluster refilled onto the blobs' farthest point, within 16 eps of the outlier's ||x||^2 but
+    nowhere near its centroid; the start goes on to feature-space Lloyd's centroids, one k and batched."""
+    monkeypatch.setattr(wsm, "RTOL", 0.0)  # only the labels and the shift stop a run
+    X, _ = blobs(n=240, C=10, k=4, spread=1.5, seed=0)
+    X[-1] = 3e4  # the outlier
+    ws = WorkingSet.from_features(X)
+    start = torch.tensor([239, 0, 0, 1, 2])  # clusters 1 and 2 on one point: 2 gets nothing and is refilled
+    want_c, want_iters, _ = feature_space_lloyd_with_tol(X, X[start], 0.0)
+    assert want_iters > 2
+    run = lloyd(ws, start[None], max_iter=100, tol=0.0)[0]
+    assert run.iters == want_iters
+    torch.testing.assert_close(run.centroids(ws).double(), want_c, rtol=1e-4, atol=1e-3)
+    members, point, _, iters = kmeans_batched._gram_lloyd(ws, torch.tensor([5]), start[None], 100, 0.0)
+    assert int(iters[0]) == want_iters
+    torch.testing.assert_close(kmeans_batched.run_centroids(ws, members, point, 5)[0].double(), want_c, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("N, n, name", [(5, 6, "n"), (5, -1, "n"), (5, 2.0, "n"), (5, True, "n"), (-1, 0, "N"), (5.0, 2, "N")])
 def test_sample_pixels_names_a_bad_count(N, n, name):
     with pytest.raises(ValueError, match=rf"^{name} must be an int"):
         sample_pixels(N, n, torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("distinct, k", [(90, 100), (30, 31)])
-def test_more_clusters_than_distinct_points_stop_within_a_few_iterations(distinct, k):
+@pytest.mark.parametrize("distinct, k, channels", [(90, 100, 3), (30, 31, 3), (90, 100, 512), (30, 31, 512)])
+def test_more_clusters_than_distinct_points_stop_within_a_few_iterations(distinct, k, channels):
     """With fewer distinct points than clusters, every point soon sits on a centroid and the farthest
     point an empty cluster is refilled onto is one of them: the refill gains nothing and its move must
     not count in the centroids' shift. Counted, two clusters traded a group of equal points back and
     forth (the first of equal centroids takes them, the other empties and is refilled), above tol at
-    every iteration, until max_iter; one k and batched alike. The clusters are the groups of equal points."""
+    every iteration, until max_iter; one k and batched alike. The clusters are the groups of equal points.
+    With hundreds of channels the other centroids' shifts, read off the Gram matrix, are rounding of
+    about eps * ||c||^2 each, above tol in sum: the start has converged all the same."""
     gen = torch.Generator().manual_seed(distinct)
-    values = torch.randn(distinct, 3, generator=gen)
+    values = torch.randn(distinct, channels, generator=gen)
     group = torch.randint(0, distinct, (1024,), generator=gen)  # [n] which value each point repeats
     ws = WorkingSet.from_features(values[group])
     runs = starts(ws, k, 4, torch.Generator().manual_seed(0), 100, 1e-4)
