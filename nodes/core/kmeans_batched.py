@@ -151,7 +151,7 @@ def _gram_lloyd(ws: WorkingSet, run_k: torch.Tensor, picks: torch.Tensor, max_it
             rank = (empty.cumsum(1) - 1).clamp_min(0) % n  # [R, kmax]
             q = order.gather(1, rank)  # [R, kmax]
             refill_shift = (cc_new + xx[q] - 2.0 * S_new.gather(2, q[:, :, None])[:, :, 0]).clamp_min(0.0)
-            refill_shift = torch.where(on_centroid(far.gather(1, q), xx), 0.0, refill_shift)  # REFILL_NOTE (working_set.py)
+            refill_shift = torch.where(on_centroid(far.gather(1, q), xx[q]), 0.0, refill_shift)  # REFILL_NOTE (working_set.py)
             shift = torch.where(empty, refill_shift, shift)
             settled = empty.any(1) & all_on_centroids(far, xx)  # [R] every point on its centroid: REFILL_NOTE
             shift = torch.where(settled[:, None], 0.0, shift)
@@ -370,5 +370,5 @@ def _refill(new: torch.Tensor, empty: torch.Tensor, seg: torch.Tensor, starts: t
         q = order[seg, rank]  # [K]
         take = empty if mine is None else empty & mine  # [K]
         out = torch.where(take[:, None], X[q], out)
-        near = torch.where(take, on_centroid(far[seg, q], xx), near)
+        near = torch.where(take, on_centroid(far[seg, q], xx[q]), near)
     return out, near

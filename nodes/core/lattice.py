@@ -256,7 +256,7 @@ class Lattice:
             moves = new - centroids  # [k, C]
             if refilled:  # rare: empty clusters keep their centroid, then move to far points
                 new[counts == 0] = centroids[counts == 0]
-                near = on_centroid(fill_empty(new, counts, X, xx), xx)  # [e] REFILL_NOTE (working_set.py)
+                near = fill_empty(new, counts, X, xx)  # [e] REFILL_NOTE (working_set.py)
                 moves = new - centroids
                 moves[(counts == 0).nonzero().flatten()[near]] = 0.0  # those moves do not count
             shift = float((moves.double() ** 2).sum())
@@ -333,14 +333,14 @@ def sq_dist(X: torch.Tensor, xx: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
 
 def fill_empty(centroids: torch.Tensor, counts: torch.Tensor, X: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
     """centroids [k, C] (in place), counts [k], working set X [n, C], xx [n]: the centroids of empty
-    clusters move onto the working-set points farthest from their centroid -> [e] float32 squared
-    distance of each point taken to its nearest centroid before the move (e = the empty clusters)."""
+    clusters move onto the working-set points farthest from their centroid -> [e] bool: each point taken
+    sat on its nearest centroid before the move (working_set.on_centroid; e = the empty clusters)."""
     empty = (counts == 0).nonzero().flatten()  # [e] empty clusters
     if empty.numel() == 0:
-        return torch.zeros(0, device=centroids.device)
+        return torch.zeros(0, dtype=torch.bool, device=centroids.device)
     far = sq_dist(X, xx, centroids).min(0).values  # [n]
     order = far.argsort(descending=True, stable=True)  # [n] farthest first
     taken = order[torch.arange(empty.numel(), device=order.device) % order.numel()]  # [e]
     for i, j in enumerate(empty.tolist()):
         centroids[j] = X[taken[i]]
-    return far[taken]  # [e]
+    return on_centroid(far[taken], xx[taken])  # [e]

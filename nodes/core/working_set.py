@@ -31,28 +31,28 @@ RTOL = 1e-3
 GRAM_BLOCKS = 4
 # REFILL_NOTE (every Lloyd here, in lattice.py and kmeans_batched.py): an empty cluster moves onto the point
 # farthest from its centroid; when that point sits on its centroid (squared distance within rounding:
-# at most ON_CENTROID times the working set's largest ||x||^2), so does every point (more clusters than
-# distinct points), and the move does not count in the centroids' shift. Counted, two clusters could
-# trade a group of equal points back and forth (the first of equal centroids takes them, the other
-# empties and is refilled), a shift far above tol each time, until max_iter. In the Lloyd on a working set's
-# Gram matrix (here and kmeans_batched._gram_lloyd) a start whose every point sits on its centroid (squared
-# distance within ON_CENTROID times the point's own ||x||^2, all_on_centroids) has converged: the other
-# centroids' shifts read off the Gram matrix are rounding of about eps * ||c||^2 each, whose sum passes tol
-# with a few hundred channels; its shift counts as 0.
+# at most ON_CENTROID times the point's own ||x||^2, on_centroid), as with more clusters than distinct
+# points, the move does not count in the centroids' shift. Counted, two clusters could trade a group of
+# equal points back and forth (the first of equal centroids takes them, the other empties and is
+# refilled), a shift far above tol each time, until max_iter. (A margin from the working set's largest
+# ||x||^2 instead let a far outlier make real refills near it count as none.) In the Lloyd on a working
+# set's Gram matrix (here and kmeans_batched._gram_lloyd) a start whose every point sits on its centroid
+# (all_on_centroids) has converged: the other centroids' shifts read off the Gram matrix are rounding of
+# about eps * ||c||^2 each, whose sum passes tol with a few hundred channels; its shift counts as 0.
 ON_CENTROID = 16 * torch.finfo(torch.float32).eps
 
 
 def on_centroid(far: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
-    """far [...] squared distances of working-set points to their nearest centroid, xx [n] the working
-    set's squared norms -> [...] bool: the points that sit on their centroid (REFILL_NOTE)."""
-    return far <= ON_CENTROID * xx.max()
+    """far [...] squared distances of working-set points to their nearest centroid, xx [...] those points'
+    own squared norms -> [...] bool: the points that sit on their centroid, within rounding of their own
+    norm (REFILL_NOTE; a point far larger than the others widens no one else's margin)."""
+    return far <= ON_CENTROID * xx
 
 
 def all_on_centroids(far: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
     """far [..., n] squared distances of the working set's n points to their nearest centroid, xx [n] their
-    squared norms -> [...] bool: every point sits on its centroid, each within rounding of its own norm
-    (REFILL_NOTE; a point far larger than the others widens no one else's margin)."""
-    return (far <= ON_CENTROID * xx).all(-1)
+    squared norms -> [...] bool: every point sits on its centroid (on_centroid, REFILL_NOTE)."""
+    return on_centroid(far, xx).all(-1)
 
 
 _INDEX: dict[tuple, torch.Tensor] = {}  # (k, trailing dims, dtype, device) -> [k, 1, ...] cluster numbers
@@ -265,7 +265,7 @@ class _Starts:
             order = far.argsort(descending=True, stable=True)  # [n]
             for r, j in enumerate(empty[i].nonzero().flatten().tolist()):
                 q = int(order[r % n])
-                if not bool(on_centroid(far[q], ws.xx)):  # REFILL_NOTE: else the move does not count
+                if not bool(on_centroid(far[q], ws.xx[q])):  # REFILL_NOTE: else the move does not count
                     shift[i, j] = (self.cc[i, j] + ws.xx[q] - 2.0 * self.S[i, j, q]).clamp_min(0.0)
                 self.S[i, j], self.cc[i, j], self.point[i, j] = ws.G[q], ws.xx[q], q
             if bool(all_on_centroids(far, ws.xx)):  # REFILL_NOTE: every point sits on its centroid

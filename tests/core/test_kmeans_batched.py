@@ -372,3 +372,32 @@ def test_lattice_lloyd_stops_on_the_centroid_shift_where_feature_space_lloyd_sto
             torch.testing.assert_close(cents.double(), want_c, rtol=1e-4, atol=1e-4)
             decided += 1
     assert decided >= 10
+
+
+def test_lattice_lloyd_counts_a_refill_beside_a_far_outlier(monkeypatch):
+    """The polish counts a refilled centroid's move unless the point it takes sits on its centroid within
+    rounding of that point's own norm (working_set.on_centroid): with one far outlier pixel (3e4 in every
+    channel among features of about 1), a margin of 16 eps of the working set's largest ||x||^2 took the
+    refill's whole move for none, and a tol just below the first iteration's shift stopped Lattice.lloyd and
+    DenseLattice.lloyd an iteration before Lloyd on the explicit features."""
+    monkeypatch.setattr(km, "_RTOL", 0.0)  # only the labels and the shift stop a run
+    monkeypatch.setattr(lattice, "_RTOL", 0.0)
+    stack = random_stack((20, 24), mode="nearest", shapes=((10, 20, 24),), seed=3)
+    stack.grids[0][0, :, 19, 23] = 3e4  # the last pixel: the outlier
+    img = km._Image(stack, 0)
+    X = as_held(img, explicit(stack))  # [N, C] float64
+    ws = img.working_set(4, 0)  # every pixel, in raster order
+    assert ws.n == 480
+    full, dense = img.rung(img.last), km._dense_rung(img, img.last)
+    total = full.moments()[0]
+    start = ws.X[[479, 0, 0, 7]].clone()  # the outlier, and two equal centroids: one cluster empties and is refilled
+    _, _, shifts = feature_space_lloyd_with_tol(X, start, 0.0, ws.X)
+    tol = 0.95 * shifts[0]
+    want_c, want_iters, _ = feature_space_lloyd_with_tol(X, start, tol, ws.X)
+    assert want_iters == 2
+    _, cents, _, it = full.lloyd(start, 100, tol, ws.X, ws.xx, total)
+    assert it == want_iters
+    torch.testing.assert_close(cents.double(), want_c, rtol=1e-4, atol=1e-3)
+    _, cents, _, iters = dense.lloyd(start, [4], 100, tol, 0.0, total, [(ws.X, ws.xx)])
+    assert int(iters[0]) == want_iters
+    torch.testing.assert_close(cents.double(), want_c, rtol=1e-4, atol=1e-3)

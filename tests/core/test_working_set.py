@@ -343,6 +343,29 @@ def test_an_iteration_that_refills_a_cluster_never_stops_on_a_small_gain(monkeyp
         torch.testing.assert_close(kmeans_batched.run_centroids(ws, members, point, 5)[0].double(), want_c, rtol=1e-4, atol=1e-4)
 
 
+def test_a_refill_beside_a_far_outlier_counts_in_the_shift(monkeypatch):
+    """A refilled centroid's move counts unless the point it takes sits on its centroid within rounding of
+    that point's own norm: a far outlier (its squared norm 4e8 times the others') made a margin of 16 eps of
+    the working set's largest ||x||^2 swallow the refill's whole move (about 600 of the first iteration's
+    653), and a tol just below the first shift stopped the start an iteration before feature-space Lloyd;
+    one k and batched alike."""
+    monkeypatch.setattr(wsm, "RTOL", 0.0)  # only the labels and the shift stop a run
+    X, _ = blobs(n=240, C=10, k=4, spread=1.5, seed=0)
+    X[-1] = 3e4  # the outlier
+    ws = WorkingSet.from_features(X)
+    start = torch.tensor([239, 0, 0, 1, 2])  # clusters 1 and 2 on one point: 2 gets nothing and is refilled
+    _, _, shifts = feature_space_lloyd_with_tol(X, X[start], 0.0)
+    tol = 0.95 * shifts[0]
+    want_c, want_iters, _ = feature_space_lloyd_with_tol(X, X[start], tol)
+    assert want_iters == 2
+    run = lloyd(ws, start[None], max_iter=100, tol=tol)[0]
+    assert run.iters == want_iters
+    torch.testing.assert_close(run.centroids(ws).double(), want_c, rtol=1e-4, atol=1e-3)
+    members, point, _, iters = kmeans_batched._gram_lloyd(ws, torch.tensor([5]), start[None], 100, tol)
+    assert int(iters[0]) == want_iters
+    torch.testing.assert_close(kmeans_batched.run_centroids(ws, members, point, 5)[0].double(), want_c, rtol=1e-4, atol=1e-3)
+
+
 def test_a_refill_beside_a_far_outlier_does_not_stop_the_start(monkeypatch):
     """A start stops on a refill only when every point sits on its centroid, each within rounding of its
     own norm: a far outlier (its squared norm 4e8 times the others') on a centroid of its own, and an
