@@ -468,11 +468,14 @@ def upsampling_error(stack: FeatureStack) -> torch.Tensor:
 
 def _channel_offsets(stack: FeatureStack) -> list[torch.Tensor | None]:
     """Per grid: [B, C_g, 1, 1] float64 channel means (per image) to take out before the error map, or
-    None where no channel's mean is more than _MAX_OFFSET of its own largest |value| (PCA scores)."""
+    None where no channel's mean is more than _MAX_OFFSET of its own largest |value| (PCA scores). The
+    means are taken a few channels at a time: mean(dtype=float64) converts all it is given inside the mean,
+    and a whole grid's float64 copy (twice the grid) would pass what error_map_bytes counts."""
     offsets = []
     for g in stack.grids:
         flat = g.detach().flatten(2)  # [B, C_g, h*w]
-        mean = flat.mean(2, dtype=torch.float64)  # [B, C_g]
+        step = max(1, _CHUNK_BYTES // (8 * flat.shape[0] * flat.shape[2]))  # channels per float64 copy
+        mean = torch.cat([part.mean(2, dtype=torch.float64) for part in flat.split(step, 1)], 1)  # [B, C_g]
         peak = peak_abs(flat, dim=2).double()  # [B, C_g]
         offsets.append(mean[:, :, None, None] if bool((mean.abs() > _MAX_OFFSET * peak).any()) else None)
     return offsets

@@ -1,6 +1,7 @@
 """Interpolation matrices against F.interpolate, the feature stack, eq. 5 reweighting and eq. 6 error."""
 
 import dataclasses
+import sys
 
 import pytest
 import torch
@@ -534,3 +535,53 @@ def test_error_blocks_are_the_full_error_at_block_centres(size, max_pixels):
     torch.testing.assert_close(small, full[:, rows][:, :, cols], rtol=1e-5, atol=1e-6)
     assert by_row.tolist() == [min(y // f, len(rows) - 1) for y in range(H)]
     assert by_col.tolist() == [min(x // f, len(cols) - 1) for x in range(W)]
+
+
+_OFFSETS_MEMORY = """
+import pathlib, resource, runpy, sys
+import torch
+runpy.run_path(sys.argv[1])["import_checkout"]()
+from headseg.nodes.core import upsample as up
+torch.set_num_threads(1)
+grid = torch.randn(1, 160, 256, 256, generator=torch.Generator().manual_seed(0)).add_(1.0)  # 42 MB, about 1
+stack = up.FeatureStack([grid], [1.0], [[]], (256, 256), "bilinear")
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+offsets = up._channel_offsets(stack)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(offsets[0] is not None, (after - before) * 1024, grid.numel() * 4)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB and glibc's malloc: Linux")
+def test_the_error_maps_channel_means_take_no_float64_copy_of_a_grid():
+    """The error map's channel offsets (upsampling_error, upsampling_error_at) are float64 means of every
+    channel: mean(dtype=float64) of a whole grid converts all of it inside the mean, a float64 copy twice
+    the grid's size that no memory estimate counts (error_map_bytes: SD1.5's 128x128 grid at 1024 px with 64
+    components is 168 MB, its copy 335 MB, against an estimate of 62 MB). Taken a few channels at a time,
+    the process's peak memory grows by less than the grid (one 16 MiB chunk; the copy grew it by twice the
+    grid). In a subprocess: peak RSS is per process; glibc's malloc maps every block of 1 MiB or more on its
+    own, so that a freed chunk leaves the process at once instead of staying in its heap."""
+    import os
+    import pathlib
+    import subprocess
+
+    checkout = pathlib.Path(__file__).resolve().parents[1] / "support" / "checkout.py"
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**20))
+    done = subprocess.run(
+        [sys.executable, "-c", _OFFSETS_MEMORY, str(checkout)], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    centred, grew, grid = done.stdout.split()
+    assert centred == "True"
+    assert int(grew) < int(grid), (int(grew), int(grid))
+
+
+def test_the_error_maps_channel_means_are_those_of_each_whole_channel(monkeypatch):
+    """Taken a few channels at a time (here 3 of the first grid's 7), the offsets are the float64 means of
+    whole channels, bit for bit."""
+    monkeypatch.setattr(up, "_CHUNK_BYTES", 3 * 8 * 2 * 40 * 30)
+    g = torch.Generator().manual_seed(0)
+    grids = [torch.randn(2, 7, 40, 30, generator=g).add_(5.0), torch.randn(2, 3, 5, 4, generator=g).add_(5.0)]
+    stack = up.FeatureStack(grids, [1.0, 1.0], [[], []], (80, 60), "bilinear")
+    for grid, offset in zip(grids, up._channel_offsets(stack)):
+        assert torch.equal(offset, grid.flatten(2).mean(2, dtype=torch.float64)[:, :, None, None])
