@@ -49,7 +49,7 @@ import torch
 
 from . import kmeans_batched as batched
 from .recording import full_float32_matmul, is_int, power_of_two_scale
-from .upsample import FeatureStack, check_stack, interpolation_matrix, peak_abs
+from .upsample import FeatureStack, channel_means, check_stack, interpolation_matrix, peak_abs
 from .working_set import RTOL as _RTOL
 from .lattice import Lattice, sample_positions
 from .working_set import WorkingSet, check_tol, no_check, sample_pixels, starts
@@ -325,7 +325,7 @@ def _centred(grids: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tenso
     up(f - m) = up(f) - m, and k-means is translation invariant. float64, since a difference of two
     float32 values may exceed float32's range (the power-of-two scale then brings it back).
     """
-    means = [g.mean(dim=(1, 2), dtype=torch.float64) for g in grids]  # [C_g] each
+    means = [channel_means(g.reshape(g.shape[0], -1)) for g in grids]  # [C_g] each (no float64 copy of a grid)
     for g, m in zip(grids, means):
         low, high = torch.aminmax(g.reshape(g.shape[0], -1), dim=1)  # [C_g] each
         if bool((m.abs() > _MAX_OFFSET * torch.maximum(-low, high).double()).any()):

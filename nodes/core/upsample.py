@@ -279,6 +279,15 @@ def _check_values(g: torch.Tensor, where: str) -> None:
         )
 
 
+def channel_means(flat: torch.Tensor) -> torch.Tensor:
+    """flat [..., C, N] -> [..., C] float64 mean of each channel's N values, a few channels at a time:
+    mean(dtype=float64) converts all it is given inside the mean, and a whole grid's float64 copy is
+    twice the grid (the same bits as one mean over all channels)."""
+    C, N = flat.shape[-2:]
+    step = max(1, _CHUNK_BYTES // (8 * max(1, flat[..., :1, :].numel())))  # channels per float64 copy
+    return torch.cat([part.mean(-1, dtype=torch.float64) for part in flat.split(step, -2)], -1)  # [..., C]
+
+
 def peak_abs(g: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """g [...] -> [] largest |value|, or along ``dim``: g's shape without dim; in g's dtype (aminmax,
     no copy of g)."""
@@ -474,8 +483,7 @@ def _channel_offsets(stack: FeatureStack) -> list[torch.Tensor | None]:
     offsets = []
     for g in stack.grids:
         flat = g.detach().flatten(2)  # [B, C_g, h*w]
-        step = max(1, _CHUNK_BYTES // (8 * flat.shape[0] * flat.shape[2]))  # channels per float64 copy
-        mean = torch.cat([part.mean(2, dtype=torch.float64) for part in flat.split(step, 1)], 1)  # [B, C_g]
+        mean = channel_means(flat)  # [B, C_g]
         peak = peak_abs(flat, dim=2).double()  # [B, C_g]
         offsets.append(mean[:, :, None, None] if bool((mean.abs() > _MAX_OFFSET * peak).any()) else None)
     return offsets

@@ -546,21 +546,30 @@ torch.set_num_threads(1)
 grid = torch.randn(1, 160, 256, 256, generator=torch.Generator().manual_seed(0)).add_(1.0)  # 42 MB, about 1
 stack = up.FeatureStack([grid], [1.0], [[]], (256, 256), "bilinear")
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-offsets = up._channel_offsets(stack)
+if sys.argv[2] == "error map":
+    centred = up._channel_offsets(stack)[0] is not None
+else:  # the k-means' check for offsets, on the grid less its means (PCA scores are centred: none taken out)
+    from headseg.nodes.core import kmeans
+    grid = grid.sub_(grid.mean(dim=(2, 3), keepdim=True))[0]  # [C, h, w]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    centred = kmeans._centred([grid])[1] is None
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(offsets[0] is not None, (after - before) * 1024, grid.numel() * 4)
+print(centred, (after - before) * 1024, grid.numel() * 4)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB and glibc's malloc: Linux")
-def test_the_error_maps_channel_means_take_no_float64_copy_of_a_grid():
+@pytest.mark.parametrize("where", ["error map", "k-means"])
+def test_the_error_maps_channel_means_take_no_float64_copy_of_a_grid(where):
     """The error map's channel offsets (upsampling_error, upsampling_error_at) are float64 means of every
     channel: mean(dtype=float64) of a whole grid converts all of it inside the mean, a float64 copy twice
     the grid's size that no memory estimate counts (error_map_bytes: SD1.5's 128x128 grid at 1024 px with 64
     components is 168 MB, its copy 335 MB, against an estimate of 62 MB). Taken a few channels at a time,
     the process's peak memory grows by less than the grid (one 16 MiB chunk; the copy grew it by twice the
     grid). In a subprocess: peak RSS is per process; glibc's malloc maps every block of 1 MiB or more on its
-    own, so that a freed chunk leaves the process at once instead of staying in its heap."""
+    own, so that a freed chunk leaves the process at once instead of staying in its heap. The k-means' own
+    check for channel offsets (kmeans._centred, once per image; kmeans_work_bytes does not count a copy)
+    takes its means the same way."""
     import os
     import pathlib
     import subprocess
@@ -568,7 +577,7 @@ def test_the_error_maps_channel_means_take_no_float64_copy_of_a_grid():
     checkout = pathlib.Path(__file__).resolve().parents[1] / "support" / "checkout.py"
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**20))
     done = subprocess.run(
-        [sys.executable, "-c", _OFFSETS_MEMORY, str(checkout)], capture_output=True, text=True, timeout=120, env=env
+        [sys.executable, "-c", _OFFSETS_MEMORY, str(checkout), where], capture_output=True, text=True, timeout=120, env=env
     )
     assert done.returncode == 0, done.stderr[-2000:]
     centred, grew, grid = done.stdout.split()
@@ -585,3 +594,16 @@ def test_the_error_maps_channel_means_are_those_of_each_whole_channel(monkeypatc
     stack = up.FeatureStack(grids, [1.0, 1.0], [[], []], (80, 60), "bilinear")
     for grid, offset in zip(grids, up._channel_offsets(stack)):
         assert torch.equal(offset, grid.flatten(2).mean(2, dtype=torch.float64)[:, :, None, None])
+
+
+@pytest.mark.parametrize("shape", [(37, 9, 11), (2, 40, 100), (1, 1, 1)])
+def test_channel_means_are_one_means_bits_a_few_channels_at_a_time(shape, monkeypatch):
+    """channel_means: the float64 mean of each channel (the last-but-one dim) over the last, in chunks of
+    channels (forced small here), bit for bit as one mean(dtype=float64) over every channel."""
+    from headseg.nodes.core import upsample as core_upsample
+
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(2)) * 3 + 100
+    monkeypatch.setattr(core_upsample, "_CHUNK_BYTES", 8 * 3 * shape[-1])  # 3 channels per chunk
+    got = core_upsample.channel_means(g)
+    assert got.dtype == torch.float64 and got.shape == shape[:-1]
+    assert torch.equal(got, g.mean(-1, dtype=torch.float64))
