@@ -475,7 +475,7 @@ def test_a_recording_error_never_breaks_sampling(tiny, sd2, monkeypatch):
     patched, live = recorder.attach_recorder(sd2)
     plain = run(tiny, sd2, latent_hw=(8, 8), seed=9)
 
-    def broken(self, *args):
+    def broken(self, *args, **kwargs):
         raise RuntimeError("planted failure")
 
     monkeypatch.setattr(recorder._Store, "observe", broken)
