@@ -113,7 +113,7 @@ class HeadPCA(io.ComfyNode):
                         "then runs after sampling and again for every new image, and reads the sampling run "
                         "that produced this LATENT (one of the last keep_runs runs of the recorded MODEL, a run of the prompt that sampled "
                         "last, the run read last, or the run read for this very LATENT while ComfyUI's cache keeps "
-                        "it, as --cache-lru does). Connect it "
+                        "it, as --cache-lru does, if it is among the 64 runs read last). Connect it "
                         "straight from the sampler. Leave it empty for a recording loaded from a file."
                     ),
                 ),

@@ -784,14 +784,44 @@ class _Store:
 
 # The runs read for a LATENT that ComfyUI's cache may hand over again after the record node has let them go:
 # id(samples tensor) -> (weak reference to it, {store id: _Run}). A run read for a LATENT stays here while
-# that tensor lives, i.e. while ComfyUI caches the sampler's output (--cache-lru N keeps the outputs of older
-# prompts, so a sampler's LATENT can come from the cache after keep_runs newer runs pushed its run out; the
-# classic cache keeps only the last prompt's). The entry goes with the tensor.
+# that tensor lives, i.e. while ComfyUI caches the output that holds it: --cache-lru N keeps the outputs of
+# older prompts (a list of latents is one of its N), --cache-ram keeps them until RAM runs short, and the
+# classic cache keeps a sampler's output while its inputs stay the same, however many runs other samplers on
+# the recorded MODEL added since. So at most HELD_RUNS runs are held, in all, those read last (_HELD_ORDER);
+# the entry also goes with its tensor.
 _HELD: dict = {}
+HELD_RUNS = MAX_KEEP_RUNS
+# (id(samples), store id) of each held run, read last at the end; a key whose run or tensor is gone is
+# skipped (the weak reference's callback pops _HELD alone, on whatever thread frees the tensor)
+_HELD_ORDER: dict = {}
+
+
+def _held_run_exists(key: tuple) -> bool:
+    entry = _HELD.get(key[0])
+    return entry is not None and key[1] in entry[1]
+
+
+def _mark_read(samples: torch.Tensor, store_id: int) -> None:
+    """Puts the held run of ``store_id`` for ``samples`` last in the read order, and lets go of the runs
+    read first while more than HELD_RUNS are held."""
+    key = (id(samples), store_id)
+    _HELD_ORDER.pop(key, None)
+    _HELD_ORDER[key] = None
+    live = [k for k in list(_HELD_ORDER) if _held_run_exists(k)]
+    for k in set(_HELD_ORDER) - set(live):
+        _HELD_ORDER.pop(k, None)
+    for k in live[: max(len(live) - HELD_RUNS, 0)]:
+        _HELD_ORDER.pop(k, None)
+        entry = _HELD.get(k[0])
+        if entry is not None:
+            entry[1].pop(k[1], None)
+            if not entry[1]:
+                _HELD.pop(k[0], None)
 
 
 def _hold(samples: torch.Tensor, store_id: int, run: _Run) -> None:
-    """Keeps ``run`` for the LATENT tensor ``samples`` (the object ComfyUI's cache holds) while it lives."""
+    """Keeps ``run`` for the LATENT tensor ``samples`` (the object ComfyUI's cache holds) while it lives,
+    and while it is among the HELD_RUNS runs read last."""
     key = id(samples)
     entry = _HELD.get(key)
     if entry is None or entry[0]() is not samples:
@@ -801,11 +831,12 @@ def _hold(samples: torch.Tensor, store_id: int, run: _Run) -> None:
             return
         entry = _HELD[key] = (ref, {})
     entry[1][store_id] = run
+    _mark_read(samples, store_id)
 
 
 def _held(samples: torch.Tensor, store_id: int) -> _Run | None:
     """The run of ``store_id`` held for this very LATENT tensor (_hold) while it still holds that run's
-    output (or last denoised latent) bit for bit, or None."""
+    output (or last denoised latent) bit for bit, or None. A run found is read last again."""
     entry = _HELD.get(id(samples))
     run = None if entry is None or entry[0]() is not samples else entry[1].get(store_id)
     now = _cpu_latent(samples) if run is not None else None
@@ -813,6 +844,7 @@ def _held(samples: torch.Tensor, store_id: int) -> _Run | None:
         made is not None and made.shape == now.shape and _same_bits(made, now) for made in (run.latent, run.denoised)
     ):
         return None
+    _mark_read(samples, store_id)
     return run
 
 
@@ -838,9 +870,9 @@ class LiveRecording:
         LATENT samples), or of the most recent finished run when ``latent`` is None.
 
         New object, tensors shared, never mutated. ValueError naming `latent` when none of the kept
-        runs of the recorded MODEL (_Store._remember) produced ``latent`` and no run was read for this
-        very tensor before (_hold: ComfyUI's cache may hand over a sampler's LATENT after its run left the
-        history).
+        runs of the recorded MODEL (_Store._remember) produced ``latent`` and no run read for this very
+        tensor is still held (_hold: ComfyUI's cache may hand over a sampler's LATENT after its run left the
+        history; the HELD_RUNS runs read last are held).
         """
         store = self._store
         if latent is None:

@@ -665,6 +665,38 @@ def test_a_latent_read_before_keeps_its_run_while_it_lives(tiny, sd2):
     assert key not in recorder_store._HELD  # gone with its tensor
 
 
+def _held_runs(store_id: int) -> int:
+    return sum(store_id in runs for _ref, runs in list(recorder_store._HELD.values()))
+
+
+def test_the_runs_held_for_cached_latents_are_bounded():
+    """Every LATENT read holds its run while it lives (ComfyUI's cache), but at most HELD_RUNS of them, the
+    ones read last: --cache-lru N, --cache-ram or a list of latents must not hold a recording per cached
+    LATENT without bound (keep_runs 1 kept 80 runs alive for 80 latents read)."""
+    store = recorder_store._Store([], None, recorder_store.parse_steps("last"), "cond", "SD2", keep_runs=1)
+    live = recorder_store.LiveRecording(store, next(recorder._IDS), [])
+    key = LayerKey("input", 1, 0)
+    latents = []
+    for seed in range(recorder_store.HELD_RUNS + 5):
+        latent = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(seed))
+        rec = recorder_store.Recording(layers={key: torch.full((1, 1, 2, 2, 2), float(seed))}, image_size=(16, 16))
+        store._remember(latent.clone(), rec)
+        live.snapshot(latent)
+        latents.append(latent)
+    assert _held_runs(live.store_id) == recorder_store.HELD_RUNS
+    for latent in latents[:5]:  # read first: let go
+        with pytest.raises(ValueError, match="^latent: .*older one"):
+            live.snapshot(latent)
+    assert float(live.snapshot(latents[5]).layers[key][0, 0, 0, 0, 0]) == 5  # the oldest held, read again ...
+    newest = torch.full((1, 4, 2, 2), 7.0)
+    store._remember(newest.clone(), rec)
+    live.snapshot(newest)  # ... is not the one a newer read pushes out
+    assert float(live.snapshot(latents[5]).layers[key][0, 0, 0, 0, 0]) == 5
+    with pytest.raises(ValueError, match="^latent: .*older one"):
+        live.snapshot(latents[6])
+    assert _held_runs(live.store_id) == recorder_store.HELD_RUNS
+
+
 @pytest.mark.parametrize("bad", [0, 65, 2.0, True, "3", None])
 def test_keep_runs_out_of_range_is_named(sd2, bad):
     with pytest.raises(ValueError, match=r"^keep_runs: expected an integer from 1 to 64, got "):
