@@ -939,7 +939,9 @@ class LiveRecording:
             f"{MAX_KEEP_RUNS} runs of the prompt that sampled last and the run read last are kept, and "
             f"{self._store.dropped} older one(s) are "
             "gone: a LATENT of an earlier run is no longer there (every sampler that uses the recorded MODEL adds "
-            "a run, e.g. an inpainting pass each time it runs). Sample it again, or raise keep_runs."
+            "a run, e.g. an inpainting pass each time it runs). Raise keep_runs: Record Self-Attention then runs "
+            "again, and so does the sampler, even where ComfyUI would hand this LATENT over from its cache "
+            "(--cache-lru), where sampling with the same inputs again would not."
             if self._store.dropped
             else ""
         )

@@ -635,7 +635,7 @@ def test_keep_runs_sets_how_many_latest_runs_stay(tiny, sd2, keep):
     latents = [run(tiny, patched, latent_hw=(8, 8), seed=s) for s in range(keep + 1)]  # outside any prompt
     for latent in latents[1:]:
         assert live.snapshot(latent).layers
-    with pytest.raises(ValueError, match=rf"Only the last {keep} run\(s\) \(Record Self-Attention's keep_runs\).*or raise keep_runs"):
+    with pytest.raises(ValueError, match=rf"Only the last {keep} run\(s\) \(Record Self-Attention's keep_runs\).*Raise keep_runs: Record Self-Attention then runs again, and so does the sampler"):
         live.snapshot(latents[0])
 
 
