@@ -354,6 +354,35 @@ def test_upsampling_error_of_features_about_a_large_offset_equals_that_about_zer
     rows, cols = torch.tensor([0, 7, size[0] - 1]), torch.tensor([3, 49, size[1] - 1])
     torch.testing.assert_close(up.upsampling_error_at(stack, rows, cols), want[:, rows][:, :, cols], rtol=1e-5, atol=1e-6 * spread)
 
+def test_upsampling_error_of_one_channel_about_a_large_offset_beside_centred_ones():
+    """One channel 1e-2 about 1e4 beside channels about 0 (in one grid): eq. 6 of the offset channel is that
+    of it less the offset, so the map is that of the grid with the offset taken out of that channel alone."""
+    gen = torch.Generator().manual_seed(4)
+    grid = torch.rand(2, 4, 3, 40, generator=gen, dtype=torch.float64) * 2 - 1  # [B, C, h, w]
+    grid -= grid.mean(dim=(2, 3), keepdim=True)  # every channel's mean 0 (PCA scores)
+    grid[:, 0] = grid[:, 0] * 1e-2 + 1e4
+    offset_grid = grid.float()
+    about_zero = offset_grid.double()
+    about_zero[:, 0] -= 1e4  # exact: the same values less the offset
+    size = (24, 120)
+    stack = up.FeatureStack([offset_grid], [1.0], [[]], size, "bilinear")
+    want = upsampling_error(up.FeatureStack([about_zero.float()], [1.0], [[]], size, "bilinear"))
+    torch.testing.assert_close(upsampling_error(stack), want, rtol=1e-4, atol=1e-7)
+    rows, cols = torch.tensor([0, 11, 23]), torch.tensor([2, 61, 119])
+    torch.testing.assert_close(up.upsampling_error_at(stack, rows, cols), want[:, rows][:, :, cols], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("H, W", [(256, 256), (256, 257), (300, 300), (1, 65537), (1024, 1024), (1000, 664)])
+def test_error_lattice_starts_above_max_pixels(H, W):
+    """The map is computed at every pixel up to 65536 pixels in all (the node's tooltip) and above that on
+    a lattice of at most that many block centres."""
+    from headseg.nodes.core.upsample import error_lattice_step
+
+    f = error_lattice_step(H, W)
+    assert (f == 1) == (H * W <= 256 * 256)
+    assert (H / f) * (W / f) <= 256 * 256
+
+
 def test_upsampling_error_scales_each_image_of_a_batch_on_its_own():
     """A batch of a loud image (features near 1e37) and a quiet one (near 1e-37): each image's map is
     its own map alone, at both the full grid and a lattice."""
@@ -468,17 +497,18 @@ def odd_features(batch=2, c=3, seed=1):
     return HeadFeatures(layers, (88, 104), c)
 
 
-def unet_placed_stack(feats, mode):
+def unet_placed_stack(feats, mode, scale=(1, 1)):
     """Independent reference: each layer upsampled by its cell size (8 * 2**level pixels) with F.interpolate's
-    scale_factor, where the UNet has its cells, and cut to the image: the stack of a photo of that size."""
-    H, W = feats.image_size
+    scale_factor, where the UNet has its cells, and cut to the image: the stack of a photo of that size.
+    scale (sy, sx) integers: the stack of the image scaled by them (cells of sy x sx times as many pixels)."""
+    H, W = feats.image_size[0] * scale[0], feats.image_size[1] * scale[1]
     parts = {}
     for key, t in feats.layers.items():
         B, heads, h, w, c = t.shape
         cell = {11: 8, 6: 16, 3: 32}[h]
         chans = torch.stack([t[:, hd, :, :, j] for hd in range(heads) for j in range(c)], dim=1)  # [B, heads*c, h, w]
         kwargs = {"align_corners": False} if mode == "bilinear" else {}
-        up = F.interpolate(chans, scale_factor=cell, mode=mode, recompute_scale_factor=False, **kwargs)
+        up = F.interpolate(chans, scale_factor=(cell * scale[0], cell * scale[1]), mode=mode, recompute_scale_factor=False, **kwargs)
         parts.setdefault((h, w), []).append(up[:, :, :H, :W])  # [B, heads*c, H, W]
     return torch.cat([p for group in parts.values() for p in group], dim=1)
 
@@ -491,6 +521,7 @@ def test_grid_span_of_unet_grids():
     assert up.grid_span((16, 16), (512, 512)) == (512, 512)
     assert up.grid_span((1, 1), (8, 8)) == (8, 8)
     assert up.grid_span((5, 7), (64, 96)) == (64, 96)  # fits no level: stretched as before
+    assert up.grid_span((32, 32), (1001, 1001)) == (1001, 1001)  # a side no multiple of 8 is not a UNet's image
 
 
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
@@ -506,13 +537,40 @@ def test_stack_puts_each_cell_where_the_unet_has_it(mode):
         torch.testing.assert_close(mh @ g @ mw.T, up.upsample(g, stack.size, mode, span=stack.spans[i]), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_stack_at_another_size_keeps_the_cells_where_the_unet_has_them(mode):
+    """materialise and matrices at a size other than the stack's (2x the height, 3x the width): each grid's
+    span scales with the image on its own axis, as the UNet's cells of a photo scaled that way would."""
+    feats = odd_features()
+    stack = make_feature_stack(feats, mode=mode)
+    size = (88 * 2, 104 * 3)
+    ref = unet_placed_stack(feats, mode, scale=(2, 3))
+    torch.testing.assert_close(stack.materialise(size=size), ref, rtol=1e-6, atol=1e-6)
+    start = 0
+    for i, g in enumerate(stack.grids):
+        mh, mw = stack.matrices(i, size)
+        torch.testing.assert_close(mh @ g @ mw.T, ref[:, start : start + g.shape[1]], rtol=1e-5, atol=1e-5)
+        start += g.shape[1]
+
+
 def test_upsampling_error_where_the_unet_has_the_cells():
     feats = odd_features()
     stack = make_feature_stack(feats)
     ref = (unet_placed_stack(feats, "bilinear") - unet_placed_stack(feats, "nearest")).abs().mean(dim=1)  # [B, H, W]
     torch.testing.assert_close(upsampling_error(stack), ref, rtol=1e-5, atol=1e-6)
-    rows, cols = torch.tensor([0, 40, 87]), torch.tensor([3, 50, 103])
+    rows, cols = torch.arange(88), torch.tensor([3, 50, 103])  # every row: the nearest cell of each
     torch.testing.assert_close(up.upsampling_error_at(stack, rows, cols), ref[:, rows][:, :, cols], rtol=1e-5, atol=1e-6)
+    rows, cols = torch.tensor([0, 40, 87]), torch.arange(104)
+    torch.testing.assert_close(up.upsampling_error_at(stack, rows, cols), ref[:, rows][:, :, cols], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spans", [[(10, 30)], [(30, 19.5)], [(30, 30), (30, 30)], [(30,)], [("30", 30)], [(30, float("nan"))]])
+def test_spans_short_of_the_image_or_not_one_per_grid_are_named(spans):
+    """A grid spans at least the image (its top-left part): spans short of the size, not one pair per
+    grid, or not numbers are refused naming stack.spans, not read as a stretch or failing inside torch."""
+    stack = up.FeatureStack([torch.randn(1, 2, 3, 3)], [1.0], [[]], (20, 20), "bilinear", spans)
+    with pytest.raises(ValueError, match=r"^stack\.spans must hold one \(H_i, W_i\) >= the size 20x20 per grid"):
+        upsampling_error(stack)
 
 
 @pytest.mark.parametrize("size, max_pixels", [((48, 40), 48 * 40), ((48, 40), 100), ((33, 70), 64)])
