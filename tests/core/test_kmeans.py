@@ -655,19 +655,26 @@ def test_features_with_a_large_common_offset_cluster_as_without_it(offset):
     assert ref.inertia_ * 0.98 <= float(b.inertia[0]) <= ref.inertia_ * 1.02
 
 
-def test_an_offset_beside_a_wide_channel_is_still_taken_out():
-    """One channel spanning +-2e7 (mean 0) beside channels offset by 1e4: the offset is judged per
-    channel, so the labels are those of the stack without the offset."""
+@pytest.mark.parametrize("one_grid", [False, True])
+def test_an_offset_beside_a_wide_channel_is_still_taken_out(one_grid):
+    """One channel spanning +-2e7 (mean 0) beside channels offset by 1e4 (in the last grid; or a stack of
+    the finest grid alone, where no grid holds offset channels only): the offset is judged per channel,
+    so the labels are those of the same float32 features less the offset (exact)."""
     stack = planted_stack(size=(64, 64), seed=1, mode="nearest")
+    if one_grid:
+        i = max(range(len(stack.grids)), key=lambda j: stack.grids[j].shape[2] * stack.grids[j].shape[3])
+        stack = FeatureStack(stack.grids[i : i + 1], stack.weights[i : i + 1], stack.keys[i : i + 1], stack.size, stack.mode)
+    offset_grids = [(g.double() + 1e4).float() for g in stack.grids]
 
-    def with_offset(offset):
-        grids = [g.double() + offset for g in stack.grids]
+    def with_wide(grids):
+        grids = list(grids)
         wide = torch.zeros_like(grids[-1][:, :1])
         wide[0, 0, 0, 0], wide[0, 0, -1, -1] = 2e7, -2e7
         grids[-1] = torch.cat([grids[-1], wide], 1)
-        return FeatureStack([g.float() for g in grids], stack.weights, stack.keys, stack.size, stack.mode)
+        return FeatureStack(grids, stack.weights, stack.keys, stack.size, stack.mode)
 
-    assert torch.equal(kmeans(with_offset(1e4), 6, seed=0).labels, kmeans(with_offset(0.0), 6, seed=0).labels)
+    about_zero = [(g.double() - 1e4).float() for g in offset_grids]  # exact: the same values less the offset
+    assert torch.equal(kmeans(with_wide(offset_grids), 6, seed=0).labels, kmeans(with_wide(about_zero), 6, seed=0).labels)
 
 
 def test_centring_features_near_float32s_limit_does_not_overflow():
