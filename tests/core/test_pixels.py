@@ -46,12 +46,18 @@ def test_any_other_size_is_stretched_and_maps_each_axis_by_its_own_ratio():
     assert torch.equal(fit_picture(pictures, H, W), expected.permute(0, 2, 3, 1))
     assert picture_to_mask_pixel(10, 20, (32, 16), (H, W)) == (10, 5)  # x * 16 // 16, y * 8 // 32
     assert picture_to_mask_pixel(15, 31, (32, 16), (H, W)) == (15, 7)
+    # mask row 5 is stretched over picture rows 20..23: the last of them is row 5's, not rounded to row 6
+    assert picture_to_mask_pixel(3, 23, (32, 16), (H, W)) == (3, 5)
+    # VAE Encode crops both sides: a picture with one side as the grid's (no multiple of 8, as a recording
+    # file's may be) and the other 7 px longer is stretched, not taken as a window
+    assert not is_vae_window(71, 60, 64, 60) and not is_vae_window(60, 71, 60, 64)
 
 
 @pytest.mark.parametrize(
     "picture_hw, mask_hw, differs",
     [((512, 512), (512, 512), False), ((519, 515), (512, 512), False), ((1024, 1024), (512, 512), False),
-     ((1024, 1034), (512, 512), False), ((1024, 1040), (512, 512), True), ((600, 800), (512, 512), True)],
+     ((1024, 1034), (512, 512), False), ((1024, 1040), (512, 512), True), ((600, 800), (512, 512), True),
+     ((1000, 1010), (500, 500), False), ((1010, 1000), (500, 500), False)],  # exactly 1 % off: not more
 )
 def test_the_aspect_warning_is_for_stretches_more_than_one_percent_off(picture_hw, mask_hw, differs):
     assert aspect_differs(picture_hw, mask_hw) is differs
@@ -66,8 +72,11 @@ def test_a_pixel_past_the_grid_is_the_pictures_only_inside_the_picture():
     assert grid_pixel((63, 63), (128, 128), (64, 64)) == (63, 63)
     # past the picture too, or no picture: moved to the nearest pixel of the grid
     assert not of_the_picture((500, 10), (128, 128), (64, 64))
+    assert not of_the_picture((128, 10), (128, 128), (64, 64)) and not of_the_picture((10, 128), (128, 128), (64, 64))
+    assert of_the_picture((127, 127), (128, 128), (64, 64))
     assert grid_pixel((500, 10), (128, 128), (64, 64)) == (63, 10)
     assert grid_pixel((500, 70), None, (64, 64)) == (63, 63)
+    assert grid_pixel((500, 70), None, (32, 96)) == (95, 31) and grid_pixel((70, 500), None, (96, 32)) == (31, 95)
     # a photo VAE Encode cropped: (66, 3) of a 71x67 picture -> through the crop's offsets (3, 1)
     assert grid_pixel((66, 3), (71, 67), (64, 64)) == (63, 0)
     assert grid_pixel((65, 70), (71, 67), (64, 64)) == (63, 63)
