@@ -473,3 +473,28 @@ def test_eigh_pool_serves_several_threads_with_their_own_sizes():
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_recording_pca_bytes_bounds_what_recording_pca_allocates(dtype):
+    """recording_pca_bytes(workers=1) against every tensor recording_pca allocates on one thread
+    (tests/support/peak_memory.py), its result held: four layers of one size (every layer's features are
+    kept), float32 and float64 heads (a float64 layer's working copies take 8 bytes a value)."""
+    from headseg.tests.support.peak_memory import PeakBytes
+
+    g = torch.Generator().manual_seed(0)
+    layers = {LayerKey("input", n, 0): torch.randn(2, 5, 16, 16, 8, generator=g, dtype=dtype) for n in (1, 2)}
+    layers.update({LayerKey("output", n, 0): torch.randn(2, 5, 16, 16, 8, generator=g, dtype=dtype) for n in (9, 10)})
+    rec = Recording(layers, (128, 128))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with PeakBytes() as mem:
+            feats = recording_pca(rec, 4)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(feats.layers) == 4
+    estimate = pca.recording_pca_bytes(rec, 4, workers=1)
+    assert mem.peak <= estimate <= 2 * mem.peak, (mem.peak, estimate)
+    # two workers reduce two of the equal layers at once: their working copies count twice
+    assert pca.recording_pca_bytes(rec, 4, workers=2) > estimate
