@@ -339,6 +339,42 @@ def test_extra_metadata_that_would_make_the_header_unreadable_is_left_out_larges
     assert save_recording(rec, str(path), extra_metadata={"small": "{}"}) == []
 
 
+def test_the_largest_entry_in_the_header_is_the_one_escaped_longest(tmp_path):
+    """Left out largest first by their size in the header, JSON-escaped, whatever their order: 6 Mi quotes
+    (12 MiB in the header) go before 7 Mi letters (7 MiB), though the quotes are the shorter string."""
+    rec = sd21_recording(latent=(8, 12), d=4)
+    path = tmp_path / "rec.safetensors"
+    extra = {"workflow": "a" * (7 << 20), "prompt": '"' * (6 << 20)}
+    assert save_recording(rec, str(path), extra_metadata=extra) == ["prompt"]
+    assert load_recording(str(path)).model == "SD21"
+
+
+def test_non_ascii_metadata_counts_its_utf8_bytes_in_the_header(tmp_path):
+    """The header holds UTF-8 (safetensors escapes no non-ASCII character): 6 Mi two-byte characters are
+    12 MiB and fit in the 16 MiB load_recording reads, so they are kept (counted as \\u escapes, 36 MiB,
+    they were left out)."""
+    from safetensors import safe_open
+
+    rec = sd21_recording(latent=(8, 12), d=4)
+    path = tmp_path / "rec.safetensors"
+    text = "\u00e9" * (6 << 20)
+    assert save_recording(rec, str(path), extra_metadata={"prompt": text}) == []
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["prompt"] == text
+    assert load_recording(str(path)).model == "SD21"
+
+
+def test_metadata_just_under_the_header_limit_leaves_room_for_the_tensors_entries(tmp_path):
+    """An entry whose JSON alone fits in the 16 MiB header but not with the tensors' entries (name, dtype,
+    shape, offsets) beside it is left out: the file written stays loadable."""
+    rec = sd21_recording(latent=(8, 12), d=4)
+    path = tmp_path / "rec.safetensors"
+    limit = 16 << 20
+    extra = {"workflow": "a" * (limit - 400)}
+    assert save_recording(rec, str(path), extra_metadata=extra) == ["workflow"]
+    assert is_recording_file(str(path)) and load_recording(str(path)).model == "SD21"
+
+
 def test_save_rejects_values_beyond_float16(tmp_path):
     rec = sd21_recording(dtype=torch.float32)
     rec.layers[LayerKey("input", 4, 0)][0, 0, 0, 0, 0] = 1e6
