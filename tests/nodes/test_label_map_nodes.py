@@ -452,3 +452,81 @@ def test_a_name_that_only_some_files_can_take_leaves_none_of_this_runs_files(sav
     with pytest.raises(ValueError, match=r"^filename_prefix 'n+': cannot write .*_00001_image.png .*shorter prefix"):
         save.execute(sweep, prefix, torch.rand(2, H, W, 3))
     assert list(comfy_folders["output"].iterdir()) == []
+
+
+def _stale_counter_and_counted_tries(monkeypatch):
+    """output_place as ComfyUI's for 'dataset/': counter 1 whatever the folder holds; and a list that gets
+    one entry per file found taken by _claim_places' exclusive create."""
+    import builtins
+
+    from headseg.nodes import label_map_nodes
+
+    real_place, taken = label_map_nodes.output_place, []
+
+    def counter_one(filename_prefix, *args):
+        folder, name, _, subfolder = real_place(filename_prefix, *args)
+        return folder, name, 1, subfolder
+
+    def counting_open(file, mode="r", *args, **kwargs):
+        try:
+            return builtins.open(file, mode, *args, **kwargs)
+        except FileExistsError:
+            taken.append(file)
+            raise
+
+    monkeypatch.setattr(label_map_nodes, "output_place", counter_one)
+    monkeypatch.setattr(label_map_nodes, "open", counting_open, raising=False)
+    return taken
+
+
+@pytest.mark.parametrize("prefix", ["many", "many_%batch_num%"])
+def test_a_taken_counter_moves_on_past_the_highest_in_one_step(save, sweep, comfy_folders, monkeypatch, prefix):
+    """Counter 1 taken and 40 earlier images in the folder (60 of image 1's name with %batch_num%): each image
+    of the batch takes its counter after one file found taken in all (one look at the folder, past the highest
+    of every name that shares the counter), not one try per earlier image; a batch without %batch_num% takes
+    successive counters without trying its own first image's."""
+    taken = _stale_counter_and_counted_tries(monkeypatch)
+    for b in (0, 1):
+        name = prefix.replace("%batch_num%", str(b))
+        for n in range(1, 41 + 20 * b):
+            (comfy_folders["output"] / f"{name}_{n:05}_k2.png").write_bytes(b"earlier")
+    listed = save.execute(sweep, prefix).ui["headseg_label_maps"]
+    names = sorted(r["filename"] for r in listed if r["k"] == 2)
+    if prefix == "many":
+        assert names == ["many_00061_k2.png", "many_00062_k2.png"]
+        assert len(taken) == 1, taken
+    else:
+        assert names == ["many_0_00061_k2.png", "many_1_00061_k2.png"]
+        assert len(taken) == 1, taken
+    taken.clear()
+    save.execute(sweep, "fresh")  # a folder without files of the name: none found taken
+    assert taken == []
+
+
+def test_the_highest_counter_is_read_from_files_of_this_very_name(save, sweep, comfy_folders, monkeypatch):
+    """The name is matched as text: 'cat.v1' moves on past its own counter 1, not past 'catXv1_00099' (a
+    '.' read as a pattern matches any character)."""
+    _stale_counter_and_counted_tries(monkeypatch)
+    (comfy_folders["output"] / "cat.v1_00001_k2.png").write_bytes(b"earlier")
+    (comfy_folders["output"] / "catXv1_00099_k2.png").write_bytes(b"another name")
+    listed = save.execute(sweep, "cat.v1").ui["headseg_label_maps"]
+    assert sorted(r["filename"] for r in listed if r["k"] == 2) == ["cat.v1_00002_k2.png", "cat.v1_00003_k2.png"]
+
+
+def test_a_file_the_second_image_cannot_make_leaves_none_of_the_first_images(save, sweep, comfy_folders, monkeypatch):
+    """Making the second image's first file fails (permission): the error names filename_prefix, and the
+    files the first image already holds are removed with it."""
+    import builtins
+    import errno
+
+    from headseg.nodes import label_map_nodes
+
+    def refuse_the_second(file, mode="r", *args, **kwargs):
+        if mode == "xb" and "_00002_" in str(file):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return builtins.open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(label_map_nodes, "open", refuse_the_second, raising=False)
+    with pytest.raises(ValueError, match=r"^filename_prefix 'perm': cannot write .*perm_00002_k2\.png"):
+        save.execute(sweep, "perm")
+    assert list(comfy_folders["output"].iterdir()) == []
