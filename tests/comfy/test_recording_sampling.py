@@ -946,3 +946,22 @@ def test_a_refused_run_keeps_its_prompt_and_the_runs_before_it():
         assert store.run_of(latent) is not None
     assert store.run_of(refused) == (None, "a guider HeadSeg does not record")
     assert store.prompt is None and not store._failed
+
+
+def test_a_latent_read_by_two_record_nodes_keeps_both_runs():
+    """Two record nodes (two MODELs, each its store) that read one LATENT tensor each hold their own run
+    for it: holding the second does not drop the first, and a run is found only for its own store."""
+    import gc
+    import types
+
+    latent = torch.randn(1, 4, 8, 8)
+    first = types.SimpleNamespace(latent=latent.clone(), denoised=None)
+    second = types.SimpleNamespace(latent=None, denoised=latent.clone())
+    recorder_store._hold(latent, 101, first)
+    recorder_store._hold(latent, 102, second)
+    assert recorder_store._held(latent, 101) is first and recorder_store._held(latent, 102) is second
+    assert recorder_store._held(latent, 103) is None and recorder_store._held(latent.clone(), 101) is None
+    key = id(latent)
+    del latent
+    gc.collect()
+    assert key not in recorder_store._HELD
