@@ -49,7 +49,7 @@ import torch
 
 from . import kmeans_batched as batched
 from .recording import full_float32_matmul, is_int, power_of_two_scale
-from .upsample import FeatureStack, channel_means, check_stack, interpolation_matrix, peak_abs
+from .upsample import MAX_OFFSET, FeatureStack, channel_means, check_stack, interpolation_matrix, peak_abs
 from .working_set import RTOL as _RTOL
 from .lattice import Lattice, sample_positions
 from .working_set import WorkingSet, check_tol, no_check, sample_pixels, starts
@@ -60,8 +60,6 @@ MAX_CLUSTERS = 256
 # The most clusters all k of one sweep may add up to: every cluster becomes a mask, and merging
 # compares every pair of masks (1024 masks of 512x512 are 1 GB as a float MASK batch).
 MAX_TOTAL_CLUSTERS = 1024
-# Channel means above this fraction of the channel's largest |feature| are taken out before clustering (_centred).
-_MAX_OFFSET = 2.0**-10
 # Working set: this many random pixels (at least _WS_POINTS_PER_K * k).
 _WS_MIN_POINTS = 512
 _WS_POINTS_PER_K = 16
@@ -318,7 +316,7 @@ class _Image:
 def _centred(grids: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """[C_g, h_g, w_g] grids -> (the grids less every channel's native-grid mean, in float64, and the
     means [C] float64 in stack channel order), or (the grids, None) when no channel's mean is more
-    than _MAX_OFFSET of its own largest |value| (PCA scores are centred already: used as they are).
+    than MAX_OFFSET (upsample.py) of its own largest |value| (PCA scores are centred already: used as they are).
 
     k-means' distances ||c||^2 - 2<F, c> cancel in float32 when the features share a large offset;
     taking it out changes no distance: upsampling keeps constants (interpolation rows sum to 1), so
@@ -328,7 +326,7 @@ def _centred(grids: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tenso
     means = [channel_means(g.reshape(g.shape[0], -1)) for g in grids]  # [C_g] each (no float64 copy of a grid)
     for g, m in zip(grids, means):
         low, high = torch.aminmax(g.reshape(g.shape[0], -1), dim=1)  # [C_g] each
-        if bool((m.abs() > _MAX_OFFSET * torch.maximum(-low, high).double()).any()):
+        if bool((m.abs() > MAX_OFFSET * torch.maximum(-low, high).double()).any()):
             break
     else:
         return grids, None

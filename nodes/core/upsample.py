@@ -33,10 +33,11 @@ MODES = ("bilinear", "nearest")
 _CHUNK_BYTES = 16 * 2**20  # working memory per chunk in upsampling_error
 # Features are float32 in k-means and the error map: larger values cannot be represented.
 _MAX_FEATURE = float(torch.finfo(torch.float32).max)
-# The error map takes out channel means above this fraction of the channel's largest |feature| (as
-# kmeans._MAX_OFFSET): both interpolations keep constants, and a large offset would leave the float32
-# differences of a small spread about it to rounding (1e-2 about 1e4: 10 % of the map).
-_MAX_OFFSET = 2.0**-10
+# The k-means and the error map take out channel means above this fraction of the channel's largest
+# |feature| (kmeans._centred, _channel_offsets): k-means' distances and both interpolations keep constants,
+# and a large offset would leave the float32 differences of a small spread about it to rounding (1e-2
+# about 1e4: 10 % of the map).
+MAX_OFFSET = 2.0**-10
 
 
 def check_mode(mode) -> str:
@@ -158,7 +159,8 @@ def _resample_axis(x: torch.Tensor, dim: int, n_out: int, mode: str, span=None) 
 def upsample(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear", span=None) -> torch.Tensor:
     """[B, C, h, w] -> [B, C, H, W] float32 (float64 for float64 input), same as F.interpolate (for
     float64 input up to a few rows of large sizes, see interpolation_matrix). span: (Hs, Ws) the
-    pixels the grid spans when it reaches past the image (see interpolation_matrix), default size."""
+    pixels the grid spans when it reaches past the image (see interpolation_matrix; None, or None for a
+    side: the image's size, as FeatureStack.span gives them)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a tensor [B, C, h, w], got {shape}")
@@ -254,12 +256,7 @@ class FeatureStack:
         if batch_index is not None:
             check_batch_index(batch_index, self.batch_size)
             grids = [g[batch_index : batch_index + 1] for g in grids]  # each [1, C_i, h_i, w_i]
-        return torch.cat([_upsample_spanning(g, size, self.mode, self.span(i, size)) for i, g in enumerate(grids)], dim=1)
-
-
-def _upsample_spanning(g: torch.Tensor, size: tuple[int, int], mode: str, span: tuple) -> torch.Tensor:
-    """upsample(g, size, mode) with g spanning span = (Hs, Ws) pixels ((None, None): the image)."""
-    return upsample(g, size, mode, None if span == (None, None) else span)
+        return torch.cat([upsample(g, size, self.mode, self.span(i, size)) for i, g in enumerate(grids)], dim=1)
 
 
 def _check_values(g: torch.Tensor, where: str) -> None:
@@ -477,7 +474,7 @@ def upsampling_error(stack: FeatureStack) -> torch.Tensor:
 
 def _channel_offsets(stack: FeatureStack) -> list[torch.Tensor | None]:
     """Per grid: [B, C_g, 1, 1] float64 channel means (per image) to take out before the error map, or
-    None where no channel's mean is more than _MAX_OFFSET of its own largest |value| (PCA scores). The
+    None where no channel's mean is more than MAX_OFFSET of its own largest |value| (PCA scores). The
     means are taken a few channels at a time: mean(dtype=float64) converts all it is given inside the mean,
     and a whole grid's float64 copy (twice the grid) would pass what error_map_bytes counts."""
     offsets = []
@@ -485,7 +482,7 @@ def _channel_offsets(stack: FeatureStack) -> list[torch.Tensor | None]:
         flat = g.detach().flatten(2)  # [B, C_g, h*w]
         mean = channel_means(flat)  # [B, C_g]
         peak = peak_abs(flat, dim=2).double()  # [B, C_g]
-        offsets.append(mean[:, :, None, None] if bool((mean.abs() > _MAX_OFFSET * peak).any()) else None)
+        offsets.append(mean[:, :, None, None] if bool((mean.abs() > MAX_OFFSET * peak).any()) else None)
     return offsets
 
 
