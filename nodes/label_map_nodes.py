@@ -27,7 +27,7 @@ from .core import kmeans as core_kmeans
 from .core import pixels as core_pixels
 from .core.masks import check_label_map
 from .core.recording import all_finite
-from .node_utils import CATEGORY, expect as _expect, image_batch, on_png_threads, output_error, output_place, prefix_error
+from .node_utils import CATEGORY, comfy_metadata, expect as _expect, image_batch, on_png_threads, output_error, output_place, prefix_error
 
 log = logging.getLogger("HeadSeg")
 
@@ -247,16 +247,9 @@ class SaveLabelMaps(io.ComfyNode):
         pictures = None if image is None else _fit_pictures(image, B, H, W)  # [B, H, W, 3 or 4]
         ks = clusters.cluster_counts
         # ComfyUI's prompt (every node's inputs: the seeds, layers, k, ...) for every file, so that a label map
-        # alone says how it was made; the workflow once per image, in its picture (unless --disable-metadata)
-        prompt, workflow = {}, {}
-        from comfy.cli_args import args
-
-        if not args.disable_metadata and cls.hidden is not None:
-            if cls.hidden.prompt is not None:
-                prompt["prompt"] = cls.hidden.prompt
-            workflow.update(prompt, **(cls.hidden.extra_pnginfo or {}))
-        # as JSON once, before any file is claimed: a value json.dumps refuses leaves no empty file behind
-        prompt, workflow = ({key: json.dumps(value) for key, value in d.items()} for d in (prompt, workflow))
+        # alone says how it was made; the workflow once per image, in its picture (unless --disable-metadata).
+        # As JSON before any file is claimed: a value json.dumps refuses leaves no empty file behind
+        prompt, workflow = comfy_metadata(cls.hidden, workflow=False), comfy_metadata(cls.hidden)
         suffixes = [f"k{k}.png" for k in ks] + (["image.png"] if pictures is not None else [])
         # [(folder, name, counter, subfolder)] per image, its files made (empty) so that no other run takes them
         places = _claim_places(_batch_places(filename_prefix, B, W, H), suffixes, filename_prefix)

@@ -9,6 +9,7 @@ import collections
 import errno
 import gc
 import hashlib
+import json
 import logging
 import math
 import os
@@ -362,6 +363,19 @@ def _blank_prefix_error(filename_prefix, example: str) -> str | None:
     if not isinstance(filename_prefix, str) or not filename_prefix.strip() or "\x00" in filename_prefix:
         return f"filename_prefix: expected a file name prefix such as {example!r}, got {filename_prefix!r}"
     return None
+
+
+def comfy_metadata(hidden, workflow: bool = True) -> dict[str, str]:
+    """A node's hidden inputs -> ComfyUI's prompt and (with ``workflow``) the extra PNG info (the workflow) as
+    JSON texts, as Save Image and Save Latent write them into their files; none with --disable-metadata."""
+    from comfy.cli_args import args
+
+    if args.disable_metadata or hidden is None:
+        return {}
+    found = {} if hidden.prompt is None else {"prompt": hidden.prompt}
+    if workflow:
+        found.update(hidden.extra_pnginfo or {})
+    return {key: json.dumps(value) for key, value in found.items()}
 
 
 def prefix_error(filename_prefix, example: str) -> str | None:

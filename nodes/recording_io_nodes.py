@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-import json
 import logging
 import os
 import threading
@@ -30,7 +29,7 @@ from .core.recording import (
     printable_path,
     save_recording,
 )
-from .node_utils import as_recording, output_error, output_place, prefix_error
+from .node_utils import as_recording, comfy_metadata, output_error, output_place, prefix_error
 
 CATEGORY = "HeadSeg/recording"
 NO_FILE = "(no recording files found)"
@@ -307,25 +306,13 @@ class SaveRecording(io.ComfyNode):
         return prefix_error(filename_prefix, "headseg/recording") or True
 
     @classmethod
-    def _comfy_metadata(cls) -> dict[str, str]:
-        """ComfyUI's prompt and workflow as JSON strings, as Save Latent keeps them in its safetensors file
-        (none with --disable-metadata), so a recording says which prompt, seed and model made it."""
-        from comfy.cli_args import args
-
-        if args.disable_metadata or cls.hidden is None:
-            return {}
-        found = {} if cls.hidden.prompt is None else {"prompt": cls.hidden.prompt}
-        found.update(cls.hidden.extra_pnginfo or {})
-        return {key: json.dumps(value) for key, value in found.items()}
-
-    @classmethod
     def execute(cls, recording, filename_prefix="headseg/recording", latent=None) -> io.NodeOutput:
         rec = as_recording(recording, latent)
         folder, name, counter, subfolder = output_place(filename_prefix, "headseg/recording", rec.image_size[1], rec.image_size[0])
         filename, full = _take_name(folder, name, counter, filename_prefix)
         try:
             try:
-                left_out = save_recording(rec, full, name="recording", extra_metadata=cls._comfy_metadata())
+                left_out = save_recording(rec, full, name="recording", extra_metadata=comfy_metadata(cls.hidden))  # as Save Latent keeps them
             except BaseException:
                 _remove_taken(full)  # no empty file left under the name taken
                 raise
