@@ -521,13 +521,13 @@ class MultiKMeans(io.ComfyNode):
 
 def kmeans_work_bytes(stack, k: int) -> int:
     """Bytes one k of Multi K-Means holds while it is clustered alone on the CPU, an upper estimate: its
-    working set (_working_set_bytes) and what its phases add (_kmeans_phase_bytes). Against every tensor
-    allocated on one thread (tests/support/peak_memory.py), SD2.1's grids (1400 channels): 25, 51 and 169 MB
-    at 512, 1024 and 2048 px for k = 2 (estimate 27, 61 and 198 MB), 71 MB at 1024 px for k = 20 (94),
+    working set (_working_set_bytes) and what its phases add (_kmeans_phase_bytes), as kmeans_sweep_bytes
+    counts a sweep of that k alone. Against every tensor allocated on one thread (tests/support/peak_memory.py),
+    SD2.1's grids (1400 channels): 25, 51 and 169 MB at 512, 1024 and 2048 px for k = 2 (estimate 27, 61 and 198 MB), 71 MB at 1024 px for k = 20 (94),
     139 MB for k = 64 (183), 218 and 442 MB at 512 and 1024 px for k = 256 (256, 633); SDXL's (8800
     channels) at 1024 px: 70 MB for k = 2 (89), 73 MB for k = 20 (103), 134 MB for k = 64 (177); at 512 px,
     156 MB for k = 128 (253) and 338 MB for k = 256 (498)."""
-    return _working_set_bytes(stack, _working_set_points(stack, k)) + _kmeans_phase_bytes(stack, k)
+    return kmeans_sweep_bytes(stack, [k], [k])
 
 
 def kmeans_sweep_bytes(stack, counts, busy) -> int:
