@@ -294,6 +294,19 @@ def deciding_tols(shifts, stop_iters):
             yield tol
 
 
+def assert_both_lloyds_stop_at(ws, start, tol, want_c, want_iters, atol=1e-4, what=None):
+    """The one-k Gram-space Lloyd and the batched one (kmeans_batched._gram_lloyd, what a GPU runs) from the
+    picks ``start`` [k] with ``tol``: each stops after want_iters iterations, at the centroids want_c [k, C]."""
+    k = start.numel()
+    run = lloyd(ws, start[None], max_iter=100, tol=tol)[0]
+    assert run.iters == want_iters, what
+    torch.testing.assert_close(run.centroids(ws).double(), want_c, rtol=1e-4, atol=atol)
+    members, point, _, iters = kmeans_batched._gram_lloyd(ws, torch.tensor([k]), start[None], 100, tol)
+    assert int(iters[0]) == want_iters, what
+    got = kmeans_batched.run_centroids(ws, members, point, k)[0]
+    torch.testing.assert_close(got.double(), want_c, rtol=1e-4, atol=atol)
+
+
 def test_the_centroid_shift_stops_lloyd_where_feature_space_lloyd_stops(monkeypatch):
     """The tol rule (scikit-learn's: the centroids' squared shift, summed) against the shift computed
     in feature space, refilled clusters included, for the one-k Gram-space Lloyd and the batched one
@@ -312,13 +325,7 @@ def test_the_centroid_shift_stops_lloyd_where_feature_space_lloyd_stops(monkeypa
         _, _, shifts = feature_space_lloyd_with_tol(X, X[start], 0.0)
         for tol in deciding_tols(shifts, lambda tol: feature_space_lloyd_with_tol(X, X[start], tol)[1]):
             want_c, want_iters, _ = feature_space_lloyd_with_tol(X, X[start], tol)
-            run = lloyd(ws, start[None], max_iter=100, tol=tol)[0]
-            assert run.iters == want_iters, (start.tolist(), tol)
-            torch.testing.assert_close(run.centroids(ws).double(), want_c, rtol=1e-4, atol=1e-4)
-            members, point, _, iters = kmeans_batched._gram_lloyd(ws, torch.tensor([5]), start[None], 100, tol)
-            assert int(iters[0]) == want_iters, (start.tolist(), tol)
-            got = kmeans_batched.run_centroids(ws, members, point, 5)[0]
-            torch.testing.assert_close(got.double(), want_c, rtol=1e-4, atol=1e-4)
+            assert_both_lloyds_stop_at(ws, start, tol, want_c, want_iters, what=(start.tolist(), tol))
             decided += 1
     assert decided >= 20
 
@@ -335,12 +342,15 @@ def test_an_iteration_that_refills_a_cluster_never_stops_on_a_small_gain(monkeyp
     empty = torch.tensor([0, 0, 1, 2, 5])  # clusters 0 and 1 on one point: 1 gets nothing and is refilled
     for start, want_iters in ((plain, 1), (empty, 2)):
         want_c, _, _ = feature_space_lloyd_with_tol(X, X[start], 0.0, max_iter=want_iters)
-        run = lloyd(ws, start[None], max_iter=100, tol=0.0)[0]
-        assert run.iters == want_iters, start.tolist()
-        torch.testing.assert_close(run.centroids(ws).double(), want_c, rtol=1e-4, atol=1e-4)
-        members, point, _, iters = kmeans_batched._gram_lloyd(ws, torch.tensor([5]), start[None], 100, 0.0)
-        assert int(iters[0]) == want_iters, start.tolist()
-        torch.testing.assert_close(kmeans_batched.run_centroids(ws, members, point, 5)[0].double(), want_c, rtol=1e-4, atol=1e-4)
+        assert_both_lloyds_stop_at(ws, start, 0.0, want_c, want_iters, what=start.tolist())
+
+
+def blobs_beside_a_far_outlier():
+    """Four overlapping blobs and a far outlier (its squared norm 4e8 times the others'), their working set,
+    and picks [5] with clusters 1 and 2 on one point (2 gets nothing and is refilled) -> (X, ws, start)."""
+    X, _ = blobs(n=240, C=10, k=4, spread=1.5, seed=0)
+    X[-1] = 3e4  # the outlier
+    return X, WorkingSet.from_features(X), torch.tensor([239, 0, 0, 1, 2])
 
 
 def test_a_refill_beside_a_far_outlier_counts_in_the_shift(monkeypatch):
@@ -350,20 +360,12 @@ def test_a_refill_beside_a_far_outlier_counts_in_the_shift(monkeypatch):
     653), and a tol just below the first shift stopped the start an iteration before feature-space Lloyd;
     one k and batched alike."""
     monkeypatch.setattr(wsm, "RTOL", 0.0)  # only the labels and the shift stop a run
-    X, _ = blobs(n=240, C=10, k=4, spread=1.5, seed=0)
-    X[-1] = 3e4  # the outlier
-    ws = WorkingSet.from_features(X)
-    start = torch.tensor([239, 0, 0, 1, 2])  # clusters 1 and 2 on one point: 2 gets nothing and is refilled
+    X, ws, start = blobs_beside_a_far_outlier()
     _, _, shifts = feature_space_lloyd_with_tol(X, X[start], 0.0)
     tol = 0.95 * shifts[0]
     want_c, want_iters, _ = feature_space_lloyd_with_tol(X, X[start], tol)
     assert want_iters == 2
-    run = lloyd(ws, start[None], max_iter=100, tol=tol)[0]
-    assert run.iters == want_iters
-    torch.testing.assert_close(run.centroids(ws).double(), want_c, rtol=1e-4, atol=1e-3)
-    members, point, _, iters = kmeans_batched._gram_lloyd(ws, torch.tensor([5]), start[None], 100, tol)
-    assert int(iters[0]) == want_iters
-    torch.testing.assert_close(kmeans_batched.run_centroids(ws, members, point, 5)[0].double(), want_c, rtol=1e-4, atol=1e-3)
+    assert_both_lloyds_stop_at(ws, start, tol, want_c, want_iters, atol=1e-3)
 
 
 def test_a_refill_beside_a_far_outlier_does_not_stop_the_start(monkeypatch):
@@ -372,18 +374,10 @@ def test_a_refill_beside_a_far_outlier_does_not_stop_the_start(monkeypatch):
     empty cluster refilled onto the blobs' farthest point, within 16 eps of the outlier's ||x||^2 but
     nowhere near its centroid; the start goes on to feature-space Lloyd's centroids, one k and batched."""
     monkeypatch.setattr(wsm, "RTOL", 0.0)  # only the labels and the shift stop a run
-    X, _ = blobs(n=240, C=10, k=4, spread=1.5, seed=0)
-    X[-1] = 3e4  # the outlier
-    ws = WorkingSet.from_features(X)
-    start = torch.tensor([239, 0, 0, 1, 2])  # clusters 1 and 2 on one point: 2 gets nothing and is refilled
+    X, ws, start = blobs_beside_a_far_outlier()
     want_c, want_iters, _ = feature_space_lloyd_with_tol(X, X[start], 0.0)
     assert want_iters > 2
-    run = lloyd(ws, start[None], max_iter=100, tol=0.0)[0]
-    assert run.iters == want_iters
-    torch.testing.assert_close(run.centroids(ws).double(), want_c, rtol=1e-4, atol=1e-3)
-    members, point, _, iters = kmeans_batched._gram_lloyd(ws, torch.tensor([5]), start[None], 100, 0.0)
-    assert int(iters[0]) == want_iters
-    torch.testing.assert_close(kmeans_batched.run_centroids(ws, members, point, 5)[0].double(), want_c, rtol=1e-4, atol=1e-3)
+    assert_both_lloyds_stop_at(ws, start, 0.0, want_c, want_iters, atol=1e-3)
 
 
 @pytest.mark.parametrize("N, n, name", [(5, 6, "n"), (5, -1, "n"), (5, 2.0, "n"), (5, True, "n"), (-1, 0, "N"), (5.0, 2, "N")])
