@@ -815,7 +815,8 @@ def test_exact_lloyd_refills_an_empty_cluster():
 
 
 @pytest.mark.parametrize("channels", [3, 512])
-@pytest.mark.parametrize("batched", [False, True], ids=["one k", "batched"])
+@pytest.mark.parametrize("batched", [False, True, pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))], ids=["one k", "batched", "cuda"])
 def test_more_clusters_than_distinct_features_stop_with_the_groups_of_equal_features(batched, channels, monkeypatch):
     """A 16x16 grid of 40 distinct feature vectors, nearest-upsampled, clustered with k = 48: every
     group of equal features is one cluster (zero inertia), reached within a few iterations of every
@@ -828,7 +829,9 @@ def test_more_clusters_than_distinct_features_stop_with_the_groups_of_equal_feat
     values = torch.randn(40, channels, generator=gen)
     cell = torch.randint(0, 40, (16, 16), generator=gen)  # [16, 16] which value each cell holds
     stack = FeatureStack([values[cell].permute(2, 0, 1)[None].contiguous()], [1.0], [[]], (32, 32), "nearest")
-    result = kmeans(stack, 48)
+    if batched == "cuda":  # the batched code on a GPU
+        stack = stack.to("cuda")
+    result = kmeans(stack, 48).to("cpu")
     assert result.n_iter < 15, result.n_iter
     group = cell.repeat_interleave(2, 0).repeat_interleave(2, 1).reshape(-1)  # [N] each pixel's value
     pairs = torch.unique(torch.stack([group, result.labels[0].reshape(-1).long()]), dim=1)  # [2, pairs] in use

@@ -185,8 +185,10 @@ def test_defaults_and_a_live_recording_with_snapshot():
     assert {key.position for key in out.features.layers} == {"down", "up"}
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("edge", [600, 904])
-def test_masks_line_up_with_a_photo_whose_sides_are_no_multiples_of_32(edge):
+def test_masks_line_up_with_a_photo_whose_sides_are_no_multiples_of_32(edge, device):
     """A 1000x664 photo (latent 125x83): an object from column ``edge`` on, planted in each grid's cells where
     the UNet has them (cells of 8, 16 and 32 px from the left edge; the 1/4 grid's 32 cells span 1024 px).
     The k = 2 mask starts within a few pixels of the object, as it does on a 1024 px wide photo; stretching
@@ -202,8 +204,9 @@ def test_masks_line_up_with_a_photo_whose_sides_are_no_multiples_of_32(edge):
         inside = (centre >= edge).float().view(1, 1, 1, w, 1)
         t = inside * torch.randn(1, 2, 1, 1, 8, generator=g) + 0.01 * torch.randn(1, 2, h, w, 8, generator=g)
         layers[LayerKey(block, number, 0)] = t.half()
-    result = segment(Recording(layers, (H, W), model="SD2"), positions=("down",), components=2, cluster_counts=(2,))
-    labels = result.sweep.results[2].labels[0]  # [H, W]
+    rec = Recording(layers, (H, W), model="SD2").to(device)
+    result = segment(rec, positions=("down",), components=2, cluster_counts=(2,))
+    labels = result.sweep.results[2].labels[0].cpu()  # [H, W]
     for row in (0, H // 2, H - 1):
         starts = (labels[row] != labels[row, 0]).nonzero()
         assert starts.numel() and abs(int(starts[0]) - edge) <= 4, (row, starts[:1])
