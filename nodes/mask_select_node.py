@@ -15,7 +15,7 @@ from .core import masks as core_masks
 from .core import pixels as core_pixels
 from .core import preview as core_preview
 from .core.recording import MAX_IMAGE_SIDE, integer_index
-from .node_utils import CATEGORY, check_memory, image_batch, log, mask_to_comfy, preview_refs
+from .node_utils import CATEGORY, check_memory, image_batch, log, mask_bytes, mask_to_comfy, preview_refs
 
 
 def _point_text(point: tuple[int, int, bool]) -> str:
@@ -240,7 +240,7 @@ class MaskSelectAtPixel(io.ComfyNode):
             n = int(here.masks.shape[0])
             found.append(n)
             if n:
-                chosen[b] = here.masks[min(index, n - 1)].float()
+                chosen[b] = mask_bytes(here.masks[min(index, n - 1)])  # 0/1 into float32, no float copy first
             if b == 0:
                 first = here
         empty = [b for b, n in enumerate(found) if n == 0]

@@ -33,6 +33,7 @@ from .node_utils import (
     integer_input,
     label_previews,
     log,
+    mask_bytes,
     parse_positions,
     preview_refs,
     run_on_device,
@@ -674,7 +675,7 @@ class MaskMerge(io.ComfyNode):
             start = 0
             for m in chosen:
                 n = int(m.masks.shape[0])
-                all_masks[start : start + n] = m.masks  # bool -> 0/1 float32
+                all_masks[start : start + n] = mask_bytes(m.masks)  # 0/1 float32, from the masks' bytes
                 start += n
         counts = ", ".join(str(int(m.masks.shape[0])) for m in merged)
         return io.NodeOutput(merged, all_masks, ui={"text": [f"merged masks per image: {counts}"]})

@@ -1087,3 +1087,41 @@ def test_head_pca_refuses_a_picture_of_more_heads_than_fit_in_free_memory(nodes,
         with PeakBytes() as mem:
             core_preview.pca_rgb_grid(feats)
         assert mem.peak <= nodes.pca_rgb_bytes(r), (mem.peak, nodes.pca_rgb_bytes(r))
+
+
+class _BoolToFloatCopies:
+    """A dispatch mode counting the ops that read a bool tensor and write float32 values (copy_, _to_copy):
+    the slow way to turn masks into MASKs (torch converts their uint8 bytes about 1.3 - 1.4x as fast)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        seen = self.seen = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                reads_bool = any(isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in args)
+                if reads_bool and isinstance(out, torch.Tensor) and out.dtype == torch.float32:
+                    seen.append(str(func))
+                return out
+
+        self.mode = Mode()
+
+
+def test_masks_become_mask_outputs_from_their_bytes(nodes, recording):
+    """Mask Merge's all_masks and Mask Select's mask and masks_at_pixel copy the bool masks into float32
+    through their uint8 bytes: the same 0/1 values, about 15 - 20 % of Mask Merge's time less for SDXL at
+    1024 x 1024, where filling all_masks is most of the node after the merge."""
+    _, (_, _, sweep, _) = run_chain(nodes, recording, 180, 120)  # inside the ball: ball, foreground
+    counter = _BoolToFloatCopies()
+    with counter.mode:
+        merged, every = nodes.MaskMerge.execute(sweep, 0.9, 0.0, -1).args
+        chosen, at_pixel, _, count = nodes.MaskSelectAtPixel.execute(merged, 180, 120, 1).args
+    assert counter.seen == []
+    assert torch.equal(every, torch.cat([m.masks for m in merged]).float())
+    here = [masks_at_pixel(m, 180, 120) for m in merged]
+    assert count == len(here[0]) > 1
+    assert torch.equal(at_pixel, here[0].masks.float())
+    assert torch.equal(chosen, torch.stack([h.masks[min(1, len(h) - 1)].float() for h in here]))
+    assert every.dtype == at_pixel.dtype == chosen.dtype == torch.float32
