@@ -237,9 +237,12 @@ def check_one_device(first, label: str, t: torch.Tensor, what: str, noun: str):
 
 def all_finite(t: torch.Tensor) -> bool:
     """Whether t holds no NaN or inf: one sum, finite exactly when none is there (unless the sum
-    overflows); only then the element-wise check."""
+    overflows); only then the element-wise check. A float16 or bfloat16 tensor is summed in float32: a
+    float16 sum overflows past 65504 (in 15 of the 16 layers of an SD2.1-shaped float16 recording of values
+    about 0.3), and the element-wise check then took ten times as long."""
     t = t.detach()
-    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
+    wide = torch.float32 if t.is_floating_point() and t.element_size() < 4 else None
+    return math.isfinite(float(t.sum(dtype=wide))) or bool(torch.isfinite(t).all())
 
 
 def nonfinite_layers(rec) -> list[LayerKey]:

@@ -14,6 +14,7 @@ from headseg.nodes.core.recording import (
     FORMAT,
     LayerKey,
     Recording,
+    all_finite,
     check_size,
     grid_levels,
     is_recording_file,
@@ -420,6 +421,24 @@ def test_a_float16_head_of_subnormal_values_is_saved_as_it_is(tmp_path):
     save_recording(rec, tmp_path / "x.safetensors")
     back = load_recording(tmp_path / "x.safetensors").layers[key]
     assert torch.equal(back.view(torch.int16), rec.layers[key].view(torch.int16))
+
+
+def test_all_finite_sums_a_float16_tensor_in_float32(monkeypatch):
+    """A float16 layer of values about 0.3 sums past float16's 65504: its float16 sum is inf, and all_finite
+    then checked every element (ten times the time, on every layer Save and Load Recording look at). Summed
+    in float32 it needs no second look; NaN and inf are still found."""
+    t = torch.full((1, 5, 64, 64, 64), 0.3, dtype=torch.float16)
+    assert math.isinf(float(t.sum()))
+    looked = []
+    isfinite = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda x: looked.append(x.dtype) or isfinite(x))
+    assert all_finite(t) and all_finite(t.bfloat16()) and all_finite(t.float())
+    assert looked == []
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for dtype in (torch.float16, torch.bfloat16):
+            u = t.to(dtype)
+            u[0, 1, 2, 3, 4] = bad
+            assert not all_finite(u), (bad, dtype)
 
 
 GOOD_META = {"format": FORMAT, "image_height": "64", "image_width": "64", "model": "SD21", "steps": "last", "branch": "cond"}
