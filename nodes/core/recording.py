@@ -426,12 +426,15 @@ def save_recording(
     tensors = {}
     for key, t in rec.layers.items():
         B, heads, h, w, d = t.shape
+        if t.dtype == torch.float16:  # what the recorder keeps: no value lies beyond float16, written as it is
+            tensors[key.name] = t.detach().to("cpu").contiguous()
+            continue
         peaks = t.detach().abs().reshape(B, heads, h * w * d).amax(2).amax(0)  # [heads] largest |value| per head
         peaks = torch.where(peaks.isfinite(), peaks, 0.0)  # NaN / inf stay NaN / inf in float16
         if float(peaks.max()) > _FP16_MAX:
             raise ValueError(f"{name}: layer {key!s} has values beyond the float16 range")
-        # a float16 layer (what the recorder keeps) is written as it is; other dtypes would lose the digits
-        small = [] if t.dtype == torch.float16 else ((peaks > 0) & (peaks < _FP16_TINY)).nonzero().flatten().tolist()
+        # other dtypes than float16 would lose the digits of a head below float16's normal numbers
+        small = ((peaks > 0) & (peaks < _FP16_TINY)).nonzero().flatten().tolist()
         if small:
             raise ValueError(
                 f"{name}: layer {key!s}, head {small[0]}: values at most {float(peaks[small[0]]):.3g}, below "

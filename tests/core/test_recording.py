@@ -423,6 +423,33 @@ def test_a_float16_head_of_subnormal_values_is_saved_as_it_is(tmp_path):
     assert torch.equal(back.view(torch.int16), rec.layers[key].view(torch.int16))
 
 
+def test_a_float16_recording_is_written_without_a_copy_of_its_values(tmp_path):
+    """A float16 layer (what the recorder keeps) has no value beyond float16's range, so save_recording writes
+    it as it is, without the |value| copy of every layer that looks for one in other dtypes (the layer's size
+    again, and 24 % of Save Recording's CPU time for SD2.1 at 512 x 512, 43 % for SDXL at 1024 x 1024); inf,
+    NaN and float16's largest number are written too, bit for bit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    rec = sd21_recording(dtype=torch.float16)
+    key = LayerKey("input", 4, 0)
+    rec.layers[key][0, 0, 0, 0, :3] = torch.tensor([float("inf"), float("nan"), 65504.0])
+    with Ops() as ops:
+        save_recording(rec, tmp_path / "x.safetensors")
+    assert not [name for name in ops.names if name.startswith(("abs", "amax", "max"))], ops.names
+    back = load_recording(tmp_path / "x.safetensors")
+    for k, t in rec.layers.items():
+        assert torch.equal(back.layers[k].view(torch.int16), t.view(torch.int16)), k
+
+
 def test_all_finite_sums_a_float16_tensor_in_float32(monkeypatch):
     """A float16 layer of values about 0.3 sums past float16's 65504: its float16 sum is inf, and all_finite
     then checked every element (ten times the time, on every layer Save and Load Recording look at). Summed
