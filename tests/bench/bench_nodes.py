@@ -2,7 +2,7 @@
 all), in-process on the same planted input as bench_core.py, against the bare core in the same run.
 
     source tests/setup_env.sh && $PY tests/bench/bench_nodes.py [--size 512] [--width W] [--batch 1]
-        [--layout sd21 | sdxl] [--repeats 5] [--threads 2] [--error-map] [--batch-index -1]
+        [--layout sd21 | sdxl] [--repeats 5] [--threads 2] [--error-map] [--batch-index -1] [--device gpu]
 
 Each node's execute() is timed (median of --repeats; the preview PNGs are written to a temporary
 folder as ComfyUI writes them), then the chain runs once more under a resident-memory sampler: the
@@ -14,6 +14,10 @@ Each chain is a new image (Mask Select writes its picture's PNG); "a click" is M
 at another pixel of the same image, as when the user clicks the picker, timed after each chain, and
 "another index" Mask Select run once more at that pixel with the next index, as when the user picks
 a thumbnail and queues again (its thumbnails are the click's: no PNG is written).
+With --device gpu, ComfyUI picks its GPU (as when it serves on one) and Head PCA and Multi K-Means run
+with device = gpu (the recording and the stack stay on the CPU, as ComfyUI hands them over); "core" is
+then segment() on the recording moved to the GPU. The peak memory column stays the process's resident
+memory (the GPU's is not in it).
 """
 
 from __future__ import annotations
@@ -64,12 +68,14 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="torch threads, default 2")
     parser.add_argument("--error-map", action="store_true", help="also time Upsampling Error Map (explore example)")
     parser.add_argument("--batch-index", type=int, default=0, help="Mask Merge's batch_index (-1 = every image), default 0")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                        help="where Head PCA and Multi K-Means run (their device input), default cpu")
     args = parser.parse_args()
 
     bench_core.import_pack()  # the checkout as package `headseg`
     from headseg.tests.support.comfy_in_process import import_comfyui
 
-    if not import_comfyui():
+    if not import_comfyui(cpu=args.device == "cpu"):
         sys.exit("ComfyUI is not importable: run `source tests/setup_env.sh` first (it sets HEADSEG_COMFYUI)")
     import folder_paths
     import torch
@@ -93,9 +99,9 @@ def main():
     picture = (shade + grain).clamp(0, 1)  # [B, H, W, 3]
 
     steps = [
-        ("Head PCA", lambda v: N.HeadPCA.execute(rec, "down+up", "all", 8)),
+        ("Head PCA", lambda v: N.HeadPCA.execute(rec, "down+up", "all", 8, device=args.device)),
         ("Upsample", lambda v: N.Upsample.execute(v["Head PCA"], "bilinear", False)),
-        ("Multi K-Means", lambda v: N.MultiKMeans.execute(v["Upsample"], KS, 0, "cpu")),
+        ("Multi K-Means", lambda v: N.MultiKMeans.execute(v["Upsample"], KS, 0, args.device)),
         ("Mask Merge", lambda v: N.MaskMerge.execute(v["Multi K-Means"], 0.9, 0.0, args.batch_index)),
         ("Mask Select At Pixel", lambda v: N.MaskSelectAtPixel.execute(v["Mask Merge"], W // 2, H // 2, 0, picture)),
     ]
@@ -115,6 +121,7 @@ def main():
             values[name], outputs[name] = out.args[0], out.args
         return outputs
 
+    core_rec = rec.to("cuda") if args.device == "gpu" else rec  # the bare core on the nodes' device
     run_chain()  # warm-up
     times, core, clicks, indices = {}, [], [], []
     for i in range(args.repeats):
@@ -127,7 +134,7 @@ def main():
         N.MaskSelectAtPixel.execute(outputs["Mask Merge"][0], W // 3 + i, H // 3, 1, picture)
         indices.append(time.perf_counter() - start)
         timings = {}
-        bench_core.run_ours(rec, 0, timings)
+        bench_core.run_ours(core_rec, 0, timings)
         core.append(timings["total (sum of stages)"][0][0])
 
     peaks, sizes = {}, {}
@@ -141,7 +148,8 @@ def main():
         peaks[name] = rss.extra_mb
         sizes[name] = output_bytes(out.args, seen) / 1e6
 
-    print(f"# {args.layout}, {W}x{H} px, batch {B}, k = {KS}, torch {torch.__version__}, {args.threads} threads")
+    where = f", Head PCA and Multi K-Means on {torch.cuda.get_device_name()}" if args.device == "gpu" else ""
+    print(f"# {args.layout}, {W}x{H} px, batch {B}, k = {KS}, torch {torch.__version__}, {args.threads} threads{where}")
     print(f"| node | seconds (median of {args.repeats}) | peak extra memory (MB) | outputs kept in the cache (MB) |")
     print("| --- | ---: | ---: | ---: |")
     medians = {name: statistics.median(t) for name, t in times.items()}
