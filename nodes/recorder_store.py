@@ -306,13 +306,15 @@ class _Store:
         label = self.steps.label
         n_steps = self.n_steps
         if layers and self.steps.mode == "range":
-            asked = range(self.steps.first, self.steps.last + 1)
-            if self.wanted_steps != set(asked):  # recorded at fewer steps than asked: say which
+            # the asked steps the run has: a range typed as '0-999999999' (up to the end) would otherwise be
+            # a set of a billion steps here, which took the server's memory
+            asked = range(self.steps.first, min(self.steps.last, n_steps - 1) + 1)
+            if self.steps.last >= n_steps or self.wanted_steps != set(asked):  # fewer steps than asked: say which
                 label = _steps_label(self.wanted_steps)
                 why = []
                 if self.steps.last >= n_steps:
                     why.append(f"the sampling run had {n_steps} steps (0-{n_steps - 1})")
-                skipped = [i for i in asked if i < n_steps and i not in self.wanted_steps]
+                skipped = [i for i in asked if i not in self.wanted_steps]
                 cached = self._skipped_by_cache(skipped)
                 inactive = [i for i in skipped if i not in cached]
                 if cached:

@@ -808,6 +808,16 @@ def test_a_range_past_the_run_records_the_steps_there_and_says_so(tiny, sd2, cap
     assert_matches(rec, probe, (8, 8), steps="1-2", sigmas=sigmas)
 
 
+def test_a_range_to_a_huge_step_records_the_steps_there_in_no_time(tiny, sd2, caplog):
+    """'0-999999999' (a range up to the end, as the tooltip invites: a range partly past the run keeps the steps
+    it has) made a set of a billion steps when the run ended: tens of GB, the server killed or stalled."""
+    patched, live = recorder.attach_recorder(sd2, steps="0-999999999")
+    with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        run(tiny, patched, latent_hw=(8, 8), steps=2)
+    assert "steps 0-999999999: the sampling run had 2 steps (0-1): recorded steps 0-1" in caplog.text
+    assert live.snapshot().steps == "0-1"
+
+
 def test_a_run_dropped_from_the_history_is_named(tiny, sd2):
     patched, live = recorder.attach_recorder(sd2)
     first = run(tiny, patched, latent_hw=(8, 8), seed=0)
