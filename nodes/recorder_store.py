@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from .core.recording import LayerKey, Recording, grid_levels, is_ascii_digits
+from .core.recording import LayerKey, Recording, ascii_int, grid_levels, is_ascii_digits
 
 log = logging.getLogger("HeadSeg")
 
@@ -74,7 +74,7 @@ def parse_steps(text: str) -> StepSelection:
         return StepSelection(t)
     parts = t.split("-")
     if 1 <= len(parts) <= 2 and all(is_ascii_digits(p) for p in parts):
-        first, last = int(parts[0]), int(parts[-1])
+        first, last = ascii_int(parts[0]), ascii_int(parts[-1])
         if first <= last:
             return StepSelection("range", first, last)
     raise ValueError(

@@ -48,7 +48,7 @@ from typing import Callable
 import torch
 
 from . import kmeans_batched as batched
-from .recording import full_float32_matmul, is_int, power_of_two_scale
+from .recording import ascii_int, full_float32_matmul, is_int, power_of_two_scale
 from .upsample import MAX_OFFSET, FeatureStack, channel_means, check_stack, interpolation_matrix, peak_abs
 from .working_set import RTOL as _RTOL
 from .lattice import Lattice, sample_positions
@@ -165,7 +165,7 @@ def parse_cluster_counts(text: str) -> list[int]:
     for token in tokens:
         if not re.fullmatch(r"[+-]?[0-9]+", token):  # ASCII digits only
             raise ValueError(f"cluster_counts must hold integers such as '2,5,6,10,20'; {token!r} is not one")
-        value = int(token)
+        value = -ascii_int(token[1:]) if token[0] == "-" else ascii_int(token.lstrip("+"))
         if not 1 <= value <= MAX_CLUSTERS:
             raise ValueError(f"cluster_counts must hold integers from 1 to {MAX_CLUSTERS}, got {value} in {text!r}")
         counts.append(value)

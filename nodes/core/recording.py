@@ -62,6 +62,18 @@ def is_ascii_digits(text: str) -> bool:
     return text.isascii() and text.isdecimal()
 
 
+# The value ascii_int gives digits of a larger number: beyond any grid level, step or cluster count.
+DIGITS_BEYOND = 10**9
+
+
+def ascii_int(digits: str) -> int:
+    """ASCII digits (is_ascii_digits) -> their value, or DIGITS_BEYOND when it is larger. Python's int()
+    refuses text of more than 4300 digits (leading zeros too) with a ValueError in its own words, which
+    would reach the user instead of the message naming the input."""
+    digits = digits.lstrip("0") or "0"
+    return DIGITS_BEYOND if len(digits) > len(str(DIGITS_BEYOND)) else min(int(digits), DIGITS_BEYOND)
+
+
 _FP16_MAX = torch.finfo(torch.float16).max
 _FP16_TINY = torch.finfo(torch.float16).tiny  # smallest normal float16: a head below it would lose its digits
 # The dtypes a recording, features and stacks may hold (float8 has too few digits and few kernels).
@@ -149,7 +161,7 @@ def parse_levels(text: str) -> list[int] | None:
         return None
     parts = [p.strip() for p in t.split(",") if p.strip()]
     if parts and all(is_ascii_digits(p) for p in parts):
-        return sorted({int(p) for p in parts})
+        return sorted({ascii_int(p) for p in parts})
     raise ValueError(
         f"levels: expected 'all' or grid levels as comma-separated integers >= 0 "
         f"(0 = latent grid, 1 = 1/2, 2 = 1/4, 3 = 1/8), got {text!r}"

@@ -145,6 +145,11 @@ def test_validate_inputs_reports_bad_strings():
     assert RecordSelfAttention.validate_inputs(levels="0, 1", steps="3-7") is True
     assert "levels" in RecordSelfAttention.validate_inputs(levels="low", steps="last")
     assert "steps" in RecordSelfAttention.validate_inputs(levels="all", steps="-3")
+    # thousands of digits (more than Python's int() converts): Python's own "Exceeds the limit (4300 digits)"
+    # came back, naming no input; read as 10**9, a step or level the run lacks, as any other one it lacks
+    assert RecordSelfAttention.validate_inputs(levels="0," + "9" * 5000, steps="0-" + "9" * 5000) is True
+    assert RecordSelfAttention.validate_inputs(levels="all", steps="0" * 5000 + "3") is True
+    assert "steps" in RecordSelfAttention.validate_inputs(levels="all", steps="9" * 5000 + "-3")
     for digits in ("\u0663", "1-\u0664", "\uff12"):  # other scripts' digits, which int() would read
         assert "steps" in RecordSelfAttention.validate_inputs(levels="all", steps=digits), digits
 

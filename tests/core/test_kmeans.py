@@ -744,6 +744,15 @@ def test_parse_cluster_counts_errors(text):
         parse_cluster_counts(text)
 
 
+def test_cluster_counts_of_thousands_of_digits_are_refused_by_name():
+    """Python's int() refuses text of more than 4300 digits (leading zeros too) in its own words ("Exceeds the
+    limit (4300 digits) for integer string conversion"), which reached the user as the queue's answer."""
+    for sign in ("", "+", "-"):
+        with pytest.raises(ValueError, match=r"^cluster_counts must hold integers from 1 to 256, got -?1000000000 in "):
+            parse_cluster_counts("2," + sign + "9" * 5000)
+    assert parse_cluster_counts("2," + "0" * 5000 + "5") == [2, 5]
+
+
 def test_cluster_counts_may_add_up_to_at_most_max_total_clusters():
     """Every cluster becomes a mask and merging compares every pair: the sum of k is bounded."""
     at_limit = [256, 255, 254, 253, 6]  # sum 1024

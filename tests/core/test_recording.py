@@ -154,6 +154,13 @@ def test_parse_levels_rejects_naming_levels(text):
         parse_levels(text)
 
 
+def test_parse_levels_of_thousands_of_digits():
+    """More digits than Python's int() converts (4300, leading zeros too): its ValueError, naming no input, was
+    the queue's answer; such a level is read as 10**9, which no recording has (refused as any level it lacks)."""
+    assert parse_levels("0" * 5000 + "1") == [1]
+    assert parse_levels("0," + "9" * 5000) == [0, 10**9]
+
+
 def test_parse_levels_rejects_non_strings():
     with pytest.raises(TypeError, match=r"^levels: expected a string"):
         parse_levels(1)
