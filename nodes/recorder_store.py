@@ -950,9 +950,10 @@ class LiveRecording:
         same_shape = isinstance(latent, torch.Tensor) and any(out.shape == latent.shape for out in runs)
         no_step = (
             " If the sampler of this LATENT used the MODEL of another Record Self-Attention, read that node's "
-            "recording instead. A sampler that takes no step (denoise 0, or a start step at or past its last "
-            "step) returns its input LATENT without running the model, so nothing is recorded for it: give it "
-            "at least one step."
+            "recording instead; a model merge keeps the patches of its first model only, so give the recorded "
+            "MODEL to ModelMergeSimple as model1. A sampler that takes no step (denoise 0, or a start step at or "
+            "past its last step) returns its input LATENT without running the model, so nothing is recorded for "
+            "it: give it at least one step."
             if same_shape
             else ""
         )

@@ -214,6 +214,20 @@ def test_a_recorded_model_merged_in_as_model2_is_refused_with_a_hint_to_make_it_
         live.snapshot(got)
 
 
+def test_a_recorded_model_merged_in_as_model2_after_a_run_gets_the_same_hint(tiny, sd2):
+    """Once the record node holds a run (the workflow sampled with the recorded MODEL, then a ModelMergeSimple
+    was put in with it as model2, the record node coming from ComfyUI's cache), the merged sampler's LATENT is
+    no run's: that message said to connect the sampler directly, with no word of the merge."""
+    other = tiny.build("SD2", seed=5)
+    patched, live = recorder.attach_recorder(sd2)
+    pos, neg = tiny.conditioning("SD2")
+    live.snapshot(tiny.sample(patched, pos, neg, latent_hw=HW, steps=2, seed=2))  # a run of the recorded MODEL
+    merged = nodes_model_merging.ModelMergeSimple().merge(other, patched, 0.5)[0]
+    got = tiny.sample(merged, pos, neg, latent_hw=HW, steps=2, seed=3)
+    with pytest.raises(ValueError, match="^latent: this LATENT .* is not the output .*ModelMergeSimple as model1"):
+        live.snapshot(got)
+
+
 def reference_only(until_sigma=None):
     """MODEL -> clone with a reference-only attn1 patch as ComfyUI_experiments' ReferenceOnlySimple makes
     it: latent item 0 is the reference, and every other item's self-attention keys and values get the
