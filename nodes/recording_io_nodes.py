@@ -29,7 +29,7 @@ from .core.recording import (
     printable_path,
     save_recording,
 )
-from .node_utils import as_recording, comfy_metadata, output_error, output_place, prefix_error
+from .node_utils import as_recording, check_memory, comfy_metadata, output_error, output_place, prefix_error
 
 CATEGORY = "HeadSeg/recording"
 NO_FILE = "(no recording files found)"
@@ -427,11 +427,22 @@ class LoadRecording(io.ComfyNode):
     @classmethod
     def execute(cls, file, path="") -> io.NodeOutput:
         full = _resolve(file, path)
+        chosen = "path" if _override_path(path) is not None else "file"
         _watch(full)  # before reading: a file replaced while it is read is read again next time
+        try:
+            size = os.stat(full).st_size
+        except OSError:
+            size = 0  # load_recording names what is wrong with it
+        # the heads are copied into memory (about the file's size): a file larger than this machine's free
+        # memory (one saved on a larger machine) stopped in torch's allocator or had the server killed
+        check_memory(
+            size, chosen, f"the heads of {os.path.basename(full)}, copied into memory,",
+            "Load it on a machine with more free memory, or save a smaller recording (fewer positions or levels "
+            "in Record Self-Attention, or fewer images per batch)",
+        )
         try:
             rec = load_recording(full)
         except (ValueError, FileNotFoundError) as exc:  # names the file and what is wrong; say which input chose it
-            chosen = "path" if _override_path(path) is not None else "file"
             if isinstance(exc, FileNotFoundError):  # removed since _resolve found it
                 exc = f"{printable_path(full)} was removed while the node read it"
             raise ValueError(f"{chosen}: {exc}; HeadSeg Save Recording writes the files this node reads") from None

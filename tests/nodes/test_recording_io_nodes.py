@@ -82,6 +82,25 @@ def test_loaded_recording_gives_masks_without_a_model(io_nodes, recording):
     assert chosen.shape == (1, 128, 192) and chosen[0, 90, 150] == 1.0
 
 
+def test_a_file_larger_than_the_free_memory_is_refused_before_it_is_read(io_nodes, recording, monkeypatch):
+    """Load Recording copies the heads into memory (about the file's size): a file saved on a larger machine
+    ran into torch's allocator part-way (or the server was killed); it is refused naming the input instead."""
+    import os
+
+    from headseg.nodes import node_utils
+
+    path = io_nodes.SaveRecording.execute(recording, "big").args[0]
+    size = os.path.getsize(path)
+    monkeypatch.setattr(node_utils, "available_memory", lambda: int(size / 0.8) - 1)
+    with pytest.raises(ValueError, match=r"^path: the heads of big_00001_\.safetensors, copied into memory, would "
+                                         r"take 0\.0 GiB, more than 80 % of the 0\.0 GiB free\. Load it on a machine"):
+        io_nodes.LoadRecording.execute("", path)
+    with pytest.raises(ValueError, match=r"^file: the heads of big_00001_\.safetensors"):
+        io_nodes.LoadRecording.execute("big_00001_.safetensors [output]", "")
+    monkeypatch.setattr(node_utils, "available_memory", lambda: int(size / 0.8) + 1)
+    assert io_nodes.LoadRecording.execute("", path).args[0].num_heads == recording.num_heads
+
+
 def test_fingerprint_follows_the_file(io_nodes, recording):
     path = io_nodes.SaveRecording.execute(recording, "fp").args[0]
     first = io_nodes.LoadRecording.fingerprint_inputs("", path)
