@@ -14,8 +14,14 @@ from . import types as hs
 from .core import masks as core_masks
 from .core import pixels as core_pixels
 from .core import preview as core_preview
-from .core.recording import MAX_IMAGE_SIDE, integer_index
+from .core.recording import integer_index
 from .node_utils import CATEGORY, check_memory, image_batch, log, mask_bytes, mask_to_comfy, preview_refs
+
+
+# The largest x / y the prompt check lets through: a pixel of the picture, which may be larger than any masks'
+# grid (a picture picked on before the first run is mapped onto the grid, e.g. a 20 000 px wide scan scaled
+# down before VAE Encode); the coordinates more_points reads as they are, too.
+MAX_PIXEL = core_masks.POINT_BEYOND - 1
 
 
 def _point_text(point: tuple[int, int, bool]) -> str:
@@ -86,7 +92,7 @@ class MaskSelectAtPixel(io.ComfyNode):
                     "x",
                     default=0,
                     min=0,
-                    max=MAX_IMAGE_SIDE - 1,
+                    max=MAX_PIXEL,
                     tooltip=(
                         "Pixel column on the masks' grid, i.e. of the sampled image (latent width x 8); 0 = left "
                         "edge. A pixel of a larger 'image' picked before the first run is mapped onto the grid; "
@@ -97,7 +103,7 @@ class MaskSelectAtPixel(io.ComfyNode):
                     "y",
                     default=0,
                     min=0,
-                    max=MAX_IMAGE_SIDE - 1,
+                    max=MAX_PIXEL,
                     tooltip=(
                         "Pixel row on the masks' grid, i.e. of the sampled image (latent height x 8); 0 = top "
                         "edge. A pixel of a larger 'image' picked before the first run is mapped onto the grid; "

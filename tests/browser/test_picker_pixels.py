@@ -4,12 +4,14 @@ come from a link (js/picker_pixels.js).
 
 from __future__ import annotations
 
+import json
 
 from headseg.tests.browser.helpers import (
     JS_CHECK_STATE,
     JS_WIDGETS,
     add_picker,
     click_pixel,
+    coded_picture,
     frame_rect,
     picker_selector,
     selected_thumbs,
@@ -182,4 +184,37 @@ def test_undo_past_a_run_that_mapped_the_pixel_brings_back_the_pixel_asked(comfy
     values = page.evaluate(JS_WIDGETS, node_id)
     assert (values["x"], values["y"]) == (0, 0)
     assert page.evaluate(JS_POINTS, node_id) == ""
+    assert comfy_page.pack_problems() == []
+
+
+def test_a_pixel_picked_on_a_picture_wider_than_16384_px_passes_the_prompt_check(comfy_page, comfy_server):
+    """Before the first run the picker shows the connected picture at its own size, and the node maps a pixel
+    of it that lies outside the masks' grid. A click near the right edge of a 17 000 px wide scan gave x = 16 8xx,
+    which ComfyUI refused when queued ('Value 16830 bigger than max of 16383: x'): the widgets' range was the
+    masks' largest grid, not the pictures the node maps from. The prompt check now lets that pixel through."""
+    name, W, H = "headseg_browser_wide_17000.png", 17000, 400
+    coded_picture(W, H).save(comfy_server.input_dir / name)
+    page = comfy_page.page
+    node_id = add_picker(page, name)
+    page.wait_for_function(
+        "(sel) => { const i = document.querySelector(sel + ' img.headseg-base'); return i && i.naturalWidth > 0; }",
+        arg=picker_selector(node_id),
+        timeout=60_000,
+    )
+    settle(page, 500)
+    rect = frame_rect(page, node_id)
+    page.mouse.click(rect["left"] + 0.995 * rect["width"], rect["top"] + 0.5 * rect["height"])
+    settle(page, 300)
+    x = page.evaluate(JS_WIDGETS, node_id)["x"]
+    assert x > 16383, x  # a pixel of the picture, past any masks' grid
+    api = page.evaluate("async () => (await app.graphToPrompt()).output")
+    assert api[str(node_id)]["inputs"]["x"] == x
+    try:
+        comfy_server.post_json("/prompt", {"prompt": api, "client_id": "headseg-wide-picture"})
+    except RuntimeError as exc:  # 400 with the prompt check's node_errors (masks is not connected here)
+        body = str(exc).split(": ", 1)[1]
+    else:
+        raise AssertionError("a picker without masks was queued")
+    errors = [e for e in json.loads(body)["node_errors"][str(node_id)]["errors"] if e["extra_info"]["input_name"] == "x"]
+    assert errors == [], errors
     assert comfy_page.pack_problems() == []
