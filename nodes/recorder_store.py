@@ -39,6 +39,12 @@ _SKIPPED_BY_CACHE = (
     "a node that reuses earlier model outputs instead of running the model, such as EasyCache or LazyCache, "
     "skipped them"
 )
+# Why a sampler that does not report the schedule's steps made no model call in some of them (LazyCache
+# skips whole evaluations, under such a sampler as under any other).
+_OWN_SIGMAS = (
+    "samplers such as dpm_fast and dpm_adaptive choose their own sigmas, and a node such as LazyCache skips "
+    "whole model evaluations"
+)
 # Why a run recorded nothing when the recorded layers never ran (the MODEL used was not the patched one).
 _NEVER_CALLED = "the self-attention layers were never called during the last sampling run"
 
@@ -316,9 +322,13 @@ class _Store:
                     why.append(f"the sampling run had {n_steps} steps (0-{n_steps - 1})")
                 skipped = [i for i in asked if i not in self.wanted_steps]
                 cached = self._skipped_by_cache(skipped)
-                inactive = [i for i in skipped if i not in cached]
+                unseen = self._not_evaluated(i for i in skipped if i not in cached)
+                inactive = [i for i in skipped if i not in cached and i not in unseen]
                 if cached:
                     why.append(f"the model did not run at step(s) {_steps_label(cached)} ({_SKIPPED_BY_CACHE})")
+                if unseen:
+                    why.append(f"the sampler evaluated the model at none of the sigmas of step(s) "
+                               f"{_steps_label(unseen)} ({_OWN_SIGMAS})")
                 if inactive:
                     why.append(
                         f"the '{self.branch}' conditioning was not called at step(s) {_steps_label(inactive)} "
@@ -430,12 +440,23 @@ class _Store:
         self.idle_steps[step] = self.idle_steps.get(step, False) or active
 
     def _not_run(self, steps) -> list[int]:
-        """Of ``steps``, those the sampler reported done (step_done) with no main-pass model call in
-        them. Only for samplers whose reports count the schedule's steps, and only once the run's calls
-        are placed (_settle_estimates; 'mean' places none)."""
-        if not self.reports_steps or self.steps.mode == "mean":
+        """Of ``steps``, those the sampler went through with no main-pass model call in them: reported
+        done (step_done) by a sampler whose reports count the schedule's steps, or, by any other sampler,
+        asked for a prediction there that ran no recorded layer (note_idle). Only once the run's calls are
+        placed (_settle_estimates; 'mean' places none)."""
+        if self.steps.mode == "mean":
             return []
+        if not self.reports_steps:  # (uni_pc, dpm_fast, a rising schedule): only the calls it made tell
+            return [i for i in steps if i in self.idle_steps and i not in self.steps_run]
         return [i for i in steps if i <= self.reported and i not in self.steps_run]
+
+    def _not_evaluated(self, steps) -> list[int]:
+        """Of ``steps``, those in which a sampler that does not report the schedule's steps (dpm_fast,
+        dpm_adaptive: they choose their own sigmas) asked for no prediction at all (nor did the guider run:
+        LazyCache), main pass or not run."""
+        if self.reports_steps or self.steps.mode == "mean":
+            return []
+        return [i for i in steps if i not in self.steps_run and i not in self.idle_steps]
 
     def _skipped_by_cache(self, steps) -> list[int]:
         """Of ``steps``, those where the model did not run though a conditioning entry was active, or
@@ -486,6 +507,12 @@ class _Store:
                 f"choose steps up to {self.max_step}, 'mean', or widen its timestep range"
             )
         if self.steps.mode == "range" and self.steps.first > self.max_step:
+            if self.steps.first <= last and self._not_evaluated(asked) == list(asked):  # within the run
+                return (
+                    f"steps: range {self.steps.label} selected, but the sampler evaluated the model only down "
+                    f"to sigma {self.min_sigma:.4g} (in step {self.max_step_any} of its steps 0-{last}; "
+                    f"{_OWN_SIGMAS}): choose steps up to {self.max_step}, or 'mean'"
+                )
             return (
                 f"steps: range {self.steps.label} selected but the sampler ran {n_steps} steps "
                 f"(0-{last}): choose steps within them, or 'last'"
@@ -493,8 +520,7 @@ class _Store:
         if self.steps.mode == "last" and self.max_step < last:
             return (
                 f"steps: 'last' is step {last} (sigma at most {self.sigmas[last]:.4g}), but the sampler evaluated "
-                f"the model only down to sigma {self.min_sigma:.4g} (samplers such as dpm_fast and dpm_adaptive "
-                "choose their own sigmas): choose steps 'mean' or a range"
+                f"the model only down to sigma {self.min_sigma:.4g} ({_OWN_SIGMAS}): choose steps 'mean' or a range"
             )
         if self.foreign_calls:  # (nothing was recorded: the calls left to record were all such calls)
             return (

@@ -178,6 +178,28 @@ def test_last_step_never_evaluated_says_which_sigmas_ran(tiny, sd2):
     assert live.snapshot(got).layers
 
 
+@pytest.mark.filterwarnings("ignore:To copy construct from a tensor")  # ComfyUI's dpm_fast itself
+@pytest.mark.parametrize("sampler", ["dpm_fast", "dpm_adaptive"])
+def test_a_step_inside_the_run_that_the_sampler_never_evaluated_says_which_sigmas_ran(tiny, sd2, sampler, caplog):
+    """dpm_fast and dpm_adaptive choose their own sigmas: with 3 steps none falls in step 2. A range there
+    is inside the run (it said 'range 2 selected but the sampler ran 3 steps (0-2): choose steps within
+    them, or 'last'', and 'last' fails the same way), and a range reaching it blamed a timestep range."""
+    pos, neg = tiny.conditioning("SD2")
+    patched, live = recorder.attach_recorder(sd2, steps="2")
+    got = tiny.sample(patched, pos, neg, latent_hw=(5, 7), steps=3, seed=1, sampler_name=sampler)
+    with pytest.raises(ValueError, match=r"steps: range 2 selected, but the sampler evaluated the model only down "
+                                         r"to sigma [0-9.]+ \(in step 1 of its steps 0-2; samplers such as dpm_fast "
+                                         r"and dpm_adaptive choose their own sigmas, .*LazyCache.*\): choose steps up "
+                                         r"to 1, or 'mean'"):
+        live.snapshot(got)
+    patched, live = recorder.attach_recorder(sd2, steps="0-2")
+    with caplog.at_level("WARNING", logger="HeadSeg"):
+        got = tiny.sample(patched, pos, neg, latent_hw=(5, 7), steps=3, seed=1, sampler_name=sampler)
+    assert live.snapshot(got).steps == "0-1"  # the steps the message suggests
+    assert "at none of the sigmas of step(s) 2 (samplers such as dpm_fast" in caplog.text
+    assert "timestep range" not in caplog.text
+
+
 def test_pag_keeps_its_effect_when_nothing_is_being_recorded(tiny, sd2, monkeypatch):
     """Dropped recording, or a recording that failed part-way: the sampled image is still PAG's."""
     import gc

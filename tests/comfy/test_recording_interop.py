@@ -178,6 +178,17 @@ def test_a_cache_node_that_skips_the_last_step_is_named(tiny, sd2, cache):
     assert live.snapshot(tiny.sample(model, pos, neg, latent_hw=HW, steps=10, seed=2)).layers
 
 
+def test_a_cache_node_that_skips_the_last_step_under_a_sampler_that_reports_no_steps_is_named(tiny, sd2):
+    """uni_pc reports no steps: EasyCache's skipped steps are still told from the predictions the guider was
+    asked for there (it named dpm_fast's own sigmas)."""
+    pos, neg = tiny.conditioning("SD2")
+    model, live = recorder.attach_recorder(easycache(1.0)(sd2))
+    got = tiny.sample(model, pos, neg, latent_hw=HW, steps=10, seed=2, sampler_name="uni_pc")
+    with pytest.raises(ValueError, match=r"steps: the sampler went through step 9 but the model did not run at "
+                                         r"step\(s\) [0-9,-]*9 \(a node that reuses earlier model outputs .*EasyCache"):
+        live.snapshot(got)
+
+
 def test_a_range_over_steps_a_cache_node_skipped_says_so(tiny, sd2, caplog):
     pos, neg = tiny.conditioning("SD2")
     model, live = recorder.attach_recorder(easycache(1.0)(sd2), steps="0-9")
@@ -189,17 +200,19 @@ def test_a_range_over_steps_a_cache_node_skipped_says_so(tiny, sd2, caplog):
 
 
 @pytest.mark.parametrize("steps", ["last", "6-9"])
-def test_cfg1_with_a_positive_ended_by_its_timestep_range_is_named(tiny, sd2, steps):
+@pytest.mark.parametrize("sampler,idle,ran", [("euler", "5-9", "0-4"), ("uni_pc", "6-9", "0-5")])
+def test_cfg1_with_a_positive_ended_by_its_timestep_range_is_named(tiny, sd2, steps, sampler, idle, ran):
     """At cfg = 1 nothing runs the model once the only conditioning's range ends (no uncond pass): the
-    message names the timestep range (it named dpm_fast's own sigmas, or a range 'outside' 0-9)."""
+    message names the timestep range (it named dpm_fast's own sigmas, or a range 'outside' 0-9; under
+    uni_pc, which reports no steps, it still did). uni_pc's call at step 5 lands on the range's end."""
     import nodes
 
     pos, neg = tiny.conditioning("SD2")
     early = nodes.ConditioningSetTimestepRange().set_range(pos, 0.0, 0.5)[0]
     model, live = recorder.attach_recorder(sd2, steps=steps)
-    got = tiny.sample(model, early, neg, latent_hw=(8, 8), steps=10, seed=2, cfg=1.0)
-    with pytest.raises(ValueError, match=r"steps: no conditioning entry was active at step\(s\) 5-9, so the model did "
-                                         r"not run there \(a timestep range.*choose steps the model ran \(0-4\)"):
+    got = tiny.sample(model, early, neg, latent_hw=(8, 8), steps=10, seed=2, cfg=1.0, sampler_name=sampler)
+    with pytest.raises(ValueError, match=rf"steps: no conditioning entry was active at step\(s\) {idle}, so the model "
+                                         rf"did not run there \(a timestep range.*choose steps the model ran \({ran}\)"):
         live.snapshot(got)
 
 
