@@ -323,9 +323,10 @@ class Recording:
         grid = (int(t.shape[2]), int(t.shape[3]))
         levels = grid_levels(self.latent_size)
         if grid not in levels:
-            raise ValueError(
-                f"Recording: layer {key!s} has token grid {grid[0]}x{grid[1]}, which fits no level of an image "
-                f"of {self.image_size[0]}x{self.image_size[1]} pixels (latent grids "
+            H, W = self.image_size
+            raise ValueError(  # sizes spelled out: the nodes write an image's size as width x height
+                f"Recording: layer {key!s} has a token grid of {grid[0]} rows x {grid[1]} columns, which fits no "
+                f"level of an image {W} px wide and {H} px high (its grids, rows x columns: "
                 f"{', '.join(f'{h}x{w}' for h, w in levels)})"
             )
         return levels.index(grid)

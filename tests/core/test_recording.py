@@ -133,8 +133,11 @@ def test_grid_level_ceil_halving(latent, grids):
 @pytest.mark.parametrize("grid", [(3, 3), (8, 8), (4, 5), (16, 12)])
 def test_grid_that_fits_no_level_is_rejected(grid):
     rec = Recording({LayerKey("input", 4, 0): torch.zeros(1, 2, *grid, 4)}, (64, 96))  # latent 8x12
-    with pytest.raises(ValueError, match=r"input\.4\.0.*fits no level"):
+    with pytest.raises(ValueError, match=r"input\.4\.0.*fits no level") as info:
         rec.grid_level(LayerKey("input", 4, 0))
+    # the image's sides named, not a bare 64x96 that the nodes' width x height texts would read as 64 wide
+    assert f"grid of {grid[0]} rows x {grid[1]} columns" in str(info.value)
+    assert "image 96 px wide and 64 px high" in str(info.value) and "8x12" in str(info.value)
     with pytest.raises(ValueError, match=r"input\.4\.0"):
         rec.validate()
 
