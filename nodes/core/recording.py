@@ -18,6 +18,7 @@ import numbers
 import operator
 import os
 import pathlib
+import re
 import stat
 from dataclasses import dataclass
 
@@ -593,6 +594,8 @@ def load_recording(path) -> Recording:
     try:
         handle = safe_open(path, framework="pt", device="cpu")
     except Exception as exc:  # safetensors raises its own error types for a damaged header
+        if re.search(r"\(os error \d+\)", str(exc)):  # the system refused to read or map it: not its content
+            raise ValueError(f"{path}: could not be read ({exc})") from exc
         raise ValueError(f"{path}: not a safetensors file ({exc})") from exc
     with handle as f:
         metadata = f.metadata() or {}

@@ -576,6 +576,23 @@ def test_load_no_layers(tmp_path):
         load_recording(path)
 
 
+def test_a_file_the_system_cannot_map_is_not_called_a_damaged_one(tmp_path, monkeypatch):
+    """safetensors reports the system's refusal to read or map a file (an address-space limit, a disk
+    error) as '<reason> (os error N)': that is no verdict on the file, which is not called damaged."""
+    import safetensors
+
+    path = tmp_path / "rec.safetensors"
+    save_recording(sd21_recording(seed=0), path)
+
+    def refuse(*args, **kwargs):
+        raise safetensors.SafetensorError("Cannot allocate memory (os error 12)")
+
+    monkeypatch.setattr(safetensors, "safe_open", refuse)
+    with pytest.raises(ValueError, match=r"rec\.safetensors: could not be read \(Cannot allocate memory") as info:
+        load_recording(path)
+    assert "not a safetensors file" not in str(info.value)
+
+
 def test_load_not_a_safetensors_file(tmp_path):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(b"this is not a safetensors file at all")
