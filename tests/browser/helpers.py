@@ -94,6 +94,42 @@ JS_WIDGETS = """
 """
 
 
+# Queues the graph (app.queuePrompt) and waits for the prompt to end -> {cached, executed: node ids, error: null
+# or what ended it, started, finished}.
+JS_QUEUE_AND_WAIT = """
+async (timeoutMs) => {
+  const api = app.api;
+  const events = {cached: [], executed: [], error: null, started: false};
+  let finish;
+  const done = new Promise((resolve) => {
+    const handlers = {
+      execution_start: () => { events.started = true; },
+      execution_cached: (e) => events.cached.push(...(e.detail?.nodes ?? []).map(String)),
+      executed: (e) => events.executed.push(String(e.detail?.node)),
+      execution_success: () => finish(null),
+      execution_error: (e) => finish(e.detail ?? 'execution_error'),
+      execution_interrupted: (e) => finish(e.detail ?? 'execution_interrupted'),
+    };
+    finish = (error) => {
+      if (events.finished) return;
+      events.finished = true;
+      events.error = error;
+      for (const [name, fn] of Object.entries(handlers)) api.removeEventListener(name, fn);
+      resolve();
+    };
+    for (const [name, fn] of Object.entries(handlers)) api.addEventListener(name, fn);
+  });
+  const queued = await app.queuePrompt(0, 1);
+  const refused = () => 'prompt refused: ' + (queued ? '' : 'node errors; ') +
+    ([...document.querySelectorAll('.p-dialog')].map(d => d.textContent).join(' | ') || 'no execution started');
+  setTimeout(() => { if (!events.started) finish(refused()); }, 30000);
+  setTimeout(() => finish('timed out'), timeoutMs);
+  await done;
+  return events;
+}
+"""
+
+
 JS_CHECK_STATE = "() => app.extensionManager.workflow.activeWorkflow.changeTracker.checkState()"
 
 

@@ -8,6 +8,7 @@ import json
 import math
 
 from headseg.tests.browser.helpers import (
+    JS_QUEUE_AND_WAIT,
     JS_WIDGETS,
     PICKER,
     WORKFLOWS_DIR,
@@ -50,40 +51,6 @@ JS_PREPARE_RUN = """
   }
   app.canvas.setDirty(true, true);
   return ids;
-}
-"""
-
-
-JS_QUEUE_AND_WAIT = """
-async (timeoutMs) => {
-  const api = app.api;
-  const events = {cached: [], executed: [], error: null, started: false};
-  let finish;
-  const done = new Promise((resolve) => {
-    const handlers = {
-      execution_start: () => { events.started = true; },
-      execution_cached: (e) => events.cached.push(...(e.detail?.nodes ?? []).map(String)),
-      executed: (e) => events.executed.push(String(e.detail?.node)),
-      execution_success: () => finish(null),
-      execution_error: (e) => finish(e.detail ?? 'execution_error'),
-      execution_interrupted: (e) => finish(e.detail ?? 'execution_interrupted'),
-    };
-    finish = (error) => {
-      if (events.finished) return;
-      events.finished = true;
-      events.error = error;
-      for (const [name, fn] of Object.entries(handlers)) api.removeEventListener(name, fn);
-      resolve();
-    };
-    for (const [name, fn] of Object.entries(handlers)) api.addEventListener(name, fn);
-  });
-  const queued = await app.queuePrompt(0, 1);
-  const refused = () => 'prompt refused: ' + (queued ? '' : 'node errors; ') +
-    ([...document.querySelectorAll('.p-dialog')].map(d => d.textContent).join(' | ') || 'no execution started');
-  setTimeout(() => { if (!events.started) finish(refused()); }, 30000);
-  setTimeout(() => finish('timed out'), timeoutMs);
-  await done;
-  return events;
 }
 """
 
