@@ -47,6 +47,9 @@ class MaskSelectAtPixel(io.ComfyNode):
     - ``headseg_image``: [ref] the picture to click on: ``image`` 0 when connected, else a colour
       map of the merged masks (coarse painted first, finer on top); W x H = the masks' size.
     - ``headseg_size``: [W, H] pixel grid that x and y refer to (the masks' resolution).
+    - ``headseg_picture_size``: [w, h] of ``image`` 0 as connected (only with ``image``). The picker keeps it
+      with ``headseg_size`` in the node's properties: when the run is gone (a page reload) and it shows the
+      connected picture again, a picture of this size is shown as this run placed it on the masks' grid.
     - ``headseg_pixel``: [x, y] the pixel these masks were computed for.
     - ``headseg_pixel_asked``: [x, y] the x and y inputs as given. When they lie outside the masks' grid
       (a pixel of a larger picture picked before the first run, mapped onto the grid; any other pixel
@@ -290,6 +293,7 @@ class MaskSelectAtPixel(io.ComfyNode):
             ],
             "headseg_points": [[px, py, 1] for px, py in include] + [[px, py, 0] for px, py in exclude],
             "headseg_points_asked": [more_points],
+            **({"headseg_picture_size": [int(picture_hw[1]), int(picture_hw[0])]} if picture_hw else {}),
             # ComfyUI runs the node once per item of a list (latents from Rebatch Latents) and joins the
             # runs' payloads key by key: the picker takes the first item's share of the joined lists
             "headseg_item": [{"masks": len(thumbnails), "points": len(include) + len(exclude)}],

@@ -195,8 +195,10 @@ def test_ui_payload_contract(nodes, recording, comfy_folders):
     out, _ = run_chain(nodes, recording, 180, 120, index=0, image=image)
     ui = out.ui
     keys = ("headseg_image", "headseg_size", "headseg_pixel", "headseg_pixel_asked", "headseg_index", "headseg_masks",
-            "headseg_mask_info", "headseg_points", "headseg_points_asked", "headseg_item")  # fmt: skip
+            "headseg_mask_info", "headseg_points", "headseg_points_asked", "headseg_item",
+            "headseg_picture_size")  # fmt: skip
     assert set(ui) == set(keys)
+    assert ui["headseg_picture_size"] == [W, H]  # the picture as connected, before it is fitted to the grid
     assert ui["headseg_size"] == [W, H] and ui["headseg_pixel"] == [180, 120] and ui["headseg_index"] == [0]
     assert ui["headseg_pixel_asked"] == [180, 120]
     assert ui["headseg_points"] == [] and ui["headseg_points_asked"] == [""]
@@ -719,8 +721,10 @@ def test_pixel_of_a_larger_picture_outside_the_masks_is_mapped(nodes, recording,
     assert got.ui["headseg_pixel"] == [x // 2, y // 2]
     assert got.ui["headseg_pixel_asked"] == [x, y]  # the picker sets its widgets to the mapped pixel
     assert torch.equal(got.args[1], want.args[1])
+    assert got.ui["headseg_picture_size"] == [2 * W, 2 * H] and "headseg_picture_size" not in want.ui
     cropped = nodes.MaskSelectAtPixel.execute(masks, W + 2, H + 1, 0, image=torch.rand(1, H + 7, W + 5, 3))
     assert cropped.ui["headseg_pixel"] == [W - 1, H - 2]  # minus the crop offsets (5 // 2, 7 // 2), x clamped
+    assert cropped.ui["headseg_picture_size"] == [W + 5, H + 7]  # as connected: the picker crops it as the node does
     caplog.clear()
     with caplog.at_level("WARNING", logger="HeadSeg"):  # outside both: the nearest pixel of the grid
         outside = nodes.MaskSelectAtPixel.execute(masks, 3 * W, 0, 0, image=torch.rand(1, 2 * H, 2 * W, 3))
