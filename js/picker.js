@@ -6,6 +6,9 @@
 // UI payload read from HeadSeg_MaskSelectAtPixel (every key optional, see js/docs):
 //   headseg_image     [ref]          picture the picker shows (any size, same aspect ratio)
 //   headseg_size      [W, H]         pixel grid that x / y refer to (the masks' resolution)
+//   headseg_picture_size [w, h]      the connected image's size (kept in the node's properties with
+//                                    headseg_size: the frame a picture of that size is shown in when the
+//                                    run is gone, e.g. after a page reload; see picker_pixels.js)
 //   headseg_pixel     [x, y]         pixel the masks below were computed for
 //   headseg_pixel_asked [x, y]       the x / y inputs of that run (differ when a pixel picked on the
 //                                    picture before the first run was mapped onto the masks' grid, or
@@ -257,7 +260,10 @@ export class Picker {
   setSource(src, size) {
     this.sizeFromPayload = size;
     if (src === this.src) {
-      if (size && !this.loading) this.size = size;
+      if (size && !this.loading) {
+        this.size = size;
+        this.placePicture(null);
+      }
       this.layout();
       return;
     }
@@ -271,11 +277,28 @@ export class Picker {
     if (!(w > 0 && h > 0)) return;
     this.loading = false;
     this.natural = [w, h];
-    this.size = this.sizeFromPayload ?? [w, h];
+    // a picture shown without a run: on the masks' grid of the last run when it was of this size
+    const grid = this.sizeFromPayload ? null : pixels.rememberedGrid(this.node, this.natural);
+    this.size = this.sizeFromPayload ?? grid ?? this.natural;
+    this.placePicture(grid && pixels.pictureBox(this.natural, grid));
     this.message.style.display = "none";
     this.frame.style.display = "";
     this.layout();
     this.sync(true);
+  }
+
+  /** Places the picture in the frame (= the grid this.size): filling it (null), or at ``box`` ({left, top,
+   * width, height} in pixels of the grid, picker_pixels.js pictureBox) with only the grid's window shown. */
+  placePicture(box) {
+    const style = this.img.style;
+    const [W, H] = this.size ?? [1, 1];
+    const percent = (v, of) => `${(v / of) * 100}%`;
+    style.left = box ? percent(box.left, W) : "";
+    style.top = box ? percent(box.top, H) : "";
+    style.width = box ? percent(box.width, W) : "";
+    style.height = box ? percent(box.height, H) : "";
+    const inset = box && [-box.top, box.width - W + box.left, box.height - H + box.top, -box.left];
+    style.clipPath = box ? `inset(${inset.map((v, i) => percent(v, i % 2 ? box.width : box.height)).join(" ")})` : "";
   }
 
   /** Fits the frame (= displayed picture) inside the stage, keeping the aspect ratio. */
@@ -548,8 +571,12 @@ export class Picker {
     if (!RUN_UPSTREAM.has(output)) RUN_UPSTREAM.set(output, this.runUpstreamFile(adopt));
     if (adopt) {
       this.upstreamAtStart = undefined;
+      const framed = pixels.rememberFrame(this.node, output); // for when the run is gone (a page reload)
       this.adoptMappedPixel();
       pixels.adoptMappedPoints(this.node, this.output);
+      // a new frame goes into the saved workflow at once (ComfyUI saves it for a reload when it sees a
+      // change), not at the user's next edit: a reload right after the run keeps it
+      if (framed) recordChange();
     }
     this.refreshSource();
     this.buildStrip();

@@ -218,3 +218,53 @@ function runPoints(output) {
   if (asked.length !== points.length || asked.filter((q) => q.keep).length !== kept.length) return points;
   return asked.map((q) => (q.keep ? kept : out).shift());
 }
+
+// ------------------------------------------------------------------ the frame of the last run
+// ComfyUI keeps no node outputs across a page reload (nor for a node converted into a subgraph, pasted
+// or cloned): the picker then shows the connected picture again. The node's properties (saved with the
+// workflow) keep the frame of its last run with a picture: the masks' grid and the picture's size. A
+// picture of that size is then shown as that run placed it on the grid, so that the cross and a click
+// name the pixel the node will read (x / y inside the grid are read as pixels of the grid).
+
+const FRAME = "headseg_frame";
+
+/** The frame of a run's payload: {grid: [W, H], picture: [w, h]}, or null for a run without a picture. */
+export function runFrame(output) {
+  const grid = sizePair(output?.headseg_size);
+  const picture = sizePair(output?.headseg_picture_size);
+  return grid && picture ? { grid, picture } : null;
+}
+
+/** Keeps the frame of run ``output`` in the node's properties -> whether they changed. Written only when
+ * the frame changes: the properties are part of the saved workflow, so a change marks it modified and
+ * is an undo step. */
+export function rememberFrame(node, output) {
+  const frame = runFrame(output);
+  const props = (node.properties ??= {});
+  if (JSON.stringify(props[FRAME] ?? null) === JSON.stringify(frame)) return false;
+  if (frame) props[FRAME] = frame;
+  else delete props[FRAME];
+  return true;
+}
+
+/** The masks' grid [W, H] on which the node reads a picture of size [w, h] shown without a run: the
+ * remembered frame's when it was remembered for a picture of this size, else null (another picture). */
+export function rememberedGrid(node, picture) {
+  const frame = node.properties?.[FRAME];
+  const grid = sizePair(frame?.grid);
+  const was = sizePair(frame?.picture);
+  if (!grid || !was || !picture || was[0] !== picture[0] || was[1] !== picture[1]) return null;
+  return grid;
+}
+
+/** Where a picture [w, h] lies on the masks' grid [W, H] as the node fits it (nodes/core/pixels.py,
+ * fit_picture): {left, top, width, height} in pixels of the grid. A picture of the grid's size, or up to
+ * 7 px larger per side (its multiple of 8 is the grid), is VAE Encode's: its centred window is the grid;
+ * any other size is stretched onto the grid. */
+export function pictureBox(picture, grid) {
+  const [w, h] = picture;
+  const [W, H] = grid;
+  const vae = Math.floor(w / 8) * 8 === W && Math.floor(h / 8) * 8 === H;
+  if (!vae && !(w === W && h === H)) return { left: 0, top: 0, width: W, height: H };
+  return { left: -Math.floor((w - W) / 2), top: -Math.floor((h - H) / 2), width: w, height: h };
+}

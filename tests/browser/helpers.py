@@ -267,14 +267,19 @@ def picker_payload(name, size, pixel, masks=2, index=0, asked=None, info=True) -
     }  # fmt: skip
 
 
-def synthetic_run(page, node_id, name, size, pixel, masks=2, index=0, stored=True, asked=None, points=None):
+def synthetic_run(
+    page, node_id, name, size, pixel, masks=2, index=0, stored=True, asked=None, points=None, picture_size=None
+):
     """Feeds the picker the payload of a run (two masks of the coded picture), as ComfyUI does after
     executing the node; with ``stored`` also keeps it in app.nodeOutputs, as ComfyUI does. ``asked``:
     the x / y the run was given, when the node mapped them onto the masks' grid. ``points``: (the
-    more_points text the run was given, its pixels used [[x, y, 1 or 0], ...])."""
+    more_points text the run was given, its pixels used [[x, y, 1 or 0], ...]). ``picture_size``: [w, h] of the
+    image connected to the run (else none was)."""
     payload = picker_payload(name, size, pixel, masks=masks, index=index, asked=asked)
     if points is not None:
         payload.update(headseg_points_asked=[points[0]], headseg_points=list(points[1]))
+    if picture_size is not None:
+        payload.update(headseg_picture_size=list(picture_size))
     page.evaluate(
         """([id, payload, stored]) => { if (stored) app.nodeOutputs[String(id)] = payload;
                                         app.graph.getNodeById(id).onExecuted(payload); }""",

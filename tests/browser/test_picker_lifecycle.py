@@ -11,6 +11,7 @@ from headseg.tests.browser.helpers import (
     JS_WIDGETS,
     add_merge_with_note,
     add_picker,
+    click_pixel,
     frame_rect,
     picker_payload,
     picker_selector,
@@ -118,6 +119,43 @@ def test_picker_inside_a_subgraph_comes_back_when_the_node_is_rebuilt(comfy_page
     inner = page.evaluate(js_open, sg)
     page.wait_for_function(thumbs, arg=picker_selector(inner), timeout=15_000)
     assert "2 masks here" in page.text_content(picker_selector(inner) + " .headseg-info")
+    assert comfy_page.pack_problems() == []
+
+
+def test_a_picker_converted_into_a_subgraph_after_a_run_keeps_the_runs_frame(comfy_page, pictures):
+    """Converted into a subgraph after a run, the node has no outputs (they were kept under its old id), so
+    the picker shows the landscape picture again: on the 96 x 64 masks' grid of that run (kept in the node's
+    properties), not at the picture's own 240 x 120, so that a click gives the grid pixel the node reads."""
+    name, w, h = pictures["landscape"]
+    W, H = 96, 64
+    page = comfy_page.page
+    node_id = add_picker(page, name)
+    wait_picture_ready(page, node_id)
+    page.evaluate(
+        "(id) => { for (const w of app.graph.getNodeById(id).widgets) { if (w.name === 'x') w.value = 50;"
+        " if (w.name === 'y') w.value = 30; } }",
+        node_id,
+    )
+    synthetic_run(page, node_id, name, (W, H), (50, 30), picture_size=(w, h))
+    sg = page.evaluate(JS_TO_SUBGRAPH, [node_id])
+    inner = page.evaluate(
+        """(sg) => { const outer = app.graph.getNodeById(sg); app.canvas.openSubgraph(outer.subgraph, outer);
+                     const inner = outer.subgraph.nodes.find(n => n.type === 'HeadSeg_MaskSelectAtPixel');
+                     app.canvas.ds.scale = 1; app.canvas.ds.offset = [180 - inner.pos[0], 190 - inner.pos[1]];
+                     app.canvas.setDirty(true, true); return inner.id; }""",
+        sg,
+    )
+    wait_picture_ready(page, inner)
+    sel = picker_selector(inner)
+    assert name in page.eval_on_selector(sel + " img.headseg-base", "i => i.src")  # Load Image's: no run
+    assert f"x 50, y 30 · {W}×{H}" in page.text_content(sel + " .headseg-info")
+    click_pixel(page, inner, (W, H), (20, 10))
+    values = page.evaluate(
+        """(id) => Object.fromEntries(app.canvas.graph.getNodeById(id).widgets
+                     .filter(w => ['x', 'y'].includes(w.name)).map(w => [w.name, w.value]))""",
+        inner,
+    )
+    assert values == {"x": 20, "y": 10}
     assert comfy_page.pack_problems() == []
 
 

@@ -8,15 +8,19 @@ import json
 
 from headseg.tests.browser.helpers import (
     JS_CHECK_STATE,
+    JS_QUEUE_AND_WAIT,
     JS_WIDGETS,
     add_picker,
     click_pixel,
     coded_picture,
+    decode_position,
     frame_rect,
     picker_selector,
+    screenshot_rgb,
     selected_thumbs,
     settle,
     synthetic_run,
+    view_picker,
     wait_picture_ready,
 )
 
@@ -217,4 +221,141 @@ def test_a_pixel_picked_on_a_picture_wider_than_16384_px_passes_the_prompt_check
         raise AssertionError("a picker without masks was queued")
     errors = [e for e in json.loads(body)["node_errors"][str(node_id)]["errors"] if e["extra_info"]["input_name"] == "x"]
     assert errors == [], errors
+    assert comfy_page.pack_problems() == []
+
+
+JS_LOADED_RECORDING_GRAPH = """
+async ([recording, picture]) => {
+  app.graph.clear();
+  const add = (type, pos, values = {}) => {
+    const node = LiteGraph.createNode(type);
+    node.pos = pos;
+    app.graph.add(node);
+    for (const [name, value] of Object.entries(values)) node.widgets.find(w => w.name === name).value = value;
+    return node;
+  };
+  const link = (from, to, name) => from.connect(0, to, to.inputs.findIndex(i => i.name === name));
+  const load = add('HeadSeg_LoadRecording', [-900, 80], {file: recording, path: recording});
+  const pca = add('HeadSeg_HeadPCA', [-900, 300], {device: 'cpu'});
+  const up = add('HeadSeg_Upsample', [-900, 600]);
+  const km = add('HeadSeg_MultiKMeans', [-600, 80], {cluster_counts: '2,3', device: 'cpu'});
+  const merge = add('HeadSeg_MaskMerge', [-600, 500]);
+  const image = add('LoadImage', [40, 80]);
+  const w = image.widgets.find(w => w.name === 'image');
+  w.value = picture;
+  w.callback?.(picture);
+  const node = add('HeadSeg_MaskSelectAtPixel', [420, 80]);
+  link(load, pca, 'recording'); link(pca, up, 'features'); link(up, km, 'stack'); link(km, merge, 'clusters');
+  link(merge, node, 'masks'); link(image, node, 'image');
+  app.canvas.setDirty(true, true);
+  return node.id;
+}
+"""
+
+
+JS_KEPT_STATE = "() => structuredClone(app.extensionManager.workflow.activeWorkflow.changeTracker.activeState)"
+
+
+JS_RELOAD = """async (workflow) => { for (const id of Object.keys(app.nodeOutputs ?? {})) delete app.nodeOutputs[id];
+  await app.loadGraphData(workflow, true, true); }"""
+
+
+def test_after_a_reload_the_cross_and_a_click_are_where_the_node_reads_the_pixel(comfy_page, comfy_server):
+    """Load Recording's 64 x 48 masks, Load Image's 300 x 200 picture (stretched onto them). A click at 90 % of
+    the picture before the first run is mapped by the run to the grid pixel (57, 43), which the widgets take.
+    A page reload (the workflow loaded again, with no node outputs) showed the picture again at its own size:
+    the cross was drawn at picture pixel (57, 43), 19 % / 22 % of it, and a click near the top left gave a
+    picture pixel inside the grid, which the node reads as a pixel of the grid: elsewhere on the picture. The
+    picker now keeps the last run's frame in the node's properties (saved with the workflow): the cross and
+    a click are on the masks' grid, as the node reads them."""
+    import torch
+
+    from headseg.nodes.core.pixels import picture_to_mask_pixel
+    from headseg.nodes.core.recording import LayerKey, Recording, save_recording
+
+    W, H, w, h = 64, 48, 300, 200
+    recording, picture = "headseg_browser_frame.safetensors", "headseg_browser_frame.png"
+    heads = torch.randn(1, 2, H // 8, W // 8, 8, generator=torch.Generator().manual_seed(0))
+    save_recording(Recording({LayerKey("input", 1, 0): heads}, (H, W)), comfy_server.input_dir / recording)
+    coded_picture(w, h).save(comfy_server.input_dir / picture)
+    page = comfy_page.page
+    node_id = page.evaluate(JS_LOADED_RECORDING_GRAPH, [recording, picture])
+    sel = picker_selector(node_id)
+    view_picker(page, node_id, 1.0)
+    wait_picture_ready(page, node_id)
+    rect = frame_rect(page, node_id)
+    page.mouse.click(rect["left"] + 0.9 * rect["width"], rect["top"] + 0.9 * rect["height"])
+    settle(page, 300)
+    assert page.evaluate(JS_WIDGETS, node_id) | {"index": 0} == {"x": 270, "y": 180, "index": 0}  # the picture's
+    events = page.evaluate(JS_QUEUE_AND_WAIT, 120_000)
+    assert events["error"] is None, f"run failed: {json.dumps(events['error'])[:2000]}"
+    wait_picture_ready(page, node_id)
+    values = page.evaluate(JS_WIDGETS, node_id)
+    assert (values["x"], values["y"]) == (57, 43) == picture_to_mask_pixel(270, 180, (h, w), (H, W))
+    # the state ComfyUI keeps for a reload (and undo) has the frame and the pixel at once, without a later edit
+    workflow = page.evaluate(JS_KEPT_STATE)
+    (saved,) = [n for n in workflow["nodes"] if n["id"] == node_id]
+    assert saved["properties"]["headseg_frame"] == {"grid": [W, H], "picture": [w, h]}
+    assert saved["widgets_values"][:2] == [57, 43]
+
+    page.evaluate(JS_RELOAD, workflow)
+    view_picker(page, node_id, 1.0)
+    wait_picture_ready(page, node_id)
+    settle(page, 600)
+    assert picture in page.eval_on_selector(sel + " img.headseg-base", "i => i.src")  # Load Image's: no run
+    # the cross lies on the picture where the node reads the widgets' pixel
+    rect = frame_rect(page, node_id)
+    marker = page.eval_on_selector(sel + " .headseg-marker", "e => e.getBoundingClientRect().toJSON()")
+    shot = screenshot_rgb(page)
+    px, py = decode_position(shot.getpixel((round(marker["x"]), round(marker["y"]))), w, h)
+    assert picture_to_mask_pixel(round(px), round(py), (h, w), (H, W)) == (57, 43), (px, py)
+    assert "x 57, y 43" in page.text_content(sel + " .headseg-info")
+    # a click near the top left: where a pixel of the picture would lie inside the grid
+    cx, cy = rect["left"] + (9.5 / W) * rect["width"], rect["top"] + (8.5 / H) * rect["height"]
+    px, py = decode_position(shot.getpixel((round(cx), round(cy))), w, h)
+    page.mouse.click(cx, cy)
+    settle(page, 300)
+    events = page.evaluate(JS_QUEUE_AND_WAIT, 120_000)
+    assert events["error"] is None, f"run failed: {json.dumps(events['error'])[:2000]}"
+    assert str(node_id) in events["executed"]
+    used = page.evaluate("(id) => app.nodeOutputs[String(id)].headseg_pixel", node_id)
+    gx, gy = picture_to_mask_pixel(round(px), round(py), (h, w), (H, W))  # the grid pixel under the click
+    assert abs(used[0] - gx) <= 1 and abs(used[1] - gy) <= 1, (used, (gx, gy))
+    assert comfy_page.pack_problems() == []
+
+
+def test_after_a_reload_a_picture_vae_encode_crops_is_shown_cropped_and_another_one_at_its_own_size(
+    comfy_page, comfy_server, pictures
+):
+    """A 69 x 53 photo is VAE Encode's: its masks cover its centred 64 x 48 window (2 px in from the left and
+    top). After a reload the picker shows that window on the last run's grid, so that the pixel under a click
+    is the one the node reads; a picture of another size chosen in Load Image is shown at its own size, as
+    before the first run, and the first one on the grid again."""
+    W, H, w, h = 64, 48, 69, 53
+    name = "headseg_browser_vae_window.png"
+    coded_picture(w, h).save(comfy_server.input_dir / name)
+    page = comfy_page.page
+    node_id = add_picker(page, name)
+    wait_picture_ready(page, node_id)
+    synthetic_run(page, node_id, name, (W, H), (5, 6), picture_size=(w, h))
+    workflow = page.evaluate("() => app.graph.serialize()")
+    page.evaluate(JS_RELOAD, workflow)
+    view_picker(page, node_id, 1.0)
+    wait_picture_ready(page, node_id)
+    settle(page, 600)
+    cx, cy = click_pixel(page, node_id, (W, H), (50, 40))  # the centre of grid pixel (50, 40) on the frame
+    values = page.evaluate(JS_WIDGETS, node_id)
+    assert (values["x"], values["y"]) == (50, 40)
+    px, py = decode_position(screenshot_rgb(page).getpixel((round(cx), round(cy))), w, h)
+    assert abs(px - 52) <= 0.6 and abs(py - 42) <= 0.6, (px, py)  # VAE Encode's window: 2 px in
+    assert page.evaluate("(id) => app.graph.getNodeById(id).headsegPicker.size", node_id) == [W, H]
+    # another picture: its own size, as before the first run
+    other, ow, oh = pictures["landscape"]
+    choose = """(name) => { const w = app.graph.nodes.find(n => n.type === 'LoadImage').widgets.find(w => w.name === 'image');
+                            w.value = name; w.callback?.(name); }"""
+    grid_is = "([id, size]) => { const p = app.graph.getNodeById(id).headsegPicker; return !p.loading && `${p.size}` === size; }"
+    page.evaluate(choose, other)
+    page.wait_for_function(grid_is, arg=[node_id, f"{ow},{oh}"], timeout=15_000)
+    page.evaluate(choose, name)  # the first picture again: on the grid
+    page.wait_for_function(grid_is, arg=[node_id, f"{W},{H}"], timeout=15_000)
     assert comfy_page.pack_problems() == []
