@@ -471,6 +471,22 @@ def test_layers_found_match_the_module_tree(tiny):
             assert layer.heads == modules[layer.key.name].heads
 
 
+def test_blocks_whose_attn1_attends_to_the_text_are_not_recorded(tiny):
+    """The SD 2.x x4 upscaler and SD-XS switch attn1 to cross-attention over the text at some levels
+    (disable_self_attentions): those blocks hold no self-attention to record."""
+    import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
+    import comfy.ops
+
+    config = dict(tiny.LAYOUTS["SD2"], disable_self_attentions=[True, False, False, False], num_heads=-1,
+                  num_head_channels=8, operations=comfy.ops.disable_weight_init)
+    found = recorder.find_self_attention_layers(openaimodel.UNetModel(**config))
+    # SD2's 16 layers less the five on the latent grid (level 0: input 1, 2 and output 9, 10, 11)
+    assert {layer.key.name for layer in found} == {
+        "input.4.0", "input.5.0", "input.7.0", "input.8.0", "middle.0.0",
+        "output.3.0", "output.4.0", "output.5.0", "output.6.0", "output.7.0", "output.8.0",
+    }
+
+
 def test_a_recording_error_never_breaks_sampling(tiny, sd2, monkeypatch):
     patched, live = recorder.attach_recorder(sd2)
     plain = run(tiny, sd2, latent_hw=(8, 8), seed=9)
