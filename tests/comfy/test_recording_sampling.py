@@ -303,6 +303,20 @@ def test_last_step_of_a_second_order_sampler(tiny, sd2):
     assert_matches(live.snapshot(), probe, (8, 8))
 
 
+def test_last_of_a_schedule_that_ends_above_zero_is_its_final_corrector(tiny, sd2):
+    """SplitSigmas' high_sigmas ends above sigma 0, so heun's last step has a corrector, run at the
+    schedule's final sigma (in no step's open interval): 'last' holds that call, the run's last one, not
+    the predictor before it nor a mix of the two."""
+    schedule = comfy.samplers.calculate_sigmas(sd2.get_model_object("model_sampling"), "normal", 4)[:3]
+    patched, live = recorder.attach_recorder(sd2, steps="last")
+    pos, neg = tiny.conditioning("SD2")
+    with AttentionProbe(patched) as probe:
+        tiny.sample(patched, pos, neg, latent_hw=(8, 8), steps=2, sampler_name="heun", sigmas=schedule.clone())
+    calls = probe.branch_calls("input.1.0")
+    assert len(calls) == 4 and abs(calls[-1].sigma - float(schedule[-1])) <= 1e-5 * float(schedule[-1])
+    assert_matches(live.snapshot(), probe, (8, 8))  # reference: the last call
+
+
 def test_range_beyond_the_run_explains(tiny, sd2):
     patched, live = recorder.attach_recorder(sd2, steps="5-9")
     run(tiny, patched, latent_hw=(8, 8), steps=3)
