@@ -848,6 +848,14 @@ def test_a_range_to_a_huge_step_records_the_steps_there_in_no_time(tiny, sd2, ca
     assert live.snapshot().steps == "0-1"
 
 
+def test_a_range_ending_one_past_the_last_step_says_how_many_steps_ran(tiny, sd2, caplog):
+    patched, live = recorder.attach_recorder(sd2, steps="1-3")  # 3 is one past a 3-step run's last step, 2
+    with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        run(tiny, patched, latent_hw=(8, 8), steps=3)
+    assert "steps 1-3: the sampling run had 3 steps (0-2): recorded steps 1-2" in caplog.text
+    assert live.snapshot().steps == "1-2"
+
+
 def test_a_run_dropped_from_the_history_is_named(tiny, sd2):
     patched, live = recorder.attach_recorder(sd2)
     first = run(tiny, patched, latent_hw=(8, 8), seed=0)
