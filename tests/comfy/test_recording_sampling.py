@@ -932,6 +932,19 @@ def test_a_sampler_that_took_no_step_after_a_good_run_is_named(tiny, sd2):
         assert "no step" not in str(info.value)
 
 
+def test_a_run_whose_layers_never_ran_through_the_patches_gets_the_wiring_hints(tiny, sd2):
+    """A run of the recorded MODEL whose attn1 patches another node removed: its LATENT gets the hints
+    of 'nothing recorded yet' (sample with the record node's MODEL), with the reason, not a bare
+    'recorded nothing'."""
+    patched, live = recorder.attach_recorder(sd2)
+    stripped = patched.clone()
+    stripped.model_options["transformer_options"]["patches_replace"]["attn1"].clear()
+    got = run(tiny, stripped, latent_hw=(8, 8), steps=2)
+    with pytest.raises(ValueError, match=r"^recording: nothing recorded yet: .*sample with the MODEL from "
+                       r"HeadSeg_RecordSelfAttention.*\(the self-attention layers were never called"):
+        live.snapshot(got)
+
+
 def test_an_empty_latent_of_another_shape_is_named(tiny, sd2):
     """A sampler with denoise 0 on a fresh Empty Latent Image of a new size (no kept run has its shape)
     returns the all-zero LATENT: the message says no sampler changed it, rather than only blaming a node
