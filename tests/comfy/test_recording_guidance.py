@@ -248,6 +248,29 @@ def test_block_number_patch_object_survives_later_clones(tiny, sd2):
         assert LayerKey.parse("middle.0.0") in live.snapshot(got).layers
 
 
+def test_two_record_nodes_over_a_block_number_patch_both_record_its_layer(tiny, sd2):
+    """A (block, number) patch set before two record nodes in a row: the second record node keeps the
+    first one's note of the patch it stands in for, so neither takes it for a patch added after it (which
+    would leave the layer unrecorded in both)."""
+    import comfy.ldm.modules.attention as comfy_attention
+
+    def plain_attention(q, k, v, extra_options):
+        return comfy_attention.optimized_attention(q, k, v, extra_options["n_heads"])
+
+    base = sd2.clone()
+    base.set_model_attn1_replace(plain_attention, "middle", 0)  # the (block, number) key: every depth
+    pos, neg = tiny.conditioning("SD2")
+    want = tiny.sample(base, pos, neg, latent_hw=(16, 16), steps=2, seed=2)
+    first, first_live = recorder.attach_recorder(base)
+    second, second_live = recorder.attach_recorder(first)
+    got = tiny.sample(second, pos, neg, latent_hw=(16, 16), steps=2, seed=2)
+    assert (got - want).abs().max() <= 1e-5
+    middle = LayerKey.parse("middle.0.0")
+    a, b = first_live.snapshot(got).layers, second_live.snapshot(got).layers
+    assert middle in a and middle in b
+    assert torch.equal(a[middle], b[middle])
+
+
 @pytest.mark.parametrize("branch", ["cond", "uncond"])
 def test_cfg_run_as_two_calls_records_both_branches(tiny, sd2, branch):
     """A sampler_calc_cond_batch_function may run [cond, None] and [None, uncond] as two calls (ComfyUI's
