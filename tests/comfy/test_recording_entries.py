@@ -10,6 +10,8 @@ a default entry: 1 - the others), normalised per latent cell and averaged, loop 
 token's block of cells (2^l x 2^l at level l, smaller at the right and bottom edges).
 """
 
+import logging
+
 import pytest
 import torch
 
@@ -404,3 +406,21 @@ def test_pooled_shares_land_on_the_asked_device():
     """The recorder asks for the device of the head outputs (a GPU while sampling); 'meta' stands in."""
     shares = entry_shares([whole("l", torch.rand(1, 4, 4)), whole("r", torch.rand(1, 4, 4))], (1, 4, 4, 4))
     assert shares.share("l", (2, 2), torch.device("meta")).device.type == "meta"
+
+
+def test_a_call_whose_batch_is_no_multiple_of_the_latents_chunks_is_left_out_with_a_warning(store, caplog):
+    """A call of 4 images labelled as two chunks (cond, uncond) of a 1-image latent: its chunks hold 2 images
+    each, not the latent's 1, so the layer is not recorded from it (nothing is made up for the batch)."""
+    x, _ = heads_of(1)
+    store.begin_eval()
+    store.batch_main = store.begin_batch([[{"uuid": "a"}], [{"uuid": "b"}]])
+    options = {
+        "cond_or_uncond": [0, 1], "n_heads": HEADS, "activations_shape": (4, 320, *GRID),
+        "original_shape": (4, 4, *GRID), "sigmas": torch.tensor([1.0]),
+    }
+    with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        store.observe(KEY, torch.cat([x] * 4), options)
+    store.batch_main = None
+    store.end_run()
+    rec, failure = store.latest()
+    assert rec is None and "batch 4 does not split into 2 chunks of the latent batch 1" in caplog.text
