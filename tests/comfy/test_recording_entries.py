@@ -424,3 +424,20 @@ def test_a_call_whose_batch_is_no_multiple_of_the_latents_chunks_is_left_out_wit
     store.end_run()
     rec, failure = store.latest()
     assert rec is None and "batch 4 does not split into 2 chunks of the latent batch 1" in caplog.text
+
+
+def test_without_a_guider_a_repeated_sigma_still_counts_as_two_steps():
+    """Model calls with no guider evaluation around them (a custom sampling path) each count as one: on a
+    schedule that repeats 0.5 (steps 1 and 2), the second call at 0.5 is step 2, the last."""
+    from headseg.nodes.recorder import LayerInfo
+    from headseg.nodes.recorder_store import _Store, parse_steps
+
+    store = _Store([LayerInfo(KEY, HEADS, D, 0)], None, parse_steps("last"), "cond", "test")
+    store.begin_run(torch.zeros(B, 4, *GRID), torch.tensor([1.0, 0.5, 0.5, 0.0]))
+    for seed, sigma in ((1, 1.0), (2, 0.5), (3, 0.5)):
+        options = {
+            "cond_or_uncond": [0], "n_heads": HEADS, "activations_shape": (B, 320, *GRID),
+            "original_shape": (B, 4, *GRID), "sigmas": torch.tensor([sigma]),
+        }
+        store.observe(KEY, heads_of(seed)[0], options)
+    torch.testing.assert_close(recorded(store), heads_of(3)[1].double(), rtol=2e-3, atol=2e-3)
