@@ -166,6 +166,9 @@ def test_all_masks_of_the_image_batch_index_picks(nodes, recording):
 def test_a_pixel_in_no_mask_gives_zeros_and_says_why(nodes, recording, caplog):
     _, (_, _, sweep, _) = run_chain(nodes, recording, 40, 30)
     none_left = nodes.MaskMerge.execute(sweep, 0.9, 1.0).args[0]  # no mask covers the whole image
+    for index in (0, -1):  # all_masks: one all-zero mask, as a MASK batch cannot be empty
+        all_masks = nodes.MaskMerge.execute(sweep, 0.9, 1.0, index).args[1]
+        assert all_masks.shape == (1, H, W) and all_masks.dtype == torch.float32 and not all_masks.any()
     with caplog.at_level("WARNING", logger="HeadSeg"):
         chosen, at_pixel, _, count = nodes.MaskSelectAtPixel.execute(none_left, 40, 30, 0).args
     assert count == 0 and not chosen.any() and at_pixel.shape == (1, H, W) and not at_pixel.any()
