@@ -337,7 +337,8 @@ def test_live_recording_without_the_samplers_latent_is_refused(nodes, recording)
         def snapshot(self, latent=None) -> Recording:
             return recording
 
-    with pytest.raises(ValueError, match="^latent:"):
+    with pytest.raises(ValueError, match="^latent: connect the sampler's LATENT output here when the recording comes "
+                       "from Record Self-Attention"):
         nodes.HeadPCA.execute(Live(), "down+up", "all", 4)
     with pytest.raises(ValueError, match="^latent: expected a LATENT"):
         nodes.HeadPCA.execute(Live(), "down+up", "all", 4, latent=torch.zeros(1, 4, 8, 8))
