@@ -152,6 +152,11 @@ def test_validate_inputs_reports_bad_strings():
     assert "steps" in RecordSelfAttention.validate_inputs(levels="all", steps="9" * 5000 + "-3")
     for digits in ("\u0663", "1-\u0664", "\uff12"):  # other scripts' digits, which int() would read
         assert "steps" in RecordSelfAttention.validate_inputs(levels="all", steps=digits), digits
+    # a linked widget (None when queued) is checked when the node runs; the others still are now
+    assert RecordSelfAttention.validate_inputs(levels=None, steps="-3").startswith("steps: ")
+    assert RecordSelfAttention.validate_inputs(levels=None, branch="sideways").startswith("branch: ")
+    assert RecordSelfAttention.validate_inputs(levels="low", steps=None).startswith("levels: ")
+    assert RecordSelfAttention.validate_inputs(levels=None, steps=None, branch=None) is True
 
 
 @pytest.mark.parametrize("levels", ["all", "*", "0,1,", " 2 , 0 ", "low", "-1", ","])
