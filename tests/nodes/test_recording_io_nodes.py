@@ -700,6 +700,23 @@ def test_a_linked_path_is_read_again_when_its_file_is_replaced_and_only_then(io_
     assert fingerprint() == changed
 
 
+def test_a_linked_file_with_a_blank_path_is_read_again_when_its_file_is_replaced(io_nodes, recording, comfy_folders):
+    """`file` fed by a link (None to fingerprint_inputs) and no path: the file is only known when the node
+    runs, so the fingerprint follows the files the load read, as for a linked path, instead of staying the
+    same (ComfyUI would then keep serving the replaced file's recording from its cache)."""
+    import os
+
+    inp = comfy_folders["input"]
+    os.replace(io_nodes.SaveRecording.execute(recording, "linked-file").args[0], inp / "rec.safetensors")
+    fingerprint = lambda: io_nodes.LoadRecording.fingerprint_inputs(None, "")  # noqa: E731
+    first = fingerprint()
+    assert io_nodes.LoadRecording.execute("rec.safetensors", "").args[0].num_heads == recording.num_heads
+    assert fingerprint() == first
+    other = planted_recording([nested_scene(128, 192)], layout=small_layout(heads=3), d=8, seed=5)
+    os.replace(io_nodes.SaveRecording.execute(other, "other").args[0], inp / "rec.safetensors")
+    assert fingerprint() != first
+
+
 def _as_node(node_id):
     """ComfyUI's executing context of node ``node_id``, which it sets around fingerprint_inputs and execute."""
     from comfy_execution.utils import CurrentNodeContext
