@@ -73,6 +73,21 @@ def test_recording_does_not_change_the_sampled_latent(tiny, sd2):
     assert (plain - recorded).abs().max().item() <= 1e-4
 
 
+def test_a_patched_model_whose_recording_was_dropped_samples_as_before(tiny, sd2):
+    """The store lives as long as the RECORDING output: a MODEL clone that outlives it (a LoRA node's
+    output still cached after ComfyUI dropped the record node's) samples normally and records nothing."""
+    import gc
+
+    plain = run(tiny, sd2, latent_hw=(8, 12), seed=7)
+    patched, live = recorder.attach_recorder(sd2)
+    store_id = live.store_id
+    del live
+    gc.collect()
+    assert recorder._REGISTRY.get(store_id) is None
+    got = run(tiny, patched.clone(), latent_hw=(8, 12), seed=7)
+    assert isinstance(got, torch.Tensor) and (plain - got).abs().max().item() <= 1e-4
+
+
 def test_mean_never_asks_which_step_a_call_is(tiny, sd2, monkeypatch):
     """Reading a call's sigma waits for the GPU: 'mean' records every step, so it must not ask; 'last'
     asks at every model call."""
