@@ -71,6 +71,12 @@ def check_keep_runs(value) -> int:
     return int(value)
 
 
+def _magnitude(digits: str) -> tuple[int, str]:
+    """ASCII digits -> a key that orders them by their value, of any length (no int() of thousands of digits)."""
+    digits = digits.lstrip("0") or "0"
+    return len(digits), digits
+
+
 def parse_steps(text: str) -> StepSelection:
     """'last' | 'mean' | 'N' | 'A-B' (0-based step indices, inclusive) -> StepSelection."""
     if not isinstance(text, str):
@@ -81,7 +87,9 @@ def parse_steps(text: str) -> StepSelection:
     parts = t.split("-")
     if 1 <= len(parts) <= 2 and all(is_ascii_digits(p) for p in parts):
         first, last = ascii_int(parts[0]), ascii_int(parts[-1])
-        if first <= last:
+        # A <= B compared as typed: both ends past 10**9 read as 10**9 alike, so '3000000000-2000000000'
+        # would pass as the step 10**9
+        if _magnitude(parts[0]) <= _magnitude(parts[-1]):
             return StepSelection("range", first, last)
     raise ValueError(
         f"steps: expected 'last', 'mean', a step 'N' or a range 'A-B' with A <= B (0-based, inclusive), got {text!r}"

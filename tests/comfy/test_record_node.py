@@ -150,6 +150,11 @@ def test_validate_inputs_reports_bad_strings():
     assert RecordSelfAttention.validate_inputs(levels="0," + "9" * 5000, steps="0-" + "9" * 5000) is True
     assert RecordSelfAttention.validate_inputs(levels="all", steps="0" * 5000 + "3") is True
     assert "steps" in RecordSelfAttention.validate_inputs(levels="all", steps="9" * 5000 + "-3")
+    # a reversed range is refused also where both ends lie past 10**9 (both read as 10**9, it passed)
+    for steps in ("3000000000-2000000000", "1000000001-1000000000", "9" * 5000 + "-" + "9" * 4999):
+        answer = RecordSelfAttention.validate_inputs(levels="all", steps=steps)
+        assert answer is not True and answer.startswith("steps: "), (steps[:30], answer)
+    assert RecordSelfAttention.validate_inputs(levels="all", steps="2000000000-0003000000000") is True
     for digits in ("\u0663", "1-\u0664", "\uff12"):  # other scripts' digits, which int() would read
         assert "steps" in RecordSelfAttention.validate_inputs(levels="all", steps=digits), digits
     # a linked widget (None when queued) is checked when the node runs; the others still are now
