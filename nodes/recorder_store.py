@@ -514,12 +514,23 @@ class _Store:
                 f"at step {self.max_step} (a timestep range, e.g. ConditioningSetTimestepRange, ends it early): "
                 f"choose steps up to {self.max_step}, 'mean', or widen its timestep range"
             )
+        if (self.steps.mode == "range" and self.steps.first <= self.max_step and asked
+                and self._not_evaluated(asked) == list(asked)):  # steps between those evaluated (LazyCache)
+            ran = f" ({_steps_label(self.steps_run)})" if self.steps_run else ""
+            return (
+                f"steps: range {self.steps.label} selected, but the sampler evaluated the model at none of the "
+                f"sigmas of step(s) {_steps_label(asked)} ({_OWN_SIGMAS}): choose steps the model ran{ran}, or 'mean'"
+            )
         if self.steps.mode == "range" and self.steps.first > self.max_step:
             if self.steps.first <= last and self._not_evaluated(asked) == list(asked):  # within the run
+                gaps = any(i not in self.steps_run for i in range(self.max_step))  # (LazyCache skipped some)
+                choose = (
+                    f"steps the model ran ({_steps_label(self.steps_run)})" if gaps else f"steps up to {self.max_step}"
+                )
                 return (
                     f"steps: range {self.steps.label} selected, but the sampler evaluated the model only down "
                     f"to sigma {self.min_sigma:.4g} (in step {self.max_step_any} of its steps 0-{last}; "
-                    f"{_OWN_SIGMAS}): choose steps up to {self.max_step}, or 'mean'"
+                    f"{_OWN_SIGMAS}): choose {choose}, or 'mean'"
                 )
             return (
                 f"steps: range {self.steps.label} selected but the sampler ran {n_steps} steps "

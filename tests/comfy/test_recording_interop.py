@@ -4,6 +4,8 @@ own, and the recording holds each evaluation's main pass (not the extra passes a
 independent float64 recomputation gives it; steps where the model did not run say why (a cache
 node, a timestep range at cfg = 1)."""
 
+import re
+
 import pytest
 import torch
 
@@ -187,6 +189,31 @@ def test_a_cache_node_that_skips_the_last_step_under_a_sampler_that_reports_no_s
     with pytest.raises(ValueError, match=r"steps: the sampler went through step 9 but the model did not run at "
                                          r"step\(s\) [0-9,-]*9 \(a node that reuses earlier model outputs .*EasyCache"):
         live.snapshot(got)
+
+
+@pytest.mark.filterwarnings("ignore:To copy construct from a tensor")  # ComfyUI's dpm_fast itself
+@pytest.mark.parametrize("sampler,cache,steps", [("uni_pc", lazycache(1.0), 10), ("dpm_fast", None, 20)],
+                         ids=["uni_pc + LazyCache", "dpm_fast"])
+def test_a_step_the_sampler_never_evaluated_between_steps_it_ran_is_named(tiny, sd2, sampler, cache, steps):
+    """Samplers that report no steps: LazyCache skips whole evaluations (here under uni_pc), and dpm_fast
+    picks its own sigmas, leaving steps of a 20-step schedule without a model call between steps with one.
+    A range there said 'no layer could be recorded (levels selection matched no grid, ...)', and one after
+    the last step run 'choose steps up to N', N past the skipped ones."""
+    pos, neg = tiny.conditioning("SD2")
+    wrap = cache or (lambda m: m)
+    model, live = recorder.attach_recorder(wrap(sd2), steps=f"0-{steps - 1}")
+    got = tiny.sample(model, pos, neg, latent_hw=HW, steps=steps, seed=2, sampler_name=sampler)
+    ran = live.snapshot(got).steps
+    kept = {int(s) for part in ran.split(",") for s in range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1)}
+    gaps = [i for i in range(max(kept)) if i not in kept]
+    assert gaps and max(kept) < steps - 1, ran  # skipped steps between those run, and after the last one run
+    for step in (gaps[0], steps - 1):
+        model, live = recorder.attach_recorder(wrap(sd2), steps=str(step))
+        got = tiny.sample(model, pos, neg, latent_hw=HW, steps=steps, seed=2, sampler_name=sampler)
+        with pytest.raises(ValueError, match=rf"steps: range {step} selected, but the sampler evaluated the model .*"
+                                             rf"dpm_fast and dpm_adaptive choose their own sigmas.*\): choose steps "
+                                             rf"the model ran \({re.escape(ran)}\), or 'mean'"):
+            live.snapshot(got)
 
 
 def test_a_range_over_steps_a_cache_node_skipped_says_so(tiny, sd2, caplog):
