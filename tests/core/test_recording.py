@@ -460,10 +460,10 @@ def test_a_float16_recording_is_written_without_a_copy_of_its_values(tmp_path):
         assert torch.equal(back.layers[k].view(torch.int16), t.view(torch.int16)), k
 
 
-def test_all_finite_sums_a_float16_tensor_in_float32(monkeypatch):
+def test_all_finite_needs_no_second_look_at_a_float16_tensor_whose_sum_overflows(monkeypatch):
     """A float16 layer of values about 0.3 sums past float16's 65504: its float16 sum is inf, and all_finite
-    then checked every element (ten times the time, on every layer Save and Load Recording look at). Summed
-    in float32 it needs no second look; NaN and inf are still found."""
+    then checked every element (ten times the time, on every layer Save and Load Recording look at). Read by
+    its smallest and largest values it needs no second look; NaN and inf are still found."""
     t = torch.full((1, 5, 64, 64, 64), 0.3, dtype=torch.float16)
     assert math.isinf(float(t.sum()))
     looked = []
@@ -476,6 +476,47 @@ def test_all_finite_sums_a_float16_tensor_in_float32(monkeypatch):
             u = t.to(dtype)
             u[0, 1, 2, 3, 4] = bad
             assert not all_finite(u), (bad, dtype)
+
+
+_ALL_FINITE_MEMORY = """
+import resource, runpy, sys
+import torch
+runpy.run_path(sys.argv[1])["import_checkout"]()
+from headseg.nodes.core.recording import all_finite
+torch.set_num_threads(1)
+t = torch.full((64, 1024, 1024), 0.3, dtype=getattr(torch, sys.argv[2]))  # 128 MiB
+t[-1, -1, -1] = float(sys.argv[3])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+finite = all_finite(t)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(finite, (after - before) * 1024, t.numel() * t.element_size())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB and glibc's malloc: Linux")
+@pytest.mark.parametrize("dtype,last", [("float16", "0.3"), ("bfloat16", "nan"), ("float16", "-inf")])
+def test_all_finite_takes_no_float32_copy_of_a_half_tensor(dtype, last):
+    """sum(dtype=float32) of a float16 or bfloat16 tensor converts all of it to float32 first on the CPU: a
+    copy of twice its size (Load and Save Recording look at every layer, Head PCA at the selected ones).
+    The process's peak memory grows by far less than the tensor. In a subprocess: peak RSS is per process."""
+    import pathlib
+    import subprocess
+
+    checkout = pathlib.Path(__file__).resolve().parents[1] / "support" / "checkout.py"
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**20))
+    done = subprocess.run(
+        [sys.executable, "-c", _ALL_FINITE_MEMORY, str(checkout), dtype, last],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    finite, grew, size = done.stdout.split()
+    assert finite == str(last == "0.3")
+    assert int(grew) < int(size) // 8, (int(grew), int(size))  # the float32 copy grew it by 2 - 2.5x the tensor
+
+
+def test_all_finite_of_an_empty_half_tensor():
+    for dtype in (torch.float16, torch.bfloat16):
+        assert all_finite(torch.zeros(0, 3, dtype=dtype))
 
 
 GOOD_META = {"format": FORMAT, "image_height": "64", "image_width": "64", "model": "SD21", "steps": "last", "branch": "cond"}
