@@ -44,7 +44,7 @@ def old_layout_workflow(picture: str) -> dict:
                 {"name": "masks", "type": "HEADSEG_MASKS", "link": None},
                 {"name": "x", "type": "INT", "widget": {"name": "x"}, "link": None}]),
             # out of range and fractional
-            picker(5, [1400, 0], [-7, 99999999, 1.6], [{"name": "masks", "type": "HEADSEG_MASKS", "link": None}]),
+            picker(5, [1400, 0], [-7, 99999999999, 1.6], [{"name": "masks", "type": "HEADSEG_MASKS", "link": None}]),
         ],
         "links": [[1, 1, 0, 2, 1, "IMAGE"]],
     }  # fmt: skip
