@@ -571,7 +571,10 @@ export class Picker {
     if (!RUN_UPSTREAM.has(output)) RUN_UPSTREAM.set(output, this.runUpstreamFile(adopt));
     if (adopt) {
       this.upstreamAtStart = undefined;
-      const framed = pixels.rememberFrame(this.node, output); // for when the run is gone (a page reload)
+      // for when the run is gone (a page reload). Not inside a subgraph that several subgraph nodes use: each
+      // prompt hands the node one run per user, whose frames differ when their pictures do, and such a
+      // picker shows no upstream picture (it cannot tell whose) to place on a frame
+      const framed = executionId(this.node) !== null && pixels.rememberFrame(this.node, output);
       this.adoptMappedPixel();
       pixels.adoptMappedPoints(this.node, this.output);
       // a new frame goes into the saved workflow at once (ComfyUI saves it for a reload when it sees a

@@ -9,6 +9,7 @@ import json
 from headseg.tests.browser.helpers import (
     JS_CHECK_STATE,
     JS_QUEUE_AND_WAIT,
+    JS_TO_SUBGRAPH,
     JS_WIDGETS,
     add_picker,
     click_pixel,
@@ -358,4 +359,55 @@ def test_after_a_reload_a_picture_vae_encode_crops_is_shown_cropped_and_another_
     page.wait_for_function(grid_is, arg=[node_id, f"{ow},{oh}"], timeout=15_000)
     page.evaluate(choose, name)  # the first picture again: on the grid
     page.wait_for_function(grid_is, arg=[node_id, f"{W},{H}"], timeout=15_000)
+    assert comfy_page.pack_problems() == []
+
+
+def test_runs_of_a_subgraph_two_subgraph_nodes_use_keep_no_frame(comfy_page, comfy_server):
+    """Mask Select in a subgraph that two subgraph nodes use (the second made by cloning the first, as
+    Alt+drag does), one fed a 300 x 200 picture and one a 200 x 300 one: each prompt runs the node once per
+    subgraph node, and ComfyUI hands both payloads to the one node inside. The picker kept each run's frame,
+    so the frame flipped twice a prompt: every queue, all nodes cached, added two undo steps that change
+    nothing on screen (and cleared the redo history) and marked the workflow modified. Such a picker shows
+    no upstream picture (it cannot tell whose), so it has no use for a frame: none is kept."""
+    import torch
+
+    from headseg.nodes.core.recording import LayerKey, Recording, save_recording
+
+    W, H = 64, 48
+    recording, landscape, portrait = (
+        "headseg_browser_two_users.safetensors", "headseg_browser_two_users_a.png", "headseg_browser_two_users_b.png",
+    )  # fmt: skip
+    heads = torch.randn(1, 2, H // 8, W // 8, 8, generator=torch.Generator().manual_seed(0))
+    save_recording(Recording({LayerKey("input", 1, 0): heads}, (H, W)), comfy_server.input_dir / recording)
+    coded_picture(300, 200).save(comfy_server.input_dir / landscape)
+    coded_picture(200, 300).save(comfy_server.input_dir / portrait)
+    page = comfy_page.page
+    node_id = page.evaluate(JS_LOADED_RECORDING_GRAPH, [recording, landscape])
+    first = page.evaluate(JS_TO_SUBGRAPH, [node_id])
+    second = page.evaluate(
+        """([id, picture]) => { const a = app.graph.getNodeById(id); const b = a.clone(); b.pos = [900, 600];
+             app.graph.add(b);
+             const masks = app.graph.links.get(a.inputs.find(i => i.name === 'masks').link);
+             app.graph.getNodeById(masks.origin_id).connect(masks.origin_slot, b, b.inputs.findIndex(i => i.name === 'masks'));
+             const load = LiteGraph.createNode('LoadImage'); load.pos = [600, 700]; app.graph.add(load);
+             const w = load.widgets.find(w => w.name === 'image'); w.value = picture; w.callback?.(picture);
+             load.connect(0, b, b.inputs.findIndex(i => i.name === 'image'));
+             return a.subgraph === b.subgraph ? b.id : null; }""",
+        [first, portrait],
+    )
+    assert second is not None  # two users of one subgraph
+    state = """() => { const ct = app.extensionManager.workflow.activeWorkflow.changeTracker;
+                       const inner = app.graph.subgraphs.values().next().value.nodes.find(n => n.type === 'HeadSeg_MaskSelectAtPixel');
+                       return {undo: ct.undoQueue.length, frame: inner.properties.headseg_frame ?? null}; }"""
+    page.evaluate(JS_CHECK_STATE)
+    ran = []
+    for _ in range(3):
+        events = page.evaluate(JS_QUEUE_AND_WAIT, 120_000)
+        assert events["error"] is None, f"run failed: {json.dumps(events['error'])[:2000]}"
+        assert {f"{first}:{node_id}", f"{second}:{node_id}"} <= set(events["executed"])
+        settle(page, 300)
+        ran.append(page.evaluate(state))
+    # the second and third queues run nothing anew: they change nothing in the workflow
+    assert ran[2]["undo"] == ran[1]["undo"], ran
+    assert [r["frame"] for r in ran] == [None] * 3
     assert comfy_page.pack_problems() == []
