@@ -22,8 +22,9 @@ const CSS = `
 .headseg-marker::before { left: -9px; top: -1px; width: 18px; height: 2px; }
 .headseg-marker::after { left: -1px; top: -9px; width: 2px; height: 18px; }
 .headseg-rings { position: absolute; inset: 0; pointer-events: none; }
-.headseg-ring { position: absolute; width: 10px; height: 10px; margin: -7px 0 0 -7px; border: 2px solid #34c759;
-  border-radius: 50%; box-shadow: 0 0 0 1px rgba(0, 0, 0, 0.6); pointer-events: none; }
+/* 10 px + 2 px borders, centred by the -7 px margin: content-box, as ComfyUI's page sizes elements border-box */
+.headseg-ring { position: absolute; box-sizing: content-box; width: 10px; height: 10px; margin: -7px 0 0 -7px;
+  border: 2px solid #34c759; border-radius: 50%; box-shadow: 0 0 0 1px rgba(0, 0, 0, 0.6); pointer-events: none; }
 .headseg-ring.headseg-ring-out { border-color: #ff3b30; }
 .headseg-message { padding: 8px; text-align: center; opacity: 0.75; line-height: 1.4; }
 .headseg-info { flex: none; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; opacity: 0.85; }

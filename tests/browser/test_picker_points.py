@@ -283,3 +283,27 @@ def test_a_run_leaves_the_order_of_more_points_alone(comfy_page, pictures):
     assert page.evaluate(JS_MORE, node_id) == f"-{W - 1},{H - 1}; 7,8; -3,4"
     assert not stale(page, sel)
     assert comfy_page.pack_problems() == []
+
+
+def test_a_ring_is_drawn_centred_on_its_pixel(comfy_page, pictures):
+    """A ring is a 10 px circle with a 2 px border, placed by a -7 px margin so that its centre is the pixel's
+    centre. ComfyUI's page sizes every element border-box (Tailwind's base styles), so the ring was 10 px
+    across in all and its centre lay 2 px left of and above the pixel, at every zoom: on a small picture the
+    ring sat between the pixel picked and its neighbour. The cross (a 0 x 0 point) was always right."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id, sel = ready_picker(page, name)
+    for pixel, key in (((W // 4, H // 2), "Shift"), ((3 * W // 4, H // 4), "Alt")):
+        click_with(page, node_id, (W, H), pixel, key)
+    rect = frame_rect(page, node_id)
+    rings = page.eval_on_selector_all(
+        sel + " .headseg-ring", "rs => rs.map(r => { const b = r.getBoundingClientRect(); return [b.x + b.width / 2, b.y + b.height / 2, b.width]; })"
+    )
+    assert len(rings) == 2
+    for (x, y), (cx, cy, width) in zip(((W // 4, H // 2), (3 * W // 4, H // 4)), rings):
+        want = rect["left"] + (x + 0.5) / W * rect["width"], rect["top"] + (y + 0.5) / H * rect["height"]
+        assert abs(cx - want[0]) <= 0.5 and abs(cy - want[1]) <= 0.5, ((cx, cy), want)
+        assert width == 14  # the 10 px circle and its 2 px border
+    marker = page.eval_on_selector(sel + " .headseg-marker", "e => e.getBoundingClientRect().toJSON()")
+    assert marker["width"] == 0  # the cross is drawn around a point: no box to size
+    assert comfy_page.pack_problems() == []
