@@ -563,7 +563,8 @@ export class Picker {
    * the widgets. A node rebuilt by undo gets its last run back with ``adopt`` false: its widgets hold
    * the state undone to, which taking over would edit again (each undo past the run that mapped a pixel
    * would be an edit, and the edits before it could never be undone); the pixels the widgets ask for
-   * are named as that run used them all the same (picker_pixels.js). */
+   * are named as that run used them all the same (picker_pixels.js). A run that ended while another
+   * workflow was open comes back with its tab, ``adopt`` true: the node was never told of it (tick). */
   onExecuted(output, adopt = true) {
     if (!output || typeof output !== "object") return;
     this.output = output;
@@ -660,8 +661,12 @@ export class Picker {
     if (!this.output) {
       const stored = storedOutput(this.node);
       const restorable = (stored?.headseg_pixel || stored?.headseg_image) && !LOST_RUNS.has(stored);
+      // a run the node was told of (RUN_UPSTREAM keeps every one): the node was rebuilt (undo), its widgets
+      // are left as they are. One it never was ended while another workflow was open (ComfyUI tells the
+      // nodes of the open one) and comes with its tab: taken as it comes, its frame and mapped pixels too
+      const told = stored ? RUN_UPSTREAM.has(stored) : false; // before upstreamChangedSince notes it
       if (restorable && !this.upstreamChangedSince(stored)) {
-        this.onExecuted(stored, false); // the node was rebuilt (undo): its widgets are left as they are
+        this.onExecuted(stored, !told);
         return;
       }
       const up = this.upstreamPreview();

@@ -411,3 +411,80 @@ def test_runs_of_a_subgraph_two_subgraph_nodes_use_keep_no_frame(comfy_page, com
     assert ran[2]["undo"] == ran[1]["undo"], ran
     assert [r["frame"] for r in ran] == [None] * 3
     assert comfy_page.pack_problems() == []
+
+
+def test_a_run_that_ends_while_another_workflow_is_open_keeps_its_frame(comfy_page, comfy_server):
+    """ComfyUI tells a run's nodes of its end only in the workflow open at the time: one queued and left for
+    another workflow tab reaches the picker when its tab is opened again, restored from the outputs the tab
+    keeps, as undo restores a run (the widgets left as they are). Its frame was not kept and the pixel it
+    mapped not taken: a grid pixel clicked on its picture then (the masks' pixels) was read after a page
+    reload on the connected picture at its own size, elsewhere on the picture than the node reads it. A run
+    the node was never told of is now taken as it comes, when its tab is opened again."""
+    import torch
+
+    from headseg.nodes.core.pixels import picture_to_mask_pixel
+    from headseg.nodes.core.recording import LayerKey, Recording, save_recording
+
+    W, H, w, h = 64, 48, 300, 200
+    recording, picture = "headseg_browser_away.safetensors", "headseg_browser_away.png"
+    heads = torch.randn(1, 2, H // 8, W // 8, 8, generator=torch.Generator().manual_seed(0))
+    save_recording(Recording({LayerKey("input", 1, 0): heads}, (H, W)), comfy_server.input_dir / recording)
+    coded_picture(w, h).save(comfy_server.input_dir / picture)
+    page = comfy_page.page
+    node_id = page.evaluate(JS_LOADED_RECORDING_GRAPH, [recording, picture])
+    view_picker(page, node_id, 1.0)
+    wait_picture_ready(page, node_id)
+    rect = frame_rect(page, node_id)
+    page.mouse.click(rect["left"] + 0.9 * rect["width"], rect["top"] + 0.9 * rect["height"])  # picture pixel
+    settle(page, 300)
+    assert page.evaluate(JS_WIDGETS, node_id) | {"index": 0} == {"x": 270, "y": 180, "index": 0}
+    first = page.evaluate("() => app.extensionManager.workflow.activeWorkflow.path")
+    # queued, and another workflow opened once the prompt has started and ComfyUI has noted the workflow it
+    # belongs to (when queuePrompt returns): the prompt ends there
+    ended_in = page.evaluate(
+        """async () => { const api = app.api; let done; const ended = new Promise(r => done = r);
+             let queued = false, started = false, away = null;
+             const leave = () => { if (queued && started && !away) away = app.extensionManager.command.execute('Comfy.NewBlankWorkflow'); };
+             const end = () => done(app.extensionManager.workflow.activeWorkflow.path);
+             api.addEventListener('execution_start', () => { started = true; leave(); }, {once: true});
+             for (const type of ['execution_success', 'execution_error']) api.addEventListener(type, end, {once: true});
+             await app.queuePrompt(0, 1);
+             queued = true;
+             leave();
+             return await ended; }"""
+    )
+    assert ended_in != first, "the prompt ended before another workflow was opened"
+    page.evaluate(
+        """async (p) => { const store = app.extensionManager.workflow;
+                          await app.extensionManager.command.execute('Workspace.PreviousOpenedWorkflow');
+                          if (store.activeWorkflow.path !== p) await app.extensionManager.command.execute('Workspace.NextOpenedWorkflow'); }""",
+        first,
+    )
+    page.wait_for_function("(p) => app.extensionManager.workflow.activeWorkflow.path === p", arg=first)
+    page.evaluate(
+        """async (p) => { const store = app.extensionManager.workflow;
+                          await store.closeWorkflow(store.openWorkflows.find(w => w.path === p)); }""",
+        ended_in,
+    )  # the tabs as the other tests found them
+    view_picker(page, node_id, 1.0)
+    wait_picture_ready(page, node_id)
+    page.wait_for_function("(id) => !!app.graph.getNodeById(id).headsegPicker.output", arg=node_id, timeout=15_000)
+    settle(page, 600)
+    # the run's pixel and frame, in the state ComfyUI keeps for a reload
+    assert (page.evaluate(JS_WIDGETS, node_id)["x"], page.evaluate(JS_WIDGETS, node_id)["y"]) == (57, 43)
+    workflow = page.evaluate(JS_KEPT_STATE)
+    (saved,) = [n for n in workflow["nodes"] if n["id"] == node_id]
+    assert saved["properties"].get("headseg_frame") == {"grid": [W, H], "picture": [w, h]}
+    # a grid pixel clicked on the run's picture, then a reload: the cross stays on that pixel of the picture
+    click_pixel(page, node_id, (W, H), (10, 8))
+    assert page.evaluate(JS_WIDGETS, node_id) | {"index": 0} == {"x": 10, "y": 8, "index": 0}
+    page.evaluate(JS_RELOAD, page.evaluate(JS_KEPT_STATE))
+    view_picker(page, node_id, 1.0)
+    wait_picture_ready(page, node_id)
+    settle(page, 600)
+    assert page.evaluate("(id) => app.graph.getNodeById(id).headsegPicker.size", node_id) == [W, H]
+    sel = picker_selector(node_id)
+    marker = page.eval_on_selector(sel + " .headseg-marker", "e => e.getBoundingClientRect().toJSON()")
+    px, py = decode_position(screenshot_rgb(page).getpixel((round(marker["x"]), round(marker["y"]))), w, h)
+    assert picture_to_mask_pixel(round(px), round(py), (h, w), (H, W)) == (10, 8), (px, py)
+    assert comfy_page.pack_problems() == []
