@@ -22,6 +22,7 @@ from headseg.tests.browser.helpers import (
     settle,
     synthetic_run,
     view_picker,
+    vue_nodes,
     wait_picture_ready,
 )
 
@@ -488,3 +489,43 @@ def test_a_run_that_ends_while_another_workflow_is_open_keeps_its_frame(comfy_pa
     px, py = decode_position(screenshot_rgb(page).getpixel((round(marker["x"]), round(marker["y"]))), w, h)
     assert picture_to_mask_pixel(round(px), round(py), (h, w), (H, W)) == (10, 8), (px, py)
     assert comfy_page.pack_problems() == []
+
+
+def test_after_a_real_page_reload_in_nodes_2_0_a_click_on_the_cropped_photo_is_the_pixel_queued(open_page, comfy_server):
+    """The page reloaded for real (the workflow ComfyUI kept for it, no node outputs) in the Vue node renderer
+    (Nodes 2.0): a 69 x 53 photo, whose 64 x 48 masks cover VAE Encode's centred window, is shown as that
+    window, on the last run's grid; a click is the grid pixel under it, and the next run uses that pixel."""
+    import torch
+
+    from headseg.nodes.core.recording import LayerKey, Recording, save_recording
+
+    W, H, w, h = 64, 48, 69, 53
+    recording, picture = "headseg_browser_reload.safetensors", "headseg_browser_reload.png"
+    heads = torch.randn(1, 2, H // 8, W // 8, 8, generator=torch.Generator().manual_seed(0))
+    save_recording(Recording({LayerKey("input", 1, 0): heads}, (H, W)), comfy_server.input_dir / recording)
+    coded_picture(w, h).save(comfy_server.input_dir / picture)
+    tab = open_page()
+    page = tab.page
+    with vue_nodes(page):
+        node_id = page.evaluate(JS_LOADED_RECORDING_GRAPH, [recording, picture])
+        events = page.evaluate(JS_QUEUE_AND_WAIT, 120_000)
+        assert events["error"] is None, f"run failed: {json.dumps(events['error'])[:2000]}"
+        page.reload(wait_until="domcontentloaded")
+        page.wait_for_function(
+            "(id) => window.app && app.graph && app.graph.getNodeById(id)?.headsegPicker && LiteGraph.vueNodesMode",
+            arg=node_id, timeout=90_000,
+        )
+        view_picker(page, node_id, 1.0)
+        wait_picture_ready(page, node_id)
+        settle(page, 600)
+        sel = picker_selector(node_id)
+        assert picture in page.eval_on_selector(sel + " img.headseg-base", "i => i.src")  # Load Image's: no run
+        assert page.evaluate("(id) => app.graph.getNodeById(id).headsegPicker.size", node_id) == [W, H]
+        cx, cy = click_pixel(page, node_id, (W, H), (50, 40))
+        assert page.evaluate(JS_WIDGETS, node_id) | {"index": 0} == {"x": 50, "y": 40, "index": 0}
+        px, py = decode_position(screenshot_rgb(page).getpixel((round(cx), round(cy))), w, h)
+        assert abs(px - 52) <= 0.6 and abs(py - 42) <= 0.6, (px, py)  # VAE Encode's window: 2 px in
+        events = page.evaluate(JS_QUEUE_AND_WAIT, 120_000)
+        assert events["error"] is None, f"run failed: {json.dumps(events['error'])[:2000]}"
+        assert page.evaluate("(id) => app.nodeOutputs[String(id)].headseg_pixel", node_id) == [50, 40]
+    assert tab.pack_problems() == []
