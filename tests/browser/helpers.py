@@ -138,6 +138,12 @@ JS_TO_SUBGRAPH = """async (ids) => { app.canvas.deselectAll();
   await app.extensionManager.command.execute('Comfy.Graph.ConvertToSubgraph');
   return app.graph.nodes.find(n => n.isSubgraphNode?.()).id; }"""
 
+# Opens subgraph node ``sg`` and brings the Mask Select node inside into view at scale 1 -> its id.
+JS_OPEN_SUBGRAPH_PICKER = """(sg) => { const outer = app.graph.getNodeById(sg); app.canvas.openSubgraph(outer.subgraph, outer);
+  const inner = outer.subgraph.nodes.find(n => n.type === 'HeadSeg_MaskSelectAtPixel');
+  app.canvas.ds.scale = 1; app.canvas.ds.offset = [180 - inner.pos[0], 190 - inner.pos[1]];
+  app.canvas.setDirty(true, true); return inner.id; }"""
+
 
 # -- page helpers -----------------------------------------------------------------------------
 def picker_selector(node_id) -> str:

@@ -11,6 +11,7 @@ import pytest
 
 from headseg.tests.browser.helpers import (
     JS_CHECK_STATE,
+    JS_OPEN_SUBGRAPH_PICKER,
     JS_TO_SUBGRAPH,
     JS_WIDGETS,
     add_picker,
@@ -310,13 +311,7 @@ def test_picker_inside_a_subgraph_shows_the_picture_from_outside_before_a_run(co
     wait_picture_ready(page, node_id)
     outside = page.eval_on_selector(picker_selector(node_id) + " img.headseg-base", "i => i.src")
     sg = page.evaluate(JS_TO_SUBGRAPH, [node_id])
-    inner = page.evaluate(
-        """(sg) => { const outer = app.graph.getNodeById(sg); app.canvas.openSubgraph(outer.subgraph, outer);
-                     const inner = outer.subgraph.nodes.find(n => n.type === 'HeadSeg_MaskSelectAtPixel');
-                     app.canvas.ds.scale = 1; app.canvas.ds.offset = [180 - inner.pos[0], 190 - inner.pos[1]];
-                     app.canvas.setDirty(true, true); return inner.id; }""",
-        sg,
-    )
+    inner = page.evaluate(JS_OPEN_SUBGRAPH_PICKER, sg)
     wait_picture_ready(page, inner)
     assert page.eval_on_selector(picker_selector(inner) + " img.headseg-base", "i => i.src") == outside
     rect = frame_rect(page, inner)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from headseg.tests.browser.helpers import (
     JS_CHECK_STATE,
+    JS_OPEN_SUBGRAPH_PICKER,
     JS_TO_SUBGRAPH,
     JS_WIDGETS,
     add_merge_with_note,
@@ -105,18 +106,14 @@ def test_picker_inside_a_subgraph_comes_back_when_the_node_is_rebuilt(comfy_page
                                                       output: payload, prompt_id: 'p'}); }""",
         [sg, node_id, payload],
     )
-    js_open = """(sg) => { const outer = app.graph.getNodeById(sg); app.canvas.openSubgraph(outer.subgraph, outer);
-                   const inner = outer.subgraph.nodes.find(n => n.type === 'HeadSeg_MaskSelectAtPixel');
-                   app.canvas.ds.scale = 1; app.canvas.ds.offset = [180 - inner.pos[0], 190 - inner.pos[1]];
-                   app.canvas.setDirty(true, true); return inner.id; }"""
-    inner = page.evaluate(js_open, sg)
+    inner = page.evaluate(JS_OPEN_SUBGRAPH_PICKER, sg)
     sel = picker_selector(inner)
     thumbs = "(sel) => document.querySelectorAll(sel + ' .headseg-thumb').length === 2"
     page.wait_for_function(thumbs, arg=sel, timeout=15_000)
     page.evaluate("() => app.canvas.setGraph(app.graph)")  # back to the root graph
     page.evaluate("async () => { await app.loadGraphData(app.graph.serialize(), false, false); }")  # as undo does
     settle(page, 500)
-    inner = page.evaluate(js_open, sg)
+    inner = page.evaluate(JS_OPEN_SUBGRAPH_PICKER, sg)
     page.wait_for_function(thumbs, arg=picker_selector(inner), timeout=15_000)
     assert "2 masks here" in page.text_content(picker_selector(inner) + " .headseg-info")
     assert comfy_page.pack_problems() == []
@@ -138,13 +135,7 @@ def test_a_picker_converted_into_a_subgraph_after_a_run_keeps_the_runs_frame(com
     )
     synthetic_run(page, node_id, name, (W, H), (50, 30), picture_size=(w, h))
     sg = page.evaluate(JS_TO_SUBGRAPH, [node_id])
-    inner = page.evaluate(
-        """(sg) => { const outer = app.graph.getNodeById(sg); app.canvas.openSubgraph(outer.subgraph, outer);
-                     const inner = outer.subgraph.nodes.find(n => n.type === 'HeadSeg_MaskSelectAtPixel');
-                     app.canvas.ds.scale = 1; app.canvas.ds.offset = [180 - inner.pos[0], 190 - inner.pos[1]];
-                     app.canvas.setDirty(true, true); return inner.id; }""",
-        sg,
-    )
+    inner = page.evaluate(JS_OPEN_SUBGRAPH_PICKER, sg)
     wait_picture_ready(page, inner)
     sel = picker_selector(inner)
     assert name in page.eval_on_selector(sel + " img.headseg-base", "i => i.src")  # Load Image's: no run

@@ -255,6 +255,16 @@ async ([recording, picture]) => {
 """
 
 
+def save_random_recording(comfy_server, name: str, W: int, H: int) -> None:
+    """Saves a recording of random heads whose masks are W x H pixels in the server's input folder as ``name``."""
+    import torch
+
+    from headseg.nodes.core.recording import LayerKey, Recording, save_recording
+
+    heads = torch.randn(1, 2, H // 8, W // 8, 8, generator=torch.Generator().manual_seed(0))  # [B, heads, h, w, d]
+    save_recording(Recording({LayerKey("input", 1, 0): heads}, (H, W)), comfy_server.input_dir / name)
+
+
 JS_KEPT_STATE = "() => structuredClone(app.extensionManager.workflow.activeWorkflow.changeTracker.activeState)"
 
 
@@ -270,15 +280,11 @@ def test_after_a_reload_the_cross_and_a_click_are_where_the_node_reads_the_pixel
     picture pixel inside the grid, which the node reads as a pixel of the grid: elsewhere on the picture. The
     picker now keeps the last run's frame in the node's properties (saved with the workflow): the cross and
     a click are on the masks' grid, as the node reads them."""
-    import torch
-
     from headseg.nodes.core.pixels import picture_to_mask_pixel
-    from headseg.nodes.core.recording import LayerKey, Recording, save_recording
 
     W, H, w, h = 64, 48, 300, 200
     recording, picture = "headseg_browser_frame.safetensors", "headseg_browser_frame.png"
-    heads = torch.randn(1, 2, H // 8, W // 8, 8, generator=torch.Generator().manual_seed(0))
-    save_recording(Recording({LayerKey("input", 1, 0): heads}, (H, W)), comfy_server.input_dir / recording)
+    save_random_recording(comfy_server, recording, W, H)
     coded_picture(w, h).save(comfy_server.input_dir / picture)
     page = comfy_page.page
     node_id = page.evaluate(JS_LOADED_RECORDING_GRAPH, [recording, picture])
@@ -370,16 +376,12 @@ def test_runs_of_a_subgraph_two_subgraph_nodes_use_keep_no_frame(comfy_page, com
     so the frame flipped twice a prompt: every queue, all nodes cached, added two undo steps that change
     nothing on screen (and cleared the redo history) and marked the workflow modified. Such a picker shows
     no upstream picture (it cannot tell whose), so it has no use for a frame: none is kept."""
-    import torch
-
-    from headseg.nodes.core.recording import LayerKey, Recording, save_recording
 
     W, H = 64, 48
     recording, landscape, portrait = (
         "headseg_browser_two_users.safetensors", "headseg_browser_two_users_a.png", "headseg_browser_two_users_b.png",
     )  # fmt: skip
-    heads = torch.randn(1, 2, H // 8, W // 8, 8, generator=torch.Generator().manual_seed(0))
-    save_recording(Recording({LayerKey("input", 1, 0): heads}, (H, W)), comfy_server.input_dir / recording)
+    save_random_recording(comfy_server, recording, W, H)
     coded_picture(300, 200).save(comfy_server.input_dir / landscape)
     coded_picture(200, 300).save(comfy_server.input_dir / portrait)
     page = comfy_page.page
@@ -421,15 +423,11 @@ def test_a_run_that_ends_while_another_workflow_is_open_keeps_its_frame(comfy_pa
     mapped not taken: a grid pixel clicked on its picture then (the masks' pixels) was read after a page
     reload on the connected picture at its own size, elsewhere on the picture than the node reads it. A run
     the node was never told of is now taken as it comes, when its tab is opened again."""
-    import torch
-
     from headseg.nodes.core.pixels import picture_to_mask_pixel
-    from headseg.nodes.core.recording import LayerKey, Recording, save_recording
 
     W, H, w, h = 64, 48, 300, 200
     recording, picture = "headseg_browser_away.safetensors", "headseg_browser_away.png"
-    heads = torch.randn(1, 2, H // 8, W // 8, 8, generator=torch.Generator().manual_seed(0))
-    save_recording(Recording({LayerKey("input", 1, 0): heads}, (H, W)), comfy_server.input_dir / recording)
+    save_random_recording(comfy_server, recording, W, H)
     coded_picture(w, h).save(comfy_server.input_dir / picture)
     page = comfy_page.page
     node_id = page.evaluate(JS_LOADED_RECORDING_GRAPH, [recording, picture])
@@ -495,14 +493,10 @@ def test_after_a_real_page_reload_in_nodes_2_0_a_click_on_the_cropped_photo_is_t
     """The page reloaded for real (the workflow ComfyUI kept for it, no node outputs) in the Vue node renderer
     (Nodes 2.0): a 69 x 53 photo, whose 64 x 48 masks cover VAE Encode's centred window, is shown as that
     window, on the last run's grid; a click is the grid pixel under it, and the next run uses that pixel."""
-    import torch
-
-    from headseg.nodes.core.recording import LayerKey, Recording, save_recording
 
     W, H, w, h = 64, 48, 69, 53
     recording, picture = "headseg_browser_reload.safetensors", "headseg_browser_reload.png"
-    heads = torch.randn(1, 2, H // 8, W // 8, 8, generator=torch.Generator().manual_seed(0))
-    save_recording(Recording({LayerKey("input", 1, 0): heads}, (H, W)), comfy_server.input_dir / recording)
+    save_random_recording(comfy_server, recording, W, H)
     coded_picture(w, h).save(comfy_server.input_dir / picture)
     tab = open_page()
     page = tab.page
