@@ -444,20 +444,18 @@ def save_recording(
     tensors = {}
     for key, t in rec.layers.items():
         B, heads, h, w, d = t.shape
-        if t.dtype == torch.float16:  # what the recorder keeps: no value lies beyond float16, written as it is
-            tensors[key.name] = t.detach().to("cpu").contiguous()
-            continue
-        peaks = t.detach().abs().reshape(B, heads, h * w * d).amax(2).amax(0)  # [heads] largest |value| per head
-        peaks = torch.where(peaks.isfinite(), peaks, 0.0)  # NaN / inf stay NaN / inf in float16
-        if float(peaks.max()) > _FP16_MAX:
-            raise ValueError(f"{name}: layer {key!s} has values beyond the float16 range")
-        # other dtypes than float16 would lose the digits of a head below float16's normal numbers
-        small = ((peaks > 0) & (peaks < _FP16_TINY)).nonzero().flatten().tolist()
-        if small:
-            raise ValueError(
-                f"{name}: layer {key!s}, head {small[0]}: values at most {float(peaks[small[0]]):.3g}, below "
-                f"float16's smallest normal number {_FP16_TINY:.3g}: the file would keep few or none of their digits"
-            )
+        if t.dtype != torch.float16:  # a float16 layer (what the recorder keeps) is written as it is
+            peaks = t.detach().abs().reshape(B, heads, h * w * d).amax(2).amax(0)  # [heads] largest |value| per head
+            peaks = torch.where(peaks.isfinite(), peaks, 0.0)  # NaN / inf stay NaN / inf in float16
+            if float(peaks.max()) > _FP16_MAX:
+                raise ValueError(f"{name}: layer {key!s} has values beyond the float16 range")
+            # other dtypes than float16 would lose the digits of a head below float16's normal numbers
+            small = ((peaks > 0) & (peaks < _FP16_TINY)).nonzero().flatten().tolist()
+            if small:
+                raise ValueError(
+                    f"{name}: layer {key!s}, head {small[0]}: values at most {float(peaks[small[0]]):.3g}, below "
+                    f"float16's smallest normal number {_FP16_TINY:.3g}: the file would keep few or none of their digits"
+                )
         tensors[key.name] = t.detach().to("cpu", torch.float16).contiguous()
     extra = dict(extra_metadata or {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
