@@ -204,9 +204,9 @@ def _elsewhere(path: str) -> str:
     return ""
 
 
-def _resolve(file, path) -> str:
-    """The path of the recording to load: ``path`` when set, else ``file``; ValueError or TypeError
-    naming the input when it is missing, not text, or outside ComfyUI's folders."""
+def _resolve(file, path) -> tuple[str, str]:
+    """(the path of the recording to load, the input that named it): ``path`` when set, else ``file``;
+    ValueError or TypeError naming the input when it is missing, not text, or outside ComfyUI's folders."""
     full = _override_path(path)
     if full is not None:
         if not os.path.exists(full):  # a folder or an unreadable file is named by load_recording
@@ -214,7 +214,7 @@ def _resolve(file, path) -> str:
                 f"path: no such recording file: {path.strip()!r} (relative to the input folder, or absolute "
                 f"inside the input, output or temp folder){_elsewhere(path.strip())}"
             )
-        return full
+        return full, "path"
     full = _file_path(file)
     if full is None:
         raise ValueError(
@@ -223,7 +223,7 @@ def _resolve(file, path) -> str:
         )
     if not os.path.exists(full):
         raise ValueError(f"file: no such recording file: {file!r}")
-    return full
+    return full, "file"
 
 
 def _take_name(folder: str, name: str, counter: int, filename_prefix) -> tuple[str, str]:
@@ -418,7 +418,7 @@ class LoadRecording(io.ComfyNode):
         if path is None or (file is None and isinstance(path, str) and not path.strip()):
             return f"linked: {_linked_stamp()}"
         try:
-            full = _resolve(file, path)
+            full, _ = _resolve(file, path)
         except (TypeError, ValueError):
             return ""
         version = _current_version(full)
@@ -426,8 +426,7 @@ class LoadRecording(io.ComfyNode):
 
     @classmethod
     def execute(cls, file, path="") -> io.NodeOutput:
-        full = _resolve(file, path)
-        chosen = "path" if _override_path(path) is not None else "file"
+        full, chosen = _resolve(file, path)
         _watch(full)  # before reading: a file replaced while it is read is read again next time
         try:
             size = os.stat(full).st_size

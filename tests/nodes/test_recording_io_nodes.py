@@ -952,9 +952,9 @@ def test_a_file_removed_after_it_was_found_is_named_by_the_input_that_chose_it(i
     found = io_nodes._resolve  # finds the file; it is removed before load_recording opens it
 
     def resolve_then_remove(file, p):
-        full = found(file, p)
+        full, named_by = found(file, p)  # (path, the input that named it)
         os.remove(full)
-        return full
+        return full, named_by
 
     monkeypatch.setattr(io_nodes, "_resolve", resolve_then_remove)
     chosen = "path" if use_path else "file"
