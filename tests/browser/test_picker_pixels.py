@@ -265,6 +265,15 @@ def save_random_recording(comfy_server, name: str, W: int, H: int) -> None:
     save_recording(Recording({LayerKey("input", 1, 0): heads}, (H, W)), comfy_server.input_dir / name)
 
 
+def save_recording_and_picture(comfy_server, name: str, W: int, H: int, w: int, h: int) -> tuple[str, str]:
+    """A recording whose masks are W x H pixels (save_random_recording) and a w x h coded picture, saved in the
+    server's input folder as ``name``.safetensors and ``name``.png -> their file names."""
+    recording, picture = f"{name}.safetensors", f"{name}.png"
+    save_random_recording(comfy_server, recording, W, H)
+    coded_picture(w, h).save(comfy_server.input_dir / picture)
+    return recording, picture
+
+
 JS_KEPT_STATE = "() => structuredClone(app.extensionManager.workflow.activeWorkflow.changeTracker.activeState)"
 
 
@@ -283,9 +292,7 @@ def test_after_a_reload_the_cross_and_a_click_are_where_the_node_reads_the_pixel
     from headseg.nodes.core.pixels import picture_to_mask_pixel
 
     W, H, w, h = 64, 48, 300, 200
-    recording, picture = "headseg_browser_frame.safetensors", "headseg_browser_frame.png"
-    save_random_recording(comfy_server, recording, W, H)
-    coded_picture(w, h).save(comfy_server.input_dir / picture)
+    recording, picture = save_recording_and_picture(comfy_server, "headseg_browser_frame", W, H, w, h)
     page = comfy_page.page
     node_id = page.evaluate(JS_LOADED_RECORDING_GRAPH, [recording, picture])
     sel = picker_selector(node_id)
@@ -426,9 +433,7 @@ def test_a_run_that_ends_while_another_workflow_is_open_keeps_its_frame(comfy_pa
     from headseg.nodes.core.pixels import picture_to_mask_pixel
 
     W, H, w, h = 64, 48, 300, 200
-    recording, picture = "headseg_browser_away.safetensors", "headseg_browser_away.png"
-    save_random_recording(comfy_server, recording, W, H)
-    coded_picture(w, h).save(comfy_server.input_dir / picture)
+    recording, picture = save_recording_and_picture(comfy_server, "headseg_browser_away", W, H, w, h)
     page = comfy_page.page
     node_id = page.evaluate(JS_LOADED_RECORDING_GRAPH, [recording, picture])
     view_picker(page, node_id, 1.0)
@@ -495,9 +500,7 @@ def test_after_a_real_page_reload_in_nodes_2_0_a_click_on_the_cropped_photo_is_t
     window, on the last run's grid; a click is the grid pixel under it, and the next run uses that pixel."""
 
     W, H, w, h = 64, 48, 69, 53
-    recording, picture = "headseg_browser_reload.safetensors", "headseg_browser_reload.png"
-    save_random_recording(comfy_server, recording, W, H)
-    coded_picture(w, h).save(comfy_server.input_dir / picture)
+    recording, picture = save_recording_and_picture(comfy_server, "headseg_browser_reload", W, H, w, h)
     tab = open_page()
     page = tab.page
     with vue_nodes(page):
