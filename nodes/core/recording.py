@@ -63,6 +63,11 @@ def is_ascii_digits(text: str) -> bool:
     return text.isascii() and text.isdecimal()
 
 
+def shown_text(text: str, limit: int = 40) -> str:
+    """text -> its repr, or the repr of its first half-limit characters and its length when longer than limit."""
+    return repr(text) if len(text) <= limit else f"{text[:limit // 2]!r}... ({len(text)} characters)"
+
+
 # The value ascii_int gives digits of a larger number: beyond any grid level, step or cluster count.
 DIGITS_BEYOND = 10**9
 
@@ -129,9 +134,15 @@ class LayerKey:
         ):
             raise ValueError(
                 f"layer name must be '<block>.<number>.<depth>' with block in "
-                f"{sorted(BLOCK_POSITIONS)} (e.g. 'input.1.0'), got {name!r}"
+                f"{sorted(BLOCK_POSITIONS)} (e.g. 'input.1.0'), got {shown_text(name)}"
             )
-        return cls(parts[0], int(parts[1]), int(parts[2]))
+        number, depth = ascii_int(parts[1]), ascii_int(parts[2])
+        if max(number, depth) >= DIGITS_BEYOND:
+            raise ValueError(
+                f"layer name {shown_text(name)}: block number and depth must be below {DIGITS_BEYOND} "
+                f"(a UNet has a few dozen blocks)"
+            )
+        return cls(parts[0], number, depth)
 
     def __str__(self) -> str:
         return self.name
@@ -613,10 +624,9 @@ def load_recording(path) -> Recording:
             text = metadata[field_name]
             digits = text.strip()
             if not (is_ascii_digits(digits) and len(digits.lstrip("0")) <= 6 and 1 <= int(digits) <= MAX_IMAGE_SIDE):
-                shown = repr(text) if len(text) <= 40 else f"{text[:20]!r}... ({len(text)} characters)"
                 raise ValueError(
                     f"{path}: metadata field {field_name!r} must be an integer from 1 to {MAX_IMAGE_SIDE} (pixels), "
-                    f"got {shown}"
+                    f"got {shown_text(text)}"
                 )
             size.append(int(text))
         layers, names = {}, {}
@@ -624,9 +634,9 @@ def load_recording(path) -> Recording:
             try:
                 key = LayerKey.parse(name)
             except ValueError as exc:
-                raise ValueError(f"{path}: tensor {name!r}: {exc}") from None
+                raise ValueError(f"{path}: tensor {shown_text(name)}: {exc}") from None
             if key in names:
-                raise ValueError(f"{path}: tensors {names[key]!r} and {name!r} are the same layer {key}")
+                raise ValueError(f"{path}: tensors {shown_text(names[key])} and {shown_text(name)} are the same layer {key}")
             names[key] = name
             t = f.get_tensor(name)
             if t.dim() != 5:

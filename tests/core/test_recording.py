@@ -604,6 +604,33 @@ def test_load_bad_tensor_name(tmp_path):
         load_recording(write(tmp_path, tensors, GOOD_META))
 
 
+@pytest.mark.parametrize("digits", ["1" * 5000, "1" + "0" * 9, "0" * 5000 + "4"], ids=["5000-ones", "1e9", "padded-4"])
+def test_load_layer_numbers_beyond_any_unet_are_refused_in_the_files_words(tmp_path, digits):
+    """A layer numbered with thousands of digits got Python's own 'Exceeds the limit (4300 digits)' text,
+    and the message repeated the whole name; a number of 10**9 or more is no UNet's layer. Leading zeros
+    still read as the number they pad."""
+    name = f"output.{digits}.0"
+    tensors = {**good_tensors(), name: torch.zeros(1, 2, 8, 8, 4, dtype=torch.float16)}
+    path = write(tmp_path, tensors, GOOD_META)
+    if digits.lstrip("0") == "4":
+        with pytest.raises(ValueError, match=r"bad\.safetensors.*same layer output\.4\.0") as info:
+            load_recording(path)
+        assert len(str(info.value)) < 400
+        return
+    with pytest.raises(ValueError) as info:
+        load_recording(path)
+    message = str(info.value)
+    assert "bad.safetensors" in message and "below 1000000000" in message and "digits" not in message.split(":")[0]
+    assert "Exceeds the limit" not in message and len(message) < 400
+
+
+@pytest.mark.parametrize("name", ["input." + "1" * 5000 + ".0", "input.1." + "9" * 10], ids=["5000-digits", "10-digits"])
+def test_layer_key_parse_refuses_huge_numbers_with_a_short_message(name):
+    with pytest.raises(ValueError, match=r"layer name.*below 1000000000") as info:
+        LayerKey.parse(name)
+    assert len(str(info.value)) < 300
+
+
 def test_load_two_names_of_one_layer(tmp_path):
     tensors = {**good_tensors(), "input.01.0": torch.zeros(1, 2, 8, 8, 4, dtype=torch.float16)}
     with pytest.raises(ValueError, match=r"bad\.safetensors.*'input\.0?1\.0' and 'input\.0?1\.0'.*same layer"):
