@@ -1,6 +1,7 @@
 """Recording through ComfyUI's real sampler against an independent float64 recomputation per layer."""
 
 import logging
+import os
 
 import pytest
 import torch
@@ -855,10 +856,21 @@ def test_a_range_past_the_run_records_the_steps_there_and_says_so(tiny, sd2, cap
 
 def test_a_range_to_a_huge_step_records_the_steps_there_in_no_time(tiny, sd2, caplog):
     """'0-999999999' (a range up to the end, as the tooltip invites: a range partly past the run keeps the steps
-    it has) made a set of a billion steps when the run ended: tens of GB, the server killed or stalled."""
-    patched, live = recorder.attach_recorder(sd2, steps="0-999999999")
-    with caplog.at_level(logging.WARNING, logger="HeadSeg"):
-        run(tiny, patched, latent_hw=(8, 8), steps=2)
+    it has) made a set of a billion steps when the run ended: tens of GB, the server killed or stalled. The
+    run gets 4 GB more address space than the process holds, so that any container of every step of the range
+    fails here with a MemoryError rather than take the machine's memory."""
+    resource = pytest.importorskip("resource")
+    with open("/proc/self/statm") as f:
+        held = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")  # bytes of address space now
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = held + (4 << 30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+    try:
+        patched, live = recorder.attach_recorder(sd2, steps="0-999999999")
+        with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+            run(tiny, patched, latent_hw=(8, 8), steps=2)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
     assert "steps 0-999999999: the sampling run had 2 steps (0-1): recorded steps 0-1" in caplog.text
     assert live.snapshot().steps == "0-1"
 
