@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -56,12 +56,16 @@ class StepSelection:
     mode: str
     first: int = 0
     last: int = 0
+    # the range's ends as typed (leading zeros dropped) where they differ from the values read: ends past
+    # 10**9 are read as 10**9 (ascii_int) but named as typed
+    typed: tuple[str, str] | None = field(default=None, compare=False)
 
     @property
     def label(self) -> str:
         if self.mode != "range":
             return self.mode
-        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+        first, last = self.typed or (str(self.first), str(self.last))
+        return first if first == last else f"{first}-{last}"
 
 
 def check_keep_runs(value) -> int:
@@ -77,6 +81,12 @@ def _magnitude(digits: str) -> tuple[int, str]:
     return len(digits), digits
 
 
+def _shown_digits(digits: str) -> str:
+    """ASCII digits -> them without leading zeros, or their first 12 and their count when longer."""
+    digits = digits.lstrip("0") or "0"
+    return digits if len(digits) <= 15 else f"{digits[:12]}... ({len(digits)} digits)"
+
+
 def parse_steps(text: str) -> StepSelection:
     """'last' | 'mean' | 'N' | 'A-B' (0-based step indices, inclusive) -> StepSelection."""
     if not isinstance(text, str):
@@ -90,7 +100,8 @@ def parse_steps(text: str) -> StepSelection:
         # A <= B compared as typed: both ends past 10**9 read as 10**9 alike, so '3000000000-2000000000'
         # would pass as the step 10**9
         if _magnitude(parts[0]) <= _magnitude(parts[-1]):
-            return StepSelection("range", first, last)
+            typed = tuple(_shown_digits(p) for p in (parts[0], parts[-1]))
+            return StepSelection("range", first, last, typed if typed != (str(first), str(last)) else None)
     raise ValueError(
         f"steps: expected 'last', 'mean', a step 'N' or a range 'A-B' with A <= B (0-based, inclusive), got {text!r}"
     )

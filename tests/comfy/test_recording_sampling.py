@@ -875,6 +875,27 @@ def test_a_range_to_a_huge_step_records_the_steps_there_in_no_time(tiny, sd2, ca
     assert live.snapshot().steps == "0-1"
 
 
+@pytest.mark.parametrize(
+    "typed,named",
+    [("1-99999999999", "1-99999999999"), ("01-0" + "7" * 5000, "1-777777777777... (5000 digits)")],
+    ids=["11-digits", "5000-digits"],
+)
+def test_a_range_past_a_billion_is_named_as_typed(tiny, sd2, caplog, typed, named):
+    """An end past 10**9 is read as 10**9 (no step reaches it), but the warning named the range by that value,
+    '1-1000000000', which the user never typed."""
+    patched, live = recorder.attach_recorder(sd2, steps=typed)
+    with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        run(tiny, patched, latent_hw=(8, 8), steps=2)
+    assert f"steps {named}: the sampling run had 2 steps (0-1): recorded steps 1" in caplog.text
+    assert live.snapshot().steps == "1"
+
+
+def test_steps_read_the_same_whatever_zeros_or_digits_they_were_typed_with():
+    parse = recorder_store.parse_steps
+    assert parse("03-0007") == parse("3-7") and parse("03-0007").label == "3-7"
+    assert parse("2-" + "9" * 20) == parse("2-1000000000") and parse("2-" + "9" * 20).label != parse("2-1000000000").label
+
+
 def test_a_range_ending_one_past_the_last_step_says_how_many_steps_ran(tiny, sd2, caplog):
     patched, live = recorder.attach_recorder(sd2, steps="1-3")  # 3 is one past a 3-step run's last step, 2
     with caplog.at_level(logging.WARNING, logger="HeadSeg"):
