@@ -59,8 +59,9 @@ class HeadPCA(io.ComfyNode):
             description=(
                 "Reduces every recorded self-attention head to its top principal components "
                 "(per head, centred, deterministic signs). Selects the UNet layers first: by default "
-                "the down and up blocks at all grid levels, the paper's best setting. Also draws the "
-                "first three components of every head as RGB tiles (paper figure 3)."
+                "the down and up blocks at all grid levels (in the paper's table 2 down+up scores within 0.01 IoU "
+                "of up alone, its best). Also draws the first three components of every head as RGB tiles (paper "
+                "figure 3)."
             ),
             inputs=[
                 hs.Recording.Input(
@@ -72,9 +73,10 @@ class HeadPCA(io.ComfyNode):
                     options=POSITION_CHOICES,
                     default="down+up",
                     tooltip=(
-                        "UNet blocks whose heads are used. 'down+up' (default) is the paper's best; adding "
-                        "'middle' (the coarsest grid: 1/8 of the latent on SD1.x/SD2.x, 8x8 at 512 px; 1/4 on "
-                        "SDXL, 32x32 at 1024 px) adds coarse, blurry heads."
+                        "UNet blocks whose heads are used. 'down+up' (default) scores within 0.01 IoU of 'up' "
+                        "alone, the paper's best (its table 2); adding 'middle' (the coarsest grid: 1/8 of the "
+                        "latent on SD1.x/SD2.x, 8x8 at 512 px; 1/4 on SDXL, 32x32 at 1024 px) adds coarse, blurry "
+                        "heads."
                     ),
                 ),
                 io.String.Input(

@@ -110,7 +110,7 @@ def test_sd21_shape_facts():
     assert rec.batch_size == 2
     assert rec.num_heads == 195
     assert rec.select(("down", "up")).num_heads == 175
-    assert rec.select().num_heads == 175  # default: the paper's best, no middle block
+    assert rec.select().num_heads == 175  # default: down + up, no middle block (as the paper)
 
 
 @pytest.mark.parametrize(
