@@ -51,14 +51,15 @@ def aspect_differs(picture_hw, mask_hw, tolerance: float = 0.01) -> bool:
 
 def picture_to_mask_pixel(x: int, y: int, picture_hw, mask_hw) -> tuple[int, int]:
     """A pixel (x, y) of the picture [h, w] -> the pixel of the masks [H, W] shown there: through VAE
-    Encode's centred crop when the picture only lacks a multiple of 8, else through the stretch; clamped
-    to the grid."""
+    Encode's centred crop when the picture only lacks a multiple of 8, else through the stretch (pixel
+    centres aligned, as fit_picture stretches: the grid pixel under the picture pixel's centre, (x + 0.5) *
+    W / w, in integers); clamped to the grid."""
     (h, w), (H, W) = picture_hw, mask_hw
     if is_vae_window(h, w, H, W):
         top, left = vae_crop_offsets(h, w, H, W)
         mx, my = x - left, y - top
     else:
-        mx, my = x * W // w, y * H // h
+        mx, my = (2 * x + 1) * W // (2 * w), (2 * y + 1) * H // (2 * h)
     return min(max(mx, 0), W - 1), min(max(my, 0), H - 1)
 
 

@@ -80,3 +80,27 @@ def test_a_pixel_past_the_grid_is_the_pictures_only_inside_the_picture():
     # a photo VAE Encode cropped: (66, 3) of a 71x67 picture -> through the crop's offsets (3, 1)
     assert grid_pixel((66, 3), (71, 67), (64, 64)) == (63, 0)
     assert grid_pixel((65, 70), (71, 67), (64, 64)) == (63, 63)
+
+
+@pytest.mark.parametrize("w, W", [(1000, 512), (768, 512), (300, 64), (530, 512), (97, 40), (40, 97), (512, 768)])
+def test_a_picture_pixel_of_a_stretch_maps_to_the_grid_pixel_under_its_centre(w, W):
+    # fit_picture stretches the picture onto the grid with pixel centres aligned (bilinear, align_corners=False):
+    # picture column x covers grid columns [x W / w, (x + 1) W / w), and the grid pixel shown under it is the one
+    # under its centre (x + 0.5) W / w: torch's centre-aligned nearest ("nearest-exact") of the grid's columns
+    h, H = 16, 16  # rows as they are (not a VAE window: the widths differ by more than 7 px or the grid is wider)
+    assert not is_vae_window(h, w, H, W)
+    grid_columns = torch.arange(W, dtype=torch.float64).view(1, 1, 1, W)
+    shown = torch.nn.functional.interpolate(grid_columns, size=(1, w), mode="nearest-exact").view(w).long().tolist()
+    got = [picture_to_mask_pixel(x, 0, (h, w), (H, W))[0] for x in range(w)]
+    assert got == shown
+    # and the same along rows
+    got_rows = [picture_to_mask_pixel(0, y, (w, h), (W, H))[1] for y in range(w)]
+    assert got_rows == shown
+    if w > W:  # a picture pixel narrower than a grid pixel: the grid pixel it overlaps most (exact fractions)
+        from fractions import Fraction
+
+        for x in range(w):
+            lo, hi = Fraction(x * W, w), Fraction((x + 1) * W, w)
+            X = got[x]
+            mine = min(hi, X + 1) - max(lo, X)
+            assert all(mine >= min(hi, Y + 1) - max(lo, Y) for Y in (X - 1, X + 1)), (x, X)
