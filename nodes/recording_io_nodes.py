@@ -267,8 +267,8 @@ class SaveRecording(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Saves the recorded heads as a safetensors file (one float16 tensor [B, heads, h, w, d] "
-                "per layer, keyed like 'input.1.0', with format/size/model metadata and ComfyUI's prompt and workflow) in the output "
-                "folder, so masks can be recomputed later with Load Recording and no model."
+                "per layer, keyed like 'input.1.0', with format/size/model metadata and ComfyUI's prompt and workflow; "
+                "a recording from Load Recording keeps its file's) in the output folder, so masks can be recomputed later with Load Recording and no model."
             ),
             is_output_node=True,
             inputs=[
@@ -312,7 +312,7 @@ class SaveRecording(io.ComfyNode):
         filename, full = _take_name(folder, name, counter, filename_prefix)
         try:
             try:
-                left_out = save_recording(rec, full, name="recording", extra_metadata=comfy_metadata(cls.hidden))  # as Save Latent keeps them
+                left_out = save_recording(rec, full, name="recording", extra_metadata=_file_metadata(rec, cls.hidden))
             except BaseException:
                 _remove_taken(full)  # no empty file left under the name taken
                 raise
@@ -335,6 +335,17 @@ class SaveRecording(io.ComfyNode):
             "layers": len(rec.layers),
         }
         return io.NodeOutput(full, ui={"text": [rel, *_nonfinite_note(rec, "Save Recording")], "headseg_recording": [info]})
+
+
+def _file_metadata(rec, hidden) -> dict[str, str]:
+    """The string metadata Save Recording writes besides the format's own: ComfyUI's prompt and workflow as
+    JSON, as Save Latent keeps them; for a recording read from a file, that file's own (the prompt, seed and
+    model that made the heads, not the prompt that copied them); none with --disable-metadata."""
+    from comfy.cli_args import args
+
+    if rec.metadata is None:  # recorded while sampling: this prompt made it
+        return comfy_metadata(hidden)
+    return {} if args.disable_metadata else dict(rec.metadata)
 
 
 def _nonfinite_note(rec, node: str) -> list[str]:

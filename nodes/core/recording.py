@@ -6,7 +6,9 @@ per-head outputs softmax(QK^T / sqrt(d)) V before the output projection, shape
 
 File format (safetensors): one tensor per layer keyed "<block>.<number>.<depth>" (for example
 "input.1.0", "middle.0.0", "output.11.0"), shape [B, heads, h, w, d], float16; metadata strings
-"format" = "headseg-recording/1", "image_height", "image_width" (pixels), "model", "steps", "branch".
+"format" = "headseg-recording/1", "image_height", "image_width" (pixels), "model", "steps", "branch",
+and any others a writer adds (Save Recording: ComfyUI's "prompt" and "workflow"), which a loaded recording
+keeps in ``metadata`` so that a copy saved again still says how its heads were made.
 """
 
 from __future__ import annotations
@@ -288,13 +290,18 @@ class NonFiniteLayerError(ValueError):
 
 @dataclass
 class Recording:
-    """Per-head self-attention outputs of several layers: layers[key] is [B, heads, h, w, d]."""
+    """Per-head self-attention outputs of several layers: layers[key] is [B, heads, h, w, d].
+
+    ``metadata``: for a recording read from a file, the file's string metadata other than the format's own
+    fields (ComfyUI's "prompt" and "workflow" that made it, as Save Recording writes them; {} when it has
+    none); None for one recorded while sampling."""
 
     layers: dict[LayerKey, torch.Tensor]
     image_size: tuple[int, int]
     model: str = "unknown"
     steps: str = "last"
     branch: str = "cond"
+    metadata: dict[str, str] | None = None
 
     def __post_init__(self):
         if not isinstance(self.layers, dict):
@@ -428,7 +435,7 @@ class Recording:
                 f"{'all' if levels is None else list(levels)}; the recording has positions {available_pos} "
                 f"and levels {available_lv}"
             )
-        return Recording(kept, self.image_size, self.model, self.steps, self.branch)
+        return Recording(kept, self.image_size, self.model, self.steps, self.branch, self.metadata)
 
 
 # --------------------------------------------------------------------- file I/O
@@ -648,7 +655,8 @@ def load_recording(path) -> Recording:
     if not layers:
         raise ValueError(f"{path}: the file holds no layer tensor")
     try:
-        rec = Recording(layers, (size[0], size[1]), metadata["model"], metadata["steps"], metadata["branch"])
+        extra = {key: text for key, text in metadata.items() if key not in METADATA_KEYS}  # e.g. prompt, workflow
+        rec = Recording(layers, (size[0], size[1]), metadata["model"], metadata["steps"], metadata["branch"], extra)
         rec.validate(check_finite=False)  # a layer with NaN / inf is named by Head PCA when it is selected
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None

@@ -1028,3 +1028,49 @@ def test_a_workflow_too_large_for_the_files_header_is_left_out_and_the_file_stil
     assert info["filename"] + " [output]" in io_nodes._recording_files()
     loaded = io_nodes.LoadRecording.execute("", path).args[0]
     assert list(loaded.layers) == list(recording.layers)
+
+
+@pytest.mark.parametrize("disable_metadata", [False, True])
+def test_a_loaded_recording_saved_again_keeps_its_files_prompt_and_workflow(io_nodes, recording, comfy_folders, disable_metadata):
+    """Load Recording -> Save Recording (a copy under another prefix, into a dataset folder): the new file
+    wrote the prompt that ran the copy (a Load Recording, a Save Recording: no seed, no model, no text) in
+    place of the file's own, so the copy no longer said which prompt, seed and model made the heads. The
+    copy keeps the loaded file's metadata as it is; none with --disable-metadata, as for any save."""
+    import json
+
+    import execution
+    from comfy.cli_args import args
+    from safetensors import safe_open
+
+    made = {"3": {"class_type": "KSampler", "inputs": {"seed": 1234}}}
+
+    class Prompt:  # the executor's DynamicPrompt, as far as get_input_data reads it
+        def __init__(self, prompt):
+            self.prompt = prompt
+
+        def get_original_prompt(self):
+            return self.prompt
+
+    def save(rec, prefix, prompt, workflow):
+        node = io_nodes.SaveRecording
+        extra = {"extra_pnginfo": {"workflow": workflow}}
+        _, _, hidden = execution.get_input_data({"filename_prefix": prefix}, node, "9", None, Prompt(prompt), extra)
+        return node.PREPARE_CLASS_CLONE(hidden).execute(rec, prefix).args[0]
+
+    first = save(recording, "made", made, {"nodes": ["sampler"]})
+    loaded = io_nodes.LoadRecording.execute("", first).args[0]
+    copying = {"1": {"class_type": "HeadSeg_LoadRecording", "inputs": {"file": "made_00001_.safetensors [output]"}}}
+    before, args.disable_metadata = args.disable_metadata, disable_metadata
+    try:
+        copy = save(loaded, "copy", copying, {"nodes": ["load"]})
+    finally:
+        args.disable_metadata = before
+    with safe_open(copy, framework="pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == FORMAT
+    if disable_metadata:
+        assert "prompt" not in meta and "workflow" not in meta
+    else:
+        assert json.loads(meta["prompt"]) == made and json.loads(meta["workflow"]) == {"nodes": ["sampler"]}
+    again = io_nodes.LoadRecording.execute("", copy).args[0]
+    assert list(again.layers) == list(recording.layers)
