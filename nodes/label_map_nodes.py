@@ -188,7 +188,7 @@ class SaveLabelMaps(io.ComfyNode):
     """Clusters (+ the picture) -> index PNGs in the output folder, one per image and k.
 
     UI payload: ``images`` (the saved pictures, when given), ``text`` [one line: the files written],
-    ``headseg_label_maps`` [{filename, subfolder, type, k, batch_index}].
+    ``headseg_label_maps`` [{filename, subfolder, type, k, list_index, batch_index}].
     """
 
     @classmethod
@@ -253,14 +253,17 @@ class SaveLabelMaps(io.ComfyNode):
         suffixes = [f"k{k}.png" for k in ks] + (["image.png"] if pictures is not None else [])
         # [(folder, name, counter, subfolder)] per image, its files made (empty) so that no other run takes them
         places = _claim_places(_batch_places(filename_prefix, B, W, H), suffixes, filename_prefix)
+        item = _list_index()
         saved, shown, files = [], [], []  # files: (picture(), path, PNG text) of every file, in order
         for b, (folder, name, n, subfolder) in enumerate(places):
-            about = {"format": LABELS_FORMAT, "batch_index": b, "cluster_counts": ks, "size": [H, W]}
+            about = {"format": LABELS_FORMAT, "list_index": item, "batch_index": b, "cluster_counts": ks, "size": [H, W]}
             for k in ks:
                 filename = f"{name}_{n:05}_k{k}.png"
                 picture = functools.partial(_label_png, clusters.results[k].labels[b])
                 files.append((picture, os.path.join(folder, filename), _png_info(prompt, {**about, "k": k})))
-                saved.append({"filename": filename, "subfolder": subfolder, "type": "output", "k": k, "batch_index": b})
+                saved.append(
+                    {"filename": filename, "subfolder": subfolder, "type": "output", "k": k, "list_index": item, "batch_index": b}
+                )
             if pictures is not None:
                 filename = f"{name}_{n:05}_image.png"
                 picture = functools.partial(_picture_png, pictures[b])
@@ -273,6 +276,15 @@ class SaveLabelMaps(io.ComfyNode):
         text = f"{names[0]}: {what}" if B == 1 else f"{names[0]} ... {names[1]}: {B} images, {what} each"
         log.info("HeadSeg Save Label Maps: %s", text)
         return io.NodeOutput(ui={"images": shown, "text": [text], "headseg_label_maps": saved})
+
+
+def _list_index() -> int:
+    """The item of a list input this run saves (ComfyUI runs the node once per item of a list of latents,
+    e.g. from Rebatch Latents, each item a batch of its own): ComfyUI's executing context; 0 outside a list."""
+    from comfy_execution.utils import get_executing_context
+
+    context = get_executing_context()
+    return int(getattr(context, "list_index", None) or 0)
 
 
 def _picture_png(picture: torch.Tensor) -> Image.Image:

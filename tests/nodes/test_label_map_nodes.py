@@ -57,7 +57,9 @@ def test_the_files_hold_the_labels_and_the_planted_regions(save, sweep, scenes, 
             assert mode == "L" and pixels.dtype == np.uint8 and pixels.shape == (H, W)
             assert torch.equal(torch.from_numpy(pixels).long(), sweep.results[k].labels[b])
             about = json.loads(text["headseg"])
-            assert about == {"format": "headseg-labels/1", "batch_index": b, "cluster_counts": [2, 4, 9], "size": [H, W], "k": k}
+            assert about == {
+                "format": "headseg-labels/1", "list_index": 0, "batch_index": b, "cluster_counts": [2, 4, 9], "size": [H, W], "k": k
+            }
             assert "workflow" not in text and "prompt" not in text
         # k = 4: the four planted leaves, whatever numbers the clusters got
         _, pixels, _ = read(folder / f"cats_{b + 1:05}_k4.png")
@@ -71,8 +73,8 @@ def test_the_files_hold_the_labels_and_the_planted_regions(save, sweep, scenes, 
     areas = np.bincount(pixels.ravel(), minlength=9)
     assert list(areas) == sorted(areas, reverse=True)
     listed = out.ui["headseg_label_maps"]
-    assert [(r["filename"], r["subfolder"], r["type"], r["k"], r["batch_index"]) for r in listed] == [
-        (f"cats_{b + 1:05}_k{k}.png", "data", "output", k, b) for b in (0, 1) for k in (2, 4, 9)
+    assert [(r["filename"], r["subfolder"], r["type"], r["k"], r["list_index"], r["batch_index"]) for r in listed] == [
+        (f"cats_{b + 1:05}_k{k}.png", "data", "output", k, 0, b) for b in (0, 1) for k in (2, 4, 9)
     ]
     assert out.ui["images"] == []
     assert out.ui["text"] == ["data/cats_00001_* ... data/cats_00002_*: 2 images, 3 label maps (k = 2, 4, 9) each"]
@@ -530,3 +532,27 @@ def test_a_file_the_second_image_cannot_make_leaves_none_of_the_first_images(sav
     with pytest.raises(ValueError, match=r"^filename_prefix 'perm': cannot write .*perm_00002_k2\.png"):
         save.execute(sweep, "perm")
     assert list(comfy_folders["output"].iterdir()) == []
+
+
+def test_each_item_of_a_list_is_named_in_its_files(save, sweep, comfy_folders):
+    """A list of latents (Rebatch Latents) runs the node once per item, through ComfyUI's own list mapping:
+    every item's images were labelled batch_index 0, 1, ... alike, so a label map or picture alone did not
+    say which item of the list it belongs to. The headseg entry and the payload carry the item's list_index
+    (ComfyUI's executing context), beside the image's batch_index; the counters never collide."""
+    import asyncio
+
+    import execution
+
+    inputs = {"clusters": [sweep, sweep, sweep], "filename_prefix": ["items"], "image": [torch.rand(2, H, W, 3)]}
+    results = asyncio.run(execution._async_map_node_over_list("p", "7", save, inputs, "execute", hidden_inputs={}))
+    assert len(results) == 3
+    for item, out in enumerate(results):
+        listed = out.ui["headseg_label_maps"]
+        assert [(r["list_index"], r["batch_index"]) for r in listed] == [(item, b) for b in (0, 1) for _ in (2, 4, 9)]
+        for b in range(2):
+            n = 2 * item + b + 1  # the next counter for every image of every item
+            for suffix in ("k2", "k4", "k9", "image"):
+                _, _, text = read(comfy_folders["output"] / f"items_{n:05}_{suffix}.png")
+                about = json.loads(text["headseg"])
+                assert (about["list_index"], about["batch_index"]) == (item, b), (n, suffix)
+    assert len(list(comfy_folders["output"].iterdir())) == 3 * 2 * 4
