@@ -27,7 +27,9 @@ from .core import kmeans as core_kmeans
 from .core import pixels as core_pixels
 from .core.masks import check_label_map
 from .core.recording import all_finite
-from .node_utils import CATEGORY, comfy_metadata, expect as _expect, image_batch, on_png_threads, output_error, output_place, prefix_error
+from .node_utils import (
+    CATEGORY, comfy_metadata, expect as _expect, image_batch, list_index, on_png_threads, output_error, output_place, prefix_error,
+)
 
 log = logging.getLogger("HeadSeg")
 
@@ -253,7 +255,7 @@ class SaveLabelMaps(io.ComfyNode):
         suffixes = [f"k{k}.png" for k in ks] + (["image.png"] if pictures is not None else [])
         # [(folder, name, counter, subfolder)] per image, its files made (empty) so that no other run takes them
         places = _claim_places(_batch_places(filename_prefix, B, W, H), suffixes, filename_prefix)
-        item = _list_index()
+        item = list_index()
         saved, shown, files = [], [], []  # files: (picture(), path, PNG text) of every file, in order
         for b, (folder, name, n, subfolder) in enumerate(places):
             about = {"format": LABELS_FORMAT, "list_index": item, "batch_index": b, "cluster_counts": ks, "size": [H, W]}
@@ -276,15 +278,6 @@ class SaveLabelMaps(io.ComfyNode):
         text = f"{names[0]}: {what}" if B == 1 else f"{names[0]} ... {names[1]}: {B} images, {what} each"
         log.info("HeadSeg Save Label Maps: %s", text)
         return io.NodeOutput(ui={"images": shown, "text": [text], "headseg_label_maps": saved})
-
-
-def _list_index() -> int:
-    """The item of a list input this run saves (ComfyUI runs the node once per item of a list of latents,
-    e.g. from Rebatch Latents, each item a batch of its own): ComfyUI's executing context; 0 outside a list."""
-    from comfy_execution.utils import get_executing_context
-
-    context = get_executing_context()
-    return int(getattr(context, "list_index", None) or 0)
 
 
 def _picture_png(picture: torch.Tensor) -> Image.Image:

@@ -385,6 +385,15 @@ def comfy_metadata(hidden, workflow: bool = True) -> dict[str, str]:
     return {key: json.dumps(value) for key, value in found.items()}
 
 
+def list_index() -> int:
+    """The item of a list input the running node is at (ComfyUI runs a node once per item of a list, e.g. of
+    latents from Rebatch Latents, each item a batch of its own): ComfyUI's executing context; 0 outside a list."""
+    from comfy_execution.utils import get_executing_context
+
+    context = get_executing_context()
+    return int(getattr(context, "list_index", None) or 0)
+
+
 def prefix_error(filename_prefix, example: str) -> str | None:
     """For validate_inputs: output_place's refusal of a filename_prefix that is blank, holds a NUL or leads
     outside ComfyUI's output folder (ComfyUI's own rule, as get_save_image_path applies it), found when the

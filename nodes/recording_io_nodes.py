@@ -29,7 +29,7 @@ from .core.recording import (
     printable_path,
     save_recording,
 )
-from .node_utils import as_recording, check_memory, comfy_metadata, output_error, output_place, prefix_error
+from .node_utils import as_recording, check_memory, comfy_metadata, list_index, output_error, output_place, prefix_error
 
 CATEGORY = "HeadSeg/recording"
 NO_FILE = "(no recording files found)"
@@ -339,13 +339,17 @@ class SaveRecording(io.ComfyNode):
 
 def _file_metadata(rec, hidden) -> dict[str, str]:
     """The string metadata Save Recording writes besides the format's own: ComfyUI's prompt and workflow as
-    JSON, as Save Latent keeps them; for a recording read from a file, that file's own (the prompt, seed and
-    model that made the heads, not the prompt that copied them); none with --disable-metadata."""
+    JSON, as Save Latent keeps them (none with --disable-metadata), and "list_index", the item of a list of
+    latents the heads were sampled for (ComfyUI runs the node once per item; "0" outside a list); for a
+    recording read from a file, that file's own (the prompt, seed and model that made the heads, not the
+    prompt that copied them)."""
     from comfy.cli_args import args
 
     if rec.metadata is None:  # recorded while sampling: this prompt made it
-        return comfy_metadata(hidden)
-    return {} if args.disable_metadata else dict(rec.metadata)
+        return {**comfy_metadata(hidden), "list_index": str(list_index())}
+    if args.disable_metadata:
+        return {key: text for key, text in rec.metadata.items() if key == "list_index"}
+    return dict(rec.metadata)
 
 
 def _nonfinite_note(rec, node: str) -> list[str]:

@@ -1074,3 +1074,24 @@ def test_a_loaded_recording_saved_again_keeps_its_files_prompt_and_workflow(io_n
         assert json.loads(meta["prompt"]) == made and json.loads(meta["workflow"]) == {"nodes": ["sampler"]}
     again = io_nodes.LoadRecording.execute("", copy).args[0]
     assert list(again.layers) == list(recording.layers)
+
+
+def test_each_item_of_a_list_is_named_in_its_recording_file(io_nodes, recording, comfy_folders):
+    """A list of latents (Rebatch Latents) runs Save Recording once per item, through ComfyUI's own list
+    mapping: every item's file carried the same prompt and nothing else to say which item of the list its
+    heads belong to. Each file names its item (list_index); a copy saved again keeps the file's."""
+    import asyncio
+
+    import execution
+    from safetensors import safe_open
+
+    inputs = {"recording": [recording, recording], "filename_prefix": ["items"]}
+    results = asyncio.run(execution._async_map_node_over_list("p", "5", io_nodes.SaveRecording, inputs, "execute", hidden_inputs={}))
+    paths = [out.args[0] for out in results]
+    for item, path in enumerate(paths):
+        with safe_open(path, framework="pt") as f:
+            assert f.metadata()["list_index"] == str(item)
+    loaded = io_nodes.LoadRecording.execute("", paths[1]).args[0]
+    copy = io_nodes.SaveRecording.execute(loaded, "copy").args[0]
+    with safe_open(copy, framework="pt") as f:
+        assert f.metadata()["list_index"] == "1"
