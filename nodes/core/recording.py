@@ -446,6 +446,7 @@ def save_recording(
 
     ``extra_metadata``: more string metadata to keep in the file (a node passes ComfyUI's prompt and
     workflow, as Save Latent does); the format's own fields take precedence over a key of the same name.
+    None: the recording's own ``metadata`` (a loaded file's prompt and workflow; none for a recorded one).
     Entries that would make the file's header longer than load_recording reads (_MAX_HEADER_BYTES: the
     strings are JSON-escaped in it) are left out, largest first; returns their keys (usually none).
     ``name`` starts the errors about the recording's values (a node passes its input's name). Layers
@@ -475,7 +476,7 @@ def save_recording(
                     f"float16's smallest normal number {_FP16_TINY:.3g}: the file would keep few or none of their digits"
                 )
         tensors[key.name] = t.detach().to("cpu", torch.float16).contiguous()
-    extra = dict(extra_metadata or {})
+    extra = dict((rec.metadata if extra_metadata is None else extra_metadata) or {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
         raise TypeError("save_recording: extra_metadata must map strings to strings")
     H, W = rec.image_size

@@ -331,6 +331,27 @@ def test_extra_metadata_is_kept_below_the_formats_own_fields(tmp_path):
     assert not (tmp_path / "y.safetensors").exists()
 
 
+def test_a_loaded_recording_keeps_its_files_other_metadata_and_writes_it_again(tmp_path):
+    """load_recording keeps the file's metadata beyond the format's own fields (ComfyUI's prompt and workflow)
+    in Recording.metadata, through select() and to(); save_recording writes it again unless other
+    extra_metadata is given ({} writes none), so a copy made with the core still says how it was made."""
+    from safetensors import safe_open
+
+    rec = sd21_recording(latent=(8, 12), d=4)
+    assert rec.metadata is None  # made in memory (or recorded): no file's metadata
+    first = tmp_path / "first.safetensors"
+    save_recording(rec, str(first), extra_metadata={"prompt": '{"3": 1}', "workflow": "[1]"})
+    loaded = load_recording(str(first))
+    assert loaded.metadata == {"prompt": '{"3": 1}', "workflow": "[1]"}
+    assert loaded.select().metadata == loaded.to("cpu").metadata == loaded.metadata
+    for extra, expected in ((None, loaded.metadata), ({}, {}), ({"prompt": "other"}, {"prompt": "other"})):
+        copy = tmp_path / "copy.safetensors"
+        save_recording(loaded, str(copy), extra_metadata=extra)
+        with safe_open(str(copy), framework="pt") as f:
+            meta = f.metadata()
+        assert {key: meta[key] for key in meta if key not in ("format", "image_height", "image_width", "model", "steps", "branch")} == expected
+
+
 def test_extra_metadata_that_would_make_the_header_unreadable_is_left_out_largest_first(tmp_path):
     """The strings are JSON-escaped in the header: 6 MiB of quotes take 12; with more than the 16 MiB of
     header load_recording reads, the file was written, then refused as 'not a safetensors file'."""
