@@ -119,7 +119,7 @@ fi
 if [ ${#CPU_FLAG[@]} -gt 0 ]; then echo "[headseg] sampling on the CPU"; else echo "[headseg] sampling on the GPU"; fi
 
 echo "[headseg] ComfyUI: $HEADSEG_COMFYUI"
-echo "[headseg] open http://127.0.0.1:$PORT  ->  Workflow > Browse Templates > HeadSeg"
+echo "[headseg] open http://127.0.0.1:$PORT  ->  ComfyUI menu (the logo, top left) > Browse Templates > HeadSeg"
 cd "$HEADSEG_COMFYUI"
 exec "$PY" main.py "${CPU_FLAG[@]}" --listen 127.0.0.1 --port "$PORT" \
   --extra-model-paths-config "$YAML" \

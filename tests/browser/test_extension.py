@@ -121,6 +121,32 @@ def test_node_docs_render_in_help_panel(comfy_page, comfy_server, screenshots):
     assert comfy_page.pack_problems() == []
 
 
+def test_the_menu_path_readme_names_opens_the_templates(open_page):
+    """README (Install) and tests/serve.sh tell a new user where the templates are: each step of that path
+    exists in this ComfyUI's menu (its frontend has no Workflow menu) and leads to HeadSeg's templates."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    path = re.search(r"templates dialog \(\*([^*]+)\*", readme).group(1).split(" → ")
+    serve = re.search(r"->  (.+) > HeadSeg\"", (REPO_ROOT / "tests" / "serve.sh").read_text()).group(1)
+    assert re.sub(r" \([^)]*\)", "", serve).split(" > ") == path, (serve, path)
+
+    page = open_page().page  # a tab of its own: the templates dialog stays open at the end
+    for step in path:
+        if step == "ComfyUI menu":  # the menu the logo at the top left opens
+            page.locator(".comfyui-logo").first.click()
+            continue
+        item = page.get_by_role("menuitem", name=step, exact=True).first
+        try:
+            item.wait_for(timeout=5_000)
+        except Exception:
+            labels = page.evaluate("() => Array.from(document.querySelectorAll('[role=menuitem]'), e => e.textContent.trim())")
+            pytest.fail(f"README's menu path {' → '.join(path)!r}: no menu item {step!r} (the menu shows {labels})")
+        item.click()
+    page.wait_for_selector("[data-testid='template-workflows-content']", timeout=30_000)
+    page.get_by_text("HeadSeg", exact=True).first.click()
+    for name in example_names():
+        page.wait_for_selector(f"[data-testid='template-workflow-{name}']", timeout=15_000)
+
+
 def test_example_workflows_are_templates_and_load(comfy_page, comfy_server, screenshots):
     """Every example is offered as a template and loads with its nodes; ComfyUI offers the download of
     the checkpoint it needs when it is missing."""
