@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 
 import pytest
 import torch
@@ -164,7 +165,6 @@ def test_readme_states_how_far_vae_encode_for_inpaint_moves_a_masks_edges():
     """README (Limitations): VAEEncodeForInpaint stretches a mask of VAE Encode's centre crop to the full photo and
     crops it again, which moves its edges. The number of pixels README states is the largest shift ComfyUI's own
     node makes for photo sides 8m .. 8m + 7 (a 1007 px side: 4 px, a mask edge at column 929 lands at 933)."""
-    import re
 
     import nodes as comfy_nodes
 
@@ -186,3 +186,60 @@ def test_readme_states_how_far_vae_encode_for_inpaint_moves_a_masks_edges():
         worst = max(worst, int((starts - edges).abs().max()))
     stated = re.search(r"moves its edges by up to (\d+) pixels", (REPO / "README.md").read_text())
     assert stated and int(stated.group(1)) == worst
+
+
+def _readme_names(cell: str) -> list[str]:
+    """The `names` a README node-reference cell lists at its top level: each ';'-separated entry's
+    backticked names before its first '(' (what is inside the brackets describes them)."""
+    entries, depth, current = [], 0, ""
+    for ch in cell:
+        depth += (ch == "(") - (ch == ")")
+        if ch == ";" and depth == 0:
+            entries.append(current)
+            current = ""
+        else:
+            current += ch
+    entries.append(current)
+    return [name for entry in entries for name in re.findall(r"`([^`]+)`", entry.split("(", 1)[0])]
+
+
+def _readme_defaults(cell: str) -> dict[str, list[str]]:
+    """name -> the default(s) a README node-reference cell states for it: 'default 0.9', 'default `2,5`',
+    '`auto` default', and 'default 0, 0' for two names listed together (`x`, `y`)."""
+    out = {}
+    for match in re.finditer(r"((?:`[a-z_]+`(?:, )?)+) \(([^;]*)", cell):
+        names = re.findall(r"`([a-z_]+)`", match.group(1))
+        text = match.group(2)
+        stated = (
+            re.search(r"default `([^`]+)`", text)
+            or re.search(r"default (-?[0-9.]+(?:, -?[0-9.]+)*)", text)
+            or re.search(r"^`([^`]+)` default", text)
+        )
+        if stated:
+            values = stated.group(1).split(", ") if len(names) > 1 else [stated.group(1)]
+            out.update(zip(names, values))
+    return out
+
+
+def test_readme_node_reference_matches_the_schemas():
+    """README's node reference (a new user's first look at the nodes) lists every node's inputs and outputs by
+    the names the UI shows, and the defaults it states are the schemas' defaults."""
+    readme = (REPO / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `HeadSeg_")]
+    infos = {cls.GET_NODE_INFO_V1()["name"]: cls.GET_NODE_INFO_V1() for cls in node_classes()}
+    assert sorted(row.split("`")[1] for row in rows) == sorted(infos)
+    stated_defaults = 0
+    for row in rows:
+        node_id, inputs_cell, outputs_cell, _ = [c.strip() for c in row.strip().strip("|").split(" | ", 3)]
+        info = infos[node_id.strip("`")]
+        specs = {**info["input"]["required"], **info["input"].get("optional", {})}
+        assert sorted(_readme_names(inputs_cell)) == sorted(specs), node_id
+        listed_outputs = [] if outputs_cell.startswith("—") else _readme_names(outputs_cell.replace(", `", "; `"))
+        assert listed_outputs == list(info["output_name"]), node_id
+        for name, value in _readme_defaults(inputs_cell).items():
+            default = specs[name][1]["default"]
+            assert (float(value) == default) if isinstance(default, (int, float)) else (value == default), (
+                node_id, name, value, default
+            )
+            stated_defaults += 1
+    assert stated_defaults >= 13
