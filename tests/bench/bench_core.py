@@ -249,11 +249,12 @@ def run_reference(rec, size: int, seed: int):
 
 
 def inertia_of_labels(X, labels, k) -> float:
-    """Sum of squared distances of the rows of X [N, C] to the mean of their cluster (float64)."""
+    """Sum of squared distances of the rows of X [N, C] to the mean of their cluster (float64); labels [H, W]
+    of any integer dtype (Multi K-Means' are uint8, scikit-learn's int64)."""
     import torch
 
     Xt = torch.from_numpy(X).double()
-    lab = labels.reshape(-1)
+    lab = labels.reshape(-1).long()  # a uint8 index would be read as a mask by means[lab], and index_add_ refuses it
     counts = torch.bincount(lab, minlength=k).clamp_min(1).double()
     sums = torch.zeros(k, Xt.shape[1], dtype=torch.float64).index_add_(0, lab, Xt)
     means = sums / counts[:, None]
