@@ -141,6 +141,9 @@ def _make_attn1_patch(store_id: int, key: LayerKey, previous, previous_is_full_k
 
     ``previous``: the attn1 replace patch the layer had when the record node ran, under its
     (block, number, depth) key (``previous_is_full_key``) or under ComfyUI's (block, number) fallback key.
+    A (block, number) patch stays in the patch dict, where every later clone (LoRA, FreeU, ...) deep-copies
+    it and ComfyUI moves and casts the copy of the clone that samples: the patch calls that copy, found
+    in the call's options (FALLBACKS_KEY, copied with the dict), and ``previous`` only where it is missing.
     """
 
     def headseg_attn1(q, k, v, extra_options):
@@ -153,7 +156,10 @@ def _make_attn1_patch(store_id: int, key: LayerKey, previous, previous_is_full_k
             store.patches_running.add(key)
         try:
             if previous is not None:
-                out = previous(q, k, v, extra_options)
+                fn = None
+                if not previous_is_full_key:  # the copy of the clone that samples
+                    fn = extra_options.get(FALLBACKS_KEY, {}).get(store_id, {}).get((key.block, key.number))
+                out = (previous if fn is None else fn)(q, k, v, extra_options)
             else:
                 out = comfy_attention.optimized_attention(
                     q, k, v, extra_options["n_heads"],

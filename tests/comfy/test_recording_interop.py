@@ -375,6 +375,26 @@ def test_a_patch_object_set_before_the_record_node_is_still_cast_and_loaded_with
     assert len(listed) == len(layers) and all(isinstance(m, comfy.model_patcher.ModelPatcher) for m in listed)
 
 
+def test_a_block_number_patch_object_is_cast_in_the_clone_that_samples(tiny, sd2):
+    """A (block, number) patch object that the record node stands in for is deep-copied by every later clone
+    (LoRA, FreeU, ...), and ComfyUI moves and casts the copy in the clone that samples. HeadSeg's patch
+    called the record node's own copy, never cast: a float64 weight (the model is float32) failed the run
+    with a dtype error in the object's own code (on a GPU: a weight left on the CPU)."""
+    middle = next(layer for layer in recorder.find_self_attention_layers(sd2.get_model_object("diffusion_model"))
+                  if layer.key.block == "middle")
+    inner = middle.heads * middle.dim_head
+    extra = comfy.model_patcher.ModelPatcher(torch.nn.Linear(2, 2), torch.device("cpu"), torch.device("cpu"))
+    base = sd2.clone()
+    base.set_model_attn1_replace(WeightedPatch(torch.eye(inner, dtype=torch.float64).roll(1, 0), extra), "middle", 0)
+    pos, neg = tiny.conditioning("SD2")
+    want = tiny.sample(base.clone(), pos, neg, latent_hw=HW, steps=2, seed=2)  # (base's own object stays uncast)
+    model, live = recorder.attach_recorder(base)
+    later = model.clone()  # as a LoRA or FreeU after the record node makes it
+    got = tiny.sample(later, pos, neg, latent_hw=HW, steps=2, seed=2)
+    assert torch.equal(got, want)
+    assert LayerKey.parse("middle.0.0") in live.snapshot(got).layers
+
+
 def token_downsampling(m):
     """MODEL -> clone with ToDo's attn1 patch (comfy-todo's ToDoPatchModel, downsample_factor_depth_1 = 2):
     on the latent grid the keys and values are the layer's own tokens downsampled 2x (nearest), the queries
