@@ -19,8 +19,10 @@ How:
   however many runs follow it.
 - PREDICT_NOISE and CALC_COND_BATCH wrappers tell each model evaluation's main pass (recorded) from the
   extra passes guidance nodes run after CFG (not recorded), keep a (block, number) attn1 patch added
-  after the record node (PAG's) from being hidden by HeadSeg's longer key, and chain a (block, number,
-  depth) patch set after the record node (SAG's) that replaced HeadSeg's own.
+  after the record node (PAG's) from being hidden by HeadSeg's longer key, chain a (block, number,
+  depth) patch set after the record node (SAG's) that replaced HeadSeg's own, and leave a layer whose
+  attn1 module runs another node's code (a forward hook, an object patch), which a replace patch skips,
+  to that module.
 - Steps are told apart by the call's sigma against the run's sigma schedule: step i covers the sigmas in
   (sigmas[i+1], sigmas[i]] ([sigmas[i], sigmas[i+1]) on a rising schedule, FlipSigmas'; a sigma in several
   steps, repeated or revisited, goes to them in the order the sampler calls the model). Only what the
@@ -84,6 +86,29 @@ def _resampling(module) -> int:
     return steps
 
 
+def _transformer_blocks(diffusion_model):
+    """UNet module -> (LayerInfo, BasicTransformerBlock) of every self-attention layer, in UNet order."""
+    groups = [("input", list(enumerate(diffusion_model.input_blocks)))]
+    middle = getattr(diffusion_model, "middle_block", None)
+    groups.append(("middle", [(0, middle)] if middle is not None else []))
+    groups.append(("output", list(enumerate(diffusion_model.output_blocks))))
+    level = 0
+    for block, numbered in groups:
+        for number, module in numbered:
+            change = _resampling(module)
+            if change > 0:  # a down block runs its transformers after its own downsampling
+                level += change
+            for sub in module.children():
+                if not isinstance(sub, comfy_attention.SpatialTransformer):
+                    continue
+                for depth, tb in enumerate(sub.transformer_blocks):
+                    if not isinstance(tb, comfy_attention.BasicTransformerBlock) or tb.disable_self_attn:
+                        continue
+                    yield LayerInfo(LayerKey(block, number, depth), int(tb.n_heads), int(tb.d_head), level), tb
+            if change < 0:  # an up block upsamples after its transformers
+                level += change
+
+
 def find_self_attention_layers(diffusion_model) -> list[LayerInfo]:
     """UNet module -> every self-attention layer (attn1 of a BasicTransformerBlock), in UNet order.
 
@@ -98,27 +123,7 @@ def find_self_attention_layers(diffusion_model) -> list[LayerInfo]:
             f"model: HeadSeg records the self-attention of a UNet (SD1.x, SD2.x, SDXL); this model's "
             f"diffusion model is {name}, which has no input_blocks/output_blocks (a DiT such as Flux or SD3?)"
         )
-    groups = [("input", list(enumerate(diffusion_model.input_blocks)))]
-    middle = getattr(diffusion_model, "middle_block", None)
-    groups.append(("middle", [(0, middle)] if middle is not None else []))
-    groups.append(("output", list(enumerate(diffusion_model.output_blocks))))
-
-    found = []
-    level = 0
-    for block, numbered in groups:
-        for number, module in numbered:
-            change = _resampling(module)
-            if change > 0:  # a down block runs its transformers after its own downsampling
-                level += change
-            for sub in module.children():
-                if not isinstance(sub, comfy_attention.SpatialTransformer):
-                    continue
-                for depth, tb in enumerate(sub.transformer_blocks):
-                    if not isinstance(tb, comfy_attention.BasicTransformerBlock) or tb.disable_self_attn:
-                        continue
-                    found.append(LayerInfo(LayerKey(block, number, depth), int(tb.n_heads), int(tb.d_head), level))
-            if change < 0:  # an up block upsamples after its transformers
-                level += change
+    found = [layer for layer, _ in _transformer_blocks(diffusion_model)]
     if not found:
         raise ValueError(
             f"model: no UNet self-attention layer found in {name} (no BasicTransformerBlock with "
@@ -253,6 +258,71 @@ def _without_shadowing_patches(model_options: dict, warn=None) -> dict:
     return _with_attn1(model_options, {name: fn for name, fn in attn1.items() if name not in drop})
 
 
+_CROSS_ATTENTION_FORWARD = comfy_attention.CrossAttention.forward
+
+
+# diffusion model -> {(block, number, depth): its BasicTransformerBlock}, read at every model call
+_TRANSFORMER_BLOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _attn1_modules(diffusion_model) -> dict:
+    """{(block, number, depth): BasicTransformerBlock} of the UNet's self-attention layers ({} for another
+    model), found once per UNet."""
+    try:
+        blocks = _TRANSFORMER_BLOCKS.get(diffusion_model)
+        if blocks is None:
+            blocks = _TRANSFORMER_BLOCKS[diffusion_model] = {
+                (layer.key.block, layer.key.number, layer.key.depth): tb
+                for layer, tb in _transformer_blocks(diffusion_model)
+            }
+    except (AttributeError, TypeError):  # no UNet, or not weak-referenceable
+        return {}
+    return blocks
+
+
+def _runs_other_code(module) -> bool:
+    """Whether calling attn1 ``module`` runs more than CrossAttention.forward: a forward hook another node
+    put on it, or a forward it swapped in (an object patch of the module or of its forward; undoing an
+    object patch of the forward leaves the module's own bound forward set on it, which is no other code)."""
+    own = vars(module).get("forward")
+    return bool(
+        getattr(module, "_forward_hooks", None) or getattr(module, "_forward_pre_hooks", None)
+        or getattr(type(module), "forward", None) is not _CROSS_ATTENTION_FORWARD
+        or (own is not None and (getattr(own, "__func__", None) is not _CROSS_ATTENTION_FORWARD
+                                 or getattr(own, "__self__", None) is not module))
+    )
+
+
+def _attends_alone(fn) -> bool:
+    """Whether HeadSeg attn1 patch ``fn`` computes the attention itself: no other node's patch at the end
+    of its chain (without HeadSeg, ComfyUI would call the layer's attn1 module there)."""
+    while _is_own_patch(fn):
+        if fn.headseg_previous is None:
+            return True
+        fn = fn.headseg_previous
+    return False
+
+
+def _without_bypassing_patches(model_options: dict, diffusion_model, warn=None) -> dict:
+    """model_options -> the same, minus HeadSeg's attn1 patches of layers whose attn1 module runs another
+    node's code (_runs_other_code): ComfyUI calls a replace patch instead of the module, so that code
+    (a forward hook, an object patch) would never run and the picture would change. Such a layer is left
+    to its module and not recorded in that call; ``warn(name)`` is called for each."""
+    attn1 = model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+    blocks = _attn1_modules(diffusion_model)  # the attn1 module itself is read at each call (an object patch swaps it)
+    drop = [
+        name for name, fn in attn1.items()
+        if _is_own_patch(fn) and (tb := blocks.get(name)) is not None and _runs_other_code(tb.attn1)
+        and _attends_alone(fn)
+    ]
+    if not drop:
+        return model_options
+    if warn is not None:
+        for name in drop:
+            warn(name)
+    return _with_attn1(model_options, {name: fn for name, fn in attn1.items() if name not in drop})
+
+
 def _with_attn1(model_options: dict, attn1: dict) -> dict:
     """model_options with its attn1 replace patches swapped for ``attn1`` (dicts copied down to it)."""
     options = dict(model_options)
@@ -343,6 +413,7 @@ def _make_calc_cond_batch_wrapper(store_id: int):
                 main = store.begin_batch(conds, lambda branch: _branch_weights(branch, x, timestep))
             else:
                 main = False
+            diffusion_model = getattr(args[0] if args else kwargs.get("model"), "diffusion_model", None)
 
             def warn(name):
                 store._warn_once(
@@ -350,8 +421,17 @@ def _make_calc_cond_batch_wrapper(store_id: int):
                     f"a ({name[0]}, {name[1]}) attn1 patch of another node takes precedence in this call",
                 )
 
+            def warn_module(name):
+                store.left_to_module.add(LayerKey(*name))
+                store._warn_once(
+                    LayerKey(*name), "module",
+                    "its self-attention module runs another node's code (a forward hook, or a forward swapped in "
+                    "by an object patch), which an attn1 replace patch would skip: the layer is left to it",
+                )
+
             def adjust(options):
                 options = _without_shadowing_patches(options, warn if recording and main else None)
+                options = _without_bypassing_patches(options, diffusion_model, warn_module if recording and main else None)
                 return _chaining_later_patches(options, store_id, store.layers) if recording else options
 
             if len(args) > 4:

@@ -202,6 +202,8 @@ class _Store:
         self.seen_calls = 0
         self._failed = False  # recording failed part-way through this run
         self.called: set[LayerKey] = set()  # layers whose patch ran this run
+        # layers left to their attn1 module this run, which runs another node's code (recorder.py)
+        self.left_to_module: set[LayerKey] = set()
         self.max_step = -1  # latest step of a recorded-branch call
         self.max_step_any = -1  # latest step of any main-pass call (either branch)
         self.steps_run: set[int] = set()  # the steps of the main-pass calls whose step was read
@@ -318,7 +320,7 @@ class _Store:
                 layers[key] = acc  # one entry of one step, kept as recorded
                 continue
             layers[key] = (acc.to(torch.float32) / n).to(device="cpu", dtype=RECORD_DTYPE).contiguous()  # mean
-        never = [key.name for key in self.layers if key not in self.called]
+        never = [key.name for key in self.layers if key not in self.called and key not in self.left_to_module]
         if never and self.seen_calls:
             log.warning(
                 "HeadSeg: layers %s were not run through HeadSeg's patch in this sampling run (another node's "
@@ -487,6 +489,12 @@ class _Store:
         if self.failure:
             return self.failure
         self._settle_estimates()
+        if self.seen_calls == 0 and self.left_to_module:
+            return (
+                "the self-attention modules of the recorded layers run another node's code (a forward hook, or a "
+                "forward swapped in by an object patch), which HeadSeg's patches would skip: they were left to it "
+                "and not recorded (see the log); sample without that node to record them"
+            )
         if self.seen_calls == 0:
             return _NEVER_CALLED
         if self.seen_branch == 0:
@@ -977,7 +985,8 @@ class LiveRecording:
     def unrecorded(self, rec: Recording) -> list[tuple[LayerKey, int]]:
         """The layers this record node was set to record (its positions and levels) that a run of it,
         ``rec``, lacks -> [(key, grid level)], in model order: skipped while sampling because another
-        patch changed their token count, grid or keys (the log said so at the time)."""
+        patch changed their token count, grid or keys, or left to an attn1 module that runs another node's
+        code (the log said so at the time)."""
         H, W = rec.image_size
         grids = grid_levels((max(H // VAE_FACTOR, 1), max(W // VAE_FACTOR, 1)))
         levels = self._store.levels

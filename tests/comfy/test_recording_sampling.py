@@ -784,6 +784,50 @@ def test_a_block_number_patch_set_after_the_recorder_takes_precedence_and_is_rep
     assert "middle.0.0" not in {k.name for k in rec.layers} and "input.1.0" in {k.name for k in rec.layers}
 
 
+@pytest.mark.parametrize("how", ["forward hook", "object patch"])
+def test_a_self_attention_module_running_another_nodes_code_is_left_to_it(tiny, sd2, how, caplog):
+    """An attn1 replace patch makes ComfyUI skip the attn1 module's own call (it runs to_q, to_k, to_v,
+    the patch, to_out): a forward hook another node put on the module, or a forward it swapped in through
+    an object patch, never ran under HeadSeg's patch, and the picture changed. The layer is left to the
+    module (not recorded, with a warning, and a run with no other layer says why); the others are recorded.
+    Once ComfyUI undoes the object patch, the module's own bound forward it leaves set is no other code."""
+    module = self_attention_modules(sd2.model.diffusion_model)["middle.0.0"]
+    plain = run(tiny, sd2, latent_hw=(8, 8))
+    base, handle = sd2.clone(), None
+    if how == "forward hook":
+        handle = module.register_forward_hook(lambda mod, args, out: out * 0.5)
+    else:
+        own = comfy_attention.CrossAttention.forward.__get__(module)
+        base.add_object_patch("diffusion_model.middle_block.1.transformer_blocks.0.attn1.forward",
+                              lambda *args, **kwargs: own(*args, **kwargs) * 0.5)
+    try:
+        want = run(tiny, base.clone(), latent_hw=(8, 8))
+        assert (want - plain).abs().max() > 1e-3  # the module's code changes the picture
+        patched, live = recorder.attach_recorder(base)
+        with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+            got = run(tiny, patched, latent_hw=(8, 8))
+        middle_only, live_middle = recorder.attach_recorder(base, positions=["middle"])
+        got_middle = run(tiny, middle_only, latent_hw=(8, 8))
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert (got - want).abs().max().item() <= 1e-4
+    assert (got_middle - want).abs().max().item() <= 1e-4
+    with pytest.raises(ValueError, match=r"^recording: the sampling run recorded nothing: the self-attention modules "
+                                         r"of the recorded layers run another node's code"):
+        live_middle.snapshot(got_middle)
+    assert "middle.0.0" in caplog.text and "forward" in caplog.text
+    names = {k.name for k in live.snapshot(got).layers}
+    assert "middle.0.0" not in names and "input.1.0" in names and "output.11.0" in names
+    # gone again (ComfyUI undoes an object patch by setting the module's own bound forward on it): all recorded
+    caplog.clear()
+    patched, live = recorder.attach_recorder(sd2)
+    with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        got = run(tiny, patched, latent_hw=(8, 8))
+    assert torch.equal(got, plain)
+    assert len(live.snapshot(got).layers) == 16 and "forward" not in caplog.text
+
+
 def test_deep_shrink_steps_are_left_out_of_the_mean(tiny, sd2, caplog):
     """Kohya Deep Shrink (ComfyUI's PatchModelAddDownscale) halves the grids of the inner layers at the
     first steps: those calls are left out with a warning; the mean is that of the steps at the layer's
