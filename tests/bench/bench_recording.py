@@ -97,6 +97,7 @@ def bench_overhead(runs: int, steps: int, latent: int, batch: int):
     recorder._Store.begin_eval = timed(recorder._Store.begin_eval)
     recorder._Store.begin_batch = timed(recorder._Store.begin_batch)
     recorder._without_shadowing_patches = timed(recorder._without_shadowing_patches)
+    recorder._without_bypassing_patches = timed(recorder._without_bypassing_patches)
     spent = {name: [] for name in variants}
 
     wall = {name: [] for name in variants}
