@@ -258,9 +258,6 @@ def _without_shadowing_patches(model_options: dict, warn=None) -> dict:
     return _with_attn1(model_options, {name: fn for name, fn in attn1.items() if name not in drop})
 
 
-_CROSS_ATTENTION_FORWARD = comfy_attention.CrossAttention.forward
-
-
 # diffusion model -> {(block, number, depth): its BasicTransformerBlock}, read at every model call
 _TRANSFORMER_BLOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -283,12 +280,15 @@ def _attn1_modules(diffusion_model) -> dict:
 def _runs_other_code(module) -> bool:
     """Whether calling attn1 ``module`` runs more than CrossAttention.forward: a forward hook another node
     put on it, or a forward it swapped in (an object patch of the module or of its forward; undoing an
-    object patch of the forward leaves the module's own bound forward set on it, which is no other code)."""
+    object patch of the forward leaves the module's own bound forward set on it, which is no other code).
+    CrossAttention.forward is read now, not at import: a pack that replaced it for every module (which any
+    attn1 replace patch skips, with or without HeadSeg) leaves the layers recorded whenever it loaded."""
     own = vars(module).get("forward")
+    forward = comfy_attention.CrossAttention.forward
     return bool(
         getattr(module, "_forward_hooks", None) or getattr(module, "_forward_pre_hooks", None)
-        or getattr(type(module), "forward", None) is not _CROSS_ATTENTION_FORWARD
-        or (own is not None and (getattr(own, "__func__", None) is not _CROSS_ATTENTION_FORWARD
+        or getattr(type(module), "forward", None) is not forward
+        or (own is not None and (getattr(own, "__func__", None) is not forward
                                  or getattr(own, "__self__", None) is not module))
     )
 

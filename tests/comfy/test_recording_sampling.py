@@ -828,6 +828,25 @@ def test_a_self_attention_module_running_another_nodes_code_is_left_to_it(tiny, 
     assert len(live.snapshot(got).layers) == 16 and "forward" not in caplog.text
 
 
+def test_a_forward_replaced_for_every_attention_module_leaves_the_layers_recorded(tiny, sd2, caplog, monkeypatch):
+    """A pack that replaces CrossAttention.forward on the class (every module of every model; any attn1
+    replace patch skips it, HeadSeg's or another node's) is not another node's code on one layer: the
+    layers stay recorded, whether the pack loaded before or after HeadSeg."""
+    plain_forward = comfy_attention.CrossAttention.forward
+
+    def faster_forward(self, *args, **kwargs):
+        return plain_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(comfy_attention.CrossAttention, "forward", faster_forward)
+    for module in self_attention_modules(sd2.model.diffusion_model).values():
+        if "forward" in vars(module):  # the bound forward an undone object patch (an earlier test) leaves set
+            monkeypatch.delitem(vars(module), "forward")
+    patched, live = recorder.attach_recorder(sd2)
+    with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        got = run(tiny, patched, latent_hw=(8, 8))
+    assert len(live.snapshot(got).layers) == 16 and "another node's code" not in caplog.text
+
+
 def test_deep_shrink_steps_are_left_out_of_the_mean(tiny, sd2, caplog):
     """Kohya Deep Shrink (ComfyUI's PatchModelAddDownscale) halves the grids of the inner layers at the
     first steps: those calls are left out with a warning; the mean is that of the steps at the layer's
