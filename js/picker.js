@@ -27,6 +27,7 @@ import { app } from "../../scripts/app.js";
 import { el, fileUrl } from "./dom_helpers.js";
 import {
   executionId,
+  fromOtherWorkflow,
   inWorkflow,
   inputOrigin,
   isLinked,
@@ -564,9 +565,11 @@ export class Picker {
    * the state undone to, which taking over would edit again (each undo past the run that mapped a pixel
    * would be an edit, and the edits before it could never be undone); the pixels the widgets ask for
    * are named as that run used them all the same (picker_pixels.js). A run that ended while another
-   * workflow was open comes back with its tab, ``adopt`` true: the node was never told of it (tick). */
+   * workflow was open comes back with its tab, ``adopt`` true: the node was never told of it (tick). A run
+   * queued from another workflow tab, which ComfyUI hands to the node of the same id in the open one, is
+   * left out: it would show that workflow's masks here, and write its frame and pixels into this one. */
   onExecuted(output, adopt = true) {
-    if (!output || typeof output !== "object") return;
+    if (!output || typeof output !== "object" || fromOtherWorkflow(output)) return;
     this.output = output;
     this.lostRun = false;
     if (!RUN_UPSTREAM.has(output)) RUN_UPSTREAM.set(output, this.runUpstreamFile(adopt));
@@ -660,7 +663,8 @@ export class Picker {
     if (this.output && this.upstreamChangedSince(this.output)) this.dropOutdatedRun();
     if (!this.output) {
       const stored = storedOutput(this.node);
-      const restorable = (stored?.headseg_pixel || stored?.headseg_image) && !LOST_RUNS.has(stored);
+      const restorable =
+        (stored?.headseg_pixel || stored?.headseg_image) && !LOST_RUNS.has(stored) && !fromOtherWorkflow(stored);
       // a run the node was told of (RUN_UPSTREAM keeps every one): the node was rebuilt (undo), its widgets
       // are left as they are. One it never was ended while another workflow was open (ComfyUI tells the
       // nodes of the open one) and comes with its tab: taken as it comes, its frame and mapped pixels too

@@ -494,6 +494,77 @@ def test_a_run_that_ends_while_another_workflow_is_open_keeps_its_frame(comfy_pa
     assert comfy_page.pack_problems() == []
 
 
+# Opens the open workflow tab whose path is ``p`` (the tabs' order is kept: the next one until it is reached).
+JS_OPEN_TAB = """async (p) => { const store = app.extensionManager.workflow;
+  for (let i = 0; i < store.openWorkflows.length && store.activeWorkflow.path !== p; i++)
+    await app.extensionManager.command.execute('Workspace.NextOpenedWorkflow');
+  return store.activeWorkflow.path === p; }"""
+
+JS_TAB_STATE = """(id) => { const wf = app.extensionManager.workflow.activeWorkflow; const node = app.graph.getNodeById(id);
+  return {path: wf.path, undo: wf.changeTracker.undoQueue.length, modified: !!wf.isModified,
+          frame: node.properties.headseg_frame ?? null,
+          pixel: ['x', 'y'].map(name => node.widgets.find(w => w.name === name).value)}; }"""
+
+
+def test_a_run_queued_from_a_workflow_changes_nothing_in_its_duplicate_open_when_it_ends(comfy_page, comfy_server):
+    """ComfyUI hands a run's 'executed' message to the node of the same id in the workflow open when the run
+    ends: a run queued from workflow A and ended while its duplicate B was open (the same nodes and ids) wrote
+    A's frame into B's Mask Select node and the pixel it mapped into B's widgets, with an undo step, marking B
+    modified; and A, opened again, took neither (its node counted the run as one it had been told of). A run
+    queued from another workflow tab now changes nothing in the open one, and reaches its own when its tab
+    is opened again."""
+    W, H, w, h = 64, 48, 300, 200
+    recording, picture = save_recording_and_picture(comfy_server, "headseg_browser_duplicate", W, H, w, h)
+    page = comfy_page.page
+    node_id = page.evaluate(JS_LOADED_RECORDING_GRAPH, [recording, picture])
+    view_picker(page, node_id, 1.0)
+    wait_picture_ready(page, node_id)
+    rect = frame_rect(page, node_id)
+    page.mouse.click(rect["left"] + 0.9 * rect["width"], rect["top"] + 0.9 * rect["height"])  # picture pixel
+    settle(page, 300)
+    page.evaluate(JS_CHECK_STATE)
+    first = page.evaluate("() => app.extensionManager.workflow.activeWorkflow.path")
+    page.evaluate("async () => { await app.extensionManager.command.execute('Comfy.DuplicateWorkflow'); }")
+    page.wait_for_function("(p) => app.extensionManager.workflow.activeWorkflow.path !== p", arg=first)
+    copy = page.evaluate("() => app.extensionManager.workflow.activeWorkflow.path")
+    view_picker(page, node_id, 1.0)
+    wait_picture_ready(page, node_id)
+    settle(page, 600)
+    before = page.evaluate(JS_TAB_STATE, node_id)
+    assert before["frame"] is None and before["pixel"] == [270, 180], before
+    assert page.evaluate(JS_OPEN_TAB, first)
+    # queued from A; B opened once the prompt has started and ComfyUI has noted the workflow it belongs to
+    ended_in = page.evaluate(
+        """async (copy) => { const api = app.api; let done; const ended = new Promise(r => done = r);
+             let queued = false, started = false, away = null;
+             const leave = () => { if (queued && started && !away) away = (""" + JS_OPEN_TAB + """)(copy); };
+             const end = () => done(app.extensionManager.workflow.activeWorkflow.path);
+             api.addEventListener('execution_start', () => { started = true; leave(); }, {once: true});
+             for (const type of ['execution_success', 'execution_error']) api.addEventListener(type, end, {once: true});
+             await app.queuePrompt(0, 1);
+             queued = true;
+             leave();
+             return await ended; }""",
+        copy,
+    )
+    assert ended_in == copy, "the prompt ended before the duplicate was opened"
+    settle(page, 1500)  # the slow timer ticks the picker
+    assert page.evaluate(JS_TAB_STATE, node_id) == before
+    # A, opened again, takes its run: the frame and the pixel it mapped
+    assert page.evaluate(JS_OPEN_TAB, first)
+    view_picker(page, node_id, 1.0)
+    page.wait_for_function("(id) => !!app.graph.getNodeById(id).headsegPicker.output", arg=node_id, timeout=15_000)
+    settle(page, 600)
+    state = page.evaluate(JS_TAB_STATE, node_id)
+    assert state["frame"] == {"grid": [W, H], "picture": [w, h]} and state["pixel"] == [57, 43], state
+    page.evaluate(
+        """async (p) => { const store = app.extensionManager.workflow;
+                          await store.closeWorkflow(store.openWorkflows.find(w => w.path === p)); }""",
+        copy,
+    )  # the tabs as the other tests found them
+    assert comfy_page.pack_problems() == []
+
+
 def test_after_a_real_page_reload_in_nodes_2_0_a_click_on_the_cropped_photo_is_the_pixel_queued(open_page, comfy_server):
     """The page reloaded for real (the workflow ComfyUI kept for it, no node outputs) in the Vue node renderer
     (Nodes 2.0): a 69 x 53 photo, whose 64 x 48 masks cover VAE Encode's centred window, is shown as that
