@@ -23,3 +23,8 @@ export function trackPicker(picker, on) {
     liveTimer = null;
   }
 }
+
+/** The live pickers, as an array. */
+export function livePickers() {
+  return [...LIVE_PICKERS];
+}

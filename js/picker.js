@@ -62,10 +62,46 @@ const LOST_RUNS = new WeakSet();
 // execution_start: the nodes that ran, or were served from the cache, in the prompt under way.
 const RAN = new Set();
 
-/** Follows a prompt's messages (hooked up in picker_node.js): which nodes ran in the prompt under way. */
+// Prompt id -> (picker -> the upstream preview file it showed when the prompt was queued; null: loading).
+// A prompt can wait in the queue behind others: another picture chosen upstream meanwhile is not the one it
+// segments. The prompts queued last (Map order), each entry dropped when its prompt starts.
+const QUEUED_UPSTREAM = new Map();
+const QUEUED_KEPT = 64;
+let promptUnderWay = null; // the id of the prompt under way (its execution_start)
+
+/** Follows a prompt's messages (hooked up in picker_node.js): which prompt is under way and which nodes
+ * ran in it. */
 export function noteRun(type, detail) {
-  if (type === "execution_start") RAN.clear();
-  else for (const id of [detail?.node, detail?.display_node]) if (id != null) RAN.add(String(id));
+  if (type === "execution_start") {
+    if (promptUnderWay !== null) QUEUED_UPSTREAM.delete(promptUnderWay);
+    promptUnderWay = detail?.prompt_id == null ? null : String(detail.prompt_id);
+    RAN.clear();
+  } else for (const id of [detail?.node, detail?.display_node]) if (id != null) RAN.add(String(id));
+}
+
+/** The upstream preview files ``pickers`` show as a prompt is queued (picker_node.js: before it is sent). A
+ * picker that cannot tell is left out (its run is matched as before, with the file shown at the start):
+ * this runs inside ComfyUI's queueing, which must not fail for it. */
+export function upstreamAtQueue(pickers) {
+  const shown = new WeakMap();
+  for (const picker of pickers) {
+    try {
+      shown.set(picker, picker.upstreamFileNow());
+    } catch {
+      // left out
+    }
+  }
+  return shown;
+}
+
+/** Prompt ``promptId`` was queued with the upstream files ``shown`` (upstreamAtQueue). */
+export function noteQueued(promptId, shown) {
+  if (promptId == null) return;
+  QUEUED_UPSTREAM.set(String(promptId), shown);
+  for (const id of QUEUED_UPSTREAM.keys()) {
+    if (QUEUED_UPSTREAM.size <= QUEUED_KEPT) break;
+    QUEUED_UPSTREAM.delete(id);
+  }
 }
 
 /** The file a preview URL shows: the URL without the random parameter ComfyUI adds to each new preview
@@ -592,18 +628,26 @@ export class Picker {
 
   /** A prompt starts (its 'execution_start'): it segments the picture the upstream node shows now, unless
    * that node runs in it and shows a new one (e.g. a node that previews each run's picture and passes it
-   * on). Another picture chosen upstream while it runs is not the run's. */
+   * on), or the one shown when it was queued where this picker saw it queued. Another picture chosen
+   * upstream while it waits in the queue or runs is not the run's. */
   onExecutionStart() {
-    this.upstreamAtStart = this.upstreamPreviewLoading() ? null : previewFile(this.upstreamPreview());
+    this.upstreamAtStart = this.upstreamFileNow();
+  }
+
+  /** The file the upstream preview shows now (null while it loads the node's latest outputs, or none). */
+  upstreamFileNow() {
+    return this.upstreamPreviewLoading() ? null : previewFile(this.upstreamPreview());
   }
 
   /** The upstream preview file of a run that has reached the picker (null: learned later, see
    * upstreamChangedSince). For a run of the prompt under way (``fromPrompt``) whose upstream node did not
-   * run in it, the one shown when the prompt started; else the one shown now, unless the upstream
-   * preview of the node's latest outputs is still loading (ComfyUI sets node.imgs once its pictures have
-   * loaded and the node is drawn, often after this node's own run reached the picker). */
+   * run in it, the one shown when the prompt was queued (known where this picker saw it queued) or else
+   * started; else the one shown now, unless the upstream preview of the node's latest outputs is still
+   * loading (ComfyUI sets node.imgs once its pictures have loaded and the node is drawn, often after this
+   * node's own run reached the picker). */
   runUpstreamFile(fromPrompt) {
-    const start = fromPrompt ? this.upstreamAtStart : undefined;
+    const queued = fromPrompt ? QUEUED_UPSTREAM.get(promptUnderWay)?.get(this) : undefined;
+    const start = fromPrompt ? (queued ?? this.upstreamAtStart) : undefined;
     const origin = this.upstreamNode();
     const ran = origin && [executionId(origin), outputKey(origin)].some((id) => id !== null && RAN.has(id));
     if (start != null && !ran) return start;

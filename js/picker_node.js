@@ -3,8 +3,8 @@
 // Only exports: ComfyUI loads every .js file here as an extension module.
 
 import { api } from "../../scripts/api.js";
-import { trackPicker } from "./live_pickers.js";
-import { noteRun, Picker } from "./picker.js";
+import { livePickers, trackPicker } from "./live_pickers.js";
+import { noteQueued, noteRun, Picker, upstreamAtQueue } from "./picker.js";
 import { PICKER_MIN_HEIGHT } from "./styles.js";
 
 const PICKER_WIDGET = "headseg_picker";
@@ -33,6 +33,18 @@ export function setupPicker(nodeType) {
   // which nodes run in the prompt under way: the picker tells the upstream preview of a run from another
   // picture chosen upstream while it ran
   for (const type of ["execution_start", "executed"]) api.addEventListener(type, (e) => noteRun(type, e.detail));
+  // ... and which picture each picker showed when the prompt was queued: one that waits in the queue while
+  // another picture is chosen upstream segments the first (ComfyUI's api.queuePrompt sends the prompt the
+  // front end has just built from the graph, and answers its id; arguments and answer passed on as they are)
+  const queuePrompt = api.queuePrompt;
+  if (typeof queuePrompt === "function") {
+    api.queuePrompt = async function (...args) {
+      const shown = upstreamAtQueue(livePickers());
+      const result = await queuePrompt.apply(this, args);
+      noteQueued(result?.prompt_id, shown);
+      return result;
+    };
+  }
   const onExecutionStart = nodeType.prototype.onExecutionStart;
   nodeType.prototype.onExecutionStart = function () {
     const result = onExecutionStart?.apply(this, arguments);

@@ -565,6 +565,56 @@ def test_a_run_queued_from_a_workflow_changes_nothing_in_its_duplicate_open_when
     assert comfy_page.pack_problems() == []
 
 
+def test_a_prompt_waiting_in_the_queue_when_another_picture_is_chosen_gives_way_to_it(comfy_page, comfy_server, pictures):
+    """Two prompts queued on a 512 x 384 picture; the portrait chosen in Load Image while the second waits
+    in the queue behind the first. The second segments the first picture, but the picker took the picture
+    Load Image showed when that prompt started as the run's: its thumbnails and picture were shown as the
+    portrait's, and a pixel picked on them was used on the portrait by the next run. A run gives way to a
+    picture chosen after its prompt was queued, as to one chosen while it runs."""
+    W, H = 512, 384
+    recording, picture = save_recording_and_picture(comfy_server, "headseg_browser_waiting", W, H, W, H)
+    other, OW, OH = pictures["portrait"]
+    page = comfy_page.page
+    node_id = page.evaluate(JS_LOADED_RECORDING_GRAPH, [recording, picture])
+    page.evaluate(  # a first prompt that takes a while: more clusters on more pixels
+        "() => { app.graph.nodes.find(n => n.type === 'HeadSeg_MultiKMeans').widgets"
+        ".find(w => w.name === 'cluster_counts').value = '2,5,10,20,30'; }"
+    )
+    view_picker(page, node_id, 1.0)
+    wait_picture_ready(page, node_id)
+    result = page.evaluate(
+        """async (other) => { const api = app.api; const started = [], ended = [];
+             const onStart = (e) => started.push(e.detail.prompt_id);
+             const onEnd = (e) => ended.push(e.detail?.prompt_id ?? 'error');
+             api.addEventListener('execution_start', onStart);
+             for (const type of ['execution_success', 'execution_error']) api.addEventListener(type, onEnd);
+             await app.queuePrompt(0, 1);
+             await app.queuePrompt(0, 1);
+             const waiting = started.length < 2;
+             const load = app.graph.nodes.find(n => n.type === 'LoadImage');
+             const w = load.widgets.find(w => w.name === 'image'); w.value = other; w.callback?.(other);
+             app.canvas.setDirty(true, true);
+             const t0 = performance.now();
+             while (ended.length < 2 && performance.now() - t0 < 120000) await new Promise(r => setTimeout(r, 100));
+             api.removeEventListener('execution_start', onStart);
+             for (const type of ['execution_success', 'execution_error']) api.removeEventListener(type, onEnd);
+             return {waiting, ended}; }""",
+        other,
+    )
+    assert result["waiting"], "the second prompt started before another picture was chosen"
+    assert len(result["ended"]) == 2 and "error" not in result["ended"], result
+    sel = picker_selector(node_id)
+    page.wait_for_function(
+        f"() => app.graph.nodes.find(n => n.type === 'LoadImage').imgs?.[0]?.src.includes('{other}')", timeout=10_000
+    )
+    settle(page, 1500)  # the slow timer ticks the picker
+    wait_picture_ready(page, node_id)
+    shown = "(sel) => { const i = document.querySelector(sel + ' img.headseg-base'); return [i.naturalWidth, i.naturalHeight]; }"
+    assert page.query_selector_all(sel + " .headseg-thumb") == []
+    assert page.evaluate(shown, sel) == [OW, OH]
+    assert comfy_page.pack_problems() == []
+
+
 def test_after_a_real_page_reload_in_nodes_2_0_a_click_on_the_cropped_photo_is_the_pixel_queued(open_page, comfy_server):
     """The page reloaded for real (the workflow ComfyUI kept for it, no node outputs) in the Vue node renderer
     (Nodes 2.0): a 69 x 53 photo, whose 64 x 48 masks cover VAE Encode's centred window, is shown as that
