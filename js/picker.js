@@ -62,21 +62,29 @@ const LOST_RUNS = new WeakSet();
 // execution_start: the nodes that ran, or were served from the cache, in the prompt under way.
 const RAN = new Set();
 
-// Prompt id -> (picker -> the upstream preview file it showed when the prompt was queued; null: loading).
-// A prompt can wait in the queue behind others: another picture chosen upstream meanwhile is not the one it
-// segments. The prompts queued last (Map order), each entry dropped when its prompt starts.
+// Prompt id -> {shown: picker -> the upstream preview file it showed when the prompt was queued (null:
+// loading), workflow: the workflow open then}. A prompt can wait in the queue behind others: another picture
+// chosen upstream meanwhile is not the one it segments; and ComfyUI hands its runs to the nodes of the
+// workflow open when they end. The prompts queued last (Map order), each entry dropped when its prompt ends.
 const QUEUED_UPSTREAM = new Map();
 const QUEUED_KEPT = 64;
-let promptUnderWay = null; // the id of the prompt under way (its execution_start)
+let promptUnderWay = null; // the id of the prompt under way (from its execution_start to its end)
+// A run's UI payload -> the workflow its prompt was queued from (where known when it came).
+const RUN_WORKFLOW = new WeakMap();
 
 /** Follows a prompt's messages (hooked up in picker_node.js): which prompt is under way and which nodes
  * ran in it. */
 export function noteRun(type, detail) {
+  if (type === "executed") {
+    for (const id of [detail?.node, detail?.display_node]) if (id != null) RAN.add(String(id));
+    return;
+  }
+  if (promptUnderWay !== null) QUEUED_UPSTREAM.delete(promptUnderWay);
+  promptUnderWay = null;
   if (type === "execution_start") {
-    if (promptUnderWay !== null) QUEUED_UPSTREAM.delete(promptUnderWay);
     promptUnderWay = detail?.prompt_id == null ? null : String(detail.prompt_id);
     RAN.clear();
-  } else for (const id of [detail?.node, detail?.display_node]) if (id != null) RAN.add(String(id));
+  }
 }
 
 /** The upstream preview files ``pickers`` show as a prompt is queued (picker_node.js: before it is sent). A
@@ -94,14 +102,27 @@ export function upstreamAtQueue(pickers) {
   return shown;
 }
 
-/** Prompt ``promptId`` was queued with the upstream files ``shown`` (upstreamAtQueue). */
-export function noteQueued(promptId, shown) {
+/** Prompt ``promptId`` was queued from ``workflow`` with the upstream files ``shown`` (upstreamAtQueue). */
+export function noteQueued(promptId, shown, workflow) {
   if (promptId == null) return;
-  QUEUED_UPSTREAM.set(String(promptId), shown);
+  QUEUED_UPSTREAM.set(String(promptId), { shown, workflow });
   for (const id of QUEUED_UPSTREAM.keys()) {
     if (QUEUED_UPSTREAM.size <= QUEUED_KEPT) break;
     QUEUED_UPSTREAM.delete(id);
   }
+}
+
+/** Whether UI payload ``output`` is a run of a prompt queued from another workflow than the open one.
+ * Known for the run of the prompt under way as its 'executed' message comes (``fromMessage``), from the
+ * workflow open when that prompt was queued, and kept for the payload (which ComfyUI gives back to a node
+ * rebuilt by undo); else from the change trackers (graph_helpers.js fromOtherWorkflow). */
+function otherWorkflowsRun(output, fromMessage) {
+  const queuedFrom = fromMessage ? QUEUED_UPSTREAM.get(promptUnderWay)?.workflow : null;
+  if (queuedFrom && !RUN_WORKFLOW.has(output)) RUN_WORKFLOW.set(output, queuedFrom);
+  const workflow = RUN_WORKFLOW.get(output);
+  const open = app.extensionManager?.workflow?.activeWorkflow;
+  if (workflow && open) return workflow !== open;
+  return fromOtherWorkflow(output);
 }
 
 /** The file a preview URL shows: the URL without the random parameter ComfyUI adds to each new preview
@@ -603,9 +624,11 @@ export class Picker {
    * are named as that run used them all the same (picker_pixels.js). A run that ended while another
    * workflow was open comes back with its tab, ``adopt`` true: the node was never told of it (tick). A run
    * queued from another workflow tab, which ComfyUI hands to the node of the same id in the open one, is
-   * left out: it would show that workflow's masks here, and write its frame and pixels into this one. */
-  onExecuted(output, adopt = true) {
-    if (!output || typeof output !== "object" || fromOtherWorkflow(output)) return;
+   * left out: it would show that workflow's masks here, and write its frame and pixels into this one.
+   * ``fromMessage`` false: a payload taken from the outputs ComfyUI keeps (tick), not one handed over with
+   * the 'executed' message of the prompt under way. */
+  onExecuted(output, adopt = true, fromMessage = true) {
+    if (!output || typeof output !== "object" || otherWorkflowsRun(output, fromMessage)) return;
     this.output = output;
     this.lostRun = false;
     if (!RUN_UPSTREAM.has(output)) RUN_UPSTREAM.set(output, this.runUpstreamFile(adopt));
@@ -646,7 +669,7 @@ export class Picker {
    * loading (ComfyUI sets node.imgs once its pictures have loaded and the node is drawn, often after this
    * node's own run reached the picker). */
   runUpstreamFile(fromPrompt) {
-    const queued = fromPrompt ? QUEUED_UPSTREAM.get(promptUnderWay)?.get(this) : undefined;
+    const queued = fromPrompt ? QUEUED_UPSTREAM.get(promptUnderWay)?.shown.get(this) : undefined;
     const start = fromPrompt ? (queued ?? this.upstreamAtStart) : undefined;
     const origin = this.upstreamNode();
     const ran = origin && [executionId(origin), outputKey(origin)].some((id) => id !== null && RAN.has(id));
@@ -708,13 +731,13 @@ export class Picker {
     if (!this.output) {
       const stored = storedOutput(this.node);
       const restorable =
-        (stored?.headseg_pixel || stored?.headseg_image) && !LOST_RUNS.has(stored) && !fromOtherWorkflow(stored);
+        (stored?.headseg_pixel || stored?.headseg_image) && !LOST_RUNS.has(stored) && !otherWorkflowsRun(stored, false);
       // a run the node was told of (RUN_UPSTREAM keeps every one): the node was rebuilt (undo), its widgets
       // are left as they are. One it never was ended while another workflow was open (ComfyUI tells the
       // nodes of the open one) and comes with its tab: taken as it comes, its frame and mapped pixels too
       const told = stored ? RUN_UPSTREAM.has(stored) : false; // before upstreamChangedSince notes it
       if (restorable && !this.upstreamChangedSince(stored)) {
-        this.onExecuted(stored, !told);
+        this.onExecuted(stored, !told, false);
         return;
       }
       const up = this.upstreamPreview();

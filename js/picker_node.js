@@ -3,6 +3,7 @@
 // Only exports: ComfyUI loads every .js file here as an extension module.
 
 import { api } from "../../scripts/api.js";
+import { app } from "../../scripts/app.js";
 import { livePickers, trackPicker } from "./live_pickers.js";
 import { noteQueued, noteRun, Picker, upstreamAtQueue } from "./picker.js";
 import { PICKER_MIN_HEIGHT } from "./styles.js";
@@ -32,16 +33,20 @@ export function setupPicker(nodeType) {
 
   // which nodes run in the prompt under way: the picker tells the upstream preview of a run from another
   // picture chosen upstream while it ran
-  for (const type of ["execution_start", "executed"]) api.addEventListener(type, (e) => noteRun(type, e.detail));
-  // ... and which picture each picker showed when the prompt was queued: one that waits in the queue while
-  // another picture is chosen upstream segments the first (ComfyUI's api.queuePrompt sends the prompt the
-  // front end has just built from the graph, and answers its id; arguments and answer passed on as they are)
+  for (const type of ["execution_start", "executed", "execution_success", "execution_error", "execution_interrupted"]) {
+    api.addEventListener(type, (e) => noteRun(type, e.detail));
+  }
+  // ... and which picture each picker showed when the prompt was queued, from which workflow: one that waits
+  // in the queue while another picture is chosen upstream segments the first, and ComfyUI hands its runs to
+  // the nodes of the workflow open when they end (ComfyUI's api.queuePrompt sends the prompt the front end
+  // has just built from the open graph, and answers its id; arguments and answer passed on as they are)
   const queuePrompt = api.queuePrompt;
   if (typeof queuePrompt === "function") {
     api.queuePrompt = async function (...args) {
       const shown = upstreamAtQueue(livePickers());
+      const workflow = app.extensionManager?.workflow?.activeWorkflow ?? null;
       const result = await queuePrompt.apply(this, args);
-      noteQueued(result?.prompt_id, shown);
+      noteQueued(result?.prompt_id, shown, workflow);
       return result;
     };
   }

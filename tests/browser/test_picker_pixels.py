@@ -500,6 +500,9 @@ JS_OPEN_TAB = """async (p) => { const store = app.extensionManager.workflow;
     await app.extensionManager.command.execute('Workspace.NextOpenedWorkflow');
   return store.activeWorkflow.path === p; }"""
 
+JS_SLOW_KMEANS = """() => { app.graph.nodes.find(n => n.type === 'HeadSeg_MultiKMeans').widgets
+  .find(w => w.name === 'cluster_counts').value = '2,5,10,20,30'; }"""
+
 JS_TAB_STATE = """(id) => { const wf = app.extensionManager.workflow.activeWorkflow; const node = app.graph.getNodeById(id);
   return {path: wf.path, undo: wf.changeTracker.undoQueue.length, modified: !!wf.isModified,
           frame: node.properties.headseg_frame ?? null,
@@ -513,14 +516,18 @@ def test_a_run_queued_from_a_workflow_changes_nothing_in_its_duplicate_open_when
     modified; and A, opened again, took neither (its node counted the run as one it had been told of). A run
     queued from another workflow tab now changes nothing in the open one, and reaches its own when its tab
     is opened again."""
-    W, H, w, h = 64, 48, 300, 200
+    from headseg.nodes.core.pixels import picture_to_mask_pixel
+
+    W, H, w, h = 256, 192, 300, 200  # masks with many pixels and k: the prompt runs while the tab is switched
     recording, picture = save_recording_and_picture(comfy_server, "headseg_browser_duplicate", W, H, w, h)
     page = comfy_page.page
     node_id = page.evaluate(JS_LOADED_RECORDING_GRAPH, [recording, picture])
+    page.evaluate(JS_SLOW_KMEANS)
     view_picker(page, node_id, 1.0)
     wait_picture_ready(page, node_id)
     rect = frame_rect(page, node_id)
     page.mouse.click(rect["left"] + 0.9 * rect["width"], rect["top"] + 0.9 * rect["height"])  # picture pixel
+    mapped = picture_to_mask_pixel(270, 180, (h, w), (H, W))  # the grid pixel A's run maps (270, 180) to
     settle(page, 300)
     page.evaluate(JS_CHECK_STATE)
     first = page.evaluate("() => app.extensionManager.workflow.activeWorkflow.path")
@@ -556,10 +563,79 @@ def test_a_run_queued_from_a_workflow_changes_nothing_in_its_duplicate_open_when
     page.wait_for_function("(id) => !!app.graph.getNodeById(id).headsegPicker.output", arg=node_id, timeout=15_000)
     settle(page, 600)
     state = page.evaluate(JS_TAB_STATE, node_id)
-    assert state["frame"] == {"grid": [W, H], "picture": [w, h]} and state["pixel"] == [57, 43], state
+    assert state["frame"] == {"grid": [W, H], "picture": [w, h]} and state["pixel"] == list(mapped), state
     page.evaluate(
         """async (p) => { const store = app.extensionManager.workflow;
                           await store.closeWorkflow(store.openWorkflows.find(w => w.path === p)); }""",
+        copy,
+    )  # the tabs as the other tests found them
+    assert comfy_page.pack_problems() == []
+
+
+def test_a_run_queued_from_a_workflow_changes_nothing_in_its_duplicate_that_ran_before(comfy_page, comfy_server, pictures):
+    """As above, with the duplicate B run once (on the portrait) before A is queued: its tab, opened again,
+    gets its outputs back from its change tracker, and ComfyUI then writes every payload the open graph is
+    handed into that tracker, A's run too. B took A's run all the same (its frame written over B's, an undo
+    step, B modified); A, opened again, takes it."""
+    from headseg.nodes.core.pixels import picture_to_mask_pixel
+
+    W, H, w, h = 256, 192, 300, 200  # masks with many pixels and k: the prompt runs while the tab is switched
+    recording, picture = save_recording_and_picture(comfy_server, "headseg_browser_duplicate_ran", W, H, w, h)
+    other, ow, oh = pictures["portrait"]
+    page = comfy_page.page
+    node_id = page.evaluate(JS_LOADED_RECORDING_GRAPH, [recording, picture])
+    page.evaluate(JS_SLOW_KMEANS)
+    view_picker(page, node_id, 1.0)
+    wait_picture_ready(page, node_id)
+    rect = frame_rect(page, node_id)
+    page.mouse.click(rect["left"] + 0.9 * rect["width"], rect["top"] + 0.9 * rect["height"])  # picture pixel
+    mapped = picture_to_mask_pixel(270, 180, (h, w), (H, W))  # the grid pixel A's run maps (270, 180) to
+    settle(page, 300)
+    page.evaluate(JS_CHECK_STATE)
+    first = page.evaluate("() => app.extensionManager.workflow.activeWorkflow.path")
+    page.evaluate("async () => { await app.extensionManager.command.execute('Comfy.DuplicateWorkflow'); }")
+    page.wait_for_function("(p) => app.extensionManager.workflow.activeWorkflow.path !== p", arg=first)
+    copy = page.evaluate("() => app.extensionManager.workflow.activeWorkflow.path")
+    page.evaluate(
+        """(name) => { const load = app.graph.nodes.find(n => n.type === 'LoadImage');
+             const w = load.widgets.find(w => w.name === 'image'); w.value = name; w.callback?.(name); }""",
+        other,
+    )
+    events = page.evaluate(JS_QUEUE_AND_WAIT, 120_000)  # B's own run, on the portrait
+    assert events["error"] is None, f"run failed: {json.dumps(events['error'])[:2000]}"
+    settle(page, 600)
+    page.evaluate(JS_CHECK_STATE)
+    before = page.evaluate(JS_TAB_STATE, node_id)
+    assert before["frame"] == {"grid": [W, H], "picture": [ow, oh]}, before
+    assert page.evaluate(JS_OPEN_TAB, first)
+    page.evaluate(  # another k-means seed in A: its prompt runs for a while, not from the cache
+        "() => { app.graph.nodes.find(n => n.type === 'HeadSeg_MultiKMeans').widgets.find(w => w.name === 'seed').value = 7; }"
+    )
+    ended_in = page.evaluate(
+        """async (copy) => { const api = app.api; let done; const ended = new Promise(r => done = r);
+             let queued = false, started = false, away = null;
+             const leave = () => { if (queued && started && !away) away = (""" + JS_OPEN_TAB + """)(copy); };
+             const end = () => done(app.extensionManager.workflow.activeWorkflow.path);
+             api.addEventListener('execution_start', () => { started = true; leave(); }, {once: true});
+             for (const type of ['execution_success', 'execution_error']) api.addEventListener(type, end, {once: true});
+             await app.queuePrompt(0, 1);
+             queued = true;
+             leave();
+             return await ended; }""",
+        copy,
+    )
+    assert ended_in == copy, "the prompt ended before the duplicate was opened"
+    settle(page, 1500)  # the slow timer ticks the picker
+    assert page.evaluate(JS_TAB_STATE, node_id) == before
+    assert page.evaluate(JS_OPEN_TAB, first)
+    view_picker(page, node_id, 1.0)
+    page.wait_for_function("(id) => !!app.graph.getNodeById(id).headsegPicker.output", arg=node_id, timeout=15_000)
+    settle(page, 600)
+    state = page.evaluate(JS_TAB_STATE, node_id)
+    assert state["frame"] == {"grid": [W, H], "picture": [w, h]} and state["pixel"] == list(mapped), state
+    page.evaluate(
+        """async (p) => { const store = app.extensionManager.workflow;
+                          await store.closeWorkflow(store.openWorkflows.find(w => w.path === p), {warnIfUnsaved: false}); }""",
         copy,
     )  # the tabs as the other tests found them
     assert comfy_page.pack_problems() == []
@@ -576,10 +652,7 @@ def test_a_prompt_waiting_in_the_queue_when_another_picture_is_chosen_gives_way_
     other, OW, OH = pictures["portrait"]
     page = comfy_page.page
     node_id = page.evaluate(JS_LOADED_RECORDING_GRAPH, [recording, picture])
-    page.evaluate(  # a first prompt that takes a while: more clusters on more pixels
-        "() => { app.graph.nodes.find(n => n.type === 'HeadSeg_MultiKMeans').widgets"
-        ".find(w => w.name === 'cluster_counts').value = '2,5,10,20,30'; }"
-    )
+    page.evaluate(JS_SLOW_KMEANS)  # a first prompt that takes a while: more clusters on more pixels
     view_picker(page, node_id, 1.0)
     wait_picture_ready(page, node_id)
     result = page.evaluate(
