@@ -250,12 +250,7 @@ def _without_shadowing_patches(model_options: dict, warn=None) -> dict:
         own = _stands_in_for(fn)
         if own is not None and short is not marks.get(own.headseg_store_id, {}).get(name[:2]):
             drop.append(name)
-    if not drop:
-        return model_options
-    if warn is not None:
-        for name in drop:
-            warn(name)
-    return _with_attn1(model_options, {name: fn for name, fn in attn1.items() if name not in drop})
+    return _without_attn1(model_options, attn1, drop, warn)
 
 
 # diffusion model -> {(block, number, depth): its BasicTransformerBlock}, read at every model call
@@ -315,6 +310,12 @@ def _without_bypassing_patches(model_options: dict, diffusion_model, warn=None) 
         if _is_own_patch(fn) and (tb := blocks.get(name)) is not None and _runs_other_code(tb.attn1)
         and _attends_alone(fn)
     ]
+    return _without_attn1(model_options, attn1, drop, warn)
+
+
+def _without_attn1(model_options: dict, attn1: dict, drop: list, warn=None) -> dict:
+    """model_options without the attn1 replace patches named in ``drop`` (itself when none; ``warn(name)``
+    called for each)."""
     if not drop:
         return model_options
     if warn is not None:
