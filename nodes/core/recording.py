@@ -631,12 +631,13 @@ def load_recording(path) -> Recording:
         for field_name in ("image_height", "image_width"):
             text = metadata[field_name]
             digits = text.strip()
-            if not (is_ascii_digits(digits) and len(digits.lstrip("0")) <= 6 and 1 <= int(digits) <= MAX_IMAGE_SIDE):
+            # ascii_int: int() refuses more than 4300 digits, leading zeros too, in Python's words
+            if not (is_ascii_digits(digits) and 1 <= ascii_int(digits) <= MAX_IMAGE_SIDE):
                 raise ValueError(
                     f"{path}: metadata field {field_name!r} must be an integer from 1 to {MAX_IMAGE_SIDE} (pixels), "
                     f"got {shown_text(text)}"
                 )
-            size.append(int(text))
+            size.append(ascii_int(digits))
         layers, names = {}, {}
         for name in f.keys():
             try:

@@ -645,6 +645,18 @@ def test_load_layer_numbers_beyond_any_unet_are_refused_in_the_files_words(tmp_p
     assert "Exceeds the limit" not in message and len(message) < 400
 
 
+@pytest.mark.parametrize("field", ["image_height", "image_width"])
+def test_load_image_size_padded_past_pythons_digit_limit(tmp_path, field):
+    """A size of a few digits behind thousands of zeros passed the length check (leading zeros stripped), then
+    int() of the whole text answered in Python's words ('Exceeds the limit (4300 digits)'), naming no file or
+    field. The zeros pad the number as anywhere else: 64 is read; one beyond the limit is refused by name."""
+    rec = load_recording(write(tmp_path, good_tensors(), {**GOOD_META, field: " " + "0" * 5000 + "64"}))
+    assert rec.image_size == (64, 64)
+    with pytest.raises(ValueError, match=rf"bad\.safetensors: metadata field '{field}' must be an integer") as info:
+        load_recording(write(tmp_path, good_tensors(), {**GOOD_META, field: "0" * 5000 + "99999"}))
+    assert "Exceeds the limit" not in str(info.value) and len(str(info.value)) < 300
+
+
 @pytest.mark.parametrize("name", ["input." + "1" * 5000 + ".0", "input.1." + "9" * 10], ids=["5000-digits", "10-digits"])
 def test_layer_key_parse_refuses_huge_numbers_with_a_short_message(name):
     with pytest.raises(ValueError, match=r"layer name.*below 1000000000") as info:
