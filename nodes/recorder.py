@@ -272,10 +272,15 @@ def _attn1_modules(diffusion_model) -> dict:
     return blocks
 
 
+# CrossAttention.forward when HeadSeg was imported: ComfyUI's own (or a pack's for every module)
+_IMPORTED_FORWARD = comfy_attention.CrossAttention.forward
+
+
 def _runs_other_code(module) -> bool:
     """Whether calling attn1 ``module`` runs more than CrossAttention.forward: a forward hook another node
     put on it, or a forward it swapped in (an object patch of the module or of its forward; undoing an
-    object patch of the forward leaves the module's own bound forward set on it, which is no other code).
+    object patch of the forward leaves the module's own bound forward set on it, which is no other code,
+    also once a pack has replaced CrossAttention.forward since).
     CrossAttention.forward is read now, not at import: a pack that replaced it for every module (which any
     attn1 replace patch skips, with or without HeadSeg) leaves the layers recorded whenever it loaded."""
     own = vars(module).get("forward")
@@ -283,7 +288,7 @@ def _runs_other_code(module) -> bool:
     return bool(
         getattr(module, "_forward_hooks", None) or getattr(module, "_forward_pre_hooks", None)
         or getattr(type(module), "forward", None) is not forward
-        or (own is not None and (getattr(own, "__func__", None) is not forward
+        or (own is not None and (getattr(own, "__func__", None) not in (forward, _IMPORTED_FORWARD)
                                  or getattr(own, "__self__", None) is not module))
     )
 

@@ -847,6 +847,33 @@ def test_a_forward_replaced_for_every_attention_module_leaves_the_layers_recorde
     assert len(live.snapshot(got).layers) == 16 and "another node's code" not in caplog.text
 
 
+def test_a_forward_replaced_for_every_module_after_an_undone_object_patch_leaves_the_layer_recorded(
+    tiny, sd2, caplog, monkeypatch
+):
+    """ComfyUI undoes an object patch of an attn1 forward by setting the module's own bound forward on it,
+    which stays for the session. A pack that replaces CrossAttention.forward on the class later (when its
+    node runs) made that bound forward, ComfyUI's own code, read as another node's: the layer was left
+    unrecorded with a warning, in every later run."""
+    module = self_attention_modules(sd2.model.diffusion_model)["middle.0.0"]
+    comfy_forward = comfy_attention.CrossAttention.forward
+    own = comfy_forward.__get__(module)
+    base = sd2.clone()
+    base.add_object_patch("diffusion_model.middle_block.1.transformer_blocks.0.attn1.forward",
+                          lambda *args, **kwargs: own(*args, **kwargs))
+    run(tiny, base, latent_hw=(8, 8))
+    run(tiny, sd2.clone(), latent_hw=(8, 8))  # another clone loaded: ComfyUI undoes the object patch
+    assert getattr(vars(module).get("forward"), "__func__", None) is comfy_forward
+
+    def faster_forward(self, *args, **kwargs):
+        return comfy_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(comfy_attention.CrossAttention, "forward", faster_forward)
+    patched, live = recorder.attach_recorder(sd2)
+    with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        got = run(tiny, patched, latent_hw=(8, 8))
+    assert len(live.snapshot(got).layers) == 16 and "another node's code" not in caplog.text
+
+
 def test_deep_shrink_steps_are_left_out_of_the_mean(tiny, sd2, caplog):
     """Kohya Deep Shrink (ComfyUI's PatchModelAddDownscale) halves the grids of the inner layers at the
     first steps: those calls are left out with a warning; the mean is that of the steps at the layer's
