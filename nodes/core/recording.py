@@ -301,7 +301,8 @@ class Recording:
     model: str = "unknown"
     steps: str = "last"
     branch: str = "cond"
-    metadata: dict[str, str] | None = None
+    # left out of the text form: ComfyUI puts its inputs' text in every error report, and a workflow is large
+    metadata: dict[str, str] | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self):
         if not isinstance(self.layers, dict):

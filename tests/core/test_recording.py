@@ -852,3 +852,15 @@ def test_an_image_side_not_a_multiple_of_8_has_the_latent_vae_encode_makes():
     rec = Recording({LayerKey("input", 1, 0): torch.randn(1, 1, 12, 12, 2)}, (100, 100))
     assert rec.latent_size == (12, 12)
     rec.validate()
+
+
+def test_a_loaded_recordings_text_form_leaves_its_files_prompt_and_workflow_out(tmp_path):
+    """ComfyUI writes the text of a failed node's inputs into its error report: a loaded recording's
+    workflow (often tens of kB) made every such report that much longer."""
+    rec = sd21_recording(seed=0)
+    path = str(tmp_path / "x.safetensors")
+    save_recording(rec, path, extra_metadata={"workflow": "W" * 50_000, "prompt": "P" * 20_000})
+    loaded = load_recording(path)
+    assert loaded.metadata["workflow"] == "W" * 50_000
+    assert "WWWW" not in repr(loaded) and "PPPP" not in repr(loaded) and "model='SD21'" in repr(loaded)
+
