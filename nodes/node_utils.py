@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-from .core.recording import Recording, all_finite, integer_index
+from .core.recording import Recording, all_finite, integer_index, shown_text
 
 log = logging.getLogger("HeadSeg")
 
@@ -184,7 +184,7 @@ def parse_positions(text: str) -> tuple[str, ...]:
     parts = tuple(dict.fromkeys(p for p in str(text).replace(",", "+").replace(" ", "").split("+") if p))  # unique
     bad = [p for p in parts if p not in ("down", "middle", "up")]
     if not parts or bad:
-        raise ValueError(f"positions: expected UNet positions joined by '+' such as 'down+up', got {text!r}")
+        raise ValueError(f"positions: expected UNet positions joined by '+' such as 'down+up', got {shown_text(text, 80)}")
     return parts
 
 

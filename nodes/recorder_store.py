@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from .core.recording import LayerKey, Recording, ascii_int, grid_levels, is_ascii_digits
+from .core.recording import LayerKey, Recording, ascii_int, grid_levels, is_ascii_digits, shown_text
 
 log = logging.getLogger("HeadSeg")
 
@@ -103,7 +103,7 @@ def parse_steps(text: str) -> StepSelection:
             typed = tuple(_shown_digits(p) for p in (parts[0], parts[-1]))
             return StepSelection("range", first, last, typed if typed != (str(first), str(last)) else None)
     raise ValueError(
-        f"steps: expected 'last', 'mean', a step 'N' or a range 'A-B' with A <= B (0-based, inclusive), got {text!r}"
+        f"steps: expected 'last', 'mean', a step 'N' or a range 'A-B' with A <= B (0-based, inclusive), got {shown_text(text, 80)}"
     )
 
 

@@ -48,7 +48,7 @@ from typing import Callable
 import torch
 
 from . import kmeans_batched as batched
-from .recording import ascii_int, full_float32_matmul, is_int, power_of_two_scale
+from .recording import ascii_int, full_float32_matmul, is_int, power_of_two_scale, shown_text
 from .upsample import MAX_OFFSET, FeatureStack, channel_means, check_stack, interpolation_matrix, peak_abs
 from .working_set import RTOL as _RTOL
 from .lattice import Lattice, sample_positions
@@ -160,14 +160,14 @@ def parse_cluster_counts(text: str) -> list[int]:
         )
     tokens = [t for t in re.split(r"[,\s;]+", text.strip()) if t]
     if not tokens:
-        raise ValueError(f"cluster_counts must list at least one integer such as '2,5,6,10,20', got {text!r}")
+        raise ValueError(f"cluster_counts must list at least one integer such as '2,5,6,10,20', got {shown_text(text, 80)}")
     counts = []
     for token in tokens:
         if not re.fullmatch(r"[+-]?[0-9]+", token):  # ASCII digits only
-            raise ValueError(f"cluster_counts must hold integers such as '2,5,6,10,20'; {token!r} is not one")
+            raise ValueError(f"cluster_counts must hold integers such as '2,5,6,10,20'; {shown_text(token, 80)} is not one")
         value = -ascii_int(token[1:]) if token[0] == "-" else ascii_int(token.lstrip("+"))
         if not 1 <= value <= MAX_CLUSTERS:
-            raise ValueError(f"cluster_counts must hold integers from 1 to {MAX_CLUSTERS}, got {value} in {text!r}")
+            raise ValueError(f"cluster_counts must hold integers from 1 to {MAX_CLUSTERS}, got {value} in {shown_text(text, 80)}")
         counts.append(value)
     return _check_total(sorted(set(counts)), text)
 

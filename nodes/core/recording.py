@@ -178,7 +178,7 @@ def parse_levels(text: str) -> list[int] | None:
         return sorted({ascii_int(p) for p in parts})
     raise ValueError(
         f"levels: expected 'all' or grid levels as comma-separated integers >= 0 "
-        f"(0 = latent grid, 1 = 1/2, 2 = 1/4, 3 = 1/8), got {text!r}"
+        f"(0 = latent grid, 1 = 1/2, 2 = 1/4, 3 = 1/8), got {shown_text(text, 80)}"
     )
 
 

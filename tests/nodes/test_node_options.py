@@ -289,3 +289,19 @@ def test_mask_select_takes_grey_and_rgba_pictures(nodes, feats, channels):
     want = nodes.MaskSelectAtPixel.execute(masks, 40, 30, 0, rgb.contiguous()).args[2]
     assert got.shape == want.shape and got.shape[-1] == 3
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("text", ["x" * 5000, "1," * 3000 + "y"], ids=["5000-x", "3000-items"])
+def test_a_long_refused_list_text_is_shown_by_its_start_and_length(text):
+    """The refusals of cluster_counts, levels, positions and steps echoed the whole text back: a value of
+    thousands of characters made a message as long."""
+    from headseg.nodes.core.kmeans import parse_cluster_counts
+    from headseg.nodes.core.recording import parse_levels
+    from headseg.nodes.node_utils import parse_positions
+    from headseg.nodes.recorder_store import parse_steps
+
+    for parse, name in ((parse_cluster_counts, "cluster_counts"), (parse_levels, "levels"),
+                        (parse_positions, "positions"), (parse_steps, "steps")):
+        with pytest.raises(ValueError, match=name) as info:
+            parse(text)
+        assert len(str(info.value)) < 400, (name, str(info.value)[:200])
