@@ -392,7 +392,8 @@ class MultiKMeans(io.ComfyNode):
 
     UI payload: ``images`` (one colour map per k and image of the first _PREVIEW_IMAGES, k-major: k0 image0,
     k0 image1, ...; palette PNGs of the label maps, the colour_maps output's pixels), ``headseg_labels``
-    (one caption per picture, e.g. "k=5"), ``headseg_k`` (the cluster counts).
+    (one caption per picture, e.g. "k=5"), ``headseg_k`` (the cluster counts), ``text`` (a note when some
+    images' colour maps are not shown; empty otherwise).
     """
 
     @classmethod
@@ -516,9 +517,14 @@ class MultiKMeans(io.ComfyNode):
             colours = core_preview.palette(k)  # [k, 3]: one table for the k's colour maps shown
             maps += [(result.labels[b], colours) for b in range(shown)]
         # the colour maps' pixels, written from the label maps (palette PNGs, several times faster)
-        ui = {"images": label_previews(maps), "headseg_labels": labels, "headseg_k": list(sweep.results)}
-        if shown < B:
-            ui["text"] = [f"colour maps of the first {shown} of {B} images shown; the colour_maps output holds all {B}"]
+        # "text" in every run, empty when all are shown: ComfyUI joins the payloads of a list's runs (latents
+        # from Rebatch Latents, of unequal batches) by the first run's keys, so a key only some runs had failed the
+        # prompt with KeyError: 'text' (a first batch beyond _PREVIEW_IMAGES) or was dropped (a later one)
+        note = f"colour maps of the first {shown} of {B} images shown; the colour_maps output holds all {B}"
+        ui = {
+            "images": label_previews(maps), "headseg_labels": labels, "headseg_k": list(sweep.results),
+            "text": [note] if shown < B else [],
+        }
         return io.NodeOutput(sweep, images, ui=ui)
 
 

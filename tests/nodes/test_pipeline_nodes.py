@@ -523,6 +523,28 @@ def test_multi_kmeans_shows_the_colour_maps_of_the_first_images_of_a_large_batch
     assert out.ui["text"] == ["colour maps of the first 1 of 2 images shown; the colour_maps output holds all 2"]
 
 
+def test_multi_kmeans_runs_of_a_list_of_unequal_batches_are_joined_by_comfyui(nodes, monkeypatch):
+    """A list of latents of unequal batches (Rebatch Latents with batch_size 10 on 12 images: [10, 2]) runs
+    Multi K-Means once per item, and ComfyUI's executor joins the runs' UI payloads by the first run's keys.
+    The note on colour maps left out was in the payload of a batch beyond _PREVIEW_IMAGES only: a larger
+    first item failed the whole prompt, after the clustering, with KeyError: 'text' raised in ComfyUI's own
+    code, and a larger later item's note was dropped. Every run has the key; the joined text holds the note."""
+    from execution import get_output_from_returns
+
+    def run(B, seed):
+        rec = planted_recording([nested_scene(64, 64)] * B, layout=small_layout(heads=3), d=16, noise=0.2, seed=seed)
+        feats = nodes.HeadPCA.execute(rec, "down+up", "all", 4).args[0]
+        return nodes.MultiKMeans.execute(nodes.Upsample.execute(feats, "bilinear", False).args[0], "2,3", 0)
+
+    monkeypatch.setattr(nodes, "_PREVIEW_IMAGES", 2)
+    large, small = run(3, 1), run(1, 2)
+    note = "colour maps of the first 2 of 3 images shown; the colour_maps output holds all 3"
+    for runs in ([large, small], [small, large]):
+        _, joined, _ = get_output_from_returns(runs, nodes.MultiKMeans)
+        assert joined["text"] == [note]
+        assert len(joined["images"]) == len(joined["headseg_labels"]) == 2 * (2 + 1)  # k = 2, 3 of 2 + 1 images
+
+
 def test_mask_select_refuses_outputs_that_would_not_fit_in_free_memory(nodes, recording, monkeypatch):
     """Mask Select's outputs grow with the masks at the pixel (a MASK batch and an overlay, 16 bytes per
     pixel each) and its working copies with the batch: when they would take more than 80 % of the free
