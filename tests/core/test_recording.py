@@ -585,6 +585,19 @@ def test_load_bad_image_height(tmp_path, value):
     assert len(str(info.value)) < 300  # a huge field is shown shortened
 
 
+@pytest.mark.parametrize("field", ["model", "steps", "branch"])
+def test_load_refuses_a_label_field_of_megabytes_with_a_short_message(tmp_path, field):
+    """model, steps and branch were read whatever their length: a file whose model held 4 MiB loaded, and the
+    recording carried it into Head PCA's summary (4 MB in /history at every run) and its text form, which ComfyUI
+    writes into the error report of every node it is an input of (4 MB per report). Such a field is refused by
+    name, shown shortened; a label of 256 characters still loads and is kept."""
+    kept = load_recording(write(tmp_path, good_tensors(), {**GOOD_META, field: "x" * 256}))
+    assert getattr(kept, field) == "x" * 256
+    with pytest.raises(ValueError, match=rf"bad\.safetensors: metadata field '{field}' must be a label such as .* of at most 256 characters") as info:
+        load_recording(write(tmp_path, good_tensors(), {**GOOD_META, field: "M" * (4 << 20)}))
+    assert len(str(info.value)) < 300
+
+
 def test_load_a_zero_padded_image_height(tmp_path):
     assert load_recording(write(tmp_path, good_tensors(), {**GOOD_META, "image_height": "0000064"})).image_size == (64, 64)
 
