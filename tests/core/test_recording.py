@@ -867,6 +867,25 @@ def test_an_image_side_not_a_multiple_of_8_has_the_latent_vae_encode_makes():
     rec.validate()
 
 
+def test_text_forms_of_a_recording_and_its_features_name_the_layers_not_their_values():
+    """ComfyUI writes the text of every input of a failed node into its error report (websocket and /history):
+    a loaded SD2.1 recording at 512 x 512 printed its tensors' values, 320 kB (about 19 kB per layer, 1.3 MB for
+    SDXL's 70), into every report of Head PCA (a level it lacks, a layer with NaN), and its features 208 kB into
+    Upsample's. Each layer is named with its dtype and shape instead."""
+    from headseg.nodes.core.pca import HeadFeatures
+
+    rec = sd21_recording(latent=(64, 64), d=64)  # SD2.1's 16 layers at 512 x 512
+    text = repr(rec)
+    assert str(rec) == text and len(text) < 1500, len(text)
+    assert "input.1.0: float16 [1, 5, 64, 64, 64]" in text and "output.11.0: float16 [1, 5, 64, 64, 64]" in text
+    assert text.endswith("image_size=(512, 512), model='SD21', steps='last', branch='cond')")
+    assert all(key.name in text for key in rec.layers) and "tensor(" not in text
+    layers = {key: torch.zeros(1, t.shape[1], t.shape[2], t.shape[3], 4) for key, t in rec.layers.items()}
+    feats = repr(HeadFeatures(layers, (512, 512), 4))
+    assert len(feats) < 1500 and "tensor(" not in feats and "middle.0.0: float32 [1, 20, 8, 8, 4]" in feats
+    assert feats.endswith("image_size=(512, 512), components=4)")
+
+
 def test_a_loaded_recordings_text_form_leaves_its_files_prompt_and_workflow_out(tmp_path):
     """ComfyUI writes the text of a failed node's inputs into its error report: a loaded recording's
     workflow (often tens of kB) made every such report that much longer."""
