@@ -473,9 +473,11 @@ class LoadRecording(io.ComfyNode):
 # way to a new one when one of them is replaced, so that node reads its file again; a file replaced concerns
 # only the nodes that read it. A stamp given up is never handed out again, so no entry ComfyUI's cache made
 # under it (--cache-lru N keeps older ones) is served for a file it has not seen: a node beyond
-# _NODES_KEPT, or one that read more than _FILES_KEPT files under its stamp, simply gets a new one.
+# _NODES_KEPT, or one that read more than _FILES_KEPT files under its stamp, simply gets a new one. A list of
+# paths (one run per item) reads all its files under one stamp: _FILES_KEPT bounds the datasets whose Load
+# Recording is served from the cache (a file's entry is a few hundred bytes; each queue looks at every file).
 _NODES_KEPT = 64
-_FILES_KEPT = 64
+_FILES_KEPT = 4096
 
 
 @dataclasses.dataclass

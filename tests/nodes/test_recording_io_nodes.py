@@ -835,6 +835,36 @@ def test_a_linked_load_that_read_too_many_files_or_was_dropped_gets_a_new_finger
     assert fingerprint("1") not in (first, third)
 
 
+def test_a_linked_list_of_a_datasets_paths_is_served_from_the_cache(io_nodes, recording, comfy_folders, monkeypatch):
+    """A list of paths linked into Load Recording (a dataset's recordings, one run per item through ComfyUI's own
+    list mapping) reads every file under the node's one stamp. Only 64 files were watched per stamp: with 65 or
+    more the node never kept its fingerprint, so queueing the same prompt again read every file, ran Head PCA
+    and k-means for every item again and wrote the whole dataset's label maps a second time (70 files on a real
+    server: 30 s and 140 more PNGs, where 60 files were served from the cache in 0.1 s)."""
+    import asyncio
+    import shutil
+
+    import execution
+
+    monkeypatch.setattr(io_nodes, "_watches", type(io_nodes._watches)())  # no node of an earlier test
+    source = io_nodes.SaveRecording.execute(recording, "dataset").args[0]
+    names = [f"d{i:03}.safetensors" for i in range(100)]
+    for name in names:
+        shutil.copy(source, comfy_folders["input"] / name)
+
+    def fingerprint():
+        with _as_node("4"):
+            return io_nodes.LoadRecording.fingerprint_inputs("x.safetensors", None)
+
+    first = fingerprint()
+    inputs = {"file": ["x.safetensors"], "path": names}
+    runs = asyncio.run(execution._async_map_node_over_list("p", "4", io_nodes.LoadRecording, inputs, "execute", hidden_inputs={}))
+    assert len(runs) == 100
+    assert fingerprint() == first  # the next queue is served from the cache
+    os.replace(source, comfy_folders["input"] / names[57])  # one file of the list replaced
+    assert fingerprint() != first
+
+
 class _Text:
     """A STRING from a widget, as a String node would link it into Load Recording's path."""
 
