@@ -86,10 +86,12 @@ _FP16_MAX = torch.finfo(torch.float16).max
 _FP16_TINY = torch.finfo(torch.float16).tiny  # smallest normal float16: a head below it would lose its digits
 # The dtypes a recording, features and stacks may hold (float8 has too few digits and few kernels).
 FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Longest value of a file's model, steps and branch fields (the recorder writes labels such as 'SD2', 'last',
-# '10-19', 'cond'): a recording carries them into Head PCA's summary and its text form, which ComfyUI puts in
-# every error report of a node it is an input of.
+# Longest value of a file's model and branch fields (the recorder writes labels such as 'SD2', 'cond'), and of
+# its steps field ('last', '10-19', or the steps a run recorded, '0,2,4,...' where a cache node skipped every
+# other step: up to ~25 000 characters for ComfyUI's 10 000 steps): a recording carries them into Head PCA's
+# summary and its text form, which ComfyUI puts in every error report of a node it is an input of.
 MAX_LABEL_CHARS = 256
+MAX_STEPS_LABEL_CHARS = 65536
 # Longest safetensors header is_recording_file reads (a recording's is a few kB; a model's up to ~1 MB).
 _MAX_HEADER_BYTES = 16 << 20
 
@@ -664,12 +666,14 @@ def load_recording(path) -> Recording:
                     f"got {shown_text(text)}"
                 )
             size.append(ascii_int(digits))
-        for field_name, example in (("model", "SD2"), ("steps", "last"), ("branch", "cond")):
+        for field_name, example, longest in (
+            ("model", "SD2", MAX_LABEL_CHARS), ("steps", "last", MAX_STEPS_LABEL_CHARS), ("branch", "cond", MAX_LABEL_CHARS)
+        ):
             text = metadata[field_name]
-            if len(text) > MAX_LABEL_CHARS:
+            if len(text) > longest:
                 raise ValueError(
                     f"{path}: metadata field {field_name!r} must be a label such as {example!r} of at most "
-                    f"{MAX_LABEL_CHARS} characters, got {shown_text(text)}"
+                    f"{longest} characters, got {shown_text(text)}"
                 )
         layers, names = {}, {}
         for name in f.keys():

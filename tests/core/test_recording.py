@@ -591,11 +591,25 @@ def test_load_refuses_a_label_field_of_megabytes_with_a_short_message(tmp_path, 
     recording carried it into Head PCA's summary (4 MB in /history at every run) and its text form, which ComfyUI
     writes into the error report of every node it is an input of (4 MB per report). Such a field is refused by
     name, shown shortened; a label of 256 characters still loads and is kept."""
-    kept = load_recording(write(tmp_path, good_tensors(), {**GOOD_META, field: "x" * 256}))
-    assert getattr(kept, field) == "x" * 256
-    with pytest.raises(ValueError, match=rf"bad\.safetensors: metadata field '{field}' must be a label such as .* of at most 256 characters") as info:
+    longest = 65536 if field == "steps" else 256
+    kept = load_recording(write(tmp_path, good_tensors(), {**GOOD_META, field: "x" * longest}))
+    assert getattr(kept, field) == "x" * longest
+    with pytest.raises(ValueError, match=rf"bad\.safetensors: metadata field '{field}' must be a label such as .* of at most {longest} characters") as info:
         load_recording(write(tmp_path, good_tensors(), {**GOOD_META, field: "M" * (4 << 20)}))
     assert len(str(info.value)) < 300
+
+
+def test_a_recording_of_every_other_step_of_a_long_run_is_saved_and_loaded_again(tmp_path):
+    """The steps a run recorded are its label: a cache node that skipped every other step of ComfyUI's longest
+    run (10 000 steps) gives '0,2,4,...,9998', about 24 000 characters, which a limit meant for labels such
+    as 'last' would have refused when the file was loaded again."""
+    steps = ",".join(str(i) for i in range(0, 10_000, 2))
+    assert len(steps) > 20_000
+    rec = sd21_recording(seed=0)
+    rec.steps = steps
+    path = str(tmp_path / "long.safetensors")
+    save_recording(rec, path)
+    assert load_recording(path).steps == steps
 
 
 def test_load_a_zero_padded_image_height(tmp_path):
