@@ -132,6 +132,21 @@ async (timeoutMs) => {
 
 JS_CHECK_STATE = "() => app.extensionManager.workflow.activeWorkflow.changeTracker.checkState()"
 
+# Holds back the server's messages from the first 'execution_start' on: each is handed to ComfyUI's listeners
+# (app.api.dispatchCustomEvent) only once window.headsegRelease() is awaited, in the order they came. The
+# page then sees the prompt under way, however fast the server ran it, until the test has done what must
+# happen while it runs (e.g. open another workflow tab).
+JS_HOLD_MESSAGES_AFTER_START = """() => { const api = app.api; const dispatch = api.dispatchCustomEvent;
+  const held = []; let holding = false;
+  api.dispatchCustomEvent = function (type) {
+    if (holding) { held.push([...arguments]); return true; }
+    const result = dispatch.apply(this, arguments);
+    if (type === 'execution_start') holding = true;
+    return result; };
+  window.headsegRelease = async () => {
+    while (held.length) { await new Promise(r => setTimeout(r, 10)); dispatch.apply(api, held.shift()); }
+    delete api.dispatchCustomEvent; delete window.headsegRelease; }; }"""
+
 
 JS_TO_SUBGRAPH = """async (ids) => { app.canvas.deselectAll();
   for (const id of ids) app.canvas.select(app.graph.getNodeById(id));

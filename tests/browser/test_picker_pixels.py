@@ -8,6 +8,7 @@ import json
 
 from headseg.tests.browser.helpers import (
     JS_CHECK_STATE,
+    JS_HOLD_MESSAGES_AFTER_START,
     JS_QUEUE_AND_WAIT,
     JS_TO_SUBGRAPH,
     JS_WIDGETS,
@@ -500,6 +501,29 @@ JS_OPEN_TAB = """async (p) => { const store = app.extensionManager.workflow;
     await app.extensionManager.command.execute('Workspace.NextOpenedWorkflow');
   return store.activeWorkflow.path === p; }"""
 
+# Queues the open workflow, and opens the tab whose path is ``p`` once the prompt has started and ComfyUI has
+# noted the workflow it belongs to: the prompt's later messages are held back until that tab is open
+# (JS_HOLD_MESSAGES_AFTER_START), whatever the time the server takes. -> the path of the tab open when the
+# prompt ended.
+JS_QUEUE_THEN_OPEN_TAB = (
+    """async (p) => { const api = app.api; let done, started; const ended = new Promise(r => done = r);
+  const start = new Promise(r => started = r);
+  const end = () => done(app.extensionManager.workflow.activeWorkflow.path);
+  api.addEventListener('execution_start', () => started(), {once: true});
+  for (const type of ['execution_success', 'execution_error']) api.addEventListener(type, end, {once: true});
+  ("""
+    + JS_HOLD_MESSAGES_AFTER_START
+    + """)();
+  await app.queuePrompt(0, 1);
+  const late = new Promise(r => setTimeout(() => r(false), 60000));
+  if (!(await Promise.race([start.then(() => true), late]))) { await window.headsegRelease(); return 'no prompt started'; }
+  const opened = await ("""
+    + JS_OPEN_TAB
+    + """)(p);
+  await window.headsegRelease();
+  return opened ? await ended : 'tab not opened: ' + p; }"""
+)
+
 JS_SLOW_KMEANS = """() => { app.graph.nodes.find(n => n.type === 'HeadSeg_MultiKMeans').widgets
   .find(w => w.name === 'cluster_counts').value = '2,5,10,20,30'; }"""
 
@@ -518,7 +542,7 @@ def test_a_run_queued_from_a_workflow_changes_nothing_in_its_duplicate_open_when
     is opened again."""
     from headseg.nodes.core.pixels import picture_to_mask_pixel
 
-    W, H, w, h = 256, 192, 300, 200  # masks with many pixels and k: the prompt runs while the tab is switched
+    W, H, w, h = 256, 192, 300, 200  # masks with many pixels and k: a prompt of some length, as in use
     recording, picture = save_recording_and_picture(comfy_server, "headseg_browser_duplicate", W, H, w, h)
     page = comfy_page.page
     node_id = page.evaluate(JS_LOADED_RECORDING_GRAPH, [recording, picture])
@@ -541,20 +565,11 @@ def test_a_run_queued_from_a_workflow_changes_nothing_in_its_duplicate_open_when
     assert before["frame"] is None and before["pixel"] == [270, 180], before
     assert page.evaluate(JS_OPEN_TAB, first)
     # queued from A; B opened once the prompt has started and ComfyUI has noted the workflow it belongs to
+    # (its messages held back until then)
     ended_in = page.evaluate(
-        """async (copy) => { const api = app.api; let done; const ended = new Promise(r => done = r);
-             let queued = false, started = false, away = null;
-             const leave = () => { if (queued && started && !away) away = (""" + JS_OPEN_TAB + """)(copy); };
-             const end = () => done(app.extensionManager.workflow.activeWorkflow.path);
-             api.addEventListener('execution_start', () => { started = true; leave(); }, {once: true});
-             for (const type of ['execution_success', 'execution_error']) api.addEventListener(type, end, {once: true});
-             await app.queuePrompt(0, 1);
-             queued = true;
-             leave();
-             return await ended; }""",
-        copy,
+        JS_QUEUE_THEN_OPEN_TAB, copy
     )
-    assert ended_in == copy, "the prompt ended before the duplicate was opened"
+    assert ended_in == copy, ended_in
     settle(page, 1500)  # the slow timer ticks the picker
     assert page.evaluate(JS_TAB_STATE, node_id) == before
     # A, opened again, takes its run: the frame and the pixel it mapped
@@ -579,7 +594,7 @@ def test_a_run_queued_from_a_workflow_changes_nothing_in_its_duplicate_that_ran_
     step, B modified); A, opened again, takes it."""
     from headseg.nodes.core.pixels import picture_to_mask_pixel
 
-    W, H, w, h = 256, 192, 300, 200  # masks with many pixels and k: the prompt runs while the tab is switched
+    W, H, w, h = 256, 192, 300, 200  # masks with many pixels and k: a prompt of some length, as in use
     recording, picture = save_recording_and_picture(comfy_server, "headseg_browser_duplicate_ran", W, H, w, h)
     other, ow, oh = pictures["portrait"]
     page = comfy_page.page
@@ -612,19 +627,9 @@ def test_a_run_queued_from_a_workflow_changes_nothing_in_its_duplicate_that_ran_
         "() => { app.graph.nodes.find(n => n.type === 'HeadSeg_MultiKMeans').widgets.find(w => w.name === 'seed').value = 7; }"
     )
     ended_in = page.evaluate(
-        """async (copy) => { const api = app.api; let done; const ended = new Promise(r => done = r);
-             let queued = false, started = false, away = null;
-             const leave = () => { if (queued && started && !away) away = (""" + JS_OPEN_TAB + """)(copy); };
-             const end = () => done(app.extensionManager.workflow.activeWorkflow.path);
-             api.addEventListener('execution_start', () => { started = true; leave(); }, {once: true});
-             for (const type of ['execution_success', 'execution_error']) api.addEventListener(type, end, {once: true});
-             await app.queuePrompt(0, 1);
-             queued = true;
-             leave();
-             return await ended; }""",
-        copy,
+        JS_QUEUE_THEN_OPEN_TAB, copy
     )
-    assert ended_in == copy, "the prompt ended before the duplicate was opened"
+    assert ended_in == copy, ended_in
     settle(page, 1500)  # the slow timer ticks the picker
     assert page.evaluate(JS_TAB_STATE, node_id) == before
     assert page.evaluate(JS_OPEN_TAB, first)
@@ -641,32 +646,34 @@ def test_a_run_queued_from_a_workflow_changes_nothing_in_its_duplicate_that_ran_
     assert comfy_page.pack_problems() == []
 
 
-def test_a_prompt_waiting_in_the_queue_when_another_picture_is_chosen_gives_way_to_it(comfy_page, comfy_server, pictures):
-    """Two prompts queued on a 512 x 384 picture; the portrait chosen in Load Image while the second waits
-    in the queue behind the first. The second segments the first picture, but the picker took the picture
-    Load Image showed when that prompt started as the run's: its thumbnails and picture were shown as the
-    portrait's, and a pixel picked on them was used on the portrait by the next run. A run gives way to a
-    picture chosen after its prompt was queued, as to one chosen while it runs."""
+def second_prompt_gives_way(page, comfy_server, pictures, name):
+    """Two prompts queued on a 512 x 384 picture; the portrait chosen in Load Image while the second waits in
+    the queue: the picker ends on the portrait, with no thumbnails (test below)."""
     W, H = 512, 384
-    recording, picture = save_recording_and_picture(comfy_server, "headseg_browser_waiting", W, H, W, H)
+    recording, picture = save_recording_and_picture(comfy_server, name, W, H, W, H)
     other, OW, OH = pictures["portrait"]
-    page = comfy_page.page
     node_id = page.evaluate(JS_LOADED_RECORDING_GRAPH, [recording, picture])
     page.evaluate(JS_SLOW_KMEANS)  # a first prompt that takes a while: more clusters on more pixels
     view_picker(page, node_id, 1.0)
     wait_picture_ready(page, node_id)
+    # the messages held back from the first prompt's start until the other picture is chosen: the second
+    # prompt waits in the queue then, as the page sees it, whatever the time the server takes
     result = page.evaluate(
         """async (other) => { const api = app.api; const started = [], ended = [];
              const onStart = (e) => started.push(e.detail.prompt_id);
              const onEnd = (e) => ended.push(e.detail?.prompt_id ?? 'error');
              api.addEventListener('execution_start', onStart);
              for (const type of ['execution_success', 'execution_error']) api.addEventListener(type, onEnd);
+             ("""
+        + JS_HOLD_MESSAGES_AFTER_START
+        + """)();
              await app.queuePrompt(0, 1);
              await app.queuePrompt(0, 1);
              const waiting = started.length < 2;
              const load = app.graph.nodes.find(n => n.type === 'LoadImage');
              const w = load.widgets.find(w => w.name === 'image'); w.value = other; w.callback?.(other);
              app.canvas.setDirty(true, true);
+             await window.headsegRelease();
              const t0 = performance.now();
              while (ended.length < 2 && performance.now() - t0 < 120000) await new Promise(r => setTimeout(r, 100));
              api.removeEventListener('execution_start', onStart);
@@ -685,6 +692,15 @@ def test_a_prompt_waiting_in_the_queue_when_another_picture_is_chosen_gives_way_
     shown = "(sel) => { const i = document.querySelector(sel + ' img.headseg-base'); return [i.naturalWidth, i.naturalHeight]; }"
     assert page.query_selector_all(sel + " .headseg-thumb") == []
     assert page.evaluate(shown, sel) == [OW, OH]
+
+
+def test_a_prompt_waiting_in_the_queue_when_another_picture_is_chosen_gives_way_to_it(comfy_page, comfy_server, pictures):
+    """Two prompts queued on a 512 x 384 picture; the portrait chosen in Load Image while the second waits
+    in the queue behind the first. The second segments the first picture, but the picker took the picture
+    Load Image showed when that prompt started as the run's: its thumbnails and picture were shown as the
+    portrait's, and a pixel picked on them was used on the portrait by the next run. A run gives way to a
+    picture chosen after its prompt was queued, as to one chosen while it runs."""
+    second_prompt_gives_way(comfy_page.page, comfy_server, pictures, "headseg_browser_waiting")
     assert comfy_page.pack_problems() == []
 
 
