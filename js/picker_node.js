@@ -10,6 +10,36 @@ import { PICKER_MIN_HEIGHT } from "./styles.js";
 
 const PICKER_WIDGET = "headseg_picker";
 
+// Whether ComfyUI's api is hooked up (hookApiOnce).
+let apiHooked = false;
+
+/** Hooks ComfyUI's api up to the pickers, once: setupPicker runs again for each new registration of the node
+ * type (Refresh Node Definitions, the R key, registers every node type again), and a second set of
+ * listeners would end each prompt as it starts (noteRun), a second wrapper note each prompt twice. */
+function hookApiOnce() {
+  if (apiHooked) return;
+  apiHooked = true;
+  // which nodes run in the prompt under way: the picker tells the upstream preview of a run from another
+  // picture chosen upstream while it ran
+  for (const type of ["execution_start", "executed", "execution_success", "execution_error", "execution_interrupted"]) {
+    api.addEventListener(type, (e) => noteRun(type, e.detail));
+  }
+  // ... and which picture each picker showed when the prompt was queued, from which workflow: one that waits
+  // in the queue while another picture is chosen upstream segments the first, and ComfyUI hands its runs to
+  // the nodes of the workflow open when they end (ComfyUI's api.queuePrompt sends the prompt the front end
+  // has just built from the open graph, and answers its id; arguments and answer passed on as they are)
+  const queuePrompt = api.queuePrompt;
+  if (typeof queuePrompt === "function") {
+    api.queuePrompt = async function (...args) {
+      const shown = upstreamAtQueue(livePickers());
+      const workflow = app.extensionManager?.workflow?.activeWorkflow ?? null;
+      const result = await queuePrompt.apply(this, args);
+      noteQueued(result?.prompt_id, shown, workflow);
+      return result;
+    };
+  }
+}
+
 /** Gives each node of ``nodeType`` (HeadSeg_MaskSelectAtPixel) a picker in a DOM widget, and passes
  * it the node's runs (and the start of each prompt), canvas draws, and its joining and leaving a graph. */
 export function setupPicker(nodeType) {
@@ -31,25 +61,8 @@ export function setupPicker(nodeType) {
     return result;
   };
 
-  // which nodes run in the prompt under way: the picker tells the upstream preview of a run from another
-  // picture chosen upstream while it ran
-  for (const type of ["execution_start", "executed", "execution_success", "execution_error", "execution_interrupted"]) {
-    api.addEventListener(type, (e) => noteRun(type, e.detail));
-  }
-  // ... and which picture each picker showed when the prompt was queued, from which workflow: one that waits
-  // in the queue while another picture is chosen upstream segments the first, and ComfyUI hands its runs to
-  // the nodes of the workflow open when they end (ComfyUI's api.queuePrompt sends the prompt the front end
-  // has just built from the open graph, and answers its id; arguments and answer passed on as they are)
-  const queuePrompt = api.queuePrompt;
-  if (typeof queuePrompt === "function") {
-    api.queuePrompt = async function (...args) {
-      const shown = upstreamAtQueue(livePickers());
-      const workflow = app.extensionManager?.workflow?.activeWorkflow ?? null;
-      const result = await queuePrompt.apply(this, args);
-      noteQueued(result?.prompt_id, shown, workflow);
-      return result;
-    };
-  }
+  hookApiOnce();
+
   const onExecutionStart = nodeType.prototype.onExecutionStart;
   nodeType.prototype.onExecutionStart = function () {
     const result = onExecutionStart?.apply(this, arguments);

@@ -704,6 +704,22 @@ def test_a_prompt_waiting_in_the_queue_when_another_picture_is_chosen_gives_way_
     assert comfy_page.pack_problems() == []
 
 
+def test_after_refresh_node_definitions_a_prompt_queued_before_another_picture_still_gives_way_to_it(
+    open_page, comfy_server, pictures
+):
+    """Refresh Node Definitions (the R key) registers every node type again, and with it ran the picker's
+    set-up again: a second set of ComfyUI api listeners, whose 'execution_start' dropped what the first had
+    just taken as the prompt under way, the picture shown when it was queued and the workflow it came from.
+    The prompt waiting in the queue when the portrait was chosen then segmented the landscape but was shown
+    as the portrait's (its thumbnails and picture). The set-up hooks ComfyUI's api once."""
+    tab = open_page()  # a tab of its own: the refreshed node types stay in it
+    page = tab.page
+    page.evaluate("async () => { await app.extensionManager.command.execute('Comfy.RefreshNodeDefinitions'); }")
+    page.wait_for_function("() => LiteGraph.registered_node_types['HeadSeg_MaskSelectAtPixel']")
+    second_prompt_gives_way(page, comfy_server, pictures, "headseg_browser_waiting_refreshed")
+    assert tab.pack_problems() == []
+
+
 def test_after_a_real_page_reload_in_nodes_2_0_a_click_on_the_cropped_photo_is_the_pixel_queued(open_page, comfy_server):
     """The page reloaded for real (the workflow ComfyUI kept for it, no node outputs) in the Vue node renderer
     (Nodes 2.0): a 69 x 53 photo, whose 64 x 48 masks cover VAE Encode's centred window, is shown as that
