@@ -228,14 +228,25 @@ def add_merge_with_note(page, text: str, pos) -> int:
 
 
 def rebuild_as_undo_does(page, node_id) -> None:
-    """Rebuilds every node from the saved graph, keeping the outputs (loadGraphData without clearing, as
-    undo does), and waits until node ``node_id`` is a new object."""
+    """Rebuilds every node as undo does, and waits until node ``node_id`` is a new object: the graph as it
+    is now noted in the open workflow's undo history, a mark set in the graph's extra and noted, then that
+    undone (ComfyUI's undo: loadGraphData without clearing outputs, into the same workflow, whose change
+    tracker gives back the outputs it keeps). The workflow stays the open one (a load without it opened a
+    new tab at each rebuild), its undo history and modified mark as they were but for any change not noted
+    yet, noted as a step of its own."""
+    path = "() => app.extensionManager.workflow.activeWorkflow.path"
+    before = page.evaluate(path)
     page.evaluate(
-        """async (id) => { app.graph.getNodeById(id).headsegOld = true;
-                           await app.loadGraphData(app.graph.serialize(), false, false); }""",
+        """async (id) => { const tracker = app.extensionManager.workflow.activeWorkflow.changeTracker;
+                           app.graph.getNodeById(id).headsegOld = true;
+                           tracker.checkState();
+                           app.graph.extra.headsegRebuild = true;
+                           tracker.checkState();
+                           await tracker.undo(); }""",
         node_id,
     )
     page.wait_for_function("(id) => app.graph.getNodeById(id) && !app.graph.getNodeById(id).headsegOld", arg=node_id)
+    assert page.evaluate(path) == before and not page.evaluate("() => app.graph.extra.headsegRebuild")
 
 
 def settle(page, ms=400):
