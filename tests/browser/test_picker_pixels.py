@@ -18,6 +18,7 @@ from headseg.tests.browser.helpers import (
     decode_position,
     frame_rect,
     picker_selector,
+    rebuild_as_undo_does,
     screenshot_rgb,
     selected_thumbs,
     settle,
@@ -523,6 +524,34 @@ JS_TAB_STATE = """(id) => { const wf = app.extensionManager.workflow.activeWorkf
   return {path: wf.path, undo: wf.changeTracker.undoQueue.length, modified: !!wf.isModified,
           frame: node.properties.headseg_frame ?? null,
           pixel: ['x', 'y'].map(name => node.widgets.find(w => w.name === name).value)}; }"""
+
+
+def test_undo_after_a_real_run_brings_that_run_back_in_its_own_workflow(comfy_page, comfy_server):
+    """A run of the open workflow, then undo (its nodes rebuilt in the same workflow, the outputs its change
+    tracker keeps given back): the picker shows that run again (its thumbnails and frame), with no undo step
+    of its own: the run is the open workflow's, not another tab's."""
+    W, H, w, h = 64, 48, 300, 200
+    recording, picture = save_recording_and_picture(comfy_server, "headseg_browser_undo_real", W, H, w, h)
+    page = comfy_page.page
+    node_id = page.evaluate(JS_LOADED_RECORDING_GRAPH, [recording, picture])
+    view_picker(page, node_id, 1.0)
+    wait_picture_ready(page, node_id)
+    events = page.evaluate(JS_QUEUE_AND_WAIT, 120_000)
+    assert events["error"] is None, f"run failed: {json.dumps(events['error'])[:2000]}"
+    sel = picker_selector(node_id)
+    page.wait_for_function("(sel) => document.querySelectorAll(sel + ' .headseg-thumb').length > 0", arg=sel, timeout=15_000)
+    settle(page, 600)
+    page.evaluate(JS_CHECK_STATE)
+    thumbs = len(page.query_selector_all(sel + " .headseg-thumb"))
+    before = page.evaluate(JS_TAB_STATE, node_id)
+    rebuild_as_undo_does(page, node_id)
+    view_picker(page, node_id, 1.0)
+    page.wait_for_function("(id) => !!app.graph.getNodeById(id).headsegPicker.output", arg=node_id, timeout=15_000)
+    wait_picture_ready(page, node_id)
+    settle(page, 1500)  # the slow timer ticks the picker
+    assert len(page.query_selector_all(sel + " .headseg-thumb")) == thumbs
+    assert page.evaluate(JS_TAB_STATE, node_id) == before
+    assert comfy_page.pack_problems() == []
 
 
 def test_a_run_queued_from_a_workflow_changes_nothing_in_its_duplicate_open_when_it_ends(comfy_page, comfy_server):
