@@ -65,9 +65,12 @@ const RAN = new Set();
 // Prompt id -> {shown: picker -> the upstream preview file it showed when the prompt was queued (null:
 // loading), workflow: the workflow open then}. A prompt can wait in the queue behind others: another picture
 // chosen upstream meanwhile is not the one it segments; and ComfyUI hands its runs to the nodes of the
-// workflow open when they end. The prompts queued last (Map order), each entry dropped when its prompt ends.
+// workflow open when they end. In the order their ids came (Map order), each entry dropped when its prompt
+// ends, and those noted before a prompt queued at the back when it starts (they ran before it, or were taken
+// off the queue). Those past the last QUEUED_KEPT are dropped: more than one click's batch (ComfyUI's batch
+// count goes to 100), as the first of them are the next to run.
 const QUEUED_UPSTREAM = new Map();
-const QUEUED_KEPT = 64;
+const QUEUED_KEPT = 1000;
 let promptUnderWay = null; // the id of the prompt under way (from its execution_start to its end)
 // A run's UI payload -> the workflow its prompt was queued from (where known when it came).
 const RUN_WORKFLOW = new WeakMap();
@@ -84,6 +87,12 @@ export function noteRun(type, detail) {
   if (type === "execution_start") {
     promptUnderWay = detail?.prompt_id == null ? null : String(detail.prompt_id);
     RAN.clear();
+    if (QUEUED_UPSTREAM.get(promptUnderWay)?.back) {
+      for (const id of QUEUED_UPSTREAM.keys()) {
+        if (id === promptUnderWay) break;
+        QUEUED_UPSTREAM.delete(id);
+      }
+    }
   }
 }
 
@@ -102,10 +111,11 @@ export function upstreamAtQueue(pickers) {
   return shown;
 }
 
-/** Prompt ``promptId`` was queued from ``workflow`` with the upstream files ``shown`` (upstreamAtQueue). */
-export function noteQueued(promptId, shown, workflow) {
+/** Prompt ``promptId`` was queued from ``workflow`` with the upstream files ``shown`` (upstreamAtQueue), at
+ * the back of the queue (``back``: not to the front, nor at a number of its own). */
+export function noteQueued(promptId, shown, workflow, back = false) {
   if (promptId == null) return;
-  QUEUED_UPSTREAM.set(String(promptId), { shown, workflow });
+  QUEUED_UPSTREAM.set(String(promptId), { shown, workflow, back });
   for (const id of QUEUED_UPSTREAM.keys()) {
     if (QUEUED_UPSTREAM.size <= QUEUED_KEPT) break;
     QUEUED_UPSTREAM.delete(id);

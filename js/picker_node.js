@@ -34,7 +34,7 @@ function hookApiOnce() {
       const shown = upstreamAtQueue(livePickers());
       const workflow = app.extensionManager?.workflow?.activeWorkflow ?? null;
       const result = await queuePrompt.apply(this, args);
-      noteQueued(result?.prompt_id, shown, workflow);
+      noteQueued(result?.prompt_id, shown, workflow, args[0] === 0); // number 0: at the back of the queue
       return result;
     };
   }

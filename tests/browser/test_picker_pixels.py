@@ -741,6 +741,51 @@ def test_after_refresh_node_definitions_a_prompt_queued_before_another_picture_s
     assert tab.pack_problems() == []
 
 
+def test_each_prompt_of_a_large_batch_waiting_when_another_picture_is_chosen_gives_way_to_it(
+    comfy_page, comfy_server, pictures
+):
+    """A batch count of 70 (ComfyUI's limit is 100) queues 70 prompts at one click; the portrait chosen in Load
+    Image while they wait. The picker kept what it had noted at queue time for the last 64 prompts queued only:
+    the first ones to run after the change had lost it, and were taken as runs on the portrait (their
+    thumbnails shown over it until the next run). Each run now gives way to the portrait."""
+    W, H = 64, 48
+    recording, picture = save_recording_and_picture(comfy_server, "headseg_browser_batch", W, H, W, H)
+    other = pictures["portrait"][0]
+    page = comfy_page.page
+    node_id = page.evaluate(JS_LOADED_RECORDING_GRAPH, [recording, picture])
+    view_picker(page, node_id, 1.0)
+    wait_picture_ready(page, node_id)
+    result = page.evaluate(
+        """async ([id, other]) => { const api = app.api; const kept = [], ended = [];
+             const picker = app.graph.getNodeById(id).headsegPicker;
+             const onRun = (e) => { if (String(e.detail?.node) === String(id))
+               kept.push(!picker.output || picker.upstreamChangedSince(picker.output)); };
+             const onEnd = (e) => ended.push(e.detail?.prompt_id ?? 'error');
+             api.addEventListener('executed', onRun);
+             for (const type of ['execution_success', 'execution_error']) api.addEventListener(type, onEnd);
+             ("""
+        + JS_HOLD_MESSAGES_AFTER_START
+        + """)();
+             await app.queuePrompt(0, 70);
+             const load = app.graph.nodes.find(n => n.type === 'LoadImage');
+             const w = load.widgets.find(w => w.name === 'image'); w.value = other; w.callback?.(other);
+             app.canvas.setDirty(true, true);
+             const t0 = performance.now();
+             const loaded = () => load.imgs?.[0]?.complete && load.imgs[0].src.includes(other);
+             while (!loaded() && performance.now() - t0 < 20000) { app.canvas.draw(true, true); await new Promise(r => setTimeout(r, 100)); }
+             await window.headsegRelease();
+             while (ended.length < 70 && performance.now() - t0 < 120000) await new Promise(r => setTimeout(r, 100));
+             api.removeEventListener('executed', onRun);
+             for (const type of ['execution_success', 'execution_error']) api.removeEventListener(type, onEnd);
+             return {kept, ended: ended.length, errors: ended.filter(e => e === 'error').length}; }""",
+        [node_id, other],
+    )
+    assert result["ended"] == 70 and result["errors"] == 0, result
+    gave_way = result["kept"][1:]  # the first prompt started before the portrait was chosen
+    assert len(gave_way) == 69 and all(gave_way), [i + 2 for i, ok in enumerate(gave_way) if not ok]
+    assert comfy_page.pack_problems() == []
+
+
 def test_after_a_real_page_reload_in_nodes_2_0_a_click_on_the_cropped_photo_is_the_pixel_queued(open_page, comfy_server):
     """The page reloaded for real (the workflow ComfyUI kept for it, no node outputs) in the Vue node renderer
     (Nodes 2.0): a 69 x 53 photo, whose 64 x 48 masks cover VAE Encode's centred window, is shown as that
