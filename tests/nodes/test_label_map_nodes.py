@@ -539,12 +539,12 @@ def test_each_item_of_a_list_is_named_in_its_files(save, sweep, comfy_folders):
     every item's images were labelled batch_index 0, 1, ... alike, so a label map or picture alone did not
     say which item of the list it belongs to. The headseg entry and the payload carry the item's list_index
     (ComfyUI's executing context), beside the image's batch_index; the counters never collide."""
-    import asyncio
+    from headseg.tests.support.comfy_in_process import run_on_own_thread
 
     import execution
 
     inputs = {"clusters": [sweep, sweep, sweep], "filename_prefix": ["items"], "image": [torch.rand(2, H, W, 3)]}
-    results = asyncio.run(execution._async_map_node_over_list("p", "7", save, inputs, "execute", hidden_inputs={}))
+    results = run_on_own_thread(lambda: execution._async_map_node_over_list("p", "7", save, inputs, "execute", hidden_inputs={}))
     assert len(results) == 3
     for item, out in enumerate(results):
         listed = out.ui["headseg_label_maps"]

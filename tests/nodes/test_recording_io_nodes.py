@@ -841,7 +841,7 @@ def test_a_linked_list_of_a_datasets_paths_is_served_from_the_cache(io_nodes, re
     more the node never kept its fingerprint, so queueing the same prompt again read every file, ran Head PCA
     and k-means for every item again and wrote the whole dataset's label maps a second time (70 files on a real
     server: 30 s and 140 more PNGs, where 60 files were served from the cache in 0.1 s)."""
-    import asyncio
+    from headseg.tests.support.comfy_in_process import run_on_own_thread
     import shutil
 
     import execution
@@ -858,7 +858,7 @@ def test_a_linked_list_of_a_datasets_paths_is_served_from_the_cache(io_nodes, re
 
     first = fingerprint()
     inputs = {"file": ["x.safetensors"], "path": names}
-    runs = asyncio.run(execution._async_map_node_over_list("p", "4", io_nodes.LoadRecording, inputs, "execute", hidden_inputs={}))
+    runs = run_on_own_thread(lambda: execution._async_map_node_over_list("p", "4", io_nodes.LoadRecording, inputs, "execute", hidden_inputs={}))
     assert len(runs) == 100
     assert fingerprint() == first  # the next queue is served from the cache
     os.replace(source, comfy_folders["input"] / names[57])  # one file of the list replaced
@@ -1110,13 +1110,13 @@ def test_each_item_of_a_list_is_named_in_its_recording_file(io_nodes, recording,
     """A list of latents (Rebatch Latents) runs Save Recording once per item, through ComfyUI's own list
     mapping: every item's file carried the same prompt and nothing else to say which item of the list its
     heads belong to. Each file names its item (list_index); a copy saved again keeps the file's."""
-    import asyncio
+    from headseg.tests.support.comfy_in_process import run_on_own_thread
 
     import execution
     from safetensors import safe_open
 
     inputs = {"recording": [recording, recording], "filename_prefix": ["items"]}
-    results = asyncio.run(execution._async_map_node_over_list("p", "5", io_nodes.SaveRecording, inputs, "execute", hidden_inputs={}))
+    results = run_on_own_thread(lambda: execution._async_map_node_over_list("p", "5", io_nodes.SaveRecording, inputs, "execute", hidden_inputs={}))
     paths = [out.args[0] for out in results]
     for item, path in enumerate(paths):
         with safe_open(path, framework="pt") as f:
