@@ -1,5 +1,6 @@
 """Recording through ComfyUI's real sampler against an independent float64 recomputation per layer."""
 
+import copy
 import logging
 import os
 
@@ -784,7 +785,7 @@ def test_a_block_number_patch_set_after_the_recorder_takes_precedence_and_is_rep
     assert "middle.0.0" not in {k.name for k in rec.layers} and "input.1.0" in {k.name for k in rec.layers}
 
 
-@pytest.mark.parametrize("how", ["forward hook", "object patch"])
+@pytest.mark.parametrize("how", ["forward hook", "forward pre hook", "object patch", "another module's forward"])
 def test_a_self_attention_module_running_another_nodes_code_is_left_to_it(tiny, sd2, how, caplog):
     """An attn1 replace patch makes ComfyUI skip the attn1 module's own call (it runs to_q, to_k, to_v,
     the patch, to_out): a forward hook another node put on the module, or a forward it swapped in through
@@ -796,6 +797,12 @@ def test_a_self_attention_module_running_another_nodes_code_is_left_to_it(tiny, 
     base, handle = sd2.clone(), None
     if how == "forward hook":
         handle = module.register_forward_hook(lambda mod, args, out: out * 0.5)
+    elif how == "forward pre hook":
+        handle = module.register_forward_pre_hook(lambda mod, args: (args[0] * 0.5, *args[1:]))
+    elif how == "another module's forward":  # CrossAttention.forward itself, bound to another module's weights
+        other = copy.deepcopy(module)
+        other.to_v.weight.data.mul_(0.5)
+        base.add_object_patch("diffusion_model.middle_block.1.transformer_blocks.0.attn1.forward", other.forward)
     else:
         own = comfy_attention.CrossAttention.forward.__get__(module)
         base.add_object_patch("diffusion_model.middle_block.1.transformer_blocks.0.attn1.forward",
@@ -817,6 +824,7 @@ def test_a_self_attention_module_running_another_nodes_code_is_left_to_it(tiny, 
                                          r"of the recorded layers run another node's code"):
         live_middle.snapshot(got_middle)
     assert "middle.0.0" in caplog.text and "forward" in caplog.text
+    assert "were not run through HeadSeg's patch" not in caplog.text  # left to the module, said once
     names = {k.name for k in live.snapshot(got).layers}
     assert "middle.0.0" not in names and "input.1.0" in names and "output.11.0" in names
     # gone again (ComfyUI undoes an object patch by setting the module's own bound forward on it): all recorded
@@ -873,6 +881,73 @@ def test_a_forward_replaced_for_every_module_after_an_undone_object_patch_leaves
         got = run(tiny, patched, latent_hw=(8, 8))
     assert len(live.snapshot(got).layers) == 16 and "another node's code" not in caplog.text
 
+
+def test_a_module_running_other_code_under_another_nodes_patch_stays_under_that_patch(tiny, sd2, caplog):
+    """A (block, number, depth) patch of another node set before the record node, which HeadSeg's patch chains:
+    ComfyUI calls that patch in place of the layer's attn1 module with or without HeadSeg, so a forward hook
+    on the module never runs either way. The layer is recorded under the chained patch, not left to the module
+    (which would drop the other node's patch with HeadSeg's and run the hook: another picture)."""
+    module = self_attention_modules(sd2.model.diffusion_model)["middle.0.0"]
+
+    def quartered(q, k, v, extra):
+        return comfy_attention.optimized_attention(q, k, v * 0.25, extra["n_heads"])
+
+    base = sd2.clone()
+    base.set_model_attn1_replace(quartered, "middle", 0, 0)
+    handle = module.register_forward_hook(lambda mod, args, out: out * 0.5)
+    try:
+        hooked = run(tiny, sd2.clone(), latent_hw=(8, 8))  # the hook alone, no patch
+        want = run(tiny, base.clone(), latent_hw=(8, 8))  # the patch: the hook skipped
+        assert (want - hooked).abs().max() > 1e-3
+        patched, live = recorder.attach_recorder(base)
+        with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+            got = run(tiny, patched, latent_hw=(8, 8))
+    finally:
+        handle.remove()
+    assert (got - want).abs().max().item() <= 1e-4
+    assert len(live.snapshot(got).layers) == 16 and "another node's code" not in caplog.text
+
+
+def test_a_module_left_to_its_code_does_not_hide_why_the_other_layers_recorded_nothing(tiny, sd2):
+    """One layer left to its attn1 module (a forward hook) while the others ran through HeadSeg's patches: a
+    run that recorded nothing for another reason (the uncond branch at cfg = 1) names that reason; the
+    module message is for a run in which no layer ran through a patch."""
+    module = self_attention_modules(sd2.model.diffusion_model)["middle.0.0"]
+    patched, live = recorder.attach_recorder(sd2, branch="uncond")
+    handle = module.register_forward_hook(lambda mod, args, out: out * 0.5)
+    try:
+        run(tiny, patched, latent_hw=(8, 8), cfg=1.0)  # ComfyUI skips the uncond pass at cfg = 1
+    finally:
+        handle.remove()
+    with pytest.raises(ValueError, match="^recording: the sampling run recorded nothing: branch: .*cfg = 1.*'cond'"):
+        live.snapshot()
+
+
+def test_a_forward_replaced_for_every_module_before_an_object_patch_is_undone_leaves_the_layer_recorded(
+    tiny, sd2, caplog, monkeypatch
+):
+    """Once a pack has replaced CrossAttention.forward on the class, ComfyUI undoes an object patch of an attn1
+    forward by setting the module's bound forward of the pack's (the class's) function on it: the code every
+    other module runs, not another node's code on this layer."""
+    module = self_attention_modules(sd2.model.diffusion_model)["middle.0.0"]
+    comfy_forward = comfy_attention.CrossAttention.forward
+
+    def faster_forward(self, *args, **kwargs):
+        return comfy_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(comfy_attention.CrossAttention, "forward", faster_forward)
+    monkeypatch.setitem(vars(module), "forward", None)  # as it was after the test (set or not)
+    del vars(module)["forward"]  # the bound forward an undone object patch (an earlier test) leaves set
+    base = sd2.clone()
+    base.add_object_patch("diffusion_model.middle_block.1.transformer_blocks.0.attn1.forward",
+                          lambda *args, **kwargs: faster_forward(module, *args, **kwargs))
+    run(tiny, base, latent_hw=(8, 8))
+    run(tiny, sd2.clone(), latent_hw=(8, 8))  # another clone loaded: ComfyUI undoes the object patch
+    assert getattr(vars(module).get("forward"), "__func__", None) is faster_forward
+    patched, live = recorder.attach_recorder(sd2)
+    with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        got = run(tiny, patched, latent_hw=(8, 8))
+    assert len(live.snapshot(got).layers) == 16 and "another node's code" not in caplog.text
 
 def test_deep_shrink_steps_are_left_out_of_the_mean(tiny, sd2, caplog):
     """Kohya Deep Shrink (ComfyUI's PatchModelAddDownscale) halves the grids of the inner layers at the
@@ -984,6 +1059,9 @@ def test_steps_read_the_same_whatever_zeros_or_digits_they_were_typed_with():
     parse = recorder_store.parse_steps
     assert parse("03-0007") == parse("3-7") and parse("03-0007").label == "3-7"
     assert parse("2-" + "9" * 20) == parse("2-1000000000") and parse("2-" + "9" * 20).label != parse("2-1000000000").label
+    # up to 15 digits an end is named whole; past that by its first 12 digits and their count
+    assert parse("1-" + "9" * 15).label == "1-999999999999999"
+    assert parse("1-" + "9" * 16).label == "1-999999999999... (16 digits)"
 
 
 def test_a_range_ending_one_past_the_last_step_says_how_many_steps_ran(tiny, sd2, caplog):
