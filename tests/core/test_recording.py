@@ -578,7 +578,7 @@ def test_load_missing_metadata_field(tmp_path, field):
         load_recording(write(tmp_path, good_tensors(), meta))
 
 
-@pytest.mark.parametrize("value", ["sixty-four", "-64", "0", "64.5", "", "\u00b2", "\u0663", "16392", "99999", "9" * 12, "9" * 5000])
+@pytest.mark.parametrize("value", ["sixty-four", "-64", "0", "64.5", "", "\u00b2", "\u0663", "16385", "16392", "99999", "9" * 12, "9" * 5000])
 def test_load_bad_image_height(tmp_path, value):
     with pytest.raises(ValueError, match=r"bad\.safetensors: metadata field 'image_height' must be an integer from 1 to 16384") as info:
         load_recording(write(tmp_path, good_tensors(), {**GOOD_META, "image_height": value}))
@@ -614,6 +614,22 @@ def test_a_recording_of_every_other_step_of_a_long_run_is_saved_and_loaded_again
 
 def test_load_a_zero_padded_image_height(tmp_path):
     assert load_recording(write(tmp_path, good_tensors(), {**GOOD_META, "image_height": "0000064"})).image_size == (64, 64)
+
+
+def test_load_image_sides_of_16384_pixels(tmp_path):
+    # the largest side taken (check_size's limit): a 2048 x 2048 latent, whose grid levels reach 8 x 8 (level 8)
+    rec = load_recording(write(tmp_path, {"input.1.0": torch.zeros(1, 2, 8, 8, 4, dtype=torch.float16)},
+                               {**GOOD_META, "image_height": "16384", "image_width": "016384"}))
+    assert rec.image_size == (16384, 16384)
+
+
+def test_shown_text_shows_a_text_of_up_to_the_limit_whole_and_a_longer_one_by_its_start_and_length():
+    from headseg.nodes.core.recording import shown_text
+
+    assert shown_text("a" * 40) == "'" + "a" * 40 + "'"
+    assert shown_text("a" * 41) == "'" + "a" * 20 + "'... (41 characters)"
+    assert shown_text("b" * 80, 80) == "'" + "b" * 80 + "'"
+    assert shown_text("b" * 81, 80) == "'" + "b" * 40 + "'... (81 characters)"
 
 
 def test_load_float8_layer_names_it(tmp_path):
