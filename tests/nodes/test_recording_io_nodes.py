@@ -1089,19 +1089,25 @@ def test_a_loaded_recording_saved_again_keeps_its_files_prompt_and_workflow(io_n
 
     first = save(recording, "made", made, {"nodes": ["sampler"]})
     loaded = io_nodes.LoadRecording.execute("", first).args[0]
+    # a file with no metadata of its own beyond the format's (written by the core's save_recording)
+    bare = io_nodes.LoadRecording.execute("", str(_saved_at(recording, comfy_folders["output"] / "bare.safetensors"))).args[0]
     copying = {"1": {"class_type": "HeadSeg_LoadRecording", "inputs": {"file": "made_00001_.safetensors [output]"}}}
     before, args.disable_metadata = args.disable_metadata, disable_metadata
     try:
         copy = save(loaded, "copy", copying, {"nodes": ["load"]})
+        bare_copy = save(bare, "bare_copy", copying, {"nodes": ["load"]})
     finally:
         args.disable_metadata = before
     with safe_open(copy, framework="pt") as f:
         meta = f.metadata()
     assert meta["format"] == FORMAT
+    assert meta["list_index"] == "0"  # the item it was sampled for, kept also with --disable-metadata
     if disable_metadata:
         assert "prompt" not in meta and "workflow" not in meta
     else:
         assert json.loads(meta["prompt"]) == made and json.loads(meta["workflow"]) == {"nodes": ["sampler"]}
+    with safe_open(bare_copy, framework="pt") as f:  # nothing of the prompt that copied it
+        assert set(f.metadata()) == {"format", "image_height", "image_width", "model", "steps", "branch"}
     again = io_nodes.LoadRecording.execute("", copy).args[0]
     assert list(again.layers) == list(recording.layers)
 
