@@ -707,6 +707,10 @@ def test_layer_key_parse_refuses_huge_numbers_with_a_short_message(name):
     assert len(str(info.value)) < 300
 
 
+def test_layer_key_parse_takes_numbers_just_below_a_billion():
+    assert LayerKey.parse("output.999999999.0000999999999") == LayerKey("output", 999999999, 999999999)
+
+
 def test_load_two_names_of_one_layer(tmp_path):
     tensors = {**good_tensors(), "input.01.0": torch.zeros(1, 2, 8, 8, 4, dtype=torch.float16)}
     with pytest.raises(ValueError, match=r"bad\.safetensors.*'input\.0?1\.0' and 'input\.0?1\.0'.*same layer"):
