@@ -882,6 +882,19 @@ def test_a_forward_replaced_for_every_module_after_an_undone_object_patch_leaves
     assert len(live.snapshot(got).layers) == 16 and "another node's code" not in caplog.text
 
 
+
+def test_the_attention_modules_of_a_model_without_a_unet_are_none(sd2):
+    """The check for modules running another node's code reads the UNet's attn1 modules at every model call:
+    a model without one (no diffusion model found, or no input_blocks) has none to check, and no error."""
+    assert recorder._attn1_modules(None) == {}
+    assert recorder._attn1_modules(torch.nn.Linear(2, 2)) == {}
+    modules = self_attention_modules(sd2.model.diffusion_model)  # found by module name
+    found = recorder._attn1_modules(sd2.model.diffusion_model)
+    assert len(found) == len(modules) == 16
+    for name, module in modules.items():
+        key = LayerKey.parse(name)
+        assert found[(key.block, key.number, key.depth)].attn1 is module, name
+
 def test_a_module_running_other_code_under_another_nodes_patch_stays_under_that_patch(tiny, sd2, caplog):
     """A (block, number, depth) patch of another node set before the record node, which HeadSeg's patch chains:
     ComfyUI calls that patch in place of the layer's attn1 module with or without HeadSeg, so a forward hook
