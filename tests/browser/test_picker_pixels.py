@@ -571,17 +571,18 @@ def test_undo_after_a_real_run_brings_that_run_back_in_its_own_workflow(comfy_pa
     assert comfy_page.pack_problems() == []
 
 
-def test_a_run_queued_from_a_workflow_changes_nothing_in_its_duplicate_open_when_it_ends(comfy_page, comfy_server):
-    """ComfyUI hands a run's 'executed' message to the node of the same id in the workflow open when the run
-    ends: a run queued from workflow A and ended while its duplicate B was open (the same nodes and ids) wrote
-    A's frame into B's Mask Select node and the pixel it mapped into B's widgets, with an undo step, marking B
-    modified; and A, opened again, took neither (its node counted the run as one it had been told of). A run
-    queued from another workflow tab now changes nothing in the open one, and reaches its own when its tab
-    is opened again."""
+# masks with many pixels and k (a prompt of some length, as in use), and a picture of another size
+DUPLICATE_SIZES = (256, 192, 300, 200)  # W, H, w, h
+
+
+def workflow_and_its_duplicate(comfy_page, comfy_server, name):
+    """A Load Recording -> Mask Select workflow A whose picker was clicked at pixel (270, 180) of a 300 x 200
+    picture on 256 x 192 masks, duplicated as B (open) -> (node id, A's path, B's path, the grid pixel A's
+    run maps the click to)."""
     from headseg.nodes.core.pixels import picture_to_mask_pixel
 
-    W, H, w, h = 256, 192, 300, 200  # masks with many pixels and k: a prompt of some length, as in use
-    recording, picture = save_recording_and_picture(comfy_server, "headseg_browser_duplicate", W, H, w, h)
+    W, H, w, h = DUPLICATE_SIZES
+    recording, picture = save_recording_and_picture(comfy_server, name, W, H, w, h)
     page = comfy_page.page
     node_id = page.evaluate(JS_LOADED_RECORDING_GRAPH, [recording, picture])
     page.evaluate(JS_SLOW_KMEANS)
@@ -589,29 +590,26 @@ def test_a_run_queued_from_a_workflow_changes_nothing_in_its_duplicate_open_when
     wait_picture_ready(page, node_id)
     rect = frame_rect(page, node_id)
     page.mouse.click(rect["left"] + 0.9 * rect["width"], rect["top"] + 0.9 * rect["height"])  # picture pixel
-    mapped = picture_to_mask_pixel(270, 180, (h, w), (H, W))  # the grid pixel A's run maps (270, 180) to
+    mapped = picture_to_mask_pixel(270, 180, (h, w), (H, W))
     settle(page, 300)
     page.evaluate(JS_CHECK_STATE)
     first = page.evaluate("() => app.extensionManager.workflow.activeWorkflow.path")
     page.evaluate("async () => { await app.extensionManager.command.execute('Comfy.DuplicateWorkflow'); }")
     page.wait_for_function("(p) => app.extensionManager.workflow.activeWorkflow.path !== p", arg=first)
     copy = page.evaluate("() => app.extensionManager.workflow.activeWorkflow.path")
-    view_picker(page, node_id, 1.0)
-    wait_picture_ready(page, node_id)
-    settle(page, 600)
-    before = page.evaluate(JS_TAB_STATE, node_id)
-    before["node"] = page.evaluate(JS_PICKER_NODE_STATE, node_id)
-    assert before["frame"] is None and before["pixel"] == [270, 180], before
-    assert page.evaluate(JS_OPEN_TAB, first)
-    # queued from A; B opened once the prompt has started and ComfyUI has noted the workflow it belongs to
-    # (its messages held back until then)
-    ended_in = page.evaluate(
-        JS_QUEUE_THEN_OPEN_TAB, copy
-    )
+    return node_id, first, copy, mapped
+
+
+def queue_in_a_then_check_only_a_takes_the_run(page, node_id, first, copy, before, mapped):
+    """Queues workflow A (open: ``first``) and opens its duplicate B (``copy``) once the prompt has started
+    and ComfyUI has noted the workflow it belongs to (its messages held back until then): B's picker stays
+    as ``before`` found it (assert_picker_unchanged), and A, opened again, takes its run: the frame and the
+    pixel it mapped. B's tab is closed after, the tabs as the other tests found them."""
+    W, H, w, h = DUPLICATE_SIZES
+    ended_in = page.evaluate(JS_QUEUE_THEN_OPEN_TAB, copy)
     assert ended_in == copy, ended_in
     settle(page, 1500)  # the slow timer ticks the picker
     assert_picker_unchanged(page, node_id, before)
-    # A, opened again, takes its run: the frame and the pixel it mapped
     assert page.evaluate(JS_OPEN_TAB, first)
     view_picker(page, node_id, 1.0)
     page.wait_for_function("(id) => !!app.graph.getNodeById(id).headsegPicker.output", arg=node_id, timeout=15_000)
@@ -620,9 +618,28 @@ def test_a_run_queued_from_a_workflow_changes_nothing_in_its_duplicate_open_when
     assert state["frame"] == {"grid": [W, H], "picture": [w, h]} and state["pixel"] == list(mapped), state
     page.evaluate(
         """async (p) => { const store = app.extensionManager.workflow;
-                          await store.closeWorkflow(store.openWorkflows.find(w => w.path === p)); }""",
+                          await store.closeWorkflow(store.openWorkflows.find(w => w.path === p), {warnIfUnsaved: false}); }""",
         copy,
-    )  # the tabs as the other tests found them
+    )
+
+
+def test_a_run_queued_from_a_workflow_changes_nothing_in_its_duplicate_open_when_it_ends(comfy_page, comfy_server):
+    """ComfyUI hands a run's 'executed' message to the node of the same id in the workflow open when the run
+    ends: a run queued from workflow A and ended while its duplicate B was open (the same nodes and ids) wrote
+    A's frame into B's Mask Select node and the pixel it mapped into B's widgets, with an undo step, marking B
+    modified; and A, opened again, took neither (its node counted the run as one it had been told of). A run
+    queued from another workflow tab now changes nothing in the open one, and reaches its own when its tab
+    is opened again."""
+    page = comfy_page.page
+    node_id, first, copy, mapped = workflow_and_its_duplicate(comfy_page, comfy_server, "headseg_browser_duplicate")
+    view_picker(page, node_id, 1.0)
+    wait_picture_ready(page, node_id)
+    settle(page, 600)
+    before = page.evaluate(JS_TAB_STATE, node_id)
+    before["node"] = page.evaluate(JS_PICKER_NODE_STATE, node_id)
+    assert before["frame"] is None and before["pixel"] == [270, 180], before
+    assert page.evaluate(JS_OPEN_TAB, first)
+    queue_in_a_then_check_only_a_takes_the_run(page, node_id, first, copy, before, mapped)
     assert comfy_page.pack_problems() == []
 
 
@@ -631,25 +648,10 @@ def test_a_run_queued_from_a_workflow_changes_nothing_in_its_duplicate_that_ran_
     gets its outputs back from its change tracker, and ComfyUI then writes every payload the open graph is
     handed into that tracker, A's run too. B took A's run all the same (its frame written over B's, an undo
     step, B modified); A, opened again, takes it."""
-    from headseg.nodes.core.pixels import picture_to_mask_pixel
-
-    W, H, w, h = 256, 192, 300, 200  # masks with many pixels and k: a prompt of some length, as in use
-    recording, picture = save_recording_and_picture(comfy_server, "headseg_browser_duplicate_ran", W, H, w, h)
+    W, H = DUPLICATE_SIZES[:2]
     other, ow, oh = pictures["portrait"]
     page = comfy_page.page
-    node_id = page.evaluate(JS_LOADED_RECORDING_GRAPH, [recording, picture])
-    page.evaluate(JS_SLOW_KMEANS)
-    view_picker(page, node_id, 1.0)
-    wait_picture_ready(page, node_id)
-    rect = frame_rect(page, node_id)
-    page.mouse.click(rect["left"] + 0.9 * rect["width"], rect["top"] + 0.9 * rect["height"])  # picture pixel
-    mapped = picture_to_mask_pixel(270, 180, (h, w), (H, W))  # the grid pixel A's run maps (270, 180) to
-    settle(page, 300)
-    page.evaluate(JS_CHECK_STATE)
-    first = page.evaluate("() => app.extensionManager.workflow.activeWorkflow.path")
-    page.evaluate("async () => { await app.extensionManager.command.execute('Comfy.DuplicateWorkflow'); }")
-    page.wait_for_function("(p) => app.extensionManager.workflow.activeWorkflow.path !== p", arg=first)
-    copy = page.evaluate("() => app.extensionManager.workflow.activeWorkflow.path")
+    node_id, first, copy, mapped = workflow_and_its_duplicate(comfy_page, comfy_server, "headseg_browser_duplicate_ran")
     page.evaluate(
         """(name) => { const load = app.graph.nodes.find(n => n.type === 'LoadImage');
              const w = load.widgets.find(w => w.name === 'image'); w.value = name; w.callback?.(name); }""",
@@ -666,23 +668,7 @@ def test_a_run_queued_from_a_workflow_changes_nothing_in_its_duplicate_that_ran_
     page.evaluate(  # another k-means seed in A: its prompt runs for a while, not from the cache
         "() => { app.graph.nodes.find(n => n.type === 'HeadSeg_MultiKMeans').widgets.find(w => w.name === 'seed').value = 7; }"
     )
-    ended_in = page.evaluate(
-        JS_QUEUE_THEN_OPEN_TAB, copy
-    )
-    assert ended_in == copy, ended_in
-    settle(page, 1500)  # the slow timer ticks the picker
-    assert_picker_unchanged(page, node_id, before)
-    assert page.evaluate(JS_OPEN_TAB, first)
-    view_picker(page, node_id, 1.0)
-    page.wait_for_function("(id) => !!app.graph.getNodeById(id).headsegPicker.output", arg=node_id, timeout=15_000)
-    settle(page, 600)
-    state = page.evaluate(JS_TAB_STATE, node_id)
-    assert state["frame"] == {"grid": [W, H], "picture": [w, h]} and state["pixel"] == list(mapped), state
-    page.evaluate(
-        """async (p) => { const store = app.extensionManager.workflow;
-                          await store.closeWorkflow(store.openWorkflows.find(w => w.path === p), {warnIfUnsaved: false}); }""",
-        copy,
-    )  # the tabs as the other tests found them
+    queue_in_a_then_check_only_a_takes_the_run(page, node_id, first, copy, before, mapped)
     assert comfy_page.pack_problems() == []
 
 
