@@ -27,7 +27,7 @@ How:
   (sigmas[i+1], sigmas[i]] ([sigmas[i], sigmas[i+1]) on a rising schedule, FlipSigmas'; a sigma in several
   steps, repeated or revisited, goes to them in the order the sampler calls the model). Only what the
   steps option needs is kept ("last": one fp16 copy per layer, or a float32 mix when the branch has
-  several entries; "mean" or a range: one float32 running sum per layer). The store itself is ``recorder_store.py``.
+  several entries; "mean" or a range: one float32 running sum per layer). The store itself is ``recorder_store.py``, the handle ``live_recording.py``.
 - Several entries of the recorded branch are mixed as ComfyUI mixes their predictions: the
   CALC_COND_BATCH wrapper asks ComfyUI's ``get_area_and_mult`` how much each entry weighs at this
   sigma, and ``entry_weights.py`` turns that into each entry's share per token.
@@ -47,7 +47,9 @@ from comfy.patcher_extension import WrappersMP
 
 from .core.recording import BLOCK_POSITIONS, LayerKey, parse_levels
 from .entry_weights import EntryMult, EntryShares, entry_shares
-from .recorder_store import BRANCHES, HISTORY, LiveRecording, _Store, check_keep_runs, log, parse_steps
+from .live_recording import LiveRecording
+from .recorder_store import BRANCHES, HISTORY, _Store, check_keep_runs, log
+from .step_selection import parse_steps
 
 
 WRAPPER_KEY = "headseg_record_self_attention"

@@ -17,7 +17,7 @@ import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_management
 import comfy.supported_models
 
-from headseg.nodes import recorder, recorder_store
+from headseg.nodes import recorder, step_selection
 from headseg.nodes.core.recording import LayerKey
 
 from .reference import AttentionProbe, reference, self_attention_modules
@@ -187,7 +187,7 @@ def test_a_later_block_number_patch_does_not_hide_an_earlier_full_key_patch(tiny
                                          ({0, 1, 4, 5}, "0-1,4-5"), ({2, 3}, "2-3")])
 def test_steps_label_is_a_comma_separated_list_of_ranges(steps, label):
     """The recording's steps label when fewer steps than asked were recorded (planted answers)."""
-    assert recorder_store._steps_label(steps) == label
+    assert step_selection.steps_label(steps) == label
 
 
 def test_a_label_of_recorded_steps_reads_back_as_those_steps(tiny, sd2):

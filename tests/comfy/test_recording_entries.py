@@ -311,7 +311,8 @@ B, HEADS, D, GRID = 1, 2, 4, (6, 10)
 def store():
     """A recorder store of one layer on the 6x10 latent, 'last' step of a one-step run, cond branch."""
     from headseg.nodes.recorder import LayerInfo
-    from headseg.nodes.recorder_store import _Store, parse_steps
+    from headseg.nodes.recorder_store import _Store
+    from headseg.nodes.step_selection import parse_steps
 
     store = _Store([LayerInfo(KEY, HEADS, D, 0)], None, parse_steps("last"), "cond", "test")
     store.begin_run(torch.zeros(B, 4, *GRID), torch.tensor([1.0, 0.0]))
@@ -430,7 +431,8 @@ def test_without_a_guider_a_repeated_sigma_still_counts_as_two_steps():
     """Model calls with no guider evaluation around them (a custom sampling path) each count as one: on a
     schedule that repeats 0.5 (steps 1 and 2), the second call at 0.5 is step 2, the last."""
     from headseg.nodes.recorder import LayerInfo
-    from headseg.nodes.recorder_store import _Store, parse_steps
+    from headseg.nodes.recorder_store import _Store
+    from headseg.nodes.step_selection import parse_steps
 
     store = _Store([LayerInfo(KEY, HEADS, D, 0)], None, parse_steps("last"), "cond", "test")
     store.begin_run(torch.zeros(B, 4, *GRID), torch.tensor([1.0, 0.5, 0.5, 0.0]))

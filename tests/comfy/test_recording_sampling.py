@@ -10,7 +10,7 @@ import torch
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.samplers
 
-from headseg.nodes import recorder, recorder_store
+from headseg.nodes import live_recording, recorder, recorder_store, step_selection
 from headseg.nodes.core.recording import LayerKey
 
 from .reference import AttentionProbe, grid_for, per_head, reference, self_attention_modules
@@ -706,31 +706,31 @@ def test_a_latent_read_before_keeps_its_run_while_it_lives(tiny, sd2):
     with pytest.raises(ValueError, match="^latent: "):
         live.snapshot(image)
     key = id(image)
-    assert key in recorder_store._HELD
+    assert key in live_recording._HELD
     del image
     gc.collect()
-    assert key not in recorder_store._HELD  # gone with its tensor
+    assert key not in live_recording._HELD  # gone with its tensor
 
 
 def _held_runs(store_id: int) -> int:
-    return sum(store_id in runs for _ref, runs in list(recorder_store._HELD.values()))
+    return sum(store_id in runs for _ref, runs in list(live_recording._HELD.values()))
 
 
 def test_the_runs_held_for_cached_latents_are_bounded():
     """Every LATENT read holds its run while it lives (ComfyUI's cache), but at most HELD_RUNS of them, the
     ones read last: --cache-lru N, --cache-ram or a list of latents must not hold a recording per cached
     LATENT without bound (keep_runs 1 kept 80 runs alive for 80 latents read)."""
-    store = recorder_store._Store([], None, recorder_store.parse_steps("last"), "cond", "SD2", keep_runs=1)
-    live = recorder_store.LiveRecording(store, next(recorder._IDS), [])
+    store = recorder_store._Store([], None, step_selection.parse_steps("last"), "cond", "SD2", keep_runs=1)
+    live = live_recording.LiveRecording(store, next(recorder._IDS), [])
     key = LayerKey("input", 1, 0)
     latents = []
-    for seed in range(recorder_store.HELD_RUNS + 5):
+    for seed in range(live_recording.HELD_RUNS + 5):
         latent = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(seed))
         rec = recorder_store.Recording(layers={key: torch.full((1, 1, 2, 2, 2), float(seed))}, image_size=(16, 16))
         store._remember(latent.clone(), rec)
         live.snapshot(latent)
         latents.append(latent)
-    assert _held_runs(live.store_id) == recorder_store.HELD_RUNS
+    assert _held_runs(live.store_id) == live_recording.HELD_RUNS
     for latent in latents[:5]:  # read first: let go
         with pytest.raises(ValueError, match="^latent: .*older one"):
             live.snapshot(latent)
@@ -741,7 +741,7 @@ def test_the_runs_held_for_cached_latents_are_bounded():
     assert float(live.snapshot(latents[5]).layers[key][0, 0, 0, 0, 0]) == 5
     with pytest.raises(ValueError, match="^latent: .*older one"):
         live.snapshot(latents[6])
-    assert _held_runs(live.store_id) == recorder_store.HELD_RUNS
+    assert _held_runs(live.store_id) == live_recording.HELD_RUNS
 
 
 @pytest.mark.parametrize("bad", [0, 65, 2.0, True, "3", None])
@@ -1069,7 +1069,7 @@ def test_a_range_past_a_billion_is_named_as_typed(tiny, sd2, caplog, typed, name
 
 
 def test_steps_read_the_same_whatever_zeros_or_digits_they_were_typed_with():
-    parse = recorder_store.parse_steps
+    parse = step_selection.parse_steps
     assert parse("03-0007") == parse("3-7") and parse("03-0007").label == "3-7"
     assert parse("2-" + "9" * 20) == parse("2-1000000000") and parse("2-" + "9" * 20).label != parse("2-1000000000").label
     # up to 15 digits an end is named whole; past that by its first 12 digits and their count
@@ -1095,7 +1095,7 @@ def test_a_run_dropped_from_the_history_is_named(tiny, sd2):
 
 
 def test_of_two_runs_with_the_same_latent_the_newest_is_read():
-    store = recorder_store._Store([], None, recorder_store.parse_steps("last"), "cond", "SD2")
+    store = recorder_store._Store([], None, step_selection.parse_steps("last"), "cond", "SD2")
     latent = torch.zeros(1, 4, 2, 2)
     store.history.append(recorder_store._Run(latent.clone(), "older", "", None))
     store.history.append(recorder_store._Run(latent.clone(), "newer", "", None))
@@ -1212,7 +1212,7 @@ def test_the_runs_of_one_prompt_are_bounded(caplog):
     keeps at most MAX_KEEP_RUNS runs of it, not all."""
     from comfy_execution.utils import CurrentNodeContext
 
-    store = recorder_store._Store([], None, recorder_store.parse_steps("last"), "cond", "SD2", keep_runs=1)
+    store = recorder_store._Store([], None, step_selection.parse_steps("last"), "cond", "SD2", keep_runs=1)
     with caplog.at_level(logging.WARNING, logger="HeadSeg"):
         for queue in range(recorder_store.MAX_KEEP_RUNS + 10):
             with CurrentNodeContext("the-same-id", "3", 0):
@@ -1226,7 +1226,7 @@ def test_a_refused_run_keeps_its_prompt_and_the_runs_before_it():
     earlier runs of that prompt (a list of latents) nor goes itself when more runs of it follow."""
     from comfy_execution.utils import CurrentNodeContext
 
-    store = recorder_store._Store([], None, recorder_store.parse_steps("last"), "cond", "SD2", keep_runs=1)
+    store = recorder_store._Store([], None, step_selection.parse_steps("last"), "cond", "SD2", keep_runs=1)
     with CurrentNodeContext("prompt-1", "6", 0):
         items = [_store_run(store, s) for s in range(4)]
         refused = _store_run(store, 99, refuse="a guider HeadSeg does not record")
@@ -1247,11 +1247,11 @@ def test_a_latent_read_by_two_record_nodes_keeps_both_runs():
     latent = torch.randn(1, 4, 8, 8)
     first = types.SimpleNamespace(latent=latent.clone(), denoised=None)
     second = types.SimpleNamespace(latent=None, denoised=latent.clone())
-    recorder_store._hold(latent, 101, first)
-    recorder_store._hold(latent, 102, second)
-    assert recorder_store._held(latent, 101) is first and recorder_store._held(latent, 102) is second
-    assert recorder_store._held(latent, 103) is None and recorder_store._held(latent.clone(), 101) is None
+    live_recording._hold(latent, 101, first)
+    live_recording._hold(latent, 102, second)
+    assert live_recording._held(latent, 101) is first and live_recording._held(latent, 102) is second
+    assert live_recording._held(latent, 103) is None and live_recording._held(latent.clone(), 101) is None
     key = id(latent)
     del latent
     gc.collect()
-    assert key not in recorder_store._HELD
+    assert key not in live_recording._HELD

@@ -298,7 +298,7 @@ def test_a_long_refused_list_text_is_shown_by_its_start_and_length(text):
     from headseg.nodes.core.kmeans import parse_cluster_counts
     from headseg.nodes.core.recording import parse_levels
     from headseg.nodes.node_utils import parse_positions
-    from headseg.nodes.recorder_store import parse_steps
+    from headseg.nodes.step_selection import parse_steps
 
     for parse, name in ((parse_cluster_counts, "cluster_counts"), (parse_levels, "levels"),
                         (parse_positions, "positions"), (parse_steps, "steps")):
