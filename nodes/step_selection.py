@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .core.recording import ascii_int, is_ascii_digits, shown_text
+from .core.recording import ascii_int, is_ascii_digits, shown_text, significant_digits
 
 
 @dataclass(frozen=True)
@@ -28,13 +28,13 @@ class StepSelection:
 
 def _magnitude(digits: str) -> tuple[int, str]:
     """ASCII digits -> a key that orders them by their value, of any length (no int() of thousands of digits)."""
-    digits = digits.lstrip("0") or "0"
+    digits = significant_digits(digits)
     return len(digits), digits
 
 
 def _shown_digits(digits: str) -> str:
     """ASCII digits -> them without leading zeros, or their first 12 and their count when longer."""
-    digits = digits.lstrip("0") or "0"
+    digits = significant_digits(digits)
     return digits if len(digits) <= 15 else f"{digits[:12]}... ({len(digits)} digits)"
 
 

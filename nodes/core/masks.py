@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .kmeans import ClusterSweep
-from .recording import check_batch_index, integer_index, is_int, is_real
+from .recording import DIGITS_BEYOND, ascii_int, check_batch_index, integer_index, is_int, is_real
 
 # Pixels per chunk when counting intersections of masks.
 _CHUNK_PIXELS = 1 << 16
@@ -353,15 +353,9 @@ _BLANK = re.escape(_BLANK_CHARS)  # as a character class
 # 32 000 characters, the server's prompt check stalled meanwhile); each quantifier here meets a class it
 # does not share, so a match takes time in proportion to the entry.
 _POINT = re.compile(f"(-?)[{_BLANK}]*([0-9]+)[{_BLANK}]*,[{_BLANK}]*([0-9]+)")
-# A coordinate of more digits than this is read as POINT_BEYOND: past any grid or picture, so moved to
+# A coordinate of 10**9 or more is read as POINT_BEYOND (ascii_int): past any grid or picture, so moved to
 # the last column or row as any such pixel (and no int() of thousands of digits).
-_POINT_DIGITS = 9
-POINT_BEYOND = 10**_POINT_DIGITS
-
-
-def _coordinate(digits: str) -> int:
-    digits = digits.lstrip("0") or "0"
-    return POINT_BEYOND if len(digits) > _POINT_DIGITS else int(digits)
+POINT_BEYOND = DIGITS_BEYOND
 
 
 def parse_points(text, name: str = "more_points") -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -379,5 +373,5 @@ def parse_points(text, name: str = "more_points") -> tuple[list[tuple[int, int]]
                 f"{name}: expected 'x,y' pixels (whole numbers >= 0) separated by ';', with a leading '-' for a "
                 f"pixel the masks must not contain, e.g. '12,40; -300,200'; entry {n} is {entry!r}"
             )
-        (exclude if m[1] else include).append((_coordinate(m[2]), _coordinate(m[3])))
+        (exclude if m[1] else include).append((ascii_int(m[2]), ascii_int(m[3])))
     return include, exclude

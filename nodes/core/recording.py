@@ -74,11 +74,16 @@ def shown_text(text: str, limit: int = 40) -> str:
 DIGITS_BEYOND = 10**9
 
 
+def significant_digits(digits: str) -> str:
+    """ASCII digits -> them without leading zeros ('0' for zeros only): '007' -> '7'."""
+    return digits.lstrip("0") or "0"
+
+
 def ascii_int(digits: str) -> int:
     """ASCII digits (is_ascii_digits) -> their value, or DIGITS_BEYOND when it is larger. Python's int()
     refuses text of more than 4300 digits (leading zeros too) with a ValueError in its own words, which
     would reach the user instead of the message naming the input."""
-    digits = digits.lstrip("0") or "0"
+    digits = significant_digits(digits)
     return DIGITS_BEYOND if len(digits) > len(str(DIGITS_BEYOND)) else min(int(digits), DIGITS_BEYOND)
 
 
