@@ -177,6 +177,21 @@ def _past_highest(folder: str, name: str) -> int:
     return 1 + max((int(m.group(1)) for entry in entries if (m := pattern.match(entry))), default=0)
 
 
+def _png_texts(texts: dict[str, str]) -> dict[str, str]:
+    """{key: JSON text} -> the entries whose key can be a PNG text keyword (Latin-1, as PIL writes it); the others
+    are left out with a log line. ComfyUI writes every key of a prompt's extra_pnginfo, which whoever queues the
+    prompt chooses: one beyond Latin-1 (an API client's '工作流') made PIL raise UnicodeEncodeError."""
+    kept = {}
+    for key, text in texts.items():
+        try:
+            key.encode("latin-1")
+        except UnicodeError:
+            log.warning("HeadSeg Save Label Maps: PNG text entry %r left out: a PNG keyword holds Latin-1 characters only", key)
+            continue
+        kept[key] = text
+    return kept
+
+
 def _png_info(texts: dict[str, str], headseg: dict) -> PngInfo:
     """{key: JSON text} (ComfyUI's prompt / workflow, as Save Image writes them) and the headseg entry (a
     JSON-able dict) -> the PNG text entries."""
@@ -250,8 +265,9 @@ class SaveLabelMaps(io.ComfyNode):
         ks = clusters.cluster_counts
         # ComfyUI's prompt (every node's inputs: the seeds, layers, k, ...) for every file, so that a label map
         # alone says how it was made; the workflow once per image, in its picture (unless --disable-metadata).
-        # As JSON before any file is claimed: a value json.dumps refuses leaves no empty file behind
-        prompt, workflow = comfy_metadata(cls.hidden, workflow=False), comfy_metadata(cls.hidden)
+        # As JSON before any file is claimed: a value json.dumps refuses leaves no empty file behind, and a key PNG
+        # cannot hold (the extra_pnginfo of whoever queued the prompt names any) is left out before it too
+        prompt, workflow = _png_texts(comfy_metadata(cls.hidden, workflow=False)), _png_texts(comfy_metadata(cls.hidden))
         suffixes = [f"k{k}.png" for k in ks] + (["image.png"] if pictures is not None else [])
         # [(folder, name, counter, subfolder)] per image, its files made (empty) so that no other run takes them
         places = _claim_places(_batch_places(filename_prefix, B, W, H), suffixes, filename_prefix)

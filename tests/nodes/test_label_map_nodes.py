@@ -302,6 +302,31 @@ def test_metadata_that_cannot_be_written_leaves_none_of_the_claimed_files(save, 
     assert not folder.exists() or list(folder.iterdir()) == []
 
 
+def test_a_workflow_entry_png_cannot_name_is_left_out_and_no_claimed_file_stays_empty(save, sweep, comfy_folders, caplog):
+    """ComfyUI writes every key of a prompt's extra_pnginfo (sent by whoever queues it) as a PNG text entry, whose
+    keyword PNG keeps in Latin-1. A key beyond it (an API client's '工作流') made PIL raise UnicodeEncodeError
+    after the run's files were claimed: its label maps and picture stayed behind empty, under a counter no later
+    run takes, and the error named nothing. Such an entry is left out with a log line; the files are written."""
+    import execution
+
+    class Prompt:  # the executor's DynamicPrompt, as far as get_input_data reads it
+        def get_original_prompt(self):
+            return {"7": {"class_type": "HeadSeg_SaveLabelMaps", "inputs": {}}}
+
+    extra = {"extra_pnginfo": {"workflow": {"nodes": [7]}, "\u5de5\u4f5c\u6d41": {"a": 1}, "caf\u00e9": [2]}}
+    _, _, hidden = execution.get_input_data({"filename_prefix": "keys/x"}, save, "7", None, Prompt(), extra)
+    with caplog.at_level("WARNING"):
+        save.PREPARE_CLASS_CLONE(hidden).execute(sweep, "keys/x", torch.rand(2, H, W, 3))
+    folder = comfy_folders["output"] / "keys"
+    files = sorted(p.name for p in folder.iterdir())
+    assert files == [f"x_0000{n}_{s}.png" for n in (1, 2) for s in ("image", "k2", "k4", "k9")]
+    assert all((folder / f).stat().st_size > 0 for f in files)
+    _, _, text = read(folder / "x_00001_image.png")
+    assert set(text) == {"prompt", "workflow", "caf\u00e9", "headseg"}  # Latin-1 keys are kept
+    assert json.loads(text["caf\u00e9"]) == [2]
+    assert "\u5de5\u4f5c\u6d41" in caplog.text and "left out" in caplog.text
+
+
 def test_a_batch_is_written_on_several_threads_with_the_bytes_of_one_at_a_time(save, sweep, comfy_folders, monkeypatch):
     """Two writes overlap (each waits for the other at a barrier, which a one-at-a-time writer never
     passes), and every file has the bytes it gets when the files are written one after another."""
