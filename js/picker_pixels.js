@@ -227,6 +227,9 @@ function runPoints(output) {
 // name the pixel the node will read (x / y inside the grid are read as pixels of the grid).
 
 const FRAME = "headseg_frame";
+// The largest side of the masks' grid a run reports (nodes/core/recording.py MAX_IMAGE_SIDE): a kept frame
+// whose grid is larger comes from no run (a crafted or damaged workflow file) and is not used.
+const MAX_GRID_SIDE = 16384;
 
 /** The frame of a run's payload: {grid: [W, H], picture: [w, h]}, or null for a run without a picture. */
 export function runFrame(output) {
@@ -248,13 +251,14 @@ export function rememberFrame(node, output) {
 }
 
 /** The masks' grid [W, H] on which the node reads a picture of size [w, h] shown without a run: the
- * remembered frame's when it was remembered for a picture of this size, else null (another picture). */
+ * remembered frame's when it was remembered for a picture of this size, else null (another picture, or a
+ * grid wider or taller than any run reports: the properties come from the workflow file, a shared one too). */
 export function rememberedGrid(node, picture) {
   const frame = node.properties?.[FRAME];
   const grid = sizePair(frame?.grid);
   const was = sizePair(frame?.picture);
   if (!grid || !was || !picture || was[0] !== picture[0] || was[1] !== picture[1]) return null;
-  return grid;
+  return Math.max(...grid) <= MAX_GRID_SIDE ? grid : null;
 }
 
 /** Where a picture [w, h] lies on the masks' grid [W, H] as the node fits it (nodes/core/pixels.py,

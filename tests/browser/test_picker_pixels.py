@@ -378,6 +378,33 @@ def test_after_a_reload_a_picture_vae_encode_crops_is_shown_cropped_and_another_
     assert comfy_page.pack_problems() == []
 
 
+def test_a_shared_workflows_frame_that_no_run_gives_is_not_used(comfy_page, pictures):
+    """The frame kept in a node's properties comes back from any workflow file, a shared one too. The node
+    reports masks of 1 to 16384 px per side: a frame of a larger grid (a crafted or damaged file) made the
+    picker show the connected picture on it, a frame one pixel high where the grid was wide (nothing to click)
+    or clicks naming pixels far past the masks (the node moved them to the grid's last pixel: the first pick
+    was the corner; past 10⁹ the prompt check refused x). Such a frame is ignored: the picture is shown at
+    its own size, as before the first run; a frame a run can give is still used."""
+    name, w, h = pictures["landscape"]
+    page = comfy_page.page
+    node_id = add_picker(page, name)
+    wait_picture_ready(page, node_id)
+    workflow = page.evaluate("() => app.graph.serialize()")
+    (saved,) = [n for n in workflow["nodes"] if n["id"] == node_id]
+    size = "(id) => app.graph.getNodeById(id).headsegPicker.size"
+    for grid, expected in (([1e12, 1], [w, h]), ([100000, 100000], [w, h]), ([16385, 64], [w, h]), ([64, 48], [64, 48])):
+        saved["properties"]["headseg_frame"] = {"grid": grid, "picture": [w, h]}
+        page.evaluate(JS_RELOAD, workflow)
+        view_picker(page, node_id, 1.0)
+        wait_picture_ready(page, node_id)
+        settle(page, 300)
+        assert page.evaluate(size, node_id) == expected, grid
+        click_pixel(page, node_id, expected, (expected[0] // 2, expected[1] // 2))
+        values = page.evaluate(JS_WIDGETS, node_id)
+        assert (values["x"], values["y"]) == (expected[0] // 2, expected[1] // 2), grid
+    assert comfy_page.pack_problems() == []
+
+
 def test_runs_of_a_subgraph_two_subgraph_nodes_use_keep_no_frame(comfy_page, comfy_server):
     """Mask Select in a subgraph that two subgraph nodes use (the second made by cloning the first, as
     Alt+drag does), one fed a 300 x 200 picture and one a 200 x 300 one: each prompt runs the node once per
