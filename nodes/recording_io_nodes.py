@@ -110,8 +110,15 @@ def _recording_files() -> list[str]:
     return list(found)
 
 
+# is_recording_file's answers ({file_version: bool}) for the .safetensors files the last walk found, replaced
+# whole by each walk (read and written in one step each: walks run on the server's thread and on the execution
+# thread): every header is read once however many files the folders hold, and no file that is gone is kept.
+_header_answers: dict = {}
+
+
 def _walk_recording_files(input_dir: str, output_dir: str) -> list[str]:
-    found = []
+    global _header_answers
+    found, earlier, answers = [], _header_answers, {}
     for base, suffix in ((input_dir, ""), (output_dir, OUTPUT_MARK)):
         if not os.path.isdir(base):
             continue
@@ -129,9 +136,10 @@ def _walk_recording_files(input_dir: str, output_dir: str) -> list[str]:
             dirs[:] = keep
             for f in files:
                 full = os.path.join(root, f)
-                if f.lower().endswith(".safetensors") and _loadable_name(full) and is_recording_file(full):
+                if f.lower().endswith(".safetensors") and _loadable_name(full) and is_recording_file(full, answers, earlier):
                     names.append(os.path.relpath(full, base).replace(os.sep, "/"))
         found += [n + suffix for n in sorted(names)]
+    _header_answers = answers
     return found
 
 

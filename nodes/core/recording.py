@@ -573,14 +573,19 @@ def is_utf8_path(path) -> bool:
     return True
 
 
-# is_recording_file's answers by file_version: the file list reads each header once.
+# is_recording_file's answers by file_version, for callers that keep none of their own (a file list keeps the
+# answers of the files it found: see its ``answers``).
 _RECORDING_FILE_CACHE: dict[tuple, bool] = {}
+_RECORDING_FILE_CACHE_SIZE = 4096
 
 
-def is_recording_file(path) -> bool:
+def is_recording_file(path, answers: dict | None = None, earlier: dict | None = None) -> bool:
     """Whether ``path`` is a regular safetensors file whose metadata says headseg-recording/1. Reads only
     the header (8 bytes of length, then its JSON), once per version of the file, so model files in the
-    same folder cost little; pipes and devices are never opened."""
+    same folder cost little; pipes and devices are never opened. The answer is kept in ``answers``
+    ({file_version: bool}; None: a module cache of up to 4096 answers, emptied when full) and looked up
+    there and in ``earlier`` (a file list passes the answers of its last walk, and keeps those of the files
+    it finds: a fixed-size cache, emptied at every walk of more files than it holds, read every header again)."""
     try:
         st = os.stat(path)
     except (OSError, ValueError):  # missing, unreadable folder, or a name with NUL
@@ -588,7 +593,10 @@ def is_recording_file(path) -> bool:
     if not stat.S_ISREG(st.st_mode):
         return False
     version = file_version(path, st)
-    answer = _RECORDING_FILE_CACHE.get(version)
+    cache = _RECORDING_FILE_CACHE if answers is None else answers
+    answer = cache.get(version)
+    if answer is None and earlier is not None:
+        answer = earlier.get(version)
     if answer is None:
         try:
             with open(path, "rb") as fh:
@@ -597,9 +605,9 @@ def is_recording_file(path) -> bool:
             return False
         meta = found[1].get("__metadata__") if found else None
         answer = isinstance(meta, dict) and meta.get("format") == FORMAT
-        if len(_RECORDING_FILE_CACHE) >= 4096:
-            _RECORDING_FILE_CACHE.clear()
-        _RECORDING_FILE_CACHE[version] = answer
+        if answers is None and len(cache) >= _RECORDING_FILE_CACHE_SIZE:
+            cache.clear()
+    cache[version] = answer
     return answer
 
 

@@ -294,6 +294,30 @@ def test_the_file_list_is_walked_once_per_moment_and_save_recording_renews_it(io
     assert any(name.startswith("second") for name in io_nodes._recording_files()) and len(walks) == 3
 
 
+def test_a_walk_of_more_files_than_a_fixed_cache_holds_reads_no_header_again(io_nodes, recording, comfy_folders, monkeypatch):
+    """Each walk (every page load, every prompt checked, on the server's event loop) asked a module cache of
+    the last 4096 header answers, cleared whole when full: with more .safetensors files than that in the
+    folders (a dataset of recordings, model files linked in), every walk read and parsed every header again
+    (10x the walk's time at 4500 files with a workflow in each header, growing with the files). The answers
+    of the files a walk found are kept for the next, however many there are, and only those."""
+    import shutil
+
+    from headseg.nodes.core import recording as core_recording
+
+    first = _saved_at(recording, comfy_folders["output"] / "data" / "r_00000_.safetensors")
+    for n in range(1, 4200):
+        shutil.copyfile(first, first.with_name(f"r_{n:05}_.safetensors"))
+    reads = []
+    real = core_recording._read_header
+    monkeypatch.setattr(core_recording, "_read_header", lambda fh: reads.append(fh.name) or real(fh))
+    assert len(io_nodes._recording_files()) == 4200 and len(reads) == 4200
+    io_nodes.forget_listing()
+    assert len(io_nodes._recording_files()) == 4200 and len(reads) == 4200  # every answer known: no header read
+    first.with_name("r_00007_.safetensors").write_bytes(b"not a recording now")  # a file rewritten is read again
+    io_nodes.forget_listing()
+    assert len(io_nodes._recording_files()) == 4199 and len(reads) == 4201
+
+
 def test_path_may_start_with_home_and_carry_spaces(io_nodes, recording, comfy_folders, monkeypatch):
     import shutil
 
