@@ -4,7 +4,7 @@ Per image of the batch, one 8-bit greyscale PNG per cluster count k whose pixel 
 cluster indices 0 .. k-1 (0 = the largest cluster, as Multi K-Means orders them), named
 ``<prefix>_<counter>_k<k>.png``, and optionally the picture itself as ``<prefix>_<counter>_image.png``,
 cropped to the label maps' pixels. Each PNG carries a ``headseg`` text entry (JSON) that says what it
-holds, and ComfyUI's prompt (every node's inputs, so the seeds, layers and k a file came from); the
+holds and what sampled the heads (``recording``: a loaded recording's file and its own prompt), and ComfyUI's prompt (every node's inputs, so the seeds, layers and k a file came from); the
 picture also carries ComfyUI's workflow, as Save Image's pictures do.
 """
 
@@ -192,6 +192,20 @@ def _png_texts(texts: dict[str, str]) -> dict[str, str]:
     return kept
 
 
+def _recording_entry(source: dict[str, str] | None) -> dict[str, str] | None:
+    """ClusterSweep.source (Recording.source(): model, steps, branch; for a recording read from a file, its name
+    and metadata, its prompt among them) -> the headseg entry's "recording": what sampled the heads, which for
+    a loaded file is not the prompt that made the label maps. With --disable-metadata its prompt and any other
+    metadata of the file are left out (model, steps, branch, file and list_index kept); None: not known."""
+    from comfy.cli_args import args
+
+    if source is None:
+        return None
+    if not args.disable_metadata:
+        return dict(source)
+    return {key: text for key, text in source.items() if key in ("model", "steps", "branch", "file", "list_index")}
+
+
 def _png_info(texts: dict[str, str], headseg: dict) -> PngInfo:
     """{key: JSON text} (ComfyUI's prompt / workflow, as Save Image writes them) and the headseg entry (a
     JSON-able dict) -> the PNG text entries."""
@@ -218,7 +232,8 @@ class SaveLabelMaps(io.ComfyNode):
                 "Saves the label map of every k as an 8-bit greyscale PNG whose pixel values are the cluster "
                 "indices (0 = the largest cluster), one file per image and k, for segmentation datasets; "
                 "optionally the picture next to them under the same counter. Every file carries ComfyUI's prompt "
-                "(the seeds, layers and k it came from)."
+                "(the seeds, layers and k it came from) and names what sampled the heads (for a recording from Load "
+                "Recording: its file, and the prompt in the file)."
             ),
             is_output_node=True,
             inputs=[
@@ -272,9 +287,12 @@ class SaveLabelMaps(io.ComfyNode):
         # [(folder, name, counter, subfolder)] per image, its files made (empty) so that no other run takes them
         places = _claim_places(_batch_places(filename_prefix, B, W, H), suffixes, filename_prefix)
         item = list_index()
+        source = _recording_entry(clusters.source)
         saved, shown, files = [], [], []  # files: (picture(), path, PNG text) of every file, in order
         for b, (folder, name, n, subfolder) in enumerate(places):
             about = {"format": LABELS_FORMAT, "list_index": item, "batch_index": b, "cluster_counts": ks, "size": [H, W]}
+            if source is not None:
+                about["recording"] = source
             for k in ks:
                 filename = f"{name}_{n:05}_k{k}.png"
                 picture = functools.partial(_label_png, clusters.results[k].labels[b])

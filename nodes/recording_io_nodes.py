@@ -468,6 +468,7 @@ class LoadRecording(io.ComfyNode):
             if isinstance(exc, FileNotFoundError):  # removed since _resolve found it
                 exc = f"{printable_path(full)} was removed while the node read it"
             raise ValueError(f"{chosen}: {exc}; HeadSeg Save Recording writes the files this node reads") from None
+        rec.file = path.strip() if chosen == "path" else file  # named in the label maps made from it
         H, W = rec.image_size
         text = f"{os.path.basename(full)}: {rec.num_heads} heads in {len(rec.layers)} layers, {W}x{H} px"
         return io.NodeOutput(rec, ui={"text": [text, *_nonfinite_note(rec, "Load Recording")]})

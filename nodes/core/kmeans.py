@@ -136,6 +136,7 @@ class ClusterSweep:
 
     results: dict[int, KMeansResult]
     size: tuple[int, int]  # (H, W) of the label maps
+    source: dict[str, str] | None = dataclasses.field(default=None, repr=False)  # FeatureStack.source
 
     @property
     def cluster_counts(self) -> list[int]:
@@ -721,4 +722,4 @@ def multi_kmeans(
     if check is not None and not callable(check):
         raise ValueError(f"check must be callable() or None, got {type(check).__name__}")
     results = _sweep(stack, ks, seed, 100, 1e-4, progress, check or no_check)
-    return ClusterSweep(results=results, size=tuple(stack.size))
+    return ClusterSweep(results=results, size=tuple(stack.size), source=stack.source)

@@ -173,6 +173,8 @@ class HeadFeatures:
     layers: dict[LayerKey, torch.Tensor]
     image_size: tuple[int, int]
     components: int
+    # Recording.source() of the recording reduced (what sampled the heads), handed on to the stack and clusters
+    source: dict[str, str] | None = dataclasses.field(default=None, repr=False)
 
     def __repr__(self) -> str:
         # the text ComfyUI writes into the error report of a node that fails with these as input: the layers by
@@ -271,7 +273,7 @@ def recording_pca(rec: Recording, components: int = 8) -> HeadFeatures:
                 "range (features are float32): scale it into about 1e-36 .. 1e36"
             )
     layers = {key: reduced[key] for key in keys}
-    return HeadFeatures(layers, tuple(rec.image_size), components)
+    return HeadFeatures(layers, tuple(rec.image_size), components, rec.source())
 
 
 def recording_pca_bytes(rec: Recording, components: int, workers: int | None = None) -> int:

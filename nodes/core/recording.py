@@ -318,7 +318,8 @@ class Recording:
 
     ``metadata``: for a recording read from a file, the file's string metadata other than the format's own
     fields (ComfyUI's "prompt" and "workflow" that made it, as Save Recording writes them; {} when it has
-    none); None for one recorded while sampling."""
+    none); None for one recorded while sampling. ``file``: the name Load Recording was given for that file
+    (its ``file`` or ``path`` value), None when unknown (not written into a saved copy)."""
 
     layers: dict[LayerKey, torch.Tensor]
     image_size: tuple[int, int]
@@ -327,6 +328,7 @@ class Recording:
     branch: str = "cond"
     # left out of the text form (__repr__): ComfyUI puts its inputs' text in every error report, and a workflow is large
     metadata: dict[str, str] | None = dataclasses.field(default=None, repr=False)
+    file: str | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self):
         if not isinstance(self.layers, dict):
@@ -368,6 +370,18 @@ class Recording:
     def to(self, device) -> Recording:
         """The same recording with every layer on ``device`` (layers already there are shared)."""
         return dataclasses.replace(self, layers={key: t.to(device) for key, t in self.layers.items()})
+
+    def source(self) -> dict[str, str]:
+        """What sampled these heads, for the files made from them (Save Label Maps' headseg entry): model, steps
+        and branch; for a recording read from a file also ``file`` (the name Load Recording was given, when
+        known) and the file's metadata other than its workflow, as the file has them (strings: its ``prompt``,
+        which names the seed, model and text that sampled it, as JSON text, and its ``list_index``)."""
+        about = {"model": self.model, "steps": self.steps, "branch": self.branch}
+        if self.metadata is not None:
+            if self.file is not None:
+                about["file"] = self.file
+            about.update((key, text) for key, text in self.metadata.items() if key != "workflow" and key not in about)
+        return about
 
     def grid_level(self, key: LayerKey) -> int:
         """0 = latent grid, 1 = 1/2, 2 = 1/4, ... (ceil halving); ValueError if the grid fits no level."""
@@ -468,7 +482,7 @@ class Recording:
                 f"{'all' if levels is None else list(levels)}; the recording has positions {available_pos} "
                 f"and levels {available_lv}"
             )
-        return Recording(kept, self.image_size, self.model, self.steps, self.branch, self.metadata)
+        return Recording(kept, self.image_size, self.model, self.steps, self.branch, self.metadata, self.file)
 
 
 # --------------------------------------------------------------------- file I/O

@@ -209,6 +209,7 @@ class FeatureStack:
     size: tuple[int, int]
     mode: str
     spans: list[tuple[float, float]] | None = None
+    source: dict[str, str] | None = dataclasses.field(default=None, repr=False)  # HeadFeatures.source
 
     def span(self, index: int, size: tuple[int, int] | None = None) -> tuple:
         """(H_i, W_i): the pixels grid ``index`` spans at ``size`` (default self.size; another size scales
@@ -387,7 +388,7 @@ def make_feature_stack(
             start += n
         grids.append(grid.mul_(weight) if weight != 1.0 else grid)
         keys.append([key for key, _ in members])
-    return FeatureStack(grids, weights, keys, size, mode, spans)
+    return FeatureStack(grids, weights, keys, size, mode, spans, features.source)
 
 
 def grid_span(grid: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:

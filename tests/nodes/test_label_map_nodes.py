@@ -58,7 +58,8 @@ def test_the_files_hold_the_labels_and_the_planted_regions(save, sweep, scenes, 
             assert torch.equal(torch.from_numpy(pixels).long(), sweep.results[k].labels[b])
             about = json.loads(text["headseg"])
             assert about == {
-                "format": "headseg-labels/1", "list_index": 0, "batch_index": b, "cluster_counts": [2, 4, 9], "size": [H, W], "k": k
+                "format": "headseg-labels/1", "list_index": 0, "batch_index": b, "cluster_counts": [2, 4, 9], "size": [H, W], "k": k,
+                "recording": {"model": "planted", "steps": "last", "branch": "cond"},  # recorded, not read from a file
             }
             assert "workflow" not in text and "prompt" not in text
         # k = 4: the four planted leaves, whatever numbers the clusters got
@@ -581,3 +582,80 @@ def test_each_item_of_a_list_is_named_in_its_files(save, sweep, comfy_folders):
                 about = json.loads(text["headseg"])
                 assert (about["list_index"], about["batch_index"]) == (item, b), (n, suffix)
     assert len(list(comfy_folders["output"].iterdir())) == 3 * 2 * 4
+
+
+class _Paths:
+    """A list of paths (one run per item downstream), as a node with a list output links them into Load Recording."""
+
+    RETURN_TYPES = ("STRING",)
+    OUTPUT_IS_LIST = (True,)
+    FUNCTION = "run"
+    CATEGORY = "test"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("STRING", {})}}
+
+    def run(self, value):
+        return (value.split(","),)
+
+
+@pytest.mark.parametrize("disable_metadata", [False, True])
+def test_label_maps_of_loaded_recordings_name_the_file_and_the_sampling_that_made_it(
+    save, nodes, comfy_folders, monkeypatch, disable_metadata
+):
+    """A dataset made from recording files (a list of paths into Load Recording, through ComfyUI's own executor):
+    each file's label maps carried only the prompt that loaded it, which names no seed, model or text, and a
+    list_index that counts the paths, so nothing said which file, nor which sampling, a label map came from.
+    The headseg entry's "recording" names the file and carries its own metadata (its prompt, list_index; not its
+    workflow); with --disable-metadata the file's prompt is left out, as ComfyUI writes none."""
+    import copy
+
+    import execution
+    import nodes as comfy_nodes
+    from comfy.cli_args import args
+
+    from headseg.nodes import recording_io_nodes
+    from headseg.nodes.core.recording import save_recording
+    from headseg.tests.support.comfy_in_process import run_on_own_thread
+
+    for name, cls in (("Paths", _Paths), ("HeadSeg_LoadRecording", recording_io_nodes.LoadRecording),
+                      ("HeadSeg_HeadPCA", nodes.HeadPCA), ("HeadSeg_Upsample", nodes.Upsample),
+                      ("HeadSeg_MultiKMeans", nodes.MultiKMeans), ("HeadSeg_SaveLabelMaps", save)):
+        monkeypatch.setitem(comfy_nodes.NODE_CLASS_MAPPINGS, name, cls)
+    monkeypatch.setattr(args, "disable_metadata", disable_metadata)
+    made = {}  # file -> the prompt that sampled it (its seed) and its list_index
+    for name, seed, batch, item in (("a.safetensors", 11, 2, "0"), ("b.safetensors", 22, 1, "3")):
+        rec = planted_recording([nested_scene(64, 96)] * batch, layout=small_layout(heads=2), d=8, seed=seed)
+        sampled = json.dumps({"3": {"class_type": "KSampler", "inputs": {"seed": seed}}})
+        made[name] = {"prompt": sampled, "list_index": item}
+        save_recording(rec, comfy_folders["input"] / name, extra_metadata={**made[name], "workflow": '{"nodes": []}'})
+    prompt = {
+        "1": {"class_type": "Paths", "inputs": {"value": "a.safetensors,b.safetensors"}},
+        "2": {"class_type": "HeadSeg_LoadRecording", "inputs": {"file": "", "path": ["1", 0]}},
+        "3": {"class_type": "HeadSeg_HeadPCA", "inputs": {"recording": ["2", 0], "components": 4, "device": "cpu"}},
+        "4": {"class_type": "HeadSeg_Upsample", "inputs": {"features": ["3", 0]}},
+        "5": {"class_type": "HeadSeg_MultiKMeans", "inputs": {"stack": ["4", 0], "cluster_counts": "2,4", "device": "cpu"}},
+        "6": {"class_type": "HeadSeg_SaveLabelMaps", "inputs": {"clusters": ["5", 0], "filename_prefix": "ds/x"}},
+    }
+
+    class Server:
+        client_id = None
+
+        def send_sync(self, *args, **kwargs):
+            pass
+
+    executor = execution.PromptExecutor(Server(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+    run_on_own_thread(lambda: executor.execute_async(copy.deepcopy(prompt), "p", {}, ["6"]))
+    assert executor.success
+    expected = {1: ("a.safetensors", 0, 0), 2: ("a.safetensors", 0, 1), 3: ("b.safetensors", 1, 0)}
+    assert len(list((comfy_folders["output"] / "ds").iterdir())) == 2 * len(expected)
+    for n, (name, item, b) in expected.items():
+        for k in (2, 4):
+            _, _, text = read(comfy_folders["output"] / "ds" / f"x_{n:05}_k{k}.png")
+            about = json.loads(text["headseg"])
+            assert (about["list_index"], about["batch_index"], about["k"]) == (item, b, k)
+            source = {"model": "planted", "steps": "last", "branch": "cond", "file": name, **made[name]}
+            if disable_metadata:
+                del source["prompt"]
+            assert about["recording"] == source, (n, k)
