@@ -24,6 +24,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from . import types as hs
 from .core import kmeans as core_kmeans
+from .core import masks as core_masks
 from .core import pixels as core_pixels
 from .core.masks import check_label_map
 from .core.recording import all_finite
@@ -62,6 +63,32 @@ def _check_clusters(clusters) -> None:
                 raise ValueError(f"k must be at most 256 for an 8-bit label map, got {k}")
         except ValueError as exc:
             raise ValueError(f"clusters: {exc}") from exc
+
+
+def _mask_entries(masks, clusters) -> list[list[list[int]]]:
+    """Mask Merge's masks (list of MaskSet, one per image) -> per image its merged masks as [k, cluster] pairs, in
+    their order; ValueError naming ``masks`` unless they are the merged masks of ``clusters``' images: one MaskSet
+    per image, each mask exactly the pixels of the k label map whose value is that cluster (as Mask Merge builds
+    them), so that the pairs rebuild the masks from the saved label maps."""
+    B, (H, W) = clusters.batch_size, clusters.size
+    expected = f"Mask Merge's masks of these clusters ({B} image(s) of {W}x{H} pixels): connect the Multi K-Means that feeds clusters to Mask Merge"
+    if not isinstance(masks, (list, tuple)) or not all(isinstance(m, core_masks.MaskSet) for m in masks):
+        raise ValueError(f"masks: expected {expected}, got {type(masks).__name__}")
+    if len(masks) != B:
+        raise ValueError(f"masks: expected {expected}, got the masks of {len(masks)} image(s)")
+    entries = []
+    for b, ms in enumerate(masks):
+        pairs = list(zip(ms.k.tolist(), ms.cluster.tolist()))
+        if ms.size != (H, W) or len(pairs) != len(ms):
+            raise ValueError(f"masks: expected {expected}, got masks of {ms.size[1]}x{ms.size[0]} pixels for image {b}")
+        for j, (k, cluster) in enumerate(pairs):
+            result = clusters.results.get(k)
+            if result is None or not 0 <= cluster < k or not torch.equal(ms.masks[j], result.labels[b] == cluster):
+                raise ValueError(
+                    f"masks: expected {expected}; mask {j} of image {b} is not cluster {cluster} of the k = {k} label map"
+                )
+        entries.append([[int(k), int(cluster)] for k, cluster in pairs])
+    return entries
 
 
 def _fit_pictures(image, B: int, H: int, W: int) -> torch.Tensor:
@@ -261,6 +288,16 @@ class SaveLabelMaps(io.ComfyNode):
                         "clusters; other sizes are refused."
                     ),
                 ),
+                hs.Masks.Input(
+                    "masks",
+                    optional=True,
+                    tooltip=(
+                        "Optional: Mask Merge's masks of these clusters. Each image's files then list its merged "
+                        "masks in Mask Merge's order (the order of all_masks) as [k, cluster] pairs in the headseg "
+                        "entry's 'masks': a mask is the pixels of the k label map whose value is that cluster. "
+                        "Masks of other clusters are refused."
+                    ),
+                ),
             ],
             outputs=[],
         )
@@ -271,12 +308,13 @@ class SaveLabelMaps(io.ComfyNode):
         return prefix_error(filename_prefix, _EXAMPLE_PREFIX) or True
 
     @classmethod
-    def execute(cls, clusters, filename_prefix=_EXAMPLE_PREFIX, image=None) -> io.NodeOutput:
+    def execute(cls, clusters, filename_prefix=_EXAMPLE_PREFIX, image=None, masks=None) -> io.NodeOutput:
         _expect(clusters, core_kmeans.ClusterSweep, "clusters", "HEADSEG_CLUSTERS from Multi K-Means")
         _check_clusters(clusters)
         B = clusters.batch_size
         H, W = clusters.size
         pictures = None if image is None else _fit_pictures(image, B, H, W)  # [B, H, W, 3 or 4]
+        merged = None if masks is None else _mask_entries(masks, clusters)  # per image [[k, cluster], ...]
         ks = clusters.cluster_counts
         # ComfyUI's prompt (every node's inputs: the seeds, layers, k, ...) for every file, so that a label map
         # alone says how it was made; the workflow once per image, in its picture (unless --disable-metadata).
@@ -293,6 +331,8 @@ class SaveLabelMaps(io.ComfyNode):
             about = {"format": LABELS_FORMAT, "list_index": item, "batch_index": b, "cluster_counts": ks, "size": [H, W]}
             if source is not None:
                 about["recording"] = source
+            if merged is not None:
+                about["masks"] = merged[b]
             for k in ks:
                 filename = f"{name}_{n:05}_k{k}.png"
                 picture = functools.partial(_label_png, clusters.results[k].labels[b])

@@ -628,7 +628,8 @@ class MaskMerge(io.ComfyNode):
                     tooltip=(
                         "Which image of the batch all_masks holds: 0 = the first. -1 = every image, its masks "
                         "one image after the other (the node's text gives the count per image; one all-zero "
-                        "mask when no image has any). An index past "
+                        "mask when no image has any; for a dataset, connect masks to Save Label Maps, whose "
+                        "files then list each image's masks in this order). An index past "
                         "the last image stops with an error."
                     ),
                 ),

@@ -659,3 +659,107 @@ def test_label_maps_of_loaded_recordings_name_the_file_and_the_sampling_that_mad
             if disable_metadata:
                 del source["prompt"]
             assert about["recording"] == source, (n, k)
+
+
+class _KeepMasks:
+    """An output node that keeps the MASK batches it is given (one per run of a list), in order."""
+
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "test"
+    INPUT_IS_LIST = True
+    kept: list = []
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"mask": ("MASK", {})}}
+
+    def run(self, mask):
+        _KeepMasks.kept.extend(mask)
+        return {}
+
+
+def test_each_images_files_list_its_merged_masks_in_the_order_of_all_masks(save, nodes, comfy_folders, monkeypatch):
+    """Mask Merge's all_masks with batch_index -1 holds every image's masks one image after the other, with the
+    counts only in the node's text: a saved dataset could not say which image a mask belongs to. With Mask
+    Merge's masks connected, each image's files list its merged masks as [k, cluster] pairs, in Mask Merge's
+    order: through ComfyUI's executor, for a list of two recordings (batches of 2 and 1), the label maps read
+    back rebuild all_masks of every item, image after image."""
+    import copy
+
+    import execution
+    import nodes as comfy_nodes
+
+    from headseg.nodes import recording_io_nodes
+    from headseg.nodes.core.recording import save_recording
+    from headseg.tests.support.comfy_in_process import run_on_own_thread
+
+    for name, cls in (("Paths", _Paths), ("Keep", _KeepMasks), ("HeadSeg_LoadRecording", recording_io_nodes.LoadRecording),
+                      ("HeadSeg_HeadPCA", nodes.HeadPCA), ("HeadSeg_Upsample", nodes.Upsample),
+                      ("HeadSeg_MultiKMeans", nodes.MultiKMeans), ("HeadSeg_MaskMerge", nodes.MaskMerge),
+                      ("HeadSeg_SaveLabelMaps", save)):
+        monkeypatch.setitem(comfy_nodes.NODE_CLASS_MAPPINGS, name, cls)
+    monkeypatch.setattr(_KeepMasks, "kept", [])
+    flipped = nested_scene(64, 96)
+    flipped.masks = flipped.masks.flip(-1)
+    for name, scenes in (("a.safetensors", [nested_scene(64, 96), flipped]), ("b.safetensors", [flipped])):
+        save_recording(planted_recording(scenes, layout=small_layout(heads=2), d=8, seed=5), comfy_folders["input"] / name)
+    prompt = {
+        "1": {"class_type": "Paths", "inputs": {"value": "a.safetensors,b.safetensors"}},
+        "2": {"class_type": "HeadSeg_LoadRecording", "inputs": {"file": "", "path": ["1", 0]}},
+        "3": {"class_type": "HeadSeg_HeadPCA", "inputs": {"recording": ["2", 0], "components": 4, "device": "cpu"}},
+        "4": {"class_type": "HeadSeg_Upsample", "inputs": {"features": ["3", 0]}},
+        "5": {"class_type": "HeadSeg_MultiKMeans", "inputs": {"stack": ["4", 0], "cluster_counts": "2,4,6", "device": "cpu"}},
+        "6": {"class_type": "HeadSeg_MaskMerge", "inputs": {"clusters": ["5", 0], "iou_threshold": 0.9, "min_area": 0.05, "batch_index": -1}},
+        "7": {"class_type": "HeadSeg_SaveLabelMaps", "inputs": {"clusters": ["5", 0], "filename_prefix": "ds/x", "masks": ["6", 0]}},
+        "8": {"class_type": "Keep", "inputs": {"mask": ["6", 1]}},
+    }
+
+    class Server:
+        client_id = None
+
+        def send_sync(self, *args, **kwargs):
+            pass
+
+    executor = execution.PromptExecutor(Server(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+    run_on_own_thread(lambda: executor.execute_async(copy.deepcopy(prompt), "p", {}, ["7", "8"]))
+    assert executor.success
+    all_masks = _KeepMasks.kept  # one MASK batch per item of the list
+    assert len(all_masks) == 2
+    folder = comfy_folders["output"] / "ds"
+    for item, images in ((0, (1, 2)), (1, (3,))):
+        rebuilt = []
+        for n in images:
+            entries = []
+            for suffix in ("k2", "k4", "k6"):
+                _, _, text = read(folder / f"x_{n:05}_{suffix}.png")
+                entries.append(json.loads(text["headseg"])["masks"])
+            assert entries[0] == entries[1] == entries[2] and entries[0]  # every file of the image lists them
+            labels = {k: read(folder / f"x_{n:05}_k{k}.png")[1] for k in (2, 4, 6)}
+            rebuilt += [torch.from_numpy(labels[k] == cluster).float() for k, cluster in entries[0]]
+        assert torch.equal(torch.stack(rebuilt), all_masks[item]), item
+
+
+def test_masks_of_other_clusters_are_refused_before_any_file_is_written(save, nodes, sweep, scenes, comfy_folders):
+    from headseg.nodes.core import masks as core_masks
+
+    merged = nodes.MaskMerge.execute(sweep, 0.9, 0.0, -1).args[0]
+    with pytest.raises(ValueError, match=r"^masks: expected Mask Merge's masks of these clusters \(2 image\(s\).*got the masks of 1 image"):
+        save.execute(sweep, "refused", masks=merged[:1])
+    swapped = [merged[1], merged[0]]  # the other image's masks
+    with pytest.raises(ValueError, match=r"^masks: .*mask 0 of image 0 is not cluster"):
+        save.execute(sweep, "refused", masks=swapped)
+    other = nodes.MultiKMeans.execute(
+        nodes.Upsample.execute(nodes.HeadPCA.execute(
+            planted_recording(scenes, layout=small_layout(heads=3), d=16, noise=0.2, seed=9), "down+up", "all", 4
+        ).args[0], "bilinear", False).args[0], "2,4,9", 3
+    ).args[0]
+    foreign = nodes.MaskMerge.execute(other, 0.9, 0.0, -1).args[0]
+    assert any(a.masks.shape != b.masks.shape or not torch.equal(a.masks, b.masks) for a, b in zip(foreign, merged))
+    with pytest.raises(ValueError, match=r"^masks: .*is not cluster"):
+        save.execute(sweep, "refused", masks=foreign)
+    with pytest.raises(ValueError, match=r"^masks: expected .* got Tensor"):
+        save.execute(sweep, "refused", masks=torch.zeros(2, H, W))
+    assert not list(comfy_folders["output"].iterdir())
+    assert isinstance(merged[0], core_masks.MaskSet)
