@@ -132,6 +132,14 @@ def test_explore_saves_every_k_as_an_index_png_next_to_the_picture(workflow_runs
     with Image.open(comfy_server.output_dir / picture["subfolder"] / picture["filename"]) as im:
         assert (im.mode, im.size) == ("RGB", (512, 512))
         assert json.loads(im.text["prompt"])[nid]["class_type"] == "HeadSeg_SaveLabelMaps"  # the prompt that made it
+        listed_masks = json.loads(im.text["headseg"])["masks"]
+    # the example links Mask Merge's masks: each file lists the image's merged masks as [k, cluster] pairs, as
+    # many as Mask Merge's text counts, each a cluster of a k that was saved
+    (mm,) = nodes_of(api, "HeadSeg_MaskMerge")
+    assert api[nid]["inputs"]["masks"] == [mm, 0]
+    (count_text,) = result.outputs(mm)["text"]
+    assert count_text == f"merged masks per image: {len(listed_masks)}" and listed_masks
+    assert all(k in ks and 0 <= cluster < k for k, cluster in listed_masks)
 
 
 def test_progress_bar_over_the_k_sweep(workflow_runs):
