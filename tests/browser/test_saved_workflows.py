@@ -178,3 +178,26 @@ def test_an_old_error_map_output_that_leaves_a_subgraph_is_rewired(comfy_page):
         [maps[0], 0]
     ], prompt
     assert comfy_page.pack_problems() == []
+
+
+def test_a_save_label_maps_saved_before_its_masks_input_gets_the_socket(comfy_page):
+    """A Save Label Maps node saved before 0.5.6 lists two inputs (clusters, image); loaded now it has
+    the optional `masks` socket too, so the merged masks can be linked into it."""
+    page = comfy_page.page
+    workflow = {
+        "last_node_id": 1, "last_link_id": 0, "version": 0.4, "config": {}, "extra": {}, "groups": [], "links": [],
+        "nodes": [{
+            "id": 1, "type": "HeadSeg_SaveLabelMaps", "pos": [0, 0], "size": [300, 100], "flags": {}, "order": 0,
+            "mode": 0, "outputs": [], "properties": {"Node name for S&R": "HeadSeg_SaveLabelMaps"},
+            "inputs": [{"name": "clusters", "type": "HEADSEG_CLUSTERS", "link": None},
+                       {"name": "image", "type": "IMAGE", "link": None, "shape": 7}],
+            "widgets_values": ["dataset/old"],
+        }],
+    }  # fmt: skip
+    page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'old-save-label-maps'); }", workflow)
+    settle(page, 800)
+    inputs = page.evaluate("() => app.graph.getNodeById(1).inputs.map(i => [i.name, i.type])")
+    assert [name for name, _type in inputs if not name == "filename_prefix"] == ["clusters", "image", "masks"]
+    assert ["masks", "HEADSEG_MASKS"] in inputs
+    widgets = page.evaluate("() => app.graph.getNodeById(1).widgets.map(w => [w.name, w.value])")
+    assert widgets == [["filename_prefix", "dataset/old"]]
