@@ -13,6 +13,7 @@ strength, mask, timestep range, default entries), however ComfyUI batched them.
 from __future__ import annotations
 
 import logging
+import math
 from typing import NamedTuple
 
 import torch
@@ -93,6 +94,22 @@ def _sigma_value(sig) -> float:
     """A model call's sigma (a tensor of one sigma per image, or a number) as a float: for a tensor on
     a GPU this waits for the GPU to reach it."""
     return float(sig.max()) if torch.is_tensor(sig) else float(sig)
+
+
+_RECORD_MAX = torch.finfo(RECORD_DTYPE).max  # 65504
+
+
+def _kept_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a head output ``x`` (or a mean of several) is kept in: RECORD_DTYPE (float16), or float32 where
+    x is not float16 and holds finite values beyond float16's range (65504: a bfloat16 or float32 UNet's own
+    values, which float16 would make inf). The model's own NaN / inf stay float16, as recorded. Reads x's
+    extremes only for an x that is not float16 already (on a GPU a wait, before the copy to the CPU waits anyway)."""
+    if x.dtype == RECORD_DTYPE or x.numel() == 0:
+        return RECORD_DTYPE
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    if math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi) > _RECORD_MAX:
+        return torch.float32
+    return RECORD_DTYPE
 
 
 def _cpu_latent(x) -> torch.Tensor | None:
@@ -262,7 +279,15 @@ class _Store:
             elif n == 1 and acc.dtype == RECORD_DTYPE and acc.device.type == "cpu":
                 layers[key] = acc  # one entry of one step, kept as recorded
                 continue
-            layers[key] = (acc.to(torch.float32) / n).to(device="cpu", dtype=RECORD_DTYPE).contiguous()  # mean
+            mean = acc.to(torch.float32) / n
+            layers[key] = mean.to(device="cpu", dtype=_kept_dtype(mean)).contiguous()
+        wide = [key.name for key, t in layers.items() if t.dtype != RECORD_DTYPE]
+        if wide:
+            log.warning(
+                "HeadSeg: layer(s) %s hold values beyond float16's range (65504) in this run, the UNet's own (it "
+                "computes in bfloat16 or float32): kept in float32, at twice the memory; Save Recording cannot "
+                "write them (its files hold float16)", ", ".join(wide),
+            )
         never = [key.name for key in self.layers if key not in self.called and key not in self.left_to_module]
         if never and self.seen_calls:
             log.warning(
@@ -776,8 +801,8 @@ class _Store:
                 self.acc[key] = self.acc[key].to(torch.float32) + x.to(device="cpu", dtype=torch.float32)
                 self.count[key] = self.count[key] + mass
                 return
-            if as_is:
-                kept = torch.empty((b, heads, h, w, D), dtype=RECORD_DTYPE, device="cpu")
+            if as_is:  # float32 only for values beyond float16's range (_kept_dtype)
+                kept = torch.empty((b, heads, h, w, D), dtype=_kept_dtype(x), device="cpu")
             else:  # a sum or a mix of entries
                 kept = torch.empty((b, heads, h, w, D), dtype=torch.float32, device="cpu")
             kept.copy_(x)  # one copy: cast + move + contiguous (never a view of the model's output)

@@ -214,6 +214,56 @@ def test_a_label_of_recorded_steps_reads_back_as_those_steps(tiny, sd2):
     assert back == called
 
 
+def _beyond_float16(model, scale: float = 3e5):
+    """Scales input.1.0's values (to_v) by ``scale`` and its to_out down by as much: the layer's head outputs
+    then lie far beyond float16's range (65504) while the picture stays as it was, up to rounding."""
+    attn1 = self_attention_modules(model.model.diffusion_model)["input.1.0"]
+    with torch.no_grad():
+        attn1.to_v.weight.mul_(scale)
+        attn1.to_out[0].weight.div_(scale)
+    return model
+
+
+@pytest.mark.parametrize("steps", ["last", "mean"])
+def test_values_of_a_float32_unet_beyond_float16_are_kept_in_float32(tiny, steps, caplog):
+    """A float32 (or bfloat16) UNet's head outputs beyond float16's range are the model's own, finite values: the
+    layer is kept in float32 as the model computed it, not made inf by the recorder's float16 (which Head PCA then
+    refused as 'a float16 overflow while sampling', advising the float32 UNet already used); the others stay
+    float16, and the log says which layer and why."""
+    model = _beyond_float16(tiny.build("SD2", seed=4))
+    patched, live = recorder.attach_recorder(model, steps=steps)
+    with AttentionProbe(patched) as probe, caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        got = run(tiny, patched, seed=7, steps=2)
+    rec = live.snapshot(got)
+    key = LayerKey.parse("input.1.0")
+    ref = reference(probe, "input.1.0", (8, 8), steps=steps)
+    assert float(ref.abs().max()) > 1e5  # planted: the model's own values, beyond float16's range
+    assert rec.layers[key].dtype == torch.float32
+    torch.testing.assert_close(rec.layers[key].double(), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    assert {t.dtype for k, t in rec.layers.items() if k != key} == {torch.float16}
+    assert "input.1.0" in caplog.text and "float16's range" in caplog.text
+
+
+def test_values_of_a_bfloat16_unet_beyond_float16_are_kept_finite(tiny):
+    """The same for a bfloat16 UNet (--bf16-unet): the layer is recorded finite, in float32, and Head PCA reads it."""
+    model = _beyond_float16(tiny.build("SD2", seed=4, dtype=torch.bfloat16))
+    patched, live = recorder.attach_recorder(model)
+    got = run(tiny, patched, seed=7, steps=2)
+    rec = live.snapshot(got)
+    layer = rec.layers[LayerKey.parse("input.1.0")]
+    assert layer.dtype == torch.float32 and bool(layer.isfinite().all())
+    assert float(layer.abs().max()) > 65504
+
+
+def test_a_float16_unets_own_overflow_stays_as_it_was(tiny):
+    """A float16 UNet's own inf is the model's: recorded as it is, in float16 (Head PCA names the layer)."""
+    model = _beyond_float16(tiny.build("SD2", seed=4, dtype=torch.float16), scale=1e6)
+    patched, live = recorder.attach_recorder(model)
+    got = run(tiny, patched, seed=7, steps=2)
+    layer = live.snapshot(got).layers[LayerKey.parse("input.1.0")]
+    assert layer.dtype == torch.float16 and not bool(layer.isfinite().all())
+
+
 def test_recording_keeps_the_models_attention_precision(tiny, monkeypatch):
     """SD2.x asks for float32 attention (attn_precision); with an attention function that honours it
     (ComfyUI's basic/split/sub-quadratic ones), a float16 model samples the same picture recorded or not."""
