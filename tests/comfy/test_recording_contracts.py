@@ -264,11 +264,15 @@ def test_a_float16_unets_own_overflow_stays_as_it_was(tiny):
     assert layer.dtype == torch.float16 and not bool(layer.isfinite().all())
 
 
-def test_recording_keeps_the_models_attention_precision(tiny, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["attention_basic", "attention_split", "attention_sub_quad", "attention_pytorch"])
+def test_recording_keeps_the_models_attention_precision(tiny, monkeypatch, backend, dtype):
     """SD2.x asks for float32 attention (attn_precision); with an attention function that honours it
-    (ComfyUI's basic/split/sub-quadratic ones), a float16 model samples the same picture recorded or not."""
-    monkeypatch.setattr(comfy_attention, "optimized_attention", comfy_attention.attention_basic)
-    model = tiny.build("SD2", seed=4, dtype=torch.float16)
+    (ComfyUI's basic/split/sub-quadratic ones), a float16 model samples the same picture recorded or not, and so
+    does a bfloat16 one (--bf16-unet), with each of the attention functions ComfyUI's start-up flags choose
+    (--use-split-cross-attention, --use-quad-cross-attention, --use-pytorch-cross-attention)."""
+    monkeypatch.setattr(comfy_attention, "optimized_attention", getattr(comfy_attention, backend))
+    model = tiny.build("SD2", seed=4, dtype=dtype)
     assert model.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn1.attn_precision == torch.float32
     plain = run(tiny, model, seed=7, steps=2)
     patched, live = recorder.attach_recorder(model)
