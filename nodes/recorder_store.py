@@ -119,8 +119,6 @@ def _cpu_latent(x) -> torch.Tensor | None:
     return x.detach().to(device="cpu", dtype=torch.float32, copy=True)
 
 
-
-
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two float32 tensors of one shape hold the same bits (NaN matches NaN, unlike torch.equal:
     a sampler's output with NaN in it is still its own)."""
