@@ -31,6 +31,8 @@ from .core.recording import (
 )
 from .node_utils import as_recording, check_memory, comfy_metadata, list_index, output_error, output_place, prefix_error
 
+log = logging.getLogger("HeadSeg")
+
 CATEGORY = "HeadSeg/recording"
 NO_FILE = "(no recording files found)"
 OUTPUT_MARK = " [output]"  # ComfyUI's annotation for a file of the output folder
@@ -44,7 +46,7 @@ def _loadable_name(path: str) -> bool:
     shown = printable_path(path)
     if shown not in _warned_names:
         _warned_names.add(shown)
-        logging.warning("HeadSeg: %s is not listed: its name is not valid UTF-8, which safetensors cannot open", shown)
+        log.warning("HeadSeg: %s is not listed: its name is not valid UTF-8, which safetensors cannot open", shown)
     return False
 
 
@@ -257,7 +259,7 @@ def _remove_taken(full: str) -> None:
     except FileNotFoundError:
         pass
     except OSError:
-        logging.warning("HeadSeg Save Recording: could not remove %s after the failed write", full)
+        log.warning("HeadSeg Save Recording: could not remove %s after the failed write", full)
 
 
 class SaveRecording(io.ComfyNode):
@@ -329,7 +331,7 @@ class SaveRecording(io.ComfyNode):
         except Exception as exc:  # OSError, or safetensors' own error wrapping one
             raise output_error(exc, filename_prefix, full, "headseg/recording") from exc
         if left_out:
-            logging.warning(
+            log.warning(
                 "HeadSeg Save Recording: %s left out of %s's metadata: with it the file's header would be longer "
                 "than Load Recording reads (%d MiB)", " and ".join(left_out), full, _MAX_HEADER_BYTES >> 20,
             )
@@ -371,7 +373,7 @@ def _nonfinite_note(rec, node: str) -> list[str]:
         f"NaN or inf in layer{'s' if len(bad) > 1 else ''} {names} (a float16 overflow while sampling): "
         "leave them out with Head PCA's positions / levels"
     )
-    logging.warning("HeadSeg %s: %s", node, line)
+    log.warning("HeadSeg %s: %s", node, line)
     return [line]
 
 

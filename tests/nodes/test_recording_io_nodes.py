@@ -957,7 +957,7 @@ def test_comfyuis_executor_runs_again_only_the_linked_load_whose_file_was_replac
     assert run("p4") == ["A_00001_.safetensors", "A_00002_.safetensors", "B_00001_.safetensors"]
 
 
-def test_a_layer_with_nan_or_inf_is_saved_loaded_and_named_and_the_others_stay_usable(io_nodes, recording):
+def test_a_layer_with_nan_or_inf_is_saved_loaded_and_named_and_the_others_stay_usable(io_nodes, recording, caplog):
     """A float16 overflow while sampling leaves NaN / inf in some layers: the file keeps the recording (the
     sampling is not lost), both nodes name those layers, and Head PCA refuses them by name while a
     selection without them gives masks."""
@@ -973,9 +973,13 @@ def test_a_layer_with_nan_or_inf_is_saved_loaded_and_named_and_the_others_stay_u
         layers[key] = t
     rec = Recording(layers, recording.image_size, recording.model, recording.steps, recording.branch)
 
-    saved = io_nodes.SaveRecording.execute(rec, "nonfinite")
-    path = saved.args[0]
-    loaded_out = io_nodes.LoadRecording.execute("", path)
+    with caplog.at_level("WARNING"):
+        saved = io_nodes.SaveRecording.execute(rec, "nonfinite")
+        path = saved.args[0]
+        loaded_out = io_nodes.LoadRecording.execute("", path)
+    notes = [r for r in caplog.records if "NaN or inf" in r.getMessage()]
+    # logged as the pack's other nodes log, under the "HeadSeg" logger (not the root logger)
+    assert [r.name for r in notes] == ["HeadSeg", "HeadSeg"]
     loaded = loaded_out.args[0]
     for key, t in rec.layers.items():  # NaN where NaN was, inf where inf was, the rest as float16
         torch.testing.assert_close(loaded.layers[key], t.to(torch.float16), equal_nan=True, rtol=0, atol=0)
