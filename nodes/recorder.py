@@ -310,7 +310,8 @@ def _without_bypassing_patches(model_options: dict, diffusion_model, warn=None) 
     """model_options -> the same, minus HeadSeg's attn1 patches of layers whose attn1 module runs another
     node's code (_runs_other_code): ComfyUI calls a replace patch instead of the module, so that code
     (a forward hook, an object patch) would never run and the picture would change. Such a layer is left
-    to its module and not recorded in that call; ``warn(name)`` is called for each."""
+    to its module and not recorded in that call; ``warn(name, fn)`` is called for each, with the patch
+    dropped (a chain: every record node on the model has a patch in it)."""
     attn1 = model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
     blocks = _attn1_modules(diffusion_model)  # the attn1 module itself is read at each call (an object patch swaps it)
     drop = [
@@ -318,7 +319,25 @@ def _without_bypassing_patches(model_options: dict, diffusion_model, warn=None) 
         if _is_own_patch(fn) and (tb := blocks.get(name)) is not None and _runs_other_code(tb.attn1)
         and _attends_alone(fn)
     ]
-    return _without_attn1(model_options, attn1, drop, warn)
+    return _without_attn1(model_options, attn1, drop, None if warn is None else (lambda name: warn(name, attn1[name])))
+
+
+def _left_to_module(name: tuple, fn) -> None:
+    """Tells every recording record node whose patch is in the chain ``fn`` (a layer ``name`` left to its
+    attn1 module: _without_bypassing_patches) that the layer is left to it, with a warning once per run.
+    The first record node's CALC_COND_BATCH wrapper to run drops the whole chain, so the record nodes
+    chained before or after it never see the patch: each must still say why it lacks the layer."""
+    while _is_own_patch(fn):
+        store = _REGISTRY.get(fn.headseg_store_id)
+        if store is not None and store.active:
+            key = LayerKey(*name)
+            store.left_to_module.add(key)
+            store._warn_once(
+                key, "module",
+                "its self-attention module runs another node's code (a forward hook, or a forward swapped in "
+                "by an object patch), which an attn1 replace patch would skip: the layer is left to it",
+            )
+        fn = fn.headseg_previous
 
 
 def _without_attn1(model_options: dict, attn1: dict, drop: list, warn=None) -> dict:
@@ -430,17 +449,10 @@ def _make_calc_cond_batch_wrapper(store_id: int):
                     f"a ({name[0]}, {name[1]}) attn1 patch of another node takes precedence in this call",
                 )
 
-            def warn_module(name):
-                store.left_to_module.add(LayerKey(*name))
-                store._warn_once(
-                    LayerKey(*name), "module",
-                    "its self-attention module runs another node's code (a forward hook, or a forward swapped in "
-                    "by an object patch), which an attn1 replace patch would skip: the layer is left to it",
-                )
-
             def adjust(options):
                 options = _without_shadowing_patches(options, warn if recording and main else None)
-                options = _without_bypassing_patches(options, diffusion_model, warn_module if recording and main else None)
+                # (told to every record node in the chain, whether or not this one records)
+                options = _without_bypassing_patches(options, diffusion_model, _left_to_module)
                 return _chaining_later_patches(options, store_id, store.layers) if recording else options
 
             if len(args) > 4:

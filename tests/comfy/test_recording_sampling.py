@@ -16,6 +16,7 @@ from headseg.nodes.core.recording import LayerKey
 from .reference import AttentionProbe, grid_for, per_head, reference, self_attention_modules
 
 TOL = dict(rtol=3e-3, atol=3e-3)  # recorded float16 against float64
+POSITIONS = ("down", "middle", "up")
 
 
 @pytest.fixture(scope="module")
@@ -919,6 +920,34 @@ def test_a_module_running_other_code_under_another_nodes_patch_stays_under_that_
         handle.remove()
     assert (got - want).abs().max().item() <= 1e-4
     assert len(live.snapshot(got).layers) == 16 and "another node's code" not in caplog.text
+
+
+@pytest.mark.parametrize("middle_only", ["first", "second"])
+def test_a_module_left_to_its_code_is_named_by_every_record_node_chained_on_the_model(tiny, sd2, middle_only, caplog):
+    """Two record nodes chained on one MODEL, a forward hook on one attn1 module: the first of their
+    CALC_COND_BATCH wrappers to run drops the layer's whole chain of patches (both nodes'), and only its own
+    node heard why. The other node's run of that layer alone said 'nothing recorded yet: ... sample with the
+    MODEL from HeadSeg_RecordSelfAttention ... (the self-attention layers were never called)', and one with
+    other layers logged that another node's (block, number) patch took precedence."""
+    module = self_attention_modules(sd2.model.diffusion_model)["middle.0.0"]
+    handle = module.register_forward_hook(lambda mod, args, out: out * 0.5)
+    try:
+        want = run(tiny, sd2.clone(), latent_hw=(8, 8))
+        first, live_first = recorder.attach_recorder(sd2, positions=["middle"] if middle_only == "first" else POSITIONS)
+        second, live_second = recorder.attach_recorder(
+            first, positions=["middle"] if middle_only == "second" else POSITIONS)
+        with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+            got = run(tiny, second, latent_hw=(8, 8))
+    finally:
+        handle.remove()
+    assert (got - want).abs().max().item() <= 1e-4
+    alone, other = (live_first, live_second) if middle_only == "first" else (live_second, live_first)
+    with pytest.raises(ValueError, match=r"^recording: the sampling run recorded nothing: the self-attention modules "
+                                         r"of the recorded layers run another node's code"):
+        alone.snapshot(got)
+    names = {k.name for k in other.snapshot(got).layers}
+    assert "middle.0.0" not in names and len(names) == 15
+    assert "were not run through HeadSeg's patch" not in caplog.text
 
 
 def test_a_module_left_to_its_code_does_not_hide_why_the_other_layers_recorded_nothing(tiny, sd2):
