@@ -450,6 +450,14 @@ class _Store:
         the guider was not even asked (LazyCache skips whole evaluations): not a timestep range's doing."""
         return [i for i in self._not_run(steps) if self.idle_steps.get(i, True)]
 
+    def _steps_it_ran(self) -> str:
+        """The steps to choose instead of steps the recorded branch never reached (it ran up to step
+        max_step): those up to max_step, or the steps the model ran where it skipped some before
+        (LazyCache)."""
+        if any(i not in self.steps_run for i in range(self.max_step)):
+            return f"steps the model ran ({steps_label(self.steps_run)})"
+        return f"steps up to {self.max_step}"
+
     def _why_empty(self) -> str:
         n_steps = self.n_steps
         if self.failure:
@@ -508,14 +516,23 @@ class _Store:
             )
         if self.steps.mode == "range" and self.steps.first > self.max_step:
             if self.steps.first <= last and self._not_evaluated(asked) == list(asked):  # within the run
-                gaps = any(i not in self.steps_run for i in range(self.max_step))  # (LazyCache skipped some)
-                choose = (
-                    f"steps the model ran ({steps_label(self.steps_run)})" if gaps else f"steps up to {self.max_step}"
-                )
                 return (
                     f"steps: range {self.steps.label} selected, but the sampler evaluated the model only down "
                     f"to sigma {self.min_sigma:.4g} (in step {self.max_step_any} of its steps 0-{last}; "
-                    f"{_OWN_SIGMAS}): choose {choose}, or 'mean'"
+                    f"{_OWN_SIGMAS}): choose {self._steps_it_ran()}, or 'mean'"
+                )
+            if self.max_step < last:  # past the run, and 'last' would record nothing either
+                if self.max_step_any < last:
+                    why = (f" and evaluated the model only down to sigma {self.min_sigma:.4g} (in step "
+                           f"{self.max_step_any}; {_OWN_SIGMAS})")
+                    instead = "or 'mean'"
+                else:
+                    why = (f", and the '{self.branch}' conditioning was not active after step {self.max_step} (a "
+                           "timestep range, e.g. ConditioningSetTimestepRange, ends it early)")
+                    instead = "'mean', or widen its timestep range"
+                return (
+                    f"steps: range {self.steps.label} selected but the sampler ran {n_steps} steps (0-{last})"
+                    f"{why}: choose {self._steps_it_ran()}, {instead}"
                 )
             return (
                 f"steps: range {self.steps.label} selected but the sampler ran {n_steps} steps "
@@ -524,7 +541,8 @@ class _Store:
         if self.steps.mode == "last" and self.max_step < last:
             return (
                 f"steps: 'last' is step {last} (sigma at most {self.sigmas[last]:.4g}), but the sampler evaluated "
-                f"the model only down to sigma {self.min_sigma:.4g} ({_OWN_SIGMAS}): choose steps 'mean' or a range"
+                f"the model only down to sigma {self.min_sigma:.4g} (in step {self.max_step_any} of its steps "
+                f"0-{last}; {_OWN_SIGMAS}): choose {self._steps_it_ran()}, or 'mean'"
             )
         if self.foreign_calls:  # (nothing was recorded: the calls left to record were all such calls)
             return (

@@ -200,6 +200,44 @@ def test_a_step_inside_the_run_that_the_sampler_never_evaluated_says_which_sigma
     assert "timestep range" not in caplog.text
 
 
+@pytest.mark.filterwarnings("ignore:To copy construct from a tensor")  # ComfyUI's dpm_fast itself
+@pytest.mark.parametrize("sampler", ["dpm_fast", "dpm_adaptive"])
+def test_a_range_past_the_run_of_a_sampler_that_never_reaches_its_last_step_suggests_steps_it_ran(tiny, sd2, sampler):
+    """dpm_fast and dpm_adaptive choose their own sigmas: with 3 steps none falls in step 2. A range past the
+    run said 'choose steps within them, or 'last'', and 'last' records nothing under them either; the
+    message for 'last' itself said 'choose steps 'mean' or a range' where the others name the steps."""
+    pos, neg = tiny.conditioning("SD2")
+    own = (r"samplers such as dpm_fast and dpm_adaptive choose their own sigmas, .*LazyCache.*\): choose steps up to "
+           r"1, or 'mean'$")
+    for steps, said in (("5", r"range 5 selected but the sampler ran 3 steps \(0-2\) and evaluated the model only "
+                               r"down to sigma [0-9.]+ \(in step 1; "),
+                        ("last", r"'last' is step 2 \(sigma at most [0-9.]+\), but the sampler evaluated the model "
+                                 r"only down to sigma [0-9.]+ \(in step 1 of its steps 0-2; ")):
+        patched, live = recorder.attach_recorder(sd2, steps=steps)
+        got = tiny.sample(patched, pos, neg, latent_hw=(5, 7), steps=3, seed=1, sampler_name=sampler)
+        with pytest.raises(ValueError, match=rf"^recording: the sampling run recorded nothing: steps: {said}{own}"):
+            live.snapshot(got)
+    patched, live = recorder.attach_recorder(sd2, steps="0-1")  # what the messages suggest works
+    got = tiny.sample(patched, pos, neg, latent_hw=(5, 7), steps=3, seed=1, sampler_name=sampler)
+    assert live.snapshot(got).steps == "0-1"
+
+
+def test_a_range_past_the_run_of_a_branch_ended_by_its_timestep_range_suggests_steps_it_ran(tiny, sd2):
+    """The positive prompt's timestep range ends it at step 4 of 10 (the uncond pass runs every step): a
+    range past the run suggested 'last', where the 'cond' branch did not run either."""
+    import nodes
+
+    pos, neg = tiny.conditioning("SD2")
+    early = nodes.ConditioningSetTimestepRange().set_range(pos, 0.0, 0.5)[0]
+    for steps in ("12", "last"):
+        model, live = recorder.attach_recorder(sd2, steps=steps)
+        got = tiny.sample(model, early, neg, latent_hw=(8, 8), steps=10, seed=2, cfg=5.0)
+        with pytest.raises(ValueError) as err:
+            live.snapshot(got)
+        assert "timestep range" in str(err.value) and "up to 4" in str(err.value), str(err.value)
+        assert "'last'" not in str(err.value).split("choose")[-1], str(err.value)
+
+
 def test_pag_keeps_its_effect_when_nothing_is_being_recorded(tiny, sd2, monkeypatch):
     """Dropped recording, or a recording that failed part-way: the sampled image is still PAG's."""
     import gc
