@@ -148,8 +148,9 @@ class LiveRecording:
     def unrecorded(self, rec: Recording) -> list[tuple[LayerKey, int]]:
         """The layers this record node was set to record (its positions and levels) that a run of it,
         ``rec``, lacks -> [(key, grid level)], in model order: skipped while sampling because another
-        patch changed their token count, grid or keys, or left to an attn1 module that runs another node's
-        code (the log said so at the time)."""
+        patch changed their token count, grid or keys, left to an attn1 module that runs another node's
+        code, or to another node's (block, number) attn1 patch set after the record node (the log said so
+        at the time)."""
         H, W = rec.image_size
         grids = grid_levels((max(H // VAE_FACTOR, 1), max(W // VAE_FACTOR, 1)))
         levels = self._store.levels

@@ -26,7 +26,8 @@ class RecordSelfAttention(io.ComfyNode):
                 "runs of the prompt that sampled last (its newest 64: one per item of a list of latents) and the run "
                 "read last, and the "
                 "node that reads it takes the run that produced its LATENT. Works with SD1.x, SD2.x and SDXL UNets (DiT models such as Flux or SD3 are "
-                "refused). Chains attn1 patches set before or after it (SAG's, another pack's) and survives "
+                "refused). Chains attn1 patches set before or after it (SAG's, another pack's; one set after it under a "
+                "layer's (block, number) key alone takes that layer over, unrecorded, with a warning) and survives "
                 "later LoRA/FreeU clones; SAG and PAG keep their effect and their extra passes are not "
                 "recorded. Recording does not change the sampled image."
             ),

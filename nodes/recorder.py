@@ -239,7 +239,8 @@ def _without_shadowing_patches(model_options: dict, warn=None) -> dict:
     """model_options -> the same, minus HeadSeg's (block, number, depth) attn1 patches that would hide
     a (block, number) patch added after the record node: ComfyUI prefers the 3-tuple key, so without
     this PAG's perturbed pass (which adds ("middle", 0) for one call) would silently lose its effect.
-    Such a layer is then not recorded in that call; ``warn(key)`` is called for each."""
+    Such a layer is then not recorded in that call; ``warn(name, fn)`` is called for each, with the patch
+    dropped (a chain: every record node on the model has a patch in it)."""
     transformer = model_options.get("transformer_options", {})
     attn1 = transformer.get("patches_replace", {}).get("attn1", {})
     marks = transformer.get(FALLBACKS_KEY, {})
@@ -253,7 +254,24 @@ def _without_shadowing_patches(model_options: dict, warn=None) -> dict:
         own = _stands_in_for(fn)
         if own is not None and short is not marks.get(own.headseg_store_id, {}).get(name[:2]):
             drop.append(name)
-    return _without_attn1(model_options, attn1, drop, warn)
+    return _without_attn1(model_options, attn1, drop, None if warn is None else (lambda name: warn(name, attn1[name])))
+
+
+def _shadowed(name: tuple, fn, current=None, main: bool = False) -> None:
+    """Tells every recording record node whose patch is in the chain ``fn`` that a (block, number) attn1
+    patch of another node takes the layer ``name`` over in this call (_without_shadowing_patches), with a
+    warning once per run, in a main pass only (PAG's perturbed pass is an extra pass: nothing to say):
+    ``main`` for ``current``, the store whose CALC_COND_BATCH wrapper dropped the chain, and the others'
+    own reckoning (their wrappers may not have run yet in this call)."""
+    while _is_own_patch(fn):
+        store = _REGISTRY.get(fn.headseg_store_id)
+        if store is not None and store.active and (main if store is current else store.in_main):
+            key = LayerKey(*name)
+            store.shadowed.add(key)
+            store._warn_once(
+                key, "shadow", f"a ({name[0]}, {name[1]}) attn1 patch of another node takes precedence in this call"
+            )
+        fn = fn.headseg_previous
 
 
 # diffusion model -> {(block, number, depth): its BasicTransformerBlock}, read at every model call
@@ -443,15 +461,12 @@ def _make_calc_cond_batch_wrapper(store_id: int):
                 main = False
             diffusion_model = getattr(args[0] if args else kwargs.get("model"), "diffusion_model", None)
 
-            def warn(name):
-                store._warn_once(
-                    LayerKey(*name), "shadow",
-                    f"a ({name[0]}, {name[1]}) attn1 patch of another node takes precedence in this call",
-                )
+            def shadowed(name, fn):
+                _shadowed(name, fn, store if recording else None, recording and main)
 
             def adjust(options):
-                options = _without_shadowing_patches(options, warn if recording and main else None)
-                # (told to every record node in the chain, whether or not this one records)
+                # (both told to every record node in the chain, whether or not this one records)
+                options = _without_shadowing_patches(options, shadowed)
                 options = _without_bypassing_patches(options, diffusion_model, _left_to_module)
                 return _chaining_later_patches(options, store_id, store.layers) if recording else options
 

@@ -162,6 +162,8 @@ class _Store:
         self.called: set[LayerKey] = set()  # layers whose patch ran this run
         # layers left to their attn1 module this run, which runs another node's code (recorder.py)
         self.left_to_module: set[LayerKey] = set()
+        # layers whose patch a (block, number) attn1 patch of another node took over in a main pass (recorder.py)
+        self.shadowed: set[LayerKey] = set()
         self.max_step = -1  # latest step of a recorded-branch call
         self.max_step_any = -1  # latest step of any main-pass call (either branch)
         self.steps_run: set[int] = set()  # the steps of the main-pass calls whose step was read
@@ -463,12 +465,23 @@ class _Store:
         if self.failure:
             return self.failure
         self._settle_estimates()
-        if self.seen_calls == 0 and self.left_to_module:
-            return (
-                "the self-attention modules of the recorded layers run another node's code (a forward hook, or a "
-                "forward swapped in by an object patch), which HeadSeg's patches would skip: they were left to it "
-                "and not recorded (see the log); sample without that node to record them"
-            )
+        if self.seen_calls == 0 and (self.left_to_module or self.shadowed):
+            why = []
+            if self.left_to_module:
+                why.append(
+                    "the self-attention modules of the recorded layers run another node's code (a forward hook, or a "
+                    "forward swapped in by an object patch), which HeadSeg's patches would skip: they were left to it "
+                    "and not recorded (see the log); sample without that node to record them"
+                )
+            if self.shadowed:
+                names = ", ".join(key.name for key in sorted(self.shadowed, key=lambda key: key.sort_key))
+                why.append(
+                    f"{'the' if not why else 'the other'} recorded layers ({names}) were taken over by another node's "
+                    "attn1 patch set after Record Self-Attention under their (block, number) key, which ComfyUI calls "
+                    "in their place: they were left to it and not recorded (see the log); place that node before "
+                    "Record Self-Attention, which then runs its patch and records what it returns"
+                )
+            return "; ".join(why)
         if self.seen_calls == 0:
             return _NEVER_CALLED
         if self.seen_branch == 0:

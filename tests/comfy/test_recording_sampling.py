@@ -786,6 +786,40 @@ def test_a_block_number_patch_set_after_the_recorder_takes_precedence_and_is_rep
     assert "middle.0.0" not in {k.name for k in rec.layers} and "input.1.0" in {k.name for k in rec.layers}
 
 
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_a_run_whose_layers_a_later_block_number_patch_took_over_says_so(tiny, sd2, nodes, caplog):
+    """A (block, number) attn1 patch set after the record node takes its layers over (ComfyUI calls it in
+    their place): a run with no other layer said 'nothing recorded yet: connect the sampler's LATENT ...,
+    sample with the MODEL from HeadSeg_RecordSelfAttention ... (the self-attention layers were never
+    called)', which it had done; with two record nodes chained, the second was not even warned. Each names
+    the patch, and placing that node before the record node (as the message says) records the layer."""
+    def halved(q, k, v, extra):
+        return comfy_attention.optimized_attention(q, k, v, extra["n_heads"]) * 0.5
+
+    model, lives = sd2, []
+    for _ in range(nodes):
+        model, live = recorder.attach_recorder(model, positions=["middle"])
+        lives.append(live)
+    later = model.clone()
+    later.set_model_attn1_replace(halved, "middle", 0)
+    alone = sd2.clone()
+    alone.set_model_attn1_replace(halved, "middle", 0)
+    want = run(tiny, alone, latent_hw=(8, 8))
+    with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        got = run(tiny, later, latent_hw=(8, 8))
+    assert (got - want).abs().max().item() <= 1e-4
+    assert caplog.text.count("not recording middle.0.0: a (middle, 0) attn1 patch of another node takes precedence") == nodes
+    for live in lives:
+        with pytest.raises(ValueError, match=r"^recording: the sampling run recorded nothing: the recorded layers "
+                                             r"\(middle\.0\.0\) were taken over by another node's attn1 patch set after "
+                                             r"Record Self-Attention under their \(block, number\) key.*place that node "
+                                             r"before Record Self-Attention"):
+            live.snapshot(got)
+    before, live = recorder.attach_recorder(alone, positions=["middle"])  # the remedy the message names
+    got = run(tiny, before, latent_hw=(8, 8))
+    assert (got - want).abs().max().item() <= 1e-4 and LayerKey.parse("middle.0.0") in live.snapshot(got).layers
+
+
 @pytest.mark.parametrize("how", ["forward hook", "forward pre hook", "object patch", "another module's forward"])
 def test_a_self_attention_module_running_another_nodes_code_is_left_to_it(tiny, sd2, how, caplog):
     """An attn1 replace patch makes ComfyUI skip the attn1 module's own call (it runs to_q, to_k, to_v,
