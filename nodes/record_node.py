@@ -85,7 +85,7 @@ class RecordSelfAttention(io.ComfyNode):
                             "a LATENT from a sampler that ran before others on this MODEL (a hires fix, an "
                             "inpainting pass) still finds its run. Each costs its recording's memory (about 23 MB "
                             "per image for SD2.1 at 512x512, 210 MB for SDXL at 1024x1024); 1 keeps the least. The "
-                            "run read last and the runs of the prompt that sampled last (its newest 64: one per item of a list of latents, one per tile of a tiled upscaler) are kept besides them, whatever keep_runs says, and so is the run read for a LATENT while ComfyUI's cache keeps that LATENT (--cache-lru), for the 64 LATENTs read last of all record nodes.",
+                            "run read last and the runs of the prompt that sampled last (its newest 64: one per item of a list of latents, one per tile of a tiled upscaler) are kept besides them, whatever keep_runs says, and so is the run read for a LATENT while ComfyUI's cache keeps that LATENT (--cache-lru), for the 64 runs read last of all record nodes (a LATENT read from two record nodes holds two of them).",
                 ),
             ],
             outputs=[
