@@ -500,7 +500,7 @@ def _make_calc_cond_batch_wrapper(store_id: int):
 def _reports_schedule_steps(sampler) -> bool:
     """Whether ``sampler`` is one of k-diffusion's samplers as ComfyUI runs them (KSAMPLER): their
     progress callback reports step i of the schedule after its model evaluations. Others (ComfyUI's
-    dpm_fast / dpm_adaptive, which pick their own steps, UniPC, other packs' samplers) are not
+    dpm_fast / dpm_adaptive, which choose their own sigmas, UniPC, other packs' samplers) are not
     assumed to."""
     function = getattr(sampler, "sampler_function", None)
     return isinstance(sampler, comfy.samplers.KSAMPLER) and getattr(function, "__module__", None) == _K_DIFFUSION
