@@ -6,12 +6,14 @@
 //   error_map_migration.js  Upsample's former error_map output rewired after a graph loads
 //   save_prefix.js          %date:...% and %Node.widget% in the Save nodes' filename_prefix
 //   number_widgets.js       tolerant loading of older or damaged number- and text-widget values
+//   group_nodes.js          Multi K-Means' seed and device inside a (deprecated) group node
 //   graph_helpers.js, dom_helpers.js, styles.js  shared by the above
 // ComfyUI imports every .js file of this folder as an extension module (recursively): this is the
 // only one with side effects; the others only export, and are imported from here.
 
 import { app } from "../../scripts/app.js";
 import { migrateUpsampleErrorMap } from "./error_map_migration.js";
+import { setupGroupNode } from "./group_nodes.js";
 import { setupNoteLine } from "./note_line.js";
 import { numberSpecs, repairNumberWidgets, repairTextWidgets, textSpecs } from "./number_widgets.js";
 import { setupPicker } from "./picker_node.js";
@@ -24,6 +26,9 @@ const PICKER_NODE = "HeadSeg_MaskSelectAtPixel";
 
 app.registerExtension({
   name: "HeadSeg.Frontend",
+  nodeCreated(node) {
+    setupGroupNode(node); // a group node holding a Multi K-Means (group_nodes.js); other nodes are left alone
+  },
   afterConfigureGraph() {
     migrateUpsampleErrorMap(app.graph);
     for (const subgraph of app.graph?.subgraphs?.values?.() ?? []) migrateUpsampleErrorMap(subgraph);
@@ -35,7 +40,7 @@ app.registerExtension({
     // A seed here picks the k-means start: keep it fixed so that re-queueing after a click reuses
     // the cached clustering. The node asks for no control (control_after_generate=False), which
     // current frontends honour; this guards frontends that add a "randomize" control to any INT
-    // input named seed.
+    // input named seed (ComfyUI's group nodes do: group_nodes.js).
     const onNodeCreatedSeed = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
       const result = onNodeCreatedSeed?.apply(this, arguments);

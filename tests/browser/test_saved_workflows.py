@@ -1,5 +1,6 @@
-"""Workflows saved by older versions: older or damaged widget layouts load with clean numbers, and
-Upsample's former error_map output is rewired to an Upsampling Error Map node (also in subgraphs).
+"""Workflows saved by older versions: older or damaged widget layouts load with clean numbers,
+Upsample's former error_map output is rewired to an Upsampling Error Map node (also in subgraphs), and a
+Multi K-Means inside a group node keeps its device and a fixed seed.
 """
 
 from __future__ import annotations
@@ -201,3 +202,59 @@ def test_a_save_label_maps_saved_before_its_masks_input_gets_the_socket(comfy_pa
     assert ["masks", "HEADSEG_MASKS"] in inputs
     widgets = page.evaluate("() => app.graph.getNodeById(1).widgets.map(w => [w.name, w.value])")
     assert widgets == [["filename_prefix", "dataset/old"]]
+
+
+# Group node widgets read by name -> value, and the prompt inputs of its inner Multi K-Means.
+JS_GROUP_STATE = """(id) => { const n = app.graph.getNodeById(id);
+  return Object.fromEntries(n.widgets.filter(w => w.serialize !== false).map(w => [w.name, w.value])); }"""
+
+
+def _convert_to_group_node(page, ids, name):
+    """Converts nodes ``ids`` into a (deprecated) group node called ``name``, as the command does (it asks
+    for the name in a dialog) -> the group node's id."""
+    page.evaluate("(ids) => { app.canvas.deselectAll(); for (const id of ids) app.canvas.select(app.graph.getNodeById(id));"
+                  " window.__headsegGroup = app.extensionManager.command.execute("
+                  "'Comfy.GroupNode.ConvertSelectedNodesToGroupNode'); }", ids)  # fmt: skip
+    field = page.locator(".p-dialog input[type=text], .p-dialog input:not([type])").first
+    field.wait_for(timeout=10_000)
+    field.fill(name)
+    field.press("Enter")
+    page.evaluate("async () => { await window.__headsegGroup; }")
+    settle(page, 500)
+    return page.evaluate("(type) => app.graph.nodes.find(n => n.type === type).id", f"workflow>{name}")
+
+
+def test_multi_kmeans_in_a_group_node_keeps_its_device_and_a_fixed_seed(comfy_page):
+    """ComfyUI's group nodes give any inner input named seed a control_after_generate widget, which
+    Multi K-Means' seed does not have: Convert to Group Node put Multi K-Means' device value into that
+    control and left device empty (the prompt sent device: null), a workflow saved so kept it, and a
+    group node placed anew re-drew the k-means seed at every queue (randomize)."""
+    page = comfy_page.page
+    wf = json.loads((WORKFLOWS_DIR / "headseg_explore.json").read_text())
+    next(n for n in wf["nodes"] if n["id"] == 11)["widgets_values"][2] = "cpu"  # Multi K-Means: device cpu
+    page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'group-node'); }", wf)
+    settle(page, 500)
+    group = _convert_to_group_node(page, [11, 12], "hskmeans")
+    state = page.evaluate(JS_GROUP_STATE, group)
+    assert (state["seed"], state["control_after_generate"], state["device"]) == (0, "fixed", "cpu"), state
+    prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
+    assert prompt[f"{group}:0"]["inputs"]["device"] == "cpu", prompt[f"{group}:0"]
+
+    # the same workflow as saved before this fix: the device in the control's place, none in device's
+    saved = json.loads(page.evaluate("() => JSON.stringify(app.graph.serialize())"))
+    node = next(n for n in saved["nodes"] if n["id"] == group)
+    at = list(state).index("control_after_generate")
+    node["widgets_values"][at : at + 2] = ["cpu", None]
+    page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'group-node-saved'); }", saved)
+    settle(page, 500)
+    state = page.evaluate(JS_GROUP_STATE, group)
+    assert (state["control_after_generate"], state["device"]) == ("fixed", "cpu"), state
+    prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
+    assert prompt[f"{group}:0"]["inputs"]["device"] == "cpu", prompt[f"{group}:0"]
+
+    # a group node of that type placed anew: the k-means seed stays fixed
+    fresh = page.evaluate("() => { const n = LiteGraph.createNode('workflow>hskmeans'); n.pos = [0, 0];"
+                          " app.graph.add(n); return n.id; }")  # fmt: skip
+    state = page.evaluate(JS_GROUP_STATE, fresh)
+    assert (state["control_after_generate"], state["device"]) == ("fixed", "auto"), state
+    assert comfy_page.pack_problems() == []
