@@ -3,7 +3,8 @@
 //   picker_node.js, picker.js, picker_pixels.js, live_pickers.js  click-to-pick picture and mask
 //                           browser of HeadSeg_MaskSelectAtPixel
 //   note_line.js            result line under the other HeadSeg nodes (the k of each colour map)
-//   error_map_migration.js  Upsample's former error_map output rewired after a graph loads
+//   error_map_migration.js  Upsample's former error_map output rewired after a graph loads (and in
+//                           prompts in API format opened here)
 //   save_prefix.js          %date:...% and %Node.widget% in the Save nodes' filename_prefix
 //   number_widgets.js       tolerant loading of older or damaged number- and text-widget values
 //   group_nodes.js          Multi K-Means' seed and device inside a (deprecated) group node
@@ -12,7 +13,7 @@
 // only one with side effects; the others only export, and are imported from here.
 
 import { app } from "../../scripts/app.js";
-import { migrateUpsampleErrorMap } from "./error_map_migration.js";
+import { migrateApiUpsampleErrorMap, migrateUpsampleErrorMap } from "./error_map_migration.js";
 import { setupGroupNode } from "./group_nodes.js";
 import { setupNoteLine } from "./note_line.js";
 import { numberSpecs, repairNumberWidgets, repairTextWidgets, textSpecs } from "./number_widgets.js";
@@ -26,6 +27,22 @@ const PICKER_NODE = "HeadSeg_MaskSelectAtPixel";
 
 app.registerExtension({
   name: "HeadSeg.Frontend",
+  setup() {
+    // A prompt in API format opened here is rewired too (error_map_migration.js); the caller's object is
+    // left as it was.
+    const loadApiJson = app.loadApiJson;
+    if (typeof loadApiJson !== "function") return;
+    app.loadApiJson = function (apiData, ...rest) {
+      let data = apiData;
+      try {
+        data = structuredClone(apiData);
+        migrateApiUpsampleErrorMap(data);
+      } catch {
+        data = apiData; // not plain data: handed on as it came
+      }
+      return loadApiJson.call(this, data, ...rest);
+    };
+  },
   nodeCreated(node) {
     setupGroupNode(node); // a group node holding a Multi K-Means (group_nodes.js); other nodes are left alone
   },

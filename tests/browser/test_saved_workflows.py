@@ -1,6 +1,7 @@
 """Workflows saved by older versions: older or damaged widget layouts load with clean numbers,
-Upsample's former error_map output is rewired to an Upsampling Error Map node (also in subgraphs), and a
-Multi K-Means inside a group node keeps its device and a fixed seed.
+Upsample's former error_map output is rewired to an Upsampling Error Map node (also in subgraphs, and in a
+prompt in API format opened in the web UI), and a Multi K-Means inside a group node keeps its device and a
+fixed seed.
 """
 
 from __future__ import annotations
@@ -257,4 +258,30 @@ def test_multi_kmeans_in_a_group_node_keeps_its_device_and_a_fixed_seed(comfy_pa
                           " app.graph.add(n); return n.id; }")  # fmt: skip
     state = page.evaluate(JS_GROUP_STATE, fresh)
     assert (state["control_after_generate"], state["device"]) == ("fixed", "auto"), state
+    assert comfy_page.pack_problems() == []
+
+
+def test_an_api_prompt_reading_upsamples_error_map_output_opened_in_the_web_ui_is_rewired(comfy_page):
+    """A prompt in API format saved for 0.1.0 (a preview reading ["<upsample id>", 1]) opened in the web UI
+    (an API workflow file dropped on it): ComfyUI's loadApiJson builds the graph from today's Upsample,
+    which has one output, and left that preview unlinked (queued: "Required input is missing"). The
+    preview now reads a new Upsampling Error Map node fed by the same Upsample, as the server rewires
+    such a prompt when it is queued."""
+    page = comfy_page.page
+    wf = json.loads((WORKFLOWS_DIR / "headseg_explore.json").read_text())
+    page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'api-old-error-map'); }", wf)
+    settle(page, 500)
+    api = page.evaluate("async () => (await app.graphToPrompt()).output")
+    assert api["15"]["class_type"] == "HeadSeg_UpsamplingError" and api["15"]["inputs"]["stack"] == ["10", 0]
+    api["15"] = {"class_type": "PreviewImage", "inputs": {"images": ["10", 1]}, "_meta": {"title": "error map"}}
+    before, after = page.evaluate("async (api) => { const before = JSON.stringify(api);"
+                                  " await app.loadApiJson(api, 'api-old-error-map'); return [before, JSON.stringify(api)]; }",
+                                  api)  # fmt: skip
+    assert after == before  # the caller's prompt is left as it was
+    settle(page, 800)
+    prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
+    maps = [i for i, n in prompt.items() if n["class_type"] == "HeadSeg_UpsamplingError"]
+    assert len(maps) == 1, prompt
+    assert prompt[maps[0]]["inputs"]["stack"] == ["10", 0]
+    assert prompt["15"]["class_type"] == "PreviewImage" and prompt["15"]["inputs"].get("images") == [maps[0], 0]
     assert comfy_page.pack_problems() == []
