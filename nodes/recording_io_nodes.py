@@ -20,7 +20,6 @@ from comfy_api.latest import io
 
 from . import types as hs
 from .core.recording import (
-    _MAX_HEADER_BYTES,
     file_version,
     is_recording_file,
     is_utf8_path,
@@ -333,7 +332,7 @@ class SaveRecording(io.ComfyNode):
         if left_out:
             log.warning(
                 "HeadSeg Save Recording: %s left out of %s's metadata: with it the file's header would be longer "
-                "than Load Recording reads (%d MiB)", " and ".join(left_out), full, _MAX_HEADER_BYTES >> 20,
+                "than the web UI reads of a file dropped on it to open its workflow (4 MiB)", " and ".join(left_out), full,
             )
         forget_listing()  # the new file is listed at the next page load
         rel = os.path.join(subfolder, filename).replace(os.sep, "/")

@@ -99,6 +99,9 @@ MAX_LABEL_CHARS = 256
 MAX_STEPS_LABEL_CHARS = 65536
 # Longest safetensors header is_recording_file reads (a recording's is a few kB; a model's up to ~1 MB).
 _MAX_HEADER_BYTES = 16 << 20
+# Longest header save_recording writes with extra metadata: ComfyUI's web UI reads the first 4 MiB of a
+# .safetensors file dropped on it (8 bytes of length, then the header) to open the workflow it carries.
+_SAVED_HEADER_BYTES = (4 << 20) - 8
 
 
 @dataclass(frozen=True)
@@ -494,8 +497,9 @@ def save_recording(
     ``extra_metadata``: more string metadata to keep in the file (a node passes ComfyUI's prompt and
     workflow, as Save Latent does); the format's own fields take precedence over a key of the same name.
     None: the recording's own ``metadata`` (a loaded file's prompt and workflow; none for a recorded one).
-    Entries that would make the file's header longer than load_recording reads (_MAX_HEADER_BYTES: the
-    strings are JSON-escaped in it) are left out, largest first; returns their keys (usually none).
+    Entries that would make the file's header longer than the web UI reads of a file dropped on it
+    (_SAVED_HEADER_BYTES, 4 MiB, within the 16 MiB load_recording reads; the strings are JSON-escaped in
+    it) are left out, largest first; returns their keys (usually none).
     ``name`` starts the errors about the recording's values (a node passes its input's name). Layers
     holding NaN or inf (a float16 overflow while sampling) are written as they are: the other layers stay
     usable, and Head PCA names such a layer when it is selected (see ``nonfinite_layers``)."""
@@ -537,7 +541,7 @@ def save_recording(
     }
     left_out = []
     # the header: the metadata as JSON, and per tensor its name, dtype, shape and offsets (well under 256 bytes)
-    while extra and _json_bytes({**extra, **own}) + 256 * (len(tensors) + 1) > _MAX_HEADER_BYTES:
+    while extra and _json_bytes({**extra, **own}) + 256 * (len(tensors) + 1) > _SAVED_HEADER_BYTES:
         largest = max(extra, key=lambda key: _json_bytes({key: extra[key]}))
         left_out.append(largest)
         del extra[largest]

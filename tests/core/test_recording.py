@@ -353,11 +353,12 @@ def test_a_loaded_recording_keeps_its_files_other_metadata_and_writes_it_again(t
 
 
 def test_extra_metadata_that_would_make_the_header_unreadable_is_left_out_largest_first(tmp_path):
-    """The strings are JSON-escaped in the header: 6 MiB of quotes take 12; with more than the 16 MiB of
-    header load_recording reads, the file was written, then refused as 'not a safetensors file'."""
+    """The strings are JSON-escaped in the header: 1 MiB of quotes takes 2. The header is kept within the 4 MiB
+    the web UI reads of a file dropped on it (past the 16 MiB load_recording reads, the file was written,
+    then refused as 'not a safetensors file')."""
     rec = sd21_recording(latent=(8, 12), d=4)
     path = tmp_path / "rec.safetensors"
-    quotes = '"' * (6 << 20)
+    quotes = '"' * (1 << 20)
     extra = {"workflow": quotes + quotes, "prompt": quotes, "small": "{}"}
     assert save_recording(rec, str(path), extra_metadata=extra) == ["workflow"]
     assert is_recording_file(str(path))
@@ -372,24 +373,24 @@ def test_extra_metadata_that_would_make_the_header_unreadable_is_left_out_larges
 
 
 def test_the_largest_entry_in_the_header_is_the_one_escaped_longest(tmp_path):
-    """Left out largest first by their size in the header, JSON-escaped, whatever their order: 6 Mi quotes
-    (12 MiB in the header) go before 7 Mi letters (7 MiB), though the quotes are the shorter string."""
+    """Left out largest first by their size in the header, JSON-escaped, whatever their order: 2 Mi quotes
+    (4 MiB in the header) go before 3 Mi letters (3 MiB), though the quotes are the shorter string."""
     rec = sd21_recording(latent=(8, 12), d=4)
     path = tmp_path / "rec.safetensors"
-    extra = {"workflow": "a" * (7 << 20), "prompt": '"' * (6 << 20)}
+    extra = {"workflow": "a" * (3 << 20), "prompt": '"' * (2 << 20)}
     assert save_recording(rec, str(path), extra_metadata=extra) == ["prompt"]
     assert load_recording(str(path)).model == "SD21"
 
 
 def test_non_ascii_metadata_counts_its_utf8_bytes_in_the_header(tmp_path):
-    """The header holds UTF-8 (safetensors escapes no non-ASCII character): 6 Mi two-byte characters are
-    12 MiB and fit in the 16 MiB load_recording reads, so they are kept (counted as \\u escapes, 36 MiB,
-    they were left out)."""
+    """The header holds UTF-8 (safetensors escapes no non-ASCII character): 1.5 Mi two-byte characters are
+    3 MiB and fit in the 4 MiB header kept, so they are kept (counted as \\u escapes, 9 MiB, they were left
+    out)."""
     from safetensors import safe_open
 
     rec = sd21_recording(latent=(8, 12), d=4)
     path = tmp_path / "rec.safetensors"
-    text = "\u00e9" * (6 << 20)
+    text = "\u00e9" * (3 << 19)
     assert save_recording(rec, str(path), extra_metadata={"prompt": text}) == []
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata()["prompt"] == text
@@ -397,14 +398,38 @@ def test_non_ascii_metadata_counts_its_utf8_bytes_in_the_header(tmp_path):
 
 
 def test_metadata_just_under_the_header_limit_leaves_room_for_the_tensors_entries(tmp_path):
-    """An entry whose JSON alone fits in the 16 MiB header but not with the tensors' entries (name, dtype,
+    """An entry whose JSON alone fits in the 4 MiB header but not with the tensors' entries (name, dtype,
     shape, offsets) beside it is left out: the file written stays loadable."""
     rec = sd21_recording(latent=(8, 12), d=4)
     path = tmp_path / "rec.safetensors"
-    limit = 16 << 20
+    limit = 4 << 20
     extra = {"workflow": "a" * (limit - 400)}
     assert save_recording(rec, str(path), extra_metadata=extra) == ["workflow"]
     assert is_recording_file(str(path)) and load_recording(str(path)).model == "SD21"
+
+
+@pytest.mark.parametrize("mib", [3.5, 5, 15])
+def test_the_header_saved_fits_in_what_the_web_ui_reads_of_a_dropped_file(tmp_path, mib):
+    """ComfyUI's web UI opens the workflow of a .safetensors file dropped on it from the file's first 4 MiB
+    (the header's length in its first 4 bytes, the header after 8): a workflow of 3.5 MiB is kept and read
+    back from that slice; one of 5 or 15 MiB (within the 16 MiB load_recording reads, so it was kept, and
+    the drop failed with a JSON error) is left out, and the prompt left opens from the slice."""
+    import json
+
+    rec = sd21_recording(latent=(8, 12), d=4)
+    path = tmp_path / "rec.safetensors"
+    workflow = json.dumps({"nodes": [], "note": "w" * int(mib * (1 << 20))})
+    left_out = save_recording(rec, str(path), extra_metadata={"workflow": workflow, "prompt": '{"1": {}}'})
+    with open(path, "rb") as f:
+        first = f.read(4 << 20)  # what the web UI reads
+    n = int.from_bytes(first[:4], "little")
+    metadata = json.loads(first[8 : 8 + n].decode("utf-8"))["__metadata__"]
+    assert metadata["prompt"] == '{"1": {}}'
+    if mib < 4:
+        assert left_out == [] and metadata["workflow"] == workflow
+    else:
+        assert left_out == ["workflow"] and "workflow" not in metadata
+    assert load_recording(str(path)).model == "SD21"
 
 
 def test_save_rejects_values_beyond_float16(tmp_path):
