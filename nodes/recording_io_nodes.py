@@ -230,8 +230,13 @@ def _resolve(file, path) -> tuple[str, str]:
             "file: no recording chosen: save one with Save Recording (output folder) or put a .safetensors "
             "recording in ComfyUI's input folder, or set 'path'"
         )
-    if not os.path.exists(full):
-        raise ValueError(f"file: no such recording file: {file!r}")
+    if not os.path.exists(full):  # e.g. a shared workflow whose recording file did not come with it
+        where = "output" if str(file).endswith(OUTPUT_MARK) else "input"
+        raise ValueError(
+            f"file: no such recording file: {file!r} in ComfyUI's {where} folder: put the recording file there "
+            f"(Save Recording writes them to the output folder) and refresh the page, or choose another "
+            f"file{_elsewhere(str(file)) if where == 'input' else ''}"
+        )
     return full, "file"
 
 

@@ -67,6 +67,17 @@ def test_save_then_load_round_trips(io_nodes, recording, comfy_folders):
         with pytest.raises(ValueError, match="^path: no such recording file") as missed:
             io_nodes.LoadRecording.execute("", elsewhere)
         assert "folder has one" not in str(missed.value), elsewhere
+    # a `file` the workflow names that this ComfyUI lacks (a workflow shared without its recording): where
+    # to put it, and the output folder's file of that name when it is there
+    with pytest.raises(ValueError, match=r"^file: no such recording file: 'shared\.safetensors' in ComfyUI's "
+                                         r"input folder: put the recording file there") as missed:
+        io_nodes.LoadRecording.execute("shared.safetensors", "")
+    assert "folder has one" not in str(missed.value)
+    with pytest.raises(ValueError, match="^file: no such recording file") as missed:
+        io_nodes.LoadRecording.execute(relative, "")
+    assert str(missed.value).endswith(hint)
+    with pytest.raises(ValueError, match=r"^file: .* in ComfyUI's output folder: put the recording file there"):
+        io_nodes.LoadRecording.execute("headseg/none.safetensors [output]", "")
 
 
 def test_loaded_recording_gives_masks_without_a_model(io_nodes, recording):
