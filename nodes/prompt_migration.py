@@ -14,6 +14,7 @@ import logging
 UPSAMPLE = "HeadSeg_Upsample"
 ERROR_MAP = "HeadSeg_UpsamplingError"
 _OLD_ERROR_MAP_SLOT = 1
+log = logging.getLogger("HeadSeg")
 
 
 def _reads_slot(value, node_ids: set[str], slot: int) -> bool:
@@ -77,7 +78,7 @@ def on_prompt(json_data):
     prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
     added = migrate_upsample_error_map(prompt)
     for new_id, readers in added.items():
-        logging.warning(
+        log.warning(
             "[HeadSeg] node(s) %s read output 1 (error_map) of Upsample node %s, an output that HeadSeg 0.2.0 "
             "moved to its own node: added Upsampling Error Map node %r to give it. Save the workflow again "
             "(or read this node's output in API prompts) to stop this message.",

@@ -127,8 +127,11 @@ def test_on_prompt_returns_the_request_and_says_what_it_added(caplog):
     with caplog.at_level(logging.WARNING):
         assert on_prompt(request) is request
     assert request["prompt"]["6"]["inputs"]["images"] == ["4-error-map", 0]
-    (message,) = [r.getMessage() for r in caplog.records if "HeadSeg" in r.getMessage()]
+    (record,) = [r for r in caplog.records if "HeadSeg" in r.getMessage()]
+    message = record.getMessage()
     assert "6, 7" in message and "Upsample node 4" in message and "'4-error-map'" in message
+    # under the pack's "HeadSeg" logger, as every other HeadSeg line (not the root logger)
+    assert record.name == "HeadSeg"
 
     caplog.clear()
     for request in ({"prompt": {}}, {"number": 3}, None, "junk"):
