@@ -443,3 +443,24 @@ def test_without_a_guider_a_repeated_sigma_still_counts_as_two_steps():
         }
         store.observe(KEY, heads_of(seed)[0], options)
     torch.testing.assert_close(recorded(store), heads_of(3)[1].double(), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("own_inf", [False, True])
+def test_a_float32_layer_beyond_float16_is_kept_in_float32_unless_the_model_made_inf_itself(store, own_inf):
+    """The recorder keeps a float32 (or bfloat16) UNet's head outputs beyond float16's range in float32, finite;
+    where the model itself made an inf (a head output of its own), the layer stays float16 as recorded, its
+    values beyond 65504 becoming inf with it: the layer is the model's overflow either way, and not held at
+    twice the memory."""
+    x, want = heads_of(1)
+    x, want = x * 1e5, want * 1e5  # planted: values far beyond float16's 65504, in float32
+    if own_inf:
+        x[0, 0, 0] = float("inf")  # the same element as want[0, 0, 0, 0, 0]
+    call(store, {"a": torch.ones(1, *GRID)}, [("a", x)])
+    store.end_run()
+    rec, failure = store.latest()
+    layer = rec.layers[KEY]
+    if own_inf:
+        assert layer.dtype == torch.float16 and bool(layer[0, 0, 0, 0, 0].isinf())
+    else:
+        assert layer.dtype == torch.float32
+        torch.testing.assert_close(layer, want, rtol=0, atol=0)
