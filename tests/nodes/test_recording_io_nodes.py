@@ -1170,3 +1170,18 @@ def test_each_item_of_a_list_is_named_in_its_recording_file(io_nodes, recording,
     copy = io_nodes.SaveRecording.execute(loaded, "copy").args[0]
     with safe_open(copy, framework="pt") as f:
         assert f.metadata()["list_index"] == "1"
+
+
+def test_a_loaded_recording_names_the_file_as_the_node_was_given_it(io_nodes, recording, comfy_folders):
+    """The label maps made from a loaded recording name its file (Recording.source, Save Label Maps' 'recording'):
+    the `file` choice as listed (an output-folder file with its ' [output]' mark), or the `path` as typed without
+    its surrounding blanks; a `file` left beside a `path` is not the file read. A recording made while sampling
+    names none."""
+    _saved_at(recording, comfy_folders["output"] / "named" / "r_00001_.safetensors")
+    chosen = "named/r_00001_.safetensors [output]"
+    by_file = io_nodes.LoadRecording.execute(chosen, "").args[0]
+    assert by_file.file == chosen and by_file.source()["file"] == chosen
+    by_path = io_nodes.LoadRecording.execute("other.safetensors", f"  {chosen} ").args[0]
+    assert by_path.file == chosen and by_path.source()["file"] == chosen
+    assert by_file.select(positions=("up",)).source()["file"] == chosen  # Head PCA's selection keeps it
+    assert "file" not in recording.source()
