@@ -96,18 +96,20 @@ def _sigma_value(sig) -> float:
     return float(sig.max()) if torch.is_tensor(sig) else float(sig)
 
 
-_RECORD_MAX = torch.finfo(RECORD_DTYPE).max  # 65504
+# The smallest magnitude float16 makes inf: its largest finite value (65504) plus half its step there (32); a
+# value below it is rounded to at most 65504, as near as float16 rounds any value
+_RECORD_OVERFLOW = torch.finfo(RECORD_DTYPE).max + 16.0  # 65520
 
 
 def _kept_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a head output ``x`` (or a mean of several) is kept in: RECORD_DTYPE (float16), or float32 where
-    x is not float16 and holds finite values beyond float16's range (65504: a bfloat16 or float32 UNet's own
-    values, which float16 would make inf). The model's own NaN / inf stay float16, as recorded. Reads x's
-    extremes only for an x that is not float16 already (on a GPU a wait, before the copy to the CPU waits anyway)."""
+    x is not float16 and holds finite values that float16 would make inf (65520 and beyond, past float16's range
+    of 65504: a bfloat16 or float32 UNet's own values). The model's own NaN / inf stay float16, as recorded. Reads
+    x's extremes only for an x that is not float16 already (on a GPU a wait, before the copy to the CPU waits anyway)."""
     if x.dtype == RECORD_DTYPE or x.numel() == 0:
         return RECORD_DTYPE
     lo, hi = (float(v) for v in torch.aminmax(x))
-    if math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi) > _RECORD_MAX:
+    if math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi) >= _RECORD_OVERFLOW:
         return torch.float32
     return RECORD_DTYPE
 

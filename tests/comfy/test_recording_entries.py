@@ -464,3 +464,17 @@ def test_a_float32_layer_beyond_float16_is_kept_in_float32_unless_the_model_made
     else:
         assert layer.dtype == torch.float32
         torch.testing.assert_close(layer, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("peak, kept", [(65510.0, torch.float16), (-65519.0, torch.float16), (65520.0, torch.float32)])
+def test_values_float16_rounds_to_its_largest_finite_value_stay_float16(store, peak, kept):
+    """float16 rounds a value below 65520 (its largest finite value 65504 plus half its step there) to +-65504,
+    as near as it rounds any value: such a layer is kept in float16 as 0.5.5 kept it, not in float32 at twice the
+    memory (which Save Recording then refused); from 65520 on, float16 makes inf and the layer stays float32."""
+    x, _ = heads_of(1)
+    x = x * (abs(peak) / float(x.abs().max()))
+    x.view(-1)[x.abs().argmax()] = peak
+    call(store, {"a": torch.ones(1, *GRID)}, [("a", x)])
+    layer = recorded(store)
+    assert store.latest()[0].layers[KEY].dtype == kept
+    assert bool(layer.isfinite().all())
