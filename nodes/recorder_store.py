@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from .core.recording import LayerKey, Recording, grid_levels
+from .core.recording import FP16_OVERFLOW, LayerKey, Recording, grid_levels
 from .step_selection import StepSelection, steps_label
 
 log = logging.getLogger("HeadSeg")
@@ -98,7 +98,7 @@ def _sigma_value(sig) -> float:
 
 # The smallest magnitude float16 makes inf: its largest finite value (65504) plus half its step there (32); a
 # value below it is rounded to at most 65504, as near as float16 rounds any value
-_RECORD_OVERFLOW = torch.finfo(RECORD_DTYPE).max + 16.0  # 65520
+_RECORD_OVERFLOW = FP16_OVERFLOW  # 65520: what float16 makes inf
 
 
 def _kept_dtype(x: torch.Tensor) -> torch.dtype:
@@ -287,8 +287,8 @@ class _Store:
         if wide:
             log.warning(
                 "HeadSeg: layer(s) %s hold values beyond float16's range (65504) in this run, the UNet's own (it "
-                "computes in bfloat16 or float32): kept in float32, at twice the memory; Save Recording cannot "
-                "write them (its files hold float16)", ", ".join(wide),
+                "computes in bfloat16 or float32): kept in float32, at twice the memory (Save Recording writes them "
+                "in float32 too)", ", ".join(wide),
             )
         never = [key.name for key in self.layers if key not in self.called and key not in self.left_to_module]
         if never and self.seen_calls:

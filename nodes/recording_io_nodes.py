@@ -281,7 +281,7 @@ class SaveRecording(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Saves the recorded heads as a safetensors file (one float16 tensor [B, heads, h, w, d] "
-                "per layer, keyed like 'input.1.0', with format/size/model metadata and ComfyUI's prompt and workflow; "
+                "per layer, float32 where float16 would make its values inf, keyed like 'input.1.0', with format/size/model metadata and ComfyUI's prompt and workflow; "
                 "a recording from Load Recording keeps its file's) in the output folder, so masks can be recomputed later with Load Recording and no model."
             ),
             is_output_node=True,

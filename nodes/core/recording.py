@@ -88,6 +88,9 @@ def ascii_int(digits: str) -> int:
 
 
 _FP16_MAX = torch.finfo(torch.float16).max
+# Smallest magnitude float16 makes inf (65520): values below it round to at most float16's largest, 65504.
+FP16_OVERFLOW = _FP16_MAX + 16.0
+_FP32_MAX = torch.finfo(torch.float32).max
 _FP16_TINY = torch.finfo(torch.float16).tiny  # smallest normal float16: a head below it would lose its digits
 # The dtypes a recording, features and stacks may hold (float8 has too few digits and few kernels).
 FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -492,7 +495,8 @@ class Recording:
 def save_recording(
     rec: Recording, path, name: str = "save_recording", extra_metadata: dict[str, str] | None = None
 ) -> list[str]:
-    """Writes ``rec`` as a headseg-recording/1 safetensors file (float16 tensors, string metadata).
+    """Writes ``rec`` as a headseg-recording/1 safetensors file (float16 tensors, string metadata; float32 for a
+    layer with finite values float16 makes inf, 65520 or more, such as a float32 UNet's the recorder kept).
 
     ``extra_metadata``: more string metadata to keep in the file (a node passes ComfyUI's prompt and
     workflow, as Save Latent does); the format's own fields take precedence over a key of the same name.
@@ -514,19 +518,23 @@ def save_recording(
     tensors = {}
     for key, t in rec.layers.items():
         B, heads, h, w, d = t.shape
+        kept = torch.float16
         if t.dtype != torch.float16:  # a float16 layer (what the recorder keeps) is written as it is
-            peaks = t.detach().abs().reshape(B, heads, h * w * d).amax(2).amax(0)  # [heads] largest |value| per head
-            peaks = torch.where(peaks.isfinite(), peaks, 0.0)  # NaN / inf stay NaN / inf in float16
-            if float(peaks.max()) > _FP16_MAX:
-                raise ValueError(f"{name}: layer {key!s} has values beyond the float16 range")
-            # other dtypes than float16 would lose the digits of a head below float16's normal numbers
-            small = ((peaks > 0) & (peaks < _FP16_TINY)).nonzero().flatten().tolist()
-            if small:
-                raise ValueError(
-                    f"{name}: layer {key!s}, head {small[0]}: values at most {float(peaks[small[0]]):.3g}, below "
-                    f"float16's smallest normal number {_FP16_TINY:.3g}: the file would keep few or none of their digits"
-                )
-        tensors[key.name] = t.detach().to("cpu", torch.float16).contiguous()
+            size = t.detach().abs().nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # |finite values|; NaN / inf stay
+            peaks = size.reshape(B, heads, h * w * d).amax(2).amax(0)  # [heads] largest finite |value| per head
+            del size
+            if float(peaks.max()) > _FP32_MAX:
+                raise ValueError(f"{name}: layer {key!s} has values beyond the float32 range")
+            if float(peaks.max()) >= FP16_OVERFLOW:  # float16 would make them inf: float32 keeps them
+                kept = torch.float32
+            else:  # float16 would lose the digits of a head below its normal numbers
+                small = ((peaks > 0) & (peaks < _FP16_TINY)).nonzero().flatten().tolist()
+                if small:
+                    raise ValueError(
+                        f"{name}: layer {key!s}, head {small[0]}: values at most {float(peaks[small[0]]):.3g}, below "
+                        f"float16's smallest normal number {_FP16_TINY:.3g}: the file would keep few or none of their digits"
+                    )
+        tensors[key.name] = t.detach().to("cpu", kept).contiguous()
     extra = dict((rec.metadata if extra_metadata is None else extra_metadata) or {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
         raise TypeError("save_recording: extra_metadata must map strings to strings")

@@ -244,8 +244,12 @@ def test_values_of_a_float32_unet_beyond_float16_are_kept_in_float32(tiny, steps
     assert "input.1.0" in caplog.text and "float16's range" in caplog.text
 
 
-def test_values_of_a_bfloat16_unet_beyond_float16_are_kept_finite(tiny):
-    """The same for a bfloat16 UNet (--bf16-unet): the layer is recorded finite, in float32, and Head PCA reads it."""
+def test_values_of_a_bfloat16_unet_beyond_float16_are_kept_finite(tiny, tmp_path):
+    """The same for a bfloat16 UNet (--bf16-unet): the layer is recorded finite, in float32, and Head PCA reads it.
+    The recording is saved and loaded back bit for bit, that layer in float32 (the save refused it, so no file kept
+    the run)."""
+    from headseg.nodes.core.recording import load_recording, save_recording
+
     model = _beyond_float16(tiny.build("SD2", seed=4, dtype=torch.bfloat16))
     patched, live = recorder.attach_recorder(model)
     got = run(tiny, patched, seed=7, steps=2)
@@ -253,6 +257,10 @@ def test_values_of_a_bfloat16_unet_beyond_float16_are_kept_finite(tiny):
     layer = rec.layers[LayerKey.parse("input.1.0")]
     assert layer.dtype == torch.float32 and bool(layer.isfinite().all())
     assert float(layer.abs().max()) > 65504
+    save_recording(rec, tmp_path / "wide.safetensors", name="recording")
+    back = load_recording(tmp_path / "wide.safetensors")
+    assert list(back.layers) == list(rec.layers)
+    assert all(torch.equal(back.layers[k], t) and back.layers[k].dtype == t.dtype for k, t in rec.layers.items())
 
 
 def test_a_float16_unets_own_overflow_stays_as_it_was(tiny):

@@ -432,27 +432,49 @@ def test_the_header_saved_fits_in_what_the_web_ui_reads_of_a_dropped_file(tmp_pa
     assert load_recording(str(path)).model == "SD21"
 
 
-def test_save_rejects_values_beyond_float16(tmp_path):
-    rec = sd21_recording(dtype=torch.float32)
-    rec.layers[LayerKey("input", 4, 0)][0, 0, 0, 0, 0] = 1e6
-    with pytest.raises(ValueError, match=r"input\.4\.0.*float16"):
-        save_recording(rec, tmp_path / "x.safetensors")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_a_layer_with_values_float16_makes_inf_is_written_in_float32(tmp_path, dtype):
+    """A layer with finite values float16 would make inf (a float32 or bfloat16 UNet's own, which the recorder
+    keeps in float32) is written in float32, bit for bit where float32 holds them; the other layers, and that
+    layer's NaN, stay as float16 writes them. It was refused, so no file kept the run. Past float32's range
+    (a float64 recording of the core API) it is refused, naming the layer."""
+    from safetensors import safe_open
+
+    rec = sd21_recording(dtype=dtype)
+    key = LayerKey("input", 4, 0)
+    rec.layers[key][0, 0, 0, 0, :2] = torch.tensor([1e6, float("nan")], dtype=dtype)
+    save_recording(rec, tmp_path / "x.safetensors")
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes.pop(key.name) == "F32" and set(dtypes.values()) == {"F16"}
+    back = load_recording(tmp_path / "x.safetensors")
+    torch.testing.assert_close(back.layers[key], rec.layers[key].float(), rtol=0, atol=0, equal_nan=True)
+    other = LayerKey("output", 4, 0)
+    assert torch.equal(back.layers[other], rec.layers[other].half())
+    if dtype == torch.float64:
+        rec.layers[key][0, 0, 0, 0, 0] = 1e39
+        with pytest.raises(ValueError, match=r"^save_recording: layer input\.4\.0 has values beyond the float32 range"):
+            save_recording(rec, tmp_path / "y.safetensors")
 
 
 def test_save_checks_the_float16_range_over_every_image_of_the_batch(tmp_path):
-    """float16's largest number (65504) is written as it is; 70000, which float16 makes inf, is refused,
-    in the second image too. A head whose values lie below float16's normal numbers in one image only is
-    no such head: it is saved."""
+    """float16's largest number (65504), and 65519, which float16 rounds to it, are written in float16; 65520,
+    which float16 makes inf, makes the layer float32, in the second image too. A head whose values lie below
+    float16's normal numbers in one image only is no such head: it is saved."""
     rec = sd21_recording(dtype=torch.float32, batch=2)
     key = LayerKey("input", 4, 0)
     rec.layers[key][1, 0, 0, 0, 0] = 65504.0
     rec.layers[key][0, 1] *= 1e-6  # head 1: about 1e-6 in image 0, ordinary in image 1
     save_recording(rec, tmp_path / "x.safetensors")
     back = load_recording(tmp_path / "x.safetensors")
-    assert float(back.layers[key][1, 0, 0, 0, 0]) == 65504.0
-    rec.layers[key][1, 0, 0, 0, 0] = 70000.0
-    with pytest.raises(ValueError, match=r"input\.4\.0 has values beyond the float16 range"):
-        save_recording(rec, tmp_path / "y.safetensors")
+    assert float(back.layers[key][1, 0, 0, 0, 0]) == 65504.0 and back.layers[key].dtype == torch.float16
+    rec.layers[key][1, 0, 0, 0, 0] = -65519.0
+    save_recording(rec, tmp_path / "x.safetensors")
+    assert load_recording(tmp_path / "x.safetensors").layers[key].dtype == torch.float16
+    rec.layers[key][1, 0, 0, 0, 0] = 65520.0
+    save_recording(rec, tmp_path / "y.safetensors")
+    back = load_recording(tmp_path / "y.safetensors").layers[key]
+    assert back.dtype == torch.float32 and float(back[1, 0, 0, 0, 0]) == 65520.0
 
 
 @pytest.mark.parametrize("batch", [1, 2])

@@ -265,11 +265,12 @@ def test_save_never_writes_over_a_file_saved_under_its_name_meanwhile(io_nodes, 
 
 
 def test_a_save_that_fails_leaves_no_file(io_nodes, comfy_folders):
-    """A recording Save Recording refuses (values beyond float16) leaves no file under the name it took."""
+    """A recording Save Recording refuses (a head whose digits float16 would lose) leaves no file under the
+    name it took."""
     beyond = planted_recording([nested_scene(128, 192)], layout=small_layout(heads=2), d=8, seed=3)
     key = next(iter(beyond.layers))
-    beyond.layers[key] = beyond.layers[key].float() * 1e6
-    with pytest.raises(ValueError, match=r"^recording: layer .* beyond the float16 range"):
+    beyond.layers[key] = beyond.layers[key].float() * 1e-7
+    with pytest.raises(ValueError, match=r"^recording: layer .* below float16's smallest normal"):
         io_nodes.SaveRecording.execute(beyond, "failed/r")
     assert list((comfy_folders["output"] / "failed").iterdir()) == []
 
@@ -350,13 +351,13 @@ def test_the_empty_list_placeholder_asks_for_a_recording(io_nodes):
 def test_a_recording_save_refuses_is_named_by_the_recording_not_the_prefix(io_nodes):
     from headseg.nodes.core.recording import LayerKey, Recording
 
-    loud = Recording({LayerKey("input", 1, 0): torch.full((1, 2, 8, 8, 4), 1e6)}, (64, 64))
-    with pytest.raises(ValueError, match=r"^recording: layer input\.1\.0 has values beyond the float16 range") as caught:
-        io_nodes.SaveRecording.execute(loud, "big")
-    assert "filename_prefix" not in str(caught.value)
     faint = Recording({LayerKey("input", 1, 0): torch.full((1, 2, 8, 8, 4), 1e-7)}, (64, 64))  # float32
-    with pytest.raises(ValueError, match=r"^recording: layer input\.1\.0, head 0: values at most .*below float16's"):
+    with pytest.raises(ValueError, match=r"^recording: layer input\.1\.0, head 0: values at most .*below float16's") as caught:
         io_nodes.SaveRecording.execute(faint, "faint")
+    assert "filename_prefix" not in str(caught.value)
+    loud = Recording({LayerKey("input", 1, 0): torch.full((1, 2, 8, 8, 4), 1e6)}, (64, 64))  # float16 makes inf
+    path = io_nodes.SaveRecording.execute(loud, "big").args[0]  # written in float32
+    assert torch.equal(io_nodes.LoadRecording.execute("", path).args[0].layers[LayerKey("input", 1, 0)], loud.layers[LayerKey("input", 1, 0)])
 
 
 def test_a_prefix_through_a_file_is_blamed_on_the_prefix(io_nodes, recording, comfy_folders):
