@@ -360,10 +360,26 @@ def _file_metadata(rec, hidden) -> dict[str, str]:
     from comfy.cli_args import args
 
     if rec.metadata is None:  # recorded while sampling: this prompt made it
-        return {**comfy_metadata(hidden), "list_index": str(list_index())}
+        return {**_utf8_entries(comfy_metadata(hidden)), "list_index": str(list_index())}
     if args.disable_metadata:
         return {key: text for key, text in rec.metadata.items() if key == "list_index"}
     return dict(rec.metadata)
+
+
+def _utf8_entries(texts: dict[str, str]) -> dict[str, str]:
+    """{key: JSON text} -> the entries whose key UTF-8 can write (the values are JSON, non-ASCII escaped); the
+    others are left out with a log line. ComfyUI hands over every key of a prompt's extra_pnginfo, which
+    whoever queues the prompt chooses: a key holding a lone surrogate ('\\ud800', from an API client that cut
+    a UTF-16 string) made safetensors raise UnicodeEncodeError, naming nothing."""
+    kept = {}
+    for key, text in texts.items():
+        try:
+            key.encode("utf-8")
+        except UnicodeError:
+            logging.warning("HeadSeg Save Recording: metadata entry %r left out: its key is no text UTF-8 can hold", key)
+            continue
+        kept[key] = text
+    return kept
 
 
 def _nonfinite_note(rec, node: str) -> list[str]:

@@ -1100,6 +1100,40 @@ def test_a_workflow_too_large_for_the_files_header_is_left_out_and_the_file_stil
     assert list(loaded.layers) == list(recording.layers)
 
 
+def test_a_workflow_entry_a_file_cannot_name_is_left_out_and_no_file_is_left(io_nodes, recording, comfy_folders, caplog):
+    """ComfyUI hands Save Recording every key of a prompt's extra_pnginfo, which whoever queues the prompt
+    chooses. A key holding a lone surrogate ('\\ud800', from an API client that cut a UTF-16 string) has no
+    UTF-8 bytes: safetensors raised an unnamed UnicodeEncodeError and the run failed. Such an entry is left
+    out with a log line; the rest (non-ASCII keys UTF-8 holds too) is written and the file loads."""
+    import json
+
+    from safetensors import safe_open
+
+    import execution
+
+    prompt = {"4": {"class_type": "HeadSeg_SaveRecording", "inputs": {"filename_prefix": "keys"}}}
+
+    class Prompt:  # the executor's DynamicPrompt, as far as get_input_data reads it
+        def get_original_prompt(self):
+            return prompt
+
+    extra = {"extra_pnginfo": {"workflow": {"nodes": [4]}, "\ud800": {"a": 1}, "x\udfffy": 2, "\u5de5\u4f5c\u6d41": [3]}}
+    _, _, hidden = execution.get_input_data({"filename_prefix": "keys"}, io_nodes.SaveRecording, "4", None, Prompt(), extra)
+    node = io_nodes.SaveRecording.PREPARE_CLASS_CLONE(hidden)
+    with caplog.at_level("WARNING", logger="HeadSeg"):
+        path = node.execute(recording, "keys").args[0]
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["workflow"]) == {"nodes": [4]} and json.loads(meta["prompt"]) == prompt
+    assert json.loads(meta["\u5de5\u4f5c\u6d41"]) == [3]  # UTF-8 holds it
+    assert not any("\ud800" in key or "\udfff" in key for key in meta)
+    said = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(said) == 2 and "'\\ud800'" in said[0] and "'x\\udfffy'" in said[1]
+    assert [p.name for p in (comfy_folders["output"]).glob("keys_*")] == [os.path.basename(path)]
+    loaded = io_nodes.LoadRecording.execute("", path).args[0]
+    assert list(loaded.layers) == list(recording.layers)
+
+
 @pytest.mark.parametrize("disable_metadata", [False, True])
 def test_a_loaded_recording_saved_again_keeps_its_files_prompt_and_workflow(io_nodes, recording, comfy_folders, disable_metadata):
     """Load Recording -> Save Recording (a copy under another prefix, into a dataset folder): the new file
