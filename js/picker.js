@@ -479,11 +479,12 @@ export class Picker {
     this.marker.style.top = `${((p.y + 0.5) / this.size[1]) * 100}%`;
   }
 
-  /** A ring on each more_points pixel inside the grid: green = in the masks, red = not. */
+  /** A ring on each more_points pixel inside the grid: green = in the masks, red = not. Of a text listing more
+   * pixels than the node takes, the first MAX_POINTS (the info line says so). */
   updateRings() {
     const size = this.size;
     const inside = (q) => size && q.x >= 0 && q.y >= 0 && q.x < size[0] && q.y < size[1];
-    const points = pixels.currentPoints(this.node, this.output).filter(inside);
+    const points = pixels.currentPoints(this.node, this.output).slice(0, pixels.MAX_POINTS).filter(inside);
     this.rings.replaceChildren();
     for (const q of points) {
       const ring = el("div", q.keep ? "headseg-ring" : "headseg-ring headseg-ring-out", this.rings);
@@ -506,6 +507,9 @@ export class Picker {
     const kept = points.filter((q) => q.keep).length;
     if (kept) parts.push(`+${kept} in`);
     if (points.length > kept) parts.push(`${points.length - kept} out`);
+    if (points.length > pixels.MAX_POINTS) {
+      parts.push(`more_points: ${points.length} pixels, the node takes at most ${pixels.MAX_POINTS} (rings on the first)`);
+    }
     if (this.size) parts.push(`${this.size[0]}×${this.size[1]}`);
     const n = this.masks().filter((ref) => fileUrl(ref)).length;
     if (n) {

@@ -108,6 +108,11 @@ function widgetsHold(node, axes, pixel) {
 // not contain (nodes/core/masks.py parse_points reads the same text with the same grammar: blanks as
 // \s, ASCII digits; entries it would refuse are skipped here, the node names them when queued).
 
+// The most pixels the node takes in more_points (nodes/core/masks.py MAX_POINTS: more are refused when queued).
+// The picker draws a ring on at most as many: a text of hundreds of thousands of pixels (a damaged or crafted
+// shared workflow) built one element each and froze the tab.
+export const MAX_POINTS = 1024;
+
 /** "12,40; -300,200" -> [{x: 12, y: 40, keep: true}, {x: 300, y: 200, keep: false}]. */
 export function parsePoints(text) {
   if (typeof text !== "string") return [];

@@ -143,7 +143,7 @@ class MaskSelectAtPixel(io.ComfyNode):
                         "contain (e.g. '120,80; -300,200': both eyes, but not the other cat). Empty = (x, y) "
                         "alone. In the picker, shift-click adds a pixel to contain and alt-click one to leave "
                         "out; shift-click on a green ring turns it red, any other click on a ring removes it; a "
-                        "plain click starts over."
+                        f"plain click starts over. At most {core_masks.MAX_POINTS} pixels."
                     ),
                 ),
             ],

@@ -356,16 +356,26 @@ _POINT = re.compile(f"(-?)[{_BLANK}]*([0-9]+)[{_BLANK}]*,[{_BLANK}]*([0-9]+)")
 # A coordinate of 10**9 or more is read as POINT_BEYOND (ascii_int): past any grid or picture, so moved to
 # the last column or row as any such pixel (and no int() of thousands of digits).
 POINT_BEYOND = DIGITS_BEYOND
+# The most pixels more_points may list (the picker draws at most as many rings, js/picker_pixels.js MAX_POINTS):
+# a few narrow the masks at a pixel; a text of hundreds of thousands (a damaged or crafted shared workflow)
+# took seconds of the run per image and sent the browser as many pixels, one ring each, which froze its tab.
+MAX_POINTS = 1024
 
 
 def parse_points(text, name: str = "more_points") -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """"12,40; -300,200" -> (include [(12, 40)], exclude [(300, 200)]): 'x,y' pairs of pixels (ASCII digits)
     separated by ';' or new lines, a leading '-' marking a pixel the masks must not contain; "" -> ([], []);
-    a coordinate of more than 9 digits is read as 10**9. ValueError naming ``name`` for anything else."""
+    a coordinate of more than 9 digits is read as 10**9. ValueError naming ``name`` for anything else, and
+    for more than MAX_POINTS entries."""
     if not isinstance(text, str):
         raise ValueError(f"{name}: expected text such as '12,40; -300,200', got {type(text).__name__}")
     include, exclude = [], []
     entries = [e for e in (e.strip(_BLANK_CHARS) for e in text.replace("\n", ";").split(";")) if e]
+    if len(entries) > MAX_POINTS:
+        raise ValueError(
+            f"{name}: expected at most {MAX_POINTS} 'x,y' pixels separated by ';', got {len(entries)} entries: a few "
+            f"pixels narrow the masks at (x, y), e.g. '12,40; -300,200'"
+        )
     for n, entry in enumerate(entries, start=1):
         m = _POINT.fullmatch(entry)
         if m is None:

@@ -307,3 +307,34 @@ def test_a_ring_is_drawn_centred_on_its_pixel(comfy_page, pictures):
     marker = page.eval_on_selector(sel + " .headseg-marker", "e => e.getBoundingClientRect().toJSON()")
     assert marker["width"] == 0  # the cross is drawn around a point: no box to size
     assert comfy_page.pack_problems() == []
+
+
+def test_a_text_of_more_pixels_than_the_node_takes_draws_at_most_that_many_rings(comfy_page, pictures):
+    """A shared workflow whose more_points lists 200 000 pixels (damaged or crafted) built one ring element each
+    and froze the tab. The picker draws rings on the first MAX_POINTS (the node's limit, which refuses more when
+    queued) and its info line says so; the picture stays clickable."""
+    from headseg.nodes.core.masks import MAX_POINTS
+
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id, sel = ready_picker(page, name)
+    assert page.evaluate("async () => (await import('/extensions/HeadSeg/picker_pixels.js')).MAX_POINTS") == MAX_POINTS
+    text = "; ".join(f"{'-' if i % 3 == 0 else ''}{i % W},{(i // W) % H}" for i in range(200_000))
+    ms = page.evaluate(
+        """([id, t]) => { const start = performance.now();
+             app.graph.getNodeById(id).widgets.find(w => w.name === 'more_points').value = t;
+             app.graph.getNodeById(id).headsegPicker.sync(true); return performance.now() - start; }""",
+        [node_id, text],
+    )
+    settle(page, 800)
+    assert page.eval_on_selector_all(sel + " .headseg-ring", "rs => rs.length") == MAX_POINTS
+    info = page.inner_text(sel + " .headseg-info")
+    assert f"more_points: 200000 pixels, the node takes at most {MAX_POINTS}" in info, info
+    assert ms < 5000, ms
+    # at the limit: every ring, no such note
+    text = "; ".join(f"{i % W},{(i // W) % H}" for i in range(MAX_POINTS))
+    page.evaluate("([id, t]) => { app.graph.getNodeById(id).widgets.find(w => w.name === 'more_points').value = t; }", [node_id, text])
+    settle(page, 800)
+    assert page.eval_on_selector_all(sel + " .headseg-ring", "rs => rs.length") == MAX_POINTS
+    assert "takes at most" not in page.inner_text(sel + " .headseg-info")
+    assert comfy_page.pack_problems() == []

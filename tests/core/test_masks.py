@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from headseg.nodes.core.kmeans import ClusterSweep, KMeansResult
-from headseg.nodes.core.masks import (MaskSet, labels_to_masks, masks_at_pixel, merge_masks, merge_sweep, merge_sweep_bytes,
-                                      parse_points, sweep_to_masks)
+from headseg.nodes.core.masks import (MAX_POINTS, MaskSet, labels_to_masks, masks_at_pixel, merge_masks, merge_sweep,
+                                      merge_sweep_bytes, parse_points, sweep_to_masks)
 from headseg.nodes.core.metrics import pairwise_iou
 
 
@@ -339,6 +339,19 @@ def test_parse_points_takes_time_in_proportion_to_the_text():
     start = time.perf_counter()
     assert parse_points(blanks + "-" + blanks + "3" + blanks + "," + blanks + "4" + blanks) == ([], [(3, 4)])
     assert time.perf_counter() - start < 1.0
+
+
+def test_parse_points_takes_at_most_max_points_pixels():
+    """A more_points of hundreds of thousands of pixels (a damaged or crafted shared workflow) ran for seconds per
+    image and sent the browser a ring to draw for each, freezing its tab: more than MAX_POINTS are refused by
+    name, with the limit and the count; MAX_POINTS are read (blank entries do not count)."""
+    text = "; ".join(f"{i % 50},{i // 50}" for i in range(MAX_POINTS)) + ";;\n ; "
+    include, exclude = parse_points(text)
+    assert len(include) == MAX_POINTS and exclude == []
+    with pytest.raises(ValueError, match=rf"^more_points: expected at most {MAX_POINTS} 'x,y' pixels .* got {MAX_POINTS + 1} entries"):
+        parse_points(text + "; -3,4")
+    with pytest.raises(ValueError, match="^links: expected at most .* got 200000 entries"):
+        parse_points("1,2;" * 200000, name="links")
 
 
 def test_parse_points_reads_blanks_and_huge_numbers_as_the_picker_does():

@@ -818,6 +818,21 @@ def test_malformed_more_points_are_refused_when_queued_and_at_run_time(nodes, re
         nodes.MaskSelectAtPixel.execute(masks_of(nodes, recording), 1, 1, 0, None, text)
 
 
+def test_more_points_past_the_limit_are_refused_when_queued_and_at_run_time(nodes, recording):
+    """Hundreds of thousands of more_points (a damaged or crafted shared workflow, or a node linked to it) ran for
+    seconds per image and went to the picker as one ring each: more than MAX_POINTS are refused by name, typed
+    (the prompt check) or linked (the run)."""
+    from headseg.nodes.core.masks import MAX_POINTS
+
+    many = "; ".join(["3,4"] * (MAX_POINTS + 1))
+    said = nodes.MaskSelectAtPixel.validate_inputs(more_points=many)
+    assert isinstance(said, str) and said.startswith(f"more_points: expected at most {MAX_POINTS} 'x,y' pixels"), said
+    with pytest.raises(ValueError, match=f"^more_points: expected at most {MAX_POINTS} 'x,y' pixels"):
+        nodes.MaskSelectAtPixel.execute(masks_of(nodes, recording), 1, 1, 0, None, many)
+    out = nodes.MaskSelectAtPixel.execute(masks_of(nodes, recording), 1, 1, 0, None, "; ".join(["3,4"] * MAX_POINTS))
+    assert len(out.ui["headseg_points"]) == MAX_POINTS
+
+
 def test_a_list_of_items_joined_by_comfyui_tells_the_first_items_share_of_the_payload(nodes, recording, comfy_folders):
     """A list input (latents from Rebatch Latents, here of two sizes) runs Mask Select once per item, and
     ComfyUI's executor joins the runs' UI payloads key by key. The picker shows the first item: headseg_item's
