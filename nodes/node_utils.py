@@ -366,9 +366,18 @@ def image_batch(image, name: str = "image", first_only: bool = False) -> torch.T
 
 
 def _blank_prefix_error(filename_prefix, example: str) -> str | None:
-    """The message for a filename_prefix that is no text, blank or holds a NUL; None for any other."""
+    """The message for a filename_prefix that is no text, blank, holds a NUL or a character no file name can (a
+    lone surrogate such as '\\ud800', from an API client that cut a UTF-16 text: open() raised an unnamed
+    UnicodeEncodeError after sampling); None for any other."""
     if not isinstance(filename_prefix, str) or not filename_prefix.strip() or "\x00" in filename_prefix:
         return f"filename_prefix: expected a file name prefix such as {example!r}, got {filename_prefix!r}"
+    try:
+        os.fsencode(filename_prefix)
+    except UnicodeError:
+        return (
+            f"filename_prefix: expected a file name prefix such as {example!r}, got {filename_prefix!r}, which holds "
+            "a character no file name can (a lone surrogate)"
+        )
     return None
 
 

@@ -136,6 +136,10 @@ def test_errors_name_the_input(io_nodes, recording, comfy_folders):
         io_nodes.SaveRecording.execute(recording, "  ")
     with pytest.raises(ValueError, match="^filename_prefix: expected"):
         io_nodes.SaveRecording.execute(recording, "rec\x00x")
+    for prefix in ("rec\ud800x", "sub/\udfff/x"):  # a lone surrogate, linked: no file name holds it
+        with pytest.raises(ValueError, match="^filename_prefix: expected a file name prefix .* holds a character no file name can"):
+            io_nodes.SaveRecording.execute(recording, prefix)
+    assert not (comfy_folders["output"] / "sub").exists()  # no folder made for it
     with pytest.raises(ValueError, match="^filename_prefix 'x+': cannot write .*shorter prefix"):
         io_nodes.SaveRecording.execute(recording, "x" * 300)  # a file name longer than the OS allows
     with pytest.raises(ValueError, match="^filename_prefix 'sub/b+/c': cannot .*shorter prefix"):
@@ -679,7 +683,9 @@ def test_a_prefix_outside_the_output_folder_is_refused_when_queued(io_nodes, com
     from headseg.nodes.label_map_nodes import SaveLabelMaps
 
     for node, example in ((io_nodes.SaveRecording, "headseg/recording"), (SaveLabelMaps, "headseg/labels")):
-        for bad in ("../x", "a/../../x", str(comfy_folders["input"] / "x"), "  ", "a\x00b"):
+        # a lone surrogate (an API client's cut UTF-16 text) is no file name: it passed, then the run failed after
+        # sampling in open() with an unnamed UnicodeEncodeError (or named, through a subfolder made first)
+        for bad in ("../x", "a/../../x", str(comfy_folders["input"] / "x"), "  ", "a\x00b", "\ud800x", "a/\udfff/b"):
             message = node.validate_inputs(filename_prefix=bad)
             assert isinstance(message, str) and message.startswith("filename_prefix"), (node, bad, message)
             assert example in message
