@@ -525,7 +525,8 @@ def save_recording(
             del size
             if float(peaks.max()) > _FP32_MAX:
                 raise ValueError(f"{name}: layer {key!s} has values beyond the float32 range")
-            if float(peaks.max()) >= FP16_OVERFLOW:  # float16 would make them inf: float32 keeps them
+            # read as float32 holds them: torch casts float64 to float16 through float32, so 65519.999 is inf
+            if float(peaks.max().to(torch.float32)) >= FP16_OVERFLOW:  # float16 would make them inf: float32 keeps them
                 kept = torch.float32
             else:  # float16 would lose the digits of a head below its normal numbers
                 small = ((peaks > 0) & (peaks < _FP16_TINY)).nonzero().flatten().tolist()

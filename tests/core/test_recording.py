@@ -477,6 +477,18 @@ def test_save_checks_the_float16_range_over_every_image_of_the_batch(tmp_path):
     assert back.dtype == torch.float32 and float(back[1, 0, 0, 0, 0]) == 65520.0
 
 
+def test_a_float64_value_float32_rounds_to_65520_makes_the_layer_float32(tmp_path):
+    """torch casts float64 to float16 through float32: 65519.999 (below 65520 in float64) is 65520.0 in float32,
+    which float16 makes inf. The layer is written in float32, finite; it was written in float16, made inf."""
+    rec = sd21_recording(dtype=torch.float64)
+    key = LayerKey("input", 4, 0)
+    rec.layers[key][0, 0, 0, 0, 0] = 65519.999
+    assert math.isinf(float(rec.layers[key].to(torch.float16)[0, 0, 0, 0, 0]))  # what a float16 file held
+    save_recording(rec, tmp_path / "x.safetensors")
+    back = load_recording(tmp_path / "x.safetensors").layers[key]
+    assert back.dtype == torch.float32 and float(back[0, 0, 0, 0, 0]) == 65520.0
+    assert bool(back.isfinite().all())
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_save_rejects_a_head_below_float16s_normal_numbers(tmp_path, batch):
     """float16 would keep few or none of its digits (1e-9 -> 0): refused, naming layer and head."""
