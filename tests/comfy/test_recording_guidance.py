@@ -68,6 +68,21 @@ def test_pag_keeps_its_effect_in_either_order_and_its_pass_is_not_recorded(tiny,
         assert_last_main_pass(live.snapshot(got), probe, (16, 16))
 
 
+@pytest.mark.parametrize("cfg", [1.0, 7.0])
+def test_pag_over_two_chained_record_nodes_warns_neither(tiny, sd2, cfg, caplog):
+    """PAG's perturbed pass drops the whole chain of HeadSeg patches of the middle layer (its ("middle", 0)
+    patch must run): an extra pass, so no record node is told its layer was taken over; the second record
+    node's wrapper has not run yet in that call and must read its own pass as the extra one it is."""
+    pos, neg = tiny.conditioning("SD2")
+    patched, first = recorder.attach_recorder(sd2)
+    patched, second = recorder.attach_recorder(patched)
+    model = pag(patched)
+    with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        got = tiny.sample(model, pos, neg, latent_hw=(16, 16), steps=2, seed=2, cfg=cfg)
+    assert "takes precedence" not in caplog.text and "not run through" not in caplog.text, caplog.text
+    for live in (first, second):
+        assert LayerKey.parse("middle.0.0") in live.snapshot(got).layers
+
 def sag(model):
     return nodes_sag.SelfAttentionGuidance.execute(model, 0.5, 2.0).result[0]
 
