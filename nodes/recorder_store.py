@@ -104,11 +104,14 @@ _RECORD_OVERFLOW = FP16_OVERFLOW  # 65520: what float16 makes inf
 def _kept_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a head output ``x`` (or a mean of several) is kept in: RECORD_DTYPE (float16), or float32 where
     x is not float16 and holds finite values that float16 would make inf (65520 and beyond, past float16's range
-    of 65504: a bfloat16 or float32 UNet's own values). The model's own NaN / inf stay float16, as recorded. Reads
-    x's extremes only for an x that is not float16 already (on a GPU a wait, before the copy to the CPU waits anyway)."""
+    of 65504, as float32 rounds them: a bfloat16, float32 or float64 UNet's own values). The model's own NaN / inf
+    stay float16, as recorded. Reads x's extremes only for an x that is not float16 already (on a GPU a wait, before
+    the copy to the CPU waits anyway)."""
     if x.dtype == RECORD_DTYPE or x.numel() == 0:
         return RECORD_DTYPE
-    lo, hi = (float(v) for v in torch.aminmax(x))
+    # read as float32 holds them: torch casts a float64 UNet's values (--fp64-unet) to float16 through float32,
+    # so 65519.999 is inf in float16
+    lo, hi = (float(v.to(torch.float32)) for v in torch.aminmax(x))
     if math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi) >= _RECORD_OVERFLOW:
         return torch.float32
     return RECORD_DTYPE

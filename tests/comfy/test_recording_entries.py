@@ -478,3 +478,17 @@ def test_values_float16_rounds_to_its_largest_finite_value_stay_float16(store, p
     layer = recorded(store)
     assert store.latest()[0].layers[KEY].dtype == kept
     assert bool(layer.isfinite().all())
+
+
+def test_a_float64_models_value_float32_rounds_to_65520_is_kept_in_float32(store):
+    """A float64 UNet (--fp64-unet): torch casts float64 to float16 through float32, so 65519.999 (below 65520 in
+    float64) is 65520.0 on the way, which float16 makes inf: the layer is kept in float32, finite. It was kept in
+    float16, that value made inf, and Head PCA refused the layer as a float16 overflow."""
+    x, _ = heads_of(1)
+    x = x.double() * (65000.0 / float(x.abs().max()))
+    x.view(-1)[x.abs().argmax()] = 65519.999
+    assert bool(x.to(torch.float16).isinf().any())  # what a float16 copy holds
+    call(store, {"a": torch.ones(1, *GRID)}, [("a", x)])
+    layer = recorded(store)
+    assert store.latest()[0].layers[KEY].dtype == torch.float32
+    assert bool(layer.isfinite().all()) and float(layer.abs().max()) == 65520.0
