@@ -198,18 +198,19 @@ def _override_path(path) -> str | None:
     return inside
 
 
-def _elsewhere(path: str) -> str:
-    """For a relative ``path`` missing from the input folder: a hint naming the output or temp folder
-    when a file of that relative name is there, else ""."""
+def _elsewhere(path: str, kinds=("output", "temp"), verb: str = "write") -> str:
+    """For a relative ``path`` missing from the input folder: a hint naming the first folder of ``kinds``
+    ('output', 'temp') where a file of that relative name is, and the name to ``verb`` ('write' for 'path',
+    'choose' for the 'file' list, which holds no temp-folder file), else ""."""
     import folder_paths
 
     if os.path.isabs(os.path.expanduser(path)) or path.endswith("]"):  # absolute, or a folder named
         return ""
-    for kind in ("output", "temp"):
+    for kind in kinds:
         folder = folder_paths.get_directory_by_type(kind)
         full = _path_inside(os.path.join(folder, path), [folder])
         if full is not None and os.path.isfile(full):
-            return f"; the {kind} folder has one: write {path + ' [' + kind + ']'!r}"
+            return f"; the {kind} folder has one: {verb} {path + ' [' + kind + ']'!r}"
     return ""
 
 
@@ -235,7 +236,7 @@ def _resolve(file, path) -> tuple[str, str]:
         raise ValueError(
             f"file: no such recording file: {file!r} in ComfyUI's {where} folder: put the recording file there "
             f"(Save Recording writes them to the output folder) and refresh the page, or choose another "
-            f"file{_elsewhere(str(file)) if where == 'input' else ''}"
+            f"file{_elsewhere(str(file), ('output',), 'choose') if where == 'input' else ''}"
         )
     return full, "file"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 import pytest
@@ -75,7 +76,15 @@ def test_save_then_load_round_trips(io_nodes, recording, comfy_folders):
     assert "folder has one" not in str(missed.value)
     with pytest.raises(ValueError, match="^file: no such recording file") as missed:
         io_nodes.LoadRecording.execute(relative, "")
-    assert str(missed.value).endswith(hint)
+    assert str(missed.value).endswith(f"; the output folder has one: choose '{relative} [output]'")  # a list: no typing
+    # 'file' names no temp-folder file (' [temp]' is refused): one there of that name is no choice to offer
+    (comfy_folders["temp"] / "headseg").mkdir(exist_ok=True)
+    shutil.copy(path, comfy_folders["temp"] / "headseg" / "temp_only.safetensors")
+    with pytest.raises(ValueError, match="^file: no such recording file") as missed:
+        io_nodes.LoadRecording.execute("headseg/temp_only.safetensors", "")
+    assert "temp folder" not in str(missed.value)
+    with pytest.raises(ValueError, match="^file: expected a file inside ComfyUI's input folder"):
+        io_nodes.LoadRecording.execute("headseg/temp_only.safetensors [temp]", "")  # what it said to write
     with pytest.raises(ValueError, match=r"^file: .* in ComfyUI's output folder: put the recording file there"):
         io_nodes.LoadRecording.execute("headseg/none.safetensors [output]", "")
 
