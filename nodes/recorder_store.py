@@ -290,10 +290,11 @@ class _Store:
         if wide:
             log.warning(
                 "HeadSeg: layer(s) %s hold values beyond float16's range (65504) in this run, the UNet's own (it "
-                "computes in bfloat16 or float32): kept in float32, at twice the memory (Save Recording writes them "
-                "in float32 too)", ", ".join(wide),
+                "computes in bfloat16, float32 or float64): kept in float32, at twice the memory (Save Recording "
+                "writes them in float32 too)", ", ".join(wide),
             )
-        never = [key.name for key in self.layers if key not in self.called and key not in self.left_to_module]
+        never = [key.name for key in self.layers
+                 if key not in self.called and key not in self.left_to_module and key not in self.shadowed]
         if never and self.seen_calls:
             log.warning(
                 "HeadSeg: layers %s were not run through HeadSeg's patch in this sampling run (another node's "

@@ -820,6 +820,24 @@ def test_a_run_whose_layers_a_later_block_number_patch_took_over_says_so(tiny, s
     assert (got - want).abs().max().item() <= 1e-4 and LayerKey.parse("middle.0.0") in live.snapshot(got).layers
 
 
+def test_a_layer_a_later_block_number_patch_took_over_is_warned_about_once(tiny, sd2, caplog):
+    """With other layers recorded, the layer a later (block, number) patch takes over is named once, by the
+    warning that says which patch took it; the end of the run no longer names it again as a layer 'not run
+    through HeadSeg's patch (another node's (block, number) attn1 patch took precedence, or removed HeadSeg's?)'."""
+    def halved(q, k, v, extra):
+        return comfy_attention.optimized_attention(q, k, v, extra["n_heads"]) * 0.5
+
+    model, live = recorder.attach_recorder(sd2, positions=["middle", "up"])
+    later = model.clone()
+    later.set_model_attn1_replace(halved, "middle", 0)
+    with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        got = run(tiny, later, latent_hw=(8, 8))
+    rec = live.snapshot(got)
+    assert LayerKey.parse("middle.0.0") not in rec.layers and any(k.position == "up" for k in rec.layers)
+    assert caplog.text.count("not recording middle.0.0: a (middle, 0) attn1 patch of another node takes precedence") == 1
+    assert "not run through HeadSeg's patch" not in caplog.text
+
+
 @pytest.mark.parametrize("how", ["forward hook", "forward pre hook", "object patch", "another module's forward"])
 def test_a_self_attention_module_running_another_nodes_code_is_left_to_it(tiny, sd2, how, caplog):
     """An attn1 replace patch makes ComfyUI skip the attn1 module's own call (it runs to_q, to_k, to_v,
