@@ -7,6 +7,13 @@ import { storedOutput } from "./graph_helpers.js";
 import { addStyle } from "./styles.js";
 
 const NOTE_WIDGET = "headseg_note";
+// The note's text: 11 px lines (styles.js .headseg-note) between 2 px of padding above and below; a note
+// longer than NOTE_MAX_LINES lines is cut there (the whole text is its tooltip).
+const NOTE_LINE = 11 * 1.35;
+const NOTE_PADDING = 4;
+const NOTE_MAX_LINES = 6;
+// The margin ComfyUI's canvas leaves above and below a DOM widget's element (BaseDOMWidgetImpl's default).
+const DOM_WIDGET_MARGIN = 10;
 
 /**
  * A small text line under the other HeadSeg nodes after a run: the node's ``text`` (e.g. how many
@@ -21,6 +28,19 @@ class NoteLine {
     this.shown = null;
     addStyle();
     this.root = el("div", "headseg-note");
+    this.textEl = el("div", "headseg-note-text", this.root);
+    this.textBox = 0; // the text's height as the page lays it out (0: not laid out yet)
+    // A new text, or a new width that wraps it anew, changes the height the node must give the note.
+    if (typeof ResizeObserver !== "undefined") {
+      this.resizeObserver = new ResizeObserver((entries) => {
+        const height = entries[entries.length - 1]?.contentRect?.height ?? 0;
+        if (height > 0 && height !== this.textBox) {
+          this.textBox = height;
+          this.node.setDirtyCanvas?.(true, true);
+        }
+      });
+      this.resizeObserver.observe(this.textEl);
+    }
   }
 
   attach() {
@@ -30,8 +50,8 @@ class NoteLine {
       hideOnZoom: true,
       getValue: () => "",
       setValue: () => {},
-      getMinHeight: () => 34,
-      getMaxHeight: () => 64,
+      getMinHeight: () => this.minHeight(),
+      getMaxHeight: () => Math.max(64, this.minHeight()),
     });
     this.widget.serialize = false;
     const min = this.node.computeSize?.();
@@ -44,6 +64,23 @@ class NoteLine {
     this.labels = Array.isArray(output.headseg_labels) ? output.headseg_labels.map(String) : null;
     if (this.text.length || this.labels?.length) this.attach();
     this.tick(true);
+  }
+
+  /** The widget's height (graph units) that shows every line of the note, up to NOTE_MAX_LINES. The classic
+   * canvas draws a DOM widget's element 2 x its margin shorter than the widget: a fixed minimum (34) left the
+   * note 14 px, less than one line, on the nodes whose picture preview takes the rest of the node (Head PCA,
+   * Multi K-Means, Save Label Maps), and their second line was hidden. The Vue node renderer (Nodes 2.0)
+   * leaves no margin. */
+  minHeight() {
+    const margin = globalThis.LiteGraph?.vueNodesMode ? 0 : (this.widget?.margin ?? DOM_WIDGET_MARGIN);
+    return 2 * margin + NOTE_PADDING + Math.min(this.textHeight(), NOTE_MAX_LINES * NOTE_LINE);
+  }
+
+  /** The text's height as the page lays it out at the element's width (layout px = graph units: the canvas
+   * zoom is a transform); until it is laid out, one line per line of the text. */
+  textHeight() {
+    if (this.textBox > 0) return this.textBox;
+    return Math.max(1, (this.shown ?? "").split("\n").length) * NOTE_LINE;
   }
 
   content() {
@@ -61,7 +98,7 @@ class NoteLine {
     const text = this.content();
     if (!force && text === this.shown) return;
     this.shown = text;
-    this.root.textContent = text;
+    this.textEl.textContent = text;
     this.root.title = text;
   }
 }

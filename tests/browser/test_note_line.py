@@ -1,11 +1,13 @@
-"""The note line under the other HeadSeg nodes: Multi K-Means names the k of the colour map shown, and
-the line comes back when undo rebuilds a node in the Vue node renderer.
+"""The note line under the other HeadSeg nodes: Multi K-Means names the k of the colour map shown, the
+whole text shows on nodes with a picture preview, and the line comes back when undo rebuilds a node in the
+Vue node renderer.
 """
 
 from __future__ import annotations
 
+import pytest
 
-from headseg.tests.browser.helpers import add_merge_with_note, rebuild_as_undo_does, vue_nodes
+from headseg.tests.browser.helpers import add_merge_with_note, rebuild_as_undo_does, settle, vue_nodes
 
 
 def test_multi_kmeans_note_names_the_k_of_the_shown_colour_map(comfy_page, pictures):
@@ -26,6 +28,44 @@ def test_multi_kmeans_note_names_the_k_of_the_shown_colour_map(comfy_page, pictu
         page.evaluate(f"(id) => {{ app.graph.getNodeById(id).imageIndex = {i}; app.canvas.setDirty(true, true); app.canvas.draw(true, true); }}", node_id)
         page.wait_for_function(f"(id) => ({note})(id).startsWith('showing {k}')", arg=node_id, timeout=10_000)
         assert "3 colour maps" in page.evaluate(note, node_id)
+    assert comfy_page.pack_problems() == []
+
+
+# A note's element -> {clientHeight, scrollHeight} once it is laid out with its text
+JS_NOTE_BOX = """(id) => { const e = app.graph.getNodeById(id).headsegNote?.root;
+  return e && e.clientHeight > 0 ? {client: e.clientHeight, scroll: e.scrollHeight, text: e.textContent} : null; }"""
+
+
+@pytest.mark.parametrize(
+    "node_type, text",
+    [
+        ("HeadSeg_HeadPCA", "195 heads recorded in 16 layers; 175 heads in 15 layers selected (down+up, levels all); 8 components each"),
+        ("HeadSeg_SaveLabelMaps", "headseg/labels_00002_*: 5 label maps (k = 2, 5, 6, 10, 20) + the picture"),
+    ],
+)
+def test_the_whole_note_shows_above_a_picture_preview(comfy_page, pictures, node_type, text):
+    """On a node whose run shows a picture (Head PCA, Save Label Maps) the preview takes the node's free height,
+    and the note got its minimum widget height, 34, of which the canvas draws the element 2 x 10 px shorter:
+    14 px, less than one line, so the second line of these texts (from a real run of the explore example, at
+    the example's node width) was hidden and the first one cut at its descenders."""
+    page = comfy_page.page
+    ref = {"filename": pictures["landscape"][0], "subfolder": "", "type": "input"}
+    node_id = page.evaluate(
+        """([type, ref, text]) => { app.graph.clear(); const m = LiteGraph.createNode(type); m.pos = [40, 80];
+                   m.size = [330, 200]; app.graph.add(m); app.canvas.ds.scale = 1; app.canvas.ds.offset = [100, 100];
+                   const out = {images: [ref], text: [text]};
+                   app.nodeOutputs[String(m.id)] = out; m.onExecuted(out);
+                   app.canvas.setDirty(true, true); return m.id; }""", [node_type, ref, text]
+    )
+    page.wait_for_function("(id) => { const n = app.graph.getNodeById(id); return n.imgs?.length === 1 && n.imgs[0].complete && n.imgs[0].naturalWidth > 0; }", arg=node_id, timeout=15_000)
+    page.wait_for_function(f"(id) => ({JS_NOTE_BOX})(id)", arg=node_id, timeout=10_000)
+    settle(page, 800)  # the canvas lays the widgets out again on its next frames
+    page.evaluate("() => { app.canvas.setDirty(true, true); app.canvas.draw(true, true); }")
+    settle(page, 400)
+    box = page.evaluate(JS_NOTE_BOX, node_id)
+    assert box["text"] == text
+    assert box["scroll"] > 20, box  # the text wraps to two lines at this width
+    assert box["scroll"] <= box["client"], f"the note shows {box['client']} px of its {box['scroll']} px of text"
     assert comfy_page.pack_problems() == []
 
 
