@@ -419,7 +419,7 @@ export class Picker {
       // a pixel the masks must also contain (shift) or must not contain (alt); on a ring: removed
       const points = widget(this.node, "more_points");
       if (!points || isLinked(this.node, "more_points")) {
-        this.info.textContent = "more_points comes from a link: shift / alt-clicks do not change it";
+        this.setInfo("more_points comes from a link: shift / alt-clicks do not change it");
         return;
       }
       const text = pixels.pointsText(this.node, this.output); // the pixels the rings show
@@ -429,7 +429,7 @@ export class Picker {
       return;
     }
     if (isLinked(this.node, "x") || isLinked(this.node, "y")) {
-      this.info.textContent = "x / y come from a link: clicks do not change them";
+      this.setInfo("x / y come from a link: clicks do not change them");
       return;
     }
     setWidget(this.node, "x", p.x);
@@ -522,7 +522,15 @@ export class Picker {
     } else if (this.src) {
       parts.push(this.isStale() ? "queue to see the masks here" : "click the picture to pick a pixel");
     }
-    this.info.textContent = parts.join(" · ");
+    this.setInfo(parts.join(" · "));
+  }
+
+  /** Shows ``text`` in the info line under the picture; the line ends in an ellipsis where the node is too
+   * narrow for it (e.g. "... · queue to update the masks" at the node's default width), and its tooltip is the
+   * whole text. */
+  setInfo(text) {
+    this.info.textContent = text;
+    this.info.title = text;
   }
 
   masks() {
@@ -562,7 +570,7 @@ export class Picker {
         e.stopPropagation();
         if (this.isStale()) return; // these thumbnails belong to the previous pixel: queue first
         if (isLinked(this.node, "index")) {
-          this.info.textContent = "index comes from a link: clicks on the thumbnails do not change it";
+          this.setInfo("index comes from a link: clicks on the thumbnails do not change it");
           return;
         }
         setWidget(this.node, "index", i);

@@ -177,6 +177,25 @@ def test_picker_stays_inside_its_node_at_the_smallest_size(comfy_page, pictures,
     assert comfy_page.pack_problems() == []
 
 
+def test_an_info_line_too_long_for_the_node_has_the_whole_text_as_its_tooltip(comfy_page, pictures):
+    """The line under the picture is one line, cut with an ellipsis: at the node's default width a pick after a
+    run of 12 masks on a 1024 x 1024 grid ends in "queue to update the masks", past the node's edge. Its tooltip
+    is the whole line (it had none: what to do next could not be read)."""
+    name = pictures["landscape"][0]
+    page = comfy_page.page
+    node_id = add_picker(page)
+    sel = picker_selector(node_id)
+    synthetic_run(page, node_id, name, (1024, 1024), (100, 200), masks=12)
+    page.evaluate("(id) => { const n = app.graph.getNodeById(id); n.widgets.find(w => w.name === 'x').value = 500;"
+                  " n.headsegPicker.sync(true); }", node_id)
+    settle(page)
+    info = page.eval_on_selector(sel + " .headseg-info", "e => ({text: e.textContent, title: e.title, cut: e.scrollWidth > e.clientWidth})")
+    assert info["text"].endswith("12 masks here · queue to update the masks"), info
+    assert info["cut"], info  # the case this test is about: the line is wider than the node
+    assert info["title"] == info["text"]
+    assert comfy_page.pack_problems() == []
+
+
 def test_wheel_over_the_picker_zooms_the_canvas(comfy_page, pictures):
     name, W, H = pictures["landscape"]
     page = comfy_page.page
