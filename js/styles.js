@@ -6,7 +6,10 @@ export const PICKER_MIN_HEIGHT = 200; // px: picture + info line + thumbnail str
 const STYLE_ID = "headseg-style";
 
 const CSS = `
-.headseg-picker { display: flex; flex-direction: column; gap: 4px; box-sizing: border-box;
+/* contain: inline-size: the picker's width is its node's, never its content's. In the Vue node renderer (Nodes 2.0)
+   the widget sits in a flex item sized no narrower than its content, and the thumbnail strip of a few landscape
+   masks (or the frame, sized from the width it was given) made the picker wider than the node. */
+.headseg-picker { display: flex; flex-direction: column; gap: 4px; box-sizing: border-box; contain: inline-size;
   width: 100%; height: 100%; min-height: ${PICKER_MIN_HEIGHT}px; font: 11px sans-serif; color: var(--input-text, #ddd); overflow: hidden; }
 .headseg-stage { position: relative; flex: 1 1 auto; min-height: 60px; display: flex;
   align-items: center; justify-content: center; overflow: hidden;

@@ -261,6 +261,27 @@ JS_TRACKER = """() => { const w = app.extensionManager.workflow.activeWorkflow;
   return {modified: !!w.isModified, undo: w.changeTracker.undoQueue.length}; }"""
 
 
+def test_many_landscape_thumbnails_keep_the_picker_inside_its_node_in_the_vue_node_renderer(comfy_page, pictures):
+    """With Nodes 2.0 (Vue nodes) the widget sits in a flex item no narrower than its content: six thumbnails of a
+    2:1 picture (about 650 px side by side) made the picker that wide, past the node's right edge, with the
+    picture centred in it (half off the node). The strip scrolls inside the node instead."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    with vue_nodes(page):
+        node_id = add_picker(page, name)
+        synthetic_run(page, node_id, name, (W, H), (3, 4), masks=6)
+        settle(page)
+        box = "(e) => e.getBoundingClientRect().toJSON()"
+        node = page.eval_on_selector(f"[data-node-id='{node_id}']:not(.headseg-picker)", box)
+        sel = picker_selector(node_id)
+        for part in ("", " .headseg-stage", " .headseg-frame", " .headseg-info", " .headseg-strip"):
+            el = page.eval_on_selector(sel + part, box)
+            assert el["left"] >= node["left"] - 0.5 and el["right"] <= node["right"] + 0.5, (part, el, node)
+        strip = page.eval_on_selector(sel + " .headseg-strip", "e => ({sw: e.scrollWidth, cw: e.clientWidth})")
+        assert strip["sw"] > strip["cw"]  # the thumbnails are wider than the node: the strip scrolls
+    assert comfy_page.pack_problems() == []
+
+
 def test_each_pick_is_an_undo_step_and_marks_the_workflow_modified(comfy_page, pictures):
     """A click on the picture sets x / y the way an edit of those widgets does: undo (Ctrl+Z) takes the
     picks back one at a time, and the workflow shows unsaved changes."""
