@@ -40,9 +40,11 @@ const CSS = `
 .headseg-thumb span { position: absolute; left: 2px; bottom: 1px; font-size: 10px; color: #fff;
   text-shadow: 0 0 2px #000; pointer-events: none; }
 .headseg-thumb.headseg-selected { border-color: #ff2d55; }
+/* A word longer than the line (a saved file's path) breaks anywhere: it was cut at the node's edge on the canvas,
+   and in the Vue node renderer it made the note wider than the node (contain: inline-size: the node's width). */
 .headseg-note { box-sizing: border-box; width: 100%; height: 100%; overflow: hidden; padding: 2px 4px;
-  font: 11px sans-serif; line-height: 1.35; white-space: pre-line; color: var(--input-text, #ddd);
-  opacity: 0.85; }
+  font: 11px sans-serif; line-height: 1.35; white-space: pre-line; overflow-wrap: anywhere; contain: inline-size;
+  color: var(--input-text, #ddd); opacity: 0.85; }
 `;
 
 export function addStyle() {

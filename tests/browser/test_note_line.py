@@ -69,6 +69,46 @@ def test_the_whole_note_shows_above_a_picture_preview(comfy_page, pictures, node
     assert comfy_page.pack_problems() == []
 
 
+LONG_PATH = "headseg/2026-11-27/a_bunch_of_colourful_flowers_seed_156680208700286/recording_00001_.safetensors"
+
+
+@pytest.mark.parametrize("renderer", ["canvas", "vue"])
+def test_a_long_saved_path_wraps_inside_the_node(comfy_page, renderer):
+    """Save Recording's note is the saved file's path, one long word when filename_prefix fills in %date:...% and
+    %Node.widget% patterns: on the canvas its end (the file name) was cut at the node's edge, and in the Vue node
+    renderer the note was as wide as the path, past the node's right edge."""
+    page = comfy_page.page
+
+    def check():
+        node_id = page.evaluate(
+            """(text) => { app.graph.clear(); const m = LiteGraph.createNode('HeadSeg_SaveRecording'); m.pos = [40, 80];
+                       app.graph.add(m); app.canvas.ds.scale = 1; app.canvas.ds.offset = [100, 100];
+                       const out = {text: [text]}; app.nodeOutputs[String(m.id)] = out; m.onExecuted(out);
+                       app.canvas.setDirty(true, true); return m.id; }""", LONG_PATH
+        )
+        page.wait_for_function(f"(id) => ({JS_NOTE_BOX})(id)", arg=node_id, timeout=10_000)
+        settle(page, 800)
+        page.evaluate("() => { app.canvas.setDirty(true, true); app.canvas.draw(true, true); }")
+        settle(page, 400)
+        note = page.evaluate(
+            """(id) => { const e = app.graph.getNodeById(id).headsegNote.root; const r = e.getBoundingClientRect();
+                         return {sw: e.scrollWidth, cw: e.clientWidth, sh: e.scrollHeight, ch: e.clientHeight, right: r.right}; }""",
+            node_id,
+        )
+        assert note["sw"] <= note["cw"], f"the path is {note['sw']} px wide in a note {note['cw']} px wide"
+        assert note["sh"] <= note["ch"], note
+        if renderer == "vue":
+            node = page.eval_on_selector(f"[data-node-id='{node_id}']", "e => e.getBoundingClientRect().toJSON()")
+            assert note["right"] <= node["right"] + 0.5, (note, node)
+
+    if renderer == "vue":
+        with vue_nodes(page):
+            check()
+    else:
+        check()
+    assert comfy_page.pack_problems() == []
+
+
 def test_after_undo_the_vue_renderer_shows_the_note_line_again(comfy_page):
     """Nodes 2.0 draws no canvas foreground, where the note line of a rebuilt node used to come back: a
     node that undo rebuilds shows its last run's note line again without a new run."""
