@@ -30,6 +30,7 @@ from .core.masks import check_label_map
 from .core.recording import all_finite
 from .node_utils import (
     CATEGORY, comfy_metadata, expect as _expect, image_batch, list_index, on_png_threads, output_error, output_place, prefix_error,
+    writable_entries,
 )
 
 log = logging.getLogger("HeadSeg")
@@ -205,18 +206,8 @@ def _past_highest(folder: str, name: str) -> int:
 
 
 def _png_texts(texts: dict[str, str]) -> dict[str, str]:
-    """{key: JSON text} -> the entries whose key can be a PNG text keyword (Latin-1, as PIL writes it); the others
-    are left out with a log line. ComfyUI writes every key of a prompt's extra_pnginfo, which whoever queues the
-    prompt chooses: one beyond Latin-1 (an API client's '工作流') made PIL raise UnicodeEncodeError."""
-    kept = {}
-    for key, text in texts.items():
-        try:
-            key.encode("latin-1")
-        except UnicodeError:
-            log.warning("HeadSeg Save Label Maps: PNG text entry %r left out: a PNG keyword holds Latin-1 characters only", key)
-            continue
-        kept[key] = text
-    return kept
+    """{key: JSON text} -> the entries whose key can be a PNG text keyword (Latin-1, as PIL writes it)."""
+    return writable_entries(texts, "latin-1", "Save Label Maps: PNG text entry", "a PNG keyword holds Latin-1 characters only")
 
 
 def _recording_entry(source: dict[str, str] | None) -> dict[str, str] | None:

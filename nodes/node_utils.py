@@ -394,6 +394,23 @@ def comfy_metadata(hidden, workflow: bool = True) -> dict[str, str]:
     return {key: json.dumps(value) for key, value in found.items()}
 
 
+def writable_entries(texts: dict[str, str], encoding: str, node: str, why: str) -> dict[str, str]:
+    """{key: JSON text} (comfy_metadata) -> the entries whose key ``encoding`` can write, the others left out with
+    a log line naming ``node`` and ``why``. ComfyUI hands over every key of a prompt's extra_pnginfo, which
+    whoever queues the prompt chooses: a PNG keyword holds Latin-1 only (an API client's '工作流': PIL raised
+    UnicodeEncodeError), a safetensors header UTF-8 (a lone surrogate '\\ud800', from a client that cut a UTF-16
+    string: safetensors raised UnicodeEncodeError), and either error named nothing."""
+    kept = {}
+    for key, text in texts.items():
+        try:
+            key.encode(encoding)
+        except UnicodeError:
+            log.warning("HeadSeg %s: %r left out: %s", node, key, why)
+            continue
+        kept[key] = text
+    return kept
+
+
 def list_index() -> int:
     """The item of a list input the running node is at (ComfyUI runs a node once per item of a list, e.g. of
     latents from Rebatch Latents, each item a batch of its own): ComfyUI's executing context; 0 outside a list."""

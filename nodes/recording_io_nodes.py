@@ -28,7 +28,9 @@ from .core.recording import (
     printable_path,
     save_recording,
 )
-from .node_utils import as_recording, check_memory, comfy_metadata, list_index, output_error, output_place, prefix_error
+from .node_utils import (
+    as_recording, check_memory, comfy_metadata, list_index, output_error, output_place, prefix_error, writable_entries,
+)
 
 log = logging.getLogger("HeadSeg")
 
@@ -368,19 +370,8 @@ def _file_metadata(rec, hidden) -> dict[str, str]:
 
 
 def _utf8_entries(texts: dict[str, str]) -> dict[str, str]:
-    """{key: JSON text} -> the entries whose key UTF-8 can write (the values are JSON, non-ASCII escaped); the
-    others are left out with a log line. ComfyUI hands over every key of a prompt's extra_pnginfo, which
-    whoever queues the prompt chooses: a key holding a lone surrogate ('\\ud800', from an API client that cut
-    a UTF-16 string) made safetensors raise UnicodeEncodeError, naming nothing."""
-    kept = {}
-    for key, text in texts.items():
-        try:
-            key.encode("utf-8")
-        except UnicodeError:
-            logging.warning("HeadSeg Save Recording: metadata entry %r left out: its key is no text UTF-8 can hold", key)
-            continue
-        kept[key] = text
-    return kept
+    """{key: JSON text} -> the entries whose key UTF-8 can write (the values are JSON, non-ASCII escaped)."""
+    return writable_entries(texts, "utf-8", "Save Recording: metadata entry", "its key is no text UTF-8 can hold")
 
 
 def _nonfinite_note(rec, node: str) -> list[str]:

@@ -1144,6 +1144,7 @@ def test_a_workflow_entry_a_file_cannot_name_is_left_out_and_no_file_is_left(io_
     assert not any("\ud800" in key or "\udfff" in key for key in meta)
     said = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
     assert len(said) == 2 and "'\\ud800'" in said[0] and "'x\\udfffy'" in said[1]
+    assert {r.name for r in caplog.records if "left out" in r.getMessage()} == {"HeadSeg"}  # the pack's logger
     assert [p.name for p in (comfy_folders["output"]).glob("keys_*")] == [os.path.basename(path)]
     loaded = io_nodes.LoadRecording.execute("", path).args[0]
     assert list(loaded.layers) == list(recording.layers)
