@@ -611,13 +611,12 @@ def test_label_maps_of_loaded_recordings_name_the_file_and_the_sampling_that_mad
     workflow); with --disable-metadata the file's prompt is left out, as ComfyUI writes none."""
     import copy
 
-    import execution
     import nodes as comfy_nodes
     from comfy.cli_args import args
 
     from headseg.nodes import recording_io_nodes
     from headseg.nodes.core.recording import save_recording
-    from headseg.tests.support.comfy_in_process import run_on_own_thread
+    from headseg.tests.support.comfy_in_process import quiet_executor, run_on_own_thread
 
     for name, cls in (("Paths", _Paths), ("HeadSeg_LoadRecording", recording_io_nodes.LoadRecording),
                       ("HeadSeg_HeadPCA", nodes.HeadPCA), ("HeadSeg_Upsample", nodes.Upsample),
@@ -639,13 +638,7 @@ def test_label_maps_of_loaded_recordings_name_the_file_and_the_sampling_that_mad
         "6": {"class_type": "HeadSeg_SaveLabelMaps", "inputs": {"clusters": ["5", 0], "filename_prefix": "ds/x"}},
     }
 
-    class Server:
-        client_id = None
-
-        def send_sync(self, *args, **kwargs):
-            pass
-
-    executor = execution.PromptExecutor(Server(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+    executor = quiet_executor()
     run_on_own_thread(lambda: executor.execute_async(copy.deepcopy(prompt), "p", {}, ["6"]))
     assert executor.success
     expected = {1: ("a.safetensors", 0, 0), 2: ("a.safetensors", 0, 1), 3: ("b.safetensors", 1, 0)}
@@ -688,12 +681,11 @@ def test_each_images_files_list_its_merged_masks_in_the_order_of_all_masks(save,
     back rebuild all_masks of every item, image after image."""
     import copy
 
-    import execution
     import nodes as comfy_nodes
 
     from headseg.nodes import recording_io_nodes
     from headseg.nodes.core.recording import save_recording
-    from headseg.tests.support.comfy_in_process import run_on_own_thread
+    from headseg.tests.support.comfy_in_process import quiet_executor, run_on_own_thread
 
     for name, cls in (("Paths", _Paths), ("Keep", _KeepMasks), ("HeadSeg_LoadRecording", recording_io_nodes.LoadRecording),
                       ("HeadSeg_HeadPCA", nodes.HeadPCA), ("HeadSeg_Upsample", nodes.Upsample),
@@ -716,13 +708,7 @@ def test_each_images_files_list_its_merged_masks_in_the_order_of_all_masks(save,
         "8": {"class_type": "Keep", "inputs": {"mask": ["6", 1]}},
     }
 
-    class Server:
-        client_id = None
-
-        def send_sync(self, *args, **kwargs):
-            pass
-
-    executor = execution.PromptExecutor(Server(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+    executor = quiet_executor()
     run_on_own_thread(lambda: executor.execute_async(copy.deepcopy(prompt), "p", {}, ["7", "8"]))
     assert executor.success
     all_masks = _KeepMasks.kept  # one MASK batch per item of the list

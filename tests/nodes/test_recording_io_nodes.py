@@ -940,10 +940,9 @@ def test_comfyuis_executor_runs_again_only_the_linked_load_whose_file_was_replac
     import os
     import shutil
 
-    import execution
     import nodes as comfy_nodes
 
-    from headseg.tests.support.comfy_in_process import run_on_own_thread
+    from headseg.tests.support.comfy_in_process import quiet_executor, run_on_own_thread
 
     for name, cls in (("Text", _Text), ("HeadSeg_LoadRecording", io_nodes.LoadRecording),
                       ("HeadSeg_SaveRecording", io_nodes.SaveRecording)):
@@ -961,13 +960,7 @@ def test_comfyuis_executor_runs_again_only_the_linked_load_whose_file_was_replac
         "6": {"class_type": "HeadSeg_SaveRecording", "inputs": {"recording": ["5", 0], "filename_prefix": "B"}},
     }
 
-    class Server:
-        client_id = None
-
-        def send_sync(self, *args, **kwargs):
-            pass
-
-    executor = execution.PromptExecutor(Server(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+    executor = quiet_executor()
 
     def run(prompt_id):  # a fresh prompt each time, as the server parses one per queue
         # execute_async on a thread of its own: execute's asyncio.run fails under a running event loop

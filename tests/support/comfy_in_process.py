@@ -35,6 +35,19 @@ def run_on_own_thread(make):
         return pool.submit(lambda: asyncio.run(make())).result()
 
 
+def quiet_executor():
+    """ComfyUI's own PromptExecutor with the classic cache and a server that sends nothing (no client)."""
+    import execution
+
+    class Server:
+        client_id = None
+
+        def send_sync(self, *args, **kwargs):
+            pass
+
+    return execution.PromptExecutor(Server(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+
+
 def pack_node_classes() -> list:
     """The node classes the pack's V3 entry point (headseg.comfy_entrypoint) hands ComfyUI."""
     import headseg
