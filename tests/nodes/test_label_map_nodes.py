@@ -172,7 +172,7 @@ def test_a_picture_that_does_not_fit_is_refused_before_any_file_is_written(save,
 def test_bad_input_names_the_input(save, sweep, comfy_folders):
     with pytest.raises(TypeError, match="clusters"):
         save.execute({"2": torch.zeros(1, 4, 4)}, "x")
-    for prefix in ("", "  ", "../outside", "a\x00b", "x" * 300, "a\ud800", "a/\udfff/b"):
+    for prefix in ("", "  ", "../outside", "a\x00b", "x" * 300, "a\ud800", "a/\udfff/b", "a\udc80", "a/\udcff/b"):
         with pytest.raises(ValueError, match=r"^filename_prefix"):
             save.execute(sweep, prefix)
     with pytest.raises(ValueError, match=r"^image: expected an IMAGE holding pixels, got a tensor on the meta device"):

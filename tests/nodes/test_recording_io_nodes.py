@@ -145,10 +145,14 @@ def test_errors_name_the_input(io_nodes, recording, comfy_folders):
         io_nodes.SaveRecording.execute(recording, "  ")
     with pytest.raises(ValueError, match="^filename_prefix: expected"):
         io_nodes.SaveRecording.execute(recording, "rec\x00x")
-    for prefix in ("rec\ud800x", "sub/\udfff/x"):  # a lone surrogate, linked: no file name holds it
+    # a lone surrogate, linked: no file name holds it. '\udc80' to '\udcff' too, which os.fsencode takes (as the
+    # bytes 0x80 to 0xff that Python reads from a name that is no UTF-8): the file was written under a name that
+    # is no UTF-8, and Load Recording did not list it ('its name is not valid UTF-8, which safetensors cannot open')
+    for prefix in ("rec\ud800x", "sub/\udfff/x", "rec\udc80x", "sub/\udcff/x"):
         with pytest.raises(ValueError, match="^filename_prefix: expected a file name prefix .* holds a character no file name can"):
             io_nodes.SaveRecording.execute(recording, prefix)
     assert not (comfy_folders["output"] / "sub").exists()  # no folder made for it
+    assert not list(comfy_folders["output"].iterdir())  # nor any file
     with pytest.raises(ValueError, match="^filename_prefix 'x+': cannot write .*shorter prefix"):
         io_nodes.SaveRecording.execute(recording, "x" * 300)  # a file name longer than the OS allows
     with pytest.raises(ValueError, match="^filename_prefix 'sub/b+/c': cannot .*shorter prefix"):
@@ -694,7 +698,7 @@ def test_a_prefix_outside_the_output_folder_is_refused_when_queued(io_nodes, com
     for node, example in ((io_nodes.SaveRecording, "headseg/recording"), (SaveLabelMaps, "headseg/labels")):
         # a lone surrogate (an API client's cut UTF-16 text) is no file name: it passed, then the run failed after
         # sampling in open() with an unnamed UnicodeEncodeError (or named, through a subfolder made first)
-        for bad in ("../x", "a/../../x", str(comfy_folders["input"] / "x"), "  ", "a\x00b", "\ud800x", "a/\udfff/b"):
+        for bad in ("../x", "a/../../x", str(comfy_folders["input"] / "x"), "  ", "a\x00b", "\ud800x", "a/\udfff/b", "\udc80x", "a/\udcff/b"):
             message = node.validate_inputs(filename_prefix=bad)
             assert isinstance(message, str) and message.startswith("filename_prefix"), (node, bad, message)
             assert example in message
