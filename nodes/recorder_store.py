@@ -541,6 +541,13 @@ class _Store:
                     f"{_OWN_SIGMAS}): choose {self._steps_it_ran()}, or 'mean'"
                 )
             if self.max_step < last:  # past the run, and 'last' would record nothing either
+                skipped = self._skipped_by_cache(range(n_steps))
+                if last in skipped:  # the sampler went through the last step; a cache node ran no model there
+                    return (
+                        f"steps: range {self.steps.label} selected but the sampler ran {n_steps} steps (0-{last}), "
+                        f"and the model did not run at step(s) {steps_label(skipped)} ({_SKIPPED_BY_CACHE}): choose "
+                        f"{self._steps_it_ran()}, 'mean', or an end_percent below 1 on that node"
+                    )
                 if self.max_step_any < last:
                     why = (f" and evaluated the model only down to sigma {self.min_sigma:.4g} (in step "
                            f"{self.max_step_any}; {_OWN_SIGMAS})")

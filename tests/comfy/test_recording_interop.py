@@ -180,6 +180,25 @@ def test_a_cache_node_that_skips_the_last_step_is_named(tiny, sd2, cache):
     assert live.snapshot(tiny.sample(model, pos, neg, latent_hw=HW, steps=10, seed=2)).layers
 
 
+@pytest.mark.parametrize("sampler,steps", [("euler", "12"), ("euler", "10-12"), ("uni_pc", "12")])
+def test_a_range_past_the_run_whose_last_steps_a_cache_node_skipped_names_the_cache(tiny, sd2, sampler, steps):
+    """A range past a run whose last steps EasyCache skipped (euler, 10 steps; the model ran 0-1 and 4): 'last'
+    and '9' name the cache node, but '12' named samplers that choose their own sigmas, as if euler had not gone
+    through steps 5-9, and left out the end_percent that records them. uni_pc reports no steps: the guider's
+    calls there tell the skipped steps, as for 'last'."""
+    pos, neg = tiny.conditioning("SD2")
+    model, live = recorder.attach_recorder(easycache(1.0)(sd2), steps=steps)
+    got = tiny.sample(model, pos, neg, latent_hw=HW, steps=10, seed=2, sampler_name=sampler)
+    with pytest.raises(ValueError) as raised:
+        live.snapshot(got)
+    message = str(raised.value)
+    assert re.search(rf"steps: range {steps} selected but the sampler ran 10 steps \(0-9\), and the model did not "
+                     r"run at step\(s\) [0-9,-]*9 \(a node that reuses earlier model outputs .*EasyCache or "
+                     r"LazyCache.*\): choose steps the model ran \(0-[0-9,-]+\), 'mean', or an end_percent below 1 "
+                     r"on that node", message), message
+    assert "dpm_fast" not in message and "sigma" not in message, message
+
+
 def test_a_cache_node_that_skips_the_last_step_under_a_sampler_that_reports_no_steps_is_named(tiny, sd2):
     """uni_pc reports no steps: EasyCache's skipped steps are still told from the predictions the guider was
     asked for there (it named dpm_fast's own sigmas)."""
