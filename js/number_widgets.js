@@ -28,7 +28,9 @@ export function numberSpecs(nodeData) {
 /**
  * Older or damaged saved layouts can put strings, nulls, objects or out-of-range numbers into the
  * number widgets (ComfyUI assigns widgets_values by position). Each saved value that is not a
- * number becomes the input's default; numbers are rounded (INT) and clamped to the input's range.
+ * number becomes the input's default; numbers are rounded (INT) and clamped to the input's range,
+ * and -0 becomes 0: a file holding -0.0 (Python's json writes a negative zero so; JSON.parse keeps
+ * it) loaded as -0, which the Vue node renderer (Nodes 2.0) shows as "-0".
  */
 export function repairNumberWidgets(node, info, specs) {
   repairWidgets(node, info, specs, (raw, spec) => {
@@ -37,7 +39,8 @@ export function repairNumberWidgets(node, info, specs) {
       (typeof raw === "string" && raw.trim() !== "" && Number.isFinite(Number(raw)));
     let value = numeric ? Number(raw) : spec.default;
     if (spec.int) value = Math.round(value);
-    return Math.min(spec.max, Math.max(spec.min, value));
+    value = Math.min(spec.max, Math.max(spec.min, value));
+    return value === 0 ? 0 : value; // -0 === 0: this is +0
   });
 }
 
@@ -76,6 +79,6 @@ function repairWidgets(node, info, specs, fix) {
     const spec = specs[w.name];
     if (!spec) return;
     const value = fix(saved && i < saved.length ? saved[i] : w.value, spec);
-    if (w.value !== value) w.value = value;
+    if (!Object.is(w.value, value)) w.value = value; // (-0 !== 0 is false)
   });
 }

@@ -6,6 +6,7 @@ fixed seed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 
@@ -15,6 +16,7 @@ from headseg.tests.browser.helpers import (
     PICKER,
     WORKFLOWS_DIR,
     settle,
+    vue_nodes,
     wait_picture_ready,
 )
 
@@ -77,6 +79,46 @@ def test_old_widget_layout_loads(comfy_page, pictures, comfy_server):
         assert prompt[i]["inputs"].get("more_points", "") == "", (i, prompt[i]["inputs"])
     assert comfy_page.pack_problems() == []
     assert not [p for p in comfy_page.problems() if re.search(r"\bNaN\b", p)]
+
+
+# Every number widget of the HeadSeg nodes: [node type, widget name, value, whether it is -0].
+JS_HEADSEG_NUMBERS = """() => app.graph.nodes.filter(n => n.type.startsWith('HeadSeg_')).flatMap(n => (n.widgets ?? [])
+  .filter(w => typeof w.value === 'number').map(w => [n.type, w.name, w.value, Object.is(w.value, -0)]))"""
+
+
+def test_a_number_saved_as_minus_zero_loads_as_zero_in_both_renderers(comfy_page):
+    """A workflow file holding -0.0 (as Python's json writes a negative zero: JSON.parse keeps its sign) for Mask
+    Merge's min_area and batch_index: ComfyUI's loading kept -0, which Nodes 2.0 shows as "-0". The HeadSeg number
+    widgets load it as 0 in both renderers. (Passed from Python through page.evaluate, every float 0.0 of a workflow
+    arrives as -0: Playwright's serialiser tests `value == float("-0")`, true for 0.0. The file's text is parsed in
+    the page here, as ComfyUI parses a workflow file or template.)"""
+    page = comfy_page.page
+    wf = json.loads((WORKFLOWS_DIR / "headseg_zero_shot_photo.json").read_text())
+    for node in wf["nodes"]:  # no Missing Models dialog
+        node.get("properties", {}).pop("models", None)
+    merge = next(n for n in wf["nodes"] if n["type"] == "HeadSeg_MaskMerge")
+    merge["widgets_values"] = [0.9, "NEG_ZERO", "NEG_ZERO"]  # iou_threshold, min_area, batch_index
+    text = json.dumps(wf).replace('"NEG_ZERO"', "-0.0")
+    assert text.count("-0.0") == 2
+    for vue in (False, True):
+        with contextlib.ExitStack() as stack:
+            if vue:
+                stack.enter_context(vue_nodes(page))
+                settle(page, 500)
+            page.evaluate("async (text) => { await app.loadGraphData(JSON.parse(text), true, true, 'minus-zero'); }",
+                          text)
+            settle(page, 800)
+            numbers = page.evaluate(JS_HEADSEG_NUMBERS)
+            assert [r for r in numbers if r[3]] == [], (vue, numbers)
+            assert ["HeadSeg_MaskMerge", "min_area", 0, False] in numbers
+            if vue:
+                shown = page.evaluate(
+                    "(id) => Object.fromEntries([...document.querySelectorAll(`[data-node-id='${id}'] input`)]"
+                    ".map(i => [i.getAttribute('aria-label'), i.value]))", merge["id"])
+                assert shown.get("min_area") == "0" and shown.get("batch_index") == "0", shown
+    prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
+    assert prompt[str(merge["id"])]["inputs"]["min_area"] == 0
+    assert comfy_page.pack_problems() == []
 
 
 def explore_as_saved_before_the_error_map_node() -> dict:
