@@ -80,3 +80,24 @@ def test_no_node_of_an_example_covers_another_after_a_run(comfy_page, pictures, 
     overlaps = page.evaluate(JS_RUN_AND_OVERLAPS, [{k: list(v) for k, v in RUN_PAYLOADS.items()}, ref])
     assert overlaps == [], f"{name}: nodes cover each other after a run: {overlaps}"
     assert comfy_page.pack_problems() == []
+
+
+def test_the_template_thumbnails_show_the_examples_as_they_are_now(open_page, comfy_server, tmp_path):
+    """The templates dialog shows example_workflows/<name>.jpg: drawn again by tests/support/template_thumbnails.py
+    (the examples after a run, at their own view), they must match the files kept. The files had been drawn before
+    the examples' nodes got their after-run heights: Head PCA showed no picture and the rows below it sat higher
+    (9 - 15 % of the pixels off). Remake them with that script when an example's layout changes."""
+    import numpy as np
+    from PIL import Image
+
+    from headseg.tests.support.template_thumbnails import SIZE, draw
+
+    made = draw(open_page().page, comfy_server.input_dir, tmp_path)
+    assert sorted(p.stem for p in made) == example_names()
+    for new in made:
+        kept = Image.open(WORKFLOWS_DIR / new.name)
+        assert kept.size == SIZE and kept.format == "JPEG", (new.name, kept.size, kept.format)
+        a = np.asarray(kept.convert("RGB"), np.int16)
+        b = np.asarray(Image.open(new).convert("RGB"), np.int16)
+        off = float((np.abs(a - b).max(axis=2) > 48).mean())
+        assert off < 0.02, f"{new.name}: {off:.1%} of its pixels differ from the example as drawn now: remake it"
