@@ -97,7 +97,8 @@ def test_the_template_thumbnails_show_the_examples_as_they_are_now(open_page, co
     for new in made:
         kept = Image.open(WORKFLOWS_DIR / new.name)
         assert kept.size == SIZE and kept.format == "JPEG", (new.name, kept.size, kept.format)
-        a = np.asarray(kept.convert("RGB"), np.int16)
-        b = np.asarray(Image.open(new).convert("RGB"), np.int16)
-        off = float((np.abs(a - b).max(axis=2) > 48).mean())
-        assert off < 0.02, f"{new.name}: {off:.1%} of its pixels differ from the example as drawn now: remake it"
+        # compared in blocks of 8 x 8 pixels, so that another Chromium's text and anti-aliasing do not count:
+        # a node moved or grown changes whole blocks (the outdated files: 6 - 12 % of the blocks)
+        a, b = (np.asarray(Image.open(f).convert("L").resize((64, 48), Image.BOX), np.float64) for f in (kept.filename, new))
+        off = float((np.abs(a - b) > 24).mean())
+        assert off < 0.02, f"{new.name}: {off:.1%} of its 8x8 blocks differ from the example as drawn now: remake it"
