@@ -97,8 +97,8 @@ class RecordSelfAttention(io.ComfyNode):
                 RecordingSocket.Output(
                     display_name="RECORDING",
                     tooltip="Live recording of the sampling runs with the patched model (the last keep_runs, "
-                            "the newest 64 runs of the prompt that sampled last and the run read last are kept): per layer [batch, heads, h, w, d] float16 (float32 for a layer whose values a "
-                            "bfloat16, float32 or float64 UNet takes beyond float16's range; about 23 MB per image and run "
+                            "the newest 64 runs of the prompt that sampled last and the run read last are kept): per layer [batch, heads, h, w, d] float16 (float32 for a layer where a "
+                            "bfloat16, float32 or float64 UNet reaches values float16 makes inf, 65520 or more; about 23 MB per image and run "
                             "for SD2.1 at 512x512 with every layer). Connect the sampler's LATENT to the node "
                             "that reads it: that node runs after sampling and reads that LATENT's run.",
                 ),

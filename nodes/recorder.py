@@ -2,8 +2,8 @@
 
 What is recorded: for every UNet self-attention layer (attn1 of a BasicTransformerBlock inside
 input/middle/output blocks) the per-head outputs softmax(QK^T / sqrt(d)) V, BEFORE ``to_out`` mixes the
-heads, as [B, heads, h, w, d] on the layer's token grid, float16 on the CPU (float32 for a layer whose
-values a bfloat16, float32 or float64 UNet takes beyond float16's range).
+heads, as [B, heads, h, w, d] on the layer's token grid, float16 on the CPU (float32 for a layer where a
+bfloat16, float32 or float64 UNet reaches values float16 makes inf, 65520 or more).
 
 How:
 - ``patches_replace["attn1"][(block, number, depth)]`` gets a plain closure that computes the

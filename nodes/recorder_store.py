@@ -289,7 +289,7 @@ class _Store:
         wide = [key.name for key, t in layers.items() if t.dtype != RECORD_DTYPE]
         if wide:
             log.warning(
-                "HeadSeg: layer(s) %s hold values beyond float16's range (65504) in this run, the UNet's own (it "
+                "HeadSeg: layer(s) %s hold values beyond float16's range (65520 or more, which float16 makes inf) in this run, the UNet's own (it "
                 "computes in bfloat16, float32 or float64): kept in float32, at twice the memory (Save Recording "
                 "writes them in float32 too)", ", ".join(wide),
             )

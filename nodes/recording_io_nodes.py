@@ -333,7 +333,7 @@ class SaveRecording(io.ComfyNode):
             except BaseException:
                 _remove_taken(full)  # no empty file left under the name taken
                 raise
-        except (ValueError, TypeError):  # named by save_recording (e.g. recording: values beyond float16)
+        except (ValueError, TypeError):  # named by save_recording (e.g. recording: a head below float16's normal numbers)
             raise
         except Exception as exc:  # OSError, or safetensors' own error wrapping one
             raise output_error(exc, filename_prefix, full, "headseg/recording") from exc

@@ -188,6 +188,27 @@ def test_readme_states_how_far_vae_encode_for_inpaint_moves_a_masks_edges():
     assert stated and int(stated.group(1)) == worst
 
 
+
+def _stated_numbers(pattern: str, text: str) -> list[int]:
+    """The numbers ``pattern``'s group 1 finds in ``text``, written with or without thin spaces ('65 520')."""
+    return [int(re.sub(r"[\s\u202f]", "", m.group(1))) for m in re.finditer(pattern, text)]
+
+
+def test_readme_and_docs_state_the_float32_layer_threshold_of_the_code():
+    """README, Record Self-Attention's and Save Recording's pages say which layers the recorder keeps, and Save
+    Recording writes, in float32: those with values float16 makes inf, FP16_OVERFLOW (65520) or more. They said
+    'beyond float16's range (65504)', though a layer peaking between the two is kept and written in float16
+    (float16 rounds such a value to 65504, as near as it rounds any)."""
+    from headseg.nodes.core.recording import FP16_OVERFLOW
+
+    said = r"float16 makes inf[,;]? \(?(\d[\d\u202f ]*\d) or more"
+    for page in (REPO / "README.md", DOCS / "HeadSeg_RecordSelfAttention.md", DOCS / "HeadSeg_SaveRecording.md"):
+        text = page.read_text()
+        assert _stated_numbers(said, text), f"{page.name} does not say which layers are kept in float32"
+        assert set(_stated_numbers(said, text)) == {int(FP16_OVERFLOW)}, page.name
+        assert not re.search(r"float16's range[,(]? ?\(?65[\u202f ]?504", text), f"{page.name}: 65504 named as the float32 threshold"
+
+
 def _readme_names(cell: str) -> list[str]:
     """The `names` a README node-reference cell lists at its top level: each ';'-separated entry's
     backticked names before its first '(' (what is inside the brackets describes them)."""
