@@ -209,6 +209,34 @@ def test_readme_and_docs_state_the_float32_layer_threshold_of_the_code():
         assert not re.search(r"float16's range[,(]? ?\(?65[\u202f ]?504", text), f"{page.name}: 65504 named as the float32 threshold"
 
 
+
+def test_readme_and_docs_state_the_limits_of_the_code():
+    """The limits README and the docs pages quote are the code's: more_points' pixels (core MAX_POINTS, which the
+    picker's rings share), the header Save Recording keeps within (the 4 MiB the web UI reads of a dropped file)
+    and the header Load Recording reads (16 MiB), and the picker's largest saved frame (16384 px)."""
+    from headseg.nodes.core.masks import MAX_POINTS
+    from headseg.nodes.core.recording import _MAX_HEADER_BYTES, _SAVED_HEADER_BYTES
+
+    readme = (REPO / "README.md").read_text()
+    select = (DOCS / "HeadSeg_MaskSelectAtPixel.md").read_text()
+    save = (DOCS / "HeadSeg_SaveRecording.md").read_text()
+    picker = (REPO / "js" / "picker_pixels.js").read_text()
+    frame = int(re.search(r"const MAX_GRID_SIDE = (\d+);", picker).group(1))
+    side = r"(\d[\d\u202f ]*\d) ?px"
+    for limit, pattern, texts in [
+        (MAX_POINTS, r"more than (\d+) pixels, refused when queued", [readme]),
+        (MAX_POINTS, r"`more_points` takes at most (\d+) pixels", [readme]),
+        (MAX_POINTS, r"rings on the first (\d+)", [readme, select]),
+        (MAX_POINTS, r"one of more than (\d+) pixels, is refused", [select]),
+        ((_SAVED_HEADER_BYTES + 8) >> 20, r"(\d+) MiB (?:the|ComfyUI's) web UI reads", [readme, save]),
+        (_MAX_HEADER_BYTES >> 20, r"Load Recording reads (?:headers up to )?(\d+) MiB", [readme]),
+        (frame, r"wider or taller than " + side, [readme, select]),
+    ]:
+        for text in texts:
+            stated = _stated_numbers(pattern, " ".join(text.split()))  # lines joined
+            assert stated and set(stated) == {limit}, (pattern, stated, limit)
+
+
 def _readme_names(cell: str) -> list[str]:
     """The `names` a README node-reference cell lists at its top level: each ';'-separated entry's
     backticked names before its first '(' (what is inside the brackets describes them)."""
