@@ -612,7 +612,8 @@ def is_recording_file(path, answers: dict | None = None, earlier: dict | None = 
     same folder cost little; pipes and devices are never opened. The answer is kept in ``answers``
     ({file_version: bool}; None: a module cache of up to 4096 answers, emptied when full) and looked up
     there and in ``earlier`` (a file list passes the answers of its last walk, and keeps those of the files
-    it finds: a fixed-size cache, emptied at every walk of more files than it holds, read every header again)."""
+    it finds: the module cache alone, emptied at every walk of more files than it holds, had every header
+    read again)."""
     try:
         st = os.stat(path)
     except (OSError, ValueError):  # missing, unreadable folder, or a name with NUL
