@@ -296,8 +296,9 @@ class SaveRecording(io.ComfyNode):
                     tooltip=(
                         "File name prefix inside the output folder; a counter and '.safetensors' are "
                         "appended. May contain subfolders ('headseg/cat'); as in Save Image, %date:yyyy-MM-dd%, "
-                        "%Node name.widget%, %width% and %height% (the sampled image's) are filled in. A blank prefix, or one "
-                        "leading outside the output folder ('../x'), is refused when the prompt is queued."
+                        "%Node name.widget%, %width% and %height% (the sampled image's) are filled in. A blank prefix, one "
+                        "leading outside the output folder ('../x'), or one holding a character no file name can (a lone "
+                        "surrogate, from an API client) is refused when the prompt is queued."
                     ),
                 ),
                 io.Latent.Input(

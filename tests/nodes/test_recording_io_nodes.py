@@ -704,6 +704,9 @@ def test_a_prefix_outside_the_output_folder_is_refused_when_queued(io_nodes, com
             assert example in message
         for good in ("x", "sub/dir/x", "a/../x", "%date:yyyy-MM-dd%/x", None):  # None: linked, known at run time
             assert node.validate_inputs(filename_prefix=good) is True, (node, good)
+        # the tooltip names each kind refused (it named blank and '../x' only, not the lone surrogate)
+        tooltip = node.GET_NODE_INFO_V1()["input"]["required"]["filename_prefix"][1]["tooltip"]
+        assert all(kind in tooltip for kind in ("blank", "'../x'", "lone surrogate")), (node, tooltip)
     assert not any(comfy_folders["output"].iterdir())  # validation makes no folder
 
 
