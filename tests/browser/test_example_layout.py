@@ -97,8 +97,11 @@ def test_the_template_thumbnails_show_the_examples_as_they_are_now(open_page, co
     for new in made:
         kept = Image.open(WORKFLOWS_DIR / new.name)
         assert kept.size == SIZE and kept.format == "JPEG", (new.name, kept.size, kept.format)
-        # compared in blocks of 8 x 8 pixels, so that another Chromium's text and anti-aliasing do not count:
-        # a node moved or grown changes whole blocks (the outdated files: 6 - 12 % of the blocks)
+        # compared in blocks of 8 x 8 pixels, so that another Chromium's text and anti-aliasing do not count (other
+        # font hinting and subpixel positioning: no block's mean grey off by more than 4 of 255). A block counts as
+        # changed when its mean is more than 8 off: a dark node moved over the dark canvas changes the means of the
+        # blocks at its edges by 8 to 32, not more than 24 (Upsample moved 60 units down and Grow Mask 60 right in
+        # the zero-shot example: 2.9 % of the blocks more than 8 off, 0.03 % more than 24, which passed)
         a, b = (np.asarray(Image.open(f).convert("L").resize((64, 48), Image.BOX), np.float64) for f in (kept.filename, new))
-        off = float((np.abs(a - b) > 24).mean())
-        assert off < 0.02, f"{new.name}: {off:.1%} of its 8x8 blocks differ from the example as drawn now: remake it"
+        off = float((np.abs(a - b) > 8).mean())
+        assert off < 0.01, f"{new.name}: {off:.1%} of its 8x8 blocks differ from the example as drawn now: remake it"
