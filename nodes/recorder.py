@@ -224,15 +224,28 @@ def _is_own_patch(fn) -> bool:
     return getattr(fn, "__code__", None) is _PATCH_CODE
 
 
+def _own_patches(fn):
+    """The HeadSeg attn1 patches of the chain that starts at ``fn``, outermost first (none when ``fn`` is
+    another node's patch)."""
+    while _is_own_patch(fn):
+        yield fn
+        fn = fn.headseg_previous
+
+
 def _stands_in_for(fn):
     """A HeadSeg attn1 patch -> the HeadSeg patch at the end of its chain when, without HeadSeg, ComfyUI
     would look the layer up under its (block, number) key; None when a (block, number, depth) patch of
     another node would take precedence anyway."""
-    while _is_own_patch(fn):
-        if not fn.headseg_previous_is_full_key:
-            return fn
-        fn = fn.headseg_previous  # chained onto another node's (or record node's) full-key patch
-    return None
+    # past a patch chained onto another node's (or record node's) full-key patch
+    return next((patch for patch in _own_patches(fn) if not patch.headseg_previous_is_full_key), None)
+
+
+def _recording_stores(fn):
+    """The stores of the record nodes whose patches are in the chain ``fn`` and that are recording a run."""
+    for patch in _own_patches(fn):
+        store = _REGISTRY.get(patch.headseg_store_id)
+        if store is not None and store.active:
+            yield store
 
 
 def _without_shadowing_patches(model_options: dict, warn=None) -> dict:
@@ -263,15 +276,13 @@ def _shadowed(name: tuple, fn, current=None, main: bool = False) -> None:
     warning once per run, in a main pass only (PAG's perturbed pass is an extra pass: nothing to say):
     ``main`` for ``current``, the store whose CALC_COND_BATCH wrapper dropped the chain, and the others'
     own reckoning (their wrappers may not have run yet in this call)."""
-    while _is_own_patch(fn):
-        store = _REGISTRY.get(fn.headseg_store_id)
-        if store is not None and store.active and (main if store is current else store.in_main):
+    for store in _recording_stores(fn):
+        if main if store is current else store.in_main:
             key = LayerKey(*name)
             store.shadowed.add(key)
             store._warn_once(
                 key, "shadow", f"a ({name[0]}, {name[1]}) attn1 patch of another node takes precedence in this call"
             )
-        fn = fn.headseg_previous
 
 
 # diffusion model -> {(block, number, depth): its BasicTransformerBlock}, read at every model call
@@ -317,11 +328,7 @@ def _runs_other_code(module) -> bool:
 def _attends_alone(fn) -> bool:
     """Whether HeadSeg attn1 patch ``fn`` computes the attention itself: no other node's patch at the end
     of its chain (without HeadSeg, ComfyUI would call the layer's attn1 module there)."""
-    while _is_own_patch(fn):
-        if fn.headseg_previous is None:
-            return True
-        fn = fn.headseg_previous
-    return False
+    return any(patch.headseg_previous is None for patch in _own_patches(fn))
 
 
 def _without_bypassing_patches(model_options: dict, diffusion_model, warn=None) -> dict:
@@ -345,17 +352,14 @@ def _left_to_module(name: tuple, fn) -> None:
     attn1 module: _without_bypassing_patches) that the layer is left to it, with a warning once per run.
     The first record node's CALC_COND_BATCH wrapper to run drops the whole chain, so the record nodes
     chained before or after it never see the patch: each must still say why it lacks the layer."""
-    while _is_own_patch(fn):
-        store = _REGISTRY.get(fn.headseg_store_id)
-        if store is not None and store.active:
-            key = LayerKey(*name)
-            store.left_to_module.add(key)
-            store._warn_once(
-                key, "module",
-                "its self-attention module runs another node's code (a forward hook, or a forward swapped in "
-                "by an object patch), which an attn1 replace patch would skip: the layer is left to it",
-            )
-        fn = fn.headseg_previous
+    for store in _recording_stores(fn):
+        key = LayerKey(*name)
+        store.left_to_module.add(key)
+        store._warn_once(
+            key, "module",
+            "its self-attention module runs another node's code (a forward hook, or a forward swapped in "
+            "by an object patch), which an attn1 replace patch would skip: the layer is left to it",
+        )
 
 
 def _without_attn1(model_options: dict, attn1: dict, drop: list, warn=None) -> dict:
@@ -382,11 +386,7 @@ def _with_attn1(model_options: dict, attn1: dict) -> dict:
 
 def _runs_through(fn, store_id: int) -> bool:
     """Whether attn1 patch ``fn`` is, or chains to, a patch of record node ``store_id``."""
-    while _is_own_patch(fn):
-        if fn.headseg_store_id == store_id:
-            return True
-        fn = fn.headseg_previous
-    return False
+    return any(patch.headseg_store_id == store_id for patch in _own_patches(fn))
 
 
 def _chaining_later_patches(model_options: dict, store_id: int, layers) -> dict:

@@ -96,11 +96,6 @@ def _sigma_value(sig) -> float:
     return float(sig.max()) if torch.is_tensor(sig) else float(sig)
 
 
-# The smallest magnitude float16 makes inf: its largest finite value (65504) plus half its step there (32); a
-# value below it is rounded to at most 65504, as near as float16 rounds any value
-_RECORD_OVERFLOW = FP16_OVERFLOW  # 65520: what float16 makes inf
-
-
 def _kept_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a head output ``x`` (or a mean of several) is kept in: RECORD_DTYPE (float16), or float32 where
     x is not float16 and holds finite values that float16 would make inf (65520 and beyond, past float16's range
@@ -112,7 +107,7 @@ def _kept_dtype(x: torch.Tensor) -> torch.dtype:
     # read as float32 holds them: torch casts a float64 UNet's values (--fp64-unet) to float16 through float32,
     # so 65519.999 is inf in float16
     lo, hi = (float(v.to(torch.float32)) for v in torch.aminmax(x))
-    if math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi) >= _RECORD_OVERFLOW:
+    if math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi) >= FP16_OVERFLOW:
         return torch.float32
     return RECORD_DTYPE
 

@@ -523,10 +523,11 @@ def save_recording(
             size = t.detach().abs().nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # |finite values|; NaN / inf stay
             peaks = size.reshape(B, heads, h * w * d).amax(2).amax(0)  # [heads] largest finite |value| per head
             del size
-            if float(peaks.max()) > _FP32_MAX:
+            top = peaks.max()  # the layer's largest finite |value|
+            if float(top) > _FP32_MAX:
                 raise ValueError(f"{name}: layer {key!s} has values beyond the float32 range")
             # read as float32 holds them: torch casts float64 to float16 through float32, so 65519.999 is inf
-            if float(peaks.max().to(torch.float32)) >= FP16_OVERFLOW:  # float16 would make them inf: float32 keeps them
+            if float(top.to(torch.float32)) >= FP16_OVERFLOW:  # float16 would make them inf: float32 keeps them
                 kept = torch.float32
             else:  # float16 would lose the digits of a head below its normal numbers
                 small = ((peaks > 0) & (peaks < _FP16_TINY)).nonzero().flatten().tolist()
