@@ -289,8 +289,9 @@ class Upsample(io.ComfyNode):
                     "reweight",
                     default=False,
                     tooltip=(
-                        "Eq. 5: scale each layer by its grid side / the largest grid side, so fine layers "
-                        "dominate the clustering. Off (default): all heads count equally."
+                        "Eq. 5: scale each layer by its grid's resolution / the finest grid's (a grid at 1/2, "
+                        "1/4, 1/8 of the latent: 0.5, 0.25, 0.125), so fine layers dominate the clustering. Off "
+                        "(default): all heads count equally."
                     ),
                 ),
             ],

@@ -25,6 +25,7 @@ from .recording import (
     check_batch_index,
     check_one_device,
     check_size,
+    grid_levels,
     is_int,
     power_of_two_scale,
 )
@@ -179,17 +180,29 @@ def upsample(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear", spa
     return _resample_axis(_resample_axis(x, 2, H, mode, Hs), 3, W, mode, Ws)  # [B, C, H, w] -> [B, C, H, W]
 
 
-def resolution_weights(grid_sides: list[int]) -> list[float]:
-    """Eq. 5: weight r_i / max(r) for each grid side r_i (a 16x16 grid among 64x64 ones gets 0.25)."""
+def resolution_weights(resolutions: list[float]) -> list[float]:
+    """Eq. 5: weight r_i / max(r) for each grid resolution r_i (a grid side in cells, or cells per pixel as
+    grid_resolution gives it: a 16x16 grid among 64x64 ones gets 0.25)."""
     try:
-        sides = list(grid_sides)
+        rs = list(resolutions)
     except TypeError:
-        sides = []
-    if not sides or any(not is_int(r) or r < 1 for r in sides):
-        raise ValueError(f"grid_sides must be a non-empty list of positive ints, got {grid_sides!r}")
-    sides = [int(r) for r in sides]
-    top = max(sides)
-    return [r / top for r in sides]
+        rs = []
+    if not rs or any(not _is_real(r) or r <= 0 for r in rs):
+        raise ValueError(f"resolutions must be a non-empty list of positive numbers, got {resolutions!r}")
+    top = max(rs)
+    return [r / top for r in rs]
+
+
+def grid_resolution(grid: tuple[int, int], size: tuple[int, int]) -> float:
+    """Eq. 5's r of a token grid (h, w) of an image of size (H, W) pixels, in cells per pixel: 1 / (8 * 2**l)
+    for the UNet's grid at level l (ceil(latent / 2**l) cells of 8 * 2**l pixels, whatever the rounding of
+    its sides: a 1000 px side's 1/4 grid has 32 cells, r = 1/32, not 32/1000), else the finer of h / H and
+    w / W (a grid stretched onto the image, from no UNet level)."""
+    (h, w), (H, W) = grid, size
+    levels = grid_levels((max(1, H // 8), max(1, W // 8)))  # the levels Recording.grid_level checks grids against
+    if (h, w) in levels:
+        return 1.0 / (8 * 2 ** levels.index((h, w)))
+    return max(h / H, w / W)
 
 
 @dataclass
@@ -338,7 +351,7 @@ def make_feature_stack(
     """HeadFeatures -> FeatureStack at ``size`` (None = features.image_size); layers grouped by grid.
 
     Channels of a layer are head-major ([heads * c] from [B, heads, h, w, c]); grid entries come in
-    order of first appearance in UNet order. reweight=True applies eq. 5 with r = max(h, w) per grid.
+    order of first appearance in UNet order. reweight=True applies eq. 5 with each grid's resolution r (grid_resolution).
     """
     if not isinstance(features, HeadFeatures):
         raise TypeError(f"features must be HeadFeatures, got {type(features).__name__}")
@@ -368,8 +381,8 @@ def make_feature_stack(
     for key, t in features.layers.items():
         h, w = int(t.shape[2]), int(t.shape[3])
         groups.setdefault((h, w), []).append((key, t.detach()))  # [B, heads, h, w, c]
-    sides = [max(h, w) for (h, w) in groups]
-    weights = resolution_weights(sides) if reweight else [1.0] * len(sides)
+    resolutions = [grid_resolution(hw, features.image_size) for hw in groups]
+    weights = resolution_weights(resolutions) if reweight else [1.0] * len(resolutions)
     # the pixels each grid spans on the features' own image, scaled with it when size differs
     (H0, W0), (H, W) = features.image_size, size
     spans = [(Hs * H / H0, Ws * W / W0) if (H, W) != (H0, W0) else (Hs, Ws)

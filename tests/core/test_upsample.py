@@ -196,9 +196,9 @@ def test_resolution_weights_eq5():
     assert resolution_weights([16, 32, 64]) == [0.25, 0.5, 1.0]
     assert resolution_weights([64, 16]) == [1.0, 0.25]
     assert resolution_weights([7]) == [1.0]
-    with pytest.raises(ValueError, match="grid_sides"):
+    with pytest.raises(ValueError, match="^resolutions must be a non-empty list of positive numbers"):
         resolution_weights([])
-    with pytest.raises(ValueError, match="grid_sides"):
+    with pytest.raises(ValueError, match="^resolutions must be a non-empty list of positive numbers"):
         resolution_weights([0, 4])
 
 
@@ -441,14 +441,27 @@ def test_sizes_beyond_the_largest_image_side_are_refused_up_front():
         make_feature_stack(features(), size=(64, 20000))
 
 
-def test_reweight_uses_the_longer_side_of_non_square_grids():
-    layers = {
-        LayerKey("input", 1, 0): torch.randn(1, 1, 8, 13, 2),
-        LayerKey("input", 4, 0): torch.randn(1, 1, 4, 7, 2),
-        LayerKey("input", 7, 0): torch.randn(1, 1, 2, 4, 2),
-    }
-    stack = make_feature_stack(HeadFeatures(layers, (64, 104), 2), reweight=True)
-    assert stack.weights == pytest.approx([1.0, 7 / 13, 4 / 13])  # eq. 5 with r = max(h, w)
+@pytest.mark.parametrize("image, grids, cell_px", [
+    ((64, 104), [(8, 13), (4, 7), (2, 4), (1, 2)], [8, 16, 32, 64]),  # latent 8x13: sides 13, 7, 4, 2 cells
+    ((664, 1000), [(83, 125), (42, 63), (21, 32), (11, 16)], [8, 16, 32, 64]),  # a 1000x664 photo, latent 125x83
+    ((64, 96), [(8, 12), (4, 6), (2, 3)], [8, 16, 32]),
+    ((40, 40), [(5, 5), (1, 1)], [8, 64]),  # latent 5: its 1/8 grid is one cell of 64 px
+], ids=["8x13", "1000x664", "8x12", "one-cell"])
+def test_reweight_weighs_each_grid_by_its_resolution_as_the_unet_has_it(image, grids, cell_px):
+    """Eq. 5 weighs the features of a grid by its resolution r over the finest one's: a UNet grid at level l has
+    cells of 8 * 2**l pixels, so its weight is 2**-l whatever the rounding of its sides. The grids' sides
+    (the longer one, r = max(h, w)) gave a latent 8x13 the weights 1, 7/13, 4/13, 2/13 for its 1/2, 1/4 and
+    1/8 grids, and a 1000x664 photo 63/125, 32/125 and 16/125 for them."""
+    layers = {LayerKey("input", i, 0): torch.randn(1, 1, h, w, 2) for i, (h, w) in enumerate(grids)}
+    stack = make_feature_stack(HeadFeatures(layers, image, 2), reweight=True)
+    assert stack.weights == [cell_px[0] / px for px in cell_px]  # r = 1 / cell size, over the finest r
+
+
+def test_reweight_of_grids_that_fit_no_unet_level_counts_their_cells_per_pixel():
+    """A grid stretched onto the image (no UNet level of it): r is its cells per pixel, on the finer axis."""
+    layers = {LayerKey("input", 1, 0): torch.randn(1, 1, 8, 8, 2), LayerKey("input", 4, 0): torch.randn(1, 1, 3, 5, 2)}
+    stack = make_feature_stack(HeadFeatures(layers, (64, 64), 2), reweight=True)
+    assert stack.weights == pytest.approx([1.0, (5 / 64) / (8 / 64)])
 
 
 def test_float64_features_beyond_float32_are_refused_naming_the_layer():
@@ -477,7 +490,7 @@ def test_reweight_must_be_a_bool(reweight):
 
 
 def test_bad_weights_and_non_finite_features_are_named():
-    with pytest.raises(ValueError, match="^grid_sides must be a non-empty list"):
+    with pytest.raises(ValueError, match="^resolutions must be a non-empty list"):
         up.resolution_weights(5)
     feats = features()
     key = next(iter(feats.layers))
