@@ -237,6 +237,23 @@ def test_readme_and_docs_state_the_limits_of_the_code():
             assert stated and set(stated) == {limit}, (pattern, stated, limit)
 
 
+
+def test_readme_and_docs_state_the_kmeans_stopping_rules_of_the_code():
+    """README and Multi K-Means' page state when the Lloyd iterations stop: labels unchanged, the centroids'
+    shift below tol, or an iteration lowering the inertia by less than the core's RTOL (0.1 %). The page said
+    'Lloyd iterations to convergence' and README's node reference named the first two rules only, while the
+    third stops the k-means before its labels settle."""
+    from headseg.nodes.core.working_set import RTOL
+
+    readme = " ".join((REPO / "README.md").read_text().split())
+    page = " ".join((DOCS / "HeadSeg_MultiKMeans.md").read_text().split())
+    percent = r"([\d.]+) ?%"
+    stated = [float(m) for m in re.findall(r"an iteration gains less than " + percent + " inertia", readme)]
+    assert len(stated) == 2 and set(stated) == {RTOL * 100}, stated  # the node reference and the core section
+    stated = [float(m) for m in re.findall(r"an iteration lowers the inertia by less than " + percent, page)]
+    assert stated == [RTOL * 100], stated
+    assert "to convergence" not in page
+
 def _readme_names(cell: str) -> list[str]:
     """The `names` a README node-reference cell lists at its top level: each ';'-separated entry's
     backticked names before its first '(' (what is inside the brackets describes them)."""
