@@ -410,3 +410,28 @@ def test_partition_picture_paints_the_finest_mask_on_top():
     assert picture.shape == (4, 4, 3)
     assert torch.equal(picture[0, 0], colours[3]) and torch.equal(picture[2, 2], colours[2])
     assert torch.equal(picture[3, 3], colours[1])
+
+
+def test_pca_rgb_of_a_recording_is_each_heads_first_three_principal_components_as_scikit_learn_finds_them():
+    """Paper figure 3 from the recorded heads: Head PCA's picture of a recording (8 components kept) shows,
+    tile by tile, red, green, blue = components 1, 2, 3 of that head alone, each stretched over 0..1; the
+    reference is scikit-learn's PCA(3) of the raw head [h*w, d], signs included, min-max normalised here."""
+    from sklearn.decomposition import PCA
+    from threadpoolctl import threadpool_limits
+
+    from headseg.nodes.core.pca import recording_pca
+    from headseg.nodes.core.recording import Recording
+
+    g = torch.Generator().manual_seed(5)
+    mixing = torch.randn(2, 16, 16, generator=g, dtype=torch.float64)  # per head: correlated channels
+    heads = torch.randn(2, 6 * 10, 16, generator=g, dtype=torch.float64) @ mixing  # [heads, N, d]
+    layer = heads.reshape(1, 2, 6, 10, 16).to(torch.float32)  # [B, heads, h, w, d]: a 6x10 latent's grid
+    rec = Recording({LayerKey("output", 9, 0): layer}, (48, 80))
+    img = pca_rgb_grid(recording_pca(rec, 8), cell=10)  # tiles of 6x10 pixels: one pixel per token
+    assert_image(img, (1, 6, 20, 3))
+    for h in range(2):
+        with threadpool_limits(1):
+            ref = PCA(n_components=3, svd_solver="full").fit_transform(layer[0, h].reshape(60, 16).double().numpy())
+        ref = torch.from_numpy(ref)  # [N, 3]
+        ref = (ref - ref.amin(0)) / (ref.amax(0) - ref.amin(0))  # each component over 0..1
+        torch.testing.assert_close(img[0, :, 10 * h : 10 * (h + 1)].reshape(60, 3).double(), ref, rtol=0, atol=1e-4)
