@@ -14,10 +14,17 @@ from .record_node import RecordSelfAttention
 from .recording_io_nodes import NODES as RECORDING_IO_NODES
 
 
+ALL_NODES = [RecordSelfAttention, *PIPELINE_NODES, *LABEL_MAP_NODES, *RECORDING_IO_NODES]
+
+
 class HeadSegExtension(ComfyExtension):
+    def __init__(self, node_list: list[type[io.ComfyNode]] | None = None):
+        """``node_list``: the nodes to register, all of HeadSeg's by default (none for a second copy)."""
+        self.node_list = list(ALL_NODES if node_list is None else node_list)
+
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [RecordSelfAttention, *PIPELINE_NODES, *LABEL_MAP_NODES, *RECORDING_IO_NODES]
+        return list(self.node_list)
 
 
 def register_prompt_migration() -> bool:

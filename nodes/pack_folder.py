@@ -1,0 +1,77 @@
+"""Where this copy of HeadSeg is installed, and what ComfyUI makes of that folder when it loads it.
+
+HeadSeg installed twice (an old and a new folder in ``custom_nodes``): ComfyUI registers the node ids of
+the folder it loads last over those of the first, with no word in the log, and serves both folders' web
+files, of which the browser registers whichever loads first: nodes of one copy ran under the picker of
+the other. The copy loaded second now leaves its nodes and web files out (``other_copy``,
+``withdraw_web_folder``), with a log line that names both folders: the first one stays whole.
+
+Nothing here imports ComfyUI: its ``nodes`` module is looked up in ``sys.modules`` (main.py has
+imported it before it loads custom nodes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import re
+import sys
+
+# the pack's root folder as ComfyUI loaded it (a link is not followed: two links to one checkout are
+# two copies to ComfyUI)
+PACK_DIR = pathlib.Path(os.path.abspath(__file__)).parent.parent
+NODE_ID = "HeadSeg_RecordSelfAttention"  # any of the pack's node ids tells which copy registered them
+
+
+
+def pack_version(folder: pathlib.Path) -> str:
+    """[project] version from ``folder``/pyproject.toml, or "unknown version" (no tomllib before Python 3.11)."""
+    try:
+        text = (folder / "pyproject.toml").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return "unknown version"
+    match = re.search(r'^version\s*=\s*"([^"]+)"', text, re.MULTILINE)
+    return match.group(1) if match else "unknown version"
+
+
+def _comfy_nodes():
+    return sys.modules.get("nodes")
+
+
+def other_copy() -> pathlib.Path | None:
+    """The root folder of another HeadSeg copy whose nodes ComfyUI has already registered, or None."""
+    registered = getattr(_comfy_nodes(), "NODE_CLASS_MAPPINGS", {}).get(NODE_ID)
+    file = getattr(sys.modules.get(getattr(registered, "__module__", "")), "__file__", None)
+    if not file:
+        return None
+    folder = pathlib.Path(os.path.abspath(file)).parent.parent  # <pack>/nodes/record_node.py
+    return None if folder == PACK_DIR else folder
+
+
+def withdraw_web_folder() -> None:
+    """Takes this copy's web folder out of the ones ComfyUI serves (its routes are added after all
+    custom nodes are loaded), so that the browser loads the front end of the copy in use only."""
+    web_dirs = getattr(_comfy_nodes(), "EXTENSION_WEB_DIRS", None)
+    if not isinstance(web_dirs, dict):
+        return
+    own = os.path.abspath(PACK_DIR / "js")
+    for name, path in list(web_dirs.items()):
+        if isinstance(path, str) and os.path.abspath(path) == own:
+            del web_dirs[name]
+
+
+def leave_out_second_copy() -> bool:
+    """True (with a warning that names both folders) when another HeadSeg copy was loaded first: this one
+    then registers no nodes and serves no web files."""
+    first = other_copy()
+    if first is None:
+        return False
+    withdraw_web_folder()
+    logging.warning(
+        "[HeadSeg] HeadSeg is installed twice: %s (%s) was loaded first and is in use; %s (%s) is left out "
+        "(none of its nodes or web files). Remove one of the two folders from custom_nodes and restart ComfyUI.",
+        first, pack_version(first), PACK_DIR, pack_version(PACK_DIR),
+    )  # fmt: skip
+    return True
+
