@@ -11,6 +11,8 @@ async def comfy_entrypoint():
     """ComfyUI V3 entry point: returns the extension that lists HeadSeg's nodes (none when another copy
     of HeadSeg was loaded first: nodes/pack_folder.py)."""
     from .nodes import pack_folder
+
+    pack_folder.warn_unservable_folder_name()
     from .nodes.extension import HeadSegExtension, register_prompt_migration
 
     if pack_folder.leave_out_second_copy():

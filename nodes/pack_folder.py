@@ -1,10 +1,15 @@
 """Where this copy of HeadSeg is installed, and what ComfyUI makes of that folder when it loads it.
 
-HeadSeg installed twice (an old and a new folder in ``custom_nodes``): ComfyUI registers the node ids of
-the folder it loads last over those of the first, with no word in the log, and serves both folders' web
-files, of which the browser registers whichever loads first: nodes of one copy ran under the picker of
-the other. The copy loaded second now leaves its nodes and web files out (``other_copy``,
-``withdraw_web_folder``), with a log line that names both folders: the first one stays whole.
+Two start-up cases get a log line of their own, each naming the folder and what to do:
+
+* HeadSeg installed twice (an old and a new folder in ``custom_nodes``): ComfyUI registers the node ids of
+  the folder it loads last over those of the first, with no word in the log, and serves both folders'
+  web files, of which the browser registers whichever loads first: nodes of one copy ran under the
+  picker of the other. The copy loaded second now leaves its nodes and web files out (``other_copy``,
+  ``withdraw_web_folder``): the first one stays whole.
+* A folder name that ComfyUI lists but cannot serve web files from (a space, as in
+  ``headseg-main (1)`` from a second zip download, or a letter outside ASCII): the nodes load, but the
+  picker, the node docs and the example workflows answer 404 in the browser (``unservable_characters``).
 
 Nothing here imports ComfyUI: its ``nodes`` module is looked up in ``sys.modules`` (main.py has
 imported it before it loads custom nodes).
@@ -23,6 +28,10 @@ import sys
 PACK_DIR = pathlib.Path(os.path.abspath(__file__)).parent.parent
 NODE_ID = "HeadSeg_RecordSelfAttention"  # any of the pack's node ids tells which copy registered them
 
+# What aiohttp (ComfyUI's web server) matches in a static route's folder name: the characters a URL
+# path keeps as they are (RFC 3986 pchar). Others are percent-encoded in the route and decoded in the
+# request, and the two no longer match.
+_SERVABLE = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@]")
 
 
 def pack_version(folder: pathlib.Path) -> str:
@@ -75,3 +84,19 @@ def leave_out_second_copy() -> bool:
     )  # fmt: skip
     return True
 
+
+def unservable_characters(name: str) -> str:
+    """The characters of the folder name ``name`` that ComfyUI's web server cannot serve files under
+    (each once, in order), "" when there are none."""
+    return "".join(dict.fromkeys(c for c in name if not _SERVABLE.fullmatch(c)))
+
+
+def warn_unservable_folder_name() -> None:
+    bad = unservable_characters(PACK_DIR.name)
+    if bad:
+        logging.warning(
+            "[HeadSeg] the pack's folder name %r has characters ComfyUI cannot serve web files under (%s): "
+            "the nodes load, but the pixel picker, the node docs and the example workflows do not reach the "
+            "browser. Rename the folder, e.g. to HeadSeg, and restart ComfyUI.",
+            PACK_DIR.name, " ".join(repr(c) for c in bad),
+        )  # fmt: skip

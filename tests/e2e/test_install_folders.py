@@ -1,16 +1,42 @@
-"""The pack installed the ways users install it: twice (an old and a new folder). A real ComfyUI server:
-the web routes matter."""
+"""The pack installed the ways users install it: under another folder name, or twice (an old and a new
+folder). Real ComfyUI processes: ``--quick-test-for-ci`` (import and exit) where the log is
+enough, one short server where the web routes matter."""
 
 from __future__ import annotations
 
 import pathlib
+import subprocess
+import sys
 import urllib.error
 
 import pytest
 
-from headseg.tests.support.server import REPO_ROOT, ComfyServer
+from headseg.tests.support.server import REPO_ROOT, ComfyServer, comfyui_dir, write_paths_yaml
 
 pytestmark = pytest.mark.server
+
+
+def _quick_test_log(tmp: pathlib.Path, custom_nodes: pathlib.Path) -> tuple[int, str]:
+    """Runs ComfyUI's ``--quick-test-for-ci`` with ``custom_nodes`` as the custom-nodes folder: (exit code, log)."""
+    yaml = tmp / "extra_model_paths.yaml"
+    write_paths_yaml(yaml, custom_nodes, [])
+    for d in ("output", "temp", "user", "input"):
+        (tmp / d).mkdir(exist_ok=True)
+    proc = subprocess.run(
+        [sys.executable, "main.py", "--cpu", "--quick-test-for-ci", "--extra-model-paths-config", str(yaml),
+         "--output-directory", str(tmp / "output"), "--temp-directory", str(tmp / "temp"),
+         "--input-directory", str(tmp / "input"), "--user-directory", str(tmp / "user"),
+         "--database-url", "sqlite:///:memory:"],
+        cwd=comfyui_dir(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _import_line(log: str, folder: pathlib.Path) -> str:
+    """ComfyUI's line for ``folder`` in its list of custom-node import times."""
+    lines = [line for line in log.splitlines() if line.rstrip().endswith(": " + str(folder))]
+    assert len(lines) == 1, log[-4000:]
+    return lines[0]
 
 
 def test_second_copy_is_left_out_and_named_in_the_log(tmp_path):
@@ -40,4 +66,20 @@ def test_second_copy_is_left_out_and_named_in_the_log(tmp_path):
         assert warning[0].index(str(custom_nodes / in_use) + " (") < warning[0].index("is in use")
     finally:
         server.stop()
+
+
+def test_folder_name_without_web_routes_is_named_in_the_log(tmp_path):
+    """A second zip download unpacks to ``headseg-main (1)``: ComfyUI lists its web files but answers 404 for
+    each (a space in a route's folder name), so the picker, the docs and the templates were missing with
+    nothing in the log. The nodes still load; the log now says why the rest does not, and what to do."""
+    custom_nodes = tmp_path / "custom_nodes"
+    custom_nodes.mkdir()
+    folder = custom_nodes / "headseg-main (1)"
+    folder.symlink_to(REPO_ROOT, target_is_directory=True)
+    code, log = _quick_test_log(tmp_path, custom_nodes)
+    assert code == 0, log[-4000:]
+    assert "IMPORT FAILED" not in _import_line(log, folder)
+    warning = [line for line in log.splitlines() if "[HeadSeg] the pack's folder name" in line]
+    assert len(warning) == 1, log[-4000:]
+    assert "'headseg-main (1)'" in warning[0] and "(' ')" in warning[0] and "Rename the folder" in warning[0]
 
