@@ -4,6 +4,8 @@ ComfyUI imports this folder as a package. Nothing here imports ComfyUI at import
 pure core under ``nodes/core`` can be imported (and tested) without a ComfyUI on the path.
 """
 
+import logging
+
 WEB_DIRECTORY = "./js"
 
 
@@ -13,8 +15,12 @@ async def comfy_entrypoint():
     from .nodes import pack_folder
 
     pack_folder.warn_unservable_folder_name()
-    from .nodes.extension import HeadSegExtension, register_prompt_migration
-
+    try:
+        from .nodes.extension import HeadSegExtension, register_prompt_migration
+    except Exception as error:
+        # ComfyUI's own line for a failing V3 entry point has the error's text alone, without the file
+        logging.error(pack_folder.load_failure_message(error), exc_info=True)
+        raise
     if pack_folder.leave_out_second_copy():
         return HeadSegExtension(node_list=[])
     register_prompt_migration()  # API prompts saved for older versions are rewired before validation

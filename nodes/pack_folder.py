@@ -1,6 +1,6 @@
 """Where this copy of HeadSeg is installed, and what ComfyUI makes of that folder when it loads it.
 
-Two start-up cases get a log line of their own, each naming the folder and what to do:
+Three start-up cases get a log line of their own, each naming the folder and what to do:
 
 * HeadSeg installed twice (an old and a new folder in ``custom_nodes``): ComfyUI registers the node ids of
   the folder it loads last over those of the first, with no word in the log, and serves both folders'
@@ -10,6 +10,8 @@ Two start-up cases get a log line of their own, each naming the folder and what 
 * A folder name that ComfyUI lists but cannot serve web files from (a space, as in
   ``headseg-main (1)`` from a second zip download, or a letter outside ASCII): the nodes load, but the
   picker, the node docs and the example workflows answer 404 in the browser (``unservable_characters``).
+* The pack failing to import (a file missing from a broken download, a ComfyUI too old for V3 nodes):
+  ComfyUI's own line for a V3 pack has the error's text alone (``load_failure_message``).
 
 Nothing here imports ComfyUI: its ``nodes`` module is looked up in ``sys.modules`` (main.py has
 imported it before it loads custom nodes).
@@ -27,6 +29,7 @@ import sys
 # two copies to ComfyUI)
 PACK_DIR = pathlib.Path(os.path.abspath(__file__)).parent.parent
 NODE_ID = "HeadSeg_RecordSelfAttention"  # any of the pack's node ids tells which copy registered them
+COMFYUI_NEEDED = "0.3.75"
 
 # What aiohttp (ComfyUI's web server) matches in a static route's folder name: the characters a URL
 # path keeps as they are (RFC 3986 pchar). Others are percent-encoded in the route and decoded in the
@@ -100,3 +103,16 @@ def warn_unservable_folder_name() -> None:
             "browser. Rename the folder, e.g. to HeadSeg, and restart ComfyUI.",
             PACK_DIR.name, " ".join(repr(c) for c in bad),
         )  # fmt: skip
+
+
+def comfyui_version() -> str:
+    return str(getattr(sys.modules.get("comfyui_version"), "__version__", "unknown version"))
+
+
+def load_failure_message(error: BaseException) -> str:
+    return (
+        f"[HeadSeg] the pack in {PACK_DIR} ({pack_version(PACK_DIR)}) failed to load, so its nodes are missing "
+        f"(ComfyUI runs on without them): {type(error).__name__}: {error}. HeadSeg needs ComfyUI "
+        f"{COMFYUI_NEEDED} or newer (this is {comfyui_version()}) and all of its own files: update ComfyUI, or "
+        "install the pack again (git clone, or the whole zip)."
+    )

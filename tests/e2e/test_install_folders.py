@@ -1,12 +1,14 @@
-"""The pack installed the ways users install it: under another folder name, or twice (an old and a new
-folder). Real ComfyUI processes: ``--quick-test-for-ci`` (import and exit) where the log is
+"""The pack installed the ways users install it: under another folder name, twice (an old and a new
+folder), or broken. Real ComfyUI processes: ``--quick-test-for-ci`` (import and exit) where the log is
 enough, one short server where the web routes matter."""
 
 from __future__ import annotations
 
 import pathlib
+import shutil
 import subprocess
 import sys
+import tomllib
 import urllib.error
 
 import pytest
@@ -83,3 +85,24 @@ def test_folder_name_without_web_routes_is_named_in_the_log(tmp_path):
     assert len(warning) == 1, log[-4000:]
     assert "'headseg-main (1)'" in warning[0] and "(' ')" in warning[0] and "Rename the folder" in warning[0]
 
+
+def test_import_failure_names_the_pack_and_comfyui_starts(tmp_path):
+    """A copy with a file missing (an interrupted download): ComfyUI's line for a V3 entry point that
+    raises held the error's text alone, with no traceback. The pack's own line says which pack failed,
+    what ComfyUI it needs and what to do, with the traceback; ComfyUI starts without the pack's nodes."""
+    custom_nodes = tmp_path / "custom_nodes"
+    folder = custom_nodes / "HeadSeg"
+    shutil.copytree(REPO_ROOT, folder, ignore=shutil.ignore_patterns(".git", "tests", "__pycache__"))
+    (folder / "nodes" / "recorder_store.py").unlink()
+    code, log = _quick_test_log(tmp_path, custom_nodes)
+    assert code == 0, log[-4000:]
+    assert "IMPORT FAILED" in _import_line(log, folder)
+    lines = log.splitlines()
+    failed = [i for i, line in enumerate(lines) if f"[HeadSeg] the pack in {folder} (" in line]
+    assert len(failed) == 1, log[-4000:]
+    line = lines[failed[0]]
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    assert f"({pyproject['project']['version']}) failed to load" in line and "recorder_store" in line
+    needed = pyproject["tool"]["comfy"]["requires-comfyui"].removeprefix(">=")  # the registry's, and README's
+    assert f"ComfyUI {needed} or newer" in line
+    assert lines[failed[0] + 1].startswith("Traceback"), "\n".join(lines[failed[0]: failed[0] + 5])
