@@ -6,7 +6,8 @@ Three start-up cases get a log line of their own, each naming the folder and wha
   the folder it loads last over those of the first, with no word in the log, and serves both folders'
   web files, of which the browser registers whichever loads first: nodes of one copy ran under the
   picker of the other. The copy loaded second now leaves its nodes and web files out (``other_copy``,
-  ``withdraw_web_folder``): the first one stays whole.
+  ``withdraw_web_folder``): the first one stays whole. The first one names the other folders it finds
+  (``other_installed_copies``): a copy from before this check, loaded after it, still takes its place.
 * A folder name that ComfyUI lists but cannot serve web files from (a space, as in
   ``headseg-main (1)`` from a second zip download, or a letter outside ASCII): the nodes load, but the
   picker, the node docs and the example workflows answer 404 in the browser (``unservable_characters``).
@@ -73,11 +74,50 @@ def withdraw_web_folder() -> None:
             del web_dirs[name]
 
 
+def _holds_headseg(folder: pathlib.Path) -> bool:
+    try:
+        text = (folder / "pyproject.toml").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return (folder / "__init__.py").is_file() and re.search(r'^name\s*=\s*"headseg"\s*$', text, re.MULTILINE) is not None
+
+
+def other_installed_copies() -> list[pathlib.Path]:
+    """The other folders of HeadSeg that ComfyUI loads custom nodes from (its custom_nodes folders, less
+    ``.disabled`` ones and those --disable-all-custom-nodes leaves out), in the order it loads them."""
+    folder_paths = sys.modules.get("folder_paths")
+    roots = folder_paths.get_folder_paths("custom_nodes") if folder_paths else [str(PACK_DIR.parent)]
+    args = getattr(sys.modules.get("comfy.cli_args"), "args", None)
+    only = set(args.whitelist_custom_nodes) if getattr(args, "disable_all_custom_nodes", False) else None
+    found = []
+    for root in roots:
+        try:
+            names = os.listdir(os.path.realpath(root))
+        except OSError:
+            continue
+        for name in names:
+            folder = pathlib.Path(os.path.abspath(os.path.join(root, name)))
+            if name.endswith(".disabled") or (only is not None and name not in only) or folder == PACK_DIR:
+                continue
+            if folder not in found and _holds_headseg(folder):
+                found.append(folder)
+    return found
+
+
 def leave_out_second_copy() -> bool:
     """True (with a warning that names both folders) when another HeadSeg copy was loaded first: this one
-    then registers no nodes and serves no web files."""
+    then registers no nodes and serves no web files. False for the first copy, which names the other
+    copies it finds in a warning of its own."""
     first = other_copy()
     if first is None:
+        others = other_installed_copies()
+        if others:
+            logging.warning(
+                "[HeadSeg] HeadSeg is installed more than once: this copy, %s (%s), is loaded first; it is also in "
+                "%s. A later copy leaves its nodes out, unless it is one from before that check, which replaces "
+                "this one's. Remove all but one of the folders from custom_nodes and restart ComfyUI.",
+                PACK_DIR, pack_version(PACK_DIR), ", ".join(f"{o} ({pack_version(o)})" for o in others),
+            )  # fmt: skip
         return False
     withdraw_web_folder()
     logging.warning(

@@ -18,10 +18,14 @@ from headseg.tests.support.server import REPO_ROOT, ComfyServer, comfyui_dir, wr
 pytestmark = pytest.mark.server
 
 
-def _quick_test_log(tmp: pathlib.Path, custom_nodes: pathlib.Path) -> tuple[int, str]:
-    """Runs ComfyUI's ``--quick-test-for-ci`` with ``custom_nodes`` as the custom-nodes folder: (exit code, log)."""
+def _quick_test_log(tmp: pathlib.Path, custom_nodes: pathlib.Path | list[pathlib.Path]) -> tuple[int, str]:
+    """Runs ComfyUI's ``--quick-test-for-ci`` with ``custom_nodes`` as the custom-nodes folder (or folders,
+    loaded in that order): (exit code, log)."""
     yaml = tmp / "extra_model_paths.yaml"
-    write_paths_yaml(yaml, custom_nodes, [])
+    if isinstance(custom_nodes, list):
+        yaml.write_text("headseg:\n    custom_nodes: |\n" + "".join(f"        {c}\n" for c in custom_nodes))
+    else:
+        write_paths_yaml(yaml, custom_nodes, [])
     for d in ("output", "temp", "user", "input"):
         (tmp / d).mkdir(exist_ok=True)
     proc = subprocess.run(
@@ -66,8 +70,43 @@ def test_second_copy_is_left_out_and_named_in_the_log(tmp_path):
         assert f"{custom_nodes / in_use} (" in warning[0] and "is in use" in warning[0]
         assert f"{custom_nodes / left_out} (" in warning[0] and "is left out" in warning[0]
         assert warning[0].index(str(custom_nodes / in_use) + " (") < warning[0].index("is in use")
+        first = [line for line in server.log_text().splitlines() if "HeadSeg is installed more than once" in line]
+        assert len(first) == 1, server.log_tail()
+        assert f"this copy, {custom_nodes / in_use} (" in first[0] and f"also in {custom_nodes / left_out} (" in first[0]
     finally:
         server.stop()
+
+
+# The entry point of the pack before it looked for other copies: such a copy, loaded second, registers
+# its nodes over the first one's and says nothing.
+OLD_ENTRY_POINT = """
+WEB_DIRECTORY = "./js"
+
+
+async def comfy_entrypoint():
+    from .nodes.extension import HeadSegExtension, register_prompt_migration
+
+    register_prompt_migration()
+    return HeadSegExtension()
+"""
+
+
+def test_older_copy_loaded_later_is_named_by_the_first(tmp_path):
+    """A copy from before the check, loaded after this one, takes its node ids without a word: the copy
+    loaded first names it (ComfyUI loads its custom_nodes folders in the order the paths file lists them)."""
+    new_root, old_root = tmp_path / "nodes-a", tmp_path / "nodes-b"
+    new_root.mkdir()
+    (new_root / "HeadSeg").symlink_to(REPO_ROOT, target_is_directory=True)
+    old = old_root / "HeadSeg-old"
+    shutil.copytree(REPO_ROOT, old, ignore=shutil.ignore_patterns(".git", "tests", "__pycache__"))
+    (old / "__init__.py").write_text(OLD_ENTRY_POINT)
+    (old / "nodes" / "pack_folder.py").unlink()
+    code, log = _quick_test_log(tmp_path, [new_root, old_root])
+    assert code == 0, log[-4000:]
+    warning = [line for line in log.splitlines() if "HeadSeg is installed more than once" in line]
+    assert len(warning) == 1, log[-4000:]
+    assert f"this copy, {new_root / 'HeadSeg'} (" in warning[0] and f"also in {old} (" in warning[0]
+    assert "Remove all but one" in warning[0]
 
 
 def test_folder_name_without_web_routes_is_named_in_the_log(tmp_path):
