@@ -50,6 +50,22 @@ source "$REPO/tests/setup_env.sh"
 # venv under it (tests/setup_env.sh).
 if command -v flock >/dev/null; then exec 8>>"$HEADSEG_HOME/.venv-users.lock"; flock -s 8; fi
 
+# ComfyUI loads its own custom_nodes folder before the one made below: a HeadSeg installed there (README,
+# "Install into an existing ComfyUI") would be the copy in use, and this checkout's nodes and web files
+# left out (nodes/pack_folder.py). Say so instead of serving another copy.
+for dir in "$HEADSEG_COMFYUI"/custom_nodes/*/; do
+  dir="${dir%/}"
+  case "$dir" in *.disabled) continue ;; esac
+  if [ -f "$dir/__init__.py" ] \
+    && grep -qE '^name[[:space:]]*=[[:space:]]*"headseg"[[:space:]]*$' "$dir/pyproject.toml" 2>/dev/null \
+    && [ "$(cd "$dir" && pwd -P)" != "$(cd "$REPO" && pwd -P)" ]; then
+    echo "[headseg] $dir holds HeadSeg too: ComfyUI loads it before this checkout, whose nodes and web" \
+      "files are then left out. Move it out of custom_nodes (or rename it to $(basename "$dir").disabled)" \
+      "to serve this checkout" >&2
+    exit 1
+  fi
+done
+
 # A port in use ends ComfyUI only after it has loaded everything, with a traceback: say so first.
 if ! "$PY" -c '
 import socket, sys

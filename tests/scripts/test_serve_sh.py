@@ -46,9 +46,10 @@ def test_bad_port_argument(args):
     assert "Traceback" not in proc.stderr
 
 
-def _serve_stand_in(tmp_path, home: pathlib.Path, main_py: str) -> subprocess.CompletedProcess:
+def _serve_stand_in(tmp_path, home: pathlib.Path, main_py: str, custom_nodes: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """serve.sh in ``home``, whose venv is stamped as the set-up one (its python runs the real venv's),
-    with a stand-in ComfyUI whose main.py is ``main_py``."""
+    with a stand-in ComfyUI whose main.py is ``main_py``, and a copy of the pack's __init__.py and
+    pyproject.toml in each folder of its custom_nodes named in ``custom_nodes``."""
     import sys
 
     set_up = pathlib.Path(os.environ.get("HEADSEG_HOME", pathlib.Path.home() / ".cache" / "headseg"))
@@ -62,6 +63,10 @@ def _serve_stand_in(tmp_path, home: pathlib.Path, main_py: str) -> subprocess.Co
     comfy = tmp_path / "ComfyUI"
     comfy.mkdir()
     (comfy / "main.py").write_text(main_py)
+    for name in custom_nodes:
+        (comfy / "custom_nodes" / name).mkdir(parents=True)
+        for file in ("__init__.py", "pyproject.toml"):
+            (comfy / "custom_nodes" / name / file).write_bytes((REPO_ROOT / file).read_bytes())
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -107,3 +112,21 @@ def test_server_holds_the_venv(tmp_path):
     ))  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.splitlines()[-1] == "VENV HELD", proc.stdout + proc.stderr
+
+
+def test_headseg_in_comfyuis_own_custom_nodes_is_named(tmp_path):
+    """With HEADSEG_COMFYUI pointing at a ComfyUI that has HeadSeg installed (as README's install section
+    says), ComfyUI loaded that copy first and left this checkout's nodes and web files out: serve.sh served
+    another copy than the checkout it was started from. It now names the folder and stops; a folder
+    renamed to .disabled, which ComfyUI skips, does not stop it."""
+    proc = _serve_stand_in(tmp_path, tmp_path / "home", "print('STARTED')\n", custom_nodes=("HeadSeg",))
+    folder = tmp_path / "ComfyUI" / "custom_nodes" / "HeadSeg"
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"[headseg] {folder} holds HeadSeg too" in proc.stderr, proc.stderr
+    assert "STARTED" not in proc.stdout
+
+    other = tmp_path / "other"
+    other.mkdir()
+    proc = _serve_stand_in(other, other / "home", "print('STARTED')\n", custom_nodes=("HeadSeg.disabled",))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[-1] == "STARTED"
