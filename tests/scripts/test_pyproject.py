@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
-import pathlib
 import re
 import sys
 import tomllib
