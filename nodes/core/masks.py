@@ -365,17 +365,13 @@ MAX_POINTS = 1024
 def parse_points(text, name: str = "more_points") -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """"12,40; -300,200" -> (include [(12, 40)], exclude [(300, 200)]): 'x,y' pairs of pixels (ASCII digits)
     separated by ';' or new lines, a leading '-' marking a pixel the masks must not contain; "" -> ([], []);
-    a coordinate of more than 9 digits is read as 10**9. ValueError naming ``name`` for anything else, and
-    for more than MAX_POINTS entries."""
+    a coordinate of more than 9 digits is read as 10**9. ValueError naming ``name`` for anything else (the
+    first entry that is no pixel, wherever it stands), then for more than MAX_POINTS pixels (blank entries do
+    not count; the picker, js/picker_pixels.js, counts the same pixels)."""
     if not isinstance(text, str):
         raise ValueError(f"{name}: expected text such as '12,40; -300,200', got {type(text).__name__}")
     include, exclude = [], []
     entries = [e for e in (e.strip(_BLANK_CHARS) for e in text.replace("\n", ";").split(";")) if e]
-    if len(entries) > MAX_POINTS:
-        raise ValueError(
-            f"{name}: expected at most {MAX_POINTS} 'x,y' pixels separated by ';', got {len(entries)} entries: a few "
-            f"pixels narrow the masks at (x, y), e.g. '12,40; -300,200'"
-        )
     for n, entry in enumerate(entries, start=1):
         m = _POINT.fullmatch(entry)
         if m is None:
@@ -383,5 +379,11 @@ def parse_points(text, name: str = "more_points") -> tuple[list[tuple[int, int]]
                 f"{name}: expected 'x,y' pixels (whole numbers >= 0) separated by ';', with a leading '-' for a "
                 f"pixel the masks must not contain, e.g. '12,40; -300,200'; entry {n} is {entry!r}"
             )
-        (exclude if m[1] else include).append((ascii_int(m[2]), ascii_int(m[3])))
+        if n <= MAX_POINTS:  # past it, only read for a typo: more are refused below
+            (exclude if m[1] else include).append((ascii_int(m[2]), ascii_int(m[3])))
+    if len(entries) > MAX_POINTS:  # every entry is a pixel
+        raise ValueError(
+            f"{name}: expected at most {MAX_POINTS} 'x,y' pixels separated by ';', got {len(entries)} pixels: a few "
+            f"pixels narrow the masks at (x, y), e.g. '12,40; -300,200'"
+        )
     return include, exclude

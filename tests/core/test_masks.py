@@ -348,10 +348,23 @@ def test_parse_points_takes_at_most_max_points_pixels():
     text = "; ".join(f"{i % 50},{i // 50}" for i in range(MAX_POINTS)) + ";;\n ; "
     include, exclude = parse_points(text)
     assert len(include) == MAX_POINTS and exclude == []
-    with pytest.raises(ValueError, match=rf"^more_points: expected at most {MAX_POINTS} 'x,y' pixels .* got {MAX_POINTS + 1} entries"):
+    with pytest.raises(ValueError, match=rf"^more_points: expected at most {MAX_POINTS} 'x,y' pixels .* got {MAX_POINTS + 1} pixels"):
         parse_points(text + "; -3,4")
-    with pytest.raises(ValueError, match="^links: expected at most .* got 200000 entries"):
+    with pytest.raises(ValueError, match="^links: expected at most .* got 200000 pixels"):
         parse_points("1,2;" * 200000, name="links")
+
+
+def test_more_points_with_a_typo_name_the_typo_and_the_limit_counts_pixels_as_the_picker_does():
+    """The picker counts the pixels of more_points (it skips an entry that is none, for the node to name), but
+    parse_points counted every entry before reading any: MAX_POINTS pixels and a typo were refused as too many
+    (MAX_POINTS + 1 entries) while the picker drew every ring and said nothing of a limit, and the typo went
+    unnamed until the count was cut. A typo is named first, wherever it stands; the limit counts pixels."""
+    pixels = "; ".join(f"{i % 50},{i // 50}" for i in range(MAX_POINTS))
+    for text, n in ((pixels + "; 3.4", MAX_POINTS + 1), ("x; " + pixels, 1), (pixels + "; 1,2; 7", MAX_POINTS + 2)):
+        with pytest.raises(ValueError, match=rf"^more_points: expected 'x,y' pixels .*; entry {n} is "):
+            parse_points(text)
+    with pytest.raises(ValueError, match=rf"^more_points: expected at most {MAX_POINTS} 'x,y' pixels .* got {MAX_POINTS + 1} pixels"):
+        parse_points(pixels + "; ; -1,1;\n")
 
 
 def test_parse_points_reads_blanks_and_huge_numbers_as_the_picker_does():
