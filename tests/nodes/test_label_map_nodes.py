@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from headseg.nodes.core import masks as core_masks
 from headseg.nodes.core.metrics import best_match_iou
 from headseg.tests.core.planted import nested_scene, planted_recording, small_layout
 
@@ -749,3 +751,73 @@ def test_masks_of_other_clusters_are_refused_before_any_file_is_written(save, no
         save.execute(sweep, "refused", masks=torch.zeros(2, H, W))
     assert not list(comfy_folders["output"].iterdir())
     assert isinstance(merged[0], core_masks.MaskSet)
+
+
+@pytest.mark.parametrize("where", ["first", "last", "inside", "outside"])
+def test_a_mask_one_pixel_off_its_cluster_is_refused(save, nodes, sweep, comfy_folders, where):
+    """Each mask is compared with its cluster pixel by pixel: one pixel added to or taken from any mask of any
+    image (at the first or last pixel of the image too) is refused, naming the mask, before any file is written."""
+    merged = nodes.MaskMerge.execute(sweep, 0.9, 0.0, -1).args[0]
+    b, j = 1, len(merged[1]) - 1  # the last mask of the second image
+    ms = merged[b]
+    masks = ms.masks.clone()  # [M, H, W]
+    flat = masks[j].view(-1)  # [H*W]
+    if where in ("first", "last"):
+        p = 0 if where == "first" else flat.numel() - 1
+    else:  # a pixel of the cluster taken out, or one of another cluster put in
+        p = int(flat.nonzero()[len(flat.nonzero()) // 2]) if where == "inside" else int((~flat).nonzero()[-1])
+    flat[p] = not flat[p]
+    planted = list(merged)
+    planted[b] = core_masks.MaskSet(masks, ms.k, ms.cluster)
+    with pytest.raises(ValueError, match=rf"^masks: .*; mask {j} of image {b} is not cluster {int(ms.cluster[j])} of the k = {int(ms.k[j])} label map"):
+        save.execute(sweep, "refused", masks=planted)
+    assert not list(comfy_folders["output"].iterdir())
+    save.execute(sweep, "kept", masks=merged)  # the masks as Mask Merge made them pass
+    assert len(list(comfy_folders["output"].iterdir())) == 2 * 3
+
+
+def test_a_mask_one_pixel_off_is_refused_at_sides_of_any_length(save, comfy_folders):
+    """Label maps of 13x11 pixels (143, no multiple of 8: the masks' bytes are compared 8 at a time, the rest
+    one by one): a mask one pixel off in the last few pixels is refused; the masks of the clusters pass."""
+    from headseg.nodes.core.kmeans import ClusterSweep, KMeansResult
+
+    h, w = 13, 11
+    labels = torch.randint(0, 3, (1, h, w), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    sweep = ClusterSweep({3: KMeansResult(3, labels, torch.zeros(1, 3, 2), torch.zeros(1, dtype=torch.float64), 1)}, (h, w))
+    exact = core_masks.MaskSet(labels[0][None] == torch.arange(3)[:, None, None], torch.full((3,), 3), torch.arange(3))
+    save.execute(sweep, "exact", masks=[exact])
+    for p in (h * w - 1, h * w - 5, h * w - 9):
+        masks = exact.masks.clone()
+        masks[2].view(-1)[p] ^= True
+        with pytest.raises(ValueError, match=r"^masks: .*; mask 2 of image 0 is not cluster 2 of the k = 3 label map"):
+            save.execute(sweep, "refused", masks=[core_masks.MaskSet(masks, exact.k, exact.cluster)])
+    assert [p.name for p in comfy_folders["output"].iterdir()] == ["exact_00001_k3.png"]
+
+
+class _TorchOps(TorchDispatchMode):
+    """Counts the torch operations run inside the block (on the calling thread)."""
+
+    count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_masks_are_checked_without_a_torch_operation_per_mask(save, nodes, sweep):
+    """Save Label Maps compared each mask with its cluster through torch (a compare of the label map, then
+    torch.equal): for the merged masks of four 1024x1024 images with k = 2,5,6,10,20,50,100 (683 masks) that
+    took 5.1 s on two loaded cores, more than the node's other work (tests/bench/bench_save_label_maps.py); the
+    numpy compare takes a tenth of it. The torch operations of the check no longer grow with the number of
+    masks: one mask of each image or all of them dispatch as many."""
+    from headseg.nodes.label_map_nodes import _mask_entries
+
+    merged = nodes.MaskMerge.execute(sweep, 0.9, 0.0, -1).args[0]
+    assert min(len(ms) for ms in merged) >= 5
+    first = [ms.subset(torch.tensor([0])) for ms in merged]
+    counts = []
+    for masks in (first, merged):
+        with _TorchOps() as ops:
+            _mask_entries(masks, sweep)
+        counts.append(ops.count)
+    assert counts[0] == counts[1], counts
