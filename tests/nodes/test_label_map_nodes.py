@@ -586,22 +586,6 @@ def test_each_item_of_a_list_is_named_in_its_files(save, sweep, comfy_folders):
     assert len(list(comfy_folders["output"].iterdir())) == 3 * 2 * 4
 
 
-class _Paths:
-    """A list of paths (one run per item downstream), as a node with a list output links them into Load Recording."""
-
-    RETURN_TYPES = ("STRING",)
-    OUTPUT_IS_LIST = (True,)
-    FUNCTION = "run"
-    CATEGORY = "test"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"value": ("STRING", {})}}
-
-    def run(self, value):
-        return (value.split(","),)
-
-
 @pytest.mark.parametrize("disable_metadata", [False, True])
 def test_label_maps_of_loaded_recordings_name_the_file_and_the_sampling_that_made_it(
     save, nodes, comfy_folders, monkeypatch, disable_metadata
@@ -618,9 +602,9 @@ def test_label_maps_of_loaded_recordings_name_the_file_and_the_sampling_that_mad
 
     from headseg.nodes import recording_io_nodes
     from headseg.nodes.core.recording import save_recording
-    from headseg.tests.support.comfy_in_process import quiet_executor, run_on_own_thread
+    from headseg.tests.support.comfy_in_process import TextListNode, quiet_executor, run_on_own_thread
 
-    for name, cls in (("Paths", _Paths), ("HeadSeg_LoadRecording", recording_io_nodes.LoadRecording),
+    for name, cls in (("Paths", TextListNode), ("HeadSeg_LoadRecording", recording_io_nodes.LoadRecording),
                       ("HeadSeg_HeadPCA", nodes.HeadPCA), ("HeadSeg_Upsample", nodes.Upsample),
                       ("HeadSeg_MultiKMeans", nodes.MultiKMeans), ("HeadSeg_SaveLabelMaps", save)):
         monkeypatch.setitem(comfy_nodes.NODE_CLASS_MAPPINGS, name, cls)
@@ -687,9 +671,9 @@ def test_each_images_files_list_its_merged_masks_in_the_order_of_all_masks(save,
 
     from headseg.nodes import recording_io_nodes
     from headseg.nodes.core.recording import save_recording
-    from headseg.tests.support.comfy_in_process import quiet_executor, run_on_own_thread
+    from headseg.tests.support.comfy_in_process import TextListNode, quiet_executor, run_on_own_thread
 
-    for name, cls in (("Paths", _Paths), ("Keep", _KeepMasks), ("HeadSeg_LoadRecording", recording_io_nodes.LoadRecording),
+    for name, cls in (("Paths", TextListNode), ("Keep", _KeepMasks), ("HeadSeg_LoadRecording", recording_io_nodes.LoadRecording),
                       ("HeadSeg_HeadPCA", nodes.HeadPCA), ("HeadSeg_Upsample", nodes.Upsample),
                       ("HeadSeg_MultiKMeans", nodes.MultiKMeans), ("HeadSeg_MaskMerge", nodes.MaskMerge),
                       ("HeadSeg_SaveLabelMaps", save)):

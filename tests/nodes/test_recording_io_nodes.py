@@ -923,21 +923,6 @@ def test_a_linked_list_of_a_datasets_paths_is_served_from_the_cache(io_nodes, re
     assert fingerprint() != first
 
 
-class _Text:
-    """A STRING from a widget, as a String node would link it into Load Recording's path."""
-
-    RETURN_TYPES = ("STRING",)
-    FUNCTION = "run"
-    CATEGORY = "test"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"value": ("STRING", {})}}
-
-    def run(self, value):
-        return (value,)
-
-
 def test_comfyuis_executor_runs_again_only_the_linked_load_whose_file_was_replaced(
     io_nodes, recording, comfy_folders, monkeypatch
 ):
@@ -949,9 +934,9 @@ def test_comfyuis_executor_runs_again_only_the_linked_load_whose_file_was_replac
 
     import nodes as comfy_nodes
 
-    from headseg.tests.support.comfy_in_process import quiet_executor, run_on_own_thread
+    from headseg.tests.support.comfy_in_process import TextNode, quiet_executor, run_on_own_thread
 
-    for name, cls in (("Text", _Text), ("HeadSeg_LoadRecording", io_nodes.LoadRecording),
+    for name, cls in (("Text", TextNode), ("HeadSeg_LoadRecording", io_nodes.LoadRecording),
                       ("HeadSeg_SaveRecording", io_nodes.SaveRecording)):
         monkeypatch.setitem(comfy_nodes.NODE_CLASS_MAPPINGS, name, cls)
     inp, out = comfy_folders["input"], comfy_folders["output"]

@@ -57,3 +57,30 @@ def pack_node_classes() -> list:
         return await extension.get_node_list()
 
     return run_on_own_thread(listed)
+
+
+class TextNode:
+    """A test node (ComfyUI's V1 form) for prompts run through ComfyUI's own executor: the STRING of its
+    widget, as a String node links it (e.g. into Load Recording's path). Register it in
+    nodes.NODE_CLASS_MAPPINGS (monkeypatch.setitem) under the class_type the prompt names."""
+
+    RETURN_TYPES = ("STRING",)
+    FUNCTION = "run"
+    CATEGORY = "test"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("STRING", {})}}
+
+    def run(self, value):
+        return (value,)
+
+
+class TextListNode(TextNode):
+    """TextNode whose widget text is split at ',' into a list output ('a,b' -> ['a', 'b']), as a node with a
+    list output links paths into Load Recording: the nodes downstream run once per item."""
+
+    OUTPUT_IS_LIST = (True,)
+
+    def run(self, value):
+        return (value.split(","),)
