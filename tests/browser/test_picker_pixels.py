@@ -699,6 +699,42 @@ def test_a_run_queued_from_a_workflow_changes_nothing_in_its_duplicate_that_ran_
     assert comfy_page.pack_problems() == []
 
 
+# [id, other, batches]: queues one click of each batch count in ``batches`` (app.queuePrompt(0, n)), the page's
+# messages held from the first prompt's start on; then chooses picture ``other`` in Load Image and, once it shows
+# it, lets the messages through and waits for every prompt to end -> {waiting: whether a prompt had not started
+# yet when the picture was chosen, kept: for each run of Mask Select node ``id``, whether its picker took no run
+# for the picture it shows (it gave way to the new one), ended: each prompt's id as it ended, 'error' for a failed one}.
+JS_QUEUE_THEN_CHOOSE_PICTURE = (
+    """async ([id, other, batches]) => { const api = app.api; const started = [], kept = [], ended = [];
+         const picker = app.graph.getNodeById(id).headsegPicker;
+         const onStart = (e) => started.push(e.detail.prompt_id);
+         const onRun = (e) => { if (String(e.detail?.node) === String(id))
+           kept.push(!picker.output || picker.upstreamChangedSince(picker.output)); };
+         const onEnd = (e) => ended.push(e.detail?.prompt_id ?? 'error');
+         api.addEventListener('execution_start', onStart);
+         api.addEventListener('executed', onRun);
+         for (const type of ['execution_success', 'execution_error']) api.addEventListener(type, onEnd);
+         ("""
+    + JS_HOLD_MESSAGES_AFTER_START
+    + """)();
+         for (const n of batches) await app.queuePrompt(0, n);
+         const total = batches.reduce((a, n) => a + n, 0);
+         const waiting = started.length < total;
+         const load = app.graph.nodes.find(n => n.type === 'LoadImage');
+         const w = load.widgets.find(w => w.name === 'image'); w.value = other; w.callback?.(other);
+         app.canvas.setDirty(true, true);
+         const t0 = performance.now();
+         const loaded = () => load.imgs?.[0]?.complete && load.imgs[0].src.includes(other);
+         while (!loaded() && performance.now() - t0 < 20000) { app.canvas.draw(true, true); await new Promise(r => setTimeout(r, 100)); }
+         await window.headsegRelease();
+         while (ended.length < total && performance.now() - t0 < 120000) await new Promise(r => setTimeout(r, 100));
+         api.removeEventListener('execution_start', onStart);
+         api.removeEventListener('executed', onRun);
+         for (const type of ['execution_success', 'execution_error']) api.removeEventListener(type, onEnd);
+         return {waiting, kept, ended}; }"""
+)
+
+
 def second_prompt_gives_way(page, comfy_server, pictures, name):
     """Two prompts queued on a 512 x 384 picture; the portrait chosen in Load Image while the second waits in
     the queue: the picker ends on the portrait, with no thumbnails (test below)."""
@@ -711,29 +747,7 @@ def second_prompt_gives_way(page, comfy_server, pictures, name):
     wait_picture_ready(page, node_id)
     # the messages held back from the first prompt's start until the other picture is chosen: the second
     # prompt waits in the queue then, as the page sees it, whatever the time the server takes
-    result = page.evaluate(
-        """async (other) => { const api = app.api; const started = [], ended = [];
-             const onStart = (e) => started.push(e.detail.prompt_id);
-             const onEnd = (e) => ended.push(e.detail?.prompt_id ?? 'error');
-             api.addEventListener('execution_start', onStart);
-             for (const type of ['execution_success', 'execution_error']) api.addEventListener(type, onEnd);
-             ("""
-        + JS_HOLD_MESSAGES_AFTER_START
-        + """)();
-             await app.queuePrompt(0, 1);
-             await app.queuePrompt(0, 1);
-             const waiting = started.length < 2;
-             const load = app.graph.nodes.find(n => n.type === 'LoadImage');
-             const w = load.widgets.find(w => w.name === 'image'); w.value = other; w.callback?.(other);
-             app.canvas.setDirty(true, true);
-             await window.headsegRelease();
-             const t0 = performance.now();
-             while (ended.length < 2 && performance.now() - t0 < 120000) await new Promise(r => setTimeout(r, 100));
-             api.removeEventListener('execution_start', onStart);
-             for (const type of ['execution_success', 'execution_error']) api.removeEventListener(type, onEnd);
-             return {waiting, ended}; }""",
-        other,
-    )
+    result = page.evaluate(JS_QUEUE_THEN_CHOOSE_PICTURE, [node_id, other, [1, 1]])
     assert result["waiting"], "the second prompt started before another picture was chosen"
     assert len(result["ended"]) == 2 and "error" not in result["ended"], result
     sel = picker_selector(node_id)
@@ -787,32 +801,8 @@ def test_each_prompt_of_a_large_batch_waiting_when_another_picture_is_chosen_giv
     node_id = page.evaluate(JS_LOADED_RECORDING_GRAPH, [recording, picture])
     view_picker(page, node_id, 1.0)
     wait_picture_ready(page, node_id)
-    result = page.evaluate(
-        """async ([id, other]) => { const api = app.api; const kept = [], ended = [];
-             const picker = app.graph.getNodeById(id).headsegPicker;
-             const onRun = (e) => { if (String(e.detail?.node) === String(id))
-               kept.push(!picker.output || picker.upstreamChangedSince(picker.output)); };
-             const onEnd = (e) => ended.push(e.detail?.prompt_id ?? 'error');
-             api.addEventListener('executed', onRun);
-             for (const type of ['execution_success', 'execution_error']) api.addEventListener(type, onEnd);
-             ("""
-        + JS_HOLD_MESSAGES_AFTER_START
-        + """)();
-             await app.queuePrompt(0, 70);
-             const load = app.graph.nodes.find(n => n.type === 'LoadImage');
-             const w = load.widgets.find(w => w.name === 'image'); w.value = other; w.callback?.(other);
-             app.canvas.setDirty(true, true);
-             const t0 = performance.now();
-             const loaded = () => load.imgs?.[0]?.complete && load.imgs[0].src.includes(other);
-             while (!loaded() && performance.now() - t0 < 20000) { app.canvas.draw(true, true); await new Promise(r => setTimeout(r, 100)); }
-             await window.headsegRelease();
-             while (ended.length < 70 && performance.now() - t0 < 120000) await new Promise(r => setTimeout(r, 100));
-             api.removeEventListener('executed', onRun);
-             for (const type of ['execution_success', 'execution_error']) api.removeEventListener(type, onEnd);
-             return {kept, ended: ended.length, errors: ended.filter(e => e === 'error').length}; }""",
-        [node_id, other],
-    )
-    assert result["ended"] == 70 and result["errors"] == 0, result
+    result = page.evaluate(JS_QUEUE_THEN_CHOOSE_PICTURE, [node_id, other, [70]])
+    assert len(result["ended"]) == 70 and "error" not in result["ended"], result
     gave_way = result["kept"][1:]  # the first prompt started before the portrait was chosen
     assert len(gave_way) == 69 and all(gave_way), [i + 2 for i, ok in enumerate(gave_way) if not ok]
     assert comfy_page.pack_problems() == []
