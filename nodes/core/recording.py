@@ -676,6 +676,19 @@ def _is_offsets(value) -> bool:
     return isinstance(value, list) and len(value) == 2 and all(is_int(v) and v >= 0 for v in value)
 
 
+def _copied_tensor(f, name: str) -> torch.Tensor:
+    """Tensor ``name`` of an open safetensors file ``f``, copied into memory. get_tensor's tensor reads the
+    file's pages mapped into memory: held, it would change with a file written over in place, end the process
+    (SIGBUS) once the file is cut shorter, and (Windows) keep the file from being replaced or deleted. No frame
+    keeps it, also when the copy fails: a frame held by an error's traceback (ComfyUI's executor holds a node's
+    error until Python's cycle collector runs) would keep the file mapped."""
+    mapped = f.get_tensor(name)
+    try:
+        return mapped.clone()
+    finally:
+        del mapped
+
+
 def load_recording(path) -> Recording:
     """Reads a headseg-recording/1 safetensors file; ValueError naming the file and field on bad content."""
     from safetensors import safe_open
@@ -726,13 +739,10 @@ def load_recording(path) -> Recording:
             if key in names:
                 raise ValueError(f"{path}: tensors {shown_text(names[key])} and {shown_text(name)} are the same layer {key}")
             names[key] = name
-            t = f.get_tensor(name)
-            if t.dim() != 5:
-                raise ValueError(f"{path}: layer {name!r} must be 5-D [B, heads, h, w, d], got shape {tuple(t.shape)}")
-            # a copy: get_tensor's tensor reads the file's pages mapped into memory, so it would change with a file
-            # written over in place, end the process (SIGBUS) once the file is cut shorter, and (Windows) keep the
-            # file from being replaced or deleted while the recording is held
-            layers[key] = t.clone()
+            shape = tuple(f.get_slice(name).get_shape())  # from the header: nothing of the file mapped
+            if len(shape) != 5:
+                raise ValueError(f"{path}: layer {name!r} must be 5-D [B, heads, h, w, d], got shape {shape}")
+            layers[key] = _copied_tensor(f, name)
     if not layers:
         raise ValueError(f"{path}: the file holds no layer tensor")
     try:

@@ -1221,3 +1221,41 @@ def test_a_loaded_recording_names_the_file_as_the_node_was_given_it(io_nodes, re
     assert by_path.file == chosen and by_path.source()["file"] == chosen
     assert by_file.select(positions=("up",)).source()["file"] == chosen  # Head PCA's selection keeps it
     assert "file" not in recording.source()
+
+
+def _held(path) -> list[str]:
+    """What of this process still holds ``path``: its open file descriptors and its memory mappings (Linux's
+    /proc/self). On Windows either keeps the file from being replaced or deleted."""
+    real = os.path.realpath(path)
+    fds = [f"fd {fd}" for fd in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{fd}") == real]
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+        mapped = [line.strip() for line in maps if line.rstrip("\n").endswith(" " + real)]
+    return fds + mapped
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads Linux's /proc/self")
+def test_load_recording_holds_no_handle_to_its_file_once_it_returns_or_fails(io_nodes, recording, comfy_folders):
+    """On Windows a file that is open or mapped into memory cannot be replaced or deleted: Save Recording over
+    it, or the user removing or replacing a damaged file, would fail while Load Recording held it. A loaded
+    recording is a copy; a failed load's error (which ComfyUI's executor holds, in a reference cycle through
+    its frame's traceback, until Python's cycle collector runs) held the file mapped through the layer
+    tensors read before the bad one."""
+    from safetensors.torch import save_file
+
+    path = io_nodes.SaveRecording.execute(recording, "held").args[0]
+    loaded = io_nodes.LoadRecording.execute("", path).args[0]
+    assert _held(path) == []
+    os.remove(path)  # the recording stays usable
+    assert loaded.num_heads == recording.num_heads and all(t.sum().isfinite() for t in loaded.layers.values())
+
+    # a file whose first layers are good and whose last one is not 5-D
+    tensors = {k.name: t.to(torch.float16).contiguous() for k, t in recording.layers.items()}
+    tensors["output.99.0"] = torch.zeros(3, 3, dtype=torch.float16)
+    bad = comfy_folders["input"] / "bad_layer.safetensors"
+    H, W = recording.image_size
+    meta = {"format": FORMAT, "image_height": str(H), "image_width": str(W), "model": "SD2", "steps": "last", "branch": "cond"}
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(ValueError, match=r"^file: .*bad_layer\.safetensors: layer 'output\.99\.0' must be 5-D") as failed:
+        io_nodes.LoadRecording.execute("bad_layer.safetensors", "")
+    assert failed.value is not None  # the error is held, as ComfyUI's executor holds it
+    assert _held(bad) == []
