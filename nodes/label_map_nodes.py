@@ -293,9 +293,10 @@ class SaveLabelMaps(io.ComfyNode):
                         "Each image gets the next counter: <prefix>_00001_k2.png, <prefix>_00001_k5.png, ... "
                         "and <prefix>_00001_image.png; no earlier file is written over. As in Save Image, %date:yyyy-MM-dd%, %Node name.widget%, "
                         "%width% and %height% are filled in, and %batch_num% becomes the image's index in the batch "
-                        "(0, 1, ...), its images then sharing one counter. A blank prefix, one leading outside the output "
-                        "folder ('../x'), or one holding a character no file name can (a lone surrogate, from an API "
-                        "client) is refused when the prompt is queued."
+                        "(0, 1, ...), its images then sharing one counter. '\\' separates folders, as on Windows. A blank prefix, "
+                        "one leading outside the output folder ('../x'), one holding a character no file name can (a lone "
+                        "surrogate, from an API client), or a name Windows cannot save under (a device name such as CON, "
+                        "a character such as ':' or '?', a folder ending in '.' or ' ') is refused when the prompt is queued."
                     ),
                 ),
                 io.Image.Input(

@@ -23,6 +23,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from .core.recording import Recording, all_finite, integer_index, shown_text
+from .portable_names import portable_prefix, windows_name_problem
 
 log = logging.getLogger("HeadSeg")
 
@@ -383,6 +384,21 @@ def _blank_prefix_error(filename_prefix, example: str) -> str | None:
     return None
 
 
+def _prefix_error(filename_prefix, example: str) -> str | None:
+    """_blank_prefix_error's message, or one for a prefix that names no file Windows can hold (workflows are
+    shared between systems: see portable_names), or None."""
+    blank = _blank_prefix_error(filename_prefix, example)
+    if blank:
+        return blank
+    problem = windows_name_problem(filename_prefix)
+    if problem:
+        return (
+            f"filename_prefix {filename_prefix!r}: {problem}; workflows are shared between Windows, Linux and macOS, "
+            f"so expected folder and file names every system can save, such as {example!r}"
+        )
+    return None
+
+
 def comfy_metadata(hidden, workflow: bool = True) -> dict[str, str]:
     """A node's hidden inputs -> ComfyUI's prompt and (with ``workflow``) the extra PNG info (the workflow) as
     JSON texts, as Save Image and Save Latent write them into their files; none with --disable-metadata."""
@@ -423,19 +439,21 @@ def list_index() -> int:
 
 
 def prefix_error(filename_prefix, example: str) -> str | None:
-    """For validate_inputs: output_place's refusal of a filename_prefix that is blank, holds a NUL or leads
-    outside ComfyUI's output folder (ComfyUI's own rule, as get_save_image_path applies it), found when the
-    prompt is queued rather than after sampling; None for any other prefix, and for a linked one (None here,
-    checked at run time). Makes no folder."""
+    """For validate_inputs: output_place's refusal of a filename_prefix that is blank, holds a NUL, names no
+    file Windows can hold or leads outside ComfyUI's output folder (ComfyUI's own rule, as
+    get_save_image_path applies it, with '\\' a separator as on Windows), found when the prompt is queued
+    rather than after sampling; None for any other prefix, and for a linked one (None here, checked at run
+    time). Makes no folder."""
     import folder_paths
 
     if filename_prefix is None:
         return None
-    blank = _blank_prefix_error(filename_prefix, example)
-    if blank:
-        return blank
+    refused = _prefix_error(filename_prefix, example)
+    if refused:
+        return refused
     out = os.path.abspath(folder_paths.get_output_directory())
-    folder = os.path.abspath(os.path.join(out, os.path.dirname(os.path.normpath(filename_prefix))))
+    written = portable_prefix(filename_prefix)
+    folder = os.path.abspath(os.path.join(out, os.path.dirname(os.path.normpath(written))))
     try:
         inside = os.path.commonpath((out, folder)) == out
     except ValueError:  # another drive (Windows)
@@ -452,16 +470,17 @@ def output_place(filename_prefix, example: str, width: int = 0, height: int = 0)
     """filename_prefix -> (folder, name, counter, subfolder) in ComfyUI's output folder, the folder made:
     ComfyUI's own rule (get_save_image_path: subfolders allowed, nothing outside the output folder, the
     counter one past the highest of the files named '<name>_<counter>_...', %width%, %height%, %year% ... %second%
-    replaced as in Save Image's prefixes). ValueError naming
-    filename_prefix (with ``example``, a prefix to suggest) when it is empty or cannot be a name there."""
+    replaced as in Save Image's prefixes), '\\' a folder separator on every system, as on Windows. ValueError
+    naming filename_prefix (with ``example``, a prefix to suggest) when it is empty, names no file Windows
+    can hold (portable_names) or cannot be a name there."""
     import folder_paths
 
-    blank = _blank_prefix_error(filename_prefix, example)
-    if blank:
-        raise ValueError(blank)
+    refused = _prefix_error(filename_prefix, example)
+    if refused:
+        raise ValueError(refused)
     try:
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
-            filename_prefix, folder_paths.get_output_directory(), width, height
+            portable_prefix(filename_prefix), folder_paths.get_output_directory(), width, height
         )
         os.makedirs(folder, exist_ok=True)
     except Exception as exc:  # ComfyUI's refusal (a prefix leaving the folder), a name too long, a file in the way

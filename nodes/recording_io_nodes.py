@@ -296,9 +296,11 @@ class SaveRecording(io.ComfyNode):
                     tooltip=(
                         "File name prefix inside the output folder; a counter and '.safetensors' are "
                         "appended. May contain subfolders ('headseg/cat'); as in Save Image, %date:yyyy-MM-dd%, "
-                        "%Node name.widget%, %width% and %height% (the sampled image's) are filled in. A blank prefix, one "
-                        "leading outside the output folder ('../x'), or one holding a character no file name can (a lone "
-                        "surrogate, from an API client) is refused when the prompt is queued."
+                        "%Node name.widget%, %width% and %height% (the sampled image's) are filled in; '\\' separates folders, "
+                        "as on Windows. A blank prefix, one leading outside the output folder ('../x'), one holding a "
+                        "character no file name can (a lone surrogate, from an API client), or a name Windows cannot save "
+                        "under (a device name such as CON, a character such as ':' or '?', a folder ending in '.' or ' ') "
+                        "is refused when the prompt is queued."
                     ),
                 ),
                 io.Latent.Input(

@@ -808,3 +808,14 @@ def test_the_masks_are_checked_without_a_torch_operation_per_mask(save, nodes, s
             _mask_entries(masks, sweep)
         counts.append(ops.count)
     assert counts[0] == counts[1], counts
+
+
+def test_a_backslash_in_the_prefix_is_a_folder_and_a_name_windows_cannot_hold_is_refused(save, sweep, comfy_folders):
+    """As on Windows, 'sub\\cats_%batch_num%' saves into the folder 'sub' (on Linux it made files named
+    'sub\\cats_0_00001_k2.png'); 'CON/x' (a device on Windows) is refused on every system, before any file."""
+    listed = save.execute(sweep, "sub\\cats_%batch_num%").ui["headseg_label_maps"]
+    assert {(r["subfolder"], r["filename"]) for r in listed if r["k"] == 2} == {("sub", "cats_0_00001_k2.png"), ("sub", "cats_1_00001_k2.png")}
+    assert sorted(p.name for p in comfy_folders["output"].iterdir()) == ["sub"]
+    with pytest.raises(ValueError, match=r"^filename_prefix 'CON/x_0': names 'CON', which is a device on Windows"):
+        save.execute(sweep, "CON/x_%batch_num%")
+    assert sorted(p.name for p in comfy_folders["output"].iterdir()) == ["sub"]

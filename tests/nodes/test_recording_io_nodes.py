@@ -702,12 +702,57 @@ def test_a_prefix_outside_the_output_folder_is_refused_when_queued(io_nodes, com
             message = node.validate_inputs(filename_prefix=bad)
             assert isinstance(message, str) and message.startswith("filename_prefix"), (node, bad, message)
             assert example in message
-        for good in ("x", "sub/dir/x", "a/../x", "%date:yyyy-MM-dd%/x", None):  # None: linked, known at run time
+        for good in ("x", "sub/dir/x", "a/../x", "%year%-%month%/x", None):  # None: linked, known at run time
             assert node.validate_inputs(filename_prefix=good) is True, (node, good)
         # the tooltip names each kind refused (it named blank and '../x' only, not the lone surrogate)
         tooltip = node.GET_NODE_INFO_V1()["input"]["required"]["filename_prefix"][1]["tooltip"]
-        assert all(kind in tooltip for kind in ("blank", "'../x'", "lone surrogate")), (node, tooltip)
+        assert all(kind in tooltip for kind in ("blank", "'../x'", "lone surrogate", "Windows cannot save under", "CON", "':'", "'\\' separates folders")), (node, tooltip)
     assert not any(comfy_folders["output"].iterdir())  # validation makes no folder
+
+
+# filename_prefix -> what its message names: a name Windows cannot hold is refused on every system (a workflow
+# saved on Linux is run on Windows, the most common ComfyUI install, and the other way round)
+WINDOWS_REFUSED = {
+    "C:\\x": "drive 'C:'", "c:/x": "drive 'c:'", "D:x": "drive 'D:'",  # absolute (or drive-relative) on Windows
+    "..\\x": "outside", "a\\..\\..\\x": "outside",  # a backslash is a separator there
+    "CON/x": "device", "sub/nul/x": "device", "aux.x": "device", "sub/Com1.png": "device", "LPT9 .tar/x": "device",
+    "COM\u00b2/x": "device", "conin$/x": "device",
+    "sub./x": "trailing dots and spaces", "a/sub /x": "trailing dots and spaces", ".../x": "trailing dots",
+    "a<b": "'<'", "a>b": "'>'", 'a"b': "'\"'", "a|b": "'|'", "a?b": "'?'", "a*b": "'*'", "sub/a:b": "':'",
+    "a\tb": "'\\t'", "sub\x1f/x": "'\\x1f'",
+    "%date:yyyy-MM-dd%/x": "fill in %date:...%",  # an API prompt's unfilled pattern: the web UI fills it in
+}
+
+
+@pytest.mark.parametrize("bad", WINDOWS_REFUSED)
+def test_a_prefix_windows_cannot_save_under_is_refused_on_every_system(io_nodes, recording, comfy_folders, bad):
+    """On Linux these made a file or folder that Windows cannot hold ('a:b', a folder 'CON'), one of another
+    name ('sub.' is 'sub' there) or a file name holding a backslash, where Windows writes into a folder (or
+    outside the output folder: '..\\x'); they are refused when the prompt is queued, and, linked, when the node
+    runs, before any file or folder is made."""
+    from headseg.nodes.label_map_nodes import SaveLabelMaps
+
+    for node, example in ((io_nodes.SaveRecording, "headseg/recording"), (SaveLabelMaps, "headseg/labels")):
+        message = node.validate_inputs(filename_prefix=bad)
+        assert isinstance(message, str) and message.startswith(f"filename_prefix {bad!r}: "), (node, message)
+        assert WINDOWS_REFUSED[bad] in message and example in message, message
+    with pytest.raises(ValueError, match=r"^filename_prefix ") as refused:
+        io_nodes.SaveRecording.execute(recording, bad)
+    assert WINDOWS_REFUSED[bad] in str(refused.value)
+    assert not any(comfy_folders["output"].iterdir())
+
+
+def test_a_backslash_in_a_prefix_is_a_folder_on_every_system_and_names_windows_allows_are_kept(io_nodes, recording, comfy_folders):
+    """'sub\\name', typed on Windows, saves into the folder 'sub' there: so it does on Linux (it was one file
+    named 'sub\\name_00001_.safetensors'). Names that only look like devices, or where the counter follows the
+    device name, are names Windows holds, and are kept."""
+    path = io_nodes.SaveRecording.execute(recording, "sub\\name").args[0]
+    assert path == str(comfy_folders["output"] / "sub" / "name_00001_.safetensors")
+    assert io_nodes.LoadRecording.execute("sub/name_00001_.safetensors [output]", "").args[0].num_heads == recording.num_heads
+    for good in ("CONSOLE/x", "x/CON", "nul x/y", "com10/x", "a.b/c", "x/..y", "sub\\dir\\x", "dataset/"):
+        assert io_nodes.SaveRecording.validate_inputs(filename_prefix=good) is True, good
+    saved = io_nodes.SaveRecording.execute(recording, "x/CON").args[0]
+    assert os.path.basename(saved) == "CON_00001_.safetensors"
 
 
 def test_a_loaded_recording_with_a_latent_of_another_image_is_refused(recording):

@@ -1,0 +1,57 @@
+"""File name prefixes that mean the same file on Windows and on Linux / macOS.
+
+Workflows travel between systems (ComfyUI's Windows portable build is the most common install), so a
+Save node's filename_prefix must name the same folders and file on each: a backslash separates folders
+on Windows, so it does here too; a name Windows cannot hold (a reserved device name, a forbidden
+character, a drive, a folder name ending in a dot or space, which Windows drops) is refused on every
+system rather than written on Linux and failing, or landing elsewhere, on Windows.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+
+# Characters no Windows file or folder name holds (besides the separators and the control characters).
+_FORBIDDEN = '<>:"|?*'
+# Windows' device names: a file or folder of that name, with or without an extension, is the device.
+_DEVICES = frozenset(
+    ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
+    + [port + n for port in ("COM", "LPT") for n in "0123456789\u00b9\u00b2\u00b3"]
+)
+_DRIVE = re.compile(r"[A-Za-z]:")
+
+
+def portable_prefix(filename_prefix: str) -> str:
+    """A filename_prefix with each backslash made '/': a folder separator on every system, as Windows reads
+    it ('sub\\\\name' is the file 'name...' in the folder 'sub', also on Linux, where it was one file name)."""
+    return filename_prefix.replace("\\", "/")
+
+
+def _device(part: str) -> bool:
+    """Whether Windows reads the name ``part`` as a device: its text before the first dot, trailing spaces
+    dropped, is a device name ('nul', 'COM1.txt', 'aux .x')."""
+    return part.split(".", 1)[0].rstrip(" ").upper() in _DEVICES
+
+
+def windows_name_problem(filename_prefix: str) -> str | None:
+    """What makes ``filename_prefix`` (its %...% patterns unfilled, or filled) no name Windows can save under,
+    as a phrase, or None. The last part is the file name's start: a counter and a suffix follow it, so it
+    is a device name only with a dot in it ('con.x' makes 'con.x_00001_.png', the device CON), and may end
+    in a dot or space. A '..' part is left to the check that the prefix stays in the output folder."""
+    text = portable_prefix(filename_prefix)
+    if _DRIVE.match(text):
+        return f"starts with the drive {text[:2]!r}, which leads outside ComfyUI's output folder"
+    parts = [p for p in posixpath.normpath(text).split("/") if p not in ("", ".", "..")]
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        bad = sorted({c for c in part if c in _FORBIDDEN or ord(c) < 32})
+        if bad:
+            shown = " ".join(repr(c) for c in bad)
+            hint = " (fill in %date:...% before sending the prompt, as the web UI does)" if "%date:" in part else ""
+            return f"holds {shown} in {part!r}, which Windows allows in no file or folder name{hint}"
+        if _device(part) and (not last or "." in part):
+            return f"names {part!r}, which is a device on Windows ({part.split('.', 1)[0].rstrip(' ').upper()}), not a file or folder"
+        if not last and part.endswith((".", " ")):
+            return f"has the folder {part!r}, which Windows saves without its trailing dots and spaces"
+    return None
