@@ -9,6 +9,7 @@ system rather than written on Linux and failing, or landing elsewhere, on Window
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
 
@@ -28,6 +29,18 @@ def portable_prefix(filename_prefix: str) -> str:
     return filename_prefix.replace("\\", "/")
 
 
+def starts_with_drive(text: str) -> bool:
+    """Whether ``text`` starts with a Windows drive ('C:\\x', 'c:/x', 'D:x'): a path outside any folder of
+    another system, and no name a file or folder of Windows can hold."""
+    return bool(_DRIVE.match(text))
+
+
+def portable_path(path: str) -> str:
+    """A typed path with each backslash made '/' where '/' is the separator (Linux, macOS), as Windows reads it:
+    a workflow from Windows names 'headseg\\rec_00001_.safetensors' where the file is 'headseg/rec_00001_...'."""
+    return portable_prefix(path) if os.sep == "/" else path
+
+
 def _device(part: str) -> bool:
     """Whether Windows reads the name ``part`` as a device: its text before the first dot, trailing spaces
     dropped, is a device name ('nul', 'COM1.txt', 'aux .x')."""
@@ -40,7 +53,7 @@ def windows_name_problem(filename_prefix: str) -> str | None:
     is a device name only with a dot in it ('con.x' makes 'con.x_00001_.png', the device CON), and may end
     in a dot or space. A '..' part is left to the check that the prefix stays in the output folder."""
     text = portable_prefix(filename_prefix)
-    if _DRIVE.match(text):
+    if starts_with_drive(text):
         return f"starts with the drive {text[:2]!r}, which leads outside ComfyUI's output folder"
     parts = [p for p in posixpath.normpath(text).split("/") if p not in ("", ".", "..")]
     for i, part in enumerate(parts):

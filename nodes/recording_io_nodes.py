@@ -31,6 +31,7 @@ from .core.recording import (
 from .node_utils import (
     as_recording, check_memory, comfy_metadata, list_index, output_error, output_place, prefix_error, writable_entries,
 )
+from .portable_names import portable_path, starts_with_drive
 
 log = logging.getLogger("HeadSeg")
 
@@ -180,18 +181,22 @@ def _override_path(path) -> str | None:
     """The ``path`` override -> the path of the file it names, or None when blank.
 
     '~' is the home folder; a relative path is relative to the input folder (a ' [output]' or
-    ' [temp]' suffix: that folder). It must lie inside the input, output or temp folder: a path
-    outside is refused without being touched."""
+    ' [temp]' suffix: that folder); a backslash separates folders on every system, as on Windows, and a
+    Windows drive ('C:\\x') is outside on the others. It must lie inside the input, output or temp folder:
+    a path outside is refused without being touched."""
     import folder_paths
 
     path = _text("" if path is None else path, "path", "a file path").strip()
     if not path:
         return None
+    written = portable_path(path)  # a backslash separates folders, as on Windows
     try:
-        full = os.path.expanduser(path)
+        full = os.path.expanduser(written)
         if not os.path.isabs(full):
             full = folder_paths.get_annotated_filepath(full)
     except ValueError:  # a '~user' the user database cannot encode (NUL is refused before)
+        full = None
+    if os.sep == "/" and starts_with_drive(written):  # a Windows drive: outside every folder here
         full = None
     folders = [folder_paths.get_directory_by_type(kind) for kind in ("input", "output", "temp")]
     inside = _path_inside(full, folders) if full is not None else None
@@ -206,6 +211,7 @@ def _elsewhere(path: str, kinds=("output", "temp"), verb: str = "write") -> str:
     'choose' for the 'file' list, which holds no temp-folder file), else ""."""
     import folder_paths
 
+    path = portable_path(path)
     if os.path.isabs(os.path.expanduser(path)) or path.endswith("]"):  # absolute, or a folder named
         return ""
     for kind in kinds:
@@ -423,7 +429,7 @@ class LoadRecording(io.ComfyNode):
                     tooltip=(
                         "Optional path of a file inside ComfyUI's input, output or temp folder: relative "
                         "to the input folder (a ' [output]' or ' [temp]' suffix means that folder), absolute, "
-                        "or starting with '~'; a path leading elsewhere is refused. Blank: 'file' is read. "
+                        "or starting with '~'; '\\' separates folders, as on Windows; a path leading elsewhere is refused. Blank: 'file' is read. "
                         "When set it is used instead of 'file'."
                     ),
                 ),

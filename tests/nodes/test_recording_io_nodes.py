@@ -441,6 +441,12 @@ def test_a_file_outside_its_folder_is_refused_by_name(io_nodes, secret, file):
         "/etc/shadow",
         "/etc/passwd [output]",
         "~/secret.safetensors",  # HOME is the outside folder here
+        # a backslash separates folders on every system, as on Windows (on Linux these were names inside the
+        # input folder, accepted when queued and missing at the run), and a drive is outside
+        "..\\outside\\secret.safetensors",
+        "sub\\..\\..\\..\\outside\\secret.safetensors [output]",
+        "C:\\ComfyUI\\input\\secret.safetensors",
+        "c:secret.safetensors",
     ],
 )
 def test_a_path_outside_comfyuis_folders_is_refused_by_name(io_nodes, secret, monkeypatch, path):
@@ -740,6 +746,18 @@ def test_a_prefix_windows_cannot_save_under_is_refused_on_every_system(io_nodes,
         io_nodes.SaveRecording.execute(recording, bad)
     assert WINDOWS_REFUSED[bad] in str(refused.value)
     assert not any(comfy_folders["output"].iterdir())
+
+
+def test_a_backslash_in_path_is_a_folder_on_every_system(io_nodes, recording, comfy_folders):
+    """A workflow from Windows names its recording 'headseg\\rec_00001_.safetensors [output]': on Linux that was a
+    file name holding a backslash, missing."""
+    path = io_nodes.SaveRecording.execute(recording, "headseg/rec").args[0]
+    for typed in ("headseg\\rec_00001_.safetensors [output]", path.replace("/", "\\")):
+        assert io_nodes.LoadRecording.validate_inputs("", typed) is True, typed
+        assert io_nodes.LoadRecording.execute("", typed).args[0].num_heads == recording.num_heads
+    assert io_nodes.LoadRecording.fingerprint_inputs("", "headseg\\rec_00001_.safetensors [output]")
+    with pytest.raises(ValueError, match=r"the output folder has one: write 'headseg/rec_00001_\.safetensors \[output\]'$"):
+        io_nodes.LoadRecording.execute("", "headseg\\rec_00001_.safetensors")
 
 
 def test_a_backslash_in_a_prefix_is_a_folder_on_every_system_and_names_windows_allows_are_kept(io_nodes, recording, comfy_folders):
