@@ -488,13 +488,36 @@ def output_place(filename_prefix, example: str, width: int = 0, height: int = 0)
     return folder, name, counter, subfolder
 
 
+# Windows' MAX_PATH: a path of 260 characters or more (a folder's: 248, room for a file name of 8.3) fails where
+# long paths are not enabled (the default), with an error that says no such file or folder.
+_WINDOWS_MAX_PATH = 260
+
+
+def _past_windows_path_limit(exc: BaseException, full: str | None) -> int | None:
+    """On Windows, the length of the path that failed (``full``, else the error's own ``filename``: the folder
+    being made) when it is past MAX_PATH, the likely cause whatever the error says; None otherwise."""
+    if os.name != "nt":
+        return None
+    path = full or getattr(exc, "filename", None)
+    if not isinstance(path, str):
+        return None
+    length = len(os.path.abspath(path))
+    return length if length >= (_WINDOWS_MAX_PATH if full else _WINDOWS_MAX_PATH - 12) else None
+
+
 def output_error(exc: BaseException, filename_prefix, full: str | None, example: str) -> ValueError:
     """A failure to make or write a file of the output folder -> ValueError naming filename_prefix, the
     file (``full``, None when no name was made yet), the reason and what to do."""
     code = getattr(exc, "errno", None)
     too_long = code == errno.ENAMETOOLONG or "too long" in str(exc).lower()
     refused = code in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, getattr(errno, "EDQUOT", -1))
-    if too_long:
+    past_limit = _past_windows_path_limit(exc, full)
+    if past_limit:
+        hint = (
+            f"the path has {past_limit} characters, past the {_WINDOWS_MAX_PATH - 1} Windows takes unless long paths "
+            "are enabled: choose a shorter prefix, or enable long paths in Windows"
+        )
+    elif too_long:
         hint = "choose a shorter prefix of plain folder and file names"
     elif full is None and not refused:  # ComfyUI refused the prefix, or a name in it is a file
         hint = f"expected folder and file names inside ComfyUI's output folder, such as {example!r}"

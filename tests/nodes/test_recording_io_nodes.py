@@ -1322,3 +1322,28 @@ def test_load_recording_holds_no_handle_to_its_file_once_it_returns_or_fails(io_
         io_nodes.LoadRecording.execute("bad_layer.safetensors", "")
     assert failed.value is not None  # the error is held, as ComfyUI's executor holds it
     assert _held(bad) == []
+
+
+def test_a_path_past_windows_limit_is_named_so_on_windows(io_nodes, monkeypatch):
+    """Where Windows' long paths are off (its default), a path of 260 characters or more fails with 'No such file
+    or directory' (a folder's from 248 on): the error said to check that the output folder is writable. What
+    Windows raises is made here by hand (os.name set to 'nt' for output_error only); on Linux a name, not a path,
+    is too long, and the error says so."""
+    from headseg.nodes import node_utils
+
+    long_file = "/o/" + "d" * 240 + "/name_00001_.safetensors"
+    long_folder = "/o/" + "d" * 250
+    missing_file = FileNotFoundError(2, "No such file or directory", long_file)
+    missing_folder = FileNotFoundError(3, "The system cannot find the path specified", long_folder)
+    assert "writable" in str(node_utils.output_error(missing_file, "p", long_file, "x"))  # not Windows
+    short = "/o/name_00001_.safetensors"
+    cases = ((missing_file, long_file), (missing_folder, None), (FileNotFoundError(2, "gone", short), short))
+    with monkeypatch.context() as windows:  # only while output_error runs: pytest itself reads os.name
+        windows.setattr(node_utils.os, "name", "nt")
+        messages = [str(node_utils.output_error(exc, "p", full, "x")) for exc, full in cases]
+    for message, length in zip(messages, (len(long_file), len(long_folder))):
+        assert message.endswith(
+            f"the path has {length} characters, past the 259 Windows takes unless long paths are enabled: choose a "
+            "shorter prefix, or enable long paths in Windows"
+        ), message
+    assert "writable" in messages[2]
