@@ -225,8 +225,10 @@ def _claim_places(places: list[tuple[str, str, int, str]], suffixes: list[str], 
 def _past_highest(folder: str, name: str) -> int:
     """One past the highest counter of the files '<name>_<counter>_...' in ``folder`` (1 when none): where
     _claim_places goes on after a counter it found taken, so that a prefix ComfyUI counts from 1 at every
-    run ('dataset/') costs one look at the folder per image, not one try per earlier image."""
-    pattern = re.compile(re.escape(name) + r"_([0-9]+)_")
+    run ('dataset/') costs one look at the folder per image, not one try per earlier image. Case is ignored, as
+    the file systems of Windows and macOS ignore it: there 'Dataset_00007_k2.png' takes the name
+    'dataset_00007_k2.png', and a case-sensitive count stopped short of it, one try per such file following."""
+    pattern = re.compile(re.escape(name) + r"_([0-9]+)_", re.IGNORECASE)
     try:
         entries = os.listdir(folder)
     except OSError:

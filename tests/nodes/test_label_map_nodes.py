@@ -819,3 +819,17 @@ def test_a_backslash_in_the_prefix_is_a_folder_and_a_name_windows_cannot_hold_is
     with pytest.raises(ValueError, match=r"^filename_prefix 'CON/x_0': names 'CON', which is a device on Windows"):
         save.execute(sweep, "CON/x_%batch_num%")
     assert sorted(p.name for p in comfy_folders["output"].iterdir()) == ["sub"]
+
+
+def test_after_a_taken_counter_files_whose_name_differs_in_case_are_counted(save, sweep, comfy_folders):
+    """On Windows and macOS 'DATASET_00002_k2.png' is the file 'dataset_00002_k2.png': after a taken counter
+    ('dataset/', which ComfyUI counts from 1 at every run) the next counter looked for was one past the
+    highest of the same case only, so each earlier run's files, in another case, cost a failed try per
+    image. Here (Linux) the taken counter 1 is in the same case and 2 .. 7 in another: the run goes on at 8."""
+    out = comfy_folders["output"]
+    (out / "dataset_00001_k2.png").write_bytes(b"earlier")
+    for n in range(2, 8):
+        (out / f"DATASET_{n:05}_k2.png").write_bytes(b"earlier, another case")
+    listed = save.execute(sweep, "dataset/").ui["headseg_label_maps"]
+    assert sorted({r["filename"].split("_k")[0] for r in listed}) == ["dataset_00008", "dataset_00009"]
+    assert (out / "dataset_00001_k2.png").read_bytes() == b"earlier"
