@@ -48,6 +48,25 @@ def test_a_save_prefix_outside_the_output_folder_is_refused_when_queued(comfy_se
     assert result.ok, result.error  # the save node is left out; the server goes on
 
 
+def test_a_save_prefix_windows_cannot_save_under_is_refused_when_queued_on_every_system(comfy_server):
+    """A workflow shared from Linux with a folder named CON (a device on Windows) or a ':' (on Windows a drive or
+    a stream of another file) is refused by name by the live server's prompt check, here as on Windows."""
+    load = {"class_type": "HeadSeg_LoadRecording", "inputs": {"file": "", "path": "x.safetensors"}}
+    to_clusters = {
+        "2": {"class_type": "HeadSeg_HeadPCA", "inputs": {
+            "recording": ["1", 0], "positions": "down+up", "levels": "all", "components": 4, "device": "auto"}},
+        "3": {"class_type": "HeadSeg_Upsample", "inputs": {"features": ["2", 0], "mode": "bilinear", "reweight": False}},
+        "4": {"class_type": "HeadSeg_MultiKMeans", "inputs": {"stack": ["3", 0], "cluster_counts": "2", "seed": 0, "device": "auto"}},
+    }  # fmt: skip
+    for prefix, why in (("CON/x", "names 'CON', which is a device on Windows"), ("runs/a:b", "holds ':' in 'a:b'")):
+        for save in (
+            {"class_type": "HeadSeg_SaveRecording", "inputs": {"recording": ["1", 0], "filename_prefix": prefix}},
+            {"class_type": "HeadSeg_SaveLabelMaps", "inputs": {"clusters": ["4", 0], "filename_prefix": prefix}},
+        ):
+            answer = _queue(comfy_server, {"1": load, **to_clusters, "9": save})
+            assert f"filename_prefix '{prefix}': {why}" in str(answer), (save["class_type"], answer)
+
+
 def test_load_recording_without_its_file_input_is_a_missing_input(comfy_server):
     prompt = {
         "1": {"class_type": "HeadSeg_LoadRecording", "inputs": {"path": "x.safetensors"}},
