@@ -1,10 +1,11 @@
-"""File name prefixes that mean the same file on Windows and on Linux / macOS.
+"""File name prefixes and typed paths that mean the same file on Windows and on Linux / macOS.
 
 Workflows travel between systems (ComfyUI's Windows portable build is the most common install), so a
-Save node's filename_prefix must name the same folders and file on each: a backslash separates folders
-on Windows, so it does here too; a name Windows cannot hold (a reserved device name, a forbidden
-character, a drive, a folder name ending in a dot or space, which Windows drops) is refused on every
-system rather than written on Linux and failing, or landing elsewhere, on Windows.
+Save node's filename_prefix, and Load Recording's path, must name the same folders and file on each: a
+backslash separates folders on Windows, so it does here too; a prefix Windows cannot save under (a
+reserved device name, a forbidden character, a drive, a folder name ending in a dot or space, which
+Windows drops) is refused on every system rather than written on Linux and failing, or landing
+elsewhere, on Windows.
 """
 
 from __future__ import annotations
