@@ -298,7 +298,7 @@ class SaveLabelMaps(io.ComfyNode):
                         "(0, 1, ...), its images then sharing one counter. '\\' separates folders, as on Windows. A blank prefix, "
                         "one leading outside the output folder ('../x'), one holding a character no file name can (a lone "
                         "surrogate, from an API client), or a name Windows cannot save under (a device name such as CON, "
-                        "a character such as ':' or '?', a folder ending in '.' or ' ') is refused when the prompt is queued."
+                        "a character such as ':' or '?', a folder of dots and spaces only) is refused when the prompt is queued; a folder's trailing dots and spaces are dropped, as on Windows."
                     ),
                 ),
                 io.Image.Input(

@@ -2,10 +2,10 @@
 
 Workflows travel between systems (ComfyUI's Windows portable build is the most common install), so a
 Save node's filename_prefix, and Load Recording's path, must name the same folders and file on each: a
-backslash separates folders on Windows, so it does here too; a prefix Windows cannot save under (a
-reserved device name, a forbidden character, a drive, a folder name ending in a dot or space, which
-Windows drops) is refused on every system rather than written on Linux and failing, or landing
-elsewhere, on Windows.
+backslash separates folders on Windows, so it does here too, and Windows drops the trailing dots and
+spaces of a folder's name, so they are dropped here too; a prefix Windows cannot save under (a reserved
+device name, a forbidden character, a drive, a folder named with dots and spaces only) is refused on
+every system rather than written on Linux and failing, or landing elsewhere, on Windows.
 """
 
 from __future__ import annotations
@@ -24,10 +24,19 @@ _DEVICES = frozenset(
 _DRIVE = re.compile(r"[A-Za-z]:")
 
 
+def _slashed(text: str) -> str:
+    """``text`` with each backslash made '/'."""
+    return text.replace("\\", "/")
+
+
 def portable_prefix(filename_prefix: str) -> str:
-    """A filename_prefix with each backslash made '/': a folder separator on every system, as Windows reads
-    it ('sub\\\\name' is the file 'name...' in the folder 'sub', also on Linux, where it was one file name)."""
-    return filename_prefix.replace("\\", "/")
+    """A filename_prefix as Windows reads it, on every system: each backslash made '/', a folder separator
+    ('sub\\name' is the file 'name...' in the folder 'sub', also on Linux, where it was one file name), and
+    the trailing dots and spaces of each folder's name dropped ('sub./x' saves into 'sub' on Windows, where
+    Linux made a folder 'sub.'). The last part, the file name's start, is kept: a counter follows it."""
+    parts = _slashed(filename_prefix).split("/")
+    folders = [p if p in (".", "..") or not p.rstrip(". ") else p.rstrip(". ") for p in parts[:-1]]
+    return "/".join(folders + parts[-1:])
 
 
 def starts_with_drive(text: str) -> bool:
@@ -39,7 +48,7 @@ def starts_with_drive(text: str) -> bool:
 def portable_path(path: str) -> str:
     """A typed path with each backslash made '/' where '/' is the separator (Linux, macOS), as Windows reads it:
     a workflow from Windows names 'headseg\\rec_00001_.safetensors' where the file is 'headseg/rec_00001_...'."""
-    return portable_prefix(path) if os.sep == "/" else path
+    return _slashed(path) if os.sep == "/" else path
 
 
 def _device(part: str) -> bool:
@@ -51,11 +60,15 @@ def _device(part: str) -> bool:
 def windows_name_problem(filename_prefix: str) -> str | None:
     """What makes ``filename_prefix`` (its %...% patterns unfilled, or filled) no name Windows can save under,
     as a phrase, or None. The last part is the file name's start: a counter and a suffix follow it, so it
-    is a device name only with a dot in it ('con.x' makes 'con.x_00001_.png', the device CON), and may end
-    in a dot or space. A '..' part is left to the check that the prefix stays in the output folder."""
-    text = portable_prefix(filename_prefix)
+    is a device name only with a dot in it ('con.x' makes 'con.x_00001_.png', the device CON). A '..' part
+    is left to the check that the prefix stays in the output folder."""
+    text = _slashed(filename_prefix)
     if starts_with_drive(text):
         return f"starts with the drive {text[:2]!r}, which leads outside ComfyUI's output folder"
+    # before '..' is worked out: Windows makes '.. ' the '..' that climbs, where Linux climbs out of it
+    odd = [p for p in text.split("/")[:-1] if p not in ("", ".", "..") and not p.rstrip(". ")]
+    if odd:
+        return f"has the folder {odd[0]!r}, of dots and spaces only, which Windows reads otherwise"
     parts = [p for p in posixpath.normpath(text).split("/") if p not in ("", ".", "..")]
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
@@ -66,6 +79,4 @@ def windows_name_problem(filename_prefix: str) -> str | None:
             return f"holds {shown} in {part!r}, which Windows allows in no file or folder name{hint}"
         if _device(part) and (not last or "." in part):
             return f"names {part!r}, which is a device on Windows ({part.split('.', 1)[0].rstrip(' ').upper()}), not a file or folder"
-        if not last and part.endswith((".", " ")):
-            return f"has the folder {part!r}, which Windows saves without its trailing dots and spaces"
     return None

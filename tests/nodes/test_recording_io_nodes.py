@@ -723,7 +723,8 @@ WINDOWS_REFUSED = {
     "..\\x": "outside", "a\\..\\..\\x": "outside",  # a backslash is a separator there
     "CON/x": "device", "sub/nul/x": "device", "aux.x": "device", "sub/Com1.png": "device", "LPT9 .tar/x": "device",
     "COM\u00b2/x": "device", "conin$/x": "device",
-    "sub./x": "trailing dots and spaces", "a/sub /x": "trailing dots and spaces", ".../x": "trailing dots",
+    ".../x": "dots and spaces only", "a/ /x": "dots and spaces only", "a/.. /../x": "dots and spaces only",
+    "CON./x": "device", "sub/nul /x": "device",  # Windows drops the trailing dots and spaces: the device
     "a<b": "'<'", "a>b": "'>'", 'a"b': "'\"'", "a|b": "'|'", "a?b": "'?'", "a*b": "'*'", "sub/a:b": "':'",
     "a\tb": "'\\t'", "sub\x1f/x": "'\\x1f'",
     "%date:yyyy-MM-dd%/x": "fill in %date:...%",  # an API prompt's unfilled pattern: the web UI fills it in
@@ -771,6 +772,13 @@ def test_a_backslash_in_a_prefix_is_a_folder_on_every_system_and_names_windows_a
         assert io_nodes.SaveRecording.validate_inputs(filename_prefix=good) is True, good
     saved = io_nodes.SaveRecording.execute(recording, "x/CON").args[0]
     assert os.path.basename(saved) == "CON_00001_.safetensors"
+    # Windows drops a folder's trailing dots and spaces ('sub. ' is 'sub' there): so does every system (Linux
+    # made a folder 'sub. '); the file name's start is kept, a counter follows it
+    for typed, made in (("sub. /name", "sub/name_00002_"), ("a\\sub ..\\name.", "a/sub/name._00001_")):
+        assert io_nodes.SaveRecording.validate_inputs(filename_prefix=typed) is True, typed
+        saved = io_nodes.SaveRecording.execute(recording, typed).args[0]
+        assert saved == str(comfy_folders["output"] / made) + ".safetensors"
+    assert sorted(p.name for p in comfy_folders["output"].iterdir()) == ["a", "sub", "x"]
 
 
 def test_a_loaded_recording_with_a_latent_of_another_image_is_refused(recording):
