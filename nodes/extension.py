@@ -8,10 +8,18 @@ from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
 from . import prompt_migration
+from .head_pca_node import HeadPCA
+from .kmeans_node import MultiKMeans
 from .label_map_nodes import NODES as LABEL_MAP_NODES
-from .pipeline_nodes import NODES as PIPELINE_NODES
+from .mask_merge_node import MaskMerge
+from .mask_select_node import MaskSelectAtPixel
 from .record_node import RecordSelfAttention
 from .recording_io_nodes import NODES as RECORDING_IO_NODES
+from .upsample_nodes import Upsample, UpsamplingErrorMap
+
+# The pipeline's stages, in order: recording -> HeadPCA -> Upsample -> MultiKMeans -> MaskMerge ->
+# MaskSelectAtPixel -> MASK (Upsampling Error Map: a picture of Upsample's stack, beside the masks).
+PIPELINE_NODES = [HeadPCA, Upsample, UpsamplingErrorMap, MultiKMeans, MaskMerge, MaskSelectAtPixel]
 
 
 ALL_NODES = [RecordSelfAttention, *PIPELINE_NODES, *LABEL_MAP_NODES, *RECORDING_IO_NODES]

@@ -85,7 +85,11 @@ def main():
     atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     folder_paths.set_temp_directory(scratch)
     folder_paths.set_output_directory(scratch)
-    from headseg.nodes import pipeline_nodes as N
+    from headseg.nodes.head_pca_node import HeadPCA
+    from headseg.nodes.kmeans_node import MultiKMeans
+    from headseg.nodes.mask_merge_node import MaskMerge
+    from headseg.nodes.mask_select_node import MaskSelectAtPixel
+    from headseg.nodes.upsample_nodes import Upsample, UpsamplingErrorMap
 
     planted = sys.modules["headseg_planted"]
     H, W, B = args.size, args.width or args.size, args.batch
@@ -99,14 +103,14 @@ def main():
     picture = (shade + grain).clamp(0, 1)  # [B, H, W, 3]
 
     steps = [
-        ("Head PCA", lambda v: N.HeadPCA.execute(rec, "down+up", "all", 8, device=args.device)),
-        ("Upsample", lambda v: N.Upsample.execute(v["Head PCA"], "bilinear", False)),
-        ("Multi K-Means", lambda v: N.MultiKMeans.execute(v["Upsample"], KS, 0, args.device)),
-        ("Mask Merge", lambda v: N.MaskMerge.execute(v["Multi K-Means"], 0.9, 0.0, args.batch_index)),
-        ("Mask Select At Pixel", lambda v: N.MaskSelectAtPixel.execute(v["Mask Merge"], W // 2, H // 2, 0, picture)),
+        ("Head PCA", lambda v: HeadPCA.execute(rec, "down+up", "all", 8, device=args.device)),
+        ("Upsample", lambda v: Upsample.execute(v["Head PCA"], "bilinear", False)),
+        ("Multi K-Means", lambda v: MultiKMeans.execute(v["Upsample"], KS, 0, args.device)),
+        ("Mask Merge", lambda v: MaskMerge.execute(v["Multi K-Means"], 0.9, 0.0, args.batch_index)),
+        ("Mask Select At Pixel", lambda v: MaskSelectAtPixel.execute(v["Mask Merge"], W // 2, H // 2, 0, picture)),
     ]
     if args.error_map:
-        steps.insert(2, ("Upsampling Error Map", lambda v: N.UpsamplingErrorMap.execute(v["Upsample"])))
+        steps.insert(2, ("Upsampling Error Map", lambda v: UpsamplingErrorMap.execute(v["Upsample"])))
 
     from headseg.nodes import node_utils
 
@@ -128,10 +132,10 @@ def main():
         outputs = run_chain(times)
         # the user clicks another pixel: only Mask Select runs again, on the picture it has written
         start = time.perf_counter()
-        N.MaskSelectAtPixel.execute(outputs["Mask Merge"][0], W // 3 + i, H // 3, 0, picture)
+        MaskSelectAtPixel.execute(outputs["Mask Merge"][0], W // 3 + i, H // 3, 0, picture)
         clicks.append(time.perf_counter() - start)
         start = time.perf_counter()
-        N.MaskSelectAtPixel.execute(outputs["Mask Merge"][0], W // 3 + i, H // 3, 1, picture)
+        MaskSelectAtPixel.execute(outputs["Mask Merge"][0], W // 3 + i, H // 3, 1, picture)
         indices.append(time.perf_counter() - start)
         timings = {}
         bench_core.run_ours(core_rec, 0, timings)
@@ -170,7 +174,7 @@ def main():
     from headseg.tests.support.peak_memory import PeakBytes
 
     with PeakBytes() as allocated:
-        N.MaskMerge.execute(values["Multi K-Means"], 0.9, 0.0, args.batch_index)
+        MaskMerge.execute(values["Multi K-Means"], 0.9, 0.0, args.batch_index)
     print(f"Mask Merge (batch_index {args.batch_index}): peak of the tensors it allocates {allocated.peak / 1e6:.0f} MB "
           f"(its outputs {sizes['Mask Merge']:.0f} MB)")
 

@@ -166,7 +166,7 @@ def test_validate_inputs_reports_bad_strings():
 
 @pytest.mark.parametrize("levels", ["all", "*", "0,1,", " 2 , 0 ", "low", "-1", ","])
 def test_levels_mean_the_same_in_record_and_head_pca(levels):
-    from headseg.nodes.pipeline_nodes import HeadPCA
+    from headseg.nodes.head_pca_node import HeadPCA
 
     record, pca = RecordSelfAttention.validate_inputs(levels=levels), HeadPCA.validate_inputs(levels=levels)
     assert (record is True) == (pca is True), (record, pca)

@@ -462,25 +462,25 @@ def test_a_token_count_changed_at_some_calls_leaves_out_those_calls_and_says_so(
 def test_head_pca_names_the_layers_a_run_skipped(tiny, sd2, caplog):
     """A patch that changes the token count of the latent-grid layers only (as HyperTile does above a
     tile size): those layers are skipped while sampling, and Head PCA says which heads it lacks."""
-    from headseg.nodes import pipeline_nodes
+    from headseg.nodes.head_pca_node import HeadPCA
 
     tiled = _tiled(sd2, lambda N: N == 64)  # the 8x8 latent grid: level 0
     level_0 = "input.1.0, input.2.0, output.9.0, output.10.0, output.11.0"
     patched, live = recorder.attach_recorder(tiled)
     latent = {"samples": run(tiny, patched, latent_hw=(8, 8))}
     with caplog.at_level(logging.WARNING, logger="HeadSeg"):
-        text = pipeline_nodes.HeadPCA.execute(live, "down+up", "all", 4, latent=latent).ui["text"][0]
+        text = HeadPCA.execute(live, "down+up", "all", 4, latent=latent).ui["text"][0]
     assert text.endswith(f"; layer(s) {level_0} not recorded in this run (see the log): their heads are left out")
     assert f"HeadSeg Head PCA: layer(s) {level_0} not recorded" in caplog.text
     for asked in (("down", "1,2"), ("middle", "all")):  # none of the skipped layers asked for: no note
-        text = pipeline_nodes.HeadPCA.execute(live, asked[0], asked[1], 4, latent=latent).ui["text"][0]
+        text = HeadPCA.execute(live, asked[0], asked[1], 4, latent=latent).ui["text"][0]
         assert "not recorded" not in text, asked
     with pytest.raises(ValueError, match=r"^positions / levels: no layer left .*; layer\(s\) input.1.0, input.2.0 were "
                                          r"not recorded in this run: see the log$"):
-        pipeline_nodes.HeadPCA.execute(live, "down", "0", 4, latent=latent)  # only skipped layers asked for
+        HeadPCA.execute(live, "down", "0", 4, latent=latent)  # only skipped layers asked for
     patched, live = recorder.attach_recorder(tiled, levels="1,2")  # level 0 not asked of the record node
     latent = {"samples": run(tiny, patched, latent_hw=(8, 8))}
-    assert "not recorded" not in pipeline_nodes.HeadPCA.execute(live, "down+up", "all", 4, latent=latent).ui["text"][0]
+    assert "not recorded" not in HeadPCA.execute(live, "down+up", "all", 4, latent=latent).ui["text"][0]
 
 
 def test_positions_and_levels_select_what_is_recorded(tiny, sd2):
@@ -638,13 +638,13 @@ def test_the_run_read_last_outlasts_any_number_of_later_runs(tiny, sd2):
     """An image sampled with the recorded MODEL, read by Head PCA, then an inpainting pass that also
     uses the recorded MODEL, re-run click after click: the image's run stays readable (Head PCA runs
     again when one of its inputs changes), while unread runs beyond the last HISTORY go."""
-    from headseg.nodes import pipeline_nodes
+    from headseg.nodes.head_pca_node import HeadPCA
 
     patched, live = recorder.attach_recorder(sd2)
     image = run(tiny, patched, latent_hw=(8, 8), seed=1)
-    before = pipeline_nodes.HeadPCA.execute(live, "down+up", "all", 4, latent={"samples": image}).args[0]
+    before = HeadPCA.execute(live, "down+up", "all", 4, latent={"samples": image}).args[0]
     passes = [run(tiny, patched, latent_hw=(8, 8), seed=10 + i) for i in range(recorder_store.HISTORY + 2)]
-    after = pipeline_nodes.HeadPCA.execute(live, "down+up", "all", 3, latent={"samples": image}).args[0]
+    after = HeadPCA.execute(live, "down+up", "all", 3, latent={"samples": image}).args[0]
     assert after.layers.keys() == before.layers.keys()
     for key, b in before.layers.items():
         torch.testing.assert_close(after.layers[key], b[..., :3])  # the same run: its first 3 components
@@ -752,16 +752,16 @@ def test_keep_runs_out_of_range_is_named(sd2, bad):
 
 
 def test_node_reads_the_run_of_its_latent(tiny, sd2):
-    from headseg.nodes import pipeline_nodes
+    from headseg.nodes.head_pca_node import HeadPCA
 
     patched, live = recorder.attach_recorder(sd2)
     a = run(tiny, patched, latent_hw=(8, 8), seed=5)
     b = run(tiny, patched, latent_hw=(8, 12), seed=6)  # e.g. a later pass at another size
-    feats_a = pipeline_nodes.HeadPCA.execute(live, "down+up", "all", 4, latent={"samples": a}).args[0]
-    feats_b = pipeline_nodes.HeadPCA.execute(live, "down+up", "all", 4, latent={"samples": b}).args[0]
+    feats_a = HeadPCA.execute(live, "down+up", "all", 4, latent={"samples": a}).args[0]
+    feats_b = HeadPCA.execute(live, "down+up", "all", 4, latent={"samples": b}).args[0]
     assert feats_a.image_size == (64, 64) and feats_b.image_size == (64, 96)
     with pytest.raises(ValueError, match="^latent: .*directly"):
-        pipeline_nodes.HeadPCA.execute(live, "down+up", "all", 4, latent={"samples": a * 0.5})
+        HeadPCA.execute(live, "down+up", "all", 4, latent={"samples": a * 0.5})
 
 
 def test_a_block_number_patch_set_after_the_recorder_takes_precedence_and_is_reported(tiny, sd2, caplog):

@@ -3,6 +3,8 @@
 Without HEADSEG_COMFYUI (source tests/setup_env.sh) these tests are not collected.
 """
 
+import types
+
 import pytest
 
 from headseg.tests.support.comfy_in_process import import_comfyui
@@ -32,7 +34,10 @@ def comfy_folders(tmp_path):
 
 @pytest.fixture(scope="module")
 def nodes():
-    """HeadSeg's stage nodes (nodes/pipeline_nodes.py), imported once ComfyUI is importable."""
-    from headseg.nodes import pipeline_nodes
+    """HeadSeg's stage nodes by class name (nodes.HeadPCA, nodes.MultiKMeans, ...: the pipeline nodes of
+    nodes/extension.py), imported once ComfyUI is importable. Only the classes: a test that patches a name
+    a node module reads (a memory estimate, a preview limit) patches that module (head_pca_node,
+    kmeans_node, ...); patching the name here fails, since it is not here."""
+    from headseg.nodes.extension import PIPELINE_NODES
 
-    return pipeline_nodes
+    return types.SimpleNamespace(**{cls.__name__: cls for cls in PIPELINE_NODES})

@@ -503,11 +503,12 @@ def test_multi_kmeans_shows_the_colour_maps_of_the_first_images_of_a_large_batch
     import numpy as np
     from PIL import Image
 
+    from headseg.nodes import kmeans_node
     from headseg.nodes.core.preview import label_colours
 
     feats = nodes.HeadPCA.execute(recording, "down+up", "all", 4).args[0]
     stack = nodes.Upsample.execute(feats, "bilinear", False).args[0]
-    monkeypatch.setattr(nodes, "_PREVIEW_IMAGES", 1)  # the fixture's batch has 2 images
+    monkeypatch.setattr(kmeans_node, "_PREVIEW_IMAGES", 1)  # the fixture's batch has 2 images
     out = nodes.MultiKMeans.execute(stack, "2,3", 0)
     sweep, colour_maps = out.args
     assert colour_maps.shape == (4, H, W, 3)  # every k and image
@@ -531,12 +532,14 @@ def test_multi_kmeans_runs_of_a_list_of_unequal_batches_are_joined_by_comfyui(no
     code, and a larger later item's note was dropped. Every run has the key; the joined text holds the note."""
     from execution import get_output_from_returns
 
+    from headseg.nodes import kmeans_node
+
     def run(B, seed):
         rec = planted_recording([nested_scene(64, 64)] * B, layout=small_layout(heads=3), d=16, noise=0.2, seed=seed)
         feats = nodes.HeadPCA.execute(rec, "down+up", "all", 4).args[0]
         return nodes.MultiKMeans.execute(nodes.Upsample.execute(feats, "bilinear", False).args[0], "2,3", 0)
 
-    monkeypatch.setattr(nodes, "_PREVIEW_IMAGES", 2)
+    monkeypatch.setattr(kmeans_node, "_PREVIEW_IMAGES", 2)
     large, small = run(3, 1), run(1, 2)
     note = "colour maps of the first 2 of 3 images shown; the colour_maps output holds all 3"
     for runs in ([large, small], [small, large]):
@@ -574,7 +577,7 @@ def test_multi_kmeans_refuses_outputs_that_would_not_fit_before_clustering(nodes
     """Multi K-Means keeps a uint8 label map and a float32 RGB colour map per k and image (13 bytes per
     pixel): when they would take more than 80 % of the free memory it stops at once with a message
     naming cluster_counts, instead of running out of memory after the clustering."""
-    from headseg.nodes import node_utils
+    from headseg.nodes import kmeans_node, node_utils
     from headseg.nodes.core import kmeans as core_kmeans
 
     feats = nodes.HeadPCA.execute(recording, "down+up", "all", 4).args[0]
@@ -590,7 +593,7 @@ def test_multi_kmeans_refuses_outputs_that_would_not_fit_before_clustering(nodes
     assert ran == []  # refused before any clustering
     monkeypatch.undo()
     monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) + 1)
-    monkeypatch.setattr(nodes, "kmeans_sweep_bytes", lambda stack, counts, busy: 0)  # the outputs' check alone (see below)
+    monkeypatch.setattr(kmeans_node, "kmeans_sweep_bytes", lambda stack, counts, busy: 0)  # the outputs' check alone (see below)
     sweep, colour_maps = nodes.MultiKMeans.execute(stack, "2,3,4", 0).args
     used = sum(r.labels.element_size() * r.labels.numel() for r in sweep.results.values())
     assert used + colour_maps.element_size() * colour_maps.numel() == need - 8 * 2 * H * W - 2**20  # the outputs counted
@@ -604,14 +607,14 @@ def test_multi_kmeans_on_the_cpu_counts_the_working_memory_of_the_k_clustered_at
     when it would not fit."""
     import torch
 
-    from headseg.nodes import node_utils
+    from headseg.nodes import kmeans_node, node_utils
     from headseg.nodes.core import kmeans as core_kmeans
 
     feats = nodes.HeadPCA.execute(recording, "down+up", "all", 4).args[0]
     stack = nodes.Upsample.execute(feats, "bilinear", False).args[0]
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     busy = [4, 3][:threads]
-    need = 3 * 2 * H * W + nodes.kmeans_sweep_bytes(stack, [2, 3, 4], busy)  # label maps + work
+    need = 3 * 2 * H * W + kmeans_node.kmeans_sweep_bytes(stack, [2, 3, 4], busy)  # label maps + work
     assert need > 3 * 2 * H * W * 13  # more than the outputs: their check alone lets it through
     ran = []
 
@@ -642,6 +645,7 @@ def test_kmeans_work_estimate_bounds_what_one_k_allocates(nodes, recording, k):
     tensor counted by PeakBytes), and not a wild one."""
     import torch
 
+    from headseg.nodes import kmeans_node
     from headseg.nodes.core.kmeans import multi_kmeans
     from headseg.tests.support.peak_memory import PeakBytes
 
@@ -655,7 +659,7 @@ def test_kmeans_work_estimate_bounds_what_one_k_allocates(nodes, recording, k):
             multi_kmeans(one, [k], seed=0)
     finally:
         torch.set_num_threads(threads)
-    estimate = nodes.kmeans_work_bytes(stack, k)
+    estimate = kmeans_node.kmeans_work_bytes(stack, k)
     assert allocated.peak <= estimate <= 4 * allocated.peak, (allocated.peak, estimate)
 
 
@@ -664,14 +668,15 @@ def test_kmeans_cpu_check_counts_every_ks_working_set_and_the_starts_four_score_
     are made before the first k runs and held until the last ends, and one k's k-means++ starts hold up to
     four [starts, k, n] float32 tensors at once. The CPU check counted one working set and three such
     tensors, per k running: 169 MB here, where the clustering allocated 234 MB."""
+    from headseg.nodes import kmeans_node
     from headseg.nodes.core.upsample import FeatureStack
     from headseg.tests.support.peak_memory import PeakBytes
 
     g = torch.Generator().manual_seed(0)
     stack = FeatureStack([torch.randn(1, 4, 32, 32, generator=g)], [1.0], [[]], (64, 64), "bilinear")
     counted = []
-    check = nodes._check_memory
-    monkeypatch.setattr(nodes, "_check_memory", lambda need, *a: counted.append(need) or check(need, *a))
+    check = kmeans_node._check_memory
+    monkeypatch.setattr(kmeans_node, "_check_memory", lambda need, *a: counted.append(need) or check(need, *a))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one k at a time, all on this thread, seen by PeakBytes
     try:
@@ -688,6 +693,7 @@ def test_kmeans_output_check_counts_the_colour_maps_int64_index(nodes, monkeypat
     with an int64 copy of that k's label maps (8 bytes per pixel and image) beside the label maps and the
     colour_maps output: the check of its outputs (the only one when the clustering runs on a GPU) must
     count it. It counted 13 bytes per pixel per k and image, so a single k took 21."""
+    from headseg.nodes import kmeans_node
     from headseg.nodes.core import kmeans as core_kmeans
     from headseg.nodes.core.upsample import FeatureStack
     from headseg.tests.support.peak_memory import PeakBytes
@@ -697,8 +703,8 @@ def test_kmeans_output_check_counts_the_colour_maps_int64_index(nodes, monkeypat
     sweep = core_kmeans.multi_kmeans(stack, [2], seed=0)  # label maps [2, 256, 256] uint8
     monkeypatch.setattr(core_kmeans, "multi_kmeans", lambda *a, **kw: sweep)
     counted = []
-    check = nodes._check_memory
-    monkeypatch.setattr(nodes, "_check_memory", lambda need, *a: counted.append(need) or check(need, *a))
+    check = kmeans_node._check_memory
+    monkeypatch.setattr(kmeans_node, "_check_memory", lambda need, *a: counted.append(need) or check(need, *a))
     with PeakBytes() as mem:
         nodes.MultiKMeans.execute(stack, "2", 0, "cpu")
     held = mem.peak + sweep.results[2].labels.numel()  # the label maps were made before the block
@@ -710,6 +716,7 @@ def test_kmeans_work_estimate_is_close_to_what_one_k_allocates_at_a_real_size(no
     an upper estimate of one k's clustering (every tensor on one thread) and within 1.5x of it: a wild
     over-estimate refuses sweeps that fit (it was 2 - 2.5x over: 55 MB for k = 20 here, which allocates 28 MB;
     285 MB at 1024x1024 for k = 64, which allocates 139 MB)."""
+    from headseg.nodes import kmeans_node
     from headseg.nodes.core.kmeans import multi_kmeans
     from headseg.tests.core.planted import sd21_layout, split_scene
     from headseg.tests.support.peak_memory import PeakBytes
@@ -724,7 +731,7 @@ def test_kmeans_work_estimate_is_close_to_what_one_k_allocates_at_a_real_size(no
             multi_kmeans(stack, [20], seed=0)
     finally:
         torch.set_num_threads(threads)
-    estimate = nodes.kmeans_work_bytes(stack, 20)
+    estimate = kmeans_node.kmeans_work_bytes(stack, 20)
     assert allocated.peak <= estimate <= 1.5 * allocated.peak, (allocated.peak, estimate)
 
 
@@ -1013,6 +1020,7 @@ def test_error_map_estimate_counts_the_preview_conversion_beside_the_picture(nod
     (a 2048x2048 image: 78 MB allowed, 152 MB of RSS at the peak)."""
     import tracemalloc
 
+    from headseg.nodes import upsample_nodes
     from headseg.nodes.core.upsample import FeatureStack
 
     g = torch.Generator().manual_seed(0)
@@ -1026,7 +1034,7 @@ def test_error_map_estimate_counts_the_preview_conversion_beside_the_picture(nod
         tracemalloc.stop()
     held = error_map.numel() * 4 + converted  # both alive while the PNG is made
     assert converted >= 20 * 2048 * 2048, converted
-    assert held <= nodes.error_map_bytes(stack), (held, nodes.error_map_bytes(stack))
+    assert held <= upsample_nodes.error_map_bytes(stack), (held, upsample_nodes.error_map_bytes(stack))
 
 
 @pytest.mark.parametrize("B, size", [(4, (256, 256)), (4, (200, 150)), (3, (1000, 760))])
@@ -1035,17 +1043,18 @@ def test_error_map_refuses_a_picture_that_would_not_fit_in_free_memory(nodes, mo
     3.2 GB each): when what it allocates would take more than 80 % of the free memory it stops at once with
     a message naming stack, like the other nodes, instead of running out of memory. Its estimate
     (error_map_bytes) bounds what it allocates, at every pixel of a small image and at a lattice of a large one."""
-    from headseg.nodes import node_utils
+    from headseg.nodes import node_utils, upsample_nodes
+    from headseg.nodes.core import upsample as core_upsample
     from headseg.nodes.core.upsample import FeatureStack
     from headseg.tests.support.peak_memory import PeakBytes
 
     g = torch.Generator().manual_seed(0)
     grids = [torch.randn(B, 40, 32, 32, generator=g), torch.randn(B, 40, 8, 8, generator=g)]
     stack = FeatureStack(grids, [1.0, 1.0], [[], []], size, "bilinear")
-    need = nodes.error_map_bytes(stack)
+    need = upsample_nodes.error_map_bytes(stack)
     H, W = size
     ran = []
-    monkeypatch.setattr(nodes.core_upsample, "upsampling_error_blocks", lambda stack: ran.append(1))
+    monkeypatch.setattr(core_upsample, "upsampling_error_blocks", lambda stack: ran.append(1))
     monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) - 1)
     with pytest.raises(ValueError, match=rf"^stack: the upsampling-error map of {B} image\(s\) at {W}x{H} pixels "
                        r"would take 0\.\d GiB, more than 80 % of the 0\.\d GiB free\. Leave Upsampling Error Map out"):
@@ -1065,13 +1074,13 @@ def test_head_pca_memory_check_counts_the_principal_components_and_their_working
     being reduced. It counted the picture alone (a 64-pixel tile per head, whatever the image size), so for
     two SD2.1 images at 1024x1024 it allowed 22 MB where the node took 95 MB of tensors (203 MB of RSS on
     two threads), and more with larger images or components."""
-    from headseg.nodes import node_utils
+    from headseg.nodes import head_pca_node, node_utils
     from headseg.tests.support.peak_memory import PeakBytes
 
     rec = planted_recording([nested_scene(256, 256)] * 2, layout=small_layout(heads=5), d=64)  # grids 32x32 .. 4x4
     counted = []
-    check = nodes._check_memory
-    monkeypatch.setattr(nodes, "_check_memory", lambda need, *a: counted.append(need) or check(need, *a))
+    check = head_pca_node._check_memory
+    monkeypatch.setattr(head_pca_node, "_check_memory", lambda need, *a: counted.append(need) or check(need, *a))
     monkeypatch.setattr(node_utils, "available_memory", lambda: 1 << 40)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the PCA on this thread, seen by PeakBytes
@@ -1089,11 +1098,11 @@ def test_head_pca_names_components_beyond_the_head_width_before_its_memory_check
     bytes per component, token and head: 1024 components (the widget's maximum) of 16-wide heads were
     refused as memory 'recording: the 1024 principal components ... Select fewer layers' where the input
     at fault is components (a large recording, or little free memory)."""
-    from headseg.nodes import node_utils
+    from headseg.nodes import head_pca_node, node_utils
     from headseg.nodes.core import pca as core_pca
 
     selected = recording.select(positions=("down", "up"))
-    fits = core_pca.recording_pca_bytes(selected, 16) + nodes.pca_rgb_bytes(selected)
+    fits = core_pca.recording_pca_bytes(selected, 16) + head_pca_node.pca_rgb_bytes(selected)
     monkeypatch.setattr(node_utils, "available_memory", lambda: int(fits / 0.8) + 1)  # 16 components fit
     with pytest.raises(ValueError, match=r"^components must be between 1 and the head dimension 16 of layer "):
         nodes.HeadPCA.execute(recording, "down+up", "all", 1024)
@@ -1105,7 +1114,7 @@ def test_head_pca_refuses_a_picture_of_more_heads_than_fit_in_free_memory(nodes,
     200 000 heads of width 1 is a 400 kB file, and its picture 9.8 GB). When the picture would take more than
     80 % of the free memory Head PCA stops before the PCA with a message naming recording; the estimate
     (pca_rgb_bytes) bounds what pca_rgb_grid allocates."""
-    from headseg.nodes import node_utils
+    from headseg.nodes import head_pca_node, node_utils
     from headseg.nodes.core import pca as core_pca
     from headseg.nodes.core import preview as core_preview
     from headseg.nodes.core.recording import LayerKey
@@ -1114,7 +1123,7 @@ def test_head_pca_refuses_a_picture_of_more_heads_than_fit_in_free_memory(nodes,
     g = torch.Generator().manual_seed(0)
     layers = {LayerKey("input", 1, 0): torch.randn(1, 600, 2, 3, 2, generator=g), LayerKey("output", 9, 0): torch.randn(1, 4, 2, 3, 2, generator=g)}
     rec = Recording(layers, (16, 24))
-    need = core_pca.recording_pca_bytes(rec, 2) + nodes.pca_rgb_bytes(rec)
+    need = core_pca.recording_pca_bytes(rec, 2) + head_pca_node.pca_rgb_bytes(rec)
     assert need >= 12 * 2 * 43 * 600 * 64  # the picture: 2 rows of 43 x 64 tiles, 600 tiles wide
     ran = []
     monkeypatch.setattr(core_pca, "recording_pca", lambda *a, **kw: ran.append(1))
@@ -1131,7 +1140,7 @@ def test_head_pca_refuses_a_picture_of_more_heads_than_fit_in_free_memory(nodes,
         feats = core_pca.recording_pca(r, 2)
         with PeakBytes() as mem:
             core_preview.pca_rgb_grid(feats)
-        assert mem.peak <= nodes.pca_rgb_bytes(r), (mem.peak, nodes.pca_rgb_bytes(r))
+        assert mem.peak <= head_pca_node.pca_rgb_bytes(r), (mem.peak, head_pca_node.pca_rgb_bytes(r))
 
 
 class _BoolToFloatCopies:

@@ -138,14 +138,14 @@ def test_without_reuse_every_call_writes_a_file(utils):
 def test_mask_select_thumbnails_at_512_squared_pixels_worth(utils, comfy_folders, H, W):
     from PIL import Image
 
-    from headseg.nodes import pipeline_nodes
     from headseg.nodes.core.masks import MaskSet
+    from headseg.nodes.mask_select_node import MaskSelectAtPixel
 
     masks = torch.zeros(2, H, W, dtype=torch.bool)
     masks[0, : H // 2] = True
     masks[1] = True
     ms = MaskSet(masks, torch.tensor([2, 1]), torch.tensor([0, 0]))
-    out = pipeline_nodes.MaskSelectAtPixel.execute([ms], 5, 5, 0, torch.rand(1, H, W, 3))
+    out = MaskSelectAtPixel.execute([ms], 5, 5, 0, torch.rand(1, H, W, 3))
     size = lambda ref: Image.open(comfy_folders["temp"] / ref["subfolder"] / ref["filename"]).size  # noqa: E731
     assert size(out.ui["headseg_image"][0]) == (W, H)
     assert out.args[2].shape == (2, H, W, 3)  # the overlay output keeps the masks' size
@@ -161,7 +161,7 @@ def test_head_pca_shows_a_long_grid_at_every_other_pixel_and_outputs_all_of_it(u
     import numpy as np
     from PIL import Image
 
-    from headseg.nodes import pipeline_nodes
+    from headseg.nodes.head_pca_node import HeadPCA
     from headseg.tests.core.planted import nested_scene, planted_recording, sd21_layout, sdxl_layout
 
     def shown(ref):
@@ -171,7 +171,7 @@ def test_head_pca_shows_a_long_grid_at_every_other_pixel_and_outputs_all_of_it(u
     eight_bit = lambda x: (255.0 * x).clamp(0, 255).to(torch.uint8)  # noqa: E731  as ComfyUI's writer
     for layout, size, f in ((sdxl_layout(), (3840, 1280), 2), (sd21_layout(), (960, 1280), 1)):
         rec = planted_recording(nested_scene(32, 32), layout, d=8, noise=0.5, seed=0)
-        out = pipeline_nodes.HeadPCA.execute(rec, "down+up", "all", 3, device="cpu")
+        out = HeadPCA.execute(rec, "down+up", "all", 3, device="cpu")
         grid = out.args[1]  # [1, H, W, 3]
         assert tuple(grid.shape) == (1, *size, 3)
         (ref,) = out.ui["images"]

@@ -90,15 +90,19 @@ def test_save_then_load_round_trips(io_nodes, recording, comfy_folders):
 
 
 def test_loaded_recording_gives_masks_without_a_model(io_nodes, recording):
-    from headseg.nodes import pipeline_nodes as P
+    from headseg.nodes.head_pca_node import HeadPCA
+    from headseg.nodes.kmeans_node import MultiKMeans
+    from headseg.nodes.mask_merge_node import MaskMerge
+    from headseg.nodes.mask_select_node import MaskSelectAtPixel
+    from headseg.nodes.upsample_nodes import Upsample
 
     path = io_nodes.SaveRecording.execute(recording, "r").args[0]
     rec = io_nodes.LoadRecording.execute("", path).args[0]
-    feats = P.HeadPCA.execute(rec, "down+up", "all", 4).args[0]
-    stack = P.Upsample.execute(feats, "bilinear", False).args[0]
-    sweep = P.MultiKMeans.execute(stack, "2,3,4", 0).args[0]
-    masks = P.MaskMerge.execute(sweep, 0.9, 0.0).args[0]
-    chosen = P.MaskSelectAtPixel.execute(masks, 150, 90, 0).args[0]
+    feats = HeadPCA.execute(rec, "down+up", "all", 4).args[0]
+    stack = Upsample.execute(feats, "bilinear", False).args[0]
+    sweep = MultiKMeans.execute(stack, "2,3,4", 0).args[0]
+    masks = MaskMerge.execute(sweep, 0.9, 0.0).args[0]
+    chosen = MaskSelectAtPixel.execute(masks, 150, 90, 0).args[0]
     assert chosen.shape == (1, 128, 192) and chosen[0, 90, 150] == 1.0
 
 
@@ -785,7 +789,7 @@ def test_a_loaded_recording_with_a_latent_of_another_image_is_refused(recording)
     """Load Recording -> Head PCA with a LATENT connected (to order the nodes): a LATENT of another size or
     batch than the file's image would get the file's masks, so it is refused naming latent; a LATENT of
     the same shape is accepted (it cannot be told apart)."""
-    from headseg.nodes.pipeline_nodes import HeadPCA
+    from headseg.nodes.head_pca_node import HeadPCA
 
     H, W = recording.image_size  # 128 x 192
     same = {"samples": torch.zeros(1, 4, H // 8, W // 8)}
@@ -1044,8 +1048,10 @@ def test_a_layer_with_nan_or_inf_is_saved_loaded_and_named_and_the_others_stay_u
     """A float16 overflow while sampling leaves NaN / inf in some layers: the file keeps the recording (the
     sampling is not lost), both nodes name those layers, and Head PCA refuses them by name while a
     selection without them gives masks."""
-    from headseg.nodes import pipeline_nodes as P
     from headseg.nodes.core.recording import Recording
+    from headseg.nodes.head_pca_node import HeadPCA
+    from headseg.nodes.kmeans_node import MultiKMeans
+    from headseg.nodes.upsample_nodes import Upsample
 
     down = [k for k in recording.layers if k.position == "down"]
     layers = dict(recording.layers)
@@ -1072,10 +1078,10 @@ def test_a_layer_with_nan_or_inf_is_saved_loaded_and_named_and_the_others_stay_u
         assert not any(str(key) in note for key in recording.layers if key not in bad)
 
     with pytest.raises(ValueError, match=rf"layer {down[0]!s} contains NaN or inf.*positions / levels"):
-        P.HeadPCA.execute(loaded, "down+up", "all", 4)
-    feats = P.HeadPCA.execute(loaded, "up", "all", 4).args[0]
-    stack = P.Upsample.execute(feats, "bilinear", False).args[0]
-    sweep = P.MultiKMeans.execute(stack, "2,3", 0).args[0]
+        HeadPCA.execute(loaded, "down+up", "all", 4)
+    feats = HeadPCA.execute(loaded, "up", "all", 4).args[0]
+    stack = Upsample.execute(feats, "bilinear", False).args[0]
+    sweep = MultiKMeans.execute(stack, "2,3", 0).args[0]
     for k in (2, 3):  # every cluster of the run without the bad layers is used
         assert sweep.results[k].labels.unique().tolist() == list(range(k))
 
