@@ -8,6 +8,8 @@
 //   save_prefix.js          %date:...% and %Node.widget% in the Save nodes' filename_prefix
 //   number_widgets.js       tolerant loading of older or damaged number- and text-widget values
 //   group_nodes.js          Multi K-Means' seed and device inside a (deprecated) group node
+//   own_changes.js          the pack's own changes after a run (node heights, the picker's frame) noted
+//                           in ComfyUI's undo history without a step of their own
 //   graph_helpers.js, dom_helpers.js, styles.js  shared by the above
 // ComfyUI imports every .js file of this folder as an extension module (recursively): this is the
 // only one with side effects; the others only export, and are imported from here.

@@ -4,6 +4,7 @@
 
 import { el } from "./dom_helpers.js";
 import { storedOutput } from "./graph_helpers.js";
+import { noteOwnChange } from "./own_changes.js";
 import { addStyle } from "./styles.js";
 
 const NOTE_WIDGET = "headseg_note";
@@ -55,7 +56,9 @@ class NoteLine {
     });
     this.widget.serialize = false;
     const min = this.node.computeSize?.();
-    if (min) this.node.setSize([Math.max(this.node.size[0], min[0]), Math.max(this.node.size[1], min[1])]);
+    if (!min || (this.node.size[0] >= min[0] && this.node.size[1] >= min[1])) return;
+    this.node.setSize([Math.max(this.node.size[0], min[0]), Math.max(this.node.size[1], min[1])]);
+    noteOwnChange(this.node); // no undo step of its own: the node grows again when undo rebuilds it
   }
 
   onExecuted(output) {

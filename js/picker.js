@@ -38,6 +38,7 @@ import {
   widget,
 } from "./graph_helpers.js";
 import { trackPicker } from "./live_pickers.js";
+import { noteOwnChange } from "./own_changes.js";
 import * as pixels from "./picker_pixels.js";
 import { addStyle } from "./styles.js";
 
@@ -663,8 +664,9 @@ export class Picker {
       this.adoptMappedPixel();
       pixels.adoptMappedPoints(this.node, this.output);
       // a new frame goes into the saved workflow at once (ComfyUI saves it for a reload when it sees a
-      // change), not at the user's next edit: a reload right after the run keeps it
-      if (framed) recordChange();
+      // change), not at the user's next edit: a reload right after the run keeps it. No undo step of its
+      // own (it changes nothing on screen): it joins the current one, or the pixels mapped just now
+      if (framed) noteOwnChange(this.node);
     }
     this.refreshSource();
     this.buildStrip();

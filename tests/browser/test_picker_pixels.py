@@ -11,6 +11,7 @@ from headseg.tests.browser.helpers import (
     JS_HOLD_MESSAGES_AFTER_START,
     JS_QUEUE_AND_WAIT,
     JS_TO_SUBGRAPH,
+    JS_VIEW_NODE,
     JS_WIDGETS,
     add_picker,
     click_pixel,
@@ -840,3 +841,76 @@ def test_after_a_real_page_reload_in_nodes_2_0_a_click_on_the_cropped_photo_is_t
         assert events["error"] is None, f"run failed: {json.dumps(events['error'])[:2000]}"
         assert page.evaluate("(id) => app.nodeOutputs[String(id)].headseg_pixel", node_id) == [50, 40]
     assert tab.pack_problems() == []
+
+
+JS_HISTORY = """(id) => { const wf = app.extensionManager.workflow.activeWorkflow; const ct = wf.changeTracker;
+  const node = ct.activeState.nodes.find(n => String(n.id) === String(id));
+  const pixel = ['x', 'y'].map(name => app.graph.getNodeById(id).widgets.find(w => w.name === name).value);
+  return {undo: ct.undoQueue.length, redo: ct.redoQueue.length, modified: !!wf.isModified, pixel,
+          frame: node.properties.headseg_frame ?? null,
+          heights: Object.fromEntries(app.graph.nodes.map(n => [n.id, n.size[1]]))}; }"""
+
+# The graph loaded again into the open workflow tab as ComfyUI loads a workflow file (its execution order and
+# the renderer it was made in noted), that state the first of its undo history. Load Recording, Head PCA and
+# Multi K-Means are given the heights a run grows them to (as the examples have them): ComfyUI grows a node
+# whose previews, or whose note line once its text has wrapped, need more room as it draws it.
+JS_LOAD_AS_A_WORKFLOW = """async () => { const workflow = app.extensionManager.workflow.activeWorkflow;
+  const heights = {HeadSeg_LoadRecording: 160, HeadSeg_HeadPCA: 500, HeadSeg_MultiKMeans: 450};
+  for (const node of app.graph.nodes) if (heights[node.type]) node.setSize([node.size[0], heights[node.type]]);
+  await app.loadGraphData(app.graph.serialize(), true, true, workflow);
+  workflow.changeTracker.checkState(); }"""
+
+
+def view_each_node(page, node_id):
+    """Brings every node of the graph into view in turn (the canvas draws it), then node ``node_id``."""
+    for other in page.evaluate("() => app.graph.nodes.map(n => n.id)"):
+        page.evaluate(JS_VIEW_NODE, [other, 1.0])
+        settle(page, 300)
+    view_picker(page, node_id, 1.0)
+
+
+def test_the_first_run_adds_no_undo_step_that_changes_nothing_on_screen(comfy_page, comfy_server):
+    """Load Recording -> ... -> Mask Select, clicked at (10, 20) of a picture of the masks' size, then queued.
+    The first run grows Upsample and Mask Merge for their note lines and keeps its frame in Mask Select's
+    properties. These made an undo step of their own, so Ctrl+Z after the run changed nothing on screen (the
+    frame is not shown, and the nodes rebuilt by the undo grew again), and that growth was a new step at the
+    next click on the canvas, which cleared the redo history: the pick before the run could never be undone.
+    The run's changes now join the current step (the workflow is still marked modified, and the state kept
+    for a reload has the frame): Ctrl+Z takes the pick back, and redo brings it again."""
+    W, H = 64, 48
+    recording, picture = save_recording_and_picture(comfy_server, "headseg_browser_first_run_undo", W, H, W, H)
+    page = comfy_page.page
+    node_id = page.evaluate(JS_LOADED_RECORDING_GRAPH, [recording, picture])
+    view_picker(page, node_id, 1.0)
+    wait_picture_ready(page, node_id)
+    view_each_node(page, node_id)  # Load Image grown to show its picture, as in a workflow saved with it
+    page.evaluate(JS_LOAD_AS_A_WORKFLOW)
+    view_picker(page, node_id, 1.0)
+    wait_picture_ready(page, node_id)
+    empty_canvas = (1000, 800)
+    click_pixel(page, node_id, (W, H), (10, 20))
+    picked = page.evaluate(JS_HISTORY, node_id)
+    assert picked["pixel"] == [10, 20] and picked["frame"] is None and picked["undo"] >= 1, picked
+    events = page.evaluate(JS_QUEUE_AND_WAIT, 120_000)
+    assert events["error"] is None, f"run failed: {json.dumps(events['error'])[:2000]}"
+    wait_picture_ready(page, node_id)
+    view_each_node(page, node_id)
+    page.mouse.click(*empty_canvas)  # ComfyUI notes any change not noted yet when a click ends
+    settle(page, 300)
+    ran = page.evaluate(JS_HISTORY, node_id)
+    assert ran["frame"] == {"grid": [W, H], "picture": [W, H]} and ran["modified"], ran
+    assert any(ran["heights"][k] > picked["heights"][k] for k in picked["heights"]), ran  # note lines shown
+    assert ran["undo"] == picked["undo"], (picked, ran)
+    page.keyboard.press("Control+z")
+    page.wait_for_function("(id) => app.graph.getNodeById(id).widgets.find(w => w.name === 'x').value === 0", arg=node_id)
+    view_each_node(page, node_id)  # the rebuilt nodes grow again for their note lines as they are drawn
+    page.mouse.click(*empty_canvas)
+    settle(page, 300)
+    undone = page.evaluate(JS_HISTORY, node_id)
+    assert undone["pixel"] == [0, 0] and undone["heights"] == ran["heights"], undone
+    assert (undone["undo"], undone["redo"]) == (picked["undo"] - 1, 1), (picked, undone)
+    page.keyboard.press("Control+Shift+z")
+    page.wait_for_function("(id) => app.graph.getNodeById(id).widgets.find(w => w.name === 'x').value === 10", arg=node_id)
+    settle(page, 500)
+    assert page.evaluate(JS_HISTORY, node_id)["pixel"] == [10, 20]
+    assert comfy_page.pack_problems() == []
