@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from headseg.tests.browser.helpers import WORKFLOWS_DIR, example_names, settle
+from headseg.tests.browser.helpers import WORKFLOWS_DIR, example_names, load_workflow, settle
 
 # What a run of the examples shows on each HeadSeg node (texts from a real run of the explore example at 256x192):
 # pictures (n of them) and the note's text / Multi K-Means' colour map labels. The picker keeps its own size.
@@ -74,7 +74,7 @@ def test_no_node_of_an_example_covers_another_after_a_run(comfy_page, pictures, 
     wf = json.loads((WORKFLOWS_DIR / f"{name}.json").read_text())
     for node in wf["nodes"]:  # no Missing Models dialog (test_example_workflows_are_templates_and_load checks it)
         node.get("properties", {}).pop("models", None)
-    page.evaluate("async ([wf, name]) => { await app.loadGraphData(wf, true, true, name); }", [wf, name])
+    load_workflow(page, wf, name)
     settle(page, 800)
     ref = {"filename": pictures["landscape"][0], "subfolder": "", "type": "input"}
     overlaps = page.evaluate(JS_RUN_AND_OVERLAPS, [{k: list(v) for k, v in RUN_PAYLOADS.items()}, ref])

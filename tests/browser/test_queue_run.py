@@ -14,6 +14,7 @@ from headseg.tests.browser.helpers import (
     WORKFLOWS_DIR,
     example_names,
     frame_rect,
+    load_workflow,
     picker_selector,
     settle,
     view_picker,
@@ -113,7 +114,7 @@ def test_queue_runs_and_previews_render(comfy_page, comfy_server, screenshots):
     wf = json.loads((WORKFLOWS_DIR / f"{workflow}.json").read_text())
     for node in wf["nodes"]:  # the server's own checkpoint is swapped in below: no Missing Models dialog over the
         node.get("properties", {}).pop("models", None)  # canvas (test_example_workflows_are_templates_and_load checks it)
-    page.evaluate("async ([wf, name]) => { await app.loadGraphData(wf, true, true, name); }", [wf, workflow])
+    load_workflow(page, wf, workflow)
     settle(page, 800)
     ids = page.evaluate(JS_PREPARE_RUN, [comfy_server.checkpoint_name, name, W, H])
     assert ids.get(PICKER), f"{workflow} has no {PICKER}"

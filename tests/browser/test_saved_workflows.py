@@ -15,6 +15,7 @@ from headseg.tests.browser.helpers import (
     JS_WIDGETS,
     PICKER,
     WORKFLOWS_DIR,
+    load_workflow,
     settle,
     vue_nodes,
     wait_picture_ready,
@@ -59,7 +60,7 @@ def test_old_widget_layout_loads(comfy_page, pictures, comfy_server):
     spec = comfy_server.object_info()[PICKER]["input"]["required"]
     defaults = {k: spec[k][1]["default"] for k in ("x", "y", "index")}
     workflow = old_layout_workflow(pictures["landscape"][0])
-    page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'old-layout'); }", workflow)
+    load_workflow(page, workflow, "old-layout")
     settle(page, 800)
     got = {i: page.evaluate(JS_WIDGETS, i) for i in (2, 3, 4, 5)}
     assert got[2] == {"x": 40, "y": 30, "index": defaults["index"]}
@@ -141,8 +142,7 @@ def test_a_workflow_saved_with_upsamples_error_map_output_is_rewired(comfy_page)
     """Old workflows queue as before: the links of Upsample's former error_map output now come from
     an Upsampling Error Map node fed by the same Upsample, and Upsample keeps one output."""
     page = comfy_page.page
-    page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'old-error-map'); }",
-                  explore_as_saved_before_the_error_map_node())  # fmt: skip
+    load_workflow(page, explore_as_saved_before_the_error_map_node(), "old-error-map")
     settle(page, 800)
     prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
     maps = [i for i, n in prompt.items() if n["class_type"] == "HeadSeg_UpsamplingError"]
@@ -159,7 +159,7 @@ def test_an_old_error_map_output_inside_a_subgraph_is_rewired(comfy_page):
     error_map output: opening it rewires the subgraph as the root graph is rewired."""
     page = comfy_page.page
     wf = json.loads((WORKFLOWS_DIR / "headseg_explore.json").read_text())
-    page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'subgraph-old-error-map'); }", wf)
+    load_workflow(page, wf, "subgraph-old-error-map")
     settle(page, 500)
     saved = json.loads(page.evaluate("async (ids) => { await (" + JS_TO_SUBGRAPH + ")(ids);"
                                      " return JSON.stringify(app.graph.serialize()); }", [10, 15]))  # fmt: skip
@@ -172,7 +172,7 @@ def test_an_old_error_map_output_inside_a_subgraph_is_rewired(comfy_page):
     up["outputs"].append({"name": "error_map", "type": "IMAGE", "links": [link["id"]], "slot_index": 1})
     shown.update(type="PreviewImage", inputs=[{"name": "images", "type": "IMAGE", "link": link["id"]}], outputs=[],
                  properties={"Node name for S&R": "PreviewImage"}, widgets_values=[])  # fmt: skip
-    page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'subgraph-old-error-map'); }", saved)
+    load_workflow(page, saved, "subgraph-old-error-map")
     settle(page, 800)
     prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
     maps = [i for i, n in prompt.items() if n["class_type"] == "HeadSeg_UpsamplingError"]
@@ -192,7 +192,7 @@ def test_an_old_error_map_output_that_leaves_a_subgraph_is_rewired(comfy_page):
     Image: the new Upsampling Error Map node takes over that link too, so the outside keeps its input."""
     page = comfy_page.page
     wf = json.loads((WORKFLOWS_DIR / "headseg_explore.json").read_text())
-    page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'subgraph-old-error-map-out'); }", wf)
+    load_workflow(page, wf, "subgraph-old-error-map-out")
     settle(page, 500)
     saved = json.loads(page.evaluate(
         """async (ids) => { const shown = LiteGraph.createNode('PreviewImage'); shown.pos = [1400, 1400];
@@ -210,7 +210,7 @@ def test_an_old_error_map_output_that_leaves_a_subgraph_is_rewired(comfy_page):
     out_link.update(origin_id=10, origin_slot=1)
     up["outputs"].append({"name": "error_map", "type": "IMAGE", "links": [out_link["id"]], "slot_index": 1})
     definition["nodes"].remove(nodes[15])
-    page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'subgraph-old-error-map-out'); }", saved)
+    load_workflow(page, saved, "subgraph-old-error-map-out")
     settle(page, 800)
     prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
     maps = [i for i, n in prompt.items() if n["class_type"] == "HeadSeg_UpsamplingError"]
@@ -238,7 +238,7 @@ def test_a_save_label_maps_saved_before_its_masks_input_gets_the_socket(comfy_pa
             "widgets_values": ["dataset/old"],
         }],
     }  # fmt: skip
-    page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'old-save-label-maps'); }", workflow)
+    load_workflow(page, workflow, "old-save-label-maps")
     settle(page, 800)
     inputs = page.evaluate("() => app.graph.getNodeById(1).inputs.map(i => [i.name, i.type])")
     assert [name for name, _type in inputs if not name == "filename_prefix"] == ["clusters", "image", "masks"]
@@ -275,7 +275,7 @@ def test_multi_kmeans_in_a_group_node_keeps_its_device_and_a_fixed_seed(comfy_pa
     page = comfy_page.page
     wf = json.loads((WORKFLOWS_DIR / "headseg_explore.json").read_text())
     next(n for n in wf["nodes"] if n["id"] == 11)["widgets_values"][2] = "cpu"  # Multi K-Means: device cpu
-    page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'group-node'); }", wf)
+    load_workflow(page, wf, "group-node")
     settle(page, 500)
     group = _convert_to_group_node(page, [11, 12], "hskmeans")
     state = page.evaluate(JS_GROUP_STATE, group)
@@ -288,7 +288,7 @@ def test_multi_kmeans_in_a_group_node_keeps_its_device_and_a_fixed_seed(comfy_pa
     node = next(n for n in saved["nodes"] if n["id"] == group)
     at = list(state).index("control_after_generate")
     node["widgets_values"][at : at + 2] = ["cpu", None]
-    page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'group-node-saved'); }", saved)
+    load_workflow(page, saved, "group-node-saved")
     settle(page, 500)
     state = page.evaluate(JS_GROUP_STATE, group)
     assert (state["control_after_generate"], state["device"]) == ("fixed", "cpu"), state
@@ -311,7 +311,7 @@ def test_an_api_prompt_reading_upsamples_error_map_output_opened_in_the_web_ui_i
     such a prompt when it is queued."""
     page = comfy_page.page
     wf = json.loads((WORKFLOWS_DIR / "headseg_explore.json").read_text())
-    page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'api-old-error-map'); }", wf)
+    load_workflow(page, wf, "api-old-error-map")
     settle(page, 500)
     api = page.evaluate("async () => (await app.graphToPrompt()).output")
     assert api["15"]["class_type"] == "HeadSeg_UpsamplingError" and api["15"]["inputs"]["stack"] == ["10", 0]
