@@ -30,6 +30,10 @@ class NoteLine {
     addStyle();
     this.root = el("div", "headseg-note");
     this.textEl = el("div", "headseg-note-text", this.root);
+    // At most NOTE_MAX_LINES lines: the canvas gives the widget no more height (getMaxHeight), but the Vue node
+    // renderer (Nodes 2.0) sizes the element by its content, and a note of 20 lines took 20 lines' height there
+    this.textEl.style.maxHeight = `${NOTE_MAX_LINES * NOTE_LINE}px`;
+    this.textEl.style.overflow = "hidden";
     this.textBox = 0; // the text's height as the page lays it out (0: not laid out yet)
     // A new text, or a new width that wraps it anew, changes the height the node must give the note.
     if (typeof ResizeObserver !== "undefined") {

@@ -121,3 +121,34 @@ def test_after_undo_the_vue_renderer_shows_the_note_line_again(comfy_page):
             arg=merge_id, timeout=5_000,
         )
     assert comfy_page.pack_problems() == []
+
+
+@pytest.mark.parametrize("renderer", ["canvas", "vue"])
+def test_a_long_note_is_cut_at_six_lines(comfy_page, renderer):
+    """A note of 20 lines shows its first 6 (its whole text is the tooltip), as the canvas shows it: in the Vue
+    node renderer (Nodes 2.0) the node took all 20 lines' height."""
+    page = comfy_page.page
+    text = "\n".join(f"line {i}" for i in range(20))
+
+    def check():
+        merge_id = add_merge_with_note(page, text, (40, 80))
+        page.wait_for_function(f"(id) => ({JS_NOTE_BOX})(id)", arg=merge_id, timeout=10_000)
+        settle(page, 800)
+        page.evaluate("() => { app.canvas.setDirty(true, true); app.canvas.draw(true, true); }")
+        settle(page, 400)
+        note = page.evaluate(
+            """(id) => { const e = app.graph.getNodeById(id).headsegNote.root; const t = e.firstElementChild;
+                         const line = parseFloat(getComputedStyle(e).lineHeight);
+                         return {height: e.getBoundingClientRect().height, line, title: e.title, text: t.textContent}; }""",
+            merge_id,
+        )
+        assert note["text"] == text and note["title"] == text
+        # 6 lines between 2 px of padding above and below
+        assert 5.5 * note["line"] + 4 <= note["height"] <= 6 * note["line"] + 4 + 0.5, note
+
+    if renderer == "vue":
+        with vue_nodes(page):
+            check()
+    else:
+        check()
+    assert comfy_page.pack_problems() == []
