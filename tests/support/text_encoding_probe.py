@@ -54,8 +54,11 @@ def run_the_nodes(folder: pathlib.Path) -> None:
     for kind in ("input", "output", "temp"):
         (folder / kind).mkdir(parents=True, exist_ok=True)
         getattr(folder_paths, f"set_{kind}_directory")(str(folder / kind))
-    from headseg.nodes import pipeline_nodes as nodes
     from headseg.nodes import prompt_migration, recording_io_nodes
+    from headseg.nodes.head_pca_node import HeadPCA
+    from headseg.nodes.kmeans_node import MultiKMeans
+    from headseg.nodes.mask_merge_node import MaskMerge
+    from headseg.nodes.upsample_nodes import Upsample, UpsamplingErrorMap
     from headseg.nodes.label_map_nodes import SaveLabelMaps
     from headseg.nodes.mask_select_node import MaskSelectAtPixel
     from headseg.tests.core.planted import nested_scene, planted_recording, small_layout
@@ -70,11 +73,11 @@ def run_the_nodes(folder: pathlib.Path) -> None:
         recording_io_nodes.LoadRecording.execute("", "bad.safetensors")
     except ValueError:
         pass
-    features = nodes.HeadPCA.execute(loaded, "down+up", "all", 4).args[0]
-    stack = nodes.Upsample.execute(features, "bilinear", False).args[0]
-    nodes.UpsamplingErrorMap.execute(stack)
-    clusters = nodes.MultiKMeans.execute(stack, "2,4", 0).args[0]
-    masks = nodes.MaskMerge.execute(clusters).args[0]
+    features = HeadPCA.execute(loaded, "down+up", "all", 4).args[0]
+    stack = Upsample.execute(features, "bilinear", False).args[0]
+    UpsamplingErrorMap.execute(stack)
+    clusters = MultiKMeans.execute(stack, "2,4", 0).args[0]
+    masks = MaskMerge.execute(clusters).args[0]
     picture = torch.rand(1, 64, 96, 3)
     MaskSelectAtPixel.execute(masks, 10, 10, 0, picture, "20,20")
     SaveLabelMaps.execute(clusters, "probe/labels", picture, masks)
