@@ -66,7 +66,10 @@ def main():
     folder_paths.set_temp_directory(os.path.join(scratch, "temp"))
     folder_paths.set_output_directory(output)
     from headseg.nodes import label_map_nodes
-    from headseg.nodes import pipeline_nodes as N
+    from headseg.nodes.head_pca_node import HeadPCA
+    from headseg.nodes.kmeans_node import MultiKMeans
+    from headseg.nodes.mask_merge_node import MaskMerge
+    from headseg.nodes.upsample_nodes import Upsample
     from headseg.nodes.core.kmeans import parse_cluster_counts
 
     ks = parse_cluster_counts(args.ks)
@@ -76,11 +79,11 @@ def main():
     scenes = [planted.split_scene(args.size, args.size, cut_sizes=cuts, seed=s) for s in range(n)]
     rec = planted.planted_recording(scenes, planted.sd21_layout(), d=64, noise=1.0, seed=0)
     start = time.perf_counter()
-    stack = N.Upsample.execute(N.HeadPCA.execute(rec, "down+up", "all", 8, device="cpu").args[0], "bilinear", False).args[0]
+    stack = Upsample.execute(HeadPCA.execute(rec, "down+up", "all", 8, device="cpu").args[0], "bilinear", False).args[0]
     del rec
-    sweep = N.MultiKMeans.execute(stack, args.ks, 0, "cpu").args[0]
+    sweep = MultiKMeans.execute(stack, args.ks, 0, "cpu").args[0]
     del stack
-    merged = N.MaskMerge.execute(sweep, 0.9, 0.0, -1).args[0]
+    merged = MaskMerge.execute(sweep, 0.9, 0.0, -1).args[0]
     made = time.perf_counter() - start
     if B > n:  # the batch repeats the clustered images (the masks by reference: no copy)
         sweep.results = {
