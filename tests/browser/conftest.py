@@ -34,6 +34,11 @@ FIRST_RUN_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": 
 PACK_SCRIPT = re.compile(r"/extensions/HeadSeg/.*\.js(\?.*)?$")
 
 
+def pytest_report_header(config):
+    root = os.environ.get("HEADSEG_FRONTEND_ROOT")
+    return f"web frontend: {root} (HEADSEG_FRONTEND_ROOT)" if root else "web frontend: the one ComfyUI pins"
+
+
 def pytest_collection_modifyitems(items):
     here = pathlib.Path(__file__).parent
     for item in items:

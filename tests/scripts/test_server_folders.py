@@ -73,3 +73,37 @@ def test_paths_yaml_keeps_folder_names_whole(tmp_path, name):
     config = yaml.safe_load(path.read_text())["headseg"]
     assert config["custom_nodes"].splitlines() == [str(custom_nodes)]
     assert config["checkpoints"].splitlines() == [str(c) for c in checkpoints]
+
+
+def _frontend(folder):
+    folder.mkdir(parents=True)
+    (folder / "index.html").write_text("<!doctype html><title>frontend</title>")
+    return folder
+
+
+def test_default_server_serves_the_frontend_comfyui_pins(tmp_path, monkeypatch):
+    _fake_comfyui(tmp_path, monkeypatch, fail=False)
+    monkeypatch.delenv("HEADSEG_FRONTEND_ROOT", raising=False)
+    assert "--front-end-root" not in server_module.ComfyServer().command()
+    monkeypatch.setenv("HEADSEG_FRONTEND_ROOT", "")  # empty: the same
+    assert "--front-end-root" not in server_module.ComfyServer().command()
+
+
+@pytest.mark.parametrize("layout", ["static folder", "pip --target folder"])
+def test_frontend_root_names_the_frontend_the_server_serves(tmp_path, monkeypatch, layout):
+    """HEADSEG_FRONTEND_ROOT runs the tests' server (browser tests, e2e) with another web frontend: a
+    folder of built files, or a folder comfyui-frontend-package was pip-installed into."""
+    _fake_comfyui(tmp_path, monkeypatch, fail=False)
+    static = _frontend(tmp_path / "fe" / "comfyui_frontend_package" / "static")
+    given = static if layout == "static folder" else tmp_path / "fe"
+    monkeypatch.setenv("HEADSEG_FRONTEND_ROOT", str(given))
+    command = server_module.ComfyServer().command()
+    assert command[command.index("--front-end-root") + 1] == str(static)
+
+
+def test_frontend_root_without_a_frontend_is_named(tmp_path, monkeypatch):
+    _fake_comfyui(tmp_path, monkeypatch, fail=False)
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("HEADSEG_FRONTEND_ROOT", str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match=r"HEADSEG_FRONTEND_ROOT=.*empty.*index\.html"):
+        server_module.ComfyServer()

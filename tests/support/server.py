@@ -15,6 +15,11 @@ It serves the random-weight SD2.1-architecture checkpoint (tests/support/checkpo
 ``$HEADSEG_HOME/models/checkpoints``; ``comfy_server.checkpoint_name`` is its name as
 CheckpointLoaderSimple lists it. Input, output, temp and user folders live in a fresh temporary
 folder; ``comfy_server.input_dir`` is where a test puts images for LoadImage.
+
+The web frontend is the one the ComfyUI install pins (comfyui-frontend-package), unless
+``HEADSEG_FRONTEND_ROOT`` names another one: the folder of its built files (with ``index.html``),
+or a ``pip install --target`` folder of a comfyui-frontend-package, whose
+``comfyui_frontend_package/static`` is taken. It is handed to ComfyUI as ``--front-end-root``.
 """
 
 from __future__ import annotations
@@ -45,6 +50,24 @@ def comfyui_dir() -> pathlib.Path:
     if not (path / "main.py").is_file():
         raise FileNotFoundError(f"no ComfyUI at {path} (HEADSEG_COMFYUI): source tests/setup_env.sh first")
     return path
+
+
+def frontend_root() -> pathlib.Path | None:
+    """The web frontend ``HEADSEG_FRONTEND_ROOT`` names (see the module's docstring), or None when it
+    is unset or empty (ComfyUI's own). A folder with no ``index.html`` in it or in the package's
+    ``comfyui_frontend_package/static`` is refused with a message that names the variable."""
+    value = os.environ.get("HEADSEG_FRONTEND_ROOT", "")
+    if not value:
+        return None
+    given = pathlib.Path(value).expanduser().resolve()
+    for root in (given, given / "comfyui_frontend_package" / "static"):
+        if (root / "index.html").is_file():
+            return root
+    raise FileNotFoundError(
+        f"HEADSEG_FRONTEND_ROOT={value}: expected a folder of a built ComfyUI frontend (with index.html), or a "
+        "folder comfyui-frontend-package was installed into with pip install --target (with "
+        "comfyui_frontend_package/static/index.html); found neither"
+    )
 
 
 def pack_custom_nodes_dir(parent: pathlib.Path) -> pathlib.Path:
@@ -132,6 +155,7 @@ class ComfyServer:
         self.checkpoints = list(checkpoints or [])
         self.extra_args = list(extra_args or [])
         self.python = python or sys.executable
+        self.frontend_root = frontend_root()  # None: the one ComfyUI pins
         self.proc: subprocess.Popen | None = None
         self.checkpoint_name: str | None = None
         self._object_info: dict | None = None
@@ -147,7 +171,8 @@ class ComfyServer:
             "--extra-model-paths-config", str(self.workdir / "extra_model_paths.yaml"),
             "--output-directory", str(self.output_dir), "--input-directory", str(self.input_dir),
             "--temp-directory", str(self.temp_dir), "--user-directory", str(self.user_dir),
-            "--database-url", "sqlite:///:memory:", "--disable-auto-launch", *self.extra_args,
+            "--database-url", "sqlite:///:memory:", "--disable-auto-launch",
+            *(["--front-end-root", str(self.frontend_root)] if self.frontend_root else []), *self.extra_args,
         ]  # fmt: skip
 
     def start(self, timeout: float = 180.0) -> "ComfyServer":
