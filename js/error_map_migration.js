@@ -21,7 +21,7 @@ export function migrateUpsampleErrorMap(graph) {
       .map((id) => graphLink(graph, id))
       .filter(Boolean)
       .map((link) =>
-        link.target_id === SUBGRAPH_OUTPUT_ID
+        Number(link.target_id) === SUBGRAPH_OUTPUT_ID
           ? [null, link.target_slot, graph.outputNode?.slots?.[link.target_slot] ?? null]
           : [graph.getNodeById(link.target_id), link.target_slot, null],
       );

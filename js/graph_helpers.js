@@ -5,6 +5,7 @@
 import { app } from "../../scripts/app.js";
 
 export const SUBGRAPH_INPUT_ID = -10; // LiteGraph's origin id for links that start at a subgraph's input
+// (newer frontends, 1.58, keep a link's node ids as strings: "-10"; compare them as numbers)
 export const SUBGRAPH_OUTPUT_ID = -20; // ... and target id for links that end at a subgraph's output
 
 /** The key ComfyUI keeps a node's outputs under: its id, prefixed by its subgraph's id inside one. */
@@ -72,7 +73,7 @@ export function inputOrigin(node, slot, depth = 0) {
   if (!graph || linkId == null || depth > 16) return null;
   const link = graphLink(graph, linkId);
   if (!link) return null;
-  if (link.origin_id !== SUBGRAPH_INPUT_ID) {
+  if (Number(link.origin_id) !== SUBGRAPH_INPUT_ID) {
     const origin = graph.getNodeById(link.origin_id);
     // a Reroute node (the front end's own, not in the prompt) passes on what its one input gets
     return origin?.type === "Reroute" ? inputOrigin(origin, 0, depth + 1) : origin;
