@@ -111,6 +111,16 @@ export function isLinked(node, name) {
   return node.inputs?.some((i) => i.name === name && i.link != null) ?? false;
 }
 
+/** Selects ``node`` and nothing else on the canvas that shows its graph, as a plain click on a node
+ * does (LGraphCanvas.selectNode); a node already selected alone is left as it is. */
+export function selectAlone(node) {
+  const canvas = app.canvas;
+  if (!node || !canvas?.selectNode || canvas.graph !== node.graph) return;
+  const selected = [...(canvas.selectedItems ?? Object.values(canvas.selected_nodes ?? {}))];
+  if (selected.length === 1 && selected[0] === node) return;
+  canvas.selectNode(node, false);
+}
+
 /** Widget ``name`` of ``node``, or undefined. */
 export function widget(node, name) {
   return node.widgets?.find((w) => w.name === name);

@@ -33,6 +33,7 @@ import {
   isLinked,
   outputKey,
   recordChange,
+  selectAlone,
   setWidget,
   storedOutput,
   widget,
@@ -446,7 +447,9 @@ export class Picker {
   /** Keeps the rest of a press handled here from the node: its moves, and its release with shift (ctrl,
    * meta) held. The Vue node renderer ("Nodes 2.0") drags a node on a move with shift held, and toggles
    * its selection on a shift-release, so a shift-click on the picture moved the node or added it to
-   * the selection; a plain release still selects the node, as in the classic canvas. */
+   * the selection; a plain release still selects the node, as in the classic canvas: the picker selects
+   * it (newer frontends' Vue nodes, 1.58, select a node only on the release of a press they saw begin,
+   * and this one's pointerdown stops here). */
   holdPress(e) {
     this.pressId = e.pointerId;
     try {
@@ -460,6 +463,7 @@ export class Picker {
     if (this.pressId === undefined || e.pointerId !== this.pressId) return;
     const multiSelect = e.shiftKey || e.ctrlKey || e.metaKey;
     if (e.type === "pointermove" || (e.type !== "lostpointercapture" && multiSelect)) e.stopPropagation();
+    if (e.type === "pointerup" && !multiSelect) selectAlone(this.node);
     if (e.type !== "pointermove") this.pressId = undefined;
   }
 
