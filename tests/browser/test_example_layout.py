@@ -4,6 +4,7 @@ their run's previews and note lines (the nodes grow to fit them)."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -86,7 +87,11 @@ def test_the_template_thumbnails_show_the_examples_as_they_are_now(open_page, co
     """The templates dialog shows example_workflows/<name>.jpg: drawn again by tests/support/template_thumbnails.py
     (the examples after a run, at their own view), they must match the files kept. The files had been drawn before
     the examples' nodes got their after-run heights: Head PCA showed no picture and the rows below it sat higher
-    (9 - 15 % of the pixels off). Remake them with that script when an example's layout changes."""
+    (9 - 15 % of the pixels off). Remake them with that script when an example's layout changes. The files are
+    drawn by the frontend ComfyUI pins: another one (HEADSEG_FRONTEND_ROOT) draws nodes, fonts and links
+    otherwise (1.58.1: 1.3 % of the blocks off), so the comparison is left out there."""
+    if os.environ.get("HEADSEG_FRONTEND_ROOT"):
+        pytest.skip("the thumbnails are drawn with the frontend ComfyUI pins, not the one HEADSEG_FRONTEND_ROOT names")
     import numpy as np
     from PIL import Image
 
