@@ -62,16 +62,25 @@ def other_copy() -> pathlib.Path | None:
     return None if folder == PACK_DIR else folder
 
 
-def withdraw_web_folder() -> None:
+def withdraw_web_folder(first: pathlib.Path) -> None:
     """Takes this copy's web folder out of the ones ComfyUI serves (its routes are added after all
-    custom nodes are loaded), so that the browser loads the front end of the copy in use only."""
+    custom nodes are loaded), so that the browser loads the front end of ``first``, the copy in use, only.
+
+    ComfyUI keys a web folder by the pack's folder name (and by the pyproject name): where both copies have
+    the same name (``HeadSeg`` in two custom_nodes folders), this copy's folder took the key of the first
+    one's, which then gets it back instead of losing its front end."""
     web_dirs = getattr(_comfy_nodes(), "EXTENSION_WEB_DIRS", None)
     if not isinstance(web_dirs, dict):
         return
     own = os.path.abspath(PACK_DIR / "js")
+    first_js = os.path.abspath(first / "js")
     for name, path in list(web_dirs.items()):
         if isinstance(path, str) and os.path.abspath(path) == own:
-            del web_dirs[name]
+            served = any(isinstance(p, str) and os.path.abspath(p) == first_js for p in web_dirs.values())
+            if served or not os.path.isdir(first_js):
+                del web_dirs[name]
+            else:
+                web_dirs[name] = first_js
 
 
 def _holds_headseg(folder: pathlib.Path) -> bool:
@@ -119,7 +128,7 @@ def leave_out_second_copy() -> bool:
                 PACK_DIR, pack_version(PACK_DIR), ", ".join(f"{o} ({pack_version(o)})" for o in others),
             )  # fmt: skip
         return False
-    withdraw_web_folder()
+    withdraw_web_folder(first)
     logging.warning(
         "[HeadSeg] HeadSeg is installed twice: %s (%s) was loaded first and is in use; %s (%s) is left out "
         "(none of its nodes or web files). Remove one of the two folders from custom_nodes and restart ComfyUI.",

@@ -77,6 +77,30 @@ def test_second_copy_is_left_out_and_named_in_the_log(tmp_path):
         server.stop()
 
 
+
+def test_second_copy_of_the_same_folder_name_keeps_the_first_ones_web_files(tmp_path):
+    """Two custom_nodes folders (ComfyUI's own and one from an extra-model-paths file) that both hold a
+    ``HeadSeg``: ComfyUI keys the web folders by folder name, so the second copy's web folder took the
+    first one's key, and the second copy withdrawing its own left the copy in use with no web files at all
+    (no picker, no node docs). The copy in use now keeps its front end, served once."""
+    second_root = tmp_path / "more_custom_nodes"
+    second_root.mkdir()
+    (second_root / "HeadSeg").symlink_to(REPO_ROOT, target_is_directory=True)
+    yaml = tmp_path / "more_paths.yaml"
+    write_paths_yaml(yaml, second_root, [])
+    server = ComfyServer(workdir=tmp_path, extra_args=["--extra-model-paths-config", str(yaml)])
+    try:
+        server.start()  # loads workdir/custom_nodes/HeadSeg first, then more_custom_nodes/HeadSeg
+        warning = [line for line in server.log_text().splitlines() if "HeadSeg is installed twice" in line]
+        assert len(warning) == 1, server.log_tail()
+        assert f"{tmp_path / 'custom_nodes' / 'HeadSeg'} (" in warning[0] and "is in use" in warning[0]
+        assert any(k.startswith("HeadSeg_") for k in server.object_info())
+        scripts = [e for e in server.get_json("/extensions") if e.endswith("/headseg.js")]
+        assert len(scripts) == 1, scripts
+        assert server.get_bytes(scripts[0]) == (REPO_ROOT / "js" / "headseg.js").read_bytes()
+    finally:
+        server.stop()
+
 # The entry point of the pack before it looked for other copies: such a copy, loaded second, registers
 # its nodes over the first one's and says nothing.
 OLD_ENTRY_POINT = """
