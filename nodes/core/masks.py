@@ -362,6 +362,18 @@ POINT_BEYOND = DIGITS_BEYOND
 MAX_POINTS = 1024
 
 
+# The most characters of an entry that is no pixel quoted in the error (pixels pasted with no ';' between them
+# are one entry as long as the text: a message as long reached the browser's error dialog and the log).
+_QUOTED_CHARS = 40
+
+
+def _entry_quote(entry: str) -> str:
+    """'12 40' -> "'12 40'"; an entry longer than _QUOTED_CHARS -> its start quoted, then its length."""
+    if len(entry) <= _QUOTED_CHARS:
+        return repr(entry)
+    return f"{entry[:_QUOTED_CHARS]!r}... ({len(entry)} characters)"
+
+
 def parse_points(text, name: str = "more_points") -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """"12,40; -300,200" -> (include [(12, 40)], exclude [(300, 200)]): 'x,y' pairs of pixels (ASCII digits)
     separated by ';' or new lines, a leading '-' marking a pixel the masks must not contain; "" -> ([], []);
@@ -377,7 +389,7 @@ def parse_points(text, name: str = "more_points") -> tuple[list[tuple[int, int]]
         if m is None:
             raise ValueError(
                 f"{name}: expected 'x,y' pixels (whole numbers >= 0) separated by ';', with a leading '-' for a "
-                f"pixel the masks must not contain, e.g. '12,40; -300,200'; entry {n} is {entry!r}"
+                f"pixel the masks must not contain, e.g. '12,40; -300,200'; entry {n} is {_entry_quote(entry)}"
             )
         if n <= MAX_POINTS:  # past it, only read for a typo: more are refused below
             (exclude if m[1] else include).append((ascii_int(m[2]), ascii_int(m[3])))

@@ -367,6 +367,20 @@ def test_more_points_with_a_typo_name_the_typo_and_the_limit_counts_pixels_as_th
         parse_points(pixels + "; ; -1,1;\n")
 
 
+
+def test_a_long_typo_is_quoted_by_its_start():
+    """An entry that is no pixel was quoted whole: pixels pasted with no ';' between them (a damaged or crafted
+    shared workflow), one entry of 130 000 characters, made an error message as long, shown in the browser's
+    error dialog and written to the server's log. The message now quotes the entry's start and its length."""
+    entry = " ".join(f"{i % 50} {i // 50}" for i in range(20000))
+    with pytest.raises(ValueError) as error:
+        parse_points("3,4; " + entry + "; 5,6")
+    message = str(error.value)
+    assert message.startswith("more_points: expected 'x,y' pixels") and len(message) < 400, len(message)
+    assert f"entry 2 is {entry[:40]!r}" in message and f"({len(entry)} characters)" in message
+    with pytest.raises(ValueError, match=r"; entry 1 is '12 40'$"):  # a short one still quoted whole
+        parse_points("12 40")
+
 def test_parse_points_reads_blanks_and_huge_numbers_as_the_picker_does():
     assert parse_points("\ufeff5,3;\u00a0-6,\u30007\u2028") == ([(5, 3)], [(6, 7)])
     # more than 9 digits: 10**9, past any grid, so moved to the last column / row (no int() of 5000 digits)
