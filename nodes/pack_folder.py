@@ -8,6 +8,8 @@ Three start-up cases get a log line of their own, each naming the folder and wha
   picker of the other. The copy loaded second now leaves its nodes and web files out (``other_copy``,
   ``withdraw_web_folder``): the first one stays whole. The first one names the other folders it finds
   (``other_installed_copies``): a copy from before this check, loaded after it, still takes its place.
+  One folder that ComfyUI's custom_nodes paths name twice (``same_folder_entry``) is loaded twice too:
+  the second load is left out as well, and its log line says to remove the path, not the folder.
 * A folder name that ComfyUI lists but cannot serve web files from (a space, as in
   ``headseg-main (1)`` from a second zip download, or a letter outside ASCII): the nodes load, but the
   picker, the node docs and the example workflows answer 404 in the browser (``unservable_characters``).
@@ -91,6 +93,16 @@ def _holds_headseg(folder: pathlib.Path) -> bool:
     return (folder / "__init__.py").is_file() and re.search(r'^name\s*=\s*"headseg"\s*$', text, re.MULTILINE) is not None
 
 
+def same_folder_entry(a: pathlib.Path, b: pathlib.Path) -> bool:
+    """Whether paths a and b name one folder (or one link) in custom_nodes, reached through two custom_nodes
+    paths (a link to the custom_nodes folder, another case of its name on a case-insensitive disk): not two
+    copies, of which one could be removed. Two links to one checkout are two entries, so two copies."""
+    try:
+        return os.path.samestat(os.lstat(a), os.lstat(b))
+    except OSError:
+        return False
+
+
 def other_installed_copies() -> list[pathlib.Path]:
     """The other folders of HeadSeg that ComfyUI loads custom nodes from (its custom_nodes folders, less
     ``.disabled`` ones and those --disable-all-custom-nodes leaves out), in the order it loads them."""
@@ -108,7 +120,7 @@ def other_installed_copies() -> list[pathlib.Path]:
             folder = pathlib.Path(os.path.abspath(os.path.join(root, name)))
             if name.endswith(".disabled") or (only is not None and name not in only) or folder == PACK_DIR:
                 continue
-            if folder not in found and _holds_headseg(folder):
+            if folder not in found and not same_folder_entry(folder, PACK_DIR) and _holds_headseg(folder):
                 found.append(folder)
     return found
 
@@ -129,6 +141,15 @@ def leave_out_second_copy() -> bool:
             )  # fmt: skip
         return False
     withdraw_web_folder(first)
+    if same_folder_entry(first, PACK_DIR):
+        logging.warning(
+            "[HeadSeg] %s is loaded twice, also as %s: ComfyUI's custom_nodes folders name one folder under two "
+            "paths (a link to a custom_nodes folder, or an extra_model_paths.yaml entry for it), so it loads "
+            "every pack in it twice; this second load is left out. Remove the second path from ComfyUI's "
+            "custom_nodes folders (extra_model_paths.yaml) and keep the folder.",
+            first, PACK_DIR,
+        )  # fmt: skip
+        return True
     logging.warning(
         "[HeadSeg] HeadSeg is installed twice: %s (%s) was loaded first and is in use; %s (%s) is left out "
         "(none of its nodes or web files). Remove one of the two folders from custom_nodes and restart ComfyUI.",

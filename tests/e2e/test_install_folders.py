@@ -101,6 +101,27 @@ def test_second_copy_of_the_same_folder_name_keeps_the_first_ones_web_files(tmp_
     finally:
         server.stop()
 
+
+def test_one_folder_reached_through_two_custom_nodes_paths_is_not_called_two_copies(tmp_path):
+    """ComfyUI's custom_nodes paths can name one folder twice (a link to it, a case-insensitive disk, an
+    extra_model_paths.yaml entry for ComfyUI's own folder): ComfyUI then loads every pack in it twice. HeadSeg
+    called that two copies and told the user to remove one of the two folders, which are one: the only copy.
+    The second load is still left out, and the log now says that one folder is listed twice and to remove
+    the duplicate custom_nodes path, keeping the folder."""
+    custom_nodes = tmp_path / "custom_nodes"
+    custom_nodes.mkdir()
+    (custom_nodes / "HeadSeg").symlink_to(REPO_ROOT, target_is_directory=True)
+    alias = tmp_path / "same_custom_nodes"
+    alias.symlink_to(custom_nodes, target_is_directory=True)
+    code, log = _quick_test_log(tmp_path, [custom_nodes, alias])
+    assert code == 0, log[-4000:]
+    assert "IMPORT FAILED" not in _import_line(log, custom_nodes / "HeadSeg")
+    assert "Remove one of the two folders" not in log and "Remove all but one" not in log, log[-4000:]
+    warning = [line for line in log.splitlines() if "[HeadSeg]" in line]
+    assert len(warning) == 1, log[-4000:]
+    assert f"{custom_nodes / 'HeadSeg'} is loaded twice, also as {alias / 'HeadSeg'}" in warning[0]
+    assert "keep the folder" in warning[0]
+
 # The entry point of the pack before it looked for other copies: such a copy, loaded second, registers
 # its nodes over the first one's and says nothing.
 OLD_ENTRY_POINT = """
