@@ -82,6 +82,8 @@ def _mask_entries(masks, clusters) -> list[list[list[int]]]:
         pairs = list(zip(ms.k.tolist(), ms.cluster.tolist()))
         if ms.size != (H, W) or len(pairs) != len(ms):
             raise ValueError(f"masks: expected {expected}, got masks of {ms.size[1]}x{ms.size[0]} pixels for image {b}")
+        if ms.masks.dtype != torch.bool:
+            raise ValueError(f"masks: expected {expected}; the masks of image {b} are {str(ms.masks.dtype).removeprefix('torch.')}, not bool")
         j = _first_mask_not_its_cluster(ms, pairs, clusters, b)
         if j is not None:
             k, cluster = pairs[j]
@@ -93,14 +95,12 @@ def _mask_entries(masks, clusters) -> list[list[list[int]]]:
 
 
 def _first_mask_not_its_cluster(ms, pairs: list[tuple[int, int]], clusters, b: int) -> int | None:
-    """ms.masks [M, H, W] bool with its [(k, cluster)] pairs, image b of ``clusters`` -> the index of the first
+    """ms.masks [M, H, W] bool (compared as bytes) with its [(k, cluster)] pairs, image b of ``clusters`` -> the index of the first
     mask that is not exactly the pixels of the k label map [H, W] equal to its cluster (or whose k the clusters
     lack, or whose cluster is not in 0 .. k-1); None when every mask is. Every pixel of every mask is compared,
     in numpy and 8 pixels at a time: about a tenth of the time of a torch compare and torch.equal per mask
     (683 masks of four 1024x1024 images: 0.48 s against 5.1 s, tests/bench/bench_save_label_maps.py)."""
     H, W = ms.size
-    if ms.masks.dtype != torch.bool:  # no mask of Mask Merge's: compared as bytes, 0/1 floats would pass as none
-        return 0 if pairs else None
     rows = ms.masks.detach().to("cpu").contiguous().reshape(len(ms), H * W).numpy()  # [M, H*W] bool, no copy on the CPU
     labels = {
         k: result.labels[b].detach().to("cpu").contiguous().reshape(H * W).numpy() for k, result in clusters.results.items()

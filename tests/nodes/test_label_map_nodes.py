@@ -776,7 +776,7 @@ def test_a_mask_one_pixel_off_is_refused_at_sides_of_any_length(save, comfy_fold
         with pytest.raises(ValueError, match=r"^masks: .*; mask 2 of image 0 is not cluster 2 of the k = 3 label map"):
             save.execute(sweep, "refused", masks=[core_masks.MaskSet(masks, exact.k, exact.cluster)])
     floats = core_masks.MaskSet(exact.masks.float(), exact.k, exact.cluster)  # the same pixels, not Mask Merge's bool masks
-    with pytest.raises(ValueError, match=r"^masks: .*; mask 0 of image 0 is not cluster 0 of the k = 3 label map"):
+    with pytest.raises(ValueError, match=r"^masks: .*; the masks of image 0 are float32, not bool$"):
         save.execute(sweep, "refused", masks=[floats])
     assert [p.name for p in comfy_folders["output"].iterdir()] == ["exact_00001_k3.png"]
 
