@@ -493,16 +493,22 @@ def output_place(filename_prefix, example: str, width: int = 0, height: int = 0)
 _WINDOWS_MAX_PATH = 260
 
 
-def _past_windows_path_limit(exc: BaseException, full: str | None) -> int | None:
-    """On Windows, the length of the path that failed (``full``, else the error's own ``filename``: the folder
-    being made) when it is past MAX_PATH, the likely cause whatever the error says; None otherwise."""
+def _past_windows_path_limit(exc: BaseException, full: str | None) -> str | None:
+    """On Windows, a phrase naming the length of the path that failed (``full``, else the error's own
+    ``filename``: the folder being made) and the limit it is past, when it is past MAX_PATH (a folder's: 12
+    less), the likely cause whatever the error says; None otherwise."""
     if os.name != "nt":
         return None
     path = full or getattr(exc, "filename", None)
     if not isinstance(path, str):
         return None
     length = len(os.path.abspath(path))
-    return length if length >= (_WINDOWS_MAX_PATH if full else _WINDOWS_MAX_PATH - 12) else None
+    limit = _WINDOWS_MAX_PATH if full else _WINDOWS_MAX_PATH - 12
+    if length < limit:
+        return None
+    if full:
+        return f"the path has {length} characters, past the {limit - 1} Windows takes"
+    return f"the folder's path has {length} characters, past the {limit - 1} Windows takes for a folder"
 
 
 def output_error(exc: BaseException, filename_prefix, full: str | None, example: str) -> ValueError:
@@ -513,10 +519,7 @@ def output_error(exc: BaseException, filename_prefix, full: str | None, example:
     refused = code in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, getattr(errno, "EDQUOT", -1))
     past_limit = _past_windows_path_limit(exc, full)
     if past_limit:
-        hint = (
-            f"the path has {past_limit} characters, past the {_WINDOWS_MAX_PATH - 1} Windows takes unless long paths "
-            "are enabled: choose a shorter prefix, or enable long paths in Windows"
-        )
+        hint = f"{past_limit} unless long paths are enabled: choose a shorter prefix, or enable long paths in Windows"
     elif too_long:
         hint = "choose a shorter prefix of plain folder and file names"
     elif full is None and not refused:  # ComfyUI refused the prefix, or a name in it is a file
