@@ -24,15 +24,20 @@ import warnings
 REPO = pathlib.Path(__file__).resolve().parents[2]
 PACK = (str(REPO / "nodes") + os.sep, str(REPO / "__init__.py"))
 STDLIB = tuple(os.path.realpath(sysconfig.get_paths()[key]) + os.sep for key in ("stdlib", "platstdlib"))
+# installed libraries: inside the standard library's folder where Python is installed without a venv
+# (Windows' Lib\site-packages, /usr/local/lib/python3.X/site-packages), and not part of it
+SITE = tuple(os.path.realpath(sysconfig.get_paths()[key]) + os.sep for key in ("purelib", "platlib"))
 
 found: list[str] = []
 
 
 def _culprit(frame) -> str | None:
-    """The first frame, from ``frame`` outwards, outside the standard library: 'file:line' when it is the pack's."""
+    """The first frame, from ``frame`` outwards, outside the standard library: 'file:line' when it is the pack's
+    (an installed library's own open is the library's, not the line of the pack that called it)."""
     while frame is not None:
         name = frame.f_code.co_filename
-        if not (name.startswith("<") or os.path.realpath(name).startswith(STDLIB)):
+        real = os.path.realpath(name)
+        if not (name.startswith("<") or (real.startswith(STDLIB) and not real.startswith(SITE))):
             return f"{os.path.relpath(name, REPO)}:{frame.f_lineno}" if name.startswith(PACK) else None
         frame = frame.f_back
     return None
