@@ -29,14 +29,24 @@ def _slashed(text: str) -> str:
     return text.replace("\\", "/")
 
 
+def _folders_and_name(text: str) -> tuple[list[str], list[str]]:
+    """A '/'-separated prefix -> (its folders' parts, the rest: the file name's start and any '' or '.' parts
+    after it). ComfyUI works out the prefix's path (normpath) before it splits off the file name, so a
+    separator or '.' at the end names no folder: in 'name./' the file name starts with 'name.'."""
+    parts = text.split("/")
+    last = max([i for i, p in enumerate(parts) if p not in ("", ".")], default=len(parts) - 1)
+    return parts[:last], parts[last:]
+
+
 def portable_prefix(filename_prefix: str) -> str:
     """A filename_prefix as Windows reads it, on every system: each backslash made '/', a folder separator
     ('sub\\name' is the file 'name...' in the folder 'sub', also on Linux, where it was one file name), and
     the trailing dots and spaces of each folder's name dropped ('sub./x' saves into 'sub' on Windows, where
-    Linux made a folder 'sub.'). The last part, the file name's start, is kept: a counter follows it."""
-    parts = _slashed(filename_prefix).split("/")
-    folders = [p if p in (".", "..") or not p.rstrip(". ") else p.rstrip(". ") for p in parts[:-1]]
-    return "/".join(folders + parts[-1:])
+    Linux made a folder 'sub.'). The last name, the file name's start, is kept ('name./' too): a counter
+    follows it."""
+    folders, name = _folders_and_name(_slashed(filename_prefix))
+    folders = [p if p in (".", "..") or not p.rstrip(". ") else p.rstrip(". ") for p in folders]
+    return "/".join(folders + name)
 
 
 def starts_with_drive(text: str) -> bool:
@@ -66,7 +76,7 @@ def windows_name_problem(filename_prefix: str) -> str | None:
     if starts_with_drive(text):
         return f"starts with the drive {text[:2]!r}, which leads outside ComfyUI's output folder"
     # before '..' is worked out: Windows makes '.. ' the '..' that climbs, where Linux climbs out of it
-    odd = [p for p in text.split("/")[:-1] if p not in ("", ".", "..") and not p.rstrip(". ")]
+    odd = [p for p in _folders_and_name(text)[0] if p not in ("", ".", "..") and not p.rstrip(". ")]
     if odd:
         return f"has the folder {odd[0]!r}, of dots and spaces only, which Windows reads otherwise"
     parts = [p for p in posixpath.normpath(text).split("/") if p not in ("", ".", "..")]

@@ -785,6 +785,23 @@ def test_a_backslash_in_a_prefix_is_a_folder_on_every_system_and_names_windows_a
     assert sorted(p.name for p in comfy_folders["output"].iterdir()) == ["a", "sub", "x"]
 
 
+def test_a_prefix_ending_in_a_separator_keeps_its_last_name_as_the_file_names_start(io_nodes, recording, comfy_folders):
+    """ComfyUI works out the prefix's path first (normpath), so a separator at its end names no folder: 'name./'
+    and 'name.\\' save 'name._00001_...' in the output folder, on Windows and on Linux (Save Image too). The
+    trailing dots and spaces Windows drops are a folder's, and this last name is no folder: it keeps them
+    (they were dropped, making 'name_00001_...'); a folder before it still loses them."""
+    made = []
+    for typed in ("name./", "name.\\", "run ./", "sub. /last. \\"):
+        assert io_nodes.SaveRecording.validate_inputs(filename_prefix=typed) is True, typed
+        made.append(os.path.relpath(io_nodes.SaveRecording.execute(recording, typed).args[0], comfy_folders["output"]))
+    assert made == [
+        "name._00001_.safetensors", "name._00002_.safetensors", "run ._00001_.safetensors",
+        os.path.join("sub", "last. _00001_.safetensors"),
+    ]
+    # the last name is the file name's start also when it is of dots and spaces only, as in ComfyUI
+    assert io_nodes.SaveRecording.validate_inputs(filename_prefix="sub/.../") is True
+
+
 def test_a_loaded_recording_with_a_latent_of_another_image_is_refused(recording):
     """Load Recording -> Head PCA with a LATENT connected (to order the nodes): a LATENT of another size or
     batch than the file's image would get the file's masks, so it is refused naming latent; a LATENT of
