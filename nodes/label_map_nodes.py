@@ -27,7 +27,7 @@ from .core import kmeans as core_kmeans
 from .core import masks as core_masks
 from .core import pixels as core_pixels
 from .core.masks import check_label_map
-from .core.recording import all_finite
+from .core.numerics import all_finite
 from .node_utils import (
     CATEGORY, comfy_metadata, expect as _expect, image_batch, list_index, on_png_threads, output_error, output_place, prefix_error,
     writable_entries,

@@ -14,7 +14,7 @@ from comfy_api.latest import io
 from . import types as hs
 from .core import kmeans as core_kmeans
 from .core import masks as core_masks
-from .core.recording import integer_index
+from .core.values import integer_index
 from .node_utils import CATEGORY, check_memory as _check_memory, expect as _expect, mask_bytes
 
 

@@ -14,7 +14,7 @@ from . import types as hs
 from .core import masks as core_masks
 from .core import pixels as core_pixels
 from .core import preview as core_preview
-from .core.recording import integer_index
+from .core.values import integer_index
 from .node_utils import CATEGORY, check_memory, image_batch, log, mask_bytes, mask_to_comfy, preview_refs
 
 

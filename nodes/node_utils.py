@@ -22,7 +22,9 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-from .core.recording import Recording, all_finite, integer_index, shown_text
+from .core.numerics import all_finite
+from .core.recording import Recording
+from .core.values import integer_index, shown_text
 from .portable_names import portable_prefix, windows_name_problem
 
 log = logging.getLogger("HeadSeg")

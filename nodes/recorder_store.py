@@ -18,7 +18,8 @@ from typing import NamedTuple
 
 import torch
 
-from .core.recording import FP16_OVERFLOW, LayerKey, Recording, grid_levels
+from .core.numerics import FP16_OVERFLOW
+from .core.recording import LayerKey, Recording, grid_levels
 from .step_selection import StepSelection, steps_label
 
 log = logging.getLogger("HeadSeg")

@@ -1,4 +1,4 @@
-"""Save and load recordings as headseg-recording/1 safetensors files (format: nodes/core/recording.py).
+"""Save and load recordings as headseg-recording/1 safetensors files (format: nodes/core/recording_file.py).
 
 Saved files go to ComfyUI's output folder; Load lists the .safetensors files of the input folder
 (and, marked " [output]", those of the output folder), or takes a path inside the input, output or
@@ -19,12 +19,12 @@ import time
 from comfy_api.latest import io
 
 from . import types as hs
-from .core.recording import (
+from .core.recording import nonfinite_layers
+from .core.recording_file import (
     file_version,
     is_recording_file,
     is_utf8_path,
     load_recording,
-    nonfinite_layers,
     printable_path,
     save_recording,
 )

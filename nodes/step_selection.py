@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .core.recording import ascii_int, is_ascii_digits, shown_text, significant_digits
+from .core.values import ascii_int, is_ascii_digits, shown_text, significant_digits
 
 
 @dataclass(frozen=True)

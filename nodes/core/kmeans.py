@@ -48,8 +48,9 @@ from typing import Callable
 import torch
 
 from . import kmeans_batched as batched
-from .recording import ascii_int, full_float32_matmul, is_int, power_of_two_scale, shown_text
+from .numerics import full_float32_matmul, power_of_two_scale
 from .upsample import MAX_OFFSET, FeatureStack, channel_means, check_stack, interpolation_matrix, peak_abs
+from .values import ascii_int, is_int, shown_text
 from .working_set import RTOL as _RTOL
 from .lattice import Lattice, sample_positions
 from .working_set import WorkingSet, check_tol, no_check, sample_pixels, starts
@@ -230,7 +231,7 @@ class _Image:
         self.size = (H, W)
         self.check = check  # called at every k-means++ step and Lloyd iteration; raises to stop
         self.advance = advance or (lambda units: None)  # advance(units): stages done (STAGES per k)
-        # Features whose largest |value| lies outside 2**-SCALE_EXP .. 2**SCALE_EXP (recording.py) are
+        # Features whose largest |value| lies outside 2**-SCALE_EXP .. 2**SCALE_EXP (numerics.py) are
         # scaled by an exact power of two (in float64, before float32), so that squared distances
         # neither underflow nor overflow float32; centroids and inertia are scaled back, labels unchanged.
         grids = [g[b].detach() for g in stack.grids]  # [C_g, h_g, w_g] each

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .kmeans import ClusterSweep
-from .recording import DIGITS_BEYOND, ascii_int, check_batch_index, integer_index, is_int, is_real
+from .values import DIGITS_BEYOND, ascii_int, check_batch_index, integer_index, is_int, is_real
 
 # Pixels per chunk when counting intersections of masks.
 _CHUNK_PIXELS = 1 << 16

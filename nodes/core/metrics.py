@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .recording import is_int
+from .values import is_int
 
 
 def _as_bool(x, name: str, dims: int) -> torch.Tensor:

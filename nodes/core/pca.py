@@ -17,17 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .recording import (
-    FEATURE_DTYPES,
-    LayerKey,
-    NonFiniteLayerError,
-    Recording,
-    check_one_device,
-    full_float32_matmul,
-    is_int,
-    layers_text,
-    power_of_two_scale,
-)
+from .numerics import FEATURE_DTYPES, check_one_device, full_float32_matmul, power_of_two_scale
+from .recording import LayerKey, NonFiniteLayerError, Recording, layers_text
+from .values import is_int
 
 
 def _check_components(components, D: int, where: str = "") -> int:
@@ -94,7 +86,7 @@ def _work_dtype(x: torch.Tensor) -> torch.dtype:
 def _centred(xg: torch.Tensor, dtype: torch.dtype):
     """[G, N, D] -> (xc [G, N, D] centred in dtype, constant [G] bool, scale [G, 1, 1] float64 or None).
 
-    Heads whose largest |value| lies outside 2**-SCALE_EXP .. 2**SCALE_EXP (recording.py) are scaled
+    Heads whose largest |value| lies outside 2**-SCALE_EXP .. 2**SCALE_EXP (numerics.py) are scaled
     by a power of two (exact) for the covariance and scaled back after, so tiny values do not
     underflow in it (float32 squares below ~1e-38 become 0) and large ones do not overflow; such heads
     and integer ones are centred in float64.

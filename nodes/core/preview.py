@@ -10,9 +10,11 @@ import math
 import torch
 
 from .masks import MaskSet, check_label_map
+from .numerics import all_finite
 from .pca import HeadFeatures
-from .recording import MAX_IMAGE_SIDE, all_finite, check_batch_index, check_size, is_int, is_real
+from .recording import MAX_IMAGE_SIDE, check_size
 from .upsample import upsample
+from .values import check_batch_index, is_int, is_real
 
 # 20 well-separated colours (RGB 0..255); beyond them, colours come from golden-ratio hues.
 _BASE_PALETTE = (

@@ -1,110 +1,25 @@
-"""Recorded self-attention heads: layer identity, validation, layer selection and the file format.
+"""Recorded self-attention heads: layer identity, validation and layer selection.
 
 A recording holds, for each self-attention layer (attn1 of one transformer of the UNet), the
 per-head outputs softmax(QK^T / sqrt(d)) V before the output projection, shape
-[B, heads, h, w, d], where h x w is that layer's token grid.
-
-File format (safetensors): one tensor per layer keyed "<block>.<number>.<depth>" (for example
-"input.1.0", "middle.0.0", "output.11.0"), shape [B, heads, h, w, d], float16; metadata strings
-"format" = "headseg-recording/1", "image_height", "image_width" (pixels), "model", "steps", "branch",
-and any others a writer adds (Save Recording: ComfyUI's "prompt" and "workflow"), which a loaded recording
-keeps in ``metadata`` so that a copy saved again still says how its heads were made.
+[B, heads, h, w, d], where h x w is that layer's token grid. Its file (save_recording, load_recording) is
+recording_file.py's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import numbers
-import operator
-import os
-import pathlib
-import re
-import stat
 from dataclasses import dataclass
 
 import torch
 
-FORMAT = "headseg-recording/1"
+from .numerics import FEATURE_DTYPES, all_finite, check_one_device
+from .values import DIGITS_BEYOND, ascii_int, is_ascii_digits, is_int, shown_text
+
 BLOCK_POSITIONS = {"input": "down", "middle": "middle", "output": "up"}
 POSITIONS = ("down", "middle", "up")
-METADATA_KEYS = ("format", "image_height", "image_width", "model", "steps", "branch")
 _BLOCK_ORDER = {"input": 0, "middle": 1, "output": 2}
-
-
-def is_int(value) -> bool:
-    """Whether value is an integer: a Python or numpy int, not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def integer_index(value) -> int | None:
-    """value as an int when it is one (a Python, numpy or 0-d torch integer: anything with __index__),
-    else None; bools are not integers here."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
-def is_real(value) -> bool:
-    """Whether value is a real number: a Python or numpy int or float, not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def check_batch_index(batch_index, batch_size: int) -> None:
-    """A ValueError naming ``batch_index`` unless it is an int (not a bool) in [0, batch_size)."""
-    if not is_int(batch_index) or not 0 <= batch_index < batch_size:
-        raise ValueError(f"batch_index must be an int in [0, {batch_size}), got {batch_index!r}")
-
-
-def is_ascii_digits(text: str) -> bool:
-    """Whether text is one or more ASCII digits 0-9 (str.isdecimal alone also takes other scripts' digits)."""
-    return text.isascii() and text.isdecimal()
-
-
-def shown_text(text: str, limit: int = 40) -> str:
-    """text -> its repr, or the repr of its first half-limit characters and its length when longer than limit."""
-    return repr(text) if len(text) <= limit else f"{text[:limit // 2]!r}... ({len(text)} characters)"
-
-
-# The value ascii_int gives digits of a larger number: beyond any grid level, step or cluster count.
-DIGITS_BEYOND = 10**9
-
-
-def significant_digits(digits: str) -> str:
-    """ASCII digits -> them without leading zeros ('0' for zeros only): '007' -> '7'."""
-    return digits.lstrip("0") or "0"
-
-
-def ascii_int(digits: str) -> int:
-    """ASCII digits (is_ascii_digits) -> their value, or DIGITS_BEYOND when it is larger. Python's int()
-    refuses text of more than 4300 digits (leading zeros too) with a ValueError in its own words, which
-    would reach the user instead of the message naming the input."""
-    digits = significant_digits(digits)
-    return DIGITS_BEYOND if len(digits) > len(str(DIGITS_BEYOND)) else min(int(digits), DIGITS_BEYOND)
-
-
-_FP16_MAX = torch.finfo(torch.float16).max
-# Smallest magnitude float16 makes inf (65520): values below it round to at most float16's largest, 65504.
-FP16_OVERFLOW = _FP16_MAX + 16.0
-_FP32_MAX = torch.finfo(torch.float32).max
-_FP16_TINY = torch.finfo(torch.float16).tiny  # smallest normal float16: a head below it would lose its digits
-# The dtypes a recording, features and stacks may hold (float8 has too few digits and few kernels).
-FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Longest value of a file's model and branch fields (the recorder writes labels such as 'SD2', 'cond'), and of
-# its steps field ('last', '10-19', or the steps a run recorded, '0,2,4,...' where a cache node skipped every
-# other step: up to ~25 000 characters for ComfyUI's 10 000 steps): a recording carries them into Head PCA's
-# summary and its text form, which ComfyUI puts in every error report of a node it is an input of.
-MAX_LABEL_CHARS = 256
-MAX_STEPS_LABEL_CHARS = 65536
-# Longest safetensors header is_recording_file reads (a recording's is a few kB; a model's up to ~1 MB).
-_MAX_HEADER_BYTES = 16 << 20
-# Longest header save_recording writes with extra metadata: ComfyUI's web UI reads the first 4 MiB of a
-# .safetensors file dropped on it (8 bytes of length, then the header) to open the workflow it carries.
-_SAVED_HEADER_BYTES = (4 << 20) - 8
 
 
 @dataclass(frozen=True)
@@ -223,73 +138,6 @@ def check_size(size, name: str = "size") -> tuple[int, int]:
         raise ValueError(f"{name} must be at most {MAX_IMAGE_SIDE} pixels per side, got {tuple(size)!r}")
     return (int(size[0]), int(size[1]))
 
-
-# Values whose largest |value| lies outside 2**-SCALE_EXP .. 2**SCALE_EXP are scaled by an exact power
-# of two before float32 products (PCA covariances, k-means distances), so that their squares neither
-# underflow nor overflow; results are scaled back.
-SCALE_EXP = 30
-
-
-def power_of_two_scale(peak: torch.Tensor) -> torch.Tensor:
-    """[...] largest |values| -> [...] float64 scales: the power of two that brings each near 1 where it
-    lies outside 2**-SCALE_EXP .. 2**SCALE_EXP, else 1 (also for 0, inf and NaN)."""
-    exponent = torch.floor(torch.log2(peak.double()))  # -inf for 0, nan for nan
-    far = torch.isfinite(exponent) & (exponent.abs() > SCALE_EXP)
-    return torch.where(far, torch.exp2(-exponent.clamp(-1000, 1000)), 1.0)  # clamped: finite in float64
-
-
-@contextlib.contextmanager
-def full_float32_matmul():
-    """Runs the block with float32 matrix products on CUDA in full float32, then restores the
-    setting: a caller (or another node pack) may have allowed TF32, whose 10-bit mantissa would
-    move k-means' distances and PCA's covariances by ~1e-3 of their size. The setting is changed
-    through the API it was made with (torch refuses to read one after the other was used)."""
-    matmul = torch.backends.cuda.matmul
-    try:
-        legacy = bool(matmul.allow_tf32)  # raises once the per-backend API (fp32_precision) set it
-    except RuntimeError:
-        legacy = None
-    if legacy:
-        matmul.allow_tf32 = False
-        try:
-            yield
-        finally:
-            matmul.allow_tf32 = True
-    elif legacy is None and getattr(matmul, "fp32_precision", "ieee") == "tf32":
-        matmul.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision = "tf32"
-    else:
-        yield
-
-
-def check_one_device(first, label: str, t: torch.Tensor, what: str, noun: str):
-    """first: (label, device) of the first tensor seen, or None -> the same for the next call; a
-    ValueError when t (``label``, e.g. "layer input.1.0") sits on another device than the first.
-    Every stage computes on the device of its input, so all its tensors must share one."""
-    if first is None:
-        return (label, t.device)
-    if t.device != first[1]:
-        raise ValueError(
-            f"{what}: {label} is on {t.device} but {first[0]} is on {first[1]}: put all {noun}s on one device"
-        )
-    return first
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """Whether t holds no NaN or inf: one sum, finite exactly when none is there (unless the sum
-    overflows); only then the element-wise check. A float16 or bfloat16 tensor is read by its smallest and
-    largest values instead (NaN comes out of both): a float16 sum overflows past 65504 (in 15 of the 16
-    layers of an SD2.1-shaped float16 recording of values about 0.3), and the element-wise check then took
-    ten times as long, while a sum in float32 (dtype=float32) converts the whole tensor to float32 first on
-    the CPU, a copy of twice its size."""
-    t = t.detach()
-    if t.dtype in (torch.float16, torch.bfloat16) and t.numel():
-        return all(math.isfinite(v) for v in torch.stack(torch.aminmax(t)).tolist())  # [min, max]
-    wide = torch.float32 if t.is_floating_point() and t.element_size() < 4 else None  # (float8)
-    return math.isfinite(float(t.sum(dtype=wide))) or bool(torch.isfinite(t).all())
 
 
 def nonfinite_layers(rec) -> list[LayerKey]:
@@ -491,264 +339,18 @@ class Recording:
         return Recording(kept, self.image_size, self.model, self.steps, self.branch, self.metadata, self.file)
 
 
-# --------------------------------------------------------------------- file I/O
-def save_recording(
-    rec: Recording, path, name: str = "save_recording", extra_metadata: dict[str, str] | None = None
-) -> list[str]:
-    """Writes ``rec`` as a headseg-recording/1 safetensors file (float16 tensors, string metadata; float32 for a
-    layer with finite values float16 makes inf, 65520 or more, such as a float32 UNet's the recorder kept).
 
-    ``extra_metadata``: more string metadata to keep in the file (a node passes ComfyUI's prompt and
-    workflow, as Save Latent does); the format's own fields take precedence over a key of the same name.
-    None: the recording's own ``metadata`` (a loaded file's prompt and workflow; none for a recorded one).
-    Entries that would make the file's header longer than the web UI reads of a file dropped on it
-    (_SAVED_HEADER_BYTES, 4 MiB, within the 16 MiB load_recording reads; the strings are JSON-escaped in
-    it) are left out, largest first; returns their keys (usually none).
-    ``name`` starts the errors about the recording's values (a node passes its input's name). Layers
-    holding NaN or inf (a float16 overflow while sampling) are written as they are: the other layers stay
-    usable, and Head PCA names such a layer when it is selected (see ``nonfinite_layers``)."""
-    from safetensors.torch import save_file
-
-    if not isinstance(rec, Recording):
-        raise TypeError(f"save_recording: rec must be a Recording, got {type(rec).__name__}")
-    rec.validate(check_finite=False)
-    folder = pathlib.Path(path).parent
-    if not folder.is_dir():
-        raise ValueError(f"save_recording: path {str(path)!r}: the folder {str(folder)!r} does not exist")
-    tensors = {}
-    for key, t in rec.layers.items():
-        B, heads, h, w, d = t.shape
-        kept = torch.float16
-        if t.dtype != torch.float16:  # a float16 layer (what the recorder keeps) is written as it is
-            size = t.detach().abs().nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # |finite values|; NaN / inf stay
-            peaks = size.reshape(B, heads, h * w * d).amax(2).amax(0)  # [heads] largest finite |value| per head
-            del size
-            top = peaks.max()  # the layer's largest finite |value|
-            if float(top) > _FP32_MAX:
-                raise ValueError(f"{name}: layer {key!s} has values beyond the float32 range")
-            # read as float32 holds them: torch casts float64 to float16 through float32, so 65519.999 is inf
-            if float(top.to(torch.float32)) >= FP16_OVERFLOW:  # float16 would make them inf: float32 keeps them
-                kept = torch.float32
-            else:  # float16 would lose the digits of a head below its normal numbers
-                small = ((peaks > 0) & (peaks < _FP16_TINY)).nonzero().flatten().tolist()
-                if small:
-                    raise ValueError(
-                        f"{name}: layer {key!s}, head {small[0]}: values at most {float(peaks[small[0]]):.3g}, below "
-                        f"float16's smallest normal number {_FP16_TINY:.3g}: the file would keep few or none of their digits"
-                    )
-        tensors[key.name] = t.detach().to("cpu", kept).contiguous()
-    extra = dict((rec.metadata if extra_metadata is None else extra_metadata) or {})
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
-        raise TypeError("save_recording: extra_metadata must map strings to strings")
-    H, W = rec.image_size
-    own = {
-        "format": FORMAT,
-        "image_height": str(H),
-        "image_width": str(W),
-        "model": str(rec.model),
-        "steps": str(rec.steps),
-        "branch": str(rec.branch),
-    }
-    left_out = []
-    # the header: the metadata as JSON, and per tensor its name, dtype, shape and offsets (well under 256 bytes)
-    while extra and _json_bytes({**extra, **own}) + 256 * (len(tensors) + 1) > _SAVED_HEADER_BYTES:
-        largest = max(extra, key=lambda key: _json_bytes({key: extra[key]}))
-        left_out.append(largest)
-        del extra[largest]
-    save_file(tensors, os.fspath(path), metadata={**extra, **own})
-    return left_out
+# The file format and its I/O, which README's core API placed in this module, are recording_file.py's now;
+# their public names stay importable from here, loaded on first use (recording_file imports this module).
+_FILE_NAMES = (
+    "FORMAT", "METADATA_KEYS", "MAX_LABEL_CHARS", "MAX_STEPS_LABEL_CHARS", "save_recording", "file_version",
+    "printable_path", "is_utf8_path", "is_recording_file", "load_recording",
+)
 
 
-def _json_bytes(metadata: dict[str, str]) -> int:
-    """UTF-8 bytes of ``metadata`` written as a JSON object, strings escaped, as in a safetensors header."""
-    import json
+def __getattr__(name: str):
+    if name in _FILE_NAMES:
+        from . import recording_file
 
-    return len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass"))
-
-
-def _read_header(fh) -> tuple[int, dict] | None:
-    """An open binary file -> (header length n, the header's JSON object), or None when the file does not
-    start like a safetensors file (8 bytes of little-endian length, then that many bytes of JSON)."""
-    import json
-
-    n = int.from_bytes(fh.read(8), "little")
-    if not 2 <= n <= _MAX_HEADER_BYTES:
-        return None
-    try:
-        header = json.loads(fh.read(n))
-    except (ValueError, RecursionError):  # not JSON / UTF-8, or absurdly nested
-        return None
-    return (n, header) if isinstance(header, dict) else None
-
-
-def file_version(path, st: os.stat_result) -> tuple:
-    """(path, inode, size, mtime, ctime) of ``path`` from its stat: changes whenever the file is rewritten
-    or replaced, also by a file of the same size and time (another inode or change time)."""
-    return (os.fspath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def printable_path(path) -> str:
-    """``path`` as text that can be printed and logged, also when its name is not valid UTF-8."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def is_utf8_path(path) -> bool:
-    """Whether ``path`` is valid UTF-8: safetensors cannot open a file whose name is not."""
-    try:
-        os.fsencode(path).decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-# is_recording_file's answers by file_version, for callers that keep none of their own (a file list keeps the
-# answers of the files it found: see its ``answers``).
-_RECORDING_FILE_CACHE: dict[tuple, bool] = {}
-_RECORDING_FILE_CACHE_SIZE = 4096
-
-
-def is_recording_file(path, answers: dict | None = None, earlier: dict | None = None) -> bool:
-    """Whether ``path`` is a regular safetensors file whose metadata says headseg-recording/1. Reads only
-    the header (8 bytes of length, then its JSON), once per version of the file, so model files in the
-    same folder cost little; pipes and devices are never opened. The answer is kept in ``answers``
-    ({file_version: bool}; None: a module cache of up to 4096 answers, emptied when full) and looked up
-    there and in ``earlier`` (a file list passes the answers of its last walk, and keeps those of the files
-    it finds: the module cache alone, emptied at every walk of more files than it holds, had every header
-    read again)."""
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):  # missing, unreadable folder, or a name with NUL
-        return False
-    if not stat.S_ISREG(st.st_mode):
-        return False
-    version = file_version(path, st)
-    cache = _RECORDING_FILE_CACHE if answers is None else answers
-    answer = cache.get(version)
-    if answer is None and earlier is not None:
-        answer = earlier.get(version)
-    if answer is None:
-        try:
-            with open(path, "rb") as fh:
-                found = _read_header(fh)
-        except OSError:  # perhaps passing (a lock, too many open files): asked again next time
-            return False
-        meta = found[1].get("__metadata__") if found else None
-        answer = isinstance(meta, dict) and meta.get("format") == FORMAT
-        if answers is None and len(cache) >= _RECORDING_FILE_CACHE_SIZE:
-            cache.clear()
-    cache[version] = answer
-    return answer
-
-
-def _check_readable(path: str) -> None:
-    """FileNotFoundError when ``path`` does not exist; ValueError naming it when it is a folder, not a regular
-    file, unreadable, not laid out as safetensors, shorter than its header says, or named so that
-    safetensors cannot open it (not UTF-8)."""
-    shown = printable_path(path)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"load_recording: no such file: {shown}") from None
-    except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
-        raise ValueError(f"{shown}: cannot read the file ({getattr(exc, 'strerror', None) or exc})") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise ValueError(f"{shown}: is a folder, expected a recording file (.safetensors)")
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{shown}: not a regular file (a pipe or a device), expected a recording file (.safetensors)")
-    try:
-        with open(path, "rb") as fh:
-            found = _read_header(fh)
-    except OSError as exc:
-        raise ValueError(f"{shown}: cannot read the file ({exc.strerror or exc})") from None
-    if found is None:
-        raise ValueError(f"{shown}: not a safetensors file (it must start with a header length and a JSON header)")
-    n, header = found
-    ends = [v["data_offsets"][1] for v in header.values() if isinstance(v, dict) and _is_offsets(v.get("data_offsets"))]
-    if 8 + n + max(ends, default=0) > st.st_size:
-        raise ValueError(
-            f"{shown}: damaged or truncated: its header describes {8 + n + max(ends)} bytes, the file has {st.st_size}"
-        )
-    if not is_utf8_path(path):
-        raise ValueError(f"{shown}: the file name is not valid UTF-8, which safetensors cannot open: rename the file")
-
-
-def _is_offsets(value) -> bool:
-    return isinstance(value, list) and len(value) == 2 and all(is_int(v) and v >= 0 for v in value)
-
-
-def _copied_tensor(f, name: str) -> torch.Tensor:
-    """Tensor ``name`` of an open safetensors file ``f``, copied into memory. get_tensor's tensor reads the
-    file's pages mapped into memory: held, it would change with a file written over in place, end the process
-    (SIGBUS) once the file is cut shorter, and (Windows) keep the file from being replaced or deleted. No frame
-    keeps it, also when the copy fails: a frame held by an error's traceback (ComfyUI's executor holds a node's
-    error until Python's cycle collector runs) would keep the file mapped."""
-    mapped = f.get_tensor(name)
-    try:
-        return mapped.clone()
-    finally:
-        del mapped
-
-
-def load_recording(path) -> Recording:
-    """Reads a headseg-recording/1 safetensors file; ValueError naming the file and field on bad content."""
-    from safetensors import safe_open
-
-    path = os.fspath(path)
-    _check_readable(path)
-    try:
-        handle = safe_open(path, framework="pt", device="cpu")
-    except Exception as exc:  # safetensors raises its own error types for a damaged header
-        if re.search(r"\(os error \d+\)", str(exc)):  # the system refused to read or map it: not its content
-            raise ValueError(f"{path}: could not be read ({exc})") from exc
-        raise ValueError(f"{path}: not a safetensors file ({exc})") from exc
-    with handle as f:
-        metadata = f.metadata() or {}
-        missing = [k for k in METADATA_KEYS if k not in metadata]
-        if "format" in missing:
-            raise ValueError(f"{path}: metadata field 'format' is missing (expected {FORMAT!r})")
-        if metadata["format"] != FORMAT:
-            raise ValueError(f"{path}: metadata field 'format' is {metadata['format']!r}, expected {FORMAT!r}")
-        if missing:
-            raise ValueError(f"{path}: metadata field(s) {missing} missing (a {FORMAT} file has {list(METADATA_KEYS)})")
-        size = []
-        for field_name in ("image_height", "image_width"):
-            text = metadata[field_name]
-            digits = text.strip()
-            # ascii_int: int() refuses more than 4300 digits, leading zeros too, in Python's words
-            if not (is_ascii_digits(digits) and 1 <= ascii_int(digits) <= MAX_IMAGE_SIDE):
-                raise ValueError(
-                    f"{path}: metadata field {field_name!r} must be an integer from 1 to {MAX_IMAGE_SIDE} (pixels), "
-                    f"got {shown_text(text)}"
-                )
-            size.append(ascii_int(digits))
-        for field_name, example, longest in (
-            ("model", "SD2", MAX_LABEL_CHARS), ("steps", "last", MAX_STEPS_LABEL_CHARS), ("branch", "cond", MAX_LABEL_CHARS)
-        ):
-            text = metadata[field_name]
-            if len(text) > longest:
-                raise ValueError(
-                    f"{path}: metadata field {field_name!r} must be a label such as {example!r} of at most "
-                    f"{longest} characters, got {shown_text(text)}"
-                )
-        layers, names = {}, {}
-        for name in f.keys():
-            try:
-                key = LayerKey.parse(name)
-            except ValueError as exc:
-                raise ValueError(f"{path}: tensor {shown_text(name)}: {exc}") from None
-            if key in names:
-                raise ValueError(f"{path}: tensors {shown_text(names[key])} and {shown_text(name)} are the same layer {key}")
-            names[key] = name
-            shape = tuple(f.get_slice(name).get_shape())  # from the header: nothing of the file mapped
-            if len(shape) != 5:
-                raise ValueError(f"{path}: layer {name!r} must be 5-D [B, heads, h, w, d], got shape {shape}")
-            layers[key] = _copied_tensor(f, name)
-    if not layers:
-        raise ValueError(f"{path}: the file holds no layer tensor")
-    try:
-        extra = {key: text for key, text in metadata.items() if key not in METADATA_KEYS}  # e.g. prompt, workflow
-        rec = Recording(layers, (size[0], size[1]), metadata["model"], metadata["steps"], metadata["branch"], extra)
-        rec.validate(check_finite=False)  # a layer with NaN / inf is named by Head PCA when it is selected
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
-    return rec
+        return getattr(recording_file, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,18 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from .pca import HeadFeatures
-from .recording import (
-    FEATURE_DTYPES,
-    LayerKey,
-    MAX_IMAGE_SIDE,
-    all_finite,
-    check_batch_index,
-    check_one_device,
-    check_size,
-    grid_levels,
-    is_int,
-    power_of_two_scale,
-)
+from .numerics import FEATURE_DTYPES, all_finite, check_one_device, power_of_two_scale
+from .recording import MAX_IMAGE_SIDE, LayerKey, check_size, grid_levels
+from .values import check_batch_index, is_int
 
 MODES = ("bilinear", "nearest")
 _CHUNK_BYTES = 16 * 2**20  # working memory per chunk in upsampling_error

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .recording import is_int, is_real
+from .values import is_int, is_real
 
 # Lloyd also stops when an iteration lowers the inertia by less than this fraction of itself.
 RTOL = 1e-3

@@ -262,7 +262,8 @@ def save_random_recording(comfy_server, name: str, W: int, H: int) -> None:
     """Saves a recording of random heads whose masks are W x H pixels in the server's input folder as ``name``."""
     import torch
 
-    from headseg.nodes.core.recording import LayerKey, Recording, save_recording
+    from headseg.nodes.core.recording import LayerKey, Recording
+    from headseg.nodes.core.recording_file import save_recording
 
     heads = torch.randn(1, 2, H // 8, W // 8, 8, generator=torch.Generator().manual_seed(0))  # [B, heads, h, w, d]
     save_recording(Recording({LayerKey("input", 1, 0): heads}, (H, W)), comfy_server.input_dir / name)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from headseg.nodes import recorder
-from headseg.nodes.core.recording import LayerKey, load_recording, save_recording
+from headseg.nodes.core.recording import LayerKey
+from headseg.nodes.core.recording_file import load_recording, save_recording
 from headseg.nodes.record_node import RecordSelfAttention
 
 # Full-size tables (notes and the paper): SD2.1 at 512x512 -> 64x64 latent.

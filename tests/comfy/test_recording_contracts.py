@@ -248,7 +248,7 @@ def test_values_of_a_bfloat16_unet_beyond_float16_are_kept_finite(tiny, tmp_path
     """The same for a bfloat16 UNet (--bf16-unet): the layer is recorded finite, in float32, and Head PCA reads it.
     The recording is saved and loaded back bit for bit, that layer in float32 (the save refused it, so no file kept
     the run)."""
-    from headseg.nodes.core.recording import load_recording, save_recording
+    from headseg.nodes.core.recording_file import load_recording, save_recording
 
     model = _beyond_float16(tiny.build("SD2", seed=4, dtype=torch.bfloat16))
     patched, live = recorder.attach_recorder(model)

@@ -10,18 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from headseg.nodes.core.recording import (
-    FORMAT,
-    LayerKey,
-    Recording,
-    all_finite,
-    check_size,
-    grid_levels,
-    is_recording_file,
-    load_recording,
-    parse_levels,
-    save_recording,
-)
+from headseg.nodes.core.numerics import all_finite
+from headseg.nodes.core.recording import LayerKey, Recording, check_size, grid_levels, parse_levels
+from headseg.nodes.core.recording_file import FORMAT, is_recording_file, load_recording, save_recording
 
 
 # SD2.1: (block, number) -> (heads, grid level); 16 layers, 195 heads, 175 without the middle block.
@@ -562,7 +553,7 @@ _ALL_FINITE_MEMORY = """
 import resource, runpy, sys
 import torch
 runpy.run_path(sys.argv[1])["import_checkout"]()
-from headseg.nodes.core.recording import all_finite
+from headseg.nodes.core.numerics import all_finite
 torch.set_num_threads(1)
 t = torch.full((64, 1024, 1024), 0.3, dtype=getattr(torch, sys.argv[2]))  # 128 MiB
 t[-1, -1, -1] = float(sys.argv[3])
@@ -683,7 +674,7 @@ def test_load_image_sides_of_16384_pixels(tmp_path):
 
 
 def test_shown_text_shows_a_text_of_up_to_the_limit_whole_and_a_longer_one_by_its_start_and_length():
-    from headseg.nodes.core.recording import shown_text
+    from headseg.nodes.core.values import shown_text
 
     assert shown_text("a" * 40) == "'" + "a" * 40 + "'"
     assert shown_text("a" * 41) == "'" + "a" * 20 + "'... (41 characters)"
@@ -831,12 +822,12 @@ def test_load_a_folder_or_a_pipe_says_what_it_is(tmp_path):
 
 def test_load_unreadable_file_says_it_cannot_be_read(tmp_path, monkeypatch):
     path = write(tmp_path, good_tensors(), GOOD_META)
-    import headseg.nodes.core.recording as recording_module
+    import headseg.nodes.core.recording_file as recording_file_module
 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(recording_module, "open", refuse, raising=False)  # root may read any file: fake it
+    monkeypatch.setattr(recording_file_module, "open", refuse, raising=False)  # root may read any file: fake it
     with pytest.raises(ValueError, match=r"bad\.safetensors: cannot read the file \(Permission denied\)"):
         load_recording(path)
 
@@ -881,14 +872,14 @@ def test_is_recording_file_follows_a_changed_file(tmp_path):
 
 def test_is_recording_file_asks_again_after_a_passing_read_error(tmp_path, monkeypatch):
     """A lock or too many open files must not hide a recording until the file changes."""
-    import headseg.nodes.core.recording as recording_module
+    import headseg.nodes.core.recording_file as recording_file_module
 
     path = write(tmp_path, good_tensors(), GOOD_META)
 
     def busy(*args, **kwargs):
         raise OSError(24, "Too many open files")
 
-    monkeypatch.setattr(recording_module, "open", busy, raising=False)
+    monkeypatch.setattr(recording_file_module, "open", busy, raising=False)
     assert not is_recording_file(path)
     monkeypatch.undo()
     assert is_recording_file(path)
@@ -989,3 +980,19 @@ def test_a_loaded_recordings_text_form_leaves_its_files_prompt_and_workflow_out(
     assert loaded.metadata["workflow"] == "W" * 50_000
     assert "WWWW" not in repr(loaded) and "PPPP" not in repr(loaded) and "model='SD21'" in repr(loaded)
 
+
+
+def test_the_file_format_and_io_readme_placed_in_recording_are_still_importable_from_it():
+    """README's core API named ``recording`` for the file format and its I/O, which moved to recording_file: the
+    imports written against it give recording_file's own objects, and a name neither module has is still refused."""
+    from headseg.nodes.core import recording, recording_file
+    from headseg.nodes.core.recording import FORMAT as old_format, load_recording as old_load, save_recording as old_save
+
+    assert old_format is recording_file.FORMAT
+    assert old_load is recording_file.load_recording and old_save is recording_file.save_recording
+    for name in ("METADATA_KEYS", "MAX_LABEL_CHARS", "MAX_STEPS_LABEL_CHARS", "file_version", "printable_path",
+                 "is_utf8_path", "is_recording_file"):
+        assert getattr(recording, name) is getattr(recording_file, name), name
+    with pytest.raises(AttributeError, match="no_such_name"):
+        recording.no_such_name
+    assert not hasattr(recording, "_read_header")  # private to the file module

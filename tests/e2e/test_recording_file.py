@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from headseg.nodes.core.recording import FORMAT, load_recording, save_recording
+from headseg.nodes.core.recording_file import FORMAT, load_recording, save_recording
 from headseg.tests.support.workflow_api import nodes_of
 
 from headseg.tests.e2e.helpers import prepare

@@ -601,7 +601,7 @@ def test_label_maps_of_loaded_recordings_name_the_file_and_the_sampling_that_mad
     from comfy.cli_args import args
 
     from headseg.nodes import recording_io_nodes
-    from headseg.nodes.core.recording import save_recording
+    from headseg.nodes.core.recording_file import save_recording
     from headseg.tests.support.comfy_in_process import TextListNode, quiet_executor, run_on_own_thread
 
     for name, cls in (("Paths", TextListNode), ("HeadSeg_LoadRecording", recording_io_nodes.LoadRecording),
@@ -670,7 +670,7 @@ def test_each_images_files_list_its_merged_masks_in_the_order_of_all_masks(save,
     import nodes as comfy_nodes
 
     from headseg.nodes import recording_io_nodes
-    from headseg.nodes.core.recording import save_recording
+    from headseg.nodes.core.recording_file import save_recording
     from headseg.tests.support.comfy_in_process import TextListNode, quiet_executor, run_on_own_thread
 
     for name, cls in (("Paths", TextListNode), ("Keep", _KeepMasks), ("HeadSeg_LoadRecording", recording_io_nodes.LoadRecording),

@@ -135,7 +135,7 @@ def test_an_image_with_inf_is_drawn_white_and_black():
 
 def test_load_recording_path_overrides_file(comfy_folders, recording):
     from headseg.nodes import recording_io_nodes as io_nodes
-    from headseg.nodes.core.recording import save_recording
+    from headseg.nodes.core.recording_file import save_recording
 
     a, b = comfy_folders["input"] / "a.safetensors", comfy_folders["input"] / "b.safetensors"
     save_recording(recording, a)

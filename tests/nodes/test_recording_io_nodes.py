@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from headseg.nodes.core.recording import FORMAT
+from headseg.nodes.core.recording_file import FORMAT
 from headseg.tests.core.planted import nested_scene, planted_recording, small_layout
 
 pytestmark = pytest.mark.comfy
@@ -270,7 +270,7 @@ def test_save_never_writes_over_a_file_saved_under_its_name_meanwhile(io_nodes, 
 
     def place_then_another_save(*args, **kwargs):
         folder, name, counter, subfolder = place(*args, **kwargs)
-        from headseg.nodes.core.recording import save_recording
+        from headseg.nodes.core.recording_file import save_recording
 
         save_recording(other, f"{folder}/{name}_{counter:05}_.safetensors")  # the other ComfyUI, just then
         return folder, name, counter, subfolder
@@ -335,14 +335,14 @@ def test_a_walk_of_more_files_than_a_fixed_cache_holds_reads_no_header_again(io_
     of the files a walk found are kept for the next, however many there are, and only those."""
     import shutil
 
-    from headseg.nodes.core import recording as core_recording
+    from headseg.nodes.core import recording_file
 
     first = _saved_at(recording, comfy_folders["output"] / "data" / "r_00000_.safetensors")
     for n in range(1, 4200):
         shutil.copyfile(first, first.with_name(f"r_{n:05}_.safetensors"))
     reads = []
-    real = core_recording._read_header
-    monkeypatch.setattr(core_recording, "_read_header", lambda fh: reads.append(fh.name) or real(fh))
+    real = recording_file._read_header
+    monkeypatch.setattr(recording_file, "_read_header", lambda fh: reads.append(fh.name) or real(fh))
     assert len(io_nodes._recording_files()) == 4200 and len(reads) == 4200
     io_nodes.forget_listing()
     assert len(io_nodes._recording_files()) == 4200 and len(reads) == 4200  # every answer known: no header read
@@ -396,7 +396,7 @@ PATH_OUTSIDE = "path: expected a file inside ComfyUI's input, output or temp fol
 
 def _saved_at(recording, path):
     """A recording file at ``path`` (its folders made as needed)."""
-    from headseg.nodes.core.recording import save_recording
+    from headseg.nodes.core.recording_file import save_recording
 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_recording(recording, path)

@@ -131,7 +131,7 @@ def test_zero_shot_workflow_ships_the_papers_recipe():
 def test_load_recording_lists_the_files_and_says_what_it_loaded(comfy_folders):
     """The file combo lists the input folder's recordings; the UI text gives width x height in pixels."""
     from headseg.nodes import recording_io_nodes as io_nodes
-    from headseg.nodes.core.recording import save_recording
+    from headseg.nodes.core.recording_file import save_recording
 
     rec = planted_recording([nested_scene(128, 192)], layout=small_layout(heads=2), d=8, seed=3)  # 128 high, 192 wide
     save_recording(rec, comfy_folders["input"] / "r.safetensors")
@@ -145,7 +145,7 @@ def test_save_recording_saves_the_run_of_its_latent(comfy_folders):
     """With a live recording, Save Recording writes the sampling run that produced its LATENT (not the
     most recent one), and refuses to run without the LATENT."""
     from headseg.nodes import recorder, recording_io_nodes as io_nodes
-    from headseg.nodes.core.recording import load_recording
+    from headseg.nodes.core.recording_file import load_recording
     from headseg.tests.support import tiny_unets as tiny
 
     patched, live = recorder.attach_recorder(tiny.build("SD2", seed=0))
@@ -199,7 +199,7 @@ def test_readme_and_docs_state_the_float32_layer_threshold_of_the_code():
     Recording writes, in float32: those with values float16 makes inf, FP16_OVERFLOW (65520) or more. They said
     'beyond float16's range (65504)', though a layer peaking between the two is kept and written in float16
     (float16 rounds such a value to 65504, as near as it rounds any)."""
-    from headseg.nodes.core.recording import FP16_OVERFLOW
+    from headseg.nodes.core.numerics import FP16_OVERFLOW
 
     said = r"float16 makes inf[,;]? \(?(\d[\d\u202f ]*\d) or more"
     for page in (REPO / "README.md", DOCS / "HeadSeg_RecordSelfAttention.md", DOCS / "HeadSeg_SaveRecording.md"):
@@ -215,7 +215,7 @@ def test_readme_and_docs_state_the_limits_of_the_code():
     picker's rings share), the header Save Recording keeps within (the 4 MiB the web UI reads of a dropped file)
     and the header Load Recording reads (16 MiB), and the picker's largest saved frame (16384 px)."""
     from headseg.nodes.core.masks import MAX_POINTS
-    from headseg.nodes.core.recording import _MAX_HEADER_BYTES, _SAVED_HEADER_BYTES
+    from headseg.nodes.core.recording_file import _MAX_HEADER_BYTES, _SAVED_HEADER_BYTES
 
     readme = (REPO / "README.md").read_text()
     select = (DOCS / "HeadSeg_MaskSelectAtPixel.md").read_text()
