@@ -6,36 +6,14 @@ from __future__ import annotations
 
 import pathlib
 import shutil
-import subprocess
-import sys
 import tomllib
 import urllib.error
 
 import pytest
 
-from headseg.tests.support.server import REPO_ROOT, ComfyServer, comfyui_dir, write_paths_yaml
+from headseg.tests.support.server import REPO_ROOT, ComfyServer, quick_test_log, write_paths_yaml
 
 pytestmark = pytest.mark.server
-
-
-def _quick_test_log(tmp: pathlib.Path, custom_nodes: pathlib.Path | list[pathlib.Path]) -> tuple[int, str]:
-    """Runs ComfyUI's ``--quick-test-for-ci`` with ``custom_nodes`` as the custom-nodes folder (or folders,
-    loaded in that order): (exit code, log)."""
-    yaml = tmp / "extra_model_paths.yaml"
-    if isinstance(custom_nodes, list):
-        yaml.write_text("headseg:\n    custom_nodes: |\n" + "".join(f"        {c}\n" for c in custom_nodes))
-    else:
-        write_paths_yaml(yaml, custom_nodes, [])
-    for d in ("output", "temp", "user", "input"):
-        (tmp / d).mkdir(exist_ok=True)
-    proc = subprocess.run(
-        [sys.executable, "main.py", "--cpu", "--quick-test-for-ci", "--extra-model-paths-config", str(yaml),
-         "--output-directory", str(tmp / "output"), "--temp-directory", str(tmp / "temp"),
-         "--input-directory", str(tmp / "input"), "--user-directory", str(tmp / "user"),
-         "--database-url", "sqlite:///:memory:"],
-        cwd=comfyui_dir(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    return proc.returncode, proc.stdout + proc.stderr
 
 
 def _import_line(log: str, folder: pathlib.Path) -> str:
@@ -77,7 +55,6 @@ def test_second_copy_is_left_out_and_named_in_the_log(tmp_path):
         server.stop()
 
 
-
 def test_second_copy_of_the_same_folder_name_keeps_the_first_ones_web_files(tmp_path):
     """Two custom_nodes folders (ComfyUI's own and one from an extra-model-paths file) that both hold a
     ``HeadSeg``: ComfyUI keys the web folders by folder name, so the second copy's web folder took the
@@ -113,7 +90,7 @@ def test_one_folder_reached_through_two_custom_nodes_paths_is_not_called_two_cop
     (custom_nodes / "HeadSeg").symlink_to(REPO_ROOT, target_is_directory=True)
     alias = tmp_path / "same_custom_nodes"
     alias.symlink_to(custom_nodes, target_is_directory=True)
-    code, log = _quick_test_log(tmp_path, [custom_nodes, alias])
+    code, log = quick_test_log(tmp_path, [custom_nodes, alias])
     assert code == 0, log[-4000:]
     assert "IMPORT FAILED" not in _import_line(log, custom_nodes / "HeadSeg")
     assert "Remove one of the two folders" not in log and "Remove all but one" not in log, log[-4000:]
@@ -146,7 +123,7 @@ def test_older_copy_loaded_later_is_named_by_the_first(tmp_path):
     shutil.copytree(REPO_ROOT, old, ignore=shutil.ignore_patterns(".git", "tests", "__pycache__"))
     (old / "__init__.py").write_text(OLD_ENTRY_POINT)
     (old / "nodes" / "pack_folder.py").unlink()
-    code, log = _quick_test_log(tmp_path, [new_root, old_root])
+    code, log = quick_test_log(tmp_path, [new_root, old_root])
     assert code == 0, log[-4000:]
     warning = [line for line in log.splitlines() if "HeadSeg is installed more than once" in line]
     assert len(warning) == 1, log[-4000:]
@@ -162,7 +139,7 @@ def test_folder_name_without_web_routes_is_named_in_the_log(tmp_path):
     custom_nodes.mkdir()
     folder = custom_nodes / "headseg-main (1)"
     folder.symlink_to(REPO_ROOT, target_is_directory=True)
-    code, log = _quick_test_log(tmp_path, custom_nodes)
+    code, log = quick_test_log(tmp_path, custom_nodes)
     assert code == 0, log[-4000:]
     assert "IMPORT FAILED" not in _import_line(log, folder)
     warning = [line for line in log.splitlines() if "[HeadSeg] the pack's folder name" in line]
@@ -178,7 +155,7 @@ def test_import_failure_names_the_pack_and_comfyui_starts(tmp_path):
     folder = custom_nodes / "HeadSeg"
     shutil.copytree(REPO_ROOT, folder, ignore=shutil.ignore_patterns(".git", "tests", "__pycache__"))
     (folder / "nodes" / "recorder_store.py").unlink()
-    code, log = _quick_test_log(tmp_path, custom_nodes)
+    code, log = quick_test_log(tmp_path, custom_nodes)
     assert code == 0, log[-4000:]
     assert "IMPORT FAILED" in _import_line(log, folder)
     lines = log.splitlines()

@@ -408,3 +408,23 @@ if pytest is not None:
             yield server
         finally:
             release_shared_server()
+
+
+def quick_test_log(tmp: pathlib.Path, custom_nodes: pathlib.Path | list[pathlib.Path]) -> tuple[int, str]:
+    """Runs ComfyUI's ``--quick-test-for-ci`` with ``custom_nodes`` as the custom-nodes folder (or folders,
+    loaded in that order): (exit code, log)."""
+    yaml = tmp / "extra_model_paths.yaml"
+    if isinstance(custom_nodes, list):
+        yaml.write_text("headseg:\n    custom_nodes: |\n" + "".join(f"        {c}\n" for c in custom_nodes))
+    else:
+        write_paths_yaml(yaml, custom_nodes, [])
+    for d in ("output", "temp", "user", "input"):
+        (tmp / d).mkdir(exist_ok=True)
+    proc = subprocess.run(
+        [sys.executable, "main.py", "--cpu", "--quick-test-for-ci", "--extra-model-paths-config", str(yaml),
+         "--output-directory", str(tmp / "output"), "--temp-directory", str(tmp / "temp"),
+         "--input-directory", str(tmp / "input"), "--user-directory", str(tmp / "user"),
+         "--database-url", "sqlite:///:memory:"],
+        cwd=comfyui_dir(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    return proc.returncode, proc.stdout + proc.stderr
