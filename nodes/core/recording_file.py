@@ -2,7 +2,8 @@
 header checks a file list uses (is_recording_file).
 
 File format (safetensors): one tensor per layer keyed "<block>.<number>.<depth>" (for example
-"input.1.0", "middle.0.0", "output.11.0"), shape [B, heads, h, w, d], float16; metadata strings
+"input.1.0", "middle.0.0", "output.11.0"), shape [B, heads, h, w, d], float16 (float32 for a layer with finite
+values float16 makes inf; a load also takes bfloat16, float32 and float64); metadata strings
 "format" = "headseg-recording/1", "image_height", "image_width" (pixels), "model", "steps", "branch",
 and any others a writer adds (Save Recording: ComfyUI's "prompt" and "workflow"), which a loaded recording
 keeps in ``metadata`` so that a copy saved again still says how its heads were made.
