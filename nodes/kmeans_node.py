@@ -46,7 +46,8 @@ class MultiKMeans(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Clusters every pixel's stacked head features with exact k-means (k-means++ start, "
-                "Lloyd iterations until the clusters settle, fixed seed) once per cluster count. Few "
+                "Lloyd iterations until the clusters settle or an iteration lowers the inertia by less than "
+                "0.1 %, fixed seed) once per cluster count. Few "
                 "clusters give large regions (object vs background), many give parts (eyes, ears). "
                 "Shows each k as a colour map."
             ),

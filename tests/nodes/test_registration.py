@@ -239,10 +239,11 @@ def test_readme_and_docs_state_the_limits_of_the_code():
 
 
 def test_readme_and_docs_state_the_kmeans_stopping_rules_of_the_code():
-    """README and Multi K-Means' page state when the Lloyd iterations stop: labels unchanged, the centroids'
-    shift below tol, or an iteration lowering the inertia by less than the core's RTOL (0.1 %). The page said
-    'Lloyd iterations to convergence' and README's node reference named the first two rules only, while the
-    third stops the k-means before its labels settle."""
+    """README, Multi K-Means' page and its description in the UI state when the Lloyd iterations stop: labels
+    unchanged, the centroids' shift below tol, or an iteration lowering the inertia by less than the core's RTOL
+    (0.1 %). The page said 'Lloyd iterations to convergence', README's node reference named the first two rules
+    only and the description 'until the clusters settle', while the third stops the k-means before its labels
+    settle."""
     from headseg.nodes.core.working_set import RTOL
 
     readme = " ".join((REPO / "README.md").read_text().split())
@@ -253,6 +254,11 @@ def test_readme_and_docs_state_the_kmeans_stopping_rules_of_the_code():
     stated = [float(m) for m in re.findall(r"an iteration lowers the inertia by less than " + percent, page)]
     assert stated == [RTOL * 100], stated
     assert "to convergence" not in page
+    from headseg.nodes.kmeans_node import MultiKMeans
+
+    description = MultiKMeans.GET_NODE_INFO_V1()["description"]
+    stated = [float(m) for m in re.findall(r"an iteration lowers the inertia by less than " + percent, description)]
+    assert stated == [RTOL * 100], description
 
 def _readme_names(cell: str) -> list[str]:
     """The `names` a README node-reference cell lists at its top level: each ';'-separated entry's
