@@ -297,7 +297,7 @@ class SaveLabelMaps(io.ComfyNode):
                         "%width% and %height% are filled in, and %batch_num% becomes the image's index in the batch "
                         "(0, 1, ...), its images then sharing one counter. '\\' separates folders, as on Windows. A blank prefix, "
                         "one leading outside the output folder ('../x'), one holding a character no file name can (a lone "
-                        "surrogate, from an API client), or a name Windows cannot save under (a device name such as CON, "
+                        "surrogate, from an API client), or a name Windows cannot save under (a device name as a folder or before a dot, such as 'CON/x' or 'nul.x', "
                         "a character such as ':' or '?', a folder of dots and spaces only) is refused when the prompt is queued; a folder's trailing dots and spaces are dropped, as on Windows."
                     ),
                 ),

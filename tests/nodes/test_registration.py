@@ -315,3 +315,25 @@ def test_readme_node_reference_matches_the_schemas():
             )
             stated_defaults += 1
     assert stated_defaults >= 13
+
+
+def test_device_names_given_as_refused_prefixes_are_refused():
+    """README, the Save nodes' pages and their filename_prefix tooltips give examples of a device name Windows
+    cannot save under: each is refused by the check the nodes run. A device name is refused as a folder or
+    before a dot only ('CON/x', 'nul.x'); a prefix 'CON' or 'COM1' saves 'CON_00001_...', a file on Windows too,
+    and README's errors and the tooltips had given those as refused."""
+    from headseg.nodes import label_map_nodes, recording_io_nodes
+    from headseg.nodes.portable_names import windows_name_problem
+
+    texts = {page.name: page.read_text() for page in (REPO / "README.md", DOCS / "HeadSeg_SaveLabelMaps.md", DOCS / "HeadSeg_SaveRecording.md")}
+    for cls in (label_map_nodes.SaveLabelMaps, recording_io_nodes.SaveRecording):
+        info = cls.GET_NODE_INFO_V1()
+        texts[info["name"]] = info["input"]["required"]["filename_prefix"][1]["tooltip"]
+    for where, text in texts.items():
+        clauses = re.findall(r"device name(.*?)(?:, a |\)|;)", " ".join(text.split()))
+        assert clauses, f"{where} gives no device name"
+        for clause in clauses:
+            examples = re.findall(r"[`']([^`']+)[`']", clause) or re.findall(r"\b[A-Za-z]{3}[0-9]?\b(?:\.\w+)?", clause.split("as")[-1])
+            assert examples, (where, clause)
+            for example in examples:
+                assert windows_name_problem(example), f"{where}: {example!r} is given as refused, but the nodes accept it"
