@@ -4,12 +4,12 @@ one per examples folder: /api/workflow_templates/<folder name>)."""
 
 from __future__ import annotations
 
-import asyncio
 import urllib.parse
 
 import pytest
 
 from headseg.nodes.pack_folder import unservable_characters
+from headseg.tests.support.comfy_in_process import run_on_own_thread
 
 NAMES = ["HeadSeg", "ComfyUI-HeadSeg", "headseg-main", "headseg.v2", "headseg_1", "headseg~1", "headseg(1)",
          "head+seg", "head,seg", "head'seg", "head@seg", "head=seg", "head!seg", "head$seg", "head&seg",
@@ -31,7 +31,7 @@ def test_rule_matches_what_aiohttp_serves(tmp_path):
             # the URL as ComfyUI lists it (server.py quotes each path)
             return {n: (await client.get("/extensions/" + urllib.parse.quote(n) + "/headseg.js")).status for n in NAMES}
 
-    served = asyncio.run(statuses())
+    served = run_on_own_thread(statuses)  # Playwright's loop may run on this thread (browser tests before)
     assert served["HeadSeg"] == 200 and served["head seg"] == 404  # both kinds are among the names
     for name, status in served.items():
         assert (status == 200) == (unservable_characters(name) == ""), (name, status, unservable_characters(name))
