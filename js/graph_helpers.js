@@ -37,11 +37,32 @@ export function storedOutput(node) {
   return null;
 }
 
+// UI payload object -> its runKey: a redraw asks again for the same object.
+const RUN_KEYS = new WeakMap();
+
+/** The identity of the run whose UI payload is ``output``: its content as JSON text, the same for the copies
+ * newer frontends (1.58) keep of it. Mask Select's payload has an id of its own at each run (headseg_run):
+ * two runs of the same picture, pixel and masks, e.g. in two workflow tabs, are told apart. A payload is not
+ * changed once handed over, so its key is worked out once. */
+export function runKey(output) {
+  if (!output || typeof output !== "object") return null;
+  let key = RUN_KEYS.get(output);
+  if (key === undefined) {
+    try {
+      key = JSON.stringify(output);
+    } catch {
+      key = null; // not JSON (no payload of a run): no run to know again
+    }
+    RUN_KEYS.set(output, key);
+  }
+  return key;
+}
+
 /** Whether UI payload ``output`` is that of a run queued from another open workflow than the open one.
  * ComfyUI hands a run's 'executed' message to the node of the same id in the workflow open when the run
  * ends, whichever workflow queued it (e.g. the one this was duplicated from, with the same node ids), and
  * keeps the payload in the change tracker of the workflow that queued it first (which gives it back when
- * that tab is opened again). A tracker whose outputs are the very object ComfyUI keeps the open graph's
+ * that tab is opened again; newer frontends, 1.58, a copy of it: runs are compared by runKey). A tracker whose outputs are the very object ComfyUI keeps the open graph's
  * outputs in tells nothing: a graph loaded into a new tab without clearing (loadGraphData with clean
  * false and no workflow) keeps sharing the outputs of the tab open before. False where no other open
  * workflow is known to hold it (e.g. a run whose prompt ComfyUI had not noted yet): as a run of the
@@ -49,10 +70,11 @@ export function storedOutput(node) {
 export function fromOtherWorkflow(output) {
   const store = app.extensionManager?.workflow;
   const open = store?.activeWorkflow;
-  if (!open || !output || typeof output !== "object") return false;
+  const key = runKey(output);
+  if (!open || key === null) return false;
   const holds = (workflow) => {
     const kept = workflow?.changeTracker?.nodeOutputs;
-    return !!kept && typeof kept === "object" && Object.values(kept).includes(output);
+    return !!kept && typeof kept === "object" && Object.values(kept).some((o) => runKey(o) === key);
   };
   if (holds(open)) return false;
   const others = (store.openWorkflows ?? []).filter((w) => w !== open && w?.changeTracker?.nodeOutputs !== app.nodeOutputs);

@@ -21,6 +21,7 @@
 //   headseg_item      [{masks, points}] how many of headseg_masks (and _mask_info) and of headseg_points are
 //                                    the first item's: a list input (Rebatch Latents) runs the node once per
 //                                    item, and ComfyUI joins the runs' lists; the picker shows the first item
+//   headseg_run       [id]           a new id at each run (again with a run served from the cache): runKey
 // where ref = {filename, subfolder, type} as served by /view.
 
 import { app } from "../../scripts/app.js";
@@ -33,6 +34,7 @@ import {
   isLinked,
   outputKey,
   recordChange,
+  runKey,
   selectAlone,
   setWidget,
   storedOutput,
@@ -53,12 +55,15 @@ const LINKED_NO_PREVIEW_TEXT =
 // A picker whose node has been out of the workflow this long (ms) goes (see Picker.dropIfGone).
 const OUTSIDE_GRACE_MS = 1500;
 
-// Each run's UI payload -> the file the upstream node's preview showed beside it (previewFile; null until
-// one is known). Kept by payload, not by picker: undo and a workflow tab opened again rebuild the node,
-// and the rebuilt picker gets the same payload back from the outputs ComfyUI keeps.
-const RUN_UPSTREAM = new WeakMap();
+// A run is known by its UI payload's content (runKey), not by the payload object: newer frontends (1.58)
+// keep a copy of each run's outputs, and hand out another copy after undo or a workflow tab opened again.
+// Each run (key) -> the file the upstream node's preview showed beside it (previewFile; null until one is
+// known). Kept by run, not by picker: undo and a workflow tab opened again rebuild the node, and the rebuilt
+// picker gets the run back from the outputs ComfyUI keeps. The last RUNS_KEPT runs are kept.
+const RUN_UPSTREAM = new Map();
 // Runs whose picture the server no longer has (it was restarted): not restored when the node is rebuilt.
-const LOST_RUNS = new WeakSet();
+const LOST_RUNS = new Map();
+const RUNS_KEPT = 1000;
 
 // Ids ("5", or "12:3" inside a subgraph) of the nodes whose 'executed' message came since the last
 // execution_start: the nodes that ran, or were served from the cache, in the prompt under way.
@@ -74,8 +79,20 @@ const RAN = new Set();
 const QUEUED_UPSTREAM = new Map();
 const QUEUED_KEPT = 1000;
 let promptUnderWay = null; // the id of the prompt under way (from its execution_start to its end)
-// A run's UI payload -> the workflow its prompt was queued from (where known when it came).
-const RUN_WORKFLOW = new WeakMap();
+// A run (key) -> the workflow its prompt was queued from (where known when it came).
+const RUN_WORKFLOW = new Map();
+
+/** Notes ``value`` for run ``key`` in ``map`` (RUN_UPSTREAM, LOST_RUNS, RUN_WORKFLOW) as its newest entry; the
+ * oldest go past RUNS_KEPT. */
+function noteForRun(map, key, value) {
+  if (key === null) return;
+  map.delete(key);
+  map.set(key, value);
+  for (const old of map.keys()) {
+    if (map.size <= RUNS_KEPT) break;
+    map.delete(old);
+  }
+}
 
 /** Follows a prompt's messages (hooked up in picker_node.js): which prompt is under way and which nodes
  * ran in it. */
@@ -129,9 +146,10 @@ export function noteQueued(promptId, shown, workflow, back = false) {
  * workflow open when that prompt was queued, and kept for the payload (which ComfyUI gives back to a node
  * rebuilt by undo); else from the change trackers (graph_helpers.js fromOtherWorkflow). */
 function otherWorkflowsRun(output, fromMessage) {
+  const key = runKey(output);
   const queuedFrom = fromMessage ? QUEUED_UPSTREAM.get(promptUnderWay)?.workflow : null;
-  if (queuedFrom && !RUN_WORKFLOW.has(output)) RUN_WORKFLOW.set(output, queuedFrom);
-  const workflow = RUN_WORKFLOW.get(output);
+  if (queuedFrom) noteForRun(RUN_WORKFLOW, key, queuedFrom);
+  const workflow = RUN_WORKFLOW.get(key);
   const open = app.extensionManager?.workflow?.activeWorkflow;
   if (workflow && open) return workflow !== open;
   return fromOtherWorkflow(output);
@@ -281,7 +299,7 @@ export class Picker {
   onImageError() {
     const out = this.output;
     if (out && this.src === this.runPicture()) {
-      LOST_RUNS.add(out);
+      noteForRun(LOST_RUNS, runKey(out), true);
       this.lostRun = true;
       this.dropOutdatedRun();
       return;
@@ -658,7 +676,9 @@ export class Picker {
     if (!output || typeof output !== "object" || otherWorkflowsRun(output, fromMessage)) return;
     this.output = output;
     this.lostRun = false;
-    if (!RUN_UPSTREAM.has(output)) RUN_UPSTREAM.set(output, this.runUpstreamFile(adopt));
+    // a run handed over with its message is the prompt's under way, also when an earlier one looked the same
+    const key = runKey(output);
+    if (fromMessage || !RUN_UPSTREAM.has(key)) noteForRun(RUN_UPSTREAM, key, this.runUpstreamFile(adopt));
     if (adopt) {
       this.upstreamAtStart = undefined;
       // for when the run is gone (a page reload). Not inside a subgraph that several subgraph nodes use: each
@@ -731,8 +751,9 @@ export class Picker {
   upstreamChangedSince(output) {
     const now = previewFile(this.upstreamPreview());
     if (now === null) return false; // no preview (yet): nothing to compare
-    const then = RUN_UPSTREAM.get(output) ?? null;
-    if (then === null && !this.upstreamPreviewLoading()) RUN_UPSTREAM.set(output, now);
+    const key = runKey(output);
+    const then = RUN_UPSTREAM.get(key) ?? null;
+    if (then === null && !this.upstreamPreviewLoading()) noteForRun(RUN_UPSTREAM, key, now);
     return then !== null && then !== now;
   }
 
@@ -759,11 +780,11 @@ export class Picker {
     if (!this.output) {
       const stored = storedOutput(this.node);
       const restorable =
-        (stored?.headseg_pixel || stored?.headseg_image) && !LOST_RUNS.has(stored) && !otherWorkflowsRun(stored, false);
+        (stored?.headseg_pixel || stored?.headseg_image) && !LOST_RUNS.has(runKey(stored)) && !otherWorkflowsRun(stored, false);
       // a run the node was told of (RUN_UPSTREAM keeps every one): the node was rebuilt (undo), its widgets
       // are left as they are. One it never was ended while another workflow was open (ComfyUI tells the
       // nodes of the open one) and comes with its tab: taken as it comes, its frame and mapped pixels too
-      const told = stored ? RUN_UPSTREAM.has(stored) : false; // before upstreamChangedSince notes it
+      const told = stored ? RUN_UPSTREAM.has(runKey(stored)) : false; // before upstreamChangedSince notes it
       if (restorable && !this.upstreamChangedSince(stored)) {
         this.onExecuted(stored, !told, false);
         return;

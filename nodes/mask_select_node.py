@@ -7,6 +7,8 @@ Encode crops a picture or, for other sizes, through a stretch.
 
 from __future__ import annotations
 
+import uuid
+
 import torch
 from comfy_api.latest import io
 
@@ -69,6 +71,9 @@ class MaskSelectAtPixel(io.ComfyNode):
       the runs key by key, so that every list above then holds every item's entries one item after the
       other; the picker shows the first item's (the first entry of each one-entry key, and these
       counts' share of the others).
+    - ``headseg_run``: [id] a new random id at each run of the node (a run served from ComfyUI's cache comes
+      with its id again): the picker knows a run by its payload's content, which can be the same for two
+      runs (the same picture, pixel and masks), and newer frontends (1.58) hand it copies of a payload.
 
     ``ref`` = {"filename", "subfolder", "type": "temp"}, served by GET /view.
     """
@@ -297,6 +302,7 @@ class MaskSelectAtPixel(io.ComfyNode):
             # ComfyUI runs the node once per item of a list (latents from Rebatch Latents) and joins the
             # runs' payloads key by key: the picker takes the first item's share of the joined lists
             "headseg_item": [{"masks": len(thumbnails), "points": len(include) + len(exclude)}],
+            "headseg_run": [uuid.uuid4().hex],
         }
         return io.NodeOutput(chosen, stack, overlay, count, ui=ui)
 

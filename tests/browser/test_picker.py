@@ -424,6 +424,44 @@ def test_another_picture_in_load_image_after_a_run_is_shown_to_pick_on(comfy_pag
     assert comfy_page.pack_problems() == []
 
 
+JS_KEEP_A_COPY_OF_THE_RUN = """(id) => { const key = String(id);
+  app.nodeOutputs[key] = JSON.parse(JSON.stringify(app.nodeOutputs[key])); app.canvas.setDirty(true, true); }"""
+
+
+def test_a_run_whose_outputs_comfyui_keeps_as_a_copy_gives_way_to_another_picture_upstream(comfy_page, pictures):
+    """Newer frontends (1.58) keep a copy of each run's outputs, not the payload handed to the node. The
+    picker told runs apart by the payload object: after another picture was chosen in Load Image it took
+    the kept copy, on its next redraw, for a run it had never seen, tied the new picture to it and showed
+    the last run's picture and thumbnails again for good. The copy is known as the same run, here with the
+    pinned frontend made to keep a copy as the newer ones do: the run gives way to the new picture, stays
+    away when undo rebuilds the node, and comes back with the first picture."""
+    name, W, H = pictures["landscape"]
+    other, OW, OH = pictures["portrait"]
+    page = comfy_page.page
+    node_id, sel = ready_picker(page, name)
+    synthetic_run(page, node_id, name, (W, H), (10, 20))
+    page.evaluate(JS_KEEP_A_COPY_OF_THE_RUN, node_id)
+    assert page.evaluate("(id) => app.nodeOutputs[String(id)] !== app.graph.getNodeById(id).headsegPicker.output", node_id)
+    shown = "(sel) => { const i = document.querySelector(sel + ' img.headseg-base'); return [i.naturalWidth, i.naturalHeight]; }"
+    page.evaluate(JS_LOAD_PICTURE, other)
+    page.wait_for_function(f"() => app.graph.nodes.find(n => n.type === 'LoadImage').imgs?.[0]?.src.includes('{other}')", timeout=10_000)
+    settle(page, 1000)  # redraws: the kept copy is not taken for a new run
+    wait_picture_ready(page, node_id)
+    assert page.query_selector_all(sel + " .headseg-thumb") == []
+    assert page.evaluate(shown, sel) == [OW, OH]
+    rebuild_as_undo_does(page, node_id)
+    page.evaluate(JS_KEEP_A_COPY_OF_THE_RUN, node_id)  # the one undo gives back is another copy
+    settle(page, 1000)
+    wait_picture_ready(page, node_id)
+    assert page.query_selector_all(sel + " .headseg-thumb") == []
+    assert page.evaluate(shown, sel) == [OW, OH]
+    page.evaluate(JS_LOAD_PICTURE, name)
+    page.wait_for_function("(sel) => document.querySelectorAll(sel + ' .headseg-thumb').length === 2", arg=sel, timeout=10_000)
+    wait_picture_ready(page, node_id)
+    assert page.evaluate(shown, sel) == [W, H]
+    assert comfy_page.pack_problems() == []
+
+
 JS_RUN_WITH_UPSTREAM_PREVIEW = """([id, upstream, payload]) => {
   const load = app.graph.nodes.find(n => n.type === 'LoadImage');
   const send = (node, output) => app.api.dispatchCustomEvent('executed',

@@ -199,8 +199,12 @@ def test_ui_payload_contract(nodes, recording, comfy_folders):
     ui = out.ui
     keys = ("headseg_image", "headseg_size", "headseg_pixel", "headseg_pixel_asked", "headseg_index", "headseg_masks",
             "headseg_mask_info", "headseg_points", "headseg_points_asked", "headseg_item",
-            "headseg_picture_size")  # fmt: skip
+            "headseg_picture_size", "headseg_run")  # fmt: skip
     assert set(ui) == set(keys)
+    # a second run of the same inputs shows the same files; its own id tells the picker it is another run
+    again = run_chain(nodes, recording, 180, 120, index=0, image=image)[0].ui
+    assert {k: v for k, v in again.items() if k != "headseg_run"} == {k: v for k, v in ui.items() if k != "headseg_run"}
+    assert len(again["headseg_run"]) == len(ui["headseg_run"]) == 1 and again["headseg_run"] != ui["headseg_run"]
     assert ui["headseg_picture_size"] == [W, H]  # the picture as connected, before it is fitted to the grid
     assert ui["headseg_size"] == [W, H] and ui["headseg_pixel"] == [180, 120] and ui["headseg_index"] == [0]
     assert ui["headseg_pixel_asked"] == [180, 120]
