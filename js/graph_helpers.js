@@ -62,7 +62,7 @@ export function runKey(output) {
  * ComfyUI hands a run's 'executed' message to the node of the same id in the workflow open when the run
  * ends, whichever workflow queued it (e.g. the one this was duplicated from, with the same node ids), and
  * keeps the payload in the change tracker of the workflow that queued it first (which gives it back when
- * that tab is opened again; newer frontends, 1.58, a copy of it: runs are compared by runKey). A tracker whose outputs are the very object ComfyUI keeps the open graph's
+ * that tab is opened again). A tracker whose outputs are the very object ComfyUI keeps the open graph's
  * outputs in tells nothing: a graph loaded into a new tab without clearing (loadGraphData with clean
  * false and no workflow) keeps sharing the outputs of the tab open before. False where no other open
  * workflow is known to hold it (e.g. a run whose prompt ComfyUI had not noted yet): as a run of the
@@ -70,11 +70,10 @@ export function runKey(output) {
 export function fromOtherWorkflow(output) {
   const store = app.extensionManager?.workflow;
   const open = store?.activeWorkflow;
-  const key = runKey(output);
-  if (!open || key === null) return false;
+  if (!open || !output || typeof output !== "object") return false;
   const holds = (workflow) => {
     const kept = workflow?.changeTracker?.nodeOutputs;
-    return !!kept && typeof kept === "object" && Object.values(kept).some((o) => runKey(o) === key);
+    return !!kept && typeof kept === "object" && Object.values(kept).includes(output);
   };
   if (holds(open)) return false;
   const others = (store.openWorkflows ?? []).filter((w) => w !== open && w?.changeTracker?.nodeOutputs !== app.nodeOutputs);
