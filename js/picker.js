@@ -79,7 +79,9 @@ const RAN = new Set();
 const QUEUED_UPSTREAM = new Map();
 const QUEUED_KEPT = 1000;
 let promptUnderWay = null; // the id of the prompt under way (from its execution_start to its end)
-// A run (key) -> the workflow its prompt was queued from (where known when it came).
+// A run (key) -> the workflows its prompts were queued from (where known when it came): a prompt served from
+// ComfyUI's cache hands over an earlier run again, the same content and headseg_run (e.g. a duplicate tab
+// queued with nothing changed), and that run is then each of these workflows' run.
 const RUN_WORKFLOW = new Map();
 
 /** Notes ``value`` for run ``key`` in ``map`` (RUN_UPSTREAM, LOST_RUNS, RUN_WORKFLOW) as its newest entry; the
@@ -143,15 +145,16 @@ export function noteQueued(promptId, shown, workflow, back = false) {
 
 /** Whether UI payload ``output`` is a run of a prompt queued from another workflow than the open one.
  * Known for the run of the prompt under way as its 'executed' message comes (``fromMessage``), from the
- * workflow open when that prompt was queued, and kept for the payload (which ComfyUI gives back to a node
+ * workflow open when that prompt was queued (each such workflow's, for a run served again from the cache), and
+ * kept for the payload (which ComfyUI gives back to a node
  * rebuilt by undo); else from the change trackers (graph_helpers.js fromOtherWorkflow). */
 function otherWorkflowsRun(output, fromMessage) {
   const key = runKey(output);
   const queuedFrom = fromMessage ? QUEUED_UPSTREAM.get(promptUnderWay)?.workflow : null;
-  if (queuedFrom) noteForRun(RUN_WORKFLOW, key, queuedFrom);
-  const workflow = RUN_WORKFLOW.get(key);
+  if (queuedFrom) noteForRun(RUN_WORKFLOW, key, new Set(RUN_WORKFLOW.get(key)).add(queuedFrom));
+  const workflows = RUN_WORKFLOW.get(key);
   const open = app.extensionManager?.workflow?.activeWorkflow;
-  if (workflow && open) return workflow !== open;
+  if (workflows && open) return !workflows.has(open);
   return fromOtherWorkflow(output);
 }
 

@@ -704,6 +704,50 @@ def test_a_run_queued_from_a_workflow_changes_nothing_in_its_duplicate_that_ran_
     assert comfy_page.pack_problems() == []
 
 
+def test_a_run_served_from_the_cache_to_a_duplicate_stays_its_first_workflows_run(comfy_page, comfy_server):
+    """Workflow A run, then its duplicate B queued with nothing changed: ComfyUI serves B's prompt from its cache
+    and hands B's Mask Select A's payload again (the same content and headseg_run). The run is both tabs':
+    A, opened again, shows it. The picker noted one workflow per run and the last one won, so A's picker,
+    rebuilt as its tab opened, took its own run for B's and showed none."""
+    page = comfy_page.page
+    node_id, first, copy, _ = workflow_and_its_duplicate(comfy_page, comfy_server, "headseg_browser_duplicate_cached")
+    sel = picker_selector(node_id)
+    thumbs = "(sel) => document.querySelectorAll(sel + ' .headseg-thumb').length"
+    assert page.evaluate(JS_OPEN_TAB, first)
+    view_picker(page, node_id, 1.0)
+    events = page.evaluate(JS_QUEUE_AND_WAIT, 120_000)  # A's run
+    assert events["error"] is None, f"run failed: {json.dumps(events['error'])[:2000]}"
+    page.wait_for_function(f"(sel) => ({thumbs})(sel) > 0", arg=sel, timeout=15_000)
+    shown = page.evaluate(thumbs, sel)
+    run_id = "(id) => app.graph.getNodeById(id).headsegPicker.output?.headseg_run?.[0] ?? null"
+    first_run = page.evaluate(run_id, node_id)
+    assert first_run
+    assert page.evaluate(JS_OPEN_TAB, copy)
+    view_picker(page, node_id, 1.0)
+    # B queued, nothing changed: every node served from the cache, A's payload handed over again. The messages
+    # are held until the page has the prompt's id (a prompt run from the cache can end before that answer)
+    ended = page.evaluate(
+        """async () => { ("""
+        + JS_HOLD_MESSAGES_AFTER_START
+        + """)(); let end; const ended = new Promise(r => end = r);
+             for (const t of ['execution_success', 'execution_error']) app.api.addEventListener(t, () => end(t), {once: true});
+             await app.queuePrompt(0, 1); await window.headsegRelease?.(); return await ended; }"""
+    )
+    assert ended == "execution_success", ended
+    page.wait_for_function(f"(sel) => ({thumbs})(sel) === {shown}", arg=sel, timeout=15_000)  # B shows it as its run
+    assert page.evaluate(run_id, node_id) == first_run  # A's run again, from the cache
+    assert page.evaluate(JS_OPEN_TAB, first)
+    view_picker(page, node_id, 1.0)
+    settle(page, 1500)  # the slow timer ticks the rebuilt picker
+    assert page.evaluate(thumbs, sel) == shown
+    page.evaluate(
+        """async (p) => { const store = app.extensionManager.workflow;
+                          await store.closeWorkflow(store.openWorkflows.find(w => w.path === p), {warnIfUnsaved: false}); }""",
+        copy,
+    )
+    assert comfy_page.pack_problems() == []
+
+
 # [id, other, batches]: queues one click of each batch count in ``batches`` (app.queuePrompt(0, n)), the page's
 # messages held from the first prompt's start on; then chooses picture ``other`` in Load Image and, once it shows
 # it, lets the messages through and waits for every prompt to end -> {waiting: whether a prompt had not started
