@@ -29,8 +29,8 @@ from .core import pixels as core_pixels
 from .core.masks import check_label_map
 from .core.numerics import all_finite
 from .node_utils import (
-    CATEGORY, comfy_metadata, expect as _expect, image_batch, list_index, on_png_threads, output_error, output_place, prefix_error,
-    writable_entries,
+    CATEGORY, PREFIX_RULES_TOOLTIP, comfy_metadata, expect as _expect, image_batch, list_index, on_png_threads, output_error,
+    output_place, prefix_error, writable_entries,
 )
 
 log = logging.getLogger("HeadSeg")
@@ -295,10 +295,7 @@ class SaveLabelMaps(io.ComfyNode):
                         "Each image gets the next counter: <prefix>_00001_k2.png, <prefix>_00001_k5.png, ... "
                         "and <prefix>_00001_image.png; no earlier file is written over. As in Save Image, %date:yyyy-MM-dd%, %Node name.widget%, "
                         "%width% and %height% are filled in, and %batch_num% becomes the image's index in the batch "
-                        "(0, 1, ...), its images then sharing one counter. '\\' separates folders, as on Windows. A blank prefix, "
-                        "one leading outside the output folder ('../x'), one holding a character no file name can (a lone "
-                        "surrogate, from an API client), or a name Windows cannot save under (a device name as a folder or before a dot, such as 'CON/x' or 'nul.x', "
-                        "a character such as ':' or '?', a folder of dots and spaces only) is refused when the prompt is queued; a folder's trailing dots and spaces are dropped, as on Windows."
+                        "(0, 1, ...), its images then sharing one counter. " + PREFIX_RULES_TOOLTIP
                     ),
                 ),
                 io.Image.Input(

@@ -368,6 +368,16 @@ def image_batch(image, name: str = "image", first_only: bool = False) -> torch.T
     return image
 
 
+# The rules of a Save node's filename_prefix (prefix_error, output_place), for its tooltip.
+PREFIX_RULES_TOOLTIP = (
+    "'\\' separates folders, as on Windows. A blank prefix, one leading outside the output folder ('../x'), one "
+    "holding a character no file name can (a lone surrogate, from an API client), or a name Windows cannot save "
+    "under (a device name as a folder or before a dot, such as 'CON/x' or 'nul.x', a character such as ':' or '?', "
+    "a folder of dots and spaces only) is refused when the prompt is queued; a folder's trailing dots and spaces "
+    "are dropped, as on Windows."
+)
+
+
 def _blank_prefix_error(filename_prefix, example: str) -> str | None:
     """The message for a filename_prefix that is no text, blank, holds a NUL or a character no file name can (a
     lone surrogate such as '\\ud800', from an API client that cut a UTF-16 text: open() raised an unnamed

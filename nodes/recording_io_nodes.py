@@ -29,7 +29,7 @@ from .core.recording_file import (
     save_recording,
 )
 from .node_utils import (
-    as_recording, check_memory, comfy_metadata, list_index, output_error, output_place, prefix_error, writable_entries,
+    PREFIX_RULES_TOOLTIP, as_recording, check_memory, comfy_metadata, list_index, output_error, output_place, prefix_error, writable_entries,
 )
 from .portable_names import portable_path, starts_with_drive
 
@@ -302,11 +302,7 @@ class SaveRecording(io.ComfyNode):
                     tooltip=(
                         "File name prefix inside the output folder; a counter and '.safetensors' are "
                         "appended. May contain subfolders ('headseg/cat'); as in Save Image, %date:yyyy-MM-dd%, "
-                        "%Node name.widget%, %width% and %height% (the sampled image's) are filled in; '\\' separates folders, "
-                        "as on Windows. A blank prefix, one leading outside the output folder ('../x'), one holding a "
-                        "character no file name can (a lone surrogate, from an API client), or a name Windows cannot save "
-                        "under (a device name as a folder or before a dot, such as 'CON/x' or 'nul.x', a character such as ':' or '?', a folder of dots and spaces "
-                        "only) is refused when the prompt is queued; a folder's trailing dots and spaces are dropped, as on Windows."
+                        "%Node name.widget%, %width% and %height% (the sampled image's) are filled in. " + PREFIX_RULES_TOOLTIP
                     ),
                 ),
                 io.Latent.Input(
