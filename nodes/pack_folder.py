@@ -40,13 +40,17 @@ COMFYUI_NEEDED = "0.3.75"
 _SERVABLE = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@]")
 
 
+def _pyproject_text(folder: pathlib.Path) -> str:
+    """``folder``/pyproject.toml's text, "" when it cannot be read as UTF-8."""
+    try:
+        return (folder / "pyproject.toml").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
 def pack_version(folder: pathlib.Path) -> str:
     """[project] version from ``folder``/pyproject.toml, or "unknown version" (no tomllib before Python 3.11)."""
-    try:
-        text = (folder / "pyproject.toml").read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return "unknown version"
-    match = re.search(r'^version\s*=\s*"([^"]+)"', text, re.MULTILINE)
+    match = re.search(r'^version\s*=\s*"([^"]+)"', _pyproject_text(folder), re.MULTILINE)
     return match.group(1) if match else "unknown version"
 
 
@@ -86,10 +90,7 @@ def withdraw_web_folder(first: pathlib.Path) -> None:
 
 
 def _holds_headseg(folder: pathlib.Path) -> bool:
-    try:
-        text = (folder / "pyproject.toml").read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return False
+    text = _pyproject_text(folder)
     return (folder / "__init__.py").is_file() and re.search(r'^name\s*=\s*"headseg"\s*$', text, re.MULTILINE) is not None
 
 
