@@ -14,6 +14,7 @@ from comfy_api.latest import io
 
 from . import types as hs
 from .core import kmeans as core_kmeans
+from .core import kmeans_image as core_kmeans_image
 from .core import preview as core_preview
 from .core import upsample as core_upsample
 from .node_utils import (
@@ -184,18 +185,18 @@ def kmeans_work_bytes(stack, k: int) -> int:
 
 def kmeans_sweep_bytes(stack, counts, busy) -> int:
     """Bytes Multi K-Means' clustering of the k of ``counts`` holds on the CPU, an upper estimate: the
-    working sets of every k (one per number of points: kmeans._prepare makes them all before the first k
-    runs, and they are held until the image's last k ends) and the phases of the k of ``busy``, clustered
-    at once (one per intra-op thread). Four k from 250 to 256 on one thread held their four working sets,
-    about 350 MB on SD2.1's grids at 256x256, where one k's estimate counted one."""
+    working sets of every k (one per number of points: kmeans_image's PreparedImage.prepare makes them all
+    before the first k runs, and they are held until the image's last k ends) and the phases of the k of
+    ``busy``, clustered at once (one per intra-op thread). Four k from 250 to 256 on one thread held their
+    four working sets, about 350 MB on SD2.1's grids at 256x256, where one k's estimate counted one."""
     held = sum(_working_set_bytes(stack, n) for n in {_working_set_points(stack, k) for k in counts})
     return held + sum(_kmeans_phase_bytes(stack, k) for k in busy)
 
 
 def _working_set_points(stack, k: int) -> int:
-    """The pixels n of k's working set: max(512, 16 k), at most the image's (kmeans.working_set)."""
+    """The pixels n of k's working set: max(512, 16 k), at most the image's (PreparedImage.working_set)."""
     H, W = stack.size
-    return min(H * W, max(core_kmeans._WS_MIN_POINTS, core_kmeans._WS_POINTS_PER_K * k))
+    return core_kmeans_image.working_set_points(k, H * W)
 
 
 def _working_set_bytes(stack, n: int) -> int:

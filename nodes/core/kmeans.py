@@ -32,13 +32,14 @@ CUDA GPUs: every k of an image runs at once on the calling thread (kmeans_batche
 algorithm, draws and stopping rules in a few large launches per iteration, where one k at a time
 was thousands of small launches and host round trips (an H200 at 512 x 512: 0.035 s for all five k
 with 16 CPU threads, 0.049 s with 2, against 0.108 s one k at a time).
+
+The arguments are checked by kmeans_options.py; each image's grids, interpolation matrices, lattices
+and working sets, shared by every k of a sweep, are kmeans_image.py's PreparedImage.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -48,34 +49,34 @@ from typing import Callable
 import torch
 
 from . import kmeans_batched as batched
-from .numerics import full_float32_matmul, power_of_two_scale
-from .upsample import MAX_OFFSET, FeatureStack, channel_means, check_stack, interpolation_matrix, peak_abs
-from .values import ascii_int, is_int, shown_text
+from .kmeans_image import STAGES, PreparedImage
+from .kmeans_options import (
+    MAX_CLUSTERS,
+    MAX_TOTAL_CLUSTERS,
+    check_callbacks,
+    check_cluster_counts,
+    check_iter_tol,
+    check_k,
+    check_seed,
+    check_sweep_options,
+    parse_cluster_counts,
+)
+from .numerics import full_float32_matmul
+from .upsample import FeatureStack, check_stack
 from .working_set import RTOL as _RTOL
-from .lattice import Lattice, sample_positions
-from .working_set import WorkingSet, check_tol, no_check, sample_pixels, starts
+from .working_set import WorkingSet, no_check, starts
 
-# The most clusters one k may ask for: every cluster becomes a mask at the output size (256 masks of
-# 512x512 are 256 MB as a float MASK batch), and the working set grows with k (16 points per cluster).
-MAX_CLUSTERS = 256
-# The most clusters all k of one sweep may add up to: every cluster becomes a mask, and merging
-# compares every pair of masks (1024 masks of 512x512 are 1 GB as a float MASK batch).
-MAX_TOTAL_CLUSTERS = 1024
-# Working set: this many random pixels (at least _WS_POINTS_PER_K * k).
-_WS_MIN_POINTS = 512
-_WS_POINTS_PER_K = 16
-# Exact Lloyd runs on the pixel lattice this many rungs below the full image (each rung has 4x the
-# pixels of the one below: 2 = 1/16 of the pixels), or the first above it with at least
-# _POLISH_MIN_POINTS pixels, then on the full image. (A third lattice of 1/4 of the pixels between
-# them cost 7-10 % more time; without it Lloyd often stops in a slightly different optimum, a few
-# 1e-4 higher in inertia on the benchmark input.)
-_POLISH_SKIP = 2
-_POLISH_MIN_POINTS = 1 << 12
+# The public names, with those kmeans_options.py and kmeans_image.py hold (importable from here too).
+__all__ = [
+    "MAX_CLUSTERS", "MAX_TOTAL_CLUSTERS", "STAGES", "KMeansResult", "ClusterSweep", "parse_cluster_counts",
+    "check_sweep_options", "kmeans", "multi_kmeans",
+]
+
 # k-means++ starts on the working set, each followed by Lloyd there; of the _WS_FINALISTS of lowest
 # inertia on the working set, one per optimum (_finalists: within _WS_SAME_OPTIMUM relative inertia
-# counts as the same), the one of lowest inertia on the scoring lattice (the first with at
-# least _POLISH_MIN_POINTS pixels, the full image if none has) is polished. The starts run at once
-# with [starts, k, points] tensors: for large k fewer starts keep those at most _WS_START_FLOATS.
+# counts as the same), the one of lowest inertia on the scoring lattice (the first with at least
+# _POLISH_MIN_POINTS pixels, kmeans_image.py; the full image if none has) is polished. The starts run
+# at once with [starts, k, points] tensors: for large k fewer starts keep those at most _WS_START_FLOATS.
 _WS_INITS = 20
 _WS_START_FLOATS = 1 << 23
 _WS_FINALISTS = 3
@@ -86,9 +87,6 @@ _BATCHED_DEVICES = ("cuda",)
 # Lattices of at least this many pixels use all intra-op threads; everything smaller runs on one
 # (waking a second thread for each small product costs more than it saves).
 _PARALLEL_MIN_POINTS = 1 << 17
-# Progress units of one (image, k): the working set and its finalists, the polish on the coarser
-# lattice, the polish on the full image (the last two together when the image is small).
-STAGES = 3
 
 
 @contextmanager
@@ -154,188 +152,7 @@ class ClusterSweep:
         return dataclasses.replace(self, results={k: r.to(device) for k, r in self.results.items()})
 
 
-def parse_cluster_counts(text: str) -> list[int]:
-    """"2,5,6,10,20" -> [2, 5, 6, 10, 20]: sorted, unique; commas or spaces separate; each in 1..MAX_CLUSTERS."""
-    if not isinstance(text, str):
-        raise ValueError(
-            f"cluster_counts must be a string of integers such as '2,5,6,10,20', got {type(text).__name__}"
-        )
-    tokens = [t for t in re.split(r"[,\s;]+", text.strip()) if t]
-    if not tokens:
-        raise ValueError(f"cluster_counts must list at least one integer such as '2,5,6,10,20', got {shown_text(text, 80)}")
-    counts = []
-    for token in tokens:
-        if not re.fullmatch(r"[+-]?[0-9]+", token):  # ASCII digits only
-            raise ValueError(f"cluster_counts must hold integers such as '2,5,6,10,20'; {shown_text(token, 80)} is not one")
-        value = -ascii_int(token[1:]) if token[0] == "-" else ascii_int(token.lstrip("+"))
-        if not 1 <= value <= MAX_CLUSTERS:
-            raise ValueError(f"cluster_counts must hold integers from 1 to {MAX_CLUSTERS}, got {value} in {shown_text(text, 80)}")
-        counts.append(value)
-    return _check_total(sorted(set(counts)), text)
-
-
-def _check_total(ks: list[int], given) -> list[int]:
-    """ks -> ks, or a ValueError when they add up to more than MAX_TOTAL_CLUSTERS."""
-    if sum(ks) > MAX_TOTAL_CLUSTERS:
-        raise ValueError(
-            f"cluster_counts must add up to at most {MAX_TOTAL_CLUSTERS} clusters (each becomes a mask at the "
-            f"output size, and merging compares every pair), got {sum(ks)} from {given!r}"
-        )
-    return ks
-
-
-# ----------------------------------------------------------------------------- validation
-def _max_clusters(stack: FeatureStack) -> int:
-    """Cells of the finest grid (capped by the output pixels): the most distinct clusters possible."""
-    H, W = stack.size
-    cells = max(int(g.shape[2]) * int(g.shape[3]) for g in stack.grids)
-    return min(cells, H * W)
-
-
-def _check_k(k, limit: int, finest: str, name: str = "k") -> int:
-    """k -> k, or a ValueError that starts with ``name`` (the argument k came in)."""
-    where = "" if name == "k" else f"{name}: "
-    if not is_int(k):
-        raise ValueError(f"{where}k must be an int >= 1, got {k!r}")
-    if k < 1:
-        raise ValueError(f"{where}k must be >= 1, got {k}")
-    if k > MAX_CLUSTERS:
-        raise ValueError(
-            f"{where}k must be at most {MAX_CLUSTERS} (each cluster becomes a mask at the output size), got {k}"
-        )
-    if k > limit:
-        raise ValueError(f"{where}k must be at most {limit} ({finest}: no more distinct clusters), got {k}")
-    return int(k)
-
-
-def _finest(stack: FeatureStack) -> str:
-    """What bounds k: the cells of the finest grid, or the output pixels when there are fewer."""
-    H, W = stack.size
-    g = max(stack.grids, key=lambda t: int(t.shape[2]) * int(t.shape[3]))
-    if H * W < int(g.shape[2]) * int(g.shape[3]):
-        return f"the pixels of the {H}x{W} output"
-    return f"the cells of the finest grid {int(g.shape[2])}x{int(g.shape[3])}"
-
-
-# ----------------------------------------------------------------------------- images
-class _Image:
-    """Everything k-means needs for one image of a stack, shared by all k of a sweep.
-
-    sides: lattices of output pixels from coarse to fine, each twice the previous per side, the
-    last being the full H x W image (rungs, built on first use). The working set is a uniform random
-    sample of output pixels with their explicit features (an unbiased sample of the full problem).
-    """
-
-    def __init__(self, stack: FeatureStack, b: int, check=no_check, advance=None):
-        H, W = stack.size
-        self.size = (H, W)
-        self.check = check  # called at every k-means++ step and Lloyd iteration; raises to stop
-        self.advance = advance or (lambda units: None)  # advance(units): stages done (STAGES per k)
-        # Features whose largest |value| lies outside 2**-SCALE_EXP .. 2**SCALE_EXP (numerics.py) are
-        # scaled by an exact power of two (in float64, before float32), so that squared distances
-        # neither underflow nor overflow float32; centroids and inertia are scaled back, labels unchanged.
-        grids = [g[b].detach() for g in stack.grids]  # [C_g, h_g, w_g] each
-        grids, self.offset = _centred(grids)
-        self.scale = float(power_of_two_scale(torch.stack([peak_abs(g).double() for g in grids]).max()))
-        if self.scale != 1.0:
-            grids = [g.double() * self.scale for g in grids]
-        self.feats = [g.to(torch.float32) for g in grids]  # [C_g, h_g, w_g]
-        self.device = device = grids[0].device
-        mats = {}  # (n_in, n_out, span) -> [n_out, n_in]; span: the pixels the grid spans (None: the image)
-        spans = [stack.span(i) for i in range(len(self.feats))]  # (Hs, Ws) per grid
-        axes = [((int(f.shape[1]), H, Hs), (int(f.shape[2]), W, Ws)) for f, (Hs, Ws) in zip(self.feats, spans)]
-        for axis in (a for pair in axes for a in pair):
-            if axis not in mats:
-                n_in, n_out, span = axis
-                mats[axis] = interpolation_matrix(n_in, n_out, stack.mode, span=span).to(device, torch.float32)
-        self.ry = [mats[rows] for rows, _ in axes]  # [H, h_g]
-        self.rx = [mats[cols] for _, cols in axes]  # [W, w_g]
-        sides = [(H, W)]
-        while sides[-1][0] * sides[-1][1] > 4 and sides[-1] != (1, 1):
-            ny, nx = sides[-1]
-            sides.append((math.ceil(ny / 2), math.ceil(nx / 2)))
-        self.sides = sides[::-1]  # coarse -> fine, last = (H, W)
-        self._rungs = {}
-        self._ws = {}
-
-    @property
-    def last(self) -> int:
-        return len(self.sides) - 1
-
-    def rung_rows(self, i: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Interpolation rows of lattice i (0 <= i <= last) -> (per grid [ny, h_g], per grid [nx, w_g]):
-        the rows of its sampled output pixels, or the full matrices for the full image."""
-        ny, nx = self.sides[i]
-        H, W = self.size
-        if (ny, nx) == (H, W):
-            return self.ry, self.rx
-        ys, xs = sample_positions(H, ny, self.device), sample_positions(W, nx, self.device)  # [ny], [nx]
-        return [r[ys] for r in self.ry], [r[xs] for r in self.rx]
-
-    def rung(self, i: int) -> Lattice:
-        """Lattice i of ``sides`` (negative i counts from the full image), built on first use."""
-        i = i % len(self.sides)
-        if i not in self._rungs:
-            self._rungs[i] = Lattice(self.feats, *self.rung_rows(i))
-        return self._rungs[i]
-
-    def polish_rungs(self) -> list[int]:
-        """Lattices of the exact Lloyd polish, coarse to fine: the one _POLISH_SKIP rungs below the
-        full image (1/16 of its pixels) or the first above it with at least _POLISH_MIN_POINTS pixels,
-        then the full image (alone when no smaller lattice is that large)."""
-        first = max(self.last - _POLISH_SKIP, 0)
-        while first < self.last and self.sides[first][0] * self.sides[first][1] < _POLISH_MIN_POINTS:
-            first += 1
-        return [first, self.last] if first < self.last else [self.last]
-
-    def stages_after(self, i: int) -> int:
-        """Progress stages one k completes with the polish on lattice i: 1, and on the full image the
-        rest of the STAGES (2 when it is the only polish lattice)."""
-        return STAGES - len(self.polish_rungs()) if i == self.last else 1
-
-    def scoring_rung(self) -> int:
-        """The first lattice with at least _POLISH_MIN_POINTS pixels (the full image if none)."""
-        for i, (ny, nx) in enumerate(self.sides):
-            if ny * nx >= _POLISH_MIN_POINTS:
-                return i
-        return self.last
-
-    def working_set(self, k: int, seed: int, map_fn=map) -> WorkingSet:
-        """The WorkingSet of n = max(_WS_MIN_POINTS, _WS_POINTS_PER_K * k) random pixels (all if fewer);
-        map_fn runs the blocks of its Gram matrix (see WorkingSet.from_features)."""
-        full = self.rung(self.last)
-        N = full.num_pixels
-        n = min(N, max(_WS_MIN_POINTS, _WS_POINTS_PER_K * k))
-        if (n, seed) not in self._ws:
-            gen = torch.Generator().manual_seed(seed)
-            pix = sample_pixels(N, n, gen) if n < N else torch.arange(N, device="cpu")  # [n]
-            pix = pix.to(full.device)  # drawn on the CPU: the same pixels on every device
-            self._ws[n, seed] = WorkingSet.from_features(full.features_at(pix), map_fn)  # X [n, C], G [n, n]
-        return self._ws[n, seed]
-
-
-# ----------------------------------------------------------------------------- helpers
-def _centred(grids: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """[C_g, h_g, w_g] grids -> (the grids less every channel's native-grid mean, in float64, and the
-    means [C] float64 in stack channel order), or (the grids, None) when no channel's mean is more
-    than MAX_OFFSET (upsample.py) of its own largest |value| (PCA scores are centred already: used as they are).
-
-    k-means' distances ||c||^2 - 2<F, c> cancel in float32 when the features share a large offset;
-    taking it out changes no distance: upsampling keeps constants (interpolation rows sum to 1), so
-    up(f - m) = up(f) - m, and k-means is translation invariant. float64, since a difference of two
-    float32 values may exceed float32's range (the power-of-two scale then brings it back).
-    """
-    means = [channel_means(g.reshape(g.shape[0], -1)) for g in grids]  # [C_g] each (no float64 copy of a grid)
-    for g, m in zip(grids, means):
-        low, high = torch.aminmax(g.reshape(g.shape[0], -1), dim=1)  # [C_g] each
-        if bool((m.abs() > MAX_OFFSET * torch.maximum(-low, high).double()).any()):
-            break
-    else:
-        return grids, None
-    grids = [g.double() - m[:, None, None] for g, m in zip(grids, means)]  # [C_g, h_g, w_g] float64
-    return grids, torch.cat(means)  # [C]
-
-
+# ----------------------------------------------------------------------------- one image, every k
 def _canonical(labels: torch.Tensor, centroids: torch.Tensor, k: int):
     """labels [...] in 0..k-1, centroids [k, C] -> (labels, centroids) renumbered by decreasing area, ties by
     first pixel in raster order."""
@@ -351,7 +168,7 @@ def _canonical(labels: torch.Tensor, centroids: torch.Tensor, k: int):
     return rank[labels], centroids[order]
 
 
-def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, threads: int | None):
+def _kmeans_image(img: PreparedImage, k: int, seed: int, max_iter: int, tol: float, threads: int | None):
     """One image, one k -> _finish's (labels [H, W] uint8 canonical, centroids [k, C], inertia float, iterations).
 
     Runs on one thread except the Lloyd iterations of large lattices, which use ``threads``;
@@ -389,7 +206,7 @@ def _kmeans_image(img: _Image, k: int, seed: int, max_iter: int, tol: float, thr
     return _finish(img, k, labels, centroids, max(0.0, total_sq + float(score.double().sum())), iters)
 
 
-def _finish(img: _Image, k: int, labels: torch.Tensor, centroids: torch.Tensor, inertia: float, iters: int):
+def _finish(img: PreparedImage, k: int, labels: torch.Tensor, centroids: torch.Tensor, inertia: float, iters: int):
     """One k's polished result -> (labels [H, W] uint8 canonical, centroids [k, C] in the stack's units,
     inertia float in the stack's units, iterations). uint8: k <= MAX_CLUSTERS = 256, and a label map of
     one byte per pixel is an eighth of int64's (they stay in ComfyUI's cache for every k and image)."""
@@ -405,7 +222,7 @@ def _finish(img: _Image, k: int, labels: torch.Tensor, centroids: torch.Tensor, 
     return labels, centroids, inertia, iters
 
 
-def _sweep_image_batched(img: _Image, ks: list[int], seed: int, max_iter: int, tol: float) -> dict:
+def _sweep_image_batched(img: PreparedImage, ks: list[int], seed: int, max_iter: int, tol: float) -> dict:
     """One image, every k at once (kmeans_batched.py, for GPUs) -> {k: _kmeans_image's result},
     the same up to rounding."""
     H, W = img.size
@@ -414,7 +231,7 @@ def _sweep_image_batched(img: _Image, ks: list[int], seed: int, max_iter: int, t
 
     def rung(i: int) -> batched.DenseLattice:
         if i not in dense:
-            dense[i] = _dense_rung(img, i)
+            dense[i] = img.dense_rung(i)
         return dense[i]
 
     cands, ws_iters, ws_of = {}, {}, {}
@@ -463,7 +280,7 @@ def _sweep_image_batched(img: _Image, ks: list[int], seed: int, max_iter: int, t
     }
 
 
-def _working_set_batches(img: _Image, ks: list[int], seed: int):
+def _working_set_batches(img: PreparedImage, ks: list[int], seed: int):
     """-> [(working set, ks, starts per k)]: the k that share a working set (the same number of
     points n), in batches whose [starts, k, n] tensors, padded to the batch's largest k, hold at
     most about _WS_START_FLOATS floats in all (the bound one k alone keeps); at least one k each."""
@@ -506,28 +323,7 @@ def _ws_starts(k: int, n: int) -> int:
     return max(1, min(_WS_INITS, _WS_START_FLOATS // (k * n))) if k > 1 else 1
 
 
-def _dense_rung(img: _Image, i: int) -> batched.DenseLattice:
-    """Lattice i of the image (as _Image.rung) with dense interpolation matrices."""
-    return batched.DenseLattice(img.feats, *img.rung_rows(i))
-
-
-def _prepare(img: _Image, ks: list[int], seed: int, pool: ThreadPoolExecutor | None) -> None:
-    """Builds everything the k of ``ks`` share (working sets, lattices, moments) before they run,
-    on one intra-op thread each; with a pool, the lattices, the moments and the blocks of the Gram
-    matrices run on its workers while this thread gathers the working sets' features."""
-    full = img.rung(img.last)
-    lattices = sorted({*img.polish_rungs(), img.scoring_rung()} - {img.last})  # the full image is `full`
-    jobs = [full.moments] + [lambda i=i: img.rung(i) for i in lattices]
-    futures = [pool.submit(job) for job in jobs] if pool is not None else []
-    for k in ks:
-        img.working_set(k, seed, map if pool is None else pool.map)
-    if pool is None:
-        for job in jobs:
-            job()
-    for future in futures:
-        future.result()
-
-
+# ----------------------------------------------------------------------------- sweeps
 class _Stopped(Exception):
     """Raised by _StopCheck on the threads that did not see the caller's check raise."""
 
@@ -595,7 +391,7 @@ def _sweep_all(stack: FeatureStack, ks: list[int], seed: int, max_iter: int, tol
     with full_float32_matmul():
         if device.type in _BATCHED_DEVICES:
             for b in range(B):
-                for k, result in _sweep_image_batched(_Image(stack, b, stop, advance), ks, seed, max_iter, tol).items():
+                for k, result in _sweep_image_batched(PreparedImage(stack, b, stop, advance), ks, seed, max_iter, tol).items():
                     collect(k, result)
         else:
             _sweep_threads(stack, ks, seed, max_iter, tol, collect, advance, stop)
@@ -628,9 +424,9 @@ def _sweep_threads(
     share = max(1, threads // workers) if H * W >= _PARALLEL_MIN_POINTS else 1  # intra-op threads per worker
     try:
         for b in range(stack.batch_size):
-            img = _Image(stack, b, check, advance)  # grids and interpolation matrices
+            img = PreparedImage(stack, b, check, advance)  # grids and interpolation matrices
             with _threads(1):
-                _prepare(img, ks, seed, pool)  # the shared parts: working set, lattices, moments
+                img.prepare(ks, seed, pool)  # the shared parts: working set, lattices, moments
             with _threads(1 if pool is None else share):
                 if pool is None:
                     results = ((k, _kmeans_image(img, k, seed, max_iter, tol, threads)) for k in ks)
@@ -648,18 +444,6 @@ def _sweep_threads(
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _check_iter_tol(max_iter, tol) -> tuple[int, float]:
-    if not is_int(max_iter) or max_iter < 1:
-        raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
-    return int(max_iter), check_tol(tol)
-
-
-def _check_seed(seed):
-    if not is_int(seed):
-        raise ValueError(f"seed must be an int, got {seed!r}")
-    return int(seed) % (1 << 63)
-
-
 def kmeans(stack: FeatureStack, k: int, seed: int = 0, max_iter: int = 100, tol: float = 1e-4) -> KMeansResult:
     """FeatureStack (virtual [B, C, H, W]) -> KMeansResult with labels [B, H, W] for k clusters.
 
@@ -670,32 +454,10 @@ def kmeans(stack: FeatureStack, k: int, seed: int = 0, max_iter: int = 100, tol:
     tol: centroid shift (squared, summed) relative to the mean feature variance, as in scikit-learn.
     """
     check_stack(stack)
-    k = _check_k(k, _max_clusters(stack), _finest(stack))
-    max_iter, tol = _check_iter_tol(max_iter, tol)
-    seed = _check_seed(seed)
+    k = check_k(stack, k)
+    max_iter, tol = check_iter_tol(max_iter, tol)
+    seed = check_seed(seed)
     return _sweep(stack, [k], seed, max_iter, tol)[k]
-
-
-def _cluster_count_list(cluster_counts) -> list:
-    """cluster_counts (a string such as "2,5,6,10,20" or an iterable) -> a non-empty list, unchecked."""
-    if isinstance(cluster_counts, str):
-        return parse_cluster_counts(cluster_counts)
-    try:
-        ks = list(cluster_counts)
-    except TypeError:
-        raise ValueError(
-            f"cluster_counts must be a list of ints or a string such as '2,5,6,10,20', got {cluster_counts!r}"
-        ) from None
-    if not ks:
-        raise ValueError("cluster_counts must hold at least one cluster count k")
-    return ks
-
-
-def check_sweep_options(cluster_counts, seed) -> tuple[list[int], int]:
-    """multi_kmeans' options checked before there is a stack (k up to MAX_CLUSTERS; multi_kmeans
-    also checks them against the stack's grids) -> (sorted unique ks, seed)."""
-    ks = sorted({_check_k(k, MAX_CLUSTERS, "", "cluster_counts") for k in _cluster_count_list(cluster_counts)})
-    return _check_total(ks, cluster_counts), _check_seed(seed)
 
 
 def multi_kmeans(
@@ -714,13 +476,8 @@ def multi_kmeans(
     interrupt) stops every k at its next step and comes out of multi_kmeans.
     """
     check_stack(stack)
-    ks = _cluster_count_list(cluster_counts)
-    limit, finest = _max_clusters(stack), _finest(stack)
-    ks = _check_total(sorted({_check_k(k, limit, finest, "cluster_counts") for k in ks}), cluster_counts)
-    seed = _check_seed(seed)
-    if progress is not None and not callable(progress):
-        raise ValueError(f"progress must be callable(done, total) or None, got {type(progress).__name__}")
-    if check is not None and not callable(check):
-        raise ValueError(f"check must be callable() or None, got {type(check).__name__}")
+    ks = check_cluster_counts(stack, cluster_counts)
+    seed = check_seed(seed)
+    check_callbacks(progress, check)
     results = _sweep(stack, ks, seed, 100, 1e-4, progress, check or no_check)
     return ClusterSweep(results=results, size=tuple(stack.size), source=stack.source)

@@ -26,9 +26,9 @@ _CHUNK_BYTES = 16 * 2**20  # working memory per chunk in upsampling_error
 # Features are float32 in k-means and the error map: larger values cannot be represented.
 _MAX_FEATURE = float(torch.finfo(torch.float32).max)
 # The k-means and the error map take out channel means above this fraction of the channel's largest
-# |feature| (kmeans._centred, _channel_offsets): k-means' distances and both interpolations keep constants,
-# and a large offset would leave the float32 differences of a small spread about it to rounding (1e-2
-# about 1e4: 10 % of the map).
+# |feature| (kmeans_image._centred, _channel_offsets): k-means' distances and both interpolations keep
+# constants, and a large offset would leave the float32 differences of a small spread about it to
+# rounding (1e-2 about 1e4: 10 % of the map).
 MAX_OFFSET = 2.0**-10
 
 

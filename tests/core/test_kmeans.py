@@ -8,6 +8,7 @@ import torch
 from sklearn.cluster import KMeans
 
 from headseg.nodes.core import kmeans as km
+from headseg.nodes.core import kmeans_image
 from headseg.nodes.core import lattice
 from headseg.nodes.core import working_set
 from headseg.nodes.core.kmeans import ClusterSweep, KMeansResult, kmeans, multi_kmeans, parse_cluster_counts
@@ -43,7 +44,7 @@ def explicit(stack, b=0):
 
 
 def as_held(img, X):
-    """X [N, C] as the lattices of km._Image ``img`` hold it: less the channel means _centred took out."""
+    """X [N, C] as the lattices of PreparedImage ``img`` hold it: less the channel means _centred took out."""
     return X if img.offset is None else X - img.offset
 
 
@@ -85,7 +86,7 @@ def test_assignment_and_update_equal_brute_force(mode, size, chunk, shapes, monk
     if chunk is not None:
         monkeypatch.setattr(lattice, "_CHUNK_SCORES", chunk)
     stack = random_stack(size, mode, shapes=shapes)
-    img = km._Image(stack, 0)
+    img = kmeans_image.PreparedImage(stack, 0)
     X = as_held(img, explicit(stack))  # [N, C]
     for i in range(len(img.sides)):  # every lattice rung, the last being the full image
         lat = img.rung(i)
@@ -135,7 +136,7 @@ def test_assignment_memory_stays_near_its_chunk_as_k_grows():
     from headseg.tests.support.peak_memory import PeakBytes
 
     stack = random_stack((512, 512), "bilinear", shapes=[(16, 64, 64), (16, 32, 32)])
-    lat = km._Image(stack, 0).rung(-1)
+    lat = kmeans_image.PreparedImage(stack, 0).rung(-1)
     k, N = 64, 512 * 512
     centroids = torch.randn(k, 32, generator=torch.Generator().manual_seed(0))
     with PeakBytes() as mem:
@@ -152,7 +153,7 @@ def test_cluster_weights_are_summed_row_chunk_by_row_chunk(monkeypatch):
     from headseg.tests.support.peak_memory import PeakBytes
 
     stack = random_stack((1024, 1024), "bilinear", shapes=[(4, 128, 128), (4, 64, 64)])
-    lat = km._Image(stack, 0).rung(-1)
+    lat = kmeans_image.PreparedImage(stack, 0).rung(-1)
     k, N = 4, 1024 * 1024
     labels = torch.randint(0, k, (N,), generator=torch.Generator().manual_seed(1))
     whole = lat.adjoint(labels, k)  # a chunk of 512 rows
@@ -167,11 +168,11 @@ def test_cluster_weights_are_summed_row_chunk_by_row_chunk(monkeypatch):
 @pytest.mark.parametrize("chunk", [1, 40])
 def test_moments_in_channel_chunks_equal_brute_force(chunk, monkeypatch):
     stack = random_stack((40, 24), "bilinear")
-    img = km._Image(stack, 0)
+    img = kmeans_image.PreparedImage(stack, 0)
     X = as_held(img, explicit(stack))  # [N, C]
     whole = img.rung(-1).moments()  # every channel of a grid at once
     monkeypatch.setattr(lattice, "_CHUNK_SCORES", chunk)  # 1: one channel at a time; 40: a few
-    total, var = km._Image(stack, 0).rung(-1).moments()
+    total, var = kmeans_image.PreparedImage(stack, 0).rung(-1).moments()
     assert total == pytest.approx(float((X * X).sum()), rel=1e-6)
     assert var == pytest.approx(float(X.var(0, unbiased=False).mean()), rel=1e-6)
     assert (total, var) == pytest.approx(whole, rel=1e-12)
@@ -181,7 +182,7 @@ def test_moments_in_channel_chunks_equal_brute_force(chunk, monkeypatch):
 @pytest.mark.parametrize("shapes", [THREE_GRIDS, REPEATED_SIZE, UNEVEN_CORNERS])
 def test_moving_pixels_updates_sums_exactly(mode, shapes):
     stack = random_stack((13, 22), mode, shapes=shapes)
-    img = km._Image(stack, 0)
+    img = kmeans_image.PreparedImage(stack, 0)
     X, lat = as_held(img, explicit(stack)), img.rung(-1)
     labels = torch.arange(X.shape[0]) % 3
     A = lat.adjoint(labels, 3)
@@ -265,7 +266,7 @@ def test_the_finalist_of_lowest_inertia_on_the_scoring_lattice_is_polished(monke
     stack = make_feature_stack(recording_pca(rec.select(), 4))
     overruled = 0
     for seed in range(8):
-        img = km._Image(stack, 0)
+        img = kmeans_image.PreparedImage(stack, 0)
         ws = img.working_set(10, seed)
         runs = working_set.starts(ws, 10, km._WS_INITS, torch.Generator().manual_seed(seed), 100, 1e-4)
         finalists = [r.centroids(ws) for r in distinct_lowest(runs, km._WS_FINALISTS, km._WS_SAME_OPTIMUM)]
@@ -313,7 +314,7 @@ def test_a_second_optimum_behind_copies_of_the_first_is_still_scored():
     scene = split_scene(256, 256, cut_sizes=(2, 5, 6, 10, 20), seed=1)
     rec = planted_recording([scene], sd21_layout(), d=64, noise=1.0, seed=1)
     stack = make_feature_stack(recording_pca(rec.select(("down", "up")), 8))
-    img = km._Image(stack, 0)
+    img = kmeans_image.PreparedImage(stack, 0)
     ws = img.working_set(5, 0)
     runs = working_set.starts(ws, 5, km._WS_INITS, torch.Generator().manual_seed(0), 100, 1e-4)
     lowest = sorted(runs, key=lambda r: r.inertia)[: km._WS_FINALISTS]
@@ -325,10 +326,10 @@ def test_a_second_optimum_behind_copies_of_the_first_is_still_scored():
 
 def test_prepare_builds_the_scoring_lattice():
     stack = random_stack((512, 512))
-    img = km._Image(stack, 0)
-    km._prepare(img, [2, 3], seed=0, pool=None)
+    img = kmeans_image.PreparedImage(stack, 0)
+    img.prepare([2, 3], seed=0, pool=None)
     assert img.scoring_rung() not in img.polish_rungs()  # at 512 x 512 it is a lattice of its own
-    assert img.sides[img.scoring_rung()][0] * img.sides[img.scoring_rung()][1] >= km._POLISH_MIN_POINTS
+    assert img.sides[img.scoring_rung()][0] * img.sides[img.scoring_rung()][1] >= kmeans_image._POLISH_MIN_POINTS
     assert {img.scoring_rung(), *img.polish_rungs()} <= set(img._rungs)
 
 
@@ -472,7 +473,7 @@ def test_a_cancelled_sweep_leaves_no_reference_cycle():
 
     stack = planted_stack(size=(64, 64))
     seen = []
-    real = km._Image.__init__
+    real = kmeans_image.PreparedImage.__init__
 
     def spy(self, *args, **kwargs):
         real(self, *args, **kwargs)
@@ -481,7 +482,7 @@ def test_a_cancelled_sweep_leaves_no_reference_cycle():
     gc.disable()
     try:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(km._Image, "__init__", spy)
+            mp.setattr(kmeans_image.PreparedImage, "__init__", spy)
             with pytest.raises(InterruptedError):
                 multi_kmeans(stack, [2, 5], check=Flag(5))
         assert seen and all(ref() is None for ref in seen)  # freed by reference counting alone
@@ -815,7 +816,7 @@ def test_clusters_of_equal_area_are_numbered_by_their_first_pixel():
 
 def test_exact_lloyd_refills_an_empty_cluster():
     stack = random_stack((24, 32), shapes=((3, 6, 8),))
-    img = km._Image(stack, 0)
+    img = kmeans_image.PreparedImage(stack, 0)
     full, ws = img.rung(img.last), img.working_set(3, 0)
     X = full.materialise()  # [N, C]
     centroids = torch.stack([X[0], X[-1], torch.full_like(X[0], 1e3)])  # the third is far from every pixel
@@ -897,3 +898,16 @@ def test_the_polish_stops_alike_at_any_scale_inside_the_unscaled_range(factor, b
         a, b = kmeans(stack, k, seed=2), kmeans(scaled, k, seed=2)
         assert b.n_iter == a.n_iter > 2
         assert torch.equal(b.labels, a.labels)
+
+
+def test_the_options_and_stages_that_moved_out_of_kmeans_are_still_importable_from_it():
+    """The cluster-count limits and checks moved to kmeans_options, STAGES to kmeans_image: the names
+    kmeans gave (the node, the pipeline and scripts import them from it) are those modules' own objects."""
+    from headseg.nodes.core import kmeans_options
+    from headseg.nodes.core.kmeans import MAX_CLUSTERS, STAGES, check_sweep_options, parse_cluster_counts
+
+    assert parse_cluster_counts is kmeans_options.parse_cluster_counts
+    assert check_sweep_options is kmeans_options.check_sweep_options
+    assert MAX_CLUSTERS == kmeans_options.MAX_CLUSTERS and km.MAX_TOTAL_CLUSTERS == kmeans_options.MAX_TOTAL_CLUSTERS
+    assert STAGES == kmeans_image.STAGES
+    assert set(km.__all__) <= set(vars(km))

@@ -9,6 +9,7 @@ import torch
 from headseg.nodes.core import kmeans as km
 from headseg.nodes.core import lattice
 from headseg.nodes.core import kmeans_batched as batched
+from headseg.nodes.core import kmeans_image
 from headseg.nodes.core import working_set
 from headseg.nodes.core.kmeans import kmeans, multi_kmeans
 from headseg.nodes.core.working_set import WorkingSet, pp_candidates
@@ -166,9 +167,9 @@ def test_gram_lloyd_matches_working_set_lloyd(duplicates, device):
 def test_dense_lattice_against_explicit_features(shapes, mode, device, monkeypatch):
     monkeypatch.setattr(batched, "_CHUNK_FLOATS", 200)  # several row chunks
     stack = random_stack((13, 22), mode, shapes=shapes)
-    X = as_held(km._Image(stack, 0), explicit(stack))  # [N, C] float64
-    img = km._Image(stack.to(device), 0)
-    lat = km._dense_rung(img, img.last)
+    X = as_held(kmeans_image.PreparedImage(stack, 0), explicit(stack))  # [N, C] float64
+    img = kmeans_image.PreparedImage(stack.to(device), 0)
+    lat = img.dense_rung(img.last)
     gen = torch.Generator().manual_seed(1)
     sizes = [2, 3]
     cents = torch.randn(5, X.shape[1], generator=gen)
@@ -196,7 +197,7 @@ def test_dense_lattice_lloyd_matches_lattice_lloyd_with_empty_clusters(rtol, mon
         monkeypatch.setattr(km, "_RTOL", rtol)
         monkeypatch.setattr(lattice, "_RTOL", rtol)
     stack = random_stack((20, 24), seed=3)
-    img = km._Image(stack, 0)
+    img = kmeans_image.PreparedImage(stack, 0)
     ws_a, ws_b = img.working_set(3, 0), img.working_set(3, 1)
     gen = torch.Generator().manual_seed(2)
     twins = ws_a.X[[0, 0, 7]].clone()  # [3, C]
@@ -204,7 +205,7 @@ def test_dense_lattice_lloyd_matches_lattice_lloyd_with_empty_clusters(rtol, mon
     other = ws_b.X[torch.randperm(ws_b.n, generator=gen)[:4]].clone()  # [4, C]
     full = img.rung(img.last)
     total, var = full.moments()
-    dense = km._dense_rung(img, img.last)
+    dense = img.dense_rung(img.last)
     sets = [(twins, ws_a), (triplets, ws_a), (other, ws_b)]
     labels, cents, best, iters = dense.lloyd(
         torch.cat([c for c, _ in sets]), [3, 4, 4], 100, 1e-4 * var, km._RTOL, total, [(w.X, w.xx) for _, w in sets]
@@ -276,7 +277,7 @@ def test_working_sets_are_batched_within_the_memory_bound(monkeypatch):
     """Batches of k on one working set keep [starts, k, n] (padded) within _WS_START_FLOATS, and the
     sweep's clusters do not depend on how the k were batched."""
     stack = random_stack((24, 24), seed=6)
-    img = km._Image(stack, 0)
+    img = kmeans_image.PreparedImage(stack, 0)
     ks = [2, 3, 5, 8]
     whole = km._working_set_batches(img, ks, 0)
     assert [b[1] for b in whole] == [ks]
@@ -350,10 +351,10 @@ def test_lattice_lloyd_stops_on_the_centroid_shift_where_feature_space_lloyd_sto
     monkeypatch.setattr(km, "_RTOL", 0.0)  # only the labels and the shift stop a run
     monkeypatch.setattr(lattice, "_RTOL", 0.0)
     stack = random_stack((20, 24), seed=3)
-    img = km._Image(stack, 0)
+    img = kmeans_image.PreparedImage(stack, 0)
     X = as_held(img, explicit(stack))  # [N, C] float64
     ws = img.working_set(4, 0)
-    full, dense = img.rung(img.last), km._dense_rung(img, img.last)
+    full, dense = img.rung(img.last), img.dense_rung(img.last)
     total = full.moments()[0]
 
     gen = torch.Generator().manual_seed(5)
@@ -384,11 +385,11 @@ def test_lattice_lloyd_counts_a_refill_beside_a_far_outlier(monkeypatch):
     monkeypatch.setattr(lattice, "_RTOL", 0.0)
     stack = random_stack((20, 24), mode="nearest", shapes=((10, 20, 24),), seed=3)
     stack.grids[0][0, :, 19, 23] = 3e4  # the last pixel: the outlier
-    img = km._Image(stack, 0)
+    img = kmeans_image.PreparedImage(stack, 0)
     X = as_held(img, explicit(stack))  # [N, C] float64
     ws = img.working_set(4, 0)  # every pixel, in raster order
     assert ws.n == 480
-    full, dense = img.rung(img.last), km._dense_rung(img, img.last)
+    full, dense = img.rung(img.last), img.dense_rung(img.last)
     total = full.moments()[0]
     start = ws.X[[479, 0, 0, 7]].clone()  # the outlier, and two equal centroids: one cluster empties and is refilled
     _, _, shifts = feature_space_lloyd_with_tol(X, start, 0.0, ws.X)

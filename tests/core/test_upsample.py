@@ -620,10 +620,10 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if sys.argv[2] == "error map":
     centred = up._channel_offsets(stack)[0] is not None
 else:  # the k-means' check for offsets, on the grid less its means (PCA scores are centred: none taken out)
-    from headseg.nodes.core import kmeans
+    from headseg.nodes.core import kmeans_image
     grid = grid.sub_(grid.mean(dim=(2, 3), keepdim=True))[0]  # [C, h, w]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    centred = kmeans._centred([grid])[1] is None
+    centred = kmeans_image._centred([grid])[1] is None
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(centred, (after - before) * 1024, grid.numel() * 4)
 """
@@ -639,7 +639,7 @@ def test_the_error_maps_channel_means_take_no_float64_copy_of_a_grid(where):
     the process's peak memory grows by less than the grid (one 16 MiB chunk; the copy grew it by twice the
     grid). In a subprocess: peak RSS is per process; glibc's malloc maps every block of 1 MiB or more on its
     own, so that a freed chunk leaves the process at once instead of staying in its heap. The k-means' own
-    check for channel offsets (kmeans._centred, once per image; kmeans_work_bytes does not count a copy)
+    check for channel offsets (kmeans_image._centred, once per image; kmeans_work_bytes does not count a copy)
     takes its means the same way."""
     import os
     import pathlib
