@@ -2,9 +2,9 @@
 section 4.1; the reweighting of eq. 5, section 4.2), and that stack -> the upsampling-error map (eq. 6, the
 paper's appendix) as an IMAGE.
 
-Each node converts ComfyUI values, calls nodes/core (upsample.py; preview.py for the picture) and returns;
-inputs are never modified (ComfyUI shares cached outputs between nodes and prompts by reference). Here too:
-the memory the error map takes (error_map_bytes).
+Each node converts ComfyUI values, calls nodes/core (upsample.py, error_map.py; preview.py for the picture)
+and returns; inputs are never modified (ComfyUI shares cached outputs between nodes and prompts by
+reference). Here too: the memory the error map takes (error_map_bytes).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from . import types as hs
+from .core import error_map as core_error_map
 from .core import preview as core_preview
 from .core import upsample as core_upsample
 from .core.pca import HeadFeatures
@@ -122,7 +123,7 @@ class UpsamplingErrorMap(io.ComfyNode):
             f"the upsampling-error map of {stack.batch_size} image(s) at {W}x{H} pixels",
             "Leave Upsampling Error Map out (the masks do not need it), or use fewer or smaller images",
         )
-        small, by_row, by_col = core_upsample.upsampling_error_blocks(stack)  # [B, ny, nx], [H], [W]
+        small, by_row, by_col = core_error_map.upsampling_error_blocks(stack)  # [B, ny, nx], [H], [W]
         # coloured where it is computed, then spread over the blocks: the same pixels as colouring the
         # [B, H, W] map (each image's maximum is one of its lattice values), without a batch of full-size
         # float temporaries (about five times the picture)
@@ -136,15 +137,15 @@ def error_map_bytes(stack) -> int:
     """Bytes Upsampling Error Map allocates, an upper estimate: its picture [B, H, W, 3] float32 (12 per pixel
     and image), on a large image the rows spread first ([B, H, nx, 3], 12 per entry), 64 per pixel of the
     lattice where eq. 6 is computed and coloured (its sums and the colouring's temporaries), and the chunks
-    of channels eq. 6 works through (core_upsample._CHUNK_BYTES), and the preview PNG of the first image,
+    of channels eq. 6 works through (core_error_map._CHUNK_BYTES), and the preview PNG of the first image,
     which ComfyUI's writer converts beside the picture through two float32 numpy copies (255 x, clipped: 24
     bytes per pixel). Against every tensor allocated (tests/support/peak_memory.py), 80 channels on 32x32
     and 8x8 grids: four images at 256x256, 60 bytes per pixel and image (estimate 146); three at 1000x760,
     16 (estimate 34). SD2.1's grids, one image at 2048x2048: 152 MB of RSS at the peak (58 MB of tensors
     and the preview's conversion; estimate 178 MB, 78 MB without the preview)."""
     B, (H, W) = stack.batch_size, stack.size
-    f = core_upsample.error_lattice_step(H, W)
+    f = core_error_map.error_lattice_step(H, W)
     ny, nx = len(range(f // 2, H, f)), len(range(f // 2, W, f))
     spread = 12 * B * H * nx if f > 1 else 0
     preview = 24 * H * W
-    return 12 * B * H * W + spread + 64 * B * ny * nx + core_upsample._CHUNK_BYTES + preview
+    return 12 * B * H * W + spread + 64 * B * ny * nx + core_error_map._CHUNK_BYTES + preview

@@ -20,7 +20,8 @@ from headseg.nodes.core.kmeans import multi_kmeans
 from headseg.nodes.core.pca import HeadFeatures
 from headseg.nodes.core.pipeline import segment
 from headseg.nodes.core.recording import LayerKey, Recording
-from headseg.nodes.core.upsample import FeatureStack, make_feature_stack, upsampling_error, upsampling_error_at
+from headseg.nodes.core.error_map import upsampling_error, upsampling_error_at
+from headseg.nodes.core.upsample import FeatureStack, make_feature_stack
 from headseg.nodes.core.working_set import WorkingSet, lloyd
 
 from .planted import nested_scene, planted_recording, small_layout, split_scene

@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from headseg.nodes.core import error_map
 from headseg.nodes.core import upsample as up
+from headseg.nodes.core.error_map import upsampling_error
 from headseg.nodes.core.pca import HeadFeatures
 from headseg.nodes.core.recording import LayerKey
 from headseg.nodes.core.upsample import (
@@ -15,7 +17,6 @@ from headseg.nodes.core.upsample import (
     make_feature_stack,
     resolution_weights,
     upsample,
-    upsampling_error,
 )
 
 
@@ -130,7 +131,7 @@ def test_features_that_carry_gradients_give_a_plain_stack():
     stack = make_feature_stack(tracked)
     assert not any(g.requires_grad for g in stack.grids)
     assert all(torch.equal(a, b) for a, b in zip(stack.grids, plain.grids))
-    torch.testing.assert_close(up.upsampling_error(stack), up.upsampling_error(plain), rtol=0, atol=0)
+    torch.testing.assert_close(error_map.upsampling_error(stack), error_map.upsampling_error(plain), rtol=0, atol=0)
 
 
 def test_stack_channels_are_head_major():
@@ -254,7 +255,8 @@ def test_upsampling_error_equals_reference(reweight, size):
 def test_upsampling_error_in_chunks_is_the_same(monkeypatch):
     stack = make_feature_stack(features(), size=(32, 48))
     whole = upsampling_error(stack)
-    monkeypatch.setattr(up, "_CHUNK_BYTES", 1)  # one channel at a time
+    monkeypatch.setattr(error_map, "_CHUNK_BYTES", 1)  # one channel at a time
+    monkeypatch.setattr(up, "_CHUNK_BYTES", 1)  # its channel means too
     torch.testing.assert_close(upsampling_error(stack), whole, rtol=1e-6, atol=1e-7)
 
 
@@ -267,18 +269,18 @@ def test_upsampling_error_at_some_pixels_equals_the_reference_there(size):
     g = torch.Generator().manual_seed(size[0])
     rows = torch.randperm(size[0], generator=g)[: max(1, size[0] // 3)]  # any rows, in any order
     cols = torch.arange(0, size[1], 4)
-    got = up.upsampling_error_at(stack, rows, cols)
+    got = error_map.upsampling_error_at(stack, rows, cols)
     assert got.shape == (2, rows.numel(), cols.numel())
     torch.testing.assert_close(got, ref[:, rows][:, :, cols], rtol=1e-5, atol=1e-6)
     for bad in (torch.tensor([size[0]]), torch.tensor([-1]), torch.tensor([], dtype=torch.int64), torch.zeros(2, 2, dtype=torch.int64)):
         with pytest.raises(ValueError, match="rows must be a non-empty 1-D index"):
-            up.upsampling_error_at(stack, bad, cols)
+            error_map.upsampling_error_at(stack, bad, cols)
     for bad in ([0.5], torch.tensor([1.7]), torch.tensor([True, False])):  # never truncated or read as indices
         with pytest.raises(ValueError, match="cols must hold integer pixel indices"):
-            up.upsampling_error_at(stack, rows, bad)
+            error_map.upsampling_error_at(stack, rows, bad)
     for bad in (None, "12", [[1], [2, 3]]):
         with pytest.raises(ValueError, match="^rows must be a 1-D tensor or list of integer pixel indices, got"):
-            up.upsampling_error_at(stack, bad, cols)
+            error_map.upsampling_error_at(stack, bad, cols)
 
 
 def _stack(grids, size=(64, 64)):
@@ -298,13 +300,14 @@ def _stack(grids, size=(64, 64)):
     ids=["batches", "no-grid", "3-d", "size", "nan", "beyond-float32"],
 )
 def test_upsampling_error_checks_its_stack_as_kmeans_does(stack, match):
-    for error_map in (upsampling_error, lambda s: up.upsampling_error_at(s, [0, 1], [2])):
+    for error_of in (upsampling_error, lambda s: error_map.upsampling_error_at(s, [0, 1], [2])):
         with pytest.raises(ValueError, match=match):
-            error_map(stack)
+            error_of(stack)
 
 
 def test_upsampling_error_of_a_batch_equals_each_image_alone(monkeypatch):
-    monkeypatch.setattr(up, "_CHUNK_BYTES", 3 * 32 * 48 * 4 * 2)  # two channels per chunk
+    monkeypatch.setattr(error_map, "_CHUNK_BYTES", 3 * 32 * 48 * 4 * 2)  # two channels per chunk
+    monkeypatch.setattr(up, "_CHUNK_BYTES", 3 * 32 * 48 * 4 * 2)  # and per channel mean
     stack = make_feature_stack(features(), size=(32, 48))
     both = upsampling_error(stack)
     for b in range(2):
@@ -331,7 +334,7 @@ def test_upsampling_error_of_any_float32_magnitude_scales_with_it(factor, dtype)
     assert got.dtype == torch.float32 and bool(torch.isfinite(got).all())
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * factor)
     rows, cols = torch.tensor([0, 7, 29]), torch.tensor([3, 49])
-    torch.testing.assert_close(up.upsampling_error_at(scaled, rows, cols).double(), want[:, rows][:, :, cols], rtol=1e-4, atol=1e-5 * factor)
+    torch.testing.assert_close(error_map.upsampling_error_at(scaled, rows, cols).double(), want[:, rows][:, :, cols], rtol=1e-4, atol=1e-5 * factor)
 
 
 
@@ -352,7 +355,7 @@ def test_upsampling_error_of_features_about_a_large_offset_equals_that_about_zer
     assert float(want.abs().max()) > 0.05 * spread
     torch.testing.assert_close(upsampling_error(stack), want, rtol=1e-5, atol=1e-6 * spread)
     rows, cols = torch.tensor([0, 7, size[0] - 1]), torch.tensor([3, 49, size[1] - 1])
-    torch.testing.assert_close(up.upsampling_error_at(stack, rows, cols), want[:, rows][:, :, cols], rtol=1e-5, atol=1e-6 * spread)
+    torch.testing.assert_close(error_map.upsampling_error_at(stack, rows, cols), want[:, rows][:, :, cols], rtol=1e-5, atol=1e-6 * spread)
 
 def test_upsampling_error_of_one_channel_about_a_large_offset_beside_centred_ones():
     """One channel 1e-2 about 1e4 beside channels about 0 (in one grid): eq. 6 of the offset channel is that
@@ -369,14 +372,14 @@ def test_upsampling_error_of_one_channel_about_a_large_offset_beside_centred_one
     want = upsampling_error(up.FeatureStack([about_zero.float()], [1.0], [[]], size, "bilinear"))
     torch.testing.assert_close(upsampling_error(stack), want, rtol=1e-4, atol=1e-7)
     rows, cols = torch.tensor([0, 11, 23]), torch.tensor([2, 61, 119])
-    torch.testing.assert_close(up.upsampling_error_at(stack, rows, cols), want[:, rows][:, :, cols], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(error_map.upsampling_error_at(stack, rows, cols), want[:, rows][:, :, cols], rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("H, W", [(256, 256), (256, 257), (300, 300), (1, 65537), (1024, 1024), (1000, 664)])
 def test_error_lattice_starts_above_max_pixels(H, W):
     """The map is computed at every pixel up to 65536 pixels in all (the node's tooltip) and above that on
     a lattice of at most that many block centres."""
-    from headseg.nodes.core.upsample import error_lattice_step
+    from headseg.nodes.core.error_map import error_lattice_step
 
     f = error_lattice_step(H, W)
     assert (f == 1) == (H * W <= 256 * 256)
@@ -395,7 +398,7 @@ def test_upsampling_error_scales_each_image_of_a_batch_on_its_own():
     for b in range(2):
         alone = up.FeatureStack([g[b : b + 1] for g in mixed.grids], base.weights, base.keys, base.size, base.mode)
         torch.testing.assert_close(upsampling_error(mixed)[b : b + 1], upsampling_error(alone), rtol=1e-5, atol=0.0)
-        torch.testing.assert_close(up.upsampling_error_at(mixed, rows, cols)[b : b + 1], up.upsampling_error_at(alone, rows, cols), rtol=1e-5, atol=0.0)
+        torch.testing.assert_close(error_map.upsampling_error_at(mixed, rows, cols)[b : b + 1], error_map.upsampling_error_at(alone, rows, cols), rtol=1e-5, atol=0.0)
         assert bool((upsampling_error(alone) > 0).any())
 
 
@@ -572,9 +575,9 @@ def test_upsampling_error_where_the_unet_has_the_cells():
     ref = (unet_placed_stack(feats, "bilinear") - unet_placed_stack(feats, "nearest")).abs().mean(dim=1)  # [B, H, W]
     torch.testing.assert_close(upsampling_error(stack), ref, rtol=1e-5, atol=1e-6)
     rows, cols = torch.arange(88), torch.tensor([3, 50, 103])  # every row: the nearest cell of each
-    torch.testing.assert_close(up.upsampling_error_at(stack, rows, cols), ref[:, rows][:, :, cols], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(error_map.upsampling_error_at(stack, rows, cols), ref[:, rows][:, :, cols], rtol=1e-5, atol=1e-6)
     rows, cols = torch.tensor([0, 40, 87]), torch.arange(104)
-    torch.testing.assert_close(up.upsampling_error_at(stack, rows, cols), ref[:, rows][:, :, cols], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(error_map.upsampling_error_at(stack, rows, cols), ref[:, rows][:, :, cols], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("spans", [[(10, 30)], [(30, 19.5)], [(30, 30), (30, 30)], [(30,)], [("30", 30)], [(30, float("nan"))]])
@@ -590,7 +593,8 @@ def test_spans_short_of_the_image_or_not_one_per_grid_are_named(spans):
 def test_error_blocks_are_the_full_error_at_block_centres(size, max_pixels):
     """upsampling_error_blocks: at most about max_pixels computed, each the full map's value at its block's
     centre pixel, and every output pixel assigned the block it lies in."""
-    from headseg.nodes.core.upsample import FeatureStack, error_lattice_step, upsampling_error_blocks
+    from headseg.nodes.core.error_map import error_lattice_step, upsampling_error_blocks
+    from headseg.nodes.core.upsample import FeatureStack
 
     g = torch.Generator().manual_seed(1)
     stack = FeatureStack([torch.randn(2, 3, 7, 5, generator=g), torch.randn(2, 2, 3, 3, generator=g)], [1.0, 1.0], [[], []], size, "bilinear")
@@ -612,13 +616,14 @@ _OFFSETS_MEMORY = """
 import pathlib, resource, runpy, sys
 import torch
 runpy.run_path(sys.argv[1])["import_checkout"]()
+from headseg.nodes.core import error_map
 from headseg.nodes.core import upsample as up
 torch.set_num_threads(1)
 grid = torch.randn(1, 160, 256, 256, generator=torch.Generator().manual_seed(0)).add_(1.0)  # 42 MB, about 1
 stack = up.FeatureStack([grid], [1.0], [[]], (256, 256), "bilinear")
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if sys.argv[2] == "error map":
-    centred = up._channel_offsets(stack)[0] is not None
+    centred = error_map._channel_offsets(stack)[0] is not None
 else:  # the k-means' check for offsets, on the grid less its means (PCA scores are centred: none taken out)
     from headseg.nodes.core import kmeans_image
     grid = grid.sub_(grid.mean(dim=(2, 3), keepdim=True))[0]  # [C, h, w]
@@ -663,7 +668,7 @@ def test_the_error_maps_channel_means_are_those_of_each_whole_channel(monkeypatc
     g = torch.Generator().manual_seed(0)
     grids = [torch.randn(2, 7, 40, 30, generator=g).add_(5.0), torch.randn(2, 3, 5, 4, generator=g).add_(5.0)]
     stack = up.FeatureStack(grids, [1.0, 1.0], [[], []], (80, 60), "bilinear")
-    for grid, offset in zip(grids, up._channel_offsets(stack)):
+    for grid, offset in zip(grids, error_map._channel_offsets(stack)):
         assert torch.equal(offset, grid.flatten(2).mean(2, dtype=torch.float64)[:, :, None, None])
 
 
@@ -678,3 +683,16 @@ def test_channel_means_are_one_means_bits_a_few_channels_at_a_time(shape, monkey
     got = core_upsample.channel_means(g)
     assert got.dtype == torch.float64 and got.shape == shape[:-1]
     assert torch.equal(got, g.mean(-1, dtype=torch.float64))
+
+
+def test_the_error_map_readme_placed_in_upsample_is_still_importable_from_it():
+    """README's core API named ``upsample`` for eq. 6, which moved to error_map: the imports written against it
+    give error_map's own objects, and a name neither module has is still refused."""
+    from headseg.nodes.core.upsample import upsampling_error as old_error, upsampling_error_blocks as old_blocks
+
+    assert old_error is error_map.upsampling_error and old_blocks is error_map.upsampling_error_blocks
+    for name in ("upsampling_error_at", "ERROR_MAP_PIXELS", "error_lattice_step"):
+        assert getattr(up, name) is getattr(error_map, name), name
+    with pytest.raises(AttributeError, match="no_such_name"):
+        up.no_such_name
+    assert not hasattr(up, "_channel_offsets")  # private to the error map

@@ -17,7 +17,7 @@ import torch
 from headseg.nodes.core.masks import masks_at_pixel, parse_points
 from headseg.nodes.core.metrics import iou
 from headseg.nodes.core.preview import error_map_image
-from headseg.nodes.core.upsample import upsampling_error
+from headseg.nodes.core.error_map import upsampling_error
 from headseg.nodes.core.recording import Recording
 from headseg.tests.core.planted import nested_scene, planted_recording, small_layout
 
@@ -947,7 +947,7 @@ def test_picture_of_another_aspect_ratio_is_stretched_with_a_log_line(nodes, rec
 
 def _spread_error_map(stack) -> torch.Tensor:
     """The [B, H, W] eq. 6 error that Upsampling Error Map draws: its lattice values, each filling its block."""
-    from headseg.nodes.core.upsample import upsampling_error_blocks
+    from headseg.nodes.core.error_map import upsampling_error_blocks
 
     small, by_row, by_col = upsampling_error_blocks(stack)  # [B, ny, nx], [H], [W]
     return small if by_row is None else small.index_select(1, by_row).index_select(2, by_col)  # [B, H, W]
@@ -955,7 +955,8 @@ def _spread_error_map(stack) -> torch.Tensor:
 
 def test_error_map_of_a_large_image_is_computed_at_a_lattice():
     """Above 256x256 pixels the preview is the exact eq. 6 error at every f-th pixel, filling its block."""
-    from headseg.nodes.core.upsample import FeatureStack, upsampling_error
+    from headseg.nodes.core.error_map import upsampling_error
+    from headseg.nodes.core.upsample import FeatureStack
 
     g = torch.Generator().manual_seed(0)
     grids = [torch.randn(2, 3, 13, 11, generator=g), torch.randn(2, 2, 7, 6, generator=g)]
@@ -1048,7 +1049,7 @@ def test_error_map_refuses_a_picture_that_would_not_fit_in_free_memory(nodes, mo
     a message naming stack, like the other nodes, instead of running out of memory. Its estimate
     (error_map_bytes) bounds what it allocates, at every pixel of a small image and at a lattice of a large one."""
     from headseg.nodes import node_utils, upsample_nodes
-    from headseg.nodes.core import upsample as core_upsample
+    from headseg.nodes.core import error_map as core_error_map
     from headseg.nodes.core.upsample import FeatureStack
     from headseg.tests.support.peak_memory import PeakBytes
 
@@ -1058,7 +1059,7 @@ def test_error_map_refuses_a_picture_that_would_not_fit_in_free_memory(nodes, mo
     need = upsample_nodes.error_map_bytes(stack)
     H, W = size
     ran = []
-    monkeypatch.setattr(core_upsample, "upsampling_error_blocks", lambda stack: ran.append(1))
+    monkeypatch.setattr(core_error_map, "upsampling_error_blocks", lambda stack: ran.append(1))
     monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) - 1)
     with pytest.raises(ValueError, match=rf"^stack: the upsampling-error map of {B} image\(s\) at {W}x{H} pixels "
                        r"would take 0\.\d GiB, more than 80 % of the 0\.\d GiB free\. Leave Upsampling Error Map out"):

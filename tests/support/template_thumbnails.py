@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "tests" / "core"))
 
 from headseg.nodes.core import preview  # noqa: E402
 from headseg.nodes.core.pipeline import segment  # noqa: E402
-from headseg.nodes.core.upsample import upsampling_error  # noqa: E402
+from headseg.nodes.core.error_map import upsampling_error  # noqa: E402
 from headseg.tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS, FIRST_RUN_SETTINGS, VIEWPORT  # noqa: E402
 from headseg.tests.browser.helpers import WORKFLOWS_DIR, example_names  # noqa: E402
 from headseg.tests.browser.test_example_layout import JS_RUN_AND_OVERLAPS, RUN_PAYLOADS  # noqa: E402
