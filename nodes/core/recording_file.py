@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import os
 import pathlib
-import re
 import stat
 
 import torch
 
 from .numerics import FP16_OVERFLOW, FP16_TINY, FP32_MAX
 from .recording import MAX_IMAGE_SIDE, LayerKey, Recording
+from .safetensors_reader import header_metadata, read_tensor, tensor_entries
 from .values import ascii_int, is_ascii_digits, is_int, shown_text
 
 FORMAT = "headseg-recording/1"
@@ -221,73 +221,84 @@ def _is_offsets(value) -> bool:
     return isinstance(value, list) and len(value) == 2 and all(is_int(v) and v >= 0 for v in value)
 
 
-def _copied_tensor(f, name: str) -> torch.Tensor:
-    """Tensor ``name`` of an open safetensors file ``f``, copied into memory. get_tensor's tensor reads the
-    file's pages mapped into memory: held, it would change with a file written over in place, end the process
-    (SIGBUS) once the file is cut shorter, and (Windows) keep the file from being replaced or deleted. No frame
-    keeps it, also when the copy fails: a frame held by an error's traceback (ComfyUI's executor holds a node's
-    error until Python's cycle collector runs) would keep the file mapped."""
-    mapped = f.get_tensor(name)
+def _read_layers(fh, path: str) -> tuple[dict, dict[str, str], list[int]]:
+    """(layers {LayerKey: tensor}, metadata, [image height, image width]) of the open recording file ``fh``
+    (named ``path`` in the errors): the header and its metadata checked, then each layer read; ValueError naming
+    the file and what is wrong."""
+    found = _read_header(fh)
+    if found is None:  # changed since _check_readable read it
+        raise ValueError(f"{path}: not a safetensors file (it must start with a header length and a JSON header)")
+    n, header = found
     try:
-        return mapped.clone()
-    finally:
-        del mapped
+        metadata = header_metadata(header)
+        entries = tensor_entries(header, os.fstat(fh.fileno()).st_size - 8 - n)
+    except ValueError as exc:
+        raise ValueError(f"{path}: not a safetensors file ({exc})") from None
+    missing = [k for k in METADATA_KEYS if k not in metadata]
+    if "format" in missing:
+        raise ValueError(f"{path}: metadata field 'format' is missing (expected {FORMAT!r})")
+    if metadata["format"] != FORMAT:
+        raise ValueError(f"{path}: metadata field 'format' is {metadata['format']!r}, expected {FORMAT!r}")
+    if missing:
+        raise ValueError(f"{path}: metadata field(s) {missing} missing (a {FORMAT} file has {list(METADATA_KEYS)})")
+    size = []
+    for field_name in ("image_height", "image_width"):
+        text = metadata[field_name]
+        digits = text.strip()
+        # ascii_int: int() refuses more than 4300 digits, leading zeros too, in Python's words
+        if not (is_ascii_digits(digits) and 1 <= ascii_int(digits) <= MAX_IMAGE_SIDE):
+            raise ValueError(
+                f"{path}: metadata field {field_name!r} must be an integer from 1 to {MAX_IMAGE_SIDE} (pixels), "
+                f"got {shown_text(text)}"
+            )
+        size.append(ascii_int(digits))
+    for field_name, example, longest in (
+        ("model", "SD2", MAX_LABEL_CHARS), ("steps", "last", MAX_STEPS_LABEL_CHARS), ("branch", "cond", MAX_LABEL_CHARS)
+    ):
+        text = metadata[field_name]
+        if len(text) > longest:
+            raise ValueError(
+                f"{path}: metadata field {field_name!r} must be a label such as {example!r} of at most "
+                f"{longest} characters, got {shown_text(text)}"
+            )
+    keys, names = {}, {}
+    for entry in sorted(entries, key=lambda e: e.name):  # checked before any layer is read
+        name = entry.name
+        try:
+            key = LayerKey.parse(name)
+        except ValueError as exc:
+            raise ValueError(f"{path}: tensor {shown_text(name)}: {exc}") from None
+        if key in names:
+            raise ValueError(f"{path}: tensors {shown_text(names[key])} and {shown_text(name)} are the same layer {key}")
+        names[key] = name
+        if len(entry.shape) != 5:
+            raise ValueError(f"{path}: layer {name!r} must be 5-D [B, heads, h, w, d], got shape {entry.shape}")
+        keys[name] = key
+    layers = {}
+    for entry in entries:  # in the order of their bytes
+        try:
+            layers[keys[entry.name]] = read_tensor(fh, 8 + n, entry)
+        except EOFError as exc:
+            raise ValueError(f"{path}: damaged or truncated: {exc}") from None
+    return layers, metadata, size
 
 
 def load_recording(path) -> Recording:
-    """Reads a headseg-recording/1 safetensors file; ValueError naming the file and field on bad content."""
-    from safetensors import safe_open
-
+    """Reads a headseg-recording/1 safetensors file; ValueError naming the file and field on bad content.
+    Each layer's bytes are read into a tensor of its own (safetensors_reader), so the peak memory is about the
+    heads once, and nothing of the file stays open or mapped once it returns or fails: on Windows a file held
+    open or mapped (by a recording in ComfyUI's cache, or by a failed load's error, which ComfyUI's executor
+    holds) cannot be replaced or deleted; on every system a mapped file written over in place would change the
+    recording, and one cut shorter would end the process (SIGBUS)."""
     path = os.fspath(path)
     _check_readable(path)
     try:
-        handle = safe_open(path, framework="pt", device="cpu")
-    except Exception as exc:  # safetensors raises its own error types for a damaged header
-        if re.search(r"\(os error \d+\)", str(exc)):  # the system refused to read or map it: not its content
-            raise ValueError(f"{path}: could not be read ({exc})") from exc
-        raise ValueError(f"{path}: not a safetensors file ({exc})") from exc
-    with handle as f:
-        metadata = f.metadata() or {}
-        missing = [k for k in METADATA_KEYS if k not in metadata]
-        if "format" in missing:
-            raise ValueError(f"{path}: metadata field 'format' is missing (expected {FORMAT!r})")
-        if metadata["format"] != FORMAT:
-            raise ValueError(f"{path}: metadata field 'format' is {metadata['format']!r}, expected {FORMAT!r}")
-        if missing:
-            raise ValueError(f"{path}: metadata field(s) {missing} missing (a {FORMAT} file has {list(METADATA_KEYS)})")
-        size = []
-        for field_name in ("image_height", "image_width"):
-            text = metadata[field_name]
-            digits = text.strip()
-            # ascii_int: int() refuses more than 4300 digits, leading zeros too, in Python's words
-            if not (is_ascii_digits(digits) and 1 <= ascii_int(digits) <= MAX_IMAGE_SIDE):
-                raise ValueError(
-                    f"{path}: metadata field {field_name!r} must be an integer from 1 to {MAX_IMAGE_SIDE} (pixels), "
-                    f"got {shown_text(text)}"
-                )
-            size.append(ascii_int(digits))
-        for field_name, example, longest in (
-            ("model", "SD2", MAX_LABEL_CHARS), ("steps", "last", MAX_STEPS_LABEL_CHARS), ("branch", "cond", MAX_LABEL_CHARS)
-        ):
-            text = metadata[field_name]
-            if len(text) > longest:
-                raise ValueError(
-                    f"{path}: metadata field {field_name!r} must be a label such as {example!r} of at most "
-                    f"{longest} characters, got {shown_text(text)}"
-                )
-        layers, names = {}, {}
-        for name in f.keys():
-            try:
-                key = LayerKey.parse(name)
-            except ValueError as exc:
-                raise ValueError(f"{path}: tensor {shown_text(name)}: {exc}") from None
-            if key in names:
-                raise ValueError(f"{path}: tensors {shown_text(names[key])} and {shown_text(name)} are the same layer {key}")
-            names[key] = name
-            shape = tuple(f.get_slice(name).get_shape())  # from the header: nothing of the file mapped
-            if len(shape) != 5:
-                raise ValueError(f"{path}: layer {name!r} must be 5-D [B, heads, h, w, d], got shape {shape}")
-            layers[key] = _copied_tensor(f, name)
+        with open(path, "rb") as fh:
+            layers, metadata, size = _read_layers(fh, path)
+    except FileNotFoundError:  # removed since _check_readable found it
+        raise FileNotFoundError(f"load_recording: no such file: {printable_path(path)}") from None
+    except OSError as exc:  # the system refused to read it (a disk error, no memory): not its content
+        raise ValueError(f"{path}: could not be read ({exc.strerror or exc})") from None
     if not layers:
         raise ValueError(f"{path}: the file holds no layer tensor")
     try:

@@ -585,6 +585,48 @@ def test_all_finite_takes_no_float32_copy_of_a_half_tensor(dtype, last):
     assert int(grew) < int(size) // 8, (int(grew), int(size))  # the float32 copy grew it by 2 - 2.5x the tensor
 
 
+_LOAD_MEMORY = """
+import runpy, sys
+runpy.run_path(sys.argv[1])["import_checkout"]()
+from headseg.nodes.core.recording_file import load_recording
+
+def status(field):
+    with open("/proc/self/status", encoding="ascii") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(field + ":"))
+
+load_recording(sys.argv[2])  # a small file first: what the first load imports is not counted
+with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+    fh.write("5")  # the peak (VmHWM) starts again from the resident memory now
+before = status("VmRSS")
+rec = load_recording(sys.argv[3])
+print(status("VmHWM") - before, sum(t.numel() * t.element_size() for t in rec.layers.values()))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="resets the peak through Linux's /proc/self")
+def test_loading_a_recording_takes_about_its_own_size_in_memory(tmp_path):
+    """load_recording mapped the file (safetensors) and copied each layer out of the mapped pages, which stay
+    resident until the file is closed: the peak was the heads twice (the pages and the copies; 374 MB for a
+    185 MB SD2.1 file). Each layer is now read from the file into its own tensor: the peak is about the heads
+    once. In a subprocess: the peak is per process."""
+    import pathlib
+    import subprocess
+
+    small, large = tmp_path / "small.safetensors", tmp_path / "large.safetensors"
+    save_recording(sd21_recording(), small)
+    save_recording(sd21_recording(latent=(64, 64), batch=2, d=64), large)  # 46 MB of float16 heads
+    checkout = pathlib.Path(__file__).resolve().parents[1] / "support" / "checkout.py"
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**20))  # glibc gives a large free block back at once
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD_MEMORY, str(checkout), str(small), str(large)],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    grew, heads = map(int, done.stdout.split())
+    assert heads >= large.stat().st_size * 0.99  # the file is the heads (and a header of a few kB)
+    assert grew < heads * 1.25, (grew, heads)  # twice the heads when the file's pages were mapped
+
+
 def test_all_finite_of_an_empty_half_tensor():
     for dtype in (torch.float16, torch.bfloat16):
         assert all_finite(torch.zeros(0, 3, dtype=dtype))
@@ -774,21 +816,21 @@ def test_load_no_layers(tmp_path):
         load_recording(path)
 
 
-def test_a_file_the_system_cannot_map_is_not_called_a_damaged_one(tmp_path, monkeypatch):
-    """safetensors reports the system's refusal to read or map a file (an address-space limit, a disk
-    error) as '<reason> (os error N)': that is no verdict on the file, which is not called damaged."""
-    import safetensors
+def test_a_file_the_system_cannot_read_is_not_called_a_damaged_one(tmp_path, monkeypatch):
+    """The system's refusal to read a file while its layers are read (a disk error, no memory for the read) is
+    no verdict on the file, which is not called damaged."""
+    import headseg.nodes.core.recording_file as recording_file_module
 
     path = tmp_path / "rec.safetensors"
     save_recording(sd21_recording(seed=0), path)
 
     def refuse(*args, **kwargs):
-        raise safetensors.SafetensorError("Cannot allocate memory (os error 12)")
+        raise OSError(12, "Cannot allocate memory")
 
-    monkeypatch.setattr(safetensors, "safe_open", refuse)
+    monkeypatch.setattr(recording_file_module, "read_tensor", refuse)
     with pytest.raises(ValueError, match=r"rec\.safetensors: could not be read \(Cannot allocate memory") as info:
         load_recording(path)
-    assert "not a safetensors file" not in str(info.value)
+    assert "not a safetensors file" not in str(info.value) and "damaged" not in str(info.value)
 
 
 def test_load_not_a_safetensors_file(tmp_path):
@@ -830,6 +872,101 @@ def test_load_unreadable_file_says_it_cannot_be_read(tmp_path, monkeypatch):
     monkeypatch.setattr(recording_file_module, "open", refuse, raising=False)  # root may read any file: fake it
     with pytest.raises(ValueError, match=r"bad\.safetensors: cannot read the file \(Permission denied\)"):
         load_recording(path)
+
+
+def handmade(tmp_path, header: dict, data: bytes):
+    """A file laid out as safetensors with ``header`` as written, whatever it says, then ``data``."""
+    import json
+
+    text = json.dumps(header).encode("utf-8")
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+    return path
+
+
+def test_a_header_that_does_not_describe_its_data_is_refused_by_name(tmp_path):
+    """load_recording reads the header itself (no longer through safetensors, which checked it): a tensor's
+    bytes must be its shape's, the tensors must fill the data with no gap or overlap, dtypes and shapes must be
+    safetensors' and the metadata text; each is refused naming the file and the tensor."""
+    layer = {"dtype": "F16", "shape": [1, 2, 8, 8, 4], "data_offsets": [0, 1024]}
+    other = {"dtype": "F16", "shape": [1, 3, 4, 4, 4], "data_offsets": [1024, 1408]}
+    data = bytes(1408)
+    good = {"__metadata__": GOOD_META, "input.1.0": layer, "output.4.0": other}
+    assert load_recording(handmade(tmp_path, good, data)).num_heads == 5  # as written here, it loads
+    cases = {
+        "tensor 'output.4.0': 512 bytes in the file, where shape [1, 3, 4, 4, 4] of F16 takes 384": (
+            {**good, "output.4.0": {**other, "data_offsets": [1024, 1536]}}, bytes(1536)),
+        "tensor 'output.4.0' leaves bytes 1024 to 1100 unused": (
+            {**good, "output.4.0": {**other, "data_offsets": [1100, 1484]}}, bytes(1484)),
+        "tensor 'output.4.0' overlaps the tensor before it": (
+            {**good, "output.4.0": {**other, "data_offsets": [1000, 1384]}}, bytes(1384)),
+        "its tensors take 1408 bytes of data, the file holds 1500": (good, bytes(1500)),
+        "tensor 'output.4.0': unknown dtype 'F12'": ({**good, "output.4.0": {**other, "dtype": "F12"}}, data),
+        "tensor 'output.4.0': shape '[1, 3, -4, 4, 4]' is no list of sizes": (
+            {**good, "output.4.0": {**other, "shape": [1, 3, -4, 4, 4]}}, data),
+        "tensor 'output.4.0': data_offsets '[1408, 1024]' are no [begin, end] of bytes": (
+            {**good, "output.4.0": {**other, "data_offsets": [1408, 1024]}}, data),
+        "tensor 'output.4.0': expected its dtype, shape and data_offsets": (
+            {**good, "output.4.0": [1, 2]}, data),
+        "its __metadata__ must map text to text": ({**good, "__metadata__": {**GOOD_META, "steps": 3}}, data),
+    }
+    for expected, (header, body) in cases.items():
+        with pytest.raises(ValueError) as info:
+            load_recording(handmade(tmp_path, header, body))
+        assert str(info.value) == f"{tmp_path / 'odd.safetensors'}: not a safetensors file ({expected})", expected
+
+
+def test_every_tensor_read_equals_safetensors_own_reading(tmp_path):
+    """safetensors_reader against safetensors' own reader, on a file safetensors wrote: every dtype it writes,
+    empty and 0-d tensors, any order of names and bytes; the same dtype, shape and bits."""
+    import json
+
+    from safetensors import safe_open
+
+    from headseg.nodes.core.safetensors_reader import read_tensor, tensor_entries
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        f"t{i}_{str(dtype).removeprefix('torch.')}": (torch.randn(3, 5, 2, generator=g) * 100).to(dtype)
+        for i, dtype in enumerate((torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.uint8,
+                                   torch.int8, torch.int16, torch.int32, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2))
+    }
+    tensors.update({"empty": torch.zeros(2, 0, 3), "scalar": torch.tensor(7.5, dtype=torch.float64)})
+    path = tmp_path / "all.safetensors"
+    save_file(tensors, str(path))
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+        entries = tensor_entries(header, path.stat().st_size - 8 - n)
+        read = {entry.name: read_tensor(fh, 8 + n, entry) for entry in reversed(entries)}
+    assert set(read) == set(tensors)
+    with safe_open(str(path), framework="pt") as f:
+        for name in tensors:
+            theirs = f.get_tensor(name)
+            assert read[name].dtype == theirs.dtype and read[name].shape == theirs.shape, name
+            assert torch.equal(read[name].reshape(-1).view(torch.uint8), theirs.reshape(-1).view(torch.uint8)), name
+
+
+def test_a_file_cut_shorter_while_it_is_read_is_called_truncated(tmp_path, monkeypatch):
+    """A file cut shorter after its size was checked ends before a layer does: named as truncated (an empty
+    read), never a layer read in part."""
+    import headseg.nodes.core.recording_file as recording_file_module
+
+    path = tmp_path / "rec.safetensors"
+    save_recording(sd21_recording(seed=0), path)
+    real = recording_file_module.read_tensor
+    reads = []
+
+    def cut_after_the_first_layer(fh, data_start, entry):
+        if reads:
+            os.truncate(path, data_start + entry.begin + 10)
+        reads.append(entry.name)
+        return real(fh, data_start, entry)
+
+    monkeypatch.setattr(recording_file_module, "read_tensor", cut_after_the_first_layer)
+    with pytest.raises(ValueError, match=r"rec\.safetensors: damaged or truncated: the file ends \d+ bytes before tensor '[a-z]+\.\d+\.0' does"):
+        load_recording(path)
+    assert len(reads) == 2
 
 
 def test_load_truncated_file_says_so(tmp_path):
