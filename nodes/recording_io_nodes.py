@@ -177,32 +177,41 @@ def _file_path(file) -> str | None:
     return inside
 
 
-def _override_path(path) -> str | None:
-    """The ``path`` override -> the path of the file it names, or None when blank.
-
-    '~' is the home folder; a relative path is relative to the input folder (a ' [output]' or
-    ' [temp]' suffix: that folder); a backslash separates folders on every system, as on Windows, and a
-    Windows drive ('C:\\x') is outside on the others. It must lie inside the input, output or temp folder:
-    a path outside is refused without being touched."""
+def _inside_folders(written: str) -> str | None:
+    """A typed path ('~' the home folder; relative: to the input folder, or to the folder a ' [output]' or
+    ' [temp]' suffix names) -> its absolute path when that lies inside ComfyUI's input, output or temp folder,
+    else None (nothing outside is looked at)."""
     import folder_paths
 
-    path = _text("" if path is None else path, "path", "a file path").strip()
-    if not path:
-        return None
-    written = portable_path(path)  # a backslash separates folders, as on Windows
     try:
         full = os.path.expanduser(written)
         if not os.path.isabs(full):
             full = folder_paths.get_annotated_filepath(full)
     except ValueError:  # a '~user' the user database cannot encode (NUL is refused before)
-        full = None
-    if os.sep == "/" and starts_with_drive(written):  # a Windows drive: outside every folder here
-        full = None
+        return None
     folders = [folder_paths.get_directory_by_type(kind) for kind in ("input", "output", "temp")]
-    inside = _path_inside(full, folders) if full is not None else None
-    if inside is None:
+    return _path_inside(full, folders)
+
+
+def _override_paths(path) -> list[str] | None:
+    """The ``path`` override -> the paths of the files it may name, in the order they are read; None when blank.
+
+    First the path as Windows reads it: a backslash separates folders on every system, and a Windows drive
+    ('C:\\x') is outside on the others. Then, where a file of that very name exists (on Linux a name may hold a
+    backslash, or start like a drive: 'c:x'), the path as typed. Each must lie inside the input, output or temp
+    folder: ValueError naming the input when neither does; a path outside is refused without being touched."""
+    path = _text("" if path is None else path, "path", "a file path").strip()
+    if not path:
+        return None
+    written = portable_path(path)  # a backslash separates folders, as on Windows
+    windows = None if os.sep == "/" and starts_with_drive(written) else _inside_folders(written)
+    readings = [] if windows is None else [windows]
+    typed = _inside_folders(path) if written != path or windows is None else None
+    if typed is not None and typed != windows and os.path.isfile(typed):
+        readings.append(typed)
+    if not readings:
         raise ValueError(f"path: expected a file inside ComfyUI's input, output or temp folder, got {path!r}")
-    return inside
+    return readings
 
 
 def _elsewhere(path: str, kinds=("output", "temp"), verb: str = "write") -> str:
@@ -225,14 +234,17 @@ def _elsewhere(path: str, kinds=("output", "temp"), verb: str = "write") -> str:
 def _resolve(file, path) -> tuple[str, str]:
     """(the path of the recording to load, the input that named it): ``path`` when set, else ``file``;
     ValueError or TypeError naming the input when it is missing, not text, or outside ComfyUI's folders."""
-    full = _override_path(path)
-    if full is not None:
-        if not os.path.exists(full):  # a folder or an unreadable file is named by load_recording
+    readings = _override_paths(path)
+    if readings is not None:
+        found = [full for full in readings if os.path.exists(full)]  # a folder or an unreadable file is named by load_recording
+        if not found:
             raise ValueError(
                 f"path: no such recording file: {path.strip()!r} (relative to the input folder, or absolute "
                 f"inside the input, output or temp folder){_elsewhere(path.strip())}"
             )
-        return full, "path"
+        if len(found) > 1:
+            _warn_two_readings(path.strip(), found)
+        return found[0], "path"
     full = _file_path(file)
     if full is None:
         raise ValueError(
@@ -247,6 +259,20 @@ def _resolve(file, path) -> tuple[str, str]:
             f"file{_elsewhere(str(file), ('output',), 'choose') if where == 'input' else ''}"
         )
     return full, "file"
+
+
+_warned_readings: set[tuple] = set()
+
+
+def _warn_two_readings(path: str, found: list[str]) -> None:
+    """Logs once per path and files that ``path`` names two files: ``found[0]`` (as Windows reads it), which is
+    read, and ``found[1]`` (its name as typed), which is not."""
+    if (path, *found) not in _warned_readings:
+        _warned_readings.add((path, *found))
+        log.warning(
+            "HeadSeg Load Recording: path %r reads %s (a backslash separates folders, as on Windows), not the file "
+            "named as typed, %s: choose that one in the 'file' list, or rename it", path, *map(printable_path, found),
+        )
 
 
 def _take_name(folder: str, name: str, counter: int, filename_prefix) -> tuple[str, str]:
@@ -425,7 +451,8 @@ class LoadRecording(io.ComfyNode):
                     tooltip=(
                         "Optional path of a file inside ComfyUI's input, output or temp folder: relative "
                         "to the input folder (a ' [output]' or ' [temp]' suffix means that folder), absolute, "
-                        "or starting with '~'; '\\' separates folders, as on Windows; a path leading elsewhere is refused. Blank: 'file' is read. "
+                        "or starting with '~'; '\\' separates folders, as on Windows (a file whose own name holds '\\', or starts like a drive, "
+                        "'c:x', is read when the path names no other file); a path leading elsewhere is refused. Blank: 'file' is read. "
                         "When set it is used instead of 'file'."
                     ),
                 ),
@@ -446,7 +473,7 @@ class LoadRecording(io.ComfyNode):
         # than the folder (it is made when the page loads), and files saved since are accepted.
         try:
             # file is read only when path is blank; a linked path (None here) may override it at run time
-            blank = path is not None and _override_path(path) is None
+            blank = path is not None and _override_paths(path) is None
             if file is not None and blank:
                 _file_path(file)
         except (TypeError, ValueError) as exc:

@@ -765,6 +765,38 @@ def test_a_backslash_in_path_is_a_folder_on_every_system(io_nodes, recording, co
         io_nodes.LoadRecording.execute("", "headseg\\rec_00001_.safetensors")
 
 
+@pytest.mark.skipif(os.sep != "/", reason="a file name holds a backslash or a drive's colon on Linux and macOS only")
+def test_a_path_naming_a_real_file_whose_name_holds_a_backslash_or_a_drive_reads_it(io_nodes, recording, comfy_folders, caplog):
+    """On Linux a file name may hold a backslash, or start like a drive ('c:x'): 'path' read the backslash as a
+    separator and the drive as outside, so it could name neither file (only the 'file' list could). Such a
+    file is read as typed when the path, read as on Windows, names no file; where it names one too, that one
+    is read (the path's documented meaning: a workflow from Windows works as it did), with a log line naming
+    the other."""
+    import logging
+
+    from headseg.nodes.core.recording_file import load_recording
+
+    other = planted_recording([nested_scene(128, 192)], layout=small_layout(heads=3), d=8, seed=4)
+    backslashed = _saved_at(recording, comfy_folders["input"] / "sub\\rec.safetensors")
+    drive_like = _saved_at(recording, comfy_folders["output"] / "c:rec.safetensors")
+    for typed, full in (("sub\\rec.safetensors", backslashed), ("c:rec.safetensors [output]", drive_like)):
+        assert io_nodes.LoadRecording.validate_inputs("", typed) is True, typed
+        assert io_nodes.LoadRecording.execute("", typed).args[0].num_heads == recording.num_heads
+        stamp = io_nodes.LoadRecording.fingerprint_inputs("", typed)
+        assert stamp.startswith(str(full) + ":"), (typed, stamp)  # the file it reads is the one it follows
+    # the folder 'sub' holds a file of that name too: the path's Windows reading is read, and the other named
+    _saved_at(other, comfy_folders["input"] / "sub" / "rec.safetensors")
+    with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        assert io_nodes.LoadRecording.execute("", "sub\\rec.safetensors").args[0].num_heads == other.num_heads
+    assert f"{backslashed}" in caplog.text and "'file' list" in caplog.text, caplog.text
+    assert load_recording(backslashed).num_heads == recording.num_heads  # still there, read through 'file'
+    assert io_nodes.LoadRecording.execute("sub\\rec.safetensors", "").args[0].num_heads == recording.num_heads
+    # a drive path naming no file of that name here stays outside, and a missing name stays missing
+    assert io_nodes.LoadRecording.validate_inputs("", "c:gone.safetensors") == PATH_OUTSIDE + repr("c:gone.safetensors")
+    with pytest.raises(ValueError, match=r"^path: no such recording file: 'sub\\\\gone\.safetensors'"):
+        io_nodes.LoadRecording.execute("", "sub\\gone.safetensors")
+
+
 def test_a_backslash_in_a_prefix_is_a_folder_on_every_system_and_names_windows_allows_are_kept(io_nodes, recording, comfy_folders):
     """'sub\\name', typed on Windows, saves into the folder 'sub' there: so it does on Linux (it was one file
     named 'sub\\name_00001_.safetensors'). Names that only look like devices, or where the counter follows the
