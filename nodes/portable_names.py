@@ -56,9 +56,16 @@ def starts_with_drive(text: str) -> bool:
 
 
 def portable_path(path: str) -> str:
-    """A typed path with each backslash made '/' where '/' is the separator (Linux, macOS), as Windows reads it:
-    a workflow from Windows names 'headseg\\rec_00001_.safetensors' where the file is 'headseg/rec_00001_...'."""
-    return _slashed(path) if os.sep == "/" else path
+    """A typed path as Windows reads it, on every system: each backslash made '/' where '/' is the separator
+    (Linux, macOS; a workflow from Windows names 'headseg\\rec_00001_.safetensors' where the file is
+    'headseg/rec_00001_...'), and the trailing dots and spaces of each folder's name dropped, as portable_prefix
+    drops them ('run. /x' is the file 'x' of the folder 'run', into which Save's prefix 'run. /x' saves). The
+    last name, the file's, is kept, and so are the separators' kind and a name of dots and spaces only."""
+    parts = re.split(r"([/\\])", _slashed(path) if os.sep == "/" else path)  # names, with the separators between
+    for i in range(0, len(parts) - 1, 2):  # the folders' names: every name but the last
+        if parts[i].rstrip(". "):
+            parts[i] = parts[i].rstrip(". ")
+    return "".join(parts)
 
 
 def _device(part: str) -> bool:

@@ -196,14 +196,16 @@ def _inside_folders(written: str) -> str | None:
 def _override_paths(path) -> list[str] | None:
     """The ``path`` override -> the paths of the files it may name, in the order they are read; None when blank.
 
-    First the path as Windows reads it: a backslash separates folders on every system, and a Windows drive
-    ('C:\\x') is outside on the others. Then, where a file of that very name exists (on Linux a name may hold a
-    backslash, or start like a drive: 'c:x'), the path as typed. Each must lie inside the input, output or temp
-    folder: ValueError naming the input when neither does; a path outside is refused without being touched."""
+    First the path as Windows reads it (portable_path): a backslash separates folders on every system, a folder's
+    trailing dots and spaces are dropped, and a Windows drive ('C:\\x') is outside on the others. Then, where a
+    file of that very name exists (on Linux a name may hold a backslash, or start like a drive: 'c:x', and a
+    folder may end in dots or spaces, as earlier versions made them), the path as typed. Each must lie inside the
+    input, output or temp folder: ValueError naming the input when neither does; a path outside is refused
+    without being touched."""
     path = _text("" if path is None else path, "path", "a file path").strip()
     if not path:
         return None
-    written = portable_path(path)  # a backslash separates folders, as on Windows
+    written = portable_path(path)
     windows = None if os.sep == "/" and starts_with_drive(written) else _inside_folders(written)
     readings = [] if windows is None else [windows]
     typed = _inside_folders(path) if written != path or windows is None else None
@@ -242,7 +244,7 @@ def _resolve(file, path) -> tuple[str, str]:
                 f"path: no such recording file: {path.strip()!r} (relative to the input folder, or absolute "
                 f"inside the input, output or temp folder){_elsewhere(path.strip())}"
             )
-        if len(found) > 1:
+        if len(found) > 1 and not _same_file(*found):  # (Windows itself may read both texts as one file)
             _warn_two_readings(path.strip(), found)
         return found[0], "path"
     full = _file_path(file)
@@ -264,14 +266,21 @@ def _resolve(file, path) -> tuple[str, str]:
 _warned_readings: set[tuple] = set()
 
 
+def _same_file(one: str, other: str) -> bool:
+    try:
+        return os.path.samefile(one, other)
+    except (OSError, ValueError):
+        return False
+
+
 def _warn_two_readings(path: str, found: list[str]) -> None:
     """Logs once per path and files that ``path`` names two files: ``found[0]`` (as Windows reads it), which is
     read, and ``found[1]`` (its name as typed), which is not."""
     if (path, *found) not in _warned_readings:
         _warned_readings.add((path, *found))
         log.warning(
-            "HeadSeg Load Recording: path %r reads %s (a backslash separates folders, as on Windows), not the file "
-            "named as typed, %s: choose that one in the 'file' list, or rename it", path, *map(printable_path, found),
+            "HeadSeg Load Recording: path %r reads %s (read as on Windows: a backslash separates folders, a folder's "
+            "trailing dots and spaces are dropped), not the file named as typed, %s: choose that one in the 'file' list, or rename it", path, *map(printable_path, found),
         )
 
 
@@ -451,8 +460,9 @@ class LoadRecording(io.ComfyNode):
                     tooltip=(
                         "Optional path of a file inside ComfyUI's input, output or temp folder: relative "
                         "to the input folder (a ' [output]' or ' [temp]' suffix means that folder), absolute, "
-                        "or starting with '~'; '\\' separates folders, as on Windows (a file whose own name holds '\\', or starts like a drive, "
-                        "'c:x', is read when the path names no other file); a path leading elsewhere is refused. Blank: 'file' is read. "
+                        "or starting with '~'; read as on Windows: '\\' separates folders and a folder's trailing dots and spaces are "
+                        "dropped (a file whose own name holds '\\' or starts like a drive, 'c:x', or in a folder whose does end so, is read "
+                        "as typed when the path names no other file); a path leading elsewhere is refused. Blank: 'file' is read. "
                         "When set it is used instead of 'file'."
                     ),
                 ),

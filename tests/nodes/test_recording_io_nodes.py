@@ -765,6 +765,25 @@ def test_a_backslash_in_path_is_a_folder_on_every_system(io_nodes, recording, co
         io_nodes.LoadRecording.execute("", "headseg\\rec_00001_.safetensors")
 
 
+def test_a_paths_folders_lose_their_trailing_dots_and_spaces_as_a_prefixs_do(io_nodes, recording, comfy_folders):
+    """Save Recording's prefix 'run. /rec' saves into the folder 'run' on every system (Windows drops a folder's
+    trailing dots and spaces), but Load Recording's path 'run. /rec_00001_.safetensors' looked in a folder
+    'run. ', missing: the same folder text named two folders. The path's folders now lose them too, as Windows
+    reads them, so a workflow from Windows (whose files lie in 'run') finds its file on Linux; a folder of that
+    very name made on Linux before (a file found only as typed) is still read."""
+    saved = io_nodes.SaveRecording.execute(recording, "run. /rec").args[0]
+    assert saved == str(comfy_folders["output"] / "run" / "rec_00001_.safetensors")
+    for typed in ("run. /rec_00001_.safetensors [output]", "run..\\rec_00001_.safetensors [output]", f"{comfy_folders['output']}/run ./rec_00001_.safetensors"):
+        assert io_nodes.LoadRecording.validate_inputs("", typed) is True, typed
+        assert io_nodes.LoadRecording.execute("", typed).args[0].num_heads == recording.num_heads, typed
+        assert io_nodes.LoadRecording.fingerprint_inputs("", typed).startswith(saved + ":"), typed
+    with pytest.raises(ValueError, match=r"the output folder has one: write 'run/rec_00001_\.safetensors \[output\]'$"):
+        io_nodes.LoadRecording.execute("", "run. /rec_00001_.safetensors")
+    kept = _saved_at(recording, comfy_folders["input"] / "old." / "rec.safetensors")  # an earlier version's folder
+    assert io_nodes.LoadRecording.execute("", "old./rec.safetensors").args[0].num_heads == recording.num_heads
+    assert io_nodes.LoadRecording.fingerprint_inputs("", "old./rec.safetensors").startswith(str(kept) + ":")
+
+
 @pytest.mark.skipif(os.sep != "/", reason="a file name holds a backslash or a drive's colon on Linux and macOS only")
 def test_a_path_naming_a_real_file_whose_name_holds_a_backslash_or_a_drive_reads_it(io_nodes, recording, comfy_folders, caplog):
     """On Linux a file name may hold a backslash, or start like a drive ('c:x'): 'path' read the backslash as a
