@@ -143,7 +143,9 @@ class _Store:
         # the runs kept (_remember), oldest first
         self.history: list[_Run] = []
         self.pinned: _Run | None = None  # the run that run_of found last
-        self._capped: set = set()  # prompts whose runs went past MAX_KEEP_RUNS (warned once)
+        # the last prompt whose runs went past MAX_KEEP_RUNS (warned once): a prompt's runs come one after the
+        # other, so one id does; a set of them grew with every such prompt of a long session
+        self._capped_prompt: str | None = None
         self.patches_running: set[LayerKey] = set()  # layers whose HeadSeg attn1 patch is running (recorder.py)
         self._reset_run(None, None)
 
@@ -355,8 +357,8 @@ class _Store:
             elif same:
                 capped = True
         kept.reverse()  # oldest first again
-        if capped and self.prompt not in self._capped:
-            self._capped.add(self.prompt)
+        if capped and self.prompt != self._capped_prompt:
+            self._capped_prompt = self.prompt
             log.warning(
                 "HeadSeg: prompt %s sampled the recorded MODEL more than %d times (a loop, a tiled upscaler, "
                 "or a prompt id sent again): only its newest %d runs are kept", self.prompt, MAX_KEEP_RUNS,

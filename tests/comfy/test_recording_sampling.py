@@ -1301,6 +1301,46 @@ def test_the_runs_of_one_prompt_are_bounded(caplog):
     assert caplog.text.count(f"sampled the recorded MODEL more than {recorder_store.MAX_KEEP_RUNS} times") == 1
 
 
+def _prompt_ids_held(obj, seen=None) -> set:
+    """The 'prompt-...' strings reachable from ``obj`` through its attributes, dicts, lists, sets and tuples."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return set()
+    seen.add(id(obj))
+    if isinstance(obj, str):
+        return {obj} if obj.startswith("prompt-") else set()
+    if isinstance(obj, dict):
+        items = [*obj.keys(), *obj.values()]
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        items = list(obj)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.Tensor)):
+        items = list(vars(obj).values())
+    else:
+        return set()
+    return set().union(*(_prompt_ids_held(item, seen) for item in items))
+
+
+def test_a_long_session_of_prompts_past_the_cap_holds_no_id_of_the_prompts_gone(caplog, monkeypatch):
+    """A dataset session queues one prompt after another, each sampling the cached record node's MODEL more
+    than MAX_KEEP_RUNS times (a list of latents, a tiled upscaler): the store said so once per prompt and kept
+    every such prompt's id for good, so its memory grew with the session. It holds the ids of the prompts of
+    its kept runs only, and still warns once per prompt."""
+    from comfy_execution.utils import CurrentNodeContext
+
+    monkeypatch.setattr(recorder_store, "MAX_KEEP_RUNS", 2)
+    store = recorder_store._Store([], None, step_selection.parse_steps("last"), "cond", "SD2", keep_runs=1)
+    prompts = [f"prompt-{n}" for n in range(30)]
+    with caplog.at_level(logging.WARNING, logger="HeadSeg"):
+        for n, prompt in enumerate(prompts):
+            for item in range(recorder_store.MAX_KEEP_RUNS + 3):
+                with CurrentNodeContext(prompt, "3", 0):
+                    _store_run(store, 100 * n + item)
+    assert caplog.text.count("sampled the recorded MODEL more than 2 times") == len(prompts)
+    kept = {run.prompt for run in store.history}
+    assert kept == {prompts[-1]}
+    assert _prompt_ids_held(store) == kept
+
+
 def test_a_refused_run_keeps_its_prompt_and_the_runs_before_it():
     """A run that records nothing (refused part-way) belongs to its prompt too: it neither drops the
     earlier runs of that prompt (a list of latents) nor goes itself when more runs of it follow."""
