@@ -8,7 +8,9 @@ import weakref
 import torch
 
 from .core.recording import LayerKey, Recording, grid_levels
-from .recorder_store import MAX_KEEP_RUNS, VAE_FACTOR, _NEVER_CALLED, _Run, _Store, _cpu_latent, _own_level, _same_bits
+from .empty_run_reasons import _NEVER_CALLED
+from .recorder_store import VAE_FACTOR, _Store, _own_level
+from .run_history import MAX_KEEP_RUNS, _Run, _cpu_latent, _same_bits
 
 
 # The runs read for a LATENT that ComfyUI's cache may hand over again after the record node has let them go:
@@ -99,7 +101,7 @@ class LiveRecording:
         LATENT samples), or of the most recent finished run when ``latent`` is None.
 
         New object, tensors shared, never mutated. ValueError naming `latent` when none of the kept
-        runs of the recorded MODEL (_Store._remember) produced ``latent`` and no run read for this very
+        runs of the recorded MODEL (RunHistory._remember) produced ``latent`` and no run read for this very
         tensor is still held (_hold: ComfyUI's cache may hand over a sampler's LATENT after its run left the
         history; the HELD_RUNS runs read last are held).
         """

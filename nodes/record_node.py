@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from . import recorder
 from .node_utils import combo_error
-from .recorder_store import HISTORY, MAX_KEEP_RUNS
+from .run_history import HISTORY, MAX_KEEP_RUNS
 from .types import Recording as RecordingSocket
 
 

@@ -28,7 +28,9 @@ How:
   (sigmas[i+1], sigmas[i]] ([sigmas[i], sigmas[i+1]) on a rising schedule, FlipSigmas'; a sigma in several
   steps, repeated or revisited, goes to them in the order the sampler calls the model). Only what the
   steps option needs is kept ("last": one fp16 copy per layer, or a float32 mix when the branch has
-  several entries; "mean" or a range: one float32 running sum per layer). The store itself is ``recorder_store.py``, the handle ``live_recording.py``.
+  several entries; "mean" or a range: one float32 running sum per layer). The store itself is ``recorder_store.py``
+  (its history of runs ``run_history.py``, its steps ``step_tracker.py``, why a run recorded nothing
+  ``empty_run_reasons.py``), the handle ``live_recording.py``.
 - Several entries of the recorded branch are mixed as ComfyUI mixes their predictions: the
   CALC_COND_BATCH wrapper asks ComfyUI's ``get_area_and_mult`` how much each entry weighs at this
   sigma, and ``entry_weights.py`` turns that into each entry's share per token.
@@ -49,7 +51,8 @@ from comfy.patcher_extension import WrappersMP
 from .core.recording import BLOCK_POSITIONS, LayerKey, parse_levels
 from .entry_weights import EntryMult, EntryShares, entry_shares
 from .live_recording import LiveRecording
-from .recorder_store import BRANCHES, HISTORY, _Store, check_keep_runs, log
+from .recorder_store import BRANCHES, _Store, log
+from .run_history import HISTORY, check_keep_runs
 from .step_selection import parse_steps
 
 
@@ -556,7 +559,7 @@ def _make_outer_sample_wrapper(store_id: int):
         noise = args[0] if len(args) > 0 else kwargs["noise"]
         sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
         reports = _reports_schedule_steps(args[2] if len(args) > 2 else kwargs.get("sampler"))
-        # hear the sampler's step reports ('last' then reads fewer sigmas: see _Store._step_of) and its
+        # hear the sampler's step reports ('last' then reads fewer sigmas: see StepTracker._step_of) and its
         # last denoised latent (a LATENT of SamplerCustom's denoised_output then finds this run too)
         seen = {}
         args, kwargs = _with_step_reports(args, kwargs, store_id, reports, seen)

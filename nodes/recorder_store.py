@@ -1,6 +1,8 @@
 """What one record node keeps while ComfyUI samples: the per-run store of head outputs (written by the
 attn1 patches of ``recorder.py``) and its history of finished runs, which the LiveRecording the node
-returns (``live_recording.py``) reads; the step selection is ``step_selection.py``'s.
+returns (``live_recording.py``) reads. The store (_Store) is made of its parts: the history of runs
+(``run_history.py``), the steps of the run's schedule its model calls fall in (``step_tracker.py``), and
+why a run recorded nothing (``empty_run_reasons.py``); the step selection is ``step_selection.py``'s.
 
 A run (one OUTER_SAMPLE call) is made of model evaluations (the guider's predict_noise calls); an
 evaluation's main pass is made of its calc_cond_batch calls that run a conditioning index for the
@@ -14,87 +16,27 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import NamedTuple
 
 import torch
 
 from .core.numerics import FP16_OVERFLOW
 from .core.recording import LayerKey, Recording, grid_levels
+from .empty_run_reasons import why_empty
+from .run_history import HISTORY, RunHistory, _current_prompt
 from .step_selection import StepSelection, steps_label
+from .step_tracker import StepTracker
 
 log = logging.getLogger("HeadSeg")
 
 BRANCHES = {"cond": 0, "uncond": 1}
 VAE_FACTOR = 8  # pixels per latent cell for the SD-family UNets this records
 RECORD_DTYPE = torch.float16
-# Sampling runs kept per record node by default (its keep_runs input), so that a LATENT finds its own
-# run when other samplers used the recorded MODEL after it (a hires fix, an inpainting pass). Kept
-# beyond them: the run read last
-# (_Store.pinned: an inpainting pass re-run click after click must not push out the image it
-# inpaints, which Head PCA reads again when one of its inputs changes), and the newest MAX_KEEP_RUNS
-# runs of the prompt that sampled last (a list of latents is sampled item after item before Head PCA
-# reads any).
-HISTORY = 3
-MAX_KEEP_RUNS = 64
-# Why the model did not run at steps the sampler went through, where a conditioning entry was active.
-_SKIPPED_BY_CACHE = (
-    "a node that reuses earlier model outputs instead of running the model, such as EasyCache or LazyCache, "
-    "skipped them"
-)
-# Why a sampler that does not report the schedule's steps made no model call in some of them (LazyCache
-# skips whole evaluations, under such a sampler as under any other).
-_OWN_SIGMAS = (
-    "samplers such as dpm_fast and dpm_adaptive choose their own sigmas, and a node such as LazyCache skips "
-    "whole model evaluations"
-)
-# Why a run recorded nothing when the recorded layers never ran (the MODEL used was not the patched one).
-_NEVER_CALLED = "the self-attention layers were never called during the last sampling run"
-
-
-
-
-def check_keep_runs(value) -> int:
-    """The record node's keep_runs -> int; ValueError naming it unless an integer from 1 to MAX_KEEP_RUNS."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_KEEP_RUNS:
-        raise ValueError(f"keep_runs: expected an integer from 1 to {MAX_KEEP_RUNS}, got {value!r}")
-    return int(value)
-
-
-
-
-class _Run(NamedTuple):
-    """One finished sampling run as a record node keeps it."""
-
-    latent: torch.Tensor | None  # the sampler's output on the CPU (float32), matched to a LATENT
-    recording: Recording | None
-    failure: str  # why it recorded nothing ("" when it did)
-    prompt: str | None  # the ComfyUI prompt it ran in (None outside one)
-    # the sampler's last denoised latent as SamplerCustom's denoised_output gives it (CPU, float32), matched
-    # to a LATENT too; None when the sampler reported none
-    denoised: torch.Tensor | None = None
-
-
-def _current_prompt() -> str | None:
-    """The id of the ComfyUI prompt being executed on this thread, or None (outside a prompt, or a
-    ComfyUI without execution contexts)."""
-    try:
-        from comfy_execution.utils import get_executing_context
-    except ImportError:
-        return None
-    context = get_executing_context()
-    return None if context is None else getattr(context, "prompt_id", None)
 
 
 def _own_level(layer, grids: list) -> int:
     """The grid level a layer runs at on a latent of these grids (grid_levels): its own, or the 1x1
     grid's where the latent runs out of halvings (the UNet keeps downsampling 1x1 to 1x1)."""
     return min(layer.level, len(grids) - 1)
-
-
-def _sigma_value(sig) -> float:
-    """A model call's sigma (a tensor of one sigma per image, or a number) as a float: for a tensor on
-    a GPU this waits for the GPU to reach it."""
-    return float(sig.max()) if torch.is_tensor(sig) else float(sig)
 
 
 def _kept_dtype(x: torch.Tensor) -> torch.dtype:
@@ -113,20 +55,7 @@ def _kept_dtype(x: torch.Tensor) -> torch.dtype:
     return RECORD_DTYPE
 
 
-def _cpu_latent(x) -> torch.Tensor | None:
-    """A sampler's latent as a float32 CPU tensor (a copy), or None when it is not a plain tensor."""
-    if not isinstance(x, torch.Tensor) or x.is_nested:
-        return None
-    return x.detach().to(device="cpu", dtype=torch.float32, copy=True)
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two float32 tensors of one shape hold the same bits (NaN matches NaN, unlike torch.equal:
-    a sampler's output with NaN in it is still its own)."""
-    return torch.equal(a.view(torch.int32), b.view(torch.int32))
-
-
-class _Store:
+class _Store(RunHistory, StepTracker):
     """What one record node's patched model writes during sampling. Lives in _REGISTRY, never in model_options."""
 
     def __init__(self, layers, levels, steps: StepSelection, branch: str, model: str, keep_runs: int = HISTORY):
@@ -136,16 +65,9 @@ class _Store:
         self.branch = branch
         self.branch_index = BRANCHES[branch]
         self.model = model
-        self.keep_runs = keep_runs  # the latest runs kept whatever else is kept (_remember)
         self.runs = 0
-        self.dropped = 0  # runs pushed out of the history by newer ones
         self.failure = ""  # why the current or most recent run recorded nothing
-        # the runs kept (_remember), oldest first
-        self.history: list[_Run] = []
-        self.pinned: _Run | None = None  # the run that run_of found last
-        # the last prompt whose runs went past MAX_KEEP_RUNS (warned once): a prompt's runs come one after the
-        # other, so one id does; a set of them grew with every such prompt of a long session
-        self._capped_prompt: str | None = None
+        self._start_history(keep_runs)
         self.patches_running: set[LayerKey] = set()  # layers whose HeadSeg attn1 patch is running (recorder.py)
         self._reset_run(None, None)
 
@@ -155,7 +77,7 @@ class _Store:
         self.latent_shape = tuple(latent_shape) if latent_shape is not None else None
         # the token grid of each level of this run's latent, ending at 1x1 (looked up at every model call)
         self.grids = grid_levels(self.latent_shape[2:4]) if self.active else []
-        self.sigmas = sigmas  # python floats, len = steps + 1
+        self._reset_steps(sigmas)
         self.prompt = _current_prompt() if self.active else None  # the ComfyUI prompt this run is part of
         self.acc: dict[LayerKey, torch.Tensor] = {}
         self.count: dict[LayerKey, float | torch.Tensor] = {}  # what acc holds: entries, or shares per token
@@ -167,21 +89,6 @@ class _Store:
         self.left_to_module: set[LayerKey] = set()
         # layers whose patch a (block, number) attn1 patch of another node took over in a main pass (recorder.py)
         self.shadowed: set[LayerKey] = set()
-        self.max_step = -1  # latest step of a recorded-branch call
-        self.max_step_any = -1  # latest step of any main-pass call (either branch)
-        self.steps_run: set[int] = set()  # the steps of the main-pass calls whose step was read
-        # step -> whether a conditioning entry was active in a main-pass calc_cond_batch call at that step
-        # that ran no recorded layer (note_idle): False = none was (a timestep range), so the model had
-        # nothing to run there; True = one was, yet the model did not run (a cache node skipped it)
-        self.idle_steps: dict[int, bool] = {}
-        self.min_sigma = float("inf")  # lowest sigma of a main-pass call
-        self._sig_obj = None
-        self._sig_step = 0
-        self._sig_eval = None  # the model evaluation (eval_id) of the call whose step _sig_step is
-        self._sig_estimated = False  # _sig_step is an estimate from the step reports (no sigma read)
-        # (sigma, estimated step) of the evaluations whose step was estimated (any branch, and the recorded
-        # branch's): read only when a message needs the steps seen (_settle_estimates), never while sampling
-        self._estimated_sig = {"any": [], "branch": []}
         self._warned: set = set()
         self.acc_eval: dict[LayerKey, tuple] = {}  # the model evaluation acc[key] last added (its tag)
         # inside a calc_cond_batch call: EntryShares of the recorded branch, None, or a function that
@@ -197,11 +104,6 @@ class _Store:
         self.regrid_calls = 0  # of these, calls of a layer on another level than its own (Deep Shrink)
         self.foreign_calls = 0  # of these, calls whose keys and values another patch changed (reference-only)
         self.wanted_steps: set[int] = set()  # the chosen steps the branch was called at
-        # the sampler's own step reports (step_done), when it is one whose reports count the schedule's
-        # steps: they tell 'last' which calls are certainly earlier without reading their sigma
-        self.reports_steps = False
-        self.reported = -1  # the latest step the sampler reported done
-        self.evals_since_report = 0  # model evaluations since that report (or since the run began)
 
     def begin_run(self, noise: torch.Tensor, sigmas: torch.Tensor, reports_steps: bool = False):
         """A sampling run starts. reports_steps: the sampler reports each step of ``sigmas`` as it
@@ -218,12 +120,6 @@ class _Store:
         self.eval_id += 1
         self.evals_since_report += 1
         self.seen_conds = set()
-
-    def step_done(self, step) -> None:
-        """The sampler reports that it finished ``step`` (its progress callback)."""
-        if self.active:
-            self.reported = max(self.reported, int(step))
-            self.evals_since_report = 0
 
     def begin_batch(self, conds, shares_of=None) -> bool:
         """A calc_cond_batch call over ``conds`` (a list, None where a branch is skipped) starts ->
@@ -314,19 +210,7 @@ class _Store:
                 if self.steps.last >= n_steps:
                     why.append(f"the sampling run had {n_steps} steps (0-{n_steps - 1})")
                 skipped = [i for i in asked if i not in self.wanted_steps]
-                cached = self._skipped_by_cache(skipped)
-                unseen = self._not_evaluated(i for i in skipped if i not in cached)
-                inactive = [i for i in skipped if i not in cached and i not in unseen]
-                if cached:
-                    why.append(f"the model did not run at step(s) {steps_label(cached)} ({_SKIPPED_BY_CACHE})")
-                if unseen:
-                    why.append(f"the sampler evaluated the model at none of the sigmas of step(s) "
-                               f"{steps_label(unseen)} ({_OWN_SIGMAS})")
-                if inactive:
-                    why.append(
-                        f"the '{self.branch}' conditioning was not called at step(s) {steps_label(inactive)} "
-                        "(a timestep range ends or starts it there)"
-                    )
+                why += self._why_skipped(skipped)
                 log.warning("HeadSeg: steps %s: %s: recorded steps %s", self.steps.label, "; ".join(why), label)
         if layers:
             rec = Recording(
@@ -336,54 +220,9 @@ class _Store:
                 steps=label,
                 branch=self.branch,
             )
-        self.failure = "" if layers else self._why_empty()
+        self.failure = "" if layers else why_empty(self)
         self._remember(output, rec, denoised)
         self._reset_run(None, None)
-
-    def _remember(self, output, rec, denoised=None):
-        """Keeps a finished run: the last keep_runs runs stay, the run read last (pinned) however old it
-        is, and the runs of the prompt this one ran in, the newest MAX_KEEP_RUNS of them (a loop, a
-        tiled upscaler or a prompt id an API client sends again must not hold runs without bound);
-        the others go."""
-        self.history.append(_Run(_cpu_latent(output), rec, self.failure, self.prompt, _cpu_latent(denoised)))
-        first_recent = len(self.history) - self.keep_runs
-        kept, capped, of_prompt = [], False, 0  # of_prompt: runs of this prompt seen, newest first
-        for i in reversed(range(len(self.history))):
-            run = self.history[i]
-            same = self.prompt is not None and run.prompt == self.prompt
-            of_prompt += same
-            if i >= first_recent or run is self.pinned or (same and of_prompt <= MAX_KEEP_RUNS):
-                kept.append(run)
-            elif same:
-                capped = True
-        kept.reverse()  # oldest first again
-        if capped and self.prompt != self._capped_prompt:
-            self._capped_prompt = self.prompt
-            log.warning(
-                "HeadSeg: prompt %s sampled the recorded MODEL more than %d times (a loop, a tiled upscaler, "
-                "or a prompt id sent again): only its newest %d runs are kept", self.prompt, MAX_KEEP_RUNS,
-                MAX_KEEP_RUNS,
-            )
-        self.dropped += len(self.history) - len(kept)
-        self.history = kept
-
-    def latest(self):
-        """(Recording or None, failure) of the most recent finished run; (None, failure) before any."""
-        return (self.history[-1].recording, self.history[-1].failure) if self.history else (None, self.failure)
-
-    def run_of(self, samples: torch.Tensor):
-        """The newest kept run whose output latent (or last denoised latent: SamplerCustom's
-        denoised_output) equals ``samples`` -> (Recording or None, failure), or None when no kept run
-        produced it."""
-        samples = _cpu_latent(samples)
-        if samples is None:
-            return None
-        for run in reversed(self.history):
-            for made in (run.latent, run.denoised):
-                if made is not None and made.shape == samples.shape and _same_bits(made, samples):
-                    self.pinned = run
-                    return run.recording, run.failure
-        return None
 
     def abort_run(self):
         self._reset_run(None, None)
@@ -406,277 +245,6 @@ class _Store:
         self._failed = failed_in_run
         if failed_in_run:  # end_run keeps the failed run with the prompt it ran in
             self.prompt = prompt
-
-    @property
-    def n_steps(self) -> int:
-        """Steps of the current run's sigma schedule."""
-        return max(len(self.sigmas or []) - 1, 0)
-
-    def _settle_estimates(self):
-        """Folds the calls whose step was only estimated into the steps and sigmas seen, reading their
-        sigma now (for a message; the estimate is right about 'before the last step', but a corrector
-        within step i, e.g. dpmpp_sde's, would count as step i + 1)."""
-        for which, sigs in self._estimated_sig.items():
-            for sig, estimate in sigs:
-                step = self._read_step(sig, estimate)
-                self.max_step_any = max(self.max_step_any, step)
-                self.steps_run.add(step)
-                if which == "branch":
-                    self.max_step = max(self.max_step, step)
-        self._estimated_sig = {"any": [], "branch": []}
-
-    def note_idle(self, sigma, active: bool) -> None:
-        """A main-pass calc_cond_batch call at ``sigma`` ran no recorded layer; ``active``: whether one of
-        its conditioning entries was active there (ComfyUI's get_area_and_mult). Rare: read at once."""
-        step = self._schedule_step(_sigma_value(sigma), self._order_floor())
-        self._sig_obj, self._sig_step, self._sig_estimated, self._sig_eval = sigma, step, False, self.eval_id
-        self.idle_steps[step] = self.idle_steps.get(step, False) or active
-
-    def _not_run(self, steps) -> list[int]:
-        """Of ``steps``, those the sampler went through with no main-pass model call in them: reported
-        done (step_done) by a sampler whose reports count the schedule's steps, or, by any other sampler,
-        asked for a prediction there that ran no recorded layer (note_idle). Only once the run's calls are
-        placed (_settle_estimates; 'mean' places none)."""
-        if self.steps.mode == "mean":
-            return []
-        if not self.reports_steps:  # (uni_pc, dpm_fast, a rising schedule): only the calls it made tell
-            return [i for i in steps if i in self.idle_steps and i not in self.steps_run]
-        return [i for i in steps if i <= self.reported and i not in self.steps_run]
-
-    def _not_evaluated(self, steps) -> list[int]:
-        """Of ``steps``, those in which a sampler that does not report the schedule's steps (dpm_fast,
-        dpm_adaptive: they choose their own sigmas) asked for no prediction at all (nor did the guider run:
-        LazyCache), main pass or not run."""
-        if self.reports_steps or self.steps.mode == "mean":
-            return []
-        return [i for i in steps if i not in self.steps_run and i not in self.idle_steps]
-
-    def _skipped_by_cache(self, steps) -> list[int]:
-        """Of ``steps``, those where the model did not run though a conditioning entry was active, or
-        the guider was not even asked (LazyCache skips whole evaluations): not a timestep range's doing."""
-        return [i for i in self._not_run(steps) if self.idle_steps.get(i, True)]
-
-    def _steps_it_ran(self) -> str:
-        """The steps to choose instead of steps the recorded branch never reached (it ran up to step
-        max_step): those up to max_step, or the steps the model ran where it skipped some before
-        (LazyCache)."""
-        if any(i not in self.steps_run for i in range(self.max_step)):
-            return f"steps the model ran ({steps_label(self.steps_run)})"
-        return f"steps up to {self.max_step}"
-
-    def _why_empty(self) -> str:
-        n_steps = self.n_steps
-        if self.failure:
-            return self.failure
-        self._settle_estimates()
-        if self.seen_calls == 0 and (self.left_to_module or self.shadowed):
-            why = []
-            if self.left_to_module:
-                why.append(
-                    "the self-attention modules of the recorded layers run another node's code (a forward hook, or a "
-                    "forward swapped in by an object patch), which HeadSeg's patches would skip: they were left to it "
-                    "and not recorded (see the log); sample without that node to record them"
-                )
-            if self.shadowed:
-                names = ", ".join(key.name for key in sorted(self.shadowed, key=lambda key: key.sort_key))
-                why.append(
-                    f"{'the' if not why else 'the other'} recorded layers ({names}) were taken over by another node's "
-                    "attn1 patch set after Record Self-Attention under their (block, number) key, which ComfyUI calls "
-                    "in their place: they were left to it and not recorded (see the log); place that node before "
-                    "Record Self-Attention, which then runs its patch and records what it returns"
-                )
-            return "; ".join(why)
-        if self.seen_calls == 0:
-            return _NEVER_CALLED
-        if self.seen_branch == 0:
-            hint = (
-                " (with cfg = 1 ComfyUI skips the uncond pass: choose branch 'cond', or a cfg above 1)"
-                if self.branch == "uncond"
-                else ""
-            )
-            return f"branch: no model call held the '{self.branch}' branch{hint}"
-        if self.wanted_calls and self.crop_calls == self.wanted_calls:
-            return (
-                f"branch: the '{self.branch}' conditioning covered only part of the image in every model call "
-                "(ConditioningSetArea, or a mask with 'set_cond_area: mask bounds'); HeadSeg records calls on "
-                "the whole latent: add a conditioning entry for the whole image"
-            )
-        last = max(n_steps - 1, 0)
-        wanted = self.steps.first if self.steps.mode == "range" else last
-        asked = range(wanted, min(self.steps.last, last) + 1) if self.steps.mode == "range" else [last]
-        if self.steps.mode in ("range", "last") and asked and self._not_run(asked) == list(asked):
-            ran = f" ({steps_label(self.steps_run)})" if self.steps_run else ""
-            if self._skipped_by_cache(asked):
-                return (
-                    f"steps: the sampler went through step {asked[-1]} but the model did not run at step(s) "
-                    f"{steps_label(self._skipped_by_cache(range(n_steps)))} ({_SKIPPED_BY_CACHE}): choose "
-                    f"steps 'mean', steps the model ran{ran}, or an end_percent below 1 on that node"
-                )
-            return (
-                f"steps: no conditioning entry was active at step(s) {steps_label(self._not_run(range(n_steps)))}, "
-                "so the model did not run there (a timestep range, e.g. ConditioningSetTimestepRange, ends the "
-                "conditioning early, and at cfg = 1 there is no uncond pass): choose steps the model "
-                f"ran{ran}, 'mean', or widen its timestep range"
-            )
-        if self.steps.mode in ("range", "last") and wanted > self.max_step and wanted <= self.max_step_any:
-            return (
-                f"steps: the '{self.branch}' conditioning was not active at step {wanted}: its model calls stopped "
-                f"at step {self.max_step} (a timestep range, e.g. ConditioningSetTimestepRange, ends it early): "
-                f"choose steps up to {self.max_step}, 'mean', or widen its timestep range"
-            )
-        if (self.steps.mode == "range" and self.steps.first <= self.max_step and asked
-                and self._not_evaluated(asked) == list(asked)):  # steps between those evaluated (LazyCache)
-            ran = f" ({steps_label(self.steps_run)})" if self.steps_run else ""
-            return (
-                f"steps: range {self.steps.label} selected, but the sampler evaluated the model at none of the "
-                f"sigmas of step(s) {steps_label(asked)} ({_OWN_SIGMAS}): choose steps the model ran{ran}, or 'mean'"
-            )
-        if self.steps.mode == "range" and self.steps.first > self.max_step:
-            if self.steps.first <= last and self._not_evaluated(asked) == list(asked):  # within the run
-                return (
-                    f"steps: range {self.steps.label} selected, but the sampler evaluated the model only down "
-                    f"to sigma {self.min_sigma:.4g} (in step {self.max_step_any} of its steps 0-{last}; "
-                    f"{_OWN_SIGMAS}): choose {self._steps_it_ran()}, or 'mean'"
-                )
-            if self.max_step < last:  # past the run, and 'last' would record nothing either
-                skipped = self._skipped_by_cache(range(n_steps))
-                if last in skipped:  # the sampler went through the last step; a cache node ran no model there
-                    return (
-                        f"steps: range {self.steps.label} selected but the sampler ran {n_steps} steps (0-{last}), "
-                        f"and the model did not run at step(s) {steps_label(skipped)} ({_SKIPPED_BY_CACHE}): choose "
-                        f"{self._steps_it_ran()}, 'mean', or an end_percent below 1 on that node"
-                    )
-                if self.max_step_any < last:
-                    why = (f" and evaluated the model only down to sigma {self.min_sigma:.4g} (in step "
-                           f"{self.max_step_any}; {_OWN_SIGMAS})")
-                    instead = "or 'mean'"
-                else:
-                    why = (f", and the '{self.branch}' conditioning was not active after step {self.max_step} (a "
-                           "timestep range, e.g. ConditioningSetTimestepRange, ends it early)")
-                    instead = "'mean', or widen its timestep range"
-                return (
-                    f"steps: range {self.steps.label} selected but the sampler ran {n_steps} steps (0-{last})"
-                    f"{why}: choose {self._steps_it_ran()}, {instead}"
-                )
-            return (
-                f"steps: range {self.steps.label} selected but the sampler ran {n_steps} steps "
-                f"(0-{last}): choose steps within them, or 'last'"
-            )
-        if self.steps.mode == "last" and self.max_step < last:
-            return (
-                f"steps: 'last' is step {last} (sigma at most {self.sigmas[last]:.4g}), but the sampler evaluated "
-                f"the model only down to sigma {self.min_sigma:.4g} (in step {self.max_step_any} of its steps "
-                f"0-{last}; {_OWN_SIGMAS}): choose {self._steps_it_ran()}, or 'mean'"
-            )
-        if self.foreign_calls:  # (nothing was recorded: the calls left to record were all such calls)
-            return (
-                "another patch (such as reference-only or StyleAligned) added another image's tokens to the keys "
-                "and values of the self-attention calls left to record (see the log): HeadSeg records "
-                "self-attention over a layer's own tokens; sample without that patch, or choose steps where it is off"
-            )
-        if self.wanted_calls and self.regrid_calls:
-            return (
-                "steps: at every chosen step a patch such as Kohya Deep Shrink (PatchModelAddDownscale) resized "
-                "the token grids: choose steps outside its range (its end_percent), e.g. 'last'"
-            )
-        return (
-            "no layer could be recorded (levels selection matched no grid, or another patch changed the "
-            "token count of every layer; see the log)"
-        )
-
-    # -- per call -------------------------------------------------------------------------------
-    def _step_of(self, extra_options) -> int:
-        """The step a model call belongs to (_schedule_step: sigmas[i+1] < sigma <= sigmas[i] on a falling
-        schedule), estimated from the sampler's step reports where that tells 'last' enough."""
-        sig = extra_options.get("sigmas")
-        if sig is None:
-            self._sig_estimated = False
-            return 0
-        if sig is self._sig_obj and self._sig_eval == self.eval_id:
-            return self._sig_step
-        if self._before_last_by_reports():  # an estimate: certainly before the last step (see observe)
-            self._sig_obj, self._sig_step, self._sig_estimated = sig, self.reported + 1, True
-            self._sig_eval = self.eval_id
-            return self._sig_step
-        step = self._read_step(sig, self._order_floor())
-        self._sig_obj, self._sig_step, self._sig_estimated, self._sig_eval = sig, step, False, self.eval_id
-        return step
-
-    def _read_step(self, sig, floor: int) -> int:
-        """The step of a call's sigma, read (a device sync on a GPU); ``floor``: see _schedule_step."""
-        s = _sigma_value(sig)
-        self.min_sigma = min(self.min_sigma, s)
-        return self._schedule_step(s, floor)
-
-    def _order_floor(self) -> int:
-        """The earliest step the model call being placed can be in where its sigma fits several steps:
-        the step of the call placed before it (samplers go through the schedule in order), or the one
-        after that when that step is zero-length (a repeated sigma) and this call starts another model
-        evaluation (a zero-length step of a first-order sampler is one evaluation)."""
-        step = self._sig_step if self._sig_obj is not None else -1
-        another_eval = self.eval_id != self._sig_eval or self.eval_id == 0  # (0: no guider, each call counts)
-        if another_eval and 0 <= step < self.n_steps and self._zero_length(step):
-            step += 1
-        return step
-
-    def _zero_length(self, i: int) -> bool:
-        """Whether step i of this run's schedule starts and ends at one sigma (the `simple` scheduler
-        repeats sigmas at a denoise below steps / 1000)."""
-        cur, nxt = self.sigmas[i], self.sigmas[i + 1]
-        return abs(cur - nxt) <= 1e-5 * max(abs(nxt), 1e-3)
-
-    def _schedule_step(self, s: float, floor: int = -1) -> int:
-        """The step i of this run's schedule that ``s`` belongs to: sigmas[i+1] < s <= sigmas[i] where the
-        schedule falls (step 0 above sigmas[0] too), sigmas[i] <= s < sigmas[i+1] where it rises
-        (FlipSigmas' ascending schedule for unsampling), s = sigmas[i] where step i is zero-length (a
-        repeated sigma); the last step when none. Where s fits several steps (a repeated sigma, a
-        hand-made schedule that falls and rises again, as a restart schedule does), the first of them at
-        or after ``floor`` (how far the sampler got: _order_floor), else the last of them."""
-        schedule = self.sigmas
-        found, first = set(), None
-        for i in range(len(schedule) - 1):
-            cur, nxt = schedule[i], schedule[i + 1]
-            tol, tol_cur = 1e-5 * max(abs(nxt), 1e-3), 1e-5 * max(abs(cur), 1e-3)
-            if first is None and ((s > nxt + tol) if nxt <= cur else (s < nxt - tol)):
-                first = i  # the first step s is in, or above (a sigma raised by s_churn counts there)
-                found.add(i)
-            if self._zero_length(i):
-                if abs(s - cur) <= tol_cur:
-                    found.add(i)
-            elif (nxt + tol < s <= cur + tol_cur) if nxt < cur else (cur - tol_cur <= s < nxt - tol):
-                found.add(i)
-        if not found:
-            return max(len(schedule) - 2, 0)
-        found = sorted(found)
-        later = [i for i in found if i >= floor]
-        return later[0] if later else found[-1]
-
-    def _before_last_by_reports(self) -> bool:
-        """'last' only: whether the model call being made is certainly in an earlier step than the last,
-        known without reading its sigma (on a GPU a device sync at every model call, about half of
-        recording's cost there). After the sampler reported step i, its next evaluation is the first
-        of step i + 1, or a corrector of step i (heun's at sigma i + 1, dpmpp_sde's, sa_solver_pece's
-        within step i): either way before the last step while i + 2 < last, on a schedule that never
-        rises (begin_run). Its step is then an estimate, kept out of the steps seen (_settle_estimates)."""
-        last = len(self.sigmas or []) - 2
-        return (
-            self.steps.mode == "last" and self.reports_steps and self.evals_since_report == 1
-            and self.reported + 2 < last
-        )
-
-    def _note_estimate(self, which: str, extra_options) -> None:
-        """Keeps the sigma of a call whose step was estimated, with that estimate, once per model call (its
-        layers share it)."""
-        sigs, sig = self._estimated_sig[which], extra_options.get("sigmas")
-        if not sigs or sigs[-1][0] is not sig:
-            sigs.append((sig, self._sig_step))
-
-    def _wants(self, step: int) -> bool:
-        if self.steps.mode == "last":
-            return step == max(len(self.sigmas) - 2, 0)
-        if self.steps.mode == "mean":
-            return True
-        return self.steps.first <= step <= self.steps.last
 
     def _warn_once(self, key: LayerKey, what: str, message: str, some_calls: bool = False):
         """Logs ``message`` once per run for this layer and reason: as why the layer is not recorded, or with

@@ -10,8 +10,8 @@ import torch
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.samplers
 
-from headseg.nodes import live_recording, recorder, recorder_store, step_selection
-from headseg.nodes.core.recording import LayerKey
+from headseg.nodes import live_recording, recorder, recorder_store, run_history, step_selection, step_tracker
+from headseg.nodes.core.recording import LayerKey, Recording
 
 from .reference import AttentionProbe, grid_for, per_head, reference, self_attention_modules
 
@@ -95,8 +95,8 @@ def test_mean_never_asks_which_step_a_call_is(tiny, sd2, monkeypatch):
     """Reading a call's sigma waits for the GPU: 'mean' records every step, so it must not ask; 'last'
     asks at every model call."""
     asked = []
-    step_of = recorder_store._Store._step_of
-    monkeypatch.setattr(recorder_store._Store, "_step_of", lambda self, o: asked.append(1) or step_of(self, o))
+    step_of = step_tracker.StepTracker._step_of
+    monkeypatch.setattr(step_tracker.StepTracker, "_step_of", lambda self, o: asked.append(1) or step_of(self, o))
     patched, live = recorder.attach_recorder(sd2, steps="mean")
     with AttentionProbe(patched) as probe:
         run(tiny, patched, latent_hw=(8, 8), steps=3)
@@ -109,8 +109,8 @@ def test_mean_never_asks_which_step_a_call_is(tiny, sd2, monkeypatch):
 
 def _count_sigma_reads(monkeypatch) -> list:
     reads = []
-    read = recorder_store._sigma_value
-    monkeypatch.setattr(recorder_store, "_sigma_value", lambda sig: reads.append(1) or read(sig))
+    read = step_tracker._sigma_value
+    monkeypatch.setattr(step_tracker, "_sigma_value", lambda sig: reads.append(1) or read(sig))
     return reads
 
 
@@ -597,7 +597,7 @@ def test_latent_finds_its_own_run_among_the_last_ones(tiny, sd2):
     assert live.snapshot(first_latent.clone()).layers.keys() == first.layers.keys()  # values, not identity
     with pytest.raises(ValueError, match=r"^latent: this LATENT \(1x4x8x8\) is not the output of any of the last 2"):
         live.snapshot(torch.randn(1, 4, 8, 8))
-    for seed in range(3, 3 + recorder_store.HISTORY - 1):
+    for seed in range(3, 3 + run_history.HISTORY - 1):
         run(tiny, patched, latent_hw=(8, 8), seed=seed)
     live.snapshot(second_latent)  # still kept
     newest = run(tiny, patched, latent_hw=(8, 8), seed=99)
@@ -643,7 +643,7 @@ def test_the_run_read_last_outlasts_any_number_of_later_runs(tiny, sd2):
     patched, live = recorder.attach_recorder(sd2)
     image = run(tiny, patched, latent_hw=(8, 8), seed=1)
     before = HeadPCA.execute(live, "down+up", "all", 4, latent={"samples": image}).args[0]
-    passes = [run(tiny, patched, latent_hw=(8, 8), seed=10 + i) for i in range(recorder_store.HISTORY + 2)]
+    passes = [run(tiny, patched, latent_hw=(8, 8), seed=10 + i) for i in range(run_history.HISTORY + 2)]
     after = HeadPCA.execute(live, "down+up", "all", 3, latent={"samples": image}).args[0]
     assert after.layers.keys() == before.layers.keys()
     for key, b in before.layers.items():
@@ -652,7 +652,7 @@ def test_the_run_read_last_outlasts_any_number_of_later_runs(tiny, sd2):
     with pytest.raises(ValueError, match=r"and 2 older one\(s\) are gone") as info:
         live.snapshot(passes[0])  # neither among the last HISTORY nor read last
     assert "inpainting pass" in str(info.value)
-    assert len(live._store.history) == recorder_store.HISTORY + 1  # the image's run kept besides them
+    assert len(live._store.history) == run_history.HISTORY + 1  # the image's run kept besides them
 
 
 def test_every_run_of_the_prompt_that_sampled_last_is_kept(tiny, sd2):
@@ -663,14 +663,14 @@ def test_every_run_of_the_prompt_that_sampled_last_is_kept(tiny, sd2):
 
     patched, live = recorder.attach_recorder(sd2)
     with CurrentNodeContext("prompt-1", "6", 0):
-        items = [run(tiny, patched, latent_hw=(8, 8), seed=s) for s in range(recorder_store.HISTORY + 2)]
+        items = [run(tiny, patched, latent_hw=(8, 8), seed=s) for s in range(run_history.HISTORY + 2)]
     for latent in items:
         assert live.snapshot(latent).layers
     assert live._store.dropped == 0
     with CurrentNodeContext("prompt-2", "6", 0):
         later = run(tiny, patched, latent_hw=(8, 8), seed=99)
     assert live.snapshot(later).layers
-    for latent in items[-(recorder_store.HISTORY - 1):]:
+    for latent in items[-(run_history.HISTORY - 1):]:
         assert live.snapshot(latent).layers
     with pytest.raises(ValueError, match=r"and 3 older one\(s\) are gone"):
         live.snapshot(items[0].clone())
@@ -727,7 +727,7 @@ def test_the_runs_held_for_cached_latents_are_bounded():
     latents = []
     for seed in range(live_recording.HELD_RUNS + 5):
         latent = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(seed))
-        rec = recorder_store.Recording(layers={key: torch.full((1, 1, 2, 2, 2), float(seed))}, image_size=(16, 16))
+        rec = Recording(layers={key: torch.full((1, 1, 2, 2, 2), float(seed))}, image_size=(16, 16))
         store._remember(latent.clone(), rec)
         live.snapshot(latent)
         latents.append(latent)
@@ -1168,17 +1168,17 @@ def test_a_range_ending_one_past_the_last_step_says_how_many_steps_ran(tiny, sd2
 def test_a_run_dropped_from_the_history_is_named(tiny, sd2):
     patched, live = recorder.attach_recorder(sd2)
     first = run(tiny, patched, latent_hw=(8, 8), seed=0)
-    for seed in range(1, recorder_store.HISTORY + 1):
+    for seed in range(1, run_history.HISTORY + 1):
         run(tiny, patched, latent_hw=(8, 8), seed=seed)
-    with pytest.raises(ValueError, match=rf"Only the last {recorder_store.HISTORY} run\(s\) \(Record Self-Attention's keep_runs\), the newest 64 runs of the prompt"):
+    with pytest.raises(ValueError, match=rf"Only the last {run_history.HISTORY} run\(s\) \(Record Self-Attention's keep_runs\), the newest 64 runs of the prompt"):
         live.snapshot(first)
 
 
 def test_of_two_runs_with_the_same_latent_the_newest_is_read():
     store = recorder_store._Store([], None, step_selection.parse_steps("last"), "cond", "SD2")
     latent = torch.zeros(1, 4, 2, 2)
-    store.history.append(recorder_store._Run(latent.clone(), "older", "", None))
-    store.history.append(recorder_store._Run(latent.clone(), "newer", "", None))
+    store.history.append(run_history._Run(latent.clone(), "older", "", None))
+    store.history.append(run_history._Run(latent.clone(), "newer", "", None))
     assert store.run_of(latent)[0] == "newer"
 
 
@@ -1268,7 +1268,7 @@ def test_an_empty_latent_of_another_shape_is_named(tiny, sd2):
 
 def test_the_history_message_only_when_a_run_was_dropped(tiny, sd2):
     patched, live = recorder.attach_recorder(sd2)
-    for seed in range(recorder_store.HISTORY):
+    for seed in range(run_history.HISTORY):
         run(tiny, patched, latent_hw=(8, 8), seed=seed)
     with pytest.raises(ValueError, match="is not the output of any") as info:
         live.snapshot(torch.zeros(1, 4, 8, 8))
@@ -1294,11 +1294,11 @@ def test_the_runs_of_one_prompt_are_bounded(caplog):
 
     store = recorder_store._Store([], None, step_selection.parse_steps("last"), "cond", "SD2", keep_runs=1)
     with caplog.at_level(logging.WARNING, logger="HeadSeg"):
-        for queue in range(recorder_store.MAX_KEEP_RUNS + 10):
+        for queue in range(run_history.MAX_KEEP_RUNS + 10):
             with CurrentNodeContext("the-same-id", "3", 0):
                 _store_run(store, queue)
-    assert len(store.history) == recorder_store.MAX_KEEP_RUNS
-    assert caplog.text.count(f"sampled the recorded MODEL more than {recorder_store.MAX_KEEP_RUNS} times") == 1
+    assert len(store.history) == run_history.MAX_KEEP_RUNS
+    assert caplog.text.count(f"sampled the recorded MODEL more than {run_history.MAX_KEEP_RUNS} times") == 1
 
 
 def _prompt_ids_held(obj, seen=None) -> set:

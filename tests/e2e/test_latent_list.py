@@ -11,7 +11,7 @@ from headseg.tests.support.workflow_api import nodes_of
 
 pytestmark = pytest.mark.server
 
-ITEMS = 5  # more than the runs a record node keeps across prompts (recorder_store.HISTORY = 3)
+ITEMS = 5  # more than the runs a record node keeps across prompts (run_history.HISTORY = 3)
 SIDE = 128  # pixels: a 16x16 latent keeps the full-size UNet quick on a CPU
 
 
