@@ -1327,12 +1327,12 @@ def test_a_long_session_of_prompts_past_the_cap_holds_no_id_of_the_prompts_gone(
     its kept runs only, and still warns once per prompt."""
     from comfy_execution.utils import CurrentNodeContext
 
-    monkeypatch.setattr(recorder_store, "MAX_KEEP_RUNS", 2)
+    monkeypatch.setattr(run_history, "MAX_KEEP_RUNS", 2)
     store = recorder_store._Store([], None, step_selection.parse_steps("last"), "cond", "SD2", keep_runs=1)
     prompts = [f"prompt-{n}" for n in range(30)]
     with caplog.at_level(logging.WARNING, logger="HeadSeg"):
         for n, prompt in enumerate(prompts):
-            for item in range(recorder_store.MAX_KEEP_RUNS + 3):
+            for item in range(run_history.MAX_KEEP_RUNS + 3):
                 with CurrentNodeContext(prompt, "3", 0):
                     _store_run(store, 100 * n + item)
     assert caplog.text.count("sampled the recorded MODEL more than 2 times") == len(prompts)
