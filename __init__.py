@@ -16,7 +16,7 @@ async def comfy_entrypoint():
 
     pack_folder.warn_unservable_folder_name()
     try:
-        from .nodes.extension import HeadSegExtension, register_prompt_migration
+        from .nodes.extension import HeadSegExtension, register_output_links, register_prompt_migration
     except Exception as error:
         # ComfyUI's own line for a failing V3 entry point has the error's text alone, without the file
         logging.error(pack_folder.load_failure_message(error), exc_info=True)
@@ -24,4 +24,5 @@ async def comfy_entrypoint():
     if pack_folder.leave_out_second_copy():
         return HeadSegExtension(node_list=[])
     register_prompt_migration()  # API prompts saved for older versions are rewired before validation
+    register_output_links()  # each node learns which of its outputs the prompt reads (nodes/output_links.py)
     return HeadSegExtension()

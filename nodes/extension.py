@@ -7,7 +7,7 @@ import sys
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
-from . import prompt_migration
+from . import output_links, prompt_migration
 from .head_pca_node import HeadPCA
 from .kmeans_node import MultiKMeans
 from .label_map_nodes import NODES as LABEL_MAP_NODES
@@ -35,11 +35,22 @@ class HeadSegExtension(ComfyExtension):
         return list(self.node_list)
 
 
-def register_prompt_migration() -> bool:
-    """Hooks prompt_migration.on_prompt into the running ComfyUI server; False when none runs.
+def _prompt_server():
+    """The running ComfyUI's PromptServer, or None.
 
     The server module is looked up, not imported: main.py has imported it before it loads custom
     nodes, and importing it elsewhere (tests, scripts) would only start half a server.
     """
     server_class = getattr(sys.modules.get("server"), "PromptServer", None)
-    return prompt_migration.register(getattr(server_class, "instance", None))
+    return getattr(server_class, "instance", None)
+
+
+def register_prompt_migration() -> bool:
+    """Hooks prompt_migration.on_prompt into the running ComfyUI server; False when none runs."""
+    return prompt_migration.register(_prompt_server())
+
+
+def register_output_links() -> bool:
+    """Hooks output_links.on_prompt into the running ComfyUI server (after the migration, whose new nodes
+    it then sees); False when none runs."""
+    return prompt_migration.register(_prompt_server(), output_links.on_prompt)

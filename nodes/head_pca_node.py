@@ -28,6 +28,7 @@ from .node_utils import (
     device_input,
     integer_input,
     log,
+    outputs_to_make,
     parse_positions,
     preview_refs,
     run_on_device,
@@ -129,6 +130,8 @@ class HeadPCA(io.ComfyNode):
                     ),
                 ),
             ],
+            # ComfyUI's prompt: which outputs it links (node_utils.outputs_to_make)
+            hidden=[io.Hidden.prompt],
         )
 
     @classmethod
@@ -213,7 +216,8 @@ class HeadPCA(io.ComfyNode):
             text += "; " + note
             log.warning("HeadSeg Head PCA: %s", note)
         ui = {"images": preview_refs(_pca_preview(grid)), "text": [text], "headseg_summary": [summary]}
-        return io.NodeOutput(features, grid, ui=ui)
+        make = outputs_to_make(cls, "HeadSeg_HeadPCA")  # the picture is shown either way; kept only when read
+        return io.NodeOutput(features, grid if make is None or "pca_rgb" in make else None, ui=ui)
 
 
 def pca_rgb_bytes(rec) -> int:

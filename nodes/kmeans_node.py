@@ -26,6 +26,7 @@ from .node_utils import (
     expect as _expect,
     integer_input,
     label_previews,
+    outputs_to_make,
     run_on_device,
 )
 
@@ -93,6 +94,8 @@ class MultiKMeans(io.ComfyNode):
                     tooltip="One colour map per k and image, k ascending then batch index: [len(k) * B, H, W, 3].",
                 ),
             ],
+            # ComfyUI's prompt: which outputs it links (node_utils.outputs_to_make)
+            hidden=[io.Hidden.prompt],
         )
 
     @classmethod
@@ -152,11 +155,15 @@ class MultiKMeans(io.ComfyNode):
             return sweep.to("cpu")
 
         sweep = run_on_device(device, sweep_on, "Multi K-Means")
-        images = torch.empty(len(sweep.results) * B, H, W, 3)  # [len(k) * B, H, W, 3], filled k by k
+        make = outputs_to_make(cls, "HeadSeg_MultiKMeans")
+        # the node shows palette PNGs of the label maps: the colour maps are drawn only for a node that reads them
+        draw = make is None or "colour_maps" in make
+        images = torch.empty(len(sweep.results) * B, H, W, 3) if draw else None  # [len(k) * B, H, W, 3], k by k
         shown = min(B, _PREVIEW_IMAGES)  # images of the batch whose colour maps the node shows
         labels, maps = [], []  # maps: (labels [H, W], colours [k, 3]) of each colour map shown
         for i, (k, result) in enumerate(sweep.results.items()):
-            core_preview.label_colours(result.labels, k, out=images[i * B : (i + 1) * B])  # [B, H, W, 3] in place
+            if draw:
+                core_preview.label_colours(result.labels, k, out=images[i * B : (i + 1) * B])  # [B, H, W, 3] in place
             labels += [f"k={k}" if B == 1 else f"k={k} #{b}" for b in range(shown)]
             colours = core_preview.palette(k)  # [k, 3]: one table for the k's colour maps shown
             maps += [(result.labels[b], colours) for b in range(shown)]

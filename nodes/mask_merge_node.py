@@ -15,7 +15,7 @@ from . import types as hs
 from .core import kmeans as core_kmeans
 from .core import masks as core_masks
 from .core.values import integer_index
-from .node_utils import CATEGORY, check_memory as _check_memory, expect as _expect, mask_bytes
+from .node_utils import CATEGORY, check_memory as _check_memory, expect as _expect, mask_bytes, outputs_to_make
 
 
 class MaskMerge(io.ComfyNode):
@@ -82,6 +82,8 @@ class MaskMerge(io.ComfyNode):
                     ),
                 ),
             ],
+            # ComfyUI's prompt: which outputs it links (node_utils.outputs_to_make)
+            hidden=[io.Hidden.prompt],
         )
 
     @classmethod
@@ -111,7 +113,10 @@ class MaskMerge(io.ComfyNode):
             )
         chosen = merged if index == -1 else [merged[index]]
         M = sum(int(m.masks.shape[0]) for m in chosen)
-        if M == 0:
+        make = outputs_to_make(cls, "HeadSeg_MaskMerge")
+        if make is not None and "all_masks" not in make:  # no node reads it: not built, nothing kept
+            all_masks = None
+        elif M == 0:
             all_masks = torch.zeros(1, H, W)  # [1, H, W]: an empty MASK batch is not valid downstream
         else:
             which = "every image" if index == -1 else f"image {index}"

@@ -17,7 +17,16 @@ from .core import masks as core_masks
 from .core import pixels as core_pixels
 from .core import preview as core_preview
 from .core.values import integer_index
-from .node_utils import CATEGORY, check_memory, image_batch, log, mask_bytes, mask_to_comfy, preview_refs
+from .node_utils import (
+    CATEGORY,
+    check_memory,
+    image_batch,
+    log,
+    mask_bytes,
+    mask_to_comfy,
+    outputs_to_make,
+    preview_refs,
+)
 
 
 # The largest x / y the prompt check lets through: a pixel of the picture, which may be larger than any masks'
@@ -176,6 +185,8 @@ class MaskSelectAtPixel(io.ComfyNode):
                     display_name="count", tooltip="How many masks contain the pixel and fit more_points (image 0)."
                 ),
             ],
+            # ComfyUI's prompt: which outputs it links (node_utils.outputs_to_make)
+            hidden=[io.Hidden.prompt],
         )
 
     @classmethod
@@ -247,13 +258,15 @@ class MaskSelectAtPixel(io.ComfyNode):
             )
 
         held = _check_outputs(masks, x, y)  # per image, the masks holding (x, y)
-        chosen = torch.zeros(len(masks), H, W)  # [B, H, W]
+        make = outputs_to_make(cls, "HeadSeg_MaskSelectAtPixel")
+        kept = lambda name: make is None or name in make  # noqa: E731  (an output some node reads)
+        chosen = torch.zeros(len(masks), H, W) if kept("mask") else None  # [B, H, W]
         first, found = None, []  # the masks at the pixel of image 0 (the outputs show them); counts of all
         for b, ms in enumerate(masks):
             here = core_masks.masks_at_pixel(ms, x, y, include, exclude)  # finest first
             n = int(here.masks.shape[0])
             found.append(n)
-            if n:
+            if n and chosen is not None:
                 chosen[b] = mask_bytes(here.masks[min(index, n - 1)])  # 0/1 into float32, no float copy first
             if b == 0:
                 first = here
@@ -304,7 +317,10 @@ class MaskSelectAtPixel(io.ComfyNode):
             "headseg_item": [{"masks": len(thumbnails), "points": len(include) + len(exclude)}],
             "headseg_run": [uuid.uuid4().hex],
         }
-        return io.NodeOutput(chosen, stack, overlay, count, ui=ui)
+        # masks_at_pixel and overlay are drawn for the thumbnails either way; kept only when a node reads them
+        return io.NodeOutput(
+            chosen, stack if kept("masks_at_pixel") else None, overlay if kept("overlay") else None, count, ui=ui
+        )
 
 
 def _check_outputs(masks: list, x: int, y: int) -> list[int]:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
+from . import output_links
 from .core.numerics import all_finite
 from .core.recording import Recording
 from .core.values import integer_index, shown_text
@@ -448,6 +449,18 @@ def list_index() -> int:
 
     context = get_executing_context()
     return int(getattr(context, "list_index", None) or 0)
+
+
+def outputs_to_make(node_class, class_type: str) -> set[str] | None:
+    """The names of the outputs the running node must make, or None for all of them: output_links.outputs_to_keep
+    on ComfyUI's hidden PROMPT (declared in the node's schema: io.Hidden.prompt) and the executing node's id.
+    Called outside ComfyUI's executor (no hidden PROMPT, no executing node): None."""
+    from comfy_execution.utils import get_executing_context
+
+    context = get_executing_context()
+    hidden = getattr(node_class, "hidden", None)
+    prompt = None if hidden is None else hidden.prompt
+    return output_links.outputs_to_keep(prompt, None if context is None else context.node_id, class_type)
 
 
 def prefix_error(filename_prefix, example: str) -> str | None:

@@ -89,11 +89,13 @@ def on_prompt(json_data):
     return json_data
 
 
-def register(server) -> bool:
-    """Adds ``on_prompt`` to a ComfyUI PromptServer once; False when there is no server to add it to."""
+def register(server, handler=None) -> bool:
+    """Adds ``handler`` (this module's ``on_prompt`` by default) to a ComfyUI PromptServer once; False when
+    there is no server to add it to."""
+    handler = on_prompt if handler is None else handler
     handlers = getattr(server, "on_prompt_handlers", None)
     if server is None or handlers is None:
         return False
-    if on_prompt not in handlers:
-        server.add_on_prompt_handler(on_prompt)
+    if handler not in handlers:
+        server.add_on_prompt_handler(handler)
     return True

@@ -7,7 +7,10 @@ all), in-process on the same planted input as bench_core.py, against the bare co
 Each node's execute() is timed (median of --repeats; the preview PNGs are written to a temporary
 folder as ComfyUI writes them), then the chain runs once more under a resident-memory sampler: the
 peak extra memory of each node, and the size of every node's outputs, which ComfyUI keeps in its
-cache until the inputs change. "core" is segment()'s stages alone (bench_core.py's total) at the
+cache until the inputs change: all of them (as in a prompt queued past the server's hook, or a node run
+outside ComfyUI) and, run once more as in a prompt queued to the server, those the chain reads (each node's
+first output, and Mask Select's mask, as an inpainting pass reads it): outputs no node reads are not kept
+(nodes/output_links.py). "core" is segment()'s stages alone (bench_core.py's total) at the
 same size, measured in the same run: the ratio (without Upsampling Error Map, a stage the core does not
 run) is what the nodes add (pictures, PNGs, MASK copies).
 Each chain is a new image (Mask Select writes its picture's PNG); "a click" is Mask Select run again
@@ -58,6 +61,30 @@ def output_bytes(value, seen: set) -> int:
     return 0
 
 
+def queued_prompt(steps) -> dict:
+    """The chain of ``steps`` as an API prompt queued to the server (through nodes/output_links.py's hook): each
+    node reads the first output of the one before, and an inpainting pass reads Mask Select's mask."""
+    from headseg.nodes.output_links import annotate
+
+    prompt = {
+        name: {"class_type": cls.GET_SCHEMA().node_id, "inputs": {"source": [source, 0]} if source else {}}
+        for name, cls, _, source in steps
+    }
+    prompt["inpainting"] = {"class_type": "SetLatentNoiseMask", "inputs": {"mask": ["Mask Select At Pixel", 0]}}
+    annotate(prompt)
+    return prompt
+
+
+def in_prompt(prompt: dict, node_id: str, cls, call):
+    """``call(node class)`` as ComfyUI's executor runs the node ``node_id`` of ``prompt``: with its hidden PROMPT
+    and the executing node's id."""
+    from comfy_api.latest import io
+    from comfy_execution.utils import CurrentNodeContext
+
+    with CurrentNodeContext("bench", node_id):
+        return call(cls.PREPARE_CLASS_CLONE({io.Hidden.prompt: prompt}))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=512, help="image height in pixels, default 512")
@@ -102,24 +129,27 @@ def main():
     grain = 0.03 * torch.randn(B, H, W, 3, generator=torch.Generator().manual_seed(0))
     picture = (shade + grain).clamp(0, 1)  # [B, H, W, 3]
 
+    # (name, node class, its run: (class, values so far) -> NodeOutput, the node its first input reads)
     steps = [
-        ("Head PCA", lambda v: HeadPCA.execute(rec, "down+up", "all", 8, device=args.device)),
-        ("Upsample", lambda v: Upsample.execute(v["Head PCA"], "bilinear", False)),
-        ("Multi K-Means", lambda v: MultiKMeans.execute(v["Upsample"], KS, 0, args.device)),
-        ("Mask Merge", lambda v: MaskMerge.execute(v["Multi K-Means"], 0.9, 0.0, args.batch_index)),
-        ("Mask Select At Pixel", lambda v: MaskSelectAtPixel.execute(v["Mask Merge"], W // 2, H // 2, 0, picture)),
-    ]
+        ("Head PCA", HeadPCA, lambda c, v: c.execute(rec, "down+up", "all", 8, device=args.device), None),
+        ("Upsample", Upsample, lambda c, v: c.execute(v["Head PCA"], "bilinear", False), "Head PCA"),
+        ("Multi K-Means", MultiKMeans, lambda c, v: c.execute(v["Upsample"], KS, 0, args.device), "Upsample"),
+        ("Mask Merge", MaskMerge, lambda c, v: c.execute(v["Multi K-Means"], 0.9, 0.0, args.batch_index), "Multi K-Means"),
+        ("Mask Select At Pixel", MaskSelectAtPixel, lambda c, v: c.execute(v["Mask Merge"], W // 2, H // 2, 0, picture),
+         "Mask Merge"),
+    ]  # fmt: skip
     if args.error_map:
-        steps.insert(2, ("Upsampling Error Map", lambda v: UpsamplingErrorMap.execute(v["Upsample"])))
+        steps.insert(2, ("Upsampling Error Map", UpsamplingErrorMap, lambda c, v: c.execute(v["Upsample"]), "Upsample"))
+    chain_prompt = queued_prompt(steps)
 
     from headseg.nodes import node_utils
 
     def run_chain(times=None):
         values, outputs = {}, {}
-        for name, call in steps:
+        for name, cls, call, _ in steps:
             node_utils._saved_previews.clear()  # a new image: Mask Select writes its picture's PNG again
             start = time.perf_counter()
-            out = call(values)
+            out = call(cls, values)
             if times is not None:
                 times.setdefault(name, []).append(time.perf_counter() - start)
             values[name], outputs[name] = out.args[0], out.args
@@ -143,25 +173,32 @@ def main():
 
     peaks, sizes = {}, {}
     values, kept, seen = {}, [], set()
-    for name, call in steps:
+    for name, cls, call, _ in steps:
         node_utils._saved_previews.clear()  # a new image, as in the timed chains
         with bench_core.PeakRSS() as rss:
-            out = call(values)
+            out = call(cls, values)
         values[name] = out.args[0]
         kept.append(out.args)  # as ComfyUI's cache does; a freed storage's address could be reused
         peaks[name] = rss.extra_mb
         sizes[name] = output_bytes(out.args, seen) / 1e6
+    read_sizes, seen = {}, set()  # the same chain as in a prompt queued to the server
+    for name, cls, call, _ in steps:
+        node_utils._saved_previews.clear()
+        out = in_prompt(chain_prompt, name, cls, lambda c: call(c, values))
+        kept.append(out.args)
+        read_sizes[name] = output_bytes(out.args, seen) / 1e6
 
     where = f", Head PCA and Multi K-Means on {torch.cuda.get_device_name()}" if args.device == "gpu" else ""
     print(f"# {args.layout}, {W}x{H} px, batch {B}, k = {KS}, torch {torch.__version__}, {args.threads} threads{where}")
-    print(f"| node | seconds (median of {args.repeats}) | peak extra memory (MB) | outputs kept in the cache (MB) |")
-    print("| --- | ---: | ---: | ---: |")
+    print(f"| node | seconds (median of {args.repeats}) | peak extra memory (MB) | all outputs (MB) | "
+          "outputs kept in the cache, only those read (MB) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     medians = {name: statistics.median(t) for name, t in times.items()}
-    for name, _ in steps:
-        print(f"| {name} | {medians[name]:.3f} | {peaks[name]:.0f} | {sizes[name]:.0f} |")
+    for name, *_ in steps:
+        print(f"| {name} | {medians[name]:.3f} | {peaks[name]:.0f} | {sizes[name]:.0f} | {read_sizes[name]:.0f} |")
     total = sum(medians.values())
     core_total = statistics.median(core)
-    print(f"| **all nodes** | **{total:.3f}** | | **{sum(sizes.values()):.0f}** |")
+    print(f"| **all nodes** | **{total:.3f}** | | **{sum(sizes.values()):.0f}** | **{sum(read_sizes.values()):.0f}** |")
     print(f"| core alone (segment's stages, same run) | {core_total:.3f} | | |")
     print(f"| Mask Select At Pixel again, another pixel (a click) | {statistics.median(clicks):.3f} | | |")
     print(f"| Mask Select At Pixel again, the same pixel, another index | {statistics.median(indices):.3f} | | |")

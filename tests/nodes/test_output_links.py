@@ -1,0 +1,187 @@
+"""Outputs that no node of the prompt reads are not kept in ComfyUI's cache (nodes/output_links.py): the
+prompt hook writes each node's linked outputs into its inputs, ComfyUI's cache key then changes when a link
+does, and the node leaves out only what the prompt it runs in does not link. Through ComfyUI's own executor
+and cache: an unread output is not kept; linked later, the node runs again and hands over the same output as a
+node run outside any prompt; a prompt without the hook's key, or with a key its links contradict, makes all."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from headseg.nodes import output_links
+from headseg.nodes.core.pca import HeadFeatures
+from headseg.nodes.output_links import LINKED_OUTPUTS_KEY, annotate, outputs_to_keep
+from headseg.tests.core.planted import nested_scene, planted_recording, small_layout
+
+pytestmark = pytest.mark.comfy
+
+H, W = 96, 128
+PCA, UPSAMPLE, KMEANS, MERGE, SELECT = "3", "4", "5", "6", "7"
+# (node id, output index, output name) of every output a node may leave out
+OPTIONAL = [
+    (PCA, 1, "pca_rgb"), (KMEANS, 1, "colour_maps"), (MERGE, 1, "all_masks"),
+    (SELECT, 0, "mask"), (SELECT, 1, "masks_at_pixel"), (SELECT, 2, "overlay"),
+]
+
+
+def chain_prompt() -> dict:
+    """Recording source -> Head PCA -> Upsample -> Multi K-Means -> Mask Merge -> Mask Select, each node
+    linked by its first output only."""
+    return {
+        "2": {"class_type": "HeadSegTest_Recording", "inputs": {}},
+        PCA: {"class_type": "HeadSeg_HeadPCA", "inputs": {
+            "recording": ["2", 0], "positions": "down+up", "levels": "all", "components": 4, "device": "cpu"}},
+        UPSAMPLE: {"class_type": "HeadSeg_Upsample", "inputs": {"features": [PCA, 0], "mode": "bilinear", "reweight": False}},
+        KMEANS: {"class_type": "HeadSeg_MultiKMeans", "inputs": {
+            "stack": [UPSAMPLE, 0], "cluster_counts": "2,3,4", "seed": 0, "device": "cpu"}},
+        MERGE: {"class_type": "HeadSeg_MaskMerge", "inputs": {
+            "clusters": [KMEANS, 0], "iou_threshold": 0.9, "min_area": 0.0, "batch_index": 0}},
+        SELECT: {"class_type": "HeadSeg_MaskSelectAtPixel", "inputs": {"masks": [MERGE, 0], "x": 60, "y": 50, "index": 0}},
+    }  # fmt: skip
+
+
+def with_readers(prompt: dict) -> dict:
+    """``prompt`` with one test reader linked to every output in OPTIONAL (node ids 'r<node>_<index>')."""
+    prompt = copy.deepcopy(prompt)
+    for node, index, _ in OPTIONAL:
+        prompt[f"r{node}_{index}"] = {"class_type": "HeadSegTest_Reader", "inputs": {"value": [node, index]}}
+    return prompt
+
+
+def queued(prompt: dict) -> dict:
+    """``prompt`` as the server hands it on: through the pack's on-prompt hook."""
+    return output_links.on_prompt({"prompt": copy.deepcopy(prompt)})["prompt"]
+
+
+def test_the_hook_names_each_nodes_linked_outputs_and_the_node_trusts_only_a_key_its_links_agree_with():
+    prompt = queued(chain_prompt())
+    assert prompt[PCA]["inputs"][LINKED_OUTPUTS_KEY] == "features"
+    assert prompt[SELECT]["inputs"][LINKED_OUTPUTS_KEY] == ""
+    assert LINKED_OUTPUTS_KEY not in prompt[UPSAMPLE]["inputs"]  # a node with one output leaves none out
+    assert outputs_to_keep(prompt, PCA, "HeadSeg_HeadPCA") == {"features"}
+    assert outputs_to_keep(prompt, SELECT, "HeadSeg_MaskSelectAtPixel") == set()
+
+    read = queued(with_readers(chain_prompt()))
+    assert read[PCA]["inputs"][LINKED_OUTPUTS_KEY] == "features,pca_rgb"
+    assert read[SELECT]["inputs"][LINKED_OUTPUTS_KEY] == "mask,masks_at_pixel,overlay"
+    assert outputs_to_keep(read, MERGE, "HeadSeg_MaskMerge") == {"masks", "all_masks"}
+
+    float_index = chain_prompt()  # a link whose index is a float still counts as reading that output
+    float_index["8"] = {"class_type": "PreviewImage", "inputs": {"images": [PCA, 1.0]}}
+    assert outputs_to_keep(queued(float_index), PCA, "HeadSeg_HeadPCA") == {"features", "pca_rgb"}
+
+    stale = with_readers(prompt)  # links added after the hook ran: the key no longer agrees
+    assert outputs_to_keep(stale, PCA, "HeadSeg_HeadPCA") is None
+    assert outputs_to_keep(chain_prompt(), PCA, "HeadSeg_HeadPCA") is None  # no key (not through the hook)
+    assert outputs_to_keep(prompt, "99", "HeadSeg_HeadPCA") is None  # a node the prompt does not hold
+    assert outputs_to_keep(prompt, PCA, "HeadSeg_MaskMerge") is None  # another class under that id
+    assert outputs_to_keep(None, PCA, "HeadSeg_HeadPCA") is None
+    assert outputs_to_keep(prompt, None, "HeadSeg_HeadPCA") is None
+    odd = {"1": "junk", "2": {"class_type": "HeadSeg_HeadPCA"}}  # no inputs
+    for request in ({"prompt": "junk"}, {"prompt": odd}, None, "junk"):
+        assert output_links.on_prompt(request) is request  # left for ComfyUI's validation to answer
+
+
+@pytest.fixture()
+def executor(monkeypatch, nodes):
+    """ComfyUI's own executor and cache, with HeadSeg's chain and two test nodes: the planted recording as a
+    source, and a reader that takes any value (and remembers it by node id)."""
+    import nodes as comfy_nodes
+
+    from headseg.tests.support.comfy_in_process import quiet_executor
+
+    recording = planted_recording([nested_scene(H, W)], layout=small_layout(heads=3), d=16, noise=0.2, seed=1)
+    seen: dict = {}
+
+    class RecordingSource:
+        RETURN_TYPES = ("HEADSEG_RECORDING",)
+        FUNCTION = "run"
+        CATEGORY = "test"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {}}
+
+        def run(self):
+            return (recording,)
+
+    class Reader:
+        RETURN_TYPES = ()
+        FUNCTION = "run"
+        CATEGORY = "test"
+        OUTPUT_NODE = True
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"value": ("*", {})}, "hidden": {"node": "UNIQUE_ID"}}
+
+        def run(self, value, node):
+            seen[node] = value
+            return {}
+
+    classes = {"HeadSegTest_Recording": RecordingSource, "HeadSegTest_Reader": Reader}
+    for cls in (nodes.HeadPCA, nodes.Upsample, nodes.MultiKMeans, nodes.MaskMerge, nodes.MaskSelectAtPixel):
+        classes[cls.GET_SCHEMA().node_id] = cls
+    for name, cls in classes.items():
+        monkeypatch.setitem(comfy_nodes.NODE_CLASS_MAPPINGS, name, cls)
+    run = quiet_executor()
+    run.seen, run.recording = seen, recording
+    return run
+
+
+def execute(executor, prompt: dict, outputs: list[str], prompt_id: str) -> dict:
+    """Runs ``prompt`` (for ``outputs``) through ComfyUI's executor -> {node id: the outputs its cache keeps}."""
+    from headseg.tests.support.comfy_in_process import run_on_own_thread
+
+    run_on_own_thread(lambda: executor.execute_async(copy.deepcopy(prompt), prompt_id, {}, outputs))
+    assert executor.success, executor.status_messages
+    return {nid: executor.caches.outputs.get(nid).outputs for nid in prompt if executor.caches.outputs.get(nid)}
+
+
+def reference_outputs(nodes, recording) -> dict:
+    """Every output of the chain, its nodes run outside any prompt: {(node id, index): value}."""
+    pca = nodes.HeadPCA.execute(recording, "down+up", "all", 4, device="cpu").args
+    stack = nodes.Upsample.execute(pca[0], "bilinear", False).args
+    sweep = nodes.MultiKMeans.execute(stack[0], "2,3,4", 0, "cpu").args
+    merged = nodes.MaskMerge.execute(sweep[0], 0.9, 0.0, 0).args
+    select = nodes.MaskSelectAtPixel.execute(merged[0], 60, 50, 0).args
+    return {(nid, i): v for nid, args in ((PCA, pca), (KMEANS, sweep), (MERGE, merged), (SELECT, select))
+            for i, v in enumerate(args)}  # fmt: skip
+
+
+def test_an_unread_output_is_not_kept_and_once_linked_the_node_runs_again_and_hands_it_over(executor, nodes):
+    kept = execute(executor, queued(chain_prompt()), [SELECT], "p1")
+    for node, index, name in OPTIONAL:
+        assert kept[node][index] == [None], name
+    features = kept[PCA][0][0]
+    assert isinstance(features, HeadFeatures)
+    assert kept[SELECT][3] == [reference_outputs(nodes, executor.recording)[(SELECT, 3)]]  # count: always
+
+    readers = [f"r{node}_{index}" for node, index, _ in OPTIONAL]
+    kept = execute(executor, queued(with_readers(chain_prompt())), readers, "p2")
+    assert kept[PCA][0][0] is not features  # Head PCA ran again: its cache key changed with its links
+    reference = reference_outputs(nodes, executor.recording)
+    for node, index, name in OPTIONAL:
+        value = executor.seen[f"r{node}_{index}"]
+        assert isinstance(value, torch.Tensor), name
+        assert torch.equal(value, reference[(node, index)]), name
+
+    # the links gone again: the key changes back and the node runs again, keeping no copy
+    kept = execute(executor, queued(chain_prompt()), [SELECT], "p3")
+    for node, index, name in OPTIONAL:
+        assert kept[node][index] == [None], name
+
+
+@pytest.mark.parametrize("key", ["none", "stale"])
+def test_a_prompt_without_the_key_or_with_one_its_links_contradict_makes_every_output(executor, nodes, key):
+    """API prompts queued past the server's hook (no key), or changed after it ran: every output is made."""
+    prompt = with_readers(chain_prompt() if key == "none" else queued(chain_prompt()))
+    readers = [f"r{node}_{index}" for node, index, _ in OPTIONAL]
+    kept = execute(executor, prompt, readers, "p1")
+    reference = reference_outputs(nodes, executor.recording)
+    for node, index, name in OPTIONAL:
+        assert torch.equal(kept[node][index][0], reference[(node, index)]), name
+        assert torch.equal(executor.seen[f"r{node}_{index}"], reference[(node, index)]), name
