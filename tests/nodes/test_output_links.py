@@ -13,7 +13,7 @@ import torch
 
 from headseg.nodes import output_links
 from headseg.nodes.core.pca import HeadFeatures
-from headseg.nodes.output_links import LINKED_OUTPUTS_KEY, annotate, outputs_to_keep
+from headseg.nodes.output_links import LINKED_OUTPUTS_KEY, outputs_to_keep
 from headseg.tests.core.planted import nested_scene, planted_recording, small_layout
 
 pytestmark = pytest.mark.comfy
