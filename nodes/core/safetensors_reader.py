@@ -30,6 +30,10 @@ DTYPES = {
     if hasattr(torch, dtype)
 }
 
+# torch counts a tensor's elements, strides and bytes in int64: an empty tensor ([0, 2**40, 2**40]) takes no byte
+# of the file, so only this bounds its other sizes (_makeable)
+_MAX_TENSOR_BYTES = 2**63
+
 
 @dataclasses.dataclass(frozen=True)
 class TensorEntry:
@@ -52,7 +56,8 @@ def header_metadata(header: dict) -> dict[str, str]:
 
 def tensor_entries(header: dict, data_bytes: int) -> list[TensorEntry]:
     """The tensors a header describes, in the order of their bytes, checked against ``data_bytes`` (the file's
-    size less 8 + n): a known dtype, a shape of sizes >= 0, offsets holding exactly shape x dtype's bytes, and
+    size less 8 + n): a known dtype, a shape of sizes >= 0 that torch can make (below 2**63 bytes, a size of 0
+    counted as 1), offsets holding exactly shape x dtype's bytes, and
     the tensors filling the data with no gap or overlap. ValueError saying what is wrong otherwise, naming the
     tensor."""
     entries = []
@@ -70,6 +75,11 @@ def tensor_entries(header: dict, data_bytes: int) -> list[TensorEntry]:
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(v) for v in offsets)
                 and 0 <= offsets[0] <= offsets[1]):
             raise ValueError(f"tensor {shown}: data_offsets {shown_text(str(offsets))} are no [begin, end] of bytes")
+        if not _makeable(shape, DTYPES[dtype].itemsize):
+            raise ValueError(
+                f"tensor {shown}: shape {shown_text(str(shape))} is larger than any tensor can be (its sizes other "
+                f"than 0 multiply to 2**63 bytes or more)"
+            )
         nbytes = math.prod(shape) * DTYPES[dtype].itemsize
         if offsets[1] - offsets[0] != nbytes:
             raise ValueError(
@@ -86,6 +96,18 @@ def tensor_entries(header: dict, data_bytes: int) -> list[TensorEntry]:
     if done != data_bytes:
         raise ValueError(f"its tensors take {done} bytes of data, the file holds {data_bytes}")
     return entries
+
+
+def _makeable(shape: list[int], itemsize: int) -> bool:
+    """Whether torch can make a tensor of ``shape``: its sizes, a 0 counted as 1 (an empty tensor's other sizes
+    are bound by no byte of the file, but torch's strides count them), times ``itemsize`` stay below 2**63.
+    Stops at the first product past it (a header of 16 MiB may hold a million sizes of 4000 digits)."""
+    product = itemsize
+    for size in shape:
+        product *= max(size, 1)
+        if product >= _MAX_TENSOR_BYTES:
+            return False
+    return True
 
 
 def read_tensor(fh, data_start: int, entry: TensorEntry) -> torch.Tensor:

@@ -916,6 +916,22 @@ def test_a_header_that_does_not_describe_its_data_is_refused_by_name(tmp_path):
         assert str(info.value) == f"{tmp_path / 'odd.safetensors'}: not a safetensors file ({expected})", expected
 
 
+@pytest.mark.parametrize("shape", [[0, 2**40, 2**40, 1, 1], [0, 2**63, 1, 1, 1], [1, 0, 2**62, 2, 1]])
+def test_an_empty_tensor_of_sizes_no_tensor_can_have_is_refused_by_name(tmp_path, shape):
+    """An empty tensor's bytes are none, whatever its other sizes, so its offsets and the file's size agree with
+    a shape such as [0, 2**40, 2**40, 1, 1]; torch cannot make such a tensor (its strides overflow; a size of
+    2**63 or more is no int64): that reached the user as torch's RuntimeError or TypeError with a C++ trace.
+    Refused like any other header fault, naming the file and the tensor, before a layer is read."""
+    good = {"dtype": "F16", "shape": [1, 2, 8, 8, 4], "data_offsets": [0, 1024]}
+    header = {"__metadata__": GOOD_META, "input.1.0": good, "output.4.0": {"dtype": "F16", "shape": shape, "data_offsets": [1024, 1024]}}
+    with pytest.raises(ValueError) as info:
+        load_recording(handmade(tmp_path, header, bytes(1024)))
+    assert str(info.value) == (
+        f"{tmp_path / 'odd.safetensors'}: not a safetensors file (tensor 'output.4.0': shape {str(shape)!r} is larger than "
+        f"any tensor can be (its sizes other than 0 multiply to 2**63 bytes or more))"
+    )
+
+
 def test_every_tensor_read_equals_safetensors_own_reading(tmp_path):
     """safetensors_reader against safetensors' own reader, on a file safetensors wrote: every dtype it writes,
     empty and 0-d tensors, any order of names and bytes; the same dtype, shape and bits."""
