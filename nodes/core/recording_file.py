@@ -209,10 +209,11 @@ def _check_readable(path: str) -> None:
         raise ValueError(f"{shown}: not a safetensors file (it must start with a header length and a JSON header)")
     n, header = found
     ends = [v["data_offsets"][1] for v in header.values() if isinstance(v, dict) and _is_offsets(v.get("data_offsets"))]
-    if 8 + n + max(ends, default=0) > st.st_size:
-        raise ValueError(
-            f"{shown}: damaged or truncated: its header describes {8 + n + max(ends)} bytes, the file has {st.st_size}"
-        )
+    described = 8 + n + max(ends, default=0)
+    if described > st.st_size:
+        # an end of up to 4300 digits is JSON Python reads, and more than Python writes as text
+        claim = str(described) if described <= 2**64 else "more than 2**64"
+        raise ValueError(f"{shown}: damaged or truncated: its header describes {claim} bytes, the file has {st.st_size}")
     if not is_utf8_path(path):
         raise ValueError(f"{shown}: the file name is not valid UTF-8, which safetensors cannot open: rename the file")
 

@@ -997,6 +997,21 @@ def test_load_truncated_file_says_so(tmp_path):
         load_recording(header_cut)
 
 
+def test_a_header_claiming_an_end_of_thousands_of_digits_is_named_truncated(tmp_path):
+    """JSON holds integers of up to 4300 digits, which Python reads; the file's size check then wrote the bytes
+    the header describes (8 + header + the end, a digit more) into its message, which Python refuses for more
+    than 4300 digits: the user got "Exceeds the limit (4300 digits) for integer string conversion" and no file
+    name. Named as damaged or truncated, the claim shown in a few characters."""
+    for end in (int("9" * 4300), 2**64):
+        header = {"__metadata__": GOOD_META, "input.1.0": {"dtype": "F16", "shape": [1, 2, 8, 8, 4], "data_offsets": [0, end]}}
+        path = handmade(tmp_path, header, bytes(1024))
+        with pytest.raises(ValueError) as info:
+            load_recording(path)
+        assert str(info.value) == (
+            f"{path}: damaged or truncated: its header describes more than 2**64 bytes, the file has {path.stat().st_size}"
+        )
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="macOS and Windows refuse such names themselves")
 def test_load_name_that_is_not_utf8_asks_for_a_rename(tmp_path):
     data = write(tmp_path, good_tensors(), GOOD_META).read_bytes()
