@@ -19,7 +19,7 @@ import torch
 
 from .numerics import FP16_OVERFLOW, FP16_TINY, FP32_MAX
 from .recording import MAX_IMAGE_SIDE, LayerKey, Recording
-from .safetensors_reader import header_metadata, read_tensor, tensor_entries
+from .safetensors_reader import header_metadata, read_tensor, shown_shape, tensor_entries
 from .values import ascii_int, is_ascii_digits, is_int, shown_text
 
 FORMAT = "headseg-recording/1"
@@ -273,7 +273,7 @@ def _read_layers(fh, path: str) -> tuple[dict, dict[str, str], list[int]]:
             raise ValueError(f"{path}: tensors {shown_text(names[key])} and {shown_text(name)} are the same layer {key}")
         names[key] = name
         if len(entry.shape) != 5:
-            raise ValueError(f"{path}: layer {name!r} must be 5-D [B, heads, h, w, d], got shape {entry.shape}")
+            raise ValueError(f"{path}: layer {name!r} must be 5-D [B, heads, h, w, d], got shape {shown_shape(entry.shape)}")
         keys[name] = key
     layers = {}
     for entry in entries:  # in the order of their bytes

@@ -46,6 +46,16 @@ class TensorEntry:
     end: int
 
 
+def shown_shape(shape: list[int] | tuple[int, ...], first: int = 6) -> str:
+    """A shape as an error message shows it: whole ('[1, 3, 4]') up to ``first`` + 2 sizes, else its first
+    ``first`` sizes and how many there are ('[1, 1, 1, 1, 1, 1, ...] (100000 sizes)': a header may hold a
+    million)."""
+    if len(shape) <= first + 2:
+        return str(shape)
+    opening, closing = ("(", ")") if isinstance(shape, tuple) else ("[", "]")
+    return f"{opening}{', '.join(map(str, shape[:first]))}, ...{closing} ({len(shape)} sizes)"
+
+
 def header_metadata(header: dict) -> dict[str, str]:
     """The header's "__metadata__" (text -> text; {} when absent); ValueError saying what is wrong otherwise."""
     metadata = header.get("__metadata__", {})
@@ -83,7 +93,8 @@ def tensor_entries(header: dict, data_bytes: int) -> list[TensorEntry]:
         nbytes = math.prod(shape) * DTYPES[dtype].itemsize
         if offsets[1] - offsets[0] != nbytes:
             raise ValueError(
-                f"tensor {shown}: {offsets[1] - offsets[0]} bytes in the file, where shape {shape} of {dtype} takes {nbytes}"
+                f"tensor {shown}: {offsets[1] - offsets[0]} bytes in the file, where shape {shown_shape(shape)} of {dtype} "
+                f"takes {nbytes}"
             )
         entries.append(TensorEntry(name, DTYPES[dtype], tuple(shape), offsets[0], offsets[1]))
     entries.sort(key=lambda e: (e.begin, e.end))

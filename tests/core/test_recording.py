@@ -997,6 +997,25 @@ def test_load_truncated_file_says_so(tmp_path):
         load_recording(header_cut)
 
 
+def test_a_shape_of_very_many_sizes_is_named_in_a_short_message(tmp_path):
+    """A header of up to 16 MiB may give a tensor a shape of a million sizes: the message naming its wrong
+    byte count, or its shape that is not 5-D, wrote the whole shape (300 kB for 100 000 sizes), which ComfyUI
+    shows in the page and keeps in its history. The first sizes are shown, and how many there are."""
+    many = [1] * 100_000
+    cases = {
+        "tensor 'input.1.0': 4 bytes in the file, where shape [1, 1, 1, 1, 1, 1, ...] (100000 sizes) of F16 takes 2": (
+            {"dtype": "F16", "shape": many, "data_offsets": [0, 4]}),
+        "layer 'input.1.0' must be 5-D [B, heads, h, w, d], got shape (1, 1, 1, 1, 1, 1, ...) (100001 sizes)": (
+            {"dtype": "F16", "shape": many + [2], "data_offsets": [0, 4]}),
+    }
+    for expected, layer in cases.items():
+        path = handmade(tmp_path, {"__metadata__": GOOD_META, "input.1.0": layer}, bytes(4))
+        with pytest.raises(ValueError) as info:
+            load_recording(path)
+        assert str(info.value).startswith(f"{path}: ") and expected in str(info.value), expected
+        assert len(str(info.value)) < len(str(path)) + 200
+
+
 def test_a_header_claiming_an_end_of_thousands_of_digits_is_named_truncated(tmp_path):
     """JSON holds integers of up to 4300 digits, which Python reads; the file's size check then wrote the bytes
     the header describes (8 + header + the end, a digit more) into its message, which Python refuses for more
