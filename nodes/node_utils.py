@@ -384,7 +384,7 @@ def _blank_prefix_error(filename_prefix, example: str) -> str | None:
     lone surrogate such as '\\ud800', from an API client that cut a UTF-16 text: open() raised an unnamed
     UnicodeEncodeError after sampling); None for any other. UTF-8 is asked, not os.fsencode: that takes
     '\\udc80' to '\\udcff' as the bytes 0x80 to 0xff, a name that is no UTF-8, whose recording file Load Recording
-    cannot open (safetensors reads UTF-8 names) and does not list."""
+    refuses (a workflow keeps file names as UTF-8 text) and does not list."""
     if not isinstance(filename_prefix, str) or not filename_prefix.strip() or "\x00" in filename_prefix:
         return f"filename_prefix: expected a file name prefix such as {example!r}, got {filename_prefix!r}"
     try:

@@ -42,13 +42,14 @@ _warned_names: set[str] = set()
 
 
 def _loadable_name(path: str) -> bool:
-    """Whether safetensors can open ``path``: its name must be valid UTF-8 (warns once per name otherwise)."""
+    """Whether ``path`` can be listed: its name must be valid UTF-8, the text a workflow keeps a file name in
+    (warns once per name otherwise)."""
     if is_utf8_path(path):
         return True
     shown = printable_path(path)
     if shown not in _warned_names:
         _warned_names.add(shown)
-        log.warning("HeadSeg: %s is not listed: its name is not valid UTF-8, which safetensors cannot open", shown)
+        log.warning("HeadSeg: %s is not listed: its name is not valid UTF-8, which a workflow cannot name: rename the file", shown)
     return False
 
 

@@ -138,7 +138,8 @@ def printable_path(path) -> str:
 
 
 def is_utf8_path(path) -> bool:
-    """Whether ``path`` is valid UTF-8: safetensors cannot open a file whose name is not."""
+    """Whether ``path`` is valid UTF-8: the text a workflow keeps a file name in (safetensors' writer takes no
+    other name either)."""
     try:
         os.fsencode(path).decode("utf-8")
     except UnicodeDecodeError:
@@ -188,7 +189,7 @@ def is_recording_file(path, answers: dict | None = None, earlier: dict | None = 
 def _check_readable(path: str) -> None:
     """FileNotFoundError when ``path`` does not exist; ValueError naming it when it is a folder, not a regular
     file, unreadable, not laid out as safetensors, shorter than its header says, or named so that
-    safetensors cannot open it (not UTF-8)."""
+    a workflow cannot name it (not UTF-8)."""
     shown = printable_path(path)
     try:
         st = os.stat(path)
@@ -215,7 +216,7 @@ def _check_readable(path: str) -> None:
         claim = str(described) if described <= 2**64 else "more than 2**64"
         raise ValueError(f"{shown}: damaged or truncated: its header describes {claim} bytes, the file has {st.st_size}")
     if not is_utf8_path(path):
-        raise ValueError(f"{shown}: the file name is not valid UTF-8, which safetensors cannot open: rename the file")
+        raise ValueError(f"{shown}: the file name is not valid UTF-8, which a workflow cannot name: rename the file")
 
 
 def _is_offsets(value) -> bool:

@@ -151,7 +151,7 @@ def test_errors_name_the_input(io_nodes, recording, comfy_folders):
         io_nodes.SaveRecording.execute(recording, "rec\x00x")
     # a lone surrogate, linked: no file name holds it. '\udc80' to '\udcff' too, which os.fsencode takes (as the
     # bytes 0x80 to 0xff that Python reads from a name that is no UTF-8): the file was written under a name that
-    # is no UTF-8, and Load Recording did not list it ('its name is not valid UTF-8, which safetensors cannot open')
+    # is no UTF-8, and Load Recording did not list it ('its name is not valid UTF-8, which a workflow cannot name')
     for prefix in ("rec\ud800x", "sub/\udfff/x", "rec\udc80x", "sub/\udcff/x"):
         with pytest.raises(ValueError, match="^filename_prefix: expected a file name prefix .* holds a character no file name can"):
             io_nodes.SaveRecording.execute(recording, prefix)
