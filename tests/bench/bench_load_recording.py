@@ -24,15 +24,6 @@ import tempfile
 REPO = pathlib.Path(__file__).resolve().parents[2]
 MB = 1e6
 
-# SD2.1: (block, number) -> (heads, grid level); 16 layers, 195 heads (as tests/core/test_recording.py's SD21)
-SD21 = {
-    ("input", 1): (5, 0), ("input", 2): (5, 0), ("input", 4): (10, 1), ("input", 5): (10, 1),
-    ("input", 7): (20, 2), ("input", 8): (20, 2), ("middle", 0): (20, 3),
-    ("output", 3): (20, 2), ("output", 4): (20, 2), ("output", 5): (20, 2),
-    ("output", 6): (10, 1), ("output", 7): (10, 1), ("output", 8): (10, 1),
-    ("output", 9): (5, 0), ("output", 10): (5, 0), ("output", 11): (5, 0),
-}
-
 # One load in a fresh process: prints the peak extra RSS (bytes) and the wall time (s).
 _ONE_LOAD = """
 import os, runpy, sys, time
@@ -58,14 +49,15 @@ print(status("VmHWM") - before, took, sum(t.numel() * t.element_size() for t in 
 def make_file(folder: pathlib.Path, batch: int, size: int) -> pathlib.Path:
     import torch
 
-    from headseg.nodes.core.recording import LayerKey, Recording
+    from headseg.nodes.core.recording import Recording
     from headseg.nodes.core.recording_file import save_recording
+    from headseg.tests.core.planted import sd21_layout
 
     g = torch.Generator().manual_seed(0)
     layers = {}
-    for (block, number), (heads, level) in SD21.items():
+    for key, heads, level in sd21_layout():  # 16 layers, 195 heads
         side = size // 8 >> level
-        layers[LayerKey(block, number, 0)] = torch.randn(batch, heads, side, side, 64, generator=g).half()
+        layers[key] = torch.randn(batch, heads, side, side, 64, generator=g).half()
     path = folder / f"sd21_{size}_b{batch}.safetensors"
     save_recording(Recording(layers, (size, size), "SD21", "last", "cond"), path)
     return path
