@@ -82,7 +82,20 @@ export function fromOtherWorkflow(output) {
 
 /** Lets ComfyUI's undo history and unsaved-changes mark see an edit made outside its own widgets. */
 export function recordChange() {
-  app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
+  noteGraphState(app.extensionManager?.workflow?.activeWorkflow?.changeTracker);
+}
+
+/** Whether change tracker ``tracker`` can note the graph's state (noteGraphState). */
+export function notesGraphState(tracker) {
+  return typeof tracker?.captureCanvasState === "function" || typeof tracker?.checkState === "function";
+}
+
+/** Has change tracker ``tracker`` note the graph as it is now (an undo step, the modified mark): through
+ * captureCanvasState where the frontend has it (1.58 marks checkState deprecated, with a console warning),
+ * else checkState (1.32). */
+export function noteGraphState(tracker) {
+  if (typeof tracker?.captureCanvasState === "function") tracker.captureCanvasState();
+  else tracker?.checkState?.();
 }
 
 /** The node that feeds input ``slot`` of ``node``, followed back through legacy Reroute nodes and out
@@ -90,9 +103,8 @@ export function recordChange() {
  * when there is none. */
 export function inputOrigin(node, slot, depth = 0) {
   const graph = node?.graph;
-  const linkId = node?.inputs?.[slot]?.link;
-  if (!graph || linkId == null || depth > 16) return null;
-  const link = graphLink(graph, linkId);
+  if (!graph || depth > 16) return null;
+  const link = inputLink(node, slot);
   if (!link) return null;
   if (Number(link.origin_id) !== SUBGRAPH_INPUT_ID) {
     const origin = graph.getNodeById(link.origin_id);
@@ -101,6 +113,26 @@ export function inputOrigin(node, slot, depth = 0) {
   }
   const users = subgraphNodesOf(graph);
   return users.length === 1 ? inputOrigin(users[0], link.origin_slot, depth + 1) : null;
+}
+
+/** The link (LLink) that feeds input ``slot`` of ``node``, or null. Read through LGraphNode's getInputLink where
+ * the frontend has it (1.58 marks input.link deprecated, with a console warning at each read); a subgraph
+ * node's own getInputLink answers the link inside it that ends at its output of that number, so LGraphNode's
+ * is called on it. */
+export function inputLink(node, slot) {
+  const graph = node?.graph;
+  if (!graph || !(slot >= 0 && slot < (node.inputs?.length ?? 0))) return null;
+  const read = node.isSubgraphNode?.() ? globalThis.LGraphNode?.prototype?.getInputLink : node.getInputLink;
+  if (typeof read === "function") return read.call(node, slot) ?? null;
+  return graphLink(graph, node.inputs[slot].link) ?? null;
+}
+
+/** Whether input ``slot`` of ``node`` is fed by a link: through isInputConnected where the frontend has it (as
+ * inputLink), else its link id. */
+export function isInputLinked(node, slot) {
+  if (!(slot >= 0 && slot < (node?.inputs?.length ?? 0))) return false;
+  if (typeof node.isInputConnected === "function") return node.isInputConnected(slot);
+  return node.inputs[slot].link != null;
 }
 
 /** Link ``id`` of ``graph`` (a Map in current frontends, a plain object in older ones), or undefined. */
@@ -129,7 +161,7 @@ export function subgraphNodesOf(graph) {
 
 /** Whether input ``name`` of ``node`` is fed by a link (a widget converted to an input). */
 export function isLinked(node, name) {
-  return node.inputs?.some((i) => i.name === name && i.link != null) ?? false;
+  return node.inputs?.some((input, slot) => input.name === name && isInputLinked(node, slot)) ?? false;
 }
 
 /** Selects ``node`` and nothing else on the canvas that shows its graph, as a plain click on a node

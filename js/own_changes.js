@@ -3,7 +3,7 @@
 // an undo step of their own. Only exports: ComfyUI loads every .js file here as an extension module.
 
 import { app } from "../../scripts/app.js";
-import { inWorkflow } from "./graph_helpers.js";
+import { inWorkflow, noteGraphState, notesGraphState } from "./graph_helpers.js";
 
 // Nodes changed by the pack whose change is not noted yet (noteOwnChange).
 const PENDING = new Set();
@@ -31,7 +31,7 @@ export function noteOwnChange(node) {
 
 function foldPending(retries) {
   const tracker = app.extensionManager?.workflow?.activeWorkflow?.changeTracker;
-  if (!tracker || typeof tracker.checkState !== "function") {
+  if (!notesGraphState(tracker)) {
     PENDING.clear();
     return;
   }
@@ -49,13 +49,13 @@ function foldPending(retries) {
   const kept = tracker.activeState;
   const graphEqual = tracker.constructor?.graphEqual;
   if (!kept || typeof graphEqual !== "function" || !app.graph) {
-    tracker.checkState();
+    noteGraphState(tracker);
     return;
   }
   const now = JSON.parse(JSON.stringify(app.graph.serialize()));
   if (graphEqual(kept, now)) return;
   if (!graphEqual(withOwnChanges(kept, now, nodes), now)) {
-    tracker.checkState(); // the user's changes too: one step
+    noteGraphState(tracker); // the user's changes too: one step
     return;
   }
   tracker.activeState = now;

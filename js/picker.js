@@ -314,8 +314,7 @@ export class Picker {
   upstreamNode() {
     const node = this.node;
     const slot = node.inputs?.findIndex((i) => i.name === "image") ?? -1;
-    if (slot < 0 || node.inputs[slot].link == null) return null;
-    return inputOrigin(node, slot);
+    return slot < 0 ? null : inputOrigin(node, slot);
   }
 
   /** The URL of the picture the upstream node shows (null for none). The classic canvas sets node.imgs

@@ -55,6 +55,26 @@ def example_names() -> list[str]:
     return sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))
 
 
+def save_random_recording(comfy_server, name: str, W: int, H: int) -> None:
+    """Saves a recording of random heads whose masks are W x H pixels in the server's input folder as ``name``."""
+    import torch
+
+    from headseg.nodes.core.recording import LayerKey, Recording
+    from headseg.nodes.core.recording_file import save_recording
+
+    heads = torch.randn(1, 2, H // 8, W // 8, 8, generator=torch.Generator().manual_seed(0))  # [B, heads, h, w, d]
+    save_recording(Recording({LayerKey("input", 1, 0): heads}, (H, W)), comfy_server.input_dir / name)
+
+
+def save_recording_and_picture(comfy_server, name: str, W: int, H: int, w: int, h: int) -> tuple[str, str]:
+    """A recording whose masks are W x H pixels (save_random_recording) and a w x h coded picture, saved in the
+    server's input folder as ``name``.safetensors and ``name``.png -> their file names."""
+    recording, picture = f"{name}.safetensors", f"{name}.png"
+    save_random_recording(comfy_server, recording, W, H)
+    coded_picture(w, h).save(comfy_server.input_dir / picture)
+    return recording, picture
+
+
 # -- JS run in the page -----------------------------------------------------------------------
 JS_PICKER_GRAPH = """
 async ([picture, withImage]) => {
@@ -159,6 +179,37 @@ JS_OPEN_SUBGRAPH_PICKER = """(sg) => { const outer = app.graph.getNodeById(sg); 
   const inner = outer.subgraph.nodes.find(n => n.type === 'HeadSeg_MaskSelectAtPixel');
   app.canvas.ds.scale = 1; app.canvas.ds.offset = [180 - inner.pos[0], 190 - inner.pos[1]];
   app.canvas.setDirty(true, true); return inner.id; }"""
+
+
+# Builds Load Recording of ``recording`` -> Head PCA -> Upsample -> Multi K-Means (k 2, 3) -> Mask Merge -> Mask Select,
+# on the CPU, with Load Image of ``picture`` feeding its image -> the Mask Select node's id.
+JS_LOADED_RECORDING_GRAPH = """
+async ([recording, picture]) => {
+  app.graph.clear();
+  const add = (type, pos, values = {}) => {
+    const node = LiteGraph.createNode(type);
+    node.pos = pos;
+    app.graph.add(node);
+    for (const [name, value] of Object.entries(values)) node.widgets.find(w => w.name === name).value = value;
+    return node;
+  };
+  const link = (from, to, name) => from.connect(0, to, to.inputs.findIndex(i => i.name === name));
+  const load = add('HeadSeg_LoadRecording', [-900, 80], {file: recording, path: recording});
+  const pca = add('HeadSeg_HeadPCA', [-900, 300], {device: 'cpu'});
+  const up = add('HeadSeg_Upsample', [-900, 600]);
+  const km = add('HeadSeg_MultiKMeans', [-600, 80], {cluster_counts: '2,3', device: 'cpu'});
+  const merge = add('HeadSeg_MaskMerge', [-600, 500]);
+  const image = add('LoadImage', [40, 80]);
+  const w = image.widgets.find(w => w.name === 'image');
+  w.value = picture;
+  w.callback?.(picture);
+  const node = add('HeadSeg_MaskSelectAtPixel', [420, 80]);
+  link(load, pca, 'recording'); link(pca, up, 'features'); link(up, km, 'stack'); link(km, merge, 'clusters');
+  link(merge, node, 'masks'); link(image, node, 'image');
+  app.canvas.setDirty(true, true);
+  return node.id;
+}
+"""
 
 
 # -- page helpers -----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import json
 from headseg.tests.browser.helpers import (
     JS_CHECK_STATE,
     JS_HOLD_MESSAGES_AFTER_START,
+    JS_LOADED_RECORDING_GRAPH,
     JS_QUEUE_AND_WAIT,
     JS_TO_SUBGRAPH,
     JS_VIEW_NODE,
@@ -20,6 +21,8 @@ from headseg.tests.browser.helpers import (
     frame_rect,
     picker_selector,
     rebuild_as_undo_does,
+    save_random_recording,
+    save_recording_and_picture,
     screenshot_rgb,
     selected_thumbs,
     settle,
@@ -230,55 +233,6 @@ def test_a_pixel_picked_on_a_picture_wider_than_16384_px_passes_the_prompt_check
     errors = [e for e in json.loads(body)["node_errors"][str(node_id)]["errors"] if e["extra_info"]["input_name"] == "x"]
     assert errors == [], errors
     assert comfy_page.pack_problems() == []
-
-
-JS_LOADED_RECORDING_GRAPH = """
-async ([recording, picture]) => {
-  app.graph.clear();
-  const add = (type, pos, values = {}) => {
-    const node = LiteGraph.createNode(type);
-    node.pos = pos;
-    app.graph.add(node);
-    for (const [name, value] of Object.entries(values)) node.widgets.find(w => w.name === name).value = value;
-    return node;
-  };
-  const link = (from, to, name) => from.connect(0, to, to.inputs.findIndex(i => i.name === name));
-  const load = add('HeadSeg_LoadRecording', [-900, 80], {file: recording, path: recording});
-  const pca = add('HeadSeg_HeadPCA', [-900, 300], {device: 'cpu'});
-  const up = add('HeadSeg_Upsample', [-900, 600]);
-  const km = add('HeadSeg_MultiKMeans', [-600, 80], {cluster_counts: '2,3', device: 'cpu'});
-  const merge = add('HeadSeg_MaskMerge', [-600, 500]);
-  const image = add('LoadImage', [40, 80]);
-  const w = image.widgets.find(w => w.name === 'image');
-  w.value = picture;
-  w.callback?.(picture);
-  const node = add('HeadSeg_MaskSelectAtPixel', [420, 80]);
-  link(load, pca, 'recording'); link(pca, up, 'features'); link(up, km, 'stack'); link(km, merge, 'clusters');
-  link(merge, node, 'masks'); link(image, node, 'image');
-  app.canvas.setDirty(true, true);
-  return node.id;
-}
-"""
-
-
-def save_random_recording(comfy_server, name: str, W: int, H: int) -> None:
-    """Saves a recording of random heads whose masks are W x H pixels in the server's input folder as ``name``."""
-    import torch
-
-    from headseg.nodes.core.recording import LayerKey, Recording
-    from headseg.nodes.core.recording_file import save_recording
-
-    heads = torch.randn(1, 2, H // 8, W // 8, 8, generator=torch.Generator().manual_seed(0))  # [B, heads, h, w, d]
-    save_recording(Recording({LayerKey("input", 1, 0): heads}, (H, W)), comfy_server.input_dir / name)
-
-
-def save_recording_and_picture(comfy_server, name: str, W: int, H: int, w: int, h: int) -> tuple[str, str]:
-    """A recording whose masks are W x H pixels (save_random_recording) and a w x h coded picture, saved in the
-    server's input folder as ``name``.safetensors and ``name``.png -> their file names."""
-    recording, picture = f"{name}.safetensors", f"{name}.png"
-    save_random_recording(comfy_server, recording, W, H)
-    coded_picture(w, h).save(comfy_server.input_dir / picture)
-    return recording, picture
 
 
 JS_KEPT_STATE = "() => structuredClone(app.extensionManager.workflow.activeWorkflow.changeTracker.activeState)"
