@@ -40,22 +40,37 @@ export function storedOutput(node) {
 // UI payload object -> its runKey: a redraw asks again for the same object.
 const RUN_KEYS = new WeakMap();
 
-/** The identity of the run whose UI payload is ``output``: its content as JSON text, the same for the copies
- * newer frontends (1.58) keep of it. Mask Select's payload has an id of its own at each run (headseg_run):
- * two runs of the same picture, pixel and masks, e.g. in two workflow tabs, are told apart. A payload is not
- * changed once handed over, so its key is worked out once. */
+/** The identity of the run whose UI payload is ``output``, the same for the copies newer frontends (1.58) keep
+ * of it: Mask Select's run id (headseg_run, a new one at each run and the same for a run served again from
+ * ComfyUI's cache; a list input's runs, one per item, joined), else (another node's payload, or one without an
+ * id) its content as JSON text. The picker keeps a key for each of its last 1000 runs: a run id is a few dozen
+ * characters, where the JSON text of a run with 150 masks is about 16 KB. Two runs of the same picture, pixel and
+ * masks, e.g. in two workflow tabs, have different ids. A payload is not changed once handed over, so its key is
+ * worked out once. */
 export function runKey(output) {
   if (!output || typeof output !== "object") return null;
   let key = RUN_KEYS.get(output);
   if (key === undefined) {
-    try {
-      key = JSON.stringify(output);
-    } catch {
-      key = null; // not JSON (no payload of a run): no run to know again
-    }
+    key = runIdKey(output.headseg_run) ?? contentKey(output);
     RUN_KEYS.set(output, key);
   }
   return key;
+}
+
+/** The key of a run whose payload holds run ids ``ids`` (headseg_run: one per item run), or null where it holds
+ * none. Never the JSON text of an object, which starts with "{". */
+function runIdKey(ids) {
+  if (!Array.isArray(ids) || !ids.length || !ids.every((id) => typeof id === "string" && id)) return null;
+  return `run:${ids.join(",")}`;
+}
+
+/** UI payload ``output`` as JSON text (null where it is not JSON: no payload of a run, no run to know again). */
+function contentKey(output) {
+  try {
+    return JSON.stringify(output);
+  } catch {
+    return null;
+  }
 }
 
 /** Whether UI payload ``output`` is that of a run queued from another open workflow than the open one.

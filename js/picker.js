@@ -21,7 +21,8 @@
 //   headseg_item      [{masks, points}] how many of headseg_masks (and _mask_info) and of headseg_points are
 //                                    the first item's: a list input (Rebatch Latents) runs the node once per
 //                                    item, and ComfyUI joins the runs' lists; the picker shows the first item
-//   headseg_run       [id]           a new id at each run (again with a run served from the cache): runKey
+//   headseg_run       [id]           a new id at each run (again with a run served from the cache): the
+//                                    run's key (runKey)
 // where ref = {filename, subfolder, type} as served by /view.
 
 import { app } from "../../scripts/app.js";
@@ -55,8 +56,9 @@ const LINKED_NO_PREVIEW_TEXT =
 // A picker whose node has been out of the workflow this long (ms) goes (see Picker.dropIfGone).
 const OUTSIDE_GRACE_MS = 1500;
 
-// A run is known by its UI payload's content (runKey), not by the payload object: newer frontends (1.58)
-// keep a copy of each run's outputs, and hand out another copy after undo or a workflow tab opened again.
+// A run is known by its run id, else its UI payload's content (runKey), not by the payload object: newer
+// frontends (1.58) keep a copy of each run's outputs, and hand out another copy after undo or a workflow tab
+// opened again.
 // Each run (key) -> the file the upstream node's preview showed beside it (previewFile; null until one is
 // known). Kept by run, not by picker: undo and a workflow tab opened again rebuild the node, and the rebuilt
 // picker gets the run back from the outputs ComfyUI keeps. The last RUNS_KEPT runs are kept.

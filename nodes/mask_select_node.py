@@ -81,8 +81,8 @@ class MaskSelectAtPixel(io.ComfyNode):
       other; the picker shows the first item's (the first entry of each one-entry key, and these
       counts' share of the others).
     - ``headseg_run``: [id] a new random id at each run of the node (a run served from ComfyUI's cache comes
-      with its id again): the picker knows a run by its payload's content, which can be the same for two
-      runs (the same picture, pixel and masks), and newer frontends (1.58) hand it copies of a payload.
+      with its id again): the picker knows a run by it, also in the copies of a payload newer frontends
+      (1.58) hand it, where the content can be the same for two runs (the same picture, pixel and masks).
 
     ``ref`` = {"filename", "subfolder", "type": "temp"}, served by GET /view.
     """

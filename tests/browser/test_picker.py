@@ -5,6 +5,7 @@ the mouse wheel over it, and each pick as one undo step.
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
@@ -459,6 +460,50 @@ def test_a_run_whose_outputs_comfyui_keeps_as_a_copy_gives_way_to_another_pictur
     page.wait_for_function("(sel) => document.querySelectorAll(sel + ' .headseg-thumb').length === 2", arg=sel, timeout=10_000)
     wait_picture_ready(page, node_id)
     assert page.evaluate(shown, sel) == [W, H]
+    assert comfy_page.pack_problems() == []
+
+
+# -> [[the key runKey gives each payload, the key of a copy of it (as newer frontends keep)], ...]
+JS_RUN_KEYS = """async (payloads) => { const {runKey} = await import('/extensions/HeadSeg/graph_helpers.js');
+  return payloads.map((payload) => [runKey(payload), runKey(JSON.parse(JSON.stringify(payload)))]); }"""
+
+
+def test_a_run_is_known_by_its_run_id_not_by_its_whole_payload(comfy_page, pictures):
+    """The picker keeps a key per run (up to 1000 runs, in three maps): the payload's whole JSON text, about
+    16 KB for a run with 150 masks, tens of MB in a long session. Mask Select sends a new id at each run
+    (headseg_run): the key is now made of that id, a few dozen characters, the same for a copy of the payload
+    (as newer frontends keep it), another for the same content from another run. A payload without it
+    (another node's 'images', or a Mask Select from before headseg_run) is still known by its content."""
+    name, W, H = pictures["landscape"]
+    page = comfy_page.page
+    node_id, sel = ready_picker(page, name)
+    run_id, other_id = uuid.uuid4().hex, uuid.uuid4().hex
+    masks = 150
+    payload = picker_payload(name, (W, H), (10, 20), masks=masks) | {"headseg_run": [run_id]}
+    payloads = [
+        payload,
+        payload | {"headseg_run": [other_id]},  # the same content, another run
+        payload | {"headseg_run": [run_id, other_id]},  # a list of latents: one run per item, their ids joined
+        picker_payload(name, (W, H), (10, 20), masks=2),  # no run id
+        picker_payload(name, (W, H), (11, 20), masks=2),
+    ]
+    keys = page.evaluate(JS_RUN_KEYS, payloads)
+    assert all(key == copy for key, copy in keys), keys
+    firsts = [key for key, _ in keys]
+    assert len(set(firsts)) == len(payloads), firsts
+    assert len(json.dumps(payload)) > 50 * masks  # a payload of this size ...
+    assert max(len(key) for key in firsts[:3]) < 3 * len(run_id) + 8, firsts[:3]  # ... kept as its run id
+    # and the picker takes such a run, and a copy of it as the same run (it keeps its thumbnails on redraws)
+    page.evaluate(
+        """([id, payload]) => { app.nodeOutputs[String(id)] = payload; app.graph.getNodeById(id).onExecuted(payload); }""",
+        [node_id, payload],
+    )
+    page.evaluate(JS_KEEP_A_COPY_OF_THE_RUN, node_id)
+    rebuild_as_undo_does(page, node_id)
+    page.evaluate(JS_KEEP_A_COPY_OF_THE_RUN, node_id)
+    page.wait_for_function(f"(sel) => document.querySelectorAll(sel + ' .headseg-thumb').length === {masks}", arg=sel)
+    settle(page, 1000)
+    assert len(page.query_selector_all(sel + " .headseg-thumb")) == masks
     assert comfy_page.pack_problems() == []
 
 
