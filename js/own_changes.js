@@ -8,7 +8,8 @@ import { inWorkflow, noteGraphState, notesGraphState } from "./graph_helpers.js"
 // Nodes changed by the pack whose change is not noted yet (noteOwnChange).
 const PENDING = new Set();
 // While ComfyUI rebuilds the graph (undo, redo) or a change of the user's is under way, the noting waits:
-// tried again every RETRY_MS, at most RETRIES times.
+// tried again every RETRY_MS, at most RETRIES times. While it loads a graph (graphLoading) it waits as long as
+// the load lasts: a change tracker notes nothing then.
 const RETRY_MS = 50;
 const RETRIES = 100;
 let retryTimer = null;
@@ -35,11 +36,12 @@ function foldPending(retries) {
     PENDING.clear();
     return;
   }
-  if (tracker._restoringState || tracker.changeCount) {
+  const loading = graphLoading(tracker);
+  if (loading || tracker._restoringState || tracker.changeCount) {
     if (retries > 0 && retryTimer === null) {
       retryTimer = setTimeout(() => {
         retryTimer = null;
-        foldPending(retries - 1);
+        foldPending(loading ? retries : retries - 1);
       }, RETRY_MS);
     }
     return;
@@ -60,6 +62,14 @@ function foldPending(retries) {
   }
   tracker.activeState = now;
   tracker.updateModified?.(); // the modified mark, and ComfyUI's copy for a page reload (its graphChanged)
+}
+
+/** Whether ComfyUI is loading a graph (opening a workflow tab, until every extension's afterLoadGraph is done):
+ * 1.58's change trackers note nothing then (their class's isLoadingGraph; the app's isGraphReady is false before
+ * the first graph), and the noting (graphEqual, captureCanvasState) waits for the load to end. False on a
+ * frontend without those flags (1.32). */
+function graphLoading(tracker) {
+  return tracker.constructor?.isLoadingGraph === true || app.isGraphReady === false;
 }
 
 /** A copy of serialised graph ``kept`` with the size and frame of ``nodes`` as in serialised graph ``now``. */

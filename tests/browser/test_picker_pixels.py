@@ -411,17 +411,16 @@ def test_runs_of_a_subgraph_two_subgraph_nodes_use_keep_no_frame(comfy_page, com
     assert comfy_page.pack_problems() == []
 
 
-def test_a_run_that_ends_while_another_workflow_is_open_keeps_its_frame(comfy_page, comfy_server):
-    """ComfyUI tells a run's nodes of its end only in the workflow open at the time: one queued and left for
-    another workflow tab reaches the picker when its tab is opened again, restored from the outputs the tab
-    keeps, as undo restores a run (the widgets left as they are). Its frame was not kept and the pixel it
-    mapped not taken: a grid pixel clicked on its picture then (the masks' pixels) was read after a page
-    reload on the connected picture at its own size, elsewhere on the picture than the node reads it. A run
-    the node was never told of is now taken as it comes, when its tab is opened again."""
-    from headseg.nodes.core.pixels import picture_to_mask_pixel
+# the masks' grid and the picture of run_ended_in_another_tab: W, H, w, h
+AWAY_SIZES = (64, 48, 300, 200)
 
-    W, H, w, h = 64, 48, 300, 200
-    recording, picture = save_recording_and_picture(comfy_server, "headseg_browser_away", W, H, w, h)
+
+def run_ended_in_another_tab(comfy_page, comfy_server, name):
+    """Load Recording -> ... -> Mask Select in workflow tab A, its picker clicked at picture pixel (270, 180)
+    before the first run, queued, and the run ended while a new blank tab B was open (A's picker not told of
+    it) -> (the node id, A's path, B's path). B stays open."""
+    W, H, w, h = AWAY_SIZES
+    recording, picture = save_recording_and_picture(comfy_server, name, W, H, w, h)
     page = comfy_page.page
     node_id = page.evaluate(JS_LOADED_RECORDING_GRAPH, [recording, picture])
     view_picker(page, node_id, 1.0)
@@ -438,6 +437,21 @@ def test_a_run_that_ends_while_another_workflow_is_open_keeps_its_frame(comfy_pa
     assert page.evaluate(JS_OPEN_TAB, first)
     ended_in = page.evaluate(JS_QUEUE_THEN_OPEN_TAB, blank)
     assert ended_in == blank, ended_in
+    return node_id, first, ended_in
+
+
+def test_a_run_that_ends_while_another_workflow_is_open_keeps_its_frame(comfy_page, comfy_server):
+    """ComfyUI tells a run's nodes of its end only in the workflow open at the time: one queued and left for
+    another workflow tab reaches the picker when its tab is opened again, restored from the outputs the tab
+    keeps, as undo restores a run (the widgets left as they are). Its frame was not kept and the pixel it
+    mapped not taken: a grid pixel clicked on its picture then (the masks' pixels) was read after a page
+    reload on the connected picture at its own size, elsewhere on the picture than the node reads it. A run
+    the node was never told of is now taken as it comes, when its tab is opened again."""
+    from headseg.nodes.core.pixels import picture_to_mask_pixel
+
+    W, H, w, h = AWAY_SIZES
+    node_id, first, ended_in = run_ended_in_another_tab(comfy_page, comfy_server, "headseg_browser_away")
+    page = comfy_page.page
     page.evaluate(
         """async (p) => { const store = app.extensionManager.workflow;
                           await app.extensionManager.command.execute('Workspace.PreviousOpenedWorkflow');
@@ -502,6 +516,76 @@ JS_QUEUE_THEN_OPEN_TAB = (
   await window.headsegRelease();
   return opened ? await ended : 'tab not opened: ' + p; }"""
 )
+
+# Registers (once per page) an extension whose afterLoadGraph waits, after a load of the workflow whose path
+# window.headsegLoadHold names, for its promise, as one that fetches something after each load: ComfyUI's graph
+# load is under way until it is done.
+JS_SLOW_AFTER_LOAD_GRAPH = """() => { if (window.headsegSlowLoadRegistered) return;
+  window.headsegSlowLoadRegistered = true;
+  app.registerExtension({name: 'HeadSeg.test.slowAfterLoadGraph', async afterLoadGraph() {
+    const hold = window.headsegLoadHold;
+    if (hold && app.extensionManager.workflow.activeWorkflow?.path === hold.path) await hold.promise; }}); }"""
+
+# Opens workflow tab ``p`` with its load held in afterLoadGraph (JS_SLOW_AFTER_LOAD_GRAPH) until
+# window.headsegReleaseLoad() is called; window.headsegOpening ends when the tab is open.
+JS_OPEN_TAB_HELD = (
+    """(p) => { let release; window.headsegLoadHold = {path: p, promise: new Promise(r => release = r)};
+  window.headsegReleaseLoad = async () => { window.headsegLoadHold = null; release(); await window.headsegOpening; };
+  window.headsegOpening = ("""
+    + JS_OPEN_TAB
+    + """)(p); }"""
+)
+
+JS_LOADING_GRAPH = "() => window.comfyAPI?.changeTracker?.ChangeTracker?.isLoadingGraph ?? null"
+
+
+def test_a_run_taken_while_its_tab_still_loads_is_noted_as_a_step_of_its_own(comfy_page, comfy_server):
+    """A run that ended while another workflow tab was open is taken when its tab is opened again: the pixel it
+    mapped and its frame, noted in the undo history as one step. ComfyUI 1.58 notes no change while a graph
+    loads (its change tracker's isLoadingGraph), and the load lasts until every extension's afterLoadGraph is
+    done (here one that takes its time): a run taken then was not noted, and the workflow kept for a reload
+    lacked its frame and pixel (until the next change ComfyUI noted, whose undo step they would join). The
+    noting now waits for the load to end: the run is a step of its own (Ctrl+Z after a pick takes back the pick
+    alone)."""
+    from headseg.nodes.core.pixels import picture_to_mask_pixel
+
+    W, H, w, h = AWAY_SIZES
+    node_id, first, blank = run_ended_in_another_tab(comfy_page, comfy_server, "headseg_browser_away_loading")
+    page = comfy_page.page
+    page.evaluate(JS_SLOW_AFTER_LOAD_GRAPH)
+    page.evaluate(JS_OPEN_TAB_HELD, first)
+    try:
+        page.wait_for_function(
+            "(id) => !!app.graph.getNodeById(id)?.headsegPicker?.output", arg=node_id, timeout=15_000
+        )  # the picker took the run: its frame and pixel are in the graph
+        loading = page.evaluate(JS_LOADING_GRAPH)
+    finally:
+        page.evaluate("async () => { await window.headsegReleaseLoad(); }")
+    assert loading is not False, "the run was taken after the load"  # null: a frontend without the flag (1.32)
+    assert page.evaluate("() => app.extensionManager.workflow.activeWorkflow.path") == first
+    view_picker(page, node_id, 1.0)
+    wait_picture_ready(page, node_id)
+    settle(page, 800)
+    mapped = list(picture_to_mask_pixel(270, 180, (h, w), (H, W)))
+    state = page.evaluate(JS_TAB_STATE, node_id)
+    assert state["pixel"] == mapped and state["frame"] == {"grid": [W, H], "picture": [w, h]}, state
+    # noted: in the state ComfyUI keeps for a reload, the workflow marked modified
+    (kept,) = [n for n in page.evaluate(JS_KEPT_STATE)["nodes"] if str(n["id"]) == str(node_id)]
+    assert kept["properties"].get("headseg_frame") == state["frame"] and kept["widgets_values"][:2] == mapped, kept
+    assert state["modified"]
+    # a pick, then Ctrl+Z: back to the run's pixel, its frame kept
+    click_pixel(page, node_id, (W, H), (10, 8))
+    page.evaluate("async () => { await app.extensionManager.workflow.activeWorkflow.changeTracker.undo(); }")
+    page.wait_for_function("(id) => app.graph.getNodeById(id).widgets.find(w => w.name === 'x').value !== 10", arg=node_id)
+    undone = page.evaluate(JS_TAB_STATE, node_id)
+    assert undone["pixel"] == mapped and undone["frame"] == state["frame"], undone
+    page.evaluate(
+        """async (p) => { const store = app.extensionManager.workflow;
+                          await store.closeWorkflow(store.openWorkflows.find(w => w.path === p), {warnIfUnsaved: false}); }""",
+        blank,
+    )  # the tabs as the other tests found them
+    assert comfy_page.pack_problems() == []
+
 
 JS_SLOW_KMEANS = """() => { app.graph.nodes.find(n => n.type === 'HeadSeg_MultiKMeans').widgets
   .find(w => w.name === 'cluster_counts').value = '2,5,10,20,30'; }"""
