@@ -116,12 +116,17 @@ class MultiKMeans(io.ComfyNode):
         counts = core_kmeans.parse_cluster_counts(cluster_counts)
         seed = integer_input(seed, "seed", "an integer")
         B, (H, W) = stack.batch_size, stack.size
+        make = outputs_to_make(cls, "HeadSeg_MultiKMeans")
+        # the node shows palette PNGs of the label maps: the colour maps are drawn only for a node that reads them
+        draw = make is None or "colour_maps" in make
         _check_memory(
-            # uint8 label maps + float32 RGB colour maps, per k and image; label_colours' int64 index of one k's
-            # label maps (8 bytes per pixel and image) and 1 MiB (palettes, previews' tables)
-            len(counts) * B * H * W * (1 + 12) + 8 * B * H * W + 2**20,
+            # uint8 label maps per k and image, 1 MiB (palettes, previews' tables) and, when drawn, float32 RGB
+            # colour maps per k and image and label_colours' int64 index of one k's label maps (8 bytes per pixel
+            # and image)
+            len(counts) * B * H * W + 2**20 + (len(counts) * B * H * W * 12 + 8 * B * H * W if draw else 0),
             "cluster_counts",
-            f"the label maps and colour maps of {len(counts)} cluster count(s) for {B} image(s) at {W}x{H} pixels",
+            f"the label maps{' and colour maps' if draw else ''} of {len(counts)} cluster count(s) for {B} image(s) "
+            f"at {W}x{H} pixels",
             "Use fewer cluster counts, or fewer images per batch (e.g. Rebatch Latents before sampling)",
         )
         from comfy_execution.utils import get_executing_context
@@ -155,9 +160,6 @@ class MultiKMeans(io.ComfyNode):
             return sweep.to("cpu")
 
         sweep = run_on_device(device, sweep_on, "Multi K-Means")
-        make = outputs_to_make(cls, "HeadSeg_MultiKMeans")
-        # the node shows palette PNGs of the label maps: the colour maps are drawn only for a node that reads them
-        draw = make is None or "colour_maps" in make
         images = torch.empty(len(sweep.results) * B, H, W, 3) if draw else None  # [len(k) * B, H, W, 3], k by k
         shown = min(B, _PREVIEW_IMAGES)  # images of the batch whose colour maps the node shows
         labels, maps = [], []  # maps: (labels [H, W], colours [k, 3]) of each colour map shown

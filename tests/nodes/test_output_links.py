@@ -185,3 +185,34 @@ def test_a_prompt_without_the_key_or_with_one_its_links_contradict_makes_every_o
     for node, index, name in OPTIONAL:
         assert torch.equal(kept[node][index][0], reference[(node, index)]), name
         assert torch.equal(executor.seen[f"r{node}_{index}"], reference[(node, index)]), name
+
+
+def test_multi_kmeans_memory_check_counts_colour_maps_only_when_some_node_reads_them(executor, monkeypatch):
+    """Multi K-Means checks the memory of its outputs before it clusters (the only check when it clusters on a
+    GPU). With colour_maps unread it draws none, so the check must not count them: it counted 13 bytes per
+    pixel per k and image either way (12 of them the colour maps), and so refused sweeps whose label maps fit,
+    naming colour maps it would not make."""
+    from headseg.nodes import kmeans_node
+
+    checks = []  # (need, what) of each check, the outputs' first
+    check = kmeans_node._check_memory
+
+    def noted(need, name, what, *rest):
+        checks.append((need, what))
+        return check(need, name, what, *rest)
+
+    monkeypatch.setattr(kmeans_node, "_check_memory", noted)
+    execute(executor, queued(chain_prompt()), [SELECT], "p1")
+    unread_need, unread_what = checks[0]
+
+    checks.clear()
+    reader = "r" + KMEANS
+    prompt = chain_prompt()
+    prompt[reader] = {"class_type": "HeadSegTest_Reader", "inputs": {"value": [KMEANS, 1]}}
+    execute(executor, queued(prompt), [SELECT, reader], "p2")
+    read_need, read_what = checks[0]
+    colour_maps = executor.seen[reader]
+    assert isinstance(colour_maps, torch.Tensor)
+    assert read_need - unread_need >= colour_maps.numel() * colour_maps.element_size()
+    assert "colour maps" in read_what and "colour maps" not in unread_what
+
