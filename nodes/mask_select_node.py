@@ -257,9 +257,9 @@ class MaskSelectAtPixel(io.ComfyNode):
                 "; ".join(_point_text(a) for a, _ in moved), W, H, "; ".join(_point_text(b) for _, b in moved),
             )
 
-        held = _check_outputs(masks, x, y)  # per image, the masks holding (x, y)
         make = outputs_to_make(cls, "HeadSeg_MaskSelectAtPixel")
         kept = lambda name: make is None or name in make  # noqa: E731  (an output some node reads)
+        held = _check_outputs(masks, x, y, kept("mask"))  # per image, the masks holding (x, y)
         chosen = torch.zeros(len(masks), H, W) if kept("mask") else None  # [B, H, W]
         first, found = None, []  # the masks at the pixel of image 0 (the outputs show them); counts of all
         for b, ms in enumerate(masks):
@@ -323,19 +323,20 @@ class MaskSelectAtPixel(io.ComfyNode):
         )
 
 
-def _check_outputs(masks: list, x: int, y: int) -> list[int]:
+def _check_outputs(masks: list, x: int, y: int, mask_made: bool = True) -> list[int]:
     """Refuses, naming `masks`, outputs that would not fit in memory: the chosen MASK of every image
-    (4 bytes per pixel), image 0's masks at the pixel beside those of the image being read (1 byte per
-    pixel each), image 0's masks at the pixel as a MASK batch and as overlays (16 bytes per pixel each,
-    and 4 for the overlay's weights), and the picture they are drawn on (20 bytes per pixel at most).
+    (4 bytes per pixel; only when ``mask_made``: some node reads the mask output), image 0's masks at the
+    pixel beside those of the image being read (1 byte per pixel each), image 0's masks at the pixel as a
+    MASK batch and as overlays (16 bytes per pixel each, and 4 for the overlay's weights), and the picture
+    they are drawn on (20 bytes per pixel at most).
     Counted for every mask holding (x, y), before more_points narrows them -> how many hold it, per image."""
     B, (H, W) = len(masks), masks[0].masks.shape[-2:]
     held = [int(ms.masks[:, y, x].sum()) for ms in masks]  # masks holding the pixel, per image
     check_memory(
-        B * H * W * 4 + (held[0] + max(held)) * H * W + held[0] * H * W * 20 + H * W * 20,
+        (B * H * W * 4 if mask_made else 0) + (held[0] + max(held)) * H * W + held[0] * H * W * 20 + H * W * 20,
         "masks",
-        f"the {held[0]} masks at pixel {x}, {y} as a MASK batch and overlays at {W}x{H} pixels, and the chosen "
-        f"mask of {B} image(s)",
+        f"the {held[0]} masks at pixel {x}, {y} as a MASK batch and overlays at {W}x{H} pixels"
+        + (f", and the chosen mask of {B} image(s)" if mask_made else ""),
         "Use fewer cluster counts in Multi K-Means, a lower iou_threshold or a larger min_area in Mask Merge, or "
         "smaller images",
     )

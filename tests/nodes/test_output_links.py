@@ -216,3 +216,31 @@ def test_multi_kmeans_memory_check_counts_colour_maps_only_when_some_node_reads_
     assert read_need - unread_need >= colour_maps.numel() * colour_maps.element_size()
     assert "colour maps" in read_what and "colour maps" not in unread_what
 
+
+def test_mask_select_memory_check_counts_the_mask_output_only_when_some_node_reads_it(executor, monkeypatch):
+    """Mask Select checks the memory of its outputs before it makes them. With its mask unread it makes no
+    MASK, so the check must not count one: it counted the chosen mask of every image (4 bytes per pixel and
+    image) either way, and named it in its refusal."""
+    from headseg.nodes import mask_select_node
+
+    checks = []  # (need, what) of each check
+    check = mask_select_node.check_memory
+
+    def noted(need, name, what, *rest):
+        checks.append((need, what))
+        return check(need, name, what, *rest)
+
+    monkeypatch.setattr(mask_select_node, "check_memory", noted)
+    execute(executor, queued(chain_prompt()), [SELECT], "p1")
+    (unread_need, unread_what), = checks
+
+    checks.clear()
+    reader = "r" + SELECT
+    prompt = chain_prompt()
+    prompt[reader] = {"class_type": "HeadSegTest_Reader", "inputs": {"value": [SELECT, 0]}}
+    execute(executor, queued(prompt), [reader], "p2")
+    (read_need, read_what), = checks
+    mask = executor.seen[reader]
+    assert isinstance(mask, torch.Tensor)
+    assert read_need - unread_need >= mask.numel() * mask.element_size()
+    assert "chosen mask" in read_what and "chosen mask" not in unread_what
