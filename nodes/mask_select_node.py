@@ -274,17 +274,19 @@ class MaskSelectAtPixel(io.ComfyNode):
         # an image with no mask at (x, y) itself is not more_points' doing: min_area dropped its masks there
         no_mask = [b for b in empty if held[b] == 0]
         no_fit = [b for b in empty if b not in no_mask]  # masks at (x, y), none fitting more_points
-        if no_fit:  # the MASK output is then all zeros there
+        # what that leaves them: the MASK output all zeros there, or, when no node reads it (none is made), no mask
+        outcome = "the mask output is all zeros" if chosen is not None else "no mask is chosen"
+        if no_fit:
             log.warning(
                 "HeadSeg Mask Select: no mask of image(s) %s contains the pixel %d, %d and fits more_points "
-                "(%s on the masks' grid), so the mask output is all zeros for them: remove a point.",
-                ", ".join(map(str, no_fit)), x, y, "; ".join(map(_point_text, used_points)),
+                "(%s on the masks' grid), so %s for them: remove a point.",
+                ", ".join(map(str, no_fit)), x, y, "; ".join(map(_point_text, used_points)), outcome,
             )
-        if no_mask:  # the MASK output is then all zeros there: an inpainting pass would change nothing
+        if no_mask:  # with the mask read: an inpainting pass would change nothing
             log.warning(
                 "HeadSeg Mask Select: the pixel %d, %d lies in no mask of image(s) %s (Mask Merge's min_area "
-                "dropped the masks there), so the mask output is all zeros for them: lower min_area or pick "
-                "another pixel.", x, y, ", ".join(map(str, no_mask)),
+                "dropped the masks there), so %s for them: lower min_area or pick another pixel.",
+                x, y, ", ".join(map(str, no_mask)), outcome,
             )
         here = first
         count = int(here.masks.shape[0])

@@ -244,3 +244,23 @@ def test_mask_select_memory_check_counts_the_mask_output_only_when_some_node_rea
     assert isinstance(mask, torch.Tensor)
     assert read_need - unread_need >= mask.numel() * mask.element_size()
     assert "chosen mask" in read_what and "chosen mask" not in unread_what
+
+
+def test_mask_selects_log_names_the_mask_output_only_when_some_node_reads_it(executor, caplog):
+    """Where no mask at the pixel fits more_points, Mask Select's log line said the mask output is all zeros
+    there, also when no node reads mask and the node makes none."""
+    prompt = chain_prompt()
+    prompt[SELECT]["inputs"]["more_points"] = "-60,50"  # the pixel itself left out: no mask at it fits
+    with caplog.at_level("WARNING"):
+        execute(executor, queued(prompt), [SELECT], "p1")
+    (unread,) = [r.getMessage() for r in caplog.records if "fits more_points" in r.getMessage()]
+    assert "mask output" not in unread
+
+    caplog.clear()
+    reader = "r" + SELECT
+    prompt[reader] = {"class_type": "HeadSegTest_Reader", "inputs": {"value": [SELECT, 0]}}
+    with caplog.at_level("WARNING"):
+        execute(executor, queued(prompt), [reader], "p2")
+    (read,) = [r.getMessage() for r in caplog.records if "fits more_points" in r.getMessage()]
+    assert "the mask output is all zeros" in read
+    assert not executor.seen[reader].any()  # as the line says
