@@ -173,7 +173,9 @@ class MultiKMeans(io.ComfyNode):
         # "text" in every run, empty when all are shown: ComfyUI joins the payloads of a list's runs (latents
         # from Rebatch Latents, of unequal batches) by the first run's keys, so a key only some runs had failed the
         # prompt with KeyError: 'text' (a first batch beyond _PREVIEW_IMAGES) or was dropped (a later one)
-        note = f"colour maps of the first {shown} of {B} images shown; the colour_maps output holds all {B}"
+        note = f"colour maps of the first {shown} of {B} images shown; " + (
+            f"the colour_maps output holds all {B}" if draw else f"link colour_maps to get all {B}"  # none made
+        )
         ui = {
             "images": label_previews(maps), "headseg_labels": labels, "headseg_k": list(sweep.results),
             "text": [note] if shown < B else [],
@@ -230,5 +232,5 @@ def _kmeans_phase_bytes(stack, k: int) -> int:
 
 
 # Multi K-Means shows the colour maps of at most this many images of a batch (a PNG per k and image;
-# the colour_maps output holds every image's).
+# the colour_maps output, when some node reads it, holds every image's).
 _PREVIEW_IMAGES = 8

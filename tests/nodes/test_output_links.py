@@ -264,3 +264,24 @@ def test_mask_selects_log_names_the_mask_output_only_when_some_node_reads_it(exe
     (read,) = [r.getMessage() for r in caplog.records if "fits more_points" in r.getMessage()]
     assert "the mask output is all zeros" in read
     assert not executor.seen[reader].any()  # as the line says
+
+
+def test_multi_kmeans_note_names_the_colour_maps_output_as_holding_every_image_only_when_it_is_made(
+    executor, monkeypatch
+):
+    """Multi K-Means shows the colour maps of the first images of a batch and notes that the colour_maps
+    output holds all of them: with colour_maps unread it holds none, and the note said it did."""
+    from headseg.nodes import kmeans_node
+
+    monkeypatch.setattr(kmeans_node, "_PREVIEW_IMAGES", 0)  # the one image of the chain's batch not shown
+    execute(executor, queued(chain_prompt()), [SELECT], "p1")
+    (unread,) = executor.history_result["outputs"][KMEANS]["text"]
+    assert "colour_maps" in unread and "holds" not in unread
+
+    reader = "r" + KMEANS
+    prompt = chain_prompt()
+    prompt[reader] = {"class_type": "HeadSegTest_Reader", "inputs": {"value": [KMEANS, 1]}}
+    execute(executor, queued(prompt), [SELECT, reader], "p2")
+    (read,) = executor.history_result["outputs"][KMEANS]["text"]
+    assert "the colour_maps output holds all 1" in read
+    assert executor.seen[reader].shape[0] == 3  # as the note says: the one image for each of the 3 k
