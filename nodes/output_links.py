@@ -74,7 +74,8 @@ def annotate(prompt) -> int:
     for node_id, node in prompt.items():
         if not isinstance(node, dict) or not isinstance(node.get("inputs"), dict):
             continue
-        names = OUTPUT_NAMES.get(node.get("class_type"))
+        class_type = node.get("class_type")
+        names = OUTPUT_NAMES.get(class_type) if isinstance(class_type, str) else None  # a list: unhashable
         if names is None:
             continue
         node["inputs"][LINKED_OUTPUTS_KEY] = _linked_names(names, linked.get(str(node_id), set()))

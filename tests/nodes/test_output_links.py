@@ -85,6 +85,19 @@ def test_the_hook_names_each_nodes_linked_outputs_and_the_node_trusts_only_a_key
         assert output_links.on_prompt(request) is request  # left for ComfyUI's validation to answer
 
 
+def test_the_hook_leaves_a_node_whose_class_type_is_not_text_to_comfyuis_validation_and_annotates_the_rest():
+    """A prompt in which some node's class_type is a list or an object (a hand-made or damaged API prompt):
+    the hook raised TypeError (unhashable type) on it, so ComfyUI logged a traceback from this pack's hook for
+    a prompt it does not check, and the HeadSeg nodes after that one went unannotated."""
+    prompt = chain_prompt()
+    odd = {"0": {"class_type": ["HeadSeg_HeadPCA"], "inputs": {}}, "1": {"class_type": {"a": 1}, "inputs": {}}}
+    request = {"prompt": {**odd, **prompt}}
+    assert output_links.on_prompt(request) is request
+    assert request["prompt"][PCA]["inputs"][LINKED_OUTPUTS_KEY] == "features"
+    assert request["prompt"][SELECT]["inputs"][LINKED_OUTPUTS_KEY] == ""
+    assert all(LINKED_OUTPUTS_KEY not in node["inputs"] for node in odd.values())
+
+
 @pytest.fixture()
 def executor(monkeypatch, nodes):
     """ComfyUI's own executor and cache, with HeadSeg's chain and two test nodes: the planted recording as a
