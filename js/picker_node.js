@@ -50,6 +50,9 @@ export function setupPicker(nodeType) {
     const w = this.addDOMWidget(PICKER_WIDGET, "headseg-picker", picker.root, {
       serialize: false,
       hideOnZoom: true,
+      // not listed in the side panel's inputs (1.58's right side panel), where it had nothing to edit; older
+      // frontends (1.32.9) have no such panel and ignore the option
+      hideInPanel: true,
       getValue: () => "",
       setValue: () => {},
       getMinHeight: () => PICKER_MIN_HEIGHT,

@@ -647,3 +647,46 @@ def test_the_picker_follows_another_picture_in_load_image_in_the_vue_node_render
         page.evaluate(JS_LOAD_PICTURE, other)  # the run's picture again brings the run back
         page.wait_for_function("(sel) => document.querySelectorAll(sel + ' .headseg-thumb').length === 2", arg=sel, timeout=10_000)
     assert comfy_page.pack_problems() == []
+
+
+# Selects node ``id`` and opens the right side panel's Parameters tab (1.58.1 has one) -> false where this
+# frontend has no right side panel (the one ComfyUI 0.3.75 pins, 1.32.9).
+JS_OPEN_PARAMETERS = """async (id) => {
+  const host = [...document.querySelectorAll('body *')].find(e => e.__vue_app__);
+  const stores = host.__vue_app__.config.globalProperties.$pinia._s;
+  if (!stores.has('rightSidePanel')) return false;
+  app.canvas.deselectAll?.();
+  app.canvas.selectNode(app.graph.getNodeById(id));
+  await new Promise(r => setTimeout(r, 300));
+  stores.get('rightSidePanel').openPanel('parameters');
+  return true;
+}"""
+JS_CLOSE_PANEL = """() => {
+  const host = [...document.querySelectorAll('body *')].find(e => e.__vue_app__);
+  host.__vue_app__.config.globalProperties.$pinia._s.get('rightSidePanel').closePanel();
+}"""
+# The labels of the widgets the open side panel lists (its widget items), in their order.
+JS_PANEL_WIDGETS = """() => [...document.querySelectorAll('.widget-item')]
+  .map(e => e.querySelector('.editable-text')?.textContent.trim())"""
+
+
+def test_the_picker_is_not_listed_in_the_side_panel(comfy_page, pictures):
+    """The side panel (1.58's right side panel, Parameters tab) lists the node's inputs to edit there: the
+    picker's DOM widget has nothing to edit, and was listed under its name, as an empty entry."""
+    page = comfy_page.page
+    node_id = add_picker(page, pictures["landscape"][0])
+    if not page.evaluate(JS_OPEN_PARAMETERS, node_id):
+        pytest.skip("this frontend has no right side panel")
+    try:
+        inputs = page.evaluate(
+            "(id) => app.graph.getNodeById(id).widgets.filter(w => !w.element).map(w => w.label || w.name)", node_id
+        )
+        assert inputs, "the node has no widgets of its own to list"
+        page.wait_for_function(
+            f"(want) => want.every(n => ({JS_PANEL_WIDGETS})().includes(n))", arg=inputs, timeout=15_000
+        )
+        settle(page)
+        assert page.evaluate(JS_PANEL_WIDGETS) == inputs
+    finally:
+        page.evaluate(JS_CLOSE_PANEL)
+    assert comfy_page.pack_problems() == []
