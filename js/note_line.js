@@ -53,6 +53,9 @@ class NoteLine {
     this.widget = this.node.addDOMWidget(NOTE_WIDGET, "headseg-note", this.root, {
       serialize: false,
       hideOnZoom: true,
+      // not listed in the side panel's inputs (1.58's right side panel), where it had nothing to edit; older
+      // frontends (1.32.9) have no such panel and ignore the option
+      hideInPanel: true,
       getValue: () => "",
       setValue: () => {},
       getMinHeight: () => this.minHeight(),

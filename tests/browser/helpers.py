@@ -311,6 +311,45 @@ def load_workflow(page, workflow: dict, name: str) -> None:
     )
 
 
+# Selects node ``id`` and opens the right side panel's Parameters tab -> false where this frontend has no
+# right side panel (the one ComfyUI 0.3.75 pins, 1.32.9; 1.58.1 has one).
+JS_OPEN_PARAMETERS = """async (id) => {
+  const host = [...document.querySelectorAll('body *')].find(e => e.__vue_app__);
+  const stores = host.__vue_app__.config.globalProperties.$pinia._s;
+  if (!stores.has('rightSidePanel')) return false;
+  app.canvas.deselectAll?.();
+  app.canvas.selectNode(app.graph.getNodeById(id));
+  await new Promise(r => setTimeout(r, 300));
+  stores.get('rightSidePanel').openPanel('parameters');
+  return true;
+}"""
+JS_CLOSE_PANEL = """() => {
+  const host = [...document.querySelectorAll('body *')].find(e => e.__vue_app__);
+  host.__vue_app__.config.globalProperties.$pinia._s.get('rightSidePanel').closePanel();
+}"""
+# The labels of the widgets the open side panel lists (its widget items), in their order.
+JS_PANEL_WIDGETS = """() => [...document.querySelectorAll('.widget-item')]
+  .map(e => e.querySelector('.editable-text')?.textContent.trim())"""
+# Node ``id``'s widgets other than DOM widgets (the picker, a note line): their labels, in their order.
+JS_OWN_WIDGETS = "(id) => app.graph.getNodeById(id).widgets.filter(w => !w.element).map(w => w.label || w.name)"
+
+
+def side_panel_inputs(page, node_id):
+    """The labels the right side panel's Parameters tab lists for node ``node_id`` selected, once it lists
+    every widget of the node's own (JS_OWN_WIDGETS); the panel is closed again. None where this frontend has
+    no right side panel (1.32.9)."""
+    if not page.evaluate(JS_OPEN_PARAMETERS, node_id):
+        return None
+    try:
+        own = page.evaluate(JS_OWN_WIDGETS, node_id)
+        assert own, "the node has no widgets of its own to list"
+        page.wait_for_function(f"(want) => want.every(n => ({JS_PANEL_WIDGETS})().includes(n))", arg=own, timeout=15_000)
+        settle(page)
+        return page.evaluate(JS_PANEL_WIDGETS)
+    finally:
+        page.evaluate(JS_CLOSE_PANEL)
+
+
 def settle(page, ms=400):
     page.wait_for_timeout(ms)
 

@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import pytest
 
-from headseg.tests.browser.helpers import add_merge_with_note, rebuild_as_undo_does, settle, vue_nodes
+from headseg.tests.browser.helpers import (
+    JS_OWN_WIDGETS,
+    add_merge_with_note,
+    rebuild_as_undo_does,
+    settle,
+    side_panel_inputs,
+    vue_nodes,
+)
 
 
 def test_multi_kmeans_note_names_the_k_of_the_shown_colour_map(comfy_page, pictures):
@@ -151,4 +158,17 @@ def test_a_long_note_is_cut_at_six_lines(comfy_page, renderer):
             check()
     else:
         check()
+    assert comfy_page.pack_problems() == []
+
+
+def test_the_note_line_is_not_listed_in_the_side_panel(comfy_page):
+    """The side panel (1.58's right side panel, Parameters tab) lists the node's inputs to edit there: the
+    note line's DOM widget has nothing to edit, and was listed under its name, as an empty entry."""
+    page = comfy_page.page
+    node_id = add_merge_with_note(page, "3 masks merged", (100, 100))
+    page.wait_for_function("(id) => !!app.graph.getNodeById(id).headsegNote?.widget", arg=node_id, timeout=10_000)
+    listed = side_panel_inputs(page, node_id)
+    if listed is None:
+        pytest.skip("this frontend has no right side panel")
+    assert listed == page.evaluate(JS_OWN_WIDGETS, node_id)
     assert comfy_page.pack_problems() == []

@@ -13,6 +13,7 @@ import pytest
 from headseg.tests.browser.helpers import (
     JS_CHECK_STATE,
     JS_OPEN_SUBGRAPH_PICKER,
+    JS_OWN_WIDGETS,
     JS_TO_SUBGRAPH,
     JS_WIDGETS,
     add_picker,
@@ -26,6 +27,7 @@ from headseg.tests.browser.helpers import (
     rebuild_as_undo_does,
     screenshot_rgb,
     settle,
+    side_panel_inputs,
     synthetic_run,
     vue_nodes,
     wait_picture_ready,
@@ -649,44 +651,13 @@ def test_the_picker_follows_another_picture_in_load_image_in_the_vue_node_render
     assert comfy_page.pack_problems() == []
 
 
-# Selects node ``id`` and opens the right side panel's Parameters tab (1.58.1 has one) -> false where this
-# frontend has no right side panel (the one ComfyUI 0.3.75 pins, 1.32.9).
-JS_OPEN_PARAMETERS = """async (id) => {
-  const host = [...document.querySelectorAll('body *')].find(e => e.__vue_app__);
-  const stores = host.__vue_app__.config.globalProperties.$pinia._s;
-  if (!stores.has('rightSidePanel')) return false;
-  app.canvas.deselectAll?.();
-  app.canvas.selectNode(app.graph.getNodeById(id));
-  await new Promise(r => setTimeout(r, 300));
-  stores.get('rightSidePanel').openPanel('parameters');
-  return true;
-}"""
-JS_CLOSE_PANEL = """() => {
-  const host = [...document.querySelectorAll('body *')].find(e => e.__vue_app__);
-  host.__vue_app__.config.globalProperties.$pinia._s.get('rightSidePanel').closePanel();
-}"""
-# The labels of the widgets the open side panel lists (its widget items), in their order.
-JS_PANEL_WIDGETS = """() => [...document.querySelectorAll('.widget-item')]
-  .map(e => e.querySelector('.editable-text')?.textContent.trim())"""
-
-
 def test_the_picker_is_not_listed_in_the_side_panel(comfy_page, pictures):
     """The side panel (1.58's right side panel, Parameters tab) lists the node's inputs to edit there: the
     picker's DOM widget has nothing to edit, and was listed under its name, as an empty entry."""
     page = comfy_page.page
     node_id = add_picker(page, pictures["landscape"][0])
-    if not page.evaluate(JS_OPEN_PARAMETERS, node_id):
+    listed = side_panel_inputs(page, node_id)
+    if listed is None:
         pytest.skip("this frontend has no right side panel")
-    try:
-        inputs = page.evaluate(
-            "(id) => app.graph.getNodeById(id).widgets.filter(w => !w.element).map(w => w.label || w.name)", node_id
-        )
-        assert inputs, "the node has no widgets of its own to list"
-        page.wait_for_function(
-            f"(want) => want.every(n => ({JS_PANEL_WIDGETS})().includes(n))", arg=inputs, timeout=15_000
-        )
-        settle(page)
-        assert page.evaluate(JS_PANEL_WIDGETS) == inputs
-    finally:
-        page.evaluate(JS_CLOSE_PANEL)
+    assert listed == page.evaluate(JS_OWN_WIDGETS, node_id)
     assert comfy_page.pack_problems() == []
