@@ -217,7 +217,7 @@ class HeadPCA(io.ComfyNode):
             log.warning("HeadSeg Head PCA: %s", note)
         ui = {"images": preview_refs(_pca_preview(grid)), "text": [text], "headseg_summary": [summary]}
         make = outputs_to_make(cls, "HeadSeg_HeadPCA")  # the picture is shown either way; kept only when read
-        return io.NodeOutput(features, grid if make is None or "pca_rgb" in make else None, ui=ui)
+        return io.NodeOutput(features, grid if "pca_rgb" in make else None, ui=ui)
 
 
 def pca_rgb_bytes(rec) -> int:

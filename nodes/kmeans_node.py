@@ -118,7 +118,7 @@ class MultiKMeans(io.ComfyNode):
         B, (H, W) = stack.batch_size, stack.size
         make = outputs_to_make(cls, "HeadSeg_MultiKMeans")
         # the node shows palette PNGs of the label maps: the colour maps are drawn only for a node that reads them
-        draw = make is None or "colour_maps" in make
+        draw = "colour_maps" in make
         _check_memory(
             # uint8 label maps per k and image, 1 MiB (palettes, previews' tables) and, when drawn, float32 RGB
             # colour maps per k and image and label_colours' int64 index of one k's label maps (8 bytes per pixel

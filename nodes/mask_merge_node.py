@@ -114,7 +114,7 @@ class MaskMerge(io.ComfyNode):
         chosen = merged if index == -1 else [merged[index]]
         M = sum(int(m.masks.shape[0]) for m in chosen)
         make = outputs_to_make(cls, "HeadSeg_MaskMerge")
-        if make is not None and "all_masks" not in make:  # no node reads it: not built, nothing kept
+        if "all_masks" not in make:  # no node reads it: not built, nothing kept
             all_masks = None
         elif M == 0:
             all_masks = torch.zeros(1, H, W)  # [1, H, W]: an empty MASK batch is not valid downstream

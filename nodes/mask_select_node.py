@@ -258,9 +258,8 @@ class MaskSelectAtPixel(io.ComfyNode):
             )
 
         make = outputs_to_make(cls, "HeadSeg_MaskSelectAtPixel")
-        kept = lambda name: make is None or name in make  # noqa: E731  (an output some node reads)
-        held = _check_outputs(masks, x, y, kept("mask"))  # per image, the masks holding (x, y)
-        chosen = torch.zeros(len(masks), H, W) if kept("mask") else None  # [B, H, W]
+        held = _check_outputs(masks, x, y, "mask" in make)  # per image, the masks holding (x, y)
+        chosen = torch.zeros(len(masks), H, W) if "mask" in make else None  # [B, H, W]
         first, found = None, []  # the masks at the pixel of image 0 (the outputs show them); counts of all
         for b, ms in enumerate(masks):
             here = core_masks.masks_at_pixel(ms, x, y, include, exclude)  # finest first
@@ -321,7 +320,7 @@ class MaskSelectAtPixel(io.ComfyNode):
         }
         # masks_at_pixel and overlay are drawn for the thumbnails either way; kept only when a node reads them
         return io.NodeOutput(
-            chosen, stack if kept("masks_at_pixel") else None, overlay if kept("overlay") else None, count, ui=ui
+            chosen, stack if "masks_at_pixel" in make else None, overlay if "overlay" in make else None, count, ui=ui
         )
 
 

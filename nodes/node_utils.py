@@ -451,16 +451,17 @@ def list_index() -> int:
     return int(getattr(context, "list_index", None) or 0)
 
 
-def outputs_to_make(node_class, class_type: str) -> set[str] | None:
-    """The names of the outputs the running node must make, or None for all of them: output_links.outputs_to_keep
-    on ComfyUI's hidden PROMPT (declared in the node's schema: io.Hidden.prompt) and the executing node's id.
-    Called outside ComfyUI's executor (no hidden PROMPT, no executing node): None."""
+def outputs_to_make(node_class, class_type: str) -> set[str]:
+    """The names of the outputs the running node must make: output_links.outputs_to_keep on ComfyUI's hidden
+    PROMPT (declared in the node's schema: io.Hidden.prompt) and the executing node's id, all of the node's
+    outputs where that says None (as outside ComfyUI's executor: no hidden PROMPT, no executing node)."""
     from comfy_execution.utils import get_executing_context
 
     context = get_executing_context()
     hidden = getattr(node_class, "hidden", None)
     prompt = None if hidden is None else hidden.prompt
-    return output_links.outputs_to_keep(prompt, None if context is None else context.node_id, class_type)
+    keep = output_links.outputs_to_keep(prompt, None if context is None else context.node_id, class_type)
+    return set(output_links.OUTPUT_NAMES[class_type]) if keep is None else keep
 
 
 def prefix_error(filename_prefix, example: str) -> str | None:
