@@ -200,6 +200,20 @@ def test_a_prompt_without_the_key_or_with_one_its_links_contradict_makes_every_o
         assert torch.equal(executor.seen[f"r{node}_{index}"], reference[(node, index)]), name
 
 
+def memory_checks(monkeypatch, module, name: str) -> list:
+    """The memory check ``module.name`` (node_utils.check_memory under the name the node module calls) still
+    run, each call noted: -> the list of (need, what) it fills, one per check."""
+    checks = []
+    check = getattr(module, name)
+
+    def noted(need, name, what, *rest):
+        checks.append((need, what))
+        return check(need, name, what, *rest)
+
+    monkeypatch.setattr(module, name, noted)
+    return checks
+
+
 def test_multi_kmeans_memory_check_counts_colour_maps_only_when_some_node_reads_them(executor, monkeypatch):
     """Multi K-Means checks the memory of its outputs before it clusters (the only check when it clusters on a
     GPU). With colour_maps unread it draws none, so the check must not count them: it counted 13 bytes per
@@ -207,14 +221,7 @@ def test_multi_kmeans_memory_check_counts_colour_maps_only_when_some_node_reads_
     naming colour maps it would not make."""
     from headseg.nodes import kmeans_node
 
-    checks = []  # (need, what) of each check, the outputs' first
-    check = kmeans_node._check_memory
-
-    def noted(need, name, what, *rest):
-        checks.append((need, what))
-        return check(need, name, what, *rest)
-
-    monkeypatch.setattr(kmeans_node, "_check_memory", noted)
+    checks = memory_checks(monkeypatch, kmeans_node, "_check_memory")  # the outputs' first
     execute(executor, queued(chain_prompt()), [SELECT], "p1")
     unread_need, unread_what = checks[0]
 
@@ -236,14 +243,7 @@ def test_mask_select_memory_check_counts_the_mask_output_only_when_some_node_rea
     image) either way, and named it in its refusal."""
     from headseg.nodes import mask_select_node
 
-    checks = []  # (need, what) of each check
-    check = mask_select_node.check_memory
-
-    def noted(need, name, what, *rest):
-        checks.append((need, what))
-        return check(need, name, what, *rest)
-
-    monkeypatch.setattr(mask_select_node, "check_memory", noted)
+    checks = memory_checks(monkeypatch, mask_select_node, "check_memory")
     execute(executor, queued(chain_prompt()), [SELECT], "p1")
     (unread_need, unread_what), = checks
 
