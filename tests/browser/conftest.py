@@ -185,6 +185,10 @@ def comfy_page(_shared_tab):
         " app.graph.clear(); app.canvas.ds.scale = 1; app.canvas.ds.offset = [0, 0];"
         # outputs kept by an earlier test would be restored by a picker that gets the same node id
         " for (const id of Object.keys(app.nodeOutputs ?? {})) delete app.nodeOutputs[id];"
+        # ... and those the open workflow's change tracker keeps of the real runs it queued: undo hands them back
+        # as app.nodeOutputs, without the runs a test fed its nodes (whether an earlier test's real run got there
+        # depends on timing: ComfyUI drops 'executed' messages that come before its /prompt answer)
+        " const tracker = app.extensionManager.workflow?.activeWorkflow?.changeTracker; if (tracker) delete tracker.nodeOutputs;"
         # the toast ComfyUI keeps up once Nodes 2.0 was turned on (vue_nodes) covers the canvas's bottom centre
         " app.extensionManager.toast?.removeAll?.();"
         " app.canvas.setDirty(true, true); }"

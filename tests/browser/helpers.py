@@ -256,25 +256,57 @@ def selected_thumbs(page, sel) -> list[str]:
     return page.eval_on_selector_all(sel + " .headseg-thumb.headseg-selected", "bs => bs.map(b => b.dataset.index)")
 
 
+# Node ``id`` -> what each picker element carrying its id shows, and what its node's picker holds: the
+# message of a wait_picture_ready that timed out.
+JS_PICKER_DIAGNOSIS = """(id) => {
+  const node = app.graph.getNodeById(id), picker = node?.headsegPicker;
+  const elements = [...document.querySelectorAll(`.headseg-picker[data-node-id='${id}']`)].map((e) => {
+    const f = e.querySelector('.headseg-frame'), i = e.querySelector('img.headseg-base'), m = e.querySelector('.headseg-message');
+    return {live: e === picker?.root, dead: e.dataset.dead ?? null, connected: e.isConnected,
+            frame: f ? [getComputedStyle(f).display, Math.round(f.getBoundingClientRect().width)] : null,
+            img: i ? [i.getAttribute('src'), i.complete, i.naturalWidth] : null,
+            message: m && getComputedStyle(m).display !== 'none' ? m.textContent : null};
+  });
+  return {node: !!node, picker: !!picker, rootConnected: picker?.root.isConnected ?? null,
+          hasOutput: !!picker?.output, lostRun: picker?.lostRun ?? null, src: picker?.src ?? null,
+          stored: Object.keys(app.nodeOutputs ?? {}).includes(String(id)), elements};
+}"""
+
+
 def wait_picture_ready(page, node_id, timeout=30_000):
-    page.wait_for_function(
-        """(sel) => { const f = document.querySelector(sel + ' .headseg-frame');
-                      const i = document.querySelector(sel + ' img.headseg-base');
-                      return f && i && i.complete && i.naturalWidth > 0 && getComputedStyle(f).display !== 'none'
-                             && f.getBoundingClientRect().width > 20; }""",
-        arg=picker_selector(node_id),
-        timeout=timeout,
-    )
+    """Waits until node ``node_id``'s picker shows a loaded picture; on a timeout, the error says what each
+    of its picker elements showed."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+    try:
+        page.wait_for_function(
+            """(sel) => { const f = document.querySelector(sel + ' .headseg-frame');
+                          const i = document.querySelector(sel + ' img.headseg-base');
+                          return f && i && i.complete && i.naturalWidth > 0 && getComputedStyle(f).display !== 'none'
+                                 && f.getBoundingClientRect().width > 20; }""",
+            arg=picker_selector(node_id),
+            timeout=timeout,
+        )
+    except PlaywrightTimeoutError as error:
+        raise AssertionError(f"no picture shown by node {node_id}'s picker: {page.evaluate(JS_PICKER_DIAGNOSIS, node_id)}") from error
     page.wait_for_timeout(300)  # DOM widget positions follow the canvas on the next frames
 
 
+# (id, output): keeps UI payload ``output`` of node ``id`` as ComfyUI keeps that of a run queued from the open
+# workflow: in app.nodeOutputs, and in the outputs the workflow's change tracker keeps once it has any (undo hands
+# those back as app.nodeOutputs).
+JS_KEEP_OUTPUT = """(id, output) => { app.nodeOutputs[String(id)] = output;
+  const kept = app.extensionManager.workflow.activeWorkflow?.changeTracker?.nodeOutputs;
+  if (kept) kept[String(id)] = output; }"""
+
+
 def add_merge_with_note(page, text: str, pos) -> int:
-    """Adds a Mask Merge node as if it had run: ComfyUI keeps its output {text: [text]} and the node has
-    been told of it (its note line shows text) -> its id."""
+    """Adds a Mask Merge node as if it had run: ComfyUI keeps its output {text: [text]} (JS_KEEP_OUTPUT) and the
+    node has been told of it (its note line shows text) -> its id."""
     return page.evaluate(
-        """([text, pos]) => { const m = LiteGraph.createNode('HeadSeg_MaskMerge'); m.pos = pos; app.graph.add(m);
-                              const out = {text: [text]};
-                              app.nodeOutputs[String(m.id)] = out; m.onExecuted(out); return m.id; }""",
+        f"""([text, pos]) => {{ const m = LiteGraph.createNode('HeadSeg_MaskMerge'); m.pos = pos; app.graph.add(m);
+                              const out = {{text: [text]}};
+                              ({JS_KEEP_OUTPUT})(m.id, out); m.onExecuted(out); return m.id; }}""",
         [text, list(pos)],
     )
 
@@ -404,7 +436,7 @@ def synthetic_run(
     page, node_id, name, size, pixel, masks=2, index=0, stored=True, asked=None, points=None, picture_size=None
 ):
     """Feeds the picker the payload of a run (two masks of the coded picture), as ComfyUI does after
-    executing the node; with ``stored`` also keeps it in app.nodeOutputs, as ComfyUI does. ``asked``:
+    executing the node; with ``stored`` also keeps it as ComfyUI does (JS_KEEP_OUTPUT). ``asked``:
     the x / y the run was given, when the node mapped them onto the masks' grid. ``points``: (the
     more_points text the run was given, its pixels used [[x, y, 1 or 0], ...]). ``picture_size``: [w, h] of the
     image connected to the run (else none was)."""
@@ -414,8 +446,8 @@ def synthetic_run(
     if picture_size is not None:
         payload.update(headseg_picture_size=list(picture_size))
     page.evaluate(
-        """([id, payload, stored]) => { if (stored) app.nodeOutputs[String(id)] = payload;
-                                        app.graph.getNodeById(id).onExecuted(payload); }""",
+        f"""([id, payload, stored]) => {{ if (stored) ({JS_KEEP_OUTPUT})(id, payload);
+                                         app.graph.getNodeById(id).onExecuted(payload); }}""",
         [node_id, payload, stored],
     )
     wait_picture_ready(page, node_id)

@@ -12,6 +12,7 @@ import pytest
 
 from headseg.tests.browser.helpers import (
     JS_CHECK_STATE,
+    JS_KEEP_OUTPUT,
     JS_OPEN_SUBGRAPH_PICKER,
     JS_OWN_WIDGETS,
     JS_TO_SUBGRAPH,
@@ -497,7 +498,7 @@ def test_a_run_is_known_by_its_run_id_not_by_its_whole_payload(comfy_page, pictu
     assert max(len(key) for key in firsts[:3]) < 3 * len(run_id) + 8, firsts[:3]  # ... kept as its run id
     # and the picker takes such a run, and a copy of it as the same run (it keeps its thumbnails on redraws)
     page.evaluate(
-        """([id, payload]) => { app.nodeOutputs[String(id)] = payload; app.graph.getNodeById(id).onExecuted(payload); }""",
+        f"""([id, payload]) => {{ ({JS_KEEP_OUTPUT})(id, payload); app.graph.getNodeById(id).onExecuted(payload); }}""",
         [node_id, payload],
     )
     page.evaluate(JS_KEEP_A_COPY_OF_THE_RUN, node_id)

@@ -4,9 +4,11 @@ renderer), when its node leaves the workflow, and for the throwaway copy of a co
 
 from __future__ import annotations
 
+import pytest
 
 from headseg.tests.browser.helpers import (
     JS_CHECK_STATE,
+    JS_KEEP_OUTPUT,
     JS_OPEN_SUBGRAPH_PICKER,
     JS_TO_SUBGRAPH,
     JS_WIDGETS,
@@ -26,12 +28,17 @@ from headseg.tests.browser.helpers import (
 )
 
 
-def test_picker_comes_back_when_the_node_is_rebuilt(comfy_page, pictures):
+@pytest.mark.parametrize("earlier_run", [False, True], ids=["first-run", "after-a-run-of-another-node"])
+def test_picker_comes_back_when_the_node_is_rebuilt(comfy_page, pictures, earlier_run):
     """Undo rebuilds the nodes from the saved graph (loadGraphData without clearing outputs): the
     picker restores its last run from the outputs ComfyUI keeps, as ComfyUI's own previews do,
-    instead of going blank."""
+    instead of going blank. Also once the workflow queued a run before (``earlier_run``): its change tracker
+    then keeps the outputs of its runs, and undo hands those back as app.nodeOutputs."""
     name, W, H = pictures["landscape"]
     page = comfy_page.page
+    if earlier_run:
+        page.evaluate("() => { app.extensionManager.workflow.activeWorkflow.changeTracker.nodeOutputs = "
+                      "{'99': {text: ['an earlier run of a node since deleted']}}; }")
     node_id = add_picker(page)
     synthetic_run(page, node_id, name, (W, H), (0, 0))
     sel = picker_selector(node_id)
@@ -266,7 +273,7 @@ JS_LOST_RUN = """([id, size]) => { const ref = {filename: 'headseg_gone_00001_.p
   const payload = {headseg_image: [ref], headseg_size: size, headseg_pixel: [1, 1], headseg_pixel_asked: [1, 1],
                    headseg_index: [0], headseg_masks: [ref, ref],
                    headseg_mask_info: [{area: 10, k: 2, cluster: 0}, {area: 20, k: 2, cluster: 1}]};
-  app.nodeOutputs[String(id)] = payload; app.graph.getNodeById(id).onExecuted(payload); }"""
+  (KEEP)(id, payload); app.graph.getNodeById(id).onExecuted(payload); }""".replace("KEEP", JS_KEEP_OUTPUT)
 
 JS_PICKER_STATE = """(sel) => { const root = document.querySelector(sel);
   const img = root.querySelector('img.headseg-base'); const msg = root.querySelector('.headseg-message');
