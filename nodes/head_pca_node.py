@@ -168,12 +168,20 @@ class HeadPCA(io.ComfyNode):
             raise ValueError(f"{exc}; layer(s) {', '.join(skipped)} were not recorded in this run: see the log") from None
         have = _recorded_levels(rec, pos)
         missing = [] if lv is None else sorted(set(lv) - set(have))  # e.g. '0,1' on SDXL: level 0 has none
+        make = outputs_to_make(cls, "HeadSeg_HeadPCA")  # the picture is shown either way; made whole only when read
         height, width = core_preview.pca_rgb_grid_size(selected.layers, selected.image_size)
+        # pca_rgb unread: only the picture the node shows is drawn (every step-th pixel of a long one)
+        step = 1 if "pca_rgb" in make else _preview_step(height, width)
+        drawn_height, drawn_width = core_preview.pca_rgb_grid_size(selected.layers, selected.image_size, step=step)
+        picture = (
+            f"pca_rgb, their picture ({width}x{height} pixels)" if "pca_rgb" in make
+            else f"the picture of them the node shows ({drawn_width}x{drawn_height} pixels; no node reads pca_rgb)"
+        )
         _check_memory(  # before the PCA: a recording file can hold any number of heads (a model's: 1300 at most)
-            core_pca.recording_pca_bytes(selected, components) + pca_rgb_bytes(selected),
+            core_pca.recording_pca_bytes(selected, components) + pca_rgb_bytes(selected, step),
             "recording",
             f"the {components} principal components of the {selected.num_heads} selected heads in "
-            f"{len(selected.layers)} layer(s) and pca_rgb, their picture ({width}x{height} pixels),",
+            f"{len(selected.layers)} layer(s) and {picture},",
             "Select fewer layers with positions / levels, or check the recording file: a model's have at most a "
             "few dozen heads per layer",
         )
@@ -191,7 +199,7 @@ class HeadPCA(io.ComfyNode):
                 f"levels (it is a '{key.position}' layer at level {rec.grid_level(key)}), or sample with ComfyUI's "
                 "--force-upcast-attention or a bfloat16 / float32 UNet"
             ) from None
-        grid = core_preview.pca_rgb_grid(features, batch_index=0)  # [1, rows*th, cols*tw, 3]
+        grid = core_preview.pca_rgb_grid(features, batch_index=0, step=step)  # [1, rows*th, cols*tw, 3] (/ step)
         summary = {
             "recorded_heads": rec.num_heads,
             "recorded_layers": len(rec.layers),
@@ -215,23 +223,30 @@ class HeadPCA(io.ComfyNode):
             note = f"layer(s) {', '.join(skipped)} not recorded in this run (see the log): their heads are left out"
             text += "; " + note
             log.warning("HeadSeg Head PCA: %s", note)
-        ui = {"images": preview_refs(_pca_preview(grid)), "text": [text], "headseg_summary": [summary]}
-        make = outputs_to_make(cls, "HeadSeg_HeadPCA")  # the picture is shown either way; kept only when read
+        shown = _pca_preview(grid) if "pca_rgb" in make else grid  # unread: drawn as it is shown
+        ui = {"images": preview_refs(shown), "text": [text], "headseg_summary": [summary]}
         return io.NodeOutput(features, grid if "pca_rgb" in make else None, ui=ui)
 
 
-def pca_rgb_bytes(rec) -> int:
+def pca_rgb_bytes(rec, step: int = 1) -> int:
     """Bytes Head PCA allocates for its pca_rgb picture of the layers of ``rec`` (a Recording or HeadFeatures),
-    an upper estimate: the picture [1, height, width, 3] float32 (12 bytes per pixel), six times the largest
-    layer drawn, as RGB float32 tiles or on its token grid, whichever is larger (its components as float32,
-    their normalisation's temporaries; the tiles and their copy into the row), and 1 MiB (indices). Against
-    every tensor allocated (tests/support/peak_memory.py): 1.19 x the picture for 16 SD2.1-like layers at
-    512x512 (estimate 1.46 x), 1.13 x for 60 SDXL-like layers at 1024x1024 (1.22 x), 3.0 x for one layer of
-    3000 heads (7.0 x)."""
+    drawn at every ``step``-th pixel (pca_rgb_grid's step; 1: all of it), an upper estimate: the picture
+    [1, height, width, 3] float32 (12 bytes per pixel drawn), six times the largest layer drawn, as the RGB
+    float32 pixels of its row of tiles drawn or on its token grid, whichever is larger (its components as
+    float32, their normalisation's temporaries; the tiles and their copy into the row), and 1 MiB (indices).
+    Against every tensor allocated (tests/support/peak_memory.py): 1.19 x the picture for 16 SD2.1-like layers
+    at 512x512 (estimate 1.46 x), 1.13 x for 60 SDXL-like layers at 1024x1024 (1.22 x), 3.0 x for one layer of
+    3000 heads (7.0 x); at every 2nd pixel, as the node shows SDXL's grid, 1.10 x the pixels drawn (1.27 x)."""
     height, width = core_preview.pca_rgb_grid_size(rec.layers, rec.image_size)
-    tile = (height // len(rec.layers)) * (width // max(int(t.shape[1]) for t in rec.layers.values()))  # th * tw
-    row = max(int(t.shape[1]) * max(tile, int(t.shape[2]) * int(t.shape[3])) for t in rec.layers.values())
-    return 12 * height * width + 6 * 12 * row + 2**20
+    th, tw = height // len(rec.layers), width // max(int(t.shape[1]) for t in rec.layers.values())  # a tile
+    drawn_height, drawn_width = core_preview.pca_rgb_grid_size(rec.layers, rec.image_size, step=step)
+
+    def layer(t) -> int:  # pixels of the layer's row of tiles drawn, or its heads' tokens
+        heads, h, w = (int(n) for n in t.shape[1:4])
+        return max(math.ceil(th / step) * math.ceil(heads * tw / step), heads * h * w)
+
+    row = max(layer(t) for t in rec.layers.values())
+    return 12 * drawn_height * drawn_width + 6 * 12 * row + 2**20
 
 
 # Head PCA's preview PNG has at most this many pixels on its longer side; the pca_rgb output keeps every
@@ -240,11 +255,18 @@ def pca_rgb_bytes(rec) -> int:
 _PCA_PREVIEW_SIDE = 2048
 
 
+def _preview_step(height: int, width: int) -> int:
+    """f: the node shows a pca_rgb picture of height x width pixels at every f-th row and column, the smallest
+    integer that brings the longer side to at most _PCA_PREVIEW_SIDE (1 when it fits)."""
+    return math.ceil(max(height, width) / _PCA_PREVIEW_SIDE)
+
+
 def _pca_preview(grid: torch.Tensor) -> torch.Tensor:
     """pca_rgb [1, H, W, 3] -> the picture the node shows, [1, ceil(H / f), ceil(W / f), 3]: every f-th row and
-    column from the first (nearest, so token cells stay sharp), f the smallest integer that brings the longer
-    side to at most _PCA_PREVIEW_SIDE; the grid itself (f = 1) when it fits."""
-    f = math.ceil(max(grid.shape[1:3]) / _PCA_PREVIEW_SIDE)
+    column from the first (nearest, so token cells stay sharp), f = _preview_step(H, W); the grid itself (f = 1)
+    when it fits. With pca_rgb unread the node draws only these pixels (pca_rgb_grid's step)."""
+    _, H, W, _ = grid.shape
+    f = _preview_step(H, W)
     return grid if f == 1 else grid[:, ::f, ::f]  # a view
 
 

@@ -13,7 +13,7 @@ from .masks import MaskSet, check_label_map
 from .numerics import all_finite
 from .pca import HeadFeatures
 from .recording import MAX_IMAGE_SIDE, check_size
-from .upsample import upsample
+from .upsample import nearest_index, upsample
 from .values import check_batch_index, is_int, is_real
 
 # 20 well-separated colours (RGB 0..255); beyond them, colours come from golden-ratio hues.
@@ -95,39 +95,56 @@ def _tile_size(image_size, cell: int) -> tuple[int, int]:
     return (cell, max(1, round(cell * W / H))) if H >= W else (max(1, round(cell * H / W)), cell)
 
 
-def pca_rgb_grid_size(layers: dict, image_size, cell: int = 64) -> tuple[int, int]:
+def _check_step(step) -> int:
+    if not is_int(step) or step < 1:
+        raise ValueError(f"step must be an int >= 1 (every step-th pixel of the picture drawn), got {step!r}")
+    return int(step)
+
+
+def pca_rgb_grid_size(layers: dict, image_size, cell: int = 64, step: int = 1) -> tuple[int, int]:
     """(height, width) in pixels of the picture pca_rgb_grid draws of ``layers`` ({key: [B, heads, h, w, c]},
     a HeadFeatures' or the Recording's they come from) of an image of ``image_size``: a row of tiles per layer,
-    as many tiles as the most heads of a layer. Nothing is drawn: a caller can check the memory first."""
+    as many tiles as the most heads of a layer; with ``step``, of its every step-th row and column (the sides
+    divided by step, rounded up). Nothing is drawn: a caller can check the memory first."""
     if not layers:
         raise ValueError("features: no layer to draw")
+    step = _check_step(step)
     th, tw = _tile_size(image_size, _check_cell(cell))
-    return len(layers) * th, max(int(t.shape[1]) for t in layers.values()) * tw
+    height, width = len(layers) * th, max(int(t.shape[1]) for t in layers.values()) * tw
+    return -(-height // step), -(-width // step)
 
 
-def pca_rgb_grid(features: HeadFeatures, batch_index: int = 0, cell: int = 64) -> torch.Tensor:
+def pca_rgb_grid(features: HeadFeatures, batch_index: int = 0, cell: int = 64, step: int = 1) -> torch.Tensor:
     """HeadFeatures -> [1, rows*th, cols*tw, 3]: components 1-3 of each head as RGB (paper fig. 3).
 
     One row per layer in UNet order, one th x tw tile per head with the image's aspect ratio and
     ``cell`` pixels on its longer side (nearest upsampling, so token cells stay visible); rows shorter
     than the widest layer are padded with black. Each channel is min-max normalised per head; a head
     with fewer than 3 components repeats (c=1) or pads (c=2).
+
+    step: only every step-th row and column of that picture, from the first, is drawn: [1, ceil(rows*th /
+    step), ceil(cols*tw / step), 3], the very pixels of the whole picture's [:, ::step, ::step] (a smaller
+    picture to show), without drawing the rest.
     """
     if not isinstance(features, HeadFeatures):
         raise TypeError(f"features must be HeadFeatures, got {type(features).__name__}")
     if not features.layers:
         raise ValueError("features: no layer to draw")
     cell = _check_cell(cell)
+    step = _check_step(step)
     check_batch_index(batch_index, features.checked_batch_size())
     for key, t in features.layers.items():
         if not all_finite(t[batch_index]):
             raise ValueError(f"features: layer {key!s} contains NaN or inf values")
-    height, width = pca_rgb_grid_size(features.layers, features.image_size, cell)  # rows * th, cols * tw
+    height, width = pca_rgb_grid_size(features.layers, features.image_size, cell, step)  # (rows*th, cols*tw) / step
     th, tw = _tile_size(features.image_size, cell)
     device = next(iter(features.layers.values())).device
     canvas = torch.zeros(height, width, 3, dtype=torch.float32, device=device)
     for r, t in enumerate(features.layers.values()):
         heads, h, w, c = t.shape[1:]
+        first = -(r * th) % step  # the first row of the layer's tiles that is drawn
+        if first >= th:
+            continue  # no row of this layer is drawn
         x = t[batch_index].detach().to(torch.float32).permute(0, 3, 1, 2)  # [heads, c, h, w]
         if c >= 3:
             x = x[:, :3]  # [heads, 3, h, w]
@@ -138,10 +155,20 @@ def pca_rgb_grid(features: HeadFeatures, batch_index: int = 0, cell: int = 64) -
         x = _normalise_channels(x)
         if c == 2:
             x[:, 2] = 0.0
-        tiles = upsample(x, (th, tw), "nearest")  # [heads, 3, th, tw]
-        row = tiles.permute(2, 0, 3, 1).reshape(th, heads * tw, 3)  # [th, heads, tw, 3] -> [th, heads*tw, 3]
-        canvas[r * th : (r + 1) * th, : heads * tw] = row
-    return canvas.clamp_(0.0, 1.0)[None]  # [1, rows*th, cols*tw, 3]
+        if step == 1:
+            tiles = upsample(x, (th, tw), "nearest")  # [heads, 3, th, tw]
+            row = tiles.permute(2, 0, 3, 1).reshape(th, heads * tw, 3)  # [th, heads, tw, 3] -> [th, heads*tw, 3]
+            canvas[r * th : (r + 1) * th, : heads * tw] = row
+            continue
+        # the drawn pixels of the row of tiles, each read from the token grid where nearest upsampling reads it
+        rows = torch.arange(first, th, step)  # [Y] rows of the tiles drawn
+        columns = torch.arange(0, heads * tw, step)  # [X] columns of the row drawn
+        token_rows = nearest_index(h, th)[rows].to(device)  # [Y]
+        token_columns = nearest_index(w, tw)[columns % tw].to(device)  # [X]
+        head = (columns // tw).to(device)  # [X]
+        top = (r * th + first) // step  # the canvas row of the tiles' row ``first``
+        canvas[top : top + len(rows), : len(columns)] = x[head, :, token_rows[:, None], token_columns]  # [Y, X, 3]
+    return canvas.clamp_(0.0, 1.0)[None]  # [1, rows*th, cols*tw, 3] (sides / step, rounded up)
 
 
 def overlay_masks(image: torch.Tensor | None, masks: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:

@@ -10,9 +10,11 @@ peak extra memory of each node, and the size of every node's outputs, which Comf
 cache until the inputs change: all of them (as in a prompt queued past the server's hook, or a node run
 outside ComfyUI) and, run once more as in a prompt queued to the server, those the chain reads (each node's
 first output, and Mask Select's mask, as an inpainting pass reads it): outputs no node reads are not kept
-(nodes/output_links.py). "core" is segment()'s stages alone (bench_core.py's total) at the
-same size, measured in the same run: the ratio (without Upsampling Error Map, a stage the core does not
-run) is what the nodes add (pictures, PNGs, MASK copies).
+(nodes/output_links.py). Head PCA is timed in that prompt too, with its peak extra memory: no node reads its
+pca_rgb picture there; and, one run after the other, with a Preview Image reading pca_rgb. "core" is
+segment()'s stages alone (bench_core.py's total) at the same size, measured in the same run: the ratio
+(without Upsampling Error Map, a stage the core does not run) is what the nodes add (pictures, PNGs, MASK
+copies).
 Each chain is a new image (Mask Select writes its picture's PNG); "a click" is Mask Select run again
 at another pixel of the same image, as when the user clicks the picker, timed after each chain, and
 "another index" Mask Select run once more at that pixel with the next index, as when the user picks
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import copy
 import dataclasses
 import os
 import pathlib
@@ -187,6 +190,27 @@ def main():
         out = in_prompt(chain_prompt, name, cls, lambda c: call(c, values))
         kept.append(out.args)
         read_sizes[name] = output_bytes(out.args, seen) / 1e6
+    # Head PCA as ComfyUI runs it in that prompt, where no node reads pca_rgb, and in one where a Preview Image
+    # reads it, one after the other (the same load on both): timed, and their peaks
+    from headseg.nodes.output_links import annotate
+
+    read_prompt = copy.deepcopy(chain_prompt)
+    read_prompt["pca_rgb preview"] = {"class_type": "PreviewImage", "inputs": {"images": ["Head PCA", 1]}}
+    annotate(read_prompt)
+    pca_name, pca_cls, pca_call, _ = steps[0]
+    pca_runs = {"unread": chain_prompt, "read": read_prompt}
+    pca_times, pca_peaks = {name: [] for name in pca_runs}, {}
+    for _ in range(args.repeats):
+        for name, prompt in pca_runs.items():
+            node_utils._saved_previews.clear()
+            start = time.perf_counter()
+            in_prompt(prompt, pca_name, pca_cls, lambda c: pca_call(c, {}))
+            pca_times[name].append(time.perf_counter() - start)
+    for name, prompt in pca_runs.items():
+        node_utils._saved_previews.clear()
+        with bench_core.PeakRSS() as rss:
+            in_prompt(prompt, pca_name, pca_cls, lambda c: pca_call(c, {}))
+        pca_peaks[name] = rss.extra_mb
 
     where = f", Head PCA and Multi K-Means on {torch.cuda.get_device_name()}" if args.device == "gpu" else ""
     print(f"# {args.layout}, {W}x{H} px, batch {B}, k = {KS}, torch {torch.__version__}, {args.threads} threads{where}")
@@ -200,6 +224,8 @@ def main():
     core_total = statistics.median(core)
     print(f"| **all nodes** | **{total:.3f}** | | **{sum(sizes.values()):.0f}** | **{sum(read_sizes.values()):.0f}** |")
     print(f"| core alone (segment's stages, same run) | {core_total:.3f} | | |")
+    for name, what in (("unread", "no node reads `pca_rgb`"), ("read", "a Preview Image reads `pca_rgb`")):
+        print(f"| Head PCA queued, {what} | {statistics.median(pca_times[name]):.3f} | {pca_peaks[name]:.0f} | | |")
     print(f"| Mask Select At Pixel again, another pixel (a click) | {statistics.median(clicks):.3f} | | |")
     print(f"| Mask Select At Pixel again, the same pixel, another index | {statistics.median(indices):.3f} | | |")
     # the core computes no error map: the ratio leaves it out, so that it is what the nodes add to the same stages

@@ -14,6 +14,7 @@ from headseg.nodes.core.preview import (
     overlay_masks,
     palette,
     pca_rgb_grid,
+    pca_rgb_grid_size,
 )
 from headseg.nodes.core.recording import LayerKey
 
@@ -134,6 +135,31 @@ def test_pca_rgb_grid_bad_input():
         feats = dataclasses.replace(planted_features(), image_size=size)
         with pytest.raises(ValueError, match=r"^features\.image_size must be \(height, width\) in pixels, two positive ints"):
             pca_rgb_grid(feats)
+
+
+@pytest.mark.parametrize("layout", ["sd21", "sdxl"])
+@pytest.mark.parametrize("image_size", [(32, 32), (40, 24), (24, 56)])
+def test_pca_rgb_grid_at_every_step_th_pixel_is_the_whole_pictures_every_step_th_pixel(layout, image_size):
+    """With step, pca_rgb_grid draws only the pixels a caller shows of a long picture (Head PCA with pca_rgb
+    unread: SDXL's 3840 x 1280 grid at every 2nd pixel): they must be the very pixels of the whole picture at
+    [:, ::step, ::step], for tiles of either aspect, layers whose tiles start anywhere on the step's lattice,
+    one to three components, and steps past a tile's side or the picture's."""
+    from headseg.nodes.core.pca import recording_pca
+    from headseg.tests.core.planted import planted_recording, sd21_layout, sdxl_layout, split_scene
+
+    layers = sdxl_layout() if layout == "sdxl" else sd21_layout()
+    rec = planted_recording(split_scene(*image_size, cut_sizes=(2, 5), seed=1), layers, d=6, seed=2)
+    for c in (1, 2, 3):
+        feats = recording_pca(rec.select(positions=("down", "up")), c)
+        whole = pca_rgb_grid(feats)  # [1, rows*th, cols*tw, 3]
+        for step in (2, 3, 7, 64, 100, 5000):
+            drawn = pca_rgb_grid(feats, step=step)
+            assert drawn.shape[1:3] == pca_rgb_grid_size(feats.layers, feats.image_size, step=step)
+            assert torch.equal(drawn, whole[:, ::step, ::step]), (c, step)
+    assert torch.equal(pca_rgb_grid(feats, step=1), whole)
+    for bad in (0, -2, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=r"^step must be an int >= 1"):
+            pca_rgb_grid(feats, step=bad)
 
 
 def test_overlay_masks_blends_inside_only():

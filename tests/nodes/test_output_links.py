@@ -101,7 +101,8 @@ def test_the_hook_leaves_a_node_whose_class_type_is_not_text_to_comfyuis_validat
 @pytest.fixture()
 def executor(monkeypatch, nodes):
     """ComfyUI's own executor and cache, with HeadSeg's chain and two test nodes: the planted recording as a
-    source, and a reader that takes any value (and remembers it by node id)."""
+    source (``executor.recording``: a test may set another before its first prompt), and a reader that takes
+    any value (and remembers it by node id)."""
     import nodes as comfy_nodes
 
     from headseg.tests.support.comfy_in_process import quiet_executor
@@ -119,7 +120,7 @@ def executor(monkeypatch, nodes):
             return {"required": {}}
 
         def run(self):
-            return (recording,)
+            return (run.recording,)  # the executor's, as the test left it
 
     class Reader:
         RETURN_TYPES = ()
@@ -298,3 +299,45 @@ def test_multi_kmeans_note_names_the_colour_maps_output_as_holding_every_image_o
     (read,) = executor.history_result["outputs"][KMEANS]["text"]
     assert "the colour_maps output holds all 1" in read
     assert executor.seen[reader].shape[0] == 3  # as the note says: the one image for each of the 3 k
+
+
+@pytest.mark.parametrize("layout, step", [("sd21", 1), ("sdxl", 2)])
+def test_head_pca_with_pca_rgb_unread_draws_only_the_picture_it_shows(executor, monkeypatch, layout, step):
+    """With pca_rgb unread, Head PCA drew the whole pca_rgb picture (SDXL's 60 layers of down+up: 3840 x 1280,
+    59 MB), showed every 2nd pixel of it and dropped it. It draws only the picture it shows, the same pixels as
+    that of the whole picture (which a prompt reading pca_rgb gets, and sees shown as before), and its memory
+    check counts only those pixels. SD2.1's 960 x 1280 grid is shown whole, so drawn whole either way."""
+    from headseg.nodes import head_pca_node
+    from headseg.nodes.core import preview as core_preview
+    from headseg.tests.core.planted import sd21_layout, sdxl_layout
+
+    layers = sdxl_layout() if layout == "sdxl" else sd21_layout()
+    executor.recording = planted_recording(nested_scene(32, 32), layers, d=8, noise=0.5, seed=0)
+    checks = memory_checks(monkeypatch, head_pca_node, "_check_memory")
+    drawn, shown = [], []
+    draw, show = core_preview.pca_rgb_grid, head_pca_node.preview_refs
+    monkeypatch.setattr(core_preview, "pca_rgb_grid", lambda *a, **kw: drawn.append(draw(*a, **kw)) or drawn[-1])
+    monkeypatch.setattr(head_pca_node, "preview_refs", lambda images, *a: shown.append(images) or show(images, *a))
+    prompt = {
+        "2": {"class_type": "HeadSegTest_Recording", "inputs": {}},
+        PCA: chain_prompt()[PCA],
+        "r0": {"class_type": "HeadSegTest_Reader", "inputs": {"value": [PCA, 0]}},
+    }
+    kept = execute(executor, queued(prompt), ["r0"], "p1")
+    assert kept[PCA][1] == [None]
+    (unread_picture,), (unread_shown,), ((unread_need, unread_what),) = drawn, shown, checks
+
+    drawn.clear(), shown.clear(), checks.clear()
+    prompt["r1"] = {"class_type": "HeadSegTest_Reader", "inputs": {"value": [PCA, 1]}}
+    execute(executor, queued(prompt), ["r0", "r1"], "p2")
+    whole = executor.seen["r1"]  # [1, H, W, 3]: pca_rgb, every pixel
+    (read_shown,), ((read_need, read_what),) = shown, checks
+    _, H, W, _ = whole.shape
+    assert (H, W) == ((3840, 1280) if layout == "sdxl" else (960, 1280))
+    assert torch.equal(read_shown, whole[:, ::step, ::step])  # what the node shows, as before
+    assert torch.equal(unread_shown, read_shown)  # pixel for pixel, whether pca_rgb is read or not
+    assert unread_picture.shape == unread_shown.shape  # the one picture drawn: the one shown
+    assert read_need - unread_need >= 12 * (H * W - unread_shown[0, ..., 0].numel())
+    assert f"pca_rgb, their picture ({W}x{H} pixels)" in read_what
+    h, w = unread_shown.shape[1:3]
+    assert f"the picture of them the node shows ({w}x{h} pixels; no node reads pca_rgb)" in unread_what

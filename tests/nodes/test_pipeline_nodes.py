@@ -1148,6 +1148,36 @@ def test_head_pca_refuses_a_picture_of_more_heads_than_fit_in_free_memory(nodes,
         assert mem.peak <= head_pca_node.pca_rgb_bytes(r), (mem.peak, head_pca_node.pca_rgb_bytes(r))
 
 
+def test_head_pca_picture_estimate_at_every_step_th_pixel_counts_only_the_pixels_drawn(nodes):
+    """With pca_rgb unread Head PCA draws only the picture it shows (every f-th pixel of a long grid), and its
+    memory check counts pca_rgb_bytes(rec, f): that bounds what pca_rgb_grid allocates at that step, and counts
+    the pixels drawn, not the whole picture's (it counted SDXL's 3840 x 1280 grid, 59 MB, where 15 MB are
+    drawn)."""
+    from headseg.nodes import head_pca_node
+    from headseg.nodes.core import pca as core_pca
+    from headseg.nodes.core import preview as core_preview
+    from headseg.nodes.core.recording import LayerKey
+    from headseg.tests.core.planted import sd21_layout, sdxl_layout
+    from headseg.tests.support.peak_memory import PeakBytes
+
+    wide = {LayerKey("input", 1, 0): torch.randn(1, 3000, 2, 3, 2, generator=torch.Generator().manual_seed(0))}
+    recordings = [
+        planted_recording([nested_scene(64, 64)], layout, d=4).select(positions=("down", "up"))
+        for layout in (sd21_layout(), sdxl_layout())
+    ] + [Recording(wide, (16, 24))]  # one layer of 3000 heads: 43 x 192 000 pixels
+    for rec in recordings:
+        feats = core_pca.recording_pca(rec, 2)
+        height, width = core_preview.pca_rgb_grid_size(rec.layers, rec.image_size)
+        rest = head_pca_node.pca_rgb_bytes(rec) - 12 * height * width  # what is not the picture, drawn whole
+        for step in sorted({1, 2, head_pca_node._preview_step(height, width)}):
+            with PeakBytes() as mem:
+                drawn = core_preview.pca_rgb_grid(feats, step=step)
+            need = head_pca_node.pca_rgb_bytes(rec, step)
+            assert mem.peak <= need, (step, mem.peak, need)
+            assert need - 12 * drawn.shape[1] * drawn.shape[2] <= rest, (step, need)
+    assert head_pca_node._preview_step(height, width) == 94  # the wide one's: shown 1 x 2043 pixels
+
+
 class _BoolToFloatCopies:
     """A dispatch mode counting the ops that read a bool tensor and write float32 values (copy_, _to_copy):
     the slow way to turn masks into MASKs (torch converts their uint8 bytes about 1.3 - 1.4x as fast)."""
