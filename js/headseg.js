@@ -1,7 +1,8 @@
 // HeadSeg front end, the extension entry: registers "HeadSeg.Frontend" with ComfyUI and hooks each
 // HeadSeg node type up to the features of the modules beside it:
-//   picker_node.js, picker.js, picker_pixels.js, live_pickers.js  click-to-pick picture and mask
-//                           browser of HeadSeg_MaskSelectAtPixel
+//   picker_node.js, picker.js, picker_pixels.js, picture_clicks.js, pixel_marks.js, thumbnail_strip.js,
+//   upstream_preview.js, picker_runs.js, live_pickers.js
+//                           click-to-pick picture and mask browser of HeadSeg_MaskSelectAtPixel
 //   note_line.js            result line under the other HeadSeg nodes (the k of each colour map)
 //   error_map_migration.js  Upsample's former error_map output rewired after a graph loads (and in
 //                           prompts in API format opened here)

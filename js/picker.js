@@ -1,7 +1,10 @@
 // HeadSeg front end: the picker + mask browser of one HeadSeg_MaskSelectAtPixel node (class Picker):
 // the picture to click on, the cross on the chosen pixel, rings on the more_points pixels
-// (shift-click: in the masks, alt-click: not), an info line and a strip of mask thumbnails. The node type is hooked up to it in picker_node.js. Only exports: ComfyUI loads every
-// .js file here as an extension module.
+// (shift-click: in the masks, alt-click: not), an info line and a strip of mask thumbnails. The node type
+// is hooked up to it in picker_node.js. Its parts live beside it: picture_clicks.js (what a click on the
+// picture edits), pixel_marks.js (the cross, the rings, the info line's text), thumbnail_strip.js,
+// upstream_preview.js (the picture the node feeding 'image' shows) and picker_runs.js (which run is whose).
+// Only exports: ComfyUI loads every .js file here as an extension module.
 //
 // UI payload read from HeadSeg_MaskSelectAtPixel (every key optional, see js/docs):
 //   headseg_image     [ref]          picture the picker shows (any size, same aspect ratio)
@@ -29,13 +32,10 @@ import { app } from "../../scripts/app.js";
 import { el, fileUrl } from "./dom_helpers.js";
 import {
   executionId,
-  fromOtherWorkflow,
   inWorkflow,
-  inputOrigin,
   isLinked,
   outputKey,
   recordChange,
-  runKey,
   selectAlone,
   setWidget,
   storedOutput,
@@ -44,7 +44,27 @@ import {
 import { trackPicker } from "./live_pickers.js";
 import { noteOwnChange } from "./own_changes.js";
 import * as pixels from "./picker_pixels.js";
+import {
+  isLostRun,
+  knownRun,
+  noteLostRun,
+  noteRunUpstream,
+  otherWorkflowsRun,
+  ranInPrompt,
+  runUpstream,
+  shownWhenQueued,
+} from "./picker_runs.js";
+import { clickPixel } from "./picture_clicks.js";
+import { drawRings, infoText, placeMarker } from "./pixel_marks.js";
 import { addStyle } from "./styles.js";
+import { fillStrip, markChosen, revealChosen, scrollStrip } from "./thumbnail_strip.js";
+import {
+  previewFile,
+  upstreamFileNow,
+  upstreamNode,
+  upstreamPreview,
+  upstreamPreviewLoading,
+} from "./upstream_preview.js";
 
 const NO_IMAGE_TEXT =
   "No image yet: connect an image (e.g. Load Image) to 'image' or queue the workflow, then click here to pick a pixel.";
@@ -55,151 +75,6 @@ const LINKED_NO_PREVIEW_TEXT =
 
 // A picker whose node has been out of the workflow this long (ms) goes (see Picker.dropIfGone).
 const OUTSIDE_GRACE_MS = 1500;
-
-// A run is known by its run id, else its UI payload's content (runKey), not by the payload object: newer
-// frontends (1.58) keep a copy of each run's outputs, and hand out another copy after undo or a workflow tab
-// opened again.
-// Each run (key) -> the file the upstream node's preview showed beside it (previewFile; null until one is
-// known). Kept by run, not by picker: undo and a workflow tab opened again rebuild the node, and the rebuilt
-// picker gets the run back from the outputs ComfyUI keeps. The last RUNS_KEPT runs are kept.
-const RUN_UPSTREAM = new Map();
-// Runs whose picture the server no longer has (it was restarted): not restored when the node is rebuilt.
-const LOST_RUNS = new Map();
-const RUNS_KEPT = 1000;
-
-// Ids ("5", or "12:3" inside a subgraph) of the nodes whose 'executed' message came since the last
-// execution_start: the nodes that ran, or were served from the cache, in the prompt under way.
-const RAN = new Set();
-
-// Prompt id -> {shown: picker -> the upstream preview file it showed when the prompt was queued (null:
-// loading), workflow: the workflow open then}. A prompt can wait in the queue behind others: another picture
-// chosen upstream meanwhile is not the one it segments; and ComfyUI hands its runs to the nodes of the
-// workflow open when they end. In the order their ids came (Map order), each entry dropped when its prompt
-// ends, and those noted before a prompt queued at the back when it starts (they ran before it, or were taken
-// off the queue). Those past the last QUEUED_KEPT are dropped: more than one click's batch (ComfyUI's batch
-// count goes to 100), as the first of them are the next to run.
-const QUEUED_UPSTREAM = new Map();
-const QUEUED_KEPT = 1000;
-let promptUnderWay = null; // the id of the prompt under way (from its execution_start to its end)
-// A run (key) -> the workflows its prompts were queued from (where known when it came): a prompt served from
-// ComfyUI's cache hands over an earlier run again, the same content and headseg_run (e.g. a duplicate tab
-// queued with nothing changed), and that run is then each of these workflows' run.
-const RUN_WORKFLOW = new Map();
-
-/** Notes ``value`` for run ``key`` in ``map`` (RUN_UPSTREAM, LOST_RUNS, RUN_WORKFLOW) as its newest entry; the
- * oldest go past RUNS_KEPT. */
-function noteForRun(map, key, value) {
-  if (key === null) return;
-  map.delete(key);
-  map.set(key, value);
-  for (const old of map.keys()) {
-    if (map.size <= RUNS_KEPT) break;
-    map.delete(old);
-  }
-}
-
-/** Follows a prompt's messages (hooked up in picker_node.js): which prompt is under way and which nodes
- * ran in it. */
-export function noteRun(type, detail) {
-  if (type === "executed") {
-    for (const id of [detail?.node, detail?.display_node]) if (id != null) RAN.add(String(id));
-    return;
-  }
-  if (promptUnderWay !== null) QUEUED_UPSTREAM.delete(promptUnderWay);
-  promptUnderWay = null;
-  if (type === "execution_start") {
-    promptUnderWay = detail?.prompt_id == null ? null : String(detail.prompt_id);
-    RAN.clear();
-    if (QUEUED_UPSTREAM.get(promptUnderWay)?.back) {
-      for (const id of QUEUED_UPSTREAM.keys()) {
-        if (id === promptUnderWay) break;
-        QUEUED_UPSTREAM.delete(id);
-      }
-    }
-  }
-}
-
-/** The upstream preview files ``pickers`` show as a prompt is queued (picker_node.js: before it is sent). A
- * picker that cannot tell is left out (its run is matched as before, with the file shown at the start):
- * this runs inside ComfyUI's queueing, which must not fail for it. */
-export function upstreamAtQueue(pickers) {
-  const shown = new WeakMap();
-  for (const picker of pickers) {
-    try {
-      shown.set(picker, picker.upstreamFileNow());
-    } catch {
-      // left out
-    }
-  }
-  return shown;
-}
-
-/** Prompt ``promptId`` was queued from ``workflow`` with the upstream files ``shown`` (upstreamAtQueue), at
- * the back of the queue (``back``: not to the front, nor at a number of its own). */
-export function noteQueued(promptId, shown, workflow, back = false) {
-  if (promptId == null) return;
-  QUEUED_UPSTREAM.set(String(promptId), { shown, workflow, back });
-  for (const id of QUEUED_UPSTREAM.keys()) {
-    if (QUEUED_UPSTREAM.size <= QUEUED_KEPT) break;
-    QUEUED_UPSTREAM.delete(id);
-  }
-}
-
-/** Whether UI payload ``output`` is a run of a prompt queued from another workflow than the open one.
- * Known for the run of the prompt under way as its 'executed' message comes (``fromMessage``), from the
- * workflow open when that prompt was queued (each such workflow's, for a run served again from the cache), and
- * kept for the payload (which ComfyUI gives back to a node
- * rebuilt by undo); else from the change trackers (graph_helpers.js fromOtherWorkflow). */
-function otherWorkflowsRun(output, fromMessage) {
-  const key = runKey(output);
-  const queuedFrom = fromMessage ? QUEUED_UPSTREAM.get(promptUnderWay)?.workflow : null;
-  if (queuedFrom) noteForRun(RUN_WORKFLOW, key, new Set(RUN_WORKFLOW.get(key)).add(queuedFrom));
-  const workflows = RUN_WORKFLOW.get(key);
-  const open = app.extensionManager?.workflow?.activeWorkflow;
-  if (workflows && open) return !workflows.has(open);
-  return fromOtherWorkflow(output);
-}
-
-/** The file a preview URL shows: the URL without the random parameter ComfyUI adds to each new preview
- * of the same file (null for none). */
-function previewFile(src) {
-  if (!src) return null;
-  try {
-    const url = new URL(src, window.location.href);
-    url.searchParams.delete("rand");
-    url.searchParams.sort();
-    return url.href;
-  } catch {
-    return src;
-  }
-}
-
-/** Whether preview URL ``src`` shows server file ``ref`` ({filename, subfolder, type}). */
-function showsFile(src, ref) {
-  try {
-    const params = new URL(src, window.location.href).searchParams;
-    const same = (key) => (params.get(key) ?? "") === (typeof ref?.[key] === "string" ? ref[key] : "");
-    return typeof ref?.filename === "string" && same("filename") && same("subfolder") && same("type");
-  } catch {
-    return false;
-  }
-}
-
-// Kept output image ref -> its /view URL (storedPreviewUrl). ComfyUI keeps a new ref object for each
-// picture chosen (or run), so the URL, with its random parameter, stays the same until then.
-const STORED_PREVIEW_URLS = new WeakMap();
-
-/** The /view URL of kept output image ``ref`` ({filename, subfolder, type}; null when it is not one),
- * with a random parameter as ComfyUI gives each new preview: a file written again under the same name
- * is loaded anew, not taken from the browser's cache. */
-function storedPreviewUrl(ref) {
-  if (!ref || typeof ref !== "object") return null;
-  if (!STORED_PREVIEW_URLS.has(ref)) {
-    const url = fileUrl(ref);
-    STORED_PREVIEW_URLS.set(ref, url && url + (app.getRandParam?.() ?? ""));
-  }
-  return STORED_PREVIEW_URLS.get(ref);
-}
 
 /** The picker + mask browser of one HeadSeg_MaskSelectAtPixel node. */
 export class Picker {
@@ -284,7 +159,7 @@ export class Picker {
       this.setSource(own, pixels.sizePair(this.output?.headseg_size));
       return;
     }
-    const up = this.upstreamPreview();
+    const up = upstreamPreview(this.node);
     if (up) {
       this.setSource(up, null);
     } else if (!this.src) {
@@ -304,46 +179,12 @@ export class Picker {
   onImageError() {
     const out = this.output;
     if (out && this.src === this.runPicture()) {
-      noteForRun(LOST_RUNS, runKey(out), true);
+      noteLostRun(out);
       this.lostRun = true;
       this.dropOutdatedRun();
       return;
     }
     this.showMessage("Could not load the picture.");
-  }
-
-  /** The node that feeds ``image`` (through Reroute nodes and subgraph inputs), or null. */
-  upstreamNode() {
-    const node = this.node;
-    const slot = node.inputs?.findIndex((i) => i.name === "image") ?? -1;
-    return slot < 0 ? null : inputOrigin(node, slot);
-  }
-
-  /** The URL of the picture the upstream node shows (null for none). The classic canvas sets node.imgs
-   * when it draws the node; the Vue node renderer ("Nodes 2.0") never draws nodes on the canvas, so
-   * there node.imgs keeps the first preview (Load Image's first picture) and the node shows the pictures
-   * of its kept outputs instead (as the front end's getNodeImageUrls): while node.imgs shows none of
-   * them, the picker shows the chosen one of those. */
-  upstreamPreview() {
-    const origin = this.upstreamNode();
-    const img = origin?.imgs?.[origin.imageIndex ?? 0] ?? origin?.imgs?.[0];
-    const src = img?.src || null;
-    if (!origin || !globalThis.LiteGraph?.vueNodesMode) return src;
-    const images = storedOutput(origin)?.images;
-    if (!Array.isArray(images) || !images.length || (src && images.some((ref) => showsFile(src, ref)))) return src;
-    return storedPreviewUrl(images[origin.imageIndex ?? 0] ?? images[0]) ?? src;
-  }
-
-  /** Whether the upstream node's preview still shows a picture from before its latest outputs: ComfyUI
-   * keeps a run's outputs at once, but sets node.imgs only once their pictures have loaded (and the node
-   * is drawn: never while it is out of view), which is often after this node's own run reached the picker.
-   * In the Vue node renderer upstreamPreview shows the kept outputs themselves: never loading there. */
-  upstreamPreviewLoading() {
-    const origin = this.upstreamNode();
-    const images = origin ? storedOutput(origin)?.images : null;
-    if (!Array.isArray(images) || !images.length) return false; // a preview not from outputs: as it is shown
-    const src = this.upstreamPreview();
-    return !src || !images.some((ref) => showsFile(src, ref));
   }
 
   /** Shows picture ``src``, whose pixel grid is ``size`` (null: the picture's own). The grid is taken when
@@ -408,7 +249,7 @@ export class Picker {
 
   forwardWheel(e) {
     if (e.target?.closest?.(".headseg-strip")) {
-      this.scrollStrip(e);
+      scrollStrip(this.strip, e);
       return;
     }
     const canvas = app.canvas?.canvas;
@@ -418,20 +259,6 @@ export class Picker {
     canvas.dispatchEvent(new WheelEvent(e.type, e));
   }
 
-  /** The wheel over the thumbnail strip scrolls it sideways. A mouse wheel turns vertically, and the
-   * browser does not scroll a strip that only scrolls sideways for that: the thumbnails past the
-   * node's width could not be reached. A sideways turn (trackpad, shift + wheel) and a pinch (ctrl)
-   * are left to the browser. */
-  scrollStrip(e) {
-    if (e.ctrlKey || Math.abs(e.deltaX) >= Math.abs(e.deltaY)) return;
-    const strip = this.strip;
-    if (strip.scrollWidth <= strip.clientWidth) return;
-    e.preventDefault();
-    e.stopPropagation();
-    const unit = e.deltaMode === 1 ? 16 : e.deltaMode === 2 ? strip.clientWidth : 1; // lines, pages
-    strip.scrollLeft += e.deltaY * unit;
-  }
-
   onPointerDown(e) {
     if (e.button !== 0 || !this.size || this.loading) return;
     const p = pixels.clientToPixel(e.clientX, e.clientY, this.frame.getBoundingClientRect(), this.size);
@@ -439,28 +266,10 @@ export class Picker {
     e.preventDefault();
     e.stopPropagation();
     this.holdPress(e);
-    if (e.shiftKey || e.altKey) {
-      // a pixel the masks must also contain (shift) or must not contain (alt); on a ring: removed
-      const points = widget(this.node, "more_points");
-      if (!points || isLinked(this.node, "more_points")) {
-        this.setInfo("more_points comes from a link: shift / alt-clicks do not change it");
-        return;
-      }
-      const text = pixels.pointsText(this.node, this.output); // the pixels the rings show
-      setWidget(this.node, "more_points", pixels.togglePoint(text, p, !e.altKey, this.size));
-      this.sync(true);
-      recordChange();
+    const refused = clickPixel(this.node, this.output, p, this.size, e);
+    if (refused) {
+      this.setInfo(refused);
       return;
-    }
-    if (isLinked(this.node, "x") || isLinked(this.node, "y")) {
-      this.setInfo("x / y come from a link: clicks do not change them");
-      return;
-    }
-    setWidget(this.node, "x", p.x);
-    setWidget(this.node, "y", p.y);
-    // a plain click starts over: the pixels added by shift / alt-click went with the previous pick
-    if (widget(this.node, "more_points")?.value && !isLinked(this.node, "more_points")) {
-      setWidget(this.node, "more_points", "");
     }
     this.sync(true);
     recordChange(); // one undo step per pick (the pointerdown handled here sends no mouseup)
@@ -494,31 +303,10 @@ export class Picker {
     return pixels.currentPixel(this.node, this.output);
   }
 
+  /** The cross on the pixel the widgets ask for, the rings on the more_points pixels (pixel_marks.js). */
   updateMarker() {
-    this.updateRings();
-    const p = this.currentPixel();
-    if (!p || !this.size || p.x < 0 || p.y < 0 || p.x >= this.size[0] || p.y >= this.size[1]) {
-      this.marker.style.display = "none";
-      return;
-    }
-    this.marker.style.display = "block";
-    this.marker.style.left = `${((p.x + 0.5) / this.size[0]) * 100}%`;
-    this.marker.style.top = `${((p.y + 0.5) / this.size[1]) * 100}%`;
-  }
-
-  /** A ring on each more_points pixel inside the grid: green = in the masks, red = not. Of a text listing more
-   * pixels than the node takes, the first MAX_POINTS (the info line says so). */
-  updateRings() {
-    const size = this.size;
-    const inside = (q) => size && q.x >= 0 && q.y >= 0 && q.x < size[0] && q.y < size[1];
-    const points = pixels.currentPoints(this.node, this.output).slice(0, pixels.MAX_POINTS).filter(inside);
-    this.rings.replaceChildren();
-    for (const q of points) {
-      const ring = el("div", q.keep ? "headseg-ring" : "headseg-ring headseg-ring-out", this.rings);
-      ring.style.left = `${((q.x + 0.5) / size[0]) * 100}%`;
-      ring.style.top = `${((q.y + 0.5) / size[1]) * 100}%`;
-      ring.title = `${q.keep ? "in" : "not in"} the masks: ${q.x}, ${q.y}`;
-    }
+    drawRings(this.rings, this.node, this.output, this.size);
+    placeMarker(this.marker, this.currentPixel(), this.size);
   }
 
   /** Payload pixel differs from the widgets: thumbnails are for another pixel. */
@@ -527,29 +315,7 @@ export class Picker {
   }
 
   updateInfo() {
-    const p = this.currentPixel();
-    const parts = [];
-    if (p) parts.push(`x ${p.x}, y ${p.y}`);
-    const points = pixels.currentPoints(this.node, this.output);
-    const kept = points.filter((q) => q.keep).length;
-    if (kept) parts.push(`+${kept} in`);
-    if (points.length > kept) parts.push(`${points.length - kept} out`);
-    if (points.length > pixels.MAX_POINTS) {
-      parts.push(`more_points: ${points.length} pixels, the node takes at most ${pixels.MAX_POINTS} (rings on the first)`);
-    }
-    if (this.size) parts.push(`${this.size[0]}×${this.size[1]}`);
-    const n = this.masks().filter((ref) => fileUrl(ref)).length;
-    if (n) {
-      parts.push(`${n} mask${n === 1 ? "" : "s"} here`);
-      if (this.isStale()) parts.push("queue to update the masks");
-    } else if (this.output && Array.isArray(this.output.headseg_masks) && !this.isStale()) {
-      // with more_points, the masks at the pixel may all have been left out by them
-      const ran = pixels.firstItem(this.output, "headseg_points", "points");
-      parts.push(Array.isArray(ran) && ran.length ? "no mask fits these pixels" : "no mask contains this pixel");
-    } else if (this.src) {
-      parts.push(this.isStale() ? "queue to see the masks here" : "click the picture to pick a pixel");
-    }
-    this.setInfo(parts.join(" · "));
+    this.setInfo(infoText(this.node, this.output, this.size, this.src));
   }
 
   /** Shows ``text`` in the info line under the picture; the line ends in an ellipsis where the node is too
@@ -560,51 +326,22 @@ export class Picker {
     this.info.title = text;
   }
 
-  masks() {
-    const out = this.output;
-    if (!out) return [];
-    if (Array.isArray(out.headseg_masks)) return pixels.firstItem(out, "headseg_masks", "masks");
-    if (!out.headseg_image && Array.isArray(out.images)) return out.images.slice(1);
-    return [];
-  }
-
   buildStrip() {
     // a thumbnail removed under the pointer gets no pointerleave: its mask would stay over the picture
     this.hover(null);
-    this.strip.replaceChildren();
-    const info = Array.isArray(this.output?.headseg_mask_info) ? this.output.headseg_mask_info : [];
-    this.masks().forEach((ref, i) => {
-      const url = fileUrl(ref);
-      if (!url) return;
-      const button = el("button", "headseg-thumb", this.strip);
-      button.type = "button";
-      button.dataset.index = String(i);
-      const meta = info[i] ?? {};
-      const details = [`mask ${i}`];
-      if (Number.isFinite(meta.area)) details.push(`${meta.area} px`);
-      if (Number.isFinite(meta.k)) details.push(`k=${meta.k}, cluster ${meta.cluster}`);
-      button.title = `${details.join(" · ")} — click to output this mask`;
-      button.setAttribute("aria-label", details.join(", ")); // else read as "mask 0 0" (alt + number)
-      const img = el("img", null, button);
-      img.alt = `mask ${i}`;
-      img.addEventListener("load", () => this.revealChosen(), { once: true }); // widths come as they load
-      img.src = url;
-      el("span", null, button).textContent = String(i);
-      button.addEventListener("pointerenter", () => this.hover(url));
-      button.addEventListener("pointerleave", () => this.hover(null));
-      button.addEventListener("click", (e) => {
-        e.preventDefault();
-        e.stopPropagation();
-        if (this.isStale()) return; // these thumbnails belong to the previous pixel: queue first
-        if (isLinked(this.node, "index")) {
-          this.setInfo("index comes from a link: clicks on the thumbnails do not change it");
-          return;
-        }
-        setWidget(this.node, "index", i);
-        this.sync(true);
-        recordChange();
-      });
-    });
+    fillStrip(this.strip, this.output, (url) => this.hover(url), (i) => this.chooseMask(i));
+  }
+
+  /** A click on the thumbnail of mask ``i``: index outputs it. */
+  chooseMask(i) {
+    if (this.isStale()) return; // these thumbnails belong to the previous pixel: queue first
+    if (isLinked(this.node, "index")) {
+      this.setInfo("index comes from a link: clicks on the thumbnails do not change it");
+      return;
+    }
+    setWidget(this.node, "index", i);
+    this.sync(true);
+    recordChange();
   }
 
   hover(url) {
@@ -629,33 +366,9 @@ export class Picker {
     this.shown.key = key;
     this.updateMarker();
     this.updateInfo();
-    const stale = this.isStale();
-    this.strip.classList.toggle("headseg-stale", stale);
-    const n = this.strip.children.length;
-    const chosen = n ? Math.min(index, n - 1) : index; // an index past the last mask outputs the coarsest
-    for (const b of this.strip.children) {
-      const selected = Number(b.dataset.index) === chosen;
-      b.classList.toggle("headseg-selected", selected);
-      // the outline and the faded strip say so to the eye only
-      b.setAttribute("aria-pressed", String(selected));
-      // a click is ignored until the next run, or for good while a link feeds index
-      b.setAttribute("aria-disabled", String(stale || indexLinked));
-    }
-    if (force || chosen !== this.shown.chosen) this.revealChosen();
+    const chosen = markChosen(this.strip, index, this.isStale(), indexLinked);
+    if (force || chosen !== this.shown.chosen) revealChosen(this.strip);
     this.shown.chosen = chosen;
-  }
-
-  /** Scrolls the strip just enough to show the outlined thumbnail: a run rebuilds the strip with new
-   * pictures, which starts it at the first thumbnail again, so a coarser mask chosen further along was
-   * out of view. A thumbnail in view leaves the strip where it is. */
-  revealChosen() {
-    const strip = this.strip;
-    const b = strip.querySelector(".headseg-thumb.headseg-selected");
-    if (!b) return;
-    const left = b.offsetLeft; // the strip is the thumbnails' offsetParent (styles.js)
-    const right = left + b.offsetWidth;
-    if (left < strip.scrollLeft) strip.scrollLeft = left;
-    else if (right > strip.scrollLeft + strip.clientWidth) strip.scrollLeft = right - strip.clientWidth;
   }
 
   /** The index the outline marks: the widget's, or with index fed by a link the one the last run used
@@ -681,8 +394,7 @@ export class Picker {
     this.output = output;
     this.lostRun = false;
     // a run handed over with its message is the prompt's under way, also when an earlier one looked the same
-    const key = runKey(output);
-    if (fromMessage || !RUN_UPSTREAM.has(key)) noteForRun(RUN_UPSTREAM, key, this.runUpstreamFile(adopt));
+    if (fromMessage || !knownRun(output)) noteRunUpstream(output, this.runUpstreamFile(adopt));
     if (adopt) {
       this.upstreamAtStart = undefined;
       // for when the run is gone (a page reload). Not inside a subgraph that several subgraph nodes use: each
@@ -711,7 +423,7 @@ export class Picker {
 
   /** The file the upstream preview shows now (null while it loads the node's latest outputs, or none). */
   upstreamFileNow() {
-    return this.upstreamPreviewLoading() ? null : previewFile(this.upstreamPreview());
+    return upstreamFileNow(this.node);
   }
 
   /** The upstream preview file of a run that has reached the picker (null: learned later, see
@@ -721,12 +433,12 @@ export class Picker {
    * loading (ComfyUI sets node.imgs once its pictures have loaded and the node is drawn, often after this
    * node's own run reached the picker). */
   runUpstreamFile(fromPrompt) {
-    const queued = fromPrompt ? QUEUED_UPSTREAM.get(promptUnderWay)?.shown.get(this) : undefined;
+    const queued = fromPrompt ? shownWhenQueued(this) : undefined;
     const start = fromPrompt ? (queued ?? this.upstreamAtStart) : undefined;
-    const origin = this.upstreamNode();
-    const ran = origin && [executionId(origin), outputKey(origin)].some((id) => id !== null && RAN.has(id));
+    const origin = upstreamNode(this.node);
+    const ran = origin && [executionId(origin), outputKey(origin)].some((id) => id !== null && ranInPrompt(id));
     if (start != null && !ran) return start;
-    return this.upstreamPreviewLoading() ? null : previewFile(this.upstreamPreview());
+    return upstreamFileNow(this.node);
   }
 
   /** Widgets that still ask for a pixel the run mapped onto the masks' grid take the pixel it used
@@ -753,11 +465,10 @@ export class Picker {
    * segments. Learns the file when the run's was not known, once the upstream preview shows the node's
    * latest outputs. */
   upstreamChangedSince(output) {
-    const now = previewFile(this.upstreamPreview());
+    const now = previewFile(upstreamPreview(this.node));
     if (now === null) return false; // no preview (yet): nothing to compare
-    const key = runKey(output);
-    const then = RUN_UPSTREAM.get(key) ?? null;
-    if (then === null && !this.upstreamPreviewLoading()) noteForRun(RUN_UPSTREAM, key, now);
+    const then = runUpstream(output);
+    if (then === null && !upstreamPreviewLoading(this.node)) noteRunUpstream(output, now);
     return then !== null && then !== now;
   }
 
@@ -784,16 +495,16 @@ export class Picker {
     if (!this.output) {
       const stored = storedOutput(this.node);
       const restorable =
-        (stored?.headseg_pixel || stored?.headseg_image) && !LOST_RUNS.has(runKey(stored)) && !otherWorkflowsRun(stored, false);
-      // a run the node was told of (RUN_UPSTREAM keeps every one): the node was rebuilt (undo), its widgets
-      // are left as they are. One it never was ended while another workflow was open (ComfyUI tells the
+        (stored?.headseg_pixel || stored?.headseg_image) && !isLostRun(stored) && !otherWorkflowsRun(stored, false);
+      // a run the node was told of (picker_runs.js knownRun: every one is kept): the node was rebuilt (undo),
+      // its widgets are left as they are. One it never was ended while another workflow was open (ComfyUI tells the
       // nodes of the open one) and comes with its tab: taken as it comes, its frame and mapped pixels too
-      const told = stored ? RUN_UPSTREAM.has(runKey(stored)) : false; // before upstreamChangedSince notes it
+      const told = stored ? knownRun(stored) : false; // before upstreamChangedSince notes it
       if (restorable && !this.upstreamChangedSince(stored)) {
         this.onExecuted(stored, !told, false);
         return;
       }
-      const up = this.upstreamPreview();
+      const up = upstreamPreview(this.node);
       if (up !== this.upstreamSrc) {
         this.upstreamSrc = up;
         if (up) this.setSource(up, null);

@@ -5,7 +5,8 @@
 import { api } from "../../scripts/api.js";
 import { app } from "../../scripts/app.js";
 import { livePickers, trackPicker } from "./live_pickers.js";
-import { noteQueued, noteRun, Picker, upstreamAtQueue } from "./picker.js";
+import { Picker } from "./picker.js";
+import { noteQueued, noteRun, upstreamAtQueue } from "./picker_runs.js";
 import { PICKER_MIN_HEIGHT } from "./styles.js";
 
 const PICKER_WIDGET = "headseg_picker";
