@@ -126,7 +126,8 @@ class HeadPCA(io.ComfyNode):
                         "First three components of every selected head as RGB, one tile per head (the "
                         "image's shape, 64 px on its longer side), one row per layer in UNet order (image 0 "
                         f"of the batch). Every pixel; the node itself shows a grid longer than {_PCA_PREVIEW_SIDE} px "
-                        "(SDXL's) at every 2nd (or n-th) pixel."
+                        "(SDXL's) at every 2nd (or n-th) pixel, and draws only those pixels while no node reads "
+                        "this output."
                     ),
                 ),
             ],
