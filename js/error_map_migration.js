@@ -3,7 +3,7 @@
 // opened in the web UI. Only exports: ComfyUI loads every .js file here as an extension module.
 
 // LiteGraph is the front end's global.
-import { graphLink, SUBGRAPH_OUTPUT_ID } from "./graph_helpers.js";
+import { outputLinks, SUBGRAPH_OUTPUT_ID } from "./graph_helpers.js";
 
 /**
  * Workflows saved before the upsampling-error map had a node of its own gave Upsample a second
@@ -17,14 +17,11 @@ export function migrateUpsampleErrorMap(graph) {
     const slot = node.outputs?.findIndex((o) => o?.name === "error_map") ?? -1;
     if (slot < 1) continue;
     // [node or null, input slot, subgraph output or null]: a link may end at the subgraph's output
-    const targets = (node.outputs[slot].links ?? [])
-      .map((id) => graphLink(graph, id))
-      .filter(Boolean)
-      .map((link) =>
-        Number(link.target_id) === SUBGRAPH_OUTPUT_ID
-          ? [null, link.target_slot, graph.outputNode?.slots?.[link.target_slot] ?? null]
-          : [graph.getNodeById(link.target_id), link.target_slot, null],
-      );
+    const targets = outputLinks(node, slot).map((link) =>
+      Number(link.target_id) === SUBGRAPH_OUTPUT_ID
+        ? [null, link.target_slot, graph.outputNode?.slots?.[link.target_slot] ?? null]
+        : [graph.getNodeById(link.target_id), link.target_slot, null],
+    );
     node.disconnectOutput?.(slot);
     node.removeOutput(slot);
     if (!targets.length) continue;

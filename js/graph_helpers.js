@@ -150,6 +150,29 @@ export function isInputLinked(node, slot) {
   return node.inputs[slot].link != null;
 }
 
+/** The links (LLink) that leave output ``slot`` of ``node``: those read by the inputs of the nodes it feeds and
+ * by the outputs of the subgraph it sits in. Found through getOutputNodes, then the links of those nodes' inputs
+ * (inputLink) and of the subgraph's outputs (their getLinks), where the frontend has getOutputNodes: 1.58 marks
+ * output.links deprecated, with a console warning at each read, and getOutputNodes gives the nodes only, not
+ * which of their inputs a link ends at. Else through output.links. */
+export function outputLinks(node, slot) {
+  const graph = node?.graph;
+  if (!graph || !(slot >= 0 && slot < (node.outputs?.length ?? 0))) return [];
+  if (typeof node.getOutputNodes !== "function") {
+    return (node.outputs[slot].links ?? []).map((id) => graphLink(graph, id)).filter(Boolean);
+  }
+  const fromSlot = (link) => !!link && String(link.origin_id) === String(node.id) && link.origin_slot === slot;
+  const links = [];
+  for (const target of new Set(node.getOutputNodes(slot) ?? [])) {
+    for (let input = 0; input < (target.inputs?.length ?? 0); input++) {
+      const link = inputLink(target, input);
+      if (fromSlot(link)) links.push(link);
+    }
+  }
+  for (const output of graph.outputNode?.slots ?? []) links.push(...(output.getLinks?.() ?? []).filter(fromSlot));
+  return links;
+}
+
 /** Link ``id`` of ``graph`` (a Map in current frontends, a plain object in older ones), or undefined. */
 export function graphLink(graph, id) {
   const links = graph?._links ?? graph?.links;

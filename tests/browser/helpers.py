@@ -75,6 +75,22 @@ def save_recording_and_picture(comfy_server, name: str, W: int, H: int, w: int, 
     return recording, picture
 
 
+def explore_as_saved_before_the_error_map_node() -> dict:
+    """The explore example as it was saved when Upsample had a second output, error_map, linked to a
+    Preview Image (node 15)."""
+    wf = json.loads((WORKFLOWS_DIR / "headseg_explore.json").read_text())
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    up, shown = nodes[10], nodes[15]
+    assert up["type"] == "HeadSeg_Upsample" and shown["type"] == "HeadSeg_UpsamplingError"
+    link = next(l for l in wf["links"] if l[3] == 15)  # Upsample stack -> the error-map node
+    link[2], link[5] = 1, "IMAGE"  # from Upsample's old second output
+    up["outputs"][0]["links"].remove(link[0])
+    up["outputs"].append({"name": "error_map", "type": "IMAGE", "links": [link[0]], "slot_index": 1})
+    shown.update(type="PreviewImage", inputs=[{"name": "images", "type": "IMAGE", "link": link[0]}], outputs=[],
+                 properties={"Node name for S&R": "PreviewImage"})  # fmt: skip
+    return wf
+
+
 # -- JS run in the page -----------------------------------------------------------------------
 JS_PICKER_GRAPH = """
 async ([picture, withImage]) => {

@@ -1,6 +1,7 @@
-"""The picker on newer web frontends: it reads links and notes its edits in the undo history through the APIs
-the frontend offers, not through ones it marks deprecated (1.58 warns in the console at each use), and falls
-back to the old ones on a frontend without them (1.32, which ComfyUI 0.3.75 pins).
+"""The pack on newer web frontends: the picker reads links and notes its edits in the undo history, and the
+error_map migration reads the links of an old workflow's Upsample, through the APIs the frontend offers, not
+through ones it marks deprecated (1.58 warns in the console at each use), and falls back to the old ones on a
+frontend without them (1.32, which ComfyUI 0.3.75 pins).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from headseg.tests.browser.helpers import (
     JS_LOADED_RECORDING_GRAPH,
     JS_QUEUE_AND_WAIT,
     click_pixel,
+    explore_as_saved_before_the_error_map_node,
+    load_workflow,
     picker_selector,
     save_recording_and_picture,
     settle,
@@ -81,6 +84,42 @@ def test_a_pick_and_a_run_raise_no_deprecation_warning_of_the_packs(comfy_page, 
     marks_deprecated = page.evaluate(
         "() => /deprecated/.test(String(Object.getOwnPropertyDescriptor("
         "Object.getPrototypeOf(app.graph.nodes[0].inputs[0]), 'link')?.get ?? ''))"
+    )
+    assert bool(probe) == marks_deprecated, (probe, marks_deprecated)
+    assert comfy_page.pack_problems() == []
+
+
+def test_loading_a_workflow_saved_with_upsamples_error_map_output_raises_no_deprecation_warning_of_the_packs(
+    comfy_page,
+):
+    """An old workflow whose Upsample has the error_map output, opened: the migration (error_map_migration.js)
+    read the links of that output through output.links, which 1.58 marks deprecated ("output.links is
+    deprecated..." in the console, raised from the pack's code). The workflow is still rewired: the preview
+    reads a new Upsampling Error Map node. On a frontend that marks output.links deprecated, reading it here
+    must raise one (else the watch sees nothing)."""
+    page = comfy_page.page
+    page.evaluate(JS_WATCH_DEPRECATIONS)
+    try:
+        load_workflow(page, explore_as_saved_before_the_error_map_node(), "old-error-map-deprecations")
+        settle(page, 800)
+        pack = sorted({d["text"] for d in page.evaluate("() => window.headsegDeprecations()") if d["pack"]})
+        # the watch itself: a read of output.links outside the pack, noted where the frontend marks it deprecated
+        probe = page.evaluate(
+            """() => { const before = window.headsegDeprecations().length;
+                       void app.graph.getNodeById(10).outputs[0].links;
+                       return window.headsegDeprecations().slice(before).map(d => d.text); }"""
+        )
+    finally:
+        page.evaluate("() => window.headsegStopWatching?.()")
+    assert pack == [], pack
+    prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
+    maps = [i for i, n in prompt.items() if n["class_type"] == "HeadSeg_UpsamplingError"]
+    assert len(maps) == 1 and prompt[maps[0]]["inputs"]["stack"] == ["10", 0], prompt
+    assert prompt["15"]["class_type"] == "PreviewImage" and prompt["15"]["inputs"]["images"] == [maps[0], 0]
+    assert page.evaluate("() => app.graph.getNodeById(10).outputs.map(o => o.name)") == ["stack"]
+    marks_deprecated = page.evaluate(
+        "() => /deprecated/.test(String(Object.getOwnPropertyDescriptor("
+        "Object.getPrototypeOf(app.graph.getNodeById(10).outputs[0]), 'links')?.get ?? ''))"
     )
     assert bool(probe) == marks_deprecated, (probe, marks_deprecated)
     assert comfy_page.pack_problems() == []
