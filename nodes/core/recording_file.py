@@ -186,11 +186,10 @@ def is_recording_file(path, answers: dict | None = None, earlier: dict | None = 
     return answer
 
 
-def _check_readable(path: str) -> None:
-    """FileNotFoundError when ``path`` does not exist; ValueError naming it when it is a folder, not a regular
-    file, unreadable, not laid out as safetensors, shorter than its header says, or named so that
-    a workflow cannot name it (not UTF-8)."""
-    shown = printable_path(path)
+def _check_regular_file(path: str, shown: str) -> None:
+    """FileNotFoundError when ``path`` does not exist; ValueError naming it (as ``shown``) when it is a folder, not
+    a regular file (a pipe, which an open for reading would wait on forever, or a device), or cannot be looked
+    at."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -201,36 +200,36 @@ def _check_readable(path: str) -> None:
         raise ValueError(f"{shown}: is a folder, expected a recording file (.safetensors)")
     if not stat.S_ISREG(st.st_mode):
         raise ValueError(f"{shown}: not a regular file (a pipe or a device), expected a recording file (.safetensors)")
-    try:
-        with open(path, "rb") as fh:
-            found = _read_header(fh)
-    except OSError as exc:
-        raise ValueError(f"{shown}: cannot read the file ({exc.strerror or exc})") from None
+
+
+def _checked_header(fh, path: str, shown: str) -> tuple[int, dict]:
+    """(header length n, the header's JSON object) of the open recording file ``fh``, read and parsed once;
+    ValueError naming it (as ``shown``) when it is not laid out as safetensors, shorter than its header says, or
+    named so that a workflow cannot name it (not UTF-8). OSError when the system cannot read it."""
+    found = _read_header(fh)
     if found is None:
         raise ValueError(f"{shown}: not a safetensors file (it must start with a header length and a JSON header)")
     n, header = found
     ends = [v["data_offsets"][1] for v in header.values() if isinstance(v, dict) and _is_offsets(v.get("data_offsets"))]
     described = 8 + n + max(ends, default=0)
-    if described > st.st_size:
+    file_bytes = os.fstat(fh.fileno()).st_size
+    if described > file_bytes:
         # an end of up to 4300 digits is JSON Python reads, and more than Python writes as text
         claim = str(described) if described <= 2**64 else "more than 2**64"
-        raise ValueError(f"{shown}: damaged or truncated: its header describes {claim} bytes, the file has {st.st_size}")
+        raise ValueError(f"{shown}: damaged or truncated: its header describes {claim} bytes, the file has {file_bytes}")
     if not is_utf8_path(path):
         raise ValueError(f"{shown}: the file name is not valid UTF-8, which a workflow cannot name: rename the file")
+    return n, header
 
 
 def _is_offsets(value) -> bool:
     return isinstance(value, list) and len(value) == 2 and all(is_int(v) and v >= 0 for v in value)
 
 
-def _read_layers(fh, path: str) -> tuple[dict, dict[str, str], list[int]]:
+def _read_layers(fh, path: str, n: int, header: dict) -> tuple[dict, dict[str, str], list[int]]:
     """(layers {LayerKey: tensor}, metadata, [image height, image width]) of the open recording file ``fh``
-    (named ``path`` in the errors): the header and its metadata checked, then each layer read; ValueError naming
-    the file and what is wrong."""
-    found = _read_header(fh)
-    if found is None:  # changed since _check_readable read it
-        raise ValueError(f"{path}: not a safetensors file (it must start with a header length and a JSON header)")
-    n, header = found
+    (named ``path`` in the errors) whose header of ``n`` bytes _checked_header read as ``header``: its tensors
+    and metadata checked, then each layer read; ValueError naming the file and what is wrong."""
     try:
         metadata = header_metadata(header)
         entries = tensor_entries(header, os.fstat(fh.fileno()).st_size - 8 - n)
@@ -293,14 +292,23 @@ def load_recording(path) -> Recording:
     holds) cannot be replaced or deleted; on every system a mapped file written over in place would change the
     recording, and one cut shorter would end the process (SIGBUS)."""
     path = os.fspath(path)
-    _check_readable(path)
+    shown = printable_path(path)
+    _check_regular_file(path, shown)
     try:
-        with open(path, "rb") as fh:
-            layers, metadata, size = _read_layers(fh, path)
-    except FileNotFoundError:  # removed since _check_readable found it
-        raise FileNotFoundError(f"load_recording: no such file: {printable_path(path)}") from None
-    except OSError as exc:  # the system refused to read it (a disk error, no memory): not its content
-        raise ValueError(f"{path}: could not be read ({exc.strerror or exc})") from None
+        fh = open(path, "rb")
+    except FileNotFoundError:  # removed since it was looked at
+        raise FileNotFoundError(f"load_recording: no such file: {shown}") from None
+    except OSError as exc:
+        raise ValueError(f"{shown}: cannot read the file ({exc.strerror or exc})") from None
+    with fh:  # the header is read once, and the layers from the same open file: one version of it
+        try:
+            n, header = _checked_header(fh, path, shown)
+        except OSError as exc:
+            raise ValueError(f"{shown}: cannot read the file ({exc.strerror or exc})") from None
+        try:
+            layers, metadata, size = _read_layers(fh, path, n, header)
+        except OSError as exc:  # the system refused to read it (a disk error, no memory): not its content
+            raise ValueError(f"{path}: could not be read ({exc.strerror or exc})") from None
     if not layers:
         raise ValueError(f"{path}: the file holds no layer tensor")
     try:

@@ -985,6 +985,34 @@ def test_a_file_cut_shorter_while_it_is_read_is_called_truncated(tmp_path, monke
     assert len(reads) == 2
 
 
+def test_a_load_reads_and_parses_the_header_once(tmp_path, monkeypatch):
+    """The header was read and parsed twice per load (a check that the file is readable, then again for its
+    layers), each a JSON parse of up to 16 MiB: it is read once, and the layers from the same open file."""
+    import json
+
+    import headseg.nodes.core.recording_file as recording_file_module
+
+    path = tmp_path / "rec.safetensors"
+    save_recording(sd21_recording(seed=0), path)
+    header_bytes = int.from_bytes(path.read_bytes()[:8], "little")
+    parses, opened = [], []
+    real_loads, real_open = json.loads, open
+
+    def counted_loads(text, *args, **kwargs):
+        if len(text) == header_bytes:
+            parses.append(len(text))
+        return real_loads(text, *args, **kwargs)
+
+    def counted_open(file, *args, **kwargs):
+        opened.append(file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(json, "loads", counted_loads)
+    monkeypatch.setattr(recording_file_module, "open", counted_open, raising=False)
+    assert load_recording(path).num_heads == sd21_recording(seed=0).num_heads
+    assert parses == [header_bytes] and opened == [str(path)]
+
+
 def test_load_truncated_file_says_so(tmp_path):
     data = write(tmp_path, good_tensors(), GOOD_META).read_bytes()
     cut = tmp_path / "cut.safetensors"
