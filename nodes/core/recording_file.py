@@ -19,7 +19,7 @@ import torch
 
 from .numerics import FP16_OVERFLOW, FP16_TINY, FP32_MAX
 from .recording import MAX_IMAGE_SIDE, LayerKey, Recording
-from .safetensors_reader import header_metadata, read_tensor, shown_shape, tensor_entries
+from .safetensors_reader import header_metadata, read_header, read_tensor, shown_shape, tensor_entries
 from .values import ascii_int, is_ascii_digits, is_int, shown_text
 
 FORMAT = "headseg-recording/1"
@@ -113,17 +113,12 @@ def _json_bytes(metadata: dict[str, str]) -> int:
 
 def _read_header(fh) -> tuple[int, dict] | None:
     """An open binary file -> (header length n, the header's JSON object), or None when the file does not
-    start like a safetensors file (8 bytes of little-endian length, then that many bytes of JSON)."""
-    import json
-
-    n = int.from_bytes(fh.read(8), "little")
-    if not 2 <= n <= _MAX_HEADER_BYTES:
-        return None
+    start like a safetensors file (8 bytes of little-endian length, then that many bytes of JSON). A key given
+    twice is taken as JSON takes it (the last): a file list asks the format only, and load_recording names it."""
     try:
-        header = json.loads(fh.read(n))
-    except (ValueError, RecursionError):  # not JSON / UTF-8, or absurdly nested
+        return read_header(fh, _MAX_HEADER_BYTES, refuse_repeats=False)
+    except ValueError:
         return None
-    return (n, header) if isinstance(header, dict) else None
 
 
 def file_version(path, st: os.stat_result) -> tuple:
@@ -204,12 +199,13 @@ def _check_regular_file(path: str, shown: str) -> None:
 
 def _checked_header(fh, path: str, shown: str) -> tuple[int, dict]:
     """(header length n, the header's JSON object) of the open recording file ``fh``, read and parsed once;
-    ValueError naming it (as ``shown``) when it is not laid out as safetensors, shorter than its header says, or
-    named so that a workflow cannot name it (not UTF-8). OSError when the system cannot read it."""
-    found = _read_header(fh)
-    if found is None:
-        raise ValueError(f"{shown}: not a safetensors file (it must start with a header length and a JSON header)")
-    n, header = found
+    ValueError naming it (as ``shown``) when it is not laid out as safetensors, its header gives a key twice (a
+    tensor's name...), it is shorter than its header says, or it is named so that a workflow cannot name it (not
+    UTF-8). OSError when the system cannot read it."""
+    try:
+        n, header = read_header(fh, _MAX_HEADER_BYTES)
+    except ValueError as exc:
+        raise ValueError(f"{shown}: not a safetensors file ({exc})") from None
     ends = [v["data_offsets"][1] for v in header.values() if isinstance(v, dict) and _is_offsets(v.get("data_offsets"))]
     described = 8 + n + max(ends, default=0)
     file_bytes = os.fstat(fh.fileno()).st_size

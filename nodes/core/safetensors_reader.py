@@ -5,12 +5,14 @@ its pages held the heads twice at the peak).
 Layout (https://huggingface.co/docs/safetensors): 8 bytes of little-endian header length n, n bytes of a JSON
 object (optional "__metadata__": text -> text; per tensor {"dtype", "shape", "data_offsets": [begin, end]}),
 then the data, the tensors' bytes little-endian, from byte 8 + n: together they fill it, with no gap or
-overlap, as safetensors itself requires.
+overlap, as safetensors itself requires. A key given twice in an object of the header is refused (read_header).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 import sys
 
@@ -44,6 +46,58 @@ class TensorEntry:
     shape: tuple[int, ...]
     begin: int
     end: int
+
+
+def read_header(fh, max_bytes: int, refuse_repeats: bool = True) -> tuple[int, dict]:
+    """(header length n, the header's JSON object) of the open binary file ``fh``, read from its start; ValueError
+    saying what is wrong when it does not start like a safetensors file (8 bytes of little-endian length from 2 to
+    ``max_bytes``, then that many bytes of a JSON object), or, unless ``refuse_repeats`` is False, when an object of
+    the header gives a key twice (a tensor's name, a metadata field, a tensor's dtype...): JSON readers keep one of
+    them without a word (Python's the last, as safetensors' own does for a tensor's name)."""
+    n = int.from_bytes(fh.read(8), "little")
+    if not 2 <= n <= max_bytes:
+        raise ValueError(_NOT_LAID_OUT)
+    repeats = []
+    hook = functools.partial(_object_noting_repeats, repeats) if refuse_repeats else None
+    try:
+        header = json.loads(fh.read(n), object_pairs_hook=hook)
+    except (ValueError, RecursionError):  # not JSON / UTF-8, or absurdly nested
+        raise ValueError(_NOT_LAID_OUT) from None
+    if not isinstance(header, dict):
+        raise ValueError(_NOT_LAID_OUT)
+    if repeats:  # the header's own object is the last to end: a tensor named twice is named first
+        raise ValueError(_repeat_text(header, *repeats[-1]))
+    return n, header
+
+
+_NOT_LAID_OUT = "it must start with a header length and a JSON header"
+
+
+def _object_noting_repeats(repeats: list, pairs: list) -> dict:
+    """A JSON object's (key, value) pairs -> the dict JSON makes of them; a key given twice is noted in
+    ``repeats`` as (that dict, the key)."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                repeats.append((obj, key))
+                break
+            seen.add(key)
+    return obj
+
+
+def _repeat_text(header: dict, obj: dict, key: str) -> str:
+    """What is wrong with ``header`` whose object ``obj`` gives ``key`` twice, naming the tensor."""
+    shown = shown_text(key)
+    if obj is header:
+        return "its header gives __metadata__ twice" if key == "__metadata__" else f"its header names tensor {shown} twice"
+    if obj is header.get("__metadata__"):
+        return f"its __metadata__ gives {shown} twice"
+    owner = next((name for name, info in header.items() if info is obj), None)
+    if owner is not None:
+        return f"tensor {shown_text(owner)}: its header gives {shown} twice"
+    return f"its header gives {shown} twice in one object"
 
 
 def shown_shape(shape: list[int] | tuple[int, ...], first: int = 6) -> str:

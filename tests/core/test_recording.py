@@ -916,6 +916,44 @@ def test_a_header_that_does_not_describe_its_data_is_refused_by_name(tmp_path):
         assert str(info.value) == f"{tmp_path / 'odd.safetensors'}: not a safetensors file ({expected})", expected
 
 
+def handmade_pairs(tmp_path, pairs: list, data: bytes):
+    """A file laid out as safetensors whose header is a JSON object of ``pairs`` as given (a key may repeat,
+    which no dict holds), each value JSON's text of it, then ``data``."""
+    import json
+
+    text = "{" + ",".join(f"{json.dumps(key)}:{value if isinstance(value, str) else json.dumps(value)}" for key, value in pairs) + "}"
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(len(text.encode()).to_bytes(8, "little") + text.encode() + data)
+    return path
+
+
+def test_a_key_the_header_gives_twice_is_refused_by_name(tmp_path):
+    """JSON parsing keeps the last of a key given twice without a word: a file naming a tensor twice loaded one
+    of the two entries (which one being a choice of the parser), as did a metadata field or a tensor's dtype
+    given twice. Refused, naming the file and the key (the tensor's name); a file list, which asks the format
+    only, still lists it, so that choosing it says what is wrong."""
+    import json
+
+    layer = {"dtype": "F16", "shape": [1, 2, 8, 8, 4], "data_offsets": [0, 1024]}
+    meta = json.dumps(GOOD_META)
+    assert load_recording(handmade_pairs(tmp_path, [("__metadata__", meta), ("input.1.0", layer)], bytes(1024))).num_heads == 2
+    bf16 = {**layer, "dtype": "BF16"}
+    info = '{"dtype": "F32", "dtype": "F16", "shape": [1, 2, 8, 8, 4], "data_offsets": [0, 1024]}'
+    cases = [
+        ("its header names tensor 'input.1.0' twice", [("__metadata__", meta), ("input.1.0", layer), ("input.1.0", layer)]),
+        ("its header names tensor 'input.1.0' twice", [("input.1.0", layer), ("__metadata__", meta), ("input.1.0", bf16)]),
+        ("its __metadata__ gives 'format' twice", [("__metadata__", meta.replace("{", '{"format": "other", ', 1)), ("input.1.0", layer)]),
+        ("its header gives __metadata__ twice", [("__metadata__", json.dumps({})), ("input.1.0", layer), ("__metadata__", meta)]),
+        ("tensor 'input.1.0': its header gives 'dtype' twice", [("__metadata__", meta), ("input.1.0", info)]),
+    ]
+    for expected, pairs in cases:
+        path = handmade_pairs(tmp_path, pairs, bytes(1024))
+        with pytest.raises(ValueError) as raised:
+            load_recording(path)
+        assert str(raised.value) == f"{path}: not a safetensors file ({expected})", expected
+        assert is_recording_file(path)
+
+
 @pytest.mark.parametrize("shape", [[0, 2**40, 2**40, 1, 1], [0, 2**63, 1, 1, 1], [1, 0, 2**62, 2, 1]])
 def test_an_empty_tensor_of_sizes_no_tensor_can_have_is_refused_by_name(tmp_path, shape):
     """An empty tensor's bytes are none, whatever its other sizes, so its offsets and the file's size agree with
