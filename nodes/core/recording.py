@@ -241,11 +241,14 @@ class Recording:
         """0 = latent grid, 1 = 1/2, 2 = 1/4, ... (ceil halving); ValueError if the grid fits no level."""
         if key not in self.layers:
             raise ValueError(f"Recording: no layer {key!s}; layers: {[k.name for k in self.layers]}")
-        t = self.layers[key]
+        return self._level_among(key, self.layers[key], grid_levels(self.latent_size))
+
+    def _level_among(self, key: LayerKey, t: torch.Tensor, levels: list[tuple[int, int]]) -> int:
+        """grid_level of layer ``key`` holding ``t``, ``levels`` being grid_levels(self.latent_size) (validate
+        works them out once for all its layers: a file may hold ~170 000)."""
         if t.dim() != 5:
             raise ValueError(f"Recording: layer {key!s} must be 5-D [B, heads, h, w, d], got shape {tuple(t.shape)}")
         grid = (int(t.shape[2]), int(t.shape[3]))
-        levels = grid_levels(self.latent_size)
         if grid not in levels:
             H, W = self.image_size
             raise ValueError(  # sizes spelled out: the nodes write an image's size as width x height
@@ -262,6 +265,7 @@ class Recording:
         if not self.layers:
             raise ValueError("Recording: layers is empty (no self-attention layer recorded)")
         batch = first = None
+        levels = grid_levels(self.latent_size)
         for key, t in self.layers.items():
             if not isinstance(key, LayerKey):
                 raise ValueError(f"Recording: layer keys must be LayerKey, got {key!r}")
@@ -285,7 +289,7 @@ class Recording:
                 raise ValueError(
                     f"Recording: batch mismatch: layer {key!s} has batch {B} but layer {batch[0]!s} has {batch[1]}"
                 )
-            self.grid_level(key)
+            self._level_among(key, t, levels)
             if check_finite and not all_finite(t):
                 raise NonFiniteLayerError(key)
         return self

@@ -10,15 +10,16 @@ overlap, as safetensors itself requires. A key given twice in an object of the h
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
 import sys
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 
-from .values import is_int, shown_text
+from .values import shown_text
 
 # safetensors' dtype names -> torch's (a caller refuses those it cannot use, in its own words); an older torch
 # lacks the unsigned ones past 8 bits
@@ -32,14 +33,17 @@ DTYPES = {
     if hasattr(torch, dtype)
 }
 
+# what a tensor's entry in the header gives (more is ignored, as safetensors does)
+_FIELDS = frozenset(("dtype", "shape", "data_offsets"))
+
 # torch counts a tensor's elements, strides and bytes in int64: an empty tensor ([0, 2**40, 2**40]) takes no byte
 # of the file, so only this bounds its other sizes (_makeable)
 _MAX_TENSOR_BYTES = 2**63
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorEntry:
-    """One tensor of a file's header: ``begin`` and ``end`` count bytes from the start of the data."""
+class TensorEntry(NamedTuple):
+    """One tensor of a file's header: ``begin`` and ``end`` count bytes from the start of the data. (A named
+    tuple: made three times as fast as a frozen dataclass, for a header of ~170 000 tensors.)"""
 
     name: str
     dtype: torch.dtype
@@ -119,39 +123,41 @@ def header_metadata(header: dict) -> dict[str, str]:
 
 
 def tensor_entries(header: dict, data_bytes: int) -> list[TensorEntry]:
-    """The tensors a header describes, in the order of their bytes, checked against ``data_bytes`` (the file's
-    size less 8 + n): a known dtype, a shape of sizes >= 0 that torch can make (below 2**63 bytes, a size of 0
-    counted as 1), offsets holding exactly shape x dtype's bytes, and
+    """The tensors a header (as JSON reads it) describes, in the order of their bytes, checked against
+    ``data_bytes`` (the file's size less 8 + n): a known dtype, a shape of sizes >= 0 that torch can make (below
+    2**63 bytes, a size of 0 counted as 1), offsets holding exactly shape x dtype's bytes, and
     the tensors filling the data with no gap or overlap. ValueError saying what is wrong otherwise, naming the
-    tensor."""
+    tensor. A few calls per tensor, none per size: a header of 16 MiB holds ~170 000 tensors."""
     entries = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        shown = shown_text(name)
-        if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= info.keys()):
-            raise ValueError(f"tensor {shown}: expected its dtype, shape and data_offsets")
+        if not (isinstance(info, dict) and _FIELDS <= info.keys()):
+            raise ValueError(f"tensor {shown_text(name)}: expected its dtype, shape and data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise ValueError(f"tensor {shown}: unknown dtype {shown_text(str(dtype))}")
-        if not (isinstance(shape, list) and all(is_int(s) and s >= 0 for s in shape)):
-            raise ValueError(f"tensor {shown}: shape {shown_text(str(shape))} is no list of sizes")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(v) for v in offsets)
-                and 0 <= offsets[0] <= offsets[1]):
-            raise ValueError(f"tensor {shown}: data_offsets {shown_text(str(offsets))} are no [begin, end] of bytes")
-        if not _makeable(shape, DTYPES[dtype].itemsize):
+        torch_dtype = DTYPES.get(dtype) if isinstance(dtype, str) else None
+        if torch_dtype is None:
+            raise ValueError(f"tensor {shown_text(name)}: unknown dtype {shown_text(str(dtype))}")
+        if not (isinstance(shape, list) and _are_sizes(shape)):
+            raise ValueError(f"tensor {shown_text(name)}: shape {shown_text(str(shape))} is no list of sizes")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and _are_sizes(offsets) and offsets[0] <= offsets[1]):
             raise ValueError(
-                f"tensor {shown}: shape {shown_text(str(shape))} is larger than any tensor can be (its sizes other "
-                f"than 0 multiply to 2**63 bytes or more)"
+                f"tensor {shown_text(name)}: data_offsets {shown_text(str(offsets))} are no [begin, end] of bytes"
             )
-        nbytes = math.prod(shape) * DTYPES[dtype].itemsize
-        if offsets[1] - offsets[0] != nbytes:
+        nbytes = _tensor_bytes(shape, torch_dtype.itemsize)
+        if nbytes is None:
             raise ValueError(
-                f"tensor {shown}: {offsets[1] - offsets[0]} bytes in the file, where shape {shown_shape(shape)} of {dtype} "
-                f"takes {nbytes}"
+                f"tensor {shown_text(name)}: shape {shown_text(str(shape))} is larger than any tensor can be (its "
+                f"sizes other than 0 multiply to 2**63 bytes or more)"
             )
-        entries.append(TensorEntry(name, DTYPES[dtype], tuple(shape), offsets[0], offsets[1]))
-    entries.sort(key=lambda e: (e.begin, e.end))
+        begin, end = offsets
+        if end - begin != nbytes:
+            raise ValueError(
+                f"tensor {shown_text(name)}: {end - begin} bytes in the file, where shape {shown_shape(shape)} of "
+                f"{dtype} takes {nbytes}"
+            )
+        entries.append(TensorEntry(name, torch_dtype, tuple(shape), begin, end))
+    entries.sort(key=_byte_order)
     done = 0
     for entry in entries:
         if entry.begin != done:
@@ -161,6 +167,30 @@ def tensor_entries(header: dict, data_bytes: int) -> list[TensorEntry]:
     if done != data_bytes:
         raise ValueError(f"its tensors take {done} bytes of data, the file holds {data_bytes}")
     return entries
+
+
+def _byte_order(entry: TensorEntry) -> tuple[int, int]:
+    return entry.begin, entry.end
+
+
+def _are_sizes(values: list) -> bool:
+    """Whether ``values`` (a JSON list) are all integers >= 0 (JSON's: exactly int, so no bool), by calls of
+    C code alone, none per value."""
+    return not values or (set(map(type, values)) <= _INT_ONLY and min(values) >= 0)
+
+
+_INT_ONLY = frozenset((int,))
+
+
+def _tensor_bytes(shape: list[int], itemsize: int) -> int | None:
+    """The bytes of a tensor of ``shape`` (sizes >= 0) and ``itemsize``, or None when torch cannot make it
+    (_makeable). A shape of a few sizes below 2**32 (any tensor's) is multiplied at once; any other is first
+    walked by _makeable, which stops where the product passes 2**63."""
+    if len(shape) <= 8 and max(shape, default=0) < 2**32:
+        numel = math.prod(shape)  # below 2**256
+        if numel:  # no size 0: the bytes bound every size
+            return numel * itemsize if numel * itemsize < _MAX_TENSOR_BYTES else None
+    return math.prod(shape) * itemsize if _makeable(shape, itemsize) else None
 
 
 def _makeable(shape: list[int], itemsize: int) -> bool:
@@ -175,6 +205,56 @@ def _makeable(shape: list[int], itemsize: int) -> bool:
     return True
 
 
+def read_tensors(fh, data_start: int, entries: list[TensorEntry]) -> Iterator[tuple[TensorEntry, torch.Tensor]]:
+    """(entry, tensor) for each of ``entries`` (tensor_entries': in the order of their bytes, with no gap) of the
+    open binary file ``fh`` whose data starts at byte ``data_start``, each in a new tensor of its own, as
+    read_tensor reads it. A tensor of _SMALL_TENSOR_BYTES or more is read straight into its tensor; a run of
+    smaller ones next to each other, up to _RUN_BYTES, in one read, each then copied out of it: a file of
+    ~170 000 tensors of a few bytes took ~10 calls and a read per tensor. The memory held at once is the tensors
+    read and at most one run. OSError / EOFError as read_tensor's."""
+    start = 0
+    while start < len(entries):
+        stop = start + 1
+        if entries[start].end - entries[start].begin < _SMALL_TENSOR_BYTES:
+            while (stop < len(entries) and entries[stop].begin == entries[stop - 1].end
+                   and entries[stop].end - entries[stop].begin < _SMALL_TENSOR_BYTES
+                   and entries[stop].end - entries[start].begin <= _RUN_BYTES):
+                stop += 1
+        if stop - start == 1:
+            yield entries[start], read_tensor(fh, data_start, entries[start])
+        else:
+            yield from _read_run(fh, data_start, entries[start:stop])
+        start = stop
+
+
+# read_tensors: a tensor of fewer bytes is read with its neighbours, in runs of at most _RUN_BYTES (what a run
+# adds to the memory; a recording's layers are larger, so its file is read as before, a layer at a time)
+_SMALL_TENSOR_BYTES = 64 << 10
+_RUN_BYTES = 1 << 20
+
+
+def _read_run(fh, data_start: int, run: list[TensorEntry]) -> Iterator[tuple[TensorEntry, torch.Tensor]]:
+    """(entry, tensor) for each of ``run`` (entries whose bytes follow each other), read in one read."""
+    begin, end = run[0].begin, run[-1].end
+    block = bytearray(end - begin)
+    fh.seek(data_start + begin)
+    filled = _read_into(fh, memoryview(block))
+    if filled < len(block):
+        cut = next(entry for entry in run if entry.end > begin + filled)
+        raise EOFError(f"the file ends {cut.end - begin - filled} bytes before tensor {shown_text(cut.name)} does")
+    for entry in run:
+        itemsize = entry.dtype.itemsize
+        if entry.end == entry.begin:
+            tensor = torch.empty(entry.shape, dtype=entry.dtype)
+        else:  # a copy (clone) of the bytes in the block: a storage of its own, no view of another tensor
+            numel = (entry.end - entry.begin) // itemsize
+            tensor = torch.frombuffer(block, dtype=entry.dtype, count=numel, offset=entry.begin - begin)
+            tensor = tensor.view(entry.shape).clone()
+            if sys.byteorder != "little" and itemsize > 1:  # the file's bytes are little-endian
+                tensor = _swapped_bytes(tensor)
+        yield entry, tensor
+
+
 def read_tensor(fh, data_start: int, entry: TensorEntry) -> torch.Tensor:
     """Tensor ``entry`` of the open binary file ``fh`` whose data starts at byte ``data_start``, read into a new
     tensor of its own (its bytes only: nothing of the file stays mapped or open through it). OSError when the
@@ -184,15 +264,23 @@ def read_tensor(fh, data_start: int, entry: TensorEntry) -> torch.Tensor:
     if entry.end > entry.begin:
         fh.seek(data_start + entry.begin)
         buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-        filled = 0
-        while filled < len(buffer):  # a read may return fewer bytes than asked (2 GiB at most on Linux)
-            got = fh.readinto(buffer[filled:])
-            if not got:
-                raise EOFError(f"the file ends {len(buffer) - filled} bytes before tensor {shown_text(entry.name)} does")
-            filled += got
+        filled = _read_into(fh, buffer)
+        if filled < len(buffer):
+            raise EOFError(f"the file ends {len(buffer) - filled} bytes before tensor {shown_text(entry.name)} does")
         if sys.byteorder != "little" and entry.dtype.itemsize > 1:  # the file's bytes are little-endian
             tensor = _swapped_bytes(tensor)
     return tensor
+
+
+def _read_into(fh, buffer: memoryview) -> int:
+    """Fills ``buffer`` from ``fh``'s position; the bytes read: fewer only where the file ends."""
+    filled = 0
+    while filled < len(buffer):  # a read may return fewer bytes than asked (2 GiB at most on Linux)
+        got = fh.readinto(buffer[filled:])
+        if not got:
+            break
+        filled += got
+    return filled
 
 
 def _swapped_bytes(tensor: torch.Tensor) -> torch.Tensor:

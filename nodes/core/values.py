@@ -9,7 +9,8 @@ import operator
 
 def is_int(value) -> bool:
     """Whether value is an integer: a Python or numpy int, not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    # a Python int first: the ABC's check takes ~10 times as long (~170 000 tensors of a header, 7 ints each)
+    return type(value) is int or (isinstance(value, numbers.Integral) and not isinstance(value, bool))
 
 
 def integer_index(value) -> int | None:

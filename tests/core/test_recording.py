@@ -827,7 +827,7 @@ def test_a_file_the_system_cannot_read_is_not_called_a_damaged_one(tmp_path, mon
     def refuse(*args, **kwargs):
         raise OSError(12, "Cannot allocate memory")
 
-    monkeypatch.setattr(recording_file_module, "read_tensor", refuse)
+    monkeypatch.setattr(recording_file_module, "read_tensors", refuse)
     with pytest.raises(ValueError, match=r"rec\.safetensors: could not be read \(Cannot allocate memory") as info:
         load_recording(path)
     assert "not a safetensors file" not in str(info.value) and "damaged" not in str(info.value)
@@ -972,12 +972,14 @@ def test_an_empty_tensor_of_sizes_no_tensor_can_have_is_refused_by_name(tmp_path
 
 def test_every_tensor_read_equals_safetensors_own_reading(tmp_path):
     """safetensors_reader against safetensors' own reader, on a file safetensors wrote: every dtype it writes,
-    empty and 0-d tensors, any order of names and bytes; the same dtype, shape and bits."""
+    empty and 0-d tensors, any order of names and bytes, tensors read one at a time (read_tensor) and all in
+    the order of their bytes (read_tensors: small ones in runs, those of 64 KiB or more on their own); the same
+    dtype, shape and bits, each tensor in a storage of its own."""
     import json
 
     from safetensors import safe_open
 
-    from headseg.nodes.core.safetensors_reader import read_tensor, tensor_entries
+    from headseg.nodes.core.safetensors_reader import read_tensor, read_tensors, tensor_entries
 
     g = torch.Generator().manual_seed(0)
     tensors = {
@@ -986,41 +988,128 @@ def test_every_tensor_read_equals_safetensors_own_reading(tmp_path):
                                    torch.int8, torch.int16, torch.int32, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2))
     }
     tensors.update({"empty": torch.zeros(2, 0, 3), "scalar": torch.tensor(7.5, dtype=torch.float64)})
+    tensors.update({"large": torch.randn(2, 8192, generator=g), "large16": torch.randn(32768, generator=g).half()})
     path = tmp_path / "all.safetensors"
     save_file(tensors, str(path))
     with open(path, "rb") as fh:
         n = int.from_bytes(fh.read(8), "little")
         header = json.loads(fh.read(n))
         entries = tensor_entries(header, path.stat().st_size - 8 - n)
-        read = {entry.name: read_tensor(fh, 8 + n, entry) for entry in reversed(entries)}
-    assert set(read) == set(tensors)
+        alone = {entry.name: read_tensor(fh, 8 + n, entry) for entry in reversed(entries)}
+        together = {entry.name: tensor for entry, tensor in read_tensors(fh, 8 + n, entries)}
+    assert set(alone) == set(together) == set(tensors)
+    storages = {t.untyped_storage().data_ptr() for t in together.values() if t.numel()}
+    assert len(storages) == sum(t.numel() > 0 for t in together.values())  # no tensor a view of another's bytes
     with safe_open(str(path), framework="pt") as f:
         for name in tensors:
             theirs = f.get_tensor(name)
-            assert read[name].dtype == theirs.dtype and read[name].shape == theirs.shape, name
-            assert torch.equal(read[name].reshape(-1).view(torch.uint8), theirs.reshape(-1).view(torch.uint8)), name
+            for read in (alone, together):
+                assert read[name].dtype == theirs.dtype and read[name].shape == theirs.shape, name
+                assert torch.equal(read[name].reshape(-1).view(torch.uint8), theirs.reshape(-1).view(torch.uint8)), name
+                assert read[name]._base is None, name
 
 
-def test_a_file_cut_shorter_while_it_is_read_is_called_truncated(tmp_path, monkeypatch):
+@pytest.mark.parametrize("latent, d", [((8, 8), 4), ((32, 32), 64)])  # layers of 2.5 kB at most; up to 655 kB
+def test_a_file_cut_shorter_while_it_is_read_is_called_truncated(tmp_path, monkeypatch, latent, d):
     """A file cut shorter after its size was checked ends before a layer does: named as truncated (an empty
-    read), never a layer read in part."""
+    read), never a layer read in part; whether the layer cut is read in a run of small ones or on its own."""
+    import re
+
     import headseg.nodes.core.recording_file as recording_file_module
 
     path = tmp_path / "rec.safetensors"
-    save_recording(sd21_recording(seed=0), path)
-    real = recording_file_module.read_tensor
-    reads = []
+    save_recording(sd21_recording(latent=latent, d=d, seed=0), path)
+    real = recording_file_module.tensor_entries
+    cut = {}
 
-    def cut_after_the_first_layer(fh, data_start, entry):
-        if reads:
-            os.truncate(path, data_start + entry.begin + 10)
-        reads.append(entry.name)
-        return real(fh, data_start, entry)
+    def cut_once_checked(header, data_bytes):
+        entries = real(header, data_bytes)
+        largest = max(entries[1:], key=lambda entry: entry.end - entry.begin)
+        os.truncate(path, path.stat().st_size - data_bytes + largest.begin + 10)  # 10 bytes into that layer
+        cut.update(name=largest.name, missing=largest.end - largest.begin - 10, size=largest.end - largest.begin)
+        return entries
 
-    monkeypatch.setattr(recording_file_module, "read_tensor", cut_after_the_first_layer)
-    with pytest.raises(ValueError, match=r"rec\.safetensors: damaged or truncated: the file ends \d+ bytes before tensor '[a-z]+\.\d+\.0' does"):
+    monkeypatch.setattr(recording_file_module, "tensor_entries", cut_once_checked)
+    with pytest.raises(ValueError) as info:
         load_recording(path)
-    assert len(reads) == 2
+    # the bytes the file lacks, but those read ahead with the header before the cut (buffered)
+    said = re.fullmatch(rf"{re.escape(str(path))}: damaged or truncated: the file ends (\d+) bytes before tensor "
+                        rf"{re.escape(repr(cut['name']))} does", str(info.value))
+    assert said and 0 < int(said[1]) <= cut["missing"], str(info.value)
+    assert (cut["size"] >= 64 << 10) == (d == 64)  # read on its own; in a run of small layers
+
+
+class _CountedReads:
+    """An open file that counts the reads asked of it (a read of the header, each read of the data)."""
+
+    def __init__(self, fh):
+        self.fh, self.reads = fh, 0
+
+    def read(self, size=-1):
+        self.reads += 1
+        return self.fh.read(size)
+
+    def readinto(self, buffer):
+        self.reads += 1
+        return self.fh.readinto(buffer)
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.fh.close()
+
+
+def test_a_file_of_many_tiny_layers_is_read_in_a_few_reads(tmp_path, monkeypatch):
+    """A file of ~170 000 tensors of a few bytes (what a header of 16 MiB holds) took ~9.5 s to load, a read and
+    some ten calls per tensor: tensors of less than 64 KiB that follow each other are read in one read (up to
+    1 MiB), each then copied into a tensor of its own, its bytes as saved; layers of 64 KiB or more (any real
+    recording's) are each read straight into their tensors, a read each, as before."""
+    import headseg.nodes.core.recording_file as recording_file_module
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(0)
+    tiny = {LayerKey("output", i, 0): torch.randn(1, 1, 1, 1, 2, generator=g).half() for i in range(3000)}
+    large = {LayerKey("input", i, 0): torch.randn(1, 2, 1, 1, 16384, generator=g).half() for i in range(3)}  # 64 KiB
+    path = tmp_path / "many.safetensors"
+    save_recording(Recording({**tiny, **large}, (8, 8)), path)
+    opened, real_open = [], open
+
+    def counted_open(file, *args, **kwargs):
+        opened.append(_CountedReads(real_open(file, *args, **kwargs)))
+        return opened[-1]
+
+    monkeypatch.setattr(recording_file_module, "open", counted_open, raising=False)
+    rec = load_recording(path)
+    assert len(opened) == 1 and opened[0].reads <= 2 + 1 + 3  # the header (length, text), the tiny ones, the large
+    saved = load_file(str(path))
+    assert rec.layers.keys() == {**tiny, **large}.keys()
+    for key, t in rec.layers.items():
+        assert t.dtype == torch.float16 and torch.equal(t, saved[key.name]), key
+
+
+def test_a_load_leaves_the_cycle_collector_as_it_found_it(tmp_path):
+    """load_recording pauses Python's cycle collector while it makes its objects (~2 million for a header of
+    ~170 000 tensors, each collection walking them all again): on again after it, also when it fails, and left
+    off when it was off."""
+    import gc
+
+    path = tmp_path / "rec.safetensors"
+    save_recording(sd21_recording(seed=0), path)
+    bad = handmade(tmp_path, {"__metadata__": GOOD_META, "input.1.0": {"dtype": "F16", "shape": [1], "data_offsets": [0, 4]}}, bytes(4))
+    try:
+        for was_on in (True, False):
+            gc.enable() if was_on else gc.disable()
+            load_recording(path)
+            assert gc.isenabled() == was_on
+            with pytest.raises(ValueError, match="not a safetensors file"):
+                load_recording(bad)
+            assert gc.isenabled() == was_on
+    finally:
+        gc.enable()
 
 
 def test_a_load_reads_and_parses_the_header_once(tmp_path, monkeypatch):
