@@ -119,3 +119,27 @@ def test_dependencies_come_with_comfyui():
     for dependency in PROJECT["dependencies"]:
         assert _name(dependency) in comfy_reqs | torch_reqs, dependency
     assert not (REPO_ROOT / "requirements.txt").exists()
+
+
+def _comfyignored(path: str, patterns: list[str]) -> bool:
+    """Whether .comfyignore's ``patterns`` (folder names "name/", gitignore's meaning: a folder of that name at
+    any depth) leave tracked file ``path`` out of the registry's archive."""
+    folders = path.split("/")[:-1]
+    return any(p.endswith("/") and p.rstrip("/") in folders for p in patterns)
+
+
+def test_the_registry_archive_leaves_out_the_tests_and_ci_but_nothing_the_pack_loads():
+    """.comfyignore drops tests/ and .ci/ from what comfy node publish packs (git's tracked files less its
+    patterns); every file ComfyUI loads or shows (the entry point, nodes/, js/ and its docs, the examples) stays."""
+    import subprocess
+
+    lines = (REPO_ROOT / ".comfyignore").read_text(encoding="utf-8").splitlines()
+    patterns = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    assert all(p.endswith("/") and "*" not in p for p in patterns), patterns  # what _comfyignored reads
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.split()
+    left_out = {path for path in tracked if _comfyignored(path, patterns)}
+    assert {path.split("/")[0] for path in left_out} == {"tests", ".ci"}
+    loaded = [p for p in tracked if p.split("/")[0] in ("nodes", "js", "example_workflows") or "/" not in p]
+    assert len(loaded) > 40 and not left_out & set(loaded)
+    for folder in COMFY["includes"]:
+        assert not _comfyignored(folder.rstrip("/") + "/x", patterns), folder
