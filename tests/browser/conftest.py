@@ -198,6 +198,19 @@ def comfy_page(_shared_tab):
     yield _shared_tab
 
 
+@pytest.fixture(scope="module")
+def tabs_without_and_with_pack(browser, comfy_url):
+    """Two tabs opened on the app for the tests of one module -> (baseline, real): the baseline's pack scripts
+    are empty modules, the real one loads them. Their console messages are recorded from their page loads."""
+    tabs = [ComfyPage(browser, comfy_url, stub_pack_scripts=True).open()]
+    try:
+        tabs.append(ComfyPage(browser, comfy_url).open())
+        yield tuple(tabs)
+    finally:
+        for tab in tabs:
+            tab.close()
+
+
 @pytest.fixture
 def open_page(browser, comfy_url):
     """Factory: open_page(stub_pack_scripts=False) -> ComfyPage (closed after the test)."""

@@ -12,9 +12,8 @@ import pytest
 from headseg.tests.browser.helpers import NODE_IDS, PICKER, REPO_ROOT, WORKFLOWS_DIR, example_names, settle
 
 
-def test_extension_loads_without_console_errors(open_page):
-    baseline = open_page(stub_pack_scripts=True)
-    real = open_page()
+def test_extension_loads_without_console_errors(tabs_without_and_with_pack):
+    baseline, real = tabs_without_and_with_pack
     assert real.pack_scripts, "the page did not request the pack's scripts from /extensions/HeadSeg/"
     assert real.page.evaluate("() => app.extensions.some(e => e.name === 'HeadSeg.Frontend')")
     assert not baseline.page.evaluate("() => app.extensions.some(e => e.name === 'HeadSeg.Frontend')")
@@ -27,11 +26,10 @@ def test_extension_loads_without_console_errors(open_page):
     assert real.pack_problems() == []
 
 
-def test_workflow_without_headseg_nodes_is_unchanged(open_page):
+def test_workflow_without_headseg_nodes_is_unchanged(tabs_without_and_with_pack):
     """The default graph (no HeadSeg node) loads and serialises exactly as without the extension."""
     js = "() => JSON.stringify(app.graph.serialize().nodes.map(n => [n.type, n.widgets_values, n.size, n.inputs?.length, n.outputs?.length]).sort())"
-    baseline = open_page(stub_pack_scripts=True)
-    real = open_page()
+    baseline, real = tabs_without_and_with_pack
     base_nodes = json.loads(baseline.page.evaluate(js))
     assert len(base_nodes) > 3, "the default graph did not load"
     assert json.loads(real.page.evaluate(js)) == base_nodes
