@@ -18,21 +18,19 @@ from .core import pca as core_pca
 from .core import preview as core_preview
 from .core.pca import HeadFeatures
 from .core.recording import NonFiniteLayerError, parse_levels
+from .device_choice import DEVICE_CHOICES, device_input, run_on_device
+from .memory_checks import check_memory as _check_memory
 from .node_utils import (
     CATEGORY,
-    DEVICE_CHOICES,
     POSITION_CHOICES,
     as_recording,
-    check_memory as _check_memory,
     combo_error,
-    device_input,
     integer_input,
     log,
     outputs_to_make,
     parse_positions,
-    preview_refs,
-    run_on_device,
 )
+from .previews import preview_refs
 
 
 class HeadPCA(io.ComfyNode):

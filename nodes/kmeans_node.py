@@ -17,18 +17,16 @@ from .core import kmeans as core_kmeans
 from .core import kmeans_image as core_kmeans_image
 from .core import preview as core_preview
 from .core import upsample as core_upsample
+from .device_choice import DEVICE_CHOICES, device_input, run_on_device
+from .memory_checks import check_memory as _check_memory
 from .node_utils import (
     CATEGORY,
-    DEVICE_CHOICES,
-    check_memory as _check_memory,
     combo_error,
-    device_input,
     expect as _expect,
     integer_input,
-    label_previews,
     outputs_to_make,
-    run_on_device,
 )
+from .previews import label_previews
 
 
 class MultiKMeans(io.ComfyNode):

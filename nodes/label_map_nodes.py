@@ -28,10 +28,11 @@ from .core import masks as core_masks
 from .core import pixels as core_pixels
 from .core.masks import check_label_map
 from .core.numerics import all_finite
-from .node_utils import (
-    CATEGORY, PREFIX_RULES_TOOLTIP, comfy_metadata, expect as _expect, image_batch, list_index, on_png_threads, output_error,
-    output_place, prefix_error, writable_entries,
+from .node_utils import CATEGORY, expect as _expect, image_batch, list_index
+from .output_files import (
+    PREFIX_RULES_TOOLTIP, comfy_metadata, output_error, output_place, prefix_error, writable_entries,
 )
+from .previews import on_png_threads
 
 log = logging.getLogger("HeadSeg")
 

@@ -15,7 +15,8 @@ from . import types as hs
 from .core import kmeans as core_kmeans
 from .core import masks as core_masks
 from .core.values import integer_index
-from .node_utils import CATEGORY, check_memory as _check_memory, expect as _expect, mask_bytes, outputs_to_make
+from .memory_checks import check_memory as _check_memory
+from .node_utils import CATEGORY, expect as _expect, mask_bytes, outputs_to_make
 
 
 class MaskMerge(io.ComfyNode):

@@ -17,16 +17,16 @@ from .core import masks as core_masks
 from .core import pixels as core_pixels
 from .core import preview as core_preview
 from .core.values import integer_index
+from .memory_checks import check_memory
 from .node_utils import (
     CATEGORY,
-    check_memory,
     image_batch,
     log,
     mask_bytes,
     mask_to_comfy,
     outputs_to_make,
-    preview_refs,
 )
+from .previews import preview_refs
 
 
 # The largest x / y the prompt check lets through: a pixel of the picture, which may be larger than any masks'

@@ -28,8 +28,10 @@ from .core.recording_file import (
     printable_path,
     save_recording,
 )
-from .node_utils import (
-    PREFIX_RULES_TOOLTIP, as_recording, check_memory, comfy_metadata, list_index, output_error, output_place, prefix_error, writable_entries,
+from .memory_checks import check_memory
+from .node_utils import as_recording, list_index
+from .output_files import (
+    PREFIX_RULES_TOOLTIP, comfy_metadata, output_error, output_place, prefix_error, writable_entries,
 )
 from .portable_names import portable_path, starts_with_drive
 

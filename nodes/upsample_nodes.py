@@ -16,7 +16,9 @@ from .core import error_map as core_error_map
 from .core import preview as core_preview
 from .core import upsample as core_upsample
 from .core.pca import HeadFeatures
-from .node_utils import CATEGORY, check_memory as _check_memory, combo_error, expect as _expect, preview_refs
+from .memory_checks import check_memory as _check_memory
+from .node_utils import CATEGORY, combo_error, expect as _expect
+from .previews import preview_refs
 
 
 class Upsample(io.ComfyNode):

@@ -145,12 +145,12 @@ def main():
         steps.insert(2, ("Upsampling Error Map", UpsamplingErrorMap, lambda c, v: c.execute(v["Upsample"]), "Upsample"))
     chain_prompt = queued_prompt(steps)
 
-    from headseg.nodes import node_utils
+    from headseg.nodes import previews
 
     def run_chain(times=None):
         values, outputs = {}, {}
         for name, cls, call, _ in steps:
-            node_utils._saved_previews.clear()  # a new image: Mask Select writes its picture's PNG again
+            previews._saved_previews.clear()  # a new image: Mask Select writes its picture's PNG again
             start = time.perf_counter()
             out = call(cls, values)
             if times is not None:
@@ -177,7 +177,7 @@ def main():
     peaks, sizes = {}, {}
     values, kept, seen = {}, [], set()
     for name, cls, call, _ in steps:
-        node_utils._saved_previews.clear()  # a new image, as in the timed chains
+        previews._saved_previews.clear()  # a new image, as in the timed chains
         with bench_core.PeakRSS() as rss:
             out = call(cls, values)
         values[name] = out.args[0]
@@ -186,7 +186,7 @@ def main():
         sizes[name] = output_bytes(out.args, seen) / 1e6
     read_sizes, seen = {}, set()  # the same chain as in a prompt queued to the server
     for name, cls, call, _ in steps:
-        node_utils._saved_previews.clear()
+        previews._saved_previews.clear()
         out = in_prompt(chain_prompt, name, cls, lambda c: call(c, values))
         kept.append(out.args)
         read_sizes[name] = output_bytes(out.args, seen) / 1e6
@@ -202,12 +202,12 @@ def main():
     pca_times, pca_peaks = {name: [] for name in pca_runs}, {}
     for _ in range(args.repeats):
         for name, prompt in pca_runs.items():
-            node_utils._saved_previews.clear()
+            previews._saved_previews.clear()
             start = time.perf_counter()
             in_prompt(prompt, pca_name, pca_cls, lambda c: pca_call(c, {}))
             pca_times[name].append(time.perf_counter() - start)
     for name, prompt in pca_runs.items():
-        node_utils._saved_previews.clear()
+        previews._saved_previews.clear()
         with bench_core.PeakRSS() as rss:
             in_prompt(prompt, pca_name, pca_cls, lambda c: pca_call(c, {}))
         pca_peaks[name] = rss.extra_mb

@@ -128,10 +128,10 @@ def test_the_picture_has_the_bytes_save_image_writes(save, sweep, comfy_folders,
 def test_a_batch_of_pictures_is_saved_without_a_copy_of_the_batch(save, sweep, comfy_folders, monkeypatch):
     """A batch of finite pictures is read where it lies: NaN handling copied the whole batch first (12 bytes
     per pixel of every image: 100 MB for eight SDXL images at 1024 x 1024). The files are the same."""
-    from headseg.nodes import node_utils
+    from headseg.nodes import previews
     from headseg.tests.support.peak_memory import PeakBytes
 
-    monkeypatch.setattr(node_utils, "_PNG_THREADS", 1)  # every file on this thread, where PeakBytes sees it
+    monkeypatch.setattr(previews, "_PNG_THREADS", 1)  # every file on this thread, where PeakBytes sees it
     pictures = torch.rand(2, H, W, 3, generator=torch.Generator().manual_seed(4))
     with PeakBytes() as mem:
         save.execute(sweep, "batch/x", pictures)
@@ -336,12 +336,12 @@ def test_a_batch_is_written_on_several_threads_with_the_bytes_of_one_at_a_time(s
     import os
     import threading
 
-    from headseg.nodes import node_utils
+    from headseg.nodes import previews
 
     pictures = torch.rand(2, H, W, 3, generator=torch.Generator().manual_seed(3))
-    monkeypatch.setattr(node_utils, "_PNG_THREADS", 1)
+    monkeypatch.setattr(previews, "_PNG_THREADS", 1)
     save.execute(sweep, "one/x", pictures)
-    monkeypatch.setattr(node_utils, "_PNG_THREADS", 8)
+    monkeypatch.setattr(previews, "_PNG_THREADS", 8)
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     real_save, meet, threads = Image.Image.save, threading.Barrier(2), set()
 

@@ -22,10 +22,10 @@ pytestmark = pytest.mark.comfy
 
 
 @pytest.fixture(scope="module")
-def utils():
-    from headseg.nodes import node_utils
+def device_choice():
+    from headseg.nodes import device_choice
 
-    return node_utils
+    return device_choice
 
 
 @pytest.fixture
@@ -73,27 +73,27 @@ def stack(nodes):
         ("xpu:0", "auto", "cpu"),
     ],
 )
-def test_the_device_follows_comfyuis_gpu(utils, comfy_device, comfy, choice, expected):
+def test_the_device_follows_comfyuis_gpu(device_choice, comfy_device, comfy, choice, expected):
     comfy_device.set(comfy)
-    assert utils.compute_device(choice) == torch.device(expected)
+    assert device_choice.compute_device(choice) == torch.device(expected)
 
 
 @pytest.mark.parametrize(
     "comfy, why", [("cpu", r" \(started with --cpu, or no GPU found\)"), ("mps", ""), ("privateuseone:0", "")]
 )
-def test_gpu_without_a_cuda_gpu_is_an_error_naming_the_input(utils, comfy_device, comfy, why):
+def test_gpu_without_a_cuda_gpu_is_an_error_naming_the_input(device_choice, comfy_device, comfy, why):
     comfy_device.set(comfy)
     kind = comfy.split(":")[0]
     with pytest.raises(
         ValueError, match=rf"^device: 'gpu' runs HeadSeg on CUDA or ROCm GPUs only, but ComfyUI computes on {kind} "
                           rf"here{why}; choose 'auto' or 'cpu'$"
     ):
-        utils.compute_device("gpu")
+        device_choice.compute_device("gpu")
 
 
-def test_an_unknown_choice_names_the_input_and_the_choices(utils):
+def test_an_unknown_choice_names_the_input_and_the_choices(device_choice):
     with pytest.raises(ValueError, match=r"^device: expected one of \['auto', 'gpu', 'cpu'\], got 'cuda'"):
-        utils.compute_device("cuda")
+        device_choice.compute_device("cuda")
 
 
 # torch's own message: a paragraph, of which the error names only the first two sentences
@@ -114,11 +114,11 @@ def _work_that_overflows_the_gpu(calls, error=None):
     return work
 
 
-def test_auto_falls_back_to_the_cpu_when_the_gpu_runs_out_of_memory(utils, comfy_device, caplog):
+def test_auto_falls_back_to_the_cpu_when_the_gpu_runs_out_of_memory(device_choice, comfy_device, caplog):
     comfy_device.set("cuda:0")
     calls = []
     with caplog.at_level(logging.WARNING, logger="HeadSeg"):
-        assert utils.run_on_device("auto", _work_that_overflows_the_gpu(calls), "Multi K-Means") == "result"
+        assert device_choice.run_on_device("auto", _work_that_overflows_the_gpu(calls), "Multi K-Means") == "result"
     assert calls == [torch.device("cuda:0"), torch.device("cpu")]
     assert comfy_device.emptied == 1  # the GPU's cache is released before the CPU run
     assert comfy_device.released == 1  # and the worker threads' cuBLAS workspaces
@@ -126,16 +126,16 @@ def test_auto_falls_back_to_the_cpu_when_the_gpu_runs_out_of_memory(utils, comfy
            "running it on the CPU instead" in caplog.text
 
 
-def test_a_library_that_cannot_allocate_on_a_full_gpu_falls_back_too(utils, comfy_device):
+def test_a_library_that_cannot_allocate_on_a_full_gpu_falls_back_too(device_choice, comfy_device):
     """A full GPU can fail as a RuntimeError: cuBLAS cannot create the handle of a new worker thread."""
     comfy_device.set("cuda:0")
     calls = []
     error = RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
-    assert utils.run_on_device("auto", _work_that_overflows_the_gpu(calls, error), "Multi K-Means") == "result"
+    assert device_choice.run_on_device("auto", _work_that_overflows_the_gpu(calls, error), "Multi K-Means") == "result"
     assert calls == [torch.device("cuda:0"), torch.device("cpu")]
 
 
-def test_the_failed_attempts_tensors_are_freed_before_the_cpu_runs(utils, comfy_device):
+def test_the_failed_attempts_tensors_are_freed_before_the_cpu_runs(device_choice, comfy_device):
     """The failed attempt's tensors live in frames that its traceback keeps, in a cycle through the
     worker threads' futures: they must be gone when the CPU run starts, not at the next collection."""
     comfy_device.set("cuda:0")
@@ -159,47 +159,47 @@ def test_the_failed_attempts_tensors_are_freed_before_the_cpu_runs(utils, comfy_
 
     gc.disable()  # only what run_on_device does may free them
     try:
-        assert utils.run_on_device("auto", work, "Multi K-Means") == [False, False]
+        assert device_choice.run_on_device("auto", work, "Multi K-Means") == [False, False]
     finally:
         gc.enable()
 
 
-def test_gpu_that_runs_out_of_memory_is_an_error_naming_the_input(utils, comfy_device):
+def test_gpu_that_runs_out_of_memory_is_an_error_naming_the_input(device_choice, comfy_device):
     """Still an out-of-memory error, so that ComfyUI unloads its models and shows its memory tips."""
     comfy_device.set("cuda:0")
     calls = []
     with pytest.raises(torch.cuda.OutOfMemoryError,
                        match=r"^device: the GPU \(cuda:0\) ran out of memory in Multi K-Means \(CUDA out of memory. "
                              r"Tried to allocate 2.00 GiB\); choose 'auto' to fall back to the CPU, or 'cpu'$") as info:
-        utils.run_on_device("gpu", _work_that_overflows_the_gpu(calls), "Multi K-Means")
+        device_choice.run_on_device("gpu", _work_that_overflows_the_gpu(calls), "Multi K-Means")
     assert isinstance(info.value.__cause__, torch.cuda.OutOfMemoryError)
     assert calls == [torch.device("cuda:0")] and comfy_device.released == 1
 
 
-def test_other_gpu_errors_are_not_hidden_by_the_fall_back(utils, comfy_device):
+def test_other_gpu_errors_are_not_hidden_by_the_fall_back(device_choice, comfy_device):
     comfy_device.set("cuda:0")
 
     def work(device):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     with pytest.raises(RuntimeError, match="illegal memory access"):
-        utils.run_on_device("auto", work, "Multi K-Means")
+        device_choice.run_on_device("auto", work, "Multi K-Means")
     assert comfy_device.emptied == 0
 
 
-def test_work_that_fits_runs_once_on_the_picked_device(utils, comfy_device):
+def test_work_that_fits_runs_once_on_the_picked_device(device_choice, comfy_device):
     comfy_device.set("cuda:0")
     calls = []
-    assert utils.run_on_device("auto", lambda d: calls.append(d) or "ok", "x") == "ok"
+    assert device_choice.run_on_device("auto", lambda d: calls.append(d) or "ok", "x") == "ok"
     assert calls == [torch.device("cuda:0")]
     assert comfy_device.released == 1  # the GPU's worker-thread workspaces are freed after the work
 
 
-def test_cpu_work_leaves_the_gpus_workspaces_alone(utils, comfy_device):
+def test_cpu_work_leaves_the_gpus_workspaces_alone(device_choice, comfy_device):
     comfy_device.set("cuda:0")
-    assert utils.run_on_device("cpu", lambda d: d, "x") == torch.device("cpu")
+    assert device_choice.run_on_device("cpu", lambda d: d, "x") == torch.device("cpu")
     comfy_device.set("cpu")
-    assert utils.run_on_device("auto", lambda d: d, "x") == torch.device("cpu")
+    assert device_choice.run_on_device("auto", lambda d: d, "x") == torch.device("cpu")
     assert comfy_device.released == 0
 
 

@@ -202,7 +202,7 @@ def test_a_prompt_without_the_key_or_with_one_its_links_contradict_makes_every_o
 
 
 def memory_checks(monkeypatch, module, name: str) -> list:
-    """The memory check ``module.name`` (node_utils.check_memory under the name the node module calls) still
+    """The memory check ``module.name`` (memory_checks.check_memory under the name the node module calls) still
     run, each call noted: -> the list of (need, what) it fills, one per check."""
     checks = []
     check = getattr(module, name)

@@ -274,7 +274,7 @@ def test_a_mask_thumbnail_is_written_once_while_it_stays_the_same(nodes, recordi
     so their PNGs are not written again (the refs name the first run's files, which hold the bytes a new
     write would); a thumbnail whose file is gone is written again, and another pixel's masks get files of
     their own."""
-    from headseg.nodes import node_utils
+    from headseg.nodes import previews
 
     # stored channel by channel, as VAE Decode's IMAGE is (pixels.movedim(1, -1)): the overlays are too
     image = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(3)).movedim(1, -1)  # [1, H, W, 3]
@@ -290,7 +290,7 @@ def test_a_mask_thumbnail_is_written_once_while_it_stays_the_same(nodes, recordi
     (comfy_folders["temp"] / first[0]["subfolder"] / first[0]["filename"]).unlink()
     third = nodes.MaskSelectAtPixel.execute(masks, 180, 120, 0, image).ui["headseg_masks"]
     assert third[0] != first[0] and third[1:] == first[1:] and read(third[0]) == written[0]
-    node_utils._saved_previews.clear()  # written anew: the same bytes
+    previews._saved_previews.clear()  # written anew: the same bytes
     fresh = nodes.MaskSelectAtPixel.execute(masks, 180, 120, 0, image).ui["headseg_masks"]
     assert not set(map(str, fresh)) & set(map(str, first + third)) and [read(r) for r in fresh] == written
     elsewhere = nodes.MaskSelectAtPixel.execute(masks, 10, 10, 0, image)
@@ -466,7 +466,7 @@ def test_mask_merge_refuses_masks_that_would_not_fit_in_free_memory(nodes, recor
     pixel and 48 per pair of clusters) and image 0's MASK batch (4 bytes per merged mask and pixel) must
     fit in 80 % of the free memory: otherwise a message naming
     cluster_counts, before the allocation; settings that fit run."""
-    from headseg.nodes import node_utils
+    from headseg.nodes import memory_checks
 
     feats = nodes.HeadPCA.execute(recording, "down+up", "all", 4).args[0]
     stack = nodes.Upsample.execute(feats, "bilinear", False).args[0]
@@ -482,7 +482,7 @@ def test_mask_merge_refuses_masks_that_would_not_fit_in_free_memory(nodes, recor
         (batch / 0.8 + 1, None),
     ]
     for free, refused in cases:
-        monkeypatch.setattr(node_utils, "available_memory", lambda free=free: int(free))
+        monkeypatch.setattr(memory_checks, "available_memory", lambda free=free: int(free))
         if refused is None:
             assert nodes.MaskMerge.execute(sweep, 0.9, 0.0).args[1].shape == (M, H, W)
             continue
@@ -491,12 +491,12 @@ def test_mask_merge_refuses_masks_that_would_not_fit_in_free_memory(nodes, recor
         message = str(info.value)
         assert refused in message and "(cluster_counts 2,5)" in message and "80 % of the" in message, message
         assert "Use fewer or smaller cluster counts in Multi K-Means" in message
-    monkeypatch.setattr(node_utils, "available_memory", lambda: None)  # unknown: a fixed 4 GiB each
-    monkeypatch.setattr(node_utils, "FALLBACK_MEMORY_BYTES", 7 * H * W - 1)
+    monkeypatch.setattr(memory_checks, "available_memory", lambda: None)  # unknown: a fixed 4 GiB each
+    monkeypatch.setattr(memory_checks, "FALLBACK_MEMORY_BYTES", 7 * H * W - 1)
     with pytest.raises(ValueError, match=r"more than 0\.0 GiB\. Use fewer"):
         nodes.MaskMerge.execute(sweep, 0.9, 0.0)
     monkeypatch.undo()
-    assert node_utils.available_memory() > 0  # psutil is there in ComfyUI
+    assert memory_checks.available_memory() > 0  # psutil is there in ComfyUI
 
 
 def test_multi_kmeans_shows_the_colour_maps_of_the_first_images_of_a_large_batch(nodes, recording, monkeypatch, comfy_folders):
@@ -556,7 +556,7 @@ def test_mask_select_refuses_outputs_that_would_not_fit_in_free_memory(nodes, re
     """Mask Select's outputs grow with the masks at the pixel (a MASK batch and an overlay, 16 bytes per
     pixel each) and its working copies with the batch: when they would take more than 80 % of the free
     memory it stops with a message naming masks instead of running out of memory; settings that fit run."""
-    from headseg.nodes import node_utils
+    from headseg.nodes import memory_checks
 
     feats = nodes.HeadPCA.execute(recording, "down+up", "all", 4).args[0]
     stack = nodes.Upsample.execute(feats, "bilinear", False).args[0]
@@ -565,12 +565,12 @@ def test_mask_select_refuses_outputs_that_would_not_fit_in_free_memory(nodes, re
     held = [int(ms.masks[:, y, x].sum()) for ms in merged]  # the masks holding the pixel, per image
     assert B == 2 and held[0] >= 2
     need = B * H * W * 4 + (held[0] + max(held)) * H * W + held[0] * H * W * 20 + H * W * 20
-    monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) - 1)
+    monkeypatch.setattr(memory_checks, "available_memory", lambda: int(need / 0.8) - 1)
     with pytest.raises(ValueError, match=rf"^masks: the {held[0]} masks at pixel {x}, {y} as a MASK batch and overlays at "
                        rf"{W}x{H} pixels, and the chosen mask of 2 image\(s\) would take 0\.0 GiB, more than 80 % .* "
                        r"Use fewer cluster counts in Multi K-Means"):
         nodes.MaskSelectAtPixel.execute(merged, x, y, 0)
-    monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) + 1)
+    monkeypatch.setattr(memory_checks, "available_memory", lambda: int(need / 0.8) + 1)
     mask, at_pixel, overlay, count = nodes.MaskSelectAtPixel.execute(merged, x, y, 0).args
     assert count == held[0]  # no more_points: every mask holding the pixel
     assert 4 * (at_pixel.numel() + overlay.numel()) == held[0] * H * W * 16  # the outputs the check counts
@@ -581,7 +581,7 @@ def test_multi_kmeans_refuses_outputs_that_would_not_fit_before_clustering(nodes
     """Multi K-Means keeps a uint8 label map and a float32 RGB colour map per k and image (13 bytes per
     pixel): when they would take more than 80 % of the free memory it stops at once with a message
     naming cluster_counts, instead of running out of memory after the clustering."""
-    from headseg.nodes import kmeans_node, node_utils
+    from headseg.nodes import kmeans_node, memory_checks
     from headseg.nodes.core import kmeans as core_kmeans
 
     feats = nodes.HeadPCA.execute(recording, "down+up", "all", 4).args[0]
@@ -589,14 +589,14 @@ def test_multi_kmeans_refuses_outputs_that_would_not_fit_before_clustering(nodes
     need = 3 * 2 * H * W * 13 + 8 * 2 * H * W + 2**20  # k = 2, 3, 4 for the 2 images, and one k's int64 index
     ran = []
     monkeypatch.setattr(core_kmeans, "multi_kmeans", lambda *a, **kw: ran.append(1))
-    monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) - 1)
+    monkeypatch.setattr(memory_checks, "available_memory", lambda: int(need / 0.8) - 1)
     with pytest.raises(ValueError, match=r"^cluster_counts: the label maps and colour maps of 3 cluster count\(s\) for 2 "
                        rf"image\(s\) at {W}x{H} pixels would take 0\.0 GiB, more than 80 % of the 0\.0 GiB free\. "
                        r"Use fewer cluster counts, or fewer images per batch"):
         nodes.MultiKMeans.execute(stack, "2,3,4", 0)
     assert ran == []  # refused before any clustering
     monkeypatch.undo()
-    monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) + 1)
+    monkeypatch.setattr(memory_checks, "available_memory", lambda: int(need / 0.8) + 1)
     monkeypatch.setattr(kmeans_node, "kmeans_sweep_bytes", lambda stack, counts, busy: 0)  # the outputs' check alone (see below)
     sweep, colour_maps = nodes.MultiKMeans.execute(stack, "2,3,4", 0).args
     used = sum(r.labels.element_size() * r.labels.numel() for r in sweep.results.values())
@@ -611,7 +611,7 @@ def test_multi_kmeans_on_the_cpu_counts_the_working_memory_of_the_k_clustered_at
     when it would not fit."""
     import torch
 
-    from headseg.nodes import kmeans_node, node_utils
+    from headseg.nodes import kmeans_node, memory_checks
     from headseg.nodes.core import kmeans as core_kmeans
 
     feats = nodes.HeadPCA.execute(recording, "down+up", "all", 4).args[0]
@@ -630,14 +630,14 @@ def test_multi_kmeans_on_the_cpu_counts_the_working_memory_of_the_k_clustered_at
         raise Reached
 
     monkeypatch.setattr(core_kmeans, "multi_kmeans", stand_in)
-    monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) - 1)
+    monkeypatch.setattr(memory_checks, "available_memory", lambda: int(need / 0.8) - 1)
     with pytest.raises(ValueError, match=rf"^cluster_counts: clustering at {W}x{H} pixels on the CPU \(k = "
                        rf"{', '.join(map(str, busy))} at once, the working sets of every k, and the label maps\) would "
                        r"take .* Use fewer or "
                        r"smaller cluster counts, or smaller images, or run Multi K-Means on a GPU"):
         nodes.MultiKMeans.execute(stack, "2,3,4", 0, "cpu")
     assert ran == []
-    monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) + 1)
+    monkeypatch.setattr(memory_checks, "available_memory", lambda: int(need / 0.8) + 1)
     with pytest.raises(Reached):  # let through to the clustering
         nodes.MultiKMeans.execute(stack, "2,3,4", 0, "cpu")
     assert ran == [1]
@@ -1048,7 +1048,7 @@ def test_error_map_refuses_a_picture_that_would_not_fit_in_free_memory(nodes, mo
     3.2 GB each): when what it allocates would take more than 80 % of the free memory it stops at once with
     a message naming stack, like the other nodes, instead of running out of memory. Its estimate
     (error_map_bytes) bounds what it allocates, at every pixel of a small image and at a lattice of a large one."""
-    from headseg.nodes import node_utils, upsample_nodes
+    from headseg.nodes import memory_checks, upsample_nodes
     from headseg.nodes.core import error_map as core_error_map
     from headseg.nodes.core.upsample import FeatureStack
     from headseg.tests.support.peak_memory import PeakBytes
@@ -1060,13 +1060,13 @@ def test_error_map_refuses_a_picture_that_would_not_fit_in_free_memory(nodes, mo
     H, W = size
     ran = []
     monkeypatch.setattr(core_error_map, "upsampling_error_blocks", lambda stack: ran.append(1))
-    monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) - 1)
+    monkeypatch.setattr(memory_checks, "available_memory", lambda: int(need / 0.8) - 1)
     with pytest.raises(ValueError, match=rf"^stack: the upsampling-error map of {B} image\(s\) at {W}x{H} pixels "
                        r"would take 0\.\d GiB, more than 80 % of the 0\.\d GiB free\. Leave Upsampling Error Map out"):
         nodes.UpsamplingErrorMap.execute(stack)
     assert ran == []  # refused before any work
     monkeypatch.undo()
-    monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) + 1)
+    monkeypatch.setattr(memory_checks, "available_memory", lambda: int(need / 0.8) + 1)
     with PeakBytes() as mem:
         error_map = nodes.UpsamplingErrorMap.execute(stack).args[0]
     assert error_map.shape == (B, H, W, 3)
@@ -1079,14 +1079,14 @@ def test_head_pca_memory_check_counts_the_principal_components_and_their_working
     being reduced. It counted the picture alone (a 64-pixel tile per head, whatever the image size), so for
     two SD2.1 images at 1024x1024 it allowed 22 MB where the node took 95 MB of tensors (203 MB of RSS on
     two threads), and more with larger images or components."""
-    from headseg.nodes import head_pca_node, node_utils
+    from headseg.nodes import head_pca_node, memory_checks
     from headseg.tests.support.peak_memory import PeakBytes
 
     rec = planted_recording([nested_scene(256, 256)] * 2, layout=small_layout(heads=5), d=64)  # grids 32x32 .. 4x4
     counted = []
     check = head_pca_node._check_memory
     monkeypatch.setattr(head_pca_node, "_check_memory", lambda need, *a: counted.append(need) or check(need, *a))
-    monkeypatch.setattr(node_utils, "available_memory", lambda: 1 << 40)
+    monkeypatch.setattr(memory_checks, "available_memory", lambda: 1 << 40)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the PCA on this thread, seen by PeakBytes
     try:
@@ -1103,12 +1103,12 @@ def test_head_pca_names_components_beyond_the_head_width_before_its_memory_check
     bytes per component, token and head: 1024 components (the widget's maximum) of 16-wide heads were
     refused as memory 'recording: the 1024 principal components ... Select fewer layers' where the input
     at fault is components (a large recording, or little free memory)."""
-    from headseg.nodes import head_pca_node, node_utils
+    from headseg.nodes import head_pca_node, memory_checks
     from headseg.nodes.core import pca as core_pca
 
     selected = recording.select(positions=("down", "up"))
     fits = core_pca.recording_pca_bytes(selected, 16) + head_pca_node.pca_rgb_bytes(selected)
-    monkeypatch.setattr(node_utils, "available_memory", lambda: int(fits / 0.8) + 1)  # 16 components fit
+    monkeypatch.setattr(memory_checks, "available_memory", lambda: int(fits / 0.8) + 1)  # 16 components fit
     with pytest.raises(ValueError, match=r"^components must be between 1 and the head dimension 16 of layer "):
         nodes.HeadPCA.execute(recording, "down+up", "all", 1024)
     assert nodes.HeadPCA.execute(recording, "down+up", "all", 16).args[0].components == 16
@@ -1119,7 +1119,7 @@ def test_head_pca_refuses_a_picture_of_more_heads_than_fit_in_free_memory(nodes,
     200 000 heads of width 1 is a 400 kB file, and its picture 9.8 GB). When the picture would take more than
     80 % of the free memory Head PCA stops before the PCA with a message naming recording; the estimate
     (pca_rgb_bytes) bounds what pca_rgb_grid allocates."""
-    from headseg.nodes import head_pca_node, node_utils
+    from headseg.nodes import head_pca_node, memory_checks
     from headseg.nodes.core import pca as core_pca
     from headseg.nodes.core import preview as core_preview
     from headseg.nodes.core.recording import LayerKey
@@ -1132,13 +1132,13 @@ def test_head_pca_refuses_a_picture_of_more_heads_than_fit_in_free_memory(nodes,
     assert need >= 12 * 2 * 43 * 600 * 64  # the picture: 2 rows of 43 x 64 tiles, 600 tiles wide
     ran = []
     monkeypatch.setattr(core_pca, "recording_pca", lambda *a, **kw: ran.append(1))
-    monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) - 1)
+    monkeypatch.setattr(memory_checks, "available_memory", lambda: int(need / 0.8) - 1)
     with pytest.raises(ValueError, match=r"^recording: the 2 principal components of the 604 selected heads in 2 layer\(s\) "
                        r"and pca_rgb, their picture \(38400x86 pixels\), would take 0\.\d GiB, more than 80 % of the 0\.\d GiB free\. Select fewer layers"):
         nodes.HeadPCA.execute(rec, "down+up", "all", 2)
     assert ran == []  # refused before the PCA
     monkeypatch.undo()
-    monkeypatch.setattr(node_utils, "available_memory", lambda: int(need / 0.8) + 1)
+    monkeypatch.setattr(memory_checks, "available_memory", lambda: int(need / 0.8) + 1)
     assert nodes.HeadPCA.execute(rec, "down+up", "all", 2).args[1].shape == (1, 86, 38400, 3)
     sd21 = planted_recording([nested_scene(256, 256)], layout=small_layout(heads=5), d=4)  # grids 32x32 .. 4x4
     for r in (rec, sd21):

@@ -111,17 +111,17 @@ def test_a_file_larger_than_the_free_memory_is_refused_before_it_is_read(io_node
     ran into torch's allocator part-way (or the server was killed); it is refused naming the input instead."""
     import os
 
-    from headseg.nodes import node_utils
+    from headseg.nodes import memory_checks
 
     path = io_nodes.SaveRecording.execute(recording, "big").args[0]
     size = os.path.getsize(path)
-    monkeypatch.setattr(node_utils, "available_memory", lambda: int(size / 0.8) - 1)
+    monkeypatch.setattr(memory_checks, "available_memory", lambda: int(size / 0.8) - 1)
     with pytest.raises(ValueError, match=r"^path: the heads of big_00001_\.safetensors, copied into memory, would "
                                          r"take 0\.0 GiB, more than 80 % of the 0\.0 GiB free\. Load it on a machine"):
         io_nodes.LoadRecording.execute("", path)
     with pytest.raises(ValueError, match=r"^file: the heads of big_00001_\.safetensors"):
         io_nodes.LoadRecording.execute("big_00001_.safetensors [output]", "")
-    monkeypatch.setattr(node_utils, "available_memory", lambda: int(size / 0.8) + 1)
+    monkeypatch.setattr(memory_checks, "available_memory", lambda: int(size / 0.8) + 1)
     assert io_nodes.LoadRecording.execute("", path).args[0].num_heads == recording.num_heads
 
 
@@ -1411,18 +1411,18 @@ def test_a_path_past_windows_limit_is_named_so_on_windows(io_nodes, monkeypatch)
     or directory' (a folder's from 248 on): the error said to check that the output folder is writable. What
     Windows raises is made here by hand (os.name set to 'nt' for output_error only); on Linux a name, not a path,
     is too long, and the error says so."""
-    from headseg.nodes import node_utils
+    from headseg.nodes import output_files
 
     long_file = "/o/" + "d" * 240 + "/name_00001_.safetensors"
     long_folder = "/o/" + "d" * 250
     missing_file = FileNotFoundError(2, "No such file or directory", long_file)
     missing_folder = FileNotFoundError(3, "The system cannot find the path specified", long_folder)
-    assert "writable" in str(node_utils.output_error(missing_file, "p", long_file, "x"))  # not Windows
+    assert "writable" in str(output_files.output_error(missing_file, "p", long_file, "x"))  # not Windows
     short = "/o/name_00001_.safetensors"
     cases = ((missing_file, long_file), (missing_folder, None), (FileNotFoundError(2, "gone", short), short))
     with monkeypatch.context() as windows:  # only while output_error runs: pytest itself reads os.name
-        windows.setattr(node_utils.os, "name", "nt")
-        messages = [str(node_utils.output_error(exc, "p", full, "x")) for exc, full in cases]
+        windows.setattr(output_files.os, "name", "nt")
+        messages = [str(output_files.output_error(exc, "p", full, "x")) for exc, full in cases]
     assert messages[0].endswith(
         f"the path has {len(long_file)} characters, past the 259 Windows takes unless long paths are enabled: "
         "choose a shorter prefix, or enable long paths in Windows"
