@@ -16,13 +16,22 @@ pytestmark = pytest.mark.comfy
 
 
 @pytest.fixture()
-def io_nodes():
-    """The module, its file list walked afresh for each test (tests add files between listings)."""
+def recording_files():
+    """The module that lists and resolves Load Recording's files, its file list walked afresh for each test
+    (tests add files between listings)."""
+    from headseg.nodes import recording_files
+
+    recording_files.forget_listing()
+    yield recording_files
+    recording_files.forget_listing()
+
+
+@pytest.fixture()
+def io_nodes(recording_files):
+    """The nodes' module, the file list walked afresh for each test (see recording_files)."""
     from headseg.nodes import recording_io_nodes
 
-    recording_io_nodes.forget_listing()
-    yield recording_io_nodes
-    recording_io_nodes.forget_listing()
+    return recording_io_nodes
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +39,7 @@ def recording():
     return planted_recording([nested_scene(128, 192)], layout=small_layout(heads=2), d=8, seed=3)
 
 
-def test_save_then_load_round_trips(io_nodes, recording, comfy_folders):
+def test_save_then_load_round_trips(io_nodes, recording_files, recording, comfy_folders):
     out = io_nodes.SaveRecording.execute(recording, "headseg/test")
     path = out.args[0]
     info = out.ui["headseg_recording"][0]
@@ -45,7 +54,7 @@ def test_save_then_load_round_trips(io_nodes, recording, comfy_folders):
         assert set(f.keys()) == {k.name for k in recording.layers}
 
     # listed in the combo as an output-folder file, and loadable by that name or by path
-    assert "headseg/" + info["filename"] + " [output]" in io_nodes._recording_files()
+    assert "headseg/" + info["filename"] + " [output]" in recording_files._recording_files()
     for loaded in (
         io_nodes.LoadRecording.execute("headseg/" + info["filename"] + " [output]", "").args[0],
         io_nodes.LoadRecording.execute("", path).args[0],
@@ -136,11 +145,11 @@ def test_fingerprint_follows_the_file(io_nodes, recording):
     assert io_nodes.LoadRecording.fingerprint_inputs("", path) != first
 
 
-def test_errors_name_the_input(io_nodes, recording, comfy_folders):
+def test_errors_name_the_input(io_nodes, recording_files, recording, comfy_folders):
     with pytest.raises(ValueError, match="path"):
         io_nodes.LoadRecording.execute("", str(comfy_folders["input"] / "missing.safetensors"))
     with pytest.raises(ValueError, match="file"):
-        io_nodes.LoadRecording.execute(io_nodes.NO_FILE, "")
+        io_nodes.LoadRecording.execute(recording_files.NO_FILE, "")
     with pytest.raises(ValueError, match="file"):
         io_nodes.LoadRecording.execute("nope.safetensors", "")
     with pytest.raises(TypeError, match="recording"):
@@ -167,12 +176,12 @@ def test_errors_name_the_input(io_nodes, recording, comfy_folders):
     from safetensors.torch import save_file
 
     save_file({"input.1.0": torch.zeros(1, 1, 1, 1, 1)}, str(bad), metadata={"format": "other/1"})
-    assert "bad.safetensors" not in io_nodes._recording_files()  # not offered: not a recording
+    assert "bad.safetensors" not in recording_files._recording_files()  # not offered: not a recording
     with pytest.raises(ValueError, match="format"):
         io_nodes.LoadRecording.execute("bad.safetensors", "")
 
 
-def test_file_list_follows_links_once_and_never_loops(io_nodes, recording, comfy_folders):
+def test_file_list_follows_links_once_and_never_loops(io_nodes, recording_files, recording, comfy_folders):
     """Links back up the tree (output/a -> output, output/b -> output) would make a walk that follows
     links endless: each real folder is listed once."""
     import os
@@ -184,7 +193,7 @@ def test_file_list_follows_links_once_and_never_loops(io_nodes, recording, comfy
     os.symlink(out, out / "b")
     os.symlink(out / "deep", out / "c")
     result = []
-    walker = threading.Thread(target=lambda: result.append(io_nodes._recording_files()), daemon=True)
+    walker = threading.Thread(target=lambda: result.append(recording_files._recording_files()), daemon=True)
     walker.start()
     walker.join(timeout=20)  # a looping walk fails the test instead of hanging the run
     assert not walker.is_alive(), "the file list did not finish in 20 s: links are followed in a loop"
@@ -192,20 +201,20 @@ def test_file_list_follows_links_once_and_never_loops(io_nodes, recording, comfy
     assert files == ["deep/rec_00001_.safetensors [output]"]  # its own name, not the link's
 
 
-def test_file_list_ignores_the_case_of_the_extension(io_nodes, recording, comfy_folders):
+def test_file_list_ignores_the_case_of_the_extension(io_nodes, recording_files, recording, comfy_folders):
     """A recording named *.SAFETENSORS (copied from a system that upper-cases names) is offered in
     `file`, as ComfyUI's own model lists offer it."""
     import shutil
 
     saved = io_nodes.SaveRecording.execute(recording, "case/rec").args[0]
     shutil.copy(saved, comfy_folders["input"] / "REC.SAFETENSORS")
-    io_nodes.forget_listing()
-    assert "REC.SAFETENSORS" in io_nodes._recording_files()
+    recording_files.forget_listing()
+    assert "REC.SAFETENSORS" in recording_files._recording_files()
     assert io_nodes.LoadRecording.execute("REC.SAFETENSORS", "").args[0].layers.keys() == recording.layers.keys()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="named pipes and non-UTF-8 names: Linux")
-def test_file_list_skips_pipes_and_names_safetensors_cannot_open(io_nodes, recording, comfy_folders):
+def test_file_list_skips_pipes_and_names_safetensors_cannot_open(io_nodes, recording_files, recording, comfy_folders):
     """A pipe named *.safetensors would block the list (and with it ComfyUI's /object_info) forever;
     a name that is not UTF-8 would be listed but could never load."""
     import os
@@ -219,7 +228,7 @@ def test_file_list_skips_pipes_and_names_safetensors_cannot_open(io_nodes, recor
     with open(os.path.join(os.fsencode(inp), b"odd\xff.safetensors"), "wb") as fh:
         fh.write(data)
     result = []
-    walker = threading.Thread(target=lambda: result.append(io_nodes._recording_files()), daemon=True)
+    walker = threading.Thread(target=lambda: result.append(recording_files._recording_files()), daemon=True)
     walker.start()
     walker.join(timeout=20)
     assert not walker.is_alive(), "the file list did not finish in 20 s: it opened the pipe"
@@ -296,38 +305,38 @@ def test_a_save_that_fails_leaves_no_file(io_nodes, comfy_folders):
     assert list((comfy_folders["output"] / "failed").iterdir()) == []
 
 
-def test_file_list_is_sorted_and_survives_a_missing_input_folder(io_nodes, recording, comfy_folders):
+def test_file_list_is_sorted_and_survives_a_missing_input_folder(io_nodes, recording_files, recording, comfy_folders):
     import shutil
 
     for name in ("b", "zz", "a", "m", "c"):
         io_nodes.SaveRecording.execute(recording, name)
-    listed = io_nodes._recording_files()
+    listed = recording_files._recording_files()
     assert listed == sorted(listed) and len(listed) == 5
     shutil.rmtree(comfy_folders["input"])
-    io_nodes.forget_listing()
-    assert io_nodes._recording_files() == listed  # the output folder's files are still offered
+    recording_files.forget_listing()
+    assert recording_files._recording_files() == listed  # the output folder's files are still offered
 
 
-def test_the_file_list_is_walked_once_per_moment_and_save_recording_renews_it(io_nodes, recording, comfy_folders, monkeypatch):
+def test_the_file_list_is_walked_once_per_moment_and_save_recording_renews_it(io_nodes, recording_files, recording, comfy_folders, monkeypatch):
     """ComfyUI asks for the inputs several times while it checks one prompt: a walk (seconds on a large
     linked drive) is used again for 2 s; after that, or once Save Recording wrote a file, it is redone."""
     now = [1000.0]
-    monkeypatch.setattr(io_nodes.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(recording_files.time, "monotonic", lambda: now[0])
     walks = []
-    real = io_nodes._walk_recording_files
-    monkeypatch.setattr(io_nodes, "_walk_recording_files", lambda *a: walks.append(a) or real(*a))
+    real = recording_files._walk_recording_files
+    monkeypatch.setattr(recording_files, "_walk_recording_files", lambda *a: walks.append(a) or real(*a))
     io_nodes.SaveRecording.execute(recording, "first")
-    first = io_nodes._recording_files()
+    first = recording_files._recording_files()
     _saved_at(recording, comfy_folders["input"] / "dropped-in.safetensors")  # copied in by hand
     now[0] += 1.0
-    assert io_nodes._recording_files() == first and len(walks) == 1  # the same moment: not walked again
+    assert recording_files._recording_files() == first and len(walks) == 1  # the same moment: not walked again
     now[0] += 1.5
-    assert "dropped-in.safetensors" in io_nodes._recording_files() and len(walks) == 2
+    assert "dropped-in.safetensors" in recording_files._recording_files() and len(walks) == 2
     io_nodes.SaveRecording.execute(recording, "second")
-    assert any(name.startswith("second") for name in io_nodes._recording_files()) and len(walks) == 3
+    assert any(name.startswith("second") for name in recording_files._recording_files()) and len(walks) == 3
 
 
-def test_a_walk_of_more_files_than_a_fixed_cache_holds_reads_no_header_again(io_nodes, recording, comfy_folders, monkeypatch):
+def test_a_walk_of_more_files_than_a_fixed_cache_holds_reads_no_header_again(io_nodes, recording_files, recording, comfy_folders, monkeypatch):
     """Each walk (every page load, every prompt checked, on the server's event loop) asked a module cache of
     the last 4096 header answers, cleared whole when full: with more .safetensors files than that in the
     folders (a dataset of recordings, model files linked in), every walk read and parsed every header again
@@ -343,12 +352,12 @@ def test_a_walk_of_more_files_than_a_fixed_cache_holds_reads_no_header_again(io_
     reads = []
     real = recording_file._read_header
     monkeypatch.setattr(recording_file, "_read_header", lambda fh: reads.append(fh.name) or real(fh))
-    assert len(io_nodes._recording_files()) == 4200 and len(reads) == 4200
-    io_nodes.forget_listing()
-    assert len(io_nodes._recording_files()) == 4200 and len(reads) == 4200  # every answer known: no header read
+    assert len(recording_files._recording_files()) == 4200 and len(reads) == 4200
+    recording_files.forget_listing()
+    assert len(recording_files._recording_files()) == 4200 and len(reads) == 4200  # every answer known: no header read
     first.with_name("r_00007_.safetensors").write_bytes(b"not a recording now")  # a file rewritten is read again
-    io_nodes.forget_listing()
-    assert len(io_nodes._recording_files()) == 4199 and len(reads) == 4201
+    recording_files.forget_listing()
+    assert len(recording_files._recording_files()) == 4199 and len(reads) == 4201
 
 
 def test_path_may_start_with_home_and_carry_spaces(io_nodes, recording, comfy_folders, monkeypatch):
@@ -364,9 +373,9 @@ def test_path_may_start_with_home_and_carry_spaces(io_nodes, recording, comfy_fo
     assert io_nodes.LoadRecording.execute(name, "   ").args[0].image_size == recording.image_size  # blank path: the file
 
 
-def test_the_empty_list_placeholder_asks_for_a_recording(io_nodes):
+def test_the_empty_list_placeholder_asks_for_a_recording(io_nodes, recording_files):
     with pytest.raises(ValueError, match="^file: no recording chosen: save one with Save Recording"):
-        io_nodes.LoadRecording.execute(io_nodes.NO_FILE, "")
+        io_nodes.LoadRecording.execute(recording_files.NO_FILE, "")
 
 
 def test_a_recording_save_refuses_is_named_by_the_recording_not_the_prefix(io_nodes):
@@ -490,7 +499,7 @@ def test_a_path_outside_is_refused_without_being_looked_at(io_nodes, secret, mon
     assert messages[0] == messages[2] and messages[1] == messages[3]  # the same whether or not it exists
 
 
-def test_links_placed_in_the_folders_are_listed_and_load_like_load_image(io_nodes, recording, secret, comfy_folders):
+def test_links_placed_in_the_folders_are_listed_and_load_like_load_image(io_nodes, recording_files, recording, secret, comfy_folders):
     """Whoever runs the server may link files or folders kept elsewhere into input/ or output/ (a shared
     drive, a Docker volume): ComfyUI's Load Image lists and loads through such links, and so does Load
     Recording. A '..' is worked out as written, so it cannot climb out through a link."""
@@ -500,7 +509,7 @@ def test_links_placed_in_the_folders_are_listed_and_load_like_load_image(io_node
     os.symlink(secret, inp / "shared.safetensors")
     os.symlink(secret, out / "shared.safetensors")
     os.symlink(secret.parent, inp / "linked")  # a linked folder
-    listed = io_nodes._recording_files()
+    listed = recording_files._recording_files()
     for name in ("shared.safetensors", "linked/secret.safetensors", "shared.safetensors [output]"):
         assert name in listed, listed
     for file, path in (
@@ -530,12 +539,12 @@ def test_a_set_path_overrides_a_stale_file_at_validation(io_nodes, recording, co
     assert io_nodes.LoadRecording.validate_inputs("../gone.safetensors", "").startswith("file: expected a file inside")
 
 
-def test_folders_are_compared_with_the_file_systems_case_rule(io_nodes, comfy_folders, monkeypatch):
+def test_folders_are_compared_with_the_file_systems_case_rule(io_nodes, recording_files, comfy_folders, monkeypatch):
     """Where the file system folds case (Windows: os.path.normcase lowers it), C:/ComfyUI/Input/x is inside
     c:/comfyui/input; on Linux, where case matters, it is not."""
     other_case = str(comfy_folders["input"]).upper() + "/x.safetensors"
     assert io_nodes.LoadRecording.validate_inputs("", other_case).startswith("path: expected a file inside")
-    monkeypatch.setattr(io_nodes.os.path, "normcase", str.lower)
+    monkeypatch.setattr(recording_files.os.path, "normcase", str.lower)
     assert io_nodes.LoadRecording.validate_inputs("", other_case) is True
 
 
@@ -548,7 +557,7 @@ def test_a_name_with_a_nul_character_is_named(io_nodes):
             io_nodes.LoadRecording.execute(file, path)
 
 
-def test_files_in_subfolders_and_links_inside_still_load(io_nodes, recording, comfy_folders, monkeypatch):
+def test_files_in_subfolders_and_links_inside_still_load(io_nodes, recording_files, recording, comfy_folders, monkeypatch):
     import os
 
     import folder_paths
@@ -559,7 +568,7 @@ def test_files_in_subfolders_and_links_inside_still_load(io_nodes, recording, co
     _saved_at(recording, tmp / "sub" / "c.safetensors")
     os.symlink(inp / "sub", inp / "alias")  # a link that stays inside its folder
     os.symlink(out / "sub" / "b.safetensors", out / "b-link.safetensors")
-    listed = io_nodes._recording_files()
+    listed = recording_files._recording_files()
     assert "sub/deeper/a.safetensors" in listed and "sub/b.safetensors [output]" in listed
     assert "b-link.safetensors [output]" in listed
     inputs = [
@@ -602,11 +611,11 @@ def test_a_file_or_path_that_is_not_text_is_named(io_nodes):
         assert io_nodes.LoadRecording.fingerprint_inputs(file, path) == ""
 
 
-def test_linked_values_are_checked_at_run_time_only(io_nodes):
+def test_linked_values_are_checked_at_run_time_only(io_nodes, recording_files):
     """ComfyUI validates a linked input as None; the run then checks the value the link brings."""
     assert io_nodes.LoadRecording.validate_inputs(None, None) is True
     assert io_nodes.LoadRecording.validate_inputs(None, "/etc/shadow") == PATH_OUTSIDE + "'/etc/shadow'"
-    assert io_nodes.LoadRecording.validate_inputs(io_nodes.NO_FILE, "") is True  # asked for at run time
+    assert io_nodes.LoadRecording.validate_inputs(recording_files.NO_FILE, "") is True  # asked for at run time
     assert io_nodes.LoadRecording.validate_inputs("not-saved-yet.safetensors", "") is True  # may be saved before the run
 
 
@@ -626,40 +635,40 @@ def test_comfyuis_prompt_validation_refuses_the_api_prompt(inputs, message):
     assert validation_errors(prompt, "1") == [message]
 
 
-def test_the_file_list_survives_save_recording_forgetting_it_on_another_thread(io_nodes, recording, comfy_folders, monkeypatch):
+def test_the_file_list_survives_save_recording_forgetting_it_on_another_thread(io_nodes, recording_files, recording, comfy_folders, monkeypatch):
     """The list is read on the server's thread (prompt checks, /object_info) while Save Recording forgets it
     on the execution thread: forgetting it between the reads of one check raised KeyError('at')."""
-    io_nodes._recording_files()  # a listing is kept
-    real_monotonic = io_nodes.time.monotonic
+    recording_files._recording_files()  # a listing is kept
+    real_monotonic = recording_files.time.monotonic
 
     def forget_midway():  # Save Recording on the other thread, between the check's reads
-        io_nodes.forget_listing()
+        recording_files.forget_listing()
         return real_monotonic()
 
-    monkeypatch.setattr(io_nodes.time, "monotonic", forget_midway)
-    assert io_nodes._recording_files() == []  # walked again, no KeyError
+    monkeypatch.setattr(recording_files.time, "monotonic", forget_midway)
+    assert recording_files._recording_files() == []  # walked again, no KeyError
 
 
-def test_a_walk_that_overlaps_save_recording_is_not_kept(io_nodes, recording, comfy_folders, monkeypatch):
+def test_a_walk_that_overlaps_save_recording_is_not_kept(io_nodes, recording_files, recording, comfy_folders, monkeypatch):
     """A walk that started before Save Recording wrote its file may have missed it: that list is returned
     but not kept, so the next request walks again and lists the new file."""
-    real = io_nodes._walk_recording_files
+    real = recording_files._walk_recording_files
 
     def walk_while_saving(*folders):
         found = real(*folders)  # the walk ends before the file is written...
         io_nodes.SaveRecording.execute(recording, "during")  # ...and Save Recording runs meanwhile
         return found
 
-    monkeypatch.setattr(io_nodes, "_walk_recording_files", walk_while_saving)
-    assert io_nodes._recording_files() == []
-    monkeypatch.setattr(io_nodes, "_walk_recording_files", real)
-    assert any(name.startswith("during") for name in io_nodes._recording_files())
+    monkeypatch.setattr(recording_files, "_walk_recording_files", walk_while_saving)
+    assert recording_files._recording_files() == []
+    monkeypatch.setattr(recording_files, "_walk_recording_files", real)
+    assert any(name.startswith("during") for name in recording_files._recording_files())
 
 
-def test_a_listing_stored_just_after_save_recording_forgot_it_is_not_used(io_nodes, recording, comfy_folders, monkeypatch):
+def test_a_listing_stored_just_after_save_recording_forgot_it_is_not_used(io_nodes, recording_files, recording, comfy_folders, monkeypatch):
     """Save Recording may forget the listing between a walk's generation check and its store: the stored
     list (which may miss the new file) is then not used by the next request."""
-    real_monotonic = io_nodes.time.monotonic
+    real_monotonic = recording_files.time.monotonic
     calls = []
 
     def save_between_check_and_store():  # the store's time.monotonic() runs after the check
@@ -668,11 +677,11 @@ def test_a_listing_stored_just_after_save_recording_forgot_it_is_not_used(io_nod
             io_nodes.SaveRecording.execute(recording, "between")
         return real_monotonic()
 
-    io_nodes.forget_listing()
-    monkeypatch.setattr(io_nodes.time, "monotonic", save_between_check_and_store)
-    io_nodes._recording_files()
-    monkeypatch.setattr(io_nodes.time, "monotonic", real_monotonic)
-    assert any(name.startswith("between") for name in io_nodes._recording_files())
+    recording_files.forget_listing()
+    monkeypatch.setattr(recording_files.time, "monotonic", save_between_check_and_store)
+    recording_files._recording_files()
+    monkeypatch.setattr(recording_files.time, "monotonic", real_monotonic)
+    assert any(name.startswith("between") for name in recording_files._recording_files())
 
 
 def test_save_recording_prefix_takes_the_images_size(recording, comfy_folders):
@@ -1011,9 +1020,11 @@ def test_a_linked_load_that_read_too_many_files_or_was_dropped_gets_a_new_finger
     handed out again."""
     import shutil
 
-    monkeypatch.setattr(io_nodes, "_FILES_KEPT", 2)
-    monkeypatch.setattr(io_nodes, "_NODES_KEPT", 2)
-    monkeypatch.setattr(io_nodes, "_watches", type(io_nodes._watches)())  # no node of an earlier test
+    from headseg.nodes import recording_stamps
+
+    monkeypatch.setattr(recording_stamps, "_FILES_KEPT", 2)
+    monkeypatch.setattr(recording_stamps, "_NODES_KEPT", 2)
+    monkeypatch.setattr(recording_stamps, "_watches", type(recording_stamps._watches)())  # no node of an earlier test
     source = io_nodes.SaveRecording.execute(recording, "watched").args[0]
     for i in range(3):
         shutil.copy(source, comfy_folders["input"] / f"w{i}.safetensors")
@@ -1042,12 +1053,13 @@ def test_a_linked_list_of_a_datasets_paths_is_served_from_the_cache(io_nodes, re
     more the node never kept its fingerprint, so queueing the same prompt again read every file, ran Head PCA
     and k-means for every item again and wrote the whole dataset's label maps a second time (70 files on a real
     server: 30 s and 140 more PNGs, where 60 files were served from the cache in 0.1 s)."""
+    from headseg.nodes import recording_stamps
     from headseg.tests.support.comfy_in_process import run_on_own_thread
     import shutil
 
     import execution
 
-    monkeypatch.setattr(io_nodes, "_watches", type(io_nodes._watches)())  # no node of an earlier test
+    monkeypatch.setattr(recording_stamps, "_watches", type(recording_stamps._watches)())  # no node of an earlier test
     source = io_nodes.SaveRecording.execute(recording, "dataset").args[0]
     names = [f"d{i:03}.safetensors" for i in range(100)]
     for name in names:
@@ -1213,7 +1225,7 @@ def test_save_recording_keeps_comfyuis_prompt_and_workflow_as_save_latent_does(i
     assert loaded.image_size == recording.image_size and list(loaded.layers) == list(recording.layers)
 
 
-def test_a_workflow_too_large_for_the_files_header_is_left_out_and_the_file_still_loads(io_nodes, recording, comfy_folders, caplog):
+def test_a_workflow_too_large_for_the_files_header_is_left_out_and_the_file_still_loads(io_nodes, recording_files, recording, comfy_folders, caplog):
     """A workflow holding a picture as text (a base64 widget) reaches the file's header JSON-escaped twice
     (json.dumps, then safetensors' own JSON): over the 16 MiB of header Load Recording reads, the file was
     written, then neither listed nor loadable ('not a safetensors file'). Such metadata is left out, largest
@@ -1240,7 +1252,7 @@ def test_a_workflow_too_large_for_the_files_header_is_left_out_and_the_file_stil
         meta = f.metadata()
     assert "workflow" not in meta and json.loads(meta["prompt"]) == prompt
     assert any("workflow" in r.getMessage() and "left out" in r.getMessage() for r in caplog.records)
-    assert info["filename"] + " [output]" in io_nodes._recording_files()
+    assert info["filename"] + " [output]" in recording_files._recording_files()
     loaded = io_nodes.LoadRecording.execute("", path).args[0]
     assert list(loaded.layers) == list(recording.layers)
 

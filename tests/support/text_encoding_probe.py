@@ -59,7 +59,7 @@ def run_the_nodes(folder: pathlib.Path) -> None:
     for kind in ("input", "output", "temp"):
         (folder / kind).mkdir(parents=True, exist_ok=True)
         getattr(folder_paths, f"set_{kind}_directory")(str(folder / kind))
-    from headseg.nodes import prompt_migration, recording_io_nodes
+    from headseg.nodes import prompt_migration, recording_files, recording_io_nodes
     from headseg.nodes.head_pca_node import HeadPCA
     from headseg.nodes.kmeans_node import MultiKMeans
     from headseg.nodes.mask_merge_node import MaskMerge
@@ -70,8 +70,8 @@ def run_the_nodes(folder: pathlib.Path) -> None:
 
     rec = planted_recording([nested_scene(64, 96)], layout=small_layout(heads=2), d=8, seed=3)
     path = recording_io_nodes.SaveRecording.execute(rec, "probe/rec").args[0]
-    recording_io_nodes.forget_listing()
-    assert recording_io_nodes._recording_files()
+    recording_files.forget_listing()
+    assert recording_files._recording_files()
     loaded = recording_io_nodes.LoadRecording.execute("", path).args[0]
     (folder / "input" / "bad.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
     try:
