@@ -15,6 +15,8 @@ log = logging.getLogger("HeadSeg")
 
 # Choices of a node's `device` input: where its stage computes (inputs and outputs stay on the CPU).
 DEVICE_CHOICES = ["auto", "gpu", "cpu"]
+
+
 def device_input(tooltip: str):
     """The `device` combo of a node whose stage runs through run_on_device: DEVICE_CHOICES, 'auto' by
     default, optional so that workflows saved before the input existed still run (as 'auto')."""
