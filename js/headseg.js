@@ -11,6 +11,8 @@
 //   group_nodes.js          Multi K-Means' seed and device inside a (deprecated) group node
 //   own_changes.js          the pack's own changes after a run (node heights, the picker's frame) noted
 //                           in ComfyUI's undo history without a step of their own
+//   kept_outputs.js         a run's outputs kept for undo also where its first messages came before
+//                           ComfyUI knew the prompt (its quick or cached nodes: their note lines)
 //   graph_helpers.js, dom_helpers.js, styles.js  shared by the above
 // ComfyUI imports every .js file of this folder as an extension module (recursively): this is the
 // only one with side effects; the others only export, and are imported from here.
@@ -18,6 +20,7 @@
 import { app } from "../../scripts/app.js";
 import { migrateApiUpsampleErrorMap, migrateUpsampleErrorMap } from "./error_map_migration.js";
 import { setupGroupNode } from "./group_nodes.js";
+import { keepEarlyOutputs } from "./kept_outputs.js";
 import { setupNoteLine } from "./note_line.js";
 import { numberSpecs, repairNumberWidgets, repairTextWidgets, textSpecs } from "./number_widgets.js";
 import { setupPicker } from "./picker_node.js";
@@ -31,6 +34,7 @@ const PICKER_NODE = "HeadSeg_MaskSelectAtPixel";
 app.registerExtension({
   name: "HeadSeg.Frontend",
   setup() {
+    keepEarlyOutputs(); // the outputs of a run's quick first nodes, for undo (kept_outputs.js)
     // A prompt in API format opened here is rewired too (error_map_migration.js); the caller's object is
     // left as it was.
     const loadApiJson = app.loadApiJson;

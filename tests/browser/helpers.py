@@ -185,6 +185,30 @@ JS_HOLD_MESSAGES_AFTER_START = """() => { const api = app.api; const dispatch = 
     delete api.dispatchCustomEvent; delete window.headsegRelease; }; }"""
 
 
+# [timeoutMs, type]: as JS_QUEUE_AND_WAIT, with the page told of the prompt's id (the answer to its /prompt request,
+# api.queuePrompt) only once the 'executed' message of the node of type ``type`` has come, and the server's later
+# messages held from then until the page has the id: the messages up to that node come before ComfyUI's front end
+# knows whose prompt they are, as when the first nodes are quick or served from the cache, the rest after.
+JS_QUEUE_AND_WAIT_WITH_EARLY_MESSAGES = (
+    """async ([timeoutMs, type]) => { const api = app.api; const dispatch = api.dispatchCustomEvent;
+  const queuePrompt = api.queuePrompt; const early = String(app.graph.nodes.find(n => n.type === type).id);
+  const held = []; let holding = false, seen;
+  const came = new Promise(r => { seen = r; setTimeout(() => r(false), timeoutMs); });
+  api.dispatchCustomEvent = function (kind, detail) {
+    if (holding) { held.push([...arguments]); return true; }
+    const result = dispatch.apply(this, arguments);
+    if (kind === 'executed' && String(detail?.node) === early) { holding = true; seen(true); }
+    return result; };
+  api.queuePrompt = async function () {
+    const answer = await queuePrompt.apply(this, arguments);
+    await came;
+    setTimeout(() => { delete api.dispatchCustomEvent; for (const args of held.splice(0)) dispatch.apply(api, args); }, 0);
+    return answer; };
+  try { return await ("""
+    + JS_QUEUE_AND_WAIT
+    + """)(timeoutMs); } finally { api.queuePrompt = queuePrompt; } }"""
+)
+
 JS_TO_SUBGRAPH = """async (ids) => { app.canvas.deselectAll();
   for (const id of ids) app.canvas.select(app.graph.getNodeById(id));
   await app.extensionManager.command.execute('Comfy.Graph.ConvertToSubgraph');

@@ -11,6 +11,7 @@ from headseg.tests.browser.helpers import (
     JS_HOLD_MESSAGES_AFTER_START,
     JS_LOADED_RECORDING_GRAPH,
     JS_QUEUE_AND_WAIT,
+    JS_QUEUE_AND_WAIT_WITH_EARLY_MESSAGES,
     JS_TO_SUBGRAPH,
     JS_VIEW_NODE,
     JS_WIDGETS,
@@ -934,7 +935,15 @@ JS_HISTORY = """(id) => { const wf = app.extensionManager.workflow.activeWorkflo
   const pixel = ['x', 'y'].map(name => app.graph.getNodeById(id).widgets.find(w => w.name === name).value);
   return {undo: ct.undoQueue.length, redo: ct.redoQueue.length, modified: !!wf.isModified, pixel,
           frame: node.properties.headseg_frame ?? null,
-          heights: Object.fromEntries(app.graph.nodes.map(n => [n.id, n.size[1]]))}; }"""
+          heights: Object.fromEntries(app.graph.nodes.map(n => [n.id, n.size[1]])),
+          notes: Object.fromEntries(app.graph.nodes.map(n => [n.id, n.headsegNote?.shown ?? null]))}; }"""
+
+# [id, ran]: whether every node shows the note line and has the height that ``ran`` (JS_HISTORY) found.
+JS_NOTES_AS = (
+    """([id, ran]) => { const now = ("""
+    + JS_HISTORY
+    + """)(id); return Object.keys(ran.heights).every(k => now.heights[k] === ran.heights[k] && now.notes[k] === ran.notes[k]); }"""
+)
 
 # The graph loaded again into the open workflow tab as ComfyUI loads a workflow file (its execution order and
 # the renderer it was made in noted), that state the first of its undo history. Load Recording, Head PCA and
@@ -962,7 +971,12 @@ def test_the_first_run_adds_no_undo_step_that_changes_nothing_on_screen(comfy_pa
     frame is not shown, and the nodes rebuilt by the undo grew again), and that growth was a new step at the
     next click on the canvas, which cleared the redo history: the pick before the run could never be undone.
     The run's changes now join the current step (the workflow is still marked modified, and the state kept
-    for a reload has the frame): Ctrl+Z takes the pick back, and redo brings it again."""
+    for a reload has the frame): Ctrl+Z takes the pick back, and redo brings it again.
+    The run's messages up to Upsample's come before the page has the prompt's id (as when the first nodes are
+    quick, or served from the cache), the later ones after: ComfyUI kept only the later nodes' outputs for
+    undo, and Upsample, rebuilt by Ctrl+Z, came back without its note line, at its height before the run."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
     W, H = 64, 48
     recording, picture = save_recording_and_picture(comfy_server, "headseg_browser_first_run_undo", W, H, W, H)
     page = comfy_page.page
@@ -977,7 +991,7 @@ def test_the_first_run_adds_no_undo_step_that_changes_nothing_on_screen(comfy_pa
     click_pixel(page, node_id, (W, H), (10, 20))
     picked = page.evaluate(JS_HISTORY, node_id)
     assert picked["pixel"] == [10, 20] and picked["frame"] is None and picked["undo"] >= 1, picked
-    events = page.evaluate(JS_QUEUE_AND_WAIT, 120_000)
+    events = page.evaluate(JS_QUEUE_AND_WAIT_WITH_EARLY_MESSAGES, [120_000, "HeadSeg_Upsample"])
     assert events["error"] is None, f"run failed: {json.dumps(events['error'])[:2000]}"
     wait_picture_ready(page, node_id)
     view_each_node(page, node_id)
@@ -991,9 +1005,15 @@ def test_the_first_run_adds_no_undo_step_that_changes_nothing_on_screen(comfy_pa
     page.wait_for_function("(id) => app.graph.getNodeById(id).widgets.find(w => w.name === 'x').value === 0", arg=node_id)
     view_each_node(page, node_id)  # the rebuilt nodes grow again for their note lines as they are drawn
     page.mouse.click(*empty_canvas)
-    settle(page, 300)
+    try:
+        page.wait_for_function(JS_NOTES_AS, arg=[node_id, ran], timeout=10_000)
+    except PlaywrightTimeoutError:
+        pass  # told below
     undone = page.evaluate(JS_HISTORY, node_id)
-    assert undone["pixel"] == [0, 0] and undone["heights"] == ran["heights"], undone
+    assert (undone["notes"], undone["heights"]) == (ran["notes"], ran["heights"]), (
+        f"10 s after Ctrl+Z the rebuilt nodes' note lines and heights are not those after the run: {undone}, {ran}"
+    )
+    assert undone["pixel"] == [0, 0], undone
     assert (undone["undo"], undone["redo"]) == (picked["undo"] - 1, 1), (picked, undone)
     page.keyboard.press("Control+Shift+z")
     page.wait_for_function("(id) => app.graph.getNodeById(id).widgets.find(w => w.name === 'x').value === 10", arg=node_id)
