@@ -193,6 +193,12 @@ def test_last_step_never_evaluated_says_which_sigmas_ran(tiny, sd2):
     assert live.snapshot(got).layers
 
 
+# Samplers that choose their own sigmas, with the options of their sampler node (None: KSampler's). dpm_adaptive at
+# its defaults takes 129 model evaluations of the tiny model here (its error estimate keeps the steps small: half a
+# minute); with SamplerDPMAdaptative's tolerances raised it takes 12, still in steps 0 and 1 and none in step 2.
+OWN_SIGMAS = {"dpm_fast": None, "dpm_adaptive": {"rtol": 2.0, "atol": 2.0, "h_init": 1.0}}
+
+
 @pytest.mark.filterwarnings("ignore:To copy construct from a tensor")  # ComfyUI's dpm_fast itself
 @pytest.mark.parametrize("sampler", ["dpm_fast", "dpm_adaptive"])
 def test_a_step_inside_the_run_that_the_sampler_never_evaluated_says_which_sigmas_ran(tiny, sd2, sampler, caplog):
@@ -201,7 +207,8 @@ def test_a_step_inside_the_run_that_the_sampler_never_evaluated_says_which_sigma
     them, or 'last'', and 'last' fails the same way), and a range reaching it blamed a timestep range."""
     pos, neg = tiny.conditioning("SD2")
     patched, live = recorder.attach_recorder(sd2, steps="2")
-    got = tiny.sample(patched, pos, neg, latent_hw=(5, 7), steps=3, seed=1, sampler_name=sampler)
+    got = tiny.sample(patched, pos, neg, latent_hw=(5, 7), steps=3, seed=1, sampler_name=sampler,
+                      sampler_options=OWN_SIGMAS[sampler])
     with pytest.raises(ValueError, match=r"steps: range 2 selected, but the sampler evaluated the model only down "
                                          r"to sigma [0-9.]+ \(in step 1 of its steps 0-2; samplers such as dpm_fast "
                                          r"and dpm_adaptive choose their own sigmas, .*LazyCache.*\): choose steps up "
@@ -209,7 +216,8 @@ def test_a_step_inside_the_run_that_the_sampler_never_evaluated_says_which_sigma
         live.snapshot(got)
     patched, live = recorder.attach_recorder(sd2, steps="0-2")
     with caplog.at_level("WARNING", logger="HeadSeg"):
-        got = tiny.sample(patched, pos, neg, latent_hw=(5, 7), steps=3, seed=1, sampler_name=sampler)
+        got = tiny.sample(patched, pos, neg, latent_hw=(5, 7), steps=3, seed=1, sampler_name=sampler,
+                          sampler_options=OWN_SIGMAS[sampler])
     assert live.snapshot(got).steps == "0-1"  # the steps the message suggests
     assert "at none of the sigmas of step(s) 2 (samplers such as dpm_fast" in caplog.text
     assert "timestep range" not in caplog.text
@@ -229,11 +237,13 @@ def test_a_range_past_the_run_of_a_sampler_that_never_reaches_its_last_step_sugg
                         ("last", r"'last' is step 2 \(sigma at most [0-9.]+\), but the sampler evaluated the model "
                                  r"only down to sigma [0-9.]+ \(in step 1 of its steps 0-2; ")):
         patched, live = recorder.attach_recorder(sd2, steps=steps)
-        got = tiny.sample(patched, pos, neg, latent_hw=(5, 7), steps=3, seed=1, sampler_name=sampler)
+        got = tiny.sample(patched, pos, neg, latent_hw=(5, 7), steps=3, seed=1, sampler_name=sampler,
+                          sampler_options=OWN_SIGMAS[sampler])
         with pytest.raises(ValueError, match=rf"^recording: the sampling run recorded nothing: steps: {said}{own}"):
             live.snapshot(got)
     patched, live = recorder.attach_recorder(sd2, steps="0-1")  # what the messages suggest works
-    got = tiny.sample(patched, pos, neg, latent_hw=(5, 7), steps=3, seed=1, sampler_name=sampler)
+    got = tiny.sample(patched, pos, neg, latent_hw=(5, 7), steps=3, seed=1, sampler_name=sampler,
+                      sampler_options=OWN_SIGMAS[sampler])
     assert live.snapshot(got).steps == "0-1"
 
 

@@ -183,16 +183,26 @@ def conditioning(layout: str = "SD2", batch: int = 1, seed: int = 1):
 
 
 def sample(model, positive, negative, latent_hw=(8, 8), batch: int = 1, steps: int = 3, cfg: float = 5.0,
-           seed: int = 0, sampler_name: str = "euler", scheduler: str = "normal", **kwargs) -> torch.Tensor:
+           seed: int = 0, sampler_name: str = "euler", scheduler: str = "normal", sampler_options: dict | None = None,
+           **kwargs) -> torch.Tensor:
     """Samples through ComfyUI's own comfy.sample.sample -> latent [batch, 4, h, w].
 
+    ``sampler_options`` (the settings of a sampler node such as SamplerDPMAdaptative): sampled as SamplerCustom
+    does instead, with the sampler made from ``sampler_name`` and these options and the scheduler's sigmas.
     Runs under torch.inference_mode(), as ComfyUI executes every node.
     """
     import comfy.sample
+    import comfy.samplers
 
     latent = torch.zeros((batch, 4, *latent_hw))
     noise = comfy.sample.prepare_noise(latent, seed)
     with torch.inference_mode():
+        if sampler_options is not None:
+            sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps)
+            sampler = comfy.samplers.ksampler(sampler_name, sampler_options)
+            return comfy.sample.sample_custom(
+                model, noise, cfg, sampler, sigmas, positive, negative, latent, disable_pbar=True, seed=seed, **kwargs,
+            )
         return comfy.sample.sample(
             model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
             disable_pbar=True, seed=seed, **kwargs,
