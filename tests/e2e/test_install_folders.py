@@ -1,9 +1,11 @@
-"""The pack installed the ways users install it: under another folder name, twice (an old and a new
-folder), or broken. Real ComfyUI processes: ``--quick-test-for-ci`` (import and exit) where the log is
-enough, one short server where the web routes matter."""
+"""The pack installed the ways users install it: as it is, under another folder name, twice (an old and a
+new folder), or broken. Real ComfyUI processes: ``--quick-test-for-ci`` (import and exit) where the log is
+enough, one short server where the web routes matter. The quick tests of the tests selected here all start
+with the module, two at a time, while the server tests run: each start is mostly imports, on one core."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import pathlib
 import shutil
 import tomllib
@@ -11,9 +13,44 @@ import urllib.error
 
 import pytest
 
-from headseg.tests.support.server import REPO_ROOT, ComfyServer, quick_test_log, write_paths_yaml
+from headseg.tests.support.server import (
+    REPO_ROOT, ComfyServer, pack_custom_nodes_dir, quick_test_log, write_paths_yaml,
+)
 
 pytestmark = pytest.mark.server
+
+
+def quick_run_of(layout):
+    """Marks a test as reading the ``--quick-test-for-ci`` log of ComfyUI with the custom-nodes folders that
+    ``layout(tmp)`` makes under a fresh folder and returns (see ``quick_runs``)."""
+    def mark(test):
+        test.quick_layout = layout
+        return test
+
+    return mark
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quick_runs(request, tmp_path_factory):
+    """layout -> (its folder, future of quick_test_log's (exit code, log)), for the layout of every test of
+    this module that the session runs, all submitted before the module's first test, two at a time."""
+    layouts = dict.fromkeys(getattr(item.function, "quick_layout", None) for item in request.session.items
+                            if item.module is request.module)  # in the order the tests run
+    layouts.pop(None, None)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        runs = {}
+        for layout in layouts:
+            tmp = tmp_path_factory.mktemp(layout.__name__)
+            runs[layout] = (tmp, pool.submit(quick_test_log, tmp, layout(tmp)))
+        yield runs
+
+
+def _quick_log(quick_runs, layout) -> tuple[pathlib.Path, str]:
+    """(folder, log) of ``layout``'s quick test, which exited with code 0."""
+    tmp, run = quick_runs[layout]
+    code, log = run.result()
+    assert code == 0, log[-4000:]
+    return tmp, log
 
 
 def _import_line(log: str, folder: pathlib.Path) -> str:
@@ -21,6 +58,20 @@ def _import_line(log: str, folder: pathlib.Path) -> str:
     lines = [line for line in log.splitlines() if line.rstrip().endswith(": " + str(folder))]
     assert len(lines) == 1, log[-4000:]
     return lines[0]
+
+
+def as_it_is(tmp):
+    return pack_custom_nodes_dir(tmp)
+
+
+@quick_run_of(as_it_is)
+def test_quick_test_for_ci_imports_the_pack(quick_runs):
+    """ComfyUI's own CI import check (``main.py --quick-test-for-ci``) loads the pack without failure."""
+    _, log = _quick_log(quick_runs, as_it_is)
+    failed = [line for line in log.splitlines() if "IMPORT FAILED" in line and "HeadSeg" in line]
+    assert not failed, log[-4000:]
+    # the pack was found and imported (ComfyUI lists import times per custom node folder)
+    assert any("custom_nodes/HeadSeg" in line and "IMPORT FAILED" not in line for line in log.splitlines()), log[-4000:]
 
 
 def test_second_copy_is_left_out_and_named_in_the_log(tmp_path):
@@ -79,19 +130,23 @@ def test_second_copy_of_the_same_folder_name_keeps_the_first_ones_web_files(tmp_
         server.stop()
 
 
-def test_one_folder_reached_through_two_custom_nodes_paths_is_not_called_two_copies(tmp_path):
+def one_folder_twice(tmp):
+    custom_nodes = tmp / "custom_nodes"
+    custom_nodes.mkdir()
+    (custom_nodes / "HeadSeg").symlink_to(REPO_ROOT, target_is_directory=True)
+    (tmp / "same_custom_nodes").symlink_to(custom_nodes, target_is_directory=True)
+    return [custom_nodes, tmp / "same_custom_nodes"]
+
+
+@quick_run_of(one_folder_twice)
+def test_one_folder_reached_through_two_custom_nodes_paths_is_not_called_two_copies(quick_runs):
     """ComfyUI's custom_nodes paths can name one folder twice (a link to it, a case-insensitive disk, an
     extra_model_paths.yaml entry for ComfyUI's own folder): ComfyUI then loads every pack in it twice. HeadSeg
     called that two copies and told the user to remove one of the two folders, which are one: the only copy.
     The second load is still left out, and the log now says that one folder is listed twice and to remove
     the duplicate custom_nodes path, keeping the folder."""
-    custom_nodes = tmp_path / "custom_nodes"
-    custom_nodes.mkdir()
-    (custom_nodes / "HeadSeg").symlink_to(REPO_ROOT, target_is_directory=True)
-    alias = tmp_path / "same_custom_nodes"
-    alias.symlink_to(custom_nodes, target_is_directory=True)
-    code, log = quick_test_log(tmp_path, [custom_nodes, alias])
-    assert code == 0, log[-4000:]
+    tmp_path, log = _quick_log(quick_runs, one_folder_twice)
+    custom_nodes, alias = tmp_path / "custom_nodes", tmp_path / "same_custom_nodes"
     assert "IMPORT FAILED" not in _import_line(log, custom_nodes / "HeadSeg")
     assert "Remove one of the two folders" not in log and "Remove all but one" not in log, log[-4000:]
     warning = [line for line in log.splitlines() if "[HeadSeg]" in line]
@@ -113,50 +168,64 @@ async def comfy_entrypoint():
 """
 
 
-def test_older_copy_loaded_later_is_named_by_the_first(tmp_path):
-    """A copy from before the check, loaded after this one, takes its node ids without a word: the copy
-    loaded first names it (ComfyUI loads its custom_nodes folders in the order the paths file lists them)."""
-    new_root, old_root = tmp_path / "nodes-a", tmp_path / "nodes-b"
+def older_copy_later(tmp):
+    new_root, old_root = tmp / "nodes-a", tmp / "nodes-b"
     new_root.mkdir()
     (new_root / "HeadSeg").symlink_to(REPO_ROOT, target_is_directory=True)
     old = old_root / "HeadSeg-old"
     shutil.copytree(REPO_ROOT, old, ignore=shutil.ignore_patterns(".git", "tests", "__pycache__"))
     (old / "__init__.py").write_text(OLD_ENTRY_POINT)
     (old / "nodes" / "pack_folder.py").unlink()
-    code, log = quick_test_log(tmp_path, [new_root, old_root])
-    assert code == 0, log[-4000:]
+    return [new_root, old_root]
+
+
+@quick_run_of(older_copy_later)
+def test_older_copy_loaded_later_is_named_by_the_first(quick_runs):
+    """A copy from before the check, loaded after this one, takes its node ids without a word: the copy
+    loaded first names it (ComfyUI loads its custom_nodes folders in the order the paths file lists them)."""
+    tmp_path, log = _quick_log(quick_runs, older_copy_later)
+    new_root, old = tmp_path / "nodes-a", tmp_path / "nodes-b" / "HeadSeg-old"
     warning = [line for line in log.splitlines() if "HeadSeg is installed more than once" in line]
     assert len(warning) == 1, log[-4000:]
     assert f"this copy, {new_root / 'HeadSeg'} (" in warning[0] and f"also in {old} (" in warning[0]
     assert "Remove all but one" in warning[0]
 
 
-def test_folder_name_without_web_routes_is_named_in_the_log(tmp_path):
+def space_in_folder_name(tmp):
+    custom_nodes = tmp / "custom_nodes"
+    custom_nodes.mkdir()
+    (custom_nodes / "headseg-main (1)").symlink_to(REPO_ROOT, target_is_directory=True)
+    return custom_nodes
+
+
+@quick_run_of(space_in_folder_name)
+def test_folder_name_without_web_routes_is_named_in_the_log(quick_runs):
     """A second zip download unpacks to ``headseg-main (1)``: ComfyUI lists its web files but answers 404 for
     each (a space in a route's folder name), so the picker, the docs and the templates were missing with
     nothing in the log. The nodes still load; the log now says why the rest does not, and what to do."""
-    custom_nodes = tmp_path / "custom_nodes"
-    custom_nodes.mkdir()
-    folder = custom_nodes / "headseg-main (1)"
-    folder.symlink_to(REPO_ROOT, target_is_directory=True)
-    code, log = quick_test_log(tmp_path, custom_nodes)
-    assert code == 0, log[-4000:]
+    tmp_path, log = _quick_log(quick_runs, space_in_folder_name)
+    folder = tmp_path / "custom_nodes" / "headseg-main (1)"
     assert "IMPORT FAILED" not in _import_line(log, folder)
     warning = [line for line in log.splitlines() if "[HeadSeg] the pack's folder name" in line]
     assert len(warning) == 1, log[-4000:]
     assert "'headseg-main (1)'" in warning[0] and "(' ')" in warning[0] and "Rename the folder" in warning[0]
 
 
-def test_import_failure_names_the_pack_and_comfyui_starts(tmp_path):
-    """A copy with a file missing (an interrupted download): ComfyUI's line for a V3 entry point that
-    raises held the error's text alone, with no traceback. The pack's own line says which pack failed,
-    what ComfyUI it needs and what to do, with the traceback; ComfyUI starts without the pack's nodes."""
-    custom_nodes = tmp_path / "custom_nodes"
+def file_missing(tmp):
+    custom_nodes = tmp / "custom_nodes"
     folder = custom_nodes / "HeadSeg"
     shutil.copytree(REPO_ROOT, folder, ignore=shutil.ignore_patterns(".git", "tests", "__pycache__"))
     (folder / "nodes" / "recorder_store.py").unlink()
-    code, log = quick_test_log(tmp_path, custom_nodes)
-    assert code == 0, log[-4000:]
+    return custom_nodes
+
+
+@quick_run_of(file_missing)
+def test_import_failure_names_the_pack_and_comfyui_starts(quick_runs):
+    """A copy with a file missing (an interrupted download): ComfyUI's line for a V3 entry point that
+    raises held the error's text alone, with no traceback. The pack's own line says which pack failed,
+    what ComfyUI it needs and what to do, with the traceback; ComfyUI starts without the pack's nodes."""
+    tmp_path, log = _quick_log(quick_runs, file_missing)
+    folder = tmp_path / "custom_nodes" / "HeadSeg"
     assert "IMPORT FAILED" in _import_line(log, folder)
     lines = log.splitlines()
     failed = [i for i, line in enumerate(lines) if f"[HeadSeg] the pack in {folder} (" in line]
