@@ -120,8 +120,9 @@ def test_patch_in_either_order_keeps_its_latent_and_the_main_pass_is_recorded(ti
     options = dict(latent_hw=HW, steps=3, seed=2, cfg=cfg)
     if name == "DifferentialDiffusion":  # an inpainting mask with every level of denoise
         options.update(noise_mask=torch.linspace(0, 1, HW[1]).expand(1, 1, *HW).contiguous(), denoise=0.8)
-    want = tiny.sample(patch(sd2), pos, neg, **options)
-    before, live_before = recorder.attach_recorder(patch(sd2), steps=steps)
+    alone = patch(sd2)  # made once for both (ModelMergeSimple's merge takes seconds: a state_dict per key)
+    want = tiny.sample(alone, pos, neg, **options)
+    before, live_before = recorder.attach_recorder(alone, steps=steps)
     patched, live_after = recorder.attach_recorder(sd2, steps=steps)
     for model, live in ((before, live_before), (patch(patched), live_after)):
         with EvalProbe(model) as probe:
