@@ -5,9 +5,13 @@ converted from UI to API format and run once per session (``workflow_runs``), wi
 substitutions:
 
 * Load Checkpoint -> the random-weight SD2.1-architecture test checkpoint;
-* Load Image -> a generated 512x512 test picture placed in the server's input folder;
+* Load Image -> a generated test picture placed in the server's input folder, SIDE x SIDE pixels;
+* the 512x512 of Empty Latent Image and Image Scale -> SIDE x SIDE (helpers.py, HEADSEG_E2E_SIDE, default
+  256), and Mask Select At Pixel's pixel moved with it, to keep CPU time down (one 512x512 step with CFG
+  is ~27 s on 2 cores; at 256x256 that step and the VAE decode take under a third of their time at 512;
+  every head is recorded at either size);
 * every KSampler's ``steps`` is capped at HEADSEG_E2E_STEPS (default 1) to keep CPU time down
-  (one 512x512 step with CFG is ~27 s on 2 cores; the recording holds the last step either way);
+  (the recording holds the last step either way);
 * a MaskToImage -> SaveImage probe is attached to every MASK output of the HeadSeg nodes, so the
   test can read the MASK tensors' size back as PNGs;
 * the explore workflow also gets a Save Recording node (recording round trip).

@@ -11,6 +11,14 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 WORKFLOWS_DIR = REPO_ROOT / "example_workflows"
 TEST_IMAGE = "headseg_e2e_photo.png"
 STEPS = int(os.environ.get("HEADSEG_E2E_STEPS", "1"))
+# The side in pixels of the test picture, of every image and latent the examples make at 512x512, and so of
+# every MASK and label map the tests read back; HEADSEG_E2E_SIDE=512 runs them at their own size. A multiple
+# of 64, so that each level of SD2.1's token grid (side / 8 / 2**level, levels 0 to 3) is whole.
+SIDE = int(os.environ.get("HEADSEG_E2E_SIDE", "256"))
+if SIDE < 64 or SIDE % 64:
+    raise ValueError(f"HEADSEG_E2E_SIDE: expected a multiple of 64 from 64 up, got {SIDE}")
+# the nodes whose width and height set the size of what the examples sample
+SIZED = ("EmptyLatentImage", "ImageScale")
 MASK_OUTPUTS = {"HeadSeg_MaskMerge": [1], "HeadSeg_MaskSelectAtPixel": [0, 1]}
 
 
@@ -18,8 +26,8 @@ def workflow_files() -> list[pathlib.Path]:
     return sorted(WORKFLOWS_DIR.glob("*.json"))
 
 
-def make_test_picture(path: pathlib.Path, size=(512, 512)) -> None:
-    """A 512x512 "photo": sky, ground, a disc and a box, with a little seeded noise."""
+def make_test_picture(path: pathlib.Path, size=(SIDE, SIDE)) -> None:
+    """A SIDE x SIDE "photo": sky, ground, a disc and a box, with a little seeded noise."""
     import numpy as np
     from PIL import Image
 
@@ -42,6 +50,15 @@ def prepare(api: dict, server, add_save_recording: bool = False) -> dict:
         api[nid]["inputs"]["ckpt_name"] = server.checkpoint_name
     for nid in nodes_of(api, "LoadImage"):
         api[nid]["inputs"]["image"] = TEST_IMAGE
+    sized = [api[nid]["inputs"] for ctype in SIZED for nid in nodes_of(api, ctype)]
+    if sized:
+        # the picked pixel keeps its place in the picture: the examples' (256, 256) of 512 is the middle
+        width, height = int(sized[0]["width"]), int(sized[0]["height"])
+        for nid in nodes_of(api, "HeadSeg_MaskSelectAtPixel"):
+            inputs = api[nid]["inputs"]
+            inputs["x"], inputs["y"] = int(inputs["x"]) * SIDE // width, int(inputs["y"]) * SIDE // height
+        for inputs in sized:
+            inputs["width"] = inputs["height"] = SIDE
     for ctype in ("KSampler", "KSamplerAdvanced"):
         for nid in nodes_of(api, ctype):
             inputs = api[nid]["inputs"]

@@ -8,19 +8,20 @@ import torch
 from headseg.nodes.core.recording_file import FORMAT, load_recording, save_recording
 from headseg.tests.support.workflow_api import nodes_of
 
-from headseg.tests.e2e.helpers import prepare
+from headseg.tests.e2e.helpers import SIDE, prepare
 
 pytestmark = pytest.mark.server
 
-SD21_HEADS = {  # layer -> heads, token grid side at 512 px
-    **{f"input.{n}.0": (5, 64) for n in (1, 2)},
-    **{f"input.{n}.0": (10, 32) for n in (4, 5)},
-    **{f"input.{n}.0": (20, 16) for n in (7, 8)},
-    "middle.0.0": (20, 8),
-    **{f"output.{n}.0": (20, 16) for n in (3, 4, 5)},
-    **{f"output.{n}.0": (10, 32) for n in (6, 7, 8)},
-    **{f"output.{n}.0": (5, 64) for n in (9, 10, 11)},
+SD21_LAYERS = {  # layer -> heads, grid level (token grid side: image side / 8 / 2**level; 64 at 512 px)
+    **{f"input.{n}.0": (5, 0) for n in (1, 2)},
+    **{f"input.{n}.0": (10, 1) for n in (4, 5)},
+    **{f"input.{n}.0": (20, 2) for n in (7, 8)},
+    "middle.0.0": (20, 3),
+    **{f"output.{n}.0": (20, 2) for n in (3, 4, 5)},
+    **{f"output.{n}.0": (10, 1) for n in (6, 7, 8)},
+    **{f"output.{n}.0": (5, 0) for n in (9, 10, 11)},
 }
+SD21_HEADS = {layer: (heads, SIDE // 8 >> level) for layer, (heads, level) in SD21_LAYERS.items()}  # -> heads, side
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_saved_recording_holds_every_sd21_head(saved):
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         assert meta["format"] == FORMAT
-        assert (meta["image_height"], meta["image_width"]) == ("512", "512")
+        assert (meta["image_height"], meta["image_width"]) == (str(SIDE), str(SIDE))
         assert meta["branch"] == "cond"
         keys = set(f.keys())
         assert keys == set(SD21_HEADS)
@@ -99,22 +100,22 @@ def test_load_recording_to_masks_without_a_model(saved, comfy_server):
     assert result.outputs(pca)["headseg_summary"][0]["recorded_heads"] == 195
     for nid in nodes_of(prompt, "HeadSeg_MaskSelectAtPixel"):
         out = result.outputs(nid)
-        assert out["headseg_size"] == [512, 512]
+        assert out["headseg_size"] == [SIDE, SIDE]
         # the same recording, the same settings: the same masks as in the live run
         assert out["headseg_mask_info"] == live.outputs(nid)["headseg_mask_info"]
 
 
 def test_a_pixel_past_the_edge_is_moved_onto_the_grid(saved, comfy_server):
-    """x = 600 on a 512-wide image (e.g. a pixel picked on a larger image): the run goes on at the
-    nearest pixel of the grid, and the picker is told both pixels."""
+    """x = SIDE + 88 on a SIDE-wide image (600 at 512: e.g. a pixel picked on a larger image): the run goes on
+    at the nearest pixel of the grid, and the picker is told both pixels."""
     api, _, path = saved
     prompt = _load_recording_prompt(api, path)
     (sel,) = nodes_of(prompt, "HeadSeg_MaskSelectAtPixel")[:1]
-    prompt[sel]["inputs"]["x"], prompt[sel]["inputs"]["y"] = 600, 256  # the image is 512 wide
+    prompt[sel]["inputs"]["x"], prompt[sel]["inputs"]["y"] = SIDE + 88, SIDE // 2  # the image is SIDE wide
     result = comfy_server.run(prepare(prompt, comfy_server), timeout=300)
     assert result.ok, result.error
     out = result.outputs(sel)
-    assert out["headseg_pixel"] == [511, 256] and out["headseg_pixel_asked"] == [600, 256]
+    assert out["headseg_pixel"] == [SIDE - 1, SIDE // 2] and out["headseg_pixel_asked"] == [SIDE + 88, SIDE // 2]
     assert out["headseg_mask_info"]  # masks at the pixel used
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from headseg.tests.support.workflow_api import nodes_of
 
-from headseg.tests.e2e.helpers import workflow_files
+from headseg.tests.e2e.helpers import SIDE, workflow_files
 
 pytestmark = pytest.mark.server
 
@@ -51,7 +51,7 @@ def test_all_sd21_heads_are_recorded(workflow_runs, name):
     for nid in pcas:
         summary = result.outputs(nid)["headseg_summary"][0]
         assert summary["recorded_heads"] == 195 and summary["recorded_layers"] == 16, summary
-        assert summary["image_size"] == [512, 512], summary
+        assert summary["image_size"] == [SIDE, SIDE], summary
         inputs = api[nid]["inputs"]
         if inputs.get("positions") == "down+up" and inputs.get("levels") == "all":
             assert summary["selected_heads"] == 175 and summary["selected_layers"] == 15, summary
@@ -66,14 +66,14 @@ def test_mask_outputs_are_at_image_resolution(workflow_runs, comfy_server, name)
         images = result.outputs(nid).get("images", [])
         assert images, f"no MASK came out of {api[nid]['_meta']['probe']}"
         for ref in images:
-            assert png_size(comfy_server, ref) == (512, 512), (api[nid]["_meta"]["probe"], ref)
+            assert png_size(comfy_server, ref) == (SIDE, SIDE), (api[nid]["_meta"]["probe"], ref)
     for nid in nodes_of(api, "HeadSeg_MaskSelectAtPixel"):
         out = result.outputs(nid)
-        assert out["headseg_size"] == [512, 512]
+        assert out["headseg_size"] == [SIDE, SIDE]
         assert len(out["headseg_masks"]) == len(out["headseg_mask_info"]) >= 1
         areas = [m["area"] for m in out["headseg_mask_info"]]
         assert areas == sorted(areas), "masks at the pixel must come finest (smallest) first"
-        assert png_size(comfy_server, out["headseg_image"][0]) == (512, 512)
+        assert png_size(comfy_server, out["headseg_image"][0]) == (SIDE, SIDE)
 
 
 def test_inpainting_workflows_are_known():
@@ -90,7 +90,7 @@ def test_inpainted_image_exists(workflow_runs, comfy_server, name):
         images = result.outputs(nid).get("images", [])
         assert images, f"SaveImage #{nid} wrote nothing"
         for ref in images:
-            assert png_size(comfy_server, ref) == (512, 512)
+            assert png_size(comfy_server, ref) == (SIDE, SIDE)
             assert (comfy_server.output_dir / ref["subfolder"] / ref["filename"]).is_file()
 
 
@@ -121,7 +121,7 @@ def test_explore_saves_every_k_as_an_index_png_next_to_the_picture(workflow_runs
     assert [ref["k"] for ref in listed] == ks
     for ref, colours in zip(listed, colour_maps):
         with Image.open(comfy_server.output_dir / ref["subfolder"] / ref["filename"]) as im:
-            assert (im.mode, im.size) == ("L", (512, 512))
+            assert (im.mode, im.size) == ("L", (SIDE, SIDE))
             labels = np.array(im).astype(np.int64)
         assert labels.max() < ref["k"]
         rgb = np.array(Image.open(io.BytesIO(comfy_server.view(colours))).convert("RGB")).reshape(-1, 3)
@@ -130,7 +130,7 @@ def test_explore_saves_every_k_as_an_index_png_next_to_the_picture(workflow_runs
         assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]  # one colour per label
     (picture,) = result.outputs(nid)["images"]
     with Image.open(comfy_server.output_dir / picture["subfolder"] / picture["filename"]) as im:
-        assert (im.mode, im.size) == ("RGB", (512, 512))
+        assert (im.mode, im.size) == ("RGB", (SIDE, SIDE))
         assert json.loads(im.text["prompt"])[nid]["class_type"] == "HeadSeg_SaveLabelMaps"  # the prompt that made it
         listed_masks = json.loads(im.text["headseg"])["masks"]
     # the example links Mask Merge's masks: each file lists the image's merged masks as [k, cluster] pairs, as
