@@ -44,6 +44,19 @@ def make_test_picture(path: pathlib.Path, size=(SIDE, SIDE)) -> None:
     Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)).save(path)
 
 
+def without_inpainting(api: dict) -> dict:
+    """The prompt without GrowMask and every node after it (the inpainting pass)."""
+    drop = set(nodes_of(api, "GrowMask"))
+    grew = True
+    while grew:
+        grew = False
+        for nid, node in api.items():
+            if nid not in drop and any(isinstance(v, list) and len(v) == 2 and v[0] in drop for v in node["inputs"].values()):
+                drop.add(nid)
+                grew = True
+    return {nid: node for nid, node in api.items() if nid not in drop}
+
+
 def prepare(api: dict, server, add_save_recording: bool = False) -> dict:
     """Test substitutions on an API prompt (see the module docstring); returns the same dict."""
     for nid in nodes_of(api, "CheckpointLoaderSimple"):

@@ -12,26 +12,13 @@ import json
 
 import pytest
 
-from headseg.tests.e2e.helpers import WORKFLOWS_DIR, prepare
+from headseg.tests.e2e.helpers import WORKFLOWS_DIR, prepare, without_inpainting
 from headseg.tests.support.server import ComfyServer
 from headseg.tests.support.workflow_api import nodes_of
 
 pytestmark = pytest.mark.server
 
 SIDE = 64
-
-
-def _without_inpainting(api: dict) -> dict:
-    """The prompt without GrowMask and every node after it (the inpainting pass)."""
-    drop = set(nodes_of(api, "GrowMask"))
-    grew = True
-    while grew:
-        grew = False
-        for nid, node in api.items():
-            if nid not in drop and any(isinstance(v, list) and len(v) == 2 and v[0] in drop for v in node["inputs"].values()):
-                drop.add(nid)
-                grew = True
-    return {nid: node for nid, node in api.items() if nid not in drop}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +42,7 @@ def test_lru_cache_latent_of_an_earlier_prompt_finds_its_recording(lru_server):
     LATENT: it must read seed 1's recording (as after sampling it anew), not stop with 'not the output of any
     of the last 1 sampling run(s)'."""
     ui = json.loads((WORKFLOWS_DIR / "headseg_text_to_image_inpaint.json").read_text())
-    base = _without_inpainting(prepare(lru_server.api_from_ui(ui), lru_server))
+    base = without_inpainting(prepare(lru_server.api_from_ui(ui), lru_server))
     (empty,) = nodes_of(base, "EmptyLatentImage")
     base[empty]["inputs"].update(width=SIDE, height=SIDE)
     (record,) = nodes_of(base, "HeadSeg_RecordSelfAttention")
